@@ -1,0 +1,116 @@
+//! Configuration: command-line flags, each also read from an environment variable
+//! `PROFILE_STATE_<FLAG>`.
+//!
+//! `Config` is a plain struct so tests build it directly; `Config::check` rejects
+//! contradictory settings before anything binds. Reading files or secrets from elsewhere is not
+//! done here.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Everything the service needs to start.
+#[derive(Clone, Parser)]
+#[command(name = "profile-state", version, about)]
+pub struct Config {
+    /// Address of the webhook ingress (faces Gameball). Port 0 picks a free port.
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_LISTEN", default_value = "0.0.0.0:8080")]
+    pub webhook_listen: SocketAddr,
+
+    /// Address of the gRPC API (internal callers). Port 0 picks a free port.
+    #[arg(long, env = "PROFILE_STATE_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    pub grpc_listen: SocketAddr,
+
+    /// Gameball webhook secret used to verify X-GB-Signature.
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Accept webhooks without checking their signature (development only).
+    #[arg(long, env = "PROFILE_STATE_INSECURE_SKIP_SIGNATURE")]
+    pub insecure_skip_signature: bool,
+
+    /// Largest webhook body accepted, in bytes; larger bodies get 413.
+    #[arg(long, env = "PROFILE_STATE_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// How many recent changes stay in memory for watchers that resume by revision or fall
+    /// behind.
+    #[arg(long, env = "PROFILE_STATE_HISTORY_EVENTS", default_value_t = 100_000)]
+    pub history_events: usize,
+
+    /// How long shutdown waits for in-flight requests and streams before it stops anyway.
+    #[arg(long, env = "PROFILE_STATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format: `text` or `json`. The level filter comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "PROFILE_STATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// A configuration that cannot work, found before anything binds.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Neither a secret nor the explicit opt-out was given.
+    #[error(
+        "no webhook secret: pass --webhook-secret (or PROFILE_STATE_WEBHOOK_SECRET), or \
+         --insecure-skip-signature to accept unsigned webhooks"
+    )]
+    MissingWebhookSecret,
+    /// A secret was given but is empty.
+    #[error("--webhook-secret is empty")]
+    EmptyWebhookSecret,
+    /// The history must hold at least one change.
+    #[error("--history-events must be at least 1")]
+    EmptyHistory,
+    /// The body limit cannot be zero.
+    #[error("--max-body-bytes must be at least 1")]
+    ZeroBodyLimit,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: loopback, port 0, the given secret, defaults
+    /// for the rest.
+    pub fn for_tests(secret: &str) -> Self {
+        let mut config = Config::parse_from(["profile-state", "--webhook-secret", secret]);
+        config.webhook_listen = ([127, 0, 0, 1], 0).into();
+        config.grpc_listen = ([127, 0, 0, 1], 0).into();
+        config
+    }
+
+    /// Rejects settings the service cannot run with.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        match (&self.webhook_secret, self.insecure_skip_signature) {
+            (Some(secret), _) if secret.is_empty() => return Err(ConfigError::EmptyWebhookSecret),
+            (None, false) => return Err(ConfigError::MissingWebhookSecret),
+            _ => {}
+        }
+        if self.history_events == 0 {
+            return Err(ConfigError::EmptyHistory);
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::ZeroBodyLimit);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_or_the_explicit_opt_out_is_required() {
+        let mut config = Config::for_tests("s");
+        assert!(config.check().is_ok());
+        config.webhook_secret = None;
+        assert!(matches!(
+            config.check(),
+            Err(ConfigError::MissingWebhookSecret)
+        ));
+        config.insecure_skip_signature = true;
+        assert!(config.check().is_ok());
+        config.webhook_secret = Some(String::new());
+        assert!(matches!(config.check(), Err(ConfigError::EmptyWebhookSecret)));
+    }
+}

@@ -1,0 +1,88 @@
+//! The service's error type: what went wrong, with the fields a caller needs to fix it.
+//!
+//! Domain code returns these; the adapters never invent their own. `crate::status` maps each
+//! variant to an HTTP status and a gRPC code in one place, so the two surfaces cannot disagree.
+//! Messages are lowercase, without trailing punctuation, and never contain personal data.
+
+/// Everything a request can fail with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// A request field is missing, mistyped or out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// Which field, as the caller named it (`data.tier_order`, `page_size`).
+        field: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// No profile with that key was ever applied.
+    #[error("no profile for client_id {client_id:?} and customer_id {customer_id:?}")]
+    NotFound {
+        /// The account asked for.
+        client_id: String,
+        /// The customer asked for.
+        customer_id: String,
+    },
+    /// The webhook's signature is missing or wrong.
+    #[error("{reason}")]
+    Unauthenticated {
+        /// Which check failed (never the expected signature).
+        reason: &'static str,
+    },
+    /// The webhook body is larger than the configured limit.
+    #[error("body larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The webhook's Content-Type is not JSON.
+    #[error("content-type {content_type:?} is not JSON")]
+    UnsupportedMediaType {
+        /// What the request said.
+        content_type: String,
+    },
+    /// A watch asked to start after the next revision.
+    #[error("start_revision {requested} is beyond the next revision {next}")]
+    RevisionInFuture {
+        /// The requested start revision.
+        requested: u64,
+        /// The revision the next change will get.
+        next: u64,
+    },
+    /// A watch asked for changes the history no longer holds and did not want a reset.
+    #[error(
+        "revision {requested} is no longer in history; the oldest available revision is \
+         {oldest}: read the current state and watch from there"
+    )]
+    Compacted {
+        /// The revision asked for.
+        requested: u64,
+        /// The oldest revision still in history.
+        oldest: u64,
+    },
+    /// The service cannot take the request now; the caller should retry.
+    #[error("{reason}")]
+    Unavailable {
+        /// Why, and what to do.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// An invalid-argument error for `field`.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The request field this error is about, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Error::InvalidArgument { field, .. } => Some(field),
+            Error::RevisionInFuture { .. } | Error::Compacted { .. } => Some("start_revision"),
+            _ => None,
+        }
+    }
+}

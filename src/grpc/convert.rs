@@ -1,0 +1,133 @@
+//! Domain values to protobuf messages. Pure functions, no I/O.
+
+use std::collections::BTreeMap;
+
+use prost_types::value::Kind;
+
+use crate::pb;
+use crate::profile::{Change, ChangeKind, EventTime, Field, Profile, TierDirection};
+use crate::status;
+use crate::watch::WatchEvent;
+
+/// A profile as the API shows it.
+pub fn profile(profile: &Profile) -> pb::Profile {
+    let text = |field| profile.get_text(field).map(str::to_owned);
+    let int = |field| profile.get_int(field);
+    let extra = profile
+        .extras()
+        .map(|(key, value)| (key.to_owned(), json_value(value)))
+        .collect::<BTreeMap<_, _>>();
+    pb::Profile {
+        client_id: profile.key.client_id.to_string(),
+        customer_id: profile.key.customer_id.to_string(),
+        gb_customer_id: int(Field::GbCustomerId).unwrap_or_default(),
+        email: text(Field::Email),
+        mobile_number: text(Field::MobileNumber),
+        tier_name: text(Field::TierName),
+        // The webhook adapter only lets i32-range values into this field.
+        tier_order: int(Field::TierOrder).and_then(|order| i32::try_from(order).ok()),
+        referral_code: text(Field::ReferralCode),
+        referral_link: text(Field::ReferralLink),
+        activated_points: int(Field::ActivatedPoints),
+        pending_points: int(Field::PendingPoints),
+        total_points: int(Field::TotalPoints),
+        extra: (!extra.is_empty()).then(|| prost_types::Struct {
+            fields: extra.into_iter().collect(),
+        }),
+        updated_at: profile.updated_at().map(timestamp),
+        revision: profile.revision,
+        create_revision: profile.create_revision,
+        version: profile.version,
+    }
+}
+
+fn timestamp(at: EventTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(i32::MAX),
+    }
+}
+
+/// JSON to `google.protobuf.Value`; numbers become doubles, as Struct requires.
+fn json_value(value: &serde_json::Value) -> prost_types::Value {
+    use serde_json::Value as Json;
+    let kind = match value {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(flag) => Kind::BoolValue(*flag),
+        Json::Number(number) => Kind::NumberValue(number.as_f64().unwrap_or(f64::NAN)),
+        Json::String(text) => Kind::StringValue(text.clone()),
+        Json::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_value).collect(),
+        }),
+        Json::Object(map) => Kind::StructValue(prost_types::Struct {
+            fields: map
+                .iter()
+                .map(|(key, value)| (key.clone(), json_value(value)))
+                .collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A change as a stream message.
+pub fn change(change: &Change, include_previous: bool) -> pb::ProfileChange {
+    let kind = match change.kind() {
+        ChangeKind::Created => pb::ChangeType::Created,
+        ChangeKind::Updated => pb::ChangeType::Updated,
+    };
+    pb::ProfileChange {
+        r#type: kind.into(),
+        profile: Some(profile(&change.profile)),
+        previous: change
+            .previous
+            .as_deref()
+            .filter(|_| include_previous)
+            .map(profile),
+        changed_fields: change
+            .changed_fields
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        revision: change.revision,
+        tier_change: change.tier_change().map(|tier| pb::TierChange {
+            from_name: tier.from_name.unwrap_or_default(),
+            from_order: tier.from_order.and_then(|o| i32::try_from(o).ok()).unwrap_or(0),
+            to_name: tier.to_name.unwrap_or_default(),
+            to_order: tier.to_order.and_then(|o| i32::try_from(o).ok()).unwrap_or(0),
+            direction: match tier.direction {
+                TierDirection::Unknown => pb::TierDirection::Unspecified,
+                TierDirection::Up => pb::TierDirection::Up,
+                TierDirection::Down => pb::TierDirection::Down,
+                TierDirection::SameOrder => pb::TierDirection::SameOrder,
+            }
+            .into(),
+        }),
+        points_delta: change.points_delta().map(|delta| pb::PointsDelta {
+            activated: delta.activated,
+            pending: delta.pending,
+            total: delta.total,
+        }),
+    }
+}
+
+/// A watch event as a stream item; `End` becomes the stream's final status.
+pub fn watch_event(
+    event: WatchEvent,
+    include_previous: bool,
+) -> Result<pb::WatchProfilesResponse, tonic::Status> {
+    use pb::watch_profiles_response::Event;
+    let event = match event {
+        WatchEvent::Existing(existing) => Event::Change(pb::ProfileChange {
+            r#type: pb::ChangeType::Existing.into(),
+            revision: existing.revision,
+            profile: Some(profile(&existing)),
+            ..Default::default()
+        }),
+        WatchEvent::Change(changed) => Event::Change(change(&changed, include_previous)),
+        WatchEvent::Synced { revision } => Event::Synced(pb::Synced { revision }),
+        WatchEvent::Progress { revision } => Event::Progress(pb::Progress { revision }),
+        WatchEvent::Reset { reason, revision } => Event::Reset(pb::Reset { reason, revision }),
+        WatchEvent::End(error) => return Err(status::grpc_status(&error)),
+    };
+    Ok(pb::WatchProfilesResponse { event: Some(event) })
+}

@@ -1,0 +1,211 @@
+//! The gRPC adapter: `gameball.profiles.v1.ProfileService` over the store and watch feeds.
+//!
+//! Each RPC checks its request, calls the domain, and converts the result; errors go through
+//! `crate::status`. Reads never touch the sequencer. Health and reflection are wired up in
+//! `crate::server`, not here.
+
+mod convert;
+mod page_token;
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::pb;
+use crate::pb::profile_service_server::ProfileService;
+use crate::profile::{Field, Profile, ProfileKey};
+use crate::status::grpc_status;
+use crate::store::Store;
+use crate::watch::{FieldSelector, Watch, WatchSpec};
+
+/// Most ids one BatchGetProfiles may ask for.
+pub const MAX_BATCH_IDS: usize = 1000;
+/// ListProfiles page size when the request says 0.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest ListProfiles page; larger requests are capped.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Progress interval when the request says 0.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// Events buffered per subscriber between its feed task and the gRPC stream. Small on purpose:
+/// a subscriber that does not read holds at most this many, the rest stays in history.
+const WATCH_BUFFER: usize = 64;
+
+/// The ProfileService implementation.
+pub struct ProfileApi {
+    store: Store,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl ProfileApi {
+    /// A service reading `store`; watch feeds run on `tracker` and end on `shutdown`.
+    pub fn new(store: Store, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+        ProfileApi {
+            store,
+            shutdown,
+            tracker,
+        }
+    }
+}
+
+fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        return Err(grpc_status(&Error::invalid(field, "is required")));
+    }
+    Ok(value)
+}
+
+/// The store revision a read was served at: at least that of everything it returned.
+fn served_at<'a>(store: &Store, profiles: impl IntoIterator<Item = &'a Arc<Profile>>) -> u64 {
+    let newest = profiles.into_iter().map(|p| p.revision).max();
+    store.revision().max(newest.unwrap_or(0))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchProfilesResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ProfileService for ProfileApi {
+    async fn get_profile(
+        &self,
+        request: Request<pb::GetProfileRequest>,
+    ) -> Result<Response<pb::GetProfileResponse>, Status> {
+        let request = request.into_inner();
+        let client_id = required(&request.client_id, "client_id")?;
+        let customer_id = required(&request.customer_id, "customer_id")?;
+        let profile = self
+            .store
+            .get(&ProfileKey::new(client_id, customer_id))
+            .ok_or_else(|| {
+                grpc_status(&Error::NotFound {
+                    client_id: client_id.to_owned(),
+                    customer_id: customer_id.to_owned(),
+                })
+            })?;
+        Ok(Response::new(pb::GetProfileResponse {
+            store_revision: served_at(&self.store, [&profile]),
+            profile: Some(convert::profile(&profile)),
+        }))
+    }
+
+    async fn batch_get_profiles(
+        &self,
+        request: Request<pb::BatchGetProfilesRequest>,
+    ) -> Result<Response<pb::BatchGetProfilesResponse>, Status> {
+        let request = request.into_inner();
+        let client_id: Arc<str> = required(&request.client_id, "client_id")?.into();
+        if request.customer_ids.len() > MAX_BATCH_IDS {
+            let reason = format!(
+                "at most {MAX_BATCH_IDS} ids per call, got {}",
+                request.customer_ids.len()
+            );
+            return Err(grpc_status(&Error::invalid("customer_ids", reason)));
+        }
+        let mut found = Vec::with_capacity(request.customer_ids.len());
+        let mut missing_customer_ids = Vec::new();
+        for (index, customer_id) in request.customer_ids.into_iter().enumerate() {
+            required(&customer_id, &format!("customer_ids[{index}]"))?;
+            let key = ProfileKey::new(Arc::clone(&client_id), customer_id.as_str());
+            match self.store.get(&key) {
+                Some(profile) => found.push(profile),
+                None => missing_customer_ids.push(customer_id),
+            }
+        }
+        Ok(Response::new(pb::BatchGetProfilesResponse {
+            store_revision: served_at(&self.store, &found),
+            profiles: found.iter().map(|p| convert::profile(p)).collect(),
+            missing_customer_ids,
+        }))
+    }
+
+    async fn list_profiles(
+        &self,
+        request: Request<pb::ListProfilesRequest>,
+    ) -> Result<Response<pb::ListProfilesResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = match usize::try_from(request.page_size) {
+            Err(_) => {
+                let error = Error::invalid("page_size", "must not be negative");
+                return Err(grpc_status(&error));
+            }
+            Ok(0) => DEFAULT_PAGE_SIZE,
+            Ok(size) => size.min(MAX_PAGE_SIZE),
+        };
+        let (client_id, tier_name) = (request.client_id.as_str(), request.tier_name.as_str());
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(page_token::decode(token, client_id, tier_name).map_err(|e| grpc_status(&e))?),
+        };
+        let scan = self.store.scan(
+            Some(client_id).filter(|id| !id.is_empty()),
+            after.as_ref(),
+            page_size,
+            |profile| tier_name.is_empty() || profile.get_text(Field::TierName) == Some(tier_name),
+        );
+        Ok(Response::new(pb::ListProfilesResponse {
+            store_revision: served_at(&self.store, &scan.profiles),
+            profiles: scan.profiles.iter().map(|p| convert::profile(p)).collect(),
+            next_page_token: scan
+                .next
+                .map(|next| page_token::encode(client_id, tier_name, &next))
+                .unwrap_or_default(),
+        }))
+    }
+
+    type WatchProfilesStream = WatchStream;
+
+    async fn watch_profiles(
+        &self,
+        request: Request<pb::WatchProfilesRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let request = request.into_inner();
+        let include_previous = request.include_previous;
+        let spec = watch_spec(request).map_err(|e| grpc_status(&e))?;
+        let watch = Watch::open(&self.store, spec).map_err(|e| grpc_status(&e))?;
+        let (events, received) = mpsc::channel(WATCH_BUFFER);
+        self.tracker.spawn(watch.run(events, self.shutdown.clone()));
+        let stream = ReceiverStream::new(received)
+            .map(move |event| convert::watch_event(event, include_previous));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
+    let mut customer_ids = HashSet::with_capacity(request.customer_ids.len());
+    for (index, id) in request.customer_ids.into_iter().enumerate() {
+        if id.is_empty() {
+            return Err(Error::invalid(format!("customer_ids[{index}]"), "is empty"));
+        }
+        customer_ids.insert(Arc::from(id));
+    }
+    let fields = request
+        .fields
+        .iter()
+        .enumerate()
+        .map(|(index, name)| {
+            FieldSelector::parse(name).map_err(|reason| Error::invalid(format!("fields[{index}]"), reason))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(WatchSpec {
+        client_id: Some(request.client_id)
+            .filter(|id| !id.is_empty())
+            .map(Arc::from),
+        customer_ids,
+        fields,
+        start_revision: request.start_revision,
+        send_initial_state: request.send_initial_state,
+        progress_interval: match request.progress_interval_seconds {
+            0 => DEFAULT_PROGRESS_INTERVAL,
+            seconds => Duration::from_secs(u64::from(seconds)),
+        },
+        fail_if_compacted: request.fail_if_compacted,
+    })
+}

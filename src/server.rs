@@ -1,0 +1,177 @@
+//! Wiring: binds both listeners, starts the sequencer, serves the webhook ingress (axum) and
+//! the gRPC API (tonic, with health and reflection), and shuts everything down in order.
+//!
+//! `Server::bind` then `Server::run(shutdown)`: binding first lets callers (tests, `main`) learn
+//! the real addresses of port-0 listeners before serving starts. No request logic lives here.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::grpc::ProfileApi;
+use crate::pb;
+use crate::pb::profile_service_server::ProfileServiceServer;
+use crate::sequencer::Sequencer;
+use crate::store::Store;
+use crate::webhook::Ingress;
+
+/// A bound, not yet serving, service.
+pub struct Server {
+    config: Config,
+    webhook: TcpListener,
+    grpc: TcpListener,
+    store: Store,
+}
+
+impl Server {
+    /// Checks the configuration and binds both listeners.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        config.check()?;
+        let webhook = TcpListener::bind(config.webhook_listen)
+            .await
+            .with_context(|| format!("binding the webhook listener {}", config.webhook_listen))?;
+        let grpc = TcpListener::bind(config.grpc_listen)
+            .await
+            .with_context(|| format!("binding the gRPC listener {}", config.grpc_listen))?;
+        let store = Store::new(config.history_events);
+        Ok(Server {
+            config,
+            webhook,
+            grpc,
+            store,
+        })
+    }
+
+    /// The webhook listener's actual address.
+    pub fn webhook_addr(&self) -> SocketAddr {
+        self.webhook.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The gRPC listener's actual address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then stops in order: health NOT_SERVING, no new
+    /// webhooks, in-flight webhooks finished, watch streams ended with the revision to resume
+    /// from, background tasks drained. Each wait is bounded by `--shutdown-grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Server {
+            config,
+            webhook,
+            grpc,
+            store,
+        } = self;
+        let webhook_addr = webhook.local_addr()?;
+        let grpc_addr = grpc.local_addr()?;
+        let stopping = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let sequencer = Sequencer::start(store.clone(), &tracker);
+        let secret = if config.insecure_skip_signature {
+            tracing::warn!(
+                "--insecure-skip-signature is set: webhooks are accepted without checking \
+                 X-GB-Signature"
+            );
+            None
+        } else {
+            config.webhook_secret.as_deref()
+        };
+        let ingress = Ingress::new(sequencer, secret, config.max_body_bytes).router();
+        let http = axum::serve(webhook, ingress)
+            .with_graceful_shutdown(stopping.clone().cancelled_owned())
+            .into_future();
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<ProfileServiceServer<ProfileApi>>()
+            .await;
+        let api = ProfileApi::new(store.clone(), stopping.clone(), tracker.clone());
+        let grpc = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1()?)
+            .add_service(reflection_v1alpha()?)
+            .add_service(ProfileServiceServer::new(api))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc),
+                stopping.clone().cancelled_owned(),
+            );
+
+        tracing::info!(webhook = %webhook_addr, grpc = %grpc_addr, "profile-state listening");
+        let http = tokio::spawn(http);
+        let grpc = tokio::spawn(grpc);
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => tracing::info!("shutting down"),
+            () = stopping.cancelled() => {}
+        }
+        health
+            .set_not_serving::<ProfileServiceServer<ProfileApi>>()
+            .await;
+        stopping.cancel();
+
+        let grace = config.shutdown_grace;
+        let servers = async {
+            let (http, grpc) = tokio::join!(http, grpc);
+            http.context("webhook server task")?
+                .context("webhook server")?;
+            grpc.context("gRPC server task")?.context("gRPC server")?;
+            anyhow::Ok(())
+        };
+        let served = within(grace, "servers to finish in-flight requests", servers).await;
+        tracker.close();
+        within(grace, "background tasks to stop", async {
+            tracker.wait().await;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(revision = store.revision(), "stopped");
+        served
+    }
+}
+
+/// Awaits `work` for at most `grace`; running out is logged, not an error, since the process
+/// is stopping anyway.
+async fn within(
+    grace: Duration,
+    what: &str,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(grace, work).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(?grace, "gave up waiting for {what}");
+            Ok(())
+        }
+    }
+}
+
+fn reflection_v1() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+// grpcurl before 1.8.8 speaks only v1alpha, so both versions are served.
+fn reflection_v1alpha() -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?)
+}

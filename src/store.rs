@@ -1,0 +1,301 @@
+//! The store: every profile's current state, the recent history of changes, and the revision.
+//!
+//! Reads (Get, BatchGet, List, a watcher's initial state and history replay) go straight here
+//! from any task. Writes come only from the sequencer, through [`Store::commit`], one batch of
+//! consecutive revisions at a time. The store does not merge, validate or assign revisions, and
+//! knows nothing of HTTP or gRPC.
+//!
+//! Order of a commit, which readers rely on: each profile is inserted, then its change is pushed
+//! to the history, then the revision is published. So when a reader sees revision `R`, every
+//! change up to `R` is both in the profiles and in the history (unless the history dropped it).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+
+use crate::profile::{Change, Profile, ProfileKey};
+
+/// Handle to the shared state. Cloning it is one reference-count increment; every clone sees
+/// the same profiles, history and revision.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // A sharded map: point reads from many gRPC tasks at once rarely meet the single writer on
+    // the same shard, and never wait on each other.
+    profiles: DashMap<ProfileKey, Arc<Profile>>,
+    // Keys in (client_id, customer_id) order, for paging and initial state. Profiles are never
+    // removed, so "the first key after the last one returned" pages stably under writes. An
+    // RwLock: the sequencer writes it once per new profile; readers hold it for one short
+    // range scan at a time.
+    order: RwLock<BTreeSet<ProfileKey>>,
+    // The newest changes, oldest first, revisions consecutive. A plain RwLock around a ring
+    // buffer: pushes are O(1) and readers copy out a batch of `Arc`s and let go.
+    history: RwLock<VecDeque<Arc<Change>>>,
+    history_capacity: usize,
+    // The published revision. A watch channel is both the value and the wake-up signal that
+    // watchers wait on; it keeps only the latest value, so a slow watcher costs nothing here.
+    revision: watch::Sender<u64>,
+}
+
+/// A change revision no longer in history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    /// The oldest revision the history still holds.
+    pub oldest: u64,
+}
+
+impl Store {
+    /// An empty store at revision 0 that keeps the last `history_capacity` changes.
+    pub fn new(history_capacity: usize) -> Self {
+        let history_capacity = history_capacity.max(1);
+        Store {
+            inner: Arc::new(Inner {
+                profiles: DashMap::new(),
+                order: RwLock::new(BTreeSet::new()),
+                history: RwLock::new(VecDeque::with_capacity(history_capacity.min(4096))),
+                history_capacity,
+                revision: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// The published revision: every change up to it is visible.
+    pub fn revision(&self) -> u64 {
+        *self.inner.revision.borrow()
+    }
+
+    /// A receiver that wakes when the revision moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.revision.subscribe()
+    }
+
+    /// How many profiles the store holds.
+    pub fn len(&self) -> usize {
+        self.inner.profiles.len()
+    }
+
+    /// Whether the store holds no profile.
+    pub fn is_empty(&self) -> bool {
+        self.inner.profiles.is_empty()
+    }
+
+    /// The current state of one profile.
+    pub fn get(&self, key: &ProfileKey) -> Option<Arc<Profile>> {
+        self.inner.profiles.get(key).map(|entry| Arc::clone(&entry))
+    }
+
+    /// Up to `limit` profiles after `after` (or from the start of `client_id`'s range, or of
+    /// everything), in key order, that `keep` accepts, and where to go on from.
+    ///
+    /// `next` is the last key examined when keys remain after it: pass it as `after` to
+    /// continue. A filtered scan may examine many keys to fill a page.
+    ///
+    /// Keys are examined in chunks so the order lock is never held while profiles are read.
+    pub fn scan(
+        &self,
+        client_id: Option<&str>,
+        after: Option<&ProfileKey>,
+        limit: usize,
+        mut keep: impl FnMut(&Profile) -> bool,
+    ) -> Scan {
+        const CHUNK: usize = 256;
+        let first = ProfileKey::new(client_id.unwrap_or(""), "");
+        let mut cursor = match after {
+            Some(after) if *after >= first => Bound::Excluded(after.clone()),
+            _ => Bound::Included(first),
+        };
+        let mut profiles = Vec::new();
+        loop {
+            let keys: Vec<ProfileKey> = {
+                let order = self.inner.order.read().expect("order lock poisoned");
+                order
+                    .range((cursor.clone(), Bound::Unbounded))
+                    .take_while(|key| client_id.is_none_or(|id| *key.client_id == *id))
+                    .take(CHUNK)
+                    .cloned()
+                    .collect()
+            };
+            let exhausted = keys.len() < CHUNK;
+            for key in &keys {
+                if profiles.len() == limit {
+                    // `key` itself is not examined yet, so something remains.
+                    let next = profiles.last().map(|profile: &Arc<Profile>| profile.key.clone());
+                    return Scan { profiles, next };
+                }
+                if let Some(profile) = self.get(key).filter(|profile| keep(profile)) {
+                    profiles.push(profile);
+                }
+            }
+            match keys.last() {
+                Some(last) if !exhausted => cursor = Bound::Excluded(last.clone()),
+                _ => {
+                    return Scan {
+                        profiles,
+                        next: None,
+                    };
+                }
+            }
+        }
+    }
+
+    /// The oldest revision the history holds; the next revision when it holds none.
+    pub fn oldest_in_history(&self) -> u64 {
+        let history = self.inner.history.read().expect("history lock poisoned");
+        history
+            .front()
+            .map_or_else(|| self.revision() + 1, |change| change.revision)
+    }
+
+    /// Up to `max` changes from revision `from` on, oldest first. Empty when `from` is past
+    /// the published revision; `Compacted` when the history no longer holds `from`.
+    pub fn history_from(&self, from: u64, max: usize) -> Result<Vec<Arc<Change>>, Compacted> {
+        let published = self.revision();
+        if from > published {
+            return Ok(Vec::new());
+        }
+        let history = self.inner.history.read().expect("history lock poisoned");
+        let oldest = history
+            .front()
+            .map_or(published + 1, |change| change.revision);
+        if from < oldest {
+            return Err(Compacted { oldest });
+        }
+        // Revisions are consecutive, so a revision's place in the ring is an offset. Changes
+        // pushed but not yet published are left for the next read.
+        let skip = usize::try_from(from - oldest).unwrap_or(usize::MAX);
+        let published_count = usize::try_from(published - from + 1).unwrap_or(usize::MAX);
+        let take = published_count.min(max);
+        Ok(history.iter().skip(skip).take(take).cloned().collect())
+    }
+
+    /// Makes a batch of changes visible: profiles, history, then the revision.
+    ///
+    /// Only the sequencer calls this, with consecutive revisions following the published one.
+    pub(crate) fn commit(&self, changes: Vec<Arc<Change>>) {
+        let Some(last) = changes.last().map(|change| change.revision) else {
+            return;
+        };
+        debug_assert_eq!(
+            changes.first().map(|change| change.revision),
+            Some(self.revision() + 1),
+            "revisions must follow the published one"
+        );
+        for change in &changes {
+            let key = &change.profile.key;
+            let previous = self
+                .inner
+                .profiles
+                .insert(key.clone(), Arc::clone(&change.profile));
+            if previous.is_none() {
+                let mut order = self.inner.order.write().expect("order lock poisoned");
+                order.insert(key.clone());
+            }
+        }
+        {
+            let mut history = self.inner.history.write().expect("history lock poisoned");
+            for change in changes {
+                if history.len() == self.inner.history_capacity {
+                    history.pop_front();
+                }
+                history.push_back(change);
+            }
+        }
+        self.inner.revision.send_replace(last);
+    }
+}
+
+/// One page of a [`Store::scan`].
+pub struct Scan {
+    /// The profiles found, in key order.
+    pub profiles: Vec<Arc<Profile>>,
+    /// Where to continue (the last key examined), when keys remain after it.
+    pub next: Option<ProfileKey>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{Field, ProfileUpdate, Scalar};
+
+    fn change(revision: u64, client: &str, customer: &str, tier: &str) -> Arc<Change> {
+        let key = ProfileKey::new(client, customer);
+        let mut profile = Profile::empty(key.clone());
+        let changed = profile
+            .merge(&ProfileUpdate {
+                key,
+                at: chrono::DateTime::from_timestamp(revision as i64, 0).unwrap(),
+                fields: vec![
+                    (Field::GbCustomerId, Some(Scalar::Int(1))),
+                    (Field::TierName, Some(Scalar::Text(tier.into()))),
+                ],
+                extras: vec![],
+            })
+            .unwrap();
+        profile.revision = revision;
+        Arc::new(Change {
+            revision,
+            profile: Arc::new(profile),
+            previous: None,
+            changed_fields: changed,
+        })
+    }
+
+    #[test]
+    fn history_keeps_the_newest_changes_and_reports_compaction() {
+        let store = Store::new(3);
+        store.commit((1..=5).map(|r| change(r, "a", &r.to_string(), "t")).collect());
+        assert_eq!(store.revision(), 5);
+        assert_eq!(store.oldest_in_history(), 3);
+        let revisions = |from, max| -> Vec<u64> {
+            store
+                .history_from(from, max)
+                .unwrap()
+                .iter()
+                .map(|c| c.revision)
+                .collect()
+        };
+        assert_eq!(revisions(3, 10), vec![3, 4, 5]);
+        assert_eq!(revisions(4, 1), vec![4]);
+        assert_eq!(revisions(6, 10), Vec::<u64>::new());
+        assert_eq!(store.history_from(2, 10).unwrap_err(), Compacted { oldest: 3 });
+    }
+
+    #[test]
+    fn scan_pages_by_client_and_filter() {
+        let store = Store::new(10);
+        let mut changes = Vec::new();
+        for (i, (client, customer, tier)) in [
+            ("a", "1", "gold"),
+            ("a", "2", "basic"),
+            ("a", "3", "gold"),
+            ("b", "1", "gold"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            changes.push(change(i as u64 + 1, client, customer, tier));
+        }
+        store.commit(changes);
+        let ids = |scan: &Scan| -> Vec<String> {
+            scan.profiles
+                .iter()
+                .map(|p| format!("{:?}", p.key))
+                .collect()
+        };
+        let page = store.scan(Some("a"), None, 2, |_| true);
+        assert_eq!(ids(&page), vec!["a/1", "a/2"]);
+        let next = page.next.expect("more keys remain");
+        assert_eq!(next, ProfileKey::new("a", "2"));
+        let page = store.scan(Some("a"), Some(&next), 2, |_| true);
+        assert_eq!(ids(&page), vec!["a/3"]);
+        assert_eq!(page.next, None);
+        let gold = store.scan(None, None, 10, |p| p.get_text(Field::TierName) == Some("gold"));
+        assert_eq!(ids(&gold), vec!["a/1", "a/3", "b/1"]);
+    }
+}

@@ -1,0 +1,421 @@
+//! Watch subscriptions: which changes a subscriber wants, and the task that feeds it.
+//!
+//! A subscriber owns a cursor (the next revision it has to look at) and reads the store's
+//! history from there at its own pace, into a small bounded channel. Nothing is queued per
+//! subscriber beyond that channel, and the writer never waits for a subscriber: a subscriber
+//! that does not read just stops advancing its cursor. When it reads again it catches up from
+//! the history, or, if the history has moved past its cursor, gets a `Reset` and the full
+//! initial state again.
+//!
+//! This module produces domain events ([`WatchEvent`]); turning them into gRPC messages and
+//! statuses is the adapter's job.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::profile::{Change, Field, FieldPath, Profile, ProfileKey};
+use crate::store::{Compacted, Store};
+
+/// How many history entries or profiles a subscriber takes per read.
+const READ_BATCH: usize = 256;
+
+/// Which changes a subscriber wants, and from where.
+#[derive(Clone, Debug, Default)]
+pub struct WatchSpec {
+    /// Only this account; `None` = all accounts.
+    pub client_id: Option<Arc<str>>,
+    /// Only these customers; empty = all.
+    pub customer_ids: HashSet<Arc<str>>,
+    /// Only changes touching one of these; empty = all changes.
+    pub fields: Vec<FieldSelector>,
+    /// First revision wanted from history; 0 = start now.
+    pub start_revision: u64,
+    /// With `start_revision` 0: send every matching profile first.
+    pub send_initial_state: bool,
+    /// Send `Progress` after this long without sending anything.
+    pub progress_interval: Duration,
+    /// Fail instead of resetting when the history no longer covers the cursor.
+    pub fail_if_compacted: bool,
+}
+
+/// One entry of a `fields` filter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FieldSelector {
+    /// One modeled field or one extra key.
+    Path(FieldPath),
+    /// Any extra key (`extra`).
+    AnyExtra,
+}
+
+impl FieldSelector {
+    /// Parses a field name as the API spells it: `tier_name`, `extra.<key>`, or `extra`.
+    pub fn parse(name: &str) -> Result<FieldSelector, String> {
+        if name == "extra" {
+            return Ok(FieldSelector::AnyExtra);
+        }
+        if let Some(key) = name.strip_prefix("extra.") {
+            if key.is_empty() {
+                return Err("`extra.` needs a key after the dot".into());
+            }
+            return Ok(FieldSelector::Path(FieldPath::Extra(key.into())));
+        }
+        Field::from_name(name)
+            .map(|field| FieldSelector::Path(FieldPath::Field(field)))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
+                format!(
+                    "unknown field {name:?}; expected one of {}, extra or extra.<key>",
+                    names.join(", ")
+                )
+            })
+    }
+
+    fn matches(&self, change: &Change) -> bool {
+        match self {
+            FieldSelector::Path(path) => change.touches(path),
+            FieldSelector::AnyExtra => change.touches_any_extra(),
+        }
+    }
+}
+
+impl WatchSpec {
+    fn wants_profile(&self, key: &ProfileKey) -> bool {
+        self.client_id
+            .as_ref()
+            .is_none_or(|client| *client == key.client_id)
+            && (self.customer_ids.is_empty() || self.customer_ids.contains(&key.customer_id))
+    }
+
+    fn wants_change(&self, change: &Change) -> bool {
+        self.wants_profile(&change.profile.key)
+            && (self.fields.is_empty() || self.fields.iter().any(|field| field.matches(change)))
+    }
+}
+
+/// What a subscriber receives.
+#[derive(Clone, Debug)]
+pub enum WatchEvent {
+    /// A profile as part of the initial state.
+    Existing(Arc<Profile>),
+    /// A change, in revision order.
+    Change(Arc<Change>),
+    /// Everything up to `revision` has been sent; what follows is live.
+    Synced {
+        /// The revision the subscriber is in sync with.
+        revision: u64,
+    },
+    /// Heartbeat: every matching change up to `revision` has been sent.
+    Progress {
+        /// The revision the subscriber has seen up to.
+        revision: u64,
+    },
+    /// The subscriber's position is gone; a full initial state and `Synced` follow.
+    Reset {
+        /// Why.
+        reason: String,
+        /// The oldest revision the history still holds.
+        revision: u64,
+    },
+    /// The stream ends with this error (shutdown, or compaction with `fail_if_compacted`).
+    End(Error),
+}
+
+/// Where a subscription starts, decided when it is opened.
+#[derive(Debug)]
+enum Start {
+    /// Live changes after `synced`.
+    Live { synced: u64 },
+    /// Initial state, then live.
+    InitialState,
+    /// History from `from`; `Synced` once `synced` has been passed.
+    Replay { from: u64, synced: u64 },
+    /// The requested position is gone: reset, then initial state.
+    Reset { reason: String, oldest: u64 },
+}
+
+/// An opened subscription, ready to run.
+pub struct Watch {
+    spec: WatchSpec,
+    store: Store,
+    start: Start,
+}
+
+/// The subscriber is gone or the server is stopping: stop producing.
+struct Stop;
+
+impl Watch {
+    /// Checks the request against the store and pins its starting point. Errors here fail the
+    /// call before any stream starts.
+    pub fn open(store: &Store, spec: WatchSpec) -> Result<Watch, Error> {
+        let current = store.revision();
+        let next = current + 1;
+        let start = match spec.start_revision {
+            0 if spec.send_initial_state => Start::InitialState,
+            0 => Start::Live { synced: current },
+            requested if requested > next => {
+                return Err(Error::RevisionInFuture { requested, next });
+            }
+            requested => {
+                let oldest = store.oldest_in_history();
+                if requested >= oldest {
+                    Start::Replay {
+                        from: requested,
+                        synced: current,
+                    }
+                } else if spec.fail_if_compacted {
+                    return Err(Error::Compacted { requested, oldest });
+                } else {
+                    Start::Reset {
+                        reason: format!(
+                            "start_revision {requested} is older than the oldest revision in \
+                             history {oldest}"
+                        ),
+                        oldest,
+                    }
+                }
+            }
+        };
+        Ok(Watch {
+            spec,
+            store: store.clone(),
+            start,
+        })
+    }
+
+    /// Feeds the subscriber until it goes away or `shutdown` fires; on shutdown the last event
+    /// is an `End` naming the revision to resume from.
+    pub async fn run(self, events: mpsc::Sender<WatchEvent>, shutdown: CancellationToken) {
+        let mut feed = Feed {
+            spec: self.spec,
+            store: self.store,
+            events,
+            shutdown,
+            last_sent: Instant::now(),
+        };
+        let mut cursor = 0;
+        if let Err(Stop) = feed.run(self.start, &mut cursor).await
+            && feed.shutdown.is_cancelled()
+        {
+            let reason = format!("server shutting down; resume from revision {cursor}");
+            // Best effort: a subscriber whose channel is full is not waited for.
+            let _ = feed.events.try_send(WatchEvent::End(Error::Unavailable { reason }));
+        }
+    }
+}
+
+/// The running side of a subscription.
+struct Feed {
+    spec: WatchSpec,
+    store: Store,
+    events: mpsc::Sender<WatchEvent>,
+    shutdown: CancellationToken,
+    last_sent: Instant,
+}
+
+impl Feed {
+    /// The subscription's life; `cursor` is kept current (the next revision to look at) so
+    /// that a stop can say where to resume.
+    async fn run(&mut self, start: Start, cursor: &mut u64) -> Result<(), Stop> {
+        let mut synced_at = None;
+        match start {
+            Start::Live { synced } => {
+                *cursor = synced + 1;
+                self.send(WatchEvent::Synced { revision: synced }).await?;
+            }
+            Start::InitialState => *cursor = self.initial_state().await?,
+            Start::Replay { from, synced } => {
+                *cursor = from;
+                synced_at = Some(synced);
+            }
+            Start::Reset { reason, oldest } => {
+                *cursor = oldest;
+                self.send(WatchEvent::Reset {
+                    reason,
+                    revision: oldest,
+                })
+                .await?;
+                *cursor = self.initial_state().await?;
+            }
+        }
+        let mut revisions = self.store.subscribe();
+        loop {
+            if let Some(synced) = synced_at.filter(|synced| *cursor > *synced) {
+                synced_at = None;
+                self.send(WatchEvent::Synced { revision: synced }).await?;
+            }
+            // Mark the current revision seen before reading, so a commit that lands after the
+            // read still wakes the wait below.
+            revisions.borrow_and_update();
+            match self.store.history_from(*cursor, READ_BATCH) {
+                Ok(changes) if changes.is_empty() => {
+                    self.wait_for_changes(&mut revisions, *cursor - 1).await?
+                }
+                Ok(changes) => {
+                    for change in changes {
+                        let revision = change.revision;
+                        if self.spec.wants_change(&change) {
+                            self.send(WatchEvent::Change(change)).await?;
+                        }
+                        *cursor = revision + 1;
+                        if synced_at == Some(revision) {
+                            synced_at = None;
+                            self.send(WatchEvent::Synced { revision }).await?;
+                        }
+                    }
+                }
+                Err(Compacted { oldest }) if self.spec.fail_if_compacted => {
+                    let error = Error::Compacted {
+                        requested: *cursor,
+                        oldest,
+                    };
+                    self.send(WatchEvent::End(error)).await?;
+                    return Ok(());
+                }
+                Err(Compacted { oldest }) => {
+                    let reason = format!(
+                        "subscriber fell behind the history: revision {} is gone, the oldest \
+                         available is {oldest}",
+                        *cursor
+                    );
+                    self.send(WatchEvent::Reset {
+                        reason,
+                        revision: oldest,
+                    })
+                    .await?;
+                    synced_at = None;
+                    *cursor = self.initial_state().await?;
+                }
+            }
+        }
+    }
+
+    /// Sends every matching profile as of one revision `R`, then `Synced{R}`; returns `R + 1`.
+    ///
+    /// Profiles are read while writes go on, so some are newer than `R`. Their state at `R` is
+    /// the `previous` of their first change after `R`, taken from the history; a profile
+    /// created after `R` is left to the live changes. If the history drops those changes
+    /// meanwhile, the subscriber gets a `Reset` and the initial state starts over.
+    async fn initial_state(&mut self) -> Result<u64, Stop> {
+        'again: loop {
+            let as_of = self.store.revision();
+            let mut newer = HashSet::new();
+            let mut after: Option<ProfileKey> = None;
+            loop {
+                let client_id = self.spec.client_id.clone();
+                let scan = self.store.scan(
+                    client_id.as_deref(),
+                    after.as_ref(),
+                    READ_BATCH,
+                    |profile| self.spec.wants_profile(&profile.key),
+                );
+                for profile in scan.profiles {
+                    if profile.revision <= as_of {
+                        self.send(WatchEvent::Existing(profile)).await?;
+                    } else {
+                        newer.insert(profile.key.clone());
+                    }
+                }
+                match scan.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            let mut from = as_of + 1;
+            while !newer.is_empty() {
+                let changes = match self.store.history_from(from, READ_BATCH) {
+                    Ok(changes) => changes,
+                    Err(Compacted { oldest }) => {
+                        let reason = "the history moved on while the initial state was sent";
+                        self.send(WatchEvent::Reset {
+                            reason: reason.into(),
+                            revision: oldest,
+                        })
+                        .await?;
+                        continue 'again;
+                    }
+                };
+                // Every profile in `newer` was read after its change was committed, so its
+                // change is at most a few publishes away.
+                if changes.is_empty() {
+                    let mut revisions = self.store.subscribe();
+                    revisions.borrow_and_update();
+                    if self.store.revision() < from {
+                        self.wait_for_changes(&mut revisions, as_of).await?;
+                    }
+                    continue;
+                }
+                for change in changes {
+                    from = change.revision + 1;
+                    if newer.remove(&change.profile.key)
+                        && let Some(previous) = &change.previous
+                    {
+                        self.send(WatchEvent::Existing(Arc::clone(previous))).await?;
+                    }
+                }
+            }
+            self.send(WatchEvent::Synced { revision: as_of }).await?;
+            return Ok(as_of + 1);
+        }
+    }
+
+    /// Waits for a new revision; sends `Progress{seen}` whenever the interval passes with
+    /// nothing sent.
+    async fn wait_for_changes(
+        &mut self,
+        revisions: &mut tokio::sync::watch::Receiver<u64>,
+        seen: u64,
+    ) -> Result<(), Stop> {
+        loop {
+            let heartbeat = self.last_sent + self.spec.progress_interval;
+            tokio::select! {
+                changed = revisions.changed() => {
+                    // The store never drops its sender while a subscriber holds it.
+                    return changed.map_err(|_| Stop);
+                }
+                () = tokio::time::sleep_until(heartbeat) => {
+                    self.send(WatchEvent::Progress { revision: seen }).await?;
+                }
+                () = self.shutdown.cancelled() => return Err(Stop),
+                // A subscriber that hung up while nothing was happening.
+                () = self.events.closed() => return Err(Stop),
+            }
+        }
+    }
+
+    /// Sends one event, waiting while the subscriber's channel is full.
+    async fn send(&mut self, event: WatchEvent) -> Result<(), Stop> {
+        tokio::select! {
+            sent = self.events.send(event) => sent.map_err(|_| Stop)?,
+            () = self.shutdown.cancelled() => return Err(Stop),
+        }
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_selectors_parse_api_names() {
+        assert_eq!(
+            FieldSelector::parse("tier_name"),
+            Ok(FieldSelector::Path(FieldPath::Field(Field::TierName)))
+        );
+        assert_eq!(
+            FieldSelector::parse("extra.birthday"),
+            Ok(FieldSelector::Path(FieldPath::Extra("birthday".into())))
+        );
+        assert_eq!(FieldSelector::parse("extra"), Ok(FieldSelector::AnyExtra));
+        let unknown = FieldSelector::parse("tier").unwrap_err();
+        assert!(unknown.contains("unknown field \"tier\""), "{unknown}");
+        assert!(FieldSelector::parse("extra.").is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! Test harness: the whole service in-process on 127.0.0.1 port 0, a signed-webhook client,
+//! and a connected gRPC client.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use profile_state::pb::profile_service_client::ProfileServiceClient;
+use profile_state::webhook::signature::SignatureCheck;
+use profile_state::{Config, Server};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// The secret every test service uses.
+pub const SECRET: &str = "test-secret";
+
+/// A running service. Dropping it without `stop` aborts nothing: call `stop` to shut it down.
+pub struct TestService {
+    pub webhook: SocketAddr,
+    pub grpc: SocketAddr,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestService {
+    /// Starts a service with the test defaults.
+    pub async fn start() -> TestService {
+        Self::start_with(Config::for_tests(SECRET)).await
+    }
+
+    /// Starts a service with this configuration (addresses should use port 0).
+    pub async fn start_with(config: Config) -> TestService {
+        let server = Server::bind(config).await.expect("service binds");
+        let webhook = server.webhook_addr();
+        let grpc = server.grpc_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        TestService {
+            webhook,
+            grpc,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The webhook URL.
+    pub fn webhook_url(&self) -> String {
+        format!("http://{}/webhooks/gameball", self.webhook)
+    }
+
+    /// A gRPC client connected to the service.
+    pub async fn client(&self) -> ProfileServiceClient<Channel> {
+        ProfileServiceClient::new(self.channel().await)
+    }
+
+    /// A raw channel to the gRPC listener.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .expect("gRPC connects")
+    }
+
+    /// Posts `body` signed with the test secret; returns status and JSON answer.
+    pub async fn post(&self, body: &Value) -> (u16, Value) {
+        let raw = serde_json::to_vec(body).unwrap();
+        let signature = SignatureCheck::new(SECRET).sign(&raw);
+        self.post_raw(raw, &[("x-gb-signature", &signature), ("content-type", "application/json")])
+            .await
+    }
+
+    /// Posts raw bytes with exactly these headers.
+    pub async fn post_raw(&self, body: Vec<u8>, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut request = self.http.post(self.webhook_url()).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("webhook request is answered");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    /// Posts a profile update and asserts it was answered 200; returns the answer.
+    pub async fn update(&self, body: &Value) -> Value {
+        let (status, answer) = self.post(body).await;
+        assert_eq!(status, 200, "webhook refused: {answer}");
+        answer
+    }
+
+    /// Shuts the service down and waits for it, failing if that takes longer than `within`.
+    pub async fn stop_within(mut self, within: Duration) {
+        let _ = self.stop.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(within, task)
+            .await
+            .expect("service stops in time")
+            .expect("service task does not panic")
+            .expect("service stops cleanly");
+    }
+
+    /// Shuts the service down.
+    pub async fn stop(self) {
+        self.stop_within(Duration::from_secs(10)).await
+    }
+}
+
+/// A `customer.profile.updated` body for `customer` at `created_at` with these `data` fields.
+pub fn profile_updated(customer: &str, created_at: &str, data: Value) -> Value {
+    json!({
+        "event": "customer.profile.updated",
+        "client_id": "2155",
+        "customer_id": customer,
+        "gb_customer_id": 1234,
+        "created_at": created_at,
+        "data": data,
+    })
+}
+
+/// An RFC 3339 timestamp `second` seconds into a fixed day.
+pub fn at(second: u32) -> String {
+    format!(
+        "2024-11-19T{:02}:{:02}:{:02}.000Z",
+        second / 3600 % 24,
+        second / 60 % 60,
+        second % 60
+    )
+}
