@@ -15,11 +15,19 @@ use clap::Parser;
 #[command(name = "profile-state", version, about)]
 pub struct Config {
     /// Address of the webhook ingress (faces Gameball). Port 0 picks a free port.
-    #[arg(long, env = "PROFILE_STATE_WEBHOOK_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "PROFILE_STATE_WEBHOOK_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
     pub webhook_listen: SocketAddr,
 
     /// Address of the gRPC API (internal callers). Port 0 picks a free port.
-    #[arg(long, env = "PROFILE_STATE_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(
+        long,
+        env = "PROFILE_STATE_GRPC_LISTEN",
+        default_value = "0.0.0.0:50051"
+    )]
     pub grpc_listen: SocketAddr,
 
     /// Gameball webhook secret used to verify X-GB-Signature.
@@ -111,6 +119,9 @@ mod tests {
         config.insecure_skip_signature = true;
         assert!(config.check().is_ok());
         config.webhook_secret = Some(String::new());
-        assert!(matches!(config.check(), Err(ConfigError::EmptyWebhookSecret)));
+        assert!(matches!(
+            config.check(),
+            Err(ConfigError::EmptyWebhookSecret)
+        ));
     }
 }

@@ -331,7 +331,10 @@ impl Profile {
     ///
     /// Only content changes: revision, create_revision and version are the sequencer's to set.
     pub fn merge(&mut self, update: &ProfileUpdate) -> Option<Vec<FieldPath>> {
-        debug_assert_eq!(self.key, update.key, "an update merged into another profile");
+        debug_assert_eq!(
+            self.key, update.key,
+            "an update merged into another profile"
+        );
         let mut wrote = false;
         let mut changed = Vec::new();
         for (field, value) in &update.fields {
@@ -635,15 +638,15 @@ mod tests {
         let mut after = before.clone();
         let changed = after
             .merge(&update(
-            2,
-            &[
-                (Field::TierName, text("silver")),
-                (Field::TierOrder, Some(Scalar::Int(2))),
-                (Field::ActivatedPoints, Some(Scalar::Int(190))),
-                (Field::PendingPoints, Some(Scalar::Int(10))),
-                (Field::TotalPoints, Some(Scalar::Int(200))),
-            ],
-        ))
+                2,
+                &[
+                    (Field::TierName, text("silver")),
+                    (Field::TierOrder, Some(Scalar::Int(2))),
+                    (Field::ActivatedPoints, Some(Scalar::Int(190))),
+                    (Field::PendingPoints, Some(Scalar::Int(10))),
+                    (Field::TotalPoints, Some(Scalar::Int(200))),
+                ],
+            ))
             .unwrap();
         let change = change(Some(before), after, changed);
         let tier = change.tier_change().unwrap();

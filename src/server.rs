@@ -51,12 +51,16 @@ impl Server {
 
     /// The webhook listener's actual address.
     pub fn webhook_addr(&self) -> SocketAddr {
-        self.webhook.local_addr().expect("a bound listener has an address")
+        self.webhook
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The gRPC listener's actual address.
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("a bound listener has an address")
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` completes, then stops in order: health NOT_SERVING, no new

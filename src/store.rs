@@ -125,7 +125,9 @@ impl Store {
             for key in &keys {
                 if profiles.len() == limit {
                     // `key` itself is not examined yet, so something remains.
-                    let next = profiles.last().map(|profile: &Arc<Profile>| profile.key.clone());
+                    let next = profiles
+                        .last()
+                        .map(|profile: &Arc<Profile>| profile.key.clone());
                     return Scan { profiles, next };
                 }
                 if let Some(profile) = self.get(key).filter(|profile| keep(profile)) {
@@ -249,7 +251,11 @@ mod tests {
     #[test]
     fn history_keeps_the_newest_changes_and_reports_compaction() {
         let store = Store::new(3);
-        store.commit((1..=5).map(|r| change(r, "a", &r.to_string(), "t")).collect());
+        store.commit(
+            (1..=5)
+                .map(|r| change(r, "a", &r.to_string(), "t"))
+                .collect(),
+        );
         assert_eq!(store.revision(), 5);
         assert_eq!(store.oldest_in_history(), 3);
         let revisions = |from, max| -> Vec<u64> {
@@ -263,7 +269,10 @@ mod tests {
         assert_eq!(revisions(3, 10), vec![3, 4, 5]);
         assert_eq!(revisions(4, 1), vec![4]);
         assert_eq!(revisions(6, 10), Vec::<u64>::new());
-        assert_eq!(store.history_from(2, 10).unwrap_err(), Compacted { oldest: 3 });
+        assert_eq!(
+            store.history_from(2, 10).unwrap_err(),
+            Compacted { oldest: 3 }
+        );
     }
 
     #[test]
@@ -295,7 +304,9 @@ mod tests {
         let page = store.scan(Some("a"), Some(&next), 2, |_| true);
         assert_eq!(ids(&page), vec!["a/3"]);
         assert_eq!(page.next, None);
-        let gold = store.scan(None, None, 10, |p| p.get_text(Field::TierName) == Some("gold"));
+        let gold = store.scan(None, None, 10, |p| {
+            p.get_text(Field::TierName) == Some("gold")
+        });
         assert_eq!(ids(&gold), vec!["a/1", "a/3", "b/1"]);
     }
 }

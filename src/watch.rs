@@ -204,7 +204,9 @@ impl Watch {
         {
             let reason = format!("server shutting down; resume from revision {cursor}");
             // Best effort: a subscriber whose channel is full is not waited for.
-            let _ = feed.events.try_send(WatchEvent::End(Error::Unavailable { reason }));
+            let _ = feed
+                .events
+                .try_send(WatchEvent::End(Error::Unavailable { reason }));
         }
     }
 }
@@ -355,7 +357,8 @@ impl Feed {
                     if newer.remove(&change.profile.key)
                         && let Some(previous) = &change.previous
                     {
-                        self.send(WatchEvent::Existing(Arc::clone(previous))).await?;
+                        self.send(WatchEvent::Existing(Arc::clone(previous)))
+                            .await?;
                     }
                 }
             }
@@ -402,6 +405,73 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::{ProfileUpdate, Scalar};
+    use crate::sequencer::Sequencer;
+    use tokio_util::task::TaskTracker;
+
+    fn points(customer: &str, second: i64, total: i64) -> ProfileUpdate {
+        ProfileUpdate {
+            key: ProfileKey::new("2155", customer),
+            at: chrono::DateTime::from_timestamp(1_700_000_000 + second, 0).unwrap(),
+            fields: vec![
+                (Field::GbCustomerId, Some(Scalar::Int(1))),
+                (Field::TotalPoints, Some(Scalar::Int(total))),
+            ],
+            extras: vec![],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_is_sent_after_an_interval_without_other_events() {
+        let store = Store::new(10);
+        let tracker = TaskTracker::new();
+        let sequencer = Sequencer::start(store.clone(), &tracker);
+        let interval = Duration::from_secs(5);
+        let spec = WatchSpec {
+            progress_interval: interval,
+            ..WatchSpec::default()
+        };
+        let watch = Watch::open(&store, spec).unwrap();
+        let (events, mut received) = mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        tracker.spawn(watch.run(events, shutdown.clone()));
+
+        let started = Instant::now();
+        assert!(matches!(
+            received.recv().await,
+            Some(WatchEvent::Synced { revision: 0 })
+        ));
+        assert!(matches!(
+            received.recv().await,
+            Some(WatchEvent::Progress { revision: 0 })
+        ));
+        assert_eq!(started.elapsed(), interval);
+
+        // A change restarts the interval; the next heartbeat names the revision seen.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        sequencer.apply(points("a", 1, 10)).await.unwrap();
+        let changed_at = Instant::now();
+        assert!(
+            matches!(received.recv().await, Some(WatchEvent::Change(change)) if change.revision == 1)
+        );
+        assert!(matches!(
+            received.recv().await,
+            Some(WatchEvent::Progress { revision: 1 })
+        ));
+        assert_eq!(changed_at.elapsed(), interval);
+
+        shutdown.cancel();
+        match received.recv().await {
+            Some(WatchEvent::End(Error::Unavailable { reason })) => {
+                assert!(reason.contains("resume from revision 2"), "{reason}");
+            }
+            other => panic!("expected the shutdown end, got {other:?}"),
+        }
+        assert!(received.recv().await.is_none(), "nothing after the end");
+        drop(sequencer);
+        tracker.close();
+        tracker.wait().await;
+    }
 
     #[test]
     fn field_selectors_parse_api_names() {

@@ -91,9 +91,15 @@ pub fn change(change: &Change, include_previous: bool) -> pb::ProfileChange {
         revision: change.revision,
         tier_change: change.tier_change().map(|tier| pb::TierChange {
             from_name: tier.from_name.unwrap_or_default(),
-            from_order: tier.from_order.and_then(|o| i32::try_from(o).ok()).unwrap_or(0),
+            from_order: tier
+                .from_order
+                .and_then(|o| i32::try_from(o).ok())
+                .unwrap_or(0),
             to_name: tier.to_name.unwrap_or_default(),
-            to_order: tier.to_order.and_then(|o| i32::try_from(o).ok()).unwrap_or(0),
+            to_order: tier
+                .to_order
+                .and_then(|o| i32::try_from(o).ok())
+                .unwrap_or(0),
             direction: match tier.direction {
                 TierDirection::Unknown => pb::TierDirection::Unspecified,
                 TierDirection::Up => pb::TierDirection::Up,

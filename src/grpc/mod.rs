@@ -142,7 +142,9 @@ impl ProfileService for ProfileApi {
         let (client_id, tier_name) = (request.client_id.as_str(), request.tier_name.as_str());
         let after = match request.page_token.as_str() {
             "" => None,
-            token => Some(page_token::decode(token, client_id, tier_name).map_err(|e| grpc_status(&e))?),
+            token => {
+                Some(page_token::decode(token, client_id, tier_name).map_err(|e| grpc_status(&e))?)
+            }
         };
         let scan = self.store.scan(
             Some(client_id).filter(|id| !id.is_empty()),
@@ -191,7 +193,8 @@ fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
         .iter()
         .enumerate()
         .map(|(index, name)| {
-            FieldSelector::parse(name).map_err(|reason| Error::invalid(format!("fields[{index}]"), reason))
+            FieldSelector::parse(name)
+                .map_err(|reason| Error::invalid(format!("fields[{index}]"), reason))
         })
         .collect::<Result<_, _>>()?;
     Ok(WatchSpec {

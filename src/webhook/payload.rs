@@ -58,7 +58,10 @@ pub fn parse(body: &Value) -> Result<Delivery, Error> {
             Some(field) if field != Field::GbCustomerId => {
                 fields.push((field, scalar(value, field)?));
             }
-            _ => extras.push((name.as_str().into(), (!value.is_null()).then(|| value.clone()))),
+            _ => extras.push((
+                name.as_str().into(),
+                (!value.is_null()).then(|| value.clone()),
+            )),
         }
     }
     Ok(Delivery::ProfileUpdated(ProfileUpdate {
@@ -135,8 +138,7 @@ mod tests {
     use serde_json::json;
 
     fn valid() -> Value {
-        serde_json::from_slice(include_bytes!("../../tests/fixtures/profile-updated.json"))
-            .unwrap()
+        serde_json::from_slice(include_bytes!("../../tests/fixtures/profile-updated.json")).unwrap()
     }
 
     fn error_field(body: Value) -> String {
@@ -153,16 +155,25 @@ mod tests {
         };
         assert_eq!(update.key, ProfileKey::new("2155", "webhook-test"));
         assert_eq!(update.at.to_rfc3339(), "2024-11-19T17:34:42.297+00:00");
-        assert!(update.fields.contains(&(Field::TierOrder, Some(Scalar::Int(1)))));
-        assert!(update.fields.contains(&(Field::GbCustomerId, Some(Scalar::Int(1234)))));
+        assert!(
+            update
+                .fields
+                .contains(&(Field::TierOrder, Some(Scalar::Int(1))))
+        );
+        assert!(
+            update
+                .fields
+                .contains(&(Field::GbCustomerId, Some(Scalar::Int(1234))))
+        );
         assert!(update.extras.is_empty());
     }
 
     #[test]
     fn other_topics_are_recognised_whatever_their_data() {
-        let body: Value =
-            serde_json::from_slice(include_bytes!("../../tests/fixtures/notification-push.json"))
-                .unwrap();
+        let body: Value = serde_json::from_slice(include_bytes!(
+            "../../tests/fixtures/notification-push.json"
+        ))
+        .unwrap();
         assert_eq!(
             parse(&body).unwrap(),
             Delivery::Other {
@@ -173,8 +184,14 @@ mod tests {
 
     #[test]
     fn each_required_field_is_named_when_missing_or_mistyped() {
-        for field in ["event", "client_id", "customer_id", "gb_customer_id", "created_at", "data"]
-        {
+        for field in [
+            "event",
+            "client_id",
+            "customer_id",
+            "gb_customer_id",
+            "created_at",
+            "data",
+        ] {
             let mut body = valid();
             body.as_object_mut().unwrap().remove(field);
             assert_eq!(error_field(body), field, "missing {field}");
@@ -197,18 +214,24 @@ mod tests {
         };
         assert_eq!(with(&["client_id"], json!("")), "client_id");
         assert_eq!(with(&["customer_id"], json!("")), "customer_id");
-        assert_eq!(with(&["created_at"], json!("2024-11-19 17:34")), "created_at");
-        assert_eq!(with(&["created_at"], json!("2024-11-19T17:34:42")), "created_at");
-        assert_eq!(with(&["gb_customer_id"], json!(1.5)), "gb_customer_id");
         assert_eq!(
-            with(&["gb_customer_id"], json!(u64::MAX)),
-            "gb_customer_id"
+            with(&["created_at"], json!("2024-11-19 17:34")),
+            "created_at"
         );
+        assert_eq!(
+            with(&["created_at"], json!("2024-11-19T17:34:42")),
+            "created_at"
+        );
+        assert_eq!(with(&["gb_customer_id"], json!(1.5)), "gb_customer_id");
+        assert_eq!(with(&["gb_customer_id"], json!(u64::MAX)), "gb_customer_id");
         assert_eq!(
             with(&["data", "tier_order"], json!(i64::from(i32::MAX) + 1)),
             "data.tier_order"
         );
-        assert_eq!(with(&["data", "total_points"], json!("100")), "data.total_points");
+        assert_eq!(
+            with(&["data", "total_points"], json!("100")),
+            "data.total_points"
+        );
         assert_eq!(with(&["data", "email"], json!(5)), "data.email");
         assert_eq!(error_field(json!([1, 2])), "body");
     }

@@ -90,7 +90,11 @@ mod tests {
     #[test]
     fn pretty_body_verifies_through_its_compact_form() {
         let parsed: serde_json::Value = serde_json::from_slice(PRETTY).unwrap();
-        assert!(check().verify(Some(PRETTY_SIG.trim()), PRETTY, None).is_err());
+        assert!(
+            check()
+                .verify(Some(PRETTY_SIG.trim()), PRETTY, None)
+                .is_err()
+        );
         assert_eq!(
             check().verify(Some(PRETTY_SIG.trim()), PRETTY, Some(&parsed)),
             Ok(())

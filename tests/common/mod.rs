@@ -73,8 +73,14 @@ impl TestService {
     pub async fn post(&self, body: &Value) -> (u16, Value) {
         let raw = serde_json::to_vec(body).unwrap();
         let signature = SignatureCheck::new(SECRET).sign(&raw);
-        self.post_raw(raw, &[("x-gb-signature", &signature), ("content-type", "application/json")])
-            .await
+        self.post_raw(
+            raw,
+            &[
+                ("x-gb-signature", &signature),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await
     }
 
     /// Posts raw bytes with exactly these headers.
