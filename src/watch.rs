@@ -473,6 +473,83 @@ mod tests {
         tracker.wait().await;
     }
 
+    #[tokio::test]
+    async fn initial_state_is_as_of_one_revision_while_writes_land_during_the_scan() {
+        let store = Store::new(1000);
+        let tracker = TaskTracker::new();
+        let sequencer = Sequencer::start(store.clone(), &tracker);
+        for n in 0..300 {
+            sequencer
+                .apply(points(&format!("c{n:03}"), 1, n))
+                .await
+                .unwrap();
+        }
+        let spec = WatchSpec {
+            send_initial_state: true,
+            progress_interval: Duration::from_secs(3600),
+            ..WatchSpec::default()
+        };
+        let watch = Watch::open(&store, spec).unwrap();
+        // A one-slot channel holds the feed back: it has read only the first chunk of keys
+        // when the first profile arrives here.
+        let (events, mut received) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        tracker.spawn(watch.run(events, shutdown.clone()));
+        let first = received.recv().await;
+        assert!(matches!(&first, Some(WatchEvent::Existing(p)) if p.revision == 1));
+
+        // Writes the scan has not reached yet: updates of late keys and brand new profiles.
+        for n in 280..290 {
+            sequencer
+                .apply(points(&format!("c{n:03}"), 2, 1000 + n))
+                .await
+                .unwrap();
+        }
+        for n in 0..5 {
+            sequencer
+                .apply(points(&format!("d{n}"), 2, n))
+                .await
+                .unwrap();
+        }
+
+        let mut existing = vec![];
+        let synced = loop {
+            match received.recv().await {
+                Some(WatchEvent::Existing(profile)) => existing.push(profile),
+                Some(WatchEvent::Synced { revision }) => break revision,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(
+            synced, 300,
+            "the state is as of the revision when the watch began"
+        );
+        assert_eq!(
+            existing.len(),
+            299,
+            "every profile of revision 300 once, but the first"
+        );
+        for profile in &existing {
+            let n: i64 = profile.key.customer_id[1..].parse().unwrap();
+            assert_eq!(
+                profile.get_int(Field::TotalPoints),
+                Some(n),
+                "{profile:?} is as of 300"
+            );
+            assert!(profile.revision <= 300);
+        }
+        for revision in 301..=315 {
+            match received.recv().await {
+                Some(WatchEvent::Change(change)) => assert_eq!(change.revision, revision),
+                other => panic!("expected change {revision}, got {other:?}"),
+            }
+        }
+        shutdown.cancel();
+        drop(sequencer);
+        tracker.close();
+        tracker.wait().await;
+    }
+
     #[test]
     fn field_selectors_parse_api_names() {
         assert_eq!(

@@ -1,0 +1,770 @@
+//! End-to-end tests of the read side over real gRPC against the in-process service:
+//! GetProfile, BatchGetProfiles, ListProfiles (paging, filters, errors, paging under writes),
+//! server reflection (v1 and v1alpha) and health.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{TestService, at, profile_updated};
+use profile_state::pb;
+use profile_state::pb::profile_service_client::ProfileServiceClient;
+use prost::Message;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_types::StatusExt;
+
+/// The account `common::profile_updated` posts to.
+const CLIENT: &str = "2155";
+/// The gRPC name of the profile service.
+const PROFILE_SERVICE: &str = "gameball.profiles.v1.ProfileService";
+/// How many webhooks are in flight at once while loading profiles.
+const LOADERS: usize = 16;
+
+/// A profile's key as listed: (client_id, customer_id).
+type Key = (String, String);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Zero-padded customer ids, so string order is numeric order: `c0001`.
+fn customer(n: usize) -> String {
+    format!("c{n:04}")
+}
+
+/// Every third customer is gold.
+fn tier(n: usize) -> &'static str {
+    if n % 3 == 0 { "gold" } else { "basic" }
+}
+
+/// A webhook creating customer `n` of `client_id` with its tier and `n` total points.
+fn seed_body(client_id: &str, n: usize) -> Value {
+    let data = json!({"tier_name": tier(n), "total_points": n});
+    let mut body = profile_updated(&customer(n), &at(1), data);
+    body["client_id"] = json!(client_id);
+    body
+}
+
+fn key_of(profile: &pb::Profile) -> Key {
+    (profile.client_id.clone(), profile.customer_id.clone())
+}
+
+fn key(client_id: &str, customer_id: &str) -> Key {
+    (client_id.to_owned(), customer_id.to_owned())
+}
+
+/// Posts every body, `LOADERS` at a time, each asserted answered 200.
+async fn post_all(service: &Arc<TestService>, bodies: Vec<Value>) {
+    let mut shares = vec![Vec::new(); LOADERS];
+    for (index, body) in bodies.into_iter().enumerate() {
+        shares[index % LOADERS].push(body);
+    }
+    let mut loaders = JoinSet::new();
+    for share in shares {
+        let service = Arc::clone(service);
+        loaders.spawn(async move {
+            for body in &share {
+                service.update(body).await;
+            }
+        });
+    }
+    loaders.join_all().await;
+}
+
+/// Stops a service shared with tasks that have all finished.
+async fn stop(service: Arc<TestService>) {
+    Arc::into_inner(service)
+        .expect("no task still holds the service")
+        .stop()
+        .await;
+}
+
+/// Asserts INVALID_ARGUMENT whose BadRequest details name exactly `field`.
+fn assert_invalid_argument<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, Status>,
+    field: &str,
+) {
+    let status = result.expect_err("the request must be rejected");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let fields: Vec<String> = status
+        .get_details_bad_request()
+        .map(|details| {
+            details
+                .field_violations
+                .into_iter()
+                .map(|violation| violation.field)
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(fields, [field], "BadRequest details of {status:?}");
+}
+
+fn get(client_id: &str, customer_id: &str) -> pb::GetProfileRequest {
+    pb::GetProfileRequest {
+        client_id: client_id.into(),
+        customer_id: customer_id.into(),
+    }
+}
+
+fn batch(client_id: &str, customer_ids: &[String]) -> pb::BatchGetProfilesRequest {
+    pb::BatchGetProfilesRequest {
+        client_id: client_id.into(),
+        customer_ids: customer_ids.to_vec(),
+    }
+}
+
+fn list(client_id: &str, tier_name: &str, page_size: i32, token: &str) -> pb::ListProfilesRequest {
+    pb::ListProfilesRequest {
+        client_id: client_id.into(),
+        page_size,
+        page_token: token.into(),
+        tier_name: tier_name.into(),
+    }
+}
+
+/// One ListProfiles page, with the contract's per-page checks: rows ordered strictly by key
+/// and none newer than the page's store_revision.
+async fn list_page(
+    client: &mut ProfileServiceClient<Channel>,
+    request: pb::ListProfilesRequest,
+) -> pb::ListProfilesResponse {
+    let page = client
+        .list_profiles(request)
+        .await
+        .expect("ListProfiles answers")
+        .into_inner();
+    let keys: Vec<Key> = page.profiles.iter().map(key_of).collect();
+    assert!(keys.is_sorted_by(|a, b| a < b), "page out of order: {keys:?}");
+    for profile in &page.profiles {
+        assert!(
+            profile.revision <= page.store_revision,
+            "{profile:?} is newer than the page's store_revision {}",
+            page.store_revision
+        );
+    }
+    page
+}
+
+/// A whole listing: every key in the order received, and the largest page seen.
+struct Listing {
+    keys: Vec<Key>,
+    largest_page: usize,
+}
+
+/// Pages from the start until next_page_token is empty.
+async fn list_all(
+    client: &mut ProfileServiceClient<Channel>,
+    client_id: &str,
+    tier_name: &str,
+    page_size: i32,
+) -> Listing {
+    let mut listing = Listing {
+        keys: Vec::new(),
+        largest_page: 0,
+    };
+    let mut token = String::new();
+    for _ in 0..10_000 {
+        let page = list_page(client, list(client_id, tier_name, page_size, &token)).await;
+        listing.largest_page = listing.largest_page.max(page.profiles.len());
+        listing.keys.extend(page.profiles.iter().map(key_of));
+        if page.next_page_token.is_empty() {
+            return listing;
+        }
+        token = page.next_page_token;
+    }
+    panic!("the listing did not end after 10,000 pages");
+}
+
+/// The data set of the listing tests: `LISTED` customers of `CLIENT` plus a few under an
+/// account sorting before it and one sorting after it.
+const LISTED: usize = 2500;
+const OTHER_CLIENTS: [(&str, usize); 2] = [("1000", 4), ("other", 5)];
+
+/// Starts a service holding the listing data set; returns every (key, tier) it holds.
+async fn start_with_listing_data() -> (Arc<TestService>, Vec<(Key, &'static str)>) {
+    let service = Arc::new(TestService::start().await);
+    let mut bodies = Vec::new();
+    let mut seeded = Vec::new();
+    let accounts = [(CLIENT, LISTED)].into_iter().chain(OTHER_CLIENTS);
+    for (client_id, count) in accounts {
+        for n in 1..=count {
+            bodies.push(seed_body(client_id, n));
+            seeded.push((key(client_id, &customer(n)), tier(n)));
+        }
+    }
+    post_all(&service, bodies).await;
+    (service, seeded)
+}
+
+/// The keys a listing must return, in (client_id, customer_id) order.
+fn expected(seeded: &[(Key, &str)], client_id: &str, tier_name: &str) -> Vec<Key> {
+    let keys: BTreeSet<Key> = seeded
+        .iter()
+        .filter(|((client, _), _)| client_id.is_empty() || client == client_id)
+        .filter(|(_, tier)| tier_name.is_empty() || *tier == tier_name)
+        .map(|(key, _)| key.clone())
+        .collect();
+    keys.into_iter().collect()
+}
+
+/// Reflection helpers, the same for both protocol versions.
+macro_rules! reflection_client {
+    ($version:ident) => {
+        mod $version {
+            use tonic::transport::Channel;
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+
+            async fn ask(channel: Channel, request: MessageRequest) -> MessageResponse {
+                let request = ServerReflectionRequest {
+                    host: String::new(),
+                    message_request: Some(request),
+                };
+                let mut responses = ServerReflectionClient::new(channel)
+                    .server_reflection_info(tokio_stream::once(request))
+                    .await
+                    .expect("reflection answers")
+                    .into_inner();
+                responses
+                    .message()
+                    .await
+                    .expect("a reflection response")
+                    .expect("one response per request")
+                    .message_response
+                    .expect("the response carries an answer")
+            }
+
+            /// The names of every service the server lists.
+            pub async fn list_services(channel: Channel) -> Vec<String> {
+                match ask(channel, MessageRequest::ListServices(String::new())).await {
+                    MessageResponse::ListServicesResponse(list) => {
+                        list.service.into_iter().map(|service| service.name).collect()
+                    }
+                    other => panic!("expected a service list, got {other:?}"),
+                }
+            }
+
+            /// The encoded file descriptors of the file that defines `symbol`.
+            pub async fn file_containing_symbol(channel: Channel, symbol: &str) -> Vec<Vec<u8>> {
+                let request = MessageRequest::FileContainingSymbol(symbol.into());
+                match ask(channel, request).await {
+                    MessageResponse::FileDescriptorResponse(files) => files.file_descriptor_proto,
+                    other => panic!("expected file descriptors, got {other:?}"),
+                }
+            }
+        }
+    };
+}
+
+reflection_client!(v1);
+reflection_client!(v1alpha);
+
+/// Checks that reflection served the profiles file, with its service and source comments.
+fn assert_is_the_profiles_file(encoded: &[Vec<u8>]) {
+    assert!(!encoded.is_empty(), "no file descriptor returned");
+    let files: Vec<prost_types::FileDescriptorProto> = encoded
+        .iter()
+        .map(|bytes| {
+            prost_types::FileDescriptorProto::decode(bytes.as_slice())
+                .expect("a decodable FileDescriptorProto")
+        })
+        .collect();
+    let file = files
+        .iter()
+        .find(|file| file.package() == "gameball.profiles.v1")
+        .expect("the gameball.profiles.v1 file is returned");
+    assert_eq!(file.name(), "gameball/profiles/v1/profiles.proto");
+    let service = file
+        .service
+        .iter()
+        .find(|service| service.name() == "ProfileService")
+        .expect("the file defines ProfileService");
+    let methods: Vec<&str> = service.method.iter().map(|method| method.name()).collect();
+    assert_eq!(
+        methods,
+        [
+            "GetProfile",
+            "BatchGetProfiles",
+            "ListProfiles",
+            "WatchProfiles"
+        ]
+    );
+    let comments = file
+        .source_code_info
+        .as_ref()
+        .expect("source_code_info is kept for reflection");
+    assert!(
+        comments.location.iter().any(|location| location
+            .leading_comments()
+            .contains("Reads and watches Gameball customer profiles")),
+        "the service's doc comment is in source_code_info"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// GetProfile
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn get_profile_returns_every_field_converted() {
+    let service = TestService::start().await;
+    let mut first = profile_updated(
+        "c1",
+        &at(10),
+        json!({
+            "email": "jane@example.com",
+            "mobile_number": "+201000000000",
+            "tier_name": "silver",
+            "tier_order": 2,
+            "referral_code": "JANE10",
+            "referral_link": "https://example.com/r/JANE10",
+            "activated_points": 90,
+            "pending_points": 10,
+            "total_points": 100,
+            "birthday": "1990-01-01",
+            "prefs": {"lang": "ar", "sms": true},
+        }),
+    );
+    first["gb_customer_id"] = json!(987_654_321_012_i64);
+    let created = service.update(&first).await;
+    // Another profile in between, so this one's revisions are not simply 1 and 2.
+    service
+        .update(&profile_updated("c2", &at(10), json!({"total_points": 1})))
+        .await;
+    let newest = "2024-11-19T17:34:42.297Z";
+    let mut second = profile_updated(
+        "c1",
+        newest,
+        json!({"total_points": 150, "email": null, "score": 4.5, "tags": ["a", "b"]}),
+    );
+    second["gb_customer_id"] = json!(987_654_321_012_i64);
+    let updated = service.update(&second).await;
+    let create_revision = created["revision"].as_u64().expect("a revision");
+    let revision = updated["revision"].as_u64().expect("a revision");
+    assert_eq!((create_revision, revision), (1, 3));
+
+    let response = service
+        .client()
+        .await
+        .get_profile(get(CLIENT, "c1"))
+        .await
+        .expect("GetProfile answers")
+        .into_inner();
+
+    let newest = chrono::DateTime::parse_from_rfc3339(newest).unwrap();
+    let string = |text: &str| prost_types::Value::from(text.to_owned());
+    let extra = prost_types::Struct {
+        fields: [
+            ("birthday".to_owned(), string("1990-01-01")),
+            (
+                "prefs".to_owned(),
+                prost_types::Value::from(prost_types::Struct {
+                    fields: [
+                        ("lang".to_owned(), string("ar")),
+                        ("sms".to_owned(), prost_types::Value::from(true)),
+                    ]
+                    .into(),
+                }),
+            ),
+            ("score".to_owned(), prost_types::Value::from(4.5)),
+            (
+                "tags".to_owned(),
+                prost_types::Value::from(vec![string("a"), string("b")]),
+            ),
+        ]
+        .into(),
+    };
+    let expected = pb::Profile {
+        client_id: CLIENT.into(),
+        customer_id: "c1".into(),
+        gb_customer_id: 987_654_321_012,
+        email: None,
+        mobile_number: Some("+201000000000".into()),
+        tier_name: Some("silver".into()),
+        tier_order: Some(2),
+        referral_code: Some("JANE10".into()),
+        referral_link: Some("https://example.com/r/JANE10".into()),
+        activated_points: Some(90),
+        pending_points: Some(10),
+        total_points: Some(150),
+        extra: Some(extra),
+        updated_at: Some(prost_types::Timestamp {
+            seconds: newest.timestamp(),
+            nanos: 297_000_000,
+        }),
+        revision,
+        create_revision,
+        version: 2,
+    };
+    assert_eq!(response.profile, Some(expected));
+    assert!(response.store_revision >= revision);
+    assert_eq!(response.store_revision, 3);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn get_profile_of_an_unknown_key_is_not_found() {
+    let service = TestService::start().await;
+    service
+        .update(&profile_updated("c1", &at(1), json!({"total_points": 1})))
+        .await;
+    let mut client = service.client().await;
+    for (client_id, customer_id) in [(CLIENT, "nobody"), ("other", "c1")] {
+        let status = client
+            .get_profile(get(client_id, customer_id))
+            .await
+            .expect_err("an unknown key is an error");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn get_profile_requires_client_id_and_customer_id() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    assert_invalid_argument(client.get_profile(get("", "c1")).await, "client_id");
+    assert_invalid_argument(client.get_profile(get(CLIENT, "")).await, "customer_id");
+    assert_invalid_argument(client.get_profile(get("", "")).await, "client_id");
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// BatchGetProfiles
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn batch_get_returns_profiles_in_request_order_and_lists_the_missing() {
+    let service = Arc::new(TestService::start().await);
+    post_all(&service, (1..=5).map(|n| seed_body(CLIENT, n)).collect()).await;
+    let mut client = service.client().await;
+    let ids: Vec<String> = ["c0003", "ghost-2", "c0001", "c0003", "c0005", "ghost-1", "c0002"]
+        .map(String::from)
+        .into();
+
+    let response = client
+        .batch_get_profiles(batch(CLIENT, &ids))
+        .await
+        .expect("BatchGetProfiles answers")
+        .into_inner();
+
+    let found: Vec<(&str, Option<i64>)> = response
+        .profiles
+        .iter()
+        .map(|profile| (profile.customer_id.as_str(), profile.total_points))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("c0003", Some(3)),
+            ("c0001", Some(1)),
+            ("c0003", Some(3)),
+            ("c0005", Some(5)),
+            ("c0002", Some(2)),
+        ]
+    );
+    assert!(response.profiles.iter().all(|p| p.client_id == CLIENT));
+    assert_eq!(response.missing_customer_ids, ["ghost-2", "ghost-1"]);
+    let newest = response.profiles.iter().map(|p| p.revision).max().unwrap();
+    assert!(response.store_revision >= newest);
+    assert_eq!(response.store_revision, 5);
+
+    // The same ids under another account are all missing, and that is not an error.
+    let response = client
+        .batch_get_profiles(batch("other", &ids))
+        .await
+        .expect("BatchGetProfiles answers")
+        .into_inner();
+    assert!(response.profiles.is_empty());
+    assert_eq!(response.missing_customer_ids, ids);
+    stop(service).await;
+}
+
+#[tokio::test]
+async fn batch_get_accepts_exactly_1000_ids() {
+    let service = Arc::new(TestService::start().await);
+    post_all(&service, (1..=5).map(|n| seed_body(CLIENT, n)).collect()).await;
+    let ids: Vec<String> = (1..=1000).map(customer).collect();
+    let response = service
+        .client()
+        .await
+        .batch_get_profiles(batch(CLIENT, &ids))
+        .await
+        .expect("1000 ids are allowed")
+        .into_inner();
+    let found: Vec<&str> = response
+        .profiles
+        .iter()
+        .map(|p| p.customer_id.as_str())
+        .collect();
+    assert_eq!(found, ["c0001", "c0002", "c0003", "c0004", "c0005"]);
+    assert_eq!(response.missing_customer_ids, ids[5..]);
+    stop(service).await;
+}
+
+#[tokio::test]
+async fn batch_get_rejects_invalid_requests() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let too_many: Vec<String> = (1..=1001).map(customer).collect();
+    assert_invalid_argument(
+        client.batch_get_profiles(batch(CLIENT, &too_many)).await,
+        "customer_ids",
+    );
+    let with_empty = ["c0001".to_owned(), "c0002".to_owned(), String::new()];
+    assert_invalid_argument(
+        client.batch_get_profiles(batch(CLIENT, &with_empty)).await,
+        "customer_ids[2]",
+    );
+    assert_invalid_argument(
+        client.batch_get_profiles(batch("", &[customer(1)])).await,
+        "client_id",
+    );
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// ListProfiles
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_through_every_profile_of_a_client_once_in_order() {
+    let (service, seeded) = start_with_listing_data().await;
+    let mut client = service.client().await;
+    let all = expected(&seeded, CLIENT, "");
+    assert_eq!(all.len(), LISTED);
+    // (requested page_size, effective page size)
+    for (page_size, effective) in [(0, 100), (7, 7), (1000, 1000), (5000, 1000)] {
+        let listing = list_all(&mut client, CLIENT, "", page_size).await;
+        assert_eq!(listing.keys, all, "page_size {page_size}");
+        assert_eq!(listing.largest_page, effective, "page_size {page_size}");
+    }
+    stop(service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_filters_by_tier_name() {
+    let (service, seeded) = start_with_listing_data().await;
+    let mut client = service.client().await;
+    let gold = expected(&seeded, CLIENT, "gold");
+    assert_eq!(gold.len(), LISTED / 3);
+    for page_size in [0, 7, 1000] {
+        let listing = list_all(&mut client, CLIENT, "gold", page_size).await;
+        assert_eq!(listing.keys, gold, "page_size {page_size}");
+    }
+    // The filter matches exactly: no prefix or case-insensitive match.
+    for tier_name in ["gol", "Gold", "platinum"] {
+        let listing = list_all(&mut client, CLIENT, tier_name, 0).await;
+        assert_eq!(listing.keys, Vec::<Key>::new(), "tier_name {tier_name:?}");
+    }
+    // Across accounts too.
+    let listing = list_all(&mut client, "", "gold", 50).await;
+    assert_eq!(listing.keys, expected(&seeded, "", "gold"));
+    stop(service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_without_client_id_lists_all_accounts_in_key_order() {
+    let (service, seeded) = start_with_listing_data().await;
+    let mut client = service.client().await;
+    let everything = expected(&seeded, "", "");
+    assert_eq!(everything.first(), Some(&key("1000", "c0001")));
+    assert_eq!(everything.last(), Some(&key("other", "c0005")));
+    for page_size in [0, 1000] {
+        let listing = list_all(&mut client, "", "", page_size).await;
+        assert_eq!(listing.keys, everything, "page_size {page_size}");
+    }
+    // The other accounts are listed on their own too.
+    for (client_id, count) in OTHER_CLIENTS {
+        let listing = list_all(&mut client, client_id, "", 2).await;
+        assert_eq!(listing.keys, expected(&seeded, client_id, ""));
+        assert_eq!(listing.keys.len(), count);
+    }
+    stop(service).await;
+}
+
+#[tokio::test]
+async fn list_of_an_unknown_account_is_one_empty_page() {
+    let service = Arc::new(TestService::start().await);
+    post_all(&service, (1..=3).map(|n| seed_body(CLIENT, n)).collect()).await;
+    let mut client = service.client().await;
+    let page = list_page(&mut client, list("nobody", "", 0, "")).await;
+    assert!(page.profiles.is_empty());
+    assert_eq!(page.next_page_token, "");
+    assert_eq!(page.store_revision, 3);
+    stop(service).await;
+}
+
+#[tokio::test]
+async fn list_rejects_a_negative_page_size_and_foreign_page_tokens() {
+    let service = Arc::new(TestService::start().await);
+    post_all(&service, (1..=6).map(|n| seed_body(CLIENT, n)).collect()).await;
+    let mut client = service.client().await;
+
+    assert_invalid_argument(
+        client.list_profiles(list(CLIENT, "", -1, "")).await,
+        "page_size",
+    );
+    assert_invalid_argument(
+        client.list_profiles(list(CLIENT, "", i32::MIN, "")).await,
+        "page_size",
+    );
+    for garbage in ["garbage", "not a token!", "eyJ2IjoxfQ", "%%%"] {
+        assert_invalid_argument(
+            client.list_profiles(list(CLIENT, "", 1, garbage)).await,
+            "page_token",
+        );
+    }
+
+    let gold_page = list_page(&mut client, list(CLIENT, "gold", 1, "")).await;
+    let gold_token = gold_page.next_page_token;
+    assert!(!gold_token.is_empty(), "two gold profiles: a second page");
+    for (client_id, tier_name) in [(CLIENT, ""), (CLIENT, "basic"), ("other", "gold"), ("", "gold")]
+    {
+        assert_invalid_argument(
+            client
+                .list_profiles(list(client_id, tier_name, 1, &gold_token))
+                .await,
+            "page_token",
+        );
+    }
+    // With its own filter the token still works.
+    let next = list_page(&mut client, list(CLIENT, "gold", 1, &gold_token)).await;
+    let keys: Vec<Key> = next.profiles.iter().map(key_of).collect();
+    assert_eq!(keys, [key(CLIENT, "c0006")]);
+    stop(service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_stably_while_profiles_are_written() {
+    const EXISTING: usize = 1000;
+    let service = Arc::new(TestService::start().await);
+    post_all(&service, (1..=EXISTING).map(|n| seed_body(CLIENT, n)).collect()).await;
+    let existing: Vec<Key> = (1..=EXISTING).map(|n| key(CLIENT, &customer(n))).collect();
+
+    // The writer updates existing customers' points and creates new customers whose ids sort
+    // between existing ones, spread over the whole range, until told to stop. It publishes
+    // how many writes it has done so far.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (written, mut progress) = tokio::sync::watch::channel(0usize);
+    let writer = tokio::spawn({
+        let service = Arc::clone(&service);
+        let stopping = Arc::clone(&stopping);
+        async move {
+            let mut writes = 0;
+            while !stopping.load(Ordering::Relaxed) {
+                let n = writes * 37 % EXISTING + 1;
+                let second = u32::try_from(writes).unwrap() + 100;
+                let body = if writes % 2 == 0 {
+                    let points = json!({"total_points": 10_000 + writes});
+                    profile_updated(&customer(n), &at(second), points)
+                } else {
+                    let new = format!("{}-new{writes}", customer(n));
+                    profile_updated(&new, &at(second), json!({"tier_name": "basic"}))
+                };
+                service.update(&body).await;
+                writes += 1;
+                written.send_replace(writes);
+            }
+            writes
+        }
+    });
+
+    let mut client = service.client().await;
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        // Let at least one more write land before every page.
+        let seen = *progress.borrow_and_update();
+        progress
+            .wait_for(|&writes| writes > seen)
+            .await
+            .expect("the writer keeps writing");
+        let page = list_page(&mut client, list(CLIENT, "", 50, &token)).await;
+        listed.extend(page.profiles.iter().map(key_of));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        assert!(pages < 1000, "the listing does not end");
+    }
+    stopping.store(true, Ordering::Relaxed);
+    let writes = writer.await.expect("the writer does not panic");
+
+    assert!(writes >= pages, "{writes} writes during {pages} pages");
+    assert!(
+        listed.is_sorted_by(|a, b| a < b),
+        "keys repeat or go backwards across pages"
+    );
+    let listed: BTreeSet<Key> = listed.into_iter().collect();
+    let absent: Vec<&Key> = existing.iter().filter(|k| !listed.contains(k)).collect();
+    assert!(absent.is_empty(), "profiles skipped by the listing: {absent:?}");
+    stop(service).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reflection and health
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn reflection_lists_the_profile_and_health_services_in_v1_and_v1alpha() {
+    let service = TestService::start().await;
+    for (version, services) in [
+        ("v1", v1::list_services(service.channel().await).await),
+        ("v1alpha", v1alpha::list_services(service.channel().await).await),
+    ] {
+        for name in [PROFILE_SERVICE, "grpc.health.v1.Health"] {
+            assert!(
+                services.iter().any(|listed| listed == name),
+                "{version} does not list {name}: {services:?}"
+            );
+        }
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_serves_the_profiles_file_with_comments_in_v1_and_v1alpha() {
+    let service = TestService::start().await;
+    let files = v1::file_containing_symbol(service.channel().await, PROFILE_SERVICE).await;
+    assert_is_the_profiles_file(&files);
+    let files = v1alpha::file_containing_symbol(service.channel().await, PROFILE_SERVICE).await;
+    assert_is_the_profiles_file(&files);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn health_reports_the_profile_service_and_the_server_serving() {
+    let service = TestService::start().await;
+    let mut health = HealthClient::new(service.channel().await);
+    for name in [PROFILE_SERVICE, ""] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: name.into(),
+            })
+            .await
+            .expect("Check answers")
+            .into_inner();
+        assert_eq!(response.status(), ServingStatus::Serving, "service {name:?}");
+    }
+    let status = health
+        .check(HealthCheckRequest {
+            service: "gameball.profiles.v1.NoSuchService".into(),
+        })
+        .await
+        .expect_err("an unknown service is an error");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    service.stop().await;
+}
