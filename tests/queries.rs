@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -362,19 +362,16 @@ async fn get_profile_returns_every_field_converted() {
         .into_inner();
 
     let newest = chrono::DateTime::parse_from_rfc3339(newest).unwrap();
-    let string = |text: &str| prost_types::Value::from(text.to_owned());
+    let string = prost_types::Value::from;
     let extra = prost_types::Struct {
         fields: [
             ("birthday".to_owned(), string("1990-01-01")),
             (
                 "prefs".to_owned(),
-                prost_types::Value::from(prost_types::Struct {
-                    fields: [
-                        ("lang".to_owned(), string("ar")),
-                        ("sms".to_owned(), prost_types::Value::from(true)),
-                    ]
-                    .into(),
-                }),
+                prost_types::Value::from(BTreeMap::from([
+                    ("lang".to_owned(), string("ar")),
+                    ("sms".to_owned(), prost_types::Value::from(true)),
+                ])),
             ),
             ("score".to_owned(), prost_types::Value::from(4.5)),
             (
