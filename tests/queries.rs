@@ -536,7 +536,9 @@ async fn batch_get_rejects_invalid_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_pages_through_every_profile_of_a_client_once_in_order() {
+    let t = std::time::Instant::now();
     let (service, seeded) = start_with_listing_data().await;
+    eprintln!("load {:?}", t.elapsed());
     let mut client = service.client().await;
     let all = expected(&seeded, CLIENT, "");
     assert_eq!(all.len(), LISTED);
@@ -545,6 +547,7 @@ async fn list_pages_through_every_profile_of_a_client_once_in_order() {
         let listing = list_all(&mut client, CLIENT, "", page_size).await;
         assert_eq!(listing.keys, all, "page_size {page_size}");
         assert_eq!(listing.largest_page, effective, "page_size {page_size}");
+        eprintln!("size {page_size} {:?}", t.elapsed());
     }
     stop(service).await;
 }
