@@ -30,7 +30,7 @@ pub mod watch;
 pub mod webhook;
 
 /// Generated protobuf types and gRPC stubs for `gameball.profiles.v1`.
-#[allow(missing_docs)]
+#[allow(missing_docs, clippy::large_enum_variant)]
 pub mod pb {
     tonic::include_proto!("gameball.profiles.v1");
 

@@ -75,7 +75,7 @@ impl Sequencer {
 async fn run(store: Store, mut inbox: mpsc::Receiver<Request>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while inbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (changes, replies) = sequence(&store, batch.drain(..));
+        let Sequenced { changes, replies } = sequence(&store, batch.drain(..));
         store.commit(changes);
         for (reply, applied) in replies {
             // A caller that gave up (its HTTP client went away) no longer listens; the update
@@ -86,12 +86,17 @@ async fn run(store: Store, mut inbox: mpsc::Receiver<Request>) {
     tracing::debug!("sequencer stopped");
 }
 
+/// A merged and numbered batch, not yet committed.
+struct Sequenced {
+    /// The changes, revisions consecutive after the store's.
+    changes: Vec<Arc<Change>>,
+    /// Every caller of the batch with its outcome, to answer after the commit.
+    replies: Vec<(oneshot::Sender<Applied>, Applied)>,
+}
+
 /// Merges a batch of updates in arrival order and numbers the changes after the store's
 /// revision. Pure apart from reading the store.
-fn sequence(
-    store: &Store,
-    requests: impl Iterator<Item = Request>,
-) -> (Vec<Arc<Change>>, Vec<(oneshot::Sender<Applied>, Applied)>) {
+fn sequence(store: &Store, requests: impl Iterator<Item = Request>) -> Sequenced {
     let mut next_revision = store.revision() + 1;
     // Profiles this batch already changed: later updates of the same profile merge into these,
     // not into the store's older copy.
@@ -132,7 +137,7 @@ fn sequence(
         };
         replies.push((reply, applied));
     }
-    (changes, replies)
+    Sequenced { changes, replies }
 }
 
 #[cfg(test)]
@@ -195,7 +200,7 @@ mod tests {
                 reply: oneshot::channel().0,
             })
             .collect();
-        let (changes, replies) = sequence(&store, requests.into_iter());
+        let Sequenced { changes, replies } = sequence(&store, requests.into_iter());
         let outcomes: Vec<Applied> = replies.into_iter().map(|(_, applied)| applied).collect();
         assert_eq!(
             outcomes,
