@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +21,7 @@ use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::sequencer::Sequencer;
 use crate::store::Store;
 use crate::webhook::Ingress;
+use tonic::transport::server::TcpIncoming;
 
 /// A bound, not yet serving, service.
 pub struct Server {
@@ -89,6 +90,12 @@ impl Server {
             config.webhook_secret.as_deref()
         };
         let ingress = Ingress::new(sequencer, secret, config.max_body_bytes).router();
+        // Answers go out as soon as they are written: no Nagle delay on either listener.
+        let webhook = webhook.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY on a webhook connection");
+            }
+        });
         let http = axum::serve(webhook, ingress)
             .with_graceful_shutdown(stopping.clone().cancelled_owned())
             .into_future();
@@ -104,7 +111,7 @@ impl Server {
             .add_service(reflection_v1alpha()?)
             .add_service(ProfileServiceServer::new(api))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc),
+                TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 stopping.clone().cancelled_owned(),
             );
 

@@ -5,11 +5,12 @@
 //! consecutive revisions at a time. The store does not merge, validate or assign revisions, and
 //! knows nothing of HTTP or gRPC.
 //!
-//! Order of a commit, which readers rely on: each profile is inserted, then its change is pushed
-//! to the history, then the revision is published. So when a reader sees revision `R`, every
-//! change up to `R` is both in the profiles and in the history (unless the history dropped it).
+//! Order of a commit, which readers rely on: the changes are pushed to the history, then the
+//! profiles are inserted, then the revision is published. So when a reader sees revision `R`,
+//! every change up to `R` is both in the profiles and in the history (unless the history dropped
+//! it), and every profile a reader can see has its change in the history ring.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
@@ -176,9 +177,11 @@ impl Store {
         Ok(history.iter().skip(skip).take(take).cloned().collect())
     }
 
-    /// Makes a batch of changes visible: profiles, history, then the revision.
+    /// Makes a batch of changes visible: history, profiles, then the revision.
     ///
     /// Only the sequencer calls this, with consecutive revisions following the published one.
+    /// History first, so that a profile anyone can read already has its change in the ring
+    /// ([`AsOfScan`] relies on it).
     pub(crate) fn commit(&self, changes: Vec<Arc<Change>>) {
         let Some(last) = changes.last().map(|change| change.revision) else {
             return;
@@ -188,27 +191,132 @@ impl Store {
             Some(self.revision() + 1),
             "revisions must follow the published one"
         );
-        for change in &changes {
-            let key = &change.profile.key;
-            let previous = self
-                .inner
-                .profiles
-                .insert(key.clone(), Arc::clone(&change.profile));
-            if previous.is_none() {
-                let mut order = self.inner.order.write().expect("order lock poisoned");
-                order.insert(key.clone());
-            }
-        }
         {
             let mut history = self.inner.history.write().expect("history lock poisoned");
-            for change in changes {
+            for change in &changes {
                 if history.len() == self.inner.history_capacity {
                     history.pop_front();
                 }
-                history.push_back(change);
+                history.push_back(Arc::clone(change));
             }
         }
+        for change in &changes {
+            self.insert(&change.profile);
+        }
         self.inner.revision.send_replace(last);
+    }
+
+    fn insert(&self, profile: &Arc<Profile>) {
+        let key = &profile.key;
+        let previous = self.inner.profiles.insert(key.clone(), Arc::clone(profile));
+        if previous.is_none() {
+            let mut order = self.inner.order.write().expect("order lock poisoned");
+            order.insert(key.clone());
+        }
+    }
+
+    /// Loads a recovered state: profiles as of `revision`, with an empty history. Only for a
+    /// store nobody reads yet (recovery, before the listeners open).
+    pub(crate) fn restore(&self, profiles: impl IntoIterator<Item = Profile>, revision: u64) {
+        debug_assert_eq!(self.revision(), 0, "restore into a fresh store only");
+        for profile in profiles {
+            self.insert(&Arc::new(profile));
+        }
+        self.inner.revision.send_replace(revision);
+    }
+
+    /// Starts reading profiles of `client_id` (or all) as of the current revision while writes
+    /// go on; see [`AsOfScan`].
+    pub fn scan_as_of(&self, client_id: Option<Arc<str>>) -> AsOfScan {
+        AsOfScan {
+            as_of: self.revision(),
+            client_id,
+            after: None,
+            scanned: false,
+            newer: HashSet::new(),
+        }
+    }
+
+    /// The ring's changes after `after`, pushed whether or not published yet.
+    fn history_after(&self, after: u64, max: usize) -> Result<Vec<Arc<Change>>, Compacted> {
+        let history = self.inner.history.read().expect("history lock poisoned");
+        let Some(oldest) = history.front().map(|change| change.revision) else {
+            return Ok(Vec::new());
+        };
+        if after + 1 < oldest {
+            return Err(Compacted { oldest });
+        }
+        let skip = usize::try_from(after + 1 - oldest).unwrap_or(usize::MAX);
+        Ok(history.iter().skip(skip).take(max).cloned().collect())
+    }
+}
+
+/// A read of many profiles as of one revision `as_of`, taken while writes go on.
+///
+/// Chunks come in key order. A profile read at a revision above `as_of` is held back; once the
+/// scan is done, [`AsOfScan::resolve_newer`] gives each such profile's state at `as_of` (the
+/// `previous` of its first change after `as_of`, from the history), leaving out profiles
+/// created after `as_of`. Used by watch initial states and snapshots.
+pub struct AsOfScan {
+    /// The revision the state is read as of.
+    pub as_of: u64,
+    client_id: Option<Arc<str>>,
+    after: Option<ProfileKey>,
+    scanned: bool,
+    newer: HashSet<ProfileKey>,
+}
+
+impl AsOfScan {
+    /// The next chunk of profiles at `as_of` that `keep` accepts; empty once the scan is done.
+    pub fn next_chunk(
+        &mut self,
+        store: &Store,
+        chunk: usize,
+        mut keep: impl FnMut(&Profile) -> bool,
+    ) -> Vec<Arc<Profile>> {
+        while !self.scanned {
+            let client_id = self.client_id.as_deref();
+            let scan = store.scan(client_id, self.after.as_ref(), chunk, &mut keep);
+            self.scanned = scan.next.is_none();
+            self.after = scan.next;
+            let (current, newer): (Vec<_>, Vec<_>) = scan
+                .profiles
+                .into_iter()
+                .partition(|profile| profile.revision <= self.as_of);
+            self.newer
+                .extend(newer.into_iter().map(|profile| profile.key.clone()));
+            if !current.is_empty() {
+                return current;
+            }
+        }
+        Vec::new()
+    }
+
+    /// After the scan: the state at `as_of` of every profile that was read newer than that.
+    pub fn resolve_newer(&mut self, store: &Store) -> Result<Vec<Arc<Profile>>, Compacted> {
+        debug_assert!(self.scanned, "resolve after the scan");
+        let mut resolved = Vec::new();
+        let mut after = self.as_of;
+        while !self.newer.is_empty() {
+            // Every held-back profile was readable, so its change is already in the ring.
+            let changes = store.history_after(after, 1024)?;
+            let Some(last) = changes.last() else {
+                // Cannot happen while commits push history first; if it did, starting over
+                // (as after a compaction) is the safe answer.
+                return Err(Compacted {
+                    oldest: self.as_of + 1,
+                });
+            };
+            after = last.revision;
+            for change in changes {
+                if self.newer.remove(&change.profile.key)
+                    && let Some(previous) = &change.previous
+                {
+                    resolved.push(Arc::clone(previous));
+                }
+            }
+        }
+        Ok(resolved)
     }
 }
 

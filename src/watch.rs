@@ -299,71 +299,44 @@ impl Feed {
 
     /// Sends every matching profile as of one revision `R`, then `Synced{R}`; returns `R + 1`.
     ///
-    /// Profiles are read while writes go on, so some are newer than `R`. Their state at `R` is
-    /// the `previous` of their first change after `R`, taken from the history; a profile
-    /// created after `R` is left to the live changes. If the history drops those changes
-    /// meanwhile, the subscriber gets a `Reset` and the initial state starts over.
+    /// Profiles are read while writes go on ([`crate::store::AsOfScan`]). If the history drops
+    /// the changes needed to read them as of `R` meanwhile, the subscriber gets a `Reset` and
+    /// the initial state starts over.
     async fn initial_state(&mut self) -> Result<u64, Stop> {
-        'again: loop {
-            let as_of = self.store.revision();
-            let mut newer = HashSet::new();
-            let mut after: Option<ProfileKey> = None;
+        loop {
+            let mut scan = self.store.scan_as_of(self.spec.client_id.clone());
             loop {
-                let client_id = self.spec.client_id.clone();
-                let scan = self.store.scan(
-                    client_id.as_deref(),
-                    after.as_ref(),
-                    READ_BATCH,
-                    |profile| self.spec.wants_profile(&profile.key),
-                );
-                for profile in scan.profiles {
-                    if profile.revision <= as_of {
+                let spec = &self.spec;
+                let chunk = scan.next_chunk(&self.store, READ_BATCH, |profile| {
+                    spec.wants_profile(&profile.key)
+                });
+                if chunk.is_empty() {
+                    break;
+                }
+                for profile in chunk {
+                    self.send(WatchEvent::Existing(profile)).await?;
+                }
+            }
+            match scan.resolve_newer(&self.store) {
+                Ok(profiles) => {
+                    for profile in profiles {
                         self.send(WatchEvent::Existing(profile)).await?;
-                    } else {
-                        newer.insert(profile.key.clone());
                     }
+                    self.send(WatchEvent::Synced {
+                        revision: scan.as_of,
+                    })
+                    .await?;
+                    return Ok(scan.as_of + 1);
                 }
-                match scan.next {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
-            }
-            let mut from = as_of + 1;
-            while !newer.is_empty() {
-                let changes = match self.store.history_from(from, READ_BATCH) {
-                    Ok(changes) => changes,
-                    Err(Compacted { oldest }) => {
-                        let reason = "the history moved on while the initial state was sent";
-                        self.send(WatchEvent::Reset {
-                            reason: reason.into(),
-                            revision: oldest,
-                        })
-                        .await?;
-                        continue 'again;
-                    }
-                };
-                // Every profile in `newer` was read after its change was committed, so its
-                // change is at most a few publishes away.
-                if changes.is_empty() {
-                    let mut revisions = self.store.subscribe();
-                    revisions.borrow_and_update();
-                    if self.store.revision() < from {
-                        self.wait_for_changes(&mut revisions, as_of).await?;
-                    }
-                    continue;
-                }
-                for change in changes {
-                    from = change.revision + 1;
-                    if newer.remove(&change.profile.key)
-                        && let Some(previous) = &change.previous
-                    {
-                        self.send(WatchEvent::Existing(Arc::clone(previous)))
-                            .await?;
-                    }
+                Err(Compacted { oldest }) => {
+                    let reason = "the history moved on while the initial state was sent";
+                    self.send(WatchEvent::Reset {
+                        reason: reason.into(),
+                        revision: oldest,
+                    })
+                    .await?;
                 }
             }
-            self.send(WatchEvent::Synced { revision: as_of }).await?;
-            return Ok(as_of + 1);
         }
     }
 

@@ -219,6 +219,7 @@ fn expected(seeded: &[(Key, &str)], client_id: &str, tier_name: &str) -> Vec<Key
     keys.into_iter().collect()
 }
 
+/// The middle sample: robust to a few slow calls on a busy machine.
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
