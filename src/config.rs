@@ -6,6 +6,7 @@
 //! done here.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -47,6 +48,31 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_HISTORY_EVENTS", default_value_t = 100_000)]
     pub history_events: usize,
 
+    /// Directory of the journal, snapshots and store id; created if missing. One process per
+    /// directory.
+    #[arg(long, env = "PROFILE_STATE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Keep everything in memory only: nothing survives a restart (tests, demos).
+    #[arg(long, env = "PROFILE_STATE_EPHEMERAL")]
+    pub ephemeral: bool,
+
+    /// Write a snapshot after this many journal records since the last one.
+    #[arg(
+        long,
+        env = "PROFILE_STATE_SNAPSHOT_EVERY_RECORDS",
+        default_value_t = 100_000
+    )]
+    pub snapshot_every_records: u64,
+
+    /// Write a snapshot after this many journal bytes since the last one.
+    #[arg(long, env = "PROFILE_STATE_SNAPSHOT_EVERY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub snapshot_every_bytes: u64,
+
+    /// Start a new journal segment once the current one reaches this size, in bytes.
+    #[arg(long, env = "PROFILE_STATE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub segment_bytes: u64,
+
     /// How long shutdown waits for in-flight requests and streams before it stops anyway.
     #[arg(long, env = "PROFILE_STATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -74,15 +100,19 @@ pub enum ConfigError {
     /// The body limit cannot be zero.
     #[error("--max-body-bytes must be at least 1")]
     ZeroBodyLimit,
+    /// Snapshot thresholds cannot be zero.
+    #[error("--snapshot-every-records and --snapshot-every-bytes must be at least 1")]
+    ZeroSnapshotInterval,
 }
 
 impl Config {
-    /// A configuration for tests and embedding: loopback, port 0, the given secret, defaults
-    /// for the rest.
+    /// A configuration for tests and embedding: loopback, port 0, the given secret, in memory
+    /// (`ephemeral`), defaults for the rest.
     pub fn for_tests(secret: &str) -> Self {
         let mut config = Config::parse_from(["profile-state", "--webhook-secret", secret]);
         config.webhook_listen = ([127, 0, 0, 1], 0).into();
         config.grpc_listen = ([127, 0, 0, 1], 0).into();
+        config.ephemeral = true;
         config
     }
 
@@ -98,6 +128,9 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return Err(ConfigError::ZeroBodyLimit);
+        }
+        if self.snapshot_every_records == 0 || self.snapshot_every_bytes == 0 {
+            return Err(ConfigError::ZeroSnapshotInterval);
         }
         Ok(())
     }

@@ -136,6 +136,29 @@ impl Field {
         }
     }
 
+    /// The field's number in the `Profile` message: a stable id for stored data.
+    pub fn number(self) -> u32 {
+        match self {
+            Field::GbCustomerId => 3,
+            Field::Email => 4,
+            Field::MobileNumber => 5,
+            Field::TierName => 6,
+            Field::TierOrder => 7,
+            Field::ReferralCode => 8,
+            Field::ReferralLink => 9,
+            Field::ActivatedPoints => 10,
+            Field::PendingPoints => 11,
+            Field::TotalPoints => 12,
+        }
+    }
+
+    /// The field with this `Profile` message number.
+    pub fn from_number(number: u32) -> Option<Field> {
+        Field::ALL
+            .into_iter()
+            .find(|field| field.number() == number)
+    }
+
     /// Whether the field is one of the three points balances.
     pub fn is_points(self) -> bool {
         matches!(
@@ -306,6 +329,39 @@ impl Profile {
         self.extra
             .iter()
             .filter_map(|(key, register)| Some((&**key, &register.value.as_ref()?.0)))
+    }
+
+    /// The registers of modeled fields ever written (cleared ones included), in field order.
+    pub fn field_registers(&self) -> impl Iterator<Item = (Field, &Register<Scalar>)> {
+        Field::ALL
+            .into_iter()
+            .filter_map(|field| Some((field, self.fields[field.index()].as_ref()?)))
+    }
+
+    /// The registers of extra keys ever written (cleared ones included), ordered by key.
+    pub fn extra_registers(&self) -> impl Iterator<Item = (&str, &Register<ExtraValue>)> {
+        self.extra.iter().map(|(key, register)| (&**key, register))
+    }
+
+    /// Rebuilds a profile from its registers and bookkeeping, as [`Profile::field_registers`]
+    /// and [`Profile::extra_registers`] gave them (the journal's snapshots).
+    pub fn from_registers(
+        key: ProfileKey,
+        fields: impl IntoIterator<Item = (Field, Register<Scalar>)>,
+        extras: impl IntoIterator<Item = (Box<str>, Register<ExtraValue>)>,
+        revision: u64,
+        create_revision: u64,
+        version: u64,
+    ) -> Profile {
+        let mut profile = Profile::empty(key);
+        for (field, register) in fields {
+            profile.fields[field.index()] = Some(register);
+        }
+        profile.extra = extras.into_iter().collect();
+        profile.revision = revision;
+        profile.create_revision = create_revision;
+        profile.version = version;
+        profile
     }
 
     /// The newest `created_at` among the registers, cleared ones included: when this profile's

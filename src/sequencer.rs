@@ -1,26 +1,35 @@
-//! The sequencer: the one writer. It turns validated updates into numbered changes.
+//! The sequencer: the one writer. It turns validated updates into numbered, recorded changes.
 //!
-//! Callers hand it a [`ProfileUpdate`] and wait. A single task takes the updates in batches,
-//! merges each into the latest state of its profile (earlier updates of the same batch
-//! included), gives each update that changed something the next revision, commits the batch to
-//! the store (profiles, history, revision), and only then answers every caller of the batch.
+//! Callers hand it a [`ProfileUpdate`] and wait. A single task takes the updates in batches
+//! (whatever queued up while the previous batch was being written), merges each into the latest
+//! state of its profile (earlier updates of the same batch included), gives each update that
+//! changed something the next revision, appends the batch to the journal and syncs it once
+//! (group commit), commits it to the store (history, profiles, revision), and only then answers
+//! every caller of the batch. Nothing reaches memory that is not on disk.
 //!
-//! Batching is where durability slots in: the journal appends a whole batch and syncs it once
-//! between "merge" and "commit", so concurrent webhooks share one fsync and nothing reaches
-//! memory that is not on disk. The sequencer does not parse, validate or know about HTTP.
+//! When the journal cannot be written, the batch's callers get `Unavailable` (a 503, so Gameball
+//! retries), nothing is committed, no revision is used, and the sequencer reports itself not
+//! writable; it probes the disk every second and reports writable again once a write succeeds.
+//! It also starts snapshots in the background. It does not parse, validate or know about HTTP.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::error::Error;
+use crate::journal::codec::{BatchRecord, UpdateRecord};
+use crate::journal::{Journal, snapshot};
 use crate::profile::{Change, Profile, ProfileKey, ProfileUpdate};
 use crate::store::Store;
 
 /// How many waiting updates one batch takes at most.
 const MAX_BATCH: usize = 512;
+/// How often a sequencer that cannot write tries the disk again.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What applying an update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,9 +47,21 @@ pub enum Applied {
     },
 }
 
+/// The journal and when to snapshot: what makes the sequencer durable.
+pub struct Durability {
+    /// The journal, opened at its recovered tail.
+    pub journal: Journal,
+    /// Take a snapshot after this many records since the last one.
+    pub snapshot_every_records: u64,
+    /// Take a snapshot after this many journal bytes since the last one.
+    pub snapshot_every_bytes: u64,
+    /// The watch history size, which decides what compaction keeps.
+    pub history_events: u64,
+}
+
 struct Request {
     update: ProfileUpdate,
-    reply: oneshot::Sender<Applied>,
+    reply: oneshot::Sender<Result<Applied, Error>>,
 }
 
 /// Handle to the sequencer task. Cloning it is cheap; the task ends when the last handle is
@@ -48,17 +69,35 @@ struct Request {
 #[derive(Clone)]
 pub struct Sequencer {
     requests: mpsc::Sender<Request>,
+    writable: watch::Receiver<bool>,
 }
 
 impl Sequencer {
-    /// Starts the sequencer task on `tracker`, writing to `store`.
-    pub fn start(store: Store, tracker: &TaskTracker) -> Sequencer {
+    /// Starts the sequencer task on `tracker`, writing to `store`, durably when `durability` is
+    /// given (else in memory only).
+    pub fn start(store: Store, durability: Option<Durability>, tracker: &TaskTracker) -> Sequencer {
         let (requests, inbox) = mpsc::channel(4 * MAX_BATCH);
-        tracker.spawn(run(store, inbox));
-        Sequencer { requests }
+        let (writable_tx, writable) = watch::channel(true);
+        let task = Task {
+            store,
+            durable: durability.map(|durability| Durable {
+                journal: Some(durability.journal),
+                snapshot_every_records: durability.snapshot_every_records,
+                snapshot_every_bytes: durability.snapshot_every_bytes,
+                history_events: durability.history_events,
+                records_since_snapshot: 0,
+                bytes_since_snapshot: 0,
+                snapshot_running: Arc::new(AtomicBool::new(false)),
+            }),
+            writable: writable_tx,
+            tracker: tracker.clone(),
+        };
+        tracker.spawn(task.run(inbox));
+        Sequencer { requests, writable }
     }
 
-    /// Applies one update and returns once its outcome is visible to readers and watchers.
+    /// Applies one update and returns once its outcome is recorded and visible to readers and
+    /// watchers.
     pub async fn apply(&self, update: ProfileUpdate) -> Result<Applied, Error> {
         let (reply, outcome) = oneshot::channel();
         let stopped = || Error::Unavailable {
@@ -68,42 +107,196 @@ impl Sequencer {
             .send(Request { update, reply })
             .await
             .map_err(|_| stopped())?;
-        outcome.await.map_err(|_| stopped())
+        outcome.await.map_err(|_| stopped())?
+    }
+
+    /// Whether the last journal write succeeded: false while the disk refuses writes.
+    pub fn writable(&self) -> watch::Receiver<bool> {
+        self.writable.clone()
     }
 }
 
-async fn run(store: Store, mut inbox: mpsc::Receiver<Request>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while inbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let Sequenced { changes, replies } = sequence(&store, batch.drain(..));
-        store.commit(changes);
-        for (reply, applied) in replies {
-            // A caller that gave up (its HTTP client went away) no longer listens; the update
-            // is applied all the same, which is what a retry would do.
-            let _ = reply.send(applied);
+struct Durable {
+    /// `None` only while an append runs on a blocking thread.
+    journal: Option<Journal>,
+    snapshot_every_records: u64,
+    snapshot_every_bytes: u64,
+    history_events: u64,
+    records_since_snapshot: u64,
+    bytes_since_snapshot: u64,
+    snapshot_running: Arc<AtomicBool>,
+}
+
+impl Durable {
+    /// Appends and syncs one batch on a blocking thread (the sync would stall the runtime).
+    async fn append(&mut self, batch: BatchRecord) -> std::io::Result<u64> {
+        let mut journal = self
+            .journal
+            .take()
+            .expect("the journal is back after every append");
+        let (journal, written) = tokio::task::spawn_blocking(move || {
+            let written = journal.append(&batch);
+            (journal, written)
+        })
+        .await
+        .expect("a journal append does not panic");
+        self.journal = Some(journal);
+        written
+    }
+
+    /// Starts a snapshot in the background when enough was written since the last one.
+    fn maybe_snapshot(&mut self, store: &Store, tracker: &TaskTracker) {
+        let due = self.records_since_snapshot >= self.snapshot_every_records
+            || self.bytes_since_snapshot >= self.snapshot_every_bytes;
+        if !due || self.snapshot_running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.records_since_snapshot = 0;
+        self.bytes_since_snapshot = 0;
+        let dir = self
+            .journal
+            .as_ref()
+            .expect("journal present")
+            .dir()
+            .to_owned();
+        let (store, history, running) = (
+            store.clone(),
+            self.history_events,
+            Arc::clone(&self.snapshot_running),
+        );
+        tracker.spawn_blocking(move || {
+            match snapshot::take(&dir, &store, history) {
+                Ok(taken) => tracing::info!(
+                    revision = taken.revision,
+                    profiles = taken.profiles,
+                    removed_files = taken.removed.len(),
+                    "snapshot written"
+                ),
+                Err(error) => tracing::warn!(%error, "snapshot failed; the next one will retry"),
+            }
+            running.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+struct Task {
+    store: Store,
+    durable: Option<Durable>,
+    writable: watch::Sender<bool>,
+    tracker: TaskTracker,
+}
+
+impl Task {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            let received = if *self.writable.borrow() {
+                inbox.recv_many(&mut batch, MAX_BATCH).await
+            } else {
+                tokio::select! {
+                    received = inbox.recv_many(&mut batch, MAX_BATCH) => received,
+                    () = tokio::time::sleep(PROBE_INTERVAL) => {
+                        self.probe().await;
+                        continue;
+                    }
+                }
+            };
+            if received == 0 {
+                break;
+            }
+            let (updates, replies): (Vec<_>, Vec<_>) = batch
+                .drain(..)
+                .map(|Request { update, reply }| (update, reply))
+                .unzip();
+            let Sequenced { changes, outcomes } = sequence(&self.store, &updates);
+            let answers = match self.record(&updates, &outcomes).await {
+                Ok(()) => {
+                    self.store.commit(changes);
+                    outcomes.into_iter().map(Ok).collect()
+                }
+                Err(error) => {
+                    tracing::error!(%error, "journal write failed: answering 503 until a write succeeds");
+                    self.writable.send_replace(false);
+                    let unavailable = Error::Unavailable {
+                        reason: "the update could not be recorded durably; retry later".into(),
+                    };
+                    vec![Err(unavailable); replies.len()]
+                }
+            };
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                // A caller that gave up (its HTTP client went away) no longer listens; the
+                // update stays applied, which is what a retry would do.
+                let _ = reply.send(answer);
+            }
+            if let Some(durable) = &mut self.durable {
+                durable.maybe_snapshot(&self.store, &self.tracker);
+            }
+        }
+        tracing::debug!("sequencer stopped");
+    }
+
+    /// Journals the batch's changes, if durable and if there are any.
+    async fn record(
+        &mut self,
+        updates: &[ProfileUpdate],
+        outcomes: &[Applied],
+    ) -> std::io::Result<()> {
+        let Some(durable) = &mut self.durable else {
+            return Ok(());
+        };
+        let records: Vec<UpdateRecord> = updates
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(update, outcome)| match outcome {
+                Applied::Changed { revision } => Some(UpdateRecord::new(*revision, update)),
+                Applied::Unchanged { .. } => None,
+            })
+            .collect();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let count = records.len() as u64;
+        let bytes = durable.append(BatchRecord { updates: records }).await?;
+        durable.records_since_snapshot += count;
+        durable.bytes_since_snapshot += bytes;
+        if !*self.writable.borrow() {
+            tracing::info!("journal writes succeed again");
+            self.writable.send_replace(true);
+        }
+        Ok(())
+    }
+
+    /// Tries an empty append: the disk is writable again when it succeeds.
+    async fn probe(&mut self) {
+        let Some(durable) = &mut self.durable else {
+            self.writable.send_replace(true);
+            return;
+        };
+        if durable.append(BatchRecord::default()).await.is_ok() {
+            tracing::info!("journal writes succeed again");
+            self.writable.send_replace(true);
         }
     }
-    tracing::debug!("sequencer stopped");
 }
 
 /// A merged and numbered batch, not yet committed.
 struct Sequenced {
     /// The changes, revisions consecutive after the store's.
     changes: Vec<Arc<Change>>,
-    /// Every caller of the batch with its outcome, to answer after the commit.
-    replies: Vec<(oneshot::Sender<Applied>, Applied)>,
+    /// Each update's outcome, in order.
+    outcomes: Vec<Applied>,
 }
 
 /// Merges a batch of updates in arrival order and numbers the changes after the store's
 /// revision. Pure apart from reading the store.
-fn sequence(store: &Store, requests: impl Iterator<Item = Request>) -> Sequenced {
+fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
     let mut next_revision = store.revision() + 1;
     // Profiles this batch already changed: later updates of the same profile merge into these,
     // not into the store's older copy.
     let mut latest: HashMap<ProfileKey, Arc<Profile>> = HashMap::new();
     let mut changes = Vec::new();
-    let mut replies = Vec::new();
-    for Request { update, reply } in requests {
+    let mut outcomes = Vec::with_capacity(updates.len());
+    for update in updates {
         let current = latest
             .get(&update.key)
             .cloned()
@@ -112,7 +305,7 @@ fn sequence(store: &Store, requests: impl Iterator<Item = Request>) -> Sequenced
             Some(current) => Profile::clone(current),
             None => Profile::empty(update.key.clone()),
         };
-        let applied = match profile.merge(&update) {
+        let outcome = match profile.merge(update) {
             None => Applied::Unchanged {
                 revision: profile.revision,
             },
@@ -125,7 +318,7 @@ fn sequence(store: &Store, requests: impl Iterator<Item = Request>) -> Sequenced
                     profile.create_revision = revision;
                 }
                 let profile = Arc::new(profile);
-                latest.insert(update.key, Arc::clone(&profile));
+                latest.insert(update.key.clone(), Arc::clone(&profile));
                 changes.push(Arc::new(Change {
                     revision,
                     profile,
@@ -135,9 +328,30 @@ fn sequence(store: &Store, requests: impl Iterator<Item = Request>) -> Sequenced
                 Applied::Changed { revision }
             }
         };
-        replies.push((reply, applied));
+        outcomes.push(outcome);
     }
-    Sequenced { changes, replies }
+    Sequenced { changes, outcomes }
+}
+
+/// Recovery: re-applies journaled records through the same merge, checking that each produces
+/// the revision it was recorded with, and commits them (rebuilding the history).
+pub(crate) fn replay(store: &Store, records: Vec<UpdateRecord>) -> Result<(), String> {
+    let mut revisions = Vec::with_capacity(records.len());
+    let mut updates = Vec::with_capacity(records.len());
+    for record in records {
+        revisions.push(record.revision);
+        updates.push(record.into_update().map_err(|error| error.to_string())?);
+    }
+    let Sequenced { changes, outcomes } = sequence(store, &updates);
+    for (recorded, outcome) in revisions.into_iter().zip(outcomes) {
+        if outcome != (Applied::Changed { revision: recorded }) {
+            return Err(format!(
+                "the record of revision {recorded} replays as {outcome:?}"
+            ));
+        }
+    }
+    store.commit(changes);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -159,9 +373,9 @@ mod tests {
 
     #[tokio::test]
     async fn changes_get_consecutive_revisions_and_duplicates_none() {
-        let store = Store::new(100);
+        let store = Store::new(100, "test");
         let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(store.clone(), &tracker);
+        let sequencer = Sequencer::start(store.clone(), None, &tracker);
 
         let first = sequencer.apply(update("a", 1, 10)).await.unwrap();
         assert_eq!(first, Applied::Changed { revision: 1 });
@@ -192,16 +406,9 @@ mod tests {
 
     #[tokio::test]
     async fn updates_of_one_profile_within_a_batch_build_on_each_other() {
-        let store = Store::new(100);
-        let requests: Vec<_> = [update("a", 1, 10), update("a", 2, 20), update("a", 2, 20)]
-            .into_iter()
-            .map(|update| Request {
-                update,
-                reply: oneshot::channel().0,
-            })
-            .collect();
-        let Sequenced { changes, replies } = sequence(&store, requests.into_iter());
-        let outcomes: Vec<Applied> = replies.into_iter().map(|(_, applied)| applied).collect();
+        let store = Store::new(100, "test");
+        let updates = [update("a", 1, 10), update("a", 2, 20), update("a", 2, 20)];
+        let Sequenced { changes, outcomes } = sequence(&store, &updates);
         assert_eq!(
             outcomes,
             vec![

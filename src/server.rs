@@ -1,4 +1,4 @@
-//! Wiring: binds both listeners, starts the sequencer, serves the webhook ingress (axum) and
+//! Wiring: recovers the data directory, binds both listeners, starts the sequencer, serves the webhook ingress (axum) and
 //! the gRPC API (tonic, with health and reflection), and shuts everything down in order.
 //!
 //! `Server::bind` then `Server::run(shutdown)`: binding first lets callers (tests, `main`) learn
@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::data_dir::{self, DataDir};
 use crate::grpc::ProfileApi;
+use crate::journal::{self, FaultSwitch, Journal};
 use crate::pb;
 use crate::pb::profile_service_server::ProfileServiceServer;
-use crate::sequencer::Sequencer;
+use crate::sequencer::{self, Durability, Sequencer};
 use crate::store::Store;
 use crate::webhook::Ingress;
 use tonic::transport::server::TcpIncoming;
@@ -29,25 +31,52 @@ pub struct Server {
     webhook: TcpListener,
     grpc: TcpListener,
     store: Store,
+    durability: Option<Durability>,
+    faults: FaultSwitch,
+    // Holds the directory's lock until the server is dropped.
+    data_dir: Option<DataDir>,
 }
 
 impl Server {
-    /// Checks the configuration and binds both listeners.
+    /// Checks the configuration, recovers the data directory (unless `--ephemeral`), then binds
+    /// both listeners: nothing is served before recovery is complete.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         config.check()?;
+        let faults = FaultSwitch::default();
+        let (store, durability, data_dir) = if config.ephemeral {
+            let store = Store::new(config.history_events, data_dir::new_store_id());
+            tracing::info!(
+                store_id = store.store_id(),
+                "ephemeral: state is kept in memory only"
+            );
+            (store, None, None)
+        } else {
+            let config = config.clone();
+            let faults = faults.clone();
+            tokio::task::spawn_blocking(move || recover(&config, faults))
+                .await
+                .context("recovery task")??
+        };
         let webhook = TcpListener::bind(config.webhook_listen)
             .await
             .with_context(|| format!("binding the webhook listener {}", config.webhook_listen))?;
         let grpc = TcpListener::bind(config.grpc_listen)
             .await
             .with_context(|| format!("binding the gRPC listener {}", config.grpc_listen))?;
-        let store = Store::new(config.history_events);
         Ok(Server {
             config,
             webhook,
             grpc,
             store,
+            durability,
+            faults,
+            data_dir,
         })
+    }
+
+    /// The switch that makes journal writes fail: a testing seam for disk failures.
+    pub fn journal_faults(&self) -> FaultSwitch {
+        self.faults.clone()
     }
 
     /// The webhook listener's actual address.
@@ -73,13 +102,17 @@ impl Server {
             webhook,
             grpc,
             store,
+            durability,
+            faults: _,
+            data_dir,
         } = self;
         let webhook_addr = webhook.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
         let stopping = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        let sequencer = Sequencer::start(store.clone(), &tracker);
+        let sequencer = Sequencer::start(store.clone(), durability, &tracker);
+        let mut writable = sequencer.writable();
         let secret = if config.insecure_skip_signature {
             tracing::warn!(
                 "--insecure-skip-signature is set: webhooks are accepted without checking \
@@ -104,7 +137,34 @@ impl Server {
         health
             .set_serving::<ProfileServiceServer<ProfileApi>>()
             .await;
-        let api = ProfileApi::new(store.clone(), stopping.clone(), tracker.clone());
+        // Readiness follows the journal: NOT_SERVING while writes fail, so load balancers
+        // send webhooks elsewhere until the disk recovers.
+        let readiness = health.clone();
+        let readiness_stop = stopping.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = writable.changed() => if changed.is_err() { return },
+                    () = readiness_stop.cancelled() => return,
+                }
+                let ok = *writable.borrow_and_update();
+                if ok {
+                    readiness
+                        .set_serving::<ProfileServiceServer<ProfileApi>>()
+                        .await;
+                } else {
+                    readiness
+                        .set_not_serving::<ProfileServiceServer<ProfileApi>>()
+                        .await;
+                }
+            }
+        });
+        let api = ProfileApi::new(
+            store.clone(),
+            data_dir.is_some(),
+            stopping.clone(),
+            tracker.clone(),
+        );
         let grpc = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1()?)
@@ -144,8 +204,46 @@ impl Server {
         })
         .await?;
         tracing::info!(revision = store.revision(), "stopped");
+        drop(data_dir);
         served
     }
+}
+
+/// Opens the data directory and rebuilds the store from its snapshot and journal.
+fn recover(
+    config: &Config,
+    faults: FaultSwitch,
+) -> anyhow::Result<(Store, Option<Durability>, Option<DataDir>)> {
+    let started = std::time::Instant::now();
+    let dir = DataDir::open(&config.data_dir)?;
+    let store = Store::new(config.history_events, dir.store_id());
+    let recovered = journal::recover(dir.path(), &store, |records| {
+        sequencer::replay(&store, records)
+    })?;
+    let journal = Journal::open(
+        dir.path(),
+        recovered.tail,
+        store.revision() + 1,
+        config.segment_bytes,
+        faults,
+    )?;
+    tracing::info!(
+        data_dir = %dir.path().display(),
+        store_id = store.store_id(),
+        revision = store.revision(),
+        profiles = store.len(),
+        snapshot = ?recovered.snapshot,
+        replayed = recovered.replayed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered"
+    );
+    let durability = Durability {
+        journal,
+        snapshot_every_records: config.snapshot_every_records,
+        snapshot_every_bytes: config.snapshot_every_bytes,
+        history_events: config.history_events as u64,
+    };
+    Ok((store, Some(durability), Some(dir)))
 }
 
 /// Awaits `work` for at most `grace`; running out is logged, not an error, since the process

@@ -27,6 +27,8 @@ pub struct Store {
 }
 
 struct Inner {
+    // Random, made with the data directory; tells a wiped store from a continued one.
+    store_id: Arc<str>,
     // A sharded map: point reads from many gRPC tasks at once rarely meet the single writer on
     // the same shard, and never wait on each other.
     profiles: DashMap<ProfileKey, Arc<Profile>>,
@@ -52,11 +54,13 @@ pub struct Compacted {
 }
 
 impl Store {
-    /// An empty store at revision 0 that keeps the last `history_capacity` changes.
-    pub fn new(history_capacity: usize) -> Self {
+    /// An empty store at revision 0, identified by `store_id`, that keeps the last
+    /// `history_capacity` changes.
+    pub fn new(history_capacity: usize, store_id: impl Into<Arc<str>>) -> Self {
         let history_capacity = history_capacity.max(1);
         Store {
             inner: Arc::new(Inner {
+                store_id: store_id.into(),
                 profiles: DashMap::new(),
                 order: RwLock::new(BTreeSet::new()),
                 history: RwLock::new(VecDeque::with_capacity(history_capacity.min(4096))),
@@ -64,6 +68,11 @@ impl Store {
                 revision: watch::channel(0).0,
             }),
         }
+    }
+
+    /// The store's id: the same across restarts on one data directory, new for a new one.
+    pub fn store_id(&self) -> &str {
+        &self.inner.store_id
     }
 
     /// The published revision: every change up to it is visible.
@@ -358,7 +367,7 @@ mod tests {
 
     #[test]
     fn history_keeps_the_newest_changes_and_reports_compaction() {
-        let store = Store::new(3);
+        let store = Store::new(3, "test");
         store.commit(
             (1..=5)
                 .map(|r| change(r, "a", &r.to_string(), "t"))
@@ -385,7 +394,7 @@ mod tests {
 
     #[test]
     fn scan_pages_by_client_and_filter() {
-        let store = Store::new(10);
+        let store = Store::new(10, "test");
         let mut changes = Vec::new();
         for (i, (client, customer, tier)) in [
             ("a", "1", "gold"),

@@ -396,9 +396,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn progress_is_sent_after_an_interval_without_other_events() {
-        let store = Store::new(10);
+        let store = Store::new(10, "test");
         let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(store.clone(), &tracker);
+        let sequencer = Sequencer::start(store.clone(), None, &tracker);
         let interval = Duration::from_secs(5);
         let spec = WatchSpec {
             progress_interval: interval,
@@ -448,9 +448,9 @@ mod tests {
 
     #[tokio::test]
     async fn initial_state_is_as_of_one_revision_while_writes_land_during_the_scan() {
-        let store = Store::new(1000);
+        let store = Store::new(1000, "test");
         let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(store.clone(), &tracker);
+        let sequencer = Sequencer::start(store.clone(), None, &tracker);
         for n in 0..300 {
             sequencer
                 .apply(points(&format!("c{n:03}"), 1, n))

@@ -308,7 +308,8 @@ fn assert_is_the_profiles_file(encoded: &[Vec<u8>]) {
             "GetProfile",
             "BatchGetProfiles",
             "ListProfiles",
-            "WatchProfiles"
+            "WatchProfiles",
+            "GetServerInfo",
         ]
     );
     let comments = file

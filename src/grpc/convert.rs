@@ -120,6 +120,7 @@ pub fn change(change: &Change, include_previous: bool) -> pb::ProfileChange {
 pub fn watch_event(
     event: WatchEvent,
     include_previous: bool,
+    store_id: &str,
 ) -> Result<pb::WatchProfilesResponse, tonic::Status> {
     use pb::watch_profiles_response::Event;
     let event = match event {
@@ -130,9 +131,16 @@ pub fn watch_event(
             ..Default::default()
         }),
         WatchEvent::Change(changed) => Event::Change(change(&changed, include_previous)),
-        WatchEvent::Synced { revision } => Event::Synced(pb::Synced { revision }),
+        WatchEvent::Synced { revision } => Event::Synced(pb::Synced {
+            revision,
+            store_id: store_id.to_owned(),
+        }),
         WatchEvent::Progress { revision } => Event::Progress(pb::Progress { revision }),
-        WatchEvent::Reset { reason, revision } => Event::Reset(pb::Reset { reason, revision }),
+        WatchEvent::Reset { reason, revision } => Event::Reset(pb::Reset {
+            reason,
+            revision,
+            store_id: store_id.to_owned(),
+        }),
         WatchEvent::End(error) => return Err(status::grpc_status(&error)),
     };
     Ok(pb::WatchProfilesResponse { event: Some(event) })

@@ -10,7 +10,7 @@ mod page_token;
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,15 +42,25 @@ const WATCH_BUFFER: usize = 64;
 /// The ProfileService implementation.
 pub struct ProfileApi {
     store: Store,
+    durable: bool,
+    started: Instant,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl ProfileApi {
-    /// A service reading `store`; watch feeds run on `tracker` and end on `shutdown`.
-    pub fn new(store: Store, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+    /// A service reading `store` (persisted when `durable`); watch feeds run on `tracker` and
+    /// end on `shutdown`.
+    pub fn new(
+        store: Store,
+        durable: bool,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
         ProfileApi {
             store,
+            durable,
+            started: Instant::now(),
             shutdown,
             tracker,
         }
@@ -174,9 +184,28 @@ impl ProfileService for ProfileApi {
         let watch = Watch::open(&self.store, spec).map_err(|e| grpc_status(&e))?;
         let (events, received) = mpsc::channel(WATCH_BUFFER);
         self.tracker.spawn(watch.run(events, self.shutdown.clone()));
+        let store = self.store.clone();
         let stream = ReceiverStream::new(received)
-            .map(move |event| convert::watch_event(event, include_previous));
+            .map(move |event| convert::watch_event(event, include_previous, store.store_id()));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_server_info(
+        &self,
+        _request: Request<pb::GetServerInfoRequest>,
+    ) -> Result<Response<pb::GetServerInfoResponse>, Status> {
+        let uptime = self.started.elapsed();
+        Ok(Response::new(pb::GetServerInfoResponse {
+            store_id: self.store.store_id().to_owned(),
+            revision: self.store.revision(),
+            oldest_revision: self.store.oldest_in_history(),
+            profile_count: self.store.len() as u64,
+            uptime: Some(prost_types::Duration {
+                seconds: i64::try_from(uptime.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(uptime.subsec_nanos()).unwrap_or(0),
+            }),
+            durable: self.durable,
+        }))
     }
 }
 

@@ -1,0 +1,168 @@
+//! The data directory: its lock, its store id, and where files go.
+//!
+//! One process at a time: `LOCK` is held with an OS file lock for the life of the process, so a
+//! second process on the same directory refuses to start (a crashed process releases it). The
+//! store id is created once with the directory and never changes; clients compare it to tell a
+//! wiped store from a continued one. The journal and snapshots live directly in the directory;
+//! their format is `crate::journal`'s business, not this module's.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The name of the lock file.
+const LOCK_FILE: &str = "LOCK";
+/// The name of the file holding the store id.
+const STORE_ID_FILE: &str = "STORE_ID";
+
+/// An opened, locked data directory.
+pub struct DataDir {
+    path: PathBuf,
+    store_id: String,
+    // Held, never read: the OS lock lives as long as this handle.
+    _lock: File,
+}
+
+/// Why a data directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    /// Another process holds the lock.
+    #[error(
+        "data directory {path} is in use by another profile-state process (its LOCK file is \
+         held); stop that process or choose another --data-dir"
+    )]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// A filesystem operation failed.
+    #[error("data directory {path}: {action}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The store id file holds something else than an id.
+    #[error("{path} does not hold a store id")]
+    BadStoreId {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> DataDirError {
+    let path = path.to_owned();
+    move |source| DataDirError::Io {
+        path,
+        action,
+        source,
+    }
+}
+
+impl DataDir {
+    /// Opens `path`, creating it if missing; takes the lock; reads or creates the store id.
+    pub fn open(path: &Path) -> Result<DataDir, DataDirError> {
+        fs::create_dir_all(path).map_err(io(path, "create"))?;
+        let lock_path = path.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path, "open lock file"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(DataDirError::Locked {
+                    path: path.to_owned(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(io(&lock_path, "lock")(source));
+            }
+        }
+        let store_id = read_or_create_store_id(path)?;
+        Ok(DataDir {
+            path: path.to_owned(),
+            store_id,
+            _lock: lock,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The store id, created with the directory.
+    pub fn store_id(&self) -> &str {
+        &self.store_id
+    }
+}
+
+/// A new random store id.
+pub fn new_store_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn read_or_create_store_id(dir: &Path) -> Result<String, DataDirError> {
+    let path = dir.join(STORE_ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(DataDirError::BadStoreId { path });
+            }
+            Ok(id.to_owned())
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let id = new_store_id();
+            write_atomically(&path, format!("{id}\n").as_bytes())
+                .map_err(io(&path, "write store id"))?;
+            Ok(id)
+        }
+        Err(err) => Err(io(&path, "read store id")(err)),
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the whole new one:
+/// temp file, fsync, rename, fsync the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temp = path.with_extension("tmp");
+    {
+        let mut file = File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    fs::rename(&temp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Makes a directory's entries (created, renamed, removed files) durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_id_persists_and_a_second_opener_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let first = DataDir::open(&path).unwrap();
+        let id = first.store_id().to_owned();
+        assert_eq!(id.len(), 32);
+        match DataDir::open(&path) {
+            Err(DataDirError::Locked { .. }) => {}
+            other => panic!("expected Locked, got {:?}", other.map(|d| d.store_id)),
+        }
+        drop(first);
+        let again = DataDir::open(&path).unwrap();
+        assert_eq!(again.store_id(), id, "the id survives a restart");
+    }
+}

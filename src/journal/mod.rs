@@ -1,0 +1,417 @@
+//! The durable journal: an append-only log of group commits, snapshots, and recovery.
+//!
+//! The sequencer appends each batch of numbered updates as one checksummed frame and syncs it
+//! (`fdatasync`) before anything reaches memory; concurrent webhooks therefore share one sync.
+//! Segments rotate by size and are named by their first revision. Snapshots (full profile state
+//! as of a revision) let old segments go; see [`snapshot`] for which are kept and why.
+//!
+//! Recovery loads a snapshot, replays every later record through the same merge the sequencer
+//! uses, and so rebuilds profiles, revisions and the watch history exactly. A torn last frame
+//! (a crash mid-write, never acknowledged) is cut off with a warning; any other damage stops
+//! start-up with the file and offset, because skipping it would silently lose acknowledged
+//! updates.
+//!
+//! Why our own segment log and not a crate: the log is small (append, sync, rotate, scan), the
+//! records are ours, and recovery must replay through our merge to rebuild the history, so a
+//! generic WAL crate would add a format and a dependency without removing any of that code.
+//! This module does not merge or number updates and knows nothing of HTTP or gRPC.
+
+pub mod codec;
+pub mod snapshot;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prost::Message;
+
+use crate::data_dir::sync_dir;
+use crate::store::Store;
+use codec::{BatchRecord, Frame, HeaderError, SEGMENT_MAGIC};
+
+/// Segment files are `journal-<first revision, 20 digits>.log`.
+const SEGMENT_PREFIX: &str = "journal-";
+const SEGMENT_SUFFIX: &str = ".log";
+
+/// Everything that can go wrong reading or writing the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// A filesystem operation failed.
+    #[error("{path}: {action}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A damaged record that is not the torn tail of the last segment.
+    #[error(
+        "{path}: damaged record at offset {offset} ({reason}); acknowledged updates follow it, \
+         so start-up stops instead of skipping it: restore the file from a backup, or move it \
+         away to accept losing its updates"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Where the damaged frame starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Revisions do not follow each other.
+    #[error("{path}: expected revision {expected}, found {found}: the journal has a gap")]
+    Gap {
+        /// The file.
+        path: PathBuf,
+        /// The revision that should come next.
+        expected: u64,
+        /// The revision found.
+        found: u64,
+    },
+    /// A file this build cannot read.
+    #[error("{path}: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl JournalError {
+    fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> JournalError {
+        let path = path.to_owned();
+        move |source| JournalError::Io {
+            path,
+            action,
+            source,
+        }
+    }
+}
+
+/// Makes journal writes fail on demand: the seam the disk-failure tests use. Cheap to clone;
+/// all clones share one switch. Off unless someone turns it on.
+#[derive(Clone, Default)]
+pub struct FaultSwitch(Arc<AtomicBool>);
+
+impl FaultSwitch {
+    /// Makes every following write and sync fail (`true`) or work again (`false`).
+    pub fn fail_writes(&self, fail: bool) {
+        self.0.store(fail, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        if self.0.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        Ok(())
+    }
+}
+
+/// Where appends continue after recovery.
+#[derive(Debug)]
+pub struct Tail {
+    /// The last segment.
+    pub path: PathBuf,
+    /// Its length up to the last valid frame.
+    pub len: u64,
+}
+
+/// The append side of the journal, owned by the sequencer.
+pub struct Journal {
+    dir: PathBuf,
+    file: File,
+    path: PathBuf,
+    /// Bytes known good: the header and whole, synced frames.
+    len: u64,
+    segment_bytes: u64,
+    faults: FaultSwitch,
+    /// A failed append left bytes after `len` that could not be cut off yet.
+    needs_repair: bool,
+}
+
+fn segment_path(dir: &Path, first_revision: u64) -> PathBuf {
+    dir.join(format!(
+        "{SEGMENT_PREFIX}{first_revision:020}{SEGMENT_SUFFIX}"
+    ))
+}
+
+/// The journal segments in `dir`, by first revision.
+fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    numbered_files(dir, SEGMENT_PREFIX, SEGMENT_SUFFIX)
+}
+
+/// Files named `<prefix><number><suffix>` in `dir`, sorted by number.
+fn numbered_files(
+    dir: &Path,
+    prefix: &str,
+    suffix: &str,
+) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(JournalError::io(dir, "list"))? {
+        let entry = entry.map_err(JournalError::io(dir, "list"))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let number = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(suffix))
+            .and_then(|digits| digits.parse::<u64>().ok());
+        if let Some(number) = number {
+            files.push((number, entry.path()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+impl Journal {
+    /// Opens the journal for appending: at the recovered tail, or in a new segment whose first
+    /// revision is `next_revision`.
+    pub fn open(
+        dir: &Path,
+        tail: Option<Tail>,
+        next_revision: u64,
+        segment_bytes: u64,
+        faults: FaultSwitch,
+    ) -> Result<Journal, JournalError> {
+        let (path, file, len) = match tail {
+            Some(Tail { path, len }) => {
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(JournalError::io(&path, "open for append"))?;
+                (path, file, len)
+            }
+            None => {
+                let path = segment_path(dir, next_revision);
+                let file = create_segment(&path)?;
+                (path, file, codec::HEADER_LEN as u64)
+            }
+        };
+        Ok(Journal {
+            dir: dir.to_owned(),
+            file,
+            path,
+            len,
+            segment_bytes: segment_bytes.max(codec::HEADER_LEN as u64 + 1),
+            faults,
+            needs_repair: false,
+        })
+    }
+
+    /// Appends one batch as one frame and syncs it. Returns the bytes written. On failure,
+    /// nothing of the batch stays in the file (or it is cut off before the next append).
+    pub fn append(&mut self, batch: &BatchRecord) -> std::io::Result<u64> {
+        if self.needs_repair {
+            self.repair()?;
+        }
+        if let Some(first) = batch.updates.first()
+            && self.len >= self.segment_bytes
+        {
+            self.rotate(first.revision)?;
+        }
+        let mut frame = Vec::new();
+        codec::encode_frame(batch, &mut frame);
+        let written = self
+            .faults
+            .check()
+            .and_then(|()| self.file.write_all(&frame))
+            .and_then(|()| self.faults.check())
+            .and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.len += frame.len() as u64;
+                Ok(frame.len() as u64)
+            }
+            Err(error) => {
+                self.needs_repair = true;
+                // Best effort now; if this fails too, the next append retries it first.
+                let _ = self.repair();
+                Err(error)
+            }
+        }
+    }
+
+    /// Cuts the file back to its last good frame.
+    fn repair(&mut self) -> std::io::Result<()> {
+        self.faults.check()?;
+        self.file.set_len(self.len)?;
+        self.file.sync_data()?;
+        self.needs_repair = false;
+        Ok(())
+    }
+
+    fn rotate(&mut self, first_revision: u64) -> std::io::Result<()> {
+        let path = segment_path(&self.dir, first_revision);
+        let file = create_segment(&path).map_err(|error| match error {
+            JournalError::Io { source, .. } => source,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        tracing::info!(segment = %path.display(), "journal segment started");
+        self.file = file;
+        self.path = path;
+        self.len = codec::HEADER_LEN as u64;
+        Ok(())
+    }
+
+    /// The directory the journal lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn create_segment(path: &Path) -> Result<File, JournalError> {
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(path)
+        .map_err(JournalError::io(path, "create segment"))?;
+    file.write_all(&codec::file_header(SEGMENT_MAGIC))
+        .and_then(|()| file.sync_all())
+        .map_err(JournalError::io(path, "write segment header"))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+        .map_err(JournalError::io(path, "sync directory"))?;
+    Ok(file)
+}
+
+/// What recovery found and did.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The snapshot loaded, if any.
+    pub snapshot: Option<u64>,
+    /// How many update records were replayed after it.
+    pub replayed: u64,
+    /// Where appends continue; `None` when there is no segment yet.
+    pub tail: Option<Tail>,
+}
+
+/// Rebuilds `store` from the snapshot and journal in `dir`: profiles, revision and history.
+///
+/// `replay` applies one batch of `(revision, update)` records to the store and fails if they
+/// do not produce exactly those revisions (it is the sequencer's merge).
+pub fn recover(
+    dir: &Path,
+    store: &Store,
+    mut replay: impl FnMut(Vec<codec::UpdateRecord>) -> Result<(), String>,
+) -> Result<Recovered, JournalError> {
+    let segments = segments(dir)?;
+    let snapshot = snapshot::choose(dir, segments.first().map(|(first, _)| *first))?;
+    if let Some((revision, path)) = &snapshot {
+        let profiles = snapshot::read(path)?;
+        store.restore(profiles, *revision);
+    }
+    let mut replayed = 0;
+    let mut tail = None;
+    for (index, (_, path)) in segments.iter().enumerate() {
+        let is_last = index + 1 == segments.len();
+        // A segment wholly covered by the snapshot needs no reading.
+        if let Some((next_first, _)) = segments.get(index + 1)
+            && *next_first <= store.revision() + 1
+        {
+            continue;
+        }
+        let bytes = fs::read(path).map_err(JournalError::io(path, "read"))?;
+        match codec::check_header(&bytes, SEGMENT_MAGIC) {
+            Ok(()) => {}
+            Err(HeaderError::Short) if is_last => {
+                // Its creation was cut off by a crash: it never held a record.
+                tracing::warn!(segment = %path.display(), "removing a segment whose header was never completed");
+                fs::remove_file(path).map_err(JournalError::io(path, "remove"))?;
+                continue;
+            }
+            Err(error) => {
+                return Err(JournalError::Format {
+                    path: path.clone(),
+                    reason: format!(
+                        "not a journal segment of format {}: {error:?}",
+                        codec::FORMAT_VERSION
+                    ),
+                });
+            }
+        }
+        let mut offset = codec::HEADER_LEN;
+        loop {
+            match codec::read_frame(&bytes, offset) {
+                Frame::End => break,
+                Frame::Valid { payload, next } => {
+                    let batch =
+                        BatchRecord::decode(payload).map_err(|error| JournalError::Corrupt {
+                            path: path.clone(),
+                            offset: offset as u64,
+                            reason: format!("undecodable batch: {error}"),
+                        })?;
+                    let pending: Vec<_> = batch
+                        .updates
+                        .into_iter()
+                        .filter(|update| update.revision > store.revision())
+                        .collect();
+                    if let Some(update) = pending.first()
+                        && update.revision != store.revision() + 1
+                    {
+                        return Err(JournalError::Gap {
+                            path: path.clone(),
+                            expected: store.revision() + 1,
+                            found: update.revision,
+                        });
+                    }
+                    replayed += pending.len() as u64;
+                    if !pending.is_empty() {
+                        replay(pending).map_err(|reason| JournalError::Corrupt {
+                            path: path.clone(),
+                            offset: offset as u64,
+                            reason,
+                        })?;
+                    }
+                    offset = next;
+                }
+                Frame::Invalid {
+                    reason,
+                    claimed_end,
+                } => {
+                    // Only the last frame written can be torn, and nothing valid follows it.
+                    let valid_after = claimed_end.is_some_and(|end| {
+                        matches!(codec::read_frame(&bytes, end), Frame::Valid { .. })
+                    });
+                    if !is_last || valid_after {
+                        return Err(JournalError::Corrupt {
+                            path: path.clone(),
+                            offset: offset as u64,
+                            reason: reason.into(),
+                        });
+                    }
+                    let dropped = bytes.len() - offset;
+                    tracing::warn!(
+                        segment = %path.display(),
+                        offset,
+                        dropped_bytes = dropped,
+                        reason,
+                        "cutting off a torn last record (a crash mid-write; it was never acknowledged)"
+                    );
+                    let file = OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .map_err(JournalError::io(path, "open to cut the torn tail"))?;
+                    file.set_len(offset as u64)
+                        .and_then(|()| file.sync_all())
+                        .map_err(JournalError::io(path, "cut the torn tail"))?;
+                    break;
+                }
+            }
+        }
+        if is_last {
+            tail = Some(Tail {
+                path: path.clone(),
+                len: offset as u64,
+            });
+        }
+    }
+    Ok(Recovered {
+        snapshot: snapshot.map(|(revision, _)| revision),
+        replayed,
+        tail,
+    })
+}

@@ -1,0 +1,255 @@
+//! Snapshots: every profile as of one revision, written atomically, and the compaction they
+//! allow.
+//!
+//! A snapshot is `snapshot-<revision, 20 digits>.snap`: a header frame, then the profiles in
+//! chunks, each frame checksummed. It is written to a temp file, synced, renamed and the
+//! directory synced, so a crash leaves either no snapshot or a whole one.
+//!
+//! Which files are kept: recovery replays the journal after a snapshot, and that replay is what
+//! rebuilds the watch history. So the snapshot recovery starts from must be older than the
+//! history window (`--history-events`): compaction keeps the newest snapshot below the window
+//! (the "base"), every newer snapshot, and every segment after the base; older files go.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prost::Message;
+
+use super::codec::{self, Frame, ProfileBatch, ProfileRecord, SNAPSHOT_MAGIC, SnapshotHeader};
+use super::{JournalError, numbered_files, segments};
+use crate::data_dir::sync_dir;
+use crate::profile::Profile;
+use crate::store::{Compacted, Store};
+
+const PREFIX: &str = "snapshot-";
+const SUFFIX: &str = ".snap";
+/// Profiles per frame.
+const CHUNK: usize = 1024;
+
+fn path(dir: &Path, revision: u64) -> PathBuf {
+    dir.join(format!("{PREFIX}{revision:020}{SUFFIX}"))
+}
+
+/// The snapshots in `dir`, by revision.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    numbered_files(dir, PREFIX, SUFFIX)
+}
+
+/// The snapshot recovery starts from: none when the journal starts at revision 1 (replaying
+/// it all rebuilds the longest history), else the oldest one the journal continues from, or
+/// the newest one when there is no journal.
+pub fn choose(
+    dir: &Path,
+    first_segment: Option<u64>,
+) -> Result<Option<(u64, PathBuf)>, JournalError> {
+    let snapshots = list(dir)?;
+    let Some(first_segment) = first_segment else {
+        return Ok(snapshots.into_iter().next_back());
+    };
+    if first_segment <= 1 {
+        return Ok(None);
+    }
+    let usable = snapshots
+        .into_iter()
+        .find(|(revision, _)| revision + 1 >= first_segment);
+    if usable.is_none() {
+        return Err(JournalError::Gap {
+            path: dir.to_owned(),
+            expected: 1,
+            found: first_segment,
+        });
+    }
+    Ok(usable)
+}
+
+/// Writes a snapshot of `profiles`, all as of `revision`, atomically.
+pub fn write(
+    dir: &Path,
+    revision: u64,
+    profiles: &[Arc<Profile>],
+) -> Result<PathBuf, JournalError> {
+    let final_path = path(dir, revision);
+    let temp = final_path.with_extension("snap.tmp");
+    let io = |action| JournalError::io(&temp, action);
+    let file = File::create(&temp).map_err(io("create"))?;
+    let mut out = BufWriter::new(file);
+    let mut frame = codec::file_header(SNAPSHOT_MAGIC).to_vec();
+    codec::encode_frame(
+        &SnapshotHeader {
+            revision,
+            profiles: profiles.len() as u64,
+        },
+        &mut frame,
+    );
+    out.write_all(&frame).map_err(io("write"))?;
+    for chunk in profiles.chunks(CHUNK) {
+        frame.clear();
+        let batch = ProfileBatch {
+            profiles: chunk
+                .iter()
+                .map(|profile| ProfileRecord::new(profile))
+                .collect(),
+        };
+        codec::encode_frame(&batch, &mut frame);
+        out.write_all(&frame).map_err(io("write"))?;
+    }
+    let file = out
+        .into_inner()
+        .map_err(|error| io("write")(error.into_error()))?;
+    file.sync_all().map_err(io("sync"))?;
+    fs::rename(&temp, &final_path).map_err(io("rename"))?;
+    sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))?;
+    Ok(final_path)
+}
+
+/// Reads a whole snapshot; any damage is an error (snapshots are never torn).
+pub fn read(path: &Path) -> Result<Vec<Profile>, JournalError> {
+    let bytes = fs::read(path).map_err(JournalError::io(path, "read"))?;
+    let corrupt = |offset: usize, reason: String| JournalError::Corrupt {
+        path: path.to_owned(),
+        offset: offset as u64,
+        reason,
+    };
+    codec::check_header(&bytes, SNAPSHOT_MAGIC).map_err(|error| JournalError::Format {
+        path: path.to_owned(),
+        reason: format!(
+            "not a snapshot of format {}: {error:?}",
+            codec::FORMAT_VERSION
+        ),
+    })?;
+    let mut offset = codec::HEADER_LEN;
+    let mut header = None;
+    let mut profiles = Vec::new();
+    loop {
+        match codec::read_frame(&bytes, offset) {
+            Frame::End => break,
+            Frame::Invalid { reason, .. } => return Err(corrupt(offset, reason.into())),
+            Frame::Valid { payload, next } => {
+                let decoded = if header.is_none() {
+                    SnapshotHeader::decode(payload).map(|h| header = Some(h))
+                } else {
+                    ProfileBatch::decode(payload).map(|batch| {
+                        profiles.extend(batch.profiles);
+                    })
+                };
+                decoded.map_err(|error| corrupt(offset, error.to_string()))?;
+                offset = next;
+            }
+        }
+    }
+    let header = header.ok_or_else(|| corrupt(offset, "no header frame".into()))?;
+    if header.profiles != profiles.len() as u64 {
+        return Err(corrupt(
+            offset,
+            format!(
+                "{} profiles, header says {}",
+                profiles.len(),
+                header.profiles
+            ),
+        ));
+    }
+    profiles
+        .into_iter()
+        .map(|record| {
+            record
+                .into_profile()
+                .map_err(|error| corrupt(offset, error.to_string()))
+        })
+        .collect()
+}
+
+/// What a snapshot and compaction did.
+#[derive(Debug)]
+pub struct Taken {
+    /// The snapshot's revision.
+    pub revision: u64,
+    /// How many profiles it holds.
+    pub profiles: usize,
+    /// Files removed by compaction.
+    pub removed: Vec<PathBuf>,
+}
+
+/// Takes a snapshot of `store` as of its current revision while writes go on, then compacts.
+/// Runs on a blocking thread.
+pub fn take(dir: &Path, store: &Store, history_events: u64) -> Result<Taken, JournalError> {
+    let (revision, profiles) = consistent_state(store)?;
+    write(dir, revision, &profiles)?;
+    let removed = compact(dir, revision, history_events)?;
+    Ok(Taken {
+        revision,
+        profiles: profiles.len(),
+        removed,
+    })
+}
+
+/// Every profile as of one revision. Retries when the history moved on during the read.
+fn consistent_state(store: &Store) -> Result<(u64, Vec<Arc<Profile>>), JournalError> {
+    for _ in 0..3 {
+        let mut scan = store.scan_as_of(None);
+        let mut profiles = Vec::with_capacity(store.len());
+        loop {
+            let chunk = scan.next_chunk(store, 4096, |_| true);
+            if chunk.is_empty() {
+                break;
+            }
+            profiles.extend(chunk);
+        }
+        match scan.resolve_newer(store) {
+            Ok(newer) => {
+                profiles.extend(newer);
+                return Ok((scan.as_of, profiles));
+            }
+            Err(Compacted { .. }) => continue,
+        }
+    }
+    Err(JournalError::Format {
+        path: PathBuf::from("snapshot"),
+        reason: "writes outpaced the history three times while reading the state; the next \
+                 snapshot will try again"
+            .into(),
+    })
+}
+
+/// Removes snapshots and segments no recovery needs, given the current revision: keeps the
+/// newest snapshot below the history window (the base), newer snapshots, and segments after
+/// the base. Never removes the newest segment.
+pub fn compact(
+    dir: &Path,
+    current_revision: u64,
+    history_events: u64,
+) -> Result<Vec<PathBuf>, JournalError> {
+    let window_start = current_revision.saturating_sub(history_events) + 1;
+    let snapshots = list(dir)?;
+    let Some(base) = snapshots
+        .iter()
+        .map(|(revision, _)| *revision)
+        .filter(|revision| *revision < window_start)
+        .max()
+    else {
+        return Ok(Vec::new());
+    };
+    let mut removed = Vec::new();
+    let segments = segments(dir)?;
+    // Segments first: a crash between the two steps leaves an extra old snapshot, which
+    // recovery skips because the journal no longer continues from it.
+    for pair in segments.windows(2) {
+        let (_, path) = &pair[0];
+        let (next_first, _) = pair[1];
+        if next_first <= base + 1 {
+            fs::remove_file(path).map_err(JournalError::io(path, "remove"))?;
+            removed.push(path.clone());
+        }
+    }
+    for (revision, path) in snapshots {
+        if revision < base {
+            fs::remove_file(&path).map_err(JournalError::io(&path, "remove"))?;
+            removed.push(path);
+        }
+    }
+    if !removed.is_empty() {
+        sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))?;
+    }
+    Ok(removed)
+}
