@@ -415,3 +415,234 @@ pub fn recover(
         tail,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
+    use crate::sequencer;
+    use codec::UpdateRecord;
+
+    fn record(revision: u64) -> UpdateRecord {
+        let update = ProfileUpdate {
+            key: ProfileKey::new("2155", format!("c{}", revision % 7)),
+            at: chrono::DateTime::from_timestamp(1_700_000_000 + revision as i64, 0).unwrap(),
+            fields: vec![
+                (Field::GbCustomerId, Some(Scalar::Int(1))),
+                (Field::TotalPoints, Some(Scalar::Int(revision as i64))),
+            ],
+            extras: vec![],
+        };
+        UpdateRecord::new(revision, &update)
+    }
+
+    /// Writes `batches` batches of three records each; returns the journal.
+    fn write(dir: &Path, batches: u64, segment_bytes: u64) -> Journal {
+        let mut journal =
+            Journal::open(dir, None, 1, segment_bytes, FaultSwitch::default()).unwrap();
+        for batch in 0..batches {
+            let updates = (1..=3).map(|i| record(batch * 3 + i)).collect();
+            journal.append(&BatchRecord { updates }).unwrap();
+        }
+        journal
+    }
+
+    fn recovered(dir: &Path) -> Result<(Store, Recovered), JournalError> {
+        let store = Store::new(1000, "test");
+        let recovered = recover(dir, &store, |records| sequencer::replay(&store, records))?;
+        Ok((store, recovered))
+    }
+
+    fn only_segment(dir: &Path) -> PathBuf {
+        let segments = segments(dir).unwrap();
+        assert_eq!(segments.len(), 1);
+        segments[0].1.clone()
+    }
+
+    #[test]
+    fn recovery_replays_every_record_and_appending_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 4, u64::MAX));
+        let (store, recovered) = recovered(dir.path()).unwrap();
+        assert_eq!(store.revision(), 12);
+        assert_eq!(recovered.replayed, 12);
+        assert_eq!(
+            store.history_from(1, 100).unwrap().len(),
+            12,
+            "history rebuilt"
+        );
+        let profile = store.get(&ProfileKey::new("2155", "c5")).unwrap();
+        assert_eq!(profile.get_int(Field::TotalPoints), Some(12));
+
+        let mut journal = Journal::open(
+            dir.path(),
+            recovered.tail,
+            13,
+            u64::MAX,
+            FaultSwitch::default(),
+        )
+        .unwrap();
+        journal
+            .append(&BatchRecord {
+                updates: vec![record(13)],
+            })
+            .unwrap();
+        assert_eq!(recovered_revision(dir.path()), 13);
+    }
+
+    fn recovered_revision(dir: &Path) -> u64 {
+        recovered(dir).unwrap().0.revision()
+    }
+
+    #[test]
+    fn a_torn_last_frame_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 3, u64::MAX));
+        let path = only_segment(dir.path());
+        let whole = fs::metadata(&path).unwrap().len();
+        // Half of a fourth frame, as a crash mid-write leaves it.
+        let mut frame = Vec::new();
+        codec::encode_frame(
+            &BatchRecord {
+                updates: vec![record(10), record(11)],
+            },
+            &mut frame,
+        );
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&frame[..frame.len() / 2]).unwrap();
+        drop(file);
+
+        let (store, recovered) = recovered(dir.path()).unwrap();
+        assert_eq!(store.revision(), 9, "the torn batch was never acknowledged");
+        assert_eq!(recovered.tail.unwrap().len, whole);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            whole,
+            "the torn bytes are gone"
+        );
+    }
+
+    #[test]
+    fn a_torn_frame_header_is_cut_off_too() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 2, u64::MAX));
+        let path = only_segment(dir.path());
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&[0x55, 0x01, 0x00]).unwrap();
+        drop(file);
+        assert_eq!(recovered_revision(dir.path()), 6);
+    }
+
+    #[test]
+    fn damage_before_the_tail_stops_recovery_with_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 3, u64::MAX));
+        let path = only_segment(dir.path());
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[codec::HEADER_LEN + codec::FRAME_OVERHEAD + 5] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        match recovered(dir.path()) {
+            Err(JournalError::Corrupt {
+                path: at,
+                offset,
+                reason,
+            }) => {
+                assert_eq!(at, path);
+                assert_eq!(offset, codec::HEADER_LEN as u64);
+                assert_eq!(reason, "checksum mismatch");
+            }
+            other => panic!(
+                "expected Corrupt, got {:?}",
+                other.map(|(s, _)| s.revision())
+            ),
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_and_the_next_one_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = FaultSwitch::default();
+        let mut journal = Journal::open(dir.path(), None, 1, u64::MAX, faults.clone()).unwrap();
+        journal
+            .append(&BatchRecord {
+                updates: vec![record(1)],
+            })
+            .unwrap();
+        let path = only_segment(dir.path());
+        let good = fs::metadata(&path).unwrap().len();
+        faults.fail_writes(true);
+        assert!(
+            journal
+                .append(&BatchRecord {
+                    updates: vec![record(2)]
+                })
+                .is_err()
+        );
+        assert_eq!(fs::metadata(&path).unwrap().len(), good);
+        faults.fail_writes(false);
+        journal
+            .append(&BatchRecord {
+                updates: vec![record(2)],
+            })
+            .unwrap();
+        assert_eq!(recovered_revision(dir.path()), 2);
+    }
+
+    #[test]
+    fn segments_rotate_and_snapshots_compact_without_changing_state_or_history() {
+        let dir = tempfile::tempdir().unwrap();
+        // Small segments: a new one every few batches.
+        let mut journal = write(dir.path(), 20, 300);
+        assert!(segments(dir.path()).unwrap().len() > 3);
+        let (before, _) = recovered(dir.path()).unwrap();
+        assert_eq!(before.revision(), 60);
+
+        // A snapshot at 60 is inside the history window of 10 changes... nothing can go yet.
+        let taken = snapshot::take(dir.path(), &before, 10).unwrap();
+        assert_eq!((taken.revision, taken.profiles), (60, 7));
+        assert!(taken.removed.is_empty());
+        // 30 more changes: the snapshot at 60 is now below the window, so older files go.
+        for batch in 20..30 {
+            let updates = (1..=3).map(|i| record(batch * 3 + i)).collect();
+            journal.append(&BatchRecord { updates }).unwrap();
+        }
+        let (state, _) = recovered(dir.path()).unwrap();
+        let taken = snapshot::take(dir.path(), &state, 10).unwrap();
+        assert_eq!(taken.revision, 90);
+        assert!(
+            !taken.removed.is_empty(),
+            "segments before the snapshot at 60 are removed"
+        );
+        assert!(segments(dir.path()).unwrap().first().unwrap().0 > 1);
+
+        let (after, recovered) = recovered(dir.path()).unwrap();
+        assert_eq!(
+            recovered.snapshot,
+            Some(60),
+            "the base snapshot below the window"
+        );
+        assert_eq!(after.revision(), 90);
+        for customer in 0..7 {
+            let key = ProfileKey::new("2155", format!("c{customer}"));
+            assert_eq!(after.get(&key), state.get(&key), "same profile {customer}");
+        }
+        let history = |store: &Store| -> Vec<(u64, Vec<String>)> {
+            store
+                .history_from(81, 100)
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    (
+                        c.revision,
+                        c.changed_fields.iter().map(ToString::to_string).collect(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            history(&after),
+            history(&state),
+            "the history window is rebuilt"
+        );
+    }
+}

@@ -1,0 +1,935 @@
+//! The webhook ingress end to end: real HTTP against the in-process service, each outcome
+//! checked on the status, the JSON answer and, through gRPC, on the stored state.
+//!
+//! Covers signatures (raw, compact re-serialization, case, refusals), unchanged and ignored
+//! deliveries, validation (400 with the field), size (413), media type (415), method (405),
+//! merging (null clears, extras), the insecure opt-out, the binary's refusal to start without
+//! a secret, and revisions under concurrent webhooks.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{SECRET, TestService, at, profile_updated};
+use profile_state::pb;
+use profile_state::pb::profile_service_client::ProfileServiceClient;
+use profile_state::webhook::signature::SignatureCheck;
+use profile_state::{Config, Server};
+use prost_types::value::Kind;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// The account of the fixtures and of `common::profile_updated`.
+const CLIENT: &str = "2155";
+/// The customer of the fixtures.
+const FIXTURE_CUSTOMER: &str = "webhook-test";
+
+const PROFILE_UPDATED: &[u8] = include_bytes!("fixtures/profile-updated.json");
+const PROFILE_UPDATED_SIG: &str = include_str!("fixtures/profile-updated.json.sig");
+const PRETTY_PROFILE_UPDATED: &[u8] = include_bytes!("fixtures/pretty-profile-updated.json");
+const PRETTY_PROFILE_UPDATED_SIG: &str = include_str!("fixtures/pretty-profile-updated.json.sig");
+const NOTIFICATION_PUSH: &[u8] = include_bytes!("fixtures/notification-push.json");
+const NOTIFICATION_PUSH_SIG: &str = include_str!("fixtures/notification-push.json.sig");
+
+const JSON: &str = "application/json";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The `X-GB-Signature` of `body` under `secret`.
+fn sign(secret: &str, body: &[u8]) -> String {
+    SignatureCheck::new(secret).sign(body)
+}
+
+/// Posts exact bytes signed with the test secret, with this Content-Type (none if `None`).
+async fn post_signed(
+    service: &TestService,
+    body: Vec<u8>,
+    content_type: Option<&str>,
+) -> (u16, Value) {
+    let signature = sign(SECRET, &body);
+    let mut headers = vec![("x-gb-signature", signature.as_str())];
+    headers.extend(content_type.map(|value| ("content-type", value)));
+    service.post_raw(body, &headers).await
+}
+
+/// Posts a fixture's exact bytes with its signature file's content, trimmed.
+async fn post_fixture(service: &TestService, body: &[u8], signature: &str) -> (u16, Value) {
+    let headers = [("x-gb-signature", signature.trim()), ("content-type", JSON)];
+    service.post_raw(body.to_vec(), &headers).await
+}
+
+/// Asserts an error answer: this status, a non-empty `error` message, and exactly this
+/// `field` (or none).
+fn assert_error((status, answer): &(u16, Value), expected: u16, field: Option<&str>) {
+    assert_eq!(*status, expected, "answer: {answer}");
+    let message = answer["error"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "no error message in {answer}");
+    assert_eq!(
+        answer.get("field").and_then(Value::as_str),
+        field,
+        "{answer}"
+    );
+    let keys = if field.is_some() { 2 } else { 1 };
+    assert_eq!(
+        answer.as_object().map(|object| object.len()),
+        Some(keys),
+        "unexpected keys in {answer}"
+    );
+}
+
+/// Asserts `{"outcome": "applied", "revision": revision}`.
+fn assert_applied(answer: &(u16, Value), revision: u64) {
+    assert_eq!(
+        answer,
+        &(200, json!({"outcome": "applied", "revision": revision}))
+    );
+}
+
+/// GetProfile of a customer of `CLIENT`.
+async fn get(
+    client: &mut ProfileServiceClient<Channel>,
+    customer_id: &str,
+) -> Result<pb::GetProfileResponse, tonic::Status> {
+    let request = pb::GetProfileRequest {
+        client_id: CLIENT.into(),
+        customer_id: customer_id.into(),
+    };
+    client
+        .get_profile(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The stored profile of a customer of `CLIENT`, which must exist.
+async fn profile(client: &mut ProfileServiceClient<Channel>, customer_id: &str) -> pb::Profile {
+    get(client, customer_id)
+        .await
+        .expect("GetProfile finds the profile")
+        .profile
+        .expect("GetProfile returns a profile")
+}
+
+/// Asserts GetProfile answers NOT_FOUND for a customer of `CLIENT`.
+async fn assert_not_found(client: &mut ProfileServiceClient<Channel>, customer_id: &str) {
+    let status = get(client, customer_id)
+        .await
+        .expect_err("no profile must be stored");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+}
+
+/// A valid update of `customer` at `second` writing every modeled `data` field.
+fn full_update(customer: &str, second: u32) -> Value {
+    profile_updated(
+        customer,
+        &at(second),
+        json!({
+            "email": format!("{customer}@example.com"),
+            "mobile_number": "+20-1000-0000",
+            "tier_name": "gold",
+            "tier_order": 3,
+            "referral_code": "ref-1",
+            "referral_link": "www.example.com/ref-1",
+            "activated_points": 900,
+            "pending_points": 100,
+            "total_points": 1000,
+        }),
+    )
+}
+
+/// `body` with `path` (`field` or `data.field`) set to `value`.
+fn with(mut body: Value, path: &str, value: Value) -> Value {
+    match path.split_once('.') {
+        Some((outer, inner)) => body[outer][inner] = value,
+        None => body[path] = value,
+    }
+    body
+}
+
+/// `body` without its top-level `field`.
+fn without(mut body: Value, field: &str) -> Value {
+    body.as_object_mut().unwrap().remove(field);
+    body
+}
+
+fn to_bytes(body: &Value) -> Vec<u8> {
+    serde_json::to_vec(body).unwrap()
+}
+
+/// A `customer.profile.updated` body of exactly `size` bytes, padded with an extra key.
+fn body_of_size(customer: &str, size: usize) -> Vec<u8> {
+    let empty = to_bytes(&profile_updated(customer, &at(1), json!({"padding": ""})));
+    assert!(empty.len() <= size, "{size} bytes is too small for a body");
+    let padding = "x".repeat(size - empty.len());
+    let body = to_bytes(&profile_updated(
+        customer,
+        &at(1),
+        json!({"padding": padding}),
+    ));
+    assert_eq!(body.len(), size);
+    body
+}
+
+/// Stops a service shared with tasks that have all finished.
+async fn stop(service: Arc<TestService>) {
+    Arc::into_inner(service)
+        .expect("no task still holds the service")
+        .stop()
+        .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Signatures
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn fixture_signed_over_its_raw_bytes_is_applied_and_stored() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+
+    let answer = post_fixture(&service, PROFILE_UPDATED, PROFILE_UPDATED_SIG).await;
+    assert_applied(&answer, 1);
+
+    let stored = get(&mut client, FIXTURE_CUSTOMER).await.unwrap();
+    assert_eq!(stored.store_revision, 1);
+    let profile = stored.profile.unwrap();
+    assert_eq!(profile.client_id, CLIENT);
+    assert_eq!(profile.customer_id, FIXTURE_CUSTOMER);
+    assert_eq!(profile.gb_customer_id, 1234);
+    assert_eq!(profile.email.as_deref(), Some("customer@example.com"));
+    assert_eq!(profile.mobile_number.as_deref(), Some("+XX-XXXX-XXXX"));
+    assert_eq!(profile.tier_name.as_deref(), Some("basic"));
+    assert_eq!(profile.tier_order, Some(1));
+    assert_eq!(profile.referral_code.as_deref(), Some("referral_123"));
+    assert_eq!(profile.referral_link.as_deref(), Some("www.example.com"));
+    assert_eq!(profile.activated_points, Some(90));
+    assert_eq!(profile.pending_points, Some(10));
+    assert_eq!(profile.total_points, Some(100));
+    assert_eq!(profile.extra, None);
+    // 2024-11-19T17:34:42.297Z
+    let updated_at = profile.updated_at.unwrap();
+    assert_eq!(
+        (updated_at.seconds, updated_at.nanos),
+        (1_732_037_682, 297_000_000)
+    );
+    assert_eq!(
+        (profile.revision, profile.create_revision, profile.version),
+        (1, 1, 1)
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn pretty_fixture_is_accepted_through_its_compact_form() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    // The signature does not match the bytes as sent, only their compact re-serialization.
+    assert_ne!(
+        sign(SECRET, PRETTY_PROFILE_UPDATED),
+        PRETTY_PROFILE_UPDATED_SIG.trim()
+    );
+
+    let answer = post_fixture(&service, PRETTY_PROFILE_UPDATED, PRETTY_PROFILE_UPDATED_SIG).await;
+    assert_applied(&answer, 1);
+
+    let profile = profile(&mut client, FIXTURE_CUSTOMER).await;
+    assert_eq!(profile.tier_name.as_deref(), Some("silver"));
+    assert_eq!(profile.tier_order, Some(2));
+    assert_eq!(profile.activated_points, Some(190));
+    assert_eq!(profile.pending_points, Some(10));
+    assert_eq!(profile.total_points, Some(200));
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn uppercase_hex_signature_is_accepted() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let upper = PROFILE_UPDATED_SIG.trim().to_uppercase();
+    assert_ne!(upper, PROFILE_UPDATED_SIG.trim());
+
+    let answer = post_fixture(&service, PROFILE_UPDATED, &upper).await;
+    assert_applied(&answer, 1);
+    assert_eq!(profile(&mut client, FIXTURE_CUSTOMER).await.revision, 1);
+    service.stop().await;
+}
+
+/// Ways to get the signature wrong, each with the header value to send (`None`: no header).
+fn bad_signatures(body: &[u8]) -> Vec<(&'static str, Option<String>)> {
+    let good = sign(SECRET, body);
+    vec![
+        (
+            "signed with another secret",
+            Some(sign("other-secret", body)),
+        ),
+        ("no X-GB-Signature header", None),
+        ("not hex", Some("z".repeat(40))),
+        ("empty", Some(String::new())),
+        ("truncated", Some(good[..38].to_owned())),
+        ("too long", Some(format!("{good}00"))),
+        ("with a sha1= prefix", Some(format!("sha1={good}"))),
+        (
+            "signature of another body",
+            Some(sign(SECRET, b"{\"event\":\"x\"}")),
+        ),
+    ]
+}
+
+async fn post_with_signature(
+    service: &TestService,
+    body: &[u8],
+    signature: Option<&str>,
+) -> (u16, Value) {
+    let mut headers = vec![("content-type", JSON)];
+    headers.extend(signature.map(|value| ("x-gb-signature", value)));
+    service.post_raw(body.to_vec(), &headers).await
+}
+
+#[tokio::test]
+async fn bad_signatures_are_refused_with_401_and_store_nothing() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    for (case, signature) in bad_signatures(PROFILE_UPDATED) {
+        let answer = post_with_signature(&service, PROFILE_UPDATED, signature.as_deref()).await;
+        assert_eq!(answer.0, 401, "{case}: {}", answer.1);
+        assert_error(&answer, 401, None);
+        assert_not_found(&mut client, FIXTURE_CUSTOMER).await;
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn bad_signatures_leave_an_existing_profile_unchanged() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    assert_applied(&service.post(&full_update("kept", 10)).await, 1);
+    let before = get(&mut client, "kept").await.unwrap();
+
+    let newer = to_bytes(&with(
+        full_update("kept", 20),
+        "data.total_points",
+        json!(1),
+    ));
+    for (case, signature) in bad_signatures(&newer) {
+        let answer = post_with_signature(&service, &newer, signature.as_deref()).await;
+        assert_eq!(answer.0, 401, "{case}: {}", answer.1);
+        assert_error(&answer, 401, None);
+        let after = get(&mut client, "kept").await.unwrap();
+        assert_eq!(after, before, "{case} changed the store");
+    }
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Unchanged
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_same_body_twice_is_unchanged_the_second_time() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let body = full_update("twice", 10);
+
+    assert_applied(&service.post(&body).await, 1);
+    // Another profile moves the store on, so the answer must be the profile's revision.
+    assert_applied(&service.post(&full_update("other", 10)).await, 2);
+    let before = profile(&mut client, "twice").await;
+
+    let again = service.post(&body).await;
+    assert_eq!(again, (200, json!({"outcome": "unchanged", "revision": 1})));
+    assert_eq!(profile(&mut client, "twice").await, before);
+    assert_eq!(get(&mut client, "twice").await.unwrap().store_revision, 2);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn an_older_update_is_unchanged_and_the_newer_values_stay() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let newer = full_update("older", 20);
+    assert_applied(&service.post(&newer).await, 1);
+    let before = profile(&mut client, "older").await;
+
+    let older = profile_updated(
+        "older",
+        &at(10),
+        json!({"tier_name": "basic", "tier_order": 1, "total_points": 5, "email": "old@example.com"}),
+    );
+    let answer = service.post(&older).await;
+    assert_eq!(
+        answer,
+        (200, json!({"outcome": "unchanged", "revision": 1}))
+    );
+
+    let after = profile(&mut client, "older").await;
+    assert_eq!(after, before);
+    assert_eq!(after.tier_name.as_deref(), Some("gold"));
+    assert_eq!(after.tier_order, Some(3));
+    assert_eq!(after.total_points, Some(1000));
+    assert_eq!(after.email.as_deref(), Some("older@example.com"));
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Other topics
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn notification_push_fixture_is_ignored_and_stores_nothing() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    assert_applied(&service.post(&full_update("witness", 1)).await, 1);
+
+    let answer = post_fixture(&service, NOTIFICATION_PUSH, NOTIFICATION_PUSH_SIG).await;
+    assert_eq!(
+        answer,
+        (
+            200,
+            json!({"outcome": "ignored", "event": "customer.notification.push"})
+        )
+    );
+    assert_not_found(&mut client, FIXTURE_CUSTOMER).await;
+    assert_eq!(get(&mut client, "witness").await.unwrap().store_revision, 1);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_topics_are_ignored_and_store_nothing() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    assert_applied(&service.post(&full_update("witness", 1)).await, 1);
+
+    let unknown = with(
+        full_update("unknown-topic", 2),
+        "event",
+        json!("customer.something.new"),
+    );
+    let minimal = json!({"event": "customer.minimal.topic"});
+    let odd_data = json!({"event": "customer.odd.data", "data": "just a string"});
+    for body in [unknown, minimal, odd_data] {
+        let event = body["event"].clone();
+        let answer = service.post(&body).await;
+        assert_eq!(answer, (200, json!({"outcome": "ignored", "event": event})));
+    }
+    assert_not_found(&mut client, "unknown-topic").await;
+    assert_eq!(get(&mut client, "witness").await.unwrap().store_revision, 1);
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Validation
+// ---------------------------------------------------------------------------------------------
+
+/// Invalid, correctly signed bodies and the field each 400 must name.
+fn invalid_bodies() -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    let valid = || full_update("validated", 20);
+    let mut cases = vec![
+        ("not JSON", b"{\"event\": not json".to_vec(), "body"),
+        ("a JSON array", b"[1, 2]".to_vec(), "body"),
+        ("a JSON string", b"\"hello\"".to_vec(), "body"),
+    ];
+    for field in [
+        "event",
+        "client_id",
+        "customer_id",
+        "gb_customer_id",
+        "created_at",
+        "data",
+    ] {
+        cases.push((
+            "a required field missing",
+            to_bytes(&without(valid(), field)),
+            field,
+        ));
+        cases.push((
+            "a required field null",
+            to_bytes(&with(valid(), field, Value::Null)),
+            field,
+        ));
+    }
+    let mut wrong = |case, path: &'static str, value: Value, field| {
+        cases.push((case, to_bytes(&with(valid(), path, value)), field));
+    };
+    wrong("event not a string", "event", json!(5), "event");
+    wrong("client_id empty", "client_id", json!(""), "client_id");
+    wrong("client_id a number", "client_id", json!(2155), "client_id");
+    wrong("customer_id empty", "customer_id", json!(""), "customer_id");
+    wrong(
+        "created_at without offset",
+        "created_at",
+        json!("2024-11-19T17:34:42"),
+        "created_at",
+    );
+    wrong(
+        "created_at not a date",
+        "created_at",
+        json!("yesterday"),
+        "created_at",
+    );
+    wrong(
+        "data an array",
+        "data",
+        json!([{"tier_name": "gold"}]),
+        "data",
+    );
+    wrong("data a string", "data", json!("gold"), "data");
+    wrong(
+        "tier_order above i32",
+        "data.tier_order",
+        json!(2_147_483_648_i64),
+        "data.tier_order",
+    );
+    wrong(
+        "tier_order below i32",
+        "data.tier_order",
+        json!(-2_147_483_649_i64),
+        "data.tier_order",
+    );
+    wrong(
+        "tier_order a string",
+        "data.tier_order",
+        json!("2"),
+        "data.tier_order",
+    );
+    wrong(
+        "total_points a fraction",
+        "data.total_points",
+        json!(1.5),
+        "data.total_points",
+    );
+    wrong(
+        "total_points a string",
+        "data.total_points",
+        json!("100"),
+        "data.total_points",
+    );
+    wrong(
+        "total_points above i64",
+        "data.total_points",
+        json!(9_223_372_036_854_775_808_u64),
+        "data.total_points",
+    );
+    wrong(
+        "gb_customer_id a string",
+        "gb_customer_id",
+        json!("1234"),
+        "gb_customer_id",
+    );
+    wrong(
+        "gb_customer_id a fraction",
+        "gb_customer_id",
+        json!(12.5),
+        "gb_customer_id",
+    );
+    wrong("email a number", "data.email", json!(5), "data.email");
+    wrong(
+        "tier_name a boolean",
+        "data.tier_name",
+        json!(true),
+        "data.tier_name",
+    );
+    cases
+}
+
+#[tokio::test]
+async fn invalid_bodies_get_400_naming_the_field_and_change_nothing() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    // The invalid bodies are newer than this and carry other values: any write would show.
+    let baseline = profile_updated("validated", &at(10), json!({"total_points": 7}));
+    assert_applied(&service.post(&baseline).await, 1);
+    let before = get(&mut client, "validated").await.unwrap();
+
+    for (case, body, field) in invalid_bodies() {
+        let answer = post_signed(&service, body, Some(JSON)).await;
+        assert_eq!(answer.0, 400, "{case}: {}", answer.1);
+        assert_eq!(answer.1["field"], json!(field), "{case}: {}", answer.1);
+        assert_error(&answer, 400, Some(field));
+        let after = get(&mut client, "validated").await.unwrap();
+        assert_eq!(after, before, "{case} changed the store");
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn integer_range_boundaries_are_accepted() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let body = profile_updated(
+        "bounds",
+        &at(1),
+        json!({"tier_order": i32::MAX, "total_points": i64::MAX, "pending_points": i64::MIN}),
+    );
+    let body = with(body, "gb_customer_id", json!(i64::MIN));
+    assert_applied(&service.post(&body).await, 1);
+
+    let profile = profile(&mut client, "bounds").await;
+    assert_eq!(profile.tier_order, Some(i32::MAX));
+    assert_eq!(profile.total_points, Some(i64::MAX));
+    assert_eq!(profile.pending_points, Some(i64::MIN));
+    assert_eq!(profile.gb_customer_id, i64::MIN);
+
+    let lowest = with(
+        profile_updated("bounds", &at(2), json!({})),
+        "data.tier_order",
+        json!(i32::MIN),
+    );
+    assert_applied(&service.post(&lowest).await, 2);
+    let profile = self::profile(&mut client, "bounds").await;
+    assert_eq!(profile.tier_order, Some(i32::MIN));
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Size
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_and_the_limit_itself_is_accepted() {
+    let mut config = Config::for_tests(SECRET);
+    config.max_body_bytes = 1024;
+    let service = TestService::start_with(config).await;
+    let mut client = service.client().await;
+
+    let large = post_signed(&service, body_of_size("large", 2048), Some(JSON)).await;
+    assert_error(&large, 413, None);
+    assert_not_found(&mut client, "large").await;
+
+    let one_over = post_signed(&service, body_of_size("one-over", 1025), Some(JSON)).await;
+    assert_error(&one_over, 413, None);
+    assert_not_found(&mut client, "one-over").await;
+
+    let under = post_signed(&service, body_of_size("under", 1000), Some(JSON)).await;
+    assert_applied(&under, 1);
+    let exact = post_signed(&service, body_of_size("exact", 1024), Some(JSON)).await;
+    assert_applied(&exact, 2);
+    assert_eq!(profile(&mut client, "exact").await.revision, 2);
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Media type
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn non_json_content_types_get_415_and_store_nothing() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    for content_type in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/xml",
+    ] {
+        let body = to_bytes(&full_update("media", 1));
+        let answer = post_signed(&service, body, Some(content_type)).await;
+        assert_error(&answer, 415, None);
+        assert_not_found(&mut client, "media").await;
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn json_or_missing_content_types_are_accepted() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let content_types = [
+        None,
+        Some("application/json; charset=utf-8"),
+        Some("Application/JSON"),
+        Some("application/vnd.gameball+json"),
+    ];
+    for (index, content_type) in content_types.into_iter().enumerate() {
+        let customer = format!("media-{index}");
+        let body = to_bytes(&full_update(&customer, 1));
+        let answer = post_signed(&service, body, content_type).await;
+        let revision = index as u64 + 1;
+        assert_eq!(
+            answer,
+            (200, json!({"outcome": "applied", "revision": revision})),
+            "content-type {content_type:?}"
+        );
+        assert_eq!(profile(&mut client, &customer).await.revision, revision);
+    }
+    service.stop().await;
+}
+
+/// The checks run in the documented order: media type, size, signature, then the payload.
+#[tokio::test]
+async fn checks_run_in_order_media_type_size_signature_payload() {
+    let mut config = Config::for_tests(SECRET);
+    config.max_body_bytes = 64;
+    let service = TestService::start_with(config).await;
+    let big_unsigned_junk = vec![b'x'; 128];
+    let small_unsigned_junk = b"not json".to_vec();
+
+    let text = [("content-type", "text/plain")];
+    let json = [("content-type", JSON)];
+    let answer = service.post_raw(big_unsigned_junk.clone(), &text).await;
+    assert_error(&answer, 415, None);
+    let answer = service.post_raw(big_unsigned_junk, &json).await;
+    assert_error(&answer, 413, None);
+    let answer = service.post_raw(small_unsigned_junk.clone(), &json).await;
+    assert_error(&answer, 401, None);
+    let answer = post_signed(&service, small_unsigned_junk, Some(JSON)).await;
+    assert_error(&answer, 400, Some("body"));
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Method
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn get_on_the_webhook_path_is_405() {
+    let service = TestService::start().await;
+    let response = reqwest::get(service.webhook_url()).await.unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+    let allow = response
+        .headers()
+        .get("allow")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(allow.contains("POST"), "Allow: {allow:?}");
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Merging
+// ---------------------------------------------------------------------------------------------
+
+/// The extras of a profile as JSON-like values, for comparison.
+fn extras(profile: &pb::Profile) -> BTreeMap<String, Kind> {
+    profile
+        .extra
+        .as_ref()
+        .map(|extra| {
+            extra
+                .fields
+                .iter()
+                .map(|(key, value)| (key.clone(), value.kind.clone().unwrap()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn null_clears_unknown_keys_become_extras_and_absent_fields_stay() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    assert_applied(&service.post(&full_update("merged", 10)).await, 1);
+
+    let second = profile_updated(
+        "merged",
+        &at(20),
+        json!({
+            "email": null,
+            "tier_name": "platinum",
+            "birthday": "1990-01-01",
+            "visits": 3,
+            "vip": true,
+            "tags": ["a", "b"],
+        }),
+    );
+    assert_applied(&service.post(&second).await, 2);
+
+    let profile = profile(&mut client, "merged").await;
+    assert_eq!(profile.email, None, "null clears email");
+    assert_eq!(profile.tier_name.as_deref(), Some("platinum"));
+    // Not carried by the second update: kept from the first.
+    assert_eq!(profile.mobile_number.as_deref(), Some("+20-1000-0000"));
+    assert_eq!(profile.tier_order, Some(3));
+    assert_eq!(profile.referral_code.as_deref(), Some("ref-1"));
+    assert_eq!(profile.total_points, Some(1000));
+    assert_eq!(profile.gb_customer_id, 1234);
+    let list = |items: &[&str]| {
+        Kind::ListValue(prost_types::ListValue {
+            values: items
+                .iter()
+                .map(|item| prost_types::Value {
+                    kind: Some(Kind::StringValue((*item).into())),
+                })
+                .collect(),
+        })
+    };
+    let expected = BTreeMap::from([
+        (
+            "birthday".to_owned(),
+            Kind::StringValue("1990-01-01".into()),
+        ),
+        ("tags".to_owned(), list(&["a", "b"])),
+        ("vip".to_owned(), Kind::BoolValue(true)),
+        ("visits".to_owned(), Kind::NumberValue(3.0)),
+    ]);
+    assert_eq!(extras(&profile), expected);
+    assert_eq!(
+        (profile.revision, profile.create_revision, profile.version),
+        (2, 1, 2)
+    );
+
+    // null clears an extra too; once none is left, `extra` is absent.
+    let third = profile_updated(
+        "merged",
+        &at(30),
+        json!({"birthday": null, "visits": null, "vip": null, "tags": null}),
+    );
+    assert_applied(&service.post(&third).await, 3);
+    let profile = self::profile(&mut client, "merged").await;
+    assert_eq!(profile.extra, None);
+    assert_eq!(profile.email, None);
+    assert_eq!(profile.tier_name.as_deref(), Some("platinum"));
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Insecure opt-out and the missing secret
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn insecure_skip_signature_accepts_unsigned_webhooks() {
+    let mut config = Config::for_tests(SECRET);
+    config.webhook_secret = None;
+    config.insecure_skip_signature = true;
+    let service = TestService::start_with(config).await;
+    let mut client = service.client().await;
+
+    let answer = service
+        .post_raw(PROFILE_UPDATED.to_vec(), &[("content-type", JSON)])
+        .await;
+    assert_applied(&answer, 1);
+    assert_eq!(profile(&mut client, FIXTURE_CUSTOMER).await.revision, 1);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn bind_without_a_secret_or_the_opt_out_fails_naming_the_flag() {
+    let mut config = Config::for_tests(SECRET);
+    config.webhook_secret = None;
+    config.insecure_skip_signature = false;
+    let Err(error) = Server::bind(config).await else {
+        panic!("a service without a webhook secret must not bind");
+    };
+    let message = format!("{error:#}");
+    assert!(message.contains("--webhook-secret"), "{message}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. The binary
+// ---------------------------------------------------------------------------------------------
+
+/// Not async: it only runs a process, bounded so a binary that starts serving fails the test
+/// instead of hanging it.
+#[test]
+fn the_binary_refuses_to_start_without_a_secret() {
+    let workdir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_profile-state"));
+    command
+        .args([
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(workdir.path())
+        .env_remove("PROFILE_STATE_WEBHOOK_SECRET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // No setting of this test's environment may leak in (an opt-out would change the outcome).
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PROFILE_STATE_") {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command.spawn().expect("the binary starts");
+
+    let mut stderr = child.stderr.take().unwrap();
+    let (done, read) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = done.send(text);
+    });
+    let Ok(stderr) = read.recv_timeout(Duration::from_secs(30)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the binary did not exit without a webhook secret");
+    };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(64), "stderr: {stderr}");
+    assert!(stderr.contains("--webhook-secret"), "stderr: {stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Concurrency
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_webhooks_get_distinct_consecutive_revisions() {
+    const CUSTOMERS: u64 = 200;
+    let service = Arc::new(TestService::start().await);
+
+    let mut posts = JoinSet::new();
+    for n in 0..CUSTOMERS {
+        let service = Arc::clone(&service);
+        posts.spawn(async move {
+            let customer = format!("concurrent-{n:03}");
+            let body = profile_updated(&customer, &at(1), json!({"total_points": n}));
+            let answer = service.post(&body).await;
+            (customer, answer)
+        });
+    }
+    let answers = posts.join_all().await;
+
+    let mut revisions = BTreeMap::new();
+    for (customer, (status, answer)) in &answers {
+        assert_eq!(*status, 200, "{customer}: {answer}");
+        assert_eq!(answer["outcome"], "applied", "{customer}: {answer}");
+        let revision = answer["revision"].as_u64().expect("a numeric revision");
+        assert!(
+            revisions.insert(revision, customer.clone()).is_none(),
+            "revision {revision} answered twice"
+        );
+    }
+    let numbers: Vec<u64> = revisions.keys().copied().collect();
+    assert_eq!(numbers, (1..=CUSTOMERS).collect::<Vec<_>>());
+
+    let mut client = service.client().await;
+    let request = pb::BatchGetProfilesRequest {
+        client_id: CLIENT.into(),
+        customer_ids: answers
+            .iter()
+            .map(|(customer, _)| customer.clone())
+            .collect(),
+    };
+    let found = client
+        .batch_get_profiles(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        found.missing_customer_ids.is_empty(),
+        "{:?}",
+        found.missing_customer_ids
+    );
+    assert_eq!(found.profiles.len() as u64, CUSTOMERS);
+    assert_eq!(found.store_revision, CUSTOMERS);
+    for profile in &found.profiles {
+        assert_eq!(
+            revisions.get(&profile.revision),
+            Some(&profile.customer_id),
+            "stored revision differs from the answered one"
+        );
+        let n: i64 = profile.customer_id["concurrent-".len()..].parse().unwrap();
+        assert_eq!(profile.total_points, Some(n));
+    }
+    stop(service).await;
+}
