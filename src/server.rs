@@ -23,6 +23,7 @@ use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::sequencer::{self, Durability, Sequencer};
 use crate::store::Store;
 use crate::webhook::Ingress;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 
 /// A bound, not yet serving, service.
@@ -183,10 +184,20 @@ impl Server {
             () = &mut shutdown => tracing::info!("shutting down"),
             () = stopping.cancelled() => {}
         }
+        let mut health = health;
         health
             .set_not_serving::<ProfileServiceServer<ProfileApi>>()
             .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         stopping.cancel();
+        // Health Watch streams only end when their status is removed; open ones would keep
+        // tonic from draining until the grace period runs out.
+        health
+            .clear_service_status(<ProfileServiceServer<ProfileApi> as NamedService>::NAME)
+            .await;
+        health.clear_service_status("").await;
 
         let grace = config.shutdown_grace;
         let servers = async {

@@ -592,6 +592,17 @@ async fn shutdown_ends_streams_with_the_revision_to_resume_from() {
     );
     assert_eq!(synced(&mut stream).await, 1);
 
+    // An open health Watch (as load balancers keep) must not hold shutdown up either.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(service.channel().await);
+    let mut statuses = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(statuses.message().await.unwrap().is_some());
+
     service.stop_within(Duration::from_secs(5)).await;
     let status = tokio::time::timeout(READ_TIMEOUT, stream.message())
         .await

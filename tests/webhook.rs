@@ -378,6 +378,71 @@ async fn an_older_update_is_unchanged_and_the_newer_values_stay() {
     service.stop().await;
 }
 
+#[tokio::test]
+async fn created_at_offsets_are_compared_as_instants() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let gold = json!({"tier_name": "gold"});
+    let first = profile_updated("offsets", "2024-11-19T17:30:00Z", gold.clone());
+    assert_applied(&service.post(&first).await, 1);
+
+    // Later on the wall clock, but 17:00Z: older.
+    let older = profile_updated(
+        "offsets",
+        "2024-11-19T19:00:00+02:00",
+        json!({"tier_name": "basic"}),
+    );
+    let answer = service.post(&older).await;
+    assert_eq!(
+        answer,
+        (200, json!({"outcome": "unchanged", "revision": 1}))
+    );
+    // The same instant as the first, written with another offset: a duplicate.
+    let same = profile_updated("offsets", "2024-11-19T19:30:00+02:00", gold);
+    let answer = service.post(&same).await;
+    assert_eq!(
+        answer,
+        (200, json!({"outcome": "unchanged", "revision": 1}))
+    );
+    assert_eq!(
+        profile(&mut client, "offsets").await.tier_name.as_deref(),
+        Some("gold")
+    );
+
+    // Earlier on the wall clock, but 17:45Z: newer.
+    let newer = profile_updated(
+        "offsets",
+        "2024-11-19T16:45:00-01:00",
+        json!({"tier_name": "silver"}),
+    );
+    assert_applied(&service.post(&newer).await, 2);
+    assert_eq!(
+        profile(&mut client, "offsets").await.tier_name.as_deref(),
+        Some("silver")
+    );
+    service.stop().await;
+}
+
+/// Fields are merged one by one: an older update still fills a field nothing newer wrote.
+#[tokio::test]
+async fn an_older_update_still_sets_fields_never_written() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let newer = profile_updated("partial", &at(20), json!({"tier_name": "gold"}));
+    assert_applied(&service.post(&newer).await, 1);
+
+    let older = profile_updated(
+        "partial",
+        &at(10),
+        json!({"tier_name": "basic", "email": "first@example.com"}),
+    );
+    assert_applied(&service.post(&older).await, 2);
+    let profile = profile(&mut client, "partial").await;
+    assert_eq!(profile.tier_name.as_deref(), Some("gold"));
+    assert_eq!(profile.email.as_deref(), Some("first@example.com"));
+    service.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Other topics
 // ---------------------------------------------------------------------------------------------
@@ -433,6 +498,7 @@ fn invalid_bodies() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let valid = || full_update("validated", 20);
     let mut cases = vec![
         ("not JSON", b"{\"event\": not json".to_vec(), "body"),
+        ("empty", Vec::new(), "body"),
         ("a JSON array", b"[1, 2]".to_vec(), "body"),
         ("a JSON string", b"\"hello\"".to_vec(), "body"),
     ];

@@ -34,7 +34,11 @@ impl TestService {
 
     /// Starts a service with this configuration (addresses should use port 0).
     pub async fn start_with(config: Config) -> TestService {
-        let server = Server::bind(config).await.expect("service binds");
+        Self::serve(Server::bind(config).await.expect("service binds"))
+    }
+
+    /// Serves an already bound server.
+    pub fn serve(server: Server) -> TestService {
         let webhook = server.webhook_addr();
         let grpc = server.grpc_addr();
         let (stop, stopped) = oneshot::channel::<()>();

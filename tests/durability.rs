@@ -1,0 +1,337 @@
+//! Durability end to end, in-process: restarts on the same data directory, watch resume across
+//! them, journal write failures, the data directory lock, and snapshots with compaction.
+
+mod common;
+
+use std::path::Path;
+
+use common::{TestService, at, profile_updated};
+use profile_state::pb::{self, watch_profiles_response::Event};
+use profile_state::{Config, Server};
+use serde_json::json;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn durable(dir: &Path) -> Config {
+    let mut config = Config::for_tests(common::SECRET);
+    config.ephemeral = false;
+    config.data_dir = dir.to_owned();
+    config
+}
+
+async fn server_info(service: &TestService) -> pb::GetServerInfoResponse {
+    let mut client = service.client().await;
+    client
+        .get_server_info(pb::GetServerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn all_profiles(service: &TestService) -> Vec<pb::Profile> {
+    let mut client = service.client().await;
+    let mut profiles = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_profiles(pb::ListProfilesRequest {
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        profiles.extend(page.profiles);
+        if page.next_page_token.is_empty() {
+            return profiles;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+#[tokio::test]
+async fn a_restart_brings_back_profiles_revisions_and_the_store_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = TestService::start_with(durable(dir.path())).await;
+    for n in 1..=10 {
+        let data =
+            json!({"total_points": n, "email": format!("c{}@example.com", n % 4), "note": n});
+        service
+            .update(&profile_updated(&format!("c{}", n % 4), &at(n), data))
+            .await;
+    }
+    let info = server_info(&service).await;
+    assert!(info.durable);
+    assert_eq!((info.revision, info.profile_count), (10, 4));
+    let before = all_profiles(&service).await;
+    service.stop().await;
+
+    let service = TestService::start_with(durable(dir.path())).await;
+    let after = server_info(&service).await;
+    assert_eq!(after.store_id, info.store_id, "the same store");
+    assert_eq!(after.revision, 10);
+    assert_eq!(all_profiles(&service).await, before);
+    let answer = service
+        .update(&profile_updated("c9", &at(11), json!({"total_points": 1})))
+        .await;
+    assert_eq!(
+        answer,
+        json!({"outcome": "applied", "revision": 11}),
+        "revisions continue"
+    );
+    service.stop().await;
+
+    // A wiped directory is a new store.
+    let other = tempfile::tempdir().unwrap();
+    let service = TestService::start_with(durable(other.path())).await;
+    assert_ne!(server_info(&service).await.store_id, info.store_id);
+    service.stop().await;
+}
+
+async fn next(stream: &mut tonic::Streaming<pb::WatchProfilesResponse>) -> Event {
+    stream
+        .message()
+        .await
+        .expect("no stream error")
+        .expect("stream open")
+        .event
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_watcher_resumes_across_a_restart_without_missing_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = TestService::start_with(durable(dir.path())).await;
+    let mut client = service.client().await;
+    let mut stream = client
+        .watch_profiles(pb::WatchProfilesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let Event::Synced(synced) = next(&mut stream).await else {
+        panic!("expected Synced")
+    };
+    let store_id = synced.store_id;
+    for n in 1..=3 {
+        service
+            .update(&profile_updated("a", &at(n), json!({"total_points": n})))
+            .await;
+    }
+    let mut seen = 0;
+    for _ in 1..=3 {
+        let Event::Change(change) = next(&mut stream).await else {
+            panic!("expected a change")
+        };
+        seen = change.revision;
+    }
+    drop(stream);
+    // Changes the watcher misses: made while it is away, then the server restarts.
+    for n in 4..=5 {
+        service
+            .update(&profile_updated("b", &at(n), json!({"total_points": n})))
+            .await;
+    }
+    service.stop().await;
+
+    let service = TestService::start_with(durable(dir.path())).await;
+    let mut client = service.client().await;
+    let mut stream = client
+        .watch_profiles(pb::WatchProfilesRequest {
+            start_revision: seen + 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for revision in 4..=5 {
+        let Event::Change(change) = next(&mut stream).await else {
+            panic!("expected change {revision}")
+        };
+        assert_eq!(change.revision, revision);
+        assert_eq!(change.profile.unwrap().customer_id, "b");
+    }
+    let Event::Synced(synced) = next(&mut stream).await else {
+        panic!("expected Synced")
+    };
+    assert_eq!(
+        (synced.revision, synced.store_id.as_str()),
+        (5, store_id.as_str())
+    );
+    service
+        .update(&profile_updated("a", &at(6), json!({"total_points": 6})))
+        .await;
+    let Event::Change(change) = next(&mut stream).await else {
+        panic!("expected the live change")
+    };
+    assert_eq!(change.revision, 6);
+    service.stop().await;
+
+    // With a history shorter than the gap, the watcher is told to start over.
+    let mut config = durable(dir.path());
+    config.history_events = 2;
+    let service = TestService::start_with(config).await;
+    let mut client = service.client().await;
+    let mut stream = client
+        .watch_profiles(pb::WatchProfilesRequest {
+            start_revision: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Event::Reset(reset) = next(&mut stream).await else {
+        panic!("expected Reset")
+    };
+    assert_eq!(
+        (reset.revision, reset.store_id.as_str()),
+        (5, store_id.as_str())
+    );
+    service.stop().await;
+}
+
+async fn health_status(client: &mut HealthClient<tonic::transport::Channel>) -> i32 {
+    client
+        .check(HealthCheckRequest {
+            service: "gameball.profiles.v1.ProfileService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+#[tokio::test]
+async fn a_failing_disk_gets_503_applies_nothing_and_recovers_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::bind(durable(dir.path())).await.unwrap();
+    let faults = server.journal_faults();
+    let service = TestService::serve(server);
+    let mut health = HealthClient::new(service.channel().await);
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: "gameball.profiles.v1.ProfileService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
+    assert_eq!(next_status().await, ServingStatus::Serving);
+
+    faults.fail_writes(true);
+    let body = profile_updated("a", &at(1), json!({"total_points": 1}));
+    let (status, answer) = service.post(&body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("retry"),
+        "{answer}"
+    );
+    let mut client = service.client().await;
+    let missing = client
+        .get_profile(pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: "a".into(),
+        })
+        .await
+        .expect_err("nothing applied");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    assert_eq!(server_info(&service).await.revision, 0, "no revision used");
+    assert_eq!(next_status().await, ServingStatus::NotServing);
+    assert_eq!(
+        health_status(&mut health).await,
+        ServingStatus::NotServing as i32
+    );
+
+    faults.fail_writes(false);
+    assert_eq!(
+        next_status().await,
+        ServingStatus::Serving,
+        "recovers by itself"
+    );
+    assert_eq!(
+        service.update(&body).await,
+        json!({"outcome": "applied", "revision": 1})
+    );
+    service.stop().await;
+
+    let service = TestService::start_with(durable(dir.path())).await;
+    assert_eq!(server_info(&service).await.revision, 1);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::bind(durable(dir.path())).await.unwrap();
+    let error = Server::bind(durable(dir.path()))
+        .await
+        .err()
+        .expect("the directory is locked");
+    assert!(error.to_string().contains("in use"), "{error}");
+    drop(first);
+    let again = Server::bind(durable(dir.path())).await;
+    assert!(again.is_ok(), "the lock goes with the first server");
+}
+
+#[tokio::test]
+async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut config = durable(dir.path());
+        config.snapshot_every_records = 40;
+        config.segment_bytes = 2048;
+        config.history_events = 30;
+        config
+    };
+    let service = TestService::start_with(config()).await;
+    for n in 1..=200 {
+        let data = json!({"total_points": n, "tier_name": format!("t{}", n % 3)});
+        service
+            .update(&profile_updated(&format!("c{}", n % 20), &at(n), data))
+            .await;
+    }
+    let before = all_profiles(&service).await;
+    // Stopping waits for background snapshots, so the directory is settled afterwards.
+    service.stop().await;
+
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.iter().any(|name| name.starts_with("snapshot-")),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|name| name == "journal-00000000000000000001.log"),
+        "the first segment was compacted away: {names:?}"
+    );
+
+    let service = TestService::start_with(config()).await;
+    assert_eq!(all_profiles(&service).await, before);
+    let info = server_info(&service).await;
+    assert_eq!(info.revision, 200);
+    assert_eq!(
+        info.oldest_revision, 171,
+        "the whole history window is back"
+    );
+    let mut client = service.client().await;
+    let mut stream = client
+        .watch_profiles(pb::WatchProfilesRequest {
+            start_revision: 171,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for revision in 171..=200 {
+        let Event::Change(change) = next(&mut stream).await else {
+            panic!("expected change {revision}")
+        };
+        assert_eq!(change.revision, revision);
+    }
+    service.stop().await;
+}
