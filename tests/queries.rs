@@ -43,7 +43,7 @@ fn customer(n: usize) -> String {
 
 /// Every third customer is gold.
 fn tier(n: usize) -> &'static str {
-    if n % 3 == 0 { "gold" } else { "basic" }
+    if n.is_multiple_of(3) { "gold" } else { "basic" }
 }
 
 /// A webhook creating customer `n` of `client_id` with its tier and `n` total points.
