@@ -73,6 +73,44 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,
 
+    /// File of bearer tokens (one per line, `#` comments): when set, every ProfileService and
+    /// AdminService call needs `authorization: Bearer <token>`. Health and reflection stay open.
+    #[arg(long, env = "PROFILE_STATE_GRPC_AUTH_TOKENS_FILE")]
+    pub grpc_auth_tokens_file: Option<PathBuf>,
+
+    /// PEM certificate chain for gRPC TLS (with --grpc-tls-key).
+    #[arg(long, env = "PROFILE_STATE_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for gRPC TLS (with --grpc-tls-cert).
+    #[arg(long, env = "PROFILE_STATE_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: require gRPC clients to present a certificate it signed (mTLS). Needs TLS.
+    #[arg(long, env = "PROFILE_STATE_GRPC_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_client_ca: Option<PathBuf>,
+
+    /// Most WatchProfiles streams open at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PROFILE_STATE_MAX_WATCH_STREAMS", default_value_t = 10_000)]
+    pub max_watch_streams: usize,
+
+    /// Largest gRPC message received or sent, in bytes.
+    #[arg(long, env = "PROFILE_STATE_GRPC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub grpc_max_message_bytes: usize,
+
+    /// HTTP/2 keepalive ping interval on gRPC connections, so idle streams survive load
+    /// balancers; 0 turns pings off.
+    #[arg(long, env = "PROFILE_STATE_GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub grpc_keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "PROFILE_STATE_GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grpc_keepalive_timeout: Duration,
+
+    /// Address of the admin listener: /metrics, /healthz, /readyz. Port 0 picks a free port.
+    #[arg(long, env = "PROFILE_STATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+
     /// How long shutdown waits for in-flight requests and streams before it stops anyway.
     #[arg(long, env = "PROFILE_STATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -112,6 +150,7 @@ impl Config {
         let mut config = Config::parse_from(["profile-state", "--webhook-secret", secret]);
         config.webhook_listen = ([127, 0, 0, 1], 0).into();
         config.grpc_listen = ([127, 0, 0, 1], 0).into();
+        config.admin_listen = ([127, 0, 0, 1], 0).into();
         config.ephemeral = true;
         config
     }

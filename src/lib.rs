@@ -26,6 +26,7 @@ pub mod data_dir;
 pub mod error;
 pub mod grpc;
 pub mod journal;
+pub mod metrics;
 pub mod profile;
 pub mod sequencer;
 pub mod server;
