@@ -35,6 +35,11 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
+    /// TOML (`.toml`) or JSON file of webhook secrets per client_id, several at once while
+    /// rotating, plus optional defaults; reloaded on SIGHUP. `--webhook-secret` adds a default.
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_SECRETS_FILE")]
+    pub webhook_secrets_file: Option<PathBuf>,
+
     /// Accept webhooks without checking their signature (development only).
     #[arg(long, env = "PROFILE_STATE_INSECURE_SKIP_SIGNATURE")]
     pub insecure_skip_signature: bool,
@@ -42,6 +47,18 @@ pub struct Config {
     /// Largest webhook body accepted, in bytes; larger bodies get 413.
     #[arg(long, env = "PROFILE_STATE_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Most webhooks handled at once; more get 503 with Retry-After.
+    #[arg(
+        long,
+        env = "PROFILE_STATE_MAX_IN_FLIGHT_WEBHOOKS",
+        default_value_t = 1024
+    )]
+    pub max_in_flight_webhooks: usize,
+
+    /// Longest a webhook may take to be recorded before it is answered 503.
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
 
     /// How many recent changes stay in memory for watchers that resume by revision or fall
     /// behind.
@@ -91,7 +108,11 @@ pub struct Config {
     pub grpc_client_ca: Option<PathBuf>,
 
     /// Most WatchProfiles streams open at once; more get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "PROFILE_STATE_MAX_WATCH_STREAMS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "PROFILE_STATE_MAX_WATCH_STREAMS",
+        default_value_t = 10_000
+    )]
     pub max_watch_streams: usize,
 
     /// Largest gRPC message received or sent, in bytes.
@@ -108,7 +129,11 @@ pub struct Config {
     pub grpc_keepalive_timeout: Duration,
 
     /// Address of the admin listener: /metrics, /healthz, /readyz. Port 0 picks a free port.
-    #[arg(long, env = "PROFILE_STATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "PROFILE_STATE_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
     pub admin_listen: SocketAddr,
 
     /// How long shutdown waits for in-flight requests and streams before it stops anyway.
@@ -125,8 +150,8 @@ pub struct Config {
 pub enum ConfigError {
     /// Neither a secret nor the explicit opt-out was given.
     #[error(
-        "no webhook secret: pass --webhook-secret (or PROFILE_STATE_WEBHOOK_SECRET), or \
-         --insecure-skip-signature to accept unsigned webhooks"
+        "no webhook secret: pass --webhook-secret (or PROFILE_STATE_WEBHOOK_SECRET) or \
+         --webhook-secrets-file, or --insecure-skip-signature to accept unsigned webhooks"
     )]
     MissingWebhookSecret,
     /// A secret was given but is empty.
@@ -138,6 +163,9 @@ pub enum ConfigError {
     /// The body limit cannot be zero.
     #[error("--max-body-bytes must be at least 1")]
     ZeroBodyLimit,
+    /// At least one webhook must be allowed in flight.
+    #[error("--max-in-flight-webhooks must be at least 1")]
+    ZeroInFlight,
     /// Snapshot thresholds cannot be zero.
     #[error("--snapshot-every-records and --snapshot-every-bytes must be at least 1")]
     ZeroSnapshotInterval,
@@ -157,10 +185,14 @@ impl Config {
 
     /// Rejects settings the service cannot run with.
     pub fn check(&self) -> Result<(), ConfigError> {
+        let has_file = self.webhook_secrets_file.is_some();
         match (&self.webhook_secret, self.insecure_skip_signature) {
             (Some(secret), _) if secret.is_empty() => return Err(ConfigError::EmptyWebhookSecret),
-            (None, false) => return Err(ConfigError::MissingWebhookSecret),
+            (None, false) if !has_file => return Err(ConfigError::MissingWebhookSecret),
             _ => {}
+        }
+        if self.max_in_flight_webhooks == 0 {
+            return Err(ConfigError::ZeroInFlight);
         }
         if self.history_events == 0 {
             return Err(ConfigError::EmptyHistory);

@@ -21,6 +21,7 @@
 //! tonic.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod data_dir;
 pub mod error;

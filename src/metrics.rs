@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder, exponential_buckets,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder, exponential_buckets,
 };
 
 use crate::store::Store;
@@ -42,19 +42,25 @@ struct Inner {
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let counter = IntCounter::new(name, help).expect("valid metric");
-    registry.register(Box::new(counter.clone())).expect("unique metric");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("unique metric");
     counter
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(counter.clone())).expect("unique metric");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("unique metric");
     counter
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let gauge = IntGauge::new(name, help).expect("valid metric");
-    registry.register(Box::new(gauge.clone())).expect("unique metric");
+    registry
+        .register(Box::new(gauge.clone()))
+        .expect("unique metric");
     gauge
 }
 
@@ -66,13 +72,17 @@ fn histogram_opts(name: &str, help: &str) -> HistogramOpts {
 
 fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
     let histogram = Histogram::with_opts(histogram_opts(name, help)).expect("valid metric");
-    registry.register(Box::new(histogram.clone())).expect("unique metric");
+    registry
+        .register(Box::new(histogram.clone()))
+        .expect("unique metric");
     histogram
 }
 
 fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let histogram = HistogramVec::new(histogram_opts(name, help), labels).expect("valid metric");
-    registry.register(Box::new(histogram.clone())).expect("unique metric");
+    registry
+        .register(Box::new(histogram.clone()))
+        .expect("unique metric");
     histogram
 }
 
@@ -85,8 +95,8 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh set of metrics in its own registry.
     pub fn new() -> Metrics {
-        let registry = Registry::new_custom(Some("profile_state".into()), None)
-            .expect("a valid prefix");
+        let registry =
+            Registry::new_custom(Some("profile_state".into()), None).expect("a valid prefix");
         let r = &registry;
         let inner = Inner {
             webhooks: counter_vec(

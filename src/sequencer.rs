@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::Error;
 use crate::journal::codec::{BatchRecord, UpdateRecord};
 use crate::journal::{Journal, snapshot};
+use crate::metrics::Metrics;
 use crate::profile::{Change, Profile, ProfileKey, ProfileUpdate};
 use crate::store::Store;
 
@@ -75,7 +76,12 @@ pub struct Sequencer {
 impl Sequencer {
     /// Starts the sequencer task on `tracker`, writing to `store`, durably when `durability` is
     /// given (else in memory only).
-    pub fn start(store: Store, durability: Option<Durability>, tracker: &TaskTracker) -> Sequencer {
+    pub fn start(
+        store: Store,
+        durability: Option<Durability>,
+        metrics: Metrics,
+        tracker: &TaskTracker,
+    ) -> Sequencer {
         let (requests, inbox) = mpsc::channel(4 * MAX_BATCH);
         let (writable_tx, writable) = watch::channel(true);
         let task = Task {
@@ -90,6 +96,7 @@ impl Sequencer {
                 snapshot_running: Arc::new(AtomicBool::new(false)),
             }),
             writable: writable_tx,
+            metrics,
             tracker: tracker.clone(),
         };
         tracker.spawn(task.run(inbox));
@@ -183,6 +190,7 @@ struct Task {
     store: Store,
     durable: Option<Durable>,
     writable: watch::Sender<bool>,
+    metrics: Metrics,
     tracker: TaskTracker,
 }
 
@@ -256,7 +264,16 @@ impl Task {
             return Ok(());
         }
         let count = records.len() as u64;
-        let bytes = durable.append(BatchRecord { updates: records }).await?;
+        let started = std::time::Instant::now();
+        let bytes = match durable.append(BatchRecord { updates: records }).await {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                self.metrics.journal_failure();
+                return Err(error);
+            }
+        };
+        self.metrics
+            .journal_append(started.elapsed().as_secs_f64(), bytes);
         durable.records_since_snapshot += count;
         durable.bytes_since_snapshot += bytes;
         if !*self.writable.borrow() {
@@ -375,7 +392,7 @@ mod tests {
     async fn changes_get_consecutive_revisions_and_duplicates_none() {
         let store = Store::new(100, "test");
         let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(store.clone(), None, &tracker);
+        let sequencer = Sequencer::start(store.clone(), None, Metrics::new(), &tracker);
 
         let first = sequencer.apply(update("a", 1, 10)).await.unwrap();
         assert_eq!(first, Applied::Changed { revision: 1 });

@@ -14,15 +14,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::data_dir::{self, DataDir};
 use crate::grpc::ProfileApi;
 use crate::journal::{self, FaultSwitch, Journal};
+use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::sequencer::{self, Durability, Sequencer};
 use crate::store::Store;
-use crate::webhook::Ingress;
+use crate::webhook::secrets::{SecretStore, Secrets};
+use crate::webhook::{Ingress, Limits, Verification};
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 
@@ -31,6 +34,8 @@ pub struct Server {
     config: Config,
     webhook: TcpListener,
     grpc: TcpListener,
+    admin: TcpListener,
+    verification: Verification,
     store: Store,
     durability: Option<Durability>,
     faults: FaultSwitch,
@@ -43,6 +48,7 @@ impl Server {
     /// both listeners: nothing is served before recovery is complete.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         config.check()?;
+        let verification = verification(&config)?;
         let faults = FaultSwitch::default();
         let (store, durability, data_dir) = if config.ephemeral {
             let store = Store::new(config.history_events, data_dir::new_store_id());
@@ -64,10 +70,15 @@ impl Server {
         let grpc = TcpListener::bind(config.grpc_listen)
             .await
             .with_context(|| format!("binding the gRPC listener {}", config.grpc_listen))?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
         Ok(Server {
             config,
             webhook,
             grpc,
+            admin,
+            verification,
             store,
             durability,
             faults,
@@ -94,6 +105,22 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    /// The admin listener's actual address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The webhook secrets, for reloading them (SIGHUP does it in production); `None` under
+    /// `--insecure-skip-signature`.
+    pub fn webhook_secrets(&self) -> Option<SecretStore> {
+        match &self.verification {
+            Verification::Secrets(secrets) => Some(secrets.clone()),
+            Verification::Skip => None,
+        }
+    }
+
     /// Serves until `shutdown` completes, then stops in order: health NOT_SERVING, no new
     /// webhooks, in-flight webhooks finished, watch streams ended with the revision to resume
     /// from, background tasks drained. Each wait is bounded by `--shutdown-grace`.
@@ -102,6 +129,8 @@ impl Server {
             config,
             webhook,
             grpc,
+            admin,
+            verification,
             store,
             durability,
             faults: _,
@@ -112,18 +141,31 @@ impl Server {
         let stopping = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        let sequencer = Sequencer::start(store.clone(), durability, &tracker);
+        let metrics = Metrics::new();
+        let admin_addr = admin.local_addr()?;
+        let sequencer = Sequencer::start(store.clone(), durability, metrics.clone(), &tracker);
         let mut writable = sequencer.writable();
-        let secret = if config.insecure_skip_signature {
-            tracing::warn!(
-                "--insecure-skip-signature is set: webhooks are accepted without checking \
-                 X-GB-Signature"
-            );
-            None
-        } else {
-            config.webhook_secret.as_deref()
+        if let Verification::Secrets(secrets) = &verification {
+            reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
+        }
+        let limits = Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_in_flight: config.max_in_flight_webhooks,
+            timeout: config.webhook_timeout,
         };
-        let ingress = Ingress::new(sequencer, secret, config.max_body_bytes).router();
+        let admin = axum::serve(
+            admin,
+            Admin {
+                metrics: metrics.clone(),
+                store: store.clone(),
+                writable: sequencer.writable(),
+                stopping: stopping.clone(),
+            }
+            .router(),
+        )
+        .with_graceful_shutdown(stopping.clone().cancelled_owned())
+        .into_future();
+        let ingress = Ingress::new(sequencer, verification, limits, metrics.clone()).router();
         // Answers go out as soon as they are written: no Nagle delay on either listener.
         let webhook = webhook.tap_io(|tcp| {
             if let Err(error) = tcp.set_nodelay(true) {
@@ -176,7 +218,13 @@ impl Server {
                 stopping.clone().cancelled_owned(),
             );
 
-        tracing::info!(webhook = %webhook_addr, grpc = %grpc_addr, "profile-state listening");
+        tracing::info!(
+            webhook = %webhook_addr,
+            grpc = %grpc_addr,
+            admin = %admin_addr,
+            "profile-state listening"
+        );
+        let admin = tokio::spawn(admin);
         let http = tokio::spawn(http);
         let grpc = tokio::spawn(grpc);
         tokio::pin!(shutdown);
@@ -201,7 +249,10 @@ impl Server {
 
         let grace = config.shutdown_grace;
         let servers = async {
-            let (http, grpc) = tokio::join!(http, grpc);
+            let (http, grpc, admin) = tokio::join!(http, grpc, admin);
+            admin
+                .context("admin server task")?
+                .context("admin server")?;
             http.context("webhook server task")?
                 .context("webhook server")?;
             grpc.context("gRPC server task")?.context("gRPC server")?;
@@ -218,6 +269,56 @@ impl Server {
         drop(data_dir);
         served
     }
+}
+
+/// How webhooks are authenticated: the secrets (file and/or flag), or not at all.
+fn verification(config: &Config) -> anyhow::Result<Verification> {
+    if config.insecure_skip_signature {
+        tracing::warn!(
+            "--insecure-skip-signature is set: webhooks are accepted without checking \
+             X-GB-Signature"
+        );
+        return Ok(Verification::Skip);
+    }
+    let flag = config.webhook_secret.clone();
+    let secrets = match &config.webhook_secrets_file {
+        Some(file) => Secrets::load(file, flag.as_deref())?,
+        None => Secrets::single(flag.as_deref().context("a webhook secret is configured")?),
+    };
+    Ok(Verification::Secrets(SecretStore::new(
+        secrets,
+        config.webhook_secrets_file.clone(),
+        flag,
+    )))
+}
+
+/// Reloads the webhook secrets file on every SIGHUP; a bad file keeps the old secrets.
+fn reload_on_sighup(secrets: SecretStore, tracker: &TaskTracker, stopping: CancellationToken) {
+    #[cfg(unix)]
+    tracker.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP; secrets will not reload");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                received = hangups.recv() => if received.is_none() { return },
+                () = stopping.cancelled() => return,
+            }
+            match secrets.reload() {
+                Ok(()) => tracing::info!("webhook secrets reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "webhook secrets not reloaded; the old ones stay")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (secrets, tracker, stopping);
 }
 
 /// Opens the data directory and rebuilds the store from its snapshot and journal.

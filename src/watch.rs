@@ -202,8 +202,13 @@ impl Watch {
         if let Err(Stop) = feed.run(self.start, &mut cursor).await
             && feed.shutdown.is_cancelled()
         {
+            // A last resume point, then the end. Best effort: a subscriber whose channel is
+            // full is not waited for, and its status still names the revision.
+            if cursor > 0 {
+                let revision = cursor - 1;
+                let _ = feed.events.try_send(WatchEvent::Progress { revision });
+            }
             let reason = format!("server shutting down; resume from revision {cursor}");
-            // Best effort: a subscriber whose channel is full is not waited for.
             let _ = feed
                 .events
                 .try_send(WatchEvent::End(Error::Unavailable { reason }));
@@ -398,7 +403,12 @@ mod tests {
     async fn progress_is_sent_after_an_interval_without_other_events() {
         let store = Store::new(10, "test");
         let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(store.clone(), None, &tracker);
+        let sequencer = Sequencer::start(
+            store.clone(),
+            None,
+            crate::metrics::Metrics::new(),
+            &tracker,
+        );
         let interval = Duration::from_secs(5);
         let spec = WatchSpec {
             progress_interval: interval,
@@ -434,6 +444,10 @@ mod tests {
         assert_eq!(changed_at.elapsed(), interval);
 
         shutdown.cancel();
+        assert!(matches!(
+            received.recv().await,
+            Some(WatchEvent::Progress { revision: 1 })
+        ));
         match received.recv().await {
             Some(WatchEvent::End(Error::Unavailable { reason })) => {
                 assert!(reason.contains("resume from revision 2"), "{reason}");
@@ -450,7 +464,12 @@ mod tests {
     async fn initial_state_is_as_of_one_revision_while_writes_land_during_the_scan() {
         let store = Store::new(1000, "test");
         let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(store.clone(), None, &tracker);
+        let sequencer = Sequencer::start(
+            store.clone(),
+            None,
+            crate::metrics::Metrics::new(),
+            &tracker,
+        );
         for n in 0..300 {
             sequencer
                 .apply(points(&format!("c{n:03}"), 1, n))

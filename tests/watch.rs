@@ -604,6 +604,10 @@ async fn shutdown_ends_streams_with_the_revision_to_resume_from() {
     assert!(statuses.message().await.unwrap().is_some());
 
     service.stop_within(Duration::from_secs(5)).await;
+    match next(&mut stream).await {
+        Event::Progress(progress) => assert_eq!(progress.revision, 1, "a last resume point"),
+        other => panic!("expected a last Progress, got {other:?}"),
+    }
     let status = tokio::time::timeout(READ_TIMEOUT, stream.message())
         .await
         .expect("the stream ends in time")

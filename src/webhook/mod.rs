@@ -1,14 +1,18 @@
 //! The webhook ingress: `POST /webhooks/gameball`, the HTTP adapter in front of the sequencer.
 //!
-//! In order: Content-Type (415), body size (413), signature (401), JSON and field validation
-//! (400), then the sequencer. The answer is 200 only after the sequencer has made the update
-//! visible, so a 2xx means recorded. Nothing here merges or stores; statuses come from
-//! `crate::status`, the one place that maps errors for both HTTP and gRPC.
+//! In order: the in-flight cap (503 + `Retry-After`), Content-Type (415), body size (413),
+//! signature (401, with the secrets of the body's `client_id`), JSON and field validation (400),
+//! then the sequencer, all within the request timeout (503). The answer is 200 only after the
+//! sequencer has recorded the update and made it visible, so a 2xx means recorded. Nothing here
+//! merges or stores; statuses come from `crate::status`, the one place that maps errors for both
+//! HTTP and gRPC.
 
 pub mod payload;
+pub mod secrets;
 pub mod signature;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -17,33 +21,61 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::post;
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::sequencer::{Applied, Sequencer};
 use crate::status;
 use payload::Delivery;
-use signature::SignatureCheck;
+use secrets::{SecretStore, Secrets};
 
 /// The path Gameball posts to.
 pub const PATH: &str = "/webhooks/gameball";
+
+/// How deliveries are authenticated.
+pub enum Verification {
+    /// Check `X-GB-Signature` against the secrets of the delivery's `client_id`.
+    Secrets(SecretStore),
+    /// Accept unsigned deliveries (`--insecure-skip-signature`, development only).
+    Skip,
+}
+
+/// Bounds on what one delivery, and all of them together, may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest body accepted (413 past it).
+    pub max_body_bytes: usize,
+    /// Most deliveries handled at once (503 with `Retry-After` past it).
+    pub max_in_flight: usize,
+    /// Longest a delivery may take before it is answered 503.
+    pub timeout: Duration,
+}
 
 /// What the handler needs: cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct Ingress {
     sequencer: Sequencer,
-    /// `None` only under `--insecure-skip-signature`.
-    signature: Option<Arc<SignatureCheck>>,
-    max_body_bytes: usize,
+    verification: Arc<Verification>,
+    limits: Limits,
+    in_flight: Arc<Semaphore>,
+    metrics: Metrics,
 }
 
 impl Ingress {
-    /// An ingress that hands updates to `sequencer`. With `secret` `None`, signatures are not
-    /// checked.
-    pub fn new(sequencer: Sequencer, secret: Option<&str>, max_body_bytes: usize) -> Self {
+    /// An ingress that authenticates with `verification` and hands updates to `sequencer`.
+    pub fn new(
+        sequencer: Sequencer,
+        verification: Verification,
+        limits: Limits,
+        metrics: Metrics,
+    ) -> Self {
         Ingress {
             sequencer,
-            signature: secret.map(|secret| Arc::new(SignatureCheck::new(secret))),
-            max_body_bytes,
+            verification: Arc::new(verification),
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            limits,
+            metrics,
         }
     }
 
@@ -53,45 +85,121 @@ impl Ingress {
     }
 }
 
+/// What became of a delivery, for the answer and the metrics.
+enum Outcome {
+    Applied(Applied),
+    Ignored(String),
+}
+
 async fn receive(State(ingress): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
-    match ingress.handle(&headers, body).await {
-        Ok(answer) => (StatusCode::OK, Json(answer)).into_response(),
-        Err(error) => error_response(&error),
-    }
+    let started = Instant::now();
+    let handled = match Arc::clone(&ingress.in_flight).try_acquire_owned() {
+        Err(_) => Err(Error::Unavailable {
+            reason: format!(
+                "too many webhooks in flight (limit {}); retry shortly",
+                ingress.limits.max_in_flight
+            ),
+        }),
+        Ok(_permit) => {
+            let timeout = ingress.limits.timeout;
+            match tokio::time::timeout(timeout, ingress.handle(&headers, body)).await {
+                Ok(handled) => handled,
+                Err(_) => Err(Error::Unavailable {
+                    reason: format!("the webhook was not recorded within {timeout:?}; retry"),
+                }),
+            }
+        }
+    };
+    let (label, response) = match handled {
+        Ok(Outcome::Applied(Applied::Changed { revision })) => (
+            "applied",
+            answer(json!({"outcome": "applied", "revision": revision})),
+        ),
+        Ok(Outcome::Applied(Applied::Unchanged { revision })) => (
+            "unchanged",
+            answer(json!({"outcome": "unchanged", "revision": revision})),
+        ),
+        Ok(Outcome::Ignored(event)) => (
+            "ignored",
+            answer(json!({"outcome": "ignored", "event": event})),
+        ),
+        Err(error) => {
+            if matches!(error, Error::Unauthenticated { .. }) {
+                ingress.metrics.signature_failure();
+            }
+            let label = match error {
+                Error::Unavailable { .. } => "unavailable",
+                _ => "rejected",
+            };
+            (label, error_response(&error))
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    ingress
+        .metrics
+        .webhook(label, response.status().as_u16(), seconds);
+    response
+}
+
+fn answer(body: serde_json::Value) -> Response {
+    (StatusCode::OK, Json(body)).into_response()
 }
 
 impl Ingress {
-    async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<serde_json::Value, Error> {
+    async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<Outcome, Error> {
         check_content_type(headers)?;
-        let raw = read_body(body, self.max_body_bytes).await?;
+        let raw = read_body(body, self.limits.max_body_bytes).await?;
         let parsed = serde_json::from_slice::<serde_json::Value>(&raw);
-        if let Some(check) = &self.signature {
+        if let Verification::Secrets(secrets) = &*self.verification {
             let claimed = headers
                 .get(signature::HEADER)
                 .map(|value| value.to_str().unwrap_or_default());
-            check.verify(claimed, &raw, parsed.as_ref().ok())?;
+            verify(&secrets.current(), claimed, &raw, parsed.as_ref().ok())?;
         }
+        self.apply(parsed).await
+    }
+
+    /// Validates an authenticated body and applies it.
+    async fn apply(
+        &self,
+        parsed: Result<serde_json::Value, serde_json::Error>,
+    ) -> Result<Outcome, Error> {
         let parsed = parsed.map_err(|err| Error::invalid("body", format!("not JSON: {err}")))?;
         match payload::parse(&parsed)? {
             Delivery::Other { event } => {
                 tracing::debug!(%event, "ignored a webhook of another topic");
-                Ok(json!({"outcome": "ignored", "event": event}))
+                Ok(Outcome::Ignored(event))
             }
             Delivery::ProfileUpdated(update) => {
                 let client_id = update.key.client_id.clone();
                 let applied = self.sequencer.apply(update).await?;
                 tracing::debug!(%client_id, ?applied, "webhook applied");
-                Ok(match applied {
-                    Applied::Changed { revision } => {
-                        json!({"outcome": "applied", "revision": revision})
-                    }
-                    Applied::Unchanged { revision } => {
-                        json!({"outcome": "unchanged", "revision": revision})
-                    }
-                })
+                Ok(Outcome::Applied(applied))
             }
         }
     }
+}
+
+/// Accepts a delivery signed by any secret of its `client_id` (read from the body, so it is
+/// only a hint for choosing secrets: the signature then covers the whole body).
+fn verify(
+    secrets: &Secrets,
+    claimed: Option<&str>,
+    raw: &[u8],
+    parsed: Option<&serde_json::Value>,
+) -> Result<(), Error> {
+    let client_id = parsed.and_then(|json| json.get("client_id")?.as_str());
+    let checks = secrets.for_client(client_id);
+    let mut last = Error::Unauthenticated {
+        reason: "no webhook secret is configured for this client_id",
+    };
+    for check in checks {
+        match check.verify(claimed, raw, parsed) {
+            Ok(()) => return Ok(()),
+            Err(error) => last = error,
+        }
+    }
+    Err(last)
 }
 
 /// A missing Content-Type is accepted (some senders omit it); anything but JSON is not.
@@ -122,11 +230,19 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
     })
 }
 
-/// `{"error": "...", "field": "..."}` with the status `crate::status` assigns.
+/// `{"error": "...", "field": "..."}` with the status `crate::status` assigns. A 503 also
+/// says when to come back.
 fn error_response(error: &Error) -> Response {
     let mut body = json!({"error": error.to_string()});
     if let Some(field) = error.field() {
         body["field"] = json!(field);
     }
-    (status::http_status(error), Json(body)).into_response()
+    let status = status::http_status(error);
+    let mut response = (status, Json(body)).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    response
 }

@@ -21,6 +21,7 @@ pub const SECRET: &str = "test-secret";
 pub struct TestService {
     pub webhook: SocketAddr,
     pub grpc: SocketAddr,
+    pub admin: SocketAddr,
     http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -41,6 +42,7 @@ impl TestService {
     pub fn serve(server: Server) -> TestService {
         let webhook = server.webhook_addr();
         let grpc = server.grpc_addr();
+        let admin = server.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -48,6 +50,7 @@ impl TestService {
         TestService {
             webhook,
             grpc,
+            admin,
             http: reqwest::Client::new(),
             stop: Some(stop),
             task: Some(task),
@@ -57,6 +60,17 @@ impl TestService {
     /// The webhook URL.
     pub fn webhook_url(&self) -> String {
         format!("http://{}/webhooks/gameball", self.webhook)
+    }
+
+    /// GETs a path of the admin listener; returns status and body text.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .expect("admin answers");
+        (response.status().as_u16(), response.text().await.unwrap())
     }
 
     /// A gRPC client connected to the service.

@@ -1,0 +1,61 @@
+//! The admin listener (`--admin-listen`, loopback by default): what operators and orchestrators
+//! poll.
+//!
+//! - `GET /metrics`: Prometheus text exposition of `crate::metrics`.
+//! - `GET /healthz`: 200 while the process serves at all (liveness).
+//! - `GET /readyz`: 200 when webhooks can be accepted: recovery done (the listener only opens
+//!   after it), the journal writable, not shutting down; else 503 with the reason.
+//!
+//! It only reads state; it changes nothing and serves no customer data.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct Admin {
+    /// Metrics to render.
+    pub metrics: Metrics,
+    /// The store, for the gauges read at scrape time.
+    pub store: Store,
+    /// Whether the journal's last write succeeded.
+    pub writable: watch::Receiver<bool>,
+    /// Cancelled when shutdown begins.
+    pub stopping: CancellationToken,
+}
+
+impl Admin {
+    /// The admin router.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(ready))
+            .with_state(self)
+    }
+}
+
+async fn metrics(State(admin): State<Admin>) -> Response {
+    let text = admin.metrics.render(&admin.store);
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
+
+async fn ready(State(admin): State<Admin>) -> Response {
+    if admin.stopping.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    if !*admin.writable.borrow() {
+        let reason = "journal writes are failing; webhooks get 503\n";
+        return (StatusCode::SERVICE_UNAVAILABLE, reason).into_response();
+    }
+    "ready\n".into_response()
+}
