@@ -1,0 +1,464 @@
+//! Operating the service: secret rotation and reload, webhook limits, the admin listener
+//! (metrics, health, readiness), personal data kept out of logs, and SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use axum::body::Body;
+use common::{TestService, at, profile_updated};
+use profile_state::Config;
+use profile_state::metrics::Metrics;
+use profile_state::pb;
+use profile_state::sequencer::Sequencer;
+use profile_state::store::Store;
+use profile_state::webhook::secrets::{SecretStore, Secrets};
+use profile_state::webhook::signature::SignatureCheck;
+use profile_state::webhook::{Ingress, Limits, Verification};
+use serde_json::{Value, json};
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+fn signed(body: &Value, secret: &str) -> (Vec<u8>, String) {
+    let raw = serde_json::to_vec(body).unwrap();
+    let signature = SignatureCheck::new(secret).sign(&raw);
+    (raw, signature)
+}
+
+async fn post_signed(service: &TestService, body: &Value, secret: &str) -> (u16, Value) {
+    let (raw, signature) = signed(body, secret);
+    service
+        .post_raw(raw, &[("x-gb-signature", &signature)])
+        .await
+}
+
+fn with_secrets_file(path: &std::path::Path) -> Config {
+    let mut config = Config::for_tests(common::SECRET);
+    config.webhook_secret = None;
+    config.webhook_secrets_file = Some(path.to_owned());
+    config
+}
+
+#[tokio::test]
+async fn rotated_secrets_are_all_accepted_until_a_reload_removes_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.toml");
+    std::fs::write(&file, "[clients]\n\"2155\" = [\"new\", \"old\"]\n").unwrap();
+    let server = profile_state::Server::bind(with_secrets_file(&file))
+        .await
+        .unwrap();
+    let secrets = server.webhook_secrets().expect("signatures are checked");
+    let service = TestService::serve(server);
+
+    let update = |n| profile_updated("a", &at(n), json!({"total_points": n}));
+    assert_eq!(post_signed(&service, &update(1), "new").await.0, 200);
+    assert_eq!(post_signed(&service, &update(2), "old").await.0, 200);
+    let mut other_client = update(3);
+    other_client["client_id"] = json!("9999");
+    let (status, answer) = post_signed(&service, &other_client, "new").await;
+    assert_eq!(
+        status, 401,
+        "a client without secrets and no default: {answer}"
+    );
+
+    std::fs::write(&file, "[clients]\n\"2155\" = [\"new\"]\n").unwrap();
+    secrets.reload().unwrap();
+    assert_eq!(
+        post_signed(&service, &update(4), "old").await.0,
+        401,
+        "old secret removed"
+    );
+    assert_eq!(post_signed(&service, &update(5), "new").await.0, 200);
+
+    std::fs::write(&file, "[clients\n").unwrap();
+    let error = secrets.reload().expect_err("a broken file is refused");
+    assert!(error.to_string().contains("secrets.toml"), "{error}");
+    assert_eq!(
+        post_signed(&service, &update(6), "new").await.0,
+        200,
+        "old set kept"
+    );
+    service.stop().await;
+}
+
+/// The real binary, killed when dropped.
+struct Binary {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Binary {
+    fn start(args: &[&str]) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_profile-state"))
+            .args(args)
+            .args(["--log-format", "json", "--ephemeral"])
+            .args([
+                "--webhook-listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .env_remove("PROFILE_STATE_WEBHOOK_SECRET")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Binary { child, lines }
+    }
+
+    /// The next log line whose message is `message`, as JSON.
+    fn wait_for(&self, message: &str) -> Value {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no log line {message:?} within 30 s"));
+            let json: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if json["fields"]["message"] == message {
+                return json;
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_secrets_file_of_the_real_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.json");
+    std::fs::write(&file, r#"{"default": ["first"]}"#).unwrap();
+    let binary = Binary::start(&["--webhook-secrets-file", file.to_str().unwrap()]);
+    let listening = binary.wait_for("profile-state listening");
+    let url = format!(
+        "http://{}/webhooks/gameball",
+        listening["fields"]["webhook"].as_str().unwrap()
+    );
+    let post = async |n: u32, secret: &str| {
+        let (raw, signature) = signed(&profile_updated("a", &at(n), json!({})), secret);
+        reqwest::Client::new()
+            .post(&url)
+            .header("x-gb-signature", signature)
+            .body(raw)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(post(1, "first").await, 200);
+    std::fs::write(&file, r#"{"default": ["second"]}"#).unwrap();
+    binary.signal("HUP");
+    binary.wait_for("webhook secrets reloaded");
+    assert_eq!(post(2, "first").await, 401);
+    assert_eq!(post(3, "second").await, 200);
+}
+
+#[tokio::test]
+async fn sigterm_ends_watchers_with_a_resume_point_and_exits_zero_in_time() {
+    let binary = Binary::start(&["--webhook-secret", common::SECRET, "--shutdown-grace", "5s"]);
+    let listening = binary.wait_for("profile-state listening");
+    let grpc = listening["fields"]["grpc"].as_str().unwrap().to_owned();
+    let mut client =
+        pb::profile_service_client::ProfileServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+    let mut stream = client
+        .watch_profiles(pb::WatchProfilesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some(), "Synced");
+
+    let mut binary = binary;
+    binary.signal("TERM");
+    let mut last = None;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(message)) => last = message.event,
+            Ok(None) => panic!("the stream must end with a status"),
+            Err(status) => break status,
+        }
+    };
+    assert!(
+        matches!(last, Some(pb::watch_profiles_response::Event::Progress(_))),
+        "{last:?}"
+    );
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("resume from revision 1"),
+        "{}",
+        status.message()
+    );
+    let exited = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = binary.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            std::thread::yield_now();
+        }
+    });
+    let (exit, took) = tokio::time::timeout(Duration::from_secs(10), exited)
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+/// A body that never ends, as a stalled sender produces.
+fn endless_body() -> Body {
+    Body::from_stream(futures_stream_pending())
+}
+
+fn futures_stream_pending() -> impl tokio_stream::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    tokio_stream::pending()
+}
+
+fn ingress(limits: Limits) -> (axum::Router, TaskTracker) {
+    let tracker = TaskTracker::new();
+    let store = Store::new(10, "test");
+    let sequencer = Sequencer::start(store, None, Metrics::new(), &tracker);
+    let secrets = Verification::Secrets(SecretStore::new(
+        Secrets::single(common::SECRET),
+        None,
+        None,
+    ));
+    (
+        Ingress::new(sequencer, secrets, limits, Metrics::new()).router(),
+        tracker,
+    )
+}
+
+fn request(body: Body) -> axum::http::Request<Body> {
+    axum::http::Request::post("/webhooks/gameball")
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_webhook_that_takes_too_long_gets_503_with_retry_after() {
+    let limits = Limits {
+        max_body_bytes: 1024,
+        max_in_flight: 8,
+        timeout: Duration::from_secs(3),
+    };
+    let (router, _tracker) = ingress(limits);
+    let started = tokio::time::Instant::now();
+    let response = router.oneshot(request(endless_body())).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn webhooks_past_the_in_flight_cap_get_503_with_retry_after() {
+    let limits = Limits {
+        max_body_bytes: 1024,
+        max_in_flight: 1,
+        timeout: Duration::from_secs(60),
+    };
+    let (router, _tracker) = ingress(limits);
+    // One delivery holds the only slot while its body trickles in.
+    let (chunks, stream) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let held = tokio::spawn(router.clone().oneshot(request(Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(stream),
+    ))));
+    // The slot is taken once the handler reads the body: the first chunk is then consumed.
+    chunks.send(Ok(b"{".to_vec())).await.unwrap();
+    chunks.reserve().await.unwrap();
+
+    let (raw, signature) = signed(&profile_updated("a", &at(1), json!({})), common::SECRET);
+    let mut second = request(Body::from(raw));
+    second
+        .headers_mut()
+        .insert("x-gb-signature", signature.parse().unwrap());
+    let refused = router.clone().oneshot(second).await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+
+    drop(chunks);
+    let finished = held.await.unwrap().unwrap();
+    assert_eq!(finished.status(), 401, "the held one is answered normally");
+}
+
+/// The value of one sample line `name{labels} value` of a Prometheus text exposition.
+fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_what_happened_and_health_endpoints_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(common::SECRET);
+    config.ephemeral = false;
+    config.data_dir = dir.path().to_owned();
+    let service = TestService::start_with(config).await;
+    let body = profile_updated("a", &at(1), json!({"total_points": 1}));
+    service.update(&body).await; // applied
+    service.update(&body).await; // unchanged
+    service
+        .update(&json!({"event": "customer.notification.push", "data": []}))
+        .await; // ignored
+    assert_eq!(post_signed(&service, &body, "wrong").await.0, 401);
+    let mut client = service.client().await;
+    let _watch = client
+        .watch_profiles(pb::WatchProfilesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let (status, text) = service.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    let count =
+        |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert_eq!(
+        count(r#"profile_state_webhooks_total{outcome="applied",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"profile_state_webhooks_total{outcome="unchanged",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"profile_state_webhooks_total{outcome="ignored",status="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"profile_state_webhooks_total{outcome="rejected",status="401"}"#),
+        1.0
+    );
+    assert_eq!(count("profile_state_webhook_signature_failures_total"), 1.0);
+    assert_eq!(
+        count(r#"profile_state_webhook_duration_seconds_count{status="200"}"#),
+        3.0
+    );
+    assert_eq!(count("profile_state_profiles"), 1.0);
+    assert_eq!(count("profile_state_store_revision"), 1.0);
+    assert_eq!(
+        count("profile_state_journal_fsync_duration_seconds_count"),
+        1.0
+    );
+    assert!(count("profile_state_journal_bytes_total") > 0.0);
+    assert!(
+        !text.contains("customer_id") && !text.contains("\"a\""),
+        "no customer ids in labels"
+    );
+
+    assert_eq!(service.admin_get("/healthz").await.0, 200);
+    assert_eq!(
+        service.admin_get("/readyz").await,
+        (200, "ready\n".to_owned())
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_turns_false_while_the_journal_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(common::SECRET);
+    config.ephemeral = false;
+    config.data_dir = dir.path().to_owned();
+    let server = profile_state::Server::bind(config).await.unwrap();
+    let faults = server.journal_faults();
+    let service = TestService::serve(server);
+    faults.fail_writes(true);
+    let (status, _) = service.post(&profile_updated("a", &at(1), json!({}))).await;
+    assert_eq!(status, 503);
+    let (status, reason) = service.admin_get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(reason.contains("journal"), "{reason}");
+    service.stop().await;
+}
+
+/// Log lines, captured for the current thread.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// A current-thread runtime keeps every task of the service on this thread, where the
+// capturing subscriber is installed.
+#[tokio::test]
+async fn email_and_mobile_number_never_reach_the_logs_at_any_level() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let service = TestService::start().await;
+    let email = "pii-probe@example.com";
+    let mobile = "+20-1234-567890";
+    let data = json!({"email": email, "mobile_number": mobile, "total_points": 5});
+    service
+        .update(&profile_updated("a", &at(1), data.clone()))
+        .await;
+    service
+        .update(&profile_updated("a", &at(1), data.clone()))
+        .await;
+    let mut invalid = profile_updated("a", &at(2), data);
+    invalid["data"]["tier_order"] = json!("not a number");
+    let (status, _) = service.post(&invalid).await;
+    assert!(status >= 400);
+    assert_eq!(post_signed(&service, &invalid, "wrong").await.0, 401);
+    let mut client = service.client().await;
+    let profile = client
+        .get_profile(pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: "a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(profile.profile.unwrap().email.as_deref(), Some(email));
+    service.stop().await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("profile-state listening"),
+        "the capture works"
+    );
+    assert!(!logs.contains(email), "email in the logs");
+    assert!(!logs.contains(mobile), "mobile number in the logs");
+    assert!(!logs.contains("pii-probe"), "part of the email in the logs");
+}
