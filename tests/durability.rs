@@ -29,28 +29,6 @@ async fn server_info(service: &TestService) -> pb::GetServerInfoResponse {
         .into_inner()
 }
 
-async fn all_profiles(service: &TestService) -> Vec<pb::Profile> {
-    let mut client = service.client().await;
-    let mut profiles = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_profiles(pb::ListProfilesRequest {
-                page_size: 1000,
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        profiles.extend(page.profiles);
-        if page.next_page_token.is_empty() {
-            return profiles;
-        }
-        page_token = page.next_page_token;
-    }
-}
-
 #[tokio::test]
 async fn a_restart_brings_back_profiles_revisions_and_the_store_id() {
     let dir = tempfile::tempdir().unwrap();
@@ -65,14 +43,14 @@ async fn a_restart_brings_back_profiles_revisions_and_the_store_id() {
     let info = server_info(&service).await;
     assert!(info.durable);
     assert_eq!((info.revision, info.profile_count), (10, 4));
-    let before = all_profiles(&service).await;
+    let before = service.all_profiles().await.0;
     service.stop().await;
 
     let service = TestService::start_with(durable(dir.path())).await;
     let after = server_info(&service).await;
     assert_eq!(after.store_id, info.store_id, "the same store");
     assert_eq!(after.revision, 10);
-    assert_eq!(all_profiles(&service).await, before);
+    assert_eq!(service.all_profiles().await.0, before);
     let answer = service
         .update(&profile_updated("c9", &at(11), json!({"total_points": 1})))
         .await;
@@ -291,7 +269,7 @@ async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history(
             .update(&profile_updated(&format!("c{}", n % 20), &at(n), data))
             .await;
     }
-    let before = all_profiles(&service).await;
+    let before = service.all_profiles().await.0;
     // Stopping waits for background snapshots, so the directory is settled afterwards.
     service.stop().await;
 
@@ -311,7 +289,7 @@ async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history(
     );
 
     let service = TestService::start_with(config()).await;
-    assert_eq!(all_profiles(&service).await, before);
+    assert_eq!(service.all_profiles().await.0, before);
     let info = server_info(&service).await;
     assert_eq!(info.revision, 200);
     assert_eq!(

@@ -282,32 +282,6 @@ async fn post_concurrently(
     }
 }
 
-async fn all_profiles(service: &TestService) -> (BTreeMap<String, pb::Profile>, u64) {
-    let mut client = service.client().await;
-    let mut profiles = BTreeMap::new();
-    let mut page_token = String::new();
-    let mut revision = 0;
-    loop {
-        let page = client
-            .list_profiles(pb::ListProfilesRequest {
-                page_size: 1000,
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        revision = revision.max(page.store_revision);
-        for profile in page.profiles {
-            profiles.insert(profile.customer_id.clone(), profile);
-        }
-        if page.next_page_token.is_empty() {
-            return (profiles, revision);
-        }
-        page_token = page.next_page_token;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_state_during_concurrent_ingest_ends_equal_to_the_store() {
     let service = TestService::start().await;
@@ -360,7 +334,11 @@ async fn initial_state_during_concurrent_ingest_ends_equal_to_the_store() {
     };
     let ((), (mut stream, mut view, synced_at)) = tokio::join!(ingest, subscriber);
 
-    let (store, final_revision) = all_profiles(&service).await;
+    let (profiles, final_revision) = service.all_profiles().await;
+    let store: BTreeMap<String, pb::Profile> = profiles
+        .into_iter()
+        .map(|profile| (profile.customer_id.clone(), profile))
+        .collect();
     assert!(
         synced_at < final_revision,
         "the initial state overlapped with ingest"

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use profile_state::pb;
 use profile_state::pb::profile_service_client::ProfileServiceClient;
 use profile_state::webhook::signature::SignatureCheck;
 use profile_state::{Config, Server};
@@ -85,6 +86,32 @@ impl TestService {
             .connect()
             .await
             .expect("gRPC connects")
+    }
+
+    /// Every profile, paged through ListProfiles, and the highest store revision a page
+    /// reported.
+    pub async fn all_profiles(&self) -> (Vec<pb::Profile>, u64) {
+        let mut client = self.client().await;
+        let mut profiles = Vec::new();
+        let mut page_token = String::new();
+        let mut revision = 0;
+        loop {
+            let page = client
+                .list_profiles(pb::ListProfilesRequest {
+                    page_size: 1000,
+                    page_token,
+                    ..Default::default()
+                })
+                .await
+                .expect("ListProfiles answers")
+                .into_inner();
+            revision = revision.max(page.store_revision);
+            profiles.extend(page.profiles);
+            if page.next_page_token.is_empty() {
+                return (profiles, revision);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     /// Posts `body` signed with the test secret; returns status and JSON answer.
