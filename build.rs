@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use protox::prost::Message;
 
-const PROTOS: &[&str] = &["gameball/profiles/v1/profiles.proto"];
+const PROTOS: &[&str] = &[
+    "gameball/profiles/v1/profiles.proto",
+    "gameball/profiles/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

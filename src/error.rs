@@ -60,6 +60,21 @@ pub enum Error {
         /// The oldest revision still in history.
         oldest: u64,
     },
+    /// A delivery with a valid signature that cannot be applied (it fails validation, or is a
+    /// schema we do not understand); it is kept as the dead letter `id`, with this cause.
+    #[error("{cause}")]
+    DeadLettered {
+        /// The dead letter holding the delivery (`crate::dead_letters::DeadLetterId`).
+        id: String,
+        /// Why it cannot be applied: a validation error naming the field.
+        cause: Box<Error>,
+    },
+    /// No dead letter with that id is kept (never stored, replayed or purged).
+    #[error("no dead letter {id:?}")]
+    DeadLetterNotFound {
+        /// The id asked for.
+        id: String,
+    },
     /// The service cannot take the request now; the caller should retry.
     #[error("{reason}")]
     Unavailable {
@@ -81,6 +96,7 @@ impl Error {
     pub fn field(&self) -> Option<&str> {
         match self {
             Error::InvalidArgument { field, .. } => Some(field),
+            Error::DeadLettered { cause, .. } => cause.field(),
             Error::RevisionInFuture { .. } | Error::Compacted { .. } => Some("start_revision"),
             _ => None,
         }

@@ -5,6 +5,8 @@
 //! Components, in the order a webhook meets them:
 //! - [`webhook`]: the HTTP ingress (axum). Checks Content-Type, size, `X-GB-Signature`, and
 //!   validates the payload into a [`profile::ProfileUpdate`].
+//! - [`dead_letters`]: signed deliveries that cannot be applied, kept (durably) with their
+//!   reason and raw body for operators to list, replay or purge.
 //! - [`sequencer`]: the only writer. Merges updates in batches, numbers the changes, journals
 //!   and syncs each batch once, commits it to the store, then answers.
 //! - [`profile`]: the profile and its merge rules, a pure function of (state, update).
@@ -13,17 +15,19 @@
 //! - [`journal`]: the durable log of group commits, snapshots, compaction and recovery; and
 //!   [`data_dir`]: its directory, lock and store id.
 //! - [`watch`]: one subscriber's feed: initial state, history replay, live changes, progress.
-//! - [`grpc`]: the gRPC adapter (tonic) for `gameball.profiles.v1.ProfileService`.
+//! - [`grpc`]: the gRPC adapter (tonic) for `gameball.profiles.v1.ProfileService`, and for
+//!   `AdminService` (dead letters).
 //! - [`error`] and [`status`]: the one error type, and its one mapping to HTTP and gRPC.
 //! - [`config`] and [`server`]: flags, and the wiring that binds, serves and shuts down.
 //!
-//! The domain (`profile`, `store`, `sequencer`, `journal`, `watch`) knows nothing of axum or
-//! tonic.
+//! The domain (`profile`, `store`, `sequencer`, `journal`, `watch`, `dead_letters`) knows
+//! nothing of axum or tonic.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod config;
 pub mod data_dir;
+pub mod dead_letters;
 pub mod error;
 pub mod grpc;
 pub mod journal;

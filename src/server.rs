@@ -17,10 +17,13 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::data_dir::{self, DataDir};
+use crate::dead_letters::DeadLetters;
 use crate::grpc::ProfileApi;
+use crate::grpc::admin::AdminApi;
 use crate::journal::{self, FaultSwitch, Journal};
 use crate::metrics::Metrics;
 use crate::pb;
+use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::sequencer::{self, Durability, Sequencer};
 use crate::store::Store;
@@ -38,6 +41,7 @@ pub struct Server {
     verification: Verification,
     store: Store,
     durability: Option<Durability>,
+    dead_letters: DeadLetters,
     faults: FaultSwitch,
     // Holds the directory's lock until the server is dropped.
     data_dir: Option<DataDir>,
@@ -64,6 +68,16 @@ impl Server {
                 .await
                 .context("recovery task")??
         };
+        // Kept beside the journal, loaded before anything is served; in memory if ephemeral.
+        let dead_letters = match &data_dir {
+            None => DeadLetters::in_memory(),
+            Some(dir) => {
+                let path = dir.path().to_owned();
+                tokio::task::spawn_blocking(move || DeadLetters::open(&path))
+                    .await
+                    .context("dead letters task")??
+            }
+        };
         let webhook = TcpListener::bind(config.webhook_listen)
             .await
             .with_context(|| format!("binding the webhook listener {}", config.webhook_listen))?;
@@ -81,9 +95,16 @@ impl Server {
             verification,
             store,
             durability,
+            dead_letters,
             faults,
             data_dir,
         })
+    }
+
+    /// The dead letters: signed deliveries that could not be applied (the admin gRPC service
+    /// serves them; tests reach them here).
+    pub fn dead_letters(&self) -> DeadLetters {
+        self.dead_letters.clone()
     }
 
     /// The switch that makes journal writes fail: a testing seam for disk failures.
@@ -133,6 +154,7 @@ impl Server {
             verification,
             store,
             durability,
+            dead_letters,
             faults: _,
             data_dir,
         } = self;
@@ -165,7 +187,10 @@ impl Server {
         )
         .with_graceful_shutdown(stopping.clone().cancelled_owned())
         .into_future();
-        let ingress = Ingress::new(sequencer, verification, limits, metrics.clone()).router();
+        let admin_api = AdminApi::new(dead_letters.clone(), sequencer.clone());
+        let ingress = Ingress::new(sequencer, verification, limits, metrics.clone())
+            .with_dead_letters(dead_letters)
+            .router();
         // Answers go out as soon as they are written: no Nagle delay on either listener.
         let webhook = webhook.tap_io(|tcp| {
             if let Err(error) = tcp.set_nodelay(true) {
@@ -213,6 +238,7 @@ impl Server {
             .add_service(reflection_v1()?)
             .add_service(reflection_v1alpha()?)
             .add_service(ProfileServiceServer::new(api))
+            .add_service(AdminServiceServer::new(admin_api))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 stopping.clone().cancelled_owned(),

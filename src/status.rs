@@ -2,7 +2,9 @@
 //! gRPC API can never disagree on what an error means.
 //!
 //! Validation errors carry the field: HTTP puts it in the JSON body (the webhook adapter does
-//! that), gRPC in `google.rpc.BadRequest` details. Nothing else here.
+//! that), gRPC in `google.rpc.BadRequest` details. A dead-lettered delivery is 422 over HTTP
+//! (the webhook adds the dead letter's id) and FAILED_PRECONDITION over gRPC (a replay that
+//! still fails), with `google.rpc.PreconditionFailure` naming the letter. Nothing else here.
 
 use axum::http::StatusCode;
 use tonic_types::{ErrorDetails, StatusExt};
@@ -19,6 +21,8 @@ pub fn http_status(error: &Error) -> StatusCode {
         Error::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Error::RevisionInFuture { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         Error::Compacted { .. } => StatusCode::GONE,
+        Error::DeadLettered { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::DeadLetterNotFound { .. } => StatusCode::NOT_FOUND,
         Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
@@ -35,7 +39,24 @@ pub fn grpc_status(error: &Error) -> tonic::Status {
                 details,
             );
         }
-        Error::NotFound { .. } => tonic::Code::NotFound,
+        Error::DeadLettered { id, cause } => {
+            // Kept, not applicable as it stands: a precondition (a fix) is missing, and the
+            // field that failed, if any, is named as for any invalid argument.
+            let mut details = ErrorDetails::with_precondition_failure_violation(
+                "INVALID_PAYLOAD",
+                format!("dead_letters/{id}"),
+                cause.to_string(),
+            );
+            if let Error::InvalidArgument { field, reason } = &**cause {
+                details.add_bad_request_violation(field, reason);
+            }
+            return tonic::Status::with_error_details(
+                tonic::Code::FailedPrecondition,
+                message,
+                details,
+            );
+        }
+        Error::NotFound { .. } | Error::DeadLetterNotFound { .. } => tonic::Code::NotFound,
         Error::Unauthenticated { .. } => tonic::Code::Unauthenticated,
         Error::PayloadTooLarge { .. } => tonic::Code::ResourceExhausted,
         Error::UnsupportedMediaType { .. } => tonic::Code::InvalidArgument,

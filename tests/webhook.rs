@@ -2,7 +2,8 @@
 //! checked on the status, the JSON answer and, through gRPC, on the stored state.
 //!
 //! Covers signatures (raw, compact re-serialization, case, refusals), unchanged and ignored
-//! deliveries, validation (400 with the field), size (413), media type (415), method (405),
+//! deliveries, validation (422 with the field and the dead letter's id; the dead letters
+//! themselves are `tests/dead_letters.rs`), size (413), media type (415), method (405),
 //! merging (null clears, extras), the insecure opt-out, the binary's refusal to start without
 //! a secret, and revisions under concurrent webhooks.
 
@@ -16,6 +17,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{SECRET, TestService, at, profile_updated};
+use profile_state::dead_letters::DeadLetterId;
 use profile_state::pb;
 use profile_state::pb::profile_service_client::ProfileServiceClient;
 use profile_state::webhook::signature::SignatureCheck;
@@ -82,6 +84,22 @@ fn assert_error((status, answer): &(u16, Value), expected: u16, field: Option<&s
     assert_eq!(
         answer.as_object().map(|object| object.len()),
         Some(keys),
+        "unexpected keys in {answer}"
+    );
+}
+
+/// Asserts a signed delivery that cannot be applied was kept: 422, a non-empty `error`, this
+/// `field`, and `dead_letter_id`, the SHA-1 of `body`.
+fn assert_dead_lettered((status, answer): &(u16, Value), body: &[u8], field: &str) {
+    assert_eq!(*status, 422, "answer: {answer}");
+    let message = answer["error"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "no error message in {answer}");
+    assert_eq!(answer["field"], json!(field), "{answer}");
+    let id = DeadLetterId::of(body);
+    assert_eq!(answer["dead_letter_id"], json!(id.as_str()), "{answer}");
+    assert_eq!(
+        answer.as_object().map(|object| object.len()),
+        Some(3),
         "unexpected keys in {answer}"
     );
 }
@@ -493,7 +511,7 @@ async fn unknown_topics_are_ignored_and_store_nothing() {
 // 4. Validation
 // ---------------------------------------------------------------------------------------------
 
-/// Invalid, correctly signed bodies and the field each 400 must name.
+/// Invalid, correctly signed bodies and the field each 422 must name.
 fn invalid_bodies() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let valid = || full_update("validated", 20);
     let mut cases = vec![
@@ -606,7 +624,7 @@ fn invalid_bodies() -> Vec<(&'static str, Vec<u8>, &'static str)> {
 }
 
 #[tokio::test]
-async fn invalid_bodies_get_400_naming_the_field_and_change_nothing() {
+async fn invalid_bodies_get_422_naming_the_field_and_change_nothing() {
     let service = TestService::start().await;
     let mut client = service.client().await;
     // The invalid bodies are newer than this and carry other values: any write would show.
@@ -615,10 +633,10 @@ async fn invalid_bodies_get_400_naming_the_field_and_change_nothing() {
     let before = get(&mut client, "validated").await.unwrap();
 
     for (case, body, field) in invalid_bodies() {
-        let answer = post_signed(&service, body, Some(JSON)).await;
-        assert_eq!(answer.0, 400, "{case}: {}", answer.1);
+        let answer = post_signed(&service, body.clone(), Some(JSON)).await;
+        assert_eq!(answer.0, 422, "{case}: {}", answer.1);
         assert_eq!(answer.1["field"], json!(field), "{case}: {}", answer.1);
-        assert_error(&answer, 400, Some(field));
+        assert_dead_lettered(&answer, &body, field);
         let after = get(&mut client, "validated").await.unwrap();
         assert_eq!(after, before, "{case} changed the store");
     }
@@ -744,8 +762,8 @@ async fn checks_run_in_order_media_type_size_signature_payload() {
     assert_error(&answer, 413, None);
     let answer = service.post_raw(small_unsigned_junk.clone(), &json).await;
     assert_error(&answer, 401, None);
-    let answer = post_signed(&service, small_unsigned_junk, Some(JSON)).await;
-    assert_error(&answer, 400, Some("body"));
+    let answer = post_signed(&service, small_unsigned_junk.clone(), Some(JSON)).await;
+    assert_dead_lettered(&answer, &small_unsigned_junk, "body");
     service.stop().await;
 }
 

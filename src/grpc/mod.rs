@@ -4,6 +4,7 @@
 //! `crate::status`. Reads never touch the sequencer. Health and reflection are wired up in
 //! `crate::server`, not here.
 
+pub mod admin;
 mod convert;
 mod page_token;
 

@@ -1,11 +1,14 @@
 //! The webhook ingress: `POST /webhooks/gameball`, the HTTP adapter in front of the sequencer.
 //!
 //! In order: the in-flight cap (503 + `Retry-After`), Content-Type (415), body size (413),
-//! signature (401, with the secrets of the body's `client_id`), JSON and field validation (400),
-//! then the sequencer, all within the request timeout (503). The answer is 200 only after the
-//! sequencer has recorded the update and made it visible, so a 2xx means recorded. Nothing here
-//! merges or stores; statuses come from `crate::status`, the one place that maps errors for both
-//! HTTP and gRPC.
+//! signature (401, with the secrets of the body's `client_id`), JSON and field validation, then
+//! the sequencer, all within the request timeout (503). A signed body that fails validation is
+//! kept as a dead letter (`crate::dead_letters`) and answered 422 with its id, or 503 if it
+//! could not be kept. The answer is 200 only after the sequencer has recorded the update and
+//! made it visible, so a 2xx means recorded. [`validate`] and [`record`] are the path every
+//! authenticated body takes, here and on a dead letter's replay (`crate::grpc`'s AdminService).
+//! Nothing here merges or stores; statuses come from `crate::status`, the one place that maps
+//! errors for both HTTP and gRPC.
 
 pub mod payload;
 pub mod secrets;
@@ -23,6 +26,7 @@ use axum::routing::post;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use crate::dead_letters::DeadLetters;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::sequencer::{Applied, Sequencer};
@@ -60,10 +64,13 @@ pub struct Ingress {
     limits: Limits,
     in_flight: Arc<Semaphore>,
     metrics: Metrics,
+    dead_letters: DeadLetters,
 }
 
 impl Ingress {
     /// An ingress that authenticates with `verification` and hands updates to `sequencer`.
+    /// Deliveries that cannot be applied are kept in memory until
+    /// [`with_dead_letters`](Ingress::with_dead_letters) says where (the server always does).
     pub fn new(
         sequencer: Sequencer,
         verification: Verification,
@@ -76,7 +83,14 @@ impl Ingress {
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             limits,
             metrics,
+            dead_letters: DeadLetters::in_memory(),
         }
+    }
+
+    /// Keeps deliveries that cannot be applied in `dead_letters`.
+    pub fn with_dead_letters(mut self, dead_letters: DeadLetters) -> Self {
+        self.dead_letters = dead_letters;
+        self
     }
 
     /// The axum router serving the webhook path.
@@ -85,9 +99,12 @@ impl Ingress {
     }
 }
 
-/// What became of a delivery, for the answer and the metrics.
-enum Outcome {
+/// What became of an applicable delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// A profile update, recorded: changed (with its revision) or unchanged.
     Applied(Applied),
+    /// Another topic, acknowledged and not applied; its `event`.
     Ignored(String),
 }
 
@@ -156,26 +173,69 @@ impl Ingress {
                 .map(|value| value.to_str().unwrap_or_default());
             verify(&secrets.current(), claimed, &raw, parsed.as_ref().ok())?;
         }
-        self.apply(parsed).await
+        // Authenticated from here on (or unsigned by choice): what cannot be applied is kept.
+        match validate(parsed.as_ref()) {
+            Ok(delivery) => record(&self.sequencer, delivery).await,
+            Err(cause) => Err(self.dead_letter(&raw, cause).await),
+        }
     }
 
-    /// Validates an authenticated body and applies it.
-    async fn apply(
-        &self,
-        parsed: Result<serde_json::Value, serde_json::Error>,
-    ) -> Result<Outcome, Error> {
-        let parsed = parsed.map_err(|err| Error::invalid("body", format!("not JSON: {err}")))?;
-        match payload::parse(&parsed)? {
-            Delivery::Other { event } => {
-                tracing::debug!(%event, "ignored a webhook of another topic");
-                Ok(Outcome::Ignored(event))
+    /// Keeps an authenticated body that cannot be applied; the error to answer with.
+    async fn dead_letter(&self, raw: &[u8], cause: Error) -> Error {
+        match self
+            .dead_letters
+            .store(raw, &cause, chrono::Utc::now())
+            .await
+        {
+            Ok(id) => {
+                self.metrics.dead_letter();
+                tracing::info!(
+                    dead_letter_id = %id,
+                    error = %cause,
+                    "kept a delivery that cannot be applied as a dead letter"
+                );
+                Error::DeadLettered {
+                    id: id.to_string(),
+                    cause: Box::new(cause),
+                }
             }
-            Delivery::ProfileUpdated(update) => {
-                let client_id = update.key.client_id.clone();
-                let applied = self.sequencer.apply(update).await?;
-                tracing::debug!(%client_id, ?applied, "webhook applied");
-                Ok(Outcome::Applied(applied))
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    "could not keep a delivery that cannot be applied; answering 503 so the \
+                     sender retries"
+                );
+                Error::Unavailable {
+                    reason: "the delivery cannot be applied and could not be kept as a dead \
+                             letter; retry later"
+                        .into(),
+                }
             }
+        }
+    }
+}
+
+/// Validates an authenticated body, parsed once by the caller: not JSON, or a field that
+/// breaks a rule, is an [`Error::InvalidArgument`] naming the field. The first half of the path
+/// every authenticated body takes, on arrival and on a dead letter's replay.
+pub fn validate(parsed: Result<&serde_json::Value, &serde_json::Error>) -> Result<Delivery, Error> {
+    let parsed = parsed.map_err(|err| Error::invalid("body", format!("not JSON: {err}")))?;
+    payload::parse(parsed)
+}
+
+/// Applies a validated delivery through the sequencer (another topic is only acknowledged) and
+/// returns once it is recorded and visible. The second half of the path, shared with replay.
+pub async fn record(sequencer: &Sequencer, delivery: Delivery) -> Result<Outcome, Error> {
+    match delivery {
+        Delivery::Other { event } => {
+            tracing::debug!(%event, "ignored a webhook of another topic");
+            Ok(Outcome::Ignored(event))
+        }
+        Delivery::ProfileUpdated(update) => {
+            let client_id = update.key.client_id.clone();
+            let applied = sequencer.apply(update).await?;
+            tracing::debug!(%client_id, ?applied, "webhook applied");
+            Ok(Outcome::Applied(applied))
         }
     }
 }
@@ -230,12 +290,15 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
     })
 }
 
-/// `{"error": "...", "field": "..."}` with the status `crate::status` assigns. A 503 also
-/// says when to come back.
+/// `{"error": "...", "field": "..."}` with the status `crate::status` assigns; a 422 adds
+/// `dead_letter_id`. A 503 also says when to come back.
 fn error_response(error: &Error) -> Response {
     let mut body = json!({"error": error.to_string()});
     if let Some(field) = error.field() {
         body["field"] = json!(field);
+    }
+    if let Error::DeadLettered { id, .. } = error {
+        body["dead_letter_id"] = json!(id);
     }
     let status = status::http_status(error);
     let mut response = (status, Json(body)).into_response();

@@ -1,0 +1,737 @@
+//! Dead letters: deliveries whose signature was valid but that could not be applied (a
+//! validation error, a schema we do not understand), kept with their reason, raw body and
+//! arrival time until an operator replays or purges them.
+//!
+//! A letter's id is the lowercase hex SHA-1 of its raw body, so the same body arriving again is
+//! the same letter: it is stored once, keeps its first arrival time and counts the repeat.
+//! Durably (the default), each letter is one JSON file `<data-dir>/dead-letters/<id>.json`,
+//! written atomically (temp file, fsync, rename, fsync the directory) before the sender is
+//! answered, and all of them are loaded at start-up: a file that does not load stops start-up
+//! naming it. Under `--ephemeral` they live in memory only. At most [`MAX_LETTERS`] are kept, so
+//! a sender stuck on a bad schema cannot fill the disk the journal needs; past that, storing
+//! fails and the webhook answers 503 (Gameball retries) until an operator replays or purges.
+//!
+//! This module keeps letters and nothing else: validating and applying them (on arrival and on
+//! replay) is `crate::webhook`'s path, and HTTP or gRPC are the adapters' business.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use sha1::{Digest, Sha1};
+
+use crate::data_dir::{sync_dir, write_atomically};
+use crate::error::Error;
+
+/// The directory, inside the data directory, that holds one file per letter.
+pub const DIR: &str = "dead-letters";
+/// The most letters kept; storing a new one past this fails until some are replayed or purged.
+pub const MAX_LETTERS: usize = 10_000;
+/// The version of a letter file's format.
+const FORMAT: u32 = 1;
+
+/// A dead letter's id: the lowercase hex SHA-1 of its raw body.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeadLetterId(String);
+
+impl DeadLetterId {
+    /// The id of the letter holding `body`.
+    pub fn of(body: &[u8]) -> DeadLetterId {
+        DeadLetterId(hex::encode(Sha1::digest(body)))
+    }
+
+    /// An id as a caller wrote it; anything but 40 lowercase hex digits is invalid (field `id`).
+    pub fn parse(text: &str) -> Result<DeadLetterId, Error> {
+        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if text.len() == 40 && text.bytes().all(hex) {
+            Ok(DeadLetterId(text.to_owned()))
+        } else {
+            Err(Error::invalid(
+                "id",
+                "must be 40 lowercase hex digits (the SHA-1 of the body)",
+            ))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DeadLetterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One kept delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    /// The SHA-1 of `body`.
+    pub id: DeadLetterId,
+    /// When the body first arrived.
+    pub received_at: DateTime<Utc>,
+    /// When it last arrived (equal to `received_at` if it arrived once).
+    pub last_received_at: DateTime<Utc>,
+    /// How many times it arrived.
+    pub deliveries: u64,
+    /// Why it cannot be applied, as last found (on arrival or on a failed replay).
+    pub reason: String,
+    /// The field the reason is about, if any (`data.tier_order`, `body`).
+    pub field: Option<String>,
+    /// The raw body, exactly as it arrived (not necessarily UTF-8).
+    pub body: Vec<u8>,
+}
+
+impl DeadLetter {
+    /// Where this letter sits in listings.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            received_at: self.received_at,
+            id: self.id.clone(),
+        }
+    }
+}
+
+/// A position in the listing order: first arrival, then id. Letters only join at their arrival
+/// time, so paging from a cursor never returns a letter twice.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    /// The first arrival of the last letter seen.
+    pub received_at: DateTime<Utc>,
+    /// Its id.
+    pub id: DeadLetterId,
+}
+
+impl Cursor {
+    /// An opaque page token for this cursor.
+    pub fn encode(&self) -> String {
+        let text = format!("v1 {} {}", rfc3339(self.received_at), self.id);
+        URL_SAFE_NO_PAD.encode(text)
+    }
+
+    /// The cursor of a token made by [`Cursor::encode`]; anything else is invalid (field
+    /// `page_token`).
+    pub fn decode(token: &str) -> Result<Cursor, Error> {
+        let invalid = || Error::invalid("page_token", "is not a token ListDeadLetters returned");
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+        let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+        let mut parts = text.split(' ');
+        let (Some("v1"), Some(at), Some(id), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid());
+        };
+        Ok(Cursor {
+            received_at: parse_time(at).ok_or_else(invalid)?,
+            id: DeadLetterId::parse(id).map_err(|_| invalid())?,
+        })
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug)]
+pub struct Page {
+    /// The letters, oldest first arrival first.
+    pub letters: Vec<Arc<DeadLetter>>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+/// Which letters to purge.
+#[derive(Clone, Debug)]
+pub enum Purge {
+    /// Every letter.
+    All,
+    /// These letters (ids that are not kept are skipped).
+    Ids(Vec<DeadLetterId>),
+}
+
+/// Why letters could not be kept, loaded or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// [`MAX_LETTERS`] are kept already.
+    #[error("{limit} dead letters are kept already; replay or purge some to keep new ones")]
+    Full {
+        /// The limit.
+        limit: usize,
+    },
+    /// A filesystem operation failed.
+    #[error("dead letters: {path}: {action}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A letter file does not hold a valid letter.
+    #[error("dead letter file {path} is damaged: {reason}; move it away to start")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> DeadLetterError {
+    let path = path.to_owned();
+    move |source| DeadLetterError::Io {
+        path,
+        action,
+        source,
+    }
+}
+
+/// The dead letters of one server. Cloning it is one reference-count increment; every clone
+/// shares the same letters (and, when durable, the same directory).
+#[derive(Clone)]
+pub struct DeadLetters {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` under `--ephemeral`.
+    dir: Option<PathBuf>,
+    max_letters: usize,
+    /// What readers see. A plain mutex, held only to look up or swap entries and never during
+    /// I/O: letters are few and rarely touched, so a concurrent map would buy nothing.
+    index: Mutex<Index>,
+    /// Serializes changes: each one reads a letter, writes its file, then swaps the index
+    /// entry, so two arrivals of the same body cannot both create it or lose a repeat count.
+    /// Held across file I/O (on a blocking thread), never by readers.
+    writer: Mutex<()>,
+}
+
+#[derive(Default)]
+struct Index {
+    by_id: HashMap<DeadLetterId, Arc<DeadLetter>>,
+    order: BTreeSet<(DateTime<Utc>, DeadLetterId)>,
+}
+
+impl Index {
+    fn insert(&mut self, letter: Arc<DeadLetter>) {
+        self.order.insert((letter.received_at, letter.id.clone()));
+        if let Some(old) = self.by_id.insert(letter.id.clone(), letter) {
+            // A rewrite keeps the first arrival, so the order entry is the same one.
+            debug_assert!(self.order.contains(&(old.received_at, old.id.clone())));
+        }
+    }
+
+    fn remove(&mut self, id: &DeadLetterId) -> Option<Arc<DeadLetter>> {
+        let letter = self.by_id.remove(id)?;
+        self.order.remove(&(letter.received_at, letter.id.clone()));
+        Some(letter)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every change swaps whole entries under the lock, so a panic elsewhere cannot leave the
+    // index half-updated: a poisoned lock is still consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl DeadLetters {
+    /// Letters kept in memory only (`--ephemeral`, and ingresses built without a data
+    /// directory).
+    pub fn in_memory() -> DeadLetters {
+        DeadLetters::new(None, MAX_LETTERS, Index::default())
+    }
+
+    /// Opens `<data_dir>/dead-letters` (created if missing) and loads every letter in it.
+    /// Blocking: call it where blocking is fine (start-up's recovery thread).
+    pub fn open(data_dir: &Path) -> Result<DeadLetters, DeadLetterError> {
+        let dir = data_dir.join(DIR);
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).map_err(io(&dir, "create"))?;
+            sync_dir(data_dir).map_err(io(data_dir, "sync"))?;
+        }
+        let mut index = Index::default();
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir, "list"))? {
+            let path = entry.map_err(io(&dir, "list"))?.path();
+            match path.extension().and_then(|ext| ext.to_str()) {
+                Some("json") => index.insert(Arc::new(load(&path)?)),
+                // A write interrupted before its rename: the letter's previous version, if
+                // any, is intact, and the sender was not answered 422 for this one.
+                Some("tmp") => std::fs::remove_file(&path).map_err(io(&path, "remove"))?,
+                _ => tracing::warn!(file = %path.display(), "not a dead letter file; left alone"),
+            }
+        }
+        tracing::info!(dir = %dir.display(), letters = index.by_id.len(), "dead letters loaded");
+        Ok(DeadLetters::new(Some(dir), MAX_LETTERS, index))
+    }
+
+    fn new(dir: Option<PathBuf>, max_letters: usize, index: Index) -> DeadLetters {
+        DeadLetters {
+            inner: Arc::new(Inner {
+                dir,
+                max_letters,
+                index: Mutex::new(index),
+                writer: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Keeps `body`, which cannot be applied because of `error`, as received at `now`, and
+    /// returns its id once it is kept (on disk when durable). The same body again is the same
+    /// letter: its first arrival stays, its delivery count grows and its reason is refreshed.
+    pub async fn store(
+        &self,
+        body: &[u8],
+        error: &Error,
+        now: DateTime<Utc>,
+    ) -> Result<DeadLetterId, DeadLetterError> {
+        let body = body.to_vec();
+        let (reason, field) = (error.to_string(), error.field().map(str::to_owned));
+        self.change(move |inner| {
+            let id = DeadLetterId::of(&body);
+            let existing = lock(&inner.index).by_id.get(&id).cloned();
+            let letter = match existing {
+                Some(old) => DeadLetter {
+                    last_received_at: now.max(old.last_received_at),
+                    deliveries: old.deliveries + 1,
+                    reason,
+                    field,
+                    ..DeadLetter::clone(&old)
+                },
+                None => {
+                    if lock(&inner.index).by_id.len() >= inner.max_letters {
+                        return Err(DeadLetterError::Full {
+                            limit: inner.max_letters,
+                        });
+                    }
+                    DeadLetter {
+                        id: id.clone(),
+                        received_at: now,
+                        last_received_at: now,
+                        deliveries: 1,
+                        reason,
+                        field,
+                        body,
+                    }
+                }
+            };
+            inner.write(&letter)?;
+            lock(&inner.index).insert(Arc::new(letter));
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Records why a kept letter still cannot be applied (after a failed replay). Returns
+    /// false if the letter is no longer kept.
+    pub async fn set_reason(
+        &self,
+        id: &DeadLetterId,
+        error: &Error,
+    ) -> Result<bool, DeadLetterError> {
+        let id = id.clone();
+        let (reason, field) = (error.to_string(), error.field().map(str::to_owned));
+        self.change(move |inner| {
+            let Some(old) = lock(&inner.index).by_id.get(&id).cloned() else {
+                return Ok(false);
+            };
+            if old.reason == reason && old.field == field {
+                return Ok(true);
+            }
+            let letter = DeadLetter {
+                reason,
+                field,
+                ..DeadLetter::clone(&old)
+            };
+            inner.write(&letter)?;
+            lock(&inner.index).insert(Arc::new(letter));
+            Ok(true)
+        })
+        .await
+    }
+
+    /// The letter with this id, if kept.
+    pub fn get(&self, id: &DeadLetterId) -> Option<Arc<DeadLetter>> {
+        lock(&self.inner.index).by_id.get(id).cloned()
+    }
+
+    /// How many letters are kept.
+    pub fn len(&self) -> usize {
+        lock(&self.inner.index).by_id.len()
+    }
+
+    /// Whether no letter is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `limit` letters (at least one) after `after`, oldest first arrival first. Past the
+    /// first letter, a page stops before its bodies would exceed `max_body_bytes`, so a page
+    /// stays a reasonable message whatever the bodies weigh.
+    pub fn list(&self, after: Option<&Cursor>, limit: usize, max_body_bytes: usize) -> Page {
+        let index = lock(&self.inner.index);
+        let start = match after {
+            Some(cursor) => Bound::Excluded((cursor.received_at, cursor.id.clone())),
+            None => Bound::Unbounded,
+        };
+        let mut letters: Vec<Arc<DeadLetter>> = Vec::new();
+        let mut bytes = 0;
+        for (_, id) in index.order.range((start, Bound::Unbounded)) {
+            let letter = &index.by_id[id];
+            let full = letters.len() >= limit.max(1)
+                || (!letters.is_empty() && bytes + letter.body.len() > max_body_bytes);
+            if full {
+                return Page {
+                    next: letters.last().map(|last| last.cursor()),
+                    letters,
+                };
+            }
+            bytes += letter.body.len();
+            letters.push(Arc::clone(letter));
+        }
+        Page {
+            letters,
+            next: None,
+        }
+    }
+
+    /// Removes one letter (replayed, or no longer wanted). Returns false if it was not kept.
+    pub async fn remove(&self, id: &DeadLetterId) -> Result<bool, DeadLetterError> {
+        let removed = self.purge(Purge::Ids(vec![id.clone()])).await?;
+        Ok(!removed.is_empty())
+    }
+
+    /// Removes these letters, or all of them; returns the ids removed. Ids that are not kept
+    /// are skipped. On an I/O error, the letters removed before it stay removed.
+    pub async fn purge(&self, which: Purge) -> Result<Vec<DeadLetterId>, DeadLetterError> {
+        self.change(move |inner| {
+            let ids = match which {
+                Purge::All => lock(&inner.index).by_id.keys().cloned().collect(),
+                Purge::Ids(ids) => ids,
+            };
+            let mut removed = Vec::new();
+            let mut result = Ok(());
+            for id in ids {
+                if !lock(&inner.index).by_id.contains_key(&id) {
+                    continue;
+                }
+                if let Err(error) = inner.delete(&id) {
+                    result = Err(error);
+                    break;
+                }
+                lock(&inner.index).remove(&id);
+                removed.push(id);
+            }
+            if let Some(dir) = &inner.dir
+                && !removed.is_empty()
+            {
+                sync_dir(dir).map_err(io(dir, "sync"))?;
+            }
+            result.map(|()| removed)
+        })
+        .await
+    }
+
+    /// Runs a change with the writer lock held: inline in memory, on a blocking thread when it
+    /// touches files.
+    async fn change<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Inner) -> Result<T, DeadLetterError> + Send + 'static,
+    ) -> Result<T, DeadLetterError> {
+        let inner = Arc::clone(&self.inner);
+        let run = move || {
+            let _writing = lock(&inner.writer);
+            work(&inner)
+        };
+        let Some(dir) = self.inner.dir.clone() else {
+            return run();
+        };
+        match tokio::task::spawn_blocking(run).await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(io(&dir, "finish a change")(std::io::Error::other(error))),
+        }
+    }
+}
+
+impl Inner {
+    fn path(&self, id: &DeadLetterId) -> Option<PathBuf> {
+        self.dir.as_ref().map(|dir| dir.join(format!("{id}.json")))
+    }
+
+    /// Writes a letter's file atomically (nothing in memory mode).
+    fn write(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
+        let Some(path) = self.path(&letter.id) else {
+            return Ok(());
+        };
+        let record = Record {
+            format: FORMAT,
+            id: letter.id.to_string(),
+            received_at: rfc3339(letter.received_at),
+            last_received_at: rfc3339(letter.last_received_at),
+            deliveries: letter.deliveries,
+            reason: letter.reason.clone(),
+            field: letter.field.clone(),
+            body: STANDARD.encode(&letter.body),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&record).expect("a record serializes");
+        bytes.push(b'\n');
+        write_atomically(&path, &bytes).map_err(io(&path, "write"))
+    }
+
+    /// Removes a letter's file; the caller syncs the directory (once for many removals).
+    fn delete(&self, id: &DeadLetterId) -> Result<(), DeadLetterError> {
+        let Some(path) = self.path(id) else {
+            return Ok(());
+        };
+        match std::fs::remove_file(&path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(io(&path, "remove")(error))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A letter file: JSON, readable with `jq` (`.body | @base64d` gives the raw body back).
+#[derive(Serialize, Deserialize)]
+struct Record {
+    format: u32,
+    id: String,
+    received_at: String,
+    last_received_at: String,
+    deliveries: u64,
+    reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    body: String,
+}
+
+/// Reads one letter file, checking everything it claims (the id is the body's SHA-1 and the
+/// file's name).
+fn load(path: &Path) -> Result<DeadLetter, DeadLetterError> {
+    let damaged = |reason: &str| DeadLetterError::Damaged {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let bytes = std::fs::read(path).map_err(io(path, "read"))?;
+    let record: Record = serde_json::from_slice(&bytes)
+        .map_err(|err| damaged(&format!("not a dead letter record: {err}")))?;
+    if record.format != FORMAT {
+        return Err(damaged(&format!("unknown format {}", record.format)));
+    }
+    let body = STANDARD
+        .decode(&record.body)
+        .map_err(|_| damaged("body is not base64"))?;
+    let id = DeadLetterId::of(&body);
+    if record.id != id.as_str() {
+        return Err(damaged("its id is not the SHA-1 of its body"));
+    }
+    if path.file_stem().and_then(|stem| stem.to_str()) != Some(id.as_str()) {
+        return Err(damaged("its name is not its id"));
+    }
+    let time = |text: &str, what: &str| {
+        parse_time(text).ok_or_else(|| damaged(&format!("{what} is not an RFC 3339 timestamp")))
+    };
+    Ok(DeadLetter {
+        id,
+        received_at: time(&record.received_at, "received_at")?,
+        last_received_at: time(&record.last_received_at, "last_received_at")?,
+        deliveries: record.deliveries,
+        reason: record.reason,
+        field: record.field,
+        body,
+    })
+}
+
+/// RFC 3339 in UTC with as many fractional digits as needed to read back the same instant.
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|at| at.with_timezone(&Utc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(second: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + second, 123_456_789).unwrap()
+    }
+
+    fn invalid(field: &str) -> Error {
+        Error::invalid(field, "is required")
+    }
+
+    #[test]
+    fn ids_are_the_sha1_of_the_body_and_parse_strictly() {
+        let id = DeadLetterId::of(b"abc");
+        assert_eq!(id.as_str(), "a9993e364706816aba3e25717850c26c9cd0d89d");
+        assert_eq!(DeadLetterId::parse(id.as_str()).unwrap(), id);
+        for bad in [
+            "",
+            "A9993E364706816ABA3E25717850C26C9CD0D89D",
+            "a9993e",
+            "../etc",
+        ] {
+            assert!(DeadLetterId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_junk_is_refused() {
+        let cursor = Cursor {
+            received_at: at(5),
+            id: DeadLetterId::of(b"x"),
+        };
+        assert_eq!(Cursor::decode(&cursor.encode()).unwrap(), cursor);
+        for junk in ["", "nope", &URL_SAFE_NO_PAD.encode("v2 x y")] {
+            let Err(Error::InvalidArgument { field, .. }) = Cursor::decode(junk) else {
+                panic!("{junk:?} decoded");
+            };
+            assert_eq!(field, "page_token");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_same_body_is_one_letter_counting_repeats() {
+        let letters = DeadLetters::in_memory();
+        let id = letters.store(b"{", &invalid("body"), at(1)).await.unwrap();
+        let again = letters.store(b"{", &invalid("event"), at(2)).await.unwrap();
+        assert_eq!(id, again);
+        assert_eq!(letters.len(), 1);
+        let letter = letters.get(&id).unwrap();
+        assert_eq!(
+            (letter.received_at, letter.last_received_at),
+            (at(1), at(2))
+        );
+        assert_eq!(letter.deliveries, 2);
+        assert_eq!(letter.field.as_deref(), Some("event"), "the newest reason");
+        assert_eq!(letter.body, b"{");
+    }
+
+    #[tokio::test]
+    async fn pages_follow_first_arrival_and_respect_the_byte_budget() {
+        let letters = DeadLetters::in_memory();
+        let mut ids = Vec::new();
+        for n in 0..5u8 {
+            let body = vec![n; 10];
+            ids.push(
+                letters
+                    .store(&body, &invalid("body"), at(10 - i64::from(n)))
+                    .await
+                    .unwrap(),
+            );
+        }
+        ids.reverse(); // the last stored arrived first
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = letters.list(after.as_ref(), 2, 1000);
+            assert!(page.letters.len() <= 2);
+            seen.extend(page.letters.iter().map(|l| l.id.clone()));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ids);
+        let page = letters.list(None, 100, 25);
+        assert_eq!(
+            page.letters.len(),
+            2,
+            "10 + 10 bytes fit in 25, a third does not"
+        );
+        let page = letters.list(None, 100, 0);
+        assert_eq!(page.letters.len(), 1, "a page holds at least one letter");
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_new_bodies_but_counts_repeats() {
+        let letters = DeadLetters::new(None, 1, Index::default());
+        letters.store(b"1", &invalid("body"), at(1)).await.unwrap();
+        let refused = letters.store(b"2", &invalid("body"), at(2)).await;
+        assert!(matches!(refused, Err(DeadLetterError::Full { limit: 1 })));
+        letters.store(b"1", &invalid("body"), at(3)).await.unwrap();
+        let removed = letters.purge(Purge::All).await.unwrap();
+        assert_eq!(removed.len(), 1);
+        letters.store(b"2", &invalid("body"), at(4)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn letters_survive_reopening_and_removals_stick() {
+        let data = tempfile::tempdir().unwrap();
+        let body = b"\xff\xfe not utf-8".to_vec();
+        let letters = DeadLetters::open(data.path()).unwrap();
+        let id = letters
+            .store(&body, &invalid("data.tier_order"), at(1))
+            .await
+            .unwrap();
+        letters
+            .store(&body, &invalid("data.tier_order"), at(2))
+            .await
+            .unwrap();
+        let other = letters.store(b"[]", &invalid("body"), at(3)).await.unwrap();
+        assert!(letters.set_reason(&other, &invalid("event")).await.unwrap());
+        let before: Vec<_> = letters.list(None, 10, usize::MAX).letters;
+        drop(letters);
+
+        let reopened = DeadLetters::open(data.path()).unwrap();
+        let after = reopened.list(None, 10, usize::MAX).letters;
+        assert_eq!(after, before);
+        assert_eq!(reopened.get(&id).unwrap().deliveries, 2);
+        assert_eq!(
+            reopened.get(&other).unwrap().field.as_deref(),
+            Some("event")
+        );
+
+        assert!(reopened.remove(&id).await.unwrap());
+        assert!(!reopened.remove(&id).await.unwrap());
+        drop(reopened);
+        let again = DeadLetters::open(data.path()).unwrap();
+        assert_eq!(again.len(), 1);
+        assert!(again.get(&other).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_file_stops_opening_and_names_it() {
+        let data = tempfile::tempdir().unwrap();
+        let letters = DeadLetters::open(data.path()).unwrap();
+        let id = letters
+            .store(b"{}", &invalid("event"), at(1))
+            .await
+            .unwrap();
+        drop(letters);
+        let path = data.path().join(DIR).join(format!("{id}.json"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let tampered = text.replace(&STANDARD.encode(b"{}"), &STANDARD.encode(b"[]"));
+        std::fs::write(&path, tampered).unwrap();
+        // A leftover temp file is an interrupted write, not damage.
+        std::fs::write(data.path().join(DIR).join("x.tmp"), b"half").unwrap();
+
+        let Err(error) = DeadLetters::open(data.path()) else {
+            panic!("a tampered letter must not load");
+        };
+        let message = error.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("SHA-1"), "{message}");
+        assert!(!data.path().join(DIR).join("x.tmp").exists());
+
+        std::fs::write(&path, b"not json").unwrap();
+        let Err(error) = DeadLetters::open(data.path()) else {
+            panic!("junk must not load");
+        };
+        assert!(
+            error.to_string().contains(&path.display().to_string()),
+            "{error}"
+        );
+    }
+}
