@@ -20,6 +20,7 @@ use crate::data_dir::{self, DataDir};
 use crate::dead_letters::DeadLetters;
 use crate::grpc::ProfileApi;
 use crate::grpc::admin::AdminApi;
+use crate::grpc::security::{self, BearerAuth, MetricsLayer};
 use crate::journal::{self, FaultSwitch, Journal};
 use crate::metrics::Metrics;
 use crate::pb;
@@ -30,6 +31,7 @@ use crate::store::Store;
 use crate::webhook::secrets::{SecretStore, Secrets};
 use crate::webhook::{Ingress, Limits, Verification};
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 /// A bound, not yet serving, service.
@@ -39,6 +41,8 @@ pub struct Server {
     grpc: TcpListener,
     admin: TcpListener,
     verification: Verification,
+    auth: BearerAuth,
+    grpc_builder: tonic::transport::Server,
     store: Store,
     durability: Option<Durability>,
     dead_letters: DeadLetters,
@@ -53,6 +57,8 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         config.check()?;
         let verification = verification(&config)?;
+        let auth = BearerAuth::from_config(&config)?;
+        let grpc_builder = security::server_builder(&config)?;
         let faults = FaultSwitch::default();
         let (store, durability, data_dir) = if config.ephemeral {
             let store = Store::new(config.history_events, data_dir::new_store_id());
@@ -93,6 +99,8 @@ impl Server {
             grpc,
             admin,
             verification,
+            auth,
+            grpc_builder,
             store,
             durability,
             dead_letters,
@@ -152,6 +160,8 @@ impl Server {
             grpc,
             admin,
             verification,
+            auth,
+            grpc_builder,
             store,
             durability,
             dead_letters,
@@ -232,13 +242,24 @@ impl Server {
             data_dir.is_some(),
             stopping.clone(),
             tracker.clone(),
-        );
-        let grpc = tonic::transport::Server::builder()
+        )
+        .with_limits(config.max_watch_streams, metrics.clone());
+        // Health and reflection stay open (probes, grpcurl); the data services need a token
+        // when tokens are configured.
+        let limit = config.grpc_max_message_bytes;
+        let profiles = ProfileServiceServer::new(api)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let admin_service = AdminServiceServer::new(admin_api)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let grpc = grpc_builder
+            .layer(MetricsLayer::new(metrics.clone()))
             .add_service(health_service)
             .add_service(reflection_v1()?)
             .add_service(reflection_v1alpha()?)
-            .add_service(ProfileServiceServer::new(api))
-            .add_service(AdminServiceServer::new(admin_api))
+            .add_service(InterceptedService::new(profiles, auth.clone()))
+            .add_service(InterceptedService::new(admin_service, auth))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 stopping.clone().cancelled_owned(),

@@ -117,13 +117,37 @@ pub enum WatchEvent {
     },
     /// The subscriber's position is gone; a full initial state and `Synced` follow.
     Reset {
-        /// Why.
+        /// Which situation.
+        kind: ResetKind,
+        /// Why, in words.
         reason: String,
         /// The oldest revision the history still holds.
         revision: u64,
     },
     /// The stream ends with this error (shutdown, or compaction with `fail_if_compacted`).
     End(Error),
+}
+
+/// Why a subscriber was reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetKind {
+    /// It asked to start from a revision the history no longer holds.
+    CompactedStart,
+    /// It read too slowly and the history moved past it.
+    FellBehind,
+    /// The history moved on while its initial state was being sent.
+    InitialState,
+}
+
+impl ResetKind {
+    /// A short, fixed name (metrics label).
+    pub fn label(self) -> &'static str {
+        match self {
+            ResetKind::CompactedStart => "compacted_start",
+            ResetKind::FellBehind => "fell_behind",
+            ResetKind::InitialState => "initial_state",
+        }
+    }
 }
 
 /// Where a subscription starts, decided when it is opened.
@@ -243,6 +267,7 @@ impl Feed {
             Start::Reset { reason, oldest } => {
                 *cursor = oldest;
                 self.send(WatchEvent::Reset {
+                    kind: ResetKind::CompactedStart,
                     reason,
                     revision: oldest,
                 })
@@ -291,6 +316,7 @@ impl Feed {
                         *cursor
                     );
                     self.send(WatchEvent::Reset {
+                        kind: ResetKind::FellBehind,
                         reason,
                         revision: oldest,
                     })
@@ -336,6 +362,7 @@ impl Feed {
                 Err(Compacted { oldest }) => {
                     let reason = "the history moved on while the initial state was sent";
                     self.send(WatchEvent::Reset {
+                        kind: ResetKind::InitialState,
                         reason: reason.into(),
                         revision: oldest,
                     })

@@ -136,7 +136,9 @@ pub fn watch_event(
             store_id: store_id.to_owned(),
         }),
         WatchEvent::Progress { revision } => Event::Progress(pb::Progress { revision }),
-        WatchEvent::Reset { reason, revision } => Event::Reset(pb::Reset {
+        WatchEvent::Reset {
+            reason, revision, ..
+        } => Event::Reset(pb::Reset {
             reason,
             revision,
             store_id: store_id.to_owned(),

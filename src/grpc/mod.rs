@@ -7,13 +7,14 @@
 pub mod admin;
 mod convert;
 mod page_token;
+pub mod security;
 
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::profile_service_server::ProfileService;
 use crate::profile::{Field, Profile, ProfileKey};
@@ -36,6 +38,10 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
 /// Progress interval when the request says 0.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// Most customer ids one WatchProfiles filter may name.
+pub const MAX_WATCH_IDS: usize = 1000;
+/// Most field names one WatchProfiles filter may name.
+pub const MAX_WATCH_FIELDS: usize = 100;
 /// Events buffered per subscriber between its feed task and the gRPC stream. Small on purpose:
 /// a subscriber that does not read holds at most this many, the rest stays in history.
 const WATCH_BUFFER: usize = 64;
@@ -47,11 +53,15 @@ pub struct ProfileApi {
     started: Instant,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// One permit per open watch stream, held by the stream until it is dropped.
+    watch_streams: Arc<Semaphore>,
+    max_watch_streams: usize,
+    metrics: Metrics,
 }
 
 impl ProfileApi {
     /// A service reading `store` (persisted when `durable`); watch feeds run on `tracker` and
-    /// end on `shutdown`.
+    /// end on `shutdown`. No stream limit and private metrics until [`ProfileApi::with_limits`].
     pub fn new(
         store: Store,
         durable: bool,
@@ -64,7 +74,20 @@ impl ProfileApi {
             started: Instant::now(),
             shutdown,
             tracker,
+            watch_streams: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            max_watch_streams: Semaphore::MAX_PERMITS,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// At most `max_watch_streams` open watch streams (RESOURCE_EXHAUSTED past it); watch
+    /// activity counted in `metrics`.
+    pub fn with_limits(mut self, max_watch_streams: usize, metrics: Metrics) -> Self {
+        let max = max_watch_streams.min(Semaphore::MAX_PERMITS);
+        self.watch_streams = Arc::new(Semaphore::new(max));
+        self.max_watch_streams = max;
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -182,12 +205,32 @@ impl ProfileService for ProfileApi {
         let request = request.into_inner();
         let include_previous = request.include_previous;
         let spec = watch_spec(request).map_err(|e| grpc_status(&e))?;
+        let permit = Arc::clone(&self.watch_streams)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "too many watch streams open (limit {}); retry later",
+                    self.max_watch_streams
+                ))
+            })?;
         let watch = Watch::open(&self.store, spec).map_err(|e| grpc_status(&e))?;
         let (events, received) = mpsc::channel(WATCH_BUFFER);
         self.tracker.spawn(watch.run(events, self.shutdown.clone()));
         let store = self.store.clone();
-        let stream = ReceiverStream::new(received)
-            .map(move |event| convert::watch_event(event, include_previous, store.store_id()));
+        let metrics = self.metrics.clone();
+        // The stream owns the permit and the open-stream gauge: both go when tonic drops it.
+        let open = (permit, metrics.watch_stream());
+        let stream = ReceiverStream::new(received).map(move |event| {
+            let _open = &open;
+            if let crate::watch::WatchEvent::Reset { kind, .. } = &event {
+                metrics.watch_reset(kind.label());
+            }
+            let message = convert::watch_event(event, include_previous, store.store_id());
+            if message.is_ok() {
+                metrics.watch_event();
+            }
+            message
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -211,6 +254,20 @@ impl ProfileService for ProfileApi {
 }
 
 fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
+    if request.customer_ids.len() > MAX_WATCH_IDS {
+        let reason = format!(
+            "at most {MAX_WATCH_IDS} ids per watch, got {}",
+            request.customer_ids.len()
+        );
+        return Err(Error::invalid("customer_ids", reason));
+    }
+    if request.fields.len() > MAX_WATCH_FIELDS {
+        let reason = format!(
+            "at most {MAX_WATCH_FIELDS} fields per watch, got {}",
+            request.fields.len()
+        );
+        return Err(Error::invalid("fields", reason));
+    }
     let mut customer_ids = HashSet::with_capacity(request.customer_ids.len());
     for (index, id) in request.customer_ids.into_iter().enumerate() {
         if id.is_empty() {
