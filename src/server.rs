@@ -20,7 +20,8 @@ use crate::data_dir::{self, DataDir};
 use crate::dead_letters::DeadLetters;
 use crate::grpc::ProfileApi;
 use crate::grpc::admin::AdminApi;
-use crate::grpc::security::{self, BearerAuth, MetricsLayer};
+use crate::grpc::auth::BearerAuth;
+use crate::grpc::transport::{self, MetricsLayer};
 use crate::journal::{self, FaultSwitch, Journal};
 use crate::metrics::Metrics;
 use crate::pb;
@@ -58,7 +59,7 @@ impl Server {
         config.check()?;
         let verification = verification(&config)?;
         let auth = BearerAuth::from_config(&config)?;
-        let grpc_builder = security::server_builder(&config)?;
+        let grpc_builder = transport::server_builder(&config)?;
         let faults = FaultSwitch::default();
         let (store, durability, data_dir) = if config.ephemeral {
             let store = Store::new(config.history_events, data_dir::new_store_id());
@@ -242,10 +243,12 @@ impl Server {
             data_dir.is_some(),
             stopping.clone(),
             tracker.clone(),
+            metrics.clone(),
         )
-        .with_limits(config.max_watch_streams, metrics.clone());
-        // Health and reflection stay open (probes, grpcurl); the data services need a token
-        // when tokens are configured.
+        .with_max_watch_streams(config.max_watch_streams);
+        // Every service decodes and encodes messages up to the same limit (tonic sets it per
+        // service). Health and reflection stay open (probes, grpcurl); the data services need
+        // a token when tokens are configured.
         let limit = config.grpc_max_message_bytes;
         let profiles = ProfileServiceServer::new(api)
             .max_decoding_message_size(limit)
@@ -253,11 +256,22 @@ impl Server {
         let admin_service = AdminServiceServer::new(admin_api)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
+        let health_service = health_service
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
         let grpc = grpc_builder
             .layer(MetricsLayer::new(metrics.clone()))
             .add_service(health_service)
-            .add_service(reflection_v1()?)
-            .add_service(reflection_v1alpha()?)
+            .add_service(
+                reflection_v1()?
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .add_service(
+                reflection_v1alpha()?
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
             .add_service(InterceptedService::new(profiles, auth.clone()))
             .add_service(InterceptedService::new(admin_service, auth))
             .serve_with_incoming_shutdown(

@@ -1,23 +1,29 @@
-//! gRPC guard rails: bearer tokens, TLS and mTLS, stream and filter limits, message sizes, and
-//! per-call metrics.
+//! gRPC guard rails over real sockets: bearer tokens, TLS and mTLS, the watch stream cap,
+//! filter and message size limits, per-call metrics, and start-up errors for bad files.
 
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
-use common::TestService;
+use common::{TestService, at, profile_updated};
 use profile_state::pb;
 use profile_state::pb::admin_service_client::AdminServiceClient;
 use profile_state::pb::profile_service_client::ProfileServiceClient;
 use profile_state::{Config, Server};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use serde_json::json;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_types::StatusExt;
+
+const TOKEN: &str = "s3cret-token-for-tests";
 
 fn get(customer_id: &str) -> pb::GetProfileRequest {
     pb::GetProfileRequest {
@@ -34,14 +40,36 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
-#[tokio::test]
-async fn data_services_need_a_token_while_health_and_reflection_stay_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
-    std::fs::write(&tokens, "# services\nsecret-token\n").unwrap();
+/// A service requiring [`TOKEN`] (and another, to show several work).
+async fn with_tokens(dir: &Path) -> TestService {
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, format!("# callers\n\n{TOKEN}\n  other-token  \n")).unwrap();
     let mut config = Config::for_tests(common::SECRET);
     config.grpc_auth_tokens_file = Some(tokens);
-    let service = TestService::start_with(config).await;
+    TestService::start_with(config).await
+}
+
+/// The value of a Prometheus sample line starting `name{` with every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn data_services_need_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = with_tokens(dir.path()).await;
+    service
+        .update(&profile_updated("a", &at(1), json!({"total_points": 5})))
+        .await;
     let mut client = service.client().await;
 
     let missing = client.get_profile(get("a")).await.unwrap_err();
@@ -52,31 +80,66 @@ async fn data_services_need_a_token_while_health_and_reflection_stay_open() {
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), Code::Unauthenticated);
-    assert!(!wrong.message().contains("guess"));
-    let right = client
-        .get_profile(with_token(get("a"), "secret-token"))
+    assert_eq!(wrong.message(), "invalid bearer token", "never the token");
+    let profile = client
+        .get_profile(with_token(get("a"), TOKEN))
         .await
-        .unwrap_err();
-    assert_eq!(
-        right.code(),
-        Code::NotFound,
-        "authenticated, then not found"
+        .expect("the right token")
+        .into_inner();
+    assert_eq!(profile.profile.unwrap().customer_id, "a");
+    assert!(
+        client
+            .get_profile(with_token(get("a"), "other-token"))
+            .await
+            .is_ok(),
+        "every token in the file works"
     );
-    let watch = client
-        .watch_profiles(pb::WatchProfilesRequest::default())
+
+    let watch = || pb::WatchProfilesRequest {
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let missing = client.watch_profiles(watch()).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert_eq!(missing.message(), "missing bearer token");
+    let wrong = client
+        .watch_profiles(with_token(watch(), "guess"))
         .await
         .unwrap_err();
-    assert_eq!(watch.code(), Code::Unauthenticated);
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert_eq!(wrong.message(), "invalid bearer token");
+    let mut stream = client
+        .watch_profiles(with_token(watch(), TOKEN))
+        .await
+        .expect("the right token")
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("the initial state");
+    assert!(first.event.is_some());
+    drop(stream);
+
     let mut admin = AdminServiceClient::new(service.channel().await);
-    let admin_call = admin
+    let denied = admin
         .list_dead_letters(pb::ListDeadLettersRequest::default())
         .await
         .unwrap_err();
     assert_eq!(
-        admin_call.code(),
+        denied.code(),
         Code::Unauthenticated,
         "admin is protected too"
     );
+    assert!(
+        admin
+            .list_dead_letters(with_token(pb::ListDeadLettersRequest::default(), TOKEN))
+            .await
+            .is_ok()
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_need_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = with_tokens(dir.path()).await;
 
     let mut health = HealthClient::new(service.channel().await);
     let status = health
@@ -85,7 +148,11 @@ async fn data_services_need_a_token_while_health_and_reflection_stay_open() {
         })
         .await
         .expect("health needs no token");
-    assert_eq!(status.into_inner().status, 1);
+    assert_eq!(
+        status.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
     let mut reflection = ServerReflectionClient::new(service.channel().await);
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -96,10 +163,19 @@ async fn data_services_need_a_token_while_health_and_reflection_stay_open() {
         .await
         .expect("reflection needs no token")
         .into_inner();
-    assert!(answers.message().await.unwrap().is_some());
+    let answer = answers.message().await.unwrap().expect("an answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        names.contains(&"gameball.profiles.v1.ProfileService"),
+        "{names:?}"
+    );
     service.stop().await;
 }
 
+/// A throwaway certificate authority.
 struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
 }
@@ -125,6 +201,8 @@ impl Pki {
     }
 }
 
+/// A configuration serving TLS with a `localhost` certificate from `pki`, requiring client
+/// certificates from the same CA when `mutual`.
 fn tls_config(dir: &Path, pki: &Pki, mutual: bool) -> Config {
     let (cert, key) = pki.issue("localhost");
     std::fs::write(dir.join("server.pem"), cert).unwrap();
@@ -165,6 +243,14 @@ async fn server_info(channel: Channel) -> Result<pb::GetServerInfoResponse, toni
         .map(tonic::Response::into_inner)
 }
 
+/// Whether a connection attempt got no answer: refused at connect, or its first call failed.
+async fn refused(channel: Result<Channel, tonic::transport::Error>) -> bool {
+    match channel {
+        Err(_) => true,
+        Ok(channel) => server_info(channel).await.is_err(),
+    }
+}
+
 #[tokio::test]
 async fn tls_serves_trusting_clients_and_refuses_plaintext() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,25 +265,34 @@ async fn tls_serves_trusting_clients_and_refuses_plaintext() {
         .unwrap()
         .connect()
         .await;
-    let refused = match plaintext {
-        Err(_) => true,
-        Ok(channel) => server_info(channel).await.is_err(),
-    };
-    assert!(refused, "a plaintext client must not get an answer");
+    assert!(
+        refused(plaintext).await,
+        "a plaintext client gets no answer"
+    );
+
+    let stranger = Pki::new();
+    assert!(
+        refused(tls_channel(&service, &stranger, None).await).await,
+        "a client that does not trust the server's CA does not connect"
+    );
     service.stop().await;
 }
 
 #[tokio::test]
-async fn mutual_tls_refuses_a_client_without_a_certificate() {
+async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
     let service = TestService::start_with(tls_config(dir.path(), &pki, true)).await;
 
-    let anonymous = match tls_channel(&service, &pki, None).await {
-        Err(_) => true,
-        Ok(channel) => server_info(channel).await.is_err(),
-    };
-    assert!(anonymous, "no client certificate, no answer");
+    assert!(
+        refused(tls_channel(&service, &pki, None).await).await,
+        "no client certificate, no answer"
+    );
+    let (cert, key) = Pki::new().issue("checkout-service");
+    assert!(
+        refused(tls_channel(&service, &pki, Some(Identity::from_pem(cert, key))).await).await,
+        "a certificate from another CA, no answer"
+    );
 
     let (cert, key) = pki.issue("checkout-service");
     let channel = tls_channel(&service, &pki, Some(Identity::from_pem(cert, key)))
@@ -213,86 +308,206 @@ async fn watch_streams_past_the_limit_are_refused_until_one_closes() {
     config.max_watch_streams = 2;
     let service = TestService::start_with(config).await;
     let mut client = service.client().await;
+    let watch = pb::WatchProfilesRequest {
+        send_initial_state: true,
+        ..Default::default()
+    };
     let mut open = Vec::new();
     for _ in 0..2 {
         let mut stream = client
-            .watch_profiles(pb::WatchProfilesRequest::default())
+            .watch_profiles(watch.clone())
             .await
             .unwrap()
             .into_inner();
-        assert!(stream.message().await.unwrap().is_some());
+        assert!(stream.message().await.unwrap().is_some(), "synced");
         open.push(stream);
     }
-    let refused = client
-        .watch_profiles(pb::WatchProfilesRequest::default())
-        .await
-        .unwrap_err();
+    let refused = client.watch_profiles(watch.clone()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(
         refused.message().contains("limit 2"),
         "{}",
         refused.message()
     );
+    let open_streams = || async {
+        let (_, text) = service.admin_get("/metrics").await;
+        sample(&text, "profile_state_watch_streams", &[]).expect("the gauge is exported")
+    };
+    assert_eq!(open_streams().await, 2.0, "refused streams are not counted");
 
-    // Closing a stream frees its slot once the server sees the reset; wait for that.
+    // Dropping a stream resets it; the server drops its side when it reads the reset, and
+    // the gauge goes down only after the slot is free. Wait for that signal, then open.
     drop(open.pop());
-    let reopened = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        loop {
-            match client
-                .watch_profiles(pb::WatchProfilesRequest::default())
-                .await
-            {
-                Ok(stream) => return stream,
-                Err(status) => assert_eq!(status.code(), Code::ResourceExhausted),
-            }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while open_streams().await != 1.0 {
             tokio::task::yield_now().await;
         }
     })
     .await
-    .expect("the slot is freed");
+    .expect("the server notices the closed stream");
+    let mut reopened = client
+        .watch_profiles(watch.clone())
+        .await
+        .expect("the freed slot is available")
+        .into_inner();
+    assert!(reopened.message().await.unwrap().is_some());
+    let refused = client.watch_profiles(watch).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "full again");
     drop(reopened);
+    drop(open);
     service.stop().await;
 }
 
 #[tokio::test]
-async fn watch_filters_and_messages_have_size_limits() {
-    use tonic_types::StatusExt;
-    let mut config = Config::for_tests(common::SECRET);
-    config.grpc_max_message_bytes = 4096;
-    let service = TestService::start_with(config).await;
+async fn watch_filters_are_capped() {
+    let service = TestService::start().await;
     let mut client = service.client().await;
-    let too_many = |ids: usize, fields: usize| pb::WatchProfilesRequest {
+    let filter = |ids: usize, fields: usize| pb::WatchProfilesRequest {
         customer_ids: (0..ids).map(|i| format!("c{i}")).collect(),
         fields: (0..fields).map(|_| "tier_name".to_owned()).collect(),
         ..Default::default()
     };
-    let status = client.watch_profiles(too_many(0, 101)).await.unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(
-        status.get_details_bad_request().unwrap().field_violations[0].field,
-        "fields"
-    );
+    for (request, field) in [
+        (filter(1001, 0), "customer_ids"),
+        (filter(0, 101), "fields"),
+    ] {
+        let status = client.watch_profiles(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}");
+        let violations = status.get_details_bad_request().unwrap().field_violations;
+        assert_eq!(violations[0].field, field);
+        assert!(status.message().contains(field), "{}", status.message());
+    }
+    // At the caps, the filter is accepted.
+    let mut stream = client
+        .watch_profiles(filter(1000, 100))
+        .await
+        .expect("1000 ids and 100 fields are allowed")
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    drop(stream);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn messages_larger_than_the_limit_are_refused_both_ways() {
+    let mut config = Config::for_tests(common::SECRET);
+    config.grpc_max_message_bytes = 4096;
+    let service = TestService::start_with(config).await;
+    let mut client = service.client().await;
+
+    // A request over the limit is refused before the handler sees it.
     let big = pb::BatchGetProfilesRequest {
         client_id: "2155".into(),
         customer_ids: (0..300).map(|i| format!("customer-{i:020}")).collect(),
     };
     let status = client.batch_get_profiles(big).await.unwrap_err();
-    assert!(
-        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
-        "{status:?}"
-    );
-    service.stop().await;
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
 
-    // 1001 ids make a message larger than 4 KiB: ask a service with the default size limit.
-    let service = TestService::start().await;
-    let mut client = service.client().await;
-    let status = client.watch_profiles(too_many(1001, 0)).await.unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(
-        status.get_details_bad_request().unwrap().field_violations[0].field,
-        "customer_ids"
-    );
+    // An answer over the limit is not sent either: ten profiles of ~600 bytes each.
+    let ids: Vec<String> = (0..10).map(|i| format!("big-{i}")).collect();
+    for id in &ids {
+        let data = json!({"tier_name": "t".repeat(600)});
+        service.update(&profile_updated(id, &at(1), data)).await;
+    }
+    let small = |ids: &[String]| pb::BatchGetProfilesRequest {
+        client_id: "2155".into(),
+        customer_ids: ids.to_vec(),
+    };
+    assert!(client.batch_get_profiles(small(&ids[..2])).await.is_ok());
+    let status = client.batch_get_profiles(small(&ids)).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    // The metrics see the code the caller saw, though the second came in the trailers.
+    let (_, text) = service.admin_get("/metrics").await;
+    let count = |code: &str| {
+        sample(
+            &text,
+            "profile_state_grpc_requests_total",
+            &[("method", "BatchGetProfiles"), ("code", code)],
+        )
+    };
+    assert_eq!(count("OutOfRange"), Some(2.0), "{text}");
+    assert_eq!(count("Ok"), Some(1.0), "{text}");
     service.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_calls_are_counted_by_method_and_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = with_tokens(dir.path()).await;
+    let mut client = service.client().await;
+    assert!(client.get_profile(get("nobody")).await.is_err());
+    let not_found = client
+        .get_profile(with_token(get("nobody"), TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(not_found.code(), Code::NotFound);
+    for _ in 0..2 {
+        client
+            .get_server_info(with_token(pb::GetServerInfoRequest {}, TOKEN))
+            .await
+            .unwrap();
+    }
+    let mut stream = client
+        .watch_profiles(with_token(pb::WatchProfilesRequest::default(), TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut health = HealthClient::new(service.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+
+    let (_, text) = service.admin_get("/metrics").await;
+    let count = |method: &str, code: &str| {
+        sample(
+            &text,
+            "profile_state_grpc_requests_total",
+            &[("method", method), ("code", code)],
+        )
+    };
+    assert_eq!(count("GetProfile", "Unauthenticated"), Some(1.0), "{text}");
+    assert_eq!(count("GetProfile", "NotFound"), Some(1.0), "{text}");
+    assert_eq!(count("GetServerInfo", "Ok"), Some(2.0), "{text}");
+    assert_eq!(
+        count("WatchProfiles", "Ok"),
+        Some(1.0),
+        "a stream counts when it starts: {text}"
+    );
+    assert!(!text.contains("method=\"Check\""), "health is not counted");
+    assert_eq!(
+        sample(
+            &text,
+            "profile_state_grpc_request_duration_seconds_count",
+            &[("method", "GetServerInfo")]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "profile_state_watch_streams", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    // Every message sent on the stream is counted.
+    assert!(stream.message().await.unwrap().is_some());
+    let (_, text) = service.admin_get("/metrics").await;
+    assert!(
+        sample(&text, "profile_state_watch_events_sent_total", &[]).unwrap() >= 1.0,
+        "{text}"
+    );
+    drop(stream);
+    service.stop().await;
+}
+
+/// Start-up fails with an error that names `file`.
+async fn refuses_naming(config: Config, file: &str) {
+    let error = Server::bind(config).await.err().expect("start-up refused");
+    let error = format!("{error:#}");
+    assert!(error.contains(file), "{file} not named in: {error}");
 }
 
 #[tokio::test]
@@ -300,41 +515,36 @@ async fn bad_security_files_stop_startup_and_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::for_tests(common::SECRET);
     config.grpc_auth_tokens_file = Some(dir.path().join("no-tokens-here"));
-    let error = Server::bind(config).await.err().expect("refused");
-    assert!(format!("{error:#}").contains("no-tokens-here"), "{error:#}");
+    refuses_naming(config, "no-tokens-here").await;
 
+    std::fs::write(dir.path().join("empty-tokens"), "# nobody yet\n\n").unwrap();
     let mut config = Config::for_tests(common::SECRET);
-    config.grpc_tls_cert = Some(dir.path().join("missing-cert.pem"));
-    config.grpc_tls_key = Some(dir.path().join("missing-key.pem"));
-    let error = Server::bind(config).await.err().expect("refused");
-    assert!(
-        format!("{error:#}").contains("missing-cert.pem"),
-        "{error:#}"
-    );
-}
+    config.grpc_auth_tokens_file = Some(dir.path().join("empty-tokens"));
+    refuses_naming(config, "empty-tokens").await;
 
-#[tokio::test]
-async fn grpc_calls_are_counted_by_method_and_code() {
-    let service = TestService::start().await;
-    let mut client = service.client().await;
-    assert!(client.get_profile(get("nobody")).await.is_err());
-    assert!(
-        client
-            .get_server_info(pb::GetServerInfoRequest {})
-            .await
-            .is_ok()
-    );
-    let (_, text) = service.admin_get("/metrics").await;
-    let value = |method: &str, code: &str| -> Option<f64> {
-        text.lines()
-            .filter(|line| line.starts_with("profile_state_grpc_requests_total{"))
-            .find(|line| {
-                line.contains(&format!("method=\"{method}\""))
-                    && line.contains(&format!("code=\"{code}\""))
-            })
-            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-    };
-    assert_eq!(value("GetProfile", "NotFound"), Some(1.0), "{text}");
-    assert_eq!(value("GetServerInfo", "Ok"), Some(1.0), "{text}");
-    service.stop().await;
+    let pki = Pki::new();
+    let good = tls_config(dir.path(), &pki, true);
+
+    let mut config = good.clone();
+    config.grpc_tls_cert = Some(dir.path().join("missing-cert.pem"));
+    refuses_naming(config, "missing-cert.pem").await;
+
+    std::fs::write(dir.path().join("garbage.key"), "not a key\n").unwrap();
+    let mut config = good.clone();
+    config.grpc_tls_key = Some(dir.path().join("garbage.key"));
+    refuses_naming(config, "garbage.key").await;
+
+    // A key that is not the certificate's: both files are valid PEM, rustls refuses the pair.
+    let (_, other_key) = pki.issue("localhost");
+    std::fs::write(dir.path().join("other.key"), other_key).unwrap();
+    let mut config = good.clone();
+    config.grpc_tls_key = Some(dir.path().join("other.key"));
+    refuses_naming(config, "other.key").await;
+
+    let mut config = good.clone();
+    config.grpc_client_ca = Some(dir.path().join("missing-ca.pem"));
+    refuses_naming(config, "missing-ca.pem").await;
+
+    // And the good configuration starts.
+    TestService::start_with(good).await.stop().await;
 }

@@ -1,20 +1,22 @@
 //! The gRPC adapter: `gameball.profiles.v1.ProfileService` over the store and watch feeds.
 //!
 //! Each RPC checks its request, calls the domain, and converts the result; errors go through
-//! `crate::status`. Reads never touch the sequencer. Health and reflection are wired up in
-//! `crate::server`, not here.
+//! `crate::status`. Reads never touch the sequencer. Open watch streams are capped
+//! (`--max-watch-streams`). Health and reflection are wired up in `crate::server`, not here;
+//! `auth` checks bearer tokens and `transport` sets up TLS, keepalive and per-call metrics.
 
 pub mod admin;
+pub mod auth;
 mod convert;
 mod page_token;
-pub mod security;
+pub mod transport;
 
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -22,13 +24,13 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WatchStreamGuard};
 use crate::pb;
 use crate::pb::profile_service_server::ProfileService;
 use crate::profile::{Field, Profile, ProfileKey};
 use crate::status::grpc_status;
 use crate::store::Store;
-use crate::watch::{FieldSelector, Watch, WatchSpec};
+use crate::watch::{FieldSelector, Watch, WatchEvent, WatchSpec};
 
 /// Most ids one BatchGetProfiles may ask for.
 pub const MAX_BATCH_IDS: usize = 1000;
@@ -53,7 +55,9 @@ pub struct ProfileApi {
     started: Instant,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    /// One permit per open watch stream, held by the stream until it is dropped.
+    /// One permit per open watch stream, held by the stream until tonic drops it. A semaphore
+    /// rather than a counter: the permit is released by `Drop`, so every way a stream ends
+    /// (client gone, feed ended, shutdown) gives its slot back exactly once.
     watch_streams: Arc<Semaphore>,
     max_watch_streams: usize,
     metrics: Metrics,
@@ -61,12 +65,14 @@ pub struct ProfileApi {
 
 impl ProfileApi {
     /// A service reading `store` (persisted when `durable`); watch feeds run on `tracker` and
-    /// end on `shutdown`. No stream limit and private metrics until [`ProfileApi::with_limits`].
+    /// end on `shutdown`; watch activity is counted in `metrics`. Open watch streams are not
+    /// limited until [`ProfileApi::with_max_watch_streams`].
     pub fn new(
         store: Store,
         durable: bool,
         shutdown: CancellationToken,
         tracker: TaskTracker,
+        metrics: Metrics,
     ) -> Self {
         ProfileApi {
             store,
@@ -76,19 +82,25 @@ impl ProfileApi {
             tracker,
             watch_streams: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
             max_watch_streams: Semaphore::MAX_PERMITS,
-            metrics: Metrics::new(),
+            metrics,
         }
     }
 
-    /// At most `max_watch_streams` open watch streams (RESOURCE_EXHAUSTED past it); watch
-    /// activity counted in `metrics`.
-    pub fn with_limits(mut self, max_watch_streams: usize, metrics: Metrics) -> Self {
-        let max = max_watch_streams.min(Semaphore::MAX_PERMITS);
+    /// At most `max` watch streams open at once; more get RESOURCE_EXHAUSTED.
+    pub fn with_max_watch_streams(mut self, max: usize) -> Self {
+        let max = max.min(Semaphore::MAX_PERMITS);
         self.watch_streams = Arc::new(Semaphore::new(max));
         self.max_watch_streams = max;
-        self.metrics = metrics;
         self
     }
+}
+
+/// What an open watch stream holds until tonic drops it: its slot under `--max-watch-streams`
+/// and its count in the open-streams gauge. Fields drop in order, so the slot is free by the
+/// time the gauge goes down.
+struct OpenWatch {
+    _slot: OwnedSemaphorePermit,
+    _gauge: WatchStreamGuard,
 }
 
 fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
@@ -205,7 +217,7 @@ impl ProfileService for ProfileApi {
         let request = request.into_inner();
         let include_previous = request.include_previous;
         let spec = watch_spec(request).map_err(|e| grpc_status(&e))?;
-        let permit = Arc::clone(&self.watch_streams)
+        let slot = Arc::clone(&self.watch_streams)
             .try_acquire_owned()
             .map_err(|_| {
                 Status::resource_exhausted(format!(
@@ -218,14 +230,18 @@ impl ProfileService for ProfileApi {
         self.tracker.spawn(watch.run(events, self.shutdown.clone()));
         let store = self.store.clone();
         let metrics = self.metrics.clone();
-        // The stream owns the permit and the open-stream gauge: both go when tonic drops it.
-        let open = (permit, metrics.watch_stream());
+        // The stream owns its slot and its gauge count: both go when tonic drops it.
+        let open = OpenWatch {
+            _slot: slot,
+            _gauge: metrics.watch_stream(),
+        };
         let stream = ReceiverStream::new(received).map(move |event| {
             let _open = &open;
-            if let crate::watch::WatchEvent::Reset { kind, .. } = &event {
+            if let WatchEvent::Reset { kind, .. } = &event {
                 metrics.watch_reset(kind.label());
             }
             let message = convert::watch_event(event, include_previous, store.store_id());
+            // The final status (`End`) is not an event sent.
             if message.is_ok() {
                 metrics.watch_event();
             }

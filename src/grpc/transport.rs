@@ -1,0 +1,330 @@
+//! How the gRPC listener is set up: TLS (and mTLS), HTTP/2 keepalive, the TLS handshake
+//! timeout, and the per-call metrics layer.
+//!
+//! [`server_builder`] turns the configuration into a tonic `Server` before anything binds, so a
+//! missing or malformed certificate, key or CA file stops start-up with an error naming the
+//! file. [`MetricsLayer`] counts every ProfileService and AdminService call by method and
+//! status code. Message size limits are per service in tonic, so `crate::server` sets them on
+//! each service it adds ([`Config::grpc_max_message_bytes`]). Nothing here knows about
+//! profiles, and who may call is `super::auth`'s business.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use http_body_util::BodyExt as _;
+use prost::Message as _;
+use tonic::Code;
+use tonic::body::Body;
+use tonic::codegen::{Body as HttpBody, Bytes, StdError, http};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pb;
+
+/// Longest a client may take to complete the TLS handshake before its connection is closed, so
+/// half-open handshakes cannot pile up.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tonic server as configured: TLS or mTLS when certificates are given, HTTP/2 keepalive
+/// pings every `--grpc-keepalive-interval` (0: none) answered within
+/// `--grpc-keepalive-timeout`. Add [`MetricsLayer`] and the services to it.
+pub fn server_builder(config: &Config) -> anyhow::Result<tonic::transport::Server> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(config)? {
+        // tonic parses the PEM and builds the rustls configuration here, so a key that does
+        // not fit its certificate fails now, not at the first handshake.
+        builder = builder.tls_config(tls).with_context(|| {
+            format!(
+                "the gRPC TLS configuration from {} is not usable",
+                tls_files(config)
+            )
+        })?;
+    }
+    let interval = config.grpc_keepalive_interval;
+    let keepalive = (!interval.is_zero()).then_some(interval);
+    builder = builder
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(keepalive.map(|_| config.grpc_keepalive_timeout));
+    Ok(builder)
+}
+
+/// The TLS files configured, for error messages.
+fn tls_files(config: &Config) -> String {
+    [
+        &config.grpc_tls_cert,
+        &config.grpc_tls_key,
+        &config.grpc_client_ca,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|path| path.display().to_string())
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+/// TLS from `--grpc-tls-cert` and `--grpc-tls-key`, requiring client certificates signed by
+/// `--grpc-client-ca` when that is given; `None` for plaintext.
+fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (cert, key) = match (&config.grpc_tls_cert, &config.grpc_tls_key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) => {
+            // clap enforces this for flags; a `Config` built in code is checked here.
+            anyhow::ensure!(
+                config.grpc_client_ca.is_none(),
+                "--grpc-client-ca needs --grpc-tls-cert and --grpc-tls-key"
+            );
+            return Ok(None);
+        }
+        _ => anyhow::bail!("--grpc-tls-cert and --grpc-tls-key go together"),
+    };
+    let cert = read_pem(cert, "--grpc-tls-cert", &["CERTIFICATE"])?;
+    let key = read_pem(
+        key,
+        "--grpc-tls-key",
+        &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
+    )?;
+    let mut tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    if let Some(ca) = &config.grpc_client_ca {
+        let ca = read_pem(ca, "--grpc-client-ca", &["CERTIFICATE"])?;
+        // Without `client_auth_optional`, a client without a certificate signed by this CA
+        // fails the handshake.
+        tls = tls.client_ca_root(Certificate::from_pem(ca));
+    }
+    Ok(Some(tls))
+}
+
+/// Reads a PEM file given by `flag` and checks that it holds at least one block labelled one
+/// of `labels` and that every block is well-formed, so a wrong or damaged file is reported by
+/// name (tonic's own parse error does not say which file it was).
+fn read_pem(path: &Path, flag: &str, labels: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))?;
+    check_pem(&bytes, labels)
+        .with_context(|| format!("{flag} {} is not usable", path.display()))?;
+    Ok(bytes)
+}
+
+fn check_pem(bytes: &[u8], labels: &[&str]) -> anyhow::Result<()> {
+    let text = std::str::from_utf8(bytes).context("not PEM text (not UTF-8)")?;
+    let mut found = 0;
+    let mut lines = text.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        let Some(label) = line
+            .strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+        else {
+            continue;
+        };
+        let end = format!("-----END {label}-----");
+        let mut body = String::new();
+        loop {
+            match lines.next() {
+                Some(line) if line == end => break,
+                Some(line) => body.push_str(line),
+                None => anyhow::bail!("the PEM block {label:?} has no end line"),
+            }
+        }
+        base64::engine::general_purpose::STANDARD
+            .decode(&body)
+            .with_context(|| format!("the PEM block {label:?} is not valid base64"))?;
+        found += usize::from(labels.contains(&label));
+    }
+    anyhow::ensure!(found > 0, "no PEM block labelled {}", labels.join(" or "));
+    Ok(())
+}
+
+/// Counts every ProfileService and AdminService call in [`Metrics::grpc_request`]: the RPC
+/// name, the status code (`Ok`, `NotFound`, `Unauthenticated`, ...) and the time to answer.
+///
+/// A unary call is counted when its status is known: from the response headers when it
+/// failed before answering, otherwise from the trailers after the message was sent (so an
+/// answer too large to encode counts as the error it became); a call abandoned before that
+/// counts as `Cancelled`. A server stream is counted when it starts, with the code it started
+/// with; how it ended is not counted here. Health and reflection are not counted, and only
+/// methods of the proto package are labels, so callers cannot grow the label set.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Metrics,
+    methods: Arc<HashMap<String, Method>>,
+}
+
+/// One RPC of the package, as the metrics know it.
+#[derive(Clone)]
+struct Method {
+    /// The label: the RPC name (`GetProfile`).
+    name: Arc<str>,
+    /// A server stream: counted when it starts.
+    streaming: bool,
+}
+
+impl MetricsLayer {
+    /// A layer recording into `metrics`; the methods come from the compiled descriptor set,
+    /// so a new RPC is counted without changes here.
+    pub fn new(metrics: Metrics) -> Self {
+        let descriptors = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET)
+            .expect("the compiled file descriptor set decodes");
+        let methods = descriptors
+            .file
+            .iter()
+            .flat_map(|file| {
+                let package = file.package().to_owned();
+                file.service.iter().flat_map(move |service| {
+                    let prefix = format!("/{package}.{}/", service.name());
+                    service.method.iter().map(move |method| {
+                        let info = Method {
+                            name: method.name().into(),
+                            streaming: method.server_streaming(),
+                        };
+                        (format!("{prefix}{}", method.name()), info)
+                    })
+                })
+            })
+            .collect();
+        MetricsLayer {
+            metrics,
+            methods: Arc::new(methods),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service [`MetricsLayer`] wraps around tonic's routes.
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    layer: MetricsLayer,
+}
+
+/// One call being counted; dropped before its status was seen, it counts as `Cancelled`.
+struct Call {
+    pending: Option<(Metrics, Arc<str>, Instant)>,
+}
+
+impl Call {
+    fn finish(&mut self, code: Code) {
+        if let Some((metrics, method, started)) = self.pending.take() {
+            let code = format!("{code:?}");
+            metrics.grpc_request(&method, &code, started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.finish(Code::Cancelled);
+    }
+}
+
+fn status_in(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .map(|value| Code::from_bytes(value.as_bytes()))
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for MetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: HttpBody<Data = Bytes> + Send + 'static,
+    R::Error: Into<StdError>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = self.layer.methods.get(request.uri().path()).cloned();
+        let response = self.inner.call(request);
+        let Some(method) = method else {
+            return Box::pin(async move { Ok(response.await?.map(Body::new)) });
+        };
+        let mut call = Call {
+            pending: Some((self.layer.metrics.clone(), method.name, Instant::now())),
+        };
+        Box::pin(async move {
+            let response = response.await?;
+            // A call that failed before answering has its status in the headers.
+            if let Some(code) = status_in(response.headers()) {
+                call.finish(code);
+            } else if method.streaming {
+                call.finish(Code::Ok);
+            } else if response.body().is_end_stream() {
+                call.finish(Code::Unknown);
+            } else {
+                // The status follows the message, in the trailers.
+                return Ok(response.map(|body| {
+                    Body::new(body.map_frame(move |frame| {
+                        if let Some(trailers) = frame.trailers_ref() {
+                            call.finish(status_in(trailers).unwrap_or(Code::Unknown));
+                        }
+                        frame
+                    }))
+                }));
+            }
+            Ok(response.map(Body::new))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_methods_of_both_services_are_known_and_nothing_else() {
+        let layer = MetricsLayer::new(Metrics::new());
+        let get = &layer.methods["/gameball.profiles.v1.ProfileService/GetProfile"];
+        assert_eq!(&*get.name, "GetProfile");
+        assert!(!get.streaming);
+        assert!(layer.methods["/gameball.profiles.v1.ProfileService/WatchProfiles"].streaming);
+        assert!(
+            layer
+                .methods
+                .contains_key("/gameball.profiles.v1.AdminService/ListDeadLetters")
+        );
+        assert!(!layer.methods.contains_key("/grpc.health.v1.Health/Check"));
+        assert!(
+            !layer
+                .methods
+                .contains_key("/gameball.profiles.v1.ProfileService/Made-Up")
+        );
+    }
+
+    #[test]
+    fn pem_files_are_checked_block_by_block() {
+        let cert = "-----BEGIN CERTIFICATE-----\nTUlJQg==\n-----END CERTIFICATE-----\n";
+        assert!(check_pem(cert.as_bytes(), &["CERTIFICATE"]).is_ok());
+        let error = check_pem(cert.as_bytes(), &["PRIVATE KEY"]).unwrap_err();
+        assert!(error.to_string().contains("PRIVATE KEY"), "{error}");
+        assert!(check_pem(b"not pem at all", &["CERTIFICATE"]).is_err());
+        let broken = "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n";
+        assert!(check_pem(broken.as_bytes(), &["CERTIFICATE"]).is_err());
+        let unterminated = "-----BEGIN CERTIFICATE-----\nTUlJQg==\n";
+        assert!(check_pem(unterminated.as_bytes(), &["CERTIFICATE"]).is_err());
+        assert!(check_pem(&[0xff, 0xfe], &["CERTIFICATE"]).is_err());
+    }
+}
