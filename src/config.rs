@@ -163,6 +163,9 @@ pub enum ConfigError {
     /// The body limit cannot be zero.
     #[error("--max-body-bytes must be at least 1")]
     ZeroBodyLimit,
+    /// At least one watch stream must be allowed.
+    #[error("--max-watch-streams must be at least 1")]
+    ZeroWatchStreams,
     /// At least one webhook must be allowed in flight.
     #[error("--max-in-flight-webhooks must be at least 1")]
     ZeroInFlight,
@@ -193,6 +196,9 @@ impl Config {
         }
         if self.max_in_flight_webhooks == 0 {
             return Err(ConfigError::ZeroInFlight);
+        }
+        if self.max_watch_streams == 0 {
+            return Err(ConfigError::ZeroWatchStreams);
         }
         if self.history_events == 0 {
             return Err(ConfigError::EmptyHistory);

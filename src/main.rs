@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use profile_state::server::BadConfiguration;
 use profile_state::{Config, Server};
 use tracing_subscriber::EnvFilter;
 
@@ -27,6 +28,9 @@ async fn main() -> ExitCode {
         Ok(server) => server,
         Err(error) => {
             eprintln!("profile-state: {error:#}");
+            if error.is::<BadConfiguration>() {
+                return ExitCode::from(EXIT_CONFIG);
+            }
             return ExitCode::FAILURE;
         }
     };

@@ -35,6 +35,12 @@ use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
+/// The configuration, or a file it names (secrets, tokens, certificates), cannot be used.
+/// Found before anything binds; `main` exits 64 on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct BadConfiguration(anyhow::Error);
+
 /// A bound, not yet serving, service.
 pub struct Server {
     config: Config,
@@ -56,10 +62,14 @@ impl Server {
     /// Checks the configuration, recovers the data directory (unless `--ephemeral`), then binds
     /// both listeners: nothing is served before recovery is complete.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
-        config.check()?;
-        let verification = verification(&config)?;
-        let auth = BearerAuth::from_config(&config)?;
-        let grpc_builder = transport::server_builder(&config)?;
+        let (verification, auth, grpc_builder) = (|| {
+            config.check()?;
+            let verification = verification(&config)?;
+            let auth = BearerAuth::from_config(&config)?;
+            let grpc_builder = transport::server_builder(&config)?;
+            anyhow::Ok((verification, auth, grpc_builder))
+        })()
+        .map_err(|error| anyhow::Error::new(BadConfiguration(error)))?;
         let faults = FaultSwitch::default();
         let (store, durability, data_dir) = if config.ephemeral {
             let store = Store::new(config.history_events, data_dir::new_store_id());

@@ -462,3 +462,37 @@ async fn email_and_mobile_number_never_reach_the_logs_at_any_level() {
     assert!(!logs.contains(mobile), "mobile number in the logs");
     assert!(!logs.contains("pii-probe"), "part of the email in the logs");
 }
+
+#[test]
+fn an_unreadable_secrets_file_exits_64_before_binding() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_profile-state"))
+        .args([
+            "--webhook-secrets-file",
+            "/nonexistent/secrets.toml",
+            "--ephemeral",
+        ])
+        .args([
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .env_remove("PROFILE_STATE_WEBHOOK_SECRET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "still running");
+        std::thread::yield_now();
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("/nonexistent/secrets.toml"), "{stderr}");
+}
