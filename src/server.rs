@@ -248,6 +248,9 @@ impl Server {
                 }
             }
         });
+        // The gRPC server stops only after the watch streams have sent their last messages
+        // (see the shutdown sequence below), so those messages are not cut off.
+        let grpc_stopping = CancellationToken::new();
         let api = ProfileApi::new(
             store.clone(),
             data_dir.is_some(),
@@ -256,6 +259,7 @@ impl Server {
             metrics.clone(),
         )
         .with_max_watch_streams(config.max_watch_streams);
+        let watch_streams_closed = api.streams_closed();
         // Every service decodes and encodes messages up to the same limit (tonic sets it per
         // service). Health and reflection stay open (probes, grpcurl); the data services need
         // a token when tokens are configured.
@@ -286,7 +290,7 @@ impl Server {
             .add_service(InterceptedService::new(admin_service, auth))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                stopping.clone().cancelled_owned(),
+                grpc_stopping.clone().cancelled_owned(),
             );
 
         tracing::info!(
@@ -311,6 +315,15 @@ impl Server {
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         stopping.cancel();
+        // Watch feeds end on `stopping` with a last Progress and UNAVAILABLE; wait until tonic
+        // has taken those (it drops each stream after its last message), then stop gRPC.
+        let grace = config.shutdown_grace;
+        within(grace, "watch streams to end", async {
+            watch_streams_closed.await;
+            Ok(())
+        })
+        .await?;
+        grpc_stopping.cancel();
         // Health Watch streams only end when their status is removed; open ones would keep
         // tonic from draining until the grace period runs out.
         health
@@ -318,7 +331,6 @@ impl Server {
             .await;
         health.clear_service_status("").await;
 
-        let grace = config.shutdown_grace;
         let servers = async {
             let (http, grpc, admin) = tokio::join!(http, grpc, admin);
             admin
@@ -365,16 +377,18 @@ fn verification(config: &Config) -> anyhow::Result<Verification> {
 
 /// Reloads the webhook secrets file on every SIGHUP; a bad file keeps the old secrets.
 fn reload_on_sighup(secrets: SecretStore, tracker: &TaskTracker, stopping: CancellationToken) {
+    // Installed here, before the listeners announce themselves: a SIGHUP without a handler
+    // would terminate the process.
+    #[cfg(unix)]
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP; secrets will not reload");
+            return;
+        }
+    };
     #[cfg(unix)]
     tracker.spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; secrets will not reload");
-                return;
-            }
-        };
         loop {
             tokio::select! {
                 received = hangups.recv() => if received.is_none() { return },

@@ -207,7 +207,7 @@ async fn sigterm_ends_watchers_with_a_resume_point_and_exits_zero_in_time() {
     };
     assert!(
         matches!(last, Some(pb::watch_profiles_response::Event::Progress(_))),
-        "{last:?}"
+        "{last:?} then {status:?}"
     );
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert!(

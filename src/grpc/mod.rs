@@ -40,6 +40,8 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
 /// Progress interval when the request says 0.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// The stream limit when none is set: as many as `streams_closed` can count.
+const UNLIMITED_STREAMS: usize = u32::MAX as usize;
 /// Most customer ids one WatchProfiles filter may name.
 pub const MAX_WATCH_IDS: usize = 1000;
 /// Most field names one WatchProfiles filter may name.
@@ -80,18 +82,29 @@ impl ProfileApi {
             started: Instant::now(),
             shutdown,
             tracker,
-            watch_streams: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
-            max_watch_streams: Semaphore::MAX_PERMITS,
+            watch_streams: Arc::new(Semaphore::new(UNLIMITED_STREAMS)),
+            max_watch_streams: UNLIMITED_STREAMS,
             metrics,
         }
     }
 
     /// At most `max` watch streams open at once; more get RESOURCE_EXHAUSTED.
     pub fn with_max_watch_streams(mut self, max: usize) -> Self {
-        let max = max.min(Semaphore::MAX_PERMITS);
+        let max = max.min(UNLIMITED_STREAMS);
         self.watch_streams = Arc::new(Semaphore::new(max));
         self.max_watch_streams = max;
         self
+    }
+
+    /// Completes once every watch stream this service opened has been closed (each holds a
+    /// permit until tonic drops it, after its last message).
+    pub fn streams_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let streams = Arc::clone(&self.watch_streams);
+        let all = u32::try_from(self.max_watch_streams).expect("at most u32::MAX streams");
+        async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _all = streams.acquire_many(all).await;
+        }
     }
 }
 
