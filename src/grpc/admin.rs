@@ -81,14 +81,7 @@ impl AdminService for AdminApi {
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let request = request.into_inner();
-        let page_size = match usize::try_from(request.page_size) {
-            Err(_) => {
-                let error = Error::invalid("page_size", "must not be negative");
-                return Err(grpc_status(&error));
-            }
-            Ok(0) => DEFAULT_PAGE_SIZE,
-            Ok(size) => size.min(MAX_PAGE_SIZE),
-        };
+        let page_size = super::page_size(request.page_size)?;
         let after = match request.page_token.as_str() {
             "" => None,
             token => Some(Cursor::decode(token).map_err(|e| grpc_status(&e))?),

@@ -116,6 +116,19 @@ struct OpenWatch {
     _gauge: WatchStreamGuard,
 }
 
+/// A request's `page_size`: 0 means the default, larger than the maximum is capped, negative is
+/// refused. Shared by every paged RPC.
+pub(crate) fn page_size(requested: i32) -> Result<usize, Status> {
+    match usize::try_from(requested) {
+        Err(_) => Err(grpc_status(&Error::invalid(
+            "page_size",
+            "must not be negative",
+        ))),
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(size) => Ok(size.min(MAX_PAGE_SIZE)),
+    }
+}
+
 fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     if value.is_empty() {
         return Err(grpc_status(&Error::invalid(field, "is required")));
@@ -190,14 +203,7 @@ impl ProfileService for ProfileApi {
         request: Request<pb::ListProfilesRequest>,
     ) -> Result<Response<pb::ListProfilesResponse>, Status> {
         let request = request.into_inner();
-        let page_size = match usize::try_from(request.page_size) {
-            Err(_) => {
-                let error = Error::invalid("page_size", "must not be negative");
-                return Err(grpc_status(&error));
-            }
-            Ok(0) => DEFAULT_PAGE_SIZE,
-            Ok(size) => size.min(MAX_PAGE_SIZE),
-        };
+        let page_size = page_size(request.page_size)?;
         let (client_id, tier_name) = (request.client_id.as_str(), request.tier_name.as_str());
         let after = match request.page_token.as_str() {
             "" => None,
