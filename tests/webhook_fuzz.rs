@@ -336,8 +336,9 @@ fn fuzzer_findings_stay_fixed() {
     let harness = Harness::new();
     let findings = [
         // crash-f5df4d3cb821e07907ca6203b171b4ab4c373853 (17 bytes,
-        // 0fc0090909010901adadad0909010901ad): a float extra that drifts by an ulp through the
-        // journal record (`float_extras_survive_the_journal_exactly` below).
+        // 0fc0090909010901adadad0909010901ad): a float extra drifted by an ulp through the
+        // journal record while serde_json parsed floats lossily; fixed by its float_roundtrip
+        // feature (`float_extras_survive_the_journal_exactly` below).
         Input {
             content_type: ContentType::JsonUppercase,
             signature: Signature::Correct,
@@ -372,9 +373,10 @@ fn with_float_extra() -> Value {
     body
 }
 
-/// Found by the fuzzer. The crate's serde_json parses floats lossily (its `float_roundtrip`
-/// feature is off), so a float in `data` is not stored as sent, and the journal's text of the
-/// stored value (`to_string`) reads back as yet another float: live and recovered state differ.
+/// Found by the fuzzer: without serde_json's `float_roundtrip` feature, floats are parsed
+/// lossily, so a float in `data` was not stored as sent (`2.065156457477422e-305` became
+/// `...218e-305`), and the journal's text of it read back as yet another float (`...215e-305`):
+/// live and recovered state differed.
 #[test]
 fn float_extras_survive_the_journal_exactly() {
     // As the ingress does: the bytes as sent, parsed once.
@@ -397,9 +399,9 @@ fn float_extras_survive_the_journal_exactly() {
     assert_eq!(value, &Some(json!(DRIFTING)), "stored as sent");
 }
 
-/// What that drift does end to end: after a restart (the journal replayed), Gameball's retry of
-/// the same delivery is applied again as a new revision instead of being `unchanged`, because
-/// the stored float is no longer the one the retry parses to.
+/// What that drift did end to end: after a restart (the journal replayed), Gameball's retry of
+/// the same delivery was applied again as a new revision instead of being `unchanged`, because
+/// the stored float was no longer the one the retry parses to.
 #[tokio::test]
 async fn a_retry_after_a_restart_changes_nothing_even_with_a_float_extra() {
     let dir = tempfile::tempdir().unwrap();
