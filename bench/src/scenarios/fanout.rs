@@ -1,0 +1,449 @@
+//! `fanout`: S WatchProfiles subscribers, each on its own HTTP/2 connection, while signed
+//! webhooks arrive at a fixed rate (`--rate`, default 100/s). Latency is taken per delivery,
+//! from the moment the webhook's 200 arrived to the subscriber's receipt (this process sees
+//! both, so the clocks agree); a delivery that beats the answer counts as 0 and is counted.
+//! Also per event to the last subscriber (the etcd / Kubernetes watch-latency metric).
+//! Baseline: a tokio broadcast channel alone, with as many receiver tasks at the same rate.
+//!
+//! Then ingest throughput (closed loop, `--concurrency` senders) with S subscribers connected
+//! against none, rounds interleaved.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use profile_state::pb;
+use profile_state::pb::watch_profiles_response::Event;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{Options, channel, client, ingest, preload, rounds};
+use crate::baseline::{FanoutStats, broadcast_fanout, histogram};
+use crate::load::HttpConnection;
+use crate::report::{Report, Row, Target};
+use crate::workload::{Rng, Workload};
+
+/// Webhook senders sharing the fixed rate.
+const SENDERS: usize = 4;
+
+/// What each subscriber watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Filter {
+    /// Every change of the account (`client_id` only): every event reaches every subscriber.
+    All,
+    /// One customer each (`customer_ids`): subscriber i watches customer i.
+    Customer,
+}
+
+/// Connected subscribers; stopping them returns what each received: (revision, when).
+struct Subscribers {
+    stop: watch::Sender<bool>,
+    /// Changes received by all subscribers together so far.
+    delivered: Arc<AtomicU64>,
+    tasks: Vec<JoinHandle<Vec<(u64, Instant)>>>,
+}
+
+impl Subscribers {
+    /// Opens `count` streams, `per_connection` on each HTTP/2 connection, and waits until
+    /// every one is synced.
+    async fn open(
+        grpc: SocketAddr,
+        count: usize,
+        per_connection: usize,
+        filter: Filter,
+        client_id: &str,
+    ) -> anyhow::Result<Subscribers> {
+        let (stop, stopped) = watch::channel(false);
+        let delivered = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::with_capacity(count);
+        let mut shared = None;
+        for index in 0..count {
+            if index % per_connection.max(1) == 0 {
+                shared = Some(channel(grpc).await?);
+            }
+            let channel = shared.clone().context("a connection")?;
+            let request = pb::WatchProfilesRequest {
+                client_id: client_id.to_owned(),
+                customer_ids: match filter {
+                    Filter::All => Vec::new(),
+                    Filter::Customer => vec![Workload::customer_id(index as u64)],
+                },
+                ..Default::default()
+            };
+            let mut stream = client(&channel)
+                .watch_profiles(request)
+                .await
+                .with_context(|| format!("opening subscriber {index}"))?
+                .into_inner();
+            match stream.message().await? {
+                Some(pb::WatchProfilesResponse {
+                    event: Some(Event::Synced(_)),
+                }) => {}
+                other => bail!("subscriber {index} began with {other:?}, not Synced"),
+            }
+            let mut stopped = stopped.clone();
+            let delivered = Arc::clone(&delivered);
+            tasks.push(tokio::spawn(async move {
+                // The channel lives as long as the stream reads from it.
+                let _channel = channel;
+                let mut received = Vec::new();
+                loop {
+                    tokio::select! {
+                        message = stream.message() => match message {
+                            Ok(Some(pb::WatchProfilesResponse { event: Some(Event::Change(change)) })) => {
+                                received.push((change.revision, Instant::now()));
+                                delivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => break,
+                        },
+                        _ = stopped.changed() => break,
+                    }
+                }
+                received
+            }));
+        }
+        Ok(Subscribers {
+            stop,
+            delivered,
+            tasks,
+        })
+    }
+
+    async fn close(self) -> Vec<Vec<(u64, Instant)>> {
+        let _ = self.stop.send(true);
+        let mut all = Vec::with_capacity(self.tasks.len());
+        for task in self.tasks {
+            all.push(task.await.unwrap_or_default());
+        }
+        all
+    }
+}
+
+/// One latency window against our service: webhooks at `rate`, subscribers open.
+async fn measure_latency(
+    options: &Options,
+    webhook: SocketAddr,
+    grpc: SocketAddr,
+    workload: &Arc<Workload>,
+    count: usize,
+    per_connection: usize,
+    filter: Filter,
+    rate: f64,
+) -> anyhow::Result<FanoutStats> {
+    let subscribers =
+        Subscribers::open(grpc, count, per_connection, filter, &workload.client_id).await?;
+    let started = Instant::now();
+    let measure_from = started + options.warmup;
+    let end = measure_from + options.duration;
+    // Open loop: a few senders on their own connections share the schedule, so a slow answer
+    // does not lower the offered rate.
+    let mut senders = Vec::with_capacity(SENDERS);
+    for index in 0..SENDERS {
+        let mut connection = HttpConnection::open(webhook).await?;
+        let workload = Arc::clone(workload);
+        let interval = Duration::from_secs_f64(SENDERS as f64 / rate);
+        let mut next = started + interval * index as u32 / SENDERS as u32;
+        let mut rng = Rng::new(7 + index as u64);
+        senders.push(tokio::spawn(async move {
+            // (revision, sent, answered) of every applied webhook.
+            let mut answered = Vec::new();
+            loop {
+                tokio::time::sleep_until(next.into()).await;
+                next += interval;
+                let sent = Instant::now();
+                if sent >= end {
+                    return anyhow::Ok(answered);
+                }
+                let n = match filter {
+                    Filter::All => rng.below(workload.customers),
+                    Filter::Customer => rng.below(count as u64),
+                };
+                let (status, body) = connection.post(workload.update(n)).await?;
+                let at = Instant::now();
+                if status != 200 {
+                    bail!("webhook: HTTP {status}: {}", String::from_utf8_lossy(&body));
+                }
+                let answer: serde_json::Value = serde_json::from_slice(&body)?;
+                if answer["outcome"] == "applied" {
+                    let revision = answer["revision"]
+                        .as_u64()
+                        .context("answer without revision")?;
+                    answered.push((revision, sent, at));
+                }
+            }
+        }));
+    }
+    let mut applied = 0u64;
+    // revision -> (sent, answered), for the webhooks sent in the measured window.
+    let mut answered: HashMap<u64, (Instant, Instant)> = HashMap::new();
+    for sender in senders {
+        for (revision, sent, at) in sender.await.context("a webhook sender")?? {
+            applied += 1;
+            if sent >= measure_from {
+                answered.insert(revision, (sent, at));
+            }
+        }
+    }
+    // Let the last deliveries arrive (at most 5 s more), then stop the subscribers.
+    let fan = match filter {
+        Filter::All => count as u64,
+        Filter::Customer => 1,
+    };
+    let drain_until = Instant::now() + Duration::from_secs(5);
+    while subscribers.delivered.load(Ordering::Relaxed) < applied * fan
+        && Instant::now() < drain_until
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let received = subscribers.close().await;
+    let mut stats = FanoutStats {
+        latency: histogram(),
+        from_send: histogram(),
+        last: histogram(),
+        events: answered.len() as u64,
+        deliveries: 0,
+        missing: 0,
+        elapsed: options.duration,
+    };
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    let mut early = 0u64;
+    for deliveries in &received {
+        for (revision, at) in deliveries {
+            let Some((sent, answered_at)) = answered.get(revision) else {
+                continue;
+            };
+            stats.deliveries += 1;
+            if at < answered_at {
+                early += 1;
+            }
+            let micros = at.saturating_duration_since(*answered_at).as_micros() as u64;
+            stats.latency.saturating_record(micros);
+            stats
+                .from_send
+                .saturating_record(at.saturating_duration_since(*sent).as_micros() as u64);
+            let slot = last.entry(*revision).or_default();
+            *slot = (*slot).max(micros);
+        }
+    }
+    for micros in last.values() {
+        stats.last.saturating_record(*micros);
+    }
+    let expected = answered.len() as u64 * fan;
+    stats.missing = expected.saturating_sub(stats.deliveries);
+    if early > 0 {
+        eprintln!(
+            "fanout: {early} deliveries arrived before their webhook's answer (counted as 0)"
+        );
+    }
+    Ok(stats)
+}
+
+pub async fn run(
+    options: &Options,
+    report: &mut Report,
+    counts: &[usize],
+    per_connection: usize,
+    filter: Filter,
+    impact_filter: Filter,
+) -> anyhow::Result<()> {
+    let rate = options.rate.unwrap_or(100.0);
+    let most = counts.iter().copied().max().unwrap_or(0) as u64;
+    let customers = options.customers(10_000).max(most);
+    let workload = options.workload(customers);
+    let ours = options.ours()?;
+    let (webhook, grpc) = (ours.webhook()?, ours.grpc()?);
+    preload(&ours, &workload, customers, options.concurrency).await?;
+    report.note(format!(
+        "fanout: {} rounds; latency at {rate} webhooks/s for {:?} (+{:?} warm-up), filter {filter:?}; \
+         ingest impact closed loop with {} senders, subscribers' filter {impact_filter:?}; \
+         {per_connection} subscriber stream(s) per HTTP/2 connection",
+        options.rounds, options.duration, options.warmup, options.concurrency
+    ));
+    // A change as a subscriber receives it, for the broadcast baseline to carry.
+    let event = Arc::new(pb::WatchProfilesResponse {
+        event: Some(Event::Change(pb::ProfileChange {
+            r#type: pb::ChangeType::Updated.into(),
+            profile: Some(workload.profile(0)),
+            changed_fields: vec!["activated_points".into(), "total_points".into()],
+            revision: 1,
+            ..Default::default()
+        })),
+    });
+
+    // The ingest-impact part is closed loop whatever --rate says (that is the event rate).
+    let closed_loop = Options {
+        rate: None,
+        ..options.clone()
+    };
+    for &count in counts {
+        let scenario = format!("fanout S={count}");
+        // Latency: the broadcast baseline, then ours, per round.
+        let results = rounds(options.rounds, 2, |_, contender| {
+            let (workload, event, scenario) = (&workload, Arc::clone(&event), &scenario);
+            async move {
+                if contender == 0 {
+                    if options.no_baseline {
+                        return Ok(None);
+                    }
+                    let stats =
+                        broadcast_fanout(count, rate, options.warmup, options.duration, event)
+                            .await;
+                    return Ok(Some(stats));
+                }
+                let stats = measure_latency(
+                    options,
+                    webhook,
+                    grpc,
+                    workload,
+                    count,
+                    per_connection,
+                    filter,
+                    rate,
+                )
+                .await?;
+                eprintln!(
+                    "{scenario}: p50 {} µs, p99 {} µs, max {} µs, {} deliveries, {} missing",
+                    stats.latency.value_at_quantile(0.5),
+                    stats.latency.value_at_quantile(0.99),
+                    stats.latency.max(),
+                    stats.deliveries,
+                    stats.missing
+                );
+                anyhow::Ok(Some(stats))
+            }
+        })
+        .await;
+        let mut results: Vec<Vec<FanoutStats>> = results
+            .into_iter()
+            .map(|rounds| {
+                rounds
+                    .into_iter()
+                    .filter_map(Result::transpose)
+                    .collect::<anyhow::Result<_>>()
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let ours_stats = results.pop().unwrap_or_default();
+        let broadcast = results.pop().unwrap_or_default();
+        let target_ms = if count <= 100 { 5.0 } else { 20.0 };
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        for (label, quantile) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
+            let mut row = Row::new(
+                &scenario,
+                &format!("delivery latency {label} (answer -> receipt)"),
+                "ms",
+            )
+            .ours(
+                ours_stats
+                    .iter()
+                    .map(|s| ms(&s.latency, quantile))
+                    .collect(),
+            )
+            .baseline(
+                "tokio broadcast",
+                broadcast.iter().map(|s| ms(&s.latency, quantile)).collect(),
+            );
+            if label == "p99" && filter == Filter::All {
+                row = row.target(Target::AtMost { value: target_ms });
+            }
+            report.push(row);
+        }
+        report.push(
+            Row::new(
+                &scenario,
+                "delivery latency p99 (webhook sent -> receipt)",
+                "ms",
+            )
+            .ours(ours_stats.iter().map(|s| ms(&s.from_send, 0.99)).collect())
+            .baseline(
+                "tokio broadcast",
+                broadcast.iter().map(|s| ms(&s.from_send, 0.99)).collect(),
+            ),
+        );
+        report.push(
+            Row::new(
+                &scenario,
+                "latency p99 to the last subscriber, per event",
+                "ms",
+            )
+            .ours(ours_stats.iter().map(|s| ms(&s.last, 0.99)).collect())
+            .baseline(
+                "tokio broadcast",
+                broadcast.iter().map(|s| ms(&s.last, 0.99)).collect(),
+            ),
+        );
+        let events = |s: &FanoutStats| s.events as f64 / s.elapsed.as_secs_f64();
+        report.push(
+            Row::new(&scenario, "webhooks/s achieved (asked: --rate)", "1/s")
+                .ours(ours_stats.iter().map(events).collect())
+                .baseline("tokio broadcast", broadcast.iter().map(events).collect()),
+        );
+        let per_second = |s: &FanoutStats| s.deliveries as f64 / s.elapsed.as_secs_f64();
+        report.push(
+            Row::new(&scenario, "deliveries/s", "1/s")
+                .ours(ours_stats.iter().map(per_second).collect())
+                .baseline(
+                    "tokio broadcast",
+                    broadcast.iter().map(per_second).collect(),
+                ),
+        );
+        report.push(
+            Row::new(&scenario, "deliveries missing", "count")
+                .ours(ours_stats.iter().map(|s| s.missing as f64).collect()),
+        );
+
+        // Ingest throughput with S subscribers connected, against none, per round.
+        let results = rounds(options.rounds, 2, |_, contender| {
+            let (workload, ours, scenario, closed_loop) =
+                (&workload, &ours, &scenario, &closed_loop);
+            async move {
+                let subscribers = if contender == 1 {
+                    Some(
+                        Subscribers::open(
+                            grpc,
+                            count,
+                            per_connection,
+                            impact_filter,
+                            &workload.client_id,
+                        )
+                        .await?,
+                    )
+                } else {
+                    None
+                };
+                let measured = ingest::measure(closed_loop, ours, workload).await?;
+                if let Some(subscribers) = subscribers {
+                    subscribers.close().await;
+                }
+                eprintln!(
+                    "{scenario}: ingest with {} subscribers: {:.0} req/s",
+                    if contender == 1 { count } else { 0 },
+                    measured.per_second()
+                );
+                anyhow::Ok(measured.per_second())
+            }
+        })
+        .await;
+        let mut results: Vec<Vec<f64>> = results
+            .into_iter()
+            .map(|rounds| rounds.into_iter().collect::<anyhow::Result<_>>())
+            .collect::<anyhow::Result<_>>()?;
+        let with = results.pop().unwrap_or_default();
+        let without = results.pop().unwrap_or_default();
+        report.push(
+            Row::new(
+                &scenario,
+                &format!("ingest req/s with subscribers ({impact_filter:?} filter)"),
+                "req/s",
+            )
+            .ours(with)
+            .baseline("no subscribers", without)
+            .target(Target::RatioAtLeast { value: 0.80 }),
+        );
+    }
+    Ok(())
+}

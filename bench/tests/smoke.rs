@@ -1,0 +1,140 @@
+//! A short run of every scenario at tiny sizes, so the load tool cannot rot. No assertion on
+//! speed: only that each scenario runs end to end against a real service and its baselines,
+//! and reports its rows (as JSON).
+//!
+//! The service under test is the debug `profile-state` binary next to this crate's binary;
+//! `cargo test` at the workspace root builds both.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TOOL: &str = env!("CARGO_BIN_EXE_profile-state-bench");
+
+fn service_bin() -> PathBuf {
+    let bin = Path::new(TOOL).with_file_name("profile-state");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo test` at the workspace root, or `cargo build -p profile-state` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs one scenario with tiny sizes and returns its JSON report.
+fn run(scenario: &[&str], extra: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = Command::new(TOOL)
+        .args(scenario)
+        .args([
+            "--server-bin",
+            service_bin().to_str().unwrap(),
+            "--duration",
+            "400ms",
+            "--warmup",
+            "100ms",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{scenario:?} failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.starts_with("scenario"), "no table printed: {table}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().expect("rows");
+    assert!(!rows.is_empty(), "{scenario:?} reported no rows");
+    for row in rows {
+        let ours = row["ours"].as_array().expect("ours values");
+        assert!(!ours.is_empty(), "a row without our figure: {row}");
+    }
+    report
+}
+
+fn metrics(report: &serde_json::Value) -> Vec<String> {
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["metric"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn ratio_of(report: &serde_json::Value, metric: &str) -> Option<f64> {
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["metric"] == metric)?["ratio"]
+        .as_f64()
+}
+
+#[test]
+fn ingest_compares_ephemeral_with_noop_and_durable_with_ephemeral() {
+    let report = run(&["ingest"], &["--customers", "200"]);
+    assert!(ratio_of(&report, "req/s (--ephemeral)").is_some());
+    assert!(ratio_of(&report, "req/s durable vs --ephemeral").is_some());
+}
+
+#[test]
+fn get_and_batch_get_compare_with_the_noop_grpc_server() {
+    let report = run(&["get"], &["--customers", "200"]);
+    assert!(ratio_of(&report, "GetProfile calls/s").is_some());
+    let report = run(&["batch-get", "--ids", "10"], &["--customers", "200"]);
+    assert!(ratio_of(&report, "profiles/s").is_some());
+}
+
+#[test]
+fn list_compares_pages_with_batch_get() {
+    let report = run(
+        &["list", "--page-size", "10", "--ids", "10"],
+        &["--customers", "200"],
+    );
+    assert!(ratio_of(&report, "ListProfiles (page_size 10) profiles/s").is_some());
+}
+
+#[test]
+fn fanout_measures_every_delivery() {
+    let report = run(
+        &["fanout", "--subscribers", "3"],
+        &["--customers", "50", "--rate", "50"],
+    );
+    let missing = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["metric"] == "deliveries missing")
+        .unwrap()["ours"][0]
+        .as_f64()
+        .unwrap();
+    assert_eq!(missing, 0.0, "every change reaches every subscriber");
+    assert!(
+        metrics(&report)
+            .iter()
+            .any(|m| m.starts_with("ingest req/s with subscribers"))
+    );
+}
+
+#[test]
+fn memory_and_recovery_measure_a_spawned_service() {
+    let report = run(&["memory"], &["--customers", "300"]);
+    assert!(metrics(&report)[0].starts_with("RSS growth per profile"));
+    let report = run(&["recovery"], &["--customers", "300"]);
+    assert!(
+        metrics(&report)
+            .iter()
+            .any(|m| m.starts_with("spawn -> listening"))
+    );
+}
