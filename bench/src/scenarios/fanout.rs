@@ -39,6 +39,14 @@ pub enum Filter {
     Customer,
 }
 
+/// Who subscribes: how many, how many streams share a connection, and what each watches.
+#[derive(Clone, Copy, Debug)]
+struct Audience {
+    count: usize,
+    per_connection: usize,
+    filter: Filter,
+}
+
 /// Connected subscribers; stopping them returns what each received: (revision, when).
 struct Subscribers {
     stop: watch::Sender<bool>,
@@ -52,11 +60,14 @@ impl Subscribers {
     /// every one is synced.
     async fn open(
         grpc: SocketAddr,
-        count: usize,
-        per_connection: usize,
-        filter: Filter,
+        audience: Audience,
         client_id: &str,
     ) -> anyhow::Result<Subscribers> {
+        let Audience {
+            count,
+            per_connection,
+            filter,
+        } = audience;
         let (stop, stopped) = watch::channel(false);
         let delivered = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::with_capacity(count);
@@ -130,13 +141,11 @@ async fn measure_latency(
     webhook: SocketAddr,
     grpc: SocketAddr,
     workload: &Arc<Workload>,
-    count: usize,
-    per_connection: usize,
-    filter: Filter,
+    audience: Audience,
     rate: f64,
 ) -> anyhow::Result<FanoutStats> {
-    let subscribers =
-        Subscribers::open(grpc, count, per_connection, filter, &workload.client_id).await?;
+    let Audience { count, filter, .. } = audience;
+    let subscribers = Subscribers::open(grpc, audience, &workload.client_id).await?;
     let started = Instant::now();
     let measure_from = started + options.warmup;
     let end = measure_from + options.duration;
@@ -300,9 +309,11 @@ pub async fn run(
                     webhook,
                     grpc,
                     workload,
-                    count,
-                    per_connection,
-                    filter,
+                    Audience {
+                        count,
+                        per_connection,
+                        filter,
+                    },
                     rate,
                 )
                 .await?;
@@ -405,9 +416,11 @@ pub async fn run(
                     Some(
                         Subscribers::open(
                             grpc,
-                            count,
-                            per_connection,
-                            impact_filter,
+                            Audience {
+                                count,
+                                per_connection,
+                                filter: impact_filter,
+                            },
                             &workload.client_id,
                         )
                         .await?,

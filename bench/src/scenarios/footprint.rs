@@ -101,7 +101,7 @@ pub async fn memory(options: &Options, report: &mut Report) -> anyhow::Result<()
 }
 
 /// Spawns the service on `dir`, waits for its listening line and its first successful gRPC
-/// call; returns both times from the spawn, the "recovered" log fields, and the server.
+/// call; returns both times, counted from the spawn, and the running server.
 async fn start(
     options: &Options,
     dir: &std::path::Path,
@@ -168,10 +168,10 @@ pub async fn recovery(options: &Options, report: &mut Report) -> anyhow::Result<
     for round in 0..options.rounds.max(1) {
         // Baseline first: the same binary on an empty (fresh) data dir.
         let fresh = empty.path().join(format!("round-{round}"));
-        let (listening, first_call, _server) = start(options, &fresh).await?;
+        let (listening, first_call, empty_server) = start(options, &fresh).await?;
         rows[0].push(listening.as_secs_f64());
         rows[1].push(first_call.as_secs_f64());
-        drop(_server);
+        drop(empty_server);
         let (listening, first_call, mut server) = start(options, &dir).await?;
         let recovered = server.recovered.clone().unwrap_or_default();
         let held = profile_count(server.grpc()?).await?;

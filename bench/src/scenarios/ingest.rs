@@ -108,16 +108,15 @@ pub async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
     let workload = options.workload(customers);
     let baseline = options.baseline()?;
     let ephemeral = options.ours()?;
-    // Durable only when the tool starts the service: an external target is what it is.
-    let (dir, _temp) = super::data_dir(options)?;
-    let durable = if options.external() {
-        None
+    // Durable only when the tool starts the service: an external target is what it is. The
+    // bindings drop in reverse order, so the service stops before its temporary dir goes.
+    let (_durable_dir, durable) = if options.external() {
+        (None, None)
     } else {
+        let (dir, temp) = super::data_dir(options)?;
         report.note(format!("ingest: durable data dir {}", dir.display()));
-        Some(Server::spawn_service(
-            "ours-durable",
-            &options.spec(Some(dir)),
-        )?)
+        let server = Server::spawn_service("ours-durable", &options.spec(Some(dir)))?;
+        (temp, Some(server))
     };
     // Every round measures updates of existing profiles, not the first round creations.
     preload(&ephemeral, &workload, customers, options.concurrency).await?;
