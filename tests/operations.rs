@@ -83,6 +83,17 @@ async fn rotated_secrets_are_all_accepted_until_a_reload_removes_one() {
     service.stop().await;
 }
 
+/// Flags that keep a spawned binary in memory and on free loopback ports.
+const LOOPBACK_EPHEMERAL: [&str; 7] = [
+    "--ephemeral",
+    "--webhook-listen",
+    "127.0.0.1:0",
+    "--grpc-listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+];
+
 /// The real binary, killed when dropped.
 struct Binary {
     child: std::process::Child,
@@ -93,14 +104,8 @@ impl Binary {
     fn start(args: &[&str]) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_profile-state"))
             .args(args)
-            .args(["--log-format", "json", "--ephemeral"])
-            .args([
-                "--webhook-listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--log-format", "json"])
+            .args(LOOPBACK_EPHEMERAL)
             .env_remove("PROFILE_STATE_WEBHOOK_SECRET")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -466,18 +471,8 @@ async fn email_and_mobile_number_never_reach_the_logs_at_any_level() {
 #[test]
 fn an_unreadable_secrets_file_exits_64_before_binding() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_profile-state"))
-        .args([
-            "--webhook-secrets-file",
-            "/nonexistent/secrets.toml",
-            "--ephemeral",
-        ])
-        .args([
-            "--webhook-listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--admin-listen", "127.0.0.1:0"])
+        .args(["--webhook-secrets-file", "/nonexistent/secrets.toml"])
+        .args(LOOPBACK_EPHEMERAL)
         .env_remove("PROFILE_STATE_WEBHOOK_SECRET")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
