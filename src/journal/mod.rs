@@ -301,8 +301,14 @@ pub fn recover(
     let segments = segments(dir)?;
     let snapshot = snapshot::choose(dir, segments.first().map(|(first, _)| *first))?;
     if let Some((revision, path)) = &snapshot {
-        let profiles = snapshot::read(path)?;
-        store.restore(profiles, *revision);
+        let read = snapshot::read(path, |profiles| store.restore(profiles, *revision))?;
+        if read != *revision {
+            return Err(JournalError::Corrupt {
+                path: path.clone(),
+                offset: codec::HEADER_LEN as u64,
+                reason: format!("the snapshot's header says revision {read}, its name {revision}"),
+            });
+        }
     }
     let mut replayed = 0;
     let mut tail = None;
