@@ -11,8 +11,10 @@ use crate::watch::WatchEvent;
 
 /// A profile as the API shows it.
 pub fn profile(profile: &Profile) -> pb::Profile {
-    let text = |field| profile.get_text(field).map(str::to_owned);
-    let int = |field| profile.get_int(field);
+    // One pass over the packed registers for all ten fields.
+    let values = profile.values();
+    let text = |field| values.text(field).map(str::to_owned);
+    let int = |field| values.int(field);
     let extra = profile
         .extras()
         .map(|(key, value)| (key.to_owned(), json_value(value)))

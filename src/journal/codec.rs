@@ -9,7 +9,7 @@
 use prost::Message;
 
 use crate::profile::{
-    EventTime, ExtraValue, Field, Profile, ProfileKey, ProfileUpdate, Register, Scalar,
+    EventTime, ExtraValue, Field, Profile, ProfileKey, ProfileUpdate, Register, Scalar, ScalarRef,
 };
 
 /// The format version this build writes and reads.
@@ -266,10 +266,10 @@ fn field(number: u32) -> Result<Field, Malformed> {
     Field::from_number(number).ok_or_else(|| Malformed(format!("unknown field number {number}")))
 }
 
-fn scalar_record(value: Option<&Scalar>) -> Option<ScalarRecord> {
+fn scalar_record(value: Option<ScalarRef<'_>>) -> Option<ScalarRecord> {
     value.map(|value| match value {
-        Scalar::Int(n) => ScalarRecord::Int(*n),
-        Scalar::Text(text) => ScalarRecord::Text(text.to_string()),
+        ScalarRef::Int(n) => ScalarRecord::Int(n),
+        ScalarRef::Text(text) => ScalarRecord::Text(text.to_owned()),
     })
 }
 
@@ -298,7 +298,7 @@ impl UpdateRecord {
                 .iter()
                 .map(|(field, value)| FieldRecord {
                     field: field.number(),
-                    value: scalar_record(value.as_ref()),
+                    value: scalar_record(value.as_ref().map(Scalar::view)),
                     at: None,
                 })
                 .collect(),
@@ -349,7 +349,7 @@ impl ProfileRecord {
                 .field_registers()
                 .map(|(field, register)| FieldRecord {
                     field: field.number(),
-                    value: scalar_record(register.value.as_ref()),
+                    value: scalar_record(register.value),
                     at: Some(timestamp(register.at)),
                 })
                 .collect(),
