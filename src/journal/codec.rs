@@ -23,7 +23,7 @@ pub const HEADER_LEN: usize = 12;
 /// Bytes before a frame's payload: length and checksum.
 pub const FRAME_OVERHEAD: usize = 8;
 /// Largest frame accepted on read: larger lengths are corruption, not data.
-const MAX_FRAME: usize = 256 * 1024 * 1024;
+pub const MAX_FRAME: usize = 256 * 1024 * 1024;
 
 /// The header of a file with this magic.
 pub fn file_header(magic: [u8; 8]) -> [u8; HEADER_LEN] {

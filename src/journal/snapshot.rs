@@ -11,7 +11,7 @@
 //! (the "base"), every newer snapshot, and every segment after the base; older files go.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -112,17 +112,19 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 /// error (snapshots are never torn). Returns the snapshot's revision.
 ///
 /// Decoding runs on a second thread while `load` runs on this one: recovery time is start-up
-/// time, and decoding and inserting take about as long as each other. When the snapshot turns
-/// out damaged, `load` has seen the chunks before the damage; the caller must then discard
-/// what it loaded (recovery stops with the error).
+/// time, and decoding and inserting take about as long as each other. The file is read one
+/// frame at a time into a reused buffer rather than whole: a snapshot of a million profiles is
+/// hundreds of megabytes, and fresh pages for all of them cost more than reading them. When the
+/// snapshot turns out damaged, `load` has seen the chunks before the damage; the caller must
+/// then discard what it loaded (recovery stops with the error).
 pub fn read(
     path: &Path,
     load: impl FnOnce(&mut dyn Iterator<Item = Vec<Profile>>),
 ) -> Result<u64, JournalError> {
-    let bytes = fs::read(path).map_err(JournalError::io(path, "read"))?;
+    let file = File::open(path).map_err(JournalError::io(path, "open"))?;
     let (chunks, received) = std::sync::mpsc::sync_channel(CHUNKS_IN_FLIGHT);
     std::thread::scope(|scope| {
-        let decoder = scope.spawn(|| decode(path, &bytes, chunks));
+        let decoder = scope.spawn(|| decode(path, BufReader::new(file), chunks));
         load(&mut received.into_iter());
         decoder
             .join()
@@ -130,30 +132,34 @@ pub fn read(
     })
 }
 
-/// Decodes the snapshot in `bytes`, sending its profiles in chunks; stops early when the
+/// Decodes the snapshot read from `file`, sending its profiles in chunks; stops early when the
 /// receiver is gone.
 fn decode(
     path: &Path,
-    bytes: &[u8],
+    mut file: impl Read,
     chunks: std::sync::mpsc::SyncSender<Vec<Profile>>,
 ) -> Result<u64, JournalError> {
-    let corrupt = |offset: usize, reason: String| JournalError::Corrupt {
+    let corrupt = |offset: u64, reason: String| JournalError::Corrupt {
         path: path.to_owned(),
-        offset: offset as u64,
+        offset,
         reason,
     };
-    codec::check_header(bytes, SNAPSHOT_MAGIC).map_err(|error| JournalError::Format {
+    let mut buffer = Vec::new();
+    read_up_to(&mut file, &mut buffer, codec::HEADER_LEN)
+        .map_err(JournalError::io(path, "read"))?;
+    codec::check_header(&buffer, SNAPSHOT_MAGIC).map_err(|error| JournalError::Format {
         path: path.to_owned(),
         reason: format!(
             "not a snapshot of format {}: {error:?}",
             codec::FORMAT_VERSION
         ),
     })?;
-    let mut offset = codec::HEADER_LEN;
+    let mut offset = codec::HEADER_LEN as u64;
     let mut header = None;
     let mut count = 0u64;
     loop {
-        match codec::read_frame(bytes, offset) {
+        read_frame(&mut file, &mut buffer).map_err(JournalError::io(path, "read"))?;
+        match codec::read_frame(&buffer, 0) {
             Frame::End => break,
             Frame::Invalid { reason, .. } => return Err(corrupt(offset, reason.into())),
             Frame::Valid { payload, next } => {
@@ -176,7 +182,7 @@ fn decode(
                         return Err(corrupt(offset, "the loader stopped reading".into()));
                     }
                 }
-                offset = next;
+                offset += next as u64;
             }
         }
     }
@@ -188,6 +194,29 @@ fn decode(
         ));
     }
     Ok(header.revision)
+}
+
+/// Reads the next frame of `file` (length, checksum, payload) into `buffer`, for
+/// [`codec::read_frame`] to check at offset 0: empty at the end of the file, shorter than the
+/// frame claims when the file ends inside it, just the frame header when the length is
+/// implausible.
+fn read_frame(file: &mut impl Read, buffer: &mut Vec<u8>) -> std::io::Result<()> {
+    read_up_to(file, buffer, codec::FRAME_OVERHEAD)?;
+    if buffer.len() < codec::FRAME_OVERHEAD {
+        return Ok(());
+    }
+    let len = u32::from_le_bytes(buffer[..4].try_into().expect("four bytes")) as usize;
+    if len <= codec::MAX_FRAME {
+        file.by_ref().take(len as u64).read_to_end(buffer)?;
+    }
+    Ok(())
+}
+
+/// Replaces `buffer`'s content with the next `len` bytes of `file`, or fewer at its end.
+fn read_up_to(file: &mut impl Read, buffer: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
+    buffer.clear();
+    file.by_ref().take(len as u64).read_to_end(buffer)?;
+    Ok(())
 }
 
 /// What a snapshot and compaction did.
@@ -369,6 +398,27 @@ mod tests {
         }
         // The loader saw only what came before the damage (the caller discards it).
         assert_eq!(sizes, vec![CHUNK]);
+    }
+
+    #[test]
+    fn a_snapshot_cut_short_is_an_error_not_a_smaller_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), 10, &profiles(10)).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN) {
+            Frame::Valid { next, .. } => next,
+            _ => unreachable!("a snapshot just written starts with a valid header frame"),
+        };
+        fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let (sizes, _, outcome) = read_all(&path);
+        match outcome {
+            Err(JournalError::Corrupt { offset, reason, .. }) => {
+                assert_eq!(offset, header_frame as u64);
+                assert_eq!(reason, "frame cut off");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert!(sizes.is_empty());
     }
 
     #[test]
