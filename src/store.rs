@@ -18,6 +18,7 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::profile::{Change, Profile, ProfileKey};
+use crate::watch::Router;
 
 /// Handle to the shared state. Cloning it is one reference-count increment; every clone sees
 /// the same profiles, history and revision.
@@ -46,6 +47,8 @@ struct Inner {
     // The published revision. A watch channel is both the value and the wake-up signal that
     // watchers wait on; it keeps only the latest value, so a slow watcher costs nothing here.
     revision: watch::Sender<u64>,
+    // Feeds filtered by customer, woken per matching change instead of per revision.
+    router: Router,
 }
 
 /// A change revision no longer in history.
@@ -68,6 +71,7 @@ impl Store {
                 history: RwLock::new(VecDeque::with_capacity(history_capacity.min(4096))),
                 history_capacity,
                 revision: watch::channel(0).0,
+                router: Router::default(),
             }),
         }
     }
@@ -188,7 +192,8 @@ impl Store {
         Ok(history.iter().skip(skip).take(take).cloned().collect())
     }
 
-    /// Makes a batch of changes visible: history, profiles, then the revision.
+    /// Makes a batch of changes visible: history, profiles, then the revision; then hands them
+    /// to the watch [`Router`], which wakes the customer-filtered feeds they concern.
     ///
     /// Only the sequencer calls this, with consecutive revisions following the published one.
     /// History first, so that a profile anyone can read already has its change in the ring
@@ -215,6 +220,13 @@ impl Store {
             self.insert(&change.profile);
         }
         self.inner.revision.send_replace(last);
+        // After publishing, so a routed feed never sees a revision above the published one.
+        self.inner.router.route(&changes);
+    }
+
+    /// The index of customer-filtered watch feeds, which `commit` routes changes through.
+    pub(crate) fn router(&self) -> &Router {
+        &self.inner.router
     }
 
     fn insert(&self, profile: &Arc<Profile>) {
