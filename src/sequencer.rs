@@ -7,12 +7,6 @@
 //! (group commit), commits it to the store (history, profiles, revision), and only then answers
 //! every caller of the batch. Nothing reaches memory that is not on disk.
 //!
-//! When durable, a batch that is small compared with how many callers the previous one answered
-//! lingers briefly for the rest (see [`linger`]): in a closed loop the answered callers send
-//! their next updates over the following few hundred microseconds, and without the wait the
-//! first few of them would take a sync of their own while the rest queue behind it. The wait is
-//! bounded by a fraction of the last append's time and never answers anything early.
-//!
 //! When the journal cannot be written, the batch's callers get `Unavailable` (a 503, so Gameball
 //! retries), nothing is committed, no revision is used, and the sequencer reports itself not
 //! writable; it probes the disk every second and reports writable again once a write succeeds.
@@ -37,11 +31,6 @@ use crate::store::Store;
 const MAX_BATCH: usize = 512;
 /// How often a sequencer that cannot write tries the disk again.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// The longest a durable batch lingers for stragglers, whatever the last append took.
-const MAX_LINGER: Duration = Duration::from_micros(500);
-/// The share of the last append's time a batch may linger: a fraction, so a linger costs less
-/// latency than the extra sync it saves.
-const LINGER_SHARE: u32 = 2;
 
 /// What applying an update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,11 +197,6 @@ struct Task {
 impl Task {
     async fn run(mut self, mut inbox: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        // How many updates the next batch can expect: the callers the last batch answered (who
-        // may be about to send again) plus those already queued behind it.
-        let mut expected = 0;
-        // How long the last journal append took, which bounds the linger.
-        let mut last_append = Duration::ZERO;
         loop {
             let received = if *self.writable.borrow() {
                 inbox.recv_many(&mut batch, MAX_BATCH).await
@@ -228,18 +212,13 @@ impl Task {
             if received == 0 {
                 break;
             }
-            if self.durable.is_some() && *self.writable.borrow() && batch.len() < expected {
-                let bound = (last_append / LINGER_SHARE).min(MAX_LINGER);
-                linger(&mut inbox, &mut batch, expected, precise_sleep(bound)).await;
-            }
             let (updates, replies): (Vec<_>, Vec<_>) = batch
                 .drain(..)
                 .map(|Request { update, reply }| (update, reply))
                 .unzip();
             let Sequenced { changes, outcomes } = sequence(&self.store, &updates);
             let answers = match self.record(&updates, &outcomes).await {
-                Ok(appended) => {
-                    last_append = appended.unwrap_or(last_append);
+                Ok(()) => {
                     self.store.commit(changes);
                     outcomes.into_iter().map(Ok).collect()
                 }
@@ -252,13 +231,11 @@ impl Task {
                     vec![Err(unavailable); replies.len()]
                 }
             };
-            let answered = replies.len();
             for (reply, answer) in replies.into_iter().zip(answers) {
                 // A caller that gave up (its HTTP client went away) no longer listens; the
                 // update stays applied, which is what a retry would do.
                 let _ = reply.send(answer);
             }
-            expected = (answered + inbox.len()).min(MAX_BATCH);
             if let Some(durable) = &mut self.durable {
                 durable.maybe_snapshot(&self.store, &self.tracker);
             }
@@ -266,15 +243,14 @@ impl Task {
         tracing::debug!("sequencer stopped");
     }
 
-    /// Journals the batch's changes, if durable and if there are any; how long the append took,
-    /// if there was one.
+    /// Journals the batch's changes, if durable and if there are any.
     async fn record(
         &mut self,
         updates: &[ProfileUpdate],
         outcomes: &[Applied],
-    ) -> std::io::Result<Option<Duration>> {
+    ) -> std::io::Result<()> {
         let Some(durable) = &mut self.durable else {
-            return Ok(None);
+            return Ok(());
         };
         let records: Vec<UpdateRecord> = updates
             .iter()
@@ -285,7 +261,7 @@ impl Task {
             })
             .collect();
         if records.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         let count = records.len() as u64;
         let started = std::time::Instant::now();
@@ -296,15 +272,15 @@ impl Task {
                 return Err(error);
             }
         };
-        let took = started.elapsed();
-        self.metrics.journal_append(took.as_secs_f64(), bytes);
+        self.metrics
+            .journal_append(started.elapsed().as_secs_f64(), bytes);
         durable.records_since_snapshot += count;
         durable.bytes_since_snapshot += bytes;
         if !*self.writable.borrow() {
             tracing::info!("journal writes succeed again");
             self.writable.send_replace(true);
         }
-        Ok(Some(took))
+        Ok(())
     }
 
     /// Tries an empty append: the disk is writable again when it succeeds.
@@ -318,39 +294,6 @@ impl Task {
             self.writable.send_replace(true);
         }
     }
-}
-
-/// Adds updates arriving on `inbox` to `batch` until it holds `expected` of them, the inbox is
-/// closed, or `bound` completes, whichever comes first. Nothing is answered here: the batch is
-/// only made larger before its one append and sync.
-async fn linger(
-    inbox: &mut mpsc::Receiver<Request>,
-    batch: &mut Vec<Request>,
-    expected: usize,
-    bound: impl Future<Output = ()>,
-) {
-    tokio::pin!(bound);
-    while batch.len() < expected {
-        let wanted = expected - batch.len();
-        tokio::select! {
-            biased;
-            received = inbox.recv_many(batch, wanted) => if received == 0 {
-                return;
-            },
-            () = &mut bound => return,
-        }
-    }
-}
-
-/// Completes after `duration`, to the microsecond. Tokio's timers tick in whole milliseconds,
-/// longer than the whole linger, so a blocking-pool thread sleeps instead (the pool is warm:
-/// every append runs there).
-async fn precise_sleep(duration: Duration) {
-    if duration.is_zero() {
-        return;
-    }
-    // Only fails if the runtime is shutting down, when waiting no longer matters.
-    let _ = tokio::task::spawn_blocking(move || std::thread::sleep(duration)).await;
 }
 
 /// A merged and numbered batch, not yet committed.
@@ -476,57 +419,6 @@ mod tests {
         drop(sequencer);
         tracker.close();
         tracker.wait().await;
-    }
-
-    fn request(customer: &str) -> Request {
-        let (reply, _) = oneshot::channel();
-        Request {
-            update: update(customer, 1, 1),
-            reply,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_lingering_batch_takes_stragglers_until_it_has_the_expected_number() {
-        let (requests, mut inbox) = mpsc::channel(16);
-        let mut batch = vec![request("a")];
-        let stragglers = tokio::spawn(async move {
-            for customer in ["b", "c", "d"] {
-                tokio::task::yield_now().await;
-                requests.send(request(customer)).await.unwrap();
-            }
-            requests
-        });
-        // The bound never completes: only the count can end this linger.
-        let lingered = linger(&mut inbox, &mut batch, 3, std::future::pending());
-        tokio::time::timeout(Duration::from_secs(10), lingered)
-            .await
-            .expect("the linger ends once the batch has the expected number");
-        assert_eq!(batch.len(), 3, "not more than expected either");
-        let requests = stragglers.await.unwrap();
-        assert_eq!(inbox.len(), 1, "the fourth waits for the next batch");
-        drop(requests);
-    }
-
-    #[tokio::test]
-    async fn a_linger_ends_at_its_bound_or_when_the_inbox_closes() {
-        let (requests, mut inbox) = mpsc::channel(16);
-        let mut batch = vec![request("a")];
-        requests.send(request("b")).await.unwrap();
-        linger(&mut inbox, &mut batch, 5, std::future::ready(())).await;
-        assert_eq!(batch.len(), 2, "what had arrived, and no more waiting");
-
-        drop(requests);
-        linger(&mut inbox, &mut batch, 5, std::future::pending()).await;
-        assert_eq!(batch.len(), 2);
-    }
-
-    #[tokio::test]
-    async fn precise_sleep_waits_about_as_long_as_asked() {
-        let started = std::time::Instant::now();
-        precise_sleep(Duration::from_micros(300)).await;
-        assert!(started.elapsed() >= Duration::from_micros(300));
-        precise_sleep(Duration::ZERO).await;
     }
 
     #[tokio::test]
