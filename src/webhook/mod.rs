@@ -4,10 +4,10 @@
 //! signature (401, with the secrets of the body's `client_id`), JSON and field validation, then
 //! the sequencer, all within the request timeout (503). The body is read once, in one pass into
 //! its fields (`payload::Envelope`); only a body that pass declines, or whose signature does not
-//! match its raw bytes, is also parsed into a `serde_json::Value`. A signed body that fails validation is
-//! kept as a dead letter (`crate::dead_letters`) and answered 422 with its id, or 503 if it
-//! could not be kept. The answer is 200 only after the sequencer has recorded the update and
-//! made it visible, so a 2xx means recorded. [`validate`] and [`record`] are the path every
+//! match its raw bytes, is also parsed into a `serde_json::Value`. A signed body that fails
+//! validation is kept as a dead letter (`crate::dead_letters`) and answered 422 with its id, or
+//! 503 if it could not be kept. The answer is 200 only after the sequencer has recorded the
+//! update and made it visible, so a 2xx means recorded. [`validate`] and [`record`] are the path every
 //! authenticated body takes, here and on a dead letter's replay (`crate::grpc`'s AdminService).
 //! Nothing here merges or stores; statuses come from `crate::status`, the one place that maps
 //! errors for both HTTP and gRPC.

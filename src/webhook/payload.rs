@@ -684,7 +684,10 @@ mod tests {
                 ]), proptest::option::of(json_value())),
                 0..4,
             ),
-            data in proptest::collection::vec((data_key(), proptest::option::of(json_value())), 0..6),
+            data in proptest::collection::vec(
+                (data_key(), proptest::option::of(json_value())),
+                0..6,
+            ),
             profile_topic in proptest::bool::weighted(0.8),
         ) {
             let mut body = valid();
