@@ -2,10 +2,12 @@
 //!
 //! In order: the in-flight cap (503 + `Retry-After`), Content-Type (415), body size (413),
 //! signature (401, with the secrets of the body's `client_id`), JSON and field validation, then
-//! the sequencer, all within the request timeout (503). A signed body that fails validation is
-//! kept as a dead letter (`crate::dead_letters`) and answered 422 with its id, or 503 if it
-//! could not be kept. The answer is 200 only after the sequencer has recorded the update and
-//! made it visible, so a 2xx means recorded. [`validate`] and [`record`] are the path every
+//! the sequencer, all within the request timeout (503). The body is read once, in one pass into
+//! its fields (`payload::Envelope`); only a body that pass declines, or whose signature does not
+//! match its raw bytes, is also parsed into a `serde_json::Value`. A signed body that fails
+//! validation is kept as a dead letter (`crate::dead_letters`) and answered 422 with its id, or
+//! 503 if it could not be kept. The answer is 200 only after the sequencer has recorded the
+//! update and made it visible, so a 2xx means recorded. [`validate`] and [`record`] are the path every
 //! authenticated body takes, here and on a dead letter's replay (`crate::grpc`'s AdminService).
 //! Nothing here merges or stores; statuses come from `crate::status`, the one place that maps
 //! errors for both HTTP and gRPC.
@@ -32,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::sequencer::{Applied, Sequencer};
 use crate::status;
 use payload::Delivery;
-use secrets::{SecretStore, Secrets};
+use secrets::SecretStore;
 
 /// The path Gameball posts to.
 pub const PATH: &str = "/webhooks/gameball";
@@ -128,17 +130,19 @@ async fn receive(State(ingress): State<Ingress>, headers: HeaderMap, body: Body)
         }
     };
     let (label, response) = match handled {
-        Ok(Outcome::Applied(Applied::Changed { revision })) => (
-            "applied",
-            answer(json!({"outcome": "applied", "revision": revision})),
-        ),
-        Ok(Outcome::Applied(Applied::Unchanged { revision })) => (
-            "unchanged",
-            answer(json!({"outcome": "unchanged", "revision": revision})),
-        ),
+        Ok(Outcome::Applied(Applied::Changed { revision })) => {
+            ("applied", recorded("applied", revision))
+        }
+        Ok(Outcome::Applied(Applied::Unchanged { revision })) => {
+            ("unchanged", recorded("unchanged", revision))
+        }
         Ok(Outcome::Ignored(event)) => (
             "ignored",
-            answer(json!({"outcome": "ignored", "event": event})),
+            (
+                StatusCode::OK,
+                Json(json!({"outcome": "ignored", "event": event})),
+            )
+                .into_response(),
         ),
         Err(error) => {
             if matches!(error, Error::Unauthenticated { .. }) {
@@ -158,23 +162,81 @@ async fn receive(State(ingress): State<Ingress>, headers: HeaderMap, body: Body)
     response
 }
 
-fn answer(body: serde_json::Value) -> Response {
-    (StatusCode::OK, Json(body)).into_response()
+/// `{"outcome":"applied","revision":N}` (or `unchanged`), written out directly: the answer to
+/// almost every delivery, so it is not built as a `serde_json::Value` and serialized.
+fn recorded(outcome: &'static str, revision: u64) -> Response {
+    let body = format!(r#"{{"outcome":"{outcome}","revision":{revision}}}"#);
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// A body read once: in one pass into its fields when it can be, else into a `Value`.
+enum Parsed<'a> {
+    /// The usual case: one JSON object with each field at most once.
+    Envelope(payload::Envelope<'a>),
+    /// Anything else, or not JSON: [`validate`] answers it as it always has.
+    General(Result<serde_json::Value, serde_json::Error>),
+}
+
+impl<'a> Parsed<'a> {
+    fn read(raw: &'a [u8]) -> Parsed<'a> {
+        match payload::Envelope::read(raw) {
+            Some(envelope) => Parsed::Envelope(envelope),
+            None => Parsed::General(serde_json::from_slice(raw)),
+        }
+    }
+
+    fn client_id(&self) -> Option<&str> {
+        match self {
+            Parsed::Envelope(envelope) => envelope.client_id(),
+            Parsed::General(parsed) => parsed.as_ref().ok()?.get("client_id")?.as_str(),
+        }
+    }
+
+    /// The compact re-serialization the signature may have been made over; parses the body
+    /// into a `Value` if that was not done yet (only a delivery whose raw bytes did not match
+    /// needs it).
+    fn compact(&self, raw: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            Parsed::Envelope(_) => serde_json::from_slice::<serde_json::Value>(raw)
+                .ok()
+                .map(|json| signature::compact(&json)),
+            Parsed::General(parsed) => parsed.as_ref().ok().map(signature::compact),
+        }
+    }
+
+    fn validate(&self) -> Result<Delivery, Error> {
+        match self {
+            Parsed::Envelope(envelope) => envelope.validate(),
+            Parsed::General(parsed) => validate(parsed.as_ref()),
+        }
+    }
 }
 
 impl Ingress {
     async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<Outcome, Error> {
         check_content_type(headers)?;
         let raw = read_body(body, self.limits.max_body_bytes).await?;
-        let parsed = serde_json::from_slice::<serde_json::Value>(&raw);
+        let parsed = Parsed::read(&raw);
         if let Verification::Secrets(secrets) = &*self.verification {
             let claimed = headers
                 .get(signature::HEADER)
                 .map(|value| value.to_str().unwrap_or_default());
-            verify(&secrets.current(), claimed, &raw, parsed.as_ref().ok())?;
+            // The client_id read from the body is only a hint for choosing secrets: the
+            // signature then covers the whole body.
+            let checks = secrets.current();
+            let checks = checks.for_client(parsed.client_id());
+            signature::verify(checks, claimed, &raw, || parsed.compact(&raw))?;
         }
         // Authenticated from here on (or unsigned by choice): what cannot be applied is kept.
-        match validate(parsed.as_ref()) {
+        match parsed.validate() {
             Ok(delivery) => record(&self.sequencer, delivery).await,
             Err(cause) => Err(self.dead_letter(&raw, cause).await),
         }
@@ -238,28 +300,6 @@ pub async fn record(sequencer: &Sequencer, delivery: Delivery) -> Result<Outcome
             Ok(Outcome::Applied(applied))
         }
     }
-}
-
-/// Accepts a delivery signed by any secret of its `client_id` (read from the body, so it is
-/// only a hint for choosing secrets: the signature then covers the whole body).
-fn verify(
-    secrets: &Secrets,
-    claimed: Option<&str>,
-    raw: &[u8],
-    parsed: Option<&serde_json::Value>,
-) -> Result<(), Error> {
-    let client_id = parsed.and_then(|json| json.get("client_id")?.as_str());
-    let checks = secrets.for_client(client_id);
-    let mut last = Error::Unauthenticated {
-        reason: "no webhook secret is configured for this client_id",
-    };
-    for check in checks {
-        match check.verify(claimed, raw, parsed) {
-            Ok(()) => return Ok(()),
-            Err(error) => last = error,
-        }
-    }
-    Err(last)
 }
 
 /// A missing Content-Type is accepted (some senders omit it); anything but JSON is not.

@@ -5,15 +5,29 @@
 //! not. Topics other than `customer.profile.updated` are recognised and left alone: their
 //! `data` may be anything (an array for `customer.notification.push`). Merging and storing are
 //! not done here.
+//!
+//! A body is read one of two ways, held to the same rules by the same code (the [`Json`]
+//! trait): [`Envelope::read`] deserializes the raw bytes in one pass into the six fields,
+//! borrowing text from the body (the webhook's way, and the cheap one), and [`parse`] takes a
+//! `serde_json::Value` (dead-letter replay, and every body the one pass declines: not JSON,
+//! not an object, a repeated key). Both give the same answer for every body the one pass takes.
+
+use std::borrow::Cow;
+use std::fmt;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 
 use crate::error::Error;
 use crate::profile::{Field, FieldKind, ProfileKey, ProfileUpdate, Scalar};
 
 /// The topic this service applies.
 pub const PROFILE_UPDATED: &str = "customer.profile.updated";
+
+/// At most this many `data` keys are read in one pass; a larger `data` goes through a `Value`
+/// (the one pass finds repeated keys by a linear scan, which must stay short).
+const MAX_DATA_KEYS: usize = 64;
 
 /// A delivery, classified.
 #[derive(Debug, PartialEq)]
@@ -32,22 +46,129 @@ pub fn parse(body: &Value) -> Result<Delivery, Error> {
     let body = body
         .as_object()
         .ok_or_else(|| Error::invalid("body", "must be a JSON object"))?;
-    let event = required_str(body, "event")?;
+    let fields = Fields {
+        event: body.get("event"),
+        client_id: body.get("client_id"),
+        customer_id: body.get("customer_id"),
+        gb_customer_id: body.get("gb_customer_id"),
+        created_at: body.get("created_at"),
+        data: body.get("data"),
+    };
+    classify(fields, |data| {
+        data.as_object()
+            .map(|data| data.iter().map(|(name, value)| (name.as_str(), value)))
+    })
+}
+
+/// A body's six fields, read in one pass over its bytes: what [`Envelope::validate`] needs and
+/// nothing else (other top-level keys are checked as JSON and dropped).
+#[derive(Debug, Default)]
+pub struct Envelope<'a> {
+    event: Option<Lite<'a>>,
+    client_id: Option<Lite<'a>>,
+    customer_id: Option<Lite<'a>>,
+    gb_customer_id: Option<Lite<'a>>,
+    created_at: Option<Lite<'a>>,
+    data: Option<Lite<'a>>,
+}
+
+impl<'a> Envelope<'a> {
+    /// Reads a body that is one JSON object with each of the six fields at most once, and at
+    /// most [`MAX_DATA_KEYS`] distinct keys in an object `data`. `None` for anything else
+    /// (including JSON that [`parse`] would refuse or read differently), which the caller then
+    /// parses into a `Value`.
+    pub fn read(raw: &'a [u8]) -> Option<Envelope<'a>> {
+        let mut deserializer = serde_json::Deserializer::from_slice(raw);
+        let envelope = deserializer.deserialize_map(EnvelopeVisitor).ok()?;
+        deserializer.end().ok()?;
+        Some(envelope)
+    }
+
+    /// The `client_id`, if it is a string: which secrets may have signed the body.
+    pub fn client_id(&self) -> Option<&str> {
+        self.client_id.as_ref().and_then(Lite::as_str)
+    }
+
+    /// Validates the body by the same rules as [`parse`], with the same answer.
+    pub fn validate(&self) -> Result<Delivery, Error> {
+        let fields = Fields {
+            event: self.event.as_ref(),
+            client_id: self.client_id.as_ref(),
+            customer_id: self.customer_id.as_ref(),
+            gb_customer_id: self.gb_customer_id.as_ref(),
+            created_at: self.created_at.as_ref(),
+            data: self.data.as_ref(),
+        };
+        classify(fields, |data| match data {
+            Lite::Object(entries) => Some(entries.iter().map(|(name, value)| (&**name, value))),
+            _ => None,
+        })
+    }
+}
+
+/// What the rules need to know of a JSON value, so that a `Value` and a [`Lite`] are judged
+/// by the same code.
+trait Json {
+    fn is_null(&self) -> bool;
+    fn as_str(&self) -> Option<&str>;
+    fn as_number(&self) -> Option<&Number>;
+    /// The value as a `serde_json::Value`, for an unmodeled `data` key.
+    fn to_value(&self) -> Value;
+}
+
+impl Json for Value {
+    fn is_null(&self) -> bool {
+        Value::is_null(self)
+    }
+    fn as_str(&self) -> Option<&str> {
+        Value::as_str(self)
+    }
+    fn as_number(&self) -> Option<&Number> {
+        match self {
+            Value::Number(number) => Some(number),
+            _ => None,
+        }
+    }
+    fn to_value(&self) -> Value {
+        self.clone()
+    }
+}
+
+/// A body's top-level fields, however the body was read.
+struct Fields<'j, J> {
+    event: Option<&'j J>,
+    client_id: Option<&'j J>,
+    customer_id: Option<&'j J>,
+    gb_customer_id: Option<&'j J>,
+    created_at: Option<&'j J>,
+    data: Option<&'j J>,
+}
+
+/// Every rule, in the order they are checked: the first broken one is the answer. `entries`
+/// gives the keys and values of `data` in order when it is an object.
+fn classify<'j, J, E>(
+    body: Fields<'j, J>,
+    entries: impl FnOnce(&'j J) -> Option<E>,
+) -> Result<Delivery, Error>
+where
+    J: Json,
+    E: Iterator<Item = (&'j str, &'j J)>,
+{
+    let event = required_str(body.event, "event")?;
     if event != PROFILE_UPDATED {
         return Ok(Delivery::Other {
             event: event.to_owned(),
         });
     }
-    let client_id = required_id(body, "client_id")?;
-    let customer_id = required_id(body, "customer_id")?;
+    let client_id = required_id(body.client_id, "client_id")?;
+    let customer_id = required_id(body.customer_id, "customer_id")?;
     let gb_customer_id = integer(
-        required(body, "gb_customer_id")?,
+        required(body.gb_customer_id, "gb_customer_id")?,
         "gb_customer_id",
         FieldKind::Int64,
     )?;
-    let created_at = created_at(required_str(body, "created_at")?)?;
-    let data = required(body, "data")?
-        .as_object()
+    let created_at = created_at(required_str(body.created_at, "created_at")?)?;
+    let data = entries(required(body.data, "data")?)
         .ok_or_else(|| Error::invalid("data", "must be a JSON object"))?;
 
     let mut fields = vec![(Field::GbCustomerId, Some(Scalar::Int(gb_customer_id)))];
@@ -58,10 +179,7 @@ pub fn parse(body: &Value) -> Result<Delivery, Error> {
             Some(field) if field != Field::GbCustomerId => {
                 fields.push((field, scalar(value, field)?));
             }
-            _ => extras.push((
-                name.as_str().into(),
-                (!value.is_null()).then(|| value.clone()),
-            )),
+            _ => extras.push((name.into(), (!value.is_null()).then(|| value.to_value()))),
         }
     }
     Ok(Delivery::ProfileUpdated(ProfileUpdate {
@@ -72,21 +190,21 @@ pub fn parse(body: &Value) -> Result<Delivery, Error> {
     }))
 }
 
-fn required<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a Value, Error> {
-    match body.get(field) {
-        None | Some(Value::Null) => Err(Error::invalid(field, "is required")),
-        Some(value) => Ok(value),
+fn required<'j, J: Json>(value: Option<&'j J>, field: &str) -> Result<&'j J, Error> {
+    match value {
+        Some(value) if !value.is_null() => Ok(value),
+        _ => Err(Error::invalid(field, "is required")),
     }
 }
 
-fn required_str<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, Error> {
-    required(body, field)?
+fn required_str<'j, J: Json>(value: Option<&'j J>, field: &str) -> Result<&'j str, Error> {
+    required(value, field)?
         .as_str()
         .ok_or_else(|| Error::invalid(field, "must be a string"))
 }
 
-fn required_id<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, Error> {
-    let id = required_str(body, field)?;
+fn required_id<'j, J: Json>(value: Option<&'j J>, field: &str) -> Result<&'j str, Error> {
+    let id = required_str(value, field)?;
     if id.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
     }
@@ -105,44 +223,274 @@ fn created_at(text: &str) -> Result<DateTime<Utc>, Error> {
 }
 
 /// A modeled `data` field's value; JSON `null` clears the field.
-fn scalar(value: &Value, field: Field) -> Result<Option<Scalar>, Error> {
+fn scalar<J: Json>(value: &J, field: Field) -> Result<Option<Scalar>, Error> {
     let path = || format!("data.{}", field.name());
-    match (value, field.kind()) {
-        (Value::Null, _) => Ok(None),
-        (Value::String(text), FieldKind::Text) => Ok(Some(Scalar::Text(text.as_str().into()))),
-        (_, FieldKind::Text) => Err(Error::invalid(path(), "must be a string or null")),
-        (value, kind) => integer(value, &path(), kind).map(|n| Some(Scalar::Int(n))),
+    if value.is_null() {
+        return Ok(None);
+    }
+    match (value.as_str(), field.kind()) {
+        (Some(text), FieldKind::Text) => Ok(Some(Scalar::Text(text.into()))),
+        (None, FieldKind::Text) => Err(Error::invalid(path(), "must be a string or null")),
+        (_, kind) => integer(value, &path(), kind).map(|n| Some(Scalar::Int(n))),
     }
 }
 
-fn integer(value: &Value, field: &str, kind: FieldKind) -> Result<i64, Error> {
+fn integer<J: Json>(value: &J, field: &str, kind: FieldKind) -> Result<i64, Error> {
     let (low, high, range) = match kind {
         FieldKind::Int32 => (i64::from(i32::MIN), i64::from(i32::MAX), "a 32-bit"),
         _ => (i64::MIN, i64::MAX, "a 64-bit"),
     };
     let out_of_range = || Error::invalid(field, format!("must be {range} signed integer"));
-    match value {
-        Value::Number(number) if number.is_i64() => number
+    match value.as_number() {
+        Some(number) if number.is_i64() => number
             .as_i64()
             .filter(|n| (low..=high).contains(n))
             .ok_or_else(out_of_range),
-        Value::Number(number) if number.is_u64() => Err(out_of_range()),
-        Value::Number(_) => Err(Error::invalid(field, "must be an integer, not a fraction")),
-        _ => Err(Error::invalid(field, "must be an integer")),
+        Some(number) if number.is_u64() => Err(out_of_range()),
+        Some(_) => Err(Error::invalid(field, "must be an integer, not a fraction")),
+        None => Err(Error::invalid(field, "must be an integer")),
+    }
+}
+
+/// A JSON value as the one pass keeps it: scalars as they are, text borrowed from the body
+/// when it has no escapes, `data`'s object as its entries in order, and any other array or
+/// object (or a boolean) as a `Value`, built the way `serde_json` builds one.
+#[derive(Debug)]
+enum Lite<'a> {
+    Null,
+    Number(Number),
+    Str(Cow<'a, str>),
+    /// `data` when it is an object: distinct keys, in order.
+    Object(Vec<(Cow<'a, str>, Lite<'a>)>),
+    /// Boxed: rare, and a `Value` would make every field of the envelope several times larger.
+    Other(Box<Value>),
+}
+
+impl Json for Lite<'_> {
+    fn is_null(&self) -> bool {
+        matches!(self, Lite::Null)
+    }
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Lite::Str(text) => Some(text),
+            _ => None,
+        }
+    }
+    fn as_number(&self) -> Option<&Number> {
+        match self {
+            Lite::Number(number) => Some(number),
+            _ => None,
+        }
+    }
+    fn to_value(&self) -> Value {
+        match self {
+            Lite::Null => Value::Null,
+            Lite::Number(number) => Value::Number(number.clone()),
+            Lite::Str(text) => Value::String(text.as_ref().to_owned()),
+            Lite::Object(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(name, value)| (name.as_ref().to_owned(), value.to_value()))
+                    .collect(),
+            ),
+            Lite::Other(value) => Value::clone(value),
+        }
+    }
+}
+
+impl Lite<'_> {
+    fn as_str(&self) -> Option<&str> {
+        Json::as_str(self)
+    }
+}
+
+/// Reads the top-level object into an [`Envelope`]; a repeated field is an error (so the
+/// caller falls back to a `Value`, where the last one wins).
+struct EnvelopeVisitor;
+
+impl<'de> Visitor<'de> for EnvelopeVisitor {
+    type Value = Envelope<'de>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope<'de>, A::Error> {
+        let mut envelope = Envelope::default();
+        while let Some(key) = map.next_key_seed(Text)? {
+            let (slot, seed) = match &*key {
+                "event" => (&mut envelope.event, LiteSeed::Scalar),
+                "client_id" => (&mut envelope.client_id, LiteSeed::Scalar),
+                "customer_id" => (&mut envelope.customer_id, LiteSeed::Scalar),
+                "gb_customer_id" => (&mut envelope.gb_customer_id, LiteSeed::Scalar),
+                "created_at" => (&mut envelope.created_at, LiteSeed::Scalar),
+                "data" => (&mut envelope.data, LiteSeed::Data),
+                _ => {
+                    // Read as a Value, not skipped: skipping would not enforce serde_json's
+                    // nesting limit, and a body `parse` refuses must not pass here.
+                    map.next_value::<Value>()?;
+                    continue;
+                }
+            };
+            if slot.is_some() {
+                return Err(de::Error::custom("repeated field"));
+            }
+            *slot = Some(map.next_value_seed(seed)?);
+        }
+        Ok(envelope)
+    }
+}
+
+/// A string, borrowed from the body when it has no escapes.
+struct Text;
+
+impl<'de> DeserializeSeed<'de> for Text {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Text {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a string")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(text))
+    }
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(text.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(text))
+    }
+}
+
+/// How a value is kept: `Data` keeps an object's entries (for `data`), `Scalar` keeps any
+/// array or object whole as a `Value`.
+#[derive(Clone, Copy)]
+enum LiteSeed {
+    Scalar,
+    Data,
+}
+
+impl<'de> DeserializeSeed<'de> for LiteSeed {
+    type Value = Lite<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LiteSeed {
+    type Value = Lite<'de>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Lite::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Lite::Null)
+    }
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Self::Value, E> {
+        Ok(Lite::Other(Box::new(Value::Bool(value))))
+    }
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Self::Value, E> {
+        Ok(Lite::Number(value.into()))
+    }
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Self::Value, E> {
+        Ok(Lite::Number(value.into()))
+    }
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Self::Value, E> {
+        // As serde_json's own Value does with a float that is not finite.
+        Ok(Number::from_f64(value).map_or(Lite::Null, Lite::Number))
+    }
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Lite::Str(Cow::Borrowed(text)))
+    }
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Lite::Str(Cow::Owned(text.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
+        Ok(Lite::Str(Cow::Owned(text)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            items.push(item);
+        }
+        Ok(Lite::Other(Box::new(Value::Array(items))))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        match self {
+            LiteSeed::Scalar => {
+                // Built as serde_json builds a Value: a repeated key keeps its first place and
+                // its last value.
+                let mut object = Map::new();
+                while let Some((name, value)) = map.next_entry::<String, Value>()? {
+                    object.insert(name, value);
+                }
+                Ok(Lite::Other(Box::new(Value::Object(object))))
+            }
+            LiteSeed::Data => {
+                let mut entries: Vec<(Cow<'de, str>, Lite<'de>)> = Vec::new();
+                while let Some(name) = map.next_key_seed(Text)? {
+                    if entries.len() == MAX_DATA_KEYS || entries.iter().any(|(n, _)| *n == name) {
+                        return Err(de::Error::custom("too many or repeated data keys"));
+                    }
+                    let value = map.next_value_seed(LiteSeed::Scalar)?;
+                    entries.push((name, value));
+                }
+                Ok(Lite::Object(entries))
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn valid() -> Value {
         serde_json::from_slice(include_bytes!("../../tests/fixtures/profile-updated.json")).unwrap()
     }
 
+    /// Validates `body` both ways, from a `Value` and in one pass over its bytes, checks
+    /// that they agree, and returns the answer.
+    fn parse_both(body: &Value) -> Result<Delivery, Error> {
+        let general = parse(body);
+        let raw = serde_json::to_vec(body).unwrap();
+        if let Some(envelope) = Envelope::read(&raw) {
+            assert_eq!(envelope.validate(), general, "one pass disagrees on {body}");
+        } else {
+            assert!(!body.is_object(), "one pass declined an object: {body}");
+        }
+        general
+    }
+
+    /// Like [`parse_both`] for raw bytes, which may hold what a `Value` cannot (repeated keys,
+    /// escapes); `None` when the one pass declines them.
+    fn agree(raw: &[u8]) -> Option<Result<Delivery, Error>> {
+        let envelope = Envelope::read(raw)?;
+        let general = serde_json::from_slice::<Value>(raw).expect("the one pass read JSON");
+        assert_eq!(
+            envelope.validate(),
+            parse(&general),
+            "one pass disagrees on {}",
+            String::from_utf8_lossy(raw)
+        );
+        Some(envelope.validate())
+    }
+
     fn error_field(body: Value) -> String {
-        match parse(&body) {
+        match parse_both(&body) {
             Err(Error::InvalidArgument { field, .. }) => field,
             other => panic!("expected a validation error, got {other:?}"),
         }
@@ -150,7 +498,7 @@ mod tests {
 
     #[test]
     fn the_documented_example_parses() {
-        let Delivery::ProfileUpdated(update) = parse(&valid()).unwrap() else {
+        let Delivery::ProfileUpdated(update) = parse_both(&valid()).unwrap() else {
             panic!("not a profile update");
         };
         assert_eq!(update.key, ProfileKey::new("2155", "webhook-test"));
@@ -175,7 +523,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(
-            parse(&body).unwrap(),
+            parse_both(&body).unwrap(),
             Delivery::Other {
                 event: "customer.notification.push".into()
             }
@@ -240,7 +588,7 @@ mod tests {
     fn null_clears_and_unknown_data_fields_become_extras() {
         let mut body = valid();
         body["data"] = json!({"email": null, "birthday": "1990-01-01", "gone": null});
-        let Delivery::ProfileUpdated(update) = parse(&body).unwrap() else {
+        let Delivery::ProfileUpdated(update) = parse_both(&body).unwrap() else {
             panic!("not a profile update");
         };
         assert!(update.fields.contains(&(Field::Email, None)));
@@ -251,5 +599,117 @@ mod tests {
                 ("gone".into(), None)
             ]
         );
+    }
+
+    #[test]
+    fn the_one_pass_declines_what_a_value_reads_differently_or_refuses() {
+        let fixture: &[u8] = include_bytes!("../../tests/fixtures/profile-updated.json");
+        assert!(agree(fixture).is_some());
+        // A repeated field: a Value keeps the last one, so the general way decides.
+        let repeated = br#"{"event":"other.topic","event":"customer.profile.updated"}"#;
+        assert!(Envelope::read(repeated).is_none());
+        let repeated_data = br#"{"event":"x","data":{"email":"a","email":null}}"#;
+        assert!(Envelope::read(repeated_data).is_none());
+        for declined in [
+            &b"[1,2]"[..],
+            b"null",
+            b"\"event\"",
+            b"{\"event\":",
+            b"{} x",
+            b"",
+        ] {
+            assert!(Envelope::read(declined).is_none(), "{declined:?}");
+        }
+        // Nesting past serde_json's limit in a key nobody reads is still not JSON.
+        let deep = format!(
+            r#"{{"event":"x","other":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(serde_json::from_str::<Value>(&deep).is_err());
+        assert!(Envelope::read(deep.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn escapes_unusual_numbers_and_extras_read_the_same_both_ways() {
+        let bodies: [&[u8]; 6] = [
+            br#"{"\u0065vent":"customer.profile.updated","client_id":"21\"55","customer_id":"\u00e9","gb_customer_id":7,"created_at":"2024-11-19T17:34:42Z","data":{"tier_name":"gold\n","x":{"b":1,"a":[true,null],"b":2},"y":1e2,"z":-0.0}}"#,
+            br#"{"event":"customer.profile.updated","client_id":"1","customer_id":"2","gb_customer_id":9223372036854775808,"created_at":"2024-11-19T17:34:42Z","data":{}}"#,
+            br#"{"event":"customer.profile.updated","client_id":"1","customer_id":"2","gb_customer_id":1.0,"created_at":"2024-11-19T17:34:42Z","data":{}}"#,
+            br#"{"event":"customer.profile.updated","client_id":"1","customer_id":"2","gb_customer_id":-3,"created_at":"2024-11-19T17:34:42Z","data":{"total_points":"5","gb_customer_id":4}}"#,
+            br#"{"event":"customer.notification.push","data":[1,{"a":1}],"client_id":[],"event_id":{"k":"v"}}"#,
+            br#" {"event":null,"client_id":"1"} "#,
+        ];
+        for body in bodies {
+            assert!(agree(body).is_some(), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            prop_oneof![Just(i64::from(i32::MAX) + 1), Just(i64::from(i32::MIN))]
+                .prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "[a-z\"\\\\\u{e9}]{0,6}".prop_map(Value::from),
+            Just(Value::from("2024-11-19T17:34:42.297Z")),
+        ];
+        leaf.prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                proptest::collection::vec(("[a-c]", inner), 0..3)
+                    .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn data_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(Field::ALL.to_vec()).prop_map(|f| f.name().to_owned()),
+            "[a-z_]{1,8}",
+        ]
+    }
+
+    proptest::proptest! {
+        /// Edits of the documented example, through both ways: they always agree.
+        #[test]
+        fn both_ways_agree_on_edited_bodies(
+            top in proptest::collection::vec(
+                (proptest::sample::select(vec![
+                    "event", "client_id", "customer_id", "gb_customer_id", "created_at", "data",
+                    "other",
+                ]), proptest::option::of(json_value())),
+                0..4,
+            ),
+            data in proptest::collection::vec(
+                (data_key(), proptest::option::of(json_value())),
+                0..6,
+            ),
+            profile_topic in proptest::bool::weighted(0.8),
+        ) {
+            let mut body = valid();
+            if !profile_topic {
+                body["event"] = Value::from("customer.notification.push");
+            }
+            for (key, value) in data {
+                let object = body["data"].as_object_mut().unwrap();
+                match value {
+                    Some(value) => object.insert(key, value),
+                    None => object.shift_remove(&key),
+                };
+            }
+            for (key, value) in top {
+                let object = body.as_object_mut().unwrap();
+                match value {
+                    Some(value) => object.insert(key.to_owned(), value),
+                    None => object.shift_remove(key),
+                };
+            }
+            let raw = serde_json::to_vec(&body).unwrap();
+            proptest::prop_assert!(agree(&raw).is_some(), "declined {body}");
+        }
     }
 }

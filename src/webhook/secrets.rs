@@ -180,10 +180,8 @@ mod tests {
     fn signs(secrets: &Secrets, client: Option<&str>, secret: &str) -> bool {
         let body = b"{}";
         let signature = SignatureCheck::new(secret).sign(body);
-        secrets
-            .for_client(client)
-            .iter()
-            .any(|check| check.verify(Some(&signature), body, None).is_ok())
+        super::super::signature::verify(secrets.for_client(client), Some(&signature), body, || None)
+            .is_ok()
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! The digest is checked over the raw body first and, failing that, over the compact
 //! re-serialization of the parsed JSON with its key order kept, because Gameball's own example
-//! verifier hashes `JSON.stringify(parsedBody)`. Comparison is case-insensitive and constant
-//! time. This module does not read headers or decide statuses; the handler does.
+//! verifier hashes `JSON.stringify(parsedBody)`. The compact form is built only when the raw
+//! body matched no secret, so a delivery signed over its bytes never pays for it. Comparison
+//! is case-insensitive and constant time. This module does not read headers or decide
+//! statuses; the handler does.
 
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
@@ -39,32 +41,50 @@ impl SignatureCheck {
         hasher.finalize().into()
     }
 
-    /// Accepts when `signature` (hex, any case) matches the raw body or, if the body parsed
-    /// as JSON, its compact form.
-    pub fn verify(
-        &self,
-        signature: Option<&str>,
-        raw: &[u8],
-        parsed: Option<&serde_json::Value>,
-    ) -> Result<(), Error> {
-        let signature = signature.ok_or(Error::Unauthenticated {
-            reason: "missing X-GB-Signature header",
-        })?;
-        let mismatch = Error::Unauthenticated {
-            reason: "X-GB-Signature does not match the body",
-        };
-        let mut claimed = [0u8; 20];
-        // Decoding is case-insensitive; a malformed header simply never matches.
-        hex::decode_to_slice(signature.trim(), &mut claimed).map_err(|_| mismatch.clone())?;
-        if bool::from(self.digest(raw).ct_eq(&claimed)) {
-            return Ok(());
-        }
-        let compact = parsed.map(|json| serde_json::to_vec(json).expect("a JSON value encodes"));
-        match compact {
-            Some(compact) if bool::from(self.digest(&compact).ct_eq(&claimed)) => Ok(()),
-            _ => Err(mismatch),
-        }
+    fn matches(&self, claimed: &[u8; 20], body: &[u8]) -> bool {
+        bool::from(self.digest(body).ct_eq(claimed))
     }
+}
+
+/// Accepts when `signature` (hex, any case) is the signature, under any of `checks`, of the raw
+/// body or, failing that, of the compact re-serialization `compact` makes (`None` when the
+/// body is not JSON). `compact` is called at most once, and only when the raw body matched
+/// none of them.
+pub fn verify(
+    checks: &[SignatureCheck],
+    signature: Option<&str>,
+    raw: &[u8],
+    compact: impl FnOnce() -> Option<Vec<u8>>,
+) -> Result<(), Error> {
+    if checks.is_empty() {
+        return Err(Error::Unauthenticated {
+            reason: "no webhook secret is configured for this client_id",
+        });
+    }
+    let signature = signature.ok_or(Error::Unauthenticated {
+        reason: "missing X-GB-Signature header",
+    })?;
+    let mismatch = Error::Unauthenticated {
+        reason: "X-GB-Signature does not match the body",
+    };
+    let mut claimed = [0u8; 20];
+    // Decoding is case-insensitive; a malformed header simply never matches.
+    hex::decode_to_slice(signature.trim(), &mut claimed).map_err(|_| mismatch.clone())?;
+    if checks.iter().any(|check| check.matches(&claimed, raw)) {
+        return Ok(());
+    }
+    match compact() {
+        Some(compact) if checks.iter().any(|check| check.matches(&claimed, &compact)) => Ok(()),
+        _ => Err(mismatch),
+    }
+}
+
+/// The compact re-serialization of a parsed body, key order kept (`preserve_order`): what
+/// `JSON.stringify` of the parsed body gives.
+pub fn compact(json: &serde_json::Value) -> Vec<u8> {
+    // Serializing a Value into a Vec cannot fail: its keys are strings and writes to a Vec
+    // succeed.
+    serde_json::to_vec(json).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -81,43 +101,70 @@ mod tests {
         SignatureCheck::new("test-secret")
     }
 
-    #[test]
-    fn fixture_vector_over_the_raw_body() {
-        assert_eq!(check().sign(RAW), RAW_SIG.trim());
-        assert_eq!(check().verify(Some(RAW_SIG.trim()), RAW, None), Ok(()));
+    fn raw_only() -> Option<Vec<u8>> {
+        None
     }
 
     #[test]
-    fn pretty_body_verifies_through_its_compact_form() {
-        let parsed: serde_json::Value = serde_json::from_slice(PRETTY).unwrap();
-        assert!(
-            check()
-                .verify(Some(PRETTY_SIG.trim()), PRETTY, None)
-                .is_err()
-        );
+    fn fixture_vector_over_the_raw_body() {
+        assert_eq!(check().sign(RAW), RAW_SIG.trim());
         assert_eq!(
-            check().verify(Some(PRETTY_SIG.trim()), PRETTY, Some(&parsed)),
+            verify(&[check()], Some(RAW_SIG.trim()), RAW, raw_only),
             Ok(())
         );
     }
 
     #[test]
+    fn pretty_body_verifies_through_its_compact_form() {
+        let parsed: serde_json::Value = serde_json::from_slice(PRETTY).unwrap();
+        assert!(verify(&[check()], Some(PRETTY_SIG.trim()), PRETTY, raw_only).is_err());
+        assert_eq!(
+            verify(&[check()], Some(PRETTY_SIG.trim()), PRETTY, || Some(
+                compact(&parsed)
+            )),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_compact_form_is_made_only_when_the_raw_body_does_not_match() {
+        let never =
+            || -> Option<Vec<u8>> { panic!("the raw body matched: no compact form needed") };
+        assert_eq!(verify(&[check()], Some(RAW_SIG.trim()), RAW, never), Ok(()));
+        let rotated = [SignatureCheck::new("old-secret"), check()];
+        assert_eq!(verify(&rotated, Some(RAW_SIG.trim()), RAW, never), Ok(()));
+        let mut made = 0;
+        let counted = || {
+            made += 1;
+            None
+        };
+        assert!(verify(&rotated, Some(PRETTY_SIG.trim()), PRETTY, counted).is_err());
+        assert_eq!(made, 1, "made once for all the secrets");
+    }
+
+    #[test]
     fn uppercase_hex_is_accepted() {
         let upper = RAW_SIG.trim().to_uppercase();
-        assert_eq!(check().verify(Some(&upper), RAW, None), Ok(()));
+        assert_eq!(verify(&[check()], Some(&upper), RAW, raw_only), Ok(()));
     }
 
     #[test]
     fn wrong_secret_missing_and_malformed_headers_are_refused() {
         let other = SignatureCheck::new("other-secret");
-        assert!(other.verify(Some(RAW_SIG.trim()), RAW, None).is_err());
+        assert!(verify(&[other], Some(RAW_SIG.trim()), RAW, raw_only).is_err());
         assert_eq!(
-            check().verify(None, RAW, None),
+            verify(&[check()], None, RAW, raw_only),
             Err(Error::Unauthenticated {
                 reason: "missing X-GB-Signature header"
             })
         );
-        assert!(check().verify(Some("zz"), RAW, None).is_err());
-        assert!(check().verify(Some(""), RAW, None).is_err());
+        assert!(verify(&[check()], Some("zz"), RAW, raw_only).is_err());
+        assert!(verify(&[check()], Some(""), RAW, raw_only).is_err());
+        assert_eq!(
+            verify(&[], Some(RAW_SIG.trim()), RAW, raw_only),
+            Err(Error::Unauthenticated {
+                reason: "no webhook secret is configured for this client_id"
+            })
+        );
     }
 }
