@@ -681,6 +681,19 @@ mod tests {
     use crate::sequencer::Sequencer;
     use tokio_util::task::TaskTracker;
 
+    /// A store keeping `history` changes, and the sequencer that writes it (on the tracker).
+    fn store_with_sequencer(history: usize) -> (Store, TaskTracker, Sequencer) {
+        let store = Store::new(history, "test");
+        let tracker = TaskTracker::new();
+        let sequencer = Sequencer::start(
+            store.clone(),
+            None,
+            crate::metrics::Metrics::new(),
+            &tracker,
+        );
+        (store, tracker, sequencer)
+    }
+
     fn points(customer: &str, second: i64, total: i64) -> ProfileUpdate {
         ProfileUpdate {
             key: ProfileKey::new("2155", customer),
@@ -695,14 +708,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn progress_is_sent_after_an_interval_without_other_events() {
-        let store = Store::new(10, "test");
-        let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(
-            store.clone(),
-            None,
-            crate::metrics::Metrics::new(),
-            &tracker,
-        );
+        let (store, tracker, sequencer) = store_with_sequencer(10);
         let interval = Duration::from_secs(5);
         let spec = WatchSpec {
             progress_interval: interval,
@@ -756,14 +762,7 @@ mod tests {
 
     #[tokio::test]
     async fn initial_state_is_as_of_one_revision_while_writes_land_during_the_scan() {
-        let store = Store::new(1000, "test");
-        let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(
-            store.clone(),
-            None,
-            crate::metrics::Metrics::new(),
-            &tracker,
-        );
+        let (store, tracker, sequencer) = store_with_sequencer(1000);
         for n in 0..300 {
             sequencer
                 .apply(points(&format!("c{n:03}"), 1, n))
@@ -905,14 +904,7 @@ mod tests {
     async fn routed_feeds_get_every_matching_change_and_no_other_while_feeds_come_and_go() {
         const WRITERS: u64 = 4;
         const PER_WRITER: u64 = 600;
-        let store = Store::new(100_000, "test");
-        let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(
-            store.clone(),
-            None,
-            crate::metrics::Metrics::new(),
-            &tracker,
-        );
+        let (store, tracker, sequencer) = store_with_sequencer(100_000);
         // Writers commit concurrently (so batches hold several changes), each to its own 5 of
         // 20 customers with rising times, so every update is a change: every third a tier
         // change, the others points.
@@ -1053,14 +1045,7 @@ mod tests {
 
     /// A routed feed that does not read while more than its mailbox holds arrives.
     async fn overflowing_feed(history: usize) -> (Received, u64) {
-        let store = Store::new(history, "test");
-        let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(
-            store.clone(),
-            None,
-            crate::metrics::Metrics::new(),
-            &tracker,
-        );
+        let (store, tracker, sequencer) = store_with_sequencer(history);
         let spec = WatchSpec {
             customer_ids: customers(&["a"]),
             progress_interval: Duration::from_secs(3600),
@@ -1117,14 +1102,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_routed_feed_without_matching_changes_still_advances_its_resume_point() {
-        let store = Store::new(10, "test");
-        let tracker = TaskTracker::new();
-        let sequencer = Sequencer::start(
-            store.clone(),
-            None,
-            crate::metrics::Metrics::new(),
-            &tracker,
-        );
+        let (store, tracker, sequencer) = store_with_sequencer(10);
         let interval = Duration::from_secs(5);
         let spec = WatchSpec {
             customer_ids: customers(&["x"]),
