@@ -565,6 +565,25 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_whose_header_disagrees_with_its_name_stops_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = snapshot::write(dir.path(), 7, &[]).unwrap();
+        // Renamed by hand (or damaged): its name says 8, its header 7.
+        let renamed = written.with_file_name("snapshot-00000000000000000008.snap");
+        fs::rename(&written, &renamed).unwrap();
+        match recovered(dir.path()) {
+            Err(JournalError::Corrupt { path, reason, .. }) => {
+                assert_eq!(path, renamed);
+                assert_eq!(reason, "the snapshot's header says revision 7, its name 8");
+            }
+            other => panic!(
+                "expected Corrupt, got {:?}",
+                other.map(|(s, _)| s.revision())
+            ),
+        }
+    }
+
+    #[test]
     fn a_failed_write_leaves_nothing_and_the_next_one_works() {
         let dir = tempfile::tempdir().unwrap();
         let faults = FaultSwitch::default();
