@@ -910,9 +910,11 @@ impl Change {
         if !tier.iter().any(|f| self.touches(&FieldPath::Field(*f))) {
             return None;
         }
-        let before = self.previous.as_deref();
-        let from_order = before.and_then(|p| p.get_int(Field::TierOrder));
-        let to_order = self.profile.get_int(Field::TierOrder);
+        // Unpacked once per profile: this runs for every delivery to every subscriber.
+        let before = self.previous.as_deref().map(Profile::values);
+        let after = self.profile.values();
+        let from_order = before.and_then(|p| p.int(Field::TierOrder));
+        let to_order = after.int(Field::TierOrder);
         let direction = match (from_order, to_order) {
             (Some(from), Some(to)) if to > from => TierDirection::Up,
             (Some(from), Some(to)) if to < from => TierDirection::Down,
@@ -920,9 +922,9 @@ impl Change {
             _ => TierDirection::Unknown,
         };
         Some(TierChange {
-            from_name: before.and_then(|p| p.get_text(Field::TierName).map(str::to_owned)),
+            from_name: before.and_then(|p| p.text(Field::TierName).map(str::to_owned)),
             from_order,
-            to_name: self.profile.get_text(Field::TierName).map(str::to_owned),
+            to_name: after.text(Field::TierName).map(str::to_owned),
             to_order,
             direction,
         })
@@ -936,10 +938,15 @@ impl Change {
         {
             return None;
         }
+        // Unpacked once per profile, not once per balance (see `tier_change`).
+        let before = self.previous.as_deref().map(Profile::values);
+        let after = self.profile.values();
         let delta = |field| {
-            let before = self.previous.as_deref().and_then(|p| p.get_int(field));
-            let after = self.profile.get_int(field);
-            after.unwrap_or(0).saturating_sub(before.unwrap_or(0))
+            let before = before.and_then(|p| p.int(field));
+            after
+                .int(field)
+                .unwrap_or(0)
+                .saturating_sub(before.unwrap_or(0))
         };
         Some(PointsDelta {
             activated: delta(Field::ActivatedPoints),
