@@ -1,0 +1,155 @@
+//! The gRPC listener as served: ProfileService and AdminService behind the bearer-token
+//! interceptor, health and reflection open, every service under the one message-size limit,
+//! and the per-call metrics layer around them all.
+//!
+//! The listener gets a stop token of its own: shutdown stops gRPC only after the watch streams
+//! have sent their last messages (`super::shutdown`).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::pb::health_server::{Health, HealthServer};
+
+use crate::dead_letters::DeadLetters;
+use crate::grpc::ProfileApi;
+use crate::grpc::admin::AdminApi;
+use crate::grpc::auth::BearerAuth;
+use crate::grpc::transport::MetricsLayer;
+use crate::metrics::Metrics;
+use crate::pb;
+use crate::pb::admin_service_server::AdminServiceServer;
+use crate::pb::profile_service_server::ProfileServiceServer;
+use crate::sequencer::Sequencer;
+use crate::store::Store;
+
+/// Applies the one message-size limit, both ways, to a generated service. tonic sets it per
+/// service, with a method of the same name on each generated type (no trait to be generic
+/// over), hence a macro.
+macro_rules! limited {
+    ($service:expr, $bytes:expr) => {
+        $service
+            .max_decoding_message_size($bytes)
+            .max_encoding_message_size($bytes)
+    };
+}
+
+/// What the gRPC listener serves, and with which limits.
+pub(super) struct Services<H> {
+    /// The tonic server as configured (TLS, keepalive).
+    pub builder: tonic::transport::Server,
+    /// Wraps the data services.
+    pub auth: BearerAuth,
+    /// The health service, whose statuses the server reports.
+    pub health: HealthServer<H>,
+    /// What ProfileService reads.
+    pub store: Store,
+    /// Whether the store is persisted (reported by GetServerInfo).
+    pub durable: bool,
+    /// What AdminService serves.
+    pub dead_letters: DeadLetters,
+    /// Where AdminService replays dead letters.
+    pub sequencer: Sequencer,
+    /// Counts calls and watch activity.
+    pub metrics: Metrics,
+    /// `--max-watch-streams`.
+    pub max_watch_streams: usize,
+    /// `--grpc-max-message-bytes`.
+    pub max_message_bytes: usize,
+}
+
+/// The gRPC listener, serving.
+pub(super) struct Serving {
+    /// The server's task.
+    pub task: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Stops the server (after the watch streams ended).
+    pub stopping: CancellationToken,
+    /// Completes once every watch stream has been handed to tonic and dropped.
+    pub watch_streams_closed: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+/// Serves `services` on `listener`. Watch feeds run on `tracker` and end when `stopping` is
+/// cancelled; the server itself stops on [`Serving::stopping`].
+pub(super) fn serve<H: Health>(
+    listener: TcpListener,
+    services: Services<H>,
+    stopping: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<Serving> {
+    let Services {
+        builder,
+        auth,
+        health,
+        store,
+        durable,
+        dead_letters,
+        sequencer,
+        metrics,
+        max_watch_streams,
+        max_message_bytes: limit,
+    } = services;
+    let profiles = ProfileApi::new(
+        store,
+        durable,
+        stopping.clone(),
+        tracker.clone(),
+        metrics.clone(),
+    )
+    .with_max_watch_streams(max_watch_streams);
+    let watch_streams_closed = Box::pin(profiles.streams_closed());
+    let admin = AdminApi::new(dead_letters, sequencer);
+    // Health and reflection stay open (probes, grpcurl); the data services need a token when
+    // tokens are configured.
+    let router = builder
+        .layer(MetricsLayer::new(metrics))
+        .add_service(limited!(health, limit))
+        .add_service(limited!(reflection_v1()?, limit))
+        .add_service(limited!(reflection_v1alpha()?, limit))
+        .add_service(InterceptedService::new(
+            limited!(ProfileServiceServer::new(profiles), limit),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            limited!(AdminServiceServer::new(admin), limit),
+            auth,
+        ));
+    let grpc_stopping = CancellationToken::new();
+    // Answers go out as soon as they are written: no Nagle delay (the webhook sets the same).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(
+        router.serve_with_incoming_shutdown(incoming, grpc_stopping.clone().cancelled_owned()),
+    );
+    Ok(Serving {
+        task,
+        stopping: grpc_stopping,
+        watch_streams_closed,
+    })
+}
+
+fn reflection_v1() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+// grpcurl before 1.8.8 speaks only v1alpha, so both versions are served.
+fn reflection_v1alpha() -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?)
+}

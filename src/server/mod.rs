@@ -1,0 +1,413 @@
+//! Wiring: recovers the data directory, binds the three listeners, starts the sequencer, serves
+//! the webhook ingress (axum), the gRPC API (tonic, with health and reflection) and the admin
+//! listener, and shuts everything down in order.
+//!
+//! `Server::bind` then `Server::run(shutdown)`: binding first lets callers (tests, `main`) learn
+//! the real addresses of port-0 listeners before serving starts. `run` is a sequence of named
+//! steps, each a function here: start the domain, follow readiness into health, serve admin,
+//! serve the ingress, serve gRPC, wait for the signal, then [`shutdown`]'s ordered stop. No
+//! request logic lives here.
+
+mod grpc_services;
+mod shutdown;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::data_dir::{self, DataDir};
+use crate::dead_letters::DeadLetters;
+use crate::grpc::auth::BearerAuth;
+use crate::grpc::transport;
+use crate::journal::{self, FaultSwitch, Journal};
+use crate::metrics::Metrics;
+use crate::sequencer::{self, Durability, Sequencer};
+use crate::store::Store;
+use crate::webhook::secrets::{SecretStore, Secrets};
+use crate::webhook::{Ingress, Limits, Verification};
+use shutdown::{Health, Servers, Shutdown};
+
+/// The configuration, or a file it names (secrets, tokens, certificates), cannot be used.
+/// Found before anything binds; `main` exits 64 on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct BadConfiguration(anyhow::Error);
+
+/// A bound, not yet serving, service.
+pub struct Server {
+    config: Config,
+    webhook: TcpListener,
+    grpc: TcpListener,
+    admin: TcpListener,
+    verification: Verification,
+    auth: BearerAuth,
+    grpc_builder: tonic::transport::Server,
+    store: Store,
+    durability: Option<Durability>,
+    dead_letters: DeadLetters,
+    faults: FaultSwitch,
+    // Holds the directory's lock until the server is dropped.
+    data_dir: Option<DataDir>,
+}
+
+/// What `Server::bind` reads from the configuration alone, before touching the disk.
+struct Checked {
+    verification: Verification,
+    auth: BearerAuth,
+    grpc_builder: tonic::transport::Server,
+}
+
+impl Server {
+    /// Checks the configuration, recovers the data directory (unless `--ephemeral`), then binds
+    /// the listeners: nothing is served before recovery is complete.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let Checked {
+            verification,
+            auth,
+            grpc_builder,
+        } = check(&config).map_err(|error| anyhow::Error::new(BadConfiguration(error)))?;
+        let faults = FaultSwitch::default();
+        let (store, durability, data_dir) = open_state(&config, &faults).await?;
+        let dead_letters = open_dead_letters(data_dir.as_ref()).await?;
+        let webhook = listen(config.webhook_listen, "webhook").await?;
+        let grpc = listen(config.grpc_listen, "gRPC").await?;
+        let admin = listen(config.admin_listen, "admin").await?;
+        Ok(Server {
+            config,
+            webhook,
+            grpc,
+            admin,
+            verification,
+            auth,
+            grpc_builder,
+            store,
+            durability,
+            dead_letters,
+            faults,
+            data_dir,
+        })
+    }
+
+    /// The dead letters: signed deliveries that could not be applied (the admin gRPC service
+    /// serves them; tests reach them here).
+    pub fn dead_letters(&self) -> DeadLetters {
+        self.dead_letters.clone()
+    }
+
+    /// The switch that makes journal writes fail: a testing seam for disk failures.
+    pub fn journal_faults(&self) -> FaultSwitch {
+        self.faults.clone()
+    }
+
+    /// The webhook listener's actual address.
+    pub fn webhook_addr(&self) -> SocketAddr {
+        local_addr(&self.webhook)
+    }
+
+    /// The gRPC listener's actual address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        local_addr(&self.grpc)
+    }
+
+    /// The admin listener's actual address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        local_addr(&self.admin)
+    }
+
+    /// The webhook secrets, for reloading them (SIGHUP does it in production); `None` under
+    /// `--insecure-skip-signature`.
+    pub fn webhook_secrets(&self) -> Option<SecretStore> {
+        match &self.verification {
+            Verification::Secrets(secrets) => Some(secrets.clone()),
+            Verification::Skip => None,
+        }
+    }
+
+    /// Serves until `shutdown` completes, then stops in the order [`Shutdown::run`] documents:
+    /// readiness false, watchers told where to resume, listeners drained, the sequencer's last
+    /// batch recorded, the journal closed. Each wait is bounded by `--shutdown-grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Server {
+            config,
+            webhook,
+            grpc,
+            admin,
+            verification,
+            auth,
+            grpc_builder,
+            store,
+            durability,
+            dead_letters,
+            faults: _,
+            data_dir,
+        } = self;
+        let addresses = [local_addr(&webhook), local_addr(&grpc), local_addr(&admin)];
+        let stopping = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Metrics::new();
+
+        let sequencer = Sequencer::start(store.clone(), durability, metrics.clone(), &tracker);
+        if let Verification::Secrets(secrets) = &verification {
+            reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
+        }
+        let (health, health_service) =
+            Health::follow(sequencer.writable(), &tracker, stopping.clone()).await;
+        let admin = serve_admin(
+            admin,
+            Admin {
+                metrics: metrics.clone(),
+                store: store.clone(),
+                writable: sequencer.writable(),
+                stopping: stopping.clone(),
+            },
+            &stopping,
+        );
+        let grpc = grpc_services::serve(
+            grpc,
+            grpc_services::Services {
+                builder: grpc_builder,
+                auth,
+                health: health_service,
+                store: store.clone(),
+                durable: data_dir.is_some(),
+                dead_letters: dead_letters.clone(),
+                sequencer: sequencer.clone(),
+                metrics: metrics.clone(),
+                max_watch_streams: config.max_watch_streams,
+                max_message_bytes: config.grpc_max_message_bytes,
+            },
+            &stopping,
+            &tracker,
+        )?;
+        let ingress = Ingress::new(sequencer, verification, limits(&config), metrics)
+            .with_dead_letters(dead_letters);
+        let webhook = serve_ingress(webhook, ingress, &stopping);
+        announce(addresses);
+
+        wait_for_signal(shutdown, &stopping).await;
+        Shutdown {
+            health,
+            stopping,
+            watch_streams_closed: grpc.watch_streams_closed,
+            grpc_stopping: grpc.stopping,
+            servers: Servers {
+                admin,
+                webhook,
+                grpc: grpc.task,
+            },
+            tracker,
+            store,
+            data_dir,
+            grace: config.shutdown_grace,
+        }
+        .run()
+        .await
+    }
+}
+
+/// Everything `bind` can refuse from the configuration alone: flag combinations, the webhook
+/// secrets, the gRPC tokens and TLS files.
+fn check(config: &Config) -> anyhow::Result<Checked> {
+    config.check()?;
+    Ok(Checked {
+        verification: verification(config)?,
+        auth: BearerAuth::from_config(config)?,
+        grpc_builder: transport::server_builder(config)?,
+    })
+}
+
+/// The store, and its journal and locked data directory unless `--ephemeral`.
+async fn open_state(
+    config: &Config,
+    faults: &FaultSwitch,
+) -> anyhow::Result<(Store, Option<Durability>, Option<DataDir>)> {
+    if config.ephemeral {
+        let store = Store::new(config.history_events, data_dir::new_store_id());
+        tracing::info!(
+            store_id = store.store_id(),
+            "ephemeral: state is kept in memory only"
+        );
+        return Ok((store, None, None));
+    }
+    let (config, faults) = (config.clone(), faults.clone());
+    tokio::task::spawn_blocking(move || recover(&config, faults))
+        .await
+        .context("recovery task")?
+}
+
+/// The dead letters, kept beside the journal and loaded before anything is served; in memory
+/// when ephemeral.
+async fn open_dead_letters(data_dir: Option<&DataDir>) -> anyhow::Result<DeadLetters> {
+    let Some(dir) = data_dir else {
+        return Ok(DeadLetters::in_memory());
+    };
+    let path = dir.path().to_owned();
+    Ok(
+        tokio::task::spawn_blocking(move || DeadLetters::open(&path))
+            .await
+            .context("dead letters task")??,
+    )
+}
+
+async fn listen(address: SocketAddr, name: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the {name} listener {address}"))
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stopping`.
+fn serve_admin(
+    listener: TcpListener,
+    admin: Admin,
+    stopping: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    let serve = axum::serve(listener, admin.router())
+        .with_graceful_shutdown(stopping.clone().cancelled_owned());
+    tokio::spawn(serve.into_future())
+}
+
+/// What one webhook, and all of them together, may take.
+fn limits(config: &Config) -> Limits {
+    Limits {
+        max_body_bytes: config.max_body_bytes,
+        max_in_flight: config.max_in_flight_webhooks,
+        timeout: config.webhook_timeout,
+    }
+}
+
+/// Serves the webhook path until `stopping`; in-flight webhooks are finished first.
+fn serve_ingress(
+    listener: TcpListener,
+    ingress: Ingress,
+    stopping: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    // Answers go out as soon as they are written: no Nagle delay (gRPC sets the same).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on a webhook connection");
+        }
+    });
+    let serve = axum::serve(listener, ingress.router())
+        .with_graceful_shutdown(stopping.clone().cancelled_owned());
+    tokio::spawn(serve.into_future())
+}
+
+fn announce([webhook, grpc, admin]: [SocketAddr; 3]) {
+    tracing::info!(
+        webhook = %webhook,
+        grpc = %grpc,
+        admin = %admin,
+        "profile-state listening"
+    );
+}
+
+/// Waits for the caller's shutdown signal (or for something inside cancelling `stopping`).
+async fn wait_for_signal(shutdown: impl Future<Output = ()>, stopping: &CancellationToken) {
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        () = stopping.cancelled() => {}
+    }
+}
+
+/// How webhooks are authenticated: the secrets (file and/or flag), or not at all.
+fn verification(config: &Config) -> anyhow::Result<Verification> {
+    if config.insecure_skip_signature {
+        tracing::warn!(
+            "--insecure-skip-signature is set: webhooks are accepted without checking \
+             X-GB-Signature"
+        );
+        return Ok(Verification::Skip);
+    }
+    let flag = config.webhook_secret.clone();
+    let secrets = match &config.webhook_secrets_file {
+        Some(file) => Secrets::load(file, flag.as_deref())?,
+        None => Secrets::single(flag.as_deref().context("a webhook secret is configured")?),
+    };
+    Ok(Verification::Secrets(SecretStore::new(
+        secrets,
+        config.webhook_secrets_file.clone(),
+        flag,
+    )))
+}
+
+/// Reloads the webhook secrets file on every SIGHUP; a bad file keeps the old secrets.
+fn reload_on_sighup(secrets: SecretStore, tracker: &TaskTracker, stopping: CancellationToken) {
+    // Installed here, before the listeners announce themselves: a SIGHUP without a handler
+    // would terminate the process.
+    #[cfg(unix)]
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP; secrets will not reload");
+            return;
+        }
+    };
+    #[cfg(unix)]
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                received = hangups.recv() => if received.is_none() { return },
+                () = stopping.cancelled() => return,
+            }
+            match secrets.reload() {
+                Ok(()) => tracing::info!("webhook secrets reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "webhook secrets not reloaded; the old ones stay")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (secrets, tracker, stopping);
+}
+
+/// Opens the data directory and rebuilds the store from its snapshot and journal.
+fn recover(
+    config: &Config,
+    faults: FaultSwitch,
+) -> anyhow::Result<(Store, Option<Durability>, Option<DataDir>)> {
+    let started = std::time::Instant::now();
+    let dir = DataDir::open(&config.data_dir)?;
+    let store = Store::new(config.history_events, dir.store_id());
+    let recovered = journal::recover(dir.path(), &store, |records| {
+        sequencer::replay(&store, records)
+    })?;
+    let journal = Journal::open(
+        dir.path(),
+        recovered.tail,
+        store.revision() + 1,
+        config.segment_bytes,
+        faults,
+    )?;
+    tracing::info!(
+        data_dir = %dir.path().display(),
+        store_id = store.store_id(),
+        revision = store.revision(),
+        profiles = store.len(),
+        snapshot = ?recovered.snapshot,
+        replayed = recovered.replayed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered"
+    );
+    let durability = Durability {
+        journal,
+        snapshot_every_records: config.snapshot_every_records,
+        snapshot_every_bytes: config.snapshot_every_bytes,
+        history_events: config.history_events as u64,
+    };
+    Ok((store, Some(durability), Some(dir)))
+}

@@ -1,0 +1,197 @@
+//! Readiness as gRPC health reports it, and the ordered stop.
+//!
+//! [`Shutdown::run`] is the one place the order lives; ARCHITECTURE.md's "Shutdown" section
+//! describes the same steps. Each wait is bounded by `--shutdown-grace`: running out is logged,
+//! and the next step runs anyway, since the process is stopping regardless.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health as HealthService, HealthServer};
+use tonic_health::server::HealthReporter;
+
+use crate::data_dir::DataDir;
+use crate::grpc::ProfileApi;
+use crate::pb::profile_service_server::ProfileServiceServer;
+use crate::store::Store;
+
+/// The name health reports ProfileService under.
+type Profiles = ProfileServiceServer<ProfileApi>;
+
+/// What gRPC health reports: ProfileService follows the journal's writability until shutdown.
+pub(super) struct Health {
+    reporter: HealthReporter,
+}
+
+impl Health {
+    /// Reports ProfileService SERVING, then NOT_SERVING while journal writes fail (so load
+    /// balancers send webhooks elsewhere until the disk recovers) and SERVING again once one
+    /// succeeds, until `stopping`. Returns the health service to serve.
+    pub(super) async fn follow(
+        mut writable: watch::Receiver<bool>,
+        tracker: &TaskTracker,
+        stopping: CancellationToken,
+    ) -> (Health, HealthServer<impl HealthService>) {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter.set_serving::<Profiles>().await;
+        let readiness = reporter.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = writable.changed() => if changed.is_err() { return },
+                    () = stopping.cancelled() => return,
+                }
+                if *writable.borrow_and_update() {
+                    readiness.set_serving::<Profiles>().await;
+                } else {
+                    readiness.set_not_serving::<Profiles>().await;
+                }
+            }
+        });
+        (Health { reporter }, service)
+    }
+
+    /// NOT_SERVING for ProfileService and for the server as a whole.
+    async fn not_serving(&self) {
+        self.reporter.set_not_serving::<Profiles>().await;
+        self.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+    }
+
+    /// Removes every status: a health Watch stream only ends when its status is removed, and
+    /// open ones would keep tonic from draining until the grace period runs out.
+    async fn clear(&mut self) {
+        self.reporter
+            .clear_service_status(<Profiles as NamedService>::NAME)
+            .await;
+        self.reporter.clear_service_status("").await;
+    }
+}
+
+/// The three listeners' server tasks.
+pub(super) struct Servers {
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin: JoinHandle<std::io::Result<()>>,
+    /// The webhook ingress.
+    pub webhook: JoinHandle<std::io::Result<()>>,
+    /// The gRPC API.
+    pub grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Servers {
+    /// Waits for all three to finish their in-flight requests; the first failure is returned.
+    async fn finished(self) -> anyhow::Result<()> {
+        let (admin, webhook, grpc) = tokio::join!(self.admin, self.webhook, self.grpc);
+        admin
+            .context("admin server task")?
+            .context("admin server")?;
+        webhook
+            .context("webhook server task")?
+            .context("webhook server")?;
+        grpc.context("gRPC server task")?.context("gRPC server")?;
+        Ok(())
+    }
+}
+
+/// Everything the ordered stop needs, gathered by `Server::run`.
+pub(super) struct Shutdown {
+    /// gRPC health statuses.
+    pub health: Health,
+    /// Cancelled first: `/readyz` answers 503, axum stops accepting, watch feeds end.
+    pub stopping: CancellationToken,
+    /// Completes once every watch stream has been handed to tonic and dropped.
+    pub watch_streams_closed: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Stops the gRPC server.
+    pub grpc_stopping: CancellationToken,
+    /// The listeners' tasks.
+    pub servers: Servers,
+    /// Every background task: the sequencer, watch feeds, snapshots, readiness, SIGHUP.
+    pub tracker: TaskTracker,
+    /// For the last log line.
+    pub store: Store,
+    /// Released last.
+    pub data_dir: Option<DataDir>,
+    /// `--shutdown-grace`, per wait.
+    pub grace: Duration,
+}
+
+impl Shutdown {
+    /// Stops the service, in this order:
+    ///
+    /// 1. Readiness false: health NOT_SERVING, `/readyz` 503 (`stopping`).
+    /// 2. Watchers get their last `Progress` and `UNAVAILABLE` naming the revision to resume
+    ///    from (their feeds end on `stopping`); only once tonic has taken and dropped every
+    ///    watch stream does gRPC stop, so those last messages are not cut off.
+    /// 3. The listeners drain: axum finishes in-flight webhooks (it stopped accepting at 1),
+    ///    tonic its calls, after health statuses are removed so health Watch streams end too.
+    /// 4. The sequencer flushes: once the last ingress handle is gone it answers what it holds
+    ///    and stops; every other background task (snapshots included) is waited for.
+    /// 5. The journal closes (it went with the sequencer task) and the data directory's lock
+    ///    is released, last.
+    pub(super) async fn run(self) -> anyhow::Result<()> {
+        let Shutdown {
+            mut health,
+            stopping,
+            watch_streams_closed,
+            grpc_stopping,
+            servers,
+            tracker,
+            store,
+            data_dir,
+            grace,
+        } = self;
+        health.not_serving().await;
+        stopping.cancel();
+
+        within(grace, "watch streams to end", async {
+            watch_streams_closed.await;
+            Ok(())
+        })
+        .await?;
+        grpc_stopping.cancel();
+
+        health.clear().await;
+        let served = within(
+            grace,
+            "servers to finish in-flight requests",
+            servers.finished(),
+        )
+        .await;
+
+        tracker.close();
+        within(grace, "background tasks to stop", async {
+            tracker.wait().await;
+            Ok(())
+        })
+        .await?;
+
+        tracing::info!(revision = store.revision(), "stopped");
+        drop(data_dir);
+        served
+    }
+}
+
+/// Awaits `work` for at most `grace`; running out is logged, not an error, since the process
+/// is stopping anyway.
+async fn within(
+    grace: Duration,
+    what: &str,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(grace, work).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(?grace, "gave up waiting for {what}");
+            Ok(())
+        }
+    }
+}
