@@ -11,10 +11,13 @@
 //!   and syncs each batch once, commits it to the store, then answers.
 //! - [`profile`]: the profile and its merge rules, a pure function of (state, update).
 //! - [`store`]: current profiles, the ordered key index, the recent change history and the
-//!   published revision; read by everyone, written by the sequencer.
+//!   published revision; read by everyone, written by the sequencer (and by recovery, before
+//!   anything is served).
 //! - [`journal`]: the durable log of group commits, snapshots, compaction and recovery; and
 //!   [`data_dir`]: its directory, lock and store id.
-//! - [`watch`]: one subscriber's feed: initial state, history replay, live changes, progress.
+//! - [`watch`]: the watch layer beside the store: routes each committed batch (the
+//!   sequencer's commit hook) and runs one feed per subscriber: initial state, history replay,
+//!   live changes, progress.
 //! - [`grpc`]: the gRPC adapter (tonic) for `gameball.profiles.v1.ProfileService`, and for
 //!   `AdminService` (dead letters).
 //! - [`error`] and [`status`]: the one error type, and its one mapping to HTTP and gRPC.

@@ -11,6 +11,11 @@
 //! retries), nothing is committed, no revision is used, and the sequencer reports itself not
 //! writable; it probes the disk every second and reports writable again once a write succeeds.
 //! It also starts snapshots in the background. It does not parse, validate or know about HTTP.
+//!
+//! The sequencer owns the commit: after the store published a batch it tells its
+//! [`CommitHook`] (the watch layer's router), so the store stays plain data that knows nothing
+//! of watchers. Recovery ([`replay`]) commits through the same merge before the sequencer
+//! starts, while nothing reads or watches the store yet.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,6 +53,16 @@ pub enum Applied {
     },
 }
 
+/// Told of every committed batch, in revision order, right after the store published it: how
+/// the watch layer learns of changes without the store knowing it exists.
+///
+/// Runs on the sequencer's task, between the commit and the answers to the batch's callers,
+/// so it must be quick and must not block (the watch router only queues revision numbers).
+pub trait CommitHook: Send + Sync {
+    /// The batch just committed: consecutive revisions, the last one published.
+    fn committed(&self, changes: &[Arc<Change>]);
+}
+
 /// The journal and when to snapshot: what makes the sequencer durable.
 pub struct Durability {
     /// The journal, opened at its recovered tail.
@@ -58,6 +73,13 @@ pub struct Durability {
     pub snapshot_every_bytes: u64,
     /// The watch history size, which decides what compaction keeps.
     pub history_events: u64,
+}
+
+/// The hook of a sequencer nobody watches.
+struct NoHook;
+
+impl CommitHook for NoHook {
+    fn committed(&self, _changes: &[Arc<Change>]) {}
 }
 
 struct Request {
@@ -75,10 +97,23 @@ pub struct Sequencer {
 
 impl Sequencer {
     /// Starts the sequencer task on `tracker`, writing to `store`, durably when `durability` is
-    /// given (else in memory only).
+    /// given (else in memory only), telling no one of its commits: for tools and tests without
+    /// watchers. The server uses [`Sequencer::start_with_hook`].
     pub fn start(
         store: Store,
         durability: Option<Durability>,
+        metrics: Metrics,
+        tracker: &TaskTracker,
+    ) -> Sequencer {
+        Sequencer::start_with_hook(store, durability, Arc::new(NoHook), metrics, tracker)
+    }
+
+    /// Starts the sequencer task like [`Sequencer::start`], telling `hook` of every committed
+    /// batch (the watch layer, [`crate::watch::Watchers`]).
+    pub fn start_with_hook(
+        store: Store,
+        durability: Option<Durability>,
+        hook: Arc<dyn CommitHook>,
         metrics: Metrics,
         tracker: &TaskTracker,
     ) -> Sequencer {
@@ -86,6 +121,7 @@ impl Sequencer {
         let (writable_tx, writable) = watch::channel(true);
         let task = Task {
             store,
+            hook,
             durable: durability.map(|durability| Durable {
                 journal: Some(durability.journal),
                 snapshot_every_records: durability.snapshot_every_records,
@@ -188,6 +224,7 @@ impl Durable {
 
 struct Task {
     store: Store,
+    hook: Arc<dyn CommitHook>,
     durable: Option<Durable>,
     writable: watch::Sender<bool>,
     metrics: Metrics,
@@ -219,7 +256,8 @@ impl Task {
             let Sequenced { changes, outcomes } = sequence(&self.store, &updates);
             let answers = match self.record(&updates, &outcomes).await {
                 Ok(()) => {
-                    self.store.commit(changes);
+                    self.store.commit(&changes);
+                    self.hook.committed(&changes);
                     outcomes.into_iter().map(Ok).collect()
                 }
                 Err(error) => {
@@ -367,7 +405,8 @@ pub(crate) fn replay(store: &Store, records: Vec<UpdateRecord>) -> Result<(), St
             ));
         }
     }
-    store.commit(changes);
+    // No hook: recovery runs before anything can watch the store.
+    store.commit(&changes);
     Ok(())
 }
 

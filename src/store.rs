@@ -1,9 +1,12 @@
 //! The store: every profile's current state, the recent history of changes, and the revision.
 //!
 //! Reads (Get, BatchGet, List, a watcher's initial state and history replay) go straight here
-//! from any task. Writes come only from the sequencer, through [`Store::commit`], one batch of
-//! consecutive revisions at a time. The store does not merge, validate or assign revisions, and
-//! knows nothing of HTTP or gRPC.
+//! from any task. Writes come through [`Store::commit`], one batch of consecutive revisions at
+//! a time, from the sequencer's task (and, before any listener opens, from recovery, which
+//! replays through the sequencer's own merge), and through [`Store::restore`] during recovery.
+//! The store does not merge, validate or assign revisions, knows nothing of HTTP or gRPC, and
+//! nothing of who watches it: the watch layer sits beside it (the `watch` module), told of each
+//! commit by the sequencer.
 //!
 //! Order of a commit, which readers rely on: the changes are pushed to the history, then the
 //! profiles are inserted, then the revision is published. So when a reader sees revision `R`,
@@ -18,7 +21,6 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::profile::{Change, Profile, ProfileKey};
-use crate::watch::Router;
 
 /// Handle to the shared state. Cloning it is one reference-count increment; every clone sees
 /// the same profiles, history and revision.
@@ -47,8 +49,6 @@ struct Inner {
     // The published revision. A watch channel is both the value and the wake-up signal that
     // watchers wait on; it keeps only the latest value, so a slow watcher costs nothing here.
     revision: watch::Sender<u64>,
-    // Feeds filtered by customer, woken per matching change instead of per revision.
-    router: Router,
 }
 
 /// A change revision no longer in history.
@@ -71,7 +71,6 @@ impl Store {
                 history: RwLock::new(VecDeque::with_capacity(history_capacity.min(4096))),
                 history_capacity,
                 revision: watch::channel(0).0,
-                router: Router::default(),
             }),
         }
     }
@@ -192,13 +191,13 @@ impl Store {
         Ok(history.iter().skip(skip).take(take).cloned().collect())
     }
 
-    /// Makes a batch of changes visible: history, profiles, then the revision; then hands them
-    /// to the watch [`Router`], which wakes the customer-filtered feeds they concern.
+    /// Makes a batch of changes visible: history, profiles, then the revision.
     ///
-    /// Only the sequencer calls this, with consecutive revisions following the published one.
-    /// History first, so that a profile anyone can read already has its change in the ring
+    /// Called by one writer at a time, with consecutive revisions following the published one:
+    /// the sequencer's task, and recovery before it starts (`crate::sequencer`). History
+    /// first, so that a profile anyone can read already has its change in the ring
     /// ([`AsOfScan`] relies on it).
-    pub(crate) fn commit(&self, changes: Vec<Arc<Change>>) {
+    pub(crate) fn commit(&self, changes: &[Arc<Change>]) {
         let Some(last) = changes.last().map(|change| change.revision) else {
             return;
         };
@@ -209,24 +208,17 @@ impl Store {
         );
         {
             let mut history = self.inner.history.write().expect("history lock poisoned");
-            for change in &changes {
+            for change in changes {
                 if history.len() == self.inner.history_capacity {
                     history.pop_front();
                 }
                 history.push_back(Arc::clone(change));
             }
         }
-        for change in &changes {
+        for change in changes {
             self.insert(&change.profile);
         }
         self.inner.revision.send_replace(last);
-        // After publishing, so a routed feed never sees a revision above the published one.
-        self.inner.router.route(&changes);
-    }
-
-    /// The index of customer-filtered watch feeds, which `commit` routes changes through.
-    pub(crate) fn router(&self) -> &Router {
-        &self.inner.router
     }
 
     fn insert(&self, profile: &Arc<Profile>) {
@@ -405,9 +397,9 @@ mod tests {
     fn history_keeps_the_newest_changes_and_reports_compaction() {
         let store = Store::new(3, "test");
         store.commit(
-            (1..=5)
+            &(1..=5)
                 .map(|r| change(r, "a", &r.to_string(), "t"))
-                .collect(),
+                .collect::<Vec<_>>(),
         );
         assert_eq!(store.revision(), 5);
         assert_eq!(store.oldest_in_history(), 3);
@@ -443,7 +435,7 @@ mod tests {
         {
             changes.push(change(i as u64 + 1, client, customer, tier));
         }
-        store.commit(changes);
+        store.commit(&changes);
         let ids = |scan: &Scan| -> Vec<String> {
             scan.profiles
                 .iter()

@@ -30,7 +30,7 @@ use crate::pb::profile_service_server::ProfileService;
 use crate::profile::{Field, Profile, ProfileKey};
 use crate::status::grpc_status;
 use crate::store::Store;
-use crate::watch::{FieldSelector, Watch, WatchEvent, WatchSpec};
+use crate::watch::{FieldSelector, WatchEvent, WatchSpec, Watchers};
 
 /// Most ids one BatchGetProfiles may ask for.
 pub const MAX_BATCH_IDS: usize = 1000;
@@ -53,6 +53,7 @@ const WATCH_BUFFER: usize = 64;
 /// The ProfileService implementation.
 pub struct ProfileApi {
     store: Store,
+    watchers: Watchers,
     durable: bool,
     started: Instant,
     shutdown: CancellationToken,
@@ -66,11 +67,13 @@ pub struct ProfileApi {
 }
 
 impl ProfileApi {
-    /// A service reading `store` (persisted when `durable`); watch feeds run on `tracker` and
-    /// end on `shutdown`; watch activity is counted in `metrics`. Open watch streams are not
-    /// limited until [`ProfileApi::with_max_watch_streams`].
+    /// A service reading `store` (persisted when `durable`) and opening watches through
+    /// `watchers` (the same store's watch layer); watch feeds run on `tracker` and end on
+    /// `shutdown`; watch activity is counted in `metrics`. Open watch streams are not limited
+    /// until [`ProfileApi::with_max_watch_streams`].
     pub fn new(
         store: Store,
+        watchers: Watchers,
         durable: bool,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -78,6 +81,7 @@ impl ProfileApi {
     ) -> Self {
         ProfileApi {
             store,
+            watchers,
             durable,
             started: Instant::now(),
             shutdown,
@@ -244,7 +248,7 @@ impl ProfileService for ProfileApi {
                     self.max_watch_streams
                 ))
             })?;
-        let watch = Watch::open(&self.store, spec).map_err(|e| grpc_status(&e))?;
+        let watch = self.watchers.open(spec).map_err(|e| grpc_status(&e))?;
         let (events, received) = mpsc::channel(WATCH_BUFFER);
         self.tracker.spawn(watch.run(events, self.shutdown.clone()));
         let store = self.store.clone();

@@ -27,6 +27,7 @@ use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::sequencer::Sequencer;
 use crate::store::Store;
+use crate::watch::Watchers;
 
 /// Applies the one message-size limit, both ways, to a generated service. tonic sets it per
 /// service, with a method of the same name on each generated type (no trait to be generic
@@ -49,6 +50,8 @@ pub(super) struct Services<H> {
     pub health: HealthServer<H>,
     /// What ProfileService reads.
     pub store: Store,
+    /// The store's watch layer, which WatchProfiles opens feeds through.
+    pub watchers: Watchers,
     /// Whether the store is persisted (reported by GetServerInfo).
     pub durable: bool,
     /// What AdminService serves.
@@ -86,6 +89,7 @@ pub(super) fn serve<H: Health>(
         auth,
         health,
         store,
+        watchers,
         durable,
         dead_letters,
         sequencer,
@@ -95,6 +99,7 @@ pub(super) fn serve<H: Health>(
     } = services;
     let profiles = ProfileApi::new(
         store,
+        watchers,
         durable,
         stopping.clone(),
         tracker.clone(),

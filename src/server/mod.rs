@@ -13,6 +13,7 @@ mod shutdown;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
@@ -31,6 +32,7 @@ use crate::journal::{self, FaultSwitch, Journal};
 use crate::metrics::Metrics;
 use crate::sequencer::{self, Durability, Sequencer};
 use crate::store::Store;
+use crate::watch::Watchers;
 use crate::webhook::secrets::{SecretStore, Secrets};
 use crate::webhook::{Ingress, Limits, Verification};
 use shutdown::{Health, Servers, Shutdown};
@@ -154,7 +156,8 @@ impl Server {
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
 
-        let sequencer = Sequencer::start(store.clone(), durability, metrics.clone(), &tracker);
+        let watchers = Watchers::new(store.clone());
+        let sequencer = start_sequencer(&store, durability, &watchers, &metrics, &tracker);
         if let Verification::Secrets(secrets) = &verification {
             reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
         }
@@ -177,6 +180,7 @@ impl Server {
                 auth,
                 health: health_service,
                 store: store.clone(),
+                watchers,
                 durable: data_dir.is_some(),
                 dead_letters: dead_letters.clone(),
                 sequencer: sequencer.clone(),
@@ -267,6 +271,18 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .expect("a bound listener has an address")
+}
+
+/// The one writer, telling the watch layer of every commit.
+fn start_sequencer(
+    store: &Store,
+    durability: Option<Durability>,
+    watchers: &Watchers,
+    metrics: &Metrics,
+    tracker: &TaskTracker,
+) -> Sequencer {
+    let hook = Arc::new(watchers.clone());
+    Sequencer::start_with_hook(store.clone(), durability, hook, metrics.clone(), tracker)
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `stopping`.

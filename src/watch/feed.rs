@@ -1,0 +1,384 @@
+//! A subscriber's feed: the task that sends it initial state, history and live changes.
+//!
+//! A feed owns a cursor (the next revision it has to look at) and reads the store's history
+//! from there at its own pace into a small bounded channel; the writer never waits for it.
+//! Feeds that name customers follow their mailbox (`super::router`) once caught up; every
+//! other feed wakes on each published revision. A feed that falls behind the history gets a
+//! `Reset` and the full initial state again, never a silent gap.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::router::{Mailbox, Registration, Router};
+use super::spec::WatchSpec;
+use super::{ResetKind, WatchEvent};
+use crate::error::Error;
+use crate::store::{Compacted, Store};
+
+/// How many history entries or profiles a subscriber takes per read.
+const READ_BATCH: usize = 256;
+
+/// Where a subscription starts, decided when it is opened.
+#[derive(Debug)]
+enum Start {
+    /// Live changes after `synced`.
+    Live { synced: u64 },
+    /// Initial state, then live.
+    InitialState,
+    /// History from `from`; `Synced` once `synced` has been passed.
+    Replay { from: u64, synced: u64 },
+    /// The requested position is gone: reset, then initial state.
+    Reset { reason: String, oldest: u64 },
+}
+
+/// An opened subscription, ready to run.
+pub struct Watch {
+    spec: WatchSpec,
+    store: Store,
+    router: Arc<Router>,
+    start: Start,
+}
+
+/// The subscriber is gone or the server is stopping: stop producing.
+struct Stop;
+
+impl Watch {
+    /// Checks the request against the store and pins its starting point. Errors here fail the
+    /// call before any stream starts.
+    pub(super) fn open(
+        store: &Store,
+        router: &Arc<Router>,
+        spec: WatchSpec,
+    ) -> Result<Watch, Error> {
+        let current = store.revision();
+        let next = current + 1;
+        let start = match spec.start_revision {
+            0 if spec.send_initial_state => Start::InitialState,
+            0 => Start::Live { synced: current },
+            requested if requested > next => {
+                return Err(Error::RevisionInFuture { requested, next });
+            }
+            requested => {
+                let oldest = store.oldest_in_history();
+                if requested >= oldest {
+                    Start::Replay {
+                        from: requested,
+                        synced: current,
+                    }
+                } else if spec.fail_if_compacted {
+                    return Err(Error::Compacted { requested, oldest });
+                } else {
+                    Start::Reset {
+                        reason: format!(
+                            "start_revision {requested} is older than the oldest revision in \
+                             history {oldest}"
+                        ),
+                        oldest,
+                    }
+                }
+            }
+        };
+        Ok(Watch {
+            spec,
+            store: store.clone(),
+            router: Arc::clone(router),
+            start,
+        })
+    }
+
+    /// Feeds the subscriber until it goes away or `shutdown` fires; on shutdown the last event
+    /// is an `End` naming the revision to resume from.
+    pub async fn run(self, events: mpsc::Sender<WatchEvent>, shutdown: CancellationToken) {
+        let mut feed = Feed {
+            spec: Arc::new(self.spec),
+            store: self.store,
+            router: self.router,
+            events,
+            shutdown,
+            last_sent: Instant::now(),
+        };
+        let mut cursor = 0;
+        if let Err(Stop) = feed.run(self.start, &mut cursor).await
+            && feed.shutdown.is_cancelled()
+        {
+            // A last resume point, then the end. Best effort: a subscriber whose channel is
+            // full is not waited for, and its status still names the revision.
+            if cursor > 0 {
+                let revision = cursor - 1;
+                let _ = feed.events.try_send(WatchEvent::Progress { revision });
+            }
+            let reason = format!("server shutting down; resume from revision {cursor}");
+            let _ = feed
+                .events
+                .try_send(WatchEvent::End(Error::Unavailable { reason }));
+        }
+    }
+}
+
+/// The running side of a subscription.
+struct Feed {
+    spec: Arc<WatchSpec>,
+    store: Store,
+    router: Arc<Router>,
+    events: mpsc::Sender<WatchEvent>,
+    shutdown: CancellationToken,
+    last_sent: Instant,
+}
+
+impl Feed {
+    /// The subscription's life; `cursor` is kept current (the next revision to look at) so
+    /// that a stop can say where to resume.
+    async fn run(&mut self, start: Start, cursor: &mut u64) -> Result<(), Stop> {
+        // A routed feed is in the index from its first event on: every change routed after
+        // this point reaches its mailbox. It still reads the history below until it has
+        // caught up with the published revision, and only then follows its mailbox.
+        let registration = self
+            .spec
+            .is_routed()
+            .then(|| Registration::new(&self.router, Arc::clone(&self.spec)));
+        let mut synced_at = None;
+        match start {
+            Start::Live { synced } => {
+                *cursor = synced + 1;
+                self.send(WatchEvent::Synced { revision: synced }).await?;
+            }
+            Start::InitialState => *cursor = self.initial_state().await?,
+            Start::Replay { from, synced } => {
+                *cursor = from;
+                synced_at = Some(synced);
+            }
+            Start::Reset { reason, oldest } => {
+                *cursor = oldest;
+                self.send(WatchEvent::Reset {
+                    kind: ResetKind::CompactedStart,
+                    reason,
+                    revision: oldest,
+                })
+                .await?;
+                *cursor = self.initial_state().await?;
+            }
+        }
+        let mut revisions = self.store.subscribe();
+        loop {
+            if let Some(synced) = synced_at.filter(|synced| *cursor > *synced) {
+                synced_at = None;
+                self.send(WatchEvent::Synced { revision: synced }).await?;
+            }
+            // Mark the current revision seen before reading, so a commit that lands after the
+            // read still wakes the wait below.
+            revisions.borrow_and_update();
+            match self.store.history_from(*cursor, READ_BATCH) {
+                Ok(changes) if changes.is_empty() => match &registration {
+                    // Caught up with the published revision, and every later change is
+                    // routed: follow the mailbox until the history has to be read again.
+                    Some(registration) => {
+                        let mailbox = Arc::clone(&registration.mailbox);
+                        self.follow(&mailbox, cursor).await?;
+                    }
+                    None => self.wait_for_changes(&mut revisions, *cursor - 1).await?,
+                },
+                Ok(changes) => {
+                    for change in changes {
+                        let revision = change.revision;
+                        if self.spec.wants_change(&change) {
+                            self.send(WatchEvent::Change(change)).await?;
+                        }
+                        *cursor = revision + 1;
+                        if synced_at == Some(revision) {
+                            synced_at = None;
+                            self.send(WatchEvent::Synced { revision }).await?;
+                        }
+                    }
+                }
+                Err(Compacted { oldest }) if self.spec.fail_if_compacted => {
+                    let error = Error::Compacted {
+                        requested: *cursor,
+                        oldest,
+                    };
+                    self.send(WatchEvent::End(error)).await?;
+                    return Ok(());
+                }
+                Err(Compacted { oldest }) => {
+                    let reason = format!(
+                        "subscriber fell behind the history: revision {} is gone, the oldest \
+                         available is {oldest}",
+                        *cursor
+                    );
+                    self.send(WatchEvent::Reset {
+                        kind: ResetKind::FellBehind,
+                        reason,
+                        revision: oldest,
+                    })
+                    .await?;
+                    synced_at = None;
+                    *cursor = self.initial_state().await?;
+                }
+            }
+        }
+    }
+
+    /// Sends every matching profile as of one revision `R`, then `Synced{R}`; returns `R + 1`.
+    ///
+    /// Profiles are read while writes go on ([`crate::store::AsOfScan`]). If the history drops
+    /// the changes needed to read them as of `R` meanwhile, the subscriber gets a `Reset` and
+    /// the initial state starts over.
+    async fn initial_state(&mut self) -> Result<u64, Stop> {
+        loop {
+            let mut scan = self.store.scan_as_of(self.spec.client_id.clone());
+            loop {
+                let spec = &self.spec;
+                let chunk = scan.next_chunk(&self.store, READ_BATCH, |profile| {
+                    spec.wants_profile(&profile.key)
+                });
+                if chunk.is_empty() {
+                    break;
+                }
+                for profile in chunk {
+                    self.send(WatchEvent::Existing(profile)).await?;
+                }
+            }
+            match scan.resolve_newer(&self.store) {
+                Ok(profiles) => {
+                    for profile in profiles {
+                        self.send(WatchEvent::Existing(profile)).await?;
+                    }
+                    self.send(WatchEvent::Synced {
+                        revision: scan.as_of,
+                    })
+                    .await?;
+                    return Ok(scan.as_of + 1);
+                }
+                Err(Compacted { oldest }) => {
+                    let reason = "the history moved on while the initial state was sent";
+                    self.send(WatchEvent::Reset {
+                        kind: ResetKind::InitialState,
+                        reason: reason.into(),
+                        revision: oldest,
+                    })
+                    .await?;
+                }
+            }
+        }
+    }
+
+    /// A routed feed that has caught up: sends the changes its mailbox names, in order.
+    ///
+    /// Returns when the history has to be read from `cursor` again: the mailbox overflowed
+    /// (`cursor` is where queueing stopped) or a revision it names is no longer in the
+    /// history (`cursor` is that revision, so the read reports the compaction). Changes
+    /// below `cursor` in the mailbox were already read from the history and are skipped.
+    /// Whenever the mailbox is empty, everything up to the routed revision has been seen, so
+    /// `cursor` moves past it: `Progress` and the resume point on shutdown name it even when
+    /// no change of this feed's customers came.
+    async fn follow(&mut self, mailbox: &Mailbox, cursor: &mut u64) -> Result<(), Stop> {
+        loop {
+            let taken = mailbox.take(&self.router);
+            let pending: Vec<u64> = taken
+                .revisions
+                .iter()
+                .copied()
+                .filter(|revision| *revision >= *cursor)
+                .collect();
+            for (first, count) in runs(&pending) {
+                let changes = match self.store.history_from(first, count) {
+                    Ok(changes) if changes.len() == count => changes,
+                    // Gone from the history (or, which cannot happen, not published): the
+                    // history read at `first` decides, as for any feed.
+                    _ => {
+                        *cursor = first;
+                        return Ok(());
+                    }
+                };
+                for change in changes {
+                    let revision = change.revision;
+                    self.send(WatchEvent::Change(change)).await?;
+                    *cursor = revision + 1;
+                }
+            }
+            if let Some(from) = taken.overflow_from {
+                *cursor = (*cursor).max(from);
+                return Ok(());
+            }
+            *cursor = (*cursor).max(taken.routed + 1);
+            if !pending.is_empty() {
+                continue;
+            }
+            let heartbeat = self.last_sent + self.spec.progress_interval;
+            if Instant::now() >= heartbeat {
+                self.send(WatchEvent::Progress {
+                    revision: *cursor - 1,
+                })
+                .await?;
+                continue;
+            }
+            tokio::select! {
+                () = mailbox.wake.notified() => {}
+                // The loop takes what came meanwhile, then sends the heartbeat.
+                () = tokio::time::sleep_until(heartbeat) => {}
+                () = self.shutdown.cancelled() => {
+                    self.advance_idle(mailbox, cursor);
+                    return Err(Stop);
+                }
+                // A subscriber that hung up while nothing was happening.
+                () = self.events.closed() => return Err(Stop),
+            }
+        }
+    }
+
+    /// Moves an idle routed feed's cursor past the routed revision, for its last resume point.
+    fn advance_idle(&self, mailbox: &Mailbox, cursor: &mut u64) {
+        let taken = mailbox.take(&self.router);
+        if taken.revisions.iter().all(|r| *r < *cursor) && taken.overflow_from.is_none() {
+            *cursor = (*cursor).max(taken.routed + 1);
+        }
+    }
+
+    /// Waits for a new revision; sends `Progress{seen}` whenever the interval passes with
+    /// nothing sent.
+    async fn wait_for_changes(
+        &mut self,
+        revisions: &mut tokio::sync::watch::Receiver<u64>,
+        seen: u64,
+    ) -> Result<(), Stop> {
+        loop {
+            let heartbeat = self.last_sent + self.spec.progress_interval;
+            tokio::select! {
+                changed = revisions.changed() => {
+                    // The store never drops its sender while a subscriber holds it.
+                    return changed.map_err(|_| Stop);
+                }
+                () = tokio::time::sleep_until(heartbeat) => {
+                    self.send(WatchEvent::Progress { revision: seen }).await?;
+                }
+                () = self.shutdown.cancelled() => return Err(Stop),
+                // A subscriber that hung up while nothing was happening.
+                () = self.events.closed() => return Err(Stop),
+            }
+        }
+    }
+
+    /// Sends one event, waiting while the subscriber's channel is full.
+    async fn send(&mut self, event: WatchEvent) -> Result<(), Stop> {
+        tokio::select! {
+            sent = self.events.send(event) => sent.map_err(|_| Stop)?,
+            () = self.shutdown.cancelled() => return Err(Stop),
+        }
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+}
+
+/// Ascending revisions as runs of consecutive ones: `(first, count)`.
+pub(super) fn runs(revisions: &[u64]) -> Vec<(u64, usize)> {
+    let mut runs: Vec<(u64, usize)> = Vec::new();
+    for &revision in revisions {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count as u64 == revision => *count += 1,
+            _ => runs.push((revision, 1)),
+        }
+    }
+    runs
+}

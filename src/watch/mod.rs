@@ -1,0 +1,130 @@
+//! Watch subscriptions: which changes a subscriber wants, and the tasks that feed them.
+//!
+//! The watch layer sits beside the store, not inside it (as etcd's watchable store wraps its
+//! store): the store is plain data and knows nothing of who watches. [`Watchers`] is the
+//! layer's handle: it opens subscriptions and, as the sequencer's [`CommitHook`], hears of
+//! every committed batch right after the store published it.
+//!
+//! - [`spec`](WatchSpec): what a subscriber asks for (accounts, customers, fields, start).
+//! - `router`: the index of feeds that name customers (`customer_ids`). At each commit it
+//!   looks every change's customer up once and queues the revision in the mailbox of each feed
+//!   that wants it, waking only those: a change costs one lookup plus the matching feeds, not
+//!   every feed. A mailbox holds at most [`MAILBOX_CAPACITY`] revisions (numbers, not
+//!   changes); when it fills, the feed reads the history instead.
+//! - `feed`: one subscriber's task. It owns a cursor (the next revision it has to look at)
+//!   and reads the store's history from there at its own pace, into a small bounded channel.
+//!   No change is queued per subscriber beyond that channel, and the writer never waits for a
+//!   subscriber: one that does not read just stops advancing its cursor. When it reads again
+//!   it catches up from the history, or, if the history has moved past a change it still has
+//!   to send, gets a `Reset` and the full initial state again. Feeds that do not name
+//!   customers wake on every published revision and read the history from their cursor.
+//!
+//! Routing never decides whether a change is sent; the history is the only copy of the
+//! changes. This module produces domain events ([`WatchEvent`]); turning them into gRPC
+//! messages and statuses is the adapter's job.
+
+mod feed;
+mod router;
+mod spec;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+pub use feed::Watch;
+pub use router::MAILBOX_CAPACITY;
+pub use spec::{FieldSelector, WatchSpec};
+
+use crate::error::Error;
+use crate::profile::{Change, Profile};
+use crate::sequencer::CommitHook;
+use crate::store::Store;
+use router::Router;
+
+/// The watch layer's handle: opens subscriptions on a store, and routes that store's committed
+/// changes to the feeds that name customers. Cloning it is one reference-count increment per
+/// field; every clone shares the same index of feeds.
+#[derive(Clone)]
+pub struct Watchers {
+    store: Store,
+    router: Arc<Router>,
+}
+
+impl Watchers {
+    /// The watch layer of `store`, with no subscription yet. Give it to the sequencer as its
+    /// commit hook ([`crate::sequencer::Sequencer::start_with_hook`]), or customer-filtered
+    /// feeds never hear of live changes.
+    pub fn new(store: Store) -> Watchers {
+        Watchers {
+            store,
+            router: Arc::default(),
+        }
+    }
+
+    /// Checks a subscription against the store and pins its starting point. Errors here fail
+    /// the call before any stream starts.
+    pub fn open(&self, spec: WatchSpec) -> Result<Watch, Error> {
+        Watch::open(&self.store, &self.router, spec)
+    }
+}
+
+impl CommitHook for Watchers {
+    /// Wakes the customer-filtered feeds the batch concerns. Runs on the writer, after the
+    /// store published the batch's last revision, so a routed feed never sees a revision above
+    /// the published one.
+    fn committed(&self, changes: &[Arc<Change>]) {
+        self.router.route(changes);
+    }
+}
+
+/// What a subscriber receives.
+#[derive(Clone, Debug)]
+pub enum WatchEvent {
+    /// A profile as part of the initial state.
+    Existing(Arc<Profile>),
+    /// A change, in revision order.
+    Change(Arc<Change>),
+    /// Everything up to `revision` has been sent; what follows is live.
+    Synced {
+        /// The revision the subscriber is in sync with.
+        revision: u64,
+    },
+    /// Heartbeat: every matching change up to `revision` has been sent.
+    Progress {
+        /// The revision the subscriber has seen up to.
+        revision: u64,
+    },
+    /// The subscriber's position is gone; a full initial state and `Synced` follow.
+    Reset {
+        /// Which situation.
+        kind: ResetKind,
+        /// Why, in words.
+        reason: String,
+        /// The oldest revision the history still holds.
+        revision: u64,
+    },
+    /// The stream ends with this error (shutdown, or compaction with `fail_if_compacted`).
+    End(Error),
+}
+
+/// Why a subscriber was reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetKind {
+    /// It asked to start from a revision the history no longer holds.
+    CompactedStart,
+    /// It read too slowly and the history moved past it.
+    FellBehind,
+    /// The history moved on while its initial state was being sent.
+    InitialState,
+}
+
+impl ResetKind {
+    /// A short, fixed name (metrics label).
+    pub fn label(self) -> &'static str {
+        match self {
+            ResetKind::CompactedStart => "compacted_start",
+            ResetKind::FellBehind => "fell_behind",
+            ResetKind::InitialState => "initial_state",
+        }
+    }
+}

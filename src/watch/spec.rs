@@ -1,0 +1,92 @@
+//! What a subscriber asks for: which accounts, customers and fields, and where to start.
+//!
+//! Pure data and matching; where the changes come from and how they are sent is the feed's
+//! business (`super::feed`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::profile::{Change, Field, FieldPath, ProfileKey};
+
+/// Which changes a subscriber wants, and from where.
+#[derive(Clone, Debug, Default)]
+pub struct WatchSpec {
+    /// Only this account; `None` = all accounts.
+    pub client_id: Option<Arc<str>>,
+    /// Only these customers; empty = all.
+    pub customer_ids: HashSet<Arc<str>>,
+    /// Only changes touching one of these; empty = all changes.
+    pub fields: Vec<FieldSelector>,
+    /// First revision wanted from history; 0 = start now.
+    pub start_revision: u64,
+    /// With `start_revision` 0: send every matching profile first.
+    pub send_initial_state: bool,
+    /// Send `Progress` after this long without sending anything.
+    pub progress_interval: Duration,
+    /// Fail instead of resetting when the history no longer covers the cursor.
+    pub fail_if_compacted: bool,
+}
+
+/// One entry of a `fields` filter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FieldSelector {
+    /// One modeled field or one extra key.
+    Path(FieldPath),
+    /// Any extra key (`extra`).
+    AnyExtra,
+}
+
+impl FieldSelector {
+    /// Parses a field name as the API spells it: `tier_name`, `extra.<key>`, or `extra`.
+    pub fn parse(name: &str) -> Result<FieldSelector, String> {
+        if name == "extra" {
+            return Ok(FieldSelector::AnyExtra);
+        }
+        if let Some(key) = name.strip_prefix("extra.") {
+            if key.is_empty() {
+                return Err("`extra.` needs a key after the dot".into());
+            }
+            return Ok(FieldSelector::Path(FieldPath::Extra(key.into())));
+        }
+        Field::from_name(name)
+            .map(|field| FieldSelector::Path(FieldPath::Field(field)))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
+                format!(
+                    "unknown field {name:?}; expected one of {}, extra or extra.<key>",
+                    names.join(", ")
+                )
+            })
+    }
+
+    pub(super) fn matches(&self, change: &Change) -> bool {
+        match self {
+            FieldSelector::Path(path) => change.touches(path),
+            FieldSelector::AnyExtra => change.touches_any_extra(),
+        }
+    }
+}
+
+impl WatchSpec {
+    pub(super) fn wants_profile(&self, key: &ProfileKey) -> bool {
+        self.client_id
+            .as_ref()
+            .is_none_or(|client| *client == key.client_id)
+            && (self.customer_ids.is_empty() || self.customer_ids.contains(&key.customer_id))
+    }
+
+    pub(super) fn wants_change(&self, change: &Change) -> bool {
+        self.wants_profile(&change.profile.key) && self.wants_fields(change)
+    }
+
+    pub(super) fn wants_fields(&self, change: &Change) -> bool {
+        self.fields.is_empty() || self.fields.iter().any(|field| field.matches(change))
+    }
+
+    /// Whether the [`Router`] feeds this subscription: only when it names customers, so that
+    /// the index has a key to file it under.
+    pub(super) fn is_routed(&self) -> bool {
+        !self.customer_ids.is_empty()
+    }
+}

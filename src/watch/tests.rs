@@ -1,0 +1,500 @@
+//! The watch layer's tests: feeds over a real store and sequencer, routed and unrouted.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::feed::runs;
+use super::*;
+use crate::profile::{Field, FieldPath, ProfileKey, ProfileUpdate, Scalar};
+use crate::sequencer::Sequencer;
+use tokio_util::task::TaskTracker;
+
+/// The watch layer of a store keeping `history` changes, and the sequencer that writes
+/// the store (on the tracker) and routes through the watch layer.
+fn store_with_sequencer(history: usize) -> (Watchers, TaskTracker, Sequencer) {
+    let watchers = Watchers::new(Store::new(history, "test"));
+    let tracker = TaskTracker::new();
+    let sequencer = Sequencer::start_with_hook(
+        watchers.store.clone(),
+        None,
+        Arc::new(watchers.clone()),
+        crate::metrics::Metrics::new(),
+        &tracker,
+    );
+    (watchers, tracker, sequencer)
+}
+
+fn points(customer: &str, second: i64, total: i64) -> ProfileUpdate {
+    ProfileUpdate {
+        key: ProfileKey::new("2155", customer),
+        at: chrono::DateTime::from_timestamp(1_700_000_000 + second, 0).unwrap(),
+        fields: vec![
+            (Field::GbCustomerId, Some(Scalar::Int(1))),
+            (Field::TotalPoints, Some(Scalar::Int(total))),
+        ],
+        extras: vec![],
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_is_sent_after_an_interval_without_other_events() {
+    let (watchers, tracker, sequencer) = store_with_sequencer(10);
+    let interval = Duration::from_secs(5);
+    let spec = WatchSpec {
+        progress_interval: interval,
+        ..WatchSpec::default()
+    };
+    let watch = watchers.open(spec).unwrap();
+    let (events, mut received) = mpsc::channel(8);
+    let shutdown = CancellationToken::new();
+    tracker.spawn(watch.run(events, shutdown.clone()));
+
+    let started = Instant::now();
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Synced { revision: 0 })
+    ));
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Progress { revision: 0 })
+    ));
+    assert_eq!(started.elapsed(), interval);
+
+    // A change restarts the interval; the next heartbeat names the revision seen.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    sequencer.apply(points("a", 1, 10)).await.unwrap();
+    let changed_at = Instant::now();
+    assert!(
+        matches!(received.recv().await, Some(WatchEvent::Change(change)) if change.revision == 1)
+    );
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Progress { revision: 1 })
+    ));
+    assert_eq!(changed_at.elapsed(), interval);
+
+    shutdown.cancel();
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Progress { revision: 1 })
+    ));
+    match received.recv().await {
+        Some(WatchEvent::End(Error::Unavailable { reason })) => {
+            assert!(reason.contains("resume from revision 2"), "{reason}");
+        }
+        other => panic!("expected the shutdown end, got {other:?}"),
+    }
+    assert!(received.recv().await.is_none(), "nothing after the end");
+    drop(sequencer);
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test]
+async fn initial_state_is_as_of_one_revision_while_writes_land_during_the_scan() {
+    let (watchers, tracker, sequencer) = store_with_sequencer(1000);
+    for n in 0..300 {
+        sequencer
+            .apply(points(&format!("c{n:03}"), 1, n))
+            .await
+            .unwrap();
+    }
+    let spec = WatchSpec {
+        send_initial_state: true,
+        progress_interval: Duration::from_secs(3600),
+        ..WatchSpec::default()
+    };
+    let watch = watchers.open(spec).unwrap();
+    // A one-slot channel holds the feed back: it has read only the first chunk of keys
+    // when the first profile arrives here.
+    let (events, mut received) = mpsc::channel(1);
+    let shutdown = CancellationToken::new();
+    tracker.spawn(watch.run(events, shutdown.clone()));
+    let first = received.recv().await;
+    assert!(matches!(&first, Some(WatchEvent::Existing(p)) if p.revision == 1));
+
+    // Writes the scan has not reached yet: updates of late keys and brand new profiles.
+    for n in 280..290 {
+        sequencer
+            .apply(points(&format!("c{n:03}"), 2, 1000 + n))
+            .await
+            .unwrap();
+    }
+    for n in 0..5 {
+        sequencer
+            .apply(points(&format!("d{n}"), 2, n))
+            .await
+            .unwrap();
+    }
+
+    let mut existing = vec![];
+    let synced = loop {
+        match received.recv().await {
+            Some(WatchEvent::Existing(profile)) => existing.push(profile),
+            Some(WatchEvent::Synced { revision }) => break revision,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(
+        synced, 300,
+        "the state is as of the revision when the watch began"
+    );
+    assert_eq!(
+        existing.len(),
+        299,
+        "every profile of revision 300 once, but the first"
+    );
+    for profile in &existing {
+        let n: i64 = profile.key.customer_id[1..].parse().unwrap();
+        assert_eq!(
+            profile.get_int(Field::TotalPoints),
+            Some(n),
+            "{profile:?} is as of 300"
+        );
+        assert!(profile.revision <= 300);
+    }
+    for revision in 301..=315 {
+        match received.recv().await {
+            Some(WatchEvent::Change(change)) => assert_eq!(change.revision, revision),
+            other => panic!("expected change {revision}, got {other:?}"),
+        }
+    }
+    shutdown.cancel();
+    drop(sequencer);
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn tier(customer: &str, second: i64, name: &str) -> ProfileUpdate {
+    ProfileUpdate {
+        key: ProfileKey::new("2155", customer),
+        at: chrono::DateTime::from_timestamp(1_700_000_000 + second, 0).unwrap(),
+        fields: vec![
+            (Field::GbCustomerId, Some(Scalar::Int(1))),
+            (Field::TierName, Some(Scalar::Text(name.into()))),
+        ],
+        extras: vec![],
+    }
+}
+
+fn customers(ids: &[&str]) -> HashSet<Arc<str>> {
+    ids.iter().map(|id| Arc::from(*id)).collect()
+}
+
+/// Runs a feed on its own task; the handle ends when the feed does.
+fn spawn_feed(
+    watchers: &Watchers,
+    spec: WatchSpec,
+    capacity: usize,
+    shutdown: &CancellationToken,
+) -> (mpsc::Receiver<WatchEvent>, tokio::task::JoinHandle<()>) {
+    let watch = watchers.open(spec).unwrap();
+    let (events, received) = mpsc::channel(capacity);
+    let task = tokio::spawn(watch.run(events, shutdown.clone()));
+    (received, task)
+}
+
+/// What one feed received, in order, until its stream ended.
+#[derive(Debug, Default)]
+struct Received {
+    synced: Vec<u64>,
+    changes: Vec<u64>,
+    progress: Vec<u64>,
+    resets: usize,
+    end: Option<String>,
+}
+
+/// Collects a feed's events until its stream ends; `latest` follows the `Synced` revision
+/// and the last change.
+async fn collect(
+    mut received: mpsc::Receiver<WatchEvent>,
+    latest: tokio::sync::watch::Sender<(Option<u64>, u64)>,
+) -> Received {
+    let mut all = Received::default();
+    while let Some(event) = received.recv().await {
+        match event {
+            WatchEvent::Synced { revision } => {
+                all.synced.push(revision);
+                latest.send_modify(|(synced, _)| *synced = Some(revision));
+            }
+            WatchEvent::Change(change) => {
+                all.changes.push(change.revision);
+                latest.send_modify(|(_, last)| *last = change.revision);
+            }
+            WatchEvent::Progress { revision } => all.progress.push(revision),
+            WatchEvent::Reset { .. } => all.resets += 1,
+            WatchEvent::End(error) => all.end = Some(error.to_string()),
+            WatchEvent::Existing(_) => {}
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_feeds_get_every_matching_change_and_no_other_while_feeds_come_and_go() {
+    const WRITERS: u64 = 4;
+    const PER_WRITER: u64 = 600;
+    let (watchers, tracker, sequencer) = store_with_sequencer(100_000);
+    // Writers commit concurrently (so batches hold several changes), each to its own 5 of
+    // 20 customers with rising times, so every update is a change: every third a tier
+    // change, the others points.
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let sequencer = sequencer.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..PER_WRITER {
+                let i = writer * PER_WRITER + n;
+                let customer = format!("c{}", writer * 5 + n % 5);
+                let second = i64::try_from(i).unwrap() + 1;
+                let update = if i.is_multiple_of(3) {
+                    tier(&customer, second, &format!("t{i}"))
+                } else {
+                    points(&customer, second, second)
+                };
+                sequencer.apply(update).await.unwrap();
+            }
+        }));
+    }
+
+    // While they run, open a feed at every 100 revisions, with varied filters and starts;
+    // every third one is dropped once the next one opens.
+    let shutdown = CancellationToken::new();
+    let mut revisions = watchers.store.subscribe();
+    let mut kept = Vec::new();
+    let mut dropped = Vec::new();
+    for round in 0..16u64 {
+        let _ = revisions
+            .wait_for(|revision| *revision >= round * 100)
+            .await
+            .unwrap();
+        let ids: Vec<String> = (0..1 + round % 3)
+            .map(|k| format!("c{}", (round * 7 + k * 5) % 20))
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let spec = WatchSpec {
+            client_id: match round % 4 {
+                0 => None,
+                3 => Some("other".into()),
+                _ => Some("2155".into()),
+            },
+            customer_ids: customers(&ids),
+            fields: if round % 5 == 1 {
+                vec![FieldSelector::Path(FieldPath::Field(Field::TierName))]
+            } else {
+                vec![]
+            },
+            // Some replay from a past revision, through the history then the mailbox.
+            start_revision: if round % 2 == 1 { round * 50 + 1 } else { 0 },
+            progress_interval: Duration::from_secs(3600),
+            ..WatchSpec::default()
+        };
+        let (received, task) = spawn_feed(&watchers, spec.clone(), 64, &shutdown);
+        if round % 3 == 2 {
+            dropped.push((received, task));
+        } else {
+            let (latest, watch_latest) = tokio::sync::watch::channel((None, 0));
+            let collected = tokio::spawn(collect(received, latest));
+            kept.push((spec, collected, watch_latest, task));
+        }
+        if round % 3 == 0
+            && let Some((received, task)) = dropped.pop()
+        {
+            drop(received);
+            task.await.unwrap();
+        }
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    for (received, task) in dropped {
+        drop(received);
+        task.await.unwrap();
+    }
+    let last = watchers.store.revision();
+    assert_eq!(last, WRITERS * PER_WRITER);
+    let history = watchers.store.history_from(1, usize::MAX).unwrap();
+    assert_eq!(history.len() as u64, last);
+
+    // Each feed gets exactly the matching changes from where it started, in order. Wait
+    // until each has its last one, then stop them all: each names the end of the
+    // history as its resume point, whether or not its last change was the last commit.
+    let mut results = Vec::new();
+    for (spec, collected, mut latest, task) in kept {
+        // A live feed starts after its Synced, a replay at its start revision.
+        let synced = latest
+            .wait_for(|(synced, _)| synced.is_some())
+            .await
+            .unwrap()
+            .0
+            .unwrap_or_default();
+        let start = match spec.start_revision {
+            0 => synced + 1,
+            from => from,
+        };
+        let wanted: Vec<u64> = history
+            .iter()
+            .filter(|change| change.revision >= start && spec.wants_change(change))
+            .map(|change| change.revision)
+            .collect();
+        if let Some(&last_wanted) = wanted.last() {
+            // Bounded, so a missed change fails the comparison below instead of hanging.
+            let arrived = latest.wait_for(|(_, last)| *last >= last_wanted);
+            let _ = tokio::time::timeout(Duration::from_secs(20), arrived).await;
+        }
+        results.push((spec, wanted, collected, task));
+    }
+    // The dropped feeds left the index; the others (all past their Synced) are in it.
+    let still_watched: HashSet<&Arc<str>> = results
+        .iter()
+        .flat_map(|(spec, ..)| &spec.customer_ids)
+        .collect();
+    assert_eq!(watchers.router.indexed_customers(), still_watched.len());
+    shutdown.cancel();
+    for (spec, wanted, collected, task) in results {
+        task.await.unwrap();
+        let received = collected.await.unwrap();
+        assert_eq!(received.resets, 0, "{spec:?}");
+        assert_eq!(received.synced.len(), 1, "{spec:?}: {received:?}");
+        assert_eq!(received.changes, wanted, "{spec:?}");
+        assert_eq!(received.progress, vec![last], "{spec:?}");
+        let end = received.end.unwrap_or_default();
+        assert!(
+            end.contains(&format!("resume from revision {}", last + 1)),
+            "{spec:?}: {end}"
+        );
+    }
+    tracker.close();
+    drop(sequencer);
+    tracker.wait().await;
+    assert_eq!(
+        watchers.router.indexed_customers(),
+        0,
+        "every feed left the index"
+    );
+}
+
+/// A routed feed that does not read while more than its mailbox holds arrives.
+async fn overflowing_feed(history: usize) -> (Received, u64) {
+    let (watchers, tracker, sequencer) = store_with_sequencer(history);
+    let spec = WatchSpec {
+        customer_ids: customers(&["a"]),
+        progress_interval: Duration::from_secs(3600),
+        ..WatchSpec::default()
+    };
+    let shutdown = CancellationToken::new();
+    let (mut received, task) = spawn_feed(&watchers, spec, 1, &shutdown);
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Synced { revision: 0 })
+    ));
+    // Far more changes of "a" than the channel and the mailbox hold, with others between.
+    let changes = MAILBOX_CAPACITY as i64 * 3;
+    for n in 1..=changes {
+        sequencer.apply(points("a", n, n)).await.unwrap();
+        sequencer.apply(points("b", n, n)).await.unwrap();
+    }
+    let last = watchers.store.revision();
+    let (latest, mut watch_latest) = tokio::sync::watch::channel((None, 0));
+    let collected = tokio::spawn(collect(received, latest));
+    let _ = watch_latest
+        .wait_for(|(synced, last_change)| *last_change == last - 1 || synced.is_some())
+        .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    drop(sequencer);
+    tracker.close();
+    tracker.wait().await;
+    (collected.await.unwrap(), last)
+}
+
+#[tokio::test]
+async fn a_routed_feed_that_overflows_its_mailbox_catches_up_from_history() {
+    let (received, last) = overflowing_feed(100_000).await;
+    let every_change_of_a: Vec<u64> = (1..last).step_by(2).collect();
+    assert_eq!(received.changes, every_change_of_a);
+    assert_eq!(received.resets, 0);
+    assert_eq!(received.progress, vec![last]);
+}
+
+#[tokio::test]
+async fn a_routed_feed_whose_changes_left_the_history_is_reset() {
+    let (received, last) = overflowing_feed(100).await;
+    assert_eq!(received.resets, 1, "{received:?}");
+    // Changes without a gap up to the reset, then the state as of the end.
+    let before_reset = received.changes.len();
+    assert!(before_reset > 0 && before_reset < MAILBOX_CAPACITY);
+    assert_eq!(
+        received.changes,
+        (1..last).step_by(2).take(before_reset).collect::<Vec<_>>()
+    );
+    assert_eq!(received.synced, vec![last]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_routed_feed_without_matching_changes_still_advances_its_resume_point() {
+    let (watchers, tracker, sequencer) = store_with_sequencer(10);
+    let interval = Duration::from_secs(5);
+    let spec = WatchSpec {
+        customer_ids: customers(&["x"]),
+        progress_interval: interval,
+        ..WatchSpec::default()
+    };
+    let shutdown = CancellationToken::new();
+    let (mut received, task) = spawn_feed(&watchers, spec, 8, &shutdown);
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Synced { revision: 0 })
+    ));
+    // More changes than the history holds, none of them of "x": no reset, and the
+    // heartbeat names the newest revision.
+    for n in 1..=25 {
+        sequencer.apply(points("a", n, n)).await.unwrap();
+    }
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Progress { revision: 25 })
+    ));
+    sequencer.apply(points("a", 26, 26)).await.unwrap();
+    shutdown.cancel();
+    task.await.unwrap();
+    let received = collect(received, tokio::sync::watch::channel((None, 0)).0).await;
+    assert!(received.changes.is_empty());
+    assert_eq!(received.resets, 0);
+    assert_eq!(
+        received.progress,
+        vec![26],
+        "the last resume point is current"
+    );
+    let end = received.end.unwrap_or_default();
+    assert!(end.contains("resume from revision 27"), "{end}");
+    drop(sequencer);
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[test]
+fn runs_group_consecutive_revisions() {
+    assert_eq!(runs(&[]), vec![]);
+    assert_eq!(runs(&[3, 4, 5, 7, 9, 10]), vec![(3, 3), (7, 1), (9, 2)]);
+}
+
+#[test]
+fn field_selectors_parse_api_names() {
+    assert_eq!(
+        FieldSelector::parse("tier_name"),
+        Ok(FieldSelector::Path(FieldPath::Field(Field::TierName)))
+    );
+    assert_eq!(
+        FieldSelector::parse("extra.birthday"),
+        Ok(FieldSelector::Path(FieldPath::Extra("birthday".into())))
+    );
+    assert_eq!(FieldSelector::parse("extra"), Ok(FieldSelector::AnyExtra));
+    let unknown = FieldSelector::parse("tier").unwrap_err();
+    assert!(unknown.contains("unknown field \"tier\""), "{unknown}");
+    assert!(FieldSelector::parse("extra.").is_err());
+}
