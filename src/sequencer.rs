@@ -358,7 +358,7 @@ fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
             .or_else(|| store.get(&update.key));
         let mut profile = match &current {
             Some(current) => Profile::clone(current),
-            None => Profile::empty(update.key.clone()),
+            None => Profile::empty(store.shared_key(update.key.clone())),
         };
         let outcome = match profile.merge(update) {
             None => Applied::Unchanged {
@@ -446,6 +446,11 @@ mod tests {
 
         let a = store.get(&ProfileKey::new("2155", "a")).unwrap();
         assert_eq!((a.revision, a.create_revision, a.version), (3, 1, 2));
+        let b = store.get(&ProfileKey::new("2155", "b")).unwrap();
+        assert!(
+            Arc::ptr_eq(&a.key.client_id, &b.key.client_id),
+            "one client_id string per account"
+        );
         assert_eq!(a.get_int(Field::TotalPoints), Some(20));
         let history = store.history_from(1, 10).unwrap();
         assert_eq!(history.len(), 3);

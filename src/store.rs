@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ops::Bound;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use dashmap::DashMap;
 use tokio::sync::watch;
@@ -49,6 +49,12 @@ struct Inner {
     // The published revision. A watch channel is both the value and the wake-up signal that
     // watchers wait on; it keeps only the latest value, so a slow watcher costs nothing here.
     revision: watch::Sender<u64>,
+    // One copy of each account's `client_id`, shared by all its profiles: one `Arc<str>` per
+    // account instead of one per profile saves its allocation (32 bytes) per profile. Per
+    // store, so two stores in one process (tests, replicas) share nothing and it goes with its
+    // store. A plain mutex: taken once per new profile (and once per snapshot chunk account
+    // change at recovery), never while another lock is held.
+    client_ids: Mutex<HashSet<Arc<str>>>,
 }
 
 /// A change revision no longer in history.
@@ -71,6 +77,7 @@ impl Store {
                 history: RwLock::new(VecDeque::with_capacity(history_capacity.min(4096))),
                 history_capacity,
                 revision: watch::channel(0).0,
+                client_ids: Mutex::default(),
             }),
         }
     }
@@ -98,6 +105,32 @@ impl Store {
     /// Whether the store holds no profile.
     pub fn is_empty(&self) -> bool {
         self.inner.profiles.is_empty()
+    }
+
+    /// `key` with its account's shared `client_id` (this store's one copy of that string),
+    /// for a profile about to be created here. The set only grows, by the accounts that own a
+    /// profile; profiles are never removed, so it never holds more than the store does.
+    pub fn shared_key(&self, key: ProfileKey) -> ProfileKey {
+        ProfileKey {
+            client_id: self.shared_client_id(key.client_id),
+            customer_id: key.customer_id,
+        }
+    }
+
+    fn shared_client_id(&self, client_id: Arc<str>) -> Arc<str> {
+        // A panic elsewhere while holding the lock cannot leave the set half-changed.
+        let mut ids = self
+            .inner
+            .client_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match ids.get(&*client_id) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                ids.insert(Arc::clone(&client_id));
+                client_id
+            }
+        }
     }
 
     /// The current state of one profile.
@@ -231,16 +264,26 @@ impl Store {
     }
 
     /// Loads a recovered state: profiles as of `revision`, in chunks, with an empty history.
-    /// Only for a store nobody reads yet (recovery, before the listeners open).
+    /// Only for a store nobody reads yet (recovery, before the listeners open). Each profile's
+    /// key gets its account's shared `client_id`.
     ///
     /// The key order is built once at the end from all keys (a bulk build over sorted keys is
     /// several times cheaper than a million single inserts).
     pub(crate) fn restore(&self, chunks: &mut dyn Iterator<Item = Vec<Profile>>, revision: u64) {
         debug_assert_eq!(self.revision(), 0, "restore into a fresh store only");
         let mut keys = Vec::new();
+        // Snapshots are in key order, so runs of one account follow each other: the shared
+        // copy is looked up once per run, not once per profile.
+        let mut account: Option<Arc<str>> = None;
         for chunk in chunks {
             keys.reserve(chunk.len());
-            for profile in chunk {
+            for mut profile in chunk {
+                let shared = match &account {
+                    Some(shared) if **shared == *profile.key.client_id => Arc::clone(shared),
+                    _ => self.shared_client_id(Arc::clone(&profile.key.client_id)),
+                };
+                profile.key.client_id = Arc::clone(&shared);
+                account = Some(shared);
                 let key = profile.key.clone();
                 if self
                     .inner
@@ -418,6 +461,32 @@ mod tests {
             store.history_from(2, 10).unwrap_err(),
             Compacted { oldest: 3 }
         );
+    }
+
+    #[test]
+    fn profiles_of_one_account_share_their_client_id() {
+        let store = Store::new(10, "test");
+        let one =
+            Profile::empty(store.shared_key(ProfileKey::new(String::from("shared-account"), "a")));
+        let other =
+            Profile::empty(store.shared_key(ProfileKey::new(String::from("shared-account"), "b")));
+        assert!(Arc::ptr_eq(&one.key.client_id, &other.key.client_id));
+        // A profile loaded from a snapshot gets the same copy.
+        let rebuilt = Profile::from_registers(
+            ProfileKey::new(String::from("shared-account"), "c"),
+            [],
+            [],
+            1,
+            1,
+            1,
+        );
+        store.restore(&mut std::iter::once(vec![rebuilt]), 1);
+        let rebuilt = store.get(&ProfileKey::new("shared-account", "c")).unwrap();
+        assert!(Arc::ptr_eq(&one.key.client_id, &rebuilt.key.client_id));
+        // Another store in the same process keeps its own copies.
+        let elsewhere = Store::new(10, "other")
+            .shared_key(ProfileKey::new(String::from("shared-account"), "d"));
+        assert!(!Arc::ptr_eq(&one.key.client_id, &elsewhere.client_id));
     }
 
     #[test]

@@ -1,0 +1,233 @@
+//! A change: what the sequencer records, the history keeps and watchers receive, and what is
+//! derived from it (tier change, points delta).
+
+use std::sync::Arc;
+
+use super::{Field, FieldPath, Profile};
+
+/// How a tier moved, judged by `tier_order`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TierDirection {
+    /// One side has no tier order.
+    Unknown,
+    /// To a higher order.
+    Up,
+    /// To a lower order.
+    Down,
+    /// Same order (for example a renamed tier).
+    SameOrder,
+}
+
+/// A change of VIP tier, derived from the profile before and after.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierChange {
+    /// Tier name before (`None` when unset).
+    pub from_name: Option<String>,
+    /// Tier order before.
+    pub from_order: Option<i64>,
+    /// Tier name after.
+    pub to_name: Option<String>,
+    /// Tier order after.
+    pub to_order: Option<i64>,
+    /// Direction, from the orders.
+    pub direction: TierDirection,
+}
+
+/// Points balances after minus before, an unset balance counting as zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PointsDelta {
+    /// Change of activated points.
+    pub activated: i64,
+    /// Change of pending points.
+    pub pending: i64,
+    /// Change of total points.
+    pub total: i64,
+}
+
+/// Whether a change created the profile or updated it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The first change to this profile.
+    Created,
+    /// A later change.
+    Updated,
+}
+
+/// One applied change: the unit the sequencer records, the history keeps and watchers receive.
+#[derive(Clone, Debug)]
+pub struct Change {
+    /// The store revision this change produced.
+    pub revision: u64,
+    /// The profile after the change.
+    pub profile: Arc<Profile>,
+    /// The profile before the change; `None` when the change created it.
+    pub previous: Option<Arc<Profile>>,
+    /// The fields the change modified, sorted.
+    pub changed_fields: Vec<FieldPath>,
+}
+
+impl Change {
+    /// Created or updated.
+    pub fn kind(&self) -> ChangeKind {
+        match self.previous {
+            None => ChangeKind::Created,
+            Some(_) => ChangeKind::Updated,
+        }
+    }
+
+    /// Whether the change modified this field.
+    pub fn touches(&self, path: &FieldPath) -> bool {
+        self.changed_fields.binary_search(path).is_ok()
+    }
+
+    /// Whether the change modified any extra key.
+    pub fn touches_any_extra(&self) -> bool {
+        self.changed_fields
+            .iter()
+            .any(|path| matches!(path, FieldPath::Extra(_)))
+    }
+
+    /// The tier change, when `tier_name` or `tier_order` changed.
+    pub fn tier_change(&self) -> Option<TierChange> {
+        let tier = [Field::TierName, Field::TierOrder];
+        if !tier.iter().any(|f| self.touches(&FieldPath::Field(*f))) {
+            return None;
+        }
+        // Unpacked once per profile: this runs for every delivery to every subscriber.
+        let before = self.previous.as_deref().map(Profile::values);
+        let after = self.profile.values();
+        let from_order = before.and_then(|p| p.int(Field::TierOrder));
+        let to_order = after.int(Field::TierOrder);
+        let direction = match (from_order, to_order) {
+            (Some(from), Some(to)) if to > from => TierDirection::Up,
+            (Some(from), Some(to)) if to < from => TierDirection::Down,
+            (Some(_), Some(_)) => TierDirection::SameOrder,
+            _ => TierDirection::Unknown,
+        };
+        Some(TierChange {
+            from_name: before.and_then(|p| p.text(Field::TierName).map(str::to_owned)),
+            from_order,
+            to_name: after.text(Field::TierName).map(str::to_owned),
+            to_order,
+            direction,
+        })
+    }
+
+    /// The points delta, when a points field changed.
+    pub fn points_delta(&self) -> Option<PointsDelta> {
+        if !Field::ALL
+            .iter()
+            .any(|f| f.is_points() && self.touches(&FieldPath::Field(*f)))
+        {
+            return None;
+        }
+        // Unpacked once per profile, not once per balance (see `tier_change`).
+        let before = self.previous.as_deref().map(Profile::values);
+        let after = self.profile.values();
+        let delta = |field| {
+            let before = before.and_then(|p| p.int(field));
+            after
+                .int(field)
+                .unwrap_or(0)
+                .saturating_sub(before.unwrap_or(0))
+        };
+        Some(PointsDelta {
+            activated: delta(Field::ActivatedPoints),
+            pending: delta(Field::PendingPoints),
+            total: delta(Field::TotalPoints),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{key, text, update};
+    use super::*;
+    use crate::profile::Scalar;
+
+    fn change(before: Option<Profile>, after: Profile, changed: Vec<FieldPath>) -> Change {
+        Change {
+            revision: 2,
+            profile: Arc::new(after),
+            previous: before.map(Arc::new),
+            changed_fields: changed,
+        }
+    }
+
+    #[test]
+    fn tier_change_and_points_delta_are_derived_from_before_and_after() {
+        let mut before = Profile::empty(key());
+        before.merge(&update(
+            1,
+            &[
+                (Field::TierName, text("basic")),
+                (Field::TierOrder, Some(Scalar::Int(1))),
+                (Field::ActivatedPoints, Some(Scalar::Int(90))),
+                (Field::TotalPoints, Some(Scalar::Int(100))),
+            ],
+        ));
+        let mut after = before.clone();
+        let changed = after
+            .merge(&update(
+                2,
+                &[
+                    (Field::TierName, text("silver")),
+                    (Field::TierOrder, Some(Scalar::Int(2))),
+                    (Field::ActivatedPoints, Some(Scalar::Int(190))),
+                    (Field::PendingPoints, Some(Scalar::Int(10))),
+                    (Field::TotalPoints, Some(Scalar::Int(200))),
+                ],
+            ))
+            .unwrap();
+        let change = change(Some(before), after, changed);
+        let tier = change.tier_change().unwrap();
+        assert_eq!(tier.from_name.as_deref(), Some("basic"));
+        assert_eq!(tier.to_order, Some(2));
+        assert_eq!(tier.direction, TierDirection::Up);
+        assert_eq!(
+            change.points_delta(),
+            Some(PointsDelta {
+                activated: 100,
+                pending: 10,
+                total: 100
+            })
+        );
+    }
+
+    #[test]
+    fn no_tier_change_or_points_delta_when_those_fields_did_not_change() {
+        let mut before = Profile::empty(key());
+        before.merge(&update(1, &[(Field::TierOrder, Some(Scalar::Int(3)))]));
+        let mut after = before.clone();
+        let changed = after
+            .merge(&update(2, &[(Field::Email, text("x@example.com"))]))
+            .unwrap();
+        let change = change(Some(before), after, changed);
+        assert_eq!(change.tier_change(), None);
+        assert_eq!(change.points_delta(), None);
+    }
+
+    #[test]
+    fn tier_direction_down_same_and_unknown() {
+        let tiers = |from: Option<i64>, to: Option<i64>| {
+            let mut before = Profile::empty(key());
+            before.merge(&update(1, &[(Field::TierOrder, from.map(Scalar::Int))]));
+            let mut after = before.clone();
+            let changed = after.merge(&update(
+                2,
+                &[
+                    (Field::TierOrder, to.map(Scalar::Int)),
+                    (Field::TierName, text("renamed")),
+                ],
+            ));
+            let changed = changed.unwrap();
+            change(Some(before), after, changed)
+                .tier_change()
+                .unwrap()
+                .direction
+        };
+        assert_eq!(tiers(Some(3), Some(1)), TierDirection::Down);
+        assert_eq!(tiers(Some(2), Some(2)), TierDirection::SameOrder);
+        assert_eq!(tiers(None, Some(2)), TierDirection::Unknown);
+    }
+}

@@ -1,0 +1,234 @@
+//! The profile and its merge rules: a pure function of (current state, update).
+//!
+//! A profile is a set of last-writer-wins registers, one per field. Each register remembers the
+//! value it holds (or that it was cleared) and the `created_at` of the webhook that wrote it. An
+//! update writes a register only when it is newer; equal timestamps are broken by comparing the
+//! values, so the register holds `max((at, value))`. That makes merging commutative, associative
+//! and idempotent: any delivery order of the same updates, with duplicates, ends in the same
+//! profile. Cleared fields keep their timestamp, so an older value cannot resurrect them.
+//!
+//! The store holds a million profiles or more, so a profile is kept compact: its modeled
+//! fields' registers are packed into one allocation (`registers`), read back as borrowed
+//! [`ScalarRef`]s, and the store gives the profiles of an account one shared `client_id`
+//! string. The packing changes no rule: clocks keep chrono's exact seconds and nanoseconds, and
+//! values compare as [`Scalar`]s do.
+//!
+//! - `key`: [`ProfileKey`].
+//! - `field`: the field table ([`Field`]: names, kinds, numbers) and values ([`Scalar`],
+//!   [`ScalarRef`], [`ExtraValue`], [`FieldPath`]).
+//! - `merge`: the merge rules ([`Register`], [`Profile::merge`]).
+//! - `registers`: the packed register codec.
+//! - `change`: [`Change`], and the tier change and points delta derived from it.
+//! - here: [`Profile`] and [`ProfileUpdate`].
+//!
+//! This module does not know where updates come from (the ingest path builds them), nor
+//! assigns revisions (only the sequencer does), nor stores anything.
+
+mod change;
+mod field;
+mod key;
+mod merge;
+mod registers;
+#[cfg(test)]
+mod testing;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+
+pub use change::{Change, ChangeKind, PointsDelta, TierChange, TierDirection};
+pub use field::{ExtraValue, Field, FieldKind, FieldPath, Scalar, ScalarRef};
+pub use key::ProfileKey;
+pub use merge::Register;
+use registers::{Clock, Registers, Slot, Slots};
+
+/// When Gameball created the event that carried a value: the clock of every register.
+pub type EventTime = DateTime<Utc>;
+
+/// The registers of unmodeled `data` keys, ordered by key.
+type Extras = BTreeMap<Box<str>, Register<ExtraValue>>;
+
+/// A validated `customer.profile.updated` event: which profile, when, and what it writes.
+///
+/// `None` values clear the field (the webhook carried JSON `null`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileUpdate {
+    /// The profile it is about.
+    pub key: ProfileKey,
+    /// `created_at` of the webhook.
+    pub at: EventTime,
+    /// Modeled fields it carries, each at most once.
+    pub fields: Vec<(Field, Option<Scalar>)>,
+    /// Unmodeled `data` keys it carries, each at most once.
+    pub extras: Vec<(Box<str>, Option<serde_json::Value>)>,
+}
+
+/// The state of one profile: its registers plus the revision bookkeeping the sequencer keeps.
+///
+/// Compact, because the store holds a million of them: the modeled fields' registers are packed
+/// into one allocation (`registers::Registers`), extras (which most profiles lack) sit behind
+/// one pointer, and the store gives all profiles of an account one shared `client_id`. Cloning costs one
+/// allocation (two with extras).
+#[derive(Clone, PartialEq)]
+pub struct Profile {
+    /// Which profile this is.
+    pub key: ProfileKey,
+    /// The modeled fields' registers, packed.
+    registers: Registers,
+    /// Registers of unmodeled `data` keys; `None` when there are none (never an empty map, so
+    /// equal content compares equal).
+    extra: Option<Box<Extras>>,
+    /// Revision of the last change to this profile.
+    pub revision: u64,
+    /// Revision of the change that created this profile.
+    pub create_revision: u64,
+    /// How many changes were applied to this profile.
+    pub version: u64,
+}
+
+impl fmt::Debug for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Profile")
+            .field("key", &self.key)
+            .field("fields", &self.field_registers().collect::<Vec<_>>())
+            .field("extra", &self.extra_registers().collect::<Vec<_>>())
+            .field("revision", &self.revision)
+            .field("create_revision", &self.create_revision)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+/// Every modeled field's current value, unpacked once ([`Profile::values`]).
+#[derive(Clone, Copy, Debug)]
+pub struct FieldValues<'a>([Option<ScalarRef<'a>>; Field::ALL.len()]);
+
+impl<'a> FieldValues<'a> {
+    /// The current value of a field; `None` when unset or cleared.
+    pub fn get(&self, field: Field) -> Option<ScalarRef<'a>> {
+        self.0[field.index()]
+    }
+
+    /// The current integer value of an integer field.
+    pub fn int(&self, field: Field) -> Option<i64> {
+        self.get(field).and_then(ScalarRef::as_int)
+    }
+
+    /// The current text value of a text field.
+    pub fn text(&self, field: Field) -> Option<&'a str> {
+        self.get(field).and_then(ScalarRef::as_text)
+    }
+}
+
+impl Profile {
+    /// An empty profile (no field ever written), not yet in any revision.
+    ///
+    /// The key is kept as given; the store gives it its account's shared `client_id`
+    /// ([`crate::store::Store::shared_key`]).
+    pub fn empty(key: ProfileKey) -> Self {
+        Self {
+            key,
+            registers: Registers::default(),
+            extra: None,
+            revision: 0,
+            create_revision: 0,
+            version: 0,
+        }
+    }
+
+    /// Every modeled field's current value. Cheaper than a `get` per field when reading several
+    /// (each `get` unpacks the registers).
+    pub fn values(&self) -> FieldValues<'_> {
+        FieldValues(
+            self.registers
+                .unpack()
+                .map(|slot| slot.and_then(|slot| slot.value)),
+        )
+    }
+
+    /// The current value of a modeled field; `None` when unset or cleared.
+    pub fn get(&self, field: Field) -> Option<ScalarRef<'_>> {
+        self.registers.unpack()[field.index()]?.value
+    }
+
+    /// The current integer value of an integer field.
+    pub fn get_int(&self, field: Field) -> Option<i64> {
+        self.get(field).and_then(ScalarRef::as_int)
+    }
+
+    /// The current text value of a text field.
+    pub fn get_text(&self, field: Field) -> Option<&str> {
+        self.get(field).and_then(ScalarRef::as_text)
+    }
+
+    /// The extras currently set (cleared keys left out), ordered by key.
+    pub fn extras(&self) -> impl Iterator<Item = (&str, &serde_json::Value)> {
+        self.extra_registers()
+            .filter_map(|(key, register)| Some((key, &register.value.as_ref()?.0)))
+    }
+
+    /// The registers of modeled fields ever written (cleared ones included), in field order.
+    pub fn field_registers(&self) -> impl Iterator<Item = (Field, Register<ScalarRef<'_>>)> {
+        Field::ALL
+            .into_iter()
+            .zip(self.registers.unpack())
+            .filter_map(|(field, slot)| {
+                let slot = slot?;
+                let register = Register {
+                    value: slot.value,
+                    at: slot.at.time(),
+                };
+                Some((field, register))
+            })
+    }
+
+    /// The registers of extra keys ever written (cleared ones included), ordered by key.
+    pub fn extra_registers(&self) -> impl Iterator<Item = (&str, &Register<ExtraValue>)> {
+        self.extra
+            .iter()
+            .flat_map(|extra| extra.iter())
+            .map(|(key, register)| (&**key, register))
+    }
+
+    /// Rebuilds a profile from its registers and bookkeeping, as [`Profile::field_registers`]
+    /// and [`Profile::extra_registers`] gave them (the journal's snapshots).
+    pub fn from_registers(
+        key: ProfileKey,
+        fields: impl IntoIterator<Item = (Field, Register<Scalar>)>,
+        extras: impl IntoIterator<Item = (Box<str>, Register<ExtraValue>)>,
+        revision: u64,
+        create_revision: u64,
+        version: u64,
+    ) -> Profile {
+        let mut profile = Profile::empty(key);
+        let fields: Vec<(Field, Register<Scalar>)> = fields.into_iter().collect();
+        let mut slots: Slots<'_> = [None; Field::ALL.len()];
+        for (field, register) in &fields {
+            slots[field.index()] = Some(Slot {
+                at: Clock::of(register.at),
+                value: register.value.as_ref().map(Scalar::view),
+            });
+        }
+        profile.registers = Registers::pack(&slots);
+        let extra: Extras = extras.into_iter().collect();
+        profile.extra = (!extra.is_empty()).then(|| Box::new(extra));
+        profile.revision = revision;
+        profile.create_revision = create_revision;
+        profile.version = version;
+        profile
+    }
+
+    /// The newest `created_at` among the registers, cleared ones included: when this profile's
+    /// content last changed at the source. Independent of delivery order.
+    pub fn updated_at(&self) -> Option<EventTime> {
+        let fields = self.registers.newest().map(Clock::time);
+        let extras = self.extra_registers().map(|(_, register)| register.at);
+        fields.into_iter().chain(extras).max()
+    }
+
+    /// Whether two profiles hold the same content, revision bookkeeping aside.
+    pub fn same_content(&self, other: &Profile) -> bool {
+        self.key == other.key && self.registers == other.registers && self.extra == other.extra
+    }
+}
