@@ -39,12 +39,12 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use profile_state::dead_letters::{DeadLetterId, DeadLetters, Purge};
+use profile_state::ingest::payload::{self, Delivery};
 use profile_state::journal::codec::{ProfileRecord, UpdateRecord};
 use profile_state::metrics::Metrics;
 use profile_state::profile::{FieldPath, Profile, ProfileUpdate};
 use profile_state::sequencer::Sequencer;
 use profile_state::store::Store;
-use profile_state::webhook::payload::{self, Delivery};
 use profile_state::webhook::secrets::{SecretStore, Secrets};
 use profile_state::webhook::signature::SignatureCheck;
 use profile_state::webhook::{Ingress, Limits, PATH, Verification};

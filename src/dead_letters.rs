@@ -182,6 +182,17 @@ pub enum DeadLetterError {
     },
 }
 
+impl DeadLetterError {
+    /// The error to answer a caller with: this one is logged in full, the caller gets a
+    /// generic UNAVAILABLE (storage details are the operators', not the client's).
+    pub fn unavailable(self) -> Error {
+        tracing::error!(error = %self, "dead letter storage failed");
+        Error::Unavailable {
+            reason: "the dead letters could not be changed on disk; retry later".into(),
+        }
+    }
+}
+
 fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> DeadLetterError {
     let path = path.to_owned();
     move |source| DeadLetterError::Io {

@@ -2,6 +2,8 @@
 //!
 //! Domain code returns these; the adapters never invent their own. `crate::status` maps each
 //! variant to an HTTP status and a gRPC code in one place, so the two surfaces cannot disagree.
+//! Refusals at the transport level (unauthenticated, too large, not JSON, too many streams)
+//! are not domain errors: they are `crate::status::Rejection`'s, made by the adapters.
 //! Messages are lowercase, without trailing punctuation, and never contain personal data.
 
 /// Everything a request can fail with.
@@ -22,24 +24,6 @@ pub enum Error {
         client_id: String,
         /// The customer asked for.
         customer_id: String,
-    },
-    /// The webhook's signature is missing or wrong.
-    #[error("{reason}")]
-    Unauthenticated {
-        /// Which check failed (never the expected signature).
-        reason: &'static str,
-    },
-    /// The webhook body is larger than the configured limit.
-    #[error("body larger than {limit} bytes")]
-    PayloadTooLarge {
-        /// The limit in bytes.
-        limit: usize,
-    },
-    /// The webhook's Content-Type is not JSON.
-    #[error("content-type {content_type:?} is not JSON")]
-    UnsupportedMediaType {
-        /// What the request said.
-        content_type: String,
     },
     /// A watch asked to start after the next revision.
     #[error("start_revision {requested} is beyond the next revision {next}")]

@@ -3,8 +3,11 @@
 //! watch streams of changes.
 //!
 //! Components, in the order a webhook meets them:
-//! - [`webhook`]: the HTTP ingress (axum). Checks Content-Type, size, `X-GB-Signature`, and
-//!   validates the payload into a [`profile::ProfileUpdate`].
+//! - [`webhook`]: the HTTP ingress (axum). Checks Content-Type, size and `X-GB-Signature`,
+//!   then hands the body to the ingest path.
+//! - [`ingest`]: the one ingest path, shared with the AdminService's replay: validates the
+//!   payload into a [`profile::ProfileUpdate`], records it through the sequencer, or keeps it
+//!   as a dead letter.
 //! - [`dead_letters`]: signed deliveries that cannot be applied, kept (durably) with their
 //!   reason and raw body for operators to list, replay or purge.
 //! - [`sequencer`]: the only writer. Merges updates in batches, numbers the changes, journals
@@ -20,11 +23,12 @@
 //!   live changes, progress.
 //! - [`grpc`]: the gRPC adapter (tonic) for `gameball.profiles.v1.ProfileService`, and for
 //!   `AdminService` (dead letters).
-//! - [`error`] and [`status`]: the one error type, and its one mapping to HTTP and gRPC.
+//! - [`error`] and [`status`]: the domain's error type, the adapters' transport-level
+//!   refusals, and their one mapping to HTTP and gRPC.
 //! - [`config`] and [`server`]: flags, and the wiring that binds, serves and shuts down.
 //!
-//! The domain (`profile`, `store`, `sequencer`, `journal`, `watch`, `dead_letters`) knows
-//! nothing of axum or tonic.
+//! The domain (`profile`, `store`, `sequencer`, `journal`, `watch`, `ingest`, `dead_letters`)
+//! knows nothing of axum or tonic.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -33,6 +37,7 @@ pub mod data_dir;
 pub mod dead_letters;
 pub mod error;
 pub mod grpc;
+pub mod ingest;
 pub mod journal;
 pub mod metrics;
 pub mod profile;

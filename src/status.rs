@@ -1,68 +1,141 @@
-//! The one table from [`Error`] to an HTTP status and a gRPC status, so the webhook and the
+//! The one table from an error to an HTTP status and a gRPC status, so the webhook and the
 //! gRPC API can never disagree on what an error means.
+//!
+//! Two kinds of error meet here: the domain's [`Error`], and [`Rejection`], which adds the
+//! refusals an adapter makes at the transport level before a request reaches the domain (not
+//! authenticated, body too large, not JSON, too many watch streams). Both are mapped here and
+//! nowhere else: adapters build every status they answer with through [`http_status`] and
+//! [`grpc_status`].
 //!
 //! Validation errors carry the field: HTTP puts it in the JSON body (the webhook adapter does
 //! that), gRPC in `google.rpc.BadRequest` details. A dead-lettered delivery is 422 over HTTP
 //! (the webhook adds the dead letter's id) and FAILED_PRECONDITION over gRPC (a replay that
-//! still fails), with `google.rpc.PreconditionFailure` naming the letter. Nothing else here.
+//! still fails), with `google.rpc.PreconditionFailure` naming the letter.
 
 use axum::http::StatusCode;
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::Error;
 
+/// What an adapter refuses a request with: a domain [`Error`], or a refusal at the transport
+/// level that never reaches the domain.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// The domain refused or failed.
+    #[error(transparent)]
+    Domain(#[from] Error),
+    /// A webhook's signature, or a gRPC call's bearer token, is missing or wrong.
+    #[error("{reason}")]
+    Unauthenticated {
+        /// Which check failed (never the expected signature or token).
+        reason: &'static str,
+    },
+    /// The webhook body is larger than the configured limit.
+    #[error("body larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The webhook's Content-Type is not JSON.
+    #[error("content-type {content_type:?} is not JSON")]
+    UnsupportedMediaType {
+        /// What the request said.
+        content_type: String,
+    },
+    /// `--max-watch-streams` streams are open already.
+    #[error("too many watch streams open (limit {limit}); retry later")]
+    TooManyWatchStreams {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl Rejection {
+    /// The request field this refusal is about, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Rejection::Domain(error) => error.field(),
+            _ => None,
+        }
+    }
+}
+
+impl From<&Error> for Rejection {
+    fn from(error: &Error) -> Rejection {
+        Rejection::Domain(error.clone())
+    }
+}
+
+impl From<&Rejection> for Rejection {
+    fn from(rejection: &Rejection) -> Rejection {
+        rejection.clone()
+    }
+}
+
 /// The HTTP status for an error.
-pub fn http_status(error: &Error) -> StatusCode {
-    match error {
-        Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
-        Error::NotFound { .. } => StatusCode::NOT_FOUND,
-        Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-        Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Error::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        Error::RevisionInFuture { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-        Error::Compacted { .. } => StatusCode::GONE,
-        Error::DeadLettered { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        Error::DeadLetterNotFound { .. } => StatusCode::NOT_FOUND,
-        Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
+    match error.into() {
+        Rejection::Domain(error) => match error {
+            Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
+            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::RevisionInFuture { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            Error::Compacted { .. } => StatusCode::GONE,
+            Error::DeadLettered { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::DeadLetterNotFound { .. } => StatusCode::NOT_FOUND,
+            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        },
+        Rejection::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+        Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Rejection::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Rejection::TooManyWatchStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 
 /// The gRPC status for an error.
-pub fn grpc_status(error: &Error) -> tonic::Status {
-    let message = error.to_string();
-    let code = match error {
-        Error::InvalidArgument { field, reason } => {
-            let details = ErrorDetails::with_bad_request_violation(field, reason);
-            return tonic::Status::with_error_details(
-                tonic::Code::InvalidArgument,
-                message,
-                details,
-            );
-        }
-        Error::DeadLettered { id, cause } => {
-            // Kept, not applicable as it stands: a precondition (a fix) is missing, and the
-            // field that failed, if any, is named as for any invalid argument.
-            let mut details = ErrorDetails::with_precondition_failure_violation(
-                "INVALID_PAYLOAD",
-                format!("dead_letters/{id}"),
-                cause.to_string(),
-            );
-            if let Error::InvalidArgument { field, reason } = &**cause {
-                details.add_bad_request_violation(field, reason);
+pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
+    let rejection = error.into();
+    let message = rejection.to_string();
+    let code = match rejection {
+        Rejection::Domain(error) => match error {
+            Error::InvalidArgument { field, reason } => {
+                let details = ErrorDetails::with_bad_request_violation(field, reason);
+                return tonic::Status::with_error_details(
+                    tonic::Code::InvalidArgument,
+                    message,
+                    details,
+                );
             }
-            return tonic::Status::with_error_details(
-                tonic::Code::FailedPrecondition,
-                message,
-                details,
-            );
+            Error::DeadLettered { id, cause } => {
+                return tonic::Status::with_error_details(
+                    tonic::Code::FailedPrecondition,
+                    message,
+                    dead_letter_details(&id, &cause),
+                );
+            }
+            Error::NotFound { .. } | Error::DeadLetterNotFound { .. } => tonic::Code::NotFound,
+            Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
+            Error::Compacted { .. } => tonic::Code::FailedPrecondition,
+            Error::Unavailable { .. } => tonic::Code::Unavailable,
+        },
+        Rejection::Unauthenticated { .. } => tonic::Code::Unauthenticated,
+        Rejection::PayloadTooLarge { .. } | Rejection::TooManyWatchStreams { .. } => {
+            tonic::Code::ResourceExhausted
         }
-        Error::NotFound { .. } | Error::DeadLetterNotFound { .. } => tonic::Code::NotFound,
-        Error::Unauthenticated { .. } => tonic::Code::Unauthenticated,
-        Error::PayloadTooLarge { .. } => tonic::Code::ResourceExhausted,
-        Error::UnsupportedMediaType { .. } => tonic::Code::InvalidArgument,
-        Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
-        Error::Compacted { .. } => tonic::Code::FailedPrecondition,
-        Error::Unavailable { .. } => tonic::Code::Unavailable,
+        Rejection::UnsupportedMediaType { .. } => tonic::Code::InvalidArgument,
     };
     tonic::Status::new(code, message)
+}
+
+/// Kept, not applicable as it stands: a precondition (a fix) is missing, and the field that
+/// failed, if any, is named as for any invalid argument.
+fn dead_letter_details(id: &str, cause: &Error) -> ErrorDetails {
+    let mut details = ErrorDetails::with_precondition_failure_violation(
+        "INVALID_PAYLOAD",
+        format!("dead_letters/{id}"),
+        cause.to_string(),
+    );
+    if let Error::InvalidArgument { field, reason } = cause {
+        details.add_bad_request_violation(field, reason);
+    }
+    details
 }

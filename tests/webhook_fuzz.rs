@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 
 use common::TestService;
 use profile_state::Config;
+use profile_state::ingest::payload::{self, Delivery};
 use profile_state::journal::codec::UpdateRecord;
-use profile_state::webhook::payload::{self, Delivery};
 
 use webhook_model::{
     Answer, BodySpec, ByteEdit, ContentType, Edit, Harness, Input, Key, MAX_BODY_BYTES, Signature,

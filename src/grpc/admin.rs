@@ -1,10 +1,10 @@
 //! The gRPC adapter for `gameball.profiles.v1.AdminService`: dead letters for operators.
 //!
-//! Each RPC checks its request, calls [`DeadLetters`], and converts the result; errors go
-//! through `crate::status`. Replay takes the webhook's own path ([`webhook::validate`], then
-//! [`webhook::record`] through the sequencer), minus the signature, which was verified when the
-//! body arrived; it keeps no rules of its own. Authentication is wired up in `crate::server`,
-//! like the rest of the gRPC API.
+//! Each RPC checks its request, calls [`DeadLetters`] (or, to replay, the ingest path), and
+//! converts the result; errors go through `crate::status`. Replay is [`Ingest::replay`]: the
+//! webhook's own path, minus the signature, which was verified when the body arrived; this
+//! adapter keeps no rules of its own. Authentication is wired up in `crate::server`, like the
+//! rest of the gRPC API.
 
 use std::collections::HashSet;
 
@@ -13,11 +13,11 @@ use tonic::{Request, Response, Status};
 
 use crate::dead_letters::{Cursor, DeadLetter, DeadLetterError, DeadLetterId, DeadLetters, Purge};
 use crate::error::Error;
+use crate::ingest::{Ingest, Outcome};
 use crate::pb;
 use crate::pb::admin_service_server::AdminService;
-use crate::sequencer::{Applied, Sequencer};
+use crate::sequencer::Applied;
 use crate::status::grpc_status;
-use crate::webhook::{self, Outcome};
 
 /// ListDeadLetters page size when the request says 0.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -30,15 +30,15 @@ const PAGE_BODY_BYTES: usize = 1 << 20;
 /// The AdminService implementation.
 pub struct AdminApi {
     dead_letters: DeadLetters,
-    sequencer: Sequencer,
+    ingest: Ingest,
 }
 
 impl AdminApi {
-    /// A service over `dead_letters` that replays through `sequencer`.
-    pub fn new(dead_letters: DeadLetters, sequencer: Sequencer) -> Self {
+    /// A service over the dead letters `ingest` keeps, replaying through `ingest`.
+    pub fn new(ingest: Ingest) -> Self {
         AdminApi {
-            dead_letters,
-            sequencer,
+            dead_letters: ingest.dead_letters().clone(),
+            ingest,
         }
     }
 }
@@ -49,10 +49,7 @@ fn id(text: &str) -> Result<DeadLetterId, Status> {
 
 /// Storage trouble: logged in full, answered UNAVAILABLE with a generic message.
 fn unavailable(error: DeadLetterError) -> Status {
-    tracing::error!(%error, "dead letter storage failed");
-    grpc_status(&Error::Unavailable {
-        reason: "the dead letters could not be changed on disk; retry later".into(),
-    })
+    grpc_status(error.unavailable())
 }
 
 fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -104,7 +101,7 @@ impl AdminService for AdminApi {
         let found = self
             .dead_letters
             .get(&id)
-            .ok_or_else(|| grpc_status(&Error::DeadLetterNotFound { id: id.to_string() }))?;
+            .ok_or_else(|| grpc_status(Error::DeadLetterNotFound { id: id.to_string() }))?;
         Ok(Response::new(pb::GetDeadLetterResponse {
             dead_letter: Some(letter(&found)),
         }))
@@ -115,35 +112,7 @@ impl AdminService for AdminApi {
         request: Request<pb::ReplayDeadLetterRequest>,
     ) -> Result<Response<pb::ReplayDeadLetterResponse>, Status> {
         let id = id(&request.into_inner().id)?;
-        let found = self
-            .dead_letters
-            .get(&id)
-            .ok_or_else(|| grpc_status(&Error::DeadLetterNotFound { id: id.to_string() }))?;
-        let parsed = serde_json::from_slice::<serde_json::Value>(&found.body);
-        let delivery = match webhook::validate(parsed.as_ref()) {
-            Ok(delivery) => delivery,
-            Err(cause) => {
-                self.dead_letters
-                    .set_reason(&id, &cause)
-                    .await
-                    .map_err(unavailable)?;
-                tracing::info!(
-                    dead_letter_id = %id,
-                    error = %cause,
-                    "replayed dead letter still cannot be applied"
-                );
-                return Err(grpc_status(&Error::DeadLettered {
-                    id: id.to_string(),
-                    cause: Box::new(cause),
-                }));
-            }
-        };
-        let outcome = webhook::record(&self.sequencer, delivery)
-            .await
-            .map_err(|e| grpc_status(&e))?;
-        // Applied first, removed second: if the removal fails, replaying again is harmless.
-        self.dead_letters.remove(&id).await.map_err(unavailable)?;
-        tracing::info!(dead_letter_id = %id, ?outcome, "dead letter replayed and removed");
+        let outcome = self.ingest.replay(&id).await.map_err(grpc_status)?;
         let (outcome, revision, event) = match outcome {
             Outcome::Applied(Applied::Changed { revision }) => {
                 (pb::ReplayOutcome::Applied, revision, String::new())
@@ -171,7 +140,7 @@ impl AdminService for AdminApi {
                 let ids = request.ids.iter().enumerate().map(|(index, text)| {
                     DeadLetterId::parse(text).map_err(|_| {
                         let reason = "must be 40 lowercase hex digits (the SHA-1 of the body)";
-                        grpc_status(&Error::invalid(format!("ids[{index}]"), reason))
+                        grpc_status(Error::invalid(format!("ids[{index}]"), reason))
                     })
                 });
                 Purge::Ids(ids.collect::<Result<_, _>>()?)

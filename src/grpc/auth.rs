@@ -16,6 +16,7 @@ use subtle::{Choice, ConstantTimeEq};
 use tonic::{Request, Status};
 
 use crate::config::Config;
+use crate::status::{Rejection, grpc_status};
 
 /// The message of a call without a bearer token.
 pub const MISSING_TOKEN: &str = "missing bearer token";
@@ -105,11 +106,17 @@ impl tonic::service::Interceptor for BearerAuth {
             .metadata()
             .get("authorization")
             .and_then(|value| bearer_token(value.as_bytes()))
-            .ok_or_else(|| Status::unauthenticated(MISSING_TOKEN))?;
+            .ok_or_else(|| {
+                grpc_status(Rejection::Unauthenticated {
+                    reason: MISSING_TOKEN,
+                })
+            })?;
         if BearerAuth::accepts(tokens, presented) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated(INVALID_TOKEN))
+            Err(grpc_status(Rejection::Unauthenticated {
+                reason: INVALID_TOKEN,
+            }))
         }
     }
 }

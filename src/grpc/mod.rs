@@ -28,7 +28,7 @@ use crate::metrics::{Metrics, WatchStreamGuard};
 use crate::pb;
 use crate::pb::profile_service_server::ProfileService;
 use crate::profile::{Field, Profile, ProfileKey};
-use crate::status::grpc_status;
+use crate::status::{Rejection, grpc_status};
 use crate::store::Store;
 use crate::watch::{FieldSelector, WatchEvent, WatchSpec, Watchers};
 
@@ -124,7 +124,7 @@ struct OpenWatch {
 /// refused. Shared by every paged RPC.
 pub(crate) fn page_size(requested: i32) -> Result<usize, Status> {
     match usize::try_from(requested) {
-        Err(_) => Err(grpc_status(&Error::invalid(
+        Err(_) => Err(grpc_status(Error::invalid(
             "page_size",
             "must not be negative",
         ))),
@@ -135,7 +135,7 @@ pub(crate) fn page_size(requested: i32) -> Result<usize, Status> {
 
 fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     if value.is_empty() {
-        return Err(grpc_status(&Error::invalid(field, "is required")));
+        return Err(grpc_status(Error::invalid(field, "is required")));
     }
     Ok(value)
 }
@@ -161,7 +161,7 @@ impl ProfileService for ProfileApi {
             .store
             .get(&ProfileKey::new(client_id, customer_id))
             .ok_or_else(|| {
-                grpc_status(&Error::NotFound {
+                grpc_status(Error::NotFound {
                     client_id: client_id.to_owned(),
                     customer_id: customer_id.to_owned(),
                 })
@@ -183,7 +183,7 @@ impl ProfileService for ProfileApi {
                 "at most {MAX_BATCH_IDS} ids per call, got {}",
                 request.customer_ids.len()
             );
-            return Err(grpc_status(&Error::invalid("customer_ids", reason)));
+            return Err(grpc_status(Error::invalid("customer_ids", reason)));
         }
         let mut found = Vec::with_capacity(request.customer_ids.len());
         let mut missing_customer_ids = Vec::new();
@@ -243,10 +243,9 @@ impl ProfileService for ProfileApi {
         let slot = Arc::clone(&self.watch_streams)
             .try_acquire_owned()
             .map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "too many watch streams open (limit {}); retry later",
-                    self.max_watch_streams
-                ))
+                grpc_status(Rejection::TooManyWatchStreams {
+                    limit: self.max_watch_streams,
+                })
             })?;
         let watch = self.watchers.open(spec).map_err(|e| grpc_status(&e))?;
         let (events, received) = mpsc::channel(WATCH_BUFFER);

@@ -16,16 +16,15 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
-use crate::dead_letters::DeadLetters;
 use crate::grpc::ProfileApi;
 use crate::grpc::admin::AdminApi;
 use crate::grpc::auth::BearerAuth;
 use crate::grpc::transport::MetricsLayer;
+use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
-use crate::sequencer::Sequencer;
 use crate::store::Store;
 use crate::watch::Watchers;
 
@@ -54,10 +53,8 @@ pub(super) struct Services<H> {
     pub watchers: Watchers,
     /// Whether the store is persisted (reported by GetServerInfo).
     pub durable: bool,
-    /// What AdminService serves.
-    pub dead_letters: DeadLetters,
-    /// Where AdminService replays dead letters.
-    pub sequencer: Sequencer,
+    /// The ingest path, whose dead letters AdminService serves and replays.
+    pub ingest: Ingest,
     /// Counts calls and watch activity.
     pub metrics: Metrics,
     /// `--max-watch-streams`.
@@ -91,8 +88,7 @@ pub(super) fn serve<H: Health>(
         store,
         watchers,
         durable,
-        dead_letters,
-        sequencer,
+        ingest,
         metrics,
         max_watch_streams,
         max_message_bytes: limit,
@@ -107,7 +103,7 @@ pub(super) fn serve<H: Health>(
     )
     .with_max_watch_streams(max_watch_streams);
     let watch_streams_closed = Box::pin(profiles.streams_closed());
-    let admin = AdminApi::new(dead_letters, sequencer);
+    let admin = AdminApi::new(ingest);
     // Health and reflection stay open (probes, grpcurl); the data services need a token when
     // tokens are configured.
     let router = builder

@@ -28,6 +28,7 @@ use crate::data_dir::{self, DataDir};
 use crate::dead_letters::DeadLetters;
 use crate::grpc::auth::BearerAuth;
 use crate::grpc::transport;
+use crate::ingest::Ingest;
 use crate::journal::{self, FaultSwitch, Journal};
 use crate::metrics::Metrics;
 use crate::sequencer::{self, Durability, Sequencer};
@@ -161,14 +162,18 @@ impl Server {
         if let Verification::Secrets(secrets) = &verification {
             reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
         }
+        let writable = sequencer.writable();
+        // The ingest path takes the only handle: the sequencer stops once the listeners that
+        // use it are gone (shutdown step 4).
+        let ingest = Ingest::new(sequencer, dead_letters, metrics.clone());
         let (health, health_service) =
-            Health::follow(sequencer.writable(), &tracker, stopping.clone()).await;
+            Health::follow(writable.clone(), &tracker, stopping.clone()).await;
         let admin = serve_admin(
             admin,
             Admin {
                 metrics: metrics.clone(),
                 store: store.clone(),
-                writable: sequencer.writable(),
+                writable,
                 stopping: stopping.clone(),
             },
             &stopping,
@@ -182,8 +187,7 @@ impl Server {
                 store: store.clone(),
                 watchers,
                 durable: data_dir.is_some(),
-                dead_letters: dead_letters.clone(),
-                sequencer: sequencer.clone(),
+                ingest: ingest.clone(),
                 metrics: metrics.clone(),
                 max_watch_streams: config.max_watch_streams,
                 max_message_bytes: config.grpc_max_message_bytes,
@@ -191,8 +195,7 @@ impl Server {
             &stopping,
             &tracker,
         )?;
-        let ingress = Ingress::new(sequencer, verification, limits(&config), metrics)
-            .with_dead_letters(dead_letters);
+        let ingress = Ingress::with_ingest(ingest, verification, limits(&config), metrics);
         let webhook = serve_ingress(webhook, ingress, &stopping);
         announce(addresses);
 

@@ -4,15 +4,13 @@
 //! signature (401, with the secrets of the body's `client_id`), JSON and field validation, then
 //! the sequencer, all within the request timeout (503). The body is read once, in one pass into
 //! its fields (`payload::Envelope`); only a body that pass declines, or whose signature does not
-//! match its raw bytes, is also parsed into a `serde_json::Value`. A signed body that fails
-//! validation is kept as a dead letter (`crate::dead_letters`) and answered 422 with its id, or
-//! 503 if it could not be kept. The answer is 200 only after the sequencer has recorded the
-//! update and made it visible, so a 2xx means recorded. [`validate`] and [`record`] are the path every
-//! authenticated body takes, here and on a dead letter's replay (`crate::grpc`'s AdminService).
-//! Nothing here merges or stores; statuses come from `crate::status`, the one place that maps
-//! errors for both HTTP and gRPC.
+//! match its raw bytes, is also parsed into a `serde_json::Value`. What happens to an
+//! authenticated body is the ingest path's (`crate::ingest`, shared with a dead letter's
+//! replay): validated, then recorded, or kept as a dead letter and answered 422 with its id
+//! (503 if it could not be kept). The answer is 200 only after the sequencer has recorded the
+//! update and made it visible, so a 2xx means recorded. Nothing here merges or stores;
+//! statuses come from `crate::status`, the one place that maps errors for both HTTP and gRPC.
 
-pub mod payload;
 pub mod secrets;
 pub mod signature;
 
@@ -30,10 +28,11 @@ use tokio::sync::Semaphore;
 
 use crate::dead_letters::DeadLetters;
 use crate::error::Error;
+use crate::ingest::payload::{self, Delivery};
+use crate::ingest::{self, Ingest, Outcome};
 use crate::metrics::Metrics;
 use crate::sequencer::{Applied, Sequencer};
-use crate::status;
-use payload::Delivery;
+use crate::status::{self, Rejection};
 use secrets::SecretStore;
 
 /// The path Gameball posts to.
@@ -61,37 +60,47 @@ pub struct Limits {
 /// What the handler needs: cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct Ingress {
-    sequencer: Sequencer,
+    ingest: Ingest,
     verification: Arc<Verification>,
     limits: Limits,
     in_flight: Arc<Semaphore>,
     metrics: Metrics,
-    dead_letters: DeadLetters,
 }
 
 impl Ingress {
     /// An ingress that authenticates with `verification` and hands updates to `sequencer`.
     /// Deliveries that cannot be applied are kept in memory until
-    /// [`with_dead_letters`](Ingress::with_dead_letters) says where (the server always does).
+    /// [`with_dead_letters`](Ingress::with_dead_letters) says where.
     pub fn new(
         sequencer: Sequencer,
         verification: Verification,
         limits: Limits,
         metrics: Metrics,
     ) -> Self {
+        let ingest = Ingest::new(sequencer, DeadLetters::in_memory(), metrics.clone());
+        Ingress::with_ingest(ingest, verification, limits, metrics)
+    }
+
+    /// An ingress that authenticates with `verification` and hands what it authenticated to
+    /// `ingest` (the server shares one with the AdminService).
+    pub fn with_ingest(
+        ingest: Ingest,
+        verification: Verification,
+        limits: Limits,
+        metrics: Metrics,
+    ) -> Self {
         Ingress {
-            sequencer,
+            ingest,
             verification: Arc::new(verification),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             limits,
             metrics,
-            dead_letters: DeadLetters::in_memory(),
         }
     }
 
     /// Keeps deliveries that cannot be applied in `dead_letters`.
     pub fn with_dead_letters(mut self, dead_letters: DeadLetters) -> Self {
-        self.dead_letters = dead_letters;
+        self.ingest = self.ingest.with_dead_letters(dead_letters);
         self
     }
 
@@ -101,31 +110,22 @@ impl Ingress {
     }
 }
 
-/// What became of an applicable delivery.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    /// A profile update, recorded: changed (with its revision) or unchanged.
-    Applied(Applied),
-    /// Another topic, acknowledged and not applied; its `event`.
-    Ignored(String),
-}
-
 async fn receive(State(ingress): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let handled = match Arc::clone(&ingress.in_flight).try_acquire_owned() {
-        Err(_) => Err(Error::Unavailable {
+        Err(_) => Err(Rejection::from(Error::Unavailable {
             reason: format!(
                 "too many webhooks in flight (limit {}); retry shortly",
                 ingress.limits.max_in_flight
             ),
-        }),
+        })),
         Ok(_permit) => {
             let timeout = ingress.limits.timeout;
             match tokio::time::timeout(timeout, ingress.handle(&headers, body)).await {
                 Ok(handled) => handled,
-                Err(_) => Err(Error::Unavailable {
+                Err(_) => Err(Rejection::from(Error::Unavailable {
                     reason: format!("the webhook was not recorded within {timeout:?}; retry"),
-                }),
+                })),
             }
         }
     };
@@ -145,11 +145,11 @@ async fn receive(State(ingress): State<Ingress>, headers: HeaderMap, body: Body)
                 .into_response(),
         ),
         Err(error) => {
-            if matches!(error, Error::Unauthenticated { .. }) {
+            if matches!(error, Rejection::Unauthenticated { .. }) {
                 ingress.metrics.signature_failure();
             }
             let label = match error {
-                Error::Unavailable { .. } => "unavailable",
+                Rejection::Domain(Error::Unavailable { .. }) => "unavailable",
                 _ => "rejected",
             };
             (label, error_response(&error))
@@ -181,7 +181,7 @@ fn recorded(outcome: &'static str, revision: u64) -> Response {
 enum Parsed<'a> {
     /// The usual case: one JSON object with each field at most once.
     Envelope(payload::Envelope<'a>),
-    /// Anything else, or not JSON: [`validate`] answers it as it always has.
+    /// Anything else, or not JSON: [`ingest::validate`] answers it as it always has.
     General(Result<serde_json::Value, serde_json::Error>),
 }
 
@@ -215,13 +215,13 @@ impl<'a> Parsed<'a> {
     fn validate(&self) -> Result<Delivery, Error> {
         match self {
             Parsed::Envelope(envelope) => envelope.validate(),
-            Parsed::General(parsed) => validate(parsed.as_ref()),
+            Parsed::General(parsed) => ingest::validate(parsed.as_ref()),
         }
     }
 }
 
 impl Ingress {
-    async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<Outcome, Error> {
+    async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<Outcome, Rejection> {
         check_content_type(headers)?;
         let raw = read_body(body, self.limits.max_body_bytes).await?;
         let parsed = Parsed::read(&raw);
@@ -235,75 +235,13 @@ impl Ingress {
             let checks = checks.for_client(parsed.client_id());
             signature::verify(checks, claimed, &raw, || parsed.compact(&raw))?;
         }
-        // Authenticated from here on (or unsigned by choice): what cannot be applied is kept.
-        match parsed.validate() {
-            Ok(delivery) => record(&self.sequencer, delivery).await,
-            Err(cause) => Err(self.dead_letter(&raw, cause).await),
-        }
-    }
-
-    /// Keeps an authenticated body that cannot be applied; the error to answer with.
-    async fn dead_letter(&self, raw: &[u8], cause: Error) -> Error {
-        match self
-            .dead_letters
-            .store(raw, &cause, chrono::Utc::now())
-            .await
-        {
-            Ok(id) => {
-                self.metrics.dead_letter();
-                tracing::info!(
-                    dead_letter_id = %id,
-                    error = %cause,
-                    "kept a delivery that cannot be applied as a dead letter"
-                );
-                Error::DeadLettered {
-                    id: id.to_string(),
-                    cause: Box::new(cause),
-                }
-            }
-            Err(error) => {
-                tracing::error!(
-                    %error,
-                    "could not keep a delivery that cannot be applied; answering 503 so the \
-                     sender retries"
-                );
-                Error::Unavailable {
-                    reason: "the delivery cannot be applied and could not be kept as a dead \
-                             letter; retry later"
-                        .into(),
-                }
-            }
-        }
-    }
-}
-
-/// Validates an authenticated body, parsed once by the caller: not JSON, or a field that
-/// breaks a rule, is an [`Error::InvalidArgument`] naming the field. The first half of the path
-/// every authenticated body takes, on arrival and on a dead letter's replay.
-pub fn validate(parsed: Result<&serde_json::Value, &serde_json::Error>) -> Result<Delivery, Error> {
-    let parsed = parsed.map_err(|err| Error::invalid("body", format!("not JSON: {err}")))?;
-    payload::parse(parsed)
-}
-
-/// Applies a validated delivery through the sequencer (another topic is only acknowledged) and
-/// returns once it is recorded and visible. The second half of the path, shared with replay.
-pub async fn record(sequencer: &Sequencer, delivery: Delivery) -> Result<Outcome, Error> {
-    match delivery {
-        Delivery::Other { event } => {
-            tracing::debug!(%event, "ignored a webhook of another topic");
-            Ok(Outcome::Ignored(event))
-        }
-        Delivery::ProfileUpdated(update) => {
-            let client_id = update.key.client_id.clone();
-            let applied = sequencer.apply(update).await?;
-            tracing::debug!(%client_id, ?applied, "webhook applied");
-            Ok(Outcome::Applied(applied))
-        }
+        // Authenticated from here on (or unsigned by choice): the ingest path decides.
+        Ok(self.ingest.accept(&raw, parsed.validate()).await?)
     }
 }
 
 /// A missing Content-Type is accepted (some senders omit it); anything but JSON is not.
-fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
+fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
@@ -313,31 +251,31 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
     if essence == "application/json" || essence.ends_with("+json") {
         return Ok(());
     }
-    Err(Error::UnsupportedMediaType {
+    Err(Rejection::UnsupportedMediaType {
         content_type: text.to_owned(),
     })
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Rejection> {
     axum::body::to_bytes(body, limit).await.map_err(|err| {
         let too_large = std::error::Error::source(&err)
             .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
         if too_large {
-            Error::PayloadTooLarge { limit }
+            Rejection::PayloadTooLarge { limit }
         } else {
-            Error::invalid("body", format!("could not be read: {err}"))
+            Error::invalid("body", format!("could not be read: {err}")).into()
         }
     })
 }
 
 /// `{"error": "...", "field": "..."}` with the status `crate::status` assigns; a 422 adds
 /// `dead_letter_id`. A 503 also says when to come back.
-fn error_response(error: &Error) -> Response {
+fn error_response(error: &Rejection) -> Response {
     let mut body = json!({"error": error.to_string()});
     if let Some(field) = error.field() {
         body["field"] = json!(field);
     }
-    if let Error::DeadLettered { id, .. } = error {
+    if let Rejection::Domain(Error::DeadLettered { id, .. }) = error {
         body["dead_letter_id"] = json!(id);
     }
     let status = status::http_status(error);

@@ -10,7 +10,7 @@
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 
-use crate::error::Error;
+use crate::status::Rejection;
 
 /// The name of the header that carries the signature.
 pub const HEADER: &str = "x-gb-signature";
@@ -55,16 +55,16 @@ pub fn verify(
     signature: Option<&str>,
     raw: &[u8],
     compact: impl FnOnce() -> Option<Vec<u8>>,
-) -> Result<(), Error> {
+) -> Result<(), Rejection> {
     if checks.is_empty() {
-        return Err(Error::Unauthenticated {
+        return Err(Rejection::Unauthenticated {
             reason: "no webhook secret is configured for this client_id",
         });
     }
-    let signature = signature.ok_or(Error::Unauthenticated {
+    let signature = signature.ok_or(Rejection::Unauthenticated {
         reason: "missing X-GB-Signature header",
     })?;
-    let mismatch = Error::Unauthenticated {
+    let mismatch = Rejection::Unauthenticated {
         reason: "X-GB-Signature does not match the body",
     };
     let mut claimed = [0u8; 20];
@@ -154,7 +154,7 @@ mod tests {
         assert!(verify(&[other], Some(RAW_SIG.trim()), RAW, raw_only).is_err());
         assert_eq!(
             verify(&[check()], None, RAW, raw_only),
-            Err(Error::Unauthenticated {
+            Err(Rejection::Unauthenticated {
                 reason: "missing X-GB-Signature header"
             })
         );
@@ -162,7 +162,7 @@ mod tests {
         assert!(verify(&[check()], Some(""), RAW, raw_only).is_err());
         assert_eq!(
             verify(&[], Some(RAW_SIG.trim()), RAW, raw_only),
-            Err(Error::Unauthenticated {
+            Err(Rejection::Unauthenticated {
                 reason: "no webhook secret is configured for this client_id"
             })
         );

@@ -1,0 +1,175 @@
+//! The one ingest path, transport-free: what happens to an authenticated delivery.
+//!
+//! A body is validated into a [`Delivery`] by Gameball's rules ([`payload`], every error naming
+//! the field), then recorded through the sequencer ([`Ingest::record`]: applied, unchanged, or
+//! another topic acknowledged and not applied). A body that fails validation was authenticated,
+//! so it is kept as a dead letter before anyone is answered ([`Ingest::accept`]); replaying a
+//! dead letter ([`Ingest::replay`]) takes the same validate-then-record path, minus the
+//! signature, which was checked when the body arrived.
+//!
+//! Both adapters call this: the HTTP ingress (`crate::webhook`) after its checks of method,
+//! media type, size and signature, and the AdminService (`crate::grpc::dead_letters`) to replay
+//! a letter. Neither keeps rules of its own, and this module knows nothing of HTTP or gRPC:
+//! transport-level refusals (too large, not JSON, unauthenticated) are the adapters' own
+//! (`crate::status::Rejection`).
+
+pub mod payload;
+
+use crate::dead_letters::{DeadLetterError, DeadLetterId, DeadLetters};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::sequencer::{Applied, Sequencer};
+pub use payload::Delivery;
+
+/// What became of an applicable delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// A profile update, recorded: changed (with its revision) or unchanged.
+    Applied(Applied),
+    /// Another topic, acknowledged and not applied; its `event`.
+    Ignored(String),
+}
+
+/// Validates an authenticated body, parsed once by the caller: not JSON, or a field that
+/// breaks a rule, is an [`Error::InvalidArgument`] naming the field. The first half of the path
+/// every authenticated body takes, on arrival and on a dead letter's replay.
+pub fn validate(parsed: Result<&serde_json::Value, &serde_json::Error>) -> Result<Delivery, Error> {
+    let parsed = parsed.map_err(|err| Error::invalid("body", format!("not JSON: {err}")))?;
+    payload::parse(parsed)
+}
+
+/// The ingest path's handle: the sequencer it records through and the dead letters it keeps.
+/// Cloning it clones three handles (a few reference counts).
+#[derive(Clone)]
+pub struct Ingest {
+    sequencer: Sequencer,
+    dead_letters: DeadLetters,
+    metrics: Metrics,
+}
+
+impl Ingest {
+    /// Records through `sequencer`, keeps what cannot be applied in `dead_letters`, and counts
+    /// the letters it keeps in `metrics`.
+    pub fn new(sequencer: Sequencer, dead_letters: DeadLetters, metrics: Metrics) -> Ingest {
+        Ingest {
+            sequencer,
+            dead_letters,
+            metrics,
+        }
+    }
+
+    /// The dead letters this path keeps.
+    pub fn dead_letters(&self) -> &DeadLetters {
+        &self.dead_letters
+    }
+
+    /// The same path, keeping dead letters in `dead_letters` instead.
+    pub fn with_dead_letters(self, dead_letters: DeadLetters) -> Ingest {
+        Ingest {
+            dead_letters,
+            ..self
+        }
+    }
+
+    /// Takes an authenticated body (`raw`) and what validating it gave: records a valid
+    /// delivery, or keeps the body as a dead letter and answers [`Error::DeadLettered`] (or
+    /// [`Error::Unavailable`] if it could not be kept, so the sender retries).
+    pub async fn accept(
+        &self,
+        raw: &[u8],
+        validated: Result<Delivery, Error>,
+    ) -> Result<Outcome, Error> {
+        match validated {
+            Ok(delivery) => self.record(delivery).await,
+            Err(cause) => Err(self.dead_letter(raw, cause).await),
+        }
+    }
+
+    /// Applies a validated delivery through the sequencer (another topic is only acknowledged)
+    /// and returns once it is recorded and visible. The second half of the path.
+    pub async fn record(&self, delivery: Delivery) -> Result<Outcome, Error> {
+        match delivery {
+            Delivery::Other { event } => {
+                tracing::debug!(%event, "ignored a webhook of another topic");
+                Ok(Outcome::Ignored(event))
+            }
+            Delivery::ProfileUpdated(update) => {
+                let client_id = update.key.client_id.clone();
+                let applied = self.sequencer.apply(update).await?;
+                tracing::debug!(%client_id, ?applied, "webhook applied");
+                Ok(Outcome::Applied(applied))
+            }
+        }
+    }
+
+    /// Keeps an authenticated body that cannot be applied; the error to answer with.
+    async fn dead_letter(&self, raw: &[u8], cause: Error) -> Error {
+        match self
+            .dead_letters
+            .store(raw, &cause, chrono::Utc::now())
+            .await
+        {
+            Ok(id) => {
+                self.metrics.dead_letter();
+                tracing::info!(
+                    dead_letter_id = %id,
+                    error = %cause,
+                    "kept a delivery that cannot be applied as a dead letter"
+                );
+                Error::DeadLettered {
+                    id: id.to_string(),
+                    cause: Box::new(cause),
+                }
+            }
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    "could not keep a delivery that cannot be applied; answering 503 so the \
+                     sender retries"
+                );
+                Error::Unavailable {
+                    reason: "the delivery cannot be applied and could not be kept as a dead \
+                             letter; retry later"
+                        .into(),
+                }
+            }
+        }
+    }
+
+    /// Replays the dead letter `id` through the path a webhook takes: still invalid, it stays
+    /// kept with the new reason ([`Error::DeadLettered`]); valid now, it is recorded and then
+    /// removed. Applied first, removed second: if the removal fails, replaying again is
+    /// harmless (the update is then unchanged).
+    pub async fn replay(&self, id: &DeadLetterId) -> Result<Outcome, Error> {
+        let found = self
+            .dead_letters
+            .get(id)
+            .ok_or_else(|| Error::DeadLetterNotFound { id: id.to_string() })?;
+        let parsed = serde_json::from_slice::<serde_json::Value>(&found.body);
+        let delivery = match validate(parsed.as_ref()) {
+            Ok(delivery) => delivery,
+            Err(cause) => {
+                self.dead_letters
+                    .set_reason(id, &cause)
+                    .await
+                    .map_err(DeadLetterError::unavailable)?;
+                tracing::info!(
+                    dead_letter_id = %id,
+                    error = %cause,
+                    "replayed dead letter still cannot be applied"
+                );
+                return Err(Error::DeadLettered {
+                    id: id.to_string(),
+                    cause: Box::new(cause),
+                });
+            }
+        };
+        let outcome = self.record(delivery).await?;
+        self.dead_letters
+            .remove(id)
+            .await
+            .map_err(DeadLetterError::unavailable)?;
+        tracing::info!(dead_letter_id = %id, ?outcome, "dead letter replayed and removed");
+        Ok(outcome)
+    }
+}
