@@ -534,3 +534,35 @@ async fn a_letter_that_cannot_be_kept_is_answered_503_so_the_sender_retries() {
     assert_eq!(list_all(&mut client, 10).await.len(), 1);
     service.stop().await;
 }
+
+/// The page size admin.proto documents for ListDeadLetters: 0 means 50, above 500 means 500
+/// (not ListProfiles' 100 and 1000; `tests/queries.rs` checks those).
+#[tokio::test]
+async fn list_pages_default_to_50_letters_and_are_capped_at_500() {
+    let server = Server::bind(Config::for_tests(SECRET)).await.unwrap();
+    let letters = server.dead_letters();
+    let cause = Error::invalid("data.tier_order", "must be a 32-bit signed integer");
+    for n in 0..501 {
+        let body = bad_tier_order(&format!("many-{n:03}"));
+        letters.store(&body, &cause, Utc::now()).await.unwrap();
+    }
+    let service = TestService::serve(server);
+    let mut client = admin(&service).await;
+    let first_page = |page_size| pb::ListDeadLettersRequest {
+        page_size,
+        page_token: String::new(),
+    };
+    // (requested page_size, letters on the first page)
+    for (page_size, expected) in [(0, 50), (7, 7), (500, 500), (501, 500), (10_000, 500)] {
+        let page = client
+            .list_dead_letters(first_page(page_size))
+            .await
+            .expect("ListDeadLetters answers")
+            .into_inner();
+        assert_eq!(page.dead_letters.len(), expected, "page_size {page_size}");
+        assert_eq!(page.total_count, 501, "page_size {page_size}");
+        assert!(!page.next_page_token.is_empty(), "page_size {page_size}");
+    }
+    assert_eq!(list_all(&mut client, 10_000).await.len(), 501, "a capped page, then one");
+    service.stop().await;
+}

@@ -78,7 +78,7 @@ impl AdminService for AdminApi {
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let request = request.into_inner();
-        let page_size = super::page_size(request.page_size)?;
+        let page_size = super::page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
         let after = match request.page_token.as_str() {
             "" => None,
             token => Some(Cursor::decode(token).map_err(|e| grpc_status(&e))?),

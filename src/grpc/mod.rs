@@ -120,16 +120,16 @@ struct OpenWatch {
     _gauge: WatchStreamGuard,
 }
 
-/// A request's `page_size`: 0 means the default, larger than the maximum is capped, negative is
-/// refused. Shared by every paged RPC.
-pub(crate) fn page_size(requested: i32) -> Result<usize, Status> {
+/// A request's `page_size`: 0 means the RPC's `default`, larger than its `max` is capped,
+/// negative is refused. Shared by every paged RPC, each with the sizes its proto documents.
+pub(crate) fn page_size(requested: i32, default: usize, max: usize) -> Result<usize, Status> {
     match usize::try_from(requested) {
         Err(_) => Err(grpc_status(Error::invalid(
             "page_size",
             "must not be negative",
         ))),
-        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
-        Ok(size) => Ok(size.min(MAX_PAGE_SIZE)),
+        Ok(0) => Ok(default),
+        Ok(size) => Ok(size.min(max)),
     }
 }
 
@@ -207,7 +207,7 @@ impl ProfileService for ProfileApi {
         request: Request<pb::ListProfilesRequest>,
     ) -> Result<Response<pb::ListProfilesResponse>, Status> {
         let request = request.into_inner();
-        let page_size = page_size(request.page_size)?;
+        let page_size = page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
         let (client_id, tier_name) = (request.client_id.as_str(), request.tier_name.as_str());
         let after = match request.page_token.as_str() {
             "" => None,
