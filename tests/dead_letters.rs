@@ -563,6 +563,10 @@ async fn list_pages_default_to_50_letters_and_are_capped_at_500() {
         assert_eq!(page.total_count, 501, "page_size {page_size}");
         assert!(!page.next_page_token.is_empty(), "page_size {page_size}");
     }
-    assert_eq!(list_all(&mut client, 10_000).await.len(), 501, "a capped page, then one");
+    assert_eq!(
+        list_all(&mut client, 10_000).await.len(),
+        501,
+        "a capped page, then one"
+    );
     service.stop().await;
 }

@@ -8,9 +8,9 @@
 
 use std::collections::HashSet;
 
-use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
+use super::convert::timestamp;
 use crate::dead_letters::{Cursor, DeadLetter, DeadLetterError, DeadLetterId, DeadLetters, Purge};
 use crate::error::Error;
 use crate::ingest::{Ingest, Outcome};
@@ -50,13 +50,6 @@ fn id(text: &str) -> Result<DeadLetterId, Status> {
 /// Storage trouble: logged in full, answered UNAVAILABLE with a generic message.
 fn unavailable(error: DeadLetterError) -> Status {
     grpc_status(error.unavailable())
-}
-
-fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
-    }
 }
 
 fn letter(letter: &DeadLetter) -> pb::DeadLetter {

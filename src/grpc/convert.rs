@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use prost_types::value::Kind;
 
 use crate::pb;
-use crate::profile::{Change, ChangeKind, EventTime, Field, Profile, TierDirection};
+use chrono::{DateTime, Utc};
+
+use crate::profile::{Change, ChangeKind, Field, Profile, TierDirection, time};
 use crate::status;
 use crate::watch::WatchEvent;
 
@@ -43,10 +45,13 @@ pub fn profile(profile: &Profile) -> pb::Profile {
     }
 }
 
-fn timestamp(at: EventTime) -> prost_types::Timestamp {
+/// The one converter from a time to the `google.protobuf.Timestamp` the API emits: always a
+/// valid one (`profile::time::servable`), for every time the service holds.
+pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    let (seconds, nanos) = time::servable(at);
     prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(i32::MAX),
+        seconds,
+        nanos: i32::try_from(nanos).expect("servable nanoseconds are below 10^9"),
     }
 }
 
@@ -148,4 +153,53 @@ pub fn watch_event(
         WatchEvent::End(error) => return Err(status::grpc_status(&error)),
     };
     Ok(pb::WatchProfilesResponse { event: Some(event) })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::profile::{ProfileKey, Register, Scalar};
+
+    /// Any time chrono holds, leap seconds (nanoseconds up to 2 * 10^9 - 1) included, with
+    /// the edges of the Timestamp range (years 1 and 9999) drawn often.
+    fn any_time() -> impl Strategy<Value = DateTime<Utc>> {
+        let min = DateTime::<Utc>::MIN_UTC.timestamp();
+        let max = DateTime::<Utc>::MAX_UTC.timestamp();
+        let edge = |seconds: i64| seconds - 2..seconds + 2;
+        prop_oneof![
+            (min..=max, 0u32..2_000_000_000),
+            (edge(time::EARLIEST_SECONDS), 0u32..2_000_000_000),
+            (edge(time::LATEST_SECONDS), 0u32..2_000_000_000),
+        ]
+        .prop_filter_map("not a time chrono holds", |(seconds, nanos)| {
+            DateTime::from_timestamp(seconds, nanos)
+        })
+    }
+
+    fn valid(timestamp: &prost_types::Timestamp) -> bool {
+        (time::EARLIEST_SECONDS..=time::LATEST_SECONDS).contains(&timestamp.seconds)
+            && (0..1_000_000_000).contains(&timestamp.nanos)
+    }
+
+    proptest! {
+        #[test]
+        fn every_timestamp_the_api_emits_is_valid(at in any_time(), other in any_time()) {
+            prop_assert!(valid(&timestamp(at)), "{at:?}");
+            // A profile whose registers hold such times (as a journal written before the rule
+            // may have them) is served with a valid updated_at.
+            let register = |at| Register { value: Some(Scalar::Int(1)), at };
+            let stored = Profile::from_registers(
+                ProfileKey::new("2155", "c"),
+                [(Field::TotalPoints, register(at)), (Field::TierOrder, register(other))],
+                [],
+                1,
+                1,
+                1,
+            );
+            let served = super::profile(&stored).updated_at.expect("an updated_at");
+            prop_assert!(valid(&served), "{served:?}");
+        }
+    }
 }

@@ -20,7 +20,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::{Map, Number, Value};
 
 use crate::error::Error;
-use crate::profile::{Field, FieldKind, ProfileKey, ProfileUpdate, Scalar};
+use crate::profile::{EventTime, Field, FieldKind, ProfileKey, ProfileUpdate, Scalar, time};
 
 /// The topic this service applies.
 pub const PROFILE_UPDATED: &str = "customer.profile.updated";
@@ -211,15 +211,20 @@ fn required_id<'j, J: Json>(value: Option<&'j J>, field: &str) -> Result<&'j str
     Ok(id)
 }
 
-fn created_at(text: &str) -> Result<DateTime<Utc>, Error> {
-    DateTime::parse_from_rfc3339(text)
+/// `created_at` as the service keeps it (`profile::time`): a leap second becomes the last
+/// nanosecond before it; a year outside 1..=9999, which no API client could read back, is
+/// refused.
+fn created_at(text: &str) -> Result<EventTime, Error> {
+    let at = DateTime::parse_from_rfc3339(text)
         .map(|at| at.with_timezone(&Utc))
         .map_err(|_| {
             Error::invalid(
                 "created_at",
                 "must be an RFC 3339 timestamp with an offset, like 2024-11-19T17:34:42.297Z",
             )
-        })
+        })?;
+    time::event_time(at)
+        .map_err(|out_of_range| Error::invalid("created_at", out_of_range.to_string()))
 }
 
 /// A modeled `data` field's value; JSON `null` clears the field.

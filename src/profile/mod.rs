@@ -19,6 +19,7 @@
 //! - `merge`: the merge rules ([`Register`], [`Profile::merge`]).
 //! - `registers`: the packed register codec.
 //! - `change`: [`Change`], and the tier change and points delta derived from it.
+//! - [`time`]: which instants are kept and served (no leap seconds, years 1 to 9999).
 //! - here: [`Profile`] and [`ProfileUpdate`].
 //!
 //! This module does not know where updates come from (the ingest path builds them), nor
@@ -31,6 +32,7 @@ mod merge;
 mod registers;
 #[cfg(test)]
 mod testing;
+pub mod time;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,7 +45,8 @@ pub use key::ProfileKey;
 pub use merge::Register;
 use registers::{Clock, Registers, Slot, Slots};
 
-/// When Gameball created the event that carried a value: the clock of every register.
+/// When Gameball created the event that carried a value: the clock of every register. What the
+/// ingest path lets in is within [`time`]'s rule.
 pub type EventTime = DateTime<Utc>;
 
 /// The registers of unmodeled `data` keys, ordered by key.
