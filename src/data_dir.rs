@@ -10,6 +10,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::io_error::IoError;
+
 /// The name of the lock file.
 const LOCK_FILE: &str = "LOCK";
 /// The name of the file holding the store id.
@@ -36,15 +38,8 @@ pub enum DataDirError {
         path: PathBuf,
     },
     /// A filesystem operation failed.
-    #[error("data directory {path}: {action}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// What was being done.
-        action: &'static str,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error("data directory {0}")]
+    Io(IoError),
     /// The store id file holds something else than an id.
     #[error("{path} does not hold a store id")]
     BadStoreId {
@@ -53,26 +48,23 @@ pub enum DataDirError {
     },
 }
 
-fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> DataDirError {
-    let path = path.to_owned();
-    move |source| DataDirError::Io {
-        path,
-        action,
-        source,
+impl From<IoError> for DataDirError {
+    fn from(error: IoError) -> DataDirError {
+        DataDirError::Io(error)
     }
 }
 
 impl DataDir {
     /// Opens `path`, creating it if missing; takes the lock; reads or creates the store id.
     pub fn open(path: &Path) -> Result<DataDir, DataDirError> {
-        fs::create_dir_all(path).map_err(io(path, "create"))?;
+        fs::create_dir_all(path).map_err(IoError::on(path, "create"))?;
         let lock_path = path.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(io(&lock_path, "open lock file"))?;
+            .map_err(IoError::on(&lock_path, "open lock file"))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -81,7 +73,7 @@ impl DataDir {
                 });
             }
             Err(std::fs::TryLockError::Error(source)) => {
-                return Err(io(&lock_path, "lock")(source));
+                return Err(IoError::new(&lock_path, "lock", source).into());
             }
         }
         let store_id = read_or_create_store_id(path)?;
@@ -121,10 +113,10 @@ fn read_or_create_store_id(dir: &Path) -> Result<String, DataDirError> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             let id = new_store_id();
             write_atomically(&path, format!("{id}\n").as_bytes())
-                .map_err(io(&path, "write store id"))?;
+                .map_err(IoError::on(&path, "write store id"))?;
             Ok(id)
         }
-        Err(err) => Err(io(&path, "read store id")(err)),
+        Err(err) => Err(IoError::new(&path, "read store id", err).into()),
     }
 }
 

@@ -27,6 +27,7 @@ use sha1::{Digest, Sha1};
 
 use crate::data_dir::{sync_dir, write_atomically};
 use crate::error::Error;
+use crate::io_error::IoError;
 
 /// The directory, inside the data directory, that holds one file per letter.
 pub const DIR: &str = "dead-letters";
@@ -163,15 +164,8 @@ pub enum DeadLetterError {
         limit: usize,
     },
     /// A filesystem operation failed.
-    #[error("dead letters: {path}: {action}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// What was being done.
-        action: &'static str,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error("dead letters: {0}")]
+    Io(IoError),
     /// A letter file does not hold a valid letter.
     #[error("dead letter file {path} is damaged: {reason}; move it away to start")]
     Damaged {
@@ -193,12 +187,9 @@ impl DeadLetterError {
     }
 }
 
-fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> DeadLetterError {
-    let path = path.to_owned();
-    move |source| DeadLetterError::Io {
-        path,
-        action,
-        source,
+impl From<IoError> for DeadLetterError {
+    fn from(error: IoError) -> DeadLetterError {
+        DeadLetterError::Io(error)
     }
 }
 
@@ -262,17 +253,17 @@ impl DeadLetters {
     pub fn open(data_dir: &Path) -> Result<DeadLetters, DeadLetterError> {
         let dir = data_dir.join(DIR);
         if !dir.is_dir() {
-            std::fs::create_dir_all(&dir).map_err(io(&dir, "create"))?;
-            sync_dir(data_dir).map_err(io(data_dir, "sync"))?;
+            std::fs::create_dir_all(&dir).map_err(IoError::on(&dir, "create"))?;
+            sync_dir(data_dir).map_err(IoError::on(data_dir, "sync"))?;
         }
         let mut index = Index::default();
-        for entry in std::fs::read_dir(&dir).map_err(io(&dir, "list"))? {
-            let path = entry.map_err(io(&dir, "list"))?.path();
+        for entry in std::fs::read_dir(&dir).map_err(IoError::on(&dir, "list"))? {
+            let path = entry.map_err(IoError::on(&dir, "list"))?.path();
             match path.extension().and_then(|ext| ext.to_str()) {
                 Some("json") => index.insert(Arc::new(load(&path)?)),
                 // A write interrupted before its rename: the letter's previous version, if
                 // any, is intact, and the sender was not answered 422 for this one.
-                Some("tmp") => std::fs::remove_file(&path).map_err(io(&path, "remove"))?,
+                Some("tmp") => std::fs::remove_file(&path).map_err(IoError::on(&path, "remove"))?,
                 _ => tracing::warn!(file = %path.display(), "not a dead letter file; left alone"),
             }
         }
@@ -440,7 +431,7 @@ impl DeadLetters {
             if let Some(dir) = &inner.dir
                 && !removed.is_empty()
             {
-                sync_dir(dir).map_err(io(dir, "sync"))?;
+                sync_dir(dir).map_err(IoError::on(dir, "sync"))?;
             }
             result.map(|()| removed)
         })
@@ -464,7 +455,9 @@ impl DeadLetters {
         match tokio::task::spawn_blocking(run).await {
             Ok(result) => result,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(error) => Err(io(&dir, "finish a change")(std::io::Error::other(error))),
+            Err(error) => {
+                Err(IoError::new(&dir, "finish a change", std::io::Error::other(error)).into())
+            }
         }
     }
 }
@@ -491,7 +484,7 @@ impl Inner {
         };
         let mut bytes = serde_json::to_vec_pretty(&record).expect("a record serializes");
         bytes.push(b'\n');
-        write_atomically(&path, &bytes).map_err(io(&path, "write"))
+        Ok(write_atomically(&path, &bytes).map_err(IoError::on(&path, "write"))?)
     }
 
     /// Removes a letter's file; the caller syncs the directory (once for many removals).
@@ -501,7 +494,7 @@ impl Inner {
         };
         match std::fs::remove_file(&path) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                Err(io(&path, "remove")(error))
+                Err(IoError::new(&path, "remove", error).into())
             }
             _ => Ok(()),
         }
@@ -529,7 +522,7 @@ fn load(path: &Path) -> Result<DeadLetter, DeadLetterError> {
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
-    let bytes = std::fs::read(path).map_err(io(path, "read"))?;
+    let bytes = std::fs::read(path).map_err(IoError::on(path, "read"))?;
     let record: Record = serde_json::from_slice(&bytes)
         .map_err(|err| damaged(&format!("not a dead letter record: {err}")))?;
     if record.format != FORMAT {

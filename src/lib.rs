@@ -38,6 +38,7 @@ pub mod dead_letters;
 pub mod error;
 pub mod grpc;
 pub mod ingest;
+pub mod io_error;
 pub mod journal;
 pub mod metrics;
 pub mod profile;

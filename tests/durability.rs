@@ -253,6 +253,19 @@ async fn a_second_process_on_the_same_data_dir_is_refused() {
 }
 
 #[tokio::test]
+async fn a_data_dir_that_cannot_be_created_is_refused_naming_it_and_its_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let error = match Server::bind(durable(&file.join("data"))).await {
+        Ok(_) => panic!("a data dir inside a file was accepted"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains(&file.display().to_string()), "{error}");
+    assert_eq!(error.matches("(os error 20)").count(), 1, "{error}");
+}
+
+#[tokio::test]
 async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history() {
     let dir = tempfile::tempdir().unwrap();
     let config = || {

@@ -490,4 +490,6 @@ fn an_unreadable_secrets_file_exits_64_before_binding() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("/nonexistent/secrets.toml"), "{stderr}");
+    // The OS error once, not once per link of the error chain.
+    assert_eq!(stderr.matches("(os error 2)").count(), 1, "{stderr}");
 }

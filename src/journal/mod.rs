@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use prost::Message;
 
 use crate::data_dir::sync_dir;
+use crate::io_error::IoError;
 use crate::store::Store;
 use codec::{BatchRecord, Frame, HeaderError, SEGMENT_MAGIC};
 
@@ -39,15 +40,8 @@ const SEGMENT_SUFFIX: &str = ".log";
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// A filesystem operation failed.
-    #[error("{path}: {action}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What was being done.
-        action: &'static str,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(IoError),
     /// A damaged record that is not the torn tail of the last segment.
     #[error(
         "{path}: damaged record at offset {offset} ({reason}); acknowledged updates follow it, \
@@ -84,12 +78,8 @@ pub enum JournalError {
 
 impl JournalError {
     fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> JournalError {
-        let path = path.to_owned();
-        move |source| JournalError::Io {
-            path,
-            action,
-            source,
-        }
+        let io = IoError::on(path, action);
+        move |error| JournalError::Io(io(error))
     }
 }
 
@@ -248,7 +238,7 @@ impl Journal {
     fn rotate(&mut self, first_revision: u64) -> std::io::Result<()> {
         let path = segment_path(&self.dir, first_revision);
         let file = create_segment(&path).map_err(|error| match error {
-            JournalError::Io { source, .. } => source,
+            JournalError::Io(error) => error.into_io(),
             other => std::io::Error::other(other.to_string()),
         })?;
         tracing::info!(segment = %path.display(), "journal segment started");

@@ -22,6 +22,7 @@ use std::sync::{Arc, RwLock};
 use serde::Deserialize;
 
 use super::signature::SignatureCheck;
+use crate::io_error::IoError;
 
 /// One loaded set of secrets.
 pub struct Secrets {
@@ -43,13 +44,8 @@ struct SecretsFile {
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
     /// The file cannot be read.
-    #[error("cannot read webhook secrets file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error("webhook secrets file {0}")]
+    Read(IoError),
     /// The file does not parse.
     #[error("webhook secrets file {path} is not valid {format}: {reason}")]
     Parse {
@@ -81,10 +77,8 @@ impl Secrets {
 
     /// Loads `path`, adding `extra_default` (the `--webhook-secret`) to the defaults.
     pub fn load(path: &Path, extra_default: Option<&str>) -> Result<Secrets, SecretsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SecretsError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| SecretsError::Read(IoError::new(path, "read", error)))?;
         let toml = path.extension().is_some_and(|ext| ext == "toml");
         let file: SecretsFile = if toml {
             toml::from_str(&text).map_err(|err| SecretsError::Parse {
