@@ -31,7 +31,6 @@
 //! knows nothing of axum or tonic.
 #![warn(missing_docs)]
 
-pub mod admin;
 pub mod config;
 pub mod data_dir;
 pub mod dead_letters;
@@ -41,6 +40,7 @@ pub mod ingest;
 pub mod io_error;
 pub mod journal;
 pub mod metrics;
+pub mod monitoring;
 pub mod profile;
 pub mod sequencer;
 pub mod server;

@@ -5,7 +5,7 @@
 //! are `_seconds` histograms. Labels never carry customer ids, emails or other personal data:
 //! only outcomes, statuses, gRPC methods and codes, and reasons from a fixed set.
 //! Gauges that mirror the store (profiles, revision) are read at scrape time. Serving
-//! `/metrics` is `crate::admin`'s job.
+//! `/metrics` is `crate::monitoring`'s job.
 
 use std::sync::Arc;
 

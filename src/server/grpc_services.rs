@@ -17,8 +17,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::grpc::ProfileApi;
-use crate::grpc::admin::AdminApi;
 use crate::grpc::auth::BearerAuth;
+use crate::grpc::dead_letters::DeadLetterApi;
 use crate::grpc::transport::MetricsLayer;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
@@ -103,7 +103,7 @@ pub(super) fn serve<H: Health>(
     )
     .with_max_watch_streams(max_watch_streams);
     let watch_streams_closed = Box::pin(profiles.streams_closed());
-    let admin = AdminApi::new(ingest);
+    let dead_letters = DeadLetterApi::new(ingest);
     // Health and reflection stay open (probes, grpcurl); the data services need a token when
     // tokens are configured.
     let router = builder
@@ -116,7 +116,7 @@ pub(super) fn serve<H: Health>(
             auth.clone(),
         ))
         .add_service(InterceptedService::new(
-            limited!(AdminServiceServer::new(admin), limit),
+            limited!(AdminServiceServer::new(dead_letters), limit),
             auth,
         ));
     let grpc_stopping = CancellationToken::new();

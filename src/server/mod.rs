@@ -1,12 +1,12 @@
 //! Wiring: recovers the data directory, binds the three listeners, starts the sequencer, serves
-//! the webhook ingress (axum), the gRPC API (tonic, with health and reflection) and the admin
-//! listener, and shuts everything down in order.
+//! the webhook ingress (axum), the gRPC API (tonic, with health and reflection) and monitoring
+//! on the admin listener, and shuts everything down in order.
 //!
 //! `Server::bind` then `Server::run(shutdown)`: binding first lets callers (tests, `main`) learn
 //! the real addresses of port-0 listeners before serving starts. `run` is a sequence of named
-//! steps, each a function here: start the domain, follow readiness into health, serve admin,
-//! serve the ingress, serve gRPC, wait for the signal, then [`shutdown`]'s ordered stop. No
-//! request logic lives here.
+//! steps, each a function here: start the domain, follow readiness into health, serve
+//! monitoring, serve gRPC, serve the ingress, wait for the signal, then `shutdown`'s ordered
+//! stop. No request logic lives here.
 
 mod grpc_services;
 mod shutdown;
@@ -22,7 +22,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::Admin;
 use crate::config::Config;
 use crate::data_dir::{self, DataDir};
 use crate::dead_letters::DeadLetters;
@@ -31,6 +30,7 @@ use crate::grpc::transport;
 use crate::ingest::Ingest;
 use crate::journal::{self, FaultSwitch, Journal};
 use crate::metrics::Metrics;
+use crate::monitoring::Monitoring;
 use crate::sequencer::{self, Durability, Sequencer};
 use crate::store::Store;
 use crate::watch::Watchers;
@@ -99,7 +99,7 @@ impl Server {
         })
     }
 
-    /// The dead letters: signed deliveries that could not be applied (the admin gRPC service
+    /// The dead letters: signed deliveries that could not be applied (the gRPC AdminService
     /// serves them; tests reach them here).
     pub fn dead_letters(&self) -> DeadLetters {
         self.dead_letters.clone()
@@ -168,9 +168,9 @@ impl Server {
         let ingest = Ingest::new(sequencer, dead_letters, metrics.clone());
         let (health, health_service) =
             Health::follow(writable.clone(), &tracker, stopping.clone()).await;
-        let admin = serve_admin(
+        let monitoring = serve_monitoring(
             admin,
-            Admin {
+            Monitoring {
                 metrics: metrics.clone(),
                 store: store.clone(),
                 writable,
@@ -206,7 +206,7 @@ impl Server {
             watch_streams_closed: grpc.watch_streams_closed,
             grpc_stopping: grpc.stopping,
             servers: Servers {
-                admin,
+                monitoring,
                 webhook,
                 grpc: grpc.task,
             },
@@ -289,12 +289,12 @@ fn start_sequencer(
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `stopping`.
-fn serve_admin(
+fn serve_monitoring(
     listener: TcpListener,
-    admin: Admin,
+    monitoring: Monitoring,
     stopping: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
-    let serve = axum::serve(listener, admin.router())
+    let serve = axum::serve(listener, monitoring.router())
         .with_graceful_shutdown(stopping.clone().cancelled_owned());
     tokio::spawn(serve.into_future())
 }

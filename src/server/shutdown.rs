@@ -79,8 +79,8 @@ impl Health {
 
 /// The three listeners' server tasks.
 pub(super) struct Servers {
-    /// `/metrics`, `/healthz`, `/readyz`.
-    pub admin: JoinHandle<std::io::Result<()>>,
+    /// Monitoring on the admin listener: `/metrics`, `/healthz`, `/readyz`.
+    pub monitoring: JoinHandle<std::io::Result<()>>,
     /// The webhook ingress.
     pub webhook: JoinHandle<std::io::Result<()>>,
     /// The gRPC API.
@@ -90,10 +90,10 @@ pub(super) struct Servers {
 impl Servers {
     /// Waits for all three to finish their in-flight requests; the first failure is returned.
     async fn finished(self) -> anyhow::Result<()> {
-        let (admin, webhook, grpc) = tokio::join!(self.admin, self.webhook, self.grpc);
-        admin
-            .context("admin server task")?
-            .context("admin server")?;
+        let (monitoring, webhook, grpc) = tokio::join!(self.monitoring, self.webhook, self.grpc);
+        monitoring
+            .context("monitoring server task")?
+            .context("monitoring server")?;
         webhook
             .context("webhook server task")?
             .context("webhook server")?;

@@ -1,5 +1,6 @@
-//! The admin listener (`--admin-listen`, loopback by default): what operators and orchestrators
-//! poll.
+//! Monitoring over HTTP, served on the admin listener (`--admin-listen`, loopback by default):
+//! what operators and orchestrators poll. (The gRPC AdminService, dead letters, is
+//! `crate::grpc::dead_letters`.)
 //!
 //! - `GET /metrics`: Prometheus text exposition of `crate::metrics`.
 //! - `GET /healthz`: 200 while the process serves at all (liveness).
@@ -19,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// What the admin endpoints read.
+/// What the monitoring endpoints read.
 #[derive(Clone)]
-pub struct Admin {
+pub struct Monitoring {
     /// Metrics to render.
     pub metrics: Metrics,
     /// The store, for the gauges read at scrape time.
@@ -32,8 +33,8 @@ pub struct Admin {
     pub stopping: CancellationToken,
 }
 
-impl Admin {
-    /// The admin router.
+impl Monitoring {
+    /// The monitoring router.
     pub fn router(self) -> Router {
         Router::new()
             .route("/metrics", get(metrics))
@@ -43,17 +44,17 @@ impl Admin {
     }
 }
 
-async fn metrics(State(admin): State<Admin>) -> Response {
-    let text = admin.metrics.render(&admin.store);
+async fn metrics(State(monitoring): State<Monitoring>) -> Response {
+    let text = monitoring.metrics.render(&monitoring.store);
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
-async fn ready(State(admin): State<Admin>) -> Response {
-    if admin.stopping.is_cancelled() {
+async fn ready(State(monitoring): State<Monitoring>) -> Response {
+    if monitoring.stopping.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    if !*admin.writable.borrow() {
+    if !*monitoring.writable.borrow() {
         let reason = "journal writes are failing; webhooks get 503\n";
         return (StatusCode::SERVICE_UNAVAILABLE, reason).into_response();
     }

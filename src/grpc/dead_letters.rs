@@ -1,4 +1,5 @@
 //! The gRPC adapter for `gameball.profiles.v1.AdminService`: dead letters for operators.
+//! (The admin HTTP listener, metrics and health, is `crate::monitoring`.)
 //!
 //! Each RPC checks its request, calls [`DeadLetters`] (or, to replay, the ingest path), and
 //! converts the result; errors go through `crate::status`. Replay is [`Ingest::replay`]: the
@@ -27,16 +28,16 @@ pub const MAX_PAGE_SIZE: usize = 500;
 /// clients accept by default.
 const PAGE_BODY_BYTES: usize = 1 << 20;
 
-/// The AdminService implementation.
-pub struct AdminApi {
+/// The AdminService implementation: the dead letters.
+pub struct DeadLetterApi {
     dead_letters: DeadLetters,
     ingest: Ingest,
 }
 
-impl AdminApi {
+impl DeadLetterApi {
     /// A service over the dead letters `ingest` keeps, replaying through `ingest`.
     pub fn new(ingest: Ingest) -> Self {
-        AdminApi {
+        DeadLetterApi {
             dead_letters: ingest.dead_letters().clone(),
             ingest,
         }
@@ -65,7 +66,7 @@ fn letter(letter: &DeadLetter) -> pb::DeadLetter {
 }
 
 #[tonic::async_trait]
-impl AdminService for AdminApi {
+impl AdminService for DeadLetterApi {
     async fn list_dead_letters(
         &self,
         request: Request<pb::ListDeadLettersRequest>,
