@@ -2,6 +2,8 @@
 //! which decodes an [`Input`] from raw bytes with `arbitrary`) and by the proptest that runs in
 //! `cargo test` (`tests/webhook_fuzz.rs`, which generates one with strategies). Both include
 //! this file with `#[path]`, so it uses only crates both have: the main crate's dependencies.
+//! Both also provide `crate::fixtures` (`tests/fixtures/mod.rs`, Gameball's signed samples,
+//! the one copy every test shares).
 //!
 //! An [`Input`] is one delivery: a Content-Type, an `X-GB-Signature` (absent, right for the
 //! body, wrong), a body (raw bytes, or Gameball's sample payload edited as JSON and then as
@@ -49,8 +51,10 @@ use profile_state::webhook::secrets::{SecretStore, Secrets};
 use profile_state::webhook::signature::SignatureCheck;
 use profile_state::webhook::{Ingress, Limits, PATH, Verification};
 
+use crate::fixtures;
+
 /// Gameball's sample `customer.profile.updated` delivery.
-pub const FIXTURE: &[u8] = include_bytes!("../tests/fixtures/profile-updated.json");
+pub const FIXTURE: &[u8] = fixtures::PROFILE_UPDATED;
 /// The secret for every client (the default).
 pub const SECRET: &str = "test-secret";
 /// A second secret, valid only for [`ROTATED_CLIENT`] (alongside [`SECRET`]).
@@ -296,7 +300,7 @@ impl BodySpec {
                 pretty,
                 bytes,
             } => {
-                let mut document: Value = serde_json::from_slice(FIXTURE).expect("fixture is JSON");
+                let mut document = fixtures::json(FIXTURE);
                 for edit in edits {
                     apply(&mut document, edit);
                 }
@@ -480,7 +484,7 @@ impl Harness {
                 .with_dead_letters(dead_letters.clone())
                 .router()
         });
-        let fixture: Value = serde_json::from_slice(FIXTURE).expect("fixture is JSON");
+        let fixture = fixtures::json(FIXTURE);
         let Ok(Delivery::ProfileUpdated(fixture_update)) = payload::parse(&fixture) else {
             panic!("the fixture is a valid profile update");
         };

@@ -60,4 +60,10 @@ pub mod pb {
 }
 
 pub use config::Config;
+
+/// Gameball's signed sample deliveries, for the unit tests (the same file `tests/` and the fuzz
+/// model include).
+#[cfg(test)]
+#[path = "../tests/fixtures/mod.rs"]
+mod fixtures;
 pub use server::Server;

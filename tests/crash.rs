@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{SECRET, at, profile_updated};
+use common::{SECRET, at, profile_updated, server_info};
+use profile_state::pb::BatchGetProfilesRequest;
 use profile_state::pb::profile_service_client::ProfileServiceClient;
-use profile_state::pb::{self, BatchGetProfilesRequest, GetServerInfoRequest};
 use profile_state::webhook::signature::SignatureCheck;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -278,14 +278,6 @@ async fn send_round(process: &Arc<Process>, round: usize, kill_at: usize) -> Vec
     acked
 }
 
-async fn server_info(client: &mut ProfileServiceClient<Channel>) -> pb::GetServerInfoResponse {
-    client
-        .get_server_info(GetServerInfoRequest {})
-        .await
-        .expect("GetServerInfo")
-        .into_inner()
-}
-
 /// Checks a freshly (re)started process against everything acknowledged so far, then posts
 /// one webhook and checks that it gets the next revision (and adds it to `acked`).
 async fn check_after_restart(
@@ -295,7 +287,7 @@ async fn check_after_restart(
     label: &str,
 ) {
     let mut client = process.client().await;
-    let info = server_info(&mut client).await;
+    let info = server_info(&mut client).await.expect("GetServerInfo");
     assert_eq!(info.store_id, store_id, "{label}: the store id survives");
     assert!(info.durable, "{label}: the store is durable");
     let highest = acked.iter().map(|a| a.revision).max().unwrap_or(0);
@@ -377,7 +369,10 @@ async fn every_acknowledged_webhook_survives_sigkill_at_several_points() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let mut process = Arc::new(Process::spawn(dir.path()).await);
-    let store_id = server_info(&mut process.client().await).await.store_id;
+    let store_id = server_info(&mut process.client().await)
+        .await
+        .expect("GetServerInfo")
+        .store_id;
     let mut acked = Vec::new();
     check_after_restart(&process, &mut acked, &store_id, "start").await;
 

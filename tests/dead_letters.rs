@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::{SECRET, TestService, at, profile_updated};
+use common::{JSON, SECRET, TestService, at, durable_config, profile_updated};
 use profile_state::dead_letters::{DeadLetterId, DeadLetters};
 use profile_state::error::Error;
 use profile_state::pb;
@@ -23,8 +23,6 @@ use serde_json::{Value, json};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
-
-const JSON: &str = "application/json";
 
 /// A profile update whose `data.tier_order` is a string: signed fine, never applicable.
 fn bad_tier_order(customer: &str) -> Vec<u8> {
@@ -38,19 +36,9 @@ fn valid(customer: &str, second: u32) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap()
 }
 
-/// Posts exact bytes signed with the test secret.
-async fn post_signed(service: &TestService, body: &[u8]) -> (u16, Value) {
-    let signature = SignatureCheck::new(SECRET).sign(body);
-    let headers = [
-        ("x-gb-signature", signature.as_str()),
-        ("content-type", JSON),
-    ];
-    service.post_raw(body.to_vec(), &headers).await
-}
-
 /// Posts a signed body that must be kept; returns the id the answer names.
 async fn post_dead(service: &TestService, body: &[u8], field: &str) -> String {
-    let (status, answer) = post_signed(service, body).await;
+    let (status, answer) = service.post_signed(body).await;
     assert_eq!(status, 422, "{answer}");
     assert_eq!(answer["field"], json!(field), "{answer}");
     let error = answer["error"].as_str().unwrap_or_default();
@@ -226,7 +214,7 @@ async fn unsigned_badly_signed_oversized_or_non_json_deliveries_are_never_kept()
     ];
     assert_eq!(service.post_raw(body.clone(), &text).await.0, 415);
     let large = [b"x".repeat(300)].concat();
-    assert_eq!(post_signed(&service, &large).await.0, 413);
+    assert_eq!(service.post_signed(&large).await.0, 413);
 
     for answer in [&unsigned.1, &badly_signed.1, &junk.1] {
         assert!(answer.get("dead_letter_id").is_none(), "{answer}");
@@ -348,7 +336,7 @@ async fn replaying_a_letter_that_is_valid_now_applies_it_like_a_webhook_and_remo
 
     // A letter whose update already arrived some other way: unchanged, and removed.
     let twice = valid("twice", 20);
-    let (status, answer) = post_signed(&service, &twice).await;
+    let (status, answer) = service.post_signed(&twice).await;
     assert_eq!(
         (status, answer),
         (200, json!({"outcome": "applied", "revision": 2}))
@@ -450,12 +438,7 @@ async fn insecure_mode_keeps_unsigned_deliveries_that_cannot_be_applied() {
 #[tokio::test]
 async fn letters_survive_a_restart_on_the_same_data_dir() {
     let data = tempfile::tempdir().unwrap();
-    let durable = || {
-        let mut config = Config::for_tests(SECRET);
-        config.ephemeral = false;
-        config.data_dir = data.path().to_owned();
-        config
-    };
+    let durable = || durable_config(data.path());
     let service = TestService::start_with(durable()).await;
     let mut client = admin(&service).await;
     let mut ids = Vec::new();
@@ -501,10 +484,7 @@ async fn letters_survive_a_restart_on_the_same_data_dir() {
 #[tokio::test]
 async fn a_letter_that_cannot_be_kept_is_answered_503_so_the_sender_retries() {
     let data = tempfile::tempdir().unwrap();
-    let mut config = Config::for_tests(SECRET);
-    config.ephemeral = false;
-    config.data_dir = data.path().to_owned();
-    let service = TestService::start_with(config).await;
+    let service = TestService::start_with(durable_config(data.path())).await;
     let mut client = admin(&service).await;
     // The letters' directory becomes a file: every write into it fails.
     let dir = data.path().join(profile_state::dead_letters::DIR);

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{TestService, at, profile_updated};
+use common::{TestService, at, durable_config, profile_updated};
 use profile_state::pb::{self, watch_profiles_response::Event};
 use profile_state::{Config, Server};
 use serde_json::json;
@@ -14,19 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 fn durable(dir: &Path) -> Config {
-    let mut config = Config::for_tests(common::SECRET);
-    config.ephemeral = false;
-    config.data_dir = dir.to_owned();
-    config
-}
-
-async fn server_info(service: &TestService) -> pb::GetServerInfoResponse {
-    let mut client = service.client().await;
-    client
-        .get_server_info(pb::GetServerInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
+    durable_config(dir)
 }
 
 #[tokio::test]
@@ -40,14 +28,14 @@ async fn a_restart_brings_back_profiles_revisions_and_the_store_id() {
             .update(&profile_updated(&format!("c{}", n % 4), &at(n), data))
             .await;
     }
-    let info = server_info(&service).await;
+    let info = service.server_info().await;
     assert!(info.durable);
     assert_eq!((info.revision, info.profile_count), (10, 4));
     let before = service.all_profiles().await.0;
     service.stop().await;
 
     let service = TestService::start_with(durable(dir.path())).await;
-    let after = server_info(&service).await;
+    let after = service.server_info().await;
     assert_eq!(after.store_id, info.store_id, "the same store");
     assert_eq!(after.revision, 10);
     assert_eq!(service.all_profiles().await.0, before);
@@ -64,7 +52,7 @@ async fn a_restart_brings_back_profiles_revisions_and_the_store_id() {
     // A wiped directory is a new store.
     let other = tempfile::tempdir().unwrap();
     let service = TestService::start_with(durable(other.path())).await;
-    assert_ne!(server_info(&service).await.store_id, info.store_id);
+    assert_ne!(service.server_info().await.store_id, info.store_id);
     service.stop().await;
 }
 
@@ -214,7 +202,7 @@ async fn a_failing_disk_gets_503_applies_nothing_and_recovers_by_itself() {
         .await
         .expect_err("nothing applied");
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    assert_eq!(server_info(&service).await.revision, 0, "no revision used");
+    assert_eq!(service.server_info().await.revision, 0, "no revision used");
     assert_eq!(next_status().await, ServingStatus::NotServing);
     assert_eq!(
         health_status(&mut health).await,
@@ -234,7 +222,7 @@ async fn a_failing_disk_gets_503_applies_nothing_and_recovers_by_itself() {
     service.stop().await;
 
     let service = TestService::start_with(durable(dir.path())).await;
-    assert_eq!(server_info(&service).await.revision, 1);
+    assert_eq!(service.server_info().await.revision, 1);
     service.stop().await;
 }
 
@@ -303,7 +291,7 @@ async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history(
 
     let service = TestService::start_with(config()).await;
     assert_eq!(service.all_profiles().await.0, before);
-    let info = server_info(&service).await;
+    let info = service.server_info().await;
     assert_eq!(info.revision, 200);
     assert_eq!(
         info.oldest_revision, 171,

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestService, at, profile_updated};
+use common::{TestService, at, profile_updated, server_info};
 use profile_state::pb;
 use profile_state::pb::admin_service_client::AdminServiceClient;
 use profile_state::pb::profile_service_client::ProfileServiceClient;
@@ -236,18 +236,13 @@ async fn tls_channel(
         .await
 }
 
-async fn server_info(channel: Channel) -> Result<pb::GetServerInfoResponse, tonic::Status> {
-    ProfileServiceClient::new(channel)
-        .get_server_info(pb::GetServerInfoRequest {})
-        .await
-        .map(tonic::Response::into_inner)
-}
-
 /// Whether a connection attempt got no answer: refused at connect, or its first call failed.
 async fn refused(channel: Result<Channel, tonic::transport::Error>) -> bool {
     match channel {
         Err(_) => true,
-        Ok(channel) => server_info(channel).await.is_err(),
+        Ok(channel) => server_info(&mut ProfileServiceClient::new(channel))
+            .await
+            .is_err(),
     }
 }
 
@@ -259,7 +254,11 @@ async fn tls_serves_trusting_clients_and_refuses_plaintext() {
     let channel = tls_channel(&service, &pki, None)
         .await
         .expect("TLS handshake");
-    assert!(server_info(channel).await.is_ok());
+    assert!(
+        server_info(&mut ProfileServiceClient::new(channel))
+            .await
+            .is_ok()
+    );
 
     let plaintext = Channel::from_shared(format!("http://{}", service.grpc))
         .unwrap()
@@ -298,7 +297,11 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
     let channel = tls_channel(&service, &pki, Some(Identity::from_pem(cert, key)))
         .await
         .expect("mTLS handshake");
-    assert!(server_info(channel).await.is_ok());
+    assert!(
+        server_info(&mut ProfileServiceClient::new(channel))
+            .await
+            .is_ok()
+    );
     service.stop().await;
 }
 

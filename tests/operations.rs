@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use axum::body::Body;
-use common::{TestService, at, profile_updated};
+use common::{TestService, at, durable_config, profile_updated};
 use profile_state::Config;
 use profile_state::metrics::Metrics;
 use profile_state::pb;
@@ -21,17 +21,17 @@ use serde_json::{Value, json};
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+/// `body` as bytes, and its signature under `secret`.
 fn signed(body: &Value, secret: &str) -> (Vec<u8>, String) {
     let raw = serde_json::to_vec(body).unwrap();
     let signature = SignatureCheck::new(secret).sign(&raw);
     (raw, signature)
 }
 
+/// Posts `body` signed with `secret`, without a Content-Type (which the webhook accepts).
 async fn post_signed(service: &TestService, body: &Value, secret: &str) -> (u16, Value) {
-    let (raw, signature) = signed(body, secret);
-    service
-        .post_raw(raw, &[("x-gb-signature", &signature)])
-        .await
+    let raw = serde_json::to_vec(body).unwrap();
+    service.post_signed_as(raw, secret, None).await
 }
 
 fn with_secrets_file(path: &std::path::Path) -> Config {
@@ -324,10 +324,7 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 #[tokio::test]
 async fn metrics_count_what_happened_and_health_endpoints_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::for_tests(common::SECRET);
-    config.ephemeral = false;
-    config.data_dir = dir.path().to_owned();
-    let service = TestService::start_with(config).await;
+    let service = TestService::start_with(durable_config(dir.path())).await;
     let body = profile_updated("a", &at(1), json!({"total_points": 1}));
     service.update(&body).await; // applied
     service.update(&body).await; // unchanged
@@ -390,10 +387,9 @@ async fn metrics_count_what_happened_and_health_endpoints_answer() {
 #[tokio::test]
 async fn readiness_turns_false_while_the_journal_cannot_be_written() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::for_tests(common::SECRET);
-    config.ephemeral = false;
-    config.data_dir = dir.path().to_owned();
-    let server = profile_state::Server::bind(config).await.unwrap();
+    let server = profile_state::Server::bind(durable_config(dir.path()))
+        .await
+        .unwrap();
     let faults = server.journal_faults();
     let service = TestService::serve(server);
     faults.fail_writes(true);

@@ -219,12 +219,6 @@ fn expected(seeded: &[(Key, &str)], client_id: &str, tier_name: &str) -> Vec<Key
     keys.into_iter().collect()
 }
 
-/// The middle sample: robust to a few slow calls on a busy machine.
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
 /// Reflection helpers, the same for both protocol versions.
 macro_rules! reflection_client {
     ($version:ident) => {
@@ -743,8 +737,11 @@ async fn list_pages_stably_while_profiles_are_written() {
 
 /// A response of more than a few profiles is written to the socket in more than one piece.
 /// Without TCP_NODELAY on the server's accepted sockets, Nagle's algorithm holds the last
-/// piece until the client's delayed ACK (about 40 ms on Linux), so every such call takes
-/// 40+ ms instead of about 1. The median of many calls is robust to a busy machine.
+/// piece until the client's delayed ACK (at least 40 ms on Linux), so every such call takes
+/// 40+ ms instead of about 1. The test asks only that one call of many beat that floor: a
+/// margin only the stall can cross, however busy the machine. (Asserting the socket option
+/// itself would need the accepted socket's descriptor, which tonic keeps, and unsafe code to
+/// borrow it.)
 #[tokio::test]
 async fn multi_profile_responses_are_not_held_back_by_nagle() {
     const CALLS: usize = 21;
@@ -773,14 +770,19 @@ async fn multi_profile_responses_are_not_held_back_by_nagle() {
             20
         );
     }
-    let (list_median, batch_median) = (median(list_latencies), median(batch_latencies));
+    // The stall cannot be shorter than the delayed ACK's 40 ms minimum, and it hits every call
+    // (measured without TCP_NODELAY: 43 to 62 ms each, the first included). A busy machine
+    // slows calls down, but it would have to slow every one of them by 40 ms to fail this.
+    let stall = Duration::from_millis(40);
+    let fastest_list = list_latencies.iter().min().expect("calls were made");
     assert!(
-        list_median < Duration::from_millis(20),
-        "median ListProfiles latency {list_median:?}"
+        *fastest_list < stall,
+        "every ListProfiles call stalled: {list_latencies:?}"
     );
+    let fastest_batch = batch_latencies.iter().min().expect("calls were made");
     assert!(
-        batch_median < Duration::from_millis(20),
-        "median BatchGetProfiles latency {batch_median:?}"
+        *fastest_batch < stall,
+        "every BatchGetProfiles call stalled: {batch_latencies:?}"
     );
     stop(service).await;
 }

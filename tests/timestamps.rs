@@ -11,7 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use common::{SECRET, TestService, profile_updated};
+use common::{TestService, durable_config, profile_updated};
+use profile_state::Server;
 use profile_state::data_dir::DataDir;
 use profile_state::journal::{self, FaultSwitch, Journal};
 use profile_state::metrics::Metrics;
@@ -19,7 +20,6 @@ use profile_state::pb;
 use profile_state::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
 use profile_state::sequencer::{Applied, Durability, Sequencer};
 use profile_state::store::Store;
-use profile_state::{Config, Server};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
@@ -189,9 +189,7 @@ async fn leap_seconds_already_in_the_journal_recover_and_are_served_valid() {
     )
     .await;
 
-    let mut config = Config::for_tests(SECRET);
-    config.ephemeral = false;
-    config.data_dir = data.path().to_owned();
+    let config = durable_config(data.path());
     let service = TestService::serve(Server::bind(config).await.expect("the data dir recovers"));
     let leap = get(&service, "leap").await.expect("recovered");
     assert_eq!(leap.total_points, Some(2), "the leap second still won");

@@ -16,7 +16,11 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{SECRET, TestService, at, profile_updated};
+use common::fixtures::{
+    NOTIFICATION_PUSH, NOTIFICATION_PUSH_SIG, PRETTY_PROFILE_UPDATED, PRETTY_PROFILE_UPDATED_SIG,
+    PROFILE_UPDATED, PROFILE_UPDATED_SIG,
+};
+use common::{JSON, SECRET, TestService, at, profile_updated};
 use profile_state::dead_letters::DeadLetterId;
 use profile_state::pb;
 use profile_state::pb::profile_service_client::ProfileServiceClient;
@@ -33,15 +37,6 @@ const CLIENT: &str = "2155";
 /// The customer of the fixtures.
 const FIXTURE_CUSTOMER: &str = "webhook-test";
 
-const PROFILE_UPDATED: &[u8] = include_bytes!("fixtures/profile-updated.json");
-const PROFILE_UPDATED_SIG: &str = include_str!("fixtures/profile-updated.json.sig");
-const PRETTY_PROFILE_UPDATED: &[u8] = include_bytes!("fixtures/pretty-profile-updated.json");
-const PRETTY_PROFILE_UPDATED_SIG: &str = include_str!("fixtures/pretty-profile-updated.json.sig");
-const NOTIFICATION_PUSH: &[u8] = include_bytes!("fixtures/notification-push.json");
-const NOTIFICATION_PUSH_SIG: &str = include_str!("fixtures/notification-push.json.sig");
-
-const JSON: &str = "application/json";
-
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
@@ -57,10 +52,7 @@ async fn post_signed(
     body: Vec<u8>,
     content_type: Option<&str>,
 ) -> (u16, Value) {
-    let signature = sign(SECRET, &body);
-    let mut headers = vec![("x-gb-signature", signature.as_str())];
-    headers.extend(content_type.map(|value| ("content-type", value)));
-    service.post_raw(body, &headers).await
+    service.post_signed_as(body, SECRET, content_type).await
 }
 
 /// Posts a fixture's exact bytes with its signature file's content, trimmed.

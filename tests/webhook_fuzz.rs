@@ -11,6 +11,9 @@ mod common;
 #[path = "../fuzz/webhook_model.rs"]
 mod webhook_model;
 
+// The fuzz model's `crate::fixtures` (the cargo-fuzz target declares its own).
+use common::fixtures;
+
 use std::sync::OnceLock;
 
 use proptest::collection::vec;
@@ -19,7 +22,6 @@ use prost::Message;
 use serde_json::{Value, json};
 
 use common::TestService;
-use profile_state::Config;
 use profile_state::ingest::payload::{self, Delivery};
 use profile_state::journal::codec::UpdateRecord;
 
@@ -368,7 +370,7 @@ fn fuzzer_findings_stay_fixed() {
 const DRIFTING: f64 = 2.065156457477422e-305;
 
 fn with_float_extra() -> Value {
-    let mut body: Value = serde_json::from_slice(webhook_model::FIXTURE).unwrap();
+    let mut body = fixtures::json(webhook_model::FIXTURE);
     body["data"]["ratio"] = json!(DRIFTING);
     body
 }
@@ -405,12 +407,7 @@ fn float_extras_survive_the_journal_exactly() {
 #[tokio::test]
 async fn a_retry_after_a_restart_changes_nothing_even_with_a_float_extra() {
     let dir = tempfile::tempdir().unwrap();
-    let durable = || {
-        let mut config = Config::for_tests(common::SECRET);
-        config.ephemeral = false;
-        config.data_dir = dir.path().to_owned();
-        config
-    };
+    let durable = || common::durable_config(dir.path());
     let body = with_float_extra();
     let service = TestService::start_with(durable()).await;
     assert_eq!(

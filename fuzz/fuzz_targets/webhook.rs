@@ -8,6 +8,8 @@
 //! values that matter to the payload, any others) and then as bytes; else raw bytes.
 #![no_main]
 
+#[path = "../../tests/fixtures/mod.rs"]
+mod fixtures;
 #[path = "../webhook_model.rs"]
 mod webhook_model;
 

@@ -460,11 +460,12 @@ impl<'de> Visitor<'de> for LiteSeed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures;
     use proptest::prelude::*;
     use serde_json::json;
 
     fn valid() -> Value {
-        serde_json::from_slice(include_bytes!("../../tests/fixtures/profile-updated.json")).unwrap()
+        fixtures::json(fixtures::PROFILE_UPDATED)
     }
 
     /// Validates `body` both ways, from a `Value` and in one pass over its bytes, checks
@@ -523,10 +524,7 @@ mod tests {
 
     #[test]
     fn other_topics_are_recognised_whatever_their_data() {
-        let body: Value = serde_json::from_slice(include_bytes!(
-            "../../tests/fixtures/notification-push.json"
-        ))
-        .unwrap();
+        let body = fixtures::json(fixtures::NOTIFICATION_PUSH);
         assert_eq!(
             parse_both(&body).unwrap(),
             Delivery::Other {
@@ -608,7 +606,7 @@ mod tests {
 
     #[test]
     fn the_one_pass_declines_what_a_value_reads_differently_or_refuses() {
-        let fixture: &[u8] = include_bytes!("../../tests/fixtures/profile-updated.json");
+        let fixture = fixtures::PROFILE_UPDATED;
         assert!(agree(fixture).is_some());
         // A repeated field: a Value keeps the last one, so the general way decides.
         let repeated = br#"{"event":"other.topic","event":"customer.profile.updated"}"#;

@@ -90,12 +90,10 @@ pub fn compact(json: &serde_json::Value) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    // Copies of ../shared/fixtures/webhooks, so the crate tests without ../shared.
-    const RAW: &[u8] = include_bytes!("../../tests/fixtures/profile-updated.json");
-    const RAW_SIG: &str = include_str!("../../tests/fixtures/profile-updated.json.sig");
-    const PRETTY: &[u8] = include_bytes!("../../tests/fixtures/pretty-profile-updated.json");
-    const PRETTY_SIG: &str = include_str!("../../tests/fixtures/pretty-profile-updated.json.sig");
+    use crate::fixtures::{
+        PRETTY_PROFILE_UPDATED as PRETTY, PRETTY_PROFILE_UPDATED_SIG as PRETTY_SIG,
+        PROFILE_UPDATED as RAW, PROFILE_UPDATED_SIG as RAW_SIG,
+    };
 
     fn check() -> SignatureCheck {
         SignatureCheck::new("test-secret")

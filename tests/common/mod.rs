@@ -1,9 +1,13 @@
 //! Test harness: the whole service in-process on 127.0.0.1 port 0, a signed-webhook client,
-//! and a connected gRPC client.
+//! a connected gRPC client, the durable configuration, and Gameball's signed fixtures.
 
 #![allow(dead_code)]
 
+#[path = "../fixtures/mod.rs"]
+pub mod fixtures;
+
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use profile_state::pb;
@@ -17,6 +21,26 @@ use tonic::transport::Channel;
 
 /// The secret every test service uses.
 pub const SECRET: &str = "test-secret";
+/// The Content-Type of every well-behaved delivery.
+pub const JSON: &str = "application/json";
+
+/// The test configuration, durable: journal, snapshots and dead letters in `dir`.
+pub fn durable_config(dir: &Path) -> Config {
+    let mut config = Config::for_tests(SECRET);
+    config.ephemeral = false;
+    config.data_dir = dir.to_owned();
+    config
+}
+
+/// GetServerInfo through `client`.
+pub async fn server_info(
+    client: &mut ProfileServiceClient<Channel>,
+) -> Result<pb::GetServerInfoResponse, tonic::Status> {
+    client
+        .get_server_info(pb::GetServerInfoRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+}
 
 /// A running service. Dropping it without `stop` aborts nothing: call `stop` to shut it down.
 pub struct TestService {
@@ -114,18 +138,34 @@ impl TestService {
         }
     }
 
+    /// GetServerInfo, which must answer.
+    pub async fn server_info(&self) -> pb::GetServerInfoResponse {
+        server_info(&mut self.client().await)
+            .await
+            .expect("GetServerInfo answers")
+    }
+
     /// Posts `body` signed with the test secret; returns status and JSON answer.
     pub async fn post(&self, body: &Value) -> (u16, Value) {
-        let raw = serde_json::to_vec(body).unwrap();
-        let signature = SignatureCheck::new(SECRET).sign(&raw);
-        self.post_raw(
-            raw,
-            &[
-                ("x-gb-signature", &signature),
-                ("content-type", "application/json"),
-            ],
-        )
-        .await
+        self.post_signed(&serde_json::to_vec(body).unwrap()).await
+    }
+
+    /// Posts exact bytes signed with the test secret, as JSON.
+    pub async fn post_signed(&self, body: &[u8]) -> (u16, Value) {
+        self.post_signed_as(body.to_vec(), SECRET, Some(JSON)).await
+    }
+
+    /// Posts exact bytes signed with `secret`, with this Content-Type (none if `None`).
+    pub async fn post_signed_as(
+        &self,
+        body: Vec<u8>,
+        secret: &str,
+        content_type: Option<&str>,
+    ) -> (u16, Value) {
+        let signature = SignatureCheck::new(secret).sign(&body);
+        let mut headers = vec![("x-gb-signature", signature.as_str())];
+        headers.extend(content_type.map(|value| ("content-type", value)));
+        self.post_raw(body, &headers).await
     }
 
     /// Posts raw bytes with exactly these headers.
