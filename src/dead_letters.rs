@@ -12,7 +12,10 @@
 //! fails and the webhook answers 503 (Gameball retries) until an operator replays or purges.
 //!
 //! This module keeps letters and nothing else: validating and applying them (on arrival and on
-//! replay) is `crate::webhook`'s path, and HTTP or gRPC are the adapters' business.
+//! replay) is `crate::ingest`'s path, and HTTP or gRPC are the adapters' business.
+//!
+//! Over 700 lines with its tests (about 170 of them): one concept, its storage and its loading
+//! rules, tested beside the code.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;

@@ -14,7 +14,7 @@
 //!
 //! The sequencer owns the commit: after the store published a batch it tells its
 //! [`CommitHook`] (the watch layer's router), so the store stays plain data that knows nothing
-//! of watchers. Recovery ([`replay`]) commits through the same merge before the sequencer
+//! of watchers. Recovery (`replay`) commits through the same merge before the sequencer
 //! starts, while nothing reads or watches the store yet.
 
 use std::collections::HashMap;

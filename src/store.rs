@@ -1,9 +1,9 @@
 //! The store: every profile's current state, the recent history of changes, and the revision.
 //!
 //! Reads (Get, BatchGet, List, a watcher's initial state and history replay) go straight here
-//! from any task. Writes come through [`Store::commit`], one batch of consecutive revisions at
+//! from any task. Writes come through `Store::commit`, one batch of consecutive revisions at
 //! a time, from the sequencer's task (and, before any listener opens, from recovery, which
-//! replays through the sequencer's own merge), and through [`Store::restore`] during recovery.
+//! replays through the sequencer's own merge), and through `Store::restore` during recovery.
 //! The store does not merge, validate or assign revisions, knows nothing of HTTP or gRPC, and
 //! nothing of who watches it: the watch layer sits beside it (the `watch` module), told of each
 //! commit by the sequencer.

@@ -66,7 +66,7 @@ trait TapNodelay {
 }
 
 impl TapNodelay for TcpListener {
-    // The same setting as the service's webhook listener (`server.rs`).
+    // The same setting as the service's webhook listener (`server/mod.rs`, `serve_ingress`).
     fn tap_nodelay(self) -> impl axum::serve::Listener<Addr = SocketAddr> {
         use axum::serve::ListenerExt;
         self.tap_io(|tcp| {

@@ -6,11 +6,14 @@
 //! `data` may be anything (an array for `customer.notification.push`). Merging and storing are
 //! not done here.
 //!
-//! A body is read one of two ways, held to the same rules by the same code (the [`Json`]
+//! A body is read one of two ways, held to the same rules by the same code (the `Json`
 //! trait): [`Envelope::read`] deserializes the raw bytes in one pass into the six fields,
 //! borrowing text from the body (the webhook's way, and the cheap one), and [`parse`] takes a
 //! `serde_json::Value` (dead-letter replay, and every body the one pass declines: not JSON,
 //! not an object, a repeated key). Both give the same answer for every body the one pass takes.
+//!
+//! Over 700 lines with its tests (about 260 of them): the rules and the one-pass reader are
+//! one concept, and the tests that hold both to the same answers sit beside them.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -74,7 +77,7 @@ pub struct Envelope<'a> {
 
 impl<'a> Envelope<'a> {
     /// Reads a body that is one JSON object with each of the six fields at most once, and at
-    /// most [`MAX_DATA_KEYS`] distinct keys in an object `data`. `None` for anything else
+    /// most `MAX_DATA_KEYS` distinct keys in an object `data`. `None` for anything else
     /// (including JSON that [`parse`] would refuse or read differently), which the caller then
     /// parses into a `Value`.
     pub fn read(raw: &'a [u8]) -> Option<Envelope<'a>> {

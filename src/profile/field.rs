@@ -4,7 +4,7 @@
 use std::fmt;
 
 /// The fields this version models, besides the key. Anything else Gameball sends in `data`
-/// lands in [`Profile::extra`].
+/// lands in the profile's extras (`Profile::extras`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Field {
     /// Gameball's internal customer id (top level of every webhook).

@@ -71,8 +71,8 @@ pub struct ProfileUpdate {
 ///
 /// Compact, because the store holds a million of them: the modeled fields' registers are packed
 /// into one allocation (`registers::Registers`), extras (which most profiles lack) sit behind
-/// one pointer, and the store gives all profiles of an account one shared `client_id`. Cloning costs one
-/// allocation (two with extras).
+/// one pointer, and the store gives all profiles of an account one shared `client_id`. Cloning
+/// costs one allocation (two with extras).
 #[derive(Clone, PartialEq)]
 pub struct Profile {
     /// Which profile this is.

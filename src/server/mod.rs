@@ -134,9 +134,10 @@ impl Server {
         }
     }
 
-    /// Serves until `shutdown` completes, then stops in the order [`Shutdown::run`] documents:
-    /// readiness false, watchers told where to resume, listeners drained, the sequencer's last
-    /// batch recorded, the journal closed. Each wait is bounded by `--shutdown-grace`.
+    /// Serves until `shutdown` completes, then stops in the order `Shutdown::run`
+    /// (`shutdown.rs`) documents: readiness false, watchers told where to resume, listeners
+    /// drained, the sequencer's last batch recorded, the journal closed. Each wait is bounded
+    /// by `--shutdown-grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Server {
             config,
@@ -153,10 +154,8 @@ impl Server {
             data_dir,
         } = self;
         let addresses = [local_addr(&webhook), local_addr(&grpc), local_addr(&admin)];
-        let stopping = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let metrics = Metrics::new();
-
+        let (stopping, tracker, metrics) =
+            (CancellationToken::new(), TaskTracker::new(), Metrics::new());
         let watchers = Watchers::new(store.clone());
         let sequencer = start_sequencer(&store, durability, &watchers, &metrics, &tracker);
         if let Verification::Secrets(secrets) = &verification {
@@ -168,16 +167,13 @@ impl Server {
         let ingest = Ingest::new(sequencer, dead_letters, metrics.clone());
         let (health, health_service) =
             Health::follow(writable.clone(), &tracker, stopping.clone()).await;
-        let monitoring = serve_monitoring(
-            admin,
-            Monitoring {
-                metrics: metrics.clone(),
-                store: store.clone(),
-                writable,
-                stopping: stopping.clone(),
-            },
-            &stopping,
-        );
+        let monitoring = Monitoring {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            writable,
+            stopping: stopping.clone(),
+        };
+        let monitoring = serve_monitoring(admin, monitoring, &stopping);
         let grpc = grpc_services::serve(
             grpc,
             grpc_services::Services {

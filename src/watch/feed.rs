@@ -16,6 +16,7 @@ use super::router::{Mailbox, Registration, Router};
 use super::spec::WatchSpec;
 use super::{ResetKind, WatchEvent};
 use crate::error::Error;
+use crate::profile::Change;
 use crate::store::{Compacted, Store};
 
 /// How many history entries or profiles a subscriber takes per read.
@@ -139,28 +140,7 @@ impl Feed {
             .spec
             .is_routed()
             .then(|| Registration::new(&self.router, Arc::clone(&self.spec)));
-        let mut synced_at = None;
-        match start {
-            Start::Live { synced } => {
-                *cursor = synced + 1;
-                self.send(WatchEvent::Synced { revision: synced }).await?;
-            }
-            Start::InitialState => *cursor = self.initial_state().await?,
-            Start::Replay { from, synced } => {
-                *cursor = from;
-                synced_at = Some(synced);
-            }
-            Start::Reset { reason, oldest } => {
-                *cursor = oldest;
-                self.send(WatchEvent::Reset {
-                    kind: ResetKind::CompactedStart,
-                    reason,
-                    revision: oldest,
-                })
-                .await?;
-                *cursor = self.initial_state().await?;
-            }
-        }
+        let mut synced_at = self.begin(start, cursor).await?;
         let mut revisions = self.store.subscribe();
         loop {
             if let Some(synced) = synced_at.filter(|synced| *cursor > *synced) {
@@ -180,19 +160,7 @@ impl Feed {
                     }
                     None => self.wait_for_changes(&mut revisions, *cursor - 1).await?,
                 },
-                Ok(changes) => {
-                    for change in changes {
-                        let revision = change.revision;
-                        if self.spec.wants_change(&change) {
-                            self.send(WatchEvent::Change(change)).await?;
-                        }
-                        *cursor = revision + 1;
-                        if synced_at == Some(revision) {
-                            synced_at = None;
-                            self.send(WatchEvent::Synced { revision }).await?;
-                        }
-                    }
-                }
+                Ok(changes) => self.send_changes(changes, cursor, &mut synced_at).await?,
                 Err(Compacted { oldest }) if self.spec.fail_if_compacted => {
                     let error = Error::Compacted {
                         requested: *cursor,
@@ -202,22 +170,76 @@ impl Feed {
                     return Ok(());
                 }
                 Err(Compacted { oldest }) => {
-                    let reason = format!(
-                        "subscriber fell behind the history: revision {} is gone, the oldest \
-                         available is {oldest}",
-                        *cursor
-                    );
-                    self.send(WatchEvent::Reset {
-                        kind: ResetKind::FellBehind,
-                        reason,
-                        revision: oldest,
-                    })
-                    .await?;
                     synced_at = None;
-                    *cursor = self.initial_state().await?;
+                    *cursor = self.fell_behind(*cursor, oldest).await?;
                 }
             }
         }
+    }
+
+    /// Takes the subscription to its starting point; `cursor` is where it reads the history
+    /// from next. Returns the revision a replay sends `Synced` after, if any.
+    async fn begin(&mut self, start: Start, cursor: &mut u64) -> Result<Option<u64>, Stop> {
+        match start {
+            Start::Live { synced } => {
+                *cursor = synced + 1;
+                self.send(WatchEvent::Synced { revision: synced }).await?;
+            }
+            Start::InitialState => *cursor = self.initial_state().await?,
+            Start::Replay { from, synced } => {
+                *cursor = from;
+                return Ok(Some(synced));
+            }
+            Start::Reset { reason, oldest } => {
+                *cursor = oldest;
+                self.send(WatchEvent::Reset {
+                    kind: ResetKind::CompactedStart,
+                    reason,
+                    revision: oldest,
+                })
+                .await?;
+                *cursor = self.initial_state().await?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends the changes of a history read that the subscriber wants, moving `cursor` past
+    /// each, and `Synced` once a replay passes `synced_at`.
+    async fn send_changes(
+        &mut self,
+        changes: Vec<Arc<Change>>,
+        cursor: &mut u64,
+        synced_at: &mut Option<u64>,
+    ) -> Result<(), Stop> {
+        for change in changes {
+            let revision = change.revision;
+            if self.spec.wants_change(&change) {
+                self.send(WatchEvent::Change(change)).await?;
+            }
+            *cursor = revision + 1;
+            if *synced_at == Some(revision) {
+                *synced_at = None;
+                self.send(WatchEvent::Synced { revision }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The history no longer holds `cursor`: `Reset`, then the initial state again; returns
+    /// the cursor after it.
+    async fn fell_behind(&mut self, cursor: u64, oldest: u64) -> Result<u64, Stop> {
+        let reason = format!(
+            "subscriber fell behind the history: revision {cursor} is gone, the oldest \
+             available is {oldest}"
+        );
+        self.send(WatchEvent::Reset {
+            kind: ResetKind::FellBehind,
+            reason,
+            revision: oldest,
+        })
+        .await?;
+        self.initial_state().await
     }
 
     /// Sends every matching profile as of one revision `R`, then `Synced{R}`; returns `R + 1`.

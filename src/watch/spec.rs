@@ -84,8 +84,8 @@ impl WatchSpec {
         self.fields.is_empty() || self.fields.iter().any(|field| field.matches(change))
     }
 
-    /// Whether the [`Router`] feeds this subscription: only when it names customers, so that
-    /// the index has a key to file it under.
+    /// Whether the router (`super::router::Router`) feeds this subscription: only when it
+    /// names customers, so that the index has a key to file it under.
     pub(super) fn is_routed(&self) -> bool {
         !self.customer_ids.is_empty()
     }
