@@ -17,23 +17,21 @@
 //! This module does not merge or number updates and knows nothing of HTTP or gRPC.
 
 pub mod codec;
+mod recovery;
 pub mod snapshot;
+mod writer;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use prost::Message;
-
-use crate::data_dir::sync_dir;
-use crate::store::Store;
-use codec::{BatchRecord, Frame, HeaderError, SEGMENT_MAGIC};
+pub use recovery::{Recovered, recover};
+pub use writer::{Journal, Tail};
 
 /// Segment files are `journal-<first revision, 20 digits>.log`.
-const SEGMENT_PREFIX: &str = "journal-";
-const SEGMENT_SUFFIX: &str = ".log";
+pub(crate) const SEGMENT_PREFIX: &str = "journal-";
+pub(crate) const SEGMENT_SUFFIX: &str = ".log";
 
 /// Everything that can go wrong reading or writing the journal.
 #[derive(Debug, thiserror::Error)]
@@ -112,34 +110,6 @@ impl FaultSwitch {
     }
 }
 
-/// Where appends continue after recovery.
-#[derive(Debug)]
-pub struct Tail {
-    /// The last segment.
-    pub path: PathBuf,
-    /// Its length up to the last valid frame.
-    pub len: u64,
-}
-
-/// The append side of the journal, owned by the sequencer.
-pub struct Journal {
-    dir: PathBuf,
-    file: File,
-    path: PathBuf,
-    /// Bytes known good: the header and whole, synced frames.
-    len: u64,
-    segment_bytes: u64,
-    faults: FaultSwitch,
-    /// A failed append left bytes after `len` that could not be cut off yet.
-    needs_repair: bool,
-}
-
-fn segment_path(dir: &Path, first_revision: u64) -> PathBuf {
-    dir.join(format!(
-        "{SEGMENT_PREFIX}{first_revision:020}{SEGMENT_SUFFIX}"
-    ))
-}
-
 /// The journal segments in `dir`, by first revision.
 fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     numbered_files(dir, SEGMENT_PREFIX, SEGMENT_SUFFIX)
@@ -168,266 +138,15 @@ fn numbered_files(
     Ok(files)
 }
 
-impl Journal {
-    /// Opens the journal for appending: at the recovered tail, or in a new segment whose first
-    /// revision is `next_revision`.
-    pub fn open(
-        dir: &Path,
-        tail: Option<Tail>,
-        next_revision: u64,
-        segment_bytes: u64,
-        faults: FaultSwitch,
-    ) -> Result<Journal, JournalError> {
-        let (path, file, len) = match tail {
-            Some(Tail { path, len }) => {
-                let file = OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .map_err(JournalError::io(&path, "open for append"))?;
-                (path, file, len)
-            }
-            None => {
-                let path = segment_path(dir, next_revision);
-                let file = create_segment(&path)?;
-                (path, file, codec::HEADER_LEN as u64)
-            }
-        };
-        Ok(Journal {
-            dir: dir.to_owned(),
-            file,
-            path,
-            len,
-            segment_bytes: segment_bytes.max(codec::HEADER_LEN as u64 + 1),
-            faults,
-            needs_repair: false,
-        })
-    }
-
-    /// Appends one batch as one frame and syncs it. Returns the bytes written. On failure,
-    /// nothing of the batch stays in the file (or it is cut off before the next append).
-    pub fn append(&mut self, batch: &BatchRecord) -> std::io::Result<u64> {
-        if self.needs_repair {
-            self.repair()?;
-        }
-        if let Some(first) = batch.updates.first()
-            && self.len >= self.segment_bytes
-        {
-            self.rotate(first.revision)?;
-        }
-        let mut frame = Vec::new();
-        codec::encode_frame(batch, &mut frame);
-        let written = self
-            .faults
-            .check()
-            .and_then(|()| self.file.write_all(&frame))
-            .and_then(|()| self.faults.check())
-            .and_then(|()| self.file.sync_data());
-        match written {
-            Ok(()) => {
-                self.len += frame.len() as u64;
-                Ok(frame.len() as u64)
-            }
-            Err(error) => {
-                self.needs_repair = true;
-                // Best effort now; if this fails too, the next append retries it first.
-                let _ = self.repair();
-                Err(error)
-            }
-        }
-    }
-
-    /// Cuts the file back to its last good frame.
-    fn repair(&mut self) -> std::io::Result<()> {
-        self.faults.check()?;
-        self.file.set_len(self.len)?;
-        self.file.sync_data()?;
-        self.needs_repair = false;
-        Ok(())
-    }
-
-    fn rotate(&mut self, first_revision: u64) -> std::io::Result<()> {
-        let path = segment_path(&self.dir, first_revision);
-        let file = create_segment(&path).map_err(|error| match error {
-            JournalError::Io { source, .. } => source,
-            other => std::io::Error::other(other.to_string()),
-        })?;
-        tracing::info!(segment = %path.display(), "journal segment started");
-        self.file = file;
-        self.path = path;
-        self.len = codec::HEADER_LEN as u64;
-        Ok(())
-    }
-
-    /// The directory the journal lives in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-}
-
-fn create_segment(path: &Path) -> Result<File, JournalError> {
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(path)
-        .map_err(JournalError::io(path, "create segment"))?;
-    file.write_all(&codec::file_header(SEGMENT_MAGIC))
-        .and_then(|()| file.sync_all())
-        .map_err(JournalError::io(path, "write segment header"))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-        .map_err(JournalError::io(path, "sync directory"))?;
-    Ok(file)
-}
-
-/// What recovery found and did.
-#[derive(Debug)]
-pub struct Recovered {
-    /// The snapshot loaded, if any.
-    pub snapshot: Option<u64>,
-    /// How many update records were replayed after it.
-    pub replayed: u64,
-    /// Where appends continue; `None` when there is no segment yet.
-    pub tail: Option<Tail>,
-}
-
-/// Rebuilds `store` from the snapshot and journal in `dir`: profiles, revision and history.
-///
-/// `replay` applies one batch of `(revision, update)` records to the store and fails if they
-/// do not produce exactly those revisions (it is the sequencer's merge).
-pub fn recover(
-    dir: &Path,
-    store: &Store,
-    mut replay: impl FnMut(Vec<codec::UpdateRecord>) -> Result<(), String>,
-) -> Result<Recovered, JournalError> {
-    let segments = segments(dir)?;
-    let snapshot = snapshot::choose(dir, segments.first().map(|(first, _)| *first))?;
-    if let Some((revision, path)) = &snapshot {
-        let read = snapshot::read(path, |profiles| store.restore(profiles, *revision))?;
-        if read != *revision {
-            return Err(JournalError::Corrupt {
-                path: path.clone(),
-                offset: codec::HEADER_LEN as u64,
-                reason: format!("the snapshot's header says revision {read}, its name {revision}"),
-            });
-        }
-    }
-    let mut replayed = 0;
-    let mut tail = None;
-    for (index, (_, path)) in segments.iter().enumerate() {
-        let is_last = index + 1 == segments.len();
-        // A segment wholly covered by the snapshot needs no reading.
-        if let Some((next_first, _)) = segments.get(index + 1)
-            && *next_first <= store.revision() + 1
-        {
-            continue;
-        }
-        let bytes = fs::read(path).map_err(JournalError::io(path, "read"))?;
-        match codec::check_header(&bytes, SEGMENT_MAGIC) {
-            Ok(()) => {}
-            Err(HeaderError::Short) if is_last => {
-                // Its creation was cut off by a crash: it never held a record.
-                tracing::warn!(segment = %path.display(), "removing a segment whose header was never completed");
-                fs::remove_file(path).map_err(JournalError::io(path, "remove"))?;
-                continue;
-            }
-            Err(error) => {
-                return Err(JournalError::Format {
-                    path: path.clone(),
-                    reason: format!(
-                        "not a journal segment of format {}: {error:?}",
-                        codec::FORMAT_VERSION
-                    ),
-                });
-            }
-        }
-        let mut offset = codec::HEADER_LEN;
-        loop {
-            match codec::read_frame(&bytes, offset) {
-                Frame::End => break,
-                Frame::Valid { payload, next } => {
-                    let batch =
-                        BatchRecord::decode(payload).map_err(|error| JournalError::Corrupt {
-                            path: path.clone(),
-                            offset: offset as u64,
-                            reason: format!("undecodable batch: {error}"),
-                        })?;
-                    let pending: Vec<_> = batch
-                        .updates
-                        .into_iter()
-                        .filter(|update| update.revision > store.revision())
-                        .collect();
-                    if let Some(update) = pending.first()
-                        && update.revision != store.revision() + 1
-                    {
-                        return Err(JournalError::Gap {
-                            path: path.clone(),
-                            expected: store.revision() + 1,
-                            found: update.revision,
-                        });
-                    }
-                    replayed += pending.len() as u64;
-                    if !pending.is_empty() {
-                        replay(pending).map_err(|reason| JournalError::Corrupt {
-                            path: path.clone(),
-                            offset: offset as u64,
-                            reason,
-                        })?;
-                    }
-                    offset = next;
-                }
-                Frame::Invalid {
-                    reason,
-                    claimed_end,
-                } => {
-                    // Only the last frame written can be torn, and nothing valid follows it.
-                    let valid_after = claimed_end.is_some_and(|end| {
-                        matches!(codec::read_frame(&bytes, end), Frame::Valid { .. })
-                    });
-                    if !is_last || valid_after {
-                        return Err(JournalError::Corrupt {
-                            path: path.clone(),
-                            offset: offset as u64,
-                            reason: reason.into(),
-                        });
-                    }
-                    let dropped = bytes.len() - offset;
-                    tracing::warn!(
-                        segment = %path.display(),
-                        offset,
-                        dropped_bytes = dropped,
-                        reason,
-                        "cutting off a torn last record (a crash mid-write; it was never acknowledged)"
-                    );
-                    let file = OpenOptions::new()
-                        .write(true)
-                        .open(path)
-                        .map_err(JournalError::io(path, "open to cut the torn tail"))?;
-                    file.set_len(offset as u64)
-                        .and_then(|()| file.sync_all())
-                        .map_err(JournalError::io(path, "cut the torn tail"))?;
-                    break;
-                }
-            }
-        }
-        if is_last {
-            tail = Some(Tail {
-                path: path.clone(),
-                len: offset as u64,
-            });
-        }
-    }
-    Ok(Recovered {
-        snapshot: snapshot.map(|(revision, _)| revision),
-        replayed,
-        tail,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
     use crate::sequencer;
-    use codec::UpdateRecord;
+    use crate::store::Store;
+    use codec::{BatchRecord, UpdateRecord};
+    use std::fs::OpenOptions;
+    use std::io::Write;
 
     fn record(revision: u64) -> UpdateRecord {
         let update = ProfileUpdate {
