@@ -94,17 +94,50 @@ impl JournalError {
 /// Makes journal writes fail on demand: the seam the disk-failure tests use. Cheap to clone;
 /// all clones share one switch. Off unless someone turns it on.
 #[derive(Clone, Default)]
-pub struct FaultSwitch(Arc<AtomicBool>);
+pub struct FaultSwitch(Arc<Faults>);
+
+#[derive(Default)]
+struct Faults {
+    writes: AtomicBool,
+    segment_creation: AtomicBool,
+    /// How many failures were injected so far, for tests to wait on.
+    injected: tokio::sync::watch::Sender<u64>,
+}
 
 impl FaultSwitch {
     /// Makes every following write and sync fail (`true`) or work again (`false`).
     pub fn fail_writes(&self, fail: bool) {
-        self.0.store(fail, Ordering::SeqCst);
+        self.0.writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes creating a journal segment fail (`true`) the way a full disk makes it fail: the
+    /// file is created, then writing its header fails. Appends into the current segment still
+    /// work, so only a rotation (and whatever tries one) fails.
+    pub fn fail_segment_creation(&self, fail: bool) {
+        self.0.segment_creation.store(fail, Ordering::SeqCst);
+    }
+
+    /// The number of failures injected so far: tests wait on it to know that a write (or the
+    /// sequencer's probe) was tried and refused.
+    pub fn injected(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.injected.subscribe()
     }
 
     fn check(&self) -> std::io::Result<()> {
-        if self.0.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other("injected write failure"));
+        self.refuse_if(&self.0.writes, "injected write failure")
+    }
+
+    fn check_segment_creation(&self) -> std::io::Result<()> {
+        self.refuse_if(
+            &self.0.segment_creation,
+            "injected failure writing a new segment (disk full)",
+        )
+    }
+
+    fn refuse_if(&self, switch: &AtomicBool, what: &str) -> std::io::Result<()> {
+        if switch.load(Ordering::SeqCst) {
+            self.0.injected.send_modify(|count| *count += 1);
+            return Err(std::io::Error::other(what.to_owned()));
         }
         Ok(())
     }
@@ -330,6 +363,92 @@ mod tests {
             })
             .unwrap();
         assert_eq!(recovered_revision(dir.path()), 2);
+    }
+
+    fn file_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn batch(revisions: std::ops::RangeInclusive<u64>) -> BatchRecord {
+        BatchRecord {
+            updates: revisions.map(record).collect(),
+        }
+    }
+
+    #[test]
+    fn a_segment_that_could_not_be_created_is_created_on_the_next_try() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = FaultSwitch::default();
+        // Tiny segments: every append after the first needs a new one.
+        let mut journal = Journal::open(dir.path(), None, 1, 1, faults.clone()).unwrap();
+        journal.append(&batch(1..=3)).unwrap();
+        faults.fail_segment_creation(true);
+        assert!(journal.append(&batch(4..=6)).is_err());
+        assert_eq!(
+            file_names(dir.path()),
+            ["journal-00000000000000000001.log"],
+            "no half-created segment is left behind"
+        );
+        faults.fail_segment_creation(false);
+        journal.append(&batch(4..=6)).unwrap();
+        assert_eq!(
+            file_names(dir.path()),
+            [
+                "journal-00000000000000000001.log",
+                "journal-00000000000000000004.log"
+            ]
+        );
+        assert_eq!(recovered_revision(dir.path()), 6);
+    }
+
+    #[test]
+    fn the_probe_tries_the_segment_the_next_append_needs_and_leaves_no_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = FaultSwitch::default();
+        let mut journal = Journal::open(dir.path(), None, 1, 1, faults.clone()).unwrap();
+        journal.append(&batch(1..=3)).unwrap();
+        let first = only_segment(dir.path());
+        let first_len = fs::metadata(&first).unwrap().len();
+        faults.fail_segment_creation(true);
+        assert!(journal.append(&batch(4..=6)).is_err());
+        let refused = *faults.injected().borrow();
+        assert!(
+            journal.probe(4).is_err(),
+            "the segment still cannot be created"
+        );
+        assert_eq!(*faults.injected().borrow(), refused + 1, "the probe tried");
+        assert_eq!(
+            fs::metadata(&first).unwrap().len(),
+            first_len,
+            "nothing written"
+        );
+
+        faults.fail_segment_creation(false);
+        journal.probe(4).unwrap();
+        let second = dir.path().join("journal-00000000000000000004.log");
+        assert_eq!(
+            fs::metadata(&second).unwrap().len(),
+            codec::HEADER_LEN as u64,
+            "the probe's bytes are cut off again"
+        );
+        journal.append(&batch(4..=6)).unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 2);
+        assert_eq!(recovered_revision(dir.path()), 6);
+    }
+
+    #[test]
+    fn a_temporary_segment_a_crash_left_is_removed_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 2, u64::MAX));
+        let temp = dir.path().join("journal-00000000000000000007.log.tmp");
+        fs::write(&temp, b"PSJ").unwrap();
+        assert_eq!(recovered_revision(dir.path()), 6);
+        assert!(!temp.exists());
     }
 
     #[test]

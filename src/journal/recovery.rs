@@ -10,8 +10,8 @@ use std::path::Path;
 use prost::Message;
 
 use super::codec::{self, BatchRecord, Frame, HeaderError, SEGMENT_MAGIC};
-use super::writer::Tail;
-use super::{JournalError, segments, snapshot};
+use super::writer::{TEMP_SUFFIX, Tail};
+use super::{JournalError, SEGMENT_PREFIX, segments, snapshot};
 use crate::store::Store;
 
 /// What recovery found and did.
@@ -34,6 +34,7 @@ pub fn recover(
     store: &Store,
     mut replay: impl FnMut(Vec<codec::UpdateRecord>) -> Result<(), String>,
 ) -> Result<Recovered, JournalError> {
+    remove_temporary_files(dir)?;
     let segments = segments(dir)?;
     let snapshot = snapshot::choose(dir, segments.first().map(|(first, _)| *first))?;
     if let Some((revision, path)) = &snapshot {
@@ -156,4 +157,20 @@ pub fn recover(
         replayed,
         tail,
     })
+}
+
+/// Removes what an interrupted segment creation left: a temporary file never renamed into
+/// place holds no record.
+fn remove_temporary_files(dir: &Path) -> Result<(), JournalError> {
+    for entry in fs::read_dir(dir).map_err(JournalError::io(dir, "list"))? {
+        let path = entry.map_err(JournalError::io(dir, "list"))?.path();
+        let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+            continue;
+        };
+        if name.starts_with(SEGMENT_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+            tracing::info!(file = %path.display(), "removing a segment whose creation was cut off");
+            fs::remove_file(&path).map_err(JournalError::io(&path, "remove"))?;
+        }
+    }
+    Ok(())
 }

@@ -1,10 +1,16 @@
 //! The append side of the journal: one frame per group commit, synced, segments rotated by
 //! size, and a failed write cut off again.
 //!
+//! After a failed write, [`Journal::probe`] tries the same path an append would take (the
+//! repair, the new segment if one is due, a write of the failed frame's size and a sync), so a
+//! probe that succeeds means the next append of that size will. A new segment is written under
+//! a temporary name and renamed into place once its header is synced: a failure (a full disk)
+//! leaves no half-created segment behind, and the next try starts from scratch.
+//!
 //! This module does not read the journal back (see [`super::recovery`]) and does not decide
 //! what goes into a frame (the sequencer does).
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -32,7 +38,16 @@ pub struct Journal {
     faults: FaultSwitch,
     /// A failed append left bytes after `len` that could not be cut off yet.
     needs_repair: bool,
+    /// Size of the last frame that could not be written: what a probe writes.
+    failed_frame_len: usize,
 }
+
+/// The smallest probe write: one page, so a probe never succeeds only because the last page of
+/// the segment still had room.
+const MIN_PROBE_BYTES: usize = 4096;
+
+/// Suffix of a segment being created; renamed to `.log` once its header is synced.
+pub(super) const TEMP_SUFFIX: &str = ".log.tmp";
 
 pub(super) fn segment_path(dir: &Path, first_revision: u64) -> PathBuf {
     dir.join(format!(
@@ -60,7 +75,7 @@ impl Journal {
             }
             None => {
                 let path = segment_path(dir, next_revision);
-                let file = create_segment(&path)?;
+                let file = create_segment(&path, &faults)?;
                 (path, file, codec::HEADER_LEN as u64)
             }
         };
@@ -72,40 +87,74 @@ impl Journal {
             segment_bytes: segment_bytes.max(codec::HEADER_LEN as u64 + 1),
             faults,
             needs_repair: false,
+            failed_frame_len: 0,
         })
     }
 
     /// Appends one batch as one frame and syncs it. Returns the bytes written. On failure,
     /// nothing of the batch stays in the file (or it is cut off before the next append).
     pub fn append(&mut self, batch: &BatchRecord) -> std::io::Result<u64> {
-        if self.needs_repair {
-            self.repair()?;
-        }
-        if let Some(first) = batch.updates.first()
-            && self.len >= self.segment_bytes
-        {
-            self.rotate(first.revision)?;
-        }
         let mut frame = Vec::new();
         codec::encode_frame(batch, &mut frame);
-        let written = self
-            .faults
-            .check()
-            .and_then(|()| self.file.write_all(&frame))
-            .and_then(|()| self.faults.check())
-            .and_then(|()| self.file.sync_data());
-        match written {
-            Ok(()) => {
-                self.len += frame.len() as u64;
-                Ok(frame.len() as u64)
-            }
+        let first_revision = batch.updates.first().map(|update| update.revision);
+        match self.append_frame(&frame, first_revision) {
+            Ok(()) => Ok(frame.len() as u64),
             Err(error) => {
-                self.needs_repair = true;
-                // Best effort now; if this fails too, the next append retries it first.
-                let _ = self.repair();
+                self.failed_frame_len = frame.len();
                 Err(error)
             }
         }
+    }
+
+    /// Tries what the next append would do, without recording anything: cuts off what a
+    /// failed write left, starts the segment that is due (named `next_revision`, the first
+    /// revision the next append will carry), writes and syncs as many bytes as the last frame
+    /// that failed, and cuts them off again. `Ok` means an append of that size would work now.
+    pub fn probe(&mut self, next_revision: u64) -> std::io::Result<()> {
+        self.prepare(Some(next_revision))?;
+        // Zeros: should a crash keep them, recovery reads them as a torn tail and cuts them.
+        let filler = vec![0; self.failed_frame_len.max(MIN_PROBE_BYTES)];
+        self.write_and_sync(&filler)?;
+        self.needs_repair = true;
+        self.repair()
+    }
+
+    /// Repairs, rotates if due, then writes and syncs `frame`.
+    fn append_frame(&mut self, frame: &[u8], first_revision: Option<u64>) -> std::io::Result<()> {
+        self.prepare(first_revision)?;
+        self.write_and_sync(frame)?;
+        self.len += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Cuts off what a failed write left, and starts a new segment (whose first revision is
+    /// `first_revision`) if the current one is full. A frame without updates never rotates.
+    fn prepare(&mut self, first_revision: Option<u64>) -> std::io::Result<()> {
+        if self.needs_repair {
+            self.repair()?;
+        }
+        if let Some(first_revision) = first_revision
+            && self.len >= self.segment_bytes
+        {
+            self.rotate(first_revision)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` after the good frames and syncs; on failure, cuts them off again (now, or
+    /// before the next write if that fails too).
+    fn write_and_sync(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let written = self
+            .faults
+            .check()
+            .and_then(|()| self.file.write_all(bytes))
+            .and_then(|()| self.faults.check())
+            .and_then(|()| self.file.sync_data());
+        if written.is_err() {
+            self.needs_repair = true;
+            let _ = self.repair();
+        }
+        written
     }
 
     /// Cuts the file back to its last good frame.
@@ -119,9 +168,13 @@ impl Journal {
 
     fn rotate(&mut self, first_revision: u64) -> std::io::Result<()> {
         let path = segment_path(&self.dir, first_revision);
-        let file = create_segment(&path).map_err(|error| match error {
-            JournalError::Io { source, .. } => source,
-            other => std::io::Error::other(other.to_string()),
+        // The message keeps the file and the step; the kind keeps what the OS said.
+        let file = create_segment(&path, &self.faults).map_err(|error| {
+            let kind = match &error {
+                JournalError::Io { source, .. } => source.kind(),
+                _ => std::io::ErrorKind::Other,
+            };
+            std::io::Error::new(kind, error.to_string())
         })?;
         tracing::info!(segment = %path.display(), "journal segment started");
         self.file = file;
@@ -136,15 +189,57 @@ impl Journal {
     }
 }
 
-fn create_segment(path: &Path) -> Result<File, JournalError> {
+/// Creates the segment `path` with its header, atomically: written and synced under a
+/// temporary name, then renamed into place and the directory synced. On failure the temporary
+/// file is removed (recovery removes one a crash left).
+fn create_segment(path: &Path, faults: &FaultSwitch) -> Result<File, JournalError> {
+    let temp = temp_path(path);
+    let created = write_segment_header(path, &temp, faults);
+    if created.is_err() {
+        // Best effort: a full disk still lets a file be removed.
+        let _ = fs::remove_file(&temp);
+    }
+    created
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_stem().unwrap_or_default().to_owned();
+    name.push(TEMP_SUFFIX);
+    path.with_file_name(name)
+}
+
+fn write_segment_header(
+    path: &Path,
+    temp: &Path,
+    faults: &FaultSwitch,
+) -> Result<File, JournalError> {
+    match fs::remove_file(temp) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(JournalError::io(temp, "remove a stale new segment")(error)),
+    }
     let mut file = OpenOptions::new()
         .create_new(true)
         .append(true)
-        .open(path)
-        .map_err(JournalError::io(path, "create segment"))?;
-    file.write_all(&codec::file_header(SEGMENT_MAGIC))
+        .open(temp)
+        .map_err(JournalError::io(temp, "create segment"))?;
+    faults
+        .check_segment_creation()
+        .and_then(|()| file.write_all(&codec::file_header(SEGMENT_MAGIC)))
         .and_then(|()| file.sync_all())
-        .map_err(JournalError::io(path, "write segment header"))?;
+        .map_err(JournalError::io(temp, "write segment header"))?;
+    // A segment of this name can only be one whose directory sync failed after the rename
+    // (a header, no frame: the revision it is named after was never used). Never replace one
+    // that holds frames.
+    if let Ok(existing) = fs::metadata(path)
+        && existing.len() > codec::HEADER_LEN as u64
+    {
+        return Err(JournalError::Format {
+            path: path.to_owned(),
+            reason: "a new segment of this name would replace the records it holds".into(),
+        });
+    }
+    fs::rename(temp, path).map_err(JournalError::io(path, "rename new segment into place"))?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
         .map_err(JournalError::io(path, "sync directory"))?;
     Ok(file)
