@@ -311,3 +311,56 @@ async fn a_disk_full_at_segment_rotation_heals_once_space_is_back_and_readiness_
     let info = binary.server_info().await;
     assert_eq!((info.revision, info.profile_count), (3, 3));
 }
+
+/// Issue 10, bug 5: a snapshot that fails (here for lack of space) must not leave its
+/// temporary file, and one left by a crash is removed at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_fails_for_lack_of_space_leaves_no_temporary_file() {
+    let disk = Tmpfs::mount("4m");
+    let data = disk.path().join("data");
+    let args = ["--snapshot-every-records", "5"];
+    let mut binary = Binary::start(&data, &args).await;
+    // Four profiles of ~40 KB: the snapshot after the fifth record needs ~160 KB.
+    let blob = "x".repeat(40_000);
+    for n in 1..=4 {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({"blob": blob}));
+        assert_eq!(binary.post(&body).await.0, 200);
+    }
+    // A full disk with two pages free: room for a small journal frame, not for the snapshot.
+    let filler = fill(disk.path());
+    let filled = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .and_then(|file| file.set_len(filled - 8192))
+        .unwrap();
+    let small = profile_updated("c5", &at(5), json!({"total_points": 5}));
+    assert_eq!(binary.post(&small).await.0, 200);
+    let failed = binary
+        .wait_for("snapshot failed; the next one will retry")
+        .await;
+    assert!(
+        failed["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left"),
+        "{failed}"
+    );
+    let names = file_names(&data);
+    assert!(
+        !names.iter().any(|name| name.ends_with(".tmp")),
+        "the failed snapshot's temporary file is gone: {names:?}"
+    );
+    binary.stop();
+
+    // One left behind by a crash mid-snapshot is removed at start-up.
+    std::fs::remove_file(&filler).unwrap();
+    let stale = data.join("snapshot-00000000000000000005.snap.tmp");
+    std::fs::write(&stale, vec![0; 100_000]).unwrap();
+    let binary = Binary::start(&data, &args).await;
+    assert!(
+        !stale.exists(),
+        "a stale temporary snapshot is removed at start-up"
+    );
+    assert_eq!(binary.server_info().await.revision, 5);
+}

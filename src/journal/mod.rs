@@ -452,6 +452,16 @@ mod tests {
     }
 
     #[test]
+    fn a_temporary_snapshot_a_failure_left_is_removed_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 2, u64::MAX));
+        let temp = dir.path().join("snapshot-00000000000000000005.snap.tmp");
+        fs::write(&temp, b"PSSNAPSH").unwrap();
+        assert_eq!(recovered_revision(dir.path()), 6);
+        assert!(!temp.exists());
+    }
+
+    #[test]
     fn segments_rotate_and_snapshots_compact_without_changing_state_or_history() {
         let dir = tempfile::tempdir().unwrap();
         // Small segments: a new one every few batches.

@@ -159,16 +159,23 @@ pub fn recover(
     })
 }
 
-/// Removes what an interrupted segment creation left: a temporary file never renamed into
-/// place holds no record.
+/// Removes what an interrupted segment creation or snapshot left: a temporary file never
+/// renamed into place holds nothing recovery needs (and a snapshot's can be large).
 fn remove_temporary_files(dir: &Path) -> Result<(), JournalError> {
+    let temporary = [
+        (SEGMENT_PREFIX, TEMP_SUFFIX),
+        (snapshot::PREFIX, snapshot::TEMP_SUFFIX),
+    ];
     for entry in fs::read_dir(dir).map_err(JournalError::io(dir, "list"))? {
         let path = entry.map_err(JournalError::io(dir, "list"))?.path();
         let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
             continue;
         };
-        if name.starts_with(SEGMENT_PREFIX) && name.ends_with(TEMP_SUFFIX) {
-            tracing::info!(file = %path.display(), "removing a segment whose creation was cut off");
+        if temporary
+            .iter()
+            .any(|(prefix, suffix)| name.starts_with(prefix) && name.ends_with(suffix))
+        {
+            tracing::info!(file = %path.display(), "removing a file whose writing was cut off");
             fs::remove_file(&path).map_err(JournalError::io(&path, "remove"))?;
         }
     }

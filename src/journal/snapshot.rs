@@ -3,7 +3,8 @@
 //!
 //! A snapshot is `snapshot-<revision, 20 digits>.snap`: a header frame, then the profiles in
 //! chunks, each frame checksummed. It is written to a temp file, synced, renamed and the
-//! directory synced, so a crash leaves either no snapshot or a whole one.
+//! directory synced, so a crash leaves either no snapshot or a whole one; a failed write
+//! removes its temp file, and recovery removes one a crash left.
 //!
 //! Which files are kept: recovery replays the journal after a snapshot, and that replay is what
 //! rebuilds the watch history. So the snapshot recovery starts from must be older than the
@@ -23,7 +24,7 @@ use crate::data_dir::sync_dir;
 use crate::profile::Profile;
 use crate::store::{Compacted, Store};
 
-const PREFIX: &str = "snapshot-";
+pub(super) const PREFIX: &str = "snapshot-";
 const SUFFIX: &str = ".snap";
 /// Profiles per frame.
 const CHUNK: usize = 1024;
@@ -64,16 +65,35 @@ pub fn choose(
     Ok(usable)
 }
 
-/// Writes a snapshot of `profiles`, all as of `revision`, atomically.
+/// Suffix of a snapshot being written; renamed to `.snap` once whole and synced.
+pub(super) const TEMP_SUFFIX: &str = ".snap.tmp";
+
+/// Writes a snapshot of `profiles`, all as of `revision`, atomically. On failure the temporary
+/// file is removed (a full disk still lets a file be removed; start-up removes one a crash
+/// left), so a failing snapshot never eats the space the journal needs.
 pub fn write(
     dir: &Path,
     revision: u64,
     profiles: &[Arc<Profile>],
 ) -> Result<PathBuf, JournalError> {
     let final_path = path(dir, revision);
-    let temp = final_path.with_extension("snap.tmp");
-    let io = |action| JournalError::io(&temp, action);
-    let file = File::create(&temp).map_err(io("create"))?;
+    let temp = dir.join(format!("{PREFIX}{revision:020}{TEMP_SUFFIX}"));
+    let written = write_then_rename(dir, &temp, &final_path, revision, profiles);
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written.map(|()| final_path)
+}
+
+fn write_then_rename(
+    dir: &Path,
+    temp: &Path,
+    final_path: &Path,
+    revision: u64,
+    profiles: &[Arc<Profile>],
+) -> Result<(), JournalError> {
+    let io = |action| JournalError::io(temp, action);
+    let file = File::create(temp).map_err(io("create"))?;
     let mut out = BufWriter::new(file);
     let mut frame = codec::file_header(SNAPSHOT_MAGIC).to_vec();
     codec::encode_frame(
@@ -99,9 +119,8 @@ pub fn write(
         .into_inner()
         .map_err(|error| io("write")(error.into_error()))?;
     file.sync_all().map_err(io("sync"))?;
-    fs::rename(&temp, &final_path).map_err(io("rename"))?;
-    sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))?;
-    Ok(final_path)
+    fs::rename(temp, final_path).map_err(io("rename"))?;
+    sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))
 }
 
 /// Chunks of decoded profiles in flight between the decoding thread and the loader: enough to
@@ -419,6 +438,24 @@ mod tests {
             other => panic!("expected Corrupt, got {other:?}"),
         }
         assert!(sizes.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_that_fails_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // The final name is taken by a directory, so the rename (the last step) fails.
+        fs::create_dir(path(dir.path(), 10)).unwrap();
+        let error = write(dir.path(), 10, &profiles(10)).unwrap_err();
+        assert!(error.to_string().contains("rename"), "{error}");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["snapshot-00000000000000000010.snap"],
+            "only the directory"
+        );
     }
 
     #[test]
