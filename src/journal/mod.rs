@@ -70,6 +70,24 @@ pub enum JournalError {
         /// The revision found.
         found: u64,
     },
+    /// The journal no longer starts at revision 1 and the snapshot it continues from is gone.
+    #[error(
+        "no snapshot to start from: the oldest journal segment {segment} starts at revision \
+         {first}, so a snapshot-<revision>.snap with a revision from {oldest} to {newest} is \
+         missing{found}: restore it from a backup of the data directory"
+    )]
+    MissingSnapshot {
+        /// The oldest segment.
+        segment: PathBuf,
+        /// Its first revision.
+        first: u64,
+        /// The oldest revision the missing snapshot can have.
+        oldest: u64,
+        /// The newest revision it can have (the last of the oldest segment, as far as known).
+        newest: String,
+        /// What snapshots there are instead, as a clause (empty when none).
+        found: String,
+    },
     /// A file this build cannot read.
     #[error("{path}: {reason}")]
     Format {
@@ -459,6 +477,30 @@ mod tests {
         fs::write(&temp, b"PSSNAPSH").unwrap();
         assert_eq!(recovered_revision(dir.path()), 6);
         assert!(!temp.exists());
+    }
+
+    #[test]
+    fn a_missing_snapshot_is_reported_as_such_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of one batch (three revisions) each: 1-3, 4-6, 7-9.
+        drop(write(dir.path(), 3, 1));
+        let old = snapshot::write(dir.path(), 1, &[]).unwrap();
+        // As after a compaction whose base snapshot (3, 4 or 5) was then lost.
+        fs::remove_file(dir.path().join("journal-00000000000000000001.log")).unwrap();
+        let error = recovered(dir.path()).err().expect("recovery refuses");
+        assert!(
+            matches!(&error, JournalError::MissingSnapshot { .. }),
+            "{error}"
+        );
+        let message = error.to_string();
+        for expected in [
+            "journal-00000000000000000004.log starts at revision 4",
+            "snapshot-<revision>.snap with a revision from 3 to 6 is missing",
+            &format!("{} is too old", old.display()),
+            "restore it from a backup",
+        ] {
+            assert!(message.contains(expected), "{expected:?} not in {message}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn recover(
 ) -> Result<Recovered, JournalError> {
     remove_temporary_files(dir)?;
     let segments = segments(dir)?;
-    let snapshot = snapshot::choose(dir, segments.first().map(|(first, _)| *first))?;
+    let snapshot = snapshot::choose(dir, &segments)?;
     if let Some((revision, path)) = &snapshot {
         let read = snapshot::read(path, |profiles| store.restore(profiles, *revision))?;
         if read != *revision {

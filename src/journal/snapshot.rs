@@ -38,31 +38,41 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     numbered_files(dir, PREFIX, SUFFIX)
 }
 
-/// The snapshot recovery starts from: none when the journal starts at revision 1 (replaying
-/// it all rebuilds the longest history), else the oldest one the journal continues from, or
-/// the newest one when there is no journal.
+/// The snapshot recovery starts from, given the journal's `segments` (first revision, path):
+/// none when the journal starts at revision 1 (replaying it all rebuilds the longest history),
+/// else the oldest one the journal continues from, or the newest one when there is no journal.
 pub fn choose(
     dir: &Path,
-    first_segment: Option<u64>,
+    segments: &[(u64, PathBuf)],
 ) -> Result<Option<(u64, PathBuf)>, JournalError> {
     let snapshots = list(dir)?;
-    let Some(first_segment) = first_segment else {
+    let Some((first_segment, segment)) = segments.first() else {
         return Ok(snapshots.into_iter().next_back());
     };
-    if first_segment <= 1 {
+    let first = *first_segment;
+    if first <= 1 {
         return Ok(None);
     }
-    let usable = snapshots
-        .into_iter()
-        .find(|(revision, _)| revision + 1 >= first_segment);
-    if usable.is_none() {
-        return Err(JournalError::Gap {
-            path: dir.to_owned(),
-            expected: 1,
-            found: first_segment,
-        });
+    if let Some(usable) = snapshots.iter().find(|(revision, _)| revision + 1 >= first) {
+        return Ok(Some(usable.clone()));
     }
-    Ok(usable)
+    // Compaction keeps the snapshot the oldest segment continues from: one whose revision is
+    // at least first - 1 and below the next segment's first revision.
+    let newest = match segments.get(1) {
+        Some((next_first, _)) => (next_first - 1).to_string(),
+        None => "the last one in it".into(),
+    };
+    let found = match snapshots.last() {
+        None => String::new(),
+        Some((_, path)) => format!(" ({} is too old)", path.display()),
+    };
+    Err(JournalError::MissingSnapshot {
+        segment: segment.clone(),
+        first,
+        oldest: first - 1,
+        newest,
+        found,
+    })
 }
 
 /// Suffix of a snapshot being written; renamed to `.snap` once whole and synced.
