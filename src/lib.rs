@@ -12,8 +12,9 @@
 //! - [`profile`]: the profile and its merge rules, a pure function of (state, update).
 //! - [`store`]: current profiles, the ordered key index, the recent change history and the
 //!   published revision; read by everyone, written by the sequencer.
-//! - [`journal`]: the durable log of group commits, snapshots, compaction and recovery; and
-//!   [`data_dir`]: its directory, lock and store id.
+//! - [`journal`]: the durable log of group commits, snapshots, compaction and recovery;
+//!   [`data_dir`]: its directory, lock and store id; [`startup`]: recovery at start-up,
+//!   including the operator's explicit giving-up of a damaged journal.
 //! - [`watch`]: one subscriber's feed: initial state, history replay, live changes, progress.
 //! - [`grpc`]: the gRPC adapter (tonic) for `gameball.profiles.v1.ProfileService`, and for
 //!   `AdminService` (dead letters).
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod profile;
 pub mod sequencer;
 pub mod server;
+pub mod startup;
 pub mod status;
 pub mod store;
 pub mod watch;

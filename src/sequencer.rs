@@ -251,6 +251,16 @@ impl Task {
                 durable.maybe_snapshot(&self.store, &self.tracker);
             }
         }
+        // The last step of a clean shutdown: recovery then knows where the journal ends, and
+        // treats any difference there as damage rather than a torn write.
+        if let Some(durable) = &mut self.durable {
+            match durable.with_journal(Journal::close).await {
+                Ok(()) => tracing::debug!(revision = self.store.revision(), "journal closed"),
+                Err(error) => {
+                    tracing::warn!(%error, "journal not marked closed; the next start checks it as after a crash")
+                }
+            }
+        }
         tracing::debug!("sequencer stopped");
     }
 

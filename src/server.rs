@@ -22,12 +22,13 @@ use crate::grpc::ProfileApi;
 use crate::grpc::admin::AdminApi;
 use crate::grpc::auth::BearerAuth;
 use crate::grpc::transport::{self, MetricsLayer};
-use crate::journal::{self, FaultSwitch, Journal};
+use crate::journal::FaultSwitch;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
-use crate::sequencer::{self, Durability, Sequencer};
+use crate::sequencer::{Durability, Sequencer};
+use crate::startup;
 use crate::store::Store;
 use crate::webhook::secrets::{SecretStore, Secrets};
 use crate::webhook::{Ingress, Limits, Verification};
@@ -81,9 +82,11 @@ impl Server {
         } else {
             let config = config.clone();
             let faults = faults.clone();
-            tokio::task::spawn_blocking(move || recover(&config, faults))
-                .await
-                .context("recovery task")??
+            let (store, durability, dir) =
+                tokio::task::spawn_blocking(move || startup::open_durable(&config, faults))
+                    .await
+                    .context("recovery task")??;
+            (store, Some(durability), Some(dir))
         };
         // Kept beside the journal, loaded before anything is served; in memory if ephemeral.
         let dead_letters = match &data_dir {
@@ -404,43 +407,6 @@ fn reload_on_sighup(secrets: SecretStore, tracker: &TaskTracker, stopping: Cance
     });
     #[cfg(not(unix))]
     let _ = (secrets, tracker, stopping);
-}
-
-/// Opens the data directory and rebuilds the store from its snapshot and journal.
-fn recover(
-    config: &Config,
-    faults: FaultSwitch,
-) -> anyhow::Result<(Store, Option<Durability>, Option<DataDir>)> {
-    let started = std::time::Instant::now();
-    let dir = DataDir::open(&config.data_dir)?;
-    let store = Store::new(config.history_events, dir.store_id());
-    let recovered = journal::recover(dir.path(), &store, |records| {
-        sequencer::replay(&store, records)
-    })?;
-    let journal = Journal::open(
-        dir.path(),
-        recovered.tail,
-        store.revision() + 1,
-        config.segment_bytes,
-        faults,
-    )?;
-    tracing::info!(
-        data_dir = %dir.path().display(),
-        store_id = store.store_id(),
-        revision = store.revision(),
-        profiles = store.len(),
-        snapshot = ?recovered.snapshot,
-        replayed = recovered.replayed,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "recovered"
-    );
-    let durability = Durability {
-        journal,
-        snapshot_every_records: config.snapshot_every_records,
-        snapshot_every_bytes: config.snapshot_every_bytes,
-        history_events: config.history_events as u64,
-    };
-    Ok((store, Some(durability), Some(dir)))
 }
 
 /// Awaits `work` for at most `grace`; running out is logged, not an error, since the process

@@ -20,7 +20,7 @@ pub fn http_status(error: &Error) -> StatusCode {
         Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         Error::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Error::RevisionInFuture { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-        Error::Compacted { .. } => StatusCode::GONE,
+        Error::Compacted { .. } | Error::StoreChanged { .. } => StatusCode::GONE,
         Error::DeadLettered { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         Error::DeadLetterNotFound { .. } => StatusCode::NOT_FOUND,
         Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -61,7 +61,7 @@ pub fn grpc_status(error: &Error) -> tonic::Status {
         Error::PayloadTooLarge { .. } => tonic::Code::ResourceExhausted,
         Error::UnsupportedMediaType { .. } => tonic::Code::InvalidArgument,
         Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
-        Error::Compacted { .. } => tonic::Code::FailedPrecondition,
+        Error::Compacted { .. } | Error::StoreChanged { .. } => tonic::Code::FailedPrecondition,
         Error::Unavailable { .. } => tonic::Code::Unavailable,
     };
     tonic::Status::new(code, message)

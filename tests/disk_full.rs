@@ -2,26 +2,19 @@
 //! gRPC health surfaces. Needs root (CI runs as root) to mount the tmpfs; if mounting fails the
 //! tests fail, they never skip.
 
+#[path = "common/binary.rs"]
+mod binary;
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use common::{SECRET, at, profile_updated};
-use profile_state::pb;
-use profile_state::pb::profile_service_client::ProfileServiceClient;
-use profile_state::webhook::signature::SignatureCheck;
-use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use binary::{Binary, PATIENCE, file_names};
+use common::{at, profile_updated};
+use serde_json::json;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-
-/// How long the tests wait for anything the service does by itself.
-const PATIENCE: Duration = Duration::from_secs(20);
 
 /// A tmpfs of `size` mounted on a fresh temporary directory, unmounted when dropped.
 struct Tmpfs {
@@ -73,154 +66,6 @@ fn fill(dir: &Path) -> PathBuf {
     }
     let _ = file.sync_all();
     path
-}
-
-/// The real binary on a data directory, its JSON log lines on a channel; killed when dropped.
-struct Binary {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<Value>,
-    webhook: SocketAddr,
-    grpc: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Binary {
-    async fn start(data_dir: &Path, args: &[&str]) -> Binary {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_profile-state"));
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("PROFILE_STATE_") {
-                command.env_remove(name);
-            }
-        }
-        let mut child = command
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--webhook-secret", SECRET, "--log-format", "json"])
-            .args([
-                "--webhook-listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .args(args)
-            // The sequencer logs each failed probe at DEBUG: the tests wait for those lines.
-            .env("RUST_LOG", "info,profile_state::sequencer=debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the binary starts");
-        let stdout = child.stdout.take().unwrap();
-        let (send, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let json = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                if send.send(json).is_err() {
-                    return;
-                }
-            }
-        });
-        let unbound: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let mut binary = Binary {
-            child,
-            lines,
-            webhook: unbound,
-            grpc: unbound,
-            admin: unbound,
-        };
-        let listening = binary.wait_for("profile-state listening").await;
-        let address = |name: &str| listening["fields"][name].as_str().unwrap().parse().unwrap();
-        (binary.webhook, binary.grpc, binary.admin) =
-            (address("webhook"), address("grpc"), address("admin"));
-        binary
-    }
-
-    /// The next log line whose message is `message`.
-    async fn wait_for(&mut self, message: &str) -> Value {
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                let line = self.lines.recv().await.unwrap_or_else(|| {
-                    panic!(
-                        "the binary exited before logging {message:?}: {:?}",
-                        self.child.wait()
-                    )
-                });
-                if line["fields"]["message"] == message {
-                    return line;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no log line {message:?} within {PATIENCE:?}"))
-    }
-
-    async fn post(&self, body: &Value) -> (u16, Value) {
-        let raw = serde_json::to_vec(body).unwrap();
-        let response = reqwest::Client::new()
-            .post(format!("http://{}/webhooks/gameball", self.webhook))
-            .header("content-type", "application/json")
-            .header("x-gb-signature", SignatureCheck::new(SECRET).sign(&raw))
-            .body(raw)
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
-    }
-
-    async fn ready(&self) -> u16 {
-        reqwest::get(format!("http://{}/readyz", self.admin))
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    }
-
-    async fn health(&self) -> HealthClient<tonic::transport::Channel> {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        HealthClient::new(channel)
-    }
-
-    async fn server_info(&self) -> pb::GetServerInfoResponse {
-        ProfileServiceClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap()
-            .get_server_info(pb::GetServerInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    /// SIGTERM, then waits for a clean exit. The wait blocks only this worker thread: the
-    /// runtime must go on closing the test's connections, or the server waits for them.
-    fn stop(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let exit = tokio::task::block_in_place(|| self.child.wait().unwrap());
-        assert!(exit.success(), "exits 0");
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn file_names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
 }
 
 const SERVICE: &str = "gameball.profiles.v1.ProfileService";
@@ -297,6 +142,7 @@ async fn a_disk_full_at_segment_rotation_heals_once_space_is_back_and_readiness_
     assert_eq!(
         file_names(&data),
         [
+            "JOURNAL_HEAD",
             "LOCK",
             "STORE_ID",
             "dead-letters",

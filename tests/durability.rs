@@ -382,3 +382,58 @@ async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history(
     }
     service.stop().await;
 }
+
+#[tokio::test]
+async fn a_watcher_resuming_with_another_store_id_is_reset_or_refused() {
+    let service = TestService::start().await;
+    service
+        .update(&profile_updated("a", &at(1), json!({"total_points": 1})))
+        .await;
+    let store_id = server_info(&service).await.store_id;
+    let mut client = service.client().await;
+    let resume = |store_id: &str, fail_if_compacted| pb::WatchProfilesRequest {
+        start_revision: 2,
+        store_id: store_id.into(),
+        fail_if_compacted,
+        ..Default::default()
+    };
+
+    // Its revisions belong to another store: reset, then this store's state.
+    let mut stream = client
+        .watch_profiles(resume("another-store", false))
+        .await
+        .unwrap()
+        .into_inner();
+    let Event::Reset(reset) = next(&mut stream).await else {
+        panic!("expected Reset")
+    };
+    assert_eq!(reset.store_id, store_id);
+    assert!(reset.reason.contains("another-store"), "{}", reset.reason);
+    let Event::Change(existing) = next(&mut stream).await else {
+        panic!("expected the initial state")
+    };
+    assert_eq!(existing.profile.unwrap().customer_id, "a");
+    let Event::Synced(synced) = next(&mut stream).await else {
+        panic!("expected Synced")
+    };
+    assert_eq!(synced.revision, 1);
+
+    let refused = client
+        .watch_profiles(resume("another-store", true))
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("another-store"), "{refused}");
+
+    // The same store: resumes as usual.
+    let mut stream = client
+        .watch_profiles(resume(&store_id, true))
+        .await
+        .unwrap()
+        .into_inner();
+    let Event::Synced(synced) = next(&mut stream).await else {
+        panic!("expected Synced")
+    };
+    assert_eq!(synced.revision, 1);
+    service.stop().await;
+}

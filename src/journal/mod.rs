@@ -2,14 +2,18 @@
 //!
 //! The sequencer appends each batch of numbered updates as one checksummed frame and syncs it
 //! (`fdatasync`) before anything reaches memory; concurrent webhooks therefore share one sync.
-//! Segments rotate by size and are named by their first revision. Snapshots (full profile state
-//! as of a revision) let old segments go; see [`snapshot`] for which are kept and why.
+//! Segments rotate by size and are named by their first revision; `JOURNAL_HEAD` ([`head`])
+//! records the newest one and, after a clean shutdown, where the journal ended. Snapshots (full
+//! profile state as of a revision) let old segments go; see [`snapshot`] for which are kept and
+//! why.
 //!
 //! Recovery loads a snapshot, replays every later record through the same merge the sequencer
 //! uses, and so rebuilds profiles, revisions and the watch history exactly. A torn last frame
 //! (a crash mid-write, never acknowledged) is cut off with a warning; any other damage stops
 //! start-up with the file and offset, because skipping it would silently lose acknowledged
-//! updates.
+//! updates ([`recovery`] has the exact rules). Such a refusal names the [`DiscardPoint`] an
+//! operator can pass to `--discard-journal-from` to give up the rest ([`discard`]); the store
+//! id changes first (`crate::startup`), so no revision is ever reused under the same id.
 //!
 //! Why our own segment log and not a crate: the log is small (append, sync, rotate, scan), the
 //! records are ours, and recovery must replay through our merge to rebuild the history, so a
@@ -17,15 +21,19 @@
 //! This module does not merge or number updates and knows nothing of HTTP or gRPC.
 
 pub mod codec;
-mod recovery;
+mod discard;
+pub mod head;
+pub mod recovery;
 pub mod snapshot;
 mod writer;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub use discard::{Discarded, discard};
 pub use recovery::{Recovered, recover};
 pub use writer::{Journal, Tail};
 
@@ -46,29 +54,89 @@ pub enum JournalError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// A damaged record that is not the torn tail of the last segment.
+    /// A damaged record of a segment that cannot be a write a crash cut short.
     #[error(
-        "{path}: damaged record at offset {offset} ({reason}); acknowledged updates follow it, \
-         so start-up stops instead of skipping it: restore the file from a backup, or move it \
-         away to accept losing its updates"
+        "{path}: damaged record at offset {offset} ({reason}), not a write cut short by a crash: \
+         start-up stops rather than lose acknowledged updates; {}",
+        give_up(.path, *.offset, *.first_lost)
     )]
     Corrupt {
-        /// The file.
+        /// The segment.
         path: PathBuf,
         /// Where the damaged frame starts.
         offset: u64,
         /// What is wrong.
         reason: String,
+        /// The first revision recovery could not read back.
+        first_lost: u64,
     },
-    /// Revisions do not follow each other.
-    #[error("{path}: expected revision {expected}, found {found}: the journal has a gap")]
+    /// Revisions do not follow each other: the records before `found` are missing.
+    #[error(
+        "{path}: expected revision {expected} at offset {offset}, found {found}{}: the records \
+         in between are missing (a segment removed, cut short or damaged); {}",
+        .previous.as_ref().map(|previous| format!(
+            " (the segment before it, {}, ends at revision {})",
+            previous.display(),
+            .expected - 1
+        )).unwrap_or_default(),
+        give_up(.path, *.offset, *.expected)
+    )]
     Gap {
-        /// The file.
+        /// The segment.
         path: PathBuf,
+        /// Where the unexpected record (or the segment, at 0) starts.
+        offset: u64,
         /// The revision that should come next.
         expected: u64,
         /// The revision found.
         found: u64,
+        /// The segment that ends before `expected`, when the gap is between segments.
+        previous: Option<PathBuf>,
+    },
+    /// The newest segment `JOURNAL_HEAD` records is gone.
+    #[error(
+        "{path} is missing: {} records that the journal reached it, so the records from \
+         revision {first_lost} on may be gone; {}",
+        head::FILE,
+        give_up(.path, 0, *.first_lost)
+    )]
+    MissingSegment {
+        /// The segment that should be there.
+        path: PathBuf,
+        /// The first revision recovery could not read back.
+        first_lost: u64,
+    },
+    /// After a clean shutdown, the newest segment does not end where the shutdown left it.
+    #[error(
+        "{path}: ends at offset {offset} with revision {revision}, but the clean shutdown left \
+         it at offset {closed_len} with revision {closed_revision}: it was cut short or \
+         changed since; {}",
+        give_up(.path, (*.offset).min(*.closed_len), (*.revision).min(*.closed_revision) + 1)
+    )]
+    ChangedSinceShutdown {
+        /// The segment.
+        path: PathBuf,
+        /// Where its valid frames end.
+        offset: u64,
+        /// The last revision it holds.
+        revision: u64,
+        /// Its length at the clean shutdown.
+        closed_len: u64,
+        /// The last revision at the clean shutdown.
+        closed_revision: u64,
+    },
+    /// A damaged snapshot: nothing to skip or cut, it is all or nothing.
+    #[error(
+        "{path}: damaged snapshot at offset {offset} ({reason}): restore it from a backup of \
+         the data directory"
+    )]
+    DamagedSnapshot {
+        /// The snapshot.
+        path: PathBuf,
+        /// Where the damaged frame starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
     },
     /// The journal no longer starts at revision 1 and the snapshot it continues from is gone.
     #[error(
@@ -88,6 +156,17 @@ pub enum JournalError {
         /// What snapshots there are instead, as a clause (empty when none).
         found: String,
     },
+    /// `JOURNAL_HEAD` cannot be read.
+    #[error(
+        "{path}: damaged ({reason}); it records which journal segments must exist: restore it \
+         from a backup, or remove it to start once without that check"
+    )]
+    DamagedHead {
+        /// The head file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A file this build cannot read.
     #[error("{path}: {reason}")]
     Format {
@@ -98,7 +177,111 @@ pub enum JournalError {
     },
 }
 
+/// The end of a refusal that an operator can resolve by giving records up.
+fn give_up(path: &Path, offset: u64, first_lost: u64) -> String {
+    match DiscardPoint::at(path, offset) {
+        Some(point) => format!(
+            "restore the file from a backup, or give up revision {first_lost} and everything \
+             after it by starting once with --discard-journal-from {point} (the store then gets \
+             a new store id, so every watcher starts over)"
+        ),
+        None => "restore the file from a backup".into(),
+    }
+}
+
+/// Where an operator gives up the journal: everything from `offset` of `segment` on, and every
+/// later segment. Offset 0 gives up the whole segment. Written `<segment file name>:<offset>`,
+/// as refusals print it (`--discard-journal-from`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscardPoint {
+    /// The segment's first revision (its name).
+    pub segment_first: u64,
+    /// The first byte given up.
+    pub offset: u64,
+}
+
+impl DiscardPoint {
+    /// The point at `offset` of the segment `path`, if that is a segment's name.
+    pub fn at(path: &Path, offset: u64) -> Option<DiscardPoint> {
+        let name = path.file_name()?.to_str()?;
+        Some(DiscardPoint {
+            segment_first: segment_number(name)?,
+            offset,
+        })
+    }
+}
+
+fn segment_number(name: &str) -> Option<u64> {
+    name.strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)
+        .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))?
+        .parse()
+        .ok()
+}
+
+impl std::fmt::Display for DiscardPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let first = self.segment_first;
+        write!(
+            f,
+            "{SEGMENT_PREFIX}{first:020}{SEGMENT_SUFFIX}:{}",
+            self.offset
+        )
+    }
+}
+
+impl FromStr for DiscardPoint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<DiscardPoint, String> {
+        let usage = || {
+            format!(
+                "{text:?} is not <segment>:<offset> as a refused start-up prints it, e.g. \
+                 journal-00000000000000000001.log:12"
+            )
+        };
+        let (name, offset) = text.rsplit_once(':').ok_or_else(usage)?;
+        Ok(DiscardPoint {
+            segment_first: segment_number(name).ok_or_else(usage)?,
+            offset: offset.parse().map_err(|_| usage())?,
+        })
+    }
+}
+
 impl JournalError {
+    /// Where the operator can give the journal up to get past this error, and the first
+    /// revision that loses; `None` when giving records up would not help.
+    pub fn discard_point(&self) -> Option<(DiscardPoint, u64)> {
+        let (path, offset, first_lost) = match self {
+            JournalError::Corrupt {
+                path,
+                offset,
+                first_lost,
+                ..
+            } => (path, *offset, *first_lost),
+            JournalError::Gap {
+                path,
+                offset,
+                expected,
+                ..
+            } => (path, *offset, *expected),
+            JournalError::MissingSegment { path, first_lost } => (path, 0, *first_lost),
+            JournalError::ChangedSinceShutdown {
+                path,
+                offset,
+                revision,
+                closed_len,
+                closed_revision,
+            } => (
+                path,
+                (*offset).min(*closed_len),
+                (*revision).min(*closed_revision) + 1,
+            ),
+            _ => return None,
+        };
+        Some((DiscardPoint::at(path, offset)?, first_lost))
+    }
+
     fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> JournalError {
         let path = path.to_owned();
         move |source| JournalError::Io {
@@ -190,374 +373,4 @@ fn numbered_files(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
-    use crate::sequencer;
-    use crate::store::Store;
-    use codec::{BatchRecord, UpdateRecord};
-    use std::fs::OpenOptions;
-    use std::io::Write;
-
-    fn record(revision: u64) -> UpdateRecord {
-        let update = ProfileUpdate {
-            key: ProfileKey::new("2155", format!("c{}", revision % 7)),
-            at: chrono::DateTime::from_timestamp(1_700_000_000 + revision as i64, 0).unwrap(),
-            fields: vec![
-                (Field::GbCustomerId, Some(Scalar::Int(1))),
-                (Field::TotalPoints, Some(Scalar::Int(revision as i64))),
-            ],
-            extras: vec![],
-        };
-        UpdateRecord::new(revision, &update)
-    }
-
-    /// Writes `batches` batches of three records each; returns the journal.
-    fn write(dir: &Path, batches: u64, segment_bytes: u64) -> Journal {
-        let mut journal =
-            Journal::open(dir, None, 1, segment_bytes, FaultSwitch::default()).unwrap();
-        for batch in 0..batches {
-            let updates = (1..=3).map(|i| record(batch * 3 + i)).collect();
-            journal.append(&BatchRecord { updates }).unwrap();
-        }
-        journal
-    }
-
-    fn recovered(dir: &Path) -> Result<(Store, Recovered), JournalError> {
-        let store = Store::new(1000, "test");
-        let recovered = recover(dir, &store, |records| sequencer::replay(&store, records))?;
-        Ok((store, recovered))
-    }
-
-    fn only_segment(dir: &Path) -> PathBuf {
-        let segments = segments(dir).unwrap();
-        assert_eq!(segments.len(), 1);
-        segments[0].1.clone()
-    }
-
-    #[test]
-    fn recovery_replays_every_record_and_appending_continues() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 4, u64::MAX));
-        let (store, recovered) = recovered(dir.path()).unwrap();
-        assert_eq!(store.revision(), 12);
-        assert_eq!(recovered.replayed, 12);
-        assert_eq!(
-            store.history_from(1, 100).unwrap().len(),
-            12,
-            "history rebuilt"
-        );
-        let profile = store.get(&ProfileKey::new("2155", "c5")).unwrap();
-        assert_eq!(profile.get_int(Field::TotalPoints), Some(12));
-
-        let mut journal = Journal::open(
-            dir.path(),
-            recovered.tail,
-            13,
-            u64::MAX,
-            FaultSwitch::default(),
-        )
-        .unwrap();
-        journal
-            .append(&BatchRecord {
-                updates: vec![record(13)],
-            })
-            .unwrap();
-        assert_eq!(recovered_revision(dir.path()), 13);
-    }
-
-    fn recovered_revision(dir: &Path) -> u64 {
-        recovered(dir).unwrap().0.revision()
-    }
-
-    #[test]
-    fn a_torn_last_frame_is_cut_off() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 3, u64::MAX));
-        let path = only_segment(dir.path());
-        let whole = fs::metadata(&path).unwrap().len();
-        // Half of a fourth frame, as a crash mid-write leaves it.
-        let mut frame = Vec::new();
-        codec::encode_frame(
-            &BatchRecord {
-                updates: vec![record(10), record(11)],
-            },
-            &mut frame,
-        );
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(&frame[..frame.len() / 2]).unwrap();
-        drop(file);
-
-        let (store, recovered) = recovered(dir.path()).unwrap();
-        assert_eq!(store.revision(), 9, "the torn batch was never acknowledged");
-        assert_eq!(recovered.tail.unwrap().len, whole);
-        assert_eq!(
-            fs::metadata(&path).unwrap().len(),
-            whole,
-            "the torn bytes are gone"
-        );
-    }
-
-    #[test]
-    fn a_torn_frame_header_is_cut_off_too() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 2, u64::MAX));
-        let path = only_segment(dir.path());
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(&[0x55, 0x01, 0x00]).unwrap();
-        drop(file);
-        assert_eq!(recovered_revision(dir.path()), 6);
-    }
-
-    #[test]
-    fn damage_before_the_tail_stops_recovery_with_file_and_offset() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 3, u64::MAX));
-        let path = only_segment(dir.path());
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[codec::HEADER_LEN + codec::FRAME_OVERHEAD + 5] ^= 0x01;
-        fs::write(&path, &bytes).unwrap();
-        match recovered(dir.path()) {
-            Err(JournalError::Corrupt {
-                path: at,
-                offset,
-                reason,
-            }) => {
-                assert_eq!(at, path);
-                assert_eq!(offset, codec::HEADER_LEN as u64);
-                assert_eq!(reason, "checksum mismatch");
-            }
-            other => panic!(
-                "expected Corrupt, got {:?}",
-                other.map(|(s, _)| s.revision())
-            ),
-        }
-    }
-
-    #[test]
-    fn a_snapshot_whose_header_disagrees_with_its_name_stops_recovery() {
-        let dir = tempfile::tempdir().unwrap();
-        let written = snapshot::write(dir.path(), 7, &[]).unwrap();
-        // Renamed by hand (or damaged): its name says 8, its header 7.
-        let renamed = written.with_file_name("snapshot-00000000000000000008.snap");
-        fs::rename(&written, &renamed).unwrap();
-        match recovered(dir.path()) {
-            Err(JournalError::Corrupt { path, reason, .. }) => {
-                assert_eq!(path, renamed);
-                assert_eq!(reason, "the snapshot's header says revision 7, its name 8");
-            }
-            other => panic!(
-                "expected Corrupt, got {:?}",
-                other.map(|(s, _)| s.revision())
-            ),
-        }
-    }
-
-    #[test]
-    fn a_failed_write_leaves_nothing_and_the_next_one_works() {
-        let dir = tempfile::tempdir().unwrap();
-        let faults = FaultSwitch::default();
-        let mut journal = Journal::open(dir.path(), None, 1, u64::MAX, faults.clone()).unwrap();
-        journal
-            .append(&BatchRecord {
-                updates: vec![record(1)],
-            })
-            .unwrap();
-        let path = only_segment(dir.path());
-        let good = fs::metadata(&path).unwrap().len();
-        faults.fail_writes(true);
-        assert!(
-            journal
-                .append(&BatchRecord {
-                    updates: vec![record(2)]
-                })
-                .is_err()
-        );
-        assert_eq!(fs::metadata(&path).unwrap().len(), good);
-        faults.fail_writes(false);
-        journal
-            .append(&BatchRecord {
-                updates: vec![record(2)],
-            })
-            .unwrap();
-        assert_eq!(recovered_revision(dir.path()), 2);
-    }
-
-    fn file_names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
-    }
-
-    fn batch(revisions: std::ops::RangeInclusive<u64>) -> BatchRecord {
-        BatchRecord {
-            updates: revisions.map(record).collect(),
-        }
-    }
-
-    #[test]
-    fn a_segment_that_could_not_be_created_is_created_on_the_next_try() {
-        let dir = tempfile::tempdir().unwrap();
-        let faults = FaultSwitch::default();
-        // Tiny segments: every append after the first needs a new one.
-        let mut journal = Journal::open(dir.path(), None, 1, 1, faults.clone()).unwrap();
-        journal.append(&batch(1..=3)).unwrap();
-        faults.fail_segment_creation(true);
-        assert!(journal.append(&batch(4..=6)).is_err());
-        assert_eq!(
-            file_names(dir.path()),
-            ["journal-00000000000000000001.log"],
-            "no half-created segment is left behind"
-        );
-        faults.fail_segment_creation(false);
-        journal.append(&batch(4..=6)).unwrap();
-        assert_eq!(
-            file_names(dir.path()),
-            [
-                "journal-00000000000000000001.log",
-                "journal-00000000000000000004.log"
-            ]
-        );
-        assert_eq!(recovered_revision(dir.path()), 6);
-    }
-
-    #[test]
-    fn the_probe_tries_the_segment_the_next_append_needs_and_leaves_no_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let faults = FaultSwitch::default();
-        let mut journal = Journal::open(dir.path(), None, 1, 1, faults.clone()).unwrap();
-        journal.append(&batch(1..=3)).unwrap();
-        let first = only_segment(dir.path());
-        let first_len = fs::metadata(&first).unwrap().len();
-        faults.fail_segment_creation(true);
-        assert!(journal.append(&batch(4..=6)).is_err());
-        let refused = *faults.injected().borrow();
-        assert!(
-            journal.probe(4).is_err(),
-            "the segment still cannot be created"
-        );
-        assert_eq!(*faults.injected().borrow(), refused + 1, "the probe tried");
-        assert_eq!(
-            fs::metadata(&first).unwrap().len(),
-            first_len,
-            "nothing written"
-        );
-
-        faults.fail_segment_creation(false);
-        journal.probe(4).unwrap();
-        let second = dir.path().join("journal-00000000000000000004.log");
-        assert_eq!(
-            fs::metadata(&second).unwrap().len(),
-            codec::HEADER_LEN as u64,
-            "the probe's bytes are cut off again"
-        );
-        journal.append(&batch(4..=6)).unwrap();
-        assert_eq!(segments(dir.path()).unwrap().len(), 2);
-        assert_eq!(recovered_revision(dir.path()), 6);
-    }
-
-    #[test]
-    fn a_temporary_segment_a_crash_left_is_removed_at_start_up() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 2, u64::MAX));
-        let temp = dir.path().join("journal-00000000000000000007.log.tmp");
-        fs::write(&temp, b"PSJ").unwrap();
-        assert_eq!(recovered_revision(dir.path()), 6);
-        assert!(!temp.exists());
-    }
-
-    #[test]
-    fn a_temporary_snapshot_a_failure_left_is_removed_at_start_up() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 2, u64::MAX));
-        let temp = dir.path().join("snapshot-00000000000000000005.snap.tmp");
-        fs::write(&temp, b"PSSNAPSH").unwrap();
-        assert_eq!(recovered_revision(dir.path()), 6);
-        assert!(!temp.exists());
-    }
-
-    #[test]
-    fn a_missing_snapshot_is_reported_as_such_and_named() {
-        let dir = tempfile::tempdir().unwrap();
-        // Segments of one batch (three revisions) each: 1-3, 4-6, 7-9.
-        drop(write(dir.path(), 3, 1));
-        let old = snapshot::write(dir.path(), 1, &[]).unwrap();
-        // As after a compaction whose base snapshot (3, 4 or 5) was then lost.
-        fs::remove_file(dir.path().join("journal-00000000000000000001.log")).unwrap();
-        let error = recovered(dir.path()).err().expect("recovery refuses");
-        assert!(
-            matches!(&error, JournalError::MissingSnapshot { .. }),
-            "{error}"
-        );
-        let message = error.to_string();
-        for expected in [
-            "journal-00000000000000000004.log starts at revision 4",
-            "snapshot-<revision>.snap with a revision from 3 to 6 is missing",
-            &format!("{} is too old", old.display()),
-            "restore it from a backup",
-        ] {
-            assert!(message.contains(expected), "{expected:?} not in {message}");
-        }
-    }
-
-    #[test]
-    fn segments_rotate_and_snapshots_compact_without_changing_state_or_history() {
-        let dir = tempfile::tempdir().unwrap();
-        // Small segments: a new one every few batches.
-        let mut journal = write(dir.path(), 20, 300);
-        assert!(segments(dir.path()).unwrap().len() > 3);
-        let (before, _) = recovered(dir.path()).unwrap();
-        assert_eq!(before.revision(), 60);
-
-        // A snapshot at 60 is inside the history window of 10 changes... nothing can go yet.
-        let taken = snapshot::take(dir.path(), &before, 10).unwrap();
-        assert_eq!((taken.revision, taken.profiles), (60, 7));
-        assert!(taken.removed.is_empty());
-        // 30 more changes: the snapshot at 60 is now below the window, so older files go.
-        for batch in 20..30 {
-            let updates = (1..=3).map(|i| record(batch * 3 + i)).collect();
-            journal.append(&BatchRecord { updates }).unwrap();
-        }
-        let (state, _) = recovered(dir.path()).unwrap();
-        let taken = snapshot::take(dir.path(), &state, 10).unwrap();
-        assert_eq!(taken.revision, 90);
-        assert!(
-            !taken.removed.is_empty(),
-            "segments before the snapshot at 60 are removed"
-        );
-        assert!(segments(dir.path()).unwrap().first().unwrap().0 > 1);
-
-        let (after, recovered) = recovered(dir.path()).unwrap();
-        assert_eq!(
-            recovered.snapshot,
-            Some(60),
-            "the base snapshot below the window"
-        );
-        assert_eq!(after.revision(), 90);
-        for customer in 0..7 {
-            let key = ProfileKey::new("2155", format!("c{customer}"));
-            assert_eq!(after.get(&key), state.get(&key), "same profile {customer}");
-        }
-        let history = |store: &Store| -> Vec<(u64, Vec<String>)> {
-            store
-                .history_from(81, 100)
-                .unwrap()
-                .iter()
-                .map(|c| {
-                    (
-                        c.revision,
-                        c.changed_fields.iter().map(ToString::to_string).collect(),
-                    )
-                })
-                .collect()
-        };
-        assert_eq!(
-            history(&after),
-            history(&state),
-            "the history window is rebuilt"
-        );
-    }
-}
+mod tests;

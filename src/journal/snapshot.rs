@@ -18,7 +18,10 @@ use std::sync::Arc;
 
 use prost::Message;
 
-use super::codec::{self, Frame, ProfileBatch, ProfileRecord, SNAPSHOT_MAGIC, SnapshotHeader};
+use super::codec::{
+    self, Frame, FrameFormat, HeaderError, ProfileBatch, ProfileRecord, SNAPSHOT_MAGIC,
+    SnapshotHeader,
+};
 use super::{JournalError, numbered_files, segments};
 use crate::data_dir::sync_dir;
 use crate::profile::Profile;
@@ -168,7 +171,7 @@ fn decode(
     mut file: impl Read,
     chunks: std::sync::mpsc::SyncSender<Vec<Profile>>,
 ) -> Result<u64, JournalError> {
-    let corrupt = |offset: u64, reason: String| JournalError::Corrupt {
+    let corrupt = |offset: u64, reason: String| JournalError::DamagedSnapshot {
         path: path.to_owned(),
         offset,
         reason,
@@ -176,21 +179,24 @@ fn decode(
     let mut buffer = Vec::new();
     read_up_to(&mut file, &mut buffer, codec::HEADER_LEN)
         .map_err(JournalError::io(path, "read"))?;
-    codec::check_header(&buffer, SNAPSHOT_MAGIC).map_err(|error| JournalError::Format {
-        path: path.to_owned(),
-        reason: format!(
-            "not a snapshot of format {}: {error:?}",
-            codec::FORMAT_VERSION
-        ),
-    })?;
+    let format = match codec::check_header(&buffer, SNAPSHOT_MAGIC) {
+        Ok(format) => format,
+        Err(error @ HeaderError::UnknownVersion(_)) => {
+            return Err(JournalError::Format {
+                path: path.to_owned(),
+                reason: format!("not a snapshot this build reads: {error}"),
+            });
+        }
+        Err(error) => return Err(corrupt(0, error.to_string())),
+    };
     let mut offset = codec::HEADER_LEN as u64;
     let mut header = None;
     let mut count = 0u64;
     loop {
-        read_frame(&mut file, &mut buffer).map_err(JournalError::io(path, "read"))?;
-        match codec::read_frame(&buffer, 0) {
+        read_frame(&mut file, &mut buffer, format).map_err(JournalError::io(path, "read"))?;
+        match codec::read_frame(&buffer, 0, format) {
             Frame::End => break,
-            Frame::Invalid { reason, .. } => return Err(corrupt(offset, reason.into())),
+            Frame::Invalid(invalid) => return Err(corrupt(offset, invalid.reason().into())),
             Frame::Valid { payload, next } => {
                 if header.is_none() {
                     let decoded = SnapshotHeader::decode(payload)
@@ -225,13 +231,17 @@ fn decode(
     Ok(header.revision)
 }
 
-/// Reads the next frame of `file` (length, checksum, payload) into `buffer`, for
-/// [`codec::read_frame`] to check at offset 0: empty at the end of the file, shorter than the
-/// frame claims when the file ends inside it, just the frame header when the length is
-/// implausible.
-fn read_frame(file: &mut impl Read, buffer: &mut Vec<u8>) -> std::io::Result<()> {
-    read_up_to(file, buffer, codec::FRAME_OVERHEAD)?;
-    if buffer.len() < codec::FRAME_OVERHEAD {
+/// Reads the next frame of `file` (header, payload) into `buffer`, for [`codec::read_frame`]
+/// to check at offset 0: empty at the end of the file, shorter than the frame claims when the
+/// file ends inside it, just the frame header when the length is implausible. The length is
+/// read before the header's checksum is checked; `read_frame` then rejects the frame.
+fn read_frame(
+    file: &mut impl Read,
+    buffer: &mut Vec<u8>,
+    format: FrameFormat,
+) -> std::io::Result<()> {
+    read_up_to(file, buffer, format.overhead())?;
+    if buffer.len() < format.overhead() {
         return Ok(());
     }
     let len = u32::from_le_bytes(buffer[..4].try_into().expect("four bytes")) as usize;
@@ -402,19 +412,20 @@ mod tests {
         let path = write(dir.path(), 2 * CHUNK as u64, &profiles(2 * CHUNK)).unwrap();
         let mut bytes = fs::read(&path).unwrap();
         // Find the second profile frame by walking the frames, then damage its payload.
-        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN) {
+        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT)
+        {
             Frame::Valid { next, .. } => next,
             _ => unreachable!("a snapshot just written starts with a valid header frame"),
         };
-        let second = match codec::read_frame(&bytes, header_frame) {
+        let second = match codec::read_frame(&bytes, header_frame, FrameFormat::CURRENT) {
             Frame::Valid { next, .. } => next,
             _ => unreachable!("the first profile frame is valid"),
         };
-        bytes[second + codec::FRAME_OVERHEAD + 3] ^= 0x01;
+        bytes[second + FrameFormat::CURRENT.overhead() + 3] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
         let (sizes, _, outcome) = read_all(&path);
         match outcome {
-            Err(JournalError::Corrupt {
+            Err(JournalError::DamagedSnapshot {
                 path: at,
                 offset,
                 reason,
@@ -423,7 +434,7 @@ mod tests {
                 assert_eq!(offset, second as u64);
                 assert_eq!(reason, "checksum mismatch");
             }
-            other => panic!("expected Corrupt, got {other:?}"),
+            other => panic!("expected DamagedSnapshot, got {other:?}"),
         }
         // The loader saw only what came before the damage (the caller discards it).
         assert_eq!(sizes, vec![CHUNK]);
@@ -434,18 +445,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), 10, &profiles(10)).unwrap();
         let bytes = fs::read(&path).unwrap();
-        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN) {
+        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT)
+        {
             Frame::Valid { next, .. } => next,
             _ => unreachable!("a snapshot just written starts with a valid header frame"),
         };
         fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
         let (sizes, _, outcome) = read_all(&path);
         match outcome {
-            Err(JournalError::Corrupt { offset, reason, .. }) => {
+            Err(JournalError::DamagedSnapshot { offset, reason, .. }) => {
                 assert_eq!(offset, header_frame as u64);
                 assert_eq!(reason, "frame cut off");
             }
-            other => panic!("expected Corrupt, got {other:?}"),
+            other => panic!("expected DamagedSnapshot, got {other:?}"),
         }
         assert!(sizes.is_empty());
     }
@@ -469,13 +481,13 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_is_not_a_snapshot_is_a_format_error() {
+    fn a_file_that_is_not_a_snapshot_is_refused_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snapshot-00000000000000000001.snap");
         fs::write(&path, b"not a snapshot at all, just some bytes").unwrap();
         let (sizes, _, outcome) = read_all(&path);
         assert!(
-            matches!(&outcome, Err(JournalError::Format { path: at, .. }) if *at == path),
+            matches!(&outcome, Err(JournalError::DamagedSnapshot { path: at, .. }) if *at == path),
             "got {outcome:?}"
         );
         assert!(sizes.is_empty());

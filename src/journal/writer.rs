@@ -5,7 +5,12 @@
 //! repair, the new segment if one is due, a write of the failed frame's size and a sync), so a
 //! probe that succeeds means the next append of that size will. A new segment is written under
 //! a temporary name and renamed into place once its header is synced: a failure (a full disk)
-//! leaves no half-created segment behind, and the next try starts from scratch.
+//! leaves no half-created segment behind, and the next try starts from scratch. Every new
+//! segment is recorded in `JOURNAL_HEAD` before it gets a record, and a clean
+//! [`Journal::close`] records where the journal ends (see [`super::head`]).
+//!
+//! Frames are always written in the current format: a recovered tail of an older format is not
+//! appended to, the journal continues in a new segment.
 //!
 //! This module does not read the journal back (see [`super::recovery`]) and does not decide
 //! what goes into a frame (the sequencer does).
@@ -14,8 +19,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::codec::{self, BatchRecord, SEGMENT_MAGIC};
-use super::{FaultSwitch, JournalError, SEGMENT_PREFIX, SEGMENT_SUFFIX};
+use super::codec::{self, BatchRecord, ClosedAt, FrameFormat, JournalHead, SEGMENT_MAGIC};
+use super::{FaultSwitch, JournalError, SEGMENT_PREFIX, SEGMENT_SUFFIX, head};
 use crate::data_dir::sync_dir;
 
 /// Where appends continue after recovery.
@@ -25,6 +30,10 @@ pub struct Tail {
     pub path: PathBuf,
     /// Its length up to the last valid frame.
     pub len: u64,
+    /// Its first revision (its name).
+    pub first_revision: u64,
+    /// How its frames are laid out.
+    pub format: FrameFormat,
 }
 
 /// The append side of the journal, owned by the sequencer.
@@ -32,6 +41,10 @@ pub struct Journal {
     dir: PathBuf,
     file: File,
     path: PathBuf,
+    /// The current segment's first revision (its name).
+    segment_first: u64,
+    /// The last revision appended (or recovered).
+    last_revision: u64,
     /// Bytes known good: the header and whole, synced frames.
     len: u64,
     segment_bytes: u64,
@@ -57,7 +70,9 @@ pub(super) fn segment_path(dir: &Path, first_revision: u64) -> PathBuf {
 
 impl Journal {
     /// Opens the journal for appending: at the recovered tail, or in a new segment whose first
-    /// revision is `next_revision`.
+    /// revision is `next_revision` (also when the tail is of an older format). Records the
+    /// segment in `JOURNAL_HEAD`, which also clears a clean-shutdown mark: from now on the end
+    /// may be torn again.
     pub fn open(
         dir: &Path,
         tail: Option<Tail>,
@@ -65,30 +80,75 @@ impl Journal {
         segment_bytes: u64,
         faults: FaultSwitch,
     ) -> Result<Journal, JournalError> {
-        let (path, file, len) = match tail {
-            Some(Tail { path, len }) => {
+        let current = tail.filter(|tail| {
+            let current = tail.format == FrameFormat::CURRENT;
+            if !current {
+                tracing::info!(
+                    segment = %tail.path.display(),
+                    format = tail.format.version(),
+                    "the last segment is of an older format: the journal continues in a new one"
+                );
+            }
+            current
+        });
+        let (path, file, len, segment_first) = match current {
+            Some(Tail {
+                path,
+                len,
+                first_revision,
+                ..
+            }) => {
                 let file = OpenOptions::new()
                     .append(true)
                     .open(&path)
                     .map_err(JournalError::io(&path, "open for append"))?;
-                (path, file, len)
+                (path, file, len, first_revision)
             }
             None => {
                 let path = segment_path(dir, next_revision);
                 let file = create_segment(&path, &faults)?;
-                (path, file, codec::HEADER_LEN as u64)
+                (path, file, codec::HEADER_LEN as u64, next_revision)
             }
         };
+        head::write(
+            dir,
+            &JournalHead {
+                newest_segment: segment_first,
+                closed: None,
+            },
+        )?;
         Ok(Journal {
             dir: dir.to_owned(),
             file,
             path,
+            segment_first,
+            last_revision: next_revision - 1,
             len,
             segment_bytes: segment_bytes.max(codec::HEADER_LEN as u64 + 1),
             faults,
             needs_repair: false,
             failed_frame_len: 0,
         })
+    }
+
+    /// Marks the journal closed cleanly in `JOURNAL_HEAD` (the revision and length it ends
+    /// at), so recovery treats any difference at its end as damage, not as a torn write. Call
+    /// it last, once nothing more is appended; a journal dropped without it counts as crashed.
+    pub fn close(&mut self) -> Result<(), JournalError> {
+        if self.needs_repair {
+            self.repair()
+                .map_err(JournalError::io(&self.path, "cut off a failed write"))?;
+        }
+        head::write(
+            &self.dir,
+            &JournalHead {
+                newest_segment: self.segment_first,
+                closed: Some(ClosedAt {
+                    revision: self.last_revision,
+                    segment_len: self.len,
+                }),
+            },
+        )
     }
 
     /// Appends one batch as one frame and syncs it. Returns the bytes written. On failure,
@@ -98,7 +158,12 @@ impl Journal {
         codec::encode_frame(batch, &mut frame);
         let first_revision = batch.updates.first().map(|update| update.revision);
         match self.append_frame(&frame, first_revision) {
-            Ok(()) => Ok(frame.len() as u64),
+            Ok(()) => {
+                if let Some(last) = batch.updates.last() {
+                    self.last_revision = last.revision;
+                }
+                Ok(frame.len() as u64)
+            }
             Err(error) => {
                 self.failed_frame_len = frame.len();
                 Err(error)
@@ -166,19 +231,28 @@ impl Journal {
         Ok(())
     }
 
+    /// Starts the segment `first_revision` and records it in `JOURNAL_HEAD` before it gets a
+    /// record: recovery then notices if it goes missing.
     fn rotate(&mut self, first_revision: u64) -> std::io::Result<()> {
         let path = segment_path(&self.dir, first_revision);
-        // The message keeps the file and the step; the kind keeps what the OS said.
-        let file = create_segment(&path, &self.faults).map_err(|error| {
-            let kind = match &error {
-                JournalError::Io { source, .. } => source.kind(),
-                _ => std::io::ErrorKind::Other,
-            };
-            std::io::Error::new(kind, error.to_string())
-        })?;
+        let head = JournalHead {
+            newest_segment: first_revision,
+            closed: None,
+        };
+        let file = create_segment(&path, &self.faults)
+            .and_then(|file| head::write(&self.dir, &head).map(|()| file))
+            .map_err(|error| {
+                // The message keeps the file and the step; the kind keeps what the OS said.
+                let kind = match &error {
+                    JournalError::Io { source, .. } => source.kind(),
+                    _ => std::io::ErrorKind::Other,
+                };
+                std::io::Error::new(kind, error.to_string())
+            })?;
         tracing::info!(segment = %path.display(), "journal segment started");
         self.file = file;
         self.path = path;
+        self.segment_first = first_revision;
         self.len = codec::HEADER_LEN as u64;
         Ok(())
     }
