@@ -104,7 +104,10 @@ pub fn recover(
         let Some(format) = segment_format(path, &bytes, removable, store)? else {
             continue;
         };
-        let may_be_torn = is_last && closed.is_none();
+        // A clean-shutdown mark speaks only for a segment of this format: an older build,
+        // which knows nothing of the mark, may have appended to an older one since.
+        let closed_here = closed.is_some() && format == FrameFormat::CURRENT;
+        let may_be_torn = is_last && !closed_here;
         let end = replaying.segment(path, &bytes, format, may_be_torn)?;
         if is_last {
             tail = Some(Tail {
@@ -167,7 +170,8 @@ fn segment_format(
 }
 
 /// The segment `JOURNAL_HEAD` records as the newest (or a newer one) must be there, and after
-/// a clean shutdown the journal must end exactly where it was left.
+/// a clean shutdown the journal must end exactly where it was left (if its newest segment is of
+/// this format; see `recover`).
 fn check_against_head(
     dir: &Path,
     store: &Store,
@@ -183,6 +187,7 @@ fn check_against_head(
         });
     }
     if let (Some(closed), Some(tail)) = (closed, tail)
+        && tail.format == FrameFormat::CURRENT
         && (tail.len != closed.segment_len || store.revision() != closed.revision)
     {
         return Err(JournalError::ChangedSinceShutdown {

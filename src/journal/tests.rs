@@ -731,6 +731,13 @@ fn a_format_1_data_directory_is_recovered_and_continued_in_format_2() {
     let old_tail = fs::read(&tail.path).unwrap();
     let mut journal =
         Journal::open(dir.path(), Some(tail), 61, u64::MAX, FaultSwitch::default()).unwrap();
+    assert!(
+        segments(dir.path())
+            .unwrap()
+            .iter()
+            .all(|(first, _)| *first < 61),
+        "no segment of the new format before a record needs one: an older build can still start"
+    );
     let newer = |revision: u64| {
         let update = ProfileUpdate {
             key: ProfileKey::new("2155", format!("new-{revision}")),
@@ -781,4 +788,38 @@ fn a_torn_format_1_tail_is_still_cut_and_a_damaged_format_1_length_refused() {
         error.to_string().contains("implausible frame length"),
         "{error}"
     );
+}
+
+#[test]
+fn a_clean_shutdown_mark_does_not_hold_against_an_older_build_appending_after_it() {
+    // Upgraded, stopped cleanly before any webhook, rolled back: the older build appends to
+    // its format 1 segment, knowing nothing of JOURNAL_HEAD. Upgraded again: no refusal.
+    let dir = format_1_data_dir();
+    let (_, recovered) = recovered(dir.path()).unwrap();
+    let tail = recovered.tail.unwrap();
+    let path = tail.path.clone();
+    Journal::open(dir.path(), Some(tail), 61, u64::MAX, FaultSwitch::default())
+        .unwrap()
+        .close()
+        .unwrap();
+    assert!(head::read(dir.path()).unwrap().unwrap().closed.is_some());
+    let newer = ProfileUpdate {
+        key: ProfileKey::new("2155", "rolled-back"),
+        at: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        fields: vec![(Field::TotalPoints, Some(Scalar::Int(1)))],
+        extras: vec![],
+    };
+    let payload = prost::Message::encode_to_vec(&BatchRecord {
+        updates: vec![UpdateRecord::new(61, &newer)],
+    });
+    let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&frame)
+        .unwrap();
+    assert_eq!(recovered_revision(dir.path()), 61);
 }

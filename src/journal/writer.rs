@@ -10,7 +10,7 @@
 //! [`Journal::close`] records where the journal ends (see [`super::head`]).
 //!
 //! Frames are always written in the current format: a recovered tail of an older format is not
-//! appended to, the journal continues in a new segment.
+//! appended to, the first append starts a new segment.
 //!
 //! This module does not read the journal back (see [`super::recovery`]) and does not decide
 //! what goes into a frame (the sequencer does).
@@ -53,6 +53,10 @@ pub struct Journal {
     needs_repair: bool,
     /// Size of the last frame that could not be written: what a probe writes.
     failed_frame_len: usize,
+    /// The current segment is of an older format: never appended to, the first append starts
+    /// a new segment. (Not at open: an older build can still start on a directory this build
+    /// has only recovered.)
+    older_format: bool,
 }
 
 /// The smallest probe write: one page, so a probe never succeeds only because the last page of
@@ -70,9 +74,9 @@ pub(super) fn segment_path(dir: &Path, first_revision: u64) -> PathBuf {
 
 impl Journal {
     /// Opens the journal for appending: at the recovered tail, or in a new segment whose first
-    /// revision is `next_revision` (also when the tail is of an older format). Records the
-    /// segment in `JOURNAL_HEAD`, which also clears a clean-shutdown mark: from now on the end
-    /// may be torn again.
+    /// revision is `next_revision`. A tail of an older format is never appended to: the first
+    /// append starts a new segment. Records the segment in `JOURNAL_HEAD`, which also clears a
+    /// clean-shutdown mark: from now on the end may be torn again.
     pub fn open(
         dir: &Path,
         tail: Option<Tail>,
@@ -80,36 +84,37 @@ impl Journal {
         segment_bytes: u64,
         faults: FaultSwitch,
     ) -> Result<Journal, JournalError> {
-        let current = tail.filter(|tail| {
-            let current = tail.format == FrameFormat::CURRENT;
-            if !current {
-                tracing::info!(
-                    segment = %tail.path.display(),
-                    format = tail.format.version(),
-                    "the last segment is of an older format: the journal continues in a new one"
-                );
-            }
-            current
-        });
-        let (path, file, len, segment_first) = match current {
+        let (path, file, len, segment_first, older_format) = match tail {
             Some(Tail {
                 path,
                 len,
                 first_revision,
-                ..
+                format,
             }) => {
                 let file = OpenOptions::new()
                     .append(true)
                     .open(&path)
                     .map_err(JournalError::io(&path, "open for append"))?;
-                (path, file, len, first_revision)
+                (
+                    path,
+                    file,
+                    len,
+                    first_revision,
+                    format != FrameFormat::CURRENT,
+                )
             }
             None => {
                 let path = segment_path(dir, next_revision);
                 let file = create_segment(&path, &faults)?;
-                (path, file, codec::HEADER_LEN as u64, next_revision)
+                (path, file, codec::HEADER_LEN as u64, next_revision, false)
             }
         };
+        if older_format {
+            tracing::info!(
+                segment = %path.display(),
+                "the last segment is of an older format: the first append starts a new one"
+            );
+        }
         head::write(
             dir,
             &JournalHead {
@@ -128,6 +133,7 @@ impl Journal {
             faults,
             needs_repair: false,
             failed_frame_len: 0,
+            older_format,
         })
     }
 
@@ -199,7 +205,7 @@ impl Journal {
             self.repair()?;
         }
         if let Some(first_revision) = first_revision
-            && self.len >= self.segment_bytes
+            && (self.len >= self.segment_bytes || self.older_format)
         {
             self.rotate(first_revision)?;
         }
@@ -254,6 +260,7 @@ impl Journal {
         self.path = path;
         self.segment_first = first_revision;
         self.len = codec::HEADER_LEN as u64;
+        self.older_format = false;
         Ok(())
     }
 
