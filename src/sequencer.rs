@@ -85,7 +85,12 @@ impl Sequencer {
         tracker: &TaskTracker,
     ) -> Sequencer {
         let (requests, inbox) = mpsc::channel(4 * MAX_BATCH);
-        let (writable_tx, writable) = watch::channel(true);
+        // A journal that could not even prepare its head (a full disk at start-up) starts not
+        // writable, so readiness does not say ready before the first probe succeeds.
+        let writable_now = durability
+            .as_ref()
+            .is_none_or(|durability| durability.journal.looks_writable());
+        let (writable_tx, writable) = watch::channel(writable_now);
         let task = Task {
             store,
             durable: durability.map(|durability| Durable {

@@ -226,9 +226,15 @@ impl Server {
             .into_future();
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<ProfileServiceServer<ProfileApi>>()
-            .await;
+        if *writable.borrow_and_update() {
+            health
+                .set_serving::<ProfileServiceServer<ProfileApi>>()
+                .await;
+        } else {
+            health
+                .set_not_serving::<ProfileServiceServer<ProfileApi>>()
+                .await;
+        }
         // Readiness follows the journal: NOT_SERVING while writes fail, so load balancers
         // send webhooks elsewhere until the disk recovers.
         let readiness = health.clone();

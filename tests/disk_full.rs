@@ -210,3 +210,54 @@ async fn a_snapshot_that_fails_for_lack_of_space_leaves_no_temporary_file() {
     );
     assert_eq!(binary.server_info().await.revision, 5);
 }
+
+/// A restart while the disk is full: the service starts and serves reads, readiness says not
+/// ready (webhooks would get 503), and all comes right once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_a_full_disk_serves_reads_and_is_not_ready_until_there_is_room() {
+    let disk = Tmpfs::mount("8m");
+    let data = disk.path().join("data");
+    let binary = Binary::start(&data, &[]).await;
+    let first = profile_updated("a", &at(1), json!({"total_points": 1}));
+    assert_eq!(binary.post(&first).await.0, 200);
+    binary.stop();
+
+    let filler = fill(disk.path());
+    let binary = Binary::start(&data, &[]).await;
+    assert_eq!(binary.server_info().await.revision, 1, "reads work");
+    assert_eq!(binary.ready().await, 503);
+    let mut health = binary.health().await;
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
+    assert_eq!(next_status().await, ServingStatus::NotServing);
+    let second = profile_updated("b", &at(2), json!({"total_points": 2}));
+    assert_eq!(binary.post(&second).await.0, 503);
+
+    std::fs::remove_file(filler).unwrap();
+    let status = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match next_status().await {
+                ServingStatus::NotServing => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        status.expect("ready once there is room"),
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        binary.post(&second).await,
+        (200, json!({"outcome": "applied", "revision": 2}))
+    );
+    binary.stop();
+    let binary = Binary::start(&data, &[]).await;
+    assert_eq!(binary.server_info().await.revision, 2);
+}

@@ -57,6 +57,9 @@ pub struct Journal {
     /// a new segment. (Not at open: an older build can still start on a directory this build
     /// has only recovered.)
     older_format: bool,
+    /// `JOURNAL_HEAD` does not name the current segment yet (or still has a clean-shutdown
+    /// mark): it is written before the next append.
+    head_pending: bool,
 }
 
 /// The smallest probe write: one page, so a probe never succeeds only because the last page of
@@ -115,14 +118,7 @@ impl Journal {
                 "the last segment is of an older format: the first append starts a new one"
             );
         }
-        head::write(
-            dir,
-            &JournalHead {
-                newest_segment: segment_first,
-                closed: None,
-            },
-        )?;
-        Ok(Journal {
+        let mut journal = Journal {
             dir: dir.to_owned(),
             file,
             path,
@@ -134,7 +130,32 @@ impl Journal {
             needs_repair: false,
             failed_frame_len: 0,
             older_format,
-        })
+            head_pending: true,
+        };
+        // Before any append, not necessarily now: a full disk must not keep the service from
+        // starting (reads work, webhooks get 503 until the head and the frame can be written).
+        if let Err(error) = journal.write_head() {
+            tracing::warn!(%error, "cannot update the journal head yet; appends retry it first");
+        }
+        Ok(journal)
+    }
+
+    /// Whether nothing is known to stand in the way of the next append: `false` after a failed
+    /// write not yet repaired, or while `JOURNAL_HEAD` could not be updated (a full disk at
+    /// start-up). The sequencer starts not writable (and probing) when this is `false`.
+    pub fn looks_writable(&self) -> bool {
+        !self.needs_repair && !self.head_pending
+    }
+
+    /// Records the current segment in `JOURNAL_HEAD`, which also clears a clean-shutdown mark.
+    fn write_head(&mut self) -> Result<(), JournalError> {
+        let head = JournalHead {
+            newest_segment: self.segment_first,
+            closed: None,
+        };
+        head::write(&self.dir, &head)?;
+        self.head_pending = false;
+        Ok(())
     }
 
     /// Marks the journal closed cleanly in `JOURNAL_HEAD` (the revision and length it ends
@@ -209,6 +230,9 @@ impl Journal {
         {
             self.rotate(first_revision)?;
         }
+        if self.head_pending {
+            self.write_head().map_err(into_io)?;
+        }
         Ok(())
     }
 
@@ -237,30 +261,20 @@ impl Journal {
         Ok(())
     }
 
-    /// Starts the segment `first_revision` and records it in `JOURNAL_HEAD` before it gets a
-    /// record: recovery then notices if it goes missing.
+    /// Starts the segment `first_revision`; it is recorded in `JOURNAL_HEAD` before it gets a
+    /// record, so recovery notices if it goes missing.
     fn rotate(&mut self, first_revision: u64) -> std::io::Result<()> {
         let path = segment_path(&self.dir, first_revision);
-        let head = JournalHead {
-            newest_segment: first_revision,
-            closed: None,
-        };
-        let file = create_segment(&path, &self.faults)
-            .and_then(|file| head::write(&self.dir, &head).map(|()| file))
-            .map_err(|error| {
-                // The message keeps the file and the step; the kind keeps what the OS said.
-                let kind = match &error {
-                    JournalError::Io { source, .. } => source.kind(),
-                    _ => std::io::ErrorKind::Other,
-                };
-                std::io::Error::new(kind, error.to_string())
-            })?;
+        let file = create_segment(&path, &self.faults).map_err(into_io)?;
         tracing::info!(segment = %path.display(), "journal segment started");
         self.file = file;
         self.path = path;
         self.segment_first = first_revision;
         self.len = codec::HEADER_LEN as u64;
         self.older_format = false;
+        // Recorded before the segment gets a record: `prepare` writes it next, and an append
+        // fails (and is retried) until it is written.
+        self.head_pending = true;
         Ok(())
     }
 
@@ -268,6 +282,16 @@ impl Journal {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// A journal error as the I/O error of an append: the message keeps the file and the step, the
+/// kind what the OS said.
+fn into_io(error: JournalError) -> std::io::Error {
+    let kind = match &error {
+        JournalError::Io { source, .. } => source.kind(),
+        _ => std::io::ErrorKind::Other,
+    };
+    std::io::Error::new(kind, error.to_string())
 }
 
 /// Creates the segment `path` with its header, atomically: written and synced under a
