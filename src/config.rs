@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::journal::DiscardPoint;
+
 /// Everything the service needs to start.
 #[derive(Clone, Parser)]
 #[command(name = "profile-state", version, about)]
@@ -73,6 +75,16 @@ pub struct Config {
     /// Keep everything in memory only: nothing survives a restart (tests, demos).
     #[arg(long, env = "PROFILE_STATE_EPHEMERAL")]
     pub ephemeral: bool,
+
+    /// After a refused start-up only: give up the journal from the point the refusal names
+    /// (`<segment>:<offset>`, as printed) on, and give the store a new store id so every
+    /// watcher starts over. Does nothing unless start-up stops exactly there.
+    #[arg(
+        long,
+        env = "PROFILE_STATE_DISCARD_JOURNAL_FROM",
+        value_name = "SEGMENT:OFFSET"
+    )]
+    pub discard_journal_from: Option<DiscardPoint>,
 
     /// Write a snapshot after this many journal records since the last one.
     #[arg(

@@ -2,8 +2,9 @@
 //!
 //! One process at a time: `LOCK` is held with an OS file lock for the life of the process, so a
 //! second process on the same directory refuses to start (a crashed process releases it). The
-//! store id is created once with the directory and never changes; clients compare it to tell a
-//! wiped store from a continued one. The journal and snapshots live directly in the directory;
+//! store id is created with the directory and changes only when acknowledged records are given
+//! up (an operator's `--discard-journal-from`): clients compare it to tell a store whose
+//! revisions they know from one whose revisions mean something else (wiped, or cut back). The journal and snapshots live directly in the directory;
 //! their format is `crate::journal`'s business, not this module's.
 
 use std::fs::{self, File, OpenOptions};
@@ -89,9 +90,22 @@ impl DataDir {
         &self.path
     }
 
-    /// The store id, created with the directory.
+    /// The store id, created with the directory (or by the last [`DataDir::renew_store_id`]).
     pub fn store_id(&self) -> &str {
         &self.store_id
+    }
+
+    /// Gives the store a new id, durably, and returns it: for when acknowledged records are
+    /// given up, so that no revision is ever reused under the same id (clients that compare
+    /// ids then start over). Written before anything is discarded: a crash in between leaves a
+    /// new id and the old records, which is harmless.
+    pub fn renew_store_id(&mut self) -> Result<&str, DataDirError> {
+        let path = self.path.join(STORE_ID_FILE);
+        let id = new_store_id();
+        write_atomically(&path, format!("{id}\n").as_bytes())
+            .map_err(IoError::on(&path, "write store id"))?;
+        self.store_id = id;
+        Ok(&self.store_id)
     }
 }
 
@@ -121,15 +135,19 @@ fn read_or_create_store_id(dir: &Path) -> Result<String, DataDirError> {
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the whole new one:
-/// temp file, fsync, rename, fsync the directory.
+/// temp file, fsync, rename, fsync the directory. A failure removes the temp file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temp = path.with_extension("tmp");
-    {
+    let written = (|| {
         let mut file = File::create(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
+        fs::rename(&temp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
     }
-    fs::rename(&temp, path)?;
+    written?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
@@ -154,7 +172,12 @@ mod tests {
             other => panic!("expected Locked, got {:?}", other.map(|d| d.store_id)),
         }
         drop(first);
-        let again = DataDir::open(&path).unwrap();
+        let mut again = DataDir::open(&path).unwrap();
         assert_eq!(again.store_id(), id, "the id survives a restart");
+
+        let renewed = again.renew_store_id().unwrap().to_owned();
+        assert_ne!(renewed, id);
+        drop(again);
+        assert_eq!(DataDir::open(&path).unwrap().store_id(), renewed, "durably");
     }
 }

@@ -44,6 +44,18 @@ pub enum Error {
         /// The oldest revision still in history.
         oldest: u64,
     },
+    /// A watch asked to resume revisions of another store (another store id) and did not want
+    /// a reset.
+    #[error(
+        "store_id {requested:?} is not this server's store ({current:?}): the revisions it \
+         knows mean something else here; read the current state and watch from there"
+    )]
+    StoreChanged {
+        /// The store id the watcher resumed with.
+        requested: String,
+        /// This server's store id.
+        current: String,
+    },
     /// A delivery with a valid signature that cannot be applied (it fails validation, or is a
     /// schema we do not understand); it is kept as the dead letter `id`, with this cause.
     #[error("{cause}")]
@@ -82,6 +94,7 @@ impl Error {
             Error::InvalidArgument { field, .. } => Some(field),
             Error::DeadLettered { cause, .. } => cause.field(),
             Error::RevisionInFuture { .. } | Error::Compacted { .. } => Some("start_revision"),
+            Error::StoreChanged { .. } => Some("store_id"),
             _ => None,
         }
     }

@@ -16,8 +16,9 @@
 //! - [`store`]: current profiles, the ordered key index, the recent change history and the
 //!   published revision; read by everyone, written by the sequencer (and by recovery, before
 //!   anything is served).
-//! - [`journal`]: the durable log of group commits, snapshots, compaction and recovery; and
-//!   [`data_dir`]: its directory, lock and store id.
+//! - [`journal`]: the durable log of group commits, snapshots, compaction and recovery;
+//!   [`data_dir`]: its directory, lock and store id; [`startup`]: recovery at start-up,
+//!   including the operator's explicit giving-up of a damaged journal.
 //! - [`watch`]: the watch layer beside the store: routes each committed batch (the
 //!   sequencer's commit hook) and runs one feed per subscriber: initial state, history replay,
 //!   live changes, progress.
@@ -44,6 +45,7 @@ pub mod monitoring;
 pub mod profile;
 pub mod sequencer;
 pub mod server;
+pub mod startup;
 pub mod status;
 pub mod store;
 pub mod watch;

@@ -9,7 +9,9 @@
 //!
 //! When the journal cannot be written, the batch's callers get `Unavailable` (a 503, so Gameball
 //! retries), nothing is committed, no revision is used, and the sequencer reports itself not
-//! writable; it probes the disk every second and reports writable again once a write succeeds.
+//! writable; every second it probes the path the next append will take (`Journal::probe`: the
+//! new segment if one is due, a write as large as the one that failed) and reports writable
+//! again only once that, or a real append, succeeds.
 //! It also starts snapshots in the background. It does not parse, validate or know about HTTP.
 //!
 //! The sequencer owns the commit: after the store published a batch it tells its
@@ -118,7 +120,12 @@ impl Sequencer {
         tracker: &TaskTracker,
     ) -> Sequencer {
         let (requests, inbox) = mpsc::channel(4 * MAX_BATCH);
-        let (writable_tx, writable) = watch::channel(true);
+        // A journal that could not even prepare its head (a full disk at start-up) starts not
+        // writable, so readiness does not say ready before the first probe succeeds.
+        let writable_now = durability
+            .as_ref()
+            .is_none_or(|durability| durability.journal.looks_writable());
+        let (writable_tx, writable) = watch::channel(writable_now);
         let task = Task {
             store,
             hook,
@@ -171,20 +178,29 @@ struct Durable {
 }
 
 impl Durable {
-    /// Appends and syncs one batch on a blocking thread (the sync would stall the runtime).
-    async fn append(&mut self, batch: BatchRecord) -> std::io::Result<u64> {
+    /// Runs `work` on the journal on a blocking thread (its syncs would stall the runtime).
+    async fn with_journal<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&mut Journal) -> T + Send + 'static,
+    ) -> T {
         let mut journal = self
             .journal
             .take()
-            .expect("the journal is back after every append");
-        let (journal, written) = tokio::task::spawn_blocking(move || {
-            let written = journal.append(&batch);
-            (journal, written)
+            .expect("the journal is back after every blocking call");
+        let (journal, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = work(&mut journal);
+            (journal, outcome)
         })
         .await
-        .expect("a journal append does not panic");
+        .expect("journal I/O does not panic");
         self.journal = Some(journal);
-        written
+        outcome
+    }
+
+    /// Appends and syncs one batch.
+    async fn append(&mut self, batch: BatchRecord) -> std::io::Result<u64> {
+        self.with_journal(move |journal| journal.append(&batch))
+            .await
     }
 
     /// Starts a snapshot in the background when enough was written since the last one.
@@ -278,6 +294,16 @@ impl Task {
                 durable.maybe_snapshot(&self.store, &self.tracker);
             }
         }
+        // The last step of a clean shutdown: recovery then knows where the journal ends, and
+        // treats any difference there as damage rather than a torn write.
+        if let Some(durable) = &mut self.durable {
+            match durable.with_journal(Journal::close).await {
+                Ok(()) => tracing::debug!(revision = self.store.revision(), "journal closed"),
+                Err(error) => {
+                    tracing::warn!(%error, "journal not marked closed; the next start checks it as after a crash")
+                }
+            }
+        }
         tracing::debug!("sequencer stopped");
     }
 
@@ -321,15 +347,24 @@ impl Task {
         Ok(())
     }
 
-    /// Tries an empty append: the disk is writable again when it succeeds.
+    /// Tries the path the next append will take (the segment it needs, a write as large as
+    /// the one that failed, a sync): writable again only when that works.
     async fn probe(&mut self) {
         let Some(durable) = &mut self.durable else {
             self.writable.send_replace(true);
             return;
         };
-        if durable.append(BatchRecord::default()).await.is_ok() {
-            tracing::info!("journal writes succeed again");
-            self.writable.send_replace(true);
+        let next_revision = self.store.revision() + 1;
+        match durable
+            .with_journal(move |journal| journal.probe(next_revision))
+            .await
+        {
+            Ok(()) => {
+                tracing::info!("journal writes succeed again");
+                self.writable.send_replace(true);
+            }
+            // Once a second while the disk refuses: DEBUG, the failed appends log at ERROR.
+            Err(error) => tracing::debug!(%error, "journal probe failed"),
         }
     }
 }

@@ -79,7 +79,7 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
             Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::RevisionInFuture { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            Error::Compacted { .. } => StatusCode::GONE,
+            Error::Compacted { .. } | Error::StoreChanged { .. } => StatusCode::GONE,
             Error::DeadLettered { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::DeadLetterNotFound { .. } => StatusCode::NOT_FOUND,
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -114,7 +114,7 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             }
             Error::NotFound { .. } | Error::DeadLetterNotFound { .. } => tonic::Code::NotFound,
             Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
-            Error::Compacted { .. } => tonic::Code::FailedPrecondition,
+            Error::Compacted { .. } | Error::StoreChanged { .. } => tonic::Code::FailedPrecondition,
             Error::Unavailable { .. } => tonic::Code::Unavailable,
         },
         Rejection::Unauthenticated { .. } => tonic::Code::Unauthenticated,

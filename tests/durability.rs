@@ -227,6 +227,75 @@ async fn a_failing_disk_gets_503_applies_nothing_and_recovers_by_itself() {
 }
 
 #[tokio::test]
+async fn readiness_stays_false_until_the_segment_that_could_not_be_created_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = durable(dir.path());
+    // Tiny segments: every batch after the first starts a new one.
+    config.segment_bytes = 1;
+    let server = Server::bind(config.clone()).await.unwrap();
+    let faults = server.journal_faults();
+    let service = TestService::serve(server);
+    let mut health = HealthClient::new(service.channel().await);
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: "gameball.profiles.v1.ProfileService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
+    assert_eq!(next_status().await, ServingStatus::Serving);
+    service
+        .update(&profile_updated("a", &at(1), json!({"total_points": 1})))
+        .await;
+
+    // The disk refuses the new segment (as a full one does); appends to the old one would work.
+    faults.fail_segment_creation(true);
+    let mut injected = faults.injected();
+    let body = profile_updated("b", &at(2), json!({"total_points": 2}));
+    let (status, answer) = service.post(&body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(next_status().await, ServingStatus::NotServing);
+    // The sequencer probes the disk every second: each probe must try what failed (creating
+    // the segment), so readiness stays false as long as webhooks would be refused.
+    let refused = *injected.borrow_and_update();
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        tokio::select! {
+            status = next_status() => panic!(
+                "readiness turned {status:?} while a new segment cannot be created and \
+                 webhooks get 503"
+            ),
+            probed = injected.wait_for(|count| *count >= refused + 2) => probed.map(|_| ()),
+        }
+    })
+    .await
+    .expect("the probe tries to create the segment")
+    .unwrap();
+    assert_eq!(service.admin_get("/readyz").await.0, 503);
+    assert_eq!(service.post(&body).await.0, 503, "still refused");
+
+    faults.fail_segment_creation(false);
+    // Every refused webhook repeats NOT_SERVING; what follows must be SERVING.
+    let status = loop {
+        match next_status().await {
+            ServingStatus::NotServing => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(status, ServingStatus::Serving);
+    assert_eq!(service.admin_get("/readyz").await.0, 200);
+    assert_eq!(
+        service.update(&body).await,
+        json!({"outcome": "applied", "revision": 2})
+    );
+    service.stop().await;
+
+    let service = TestService::start_with(config).await;
+    assert_eq!(service.server_info().await.revision, 2);
+    service.stop().await;
+}
+
+#[tokio::test]
 async fn a_second_process_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let first = Server::bind(durable(dir.path())).await.unwrap();
@@ -312,5 +381,60 @@ async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history(
         };
         assert_eq!(change.revision, revision);
     }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_watcher_resuming_with_another_store_id_is_reset_or_refused() {
+    let service = TestService::start().await;
+    service
+        .update(&profile_updated("a", &at(1), json!({"total_points": 1})))
+        .await;
+    let store_id = service.server_info().await.store_id;
+    let mut client = service.client().await;
+    let resume = |store_id: &str, fail_if_compacted| pb::WatchProfilesRequest {
+        start_revision: 2,
+        store_id: store_id.into(),
+        fail_if_compacted,
+        ..Default::default()
+    };
+
+    // Its revisions belong to another store: reset, then this store's state.
+    let mut stream = client
+        .watch_profiles(resume("another-store", false))
+        .await
+        .unwrap()
+        .into_inner();
+    let Event::Reset(reset) = next(&mut stream).await else {
+        panic!("expected Reset")
+    };
+    assert_eq!(reset.store_id, store_id);
+    assert!(reset.reason.contains("another-store"), "{}", reset.reason);
+    let Event::Change(existing) = next(&mut stream).await else {
+        panic!("expected the initial state")
+    };
+    assert_eq!(existing.profile.unwrap().customer_id, "a");
+    let Event::Synced(synced) = next(&mut stream).await else {
+        panic!("expected Synced")
+    };
+    assert_eq!(synced.revision, 1);
+
+    let refused = client
+        .watch_profiles(resume("another-store", true))
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("another-store"), "{refused}");
+
+    // The same store: resumes as usual.
+    let mut stream = client
+        .watch_profiles(resume(&store_id, true))
+        .await
+        .unwrap()
+        .into_inner();
+    let Event::Synced(synced) = next(&mut stream).await else {
+        panic!("expected Synced")
+    };
+    assert_eq!(synced.revision, 1);
     service.stop().await;
 }

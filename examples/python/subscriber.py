@@ -89,6 +89,8 @@ def main() -> int:
             send_initial_state=last_revision == 0,
             start_revision=last_revision + 1 if last_revision else 0,
             progress_interval_seconds=5,
+            # Resume only within the same store: another store id means Reset and a new start.
+            store_id=store_id or "",
         )
         try:
             with grpc.insecure_channel(args.target) as channel:
@@ -115,6 +117,7 @@ def main() -> int:
                     elif event == "reset":
                         print(f"reset: {response.reset.reason}", flush=True)
                         profiles.clear()
+                        store_id = response.reset.store_id
                     if args.until_revision and last_revision >= args.until_revision:
                         return 0
         except grpc.RpcError as error:

@@ -335,5 +335,8 @@ fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
             seconds => Duration::from_secs(u64::from(seconds)),
         },
         fail_if_compacted: request.fail_if_compacted,
+        store_id: Some(request.store_id)
+            .filter(|id| !id.is_empty())
+            .map(Arc::from),
     })
 }

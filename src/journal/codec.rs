@@ -1,7 +1,14 @@
 //! The on-disk format: file headers, checksummed frames, and the protobuf records inside them.
 //!
 //! Every journal segment and snapshot starts with an 8-byte magic and a little-endian `u32`
-//! format version. After it come frames: `len: u32 LE`, `crc32c(payload): u32 LE`, `payload`.
+//! format version; the frames after it follow that version:
+//!
+//! - format 2 (written): `len: u32 LE`, `crc32c(payload): u32 LE`, `crc32c(len and payload
+//!   crc): u32 LE`, `payload`. The header has its own checksum, so a damaged length is told
+//!   apart from a frame cut off by a crash: only a sound header's length is believed.
+//! - format 1 (read only, written by earlier builds): `len: u32 LE`, `crc32c(payload): u32 LE`,
+//!   `payload`. The length is unprotected.
+//!
 //! A journal frame holds one [`BatchRecord`] (one group commit); a snapshot holds a
 //! [`SnapshotHeader`] frame and then [`ProfileBatch`] frames. Records are protobuf (prost
 //! derive), so fields can be added without a format break. This module does no I/O.
@@ -12,20 +19,52 @@ use crate::profile::{
     EventTime, ExtraValue, Field, Profile, ProfileKey, ProfileUpdate, Register, Scalar, ScalarRef,
 };
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Magic of a journal segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"PSJOURNL";
 /// Magic of a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"PSSNAPSH";
+/// Magic of the journal's head file (`JOURNAL_HEAD`).
+pub const HEAD_MAGIC: [u8; 8] = *b"PSJHEAD\0";
 /// Bytes of the file header: magic and version.
 pub const HEADER_LEN: usize = 12;
-/// Bytes before a frame's payload: length and checksum.
-pub const FRAME_OVERHEAD: usize = 8;
 /// Largest frame accepted on read: larger lengths are corruption, not data.
 pub const MAX_FRAME: usize = 256 * 1024 * 1024;
 
-/// The header of a file with this magic.
+/// How the frames of a file are laid out, by its format version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameFormat {
+    /// Format 1: length and payload checksum.
+    V1,
+    /// Format 2: length, payload checksum and a checksum of those two.
+    V2,
+}
+
+impl FrameFormat {
+    /// The format this build writes.
+    pub const CURRENT: FrameFormat = FrameFormat::V2;
+
+    /// Bytes before a frame's payload.
+    pub const fn overhead(self) -> usize {
+        match self {
+            FrameFormat::V1 => 8,
+            FrameFormat::V2 => 12,
+        }
+    }
+
+    /// The format version number in file headers.
+    pub const fn version(self) -> u32 {
+        match self {
+            FrameFormat::V1 => 1,
+            FrameFormat::V2 => 2,
+        }
+    }
+}
+
+/// The header of a file with this magic, in the current format.
 pub fn file_header(magic: [u8; 8]) -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
     header[..8].copy_from_slice(&magic);
@@ -44,34 +83,58 @@ pub enum HeaderError {
     UnknownVersion(u32),
 }
 
-/// Checks a file's header against `magic`.
-pub fn check_header(bytes: &[u8], magic: [u8; 8]) -> Result<(), HeaderError> {
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderError::Short => write!(f, "the file header is cut off"),
+            HeaderError::WrongMagic => write!(f, "not this kind of file (wrong magic bytes)"),
+            HeaderError::UnknownVersion(version) if *version > FORMAT_VERSION => write!(
+                f,
+                "written in format {version} by a newer profile-state; this build reads formats \
+                 {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}: run the newer build (or restore \
+                 a backup taken before the upgrade)"
+            ),
+            HeaderError::UnknownVersion(version) => write!(
+                f,
+                "format {version} is not one this build reads (formats \
+                 {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
+            ),
+        }
+    }
+}
+
+/// Checks a file's header against `magic`; returns how its frames are laid out.
+pub fn check_header(bytes: &[u8], magic: [u8; 8]) -> Result<FrameFormat, HeaderError> {
     if bytes.len() < HEADER_LEN {
         return Err(HeaderError::Short);
     }
     if bytes[..8] != magic {
         return Err(HeaderError::WrongMagic);
     }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("four bytes"));
-    if version != FORMAT_VERSION {
-        return Err(HeaderError::UnknownVersion(version));
+    match u32::from_le_bytes(bytes[8..12].try_into().expect("four bytes")) {
+        1 => Ok(FrameFormat::V1),
+        2 => Ok(FrameFormat::V2),
+        other => Err(HeaderError::UnknownVersion(other)),
     }
-    Ok(())
 }
 
-/// Appends one frame carrying `message` to `out`.
+/// Appends one frame carrying `message` to `out`, in the current format.
 pub fn encode_frame(message: &impl Message, out: &mut Vec<u8>) {
     let payload = message.encode_to_vec();
     let len = u32::try_from(payload.len()).expect("a frame under 4 GiB");
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    let mut header = [0u8; 12];
+    header[..4].copy_from_slice(&len.to_le_bytes());
+    header[4..8].copy_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    let header_crc = crc32c::crc32c(&header[..8]);
+    header[8..].copy_from_slice(&header_crc.to_le_bytes());
+    out.extend_from_slice(&header);
     out.extend_from_slice(&payload);
 }
 
 /// One frame read from a buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
-    /// A frame whose checksum matches; the next frame starts at `next`.
+    /// A frame whose checksums match; the next frame starts at `next`.
     Valid {
         /// The payload.
         payload: &'a [u8],
@@ -81,50 +144,87 @@ pub enum Frame<'a> {
     /// Nothing left at this offset.
     End,
     /// No valid frame here.
-    Invalid {
-        /// Why.
-        reason: &'static str,
-        /// Where the frame claims to end, when its length is plausible.
-        claimed_end: Option<usize>,
+    Invalid(Invalid),
+}
+
+/// Why there is no valid frame at an offset, and what is known about where it would end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// Fewer bytes are left than a frame header has: a write cut off.
+    HeaderCutOff,
+    /// The header's checksum does not match (format 2): its length means nothing.
+    HeaderDamaged,
+    /// A length no frame has: a damaged header (format 1 has no header checksum).
+    ImplausibleLength,
+    /// The header is sound (format 1: plausible) but the data ends before the payload does.
+    PayloadCutOff {
+        /// Where the frame would end.
+        claimed_end: usize,
+    },
+    /// The payload's checksum does not match.
+    PayloadDamaged {
+        /// Where the frame ends.
+        claimed_end: usize,
     },
 }
 
-/// Reads the frame at `offset` of `bytes`.
-pub fn read_frame(bytes: &[u8], offset: usize) -> Frame<'_> {
+impl Invalid {
+    /// What is wrong, in words.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Invalid::HeaderCutOff => "frame header cut off",
+            Invalid::HeaderDamaged => "frame header checksum mismatch",
+            Invalid::ImplausibleLength => "implausible frame length",
+            Invalid::PayloadCutOff { .. } => "frame cut off",
+            Invalid::PayloadDamaged { .. } => "checksum mismatch",
+        }
+    }
+}
+
+/// Reads the frame at `offset` of `bytes`, laid out as `format`.
+pub fn read_frame(bytes: &[u8], offset: usize, format: FrameFormat) -> Frame<'_> {
     let rest = &bytes[offset.min(bytes.len())..];
     if rest.is_empty() {
         return Frame::End;
     }
-    if rest.len() < FRAME_OVERHEAD {
-        return Frame::Invalid {
-            reason: "frame header cut off",
-            claimed_end: None,
-        };
+    let overhead = format.overhead();
+    if rest.len() < overhead {
+        return Frame::Invalid(Invalid::HeaderCutOff);
     }
-    let len = u32::from_le_bytes(rest[..4].try_into().expect("four bytes")) as usize;
-    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("four bytes"));
+    let word = |at: usize| u32::from_le_bytes(rest[at..at + 4].try_into().expect("four bytes"));
+    if format == FrameFormat::V2 && crc32c::crc32c(&rest[..8]) != word(8) {
+        return Frame::Invalid(Invalid::HeaderDamaged);
+    }
+    let len = word(0) as usize;
     if len > MAX_FRAME {
-        return Frame::Invalid {
-            reason: "implausible frame length",
-            claimed_end: None,
-        };
+        return Frame::Invalid(match format {
+            FrameFormat::V1 => Invalid::ImplausibleLength,
+            // A sound header with a length we never write: damaged all the same.
+            FrameFormat::V2 => Invalid::HeaderDamaged,
+        });
     }
-    let claimed_end = offset + FRAME_OVERHEAD + len;
-    let Some(payload) = rest.get(FRAME_OVERHEAD..FRAME_OVERHEAD + len) else {
-        return Frame::Invalid {
-            reason: "frame cut off",
-            claimed_end: Some(claimed_end),
-        };
+    let claimed_end = offset + overhead + len;
+    let Some(payload) = rest.get(overhead..overhead + len) else {
+        return Frame::Invalid(Invalid::PayloadCutOff { claimed_end });
     };
-    if crc32c::crc32c(payload) != crc {
-        return Frame::Invalid {
-            reason: "checksum mismatch",
-            claimed_end: Some(claimed_end),
-        };
+    if crc32c::crc32c(payload) != word(4) {
+        return Frame::Invalid(Invalid::PayloadDamaged { claimed_end });
     }
     Frame::Valid {
         payload,
         next: claimed_end,
+    }
+}
+
+/// Where the frame at `offset` would end if its header can be believed: the length of a
+/// header whose own checksum matches (format 2), or any plausible length (format 1).
+pub fn claimed_end(bytes: &[u8], offset: usize, format: FrameFormat) -> Option<usize> {
+    match read_frame(bytes, offset, format) {
+        Frame::Valid { next, .. } => Some(next),
+        Frame::Invalid(
+            Invalid::PayloadCutOff { claimed_end } | Invalid::PayloadDamaged { claimed_end },
+        ) => Some(claimed_end),
+        _ => None,
     }
 }
 
@@ -241,6 +341,29 @@ pub struct ProfileRecord {
     /// Extra registers.
     #[prost(message, repeated, tag = "7")]
     pub extras: Vec<ExtraRecord>,
+}
+
+/// The journal's head file (`JOURNAL_HEAD`): what recovery must find, so that a segment
+/// removed or cut short by hand is noticed instead of its records being silently lost.
+#[derive(Clone, PartialEq, Message)]
+pub struct JournalHead {
+    /// First revision of the newest segment ever started: it, or a newer one, must be there.
+    #[prost(uint64, tag = "1")]
+    pub newest_segment: u64,
+    /// Set by a clean shutdown, cleared by the next start: where the journal ended.
+    #[prost(message, optional, tag = "2")]
+    pub closed: Option<ClosedAt>,
+}
+
+/// Where a cleanly closed journal ended: nothing after it can be a torn write.
+#[derive(Clone, PartialEq, Message)]
+pub struct ClosedAt {
+    /// The last revision written.
+    #[prost(uint64, tag = "1")]
+    pub revision: u64,
+    /// The length of the newest segment.
+    #[prost(uint64, tag = "2")]
+    pub segment_len: u64,
 }
 
 /// A record that does not make sense (a bug or a foreign file, since checksums passed).
@@ -439,32 +562,82 @@ mod tests {
         assert_eq!(decoded, profile);
     }
 
+    /// A frame as format 1 wrote it (this build no longer writes that format).
+    fn v1_frame(message: &impl Message, out: &mut Vec<u8>) {
+        let payload = message.encode_to_vec();
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+
     #[test]
     fn frames_detect_corruption_and_cut_offs() {
+        let v2 = FrameFormat::V2;
         let mut bytes = Vec::new();
         encode_frame(&UpdateRecord::new(1, &update()), &mut bytes);
         let end = bytes.len();
         encode_frame(&UpdateRecord::new(2, &update()), &mut bytes);
-        assert!(matches!(read_frame(&bytes, 0), Frame::Valid { next, .. } if next == end));
-        assert_eq!(read_frame(&bytes, bytes.len()), Frame::End);
-        assert!(matches!(
-            read_frame(&bytes[..bytes.len() - 1], end),
-            Frame::Invalid {
-                reason: "frame cut off",
-                ..
-            }
-        ));
-        bytes[FRAME_OVERHEAD + 3] ^= 0x40;
-        assert!(matches!(
-            read_frame(&bytes, 0),
-            Frame::Invalid { reason: "checksum mismatch", claimed_end: Some(e) } if e == end
-        ));
+        assert!(matches!(read_frame(&bytes, 0, v2), Frame::Valid { next, .. } if next == end));
+        assert_eq!(read_frame(&bytes, bytes.len(), v2), Frame::End);
+        assert_eq!(
+            read_frame(&bytes[..bytes.len() - 1], end, v2),
+            Frame::Invalid(Invalid::PayloadCutOff {
+                claimed_end: bytes.len()
+            })
+        );
+        assert_eq!(
+            read_frame(&bytes[..end + 11], end, v2),
+            Frame::Invalid(Invalid::HeaderCutOff)
+        );
+        let mut damaged = bytes.clone();
+        damaged[v2.overhead() + 3] ^= 0x40;
+        assert_eq!(
+            read_frame(&damaged, 0, v2),
+            Frame::Invalid(Invalid::PayloadDamaged { claimed_end: end })
+        );
+        assert_eq!(claimed_end(&damaged, 0, v2), Some(end));
+    }
+
+    #[test]
+    fn every_flipped_bit_of_a_header_is_caught_by_its_checksum() {
+        let mut bytes = Vec::new();
+        encode_frame(&UpdateRecord::new(1, &update()), &mut bytes);
+        for bit in 0..FrameFormat::V2.overhead() * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(
+                read_frame(&damaged, 0, FrameFormat::V2),
+                Frame::Invalid(Invalid::HeaderDamaged),
+                "bit {bit}"
+            );
+            assert_eq!(claimed_end(&damaged, 0, FrameFormat::V2), None);
+        }
+    }
+
+    #[test]
+    fn format_1_frames_are_still_read() {
+        let v1 = FrameFormat::V1;
+        let mut bytes = Vec::new();
+        v1_frame(&UpdateRecord::new(1, &update()), &mut bytes);
+        let end = bytes.len();
+        let Frame::Valid { payload, next } = read_frame(&bytes, 0, v1) else {
+            panic!("a format 1 frame reads back")
+        };
+        assert_eq!(next, end);
+        let decoded = UpdateRecord::decode(payload).unwrap();
+        assert_eq!(decoded.into_update().unwrap(), update());
+        // Its length is unprotected: only an impossible one is known to be damaged.
+        bytes[3] ^= 0x80;
+        assert_eq!(
+            read_frame(&bytes, 0, v1),
+            Frame::Invalid(Invalid::ImplausibleLength)
+        );
     }
 
     #[test]
     fn headers_name_what_is_wrong() {
         let header = file_header(SEGMENT_MAGIC);
-        assert_eq!(check_header(&header, SEGMENT_MAGIC), Ok(()));
+        assert_eq!(check_header(&header, SEGMENT_MAGIC), Ok(FrameFormat::V2));
         assert_eq!(
             check_header(&header[..5], SEGMENT_MAGIC),
             Err(HeaderError::Short)
@@ -473,11 +646,13 @@ mod tests {
             check_header(&header, SNAPSHOT_MAGIC),
             Err(HeaderError::WrongMagic)
         );
+        let mut old = header;
+        old[8] = 1;
+        assert_eq!(check_header(&old, SEGMENT_MAGIC), Ok(FrameFormat::V1));
         let mut future = header;
         future[8] = 9;
-        assert_eq!(
-            check_header(&future, SEGMENT_MAGIC),
-            Err(HeaderError::UnknownVersion(9))
-        );
+        let error = check_header(&future, SEGMENT_MAGIC).unwrap_err();
+        assert_eq!(error, HeaderError::UnknownVersion(9));
+        assert!(error.to_string().contains("newer profile-state"), "{error}");
     }
 }

@@ -2,14 +2,18 @@
 //!
 //! The sequencer appends each batch of numbered updates as one checksummed frame and syncs it
 //! (`fdatasync`) before anything reaches memory; concurrent webhooks therefore share one sync.
-//! Segments rotate by size and are named by their first revision. Snapshots (full profile state
-//! as of a revision) let old segments go; see [`snapshot`] for which are kept and why.
+//! Segments rotate by size and are named by their first revision; `JOURNAL_HEAD` ([`head`])
+//! records the newest one and, after a clean shutdown, where the journal ended. Snapshots (full
+//! profile state as of a revision) let old segments go; see [`snapshot`] for which are kept and
+//! why.
 //!
 //! Recovery loads a snapshot, replays every later record through the same merge the sequencer
 //! uses, and so rebuilds profiles, revisions and the watch history exactly. A torn last frame
 //! (a crash mid-write, never acknowledged) is cut off with a warning; any other damage stops
 //! start-up with the file and offset, because skipping it would silently lose acknowledged
-//! updates.
+//! updates ([`recovery`] has the exact rules). Such a refusal names the [`DiscardPoint`] an
+//! operator can pass to `--discard-journal-from` to give up the rest ([`discard`]); the store
+//! id changes first (`crate::startup`), so no revision is ever reused under the same id.
 //!
 //! Why our own segment log and not a crate: the log is small (append, sync, rotate, scan), the
 //! records are ours, and recovery must replay through our merge to rebuild the history, so a
@@ -17,24 +21,27 @@
 //! This module does not merge or number updates and knows nothing of HTTP or gRPC.
 
 pub mod codec;
+mod discard;
+pub mod head;
+pub mod recovery;
 pub mod snapshot;
+mod writer;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use prost::Message;
-
-use crate::data_dir::sync_dir;
 use crate::io_error::IoError;
-use crate::store::Store;
-use codec::{BatchRecord, Frame, HeaderError, SEGMENT_MAGIC};
+
+pub use discard::{Discarded, discard};
+pub use recovery::{Recovered, recover};
+pub use writer::{Journal, Tail};
 
 /// Segment files are `journal-<first revision, 20 digits>.log`.
-const SEGMENT_PREFIX: &str = "journal-";
-const SEGMENT_SUFFIX: &str = ".log";
+pub(crate) const SEGMENT_PREFIX: &str = "journal-";
+pub(crate) const SEGMENT_SUFFIX: &str = ".log";
 
 /// Everything that can go wrong reading or writing the journal.
 #[derive(Debug, thiserror::Error)]
@@ -42,29 +49,118 @@ pub enum JournalError {
     /// A filesystem operation failed.
     #[error(transparent)]
     Io(IoError),
-    /// A damaged record that is not the torn tail of the last segment.
+    /// A damaged record of a segment that cannot be a write a crash cut short.
     #[error(
-        "{path}: damaged record at offset {offset} ({reason}); acknowledged updates follow it, \
-         so start-up stops instead of skipping it: restore the file from a backup, or move it \
-         away to accept losing its updates"
+        "{path}: damaged record at offset {offset} ({reason}), not a write cut short by a crash: \
+         start-up stops rather than lose acknowledged updates; {}",
+        give_up(.path, *.offset, *.first_lost)
     )]
     Corrupt {
-        /// The file.
+        /// The segment.
+        path: PathBuf,
+        /// Where the damaged frame starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+        /// The first revision recovery could not read back.
+        first_lost: u64,
+    },
+    /// Revisions do not follow each other: the records before `found` are missing.
+    #[error(
+        "{path}: expected revision {expected} at offset {offset}, found {found}{}: the records \
+         in between are missing (a segment removed, cut short or damaged); {}",
+        .previous.as_ref().map(|previous| format!(
+            " (the segment before it, {}, ends at revision {})",
+            previous.display(),
+            .expected - 1
+        )).unwrap_or_default(),
+        give_up(.path, *.offset, *.expected)
+    )]
+    Gap {
+        /// The segment.
+        path: PathBuf,
+        /// Where the unexpected record (or the segment, at 0) starts.
+        offset: u64,
+        /// The revision that should come next.
+        expected: u64,
+        /// The revision found.
+        found: u64,
+        /// The segment that ends before `expected`, when the gap is between segments.
+        previous: Option<PathBuf>,
+    },
+    /// The newest segment `JOURNAL_HEAD` records is gone.
+    #[error(
+        "{path} is missing: {} records that the journal reached it, so the records from \
+         revision {first_lost} on may be gone; {}",
+        head::FILE,
+        give_up(.path, 0, *.first_lost)
+    )]
+    MissingSegment {
+        /// The segment that should be there.
+        path: PathBuf,
+        /// The first revision recovery could not read back.
+        first_lost: u64,
+    },
+    /// After a clean shutdown, the newest segment does not end where the shutdown left it.
+    #[error(
+        "{path}: ends at offset {offset} with revision {revision}, but the clean shutdown left \
+         it at offset {closed_len} with revision {closed_revision}: it was cut short or \
+         changed since; {}",
+        give_up(.path, (*.offset).min(*.closed_len), (*.revision).min(*.closed_revision) + 1)
+    )]
+    ChangedSinceShutdown {
+        /// The segment.
+        path: PathBuf,
+        /// Where its valid frames end.
+        offset: u64,
+        /// The last revision it holds.
+        revision: u64,
+        /// Its length at the clean shutdown.
+        closed_len: u64,
+        /// The last revision at the clean shutdown.
+        closed_revision: u64,
+    },
+    /// A damaged snapshot: nothing to skip or cut, it is all or nothing.
+    #[error(
+        "{path}: damaged snapshot at offset {offset} ({reason}): restore it from a backup of \
+         the data directory"
+    )]
+    DamagedSnapshot {
+        /// The snapshot.
         path: PathBuf,
         /// Where the damaged frame starts.
         offset: u64,
         /// What is wrong.
         reason: String,
     },
-    /// Revisions do not follow each other.
-    #[error("{path}: expected revision {expected}, found {found}: the journal has a gap")]
-    Gap {
-        /// The file.
+    /// The journal no longer starts at revision 1 and the snapshot it continues from is gone.
+    #[error(
+        "no snapshot to start from: the oldest journal segment {segment} starts at revision \
+         {first}, so a snapshot-<revision>.snap with a revision from {oldest} to {newest} is \
+         missing{found}: restore it from a backup of the data directory"
+    )]
+    MissingSnapshot {
+        /// The oldest segment.
+        segment: PathBuf,
+        /// Its first revision.
+        first: u64,
+        /// The oldest revision the missing snapshot can have.
+        oldest: u64,
+        /// The newest revision it can have (the last of the oldest segment, as far as known).
+        newest: String,
+        /// What snapshots there are instead, as a clause (empty when none).
+        found: String,
+    },
+    /// `JOURNAL_HEAD` cannot be read.
+    #[error(
+        "{path}: damaged ({reason}); it records which journal segments must exist: restore it \
+         from a backup, or remove it to start once without that check"
+    )]
+    DamagedHead {
+        /// The head file.
         path: PathBuf,
-        /// The revision that should come next.
-        expected: u64,
-        /// The revision found.
-        found: u64,
+        /// What is wrong.
+        reason: String,
     },
     /// A file this build cannot read.
     #[error("{path}: {reason}")]
@@ -76,7 +172,111 @@ pub enum JournalError {
     },
 }
 
+/// The end of a refusal that an operator can resolve by giving records up.
+fn give_up(path: &Path, offset: u64, first_lost: u64) -> String {
+    match DiscardPoint::at(path, offset) {
+        Some(point) => format!(
+            "restore the file from a backup, or give up revision {first_lost} and everything \
+             after it by starting once with --discard-journal-from {point} (the store then gets \
+             a new store id, so every watcher starts over)"
+        ),
+        None => "restore the file from a backup".into(),
+    }
+}
+
+/// Where an operator gives up the journal: everything from `offset` of `segment` on, and every
+/// later segment. Offset 0 gives up the whole segment. Written `<segment file name>:<offset>`,
+/// as refusals print it (`--discard-journal-from`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscardPoint {
+    /// The segment's first revision (its name).
+    pub segment_first: u64,
+    /// The first byte given up.
+    pub offset: u64,
+}
+
+impl DiscardPoint {
+    /// The point at `offset` of the segment `path`, if that is a segment's name.
+    pub fn at(path: &Path, offset: u64) -> Option<DiscardPoint> {
+        let name = path.file_name()?.to_str()?;
+        Some(DiscardPoint {
+            segment_first: segment_number(name)?,
+            offset,
+        })
+    }
+}
+
+fn segment_number(name: &str) -> Option<u64> {
+    name.strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)
+        .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))?
+        .parse()
+        .ok()
+}
+
+impl std::fmt::Display for DiscardPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let first = self.segment_first;
+        write!(
+            f,
+            "{SEGMENT_PREFIX}{first:020}{SEGMENT_SUFFIX}:{}",
+            self.offset
+        )
+    }
+}
+
+impl FromStr for DiscardPoint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<DiscardPoint, String> {
+        let usage = || {
+            format!(
+                "{text:?} is not <segment>:<offset> as a refused start-up prints it, e.g. \
+                 journal-00000000000000000001.log:12"
+            )
+        };
+        let (name, offset) = text.rsplit_once(':').ok_or_else(usage)?;
+        Ok(DiscardPoint {
+            segment_first: segment_number(name).ok_or_else(usage)?,
+            offset: offset.parse().map_err(|_| usage())?,
+        })
+    }
+}
+
 impl JournalError {
+    /// Where the operator can give the journal up to get past this error, and the first
+    /// revision that loses; `None` when giving records up would not help.
+    pub fn discard_point(&self) -> Option<(DiscardPoint, u64)> {
+        let (path, offset, first_lost) = match self {
+            JournalError::Corrupt {
+                path,
+                offset,
+                first_lost,
+                ..
+            } => (path, *offset, *first_lost),
+            JournalError::Gap {
+                path,
+                offset,
+                expected,
+                ..
+            } => (path, *offset, *expected),
+            JournalError::MissingSegment { path, first_lost } => (path, 0, *first_lost),
+            JournalError::ChangedSinceShutdown {
+                path,
+                offset,
+                revision,
+                closed_len,
+                closed_revision,
+            } => (
+                path,
+                (*offset).min(*closed_len),
+                (*revision).min(*closed_revision) + 1,
+            ),
+            _ => return None,
+        };
+        Some((DiscardPoint::at(path, offset)?, first_lost))
+    }
+
     fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> JournalError {
         let io = IoError::on(path, action);
         move |error| JournalError::Io(io(error))
@@ -86,48 +286,53 @@ impl JournalError {
 /// Makes journal writes fail on demand: the seam the disk-failure tests use. Cheap to clone;
 /// all clones share one switch. Off unless someone turns it on.
 #[derive(Clone, Default)]
-pub struct FaultSwitch(Arc<AtomicBool>);
+pub struct FaultSwitch(Arc<Faults>);
+
+#[derive(Default)]
+struct Faults {
+    writes: AtomicBool,
+    segment_creation: AtomicBool,
+    /// How many failures were injected so far, for tests to wait on.
+    injected: tokio::sync::watch::Sender<u64>,
+}
 
 impl FaultSwitch {
     /// Makes every following write and sync fail (`true`) or work again (`false`).
     pub fn fail_writes(&self, fail: bool) {
-        self.0.store(fail, Ordering::SeqCst);
+        self.0.writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes creating a journal segment fail (`true`) the way a full disk makes it fail: the
+    /// file is created, then writing its header fails. Appends into the current segment still
+    /// work, so only a rotation (and whatever tries one) fails.
+    pub fn fail_segment_creation(&self, fail: bool) {
+        self.0.segment_creation.store(fail, Ordering::SeqCst);
+    }
+
+    /// The number of failures injected so far: tests wait on it to know that a write (or the
+    /// sequencer's probe) was tried and refused.
+    pub fn injected(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.injected.subscribe()
     }
 
     fn check(&self) -> std::io::Result<()> {
-        if self.0.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other("injected write failure"));
+        self.refuse_if(&self.0.writes, "injected write failure")
+    }
+
+    fn check_segment_creation(&self) -> std::io::Result<()> {
+        self.refuse_if(
+            &self.0.segment_creation,
+            "injected failure writing a new segment (disk full)",
+        )
+    }
+
+    fn refuse_if(&self, switch: &AtomicBool, what: &str) -> std::io::Result<()> {
+        if switch.load(Ordering::SeqCst) {
+            self.0.injected.send_modify(|count| *count += 1);
+            return Err(std::io::Error::other(what.to_owned()));
         }
         Ok(())
     }
-}
-
-/// Where appends continue after recovery.
-#[derive(Debug)]
-pub struct Tail {
-    /// The last segment.
-    pub path: PathBuf,
-    /// Its length up to the last valid frame.
-    pub len: u64,
-}
-
-/// The append side of the journal, owned by the sequencer.
-pub struct Journal {
-    dir: PathBuf,
-    file: File,
-    path: PathBuf,
-    /// Bytes known good: the header and whole, synced frames.
-    len: u64,
-    segment_bytes: u64,
-    faults: FaultSwitch,
-    /// A failed append left bytes after `len` that could not be cut off yet.
-    needs_repair: bool,
-}
-
-fn segment_path(dir: &Path, first_revision: u64) -> PathBuf {
-    dir.join(format!(
-        "{SEGMENT_PREFIX}{first_revision:020}{SEGMENT_SUFFIX}"
-    ))
 }
 
 /// The journal segments in `dir`, by first revision.
@@ -158,506 +363,5 @@ fn numbered_files(
     Ok(files)
 }
 
-impl Journal {
-    /// Opens the journal for appending: at the recovered tail, or in a new segment whose first
-    /// revision is `next_revision`.
-    pub fn open(
-        dir: &Path,
-        tail: Option<Tail>,
-        next_revision: u64,
-        segment_bytes: u64,
-        faults: FaultSwitch,
-    ) -> Result<Journal, JournalError> {
-        let (path, file, len) = match tail {
-            Some(Tail { path, len }) => {
-                let file = OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .map_err(JournalError::io(&path, "open for append"))?;
-                (path, file, len)
-            }
-            None => {
-                let path = segment_path(dir, next_revision);
-                let file = create_segment(&path)?;
-                (path, file, codec::HEADER_LEN as u64)
-            }
-        };
-        Ok(Journal {
-            dir: dir.to_owned(),
-            file,
-            path,
-            len,
-            segment_bytes: segment_bytes.max(codec::HEADER_LEN as u64 + 1),
-            faults,
-            needs_repair: false,
-        })
-    }
-
-    /// Appends one batch as one frame and syncs it. Returns the bytes written. On failure,
-    /// nothing of the batch stays in the file (or it is cut off before the next append).
-    pub fn append(&mut self, batch: &BatchRecord) -> std::io::Result<u64> {
-        if self.needs_repair {
-            self.repair()?;
-        }
-        if let Some(first) = batch.updates.first()
-            && self.len >= self.segment_bytes
-        {
-            self.rotate(first.revision)?;
-        }
-        let mut frame = Vec::new();
-        codec::encode_frame(batch, &mut frame);
-        let written = self
-            .faults
-            .check()
-            .and_then(|()| self.file.write_all(&frame))
-            .and_then(|()| self.faults.check())
-            .and_then(|()| self.file.sync_data());
-        match written {
-            Ok(()) => {
-                self.len += frame.len() as u64;
-                Ok(frame.len() as u64)
-            }
-            Err(error) => {
-                self.needs_repair = true;
-                // Best effort now; if this fails too, the next append retries it first.
-                let _ = self.repair();
-                Err(error)
-            }
-        }
-    }
-
-    /// Cuts the file back to its last good frame.
-    fn repair(&mut self) -> std::io::Result<()> {
-        self.faults.check()?;
-        self.file.set_len(self.len)?;
-        self.file.sync_data()?;
-        self.needs_repair = false;
-        Ok(())
-    }
-
-    fn rotate(&mut self, first_revision: u64) -> std::io::Result<()> {
-        let path = segment_path(&self.dir, first_revision);
-        let file = create_segment(&path).map_err(|error| match error {
-            JournalError::Io(error) => error.into_io(),
-            other => std::io::Error::other(other.to_string()),
-        })?;
-        tracing::info!(segment = %path.display(), "journal segment started");
-        self.file = file;
-        self.path = path;
-        self.len = codec::HEADER_LEN as u64;
-        Ok(())
-    }
-
-    /// The directory the journal lives in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-}
-
-fn create_segment(path: &Path) -> Result<File, JournalError> {
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(path)
-        .map_err(JournalError::io(path, "create segment"))?;
-    file.write_all(&codec::file_header(SEGMENT_MAGIC))
-        .and_then(|()| file.sync_all())
-        .map_err(JournalError::io(path, "write segment header"))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-        .map_err(JournalError::io(path, "sync directory"))?;
-    Ok(file)
-}
-
-/// What recovery found and did.
-#[derive(Debug)]
-pub struct Recovered {
-    /// The snapshot loaded, if any.
-    pub snapshot: Option<u64>,
-    /// How many update records were replayed after it.
-    pub replayed: u64,
-    /// Where appends continue; `None` when there is no segment yet.
-    pub tail: Option<Tail>,
-}
-
-/// Rebuilds `store` from the snapshot and journal in `dir`: profiles, revision and history.
-///
-/// `replay` applies one batch of `(revision, update)` records to the store and fails if they
-/// do not produce exactly those revisions (it is the sequencer's merge).
-pub fn recover(
-    dir: &Path,
-    store: &Store,
-    mut replay: impl FnMut(Vec<codec::UpdateRecord>) -> Result<(), String>,
-) -> Result<Recovered, JournalError> {
-    let segments = segments(dir)?;
-    let snapshot = snapshot::choose(dir, segments.first().map(|(first, _)| *first))?;
-    if let Some((revision, path)) = &snapshot {
-        let read = snapshot::read(path, |profiles| store.restore(profiles, *revision))?;
-        if read != *revision {
-            return Err(JournalError::Corrupt {
-                path: path.clone(),
-                offset: codec::HEADER_LEN as u64,
-                reason: format!("the snapshot's header says revision {read}, its name {revision}"),
-            });
-        }
-    }
-    let mut replayed = 0;
-    let mut tail = None;
-    for (index, (_, path)) in segments.iter().enumerate() {
-        let is_last = index + 1 == segments.len();
-        // A segment wholly covered by the snapshot needs no reading.
-        if let Some((next_first, _)) = segments.get(index + 1)
-            && *next_first <= store.revision() + 1
-        {
-            continue;
-        }
-        let bytes = fs::read(path).map_err(JournalError::io(path, "read"))?;
-        match codec::check_header(&bytes, SEGMENT_MAGIC) {
-            Ok(()) => {}
-            Err(HeaderError::Short) if is_last => {
-                // Its creation was cut off by a crash: it never held a record.
-                tracing::warn!(segment = %path.display(), "removing a segment whose header was never completed");
-                fs::remove_file(path).map_err(JournalError::io(path, "remove"))?;
-                continue;
-            }
-            Err(error) => {
-                return Err(JournalError::Format {
-                    path: path.clone(),
-                    reason: format!(
-                        "not a journal segment of format {}: {error:?}",
-                        codec::FORMAT_VERSION
-                    ),
-                });
-            }
-        }
-        let mut offset = codec::HEADER_LEN;
-        loop {
-            match codec::read_frame(&bytes, offset) {
-                Frame::End => break,
-                Frame::Valid { payload, next } => {
-                    let batch =
-                        BatchRecord::decode(payload).map_err(|error| JournalError::Corrupt {
-                            path: path.clone(),
-                            offset: offset as u64,
-                            reason: format!("undecodable batch: {error}"),
-                        })?;
-                    let pending: Vec<_> = batch
-                        .updates
-                        .into_iter()
-                        .filter(|update| update.revision > store.revision())
-                        .collect();
-                    if let Some(update) = pending.first()
-                        && update.revision != store.revision() + 1
-                    {
-                        return Err(JournalError::Gap {
-                            path: path.clone(),
-                            expected: store.revision() + 1,
-                            found: update.revision,
-                        });
-                    }
-                    replayed += pending.len() as u64;
-                    if !pending.is_empty() {
-                        replay(pending).map_err(|reason| JournalError::Corrupt {
-                            path: path.clone(),
-                            offset: offset as u64,
-                            reason,
-                        })?;
-                    }
-                    offset = next;
-                }
-                Frame::Invalid {
-                    reason,
-                    claimed_end,
-                } => {
-                    // Only the last frame written can be torn, and nothing valid follows it.
-                    let valid_after = claimed_end.is_some_and(|end| {
-                        matches!(codec::read_frame(&bytes, end), Frame::Valid { .. })
-                    });
-                    if !is_last || valid_after {
-                        return Err(JournalError::Corrupt {
-                            path: path.clone(),
-                            offset: offset as u64,
-                            reason: reason.into(),
-                        });
-                    }
-                    let dropped = bytes.len() - offset;
-                    tracing::warn!(
-                        segment = %path.display(),
-                        offset,
-                        dropped_bytes = dropped,
-                        reason,
-                        "cutting off a torn last record (a crash mid-write; it was never acknowledged)"
-                    );
-                    let file = OpenOptions::new()
-                        .write(true)
-                        .open(path)
-                        .map_err(JournalError::io(path, "open to cut the torn tail"))?;
-                    file.set_len(offset as u64)
-                        .and_then(|()| file.sync_all())
-                        .map_err(JournalError::io(path, "cut the torn tail"))?;
-                    break;
-                }
-            }
-        }
-        if is_last {
-            tail = Some(Tail {
-                path: path.clone(),
-                len: offset as u64,
-            });
-        }
-    }
-    Ok(Recovered {
-        snapshot: snapshot.map(|(revision, _)| revision),
-        replayed,
-        tail,
-    })
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
-    use crate::sequencer;
-    use codec::UpdateRecord;
-
-    fn record(revision: u64) -> UpdateRecord {
-        let update = ProfileUpdate {
-            key: ProfileKey::new("2155", format!("c{}", revision % 7)),
-            at: chrono::DateTime::from_timestamp(1_700_000_000 + revision as i64, 0).unwrap(),
-            fields: vec![
-                (Field::GbCustomerId, Some(Scalar::Int(1))),
-                (Field::TotalPoints, Some(Scalar::Int(revision as i64))),
-            ],
-            extras: vec![],
-        };
-        UpdateRecord::new(revision, &update)
-    }
-
-    /// Writes `batches` batches of three records each; returns the journal.
-    fn write(dir: &Path, batches: u64, segment_bytes: u64) -> Journal {
-        let mut journal =
-            Journal::open(dir, None, 1, segment_bytes, FaultSwitch::default()).unwrap();
-        for batch in 0..batches {
-            let updates = (1..=3).map(|i| record(batch * 3 + i)).collect();
-            journal.append(&BatchRecord { updates }).unwrap();
-        }
-        journal
-    }
-
-    fn recovered(dir: &Path) -> Result<(Store, Recovered), JournalError> {
-        let store = Store::new(1000, "test");
-        let recovered = recover(dir, &store, |records| sequencer::replay(&store, records))?;
-        Ok((store, recovered))
-    }
-
-    fn only_segment(dir: &Path) -> PathBuf {
-        let segments = segments(dir).unwrap();
-        assert_eq!(segments.len(), 1);
-        segments[0].1.clone()
-    }
-
-    #[test]
-    fn recovery_replays_every_record_and_appending_continues() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 4, u64::MAX));
-        let (store, recovered) = recovered(dir.path()).unwrap();
-        assert_eq!(store.revision(), 12);
-        assert_eq!(recovered.replayed, 12);
-        assert_eq!(
-            store.history_from(1, 100).unwrap().len(),
-            12,
-            "history rebuilt"
-        );
-        let profile = store.get(&ProfileKey::new("2155", "c5")).unwrap();
-        assert_eq!(profile.get_int(Field::TotalPoints), Some(12));
-
-        let mut journal = Journal::open(
-            dir.path(),
-            recovered.tail,
-            13,
-            u64::MAX,
-            FaultSwitch::default(),
-        )
-        .unwrap();
-        journal
-            .append(&BatchRecord {
-                updates: vec![record(13)],
-            })
-            .unwrap();
-        assert_eq!(recovered_revision(dir.path()), 13);
-    }
-
-    fn recovered_revision(dir: &Path) -> u64 {
-        recovered(dir).unwrap().0.revision()
-    }
-
-    #[test]
-    fn a_torn_last_frame_is_cut_off() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 3, u64::MAX));
-        let path = only_segment(dir.path());
-        let whole = fs::metadata(&path).unwrap().len();
-        // Half of a fourth frame, as a crash mid-write leaves it.
-        let mut frame = Vec::new();
-        codec::encode_frame(
-            &BatchRecord {
-                updates: vec![record(10), record(11)],
-            },
-            &mut frame,
-        );
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(&frame[..frame.len() / 2]).unwrap();
-        drop(file);
-
-        let (store, recovered) = recovered(dir.path()).unwrap();
-        assert_eq!(store.revision(), 9, "the torn batch was never acknowledged");
-        assert_eq!(recovered.tail.unwrap().len, whole);
-        assert_eq!(
-            fs::metadata(&path).unwrap().len(),
-            whole,
-            "the torn bytes are gone"
-        );
-    }
-
-    #[test]
-    fn a_torn_frame_header_is_cut_off_too() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 2, u64::MAX));
-        let path = only_segment(dir.path());
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(&[0x55, 0x01, 0x00]).unwrap();
-        drop(file);
-        assert_eq!(recovered_revision(dir.path()), 6);
-    }
-
-    #[test]
-    fn damage_before_the_tail_stops_recovery_with_file_and_offset() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(write(dir.path(), 3, u64::MAX));
-        let path = only_segment(dir.path());
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[codec::HEADER_LEN + codec::FRAME_OVERHEAD + 5] ^= 0x01;
-        fs::write(&path, &bytes).unwrap();
-        match recovered(dir.path()) {
-            Err(JournalError::Corrupt {
-                path: at,
-                offset,
-                reason,
-            }) => {
-                assert_eq!(at, path);
-                assert_eq!(offset, codec::HEADER_LEN as u64);
-                assert_eq!(reason, "checksum mismatch");
-            }
-            other => panic!(
-                "expected Corrupt, got {:?}",
-                other.map(|(s, _)| s.revision())
-            ),
-        }
-    }
-
-    #[test]
-    fn a_snapshot_whose_header_disagrees_with_its_name_stops_recovery() {
-        let dir = tempfile::tempdir().unwrap();
-        let written = snapshot::write(dir.path(), 7, &[]).unwrap();
-        // Renamed by hand (or damaged): its name says 8, its header 7.
-        let renamed = written.with_file_name("snapshot-00000000000000000008.snap");
-        fs::rename(&written, &renamed).unwrap();
-        match recovered(dir.path()) {
-            Err(JournalError::Corrupt { path, reason, .. }) => {
-                assert_eq!(path, renamed);
-                assert_eq!(reason, "the snapshot's header says revision 7, its name 8");
-            }
-            other => panic!(
-                "expected Corrupt, got {:?}",
-                other.map(|(s, _)| s.revision())
-            ),
-        }
-    }
-
-    #[test]
-    fn a_failed_write_leaves_nothing_and_the_next_one_works() {
-        let dir = tempfile::tempdir().unwrap();
-        let faults = FaultSwitch::default();
-        let mut journal = Journal::open(dir.path(), None, 1, u64::MAX, faults.clone()).unwrap();
-        journal
-            .append(&BatchRecord {
-                updates: vec![record(1)],
-            })
-            .unwrap();
-        let path = only_segment(dir.path());
-        let good = fs::metadata(&path).unwrap().len();
-        faults.fail_writes(true);
-        assert!(
-            journal
-                .append(&BatchRecord {
-                    updates: vec![record(2)]
-                })
-                .is_err()
-        );
-        assert_eq!(fs::metadata(&path).unwrap().len(), good);
-        faults.fail_writes(false);
-        journal
-            .append(&BatchRecord {
-                updates: vec![record(2)],
-            })
-            .unwrap();
-        assert_eq!(recovered_revision(dir.path()), 2);
-    }
-
-    #[test]
-    fn segments_rotate_and_snapshots_compact_without_changing_state_or_history() {
-        let dir = tempfile::tempdir().unwrap();
-        // Small segments: a new one every few batches.
-        let mut journal = write(dir.path(), 20, 300);
-        assert!(segments(dir.path()).unwrap().len() > 3);
-        let (before, _) = recovered(dir.path()).unwrap();
-        assert_eq!(before.revision(), 60);
-
-        // A snapshot at 60 is inside the history window of 10 changes... nothing can go yet.
-        let taken = snapshot::take(dir.path(), &before, 10).unwrap();
-        assert_eq!((taken.revision, taken.profiles), (60, 7));
-        assert!(taken.removed.is_empty());
-        // 30 more changes: the snapshot at 60 is now below the window, so older files go.
-        for batch in 20..30 {
-            let updates = (1..=3).map(|i| record(batch * 3 + i)).collect();
-            journal.append(&BatchRecord { updates }).unwrap();
-        }
-        let (state, _) = recovered(dir.path()).unwrap();
-        let taken = snapshot::take(dir.path(), &state, 10).unwrap();
-        assert_eq!(taken.revision, 90);
-        assert!(
-            !taken.removed.is_empty(),
-            "segments before the snapshot at 60 are removed"
-        );
-        assert!(segments(dir.path()).unwrap().first().unwrap().0 > 1);
-
-        let (after, recovered) = recovered(dir.path()).unwrap();
-        assert_eq!(
-            recovered.snapshot,
-            Some(60),
-            "the base snapshot below the window"
-        );
-        assert_eq!(after.revision(), 90);
-        for customer in 0..7 {
-            let key = ProfileKey::new("2155", format!("c{customer}"));
-            assert_eq!(after.get(&key), state.get(&key), "same profile {customer}");
-        }
-        let history = |store: &Store| -> Vec<(u64, Vec<String>)> {
-            store
-                .history_from(81, 100)
-                .unwrap()
-                .iter()
-                .map(|c| {
-                    (
-                        c.revision,
-                        c.changed_fields.iter().map(ToString::to_string).collect(),
-                    )
-                })
-                .collect()
-        };
-        assert_eq!(
-            history(&after),
-            history(&state),
-            "the history window is rebuilt"
-        );
-    }
-}
+mod tests;

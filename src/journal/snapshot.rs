@@ -3,7 +3,8 @@
 //!
 //! A snapshot is `snapshot-<revision, 20 digits>.snap`: a header frame, then the profiles in
 //! chunks, each frame checksummed. It is written to a temp file, synced, renamed and the
-//! directory synced, so a crash leaves either no snapshot or a whole one.
+//! directory synced, so a crash leaves either no snapshot or a whole one; a failed write
+//! removes its temp file, and recovery removes one a crash left.
 //!
 //! Which files are kept: recovery replays the journal after a snapshot, and that replay is what
 //! rebuilds the watch history. So the snapshot recovery starts from must be older than the
@@ -17,13 +18,16 @@ use std::sync::Arc;
 
 use prost::Message;
 
-use super::codec::{self, Frame, ProfileBatch, ProfileRecord, SNAPSHOT_MAGIC, SnapshotHeader};
+use super::codec::{
+    self, Frame, FrameFormat, HeaderError, ProfileBatch, ProfileRecord, SNAPSHOT_MAGIC,
+    SnapshotHeader,
+};
 use super::{JournalError, numbered_files, segments};
 use crate::data_dir::sync_dir;
 use crate::profile::Profile;
 use crate::store::{Compacted, Store};
 
-const PREFIX: &str = "snapshot-";
+pub(super) const PREFIX: &str = "snapshot-";
 const SUFFIX: &str = ".snap";
 /// Profiles per frame.
 const CHUNK: usize = 1024;
@@ -37,43 +41,72 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     numbered_files(dir, PREFIX, SUFFIX)
 }
 
-/// The snapshot recovery starts from: none when the journal starts at revision 1 (replaying
-/// it all rebuilds the longest history), else the oldest one the journal continues from, or
-/// the newest one when there is no journal.
+/// The snapshot recovery starts from, given the journal's `segments` (first revision, path):
+/// none when the journal starts at revision 1 (replaying it all rebuilds the longest history),
+/// else the oldest one the journal continues from, or the newest one when there is no journal.
 pub fn choose(
     dir: &Path,
-    first_segment: Option<u64>,
+    segments: &[(u64, PathBuf)],
 ) -> Result<Option<(u64, PathBuf)>, JournalError> {
     let snapshots = list(dir)?;
-    let Some(first_segment) = first_segment else {
+    let Some((first_segment, segment)) = segments.first() else {
         return Ok(snapshots.into_iter().next_back());
     };
-    if first_segment <= 1 {
+    let first = *first_segment;
+    if first <= 1 {
         return Ok(None);
     }
-    let usable = snapshots
-        .into_iter()
-        .find(|(revision, _)| revision + 1 >= first_segment);
-    if usable.is_none() {
-        return Err(JournalError::Gap {
-            path: dir.to_owned(),
-            expected: 1,
-            found: first_segment,
-        });
+    if let Some(usable) = snapshots.iter().find(|(revision, _)| revision + 1 >= first) {
+        return Ok(Some(usable.clone()));
     }
-    Ok(usable)
+    // Compaction keeps the snapshot the oldest segment continues from: one whose revision is
+    // at least first - 1 and below the next segment's first revision.
+    let newest = match segments.get(1) {
+        Some((next_first, _)) => (next_first - 1).to_string(),
+        None => "the last one in it".into(),
+    };
+    let found = match snapshots.last() {
+        None => String::new(),
+        Some((_, path)) => format!(" ({} is too old)", path.display()),
+    };
+    Err(JournalError::MissingSnapshot {
+        segment: segment.clone(),
+        first,
+        oldest: first - 1,
+        newest,
+        found,
+    })
 }
 
-/// Writes a snapshot of `profiles`, all as of `revision`, atomically.
+/// Suffix of a snapshot being written; renamed to `.snap` once whole and synced.
+pub(super) const TEMP_SUFFIX: &str = ".snap.tmp";
+
+/// Writes a snapshot of `profiles`, all as of `revision`, atomically. On failure the temporary
+/// file is removed (a full disk still lets a file be removed; start-up removes one a crash
+/// left), so a failing snapshot never eats the space the journal needs.
 pub fn write(
     dir: &Path,
     revision: u64,
     profiles: &[Arc<Profile>],
 ) -> Result<PathBuf, JournalError> {
     let final_path = path(dir, revision);
-    let temp = final_path.with_extension("snap.tmp");
-    let io = |action| JournalError::io(&temp, action);
-    let file = File::create(&temp).map_err(io("create"))?;
+    let temp = dir.join(format!("{PREFIX}{revision:020}{TEMP_SUFFIX}"));
+    let written = write_then_rename(dir, &temp, &final_path, revision, profiles);
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written.map(|()| final_path)
+}
+
+fn write_then_rename(
+    dir: &Path,
+    temp: &Path,
+    final_path: &Path,
+    revision: u64,
+    profiles: &[Arc<Profile>],
+) -> Result<(), JournalError> {
+    let io = |action| JournalError::io(temp, action);
+    let file = File::create(temp).map_err(io("create"))?;
     let mut out = BufWriter::new(file);
     let mut frame = codec::file_header(SNAPSHOT_MAGIC).to_vec();
     codec::encode_frame(
@@ -99,9 +132,8 @@ pub fn write(
         .into_inner()
         .map_err(|error| io("write")(error.into_error()))?;
     file.sync_all().map_err(io("sync"))?;
-    fs::rename(&temp, &final_path).map_err(io("rename"))?;
-    sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))?;
-    Ok(final_path)
+    fs::rename(temp, final_path).map_err(io("rename"))?;
+    sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))
 }
 
 /// Chunks of decoded profiles in flight between the decoding thread and the loader: enough to
@@ -139,7 +171,7 @@ fn decode(
     mut file: impl Read,
     chunks: std::sync::mpsc::SyncSender<Vec<Profile>>,
 ) -> Result<u64, JournalError> {
-    let corrupt = |offset: u64, reason: String| JournalError::Corrupt {
+    let corrupt = |offset: u64, reason: String| JournalError::DamagedSnapshot {
         path: path.to_owned(),
         offset,
         reason,
@@ -147,21 +179,24 @@ fn decode(
     let mut buffer = Vec::new();
     read_up_to(&mut file, &mut buffer, codec::HEADER_LEN)
         .map_err(JournalError::io(path, "read"))?;
-    codec::check_header(&buffer, SNAPSHOT_MAGIC).map_err(|error| JournalError::Format {
-        path: path.to_owned(),
-        reason: format!(
-            "not a snapshot of format {}: {error:?}",
-            codec::FORMAT_VERSION
-        ),
-    })?;
+    let format = match codec::check_header(&buffer, SNAPSHOT_MAGIC) {
+        Ok(format) => format,
+        Err(error @ HeaderError::UnknownVersion(_)) => {
+            return Err(JournalError::Format {
+                path: path.to_owned(),
+                reason: format!("not a snapshot this build reads: {error}"),
+            });
+        }
+        Err(error) => return Err(corrupt(0, error.to_string())),
+    };
     let mut offset = codec::HEADER_LEN as u64;
     let mut header = None;
     let mut count = 0u64;
     loop {
-        read_frame(&mut file, &mut buffer).map_err(JournalError::io(path, "read"))?;
-        match codec::read_frame(&buffer, 0) {
+        read_frame(&mut file, &mut buffer, format).map_err(JournalError::io(path, "read"))?;
+        match codec::read_frame(&buffer, 0, format) {
             Frame::End => break,
-            Frame::Invalid { reason, .. } => return Err(corrupt(offset, reason.into())),
+            Frame::Invalid(invalid) => return Err(corrupt(offset, invalid.reason().into())),
             Frame::Valid { payload, next } => {
                 if header.is_none() {
                     let decoded = SnapshotHeader::decode(payload)
@@ -196,13 +231,17 @@ fn decode(
     Ok(header.revision)
 }
 
-/// Reads the next frame of `file` (length, checksum, payload) into `buffer`, for
-/// [`codec::read_frame`] to check at offset 0: empty at the end of the file, shorter than the
-/// frame claims when the file ends inside it, just the frame header when the length is
-/// implausible.
-fn read_frame(file: &mut impl Read, buffer: &mut Vec<u8>) -> std::io::Result<()> {
-    read_up_to(file, buffer, codec::FRAME_OVERHEAD)?;
-    if buffer.len() < codec::FRAME_OVERHEAD {
+/// Reads the next frame of `file` (header, payload) into `buffer`, for [`codec::read_frame`]
+/// to check at offset 0: empty at the end of the file, shorter than the frame claims when the
+/// file ends inside it, just the frame header when the length is implausible. The length is
+/// read before the header's checksum is checked; `read_frame` then rejects the frame.
+fn read_frame(
+    file: &mut impl Read,
+    buffer: &mut Vec<u8>,
+    format: FrameFormat,
+) -> std::io::Result<()> {
+    read_up_to(file, buffer, format.overhead())?;
+    if buffer.len() < format.overhead() {
         return Ok(());
     }
     let len = u32::from_le_bytes(buffer[..4].try_into().expect("four bytes")) as usize;
@@ -373,19 +412,20 @@ mod tests {
         let path = write(dir.path(), 2 * CHUNK as u64, &profiles(2 * CHUNK)).unwrap();
         let mut bytes = fs::read(&path).unwrap();
         // Find the second profile frame by walking the frames, then damage its payload.
-        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN) {
+        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT)
+        {
             Frame::Valid { next, .. } => next,
             _ => unreachable!("a snapshot just written starts with a valid header frame"),
         };
-        let second = match codec::read_frame(&bytes, header_frame) {
+        let second = match codec::read_frame(&bytes, header_frame, FrameFormat::CURRENT) {
             Frame::Valid { next, .. } => next,
             _ => unreachable!("the first profile frame is valid"),
         };
-        bytes[second + codec::FRAME_OVERHEAD + 3] ^= 0x01;
+        bytes[second + FrameFormat::CURRENT.overhead() + 3] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
         let (sizes, _, outcome) = read_all(&path);
         match outcome {
-            Err(JournalError::Corrupt {
+            Err(JournalError::DamagedSnapshot {
                 path: at,
                 offset,
                 reason,
@@ -394,7 +434,7 @@ mod tests {
                 assert_eq!(offset, second as u64);
                 assert_eq!(reason, "checksum mismatch");
             }
-            other => panic!("expected Corrupt, got {other:?}"),
+            other => panic!("expected DamagedSnapshot, got {other:?}"),
         }
         // The loader saw only what came before the damage (the caller discards it).
         assert_eq!(sizes, vec![CHUNK]);
@@ -405,30 +445,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), 10, &profiles(10)).unwrap();
         let bytes = fs::read(&path).unwrap();
-        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN) {
+        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT)
+        {
             Frame::Valid { next, .. } => next,
             _ => unreachable!("a snapshot just written starts with a valid header frame"),
         };
         fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
         let (sizes, _, outcome) = read_all(&path);
         match outcome {
-            Err(JournalError::Corrupt { offset, reason, .. }) => {
+            Err(JournalError::DamagedSnapshot { offset, reason, .. }) => {
                 assert_eq!(offset, header_frame as u64);
                 assert_eq!(reason, "frame cut off");
             }
-            other => panic!("expected Corrupt, got {other:?}"),
+            other => panic!("expected DamagedSnapshot, got {other:?}"),
         }
         assert!(sizes.is_empty());
     }
 
     #[test]
-    fn a_file_that_is_not_a_snapshot_is_a_format_error() {
+    fn a_snapshot_that_fails_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // The final name is taken by a directory, so the rename (the last step) fails.
+        fs::create_dir(path(dir.path(), 10)).unwrap();
+        let error = write(dir.path(), 10, &profiles(10)).unwrap_err();
+        assert!(error.to_string().contains("rename"), "{error}");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["snapshot-00000000000000000010.snap"],
+            "only the directory"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_snapshot_is_refused_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snapshot-00000000000000000001.snap");
         fs::write(&path, b"not a snapshot at all, just some bytes").unwrap();
         let (sizes, _, outcome) = read_all(&path);
         assert!(
-            matches!(&outcome, Err(JournalError::Format { path: at, .. }) if *at == path),
+            matches!(&outcome, Err(JournalError::DamagedSnapshot { path: at, .. }) if *at == path),
             "got {outcome:?}"
         );
         assert!(sizes.is_empty());

@@ -28,10 +28,11 @@ use crate::dead_letters::DeadLetters;
 use crate::grpc::auth::BearerAuth;
 use crate::grpc::transport;
 use crate::ingest::Ingest;
-use crate::journal::{self, FaultSwitch, Journal};
+use crate::journal::FaultSwitch;
 use crate::metrics::Metrics;
 use crate::monitoring::Monitoring;
-use crate::sequencer::{self, Durability, Sequencer};
+use crate::sequencer::{Durability, Sequencer};
+use crate::startup;
 use crate::store::Store;
 use crate::watch::Watchers;
 use crate::webhook::secrets::{SecretStore, Secrets};
@@ -241,9 +242,11 @@ async fn open_state(
         return Ok((store, None, None));
     }
     let (config, faults) = (config.clone(), faults.clone());
-    tokio::task::spawn_blocking(move || recover(&config, faults))
-        .await
-        .context("recovery task")?
+    let (store, durability, dir) =
+        tokio::task::spawn_blocking(move || startup::open_durable(&config, faults))
+            .await
+            .context("recovery task")??;
+    Ok((store, Some(durability), Some(dir)))
 }
 
 /// The dead letters, kept beside the journal and loaded before anything is served; in memory
@@ -388,41 +391,4 @@ fn reload_on_sighup(secrets: SecretStore, tracker: &TaskTracker, stopping: Cance
     });
     #[cfg(not(unix))]
     let _ = (secrets, tracker, stopping);
-}
-
-/// Opens the data directory and rebuilds the store from its snapshot and journal.
-fn recover(
-    config: &Config,
-    faults: FaultSwitch,
-) -> anyhow::Result<(Store, Option<Durability>, Option<DataDir>)> {
-    let started = std::time::Instant::now();
-    let dir = DataDir::open(&config.data_dir)?;
-    let store = Store::new(config.history_events, dir.store_id());
-    let recovered = journal::recover(dir.path(), &store, |records| {
-        sequencer::replay(&store, records)
-    })?;
-    let journal = Journal::open(
-        dir.path(),
-        recovered.tail,
-        store.revision() + 1,
-        config.segment_bytes,
-        faults,
-    )?;
-    tracing::info!(
-        data_dir = %dir.path().display(),
-        store_id = store.store_id(),
-        revision = store.revision(),
-        profiles = store.len(),
-        snapshot = ?recovered.snapshot,
-        replayed = recovered.replayed,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "recovered"
-    );
-    let durability = Durability {
-        journal,
-        snapshot_every_records: config.snapshot_every_records,
-        snapshot_every_bytes: config.snapshot_every_bytes,
-        history_events: config.history_events as u64,
-    };
-    Ok((store, Some(durability), Some(dir)))
 }

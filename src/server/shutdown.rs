@@ -32,7 +32,8 @@ pub(super) struct Health {
 }
 
 impl Health {
-    /// Reports ProfileService SERVING, then NOT_SERVING while journal writes fail (so load
+    /// Reports ProfileService SERVING (NOT_SERVING while the journal is not writable yet), then
+    /// NOT_SERVING while journal writes fail (so load
     /// balancers send webhooks elsewhere until the disk recovers) and SERVING again once one
     /// succeeds, until `stopping`. Returns the health service to serve.
     pub(super) async fn follow(
@@ -41,7 +42,13 @@ impl Health {
         stopping: CancellationToken,
     ) -> (Health, HealthServer<impl HealthService>) {
         let (reporter, service) = tonic_health::server::health_reporter();
-        reporter.set_serving::<Profiles>().await;
+        // Start from what the journal says now: a restart on a full disk serves reads but is
+        // not ready until a write succeeds.
+        if *writable.borrow_and_update() {
+            reporter.set_serving::<Profiles>().await;
+        } else {
+            reporter.set_not_serving::<Profiles>().await;
+        }
         let readiness = reporter.clone();
         tracker.spawn(async move {
             loop {

@@ -32,7 +32,11 @@ enum Start {
     /// History from `from`; `Synced` once `synced` has been passed.
     Replay { from: u64, synced: u64 },
     /// The requested position is gone: reset, then initial state.
-    Reset { reason: String, oldest: u64 },
+    Reset {
+        kind: ResetKind,
+        reason: String,
+        oldest: u64,
+    },
 }
 
 /// An opened subscription, ready to run.
@@ -56,7 +60,30 @@ impl Watch {
     ) -> Result<Watch, Error> {
         let current = store.revision();
         let next = current + 1;
+        // Resuming another store's revisions: they mean something else here.
+        let other_store = spec
+            .store_id
+            .as_deref()
+            .filter(|id| spec.start_revision > 0 && *id != store.store_id());
         let start = match spec.start_revision {
+            _ if other_store.is_some() => {
+                let requested = other_store.unwrap_or_default().to_owned();
+                if spec.fail_if_compacted {
+                    return Err(Error::StoreChanged {
+                        requested,
+                        current: store.store_id().to_owned(),
+                    });
+                }
+                Start::Reset {
+                    kind: ResetKind::StoreChanged,
+                    reason: format!(
+                        "store_id {requested} is not this server's store {}: the revisions it \
+                         knows mean something else here",
+                        store.store_id()
+                    ),
+                    oldest: store.oldest_in_history(),
+                }
+            }
             0 if spec.send_initial_state => Start::InitialState,
             0 => Start::Live { synced: current },
             requested if requested > next => {
@@ -73,6 +100,7 @@ impl Watch {
                     return Err(Error::Compacted { requested, oldest });
                 } else {
                     Start::Reset {
+                        kind: ResetKind::CompactedStart,
                         reason: format!(
                             "start_revision {requested} is older than the oldest revision in \
                              history {oldest}"
@@ -190,10 +218,14 @@ impl Feed {
                 *cursor = from;
                 return Ok(Some(synced));
             }
-            Start::Reset { reason, oldest } => {
+            Start::Reset {
+                kind,
+                reason,
+                oldest,
+            } => {
                 *cursor = oldest;
                 self.send(WatchEvent::Reset {
-                    kind: ResetKind::CompactedStart,
+                    kind,
                     reason,
                     revision: oldest,
                 })

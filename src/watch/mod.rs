@@ -116,6 +116,8 @@ pub enum ResetKind {
     FellBehind,
     /// The history moved on while its initial state was being sent.
     InitialState,
+    /// It resumed revisions of another store id (the store was replaced or cut back).
+    StoreChanged,
 }
 
 impl ResetKind {
@@ -125,6 +127,7 @@ impl ResetKind {
             ResetKind::CompactedStart => "compacted_start",
             ResetKind::FellBehind => "fell_behind",
             ResetKind::InitialState => "initial_state",
+            ResetKind::StoreChanged => "store_changed",
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct WatchSpec {
     pub progress_interval: Duration,
     /// Fail instead of resetting when the history no longer covers the cursor.
     pub fail_if_compacted: bool,
+    /// The store `start_revision` belongs to, if the subscriber said: another store's
+    /// revisions mean nothing here, so a different id resets (or fails).
+    pub store_id: Option<Arc<str>>,
 }
 
 /// One entry of a `fields` filter.

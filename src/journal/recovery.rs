@@ -1,0 +1,368 @@
+//! Recovery: the snapshot the journal continues from, then every later record replayed
+//! through the sequencer's merge; a write a crash cut short cut off, anything else refused.
+//!
+//! What counts as a torn write (cut off with a warning): only the last thing in the newest
+//! segment, only when the journal was not closed cleanly (`JOURNAL_HEAD`), and only when it
+//! looks like what a crash leaves: bytes missing at the end of the file, or a run of zeros
+//! within one disk sector (a sector that never reached the disk) with no valid frame after
+//! it. A bit flipped in a header or a payload is none of these, so it stops start-up naming
+//! the file and offset, and so does any damage before the end, a gap in the revisions, a
+//! segment `JOURNAL_HEAD` records that is gone, and a journal that does not end where a clean
+//! shutdown left it.
+//!
+//! This module does not merge or number anything itself (the `replay` callback does) and does
+//! not write the journal beyond cutting a torn tail.
+
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+
+use prost::Message;
+
+use super::codec::{
+    self, BatchRecord, ClosedAt, Frame, FrameFormat, HeaderError, Invalid, SEGMENT_MAGIC,
+};
+use super::writer::{TEMP_SUFFIX, Tail, segment_path};
+use super::{JournalError, SEGMENT_PREFIX, head, segments, snapshot};
+use crate::store::Store;
+
+/// What recovery found and did.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The snapshot loaded, if any.
+    pub snapshot: Option<u64>,
+    /// How many update records were replayed after it.
+    pub replayed: u64,
+    /// Where appends continue; `None` when there is no segment yet.
+    pub tail: Option<Tail>,
+}
+
+/// The unit a crash can leave unwritten inside a write that reached the file's length: such a
+/// sector reads back as zeros.
+const SECTOR: usize = 512;
+/// A torn write shows as at least this many zeros within one sector; shorter runs of zeros
+/// occur in frames (a length's high bytes, a zero value) and prove nothing.
+const MIN_ZEROED: usize = 8;
+/// The most payload bytes the search for a valid frame after damage checksums (format 1, whose
+/// lengths are unchecked, needs payload checksums to recognise a frame).
+const SEARCH_BUDGET: usize = 64 << 20;
+
+/// Rebuilds `store` from the snapshot and journal in `dir`: profiles, revision and history.
+///
+/// `replay` applies one batch of `(revision, update)` records to the store and fails if they
+/// do not produce exactly those revisions (it is the sequencer's merge).
+pub fn recover(
+    dir: &Path,
+    store: &Store,
+    mut replay: impl FnMut(Vec<codec::UpdateRecord>) -> Result<(), String>,
+) -> Result<Recovered, JournalError> {
+    remove_temporary_files(dir)?;
+    let head = head::read(dir)?;
+    let segments = segments(dir)?;
+    if head.is_none() && !segments.is_empty() {
+        tracing::warn!(
+            "no {} (a data directory of an earlier build): recovering without checking for \
+             a removed newest segment; the journal writes one now",
+            head::FILE
+        );
+    }
+    let snapshot = snapshot::choose(dir, &segments)?;
+    if let Some((revision, path)) = &snapshot {
+        load_snapshot(store, *revision, path)?;
+    }
+    let newest_recorded = head.as_ref().map_or(0, |head| head.newest_segment);
+    // After a clean shutdown nothing can be torn: the newest segment ends where it was left.
+    let closed = head
+        .and_then(|head| head.closed)
+        .filter(|_| segments.last().map(|(first, _)| *first) == Some(newest_recorded));
+    let mut replaying = Replaying {
+        store,
+        replay: &mut replay,
+        replayed: 0,
+    };
+    let mut tail = None;
+    for (index, (first, path)) in segments.iter().enumerate() {
+        let is_last = index + 1 == segments.len();
+        // A segment wholly covered by the snapshot needs no reading.
+        if let Some((next_first, _)) = segments.get(index + 1)
+            && *next_first <= store.revision() + 1
+        {
+            continue;
+        }
+        if *first > store.revision() + 1 {
+            return Err(JournalError::Gap {
+                path: path.clone(),
+                offset: 0,
+                expected: store.revision() + 1,
+                found: *first,
+                previous: index
+                    .checked_sub(1)
+                    .map(|before| segments[before].1.clone()),
+            });
+        }
+        let bytes = fs::read(path).map_err(JournalError::io(path, "read"))?;
+        let removable = is_last && *first != newest_recorded;
+        let Some(format) = segment_format(path, &bytes, removable, store)? else {
+            continue;
+        };
+        // A clean-shutdown mark speaks only for a segment of this format: an older build,
+        // which knows nothing of the mark, may have appended to an older one since.
+        let closed_here = closed.is_some() && format == FrameFormat::CURRENT;
+        let may_be_torn = is_last && !closed_here;
+        let end = replaying.segment(path, &bytes, format, may_be_torn)?;
+        if is_last {
+            tail = Some(Tail {
+                path: path.clone(),
+                len: end,
+                first_revision: *first,
+                format,
+            });
+        }
+    }
+    check_against_head(dir, store, newest_recorded, closed, tail.as_ref())?;
+    Ok(Recovered {
+        snapshot: snapshot.map(|(revision, _)| revision),
+        replayed: replaying.replayed,
+        tail,
+    })
+}
+
+/// Loads the snapshot `path` (as of `revision`) into the store.
+fn load_snapshot(store: &Store, revision: u64, path: &Path) -> Result<(), JournalError> {
+    let read = snapshot::read(path, |profiles| store.restore(profiles, revision))?;
+    if read != revision {
+        return Err(JournalError::DamagedSnapshot {
+            path: path.to_owned(),
+            offset: codec::HEADER_LEN as u64,
+            reason: format!("the snapshot's header says revision {read}, its name {revision}"),
+        });
+    }
+    Ok(())
+}
+
+/// How the segment `path` (its `bytes`) lays out its frames, from its file header; `None` when
+/// it is `removable` (the newest, and not the one `JOURNAL_HEAD` records) and its header was
+/// never completed, which a crash while an earlier build created it in place leaves: it is
+/// removed, it never held a record.
+fn segment_format(
+    path: &Path,
+    bytes: &[u8],
+    removable: bool,
+    store: &Store,
+) -> Result<Option<FrameFormat>, JournalError> {
+    match codec::check_header(bytes, SEGMENT_MAGIC) {
+        Ok(format) => Ok(Some(format)),
+        Err(HeaderError::Short) if removable => {
+            tracing::warn!(segment = %path.display(), "removing a segment whose header was never completed");
+            fs::remove_file(path).map_err(JournalError::io(path, "remove"))?;
+            Ok(None)
+        }
+        Err(error @ HeaderError::UnknownVersion(_)) => Err(JournalError::Format {
+            path: path.to_owned(),
+            reason: format!("not a journal segment this build reads: {error}"),
+        }),
+        Err(error) => Err(JournalError::Corrupt {
+            path: path.to_owned(),
+            offset: 0,
+            reason: error.to_string(),
+            first_lost: store.revision() + 1,
+        }),
+    }
+}
+
+/// The segment `JOURNAL_HEAD` records as the newest (or a newer one) must be there, and after
+/// a clean shutdown the journal must end exactly where it was left (if its newest segment is of
+/// this format; see `recover`).
+fn check_against_head(
+    dir: &Path,
+    store: &Store,
+    newest_recorded: u64,
+    closed: Option<ClosedAt>,
+    tail: Option<&Tail>,
+) -> Result<(), JournalError> {
+    let newest_present = tail.map_or(0, |tail| tail.first_revision);
+    if newest_present < newest_recorded {
+        return Err(JournalError::MissingSegment {
+            path: segment_path(dir, newest_recorded),
+            first_lost: store.revision() + 1,
+        });
+    }
+    if let (Some(closed), Some(tail)) = (closed, tail)
+        && tail.format == FrameFormat::CURRENT
+        && (tail.len != closed.segment_len || store.revision() != closed.revision)
+    {
+        return Err(JournalError::ChangedSinceShutdown {
+            path: tail.path.clone(),
+            offset: tail.len,
+            revision: store.revision(),
+            closed_len: closed.segment_len,
+            closed_revision: closed.revision,
+        });
+    }
+    Ok(())
+}
+
+/// Replays segments into the store.
+struct Replaying<'a, F> {
+    store: &'a Store,
+    replay: &'a mut F,
+    replayed: u64,
+}
+
+impl<F: FnMut(Vec<codec::UpdateRecord>) -> Result<(), String>> Replaying<'_, F> {
+    /// Replays the frames of one segment (`bytes`, laid out as `format`); returns where its
+    /// valid frames end. When `may_be_torn`, a torn last write is cut off the file.
+    fn segment(
+        &mut self,
+        path: &Path,
+        bytes: &[u8],
+        format: FrameFormat,
+        may_be_torn: bool,
+    ) -> Result<u64, JournalError> {
+        let mut offset = codec::HEADER_LEN;
+        loop {
+            let first_lost = self.store.revision() + 1;
+            let corrupt = |reason: String| JournalError::Corrupt {
+                path: path.to_owned(),
+                offset: offset as u64,
+                reason,
+                first_lost,
+            };
+            match codec::read_frame(bytes, offset, format) {
+                Frame::End => return Ok(offset as u64),
+                Frame::Valid { payload, next } => {
+                    let batch = BatchRecord::decode(payload)
+                        .map_err(|error| corrupt(format!("undecodable batch: {error}")))?;
+                    let pending: Vec<_> = batch
+                        .updates
+                        .into_iter()
+                        .filter(|update| update.revision >= first_lost)
+                        .collect();
+                    if let Some(update) = pending.first()
+                        && update.revision != first_lost
+                    {
+                        return Err(JournalError::Gap {
+                            path: path.to_owned(),
+                            offset: offset as u64,
+                            expected: first_lost,
+                            found: update.revision,
+                            previous: None,
+                        });
+                    }
+                    self.replayed += pending.len() as u64;
+                    if !pending.is_empty() {
+                        (self.replay)(pending).map_err(corrupt)?;
+                    }
+                    offset = next;
+                }
+                Frame::Invalid(invalid) => {
+                    if may_be_torn && is_torn(bytes, offset, format, invalid) {
+                        cut_torn_tail(path, bytes.len(), offset, invalid)?;
+                        return Ok(offset as u64);
+                    }
+                    return Err(corrupt(invalid.reason().into()));
+                }
+            }
+        }
+    }
+}
+
+/// Whether the invalid frame at `offset`, the last thing in the newest segment, is a write a
+/// crash cut short (never acknowledged): bytes missing at the end, or a sector left zero, and
+/// no valid frame after it. Anything else is damage to a frame that was acknowledged.
+fn is_torn(bytes: &[u8], offset: usize, format: FrameFormat, invalid: Invalid) -> bool {
+    match invalid {
+        Invalid::HeaderCutOff => true,
+        // A sound header's length is believed. Format 1's is unchecked: a valid frame further
+        // on means the length was damaged, not the write cut short.
+        Invalid::PayloadCutOff { .. } => {
+            format == FrameFormat::V2 || !valid_frame_after(bytes, offset + 1, format)
+        }
+        Invalid::HeaderDamaged => {
+            zeroed_sector(bytes, offset, bytes.len())
+                && !valid_frame_after(bytes, offset + 1, format)
+        }
+        // Bytes after a complete frame mean it was not the last write: it was acknowledged.
+        Invalid::PayloadDamaged { claimed_end } => {
+            claimed_end == bytes.len() && zeroed_sector(bytes, offset, claimed_end)
+        }
+        Invalid::ImplausibleLength => false,
+    }
+}
+
+/// Whether `bytes[from..to]` holds, within one sector, a run of at least [`MIN_ZEROED`] zeros
+/// that fills that sector's part of the range.
+fn zeroed_sector(bytes: &[u8], from: usize, to: usize) -> bool {
+    let mut start = from;
+    while start < to {
+        let end = ((start / SECTOR + 1) * SECTOR).min(to);
+        let chunk = &bytes[start..end];
+        if chunk.len() >= MIN_ZEROED && chunk.iter().all(|byte| *byte == 0) {
+            return true;
+        }
+        start = end;
+    }
+    false
+}
+
+/// Whether a valid frame with a payload starts anywhere from `from` on.
+fn valid_frame_after(bytes: &[u8], from: usize, format: FrameFormat) -> bool {
+    let mut budget = SEARCH_BUDGET;
+    for offset in from..bytes.len() {
+        let checked = match codec::read_frame(bytes, offset, format) {
+            Frame::Valid { payload, .. } if !payload.is_empty() => return true,
+            Frame::Valid { payload, .. } => payload.len(),
+            Frame::Invalid(Invalid::PayloadDamaged { claimed_end }) => claimed_end - offset,
+            _ => 0,
+        };
+        budget = budget.saturating_sub(checked);
+        if budget == 0 {
+            return false;
+        }
+    }
+    false
+}
+
+fn cut_torn_tail(
+    path: &Path,
+    len: usize,
+    offset: usize,
+    invalid: Invalid,
+) -> Result<(), JournalError> {
+    tracing::warn!(
+        segment = %path.display(),
+        offset,
+        dropped_bytes = len - offset,
+        reason = invalid.reason(),
+        "cutting off a torn last record (a crash mid-write; it was never acknowledged)"
+    );
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(JournalError::io(path, "open to cut the torn tail"))?;
+    file.set_len(offset as u64)
+        .and_then(|()| file.sync_all())
+        .map_err(JournalError::io(path, "cut the torn tail"))
+}
+
+/// Removes what an interrupted segment creation or snapshot left: a temporary file never
+/// renamed into place holds nothing recovery needs (and a snapshot's can be large).
+fn remove_temporary_files(dir: &Path) -> Result<(), JournalError> {
+    let temporary = [
+        (SEGMENT_PREFIX, TEMP_SUFFIX),
+        (snapshot::PREFIX, snapshot::TEMP_SUFFIX),
+    ];
+    for entry in fs::read_dir(dir).map_err(JournalError::io(dir, "list"))? {
+        let path = entry.map_err(JournalError::io(dir, "list"))?.path();
+        let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+            continue;
+        };
+        if temporary
+            .iter()
+            .any(|(prefix, suffix)| name.starts_with(prefix) && name.ends_with(suffix))
+        {
+            tracing::info!(file = %path.display(), "removing a file whose writing was cut off");
+            fs::remove_file(&path).map_err(JournalError::io(&path, "remove"))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,825 @@
+//! Unit tests of the journal: appends, rotation, recovery, torn tails and damage, the head
+//! file, giving records up, and the older format.
+//!
+//! Longer than our ~700 lines: the cases share one set of helpers (records, writing, recovering,
+//! flipping bits), and splitting them by topic would only copy those around.
+
+use super::*;
+use crate::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
+use crate::sequencer;
+use crate::store::Store;
+use codec::{BatchRecord, UpdateRecord};
+use std::fs::OpenOptions;
+use std::io::Write;
+
+fn record(revision: u64) -> UpdateRecord {
+    let update = ProfileUpdate {
+        key: ProfileKey::new("2155", format!("c{}", revision % 7)),
+        at: chrono::DateTime::from_timestamp(1_700_000_000 + revision as i64, 0).unwrap(),
+        fields: vec![
+            (Field::GbCustomerId, Some(Scalar::Int(1))),
+            (Field::TotalPoints, Some(Scalar::Int(revision as i64))),
+        ],
+        extras: vec![],
+    };
+    UpdateRecord::new(revision, &update)
+}
+
+/// Writes `batches` batches of three records each; returns the journal.
+fn write(dir: &Path, batches: u64, segment_bytes: u64) -> Journal {
+    let mut journal = Journal::open(dir, None, 1, segment_bytes, FaultSwitch::default()).unwrap();
+    for batch in 0..batches {
+        let updates = (1..=3).map(|i| record(batch * 3 + i)).collect();
+        journal.append(&BatchRecord { updates }).unwrap();
+    }
+    journal
+}
+
+fn recovered(dir: &Path) -> Result<(Store, Recovered), JournalError> {
+    let store = Store::new(1000, "test");
+    let recovered = recover(dir, &store, |records| sequencer::replay(&store, records))?;
+    Ok((store, recovered))
+}
+
+fn only_segment(dir: &Path) -> PathBuf {
+    let segments = segments(dir).unwrap();
+    assert_eq!(segments.len(), 1);
+    segments[0].1.clone()
+}
+
+#[test]
+fn recovery_replays_every_record_and_appending_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 4, u64::MAX));
+    let (store, recovered) = recovered(dir.path()).unwrap();
+    assert_eq!(store.revision(), 12);
+    assert_eq!(recovered.replayed, 12);
+    assert_eq!(
+        store.history_from(1, 100).unwrap().len(),
+        12,
+        "history rebuilt"
+    );
+    let profile = store.get(&ProfileKey::new("2155", "c5")).unwrap();
+    assert_eq!(profile.get_int(Field::TotalPoints), Some(12));
+
+    let mut journal = Journal::open(
+        dir.path(),
+        recovered.tail,
+        13,
+        u64::MAX,
+        FaultSwitch::default(),
+    )
+    .unwrap();
+    journal
+        .append(&BatchRecord {
+            updates: vec![record(13)],
+        })
+        .unwrap();
+    assert_eq!(recovered_revision(dir.path()), 13);
+}
+
+fn recovered_revision(dir: &Path) -> u64 {
+    recovered(dir).unwrap().0.revision()
+}
+
+#[test]
+fn a_torn_last_frame_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 3, u64::MAX));
+    let path = only_segment(dir.path());
+    let whole = fs::metadata(&path).unwrap().len();
+    // Half of a fourth frame, as a crash mid-write leaves it.
+    let mut frame = Vec::new();
+    codec::encode_frame(
+        &BatchRecord {
+            updates: vec![record(10), record(11)],
+        },
+        &mut frame,
+    );
+    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+    file.write_all(&frame[..frame.len() / 2]).unwrap();
+    drop(file);
+
+    let (store, recovered) = recovered(dir.path()).unwrap();
+    assert_eq!(store.revision(), 9, "the torn batch was never acknowledged");
+    assert_eq!(recovered.tail.unwrap().len, whole);
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        whole,
+        "the torn bytes are gone"
+    );
+}
+
+#[test]
+fn a_torn_frame_header_is_cut_off_too() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 2, u64::MAX));
+    let path = only_segment(dir.path());
+    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+    file.write_all(&[0x55, 0x01, 0x00]).unwrap();
+    drop(file);
+    assert_eq!(recovered_revision(dir.path()), 6);
+}
+
+#[test]
+fn damage_before_the_tail_stops_recovery_with_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 3, u64::MAX));
+    let path = only_segment(dir.path());
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[codec::HEADER_LEN + codec::FrameFormat::CURRENT.overhead() + 5] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    match recovered(dir.path()) {
+        Err(JournalError::Corrupt {
+            path: at,
+            offset,
+            reason,
+            ..
+        }) => {
+            assert_eq!(at, path);
+            assert_eq!(offset, codec::HEADER_LEN as u64);
+            assert_eq!(reason, "checksum mismatch");
+        }
+        other => panic!(
+            "expected Corrupt, got {:?}",
+            other.map(|(s, _)| s.revision())
+        ),
+    }
+}
+
+#[test]
+fn a_snapshot_whose_header_disagrees_with_its_name_stops_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = snapshot::write(dir.path(), 7, &[]).unwrap();
+    // Renamed by hand (or damaged): its name says 8, its header 7.
+    let renamed = written.with_file_name("snapshot-00000000000000000008.snap");
+    fs::rename(&written, &renamed).unwrap();
+    match recovered(dir.path()) {
+        Err(JournalError::DamagedSnapshot { path, reason, .. }) => {
+            assert_eq!(path, renamed);
+            assert_eq!(reason, "the snapshot's header says revision 7, its name 8");
+        }
+        other => panic!(
+            "expected Corrupt, got {:?}",
+            other.map(|(s, _)| s.revision())
+        ),
+    }
+}
+
+#[test]
+fn a_failed_write_leaves_nothing_and_the_next_one_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FaultSwitch::default();
+    let mut journal = Journal::open(dir.path(), None, 1, u64::MAX, faults.clone()).unwrap();
+    journal
+        .append(&BatchRecord {
+            updates: vec![record(1)],
+        })
+        .unwrap();
+    let path = only_segment(dir.path());
+    let good = fs::metadata(&path).unwrap().len();
+    faults.fail_writes(true);
+    assert!(
+        journal
+            .append(&BatchRecord {
+                updates: vec![record(2)]
+            })
+            .is_err()
+    );
+    assert_eq!(fs::metadata(&path).unwrap().len(), good);
+    faults.fail_writes(false);
+    journal
+        .append(&BatchRecord {
+            updates: vec![record(2)],
+        })
+        .unwrap();
+    assert_eq!(recovered_revision(dir.path()), 2);
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn batch(revisions: std::ops::RangeInclusive<u64>) -> BatchRecord {
+    BatchRecord {
+        updates: revisions.map(record).collect(),
+    }
+}
+
+#[test]
+fn a_segment_that_could_not_be_created_is_created_on_the_next_try() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FaultSwitch::default();
+    // Tiny segments: every append after the first needs a new one.
+    let mut journal = Journal::open(dir.path(), None, 1, 1, faults.clone()).unwrap();
+    journal.append(&batch(1..=3)).unwrap();
+    faults.fail_segment_creation(true);
+    assert!(journal.append(&batch(4..=6)).is_err());
+    assert_eq!(
+        file_names(dir.path()),
+        ["JOURNAL_HEAD", "journal-00000000000000000001.log"],
+        "no half-created segment is left behind"
+    );
+    faults.fail_segment_creation(false);
+    journal.append(&batch(4..=6)).unwrap();
+    assert_eq!(
+        file_names(dir.path()),
+        [
+            "JOURNAL_HEAD",
+            "journal-00000000000000000001.log",
+            "journal-00000000000000000004.log"
+        ]
+    );
+    assert_eq!(recovered_revision(dir.path()), 6);
+}
+
+#[test]
+fn the_probe_tries_the_segment_the_next_append_needs_and_leaves_no_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FaultSwitch::default();
+    let mut journal = Journal::open(dir.path(), None, 1, 1, faults.clone()).unwrap();
+    journal.append(&batch(1..=3)).unwrap();
+    let first = only_segment(dir.path());
+    let first_len = fs::metadata(&first).unwrap().len();
+    faults.fail_segment_creation(true);
+    assert!(journal.append(&batch(4..=6)).is_err());
+    let refused = *faults.injected().borrow();
+    assert!(
+        journal.probe(4).is_err(),
+        "the segment still cannot be created"
+    );
+    assert_eq!(*faults.injected().borrow(), refused + 1, "the probe tried");
+    assert_eq!(
+        fs::metadata(&first).unwrap().len(),
+        first_len,
+        "nothing written"
+    );
+
+    faults.fail_segment_creation(false);
+    journal.probe(4).unwrap();
+    let second = dir.path().join("journal-00000000000000000004.log");
+    assert_eq!(
+        fs::metadata(&second).unwrap().len(),
+        codec::HEADER_LEN as u64,
+        "the probe's bytes are cut off again"
+    );
+    journal.append(&batch(4..=6)).unwrap();
+    assert_eq!(segments(dir.path()).unwrap().len(), 2);
+    assert_eq!(recovered_revision(dir.path()), 6);
+}
+
+#[test]
+fn temporary_segments_and_snapshots_a_crash_left_are_removed_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 2, u64::MAX));
+    let temps = [
+        dir.path().join("journal-00000000000000000007.log.tmp"),
+        dir.path().join("snapshot-00000000000000000005.snap.tmp"),
+    ];
+    for temp in &temps {
+        fs::write(temp, b"PSJ").unwrap();
+    }
+    assert_eq!(recovered_revision(dir.path()), 6);
+    for temp in &temps {
+        assert!(!temp.exists(), "{}", temp.display());
+    }
+}
+
+#[test]
+fn a_missing_snapshot_is_reported_as_such_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    // Segments of one batch (three revisions) each: 1-3, 4-6, 7-9.
+    drop(write(dir.path(), 3, 1));
+    let old = snapshot::write(dir.path(), 1, &[]).unwrap();
+    // As after a compaction whose base snapshot (3, 4 or 5) was then lost.
+    fs::remove_file(dir.path().join("journal-00000000000000000001.log")).unwrap();
+    let error = recovered(dir.path()).err().expect("recovery refuses");
+    assert!(
+        matches!(&error, JournalError::MissingSnapshot { .. }),
+        "{error}"
+    );
+    let message = error.to_string();
+    for expected in [
+        "journal-00000000000000000004.log starts at revision 4",
+        "snapshot-<revision>.snap with a revision from 3 to 6 is missing",
+        &format!("{} is too old", old.display()),
+        "restore it from a backup",
+    ] {
+        assert!(message.contains(expected), "{expected:?} not in {message}");
+    }
+}
+
+#[test]
+fn segments_rotate_and_snapshots_compact_without_changing_state_or_history() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments: a new one every few batches.
+    let mut journal = write(dir.path(), 20, 300);
+    assert!(segments(dir.path()).unwrap().len() > 3);
+    let (before, _) = recovered(dir.path()).unwrap();
+    assert_eq!(before.revision(), 60);
+
+    // A snapshot at 60 is inside the history window of 10 changes... nothing can go yet.
+    let taken = snapshot::take(dir.path(), &before, 10).unwrap();
+    assert_eq!((taken.revision, taken.profiles), (60, 7));
+    assert!(taken.removed.is_empty());
+    // 30 more changes: the snapshot at 60 is now below the window, so older files go.
+    for batch in 20..30 {
+        let updates = (1..=3).map(|i| record(batch * 3 + i)).collect();
+        journal.append(&BatchRecord { updates }).unwrap();
+    }
+    let (state, _) = recovered(dir.path()).unwrap();
+    let taken = snapshot::take(dir.path(), &state, 10).unwrap();
+    assert_eq!(taken.revision, 90);
+    assert!(
+        !taken.removed.is_empty(),
+        "segments before the snapshot at 60 are removed"
+    );
+    assert!(segments(dir.path()).unwrap().first().unwrap().0 > 1);
+
+    let (after, recovered) = recovered(dir.path()).unwrap();
+    assert_eq!(
+        recovered.snapshot,
+        Some(60),
+        "the base snapshot below the window"
+    );
+    assert_eq!(after.revision(), 90);
+    for customer in 0..7 {
+        let key = ProfileKey::new("2155", format!("c{customer}"));
+        assert_eq!(after.get(&key), state.get(&key), "same profile {customer}");
+    }
+    let history = |store: &Store| -> Vec<(u64, Vec<String>)> {
+        store
+            .history_from(81, 100)
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c.revision,
+                    c.changed_fields.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        history(&after),
+        history(&state),
+        "the history window is rebuilt"
+    );
+}
+
+/// The offsets of the frames of a segment written by this build, and its length.
+fn frame_offsets(path: &Path) -> (Vec<usize>, usize) {
+    let bytes = fs::read(path).unwrap();
+    let mut offsets = Vec::new();
+    let mut offset = codec::HEADER_LEN;
+    while let codec::Frame::Valid { next, .. } =
+        codec::read_frame(&bytes, offset, codec::FrameFormat::CURRENT)
+    {
+        offsets.push(offset);
+        offset = next;
+    }
+    assert_eq!(offset, bytes.len(), "every frame is valid");
+    (offsets, bytes.len())
+}
+
+fn flip(path: &Path, byte: usize, bit: u8) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[byte] ^= 1 << bit;
+    fs::write(path, bytes).unwrap();
+}
+
+/// The refusal, which must be `Corrupt` at `offset` of `path`.
+fn refused_at(dir: &Path, path: &Path, offset: usize) -> JournalError {
+    match recovered(dir) {
+        Err(error @ JournalError::Corrupt { .. }) => {
+            let (point, _) = error.discard_point().unwrap();
+            assert_eq!(
+                point,
+                DiscardPoint::at(path, offset as u64).unwrap(),
+                "{error}"
+            );
+            error
+        }
+        other => panic!(
+            "expected Corrupt at {offset}, got {:?}",
+            other.map(|(store, _)| store.revision())
+        ),
+    }
+}
+
+#[test]
+fn a_flipped_bit_in_the_first_records_length_stops_recovery_naming_file_and_offset() {
+    // Issue 10, bug 2: bit 7 of byte 15 is the high byte of the first record's length.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 100, u64::MAX).close().unwrap();
+    let path = only_segment(dir.path());
+    flip(&path, 15, 7);
+    let error = refused_at(dir.path(), &path, codec::HEADER_LEN);
+    let message = error.to_string();
+    for expected in [
+        &format!("{}: damaged record at offset 12", path.display()),
+        "frame header checksum mismatch",
+        "give up revision 1 and everything after it",
+        "--discard-journal-from journal-00000000000000000001.log:12",
+        "new store id",
+    ] {
+        assert!(message.contains(expected), "{expected:?} not in {message}");
+    }
+    assert_eq!(
+        fs::metadata(&path).unwrap().len() as usize,
+        frame_offsets_len(&path)
+    );
+}
+
+/// The segment's length: refusing start-up must not cut anything.
+fn frame_offsets_len(path: &Path) -> usize {
+    fs::metadata(path).unwrap().len() as usize
+}
+
+#[test]
+fn a_flipped_bit_in_the_last_frame_after_a_crash_is_damage_not_a_torn_write() {
+    let dir = tempfile::tempdir().unwrap();
+    // Dropped, not closed: as after a crash, when a torn last write is possible.
+    drop(write(dir.path(), 10, u64::MAX));
+    let path = only_segment(dir.path());
+    let (offsets, len) = frame_offsets(&path);
+    let last = *offsets.last().unwrap();
+    for byte in [last + 1, last + 9, last + 20, len - 1] {
+        flip(&path, byte, 3);
+        refused_at(dir.path(), &path, last);
+        flip(&path, byte, 3);
+    }
+    assert_eq!(recovered_revision(dir.path()), 30, "undamaged again");
+}
+
+#[test]
+fn a_last_write_with_a_sector_that_never_reached_the_disk_is_cut_as_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 3, u64::MAX));
+    let path = only_segment(dir.path());
+    let good = fs::metadata(&path).unwrap().len() as usize;
+    // A fourth batch of ~1.5 KB whose second sector stayed zeros: the file got its length.
+    let updates = (10..=60).map(record).collect();
+    let mut frame = Vec::new();
+    codec::encode_frame(&BatchRecord { updates }, &mut frame);
+    let sector_start = 512 - good % 512;
+    assert!(frame.len() > sector_start + 1024, "{}", frame.len());
+    frame[sector_start..sector_start + 512].fill(0);
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&frame)
+        .unwrap();
+    assert_eq!(recovered_revision(dir.path()), 9);
+    assert_eq!(fs::metadata(&path).unwrap().len() as usize, good, "cut off");
+
+    // A last write of which only the length reached the disk: all zeros.
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&[0; 700])
+        .unwrap();
+    assert_eq!(recovered_revision(dir.path()), 9);
+    assert_eq!(fs::metadata(&path).unwrap().len() as usize, good, "cut off");
+}
+
+#[test]
+fn after_a_clean_shutdown_nothing_at_the_end_is_forgiven() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 10, u64::MAX).close().unwrap();
+    let path = only_segment(dir.path());
+    let (offsets, len) = frame_offsets(&path);
+    let last = *offsets.last().unwrap();
+    let bytes = fs::read(&path).unwrap();
+
+    // Cut at the last frame boundary: a valid journal, one record short of what was closed.
+    fs::write(&path, &bytes[..last]).unwrap();
+    match recovered(dir.path()) {
+        Err(error @ JournalError::ChangedSinceShutdown { .. }) => {
+            assert_eq!(
+                error.discard_point(),
+                Some((DiscardPoint::at(&path, last as u64).unwrap(), 28))
+            );
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("ends at offset {last} with revision 27")),
+                "{message}"
+            );
+            assert!(
+                message.contains(&format!("at offset {len} with revision 30")),
+                "{message}"
+            );
+        }
+        other => panic!(
+            "expected ChangedSinceShutdown, got {:?}",
+            other.map(|(s, _)| s.revision())
+        ),
+    }
+    // Cut inside the last frame: after a clean shutdown that is damage, not a torn write.
+    fs::write(&path, &bytes[..len - 3]).unwrap();
+    refused_at(dir.path(), &path, last);
+    assert_eq!(
+        fs::metadata(&path).unwrap().len() as usize,
+        len - 3,
+        "nothing cut"
+    );
+
+    // The same cut after a crash (no clean mark) is a torn write.
+    fs::write(&path, &bytes).unwrap();
+    drop(
+        Journal::open(
+            dir.path(),
+            recovered(dir.path()).unwrap().1.tail,
+            31,
+            u64::MAX,
+            FaultSwitch::default(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        head::read(dir.path()).unwrap().unwrap().closed,
+        None,
+        "opening clears the mark"
+    );
+    fs::write(&path, &bytes[..len - 3]).unwrap();
+    assert_eq!(recovered_revision(dir.path()), 27);
+}
+
+#[test]
+fn a_removed_newest_segment_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 6, 1));
+    let segments = segments(dir.path()).unwrap();
+    assert_eq!(segments.len(), 6);
+    let (_, newest) = segments.last().unwrap();
+    fs::remove_file(newest).unwrap();
+    match recovered(dir.path()) {
+        Err(error @ JournalError::MissingSegment { .. }) => {
+            assert_eq!(
+                error.discard_point(),
+                Some((DiscardPoint::at(newest, 0).unwrap(), 16))
+            );
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("{} is missing", newest.display())),
+                "{message}"
+            );
+            assert!(
+                message.contains("--discard-journal-from journal-00000000000000000016.log:0"),
+                "{message}"
+            );
+        }
+        other => panic!(
+            "expected MissingSegment, got {:?}",
+            other.map(|(s, _)| s.revision())
+        ),
+    }
+}
+
+#[test]
+fn giving_up_from_the_damage_keeps_everything_before_it_and_nothing_after() {
+    let dir = tempfile::tempdir().unwrap();
+    // Segments of one batch each (1-3, 4-6, ...), a snapshot at 9 and one at 24.
+    let mut journal = write(dir.path(), 3, 1);
+    let (store, _) = recovered(dir.path()).unwrap();
+    snapshot::take(dir.path(), &store, 1000).unwrap();
+    for batch in 3..8 {
+        journal.append(&batch_of(batch)).unwrap();
+    }
+    let (store, _) = recovered(dir.path()).unwrap();
+    snapshot::take(dir.path(), &store, 1000).unwrap();
+    drop(journal);
+    // Damage in the segment of revisions 13-15.
+    let damaged = dir.path().join("journal-00000000000000000013.log");
+    flip(&damaged, codec::HEADER_LEN + 20, 0);
+    let error = refused_at(dir.path(), &damaged, codec::HEADER_LEN);
+    let (point, first_lost) = error.discard_point().unwrap();
+    assert_eq!(first_lost, 13);
+
+    let discarded = discard(dir.path(), &point, first_lost).unwrap();
+    assert_eq!(
+        discarded.cut,
+        Some((damaged.clone(), codec::HEADER_LEN as u64))
+    );
+    let mut removed: Vec<_> = discarded
+        .removed
+        .iter()
+        .map(|path| path.file_name().unwrap().to_str().unwrap().to_owned())
+        .collect();
+    removed.sort();
+    assert_eq!(
+        removed,
+        [
+            "journal-00000000000000000016.log",
+            "journal-00000000000000000019.log",
+            "journal-00000000000000000022.log",
+            "snapshot-00000000000000000024.snap"
+        ]
+    );
+    let (store, recovered) = recovered(dir.path()).unwrap();
+    assert_eq!(store.revision(), 12);
+    assert_eq!(head::read(dir.path()).unwrap().unwrap().newest_segment, 13);
+    // Appends continue in the emptied segment, with the revision that was lost.
+    let mut journal =
+        Journal::open(dir.path(), recovered.tail, 13, 1, FaultSwitch::default()).unwrap();
+    journal.append(&batch_of(4)).unwrap();
+    assert_eq!(recovered_revision(dir.path()), 15);
+}
+
+/// Batch `n` of three records: revisions 3n+1 to 3n+3.
+fn batch_of(n: u64) -> BatchRecord {
+    batch(n * 3 + 1..=n * 3 + 3)
+}
+
+#[test]
+fn discard_points_read_as_refusals_print_them() {
+    let point: DiscardPoint = "journal-00000000000000000013.log:12".parse().unwrap();
+    assert_eq!(
+        point,
+        DiscardPoint {
+            segment_first: 13,
+            offset: 12
+        }
+    );
+    assert_eq!(point.to_string(), "journal-00000000000000000013.log:12");
+    for bad in [
+        "journal-13.log",
+        "snapshot-00000000000000000013.snap:0",
+        "journal-x.log:1",
+        "journal-00000000000000000013.log:-1",
+    ] {
+        let error = bad.parse::<DiscardPoint>().unwrap_err();
+        assert!(error.contains("<segment>:<offset>"), "{error}");
+    }
+}
+
+#[test]
+fn a_segment_of_a_newer_format_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 2, u64::MAX));
+    let path = only_segment(dir.path());
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[8] = 3;
+    fs::write(&path, bytes).unwrap();
+    let error = recovered(dir.path()).err().expect("refused");
+    assert!(matches!(error, JournalError::Format { .. }), "{error}");
+    assert!(
+        error.discard_point().is_none(),
+        "giving records up would not help"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("written in format 3 by a newer profile-state"),
+        "{message}"
+    );
+    assert!(message.contains("reads formats 1 to 2"), "{message}");
+}
+
+/// A copy of `tests/fixtures/format-1`: a data directory written by a build of format 1.
+fn format_1_data_dir() -> tempfile::TempDir {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-1");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(fixture).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name.to_str().unwrap().starts_with("journal-")
+            || name.to_str().unwrap().starts_with("snapshot-")
+        {
+            fs::copy(&path, dir.path().join(name)).unwrap();
+        }
+    }
+    dir
+}
+
+#[test]
+fn a_format_1_data_directory_is_recovered_and_continued_in_format_2() {
+    let dir = format_1_data_dir();
+    let (store, recovered) = recovered(dir.path()).unwrap();
+    assert_eq!(
+        recovered.snapshot,
+        Some(40),
+        "the compaction base, format 1"
+    );
+    assert_eq!(
+        (store.revision(), store.len(), recovered.replayed),
+        (60, 7, 20)
+    );
+    for customer in 0..7u64 {
+        // Webhook n went to customer n % 7 with total_points n * 10; the last one wins.
+        let last = (1..=60).filter(|n| n % 7 == customer).max().unwrap();
+        let profile = store
+            .get(&ProfileKey::new("2155", format!("c{customer}")))
+            .unwrap();
+        assert_eq!(profile.get_int(Field::TotalPoints), Some(last as i64 * 10));
+        assert_eq!(profile.revision, last);
+    }
+    assert_eq!(
+        store.history_from(41, 100).unwrap().len(),
+        20,
+        "history rebuilt"
+    );
+
+    let tail = recovered.tail.unwrap();
+    assert_eq!(tail.format, codec::FrameFormat::V1);
+    let old_tail = fs::read(&tail.path).unwrap();
+    let mut journal =
+        Journal::open(dir.path(), Some(tail), 61, u64::MAX, FaultSwitch::default()).unwrap();
+    assert!(
+        segments(dir.path())
+            .unwrap()
+            .iter()
+            .all(|(first, _)| *first < 61),
+        "no segment of the new format before a record needs one: an older build can still start"
+    );
+    let newer = |revision: u64| {
+        let update = ProfileUpdate {
+            key: ProfileKey::new("2155", format!("new-{revision}")),
+            at: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            fields: vec![(Field::TotalPoints, Some(Scalar::Int(1)))],
+            extras: vec![],
+        };
+        UpdateRecord::new(revision, &update)
+    };
+    let updates = vec![newer(61), newer(62)];
+    journal.append(&BatchRecord { updates }).unwrap();
+    journal.close().unwrap();
+    let new = dir.path().join("journal-00000000000000000061.log");
+    assert_eq!(
+        codec::check_header(&fs::read(&new).unwrap(), codec::SEGMENT_MAGIC),
+        Ok(codec::FrameFormat::V2),
+        "new records go to a new segment in the new format"
+    );
+    assert_eq!(
+        fs::read(dir.path().join("journal-00000000000000000045.log")).unwrap(),
+        old_tail,
+        "the old segment is left as it was"
+    );
+    assert_eq!(recovered_revision(dir.path()), 62);
+}
+
+#[test]
+fn a_torn_format_1_tail_is_still_cut_and_a_damaged_format_1_length_refused() {
+    let dir = format_1_data_dir();
+    let path = dir.path().join("journal-00000000000000000045.log");
+    let bytes = fs::read(&path).unwrap();
+    // The file ends inside its last frame (record 60), as a crash leaves it.
+    fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+    assert_eq!(recovered_revision(dir.path()), 59);
+
+    // The first record's length damaged so that it seems to run past the end: format 1 has no
+    // header checksum, but the valid frames after it show it is no torn write.
+    let mut damaged = bytes.clone();
+    damaged[codec::HEADER_LEN + 1] ^= 0x10;
+    fs::write(&path, &damaged).unwrap();
+    refused_at(dir.path(), &path, codec::HEADER_LEN);
+    // Issue 10's bit: the high byte of the first length. Refused, not cut off.
+    let mut damaged = bytes;
+    damaged[15] ^= 0x80;
+    fs::write(&path, &damaged).unwrap();
+    let error = refused_at(dir.path(), &path, codec::HEADER_LEN);
+    assert!(
+        error.to_string().contains("implausible frame length"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_clean_shutdown_mark_does_not_hold_against_an_older_build_appending_after_it() {
+    // Upgraded, stopped cleanly before any webhook, rolled back: the older build appends to
+    // its format 1 segment, knowing nothing of JOURNAL_HEAD. Upgraded again: no refusal.
+    let dir = format_1_data_dir();
+    let (_, recovered) = recovered(dir.path()).unwrap();
+    let tail = recovered.tail.unwrap();
+    let path = tail.path.clone();
+    Journal::open(dir.path(), Some(tail), 61, u64::MAX, FaultSwitch::default())
+        .unwrap()
+        .close()
+        .unwrap();
+    assert!(head::read(dir.path()).unwrap().unwrap().closed.is_some());
+    let newer = ProfileUpdate {
+        key: ProfileKey::new("2155", "rolled-back"),
+        at: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        fields: vec![(Field::TotalPoints, Some(Scalar::Int(1)))],
+        extras: vec![],
+    };
+    let payload = prost::Message::encode_to_vec(&BatchRecord {
+        updates: vec![UpdateRecord::new(61, &newer)],
+    });
+    let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&frame)
+        .unwrap();
+    assert_eq!(recovered_revision(dir.path()), 61);
+}

@@ -1,0 +1,351 @@
+//! The append side of the journal: one frame per group commit, synced, segments rotated by
+//! size, and a failed write cut off again.
+//!
+//! After a failed write, [`Journal::probe`] tries the same path an append would take (the
+//! repair, the new segment if one is due, a write of the failed frame's size and a sync), so a
+//! probe that succeeds means the next append of that size will. A new segment is written under
+//! a temporary name and renamed into place once its header is synced: a failure (a full disk)
+//! leaves no half-created segment behind, and the next try starts from scratch. Every new
+//! segment is recorded in `JOURNAL_HEAD` before it gets a record, and a clean
+//! [`Journal::close`] records where the journal ends (see [`super::head`]).
+//!
+//! Frames are always written in the current format: a recovered tail of an older format is not
+//! appended to, the first append starts a new segment.
+//!
+//! This module does not read the journal back (see [`super::recovery`]) and does not decide
+//! what goes into a frame (the sequencer does).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::codec::{self, BatchRecord, ClosedAt, FrameFormat, JournalHead, SEGMENT_MAGIC};
+use super::{FaultSwitch, JournalError, SEGMENT_PREFIX, SEGMENT_SUFFIX, head};
+use crate::data_dir::sync_dir;
+
+/// Where appends continue after recovery.
+#[derive(Debug)]
+pub struct Tail {
+    /// The last segment.
+    pub path: PathBuf,
+    /// Its length up to the last valid frame.
+    pub len: u64,
+    /// Its first revision (its name).
+    pub first_revision: u64,
+    /// How its frames are laid out.
+    pub format: FrameFormat,
+}
+
+/// The append side of the journal, owned by the sequencer.
+pub struct Journal {
+    dir: PathBuf,
+    file: File,
+    path: PathBuf,
+    /// The current segment's first revision (its name).
+    segment_first: u64,
+    /// The last revision appended (or recovered).
+    last_revision: u64,
+    /// Bytes known good: the header and whole, synced frames.
+    len: u64,
+    segment_bytes: u64,
+    faults: FaultSwitch,
+    /// A failed append left bytes after `len` that could not be cut off yet.
+    needs_repair: bool,
+    /// Size of the last frame that could not be written: what a probe writes.
+    failed_frame_len: usize,
+    /// The current segment is of an older format: never appended to, the first append starts
+    /// a new segment. (Not at open: an older build can still start on a directory this build
+    /// has only recovered.)
+    older_format: bool,
+    /// `JOURNAL_HEAD` does not name the current segment yet (or still has a clean-shutdown
+    /// mark): it is written before the next append.
+    head_pending: bool,
+}
+
+/// The smallest probe write: one page, so a probe never succeeds only because the last page of
+/// the segment still had room.
+const MIN_PROBE_BYTES: usize = 4096;
+
+/// Suffix of a segment being created; renamed to `.log` once its header is synced.
+pub(super) const TEMP_SUFFIX: &str = ".log.tmp";
+
+pub(super) fn segment_path(dir: &Path, first_revision: u64) -> PathBuf {
+    dir.join(format!(
+        "{SEGMENT_PREFIX}{first_revision:020}{SEGMENT_SUFFIX}"
+    ))
+}
+
+impl Journal {
+    /// Opens the journal for appending: at the recovered tail, or in a new segment whose first
+    /// revision is `next_revision`. A tail of an older format is never appended to: the first
+    /// append starts a new segment. Records the segment in `JOURNAL_HEAD`, which also clears a
+    /// clean-shutdown mark: from now on the end may be torn again.
+    pub fn open(
+        dir: &Path,
+        tail: Option<Tail>,
+        next_revision: u64,
+        segment_bytes: u64,
+        faults: FaultSwitch,
+    ) -> Result<Journal, JournalError> {
+        let (path, file, len, segment_first, older_format) = match tail {
+            Some(Tail {
+                path,
+                len,
+                first_revision,
+                format,
+            }) => {
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(JournalError::io(&path, "open for append"))?;
+                (
+                    path,
+                    file,
+                    len,
+                    first_revision,
+                    format != FrameFormat::CURRENT,
+                )
+            }
+            None => {
+                let path = segment_path(dir, next_revision);
+                let file = create_segment(&path, &faults)?;
+                (path, file, codec::HEADER_LEN as u64, next_revision, false)
+            }
+        };
+        if older_format {
+            tracing::info!(
+                segment = %path.display(),
+                "the last segment is of an older format: the first append starts a new one"
+            );
+        }
+        let mut journal = Journal {
+            dir: dir.to_owned(),
+            file,
+            path,
+            segment_first,
+            last_revision: next_revision - 1,
+            len,
+            segment_bytes: segment_bytes.max(codec::HEADER_LEN as u64 + 1),
+            faults,
+            needs_repair: false,
+            failed_frame_len: 0,
+            older_format,
+            head_pending: true,
+        };
+        // Before any append, not necessarily now: a full disk must not keep the service from
+        // starting (reads work, webhooks get 503 until the head and the frame can be written).
+        if let Err(error) = journal.write_head() {
+            tracing::warn!(%error, "cannot update the journal head yet; appends retry it first");
+        }
+        Ok(journal)
+    }
+
+    /// Whether nothing is known to stand in the way of the next append: `false` after a failed
+    /// write not yet repaired, or while `JOURNAL_HEAD` could not be updated (a full disk at
+    /// start-up). The sequencer starts not writable (and probing) when this is `false`.
+    pub fn looks_writable(&self) -> bool {
+        !self.needs_repair && !self.head_pending
+    }
+
+    /// Records the current segment in `JOURNAL_HEAD`, which also clears a clean-shutdown mark.
+    fn write_head(&mut self) -> Result<(), JournalError> {
+        let head = JournalHead {
+            newest_segment: self.segment_first,
+            closed: None,
+        };
+        head::write(&self.dir, &head)?;
+        self.head_pending = false;
+        Ok(())
+    }
+
+    /// Marks the journal closed cleanly in `JOURNAL_HEAD` (the revision and length it ends
+    /// at), so recovery treats any difference at its end as damage, not as a torn write. Call
+    /// it last, once nothing more is appended; a journal dropped without it counts as crashed.
+    pub fn close(&mut self) -> Result<(), JournalError> {
+        if self.needs_repair {
+            self.repair()
+                .map_err(JournalError::io(&self.path, "cut off a failed write"))?;
+        }
+        head::write(
+            &self.dir,
+            &JournalHead {
+                newest_segment: self.segment_first,
+                closed: Some(ClosedAt {
+                    revision: self.last_revision,
+                    segment_len: self.len,
+                }),
+            },
+        )
+    }
+
+    /// Appends one batch as one frame and syncs it. Returns the bytes written. On failure,
+    /// nothing of the batch stays in the file (or it is cut off before the next append).
+    pub fn append(&mut self, batch: &BatchRecord) -> std::io::Result<u64> {
+        let mut frame = Vec::new();
+        codec::encode_frame(batch, &mut frame);
+        let first_revision = batch.updates.first().map(|update| update.revision);
+        match self.append_frame(&frame, first_revision) {
+            Ok(()) => {
+                if let Some(last) = batch.updates.last() {
+                    self.last_revision = last.revision;
+                }
+                Ok(frame.len() as u64)
+            }
+            Err(error) => {
+                self.failed_frame_len = frame.len();
+                Err(error)
+            }
+        }
+    }
+
+    /// Tries what the next append would do, without recording anything: cuts off what a
+    /// failed write left, starts the segment that is due (named `next_revision`, the first
+    /// revision the next append will carry), writes and syncs as many bytes as the last frame
+    /// that failed, and cuts them off again. `Ok` means an append of that size would work now.
+    pub fn probe(&mut self, next_revision: u64) -> std::io::Result<()> {
+        self.prepare(Some(next_revision))?;
+        // Zeros: should a crash keep them, recovery reads them as a torn tail and cuts them.
+        let filler = vec![0; self.failed_frame_len.max(MIN_PROBE_BYTES)];
+        self.write_and_sync(&filler)?;
+        self.needs_repair = true;
+        self.repair()
+    }
+
+    /// Repairs, rotates if due, then writes and syncs `frame`.
+    fn append_frame(&mut self, frame: &[u8], first_revision: Option<u64>) -> std::io::Result<()> {
+        self.prepare(first_revision)?;
+        self.write_and_sync(frame)?;
+        self.len += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Cuts off what a failed write left, and starts a new segment (whose first revision is
+    /// `first_revision`) if the current one is full. A frame without updates never rotates.
+    fn prepare(&mut self, first_revision: Option<u64>) -> std::io::Result<()> {
+        if self.needs_repair {
+            self.repair()?;
+        }
+        if let Some(first_revision) = first_revision
+            && (self.len >= self.segment_bytes || self.older_format)
+        {
+            self.rotate(first_revision)?;
+        }
+        if self.head_pending {
+            self.write_head().map_err(into_io)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` after the good frames and syncs; on failure, cuts them off again (now, or
+    /// before the next write if that fails too).
+    fn write_and_sync(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let written = self
+            .faults
+            .check()
+            .and_then(|()| self.file.write_all(bytes))
+            .and_then(|()| self.faults.check())
+            .and_then(|()| self.file.sync_data());
+        if written.is_err() {
+            self.needs_repair = true;
+            let _ = self.repair();
+        }
+        written
+    }
+
+    /// Cuts the file back to its last good frame.
+    fn repair(&mut self) -> std::io::Result<()> {
+        self.faults.check()?;
+        self.file.set_len(self.len)?;
+        self.file.sync_data()?;
+        self.needs_repair = false;
+        Ok(())
+    }
+
+    /// Starts the segment `first_revision`; it is recorded in `JOURNAL_HEAD` before it gets a
+    /// record, so recovery notices if it goes missing.
+    fn rotate(&mut self, first_revision: u64) -> std::io::Result<()> {
+        let path = segment_path(&self.dir, first_revision);
+        let file = create_segment(&path, &self.faults).map_err(into_io)?;
+        tracing::info!(segment = %path.display(), "journal segment started");
+        self.file = file;
+        self.path = path;
+        self.segment_first = first_revision;
+        self.len = codec::HEADER_LEN as u64;
+        self.older_format = false;
+        // Recorded before the segment gets a record: `prepare` writes it next, and an append
+        // fails (and is retried) until it is written.
+        self.head_pending = true;
+        Ok(())
+    }
+
+    /// The directory the journal lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// A journal error as the I/O error of an append: the message keeps the file and the step, the
+/// kind what the OS said.
+fn into_io(error: JournalError) -> std::io::Error {
+    let kind = match &error {
+        JournalError::Io(error) => error.kind(),
+        _ => std::io::ErrorKind::Other,
+    };
+    std::io::Error::new(kind, error.to_string())
+}
+
+/// Creates the segment `path` with its header, atomically: written and synced under a
+/// temporary name, then renamed into place and the directory synced. On failure the temporary
+/// file is removed (recovery removes one a crash left).
+fn create_segment(path: &Path, faults: &FaultSwitch) -> Result<File, JournalError> {
+    let temp = temp_path(path);
+    let created = write_segment_header(path, &temp, faults);
+    if created.is_err() {
+        // Best effort: a full disk still lets a file be removed.
+        let _ = fs::remove_file(&temp);
+    }
+    created
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_stem().unwrap_or_default().to_owned();
+    name.push(TEMP_SUFFIX);
+    path.with_file_name(name)
+}
+
+fn write_segment_header(
+    path: &Path,
+    temp: &Path,
+    faults: &FaultSwitch,
+) -> Result<File, JournalError> {
+    match fs::remove_file(temp) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(JournalError::io(temp, "remove a stale new segment")(error)),
+    }
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(temp)
+        .map_err(JournalError::io(temp, "create segment"))?;
+    faults
+        .check_segment_creation()
+        .and_then(|()| file.write_all(&codec::file_header(SEGMENT_MAGIC)))
+        .and_then(|()| file.sync_all())
+        .map_err(JournalError::io(temp, "write segment header"))?;
+    // A segment of this name can only be one whose directory sync failed after the rename
+    // (a header, no frame: the revision it is named after was never used). Never replace one
+    // that holds frames.
+    if let Ok(existing) = fs::metadata(path)
+        && existing.len() > codec::HEADER_LEN as u64
+    {
+        return Err(JournalError::Format {
+            path: path.to_owned(),
+            reason: "a new segment of this name would replace the records it holds".into(),
+        });
+    }
+    fs::rename(temp, path).map_err(JournalError::io(path, "rename new segment into place"))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+        .map_err(JournalError::io(path, "sync directory"))?;
+    Ok(file)
+}

@@ -1,0 +1,113 @@
+//! Start-up of a durable store: opens the data directory, rebuilds the store from its
+//! snapshot and journal through the sequencer's own merge, and opens the journal for appends.
+//!
+//! Recovery refuses damage rather than lose acknowledged updates. The one way past such a
+//! refusal short of a backup is the operator's `--discard-journal-from <segment>:<offset>`,
+//! naming the very point the refusal printed: then the store first gets a new store id (so no
+//! revision is ever reused under the same id, and every watcher that resumes is reset), the
+//! journal is cut there, and recovery runs again. A point that does not match the refusal
+//! gives nothing up, and one left set after it was used does nothing (the journal has no
+//! damage there any more). This module serves nothing and knows no transport.
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::data_dir::DataDir;
+use crate::journal::{self, DiscardPoint, FaultSwitch, Journal, JournalError, Recovered};
+use crate::sequencer::{self, Durability};
+use crate::store::Store;
+
+/// Rebuilds a store (identified by `store_id`) from the snapshot and journal in `dir`, as
+/// start-up does, without taking the directory's lock or opening the journal for appends.
+pub fn recover_store(
+    dir: &Path,
+    history_events: usize,
+    store_id: &str,
+) -> Result<(Store, Recovered), JournalError> {
+    let store = Store::new(history_events, store_id);
+    let recovered = journal::recover(dir, &store, |records| sequencer::replay(&store, records))?;
+    Ok((store, recovered))
+}
+
+/// Opens the data directory of `config`, rebuilds the store from it (giving records up only
+/// where `--discard-journal-from` says), and opens the journal for appends.
+pub fn open_durable(
+    config: &Config,
+    faults: FaultSwitch,
+) -> anyhow::Result<(Store, Durability, DataDir)> {
+    let started = std::time::Instant::now();
+    let mut dir = DataDir::open(&config.data_dir)?;
+    let wanted = config.discard_journal_from.as_ref();
+    let (store, recovered) = match recover_store(dir.path(), config.history_events, dir.store_id())
+    {
+        Ok(recovered) => {
+            if let Some(point) = wanted {
+                tracing::warn!(
+                    %point,
+                    "--discard-journal-from is set but the journal has no damage there: nothing \
+                     was given up; remove the flag"
+                );
+            }
+            recovered
+        }
+        Err(error) => match (wanted, error.discard_point()) {
+            (Some(wanted), Some((found, first_lost))) if *wanted == found => {
+                give_up(&mut dir, &found, first_lost)?;
+                recover_store(dir.path(), config.history_events, dir.store_id())
+                    .context("recovery after giving records up")?
+            }
+            (Some(wanted), _) => {
+                return Err(anyhow::Error::new(error).context(format!(
+                    "--discard-journal-from {wanted} does not name where start-up stopped, so \
+                     nothing was given up"
+                )));
+            }
+            (None, _) => return Err(error.into()),
+        },
+    };
+    let journal = Journal::open(
+        dir.path(),
+        recovered.tail,
+        store.revision() + 1,
+        config.segment_bytes,
+        faults,
+    )?;
+    tracing::info!(
+        data_dir = %dir.path().display(),
+        store_id = store.store_id(),
+        revision = store.revision(),
+        profiles = store.len(),
+        snapshot = ?recovered.snapshot,
+        replayed = recovered.replayed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered"
+    );
+    let durability = Durability {
+        journal,
+        snapshot_every_records: config.snapshot_every_records,
+        snapshot_every_bytes: config.snapshot_every_bytes,
+        history_events: config.history_events as u64,
+    };
+    Ok((store, durability, dir))
+}
+
+/// The operator's word: a new store id first (durably), then the journal cut at `point`.
+fn give_up(dir: &mut DataDir, point: &DiscardPoint, first_lost: u64) -> anyhow::Result<()> {
+    let old_id = dir.store_id().to_owned();
+    let new_id = dir.renew_store_id()?.to_owned();
+    let discarded = journal::discard(dir.path(), point, first_lost)?;
+    tracing::warn!(
+        %point,
+        first_lost_revision = first_lost,
+        cut = ?discarded.cut,
+        removed = ?discarded.removed,
+        old_store_id = %old_id,
+        new_store_id = %new_id,
+        "gave up the journal from the damage on, as --discard-journal-from asked: revisions \
+         from first_lost_revision on are lost, and the store has a new id so every watcher \
+         starts over; remove the flag"
+    );
+    Ok(())
+}

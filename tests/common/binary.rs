@@ -1,0 +1,211 @@
+//! The real `profile-state` binary for end-to-end tests: started on a data directory with
+//! loopback ports, its JSON log lines readable, its surfaces (webhook, readiness, health,
+//! GetServerInfo) one call away; killed when dropped. Included with `#[path]` next to
+//! `mod common;` by the tests that need it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::common::SECRET;
+use profile_state::pb;
+use profile_state::pb::profile_service_client::ProfileServiceClient;
+use profile_state::webhook::signature::SignatureCheck;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tonic_health::pb::health_client::HealthClient;
+
+/// How long the tests wait for anything the service does by itself.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The command that runs the binary on `data_dir` with loopback ports, JSON logs and the test
+/// secret, whatever `PROFILE_STATE_*` the caller's environment holds.
+pub fn command(data_dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_profile-state"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PROFILE_STATE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--webhook-secret", SECRET, "--log-format", "json"])
+        .args([
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .args(args);
+    command
+}
+
+/// Runs the binary on `data_dir` expecting it to refuse to start; returns its output. One
+/// that starts instead is killed and the test fails.
+pub async fn refused(data_dir: &Path, args: &[&str]) -> Output {
+    let child = command(data_dir, args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let pid = child.id().to_string();
+    let exited = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
+    let output = match tokio::time::timeout(PATIENCE, exited).await {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            panic!("the binary did not refuse to start: still running after {PATIENCE:?}")
+        }
+    };
+    assert!(
+        !output.status.success(),
+        "the binary was expected to refuse to start; stdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    output
+}
+
+/// The real binary on a data directory, its JSON log lines on a channel; killed when dropped.
+pub struct Binary {
+    pub child: Child,
+    pub lines: mpsc::UnboundedReceiver<Value>,
+    pub webhook: SocketAddr,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Binary {
+    /// Starts the binary on `data_dir` with `args` and waits for its "listening" line. Needs a
+    /// multi-threaded test runtime (see [`Binary::stop`]).
+    pub async fn start(data_dir: &Path, args: &[&str]) -> Binary {
+        let mut child = command(data_dir, args)
+            // The sequencer logs each failed probe at DEBUG: the tests wait for those lines.
+            .env("RUST_LOG", "info,profile_state::sequencer=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let (send, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let json = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                if send.send(json).is_err() {
+                    return;
+                }
+            }
+        });
+        let unbound: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let mut binary = Binary {
+            child,
+            lines,
+            webhook: unbound,
+            grpc: unbound,
+            admin: unbound,
+        };
+        let listening = binary.wait_for("profile-state listening").await;
+        let address = |name: &str| listening["fields"][name].as_str().unwrap().parse().unwrap();
+        (binary.webhook, binary.grpc, binary.admin) =
+            (address("webhook"), address("grpc"), address("admin"));
+        binary
+    }
+
+    /// The next log line whose message is `message`.
+    pub async fn wait_for(&mut self, message: &str) -> Value {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let line = self.lines.recv().await.unwrap_or_else(|| {
+                    panic!(
+                        "the binary exited before logging {message:?}: {:?}",
+                        self.child.wait()
+                    )
+                });
+                if line["fields"]["message"] == message {
+                    return line;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line {message:?} within {PATIENCE:?}"))
+    }
+
+    /// Posts `body` signed with the test secret; returns status and JSON answer.
+    pub async fn post(&self, body: &Value) -> (u16, Value) {
+        let raw = serde_json::to_vec(body).unwrap();
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/webhooks/gameball", self.webhook))
+            .header("content-type", "application/json")
+            .header("x-gb-signature", SignatureCheck::new(SECRET).sign(&raw))
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    /// The status of `/readyz`.
+    pub async fn ready(&self) -> u16 {
+        reqwest::get(format!("http://{}/readyz", self.admin))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// A gRPC health client.
+    pub async fn health(&self) -> HealthClient<tonic::transport::Channel> {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        HealthClient::new(channel)
+    }
+
+    /// GetServerInfo.
+    pub async fn server_info(&self) -> pb::GetServerInfoResponse {
+        ProfileServiceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+            .get_server_info(pb::GetServerInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// SIGTERM, then waits for a clean exit. The wait blocks only this worker thread: the
+    /// runtime must go on closing the test's connections, or the server waits for them.
+    pub fn stop(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::task::block_in_place(|| self.child.wait().unwrap());
+        assert!(exit.success(), "exits 0");
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The names in `dir`, sorted.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}

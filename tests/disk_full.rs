@@ -1,0 +1,263 @@
+//! A full disk, for real: the data directory on a small tmpfs, the real binary, its HTTP and
+//! gRPC health surfaces. Needs root (CI runs as root) to mount the tmpfs; if mounting fails the
+//! tests fail, they never skip.
+
+#[path = "common/binary.rs"]
+mod binary;
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use binary::{Binary, PATIENCE, file_names};
+use common::{at, profile_updated};
+use serde_json::json;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// A tmpfs of `size` mounted on a fresh temporary directory, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match status {
+            Ok(status) if status.success() => Tmpfs { dir },
+            other => panic!(
+                "cannot mount a {size} tmpfs on {} ({other:?}): this test needs root (as CI \
+                 runs) to fill a real disk",
+                dir.path().display()
+            ),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file until it refuses another byte; returns the file.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    for chunk in [64 * 1024, 4096, 1] {
+        let bytes = vec![0xAB; chunk];
+        loop {
+            match file.write(&bytes) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(error) if error.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(error) => panic!("filling the disk: {error}"),
+            }
+        }
+    }
+    let _ = file.sync_all();
+    path
+}
+
+const SERVICE: &str = "gameball.profiles.v1.ProfileService";
+
+/// Issue 10, bug 1: the disk fills up just as the journal needs a new segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_full_at_segment_rotation_heals_once_space_is_back_and_readiness_never_lies() {
+    let disk = Tmpfs::mount("8m");
+    let data = disk.path().join("data");
+    let mut binary = Binary::start(&data, &["--segment-bytes", "65536"]).await;
+    // Two webhooks of ~40 KB fill the first segment past 64 KiB: the next change rotates.
+    let blob = "x".repeat(40_000);
+    for (n, customer) in ["a", "b"].into_iter().enumerate() {
+        let body = profile_updated(customer, &at(n as u32), json!({"blob": blob}));
+        assert_eq!(binary.post(&body).await.0, 200);
+    }
+    let mut health = binary.health().await;
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
+    assert_eq!(next_status().await, ServingStatus::Serving);
+
+    let filler = fill(disk.path());
+    let third = profile_updated("c", &at(3), json!({"total_points": 3}));
+    let (status, answer) = binary.post(&third).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(next_status().await, ServingStatus::NotServing);
+    assert_eq!(binary.ready().await, 503);
+
+    // While the disk stays full, every probe of the sequencer fails and readiness stays false.
+    tokio::time::timeout(PATIENCE, async {
+        tokio::select! {
+            status = next_status() => panic!(
+                "health turned {status:?} while the disk is full and webhooks get 503"
+            ),
+            () = async {
+                binary.wait_for("journal probe failed").await;
+                binary.wait_for("journal probe failed").await;
+            } => {}
+        }
+    })
+    .await
+    .expect("two probes within the patience");
+    assert_eq!(binary.ready().await, 503);
+    assert_eq!(binary.post(&third).await.0, 503, "still full");
+
+    std::fs::remove_file(filler).unwrap();
+    // Every refused webhook repeated NOT_SERVING; what follows must be SERVING.
+    let status = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match next_status().await {
+                ServingStatus::NotServing => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        status.expect("a new status once the disk has room"),
+        ServingStatus::Serving
+    );
+    assert_eq!(binary.ready().await, 200);
+    let (status, answer) = binary.post(&third).await;
+    assert_eq!(
+        (status, answer),
+        (200, json!({"outcome": "applied", "revision": 3})),
+        "ready means webhooks are taken"
+    );
+    assert_eq!(
+        file_names(&data),
+        [
+            "JOURNAL_HEAD",
+            "LOCK",
+            "STORE_ID",
+            "dead-letters",
+            "journal-00000000000000000001.log",
+            "journal-00000000000000000003.log"
+        ],
+        "no half-created segment or temporary file is left"
+    );
+
+    binary.stop();
+    let binary = Binary::start(&data, &["--segment-bytes", "65536"]).await;
+    let info = binary.server_info().await;
+    assert_eq!((info.revision, info.profile_count), (3, 3));
+}
+
+/// Issue 10, bug 5: a snapshot that fails (here for lack of space) must not leave its
+/// temporary file, and one left by a crash is removed at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_fails_for_lack_of_space_leaves_no_temporary_file() {
+    let disk = Tmpfs::mount("4m");
+    let data = disk.path().join("data");
+    let args = ["--snapshot-every-records", "5"];
+    let mut binary = Binary::start(&data, &args).await;
+    // Four profiles of ~40 KB: the snapshot after the fifth record needs ~160 KB.
+    let blob = "x".repeat(40_000);
+    for n in 1..=4 {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({"blob": blob}));
+        assert_eq!(binary.post(&body).await.0, 200);
+    }
+    // A full disk with two pages free: room for a small journal frame, not for the snapshot.
+    let filler = fill(disk.path());
+    let filled = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .and_then(|file| file.set_len(filled - 8192))
+        .unwrap();
+    let small = profile_updated("c5", &at(5), json!({"total_points": 5}));
+    assert_eq!(binary.post(&small).await.0, 200);
+    let failed = binary
+        .wait_for("snapshot failed; the next one will retry")
+        .await;
+    assert!(
+        failed["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left"),
+        "{failed}"
+    );
+    let names = file_names(&data);
+    assert!(
+        !names.iter().any(|name| name.ends_with(".tmp")),
+        "the failed snapshot's temporary file is gone: {names:?}"
+    );
+    binary.stop();
+
+    // One left behind by a crash mid-snapshot is removed at start-up.
+    std::fs::remove_file(&filler).unwrap();
+    let stale = data.join("snapshot-00000000000000000005.snap.tmp");
+    std::fs::write(&stale, vec![0; 100_000]).unwrap();
+    let binary = Binary::start(&data, &args).await;
+    assert!(
+        !stale.exists(),
+        "a stale temporary snapshot is removed at start-up"
+    );
+    assert_eq!(binary.server_info().await.revision, 5);
+}
+
+/// A restart while the disk is full: the service starts and serves reads, readiness says not
+/// ready (webhooks would get 503), and all comes right once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_a_full_disk_serves_reads_and_is_not_ready_until_there_is_room() {
+    let disk = Tmpfs::mount("8m");
+    let data = disk.path().join("data");
+    let binary = Binary::start(&data, &[]).await;
+    let first = profile_updated("a", &at(1), json!({"total_points": 1}));
+    assert_eq!(binary.post(&first).await.0, 200);
+    binary.stop();
+
+    let filler = fill(disk.path());
+    let binary = Binary::start(&data, &[]).await;
+    assert_eq!(binary.server_info().await.revision, 1, "reads work");
+    assert_eq!(binary.ready().await, 503);
+    let mut health = binary.health().await;
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
+    assert_eq!(next_status().await, ServingStatus::NotServing);
+    let second = profile_updated("b", &at(2), json!({"total_points": 2}));
+    assert_eq!(binary.post(&second).await.0, 503);
+
+    std::fs::remove_file(filler).unwrap();
+    let status = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match next_status().await {
+                ServingStatus::NotServing => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        status.expect("ready once there is room"),
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        binary.post(&second).await,
+        (200, json!({"outcome": "applied", "revision": 2}))
+    );
+    binary.stop();
+    let binary = Binary::start(&data, &[]).await;
+    assert_eq!(binary.server_info().await.revision, 2);
+}

@@ -1,0 +1,287 @@
+//! Journal damage through the real binary: a flipped bit refuses start-up naming file and
+//! offset; the operator's `--discard-journal-from` gives records up only where start-up
+//! stopped, and then under a new store id, so a watcher resuming with the old one is reset; a
+//! removed newest segment is noticed; a data directory of the previous format is taken over.
+
+#[path = "common/binary.rs"]
+mod binary;
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use binary::{Binary, refused};
+use common::{at, profile_updated};
+use profile_state::journal::codec::{self, Frame, FrameFormat};
+use profile_state::pb::profile_service_client::ProfileServiceClient;
+use profile_state::pb::{self, watch_profiles_response::Event};
+use serde_json::json;
+
+/// Posts `count` webhooks, the n-th for customer `c<n>`: each gets revision n.
+async fn post_each(binary: &Binary, count: u32) {
+    for n in 1..=count {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({"total_points": n}));
+        let (status, answer) = binary.post(&body).await;
+        assert_eq!(
+            (status, answer),
+            (200, json!({"outcome": "applied", "revision": n}))
+        );
+    }
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    binary::file_names(dir)
+        .into_iter()
+        .filter(|name| name.starts_with("journal-") && name.ends_with(".log"))
+        .map(|name| dir.join(name))
+        .collect()
+}
+
+fn flip(path: &Path, byte: usize, bit: u8) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[byte] ^= 1 << bit;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The offsets of the frames in a segment this build wrote.
+fn frame_offsets(path: &Path) -> Vec<usize> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut offsets = Vec::new();
+    let mut offset = codec::HEADER_LEN;
+    while let Frame::Valid { next, .. } = codec::read_frame(&bytes, offset, FrameFormat::CURRENT) {
+        offsets.push(offset);
+        offset = next;
+    }
+    offsets
+}
+
+/// The value a refusal tells the operator to pass to `--discard-journal-from`.
+fn discard_point(stderr: &str) -> String {
+    let (_, after) = stderr
+        .split_once("--discard-journal-from ")
+        .unwrap_or_else(|| panic!("no --discard-journal-from in: {stderr}"));
+    after.split_whitespace().next().unwrap().to_owned()
+}
+
+/// The first revision a refusal says would be given up.
+fn first_lost(stderr: &str) -> u64 {
+    let (_, after) = stderr
+        .split_once("give up revision ")
+        .unwrap_or_else(|| panic!("no revision to give up in: {stderr}"));
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+async fn client(binary: &Binary) -> ProfileServiceClient<tonic::transport::Channel> {
+    ProfileServiceClient::connect(format!("http://{}", binary.grpc))
+        .await
+        .unwrap()
+}
+
+async fn exists(binary: &Binary, customer: &str) -> bool {
+    let found = client(binary)
+        .await
+        .get_profile(pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: customer.into(),
+        })
+        .await;
+    match found {
+        Ok(_) => true,
+        Err(status) if status.code() == tonic::Code::NotFound => false,
+        Err(status) => panic!("GetProfile {customer}: {status}"),
+    }
+}
+
+/// Issue 10, bug 2, and what an operator can do about damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_refuses_start_up_until_the_operator_gives_records_up_under_a_new_store_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    // The defaults, as in the issue: one segment, so the damage is in the newest one.
+    let args: [&str; 0] = [];
+    let binary = Binary::start(data, &args).await;
+    post_each(&binary, 300).await;
+    let old_id = binary.server_info().await.store_id;
+    binary.stop();
+    assert_eq!(segments(data).len(), 1);
+
+    // The issue's bit: the high byte of the first record's length.
+    let first = data.join("journal-00000000000000000001.log");
+    flip(&first, 15, 7);
+    let output = refused(data, &args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        &format!("{}: damaged record at offset 12", first.display()),
+        "--discard-journal-from journal-00000000000000000001.log:12",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
+    }
+    // Refusing changed nothing: undone, the store is all there, under its id.
+    flip(&first, 15, 7);
+    let binary = Binary::start(data, &args).await;
+    let info = binary.server_info().await;
+    assert_eq!(
+        (info.revision, info.store_id.as_str()),
+        (300, old_id.as_str())
+    );
+    binary.stop();
+
+    // A payload bit in the middle of the journal: acknowledged, and not at the end.
+    let newest = segments(data).pop().unwrap();
+    let offsets = frame_offsets(&newest);
+    let middle = offsets[offsets.len() / 2];
+    flip(&newest, middle + 20, 2);
+    let output = refused(data, &args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        stderr.contains(&format!("damaged record at offset {middle}")),
+        "{stderr}"
+    );
+    let point = discard_point(&stderr);
+    let lost = first_lost(&stderr);
+    let newest_first: u64 = newest.file_name().unwrap().to_str().unwrap()[8..28]
+        .parse()
+        .unwrap();
+    assert!((newest_first + 1..300).contains(&lost), "{stderr}");
+
+    // A point that is not where start-up stopped gives nothing up.
+    let wrong = [
+        "--discard-journal-from",
+        "journal-00000000000000000001.log:12",
+    ];
+    let output = refused(data, &[&args[..], &wrong].concat()).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("does not name where start-up stopped, so nothing was given up"),
+        "{stderr}"
+    );
+
+    // The point the refusal printed: everything before it, under a new store id.
+    let discard = ["--discard-journal-from", point.as_str()];
+    let binary = Binary::start(data, &[&args[..], &discard].concat()).await;
+    let info = binary.server_info().await;
+    assert_ne!(info.store_id, old_id, "a new store id");
+    assert_eq!(info.revision, lost - 1);
+    assert!(exists(&binary, &format!("c{}", lost - 1)).await);
+    assert!(!exists(&binary, &format!("c{lost}")).await);
+
+    // A watcher that saw revision 299 of the old store resumes: it is reset, not fed the new
+    // store's revisions as if they were the old ones.
+    let mut stream = client(&binary)
+        .await
+        .watch_profiles(pb::WatchProfilesRequest {
+            start_revision: 300,
+            store_id: old_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match stream.message().await.unwrap().unwrap().event {
+        Some(Event::Reset(reset)) => {
+            assert_eq!(reset.store_id, info.store_id);
+            assert!(reset.reason.contains(&old_id), "{}", reset.reason);
+        }
+        other => panic!("expected Reset, got {other:?}"),
+    }
+    // One that resumes within the new store is not.
+    let mut stream = client(&binary)
+        .await
+        .watch_profiles(pb::WatchProfilesRequest {
+            start_revision: lost - 1,
+            store_id: info.store_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match stream.message().await.unwrap().unwrap().event {
+        Some(Event::Change(change)) => assert_eq!(change.revision, lost - 1),
+        other => panic!("expected the change {}, got {other:?}", lost - 1),
+    }
+    drop(stream);
+
+    // Revisions go on from the first one lost, under the new id.
+    let body = profile_updated("after", &at(1000), json!({"total_points": 1}));
+    assert_eq!(
+        binary.post(&body).await,
+        (200, json!({"outcome": "applied", "revision": lost}))
+    );
+    binary.stop();
+
+    // The flag, left set, gives nothing more up.
+    let binary = Binary::start(data, &[&args[..], &discard].concat()).await;
+    let again = binary.server_info().await;
+    assert_eq!(
+        (again.revision, again.store_id.as_str()),
+        (lost, info.store_id.as_str())
+    );
+    binary.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_newest_segment_is_noticed_and_giving_it_up_renews_the_store_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let args = ["--segment-bytes", "2048"];
+    let binary = Binary::start(data, &args).await;
+    post_each(&binary, 100).await;
+    let old_id = binary.server_info().await.store_id;
+    binary.stop();
+
+    let newest = segments(data).pop().unwrap();
+    std::fs::remove_file(&newest).unwrap();
+    let output = refused(data, &args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        stderr.contains(&format!("{} is missing", newest.display())),
+        "{stderr}"
+    );
+    let name = newest.file_name().unwrap().to_str().unwrap();
+    assert_eq!(discard_point(&stderr), format!("{name}:0"));
+
+    let discard = ["--discard-journal-from", &format!("{name}:0")];
+    let binary = Binary::start(data, &[&args[..], &discard].concat()).await;
+    let info = binary.server_info().await;
+    assert_ne!(info.store_id, old_id);
+    assert_eq!(info.revision, first_lost(&stderr) - 1);
+    assert!(info.revision < 100);
+    binary.stop();
+}
+
+/// Production data directories were written in format 1: a newer build takes them over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_of_format_1_is_recovered_and_continued() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-1");
+    for name in binary::file_names(&fixture) {
+        if !name.ends_with(".py") {
+            std::fs::copy(fixture.join(&name), data.join(&name)).unwrap();
+        }
+    }
+    let store_id = std::fs::read_to_string(data.join("STORE_ID")).unwrap();
+    let binary = Binary::start(data, &[]).await;
+    let info = binary.server_info().await;
+    assert_eq!(
+        (info.revision, info.profile_count, info.store_id.as_str()),
+        (60, 7, store_id.trim())
+    );
+    // Replayed from format 1 records after the format 1 snapshot: the history is back.
+    assert_eq!(info.oldest_revision, 41);
+    let body = profile_updated("c1", &at(86_000), json!({"total_points": 1}));
+    assert_eq!(
+        binary.post(&body).await,
+        (200, json!({"outcome": "applied", "revision": 61}))
+    );
+    binary.stop();
+
+    let new = std::fs::read(data.join("journal-00000000000000000061.log")).unwrap();
+    assert_eq!(
+        codec::check_header(&new, codec::SEGMENT_MAGIC),
+        Ok(FrameFormat::V2),
+        "the records written now are in format 2"
+    );
+    let binary = Binary::start(data, &[]).await;
+    assert_eq!(binary.server_info().await.revision, 61);
+    binary.stop();
+}
