@@ -201,6 +201,7 @@ impl Server {
             Admin {
                 metrics: metrics.clone(),
                 store: store.clone(),
+                dead_letters: dead_letters.clone(),
                 writable: sequencer.writable(),
                 stopping: stopping.clone(),
             }
