@@ -1,20 +1,147 @@
-//! Prometheus metrics: every metric the service exports, named `profile_state_*`, in one place.
+//! Prometheus metrics: every metric the service exports, by name, in one place.
 //!
 //! One [`Metrics`] handle per server (no global registry, so several servers in one test
-//! process count separately), cloned into whoever records. Counters end in `_total`, durations
-//! are `_seconds` histograms. Labels never carry customer ids, emails or other personal data:
-//! only outcomes, statuses, gRPC methods and codes, and reasons from a fixed set.
-//! Gauges that mirror the store (profiles, revision) are read at scrape time. Serving
-//! `/metrics` is `crate::monitoring`'s job.
+//! process count separately), cloned into whoever records. Three families of names:
+//! - `profile_state_*`: the service's own, `profile_state_<subsystem>_<name>_<unit>`; counters
+//!   end in `_total`, durations are `_seconds` histograms.
+//! - `grpc_server_*`: per-RPC metrics with the names and labels of grpc-ecosystem's
+//!   go-grpc-prometheus (`grpc_server_started_total`, `grpc_server_handled_total`,
+//!   `grpc_server_handling_seconds`; labels `grpc_type`, `grpc_service`, `grpc_method`,
+//!   `grpc_code`), so existing gRPC dashboards and alerts work. `grpc_code` holds the
+//!   canonical code names of the gRPC specification (`OK`, `NOT_FOUND`, ...), see
+//!   [`grpc_code_name`]. `crate::grpc::transport::MetricsLayer` records them.
+//! - `process_*` (CPU, resident memory, open file descriptors, ...): the `prometheus` crate's
+//!   process collector, Linux only.
+//!
+//! Every labelled series this module knows the labels of exists at zero from the first scrape
+//! (webhook outcomes and statuses, reset reasons, each RPC with each code), so `rate()` and
+//! alerts see the first event instead of a series appearing out of nothing. Labels never carry
+//! customer ids, emails or other personal data: only outcomes, statuses, RPC names and codes,
+//! and reasons from fixed sets. Gauges that mirror other state (profiles, revision, dead
+//! letters, readiness) are read at scrape time from [`Readings`]. Serving `/metrics` is
+//! `crate::monitoring`'s job, not this module's.
 
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder, exponential_buckets,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
+use tonic::Code;
 
 use crate::store::Store;
+
+/// Every `(outcome, HTTP status)` a webhook can be answered with, as the labels of
+/// `profile_state_webhooks_total`. Each exists at zero from the start.
+pub const WEBHOOK_ANSWERS: &[(&str, u16)] = &[
+    ("applied", 200),
+    ("unchanged", 200),
+    ("ignored", 200),
+    ("rejected", 400),
+    ("rejected", 401),
+    ("rejected", 413),
+    ("rejected", 415),
+    ("rejected", 422),
+    ("unavailable", 503),
+];
+
+/// Every reason a watcher can be reset for (`crate::watch::ResetKind::label`).
+pub const WATCH_RESET_REASONS: &[&str] = &[
+    "compacted_start",
+    "fell_behind",
+    "initial_state",
+    "store_changed",
+];
+
+/// The version label of `profile_state_build_info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The revision label of `profile_state_build_info`: the source revision given to the build as
+/// `PROFILE_STATE_REVISION` (the Dockerfile passes it as a build argument), else `unknown`.
+pub const REVISION: &str = match option_env!("PROFILE_STATE_REVISION") {
+    Some(revision) => revision,
+    None => "unknown",
+};
+
+/// Every gRPC status code, in numeric order (`Code as usize` indexes it).
+const GRPC_CODES: [Code; 17] = [
+    Code::Ok,
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
+/// The canonical name of a gRPC status code, as the gRPC specification writes it
+/// (`doc/statuscodes.md`) and the `grpc_code` label holds it: `OK`, `CANCELLED`, `NOT_FOUND`.
+pub fn grpc_code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The kind of an RPC, as the `grpc_type` label holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcType {
+    /// One request, one response.
+    Unary,
+    /// A stream of requests, one response.
+    ClientStream,
+    /// One request, a stream of responses (WatchProfiles).
+    ServerStream,
+    /// Streams both ways.
+    BidiStream,
+}
+
+impl GrpcType {
+    /// The kind of an RPC from its descriptor's streaming flags.
+    pub fn of(client_streaming: bool, server_streaming: bool) -> GrpcType {
+        match (client_streaming, server_streaming) {
+            (false, false) => GrpcType::Unary,
+            (true, false) => GrpcType::ClientStream,
+            (false, true) => GrpcType::ServerStream,
+            (true, true) => GrpcType::BidiStream,
+        }
+    }
+
+    /// The label value: `unary`, `client_stream`, `server_stream`, `bidi_stream`.
+    pub fn label(self) -> &'static str {
+        match self {
+            GrpcType::Unary => "unary",
+            GrpcType::ClientStream => "client_stream",
+            GrpcType::ServerStream => "server_stream",
+            GrpcType::BidiStream => "bidi_stream",
+        }
+    }
+}
 
 /// Handle to the metrics of one server. Cloning it is one reference-count increment.
 #[derive(Clone)]
@@ -24,10 +151,14 @@ pub struct Metrics {
 
 struct Inner {
     registry: Registry,
+    /// `WEBHOOK_ANSWERS[i]`'s counter and duration histogram, resolved once.
+    webhook_answers: Vec<(IntCounter, Histogram)>,
     webhooks: IntCounterVec,
     webhook_duration: HistogramVec,
     signature_failures: IntCounter,
-    dead_letters: IntCounter,
+    dead_letters_kept: IntCounter,
+    dead_letters: IntGauge,
+    ready: IntGauge,
     profiles: IntGauge,
     store_revision: IntGauge,
     watch_streams: IntGauge,
@@ -36,32 +167,61 @@ struct Inner {
     journal_fsync: Histogram,
     journal_bytes: IntCounter,
     journal_failures: IntCounter,
-    grpc_requests: IntCounterVec,
-    grpc_duration: HistogramVec,
+    grpc_started: IntCounterVec,
+    grpc_handled: IntCounterVec,
+    grpc_handling: HistogramVec,
+}
+
+/// What the gauges that mirror the rest of the service read at scrape time.
+pub struct Readings<'a> {
+    /// The store: profiles and revision.
+    pub store: &'a Store,
+    /// Dead letters kept now.
+    pub dead_letters: usize,
+    /// Whether the service is ready for webhooks (what `/readyz` answers).
+    pub ready: bool,
+}
+
+/// The per-RPC metrics of one method, resolved once so a call touches no label map.
+#[derive(Clone)]
+pub struct GrpcMethodMetrics {
+    started: IntCounter,
+    /// Indexed by `Code as usize`.
+    handled: Arc<[IntCounter]>,
+    handling: Histogram,
+}
+
+impl GrpcMethodMetrics {
+    /// Counts a call started.
+    pub fn started(&self) {
+        self.started.inc();
+    }
+
+    /// Counts a call finished with `code` after `seconds` (for a stream: its whole life).
+    pub fn handled(&self, code: Code, seconds: f64) {
+        self.handled[code as usize].inc();
+        self.handling.observe(seconds);
+    }
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let counter = IntCounter::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(counter.clone()))
-        .expect("unique metric");
-    counter
+    register(registry, IntCounter::new(name, help).expect("valid metric"))
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(counter.clone()))
-        .expect("unique metric");
-    counter
+    register(registry, counter)
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let gauge = IntGauge::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(gauge.clone()))
-        .expect("unique metric");
-    gauge
+    register(registry, IntGauge::new(name, help).expect("valid metric"))
 }
 
 fn histogram_opts(name: &str, help: &str) -> HistogramOpts {
@@ -72,19 +232,38 @@ fn histogram_opts(name: &str, help: &str) -> HistogramOpts {
 
 fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
     let histogram = Histogram::with_opts(histogram_opts(name, help)).expect("valid metric");
-    registry
-        .register(Box::new(histogram.clone()))
-        .expect("unique metric");
-    histogram
+    register(registry, histogram)
 }
 
 fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let histogram = HistogramVec::new(histogram_opts(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(histogram.clone()))
-        .expect("unique metric");
-    histogram
+    register(registry, histogram)
 }
+
+/// `profile_state_build_info{version, revision} 1`.
+fn build_info(registry: &Registry) {
+    let help = "Always 1; the labels say which build is running.";
+    let info = IntGaugeVec::new(
+        Opts::new("profile_state_build_info", help),
+        &["version", "revision"],
+    )
+    .expect("valid metric");
+    register(registry, info)
+        .with_label_values(&[VERSION, REVISION])
+        .set(1);
+}
+
+/// CPU, memory, file descriptors, threads and start time of this process (`process_*`).
+#[cfg(target_os = "linux")]
+fn process_metrics(registry: &Registry) {
+    let collector = prometheus::process_collector::ProcessCollector::for_self();
+    registry
+        .register(Box::new(collector))
+        .expect("unique metric");
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_metrics(_registry: &Registry) {}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -93,70 +272,118 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A fresh set of metrics in its own registry.
+    /// A fresh set of metrics in its own registry, every known series at zero.
     pub fn new() -> Metrics {
-        let registry =
-            Registry::new_custom(Some("profile_state".into()), None).expect("a valid prefix");
+        let registry = Registry::new();
         let r = &registry;
+        build_info(r);
+        process_metrics(r);
+        let webhooks = counter_vec(
+            r,
+            "profile_state_webhooks_total",
+            "Webhooks answered, by outcome (applied, unchanged, ignored, rejected, unavailable) \
+             and HTTP status.",
+            &["outcome", "status"],
+        );
+        let webhook_duration = histogram_vec(
+            r,
+            "profile_state_webhook_duration_seconds",
+            "Time from receiving a webhook to answering it, by HTTP status.",
+            &["status"],
+        );
+        let webhook_answers = WEBHOOK_ANSWERS
+            .iter()
+            .map(|&(outcome, status)| {
+                let status = status.to_string();
+                (
+                    webhooks.with_label_values(&[outcome, &status]),
+                    webhook_duration.with_label_values(&[&status]),
+                )
+            })
+            .collect();
+        let watch_resets = counter_vec(
+            r,
+            "profile_state_watch_resets_total",
+            "Resets sent to watchers, by reason (compacted_start, fell_behind, initial_state).",
+            &["reason"],
+        );
+        for reason in WATCH_RESET_REASONS {
+            watch_resets.with_label_values(&[reason]);
+        }
+        let grpc_labels = ["grpc_type", "grpc_service", "grpc_method"];
         let inner = Inner {
-            webhooks: counter_vec(
-                r,
-                "webhooks_total",
-                "Webhooks answered, by outcome (applied, unchanged, ignored, rejected) and HTTP status.",
-                &["outcome", "status"],
-            ),
-            webhook_duration: histogram_vec(
-                r,
-                "webhook_duration_seconds",
-                "Time from receiving a webhook to answering it, by HTTP status.",
-                &["status"],
-            ),
+            webhook_answers,
+            webhooks,
+            webhook_duration,
             signature_failures: counter(
                 r,
-                "webhook_signature_failures_total",
+                "profile_state_webhook_signature_failures_total",
                 "Webhooks refused because X-GB-Signature was missing or wrong.",
             ),
-            dead_letters: counter(
+            dead_letters_kept: counter(
                 r,
-                "webhook_dead_letters_total",
+                "profile_state_webhook_dead_letters_total",
                 "Signed webhooks that could not be applied and were kept as dead letters.",
             ),
-            profiles: gauge(r, "profiles", "Profiles in the store."),
-            store_revision: gauge(r, "store_revision", "The store's current revision."),
-            watch_streams: gauge(r, "watch_streams", "WatchProfiles streams open."),
+            dead_letters: gauge(
+                r,
+                "profile_state_dead_letters",
+                "Dead letters kept now, waiting to be replayed or purged.",
+            ),
+            ready: gauge(
+                r,
+                "profile_state_ready",
+                "1 while the service is ready for webhooks (as /readyz), else 0.",
+            ),
+            profiles: gauge(r, "profile_state_profiles", "Profiles in the store."),
+            store_revision: gauge(
+                r,
+                "profile_state_store_revision",
+                "The store's current revision.",
+            ),
+            watch_streams: gauge(
+                r,
+                "profile_state_watch_streams",
+                "WatchProfiles streams open.",
+            ),
             watch_events: counter(
                 r,
-                "watch_events_sent_total",
+                "profile_state_watch_events_sent_total",
                 "Events sent on WatchProfiles streams.",
             ),
-            watch_resets: counter_vec(
-                r,
-                "watch_resets_total",
-                "Resets sent to watchers, by reason (compacted_start, fell_behind, initial_state).",
-                &["reason"],
-            ),
+            watch_resets,
             journal_fsync: histogram(
                 r,
-                "journal_fsync_duration_seconds",
+                "profile_state_journal_fsync_duration_seconds",
                 "Time to append and fsync one journal batch.",
             ),
-            journal_bytes: counter(r, "journal_bytes_total", "Bytes appended to the journal."),
+            journal_bytes: counter(
+                r,
+                "profile_state_journal_bytes_total",
+                "Bytes appended to the journal.",
+            ),
             journal_failures: counter(
                 r,
-                "journal_write_failures_total",
+                "profile_state_journal_write_failures_total",
                 "Journal appends that failed (the batch was answered 503).",
             ),
-            grpc_requests: counter_vec(
+            grpc_started: counter_vec(
                 r,
-                "grpc_requests_total",
-                "gRPC calls answered, by method and status code.",
-                &["method", "code"],
+                "grpc_server_started_total",
+                "RPCs started on the server.",
+                &grpc_labels,
             ),
-            grpc_duration: histogram_vec(
+            grpc_handled: counter_vec(
                 r,
-                "grpc_request_duration_seconds",
-                "Time to answer a unary gRPC call (for streams: to start it), by method.",
-                &["method"],
+                "grpc_server_handled_total",
+                "RPCs completed on the server, by status code, whatever the outcome.",
+                &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+            ),
+            grpc_handling: histogram_vec(
+                r,
+                "grpc_server_handling_seconds",
+                "Time from the start of an RPC to its status (for a stream: its whole life).",
+                &grpc_labels,
             ),
             registry,
         };
@@ -165,8 +392,44 @@ impl Metrics {
         }
     }
 
-    /// Counts an answered webhook.
+    /// The metrics of one RPC, `/{service}/{method}`: its series appear now, at zero, with
+    /// every status code.
+    pub fn grpc_method(&self, kind: GrpcType, service: &str, method: &str) -> GrpcMethodMetrics {
+        let labels = [kind.label(), service, method];
+        let handled = GRPC_CODES
+            .iter()
+            .map(|&code| {
+                let [kind, service, method] = labels;
+                self.inner.grpc_handled.with_label_values(&[
+                    kind,
+                    service,
+                    method,
+                    grpc_code_name(code),
+                ])
+            })
+            .collect();
+        GrpcMethodMetrics {
+            started: self.inner.grpc_started.with_label_values(&labels),
+            handled,
+            handling: self.inner.grpc_handling.with_label_values(&labels),
+        }
+    }
+
+    /// Counts an answered webhook. `(outcome, status)` is one of [`WEBHOOK_ANSWERS`].
     pub fn webhook(&self, outcome: &str, status: u16, seconds: f64) {
+        let known = WEBHOOK_ANSWERS
+            .iter()
+            .position(|&answer| answer == (outcome, status));
+        debug_assert!(
+            known.is_some(),
+            "webhook answer ({outcome}, {status}) missing from WEBHOOK_ANSWERS"
+        );
+        if let Some(index) = known {
+            let (count, duration) = &self.inner.webhook_answers[index];
+            count.inc();
+            duration.observe(seconds);
+            return;
+        }
         let status = status.to_string();
         self.inner
             .webhooks
@@ -185,7 +448,7 @@ impl Metrics {
 
     /// Counts a stored dead letter.
     pub fn dead_letter(&self) {
-        self.inner.dead_letters.inc();
+        self.inner.dead_letters_kept.inc();
     }
 
     /// A watch stream opened; the returned guard counts it closed when dropped.
@@ -199,8 +462,12 @@ impl Metrics {
         self.inner.watch_events.inc();
     }
 
-    /// Counts a reset sent to a watcher.
+    /// Counts a reset sent to a watcher. `reason` is one of [`WATCH_RESET_REASONS`].
     pub fn watch_reset(&self, reason: &str) {
+        debug_assert!(
+            WATCH_RESET_REASONS.contains(&reason),
+            "reset reason {reason} missing from WATCH_RESET_REASONS"
+        );
         self.inner.watch_resets.with_label_values(&[reason]).inc();
     }
 
@@ -215,27 +482,17 @@ impl Metrics {
         self.inner.journal_failures.inc();
     }
 
-    /// Counts an answered gRPC call.
-    pub fn grpc_request(&self, method: &str, code: &str, seconds: f64) {
-        self.inner
-            .grpc_requests
-            .with_label_values(&[method, code])
-            .inc();
-        self.inner
-            .grpc_duration
-            .with_label_values(&[method])
-            .observe(seconds);
-    }
-
-    /// The Prometheus text exposition of every metric, with the store gauges read now.
-    pub fn render(&self, store: &Store) -> String {
-        self.inner.profiles.set(store.len() as i64);
-        self.inner
-            .store_revision
-            .set(i64::try_from(store.revision()).unwrap_or(i64::MAX));
+    /// The Prometheus text exposition of every metric, with the mirrored gauges read now.
+    pub fn render(&self, now: Readings<'_>) -> String {
+        let inner = &self.inner;
+        inner.profiles.set(now.store.len() as i64);
+        let revision = i64::try_from(now.store.revision()).unwrap_or(i64::MAX);
+        inner.store_revision.set(revision);
+        inner.dead_letters.set(now.dead_letters as i64);
+        inner.ready.set(i64::from(now.ready));
         let mut out = Vec::new();
         TextEncoder::new()
-            .encode(&self.inner.registry.gather(), &mut out)
+            .encode(&inner.registry.gather(), &mut out)
             .expect("text encoding into memory");
         String::from_utf8(out).expect("the text format is UTF-8")
     }
@@ -247,5 +504,38 @@ pub struct WatchStreamGuard(IntGauge);
 impl Drop for WatchStreamGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_the_canonical_ones_in_numeric_order() {
+        for (number, code) in GRPC_CODES.iter().enumerate() {
+            assert_eq!(*code as usize, number);
+            assert_eq!(Code::from_i32(number as i32), *code);
+        }
+        assert_eq!(grpc_code_name(Code::Ok), "OK");
+        assert_eq!(grpc_code_name(Code::NotFound), "NOT_FOUND");
+        assert_eq!(grpc_code_name(Code::Cancelled), "CANCELLED");
+        assert_eq!(grpc_code_name(Code::Unauthenticated), "UNAUTHENTICATED");
+    }
+
+    #[test]
+    fn every_reset_kind_is_a_known_reason() {
+        use crate::watch::ResetKind;
+        for kind in ResetKind::ALL {
+            assert!(WATCH_RESET_REASONS.contains(&kind.label()), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_types_follow_the_streaming_flags() {
+        assert_eq!(GrpcType::of(false, false).label(), "unary");
+        assert_eq!(GrpcType::of(true, false).label(), "client_stream");
+        assert_eq!(GrpcType::of(false, true).label(), "server_stream");
+        assert_eq!(GrpcType::of(true, true).label(), "bidi_stream");
     }
 }

@@ -17,7 +17,8 @@ use axum::routing::get;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::dead_letters::DeadLetters;
+use crate::metrics::{Metrics, Readings};
 use crate::store::Store;
 
 /// What the monitoring endpoints read.
@@ -27,6 +28,8 @@ pub struct Monitoring {
     pub metrics: Metrics,
     /// The store, for the gauges read at scrape time.
     pub store: Store,
+    /// The dead letters, for the gauge of those kept.
+    pub dead_letters: DeadLetters,
     /// Whether the journal's last write succeeded.
     pub writable: watch::Receiver<bool>,
     /// Cancelled when shutdown begins.
@@ -42,21 +45,33 @@ impl Monitoring {
             .route("/readyz", get(ready))
             .with_state(self)
     }
+
+    /// Why the service is not ready for webhooks, if it is not (`/readyz` and the
+    /// `profile_state_ready` gauge both say this).
+    fn not_ready(&self) -> Option<&'static str> {
+        if self.stopping.is_cancelled() {
+            return Some("shutting down\n");
+        }
+        if !*self.writable.borrow() {
+            return Some("journal writes are failing; webhooks get 503\n");
+        }
+        None
+    }
 }
 
 async fn metrics(State(monitoring): State<Monitoring>) -> Response {
-    let text = monitoring.metrics.render(&monitoring.store);
+    let text = monitoring.metrics.render(Readings {
+        store: &monitoring.store,
+        dead_letters: monitoring.dead_letters.len(),
+        ready: monitoring.not_ready().is_none(),
+    });
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
 async fn ready(State(monitoring): State<Monitoring>) -> Response {
-    if monitoring.stopping.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    match monitoring.not_ready() {
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        None => "ready\n".into_response(),
     }
-    if !*monitoring.writable.borrow() {
-        let reason = "journal writes are failing; webhooks get 503\n";
-        return (StatusCode::SERVICE_UNAVAILABLE, reason).into_response();
-    }
-    "ready\n".into_response()
 }

@@ -425,12 +425,12 @@ async fn messages_larger_than_the_limit_are_refused_both_ways() {
     let count = |code: &str| {
         sample(
             &text,
-            "profile_state_grpc_requests_total",
-            &[("method", "BatchGetProfiles"), ("code", code)],
+            "grpc_server_handled_total",
+            &[("grpc_method", "BatchGetProfiles"), ("grpc_code", code)],
         )
     };
-    assert_eq!(count("OutOfRange"), Some(2.0), "{text}");
-    assert_eq!(count("Ok"), Some(1.0), "{text}");
+    assert_eq!(count("OUT_OF_RANGE"), Some(2.0), "{text}");
+    assert_eq!(count("OK"), Some(1.0), "{text}");
     service.stop().await;
 }
 
@@ -468,24 +468,37 @@ async fn grpc_calls_are_counted_by_method_and_code() {
     let count = |method: &str, code: &str| {
         sample(
             &text,
-            "profile_state_grpc_requests_total",
-            &[("method", method), ("code", code)],
+            "grpc_server_handled_total",
+            &[("grpc_method", method), ("grpc_code", code)],
         )
     };
-    assert_eq!(count("GetProfile", "Unauthenticated"), Some(1.0), "{text}");
-    assert_eq!(count("GetProfile", "NotFound"), Some(1.0), "{text}");
-    assert_eq!(count("GetServerInfo", "Ok"), Some(2.0), "{text}");
+    assert_eq!(count("GetProfile", "UNAUTHENTICATED"), Some(1.0), "{text}");
+    assert_eq!(count("GetProfile", "NOT_FOUND"), Some(1.0), "{text}");
+    assert_eq!(count("GetServerInfo", "OK"), Some(2.0), "{text}");
+    let watch = [
+        ("grpc_type", "server_stream"),
+        ("grpc_service", "gameball.profiles.v1.ProfileService"),
+        ("grpc_method", "WatchProfiles"),
+    ];
     assert_eq!(
-        count("WatchProfiles", "Ok"),
+        sample(&text, "grpc_server_started_total", &watch),
         Some(1.0),
-        "a stream counts when it starts: {text}"
+        "a stream counts as started when it starts: {text}"
     );
-    assert!(!text.contains("method=\"Check\""), "health is not counted");
+    assert_eq!(
+        sample(&text, "grpc_server_handling_seconds_count", &watch),
+        Some(0.0),
+        "and as handled only when it ends: {text}"
+    );
+    assert!(
+        !text.contains("grpc_method=\"Check\""),
+        "health is not counted"
+    );
     assert_eq!(
         sample(
             &text,
-            "profile_state_grpc_request_duration_seconds_count",
-            &[("method", "GetServerInfo")]
+            "grpc_server_handling_seconds_count",
+            &[("grpc_type", "unary"), ("grpc_method", "GetServerInfo")]
         ),
         Some(2.0),
         "{text}"

@@ -4,7 +4,7 @@
 //! [`server_builder`] turns the configuration into a tonic `Server` before anything binds, so a
 //! missing or malformed certificate, key or CA file stops start-up with an error naming the
 //! file. [`MetricsLayer`] counts every ProfileService and AdminService call by method and
-//! status code. Message size limits are per service in tonic, so `crate::server` sets them on
+//! status code, the way grpc-ecosystem's go-grpc-prometheus does. Message size limits are per service in tonic, so `crate::server` sets them on
 //! each service it adds ([`Config::grpc_max_message_bytes`]). Nothing here knows about
 //! profiles, and who may call is `super::auth`'s business.
 
@@ -26,7 +26,7 @@ use tonic::codegen::{Body as HttpBody, Bytes, StdError, http};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{GrpcMethodMetrics, GrpcType, Metrics};
 use crate::pb;
 
 /// Longest a client may take to complete the TLS handshake before its connection is closed, so
@@ -143,55 +143,45 @@ fn check_pem(bytes: &[u8], labels: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Counts every ProfileService and AdminService call in [`Metrics::grpc_request`]: the RPC
-/// name, the status code (`Ok`, `NotFound`, `Unauthenticated`, ...) and the time to answer.
+/// Counts every ProfileService and AdminService call in the `grpc_server_*` metrics of
+/// `crate::metrics`, with go-grpc-prometheus's semantics: `grpc_server_started_total` when the
+/// call arrives, `grpc_server_handled_total` with its status code and
+/// `grpc_server_handling_seconds` when it ends.
 ///
-/// A unary call is counted when its status is known: from the response headers when it
-/// failed before answering, otherwise from the trailers after the message was sent (so an
-/// answer too large to encode counts as the error it became); a call abandoned before that
-/// counts as `Cancelled`. A server stream is counted when it starts, with the code it started
-/// with; how it ended is not counted here. Health and reflection are not counted, and only
-/// methods of the proto package are labels, so callers cannot grow the label set.
+/// A call ends when its status is known: from the response headers when it failed before
+/// answering, otherwise from the trailers after the last message was sent (so an answer too
+/// large to encode counts as the error it became, and a watch stream counts with the status it
+/// ended with: `UNAVAILABLE` at shutdown). A call the client abandons before that (a dropped
+/// stream, a cancelled call) counts as `CANCELLED`. Started minus handled is the number of
+/// calls in progress, open watch streams included. Health and reflection are not counted, and
+/// only methods of the proto package are labels, so callers cannot grow the label set.
+///
+/// Our own rather than a crate's: the tonic layers on crates.io record into one process-wide
+/// registry (we keep one per server, so tests in one process count apart), and none counts
+/// streams by how they end or creates every series at zero.
 #[derive(Clone)]
 pub struct MetricsLayer {
-    metrics: Metrics,
-    methods: Arc<HashMap<String, Method>>,
-}
-
-/// One RPC of the package, as the metrics know it.
-#[derive(Clone)]
-struct Method {
-    /// The label: the RPC name (`GetProfile`).
-    name: Arc<str>,
-    /// A server stream: counted when it starts.
-    streaming: bool,
+    methods: Arc<HashMap<String, GrpcMethodMetrics>>,
 }
 
 impl MetricsLayer {
     /// A layer recording into `metrics`; the methods come from the compiled descriptor set,
-    /// so a new RPC is counted without changes here.
+    /// so a new RPC is counted without changes here, and each one's series exist from now on.
     pub fn new(metrics: Metrics) -> Self {
         let descriptors = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET)
             .expect("the compiled file descriptor set decodes");
-        let methods = descriptors
-            .file
-            .iter()
-            .flat_map(|file| {
-                let package = file.package().to_owned();
-                file.service.iter().flat_map(move |service| {
-                    let prefix = format!("/{package}.{}/", service.name());
-                    service.method.iter().map(move |method| {
-                        let info = Method {
-                            name: method.name().into(),
-                            streaming: method.server_streaming(),
-                        };
-                        (format!("{prefix}{}", method.name()), info)
-                    })
-                })
-            })
-            .collect();
+        let mut methods = HashMap::new();
+        for file in &descriptors.file {
+            for service in &file.service {
+                let service_name = format!("{}.{}", file.package(), service.name());
+                for method in &service.method {
+                    let kind = GrpcType::of(method.client_streaming(), method.server_streaming());
+                    let counted = metrics.grpc_method(kind, &service_name, method.name());
+                    methods.insert(format!("/{service_name}/{}", method.name()), counted);
+                }
+            }
+        }
         MetricsLayer {
-            metrics,
             methods: Arc::new(methods),
         }
     }
@@ -215,16 +205,22 @@ pub struct MetricsService<S> {
     layer: MetricsLayer,
 }
 
-/// One call being counted; dropped before its status was seen, it counts as `Cancelled`.
+/// One call being counted; dropped before its status was seen, it counts as `CANCELLED`.
 struct Call {
-    pending: Option<(Metrics, Arc<str>, Instant)>,
+    pending: Option<(GrpcMethodMetrics, Instant)>,
 }
 
 impl Call {
+    fn start(method: GrpcMethodMetrics) -> Call {
+        method.started();
+        Call {
+            pending: Some((method, Instant::now())),
+        }
+    }
+
     fn finish(&mut self, code: Code) {
-        if let Some((metrics, method, started)) = self.pending.take() {
-            let code = format!("{code:?}");
-            metrics.grpc_request(&method, &code, started.elapsed().as_secs_f64());
+        if let Some((method, started)) = self.pending.take() {
+            method.handled(code, started.elapsed().as_secs_f64());
         }
     }
 }
@@ -262,20 +258,17 @@ where
         let Some(method) = method else {
             return Box::pin(async move { Ok(response.await?.map(Body::new)) });
         };
-        let mut call = Call {
-            pending: Some((self.layer.metrics.clone(), method.name, Instant::now())),
-        };
+        let mut call = Call::start(method);
         Box::pin(async move {
             let response = response.await?;
             // A call that failed before answering has its status in the headers.
             if let Some(code) = status_in(response.headers()) {
                 call.finish(code);
-            } else if method.streaming {
-                call.finish(Code::Ok);
             } else if response.body().is_end_stream() {
                 call.finish(Code::Unknown);
             } else {
-                // The status follows the message, in the trailers.
+                // The status follows the messages, in the trailers; a body dropped before
+                // them drops `call`, which counts the call as cancelled.
                 return Ok(response.map(|body| {
                     Body::new(body.map_frame(move |frame| {
                         if let Some(trailers) = frame.trailers_ref() {
@@ -297,10 +290,11 @@ mod tests {
     #[test]
     fn the_methods_of_both_services_are_known_and_nothing_else() {
         let layer = MetricsLayer::new(Metrics::new());
-        let get = &layer.methods["/gameball.profiles.v1.ProfileService/GetProfile"];
-        assert_eq!(&*get.name, "GetProfile");
-        assert!(!get.streaming);
-        assert!(layer.methods["/gameball.profiles.v1.ProfileService/WatchProfiles"].streaming);
+        assert!(
+            layer
+                .methods
+                .contains_key("/gameball.profiles.v1.ProfileService/GetProfile")
+        );
         assert!(
             layer
                 .methods

@@ -165,12 +165,13 @@ impl Server {
         let writable = sequencer.writable();
         // The ingest path takes the only handle: the sequencer stops once the listeners that
         // use it are gone (shutdown step 4).
-        let ingest = Ingest::new(sequencer, dead_letters, metrics.clone());
+        let ingest = Ingest::new(sequencer, dead_letters.clone(), metrics.clone());
         let (health, health_service) =
             Health::follow(writable.clone(), &tracker, stopping.clone()).await;
         let monitoring = Monitoring {
             metrics: metrics.clone(),
             store: store.clone(),
+            dead_letters,
             writable,
             stopping: stopping.clone(),
         };

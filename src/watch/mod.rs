@@ -121,6 +121,14 @@ pub enum ResetKind {
 }
 
 impl ResetKind {
+    /// Every kind (the metrics create a series for each at zero): keep it next to the enum.
+    pub const ALL: [ResetKind; 4] = [
+        ResetKind::CompactedStart,
+        ResetKind::FellBehind,
+        ResetKind::InitialState,
+        ResetKind::StoreChanged,
+    ];
+
     /// A short, fixed name (metrics label).
     pub fn label(self) -> &'static str {
         match self {
