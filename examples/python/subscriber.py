@@ -10,9 +10,12 @@ revisions: it starts over with the initial state), and on Reset (the server's hi
 covers where it was) drops what it knew and takes the initial state that follows.
 
     python3 examples/python/subscriber.py --target localhost:50051 --client-id 2155
-    python3 examples/python/subscriber.py --target profile-state:50051 --ca ca.pem \\
-        --cert client.pem --key client-key.pem      # TLS, and mTLS; the token: --token or
-                                                    # $PROFILE_STATE_TOKEN
+
+Over TLS (--ca, or --tls for the system's CAs), with a client certificate for mTLS and a
+bearer token from $PROFILE_STATE_TOKEN:
+
+    PROFILE_STATE_TOKEN=... python3 examples/python/subscriber.py \\
+        --target profile-state:50051 --ca ca.pem --cert client.pem --key client-key.pem
 
 Stop it with Ctrl-C or SIGTERM.
 """
@@ -248,10 +251,19 @@ def run(args, stubs_dir: pathlib.Path) -> int:
             delay = min(delay * 2, 5.0)
 
 
+def stop(_signum, _frame):
+    """SIGINT and SIGTERM: the first stops the subscriber (as KeyboardInterrupt, so the stubs
+    directory is removed); later ones, a second Ctrl-C or `timeout` signalling its process
+    group as well, are ignored rather than break off that cleanup."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     args = parse_args()
-    # SIGTERM stops it like Ctrl-C, so the stubs directory is removed either way.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory(prefix="profile-state-stubs-") as stubs_dir:
         try:
             return run(args, pathlib.Path(stubs_dir))
