@@ -10,9 +10,12 @@
 //! Validation errors carry the field: HTTP puts it in the JSON body (the webhook adapter does
 //! that), gRPC in `google.rpc.BadRequest` details. A dead-lettered delivery is 422 over HTTP
 //! (the webhook adds the dead letter's id) and FAILED_PRECONDITION over gRPC (a replay that
-//! still fails), with `google.rpc.PreconditionFailure` naming the letter.
+//! still fails), with `google.rpc.PreconditionFailure` naming the letter. The descriptors of
+//! those detail messages, which reflection serves so clients can decode them, come from here
+//! too. Nothing else here.
 
 use axum::http::StatusCode;
+use prost::Message;
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::Error;
@@ -138,4 +141,22 @@ fn dead_letter_details(id: &str, cause: &Error) -> ErrorDetails {
         details.add_bad_request_violation(field, reason);
     }
     details
+}
+
+/// Descriptors of `google.rpc.Status` and of every `google.rpc` error detail message
+/// (`BadRequest`, `PreconditionFailure`, ...), for gRPC reflection: with them grpcurl and other
+/// reflection clients print the details [`grpc_status`] sends decoded, not as bytes.
+///
+/// tonic-types ships them under bare file names (`status.proto`); they are served under
+/// googleapis' paths (`google/rpc/status.proto`), the names every other copy of them has, so
+/// a client that already knows those files sees the same ones.
+pub fn error_details_descriptors() -> prost_types::FileDescriptorSet {
+    let mut set = prost_types::FileDescriptorSet::decode(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .expect("tonic-types ships a valid file descriptor set");
+    for file in &mut set.file {
+        if file.package() == "google.rpc" && !file.name().starts_with("google/rpc/") {
+            file.name = Some(format!("google/rpc/{}", file.name()));
+        }
+    }
+    set
 }

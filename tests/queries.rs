@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::reflection::{v1, v1alpha};
 use common::{TestService, at, profile_updated};
 use profile_state::pb;
 use profile_state::pb::profile_service_client::ProfileServiceClient;
@@ -218,62 +219,6 @@ fn expected(seeded: &[(Key, &str)], client_id: &str, tier_name: &str) -> Vec<Key
         .collect();
     keys.into_iter().collect()
 }
-
-/// Reflection helpers, the same for both protocol versions.
-macro_rules! reflection_client {
-    ($version:ident) => {
-        mod $version {
-            use tonic::transport::Channel;
-            use tonic_reflection::pb::$version::ServerReflectionRequest;
-            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
-            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
-            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
-
-            async fn ask(channel: Channel, request: MessageRequest) -> MessageResponse {
-                let request = ServerReflectionRequest {
-                    host: String::new(),
-                    message_request: Some(request),
-                };
-                let mut responses = ServerReflectionClient::new(channel)
-                    .server_reflection_info(tokio_stream::once(request))
-                    .await
-                    .expect("reflection answers")
-                    .into_inner();
-                responses
-                    .message()
-                    .await
-                    .expect("a reflection response")
-                    .expect("one response per request")
-                    .message_response
-                    .expect("the response carries an answer")
-            }
-
-            /// The names of every service the server lists.
-            pub async fn list_services(channel: Channel) -> Vec<String> {
-                match ask(channel, MessageRequest::ListServices(String::new())).await {
-                    MessageResponse::ListServicesResponse(list) => list
-                        .service
-                        .into_iter()
-                        .map(|service| service.name)
-                        .collect(),
-                    other => panic!("expected a service list, got {other:?}"),
-                }
-            }
-
-            /// The encoded file descriptors of the file that defines `symbol`.
-            pub async fn file_containing_symbol(channel: Channel, symbol: &str) -> Vec<Vec<u8>> {
-                let request = MessageRequest::FileContainingSymbol(symbol.into());
-                match ask(channel, request).await {
-                    MessageResponse::FileDescriptorResponse(files) => files.file_descriptor_proto,
-                    other => panic!("expected file descriptors, got {other:?}"),
-                }
-            }
-        }
-    };
-}
-
-reflection_client!(v1);
-reflection_client!(v1alpha);
 
 /// Checks that reflection served the profiles file, with its service and source comments.
 fn assert_is_the_profiles_file(encoded: &[Vec<u8>]) {

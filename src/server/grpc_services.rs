@@ -140,6 +140,7 @@ fn reflection_v1() -> anyhow::Result<
     Ok(tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(crate::status::error_details_descriptors())
         .build_v1()?)
 }
 
@@ -152,5 +153,6 @@ fn reflection_v1alpha() -> anyhow::Result<
     Ok(tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(crate::status::error_details_descriptors())
         .build_v1alpha()?)
 }

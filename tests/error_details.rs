@@ -1,0 +1,161 @@
+//! The `google.rpc` error details the service sends (`BadRequest`, `PreconditionFailure`)
+//! decode with nothing but what the service's own reflection serves, in v1 and v1alpha: the
+//! way grpcurl and other reflection clients decode them. Real statuses over real gRPC.
+
+mod common;
+
+use common::reflection::{v1, v1alpha};
+use common::{TestService, at, profile_updated};
+use profile_state::pb;
+use profile_state::pb::admin_service_client::AdminServiceClient;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, Value};
+use serde_json::json;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// Every detail of `status`, as (type name, message decoded with descriptors asked from the
+/// service's reflection), once per reflection version.
+async fn details_through_reflection(
+    service: &TestService,
+    status: &tonic::Status,
+) -> Vec<(String, DynamicMessage)> {
+    let details = tonic_types::pb::Status::decode(status.details())
+        .expect("grpc-status-details-bin holds a google.rpc.Status")
+        .details;
+    assert!(!details.is_empty(), "no details in {status:?}");
+    let mut decoded = Vec::new();
+    for detail in details {
+        let name = detail
+            .type_url
+            .strip_prefix("type.googleapis.com/")
+            .unwrap_or_else(|| panic!("unexpected type URL {}", detail.type_url));
+        for files in [
+            v1::resolve(service.channel().await, name).await,
+            v1alpha::resolve(service.channel().await, name).await,
+        ] {
+            let pool = DescriptorPool::from_file_descriptor_set(files)
+                .unwrap_or_else(|error| panic!("reflection's files for {name} link: {error}"));
+            let descriptor = pool
+                .get_message_by_name(name)
+                .unwrap_or_else(|| panic!("reflection's files define {name}"));
+            assert!(
+                descriptor.parent_file().name().starts_with("google/rpc/"),
+                "{name} is served under googleapis' path, not {}",
+                descriptor.parent_file().name()
+            );
+            let message = DynamicMessage::decode(descriptor, detail.value.as_slice())
+                .unwrap_or_else(|error| panic!("{name} decodes: {error}"));
+            decoded.push((name.to_owned(), message));
+        }
+    }
+    decoded
+}
+
+/// The messages in the repeated message field `field` of `message`.
+fn messages(message: &DynamicMessage, field: &str) -> Vec<DynamicMessage> {
+    match message.get_field_by_name(field).as_deref() {
+        Some(Value::List(items)) => items
+            .iter()
+            .map(|item| item.as_message().expect("a message").clone())
+            .collect(),
+        other => panic!("{field} is not a list: {other:?}"),
+    }
+}
+
+/// The string field `field` of `message`.
+fn text(message: &DynamicMessage, field: &str) -> String {
+    message
+        .get_field_by_name(field)
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("{field} is not a string in {message:?}"))
+}
+
+/// (field, description) of every violation of a decoded BadRequest.
+fn field_violations(message: &DynamicMessage) -> Vec<(String, String)> {
+    messages(message, "field_violations")
+        .iter()
+        .map(|violation| (text(violation, "field"), text(violation, "description")))
+        .collect()
+}
+
+#[tokio::test]
+async fn bad_request_details_of_a_rejected_request_decode_through_reflection() {
+    let service = TestService::start().await;
+    let status = service
+        .client()
+        .await
+        .get_profile(pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: String::new(),
+        })
+        .await
+        .expect_err("an empty customer_id is rejected");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    let decoded = details_through_reflection(&service, &status).await;
+    assert_eq!(
+        decoded.len(),
+        2,
+        "one BadRequest, decoded per reflection version"
+    );
+    for (name, message) in &decoded {
+        assert_eq!(name, "google.rpc.BadRequest");
+        assert_eq!(
+            field_violations(message),
+            [("customer_id".to_owned(), "is required".to_owned())]
+        );
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn precondition_failure_and_bad_request_of_a_failed_replay_decode_through_reflection() {
+    let service = TestService::start().await;
+    let body = profile_updated("still-bad", &at(1), json!({"tier_order": "two"}));
+    let (code, answer) = service.post(&body).await;
+    assert_eq!(code, 422, "{answer}");
+    let id = answer["dead_letter_id"].as_str().expect("a dead letter id");
+    let status = AdminServiceClient::new(service.channel().await)
+        .replay_dead_letter(pb::ReplayDeadLetterRequest { id: id.into() })
+        .await
+        .expect_err("a letter that is still invalid does not replay");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let sent = status.get_error_details();
+    let sent_precondition = &sent.precondition_failure().expect("sent").violations[0];
+    let sent_field = &sent.bad_request().expect("sent").field_violations[0];
+
+    let decoded = details_through_reflection(&service, &status).await;
+    let names: Vec<&str> = decoded.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "google.rpc.PreconditionFailure",
+            "google.rpc.PreconditionFailure",
+            "google.rpc.BadRequest",
+            "google.rpc.BadRequest",
+        ]
+    );
+    for (name, message) in &decoded {
+        if name == "google.rpc.PreconditionFailure" {
+            let violations = messages(message, "violations");
+            assert_eq!(violations.len(), 1, "{message:?}");
+            assert_eq!(text(&violations[0], "type"), sent_precondition.r#type);
+            assert_eq!(
+                text(&violations[0], "subject"),
+                format!("dead_letters/{id}")
+            );
+            assert_eq!(
+                text(&violations[0], "description"),
+                sent_precondition.description
+            );
+        } else {
+            assert_eq!(
+                field_violations(message),
+                [(sent_field.field.clone(), sent_field.description.clone())]
+            );
+            assert_eq!(sent_field.field, "data.tier_order");
+        }
+    }
+    service.stop().await;
+}
