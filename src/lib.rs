@@ -19,9 +19,11 @@
 //!   `AdminService` (dead letters).
 //! - [`error`] and [`status`]: the one error type, and its one mapping to HTTP and gRPC.
 //! - [`config`] and [`server`]: flags, and the wiring that binds, serves and shuts down.
+//! - [`jetstream`]: the NATS JetStream adapter for replicated mode (issue 13; not wired into
+//!   the server yet): the update stream, its ordered reader, snapshot and dead-letter buckets.
 //!
 //! The domain (`profile`, `store`, `sequencer`, `journal`, `watch`, `dead_letters`) knows
-//! nothing of axum or tonic.
+//! nothing of axum, tonic or NATS.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -30,6 +32,7 @@ pub mod data_dir;
 pub mod dead_letters;
 pub mod error;
 pub mod grpc;
+pub mod jetstream;
 pub mod journal;
 pub mod metrics;
 pub mod profile;

@@ -1,0 +1,217 @@
+//! Reading the update stream in order from a sequence: one ordered consumer per replica.
+//!
+//! An ordered consumer (ephemeral, in memory, no acks) recreates itself after a gap or missed
+//! heartbeats, but not when the server that held it restarted and forgot it (async-nats 0.51
+//! surfaces "consumer not found" after ~15 s of retries). So the follower keeps the sequence
+//! it must hand out next, and builds a new consumer from exactly there whenever the client
+//! reconnects or the consumer fails, retrying while NATS is unreachable. Two pitfalls are
+//! handled: a consumer recreated by the client before its first message restarts from the
+//! beginning of the stream (anything below the next sequence is skipped); and a consumer asked
+//! to start below the stream's first sequence silently starts at the first (the first sequence
+//! is compared with the one wanted, before and while reading). Any other jump in sequence means
+//! a message was removed, and is an error too: a replica must never apply past a hole.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
+
+use super::stream::unavailable;
+use super::{JetStreamError, UpdateBatch, UpdateStream};
+
+/// How long one pull request waits on an idle stream. The consumer's idle heartbeat is half of
+/// it, and two missed heartbeats make it recreate itself, so a consumer lost on a node of a
+/// cluster (while the client stays connected to another) is replaced within about this long
+/// instead of the client's default 30 s. The cost is one small request per interval while idle.
+const PULL_EXPIRES: Duration = Duration::from_secs(4);
+/// Longest pause between two attempts to rebuild the consumer while NATS is unreachable.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// One stream message, decoded.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// When the stream stored it.
+    pub published: DateTime<Utc>,
+    /// Messages after this one in the stream when it was delivered (0 = caught up).
+    pub pending: u64,
+    /// The updates.
+    pub batch: UpdateBatch,
+}
+
+/// Hands out every sequence after the start exactly once, in order, or an error naming what is
+/// missing. Owns its consumer; dropping it stops reading (the server removes the consumer after
+/// its inactivity threshold).
+pub struct Follower {
+    stream: UpdateStream,
+    /// `None` after a failure or a reconnection: rebuilt from `next` before reading on.
+    messages: Option<Ordered>,
+    connections: watch::Receiver<u64>,
+    /// The sequence that must come next.
+    next: u64,
+}
+
+impl Follower {
+    /// Starts reading after `applied` (0: from the beginning). Fails at once if the stream no
+    /// longer holds `applied + 1`, ends before `applied`, or cannot be reached.
+    pub async fn start(stream: &UpdateStream, applied: u64) -> Result<Follower, JetStreamError> {
+        let mut connections = stream.nats().connections();
+        connections.mark_unchanged();
+        let mut follower = Follower {
+            stream: stream.clone(),
+            messages: None,
+            connections,
+            next: applied + 1,
+        };
+        follower.check_bounds().await?;
+        follower.messages = Some(follower.consume_from_next().await?);
+        Ok(follower)
+    }
+
+    /// The sequence the next entry will have.
+    pub fn next_sequence(&self) -> u64 {
+        self.next
+    }
+
+    /// The next entry; waits for it, through disconnections and server restarts. An error is
+    /// about the stream itself (a hole, a purge past `next`, a malformed message, the stream
+    /// gone) and is final: handle it, then start a new follower.
+    pub async fn next(&mut self) -> Result<Entry, JetStreamError> {
+        loop {
+            let Some(messages) = self.messages.as_mut() else {
+                self.messages = Some(self.rebuild().await?);
+                continue;
+            };
+            let item = tokio::select! {
+                item = messages.next() => item,
+                changed = self.connections.changed() => {
+                    if changed.is_ok() {
+                        tracing::debug!(next = self.next, "nats reconnected: new consumer");
+                        self.messages = None;
+                    }
+                    continue;
+                }
+            };
+            let message = match item {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    tracing::debug!(next = self.next, error = %err, "consumer failed: new consumer");
+                    self.messages = None;
+                    continue;
+                }
+                None => {
+                    self.messages = None;
+                    continue;
+                }
+            };
+            if let Some(entry) = self.accept(message).await? {
+                return Ok(entry);
+            }
+        }
+    }
+
+    /// The entry in `message` if it is the next one; `None` if it is an old one to skip.
+    async fn accept(
+        &mut self,
+        message: async_nats::jetstream::Message,
+    ) -> Result<Option<Entry>, JetStreamError> {
+        let info = message.info().map_err(unavailable("consume"))?;
+        let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
+        if sequence < self.next {
+            // A consumer the client recreated before its first message starts from the first.
+            return Ok(None);
+        }
+        if sequence > self.next {
+            self.check_bounds().await?;
+            return Err(JetStreamError::Gap {
+                stream: self.stream.name().to_string(),
+                expected: self.next,
+                got: sequence,
+            });
+        }
+        let batch = UpdateBatch::decode_payload(&message.payload).map_err(|reason| {
+            JetStreamError::Malformed {
+                stream: self.stream.name().to_string(),
+                sequence,
+                reason,
+            }
+        })?;
+        self.next += 1;
+        Ok(Some(Entry {
+            sequence,
+            published,
+            pending,
+            batch,
+        }))
+    }
+
+    /// A new consumer from `next`, retrying (with backoff) while NATS cannot be reached.
+    async fn rebuild(&self) -> Result<Ordered, JetStreamError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let attempt = match self.check_bounds().await {
+                Ok(()) => self.consume_from_next().await,
+                Err(err) => Err(err),
+            };
+            match attempt {
+                Ok(messages) => return Ok(messages),
+                Err(JetStreamError::Unavailable { operation, reason }) => {
+                    tracing::debug!(operation, reason, "consumer rebuild failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// The stream must still hold `next` (not purged past it) and not end before `next - 1`.
+    async fn check_bounds(&self) -> Result<(), JetStreamError> {
+        let bounds = self.stream.bounds().await?;
+        let applied = self.next - 1;
+        if bounds.last < applied {
+            return Err(JetStreamError::AheadOfStream {
+                stream: self.stream.name().to_string(),
+                applied,
+                last: bounds.last,
+            });
+        }
+        if bounds.first > self.next {
+            return Err(JetStreamError::StartBelowFirst {
+                stream: self.stream.name().to_string(),
+                requested: self.next,
+                first: bounds.first,
+            });
+        }
+        Ok(())
+    }
+
+    async fn consume_from_next(&self) -> Result<Ordered, JetStreamError> {
+        let deliver_policy = match self.next {
+            1 => DeliverPolicy::All,
+            next => DeliverPolicy::ByStartSequence {
+                start_sequence: next,
+            },
+        };
+        let consumer = self
+            .stream
+            .handle()
+            .create_consumer(OrderedConfig {
+                filter_subject: self.stream.subject().to_string(),
+                deliver_policy,
+                max_expires: PULL_EXPIRES,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable("consumer create"))?;
+        consumer
+            .messages()
+            .await
+            .map_err(unavailable("consumer messages"))
+    }
+}
