@@ -405,3 +405,78 @@ async fn a_publish_while_nats_is_down_fails_as_unavailable() {
     );
     assert!(!client.is_connected());
 }
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files
+/// in `dir`: (ca, server cert, server key, client cert, client key).
+fn pki(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let issue = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        (
+            params.signed_by(&key, &ca).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (server_cert, server_key) = issue("127.0.0.1");
+    let (client_cert, client_key) = issue("replica");
+    let files = [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server_cert),
+        ("server.key", server_key),
+        ("client.pem", client_cert),
+        ("client.key", client_key),
+    ];
+    files.map(|(name, pem)| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    })
+}
+
+#[tokio::test]
+async fn the_tls_flags_connect_with_a_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, server_cert, server_key, client_cert, client_key] = pki(dir.path());
+    let [port, http] = nats_harness::free_ports::<2>().unwrap();
+    let config = format!(
+        "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\njetstream {{\n  store_dir: \"store\"\n}}\n\
+         tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+        server_cert, server_key, ca
+    );
+    let _node = Node::start("tls", &config).await.unwrap();
+
+    let mut flags = Config::for_tests("s").nats;
+    flags.urls = vec![format!("tls://127.0.0.1:{port}")];
+    flags.tls_ca = Some(ca.clone());
+    flags.tls_cert = Some(client_cert);
+    flags.tls_key = Some(client_key);
+    let client = Nats::connect(&flags, "tls")
+        .await
+        .expect("mutual TLS connects");
+    let stream = UpdateStream::ensure(&client, &settings("TLS"))
+        .await
+        .unwrap();
+    assert_eq!(stream.publish(&batch("c1", 1)).await.unwrap().sequence, 1);
+
+    // The server requires a client certificate.
+    flags.tls_cert = None;
+    flags.tls_key = None;
+    let error = Nats::connect(&flags, "tls").await.err().expect("refused");
+    assert!(matches!(error, JetStreamError::Connect { .. }), "{error}");
+
+    // A CA file that is not there is named with its flag.
+    flags.tls_ca = Some(dir.path().join("missing.pem"));
+    let error = Nats::connect(&flags, "tls")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("--nats-tls-ca") && error.contains("missing.pem"),
+        "{error}"
+    );
+}

@@ -78,7 +78,43 @@ impl NatsCluster {
         for node in &mut nodes {
             node.wait_ready().await?;
         }
-        Ok(NatsCluster { nodes })
+        let cluster = NatsCluster { nodes };
+        cluster.wait_formed().await?;
+        Ok(cluster)
+    }
+
+    /// Waits until every node names the same meta leader and that leader sees every other
+    /// node as online and current. Each node knowing a leader is not enough: until the leader
+    /// has heard from all peers, creating an R3 stream fails ("no suitable peers for
+    /// placement, peer offline").
+    pub async fn wait_formed(&self) -> Result<(), HarnessError> {
+        if self.nodes.len() < 2 {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let mut views = Vec::new();
+            for node in &self.nodes {
+                views.push(node.monitor("/jsz").await);
+            }
+            if cluster_formed(&self.nodes, &views) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                let views: Vec<String> = views
+                    .iter()
+                    .map(|view| {
+                        view.as_ref()
+                            .map_or("no answer".into(), |v| v["meta_cluster"].to_string())
+                    })
+                    .collect();
+                return Err(HarnessError(format!(
+                    "the cluster did not form within {READY_TIMEOUT:?}; each node's meta view: {}",
+                    views.join(" | ")
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Every node's client URL, for a client to connect (and fail over) to.
@@ -115,8 +151,36 @@ impl NatsCluster {
         for node in &mut self.nodes {
             node.wait_ready().await?;
         }
-        Ok(())
+        self.wait_formed().await
     }
+}
+
+/// Whether these `/jsz` answers (one per node, in order) show one meta leader that sees all
+/// other nodes online and current.
+fn cluster_formed(nodes: &[Node], views: &[Option<serde_json::Value>]) -> bool {
+    let leaders: Vec<Option<&str>> = views
+        .iter()
+        .map(|view| view.as_ref()?.pointer("/meta_cluster/leader")?.as_str())
+        .collect();
+    let Some(Some(leader)) = leaders.first().copied() else {
+        return false;
+    };
+    if leaders.iter().any(|other| *other != Some(leader)) {
+        return false;
+    }
+    let Some(index) = nodes.iter().position(|node| node.name() == leader) else {
+        return false;
+    };
+    let Some(replicas) = views[index]
+        .as_ref()
+        .and_then(|view| view.pointer("/meta_cluster/replicas")?.as_array().cloned())
+    else {
+        return false;
+    };
+    replicas.len() == nodes.len() - 1
+        && replicas.iter().all(|peer| {
+            peer["current"].as_bool() == Some(true) && peer["offline"].as_bool() != Some(true)
+        })
 }
 
 /// The configuration the harness gives a node: loopback only, store in the node's directory,

@@ -100,3 +100,22 @@ async fn a_node_that_cannot_start_fails_with_its_log() {
     assert!(error.0.contains("nats-server clash exited"), "{error}");
     assert!(error.0.contains("address already in use"), "{error}");
 }
+
+#[tokio::test]
+async fn a_cluster_killed_entirely_comes_back_on_the_same_ports() {
+    let mut nats = NatsCluster::three().await.unwrap();
+    let urls = nats.client_urls();
+    nats.kill_all();
+    for node in nats.nodes_mut() {
+        assert!(!node.is_running());
+    }
+    nats.restart_all().await.unwrap();
+    assert_eq!(nats.client_urls(), urls);
+    for node in nats.nodes() {
+        assert!(
+            node.meta_leader().await.is_some(),
+            "{} rejoined",
+            node.name()
+        );
+    }
+}
