@@ -161,12 +161,14 @@ pub struct NatsConfig {
     )]
     pub urls: Vec<String>,
 
-    /// Name of the JetStream stream of updates; its snapshot and dead-letter buckets are named
+    /// Name of the JetStream stream of updates (this and every other `--nats-*` flag needs
+    /// `--nats-url`); its snapshot and dead-letter buckets are named
     /// after it (`<stream>_SNAPSHOTS`, `<stream>_DEAD_LETTERS`).
     #[arg(
         long = "nats-stream",
         env = "PROFILE_STATE_NATS_STREAM",
-        default_value = "PROFILE_STATE"
+        default_value = "PROFILE_STATE",
+        requires = "urls"
     )]
     pub stream: String,
 
@@ -207,19 +209,24 @@ pub struct NatsConfig {
     #[arg(
         long = "nats-replicas",
         env = "PROFILE_STATE_NATS_REPLICAS",
-        default_value_t = 3
+        default_value_t = 3,
+        requires = "urls"
     )]
     pub replicas: usize,
 
     /// How long the stream remembers a message id to drop a repeated publish. Two hours cover
     /// Gameball's retries (5, 20, 60 minutes) of a delivery published on its own; the server
     /// keeps one entry per message in the window.
-    #[arg(long = "nats-duplicate-window", env = "PROFILE_STATE_NATS_DUPLICATE_WINDOW", default_value = "2h", value_parser = humantime::parse_duration)]
+    #[arg(long = "nats-duplicate-window", env = "PROFILE_STATE_NATS_DUPLICATE_WINDOW", default_value = "2h", value_parser = humantime::parse_duration, requires = "urls")]
     pub duplicate_window: Duration,
 
     /// Largest size of the stream in bytes. When it is full, publishes are refused (webhooks
     /// get 503) rather than old updates dropped; default: no limit.
-    #[arg(long = "nats-max-bytes", env = "PROFILE_STATE_NATS_MAX_BYTES")]
+    #[arg(
+        long = "nats-max-bytes",
+        env = "PROFILE_STATE_NATS_MAX_BYTES",
+        requires = "urls"
+    )]
     pub max_bytes: Option<u64>,
 }
 
@@ -384,8 +391,16 @@ mod tests {
         assert!(!config.nats.enabled());
         assert_eq!(config.nats.stream, "PROFILE_STATE");
         assert!(config.check().is_ok());
-        for flag in ["--nats-creds", "--nats-tls-ca"] {
-            let error = parse(&[flag, "/x"]).err().expect("needs --nats-url");
+        let flags = [
+            ["--nats-creds", "/x"],
+            ["--nats-tls-ca", "/x"],
+            ["--nats-stream", "S"],
+            ["--nats-replicas", "1"],
+            ["--nats-duplicate-window", "1h"],
+            ["--nats-max-bytes", "1000"],
+        ];
+        for flag in flags {
+            let error = parse(&flag).err().expect("needs --nats-url");
             assert!(error.to_string().contains("--nats-url"), "{error}");
         }
         assert!(parse(&["--nats-url", "nats://a:4222", "--nats-tls-cert", "/c"]).is_err());

@@ -98,7 +98,7 @@ impl DeadLetterBucket {
     pub async fn remove(&self, id: &str, revision: u64) -> Result<(), JetStreamError> {
         match self.store.purge_expect_revision(id, Some(revision)).await {
             Ok(()) => Ok(()),
-            Err(err) if err.to_string().contains("wrong last sequence") => Err(self.conflict(id)),
+            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => Err(self.conflict(id)),
             Err(err) => Err(self.error(id, err)),
         }
     }

@@ -52,6 +52,8 @@ pub struct Follower {
     /// `None` after a failure or a reconnection: rebuilt from `next` before reading on.
     messages: Option<Ordered>,
     connections: watch::Receiver<u64>,
+    /// False once the connection's sender is gone (a closed receiver would be ready forever).
+    watch_connections: bool,
     /// The sequence that must come next.
     next: u64,
 }
@@ -66,6 +68,7 @@ impl Follower {
             stream: stream.clone(),
             messages: None,
             connections,
+            watch_connections: true,
             next: applied + 1,
         };
         follower.check_bounds().await?;
@@ -89,10 +92,14 @@ impl Follower {
             };
             let item = tokio::select! {
                 item = messages.next() => item,
-                changed = self.connections.changed() => {
-                    if changed.is_ok() {
-                        tracing::debug!(next = self.next, "nats reconnected: new consumer");
-                        self.messages = None;
+                changed = self.connections.changed(), if self.watch_connections => {
+                    match changed {
+                        Ok(()) => {
+                            tracing::debug!(next = self.next, "nats reconnected: new consumer");
+                            self.messages = None;
+                        }
+                        // The connection is gone for good; the consumer's errors will say so.
+                        Err(_) => self.watch_connections = false,
                     }
                     continue;
                 }

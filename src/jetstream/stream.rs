@@ -118,11 +118,7 @@ impl UpdateStream {
     ) -> Result<UpdateStream, JetStreamError> {
         let context = nats.context();
         let info = match context.get_stream(&settings.name).await {
-            Ok(mut stream) => stream
-                .info()
-                .await
-                .map_err(unavailable("stream info"))?
-                .clone(),
+            Ok(stream) => stream.cached_info().clone(),
             Err(err) if is_not_found(&err) => {
                 let store_id = crate::data_dir::new_store_id();
                 match context
@@ -130,17 +126,12 @@ impl UpdateStream {
                     .await
                 {
                     Ok(stream) => stream.cached_info().clone(),
-                    Err(err) if created_meanwhile(&err) => {
-                        let mut stream = context
-                            .get_stream(&settings.name)
-                            .await
-                            .map_err(unavailable("stream info"))?;
-                        stream
-                            .info()
-                            .await
-                            .map_err(unavailable("stream info"))?
-                            .clone()
-                    }
+                    Err(err) if created_meanwhile(&err) => context
+                        .get_stream(&settings.name)
+                        .await
+                        .map_err(unavailable("stream info"))?
+                        .cached_info()
+                        .clone(),
                     Err(err) => return Err(create_failed(settings, err)),
                 }
             }
