@@ -222,3 +222,115 @@ impl Follower {
             .map_err(unavailable("consumer messages"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! What the follower does with each delivered sequence, with messages crafted as a
+    //! consumer would deliver them (a real server cannot be made to produce a hole or a
+    //! consumer restarted from the first sequence on demand), against a real stream.
+
+    use prost::Message as _;
+
+    use super::*;
+    use crate::jetstream::{Nats, StreamSettings};
+
+    fn delivered(
+        stream: &UpdateStream,
+        sequence: u64,
+        payload: Vec<u8>,
+    ) -> async_nats::jetstream::Message {
+        // `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<nanos>.<pending>`
+        let reply = format!(
+            "$JS.ACK.{}.test.1.{sequence}.{sequence}.1764500000000000000.0",
+            stream.name()
+        );
+        async_nats::jetstream::Message {
+            message: async_nats::Message {
+                subject: stream.subject().into(),
+                reply: Some(reply.into()),
+                payload: payload.into(),
+                headers: None,
+                status: None,
+                description: None,
+                length: 0,
+            },
+            context: stream.nats().context().clone(),
+        }
+    }
+
+    #[tokio::test]
+    async fn seen_sequences_are_skipped_and_holes_purges_and_garbage_are_errors() {
+        let nats = nats_harness::NatsCluster::single().await.unwrap();
+        let mut config = crate::Config::for_tests("s").nats;
+        config.urls = nats.client_urls();
+        let client = Nats::connect(&config, "test").await.unwrap();
+        let settings = StreamSettings {
+            name: "ACCEPT".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(60),
+            max_bytes: None,
+        };
+        let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
+        let batch = UpdateBatch::default();
+        for _ in 1..=5 {
+            // Published without a message id, so the equal payloads are not deduplicated.
+            let message = async_nats::jetstream::message::PublishMessage::build()
+                .payload(batch.encode_to_vec().into());
+            let ack = client
+                .context()
+                .send_publish(stream.subject().to_string(), message);
+            ack.await.unwrap().await.unwrap();
+        }
+        let mut follower = Follower::start(&stream, 3).await.unwrap();
+        let payload = || batch.encode_to_vec();
+
+        // A consumer restarted from the beginning delivers what was applied: skipped.
+        for old in [1, 2, 3] {
+            let accepted = follower.accept(delivered(&stream, old, payload())).await;
+            assert!(matches!(accepted, Ok(None)), "{old}: {accepted:?}");
+        }
+        let entry = follower
+            .accept(delivered(&stream, 4, payload()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((entry.sequence, follower.next_sequence()), (4, 5));
+
+        let garbage = follower
+            .accept(delivered(&stream, 5, vec![0xff, 0xff]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(garbage, JetStreamError::Malformed { sequence: 5, .. }),
+            "{garbage}"
+        );
+        assert_eq!(
+            follower.next_sequence(),
+            5,
+            "nothing past a malformed message"
+        );
+
+        let hole = follower
+            .accept(delivered(&stream, 7, payload()))
+            .await
+            .unwrap_err();
+        let expected = JetStreamError::Gap {
+            stream: "ACCEPT".into(),
+            expected: 5,
+            got: 7,
+        };
+        assert_eq!(hole, expected);
+
+        stream.purge_below(6).await.unwrap();
+        let purged = follower
+            .accept(delivered(&stream, 7, payload()))
+            .await
+            .unwrap_err();
+        let expected = JetStreamError::StartBelowFirst {
+            stream: "ACCEPT".into(),
+            requested: 5,
+            first: 6,
+        };
+        assert_eq!(purged, expected);
+    }
+}
