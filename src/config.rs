@@ -155,6 +155,91 @@ pub struct Config {
     /// Log format: `text` or `json`. The level filter comes from `RUST_LOG` (default `info`).
     #[arg(long, env = "PROFILE_STATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Replicated mode over NATS JetStream (issue 13); off unless `--nats-url` is given.
+    #[command(flatten)]
+    pub nats: NatsConfig,
+}
+
+/// The NATS JetStream flags. Nothing changes unless `--nats-url` is given; the others need it.
+#[derive(Clone, Debug, clap::Args)]
+pub struct NatsConfig {
+    /// NATS server URL(s), repeatable or comma-separated (`nats://host:4222`, `tls://...`):
+    /// switches to replicated mode, with the JetStream stream as the one ordered log.
+    #[arg(
+        long = "nats-url",
+        env = "PROFILE_STATE_NATS_URL",
+        value_delimiter = ','
+    )]
+    pub urls: Vec<String>,
+
+    /// Name of the JetStream stream of updates (this and every other `--nats-*` flag needs
+    /// `--nats-url`); its snapshot and dead-letter buckets are named
+    /// after it (`<stream>_SNAPSHOTS`, `<stream>_DEAD_LETTERS`).
+    #[arg(
+        long = "nats-stream",
+        env = "PROFILE_STATE_NATS_STREAM",
+        default_value = "PROFILE_STATE",
+        requires = "urls"
+    )]
+    pub stream: String,
+
+    /// NATS credentials file (JWT and NKey seed, `.creds`).
+    #[arg(
+        long = "nats-creds",
+        env = "PROFILE_STATE_NATS_CREDS",
+        requires = "urls"
+    )]
+    pub creds: Option<PathBuf>,
+
+    /// PEM CA bundle that signed the NATS servers' certificates; requires TLS.
+    #[arg(
+        long = "nats-tls-ca",
+        env = "PROFILE_STATE_NATS_TLS_CA",
+        requires = "urls"
+    )]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate for NATS mutual TLS (with --nats-tls-key).
+    #[arg(
+        long = "nats-tls-cert",
+        env = "PROFILE_STATE_NATS_TLS_CERT",
+        requires_all = ["urls", "tls_key"]
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for NATS mutual TLS (with --nats-tls-cert).
+    #[arg(
+        long = "nats-tls-key",
+        env = "PROFILE_STATE_NATS_TLS_KEY",
+        requires_all = ["urls", "tls_cert"]
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Replicas of the stream and buckets when this service creates them (1 = no redundancy;
+    /// 3 needs a cluster of at least three JetStream servers). An existing stream must match.
+    #[arg(
+        long = "nats-replicas",
+        env = "PROFILE_STATE_NATS_REPLICAS",
+        default_value_t = 3,
+        requires = "urls"
+    )]
+    pub replicas: usize,
+
+    /// How long the stream remembers a message id to drop a repeated publish. Two hours cover
+    /// Gameball's retries (5, 20, 60 minutes) of a delivery published on its own; the server
+    /// keeps one entry per message in the window.
+    #[arg(long = "nats-duplicate-window", env = "PROFILE_STATE_NATS_DUPLICATE_WINDOW", default_value = "2h", value_parser = humantime::parse_duration, requires = "urls")]
+    pub duplicate_window: Duration,
+
+    /// Largest size of the stream in bytes. When it is full, publishes are refused (webhooks
+    /// get 503) rather than old updates dropped; default: no limit.
+    #[arg(
+        long = "nats-max-bytes",
+        env = "PROFILE_STATE_NATS_MAX_BYTES",
+        requires = "urls"
+    )]
+    pub max_bytes: Option<u64>,
 }
 
 /// A configuration that cannot work, found before anything binds.
@@ -184,6 +269,21 @@ pub enum ConfigError {
     /// Snapshot thresholds cannot be zero.
     #[error("--snapshot-every-records and --snapshot-every-bytes must be at least 1")]
     ZeroSnapshotInterval,
+    /// A NATS flag has a value that cannot work.
+    #[error("--{flag}: {reason}")]
+    BadNatsFlag {
+        /// The flag, without dashes.
+        flag: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// `--nats-url` was given, but this build does not run replicated yet: refused rather than
+    /// silently running as a single node.
+    #[error(
+        "--nats-url: replicated mode is not wired into the server yet (issue 13, phase 2); \
+         run without --nats-url to use the local journal"
+    )]
+    ReplicationNotWired,
 }
 
 impl Config {
@@ -221,7 +321,52 @@ impl Config {
         if self.snapshot_every_records == 0 || self.snapshot_every_bytes == 0 {
             return Err(ConfigError::ZeroSnapshotInterval);
         }
-        Ok(())
+        self.nats.check()
+    }
+}
+
+impl NatsConfig {
+    /// Whether replicated mode is asked for.
+    pub fn enabled(&self) -> bool {
+        !self.urls.is_empty()
+    }
+
+    /// Rejects NATS settings that cannot work; without `--nats-url` there is nothing to check.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let bad = |flag, reason: String| Err(ConfigError::BadNatsFlag { flag, reason });
+        for url in &self.urls {
+            match url.parse::<async_nats::ServerAddr>() {
+                Err(err) => return bad("nats-url", format!("{url:?} is not a NATS URL: {err}")),
+                // Built without async-nats' websocket support.
+                Ok(addr) if addr.is_websocket() => {
+                    return bad(
+                        "nats-url",
+                        format!("{url:?}: websocket URLs are not supported"),
+                    );
+                }
+                Ok(_) => {}
+            }
+        }
+        // Bucket names are derived from it, and they allow only these characters.
+        let name_ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if self.stream.is_empty() || !self.stream.chars().all(name_ok) {
+            let reason = format!("{:?}: use letters, digits, '-' and '_'", self.stream);
+            return bad("nats-stream", reason);
+        }
+        if !(1..=5).contains(&self.replicas) {
+            let reason = format!("{} replicas: JetStream allows 1 to 5", self.replicas);
+            return bad("nats-replicas", reason);
+        }
+        if self.duplicate_window.is_zero() {
+            return bad("nats-duplicate-window", "must be longer than zero".into());
+        }
+        if self.max_bytes == Some(0) {
+            return bad("nats-max-bytes", "must be at least 1".into());
+        }
+        Err(ConfigError::ReplicationNotWired)
     }
 }
 
@@ -244,6 +389,80 @@ mod tests {
         assert!(matches!(
             config.check(),
             Err(ConfigError::EmptyWebhookSecret)
+        ));
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let base = ["profile-state", "--webhook-secret", "s"];
+        Config::try_parse_from(base.iter().chain(args))
+    }
+
+    #[test]
+    fn without_a_nats_url_nothing_nats_is_checked_or_allowed() {
+        let config = parse(&[]).unwrap();
+        assert!(!config.nats.enabled());
+        assert_eq!(config.nats.stream, "PROFILE_STATE");
+        assert!(config.check().is_ok());
+        let flags = [
+            ["--nats-creds", "/x"],
+            ["--nats-tls-ca", "/x"],
+            ["--nats-stream", "S"],
+            ["--nats-replicas", "1"],
+            ["--nats-duplicate-window", "1h"],
+            ["--nats-max-bytes", "1000"],
+        ];
+        for flag in flags {
+            let error = parse(&flag).err().expect("needs --nats-url");
+            assert!(error.to_string().contains("--nats-url"), "{error}");
+        }
+        assert!(parse(&["--nats-url", "nats://a:4222", "--nats-tls-cert", "/c"]).is_err());
+    }
+
+    #[test]
+    fn nats_urls_repeat_or_split_on_commas() {
+        let urls = [
+            "--nats-url",
+            "nats://a:4222,nats://b:4222",
+            "--nats-url",
+            "tls://c:4222",
+        ];
+        let config = parse(&urls).unwrap();
+        assert_eq!(
+            config.nats.urls,
+            ["nats://a:4222", "nats://b:4222", "tls://c:4222"]
+        );
+    }
+
+    #[test]
+    fn bad_nats_values_name_their_flag_and_a_good_set_is_refused_until_wired() {
+        let cases: [(&[&str], &str); 6] = [
+            (&["--nats-url", "http://a:80"], "--nats-url"),
+            (&["--nats-url", "nats://a,wss://b:443"], "--nats-url"),
+            (
+                &["--nats-url", "nats://a", "--nats-stream", "A.B"],
+                "--nats-stream",
+            ),
+            (
+                &["--nats-url", "nats://a", "--nats-replicas", "0"],
+                "--nats-replicas",
+            ),
+            (
+                &["--nats-url", "nats://a", "--nats-duplicate-window", "0s"],
+                "--nats-duplicate-window",
+            ),
+            (
+                &["--nats-url", "nats://a", "--nats-max-bytes", "0"],
+                "--nats-max-bytes",
+            ),
+        ];
+        for (args, flag) in cases {
+            let error = parse(args).unwrap().check().unwrap_err().to_string();
+            assert!(error.starts_with(flag), "{args:?}: {error}");
+        }
+        let config = parse(&["--nats-url", "nats://127.0.0.1:4222"]).unwrap();
+        assert!(matches!(
+            config.check(),
+            Err(ConfigError::ReplicationNotWired)
         ));
     }
 }

@@ -27,9 +27,11 @@
 //! - [`error`] and [`status`]: the domain's error type, the adapters' transport-level
 //!   refusals, and their one mapping to HTTP and gRPC.
 //! - [`config`] and [`server`]: flags, and the wiring that binds, serves and shuts down.
+//! - [`jetstream`]: the NATS JetStream adapter for replicated mode (issue 13; not wired into
+//!   the server yet): the update stream, its ordered reader, snapshot and dead-letter buckets.
 //!
 //! The domain (`profile`, `store`, `sequencer`, `journal`, `watch`, `ingest`, `dead_letters`)
-//! knows nothing of axum or tonic.
+//! knows nothing of axum, tonic or NATS.
 #![warn(missing_docs)]
 
 pub mod config;
@@ -39,6 +41,7 @@ pub mod error;
 pub mod grpc;
 pub mod ingest;
 pub mod io_error;
+pub mod jetstream;
 pub mod journal;
 pub mod metrics;
 pub mod monitoring;

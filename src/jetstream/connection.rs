@@ -1,0 +1,145 @@
+//! The NATS connection as configured by the `--nats-*` flags, and its JetStream context.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, Context};
+use async_nats::{ConnectOptions, Event};
+use tokio::sync::watch;
+
+use super::JetStreamError;
+use crate::config::NatsConfig;
+
+/// How long one JetStream request (publish acknowledgement, stream info) may take before it is
+/// an error. Below the webhook timeout (10 s by default), so a webhook can still be answered
+/// 503 in time.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to NATS and its JetStream context. Cloning is cheap (handles onto one
+/// connection task that async-nats owns; it reconnects by itself, forever).
+#[derive(Clone)]
+pub struct Nats {
+    client: async_nats::Client,
+    context: Context,
+    /// Counts (re)connections; a follower rebuilds its consumer when it moves, since the
+    /// consumer may have gone with the server that restarted.
+    connections: watch::Receiver<u64>,
+}
+
+impl Nats {
+    /// Connects to the configured URLs; `name` is how this replica shows up in the servers'
+    /// connection lists. Fails if no server can be reached now.
+    pub async fn connect(config: &NatsConfig, name: &str) -> Result<Nats, JetStreamError> {
+        let urls = redacted(&config.urls);
+        let error = |reason: String| JetStreamError::Connect {
+            urls: urls.clone(),
+            reason,
+        };
+        let (connected, connections) = watch::channel(0u64);
+        let connected = Arc::new(connected);
+        let mut options = ConnectOptions::new()
+            .event_callback(move |event| {
+                let connected = connected.clone();
+                async move {
+                    if matches!(event, Event::Connected) {
+                        connected.send_modify(|count| *count += 1);
+                    }
+                }
+            })
+            .name(name)
+            .connection_timeout(REQUEST_TIMEOUT)
+            .request_timeout(Some(REQUEST_TIMEOUT));
+        if let Some(path) = &config.creds {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|err| error(format!("--nats-creds {}: {err}", path.display())))?;
+        }
+        if let Some(path) = &config.tls_ca {
+            check_readable("--nats-tls-ca", path).map_err(error)?;
+            options = options
+                .add_root_certificates(path.clone())
+                .require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+            check_readable("--nats-tls-cert", cert).map_err(error)?;
+            check_readable("--nats-tls-key", key).map_err(error)?;
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        let addrs = config
+            .urls
+            .iter()
+            .map(|url| url.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| error(err.to_string()))?;
+        let client = options
+            .connect(addrs)
+            .await
+            .map_err(|err| error(err.to_string()))?;
+        let mut context = jetstream::new(client.clone());
+        context.set_timeout(REQUEST_TIMEOUT);
+        Ok(Nats {
+            client,
+            context,
+            connections,
+        })
+    }
+
+    /// The JetStream context.
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// A receiver that changes whenever the client (re)connects.
+    pub(super) fn connections(&self) -> watch::Receiver<u64> {
+        self.connections.clone()
+    }
+
+    /// Whether the connection is up right now (readiness).
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// The largest message the connected server accepts, in bytes: a batch must stay below it.
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+}
+
+/// The URLs for messages and logs, with any embedded user and password removed.
+fn redacted(urls: &[String]) -> String {
+    let shown: Vec<String> = urls
+        .iter()
+        .map(|url| match url.rsplit_once('@') {
+            Some((before, host)) => {
+                let scheme = before.split_once("://").map_or("", |(scheme, _)| scheme);
+                format!("{scheme}://***@{host}")
+            }
+            None => url.clone(),
+        })
+        .collect();
+    shown.join(",")
+}
+
+/// async-nats reads certificate files only when it connects, and then reports a missing file
+/// as a generic TLS failure; checking first names the flag.
+fn check_readable(flag: &str, path: &std::path::Path) -> Result<(), String> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|err| format!("{flag} {}: {err}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_in_messages_never_carry_credentials() {
+        let urls = [
+            "nats://user:secret@a:4222".to_string(),
+            "tls://b:4222".into(),
+        ];
+        assert_eq!(redacted(&urls), "nats://***@a:4222,tls://b:4222");
+    }
+}

@@ -1,0 +1,135 @@
+//! Cluster-wide dead letters in a JetStream KV bucket (`<stream>_DEAD_LETTERS`): one entry per
+//! letter id, with compare-and-set so two replicas never both replay (or both update) one
+//! letter. Values are opaque bytes here; what a letter holds is `dead_letters`' business.
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Store, UpdateErrorKind};
+use async_nats::jetstream::stream::StorageType;
+use tokio_stream::StreamExt;
+
+use super::stream::unavailable;
+use super::{JetStreamError, UpdateStream};
+
+/// A letter as stored, with the revision a compare-and-set must name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterEntry {
+    /// The letter's id (its key).
+    pub id: String,
+    /// The stored bytes.
+    pub value: Vec<u8>,
+    /// The entry's revision in the bucket.
+    pub revision: u64,
+}
+
+/// The dead-letter bucket of one update stream. Cloning is cheap.
+#[derive(Clone)]
+pub struct DeadLetterBucket {
+    bucket: String,
+    store: Store,
+}
+
+impl DeadLetterBucket {
+    /// Opens the bucket, creating it (file storage, the stream's replicas, one value per key)
+    /// if missing. `max_value_bytes` bounds a letter (its raw body and reason).
+    pub async fn open(
+        stream: &UpdateStream,
+        max_value_bytes: i32,
+    ) -> Result<DeadLetterBucket, JetStreamError> {
+        let bucket = format!("{}_DEAD_LETTERS", stream.name());
+        let context = stream.nats().context();
+        let store = match context.get_key_value(&bucket).await {
+            Ok(store) => store,
+            Err(_) => context
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    description: "profile-state dead letters".into(),
+                    history: 1,
+                    max_value_size: max_value_bytes,
+                    storage: StorageType::File,
+                    num_replicas: stream.settings().replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable("dead letter bucket create"))?,
+        };
+        Ok(DeadLetterBucket { bucket, store })
+    }
+
+    /// Stores a new letter; `Ok(None)` if one with this id exists (then read and update it).
+    pub async fn create(&self, id: &str, value: Vec<u8>) -> Result<Option<u64>, JetStreamError> {
+        match self.store.create(id, value.into()).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(err) if err.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+            Err(err) => Err(self.error(id, err)),
+        }
+    }
+
+    /// The letter with this id, if there is one.
+    pub async fn get(&self, id: &str) -> Result<Option<DeadLetterEntry>, JetStreamError> {
+        let entry = self
+            .store
+            .entry(id)
+            .await
+            .map_err(|err| self.error(id, err))?;
+        Ok(entry
+            .filter(|entry| entry.operation == kv::Operation::Put)
+            .map(|entry| DeadLetterEntry {
+                id: id.to_string(),
+                value: entry.value.to_vec(),
+                revision: entry.revision,
+            }))
+    }
+
+    /// Replaces a letter if it is still at `revision`; returns the new revision.
+    pub async fn update(
+        &self,
+        id: &str,
+        value: Vec<u8>,
+        revision: u64,
+    ) -> Result<u64, JetStreamError> {
+        match self.store.update(id, value.into(), revision).await {
+            Ok(revision) => Ok(revision),
+            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => Err(self.conflict(id)),
+            Err(err) => Err(self.error(id, err)),
+        }
+    }
+
+    /// Removes a letter if it is still at `revision` (the one replica whose removal succeeds
+    /// is the one that replays it).
+    pub async fn remove(&self, id: &str, revision: u64) -> Result<(), JetStreamError> {
+        match self.store.purge_expect_revision(id, Some(revision)).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => Err(self.conflict(id)),
+            Err(err) => Err(self.error(id, err)),
+        }
+    }
+
+    /// The ids of every letter.
+    pub async fn ids(&self) -> Result<Vec<String>, JetStreamError> {
+        let mut keys = self
+            .store
+            .keys()
+            .await
+            .map_err(|err| self.error("*", err))?;
+        let mut ids = Vec::new();
+        while let Some(key) = keys.next().await {
+            ids.push(key.map_err(|err| self.error("*", err))?);
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn conflict(&self, id: &str) -> JetStreamError {
+        JetStreamError::Conflict {
+            bucket: self.bucket.clone(),
+            key: id.to_string(),
+        }
+    }
+
+    fn error(&self, key: &str, err: impl std::fmt::Display) -> JetStreamError {
+        JetStreamError::Bucket {
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            reason: err.to_string(),
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Reading the update stream in order from a sequence: one ordered consumer per replica.
+//!
+//! An ordered consumer (ephemeral, in memory, no acks) recreates itself after a gap or missed
+//! heartbeats, but not when the server that held it restarted and forgot it (async-nats 0.51
+//! surfaces "consumer not found" after ~15 s of retries). So the follower keeps the sequence
+//! it must hand out next, and builds a new consumer from exactly there whenever the client
+//! reconnects or the consumer fails, retrying while NATS is unreachable. Two pitfalls are
+//! handled: a consumer recreated by the client before its first message restarts from the
+//! beginning of the stream (anything below the next sequence is skipped); and a consumer asked
+//! to start below the stream's first sequence silently starts at the first (the first sequence
+//! is compared with the one wanted, before and while reading). Any other jump in sequence means
+//! a message was removed, and is an error too: a replica must never apply past a hole.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
+
+use super::stream::unavailable;
+use super::{JetStreamError, UpdateBatch, UpdateStream};
+
+/// How long one pull request waits on an idle stream. The consumer's idle heartbeat is half of
+/// it, and two missed heartbeats make it recreate itself, so a consumer lost on a node of a
+/// cluster (while the client stays connected to another) is replaced within about this long
+/// instead of the client's default 30 s. The cost is one small request per interval while idle.
+const PULL_EXPIRES: Duration = Duration::from_secs(4);
+/// Longest pause between two attempts to rebuild the consumer while NATS is unreachable.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// One stream message, decoded.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// When the stream stored it.
+    pub published: DateTime<Utc>,
+    /// Messages after this one in the stream when it was delivered (0 = caught up).
+    pub pending: u64,
+    /// The updates.
+    pub batch: UpdateBatch,
+}
+
+/// Hands out every sequence after the start exactly once, in order, or an error naming what is
+/// missing. Owns its consumer; dropping it stops reading (the server removes the consumer after
+/// its inactivity threshold).
+pub struct Follower {
+    stream: UpdateStream,
+    /// `None` after a failure or a reconnection: rebuilt from `next` before reading on.
+    messages: Option<Ordered>,
+    connections: watch::Receiver<u64>,
+    /// False once the connection's sender is gone (a closed receiver would be ready forever).
+    watch_connections: bool,
+    /// The sequence that must come next.
+    next: u64,
+}
+
+impl Follower {
+    /// Starts reading after `applied` (0: from the beginning). Fails at once if the stream no
+    /// longer holds `applied + 1`, ends before `applied`, or cannot be reached.
+    pub async fn start(stream: &UpdateStream, applied: u64) -> Result<Follower, JetStreamError> {
+        let mut connections = stream.nats().connections();
+        connections.mark_unchanged();
+        let mut follower = Follower {
+            stream: stream.clone(),
+            messages: None,
+            connections,
+            watch_connections: true,
+            next: applied + 1,
+        };
+        follower.check_bounds().await?;
+        follower.messages = Some(follower.consume_from_next().await?);
+        Ok(follower)
+    }
+
+    /// The sequence the next entry will have.
+    pub fn next_sequence(&self) -> u64 {
+        self.next
+    }
+
+    /// The next entry; waits for it, through disconnections and server restarts. An error is
+    /// about the stream itself (a hole, a purge past `next`, a malformed message, the stream
+    /// gone) and is final: handle it, then start a new follower.
+    pub async fn next(&mut self) -> Result<Entry, JetStreamError> {
+        loop {
+            let Some(messages) = self.messages.as_mut() else {
+                self.messages = Some(self.rebuild().await?);
+                continue;
+            };
+            let item = tokio::select! {
+                item = messages.next() => item,
+                changed = self.connections.changed(), if self.watch_connections => {
+                    match changed {
+                        Ok(()) => {
+                            tracing::debug!(next = self.next, "nats reconnected: new consumer");
+                            self.messages = None;
+                        }
+                        // The connection is gone for good; the consumer's errors will say so.
+                        Err(_) => self.watch_connections = false,
+                    }
+                    continue;
+                }
+            };
+            let message = match item {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    tracing::debug!(next = self.next, error = %err, "consumer failed: new consumer");
+                    self.messages = None;
+                    continue;
+                }
+                None => {
+                    self.messages = None;
+                    continue;
+                }
+            };
+            if let Some(entry) = self.accept(message).await? {
+                return Ok(entry);
+            }
+        }
+    }
+
+    /// The entry in `message` if it is the next one; `None` if it is an old one to skip.
+    async fn accept(
+        &mut self,
+        message: async_nats::jetstream::Message,
+    ) -> Result<Option<Entry>, JetStreamError> {
+        let info = message.info().map_err(unavailable("consume"))?;
+        let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
+        if sequence < self.next {
+            // A consumer the client recreated before its first message starts from the first.
+            return Ok(None);
+        }
+        if sequence > self.next {
+            self.check_bounds().await?;
+            return Err(JetStreamError::Gap {
+                stream: self.stream.name().to_string(),
+                expected: self.next,
+                got: sequence,
+            });
+        }
+        let batch = UpdateBatch::decode_payload(&message.payload).map_err(|reason| {
+            JetStreamError::Malformed {
+                stream: self.stream.name().to_string(),
+                sequence,
+                reason,
+            }
+        })?;
+        self.next += 1;
+        Ok(Some(Entry {
+            sequence,
+            published,
+            pending,
+            batch,
+        }))
+    }
+
+    /// A new consumer from `next`, retrying (with backoff) while NATS cannot be reached.
+    async fn rebuild(&self) -> Result<Ordered, JetStreamError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let attempt = match self.check_bounds().await {
+                Ok(()) => self.consume_from_next().await,
+                Err(err) => Err(err),
+            };
+            match attempt {
+                Ok(messages) => return Ok(messages),
+                Err(JetStreamError::Unavailable { operation, reason }) => {
+                    tracing::debug!(operation, reason, "consumer rebuild failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// The stream must still hold `next` (not purged past it) and not end before `next - 1`.
+    async fn check_bounds(&self) -> Result<(), JetStreamError> {
+        let bounds = self.stream.bounds().await?;
+        let applied = self.next - 1;
+        if bounds.last < applied {
+            return Err(JetStreamError::AheadOfStream {
+                stream: self.stream.name().to_string(),
+                applied,
+                last: bounds.last,
+            });
+        }
+        if bounds.first > self.next {
+            return Err(JetStreamError::StartBelowFirst {
+                stream: self.stream.name().to_string(),
+                requested: self.next,
+                first: bounds.first,
+            });
+        }
+        Ok(())
+    }
+
+    async fn consume_from_next(&self) -> Result<Ordered, JetStreamError> {
+        let deliver_policy = match self.next {
+            1 => DeliverPolicy::All,
+            next => DeliverPolicy::ByStartSequence {
+                start_sequence: next,
+            },
+        };
+        let consumer = self
+            .stream
+            .handle()
+            .create_consumer(OrderedConfig {
+                filter_subject: self.stream.subject().to_string(),
+                deliver_policy,
+                max_expires: PULL_EXPIRES,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable("consumer create"))?;
+        consumer
+            .messages()
+            .await
+            .map_err(unavailable("consumer messages"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What the follower does with each delivered sequence, with messages crafted as a
+    //! consumer would deliver them (a real server cannot be made to produce a hole or a
+    //! consumer restarted from the first sequence on demand), against a real stream.
+
+    use prost::Message as _;
+
+    use super::*;
+    use crate::jetstream::{Nats, StreamSettings};
+
+    fn delivered(
+        stream: &UpdateStream,
+        sequence: u64,
+        payload: Vec<u8>,
+    ) -> async_nats::jetstream::Message {
+        // `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<nanos>.<pending>`
+        let reply = format!(
+            "$JS.ACK.{}.test.1.{sequence}.{sequence}.1764500000000000000.0",
+            stream.name()
+        );
+        async_nats::jetstream::Message {
+            message: async_nats::Message {
+                subject: stream.subject().into(),
+                reply: Some(reply.into()),
+                payload: payload.into(),
+                headers: None,
+                status: None,
+                description: None,
+                length: 0,
+            },
+            context: stream.nats().context().clone(),
+        }
+    }
+
+    #[tokio::test]
+    async fn seen_sequences_are_skipped_and_holes_purges_and_garbage_are_errors() {
+        let nats = nats_harness::NatsCluster::single().await.unwrap();
+        let mut config = crate::Config::for_tests("s").nats;
+        config.urls = nats.client_urls();
+        let client = Nats::connect(&config, "test").await.unwrap();
+        let settings = StreamSettings {
+            name: "ACCEPT".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(60),
+            max_bytes: None,
+        };
+        let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
+        let batch = UpdateBatch::default();
+        for _ in 1..=5 {
+            // Published without a message id, so the equal payloads are not deduplicated.
+            let message = async_nats::jetstream::message::PublishMessage::build()
+                .payload(batch.encode_to_vec().into());
+            let ack = client
+                .context()
+                .send_publish(stream.subject().to_string(), message);
+            ack.await.unwrap().await.unwrap();
+        }
+        let mut follower = Follower::start(&stream, 3).await.unwrap();
+        let payload = || batch.encode_to_vec();
+
+        // A consumer restarted from the beginning delivers what was applied: skipped.
+        for old in [1, 2, 3] {
+            let accepted = follower.accept(delivered(&stream, old, payload())).await;
+            assert!(matches!(accepted, Ok(None)), "{old}: {accepted:?}");
+        }
+        let entry = follower
+            .accept(delivered(&stream, 4, payload()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((entry.sequence, follower.next_sequence()), (4, 5));
+
+        let garbage = follower
+            .accept(delivered(&stream, 5, vec![0xff, 0xff]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(garbage, JetStreamError::Malformed { sequence: 5, .. }),
+            "{garbage}"
+        );
+        assert_eq!(
+            follower.next_sequence(),
+            5,
+            "nothing past a malformed message"
+        );
+
+        let hole = follower
+            .accept(delivered(&stream, 7, payload()))
+            .await
+            .unwrap_err();
+        let expected = JetStreamError::Gap {
+            stream: "ACCEPT".into(),
+            expected: 5,
+            got: 7,
+        };
+        assert_eq!(hole, expected);
+
+        stream.purge_below(6).await.unwrap();
+        let purged = follower
+            .accept(delivered(&stream, 7, payload()))
+            .await
+            .unwrap_err();
+        let expected = JetStreamError::StartBelowFirst {
+            stream: "ACCEPT".into(),
+            requested: 5,
+            first: 6,
+        };
+        assert_eq!(purged, expected);
+    }
+}

@@ -1,0 +1,150 @@
+//! The NATS JetStream adapter (issue 13): what a replica needs from JetStream, in our terms.
+//!
+//! - [`Nats`]: a connection built from [`NatsConfig`](crate::config::NatsConfig) (URLs,
+//!   credentials, TLS), and its JetStream context.
+//! - [`UpdateStream`]: the one ordered log of normalized updates. Creates the stream or checks
+//!   an existing one (subjects, storage, replicas, duplicate window, limits), owns the
+//!   cluster-wide store id (kept in the stream's metadata, so it lives and dies with the log),
+//!   publishes an [`UpdateBatch`] with a `Nats-Msg-Id`, reads the last sequence (a
+//!   leader-served barrier), and purges below a sequence.
+//! - [`Follower`]: reads the stream in order from a sequence with an ordered consumer and hands
+//!   out every later sequence exactly once, or fails naming what is missing.
+//! - [`SnapshotBucket`]: snapshots in an Object Store bucket, tagged with the revision and
+//!   stream sequence they are as of, for replicas that start with an empty disk.
+//! - [`DeadLetterBucket`]: a KV bucket for cluster-wide dead letters, with compare-and-set.
+//!
+//! It is an adapter: it turns profile updates into stream messages and JetStream failures into
+//! [`JetStreamError`], and decides nothing. It does not merge, number revisions, store
+//! profiles or answer requests; the domain (`profile`, `store`, `sequencer`, `journal`,
+//! `watch`) never imports it. Wiring it into the server is phase 2 of issue 13
+//! (`/work/notes/replication-design.md` until it lands in `ARCHITECTURE.md`).
+
+mod batch;
+mod connection;
+mod dead_letters;
+mod follow;
+mod snapshots;
+mod stream;
+
+pub use batch::{UpdateBatch, delivery_id};
+pub use connection::Nats;
+pub use dead_letters::{DeadLetterBucket, DeadLetterEntry};
+pub use follow::{Entry, Follower};
+pub use snapshots::{SnapshotBucket, SnapshotInfo};
+pub use stream::{Bounds, Published, StreamSettings, UpdateStream};
+
+/// What can go wrong talking to JetStream. Messages are lowercase and name the stream, bucket,
+/// sequence or flag concerned; none carries profile data.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JetStreamError {
+    /// No connection could be made (or its options were unusable).
+    #[error("cannot connect to NATS at {urls}: {reason}")]
+    Connect {
+        /// The URLs tried, without credentials.
+        urls: String,
+        /// Why.
+        reason: String,
+    },
+    /// NATS or JetStream did not answer in time, or not at all.
+    #[error("jetstream unavailable during {operation}: {reason}")]
+    Unavailable {
+        /// What was being done (`publish`, `stream info`).
+        operation: &'static str,
+        /// The client's reason.
+        reason: String,
+    },
+    /// JetStream answered, and refused.
+    #[error("jetstream refused {operation}: {reason}")]
+    Refused {
+        /// What was being done.
+        operation: &'static str,
+        /// The server's reason (for instance the stream is full).
+        reason: String,
+    },
+    /// The existing stream or bucket is configured in a way this service cannot rely on.
+    #[error("{name}: {setting} is {found}, expected {expected}")]
+    Mismatch {
+        /// The stream or bucket.
+        name: String,
+        /// The setting.
+        setting: &'static str,
+        /// What this service needs.
+        expected: String,
+        /// What the server has.
+        found: String,
+    },
+    /// A message is larger than the server accepts.
+    #[error("message of {bytes} bytes exceeds the server's max_payload of {max} bytes")]
+    TooLarge {
+        /// Size of the message.
+        bytes: usize,
+        /// The server's `max_payload`.
+        max: usize,
+    },
+    /// Reading was asked to start at a sequence the stream no longer holds (purged or removed
+    /// by limits): the replica needs a snapshot at or after `first - 1`.
+    #[error(
+        "stream {stream} starts at sequence {first}, after the requested {requested}: \
+         load a snapshot at or after sequence {}",
+        first - 1
+    )]
+    StartBelowFirst {
+        /// The stream.
+        stream: String,
+        /// The sequence reading should have started at.
+        requested: u64,
+        /// The stream's first sequence.
+        first: u64,
+    },
+    /// A sequence is missing in the middle of the stream (a message was deleted).
+    #[error("stream {stream} skipped from sequence {expected} to {got}")]
+    Gap {
+        /// The stream.
+        stream: String,
+        /// The sequence that should have come next.
+        expected: u64,
+        /// The sequence that came.
+        got: u64,
+    },
+    /// The replica has applied more than the stream holds: the stream was replaced.
+    #[error(
+        "stream {stream} ends at sequence {last}, but sequence {applied} was applied: the \
+         stream was deleted or replaced"
+    )]
+    AheadOfStream {
+        /// The stream.
+        stream: String,
+        /// What the replica says it applied.
+        applied: u64,
+        /// The stream's last sequence.
+        last: u64,
+    },
+    /// A stream message that is not an update batch this build reads.
+    #[error("stream {stream} sequence {sequence}: malformed update batch: {reason}")]
+    Malformed {
+        /// The stream.
+        stream: String,
+        /// The message's sequence.
+        sequence: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A compare-and-set lost: the entry changed (or appeared) since it was read.
+    #[error("{bucket}/{key}: changed concurrently")]
+    Conflict {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// An object or entry could not be read or written.
+    #[error("{bucket}/{key}: {reason}")]
+    Bucket {
+        /// The bucket.
+        bucket: String,
+        /// The object or key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}

@@ -1,0 +1,169 @@
+//! Snapshots in a JetStream Object Store bucket (`<stream>_SNAPSHOTS`), so a replica with an
+//! empty disk loads the newest one and follows the stream from there instead of replaying it
+//! all.
+//!
+//! An object is the snapshot file's bytes, as the journal writes it, named by the stream
+//! sequence it is as of, with its revision, stream sequence and store id in the object's
+//! metadata. The object store checks a SHA-256 digest when a read reaches the end. What a
+//! snapshot contains, and when one is taken, is not decided here.
+
+use std::collections::HashMap;
+
+use async_nats::jetstream::object_store::{self, ObjectMetadata, ObjectStore};
+use async_nats::jetstream::stream::StorageType;
+use tokio::io::AsyncRead;
+use tokio_stream::StreamExt;
+
+use super::stream::unavailable;
+use super::{JetStreamError, UpdateStream};
+
+const REVISION_KEY: &str = "revision";
+const SEQUENCE_KEY: &str = "stream_sequence";
+const STORE_ID_KEY: &str = "store_id";
+
+/// What a published snapshot is as of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The object's name (`snapshot-<stream sequence, 20 digits>`).
+    pub name: String,
+    /// The store revision it holds every change up to.
+    pub revision: u64,
+    /// The last stream sequence applied in it: follow the stream after this.
+    pub stream_sequence: u64,
+    /// Its size in bytes.
+    pub size: usize,
+}
+
+/// The snapshot bucket of one update stream. Cloning is cheap.
+#[derive(Clone)]
+pub struct SnapshotBucket {
+    bucket: String,
+    store: ObjectStore,
+    store_id: String,
+}
+
+impl SnapshotBucket {
+    /// Opens the bucket, creating it (file storage, the stream's replicas) if missing.
+    pub async fn open(stream: &UpdateStream) -> Result<SnapshotBucket, JetStreamError> {
+        let bucket = format!("{}_SNAPSHOTS", stream.name());
+        let context = stream.nats().context();
+        let store = match context.get_object_store(&bucket).await {
+            Ok(store) => store,
+            Err(_) => context
+                .create_object_store(object_store::Config {
+                    bucket: bucket.clone(),
+                    description: Some("profile-state snapshots".into()),
+                    storage: StorageType::File,
+                    num_replicas: stream.settings().replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable("snapshot bucket create"))?,
+        };
+        Ok(SnapshotBucket {
+            bucket,
+            store,
+            store_id: stream.store_id().to_string(),
+        })
+    }
+
+    /// Stores a snapshot read from `data`, as of `revision` and `stream_sequence`.
+    pub async fn put(
+        &self,
+        revision: u64,
+        stream_sequence: u64,
+        data: &mut (impl AsyncRead + Unpin),
+    ) -> Result<SnapshotInfo, JetStreamError> {
+        let name = format!("snapshot-{stream_sequence:020}");
+        let metadata = HashMap::from([
+            (REVISION_KEY.to_string(), revision.to_string()),
+            (SEQUENCE_KEY.to_string(), stream_sequence.to_string()),
+            (STORE_ID_KEY.to_string(), self.store_id.clone()),
+        ]);
+        let meta = ObjectMetadata {
+            name: name.clone(),
+            metadata,
+            ..Default::default()
+        };
+        let info = self
+            .store
+            .put(meta, data)
+            .await
+            .map_err(|err| self.error(&name, err))?;
+        Ok(SnapshotInfo {
+            name,
+            revision,
+            stream_sequence,
+            size: info.size,
+        })
+    }
+
+    /// Every snapshot of this store (objects of another store id, left from a stream that was
+    /// replaced, are not ours), oldest first.
+    pub async fn list(&self) -> Result<Vec<SnapshotInfo>, JetStreamError> {
+        let mut objects = match self.store.list().await {
+            Ok(objects) => objects,
+            Err(err) => return Err(self.error("*", err)),
+        };
+        let mut snapshots = Vec::new();
+        while let Some(object) = objects.next().await {
+            let object = object.map_err(|err| self.error("*", err))?;
+            let field = |key: &str| object.metadata.get(key);
+            if object.deleted || field(STORE_ID_KEY) != Some(&self.store_id) {
+                continue;
+            }
+            let number = |key: &str| field(key).and_then(|value| value.parse::<u64>().ok());
+            let (Some(revision), Some(stream_sequence)) =
+                (number(REVISION_KEY), number(SEQUENCE_KEY))
+            else {
+                continue;
+            };
+            snapshots.push(SnapshotInfo {
+                name: object.name.clone(),
+                revision,
+                stream_sequence,
+                size: object.size,
+            });
+        }
+        snapshots.sort_by_key(|snapshot| snapshot.stream_sequence);
+        Ok(snapshots)
+    }
+
+    /// The snapshot at the highest stream sequence, if any.
+    pub async fn newest(&self) -> Result<Option<SnapshotInfo>, JetStreamError> {
+        Ok(self.list().await?.pop())
+    }
+
+    /// A snapshot's bytes as a reader; a read that reaches the end with a digest mismatch
+    /// fails.
+    pub async fn read(
+        &self,
+        snapshot: &SnapshotInfo,
+    ) -> Result<impl AsyncRead + Unpin + use<>, JetStreamError> {
+        self.store
+            .get(&snapshot.name)
+            .await
+            .map_err(|err| self.error(&snapshot.name, err))
+    }
+
+    /// Deletes all but the newest `keep` snapshots of this store; returns how many went.
+    pub async fn retire(&self, keep: usize) -> Result<usize, JetStreamError> {
+        let snapshots = self.list().await?;
+        let old = snapshots.len().saturating_sub(keep);
+        for snapshot in &snapshots[..old] {
+            self.store
+                .delete(&snapshot.name)
+                .await
+                .map_err(|err| self.error(&snapshot.name, err))?;
+        }
+        Ok(old)
+    }
+
+    fn error(&self, key: &str, err: impl std::fmt::Display) -> JetStreamError {
+        JetStreamError::Bucket {
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            reason: err.to_string(),
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The update stream: created once (with the cluster's store id in its metadata) or checked,
+//! published to, measured and purged.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{CreateStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::stream::{
+    self, DiscardPolicy, PersistenceMode, RetentionPolicy, StorageType,
+};
+use prost::Message;
+
+use super::{JetStreamError, Nats, UpdateBatch};
+use crate::config::NatsConfig;
+
+/// Stream metadata key holding the cluster-wide store id.
+const STORE_ID_KEY: &str = "profile_state_store_id";
+/// Stream metadata key holding the message format version.
+const FORMAT_KEY: &str = "profile_state_format";
+/// The message format this build writes and reads ([`UpdateBatch`], version 1).
+const FORMAT: &str = "1";
+
+/// What the stream must look like; derived from the `--nats-*` flags.
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    /// The stream's name (`--nats-stream`).
+    pub name: String,
+    /// Replicas of the stream and of the buckets this service creates.
+    pub replicas: usize,
+    /// The shortest duplicate window this service accepts, and the one it creates.
+    pub duplicate_window: Duration,
+    /// The stream's size limit; publishes are refused beyond it (`None`: unlimited).
+    pub max_bytes: Option<u64>,
+}
+
+impl StreamSettings {
+    /// The settings the flags ask for.
+    pub fn from_config(config: &NatsConfig) -> StreamSettings {
+        StreamSettings {
+            name: config.stream.clone(),
+            replicas: config.replicas,
+            duplicate_window: config.duplicate_window,
+            max_bytes: config.max_bytes,
+        }
+    }
+
+    /// The one subject updates are published on: `<stream>.updates`.
+    pub fn subject(&self) -> String {
+        format!("{}.updates", self.name)
+    }
+
+    /// The configuration this service creates the stream with. File storage, acknowledged
+    /// only once stored (never `persist_mode: async`), limits retention without removal by age
+    /// or count (only our purge below a snapshot removes messages), refusing new messages
+    /// when a size limit is reached instead of discarding old ones, and no deletes of single
+    /// messages, so every sequence up to the last is present or purged from the front.
+    fn stream_config(&self, store_id: &str) -> stream::Config {
+        stream::Config {
+            name: self.name.clone(),
+            description: Some("profile-state: normalized Gameball profile updates".into()),
+            subjects: vec![self.subject()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            max_bytes: self
+                .max_bytes
+                .map_or(-1, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX)),
+            max_messages: -1,
+            discard: DiscardPolicy::New,
+            deny_delete: true,
+            metadata: HashMap::from([
+                (STORE_ID_KEY.to_string(), store_id.to_string()),
+                (FORMAT_KEY.to_string(), FORMAT.to_string()),
+            ]),
+            ..Default::default()
+        }
+    }
+}
+
+/// The acknowledgement of a publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The stream sequence of the message: the original one if this was a duplicate.
+    pub sequence: u64,
+    /// The server dropped this publish as a repeat of an earlier one with the same id.
+    pub duplicate: bool,
+}
+
+/// The sequences the stream holds now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// The lowest sequence still held; `last + 1` when the stream is empty after a purge, and
+    /// 0 when nothing was ever published.
+    pub first: u64,
+    /// The sequence of the last message ever stored (0 if none).
+    pub last: u64,
+}
+
+/// The update stream. Cloning is cheap (handles onto the connection).
+#[derive(Clone)]
+pub struct UpdateStream {
+    nats: Nats,
+    stream: stream::Stream<()>,
+    settings: StreamSettings,
+    subject: String,
+    store_id: String,
+}
+
+impl UpdateStream {
+    /// Creates the stream with a new store id if it does not exist, else checks it. Replicas
+    /// racing to create it agree: the server accepts one creation, and the others read the
+    /// stream (and store id) it made.
+    pub async fn ensure(
+        nats: &Nats,
+        settings: &StreamSettings,
+    ) -> Result<UpdateStream, JetStreamError> {
+        let context = nats.context();
+        let info = match context.get_stream(&settings.name).await {
+            Ok(stream) => stream.cached_info().clone(),
+            Err(err) if is_not_found(&err) => {
+                let store_id = crate::data_dir::new_store_id();
+                match context
+                    .create_stream(settings.stream_config(&store_id))
+                    .await
+                {
+                    Ok(stream) => stream.cached_info().clone(),
+                    Err(err) if created_meanwhile(&err) => context
+                        .get_stream(&settings.name)
+                        .await
+                        .map_err(unavailable("stream info"))?
+                        .cached_info()
+                        .clone(),
+                    Err(err) => return Err(create_failed(settings, err)),
+                }
+            }
+            Err(err) => return Err(unavailable("stream info")(err)),
+        };
+        let store_id = verify(settings, &info.config)?;
+        let stream = context
+            .get_stream_no_info(&settings.name)
+            .await
+            .map_err(unavailable("stream info"))?;
+        Ok(UpdateStream {
+            nats: nats.clone(),
+            stream,
+            subject: settings.subject(),
+            settings: settings.clone(),
+            store_id,
+        })
+    }
+
+    /// The store id every replica of this stream reports.
+    pub fn store_id(&self) -> &str {
+        &self.store_id
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The settings it was ensured with.
+    pub fn settings(&self) -> &StreamSettings {
+        &self.settings
+    }
+
+    pub(super) fn nats(&self) -> &Nats {
+        &self.nats
+    }
+
+    pub(super) fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    pub(super) fn handle(&self) -> &stream::Stream<()> {
+        &self.stream
+    }
+
+    /// Publishes a batch with its content-derived `Nats-Msg-Id` and waits for the stream's
+    /// acknowledgement (a quorum has stored it; synced, with `sync_interval: always`).
+    pub async fn publish(&self, batch: &UpdateBatch) -> Result<Published, JetStreamError> {
+        let payload = batch.encode_to_vec();
+        let max = self.nats.max_payload();
+        if payload.len() > max {
+            return Err(JetStreamError::TooLarge {
+                bytes: payload.len(),
+                max,
+            });
+        }
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(batch.message_id());
+        let ack = self
+            .nats
+            .context()
+            .send_publish(self.subject.clone(), message)
+            .await
+            .map_err(publish_failed)?
+            .await
+            .map_err(publish_failed)?;
+        Ok(Published {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// First and last sequence, read from the stream leader: `last` is a barrier, since every
+    /// message acknowledged before this call has a sequence at or below it.
+    pub async fn bounds(&self) -> Result<Bounds, JetStreamError> {
+        let info = self.stream.get_info().await.map_err(|err| {
+            if jetstream_code(&err) == Some(ErrorCode::STREAM_NOT_FOUND) {
+                JetStreamError::Refused {
+                    operation: "stream info",
+                    reason: format!("stream {} not found", self.settings.name),
+                }
+            } else {
+                unavailable("stream info")(err)
+            }
+        })?;
+        Ok(Bounds {
+            first: info.state.first_sequence,
+            last: info.state.last_sequence,
+        })
+    }
+
+    /// Removes every message below `sequence` (those a snapshot covers); returns how many.
+    pub async fn purge_below(&self, sequence: u64) -> Result<u64, JetStreamError> {
+        let response = self
+            .stream
+            .purge()
+            .sequence(sequence)
+            .await
+            .map_err(unavailable("purge"))?;
+        Ok(response.purged)
+    }
+}
+
+/// Checks an existing stream against what this service relies on; returns its store id.
+fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<String, JetStreamError> {
+    let mismatch = |setting, expected: String, found: String| JetStreamError::Mismatch {
+        name: settings.name.clone(),
+        setting,
+        expected,
+        found,
+    };
+    // Exactly our subject: another subject's messages would be gaps in our sequence.
+    if config.subjects != [settings.subject()] {
+        return Err(mismatch(
+            "subjects",
+            format!("[{}]", settings.subject()),
+            format!("{:?}", config.subjects),
+        ));
+    }
+    if config.storage != StorageType::File {
+        return Err(mismatch(
+            "storage",
+            "file".into(),
+            format!("{:?}", config.storage),
+        ));
+    }
+    if config.retention != RetentionPolicy::Limits {
+        return Err(mismatch(
+            "retention",
+            "limits".into(),
+            format!("{:?}", config.retention),
+        ));
+    }
+    if config.persist_mode == Some(PersistenceMode::Async) {
+        return Err(mismatch(
+            "persist_mode",
+            "default (acknowledge once stored)".into(),
+            "async".into(),
+        ));
+    }
+    if config.num_replicas.max(1) != settings.replicas {
+        return Err(mismatch(
+            "replicas",
+            settings.replicas.to_string(),
+            config.num_replicas.to_string(),
+        ));
+    }
+    if config.duplicate_window < settings.duplicate_window {
+        let expected = format!(
+            "at least {}",
+            humantime::format_duration(settings.duplicate_window)
+        );
+        return Err(mismatch(
+            "duplicate_window",
+            expected,
+            humantime::format_duration(config.duplicate_window).to_string(),
+        ));
+    }
+    // Limits that remove messages on their own would remove what no snapshot covers yet.
+    if !config.max_age.is_zero() {
+        let found = humantime::format_duration(config.max_age).to_string();
+        return Err(mismatch(
+            "max_age",
+            "none (purged below snapshots instead)".into(),
+            found,
+        ));
+    }
+    let limited = config.max_bytes > 0 || config.max_messages > 0;
+    if limited && config.discard != DiscardPolicy::New {
+        return Err(mismatch(
+            "discard",
+            "new (refuse when full)".into(),
+            format!("{:?}", config.discard),
+        ));
+    }
+    match config.metadata.get(FORMAT_KEY).map(String::as_str) {
+        Some(FORMAT) => {}
+        found => {
+            return Err(mismatch(
+                "metadata format",
+                FORMAT.into(),
+                format!("{found:?}"),
+            ));
+        }
+    }
+    match config.metadata.get(STORE_ID_KEY) {
+        Some(id) if !id.is_empty() => Ok(id.clone()),
+        _ => Err(mismatch(
+            "metadata store id",
+            "a store id".into(),
+            "none".into(),
+        )),
+    }
+}
+
+fn is_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    matches!(err.kind(), GetStreamErrorKind::JetStream(err) if err.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// Another replica created the stream between our lookup and our creation, with its own
+/// store id (so "a different configuration").
+fn created_meanwhile(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    matches!(err.kind(), CreateStreamErrorKind::JetStream(err) if err.error_code() == ErrorCode::STREAM_NAME_EXIST)
+}
+
+fn create_failed(
+    settings: &StreamSettings,
+    err: async_nats::jetstream::context::CreateStreamError,
+) -> JetStreamError {
+    match err.kind() {
+        CreateStreamErrorKind::JetStream(inner) => {
+            let mut reason = inner.to_string();
+            let too_few_servers = [
+                ErrorCode::INSUFFICIENT_RESOURCES,
+                ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED,
+            ];
+            if settings.replicas > 1 && too_few_servers.contains(&inner.error_code()) {
+                reason.push_str(&format!(
+                    " (--nats-replicas {} needs that many JetStream servers in the cluster)",
+                    settings.replicas
+                ));
+            }
+            JetStreamError::Refused {
+                operation: "stream create",
+                reason,
+            }
+        }
+        _ => unavailable("stream create")(err),
+    }
+}
+
+fn publish_failed(err: async_nats::jetstream::context::PublishError) -> JetStreamError {
+    match err.kind() {
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::StreamNotFound
+        | PublishErrorKind::MaxAckPending => unavailable("publish")(err),
+        PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence
+        | PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::Other => JetStreamError::Refused {
+            operation: "publish",
+            reason: err.to_string(),
+        },
+    }
+}
+
+/// The JetStream error code somewhere in an error's source chain.
+fn jetstream_code(err: &(dyn std::error::Error + 'static)) -> Option<ErrorCode> {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            return Some(js.error_code());
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// Maps any client error of `operation` to [`JetStreamError::Unavailable`].
+pub(super) fn unavailable<E: std::fmt::Display>(
+    operation: &'static str,
+) -> impl Fn(E) -> JetStreamError {
+    move |err| JetStreamError::Unavailable {
+        operation,
+        reason: err.to_string(),
+    }
+}

@@ -1,0 +1,482 @@
+//! The JetStream adapter against a real nats-server (started by `nats-harness`, installed if
+//! missing): the stream and its store id, publish and dedupe, the ordered follower across a
+//! server restart and past a purge, snapshots in the object store, dead letters in KV, TLS.
+
+use std::time::{Duration, Instant};
+
+use nats_harness::{NatsCluster, Node};
+use profile_state::Config;
+use profile_state::jetstream::{
+    DeadLetterBucket, Follower, JetStreamError, Nats, SnapshotBucket, StreamSettings, UpdateBatch,
+    UpdateStream,
+};
+use profile_state::profile::{EventTime, Field, ProfileKey, ProfileUpdate, Scalar};
+use tokio::io::AsyncReadExt;
+
+fn settings(name: &str) -> StreamSettings {
+    StreamSettings {
+        name: name.into(),
+        replicas: 1,
+        duplicate_window: Duration::from_secs(2 * 3600),
+        max_bytes: None,
+    }
+}
+
+async fn connect(nats: &NatsCluster) -> Nats {
+    let mut config = Config::for_tests("s").nats;
+    config.urls = nats.client_urls();
+    Nats::connect(&config, "test").await.expect("connects")
+}
+
+/// A single server, a connection, and the stream `name` on it.
+async fn started(name: &str) -> (NatsCluster, Nats, UpdateStream) {
+    let nats = NatsCluster::single().await.unwrap();
+    let client = connect(&nats).await;
+    let stream = UpdateStream::ensure(&client, &settings(name))
+        .await
+        .unwrap();
+    (nats, client, stream)
+}
+
+fn update(customer: &str, points: i64) -> ProfileUpdate {
+    ProfileUpdate {
+        key: ProfileKey::new("2155", customer),
+        at: EventTime::from_timestamp(1_732_037_682 + points, 0).unwrap(),
+        fields: vec![(Field::TotalPoints, Some(Scalar::Int(points)))],
+        extras: vec![],
+    }
+}
+
+fn batch(customer: &str, points: i64) -> UpdateBatch {
+    UpdateBatch::new([&update(customer, points)])
+}
+
+/// Publishes, retrying while the connection comes back after a server restart.
+async fn publish_eventually(stream: &UpdateStream, batch: &UpdateBatch) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match stream.publish(batch).await {
+            Ok(published) => return published.sequence,
+            Err(JetStreamError::Unavailable { .. }) if Instant::now() < deadline => {}
+            Err(err) => panic!("publish failed: {err}"),
+        }
+    }
+}
+
+/// The next entry, or a failure after 10 s (a follower that hangs is a failed test).
+async fn next(follower: &mut Follower) -> Result<profile_state::jetstream::Entry, JetStreamError> {
+    tokio::time::timeout(Duration::from_secs(10), follower.next())
+        .await
+        .expect("an entry within 10 s")
+}
+
+fn points(entry: &profile_state::jetstream::Entry) -> i64 {
+    let updates = entry.batch.clone().into_updates().unwrap();
+    match updates[0].fields[0].1 {
+        Some(Scalar::Int(points)) => points,
+        ref other => panic!("unexpected value {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn replicas_racing_to_create_the_stream_share_one_store_id() {
+    let nats = NatsCluster::single().await.unwrap();
+    let (a, b) = (connect(&nats).await, connect(&nats).await);
+    let wanted = settings("RACE");
+    let (first, second) = tokio::join!(
+        UpdateStream::ensure(&a, &wanted),
+        UpdateStream::ensure(&b, &wanted)
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first.store_id(), second.store_id());
+    assert_eq!(first.store_id().len(), 32, "a fresh uuid");
+    let again = UpdateStream::ensure(&a, &wanted).await.unwrap();
+    assert_eq!(again.store_id(), first.store_id(), "kept across starts");
+}
+
+#[tokio::test]
+async fn an_existing_stream_that_cannot_work_is_refused_naming_the_setting() {
+    let nats = NatsCluster::single().await.unwrap();
+    let client = connect(&nats).await;
+    UpdateStream::ensure(&client, &settings("CHECKED"))
+        .await
+        .unwrap();
+
+    let three = StreamSettings {
+        replicas: 3,
+        ..settings("CHECKED")
+    };
+    let error = UpdateStream::ensure(&client, &three).await.err().unwrap();
+    assert_eq!(error.to_string(), "CHECKED: replicas is 1, expected 3");
+
+    let longer = StreamSettings {
+        duplicate_window: Duration::from_secs(3 * 3600),
+        ..settings("CHECKED")
+    };
+    let error = UpdateStream::ensure(&client, &longer).await.err().unwrap();
+    assert_eq!(
+        error.to_string(),
+        "CHECKED: duplicate_window is 2h, expected at least 3h"
+    );
+
+    // A stream an operator made by hand: no store id, messages removed by age.
+    let context = client.context();
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "HANDMADE".into(),
+            subjects: vec!["HANDMADE.updates".into()],
+            max_age: Duration::from_secs(3 * 3600),
+            duplicate_window: Duration::from_secs(2 * 3600),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let error = UpdateStream::ensure(&client, &settings("HANDMADE"))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        error.to_string().starts_with("HANDMADE: max_age is 3h"),
+        "{error}"
+    );
+
+    // Creating R3 on a single server fails with the reason and the flag to change.
+    let error = UpdateStream::ensure(
+        &client,
+        &StreamSettings {
+            replicas: 3,
+            ..settings("R3")
+        },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        error.to_string().contains("--nats-replicas 3 needs"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_publish_is_dropped_and_answered_with_the_original_sequence() {
+    let (nats, _client, stream) = started("DEDUPE").await;
+
+    let first = stream.publish(&batch("c1", 10)).await.unwrap();
+    let second = stream.publish(&batch("c2", 20)).await.unwrap();
+    let repeat = stream.publish(&batch("c1", 10)).await.unwrap();
+    assert_eq!((first.sequence, first.duplicate), (1, false));
+    assert_eq!((second.sequence, second.duplicate), (2, false));
+    assert_eq!((repeat.sequence, repeat.duplicate), (1, true));
+    // The same batch through another connection (another replica) is a repeat too.
+    let other = UpdateStream::ensure(&connect(&nats).await, &settings("DEDUPE"))
+        .await
+        .unwrap();
+    assert_eq!(other.publish(&batch("c2", 20)).await.unwrap().sequence, 2);
+
+    let bounds = stream.bounds().await.unwrap();
+    assert_eq!(
+        (bounds.first, bounds.last),
+        (1, 2),
+        "the repeats stored nothing"
+    );
+
+    let mut follower = Follower::start(&stream, 0).await.unwrap();
+    assert_eq!(points(&next(&mut follower).await.unwrap()), 10);
+    let entry = next(&mut follower).await.unwrap();
+    assert_eq!((entry.sequence, entry.pending, points(&entry)), (2, 0, 20));
+}
+
+#[tokio::test]
+async fn a_batch_over_the_servers_max_payload_is_refused_before_sending() {
+    let (_nats, client, stream) = started("BIG").await;
+    let mut big = update("c1", 1);
+    big.extras = vec![(
+        "blob".into(),
+        Some(serde_json::json!("x".repeat(client.max_payload()))),
+    )];
+    let error = stream.publish(&UpdateBatch::new([&big])).await.unwrap_err();
+    assert!(
+        matches!(error, JetStreamError::TooLarge { max, .. } if max == 1024 * 1024),
+        "{error}"
+    );
+    assert_eq!(stream.bounds().await.unwrap().last, 0);
+}
+
+#[tokio::test]
+async fn followers_resume_after_a_server_restart_without_gaps_or_repeats() {
+    let (mut nats, _client, stream) = started("RESTART").await;
+    for points in 1..=5 {
+        stream.publish(&batch("c1", points)).await.unwrap();
+    }
+    // One follower mid-stream, one caught up before it has seen a message: recreated after
+    // the restart, the second one's consumer starts from the beginning of the stream again
+    // (pitfall 1), and must still hand out only what comes after 5.
+    let mut reading = Follower::start(&stream, 0).await.unwrap();
+    for expected in 1..=3 {
+        assert_eq!(next(&mut reading).await.unwrap().sequence, expected);
+    }
+    let mut caught_up = Follower::start(&stream, 5).await.unwrap();
+
+    let node: &mut Node = &mut nats.nodes_mut()[0];
+    node.kill();
+    node.restart().await.unwrap();
+    for points in 6..=8 {
+        publish_eventually(&stream, &batch("c1", points)).await;
+    }
+
+    let seen: Vec<u64> = {
+        let mut seen = Vec::new();
+        for _ in 4..=8 {
+            let entry = next(&mut reading).await.unwrap();
+            assert_eq!(points(&entry), entry.sequence as i64);
+            seen.push(entry.sequence);
+        }
+        seen
+    };
+    assert_eq!(
+        seen,
+        [4, 5, 6, 7, 8],
+        "synced before the crash, so nothing lost"
+    );
+    for expected in 6..=8 {
+        assert_eq!(next(&mut caught_up).await.unwrap().sequence, expected);
+    }
+    assert_eq!(stream.bounds().await.unwrap().last, 8);
+}
+
+#[tokio::test]
+async fn a_start_below_the_streams_first_sequence_is_detected() {
+    let (_nats, _client, stream) = started("PURGED").await;
+    for points in 1..=5 {
+        stream.publish(&batch("c1", points)).await.unwrap();
+    }
+    assert_eq!(stream.purge_below(4).await.unwrap(), 3);
+
+    let error = Follower::start(&stream, 1).await.err().unwrap();
+    assert_eq!(
+        error,
+        JetStreamError::StartBelowFirst {
+            stream: "PURGED".into(),
+            requested: 2,
+            first: 4
+        }
+    );
+    assert!(
+        error
+            .to_string()
+            .ends_with("load a snapshot at or after sequence 3"),
+        "{error}"
+    );
+
+    // Exactly at the purge point is fine: 3 was applied, 4 is the first held.
+    let mut follower = Follower::start(&stream, 3).await.unwrap();
+    assert_eq!(next(&mut follower).await.unwrap().sequence, 4);
+    assert_eq!(next(&mut follower).await.unwrap().sequence, 5);
+
+    // A replica that applied more than the stream holds follows a replaced stream.
+    let error = Follower::start(&stream, 9).await.err().unwrap();
+    assert!(
+        matches!(
+            error,
+            JetStreamError::AheadOfStream {
+                applied: 9,
+                last: 5,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+/// Bytes that do not repeat in any short period, so chunking mistakes show.
+fn blob(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn snapshots_round_trip_through_the_object_store() {
+    let (_nats, client, stream) = started("SNAP").await;
+    let bucket = SnapshotBucket::open(&stream).await.unwrap();
+    assert_eq!(bucket.newest().await.unwrap(), None);
+
+    let older = blob(300_000);
+    let large = blob(8 * 1024 * 1024 + 3);
+    bucket.put(100, 7, &mut older.as_slice()).await.unwrap();
+    let put = bucket.put(250, 9, &mut large.as_slice()).await.unwrap();
+    assert_eq!(
+        (put.revision, put.stream_sequence, put.size),
+        (250, 9, large.len())
+    );
+
+    let newest = bucket.newest().await.unwrap().unwrap();
+    assert_eq!(newest, put);
+    let mut read = Vec::new();
+    bucket
+        .read(&newest)
+        .await
+        .unwrap()
+        .read_to_end(&mut read)
+        .await
+        .unwrap();
+    assert!(read == large, "the 8 MiB blob comes back byte for byte");
+
+    assert_eq!(bucket.retire(1).await.unwrap(), 1);
+    let left: Vec<u64> = bucket
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.stream_sequence)
+        .collect();
+    assert_eq!(left, [9]);
+
+    // The stream replaced (new store id): the old store's snapshots are not offered.
+    client.context().delete_stream("SNAP").await.unwrap();
+    let replaced = UpdateStream::ensure(&client, &settings("SNAP"))
+        .await
+        .unwrap();
+    assert_ne!(replaced.store_id(), stream.store_id());
+    let bucket = SnapshotBucket::open(&replaced).await.unwrap();
+    assert_eq!(bucket.newest().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn dead_letters_are_created_once_and_changed_only_at_the_revision_read() {
+    let nats = NatsCluster::single().await.unwrap();
+    let stream = UpdateStream::ensure(&connect(&nats).await, &settings("DLQ"))
+        .await
+        .unwrap();
+    let a = DeadLetterBucket::open(&stream, 256 * 1024).await.unwrap();
+    let b = DeadLetterBucket::open(&stream, 256 * 1024).await.unwrap();
+    let id = "3f786850e387550fdab836ed7e6dc881de23001b";
+
+    let created = a.create(id, b"first".to_vec()).await.unwrap().expect("new");
+    assert_eq!(
+        b.create(id, b"again".to_vec()).await.unwrap(),
+        None,
+        "exists"
+    );
+    let entry = b.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (entry.value.as_slice(), entry.revision),
+        (&b"first"[..], created)
+    );
+
+    let updated = a.update(id, b"second".to_vec(), created).await.unwrap();
+    let error = b.update(id, b"stale".to_vec(), created).await.unwrap_err();
+    assert!(matches!(error, JetStreamError::Conflict { .. }), "{error}");
+    assert_eq!(a.ids().await.unwrap(), [id]);
+
+    // Two replicas replaying: only the removal at the current revision wins.
+    let error = b.remove(id, created).await.unwrap_err();
+    assert!(matches!(error, JetStreamError::Conflict { .. }), "{error}");
+    a.remove(id, updated).await.unwrap();
+    assert_eq!(b.get(id).await.unwrap(), None);
+    assert!(a.ids().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_publish_while_nats_is_down_fails_as_unavailable() {
+    let (mut nats, client, stream) = started("DOWN").await;
+    nats.kill_all();
+    let started = Instant::now();
+    let error = stream.publish(&batch("c1", 1)).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            JetStreamError::Unavailable {
+                operation: "publish",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "bounded by the request timeout"
+    );
+    assert!(!client.is_connected());
+}
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files
+/// in `dir`: (ca, server cert, server key, client cert, client key).
+fn pki(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let issue = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        (
+            params.signed_by(&key, &ca).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (server_cert, server_key) = issue("127.0.0.1");
+    let (client_cert, client_key) = issue("replica");
+    let files = [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server_cert),
+        ("server.key", server_key),
+        ("client.pem", client_cert),
+        ("client.key", client_key),
+    ];
+    files.map(|(name, pem)| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    })
+}
+
+#[tokio::test]
+async fn the_tls_flags_connect_with_a_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, server_cert, server_key, client_cert, client_key] = pki(dir.path());
+    let [port, http] = nats_harness::free_ports::<2>().unwrap();
+    let config = format!(
+        "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\njetstream {{\n  store_dir: \"store\"\n}}\n\
+         tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+        server_cert, server_key, ca
+    );
+    let _node = Node::start("tls", &config).await.unwrap();
+
+    let mut flags = Config::for_tests("s").nats;
+    flags.urls = vec![format!("tls://127.0.0.1:{port}")];
+    flags.tls_ca = Some(ca.clone());
+    flags.tls_cert = Some(client_cert);
+    flags.tls_key = Some(client_key);
+    let client = Nats::connect(&flags, "tls")
+        .await
+        .expect("mutual TLS connects");
+    let stream = UpdateStream::ensure(&client, &settings("TLS"))
+        .await
+        .unwrap();
+    assert_eq!(stream.publish(&batch("c1", 1)).await.unwrap().sequence, 1);
+
+    // The server requires a client certificate.
+    flags.tls_cert = None;
+    flags.tls_key = None;
+    let error = Nats::connect(&flags, "tls").await.err().expect("refused");
+    assert!(matches!(error, JetStreamError::Connect { .. }), "{error}");
+
+    // A CA file that is not there is named with its flag.
+    flags.tls_ca = Some(dir.path().join("missing.pem"));
+    let error = Nats::connect(&flags, "tls")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("--nats-tls-ca") && error.contains("missing.pem"),
+        "{error}"
+    );
+}

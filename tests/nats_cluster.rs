@@ -1,0 +1,132 @@
+//! The shipped cluster configuration (`deploy/nats/`) against real nats-server processes: it
+//! forms a cluster that syncs every write, and an R3 update stream on it keeps every
+//! acknowledged message, in order, through the crash (SIGKILL) and restart of its leader.
+
+use std::time::{Duration, Instant};
+
+use nats_harness::{NatsCluster, with_free_ports};
+use profile_state::Config;
+use profile_state::jetstream::{
+    Follower, JetStreamError, Nats, StreamSettings, UpdateBatch, UpdateStream,
+};
+use profile_state::profile::{EventTime, Field, ProfileKey, ProfileUpdate, Scalar};
+
+/// The three files of `deploy/nats/`, as shipped except for their port numbers.
+async fn shipped_cluster() -> NatsCluster {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nats");
+    let texts: Vec<String> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|name| std::fs::read_to_string(format!("{dir}/{name}.conf")).unwrap())
+        .collect();
+    let texts = with_free_ports(&texts).unwrap();
+    let configs = ["n1", "n2", "n3"]
+        .map(String::from)
+        .into_iter()
+        .zip(texts)
+        .collect();
+    NatsCluster::from_configs(configs).await.unwrap()
+}
+
+async fn r3_stream(nats: &NatsCluster, name: &str) -> (Nats, UpdateStream) {
+    let mut config = Config::for_tests("s").nats;
+    config.urls = nats.client_urls();
+    let client = Nats::connect(&config, "test").await.unwrap();
+    let settings = StreamSettings {
+        name: name.into(),
+        replicas: 3,
+        duplicate_window: Duration::from_secs(2 * 3600),
+        max_bytes: None,
+    };
+    let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
+    (client, stream)
+}
+
+fn batch(n: i64) -> UpdateBatch {
+    UpdateBatch::new([&ProfileUpdate {
+        key: ProfileKey::new("2155", format!("c{n}")),
+        at: EventTime::from_timestamp(1_732_037_682 + n, 0).unwrap(),
+        fields: vec![(Field::TotalPoints, Some(Scalar::Int(n)))],
+        extras: vec![],
+    }])
+}
+
+#[tokio::test]
+async fn the_shipped_configuration_forms_a_cluster_that_syncs_every_write() {
+    let nats = shipped_cluster().await;
+    let mut leaders = Vec::new();
+    for node in nats.nodes() {
+        let jsz = node.monitor("/jsz").await.unwrap();
+        assert_eq!(jsz["config"]["sync_always"], true, "{}: {jsz}", node.name());
+        assert_eq!(
+            jsz["meta_cluster"]["cluster_size"],
+            3,
+            "{}: {jsz}",
+            node.name()
+        );
+        leaders.push(node.meta_leader().await.unwrap());
+    }
+    leaders.dedup();
+    assert_eq!(leaders.len(), 1, "one meta leader: {leaders:?}");
+
+    let (_client, stream) = r3_stream(&nats, "SHIPPED").await;
+    assert_eq!(stream.publish(&batch(1)).await.unwrap().sequence, 1);
+}
+
+#[tokio::test]
+async fn an_r3_stream_keeps_every_acknowledged_message_through_its_leaders_crash() {
+    let mut nats = shipped_cluster().await;
+    let (client, stream) = r3_stream(&nats, "FAILOVER").await;
+    let mut follower = Follower::start(&stream, 0).await.unwrap();
+    for n in 1..=20 {
+        assert_eq!(stream.publish(&batch(n)).await.unwrap().sequence, n as u64);
+    }
+
+    let info = client
+        .context()
+        .get_stream("FAILOVER")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    let leader = info
+        .cluster
+        .and_then(|cluster| cluster.leader)
+        .expect("a stream leader");
+    let node = nats.node_named(&leader).unwrap();
+    node.kill();
+
+    // Publishes during the election may fail (the webhook would get 503 and be retried);
+    // each one is retried until acknowledged, and every acknowledged one must survive.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut acknowledged = Vec::new();
+    for n in 21..=40 {
+        loop {
+            match stream.publish(&batch(n)).await {
+                Ok(published) => break acknowledged.push(published.sequence),
+                Err(JetStreamError::Unavailable { .. } | JetStreamError::Refused { .. })
+                    if Instant::now() < deadline => {}
+                Err(err) => panic!("publish {n} failed for good: {err}"),
+            }
+        }
+    }
+    assert_eq!(
+        acknowledged,
+        (21..=40).collect::<Vec<u64>>(),
+        "no repeats, no holes"
+    );
+
+    let node = nats.node_named(&leader).unwrap();
+    node.restart().await.unwrap();
+    node.wait_current().await.unwrap();
+
+    for expected in 1..=40u64 {
+        let entry = tokio::time::timeout(Duration::from_secs(20), follower.next())
+            .await
+            .expect("the follower keeps up")
+            .unwrap();
+        assert_eq!(entry.sequence, expected);
+        let update = &entry.batch.clone().into_updates().unwrap()[0];
+        assert_eq!(update.fields[0].1, Some(Scalar::Int(expected as i64)));
+    }
+    assert_eq!(stream.bounds().await.unwrap().last, 40);
+}
