@@ -19,6 +19,8 @@
 //!   `AdminService` (dead letters).
 //! - [`error`] and [`status`]: the one error type, and its one mapping to HTTP and gRPC.
 //! - [`config`] and [`server`]: flags, and the wiring that binds, serves and shuts down.
+//! - [`reconcile`]: reads customers back from Gameball's REST API as updates, to heal profiles
+//!   whose webhooks were lost (the client side; not yet wired into the server).
 //!
 //! The domain (`profile`, `store`, `sequencer`, `journal`, `watch`, `dead_letters`) knows
 //! nothing of axum or tonic.
@@ -33,6 +35,7 @@ pub mod grpc;
 pub mod journal;
 pub mod metrics;
 pub mod profile;
+pub mod reconcile;
 pub mod sequencer;
 pub mod server;
 pub mod status;
