@@ -314,7 +314,8 @@ impl GameballClient {
             ),
             Ok(Err(err)) => failed(
                 FailureReason::Unreachable,
-                format!("request failed: {}", error_chain(&err)),
+                // Without the URL: it holds the customer id, which is personal data.
+                format!("request failed: {}", error_chain(&err.without_url())),
                 true,
             ),
             Ok(Ok((status, _, None))) => Attempt::Failed {

@@ -205,7 +205,7 @@ impl Fetcher {
         let mut customers = self.customers(chunk, run, true);
         while let Some((customer_id, partial)) = customers.next().await {
             let result = partial.map(|fetched| self.update(&fetched));
-            if self.send(out, summary, customer_id, result).await {
+            if self.send(out, summary, &customer_id, result).await {
                 return true;
             }
         }
@@ -225,14 +225,14 @@ impl Fetcher {
         let (batch, partials) = tokio::join!(
             self.balance_inquiry(chunk, run),
             self.customers(chunk, run, false)
-                .collect::<Vec<(&String, Partial)>>()
+                .collect::<Vec<(String, Partial)>>()
         );
         let (mut points, batch_sent_at) = batch.unwrap_or_default();
         let mut fallback = Vec::new();
         let mut ready = Vec::new();
         for (customer_id, partial) in partials {
             match partial {
-                Ok(mut fetched) => match points.remove(customer_id.as_str()) {
+                Ok(mut fetched) => match points.remove(&customer_id) {
                     Some(batch_points) => {
                         fetched.points = Some(batch_points);
                         if let Some(sent_at) = batch_sent_at {
@@ -240,7 +240,7 @@ impl Fetcher {
                         }
                         ready.push((customer_id, Ok(fetched)));
                     }
-                    None => fallback.push((customer_id, fetched)),
+                    None => fallback.push(fetched),
                 },
                 Err(error) => ready.push((customer_id, Err(error))),
             }
@@ -248,16 +248,17 @@ impl Fetcher {
         summary.batch_fallbacks += fallback.len();
         for (customer_id, result) in ready {
             let result = result.map(|fetched| self.update(&fetched));
-            if self.send(out, summary, customer_id, result).await {
+            if self.send(out, summary, &customer_id, result).await {
                 return true;
             }
         }
         let width = self.client.options().max_in_flight.max(1);
         let mut balances = stream::iter(fallback)
-            .map(|(customer_id, fetched)| async move {
+            .map(|fetched| async move {
                 if run.should_stop() {
                     return None;
                 }
+                let customer_id = fetched.customer_id.clone();
                 Some((customer_id, self.add_balance(fetched, run).await))
             })
             .buffer_unordered(width);
@@ -266,7 +267,7 @@ impl Fetcher {
                 continue;
             };
             let result = result.map(|fetched| self.update(&fetched));
-            if self.send(out, summary, customer_id, result).await {
+            if self.send(out, summary, &customer_id, result).await {
                 return true;
             }
         }
@@ -274,20 +275,22 @@ impl Fetcher {
     }
 
     /// Each customer of `chunk` fetched, at most `max_in_flight` at once; customers not
-    /// started because the run stopped are left out.
+    /// started because the run stopped are left out. Ids are cloned into the stream: borrowed
+    /// items would keep the future from being `Send` (the compiler cannot prove it for the
+    /// closures' higher-ranked lifetimes), and a job must spawn it.
     fn customers<'s>(
         &'s self,
         chunk: &'s [String],
         run: &'s Run<'_>,
         with_balance: bool,
-    ) -> impl futures_util::Stream<Item = (&'s String, Partial)> + 's {
+    ) -> impl futures_util::Stream<Item = (String, Partial)> + Send + 's {
         let width = self.client.options().max_in_flight.max(1);
-        stream::iter(chunk)
+        stream::iter(chunk.iter().cloned())
             .map(move |customer_id| async move {
                 if run.should_stop() {
                     return None;
                 }
-                let partial = self.customer(customer_id, with_balance).await;
+                let partial = self.customer(&customer_id, with_balance).await;
                 if let Err(error) = &partial {
                     run.note(error);
                 }
@@ -433,5 +436,26 @@ fn bad_answer(endpoint: Endpoint, why: String) -> ApiError {
         status: Some(200),
         attempts: 1,
         ..ApiError::new(endpoint, FailureReason::BadAnswer, why)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::{Account, ClientOptions};
+
+    /// A job spawns the fetch on the runtime, so its future must be `Send`.
+    #[test]
+    fn a_fetch_can_be_spawned() {
+        fn spawnable<T: Send + 'static>(_: T) {}
+        let account = Account::new("2155", "k", "s").unwrap();
+        let client = GameballClient::new(account, ClientOptions::default()).unwrap();
+        let fetcher = Fetcher::new(client, FetchOptions::default());
+        let (out, _outcomes) = mpsc::channel(1);
+        spawnable(async move {
+            fetcher
+                .fetch_many(&["a".to_owned()], &CancellationToken::new(), &out)
+                .await
+        });
     }
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod gameball_api;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
