@@ -7,11 +7,12 @@
 //! the account does not read contact fields), `/tier-progress`, and `/balance`. A customer's
 //! first failed call ends that customer: it fails as a whole, no partial update is made.
 //!
-//! With at least `bulk_threshold` customers, ids go in chunks of up to 1,000: a balance inquiry
-//! batch is created first, the other endpoints are read while Gameball works on it, and its
-//! results replace the `/balance` calls (the batch's calls count in the "Others" bucket, not in
-//! the scarcer Customers GET one). Customers the batch gives no readable result for, or every
-//! customer of a batch that failed, timed out or could not be read, are asked one by one.
+//! Ids go in chunks of equal size, at most 1,000, one chunk after another. A chunk of at least
+//! `bulk_threshold` customers gets a balance inquiry batch, created first; the other endpoints
+//! are read while Gameball works on it, and its results replace the `/balance` calls (the
+//! batch's calls count in the "Others" bucket, not in the scarcer Customers GET one). Customers
+//! the batch gives no readable result for, or every customer of a batch that failed, timed out
+//! or could not be read, are asked one by one.
 //!
 //! The caller receives an [`Outcome`] per customer attempted, as soon as it is known, on a
 //! channel (bounded: a slow consumer slows fetching down) and a [`FetchSummary`] at the end.
@@ -156,8 +157,11 @@ impl Fetcher {
             refused: OnceLock::new(),
         };
         let mut summary = FetchSummary::default();
-        let bulk = customer_ids.len() >= self.options.bulk_threshold;
-        for chunk in customer_ids.chunks(MAX_BATCH) {
+        // Chunks of equal size (1,001 ids: 501 and 500, not 1,000 and a batch of one).
+        let chunks = customer_ids.len().div_ceil(MAX_BATCH).max(1);
+        let chunk_size = customer_ids.len().div_ceil(chunks).max(1);
+        for chunk in customer_ids.chunks(chunk_size) {
+            let bulk = chunk.len() >= self.options.bulk_threshold;
             if run.should_stop() {
                 break;
             }
