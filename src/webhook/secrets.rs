@@ -106,13 +106,13 @@ impl Secrets {
             toml::from_str(&text).map_err(|err| SecretsError::Parse {
                 path: path.to_owned(),
                 format: "TOML",
-                reason: err.message().to_owned(),
+                reason: without_strings(err.message()),
             })?
         } else {
             serde_json::from_str(&text).map_err(|err| SecretsError::Parse {
                 path: path.to_owned(),
                 format: "JSON",
-                reason: err.to_string(),
+                reason: without_strings(&err.to_string()),
             })?
         };
         let invalid = |reason: String| SecretsError::Invalid {
@@ -176,6 +176,33 @@ impl Secrets {
     pub fn api_accounts(&self) -> impl Iterator<Item = &Arc<Account>> {
         self.api_accounts.values()
     }
+}
+
+/// A parser's message without the text values it quotes: `invalid type: string "..."` would
+/// print a secret or key that was put where a list or table belongs (`"2155" = "key"` in
+/// `[gameball_api]`, copying the style of `[clients]`).
+fn without_strings(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(QUOTED) {
+        out.push_str(&rest[..start]);
+        out.push_str("a string");
+        // serde quotes the value as Rust's Debug does: `\"` inside, `"` at the end.
+        let value = &rest[start + QUOTED.len()..];
+        let mut escaped = false;
+        let end = value.char_indices().find(|&(_, c)| {
+            let closes = c == '"' && !escaped;
+            escaped = c == '\\' && !escaped;
+            closes
+        });
+        match end {
+            Some((end, _)) => rest = &value[end + 1..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The current secrets, swappable at runtime. Cloning it shares the same set.
@@ -354,6 +381,34 @@ mod tests {
         let error = load_error(&path);
         assert!(error.contains("no secret at all"), "{error}");
         assert!(Secrets::load(&path, Some("flag")).is_ok());
+    }
+
+    #[test]
+    fn a_value_in_the_wrong_place_is_never_quoted_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            (
+                "a.toml",
+                "default = [\"d\"]\n[gameball_api]\n\"2155\" = \"top\\\"secret\"\n",
+            ),
+            ("b.toml", "[clients]\n\"2155\" = \"topsecret\"\n"),
+            ("c.json", r#"{"clients": {"2155": "top\"secret"}}"#),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let error = load_error(&path);
+            assert!(error.contains("invalid type: a string"), "{error}");
+            assert!(
+                !error.contains("secret\"") && !error.contains("topsecret"),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            without_strings("string \"a\\\"b\" then string \"c\", end"),
+            "a string then a string, end"
+        );
+        assert_eq!(without_strings("string \"unterminated"), "a string");
+        assert_eq!(without_strings("no quotes"), "no quotes");
     }
 
     #[test]
