@@ -32,7 +32,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -198,12 +198,21 @@ impl GameballStandIn {
         });
         let base = "/api/{version}/integrations";
         let router = Router::new()
-            .route(&format!("{base}/customers/{{id}}"), get(customer))
-            .route(&format!("{base}/customers/{{id}}/details"), get(details))
-            .route(&format!("{base}/customers/{{id}}/balance"), get(balance))
+            .route(
+                &format!("{base}/customers/{{id}}"),
+                customer_endpoint(Api::Customer),
+            )
+            .route(
+                &format!("{base}/customers/{{id}}/details"),
+                customer_endpoint(Api::Details),
+            )
+            .route(
+                &format!("{base}/customers/{{id}}/balance"),
+                customer_endpoint(Api::Balance),
+            )
             .route(
                 &format!("{base}/customers/{{id}}/tier-progress"),
-                get(tier_progress),
+                customer_endpoint(Api::TierProgress),
             )
             .route(
                 &format!("{base}/batch/balance-inquiry"),
@@ -510,11 +519,7 @@ impl StandIn {
         response
     }
 
-    fn customer_answer(&self, id: &str, with_pii: bool) -> Response {
-        let customers = self.customers.lock().unwrap();
-        let Some(customer) = customers.get(id) else {
-            return error(404, 7000, "Customer Error", "Customer not found.");
-        };
+    fn customer_answer(customer: &Customer, with_pii: bool) -> Value {
         let mut attributes = json!({
             "gender": "F", "country": "EG", "city": "Cairo", "zip": "11511",
             "custom": {"favorite_color": "blue"}, "tags": ["vip"], "source": "web",
@@ -534,7 +539,7 @@ impl StandIn {
                 .unwrap()
                 .extend(pii.as_object().unwrap().clone());
         }
-        axum::Json(json!({
+        json!({
             "gameballId": customer.gameball_id,
             "customerId": customer.customer_id,
             "customerAttributes": attributes,
@@ -542,8 +547,7 @@ impl StandIn {
             "referralLink": customer.referral_link,
             "isReferred": false,
             "dynamicReferralLink": customer.referral_link,
-        }))
-        .into_response()
+        })
     }
 
     fn balance_of(customer: &Customer) -> Value {
@@ -577,60 +581,30 @@ impl StandIn {
     }
 }
 
-async fn customer(
-    State(state): State<Arc<StandIn>>,
-    Path((version, id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    let answer = |state: &StandIn| state.customer_answer(&id, false);
-    state
-        .serve(Api::Customer, &version, &headers, vec![id.clone()], answer)
-        .await
-}
-
-async fn details(
-    State(state): State<Arc<StandIn>>,
-    Path((version, id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    let answer = |state: &StandIn| state.customer_answer(&id, true);
-    state
-        .serve(Api::Details, &version, &headers, vec![id.clone()], answer)
-        .await
-}
-
-async fn balance(
-    State(state): State<Arc<StandIn>>,
-    Path((version, id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    let answer = |state: &StandIn| match state.customers.lock().unwrap().get(&id) {
-        Some(customer) => axum::Json(StandIn::balance_of(customer)).into_response(),
-        None => error(404, 7000, "Customer Error", "Customer not found."),
-    };
-    state
-        .serve(Api::Balance, &version, &headers, vec![id.clone()], answer)
-        .await
-}
-
-async fn tier_progress(
-    State(state): State<Arc<StandIn>>,
-    Path((version, id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    let answer = |state: &StandIn| match state.customers.lock().unwrap().get(&id) {
-        Some(customer) => axum::Json(StandIn::tier_answer(customer)).into_response(),
-        None => error(404, 7000, "Customer Error", "Customer not found."),
-    };
-    state
-        .serve(
-            Api::TierProgress,
-            &version,
-            &headers,
-            vec![id.clone()],
-            answer,
-        )
-        .await
+/// The four `customers/{id}` endpoints: one handler, told which one it serves.
+fn customer_endpoint(api: Api) -> MethodRouter<Arc<StandIn>> {
+    get(
+        move |State(state): State<Arc<StandIn>>,
+              Path((version, id)): Path<(String, String)>,
+              headers: HeaderMap| async move {
+            let answer = |state: &StandIn| {
+                let customers = state.customers.lock().unwrap();
+                let Some(customer) = customers.get(&id) else {
+                    return error(404, 7000, "Customer Error", "Customer not found.");
+                };
+                let body = match api {
+                    Api::Customer => StandIn::customer_answer(customer, false),
+                    Api::Details => StandIn::customer_answer(customer, true),
+                    Api::Balance => StandIn::balance_of(customer),
+                    _ => StandIn::tier_answer(customer),
+                };
+                axum::Json(body).into_response()
+            };
+            state
+                .serve(api, &version, &headers, vec![id.clone()], answer)
+                .await
+        },
+    )
 }
 
 async fn balance_inquiry(
