@@ -29,6 +29,8 @@
 //! - [`config`] and [`server`]: flags, and the wiring that binds, serves and shuts down.
 //! - [`jetstream`]: the NATS JetStream adapter for replicated mode (issue 13; not wired into
 //!   the server yet): the update stream, its ordered reader, snapshot and dead-letter buckets.
+//! - [`reconcile`]: reads customers back from Gameball's REST API as updates, to heal profiles
+//!   whose webhooks were lost (the client side; not yet wired into the server).
 //!
 //! The domain (`profile`, `store`, `sequencer`, `journal`, `watch`, `ingest`, `dead_letters`)
 //! knows nothing of axum, tonic or NATS.
@@ -46,6 +48,7 @@ pub mod journal;
 pub mod metrics;
 pub mod monitoring;
 pub mod profile;
+pub mod reconcile;
 pub mod sequencer;
 pub mod server;
 pub mod startup;

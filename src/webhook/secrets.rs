@@ -7,6 +7,12 @@
 //! default = ["secret-for-any-client"]      # optional
 //! [clients]
 //! "2155" = ["new-secret", "old-secret"]    # several at once while rotating
+//!
+//! [gameball_api."2155"]                    # optional: REST API keys, for reconciliation
+//! api_key = "..."
+//! secret_key = "..."
+//! # base_url = "https://api.gameball.co"  api_version = "v4.0"  quota_share = 0.5
+//! # read_contact = true
 //! ```
 //!
 //! A client listed in the file is checked against its own secrets only; any other client
@@ -14,6 +20,11 @@
 //! whole set at once (SIGHUP in production): requests in flight keep the set they started
 //! with, and a file that does not load leaves the old set in place. This module does not read
 //! headers or verify digests; `signature` does.
+//!
+//! The `gameball_api` section holds each account's REST API keys and settings
+//! ([`crate::reconcile::Account`], which checks an entry). It lives here because these are the
+//! same kind of secret, rotated the same way, and must never be flags (`ps` shows flags). Files
+//! without it load as before; a file with it still needs a webhook secret.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,11 +34,13 @@ use serde::Deserialize;
 
 use super::signature::SignatureCheck;
 use crate::io_error::IoError;
+use crate::reconcile::{Account, AccountEntry};
 
 /// One loaded set of secrets.
 pub struct Secrets {
     by_client: HashMap<String, Vec<SignatureCheck>>,
     default: Vec<SignatureCheck>,
+    api_accounts: HashMap<String, Arc<Account>>,
 }
 
 /// The file's shape.
@@ -38,6 +51,8 @@ struct SecretsFile {
     default: Vec<String>,
     #[serde(default)]
     clients: HashMap<String, Vec<String>>,
+    #[serde(default)]
+    gameball_api: HashMap<String, AccountEntry>,
 }
 
 /// Why a secrets file cannot be used.
@@ -72,6 +87,7 @@ impl Secrets {
         Secrets {
             by_client: HashMap::new(),
             default: vec![SignatureCheck::new(secret)],
+            api_accounts: HashMap::new(),
         }
     }
 
@@ -84,13 +100,13 @@ impl Secrets {
             toml::from_str(&text).map_err(|err| SecretsError::Parse {
                 path: path.to_owned(),
                 format: "TOML",
-                reason: err.message().to_owned(),
+                reason: without_strings(err.message()),
             })?
         } else {
             serde_json::from_str(&text).map_err(|err| SecretsError::Parse {
                 path: path.to_owned(),
                 format: "JSON",
-                reason: err.to_string(),
+                reason: without_strings(&err.to_string()),
             })?
         };
         let invalid = |reason: String| SecretsError::Invalid {
@@ -121,7 +137,20 @@ impl Secrets {
                 "no secret at all: add `default` or `[clients]`".into(),
             ));
         }
-        Ok(Secrets { by_client, default })
+        let mut api_accounts = HashMap::new();
+        for (client, entry) in file.gameball_api {
+            if client.is_empty() {
+                return Err(invalid("gameball_api has an empty client_id".into()));
+            }
+            let account = Account::from_entry(&client, entry)
+                .map_err(|why| invalid(format!("gameball_api {client:?}: {why}")))?;
+            api_accounts.insert(client, Arc::new(account));
+        }
+        Ok(Secrets {
+            by_client,
+            default,
+            api_accounts,
+        })
     }
 
     /// The secrets that may sign a delivery for `client_id` (the defaults when it is unknown or
@@ -131,6 +160,43 @@ impl Secrets {
             .and_then(|client| self.by_client.get(client))
             .unwrap_or(&self.default)
     }
+
+    /// The REST API settings of `client_id`, if the file has them.
+    pub fn api_account(&self, client_id: &str) -> Option<&Arc<Account>> {
+        self.api_accounts.get(client_id)
+    }
+
+    /// Every account with REST API settings.
+    pub fn api_accounts(&self) -> impl Iterator<Item = &Arc<Account>> {
+        self.api_accounts.values()
+    }
+}
+
+/// A parser's message without the text values it quotes: `invalid type: string "..."` would
+/// print a secret or key that was put where a list or table belongs (`"2155" = "key"` in
+/// `[gameball_api]`, copying the style of `[clients]`).
+fn without_strings(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(QUOTED) {
+        out.push_str(&rest[..start]);
+        out.push_str("a string");
+        // serde quotes the value as Rust's Debug does: `\"` inside, `"` at the end.
+        let value = &rest[start + QUOTED.len()..];
+        let mut escaped = false;
+        let end = value.char_indices().find(|&(_, c)| {
+            let closes = c == '"' && !escaped;
+            escaped = c == '\\' && !escaped;
+            closes
+        });
+        match end {
+            Some((end, _)) => rest = &value[end + 1..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The current secrets, swappable at runtime. Cloning it shares the same set.
@@ -178,6 +244,14 @@ mod tests {
             .is_ok()
     }
 
+    /// Why loading `path` (without a flag secret) fails.
+    fn load_error(path: &Path) -> String {
+        Secrets::load(path, None)
+            .err()
+            .expect("refused")
+            .to_string()
+    }
+
     #[test]
     fn per_client_secrets_and_defaults_from_toml_and_json() {
         let dir = tempfile::tempdir().unwrap();
@@ -218,10 +292,7 @@ mod tests {
             ("", "no secret at all"),
         ] {
             std::fs::write(&path, text).unwrap();
-            let error = Secrets::load(&path, None)
-                .err()
-                .expect("refused")
-                .to_string();
+            let error = load_error(&path);
             assert!(
                 error.contains("s.toml") && error.contains(wanted),
                 "{error}"
@@ -231,6 +302,134 @@ mod tests {
             .err()
             .unwrap();
         assert!(missing.to_string().contains("none.json"));
+    }
+
+    #[test]
+    fn api_keys_load_from_toml_and_json_beside_the_webhook_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("secrets.toml");
+        std::fs::write(
+            &toml,
+            "[clients]\n\"2155\" = [\"w\"]\n[gameball_api.2155]\napi_key = \"ak\"\n\
+             secret_key = \"sk\"\napi_version = \"v4.1\"\n",
+        )
+        .unwrap();
+        let secrets = Secrets::load(&toml, None).unwrap();
+        assert!(
+            signs(&secrets, Some("2155"), "w"),
+            "webhook secrets unchanged"
+        );
+        let account = secrets.api_account("2155").expect("api settings");
+        assert_eq!(&*account.client_id, "2155");
+        assert_eq!(account.api_version, crate::reconcile::ApiVersion::V4_1);
+        assert!(secrets.api_account("9").is_none());
+        assert_eq!(secrets.api_accounts().count(), 1);
+
+        let json = dir.path().join("secrets.json");
+        std::fs::write(
+            &json,
+            r#"{"default": ["d"], "gameball_api": {"7": {"api_key": "a", "secret_key": "s",
+                "base_url": "http://127.0.0.1:8080"}}}"#,
+        )
+        .unwrap();
+        let secrets = Secrets::load(&json, None).unwrap();
+        let account = secrets.api_account("7").unwrap();
+        assert_eq!(account.base_url.as_str(), "http://127.0.0.1:8080/");
+        assert!(Secrets::single("x").api_account("7").is_none());
+    }
+
+    #[test]
+    fn bad_api_settings_name_the_file_client_and_setting_never_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        for (section, wanted) in [
+            ("api_key = \"topsecret1\"", "missing field `secret_key`"),
+            (
+                "api_key = \"topsecret1\"\nsecret_key = \"\"",
+                "gameball_api \"2155\": secret_key must not be empty",
+            ),
+            (
+                "api_key = \"topsecret1\"\nsecret_key = \"topsecret2\"\nbase_url = \"http://gb\"",
+                "gameball_api \"2155\": base_url",
+            ),
+            (
+                "api_key = \"topsecret1\"\nsecret_key = \"topsecret2\"\nretries = 3",
+                "unknown field `retries`",
+            ),
+        ] {
+            let text = format!("default = [\"d\"]\n[gameball_api.\"2155\"]\n{section}\n");
+            std::fs::write(&path, text).unwrap();
+            let error = load_error(&path);
+            assert!(
+                error.contains("s.toml") && error.contains(wanted),
+                "{error}"
+            );
+            assert!(!error.contains("topsecret"), "{error}");
+        }
+        // API keys are not webhook secrets: a file with only them has none.
+        std::fs::write(
+            &path,
+            "[gameball_api.1]\napi_key = \"a\"\nsecret_key = \"b\"\n",
+        )
+        .unwrap();
+        let error = load_error(&path);
+        assert!(error.contains("no secret at all"), "{error}");
+        assert!(Secrets::load(&path, Some("flag")).is_ok());
+    }
+
+    #[test]
+    fn a_value_in_the_wrong_place_is_never_quoted_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            (
+                "a.toml",
+                "default = [\"d\"]\n[gameball_api]\n\"2155\" = \"top\\\"secret\"\n",
+            ),
+            ("b.toml", "[clients]\n\"2155\" = \"topsecret\"\n"),
+            ("c.json", r#"{"clients": {"2155": "top\"secret"}}"#),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let error = load_error(&path);
+            assert!(error.contains("invalid type: a string"), "{error}");
+            assert!(
+                !error.contains("secret\"") && !error.contains("topsecret"),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            without_strings("string \"a\\\"b\" then string \"c\", end"),
+            "a string then a string, end"
+        );
+        assert_eq!(without_strings("string \"unterminated"), "a string");
+        assert_eq!(without_strings("no quotes"), "no quotes");
+    }
+
+    #[test]
+    fn a_reload_rotates_api_keys_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        let write = |key: &str| {
+            let text = format!(
+                r#"{{"default": ["d"], "gameball_api": {{"1": {{"api_key": "{key}", "secret_key": "s"}}}}}}"#
+            );
+            std::fs::write(&path, text).unwrap();
+        };
+        write("old");
+        let store = SecretStore::new(
+            Secrets::load(&path, None).unwrap(),
+            Some(path.clone()),
+            None,
+        );
+        let before = store.current();
+        write("new");
+        store.reload().unwrap();
+        assert_eq!(
+            before.api_account("1").unwrap().api_key(),
+            "old",
+            "in flight: old set"
+        );
+        assert_eq!(store.current().api_account("1").unwrap().api_key(), "new");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 #[path = "../fixtures/mod.rs"]
 pub mod fixtures;
+pub mod gameball_api;
 pub mod reflection;
 
 use std::net::SocketAddr;

@@ -1,0 +1,465 @@
+//! Fetching whole customers: which endpoints to call for each, the balance inquiry batch when
+//! many are fetched at once, bounded concurrency, cancellation, and stopping early when the
+//! account's keys are refused.
+//!
+//! For each customer, one after another (so Gameball never sees two requests for the same
+//! customer at once, which it may refuse with code 2001): `/details` (or `/customers/{id}` when
+//! the account does not read contact fields), `/tier-progress`, and `/balance`. A customer's
+//! first failed call ends that customer: it fails as a whole, no partial update is made.
+//!
+//! Ids go in chunks of equal size, at most 1,000, one chunk after another. A chunk of at least
+//! `bulk_threshold` customers gets a balance inquiry batch, created first; the other endpoints
+//! are read while Gameball works on it, and its results replace the `/balance` calls (the
+//! batch's calls count in the "Others" bucket, not in the scarcer Customers GET one). Customers
+//! the batch gives no readable result for, or every customer of a batch that failed, timed out
+//! or could not be read, are asked one by one.
+//!
+//! The caller receives an [`Outcome`] per customer attempted, as soon as it is known, on a
+//! channel (bounded: a slow consumer slows fetching down) and a [`FetchSummary`] at the end.
+//! This module does not apply updates; the job that calls it does.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::stream::{self, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::answers::{self, BatchState, Points};
+use super::client::{Answer, GameballClient};
+use super::error::{ApiError, Endpoint, FailureReason};
+use super::mapping::Fetched;
+use crate::profile::ProfileUpdate;
+
+/// Gameball takes at most this many customers per batch.
+pub const MAX_BATCH: usize = 1000;
+
+/// When to use the batch, how to wait for it, and the clock margin of updates.
+#[derive(Clone, Debug)]
+pub struct FetchOptions {
+    /// Fetch points with a balance inquiry batch when at least this many customers are fetched
+    /// together (0 or 1: always).
+    pub bulk_threshold: usize,
+    /// How often a batch's status is asked for.
+    pub batch_poll_interval: Duration,
+    /// A batch not completed by then is given up (its customers are asked one by one).
+    pub batch_timeout: Duration,
+    /// Subtracted from the fetch time to make an update's clock (clock skew to Gameball).
+    pub clock_margin: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            bulk_threshold: 25,
+            batch_poll_interval: Duration::from_secs(2),
+            batch_timeout: Duration::from_secs(300),
+            clock_margin: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What fetching one customer gave.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The customer.
+    pub customer_id: String,
+    /// Its update, or why there is none.
+    pub result: Result<ProfileUpdate, ApiError>,
+}
+
+/// Why a fetch stopped before every customer was attempted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stopped {
+    /// The cancellation token fired, or the outcome receiver was dropped.
+    Cancelled,
+    /// Gameball refused the account's keys (401 or 403): no later call could succeed.
+    AccountRefused(ApiError),
+}
+
+/// Counts of a whole fetch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FetchSummary {
+    /// Customers with an update.
+    pub fetched: usize,
+    /// Customers whose fetch failed (each outcome says why).
+    pub failed: usize,
+    /// Customers never attempted, because the fetch stopped.
+    pub not_attempted: usize,
+    /// Why it stopped early, if it did.
+    pub stopped: Option<Stopped>,
+    /// Balance inquiry batches created.
+    pub batches: usize,
+    /// Customers whose points were asked for one by one although they were in a batch.
+    pub batch_fallbacks: usize,
+}
+
+/// Fetches customers of one account.
+#[derive(Clone)]
+pub struct Fetcher {
+    client: GameballClient,
+    options: FetchOptions,
+}
+
+/// State shared by the tasks of one `fetch_many`.
+struct Run<'a> {
+    cancel: &'a CancellationToken,
+    /// The first refusal of the account's keys; once set, nothing new is started.
+    refused: OnceLock<ApiError>,
+}
+
+impl Run<'_> {
+    fn should_stop(&self) -> bool {
+        self.cancel.is_cancelled() || self.refused.get().is_some()
+    }
+
+    fn note(&self, error: &ApiError) {
+        if error.reason.refuses_account() {
+            let _ = self.refused.set(error.clone());
+        }
+    }
+}
+
+/// A customer's answers other than points, and the points if they were asked for alone.
+type Partial = Result<Fetched, ApiError>;
+
+impl Fetcher {
+    /// A fetcher calling through `client`.
+    pub fn new(client: GameballClient, options: FetchOptions) -> Fetcher {
+        Fetcher { client, options }
+    }
+
+    /// The client it calls through.
+    pub fn client(&self) -> &GameballClient {
+        &self.client
+    }
+
+    /// Fetches one customer, every endpoint, no batch.
+    pub async fn fetch_one(&self, customer_id: &str) -> Result<ProfileUpdate, ApiError> {
+        let fetched = self.customer(customer_id, true).await?;
+        Ok(self.update(&fetched))
+    }
+
+    /// Fetches `customer_ids`, sending an outcome per customer attempted to `out`, and returns
+    /// the counts once every customer was attempted or the fetch stopped.
+    pub async fn fetch_many(
+        &self,
+        customer_ids: &[String],
+        cancel: &CancellationToken,
+        out: &mpsc::Sender<Outcome>,
+    ) -> FetchSummary {
+        // A child token: a dropped receiver stops this fetch without cancelling the caller's.
+        let cancel = &cancel.child_token();
+        let run = Run {
+            cancel,
+            refused: OnceLock::new(),
+        };
+        let mut summary = FetchSummary::default();
+        // Chunks of equal size (1,001 ids: 501 and 500, not 1,000 and a batch of one).
+        let chunks = customer_ids.len().div_ceil(MAX_BATCH).max(1);
+        let chunk_size = customer_ids.len().div_ceil(chunks).max(1);
+        for chunk in customer_ids.chunks(chunk_size) {
+            let bulk = chunk.len() >= self.options.bulk_threshold;
+            if run.should_stop() {
+                break;
+            }
+            let work = async {
+                if bulk {
+                    self.chunk_with_batch(chunk, &run, out, &mut summary).await
+                } else {
+                    self.chunk_one_by_one(chunk, &run, out, &mut summary).await
+                }
+            };
+            let receiver_gone = tokio::select! {
+                receiver_gone = work => receiver_gone,
+                () = cancel.cancelled() => false,
+            };
+            if receiver_gone {
+                cancel.cancel();
+            }
+        }
+        summary.not_attempted = customer_ids.len() - summary.fetched - summary.failed;
+        summary.stopped = match run.refused.into_inner() {
+            Some(error) => Some(Stopped::AccountRefused(error)),
+            None if cancel.is_cancelled() && summary.not_attempted > 0 => Some(Stopped::Cancelled),
+            None => None,
+        };
+        tracing::info!(
+            client_id = %self.client.account().client_id,
+            fetched = summary.fetched,
+            failed = summary.failed,
+            not_attempted = summary.not_attempted,
+            batches = summary.batches,
+            batch_fallbacks = summary.batch_fallbacks,
+            "gameball fetch finished"
+        );
+        summary
+    }
+
+    /// Every endpoint per customer. Returns whether the outcome receiver is gone.
+    async fn chunk_one_by_one(
+        &self,
+        chunk: &[String],
+        run: &Run<'_>,
+        out: &mpsc::Sender<Outcome>,
+        summary: &mut FetchSummary,
+    ) -> bool {
+        let mut customers = self.customers(chunk, run, true);
+        while let Some((customer_id, partial)) = customers.next().await {
+            let result = partial.map(|fetched| self.update(&fetched));
+            if self.send(out, summary, &customer_id, result).await {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A balance inquiry batch for the chunk, the other endpoints per customer meanwhile, then
+    /// `/balance` for whoever the batch gave nothing for. Returns whether the receiver is gone.
+    async fn chunk_with_batch(
+        &self,
+        chunk: &[String],
+        run: &Run<'_>,
+        out: &mpsc::Sender<Outcome>,
+        summary: &mut FetchSummary,
+    ) -> bool {
+        summary.batches += 1;
+        let (batch, partials) = tokio::join!(
+            self.balance_inquiry(chunk, run),
+            self.customers(chunk, run, false)
+                .collect::<Vec<(String, Partial)>>()
+        );
+        let (mut points, batch_sent_at) = batch.unwrap_or_default();
+        let mut fallback = Vec::new();
+        let mut ready = Vec::new();
+        for (customer_id, partial) in partials {
+            match partial {
+                Ok(mut fetched) => match points.remove(&customer_id) {
+                    Some(batch_points) => {
+                        fetched.points = Some(batch_points);
+                        if let Some(sent_at) = batch_sent_at {
+                            fetched.oldest_sent_at = fetched.oldest_sent_at.min(sent_at);
+                        }
+                        ready.push((customer_id, Ok(fetched)));
+                    }
+                    None => fallback.push(fetched),
+                },
+                Err(error) => ready.push((customer_id, Err(error))),
+            }
+        }
+        summary.batch_fallbacks += fallback.len();
+        for (customer_id, result) in ready {
+            let result = result.map(|fetched| self.update(&fetched));
+            if self.send(out, summary, &customer_id, result).await {
+                return true;
+            }
+        }
+        let width = self.client.options().max_in_flight.max(1);
+        let mut balances = stream::iter(fallback)
+            .map(|fetched| async move {
+                if run.should_stop() {
+                    return None;
+                }
+                let customer_id = fetched.customer_id.clone();
+                Some((customer_id, self.add_balance(fetched, run).await))
+            })
+            .buffer_unordered(width);
+        while let Some(done) = balances.next().await {
+            let Some((customer_id, result)) = done else {
+                continue;
+            };
+            let result = result.map(|fetched| self.update(&fetched));
+            if self.send(out, summary, &customer_id, result).await {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Each customer of `chunk` fetched, at most `max_in_flight` at once; customers not
+    /// started because the run stopped are left out. Ids are cloned into the stream: borrowed
+    /// items would keep the future from being `Send` (the compiler cannot prove it for the
+    /// closures' higher-ranked lifetimes), and a job must spawn it.
+    fn customers<'s>(
+        &'s self,
+        chunk: &'s [String],
+        run: &'s Run<'_>,
+        with_balance: bool,
+    ) -> impl futures_util::Stream<Item = (String, Partial)> + Send + 's {
+        let width = self.client.options().max_in_flight.max(1);
+        stream::iter(chunk.iter().cloned())
+            .map(move |customer_id| async move {
+                if run.should_stop() {
+                    return None;
+                }
+                let partial = self.customer(&customer_id, with_balance).await;
+                if let Err(error) = &partial {
+                    run.note(error);
+                }
+                Some((customer_id, partial))
+            })
+            .buffer_unordered(width)
+            .filter_map(std::future::ready)
+    }
+
+    /// One customer's endpoints, one after another, stopping at the first failure.
+    async fn customer(&self, customer_id: &str, with_balance: bool) -> Partial {
+        let client = &self.client;
+        let (contact, referral, first) = if client.account().read_contact {
+            let answer = client.get_customer(Endpoint::Details, customer_id).await?;
+            let (contact, referral) = answers::details(&answer.body, customer_id)
+                .map_err(|why| bad_answer(Endpoint::Details, why))?;
+            (Some(contact), referral, answer.sent_at)
+        } else {
+            let answer = client.get_customer(Endpoint::Customer, customer_id).await?;
+            let referral = answers::customer(&answer.body, customer_id)
+                .map_err(|why| bad_answer(Endpoint::Customer, why))?;
+            (None, referral, answer.sent_at)
+        };
+        let answer = client
+            .get_customer(Endpoint::TierProgress, customer_id)
+            .await?;
+        let tier = answers::tier_progress(&answer.body)
+            .map_err(|why| bad_answer(Endpoint::TierProgress, why))?;
+        let fetched = Fetched {
+            customer_id: customer_id.to_owned(),
+            contact,
+            referral: Some(referral),
+            tier: Some(tier),
+            points: None,
+            oldest_sent_at: first.min(answer.sent_at),
+        };
+        if with_balance {
+            self.balance(fetched).await
+        } else {
+            Ok(fetched)
+        }
+    }
+
+    async fn add_balance(&self, fetched: Fetched, run: &Run<'_>) -> Partial {
+        let result = self.balance(fetched).await;
+        if let Err(error) = &result {
+            run.note(error);
+        }
+        result
+    }
+
+    async fn balance(&self, mut fetched: Fetched) -> Partial {
+        let answer: Answer = self
+            .client
+            .get_customer(Endpoint::Balance, &fetched.customer_id)
+            .await?;
+        let points =
+            answers::balance(&answer.body).map_err(|why| bad_answer(Endpoint::Balance, why))?;
+        fetched.points = Some(points);
+        fetched.oldest_sent_at = fetched.oldest_sent_at.min(answer.sent_at);
+        Ok(fetched)
+    }
+
+    /// Creates a balance inquiry for `chunk` and waits for its results. Empty when the batch
+    /// cannot be used; then its customers are asked one by one.
+    async fn balance_inquiry(
+        &self,
+        chunk: &[String],
+        run: &Run<'_>,
+    ) -> Option<(HashMap<String, Points>, Option<DateTime<Utc>>)> {
+        let client_id = &self.client.account().client_id;
+        let give_up = |what: &str, detail: &dyn std::fmt::Display| {
+            tracing::warn!(%client_id, customers = chunk.len(), %detail, "{what}");
+            None
+        };
+        let ids: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let created = match self.client.create_balance_inquiry(&ids).await {
+            Ok(created) => created,
+            Err(error) => {
+                run.note(&error);
+                return give_up("balance inquiry not created; asking one by one", &error);
+            }
+        };
+        let job_id = match answers::batch_created(&created.body) {
+            Ok(job_id) => job_id,
+            Err(why) => return give_up("balance inquiry answer unreadable", &why),
+        };
+        let deadline = tokio::time::Instant::now() + self.options.batch_timeout;
+        loop {
+            tokio::time::sleep(self.options.batch_poll_interval).await;
+            if run.should_stop() {
+                return None;
+            }
+            let status = match self.client.batch_status(&job_id).await {
+                Ok(answer) => answers::batch_status(&answer.body),
+                Err(error) => {
+                    run.note(&error);
+                    return give_up("balance inquiry status failed; asking one by one", &error);
+                }
+            };
+            match status {
+                Err(why) => return give_up("balance inquiry status unreadable", &why),
+                Ok(status) if status.state == BatchState::Completed => {
+                    return Some((status.results, Some(created.sent_at)));
+                }
+                Ok(status) if status.state == BatchState::Failed => {
+                    return give_up("balance inquiry failed at gameball", &job_id);
+                }
+                Ok(_) if tokio::time::Instant::now() >= deadline => {
+                    return give_up("balance inquiry not done in time", &job_id);
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn update(&self, fetched: &Fetched) -> ProfileUpdate {
+        fetched.to_update(&self.client.account().client_id, self.options.clock_margin)
+    }
+
+    /// Sends an outcome and counts it. Returns whether the receiver is gone.
+    async fn send(
+        &self,
+        out: &mpsc::Sender<Outcome>,
+        summary: &mut FetchSummary,
+        customer_id: &str,
+        result: Result<ProfileUpdate, ApiError>,
+    ) -> bool {
+        match &result {
+            Ok(_) => summary.fetched += 1,
+            Err(_) => summary.failed += 1,
+        }
+        let outcome = Outcome {
+            customer_id: customer_id.to_owned(),
+            result,
+        };
+        out.send(outcome).await.is_err()
+    }
+}
+
+fn bad_answer(endpoint: Endpoint, why: String) -> ApiError {
+    ApiError {
+        status: Some(200),
+        attempts: 1,
+        ..ApiError::new(endpoint, FailureReason::BadAnswer, why)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::{Account, ClientOptions};
+
+    /// A job spawns the fetch on the runtime, so its future must be `Send`.
+    #[test]
+    fn a_fetch_can_be_spawned() {
+        fn spawnable<T: Send + 'static>(_: T) {}
+        let account = Account::new("2155", "k", "s").unwrap();
+        let client = GameballClient::new(account, ClientOptions::default()).unwrap();
+        let fetcher = Fetcher::new(client, FetchOptions::default());
+        let (out, _outcomes) = mpsc::channel(1);
+        spawnable(async move {
+            fetcher
+                .fetch_many(&["a".to_owned()], &CancellationToken::new(), &out)
+                .await
+        });
+    }
+}
