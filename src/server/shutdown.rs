@@ -197,7 +197,7 @@ async fn within(
     match tokio::time::timeout(grace, work).await {
         Ok(result) => result,
         Err(_) => {
-            tracing::warn!(?grace, "gave up waiting for {what}");
+            tracing::warn!(grace = %humantime::format_duration(grace), "gave up waiting for {what}");
             Ok(())
         }
     }
