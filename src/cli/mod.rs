@@ -1,6 +1,12 @@
 //! The `profile-state` command line: serving (the default: `profile-state [FLAGS]`) and the
 //! operators' subcommands beside it, one module each.
 //!
+//! Adding a subcommand: a module with a `clap::Args` struct (`Args`) and
+//! `pub fn run(args: Args, sources: &Sources) -> ExitCode`, a variant of [`Command`], and its
+//! arm in [`run`]. A subcommand that talks to a running server flattens
+//! [`client::Connection`] into its arguments and returns its problems as [`Failure`]s through
+//! [`block_on`].
+//!
 //! Every usage problem exits 64 (EX_USAGE): clap's own errors (an unknown flag, a value that
 //! does not parse, flags that conflict), the configuration checks after parsing, and files the
 //! configuration names that cannot be used. Whenever such an error names a flag whose value
@@ -17,6 +23,8 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 
 use crate::config::Config;
 
+pub mod client;
+pub mod dead_letters;
 pub mod serve;
 
 /// Exit status for a usage or configuration error (EX_USAGE), before anything is served.
@@ -29,10 +37,78 @@ pub const EXIT_USAGE: u8 = 64;
     version,
     about = "Keeps Gameball customer profiles, fed by signed webhooks, and serves them over gRPC"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// An operator's subcommand; none means serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// The server's flags: what `profile-state` without a subcommand serves with.
     #[command(flatten)]
     pub serve: Config,
+}
+
+/// The subcommands beside serving.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Lists, shows, replays or purges the dead letters of a running server (AdminService).
+    DeadLetters(dead_letters::Args),
+}
+
+/// Why a subcommand did not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// The command line cannot work (a flag's file unreadable, an address that is not one):
+    /// exit 64.
+    #[error("{0}")]
+    Usage(String),
+    /// The server could not be reached, refused, or something failed on the way: exit 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Failure {
+    /// Prints the failure (with notes on flags set from the environment); the exit status.
+    pub fn report(&self, sources: &Sources) -> ExitCode {
+        print_error(sources, &self.to_string());
+        match self {
+            Failure::Usage(_) => ExitCode::from(EXIT_USAGE),
+            Failure::Failed(_) => ExitCode::FAILURE,
+        }
+    }
+}
+
+/// Runs a subcommand's work on a single-threaded runtime: its logs (`RUST_LOG`, default
+/// `warn`) go to stderr, its failure is reported; returns the exit status.
+pub fn block_on(
+    sources: &Sources,
+    work: impl std::future::Future<Output = Result<(), Failure>>,
+) -> ExitCode {
+    let filter = std::env::var("RUST_LOG").ok();
+    match crate::logging::filter(
+        filter.as_deref(),
+        tracing_subscriber::filter::LevelFilter::WARN,
+    ) {
+        Ok(filter) => crate::logging::init(
+            crate::config::LogFormat::Text,
+            filter,
+            crate::logging::Output::Stderr,
+        ),
+        Err(error) => return Failure::Usage(error.to_string()).report(sources),
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            let failure = Failure::Failed(format!("cannot start the async runtime: {error}"));
+            return failure.report(sources);
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(sources),
+    }
 }
 
 /// Which flags were set (not left at their defaults), and which of those by an environment
@@ -183,7 +259,10 @@ fn report_clap_error(error: &clap::Error, command: &clap::Command, argv: &[OsStr
 
 /// Runs what the command line asks for; returns the exit status.
 pub fn run(cli: Cli, sources: &Sources) -> ExitCode {
-    serve::run(cli.serve, sources)
+    match cli.command {
+        None => serve::run(cli.serve, sources),
+        Some(Command::DeadLetters(args)) => dead_letters::run(args, sources),
+    }
 }
 
 /// Prints `profile-state: <message>` (with notes on flags set from the environment) to stderr.
