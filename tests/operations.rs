@@ -377,6 +377,7 @@ async fn metrics_count_what_happened_and_health_endpoints_answer() {
     );
 
     assert_eq!(service.admin_get("/healthz").await.0, 200);
+    assert_eq!(service.admin_get("/livez").await.0, 200);
     assert_eq!(
         service.admin_get("/readyz").await,
         (200, "ready\n".to_owned())

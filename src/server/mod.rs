@@ -313,7 +313,7 @@ fn start_sequencer(
     Sequencer::start_with_hook(store.clone(), durability, hook, metrics.clone(), tracker)
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `stopping`.
+/// Serves `/metrics`, `/livez` and `/readyz` until `stopping`.
 fn serve_monitoring(
     listener: TcpListener,
     monitoring: Monitoring,

@@ -86,7 +86,7 @@ impl Health {
 
 /// The three listeners' server tasks.
 pub(super) struct Servers {
-    /// Monitoring on the admin listener: `/metrics`, `/healthz`, `/readyz`.
+    /// Monitoring on the admin listener: `/metrics`, `/livez`, `/readyz`.
     pub monitoring: JoinHandle<std::io::Result<()>>,
     /// The webhook ingress.
     pub webhook: JoinHandle<std::io::Result<()>>,
