@@ -23,8 +23,10 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 
 use crate::config::Config;
 
+pub mod backup;
 pub mod client;
 pub mod dead_letters;
+pub mod restore;
 pub mod serve;
 
 /// Exit status for a usage or configuration error (EX_USAGE), before anything is served.
@@ -52,6 +54,10 @@ pub struct Cli {
 pub enum Command {
     /// Lists, shows, replays or purges the dead letters of a running server (AdminService).
     DeadLetters(dead_letters::Args),
+    /// Writes an online backup of a running server to a file (AdminService.Backup).
+    Backup(backup::Args),
+    /// Makes a backup into a new data directory, to serve with `--data-dir`.
+    Restore(restore::Args),
 }
 
 /// Why a subcommand did not do what it was asked.
@@ -262,6 +268,8 @@ pub fn run(cli: Cli, sources: &Sources) -> ExitCode {
     match cli.command {
         None => serve::run(cli.serve, sources),
         Some(Command::DeadLetters(args)) => dead_letters::run(args, sources),
+        Some(Command::Backup(args)) => backup::run(args, sources),
+        Some(Command::Restore(args)) => restore::run(args, sources),
     }
 }
 

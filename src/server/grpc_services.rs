@@ -17,7 +17,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::grpc::ProfileApi;
+use crate::grpc::admin::AdminApi;
 use crate::grpc::auth::{AdminAuth, BearerAuth};
+use crate::grpc::backup::BackupApi;
 use crate::grpc::dead_letters::DeadLetterApi;
 use crate::grpc::transport::MetricsLayer;
 use crate::ingest::Ingest;
@@ -96,6 +98,7 @@ pub(super) fn serve<H: Health>(
         max_watch_streams,
         max_message_bytes: limit,
     } = services;
+    let admin = AdminApi::new(DeadLetterApi::new(ingest), BackupApi::new(store.clone()));
     let profiles = ProfileApi::new(
         store,
         watchers,
@@ -106,7 +109,6 @@ pub(super) fn serve<H: Health>(
     )
     .with_max_watch_streams(max_watch_streams);
     let watch_streams_closed = Box::pin(profiles.streams_closed());
-    let dead_letters = DeadLetterApi::new(ingest);
     // Health and reflection stay open (probes, grpcurl); ProfileService needs a token when
     // tokens are configured, AdminService credentials or a loopback peer (`AdminAuth`).
     let router = builder
@@ -119,7 +121,7 @@ pub(super) fn serve<H: Health>(
             auth,
         ))
         .add_service(InterceptedService::new(
-            limited!(AdminServiceServer::new(dead_letters), limit),
+            limited!(AdminServiceServer::new(admin), limit),
             admin_auth,
         ));
     let grpc_stopping = CancellationToken::new();
