@@ -1,5 +1,5 @@
-//! The gRPC adapter for `gameball.profiles.v1.AdminService`: dead letters for operators.
-//! (The admin HTTP listener, metrics and health, is `crate::monitoring`.)
+//! AdminService's dead-letter RPCs, for operators (`super::admin` routes them here). (The
+//! admin HTTP listener, metrics and health, is `crate::monitoring`.)
 //!
 //! Each RPC checks its request, calls [`DeadLetters`] (or, to replay, the ingest path), and
 //! converts the result; errors go through `crate::status`. Replay is [`Ingest::replay`]: the
@@ -16,7 +16,6 @@ use crate::dead_letters::{Cursor, DeadLetter, DeadLetterError, DeadLetterId, Dea
 use crate::error::Error;
 use crate::ingest::{Ingest, Outcome};
 use crate::pb;
-use crate::pb::admin_service_server::AdminService;
 use crate::sequencer::Applied;
 use crate::status::grpc_status;
 
@@ -28,7 +27,7 @@ pub const MAX_PAGE_SIZE: usize = 500;
 /// clients accept by default.
 const PAGE_BODY_BYTES: usize = 1 << 20;
 
-/// The AdminService implementation: the dead letters.
+/// AdminService's dead-letter RPCs.
 pub struct DeadLetterApi {
     dead_letters: DeadLetters,
     ingest: Ingest,
@@ -65,9 +64,9 @@ fn letter(letter: &DeadLetter) -> pb::DeadLetter {
     }
 }
 
-#[tonic::async_trait]
-impl AdminService for DeadLetterApi {
-    async fn list_dead_letters(
+impl DeadLetterApi {
+    /// AdminService.ListDeadLetters.
+    pub async fn list_dead_letters(
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
@@ -87,7 +86,8 @@ impl AdminService for DeadLetterApi {
         }))
     }
 
-    async fn get_dead_letter(
+    /// AdminService.GetDeadLetter.
+    pub async fn get_dead_letter(
         &self,
         request: Request<pb::GetDeadLetterRequest>,
     ) -> Result<Response<pb::GetDeadLetterResponse>, Status> {
@@ -101,7 +101,8 @@ impl AdminService for DeadLetterApi {
         }))
     }
 
-    async fn replay_dead_letter(
+    /// AdminService.ReplayDeadLetter.
+    pub async fn replay_dead_letter(
         &self,
         request: Request<pb::ReplayDeadLetterRequest>,
     ) -> Result<Response<pb::ReplayDeadLetterResponse>, Status> {
@@ -123,7 +124,8 @@ impl AdminService for DeadLetterApi {
         }))
     }
 
-    async fn purge_dead_letters(
+    /// AdminService.PurgeDeadLetters.
+    pub async fn purge_dead_letters(
         &self,
         request: Request<pb::PurgeDeadLettersRequest>,
     ) -> Result<Response<pb::PurgeDeadLettersResponse>, Status> {

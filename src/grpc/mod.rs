@@ -5,7 +5,9 @@
 //! (`--max-watch-streams`). Health and reflection are wired up in `crate::server`, not here;
 //! `auth` checks bearer tokens and `transport` sets up TLS, keepalive and per-call metrics.
 
+pub mod admin;
 pub mod auth;
+pub mod backup;
 mod convert;
 pub mod dead_letters;
 mod page_token;

@@ -108,6 +108,23 @@ fn write_then_rename(
     let io = |action| JournalError::io(temp, action);
     let file = File::create(temp).map_err(io("create"))?;
     let mut out = BufWriter::new(file);
+    encode(revision, profiles, |bytes| out.write_all(bytes)).map_err(io("write"))?;
+    let file = out
+        .into_inner()
+        .map_err(|error| io("write")(error.into_error()))?;
+    file.sync_all().map_err(io("sync"))?;
+    fs::rename(temp, final_path).map_err(io("rename"))?;
+    sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))
+}
+
+/// The bytes of a snapshot file of `profiles`, all as of `revision`, handed to `out` a frame
+/// at a time (the file header with the first): what [`write`] writes, and what an online
+/// backup streams. Stops at `out`'s first error.
+pub fn encode(
+    revision: u64,
+    profiles: &[Arc<Profile>],
+    mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let mut frame = codec::file_header(SNAPSHOT_MAGIC).to_vec();
     codec::encode_frame(
         &SnapshotHeader {
@@ -116,7 +133,7 @@ fn write_then_rename(
         },
         &mut frame,
     );
-    out.write_all(&frame).map_err(io("write"))?;
+    out(&frame)?;
     for chunk in profiles.chunks(CHUNK) {
         frame.clear();
         let batch = ProfileBatch {
@@ -126,14 +143,27 @@ fn write_then_rename(
                 .collect(),
         };
         codec::encode_frame(&batch, &mut frame);
-        out.write_all(&frame).map_err(io("write"))?;
+        out(&frame)?;
     }
-    let file = out
-        .into_inner()
-        .map_err(|error| io("write")(error.into_error()))?;
-    file.sync_all().map_err(io("sync"))?;
-    fs::rename(temp, final_path).map_err(io("rename"))?;
-    sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))
+    Ok(())
+}
+
+/// Copies the snapshot file `source` (as of `revision`, e.g. an online backup) into `dir` as
+/// its snapshot, atomically like [`write`]: restoring a backup.
+pub fn install(dir: &Path, revision: u64, source: &Path) -> Result<PathBuf, JournalError> {
+    let final_path = path(dir, revision);
+    let temp = dir.join(format!("{PREFIX}{revision:020}{TEMP_SUFFIX}"));
+    let installed = (|| {
+        fs::copy(source, &temp).map_err(JournalError::io(&temp, "copy"))?;
+        let file = File::open(&temp).map_err(JournalError::io(&temp, "open"))?;
+        file.sync_all().map_err(JournalError::io(&temp, "sync"))?;
+        fs::rename(&temp, &final_path).map_err(JournalError::io(&temp, "rename"))?;
+        sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))
+    })();
+    if installed.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    installed.map(|()| final_path)
 }
 
 /// Chunks of decoded profiles in flight between the decoding thread and the loader: enough to
@@ -282,8 +312,9 @@ pub fn take(dir: &Path, store: &Store, history_events: u64) -> Result<Taken, Jou
     })
 }
 
-/// Every profile as of one revision. Retries when the history moved on during the read.
-fn consistent_state(store: &Store) -> Result<(u64, Vec<Arc<Profile>>), JournalError> {
+/// Every profile as of one revision, read while writes go on (snapshots, online backups).
+/// Retries when the history moved on during the read.
+pub fn consistent_state(store: &Store) -> Result<(u64, Vec<Arc<Profile>>), JournalError> {
     for _ in 0..3 {
         let mut scan = store.scan_as_of(None);
         let mut profiles = Vec::with_capacity(store.len());

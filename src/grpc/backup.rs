@@ -1,0 +1,85 @@
+//! AdminService.Backup: an online backup, streamed.
+//!
+//! The state is read as of one revision while webhooks keep being applied
+//! (`journal::snapshot::consistent_state`, the snapshots' own read), then encoded in the
+//! journal's snapshot format and streamed in pieces of at most [`PIECE_BYTES`]. Reading and
+//! encoding run on a blocking thread that stops as soon as the client is gone (a send fails).
+//! This module reads the store; it writes nothing, and restoring is `crate::cli::restore`'s.
+
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Response, Status};
+
+use crate::journal::snapshot;
+use crate::pb;
+use crate::store::Store;
+
+/// The largest piece of the file in one message: well under the 4 MiB gRPC clients accept by
+/// default.
+pub const PIECE_BYTES: usize = 1 << 20;
+/// Messages buffered between the encoding thread and the stream.
+const BUFFERED: usize = 4;
+
+/// The stream a Backup call answers with.
+pub type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupResponse, Status>> + Send>>;
+
+/// Backs up the store.
+#[derive(Clone)]
+pub struct BackupApi {
+    store: Store,
+}
+
+impl BackupApi {
+    /// Backups of `store`.
+    pub fn new(store: Store) -> BackupApi {
+        BackupApi { store }
+    }
+
+    /// Starts streaming a backup.
+    pub fn backup(&self) -> Response<BackupStream> {
+        let (pieces, stream) = mpsc::channel(BUFFERED);
+        let store = self.store.clone();
+        // Ends when the backup is sent or the client is gone: its owner is the stream.
+        tokio::task::spawn_blocking(move || send(&store, &pieces));
+        Response::new(Box::pin(ReceiverStream::new(stream)))
+    }
+}
+
+/// Reads, encodes and sends the backup; a failed send (the client left) stops it.
+fn send(store: &Store, pieces: &mpsc::Sender<Result<pb::BackupResponse, Status>>) {
+    let (revision, profiles) = match snapshot::consistent_state(store) {
+        Ok(state) => state,
+        Err(error) => {
+            tracing::warn!(error = %error, "backup failed");
+            let status = Status::unavailable(
+                "writes outpaced the watch history while the state was read; retry (or raise \
+                 --history-events)",
+            );
+            let _ = pieces.blocking_send(Err(status));
+            return;
+        }
+    };
+    let mut first = Some(pb::BackupResponse {
+        chunk: Vec::new(),
+        revision,
+        store_id: store.store_id().to_owned(),
+        profile_count: profiles.len() as u64,
+    });
+    let sent = snapshot::encode(revision, &profiles, |bytes| {
+        for piece in bytes.chunks(PIECE_BYTES) {
+            let mut message = first.take().unwrap_or_default();
+            message.chunk = piece.to_vec();
+            pieces
+                .blocking_send(Ok(message))
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        }
+        Ok(())
+    });
+    match sent {
+        Ok(()) => tracing::info!(revision, profiles = profiles.len(), "backup sent"),
+        Err(_) => tracing::info!(revision, "backup abandoned: the client left"),
+    }
+}

@@ -1,0 +1,209 @@
+//! Online backup and restore through the real binary: `profile-state backup` of a server
+//! taking webhooks the whole time, `profile-state restore` into a new data directory, the
+//! restored directory served by the binary, and every profile compared with the state the
+//! server had at the backup's revision.
+
+#[path = "common/binary.rs"]
+mod binary;
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use binary::{Binary, bare_command};
+use common::{TestService, at, durable_config, profile_updated};
+use profile_state::pb;
+use profile_state::pb::profile_service_client::ProfileServiceClient;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+/// Customers the load spreads its updates over, so most updates change an existing profile.
+const CUSTOMERS: u32 = 25;
+
+async fn run(args: Vec<String>) -> Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut command = bare_command(&args);
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Posts updates until `stop` (and at least 100): update `n` sets customer
+/// `c{n % CUSTOMERS}`'s `total_points` to `n`; `warmed` is told after the 50th. Returns
+/// `(customer, n, revision)` of each, in order.
+async fn load(
+    service: Arc<TestService>,
+    stop: Arc<AtomicBool>,
+    warmed: oneshot::Sender<()>,
+) -> Vec<(String, i64, u64)> {
+    let mut applied = Vec::new();
+    let mut warmed = Some(warmed);
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) || n < 100 {
+        n += 1;
+        let customer = format!("c{}", n % CUSTOMERS);
+        let body = profile_updated(&customer, &at(n), json!({"total_points": n}));
+        let (status, answer) = service.post(&body).await;
+        assert_eq!(status, 200, "{answer}");
+        applied.push((customer, i64::from(n), answer["revision"].as_u64().unwrap()));
+        if n == 50 {
+            let _ = warmed.take().map(|warmed| warmed.send(()));
+        }
+    }
+    applied
+}
+
+/// Every profile the binary serves, by customer id.
+async fn profiles(grpc: std::net::SocketAddr) -> HashMap<String, pb::Profile> {
+    let mut client = ProfileServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let mut all = HashMap::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_profiles(pb::ListProfilesRequest {
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for profile in page.profiles {
+            all.insert(profile.customer_id.clone(), profile);
+        }
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+fn path(path: &Path) -> String {
+    path.to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("original");
+    let service = Arc::new(TestService::start_with(durable_config(&original)).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (warmed, warm) = oneshot::channel();
+    let load = tokio::spawn(load(Arc::clone(&service), Arc::clone(&stop), warmed));
+    // Some history first, then the backup while updates keep coming.
+    warm.await.unwrap();
+    let file = dir.path().join("backup.snap");
+    let backup = run(vec![
+        "backup".into(),
+        "--grpc".into(),
+        service.grpc.to_string(),
+        path(&file),
+    ])
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let applied = load.await.unwrap();
+    assert!(backup.status.success(), "{}", text(&backup.stderr));
+    let said = text(&backup.stdout);
+    let revision: u64 = said
+        .rsplit("as of revision ")
+        .next()
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    let last = applied.last().unwrap().2;
+    assert!(
+        revision >= 50 && revision < last,
+        "taken under load: {revision} of {last}"
+    );
+    assert!(!Path::new(&format!("{}.partial", path(&file))).exists());
+
+    // The state at the backup's revision: each customer's last update at or before it.
+    let mut expected: HashMap<String, (i64, u64)> = HashMap::new();
+    for (customer, points, at_revision) in &applied {
+        if *at_revision <= revision {
+            expected.insert(customer.clone(), (*points, *at_revision));
+        }
+    }
+
+    // A restore never overwrites: the original directory is refused.
+    let refused = run(vec![
+        "restore".into(),
+        path(&file),
+        "--data-dir".into(),
+        path(&original),
+    ])
+    .await;
+    assert_eq!(refused.status.code(), Some(64), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("is not empty"));
+
+    let restored = dir.path().join("restored");
+    let restore = run(vec![
+        "restore".into(),
+        path(&file),
+        "--data-dir".into(),
+        path(&restored),
+    ])
+    .await;
+    assert!(restore.status.success(), "{}", text(&restore.stderr));
+    assert!(
+        text(&restore.stdout).contains(&format!("as of revision {revision} into")),
+        "{}",
+        text(&restore.stdout)
+    );
+
+    let original_id = service.server_info().await.store_id;
+    let binary = Binary::start(&restored, &[]).await;
+    let info = binary.server_info().await;
+    assert_eq!(info.revision, revision);
+    assert_ne!(info.store_id, original_id, "a restore gets a new store id");
+    let served = profiles(binary.grpc).await;
+    assert_eq!(served.len(), expected.len());
+    for (customer, (points, at_revision)) in &expected {
+        let profile = &served[customer];
+        assert_eq!(profile.total_points, Some(*points), "{customer}");
+        assert_eq!(profile.revision, *at_revision, "{customer}");
+    }
+    // Revisions continue from the backup's.
+    let next = profile_updated("new", &at(1), json!({"total_points": 1}));
+    let (status, answer) = binary.post(&next).await;
+    assert_eq!(
+        (status, answer["revision"].as_u64()),
+        (200, Some(revision + 1))
+    );
+    binary.stop();
+    Arc::into_inner(service).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn restore_refuses_what_is_not_a_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-backup");
+    std::fs::write(&file, b"hello").unwrap();
+    let target = dir.path().join("target");
+    let damaged = run(vec![
+        "restore".into(),
+        path(&file),
+        "--data-dir".into(),
+        path(&target),
+    ])
+    .await;
+    assert_eq!(damaged.status.code(), Some(1), "{}", text(&damaged.stderr));
+    assert!(text(&damaged.stderr).contains("is not a whole backup"));
+    assert!(!target.exists(), "nothing created");
+    let missing = run(vec![
+        "restore".into(),
+        path(&dir.path().join("none")),
+        "--data-dir".into(),
+        path(&target),
+    ])
+    .await;
+    assert_eq!(missing.status.code(), Some(64), "{}", text(&missing.stderr));
+}
