@@ -3,9 +3,8 @@
 //! restored directory served by the binary, and every profile compared with the state the
 //! server had at the backup's revision.
 
-#[path = "common/binary.rs"]
-mod binary;
-mod common;
+use crate::common;
+use crate::common::binary;
 
 use std::collections::HashMap;
 use std::path::Path;
