@@ -1,5 +1,5 @@
-//! How the gRPC listener is set up: TLS (and mTLS), HTTP/2 keepalive, the TLS handshake
-//! timeout, and the per-call metrics layer.
+//! How the gRPC listener is set up: TLS (and mTLS), HTTP/2 keepalive and concurrent streams,
+//! the TLS handshake timeout, and the per-call metrics layer.
 //!
 //! [`server_builder`] turns the configuration into a tonic `Server` before anything binds, so a
 //! missing or malformed certificate, key or CA file stops start-up with an error naming the
@@ -14,7 +14,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -29,16 +29,16 @@ use crate::config::Config;
 use crate::metrics::{GrpcMethodMetrics, GrpcType, Metrics};
 use crate::pb;
 
-/// Longest a client may take to complete the TLS handshake before its connection is closed, so
-/// half-open handshakes cannot pile up.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The tonic server as configured: TLS or mTLS when certificates are given, HTTP/2 keepalive
 /// pings every `--grpc-keepalive-interval` (0: none) answered within
-/// `--grpc-keepalive-timeout`. Add [`MetricsLayer`] and the services to it.
+/// `--grpc-keepalive-timeout`, at most `--grpc-max-concurrent-streams` calls at once on one
+/// connection (advertised in its HTTP/2 settings), and under TLS a handshake that must end
+/// within `--grpc-handshake-timeout` (so half-open handshakes cannot pile up). Add
+/// [`MetricsLayer`] and the services to it.
 pub fn server_builder(config: &Config) -> anyhow::Result<tonic::transport::Server> {
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(config)? {
+        let tls = tls.timeout(config.grpc_handshake_timeout);
         // tonic parses the PEM and builds the rustls configuration here, so a key that does
         // not fit its certificate fails now, not at the first handshake.
         builder = builder.tls_config(tls).with_context(|| {
@@ -52,7 +52,8 @@ pub fn server_builder(config: &Config) -> anyhow::Result<tonic::transport::Serve
     let keepalive = (!interval.is_zero()).then_some(interval);
     builder = builder
         .http2_keepalive_interval(keepalive)
-        .http2_keepalive_timeout(keepalive.map(|_| config.grpc_keepalive_timeout));
+        .http2_keepalive_timeout(keepalive.map(|_| config.grpc_keepalive_timeout))
+        .max_concurrent_streams(Some(config.grpc_max_concurrent_streams));
     Ok(builder)
 }
 
@@ -91,9 +92,7 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
         "--grpc-tls-key",
         &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
     )?;
-    let mut tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
     if let Some(ca) = &config.grpc_client_ca {
         let ca = read_pem(ca, "--grpc-client-ca", &["CERTIFICATE"])?;
         // Without `client_auth_optional`, a client without a certificate signed by this CA

@@ -8,12 +8,10 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::grpc::ProfileApi;
@@ -27,6 +25,8 @@ use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::store::Store;
 use crate::watch::Watchers;
+
+use super::connections::{self, CappedListener};
 
 /// Applies the one message-size limit, both ways, to a generated service. tonic sets it per
 /// service, with a method of the same name on each generated type (no trait to be generic
@@ -61,6 +61,9 @@ pub(super) struct Services<H> {
     pub max_watch_streams: usize,
     /// `--grpc-max-message-bytes`.
     pub max_message_bytes: usize,
+    /// `--grpc-handshake-timeout`: the HTTP/2 preface of a plaintext connection must arrive
+    /// within it (tonic's TLS handshake has the same timeout, `crate::grpc::transport`).
+    pub handshake_timeout: std::time::Duration,
 }
 
 /// The gRPC listener, serving.
@@ -76,7 +79,7 @@ pub(super) struct Serving {
 /// Serves `services` on `listener`. Watch feeds run on `tracker` and end when `stopping` is
 /// cancelled; the server itself stops on [`Serving::stopping`].
 pub(super) fn serve<H: Health>(
-    listener: TcpListener,
+    listener: CappedListener,
     services: Services<H>,
     stopping: &CancellationToken,
     tracker: &TaskTracker,
@@ -92,6 +95,7 @@ pub(super) fn serve<H: Health>(
         metrics,
         max_watch_streams,
         max_message_bytes: limit,
+        handshake_timeout,
     } = services;
     let profiles = ProfileApi::new(
         store,
@@ -120,8 +124,8 @@ pub(super) fn serve<H: Health>(
             auth,
         ));
     let grpc_stopping = CancellationToken::new();
-    // Answers go out as soon as they are written: no Nagle delay (the webhook sets the same).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // The listener sets TCP_NODELAY: answers go out as soon as they are written.
+    let incoming = connections::incoming(listener, handshake_timeout, || ());
     let task = tokio::spawn(
         router.serve_with_incoming_shutdown(incoming, grpc_stopping.clone().cancelled_owned()),
     );
