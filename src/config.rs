@@ -179,7 +179,11 @@ pub struct Config {
     pub grpc_handshake_timeout: Duration,
 
     /// Most connections open at once on the gRPC listener; more are closed at once.
-    #[arg(long, env = "PROFILE_STATE_MAX_GRPC_CONNECTIONS", default_value_t = 2048)]
+    #[arg(
+        long,
+        env = "PROFILE_STATE_MAX_GRPC_CONNECTIONS",
+        default_value_t = 2048
+    )]
     pub max_grpc_connections: usize,
 
     /// Largest gRPC message received or sent, in bytes.
@@ -402,7 +406,10 @@ impl Config {
         let zero = [
             ("history-bytes", self.history_bytes == 0),
             ("webhook-body-timeout", self.webhook_body_timeout.is_zero()),
-            ("webhook-header-timeout", self.webhook_header_timeout.is_zero()),
+            (
+                "webhook-header-timeout",
+                self.webhook_header_timeout.is_zero(),
+            ),
             ("webhook-idle-timeout", self.webhook_idle_timeout.is_zero()),
             ("max-webhook-connections", self.max_webhook_connections == 0),
             (
@@ -413,7 +420,10 @@ impl Config {
                 "grpc-max-concurrent-streams",
                 self.grpc_max_concurrent_streams == 0,
             ),
-            ("grpc-handshake-timeout", self.grpc_handshake_timeout.is_zero()),
+            (
+                "grpc-handshake-timeout",
+                self.grpc_handshake_timeout.is_zero(),
+            ),
             ("max-grpc-connections", self.max_grpc_connections == 0),
         ];
         match zero.into_iter().find(|(_, is_zero)| *is_zero) {

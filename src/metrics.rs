@@ -56,10 +56,8 @@ pub const WATCH_RESET_REASONS: &[&str] = &[
 
 /// Every listener whose connections are counted, with the timeouts that can close them: the
 /// `listener` and `timeout` labels of `profile_state_connections*`. Each exists at zero.
-pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] = &[
-    ("webhook", &["idle", "header"]),
-    ("grpc", &["handshake"]),
-];
+pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] =
+    &[("webhook", &["idle", "header"]), ("grpc", &["handshake"])];
 
 /// Every limit a WatchProfiles call can be refused by: the `limit` label of
 /// `profile_state_watch_streams_refused_total` (`--max-watch-streams`,
@@ -512,7 +510,10 @@ impl Metrics {
 
     /// Counts a WatchProfiles call refused by `limit`, one of [`WATCH_STREAM_LIMITS`].
     pub fn watch_stream_refused(&self, limit: &str) {
-        debug_assert!(WATCH_STREAM_LIMITS.contains(&limit), "unknown limit {limit}");
+        debug_assert!(
+            WATCH_STREAM_LIMITS.contains(&limit),
+            "unknown limit {limit}"
+        );
         self.inner
             .watch_streams_refused
             .with_label_values(&[limit])
@@ -564,7 +565,10 @@ fn connection_metrics(r: &Registry) -> (IntGaugeVec, IntCounterVec, IntCounterVe
     let open = register(
         r,
         IntGaugeVec::new(
-            Opts::new("profile_state_connections", "Connections open, by listener."),
+            Opts::new(
+                "profile_state_connections",
+                "Connections open, by listener.",
+            ),
             &["listener"],
         )
         .expect("valid metric"),

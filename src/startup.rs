@@ -40,8 +40,7 @@ pub fn open_durable(
     let started = std::time::Instant::now();
     let mut dir = DataDir::open(&config.data_dir)?;
     let wanted = config.discard_journal_from.as_ref();
-    let (store, recovered) = match recover_store(dir.path(), config.history(), dir.store_id())
-    {
+    let (store, recovered) = match recover_store(dir.path(), config.history(), dir.store_id()) {
         Ok(recovered) => {
             if let Some(point) = wanted {
                 tracing::warn!(

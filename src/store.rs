@@ -300,7 +300,9 @@ impl Store {
                 while history.len() == limits.events
                     || (!history.is_empty() && bytes.saturating_add(cost) > limits.bytes)
                 {
-                    let Some(oldest) = history.pop_front() else { break };
+                    let Some(oldest) = history.pop_front() else {
+                        break;
+                    };
                     bytes -= change_bytes(&oldest);
                 }
                 history.push_back(Arc::clone(change));
@@ -554,12 +556,19 @@ mod tests {
         let store = Store::with_history(limits, "test");
         for revision in 1..=20 {
             store.commit(&[large_change(revision, &revision.to_string(), 50_000)]);
-            assert!(store.history_bytes() <= limits.bytes, "{}", store.history_bytes());
+            assert!(
+                store.history_bytes() <= limits.bytes,
+                "{}",
+                store.history_bytes()
+            );
         }
         // Four changes of ~50 KB fit in 200 KB only just not: three stay, the newest ones.
         let oldest = store.oldest_in_history();
         assert_eq!(oldest, 18);
-        assert!(matches!(store.history_from(1, 10), Err(Compacted { oldest: 18 })));
+        assert!(matches!(
+            store.history_from(1, 10),
+            Err(Compacted { oldest: 18 })
+        ));
         assert_eq!(store.history_from(18, 10).unwrap().len(), 3);
         // A change larger than the whole bound still stays, alone, until the next one.
         store.commit(&[large_change(21, "huge", 300_000)]);

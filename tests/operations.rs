@@ -306,13 +306,19 @@ impl Drop for Stalled {
 /// An ingress whose sequencer never answers: its task was spawned on a runtime nobody drives,
 /// so every update handed to it waits (as behind a disk that hangs).
 fn stalled_ingress(limits: Limits) -> (axum::Router, Stalled) {
-    let elsewhere = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let sequencer = elsewhere.block_on(async {
-        let store = Store::new(10, "test");
-        Sequencer::start(store, None, Metrics::new(), &TaskTracker::new())
-    });
+    // Built on a thread of its own: a runtime cannot be entered from inside the test's.
+    let (elsewhere, sequencer) = std::thread::spawn(|| {
+        let elsewhere = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let sequencer = elsewhere.block_on(async {
+            let store = Store::new(10, "test");
+            Sequencer::start(store, None, Metrics::new(), &TaskTracker::new())
+        });
+        (elsewhere, sequencer)
+    })
+    .join()
+    .unwrap();
     let secrets = Verification::Secrets(SecretStore::new(
         Secrets::single(common::SECRET),
         None,
@@ -323,7 +329,10 @@ fn stalled_ingress(limits: Limits) -> (axum::Router, Stalled) {
 }
 
 fn signed_request(customer: &str) -> axum::http::Request<Body> {
-    let (raw, signature) = signed(&profile_updated(customer, &at(1), json!({})), common::SECRET);
+    let (raw, signature) = signed(
+        &profile_updated(customer, &at(1), json!({})),
+        common::SECRET,
+    );
     let mut request = request(Body::from(raw));
     request
         .headers_mut()

@@ -248,8 +248,12 @@ fn integer<J: Json>(value: &J, field: &str, kind: FieldKind) -> Result<i64, Erro
         FieldKind::Int32 => (i64::from(i32::MIN), i64::from(i32::MAX), "a 32-bit"),
         _ => (i64::MIN, i64::MAX, "a 64-bit"),
     };
-    let out_of_range =
-        || Error::invalid(field, format!("out of range: must be {range} signed integer"));
+    let out_of_range = || {
+        Error::invalid(
+            field,
+            format!("out of range: must be {range} signed integer"),
+        )
+    };
     match value.as_number() {
         Some(number) if number.is_i64() => number
             .as_i64()
@@ -544,7 +548,10 @@ mod tests {
         assert!(reason(&body("9223372036854775808")).starts_with("out of range"));
         assert!(reason(&body("1.5")).contains("fraction"));
         let written_as_float = reason(&body("100.0"));
-        assert!(written_as_float.contains("decimal point"), "{written_as_float}");
+        assert!(
+            written_as_float.contains("decimal point"),
+            "{written_as_float}"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -219,9 +219,14 @@ impl RateLimited {
     }
 }
 
-/// Requests in progress on one connection, as its service sees them.
+/// Requests in progress on one connection, as its service sees them, and the connection to
+/// wake when the last one ends (hyper does not read an idle connection again by itself, so
+/// its idle deadline would never be looked at).
 #[derive(Default)]
-pub struct Activity(AtomicUsize);
+pub struct Activity {
+    in_progress: AtomicUsize,
+    waiting: Mutex<Option<Waker>>,
+}
 
 /// One request in progress; ends when dropped.
 pub struct Busy(Arc<Activity>);
@@ -229,18 +234,39 @@ pub struct Busy(Arc<Activity>);
 impl Activity {
     /// A request started.
     pub fn begin(self: &Arc<Self>) -> Busy {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.in_progress.fetch_add(1, Ordering::SeqCst);
         Busy(Arc::clone(self))
     }
 
     fn in_progress(&self) -> bool {
-        self.0.load(Ordering::Relaxed) > 0
+        self.in_progress.load(Ordering::SeqCst) > 0
+    }
+
+    /// Wakes `cx` once no request is in progress.
+    fn wake_when_idle(&self, cx: &Context<'_>) {
+        *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+        if !self.in_progress() {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.0.fetch_sub(1, Ordering::Relaxed);
+        if self.0.in_progress.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.wake();
+        }
     }
 }
 
@@ -289,7 +315,13 @@ pub struct Timed<T> {
 
 impl<T> Timed<T> {
     /// Wraps a connection `accept` returned; its first deadline starts now.
-    pub fn new(io: TcpStream, slot: Slot, deadlines: Deadlines, metrics: ListenerMetrics, tag: T) -> Self {
+    pub fn new(
+        io: TcpStream,
+        slot: Slot,
+        deadlines: Deadlines,
+        metrics: ListenerMetrics,
+        tag: T,
+    ) -> Self {
         let (phase, first) = match &deadlines {
             Deadlines::Requests { idle, .. } => (Phase::Idle, *idle),
             Deadlines::Preface { handshake } => (Phase::Header, *handshake),
@@ -317,7 +349,9 @@ impl<T> Timed<T> {
             return;
         }
         match &self.deadlines {
-            Deadlines::Requests { activity, header, .. } => {
+            Deadlines::Requests {
+                activity, header, ..
+            } => {
                 if self.phase == Phase::Idle && !activity.in_progress() {
                     let header = *header;
                     self.arm(Phase::Header, header);
@@ -336,7 +370,10 @@ impl<T> Timed<T> {
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
         if let Deadlines::Requests { activity, idle, .. } = &self.deadlines {
             match (activity.in_progress(), self.phase) {
-                (true, _) => self.phase = Phase::Busy,
+                (true, _) => {
+                    self.phase = Phase::Busy;
+                    activity.wake_when_idle(cx);
+                }
                 (false, Phase::Busy) => {
                     let idle = *idle;
                     self.arm(Phase::Idle, idle);
@@ -383,11 +420,17 @@ impl<T: Unpin> AsyncRead for Timed<T> {
 }
 
 impl<T: Unpin> AsyncWrite for Timed<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         match Pin::new(&mut this.io).poll_write(cx, buf) {
             // A client that stops reading our answers is as idle as one that sends nothing.
-            Poll::Pending => this.expired(cx).map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
+            Poll::Pending => this
+                .expired(cx)
+                .map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
             ready => ready,
         }
     }
@@ -395,7 +438,9 @@ impl<T: Unpin> AsyncWrite for Timed<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match Pin::new(&mut this.io).poll_flush(cx) {
-            Poll::Pending => this.expired(cx).map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
+            Poll::Pending => this
+                .expired(cx)
+                .map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
             ready => ready,
         }
     }
@@ -411,7 +456,9 @@ impl<T: Unpin> AsyncWrite for Timed<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Pending => this.expired(cx).map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
+            Poll::Pending => this
+                .expired(cx)
+                .map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
             ready => ready,
         }
     }
