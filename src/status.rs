@@ -58,6 +58,15 @@ pub enum Rejection {
         /// What the request said.
         encoding: String,
     },
+    /// `--max-watch-streams-per-connection` streams are open on this connection already.
+    #[error(
+        "too many watch streams open on this connection (limit {limit}); open another \
+         connection or close a stream"
+    )]
+    TooManyConnectionWatchStreams {
+        /// The limit.
+        limit: usize,
+    },
     /// `--max-watch-streams` streams are open already.
     #[error("too many watch streams open (limit {limit}); retry later")]
     TooManyWatchStreams {
@@ -106,7 +115,9 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
         Rejection::UnsupportedMediaType { .. } | Rejection::UnsupportedContentEncoding { .. } => {
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         }
-        Rejection::TooManyWatchStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Rejection::TooManyWatchStreams { .. } | Rejection::TooManyConnectionWatchStreams { .. } => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
     }
 }
 
@@ -137,9 +148,9 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             Error::Unavailable { .. } => tonic::Code::Unavailable,
         },
         Rejection::Unauthenticated { .. } => tonic::Code::Unauthenticated,
-        Rejection::PayloadTooLarge { .. } | Rejection::TooManyWatchStreams { .. } => {
-            tonic::Code::ResourceExhausted
-        }
+        Rejection::PayloadTooLarge { .. }
+        | Rejection::TooManyWatchStreams { .. }
+        | Rejection::TooManyConnectionWatchStreams { .. } => tonic::Code::ResourceExhausted,
         Rejection::UnsupportedMediaType { .. } | Rejection::UnsupportedContentEncoding { .. } => {
             tonic::Code::InvalidArgument
         }

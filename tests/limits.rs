@@ -444,3 +444,66 @@ async fn sigterm_keeps_the_grace_and_a_lagging_watcher_still_learns_where_to_res
     assert!(took < limit, "stopped after {took:?}, more than {limit:?}");
     drop(half_open);
 }
+
+/// The settings of the server's first HTTP/2 SETTINGS frame on a new gRPC connection.
+async fn http2_settings(grpc: std::net::SocketAddr) -> Vec<(u16, u32)> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = connect(
+        grpc,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0",
+    )
+    .await;
+    let mut header = [0; 9];
+    stream.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[3], 4, "a SETTINGS frame first");
+    let length = usize::from(header[1]) << 8 | usize::from(header[2]);
+    let mut payload = vec![0; length];
+    stream.read_exact(&mut payload).await.unwrap();
+    payload
+        .chunks(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_connection_cannot_take_every_watch_stream_and_its_streams_are_advertised() {
+    let mut config = Config::for_tests(SECRET);
+    config.max_watch_streams_per_connection = 2;
+    config.grpc_max_concurrent_streams = 7;
+    let service = TestService::start_with(config).await;
+    // SETTINGS_MAX_CONCURRENT_STREAMS is setting 3.
+    assert!(http2_settings(service.grpc).await.contains(&(3, 7)));
+
+    let mut first = service.client().await;
+    let watch = || profile_state::pb::WatchProfilesRequest::default();
+    let _open = [
+        first.watch_profiles(watch()).await.unwrap(),
+        first.watch_profiles(watch()).await.unwrap(),
+    ];
+    let refused = first.watch_profiles(watch()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("on this connection"),
+        "{}",
+        refused.message()
+    );
+    // Another connection still gets its own.
+    let mut second = service.client().await;
+    let _other = second.watch_profiles(watch()).await.unwrap();
+
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let refused_by = |limit: &str| {
+        sample(
+            &metrics,
+            &format!("profile_state_watch_streams_refused_total{{limit=\"{limit}\"}}"),
+        )
+    };
+    assert_eq!(refused_by("connection"), 1.0);
+    assert_eq!(refused_by("server"), 0.0);
+    service.stop().await;
+}

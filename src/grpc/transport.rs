@@ -57,6 +57,45 @@ pub fn server_builder(config: &Config) -> anyhow::Result<tonic::transport::Serve
     Ok(builder)
 }
 
+/// What tonic hands every call about the connection it arrived on (the listener makes one per
+/// connection): the slots for the watch streams that connection may open,
+/// `--max-watch-streams-per-connection`, so one HTTP/2 connection cannot take every slot of
+/// `--max-watch-streams`.
+#[derive(Clone)]
+pub struct ConnectionWatches {
+    slots: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl ConnectionWatches {
+    /// A new connection's: at most `limit` watch streams at once.
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.min(tokio::sync::Semaphore::MAX_PERMITS);
+        ConnectionWatches {
+            slots: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// The connection's of `request`, when it came through the capped listener (plaintext or
+    /// TLS).
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&ConnectionWatches> {
+        let extensions = request.extensions();
+        extensions.get::<ConnectionWatches>().or_else(|| {
+            extensions
+                .get::<tonic::transport::server::TlsConnectInfo<ConnectionWatches>>()
+                .map(|tls| tls.get_ref())
+        })
+    }
+
+    /// A slot for one more watch stream, or the limit that was reached.
+    pub fn try_open(&self) -> Result<tokio::sync::OwnedSemaphorePermit, usize> {
+        Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map_err(|_| self.limit)
+    }
+}
+
 /// The TLS files configured, for error messages.
 fn tls_files(config: &Config) -> String {
     [

@@ -17,7 +17,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use crate::grpc::ProfileApi;
 use crate::grpc::auth::BearerAuth;
 use crate::grpc::dead_letters::DeadLetterApi;
-use crate::grpc::transport::MetricsLayer;
+use crate::grpc::transport::{ConnectionWatches, MetricsLayer};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::pb;
@@ -59,6 +59,8 @@ pub(super) struct Services<H> {
     pub metrics: Metrics,
     /// `--max-watch-streams`.
     pub max_watch_streams: usize,
+    /// `--max-watch-streams-per-connection`.
+    pub max_watch_streams_per_connection: usize,
     /// `--grpc-max-message-bytes`.
     pub max_message_bytes: usize,
     /// `--grpc-handshake-timeout`: the HTTP/2 preface of a plaintext connection must arrive
@@ -94,6 +96,7 @@ pub(super) fn serve<H: Health>(
         ingest,
         metrics,
         max_watch_streams,
+        max_watch_streams_per_connection,
         max_message_bytes: limit,
         handshake_timeout,
     } = services;
@@ -125,7 +128,9 @@ pub(super) fn serve<H: Health>(
         ));
     let grpc_stopping = CancellationToken::new();
     // The listener sets TCP_NODELAY: answers go out as soon as they are written.
-    let incoming = connections::incoming(listener, handshake_timeout, || ());
+    let incoming = connections::incoming(listener, handshake_timeout, move || {
+        ConnectionWatches::new(max_watch_streams_per_connection)
+    });
     let task = tokio::spawn(
         router.serve_with_incoming_shutdown(incoming, grpc_stopping.clone().cancelled_owned()),
     );

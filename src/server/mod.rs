@@ -191,6 +191,7 @@ impl Server {
                 ingest: ingest.clone(),
                 metrics: metrics.clone(),
                 max_watch_streams: config.max_watch_streams,
+                max_watch_streams_per_connection: config.max_watch_streams_per_connection,
                 max_message_bytes: config.grpc_max_message_bytes,
                 handshake_timeout: config.grpc_handshake_timeout,
             },
