@@ -67,10 +67,38 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub webhook_timeout: Duration,
 
+    /// Longest a webhook's body may take to arrive whole; slower bodies get 408. Only a
+    /// complete body takes one of the in-flight slots.
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_BODY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub webhook_body_timeout: Duration,
+
+    /// Longest a client may take to send a request's headers (or an HTTP/2 preface) on the
+    /// webhook listener, from its first byte; the connection is closed past it.
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_header_timeout: Duration,
+
+    /// How long a webhook connection may stay open with no request in progress and nothing
+    /// received; the connection is closed past it.
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub webhook_idle_timeout: Duration,
+
+    /// Most connections open at once on the webhook listener; more are closed at once.
+    #[arg(
+        long,
+        env = "PROFILE_STATE_MAX_WEBHOOK_CONNECTIONS",
+        default_value_t = 2048
+    )]
+    pub max_webhook_connections: usize,
+
     /// How many recent changes stay in memory for watchers that resume by revision or fall
     /// behind.
     #[arg(long, env = "PROFILE_STATE_HISTORY_EVENTS", default_value_t = 100_000)]
     pub history_events: usize,
+
+    /// Most memory the history of recent changes may hold, in bytes (each change counted with
+    /// its profile before and after); the oldest changes go first.
+    #[arg(long, env = "PROFILE_STATE_HISTORY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub history_bytes: usize,
 
     /// Directory of the journal, snapshots and store id; created if missing. One process per
     /// directory.
@@ -140,6 +168,37 @@ pub struct Config {
     )]
     pub max_watch_streams: usize,
 
+    /// Most WatchProfiles streams open at once on one gRPC connection; more get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "PROFILE_STATE_MAX_WATCH_STREAMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub max_watch_streams_per_connection: usize,
+
+    /// Most concurrent HTTP/2 streams (calls) a gRPC client may open on one connection,
+    /// advertised in the connection's settings.
+    #[arg(
+        long,
+        env = "PROFILE_STATE_GRPC_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1000
+    )]
+    pub grpc_max_concurrent_streams: u32,
+
+    /// Longest a gRPC client may take from connecting to completing its TLS handshake (if
+    /// any) and the HTTP/2 connection preface; the connection is closed past it.
+    #[arg(long, env = "PROFILE_STATE_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grpc_handshake_timeout: Duration,
+
+    /// Most connections open at once on the gRPC listener; more are closed at once.
+    #[arg(
+        long,
+        env = "PROFILE_STATE_MAX_GRPC_CONNECTIONS",
+        default_value_t = 2048
+    )]
+    pub max_grpc_connections: usize,
+
     /// Largest gRPC message received or sent, in bytes.
     #[arg(long, env = "PROFILE_STATE_GRPC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub grpc_max_message_bytes: usize,
@@ -162,7 +221,8 @@ pub struct Config {
     )]
     pub admin_listen: ListenAddr,
 
-    /// How long shutdown waits for in-flight requests and streams before it stops anyway.
+    /// How long shutdown waits, in all, for in-flight requests and watch streams before it cuts
+    /// their connections; the process exits within this plus one second.
     #[arg(long, env = "PROFILE_STATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
@@ -296,6 +356,12 @@ pub enum ConfigError {
     /// At least one webhook must be allowed in flight.
     #[error("--max-in-flight-webhooks must be at least 1")]
     ZeroInFlight,
+    /// A connection cap, a stream cap, a history bound or a timeout of the transport is zero.
+    #[error("--{flag} must be more than zero")]
+    ZeroLimit {
+        /// The flag, without dashes.
+        flag: &'static str,
+    },
     /// Snapshot thresholds cannot be zero.
     #[error("--snapshot-every-records and --snapshot-every-bytes must be at least 1")]
     ZeroSnapshotInterval,
@@ -351,7 +417,49 @@ impl Config {
         if self.snapshot_every_records == 0 || self.snapshot_every_bytes == 0 {
             return Err(ConfigError::ZeroSnapshotInterval);
         }
+        self.check_transport_limits()?;
         self.nats.check()
+    }
+}
+
+impl Config {
+    /// What the watch history keeps: `--history-events` and `--history-bytes`.
+    pub fn history(&self) -> crate::store::HistoryLimits {
+        crate::store::HistoryLimits {
+            events: self.history_events,
+            bytes: self.history_bytes,
+        }
+    }
+
+    /// The limits of the listeners and the history: each must leave room for something.
+    fn check_transport_limits(&self) -> Result<(), ConfigError> {
+        let zero = [
+            ("history-bytes", self.history_bytes == 0),
+            ("webhook-body-timeout", self.webhook_body_timeout.is_zero()),
+            (
+                "webhook-header-timeout",
+                self.webhook_header_timeout.is_zero(),
+            ),
+            ("webhook-idle-timeout", self.webhook_idle_timeout.is_zero()),
+            ("max-webhook-connections", self.max_webhook_connections == 0),
+            (
+                "max-watch-streams-per-connection",
+                self.max_watch_streams_per_connection == 0,
+            ),
+            (
+                "grpc-max-concurrent-streams",
+                self.grpc_max_concurrent_streams == 0,
+            ),
+            (
+                "grpc-handshake-timeout",
+                self.grpc_handshake_timeout.is_zero(),
+            ),
+            ("max-grpc-connections", self.max_grpc_connections == 0),
+        ];
+        match zero.into_iter().find(|(_, is_zero)| *is_zero) {
+            Some((flag, _)) => Err(ConfigError::ZeroLimit { flag }),
+            None => Ok(()),
+        }
     }
 }
 

@@ -39,6 +39,7 @@ pub const WEBHOOK_ANSWERS: &[(&str, u16)] = &[
     ("ignored", 200),
     ("rejected", 400),
     ("rejected", 401),
+    ("rejected", 408),
     ("rejected", 413),
     ("rejected", 415),
     ("rejected", 422),
@@ -52,6 +53,16 @@ pub const WATCH_RESET_REASONS: &[&str] = &[
     "initial_state",
     "store_changed",
 ];
+
+/// Every listener whose connections are counted, with the timeouts that can close them: the
+/// `listener` and `timeout` labels of `profile_state_connections*`. Each exists at zero.
+pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] =
+    &[("webhook", &["idle", "header"]), ("grpc", &["handshake"])];
+
+/// Every limit a WatchProfiles call can be refused by: the `limit` label of
+/// `profile_state_watch_streams_refused_total` (`--max-watch-streams`,
+/// `--max-watch-streams-per-connection`).
+pub const WATCH_STREAM_LIMITS: &[&str] = &["server", "connection"];
 
 /// The version label of `profile_state_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -164,6 +175,11 @@ struct Inner {
     watch_streams: IntGauge,
     watch_events: IntCounter,
     watch_resets: IntCounterVec,
+    watch_streams_refused: IntCounterVec,
+    history_bytes: IntGauge,
+    connections: IntGaugeVec,
+    connections_refused: IntCounterVec,
+    connections_timed_out: IntCounterVec,
     journal_fsync: Histogram,
     journal_bytes: IntCounter,
     journal_failures: IntCounter,
@@ -310,6 +326,17 @@ impl Metrics {
         for reason in WATCH_RESET_REASONS {
             watch_resets.with_label_values(&[reason]);
         }
+        let watch_streams_refused = counter_vec(
+            r,
+            "profile_state_watch_streams_refused_total",
+            "WatchProfiles calls refused with RESOURCE_EXHAUSTED, by the limit they met \
+             (server: --max-watch-streams, connection: --max-watch-streams-per-connection).",
+            &["limit"],
+        );
+        for limit in WATCH_STREAM_LIMITS {
+            watch_streams_refused.with_label_values(&[limit]);
+        }
+        let (connections, connections_refused, connections_timed_out) = connection_metrics(r);
         let grpc_labels = ["grpc_type", "grpc_service", "grpc_method"];
         let inner = Inner {
             webhook_answers,
@@ -352,6 +379,16 @@ impl Metrics {
                 "Events sent on WatchProfiles streams.",
             ),
             watch_resets,
+            watch_streams_refused,
+            history_bytes: gauge(
+                r,
+                "profile_state_watch_history_bytes",
+                "Memory held by the history of recent changes watchers resume from, as \
+                 --history-bytes counts it.",
+            ),
+            connections,
+            connections_refused,
+            connections_timed_out,
             journal_fsync: histogram(
                 r,
                 "profile_state_journal_fsync_duration_seconds",
@@ -471,6 +508,29 @@ impl Metrics {
         self.inner.watch_resets.with_label_values(&[reason]).inc();
     }
 
+    /// Counts a WatchProfiles call refused by `limit`, one of [`WATCH_STREAM_LIMITS`].
+    pub fn watch_stream_refused(&self, limit: &str) {
+        debug_assert!(
+            WATCH_STREAM_LIMITS.contains(&limit),
+            "unknown limit {limit}"
+        );
+        self.inner
+            .watch_streams_refused
+            .with_label_values(&[limit])
+            .inc();
+    }
+
+    /// The connection metrics of one listener of [`LISTENER_TIMEOUTS`].
+    pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
+        let inner = &self.inner;
+        ListenerMetrics {
+            listener,
+            open: inner.connections.with_label_values(&[listener]),
+            refused: inner.connections_refused.with_label_values(&[listener]),
+            timed_out: inner.connections_timed_out.clone(),
+        }
+    }
+
     /// Records one journal append.
     pub fn journal_append(&self, seconds: f64, bytes: u64) {
         self.inner.journal_fsync.observe(seconds);
@@ -490,11 +550,92 @@ impl Metrics {
         inner.store_revision.set(revision);
         inner.dead_letters.set(now.dead_letters as i64);
         inner.ready.set(i64::from(now.ready));
+        let history_bytes = i64::try_from(now.store.history_bytes()).unwrap_or(i64::MAX);
+        inner.history_bytes.set(history_bytes);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&inner.registry.gather(), &mut out)
             .expect("text encoding into memory");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// The gauge of open connections, and the counters of refused and timed-out ones, by listener.
+fn connection_metrics(r: &Registry) -> (IntGaugeVec, IntCounterVec, IntCounterVec) {
+    let open = register(
+        r,
+        IntGaugeVec::new(
+            Opts::new(
+                "profile_state_connections",
+                "Connections open, by listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric"),
+    );
+    let refused = counter_vec(
+        r,
+        "profile_state_connections_refused_total",
+        "Connections closed as they arrived because the listener's connection cap was reached \
+         (--max-webhook-connections, --max-grpc-connections).",
+        &["listener"],
+    );
+    let timed_out = counter_vec(
+        r,
+        "profile_state_connections_timed_out_total",
+        "Connections closed by a timeout, by listener and timeout (idle, header, handshake).",
+        &["listener", "timeout"],
+    );
+    for (listener, timeouts) in LISTENER_TIMEOUTS {
+        open.with_label_values(&[listener]);
+        refused.with_label_values(&[listener]);
+        for timeout in *timeouts {
+            timed_out.with_label_values(&[listener, timeout]);
+        }
+    }
+    (open, refused, timed_out)
+}
+
+/// The connection metrics of one listener.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    listener: &'static str,
+    open: IntGauge,
+    refused: IntCounter,
+    timed_out: IntCounterVec,
+}
+
+impl ListenerMetrics {
+    /// The `listener` label.
+    pub fn listener(&self) -> &'static str {
+        self.listener
+    }
+
+    /// A connection opened; the returned guard counts it closed when dropped.
+    pub fn opened(&self) -> ConnectionMetrics {
+        self.open.inc();
+        ConnectionMetrics(self.open.clone())
+    }
+
+    /// Counts a connection refused at the cap.
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
+
+    /// Counts a connection closed by `timeout` (one of this listener's [`LISTENER_TIMEOUTS`]).
+    pub fn timed_out(&self, timeout: &str) {
+        self.timed_out
+            .with_label_values(&[self.listener, timeout])
+            .inc();
+    }
+}
+
+/// Counts one open connection; dropping it counts the connection closed.
+pub struct ConnectionMetrics(IntGauge);
+
+impl Drop for ConnectionMetrics {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

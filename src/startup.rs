@@ -17,16 +17,16 @@ use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::journal::{self, DiscardPoint, FaultSwitch, Journal, JournalError, Recovered};
 use crate::sequencer::{self, Durability};
-use crate::store::Store;
+use crate::store::{HistoryLimits, Store};
 
 /// Rebuilds a store (identified by `store_id`) from the snapshot and journal in `dir`, as
 /// start-up does, without taking the directory's lock or opening the journal for appends.
 pub fn recover_store(
     dir: &Path,
-    history_events: usize,
+    history: HistoryLimits,
     store_id: &str,
 ) -> Result<(Store, Recovered), JournalError> {
-    let store = Store::new(history_events, store_id);
+    let store = Store::with_history(history, store_id);
     let recovered = journal::recover(dir, &store, |records| sequencer::replay(&store, records))?;
     Ok((store, recovered))
 }
@@ -40,8 +40,7 @@ pub fn open_durable(
     let started = std::time::Instant::now();
     let mut dir = DataDir::open(&config.data_dir)?;
     let wanted = config.discard_journal_from.as_ref();
-    let (store, recovered) = match recover_store(dir.path(), config.history_events, dir.store_id())
-    {
+    let (store, recovered) = match recover_store(dir.path(), config.history(), dir.store_id()) {
         Ok(recovered) => {
             if let Some(point) = wanted {
                 tracing::warn!(
@@ -55,7 +54,7 @@ pub fn open_durable(
         Err(error) => match (wanted, error.discard_point()) {
             (Some(wanted), Some((found, first_lost))) if *wanted == found => {
                 give_up(&mut dir, &found, first_lost)?;
-                recover_store(dir.path(), config.history_events, dir.store_id())
+                recover_store(dir.path(), config.history(), dir.store_id())
                     .context("recovery after giving records up")?
             }
             (Some(wanted), _) => {

@@ -3,7 +3,7 @@
 //!
 //! Two kinds of error meet here: the domain's [`Error`], and [`Rejection`], which adds the
 //! refusals an adapter makes at the transport level before a request reaches the domain (not
-//! authenticated, not allowed from there, body too large, not JSON, too many watch streams). Both are mapped here and
+//! authenticated, not allowed from there, body too large, not JSON, compressed, too many watch streams). Both are mapped here and
 //! nowhere else: adapters build every status they answer with through [`http_status`] and
 //! [`grpc_status`].
 //!
@@ -46,11 +46,33 @@ pub enum Rejection {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The webhook body did not arrive whole in time.
+    #[error("the body did not arrive within {deadline:?}")]
+    BodyTimeout {
+        /// `--webhook-body-timeout`.
+        deadline: std::time::Duration,
+    },
     /// The webhook's Content-Type is not JSON.
     #[error("content-type {content_type:?} is not JSON")]
     UnsupportedMediaType {
         /// What the request said.
         content_type: String,
+    },
+    /// The webhook's body is compressed (`Content-Encoding`), which Gameball does not
+    /// document: refused before anything reads it, never kept as a dead letter.
+    #[error("content-encoding {encoding:?} is not supported; send the body uncompressed")]
+    UnsupportedContentEncoding {
+        /// What the request said.
+        encoding: String,
+    },
+    /// `--max-watch-streams-per-connection` streams are open on this connection already.
+    #[error(
+        "too many watch streams open on this connection (limit {limit}); open another \
+         connection or close a stream"
+    )]
+    TooManyConnectionWatchStreams {
+        /// The limit.
+        limit: usize,
     },
     /// `--max-watch-streams` streams are open already.
     #[error("too many watch streams open (limit {limit}); retry later")]
@@ -97,8 +119,13 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
         Rejection::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
         Rejection::PermissionDenied { .. } => StatusCode::FORBIDDEN,
         Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Rejection::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        Rejection::TooManyWatchStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Rejection::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+        Rejection::UnsupportedMediaType { .. } | Rejection::UnsupportedContentEncoding { .. } => {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        }
+        Rejection::TooManyWatchStreams { .. } | Rejection::TooManyConnectionWatchStreams { .. } => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
     }
 }
 
@@ -130,10 +157,13 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
         },
         Rejection::Unauthenticated { .. } => tonic::Code::Unauthenticated,
         Rejection::PermissionDenied { .. } => tonic::Code::PermissionDenied,
-        Rejection::PayloadTooLarge { .. } | Rejection::TooManyWatchStreams { .. } => {
-            tonic::Code::ResourceExhausted
+        Rejection::PayloadTooLarge { .. }
+        | Rejection::TooManyWatchStreams { .. }
+        | Rejection::TooManyConnectionWatchStreams { .. } => tonic::Code::ResourceExhausted,
+        Rejection::UnsupportedMediaType { .. } | Rejection::UnsupportedContentEncoding { .. } => {
+            tonic::Code::InvalidArgument
         }
-        Rejection::UnsupportedMediaType { .. } => tonic::Code::InvalidArgument,
+        Rejection::BodyTimeout { .. } => tonic::Code::DeadlineExceeded,
     };
     tonic::Status::new(code, message)
 }

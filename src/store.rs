@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use dashmap::DashMap;
@@ -45,7 +46,10 @@ struct Inner {
     // The newest changes, oldest first, revisions consecutive. A plain RwLock around a ring
     // buffer: pushes are O(1) and readers copy out a batch of `Arc`s and let go.
     history: RwLock<VecDeque<Arc<Change>>>,
-    history_capacity: usize,
+    history_limits: HistoryLimits,
+    // What the history holds now, by `change_bytes`; written only under the history's write
+    // lock (so relaxed ordering is enough), read for metrics.
+    history_bytes: AtomicUsize,
     // The published revision. A watch channel is both the value and the wake-up signal that
     // watchers wait on; it keeps only the latest value, so a slow watcher costs nothing here.
     revision: watch::Sender<u64>,
@@ -57,6 +61,38 @@ struct Inner {
     client_ids: Mutex<HashSet<Arc<str>>>,
 }
 
+/// How much of the recent history of changes the store keeps: at most `events` changes and
+/// at most `bytes` of memory (each change counted with its profile before and after, by
+/// [`Profile::memory_bytes`]), the oldest going first. The newest change always stays, so a
+/// single change larger than `bytes` is kept until the next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Most changes kept (`--history-events`).
+    pub events: usize,
+    /// Most bytes kept (`--history-bytes`).
+    pub bytes: usize,
+}
+
+impl HistoryLimits {
+    /// At most `events` changes, whatever their size.
+    pub fn events(events: usize) -> HistoryLimits {
+        HistoryLimits {
+            events,
+            bytes: usize::MAX,
+        }
+    }
+}
+
+/// What a change in the history holds in memory, for [`HistoryLimits::bytes`]: the change
+/// itself, its changed fields, and both profiles (the one before may be shared with an older
+/// change or the store, so this errs high).
+pub fn change_bytes(change: &Change) -> usize {
+    std::mem::size_of::<Change>()
+        + change.changed_fields.capacity() * std::mem::size_of::<crate::profile::FieldPath>()
+        + change.profile.memory_bytes()
+        + change.previous.as_ref().map_or(0, |p| p.memory_bytes())
+}
+
 /// A change revision no longer in history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compacted {
@@ -66,16 +102,26 @@ pub struct Compacted {
 
 impl Store {
     /// An empty store at revision 0, identified by `store_id`, that keeps the last
-    /// `history_capacity` changes.
+    /// `history_capacity` changes, whatever their size.
     pub fn new(history_capacity: usize, store_id: impl Into<Arc<str>>) -> Self {
-        let history_capacity = history_capacity.max(1);
+        Store::with_history(HistoryLimits::events(history_capacity), store_id)
+    }
+
+    /// An empty store at revision 0, identified by `store_id`, that keeps the recent history
+    /// within `limits`.
+    pub fn with_history(limits: HistoryLimits, store_id: impl Into<Arc<str>>) -> Self {
+        let history_limits = HistoryLimits {
+            events: limits.events.max(1),
+            bytes: limits.bytes,
+        };
         Store {
             inner: Arc::new(Inner {
                 store_id: store_id.into(),
                 profiles: DashMap::default(),
                 order: RwLock::new(BTreeSet::new()),
-                history: RwLock::new(VecDeque::with_capacity(history_capacity.min(4096))),
-                history_capacity,
+                history: RwLock::new(VecDeque::with_capacity(history_limits.events.min(4096))),
+                history_limits,
+                history_bytes: AtomicUsize::new(0),
                 revision: watch::channel(0).0,
                 client_ids: Mutex::default(),
             }),
@@ -194,6 +240,11 @@ impl Store {
         }
     }
 
+    /// The memory the history holds now, as [`HistoryLimits::bytes`] counts it.
+    pub fn history_bytes(&self) -> usize {
+        self.inner.history_bytes.load(Ordering::Relaxed)
+    }
+
     /// The oldest revision the history holds; the next revision when it holds none.
     pub fn oldest_in_history(&self) -> u64 {
         let history = self.inner.history.read().expect("history lock poisoned");
@@ -241,12 +292,23 @@ impl Store {
         );
         {
             let mut history = self.inner.history.write().expect("history lock poisoned");
+            let limits = self.inner.history_limits;
+            let mut bytes = self.inner.history_bytes.load(Ordering::Relaxed);
             for change in changes {
-                if history.len() == self.inner.history_capacity {
-                    history.pop_front();
+                let cost = change_bytes(change);
+                // Oldest first; the newest change always stays.
+                while history.len() == limits.events
+                    || (!history.is_empty() && bytes.saturating_add(cost) > limits.bytes)
+                {
+                    let Some(oldest) = history.pop_front() else {
+                        break;
+                    };
+                    bytes -= change_bytes(&oldest);
                 }
                 history.push_back(Arc::clone(change));
+                bytes += cost;
             }
+            self.inner.history_bytes.store(bytes, Ordering::Relaxed);
         }
         for change in changes {
             self.insert(&change.profile);
@@ -461,6 +523,60 @@ mod tests {
             store.history_from(2, 10).unwrap_err(),
             Compacted { oldest: 3 }
         );
+    }
+
+    /// A change of `customer` to a profile with an extra of `extra_bytes` bytes.
+    fn large_change(revision: u64, customer: &str, extra_bytes: usize) -> Arc<Change> {
+        let key = ProfileKey::new("a", customer);
+        let mut profile = Profile::empty(key.clone());
+        let text = serde_json::Value::String("x".repeat(extra_bytes));
+        let changed = profile
+            .merge(&ProfileUpdate {
+                key,
+                at: chrono::DateTime::from_timestamp(revision as i64, 0).unwrap(),
+                fields: vec![],
+                extras: vec![("notes".into(), Some(text))],
+            })
+            .unwrap();
+        profile.revision = revision;
+        Arc::new(Change {
+            revision,
+            profile: Arc::new(profile),
+            previous: None,
+            changed_fields: changed,
+        })
+    }
+
+    #[test]
+    fn history_is_bounded_by_bytes_too_oldest_first() {
+        let limits = HistoryLimits {
+            events: 1000,
+            bytes: 200_000,
+        };
+        let store = Store::with_history(limits, "test");
+        for revision in 1..=20 {
+            store.commit(&[large_change(revision, &revision.to_string(), 50_000)]);
+            assert!(
+                store.history_bytes() <= limits.bytes,
+                "{}",
+                store.history_bytes()
+            );
+        }
+        // Four changes of ~50 KB fit in 200 KB only just not: three stay, the newest ones.
+        let oldest = store.oldest_in_history();
+        assert_eq!(oldest, 18);
+        assert!(matches!(
+            store.history_from(1, 10),
+            Err(Compacted { oldest: 18 })
+        ));
+        assert_eq!(store.history_from(18, 10).unwrap().len(), 3);
+        // A change larger than the whole bound still stays, alone, until the next one.
+        store.commit(&[large_change(21, "huge", 300_000)]);
+        assert_eq!(store.oldest_in_history(), 21);
+        assert!(store.history_bytes() > limits.bytes);
+        store.commit(&[large_change(22, "small", 10)]);
+        assert_eq!(store.oldest_in_history(), 22);
+        assert!(store.history_bytes() < 1000);
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! the usual spellings; listen addresses take host names; ports are bound before the data
 //! directory is touched; a bad `RUST_LOG` is reported; `--help` and `--version` exit 0.
 
-use crate::common;
 use crate::common::binary;
 
 use std::process::Output;

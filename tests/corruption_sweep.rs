@@ -27,6 +27,7 @@ use profile_state::journal::codec::{self, BatchRecord, Frame, FrameFormat, Updat
 use profile_state::journal::{FaultSwitch, Journal, JournalError};
 use profile_state::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
 use profile_state::startup::recover_store;
+use profile_state::store::HistoryLimits;
 
 const RECORDS: u64 = 200;
 const STORE_ID: &str = "sweep";
@@ -122,7 +123,7 @@ enum Outcome {
 }
 
 fn recover(dir: &Path) -> Outcome {
-    match recover_store(dir, 100_000, STORE_ID) {
+    match recover_store(dir, HistoryLimits::events(100_000), STORE_ID) {
         Ok((store, _)) => {
             assert_eq!(store.store_id(), STORE_ID);
             Outcome::Recovered {

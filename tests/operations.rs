@@ -269,49 +269,103 @@ fn request(body: Body) -> axum::http::Request<Body> {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_webhook_that_takes_too_long_gets_503_with_retry_after() {
-    let limits = Limits {
-        max_body_bytes: 1024,
-        max_in_flight: 8,
-        timeout: Duration::from_secs(3),
-    };
-    let (router, _tracker) = ingress(limits);
-    let started = tokio::time::Instant::now();
-    let response = router.oneshot(request(endless_body())).await.unwrap();
-    assert_eq!(response.status(), 503);
-    assert_eq!(response.headers()["retry-after"], "1");
-    assert_eq!(started.elapsed(), Duration::from_secs(3));
-}
-
-#[tokio::test]
-async fn webhooks_past_the_in_flight_cap_get_503_with_retry_after() {
+async fn a_body_that_does_not_arrive_in_time_gets_408_and_holds_no_slot() {
     let limits = Limits {
         max_body_bytes: 1024,
         max_in_flight: 1,
+        body_timeout: Duration::from_secs(3),
         timeout: Duration::from_secs(60),
     };
     let (router, _tracker) = ingress(limits);
-    // One delivery holds the only slot while its body trickles in.
-    let (chunks, stream) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    let held = tokio::spawn(router.clone().oneshot(request(Body::from_stream(
-        tokio_stream::wrappers::ReceiverStream::new(stream),
-    ))));
-    // The slot is taken once the handler reads the body: the first chunk is then consumed.
-    chunks.send(Ok(b"{".to_vec())).await.unwrap();
-    chunks.reserve().await.unwrap();
-
+    let started = tokio::time::Instant::now();
+    let stalled = tokio::spawn(router.clone().oneshot(request(endless_body())));
+    // The stalled upload holds no in-flight slot: a signed delivery still gets through.
     let (raw, signature) = signed(&profile_updated("a", &at(1), json!({})), common::SECRET);
-    let mut second = request(Body::from(raw));
-    second
+    let mut signed_request = request(Body::from(raw));
+    signed_request
         .headers_mut()
         .insert("x-gb-signature", signature.parse().unwrap());
-    let refused = router.clone().oneshot(second).await.unwrap();
+    let answered = router.oneshot(signed_request).await.unwrap();
+    assert_eq!(answered.status(), 200);
+    let response = stalled.await.unwrap().unwrap();
+    assert_eq!(response.status(), 408);
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+}
+
+/// The runtime a stalled sequencer's task sits on; never driven, shut down without waiting.
+struct Stalled(Option<tokio::runtime::Runtime>);
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// An ingress whose sequencer never answers: its task was spawned on a runtime nobody drives,
+/// so every update handed to it waits (as behind a disk that hangs).
+fn stalled_ingress(limits: Limits) -> (axum::Router, Stalled) {
+    // Built on a thread of its own: a runtime cannot be entered from inside the test's.
+    let (elsewhere, sequencer) = std::thread::spawn(|| {
+        let elsewhere = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let sequencer = elsewhere.block_on(async {
+            let store = Store::new(10, "test");
+            Sequencer::start(store, None, Metrics::new(), &TaskTracker::new())
+        });
+        (elsewhere, sequencer)
+    })
+    .join()
+    .unwrap();
+    let secrets = Verification::Secrets(SecretStore::new(
+        Secrets::single(common::SECRET),
+        None,
+        None,
+    ));
+    let router = Ingress::new(sequencer, secrets, limits, Metrics::new()).router();
+    (router, Stalled(Some(elsewhere)))
+}
+
+fn signed_request(customer: &str) -> axum::http::Request<Body> {
+    let (raw, signature) = signed(
+        &profile_updated(customer, &at(1), json!({})),
+        common::SECRET,
+    );
+    let mut request = request(Body::from(raw));
+    request
+        .headers_mut()
+        .insert("x-gb-signature", signature.parse().unwrap());
+    request
+}
+
+#[tokio::test(start_paused = true)]
+async fn webhooks_past_the_in_flight_cap_get_503_and_a_late_answer_does_not_deny_recording() {
+    let limits = Limits {
+        max_body_bytes: 1024,
+        max_in_flight: 1,
+        body_timeout: Duration::from_secs(5),
+        timeout: Duration::from_secs(60),
+    };
+    let (router, _elsewhere) = stalled_ingress(limits);
+    let held = tokio::spawn(router.clone().oneshot(signed_request("a")));
+    // With the clock paused, time moves only once every task waits: the first delivery has
+    // then taken the only slot and handed its update to the sequencer.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let refused = router.clone().oneshot(signed_request("b")).await.unwrap();
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
 
-    drop(chunks);
-    let finished = held.await.unwrap().unwrap();
-    assert_eq!(finished.status(), 401, "the held one is answered normally");
+    // The held one times out; its update is with the sequencer, which may still record it.
+    let late = held.await.unwrap().unwrap();
+    assert_eq!(late.status(), 503);
+    assert_eq!(late.headers()["retry-after"], "1");
+    let body = axum::body::to_bytes(late.into_body(), 4096).await.unwrap();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    let error = answer["error"].as_str().unwrap();
+    assert!(!error.contains("not recorded"), "{error}");
+    assert!(error.contains("may still be recorded"), "{error}");
 }
 
 /// The value of one sample line `name{labels} value` of a Prometheus text exposition.

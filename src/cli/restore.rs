@@ -76,10 +76,12 @@ fn restore(args: &Args) -> Result<(), Failure> {
     let data_dir = DataDir::open(dir).map_err(|error| Failure::Failed(error.to_string()))?;
     snapshot::install(data_dir.path(), revision, &args.file)
         .map_err(|error| Failure::Failed(error.to_string()))?;
-    let (store, _) = crate::startup::recover_store(dir, CHECK_HISTORY, data_dir.store_id())
-        .map_err(|error| {
-            Failure::Failed(format!("the restored store does not recover: {error}"))
-        })?;
+    let (store, _) = crate::startup::recover_store(
+        dir,
+        crate::store::HistoryLimits::events(CHECK_HISTORY),
+        data_dir.store_id(),
+    )
+    .map_err(|error| Failure::Failed(format!("the restored store does not recover: {error}")))?;
     if (store.revision(), store.len() as u64) != (revision, profiles) {
         return Err(Failure::Failed(format!(
             "the restored store recovers {} profiles at revision {}, not {profiles} at {revision}",

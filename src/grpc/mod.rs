@@ -2,7 +2,7 @@
 //!
 //! Each RPC checks its request, calls the domain, and converts the result; errors go through
 //! `crate::status`. Reads never touch the sequencer. Open watch streams are capped
-//! (`--max-watch-streams`). Health and reflection are wired up in `crate::server`, not here;
+//! (`--max-watch-streams`, and `--max-watch-streams-per-connection` on each connection). Health and reflection are wired up in `crate::server`, not here;
 //! `auth` checks bearer tokens and `transport` sets up TLS, keepalive and per-call metrics.
 
 pub mod admin;
@@ -119,6 +119,8 @@ impl ProfileApi {
 /// time the gauge goes down.
 struct OpenWatch {
     _slot: OwnedSemaphorePermit,
+    // Its slot under `--max-watch-streams-per-connection`.
+    _connection_slot: Option<OwnedSemaphorePermit>,
     _gauge: WatchStreamGuard,
 }
 
@@ -239,12 +241,20 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::WatchProfilesRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        let connection_slot = match transport::ConnectionWatches::of(&request) {
+            Some(connection) => Some(connection.try_open().map_err(|limit| {
+                self.metrics.watch_stream_refused("connection");
+                grpc_status(Rejection::TooManyConnectionWatchStreams { limit })
+            })?),
+            None => None,
+        };
         let request = request.into_inner();
         let include_previous = request.include_previous;
         let spec = watch_spec(request).map_err(|e| grpc_status(&e))?;
         let slot = Arc::clone(&self.watch_streams)
             .try_acquire_owned()
             .map_err(|_| {
+                self.metrics.watch_stream_refused("server");
                 grpc_status(Rejection::TooManyWatchStreams {
                     limit: self.max_watch_streams,
                 })
@@ -257,6 +267,7 @@ impl ProfileService for ProfileApi {
         // The stream owns its slot and its gauge count: both go when tonic drops it.
         let open = OpenWatch {
             _slot: slot,
+            _connection_slot: connection_slot,
             _gauge: metrics.watch_stream(),
         };
         let stream = ReceiverStream::new(received).map(move |event| {

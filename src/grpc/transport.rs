@@ -1,5 +1,5 @@
-//! How the gRPC listener is set up: TLS (and mTLS), HTTP/2 keepalive, the TLS handshake
-//! timeout, and the per-call metrics layer.
+//! How the gRPC listener is set up: TLS (and mTLS), HTTP/2 keepalive and concurrent streams,
+//! the TLS handshake timeout, and the per-call metrics layer.
 //!
 //! [`server_builder`] turns the configuration into a tonic `Server` before anything binds, so a
 //! missing or malformed certificate, key or CA file stops start-up with an error naming the
@@ -14,7 +14,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -30,16 +30,16 @@ use crate::io_error::IoError;
 use crate::metrics::{GrpcMethodMetrics, GrpcType, Metrics};
 use crate::pb;
 
-/// Longest a client may take to complete the TLS handshake before its connection is closed, so
-/// half-open handshakes cannot pile up.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The tonic server as configured: TLS or mTLS when certificates are given, HTTP/2 keepalive
 /// pings every `--grpc-keepalive-interval` (0: none) answered within
-/// `--grpc-keepalive-timeout`. Add [`MetricsLayer`] and the services to it.
+/// `--grpc-keepalive-timeout`, at most `--grpc-max-concurrent-streams` calls at once on one
+/// connection (advertised in its HTTP/2 settings), and under TLS a handshake that must end
+/// within `--grpc-handshake-timeout` (so half-open handshakes cannot pile up). Add
+/// [`MetricsLayer`] and the services to it.
 pub fn server_builder(config: &Config) -> anyhow::Result<tonic::transport::Server> {
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(config)? {
+        let tls = tls.timeout(config.grpc_handshake_timeout);
         // tonic parses the PEM and builds the rustls configuration here, so a key that does
         // not fit its certificate fails now, not at the first handshake.
         builder = builder.tls_config(tls).with_context(|| {
@@ -53,8 +53,48 @@ pub fn server_builder(config: &Config) -> anyhow::Result<tonic::transport::Serve
     let keepalive = (!interval.is_zero()).then_some(interval);
     builder = builder
         .http2_keepalive_interval(keepalive)
-        .http2_keepalive_timeout(keepalive.map(|_| config.grpc_keepalive_timeout));
+        .http2_keepalive_timeout(keepalive.map(|_| config.grpc_keepalive_timeout))
+        .max_concurrent_streams(Some(config.grpc_max_concurrent_streams));
     Ok(builder)
+}
+
+/// What tonic hands every call about the connection it arrived on (the listener makes one per
+/// connection): the slots for the watch streams that connection may open,
+/// `--max-watch-streams-per-connection`, so one HTTP/2 connection cannot take every slot of
+/// `--max-watch-streams`.
+#[derive(Clone)]
+pub struct ConnectionWatches {
+    slots: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl ConnectionWatches {
+    /// A new connection's: at most `limit` watch streams at once.
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.min(tokio::sync::Semaphore::MAX_PERMITS);
+        ConnectionWatches {
+            slots: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// The connection's of `request`, when it came through the capped listener (plaintext or
+    /// TLS).
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&ConnectionWatches> {
+        let extensions = request.extensions();
+        extensions.get::<ConnectionWatches>().or_else(|| {
+            extensions
+                .get::<tonic::transport::server::TlsConnectInfo<ConnectionWatches>>()
+                .map(|tls| tls.get_ref())
+        })
+    }
+
+    /// A slot for one more watch stream, or the limit that was reached.
+    pub fn try_open(&self) -> Result<tokio::sync::OwnedSemaphorePermit, usize> {
+        Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map_err(|_| self.limit)
+    }
 }
 
 /// The TLS files configured, for error messages.
@@ -92,9 +132,7 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
         "--grpc-tls-key",
         &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
     )?;
-    let mut tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
     if let Some(ca) = &config.grpc_client_ca {
         let ca = read_pem(ca, "--grpc-client-ca", &["CERTIFICATE"])?;
         // Without `client_auth_optional`, a client without a certificate signed by this CA

@@ -48,6 +48,20 @@ pub fn validate(parsed: Result<&serde_json::Value, &serde_json::Error>) -> Resul
     payload::parse(parsed)
 }
 
+/// How a string from a delivery (its `event`, its `client_id`) may appear in a log line: as
+/// it is when it looks like a name (at most 64 ASCII letters, digits and `._-:`), otherwise
+/// only its length. Such a string is the sender's: written as it is, a newline would forge a
+/// log line, an escape sequence would reach the operator's terminal, and an e-mail address put
+/// there would land in the logs.
+pub fn loggable(text: &str) -> std::borrow::Cow<'_, str> {
+    let name_like = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':');
+    if !text.is_empty() && text.len() <= 64 && text.chars().all(name_like) {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(format!("<withheld: {} bytes>", text.len()))
+    }
+}
+
 /// The ingest path's handle: the sequencer it records through and the dead letters it keeps.
 /// Cloning it clones three handles (a few reference counts).
 #[derive(Clone)]
@@ -100,12 +114,14 @@ impl Ingest {
     pub async fn record(&self, delivery: Delivery) -> Result<Outcome, Error> {
         match delivery {
             Delivery::Other { event } => {
-                tracing::debug!(%event, "ignored a webhook of another topic");
+                let logged = loggable(&event);
+                tracing::debug!(event = %logged, "ignored a webhook of another topic");
                 Ok(Outcome::Ignored(event))
             }
             Delivery::ProfileUpdated(update) => {
                 let client_id = update.key.client_id.clone();
                 let applied = self.sequencer.apply(update).await?;
+                let client_id = loggable(&client_id);
                 tracing::debug!(%client_id, %applied, "webhook applied");
                 Ok(Outcome::Applied(applied))
             }

@@ -248,14 +248,33 @@ fn integer<J: Json>(value: &J, field: &str, kind: FieldKind) -> Result<i64, Erro
         FieldKind::Int32 => (i64::from(i32::MIN), i64::from(i32::MAX), "a 32-bit"),
         _ => (i64::MIN, i64::MAX, "a 64-bit"),
     };
-    let out_of_range = || Error::invalid(field, format!("must be {range} signed integer"));
+    let out_of_range = || {
+        Error::invalid(
+            field,
+            format!("out of range: must be {range} signed integer"),
+        )
+    };
     match value.as_number() {
         Some(number) if number.is_i64() => number
             .as_i64()
             .filter(|n| (low..=high).contains(n))
             .ok_or_else(out_of_range),
         Some(number) if number.is_u64() => Err(out_of_range()),
-        Some(_) => Err(Error::invalid(field, "must be an integer, not a fraction")),
+        // Neither i64 nor u64: serde_json read it as a float. A whole number past u64 (2^64)
+        // lands here too, and is out of range, not a fraction.
+        Some(number) => match number.as_f64() {
+            Some(float) if float.fract() == 0.0 => {
+                if (low as f64..=high as f64).contains(&float) {
+                    Err(Error::invalid(
+                        field,
+                        "must be written as an integer, without a decimal point or exponent",
+                    ))
+                } else {
+                    Err(out_of_range())
+                }
+            }
+            _ => Err(Error::invalid(field, "must be an integer, not a fraction")),
+        },
         None => Err(Error::invalid(field, "must be an integer")),
     }
 }
@@ -503,6 +522,36 @@ mod tests {
             Err(Error::InvalidArgument { field, .. }) => field,
             other => panic!("expected a validation error, got {other:?}"),
         }
+    }
+
+    /// The reason `raw` (a whole body) is refused for, through the one pass and a `Value`.
+    fn reason(raw: &str) -> String {
+        match agree(raw.as_bytes()).expect("the one pass reads it") {
+            Err(Error::InvalidArgument { reason, .. }) => reason,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn integers_past_the_range_are_out_of_range_and_only_fractions_are_fractions() {
+        let body = |points: &str| {
+            format!(
+                r#"{{"event":"customer.profile.updated","client_id":"1","customer_id":"2","gb_customer_id":3,"created_at":"2024-11-19T17:34:42Z","data":{{"total_points":{points}}}}}"#
+            )
+        };
+        // 2^64 and beyond do not fit a u64 either: serde_json reads them as floats.
+        for past in ["18446744073709551616", "1e30", "-9223372036854775809"] {
+            let reason = reason(&body(past));
+            assert!(reason.starts_with("out of range"), "{past}: {reason}");
+            assert!(!reason.contains("fraction"), "{past}: {reason}");
+        }
+        assert!(reason(&body("9223372036854775808")).starts_with("out of range"));
+        assert!(reason(&body("1.5")).contains("fraction"));
+        let written_as_float = reason(&body("100.0"));
+        assert!(
+            written_as_float.contains("decimal point"),
+            "{written_as_float}"
+        );
     }
 
     #[test]

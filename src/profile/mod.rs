@@ -230,8 +230,45 @@ impl Profile {
         fields.into_iter().chain(extras).max()
     }
 
+    /// About how many bytes of memory this profile holds: itself, its customer id, its
+    /// packed registers and its extras (their JSON values estimated from their structure).
+    /// The account's `client_id` is shared by its profiles and not counted. An estimate for
+    /// memory bounds (the watch history's `--history-bytes`), not an exact allocator figure.
+    pub fn memory_bytes(&self) -> usize {
+        let extras = self.extra.as_deref().map_or(0, |extras| {
+            extras
+                .iter()
+                .map(|(key, register)| {
+                    let value = register.value.as_ref().map_or(0, |v| json_bytes(&v.0));
+                    // A B-tree entry: the key's box, the register, and the node's share.
+                    key.len() + std::mem::size_of::<Register<ExtraValue>>() + 16 + value
+                })
+                .sum::<usize>()
+        });
+        std::mem::size_of::<Profile>()
+            + self.key.customer_id.len()
+            + self.registers.0.len()
+            + extras
+    }
+
     /// Whether two profiles hold the same content, revision bookkeeping aside.
     pub fn same_content(&self, other: &Profile) -> bool {
         self.key == other.key && self.registers == other.registers && self.extra == other.extra
+    }
+}
+
+/// About how many heap bytes a JSON value holds beyond its own `Value` slot.
+fn json_bytes(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    const SLOT: usize = std::mem::size_of::<Value>();
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(text) => text.len(),
+        Value::Array(items) => items.iter().map(|item| SLOT + json_bytes(item)).sum(),
+        // An entry of a map: key, value slot and the map's own bookkeeping.
+        Value::Object(entries) => entries
+            .iter()
+            .map(|(key, item)| key.len() + SLOT + 48 + json_bytes(item))
+            .sum(),
     }
 }

@@ -8,12 +8,10 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::grpc::ProfileApi;
@@ -21,7 +19,7 @@ use crate::grpc::admin::AdminApi;
 use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::dead_letters::DeadLetterApi;
-use crate::grpc::transport::MetricsLayer;
+use crate::grpc::transport::{ConnectionWatches, MetricsLayer};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::pb;
@@ -29,6 +27,8 @@ use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::store::Store;
 use crate::watch::Watchers;
+
+use super::connections::{self, CappedListener};
 
 /// Applies the one message-size limit, both ways, to a generated service. tonic sets it per
 /// service, with a method of the same name on each generated type (no trait to be generic
@@ -63,8 +63,13 @@ pub(super) struct Services<H> {
     pub metrics: Metrics,
     /// `--max-watch-streams`.
     pub max_watch_streams: usize,
+    /// `--max-watch-streams-per-connection`.
+    pub max_watch_streams_per_connection: usize,
     /// `--grpc-max-message-bytes`.
     pub max_message_bytes: usize,
+    /// `--grpc-handshake-timeout`: the HTTP/2 preface of a plaintext connection must arrive
+    /// within it (tonic's TLS handshake has the same timeout, `crate::grpc::transport`).
+    pub handshake_timeout: std::time::Duration,
 }
 
 /// The gRPC listener, serving.
@@ -80,7 +85,7 @@ pub(super) struct Serving {
 /// Serves `services` on `listener`. Watch feeds run on `tracker` and end when `stopping` is
 /// cancelled; the server itself stops on [`Serving::stopping`].
 pub(super) fn serve<H: Health>(
-    listener: TcpListener,
+    listener: CappedListener,
     services: Services<H>,
     stopping: &CancellationToken,
     tracker: &TaskTracker,
@@ -96,7 +101,9 @@ pub(super) fn serve<H: Health>(
         ingest,
         metrics,
         max_watch_streams,
+        max_watch_streams_per_connection,
         max_message_bytes: limit,
+        handshake_timeout,
     } = services;
     let admin = AdminApi::new(DeadLetterApi::new(ingest), BackupApi::new(store.clone()));
     let profiles = ProfileApi::new(
@@ -125,8 +132,10 @@ pub(super) fn serve<H: Health>(
             admin_auth,
         ));
     let grpc_stopping = CancellationToken::new();
-    // Answers go out as soon as they are written: no Nagle delay (the webhook sets the same).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // The listener sets TCP_NODELAY: answers go out as soon as they are written.
+    let incoming = connections::incoming(listener, handshake_timeout, move || {
+        ConnectionWatches::new(max_watch_streams_per_connection)
+    });
     let task = tokio::spawn(
         router.serve_with_incoming_shutdown(incoming, grpc_stopping.clone().cancelled_owned()),
     );

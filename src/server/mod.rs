@@ -11,6 +11,7 @@
 //! monitoring, serve gRPC, serve the ingress, wait for the signal, then `shutdown`'s ordered
 //! stop. No request logic lives here.
 
+mod connections;
 mod grpc_services;
 mod shutdown;
 
@@ -19,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,7 @@ use crate::store::Store;
 use crate::watch::Watchers;
 use crate::webhook::secrets::{SecretStore, Secrets};
 use crate::webhook::{Ingress, Limits, Verification};
+use connections::CappedListener;
 use shutdown::{Health, Servers, Shutdown};
 
 /// The configuration, or a file it names (secrets, tokens, certificates), cannot be used, or
@@ -87,6 +88,7 @@ impl Server {
             admin_access,
             grpc_builder,
         } = check(&config).map_err(|error| anyhow::Error::new(BadConfiguration(error)))?;
+        connections::raise_open_files_limit();
         let webhook = listen(&config.webhook_listen, "webhook-listen").await?;
         let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
         let admin = listen(&config.admin_listen, "admin-listen").await?;
@@ -189,6 +191,7 @@ impl Server {
             stopping: stopping.clone(),
         };
         let monitoring = serve_monitoring(admin, monitoring, &stopping);
+        let grpc = CappedListener::new(grpc, config.max_grpc_connections, metrics.listener("grpc"));
         let grpc = grpc_services::serve(
             grpc,
             grpc_services::Services {
@@ -202,14 +205,21 @@ impl Server {
                 ingest: ingest.clone(),
                 metrics: metrics.clone(),
                 max_watch_streams: config.max_watch_streams,
+                max_watch_streams_per_connection: config.max_watch_streams_per_connection,
                 max_message_bytes: config.grpc_max_message_bytes,
+                handshake_timeout: config.grpc_handshake_timeout,
             },
             &stopping,
             &tracker,
         )?;
+        let webhook = CappedListener::new(
+            webhook,
+            config.max_webhook_connections,
+            metrics.listener("webhook"),
+        );
         announce(addresses, &config, &verification, admin_access);
         let ingress = Ingress::with_ingest(ingest, verification, limits(&config), metrics);
-        let webhook = serve_ingress(webhook, ingress, &stopping);
+        let webhook = serve_ingress(webhook, ingress, &config, &stopping);
 
         wait_for_signal(shutdown, &stopping).await;
         Shutdown {
@@ -250,7 +260,7 @@ async fn open_state(
     faults: &FaultSwitch,
 ) -> anyhow::Result<(Store, Option<Durability>, Option<DataDir>)> {
     if config.ephemeral {
-        let store = Store::new(config.history_events, data_dir::new_store_id());
+        let store = Store::with_history(config.history(), data_dir::new_store_id());
         tracing::info!(
             store_id = store.store_id(),
             "ephemeral: state is kept in memory only"
@@ -329,25 +339,27 @@ fn limits(config: &Config) -> Limits {
     Limits {
         max_body_bytes: config.max_body_bytes,
         max_in_flight: config.max_in_flight_webhooks,
+        body_timeout: config.webhook_body_timeout,
         timeout: config.webhook_timeout,
     }
 }
 
-/// Serves the webhook path until `stopping`; in-flight webhooks are finished first.
+/// Serves the webhook path until `stopping`; in-flight webhooks are finished first. Each
+/// connection has the idle and header timeouts (`--webhook-idle-timeout`,
+/// `--webhook-header-timeout`).
 fn serve_ingress(
-    listener: TcpListener,
+    listener: CappedListener,
     ingress: Ingress,
+    config: &Config,
     stopping: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
-    // Answers go out as soon as they are written: no Nagle delay (gRPC sets the same).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY on a webhook connection");
-        }
-    });
-    let serve = axum::serve(listener, ingress.router())
-        .with_graceful_shutdown(stopping.clone().cancelled_owned());
-    tokio::spawn(serve.into_future())
+    tokio::spawn(connections::serve_http(
+        listener,
+        ingress.router(),
+        config.webhook_idle_timeout,
+        config.webhook_header_timeout,
+        stopping.clone(),
+    ))
 }
 
 /// The start-up line: each listener's address, and whether TLS and authentication are on for

@@ -1,8 +1,9 @@
 //! Readiness as gRPC health reports it, and the ordered stop.
 //!
 //! [`Shutdown::run`] is the one place the order lives; ARCHITECTURE.md's "Shutdown" section
-//! describes the same steps. Each wait is bounded by `--shutdown-grace`: running out is logged,
-//! and the next step runs anyway, since the process is stopping regardless.
+//! describes the same steps. The waits for clients share one deadline, `--shutdown-grace` from
+//! the signal; running out is logged, and the next step runs anyway, since the process is
+//! stopping regardless.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
@@ -22,6 +24,10 @@ use crate::data_dir::DataDir;
 use crate::grpc::ProfileApi;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::store::Store;
+
+/// What the sequencer's last flush and the journal's close get at least, even when clients
+/// used up all of `--shutdown-grace`: the whole stop takes at most the grace plus this.
+pub const FLUSH_MARGIN: Duration = Duration::from_secs(1);
 
 /// The name health reports ProfileService under.
 type Profiles = ProfileServiceServer<ProfileApi>;
@@ -95,6 +101,15 @@ pub(super) struct Servers {
 }
 
 impl Servers {
+    /// Handles that stop the three server tasks, dropping the connections they own.
+    fn abort_handles(&self) -> [AbortHandle; 3] {
+        [
+            self.monitoring.abort_handle(),
+            self.webhook.abort_handle(),
+            self.grpc.abort_handle(),
+        ]
+    }
+
     /// Waits for all three to finish their in-flight requests; the first failure is returned.
     async fn finished(self) -> anyhow::Result<()> {
         let (monitoring, webhook, grpc) = tokio::join!(self.monitoring, self.webhook, self.grpc);
@@ -127,7 +142,7 @@ pub(super) struct Shutdown {
     pub store: Store,
     /// Released last.
     pub data_dir: Option<DataDir>,
-    /// `--shutdown-grace`, per wait.
+    /// `--shutdown-grace`, for all the waits on clients together.
     pub grace: Duration,
 }
 
@@ -144,6 +159,12 @@ impl Shutdown {
     ///    and stops; every other background task (snapshots included) is waited for.
     /// 5. The journal closes (it went with the sequencer task) and the data directory's lock
     ///    is released, last.
+    ///
+    /// Steps 2 and 3 share one deadline, `--shutdown-grace` from the signal, whatever clients
+    /// do (a watcher that stops reading, half-open connections): past it the listeners are
+    /// dropped, which cuts what is left of their connections. Step 4 then has what is left of
+    /// the grace, and at least [`FLUSH_MARGIN`], so the whole stop takes at most the grace
+    /// plus that margin.
     pub(super) async fn run(self) -> anyhow::Result<()> {
         let Shutdown {
             mut health,
@@ -156,10 +177,11 @@ impl Shutdown {
             data_dir,
             grace,
         } = self;
+        let deadline = Instant::now() + grace;
         health.not_serving().await;
         stopping.cancel();
 
-        within(grace, "watch streams to end", async {
+        within(deadline, "watch streams to end", async {
             watch_streams_closed.await;
             Ok(())
         })
@@ -167,15 +189,19 @@ impl Shutdown {
         grpc_stopping.cancel();
 
         health.clear().await;
+        let aborts = servers.abort_handles();
         let served = within(
-            grace,
+            deadline,
             "servers to finish in-flight requests",
             servers.finished(),
         )
         .await;
+        // Whatever is still connected is cut: the server tasks own their connections.
+        aborts.iter().for_each(AbortHandle::abort);
 
         tracker.close();
-        within(grace, "background tasks to stop", async {
+        let flush_deadline = deadline.max(Instant::now() + FLUSH_MARGIN);
+        within(flush_deadline, "background tasks to stop", async {
             tracker.wait().await;
             Ok(())
         })
@@ -187,17 +213,17 @@ impl Shutdown {
     }
 }
 
-/// Awaits `work` for at most `grace`; running out is logged, not an error, since the process
-/// is stopping anyway.
+/// Awaits `work` until `deadline`; running out is logged, not an error, since the process is
+/// stopping anyway.
 async fn within(
-    grace: Duration,
+    deadline: Instant,
     what: &str,
     work: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    match tokio::time::timeout(grace, work).await {
+    match tokio::time::timeout_at(deadline, work).await {
         Ok(result) => result,
         Err(_) => {
-            tracing::warn!(grace = %humantime::format_duration(grace), "gave up waiting for {what}");
+            tracing::warn!("gave up waiting for {what}: out of --shutdown-grace");
             Ok(())
         }
     }

@@ -133,16 +133,7 @@ impl Watch {
         if let Err(Stop) = feed.run(self.start, &mut cursor).await
             && feed.shutdown.is_cancelled()
         {
-            // A last resume point, then the end. Best effort: a subscriber whose channel is
-            // full is not waited for, and its status still names the revision.
-            if cursor > 0 {
-                let revision = cursor - 1;
-                let _ = feed.events.try_send(WatchEvent::Progress { revision });
-            }
-            let reason = format!("server shutting down; resume from revision {cursor}");
-            let _ = feed
-                .events
-                .try_send(WatchEvent::End(Error::Unavailable { reason }));
+            feed.last_words(cursor).await;
         }
     }
 }
@@ -410,6 +401,25 @@ impl Feed {
                 () = self.shutdown.cancelled() => return Err(Stop),
                 // A subscriber that hung up while nothing was happening.
                 () = self.events.closed() => return Err(Stop),
+            }
+        }
+    }
+
+    /// At shutdown: a last resume point, then the end naming the revision to resume from.
+    /// Both wait for room in the subscriber's channel, however slowly it reads (until it hangs
+    /// up): dropping them would end the stream with a clean OK after its buffered events, and
+    /// the subscriber would not know it was cut off. One that never reads again is cut when
+    /// the server stops at the end of `--shutdown-grace`: an error, never a clean end.
+    async fn last_words(&self, cursor: u64) {
+        let reason = format!("server shutting down; resume from revision {cursor}");
+        let progress = (cursor > 0).then(|| WatchEvent::Progress {
+            revision: cursor - 1,
+        });
+        let end = WatchEvent::End(Error::Unavailable { reason });
+        for event in progress.into_iter().chain([end]) {
+            tokio::select! {
+                sent = self.events.send(event) => if sent.is_err() { return },
+                () = self.events.closed() => return,
             }
         }
     }

@@ -1,8 +1,11 @@
 //! The webhook ingress: `POST /webhooks/gameball`, the HTTP adapter in front of the sequencer.
 //!
-//! In order: the in-flight cap (503 + `Retry-After`), Content-Type (415), body size (413),
-//! signature (401, with the secrets of the body's `client_id`), JSON and field validation, then
-//! the sequencer, all within the request timeout (503). The body is read once, in one pass into
+//! In order: Content-Type and Content-Encoding (415), the body, whole within its deadline (408)
+//! and within the size limit (413), the in-flight cap (503 + `Retry-After`), signature (401,
+//! with the secrets of the body's `client_id`), JSON and field validation, then the sequencer,
+//! whose answer is awaited within the request timeout (503, saying it may still be recorded).
+//! Only complete bodies hold in-flight slots, so unauthenticated slow uploads cannot starve
+//! signed deliveries. The body is read once, in one pass into
 //! its fields (`payload::Envelope`); only a body that pass declines, or whose signature does not
 //! match its raw bytes, is also parsed into a `serde_json::Value`. What happens to an
 //! authenticated body is the ingest path's (`crate::ingest`, shared with a dead letter's
@@ -56,7 +59,11 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most deliveries handled at once (503 with `Retry-After` past it).
     pub max_in_flight: usize,
-    /// Longest a delivery may take before it is answered 503.
+    /// Longest a delivery's body may take to arrive whole (408 past it), before it holds a
+    /// slot.
+    pub body_timeout: Duration,
+    /// Longest the ingest path may take to confirm a delivery before it is answered 503
+    /// (saying it may still be recorded).
     pub timeout: Duration,
 }
 
@@ -118,23 +125,7 @@ impl Ingress {
 
 async fn receive(State(ingress): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    let handled = match Arc::clone(&ingress.in_flight).try_acquire_owned() {
-        Err(_) => Err(Rejection::from(Error::Unavailable {
-            reason: format!(
-                "too many webhooks in flight (limit {}); retry shortly",
-                ingress.limits.max_in_flight
-            ),
-        })),
-        Ok(_permit) => {
-            let timeout = ingress.limits.timeout;
-            match tokio::time::timeout(timeout, ingress.handle(&headers, body)).await {
-                Ok(handled) => handled,
-                Err(_) => Err(Rejection::from(Error::Unavailable {
-                    reason: format!("the webhook was not recorded within {timeout:?}; retry"),
-                })),
-            }
-        }
-    };
+    let handled = ingress.handle(&headers, body).await;
     let (label, response) = match handled {
         Ok(Outcome::Applied(Applied::Changed { revision })) => {
             ("applied", recorded("applied", revision))
@@ -227,9 +218,22 @@ impl<'a> Parsed<'a> {
 }
 
 impl Ingress {
+    /// Every check, then the ingest path. Until the signature is checked the body is
+    /// anybody's, so it must arrive whole within `--webhook-body-timeout` before it may take
+    /// one of the in-flight slots: slow uploads cannot hold the slots signed deliveries need.
     async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<Outcome, Rejection> {
         check_content_type(headers)?;
-        let raw = read_body(body, self.limits.max_body_bytes).await?;
+        let raw = read_body(body, self.limits.max_body_bytes, self.limits.body_timeout).await?;
+        let _slot = Arc::clone(&self.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Rejection::from(Error::Unavailable {
+                    reason: format!(
+                        "too many webhooks in flight (limit {}); retry shortly",
+                        self.limits.max_in_flight
+                    ),
+                })
+            })?;
         let parsed = Parsed::read(&raw);
         if let Verification::Secrets(secrets) = &*self.verification {
             let claimed = headers
@@ -247,13 +251,35 @@ impl Ingress {
                 },
             )?;
         }
-        // Authenticated from here on (or unsigned by choice): the ingest path decides.
-        Ok(self.ingest.accept(&raw, parsed.validate()).await?)
+        // Authenticated from here on (or unsigned by choice): the ingest path decides. Once
+        // it has the update, the sequencer may record it whenever the answer comes, so a
+        // timeout must not claim it was not recorded.
+        let timeout = self.limits.timeout;
+        match tokio::time::timeout(timeout, self.ingest.accept(&raw, parsed.validate())).await {
+            Ok(outcome) => Ok(outcome?),
+            Err(_) => Err(Rejection::from(Error::Unavailable {
+                reason: format!(
+                    "the webhook was not confirmed within {timeout:?}; it may still be \
+                     recorded: retry it, a repeated delivery changes nothing"
+                ),
+            })),
+        }
     }
 }
 
-/// A missing Content-Type is accepted (some senders omit it); anything but JSON is not.
+/// A missing Content-Type is accepted (some senders omit it); anything but JSON is not. Nor is
+/// a compressed body: Gameball documents none, and decoding one would let a small upload
+/// expand past the body limit, so it is refused (415) rather than read as bytes and kept as a
+/// dead letter.
 fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
+        let text = String::from_utf8_lossy(encoding.as_bytes());
+        if !text.trim().eq_ignore_ascii_case("identity") {
+            // Bounded: it is echoed in the answer.
+            let encoding = text.chars().take(64).collect();
+            return Err(Rejection::UnsupportedContentEncoding { encoding });
+        }
+    }
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
@@ -268,8 +294,13 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
     })
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Rejection> {
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
+/// The whole body, at most `limit` bytes (413 past it), within `deadline` (408 past it).
+async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, Rejection> {
+    let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(Rejection::BodyTimeout { deadline });
+    };
+    read.map_err(|err| {
         let too_large = std::error::Error::source(&err)
             .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
         if too_large {

@@ -1,0 +1,477 @@
+//! The connections a listener holds, and how long they may sit there doing nothing.
+//!
+//! [`CappedListener`] accepts at most `max` connections at once (`--max-webhook-connections`,
+//! `--max-grpc-connections`); one past the cap is closed at once, counted in
+//! `profile_state_connections_refused_total` and warned about at most every ten seconds, so a
+//! flood of idle sockets cannot use up the process's open files and starve the other ports.
+//! [`Timed`] wraps each accepted connection with its deadlines:
+//! - [`Deadlines::Requests`] (the webhook listener): while no request is in progress, a
+//!   connection that sends nothing is closed after the idle timeout, and one that has started
+//!   a request's headers (or an HTTP/2 preface) after the header timeout. The request's body
+//!   and answer are the handler's business (`--webhook-body-timeout`, `--webhook-timeout`).
+//! - [`Deadlines::Preface`] (the gRPC listener, plaintext): the 24 bytes of the HTTP/2 client
+//!   preface must arrive within the handshake timeout; after that HTTP/2 keepalive watches the
+//!   connection. Under TLS, tonic's TLS handshake timeout does this job.
+//!
+//! A deadline that passes makes the next read fail with `TimedOut`, which makes hyper close
+//! the connection; it is counted in `profile_state_connections_timed_out_total`. Nothing here
+//! knows HTTP beyond the preface's length.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{ConnectionMetrics, ListenerMetrics};
+
+/// Length of the HTTP/2 client connection preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+pub const HTTP2_PREFACE_BYTES: usize = 24;
+
+/// How often at most a refused connection (or a failed accept) is warned about.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A listener holding at most `max` connections at once; see the module docs.
+pub struct CappedListener {
+    tcp: TcpListener,
+    slots: Arc<Semaphore>,
+    max: usize,
+    metrics: ListenerMetrics,
+    refusals: RateLimited,
+    accept_errors: RateLimited,
+}
+
+/// What an accepted connection holds until it closes: its place under the cap and its count
+/// in the open-connections gauge.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _open: ConnectionMetrics,
+}
+
+impl CappedListener {
+    /// `tcp`, capped at `max` connections, counted under `metrics`' listener label.
+    pub fn new(tcp: TcpListener, max: usize, metrics: ListenerMetrics) -> CappedListener {
+        CappedListener {
+            tcp,
+            slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            max,
+            metrics,
+            refusals: RateLimited::default(),
+            accept_errors: RateLimited::default(),
+        }
+    }
+
+    /// The listener's connection metrics.
+    pub fn metrics(&self) -> ListenerMetrics {
+        self.metrics.clone()
+    }
+
+    /// The next connection within the cap, with `TCP_NODELAY` set (answers go out as soon as
+    /// they are written). Connections past the cap are closed as they arrive. Cancel-safe.
+    pub async fn accept(&self) -> (TcpStream, SocketAddr, Slot) {
+        loop {
+            let (stream, peer) = match self.tcp.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, most likely: wait a moment rather than spin,
+                    // so the connections that hold them can finish.
+                    if let Some(suppressed) = self.accept_errors.due() {
+                        tracing::warn!(
+                            listener = self.metrics.listener(),
+                            %error,
+                            suppressed,
+                            "cannot accept a connection"
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+                self.metrics.refused();
+                if let Some(suppressed) = self.refusals.due() {
+                    tracing::warn!(
+                        listener = self.metrics.listener(),
+                        limit = self.max,
+                        suppressed,
+                        "connection refused: too many connections open"
+                    );
+                }
+                continue;
+            };
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+            let slot = Slot {
+                _permit: permit,
+                _open: self.metrics.opened(),
+            };
+            return (stream, peer, slot);
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `stopping`, then lets in-flight requests finish (idle
+/// connections close at once). Each connection has the idle and header timeouts of
+/// [`Deadlines::Requests`]. The connections belong to the returned future: dropping it (an
+/// aborted task) cuts them all, which is how shutdown keeps its grace whatever clients do.
+/// HTTP/1.1 and HTTP/2, as `axum::serve` would, with TCP_NODELAY.
+pub async fn serve_http(
+    listener: CappedListener,
+    router: axum::Router,
+    idle: Duration,
+    header: Duration,
+    stopping: CancellationToken,
+) -> io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut connections = JoinSet::new();
+    loop {
+        let (stream, _peer, slot) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopping.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let activity = Arc::new(Activity::default());
+        let deadlines = Deadlines::Requests {
+            activity: Arc::clone(&activity),
+            idle,
+            header,
+        };
+        let io = Timed::new(stream, slot, deadlines, listener.metrics(), ());
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let busy = activity.begin();
+            let answer = tower::ServiceExt::oneshot(router.clone(), request);
+            async move {
+                let answer = answer.await;
+                drop(busy);
+                answer
+            }
+        });
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        let connection = graceful.watch(connection.into_owned());
+        connections.spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// The connections of `listener` as tonic's incoming stream, each with the handshake timeout
+/// of [`Deadlines::Preface`] and a `tag` made for it.
+pub fn incoming<T: Send + 'static>(
+    listener: CappedListener,
+    handshake: Duration,
+    tag: impl Fn() -> T + Send + 'static,
+) -> impl futures_util::Stream<Item = io::Result<Timed<T>>> + Send + 'static {
+    futures_util::stream::unfold((listener, tag), move |(listener, tag)| async move {
+        let (stream, _peer, slot) = listener.accept().await;
+        let deadlines = Deadlines::Preface { handshake };
+        let io = Timed::new(stream, slot, deadlines, listener.metrics(), tag());
+        Some((Ok(io), (listener, tag)))
+    })
+}
+
+/// Raises the soft limit of open files to the hard limit, so the connection caps, not the
+/// default of 1024 descriptors, decide how many connections are served; logs the result.
+pub fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
+    }
+}
+
+/// Allows a log line at most every [`WARN_EVERY`], counting the ones it held back.
+#[derive(Default)]
+struct RateLimited {
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicUsize,
+}
+
+impl RateLimited {
+    /// `Some(how many were held back since the last one)` when one may be logged now.
+    fn due(&self) -> Option<usize> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Requests in progress on one connection, as its service sees them, and the connection to
+/// wake when the last one ends (hyper does not read an idle connection again by itself, so
+/// its idle deadline would never be looked at).
+#[derive(Default)]
+pub struct Activity {
+    in_progress: AtomicUsize,
+    waiting: Mutex<Option<Waker>>,
+}
+
+/// One request in progress; ends when dropped.
+pub struct Busy(Arc<Activity>);
+
+impl Activity {
+    /// A request started.
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.in_progress.fetch_add(1, Ordering::SeqCst);
+        Busy(Arc::clone(self))
+    }
+
+    fn in_progress(&self) -> bool {
+        self.in_progress.load(Ordering::SeqCst) > 0
+    }
+
+    /// Wakes `cx` once no request is in progress.
+    fn wake_when_idle(&self, cx: &Context<'_>) {
+        *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+        if !self.in_progress() {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.in_progress.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.wake();
+        }
+    }
+}
+
+/// Which deadlines a connection has; see the module docs.
+pub enum Deadlines {
+    /// Idle and header timeouts while no request of `activity` is in progress.
+    Requests {
+        /// The connection's requests, counted by its service.
+        activity: Arc<Activity>,
+        /// Nothing received and no request in progress.
+        idle: Duration,
+        /// A request's headers started but not complete.
+        header: Duration,
+    },
+    /// The HTTP/2 preface within the handshake timeout, from the accept.
+    Preface {
+        /// The handshake timeout.
+        handshake: Duration,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a request: the idle deadline runs.
+    Idle,
+    /// Part of a request's headers (or the preface) arrived: the header deadline runs.
+    Header,
+    /// A request is in progress: no deadline.
+    Busy,
+    /// The preface arrived: no deadline from here on.
+    Done,
+}
+
+/// An accepted connection with its [`Deadlines`]; `tag` is what tonic's `Connected` hands to
+/// every request on it (`()` for the webhook listener).
+pub struct Timed<T> {
+    io: TcpStream,
+    _slot: Slot,
+    deadlines: Deadlines,
+    phase: Phase,
+    preface_left: usize,
+    timer: Pin<Box<Sleep>>,
+    metrics: ListenerMetrics,
+    tag: T,
+}
+
+impl<T> Timed<T> {
+    /// Wraps a connection `accept` returned; its first deadline starts now.
+    pub fn new(
+        io: TcpStream,
+        slot: Slot,
+        deadlines: Deadlines,
+        metrics: ListenerMetrics,
+        tag: T,
+    ) -> Self {
+        let (phase, first) = match &deadlines {
+            Deadlines::Requests { idle, .. } => (Phase::Idle, *idle),
+            Deadlines::Preface { handshake } => (Phase::Header, *handshake),
+        };
+        Timed {
+            io,
+            _slot: slot,
+            deadlines,
+            phase,
+            preface_left: HTTP2_PREFACE_BYTES,
+            timer: Box::pin(tokio::time::sleep(first)),
+            metrics,
+            tag,
+        }
+    }
+
+    fn arm(&mut self, phase: Phase, after: Duration) {
+        self.phase = phase;
+        self.timer.as_mut().reset(Instant::now() + after);
+    }
+
+    /// `received` bytes arrived: the header deadline starts, or the preface is counted.
+    fn received(&mut self, received: usize) {
+        if received == 0 {
+            return;
+        }
+        match &self.deadlines {
+            Deadlines::Requests {
+                activity, header, ..
+            } => {
+                if self.phase == Phase::Idle && !activity.in_progress() {
+                    let header = *header;
+                    self.arm(Phase::Header, header);
+                }
+            }
+            Deadlines::Preface { .. } => {
+                self.preface_left = self.preface_left.saturating_sub(received);
+                if self.preface_left == 0 {
+                    self.phase = Phase::Done;
+                }
+            }
+        }
+    }
+
+    /// Called when the connection waits: the error that closes it once its deadline passed.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if let Deadlines::Requests { activity, idle, .. } = &self.deadlines {
+            match (activity.in_progress(), self.phase) {
+                (true, _) => {
+                    self.phase = Phase::Busy;
+                    activity.wake_when_idle(cx);
+                }
+                (false, Phase::Busy) => {
+                    let idle = *idle;
+                    self.arm(Phase::Idle, idle);
+                }
+                (false, _) => {}
+            }
+        }
+        let which = match self.phase {
+            Phase::Busy | Phase::Done => return None,
+            Phase::Idle => "idle",
+            Phase::Header => match self.deadlines {
+                Deadlines::Requests { .. } => "header",
+                Deadlines::Preface { .. } => "handshake",
+            },
+        };
+        self.timer.as_mut().poll(cx).is_ready().then(|| {
+            self.metrics.timed_out(which);
+            self.phase = Phase::Done;
+            io::Error::new(io::ErrorKind::TimedOut, format!("{which} timeout"))
+        })
+    }
+}
+
+impl<T: Unpin> AsyncRead for Timed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.received(buf.filled().len() - before);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => match this.expired(cx) {
+                Some(error) => Poll::Ready(Err(error)),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T: Unpin> AsyncWrite for Timed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            // A client that stops reading our answers is as idle as one that sends nothing.
+            Poll::Pending => this
+                .expired(cx)
+                .map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
+            ready => ready,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Pending => this
+                .expired(cx)
+                .map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
+            ready => ready,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this
+                .expired(cx)
+                .map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
+            ready => ready,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl<T: Clone + Send + Sync + Unpin + 'static> tonic::transport::server::Connected for Timed<T> {
+    type ConnectInfo = T;
+
+    fn connect_info(&self) -> T {
+        self.tag.clone()
+    }
+}

@@ -1,0 +1,509 @@
+//! The limits an attacker (or a careless client) could exhaust, and the smaller refusals of
+//! issue 10: each test drives the real HTTP or gRPC surface of an in-process service.
+
+#[path = "common/binary.rs"]
+mod binary;
+mod common;
+
+use common::{JSON, SECRET, TestService, at, profile_updated};
+use profile_state::Config;
+use serde_json::json;
+
+#[tokio::test]
+async fn an_integer_past_u64_is_out_of_range_not_a_fraction() {
+    let service = TestService::start().await;
+    let body = br#"{"event":"customer.profile.updated","client_id":"2155","customer_id":"big","gb_customer_id":1,"created_at":"2024-11-19T17:34:42Z","data":{"total_points":18446744073709551616}}"#;
+    let (status, answer) = service.post_signed(body).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["field"], "data.total_points");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("out of range"), "{error}");
+    assert!(!error.contains("fraction"), "{error}");
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_compressed_body_gets_415_and_is_not_kept() {
+    let service = TestService::start().await;
+    let body = serde_json::to_vec(&profile_updated("zipped", &at(1), json!({}))).unwrap();
+    let signature = profile_state::webhook::signature::SignatureCheck::new(SECRET).sign(&body);
+    for encoding in ["gzip", "br, gzip", "deflate"] {
+        let headers = [
+            ("content-type", JSON),
+            ("content-encoding", encoding),
+            ("x-gb-signature", signature.as_str()),
+        ];
+        let (status, answer) = service.post_raw(body.clone(), &headers).await;
+        assert_eq!(status, 415, "{encoding}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains("content-encoding"), "{error}");
+    }
+    // `identity` is no encoding at all.
+    let headers = [
+        ("content-type", JSON),
+        ("content-encoding", "identity"),
+        ("x-gb-signature", signature.as_str()),
+    ];
+    let (status, answer) = service.post_raw(body, &headers).await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, metrics) = service.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("profile_state_webhook_dead_letters_total 0"),
+        "a refused encoding was kept: {metrics}"
+    );
+    service.stop().await;
+}
+
+/// A writer into a shared buffer, for capturing log lines.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// The one test of this binary that sets a subscriber, and it sets the global one: a
+// thread-local one (`set_default`) misses events now and then while other tests run on other
+// threads (callsite interest is cached process-wide). Other tests' lines land in the capture
+// too, and must keep the same rules.
+#[tokio::test]
+async fn strings_from_a_delivery_cannot_forge_log_lines_or_leak_into_them() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("profile_state=trace")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+    let service = TestService::start().await;
+    let hostile = "x\nFORGED ERROR profile_state: \u{1b}[31mowned leak@example.com";
+    let other_topic = json!({"event": hostile, "client_id": "2155", "data": {}});
+    let (status, answer) = service.post(&other_topic).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut update = profile_updated("logged", &at(1), json!({"tier_name": "gold"}));
+    update["client_id"] = json!(hostile);
+    let (status, answer) = service.post(&update).await;
+    assert_eq!(status, 200, "{answer}");
+    service.stop().await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    // Both deliveries were logged, so the checks below look at real lines.
+    assert!(
+        logs.contains("ignored a webhook of another topic"),
+        "{logs}"
+    );
+    assert!(logs.contains("webhook applied"), "{logs}");
+    for line in logs.lines() {
+        assert!(!line.starts_with("FORGED"), "a forged log line: {line:?}");
+    }
+    assert!(
+        !logs.contains('\u{1b}'),
+        "an escape sequence reached the logs"
+    );
+    assert!(!logs.contains("example.com"), "an address reached the logs");
+}
+
+/// Opens a connection and starts an unsigned upload of `length` bytes that sends only its
+/// first byte; returns once the handler is reading the body (hyper then answers the
+/// `Expect: 100-continue` with `100 Continue`).
+async fn start_slow_upload(webhook: std::net::SocketAddr, length: usize) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(webhook).await.unwrap();
+    let head = format!(
+        "POST /webhooks/gameball HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {length}\r\nexpect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = [0; 25];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 100 Continue"), "{answer:?}");
+    stream.write_all(b"{").await.unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_unsigned_bodies_do_not_starve_signed_deliveries() {
+    let mut config = Config::for_tests(SECRET);
+    config.max_in_flight_webhooks = 4;
+    let service = TestService::start_with(config).await;
+    let mut slow = Vec::new();
+    for _ in 0..16 {
+        slow.push(start_slow_upload(service.webhook, 5000).await);
+    }
+    for second in 0..8 {
+        let body = profile_updated(&format!("c{second}"), &at(second), json!({}));
+        let (status, answer) = service.post(&body).await;
+        assert_eq!(status, 200, "a signed delivery was refused: {answer}");
+    }
+    drop(slow);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_for_an_update_that_was_applied_does_not_say_it_was_not_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::durable_config(dir.path());
+    // Shorter than an fsync: answers run out while their updates are being recorded.
+    config.webhook_timeout = std::time::Duration::from_micros(1);
+    let service = std::sync::Arc::new(TestService::start_with(config).await);
+    let mut posts = tokio::task::JoinSet::new();
+    for customer in 0..400 {
+        let service = std::sync::Arc::clone(&service);
+        posts.spawn(async move {
+            let body = profile_updated(&format!("late-{customer}"), &at(1), json!({}));
+            (customer, service.post(&body).await)
+        });
+    }
+    let mut client = service.client().await;
+    let mut late_but_applied = 0;
+    while let Some(posted) = posts.join_next().await {
+        let (customer, (status, answer)) = posted.unwrap();
+        if status == 200 {
+            continue;
+        }
+        assert_eq!(status, 503, "{answer}");
+        let request = profile_state::pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: format!("late-{customer}"),
+        };
+        if client.get_profile(request).await.is_ok() {
+            late_but_applied += 1;
+            let error = answer["error"].as_str().unwrap();
+            assert!(!error.contains("not recorded"), "applied, yet: {error}");
+        }
+    }
+    assert!(
+        late_but_applied > 0,
+        "no answer ran out: the test proved nothing"
+    );
+    std::sync::Arc::into_inner(service).unwrap().stop().await;
+}
+
+/// Reads what the server sends on `stream` until it closes it (or resets it); fails after
+/// `PATIENCE`.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let which = stream.local_addr().unwrap();
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut received));
+    match read.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset),
+        Err(_) => panic!("the connection {which} is still open after {PATIENCE:?}: {received:?}"),
+    }
+    received
+}
+
+/// How long the tests wait for the server to close a connection that it should close.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The value of the sample `series` (name and labels, as written) in `metrics`.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series}"))
+}
+
+async fn connect(address: std::net::SocketAddr, first_bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(first_bytes).await.unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn idle_connections_partial_headers_and_partial_prefaces_are_closed_after_their_timeouts() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let mut config = Config::for_tests(SECRET);
+    config.webhook_idle_timeout = Duration::from_millis(300);
+    config.webhook_header_timeout = Duration::from_millis(200);
+    config.grpc_handshake_timeout = Duration::from_millis(200);
+    let service = TestService::start_with(config).await;
+
+    let mut idle = connect(service.webhook, b"").await;
+    let mut partial_header =
+        connect(service.webhook, b"POST /webhooks/gameball HTTP/1.1\r\nhost").await;
+    let mut partial_h2 = connect(service.webhook, b"PRI * HTTP/2.0\r\n").await;
+    let mut grpc_idle = connect(service.grpc, b"").await;
+    let mut grpc_partial = connect(service.grpc, b"PRI * HTTP/2.0\r\n\r\nSM").await;
+    // A whole request is answered, however long it takes, and the connection kept alive
+    // after it is idle again.
+    let raw = serde_json::to_vec(&profile_updated("kept", &at(1), json!({}))).unwrap();
+    let signature = profile_state::webhook::signature::SignatureCheck::new(SECRET).sign(&raw);
+    let head = format!(
+        "POST /webhooks/gameball HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON}\r\n\
+         x-gb-signature: {signature}\r\ncontent-length: {}\r\n\r\n",
+        raw.len()
+    );
+    let mut kept_alive = connect(service.webhook, head.as_bytes()).await;
+    kept_alive.write_all(&raw).await.unwrap();
+
+    for stream in [&mut idle, &mut partial_header] {
+        assert_eq!(until_closed(stream).await, b"", "closed without an answer");
+    }
+    // HTTP/2 connections get the server's SETTINGS first.
+    until_closed(&mut partial_h2).await;
+    until_closed(&mut grpc_idle).await;
+    until_closed(&mut grpc_partial).await;
+    let answered = String::from_utf8(until_closed(&mut kept_alive).await).unwrap();
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let timed_out = |labels: &str| {
+        sample(
+            &metrics,
+            &format!("profile_state_connections_timed_out_total{{{labels}}}"),
+        )
+    };
+    assert_eq!(timed_out(r#"listener="webhook",timeout="idle""#), 2.0);
+    assert_eq!(timed_out(r#"listener="webhook",timeout="header""#), 2.0);
+    assert_eq!(timed_out(r#"listener="grpc",timeout="handshake""#), 2.0);
+    // A well-behaved gRPC client is not cut by the handshake timeout.
+    let mut client = service.client().await;
+    let info = common::server_info(&mut client).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        common::server_info(&mut client).await.unwrap().store_id,
+        info.store_id
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_a_listeners_cap_are_refused_and_counted() {
+    let mut config = Config::for_tests(SECRET);
+    config.max_webhook_connections = 2;
+    config.max_grpc_connections = 1;
+    let service = TestService::start_with(config).await;
+    let held = [
+        connect(service.webhook, b"").await,
+        connect(service.webhook, b"").await,
+    ];
+    let mut refused = connect(service.webhook, b"").await;
+    assert_eq!(until_closed(&mut refused).await, b"");
+    let held_grpc = connect(service.grpc, b"").await;
+    let mut refused_grpc = connect(service.grpc, b"").await;
+    assert_eq!(until_closed(&mut refused_grpc).await, b"");
+
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let value = |series: &str| sample(&metrics, series);
+    assert_eq!(
+        value(r#"profile_state_connections_refused_total{listener="webhook"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"profile_state_connections_refused_total{listener="grpc"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"profile_state_connections{listener="webhook"}"#),
+        2.0
+    );
+    assert_eq!(value(r#"profile_state_connections{listener="grpc"}"#), 1.0);
+
+    // A slot given back is taken by the next connection.
+    drop(held);
+    drop(held_grpc);
+    let mut served = false;
+    for _ in 0..100 {
+        let (_, metrics) = service.admin_get("/metrics").await;
+        if sample(&metrics, r#"profile_state_connections{listener="webhook"}"#) == 0.0 {
+            served = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(served, "the closed connections kept their slots");
+    let (status, answer) = service
+        .post(&profile_updated("after", &at(1), json!({})))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    service.stop().await;
+}
+
+/// Posts `count` signed webhooks (customers `{prefix}{n}`, each with 3 KB of extras),
+/// `concurrency` at a time, over one client; every one must be applied.
+async fn post_many(webhook: std::net::SocketAddr, prefix: &str, count: usize, concurrency: usize) {
+    let client = reqwest::Client::new();
+    let url = format!("http://{webhook}/webhooks/gameball");
+    let mut posts = tokio::task::JoinSet::new();
+    for n in 0..count {
+        if posts.len() == concurrency {
+            posts.join_next().await.unwrap().unwrap();
+        }
+        let customer = format!("{prefix}{n}");
+        let data = json!({"notes": "x".repeat(3000)});
+        let raw = serde_json::to_vec(&profile_updated(&customer, &at(1), data)).unwrap();
+        let signature = profile_state::webhook::signature::SignatureCheck::new(SECRET).sign(&raw);
+        let post = client
+            .post(&url)
+            .header("content-type", JSON)
+            .header("x-gb-signature", signature)
+            .body(raw);
+        posts.spawn(async move {
+            let status = post.send().await.unwrap().status();
+            assert_eq!(status, 200);
+        });
+    }
+    while let Some(posted) = posts.join_next().await {
+        posted.unwrap();
+    }
+}
+
+/// How many webhooks the lagging watcher is behind on.
+const WEBHOOKS: usize = 400;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_the_grace_and_a_lagging_watcher_still_learns_where_to_resume() {
+    use profile_state::pb::watch_profiles_response::Event;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let grace = Duration::from_secs(2);
+    let mut binary =
+        binary::Binary::start(dir.path(), &["--ephemeral", "--shutdown-grace", "2s"]).await;
+    let url = format!("http://{}", binary.grpc);
+    let watch = async || {
+        // A connection of its own, with the 64 KiB windows of HTTP/2's defaults (Go's and
+        // grpcurl's): the server can send only that much before the watcher reads.
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .unwrap();
+        let mut client =
+            profile_state::pb::profile_service_client::ProfileServiceClient::new(channel);
+        let request = profile_state::pb::WatchProfilesRequest::default();
+        client.watch_profiles(request).await.unwrap().into_inner()
+    };
+    // One watcher reads nothing until the server stops, one never reads at all.
+    let mut lagging = watch().await;
+    let _never_reads = watch().await;
+    // Half-open gRPC connections: a partial HTTP/2 preface, then nothing.
+    let mut half_open = Vec::new();
+    for _ in 0..100 {
+        half_open.push(connect(binary.grpc, b"PRI * HTTP/2.0\r\n").await);
+    }
+    // About 1 MiB of changes: far more than the window and the 64 events buffered for it.
+    post_many(binary.webhook, "c", WEBHOOKS, 32).await;
+
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &binary.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let signalled = Instant::now();
+    let (mut last_change, mut last_event) = (0, None);
+    let status = loop {
+        match lagging.message().await {
+            Ok(Some(message)) => {
+                if let Some(Event::Change(change)) = &message.event {
+                    last_change = change.revision;
+                }
+                last_event = message.event;
+            }
+            Ok(None) => panic!("a clean end: the watcher cannot know where to resume"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        last_change < WEBHOOKS as u64,
+        "the watcher was not lagging: the test proves nothing"
+    );
+    let resume = format!("resume from revision {}", last_change + 1);
+    assert!(
+        status.message().contains(&resume),
+        "{status:?} after change {last_change}"
+    );
+    assert!(
+        matches!(last_event, Some(Event::Progress(progress)) if progress.revision == last_change),
+        "{last_event:?}"
+    );
+
+    let exited = tokio::task::spawn_blocking(move || binary.child.wait().unwrap());
+    let exit = tokio::time::timeout(Duration::from_secs(20), exited)
+        .await
+        .expect("the process exits")
+        .unwrap();
+    let took = signalled.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    // The grace, the flush margin, and two seconds for a loaded machine (without the one
+    // deadline, each of the three waits took the whole grace).
+    let limit = grace + Duration::from_secs(1) + Duration::from_secs(2);
+    assert!(took < limit, "stopped after {took:?}, more than {limit:?}");
+    drop(half_open);
+}
+
+/// The settings of the server's first HTTP/2 SETTINGS frame on a new gRPC connection.
+async fn http2_settings(grpc: std::net::SocketAddr) -> Vec<(u16, u32)> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = connect(
+        grpc,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0",
+    )
+    .await;
+    let mut header = [0; 9];
+    stream.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[3], 4, "a SETTINGS frame first");
+    let length = usize::from(header[1]) << 8 | usize::from(header[2]);
+    let mut payload = vec![0; length];
+    stream.read_exact(&mut payload).await.unwrap();
+    payload
+        .chunks(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_connection_cannot_take_every_watch_stream_and_its_streams_are_advertised() {
+    let mut config = Config::for_tests(SECRET);
+    config.max_watch_streams_per_connection = 2;
+    config.grpc_max_concurrent_streams = 7;
+    let service = TestService::start_with(config).await;
+    // SETTINGS_MAX_CONCURRENT_STREAMS is setting 3.
+    assert!(http2_settings(service.grpc).await.contains(&(3, 7)));
+
+    let mut first = service.client().await;
+    let watch = || profile_state::pb::WatchProfilesRequest::default();
+    let _open = [
+        first.watch_profiles(watch()).await.unwrap(),
+        first.watch_profiles(watch()).await.unwrap(),
+    ];
+    let refused = first.watch_profiles(watch()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("on this connection"),
+        "{}",
+        refused.message()
+    );
+    // Another connection still gets its own.
+    let mut second = service.client().await;
+    let _other = second.watch_profiles(watch()).await.unwrap();
+
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let refused_by = |limit: &str| {
+        sample(
+            &metrics,
+            &format!("profile_state_watch_streams_refused_total{{limit=\"{limit}\"}}"),
+        )
+    };
+    assert_eq!(refused_by("connection"), 1.0);
+    assert_eq!(refused_by("server"), 0.0);
+    service.stop().await;
+}
