@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
+use crate::replication::ReplicaStatus;
 use crate::store::Store;
 use crate::watch::Watchers;
 
@@ -61,6 +62,8 @@ pub(super) struct Services<H> {
     pub max_watch_streams: usize,
     /// `--grpc-max-message-bytes`.
     pub max_message_bytes: usize,
+    /// The replica's standing, in replicated mode (GetServerInfo reports it).
+    pub replica: Option<ReplicaStatus>,
 }
 
 /// The gRPC listener, serving.
@@ -92,8 +95,9 @@ pub(super) fn serve<H: Health>(
         metrics,
         max_watch_streams,
         max_message_bytes: limit,
+        replica,
     } = services;
-    let profiles = ProfileApi::new(
+    let mut profiles = ProfileApi::new(
         store,
         watchers,
         durable,
@@ -102,6 +106,9 @@ pub(super) fn serve<H: Health>(
         metrics.clone(),
     )
     .with_max_watch_streams(max_watch_streams);
+    if let Some(replica) = replica {
+        profiles = profiles.with_replica(replica);
+    }
     let watch_streams_closed = Box::pin(profiles.streams_closed());
     let dead_letters = DeadLetterApi::new(ingest);
     // Health and reflection stay open (probes, grpcurl); the data services need a token when

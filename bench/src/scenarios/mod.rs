@@ -142,6 +142,7 @@ pub async fn preload(
         .get_profile(pb::GetProfileRequest {
             client_id: workload.client_id.clone(),
             customer_id: last,
+            ..Default::default()
         })
         .await
         .is_ok();
