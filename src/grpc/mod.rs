@@ -192,27 +192,6 @@ fn served_at<'a>(store: &Store, profiles: impl IntoIterator<Item = &'a Arc<Profi
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchProfilesResponse, Status>> + Send>>;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_are_read_in_every_unit_and_garbage_is_none() {
-        let with = |value: &str| {
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            metadata.insert("grpc-timeout", value.parse().unwrap());
-            deadline(&metadata)
-        };
-        assert_eq!(with("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(with("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(with("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(with("x"), None);
-        assert_eq!(with("10Q"), None);
-        assert_eq!(deadline(&tonic::metadata::MetadataMap::new()), None);
-    }
-}
-
 #[tonic::async_trait]
 impl ProfileService for ProfileApi {
     async fn get_profile(
@@ -447,4 +426,25 @@ fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
             .filter(|id| !id.is_empty())
             .map(Arc::from),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_garbage_is_none() {
+        let with = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().unwrap());
+            deadline(&metadata)
+        };
+        assert_eq!(with("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(with("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(with("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(with("x"), None);
+        assert_eq!(with("10Q"), None);
+        assert_eq!(deadline(&tonic::metadata::MetadataMap::new()), None);
+    }
 }

@@ -79,6 +79,8 @@ pub struct Binary {
     pub webhook: SocketAddr,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    /// Every log line read so far (by [`Binary::wait_for`]), in order.
+    pub seen: Vec<Value>,
 }
 
 impl Binary {
@@ -109,6 +111,7 @@ impl Binary {
             webhook: unbound,
             grpc: unbound,
             admin: unbound,
+            seen: Vec::new(),
         };
         let listening = binary.wait_for("profile-state listening").await;
         let address = |name: &str| listening["fields"][name].as_str().unwrap().parse().unwrap();
@@ -127,6 +130,7 @@ impl Binary {
                         self.child.wait()
                     )
                 });
+                self.seen.push(line.clone());
                 if line["fields"]["message"] == message {
                     return line;
                 }
