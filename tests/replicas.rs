@@ -782,3 +782,31 @@ async fn an_empty_replica_bootstraps_from_the_published_snapshot_and_the_stream(
     a.stop().await;
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_names_an_unreachable_nats_and_refuses_a_body_limit_above_its_max_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: the refusal names the URL (exit 1: the environment, not the
+    // flags, is wrong; a supervisor retries).
+    let output = binary::refused(dir.path(), &["--nats-url", "nats://127.0.0.1:1"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("nats://127.0.0.1:1"), "{stderr}");
+
+    // A webhook body the server's max_payload (1 MiB by default) could not carry: exit 64.
+    let nats = NatsCluster::single().await.unwrap();
+    let url = nats.client_urls().join(",");
+    let args = [
+        "--nats-url",
+        &url,
+        "--nats-replicas",
+        "1",
+        "--max-body-bytes",
+        "2000000",
+    ];
+    let output = binary::refused(dir.path(), &args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--max-body-bytes"), "{stderr}");
+    assert!(stderr.contains("max_payload"), "{stderr}");
+}
