@@ -1,6 +1,7 @@
 //! The scenarios, and what they share: the options, starting the service and the baselines,
 //! loading profiles, and gRPC connections.
 
+pub mod cluster;
 pub mod fanout;
 pub mod footprint;
 pub mod ingest;
