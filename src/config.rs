@@ -330,6 +330,37 @@ pub struct NatsConfig {
         requires = "urls"
     )]
     pub max_bytes: Option<u64>,
+
+    /// Longest one JetStream request (a publish's acknowledgement, stream info) may take before
+    /// it fails; shorter than --webhook-timeout, so a webhook can still be answered 503 in time.
+    #[arg(long = "nats-request-timeout", env = "PROFILE_STATE_NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, requires = "urls")]
+    pub request_timeout: Duration,
+
+    /// Stream messages kept before the point a published snapshot covers when the stream is
+    /// purged, so that a restarting replica can still replay its watch history from its own
+    /// older snapshot. Nothing a published snapshot does not cover is ever purged.
+    #[arg(
+        long = "nats-retain-after-snapshot",
+        env = "PROFILE_STATE_NATS_RETAIN_AFTER_SNAPSHOT",
+        default_value_t = 100_000,
+        requires = "urls"
+    )]
+    pub retain_after_snapshot: u64,
+
+    /// This replica's name in GetServerInfo, logs and the NATS connection list; default: the
+    /// host name.
+    #[arg(
+        long = "replica-name",
+        env = "PROFILE_STATE_REPLICA_NAME",
+        requires = "urls"
+    )]
+    pub replica_name: Option<String>,
+
+    /// Readiness is false while this replica is further behind the stream than this (the
+    /// time since it last had applied everything the stream held), so load balancers send
+    /// webhooks to replicas that answer quickly.
+    #[arg(long = "max-lag", env = "PROFILE_STATE_MAX_LAG", default_value = "1s", value_parser = humantime::parse_duration, requires = "urls")]
+    pub max_lag: Duration,
 }
 
 /// A configuration that cannot work, found before anything binds.
@@ -373,13 +404,6 @@ pub enum ConfigError {
         /// What is wrong with its value.
         reason: String,
     },
-    /// `--nats-url` was given, but this build does not run replicated yet: refused rather than
-    /// silently running as a single node.
-    #[error(
-        "--nats-url: replicated mode is not wired into the server yet (issue 13, phase 2); \
-         run without --nats-url to use the local journal"
-    )]
-    ReplicationNotWired,
 }
 
 impl Config {
@@ -418,7 +442,19 @@ impl Config {
             return Err(ConfigError::ZeroSnapshotInterval);
         }
         self.check_transport_limits()?;
-        self.nats.check()
+        self.nats.check()?;
+        if self.nats.enabled() && self.nats.request_timeout >= self.webhook_timeout {
+            return Err(ConfigError::BadNatsFlag {
+                flag: "nats-request-timeout",
+                reason: format!(
+                    "{} must be shorter than --webhook-timeout ({}), so a webhook whose \
+                     publish times out can still be answered 503",
+                    humantime::format_duration(self.nats.request_timeout),
+                    humantime::format_duration(self.webhook_timeout)
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -504,7 +540,30 @@ impl NatsConfig {
         if self.max_bytes == Some(0) {
             return bad("nats-max-bytes", "must be at least 1".into());
         }
-        Err(ConfigError::ReplicationNotWired)
+        if self.request_timeout.is_zero() {
+            return bad("nats-request-timeout", "must be longer than zero".into());
+        }
+        if self.max_lag.is_zero() {
+            return bad("max-lag", "must be longer than zero".into());
+        }
+        if self.replica_name.as_deref() == Some("") {
+            return bad("replica-name", "must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// `--replica-name`, else the host name (`/proc/sys/kernel/hostname`, `$HOSTNAME`), else
+    /// `profile-state`.
+    pub fn replica_name(&self) -> String {
+        if let Some(name) = &self.replica_name {
+            return name.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "profile-state".into())
     }
 }
 
@@ -548,6 +607,10 @@ mod tests {
             ["--nats-replicas", "1"],
             ["--nats-duplicate-window", "1h"],
             ["--nats-max-bytes", "1000"],
+            ["--nats-request-timeout", "1s"],
+            ["--nats-retain-after-snapshot", "10"],
+            ["--replica-name", "r1"],
+            ["--max-lag", "2s"],
         ];
         for flag in flags {
             let error = parse(&flag).err().expect("needs --nats-url");
@@ -572,8 +635,8 @@ mod tests {
     }
 
     #[test]
-    fn bad_nats_values_name_their_flag_and_a_good_set_is_refused_until_wired() {
-        let cases: [(&[&str], &str); 6] = [
+    fn bad_nats_values_name_their_flag_and_a_good_set_is_accepted() {
+        let cases: [(&[&str], &str); 9] = [
             (&["--nats-url", "http://a:80"], "--nats-url"),
             (&["--nats-url", "nats://a,wss://b:443"], "--nats-url"),
             (
@@ -592,15 +655,25 @@ mod tests {
                 &["--nats-url", "nats://a", "--nats-max-bytes", "0"],
                 "--nats-max-bytes",
             ),
+            (
+                &["--nats-url", "nats://a", "--nats-request-timeout", "10s"],
+                "--nats-request-timeout",
+            ),
+            (&["--nats-url", "nats://a", "--max-lag", "0s"], "--max-lag"),
+            (
+                &["--nats-url", "nats://a", "--replica-name", ""],
+                "--replica-name",
+            ),
         ];
         for (args, flag) in cases {
             let error = parse(args).unwrap().check().unwrap_err().to_string();
             assert!(error.starts_with(flag), "{args:?}: {error}");
         }
         let config = parse(&["--nats-url", "nats://127.0.0.1:4222"]).unwrap();
-        assert!(matches!(
-            config.check(),
-            Err(ConfigError::ReplicationNotWired)
-        ));
+        assert!(config.check().is_ok());
+        assert_eq!(config.nats.max_lag, Duration::from_secs(1));
+        assert!(!config.nats.replica_name().is_empty(), "the host name");
+        let named = parse(&["--nats-url", "nats://a", "--replica-name", "r1"]).unwrap();
+        assert_eq!(named.nats.replica_name(), "r1");
     }
 }

@@ -109,6 +109,18 @@ impl DataDir {
     }
 }
 
+impl DataDir {
+    /// Takes `id` as this directory's store id, durably: a replica's directory records the id
+    /// of the cluster (its stream) whose state it holds, so that a replaced stream is noticed.
+    pub fn adopt_store_id(&mut self, id: &str) -> Result<(), DataDirError> {
+        let path = self.path.join(STORE_ID_FILE);
+        write_atomically(&path, format!("{id}\n").as_bytes())
+            .map_err(IoError::on(&path, "write store id"))?;
+        self.store_id = id.to_owned();
+        Ok(())
+    }
+}
+
 /// A new random store id.
 pub fn new_store_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()

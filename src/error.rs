@@ -71,6 +71,18 @@ pub enum Error {
         /// The id asked for.
         id: String,
     },
+    /// A read asked for `min_revision`, and this server had not applied it by the call's
+    /// deadline: a replica behind its cluster, or a revision not assigned yet.
+    #[error(
+        "revision {requested} is not applied here yet (applied revision {applied}); retry, \
+         here or on another replica"
+    )]
+    RevisionNotApplied {
+        /// The `min_revision` asked for.
+        requested: u64,
+        /// The revision this server had applied at the deadline.
+        applied: u64,
+    },
     /// The service cannot take the request now; the caller should retry.
     #[error("{reason}")]
     Unavailable {

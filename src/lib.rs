@@ -6,8 +6,8 @@
 //! - [`webhook`]: the HTTP ingress (axum). Checks Content-Type, size and `X-GB-Signature`,
 //!   then hands the body to the ingest path.
 //! - [`ingest`]: the one ingest path, shared with the AdminService's replay: validates the
-//!   payload into a [`profile::ProfileUpdate`], records it through the sequencer, or keeps it
-//!   as a dead letter.
+//!   payload into a [`profile::ProfileUpdate`], records it through the sequencer (or, on a
+//!   replica, the stream), or keeps it as a dead letter.
 //! - [`dead_letters`]: signed deliveries that cannot be applied, kept (durably) with their
 //!   reason and raw body for operators to list, replay or purge.
 //! - [`sequencer`]: the only writer. Merges updates in batches, numbers the changes, journals
@@ -29,8 +29,12 @@
 //! - [`config`] and [`server`]: flags, and the wiring that binds, serves and shuts down;
 //!   [`listen_addr`]: listener addresses (IPs or host names); [`logging`]: log output;
 //!   [`cli`]: the command line (serving, and the operators' subcommands).
-//! - [`jetstream`]: the NATS JetStream adapter for replicated mode (issue 13; not wired into
-//!   the server yet): the update stream, its ordered reader, snapshot and dead-letter buckets.
+//! - [`replication`]: replicated mode (`--nats-url`): a replica's start-up from a local or
+//!   published snapshot, its publisher (the ingest path's recorder instead of the sequencer),
+//!   its applier (the one writer, applying the stream through the sequencer's merge), its
+//!   snapshots, lag and readiness.
+//! - [`jetstream`]: the NATS JetStream adapter for replicated mode: the update stream, its
+//!   ordered reader, snapshot and dead-letter buckets.
 //! - [`reconcile`]: reads customers back from Gameball's REST API as updates, to heal profiles
 //!   whose webhooks were lost (the client side; not yet wired into the server).
 //!
@@ -54,6 +58,7 @@ pub mod metrics;
 pub mod monitoring;
 pub mod profile;
 pub mod reconcile;
+pub mod replication;
 pub mod sequencer;
 pub mod server;
 pub mod startup;

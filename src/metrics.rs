@@ -24,11 +24,12 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
 use tonic::Code;
 
+use crate::replication::ReplicaStatus;
 use crate::store::Store;
 
 /// Every `(outcome, HTTP status)` a webhook can be answered with, as the labels of
@@ -63,6 +64,11 @@ pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] =
 /// `profile_state_watch_streams_refused_total` (`--max-watch-streams`,
 /// `--max-watch-streams-per-connection`).
 pub const WATCH_STREAM_LIMITS: &[&str] = &["server", "connection"];
+/// Why a publish to the stream failed (`profile_state_replication_publish_failures_total`).
+pub const REPLICATION_PUBLISH_FAILURES: &[&str] = &["unavailable", "refused", "too_large"];
+
+/// What became of a snapshot upload (`profile_state_replication_snapshot_uploads_total`).
+pub const REPLICATION_UPLOAD_OUTCOMES: &[&str] = &["uploaded", "failed"];
 
 /// The version label of `profile_state_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -186,6 +192,104 @@ struct Inner {
     grpc_started: IntCounterVec,
     grpc_handled: IntCounterVec,
     grpc_handling: HistogramVec,
+    replication: Replication,
+}
+
+/// The `profile_state_replication_*` series: all zero on a single node.
+struct Replication {
+    applied_sequence: IntGauge,
+    stream_last_sequence: IntGauge,
+    lag_messages: IntGauge,
+    lag_seconds: Gauge,
+    nats_connected: IntGauge,
+    applier_stopped: IntGauge,
+    publish: Histogram,
+    apply_lag: Histogram,
+    publish_failures: IntCounterVec,
+    recorded_not_applied: IntCounter,
+    duplicates: IntCounter,
+    snapshot_uploads: IntCounterVec,
+}
+
+impl Replication {
+    fn new(r: &Registry) -> Replication {
+        let publish_failures = counter_vec(
+            r,
+            "profile_state_replication_publish_failures_total",
+            "Publishes to the stream that failed (their webhooks got 503), by reason \
+             (unavailable, refused, too_large).",
+            &["reason"],
+        );
+        for reason in REPLICATION_PUBLISH_FAILURES {
+            publish_failures.with_label_values(&[reason]);
+        }
+        let snapshot_uploads = counter_vec(
+            r,
+            "profile_state_replication_snapshot_uploads_total",
+            "Snapshots this replica published to the snapshot bucket, by outcome (uploaded, \
+             failed).",
+            &["outcome"],
+        );
+        for outcome in REPLICATION_UPLOAD_OUTCOMES {
+            snapshot_uploads.with_label_values(&[outcome]);
+        }
+        let float_gauge =
+            |name: &str, help: &str| register(r, Gauge::new(name, help).expect("valid metric"));
+        Replication {
+            applied_sequence: gauge(
+                r,
+                "profile_state_replication_applied_sequence",
+                "The last stream sequence this replica applied.",
+            ),
+            stream_last_sequence: gauge(
+                r,
+                "profile_state_replication_stream_last_sequence",
+                "The stream's last sequence, as this replica last saw it.",
+            ),
+            lag_messages: gauge(
+                r,
+                "profile_state_replication_lag_messages",
+                "Stream messages this replica knows of and has not applied.",
+            ),
+            lag_seconds: float_gauge(
+                "profile_state_replication_lag_seconds",
+                "Time since this replica last knew it had applied the whole stream.",
+            ),
+            nats_connected: gauge(
+                r,
+                "profile_state_replication_nats_connected",
+                "1 while this replica is connected to NATS.",
+            ),
+            applier_stopped: gauge(
+                r,
+                "profile_state_replication_applier_stopped",
+                "1 once this replica stopped applying the stream (a hole or a malformed message).",
+            ),
+            publish: histogram(
+                r,
+                "profile_state_replication_publish_duration_seconds",
+                "Time from publishing a batch to the stream to its acknowledgement.",
+            ),
+            apply_lag: histogram(
+                r,
+                "profile_state_replication_apply_lag_seconds",
+                "Time from a message being stored in the stream to this replica applying it.",
+            ),
+            publish_failures,
+            recorded_not_applied: counter(
+                r,
+                "profile_state_replication_recorded_not_applied_total",
+                "Webhooks answered 503 although recorded in the stream, because this replica \
+                 did not apply them within the webhook timeout.",
+            ),
+            duplicates: counter(
+                r,
+                "profile_state_replication_duplicate_publishes_total",
+                "Publishes the stream dropped as repeats of an earlier message (same message id).",
+            ),
+            snapshot_uploads,
+        }
+    }
 }
 
 /// What the gauges that mirror the rest of the service read at scrape time.
@@ -196,6 +300,8 @@ pub struct Readings<'a> {
     pub dead_letters: usize,
     /// Whether the service is ready for webhooks (what `/readyz` answers).
     pub ready: bool,
+    /// The replica's standing, in replicated mode.
+    pub replica: Option<&'a ReplicaStatus>,
 }
 
 /// The per-RPC metrics of one method, resolved once so a call touches no label map.
@@ -422,6 +528,7 @@ impl Metrics {
                 "Time from the start of an RPC to its status (for a stream: its whole life).",
                 &grpc_labels,
             ),
+            replication: Replication::new(r),
             registry,
         };
         Metrics {
@@ -542,6 +649,44 @@ impl Metrics {
         self.inner.journal_failures.inc();
     }
 
+    /// Records a publish acknowledged after `seconds`; `duplicate` when the stream dropped it
+    /// as a repeat.
+    pub fn replication_published(&self, seconds: f64, duplicate: bool) {
+        self.inner.replication.publish.observe(seconds);
+        if duplicate {
+            self.inner.replication.duplicates.inc();
+        }
+    }
+
+    /// Counts a failed publish. `reason` is one of [`REPLICATION_PUBLISH_FAILURES`].
+    pub fn replication_publish_failed(&self, reason: &str) {
+        debug_assert!(REPLICATION_PUBLISH_FAILURES.contains(&reason), "{reason}");
+        let failures = &self.inner.replication.publish_failures;
+        failures.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a webhook answered 503 although recorded (not applied here in time).
+    pub fn replication_recorded_not_applied(&self) {
+        self.inner.replication.recorded_not_applied.inc();
+    }
+
+    /// Records a message applied `seconds` after the stream stored it.
+    pub fn replication_applied(&self, seconds: f64) {
+        self.inner.replication.apply_lag.observe(seconds);
+    }
+
+    /// Marks the applier stopped for good.
+    pub fn replication_applier_failed(&self) {
+        self.inner.replication.applier_stopped.set(1);
+    }
+
+    /// Counts a snapshot upload. `outcome` is one of [`REPLICATION_UPLOAD_OUTCOMES`].
+    pub fn replication_snapshot_upload(&self, outcome: &str) {
+        debug_assert!(REPLICATION_UPLOAD_OUTCOMES.contains(&outcome), "{outcome}");
+        let uploads = &self.inner.replication.snapshot_uploads;
+        uploads.with_label_values(&[outcome]).inc();
+    }
+
     /// The Prometheus text exposition of every metric, with the mirrored gauges read now.
     pub fn render(&self, now: Readings<'_>) -> String {
         let inner = &self.inner;
@@ -552,6 +697,22 @@ impl Metrics {
         inner.ready.set(i64::from(now.ready));
         let history_bytes = i64::try_from(now.store.history_bytes()).unwrap_or(i64::MAX);
         inner.history_bytes.set(history_bytes);
+        if let Some(replica) = now.replica {
+            let replication = &inner.replication;
+            let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+            let lag = replica.lag();
+            replication
+                .applied_sequence
+                .set(gauge(replica.position().sequence));
+            replication
+                .stream_last_sequence
+                .set(gauge(replica.stream_last()));
+            replication.lag_messages.set(gauge(lag.messages));
+            replication.lag_seconds.set(lag.seconds);
+            replication
+                .nats_connected
+                .set(i64::from(replica.nats_connected()));
+        }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&inner.registry.gather(), &mut out)

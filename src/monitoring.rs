@@ -6,7 +6,9 @@
 //! - `GET /livez` (and `/healthz`, its older name): 200 while the process serves at all
 //!   (liveness).
 //! - `GET /readyz`: 200 when webhooks can be accepted: recovery done (the listener only opens
-//!   after it), the journal writable, not shutting down; else 503 with the reason.
+//!   after it), the journal writable, not shutting down, and in replicated mode connected to
+//!   NATS, applying and within `--max-lag` of the stream (judged at the request); else 503
+//!   with the reason.
 //!
 //! It only reads state; it changes nothing and serves no customer data.
 
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dead_letters::DeadLetters;
 use crate::metrics::{Metrics, Readings};
+use crate::replication::ReplicaStatus;
 use crate::store::Store;
 
 /// What the monitoring endpoints read.
@@ -31,10 +34,12 @@ pub struct Monitoring {
     pub store: Store,
     /// The dead letters, for the gauge of those kept.
     pub dead_letters: DeadLetters,
-    /// Whether the journal's last write succeeded.
+    /// Whether the journal's last write succeeded (always true in replicated mode).
     pub writable: watch::Receiver<bool>,
     /// Cancelled when shutdown begins.
     pub stopping: CancellationToken,
+    /// The replica's standing, in replicated mode.
+    pub replica: Option<ReplicaStatus>,
 }
 
 impl Monitoring {
@@ -50,14 +55,15 @@ impl Monitoring {
 
     /// Why the service is not ready for webhooks, if it is not (`/readyz` and the
     /// `profile_state_ready` gauge both say this).
-    fn not_ready(&self) -> Option<&'static str> {
+    fn not_ready(&self) -> Option<String> {
         if self.stopping.is_cancelled() {
-            return Some("shutting down\n");
+            return Some("shutting down\n".into());
         }
         if !*self.writable.borrow() {
-            return Some("journal writes are failing; webhooks get 503\n");
+            return Some("journal writes are failing; webhooks get 503\n".into());
         }
-        None
+        let replica = self.replica.as_ref()?;
+        replica.not_ready_reason().map(|reason| reason + "\n")
     }
 }
 
@@ -66,6 +72,7 @@ async fn metrics(State(monitoring): State<Monitoring>) -> Response {
         store: &monitoring.store,
         dead_letters: monitoring.dead_letters.len(),
         ready: monitoring.not_ready().is_none(),
+        replica: monitoring.replica.as_ref(),
     });
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     ([(header::CONTENT_TYPE, content_type)], text).into_response()

@@ -380,16 +380,19 @@ impl Task {
 }
 
 /// A merged and numbered batch, not yet committed.
-struct Sequenced {
+pub(crate) struct Sequenced {
     /// The changes, revisions consecutive after the store's.
-    changes: Vec<Arc<Change>>,
+    pub(crate) changes: Vec<Arc<Change>>,
     /// Each update's outcome, in order.
-    outcomes: Vec<Applied>,
+    pub(crate) outcomes: Vec<Applied>,
 }
 
 /// Merges a batch of updates in arrival order and numbers the changes after the store's
-/// revision. Pure apart from reading the store.
-fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
+/// revision. Pure apart from reading the store. The one place revisions are assigned: the
+/// sequencer's task calls it for the local journal, recovery through `replay`, and in
+/// replicated mode the replica's applier (`crate::replication`) for each stream message, in
+/// stream order, so that every replica assigns the same revisions.
+pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
     let mut next_revision = store.revision() + 1;
     // Profiles this batch already changed: later updates of the same profile merge into these,
     // not into the store's older copy.

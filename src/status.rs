@@ -10,7 +10,9 @@
 //! Validation errors carry the field: HTTP puts it in the JSON body (the webhook adapter does
 //! that), gRPC in `google.rpc.BadRequest` details. A dead-lettered delivery is 422 over HTTP
 //! (the webhook adds the dead letter's id) and FAILED_PRECONDITION over gRPC (a replay that
-//! still fails), with `google.rpc.PreconditionFailure` naming the letter. The descriptors of
+//! still fails), with `google.rpc.PreconditionFailure` naming the letter. A `min_revision` read
+//! not served by its deadline is UNAVAILABLE with `google.rpc.ErrorInfo` holding the applied
+//! revision. The descriptors of
 //! those detail messages, which reflection serves so clients can decode them, come from here
 //! too. Nothing else here.
 
@@ -114,7 +116,9 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
             Error::Compacted { .. } | Error::StoreChanged { .. } => StatusCode::GONE,
             Error::DeadLettered { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::DeadLetterNotFound { .. } => StatusCode::NOT_FOUND,
-            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable { .. } | Error::RevisionNotApplied { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         },
         Rejection::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
         Rejection::PermissionDenied { .. } => StatusCode::FORBIDDEN,
@@ -150,6 +154,13 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
                     dead_letter_details(&id, &cause),
                 );
             }
+            Error::RevisionNotApplied { requested, applied } => {
+                return tonic::Status::with_error_details(
+                    tonic::Code::Unavailable,
+                    message,
+                    revision_details(requested, applied),
+                );
+            }
             Error::NotFound { .. } | Error::DeadLetterNotFound { .. } => tonic::Code::NotFound,
             Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
             Error::Compacted { .. } | Error::StoreChanged { .. } => tonic::Code::FailedPrecondition,
@@ -166,6 +177,19 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
         Rejection::BodyTimeout { .. } => tonic::Code::DeadlineExceeded,
     };
     tonic::Status::new(code, message)
+}
+
+/// The reason a `min_revision` read could not be served, and the revision this server had
+/// applied: `google.rpc.ErrorInfo` (reason `REVISION_NOT_APPLIED`, domain `profile-state`).
+fn revision_details(requested: u64, applied: u64) -> ErrorDetails {
+    ErrorDetails::with_error_info(
+        "REVISION_NOT_APPLIED",
+        "profile-state",
+        [
+            ("min_revision".to_string(), requested.to_string()),
+            ("applied_revision".to_string(), applied.to_string()),
+        ],
+    )
 }
 
 /// Kept, not applicable as it stands: a precondition (a fix) is missing, and the field that

@@ -379,6 +379,20 @@ impl Store {
         }
     }
 
+    /// Like [`Store::scan_as_of`], as of `as_of`, a revision already published (at most the
+    /// current one): a replica snapshots the state its last applied stream sequence left,
+    /// which may be a little behind the revision by the time the scan starts.
+    pub fn scan_as_of_revision(&self, client_id: Option<Arc<str>>, as_of: u64) -> AsOfScan {
+        debug_assert!(as_of <= self.revision(), "only a published revision");
+        AsOfScan {
+            as_of: as_of.min(self.revision()),
+            client_id,
+            after: None,
+            scanned: false,
+            newer: HashSet::new(),
+        }
+    }
+
     /// The ring's changes after `after`, pushed whether or not published yet.
     fn history_after(&self, after: u64, max: usize) -> Result<Vec<Arc<Change>>, Compacted> {
         let history = self.inner.history.read().expect("history lock poisoned");

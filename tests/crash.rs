@@ -303,6 +303,7 @@ async fn check_after_restart(
             .batch_get_profiles(BatchGetProfilesRequest {
                 client_id: CLIENT_ID.into(),
                 customer_ids: chunk.iter().map(|a| a.customer_id.clone()).collect(),
+                ..Default::default()
             })
             .await
             .expect("BatchGetProfiles")

@@ -125,6 +125,7 @@ async fn assert_not_found(service: &TestService, customer: &str) {
     let request = pb::GetProfileRequest {
         client_id: "2155".into(),
         customer_id: customer.into(),
+        ..Default::default()
     };
     let status = service
         .client()
@@ -323,6 +324,7 @@ async fn replaying_a_letter_that_is_valid_now_applies_it_like_a_webhook_and_remo
     let request = pb::GetProfileRequest {
         client_id: "2155".into(),
         customer_id: "fixed".into(),
+        ..Default::default()
     };
     let profile = profiles.get_profile(request).await.unwrap().into_inner();
     let profile = profile.profile.unwrap();

@@ -198,6 +198,7 @@ async fn a_failing_disk_gets_503_applies_nothing_and_recovers_by_itself() {
         .get_profile(pb::GetProfileRequest {
             client_id: "2155".into(),
             customer_id: "a".into(),
+            ..Default::default()
         })
         .await
         .expect_err("nothing applied");

@@ -88,6 +88,7 @@ async fn bad_request_details_of_a_rejected_request_decode_through_reflection() {
         .get_profile(pb::GetProfileRequest {
             client_id: "2155".into(),
             customer_id: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("an empty customer_id is rejected");

@@ -29,6 +29,7 @@ fn get(customer_id: &str) -> pb::GetProfileRequest {
     pb::GetProfileRequest {
         client_id: "2155".into(),
         customer_id: customer_id.into(),
+        ..Default::default()
     }
 }
 
@@ -402,6 +403,7 @@ async fn messages_larger_than_the_limit_are_refused_both_ways() {
     let big = pb::BatchGetProfilesRequest {
         client_id: "2155".into(),
         customer_ids: (0..300).map(|i| format!("customer-{i:020}")).collect(),
+        ..Default::default()
     };
     let status = client.batch_get_profiles(big).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
@@ -415,6 +417,7 @@ async fn messages_larger_than_the_limit_are_refused_both_ways() {
     let small = |ids: &[String]| pb::BatchGetProfilesRequest {
         client_id: "2155".into(),
         customer_ids: ids.to_vec(),
+        ..Default::default()
     };
     assert!(client.batch_get_profiles(small(&ids[..2])).await.is_ok());
     let status = client.batch_get_profiles(small(&ids)).await.unwrap_err();

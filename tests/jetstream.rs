@@ -119,8 +119,32 @@ async fn an_existing_stream_that_cannot_work_is_refused_naming_the_setting() {
         "CHECKED: duplicate_window is 2h, expected at least 3h"
     );
 
-    // A stream an operator made by hand: no store id, messages removed by age.
+    // A stream of other merge rules (a newer or older release's): replicas of both would
+    // assign different revisions, so it is refused, saying how to upgrade.
     let context = client.context();
+    let mut config = context
+        .get_stream("CHECKED")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config
+        .metadata
+        .insert("profile_state_rules".into(), "0".into());
+    context.update_stream(config).await.unwrap();
+    let error = UpdateStream::ensure(&client, &settings("CHECKED"))
+        .await
+        .err()
+        .unwrap();
+    let message = error.to_string();
+    assert!(
+        message.contains("metadata merge rules version"),
+        "{message}"
+    );
+    assert!(message.contains("upgrade them all"), "{message}");
+
+    // A stream an operator made by hand: no store id, messages removed by age.
     context
         .create_stream(async_nats::jetstream::stream::Config {
             name: "HANDMADE".into(),

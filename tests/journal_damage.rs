@@ -81,6 +81,7 @@ async fn exists(binary: &Binary, customer: &str) -> bool {
         .get_profile(pb::GetProfileRequest {
             client_id: "2155".into(),
             customer_id: customer.into(),
+            ..Default::default()
         })
         .await;
     match found {

@@ -502,6 +502,7 @@ async fn email_and_mobile_number_never_reach_the_logs_at_any_level() {
         .get_profile(pb::GetProfileRequest {
             client_id: "2155".into(),
             customer_id: "a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

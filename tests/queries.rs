@@ -113,6 +113,7 @@ fn get(client_id: &str, customer_id: &str) -> pb::GetProfileRequest {
     pb::GetProfileRequest {
         client_id: client_id.into(),
         customer_id: customer_id.into(),
+        ..Default::default()
     }
 }
 
@@ -120,6 +121,7 @@ fn batch(client_id: &str, customer_ids: &[String]) -> pb::BatchGetProfilesReques
     pb::BatchGetProfilesRequest {
         client_id: client_id.into(),
         customer_ids: customer_ids.to_vec(),
+        ..Default::default()
     }
 }
 
@@ -129,6 +131,7 @@ fn list(client_id: &str, tier_name: &str, page_size: i32, token: &str) -> pb::Li
         page_size,
         page_token: token.into(),
         tier_name: tier_name.into(),
+        ..Default::default()
     }
 }
 

@@ -60,6 +60,7 @@ async fn get(service: &TestService, customer: &str) -> Option<pb::Profile> {
     let request = pb::GetProfileRequest {
         client_id: "2155".into(),
         customer_id: customer.into(),
+        ..Default::default()
     };
     match service.client().await.get_profile(request).await {
         Ok(response) => response.into_inner().profile,

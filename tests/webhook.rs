@@ -112,6 +112,7 @@ async fn get(
     let request = pb::GetProfileRequest {
         client_id: CLIENT.into(),
         customer_id: customer_id.into(),
+        ..Default::default()
     };
     client
         .get_profile(request)
@@ -985,6 +986,7 @@ async fn concurrent_webhooks_get_distinct_consecutive_revisions() {
             .iter()
             .map(|(customer, _)| customer.clone())
             .collect(),
+        ..Default::default()
     };
     let found = client
         .batch_get_profiles(request)

@@ -4,7 +4,8 @@
 //!
 //! Scenarios: `ingest` (signed webhooks, HTTP/1.1 keep-alive), `get`, `batch-get`, `list`
 //! (unary gRPC over HTTP/2), `fanout` (WatchProfiles latency and its cost to ingest), `memory`
-//! (RSS per profile) and `recovery` (start-up time on a full data dir). By default the tool
+//! (RSS per profile), `recovery` (start-up time on a full data dir) and `cluster` (replicas
+//! over a 3-node NATS cluster vs the single node). By default the tool
 //! starts the service itself (`--server-bin`, the `profile-state` next to this binary) on
 //! 127.0.0.1 port 0; `--webhook`/`--grpc` point it at a running deployment instead. The
 //! baselines run in a child process of this binary (the hidden `baseline` command).
@@ -132,6 +133,13 @@ enum Scenario {
         #[arg(long, value_enum, default_value = "customer")]
         impact_filter: Filter,
     },
+    /// Replicas over NATS: ingest through N replicas vs the single node durable, and the
+    /// replication lag at a paced --rate [1000/s]; starts 3 nats-server nodes [10k customers].
+    Cluster {
+        /// Replicas started over the NATS cluster.
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+    },
     /// RSS growth per profile of an --ephemeral service loaded with N profiles [1M].
     Memory,
     /// Start-up time on a data dir holding N profiles [1M].
@@ -223,6 +231,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 impact_filter,
             )
             .await?
+        }
+        Scenario::Cluster { replicas } => {
+            scenarios::cluster::run(&options, &mut report, replicas).await?
         }
         Scenario::Memory => scenarios::footprint::memory(&options, &mut report).await?,
         Scenario::Recovery => scenarios::footprint::recovery(&options, &mut report).await?,

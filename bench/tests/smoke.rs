@@ -138,3 +138,18 @@ fn memory_and_recovery_measure_a_spawned_service() {
             .any(|m| m.starts_with("spawn -> listening"))
     );
 }
+
+#[test]
+fn cluster_compares_replicas_with_the_single_node_and_measures_the_lag() {
+    let report = run(&["cluster"], &["--customers", "50", "--rate", "50"]);
+    assert!(
+        metrics(&report)
+            .iter()
+            .any(|m| m.starts_with("ingest req/s through 3 replicas"))
+    );
+    assert!(
+        metrics(&report)
+            .iter()
+            .any(|m| m.starts_with("replication lag p99"))
+    );
+}

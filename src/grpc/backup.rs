@@ -13,6 +13,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status};
 
+use crate::journal::codec::SnapshotHeader;
 use crate::journal::snapshot;
 use crate::pb;
 use crate::store::Store;
@@ -50,7 +51,7 @@ impl BackupApi {
 
 /// Reads, encodes and sends the backup; a failed send (the client left) stops it.
 fn send(store: &Store, pieces: &mpsc::Sender<Result<pb::BackupResponse, Status>>) {
-    let (revision, profiles) = match snapshot::consistent_state(store) {
+    let (revision, profiles) = match snapshot::consistent_state(store, None) {
         Ok(state) => state,
         Err(error) => {
             tracing::warn!(error = %error, "backup failed");
@@ -68,7 +69,13 @@ fn send(store: &Store, pieces: &mpsc::Sender<Result<pb::BackupResponse, Status>>
         store_id: store.store_id().to_owned(),
         profile_count: profiles.len() as u64,
     });
-    let sent = snapshot::encode(revision, &profiles, |bytes| {
+    // A backup is restored as a single node's data: no stream position.
+    let header = SnapshotHeader {
+        revision,
+        profiles: profiles.len() as u64,
+        stream_sequence: 0,
+    };
+    let sent = snapshot::encode(&header, &profiles, |bytes| {
         for piece in bytes.chunks(PIECE_BYTES) {
             let mut message = first.take().unwrap_or_default();
             message.chunk = piece.to_vec();

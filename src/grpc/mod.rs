@@ -1,8 +1,10 @@
 //! The gRPC adapter: `gameball.profiles.v1.ProfileService` over the store and watch feeds.
 //!
 //! Each RPC checks its request, calls the domain, and converts the result; errors go through
-//! `crate::status`. Reads never touch the sequencer. Open watch streams are capped
-//! (`--max-watch-streams`, and `--max-watch-streams-per-connection` on each connection). Health and reflection are wired up in `crate::server`, not here;
+//! `crate::status`. Reads never touch the sequencer. A read with `min_revision` waits until the
+//! store has applied it, bounded by the call's deadline (`grpc-timeout`). Open watch streams are
+//! capped (`--max-watch-streams`, and `--max-watch-streams-per-connection` on each connection).
+//! Health and reflection are wired up in `crate::server`, not here;
 //! `auth` checks bearer tokens and `transport` sets up TLS, keepalive and per-call metrics.
 
 pub mod admin;
@@ -30,6 +32,7 @@ use crate::metrics::{Metrics, WatchStreamGuard};
 use crate::pb;
 use crate::pb::profile_service_server::ProfileService;
 use crate::profile::{Field, Profile, ProfileKey};
+use crate::replication::ReplicaStatus;
 use crate::status::{Rejection, grpc_status};
 use crate::store::Store;
 use crate::watch::{FieldSelector, WatchEvent, WatchSpec, Watchers};
@@ -51,6 +54,8 @@ pub const MAX_WATCH_FIELDS: usize = 100;
 /// Events buffered per subscriber between its feed task and the gRPC stream. Small on purpose:
 /// a subscriber that does not read holds at most this many, the rest stays in history.
 const WATCH_BUFFER: usize = 64;
+/// Longest a `min_revision` read waits, whatever its deadline.
+pub const MAX_MIN_REVISION_WAIT: Duration = Duration::from_secs(30);
 
 /// The ProfileService implementation.
 pub struct ProfileApi {
@@ -66,6 +71,8 @@ pub struct ProfileApi {
     watch_streams: Arc<Semaphore>,
     max_watch_streams: usize,
     metrics: Metrics,
+    /// The replica's standing, in replicated mode (GetServerInfo reports it).
+    replica: Option<ReplicaStatus>,
 }
 
 impl ProfileApi {
@@ -91,6 +98,44 @@ impl ProfileApi {
             watch_streams: Arc::new(Semaphore::new(UNLIMITED_STREAMS)),
             max_watch_streams: UNLIMITED_STREAMS,
             metrics,
+            replica: None,
+        }
+    }
+
+    /// A replica's API: GetServerInfo also reports `replica`'s name, position and lag.
+    pub fn with_replica(mut self, replica: ReplicaStatus) -> Self {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// Waits until the store has applied `min_revision` (0: no wait), at most until shortly
+    /// before the call's deadline (so the caller gets this answer, not its own timeout) and
+    /// [`MAX_MIN_REVISION_WAIT`]; past it, `RevisionNotApplied` with the applied revision.
+    async fn wait_for(
+        &self,
+        min_revision: u64,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<(), Status> {
+        if min_revision == 0 || self.store.revision() >= min_revision {
+            return Ok(());
+        }
+        let budget = deadline(metadata).map_or(MAX_MIN_REVISION_WAIT, |timeout| {
+            // A tenth of the time (at most 100 ms) is left for the answer to travel.
+            let margin = (timeout / 10).min(Duration::from_millis(100));
+            timeout.saturating_sub(margin).min(MAX_MIN_REVISION_WAIT)
+        });
+        let mut revisions = self.store.subscribe();
+        let waited = tokio::time::timeout(
+            budget,
+            revisions.wait_for(|revision| *revision >= min_revision),
+        )
+        .await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(grpc_status(Error::RevisionNotApplied {
+                requested: min_revision,
+                applied: self.store.revision(),
+            })),
         }
     }
 
@@ -158,9 +203,10 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::GetProfileRequest>,
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let client_id = required(&request.client_id, "client_id")?;
         let customer_id = required(&request.customer_id, "customer_id")?;
+        self.wait_for(request.min_revision, &metadata).await?;
         let profile = self
             .store
             .get(&ProfileKey::new(client_id, customer_id))
@@ -180,7 +226,7 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::BatchGetProfilesRequest>,
     ) -> Result<Response<pb::BatchGetProfilesResponse>, Status> {
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let client_id: Arc<str> = required(&request.client_id, "client_id")?.into();
         if request.customer_ids.len() > MAX_BATCH_IDS {
             let reason = format!(
@@ -189,10 +235,13 @@ impl ProfileService for ProfileApi {
             );
             return Err(grpc_status(Error::invalid("customer_ids", reason)));
         }
+        for (index, customer_id) in request.customer_ids.iter().enumerate() {
+            required(customer_id, &format!("customer_ids[{index}]"))?;
+        }
+        self.wait_for(request.min_revision, &metadata).await?;
         let mut found = Vec::with_capacity(request.customer_ids.len());
         let mut missing_customer_ids = Vec::new();
-        for (index, customer_id) in request.customer_ids.into_iter().enumerate() {
-            required(&customer_id, &format!("customer_ids[{index}]"))?;
+        for customer_id in request.customer_ids {
             let key = ProfileKey::new(Arc::clone(&client_id), customer_id.as_str());
             match self.store.get(&key) {
                 Some(profile) => found.push(profile),
@@ -210,7 +259,7 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::ListProfilesRequest>,
     ) -> Result<Response<pb::ListProfilesResponse>, Status> {
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let page_size = page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
         let (client_id, tier_name) = (request.client_id.as_str(), request.tier_name.as_str());
         let after = match request.page_token.as_str() {
@@ -219,6 +268,7 @@ impl ProfileService for ProfileApi {
                 Some(page_token::decode(token, client_id, tier_name).map_err(|e| grpc_status(&e))?)
             }
         };
+        self.wait_for(request.min_revision, &metadata).await?;
         let scan = self.store.scan(
             Some(client_id).filter(|id| !id.is_empty()),
             after.as_ref(),
@@ -259,7 +309,11 @@ impl ProfileService for ProfileApi {
                     limit: self.max_watch_streams,
                 })
             })?;
-        let watch = self.watchers.open(spec).map_err(|e| grpc_status(&e))?;
+        let watch = self
+            .watchers
+            .open_caught_up(spec)
+            .await
+            .map_err(|e| grpc_status(&e))?;
         let (events, received) = mpsc::channel(WATCH_BUFFER);
         self.tracker.spawn(watch.run(events, self.shutdown.clone()));
         let store = self.store.clone();
@@ -289,19 +343,53 @@ impl ProfileService for ProfileApi {
         &self,
         _request: Request<pb::GetServerInfoRequest>,
     ) -> Result<Response<pb::GetServerInfoResponse>, Status> {
-        let uptime = self.started.elapsed();
-        Ok(Response::new(pb::GetServerInfoResponse {
+        let mut info = pb::GetServerInfoResponse {
             store_id: self.store.store_id().to_owned(),
             revision: self.store.revision(),
             oldest_revision: self.store.oldest_in_history(),
             profile_count: self.store.len() as u64,
-            uptime: Some(prost_types::Duration {
-                seconds: i64::try_from(uptime.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(uptime.subsec_nanos()).unwrap_or(0),
-            }),
+            uptime: Some(duration(self.started.elapsed())),
             durable: self.durable,
-        }))
+            ..Default::default()
+        };
+        if let Some(replica) = &self.replica {
+            let position = replica.position();
+            let lag = replica.lag();
+            info.replica = replica.name().to_owned();
+            info.applied_sequence = position.sequence;
+            // The revision this position left, read together with it: the store's own may
+            // already be one message further.
+            info.revision = position.revision;
+            info.stream_last_sequence = replica.stream_last().max(position.sequence);
+            info.lag_messages = lag.messages;
+            info.lag = Some(duration(Duration::from_secs_f64(lag.seconds)));
+        }
+        Ok(Response::new(info))
     }
+}
+
+fn duration(elapsed: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(elapsed.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The call's deadline from its `grpc-timeout` header (`<digits><unit>`, unit one of `H M S m
+/// u n`), as the gRPC over HTTP/2 specification writes it; `None` without one.
+fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
@@ -352,4 +440,25 @@ fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
             .filter(|id| !id.is_empty())
             .map(Arc::from),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_garbage_is_none() {
+        let with = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().unwrap());
+            deadline(&metadata)
+        };
+        assert_eq!(with("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(with("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(with("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(with("x"), None);
+        assert_eq!(with("10Q"), None);
+        assert_eq!(deadline(&tonic::metadata::MetadataMap::new()), None);
+    }
 }

@@ -1,8 +1,11 @@
 //! The one ingest path, transport-free: what happens to an authenticated delivery.
 //!
 //! A body is validated into a [`Delivery`] by Gameball's rules ([`payload`], every error naming
-//! the field), then recorded through the sequencer ([`Ingest::record`]: applied, unchanged, or
-//! another topic acknowledged and not applied). A body that fails validation was authenticated,
+//! the field), then recorded ([`Ingest::record`]: applied, unchanged, or another topic
+//! acknowledged and not applied): through the sequencer and its local journal on a single
+//! node, or, in replicated mode, through the replica's publisher (the update goes to the
+//! stream, and the answer waits until this replica has applied it). Both answer the same
+//! [`Applied`], so nothing above this module knows which mode runs. A body that fails validation was authenticated,
 //! so it is kept as a dead letter before anyone is answered ([`Ingest::accept`]); replaying a
 //! dead letter ([`Ingest::replay`]) takes the same validate-then-record path, minus the
 //! signature, which was checked when the body arrived.
@@ -18,6 +21,7 @@ pub mod payload;
 use crate::dead_letters::{DeadLetterError, DeadLetterId, DeadLetters};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::replication::Publisher;
 use crate::sequencer::{Applied, Sequencer};
 pub use payload::Delivery;
 
@@ -62,13 +66,22 @@ pub fn loggable(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// The ingest path's handle: the sequencer it records through and the dead letters it keeps.
-/// Cloning it clones three handles (a few reference counts).
+/// The ingest path's handle: what it records through and the dead letters it keeps. Cloning
+/// it clones three handles (a few reference counts).
 #[derive(Clone)]
 pub struct Ingest {
-    sequencer: Sequencer,
+    recorder: Recorder,
     dead_letters: DeadLetters,
     metrics: Metrics,
+}
+
+/// Where updates are recorded.
+#[derive(Clone)]
+enum Recorder {
+    /// A single node: the sequencer and its journal.
+    Local(Sequencer),
+    /// A replica: the stream, then this replica's apply.
+    Replicated(Publisher),
 }
 
 impl Ingest {
@@ -76,7 +89,16 @@ impl Ingest {
     /// the letters it keeps in `metrics`.
     pub fn new(sequencer: Sequencer, dead_letters: DeadLetters, metrics: Metrics) -> Ingest {
         Ingest {
-            sequencer,
+            recorder: Recorder::Local(sequencer),
+            dead_letters,
+            metrics,
+        }
+    }
+
+    /// Records through a replica's `publisher` (replicated mode); otherwise as [`Ingest::new`].
+    pub fn replicated(publisher: Publisher, dead_letters: DeadLetters, metrics: Metrics) -> Ingest {
+        Ingest {
+            recorder: Recorder::Replicated(publisher),
             dead_letters,
             metrics,
         }
@@ -109,8 +131,8 @@ impl Ingest {
         }
     }
 
-    /// Applies a validated delivery through the sequencer (another topic is only acknowledged)
-    /// and returns once it is recorded and visible. The second half of the path.
+    /// Applies a validated delivery (another topic is only acknowledged) and returns once it is
+    /// recorded and visible here. The second half of the path.
     pub async fn record(&self, delivery: Delivery) -> Result<Outcome, Error> {
         match delivery {
             Delivery::Other { event } => {
@@ -120,7 +142,10 @@ impl Ingest {
             }
             Delivery::ProfileUpdated(update) => {
                 let client_id = update.key.client_id.clone();
-                let applied = self.sequencer.apply(update).await?;
+                let applied = match &self.recorder {
+                    Recorder::Local(sequencer) => sequencer.apply(update).await?,
+                    Recorder::Replicated(publisher) => publisher.apply(update).await?,
+                };
                 let client_id = loggable(&client_id);
                 tracing::debug!(%client_id, %applied, "webhook applied");
                 Ok(Outcome::Applied(applied))

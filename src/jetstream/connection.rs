@@ -11,11 +11,6 @@ use tokio::sync::watch;
 use super::JetStreamError;
 use crate::config::NatsConfig;
 
-/// How long one JetStream request (publish acknowledgement, stream info) may take before it is
-/// an error. Below the webhook timeout (10 s by default), so a webhook can still be answered
-/// 503 in time.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// A connection to NATS and its JetStream context. Cloning is cheap (handles onto one
 /// connection task that async-nats owns; it reconnects by itself, forever).
 #[derive(Clone)]
@@ -36,6 +31,10 @@ impl Nats {
             urls: urls.clone(),
             reason,
         };
+        // How long one JetStream request (publish acknowledgement, stream info) may take:
+        // `--nats-request-timeout`, below the webhook timeout (checked with the flags), so a
+        // webhook can still be answered 503 in time.
+        let timeout: Duration = config.request_timeout;
         let (connected, connections) = watch::channel(0u64);
         let connected = Arc::new(connected);
         let mut options = ConnectOptions::new()
@@ -48,8 +47,8 @@ impl Nats {
                 }
             })
             .name(name)
-            .connection_timeout(REQUEST_TIMEOUT)
-            .request_timeout(Some(REQUEST_TIMEOUT));
+            .connection_timeout(timeout)
+            .request_timeout(Some(timeout));
         if let Some(path) = &config.creds {
             options = options
                 .credentials_file(path)
@@ -78,7 +77,7 @@ impl Nats {
             .await
             .map_err(|err| error(err.to_string()))?;
         let mut context = jetstream::new(client.clone());
-        context.set_timeout(REQUEST_TIMEOUT);
+        context.set_timeout(timeout);
         Ok(Nats {
             client,
             context,

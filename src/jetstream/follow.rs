@@ -71,8 +71,8 @@ impl Follower {
             watch_connections: true,
             next: applied + 1,
         };
-        follower.check_bounds().await?;
-        follower.messages = Some(follower.consume_from_next().await?);
+        check_bounds(stream, follower.next).await?;
+        follower.messages = Some(consume_from(stream, follower.next).await?);
         Ok(follower)
     }
 
@@ -87,7 +87,7 @@ impl Follower {
     pub async fn next(&mut self) -> Result<Entry, JetStreamError> {
         loop {
             let Some(messages) = self.messages.as_mut() else {
-                self.messages = Some(self.rebuild().await?);
+                self.messages = Some(rebuild(&self.stream, self.next).await?);
                 continue;
             };
             let item = tokio::select! {
@@ -134,7 +134,7 @@ impl Follower {
             return Ok(None);
         }
         if sequence > self.next {
-            self.check_bounds().await?;
+            check_bounds(&self.stream, self.next).await?;
             return Err(JetStreamError::Gap {
                 stream: self.stream.name().to_string(),
                 expected: self.next,
@@ -156,71 +156,73 @@ impl Follower {
             batch,
         }))
     }
+}
 
-    /// A new consumer from `next`, retrying (with backoff) while NATS cannot be reached.
-    async fn rebuild(&self) -> Result<Ordered, JetStreamError> {
-        let mut delay = Duration::from_millis(50);
-        loop {
-            let attempt = match self.check_bounds().await {
-                Ok(()) => self.consume_from_next().await,
-                Err(err) => Err(err),
-            };
-            match attempt {
-                Ok(messages) => return Ok(messages),
-                Err(JetStreamError::Unavailable { operation, reason }) => {
-                    tracing::debug!(operation, reason, "consumer rebuild failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_RETRY_DELAY);
-                }
-                Err(err) => return Err(err),
-            }
-        }
-    }
+// Free functions over the stream rather than `&self` methods: a `&Follower` held across an
+// await would make the applier's future not `Send` (the consumer's stream is not `Sync`).
 
-    /// The stream must still hold `next` (not purged past it) and not end before `next - 1`.
-    async fn check_bounds(&self) -> Result<(), JetStreamError> {
-        let bounds = self.stream.bounds().await?;
-        let applied = self.next - 1;
-        if bounds.last < applied {
-            return Err(JetStreamError::AheadOfStream {
-                stream: self.stream.name().to_string(),
-                applied,
-                last: bounds.last,
-            });
-        }
-        if bounds.first > self.next {
-            return Err(JetStreamError::StartBelowFirst {
-                stream: self.stream.name().to_string(),
-                requested: self.next,
-                first: bounds.first,
-            });
-        }
-        Ok(())
-    }
-
-    async fn consume_from_next(&self) -> Result<Ordered, JetStreamError> {
-        let deliver_policy = match self.next {
-            1 => DeliverPolicy::All,
-            next => DeliverPolicy::ByStartSequence {
-                start_sequence: next,
-            },
+/// A new consumer from `next`, retrying (with backoff) while NATS cannot be reached.
+async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamError> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let attempt = match check_bounds(stream, next).await {
+            Ok(()) => consume_from(stream, next).await,
+            Err(err) => Err(err),
         };
-        let consumer = self
-            .stream
-            .handle()
-            .create_consumer(OrderedConfig {
-                filter_subject: self.stream.subject().to_string(),
-                deliver_policy,
-                max_expires: PULL_EXPIRES,
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable("consumer create"))?;
-        consumer
-            .messages()
-            .await
-            .map_err(unavailable("consumer messages"))
+        match attempt {
+            Ok(messages) => return Ok(messages),
+            Err(JetStreamError::Unavailable { operation, reason }) => {
+                tracing::debug!(operation, reason, "consumer rebuild failed, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+            Err(err) => return Err(err),
+        }
     }
+}
+
+/// The stream must still hold `next` (not purged past it) and not end before `next - 1`.
+async fn check_bounds(stream: &UpdateStream, next: u64) -> Result<(), JetStreamError> {
+    let bounds = stream.bounds().await?;
+    let applied = next - 1;
+    if bounds.last < applied {
+        return Err(JetStreamError::AheadOfStream {
+            stream: stream.name().to_string(),
+            applied,
+            last: bounds.last,
+        });
+    }
+    if bounds.first > next {
+        return Err(JetStreamError::StartBelowFirst {
+            stream: stream.name().to_string(),
+            requested: next,
+            first: bounds.first,
+        });
+    }
+    Ok(())
+}
+
+async fn consume_from(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamError> {
+    let deliver_policy = match next {
+        1 => DeliverPolicy::All,
+        next => DeliverPolicy::ByStartSequence {
+            start_sequence: next,
+        },
+    };
+    let consumer = stream
+        .handle()
+        .create_consumer(OrderedConfig {
+            filter_subject: stream.subject().to_string(),
+            deliver_policy,
+            max_expires: PULL_EXPIRES,
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable("consumer create"))?;
+    consumer
+        .messages()
+        .await
+        .map_err(unavailable("consumer messages"))
 }
 
 #[cfg(test)]

@@ -9,6 +9,9 @@
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, CreateErrorKind};
 use async_nats::jetstream::object_store::{self, ObjectMetadata, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use tokio::io::AsyncRead;
@@ -20,6 +23,10 @@ use super::{JetStreamError, UpdateStream};
 const REVISION_KEY: &str = "revision";
 const SEQUENCE_KEY: &str = "stream_sequence";
 const STORE_ID_KEY: &str = "store_id";
+/// The key of the upload claim in `<stream>_META`.
+const UPLOAD_CLAIM: &str = "snapshot-upload";
+/// How long an upload claim holds when its holder never releases it (it crashed).
+const CLAIM_TTL: Duration = Duration::from_secs(600);
 
 /// What a published snapshot is as of.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +47,9 @@ pub struct SnapshotBucket {
     bucket: String,
     store: ObjectStore,
     store_id: String,
+    /// `<stream>_META`: the upload claim, so that replicas which reach a snapshot at the same
+    /// time (they apply the same stream) do not all upload one.
+    meta: kv::Store,
 }
 
 impl SnapshotBucket {
@@ -60,11 +70,50 @@ impl SnapshotBucket {
                 .await
                 .map_err(unavailable("snapshot bucket create"))?,
         };
+        let meta_bucket = format!("{}_META", stream.name());
+        let meta = match context.get_key_value(&meta_bucket).await {
+            Ok(meta) => meta,
+            Err(_) => context
+                .create_key_value(kv::Config {
+                    bucket: meta_bucket,
+                    description: "profile-state coordination (snapshot upload claims)".into(),
+                    history: 1,
+                    max_age: CLAIM_TTL,
+                    storage: StorageType::File,
+                    num_replicas: stream.settings().replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable("meta bucket create"))?,
+        };
         Ok(SnapshotBucket {
             bucket,
             store,
             store_id: stream.store_id().to_string(),
+            meta,
         })
+    }
+
+    /// Claims the right to upload the next snapshot for `holder`; false when another replica
+    /// holds the claim. A claim its holder never releases (it crashed) lapses after 10 minutes.
+    pub async fn claim_upload(&self, holder: &str) -> Result<bool, JetStreamError> {
+        match self
+            .meta
+            .create(UPLOAD_CLAIM, holder.to_string().into())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+            Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
+        }
+    }
+
+    /// Gives the upload claim back.
+    pub async fn release_upload(&self) -> Result<(), JetStreamError> {
+        self.meta
+            .purge(UPLOAD_CLAIM)
+            .await
+            .map_err(|err| self.error(UPLOAD_CLAIM, err))
     }
 
     /// Stores a snapshot read from `data`, as of `revision` and `stream_sequence`.

@@ -20,6 +20,14 @@ const STORE_ID_KEY: &str = "profile_state_store_id";
 const FORMAT_KEY: &str = "profile_state_format";
 /// The message format this build writes and reads ([`UpdateBatch`], version 1).
 const FORMAT: &str = "1";
+/// Stream metadata key holding the version of the merge rules every replica applies the stream
+/// with. Revisions are assigned by each replica from the stream, so replicas with different
+/// rules would assign different ones: a replica refuses a stream of rules it does not
+/// implement, and a release that changes a merge rule (anything `Profile::merge` decides)
+/// bumps this, which makes its upgrade a full stop (README, "Upgrading replicas").
+const RULES_KEY: &str = "profile_state_rules";
+/// The merge rules this build implements.
+pub const RULES: &str = "1";
 
 /// What the stream must look like; derived from the `--nats-*` flags.
 #[derive(Clone, Debug)]
@@ -73,6 +81,7 @@ impl StreamSettings {
             metadata: HashMap::from([
                 (STORE_ID_KEY.to_string(), store_id.to_string()),
                 (FORMAT_KEY.to_string(), FORMAT.to_string()),
+                (RULES_KEY.to_string(), RULES.to_string()),
             ]),
             ..Default::default()
         }
@@ -166,7 +175,8 @@ impl UpdateStream {
         &self.settings
     }
 
-    pub(super) fn nats(&self) -> &Nats {
+    /// The connection it publishes on.
+    pub fn nats(&self) -> &Nats {
         &self.nats
     }
 
@@ -315,6 +325,20 @@ fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<String, 
             return Err(mismatch(
                 "metadata format",
                 FORMAT.into(),
+                format!("{found:?}"),
+            ));
+        }
+    }
+    match config.metadata.get(RULES_KEY).map(String::as_str) {
+        Some(RULES) => {}
+        found => {
+            return Err(mismatch(
+                "metadata merge rules version",
+                format!(
+                    "{RULES}, the rules of this build (a stream of other rules is applied only \
+                     by a build that implements them: stop every replica, upgrade them all, \
+                     then start them)"
+                ),
                 format!("{found:?}"),
             ));
         }

@@ -307,6 +307,11 @@ pub struct SnapshotHeader {
     /// How many profiles follow.
     #[prost(uint64, tag = "2")]
     pub profiles: u64,
+    /// In replicated mode, the last stream sequence applied in this state (a replica follows
+    /// the stream after it); 0 in a single node's snapshots. A field added without a format
+    /// change: older builds skip it.
+    #[prost(uint64, tag = "3")]
+    pub stream_sequence: u64,
 }
 
 /// A chunk of a snapshot's profiles.

@@ -336,7 +336,7 @@ impl FaultSwitch {
 }
 
 /// The journal segments in `dir`, by first revision.
-fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+pub(crate) fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     numbered_files(dir, SEGMENT_PREFIX, SEGMENT_SUFFIX)
 }
 

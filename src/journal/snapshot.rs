@@ -89,9 +89,25 @@ pub fn write(
     revision: u64,
     profiles: &[Arc<Profile>],
 ) -> Result<PathBuf, JournalError> {
+    write_as_of(dir, revision, 0, profiles)
+}
+
+/// [`write`], for a replica: the state is also as of `stream_sequence`, the last stream
+/// sequence applied in it (recorded in the header; 0 for a single node).
+pub fn write_as_of(
+    dir: &Path,
+    revision: u64,
+    stream_sequence: u64,
+    profiles: &[Arc<Profile>],
+) -> Result<PathBuf, JournalError> {
     let final_path = path(dir, revision);
     let temp = dir.join(format!("{PREFIX}{revision:020}{TEMP_SUFFIX}"));
-    let written = write_then_rename(dir, &temp, &final_path, revision, profiles);
+    let header = SnapshotHeader {
+        revision,
+        profiles: profiles.len() as u64,
+        stream_sequence,
+    };
+    let written = write_then_rename(dir, &temp, &final_path, &header, profiles);
     if written.is_err() {
         let _ = fs::remove_file(&temp);
     }
@@ -102,13 +118,13 @@ fn write_then_rename(
     dir: &Path,
     temp: &Path,
     final_path: &Path,
-    revision: u64,
+    header: &SnapshotHeader,
     profiles: &[Arc<Profile>],
 ) -> Result<(), JournalError> {
     let io = |action| JournalError::io(temp, action);
     let file = File::create(temp).map_err(io("create"))?;
     let mut out = BufWriter::new(file);
-    encode(revision, profiles, |bytes| out.write_all(bytes)).map_err(io("write"))?;
+    encode(header, profiles, |bytes| out.write_all(bytes)).map_err(io("write"))?;
     let file = out
         .into_inner()
         .map_err(|error| io("write")(error.into_error()))?;
@@ -117,22 +133,16 @@ fn write_then_rename(
     sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))
 }
 
-/// The bytes of a snapshot file of `profiles`, all as of `revision`, handed to `out` a frame
-/// at a time (the file header with the first): what [`write`] writes, and what an online
+/// The bytes of a snapshot file of `profiles`, all as of `header.revision`, handed to `out` a
+/// frame at a time (the file header with the first): what [`write`] writes, and what an online
 /// backup streams. Stops at `out`'s first error.
 pub fn encode(
-    revision: u64,
+    header: &SnapshotHeader,
     profiles: &[Arc<Profile>],
     mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let mut frame = codec::file_header(SNAPSHOT_MAGIC).to_vec();
-    codec::encode_frame(
-        &SnapshotHeader {
-            revision,
-            profiles: profiles.len() as u64,
-        },
-        &mut frame,
-    );
+    codec::encode_frame(header, &mut frame);
     out(&frame)?;
     for chunk in profiles.chunks(CHUNK) {
         frame.clear();
@@ -164,6 +174,39 @@ pub fn install(dir: &Path, revision: u64, source: &Path) -> Result<PathBuf, Jour
         let _ = fs::remove_file(&temp);
     }
     installed.map(|()| final_path)
+}
+
+/// The header of the snapshot `path` (its first frame), without reading the profiles: what a
+/// replica checks to choose the snapshot it starts from.
+pub fn read_header(path: &Path) -> Result<SnapshotHeader, JournalError> {
+    let corrupt = |offset: u64, reason: String| JournalError::DamagedSnapshot {
+        path: path.to_owned(),
+        offset,
+        reason,
+    };
+    let mut file = BufReader::new(File::open(path).map_err(JournalError::io(path, "open"))?);
+    let mut buffer = Vec::new();
+    read_up_to(&mut file, &mut buffer, codec::HEADER_LEN)
+        .map_err(JournalError::io(path, "read"))?;
+    let format = match codec::check_header(&buffer, SNAPSHOT_MAGIC) {
+        Ok(format) => format,
+        Err(error @ HeaderError::UnknownVersion(_)) => {
+            return Err(JournalError::Format {
+                path: path.to_owned(),
+                reason: format!("not a snapshot this build reads: {error}"),
+            });
+        }
+        Err(error) => return Err(corrupt(0, error.to_string())),
+    };
+    let offset = codec::HEADER_LEN as u64;
+    read_frame(&mut file, &mut buffer, format).map_err(JournalError::io(path, "read"))?;
+    match codec::read_frame(&buffer, 0, format) {
+        Frame::Valid { payload, .. } => {
+            SnapshotHeader::decode(payload).map_err(|error| corrupt(offset, error.to_string()))
+        }
+        Frame::End => Err(corrupt(offset, "no header frame".into())),
+        Frame::Invalid(invalid) => Err(corrupt(offset, invalid.reason().into())),
+    }
 }
 
 /// Chunks of decoded profiles in flight between the decoding thread and the loader: enough to
@@ -295,6 +338,8 @@ pub struct Taken {
     pub revision: u64,
     /// How many profiles it holds.
     pub profiles: usize,
+    /// The snapshot file.
+    pub path: PathBuf,
     /// Files removed by compaction.
     pub removed: Vec<PathBuf>,
 }
@@ -302,21 +347,49 @@ pub struct Taken {
 /// Takes a snapshot of `store` as of its current revision while writes go on, then compacts.
 /// Runs on a blocking thread.
 pub fn take(dir: &Path, store: &Store, history_events: u64) -> Result<Taken, JournalError> {
-    let (revision, profiles) = consistent_state(store)?;
-    write(dir, revision, &profiles)?;
+    let (revision, profiles) = consistent_state(store, None)?;
+    let path = write(dir, revision, &profiles)?;
     let removed = compact(dir, revision, history_events)?;
     Ok(Taken {
         revision,
         profiles: profiles.len(),
+        path,
         removed,
     })
 }
 
-/// Every profile as of one revision, read while writes go on (snapshots, online backups).
-/// Retries when the history moved on during the read.
-pub fn consistent_state(store: &Store) -> Result<(u64, Vec<Arc<Profile>>), JournalError> {
+/// A replica's snapshot: `store` as of `revision`, the state its last applied stream sequence
+/// `stream_sequence` left (a published revision, at most the current one), then compaction as
+/// for a single node. Runs on a blocking thread while the replica keeps applying.
+pub fn take_as_of(
+    dir: &Path,
+    store: &Store,
+    revision: u64,
+    stream_sequence: u64,
+    history_events: u64,
+) -> Result<Taken, JournalError> {
+    let (revision, profiles) = consistent_state(store, Some(revision))?;
+    let path = write_as_of(dir, revision, stream_sequence, &profiles)?;
+    let removed = compact(dir, store.revision(), history_events)?;
+    Ok(Taken {
+        revision,
+        profiles: profiles.len(),
+        path,
+        removed,
+    })
+}
+
+/// Every profile as of one revision (`as_of`, else the current one), read while writes go on
+/// (snapshots, online backups). Retries when the history moved on during the read.
+pub fn consistent_state(
+    store: &Store,
+    as_of: Option<u64>,
+) -> Result<(u64, Vec<Arc<Profile>>), JournalError> {
     for _ in 0..3 {
-        let mut scan = store.scan_as_of(None);
+        let mut scan = match as_of {
+            Some(revision) => store.scan_as_of_revision(None, revision),
+            None => store.scan_as_of(None),
+        };
         let mut profiles = Vec::with_capacity(store.len());
         loop {
             let chunk = scan.next_chunk(store, 4096, |_| true);

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
+use crate::replication::ReplicaStatus;
 use crate::store::Store;
 use crate::watch::Watchers;
 
@@ -70,6 +71,8 @@ pub(super) struct Services<H> {
     /// `--grpc-handshake-timeout`: the HTTP/2 preface of a plaintext connection must arrive
     /// within it (tonic's TLS handshake has the same timeout, `crate::grpc::transport`).
     pub handshake_timeout: std::time::Duration,
+    /// The replica's standing, in replicated mode (GetServerInfo reports it).
+    pub replica: Option<ReplicaStatus>,
 }
 
 /// The gRPC listener, serving.
@@ -104,9 +107,10 @@ pub(super) fn serve<H: Health>(
         max_watch_streams_per_connection,
         max_message_bytes: limit,
         handshake_timeout,
+        replica,
     } = services;
     let admin = AdminApi::new(DeadLetterApi::new(ingest), BackupApi::new(store.clone()));
-    let profiles = ProfileApi::new(
+    let mut profiles = ProfileApi::new(
         store,
         watchers,
         durable,
@@ -115,6 +119,9 @@ pub(super) fn serve<H: Health>(
         metrics.clone(),
     )
     .with_max_watch_streams(max_watch_streams);
+    if let Some(replica) = replica {
+        profiles = profiles.with_replica(replica);
+    }
     let watch_streams_closed = Box::pin(profiles.streams_closed());
     // Health and reflection stay open (probes, grpcurl); ProfileService needs a token when
     // tokens are configured, AdminService credentials or a loopback peer (`AdminAuth`).

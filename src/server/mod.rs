@@ -1,6 +1,8 @@
-//! Wiring: recovers the data directory, binds the three listeners, starts the sequencer, serves
-//! the webhook ingress (axum), the gRPC API (tonic, with health and reflection) and monitoring
-//! on the admin listener, and shuts everything down in order.
+//! Wiring: recovers the data directory (or, with `--nats-url`, opens the replica: its stream
+//! and its starting snapshot), binds the three listeners, starts the sequencer (or the
+//! replica's publisher and applier), serves the webhook ingress (axum), the gRPC API (tonic,
+//! with health and reflection) and monitoring on the admin listener, and shuts everything down
+//! in order.
 //!
 //! `Server::bind` then `Server::run(shutdown)`: binding first lets callers (tests, `main`) learn
 //! the real addresses of port-0 listeners before serving starts. `bind` checks the
@@ -35,6 +37,7 @@ use crate::journal::FaultSwitch;
 use crate::listen_addr::ListenAddr;
 use crate::metrics::Metrics;
 use crate::monitoring::Monitoring;
+use crate::replication::{self, ApplierPause, ReplicaStatus};
 use crate::sequencer::{Durability, Sequencer};
 use crate::startup;
 use crate::store::Store;
@@ -49,7 +52,7 @@ use shutdown::{Health, Servers, Shutdown};
 /// Found before the data directory is touched; `main` exits 64 on it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0:#}")]
-pub struct BadConfiguration(anyhow::Error);
+pub struct BadConfiguration(pub(crate) anyhow::Error);
 
 /// A bound, not yet serving, service.
 pub struct Server {
@@ -62,11 +65,32 @@ pub struct Server {
     admin_auth: AdminAuth,
     grpc_builder: tonic::transport::Server,
     store: Store,
-    durability: Option<Durability>,
+    mode: Mode,
     dead_letters: DeadLetters,
     faults: FaultSwitch,
+    pause: ApplierPause,
     // Holds the directory's lock until the server is dropped.
     data_dir: Option<DataDir>,
+}
+
+/// Who writes the store: the sequencer over the local journal, or a replica's applier over
+/// the stream.
+enum Mode {
+    /// A single node: the journal (`None` under `--ephemeral`).
+    Local(Option<Durability>),
+    /// A replica (`--nats-url`), recovered, not yet applying.
+    Replicated(Box<replication::Prepared>),
+}
+
+/// The domain as started by `Server::run`.
+struct Domain {
+    ingest: Ingest,
+    watchers: Watchers,
+    /// Ready for webhooks, as far as the writer can tell (health follows it).
+    ready: tokio::sync::watch::Receiver<bool>,
+    /// Whether the journal's last write succeeded (always true for a replica).
+    writable: tokio::sync::watch::Receiver<bool>,
+    replica: Option<ReplicaStatus>,
 }
 
 /// What `Server::bind` reads from the configuration alone, before touching the disk.
@@ -93,7 +117,17 @@ impl Server {
         let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
         let admin = listen(&config.admin_listen, "admin-listen").await?;
         let faults = FaultSwitch::default();
-        let (store, durability, data_dir) = open_state(&config, &faults).await?;
+        let (store, mode, data_dir) = match config.nats.enabled() {
+            true => {
+                let opened = replication::open(&config).await?;
+                let mode = Mode::Replicated(Box::new(opened.replica));
+                (opened.store, mode, opened.data_dir)
+            }
+            false => {
+                let (store, durability, data_dir) = open_state(&config, &faults).await?;
+                (store, Mode::Local(durability), data_dir)
+            }
+        };
         let dead_letters = open_dead_letters(data_dir.as_ref()).await?;
         let admin_auth = AdminAuth::new(auth.clone(), admin_access);
         Ok(Server {
@@ -106,11 +140,18 @@ impl Server {
             admin_auth,
             grpc_builder,
             store,
-            durability,
+            mode,
             dead_letters,
             faults,
+            pause: ApplierPause::default(),
             data_dir,
         })
+    }
+
+    /// The switch that holds a replica's applier between stream messages: a testing seam for a
+    /// replica that lags behind (no effect on a single node).
+    pub fn applier_pause(&self) -> ApplierPause {
+        self.pause.clone()
     }
 
     /// The dead letters: signed deliveries that could not be applied (the gRPC AdminService
@@ -163,32 +204,36 @@ impl Server {
             admin_auth,
             grpc_builder,
             store,
-            durability,
+            mode,
             dead_letters,
             faults: _,
+            pause,
             data_dir,
         } = self;
         let addresses = [local_addr(&webhook), local_addr(&grpc), local_addr(&admin)];
         let admin_access = admin_auth.access();
         let (stopping, tracker, metrics) =
             (CancellationToken::new(), TaskTracker::new(), Metrics::new());
-        let watchers = Watchers::new(store.clone());
-        let sequencer = start_sequencer(&store, durability, &watchers, &metrics, &tracker);
+        let context = (&store, &metrics, &tracker, &stopping);
+        let domain = start_domain(mode, context, dead_letters.clone(), pause);
         if let Verification::Secrets(secrets) = &verification {
             reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
         }
-        let writable = sequencer.writable();
-        // The ingest path takes the only handle: the sequencer stops once the listeners that
-        // use it are gone (shutdown step 4).
-        let ingest = Ingest::new(sequencer, dead_letters.clone(), metrics.clone());
-        let (health, health_service) =
-            Health::follow(writable.clone(), &tracker, stopping.clone()).await;
+        let Domain {
+            ingest,
+            watchers,
+            ready,
+            writable,
+            replica,
+        } = domain;
+        let (health, health_service) = Health::follow(ready, &tracker, stopping.clone()).await;
         let monitoring = Monitoring {
             metrics: metrics.clone(),
             store: store.clone(),
             dead_letters,
             writable,
             stopping: stopping.clone(),
+            replica: replica.clone(),
         };
         let monitoring = serve_monitoring(admin, monitoring, &stopping);
         let grpc = CappedListener::new(grpc, config.max_grpc_connections, metrics.listener("grpc"));
@@ -208,6 +253,7 @@ impl Server {
                 max_watch_streams_per_connection: config.max_watch_streams_per_connection,
                 max_message_bytes: config.grpc_max_message_bytes,
                 handshake_timeout: config.grpc_handshake_timeout,
+                replica,
             },
             &stopping,
             &tracker,
@@ -309,6 +355,44 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .expect("a bound listener has an address")
+}
+
+/// Starts the store's one writer, telling the watch layer of every commit: the sequencer on a
+/// single node, the replica's applier (and its publisher) in replicated mode. The ingest path
+/// takes the only handle of the sequencer or publisher: it stops once the listeners that use
+/// it are gone (shutdown step 4), and a replica's applier after it.
+fn start_domain(
+    mode: Mode,
+    (store, metrics, tracker, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),
+    dead_letters: DeadLetters,
+    pause: ApplierPause,
+) -> Domain {
+    let watchers = Watchers::new(store.clone());
+    match mode {
+        Mode::Local(durability) => {
+            let sequencer = start_sequencer(store, durability, &watchers, metrics, tracker);
+            let writable = sequencer.writable();
+            Domain {
+                ingest: Ingest::new(sequencer, dead_letters, metrics.clone()),
+                watchers,
+                ready: writable.clone(),
+                writable,
+                replica: None,
+            }
+        }
+        Mode::Replicated(prepared) => {
+            let hook = Arc::new(watchers.clone());
+            let running = prepared.start(store, hook, metrics, tracker, stopping, pause);
+            Domain {
+                ingest: Ingest::replicated(running.publisher, dead_letters, metrics.clone()),
+                watchers: watchers.with_catch_up(running.catch_up),
+                ready: running.ready,
+                // No journal: writability is the replica's readiness, reported apart.
+                writable: tokio::sync::watch::channel(true).1,
+                replica: Some(running.status),
+            }
+        }
+    }
 }
 
 /// The one writer, telling the watch layer of every commit.

@@ -20,7 +20,12 @@
 //!   customers wake on every published revision and read the history from their cursor.
 //!
 //! Routing never decides whether a change is sent; the history is the only copy of the
-//! changes. This module produces domain events ([`WatchEvent`]); turning them into gRPC
+//! changes.
+//!
+//! On a replica (replicated mode), a watch that resumes beyond the replica's revision may hold
+//! a revision another replica already assigned: [`Watchers::open_caught_up`] first waits for
+//! the replica to catch up with its cluster ([`CatchUp`]), so such a watcher is served once
+//! the revision is here, never refused for it. This module produces domain events ([`WatchEvent`]); turning them into gRPC
 //! messages and statuses is the adapter's job.
 
 mod feed;
@@ -30,6 +35,8 @@ mod spec;
 mod tests;
 
 use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
 
 pub use feed::Watch;
 pub use router::MAILBOX_CAPACITY;
@@ -48,6 +55,18 @@ use router::Router;
 pub struct Watchers {
     store: Store,
     router: Arc<Router>,
+    /// How a replica catches up with its cluster; `None` on a single node, whose revision is
+    /// the only one.
+    catch_up: Option<Arc<dyn CatchUp>>,
+}
+
+/// How a server waits until it has applied everything its cluster had assigned when asked:
+/// what makes a watch that resumes on a lagging replica wait instead of fail. The watch layer
+/// knows nothing of how (`crate::replication` reads the stream's last sequence).
+pub trait CatchUp: Send + Sync {
+    /// Returns once everything acknowledged anywhere in the cluster when it was called is
+    /// applied here; `Unavailable` (naming the applied revision) when that takes too long.
+    fn caught_up(&self) -> BoxFuture<'_, Result<(), Error>>;
 }
 
 impl Watchers {
@@ -58,7 +77,33 @@ impl Watchers {
         Watchers {
             store,
             router: Arc::default(),
+            catch_up: None,
         }
+    }
+
+    /// The watch layer of a replica's store: watches resuming beyond its revision wait for
+    /// `catch_up` first ([`Watchers::open_caught_up`]).
+    pub fn with_catch_up(mut self, catch_up: Arc<dyn CatchUp>) -> Watchers {
+        self.catch_up = Some(catch_up);
+        self
+    }
+
+    /// [`Watchers::open`], after catching up when the subscription resumes beyond this
+    /// replica's revision: a revision the cluster assigned is then here, and only one it never
+    /// assigned is refused (OUT_OF_RANGE). On a single node, the same as `open`.
+    pub async fn open_caught_up(&self, spec: WatchSpec) -> Result<Watch, Error> {
+        let beyond = spec.start_revision > self.store.revision() + 1;
+        let same_store = spec
+            .store_id
+            .as_deref()
+            .is_none_or(|id| id == self.store.store_id());
+        if let Some(catch_up) = &self.catch_up
+            && beyond
+            && same_store
+        {
+            catch_up.caught_up().await?;
+        }
+        self.open(spec)
     }
 
     /// Checks a subscription against the store and pins its starting point. Errors here fail

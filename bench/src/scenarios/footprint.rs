@@ -70,6 +70,7 @@ pub async fn memory(options: &Options, report: &mut Report) -> anyhow::Result<()
                 .get_profile(pb::GetProfileRequest {
                     client_id: workload.client_id.clone(),
                     customer_id: Workload::customer_id(0),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner()

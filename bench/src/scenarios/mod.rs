@@ -1,6 +1,7 @@
 //! The scenarios, and what they share: the options, starting the service and the baselines,
 //! loading profiles, and gRPC connections.
 
+pub mod cluster;
 pub mod fanout;
 pub mod footprint;
 pub mod ingest;
@@ -142,6 +143,7 @@ pub async fn preload(
         .get_profile(pb::GetProfileRequest {
             client_id: workload.client_id.clone(),
             customer_id: last,
+            ..Default::default()
         })
         .await
         .is_ok();

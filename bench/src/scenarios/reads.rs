@@ -56,6 +56,7 @@ impl Op for Reader {
                     .get_profile(pb::GetProfileRequest {
                         client_id,
                         customer_id,
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();
@@ -70,6 +71,7 @@ impl Op for Reader {
                     .batch_get_profiles(pb::BatchGetProfilesRequest {
                         client_id,
                         customer_ids,
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();
@@ -86,6 +88,7 @@ impl Op for Reader {
                         page_size,
                         page_token: std::mem::take(&mut self.page_token),
                         tier_name: String::new(),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();
@@ -274,6 +277,7 @@ async fn note_sizes(
             .get_profile(pb::GetProfileRequest {
                 client_id: workload.client_id.clone(),
                 customer_id: Workload::customer_id(0),
+                ..Default::default()
             })
             .await?
             .into_inner();

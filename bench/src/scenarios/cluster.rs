@@ -1,0 +1,352 @@
+//! `cluster`: replicated mode. The tool starts a 3-node NATS cluster (`nats-harness`, every
+//! node with `sync_interval: always`) and N replicas (`--nats-url` all three nodes, the default
+//! `--nats-replicas 3`, each its own data directory), plus the single-node durable service as
+//! the baseline, all on this machine.
+//!
+//! - Ingest: the same senders and bodies as `ingest`, spread round-robin over the replicas'
+//!   webhook ports, against the single node (journal + fdatasync) in the same rounds. Target:
+//!   ratio >= 0.50. CPU per webhook of everything the cluster runs (replicas and nats-server
+//!   nodes) next to the single node's.
+//! - Replication lag at a paced rate (`--rate`, default 1,000 webhooks/s): a WatchProfiles
+//!   stream on every replica; for each webhook answered `applied` at one replica, the time from
+//!   that answer to the moment the slowest replica's watcher received its revision (external,
+//!   so it includes the delivery to watchers). Target: p99 <= 50 ms.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use hdrhistogram::Histogram;
+use nats_harness::NatsCluster;
+use profile_state::pb;
+use profile_state::pb::watch_profiles_response::Event;
+use tokio_stream::StreamExt;
+
+use super::ingest::Sender;
+use super::{Options, channel, client, preload, profile_count, rounds};
+use crate::load::{self, HttpConnection, Measured, Plan};
+use crate::process::{Server, cpu_time};
+use crate::report::{Report, Row, Target};
+use crate::workload::{Rng, Workload};
+
+/// The stream the replicas share.
+const STREAM: &str = "BENCH";
+
+pub async fn run(options: &Options, report: &mut Report, replicas: usize) -> anyhow::Result<()> {
+    if options.external() {
+        bail!("cluster starts its own NATS cluster and replicas: --webhook/--grpc do not apply");
+    }
+    let nats = NatsCluster::three()
+        .await
+        .map_err(|error| anyhow!("starting the NATS cluster: {error}"))?;
+    let urls = nats.client_urls().join(",");
+    let mut temps = Vec::new();
+    let mut servers = Vec::new();
+    for index in 0..replicas.max(1) {
+        let temp = tempfile::Builder::new()
+            .prefix("profile-state-bench-replica-")
+            .tempdir()?;
+        let mut spec = options.spec(Some(temp.path().to_owned()));
+        let name = format!("r{index}");
+        spec.extra_args.extend(
+            [
+                "--nats-url",
+                &urls,
+                "--nats-stream",
+                STREAM,
+                "--replica-name",
+                &name,
+            ]
+            .map(String::from),
+        );
+        servers.push(Server::spawn_service(&format!("replica-{name}"), &spec)?);
+        temps.push(temp);
+    }
+    let (single_dir, _single_temp) = super::data_dir(options)?;
+    let single = Server::spawn_service("single-durable", &options.spec(Some(single_dir)))?;
+
+    let customers = options.customers(10_000);
+    let workload = options.workload(customers);
+    preload(&servers[0], &workload, customers, options.concurrency).await?;
+    for server in &servers {
+        wait_for_profiles(server, customers).await?;
+    }
+    preload(&single, &workload, customers, options.concurrency).await?;
+    super::note_setup(report, options, "cluster");
+    report.note(format!(
+        "cluster: {} replicas over a 3-node NATS cluster (nats-harness: nats-server {}, \
+         sync_interval always, stream R3), {customers} customers, bodies of {} bytes",
+        servers.len(),
+        nats_harness::binary::PINNED_VERSION,
+        workload.update(0).body.len()
+    ));
+    let mut cluster_pids: Vec<u32> = servers.iter().filter_map(Server::pid).collect();
+    cluster_pids.extend(nats.nodes().iter().filter_map(|node| node.pid()));
+
+    let results = rounds(options.rounds, 2, |_, index| {
+        let (servers, single, workload) = (&servers, &single, &workload);
+        let cluster_pids = &cluster_pids;
+        async move {
+            let measured = if index == 0 {
+                super::ingest::measure(options, single, workload).await
+            } else {
+                let before = total_cpu(cluster_pids);
+                let mut measured = ingest(options, servers, workload).await?;
+                measured.server_cpu = Some(total_cpu(cluster_pids).saturating_sub(before));
+                Ok(measured)
+            };
+            if let Ok(measured) = &measured {
+                eprintln!(
+                    "cluster ingest {}: {:>8.0} req/s, p99 {} µs",
+                    if index == 0 { "single " } else { "cluster" },
+                    measured.per_second(),
+                    measured.latency.value_at_quantile(0.99)
+                );
+            }
+            measured
+        }
+    })
+    .await;
+    let mut results = results
+        .into_iter()
+        .map(|rounds| rounds.into_iter().collect::<anyhow::Result<Vec<_>>>())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cluster = results.pop().unwrap_or_default();
+    let baseline = results.pop().unwrap_or_default();
+    let values = |rounds: &[Measured], f: &dyn Fn(&Measured) -> f64| -> Vec<f64> {
+        rounds.iter().map(f).collect()
+    };
+    let rate = |m: &Measured| m.per_second();
+    report.push(
+        Row::new(
+            "cluster",
+            &format!(
+                "ingest req/s through {} replicas (R3, sync always)",
+                servers.len()
+            ),
+            "req/s",
+        )
+        .ours(values(&cluster, &rate))
+        .baseline("single node durable", values(&baseline, &rate))
+        .target(Target::RatioAtLeast { value: 0.50 }),
+    );
+    for (label, quantile) in [("p50", 0.5), ("p99", 0.99)] {
+        let latency = move |m: &Measured| m.latency.value_at_quantile(quantile) as f64 / 1000.0;
+        report.push(
+            Row::new("cluster", &format!("ingest latency {label}"), "ms")
+                .ours(values(&cluster, &latency))
+                .baseline("single node durable", values(&baseline, &latency)),
+        );
+    }
+    let cpu = |m: &Measured| m.server_cpu_us_per_op().unwrap_or(f64::NAN);
+    report.push(
+        Row::new(
+            "cluster",
+            "CPU per webhook: replicas + nats-servers vs single node",
+            "µs",
+        )
+        .ours(values(&cluster, &cpu))
+        .baseline("single node durable", values(&baseline, &cpu)),
+    );
+
+    let paced = options.rate.unwrap_or(1000.0);
+    let mut lags = Vec::new();
+    for round in 0..options.rounds.max(1) {
+        let lag = replication_lag(options, &servers, &workload, paced).await?;
+        eprintln!(
+            "cluster lag round {round}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} webhooks",
+            lag.value_at_quantile(0.5) as f64 / 1000.0,
+            lag.value_at_quantile(0.99) as f64 / 1000.0,
+            lag.max() as f64 / 1000.0,
+            lag.len()
+        );
+        lags.push(lag);
+    }
+    for (label, quantile, target) in [("p50", 0.5, None), ("p99", 0.99, Some(50.0))] {
+        let mut row = Row::new(
+            "cluster",
+            &format!("replication lag {label} at {paced}/s (answer → slowest replica's watcher)"),
+            "ms",
+        )
+        .ours(
+            lags.iter()
+                .map(|lag| lag.value_at_quantile(quantile) as f64 / 1000.0)
+                .collect(),
+        );
+        if let Some(value) = target {
+            row = row.target(Target::AtMost { value });
+        }
+        report.push(row);
+    }
+    Ok(())
+}
+
+/// Waits until `server` holds `count` profiles (a replica applying the preload).
+async fn wait_for_profiles(server: &Server, count: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while profile_count(server.grpc()?).await? < count {
+        if Instant::now() > deadline {
+            bail!("{} did not apply the preload", server.name);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// CPU time of all these processes so far.
+fn total_cpu(pids: &[u32]) -> Duration {
+    pids.iter().filter_map(|pid| cpu_time(*pid)).sum()
+}
+
+/// One measured ingest window, senders spread round-robin over the replicas.
+async fn ingest(
+    options: &Options,
+    servers: &[Server],
+    workload: &Arc<Workload>,
+) -> anyhow::Result<Measured> {
+    let mut senders = Vec::with_capacity(options.concurrency);
+    for seed in 0..options.concurrency {
+        let addr = servers[seed % servers.len()].webhook()?;
+        senders.push(Sender::open(addr, workload, seed as u64 + 1).await?);
+    }
+    let plan = Plan {
+        rate: None,
+        warmup: options.warmup,
+        duration: options.duration,
+        server_pid: None,
+    };
+    let measured = load::run(&plan, senders).await;
+    measured.check("ingest into the cluster")?;
+    Ok(measured)
+}
+
+/// When each revision reached how many replicas' watchers, and the latest arrival.
+type Arrivals = Arc<Mutex<HashMap<u64, (usize, Instant)>>>;
+
+/// One paced window at `rate` webhooks/s: the lag from each `applied` answer to its revision's
+/// arrival at the slowest replica's watcher, in µs.
+async fn replication_lag(
+    options: &Options,
+    servers: &[Server],
+    workload: &Arc<Workload>,
+    rate: f64,
+) -> anyhow::Result<Histogram<u64>> {
+    let arrivals: Arrivals = Arc::default();
+    let mut watchers = Vec::new();
+    for server in servers {
+        let mut stream = client(&channel(server.grpc()?).await?)
+            .watch_profiles(pb::WatchProfilesRequest::default())
+            .await?
+            .into_inner();
+        match stream.next().await {
+            Some(Ok(pb::WatchProfilesResponse {
+                event: Some(Event::Synced(_)),
+            })) => {}
+            other => bail!("{}: expected Synced, got {other:?}", server.name),
+        }
+        let arrivals = Arc::clone(&arrivals);
+        watchers.push(tokio::spawn(async move {
+            while let Some(Ok(event)) = stream.next().await {
+                if let Some(Event::Change(change)) = event.event {
+                    let now = Instant::now();
+                    let mut arrivals = arrivals.lock().expect("not poisoned");
+                    let entry = arrivals.entry(change.revision).or_insert((0, now));
+                    *entry = (entry.0 + 1, now);
+                }
+            }
+        }));
+    }
+    let senders = options.concurrency.clamp(1, 64);
+    let interval = Duration::from_secs_f64(senders as f64 / rate);
+    let window = options.warmup + options.duration;
+    let answered: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for index in 0..senders {
+        let addr = servers[index % servers.len()].webhook()?;
+        let (workload, answered) = (Arc::clone(workload), Arc::clone(&answered));
+        tasks.push(tokio::spawn(paced_sender(
+            addr, workload, answered, interval, window, index,
+        )));
+    }
+    for task in tasks {
+        task.await.context("a paced sender")??;
+    }
+    // Until the last changes reached every watcher (5 s at most; what is still missing then
+    // is reported as missing).
+    let answered_revisions: Vec<u64> = answered
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|(revision, _)| *revision)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let all_arrived = {
+            let arrivals = arrivals.lock().expect("not poisoned");
+            answered_revisions.iter().all(|revision| {
+                arrivals
+                    .get(revision)
+                    .is_some_and(|(count, _)| *count == servers.len())
+            })
+        };
+        if all_arrived {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for watcher in watchers {
+        watcher.abort();
+    }
+    let arrivals = arrivals.lock().expect("not poisoned");
+    let mut lag = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut missing = 0;
+    for (revision, answered_at) in answered.lock().expect("not poisoned").iter() {
+        match arrivals.get(revision) {
+            Some((count, last)) if *count == servers.len() => {
+                let micros = last.saturating_duration_since(*answered_at).as_micros() as u64;
+                lag.record(micros.max(1))?;
+            }
+            _ => missing += 1,
+        }
+    }
+    if missing > 0 {
+        bail!("{missing} applied revisions never reached every replica's watcher");
+    }
+    Ok(lag)
+}
+
+/// Posts one update every `interval` for `window` on one connection; records the revision and
+/// answer time of each `applied` answer.
+async fn paced_sender(
+    addr: SocketAddr,
+    workload: Arc<Workload>,
+    answered: Arc<Mutex<Vec<(u64, Instant)>>>,
+    interval: Duration,
+    window: Duration,
+    seed: usize,
+) -> anyhow::Result<()> {
+    let mut connection = HttpConnection::open(addr).await?;
+    let mut rng = Rng::new(seed as u64 + 1000);
+    let mut ticks = tokio::time::interval(interval);
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        ticks.tick().await;
+        let (status, body) = connection
+            .post(workload.update(rng.below(workload.customers)))
+            .await?;
+        let at = Instant::now();
+        if status != 200 {
+            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&body)?;
+        if answer["outcome"] == "applied" {
+            let revision = answer["revision"]
+                .as_u64()
+                .context("an applied answer's revision")?;
+            answered.lock().expect("not poisoned").push((revision, at));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The applier: the one writer of a replica's store. It applies the stream in stream order
+//! through the sequencer's own merge and numbering (`sequencer::sequence`), commits to the
+//! store, tells the watch layer (the [`CommitHook`]), publishes the new position, and answers
+//! the webhooks waiting for that message. Same stream, same order, same pure merge: every
+//! replica assigns the same revisions.
+//!
+//! It never skips: a hole in the stream, a malformed message or a stream purged past it stops
+//! it for good (readiness false, logged), since applying past it would make this replica's
+//! revisions differ from the others'. NATS being unreachable is not an error here: the
+//! follower waits and resumes by itself.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::pending::Pending;
+use super::snapshots::Snapshots;
+use super::status::ReplicaStatus;
+use crate::jetstream::{Entry, Follower};
+use crate::metrics::Metrics;
+use crate::sequencer::{CommitHook, Sequenced, sequence};
+use crate::store::Store;
+
+/// Holds the applier between messages while paused: a test seam (the stand-in for a replica
+/// that lags behind), reached through `Server::applier_pause`. Cloning shares the switch.
+#[derive(Clone)]
+pub struct ApplierPause(Arc<watch::Sender<bool>>);
+
+impl Default for ApplierPause {
+    fn default() -> Self {
+        ApplierPause(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl ApplierPause {
+    /// The applier stops before its next message.
+    pub fn pause(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// The applier goes on.
+    pub fn resume(&self) {
+        self.0.send_replace(false);
+    }
+
+    /// Returns once not paused, or when `stop` is cancelled (false).
+    async fn wait(&self, stop: &CancellationToken) -> bool {
+        let mut paused = self.0.subscribe();
+        tokio::select! {
+            waited = paused.wait_for(|paused| !paused) => waited.is_ok(),
+            () = stop.cancelled() => false,
+        }
+    }
+}
+
+/// What the applier task owns.
+pub(super) struct Applier {
+    pub follower: Follower,
+    pub store: Store,
+    pub hook: Arc<dyn CommitHook>,
+    pub status: ReplicaStatus,
+    pub pending: Arc<Pending>,
+    pub metrics: Metrics,
+    pub snapshots: Option<Snapshots>,
+    /// Cancelled once the publisher has stopped and no webhook waits any more.
+    pub stop: CancellationToken,
+    pub pause: ApplierPause,
+}
+
+impl Applier {
+    /// Applies the stream until stopped, or until the stream itself cannot be applied.
+    pub(super) async fn run(mut self) {
+        loop {
+            let next = tokio::select! {
+                next = self.follower.next() => next,
+                () = self.stop.cancelled() => break,
+            };
+            let delivered = Instant::now();
+            let entry = match next {
+                Ok(entry) => entry,
+                Err(error) => {
+                    self.stopped(error.to_string());
+                    break;
+                }
+            };
+            if !self.pause.wait(&self.stop).await {
+                break;
+            }
+            if let Err(reason) = self.apply(entry, delivered) {
+                self.stopped(reason);
+                break;
+            }
+        }
+        tracing::debug!(position = ?self.status.position(), "applier stopped");
+    }
+
+    /// Applies one stream message.
+    fn apply(&mut self, entry: Entry, delivered: Instant) -> Result<(), String> {
+        let Entry {
+            sequence: stream_sequence,
+            published,
+            pending,
+            batch,
+        } = entry;
+        let bytes = prost::Message::encoded_len(&batch) as u64;
+        let updates = batch
+            .into_updates()
+            .map_err(|reason| format!("stream message {stream_sequence}: {reason}"))?;
+        let Sequenced { changes, outcomes } = sequence(&self.store, &updates);
+        self.store.commit(&changes);
+        self.hook.committed(&changes);
+        let revision = self.store.revision();
+        self.status
+            .applied(stream_sequence, revision, pending, delivered);
+        self.pending.complete(stream_sequence, outcomes.into());
+        let lag = (chrono::Utc::now() - published)
+            .to_std()
+            .unwrap_or_default();
+        self.metrics.replication_applied(lag.as_secs_f64());
+        if let Some(snapshots) = &mut self.snapshots {
+            snapshots.after_apply(changes.len() as u64, bytes, stream_sequence, revision);
+        }
+        Ok(())
+    }
+
+    fn stopped(&self, reason: String) {
+        tracing::error!(
+            %reason,
+            position = ?self.status.position(),
+            "the replica stopped applying the stream: it is not ready and serves what it has; \
+             fix the stream, or restart the replica (it loads the newest published snapshot \
+             when the stream no longer holds what it needs)"
+        );
+        self.metrics.replication_applier_failed();
+        self.status.fail(reason);
+    }
+}

@@ -1,0 +1,229 @@
+//! Replicated mode (issue 13): N identical replicas over one NATS JetStream stream, the
+//! wiring between the domain (`ingest`, `sequencer::sequence`, `Store::commit`, the watch
+//! layer's `CommitHook`) and the JetStream adapter (`crate::jetstream`).
+//!
+//! - [`startup`]: connect, open the stream (its metadata holds the cluster's store id and the
+//!   merge rules version), rebuild the store from a local or published snapshot.
+//! - [`Publisher`]: what the ingest path records through: batches of updates published to the
+//!   stream, each caller answered once this replica has applied its update.
+//! - `applier`: the replica's one writer, applying the stream in stream order through the same
+//!   merge and numbering as the single node; `snapshots` (local, published, purge);
+//!   `pending` (acknowledged updates waiting for their apply).
+//! - [`ReplicaStatus`]: the applied position, the lag, readiness; `catch_up`: the barrier a
+//!   watch waits for on a lagging replica.
+//!
+//! Who orders: the stream, and nothing else. Each replica owns its store in memory, its local
+//! snapshots and its applied stream sequence; no replica talks to another. There is no local
+//! journal: the stream is the log. This module decides no merge rule and serves no request.
+
+mod applier;
+mod catch_up;
+mod pending;
+mod publisher;
+mod snapshots;
+pub mod startup;
+mod status;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use applier::ApplierPause;
+pub use catch_up::CATCH_UP_TIMEOUT;
+pub use publisher::Publisher;
+pub use startup::{Opened, open};
+pub use status::{Lag, POLL_INTERVAL, Position, ReplicaStatus};
+
+use crate::config::Config;
+use crate::jetstream::{Follower, Nats, SnapshotBucket, UpdateStream};
+use crate::metrics::Metrics;
+use crate::sequencer::CommitHook;
+use crate::store::Store;
+use applier::Applier;
+use catch_up::StreamCatchUp;
+use pending::Pending;
+use snapshots::Snapshots;
+
+/// A replica that has loaded its starting point and not yet started applying.
+pub struct Prepared {
+    status: ReplicaStatus,
+    stream: UpdateStream,
+    bucket: SnapshotBucket,
+    follower: Follower,
+    settings: Settings,
+}
+
+/// The flags a running replica follows.
+struct Settings {
+    name: String,
+    apply_timeout: Duration,
+    data_dir: Option<std::path::PathBuf>,
+    snapshot_every_records: u64,
+    snapshot_every_bytes: u64,
+    history_events: u64,
+    retain_after_snapshot: u64,
+}
+
+/// A running replica: what the rest of the server uses.
+pub struct Running {
+    /// What the ingest path records through.
+    pub publisher: Publisher,
+    /// Position, lag, readiness.
+    pub status: ReplicaStatus,
+    /// Whether the replica is ready for webhooks, re-evaluated every [`POLL_INTERVAL`].
+    pub ready: watch::Receiver<bool>,
+    /// The barrier watches wait for on this replica.
+    pub catch_up: Arc<dyn crate::watch::CatchUp>,
+}
+
+impl Prepared {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        config: &Config,
+        name: String,
+        nats: Nats,
+        stream: UpdateStream,
+        bucket: SnapshotBucket,
+        follower: Follower,
+        applied: u64,
+        store: &Store,
+    ) -> Prepared {
+        let position = Position {
+            sequence: applied,
+            revision: store.revision(),
+        };
+        let status = ReplicaStatus::new(name.clone(), nats, config.nats.max_lag, position);
+        // A caller's own wait ends a little before the ingress's timeout, so the answer says
+        // whether the update was recorded.
+        let apply_timeout = config.webhook_timeout.mul_f64(0.9);
+        let settings = Settings {
+            name,
+            apply_timeout,
+            data_dir: (!config.ephemeral).then(|| config.data_dir.clone()),
+            snapshot_every_records: config.snapshot_every_records,
+            snapshot_every_bytes: config.snapshot_every_bytes,
+            history_events: config.history_events as u64,
+            retain_after_snapshot: config.nats.retain_after_snapshot,
+        };
+        Prepared {
+            status,
+            stream,
+            bucket,
+            follower,
+            settings,
+        }
+    }
+
+    /// The replica's status (for wiring that happens before it starts).
+    pub fn status(&self) -> &ReplicaStatus {
+        &self.status
+    }
+
+    /// Starts the publisher, the applier (telling `hook` of every commit) and the status
+    /// poll on `tracker`. The poll stops at `stopping`; the applier once the publisher has
+    /// stopped (every ingress handle gone) and no webhook waits for an apply any more.
+    pub fn start(
+        self,
+        store: &Store,
+        hook: Arc<dyn CommitHook>,
+        metrics: &Metrics,
+        tracker: &TaskTracker,
+        stopping: &CancellationToken,
+        pause: ApplierPause,
+    ) -> Running {
+        let Prepared {
+            status,
+            stream,
+            bucket,
+            follower,
+            settings,
+        } = self;
+        let pending = Arc::new(Pending::default());
+        let publisher_done = CancellationToken::new();
+        let publisher = Publisher::start(
+            publisher::Parts {
+                stream: stream.clone(),
+                pending: Arc::clone(&pending),
+                store: store.clone(),
+                metrics: metrics.clone(),
+                apply_timeout: settings.apply_timeout,
+                done: publisher_done.clone(),
+            },
+            tracker,
+        );
+        let snapshots = settings.data_dir.clone().map(|dir| Snapshots {
+            dir,
+            store: store.clone(),
+            stream: stream.clone(),
+            bucket,
+            every_records: settings.snapshot_every_records,
+            every_bytes: settings.snapshot_every_bytes,
+            history_events: settings.history_events,
+            retain_after: settings.retain_after_snapshot,
+            name: settings.name.clone(),
+            metrics: metrics.clone(),
+            tracker: tracker.clone(),
+            records_since: 0,
+            bytes_since: 0,
+            running: Arc::new(AtomicBool::new(false)),
+        });
+        let applier = Applier {
+            follower,
+            store: store.clone(),
+            hook,
+            status: status.clone(),
+            pending,
+            metrics: metrics.clone(),
+            snapshots,
+            stop: publisher_done,
+            pause,
+        };
+        tracker.spawn(applier.run());
+        let ready = poll(&stream, &status, tracker, stopping.clone());
+        let catch_up = Arc::new(StreamCatchUp {
+            stream,
+            status: status.clone(),
+            timeout: CATCH_UP_TIMEOUT,
+        });
+        Running {
+            publisher,
+            status,
+            ready,
+            catch_up,
+        }
+    }
+}
+
+/// Reads the stream's last sequence every [`POLL_INTERVAL`] (the barrier that proves this
+/// replica current, idle or not) and re-evaluates readiness, until `stopping`.
+fn poll(
+    stream: &UpdateStream,
+    status: &ReplicaStatus,
+    tracker: &TaskTracker,
+    stopping: CancellationToken,
+) -> watch::Receiver<bool> {
+    let (ready_tx, ready) = watch::channel(false);
+    let (stream, status) = (stream.clone(), status.clone());
+    tracker.spawn(async move {
+        let mut ticks = tokio::time::interval(POLL_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = stopping.cancelled() => return,
+            }
+            let read_at = tokio::time::Instant::now();
+            match stream.bounds().await {
+                Ok(bounds) => status.observed_last(bounds.last, read_at),
+                Err(error) => tracing::debug!(%error, "stream bounds not read"),
+            }
+            let now_ready = status.not_ready_reason().is_none();
+            ready_tx.send_if_modified(|ready| std::mem::replace(ready, now_ready) != now_ready);
+        }
+    });
+    ready
+}

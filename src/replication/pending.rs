@@ -1,0 +1,173 @@
+//! Webhooks waiting for their own replica to apply what they published.
+//!
+//! The publisher learns a batch's stream sequence `S` from the acknowledgement; the applier
+//! learns each update's outcome when it applies `S`. Whichever comes second answers: both take
+//! one lock, the applier to record `S`'s outcomes and wake its waiters, the publisher to look
+//! `S` up or leave a waiter, so no wake-up is lost between the two. A waiter is keyed by
+//! `(S, index in the batch)`: a duplicate acknowledgement names the original `S`, and the same
+//! message id means the same content, so the indices agree.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::oneshot;
+
+use crate::error::Error;
+use crate::sequencer::Applied;
+
+/// Outcomes of this many recently applied sequences are kept for acknowledgements that arrive
+/// after their message was applied (the applier is often faster than the ack's way back).
+const RECENT: usize = 4096;
+
+/// Where a caller's outcome will come from.
+pub(super) enum Registered {
+    /// Applied already: the reply was sent its outcome.
+    Now,
+    /// Applied so long ago that its outcome is no longer kept (a duplicate of an old message):
+    /// merging it again changed nothing, so the caller answers the reply with `Unchanged` and
+    /// the profile's revision.
+    Old(Reply),
+    /// Not applied yet: the reply will be sent when it is.
+    Waiting,
+}
+
+/// Shared between the publisher and the applier.
+#[derive(Default)]
+pub(super) struct Pending {
+    state: Mutex<State>,
+}
+
+/// A caller's reply: the outcome or why there is none.
+pub(super) type Reply = oneshot::Sender<Result<Applied, Error>>;
+
+#[derive(Default)]
+struct State {
+    /// The last sequence the applier completed.
+    applied_through: u64,
+    /// Outcomes of the last [`RECENT`] sequences, oldest first, sequences increasing.
+    recent: VecDeque<(u64, Arc<[Applied]>)>,
+    /// Callers waiting for a sequence, with their index in its batch.
+    waiters: HashMap<u64, Vec<(usize, Reply)>>,
+}
+
+impl Pending {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every change is a few inserts and removals: a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The applier applied `sequence` with these outcomes (one per update of its batch).
+    pub(super) fn complete(&self, sequence: u64, outcomes: Arc<[Applied]>) {
+        let waiting = {
+            let mut state = self.state();
+            state.applied_through = sequence;
+            if state.recent.len() == RECENT {
+                state.recent.pop_front();
+            }
+            state.recent.push_back((sequence, Arc::clone(&outcomes)));
+            state.waiters.remove(&sequence)
+        };
+        for (index, reply) in waiting.into_iter().flatten() {
+            let outcome = outcomes
+                .get(index)
+                .copied()
+                .ok_or_else(|| Error::Unavailable {
+                    reason: format!(
+                        "stream message {sequence} holds no update {index}; retry (the update is \
+                     recorded)"
+                    ),
+                });
+            // A caller that gave up (timed out, went away) no longer listens.
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// The publisher learned that the update at `index` of its batch is stream message
+    /// `sequence`: the outcome now, or a promise to send it to `reply`.
+    pub(super) fn register(&self, sequence: u64, index: usize, reply: Reply) -> Registered {
+        let mut state = self.state();
+        if sequence <= state.applied_through {
+            let found = state
+                .recent
+                .binary_search_by_key(&sequence, |(applied, _)| *applied)
+                .ok()
+                .and_then(|at| state.recent[at].1.get(index).copied());
+            drop(state);
+            return match found {
+                Some(outcome) => {
+                    let _ = reply.send(Ok(outcome));
+                    Registered::Now
+                }
+                None => Registered::Old(reply),
+            };
+        }
+        // Callers whose webhook timed out leave closed replies behind when the applier stops;
+        // they go whenever the map has grown.
+        if state.waiters.len() >= RECENT {
+            state.waiters.retain(|_, waiting| {
+                waiting.retain(|(_, reply)| !reply.is_closed());
+                !waiting.is_empty()
+            });
+        }
+        state
+            .waiters
+            .entry(sequence)
+            .or_default()
+            .push((index, reply));
+        Registered::Waiting
+    }
+
+    /// Whether any caller still waits for an apply (shutdown waits until none does).
+    pub(super) fn has_waiters(&self) -> bool {
+        self.state()
+            .waiters
+            .values()
+            .flatten()
+            .any(|(_, reply)| !reply.is_closed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changed(revision: u64) -> Applied {
+        Applied::Changed { revision }
+    }
+
+    #[tokio::test]
+    async fn whichever_comes_second_answers() {
+        let pending = Pending::default();
+        // Acknowledged first, applied second.
+        let (reply, outcome) = oneshot::channel();
+        assert!(matches!(pending.register(5, 1, reply), Registered::Waiting));
+        assert!(pending.has_waiters());
+        pending.complete(5, Arc::from([changed(9), changed(10)]));
+        assert_eq!(outcome.await.unwrap(), Ok(changed(10)));
+        assert!(!pending.has_waiters());
+        // Applied first, acknowledged second (a duplicate ack names the same sequence).
+        let (reply, outcome) = oneshot::channel();
+        assert!(matches!(pending.register(5, 0, reply), Registered::Now));
+        assert_eq!(outcome.await.unwrap(), Ok(changed(9)));
+    }
+
+    #[tokio::test]
+    async fn sequences_older_than_the_recent_window_are_old() {
+        let pending = Pending::default();
+        for sequence in 1..=(RECENT as u64 + 1) {
+            pending.complete(sequence, Arc::from([changed(sequence)]));
+        }
+        let (reply, _outcome) = oneshot::channel();
+        assert!(matches!(pending.register(1, 0, reply), Registered::Old(_)));
+        let (reply, _outcome) = oneshot::channel();
+        assert!(matches!(pending.register(2, 0, reply), Registered::Now));
+        // An index the batch does not have is an error to its caller, not a panic.
+        let (reply, outcome) = oneshot::channel();
+        assert!(matches!(
+            pending.register(RECENT as u64 + 2, 3, reply),
+            Registered::Waiting
+        ));
+        pending.complete(RECENT as u64 + 2, Arc::from([changed(1)]));
+        assert!(outcome.await.unwrap().is_err());
+    }
+}

@@ -1,0 +1,313 @@
+//! The publisher: what the ingest path records through in replicated mode.
+//!
+//! A caller hands over a validated [`ProfileUpdate`] and waits. One task takes what queued up
+//! as one batch (group commit on the stream, as the sequencer does on the journal), cut where
+//! its encoding would pass the server's `max_payload`, and publishes it as one stream message
+//! with its content-derived `Nats-Msg-Id`. Up to [`MAX_IN_FLIGHT`] batches are acknowledged
+//! concurrently, so the round trip to a quorum does not serialise ingest; their order does not
+//! matter (every replica applies whatever order the stream gives, and each caller waits for
+//! its own outcome). Once acknowledged, each caller waits until this replica's applier has
+//! applied the message (`super::pending`), and is answered with the real outcome: `Changed`
+//! with its revision, or `Unchanged`.
+//!
+//! Failures: not connected, not acknowledged in `--nats-request-timeout`, or refused (the
+//! stream full) is `Unavailable` (503): not recorded, or recorded without the ack reaching us,
+//! in which case the retry is deduplicated or merges as unchanged. Acknowledged but not
+//! applied here within the webhook's time is `Unavailable` too, saying the update is recorded
+//! and a retry is harmless, and is counted. Nothing here merges, numbers or stores.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::pending::{Pending, Registered, Reply};
+use crate::error::Error;
+use crate::jetstream::{JetStreamError, UpdateBatch, UpdateStream};
+use crate::journal::codec::UpdateRecord;
+use crate::metrics::Metrics;
+use crate::profile::{ProfileKey, ProfileUpdate};
+use crate::sequencer::Applied;
+use crate::store::Store;
+
+/// How many waiting updates one batch takes at most (as the sequencer).
+const MAX_BATCH: usize = 512;
+/// Batches published and not yet acknowledged at once.
+pub(super) const MAX_IN_FLIGHT: usize = 4;
+/// Room left under the server's `max_payload` for the message's headers.
+const HEADROOM: usize = 1024;
+
+struct Request {
+    update: ProfileUpdate,
+    reply: Reply,
+    /// The stream sequence once acknowledged (0 until then): what a caller that runs out of
+    /// time says about its update.
+    acked: Arc<AtomicU64>,
+}
+
+/// Handle to the publisher task. Cloning it is cheap; the task ends once every handle is gone
+/// and what it holds is answered, and then tells the applier it may stop.
+#[derive(Clone)]
+pub struct Publisher {
+    requests: mpsc::Sender<Request>,
+    apply_timeout: Duration,
+    metrics: Metrics,
+}
+
+/// What the publisher task needs.
+pub(super) struct Parts {
+    pub stream: UpdateStream,
+    pub pending: Arc<Pending>,
+    pub store: Store,
+    pub metrics: Metrics,
+    /// How long a caller waits for its outcome (a little under the webhook timeout, so that
+    /// the answer says what happened rather than the ingress's generic timeout).
+    pub apply_timeout: Duration,
+    /// Cancelled once the publisher has stopped and nobody waits for an apply any more.
+    pub done: CancellationToken,
+}
+
+impl Publisher {
+    /// Starts the publisher task on `tracker`.
+    pub(super) fn start(parts: Parts, tracker: &TaskTracker) -> Publisher {
+        let (requests, inbox) = mpsc::channel(4 * MAX_BATCH);
+        let publisher = Publisher {
+            requests,
+            apply_timeout: parts.apply_timeout,
+            metrics: parts.metrics.clone(),
+        };
+        let task = Task {
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            tracker: tracker.clone(),
+            parts: Arc::new(parts),
+        };
+        tracker.spawn(task.run(inbox));
+        publisher
+    }
+
+    /// Records one update in the stream and returns once this replica has applied it, with
+    /// its outcome.
+    pub async fn apply(&self, update: ProfileUpdate) -> Result<Applied, Error> {
+        let (reply, outcome) = oneshot::channel();
+        let acked = Arc::new(AtomicU64::new(0));
+        let request = Request {
+            update,
+            reply,
+            acked: Arc::clone(&acked),
+        };
+        let stopped = || Error::Unavailable {
+            reason: "the replica is stopping; retry".into(),
+        };
+        self.requests.send(request).await.map_err(|_| stopped())?;
+        let answer = tokio::time::timeout(self.apply_timeout, outcome).await;
+        match (answer, acked.load(Ordering::Acquire)) {
+            (Ok(Ok(result)), _) => result,
+            (_, 0) => Err(Error::Unavailable {
+                reason: "the update was not recorded in the replicated log in time; retry".into(),
+            }),
+            (_, sequence) => {
+                self.metrics.replication_recorded_not_applied();
+                Err(Error::Unavailable {
+                    reason: format!(
+                        "the update is recorded in the replicated log (stream sequence \
+                         {sequence}) but this replica has not applied it yet; a retry is \
+                         harmless"
+                    ),
+                })
+            }
+        }
+    }
+}
+
+struct Task {
+    parts: Arc<Parts>,
+    in_flight: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+impl Task {
+    async fn run(self, mut inbox: mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            // A slot first, then the batch: what queues up while all slots are busy joins it.
+            let permit = Arc::clone(&self.in_flight)
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            if inbox.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                break;
+            }
+            let limit = self
+                .parts
+                .stream
+                .nats()
+                .max_payload()
+                .saturating_sub(HEADROOM);
+            let mut permit = Some(permit);
+            for part in split(batch.drain(..), limit) {
+                let slot = match permit.take() {
+                    Some(slot) => slot,
+                    None => Arc::clone(&self.in_flight)
+                        .acquire_owned()
+                        .await
+                        .expect("the semaphore is never closed"),
+                };
+                let parts = Arc::clone(&self.parts);
+                self.tracker.spawn(async move {
+                    publish(&parts, part).await;
+                    drop(slot);
+                });
+            }
+        }
+        // Every handle is gone: let the publishes in flight finish, then the applies callers
+        // wait for (they give up after the apply timeout anyway), then the applier may stop.
+        let all = u32::try_from(MAX_IN_FLIGHT).expect("a few");
+        let _all = self.in_flight.acquire_many(all).await;
+        let deadline = Instant::now() + self.parts.apply_timeout;
+        while self.parts.pending.has_waiters() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.parts.done.cancel();
+        tracing::debug!("publisher stopped");
+    }
+}
+
+/// Cuts requests into batches whose encoding stays within `limit` bytes (a single larger
+/// update is a batch of its own; the server refuses it and its caller gets 503).
+fn split(
+    requests: impl Iterator<Item = Request>,
+    limit: usize,
+) -> Vec<Vec<(Request, UpdateRecord)>> {
+    let mut batches: Vec<Vec<(Request, UpdateRecord)>> = Vec::new();
+    let mut size = 0;
+    for request in requests {
+        let record = UpdateRecord::new(0, &request.update);
+        let len = record_len(&record);
+        match batches.last_mut() {
+            Some(batch) if size + len <= limit => {
+                size += len;
+                batch.push((request, record));
+            }
+            _ => {
+                size = len;
+                batches.push(vec![(request, record)]);
+            }
+        }
+    }
+    batches
+}
+
+/// Bytes a record takes in an [`UpdateBatch`]: its tag, its length and itself.
+fn record_len(record: &UpdateRecord) -> usize {
+    let len = prost::Message::encoded_len(record);
+    1 + prost::length_delimiter_len(len) + len
+}
+
+/// Publishes one batch and hands each caller to the pending table (or answers it).
+async fn publish(parts: &Parts, batch: Vec<(Request, UpdateRecord)>) {
+    let (requests, records): (Vec<Request>, Vec<UpdateRecord>) = batch.into_iter().unzip();
+    let message = UpdateBatch { updates: records };
+    let started = Instant::now();
+    let published = if parts.stream.nats().is_connected() {
+        parts.stream.publish(&message).await
+    } else {
+        // Fail fast: a publish while disconnected would sit in the client's buffer past the
+        // caller's time, and might still reach the stream afterwards.
+        Err(JetStreamError::Unavailable {
+            operation: "publish",
+            reason: "not connected to NATS".into(),
+        })
+    };
+    match published {
+        Ok(ack) => {
+            parts
+                .metrics
+                .replication_published(started.elapsed().as_secs_f64(), ack.duplicate);
+            for (index, request) in requests.into_iter().enumerate() {
+                request.acked.store(ack.sequence, Ordering::Release);
+                let key = request.update.key;
+                if let Registered::Old(reply) =
+                    parts.pending.register(ack.sequence, index, request.reply)
+                {
+                    let _ = reply.send(Ok(unchanged(&parts.store, &key)));
+                }
+            }
+        }
+        Err(error) => {
+            let reason = match error {
+                JetStreamError::TooLarge { .. } => "too_large",
+                JetStreamError::Refused { .. } => "refused",
+                _ => "unavailable",
+            };
+            parts.metrics.replication_publish_failed(reason);
+            tracing::warn!(%error, updates = requests.len(), "publish failed: answering 503");
+            for request in requests {
+                let _ = request.reply.send(Err(Error::Unavailable {
+                    reason: "the update could not be recorded in the replicated log; retry later"
+                        .into(),
+                }));
+            }
+        }
+    }
+}
+
+/// The outcome of a duplicate of a message applied long ago: nothing changed, so the profile's
+/// revision (it exists: the message was applied).
+fn unchanged(store: &Store, key: &ProfileKey) -> Applied {
+    Applied::Unchanged {
+        revision: store.get(key).map_or(0, |profile| profile.revision),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{EventTime, Field, Scalar};
+
+    fn request(customer: &str, extra_bytes: usize) -> Request {
+        Request {
+            update: ProfileUpdate {
+                key: ProfileKey::new("2155", customer),
+                at: EventTime::from_timestamp(1_732_037_682, 0).unwrap(),
+                fields: vec![(
+                    Field::Email,
+                    Some(Scalar::Text("x".repeat(extra_bytes).into())),
+                )],
+                extras: vec![],
+            },
+            reply: oneshot::channel().0,
+            acked: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn batches_are_cut_below_the_limit_and_keep_their_order() {
+        let requests = (0..10).map(|i| request(&format!("c{i}"), 100));
+        let one = record_len(&UpdateRecord::new(0, &request("c0", 100).update));
+        let batches = split(requests, 3 * one);
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [3, 3, 3, 1]);
+        for batch in &batches {
+            let message = UpdateBatch {
+                updates: batch.iter().map(|(_, record)| record.clone()).collect(),
+            };
+            assert!(prost::Message::encoded_len(&message) <= 3 * one);
+        }
+        let customers: Vec<String> = batches
+            .iter()
+            .flatten()
+            .map(|(request, _)| request.update.key.customer_id.to_string())
+            .collect();
+        let expected: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+        assert_eq!(customers, expected);
+        // One update larger than the limit is a batch of its own.
+        let batches = split(
+            [request("big", 5000), request("small", 1)].into_iter(),
+            1000,
+        );
+        assert_eq!(batches.len(), 2);
+    }
+}

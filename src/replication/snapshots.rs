@@ -1,0 +1,203 @@
+//! A replica's snapshots: local ones for a fast restart, published ones for a replica that
+//! starts with an empty disk, and the stream purge they allow.
+//!
+//! After `--snapshot-every-records` changes (or `--snapshot-every-bytes` of stream messages)
+//! the applier starts a snapshot in the background: the state as of the position it just
+//! reached (revision and stream sequence, a pair only the applier knows exactly), written like
+//! a single node's with the stream sequence in its header, then compacted as a single node's
+//! (the newest snapshot below the history window stays, so a restart rebuilds the window).
+//!
+//! Then, if the bucket's newest snapshot is that many revisions older, the replica that wins
+//! the upload claim (`SnapshotBucket::claim_upload`) publishes it, keeps the two newest, and
+//! purges the stream below the older of the two (less `--nats-retain-after-snapshot`
+//! messages): nothing the newest published snapshot does not cover is ever removed, and the
+//! older one stays usable for a replica that is downloading it right now.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_util::task::TaskTracker;
+
+use crate::jetstream::{JetStreamError, SnapshotBucket, UpdateStream};
+use crate::journal::snapshot;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// When and where a replica snapshots, and what it publishes.
+pub(super) struct Snapshots {
+    pub dir: PathBuf,
+    pub store: Store,
+    pub stream: UpdateStream,
+    pub bucket: SnapshotBucket,
+    pub every_records: u64,
+    pub every_bytes: u64,
+    pub history_events: u64,
+    pub retain_after: u64,
+    /// Who holds the upload claim (the replica's name).
+    pub name: String,
+    pub metrics: Metrics,
+    pub tracker: TaskTracker,
+    pub records_since: u64,
+    pub bytes_since: u64,
+    pub running: Arc<AtomicBool>,
+}
+
+impl Snapshots {
+    /// After each applied message: starts a snapshot as of (`revision`, `stream_sequence`)
+    /// when enough was applied since the last one and none is running.
+    pub(super) fn after_apply(
+        &mut self,
+        changes: u64,
+        bytes: u64,
+        stream_sequence: u64,
+        revision: u64,
+    ) {
+        self.records_since += changes;
+        self.bytes_since += bytes;
+        let due = self.records_since >= self.every_records || self.bytes_since >= self.every_bytes;
+        if !due || self.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.records_since = 0;
+        self.bytes_since = 0;
+        let job = Job {
+            dir: self.dir.clone(),
+            store: self.store.clone(),
+            stream: self.stream.clone(),
+            bucket: self.bucket.clone(),
+            every_records: self.every_records,
+            history_events: self.history_events,
+            retain_after: self.retain_after,
+            name: self.name.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let running = Arc::clone(&self.running);
+        self.tracker.spawn(async move {
+            job.run(revision, stream_sequence).await;
+            running.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// One snapshot and its upload, off the applier's task.
+struct Job {
+    dir: PathBuf,
+    store: Store,
+    stream: UpdateStream,
+    bucket: SnapshotBucket,
+    every_records: u64,
+    history_events: u64,
+    retain_after: u64,
+    name: String,
+    metrics: Metrics,
+}
+
+impl Job {
+    async fn run(self, revision: u64, stream_sequence: u64) {
+        let (dir, store, history) = (self.dir.clone(), self.store.clone(), self.history_events);
+        let taken = tokio::task::spawn_blocking(move || {
+            snapshot::take_as_of(&dir, &store, revision, stream_sequence, history)
+        })
+        .await
+        .expect("a snapshot does not panic");
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(error) => {
+                tracing::warn!(%error, "snapshot failed; the next one will retry");
+                return;
+            }
+        };
+        tracing::info!(
+            revision,
+            stream_sequence,
+            profiles = taken.profiles,
+            removed_files = taken.removed.len(),
+            "snapshot written"
+        );
+        match self.publish(&taken.path, revision, stream_sequence).await {
+            Ok(Some(purged)) => {
+                self.metrics.replication_snapshot_upload("uploaded");
+                tracing::info!(revision, stream_sequence, purged, "snapshot published");
+            }
+            Ok(None) => {}
+            Err(error) => {
+                self.metrics.replication_snapshot_upload("failed");
+                tracing::warn!(%error, "snapshot not published; a later one will retry");
+            }
+        }
+    }
+
+    /// Publishes the snapshot at `path` if the bucket's newest is old enough and this replica
+    /// wins the claim; then keeps the two newest and purges the stream below the older.
+    /// Returns the messages purged, or `None` when another replica's snapshot will do.
+    async fn publish(
+        &self,
+        path: &Path,
+        revision: u64,
+        stream_sequence: u64,
+    ) -> Result<Option<u64>, JetStreamError> {
+        let newest = self.bucket.newest().await?;
+        if newest.is_some_and(|newest| newest.revision + self.every_records > revision) {
+            return Ok(None);
+        }
+        match self.bucket.claim_upload(&self.name).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(error) => {
+                tracing::debug!(%error, "upload claim failed; another replica has it");
+                return Ok(None);
+            }
+        }
+        let published = self.upload_and_purge(path, revision, stream_sequence).await;
+        if let Err(error) = self.bucket.release_upload().await {
+            tracing::debug!(%error, "upload claim not released; it lapses by itself");
+        }
+        published.map(Some)
+    }
+
+    async fn upload_and_purge(
+        &self,
+        path: &Path,
+        revision: u64,
+        stream_sequence: u64,
+    ) -> Result<u64, JetStreamError> {
+        let io = |err: std::io::Error| JetStreamError::Bucket {
+            bucket: "snapshots".into(),
+            key: path.display().to_string(),
+            reason: err.to_string(),
+        };
+        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
+        self.bucket
+            .put(revision, stream_sequence, &mut file)
+            .await?;
+        self.bucket.retire(2).await?;
+        let published = self.bucket.list().await?;
+        let [older, _newest] = published.as_slice() else {
+            return Ok(0);
+        };
+        let below = purge_point(older.stream_sequence, self.retain_after);
+        if below <= self.stream.bounds().await?.first {
+            return Ok(0);
+        }
+        self.stream.purge_below(below).await
+    }
+}
+
+/// The first sequence kept when the older of the two published snapshots is as of
+/// `stream_sequence`: everything after it, and `retain_after` messages before.
+fn purge_point(stream_sequence: u64, retain_after: u64) -> u64 {
+    (stream_sequence + 1).saturating_sub(retain_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_purge_keeps_what_the_older_snapshot_does_not_cover_and_the_retained_messages() {
+        assert_eq!(purge_point(100, 0), 101);
+        assert_eq!(purge_point(100, 10), 91);
+        assert_eq!(purge_point(5, 100_000), 0);
+    }
+}

@@ -1,0 +1,278 @@
+//! Start-up of a replica: connect, open (or create) the stream, and rebuild the store from a
+//! snapshot before following the stream.
+//!
+//! The starting point is, in order of preference:
+//! 1. the oldest local snapshot the stream still continues from (the longest watch history
+//!    after the restart, as a single node chooses; local snapshots lag the history window);
+//! 2. the newest published snapshot (`<stream>_SNAPSHOTS`), downloaded into the data
+//!    directory first (an empty disk, or the stream was purged past every local snapshot);
+//! 3. an empty store, when the stream still holds its first message.
+//!
+//! The data directory records the store id of the stream it belongs to: a directory of
+//! another stream (the stream was deleted and made again) has its snapshots moved aside to
+//! `stale-<old id>/` before anything else. A single node's journal is refused: replicated mode
+//! keeps none, and a directory is one or the other.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use tokio::io::AsyncWriteExt;
+
+use super::Prepared;
+use crate::config::Config;
+use crate::data_dir::{DataDir, sync_dir};
+use crate::jetstream::{
+    Follower, JetStreamError, Nats, SnapshotBucket, SnapshotInfo, StreamSettings, UpdateStream,
+};
+use crate::journal::{self, snapshot};
+use crate::server::BadConfiguration;
+use crate::store::Store;
+
+/// What start-up rebuilt: the store, the locked data directory, and the replica ready to start.
+pub struct Opened {
+    /// The store as of the starting point.
+    pub store: Store,
+    /// The data directory (`None` under `--ephemeral`).
+    pub data_dir: Option<DataDir>,
+    /// The replica, not yet applying.
+    pub replica: Prepared,
+}
+
+/// A snapshot to start from: its file, and what it is as of.
+struct Start {
+    path: PathBuf,
+    revision: u64,
+    stream_sequence: u64,
+}
+
+/// Connects, checks or creates the stream, opens the data directory, and loads the starting
+/// point. Settings that cannot work are [`BadConfiguration`]; an unreachable NATS is not.
+pub async fn open(config: &Config) -> anyhow::Result<Opened> {
+    let started = std::time::Instant::now();
+    let name = config.nats.replica_name();
+    let nats = Nats::connect(&config.nats, &name).await?;
+    let max_payload = nats.max_payload();
+    if config.max_body_bytes > max_payload {
+        return Err(bad_configuration(format!(
+            "--max-body-bytes {} is larger than the NATS server's max_payload ({max_payload} \
+             bytes): a webhook that size could not be published; lower --max-body-bytes or \
+             raise max_payload in the NATS configuration",
+            config.max_body_bytes
+        )));
+    }
+    let settings = StreamSettings::from_config(&config.nats);
+    let stream = match UpdateStream::ensure(&nats, &settings).await {
+        Ok(stream) => stream,
+        Err(error @ JetStreamError::Mismatch { .. }) => {
+            return Err(bad_configuration(error.to_string()));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let bucket = SnapshotBucket::open(&stream).await?;
+    let store = Store::new(config.history_events, stream.store_id());
+    let data_dir = match config.ephemeral {
+        true => None,
+        false => {
+            let (path, id) = (config.data_dir.clone(), stream.store_id().to_owned());
+            Some(blocking(move || prepare_dir(&path, &id)).await?)
+        }
+    };
+    let dir = data_dir.as_ref().map(|dir| dir.path().to_owned());
+    let bounds = stream.bounds().await?;
+    let local = match &dir {
+        Some(dir) => choose_local(dir.clone(), bounds.first, bounds.last).await?,
+        None => None,
+    };
+    let (start, source) = match local {
+        Some(start) => (Some(start), "local snapshot"),
+        None => match bucket.newest().await? {
+            Some(published) => {
+                let start = download(&bucket, &published, dir.as_deref()).await?;
+                (Some(start), "published snapshot")
+            }
+            None if bounds.first > 1 => bail!(
+                "stream {} starts at sequence {}: the messages before it were purged, and no \
+                 published snapshot of store {} covers them (bucket {}_SNAPSHOTS is empty)",
+                stream.name(),
+                bounds.first,
+                stream.store_id(),
+                stream.name()
+            ),
+            None => (None, "empty store"),
+        },
+    };
+    let applied = match &start {
+        Some(start) => load(&store, start, dir.is_none()).await?,
+        None => 0,
+    };
+    let follower = Follower::start(&stream, applied).await?;
+    tracing::info!(
+        replica = %name,
+        stream = stream.name(),
+        store_id = store.store_id(),
+        revision = store.revision(),
+        stream_sequence = applied,
+        stream_last = bounds.last,
+        profiles = store.len(),
+        source,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "replica recovered"
+    );
+    let replica = Prepared::new(
+        config, name, nats, stream, bucket, follower, applied, &store,
+    );
+    Ok(Opened {
+        store,
+        data_dir,
+        replica,
+    })
+}
+
+fn bad_configuration(reason: String) -> anyhow::Error {
+    anyhow::Error::new(BadConfiguration(anyhow::anyhow!(reason)))
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("start-up task")?
+}
+
+/// Opens and locks the data directory, refuses a single node's journal, removes what a crash
+/// left half-written, and makes it the directory of store `store_id`.
+fn prepare_dir(path: &Path, store_id: &str) -> anyhow::Result<DataDir> {
+    let mut dir = DataDir::open(path)?;
+    if !journal::segments(dir.path())?.is_empty() {
+        bail!(
+            "{} holds a single node's journal (journal-*.log): replicated mode keeps no journal \
+             (the stream is the log); start each replica on its own empty --data-dir, or run \
+             without --nats-url",
+            dir.path().display()
+        );
+    }
+    for entry in std::fs::read_dir(dir.path()).context("listing the data directory")? {
+        let file = entry.context("listing the data directory")?.path();
+        if file.to_string_lossy().ends_with(".snap.tmp") {
+            std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+        }
+    }
+    if dir.store_id() != store_id {
+        let snapshots = snapshot::list(dir.path())?;
+        if !snapshots.is_empty() {
+            let aside = dir.path().join(format!("stale-{}", dir.store_id()));
+            std::fs::create_dir_all(&aside)
+                .with_context(|| format!("creating {}", aside.display()))?;
+            for (_, file) in &snapshots {
+                let to = aside.join(file.file_name().unwrap_or_default());
+                std::fs::rename(file, &to)
+                    .with_context(|| format!("moving {} aside", file.display()))?;
+            }
+            tracing::warn!(
+                moved_to = %aside.display(),
+                old_store_id = dir.store_id(),
+                store_id,
+                "the data directory held snapshots of another stream (it was replaced): moved \
+                 aside, starting from this stream's"
+            );
+        }
+        dir.adopt_store_id(store_id)?;
+        sync_dir(dir.path()).context("syncing the data directory")?;
+    }
+    Ok(dir)
+}
+
+/// The oldest local snapshot the stream (now holding `first..=last`) continues from.
+async fn choose_local(dir: PathBuf, first: u64, last: u64) -> anyhow::Result<Option<Start>> {
+    blocking(move || {
+        for (_, path) in snapshot::list(&dir)? {
+            let header = match snapshot::read_header(&path) {
+                Ok(header) => header,
+                Err(error) => {
+                    tracing::warn!(%error, "a local snapshot cannot be read; not starting from it");
+                    continue;
+                }
+            };
+            let sequence = header.stream_sequence;
+            if sequence > 0 && sequence + 1 >= first && sequence <= last {
+                return Ok(Some(Start {
+                    path,
+                    revision: header.revision,
+                    stream_sequence: sequence,
+                }));
+            }
+        }
+        Ok(None)
+    })
+    .await
+}
+
+/// Downloads a published snapshot: into the data directory as an ordinary local snapshot
+/// (temporary file, synced, renamed), or into a temporary file when ephemeral.
+async fn download(
+    bucket: &SnapshotBucket,
+    published: &SnapshotInfo,
+    dir: Option<&Path>,
+) -> anyhow::Result<Start> {
+    let name = format!("snapshot-{:020}.snap", published.revision);
+    let (temp, path) = match dir {
+        Some(dir) => (dir.join(format!("{name}.tmp")), dir.join(&name)),
+        None => {
+            let unique = crate::data_dir::new_store_id();
+            let temp = std::env::temp_dir().join(format!("profile-state-{unique}.snap.tmp"));
+            (temp.clone(), temp)
+        }
+    };
+    let copied = async {
+        let mut reader = bucket.read(published).await?;
+        let mut file = tokio::fs::File::create(&temp).await?;
+        tokio::io::copy(&mut reader, &mut file).await?;
+        file.flush().await?;
+        file.sync_all().await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(error) = copied {
+        let _ = tokio::fs::remove_file(&temp).await;
+        return Err(error.context(format!("downloading published snapshot {}", published.name)));
+    }
+    if let Some(dir) = dir {
+        tokio::fs::rename(&temp, &path).await?;
+        sync_dir(dir)?;
+    }
+    tracing::info!(
+        snapshot = %published.name,
+        revision = published.revision,
+        stream_sequence = published.stream_sequence,
+        bytes = published.size,
+        "published snapshot downloaded"
+    );
+    Ok(Start {
+        path,
+        revision: published.revision,
+        stream_sequence: published.stream_sequence,
+    })
+}
+
+/// Loads `start` into the (fresh) store; returns its stream sequence. A temporary download
+/// (`remove`) is deleted afterwards.
+async fn load(store: &Store, start: &Start, remove: bool) -> anyhow::Result<u64> {
+    let (store, path, revision) = (store.clone(), start.path.clone(), start.revision);
+    let read = blocking(move || {
+        let read = snapshot::read(&path, |profiles| store.restore(profiles, revision));
+        if remove {
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(read?)
+    })
+    .await?;
+    if read != start.revision {
+        bail!(
+            "{}: the snapshot's header says revision {read}, expected {}",
+            start.path.display(),
+            start.revision
+        );
+    }
+    Ok(start.stream_sequence)
+}

@@ -1,0 +1,201 @@
+//! Where a replica stands: the stream sequence and revision it has applied, what it knows of
+//! the stream's end, how far behind it is, and whether it is ready for webhooks.
+//!
+//! Lag is measured without trusting any clock but this process's: the replica remembers the
+//! last moment it *knew* it had applied everything the stream held (`caught_up_at`). It learns
+//! that from a delivered message with nothing pending after it, or from a barrier: the stream's
+//! last sequence read from the stream leader at some moment `t` (a poll every
+//! [`POLL_INTERVAL`]), once applied, proves that everything published before `t` is applied.
+//! The lag in seconds is `now - caught_up_at`: an upper bound on the age of the oldest message
+//! not applied yet, exact to about one poll interval, and growing while the replica is stopped,
+//! cut off from NATS or stuck, which is what readiness needs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::jetstream::Nats;
+
+/// How often a replica reads the stream's last sequence (its barrier), idle or not.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What a replica has applied: published together by the applier, so a reader never sees a
+/// revision paired with the wrong sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The last stream sequence applied (0: none).
+    pub sequence: u64,
+    /// The store revision after it.
+    pub revision: u64,
+}
+
+/// How far a replica is behind its stream.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lag {
+    /// Stream messages known to exist that are not applied yet.
+    pub messages: u64,
+    /// Time since the replica last knew it had applied everything (see the module doc).
+    pub seconds: f64,
+}
+
+/// A replica's standing. Cloning it is one reference-count increment.
+#[derive(Clone)]
+pub struct ReplicaStatus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    nats: Nats,
+    max_lag: Duration,
+    started: Instant,
+    position: watch::Sender<Position>,
+    /// The highest last sequence of the stream seen (from deliveries and barrier reads).
+    stream_last: AtomicU64,
+    /// A plain mutex: a few words, taken once per applied message and once per poll.
+    clock: Mutex<Clock>,
+    /// Why the applier stopped, if it did (a hole, a malformed message: operator action).
+    failed: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct Clock {
+    /// The last moment everything the stream held was known to be applied.
+    caught_up_at: Option<Instant>,
+    /// A barrier read and not applied yet: (when it was read, the last sequence then).
+    barrier: Option<(Instant, u64)>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each change replaces plain values whole: a poisoned lock still holds a consistent state.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ReplicaStatus {
+    /// A replica named `name` that starts at `position`, not caught up yet.
+    pub(crate) fn new(name: String, nats: Nats, max_lag: Duration, position: Position) -> Self {
+        ReplicaStatus {
+            inner: Arc::new(Inner {
+                name,
+                nats,
+                max_lag,
+                started: Instant::now(),
+                position: watch::channel(position).0,
+                stream_last: AtomicU64::new(position.sequence),
+                clock: Mutex::default(),
+                failed: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The replica's name (`--replica-name`).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// What it has applied.
+    pub fn position(&self) -> Position {
+        *self.inner.position.borrow()
+    }
+
+    /// A receiver that wakes whenever the position moves.
+    pub fn subscribe(&self) -> watch::Receiver<Position> {
+        self.inner.position.subscribe()
+    }
+
+    /// The highest last sequence of the stream this replica has seen.
+    pub fn stream_last(&self) -> u64 {
+        self.inner.stream_last.load(Ordering::Acquire)
+    }
+
+    /// How far behind it is now.
+    pub fn lag(&self) -> Lag {
+        let applied = self.position().sequence;
+        let messages = self.stream_last().saturating_sub(applied);
+        let since = lock(&self.inner.clock)
+            .caught_up_at
+            .unwrap_or(self.inner.started);
+        Lag {
+            messages,
+            seconds: since.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Whether the connection to NATS is up.
+    pub fn nats_connected(&self) -> bool {
+        self.inner.nats.is_connected()
+    }
+
+    /// Why this replica should not take webhooks now, if it should not: NATS unreachable, the
+    /// applier stopped, or further behind than `--max-lag`.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if let Some(reason) = lock(&self.inner.failed).as_ref() {
+            return Some(format!("replica stopped applying the stream: {reason}"));
+        }
+        if !self.nats_connected() {
+            return Some("not connected to NATS; webhooks get 503".into());
+        }
+        let lag = self.lag();
+        if lag.seconds > self.inner.max_lag.as_secs_f64() {
+            return Some(format!(
+                "replica lagging: {:.1} s since it last had applied the whole stream \
+                 (--max-lag {}), {} messages behind",
+                lag.seconds,
+                humantime::format_duration(self.inner.max_lag),
+                lag.messages
+            ));
+        }
+        None
+    }
+
+    /// The applier applied stream message `sequence` (delivered at `delivered`, with `pending`
+    /// messages after it then), leaving the store at `revision`.
+    pub(crate) fn applied(&self, sequence: u64, revision: u64, pending: u64, delivered: Instant) {
+        self.inner
+            .position
+            .send_replace(Position { sequence, revision });
+        self.inner
+            .stream_last
+            .fetch_max(sequence + pending, Ordering::AcqRel);
+        let mut clock = lock(&self.inner.clock);
+        if pending == 0 {
+            clock.caught_up(delivered);
+        }
+        if let Some((read_at, last)) = clock.barrier
+            && sequence >= last
+        {
+            clock.barrier = None;
+            clock.caught_up(read_at);
+        }
+    }
+
+    /// The stream's last sequence was `last` when read at `read_at`.
+    pub(crate) fn observed_last(&self, last: u64, read_at: Instant) {
+        self.inner.stream_last.fetch_max(last, Ordering::AcqRel);
+        let applied = self.position().sequence;
+        let mut clock = lock(&self.inner.clock);
+        if applied >= last {
+            clock.barrier = None;
+            clock.caught_up(read_at);
+        } else if clock.barrier.is_none() {
+            // An older barrier still waiting is kept: it is passed sooner.
+            clock.barrier = Some((read_at, last));
+        }
+    }
+
+    /// The applier stopped for good, for `reason`.
+    pub(crate) fn fail(&self, reason: String) {
+        *lock(&self.inner.failed) = Some(reason);
+    }
+}
+
+impl Clock {
+    fn caught_up(&mut self, at: Instant) {
+        if self.caught_up_at.is_none_or(|before| at > before) {
+            self.caught_up_at = Some(at);
+        }
+    }
+}
