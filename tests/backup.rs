@@ -95,7 +95,10 @@ fn path(path: &Path) -> String {
 async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     let dir = tempfile::tempdir().unwrap();
     let original = dir.path().join("original");
-    let service = Arc::new(TestService::start_with(durable_config(&original)).await);
+    let mut config = durable_config(&original);
+    // Small messages, so the backup arrives in many pieces.
+    config.grpc_max_message_bytes = 2048;
+    let service = Arc::new(TestService::start_with(config).await);
     let stop = Arc::new(AtomicBool::new(false));
     let (warmed, warm) = oneshot::channel();
     let load = tokio::spawn(load(Arc::clone(&service), Arc::clone(&stop), warmed));
@@ -124,6 +127,8 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
         "taken under load: {revision} of {last}"
     );
     assert!(!Path::new(&format!("{}.partial", path(&file))).exists());
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(size > 2048, "{size} bytes: more than one message's worth");
 
     // The state at the backup's revision: each customer's last update at or before it.
     let mut expected: HashMap<String, (i64, u64)> = HashMap::new();

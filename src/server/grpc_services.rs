@@ -98,7 +98,10 @@ pub(super) fn serve<H: Health>(
         max_watch_streams,
         max_message_bytes: limit,
     } = services;
-    let admin = AdminApi::new(DeadLetterApi::new(ingest), BackupApi::new(store.clone()));
+    let admin = AdminApi::new(
+        DeadLetterApi::new(ingest),
+        BackupApi::new(store.clone(), limit),
+    );
     let profiles = ProfileApi::new(
         store,
         watchers,
