@@ -97,7 +97,7 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     let original = dir.path().join("original");
     let mut config = durable_config(&original);
     // Small messages, so the backup arrives in many pieces.
-    config.grpc_max_message_bytes = 2048;
+    config.grpc_max_message_bytes = 1024;
     let service = Arc::new(TestService::start_with(config).await);
     let stop = Arc::new(AtomicBool::new(false));
     let (warmed, warm) = oneshot::channel();
@@ -128,7 +128,7 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     );
     assert!(!Path::new(&format!("{}.partial", path(&file))).exists());
     let size = std::fs::metadata(&file).unwrap().len();
-    assert!(size > 2048, "{size} bytes: more than one message's worth");
+    assert!(size > 1024, "{size} bytes: more than one message's worth");
 
     // The state at the backup's revision: each customer's last update at or before it.
     let mut expected: HashMap<String, (i64, u64)> = HashMap::new();
