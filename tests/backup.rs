@@ -94,7 +94,10 @@ fn path(path: &Path) -> String {
 async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     let dir = tempfile::tempdir().unwrap();
     let original = dir.path().join("original");
-    let service = Arc::new(TestService::start_with(durable_config(&original)).await);
+    let mut config = durable_config(&original);
+    // Small messages, so the backup arrives in many pieces.
+    config.grpc_max_message_bytes = 1024;
+    let service = Arc::new(TestService::start_with(config).await);
     let stop = Arc::new(AtomicBool::new(false));
     let (warmed, warm) = oneshot::channel();
     let load = tokio::spawn(load(Arc::clone(&service), Arc::clone(&stop), warmed));
@@ -123,6 +126,8 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
         "taken under load: {revision} of {last}"
     );
     assert!(!Path::new(&format!("{}.partial", path(&file))).exists());
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(size > 1024, "{size} bytes: more than one message's worth");
 
     // The state at the backup's revision: each customer's last update at or before it.
     let mut expected: HashMap<String, (i64, u64)> = HashMap::new();

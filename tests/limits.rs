@@ -1,9 +1,8 @@
 //! The limits an attacker (or a careless client) could exhaust, and the smaller refusals of
 //! issue 10: each test drives the real HTTP or gRPC surface of an in-process service.
 
-#[path = "common/binary.rs"]
-mod binary;
-mod common;
+use crate::common;
+use crate::common::binary;
 
 use common::{JSON, SECRET, TestService, at, profile_updated};
 use profile_state::Config;

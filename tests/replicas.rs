@@ -5,10 +5,9 @@
 //! the stream, and serve `min_revision` reads and resumed watches on a lagging replica by
 //! waiting, never by refusing a revision the cluster assigned.
 
-mod common;
+use crate::common;
+use crate::common::binary;
 
-#[path = "common/binary.rs"]
-mod binary;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

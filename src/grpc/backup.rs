@@ -19,8 +19,10 @@ use crate::pb;
 use crate::store::Store;
 
 /// The largest piece of the file in one message: well under the 4 MiB gRPC clients accept by
-/// default.
+/// default (less when `--grpc-max-message-bytes` is lower).
 pub const PIECE_BYTES: usize = 1 << 20;
+/// Room in a message for everything but the piece (field tags, the first message's details).
+const MESSAGE_OVERHEAD: usize = 512;
 /// Messages buffered between the encoding thread and the stream.
 const BUFFERED: usize = 4;
 
@@ -31,26 +33,34 @@ pub type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupResponse, Sta
 #[derive(Clone)]
 pub struct BackupApi {
     store: Store,
+    piece_bytes: usize,
 }
 
 impl BackupApi {
-    /// Backups of `store`.
-    pub fn new(store: Store) -> BackupApi {
-        BackupApi { store }
+    /// Backups of `store`, in messages of at most `max_message_bytes`.
+    pub fn new(store: Store, max_message_bytes: usize) -> BackupApi {
+        let piece_bytes = PIECE_BYTES
+            .min(max_message_bytes.saturating_sub(MESSAGE_OVERHEAD))
+            .max(1);
+        BackupApi { store, piece_bytes }
     }
 
     /// Starts streaming a backup.
     pub fn backup(&self) -> Response<BackupStream> {
         let (pieces, stream) = mpsc::channel(BUFFERED);
-        let store = self.store.clone();
+        let (store, piece_bytes) = (self.store.clone(), self.piece_bytes);
         // Ends when the backup is sent or the client is gone: its owner is the stream.
-        tokio::task::spawn_blocking(move || send(&store, &pieces));
+        tokio::task::spawn_blocking(move || send(&store, piece_bytes, &pieces));
         Response::new(Box::pin(ReceiverStream::new(stream)))
     }
 }
 
 /// Reads, encodes and sends the backup; a failed send (the client left) stops it.
-fn send(store: &Store, pieces: &mpsc::Sender<Result<pb::BackupResponse, Status>>) {
+fn send(
+    store: &Store,
+    piece_bytes: usize,
+    pieces: &mpsc::Sender<Result<pb::BackupResponse, Status>>,
+) {
     let (revision, profiles) = match snapshot::consistent_state(store, None) {
         Ok(state) => state,
         Err(error) => {
@@ -76,7 +86,7 @@ fn send(store: &Store, pieces: &mpsc::Sender<Result<pb::BackupResponse, Status>>
         stream_sequence: 0,
     };
     let sent = snapshot::encode(&header, &profiles, |bytes| {
-        for piece in bytes.chunks(PIECE_BYTES) {
+        for piece in bytes.chunks(piece_bytes) {
             let mut message = first.take().unwrap_or_default();
             message.chunk = piece.to_vec();
             pieces

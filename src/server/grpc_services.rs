@@ -109,7 +109,10 @@ pub(super) fn serve<H: Health>(
         handshake_timeout,
         replica,
     } = services;
-    let admin = AdminApi::new(DeadLetterApi::new(ingest), BackupApi::new(store.clone()));
+    let admin = AdminApi::new(
+        DeadLetterApi::new(ingest),
+        BackupApi::new(store.clone(), limit),
+    );
     let mut profiles = ProfileApi::new(
         store,
         watchers,
