@@ -171,6 +171,7 @@ async fn a_503_for_an_update_that_was_applied_does_not_say_it_was_not_recorded()
         let request = profile_state::pb::GetProfileRequest {
             client_id: "2155".into(),
             customer_id: format!("late-{customer}"),
+            ..Default::default()
         };
         if client.get_profile(request).await.is_ok() {
             late_but_applied += 1;
