@@ -63,7 +63,8 @@ pub struct Config {
     )]
     pub max_in_flight_webhooks: usize,
 
-    /// Longest a webhook may take to be recorded before it is answered 503.
+    /// Longest a webhook may wait for its update to be confirmed before it is answered 503
+    /// (saying it may still be recorded: a retry changes nothing).
     #[arg(long, env = "PROFILE_STATE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub webhook_timeout: Duration,
 

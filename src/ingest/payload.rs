@@ -264,7 +264,9 @@ fn integer<J: Json>(value: &J, field: &str, kind: FieldKind) -> Result<i64, Erro
         // lands here too, and is out of range, not a fraction.
         Some(number) => match number.as_f64() {
             Some(float) if float.fract() == 0.0 => {
-                if (low as f64..=high as f64).contains(&float) {
+                // Open bounds one past the range: for 64 bits they round to -2^63 and 2^63
+                // themselves, which an integer literal just past the range also parses to.
+                if float > low as f64 - 1.0 && float < high as f64 + 1.0 {
                     Err(Error::invalid(
                         field,
                         "must be written as an integer, without a decimal point or exponent",

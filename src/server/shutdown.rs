@@ -161,8 +161,8 @@ impl Shutdown {
     ///    is released, last.
     ///
     /// Steps 2 and 3 share one deadline, `--shutdown-grace` from the signal, whatever clients
-    /// do (a watcher that stops reading, half-open connections): past it the listeners are
-    /// dropped, which cuts what is left of their connections. Step 4 then has what is left of
+    /// do (a watcher that stops reading, half-open connections): past it the server tasks are
+    /// aborted, which cuts the webhook connections left (the rest go with the process). Step 4 then has what is left of
     /// the grace, and at least [`FLUSH_MARGIN`], so the whole stop takes at most the grace
     /// plus that margin.
     pub(super) async fn run(self) -> anyhow::Result<()> {
@@ -196,7 +196,8 @@ impl Shutdown {
             servers.finished(),
         )
         .await;
-        // Whatever is still connected is cut: the server tasks own their connections.
+        // The webhook task owns its connections: aborting it cuts what is still connected
+        // there (admin and gRPC connections, spawned by axum and tonic, go with the process).
         aborts.iter().for_each(AbortHandle::abort);
 
         tracker.close();

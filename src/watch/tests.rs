@@ -165,6 +165,8 @@ async fn initial_state_is_as_of_one_revision_while_writes_land_during_the_scan()
         }
     }
     shutdown.cancel();
+    // The subscriber goes: a feed's last words wait for room as long as it is there.
+    drop(received);
     drop(sequencer);
     tracker.close();
     tracker.wait().await;
