@@ -414,6 +414,7 @@ fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
                     profile,
                     previous: current,
                     changed_fields,
+                    origin: update.origin,
                 }));
                 Applied::Changed { revision }
             }
@@ -459,6 +460,7 @@ mod tests {
                 (Field::TotalPoints, Some(Scalar::Int(points))),
             ],
             extras: vec![],
+            origin: crate::profile::Origin::Webhook,
         }
     }
 

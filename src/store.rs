@@ -425,6 +425,7 @@ mod tests {
                     (Field::TierName, Some(Scalar::Text(tier.into()))),
                 ],
                 extras: vec![],
+                origin: crate::profile::Origin::Webhook,
             })
             .unwrap();
         profile.revision = revision;
@@ -433,6 +434,7 @@ mod tests {
             profile: Arc::new(profile),
             previous: None,
             changed_fields: changed,
+            origin: crate::profile::Origin::Webhook,
         })
     }
 

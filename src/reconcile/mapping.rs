@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::answers::{Contact, Points, Referral, Tier};
-use crate::profile::{Field, FieldPath, Profile, ProfileKey, ProfileUpdate, Scalar};
+use crate::profile::{Field, FieldPath, Origin, Profile, ProfileKey, ProfileUpdate, Scalar};
 
 /// Everything fetched for one customer.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +81,7 @@ impl Fetched {
             at,
             fields,
             extras: Vec::new(),
+            origin: Origin::Reconcile,
         }
     }
 }
