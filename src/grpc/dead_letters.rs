@@ -1,4 +1,5 @@
-//! The gRPC adapter for `gameball.profiles.v1.AdminService`: dead letters for operators.
+//! The gRPC adapter for `gameball.profiles.v1.AdminService`: dead letters for operators, and
+//! the reconciliation RPCs, which it hands to `super::reconcile`.
 //! (The admin HTTP listener, metrics and health, is `crate::monitoring`.)
 //!
 //! Each RPC checks its request, calls [`DeadLetters`] (or, to replay, the ingest path), and
@@ -17,6 +18,7 @@ use crate::error::Error;
 use crate::ingest::{Ingest, Outcome};
 use crate::pb;
 use crate::pb::admin_service_server::AdminService;
+use crate::reconcile::ReconcileJobs;
 use crate::sequencer::Applied;
 use crate::status::grpc_status;
 
@@ -28,18 +30,21 @@ pub const MAX_PAGE_SIZE: usize = 500;
 /// clients accept by default.
 const PAGE_BODY_BYTES: usize = 1 << 20;
 
-/// The AdminService implementation: the dead letters.
+/// The AdminService implementation: the dead letters, and reconcile jobs.
 pub struct DeadLetterApi {
     dead_letters: DeadLetters,
     ingest: Ingest,
+    reconcile: ReconcileJobs,
 }
 
 impl DeadLetterApi {
-    /// A service over the dead letters `ingest` keeps, replaying through `ingest`.
-    pub fn new(ingest: Ingest) -> Self {
+    /// A service over the dead letters `ingest` keeps, replaying through `ingest`, starting
+    /// reconcile jobs in `reconcile`.
+    pub fn new(ingest: Ingest, reconcile: ReconcileJobs) -> Self {
         DeadLetterApi {
             dead_letters: ingest.dead_letters().clone(),
             ingest,
+            reconcile,
         }
     }
 }
@@ -161,5 +166,21 @@ impl AdminService for DeadLetterApi {
             purged_count: removed.len() as u64,
             missing_ids,
         }))
+    }
+
+    async fn reconcile_profiles(
+        &self,
+        request: Request<pb::ReconcileProfilesRequest>,
+    ) -> Result<Response<pb::ReconcileProfilesResponse>, Status> {
+        super::reconcile::reconcile_profiles(&self.reconcile, request.into_inner())
+            .map(Response::new)
+    }
+
+    async fn get_reconcile_job(
+        &self,
+        request: Request<pb::GetReconcileJobRequest>,
+    ) -> Result<Response<pb::GetReconcileJobResponse>, Status> {
+        super::reconcile::get_reconcile_job(&self.reconcile, request.into_inner())
+            .map(Response::new)
     }
 }

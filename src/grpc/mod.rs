@@ -9,6 +9,7 @@ pub mod auth;
 mod convert;
 pub mod dead_letters;
 mod page_token;
+mod reconcile;
 pub mod transport;
 
 use std::collections::HashSet;

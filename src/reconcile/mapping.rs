@@ -90,9 +90,8 @@ impl Fetched {
 /// when there is no profile yet), by the same merge the sequencer runs: a field whose stored
 /// value is newer than the fetch is not drift, since the update would lose.
 ///
-/// An empty answer means the stored profile already matches the source. Applying the update
-/// anyway would still move the fields' clocks and so produce a change without changed fields,
-/// which is why the caller should skip such updates.
+/// An empty answer means the stored profile already matches the source. Jobs apply the update
+/// anyway (it pins the fields' clocks at the fetch time) and count it as unchanged.
 pub fn drift(current: Option<&Profile>, update: &ProfileUpdate) -> Vec<Field> {
     let mut merged = current
         .cloned()

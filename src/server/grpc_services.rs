@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
+use crate::reconcile::ReconcileJobs;
 use crate::store::Store;
 use crate::watch::Watchers;
 
@@ -55,6 +56,8 @@ pub(super) struct Services<H> {
     pub durable: bool,
     /// The ingest path, whose dead letters AdminService serves and replays.
     pub ingest: Ingest,
+    /// The reconcile jobs AdminService starts and reports.
+    pub reconcile: ReconcileJobs,
     /// Counts calls and watch activity.
     pub metrics: Metrics,
     /// `--max-watch-streams`.
@@ -89,6 +92,7 @@ pub(super) fn serve<H: Health>(
         watchers,
         durable,
         ingest,
+        reconcile,
         metrics,
         max_watch_streams,
         max_message_bytes: limit,
@@ -103,7 +107,7 @@ pub(super) fn serve<H: Health>(
     )
     .with_max_watch_streams(max_watch_streams);
     let watch_streams_closed = Box::pin(profiles.streams_closed());
-    let dead_letters = DeadLetterApi::new(ingest);
+    let dead_letters = DeadLetterApi::new(ingest, reconcile);
     // Health and reflection stay open (probes, grpcurl); the data services need a token when
     // tokens are configured.
     let router = builder

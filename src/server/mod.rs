@@ -31,6 +31,7 @@ use crate::ingest::Ingest;
 use crate::journal::FaultSwitch;
 use crate::metrics::Metrics;
 use crate::monitoring::Monitoring;
+use crate::reconcile::{ReconcileJobs, ReconcileOptions};
 use crate::sequencer::{Durability, Sequencer};
 use crate::startup;
 use crate::store::Store;
@@ -58,6 +59,7 @@ pub struct Server {
     durability: Option<Durability>,
     dead_letters: DeadLetters,
     faults: FaultSwitch,
+    reconcile: ReconcileOptions,
     // Holds the directory's lock until the server is dropped.
     data_dir: Option<DataDir>,
 }
@@ -84,6 +86,7 @@ impl Server {
         let webhook = listen(config.webhook_listen, "webhook").await?;
         let grpc = listen(config.grpc_listen, "gRPC").await?;
         let admin = listen(config.admin_listen, "admin").await?;
+        let reconcile = reconcile_options(&config);
         Ok(Server {
             config,
             webhook,
@@ -96,8 +99,16 @@ impl Server {
             durability,
             dead_letters,
             faults,
+            reconcile,
             data_dir,
         })
+    }
+
+    /// Replaces how reconcile jobs call Gameball (timeouts, retries, batches): a testing seam
+    /// for short waits; the flags set the rest.
+    pub fn with_reconcile_options(mut self, options: ReconcileOptions) -> Server {
+        self.reconcile = options;
+        self
     }
 
     /// The dead letters: signed deliveries that could not be applied (the gRPC AdminService
@@ -129,10 +140,7 @@ impl Server {
     /// The webhook secrets, for reloading them (SIGHUP does it in production); `None` under
     /// `--insecure-skip-signature`.
     pub fn webhook_secrets(&self) -> Option<SecretStore> {
-        match &self.verification {
-            Verification::Secrets(secrets) => Some(secrets.clone()),
-            Verification::Skip => None,
-        }
+        secret_store(&self.verification)
     }
 
     /// Serves until `shutdown` completes, then stops in the order `Shutdown::run`
@@ -152,6 +160,7 @@ impl Server {
             durability,
             dead_letters,
             faults: _,
+            reconcile,
             data_dir,
         } = self;
         let addresses = [local_addr(&webhook), local_addr(&grpc), local_addr(&admin)];
@@ -163,8 +172,20 @@ impl Server {
             reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
         }
         let writable = sequencer.writable();
-        // The ingest path takes the only handle: the sequencer stops once the listeners that
-        // use it are gone (shutdown step 4).
+        // Reconcile jobs hold a handle only while they run (they end on `stopping`), and the
+        // gRPC service holds this one.
+        let reconcile = ReconcileJobs::new(
+            store.clone(),
+            sequencer.clone(),
+            secret_store(&verification),
+            metrics.clone(),
+            reconcile,
+            tracker.clone(),
+            stopping.clone(),
+        );
+        crate::reconcile::schedule::start(&reconcile, &config.reconcile.every, &tracker, &stopping);
+        // The ingest path takes the only other handle: the sequencer stops once the listeners
+        // that use it are gone (shutdown step 4).
         let ingest = Ingest::new(sequencer, dead_letters.clone(), metrics.clone());
         let (health, health_service) =
             Health::follow(writable.clone(), &tracker, stopping.clone()).await;
@@ -186,6 +207,7 @@ impl Server {
                 watchers,
                 durable: data_dir.is_some(),
                 ingest: ingest.clone(),
+                reconcile,
                 metrics: metrics.clone(),
                 max_watch_streams: config.max_watch_streams,
                 max_message_bytes: config.grpc_max_message_bytes,
@@ -218,12 +240,51 @@ impl Server {
     }
 }
 
+/// Every `--reconcile-every` account has API settings in the secrets file.
+fn check_schedules(config: &Config, verification: &Verification) -> anyhow::Result<()> {
+    let secrets = secret_store(verification).map(|store| store.current());
+    for every in &config.reconcile.every {
+        let client_id = &every.client_id;
+        if secrets
+            .as_ref()
+            .and_then(|s| s.api_account(client_id))
+            .is_none()
+        {
+            anyhow::bail!(
+                "--reconcile-every {client_id}: no [gameball_api.\"{client_id}\"] settings in \
+                 --webhook-secrets-file (api_key and secret_key)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// How reconcile jobs run, from the flags.
+fn reconcile_options(config: &Config) -> ReconcileOptions {
+    let mut options = ReconcileOptions {
+        max_jobs: config.reconcile.max_jobs,
+        ..ReconcileOptions::default()
+    };
+    options.client.max_in_flight = config.reconcile.max_in_flight;
+    options
+}
+
+/// The secrets reconcile jobs read accounts from; none under `--insecure-skip-signature`.
+fn secret_store(verification: &Verification) -> Option<SecretStore> {
+    match verification {
+        Verification::Secrets(secrets) => Some(secrets.clone()),
+        Verification::Skip => None,
+    }
+}
+
 /// Everything `bind` can refuse from the configuration alone: flag combinations, the webhook
 /// secrets, the gRPC tokens and TLS files.
 fn check(config: &Config) -> anyhow::Result<Checked> {
     config.check()?;
+    let verification = verification(config)?;
+    check_schedules(config, &verification)?;
     Ok(Checked {
-        verification: verification(config)?,
+        verification,
         auth: BearerAuth::from_config(config)?,
         grpc_builder: transport::server_builder(config)?,
     })

@@ -19,7 +19,10 @@
 //! customer ids, emails or other personal data: only outcomes, statuses, RPC names and codes,
 //! and reasons from fixed sets. Gauges that mirror other state (profiles, revision, dead
 //! letters, readiness) are read at scrape time from [`Readings`]. Serving `/metrics` is
-//! `crate::monitoring`'s job, not this module's.
+//! `crate::monitoring`'s job, not this module's. The reconciler's metrics
+//! (`profile_state_reconcile_*`) are in `reconcile`.
+
+mod reconcile;
 
 use std::sync::Arc;
 
@@ -170,6 +173,7 @@ struct Inner {
     grpc_started: IntCounterVec,
     grpc_handled: IntCounterVec,
     grpc_handling: HistogramVec,
+    reconcile: reconcile::ReconcileMetrics,
 }
 
 /// What the gauges that mirror the rest of the service read at scrape time.
@@ -385,6 +389,7 @@ impl Metrics {
                 "Time from the start of an RPC to its status (for a stream: its whole life).",
                 &grpc_labels,
             ),
+            reconcile: reconcile::ReconcileMetrics::new(r),
             registry,
         };
         Metrics {
