@@ -2,7 +2,7 @@
 //! same data directory, several times. Every webhook answered 2xx must come back with its
 //! values and its revision; revisions must continue without reuse; the store id must stay.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -7,7 +7,7 @@
 //! valid now: applied like a webhook and removed), purge (by id, all, bad requests), the
 //! metrics, and letters surviving a restart on the same data directory.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,9 +2,8 @@
 //! gRPC health surfaces. Needs root (CI runs as root) to mount the tmpfs; if mounting fails the
 //! tests fail, they never skip.
 
-#[path = "common/binary.rs"]
-mod binary;
-mod common;
+use crate::common;
+use crate::common::binary;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

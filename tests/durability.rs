@@ -1,7 +1,7 @@
 //! Durability end to end, in-process: restarts on the same data directory, watch resume across
 //! them, journal write failures, the data directory lock, and snapshots with compaction.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

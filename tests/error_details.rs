@@ -2,7 +2,7 @@
 //! decode with nothing but what the service's own reflection serves, in v1 and v1alpha: the
 //! way grpcurl and other reflection clients decode them. Real statuses over real gRPC.
 
-mod common;
+use crate::common;
 
 use common::reflection::{v1, v1alpha};
 use common::{TestService, at, profile_updated};

@@ -1,7 +1,7 @@
 //! gRPC guard rails over real sockets: bearer tokens, TLS and mTLS, the watch stream cap,
 //! filter and message size limits, per-call metrics, and start-up errors for bad files.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

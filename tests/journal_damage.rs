@@ -3,9 +3,8 @@
 //! stopped, and then under a new store id, so a watcher resuming with the old one is reset; a
 //! removed newest segment is noticed; a data directory of the previous format is taken over.
 
-#[path = "common/binary.rs"]
-mod binary;
-mod common;
+use crate::common;
+use crate::common::binary;
 
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,7 @@
 //! follow go-grpc-prometheus's names and semantics (a stream counts as handled when it ends,
 //! with its code), and the gauges mirror readiness and the dead letters.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Operating the service: secret rotation and reload, webhook limits, the admin listener
 //! (metrics, health, readiness), personal data kept out of logs, and SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -2,7 +2,7 @@
 //! GetProfile, BatchGetProfiles, ListProfiles (paging, filters, errors, paging under writes),
 //! server reflection (v1 and v1alpha) and health.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

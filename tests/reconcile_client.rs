@@ -2,7 +2,7 @@
 //! HTTP on 127.0.0.1: what it asks for, how answers become updates, how it fails, and that it
 //! keeps Gameball's rate limits, as the stand-in counts them.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -327,7 +327,7 @@ async fn an_unknown_customer_fails_alone_and_a_bad_answer_names_its_field() {
         max_answer_bytes: 4096,
         ..quick()
     };
-    let error = crate::fetcher(account(&stand_in), small, one_by_one())
+    let error = self::fetcher(account(&stand_in), small, one_by_one())
         .fetch_one("a")
         .await
         .unwrap_err();

@@ -5,7 +5,7 @@
 //! JSON clients (grpcurl, protobuf's `json_format`) refuse anything else, for a whole
 //! ListProfiles page.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

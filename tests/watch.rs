@@ -1,7 +1,7 @@
 //! WatchProfiles end to end: filters, initial state under concurrent ingest, replay by
 //! revision, resets, slow subscribers and shutdown.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! merging (null clears, extras), the insecure opt-out, the binary's refusal to start without
 //! a secret, and revisions under concurrent webhooks.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -7,7 +7,7 @@
 //! target `fuzz/fuzz_targets/webhook.rs` (which decodes the same [`Input`] from raw bytes with
 //! `arbitrary`); here proptest generates it. `fuzz/README.md` says how to run the fuzzer.
 
-mod common;
+use crate::common;
 #[path = "../fuzz/webhook_model.rs"]
 mod webhook_model;
 

@@ -1,7 +1,6 @@
 //! The real `profile-state` binary for end-to-end tests: started on a data directory with
 //! loopback ports, its JSON log lines readable, its surfaces (webhook, readiness, health,
-//! GetServerInfo) one call away; killed when dropped. Included with `#[path]` next to
-//! `mod common;` by the tests that need it.
+//! GetServerInfo) one call away; killed when dropped.
 
 #![allow(dead_code)]
 

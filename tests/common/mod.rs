@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
 #[path = "../fixtures/mod.rs"]
 pub mod fixtures;
 pub mod gameball_api;

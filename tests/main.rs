@@ -1,0 +1,55 @@
+//! The service's integration tests, one module per concern, in one test binary.
+//!
+//! Why one binary and not one per file (cargo's default): every file compiled on its own links
+//! the whole service and `common` again, about 190 MB per binary, and the link steps were a large
+//! part of CI's time. A new file in `tests/` must be declared below;
+//! `every_test_file_is_declared` fails when one is not (cargo would silently skip it, as
+//! `autotests = false` in Cargo.toml says). Run one concern with
+//! `cargo test --test integration MODULE::` (e.g. `crash::`).
+
+mod common;
+// `fuzz/webhook_model.rs` (shared with the cargo-fuzz target) reaches the fixtures as
+// `crate::fixtures`.
+use common::fixtures;
+
+mod corruption_sweep;
+mod crash;
+mod dead_letters;
+mod disk_full;
+mod durability;
+mod error_details;
+mod grpc_security;
+mod jetstream;
+mod journal_damage;
+mod metrics;
+mod nats_cluster;
+mod operations;
+mod queries;
+mod reconcile_client;
+mod timestamps;
+mod watch;
+mod webhook;
+mod webhook_fuzz;
+
+/// Every `tests/*.rs` file is a module of this binary: cargo no longer finds them itself.
+#[test]
+fn every_test_file_is_declared() {
+    let declared = include_str!("main.rs");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("tests/ is readable") {
+        let path = entry.expect("tests/ entry").path();
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let is_rust = path.extension().is_some_and(|e| e == "rs");
+        if is_rust && stem != "main" && !declared.contains(&format!("\nmod {stem};\n")) {
+            missing.push(stem.to_owned());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "tests/{{{}}}.rs not declared as `mod` in tests/main.rs: cargo would never run them",
+        missing.join(",")
+    );
+}
