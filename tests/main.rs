@@ -25,6 +25,7 @@ mod metrics;
 mod nats_cluster;
 mod operations;
 mod queries;
+mod reconcile;
 mod reconcile_client;
 mod timestamps;
 mod watch;

@@ -2,7 +2,7 @@
 //! stand-in (`common::gameball_api`), real signed webhooks over HTTP, `ReconcileProfiles` and
 //! `GetReconcileJob` over gRPC, changes read back with WatchProfiles and ListProfiles.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
