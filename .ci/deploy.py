@@ -336,9 +336,8 @@ class Service:
         self.log.seek(0)
         for line in self.log:
             if "profile-state listening" in line:
-                record = json.loads(line)
-                fields = {**record, **record.get("fields", {})}
-                return {k: fields[k] for k in ("webhook", "grpc", "admin")}
+                record = json.loads(line)  # --log-format json: fields at the top level
+                return {k: record[k] for k in ("webhook", "grpc", "admin")}
         return None
 
     def tail(self):

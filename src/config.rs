@@ -2,36 +2,41 @@
 //! `PROFILE_STATE_<FLAG>`.
 //!
 //! `Config` is a plain struct so tests build it directly; `Config::check` rejects
-//! contradictory settings before anything binds. Reading files or secrets from elsewhere is not
-//! done here.
+//! contradictory settings before anything binds. Switches read from the environment accept
+//! `1/0`, `true/false`, `yes/no` and `on/off`. Every error here names its flag (`--flag`), so
+//! the binary can add which environment variable the value came from (`crate::cli`). Reading
+//! files or secrets from elsewhere is not done here.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use clap::builder::BoolishValueParser;
 
 use crate::journal::DiscardPoint;
+use crate::listen_addr::ListenAddr;
 
 /// Everything the service needs to start.
 #[derive(Clone, Parser)]
 #[command(name = "profile-state", version, about)]
 pub struct Config {
-    /// Address of the webhook ingress (faces Gameball). Port 0 picks a free port.
+    /// Address of the webhook ingress (faces Gameball): IP:PORT or HOST:PORT. Port 0 picks a
+    /// free port.
     #[arg(
         long,
         env = "PROFILE_STATE_WEBHOOK_LISTEN",
         default_value = "0.0.0.0:8080"
     )]
-    pub webhook_listen: SocketAddr,
+    pub webhook_listen: ListenAddr,
 
-    /// Address of the gRPC API (internal callers). Port 0 picks a free port.
+    /// Address of the gRPC API (internal callers): IP:PORT or HOST:PORT. Port 0 picks a free
+    /// port.
     #[arg(
         long,
         env = "PROFILE_STATE_GRPC_LISTEN",
         default_value = "0.0.0.0:50051"
     )]
-    pub grpc_listen: SocketAddr,
+    pub grpc_listen: ListenAddr,
 
     /// Gameball webhook secret used to verify X-GB-Signature.
     #[arg(long, env = "PROFILE_STATE_WEBHOOK_SECRET", hide_env_values = true)]
@@ -43,7 +48,7 @@ pub struct Config {
     pub webhook_secrets_file: Option<PathBuf>,
 
     /// Accept webhooks without checking their signature (development only).
-    #[arg(long, env = "PROFILE_STATE_INSECURE_SKIP_SIGNATURE")]
+    #[arg(long, env = "PROFILE_STATE_INSECURE_SKIP_SIGNATURE", value_parser = BoolishValueParser::new())]
     pub insecure_skip_signature: bool,
 
     /// Largest webhook body accepted, in bytes; larger bodies get 413.
@@ -72,8 +77,10 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// Keep everything in memory only: nothing survives a restart (tests, demos).
-    #[arg(long, env = "PROFILE_STATE_EPHEMERAL")]
+    /// Keep everything in memory only: nothing survives a restart (tests, demos). Not with
+    /// --data-dir (the command line refuses both; a `Config` built in code ignores the
+    /// directory).
+    #[arg(long, env = "PROFILE_STATE_EPHEMERAL", value_parser = BoolishValueParser::new())]
     pub ephemeral: bool,
 
     /// After a refused start-up only: give up the journal from the point the refusal names
@@ -106,6 +113,12 @@ pub struct Config {
     /// AdminService call needs `authorization: Bearer <token>`. Health and reflection stay open.
     #[arg(long, env = "PROFILE_STATE_GRPC_AUTH_TOKENS_FILE")]
     pub grpc_auth_tokens_file: Option<PathBuf>,
+
+    /// Let AdminService (dead letters, backups) answer clients on other machines without
+    /// credentials. Without it, and without tokens or client certificates, AdminService
+    /// answers only clients on this machine (loopback).
+    #[arg(long, env = "PROFILE_STATE_INSECURE_OPEN_ADMIN_SERVICE", value_parser = BoolishValueParser::new())]
+    pub insecure_open_admin_service: bool,
 
     /// PEM certificate chain for gRPC TLS (with --grpc-tls-key).
     #[arg(long, env = "PROFILE_STATE_GRPC_TLS_CERT", requires = "grpc_tls_key")]
@@ -140,21 +153,29 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub grpc_keepalive_timeout: Duration,
 
-    /// Address of the admin listener: /metrics, /healthz, /readyz. Port 0 picks a free port.
+    /// Address of the admin listener (/metrics, /livez, /readyz): IP:PORT or HOST:PORT, e.g.
+    /// the pod IP (`[$(POD_IP)]:9090`). Port 0 picks a free port.
     #[arg(
         long,
         env = "PROFILE_STATE_ADMIN_LISTEN",
         default_value = "127.0.0.1:9090"
     )]
-    pub admin_listen: SocketAddr,
+    pub admin_listen: ListenAddr,
 
     /// How long shutdown waits for in-flight requests and streams before it stops anyway.
     #[arg(long, env = "PROFILE_STATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// Log format: `text` or `json`. The level filter comes from `RUST_LOG` (default `info`).
-    #[arg(long, env = "PROFILE_STATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// Log format: `text` (colours only on a terminal, and not with NO_COLOR) or `json` (one
+    /// object per line, fields at the top level). The level filter comes from `RUST_LOG`
+    /// (default `info`).
+    #[arg(
+        long,
+        env = "PROFILE_STATE_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
 
     /// Replicated mode over NATS JetStream (issue 13); off unless `--nats-url` is given.
     #[command(flatten)]
@@ -231,6 +252,15 @@ impl ReconcileEvery {
             period,
         })
     }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The NATS JetStream flags. Nothing changes unless `--nats-url` is given; the others need it.

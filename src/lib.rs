@@ -26,7 +26,9 @@
 //!   `AdminService` (dead letters).
 //! - [`error`] and [`status`]: the domain's error type, the adapters' transport-level
 //!   refusals, and their one mapping to HTTP and gRPC.
-//! - [`config`] and [`server`]: flags, and the wiring that binds, serves and shuts down.
+//! - [`config`] and [`server`]: flags, and the wiring that binds, serves and shuts down;
+//!   [`listen_addr`]: listener addresses (IPs or host names); [`logging`]: log output;
+//!   [`cli`]: the command line (serving, and the operators' subcommands).
 //! - [`jetstream`]: the NATS JetStream adapter for replicated mode (issue 13; not wired into
 //!   the server yet): the update stream, its ordered reader, snapshot and dead-letter buckets.
 //! - [`reconcile`]: reads customers back from Gameball's REST API as updates, to heal profiles
@@ -36,6 +38,7 @@
 //! knows nothing of axum, tonic or NATS.
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod config;
 pub mod data_dir;
 pub mod dead_letters;
@@ -45,6 +48,8 @@ pub mod ingest;
 pub mod io_error;
 pub mod jetstream;
 pub mod journal;
+pub mod listen_addr;
+pub mod logging;
 pub mod metrics;
 pub mod monitoring;
 pub mod profile;

@@ -3,7 +3,8 @@
 //! `crate::grpc::dead_letters`.)
 //!
 //! - `GET /metrics`: Prometheus text exposition of `crate::metrics`.
-//! - `GET /healthz`: 200 while the process serves at all (liveness).
+//! - `GET /livez` (and `/healthz`, its older name): 200 while the process serves at all
+//!   (liveness).
 //! - `GET /readyz`: 200 when webhooks can be accepted: recovery done (the listener only opens
 //!   after it), the journal writable, not shutting down; else 503 with the reason.
 //!
@@ -41,6 +42,7 @@ impl Monitoring {
     pub fn router(self) -> Router {
         Router::new()
             .route("/metrics", get(metrics))
+            .route("/livez", get(|| async { "ok\n" }))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(ready))
             .with_state(self)

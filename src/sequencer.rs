@@ -55,6 +55,16 @@ pub enum Applied {
     },
 }
 
+/// `applied at revision 5` or `unchanged at revision 3`: for logs.
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Applied::Changed { revision } => write!(f, "applied at revision {revision}"),
+            Applied::Unchanged { revision } => write!(f, "unchanged at revision {revision}"),
+        }
+    }
+}
+
 /// Told of every committed batch, in revision order, right after the store published it: how
 /// the watch layer learns of changes without the store knowing it exists.
 ///

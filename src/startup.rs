@@ -79,7 +79,7 @@ pub fn open_durable(
         store_id = store.store_id(),
         revision = store.revision(),
         profiles = store.len(),
-        snapshot = ?recovered.snapshot,
+        snapshot = recovered.snapshot,
         replayed = recovered.replayed,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"
@@ -101,8 +101,14 @@ fn give_up(dir: &mut DataDir, point: &DiscardPoint, first_lost: u64) -> anyhow::
     tracing::warn!(
         %point,
         first_lost_revision = first_lost,
-        cut = ?discarded.cut,
-        removed = ?discarded.removed,
+        cut_segment = discarded.cut.as_ref().map(|(path, _)| path.display().to_string()),
+        cut_to_bytes = discarded.cut.as_ref().map(|(_, len)| *len),
+        removed = %discarded
+            .removed
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         old_store_id = %old_id,
         new_store_id = %new_id,
         "gave up the journal from the damage on, as --discard-journal-from asked: revisions \

@@ -3,7 +3,7 @@
 //!
 //! Two kinds of error meet here: the domain's [`Error`], and [`Rejection`], which adds the
 //! refusals an adapter makes at the transport level before a request reaches the domain (not
-//! authenticated, body too large, not JSON, too many watch streams). Both are mapped here and
+//! authenticated, not allowed from there, body too large, not JSON, too many watch streams). Both are mapped here and
 //! nowhere else: adapters build every status they answer with through [`http_status`] and
 //! [`grpc_status`].
 //!
@@ -31,6 +31,13 @@ pub enum Rejection {
     #[error("{reason}")]
     Unauthenticated {
         /// Which check failed (never the expected signature or token).
+        reason: &'static str,
+    },
+    /// The caller may not use this service from where it is (AdminService from another machine
+    /// on a server with no credentials configured).
+    #[error("{reason}")]
+    PermissionDenied {
+        /// Why, and what the operator can configure.
         reason: &'static str,
     },
     /// The webhook body is larger than the configured limit.
@@ -93,6 +100,7 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         },
         Rejection::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+        Rejection::PermissionDenied { .. } => StatusCode::FORBIDDEN,
         Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         Rejection::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Rejection::TooManyWatchStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -131,6 +139,7 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             Error::Unavailable { .. } => tonic::Code::Unavailable,
         },
         Rejection::Unauthenticated { .. } => tonic::Code::Unauthenticated,
+        Rejection::PermissionDenied { .. } => tonic::Code::PermissionDenied,
         Rejection::PayloadTooLarge { .. } | Rejection::TooManyWatchStreams { .. } => {
             tonic::Code::ResourceExhausted
         }

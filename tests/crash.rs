@@ -106,9 +106,8 @@ impl Process {
         let mut seen = Vec::new();
         let listening = tokio::time::timeout(START_TIMEOUT, async {
             while let Some(line) = lines.recv().await {
-                let fields = serde_json::from_str::<Value>(&line)
-                    .ok()
-                    .map(|log| log["fields"].clone());
+                // `--log-format json`: the fields are at the top level.
+                let fields = serde_json::from_str::<Value>(&line).ok();
                 seen.push(line);
                 if let Some(fields) = fields
                     && fields["message"] == "profile-state listening"

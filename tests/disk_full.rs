@@ -185,10 +185,7 @@ async fn a_snapshot_that_fails_for_lack_of_space_leaves_no_temporary_file() {
         .wait_for("snapshot failed; the next one will retry")
         .await;
     assert!(
-        failed["fields"]["error"]
-            .as_str()
-            .unwrap()
-            .contains("No space left"),
+        failed["error"].as_str().unwrap().contains("No space left"),
         "{failed}"
     );
     let names = file_names(&data);

@@ -131,7 +131,7 @@ impl Binary {
                 .recv_timeout(Duration::from_secs(30))
                 .unwrap_or_else(|_| panic!("no log line {message:?} within 30 s"));
             let json: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-            if json["fields"]["message"] == message {
+            if json["message"] == message {
                 return json;
             }
         }
@@ -162,7 +162,7 @@ async fn sighup_reloads_the_secrets_file_of_the_real_binary() {
     let listening = binary.wait_for("profile-state listening");
     let url = format!(
         "http://{}/webhooks/gameball",
-        listening["fields"]["webhook"].as_str().unwrap()
+        listening["webhook"].as_str().unwrap()
     );
     let post = async |n: u32, secret: &str| {
         let (raw, signature) = signed(&profile_updated("a", &at(n), json!({})), secret);
@@ -188,7 +188,7 @@ async fn sighup_reloads_the_secrets_file_of_the_real_binary() {
 async fn sigterm_ends_watchers_with_a_resume_point_and_exits_zero_in_time() {
     let binary = Binary::start(&["--webhook-secret", common::SECRET, "--shutdown-grace", "5s"]);
     let listening = binary.wait_for("profile-state listening");
-    let grpc = listening["fields"]["grpc"].as_str().unwrap().to_owned();
+    let grpc = listening["grpc"].as_str().unwrap().to_owned();
     let mut client =
         pb::profile_service_client::ProfileServiceClient::connect(format!("http://{grpc}"))
             .await
@@ -377,6 +377,7 @@ async fn metrics_count_what_happened_and_health_endpoints_answer() {
     );
 
     assert_eq!(service.admin_get("/healthz").await.0, 200);
+    assert_eq!(service.admin_get("/livez").await.0, 200);
     assert_eq!(
         service.admin_get("/readyz").await,
         (200, "ready\n".to_owned())

@@ -106,7 +106,8 @@ impl Server {
             let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
-            let fields = &json["fields"];
+            // Fields are at the top level of each JSON line (`--log-format json`).
+            let fields = &json;
             match fields["message"].as_str() {
                 Some("recovered") => recovered = Some(fields.clone()),
                 Some("profile-state listening") => {

@@ -1,21 +1,27 @@
-//! Who may call the gRPC data services: `authorization: Bearer <token>` checked against the
-//! tokens of `--grpc-auth-tokens-file`.
+//! Who may call the gRPC services: `authorization: Bearer <token>` checked against the tokens
+//! of `--grpc-auth-tokens-file`, and the stricter default for AdminService.
 //!
 //! [`BearerAuth`] is a tonic interceptor, cheap to clone, that wraps any generated service
 //! (`InterceptedService::new(svc, auth.clone())` or `XServer::with_interceptor`). The server
-//! wraps ProfileService and AdminService with it and adds health and reflection without it:
-//! probes and grpcurl's reflection must work without credentials. Tokens are compared in
-//! constant time and never appear in a status message or a log line. This module does not know
-//! which services exist, nor anything about TLS (`super::transport`).
+//! wraps ProfileService with it, AdminService with [`AdminAuth`], and adds health and
+//! reflection without either: probes and grpcurl's reflection must work without credentials.
+//! Tokens are compared in constant time and never appear in a status message or a log line.
+//!
+//! AdminService purges, replays and backs up everything, so it is never open to other
+//! machines without credentials by default: with tokens it takes the token, with mTLS the
+//! client certificate was checked in the handshake, and with neither it answers only peers on
+//! this machine (loopback) unless `--insecure-open-admin-service` says otherwise
+//! ([`AdminAccess`]). This module does not know which services exist, nor how TLS is set up
+//! (`super::transport`).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use subtle::{Choice, ConstantTimeEq};
 use tonic::{Request, Status};
 
 use crate::config::Config;
+use crate::io_error::IoError;
 use crate::status::{Rejection, grpc_status};
 
 /// The message of a call without a bearer token.
@@ -44,7 +50,8 @@ impl BearerAuth {
     /// From `--grpc-auth-tokens-file`, or open to everyone when it is not set.
     pub fn from_config(config: &Config) -> anyhow::Result<BearerAuth> {
         match &config.grpc_auth_tokens_file {
-            Some(path) => BearerAuth::from_file(path),
+            Some(path) => BearerAuth::from_file(path)
+                .map_err(|error| error.context("--grpc-auth-tokens-file")),
             None => Ok(BearerAuth::default()),
         }
     }
@@ -53,8 +60,7 @@ impl BearerAuth {
     /// lines starting with `#` ignored. An unreadable file, or one without a token, is an error
     /// naming the file.
     pub fn from_file(path: &Path) -> anyhow::Result<BearerAuth> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading gRPC auth tokens file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(IoError::on(path, "read"))?;
         let tokens: Vec<Box<[u8]>> = text
             .lines()
             .map(str::trim)
@@ -63,7 +69,7 @@ impl BearerAuth {
             .collect();
         anyhow::ensure!(
             !tokens.is_empty(),
-            "gRPC auth tokens file {} holds no token (one per line; `#` starts a comment)",
+            "{} holds no token (one per line; `#` starts a comment)",
             path.display()
         );
         Ok(BearerAuth {
@@ -84,6 +90,93 @@ impl BearerAuth {
             .iter()
             .fold(Choice::from(0), |any, token| any | token.ct_eq(presented))
             .into()
+    }
+}
+
+/// Who may call AdminService, decided once from the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAccess {
+    /// A bearer token, as every data service (`--grpc-auth-tokens-file`).
+    Tokens,
+    /// A client certificate the handshake checked (`--grpc-client-ca`, without tokens).
+    ClientCertificates,
+    /// No credentials exist, so only peers on this machine (a loopback address).
+    LoopbackPeers,
+    /// Anyone who can connect (`--insecure-open-admin-service`, without tokens or mTLS).
+    Open,
+}
+
+impl AdminAccess {
+    /// The access the configuration gives: credentials when there are any, else loopback
+    /// peers only, unless the operator opened it explicitly.
+    pub fn from_config(config: &Config) -> AdminAccess {
+        if config.grpc_auth_tokens_file.is_some() {
+            AdminAccess::Tokens
+        } else if config.grpc_client_ca.is_some() {
+            AdminAccess::ClientCertificates
+        } else if config.insecure_open_admin_service {
+            AdminAccess::Open
+        } else {
+            AdminAccess::LoopbackPeers
+        }
+    }
+
+    /// A few words for the start-up line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            AdminAccess::Tokens => "bearer token",
+            AdminAccess::ClientCertificates => "client certificate",
+            AdminAccess::LoopbackPeers => "loopback clients only",
+            AdminAccess::Open => "open to anyone (--insecure-open-admin-service)",
+        }
+    }
+}
+
+/// The message of an AdminService call refused because it came from another machine.
+pub const ADMIN_LOOPBACK_ONLY: &str = "AdminService answers only clients on the server's own \
+    machine when no credentials are configured: set --grpc-auth-tokens-file (or \
+    --grpc-client-ca), or --insecure-open-admin-service";
+
+/// The interceptor in front of AdminService: [`BearerAuth`] when tokens are configured, else
+/// the peer-address check of [`AdminAccess::LoopbackPeers`].
+#[derive(Clone, Debug)]
+pub struct AdminAuth {
+    bearer: BearerAuth,
+    access: AdminAccess,
+}
+
+impl AdminAuth {
+    /// The check for `access`, with the tokens `bearer` holds.
+    pub fn new(bearer: BearerAuth, access: AdminAccess) -> AdminAuth {
+        AdminAuth { bearer, access }
+    }
+
+    /// Who may call.
+    pub fn access(&self) -> AdminAccess {
+        self.access
+    }
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        match self.access {
+            AdminAccess::Tokens => self.bearer.call(request),
+            AdminAccess::ClientCertificates | AdminAccess::Open => Ok(request),
+            AdminAccess::LoopbackPeers => {
+                // `to_canonical`: an IPv4 peer on a dual-stack listener is `::ffff:127.0.0.1`.
+                // A peer tonic cannot name is not known to be local.
+                let local = request
+                    .remote_addr()
+                    .is_some_and(|peer| peer.ip().to_canonical().is_loopback());
+                if local {
+                    Ok(request)
+                } else {
+                    Err(grpc_status(Rejection::PermissionDenied {
+                        reason: ADMIN_LOOPBACK_ONLY,
+                    }))
+                }
+            }
+        }
     }
 }
 
@@ -175,6 +268,70 @@ mod tests {
             assert_eq!(status.message(), MISSING_TOKEN, "{missing:?}");
         }
         assert!(!format!("{auth:?}").contains("alpha"), "Debug hides tokens");
+    }
+
+    fn from(peer: &str) -> Request<()> {
+        let mut request = request(None);
+        let peer: std::net::SocketAddr = peer.parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(peer),
+            });
+        request
+    }
+
+    #[test]
+    fn admin_service_without_credentials_answers_loopback_peers_only() {
+        let mut admin = AdminAuth::new(BearerAuth::default(), AdminAccess::LoopbackPeers);
+        for local in ["127.0.0.1:5000", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+            assert!(admin.call(from(local)).is_ok(), "{local}");
+        }
+        for remote in ["10.0.0.8:5000", "[fd00::8]:5000", "[::ffff:10.0.0.8]:5000"] {
+            let status = admin.call(from(remote)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{remote}");
+            assert_eq!(status.message(), ADMIN_LOOPBACK_ONLY);
+        }
+        let unknown = admin.call(request(None)).unwrap_err();
+        assert_eq!(
+            unknown.code(),
+            tonic::Code::PermissionDenied,
+            "no peer address"
+        );
+
+        let mut open = AdminAuth::new(BearerAuth::default(), AdminAccess::Open);
+        assert!(open.call(from("10.0.0.8:5000")).is_ok());
+        let mut tokens = AdminAuth::new(auth("alpha\n"), AdminAccess::Tokens);
+        let status = tokens.call(from("127.0.0.1:5000")).unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "loopback needs the token too"
+        );
+        let mut with_token = from("10.0.0.8:5000");
+        with_token
+            .metadata_mut()
+            .insert("authorization", "Bearer alpha".parse().unwrap());
+        assert!(tokens.call(with_token).is_ok());
+    }
+
+    #[test]
+    fn the_access_follows_the_credentials_configured() {
+        let mut config = Config::for_tests("s");
+        assert_eq!(
+            AdminAccess::from_config(&config),
+            AdminAccess::LoopbackPeers
+        );
+        config.insecure_open_admin_service = true;
+        assert_eq!(AdminAccess::from_config(&config), AdminAccess::Open);
+        config.grpc_client_ca = Some("ca.pem".into());
+        assert_eq!(
+            AdminAccess::from_config(&config),
+            AdminAccess::ClientCertificates
+        );
+        config.grpc_auth_tokens_file = Some("tokens".into());
+        assert_eq!(AdminAccess::from_config(&config), AdminAccess::Tokens);
     }
 
     #[test]

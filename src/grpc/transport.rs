@@ -26,6 +26,7 @@ use tonic::codegen::{Body as HttpBody, Bytes, StdError, http};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::config::Config;
+use crate::io_error::IoError;
 use crate::metrics::{GrpcMethodMetrics, GrpcType, Metrics};
 use crate::pb;
 
@@ -43,7 +44,7 @@ pub fn server_builder(config: &Config) -> anyhow::Result<tonic::transport::Serve
         // not fit its certificate fails now, not at the first handshake.
         builder = builder.tls_config(tls).with_context(|| {
             format!(
-                "the gRPC TLS configuration from {} is not usable",
+                "--grpc-tls-cert, --grpc-tls-key: the TLS configuration from {} is not usable",
                 tls_files(config)
             )
         })?;
@@ -107,8 +108,9 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
 /// of `labels` and that every block is well-formed, so a wrong or damaged file is reported by
 /// name (tonic's own parse error does not say which file it was).
 fn read_pem(path: &Path, flag: &str, labels: &[&str]) -> anyhow::Result<Vec<u8>> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .map_err(IoError::on(path, "read"))
+        .with_context(|| flag.to_owned())?;
     check_pem(&bytes, labels)
         .with_context(|| format!("{flag} {} is not usable", path.display()))?;
     Ok(bytes)

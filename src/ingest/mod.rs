@@ -30,6 +30,16 @@ pub enum Outcome {
     Ignored(String),
 }
 
+/// `applied at revision 5`, `unchanged at revision 3`, `ignored event customer.x`: for logs.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Applied(applied) => applied.fmt(f),
+            Outcome::Ignored(event) => write!(f, "ignored event {event}"),
+        }
+    }
+}
+
 /// Validates an authenticated body, parsed once by the caller: not JSON, or a field that
 /// breaks a rule, is an [`Error::InvalidArgument`] naming the field. The first half of the path
 /// every authenticated body takes, on arrival and on a dead letter's replay.
@@ -96,7 +106,7 @@ impl Ingest {
             Delivery::ProfileUpdated(update) => {
                 let client_id = update.key.client_id.clone();
                 let applied = self.sequencer.apply(update).await?;
-                tracing::debug!(%client_id, ?applied, "webhook applied");
+                tracing::debug!(%client_id, %applied, "webhook applied");
                 Ok(Outcome::Applied(applied))
             }
         }
@@ -169,7 +179,7 @@ impl Ingest {
             .remove(id)
             .await
             .map_err(DeadLetterError::unavailable)?;
-        tracing::info!(dead_letter_id = %id, ?outcome, "dead letter replayed and removed");
+        tracing::info!(dead_letter_id = %id, %outcome, "dead letter replayed and removed");
         Ok(outcome)
     }
 }

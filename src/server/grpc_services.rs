@@ -1,5 +1,5 @@
-//! The gRPC listener as served: ProfileService and AdminService behind the bearer-token
-//! interceptor, health and reflection open, every service under the one message-size limit,
+//! The gRPC listener as served: ProfileService behind the bearer-token interceptor,
+//! AdminService behind its stricter one (`AdminAuth`), health and reflection open, every service under the one message-size limit,
 //! and the per-call metrics layer around them all.
 //!
 //! The listener gets a stop token of its own: shutdown stops gRPC only after the watch streams
@@ -17,7 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::grpc::ProfileApi;
-use crate::grpc::auth::BearerAuth;
+use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::dead_letters::DeadLetterApi;
 use crate::grpc::transport::MetricsLayer;
 use crate::ingest::Ingest;
@@ -44,8 +44,10 @@ macro_rules! limited {
 pub(super) struct Services<H> {
     /// The tonic server as configured (TLS, keepalive).
     pub builder: tonic::transport::Server,
-    /// Wraps the data services.
+    /// Wraps ProfileService.
     pub auth: BearerAuth,
+    /// Wraps AdminService.
+    pub admin_auth: AdminAuth,
     /// The health service, whose statuses the server reports.
     pub health: HealthServer<H>,
     /// What ProfileService reads.
@@ -87,6 +89,7 @@ pub(super) fn serve<H: Health>(
     let Services {
         builder,
         auth,
+        admin_auth,
         health,
         store,
         watchers,
@@ -108,8 +111,8 @@ pub(super) fn serve<H: Health>(
     .with_max_watch_streams(max_watch_streams);
     let watch_streams_closed = Box::pin(profiles.streams_closed());
     let dead_letters = DeadLetterApi::new(ingest, reconcile);
-    // Health and reflection stay open (probes, grpcurl); the data services need a token when
-    // tokens are configured.
+    // Health and reflection stay open (probes, grpcurl); ProfileService needs a token when
+    // tokens are configured, AdminService credentials or a loopback peer (`AdminAuth`).
     let router = builder
         .layer(MetricsLayer::new(metrics))
         .add_service(limited!(health, limit))
@@ -117,11 +120,11 @@ pub(super) fn serve<H: Health>(
         .add_service(limited!(reflection_v1alpha()?, limit))
         .add_service(InterceptedService::new(
             limited!(ProfileServiceServer::new(profiles), limit),
-            auth.clone(),
+            auth,
         ))
         .add_service(InterceptedService::new(
             limited!(AdminServiceServer::new(dead_letters), limit),
-            auth,
+            admin_auth,
         ));
     let grpc_stopping = CancellationToken::new();
     // Answers go out as soon as they are written: no Nagle delay (the webhook sets the same).

@@ -3,7 +3,10 @@
 //! on the admin listener, and shuts everything down in order.
 //!
 //! `Server::bind` then `Server::run(shutdown)`: binding first lets callers (tests, `main`) learn
-//! the real addresses of port-0 listeners before serving starts. `run` is a sequence of named
+//! the real addresses of port-0 listeners before serving starts. `bind` checks the
+//! configuration, binds the three listeners, and only then touches the data directory, so a
+//! port that cannot be had leaves no directory created and no store id minted; connections
+//! wait in the listen backlog until recovery is done and `run` serves them. `run` is a sequence of named
 //! steps, each a function here: start the domain, follow readiness into health, serve
 //! monitoring, serve gRPC, serve the ingress, wait for the signal, then `shutdown`'s ordered
 //! stop. No request logic lives here.
@@ -25,10 +28,11 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::data_dir::{self, DataDir};
 use crate::dead_letters::DeadLetters;
-use crate::grpc::auth::BearerAuth;
+use crate::grpc::auth::{AdminAccess, AdminAuth, BearerAuth};
 use crate::grpc::transport;
 use crate::ingest::Ingest;
 use crate::journal::FaultSwitch;
+use crate::listen_addr::ListenAddr;
 use crate::metrics::Metrics;
 use crate::monitoring::Monitoring;
 use crate::reconcile::{ReconcileJobs, ReconcileOptions};
@@ -40,8 +44,9 @@ use crate::webhook::secrets::{SecretStore, Secrets};
 use crate::webhook::{Ingress, Limits, Verification};
 use shutdown::{Health, Servers, Shutdown};
 
-/// The configuration, or a file it names (secrets, tokens, certificates), cannot be used.
-/// Found before anything binds; `main` exits 64 on it.
+/// The configuration, or a file it names (secrets, tokens, certificates), cannot be used, or
+/// a listen address cannot be bound for a reason other than another process holding it.
+/// Found before the data directory is touched; `main` exits 64 on it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0:#}")]
 pub struct BadConfiguration(anyhow::Error);
@@ -54,6 +59,7 @@ pub struct Server {
     admin: TcpListener,
     verification: Verification,
     auth: BearerAuth,
+    admin_auth: AdminAuth,
     grpc_builder: tonic::transport::Server,
     store: Store,
     durability: Option<Durability>,
@@ -68,24 +74,28 @@ pub struct Server {
 struct Checked {
     verification: Verification,
     auth: BearerAuth,
+    admin_access: AdminAccess,
     grpc_builder: tonic::transport::Server,
 }
 
 impl Server {
-    /// Checks the configuration, recovers the data directory (unless `--ephemeral`), then binds
-    /// the listeners: nothing is served before recovery is complete.
+    /// Checks the configuration, binds the listeners, then recovers the data directory (unless
+    /// `--ephemeral`): nothing is served before recovery is complete, and nothing is written
+    /// before the ports are had.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let Checked {
             verification,
             auth,
+            admin_access,
             grpc_builder,
         } = check(&config).map_err(|error| anyhow::Error::new(BadConfiguration(error)))?;
+        let webhook = listen(&config.webhook_listen, "webhook-listen").await?;
+        let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
+        let admin = listen(&config.admin_listen, "admin-listen").await?;
         let faults = FaultSwitch::default();
         let (store, durability, data_dir) = open_state(&config, &faults).await?;
         let dead_letters = open_dead_letters(data_dir.as_ref()).await?;
-        let webhook = listen(config.webhook_listen, "webhook").await?;
-        let grpc = listen(config.grpc_listen, "gRPC").await?;
-        let admin = listen(config.admin_listen, "admin").await?;
+        let admin_auth = AdminAuth::new(auth.clone(), admin_access);
         let reconcile = reconcile_options(&config);
         Ok(Server {
             config,
@@ -94,6 +104,7 @@ impl Server {
             admin,
             verification,
             auth,
+            admin_auth,
             grpc_builder,
             store,
             durability,
@@ -155,6 +166,7 @@ impl Server {
             admin,
             verification,
             auth,
+            admin_auth,
             grpc_builder,
             store,
             durability,
@@ -164,6 +176,7 @@ impl Server {
             data_dir,
         } = self;
         let addresses = [local_addr(&webhook), local_addr(&grpc), local_addr(&admin)];
+        let admin_access = admin_auth.access();
         let (stopping, tracker, metrics) =
             (CancellationToken::new(), TaskTracker::new(), Metrics::new());
         let watchers = Watchers::new(store.clone());
@@ -202,6 +215,7 @@ impl Server {
             grpc_services::Services {
                 builder: grpc_builder,
                 auth,
+                admin_auth,
                 health: health_service,
                 store: store.clone(),
                 watchers,
@@ -215,9 +229,9 @@ impl Server {
             &stopping,
             &tracker,
         )?;
+        announce(addresses, &config, &verification, admin_access);
         let ingress = Ingress::with_ingest(ingest, verification, limits(&config), metrics);
         let webhook = serve_ingress(webhook, ingress, &stopping);
-        announce(addresses);
 
         wait_for_signal(shutdown, &stopping).await;
         Shutdown {
@@ -286,6 +300,7 @@ fn check(config: &Config) -> anyhow::Result<Checked> {
     Ok(Checked {
         verification,
         auth: BearerAuth::from_config(config)?,
+        admin_access: AdminAccess::from_config(config),
         grpc_builder: transport::server_builder(config)?,
     })
 }
@@ -325,10 +340,20 @@ async fn open_dead_letters(data_dir: Option<&DataDir>) -> anyhow::Result<DeadLet
     )
 }
 
-async fn listen(address: SocketAddr, name: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding the {name} listener {address}"))
+/// Binds the listener of `--<flag>`. An address another process holds is a plain error (it
+/// may be free on the next try: a restart is worth it); any other failure (a host name that
+/// does not resolve, an address this machine does not have, a port it may not use) is bad
+/// configuration.
+async fn listen(address: &ListenAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    address.bind().await.map_err(|error| {
+        let in_use = error.is_in_use();
+        let error = anyhow::anyhow!("--{flag} {error}");
+        if in_use {
+            error
+        } else {
+            anyhow::Error::new(BadConfiguration(error))
+        }
+    })
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {
@@ -349,7 +374,7 @@ fn start_sequencer(
     Sequencer::start_with_hook(store.clone(), durability, hook, metrics.clone(), tracker)
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `stopping`.
+/// Serves `/metrics`, `/livez` and `/readyz` until `stopping`.
 fn serve_monitoring(
     listener: TcpListener,
     monitoring: Monitoring,
@@ -386,13 +411,49 @@ fn serve_ingress(
     tokio::spawn(serve.into_future())
 }
 
-fn announce([webhook, grpc, admin]: [SocketAddr; 3]) {
+/// The start-up line: each listener's address, and whether TLS and authentication are on for
+/// it; a warning when gRPC data is open to other machines.
+fn announce(
+    [webhook, grpc, admin]: [SocketAddr; 3],
+    config: &Config,
+    verification: &Verification,
+    admin_access: AdminAccess,
+) {
+    let webhook_auth = match verification {
+        Verification::Secrets(_) => "X-GB-Signature",
+        Verification::Skip => "off (--insecure-skip-signature)",
+    };
+    let grpc_tls = match (&config.grpc_tls_cert, &config.grpc_client_ca) {
+        (None, _) => "off",
+        (Some(_), None) => "on",
+        (Some(_), Some(_)) => "on, client certificates required",
+    };
+    let grpc_auth = match (&config.grpc_auth_tokens_file, &config.grpc_client_ca) {
+        (Some(_), _) => "bearer token",
+        (None, Some(_)) => "client certificate",
+        (None, None) => "off",
+    };
     tracing::info!(
         webhook = %webhook,
+        webhook_tls = "off (terminate HTTPS in front)",
+        webhook_auth,
         grpc = %grpc,
+        grpc_tls,
+        grpc_auth,
+        admin_service_auth = admin_access.describe(),
         admin = %admin,
+        admin_tls = "off",
+        admin_auth = "off (metrics and health only)",
         "profile-state listening"
     );
+    if grpc_auth == "off" && !grpc.ip().to_canonical().is_loopback() {
+        tracing::warn!(
+            grpc = %grpc,
+            admin_service_auth = admin_access.describe(),
+            "gRPC is reachable from other machines without credentials: anyone who can connect \
+             reads every profile; set --grpc-auth-tokens-file (SECURITY.md)"
+        );
+    }
 }
 
 /// Waits for the caller's shutdown signal (or for something inside cancelling `stopping`).

@@ -86,7 +86,7 @@ impl Health {
 
 /// The three listeners' server tasks.
 pub(super) struct Servers {
-    /// Monitoring on the admin listener: `/metrics`, `/healthz`, `/readyz`.
+    /// Monitoring on the admin listener: `/metrics`, `/livez`, `/readyz`.
     pub monitoring: JoinHandle<std::io::Result<()>>,
     /// The webhook ingress.
     pub webhook: JoinHandle<std::io::Result<()>>,
@@ -197,7 +197,7 @@ async fn within(
     match tokio::time::timeout(grace, work).await {
         Ok(result) => result,
         Err(_) => {
-            tracing::warn!(?grace, "gave up waiting for {what}");
+            tracing::warn!(grace = %humantime::format_duration(grace), "gave up waiting for {what}");
             Ok(())
         }
     }

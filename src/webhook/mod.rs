@@ -8,9 +8,11 @@
 //! authenticated body is the ingest path's (`crate::ingest`, shared with a dead letter's
 //! replay): validated, then recorded, or kept as a dead letter and answered 422 with its id
 //! (503 if it could not be kept). The answer is 200 only after the sequencer has recorded the
-//! update and made it visible, so a 2xx means recorded. Nothing here merges or stores;
+//! update and made it visible, so a 2xx means recorded. A refused signature is logged at WARN
+//! with the claimed `client_id` and the reason, at most once per interval (`rejection_log`). Nothing here merges or stores;
 //! statuses come from `crate::status`, the one place that maps errors for both HTTP and gRPC.
 
+mod rejection_log;
 pub mod secrets;
 pub mod signature;
 
@@ -33,6 +35,7 @@ use crate::ingest::{self, Ingest, Outcome};
 use crate::metrics::Metrics;
 use crate::sequencer::{Applied, Sequencer};
 use crate::status::{self, Rejection};
+use rejection_log::RejectionLog;
 use secrets::SecretStore;
 
 /// The path Gameball posts to.
@@ -65,6 +68,8 @@ pub struct Ingress {
     limits: Limits,
     in_flight: Arc<Semaphore>,
     metrics: Metrics,
+    /// Refused signatures, logged at WARN at most once per interval.
+    rejections: Arc<RejectionLog>,
 }
 
 impl Ingress {
@@ -95,6 +100,7 @@ impl Ingress {
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             limits,
             metrics,
+            rejections: Arc::default(),
         }
     }
 
@@ -233,7 +239,13 @@ impl Ingress {
             // signature then covers the whole body.
             let checks = secrets.current();
             let checks = checks.for_client(parsed.client_id());
-            signature::verify(checks, claimed, &raw, || parsed.compact(&raw))?;
+            signature::verify(checks, claimed, &raw, || parsed.compact(&raw)).inspect_err(
+                |refusal| {
+                    if let Rejection::Unauthenticated { reason } = refusal {
+                        self.rejections.refused(parsed.client_id(), reason);
+                    }
+                },
+            )?;
         }
         // Authenticated from here on (or unsigned by choice): the ingest path decides.
         Ok(self.ingest.accept(&raw, parsed.validate()).await?)

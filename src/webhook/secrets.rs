@@ -1,7 +1,8 @@
 //! Webhook secrets: which secrets may sign a delivery for a given `client_id`, and their reload.
 //!
 //! Secrets come from `--webhook-secret` (a default for every client) and/or
-//! `--webhook-secrets-file`, a small TOML (`.toml`) or JSON file:
+//! `--webhook-secrets-file`, a small TOML or JSON file (JSON when its first character is `{`,
+//! TOML otherwise, whatever the file is called; TOML errors give the line and column):
 //!
 //! ```toml
 //! default = ["secret-for-any-client"]      # optional
@@ -59,10 +60,10 @@ struct SecretsFile {
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
     /// The file cannot be read.
-    #[error("webhook secrets file {0}")]
+    #[error("--webhook-secrets-file {0}")]
     Read(IoError),
     /// The file does not parse.
-    #[error("webhook secrets file {path} is not valid {format}: {reason}")]
+    #[error("--webhook-secrets-file {path} is not valid {format}: {reason}")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -72,7 +73,7 @@ pub enum SecretsError {
         reason: String,
     },
     /// The file parses but is unusable.
-    #[error("webhook secrets file {path}: {reason}")]
+    #[error("--webhook-secrets-file {path}: {reason}")]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -95,20 +96,7 @@ impl Secrets {
     pub fn load(path: &Path, extra_default: Option<&str>) -> Result<Secrets, SecretsError> {
         let text = std::fs::read_to_string(path)
             .map_err(|error| SecretsError::Read(IoError::new(path, "read", error)))?;
-        let toml = path.extension().is_some_and(|ext| ext == "toml");
-        let file: SecretsFile = if toml {
-            toml::from_str(&text).map_err(|err| SecretsError::Parse {
-                path: path.to_owned(),
-                format: "TOML",
-                reason: without_strings(err.message()),
-            })?
-        } else {
-            serde_json::from_str(&text).map_err(|err| SecretsError::Parse {
-                path: path.to_owned(),
-                format: "JSON",
-                reason: without_strings(&err.to_string()),
-            })?
-        };
+        let file = parse(path, &text)?;
         let invalid = |reason: String| SecretsError::Invalid {
             path: path.to_owned(),
             reason,
@@ -170,6 +158,49 @@ impl Secrets {
     pub fn api_accounts(&self) -> impl Iterator<Item = &Arc<Account>> {
         self.api_accounts.values()
     }
+}
+
+/// The file's content, as JSON when it starts with `{` and as TOML otherwise: no TOML document
+/// starts with `{`, and a JSON one must (it is an object). The extension is not consulted, so a
+/// Secret mounted under any key name loads.
+fn parse(path: &Path, text: &str) -> Result<SecretsFile, SecretsError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let error = |format, reason| SecretsError::Parse {
+        path: path.to_owned(),
+        format,
+        reason,
+    };
+    if text.trim_start().starts_with('{') {
+        // serde_json's message ends with the line and column.
+        serde_json::from_str(text).map_err(|err| error("JSON", without_strings(&err.to_string())))
+    } else {
+        // Not toml's Display: it quotes the offending line, which may hold a secret.
+        toml::from_str(text).map_err(|err| {
+            let at = match err.span() {
+                Some(span) => {
+                    let (line, column) = line_and_column(text, span.start);
+                    format!("line {line}, column {column}: ")
+                }
+                None => String::new(),
+            };
+            error(
+                "TOML",
+                format!("{at}{}", without_strings(err.message().trim_end())),
+            )
+        })
+    }
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    (line, before[line_start..].chars().count() + 1)
 }
 
 /// A parser's message without the text values it quotes: `invalid type: string "..."` would
@@ -302,6 +333,50 @@ mod tests {
             .err()
             .unwrap();
         assert!(missing.to_string().contains("none.json"));
+    }
+
+    #[test]
+    fn the_format_comes_from_the_content_whatever_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("toml-in.json", "[clients]\n\"2155\" = [\"t\"]\n"),
+            (
+                "json-in.toml",
+                "\u{feff}\n  {\"clients\": {\"2155\": [\"t\"]}}",
+            ),
+            ("no-extension", "[clients]\n\"2155\" = [\"t\"]\n"),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let secrets = Secrets::load(&path, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(signs(&secrets, Some("2155"), "t"), "{name}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_give_line_and_column_and_never_the_line_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets");
+        std::fs::write(
+            &path,
+            "[clients]\n\"2155\" = [\"topsecret\"\n\"9\" = [\"x\"]\n",
+        )
+        .unwrap();
+        let error = load_error(&path);
+        assert!(
+            error.contains("is not valid TOML: line 3, column "),
+            "{error}"
+        );
+        assert!(!error.contains("topsecret"), "{error}");
+        std::fs::write(&path, "{\"clients\": {\"2155\": [\"topsecret\",]}}").unwrap();
+        let error = load_error(&path);
+        assert!(
+            error.contains("is not valid JSON") && error.contains("line 1 column"),
+            "{error}"
+        );
+        assert!(!error.contains("topsecret"), "{error}");
+        assert_eq!(line_and_column("ab\ncdé\nx", 7), (2, 4));
+        assert_eq!(line_and_column("ab", 0), (1, 1));
     }
 
     #[test]

@@ -21,15 +21,27 @@ use tonic_health::pb::health_client::HealthClient;
 /// How long the tests wait for anything the service does by itself.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The command that runs the binary on `data_dir` with loopback ports, JSON logs and the test
-/// secret, whatever `PROFILE_STATE_*` the caller's environment holds.
-pub fn command(data_dir: &Path, args: &[&str]) -> Command {
+/// The binary with `args` alone, whatever `PROFILE_STATE_*`, `RUST_LOG` or `NO_COLOR` the
+/// caller's environment holds.
+pub fn bare_command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_profile-state"));
     for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PROFILE_STATE_") {
+        let name_text = name.to_string_lossy();
+        if name_text.starts_with("PROFILE_STATE_")
+            || name_text == "RUST_LOG"
+            || name_text == "NO_COLOR"
+        {
             command.env_remove(name);
         }
     }
+    command.args(args);
+    command
+}
+
+/// The command that runs the binary on `data_dir` with loopback ports, JSON logs and the test
+/// secret, whatever `PROFILE_STATE_*` the caller's environment holds.
+pub fn command(data_dir: &Path, args: &[&str]) -> Command {
+    let mut command = bare_command(&[]);
     command
         .arg("--data-dir")
         .arg(data_dir)
@@ -48,7 +60,13 @@ pub fn command(data_dir: &Path, args: &[&str]) -> Command {
 /// Runs the binary on `data_dir` expecting it to refuse to start; returns its output. One
 /// that starts instead is killed and the test fails.
 pub async fn refused(data_dir: &Path, args: &[&str]) -> Output {
-    let child = command(data_dir, args)
+    refused_command(command(data_dir, args)).await
+}
+
+/// Runs `command` expecting the binary to exit without serving; returns its output. One that
+/// starts serving instead is killed and the test fails.
+pub async fn refused_command(mut command: Command) -> Output {
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -75,6 +93,8 @@ pub async fn refused(data_dir: &Path, args: &[&str]) -> Output {
 pub struct Binary {
     pub child: Child,
     pub lines: mpsc::UnboundedReceiver<Value>,
+    /// Every line [`Binary::wait_for`] read, in order.
+    pub seen: Vec<Value>,
     pub webhook: SocketAddr,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
@@ -84,9 +104,16 @@ impl Binary {
     /// Starts the binary on `data_dir` with `args` and waits for its "listening" line. Needs a
     /// multi-threaded test runtime (see [`Binary::stop`]).
     pub async fn start(data_dir: &Path, args: &[&str]) -> Binary {
-        let mut child = command(data_dir, args)
-            // The sequencer logs each failed probe at DEBUG: the tests wait for those lines.
-            .env("RUST_LOG", "info,profile_state::sequencer=debug")
+        let mut command = command(data_dir, args);
+        // The sequencer logs each failed probe at DEBUG: the tests wait for those lines.
+        command.env("RUST_LOG", "info,profile_state::sequencer=debug");
+        Binary::spawn(command).await
+    }
+
+    /// Starts `command` (which must ask for `--log-format json`) and waits for its "listening"
+    /// line.
+    pub async fn spawn(mut command: Command) -> Binary {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -105,12 +132,13 @@ impl Binary {
         let mut binary = Binary {
             child,
             lines,
+            seen: Vec::new(),
             webhook: unbound,
             grpc: unbound,
             admin: unbound,
         };
         let listening = binary.wait_for("profile-state listening").await;
-        let address = |name: &str| listening["fields"][name].as_str().unwrap().parse().unwrap();
+        let address = |name: &str| listening[name].as_str().unwrap().parse().unwrap();
         (binary.webhook, binary.grpc, binary.admin) =
             (address("webhook"), address("grpc"), address("admin"));
         binary
@@ -126,7 +154,8 @@ impl Binary {
                         self.child.wait()
                     )
                 });
-                if line["fields"]["message"] == message {
+                self.seen.push(line.clone());
+                if line["message"] == message {
                     return line;
                 }
             }
@@ -189,6 +218,26 @@ impl Binary {
         assert!(status.success());
         let exit = tokio::task::block_in_place(|| self.child.wait().unwrap());
         assert!(exit.success(), "exits 0");
+    }
+}
+
+impl Binary {
+    /// SIGTERM, a clean exit, then every log line the binary wrote (those `wait_for` read
+    /// first).
+    pub fn stop_collecting(mut self) -> Vec<Value> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::task::block_in_place(|| self.child.wait().unwrap());
+        assert!(exit.success(), "exits 0");
+        let mut lines = std::mem::take(&mut self.seen);
+        // The reader thread ends at the end of stdout, which the exit closed.
+        while let Some(line) = tokio::task::block_in_place(|| self.lines.blocking_recv()) {
+            lines.push(line);
+        }
+        lines
     }
 }
 

@@ -1,0 +1,263 @@
+//! The connection flags every operator subcommand shares (`--grpc`, `--token`, `--ca`,
+//! `--cert`, `--key`, `--server-name`, `--timeout`), and the AdminService client they open.
+//!
+//! TLS is on when `--ca` is given (or the address is an `https://` URL, which then needs
+//! `--ca`: this build carries no system CA store). The token goes in an
+//! `authorization: Bearer` header on every call; sent without TLS to another machine it earns
+//! a warning on stderr. A flag that cannot be used (a file that cannot be read, an address that
+//! is not one) is a usage error; a server that cannot be reached or refuses is a failure. This
+//! module connects; what is asked of the server is each subcommand's.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
+
+use super::Failure;
+use crate::pb::admin_service_client::AdminServiceClient;
+
+/// How to reach the server's gRPC listener, and as whom.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Connection {
+    /// The server's gRPC address: HOST:PORT, or an http:// or https:// URL.
+    #[arg(
+        long,
+        env = "PROFILE_STATE_GRPC",
+        default_value = "127.0.0.1:50051",
+        value_name = "ADDR"
+    )]
+    pub grpc: String,
+
+    /// Bearer token, one of the server's --grpc-auth-tokens-file. Prefer the variable: the
+    /// command line is visible to every user of the machine.
+    #[arg(long, env = "PROFILE_STATE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// PEM certificate of the CA that signed the server's certificate; turns TLS on.
+    #[arg(long, env = "PROFILE_STATE_CA", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+
+    /// PEM client certificate, for a server that requires one (--grpc-client-ca); with --key.
+    #[arg(long, env = "PROFILE_STATE_CERT", value_name = "PEM", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key of --cert.
+    #[arg(long, env = "PROFILE_STATE_KEY", value_name = "PEM", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// The name the server's certificate is checked against (default: the address's host).
+    #[arg(long, env = "PROFILE_STATE_SERVER_NAME")]
+    pub server_name: Option<String>,
+
+    /// How long to wait for the connection, and for each call.
+    #[arg(long, env = "PROFILE_STATE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// The AdminService client the subcommands use: every call carries the token.
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Token>>;
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Clone, Debug)]
+pub struct Token(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl Connection {
+    /// The URL `--grpc` names, and whether TLS is on.
+    fn target(&self) -> Result<(String, bool), Failure> {
+        let tls = self.ca.is_some() || self.grpc.starts_with("https://");
+        if self.grpc.starts_with("https://") && self.ca.is_none() {
+            return Err(Failure::Usage(format!(
+                "--grpc {} asks for TLS: give the server's CA with --ca",
+                self.grpc
+            )));
+        }
+        let url = match self.grpc.split_once("://") {
+            Some(("http", _)) if self.ca.is_some() => {
+                let message = "--grpc is an http:// URL but --ca asks for TLS: use https://";
+                return Err(Failure::Usage(message.to_owned()));
+            }
+            Some(("http" | "https", _)) => self.grpc.clone(),
+            Some(_) => {
+                let message = format!("--grpc {}: the URL must be http:// or https://", self.grpc);
+                return Err(Failure::Usage(message));
+            }
+            None if tls => format!("https://{}", self.grpc),
+            None => format!("http://{}", self.grpc),
+        };
+        Ok((url, tls))
+    }
+
+    /// Connects to AdminService.
+    pub async fn admin(&self) -> Result<AdminClient, Failure> {
+        let (url, tls) = self.target()?;
+        let token = self.token()?;
+        if token.0.is_some() && !tls && !is_local(&url) {
+            eprintln!("profile-state: warning: sending the token to {url} without TLS (give --ca)");
+        }
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|_| Failure::Usage(format!("--grpc {} is not an address", self.grpc)))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout);
+        if tls {
+            endpoint = endpoint
+                .tls_config(self.tls()?)
+                .map_err(|error| Failure::Usage(format!("--ca: {}", chain(&error))))?;
+        }
+        let channel = endpoint.connect().await.map_err(|error| {
+            Failure::Failed(format!("cannot connect to {url}: {}", chain(&error)))
+        })?;
+        Ok(AdminServiceClient::with_interceptor(channel, token))
+    }
+
+    fn token(&self) -> Result<Token, Failure> {
+        let Some(token) = &self.token else {
+            return Ok(Token(None));
+        };
+        let value = format!("Bearer {}", token.trim());
+        let value = value.parse().map_err(|_| {
+            Failure::Usage("--token holds characters a header cannot carry".to_owned())
+        })?;
+        Ok(Token(Some(value)))
+    }
+
+    fn tls(&self) -> Result<ClientTlsConfig, Failure> {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca, "--ca")?));
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity(Identity::from_pem(
+                read(cert, "--cert")?,
+                read(key, "--key")?,
+            ));
+        }
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        Ok(tls)
+    }
+}
+
+fn read(path: &Path, flag: &str) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|error| {
+        let error = crate::io_error::IoError::new(path, "read", error);
+        Failure::Usage(format!("{flag} {error}"))
+    })
+}
+
+/// Whether `url` names this machine, where a plaintext token stays on the machine.
+fn is_local(url: &str) -> bool {
+    let host = url.split_once("://").map_or(url, |(_, rest)| rest);
+    ["127.", "localhost:", "localhost/", "[::1]"]
+        .iter()
+        .any(|local| host.starts_with(local))
+}
+
+/// An error with its sources, `: `-separated (tonic's transport errors hide the cause).
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// What a refused call says: the server's message and its gRPC code, and what to do when the
+/// refusal is about credentials.
+pub fn refused(what: &str, status: &Status) -> Failure {
+    let hint = match status.code() {
+        tonic::Code::Unauthenticated => " (give the token with --token or PROFILE_STATE_TOKEN)",
+        tonic::Code::Unavailable => " (is the server running, and is --grpc its gRPC address?)",
+        // What a plaintext call to a TLS listener gets back (which of the two varies).
+        tonic::Code::Internal | tonic::Code::Unknown
+            if ["h2 protocol error", "transport error"]
+                .iter()
+                .any(|transport| status.message().contains(transport)) =>
+        {
+            " (if the server's gRPC listener uses TLS, give its CA with --ca)"
+        }
+        _ => "",
+    };
+    // The transport's cause, when there is one: tonic's message alone says little.
+    let message = match std::error::Error::source(status) {
+        Some(cause) => format!("{}: {}", status.message(), chain(cause)),
+        None => status.message().to_owned(),
+    };
+    Failure::Failed(format!("{what}: {message} [{:?}]{hint}", status.code()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        connection: Connection,
+    }
+
+    fn target(args: &[&str]) -> Result<(String, bool), String> {
+        let flags = Flags::try_parse_from([&["x"], args].concat()).unwrap();
+        flags
+            .connection
+            .target()
+            .map_err(|failure| failure.to_string())
+    }
+
+    #[test]
+    fn addresses_become_urls_and_tls_follows_the_ca() {
+        assert_eq!(
+            target(&["--grpc", "10.0.0.7:50051"]).unwrap(),
+            ("http://10.0.0.7:50051".to_owned(), false)
+        );
+        assert_eq!(
+            target(&["--grpc", "ps:50051", "--ca", "ca.pem"]).unwrap(),
+            ("https://ps:50051".to_owned(), true)
+        );
+        assert!(
+            target(&["--grpc", "https://ps:1"])
+                .unwrap_err()
+                .contains("--ca")
+        );
+        assert!(
+            target(&["--grpc", "http://ps:1", "--ca", "c"])
+                .unwrap_err()
+                .contains("https://")
+        );
+        assert!(
+            target(&["--grpc", "ftp://ps:1"])
+                .unwrap_err()
+                .contains("http://")
+        );
+    }
+
+    #[test]
+    fn only_this_machine_is_local() {
+        assert!(is_local("http://127.0.0.1:50051"));
+        assert!(is_local("http://localhost:50051"));
+        assert!(is_local("http://[::1]:50051"));
+        assert!(!is_local("http://localhost.example:50051"));
+        assert!(!is_local("http://10.0.0.7:50051"));
+    }
+}

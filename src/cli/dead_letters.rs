@@ -1,0 +1,253 @@
+//! `profile-state dead-letters list|show|replay|purge`: the dead letters of a running server,
+//! over AdminService, so operators need not write grpcurl calls.
+//!
+//! Results go to stdout (`list` one letter a line, or one JSON object a line with `--json`;
+//! `show` the letter then its raw body), problems to stderr. Exit statuses: 0 when everything
+//! asked for was done; 64 for a usage error (an id that is not 40 lowercase hex digits
+//! included, found before connecting); 1 when the server cannot be reached or refuses (for
+//! `replay`, when any letter could not be replayed: the others still are). This module
+//! formats; the connection is `super::client`'s, the rules the server's.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use super::client::{AdminClient, Connection, refused};
+use super::{Failure, Sources};
+use crate::dead_letters::DeadLetterId;
+use crate::pb;
+
+/// `profile-state dead-letters ...`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// Lists every kept letter, oldest first: id, first arrival, deliveries, field, reason.
+    List {
+        /// One JSON object a line (without the body) instead of columns.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Prints one letter's details, a blank line, then its raw body.
+    Show {
+        /// The letter's id (40 lowercase hex digits, as `list` prints).
+        #[arg(value_parser = letter_id)]
+        id: String,
+        /// Print only the raw body, byte for byte.
+        #[arg(long)]
+        body_only: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Applies letters again (after a fix), as their webhooks would have been; each one that
+    /// applies is removed, each one that still cannot is kept with the new reason.
+    Replay {
+        /// The letters' ids.
+        #[arg(required = true, value_parser = letter_id)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Removes letters for good: the given ones, or all with --all.
+    Purge {
+        /// The letters' ids.
+        #[arg(value_parser = letter_id, required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Remove every kept letter.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+/// An id as the server keeps them; anything else is refused before connecting.
+fn letter_id(text: &str) -> Result<String, String> {
+    DeadLetterId::parse(text)
+        .map(|id| id.to_string())
+        .map_err(|error| error.to_string())
+}
+
+/// Runs the action; returns the exit status.
+pub fn run(args: Args, sources: &Sources) -> ExitCode {
+    super::block_on(sources, async move {
+        match args.action {
+            Action::List { json, connection } => list(&mut connection.admin().await?, json).await,
+            Action::Show {
+                id,
+                body_only,
+                connection,
+            } => show(&mut connection.admin().await?, id, body_only).await,
+            Action::Replay { ids, connection } => replay(&mut connection.admin().await?, ids).await,
+            Action::Purge {
+                ids,
+                all,
+                connection,
+            } => purge(&mut connection.admin().await?, ids, all).await,
+        }
+    })
+}
+
+async fn list(client: &mut AdminClient, json: bool) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    let mut page_token = String::new();
+    let mut count = 0;
+    if !json {
+        write(&mut out, "ID\tFIRST ARRIVAL\tDELIVERIES\tFIELD\tREASON\n")?;
+    }
+    loop {
+        let request = pb::ListDeadLettersRequest {
+            page_size: 500,
+            page_token,
+        };
+        let page = client
+            .list_dead_letters(request)
+            .await
+            .map_err(|status| refused("listing dead letters", &status))?
+            .into_inner();
+        for letter in &page.dead_letters {
+            let line = if json {
+                format!("{}\n", summary(letter))
+            } else {
+                format!(
+                    "{}\t{}\t{}\t{}\t{}\n",
+                    letter.id,
+                    time(letter.received_at.as_ref()),
+                    letter.delivery_count,
+                    if letter.field.is_empty() {
+                        "-"
+                    } else {
+                        &letter.field
+                    },
+                    letter.reason
+                )
+            };
+            write(&mut out, &line)?;
+        }
+        count += page.dead_letters.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    if count == 0 {
+        eprintln!("no dead letters");
+    }
+    Ok(())
+}
+
+/// A letter without its body, as one JSON object.
+fn summary(letter: &pb::DeadLetter) -> serde_json::Value {
+    json!({
+        "id": letter.id,
+        "received_at": time(letter.received_at.as_ref()),
+        "last_received_at": time(letter.last_received_at.as_ref()),
+        "delivery_count": letter.delivery_count,
+        "field": letter.field,
+        "reason": letter.reason,
+        "body_bytes": letter.body.len(),
+    })
+}
+
+async fn show(client: &mut AdminClient, id: String, body_only: bool) -> Result<(), Failure> {
+    let what = format!("dead letter {id}");
+    let letter = client
+        .get_dead_letter(pb::GetDeadLetterRequest { id })
+        .await
+        .map_err(|status| refused(&what, &status))?
+        .into_inner()
+        .dead_letter
+        .ok_or_else(|| Failure::Failed(format!("{what}: the server sent no letter")))?;
+    let mut out = std::io::stdout().lock();
+    if !body_only {
+        let details = format!(
+            "id: {}\nfirst arrival: {}\nlast arrival: {}\ndeliveries: {}\nfield: {}\nreason: {}\n\n",
+            letter.id,
+            time(letter.received_at.as_ref()),
+            time(letter.last_received_at.as_ref()),
+            letter.delivery_count,
+            if letter.field.is_empty() {
+                "-"
+            } else {
+                &letter.field
+            },
+            letter.reason,
+        );
+        write(&mut out, &details)?;
+    }
+    out.write_all(&letter.body)
+        .and_then(|()| out.flush())
+        .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))
+}
+
+async fn replay(client: &mut AdminClient, ids: Vec<String>) -> Result<(), Failure> {
+    let mut failed = 0;
+    for id in ids {
+        let request = pb::ReplayDeadLetterRequest { id: id.clone() };
+        match client.replay_dead_letter(request).await {
+            Ok(answer) => {
+                let answer = answer.into_inner();
+                let done = match answer.outcome() {
+                    pb::ReplayOutcome::Applied => {
+                        format!("applied at revision {}", answer.revision)
+                    }
+                    pb::ReplayOutcome::Unchanged => {
+                        format!("unchanged at revision {}", answer.revision)
+                    }
+                    pb::ReplayOutcome::Ignored => format!("ignored event {}", answer.event),
+                    pb::ReplayOutcome::Unspecified => "replayed".to_owned(),
+                };
+                write(&mut std::io::stdout(), &format!("{id}: {done}; removed\n"))?;
+            }
+            Err(status) => {
+                failed += 1;
+                eprintln!(
+                    "profile-state: {}",
+                    refused(&format!("replaying {id}"), &status)
+                );
+            }
+        }
+    }
+    match failed {
+        0 => Ok(()),
+        n => Err(Failure::Failed(format!("{n} dead letter(s) not replayed"))),
+    }
+}
+
+async fn purge(client: &mut AdminClient, ids: Vec<String>, all: bool) -> Result<(), Failure> {
+    let answer = client
+        .purge_dead_letters(pb::PurgeDeadLettersRequest { ids, all })
+        .await
+        .map_err(|status| refused("purging dead letters", &status))?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    write(&mut out, &format!("purged {}\n", answer.purged_count))?;
+    for id in answer.missing_ids {
+        write(&mut out, &format!("{id}: not kept\n"))?;
+    }
+    Ok(())
+}
+
+fn write(out: &mut impl std::io::Write, text: &str) -> Result<(), Failure> {
+    out.write_all(text.as_bytes())
+        .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))
+}
+
+/// A timestamp as RFC 3339 in UTC, to the second.
+fn time(at: Option<&prost_types::Timestamp>) -> String {
+    let Some(at) = at else {
+        return "-".to_owned();
+    };
+    let Ok(seconds) = u64::try_from(at.seconds) else {
+        return "-".to_owned();
+    };
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+    humantime::format_rfc3339_seconds(at).to_string()
+}

@@ -1,0 +1,176 @@
+//! Log output: the level filter from `RUST_LOG`, and the two formats.
+//!
+//! - The filter is `RUST_LOG` (default `info`). A value that does not parse is an error, and so
+//!   is a bare word that is neither a level nor a target of this program (`RUST_LOG=warning`
+//!   would otherwise mean "everything of a module named `warning`", which is nothing at all).
+//! - `text`: colours only when stdout is a terminal and `NO_COLOR` is not set (no-color.org),
+//!   so files, pipes and log collectors get plain text.
+//! - `json`: one object per line, the event's fields at the top level beside `timestamp`,
+//!   `level`, `target` and `message`; no span objects. Fields are recorded with `Display`
+//!   (`%value`), never Rust's `Debug`, anywhere in the crate.
+//!
+//! This module sets up output; what is logged, and that no personal data is, is each module's
+//! business.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+
+use crate::config::LogFormat;
+
+/// Where log lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// The server's logs.
+    Stdout,
+    /// A command's diagnostics, so its results on stdout stay clean.
+    Stderr,
+}
+
+/// `RUST_LOG` cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("RUST_LOG={value:?} is not a usable filter: {reason}")]
+pub struct FilterError {
+    value: String,
+    reason: String,
+}
+
+/// The crates whose targets a bare word in `RUST_LOG` may name (`RUST_LOG=tonic`).
+const KNOWN_TARGETS: &[&str] = &[
+    "profile_state",
+    "async_nats",
+    "axum",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "mio",
+    "reqwest",
+    "rustls",
+    "tokio",
+    "tonic",
+    "tower",
+];
+
+/// The filter `RUST_LOG` (`value`, `None` when unset) asks for, with `default` when it is unset
+/// or empty.
+pub fn filter(value: Option<&str>, default: LevelFilter) -> Result<EnvFilter, FilterError> {
+    let builder = EnvFilter::builder().with_default_directive(default.into());
+    let Some(value) = value.filter(|value| !value.trim().is_empty()) else {
+        return Ok(builder.parse_lossy(""));
+    };
+    let error = |reason: String| FilterError {
+        value: value.to_owned(),
+        reason,
+    };
+    for directive in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[', ':']);
+        let is_level = directive.parse::<LevelFilter>().is_ok();
+        let crate_name = directive.split("::").next().unwrap_or_default();
+        if bare && !is_level && !KNOWN_TARGETS.contains(&crate_name) {
+            return Err(error(format!(
+                "`{directive}` is neither a level (off, error, warn, info, debug, trace) nor a \
+                 target of this program; write a level, or TARGET=LEVEL"
+            )));
+        }
+    }
+    // tracing-subscriber does not trim directives; `h2=warn, hyper=info` is what people write.
+    let directives: Vec<&str> = value.split(',').map(str::trim).collect();
+    builder
+        .parse(directives.join(","))
+        .map_err(|parse| error(parse.to_string()))
+}
+
+/// Whether text logs on stdout get colours: only on a terminal, and never with `NO_COLOR` set
+/// to anything but the empty string.
+pub fn colours(stdout_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stdout_is_terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+/// Installs the global subscriber: `format` to `output`, filtered by `filter`.
+pub fn init(format: LogFormat, filter: EnvFilter, output: Output) {
+    let terminal = match output {
+        Output::Stdout => std::io::stdout().is_terminal(),
+        Output::Stderr => std::io::stderr().is_terminal(),
+    };
+    let ansi = colours(terminal, std::env::var_os("NO_COLOR").as_deref());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match (format, output) {
+        (LogFormat::Text, Output::Stdout) => logs.with_ansi(ansi).init(),
+        (LogFormat::Text, Output::Stderr) => {
+            logs.with_ansi(ansi).with_writer(std::io::stderr).init()
+        }
+        (LogFormat::Json, output) => {
+            let logs = logs
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false);
+            match output {
+                Output::Stdout => logs.init(),
+                Output::Stderr => logs.with_writer(std::io::stderr).init(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn levels_targets_and_directives_are_accepted() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "profile_state=debug",
+            "info,profile_state::sequencer=debug",
+            "tonic",
+            "profile_state::journal",
+            "h2=warn, hyper=info",
+            "[span]=debug",
+        ] {
+            assert!(filter(Some(good), LevelFilter::INFO).is_ok(), "{good}");
+        }
+        for unset in [None, Some(""), Some("  ")] {
+            let filter = filter(unset, LevelFilter::INFO).unwrap();
+            assert_eq!(
+                filter.max_level_hint(),
+                Some(LevelFilter::INFO),
+                "{unset:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn typos_and_bad_levels_are_errors_naming_the_variable() {
+        for (bad, says) in [
+            ("warning", "`warning` is neither a level"),
+            ("info,debg", "`debg` is neither a level"),
+            (
+                "profile_state=verbose",
+                "RUST_LOG=\"profile_state=verbose\"",
+            ),
+            ("a=b=c", "not a usable filter"),
+        ] {
+            let error = filter(Some(bad), LevelFilter::INFO)
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with("RUST_LOG="), "{error}");
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colours(true, None));
+        assert!(
+            colours(true, Some(OsStr::new(""))),
+            "empty NO_COLOR does not count"
+        );
+        assert!(!colours(true, Some(OsStr::new("1"))));
+        assert!(!colours(false, None));
+    }
+}

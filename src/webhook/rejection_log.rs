@@ -1,0 +1,103 @@
+//! Warnings for refused signatures, at most one per interval.
+//!
+//! A delivery with a missing or wrong `X-GB-Signature` is logged at WARN with the `client_id`
+//! the body claims (trimmed to 64 characters, control characters replaced: it is unauthenticated
+//! input) and the reason; never the body, the signature, or anything else from the body, which
+//! may hold personal data. Whoever can reach the webhook port can send such deliveries as fast
+//! as they like, so at most one line is written per [`INTERVAL`]; the next line says how many
+//! were left out (`suppressed`), and `profile_state_webhook_signature_failures_total` counts
+//! every one. This module decides what to log and when; the handler decides what is refused.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The shortest time between two warnings.
+pub const INTERVAL: Duration = Duration::from_secs(10);
+/// The longest `client_id` logged, in characters.
+const MAX_CLIENT_ID: usize = 64;
+
+/// Logs refused signatures, rate-limited. Shared by every request (one per ingress).
+#[derive(Debug, Default)]
+pub struct RejectionLog {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// When the next line may be written; `None` before the first.
+    next: Option<Instant>,
+    /// Refusals since the last line that were not logged.
+    suppressed: u64,
+}
+
+impl RejectionLog {
+    /// Notes one refused delivery: logs it, unless a line was written less than [`INTERVAL`]
+    /// ago.
+    pub fn refused(&self, client_id: Option<&str>, reason: &str) {
+        let Some(suppressed) = self.admit(Instant::now()) else {
+            return;
+        };
+        let client_id = client_id.map_or_else(|| "(none)".to_owned(), printable);
+        tracing::warn!(
+            client_id = %client_id,
+            reason,
+            suppressed,
+            "webhook refused: bad signature"
+        );
+    }
+
+    /// Whether a line may be written at `now`, and how many were suppressed before it.
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.next.is_some_and(|next| now < next) {
+            state.suppressed += 1;
+            return None;
+        }
+        state.next = Some(now + INTERVAL);
+        Some(std::mem::take(&mut state.suppressed))
+    }
+}
+
+/// `text` safe for one log line: at most [`MAX_CLIENT_ID`] characters, control characters as
+/// `?`, and `…` when cut.
+fn printable(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(MAX_CLIENT_ID)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().nth(MAX_CLIENT_ID).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn one_line_per_interval_then_the_count_of_those_left_out() {
+        let log = RejectionLog::default();
+        let start = Instant::now();
+        assert_eq!(log.admit(start), Some(0), "the first is logged");
+        for _ in 0..5 {
+            assert_eq!(log.admit(start + Duration::from_secs(1)), None);
+        }
+        assert_eq!(log.admit(start + INTERVAL - Duration::from_millis(1)), None);
+        assert_eq!(log.admit(start + INTERVAL), Some(6), "then with the count");
+        assert_eq!(log.admit(start + INTERVAL + Duration::from_secs(1)), None);
+        assert_eq!(log.admit(start + 3 * INTERVAL), Some(1));
+    }
+
+    #[test]
+    fn a_claimed_client_id_is_printable_and_short() {
+        assert_eq!(printable("2155"), "2155");
+        assert_eq!(printable("a\nFAKE LINE\u{1b}[31m"), "a?FAKE LINE?[31m");
+        let long = "x".repeat(100);
+        assert_eq!(printable(&long), format!("{}…", "x".repeat(64)));
+        assert_eq!(printable(&"y".repeat(64)), "y".repeat(64));
+    }
+}

@@ -1,0 +1,235 @@
+//! The command line of the real binary: every usage or configuration error exits 64 and, when
+//! the value came from an environment variable, names it; switches from the environment take
+//! the usual spellings; listen addresses take host names; ports are bound before the data
+//! directory is touched; a bad `RUST_LOG` is reported; `--help` and `--version` exit 0.
+
+#[path = "common/binary.rs"]
+mod binary;
+mod common;
+
+use std::process::Output;
+
+use binary::{Binary, bare_command, refused_command};
+
+/// Runs the binary with `args` and `envs` (nothing else from the caller's environment),
+/// expecting it to exit without serving.
+async fn exits(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command = bare_command(args);
+    command.envs(envs.iter().copied());
+    refused_command(command).await
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The note a usage error carries when `flag` was set by `variable`.
+fn note(flag: &str, variable: &str) -> String {
+    format!("note: --{flag} was set by the environment variable {variable}")
+}
+
+const SECRET: [&str; 2] = ["--webhook-secret", "s"];
+
+/// A refused start: (args, environment, what stderr must say, the note it must carry).
+type Case<'a> = (
+    Vec<&'a str>,
+    Vec<(&'a str, &'a str)>,
+    &'a str,
+    Option<String>,
+);
+
+#[tokio::test]
+async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("no-such-tokens");
+    let secrets = dir.path().join("secrets");
+    std::fs::write(&secrets, "[clients]\n\"2155\" = [\"topsecret\"\n").unwrap();
+    let (tokens, secrets) = (tokens.to_str().unwrap(), secrets.to_str().unwrap());
+    let ephemeral = [SECRET[0], SECRET[1], "--ephemeral"];
+    let cases: Vec<Case> = vec![
+        (
+            vec!["--bogus"],
+            vec![],
+            "unexpected argument '--bogus'",
+            None,
+        ),
+        (
+            ephemeral.to_vec(),
+            vec![("PROFILE_STATE_MAX_BODY_BYTES", "64k")],
+            "invalid value '64k' for '--max-body-bytes",
+            Some(note("max-body-bytes", "PROFILE_STATE_MAX_BODY_BYTES")),
+        ),
+        (
+            ephemeral.to_vec(),
+            vec![("PROFILE_STATE_HISTORY_EVENTS", "0")],
+            "--history-events must be at least 1",
+            Some(note("history-events", "PROFILE_STATE_HISTORY_EVENTS")),
+        ),
+        (
+            [&ephemeral[..], &["--history-events", "0"]].concat(),
+            vec![],
+            "--history-events must be at least 1",
+            None,
+        ),
+        (
+            SECRET.to_vec(),
+            vec![("PROFILE_STATE_EPHEMERAL", "maybe")],
+            "invalid value 'maybe' for '--ephemeral'",
+            Some(note("ephemeral", "PROFILE_STATE_EPHEMERAL")),
+        ),
+        (
+            ephemeral.to_vec(),
+            vec![("PROFILE_STATE_DATA_DIR", "/var/lib/x")],
+            "--ephemeral keeps nothing on disk, so it cannot be used with --data-dir",
+            Some(note("data-dir", "PROFILE_STATE_DATA_DIR")),
+        ),
+        (
+            [&SECRET[..], &["--data-dir", "/tmp/x"]].concat(),
+            vec![("PROFILE_STATE_EPHEMERAL", "yes")],
+            "cannot be used with --data-dir",
+            Some(note("ephemeral", "PROFILE_STATE_EPHEMERAL")),
+        ),
+        (
+            [&ephemeral[..], &["--data-dir", "/tmp/x"]].concat(),
+            vec![],
+            "cannot be used with --data-dir",
+            None,
+        ),
+        (
+            ephemeral.to_vec(),
+            vec![("PROFILE_STATE_GRPC_LISTEN", "[fd00::1]")],
+            "has no port",
+            Some(note("grpc-listen", "PROFILE_STATE_GRPC_LISTEN")),
+        ),
+        (
+            ephemeral.to_vec(),
+            vec![("PROFILE_STATE_GRPC_AUTH_TOKENS_FILE", tokens)],
+            "--grpc-auth-tokens-file",
+            Some(note(
+                "grpc-auth-tokens-file",
+                "PROFILE_STATE_GRPC_AUTH_TOKENS_FILE",
+            )),
+        ),
+        (
+            vec!["--ephemeral", "--webhook-secrets-file", secrets],
+            vec![],
+            "is not valid TOML: line 2, column 22",
+            None,
+        ),
+        (
+            ephemeral.to_vec(),
+            vec![("RUST_LOG", "warning")],
+            "RUST_LOG=\"warning\" is not a usable filter",
+            None,
+        ),
+        (
+            ephemeral.to_vec(),
+            vec![("RUST_LOG", "profile_state=loud")],
+            "RUST_LOG=\"profile_state=loud\"",
+            None,
+        ),
+    ];
+    for (args, envs, says, note) in cases {
+        let output = exits(&args, &envs).await;
+        let stderr = stderr(&output);
+        assert_eq!(
+            output.status.code(),
+            Some(64),
+            "{args:?} {envs:?}: {stderr}"
+        );
+        assert!(stderr.contains(says), "{args:?} {envs:?}: {stderr}");
+        match note {
+            Some(note) => assert!(stderr.contains(&note), "{envs:?}: {stderr}"),
+            None => assert!(!stderr.contains("note: --"), "{args:?}: {stderr}"),
+        }
+        // The OS error appears once, and no secret from a file is echoed.
+        assert!(stderr.matches("(os error").count() <= 1, "{stderr}");
+        assert!(!stderr.contains("topsecret"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn help_and_version_exit_zero_on_stdout() {
+    for (flag, says) in [
+        ("--help", "PROFILE_STATE_EPHEMERAL"),
+        ("--version", "profile-state "),
+    ] {
+        let output = bare_command(&[flag]).output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{flag}");
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains(says),
+            "{flag}: {output:?}"
+        );
+    }
+}
+
+/// The binary with JSON logs on loopback ports, `args` and `envs` added.
+/// Listeners not in `args` are on loopback port 0.
+async fn start(args: &[&str], envs: &[(&str, &str)]) -> Binary {
+    let mut command = bare_command(&["--log-format", "json", "--webhook-secret", "s"]);
+    for flag in ["--webhook-listen", "--grpc-listen", "--admin-listen"] {
+        if !args.contains(&flag) {
+            command.args([flag, "127.0.0.1:0"]);
+        }
+    }
+    command.args(args).envs(envs.iter().copied());
+    Binary::spawn(command).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn switches_from_the_environment_take_the_usual_spellings() {
+    for yes in ["1", "true", "yes", "on", "TRUE", "Yes"] {
+        let binary = start(&[], &[("PROFILE_STATE_EPHEMERAL", yes)]).await;
+        assert!(!binary.server_info().await.durable, "{yes}");
+        binary.stop();
+    }
+    for no in ["0", "false", "no", "off"] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let args = ["--data-dir", data.to_str().unwrap()];
+        let binary = start(&args, &[("PROFILE_STATE_EPHEMERAL", no)]).await;
+        assert!(binary.server_info().await.durable, "{no}");
+        binary.stop();
+        assert!(data.join("STORE_ID").exists(), "{no}: durable");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listen_addresses_take_host_names_and_bracketed_ipv4() {
+    let args = [
+        "--ephemeral",
+        "--grpc-listen",
+        "localhost:0",
+        "--admin-listen",
+        "[127.0.0.1]:0",
+    ];
+    let binary = start(&args, &[]).await;
+    assert!(binary.grpc.ip().is_loopback(), "{}", binary.grpc);
+    assert_eq!(binary.admin.ip().to_string(), "127.0.0.1");
+    assert_eq!(binary.server_info().await.profile_count, 0);
+    assert_eq!(binary.ready().await, 200);
+    binary.stop();
+}
+
+#[tokio::test]
+async fn ports_are_bound_before_the_data_directory_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    // Another process holds the port: worth a restart, so exit 1, not 64.
+    let args = [SECRET[0], SECRET[1], "--data-dir", data_arg];
+    let output = exits(&[&args[..], &["--grpc-listen", &taken]].concat(), &[]).await;
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("--grpc-listen {taken}: ")), "{text}");
+    assert!(text.contains("in use"), "{text}");
+    assert!(!data.exists(), "no data directory, no store id");
+    // A host name that does not resolve is configuration: 64.
+    let unknown = ["--admin-listen", "no-such-host.invalid:0"];
+    let output = exits(&[&args[..], &unknown].concat(), &[]).await;
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+    assert!(stderr(&output).contains("no-such-host.invalid"));
+    assert!(!data.exists());
+}

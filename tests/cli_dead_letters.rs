@@ -1,0 +1,183 @@
+//! `profile-state dead-letters list|show|replay|purge`: the real binary against a running
+//! server, in plaintext from loopback and over TLS with a token; its exit statuses (0 done, 1
+//! refused or unreachable, 64 usage).
+
+#[path = "common/binary.rs"]
+mod binary;
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use binary::bare_command;
+use common::{TestService, at, profile_updated};
+use profile_state::Config;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use serde_json::{Value, json};
+
+/// Runs `profile-state dead-letters ARGS` with `envs` only; returns its output.
+async fn cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command = bare_command(&[&["dead-letters"], args].concat());
+    command.envs(envs.iter().copied());
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Posts a signed update whose `data.tier_order` is a string (kept as a dead letter); returns
+/// the body and the letter's id.
+async fn dead_letter(service: &TestService, customer: &str) -> (Vec<u8>, String) {
+    let body = profile_updated(customer, &at(1), json!({"tier_order": "2"}));
+    let body = serde_json::to_vec(&body).unwrap();
+    let (status, answer) = service.post_signed(&body).await;
+    assert_eq!(status, 422, "{answer}");
+    (body, answer["dead_letter_id"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_binary() {
+    let service = TestService::start().await;
+    let (body_a, a) = dead_letter(&service, "a").await;
+    let (_, b) = dead_letter(&service, "b").await;
+    let grpc = service.grpc.to_string();
+    // The address from its variable, as an operator's shell would keep it.
+    let env = [("PROFILE_STATE_GRPC", grpc.as_str())];
+
+    let list = cli(&["list"], &env).await;
+    assert!(list.status.success(), "{}", stderr(&list));
+    let rows: Vec<String> = stdout(&list).lines().map(str::to_owned).collect();
+    assert_eq!(rows.len(), 3, "a header and two letters: {rows:?}");
+    assert!(rows[0].starts_with("ID\t"), "{rows:?}");
+    for (row, id) in rows[1..].iter().zip([&a, &b]) {
+        let columns: Vec<&str> = row.split('\t').collect();
+        assert_eq!(columns[0], id, "{row}");
+        assert!(columns[1].ends_with('Z'), "an RFC 3339 time: {row}");
+        assert_eq!(columns[2..4], ["1", "data.tier_order"], "{row}");
+        assert!(columns[4].contains("tier_order"), "{row}");
+    }
+    let json_list = cli(&["list", "--json"], &env).await;
+    let objects: Vec<Value> = stdout(&json_list)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(objects.len(), 2);
+    assert_eq!(objects[0]["id"], json!(a));
+    assert_eq!(objects[0]["body_bytes"], json!(body_a.len()));
+
+    let show = cli(&["show", &a], &env).await;
+    assert!(show.status.success(), "{}", stderr(&show));
+    let shown = stdout(&show);
+    assert!(shown.starts_with(&format!("id: {a}\n")), "{shown}");
+    assert!(shown.contains("\nfield: data.tier_order\n"), "{shown}");
+    assert!(shown.ends_with(&format!("\n\n{}", String::from_utf8_lossy(&body_a))));
+    let raw = cli(&["show", "--body-only", &a], &env).await;
+    assert_eq!(raw.stdout, body_a, "the body byte for byte");
+
+    // Still invalid: refused, kept, and the exit status says so.
+    let replay = cli(&["replay", &a], &env).await;
+    assert_eq!(replay.status.code(), Some(1), "{}", stderr(&replay));
+    assert!(stderr(&replay).contains(&format!("replaying {a}: ")));
+    assert!(stderr(&replay).contains("[FailedPrecondition]"));
+
+    let never = "0".repeat(40);
+    let purge = cli(&["purge", &a, &never], &env).await;
+    assert!(purge.status.success(), "{}", stderr(&purge));
+    assert_eq!(stdout(&purge), format!("purged 1\n{never}: not kept\n"));
+    let missing = cli(&["show", &a], &env).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("[NotFound]"),
+        "{}",
+        stderr(&missing)
+    );
+    let all = cli(&["purge", "--all"], &env).await;
+    assert_eq!(stdout(&all), "purged 1\n");
+    let empty = cli(&["list"], &env).await;
+    assert!(empty.status.success());
+    assert_eq!(stdout(&empty).lines().count(), 1, "the header alone");
+    assert!(stderr(&empty).contains("no dead letters"));
+
+    // Usage errors, found before connecting: 64.
+    for args in [
+        &["show", "not-an-id"][..],
+        &["purge"],
+        &["purge", "--all", &b],
+        &["replay"],
+        &["list", "--grpc", "ftp://x:1"],
+    ] {
+        let refused = cli(args, &[]).await;
+        assert_eq!(
+            refused.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            stderr(&refused)
+        );
+    }
+    service.stop().await;
+}
+
+/// A CA and a `localhost` server certificate in `dir` (`ca.pem`, `server.pem`, `server.key`).
+fn certificates(dir: &Path) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_the_token_is_needed_and_taken_from_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    std::fs::write(dir.path().join("tokens"), "admin-token\n").unwrap();
+    let mut config = Config::for_tests(common::SECRET);
+    config.grpc_tls_cert = Some(dir.path().join("server.pem"));
+    config.grpc_tls_key = Some(dir.path().join("server.key"));
+    config.grpc_auth_tokens_file = Some(dir.path().join("tokens"));
+    let service = TestService::start_with(config).await;
+    let ca = dir.path().join("ca.pem");
+    let grpc = format!("localhost:{}", service.grpc.port());
+    let args = ["list", "--grpc", &grpc, "--ca", ca.to_str().unwrap()];
+
+    let without = cli(&args, &[]).await;
+    assert_eq!(without.status.code(), Some(1), "{}", stderr(&without));
+    assert!(stderr(&without).contains("[Unauthenticated]"));
+    assert!(stderr(&without).contains("PROFILE_STATE_TOKEN"), "the hint");
+
+    let with = cli(&args, &[("PROFILE_STATE_TOKEN", "admin-token")]).await;
+    assert!(with.status.success(), "{}", stderr(&with));
+    assert!(stdout(&with).starts_with("ID\t"));
+    assert!(!stderr(&with).contains("warning"), "TLS: no warning");
+
+    // Plaintext to a TLS listener fails, and says what to try.
+    let plain = cli(&["list", "--grpc", &grpc, "--timeout", "5s"], &[]).await;
+    assert_eq!(plain.status.code(), Some(1));
+    assert!(
+        stderr(&plain).contains("give its CA with --ca"),
+        "{}",
+        stderr(&plain)
+    );
+    // An unreadable --ca from the environment is a usage error naming the variable.
+    let bad_ca = cli(&["list"], &[("PROFILE_STATE_CA", "/no/such/ca.pem")]).await;
+    assert_eq!(bad_ca.status.code(), Some(64));
+    assert!(
+        stderr(&bad_ca).contains("--ca was set by the environment variable PROFILE_STATE_CA"),
+        "{}",
+        stderr(&bad_ca)
+    );
+    service.stop().await;
+}

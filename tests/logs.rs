@@ -1,0 +1,221 @@
+//! The real binary's log output: colours only on a terminal and never with `NO_COLOR`; JSON
+//! lines with the fields at the top level and no Rust `Debug` text; refused signatures at WARN,
+//! rate-limited, with the client id and the reason and nothing from the body.
+
+#[path = "common/binary.rs"]
+mod binary;
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use binary::{Binary, bare_command, command};
+use common::{at, profile_updated};
+use serde_json::{Value, json};
+
+const ESCAPE: &str = "\x1b[";
+
+/// Runs the binary so that it logs a WARN line and exits (a port in use): under a terminal
+/// (`script` gives it one) when `terminal`, with `NO_COLOR` when given. Returns what it wrote.
+fn warn_then_exit(terminal: bool, no_color: Option<&str>) -> String {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let args = [
+        "--insecure-skip-signature",
+        "--ephemeral",
+        "--webhook-listen",
+        &taken,
+    ];
+    let mut run = if terminal {
+        let line = format!("{} {}", env!("CARGO_BIN_EXE_profile-state"), args.join(" "));
+        let mut script = Command::new("script");
+        // util-linux's script: a pseudo-terminal for the command; -e keeps its exit status.
+        script.args(["-qec", &line, "/dev/null"]);
+        script.env_remove("NO_COLOR").env_remove("RUST_LOG");
+        script
+    } else {
+        bare_command(&args)
+    };
+    if let Some(value) = no_color {
+        run.env("NO_COLOR", value);
+    }
+    let output = run
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux) and the binary run");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(1), "port in use: {text}");
+    assert!(text.contains("--insecure-skip-signature is set"), "{text}");
+    text
+}
+
+#[test]
+fn text_logs_have_colours_only_on_a_terminal_and_never_with_no_color() {
+    assert!(
+        warn_then_exit(true, None).contains(ESCAPE),
+        "a terminal gets colours"
+    );
+    assert!(
+        !warn_then_exit(true, Some("1")).contains(ESCAPE),
+        "NO_COLOR=1"
+    );
+    assert!(
+        !warn_then_exit(false, None).contains(ESCAPE),
+        "a pipe gets none"
+    );
+}
+
+/// What a string value would look like if a field were recorded with Rust's `Debug`.
+fn debug_like(value: &str) -> bool {
+    let variant = value.split_once(['(', ' ']).is_some_and(|(head, rest)| {
+        head.chars().next().is_some_and(char::is_uppercase)
+            && head.chars().all(char::is_alphanumeric)
+            && (rest.starts_with('{') || value[head.len()..].starts_with('('))
+    });
+    variant || value.contains("Some(") || value == "None" || value.contains('"')
+}
+
+/// Checks every line: one JSON object, message and level at the top level, no nested field
+/// or span objects, no value in Debug form.
+fn assert_flat_json(lines: &[Value]) {
+    assert!(!lines.is_empty());
+    for line in lines {
+        let object = line
+            .as_object()
+            .unwrap_or_else(|| panic!("not JSON: {line}"));
+        assert!(object["message"].is_string(), "{line}");
+        assert!(object["level"].is_string(), "{line}");
+        for nested in ["fields", "span", "spans"] {
+            assert!(!object.contains_key(nested), "{line}");
+        }
+        for (key, value) in object {
+            assert!(!value.is_object() && !value.is_array(), "{key}: {line}");
+            if let Some(text) = value.as_str() {
+                assert!(!debug_like(text), "{key} looks like Debug: {line}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_debug_check_catches_debug() {
+    for debug in [
+        "Some(\"/data/snapshot\")",
+        "None",
+        "Changed { revision: 5 }",
+        "Applied(Changed { revision: 5 })",
+        "[\"a\"]",
+    ] {
+        assert!(debug_like(debug), "{debug}");
+    }
+    for plain in [
+        "applied at revision 5",
+        "X-GB-Signature",
+        "127.0.0.1:50051",
+        "off",
+    ] {
+        assert!(!debug_like(plain), "{plain}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_flat_with_no_debug_text_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments, snapshots and history: the restart starts from a snapshot.
+    let args = [
+        "--snapshot-every-records",
+        "2",
+        "--history-events",
+        "1",
+        "--segment-bytes",
+        "1",
+    ];
+    let start = || {
+        let mut command = command(dir.path(), &args);
+        command.env("RUST_LOG", "info,profile_state=debug");
+        Binary::spawn(command)
+    };
+    let binary = start().await;
+    for second in 1..=5 {
+        let body = profile_updated("c1", &at(second), json!({"total_points": second}));
+        assert_eq!(binary.post(&body).await.0, 200);
+    }
+    let invalid = profile_updated("c1", &at(9), json!({"tier_order": "two"}));
+    assert_eq!(binary.post(&invalid).await.0, 422);
+    let first = binary.stop_collecting();
+    let binary = start().await;
+    let recovered = binary
+        .seen
+        .iter()
+        .find(|line| line["message"] == "recovered")
+        .cloned();
+    let recovered = recovered.expect("a recovered line");
+    assert!(recovered["snapshot"].is_u64(), "{recovered}");
+    let second = binary.stop_collecting();
+    let messages: Vec<&str> = first
+        .iter()
+        .chain(&second)
+        .filter_map(|l| l["message"].as_str())
+        .collect();
+    for expected in ["webhook applied", "kept a delivery", "recovered", "stopped"] {
+        assert!(
+            messages.iter().any(|m| m.starts_with(expected)),
+            "{expected}: {messages:?}"
+        );
+    }
+    assert_flat_json(&first);
+    assert_flat_json(&second);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_signatures_are_warned_rate_limited_without_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = Binary::start(dir.path(), &[]).await;
+    let email = "rate-limit-probe@example.com";
+    let forged = "a".repeat(40);
+    let url = format!("http://{}/webhooks/gameball", binary.webhook);
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut refused = 0;
+    for n in 0..30u32 {
+        let mut body = profile_updated("c1", &at(n), json!({"email": email}));
+        if n == 0 {
+            // The claimed client id is unauthenticated input: control characters are replaced.
+            body["client_id"] = json!("2155\nINFO forged line");
+        }
+        let mut request = client.post(&url).body(serde_json::to_vec(&body).unwrap());
+        if n % 2 == 0 {
+            request = request.header("x-gb-signature", &forged);
+        }
+        let status = request.send().await.unwrap().status().as_u16();
+        assert_eq!(status, 401);
+        refused += 1;
+    }
+    let elapsed = started.elapsed().as_secs();
+    let lines = binary.stop_collecting();
+    let warnings: Vec<&Value> = lines
+        .iter()
+        .filter(|line| line["message"] == "webhook refused: bad signature")
+        .collect();
+    let most = 1 + elapsed / 10 + 1;
+    assert!(
+        !warnings.is_empty() && warnings.len() as u64 <= most,
+        "{warnings:?}"
+    );
+    let first = warnings[0];
+    assert_eq!(first["level"], "WARN");
+    assert_eq!(first["client_id"], "2155?INFO forged line");
+    assert_eq!(first["reason"], "X-GB-Signature does not match the body");
+    assert_eq!(first["suppressed"], 0);
+    let counted: u64 = warnings.len() as u64
+        + warnings
+            .iter()
+            .skip(1)
+            .map(|w| w["suppressed"].as_u64().unwrap())
+            .sum::<u64>();
+    assert!(counted <= refused, "{counted} of {refused}");
+    let all = lines.iter().map(Value::to_string).collect::<String>();
+    for secret in [email, "rate-limit-probe", &forged, "total_points", "c1\""] {
+        assert!(!all.contains(secret), "{secret} in the logs");
+    }
+}
