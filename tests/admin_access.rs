@@ -3,9 +3,8 @@
 //! `--insecure-open-admin-service`, anyone. And the start-up line of the real binary states
 //! TLS and authentication for each listener.
 
-#[path = "common/binary.rs"]
-mod binary;
-mod common;
+use crate::common;
+use crate::common::binary;
 
 use std::net::{IpAddr, SocketAddr};
 

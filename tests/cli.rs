@@ -3,9 +3,7 @@
 //! the usual spellings; listen addresses take host names; ports are bound before the data
 //! directory is touched; a bad `RUST_LOG` is reported; `--help` and `--version` exit 0.
 
-#[path = "common/binary.rs"]
-mod binary;
-mod common;
+use crate::common::binary;
 
 use std::process::Output;
 

@@ -2,9 +2,8 @@
 //! server, in plaintext from loopback and over TLS with a token; its exit statuses (0 done, 1
 //! refused or unreachable, 64 usage).
 
-#[path = "common/binary.rs"]
-mod binary;
-mod common;
+use crate::common;
+use crate::common::binary;
 
 use std::path::Path;
 use std::process::Output;

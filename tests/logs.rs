@@ -2,9 +2,8 @@
 //! lines with the fields at the top level and no Rust `Debug` text; refused signatures at WARN,
 //! rate-limited, with the client id and the reason and nothing from the body.
 
-#[path = "common/binary.rs"]
-mod binary;
-mod common;
+use crate::common;
+use crate::common::binary;
 
 use std::process::{Command, Stdio};
 use std::time::Instant;

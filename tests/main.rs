@@ -12,6 +12,9 @@ mod common;
 // `crate::fixtures`.
 use common::fixtures;
 
+mod admin_access;
+mod cli;
+mod cli_dead_letters;
 mod corruption_sweep;
 mod crash;
 mod dead_letters;
@@ -21,6 +24,7 @@ mod error_details;
 mod grpc_security;
 mod jetstream;
 mod journal_damage;
+mod logs;
 mod metrics;
 mod nats_cluster;
 mod operations;

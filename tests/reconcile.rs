@@ -541,3 +541,76 @@ async fn converge(seed: u64) -> Vec<Value> {
     service.stop().await;
     finals
 }
+
+/// Runs `profile-state reconcile ARGS` (the real binary) against `service`.
+async fn cli(service: &TestService, args: &[&str]) -> std::process::Output {
+    let grpc = service.grpc.to_string();
+    let mut command =
+        common::binary::bare_command(&[&["reconcile", "--grpc", &grpc], args].concat());
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reconcile_subcommand_starts_follows_and_exits_by_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.add([Customer::new("jo")]);
+    let service = in_memory(dir.path(), &stand_in).await;
+    let done = cli(
+        &service,
+        &[
+            "--client-id",
+            "2155",
+            "--customer-id",
+            "jo",
+            "--wait",
+            "--json",
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{stderr}");
+    let outcome: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(outcome["state"], "succeeded");
+    assert_eq!(
+        (outcome["changed"].as_u64(), outcome["failed"].as_u64()),
+        (Some(1), Some(0))
+    );
+
+    // A customer Gameball does not know: the job runs to the end, with a failure: exit 1.
+    let missing = cli(
+        &service,
+        &["--client-id", "2155", "--customer-id", "nobody", "--wait"],
+    )
+    .await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stdout).contains("nobody\tnot_found"));
+    // Without --wait: the job id, at once.
+    let started = cli(&service, &["--client-id", "2155", "--all"]).await;
+    assert_eq!(started.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&started.stdout).trim().len(), 32);
+    // No selection is a usage error.
+    let usage = cli(&service, &["--client-id", "2155"]).await;
+    assert_eq!(usage.status.code(), Some(64));
+    service.stop().await;
+
+    // Keys Gameball refuses stop the job early: exit 2, naming the reason.
+    let stand_in = GameballStandIn::start().await;
+    let service = start(
+        Config::for_tests(common::SECRET),
+        dir.path(),
+        &stand_in,
+        "revoked",
+    )
+    .await;
+    let refused = cli(
+        &service,
+        &["--client-id", "2155", "--customer-id", "jo", "--wait"],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unauthorized"));
+    service.stop().await;
+}

@@ -25,6 +25,7 @@ use crate::config::Config;
 
 pub mod client;
 pub mod dead_letters;
+pub mod reconcile;
 pub mod serve;
 
 /// Exit status for a usage or configuration error (EX_USAGE), before anything is served.
@@ -52,6 +53,9 @@ pub struct Cli {
 pub enum Command {
     /// Lists, shows, replays or purges the dead letters of a running server (AdminService).
     DeadLetters(dead_letters::Args),
+    /// Reads profiles back from Gameball's REST API and heals what lost webhooks left wrong,
+    /// as a job of a running server (AdminService).
+    Reconcile(reconcile::Args),
 }
 
 /// Why a subcommand did not do what it was asked.
@@ -64,6 +68,9 @@ pub enum Failure {
     /// The server could not be reached, refused, or something failed on the way: exit 1.
     #[error("{0}")]
     Failed(String),
+    /// A job the subcommand followed stopped early (`reconcile --wait`): exit 2.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 impl Failure {
@@ -73,6 +80,7 @@ impl Failure {
         match self {
             Failure::Usage(_) => ExitCode::from(EXIT_USAGE),
             Failure::Failed(_) => ExitCode::FAILURE,
+            Failure::Stopped(_) => ExitCode::from(2),
         }
     }
 }
@@ -262,6 +270,7 @@ pub fn run(cli: Cli, sources: &Sources) -> ExitCode {
     match cli.command {
         None => serve::run(cli.serve, sources),
         Some(Command::DeadLetters(args)) => dead_letters::run(args, sources),
+        Some(Command::Reconcile(args)) => reconcile::run(args, sources),
     }
 }
 
