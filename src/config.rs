@@ -493,6 +493,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reconcile_every_is_an_account_and_a_period_of_an_hour_or_more() {
+        let every = ReconcileEvery::parse("2155=24h").unwrap();
+        assert_eq!(every.client_id, "2155");
+        assert_eq!(every.period, Duration::from_secs(24 * 3600));
+        for (bad, says) in [
+            ("2155", "CLIENT_ID=DURATION"),
+            ("=24h", "no client_id"),
+            ("2155=soon", "period"),
+            ("2155=30m", "shorter than 1h"),
+        ] {
+            let error = ReconcileEvery::parse(bad).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+        let config = Config::parse_from([
+            "profile-state",
+            "--webhook-secret",
+            "s",
+            "--reconcile-every",
+            "1=1h",
+            "--reconcile-every",
+            "2=2h",
+        ]);
+        assert_eq!(config.reconcile.every.len(), 2);
+        let mut zero = Config::for_tests("s");
+        zero.reconcile.max_jobs = 0;
+        assert!(
+            zero.check()
+                .unwrap_err()
+                .to_string()
+                .contains("--reconcile-max-jobs")
+        );
+    }
+
+    #[test]
     fn a_secret_or_the_explicit_opt_out_is_required() {
         let mut config = Config::for_tests("s");
         assert!(config.check().is_ok());

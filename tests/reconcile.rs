@@ -614,3 +614,28 @@ async fn the_reconcile_subcommand_starts_follows_and_exits_by_outcome() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unauthorized"));
     service.stop().await;
 }
+
+#[tokio::test]
+async fn a_schedule_for_an_account_without_api_settings_is_refused_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let mut config = Config::for_tests(common::SECRET);
+    config.webhook_secrets_file = Some(secrets_file(dir.path(), &stand_in, API_KEY));
+    config.reconcile.every =
+        vec![profile_state::config::ReconcileEvery::parse("9999=24h").unwrap()];
+    let error = Server::bind(config.clone()).await.err().expect("refused");
+    assert!(
+        error.is::<profile_state::server::BadConfiguration>(),
+        "exit 64: {error:#}"
+    );
+    assert!(
+        format!("{error:#}").contains("--reconcile-every 9999"),
+        "{error:#}"
+    );
+    // The account that has settings is accepted.
+    config.reconcile.every =
+        vec![profile_state::config::ReconcileEvery::parse("2155=24h").unwrap()];
+    TestService::serve(Server::bind(config).await.unwrap())
+        .stop()
+        .await;
+}
