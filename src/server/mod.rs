@@ -115,8 +115,9 @@ impl Server {
         })
     }
 
-    /// Replaces how reconcile jobs call Gameball (timeouts, retries, batches): a testing seam
-    /// for short waits; the flags set the rest.
+    /// Replaces how reconcile jobs call Gameball (timeouts, retries, batches), whole: the
+    /// values `--reconcile-max-jobs` and `--reconcile-max-in-flight` gave included. A testing
+    /// seam for short waits.
     pub fn with_reconcile_options(mut self, options: ReconcileOptions) -> Server {
         self.reconcile = options;
         self
