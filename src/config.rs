@@ -241,6 +241,78 @@ pub struct Config {
     /// Replicated mode over NATS JetStream (issue 13); off unless `--nats-url` is given.
     #[command(flatten)]
     pub nats: NatsConfig,
+
+    /// Reconciliation from Gameball's REST API (issue 15): schedules and limits. The accounts'
+    /// API keys are in the secrets file, never in flags.
+    #[command(flatten)]
+    pub reconcile: ReconcileConfig,
+}
+
+/// The reconciliation flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ReconcileConfig {
+    /// Reconcile an account periodically: `CLIENT_ID=DURATION` (e.g. `2155=24h`, at least 1h),
+    /// repeatable; each run reads the account's profiles not updated for that long. The
+    /// account needs `[gameball_api."<client_id>"]` in the secrets file. Off by default.
+    #[arg(
+        long = "reconcile-every",
+        env = "PROFILE_STATE_RECONCILE_EVERY",
+        value_delimiter = ',',
+        value_parser = ReconcileEvery::parse
+    )]
+    pub every: Vec<ReconcileEvery>,
+
+    /// Reconcile jobs running at once (one per account at most); more get RESOURCE_EXHAUSTED.
+    #[arg(
+        long = "reconcile-max-jobs",
+        env = "PROFILE_STATE_RECONCILE_MAX_JOBS",
+        default_value_t = 2
+    )]
+    pub max_jobs: usize,
+
+    /// Requests in flight to Gameball's API at once, per account.
+    #[arg(
+        long = "reconcile-max-in-flight",
+        env = "PROFILE_STATE_RECONCILE_MAX_IN_FLIGHT",
+        default_value_t = 8
+    )]
+    pub max_in_flight: usize,
+}
+
+/// Shortest `--reconcile-every` period: each run costs API quota the account shares.
+pub const MIN_RECONCILE_PERIOD: Duration = Duration::from_secs(3600);
+
+/// One `--reconcile-every CLIENT_ID=DURATION`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReconcileEvery {
+    /// The account.
+    pub client_id: String,
+    /// How often.
+    pub period: Duration,
+}
+
+impl ReconcileEvery {
+    /// Parses `CLIENT_ID=DURATION` (the period at least [`MIN_RECONCILE_PERIOD`]).
+    pub fn parse(text: &str) -> Result<ReconcileEvery, String> {
+        let (client_id, period) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not CLIENT_ID=DURATION (e.g. 2155=24h)"))?;
+        if client_id.is_empty() {
+            return Err(format!("{text:?} names no client_id"));
+        }
+        let period = humantime::parse_duration(period)
+            .map_err(|error| format!("period {period:?}: {error}"))?;
+        if period < MIN_RECONCILE_PERIOD {
+            return Err(format!(
+                "period {} of client_id {client_id:?} is shorter than 1h",
+                humantime::format_duration(period)
+            ));
+        }
+        Ok(ReconcileEvery {
+            client_id: client_id.to_owned(),
+            period,
+        })
+    }
 }
 
 /// How log lines are written.
@@ -367,6 +439,12 @@ pub struct NatsConfig {
 /// A configuration that cannot work, found before anything binds.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A flag that must be at least 1 is 0.
+    #[error("{flag} must be at least 1")]
+    Zero {
+        /// The flag.
+        flag: &'static str,
+    },
     /// Neither a secret nor the explicit opt-out was given.
     #[error(
         "no webhook secret: pass --webhook-secret (or PROFILE_STATE_WEBHOOK_SECRET) or \
@@ -443,6 +521,16 @@ impl Config {
             return Err(ConfigError::ZeroSnapshotInterval);
         }
         self.check_transport_limits()?;
+        if self.reconcile.max_jobs == 0 {
+            return Err(ConfigError::Zero {
+                flag: "--reconcile-max-jobs",
+            });
+        }
+        if self.reconcile.max_in_flight == 0 {
+            return Err(ConfigError::Zero {
+                flag: "--reconcile-max-in-flight",
+            });
+        }
         self.nats.check()?;
         if self.nats.enabled() && self.nats.request_timeout >= self.webhook_timeout {
             return Err(ConfigError::BadNatsFlag {
@@ -571,6 +659,40 @@ impl NatsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconcile_every_is_an_account_and_a_period_of_an_hour_or_more() {
+        let every = ReconcileEvery::parse("2155=24h").unwrap();
+        assert_eq!(every.client_id, "2155");
+        assert_eq!(every.period, Duration::from_secs(24 * 3600));
+        for (bad, says) in [
+            ("2155", "CLIENT_ID=DURATION"),
+            ("=24h", "no client_id"),
+            ("2155=soon", "period"),
+            ("2155=30m", "shorter than 1h"),
+        ] {
+            let error = ReconcileEvery::parse(bad).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+        let config = Config::parse_from([
+            "profile-state",
+            "--webhook-secret",
+            "s",
+            "--reconcile-every",
+            "1=1h",
+            "--reconcile-every",
+            "2=2h",
+        ]);
+        assert_eq!(config.reconcile.every.len(), 2);
+        let mut zero = Config::for_tests("s");
+        zero.reconcile.max_jobs = 0;
+        assert!(
+            zero.check()
+                .unwrap_err()
+                .to_string()
+                .contains("--reconcile-max-jobs")
+        );
+    }
 
     #[test]
     fn a_secret_or_the_explicit_opt_out_is_required() {

@@ -83,6 +83,38 @@ pub enum Error {
         /// The revision this server had applied at the deadline.
         applied: u64,
     },
+    /// Reconciliation was asked for an account without `[gameball_api."<client_id>"]` settings
+    /// in the secrets file.
+    #[error(
+        "client_id {client_id:?} has no [gameball_api] settings in the secrets file: \
+         reconciliation needs its api_key and secret_key"
+    )]
+    ReconcileNotConfigured {
+        /// The account asked for.
+        client_id: String,
+    },
+    /// A reconciliation job of the account is running already.
+    #[error("reconcile job {job_id} of client_id {client_id:?} is still running")]
+    ReconcileJobRunning {
+        /// The account asked for.
+        client_id: String,
+        /// The running job.
+        job_id: String,
+    },
+    /// `--reconcile-max-jobs` jobs are running.
+    #[error(
+        "{max} reconcile jobs are running, the most allowed (--reconcile-max-jobs); retry later"
+    )]
+    TooManyReconcileJobs {
+        /// The limit.
+        max: usize,
+    },
+    /// No reconcile job with that id is kept (never started, or finished long ago).
+    #[error("no reconcile job {job_id:?}")]
+    ReconcileJobNotFound {
+        /// The id asked for.
+        job_id: String,
+    },
     /// The service cannot take the request now; the caller should retry.
     #[error("{reason}")]
     Unavailable {
@@ -107,6 +139,10 @@ impl Error {
             Error::DeadLettered { cause, .. } => cause.field(),
             Error::RevisionInFuture { .. } | Error::Compacted { .. } => Some("start_revision"),
             Error::StoreChanged { .. } => Some("store_id"),
+            Error::ReconcileNotConfigured { .. } | Error::ReconcileJobRunning { .. } => {
+                Some("client_id")
+            }
+            Error::ReconcileJobNotFound { .. } => Some("job_id"),
             _ => None,
         }
     }

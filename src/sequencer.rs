@@ -427,6 +427,7 @@ pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
                     profile,
                     previous: current,
                     changed_fields,
+                    origin: update.origin,
                 }));
                 Applied::Changed { revision }
             }
@@ -472,6 +473,7 @@ mod tests {
                 (Field::TotalPoints, Some(Scalar::Int(points))),
             ],
             extras: vec![],
+            origin: crate::profile::Origin::Webhook,
         }
     }
 

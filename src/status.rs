@@ -115,7 +115,12 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
             Error::RevisionInFuture { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Error::Compacted { .. } | Error::StoreChanged { .. } => StatusCode::GONE,
             Error::DeadLettered { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::DeadLetterNotFound { .. } => StatusCode::NOT_FOUND,
+            Error::DeadLetterNotFound { .. } | Error::ReconcileJobNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            Error::ReconcileNotConfigured { .. } => StatusCode::PRECONDITION_FAILED,
+            Error::ReconcileJobRunning { .. } => StatusCode::CONFLICT,
+            Error::TooManyReconcileJobs { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable { .. } | Error::RevisionNotApplied { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -161,7 +166,12 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
                     revision_details(requested, applied),
                 );
             }
-            Error::NotFound { .. } | Error::DeadLetterNotFound { .. } => tonic::Code::NotFound,
+            Error::NotFound { .. }
+            | Error::DeadLetterNotFound { .. }
+            | Error::ReconcileJobNotFound { .. } => tonic::Code::NotFound,
+            Error::ReconcileNotConfigured { .. } => tonic::Code::FailedPrecondition,
+            Error::ReconcileJobRunning { .. } => tonic::Code::AlreadyExists,
+            Error::TooManyReconcileJobs { .. } => tonic::Code::ResourceExhausted,
             Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
             Error::Compacted { .. } | Error::StoreChanged { .. } => tonic::Code::FailedPrecondition,
             Error::Unavailable { .. } => tonic::Code::Unavailable,

@@ -501,6 +501,7 @@ mod tests {
                     (Field::TierName, Some(Scalar::Text(tier.into()))),
                 ],
                 extras: vec![],
+                origin: crate::profile::Origin::Webhook,
             })
             .unwrap();
         profile.revision = revision;
@@ -509,6 +510,7 @@ mod tests {
             profile: Arc::new(profile),
             previous: None,
             changed_fields: changed,
+            origin: crate::profile::Origin::Webhook,
         })
     }
 
@@ -550,6 +552,7 @@ mod tests {
                 at: chrono::DateTime::from_timestamp(revision as i64, 0).unwrap(),
                 fields: vec![],
                 extras: vec![("notes".into(), Some(text))],
+                origin: Default::default(),
             })
             .unwrap();
         profile.revision = revision;
@@ -558,6 +561,7 @@ mod tests {
             profile: Arc::new(profile),
             previous: None,
             changed_fields: changed,
+            origin: Default::default(),
         })
     }
 

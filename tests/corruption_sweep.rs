@@ -60,6 +60,7 @@ fn update(revision: u64) -> UpdateRecord {
             ),
         ],
         extras: vec![("note".into(), Some(serde_json::json!({"n": revision})))],
+        origin: profile_state::profile::Origin::Webhook,
     };
     UpdateRecord::new(revision, &update)
 }

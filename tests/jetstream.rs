@@ -44,6 +44,7 @@ fn update(customer: &str, points: i64) -> ProfileUpdate {
         at: EventTime::from_timestamp(1_732_037_682 + points, 0).unwrap(),
         fields: vec![(Field::TotalPoints, Some(Scalar::Int(points)))],
         extras: vec![],
+        origin: profile_state::profile::Origin::Webhook,
     }
 }
 

@@ -31,6 +31,7 @@ mod metrics;
 mod nats_cluster;
 mod operations;
 mod queries;
+mod reconcile;
 mod reconcile_client;
 mod replicas;
 mod timestamps;

@@ -47,6 +47,7 @@ fn batch(n: i64) -> UpdateBatch {
         at: EventTime::from_timestamp(1_732_037_682 + n, 0).unwrap(),
         fields: vec![(Field::TotalPoints, Some(Scalar::Int(n)))],
         extras: vec![],
+        origin: profile_state::profile::Origin::Webhook,
     }])
 }
 

@@ -8,7 +8,6 @@
 use crate::common;
 use crate::common::binary;
 
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -174,6 +174,7 @@ fn update(customer: &str, at: &str, points: i64) -> ProfileUpdate {
             (Field::TotalPoints, Some(Scalar::Int(points))),
         ],
         extras: vec![],
+        origin: profile_state::profile::Origin::Webhook,
     }
 }
 

@@ -26,6 +26,7 @@ use crate::config::Config;
 pub mod backup;
 pub mod client;
 pub mod dead_letters;
+pub mod reconcile;
 pub mod restore;
 pub mod serve;
 
@@ -58,6 +59,9 @@ pub enum Command {
     Backup(backup::Args),
     /// Makes a backup into a new data directory, to serve with `--data-dir`.
     Restore(restore::Args),
+    /// Reads profiles back from Gameball's REST API and heals what lost webhooks left wrong,
+    /// as a job of a running server (AdminService).
+    Reconcile(reconcile::Args),
 }
 
 /// Why a subcommand did not do what it was asked.
@@ -70,6 +74,9 @@ pub enum Failure {
     /// The server could not be reached, refused, or something failed on the way: exit 1.
     #[error("{0}")]
     Failed(String),
+    /// A job the subcommand followed stopped early (`reconcile --wait`): exit 2.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 impl Failure {
@@ -79,6 +86,7 @@ impl Failure {
         match self {
             Failure::Usage(_) => ExitCode::from(EXIT_USAGE),
             Failure::Failed(_) => ExitCode::FAILURE,
+            Failure::Stopped(_) => ExitCode::from(2),
         }
     }
 }
@@ -270,6 +278,7 @@ pub fn run(cli: Cli, sources: &Sources) -> ExitCode {
         Some(Command::DeadLetters(args)) => dead_letters::run(args, sources),
         Some(Command::Backup(args)) => backup::run(args, sources),
         Some(Command::Restore(args)) => restore::run(args, sources),
+        Some(Command::Reconcile(args)) => reconcile::run(args, sources),
     }
 }
 

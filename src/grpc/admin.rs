@@ -1,6 +1,6 @@
 //! The gRPC adapter for `gameball.profiles.v1.AdminService`: one implementation of the
 //! generated trait that hands each RPC to the part it belongs to (dead letters in
-//! `super::dead_letters`, backups in `super::backup`). It holds no logic of its own: a new
+//! `super::dead_letters`, backups in `super::backup`, reconcile jobs in `super::reconcile`). It holds no logic of its own: a new
 //! group of admin RPCs gets its own module and a field here. Authentication is wired up in
 //! `crate::server`.
 
@@ -10,19 +10,26 @@ use super::backup::{BackupApi, BackupStream};
 use super::dead_letters::DeadLetterApi;
 use crate::pb;
 use crate::pb::admin_service_server::AdminService;
+use crate::reconcile::ReconcileJobs;
 
 /// The AdminService implementation.
 pub struct AdminApi {
     dead_letters: DeadLetterApi,
     backups: BackupApi,
+    reconcile: ReconcileJobs,
 }
 
 impl AdminApi {
     /// The service over these parts.
-    pub fn new(dead_letters: DeadLetterApi, backups: BackupApi) -> AdminApi {
+    pub fn new(
+        dead_letters: DeadLetterApi,
+        backups: BackupApi,
+        reconcile: ReconcileJobs,
+    ) -> AdminApi {
         AdminApi {
             dead_letters,
             backups,
+            reconcile,
         }
     }
 }
@@ -64,5 +71,21 @@ impl AdminService for AdminApi {
         _request: Request<pb::BackupRequest>,
     ) -> Result<Response<BackupStream>, Status> {
         Ok(self.backups.backup())
+    }
+
+    async fn reconcile_profiles(
+        &self,
+        request: Request<pb::ReconcileProfilesRequest>,
+    ) -> Result<Response<pb::ReconcileProfilesResponse>, Status> {
+        super::reconcile::reconcile_profiles(&self.reconcile, request.into_inner())
+            .map(Response::new)
+    }
+
+    async fn get_reconcile_job(
+        &self,
+        request: Request<pb::GetReconcileJobRequest>,
+    ) -> Result<Response<pb::GetReconcileJobResponse>, Status> {
+        super::reconcile::get_reconcile_job(&self.reconcile, request.into_inner())
+            .map(Response::new)
     }
 }

@@ -7,7 +7,7 @@ use prost_types::value::Kind;
 use crate::pb;
 use chrono::{DateTime, Utc};
 
-use crate::profile::{Change, ChangeKind, Field, Profile, TierDirection, time};
+use crate::profile::{Change, ChangeKind, Field, Origin, Profile, TierDirection, time};
 use crate::status;
 use crate::watch::WatchEvent;
 
@@ -120,6 +120,11 @@ pub fn change(change: &Change, include_previous: bool) -> pb::ProfileChange {
             pending: delta.pending,
             total: delta.total,
         }),
+        origin: match change.origin {
+            Origin::Webhook => pb::ChangeOrigin::Webhook,
+            Origin::Reconcile => pb::ChangeOrigin::Reconcile,
+        }
+        .into(),
     }
 }
 

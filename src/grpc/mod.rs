@@ -13,6 +13,7 @@ pub mod backup;
 mod convert;
 pub mod dead_letters;
 mod page_token;
+mod reconcile;
 pub mod transport;
 
 use std::collections::HashSet;

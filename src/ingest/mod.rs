@@ -21,6 +21,7 @@ pub mod payload;
 use crate::dead_letters::{DeadLetterError, DeadLetterId, DeadLetters};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::profile::ProfileUpdate;
 use crate::replication::Publisher;
 use crate::sequencer::{Applied, Sequencer};
 pub use payload::Delivery;
@@ -142,14 +143,22 @@ impl Ingest {
             }
             Delivery::ProfileUpdated(update) => {
                 let client_id = update.key.client_id.clone();
-                let applied = match &self.recorder {
-                    Recorder::Local(sequencer) => sequencer.apply(update).await?,
-                    Recorder::Replicated(publisher) => publisher.apply(update).await?,
-                };
+                let applied = self.apply(update).await?;
                 let client_id = loggable(&client_id);
                 tracing::debug!(%client_id, %applied, "webhook applied");
                 Ok(Outcome::Applied(applied))
             }
+        }
+    }
+
+    /// Records an update and returns once it is recorded and visible here: through the
+    /// sequencer on a single node, through the stream on a replica. Webhooks come here through
+    /// [`Ingest::record`]; reconcile jobs (`crate::reconcile`) directly, so that a replica's
+    /// corrections reach every replica too.
+    pub async fn apply(&self, update: ProfileUpdate) -> Result<Applied, Error> {
+        match &self.recorder {
+            Recorder::Local(sequencer) => sequencer.apply(update).await,
+            Recorder::Replicated(publisher) => publisher.apply(update).await,
         }
     }
 

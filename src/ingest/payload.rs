@@ -23,7 +23,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::{Map, Number, Value};
 
 use crate::error::Error;
-use crate::profile::{EventTime, Field, FieldKind, ProfileKey, ProfileUpdate, Scalar, time};
+use crate::profile::{
+    EventTime, Field, FieldKind, Origin, ProfileKey, ProfileUpdate, Scalar, time,
+};
 
 /// The topic this service applies.
 pub const PROFILE_UPDATED: &str = "customer.profile.updated";
@@ -190,6 +192,7 @@ where
         at: created_at,
         fields,
         extras,
+        origin: Origin::Webhook,
     }))
 }
 

@@ -93,6 +93,7 @@ mod tests {
             at: EventTime::from_timestamp(1_732_037_682, 297_000_000).unwrap(),
             fields: vec![(Field::TotalPoints, Some(Scalar::Int(points)))],
             extras: vec![("birthday".into(), Some(serde_json::json!("1990-01-01")))],
+            origin: crate::profile::Origin::Webhook,
         }
     }
 

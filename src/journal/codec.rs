@@ -16,7 +16,8 @@
 use prost::Message;
 
 use crate::profile::{
-    EventTime, ExtraValue, Field, Profile, ProfileKey, ProfileUpdate, Register, Scalar, ScalarRef,
+    EventTime, ExtraValue, Field, Origin, Profile, ProfileKey, ProfileUpdate, Register, Scalar,
+    ScalarRef,
 };
 
 /// The format version this build writes.
@@ -257,6 +258,10 @@ pub struct UpdateRecord {
     /// Extra keys it writes.
     #[prost(message, repeated, tag = "6")]
     pub extras: Vec<ExtraRecord>,
+    /// What produced the update: 0 a webhook (so records written before this field existed
+    /// read as webhooks), 1 a reconciliation. Unknown numbers are refused as malformed.
+    #[prost(uint32, tag = "7")]
+    pub origin: u32,
 }
 
 /// A modeled field's value (absent = cleared), and in snapshots its register's clock.
@@ -394,6 +399,21 @@ fn field(number: u32) -> Result<Field, Malformed> {
     Field::from_number(number).ok_or_else(|| Malformed(format!("unknown field number {number}")))
 }
 
+fn origin_number(origin: Origin) -> u32 {
+    match origin {
+        Origin::Webhook => 0,
+        Origin::Reconcile => 1,
+    }
+}
+
+fn origin(number: u32) -> Result<Origin, Malformed> {
+    match number {
+        0 => Ok(Origin::Webhook),
+        1 => Ok(Origin::Reconcile),
+        other => Err(Malformed(format!("unknown origin number {other}"))),
+    }
+}
+
 fn scalar_record(value: Option<ScalarRef<'_>>) -> Option<ScalarRecord> {
     value.map(|value| match value {
         ScalarRef::Int(n) => ScalarRecord::Int(n),
@@ -439,6 +459,7 @@ impl UpdateRecord {
                     at: None,
                 })
                 .collect(),
+            origin: origin_number(update.origin),
         }
     }
 
@@ -460,6 +481,7 @@ impl UpdateRecord {
             at,
             fields,
             extras,
+            origin: origin(self.origin)?,
         })
     }
 }
@@ -544,6 +566,7 @@ mod tests {
                 ("birthday".into(), Some(serde_json::json!({"d": [1, 2]}))),
                 ("gone".into(), None),
             ],
+            origin: Origin::Webhook,
         }
     }
 
@@ -565,6 +588,31 @@ mod tests {
                 .into_profile()
                 .unwrap();
         assert_eq!(decoded, profile);
+    }
+
+    #[test]
+    fn origins_round_trip_and_webhook_records_are_unchanged_on_disk() {
+        let webhook = update();
+        let reconcile = ProfileUpdate {
+            origin: Origin::Reconcile,
+            ..update()
+        };
+        let webhook_bytes = UpdateRecord::new(7, &webhook).encode_to_vec();
+        let reconcile_bytes = UpdateRecord::new(7, &reconcile).encode_to_vec();
+        // A webhook's record is byte for byte what builds before the field wrote, so records
+        // written before it existed (field 7 absent) read as webhooks.
+        assert!(reconcile_bytes.len() > webhook_bytes.len());
+        let decode = |bytes: &[u8]| UpdateRecord::decode(bytes).unwrap().into_update().unwrap();
+        assert_eq!(decode(&webhook_bytes).origin, Origin::Webhook);
+        assert_eq!(decode(&reconcile_bytes), reconcile);
+
+        let mut unknown = UpdateRecord::new(7, &webhook);
+        unknown.origin = 9;
+        let error = unknown.into_update().unwrap_err();
+        assert!(
+            error.to_string().contains("unknown origin number 9"),
+            "{error}"
+        );
     }
 
     /// A frame as format 1 wrote it (this build no longer writes that format).

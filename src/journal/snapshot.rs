@@ -474,6 +474,7 @@ mod tests {
                         (Field::TierName, Some(Scalar::Text("gold".into()))),
                     ],
                     extras: vec![],
+                    origin: crate::profile::Origin::Webhook,
                 });
                 profile.revision = i as u64 + 1;
                 profile.create_revision = i as u64 + 1;

@@ -21,6 +21,7 @@ fn record(revision: u64) -> UpdateRecord {
             (Field::TotalPoints, Some(Scalar::Int(revision as i64))),
         ],
         extras: vec![],
+        origin: crate::profile::Origin::Webhook,
     };
     UpdateRecord::new(revision, &update)
 }
@@ -744,6 +745,7 @@ fn a_format_1_data_directory_is_recovered_and_continued_in_format_2() {
             at: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
             fields: vec![(Field::TotalPoints, Some(Scalar::Int(1)))],
             extras: vec![],
+            origin: crate::profile::Origin::Webhook,
         };
         UpdateRecord::new(revision, &update)
     };
@@ -808,6 +810,7 @@ fn a_clean_shutdown_mark_does_not_hold_against_an_older_build_appending_after_it
         at: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
         fields: vec![(Field::TotalPoints, Some(Scalar::Int(1)))],
         extras: vec![],
+        origin: crate::profile::Origin::Webhook,
     };
     let payload = prost::Message::encode_to_vec(&BatchRecord {
         updates: vec![UpdateRecord::new(61, &newer)],

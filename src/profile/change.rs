@@ -53,6 +53,31 @@ pub enum ChangeKind {
     Updated,
 }
 
+/// What produced an update, and so the change it made.
+///
+/// The merge ignores it (per-field last-writer-wins does not care where a value came from), so
+/// it changes no rule; it is recorded with the update (journal, replicated stream) so watchers
+/// and metrics can tell a webhook's change from a reconciliation's, after a restart too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// A Gameball webhook (received, or a dead letter replayed). What records written before
+    /// origins existed read as.
+    #[default]
+    Webhook,
+    /// Read back from Gameball's REST API by a reconciliation job.
+    Reconcile,
+}
+
+impl Origin {
+    /// The label in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Webhook => "webhook",
+            Origin::Reconcile => "reconcile",
+        }
+    }
+}
+
 /// One applied change: the unit the sequencer records, the history keeps and watchers receive.
 #[derive(Clone, Debug)]
 pub struct Change {
@@ -64,6 +89,8 @@ pub struct Change {
     pub previous: Option<Arc<Profile>>,
     /// The fields the change modified, sorted.
     pub changed_fields: Vec<FieldPath>,
+    /// What produced the update that made this change.
+    pub origin: Origin,
 }
 
 impl Change {
@@ -151,6 +178,7 @@ mod tests {
             profile: Arc::new(after),
             previous: before.map(Arc::new),
             changed_fields: changed,
+            origin: Origin::Webhook,
         }
     }
 

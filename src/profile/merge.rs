@@ -230,6 +230,7 @@ mod tests {
                     .into_iter()
                     .map(|(k, v)| (k.into_boxed_str(), v))
                     .collect(),
+                origin: crate::profile::Origin::Webhook,
             })
     }
 
@@ -376,6 +377,7 @@ mod tests {
                     .into_iter()
                     .map(|(k, v)| (k.into_boxed_str(), v))
                     .collect(),
+                origin: crate::profile::Origin::Webhook,
             })
     }
 

@@ -39,7 +39,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 
-pub use change::{Change, ChangeKind, PointsDelta, TierChange, TierDirection};
+pub use change::{Change, ChangeKind, Origin, PointsDelta, TierChange, TierDirection};
 pub use field::{ExtraValue, Field, FieldKind, FieldPath, Scalar, ScalarRef};
 pub use key::ProfileKey;
 pub use merge::Register;
@@ -52,7 +52,8 @@ pub type EventTime = DateTime<Utc>;
 /// The registers of unmodeled `data` keys, ordered by key.
 type Extras = BTreeMap<Box<str>, Register<ExtraValue>>;
 
-/// A validated `customer.profile.updated` event: which profile, when, and what it writes.
+/// A validated update: a `customer.profile.updated` event, or a customer read back from
+/// Gameball's API (`origin`): which profile, when, and what it writes.
 ///
 /// `None` values clear the field (the webhook carried JSON `null`).
 #[derive(Clone, Debug, PartialEq)]
@@ -65,6 +66,8 @@ pub struct ProfileUpdate {
     pub fields: Vec<(Field, Option<Scalar>)>,
     /// Unmodeled `data` keys it carries, each at most once.
     pub extras: Vec<(Box<str>, Option<serde_json::Value>)>,
+    /// What produced it; the merge ignores it.
+    pub origin: Origin,
 }
 
 /// The state of one profile: its registers plus the revision bookkeeping the sequencer keeps.

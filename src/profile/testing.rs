@@ -18,6 +18,7 @@ pub(super) fn update(second: i64, fields: &[(Field, Option<Scalar>)]) -> Profile
         at: at(second),
         fields: fields.to_vec(),
         extras: vec![],
+        origin: crate::profile::Origin::Webhook,
     }
 }
 

@@ -15,7 +15,8 @@
 //! customer id.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
 use reqwest::header::{ACCEPT, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
@@ -71,6 +72,49 @@ pub struct Answer {
     pub body: Value,
     /// When the successful attempt was sent: the value is at least this fresh.
     pub sent_at: DateTime<Utc>,
+    /// The HTTP status (a 2xx).
+    pub status: u16,
+}
+
+/// Told of every attempt the client makes and of every pause a 429 causes: how metrics count
+/// the API's cost without this module knowing them.
+pub trait RequestObserver: Send + Sync {
+    /// One attempt at `endpoint` ended with `status` (a label of [`status_label`]) after
+    /// `seconds`.
+    fn attempted(&self, endpoint: Endpoint, status: &'static str, seconds: f64);
+    /// A 429 paused the endpoint's rate bucket for `seconds`.
+    fn paused(&self, endpoint: Endpoint, seconds: f64);
+}
+
+/// Every value [`status_label`] gives, for metrics that exist at zero.
+pub const STATUS_LABELS: [&str; 10] = [
+    "200",
+    "401",
+    "403",
+    "404",
+    "429",
+    "4xx",
+    "5xx",
+    "timeout",
+    "unreachable",
+    "other",
+];
+
+/// The status label of one attempt: the HTTP codes the reconciler treats apart, a class for
+/// the others, or why there was no answer. A fixed set, so metrics stay bounded.
+pub fn status_label(status: Option<u16>, reason: Option<FailureReason>) -> &'static str {
+    match (status, reason) {
+        (Some(200), _) => "200",
+        (Some(401), _) => "401",
+        (Some(403), _) => "403",
+        (Some(404), _) => "404",
+        (Some(429), _) => "429",
+        (Some(400..=499), _) => "4xx",
+        (Some(500..=599), _) => "5xx",
+        (None, Some(FailureReason::Timeout)) => "timeout",
+        (None, Some(FailureReason::Unreachable)) => "unreachable",
+        _ => "other",
+    }
 }
 
 /// The client for one account. Cloning shares the connection pool, the limiters and the
@@ -87,6 +131,9 @@ struct Inner {
     others: RateLimiter,
     in_flight: Semaphore,
     options: ClientOptions,
+    /// Attempts made, retries included: what the client cost.
+    attempts: AtomicU64,
+    observer: Option<Arc<dyn RequestObserver>>,
 }
 
 /// One attempt's outcome before retrying is decided.
@@ -102,6 +149,15 @@ enum Attempt {
 impl GameballClient {
     /// A client for `account`. Fails only if the TLS setup fails.
     pub fn new(account: Account, options: ClientOptions) -> Result<GameballClient, String> {
+        GameballClient::observed(account, options, None)
+    }
+
+    /// A client for `account` that tells `observer` of every attempt and pause.
+    pub fn observed(
+        account: Account,
+        options: ClientOptions,
+        observer: Option<Arc<dyn RequestObserver>>,
+    ) -> Result<GameballClient, String> {
         let mut headers = HeaderMap::new();
         for (name, key) in [
             ("apikey", account.api_key()),
@@ -130,8 +186,15 @@ impl GameballClient {
                 account,
                 http,
                 options,
+                attempts: AtomicU64::new(0),
+                observer,
             }),
         })
+    }
+
+    /// Attempts made so far, retries included.
+    pub fn attempts(&self) -> u64 {
+        self.inner.attempts.load(Ordering::Relaxed)
     }
 
     /// The account this client calls for.
@@ -226,8 +289,12 @@ impl GameballClient {
                 let _slot = self.inner.in_flight.acquire().await.expect("never closed");
                 // Rate limiting last, so the request goes out right when it is counted.
                 self.limiter(endpoint).acquire().await;
-                self.attempt(endpoint, method.clone(), url.clone(), body.as_ref())
-                    .await
+                let started = Instant::now();
+                let attempt = self
+                    .attempt(endpoint, method.clone(), url.clone(), body.as_ref())
+                    .await;
+                self.observe(endpoint, &attempt, started.elapsed());
+                attempt
             };
             let (mut error, retry, retry_after) = match attempt {
                 Attempt::Done(answer) => return Ok(answer),
@@ -264,9 +331,25 @@ impl GameballClient {
             );
             if error.reason == FailureReason::RateLimited {
                 self.limiter(endpoint).pause_for(delay);
+                if let Some(observer) = &self.inner.observer {
+                    observer.paused(endpoint, delay.as_secs_f64());
+                }
             }
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// Counts an attempt and tells the observer.
+    fn observe(&self, endpoint: Endpoint, attempt: &Attempt, took: Duration) {
+        self.inner.attempts.fetch_add(1, Ordering::Relaxed);
+        let Some(observer) = &self.inner.observer else {
+            return;
+        };
+        let status = match attempt {
+            Attempt::Done(answer) => status_label(Some(answer.status), None),
+            Attempt::Failed { error, .. } => status_label(error.status, Some(error.reason)),
+        };
+        observer.attempted(endpoint, status, took.as_secs_f64());
     }
 
     /// Sends once and reads the answer, all within the request timeout.
@@ -347,7 +430,11 @@ fn classify(
 ) -> Attempt {
     if status.is_success() {
         return match serde_json::from_slice(bytes) {
-            Ok(body) => Attempt::Done(Answer { body, sent_at }),
+            Ok(body) => Attempt::Done(Answer {
+                body,
+                sent_at,
+                status: status.as_u16(),
+            }),
             Err(err) => Attempt::Failed {
                 error: ApiError {
                     status: Some(status.as_u16()),

@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::answers::{Contact, Points, Referral, Tier};
-use crate::profile::{Field, FieldPath, Profile, ProfileKey, ProfileUpdate, Scalar};
+use crate::profile::{Field, FieldPath, Origin, Profile, ProfileKey, ProfileUpdate, Scalar};
 
 /// Everything fetched for one customer.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +81,7 @@ impl Fetched {
             at,
             fields,
             extras: Vec::new(),
+            origin: Origin::Reconcile,
         }
     }
 }
@@ -89,9 +90,8 @@ impl Fetched {
 /// when there is no profile yet), by the same merge the sequencer runs: a field whose stored
 /// value is newer than the fetch is not drift, since the update would lose.
 ///
-/// An empty answer means the stored profile already matches the source. Applying the update
-/// anyway would still move the fields' clocks and so produce a change without changed fields,
-/// which is why the caller should skip such updates.
+/// An empty answer means the stored profile already matches the source. Jobs apply the update
+/// anyway (it pins the fields' clocks at the fetch time) and count it as unchanged.
 pub fn drift(current: Option<&Profile>, update: &ProfileUpdate) -> Vec<Field> {
     let mut merged = current
         .cloned()

@@ -15,22 +15,27 @@
 //! - [`answers`]: the documented answers, read into the values a profile holds.
 //! - [`mapping`]: those values as a `ProfileUpdate`, and the drift from a stored profile.
 //! - [`fetch`]: whole customers, one by one or with the balance inquiry batch, cancellable.
+//! - [`jobs`]: reconcile jobs: select profiles, fetch them, apply them through the sequencer
+//!   as updates of origin `Reconcile`, report progress; bounded, cancelled at shutdown.
+//! - [`schedule`]: `--reconcile-every`, a periodic job per account.
 //!
-//! Not here (the next phase): the jobs that apply updates through the sequencer, the admin
-//! RPCs, schedules, metrics and the `origin` of a change. This module knows nothing of axum,
-//! tonic, the store or the sequencer; its only outside world is Gameball's HTTP API.
+//! This module knows nothing of axum or tonic: the admin RPCs are `crate::grpc::reconcile`, an
+//! adapter over [`ReconcileJobs`]. Only `jobs` knows the store and the sequencer.
 
 pub mod account;
 pub mod answers;
 pub mod client;
 pub mod error;
 pub mod fetch;
+pub mod jobs;
 pub mod limiter;
 pub mod mapping;
+pub mod schedule;
 
 pub use account::{Account, AccountEntry, ApiVersion, Limits};
 pub use client::{ClientOptions, GameballClient};
 pub use error::{ApiError, Endpoint, FailureReason};
 pub use fetch::{FetchOptions, FetchSummary, Fetcher, Outcome, Stopped};
+pub use jobs::{JobReport, JobState, ReconcileJobs, ReconcileOptions, Selection};
 pub use limiter::{RateLimiter, Window};
 pub use mapping::{Fetched, drift};

@@ -277,6 +277,7 @@ mod tests {
                     Some(Scalar::Text("x".repeat(extra_bytes).into())),
                 )],
                 extras: vec![],
+                origin: Default::default(),
             },
             reply: oneshot::channel().0,
             acked: Arc::default(),

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
+use crate::reconcile::ReconcileJobs;
 use crate::replication::ReplicaStatus;
 use crate::store::Store;
 use crate::watch::Watchers;
@@ -60,6 +61,8 @@ pub(super) struct Services<H> {
     pub durable: bool,
     /// The ingest path, whose dead letters AdminService serves and replays.
     pub ingest: Ingest,
+    /// The reconcile jobs AdminService starts and reports.
+    pub reconcile: ReconcileJobs,
     /// Counts calls and watch activity.
     pub metrics: Metrics,
     /// `--max-watch-streams`.
@@ -102,6 +105,7 @@ pub(super) fn serve<H: Health>(
         watchers,
         durable,
         ingest,
+        reconcile,
         metrics,
         max_watch_streams,
         max_watch_streams_per_connection,
@@ -112,6 +116,7 @@ pub(super) fn serve<H: Health>(
     let admin = AdminApi::new(
         DeadLetterApi::new(ingest),
         BackupApi::new(store.clone(), limit),
+        reconcile,
     );
     let mut profiles = ProfileApi::new(
         store,

@@ -37,6 +37,7 @@ use crate::journal::FaultSwitch;
 use crate::listen_addr::ListenAddr;
 use crate::metrics::Metrics;
 use crate::monitoring::Monitoring;
+use crate::reconcile::{ReconcileJobs, ReconcileOptions};
 use crate::replication::{self, ApplierPause, ReplicaStatus};
 use crate::sequencer::{Durability, Sequencer};
 use crate::startup;
@@ -69,6 +70,7 @@ pub struct Server {
     dead_letters: DeadLetters,
     faults: FaultSwitch,
     pause: ApplierPause,
+    reconcile: ReconcileOptions,
     // Holds the directory's lock until the server is dropped.
     data_dir: Option<DataDir>,
 }
@@ -130,6 +132,7 @@ impl Server {
         };
         let dead_letters = open_dead_letters(data_dir.as_ref()).await?;
         let admin_auth = AdminAuth::new(auth.clone(), admin_access);
+        let reconcile = reconcile_options(&config);
         Ok(Server {
             config,
             webhook,
@@ -144,6 +147,7 @@ impl Server {
             dead_letters,
             faults,
             pause: ApplierPause::default(),
+            reconcile,
             data_dir,
         })
     }
@@ -152,6 +156,14 @@ impl Server {
     /// replica that lags behind (no effect on a single node).
     pub fn applier_pause(&self) -> ApplierPause {
         self.pause.clone()
+    }
+
+    /// Replaces how reconcile jobs call Gameball (timeouts, retries, batches), whole: the
+    /// values `--reconcile-max-jobs` and `--reconcile-max-in-flight` gave included. A testing
+    /// seam for short waits.
+    pub fn with_reconcile_options(mut self, options: ReconcileOptions) -> Server {
+        self.reconcile = options;
+        self
     }
 
     /// The dead letters: signed deliveries that could not be applied (the gRPC AdminService
@@ -183,10 +195,7 @@ impl Server {
     /// The webhook secrets, for reloading them (SIGHUP does it in production); `None` under
     /// `--insecure-skip-signature`.
     pub fn webhook_secrets(&self) -> Option<SecretStore> {
-        match &self.verification {
-            Verification::Secrets(secrets) => Some(secrets.clone()),
-            Verification::Skip => None,
-        }
+        secret_store(&self.verification)
     }
 
     /// Serves until `shutdown` completes, then stops in the order `Shutdown::run`
@@ -208,6 +217,7 @@ impl Server {
             dead_letters,
             faults: _,
             pause,
+            reconcile,
             data_dir,
         } = self;
         let addresses = [local_addr(&webhook), local_addr(&grpc), local_addr(&admin)];
@@ -227,6 +237,19 @@ impl Server {
             replica,
         } = domain;
         let (health, health_service) = Health::follow(ready, &tracker, stopping.clone()).await;
+        // Reconcile jobs record through the ingest path (the sequencer on a single node, the
+        // stream on a replica), like webhooks; they end on `stopping`, and the gRPC service
+        // holds their handle.
+        let reconcile = ReconcileJobs::new(
+            store.clone(),
+            ingest.clone(),
+            secret_store(&verification),
+            metrics.clone(),
+            reconcile,
+            tracker.clone(),
+            stopping.clone(),
+        );
+        crate::reconcile::schedule::start(&reconcile, &config.reconcile.every, &tracker, &stopping);
         let monitoring = Monitoring {
             metrics: metrics.clone(),
             store: store.clone(),
@@ -248,6 +271,7 @@ impl Server {
                 watchers,
                 durable: data_dir.is_some(),
                 ingest: ingest.clone(),
+                reconcile,
                 metrics: metrics.clone(),
                 max_watch_streams: config.max_watch_streams,
                 max_watch_streams_per_connection: config.max_watch_streams_per_connection,
@@ -288,12 +312,51 @@ impl Server {
     }
 }
 
+/// Every `--reconcile-every` account has API settings in the secrets file.
+fn check_schedules(config: &Config, verification: &Verification) -> anyhow::Result<()> {
+    let secrets = secret_store(verification).map(|store| store.current());
+    for every in &config.reconcile.every {
+        let client_id = &every.client_id;
+        if secrets
+            .as_ref()
+            .and_then(|s| s.api_account(client_id))
+            .is_none()
+        {
+            anyhow::bail!(
+                "--reconcile-every {client_id}: no [gameball_api.\"{client_id}\"] settings in \
+                 --webhook-secrets-file (api_key and secret_key)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// How reconcile jobs run, from the flags.
+fn reconcile_options(config: &Config) -> ReconcileOptions {
+    let mut options = ReconcileOptions {
+        max_jobs: config.reconcile.max_jobs,
+        ..ReconcileOptions::default()
+    };
+    options.client.max_in_flight = config.reconcile.max_in_flight;
+    options
+}
+
+/// The secrets reconcile jobs read accounts from; none under `--insecure-skip-signature`.
+fn secret_store(verification: &Verification) -> Option<SecretStore> {
+    match verification {
+        Verification::Secrets(secrets) => Some(secrets.clone()),
+        Verification::Skip => None,
+    }
+}
+
 /// Everything `bind` can refuse from the configuration alone: flag combinations, the webhook
 /// secrets, the gRPC tokens and TLS files.
 fn check(config: &Config) -> anyhow::Result<Checked> {
     config.check()?;
+    let verification = verification(config)?;
+    check_schedules(config, &verification)?;
     Ok(Checked {
-        verification: verification(config)?,
+        verification,
         auth: BearerAuth::from_config(config)?,
         admin_access: AdminAccess::from_config(config),
         grpc_builder: transport::server_builder(config)?,

@@ -38,6 +38,7 @@ fn points(customer: &str, second: i64, total: i64) -> ProfileUpdate {
             (Field::TotalPoints, Some(Scalar::Int(total))),
         ],
         extras: vec![],
+        origin: crate::profile::Origin::Webhook,
     }
 }
 
@@ -181,6 +182,7 @@ fn tier(customer: &str, second: i64, name: &str) -> ProfileUpdate {
             (Field::TierName, Some(Scalar::Text(name.into()))),
         ],
         extras: vec![],
+        origin: crate::profile::Origin::Webhook,
     }
 }
 

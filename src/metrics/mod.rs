@@ -19,7 +19,10 @@
 //! customer ids, emails or other personal data: only outcomes, statuses, RPC names and codes,
 //! and reasons from fixed sets. Gauges that mirror other state (profiles, revision, dead
 //! letters, readiness) are read at scrape time from [`Readings`]. Serving `/metrics` is
-//! `crate::monitoring`'s job, not this module's.
+//! `crate::monitoring`'s job, not this module's. The reconciler's metrics
+//! (`profile_state_reconcile_*`) are in `reconcile`.
+
+mod reconcile;
 
 use std::sync::Arc;
 
@@ -192,6 +195,7 @@ struct Inner {
     grpc_started: IntCounterVec,
     grpc_handled: IntCounterVec,
     grpc_handling: HistogramVec,
+    reconcile: reconcile::ReconcileMetrics,
     replication: Replication,
 }
 
@@ -529,6 +533,7 @@ impl Metrics {
                 &grpc_labels,
             ),
             replication: Replication::new(r),
+            reconcile: reconcile::ReconcileMetrics::new(r),
             registry,
         };
         Metrics {

@@ -1,0 +1,171 @@
+//! `profile-state reconcile`: starts a reconcile job on a running server (AdminService
+//! `ReconcileProfiles`) and, with `--wait`, follows it to the end (`GetReconcileJob`).
+//!
+//! It never reads API keys: the server has them. Prints the job id (stdout); with `--wait`,
+//! progress on stderr each second and the final counts and failures on stdout (one JSON object
+//! with `--json`). Exit statuses: 0 when the job started (without `--wait`) or ended with no
+//! failed customer; 1 when some customers failed, or the server cannot be reached or refuses;
+//! 2 when the job stopped early (keys refused, journal unavailable, shutdown); 64 for a usage
+//! error. This module formats; the rules are the server's.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::client::{AdminClient, Connection, refused};
+use super::{Failure, Sources};
+use crate::pb;
+use crate::pb::reconcile_profiles_request::Selection;
+
+/// `profile-state reconcile ...`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("selection").required(true).args(["customer_id", "all", "not_updated_for"])))]
+pub struct Args {
+    /// The Gameball account (its API keys are in the server's secrets file).
+    #[arg(long)]
+    client_id: String,
+    /// Reconcile this customer (repeatable; unknown ones are created from the API).
+    #[arg(long = "customer-id")]
+    customer_id: Vec<String>,
+    /// Reconcile every profile of the account the server knows.
+    #[arg(long)]
+    all: bool,
+    /// Reconcile the account's profiles not updated for this long (e.g. `7d`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    not_updated_for: Option<Duration>,
+    /// Follow the job until it ends, then print its outcome.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait, print the outcome as one JSON object.
+    #[arg(long, requires = "wait")]
+    json: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Starts the job (and follows it); returns the exit status.
+pub fn run(args: Args, sources: &Sources) -> std::process::ExitCode {
+    super::block_on(sources, async move {
+        let mut client = args.connection.admin().await?;
+        let selection = if args.all {
+            Selection::All(true)
+        } else if let Some(age) = args.not_updated_for {
+            Selection::NotUpdatedFor(prost_types::Duration {
+                seconds: i64::try_from(age.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(age.subsec_nanos()).unwrap_or(0),
+            })
+        } else {
+            Selection::CustomerIds(pb::CustomerIds {
+                ids: args.customer_id,
+            })
+        };
+        let started = client
+            .reconcile_profiles(pb::ReconcileProfilesRequest {
+                client_id: args.client_id,
+                selection: Some(selection),
+            })
+            .await
+            .map_err(|status| refused("starting the reconcile job", &status))?
+            .into_inner();
+        if !args.wait {
+            return write(&format!("{}\n", started.job_id));
+        }
+        eprintln!("profile-state: reconcile job {}", started.job_id);
+        let job = follow(&mut client, &started.job_id).await?;
+        report(&job, args.json)
+    })
+}
+
+/// Polls the job each second until it ends, showing progress on stderr.
+async fn follow(client: &mut AdminClient, job_id: &str) -> Result<pb::ReconcileJob, Failure> {
+    loop {
+        let job = client
+            .get_reconcile_job(pb::GetReconcileJobRequest {
+                job_id: job_id.to_owned(),
+            })
+            .await
+            .map_err(|status| refused(&format!("reconcile job {job_id}"), &status))?
+            .into_inner()
+            .job
+            .ok_or_else(|| Failure::Failed(format!("reconcile job {job_id}: no job sent")))?;
+        if job.state() != pb::ReconcileJobState::Running {
+            return Ok(job);
+        }
+        eprintln!(
+            "profile-state: {} of {} done ({} changed, {} failed)",
+            job.done, job.total, job.changed, job.failed
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Prints the outcome; the failure that sets the exit status, if any.
+fn report(job: &pb::ReconcileJob, json: bool) -> Result<(), Failure> {
+    let state = match job.state() {
+        pb::ReconcileJobState::Succeeded => "succeeded",
+        pb::ReconcileJobState::Failed => "failed",
+        pb::ReconcileJobState::Cancelled => "cancelled",
+        _ => "unknown",
+    };
+    let text = if json {
+        let failures: Vec<_> = job
+            .failures
+            .iter()
+            .map(|f| json!({"customer_id": f.customer_id, "reason": f.reason, "detail": f.detail}))
+            .collect();
+        let by_reason: serde_json::Map<_, _> = job
+            .failures_by_reason
+            .iter()
+            .map(|r| (r.reason.clone(), json!(r.count)))
+            .collect();
+        format!(
+            "{}\n",
+            json!({
+                "job_id": job.job_id, "client_id": job.client_id, "state": state,
+                "total": job.total, "changed": job.changed, "unchanged": job.unchanged,
+                "failed": job.failed, "not_attempted": job.not_attempted,
+                "failures_by_reason": by_reason, "failures": failures,
+                "error": job.error, "api_requests": job.api_requests,
+            })
+        )
+    } else {
+        let mut text = format!(
+            "job {} {state}: {} customers, {} changed, {} unchanged, {} failed, {} not attempted, \
+             {} API requests\n",
+            job.job_id,
+            job.total,
+            job.changed,
+            job.unchanged,
+            job.failed,
+            job.not_attempted,
+            job.api_requests
+        );
+        for failure in &job.failures {
+            text += &format!(
+                "{}\t{}\t{}\n",
+                failure.customer_id, failure.reason, failure.detail
+            );
+        }
+        text
+    };
+    write(&text)?;
+    match job.state() {
+        pb::ReconcileJobState::Succeeded if job.failed == 0 => Ok(()),
+        pb::ReconcileJobState::Succeeded => Err(Failure::Failed(format!(
+            "{} customer(s) could not be reconciled",
+            job.failed
+        ))),
+        _ => Err(Failure::Stopped(format!(
+            "reconcile job {} stopped early: {}",
+            job.job_id, job.error
+        ))),
+    }
+}
+
+fn write(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))
+}

@@ -1,0 +1,109 @@
+//! The gRPC adapter for AdminService's reconciliation RPCs (`ReconcileProfiles`,
+//! `GetReconcileJob`): it checks the request's shape, calls [`ReconcileJobs`], and converts
+//! the [`JobReport`]. Rules (limits, selection, what a job does) are the domain's
+//! (`crate::reconcile::jobs`); errors go through `crate::status`.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::convert::timestamp;
+use crate::error::Error;
+use crate::pb;
+use crate::reconcile::{JobReport, JobState, ReconcileJobs, Selection};
+use crate::status::grpc_status;
+
+/// Starts a job.
+pub(super) fn reconcile_profiles(
+    jobs: &ReconcileJobs,
+    request: pb::ReconcileProfilesRequest,
+) -> Result<pb::ReconcileProfilesResponse, Status> {
+    use pb::reconcile_profiles_request::Selection as Pb;
+    let selection = match request.selection {
+        Some(Pb::CustomerIds(ids)) => Selection::CustomerIds(ids.ids),
+        Some(Pb::All(true)) => Selection::All,
+        Some(Pb::All(false)) => {
+            return Err(grpc_status(Error::invalid("all", "must be true when set")));
+        }
+        Some(Pb::NotUpdatedFor(age)) => Selection::NotUpdatedFor(duration(&age)?),
+        None => {
+            return Err(grpc_status(Error::invalid(
+                "selection",
+                "set one of customer_ids, all, not_updated_for",
+            )));
+        }
+    };
+    let report = jobs
+        .start(&request.client_id, selection)
+        .map_err(grpc_status)?;
+    Ok(pb::ReconcileProfilesResponse {
+        job_id: report.job_id.clone(),
+        job: Some(job(&report)),
+    })
+}
+
+/// A job's report.
+pub(super) fn get_reconcile_job(
+    jobs: &ReconcileJobs,
+    request: pb::GetReconcileJobRequest,
+) -> Result<pb::GetReconcileJobResponse, Status> {
+    if request.job_id.is_empty() {
+        return Err(grpc_status(Error::invalid("job_id", "required")));
+    }
+    let report = jobs.get(&request.job_id).map_err(grpc_status)?;
+    Ok(pb::GetReconcileJobResponse {
+        job: Some(job(&report)),
+    })
+}
+
+fn duration(age: &prost_types::Duration) -> Result<Duration, Status> {
+    let invalid = || grpc_status(Error::invalid("not_updated_for", "must be positive"));
+    let seconds = u64::try_from(age.seconds).map_err(|_| invalid())?;
+    let nanos = u32::try_from(age.nanos).map_err(|_| invalid())?;
+    let age = Duration::new(seconds, nanos);
+    if age.is_zero() {
+        return Err(invalid());
+    }
+    Ok(age)
+}
+
+fn job(report: &JobReport) -> pb::ReconcileJob {
+    pb::ReconcileJob {
+        job_id: report.job_id.clone(),
+        client_id: report.client_id.clone(),
+        state: match report.state {
+            JobState::Running => pb::ReconcileJobState::Running,
+            JobState::Succeeded => pb::ReconcileJobState::Succeeded,
+            JobState::Failed => pb::ReconcileJobState::Failed,
+            JobState::Cancelled => pb::ReconcileJobState::Cancelled,
+        }
+        .into(),
+        started_at: Some(timestamp(report.started_at)),
+        finished_at: report.finished_at.map(timestamp),
+        total: report.total,
+        done: report.done(),
+        changed: report.changed,
+        unchanged: report.unchanged,
+        failed: report.failed,
+        not_attempted: report.not_attempted,
+        failures_by_reason: report
+            .failures_by_reason
+            .iter()
+            .map(|(reason, count)| pb::ReasonCount {
+                reason: (*reason).to_owned(),
+                count: *count,
+            })
+            .collect(),
+        failures: report
+            .failures
+            .iter()
+            .map(|failure| pb::CustomerFailure {
+                customer_id: failure.customer_id.clone(),
+                reason: failure.reason.to_owned(),
+                detail: failure.detail.clone(),
+            })
+            .collect(),
+        error: report.error.clone().unwrap_or_default(),
+        api_requests: report.api_requests,
+    }
+}

@@ -1,0 +1,191 @@
+//! The reconciler's metrics (`profile_state_reconcile_*`, issue 15): what Gameball's API cost,
+//! what the jobs found and how they ended. Every series exists at zero from the first scrape:
+//! endpoints, statuses, outcomes, reasons and fields are fixed sets. No account or customer
+//! in any label.
+
+use prometheus::{CounterVec, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+
+use super::{Metrics, counter_vec, gauge, histogram_vec, register};
+use crate::profile::Field;
+use crate::reconcile::client::{RequestObserver, STATUS_LABELS};
+use crate::reconcile::jobs::NOT_RECORDED;
+use crate::reconcile::{Endpoint, FailureReason};
+
+/// Every outcome of `profile_state_reconcile_profiles_total`.
+pub const PROFILE_OUTCOMES: [&str; 4] = ["changed", "unchanged", "failed", "not_attempted"];
+/// Every result of `profile_state_reconcile_jobs_total`.
+pub const JOB_RESULTS: [&str; 3] = ["succeeded", "failed", "cancelled"];
+/// Every bucket of `profile_state_reconcile_rate_limited_seconds_total`.
+pub const BUCKETS: [&str; 2] = ["customers_get", "others"];
+
+pub(super) struct ReconcileMetrics {
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    profiles: IntCounterVec,
+    failures: IntCounterVec,
+    drift: IntCounterVec,
+    jobs: IntCounterVec,
+    jobs_running: IntGauge,
+    rate_limited: CounterVec,
+}
+
+/// The fields reconciliation can correct: every modeled field but `gb_customer_id`, which the
+/// API does not give.
+fn drift_fields() -> impl Iterator<Item = Field> {
+    Field::ALL
+        .into_iter()
+        .filter(|field| *field != Field::GbCustomerId)
+}
+
+impl ReconcileMetrics {
+    pub(super) fn new(r: &Registry) -> ReconcileMetrics {
+        let requests = counter_vec(
+            r,
+            "profile_state_reconcile_requests_total",
+            "Requests to Gameball's API, every attempt (retries included): the reconciler's \
+             cost. By endpoint and status (200, 401, 403, 404, 429, 4xx, 5xx, timeout, \
+             unreachable, other).",
+            &["endpoint", "status"],
+        );
+        let request_duration = histogram_vec(
+            r,
+            "profile_state_reconcile_request_duration_seconds",
+            "Time of one attempt at Gameball's API, by endpoint.",
+            &["endpoint"],
+        );
+        for endpoint in Endpoint::ALL {
+            for status in STATUS_LABELS {
+                requests.with_label_values(&[endpoint.as_str(), status]);
+            }
+            request_duration.with_label_values(&[endpoint.as_str()]);
+        }
+        let profiles = counter_vec(
+            r,
+            "profile_state_reconcile_profiles_total",
+            "Customers reconciled, by outcome: changed (the API corrected the profile), \
+             unchanged, failed, not_attempted (the job stopped first).",
+            &["outcome"],
+        );
+        for outcome in PROFILE_OUTCOMES {
+            profiles.with_label_values(&[outcome]);
+        }
+        let failures = counter_vec(
+            r,
+            "profile_state_reconcile_failures_total",
+            "Customers that could not be reconciled, by reason.",
+            &["reason"],
+        );
+        for reason in FailureReason::ALL {
+            failures.with_label_values(&[reason.as_str()]);
+        }
+        failures.with_label_values(&[NOT_RECORDED]);
+        let drift = counter_vec(
+            r,
+            "profile_state_reconcile_drift_total",
+            "Fields a reconciliation found wrong and corrected, by field: above zero means \
+             webhooks were lost.",
+            &["field"],
+        );
+        for field in drift_fields() {
+            drift.with_label_values(&[field.name()]);
+        }
+        let jobs = counter_vec(
+            r,
+            "profile_state_reconcile_jobs_total",
+            "Reconcile jobs finished, by result (succeeded, failed, cancelled).",
+            &["result"],
+        );
+        for result in JOB_RESULTS {
+            jobs.with_label_values(&[result]);
+        }
+        let rate_limited = CounterVec::new(
+            Opts::new(
+                "profile_state_reconcile_rate_limited_seconds_total",
+                "Seconds a rate bucket of Gameball's API was paused by 429 answers, by bucket \
+                 (customers_get, others).",
+            ),
+            &["bucket"],
+        )
+        .expect("valid metric");
+        let rate_limited = register(r, rate_limited);
+        for bucket in BUCKETS {
+            rate_limited.with_label_values(&[bucket]);
+        }
+        ReconcileMetrics {
+            requests,
+            request_duration,
+            profiles,
+            failures,
+            drift,
+            jobs,
+            jobs_running: gauge(
+                r,
+                "profile_state_reconcile_jobs_running",
+                "Reconcile jobs running now.",
+            ),
+            rate_limited,
+        }
+    }
+}
+
+impl Metrics {
+    fn reconcile(&self) -> &ReconcileMetrics {
+        &self.inner.reconcile
+    }
+
+    /// Counts `count` customers of a job with `outcome` (one of [`PROFILE_OUTCOMES`]).
+    pub fn reconcile_profiles(&self, outcome: &str, count: u64) {
+        debug_assert!(PROFILE_OUTCOMES.contains(&outcome), "{outcome}");
+        let profiles = &self.reconcile().profiles;
+        profiles.with_label_values(&[outcome]).inc_by(count);
+    }
+
+    /// Counts a customer that failed, and why.
+    pub fn reconcile_failure(&self, reason: &str) {
+        self.reconcile_profiles("failed", 1);
+        self.reconcile().failures.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a field a reconciliation corrected.
+    pub fn reconcile_drift(&self, field: &str) {
+        self.reconcile().drift.with_label_values(&[field]).inc();
+    }
+
+    /// Counts a job started (running).
+    pub fn reconcile_job_started(&self) {
+        self.reconcile().jobs_running.inc();
+    }
+
+    /// Counts a job finished with `result` (one of [`JOB_RESULTS`]).
+    pub fn reconcile_job_finished(&self, result: &str) {
+        debug_assert!(JOB_RESULTS.contains(&result), "{result}");
+        let reconcile = self.reconcile();
+        reconcile.jobs_running.dec();
+        reconcile.jobs.with_label_values(&[result]).inc();
+    }
+}
+
+impl RequestObserver for Metrics {
+    fn attempted(&self, endpoint: Endpoint, status: &'static str, seconds: f64) {
+        let reconcile = self.reconcile();
+        let endpoint = endpoint.as_str();
+        reconcile
+            .requests
+            .with_label_values(&[endpoint, status])
+            .inc();
+        reconcile
+            .request_duration
+            .with_label_values(&[endpoint])
+            .observe(seconds);
+    }
+
+    fn paused(&self, endpoint: Endpoint, seconds: f64) {
+        let bucket = if endpoint.is_customers_get() {
+            "customers_get"
+        } else {
+            "others"
+        };
+        let rate_limited = &self.reconcile().rate_limited;
+        rate_limited.with_label_values(&[bucket]).inc_by(seconds);
+    }
+}

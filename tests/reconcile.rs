@@ -1,0 +1,642 @@
+//! Reconciliation end to end: the whole service with an account pointed at the Gameball API
+//! stand-in (`common::gameball_api`), real signed webhooks over HTTP, `ReconcileProfiles` and
+//! `GetReconcileJob` over gRPC, changes read back with WatchProfiles and ListProfiles.
+
+use crate::common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chrono::{SecondsFormat, Utc};
+use common::gameball_api::{API_KEY, Api, Bucket, Customer, GameballStandIn, SECRET_KEY};
+use common::{TestService, durable_config, profile_updated};
+use profile_state::pb;
+use profile_state::pb::admin_service_client::AdminServiceClient;
+use profile_state::reconcile::{ClientOptions, FetchOptions, ReconcileOptions};
+use profile_state::{Config, Server};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+/// Writes a secrets file naming the stand-in as account 2155's API, with `api_key`.
+fn secrets_file(dir: &Path, stand_in: &GameballStandIn, api_key: &str) -> std::path::PathBuf {
+    let path = dir.join("secrets.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[gameball_api.\"2155\"]\napi_key = \"{api_key}\"\nsecret_key = \"{SECRET_KEY}\"\n\
+             base_url = \"{}\"\n",
+            stand_in.url()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Short retries and no clock margin: the tests' clock and the stand-in's are the same.
+fn quick() -> ReconcileOptions {
+    ReconcileOptions {
+        client: ClientOptions {
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+            max_retry_after: Duration::from_secs(5),
+            ..ClientOptions::default()
+        },
+        fetch: FetchOptions {
+            clock_margin: Duration::ZERO,
+            batch_poll_interval: Duration::from_millis(20),
+            ..FetchOptions::default()
+        },
+        ..ReconcileOptions::default()
+    }
+}
+
+async fn start(config: Config, dir: &Path, stand_in: &GameballStandIn, key: &str) -> TestService {
+    let mut config = config;
+    config.webhook_secrets_file = Some(secrets_file(dir, stand_in, key));
+    let server = Server::bind(config).await.expect("service binds");
+    TestService::serve(server.with_reconcile_options(quick()))
+}
+
+/// A service keeping its state in memory, with the right keys.
+async fn in_memory(dir: &Path, stand_in: &GameballStandIn) -> TestService {
+    start(Config::for_tests(common::SECRET), dir, stand_in, API_KEY).await
+}
+
+async fn admin(service: &TestService) -> AdminServiceClient<Channel> {
+    AdminServiceClient::new(service.channel().await)
+}
+
+fn ids(ids: &[&str]) -> pb::reconcile_profiles_request::Selection {
+    pb::reconcile_profiles_request::Selection::CustomerIds(pb::CustomerIds {
+        ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+    })
+}
+
+/// Starts a job over gRPC and polls GetReconcileJob until it ends.
+async fn reconcile(
+    service: &TestService,
+    selection: pb::reconcile_profiles_request::Selection,
+) -> pb::ReconcileJob {
+    let mut admin = admin(service).await;
+    let started = admin
+        .reconcile_profiles(pb::ReconcileProfilesRequest {
+            client_id: "2155".into(),
+            selection: Some(selection),
+        })
+        .await
+        .expect("ReconcileProfiles starts a job")
+        .into_inner();
+    assert!(!started.job_id.is_empty());
+    wait(&mut admin, &started.job_id).await
+}
+
+async fn wait(admin: &mut AdminServiceClient<Channel>, job_id: &str) -> pb::ReconcileJob {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = admin
+            .get_reconcile_job(pb::GetReconcileJobRequest {
+                job_id: job_id.into(),
+            })
+            .await
+            .expect("GetReconcileJob answers")
+            .into_inner()
+            .job
+            .unwrap();
+        if job.state() != pb::ReconcileJobState::Running {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job still running: {job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn profile(service: &TestService, customer: &str) -> pb::Profile {
+    service
+        .client()
+        .await
+        .get_profile(pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: customer.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("profile exists")
+        .into_inner()
+        .profile
+        .unwrap()
+}
+
+/// Every change from revision 1 up to `count` of them.
+async fn changes(service: &TestService, count: usize) -> Vec<pb::ProfileChange> {
+    let mut stream = service
+        .client()
+        .await
+        .watch_profiles(pb::WatchProfilesRequest {
+            start_revision: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut changes = Vec::new();
+    while changes.len() < count {
+        let event = stream.message().await.unwrap().unwrap().event.unwrap();
+        if let pb::watch_profiles_response::Event::Change(change) = event {
+            changes.push(change);
+        }
+    }
+    changes
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A webhook body carrying every field the API gives, as `customer` holds them.
+fn webhook_of(customer: &Customer, created_at: &str) -> Value {
+    let (order, name) = customer.tier.clone().unwrap();
+    profile_updated(
+        &customer.customer_id,
+        created_at,
+        json!({
+            "email": customer.email,
+            "mobile_number": customer.mobile,
+            "tier_name": name,
+            "tier_order": order,
+            "referral_code": customer.referral_code,
+            "referral_link": customer.referral_link,
+            "activated_points": customer.available_points,
+            "pending_points": customer.pending_points,
+            "total_points": customer.available_points + customer.pending_points,
+        }),
+    )
+}
+
+/// The fields the API gives, as served.
+fn api_fields(profile: &pb::Profile) -> Value {
+    json!([
+        profile.email,
+        profile.mobile_number,
+        profile.tier_name,
+        profile.tier_order,
+        profile.referral_code,
+        profile.referral_link,
+        profile.activated_points,
+        profile.pending_points,
+        profile.total_points,
+    ])
+}
+
+fn expected(customer: &Customer) -> Value {
+    let (order, name) = customer.tier.clone().unwrap();
+    json!([
+        customer.email,
+        customer.mobile,
+        name,
+        order,
+        customer.referral_code,
+        customer.referral_link,
+        customer.available_points,
+        customer.pending_points,
+        customer.available_points + customer.pending_points,
+    ])
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series}"))
+}
+
+#[tokio::test]
+async fn a_profile_wrong_after_a_lost_webhook_is_corrected_and_origins_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let mut jo = Customer::new("jo");
+    let service = start(durable_config(dir.path()), dir.path(), &stand_in, API_KEY).await;
+    service.update(&webhook_of(&jo, &now())).await;
+    // Gameball's next webhook is lost: the truth moves on without the service.
+    jo.available_points += 500;
+    jo.tier = Some((3, "Platinum".into()));
+    stand_in.add([jo.clone()]);
+
+    let job = reconcile(&service, ids(&["jo"])).await;
+    assert_eq!(job.state(), pb::ReconcileJobState::Succeeded, "{job:?}");
+    assert_eq!((job.total, job.done, job.changed, job.failed), (1, 1, 1, 0));
+    assert_eq!(job.api_requests, 3, "details, tier-progress, balance");
+    let healed = profile(&service, "jo").await;
+    assert_eq!(api_fields(&healed), expected(&jo));
+    assert_eq!(
+        healed.gb_customer_id, 1234,
+        "the webhook's, the API does not give it"
+    );
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let drift = |field| {
+        metric(
+            &metrics,
+            &format!("profile_state_reconcile_drift_total{{field=\"{field}\"}}"),
+        )
+    };
+    assert_eq!(drift("tier_name"), 1.0);
+    assert_eq!(drift("activated_points"), 1.0);
+    assert_eq!(drift("email"), 0.0, "unchanged fields are not drift");
+    assert_eq!(
+        metric(
+            &metrics,
+            "profile_state_reconcile_profiles_total{outcome=\"changed\"}"
+        ),
+        1.0
+    );
+
+    // Both origins, read back from the journal after a restart.
+    service.stop().await;
+    let config = durable_config(dir.path());
+    let service = start(config, dir.path(), &stand_in, API_KEY).await;
+    let origins: Vec<_> = changes(&service, 2)
+        .await
+        .iter()
+        .map(|change| change.origin())
+        .collect();
+    assert_eq!(
+        origins,
+        [pb::ChangeOrigin::Webhook, pb::ChangeOrigin::Reconcile]
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_webhook_newer_than_the_fetch_is_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let old = Customer::new("jo");
+    stand_in.add([old.clone()]);
+    // The balance answers slowly: the webhook arrives while the customer is being read.
+    stand_in.slow(Api::Balance, Duration::from_millis(400));
+    let service = in_memory(dir.path(), &stand_in).await;
+    let mut admin = admin(&service).await;
+    let job_id = admin
+        .reconcile_profiles(pb::ReconcileProfilesRequest {
+            client_id: "2155".into(),
+            selection: Some(ids(&["jo"])),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stand_in.count(Api::Details) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the job never asked for the customer"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut newer = old.clone();
+    newer.email = Some("new@example.com".into());
+    newer.available_points = 7;
+    newer.tier = Some((1, "Basic".into()));
+    service.update(&webhook_of(&newer, &now())).await;
+
+    let job = wait(&mut admin, &job_id).await;
+    assert_eq!(job.state(), pb::ReconcileJobState::Succeeded, "{job:?}");
+    assert_eq!((job.changed, job.unchanged), (0, 1), "{job:?}");
+    assert_eq!(api_fields(&profile(&service, "jo").await), expected(&newer));
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_429_storm_is_backed_off_without_exceeding_the_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let customers: Vec<Customer> = (0..20).map(|n| Customer::new(&format!("c-{n}"))).collect();
+    stand_in.add(customers.clone());
+    stand_in.send_retry_after(true);
+    stand_in.storm(Duration::from_millis(800), Some(1));
+    let service = in_memory(dir.path(), &stand_in).await;
+    let names: Vec<&str> = customers.iter().map(|c| c.customer_id.as_str()).collect();
+    let job = reconcile(&service, ids(&names)).await;
+
+    assert_eq!(job.state(), pb::ReconcileJobState::Succeeded, "{job:?}");
+    assert_eq!((job.changed, job.failed), (20, 0), "{job:?}");
+    assert!(
+        stand_in.count_status(429) > 0,
+        "the storm refused something"
+    );
+    assert!(
+        job.api_requests > 60,
+        "retries count in the cost: {}",
+        job.api_requests
+    );
+    // Gameball's documented limits, as the stand-in counted arrivals.
+    assert!(stand_in.busiest(Bucket::CustomersGet, Duration::from_secs(1)) <= 100);
+    assert!(stand_in.busiest(Bucket::CustomersGet, Duration::from_secs(30)) <= 1200);
+    // After a 429 asking for a second, the bucket stayed quiet (requests already on their way
+    // excepted).
+    let seen = stand_in.seen();
+    for refused in seen.iter().filter(|seen| seen.status == 429) {
+        let early = seen.iter().filter(|other| {
+            other.at >= refused.at + Duration::from_millis(150)
+                && other.at < refused.at + Duration::from_millis(850)
+        });
+        assert_eq!(
+            early.count(),
+            0,
+            "requests during the pause a 429 asked for"
+        );
+    }
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let paused = "profile_state_reconcile_rate_limited_seconds_total{bucket=\"customers_get\"}";
+    assert!(metric(&metrics, paused) >= 1.0);
+    assert!(
+        metric(
+            &metrics,
+            "profile_state_reconcile_requests_total{endpoint=\"details\",status=\"429\"}"
+        ) >= 1.0
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn refused_keys_fail_the_job_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.add((0..30).map(|n| Customer::new(&format!("c-{n}"))));
+    let service = start(
+        Config::for_tests(common::SECRET),
+        dir.path(),
+        &stand_in,
+        "revoked-key",
+    )
+    .await;
+    let names: Vec<String> = (0..30).map(|n| format!("c-{n}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let job = reconcile(&service, ids(&names)).await;
+    assert_eq!(job.state(), pb::ReconcileJobState::Failed, "{job:?}");
+    assert!(
+        job.error.contains("unauthorized") && job.error.contains("code 1000"),
+        "{}",
+        job.error
+    );
+    assert_eq!(job.changed + job.unchanged, 0);
+    assert_eq!(job.failed + job.not_attempted, 30, "{job:?}");
+    let reasons: Vec<&str> = job
+        .failures_by_reason
+        .iter()
+        .map(|r| r.reason.as_str())
+        .collect();
+    assert!(reasons.contains(&"unauthorized"), "{reasons:?}");
+    assert!(stand_in.seen().len() <= 10, "stopped at the first refusals");
+    let (_, metrics) = service.admin_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "profile_state_reconcile_jobs_total{result=\"failed\"}"
+        ),
+        1.0
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn requests_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.slow(Api::Details, Duration::from_secs(2));
+    stand_in.add([Customer::new("jo")]);
+    let service = in_memory(dir.path(), &stand_in).await;
+    let mut admin = admin(&service).await;
+    let ask = |client_id: &str, selection| {
+        let request = pb::ReconcileProfilesRequest {
+            client_id: client_id.into(),
+            selection,
+        };
+        let mut admin = admin.clone();
+        async move { admin.reconcile_profiles(request).await }
+    };
+    let status = ask("9999", Some(ids(&["jo"]))).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("9999"), "{}", status.message());
+    let status = ask("2155", None).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = ask("2155", Some(ids(&[]))).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    let running = ask("2155", Some(ids(&["jo"]))).await.unwrap().into_inner();
+    let status = ask("2155", Some(ids(&["jo"]))).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::AlreadyExists);
+    assert!(
+        status.message().contains(&running.job_id),
+        "{}",
+        status.message()
+    );
+    let status = admin
+        .get_reconcile_job(pb::GetReconcileJobRequest {
+            job_id: "no-such-job".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+
+    // Shutdown cancels the running job instead of waiting for it.
+    service.stop_within(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn unknown_customers_are_created_and_all_walks_the_known_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let known = Customer::new("known");
+    let new = Customer::new("new");
+    stand_in.add([known.clone(), new.clone()]);
+    let service = in_memory(dir.path(), &stand_in).await;
+    let job = reconcile(&service, ids(&["new"])).await;
+    assert_eq!(job.changed, 1, "{job:?}");
+    let created = profile(&service, "new").await;
+    assert_eq!(api_fields(&created), expected(&new));
+    assert_eq!(created.gb_customer_id, 0, "unset until a webhook brings it");
+
+    service.update(&webhook_of(&known, &common::at(1))).await;
+    let job = reconcile(
+        &service,
+        pb::reconcile_profiles_request::Selection::All(true),
+    )
+    .await;
+    assert_eq!((job.total, job.failed), (2, 0), "{job:?}");
+    let job = reconcile(
+        &service,
+        pb::reconcile_profiles_request::Selection::NotUpdatedFor(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+    )
+    .await;
+    assert_eq!(job.total, 0, "every profile was just reconciled: {job:?}");
+    service.stop().await;
+}
+
+/// Gameball's truth changes while webhooks (some lost, some twice, out of order) and
+/// reconcile jobs run at once. After a last job, the service holds the truth whatever the
+/// order; three orders end in the same values.
+#[tokio::test]
+async fn webhooks_and_reconciles_converge_whatever_the_order() {
+    let mut finals = Vec::new();
+    for seed in [1u64, 2, 3] {
+        finals.push(converge(seed).await);
+    }
+    assert_eq!(finals[0], finals[1]);
+    assert_eq!(finals[1], finals[2]);
+}
+
+async fn converge(seed: u64) -> Vec<Value> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let names = ["a", "b", "c", "d"];
+    let mut truth: Vec<Customer> = names.iter().map(|name| Customer::new(name)).collect();
+    stand_in.add(truth.clone());
+    let service = in_memory(dir.path(), &stand_in).await;
+    let mut webhooks = Vec::new();
+    for step in 0..5i64 {
+        for customer in &mut truth {
+            customer.available_points = 100 * step + customer.customer_id.len() as i64;
+            customer.tier = Some((step, format!("tier-{step}")));
+            customer.email = Some(format!("{}-{step}@example.com", customer.customer_id));
+            let body = webhook_of(customer, &now());
+            // 20 % lost, 20 % delivered twice.
+            match rng.u32(0..5) {
+                0 => {}
+                1 => webhooks.extend([body.clone(), body]),
+                _ => webhooks.push(body),
+            }
+        }
+        stand_in.add(truth.clone());
+        // A reconcile of everything while the deliveries of this step are still to come.
+        let job = reconcile(
+            &service,
+            pb::reconcile_profiles_request::Selection::All(true),
+        )
+        .await;
+        assert_eq!(job.failed, 0, "{job:?}");
+        rng.shuffle(&mut webhooks);
+        let deliver = webhooks.len() / 2;
+        let batch: Vec<Value> = webhooks.drain(..deliver).collect();
+        let posts = batch.iter().map(|body| service.update(body));
+        futures_util::future::join_all(posts).await;
+    }
+    // The late rest, while a job runs, then a last job after every change.
+    let posts = webhooks.iter().map(|body| service.update(body));
+    let ids_all = ids(&names);
+    let (_, job) = tokio::join!(
+        futures_util::future::join_all(posts),
+        reconcile(&service, ids_all)
+    );
+    assert_eq!(job.failed, 0, "{job:?}");
+    let job = reconcile(&service, ids(&names)).await;
+    assert_eq!(job.failed, 0, "{job:?}");
+    let mut finals = Vec::new();
+    for customer in &truth {
+        let served = profile(&service, &customer.customer_id).await;
+        assert_eq!(api_fields(&served), expected(customer), "seed {seed}");
+        finals.push(api_fields(&served));
+    }
+    service.stop().await;
+    finals
+}
+
+/// Runs `profile-state reconcile ARGS` (the real binary) against `service`.
+async fn cli(service: &TestService, args: &[&str]) -> std::process::Output {
+    let grpc = service.grpc.to_string();
+    let mut command =
+        common::binary::bare_command(&[&["reconcile", "--grpc", &grpc], args].concat());
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reconcile_subcommand_starts_follows_and_exits_by_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.add([Customer::new("jo")]);
+    let service = in_memory(dir.path(), &stand_in).await;
+    let done = cli(
+        &service,
+        &[
+            "--client-id",
+            "2155",
+            "--customer-id",
+            "jo",
+            "--wait",
+            "--json",
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{stderr}");
+    let outcome: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(outcome["state"], "succeeded");
+    assert_eq!(
+        (outcome["changed"].as_u64(), outcome["failed"].as_u64()),
+        (Some(1), Some(0))
+    );
+
+    // A customer Gameball does not know: the job runs to the end, with a failure: exit 1.
+    let missing = cli(
+        &service,
+        &["--client-id", "2155", "--customer-id", "nobody", "--wait"],
+    )
+    .await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stdout).contains("nobody\tnot_found"));
+    // Without --wait: the job id, at once.
+    let started = cli(&service, &["--client-id", "2155", "--all"]).await;
+    assert_eq!(started.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&started.stdout).trim().len(), 32);
+    // No selection is a usage error.
+    let usage = cli(&service, &["--client-id", "2155"]).await;
+    assert_eq!(usage.status.code(), Some(64));
+    service.stop().await;
+
+    // Keys Gameball refuses stop the job early: exit 2, naming the reason.
+    let stand_in = GameballStandIn::start().await;
+    let service = start(
+        Config::for_tests(common::SECRET),
+        dir.path(),
+        &stand_in,
+        "revoked",
+    )
+    .await;
+    let refused = cli(
+        &service,
+        &["--client-id", "2155", "--customer-id", "jo", "--wait"],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unauthorized"));
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_schedule_for_an_account_without_api_settings_is_refused_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let mut config = Config::for_tests(common::SECRET);
+    config.webhook_secrets_file = Some(secrets_file(dir.path(), &stand_in, API_KEY));
+    config.reconcile.every =
+        vec![profile_state::config::ReconcileEvery::parse("9999=24h").unwrap()];
+    let error = Server::bind(config.clone()).await.err().expect("refused");
+    assert!(
+        error.is::<profile_state::server::BadConfiguration>(),
+        "exit 64: {error:#}"
+    );
+    assert!(
+        format!("{error:#}").contains("--reconcile-every 9999"),
+        "{error:#}"
+    );
+    // The account that has settings is accepted.
+    config.reconcile.every =
+        vec![profile_state::config::ReconcileEvery::parse("2155=24h").unwrap()];
+    TestService::serve(Server::bind(config).await.unwrap())
+        .stop()
+        .await;
+}
