@@ -368,8 +368,7 @@ async fn sigterm_keeps_the_grace_and_a_lagging_watcher_still_learns_where_to_res
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let grace = Duration::from_secs(2);
-    let mut binary =
-        binary::Binary::start(dir.path(), &["--ephemeral", "--shutdown-grace", "2s"]).await;
+    let mut binary = binary::Binary::start(dir.path(), &["--shutdown-grace", "2s"]).await;
     let url = format!("http://{}", binary.grpc);
     let watch = async || {
         // A connection of its own, with the 64 KiB windows of HTTP/2's defaults (Go's and

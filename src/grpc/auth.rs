@@ -165,8 +165,7 @@ impl tonic::service::Interceptor for AdminAuth {
             AdminAccess::LoopbackPeers => {
                 // `to_canonical`: an IPv4 peer on a dual-stack listener is `::ffff:127.0.0.1`.
                 // A peer tonic cannot name is not known to be local.
-                let local = request
-                    .remote_addr()
+                let local = super::transport::Connection::peer_of(&request)
                     .is_some_and(|peer| peer.ip().to_canonical().is_loopback());
                 if local {
                     Ok(request)

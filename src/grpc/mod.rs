@@ -292,7 +292,7 @@ impl ProfileService for ProfileApi {
         &self,
         request: Request<pb::WatchProfilesRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let connection_slot = match transport::ConnectionWatches::of(&request) {
+        let connection_slot = match transport::Connection::of(&request).map(|c| &c.watches) {
             Some(connection) => Some(connection.try_open().map_err(|limit| {
                 self.metrics.watch_stream_refused("connection");
                 grpc_status(Rejection::TooManyConnectionWatchStreams { limit })

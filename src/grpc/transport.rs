@@ -59,7 +59,38 @@ pub fn server_builder(config: &Config) -> anyhow::Result<tonic::transport::Serve
 }
 
 /// What tonic hands every call about the connection it arrived on (the listener makes one per
-/// connection): the slots for the watch streams that connection may open,
+/// connection): the peer's address, and the slots for the watch streams that connection may
+/// open.
+#[derive(Clone)]
+pub struct Connection {
+    /// The client's address. tonic's own `Request::remote_addr` knows only the connections of
+    /// its own listener, so the AdminService's loopback check reads this one.
+    pub peer: std::net::SocketAddr,
+    /// The watch stream slots of this connection.
+    pub watches: ConnectionWatches,
+}
+
+impl Connection {
+    /// The connection of `request`, when it came through the capped listener (plaintext or
+    /// TLS).
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&Connection> {
+        let extensions = request.extensions();
+        extensions.get::<Connection>().or_else(|| {
+            extensions
+                .get::<tonic::transport::server::TlsConnectInfo<Connection>>()
+                .map(|tls| tls.get_ref())
+        })
+    }
+
+    /// The client's address of `request`: the capped listener's, else tonic's.
+    pub fn peer_of<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
+        Connection::of(request)
+            .map(|connection| connection.peer)
+            .or_else(|| request.remote_addr())
+    }
+}
+
+/// The slots for the watch streams one connection may open,
 /// `--max-watch-streams-per-connection`, so one HTTP/2 connection cannot take every slot of
 /// `--max-watch-streams`.
 #[derive(Clone)]
@@ -76,17 +107,6 @@ impl ConnectionWatches {
             slots: Arc::new(tokio::sync::Semaphore::new(limit)),
             limit,
         }
-    }
-
-    /// The connection's of `request`, when it came through the capped listener (plaintext or
-    /// TLS).
-    pub fn of<T>(request: &tonic::Request<T>) -> Option<&ConnectionWatches> {
-        let extensions = request.extensions();
-        extensions.get::<ConnectionWatches>().or_else(|| {
-            extensions
-                .get::<tonic::transport::server::TlsConnectInfo<ConnectionWatches>>()
-                .map(|tls| tls.get_ref())
-        })
     }
 
     /// A slot for one more watch stream, or the limit that was reached.

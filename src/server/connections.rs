@@ -175,16 +175,16 @@ pub async fn serve_http(
 }
 
 /// The connections of `listener` as tonic's incoming stream, each with the handshake timeout
-/// of [`Deadlines::Preface`] and a `tag` made for it.
+/// of [`Deadlines::Preface`] and a `tag` made for it from the peer's address.
 pub fn incoming<T: Send + 'static>(
     listener: CappedListener,
     handshake: Duration,
-    tag: impl Fn() -> T + Send + 'static,
+    tag: impl Fn(std::net::SocketAddr) -> T + Send + 'static,
 ) -> impl futures_util::Stream<Item = io::Result<Timed<T>>> + Send + 'static {
     futures_util::stream::unfold((listener, tag), move |(listener, tag)| async move {
-        let (stream, _peer, slot) = listener.accept().await;
+        let (stream, peer, slot) = listener.accept().await;
         let deadlines = Deadlines::Preface { handshake };
-        let io = Timed::new(stream, slot, deadlines, listener.metrics(), tag());
+        let io = Timed::new(stream, slot, deadlines, listener.metrics(), tag(peer));
         Some((Ok(io), (listener, tag)))
     })
 }

@@ -19,7 +19,7 @@ use crate::grpc::admin::AdminApi;
 use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::dead_letters::DeadLetterApi;
-use crate::grpc::transport::{ConnectionWatches, MetricsLayer};
+use crate::grpc::transport::{Connection, ConnectionWatches, MetricsLayer};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::pb;
@@ -148,8 +148,9 @@ pub(super) fn serve<H: Health>(
         ));
     let grpc_stopping = CancellationToken::new();
     // The listener sets TCP_NODELAY: answers go out as soon as they are written.
-    let incoming = connections::incoming(listener, handshake_timeout, move || {
-        ConnectionWatches::new(max_watch_streams_per_connection)
+    let incoming = connections::incoming(listener, handshake_timeout, move |peer| Connection {
+        peer,
+        watches: ConnectionWatches::new(max_watch_streams_per_connection),
     });
     let task = tokio::spawn(
         router.serve_with_incoming_shutdown(incoming, grpc_stopping.clone().cancelled_owned()),
