@@ -152,31 +152,40 @@ async fn a_503_for_an_update_that_was_applied_does_not_say_it_was_not_recorded()
     // Shorter than an fsync: answers run out while their updates are being recorded.
     config.webhook_timeout = std::time::Duration::from_micros(1);
     let service = std::sync::Arc::new(TestService::start_with(config).await);
-    let mut posts = tokio::task::JoinSet::new();
-    for customer in 0..400 {
-        let service = std::sync::Arc::clone(&service);
-        posts.spawn(async move {
-            let body = profile_updated(&format!("late-{customer}"), &at(1), json!({}));
-            (customer, service.post(&body).await)
-        });
-    }
     let mut client = service.client().await;
     let mut late_but_applied = 0;
-    while let Some(posted) = posts.join_next().await {
-        let (customer, (status, answer)) = posted.unwrap();
-        if status == 200 {
-            continue;
+    // Whether an answer runs out after its update was handed over (rather than before, while
+    // the body is read) depends on scheduling: on a loaded machine a round can have none, so
+    // up to five rounds, each of fresh customers.
+    for round in 0..5 {
+        if late_but_applied > 0 {
+            break;
         }
-        assert_eq!(status, 503, "{answer}");
-        let request = profile_state::pb::GetProfileRequest {
-            client_id: "2155".into(),
-            customer_id: format!("late-{customer}"),
-            ..Default::default()
-        };
-        if client.get_profile(request).await.is_ok() {
-            late_but_applied += 1;
-            let error = answer["error"].as_str().unwrap();
-            assert!(!error.contains("not recorded"), "applied, yet: {error}");
+        let mut posts = tokio::task::JoinSet::new();
+        for customer in 0..400 {
+            let service = std::sync::Arc::clone(&service);
+            posts.spawn(async move {
+                let customer = format!("late-{round}-{customer}");
+                let body = profile_updated(&customer, &at(1), json!({}));
+                (customer, service.post(&body).await)
+            });
+        }
+        while let Some(posted) = posts.join_next().await {
+            let (customer, (status, answer)) = posted.unwrap();
+            if status == 200 {
+                continue;
+            }
+            assert_eq!(status, 503, "{answer}");
+            let request = profile_state::pb::GetProfileRequest {
+                client_id: "2155".into(),
+                customer_id: customer,
+                ..Default::default()
+            };
+            if client.get_profile(request).await.is_ok() {
+                late_but_applied += 1;
+                let error = answer["error"].as_str().unwrap();
+                assert!(!error.contains("not recorded"), "applied, yet: {error}");
+            }
         }
     }
     assert!(
