@@ -13,9 +13,11 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status};
 
+use crate::error::Error;
 use crate::journal::codec::SnapshotHeader;
 use crate::journal::snapshot;
 use crate::pb;
+use crate::status::grpc_status;
 use crate::store::Store;
 
 /// The largest piece of the file in one message: well under the 4 MiB gRPC clients accept by
@@ -65,11 +67,12 @@ fn send(
         Ok(state) => state,
         Err(error) => {
             tracing::warn!(error = %error, "backup failed");
-            let status = Status::unavailable(
-                "writes outpaced the watch history while the state was read; retry (or raise \
-                 --history-events)",
-            );
-            let _ = pieces.blocking_send(Err(status));
+            let error = Error::Unavailable {
+                reason: "writes outpaced the watch history while the state was read; retry (or \
+                         raise --history-events)"
+                    .into(),
+            };
+            let _ = pieces.blocking_send(Err(grpc_status(error)));
             return;
         }
     };

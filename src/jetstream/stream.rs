@@ -249,43 +249,57 @@ impl UpdateStream {
 
 /// Checks an existing stream against what this service relies on; returns its store id.
 fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<String, JetStreamError> {
-    let mismatch = |setting, expected: String, found: String| JetStreamError::Mismatch {
-        name: settings.name.clone(),
-        setting,
-        expected,
-        found,
-    };
+    check_layout(settings, config)
+        .and_then(|()| check_durability(settings, config))
+        .and_then(|()| check_limits(config))
+        .and_then(|()| check_metadata(config))
+        .map_err(|(setting, expected, found)| JetStreamError::Mismatch {
+            name: settings.name.clone(),
+            setting,
+            expected,
+            found,
+        })
+}
+
+/// A setting of an existing stream that differs from what this service relies on:
+/// `(setting, expected, found)`.
+type Mismatch = (&'static str, String, String);
+
+/// Where the messages go: exactly our subject, in files, kept by limits.
+fn check_layout(settings: &StreamSettings, config: &stream::Config) -> Result<(), Mismatch> {
     // Exactly our subject: another subject's messages would be gaps in our sequence.
     if config.subjects != [settings.subject()] {
-        return Err(mismatch(
+        return Err((
             "subjects",
             format!("[{}]", settings.subject()),
             format!("{:?}", config.subjects),
         ));
     }
     if config.storage != StorageType::File {
-        return Err(mismatch(
-            "storage",
-            "file".into(),
-            format!("{:?}", config.storage),
-        ));
+        return Err(("storage", "file".into(), format!("{:?}", config.storage)));
     }
     if config.retention != RetentionPolicy::Limits {
-        return Err(mismatch(
+        return Err((
             "retention",
             "limits".into(),
             format!("{:?}", config.retention),
         ));
     }
+    Ok(())
+}
+
+/// That an acknowledged publish is stored, on as many replicas as configured, and that a
+/// repeated publish is recognised for at least the duplicate window.
+fn check_durability(settings: &StreamSettings, config: &stream::Config) -> Result<(), Mismatch> {
     if config.persist_mode == Some(PersistenceMode::Async) {
-        return Err(mismatch(
+        return Err((
             "persist_mode",
             "default (acknowledge once stored)".into(),
             "async".into(),
         ));
     }
     if config.num_replicas.max(1) != settings.replicas {
-        return Err(mismatch(
+        return Err((
             "replicas",
             settings.replicas.to_string(),
             config.num_replicas.to_string(),
@@ -296,16 +310,20 @@ fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<String, 
             "at least {}",
             humantime::format_duration(settings.duplicate_window)
         );
-        return Err(mismatch(
+        return Err((
             "duplicate_window",
             expected,
             humantime::format_duration(config.duplicate_window).to_string(),
         ));
     }
-    // Limits that remove messages on their own would remove what no snapshot covers yet.
+    Ok(())
+}
+
+/// Limits that remove messages on their own would remove what no snapshot covers yet.
+fn check_limits(config: &stream::Config) -> Result<(), Mismatch> {
     if !config.max_age.is_zero() {
         let found = humantime::format_duration(config.max_age).to_string();
-        return Err(mismatch(
+        return Err((
             "max_age",
             "none (purged below snapshots instead)".into(),
             found,
@@ -313,26 +331,27 @@ fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<String, 
     }
     let limited = config.max_bytes > 0 || config.max_messages > 0;
     if limited && config.discard != DiscardPolicy::New {
-        return Err(mismatch(
+        return Err((
             "discard",
             "new (refuse when full)".into(),
             format!("{:?}", config.discard),
         ));
     }
+    Ok(())
+}
+
+/// The stream's metadata: our message format, our merge rules, a store id (returned).
+fn check_metadata(config: &stream::Config) -> Result<String, Mismatch> {
     match config.metadata.get(FORMAT_KEY).map(String::as_str) {
         Some(FORMAT) => {}
         found => {
-            return Err(mismatch(
-                "metadata format",
-                FORMAT.into(),
-                format!("{found:?}"),
-            ));
+            return Err(("metadata format", FORMAT.into(), format!("{found:?}")));
         }
     }
     match config.metadata.get(RULES_KEY).map(String::as_str) {
         Some(RULES) => {}
         found => {
-            return Err(mismatch(
+            return Err((
                 "metadata merge rules version",
                 format!(
                     "{RULES}, the rules of this build (a stream of other rules is applied only \
@@ -345,11 +364,7 @@ fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<String, 
     }
     match config.metadata.get(STORE_ID_KEY) {
         Some(id) if !id.is_empty() => Ok(id.clone()),
-        _ => Err(mismatch(
-            "metadata store id",
-            "a store id".into(),
-            "none".into(),
-        )),
+        _ => Err(("metadata store id", "a store id".into(), "none".into())),
     }
 }
 

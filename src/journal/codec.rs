@@ -12,6 +12,9 @@
 //! A journal frame holds one [`BatchRecord`] (one group commit); a snapshot holds a
 //! [`SnapshotHeader`] frame and then [`ProfileBatch`] frames. Records are protobuf (prost
 //! derive), so fields can be added without a format break. This module does no I/O.
+//!
+//! Over 700 lines with its tests (about 160 of them): one format, its writer and its reader,
+//! kept together so a change to one is seen beside the other and their round-trip tests.
 
 use prost::Message;
 

@@ -5,7 +5,7 @@
 
 use prometheus::{CounterVec, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
-use super::{Metrics, counter_vec, gauge, histogram_vec, register};
+use super::{Metrics, counter_vec, counter_vec_at_zero, gauge, histogram_vec, register};
 use crate::profile::Field;
 use crate::reconcile::client::{RequestObserver, STATUS_LABELS};
 use crate::reconcile::jobs::NOT_RECORDED;
@@ -59,45 +59,39 @@ impl ReconcileMetrics {
             }
             request_duration.with_label_values(&[endpoint.as_str()]);
         }
-        let profiles = counter_vec(
+        let profiles = counter_vec_at_zero(
             r,
             "profile_state_reconcile_profiles_total",
             "Customers reconciled, by outcome: changed (the API corrected the profile), \
              unchanged, failed, not_attempted (the job stopped first).",
-            &["outcome"],
+            "outcome",
+            PROFILE_OUTCOMES,
         );
-        for outcome in PROFILE_OUTCOMES {
-            profiles.with_label_values(&[outcome]);
-        }
-        let failures = counter_vec(
+        let failures = counter_vec_at_zero(
             r,
             "profile_state_reconcile_failures_total",
             "Customers that could not be reconciled, by reason.",
-            &["reason"],
+            "reason",
+            FailureReason::ALL
+                .iter()
+                .map(|reason| reason.as_str())
+                .chain([NOT_RECORDED]),
         );
-        for reason in FailureReason::ALL {
-            failures.with_label_values(&[reason.as_str()]);
-        }
-        failures.with_label_values(&[NOT_RECORDED]);
-        let drift = counter_vec(
+        let drift = counter_vec_at_zero(
             r,
             "profile_state_reconcile_drift_total",
             "Fields a reconciliation found wrong and corrected, by field: above zero means \
              webhooks were lost.",
-            &["field"],
+            "field",
+            drift_fields().map(|field| field.name()),
         );
-        for field in drift_fields() {
-            drift.with_label_values(&[field.name()]);
-        }
-        let jobs = counter_vec(
+        let jobs = counter_vec_at_zero(
             r,
             "profile_state_reconcile_jobs_total",
             "Reconcile jobs finished, by result (succeeded, failed, cancelled).",
-            &["result"],
+            "result",
+            JOB_RESULTS,
         );
-        for result in JOB_RESULTS {
-            jobs.with_label_values(&[result]);
-        }
         let rate_limited = CounterVec::new(
             Opts::new(
                 "profile_state_reconcile_rate_limited_seconds_total",

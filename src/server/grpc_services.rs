@@ -65,6 +65,14 @@ pub(super) struct Services<H> {
     pub reconcile: ReconcileJobs,
     /// Counts calls and watch activity.
     pub metrics: Metrics,
+    /// What calls may take.
+    pub limits: Limits,
+    /// The replica's standing, in replicated mode (GetServerInfo reports it).
+    pub replica: Option<ReplicaStatus>,
+}
+
+/// What one RPC, and all of them together, may take.
+pub(super) struct Limits {
     /// `--max-watch-streams`.
     pub max_watch_streams: usize,
     /// `--max-watch-streams-per-connection`.
@@ -74,8 +82,6 @@ pub(super) struct Services<H> {
     /// `--grpc-handshake-timeout`: the HTTP/2 preface of a plaintext connection must arrive
     /// within it (tonic's TLS handshake has the same timeout, `crate::grpc::transport`).
     pub handshake_timeout: std::time::Duration,
-    /// The replica's standing, in replicated mode (GetServerInfo reports it).
-    pub replica: Option<ReplicaStatus>,
 }
 
 /// The gRPC listener, serving.
@@ -107,10 +113,13 @@ pub(super) fn serve<H: Health>(
         ingest,
         reconcile,
         metrics,
-        max_watch_streams,
-        max_watch_streams_per_connection,
-        max_message_bytes: limit,
-        handshake_timeout,
+        limits:
+            Limits {
+                max_watch_streams,
+                max_watch_streams_per_connection,
+                max_message_bytes: limit,
+                handshake_timeout,
+            },
         replica,
     } = services;
     let admin = AdminApi::new(

@@ -8,10 +8,10 @@
 //! the real addresses of port-0 listeners before serving starts. `bind` checks the
 //! configuration, binds the three listeners, and only then touches the data directory, so a
 //! port that cannot be had leaves no directory created and no store id minted; connections
-//! wait in the listen backlog until recovery is done and `run` serves them. `run` is a sequence of named
-//! steps, each a function here: start the domain, follow readiness into health, serve
-//! monitoring, serve gRPC, serve the ingress, wait for the signal, then `shutdown`'s ordered
-//! stop. No request logic lives here.
+//! wait in the listen backlog until recovery is done and `run` serves them. `run` is a
+//! sequence of named steps, each a function here: start the domain, follow readiness into
+//! health, start the reconcile jobs and their schedule, serve monitoring, serve gRPC, serve the
+//! ingress, wait for the signal, then `shutdown`'s ordered stop. No request logic lives here.
 
 mod connections;
 mod grpc_services;
@@ -225,43 +225,23 @@ impl Server {
         let (stopping, tracker, metrics) =
             (CancellationToken::new(), TaskTracker::new(), Metrics::new());
         let context = (&store, &metrics, &tracker, &stopping);
-        let domain = start_domain(mode, context, dead_letters.clone(), pause);
-        if let Verification::Secrets(secrets) = &verification {
-            reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
-        }
         let Domain {
             ingest,
             watchers,
             ready,
             writable,
             replica,
-        } = domain;
+        } = start_domain(mode, context, dead_letters.clone(), pause);
+        if let Verification::Secrets(secrets) = &verification {
+            reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
+        }
         let (health, health_service) = Health::follow(ready, &tracker, stopping.clone()).await;
-        // Reconcile jobs record through the ingest path (the sequencer on a single node, the
-        // stream on a replica), like webhooks; they end on `stopping`, and the gRPC service
-        // holds their handle.
-        let reconcile = ReconcileJobs::new(
-            store.clone(),
-            ingest.clone(),
-            secret_store(&verification),
-            metrics.clone(),
-            reconcile,
-            tracker.clone(),
-            stopping.clone(),
-        );
-        crate::reconcile::schedule::start(&reconcile, &config.reconcile.every, &tracker, &stopping);
-        let monitoring = Monitoring {
-            metrics: metrics.clone(),
-            store: store.clone(),
-            dead_letters,
-            writable,
-            stopping: stopping.clone(),
-            replica: replica.clone(),
-        };
-        let monitoring = serve_monitoring(admin, monitoring, &stopping);
-        let grpc = CappedListener::new(grpc, config.max_grpc_connections, metrics.listener("grpc"));
-        let grpc = grpc_services::serve(
+        let secrets = secret_store(&verification);
+        let reconcile = start_reconcile(context, &ingest, secrets, reconcile, &config);
+        let monitoring = serve_monitoring(admin, context, dead_letters, writable, replica.clone());
+        let grpc = serve_grpc(
             grpc,
+            &config,
             grpc_services::Services {
                 builder: grpc_builder,
                 auth,
@@ -273,23 +253,15 @@ impl Server {
                 ingest: ingest.clone(),
                 reconcile,
                 metrics: metrics.clone(),
-                max_watch_streams: config.max_watch_streams,
-                max_watch_streams_per_connection: config.max_watch_streams_per_connection,
-                max_message_bytes: config.grpc_max_message_bytes,
-                handshake_timeout: config.grpc_handshake_timeout,
+                limits: grpc_limits(&config),
                 replica,
             },
             &stopping,
             &tracker,
         )?;
-        let webhook = CappedListener::new(
-            webhook,
-            config.max_webhook_connections,
-            metrics.listener("webhook"),
-        );
         announce(addresses, &config, &verification, admin_access);
-        let ingress = Ingress::with_ingest(ingest, verification, limits(&config), metrics);
-        let webhook = serve_ingress(webhook, ingress, &config, &stopping);
+        let ingress = Ingress::with_ingest(ingest, verification, limits(&config), metrics.clone());
+        let webhook = serve_ingress(webhook, ingress, &config, &metrics, &stopping);
 
         wait_for_signal(shutdown, &stopping).await;
         Shutdown {
@@ -470,12 +442,58 @@ fn start_sequencer(
     Sequencer::start_with_hook(store.clone(), durability, hook, metrics.clone(), tracker)
 }
 
+/// Starts the reconcile jobs' handle and their `--reconcile-every` schedule. Reconcile jobs
+/// record through the ingest path (the sequencer on a single node, the stream on a replica),
+/// like webhooks; they end on `stopping`, and the gRPC service holds their handle.
+fn start_reconcile(
+    (store, metrics, tracker, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),
+    ingest: &Ingest,
+    secrets: Option<SecretStore>,
+    options: ReconcileOptions,
+    config: &Config,
+) -> ReconcileJobs {
+    let jobs = ReconcileJobs::new(
+        store.clone(),
+        ingest.clone(),
+        secrets,
+        metrics.clone(),
+        options,
+        tracker.clone(),
+        stopping.clone(),
+    );
+    crate::reconcile::schedule::start(&jobs, &config.reconcile.every, tracker, stopping);
+    jobs
+}
+
+/// Serves the gRPC listener, capped at `--max-grpc-connections`, until `stopping`.
+fn serve_grpc<H: tonic_health::pb::health_server::Health>(
+    listener: TcpListener,
+    config: &Config,
+    services: grpc_services::Services<H>,
+    stopping: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<grpc_services::Serving> {
+    let metrics = services.metrics.listener("grpc");
+    let listener = CappedListener::new(listener, config.max_grpc_connections, metrics);
+    grpc_services::serve(listener, services, stopping, tracker)
+}
+
 /// Serves `/metrics`, `/livez` and `/readyz` until `stopping`.
 fn serve_monitoring(
     listener: TcpListener,
-    monitoring: Monitoring,
-    stopping: &CancellationToken,
+    (store, metrics, _, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),
+    dead_letters: DeadLetters,
+    writable: tokio::sync::watch::Receiver<bool>,
+    replica: Option<ReplicaStatus>,
 ) -> JoinHandle<std::io::Result<()>> {
+    let monitoring = Monitoring {
+        metrics: metrics.clone(),
+        store: store.clone(),
+        dead_letters,
+        writable,
+        stopping: stopping.clone(),
+        replica,
+    };
     let serve = axum::serve(listener, monitoring.router())
         .with_graceful_shutdown(stopping.clone().cancelled_owned());
     tokio::spawn(serve.into_future())
@@ -491,15 +509,28 @@ fn limits(config: &Config) -> Limits {
     }
 }
 
+/// What one RPC, and all of them together, may take.
+fn grpc_limits(config: &Config) -> grpc_services::Limits {
+    grpc_services::Limits {
+        max_watch_streams: config.max_watch_streams,
+        max_watch_streams_per_connection: config.max_watch_streams_per_connection,
+        max_message_bytes: config.grpc_max_message_bytes,
+        handshake_timeout: config.grpc_handshake_timeout,
+    }
+}
+
 /// Serves the webhook path until `stopping`; in-flight webhooks are finished first. Each
 /// connection has the idle and header timeouts (`--webhook-idle-timeout`,
 /// `--webhook-header-timeout`).
 fn serve_ingress(
-    listener: CappedListener,
+    listener: TcpListener,
     ingress: Ingress,
     config: &Config,
+    metrics: &Metrics,
     stopping: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
+    let metrics = metrics.listener("webhook");
+    let listener = CappedListener::new(listener, config.max_webhook_connections, metrics);
     tokio::spawn(connections::serve_http(
         listener,
         ingress.router(),

@@ -1,0 +1,188 @@
+//! The NATS JetStream flags (`--nats-*`, `--replica-name`, `--max-lag`) and their checks:
+//! replicated mode is asked for by `--nats-url`, and every other flag here needs it. Connecting
+//! to NATS is `crate::jetstream`'s job, not this module's.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::ConfigError;
+
+/// The NATS JetStream flags. Nothing changes unless `--nats-url` is given; the others need it.
+#[derive(Clone, Debug, clap::Args)]
+pub struct NatsConfig {
+    /// NATS server URL(s), repeatable or comma-separated (`nats://host:4222`, `tls://...`):
+    /// switches to replicated mode, with the JetStream stream as the one ordered log.
+    #[arg(
+        long = "nats-url",
+        env = "PROFILE_STATE_NATS_URL",
+        value_delimiter = ','
+    )]
+    pub urls: Vec<String>,
+
+    /// Name of the JetStream stream of updates (this and every other `--nats-*` flag needs
+    /// `--nats-url`); its snapshot and dead-letter buckets are named
+    /// after it (`<stream>_SNAPSHOTS`, `<stream>_DEAD_LETTERS`).
+    #[arg(
+        long = "nats-stream",
+        env = "PROFILE_STATE_NATS_STREAM",
+        default_value = "PROFILE_STATE",
+        requires = "urls"
+    )]
+    pub stream: String,
+
+    /// NATS credentials file (JWT and NKey seed, `.creds`).
+    #[arg(
+        long = "nats-creds",
+        env = "PROFILE_STATE_NATS_CREDS",
+        requires = "urls"
+    )]
+    pub creds: Option<PathBuf>,
+
+    /// PEM CA bundle that signed the NATS servers' certificates; requires TLS.
+    #[arg(
+        long = "nats-tls-ca",
+        env = "PROFILE_STATE_NATS_TLS_CA",
+        requires = "urls"
+    )]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate for NATS mutual TLS (with --nats-tls-key).
+    #[arg(
+        long = "nats-tls-cert",
+        env = "PROFILE_STATE_NATS_TLS_CERT",
+        requires_all = ["urls", "tls_key"]
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for NATS mutual TLS (with --nats-tls-cert).
+    #[arg(
+        long = "nats-tls-key",
+        env = "PROFILE_STATE_NATS_TLS_KEY",
+        requires_all = ["urls", "tls_cert"]
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Replicas of the stream and buckets when this service creates them (1 = no redundancy;
+    /// 3 needs a cluster of at least three JetStream servers). An existing stream must match.
+    #[arg(
+        long = "nats-replicas",
+        env = "PROFILE_STATE_NATS_REPLICAS",
+        default_value_t = 3,
+        requires = "urls"
+    )]
+    pub replicas: usize,
+
+    /// How long the stream remembers a message id to drop a repeated publish. Two hours cover
+    /// Gameball's retries (5, 20, 60 minutes) of a delivery published on its own; the server
+    /// keeps one entry per message in the window.
+    #[arg(long = "nats-duplicate-window", env = "PROFILE_STATE_NATS_DUPLICATE_WINDOW", default_value = "2h", value_parser = humantime::parse_duration, requires = "urls")]
+    pub duplicate_window: Duration,
+
+    /// Largest size of the stream in bytes. When it is full, publishes are refused (webhooks
+    /// get 503) rather than old updates dropped; default: no limit.
+    #[arg(
+        long = "nats-max-bytes",
+        env = "PROFILE_STATE_NATS_MAX_BYTES",
+        requires = "urls"
+    )]
+    pub max_bytes: Option<u64>,
+
+    /// Longest one JetStream request (a publish's acknowledgement, stream info) may take before
+    /// it fails; shorter than --webhook-timeout, so a webhook can still be answered 503 in time.
+    #[arg(long = "nats-request-timeout", env = "PROFILE_STATE_NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, requires = "urls")]
+    pub request_timeout: Duration,
+
+    /// Stream messages kept before the point a published snapshot covers when the stream is
+    /// purged, so that a restarting replica can still replay its watch history from its own
+    /// older snapshot. Nothing a published snapshot does not cover is ever purged.
+    #[arg(
+        long = "nats-retain-after-snapshot",
+        env = "PROFILE_STATE_NATS_RETAIN_AFTER_SNAPSHOT",
+        default_value_t = 100_000,
+        requires = "urls"
+    )]
+    pub retain_after_snapshot: u64,
+
+    /// This replica's name in GetServerInfo, logs and the NATS connection list; default: the
+    /// host name.
+    #[arg(
+        long = "replica-name",
+        env = "PROFILE_STATE_REPLICA_NAME",
+        requires = "urls"
+    )]
+    pub replica_name: Option<String>,
+
+    /// Readiness is false while this replica is further behind the stream than this (the
+    /// time since it last had applied everything the stream held), so load balancers send
+    /// webhooks to replicas that answer quickly.
+    #[arg(long = "max-lag", env = "PROFILE_STATE_MAX_LAG", default_value = "1s", value_parser = humantime::parse_duration, requires = "urls")]
+    pub max_lag: Duration,
+}
+
+impl NatsConfig {
+    /// Whether replicated mode is asked for.
+    pub fn enabled(&self) -> bool {
+        !self.urls.is_empty()
+    }
+
+    /// Rejects NATS settings that cannot work; without `--nats-url` there is nothing to check.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let bad = |flag, reason: String| Err(ConfigError::BadNatsFlag { flag, reason });
+        for url in &self.urls {
+            match url.parse::<async_nats::ServerAddr>() {
+                Err(err) => return bad("nats-url", format!("{url:?} is not a NATS URL: {err}")),
+                // Built without async-nats' websocket support.
+                Ok(addr) if addr.is_websocket() => {
+                    return bad(
+                        "nats-url",
+                        format!("{url:?}: websocket URLs are not supported"),
+                    );
+                }
+                Ok(_) => {}
+            }
+        }
+        // Bucket names are derived from it, and they allow only these characters.
+        let name_ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if self.stream.is_empty() || !self.stream.chars().all(name_ok) {
+            let reason = format!("{:?}: use letters, digits, '-' and '_'", self.stream);
+            return bad("nats-stream", reason);
+        }
+        if !(1..=5).contains(&self.replicas) {
+            let reason = format!("{} replicas: JetStream allows 1 to 5", self.replicas);
+            return bad("nats-replicas", reason);
+        }
+        if self.duplicate_window.is_zero() {
+            return bad("nats-duplicate-window", "must be longer than zero".into());
+        }
+        if self.max_bytes == Some(0) {
+            return bad("nats-max-bytes", "must be at least 1".into());
+        }
+        if self.request_timeout.is_zero() {
+            return bad("nats-request-timeout", "must be longer than zero".into());
+        }
+        if self.max_lag.is_zero() {
+            return bad("max-lag", "must be longer than zero".into());
+        }
+        if self.replica_name.as_deref() == Some("") {
+            return bad("replica-name", "must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// `--replica-name`, else the host name (`/proc/sys/kernel/hostname`, `$HOSTNAME`), else
+    /// `profile-state`.
+    pub fn replica_name(&self) -> String {
+        if let Some(name) = &self.replica_name {
+            return name.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "profile-state".into())
+    }
+}
