@@ -37,28 +37,35 @@ fn drift_fields() -> impl Iterator<Item = Field> {
         .filter(|field| *field != Field::GbCustomerId)
 }
 
+/// The cost of Gameball's API: every attempt by endpoint and status, and its duration by
+/// endpoint.
+fn request_metrics(r: &Registry) -> (IntCounterVec, HistogramVec) {
+    let requests = counter_vec(
+        r,
+        "profile_state_reconcile_requests_total",
+        "Requests to Gameball's API, every attempt (retries included): the reconciler's \
+         cost. By endpoint and status (200, 401, 403, 404, 429, 4xx, 5xx, timeout, \
+         unreachable, other).",
+        &["endpoint", "status"],
+    );
+    let request_duration = histogram_vec(
+        r,
+        "profile_state_reconcile_request_duration_seconds",
+        "Time of one attempt at Gameball's API, by endpoint.",
+        &["endpoint"],
+    );
+    for endpoint in Endpoint::ALL {
+        for status in STATUS_LABELS {
+            requests.with_label_values(&[endpoint.as_str(), status]);
+        }
+        request_duration.with_label_values(&[endpoint.as_str()]);
+    }
+    (requests, request_duration)
+}
+
 impl ReconcileMetrics {
     pub(super) fn new(r: &Registry) -> ReconcileMetrics {
-        let requests = counter_vec(
-            r,
-            "profile_state_reconcile_requests_total",
-            "Requests to Gameball's API, every attempt (retries included): the reconciler's \
-             cost. By endpoint and status (200, 401, 403, 404, 429, 4xx, 5xx, timeout, \
-             unreachable, other).",
-            &["endpoint", "status"],
-        );
-        let request_duration = histogram_vec(
-            r,
-            "profile_state_reconcile_request_duration_seconds",
-            "Time of one attempt at Gameball's API, by endpoint.",
-            &["endpoint"],
-        );
-        for endpoint in Endpoint::ALL {
-            for status in STATUS_LABELS {
-                requests.with_label_values(&[endpoint.as_str(), status]);
-            }
-            request_duration.with_label_values(&[endpoint.as_str()]);
-        }
+        let (requests, request_duration) = request_metrics(r);
         let profiles = counter_vec_at_zero(
             r,
             "profile_state_reconcile_profiles_total",
