@@ -515,3 +515,46 @@ async fn one_connection_cannot_take_every_watch_stream_and_its_streams_are_adver
     assert_eq!(refused_by("server"), 0.0);
     service.stop().await;
 }
+
+/// The soft and hard open-files limits of process `pid`, from `/proc/<pid>/limits`.
+fn open_files_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("an open files line");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// Item 7: with the default soft limit of 1024 descriptors, 1,100 idle connections made every
+/// port unresponsive; the binary raises its soft limit to the hard one at start, so the
+/// connection caps decide. Started through `prlimit` with a low soft limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_open_files_limit_is_raised_to_the_hard_one_at_start() {
+    let hard = open_files_limits(std::process::id()).1.min(1 << 16);
+    assert!(
+        hard > 256,
+        "the test needs a hard limit above 256, not {hard}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let inner = binary::command(dir.path(), &[]);
+    let mut wrapped = std::process::Command::new("prlimit");
+    wrapped
+        .arg(format!("--nofile=256:{hard}"))
+        .arg("--")
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (key, value) in inner.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    let binary = binary::Binary::spawn(wrapped).await;
+    assert_eq!(open_files_limits(binary.child.id()), (hard, hard));
+    binary.stop();
+}
