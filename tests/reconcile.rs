@@ -640,3 +640,45 @@ async fn a_schedule_for_an_account_without_api_settings_is_refused_before_bindin
         .stop()
         .await;
 }
+
+/// `--reconcile-every`'s loop, end to end: the schedule (here every 300 ms: the flag refuses
+/// under an hour, the configuration field does not) starts jobs on its own, which heal a
+/// profile whose webhook was lost once it is older than the period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_heals_a_lost_webhook_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let mut jo = Customer::new("jo");
+    let mut config = Config::for_tests(common::SECRET);
+    config.reconcile.every = vec![profile_state::config::ReconcileEvery {
+        client_id: "2155".into(),
+        period: Duration::from_millis(300),
+    }];
+    let service = start(config, dir.path(), &stand_in, API_KEY).await;
+    service.update(&webhook_of(&jo, &now())).await;
+    jo.available_points += 500;
+    stand_in.add([jo.clone()]);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api_fields(&profile(&service, "jo").await) != expected(&jo) {
+        assert!(
+            Instant::now() < deadline,
+            "no scheduled job healed the profile"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = service.admin_get("/metrics").await;
+    assert!(
+        metric(
+            &metrics,
+            "profile_state_reconcile_jobs_total{result=\"succeeded\"}"
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "profile_state_reconcile_drift_total{field=\"activated_points\"}"
+        ) >= 1.0
+    );
+    service.stop().await;
+}
