@@ -64,26 +64,11 @@ async fn profiles(grpc: std::net::SocketAddr) -> HashMap<String, pb::Profile> {
     let mut client = ProfileServiceClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();
-    let mut all = HashMap::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_profiles(pb::ListProfilesRequest {
-                page_size: 1000,
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for profile in page.profiles {
-            all.insert(profile.customer_id.clone(), profile);
-        }
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        page_token = page.next_page_token;
-    }
+    let (profiles, _) = common::list_all(&mut client).await;
+    profiles
+        .into_iter()
+        .map(|profile| (profile.customer_id.clone(), profile))
+        .collect()
 }
 
 fn path(path: &Path) -> String {

@@ -53,24 +53,12 @@ async fn a_compressed_body_gets_415_and_is_not_kept() {
     service.stop().await;
 }
 
-/// A writer into a shared buffer, for capturing log lines.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+use common::CapturedLogs as Captured;
 
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-// The one test of this binary that sets a subscriber, and it sets the global one: a
-// thread-local one (`set_default`) misses events now and then while other tests run on other
-// threads (callsite interest is cached process-wide). Other tests' lines land in the capture
-// too, and must keep the same rules.
+// The one test of the integration binary that sets the global subscriber: a thread-local one
+// (`set_default`) missed events now and then while other tests ran on other threads (callsite
+// interest is cached process-wide). Other tests' lines land in the capture too, and must keep
+// the same rules.
 #[tokio::test]
 async fn strings_from_a_delivery_cannot_forge_log_lines_or_leak_into_them() {
     let captured = Captured::default();

@@ -456,19 +456,7 @@ async fn readiness_turns_false_while_the_journal_cannot_be_written() {
     service.stop().await;
 }
 
-/// Log lines, captured for the current thread.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use common::CapturedLogs as Captured;
 
 // A current-thread runtime keeps every task of the service on this thread, where the
 // capturing subscriber is installed.

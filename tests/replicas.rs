@@ -104,25 +104,7 @@ impl Replica {
     /// Every profile, paged through ListProfiles, and the highest store revision a page
     /// reported.
     async fn dump(&self) -> (Vec<pb::Profile>, u64) {
-        let mut client = self.client().await;
-        let (mut profiles, mut page_token, mut revision) = (Vec::new(), String::new(), 0);
-        loop {
-            let page = client
-                .list_profiles(pb::ListProfilesRequest {
-                    page_size: 1000,
-                    page_token,
-                    ..Default::default()
-                })
-                .await
-                .expect("ListProfiles answers")
-                .into_inner();
-            revision = revision.max(page.store_revision);
-            profiles.extend(page.profiles);
-            if page.next_page_token.is_empty() {
-                return (profiles, revision);
-            }
-            page_token = page.next_page_token;
-        }
+        common::list_all(&mut self.client().await).await
     }
 
     /// Posts `body` signed with the test secret: status and JSON answer, or the transport

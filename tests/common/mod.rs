@@ -45,6 +45,43 @@ pub async fn server_info(
         .map(tonic::Response::into_inner)
 }
 
+/// Every profile `client` serves, paged through ListProfiles, and the highest store revision a
+/// page reported.
+pub async fn list_all(client: &mut ProfileServiceClient<Channel>) -> (Vec<pb::Profile>, u64) {
+    let (mut profiles, mut page_token, mut revision) = (Vec::new(), String::new(), 0);
+    loop {
+        let page = client
+            .list_profiles(pb::ListProfilesRequest {
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("ListProfiles answers")
+            .into_inner();
+        revision = revision.max(page.store_revision);
+        profiles.extend(page.profiles);
+        if page.next_page_token.is_empty() {
+            return (profiles, revision);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Log lines written into a shared buffer, for tests that capture them.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A running service. Dropping it without `stop` aborts nothing: call `stop` to shut it down.
 pub struct TestService {
     pub webhook: SocketAddr,
@@ -118,27 +155,7 @@ impl TestService {
     /// Every profile, paged through ListProfiles, and the highest store revision a page
     /// reported.
     pub async fn all_profiles(&self) -> (Vec<pb::Profile>, u64) {
-        let mut client = self.client().await;
-        let mut profiles = Vec::new();
-        let mut page_token = String::new();
-        let mut revision = 0;
-        loop {
-            let page = client
-                .list_profiles(pb::ListProfilesRequest {
-                    page_size: 1000,
-                    page_token,
-                    ..Default::default()
-                })
-                .await
-                .expect("ListProfiles answers")
-                .into_inner();
-            revision = revision.max(page.store_revision);
-            profiles.extend(page.profiles);
-            if page.next_page_token.is_empty() {
-                return (profiles, revision);
-            }
-            page_token = page.next_page_token;
-        }
+        list_all(&mut self.client().await).await
     }
 
     /// GetServerInfo, which must answer.
