@@ -106,8 +106,9 @@ impl Server {
             let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
-            // Fields are at the top level of each JSON line (`--log-format json`).
-            let fields = &json;
+            // Fields are at the top level of each JSON line (`--log-format json`); builds before
+            // the flat log format nest them under `fields`, and `--server-bin` compares builds.
+            let fields = json.get("fields").unwrap_or(&json);
             match fields["message"].as_str() {
                 Some("recovered") => recovered = Some(fields.clone()),
                 Some("profile-state listening") => {

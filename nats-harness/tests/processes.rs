@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use nats_harness::{NatsCluster, Node};
 
+/// One test at a time: the harness picks free ports by binding port 0 and letting go, so two
+/// tests starting nodes at once can pick the same port (one node then answers for the other),
+/// and a cluster restarted on its old ports can find one taken. Seen once under load.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn process_exists(pid: u32) -> bool {
     // A reaped process has no /proc entry; a zombie would still have one.
     std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -12,6 +17,7 @@ fn process_exists(pid: u32) -> bool {
 
 #[tokio::test]
 async fn a_single_node_is_ready_with_every_write_synced() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let nats = NatsCluster::single().await.unwrap();
     let node = &nats.nodes()[0];
     let jsz = node.monitor("/jsz").await.expect("/jsz answers");
@@ -22,6 +28,7 @@ async fn a_single_node_is_ready_with_every_write_synced() {
 
 #[tokio::test]
 async fn a_cluster_agrees_on_a_meta_leader_and_takes_a_killed_node_back() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut nats = NatsCluster::three().await.unwrap();
     let mut leaders = Vec::new();
     for node in nats.nodes() {
@@ -61,6 +68,7 @@ async fn a_cluster_agrees_on_a_meta_leader_and_takes_a_killed_node_back() {
 
 #[tokio::test]
 async fn a_paused_node_answers_nothing_until_resumed() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut nats = NatsCluster::single().await.unwrap();
     let node = &mut nats.nodes_mut()[0];
     node.pause().unwrap();
@@ -73,6 +81,7 @@ async fn a_paused_node_answers_nothing_until_resumed() {
 
 #[tokio::test]
 async fn dropping_the_handle_kills_every_process() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let nats = NatsCluster::three().await.unwrap();
     let pids: Vec<u32> = nats.nodes().iter().filter_map(Node::pid).collect();
     assert_eq!(pids.len(), 3);
@@ -84,6 +93,7 @@ async fn dropping_the_handle_kills_every_process() {
 
 #[tokio::test]
 async fn a_node_that_cannot_start_fails_with_its_log() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     // Two nodes on one client port: the second cannot bind it.
     let single = NatsCluster::single().await.unwrap();
     let port = single.client_urls()[0]
@@ -103,6 +113,7 @@ async fn a_node_that_cannot_start_fails_with_its_log() {
 
 #[tokio::test]
 async fn a_cluster_killed_entirely_comes_back_on_the_same_ports() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut nats = NatsCluster::three().await.unwrap();
     let urls = nats.client_urls();
     nats.kill_all();
