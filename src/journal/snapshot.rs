@@ -186,18 +186,7 @@ pub fn read_header(path: &Path) -> Result<SnapshotHeader, JournalError> {
     };
     let mut file = BufReader::new(File::open(path).map_err(JournalError::io(path, "open"))?);
     let mut buffer = Vec::new();
-    read_up_to(&mut file, &mut buffer, codec::HEADER_LEN)
-        .map_err(JournalError::io(path, "read"))?;
-    let format = match codec::check_header(&buffer, SNAPSHOT_MAGIC) {
-        Ok(format) => format,
-        Err(error @ HeaderError::UnknownVersion(_)) => {
-            return Err(JournalError::Format {
-                path: path.to_owned(),
-                reason: format!("not a snapshot this build reads: {error}"),
-            });
-        }
-        Err(error) => return Err(corrupt(0, error.to_string())),
-    };
+    let format = read_file_header(path, &mut file, &mut buffer)?;
     let offset = codec::HEADER_LEN as u64;
     read_frame(&mut file, &mut buffer, format).map_err(JournalError::io(path, "read"))?;
     match codec::read_frame(&buffer, 0, format) {
@@ -250,18 +239,7 @@ fn decode(
         reason,
     };
     let mut buffer = Vec::new();
-    read_up_to(&mut file, &mut buffer, codec::HEADER_LEN)
-        .map_err(JournalError::io(path, "read"))?;
-    let format = match codec::check_header(&buffer, SNAPSHOT_MAGIC) {
-        Ok(format) => format,
-        Err(error @ HeaderError::UnknownVersion(_)) => {
-            return Err(JournalError::Format {
-                path: path.to_owned(),
-                reason: format!("not a snapshot this build reads: {error}"),
-            });
-        }
-        Err(error) => return Err(corrupt(0, error.to_string())),
-    };
+    let format = read_file_header(path, &mut file, &mut buffer)?;
     let mut offset = codec::HEADER_LEN as u64;
     let mut header = None;
     let mut count = 0u64;
@@ -302,6 +280,27 @@ fn decode(
         ));
     }
     Ok(header.revision)
+}
+
+/// Reads and checks the snapshot file header of `file` (at `path`); the frame format it names.
+fn read_file_header(
+    path: &Path,
+    file: &mut impl Read,
+    buffer: &mut Vec<u8>,
+) -> Result<FrameFormat, JournalError> {
+    read_up_to(file, buffer, codec::HEADER_LEN).map_err(JournalError::io(path, "read"))?;
+    match codec::check_header(buffer, SNAPSHOT_MAGIC) {
+        Ok(format) => Ok(format),
+        Err(error @ HeaderError::UnknownVersion(_)) => Err(JournalError::Format {
+            path: path.to_owned(),
+            reason: format!("not a snapshot this build reads: {error}"),
+        }),
+        Err(error) => Err(JournalError::DamagedSnapshot {
+            path: path.to_owned(),
+            offset: 0,
+            reason: error.to_string(),
+        }),
+    }
 }
 
 /// Reads the next frame of `file` (header, payload) into `buffer`, for [`codec::read_frame`]
