@@ -1,20 +1,19 @@
-//! gRPC guard rails over real sockets: bearer tokens, TLS and mTLS, the watch stream cap,
-//! filter and message size limits, per-call metrics, and start-up errors for bad files.
+//! gRPC guard rails over real sockets: bearer tokens, the watch stream cap, filter and
+//! message size limits, per-call metrics, and start-up errors for bad files (TLS itself:
+//! `grpc_tls`).
 
 use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestService, at, profile_updated, server_info};
+use common::tls::{Pki, tls_config};
+use common::{TestService, at, profile_updated};
 use profile_state::pb;
 use profile_state::pb::admin_service_client::AdminServiceClient;
-use profile_state::pb::profile_service_client::ProfileServiceClient;
 use profile_state::{Config, Server};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::json;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -172,136 +171,6 @@ async fn health_and_reflection_need_no_token() {
     assert!(
         names.contains(&"gameball.profiles.v1.ProfileService"),
         "{names:?}"
-    );
-    service.stop().await;
-}
-
-/// A throwaway certificate authority.
-struct Pki {
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Pki { ca }
-    }
-
-    /// A certificate for `name` signed by the CA: (certificate PEM, key PEM).
-    fn issue(&self, name: &str) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn ca_pem(&self) -> String {
-        self.ca.pem()
-    }
-}
-
-/// A configuration serving TLS with a `localhost` certificate from `pki`, requiring client
-/// certificates from the same CA when `mutual`.
-fn tls_config(dir: &Path, pki: &Pki, mutual: bool) -> Config {
-    let (cert, key) = pki.issue("localhost");
-    std::fs::write(dir.join("server.pem"), cert).unwrap();
-    std::fs::write(dir.join("server.key"), key).unwrap();
-    std::fs::write(dir.join("ca.pem"), pki.ca_pem()).unwrap();
-    let mut config = Config::for_tests(common::SECRET);
-    config.grpc_tls_cert = Some(dir.join("server.pem"));
-    config.grpc_tls_key = Some(dir.join("server.key"));
-    if mutual {
-        config.grpc_client_ca = Some(dir.join("ca.pem"));
-    }
-    config
-}
-
-async fn tls_channel(
-    service: &TestService,
-    pki: &Pki,
-    identity: Option<Identity>,
-) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(pki.ca_pem()))
-        .domain_name("localhost");
-    if let Some(identity) = identity {
-        tls = tls.identity(identity);
-    }
-    Channel::from_shared(format!("https://{}", service.grpc))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-}
-
-/// Whether a connection attempt got no answer: refused at connect, or its first call failed.
-async fn refused(channel: Result<Channel, tonic::transport::Error>) -> bool {
-    match channel {
-        Err(_) => true,
-        Ok(channel) => server_info(&mut ProfileServiceClient::new(channel))
-            .await
-            .is_err(),
-    }
-}
-
-#[tokio::test]
-async fn tls_serves_trusting_clients_and_refuses_plaintext() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let service = TestService::start_with(tls_config(dir.path(), &pki, false)).await;
-    let channel = tls_channel(&service, &pki, None)
-        .await
-        .expect("TLS handshake");
-    assert!(
-        server_info(&mut ProfileServiceClient::new(channel))
-            .await
-            .is_ok()
-    );
-
-    let plaintext = Channel::from_shared(format!("http://{}", service.grpc))
-        .unwrap()
-        .connect()
-        .await;
-    assert!(
-        refused(plaintext).await,
-        "a plaintext client gets no answer"
-    );
-
-    let stranger = Pki::new();
-    assert!(
-        refused(tls_channel(&service, &stranger, None).await).await,
-        "a client that does not trust the server's CA does not connect"
-    );
-    service.stop().await;
-}
-
-#[tokio::test]
-async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let service = TestService::start_with(tls_config(dir.path(), &pki, true)).await;
-
-    assert!(
-        refused(tls_channel(&service, &pki, None).await).await,
-        "no client certificate, no answer"
-    );
-    let (cert, key) = Pki::new().issue("checkout-service");
-    assert!(
-        refused(tls_channel(&service, &pki, Some(Identity::from_pem(cert, key))).await).await,
-        "a certificate from another CA, no answer"
-    );
-
-    let (cert, key) = pki.issue("checkout-service");
-    let channel = tls_channel(&service, &pki, Some(Identity::from_pem(cert, key)))
-        .await
-        .expect("mTLS handshake");
-    assert!(
-        server_info(&mut ProfileServiceClient::new(channel))
-            .await
-            .is_ok()
     );
     service.stop().await;
 }

@@ -23,6 +23,7 @@ mod disk_full;
 mod durability;
 mod error_details;
 mod grpc_security;
+mod grpc_tls;
 mod jetstream;
 mod journal_damage;
 mod limits;

@@ -1,9 +1,11 @@
 //! How the gRPC listener is set up: TLS (and mTLS), HTTP/2 keepalive and concurrent streams,
-//! the TLS handshake timeout, and the per-call metrics layer.
+//! and the per-call metrics layer.
 //!
-//! [`server_builder`] turns the configuration into a tonic `Server` before anything binds, so a
-//! missing or malformed certificate, key or CA file stops start-up with an error naming the
-//! file. [`MetricsLayer`] counts every ProfileService and AdminService call by method and
+//! [`server_builder`] turns the configuration into a tonic `Server`, and [`tls_acceptor`] into
+//! the rustls configuration the listener terminates TLS with (`crate::server` does that
+//! itself, not tonic, so its handshake deadline also covers the HTTP/2 preface), both before
+//! anything binds, so a missing or malformed certificate, key or CA file stops start-up with
+//! an error naming the file. [`MetricsLayer`] counts every ProfileService and AdminService call by method and
 //! status code, the way grpc-ecosystem's go-grpc-prometheus does. Message size limits are per service in tonic, so `crate::server` sets them on
 //! each service it adds ([`Config::grpc_max_message_bytes`]). Nothing here knows about
 //! profiles, and who may call is `super::auth`'s business.
@@ -20,42 +22,87 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use http_body_util::BodyExt as _;
 use prost::Message as _;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::Code;
 use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, StdError, http};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::config::Config;
 use crate::io_error::IoError;
 use crate::metrics::{GrpcMethodMetrics, GrpcType, Metrics};
 use crate::pb;
 
-/// The tonic server as configured: TLS or mTLS when certificates are given, HTTP/2 keepalive
-/// pings every `--grpc-keepalive-interval` (0: none) answered within
-/// `--grpc-keepalive-timeout`, at most `--grpc-max-concurrent-streams` calls at once on one
-/// connection (advertised in its HTTP/2 settings), and under TLS a handshake that must end
-/// within `--grpc-handshake-timeout` (so half-open handshakes cannot pile up). Add
-/// [`MetricsLayer`] and the services to it.
-pub fn server_builder(config: &Config) -> anyhow::Result<tonic::transport::Server> {
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls_config(config)? {
-        let tls = tls.timeout(config.grpc_handshake_timeout);
-        // tonic parses the PEM and builds the rustls configuration here, so a key that does
-        // not fit its certificate fails now, not at the first handshake.
-        builder = builder.tls_config(tls).with_context(|| {
-            format!(
-                "--grpc-tls-cert, --grpc-tls-key: the TLS configuration from {} is not usable",
-                tls_files(config)
-            )
-        })?;
-    }
+/// The tonic server as configured: HTTP/2 keepalive pings every `--grpc-keepalive-interval`
+/// (0: none) answered within `--grpc-keepalive-timeout`, and at most
+/// `--grpc-max-concurrent-streams` calls at once on one connection (advertised in its HTTP/2
+/// settings). Add [`MetricsLayer`] and the services to it. TLS is not tonic's:
+/// see [`tls_acceptor`].
+pub fn server_builder(config: &Config) -> tonic::transport::Server {
     let interval = config.grpc_keepalive_interval;
     let keepalive = (!interval.is_zero()).then_some(interval);
-    builder = builder
+    tonic::transport::Server::builder()
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(keepalive.map(|_| config.grpc_keepalive_timeout))
-        .max_concurrent_streams(Some(config.grpc_max_concurrent_streams));
-    Ok(builder)
+        .max_concurrent_streams(Some(config.grpc_max_concurrent_streams))
+}
+
+/// TLS for the gRPC listener from `--grpc-tls-cert` and `--grpc-tls-key` (ALPN `h2`), requiring
+/// client certificates signed by `--grpc-client-ca` when that is given; `None` for plaintext.
+/// The whole rustls configuration is built here, so a key that does not fit its certificate
+/// fails start-up, not the first handshake.
+pub fn tls_acceptor(config: &Config) -> anyhow::Result<Option<TlsAcceptor>> {
+    let Some(files) = tls_files(config)? else {
+        return Ok(None);
+    };
+    server_tls(&files).map(Some).with_context(|| {
+        format!(
+            "--grpc-tls-cert, --grpc-tls-key: the TLS configuration from {} is not usable",
+            tls_file_names(config)
+        )
+    })
+}
+
+/// The PEM contents of the TLS files, each checked.
+struct TlsFiles {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+/// The rustls server configuration of `files`, with ring (as tonic's `tls-ring`) and ALPN `h2`
+/// (gRPC clients refuse a connection that did not negotiate it).
+fn server_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certificates(ca)? {
+                roots.add(cert).context("a --grpc-client-ca certificate")?;
+            }
+            // Not `allow_unauthenticated`: a client without a certificate signed by this CA
+            // fails the handshake.
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let key = PrivateKeyDer::from_pem_slice(&files.key).context("no usable private key")?;
+    let mut tls = builder.with_single_cert(certificates(&files.cert)?, key)?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(tls)))
+}
+
+fn certificates(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .context("a certificate cannot be parsed")
 }
 
 /// What tonic hands every call about the connection it arrived on (the listener makes one per
@@ -72,14 +119,10 @@ pub struct Connection {
 
 impl Connection {
     /// The connection of `request`, when it came through the capped listener (plaintext or
-    /// TLS).
+    /// TLS: the listener terminates TLS itself, so tonic sees the same `Connection` either way;
+    /// no call reads the client's certificate, which the handshake has already checked).
     pub fn of<T>(request: &tonic::Request<T>) -> Option<&Connection> {
-        let extensions = request.extensions();
-        extensions.get::<Connection>().or_else(|| {
-            extensions
-                .get::<tonic::transport::server::TlsConnectInfo<Connection>>()
-                .map(|tls| tls.get_ref())
-        })
+        request.extensions().get::<Connection>()
     }
 
     /// The client's address of `request`: the capped listener's, else tonic's.
@@ -118,7 +161,7 @@ impl ConnectionWatches {
 }
 
 /// The TLS files configured, for error messages.
-fn tls_files(config: &Config) -> String {
+fn tls_file_names(config: &Config) -> String {
     [
         &config.grpc_tls_cert,
         &config.grpc_tls_key,
@@ -131,9 +174,9 @@ fn tls_files(config: &Config) -> String {
     .join(", ")
 }
 
-/// TLS from `--grpc-tls-cert` and `--grpc-tls-key`, requiring client certificates signed by
-/// `--grpc-client-ca` when that is given; `None` for plaintext.
-fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
+/// The files of `--grpc-tls-cert`, `--grpc-tls-key` and `--grpc-client-ca`, read and checked
+/// as PEM; `None` for plaintext.
+fn tls_files(config: &Config) -> anyhow::Result<Option<TlsFiles>> {
     let (cert, key) = match (&config.grpc_tls_cert, &config.grpc_tls_key) {
         (Some(cert), Some(key)) => (cert, key),
         (None, None) => {
@@ -152,14 +195,15 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
         "--grpc-tls-key",
         &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
     )?;
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if let Some(ca) = &config.grpc_client_ca {
-        let ca = read_pem(ca, "--grpc-client-ca", &["CERTIFICATE"])?;
-        // Without `client_auth_optional`, a client without a certificate signed by this CA
-        // fails the handshake.
-        tls = tls.client_ca_root(Certificate::from_pem(ca));
-    }
-    Ok(Some(tls))
+    let client_ca = match &config.grpc_client_ca {
+        Some(ca) => Some(read_pem(ca, "--grpc-client-ca", &["CERTIFICATE"])?),
+        None => None,
+    };
+    Ok(Some(TlsFiles {
+        cert,
+        key,
+        client_ca,
+    }))
 }
 
 /// Reads a PEM file given by `flag` and checks that it holds at least one block labelled one

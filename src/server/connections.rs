@@ -9,9 +9,11 @@
 //!   connection that sends nothing is closed after the idle timeout, and one that has started
 //!   a request's headers (or an HTTP/2 preface) after the header timeout. The request's body
 //!   and answer are the handler's business (`--webhook-body-timeout`, `--webhook-timeout`).
-//! - [`Deadlines::Preface`] (the gRPC listener, plaintext): the 24 bytes of the HTTP/2 client
-//!   preface must arrive within the handshake timeout; after that HTTP/2 keepalive watches the
-//!   connection. Under TLS, tonic's TLS handshake timeout does this job.
+//! - [`Deadlines::Preface`] (the gRPC listener): the 24 bytes of the HTTP/2 client preface
+//!   must arrive within the handshake timeout, counted from the accept; after that HTTP/2
+//!   keepalive watches the connection. Under TLS the stream is `super::tls::TlsConnection`,
+//!   so the TLS handshake runs inside the same deadline and the preface is counted in
+//!   decrypted bytes.
 //!
 //! A deadline that passes makes the next read fail with `TimedOut`, which makes hyper close
 //! the connection; it is counted in `profile_state_connections_timed_out_total`. Nothing here
@@ -174,19 +176,24 @@ pub async fn serve_http(
     Ok(())
 }
 
-/// The connections of `listener` as tonic's incoming stream, each with the handshake timeout
-/// of [`Deadlines::Preface`] and a `tag` made for it from the peer's address.
-pub fn incoming<T: Send + 'static>(
+/// The connections of `listener` as tonic's incoming stream, each turned into the stream tonic
+/// reads by `open` (the TCP stream itself, or TLS over it), with the handshake timeout of
+/// [`Deadlines::Preface`] and a `tag` made for it from the peer's address.
+pub fn incoming<T: Send + 'static, S: Send + 'static>(
     listener: CappedListener,
     handshake: Duration,
+    open: impl Fn(TcpStream) -> S + Send + 'static,
     tag: impl Fn(std::net::SocketAddr) -> T + Send + 'static,
-) -> impl futures_util::Stream<Item = io::Result<Timed<T>>> + Send + 'static {
-    futures_util::stream::unfold((listener, tag), move |(listener, tag)| async move {
-        let (stream, peer, slot) = listener.accept().await;
-        let deadlines = Deadlines::Preface { handshake };
-        let io = Timed::new(stream, slot, deadlines, listener.metrics(), tag(peer));
-        Some((Ok(io), (listener, tag)))
-    })
+) -> impl futures_util::Stream<Item = io::Result<Timed<T, S>>> + Send + 'static {
+    futures_util::stream::unfold(
+        (listener, open, tag),
+        move |(listener, open, tag)| async move {
+            let (stream, peer, slot) = listener.accept().await;
+            let deadlines = Deadlines::Preface { handshake };
+            let io = Timed::new(open(stream), slot, deadlines, listener.metrics(), tag(peer));
+            Some((Ok(io), (listener, open, tag)))
+        },
+    )
 }
 
 /// Raises the soft limit of open files to the hard limit, so the connection caps, not the
@@ -301,9 +308,10 @@ enum Phase {
 }
 
 /// An accepted connection with its [`Deadlines`]; `tag` is what tonic's `Connected` hands to
-/// every request on it (`()` for the webhook listener).
-pub struct Timed<T> {
-    io: TcpStream,
+/// every request on it (`()` for the webhook listener). `S` is what is read and written: the
+/// TCP stream, or the TLS stream over it (whose handshake then runs under the deadlines).
+pub struct Timed<T, S = TcpStream> {
+    io: S,
     _slot: Slot,
     deadlines: Deadlines,
     phase: Phase,
@@ -313,15 +321,9 @@ pub struct Timed<T> {
     tag: T,
 }
 
-impl<T> Timed<T> {
+impl<T, S> Timed<T, S> {
     /// Wraps a connection `accept` returned; its first deadline starts now.
-    pub fn new(
-        io: TcpStream,
-        slot: Slot,
-        deadlines: Deadlines,
-        metrics: ListenerMetrics,
-        tag: T,
-    ) -> Self {
+    pub fn new(io: S, slot: Slot, deadlines: Deadlines, metrics: ListenerMetrics, tag: T) -> Self {
         let (phase, first) = match &deadlines {
             Deadlines::Requests { idle, .. } => (Phase::Idle, *idle),
             Deadlines::Preface { handshake } => (Phase::Header, *handshake),
@@ -397,7 +399,7 @@ impl<T> Timed<T> {
     }
 }
 
-impl<T: Unpin> AsyncRead for Timed<T> {
+impl<T: Unpin, S: AsyncRead + Unpin> AsyncRead for Timed<T, S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -419,7 +421,7 @@ impl<T: Unpin> AsyncRead for Timed<T> {
     }
 }
 
-impl<T: Unpin> AsyncWrite for Timed<T> {
+impl<T: Unpin, S: AsyncWrite + Unpin> AsyncWrite for Timed<T, S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -468,7 +470,9 @@ impl<T: Unpin> AsyncWrite for Timed<T> {
     }
 }
 
-impl<T: Clone + Send + Sync + Unpin + 'static> tonic::transport::server::Connected for Timed<T> {
+impl<T: Clone + Send + Sync + Unpin + 'static, S> tonic::transport::server::Connected
+    for Timed<T, S>
+{
     type ConnectInfo = T;
 
     fn connect_info(&self) -> T {

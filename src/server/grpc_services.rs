@@ -31,6 +31,7 @@ use crate::store::Store;
 use crate::watch::Watchers;
 
 use super::connections::{self, CappedListener};
+use super::tls::TlsConnection;
 
 /// Applies the one message-size limit, both ways, to a generated service. tonic sets it per
 /// service, with a method of the same name on each generated type (no trait to be generic
@@ -43,10 +44,19 @@ macro_rules! limited {
     };
 }
 
+/// How the gRPC listener speaks: tonic's server as configured (keepalive, concurrent
+/// streams), and TLS, which the listener terminates itself (`super::tls`).
+pub(super) struct Transport {
+    /// The tonic server as configured, without TLS.
+    pub builder: tonic::transport::Server,
+    /// `--grpc-tls-cert` and friends; `None` for plaintext.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 /// What the gRPC listener serves, and with which limits.
 pub(super) struct Services<H> {
-    /// The tonic server as configured (TLS, keepalive).
-    pub builder: tonic::transport::Server,
+    /// The tonic server and TLS.
+    pub transport: Transport,
     /// Wraps ProfileService.
     pub auth: BearerAuth,
     /// Wraps AdminService.
@@ -79,8 +89,8 @@ pub(super) struct Limits {
     pub max_watch_streams_per_connection: usize,
     /// `--grpc-max-message-bytes`.
     pub max_message_bytes: usize,
-    /// `--grpc-handshake-timeout`: the HTTP/2 preface of a plaintext connection must arrive
-    /// within it (tonic's TLS handshake has the same timeout, `crate::grpc::transport`).
+    /// `--grpc-handshake-timeout`: from the accept, the TLS handshake (if any) and the HTTP/2
+    /// preface must be done within it.
     pub handshake_timeout: std::time::Duration,
 }
 
@@ -103,7 +113,7 @@ pub(super) fn serve<H: Health>(
     tracker: &TaskTracker,
 ) -> anyhow::Result<Serving> {
     let Services {
-        builder,
+        transport: Transport { builder, tls },
         auth,
         admin_auth,
         health,
@@ -156,14 +166,23 @@ pub(super) fn serve<H: Health>(
             admin_auth,
         ));
     let grpc_stopping = CancellationToken::new();
+    let stopped = grpc_stopping.clone().cancelled_owned();
     // The listener sets TCP_NODELAY: answers go out as soon as they are written.
-    let incoming = connections::incoming(listener, handshake_timeout, move |peer| Connection {
+    let tag = move |peer| Connection {
         peer,
         watches: ConnectionWatches::new(max_watch_streams_per_connection),
-    });
-    let task = tokio::spawn(
-        router.serve_with_incoming_shutdown(incoming, grpc_stopping.clone().cancelled_owned()),
-    );
+    };
+    let task = match tls {
+        None => {
+            let incoming = connections::incoming(listener, handshake_timeout, |tcp| tcp, tag);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        Some(acceptor) => {
+            let open = move |tcp| TlsConnection::accepting(&acceptor, tcp);
+            let incoming = connections::incoming(listener, handshake_timeout, open, tag);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
     Ok(Serving {
         task,
         stopping: grpc_stopping,

@@ -16,6 +16,7 @@
 mod connections;
 mod grpc_services;
 mod shutdown;
+mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -64,7 +65,7 @@ pub struct Server {
     verification: Verification,
     auth: BearerAuth,
     admin_auth: AdminAuth,
-    grpc_builder: tonic::transport::Server,
+    grpc_transport: grpc_services::Transport,
     store: Store,
     mode: Mode,
     dead_letters: DeadLetters,
@@ -100,7 +101,7 @@ struct Checked {
     verification: Verification,
     auth: BearerAuth,
     admin_access: AdminAccess,
-    grpc_builder: tonic::transport::Server,
+    grpc_transport: grpc_services::Transport,
 }
 
 impl Server {
@@ -112,7 +113,7 @@ impl Server {
             verification,
             auth,
             admin_access,
-            grpc_builder,
+            grpc_transport,
         } = check(&config).map_err(|error| anyhow::Error::new(BadConfiguration(error)))?;
         connections::raise_open_files_limit();
         let webhook = listen(&config.webhook_listen, "webhook-listen").await?;
@@ -141,7 +142,7 @@ impl Server {
             verification,
             auth,
             admin_auth,
-            grpc_builder,
+            grpc_transport,
             store,
             mode,
             dead_letters,
@@ -211,7 +212,7 @@ impl Server {
             verification,
             auth,
             admin_auth,
-            grpc_builder,
+            grpc_transport,
             store,
             mode,
             dead_letters,
@@ -243,7 +244,7 @@ impl Server {
             grpc,
             &config,
             grpc_services::Services {
-                builder: grpc_builder,
+                transport: grpc_transport,
                 auth,
                 admin_auth,
                 health: health_service,
@@ -331,7 +332,10 @@ fn check(config: &Config) -> anyhow::Result<Checked> {
         verification,
         auth: BearerAuth::from_config(config)?,
         admin_access: AdminAccess::from_config(config),
-        grpc_builder: transport::server_builder(config)?,
+        grpc_transport: grpc_services::Transport {
+            builder: transport::server_builder(config),
+            tls: transport::tls_acceptor(config)?,
+        },
     })
 }
 

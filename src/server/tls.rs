@@ -1,0 +1,128 @@
+//! TLS on the gRPC listener, terminated here rather than by tonic: [`TlsConnection`] is an
+//! accepted TCP connection whose TLS handshake runs on its first read or write, inside the
+//! connection's own task, and which then reads and writes the decrypted bytes.
+//!
+//! Why not tonic's TLS: tonic times only the handshake, so a client that completes it and then
+//! sends nothing held a connection slot forever. Here the capped listener wraps the TLS stream
+//! in `super::connections::Timed`, so one deadline (`--grpc-handshake-timeout`) runs from the
+//! accept through the TLS handshake to the end of the HTTP/2 preface, counted in decrypted
+//! bytes, exactly as for a plaintext connection. The handshake never runs in the accept loop,
+//! so slow handshakes do not hold up other clients.
+//!
+//! This module does not build the TLS configuration (`crate::grpc::transport::tls_acceptor`
+//! reads the certificate, key and client CA) and knows nothing of HTTP/2.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{Accept, TlsAcceptor};
+
+/// A server-side TLS connection over an accepted TCP stream; see the module docs.
+pub struct TlsConnection {
+    state: State,
+}
+
+enum State {
+    /// The handshake is in progress; its future owns the TCP stream. Both states are boxed:
+    /// rustls' connection state is over a kilobyte, and the connection moves on its way to
+    /// tonic.
+    Handshaking(Box<Accept<TcpStream>>),
+    /// The handshake succeeded.
+    Open(Box<TlsStream<TcpStream>>),
+    /// The handshake failed, and its error was returned once.
+    Failed,
+}
+
+impl TlsConnection {
+    /// `tcp`, to be handshaken with `acceptor` once it is first read or written.
+    pub fn accepting(acceptor: &TlsAcceptor, tcp: TcpStream) -> TlsConnection {
+        TlsConnection {
+            state: State::Handshaking(Box::new(acceptor.accept(tcp))),
+        }
+    }
+
+    /// Drives the handshake; the TLS stream once it is done.
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut TlsStream<TcpStream>>> {
+        if let State::Handshaking(accept) = &mut self.state {
+            match Pin::new(&mut **accept).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(stream)) => self.state = State::Open(Box::new(stream)),
+                Poll::Ready(Err(error)) => {
+                    self.state = State::Failed;
+                    tracing::debug!(%error, "tls handshake failed");
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+        match &mut self.state {
+            State::Open(stream) => Poll::Ready(Ok(stream)),
+            State::Handshaking(_) | State::Failed => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the tls handshake failed",
+            ))),
+        }
+    }
+}
+
+/// Polls `$method` on the open TLS stream, after the handshake.
+macro_rules! when_open {
+    ($this:expr, $cx:expr, $method:ident ( $($arg:expr),* )) => {
+        match $this.get_mut().poll_open($cx) {
+            Poll::Ready(Ok(stream)) => Pin::new(stream).$method($cx, $($arg),*),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        }
+    };
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        when_open!(self, cx, poll_read(buf))
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        when_open!(self, cx, poll_write(buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        when_open!(self, cx, poll_flush())
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().state {
+            State::Open(stream) => Pin::new(stream).poll_shutdown(cx),
+            // Nothing was said over TLS yet: dropping the TCP stream is the whole shutdown.
+            State::Handshaking(_) | State::Failed => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        when_open!(self, cx, poll_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.state {
+            State::Open(stream) => stream.is_write_vectored(),
+            State::Handshaking(_) | State::Failed => false,
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! gRPC over TLS and mTLS through the real listener: who may connect, WatchProfiles over it,
+//! and the handshake deadline, which runs from the accept through the TLS handshake to the
+//! end of the HTTP/2 preface (issue 10 item 7).
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::tls::{Pki, tls_channel, tls_config, tls_connect};
+use common::{TestService, at, profile_updated, server_info};
+use profile_state::pb;
+use profile_state::pb::profile_service_client::ProfileServiceClient;
+use profile_state::pb::watch_profiles_response::Event;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tonic::Streaming;
+use tonic::transport::{Channel, Identity};
+
+/// How long the tests wait for something the server should do.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Whether a connection attempt got no answer: refused at connect, or its first call failed.
+async fn refused(channel: Result<Channel, tonic::transport::Error>) -> bool {
+    match channel {
+        Err(_) => true,
+        Ok(channel) => server_info(&mut ProfileServiceClient::new(channel))
+            .await
+            .is_err(),
+    }
+}
+
+/// The next event of a watch stream, within [`PATIENCE`].
+async fn next(stream: &mut Streaming<pb::WatchProfilesResponse>) -> Event {
+    tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("a watch message in time")
+        .expect("no stream error")
+        .expect("the stream goes on")
+        .event
+        .expect("every message has an event")
+}
+
+/// Opens an unfiltered watch with the initial state and reads up to its `Synced`.
+async fn watch_synced(channel: Channel) -> Streaming<pb::WatchProfilesResponse> {
+    let request = pb::WatchProfilesRequest {
+        client_id: "2155".into(),
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let mut stream = ProfileServiceClient::new(channel)
+        .watch_profiles(request)
+        .await
+        .expect("the watch starts")
+        .into_inner();
+    assert!(matches!(next(&mut stream).await, Event::Synced(_)));
+    stream
+}
+
+/// Posts a webhook for `customer` and checks that `stream` delivers its change.
+async fn delivers_a_change(
+    service: &TestService,
+    stream: &mut Streaming<pb::WatchProfilesResponse>,
+    customer: &str,
+) {
+    let (status, answer) = service
+        .post(&profile_updated(customer, &at(1), json!({})))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    match next(stream).await {
+        Event::Change(change) => assert_eq!(change.profile.unwrap().customer_id, customer),
+        other => panic!("expected the change of {customer}, got {other:?}"),
+    }
+}
+
+/// Reads what the server sends until it closes the connection (cleanly or not); fails after
+/// [`PATIENCE`].
+async fn until_closed(what: &str, stream: &mut (impl AsyncRead + Unpin)) {
+    let mut received = Vec::new();
+    match tokio::time::timeout(PATIENCE, stream.read_to_end(&mut received)).await {
+        // A TLS peer that closes without close_notify is an unexpected EOF; a reset is as good.
+        Ok(_) => {}
+        Err(_) => panic!(
+            "{what}: still open after {PATIENCE:?} ({} bytes)",
+            received.len()
+        ),
+    }
+}
+
+/// The value of the sample `series` (name and labels, as written) in `metrics`.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series}"))
+}
+
+#[tokio::test]
+async fn tls_serves_trusting_clients_and_refuses_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let service = TestService::start_with(tls_config(dir.path(), &pki, false)).await;
+    let channel = tls_channel(service.grpc, &pki, None)
+        .await
+        .expect("TLS handshake");
+    assert!(
+        server_info(&mut ProfileServiceClient::new(channel.clone()))
+            .await
+            .is_ok()
+    );
+    let mut stream = watch_synced(channel).await;
+    delivers_a_change(&service, &mut stream, "over-tls").await;
+
+    let plaintext = Channel::from_shared(format!("http://{}", service.grpc))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(
+        refused(plaintext).await,
+        "a plaintext client gets no answer"
+    );
+
+    let stranger = Pki::new();
+    assert!(
+        refused(tls_channel(service.grpc, &stranger, None).await).await,
+        "a client that does not trust the server's CA does not connect"
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let service = TestService::start_with(tls_config(dir.path(), &pki, true)).await;
+
+    assert!(
+        refused(tls_channel(service.grpc, &pki, None).await).await,
+        "no client certificate, no answer"
+    );
+    let (cert, key) = Pki::new().issue("checkout-service");
+    assert!(
+        refused(tls_channel(service.grpc, &pki, Some(Identity::from_pem(cert, key))).await).await,
+        "a certificate from another CA, no answer"
+    );
+
+    let (cert, key) = pki.issue("checkout-service");
+    let channel = tls_channel(service.grpc, &pki, Some(Identity::from_pem(cert, key)))
+        .await
+        .expect("mTLS handshake");
+    assert!(
+        server_info(&mut ProfileServiceClient::new(channel.clone()))
+            .await
+            .is_ok()
+    );
+    let mut stream = watch_synced(channel).await;
+    delivers_a_change(&service, &mut stream, "over-mtls").await;
+    service.stop().await;
+}
+
+/// A client that stops after the TLS handshake, or inside it, or after part of the HTTP/2
+/// preface, is closed by `--grpc-handshake-timeout` and counted, so as many such clients as
+/// `--max-grpc-connections` allows starve real calls only until then; a client that sent its
+/// preface in time is not cut. Before TLS was terminated in the listener, only tonic's TLS
+/// handshake was timed: the first two clients here held their slots forever.
+#[tokio::test]
+async fn tls_clients_that_stall_before_the_http2_preface_are_closed_after_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let mut config = tls_config(dir.path(), &pki, false);
+    let timeout = Duration::from_millis(1500);
+    config.grpc_handshake_timeout = timeout;
+    config.max_grpc_connections = 4;
+    let service = TestService::start_with(config).await;
+
+    // A real client first, watching: its connection must outlive the deadline.
+    let channel = tls_channel(service.grpc, &pki, None)
+        .await
+        .expect("TLS handshake");
+    let mut watching = watch_synced(channel).await;
+
+    let mut silent = tls_connect(service.grpc, &pki).await;
+    let mut partial = tls_connect(service.grpc, &pki).await;
+    partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    partial.flush().await.unwrap();
+    let mut no_handshake = tokio::net::TcpStream::connect(service.grpc).await.unwrap();
+    // Every slot is taken: one more connection is closed at once, and no call gets through.
+    let mut past_the_cap = tokio::net::TcpStream::connect(service.grpc).await.unwrap();
+    until_closed("the connection past the cap", &mut past_the_cap).await;
+    assert!(refused(tls_channel(service.grpc, &pki, None).await).await);
+
+    until_closed("silent after the TLS handshake", &mut silent).await;
+    until_closed("part of the preface", &mut partial).await;
+    until_closed("no TLS handshake", &mut no_handshake).await;
+    let (_, metrics) = service.admin_get("/metrics").await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"profile_state_connections_timed_out_total{listener="grpc",timeout="handshake"}"#
+        ),
+        3.0,
+        "the three stalled clients and not the watching one"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"profile_state_connections_refused_total{listener="grpc"}"#
+        ),
+        2.0
+    );
+
+    // The slots are free again for real calls, and the watcher's connection was not cut.
+    let channel = tls_channel(service.grpc, &pki, None)
+        .await
+        .expect("TLS handshake after the stalled clients were closed");
+    assert!(
+        server_info(&mut ProfileServiceClient::new(channel))
+            .await
+            .is_ok()
+    );
+    delivers_a_change(&service, &mut watching, "after-the-timeout").await;
+    service.stop().await;
+}
