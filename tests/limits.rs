@@ -359,6 +359,72 @@ async fn post_many(webhook: std::net::SocketAddr, prefix: &str, count: usize, co
 /// How many webhooks the lagging watcher is behind on.
 const WEBHOOKS: usize = 400;
 
+/// An unfiltered watch on a connection of its own, with the 64 KiB windows of HTTP/2's
+/// defaults (Go's and grpcurl's): the server can send only that much before the watcher reads.
+async fn small_window_watch(
+    grpc: std::net::SocketAddr,
+) -> tonic::Streaming<profile_state::pb::WatchProfilesResponse> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut client = profile_state::pb::profile_service_client::ProfileServiceClient::new(channel);
+    let request = profile_state::pb::WatchProfilesRequest::default();
+    client.watch_profiles(request).await.unwrap().into_inner()
+}
+
+/// `Server::run` in-process has no process exit to close what tonic still serves: at the end
+/// of the grace it cuts the gRPC connections itself, so it returns within the grace and the
+/// flush margin with none of them open (before, a watcher that stopped reading kept its
+/// connection, and its stream, after `run` returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_process_server_cuts_its_grpc_connections_at_the_end_of_the_grace() {
+    use std::time::{Duration, Instant};
+    let mut config = Config::for_tests(SECRET);
+    let grace = Duration::from_secs(1);
+    config.shutdown_grace = grace;
+    let service = TestService::start_with(config).await;
+    let mut never_reads = small_window_watch(service.grpc).await;
+    let mut half_open = connect(service.grpc, b"PRI * HTTP/2.0\r\n").await;
+    post_many(service.webhook, "c", WEBHOOKS, 32).await;
+
+    let stopping = Instant::now();
+    // The grace, the flush margin, and two seconds for a loaded machine.
+    service
+        .stop_within(grace + Duration::from_secs(1) + Duration::from_secs(2))
+        .await;
+    let took = stopping.elapsed();
+    assert!(
+        took >= grace,
+        "stopped after {took:?}: the watcher was not stalled"
+    );
+
+    until_closed(&mut half_open).await;
+    // Reading now finds what was in flight, then the cut: the watch stream cannot be served
+    // to its end by a server that has returned.
+    let mut received = 0;
+    let end = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match never_reads.message().await {
+                Ok(Some(_)) => received += 1,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the watch stream ends");
+    let status = end.expect("an error, not a clean end");
+    assert!(
+        !status.message().contains("resume from revision"),
+        "the stream was served to its end after run returned ({received} messages): {status:?}"
+    );
+    assert!(received < WEBHOOKS, "{received} messages");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_keeps_the_grace_and_a_lagging_watcher_still_learns_where_to_resume() {
     use profile_state::pb::watch_profiles_response::Event;
@@ -366,25 +432,9 @@ async fn sigterm_keeps_the_grace_and_a_lagging_watcher_still_learns_where_to_res
     let dir = tempfile::tempdir().unwrap();
     let grace = Duration::from_secs(2);
     let mut binary = binary::Binary::start(dir.path(), &["--shutdown-grace", "2s"]).await;
-    let url = format!("http://{}", binary.grpc);
-    let watch = async || {
-        // A connection of its own, with the 64 KiB windows of HTTP/2's defaults (Go's and
-        // grpcurl's): the server can send only that much before the watcher reads.
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .initial_stream_window_size(65_535)
-            .initial_connection_window_size(65_535)
-            .connect()
-            .await
-            .unwrap();
-        let mut client =
-            profile_state::pb::profile_service_client::ProfileServiceClient::new(channel);
-        let request = profile_state::pb::WatchProfilesRequest::default();
-        client.watch_profiles(request).await.unwrap().into_inner()
-    };
     // One watcher reads nothing until the server stops, one never reads at all.
-    let mut lagging = watch().await;
-    let _never_reads = watch().await;
+    let mut lagging = small_window_watch(binary.grpc).await;
+    let _never_reads = small_window_watch(binary.grpc).await;
     // Half-open gRPC connections: a partial HTTP/2 preface, then nothing.
     let mut half_open = Vec::new();
     for _ in 0..100 {

@@ -3,7 +3,8 @@
 //! and the per-call metrics layer around them all.
 //!
 //! The listener gets a stop token of its own: shutdown stops gRPC only after the watch streams
-//! have sent their last messages (`super::shutdown`).
+//! have sent their last messages (`super::shutdown`), and a cut token that ends the
+//! connections still open at the end of the grace (`super::cut`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,6 +32,7 @@ use crate::store::Store;
 use crate::watch::Watchers;
 
 use super::connections::{self, CappedListener};
+use super::cut::Cuttable;
 use super::tls::TlsConnection;
 
 /// Applies the one message-size limit, both ways, to a generated service. tonic sets it per
@@ -100,6 +102,8 @@ pub(super) struct Serving {
     pub task: JoinHandle<Result<(), tonic::transport::Error>>,
     /// Stops the server (after the watch streams ended).
     pub stopping: CancellationToken,
+    /// Cuts every connection still open (at the end of the shutdown grace).
+    pub cut: CancellationToken,
     /// Completes once every watch stream has been handed to tonic and dropped.
     pub watch_streams_closed: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
@@ -167,6 +171,8 @@ pub(super) fn serve<H: Health>(
         ));
     let grpc_stopping = CancellationToken::new();
     let stopped = grpc_stopping.clone().cancelled_owned();
+    let cut = CancellationToken::new();
+    let cuttable = cut.clone();
     // The listener sets TCP_NODELAY: answers go out as soon as they are written.
     let tag = move |peer| Connection {
         peer,
@@ -174,11 +180,17 @@ pub(super) fn serve<H: Health>(
     };
     let task = match tls {
         None => {
-            let incoming = connections::incoming(listener, handshake_timeout, |tcp| tcp, tag);
+            let open = move |tcp| Cuttable::new(tcp, cuttable.child_token());
+            let incoming = connections::incoming(listener, handshake_timeout, open, tag);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
         Some(acceptor) => {
-            let open = move |tcp| TlsConnection::accepting(&acceptor, tcp);
+            let open = move |tcp| {
+                Cuttable::new(
+                    TlsConnection::accepting(&acceptor, tcp),
+                    cuttable.child_token(),
+                )
+            };
             let incoming = connections::incoming(listener, handshake_timeout, open, tag);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
@@ -186,6 +198,7 @@ pub(super) fn serve<H: Health>(
     Ok(Serving {
         task,
         stopping: grpc_stopping,
+        cut,
         watch_streams_closed,
     })
 }

@@ -14,6 +14,7 @@
 //! ingress, wait for the signal, then `shutdown`'s ordered stop. No request logic lives here.
 
 mod connections;
+mod cut;
 mod grpc_services;
 mod shutdown;
 mod tls;
@@ -270,6 +271,7 @@ impl Server {
             stopping,
             watch_streams_closed: grpc.watch_streams_closed,
             grpc_stopping: grpc.stopping,
+            grpc_cut: grpc.cut,
             servers: Servers {
                 monitoring,
                 webhook,

@@ -134,6 +134,8 @@ pub(super) struct Shutdown {
     pub watch_streams_closed: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Stops the gRPC server.
     pub grpc_stopping: CancellationToken,
+    /// Cuts the gRPC connections still open, whose tasks tonic spawned.
+    pub grpc_cut: CancellationToken,
     /// The listeners' tasks.
     pub servers: Servers,
     /// Every background task: the sequencer, watch feeds, snapshots, readiness, SIGHUP.
@@ -162,8 +164,9 @@ impl Shutdown {
     ///
     /// Steps 2 and 3 share one deadline, `--shutdown-grace` from the signal, whatever clients
     /// do (a watcher that stops reading, half-open connections): past it the server tasks are
-    /// aborted, which cuts the webhook connections left (the rest go with the process). Step 4 then has what is left of
-    /// the grace, and at least [`FLUSH_MARGIN`], so the whole stop takes at most the grace
+    /// aborted, which cuts the webhook connections left, and the gRPC connections left are
+    /// cut (`super::cut`), so an in-process server returns with none of them open; admin
+    /// connections go with the process. Step 4 then has what is left of the grace, and at least [`FLUSH_MARGIN`], so the whole stop takes at most the grace
     /// plus that margin.
     pub(super) async fn run(self) -> anyhow::Result<()> {
         let Shutdown {
@@ -171,6 +174,7 @@ impl Shutdown {
             stopping,
             watch_streams_closed,
             grpc_stopping,
+            grpc_cut,
             servers,
             tracker,
             store,
@@ -197,8 +201,11 @@ impl Shutdown {
         )
         .await;
         // The webhook task owns its connections: aborting it cuts what is still connected
-        // there (admin and gRPC connections, spawned by axum and tonic, go with the process).
+        // there. tonic spawned the gRPC connections' tasks: their streams fail once cut, which
+        // ends them (and the watch streams on them). Admin connections, spawned by axum, go
+        // with the process.
         aborts.iter().for_each(AbortHandle::abort);
+        grpc_cut.cancel();
 
         tracker.close();
         let flush_deadline = deadline.max(Instant::now() + FLUSH_MARGIN);
