@@ -5,10 +5,11 @@
 //! the rustls configuration the listener terminates TLS with (`crate::server` does that
 //! itself, not tonic, so its handshake deadline also covers the HTTP/2 preface), both before
 //! anything binds, so a missing or malformed certificate, key or CA file stops start-up with
-//! an error naming the file. [`MetricsLayer`] counts every ProfileService and AdminService call by method and
-//! status code, the way grpc-ecosystem's go-grpc-prometheus does. Message size limits are per service in tonic, so `crate::server` sets them on
-//! each service it adds ([`Config::grpc_max_message_bytes`]). Nothing here knows about
-//! profiles, and who may call is `super::auth`'s business.
+//! an error naming the file. [`MetricsLayer`] counts every ProfileService and AdminService
+//! call by method and status code, the way grpc-ecosystem's go-grpc-prometheus does. Message
+//! size limits are per service in tonic, so `crate::server` sets them on each service it adds
+//! ([`Config::grpc_max_message_bytes`]). Nothing here knows about profiles, and who may call
+//! is `super::auth`'s business.
 
 use std::collections::HashMap;
 use std::future::Future;
