@@ -167,7 +167,9 @@ async fn tls_clients_that_stall_before_the_http2_preface_are_closed_after_the_ha
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
     let mut config = tls_config(dir.path(), &pki, false);
-    let timeout = Duration::from_millis(1500);
+    // Long enough that the checks of a full cap below finish before the first deadline, even
+    // on a loaded machine.
+    let timeout = Duration::from_secs(3);
     config.grpc_handshake_timeout = timeout;
     config.max_grpc_connections = 4;
     let service = TestService::start_with(config).await;
