@@ -36,6 +36,7 @@ mod reconcile_client;
 mod replicas;
 mod timestamps;
 mod watch;
+mod watch_fanout;
 mod webhook;
 mod webhook_fuzz;
 

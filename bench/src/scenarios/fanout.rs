@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use super::{Options, channel, client, ingest, preload, rounds};
 use crate::baseline::{FanoutStats, broadcast_fanout, histogram};
 use crate::load::HttpConnection;
+use crate::process::{Server, cpu_time};
 use crate::report::{Report, Row, Target};
 use crate::workload::{Rng, Workload};
 
@@ -138,14 +139,16 @@ impl Subscribers {
 /// One latency window against our service: webhooks at `rate`, subscribers open.
 async fn measure_latency(
     options: &Options,
-    webhook: SocketAddr,
-    grpc: SocketAddr,
+    server: &Server,
     workload: &Arc<Workload>,
     audience: Audience,
     rate: f64,
 ) -> anyhow::Result<FanoutStats> {
     let Audience { count, filter, .. } = audience;
+    let (webhook, grpc) = (server.webhook()?, server.grpc()?);
     let subscribers = Subscribers::open(grpc, audience, &workload.client_id).await?;
+    let cpu_before = server.pid().and_then(cpu_time);
+    let delivered_before = subscribers.delivered.load(Ordering::Relaxed);
     let started = Instant::now();
     let measure_from = started + options.warmup;
     let end = measure_from + options.duration;
@@ -209,6 +212,11 @@ async fn measure_latency(
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let cpu = server.pid().and_then(cpu_time).zip(cpu_before);
+    let delivered = subscribers.delivered.load(Ordering::Relaxed) - delivered_before;
+    let cpu_per_delivery = cpu
+        .filter(|_| delivered > 0)
+        .map(|(after, before)| after.saturating_sub(before).div_f64(delivered as f64));
     let received = subscribers.close().await;
     let mut stats = FanoutStats {
         latency: histogram(),
@@ -218,6 +226,7 @@ async fn measure_latency(
         deliveries: 0,
         missing: 0,
         elapsed: options.duration,
+        cpu_per_delivery,
     };
     let mut last: HashMap<u64, u64> = HashMap::new();
     let mut early = 0u64;
@@ -265,7 +274,7 @@ pub async fn run(
     let customers = options.customers(10_000).max(most);
     let workload = options.workload(customers);
     let ours = options.ours()?;
-    let (webhook, grpc) = (ours.webhook()?, ours.grpc()?);
+    let grpc = ours.grpc()?;
     preload(&ours, &workload, customers, options.concurrency).await?;
     report.note(format!(
         "fanout: {} rounds; latency at {rate} webhooks/s for {:?} (+{:?} warm-up), filter {filter:?}; \
@@ -293,7 +302,8 @@ pub async fn run(
         let scenario = format!("fanout S={count}");
         // Latency: the broadcast baseline, then ours, per round.
         let results = rounds(options.rounds, 2, |_, contender| {
-            let (workload, event, scenario) = (&workload, Arc::clone(&event), &scenario);
+            let (workload, event, scenario, ours) =
+                (&workload, Arc::clone(&event), &scenario, &ours);
             async move {
                 if contender == 0 {
                     if options.no_baseline {
@@ -306,8 +316,7 @@ pub async fn run(
                 }
                 let stats = measure_latency(
                     options,
-                    webhook,
-                    grpc,
+                    ours,
                     workload,
                     Audience {
                         count,
@@ -402,6 +411,16 @@ pub async fn run(
                     broadcast.iter().map(per_second).collect(),
                 ),
         );
+        let cpu = |s: &FanoutStats| {
+            s.cpu_per_delivery
+                .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6)
+        };
+        if ours_stats.iter().any(|s| s.cpu_per_delivery.is_some()) {
+            report.push(
+                Row::new(&scenario, "server CPU per delivery", "µs")
+                    .ours(ours_stats.iter().map(cpu).collect()),
+            );
+        }
         report.push(
             Row::new(&scenario, "deliveries missing", "count")
                 .ours(ours_stats.iter().map(|s| s.missing as f64).collect()),
