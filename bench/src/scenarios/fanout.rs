@@ -38,6 +38,9 @@ pub enum Filter {
     All,
     /// One customer each (`customer_ids`): subscriber i watches customer i.
     Customer,
+    /// Every change of an account no webhook names: no event reaches any subscriber, so this
+    /// measures what watchers that want nothing cost the service.
+    OtherAccount,
 }
 
 /// Who subscribes: how many, how many streams share a connection, and what each watches.
@@ -79,9 +82,12 @@ impl Subscribers {
             }
             let channel = shared.clone().context("a connection")?;
             let request = pb::WatchProfilesRequest {
-                client_id: client_id.to_owned(),
+                client_id: match filter {
+                    Filter::OtherAccount => format!("{client_id}-other"),
+                    Filter::All | Filter::Customer => client_id.to_owned(),
+                },
                 customer_ids: match filter {
-                    Filter::All => Vec::new(),
+                    Filter::All | Filter::OtherAccount => Vec::new(),
                     Filter::Customer => vec![Workload::customer_id(index as u64)],
                 },
                 ..Default::default()
@@ -172,7 +178,7 @@ async fn measure_latency(
                     return anyhow::Ok(answered);
                 }
                 let n = match filter {
-                    Filter::All => rng.below(workload.customers),
+                    Filter::All | Filter::OtherAccount => rng.below(workload.customers),
                     Filter::Customer => rng.below(count as u64),
                 };
                 let (status, body) = connection.post(workload.update(n)).await?;
@@ -205,6 +211,7 @@ async fn measure_latency(
     let fan = match filter {
         Filter::All => count as u64,
         Filter::Customer => 1,
+        Filter::OtherAccount => 0,
     };
     let drain_until = Instant::now() + Duration::from_secs(5);
     while subscribers.delivered.load(Ordering::Relaxed) < applied * fan
