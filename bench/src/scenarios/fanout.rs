@@ -38,6 +38,8 @@ pub enum Filter {
     All,
     /// One customer each (`customer_ids`): subscriber i watches customer i.
     Customer,
+    /// Every change of every account (no `client_id`, no customer).
+    Unfiltered,
     /// Every change of an account no webhook names: no event reaches any subscriber, so this
     /// measures what watchers that want nothing cost the service.
     OtherAccount,
@@ -45,14 +47,16 @@ pub enum Filter {
 
 /// Who subscribes: how many, how many streams share a connection, and what each watches.
 #[derive(Clone, Copy, Debug)]
-struct Audience {
-    count: usize,
-    per_connection: usize,
-    filter: Filter,
+pub(super) struct Audience {
+    pub(super) count: usize,
+    pub(super) per_connection: usize,
+    pub(super) filter: Filter,
+    /// With `Filter::Customer`: subscriber i watches customer `first_customer + i`.
+    pub(super) first_customer: u64,
 }
 
 /// Connected subscribers; stopping them returns what each received: (revision, when).
-struct Subscribers {
+pub(super) struct Subscribers {
     stop: watch::Sender<bool>,
     /// Changes received by all subscribers together so far.
     delivered: Arc<AtomicU64>,
@@ -62,7 +66,7 @@ struct Subscribers {
 impl Subscribers {
     /// Opens `count` streams, `per_connection` on each HTTP/2 connection, and waits until
     /// every one is synced.
-    async fn open(
+    pub(super) async fn open(
         grpc: SocketAddr,
         audience: Audience,
         client_id: &str,
@@ -71,6 +75,7 @@ impl Subscribers {
             count,
             per_connection,
             filter,
+            first_customer,
         } = audience;
         let (stop, stopped) = watch::channel(false);
         let delivered = Arc::new(AtomicU64::new(0));
@@ -84,11 +89,14 @@ impl Subscribers {
             let request = pb::WatchProfilesRequest {
                 client_id: match filter {
                     Filter::OtherAccount => format!("{client_id}-other"),
+                    Filter::Unfiltered => String::new(),
                     Filter::All | Filter::Customer => client_id.to_owned(),
                 },
                 customer_ids: match filter {
-                    Filter::All | Filter::OtherAccount => Vec::new(),
-                    Filter::Customer => vec![Workload::customer_id(index as u64)],
+                    Filter::All | Filter::OtherAccount | Filter::Unfiltered => Vec::new(),
+                    Filter::Customer => {
+                        vec![Workload::customer_id(first_customer + index as u64)]
+                    }
                 },
                 ..Default::default()
             };
@@ -132,7 +140,7 @@ impl Subscribers {
         })
     }
 
-    async fn close(self) -> Vec<Vec<(u64, Instant)>> {
+    pub(super) async fn close(self) -> Vec<Vec<(u64, Instant)>> {
         let _ = self.stop.send(true);
         let mut all = Vec::with_capacity(self.tasks.len());
         for task in self.tasks {
@@ -143,7 +151,7 @@ impl Subscribers {
 }
 
 /// One latency window against our service: webhooks at `rate`, subscribers open.
-async fn measure_latency(
+pub(super) async fn measure_latency(
     options: &Options,
     server: &Server,
     workload: &Arc<Workload>,
@@ -178,7 +186,9 @@ async fn measure_latency(
                     return anyhow::Ok(answered);
                 }
                 let n = match filter {
-                    Filter::All | Filter::OtherAccount => rng.below(workload.customers),
+                    Filter::All | Filter::OtherAccount | Filter::Unfiltered => {
+                        rng.below(workload.customers)
+                    }
                     Filter::Customer => rng.below(count as u64),
                 };
                 let (status, body) = connection.post(workload.update(n)).await?;
@@ -209,7 +219,7 @@ async fn measure_latency(
     }
     // Let the last deliveries arrive (at most 5 s more), then stop the subscribers.
     let fan = match filter {
-        Filter::All => count as u64,
+        Filter::All | Filter::Unfiltered => count as u64,
         Filter::Customer => 1,
         Filter::OtherAccount => 0,
     };
@@ -329,6 +339,7 @@ pub async fn run(
                         count,
                         per_connection,
                         filter,
+                        first_customer: 0,
                     },
                     rate,
                 )
@@ -446,6 +457,7 @@ pub async fn run(
                                 count,
                                 per_connection,
                                 filter: impact_filter,
+                                first_customer: 0,
                             },
                             &workload.client_id,
                         )
