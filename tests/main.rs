@@ -37,6 +37,7 @@ mod reconcile_client;
 mod replicas;
 mod timestamps;
 mod watch;
+mod watch_fanout;
 mod watch_history;
 mod webhook;
 mod webhook_fuzz;

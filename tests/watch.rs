@@ -19,7 +19,7 @@ use tonic::Streaming;
 /// Upper bound for any single stream read: a hung stream fails the test instead of hanging it.
 const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
-async fn watch(
+pub(crate) async fn watch(
     service: &TestService,
     request: pb::WatchProfilesRequest,
 ) -> Streaming<pb::WatchProfilesResponse> {
@@ -32,7 +32,7 @@ async fn watch(
         .into_inner()
 }
 
-async fn next(stream: &mut Streaming<pb::WatchProfilesResponse>) -> Event {
+pub(crate) async fn next(stream: &mut Streaming<pb::WatchProfilesResponse>) -> Event {
     let message = tokio::time::timeout(READ_TIMEOUT, stream.message())
         .await
         .expect("a watch message arrives in time")
@@ -41,14 +41,16 @@ async fn next(stream: &mut Streaming<pb::WatchProfilesResponse>) -> Event {
     message.event.expect("every message carries an event")
 }
 
-async fn next_change(stream: &mut Streaming<pb::WatchProfilesResponse>) -> pb::ProfileChange {
+pub(crate) async fn next_change(
+    stream: &mut Streaming<pb::WatchProfilesResponse>,
+) -> pb::ProfileChange {
     match next(stream).await {
         Event::Change(change) => change,
         other => panic!("expected a change, got {other:?}"),
     }
 }
 
-async fn synced(stream: &mut Streaming<pb::WatchProfilesResponse>) -> u64 {
+pub(crate) async fn synced(stream: &mut Streaming<pb::WatchProfilesResponse>) -> u64 {
     match next(stream).await {
         Event::Synced(synced) => synced.revision,
         other => panic!("expected Synced, got {other:?}"),

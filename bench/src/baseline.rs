@@ -152,6 +152,9 @@ pub struct FanoutStats {
     pub deliveries: u64,
     pub missing: u64,
     pub elapsed: Duration,
+    /// The server's CPU time per delivery over the whole window (warm-up included, ingest of
+    /// the webhooks too), when the tool started the server.
+    pub cpu_per_delivery: Option<Duration>,
 }
 
 /// The fan-out baseline: `subscribers` tasks on one tokio broadcast channel of pre-built
@@ -209,6 +212,7 @@ pub async fn broadcast_fanout(
         deliveries: 0,
         missing: 0,
         elapsed: duration,
+        cpu_per_delivery: None,
     };
     let mut last = std::collections::HashMap::<u64, u64>::new();
     for task in tasks {

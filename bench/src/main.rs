@@ -3,7 +3,8 @@
 //! and reports medians and ratios.
 //!
 //! Scenarios: `ingest` (signed webhooks, HTTP/1.1 keep-alive), `get`, `batch-get`, `list`
-//! (unary gRPC over HTTP/2), `fanout` (WatchProfiles latency and its cost to ingest), `memory`
+//! (unary gRPC over HTTP/2), `fanout` (WatchProfiles latency and its cost to ingest), `scale`
+//! (idle watch streams: RSS per stream, and the latency of busy ones beside them), `memory`
 //! (RSS per profile), `recovery` (start-up time on a full data dir) and `cluster` (replicas
 //! over a 3-node NATS cluster vs the single node). By default the tool
 //! starts the service itself (`--server-bin`, the `profile-state` next to this binary) on
@@ -133,6 +134,19 @@ enum Scenario {
         #[arg(long, value_enum, default_value = "customer")]
         impact_filter: Filter,
     },
+    /// Many idle customer-filtered watch streams beside a few unfiltered ones: service RSS per
+    /// idle stream, and the unfiltered ones' delivery latency at --rate [100/s].
+    Scale {
+        /// Idle customer-filtered streams (each on a customer no webhook names).
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+        /// Unfiltered streams, one connection each, whose latency is measured.
+        #[arg(long, default_value_t = 100)]
+        active: usize,
+        /// Idle streams sharing one HTTP/2 connection.
+        #[arg(long, default_value_t = 100)]
+        streams_per_connection: usize,
+    },
     /// Replicas over NATS: ingest through N replicas vs the single node durable, and the
     /// replication lag at a paced --rate [1000/s]; starts 3 nats-server nodes [10k customers].
     Cluster {
@@ -231,6 +245,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 impact_filter,
             )
             .await?
+        }
+        Scenario::Scale {
+            idle,
+            active,
+            streams_per_connection,
+        } => {
+            let watchers = scenarios::scale::Watchers {
+                idle,
+                active,
+                per_connection: streams_per_connection,
+            };
+            scenarios::scale::run(&options, &mut report, watchers).await?
         }
         Scenario::Cluster { replicas } => {
             scenarios::cluster::run(&options, &mut report, replicas).await?

@@ -128,6 +128,39 @@ fn fanout_measures_every_delivery() {
 }
 
 #[test]
+fn scale_measures_idle_streams_and_the_busy_ones_beside_them() {
+    let report = run(
+        &[
+            "scale",
+            "--idle",
+            "20",
+            "--active",
+            "2",
+            "--streams-per-connection",
+            "5",
+        ],
+        &["--customers", "50", "--rate", "50"],
+    );
+    let value = |metric: &str| {
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["metric"] == metric)
+            .unwrap_or_else(|| panic!("no row {metric}: {report}"))["ours"][0]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(value("service RSS growth per idle watch stream") >= 0.0);
+    assert!(value("unfiltered streams' delivery p99 (answer -> receipt)") >= 0.0);
+    assert_eq!(
+        value("deliveries missing"),
+        0.0,
+        "every change reaches every unfiltered stream"
+    );
+}
+
+#[test]
 fn memory_and_recovery_measure_a_spawned_service() {
     let report = run(&["memory"], &["--customers", "300"]);
     assert!(metrics(&report)[0].starts_with("RSS growth per profile"));

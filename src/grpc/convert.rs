@@ -128,6 +128,14 @@ pub fn change(change: &Change, include_previous: bool) -> pb::ProfileChange {
     }
 }
 
+/// A change as a whole stream message.
+pub fn watch_change(changed: &Change, include_previous: bool) -> pb::WatchProfilesResponse {
+    use pb::watch_profiles_response::Event;
+    pb::WatchProfilesResponse {
+        event: Some(Event::Change(change(changed, include_previous))),
+    }
+}
+
 /// A watch event as a stream item; `End` becomes the stream's final status.
 pub fn watch_event(
     event: WatchEvent,

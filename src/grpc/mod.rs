@@ -15,15 +15,16 @@ pub mod dead_letters;
 mod page_token;
 mod reconcile;
 pub mod transport;
+mod watch;
 
-use std::collections::HashSet;
+pub use watch::ProfileServiceRoutes;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
@@ -34,9 +35,9 @@ use crate::pb;
 use crate::pb::profile_service_server::ProfileService;
 use crate::profile::{Field, Profile, ProfileKey};
 use crate::replication::ReplicaStatus;
-use crate::status::{Rejection, grpc_status};
+use crate::status::grpc_status;
 use crate::store::Store;
-use crate::watch::{FieldSelector, WatchEvent, WatchSpec, Watchers};
+use crate::watch::Watchers;
 
 /// Most ids one BatchGetProfiles may ask for.
 pub const MAX_BATCH_IDS: usize = 1000;
@@ -52,9 +53,6 @@ const UNLIMITED_STREAMS: usize = u32::MAX as usize;
 pub const MAX_WATCH_IDS: usize = 1000;
 /// Most field names one WatchProfiles filter may name.
 pub const MAX_WATCH_FIELDS: usize = 100;
-/// Events buffered per subscriber between its feed task and the gRPC stream. Small on purpose:
-/// a subscriber that does not read holds at most this many, the rest stays in history.
-const WATCH_BUFFER: usize = 64;
 /// Longest a `min_revision` read waits, whatever its deadline.
 pub const MAX_MIN_REVISION_WAIT: Duration = Duration::from_secs(30);
 
@@ -74,6 +72,8 @@ pub struct ProfileApi {
     metrics: Metrics,
     /// The replica's standing, in replicated mode (GetServerInfo reports it).
     replica: Option<ReplicaStatus>,
+    /// Encoded changes shared by every watch stream (`watch.rs`).
+    encodings: Arc<watch::SharedEncodings>,
 }
 
 impl ProfileApi {
@@ -100,6 +100,7 @@ impl ProfileApi {
             max_watch_streams: UNLIMITED_STREAMS,
             metrics,
             replica: None,
+            encodings: Arc::default(),
         }
     }
 
@@ -288,56 +289,16 @@ impl ProfileService for ProfileApi {
 
     type WatchProfilesStream = WatchStream;
 
+    /// Never called: [`ProfileServiceRoutes`] serves this path with shared encodings
+    /// (`watch.rs`) before the generated router sees it. Answers rather than panics, should a
+    /// future wiring bypass it.
     async fn watch_profiles(
         &self,
-        request: Request<pb::WatchProfilesRequest>,
+        _request: Request<pb::WatchProfilesRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let connection_slot = match transport::Connection::of(&request).map(|c| &c.watches) {
-            Some(connection) => Some(connection.try_open().map_err(|limit| {
-                self.metrics.watch_stream_refused("connection");
-                grpc_status(Rejection::TooManyConnectionWatchStreams { limit })
-            })?),
-            None => None,
-        };
-        let request = request.into_inner();
-        let include_previous = request.include_previous;
-        let spec = watch_spec(request).map_err(|e| grpc_status(&e))?;
-        let slot = Arc::clone(&self.watch_streams)
-            .try_acquire_owned()
-            .map_err(|_| {
-                self.metrics.watch_stream_refused("server");
-                grpc_status(Rejection::TooManyWatchStreams {
-                    limit: self.max_watch_streams,
-                })
-            })?;
-        let watch = self
-            .watchers
-            .open_caught_up(spec)
-            .await
-            .map_err(|e| grpc_status(&e))?;
-        let (events, received) = mpsc::channel(WATCH_BUFFER);
-        self.tracker.spawn(watch.run(events, self.shutdown.clone()));
-        let store = self.store.clone();
-        let metrics = self.metrics.clone();
-        // The stream owns its slot and its gauge count: both go when tonic drops it.
-        let open = OpenWatch {
-            _slot: slot,
-            _connection_slot: connection_slot,
-            _gauge: metrics.watch_stream(),
-        };
-        let stream = ReceiverStream::new(received).map(move |event| {
-            let _open = &open;
-            if let WatchEvent::Reset { kind, .. } = &event {
-                metrics.watch_reset(kind.label());
-            }
-            let message = convert::watch_event(event, include_previous, store.store_id());
-            // The final status (`End`) is not an event sent.
-            if message.is_ok() {
-                metrics.watch_event();
-            }
-            message
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Err(Status::internal(
+            "WatchProfiles is served by grpc::watch, not the generated router",
+        ))
     }
 
     async fn get_server_info(
@@ -390,56 +351,6 @@ fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
         "u" => Duration::from_micros(amount),
         "n" => Duration::from_nanos(amount),
         _ => return None,
-    })
-}
-
-fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
-    if request.customer_ids.len() > MAX_WATCH_IDS {
-        let reason = format!(
-            "at most {MAX_WATCH_IDS} ids per watch, got {}",
-            request.customer_ids.len()
-        );
-        return Err(Error::invalid("customer_ids", reason));
-    }
-    if request.fields.len() > MAX_WATCH_FIELDS {
-        let reason = format!(
-            "at most {MAX_WATCH_FIELDS} fields per watch, got {}",
-            request.fields.len()
-        );
-        return Err(Error::invalid("fields", reason));
-    }
-    let mut customer_ids = HashSet::with_capacity(request.customer_ids.len());
-    for (index, id) in request.customer_ids.into_iter().enumerate() {
-        if id.is_empty() {
-            return Err(Error::invalid(format!("customer_ids[{index}]"), "is empty"));
-        }
-        customer_ids.insert(Arc::from(id));
-    }
-    let fields = request
-        .fields
-        .iter()
-        .enumerate()
-        .map(|(index, name)| {
-            FieldSelector::parse(name)
-                .map_err(|reason| Error::invalid(format!("fields[{index}]"), reason))
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(WatchSpec {
-        client_id: Some(request.client_id)
-            .filter(|id| !id.is_empty())
-            .map(Arc::from),
-        customer_ids,
-        fields,
-        start_revision: request.start_revision,
-        send_initial_state: request.send_initial_state,
-        progress_interval: match request.progress_interval_seconds {
-            0 => DEFAULT_PROGRESS_INTERVAL,
-            seconds => Duration::from_secs(u64::from(seconds)),
-        },
-        fail_if_compacted: request.fail_if_compacted,
-        store_id: Some(request.store_id)
-            .filter(|id| !id.is_empty())
-            .map(Arc::from),
     })
 }
 

@@ -15,17 +15,16 @@ use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
-use crate::grpc::ProfileApi;
 use crate::grpc::admin::AdminApi;
 use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::dead_letters::DeadLetterApi;
 use crate::grpc::transport::{Connection, ConnectionWatches, MetricsLayer};
+use crate::grpc::{ProfileApi, ProfileServiceRoutes};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::admin_service_server::AdminServiceServer;
-use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::reconcile::ReconcileJobs;
 use crate::replication::ReplicaStatus;
 use crate::store::Store;
@@ -162,7 +161,7 @@ pub(super) fn serve<H: Health>(
         .add_service(limited!(reflection_v1()?, limit))
         .add_service(limited!(reflection_v1alpha()?, limit))
         .add_service(InterceptedService::new(
-            limited!(ProfileServiceServer::new(profiles), limit),
+            ProfileServiceRoutes::new(profiles, limit),
             auth,
         ))
         .add_service(InterceptedService::new(

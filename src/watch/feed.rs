@@ -2,8 +2,8 @@
 //!
 //! A feed owns a cursor (the next revision it has to look at) and reads the store's history
 //! from there at its own pace into a small bounded channel; the writer never waits for it.
-//! Feeds that name customers follow their mailbox (`super::router`) once caught up; every
-//! other feed wakes on each published revision. A feed that falls behind the history gets a
+//! Once caught up, a feed follows its mailbox (`super::router`), which names the revisions it
+//! wants, and wakes only for those. A feed that falls behind the history gets a
 //! `Reset` and the full initial state again, never a silent gap.
 
 use std::sync::Arc;
@@ -152,33 +152,21 @@ impl Feed {
     /// The subscription's life; `cursor` is kept current (the next revision to look at) so
     /// that a stop can say where to resume.
     async fn run(&mut self, start: Start, cursor: &mut u64) -> Result<(), Stop> {
-        // A routed feed is in the index from its first event on: every change routed after
-        // this point reaches its mailbox. It still reads the history below until it has
-        // caught up with the published revision, and only then follows its mailbox.
-        let registration = self
-            .spec
-            .is_routed()
-            .then(|| Registration::new(&self.router, Arc::clone(&self.spec)));
+        // In the router's index from its first event on: every change routed after this point
+        // that the feed wants reaches its mailbox. It still reads the history below until it
+        // has caught up with the published revision, and only then follows its mailbox.
+        let registration = Registration::new(&self.router, Arc::clone(&self.spec));
+        let mailbox = Arc::clone(&registration.mailbox);
         let mut synced_at = self.begin(start, cursor).await?;
-        let mut revisions = self.store.subscribe();
         loop {
             if let Some(synced) = synced_at.filter(|synced| *cursor > *synced) {
                 synced_at = None;
                 self.send(WatchEvent::Synced { revision: synced }).await?;
             }
-            // Mark the current revision seen before reading, so a commit that lands after the
-            // read still wakes the wait below.
-            revisions.borrow_and_update();
             match self.store.history_from(*cursor, READ_BATCH) {
-                Ok(changes) if changes.is_empty() => match &registration {
-                    // Caught up with the published revision, and every later change is
-                    // routed: follow the mailbox until the history has to be read again.
-                    Some(registration) => {
-                        let mailbox = Arc::clone(&registration.mailbox);
-                        self.follow(&mailbox, cursor).await?;
-                    }
-                    None => self.wait_for_changes(&mut revisions, *cursor - 1).await?,
-                },
+                // Caught up with the published revision, and every later change is routed:
+                // follow the mailbox until the history has to be read again.
+                Ok(changes) if changes.is_empty() => self.follow(&mailbox, cursor).await?,
                 Ok(changes) => self.send_changes(changes, cursor, &mut synced_at).await?,
                 Err(Compacted { oldest }) if self.spec.fail_if_compacted => {
                     let error = Error::Compacted {
@@ -309,7 +297,7 @@ impl Feed {
         }
     }
 
-    /// A routed feed that has caught up: sends the changes its mailbox names, in order.
+    /// A feed that has caught up: sends the changes its mailbox names, in order.
     ///
     /// Returns when the history has to be read from `cursor` again: the mailbox overflowed
     /// (`cursor` is where queueing stopped) or a revision it names is no longer in the
@@ -373,35 +361,11 @@ impl Feed {
         }
     }
 
-    /// Moves an idle routed feed's cursor past the routed revision, for its last resume point.
+    /// Moves an idle feed's cursor past the routed revision, for its last resume point.
     fn advance_idle(&self, mailbox: &Mailbox, cursor: &mut u64) {
         let taken = mailbox.take(&self.router);
         if taken.revisions.iter().all(|r| *r < *cursor) && taken.overflow_from.is_none() {
             *cursor = (*cursor).max(taken.routed + 1);
-        }
-    }
-
-    /// Waits for a new revision; sends `Progress{seen}` whenever the interval passes with
-    /// nothing sent.
-    async fn wait_for_changes(
-        &mut self,
-        revisions: &mut tokio::sync::watch::Receiver<u64>,
-        seen: u64,
-    ) -> Result<(), Stop> {
-        loop {
-            let heartbeat = self.last_sent + self.spec.progress_interval;
-            tokio::select! {
-                changed = revisions.changed() => {
-                    // The store never drops its sender while a subscriber holds it.
-                    return changed.map_err(|_| Stop);
-                }
-                () = tokio::time::sleep_until(heartbeat) => {
-                    self.send(WatchEvent::Progress { revision: seen }).await?;
-                }
-                () = self.shutdown.cancelled() => return Err(Stop),
-                // A subscriber that hung up while nothing was happening.
-                () = self.events.closed() => return Err(Stop),
-            }
         }
     }
 

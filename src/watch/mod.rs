@@ -6,18 +6,19 @@
 //! every committed batch right after the store published it.
 //!
 //! - [`spec`](WatchSpec): what a subscriber asks for (accounts, customers, fields, start).
-//! - `router`: the index of feeds that name customers (`customer_ids`). At each commit it
-//!   looks every change's customer up once and queues the revision in the mailbox of each feed
-//!   that wants it, waking only those: a change costs one lookup plus the matching feeds, not
-//!   every feed. A mailbox holds at most [`MAILBOX_CAPACITY`] revisions (numbers, not
+//! - `router`: the index of every live feed: by customer id (feeds that name `customer_ids`),
+//!   by account (a `client_id` and no customer), or in one list (neither). At each commit it
+//!   looks every change's customer up once, every account of the batch once, and queues the
+//!   revision in the mailbox of each feed that wants it (field filter included), waking only
+//!   those: a change costs a lookup plus the feeds that want it, and a feed wakes only for a
+//!   change it wants. A mailbox holds at most [`MAILBOX_CAPACITY`] revisions (numbers, not
 //!   changes); when it fills, the feed reads the history instead.
 //! - `feed`: one subscriber's task. It owns a cursor (the next revision it has to look at)
 //!   and reads the store's history from there at its own pace, into a small bounded channel.
 //!   No change is queued per subscriber beyond that channel, and the writer never waits for a
 //!   subscriber: one that does not read just stops advancing its cursor. When it reads again
 //!   it catches up from the history, or, if the history has moved past a change it still has
-//!   to send, gets a `Reset` and the full initial state again. Feeds that do not name
-//!   customers wake on every published revision and read the history from their cursor.
+//!   to send, gets a `Reset` and the full initial state again.
 //!
 //! Routing never decides whether a change is sent; the history is the only copy of the
 //! changes.
@@ -49,7 +50,7 @@ use crate::store::Store;
 use router::Router;
 
 /// The watch layer's handle: opens subscriptions on a store, and routes that store's committed
-/// changes to the feeds that name customers. Cloning it is one reference-count increment per
+/// changes to the feeds that want them. Cloning it is one reference-count increment per
 /// field; every clone shares the same index of feeds.
 #[derive(Clone)]
 pub struct Watchers {
@@ -71,8 +72,8 @@ pub trait CatchUp: Send + Sync {
 
 impl Watchers {
     /// The watch layer of `store`, with no subscription yet. Give it to the sequencer as its
-    /// commit hook ([`crate::sequencer::Sequencer::start_with_hook`]), or customer-filtered
-    /// feeds never hear of live changes.
+    /// commit hook ([`crate::sequencer::Sequencer::start_with_hook`]), or feeds never hear of
+    /// live changes.
     pub fn new(store: Store) -> Watchers {
         Watchers {
             store,
@@ -114,9 +115,9 @@ impl Watchers {
 }
 
 impl CommitHook for Watchers {
-    /// Wakes the customer-filtered feeds the batch concerns. Runs on the writer, after the
-    /// store published the batch's last revision, so a routed feed never sees a revision above
-    /// the published one.
+    /// Wakes the feeds that want a change of the batch. Runs on the writer, after the store
+    /// published the batch's last revision, so a feed never sees a revision above the
+    /// published one.
     fn committed(&self, changes: &[Arc<Change>]) {
         self.router.route(changes);
     }

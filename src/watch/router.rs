@@ -1,8 +1,10 @@
-//! Routing committed changes to the feeds that name customers.
+//! Routing committed changes to the feeds that want them.
 //!
-//! The [`Router`] keeps an index of customer-filtered feeds by customer id. After each commit
-//! it looks every change's customer up once and queues the revision in the [`Mailbox`] of each
-//! feed that wants it, waking only those. A mailbox holds at most [`MAILBOX_CAPACITY`]
+//! The [`Router`] keeps an index of every live feed: those that name customers by customer id,
+//! those of one account by `client_id`, the others in one list. After each commit it looks
+//! every change's customer up once (and every account of the batch once) and queues the
+//! revision in the [`Mailbox`] of each feed that wants it, field filter included, waking only
+//! those: a feed never wakes for a change it does not want. A mailbox holds at most [`MAILBOX_CAPACITY`]
 //! revisions (numbers, not changes): when it fills, the router stops queueing for that feed
 //! and notes the first revision it skipped, and the feed reads the history from there. Routing
 //! never decides whether a change is sent; the history is still the only copy of the changes.
@@ -16,54 +18,79 @@ use tokio::sync::Notify;
 use super::spec::WatchSpec;
 use crate::profile::Change;
 
-/// Most revisions queued for one routed feed; past that it reads the history instead.
+/// Most revisions queued for one feed; past that it reads the history instead.
 pub const MAILBOX_CAPACITY: usize = 256;
 
-/// The index of routed feeds by customer id, consulted once per committed change.
+/// The index of every live feed: by customer id, by account, or neither.
 ///
 /// Owned by the watch layer ([`super::Watchers`]), beside the store and not inside it: the
 /// commit owner (the sequencer, through its commit hook) calls [`Router::route`] after each
-/// batch is published; feeds register when they go live and unregister when they end. The
+/// batch is published; feeds register when they start and unregister when they end. The
 /// index is behind an `RwLock`: the single writer reads it once per commit batch, and only
 /// feeds opening or closing write it.
 #[derive(Default)]
 pub(super) struct Router {
-    index: RwLock<HashMap<Arc<str>, Vec<Arc<Mailbox>>>>,
+    index: RwLock<Index>,
     /// The last revision routed: every routed change up to it is in its feeds' mailboxes.
     routed: AtomicU64,
 }
 
+/// Where each feed is filed, by what its spec names (`WatchSpec::route`).
+#[derive(Default)]
+struct Index {
+    /// Feeds that name customers, under each customer id: one lookup per change.
+    by_customer: HashMap<Arc<str>, Vec<Arc<Mailbox>>>,
+    /// Feeds of one account that name no customer, under its `client_id`: one lookup per
+    /// account in a batch.
+    by_account: HashMap<Arc<str>, Vec<Arc<Mailbox>>>,
+    /// Feeds of every account that name no customer.
+    everyone: Vec<Arc<Mailbox>>,
+}
+
 impl Router {
-    /// Queues each change's revision for the routed feeds that want it and wakes them. Called
-    /// by the single writer, in revision order, after the store published the revision.
+    /// Queues each change's revision for the feeds that want it and wakes them. Called by the
+    /// single writer, in revision order, after the store published the revision.
+    ///
+    /// A feed filed by account or with everyone is served once per batch: its revisions of the
+    /// batch go into its mailbox under one lock and one wake-up, so a batch costs the writer
+    /// one visit per such feed, whatever its size.
     pub(super) fn route(&self, changes: &[Arc<Change>]) {
         let Some(last) = changes.last().map(|change| change.revision) else {
             return;
         };
         let index = self.index.read().expect("router lock poisoned");
-        if !index.is_empty() {
+        if !index.by_customer.is_empty() {
             for change in changes {
-                let Some(mailboxes) = index.get(&*change.profile.key.customer_id) else {
+                let Some(mailboxes) = index.by_customer.get(&*change.profile.key.customer_id)
+                else {
                     continue;
                 };
                 for mailbox in mailboxes {
-                    let spec = &mailbox.spec;
-                    let client_matches = spec
-                        .client_id
-                        .as_ref()
-                        .is_none_or(|client| *client == change.profile.key.client_id);
-                    if client_matches && spec.wants_fields(change) {
-                        mailbox.push(change.revision);
+                    if mailbox.spec.wants_change(change) {
+                        mailbox.push([change.revision]);
                     }
                 }
             }
+        }
+        if !index.by_account.is_empty() {
+            for client_id in accounts(changes) {
+                let Some(mailboxes) = index.by_account.get(client_id) else {
+                    continue;
+                };
+                for mailbox in mailboxes {
+                    mailbox.push(wanted(changes, &mailbox.spec));
+                }
+            }
+        }
+        for mailbox in &index.everyone {
+            mailbox.push(wanted(changes, &mailbox.spec));
         }
         // Still under the read lock: a feed registering meanwhile either is in the index for
         // these changes or sees this revision as already routed.
         self.routed.store(last, Ordering::Release);
     }
 
-    /// Files a feed under each of its customer ids.
+    /// Files a feed where its spec says.
     fn register(&self, spec: Arc<WatchSpec>) -> Arc<Mailbox> {
         let mailbox = Arc::new(Mailbox {
             spec,
@@ -71,32 +98,88 @@ impl Router {
             wake: Notify::new(),
         });
         let mut index = self.index.write().expect("router lock poisoned");
-        for customer_id in &mailbox.spec.customer_ids {
-            index
-                .entry(Arc::clone(customer_id))
+        let spec = &mailbox.spec;
+        match (&spec.client_id, spec.customer_ids.is_empty()) {
+            (_, false) => {
+                for customer_id in &spec.customer_ids {
+                    index
+                        .by_customer
+                        .entry(Arc::clone(customer_id))
+                        .or_default()
+                        .push(Arc::clone(&mailbox));
+                }
+            }
+            (Some(client_id), true) => index
+                .by_account
+                .entry(Arc::clone(client_id))
                 .or_default()
-                .push(Arc::clone(&mailbox));
+                .push(Arc::clone(&mailbox)),
+            (None, true) => index.everyone.push(Arc::clone(&mailbox)),
         }
         mailbox
     }
 
     fn unregister(&self, mailbox: &Arc<Mailbox>) {
         let mut index = self.index.write().expect("router lock poisoned");
-        for customer_id in &mailbox.spec.customer_ids {
-            if let Some(mailboxes) = index.get_mut(&**customer_id) {
-                mailboxes.retain(|other| !Arc::ptr_eq(other, mailbox));
-                if mailboxes.is_empty() {
-                    index.remove(&**customer_id);
+        let spec = &mailbox.spec;
+        let other = |other: &Arc<Mailbox>| !Arc::ptr_eq(other, mailbox);
+        match (&spec.client_id, spec.customer_ids.is_empty()) {
+            (_, false) => {
+                for customer_id in &spec.customer_ids {
+                    remove_from(&mut index.by_customer, customer_id, other);
                 }
             }
+            (Some(client_id), true) => remove_from(&mut index.by_account, client_id, other),
+            (None, true) => index.everyone.retain(other),
         }
     }
 
-    /// How many customer ids have at least one routed feed (for tests).
+    /// How many keys and feeds the index holds: (customer ids, accounts, feeds with
+    /// everyone), for tests.
     #[cfg(test)]
-    pub(super) fn indexed_customers(&self) -> usize {
-        self.index.read().expect("router lock poisoned").len()
+    pub(super) fn indexed(&self) -> (usize, usize, usize) {
+        let index = self.index.read().expect("router lock poisoned");
+        (
+            index.by_customer.len(),
+            index.by_account.len(),
+            index.everyone.len(),
+        )
     }
+}
+
+/// Keeps the feeds under `key` that `keep` says, and the key only while one is left.
+fn remove_from(
+    map: &mut HashMap<Arc<str>, Vec<Arc<Mailbox>>>,
+    key: &str,
+    keep: impl FnMut(&Arc<Mailbox>) -> bool,
+) {
+    if let Some(mailboxes) = map.get_mut(key) {
+        mailboxes.retain(keep);
+        if mailboxes.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// The distinct accounts of a batch, in order of first appearance (a batch rarely holds more
+/// than a few, so a scan of what was found so far beats hashing).
+fn accounts(changes: &[Arc<Change>]) -> Vec<&str> {
+    let mut accounts: Vec<&str> = Vec::new();
+    for change in changes {
+        let client_id = &*change.profile.key.client_id;
+        if !accounts.contains(&client_id) {
+            accounts.push(client_id);
+        }
+    }
+    accounts
+}
+
+/// The revisions of `changes` that `spec` wants, ascending.
+fn wanted<'a>(changes: &'a [Arc<Change>], spec: &'a WatchSpec) -> impl Iterator<Item = u64> + 'a {
+    changes
+        .iter()
+        .filter(|change| spec.wants_change(change))
+        .map(|change| change.revision)
 }
 
 /// Where the router leaves a routed feed's revisions.
@@ -127,10 +210,16 @@ pub(super) struct Taken {
 }
 
 impl Mailbox {
-    fn push(&self, revision: u64) {
+    /// Queues `revisions` (ascending) under one lock and wakes the feed once, if any came.
+    fn push(&self, revisions: impl IntoIterator<Item = u64>) {
+        let mut pushed = false;
         {
             let mut queue = self.queue.lock().expect("mailbox lock poisoned");
-            if queue.overflow_from.is_none() {
+            for revision in revisions {
+                pushed = true;
+                if queue.overflow_from.is_some() {
+                    break;
+                }
                 if queue.revisions.len() < MAILBOX_CAPACITY {
                     queue.revisions.push(revision);
                 } else {
@@ -140,7 +229,9 @@ impl Mailbox {
         }
         // Stores a permit when the feed is not waiting, so a push between its take and its
         // wait is not lost.
-        self.wake.notify_one();
+        if pushed {
+            self.wake.notify_one();
+        }
     }
 
     pub(super) fn take(&self, router: &Router) -> Taken {

@@ -83,13 +83,7 @@ impl WatchSpec {
         self.wants_profile(&change.profile.key) && self.wants_fields(change)
     }
 
-    pub(super) fn wants_fields(&self, change: &Change) -> bool {
+    fn wants_fields(&self, change: &Change) -> bool {
         self.fields.is_empty() || self.fields.iter().any(|field| field.matches(change))
-    }
-
-    /// Whether the router (`super::router::Router`) feeds this subscription: only when it
-    /// names customers, so that the index has a key to file it under.
-    pub(super) fn is_routed(&self) -> bool {
-        !self.customer_ids.is_empty()
     }
 }

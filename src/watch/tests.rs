@@ -240,7 +240,7 @@ async fn collect(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routed_feeds_get_every_matching_change_and_no_other_while_feeds_come_and_go() {
+async fn feeds_of_every_filter_get_every_matching_change_and_no_other_while_feeds_come_and_go() {
     const WRITERS: u64 = 4;
     const PER_WRITER: u64 = 600;
     let (watchers, tracker, sequencer) = store_with_sequencer(100_000);
@@ -286,7 +286,14 @@ async fn routed_feeds_get_every_matching_change_and_no_other_while_feeds_come_an
                 3 => Some("other".into()),
                 _ => Some("2155".into()),
             },
-            customer_ids: customers(&ids),
+            // Some name no customer: filed with everyone (4 and 12), or by account (6 with a
+            // field filter, 13 replaying, 14 dropped: the writers'; 3 and 11 dropped: one
+            // without changes).
+            customer_ids: if matches!(round, 3 | 4 | 6 | 11 | 12 | 13 | 14) {
+                HashSet::new()
+            } else {
+                customers(&ids)
+            },
             fields: if round % 5 == 1 {
                 vec![FieldSelector::Path(FieldPath::Field(Field::TierName))]
             } else {
@@ -357,7 +364,23 @@ async fn routed_feeds_get_every_matching_change_and_no_other_while_feeds_come_an
         .iter()
         .flat_map(|(spec, ..)| &spec.customer_ids)
         .collect();
-    assert_eq!(watchers.router.indexed_customers(), still_watched.len());
+    let by_account: HashSet<&Arc<str>> = results
+        .iter()
+        .filter(|(spec, ..)| spec.customer_ids.is_empty())
+        .filter_map(|(spec, ..)| spec.client_id.as_ref())
+        .collect();
+    let everyone = results
+        .iter()
+        .filter(|(spec, ..)| spec.customer_ids.is_empty() && spec.client_id.is_none())
+        .count();
+    assert_eq!(
+        watchers.router.indexed(),
+        (still_watched.len(), by_account.len(), everyone)
+    );
+    assert!(
+        by_account.len() == 2 && everyone == 2,
+        "every kind was kept"
+    );
     shutdown.cancel();
     for (spec, wanted, collected, task) in results {
         task.await.unwrap();
@@ -376,20 +399,34 @@ async fn routed_feeds_get_every_matching_change_and_no_other_while_feeds_come_an
     drop(sequencer);
     tracker.wait().await;
     assert_eq!(
-        watchers.router.indexed_customers(),
-        0,
+        watchers.router.indexed(),
+        (0, 0, 0),
         "every feed left the index"
     );
 }
 
-/// A routed feed that does not read while more than its mailbox holds arrives.
-async fn overflowing_feed(history: usize) -> (Received, u64) {
-    let (watchers, tracker, sequencer) = store_with_sequencer(history);
-    let spec = WatchSpec {
-        customer_ids: customers(&["a"]),
+/// The feeds the overflow tests run: customer "a" (every odd revision), the whole account
+/// and everything (every revision).
+fn overflow_specs() -> [(WatchSpec, u64); 3] {
+    let spec = |client_id: Option<&str>, ids: &[&str]| WatchSpec {
+        client_id: client_id.map(Arc::from),
+        customer_ids: customers(ids),
         progress_interval: Duration::from_secs(3600),
         ..WatchSpec::default()
     };
+    [
+        (spec(None, &["a"]), 2),
+        (spec(Some("2155"), &[]), 1),
+        (spec(None, &[]), 1),
+    ]
+}
+
+/// A feed that does not read while more than its mailbox holds arrives; changes of "a" and
+/// "b" alternate, so "a" has the odd revisions. Returns what it received and the last revision.
+async fn overflowing_feed(history: usize, spec: WatchSpec) -> (Received, u64) {
+    let (watchers, tracker, sequencer) = store_with_sequencer(history);
+    let every_change = spec.customer_ids.is_empty();
+    let last_wanted = |last: u64| if every_change { last } else { last - 1 };
     let shutdown = CancellationToken::new();
     let (mut received, task) = spawn_feed(&watchers, spec, 1, &shutdown);
     assert!(matches!(
@@ -406,7 +443,7 @@ async fn overflowing_feed(history: usize) -> (Received, u64) {
     let (latest, mut watch_latest) = tokio::sync::watch::channel((None, 0));
     let collected = tokio::spawn(collect(received, latest));
     let _ = watch_latest
-        .wait_for(|(synced, last_change)| *last_change == last - 1 || synced.is_some())
+        .wait_for(|(synced, last_change)| *last_change == last_wanted(last) || synced.is_some())
         .await;
     shutdown.cancel();
     task.await.unwrap();
@@ -417,26 +454,37 @@ async fn overflowing_feed(history: usize) -> (Received, u64) {
 }
 
 #[tokio::test]
-async fn a_routed_feed_that_overflows_its_mailbox_catches_up_from_history() {
-    let (received, last) = overflowing_feed(100_000).await;
-    let every_change_of_a: Vec<u64> = (1..last).step_by(2).collect();
-    assert_eq!(received.changes, every_change_of_a);
-    assert_eq!(received.resets, 0);
-    assert_eq!(received.progress, vec![last]);
+async fn a_feed_that_overflows_its_mailbox_catches_up_from_history() {
+    for (spec, step) in overflow_specs() {
+        let (received, last) = overflowing_feed(100_000, spec.clone()).await;
+        let every_wanted: Vec<u64> = (1..=last).step_by(step as usize).collect();
+        assert_eq!(received.changes, every_wanted, "{spec:?}");
+        assert_eq!(received.resets, 0, "{spec:?}");
+        assert_eq!(received.progress, vec![last], "{spec:?}");
+    }
 }
 
 #[tokio::test]
-async fn a_routed_feed_whose_changes_left_the_history_is_reset() {
-    let (received, last) = overflowing_feed(100).await;
-    assert_eq!(received.resets, 1, "{received:?}");
-    // Changes without a gap up to the reset, then the state as of the end.
-    let before_reset = received.changes.len();
-    assert!(before_reset > 0 && before_reset < MAILBOX_CAPACITY);
-    assert_eq!(
-        received.changes,
-        (1..last).step_by(2).take(before_reset).collect::<Vec<_>>()
-    );
-    assert_eq!(received.synced, vec![last]);
+async fn a_feed_whose_changes_left_the_history_is_reset() {
+    for (spec, step) in overflow_specs() {
+        let (received, last) = overflowing_feed(100, spec.clone()).await;
+        assert_eq!(received.resets, 1, "{spec:?}: {received:?}");
+        // Changes without a gap up to the reset, then the state as of the end.
+        let before_reset = received.changes.len();
+        assert!(
+            before_reset > 0 && before_reset < MAILBOX_CAPACITY,
+            "{spec:?}"
+        );
+        assert_eq!(
+            received.changes,
+            (1..=last)
+                .step_by(step as usize)
+                .take(before_reset)
+                .collect::<Vec<_>>(),
+            "{spec:?}"
+        );
+        assert_eq!(received.synced, vec![last], "{spec:?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use super::{Options, channel, client, ingest, preload, rounds};
 use crate::baseline::{FanoutStats, broadcast_fanout, histogram};
 use crate::load::HttpConnection;
+use crate::process::{Server, cpu_time};
 use crate::report::{Report, Row, Target};
 use crate::workload::{Rng, Workload};
 
@@ -37,18 +38,25 @@ pub enum Filter {
     All,
     /// One customer each (`customer_ids`): subscriber i watches customer i.
     Customer,
+    /// Every change of every account (no `client_id`, no customer).
+    Unfiltered,
+    /// Every change of an account no webhook names: no event reaches any subscriber, so this
+    /// measures what watchers that want nothing cost the service.
+    OtherAccount,
 }
 
 /// Who subscribes: how many, how many streams share a connection, and what each watches.
 #[derive(Clone, Copy, Debug)]
-struct Audience {
-    count: usize,
-    per_connection: usize,
-    filter: Filter,
+pub(super) struct Audience {
+    pub(super) count: usize,
+    pub(super) per_connection: usize,
+    pub(super) filter: Filter,
+    /// With `Filter::Customer`: subscriber i watches customer `first_customer + i`.
+    pub(super) first_customer: u64,
 }
 
 /// Connected subscribers; stopping them returns what each received: (revision, when).
-struct Subscribers {
+pub(super) struct Subscribers {
     stop: watch::Sender<bool>,
     /// Changes received by all subscribers together so far.
     delivered: Arc<AtomicU64>,
@@ -58,7 +66,7 @@ struct Subscribers {
 impl Subscribers {
     /// Opens `count` streams, `per_connection` on each HTTP/2 connection, and waits until
     /// every one is synced.
-    async fn open(
+    pub(super) async fn open(
         grpc: SocketAddr,
         audience: Audience,
         client_id: &str,
@@ -67,6 +75,7 @@ impl Subscribers {
             count,
             per_connection,
             filter,
+            first_customer,
         } = audience;
         let (stop, stopped) = watch::channel(false);
         let delivered = Arc::new(AtomicU64::new(0));
@@ -78,10 +87,16 @@ impl Subscribers {
             }
             let channel = shared.clone().context("a connection")?;
             let request = pb::WatchProfilesRequest {
-                client_id: client_id.to_owned(),
+                client_id: match filter {
+                    Filter::OtherAccount => format!("{client_id}-other"),
+                    Filter::Unfiltered => String::new(),
+                    Filter::All | Filter::Customer => client_id.to_owned(),
+                },
                 customer_ids: match filter {
-                    Filter::All => Vec::new(),
-                    Filter::Customer => vec![Workload::customer_id(index as u64)],
+                    Filter::All | Filter::OtherAccount | Filter::Unfiltered => Vec::new(),
+                    Filter::Customer => {
+                        vec![Workload::customer_id(first_customer + index as u64)]
+                    }
                 },
                 ..Default::default()
             };
@@ -125,7 +140,7 @@ impl Subscribers {
         })
     }
 
-    async fn close(self) -> Vec<Vec<(u64, Instant)>> {
+    pub(super) async fn close(self) -> Vec<Vec<(u64, Instant)>> {
         let _ = self.stop.send(true);
         let mut all = Vec::with_capacity(self.tasks.len());
         for task in self.tasks {
@@ -136,16 +151,18 @@ impl Subscribers {
 }
 
 /// One latency window against our service: webhooks at `rate`, subscribers open.
-async fn measure_latency(
+pub(super) async fn measure_latency(
     options: &Options,
-    webhook: SocketAddr,
-    grpc: SocketAddr,
+    server: &Server,
     workload: &Arc<Workload>,
     audience: Audience,
     rate: f64,
 ) -> anyhow::Result<FanoutStats> {
     let Audience { count, filter, .. } = audience;
+    let (webhook, grpc) = (server.webhook()?, server.grpc()?);
     let subscribers = Subscribers::open(grpc, audience, &workload.client_id).await?;
+    let cpu_before = server.pid().and_then(cpu_time);
+    let delivered_before = subscribers.delivered.load(Ordering::Relaxed);
     let started = Instant::now();
     let measure_from = started + options.warmup;
     let end = measure_from + options.duration;
@@ -169,7 +186,9 @@ async fn measure_latency(
                     return anyhow::Ok(answered);
                 }
                 let n = match filter {
-                    Filter::All => rng.below(workload.customers),
+                    Filter::All | Filter::OtherAccount | Filter::Unfiltered => {
+                        rng.below(workload.customers)
+                    }
                     Filter::Customer => rng.below(count as u64),
                 };
                 let (status, body) = connection.post(workload.update(n)).await?;
@@ -200,8 +219,9 @@ async fn measure_latency(
     }
     // Let the last deliveries arrive (at most 5 s more), then stop the subscribers.
     let fan = match filter {
-        Filter::All => count as u64,
+        Filter::All | Filter::Unfiltered => count as u64,
         Filter::Customer => 1,
+        Filter::OtherAccount => 0,
     };
     let drain_until = Instant::now() + Duration::from_secs(5);
     while subscribers.delivered.load(Ordering::Relaxed) < applied * fan
@@ -209,6 +229,11 @@ async fn measure_latency(
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let cpu = server.pid().and_then(cpu_time).zip(cpu_before);
+    let delivered = subscribers.delivered.load(Ordering::Relaxed) - delivered_before;
+    let cpu_per_delivery = cpu
+        .filter(|_| delivered > 0)
+        .map(|(after, before)| after.saturating_sub(before).div_f64(delivered as f64));
     let received = subscribers.close().await;
     let mut stats = FanoutStats {
         latency: histogram(),
@@ -218,6 +243,7 @@ async fn measure_latency(
         deliveries: 0,
         missing: 0,
         elapsed: options.duration,
+        cpu_per_delivery,
     };
     let mut last: HashMap<u64, u64> = HashMap::new();
     let mut early = 0u64;
@@ -265,7 +291,7 @@ pub async fn run(
     let customers = options.customers(10_000).max(most);
     let workload = options.workload(customers);
     let ours = options.ours()?;
-    let (webhook, grpc) = (ours.webhook()?, ours.grpc()?);
+    let grpc = ours.grpc()?;
     preload(&ours, &workload, customers, options.concurrency).await?;
     report.note(format!(
         "fanout: {} rounds; latency at {rate} webhooks/s for {:?} (+{:?} warm-up), filter {filter:?}; \
@@ -293,7 +319,8 @@ pub async fn run(
         let scenario = format!("fanout S={count}");
         // Latency: the broadcast baseline, then ours, per round.
         let results = rounds(options.rounds, 2, |_, contender| {
-            let (workload, event, scenario) = (&workload, Arc::clone(&event), &scenario);
+            let (workload, event, scenario, ours) =
+                (&workload, Arc::clone(&event), &scenario, &ours);
             async move {
                 if contender == 0 {
                     if options.no_baseline {
@@ -306,13 +333,13 @@ pub async fn run(
                 }
                 let stats = measure_latency(
                     options,
-                    webhook,
-                    grpc,
+                    ours,
                     workload,
                     Audience {
                         count,
                         per_connection,
                         filter,
+                        first_customer: 0,
                     },
                     rate,
                 )
@@ -402,6 +429,16 @@ pub async fn run(
                     broadcast.iter().map(per_second).collect(),
                 ),
         );
+        let cpu = |s: &FanoutStats| {
+            s.cpu_per_delivery
+                .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6)
+        };
+        if ours_stats.iter().any(|s| s.cpu_per_delivery.is_some()) {
+            report.push(
+                Row::new(&scenario, "server CPU per delivery", "µs")
+                    .ours(ours_stats.iter().map(cpu).collect()),
+            );
+        }
         report.push(
             Row::new(&scenario, "deliveries missing", "count")
                 .ours(ours_stats.iter().map(|s| s.missing as f64).collect()),
@@ -420,6 +457,7 @@ pub async fn run(
                                 count,
                                 per_connection,
                                 filter: impact_filter,
+                                first_customer: 0,
                             },
                             &workload.client_id,
                         )

@@ -6,6 +6,7 @@ pub mod fanout;
 pub mod footprint;
 pub mod ingest;
 pub mod reads;
+pub mod scale;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
