@@ -292,6 +292,7 @@ pub struct FaultSwitch(Arc<Faults>);
 struct Faults {
     writes: AtomicBool,
     segment_creation: AtomicBool,
+    lose_unsynced: AtomicBool,
     /// How many failures were injected so far, for tests to wait on.
     injected: tokio::sync::watch::Sender<u64>,
 }
@@ -307,6 +308,18 @@ impl FaultSwitch {
     /// work, so only a rotation (and whatever tries one) fails.
     pub fn fail_segment_creation(&self, fail: bool) {
         self.0.segment_creation.store(fail, Ordering::SeqCst);
+    }
+
+    /// Runs the journal as over a disk that loses power: what it writes to a segment reaches
+    /// the file only when it syncs, and what was written since the last successful sync is
+    /// lost when the journal is dropped (after [`FaultSwitch::fail_writes`], the power cut, no
+    /// sync succeeds any more). For a journal opened after this call.
+    pub fn lose_unsynced_writes(&self) {
+        self.0.lose_unsynced.store(true, Ordering::SeqCst);
+    }
+
+    fn loses_unsynced_writes(&self) -> bool {
+        self.0.lose_unsynced.load(Ordering::SeqCst)
     }
 
     /// The number of failures injected so far: tests wait on it to know that a write (or the
@@ -363,5 +376,7 @@ fn numbered_files(
     Ok(files)
 }
 
+#[cfg(test)]
+mod power_loss_tests;
 #[cfg(test)]
 mod tests;

@@ -39,7 +39,7 @@ pub struct Tail {
 /// The append side of the journal, owned by the sequencer.
 pub struct Journal {
     dir: PathBuf,
-    file: File,
+    file: SegmentFile,
     path: PathBuf,
     /// The current segment's first revision (its name).
     segment_first: u64,
@@ -120,7 +120,7 @@ impl Journal {
         }
         let mut journal = Journal {
             dir: dir.to_owned(),
-            file,
+            file: SegmentFile::new(file, &faults),
             path,
             segment_first,
             last_revision: next_revision - 1,
@@ -267,7 +267,7 @@ impl Journal {
         let path = segment_path(&self.dir, first_revision);
         let file = create_segment(&path, &self.faults).map_err(into_io)?;
         tracing::info!(segment = %path.display(), "journal segment started");
-        self.file = file;
+        self.file = SegmentFile::new(file, &self.faults);
         self.path = path;
         self.segment_first = first_revision;
         self.len = codec::HEADER_LEN as u64;
@@ -281,6 +281,48 @@ impl Journal {
     /// The directory the journal lives in.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// The segment being appended to. Writes reach the file at once (the OS keeps them until
+/// `fdatasync`), except over the power-loss seam ([`FaultSwitch::lose_unsynced_writes`]),
+/// where they wait here until the next sync: dropping the journal then loses what was written
+/// since the last successful sync, as a power cut loses the page cache.
+struct SegmentFile {
+    file: File,
+    /// `Some` over the power-loss seam: bytes written and not yet synced.
+    unsynced: Option<Vec<u8>>,
+}
+
+impl SegmentFile {
+    fn new(file: File, faults: &FaultSwitch) -> SegmentFile {
+        let unsynced = faults.loses_unsynced_writes().then(Vec::new);
+        SegmentFile { file, unsynced }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.unsynced {
+            Some(unsynced) => {
+                unsynced.extend_from_slice(bytes);
+                Ok(())
+            }
+            None => self.file.write_all(bytes),
+        }
+    }
+
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        if let Some(unsynced) = &mut self.unsynced {
+            self.file.write_all(unsynced)?;
+            unsynced.clear();
+        }
+        self.file.sync_data()
+    }
+
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        if let Some(unsynced) = &mut self.unsynced {
+            unsynced.clear();
+        }
+        self.file.set_len(len)
     }
 }
 

@@ -6,9 +6,11 @@
 //! flood of idle sockets cannot use up the process's open files and starve the other ports.
 //! [`Timed`] wraps each accepted connection with its deadlines:
 //! - [`Deadlines::Requests`] (the webhook listener): while no request is in progress, a
-//!   connection that sends nothing is closed after the idle timeout, and one that has started
-//!   a request's headers (or an HTTP/2 preface) after the header timeout. The request's body
-//!   and answer are the handler's business (`--webhook-body-timeout`, `--webhook-timeout`).
+//!   connection that sends nothing is closed after the idle timeout (counted from the end of
+//!   its last request), and one that has started a request's headers (or an HTTP/2 preface)
+//!   after the header timeout (counted from the first wait for more of them: a request that
+//!   arrives whole never moves the timer). The request's body and answer are the handler's
+//!   business (`--webhook-body-timeout`, `--webhook-timeout`).
 //! - [`Deadlines::Preface`] (the gRPC listener): the 24 bytes of the HTTP/2 client preface
 //!   must arrive within the handshake timeout, counted from the accept; after that HTTP/2
 //!   keepalive watches the connection. Under TLS the stream is `super::tls::TlsConnection`,
@@ -23,9 +25,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -226,13 +228,28 @@ impl RateLimited {
     }
 }
 
-/// Requests in progress on one connection, as its service sees them, and the connection to
-/// wake when the last one ends (hyper does not read an idle connection again by itself, so
-/// its idle deadline would never be looked at).
-#[derive(Default)]
+/// Requests in progress on one connection, as its service sees them, and when the last one
+/// ended: the connection's idle deadline counts from there. No wake-up when a request ends
+/// (hyper does not read an idle HTTP/1 connection again by itself): while a request is in
+/// progress the connection's timer stays armed, and when it fires after the request ended
+/// the idle deadline is set from the end. Waking the connection at the end of every request
+/// instead cost an extra poll of it per webhook.
 pub struct Activity {
     in_progress: AtomicUsize,
-    waiting: Mutex<Option<Waker>>,
+    /// When the connection was accepted: what `last_end` counts from.
+    epoch: Instant,
+    /// Nanoseconds from `epoch` to the end of the last request.
+    last_end: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            in_progress: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            last_end: AtomicU64::new(0),
+        }
+    }
 }
 
 /// One request in progress; ends when dropped.
@@ -249,31 +266,18 @@ impl Activity {
         self.in_progress.load(Ordering::SeqCst) > 0
     }
 
-    /// Wakes `cx` once no request is in progress.
-    fn wake_when_idle(&self, cx: &Context<'_>) {
-        *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
-        if !self.in_progress() {
-            self.wake();
-        }
-    }
-
-    fn wake(&self) {
-        let waiting = self
-            .waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(waker) = waiting {
-            waker.wake();
-        }
+    /// When the last request ended (the accept, if none has).
+    fn last_end(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.last_end.load(Ordering::SeqCst))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if self.0.in_progress.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.wake();
-        }
+        let activity = &self.0;
+        let ended = u64::try_from(activity.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        activity.last_end.fetch_max(ended, Ordering::SeqCst);
+        activity.in_progress.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -299,6 +303,11 @@ pub enum Deadlines {
 enum Phase {
     /// Waiting for a request: the idle deadline runs.
     Idle,
+    /// Part of a request's headers arrived, and the connection has not waited for more yet:
+    /// the header deadline is set when it first does. Most requests arrive whole in one read
+    /// and are in progress before the connection waits again, so they never move the timer
+    /// (moving it earlier takes the timer driver's lock: a measurable cost per webhook).
+    HeaderArrived,
     /// Part of a request's headers (or the preface) arrived: the header deadline runs.
     Header,
     /// A request is in progress: no deadline.
@@ -351,12 +360,12 @@ impl<T, S> Timed<T, S> {
             return;
         }
         match &self.deadlines {
-            Deadlines::Requests {
-                activity, header, ..
-            } => {
-                if self.phase == Phase::Idle && !activity.in_progress() {
-                    let header = *header;
-                    self.arm(Phase::Header, header);
+            Deadlines::Requests { activity, .. } => {
+                // Busy and no request in progress: the last one ended, and the connection has
+                // not waited since (it would be Idle then).
+                let waiting = matches!(self.phase, Phase::Idle | Phase::Busy);
+                if waiting && !activity.in_progress() {
+                    self.phase = Phase::HeaderArrived;
                 }
             }
             Deadlines::Preface { .. } => {
@@ -370,15 +379,34 @@ impl<T, S> Timed<T, S> {
 
     /// Called when the connection waits: the error that closes it once its deadline passed.
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        if let Deadlines::Requests { activity, idle, .. } = &self.deadlines {
+        if let Deadlines::Requests {
+            activity,
+            idle,
+            header,
+        } = &self.deadlines
+        {
             match (activity.in_progress(), self.phase) {
+                // No deadline, but the timer stays armed so that the connection is polled
+                // again after the request ended (see `Activity`).
                 (true, _) => {
                     self.phase = Phase::Busy;
-                    activity.wake_when_idle(cx);
+                    if self.timer.is_elapsed() {
+                        let idle = *idle;
+                        self.arm(Phase::Busy, idle);
+                    }
+                    let _ = self.timer.as_mut().poll(cx);
+                    return None;
                 }
                 (false, Phase::Busy) => {
-                    let idle = *idle;
-                    self.arm(Phase::Idle, idle);
+                    let deadline = activity.last_end() + *idle;
+                    self.phase = Phase::Idle;
+                    self.timer.as_mut().reset(deadline);
+                }
+                // The first wait for the rest of the headers: their deadline starts now (the
+                // bytes that began them arrived in the read just before).
+                (false, Phase::HeaderArrived) => {
+                    let header = *header;
+                    self.arm(Phase::Header, header);
                 }
                 (false, _) => {}
             }
@@ -386,7 +414,7 @@ impl<T, S> Timed<T, S> {
         let which = match self.phase {
             Phase::Busy | Phase::Done => return None,
             Phase::Idle => "idle",
-            Phase::Header => match self.deadlines {
+            Phase::HeaderArrived | Phase::Header => match self.deadlines {
                 Deadlines::Requests { .. } => "header",
                 Deadlines::Preface { .. } => "handshake",
             },
