@@ -34,6 +34,7 @@ mod queries;
 mod reconcile;
 mod reconcile_client;
 mod replicas;
+mod replicated_dead_letters;
 mod timestamps;
 mod watch;
 mod webhook;

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::data_dir::{self, DataDir};
-use crate::dead_letters::DeadLetters;
+use crate::dead_letters::{DeadLetters, LocalLetters};
 use crate::grpc::auth::{AdminAccess, AdminAuth, BearerAuth};
 use crate::grpc::transport;
 use crate::ingest::Ingest;
@@ -119,18 +119,19 @@ impl Server {
         let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
         let admin = listen(&config.admin_listen, "admin-listen").await?;
         let faults = FaultSwitch::default();
-        let (store, mode, data_dir) = match config.nats.enabled() {
+        let (store, mode, data_dir, dead_letters) = match config.nats.enabled() {
             true => {
                 let opened = replication::open(&config).await?;
                 let mode = Mode::Replicated(Box::new(opened.replica));
-                (opened.store, mode, opened.data_dir)
+                let dead_letters = DeadLetters::shared(Arc::new(opened.dead_letters));
+                (opened.store, mode, opened.data_dir, dead_letters)
             }
             false => {
                 let (store, durability, data_dir) = open_state(&config, &faults).await?;
-                (store, Mode::Local(durability), data_dir)
+                let dead_letters = open_dead_letters(data_dir.as_ref()).await?;
+                (store, Mode::Local(durability), data_dir, dead_letters)
             }
         };
-        let dead_letters = open_dead_letters(data_dir.as_ref()).await?;
         let admin_auth = AdminAuth::new(auth.clone(), admin_access);
         let reconcile = reconcile_options(&config);
         Ok(Server {
@@ -356,15 +357,15 @@ async fn open_state(
     Ok((store, Some(durability), Some(dir)))
 }
 
-/// The dead letters, kept beside the journal and loaded before anything is served; in memory
-/// when ephemeral.
+/// A single node's dead letters, kept beside the journal and loaded before anything is served;
+/// in memory when ephemeral. (A replica's are the cluster's, in the stream's bucket.)
 async fn open_dead_letters(data_dir: Option<&DataDir>) -> anyhow::Result<DeadLetters> {
     let Some(dir) = data_dir else {
         return Ok(DeadLetters::in_memory());
     };
     let path = dir.path().to_owned();
     Ok(
-        tokio::task::spawn_blocking(move || DeadLetters::open(&path))
+        tokio::task::spawn_blocking(move || LocalLetters::open(&path).map(DeadLetters::local))
             .await
             .context("dead letters task")??,
     )
