@@ -22,8 +22,8 @@ use super::Prepared;
 use crate::config::Config;
 use crate::data_dir::{DataDir, sync_dir};
 use crate::jetstream::{
-    DeadLetterBucket, Follower, JetStreamError, Nats, SnapshotBucket, SnapshotInfo, StreamSettings,
-    UpdateStream,
+    DeadLetterBucket, Follower, JetStreamError, Nats, ScheduleBucket, SnapshotBucket, SnapshotInfo,
+    StreamSettings, UpdateStream,
 };
 use crate::journal::{self, snapshot};
 use crate::server::BadConfiguration;
@@ -39,6 +39,8 @@ pub struct Opened {
     pub replica: Prepared,
     /// The cluster-wide dead letters.
     pub dead_letters: DeadLetterBucket,
+    /// The schedule slots' claims.
+    pub schedule: ScheduleBucket,
 }
 
 /// A snapshot to start from: its file, and what it is as of.
@@ -73,6 +75,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
     };
     let bucket = SnapshotBucket::open(&stream).await?;
     let dead_letters = DeadLetterBucket::open(&stream, max_payload).await?;
+    let schedule = ScheduleBucket::open(&stream, &name).await?;
     let store = Store::new(config.history_events, stream.store_id());
     let data_dir = match config.ephemeral {
         true => None,
@@ -130,6 +133,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
         data_dir,
         replica,
         dead_letters,
+        schedule,
     })
 }
 

@@ -37,6 +37,7 @@ use crate::journal::FaultSwitch;
 use crate::listen_addr::ListenAddr;
 use crate::metrics::Metrics;
 use crate::monitoring::Monitoring;
+use crate::reconcile::schedule::SlotClaims;
 use crate::reconcile::{ReconcileJobs, ReconcileOptions};
 use crate::replication::{self, ApplierPause, ReplicaStatus};
 use crate::sequencer::{Durability, Sequencer};
@@ -68,6 +69,8 @@ pub struct Server {
     store: Store,
     mode: Mode,
     dead_letters: DeadLetters,
+    /// Replicated mode: the claims that run each schedule period on one replica.
+    schedule_claims: Option<Arc<dyn SlotClaims>>,
     faults: FaultSwitch,
     pause: ApplierPause,
     reconcile: ReconcileOptions,
@@ -119,17 +122,24 @@ impl Server {
         let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
         let admin = listen(&config.admin_listen, "admin-listen").await?;
         let faults = FaultSwitch::default();
-        let (store, mode, data_dir, dead_letters) = match config.nats.enabled() {
+        let (store, mode, data_dir, dead_letters, schedule_claims) = match config.nats.enabled() {
             true => {
                 let opened = replication::open(&config).await?;
                 let mode = Mode::Replicated(Box::new(opened.replica));
                 let dead_letters = DeadLetters::shared(Arc::new(opened.dead_letters));
-                (opened.store, mode, opened.data_dir, dead_letters)
+                let claims: Arc<dyn SlotClaims> = Arc::new(opened.schedule);
+                (
+                    opened.store,
+                    mode,
+                    opened.data_dir,
+                    dead_letters,
+                    Some(claims),
+                )
             }
             false => {
                 let (store, durability, data_dir) = open_state(&config, &faults).await?;
                 let dead_letters = open_dead_letters(data_dir.as_ref()).await?;
-                (store, Mode::Local(durability), data_dir, dead_letters)
+                (store, Mode::Local(durability), data_dir, dead_letters, None)
             }
         };
         let admin_auth = AdminAuth::new(auth.clone(), admin_access);
@@ -146,6 +156,7 @@ impl Server {
             store,
             mode,
             dead_letters,
+            schedule_claims,
             faults,
             pause: ApplierPause::default(),
             reconcile,
@@ -216,6 +227,7 @@ impl Server {
             store,
             mode,
             dead_letters,
+            schedule_claims,
             faults: _,
             pause,
             reconcile,
@@ -238,6 +250,7 @@ impl Server {
         }
         let (health, health_service) = Health::follow(ready, &tracker, stopping.clone()).await;
         let secrets = secret_store(&verification);
+        let reconcile = (reconcile, schedule_claims);
         let reconcile = start_reconcile(context, &ingest, secrets, reconcile, &config);
         let monitoring = serve_monitoring(admin, context, dead_letters, writable, replica.clone());
         let grpc = serve_grpc(
@@ -450,7 +463,7 @@ fn start_reconcile(
     (store, metrics, tracker, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),
     ingest: &Ingest,
     secrets: Option<SecretStore>,
-    options: ReconcileOptions,
+    (options, claims): (ReconcileOptions, Option<Arc<dyn SlotClaims>>),
     config: &Config,
 ) -> ReconcileJobs {
     let jobs = ReconcileJobs::new(
@@ -462,7 +475,8 @@ fn start_reconcile(
         tracker.clone(),
         stopping.clone(),
     );
-    crate::reconcile::schedule::start(&jobs, &config.reconcile.every, tracker, stopping);
+    let every = &config.reconcile.every;
+    crate::reconcile::schedule::start(&jobs, every, tracker, stopping, claims);
     jobs
 }
 
