@@ -11,6 +11,10 @@
 //! a sender stuck on a bad schema cannot fill the disk the journal needs; past that, storing
 //! fails and the webhook answers 503 (Gameball retries) until an operator replays or purges.
 //!
+//! That is a single node's backend, [`LocalLetters`]. In replicated mode letters are the
+//! cluster's, in a key-value bucket (`shared`); [`DeadLetters`] (`handle`) is the one handle
+//! over either, and what callers use.
+//!
 //! This module keeps letters and nothing else: validating and applying them (on arrival and on
 //! replay) is `crate::ingest`'s path, and HTTP or gRPC are the adapters' business.
 //!
