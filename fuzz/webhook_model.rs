@@ -40,7 +40,7 @@ use serde_json::{Value, json};
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use profile_state::dead_letters::{DeadLetterId, DeadLetters, Purge};
+use profile_state::dead_letters::{DeadLetterId, DeadLetters, LocalLetters, Purge};
 use profile_state::ingest::payload::{self, Delivery};
 use profile_state::journal::codec::{ProfileRecord, UpdateRecord};
 use profile_state::metrics::Metrics;
@@ -446,7 +446,7 @@ pub struct Harness {
     runtime: tokio::runtime::Runtime,
     router: axum::Router,
     _tracker: TaskTracker,
-    dead_letters: DeadLetters,
+    dead_letters: LocalLetters,
     dead_letter_dir: std::path::PathBuf,
     /// The highest `applied` revision seen.
     newest_revision: AtomicU64,
@@ -470,7 +470,7 @@ impl Harness {
             .expect("a tokio runtime");
         let tracker = TaskTracker::new();
         let dead_letter_dir = scratch_dir();
-        let dead_letters = DeadLetters::open(&dead_letter_dir).expect("a dead letter directory");
+        let dead_letters = LocalLetters::open(&dead_letter_dir).expect("a dead letter directory");
         let router = runtime.block_on(async {
             let metrics = Metrics::new();
             let store = Store::new(64, "fuzz");
@@ -482,7 +482,7 @@ impl Harness {
                 timeout: Duration::from_secs(30),
             };
             Ingress::new(sequencer, Verification::Secrets(secrets()), limits, metrics)
-                .with_dead_letters(dead_letters.clone())
+                .with_dead_letters(DeadLetters::local(dead_letters.clone()))
                 .router()
         });
         let fixture = fixtures::json(FIXTURE);
@@ -665,7 +665,7 @@ impl Harness {
         if self.dead_letters.len() < LETTERS_BEFORE_PURGE {
             return Ok(());
         }
-        let reloaded = DeadLetters::open(&self.dead_letter_dir)
+        let reloaded = LocalLetters::open(&self.dead_letter_dir)
             .map_err(|err| format!("the dead letters do not load back: {err}"))?;
         let kept = self.dead_letters.list(None, usize::MAX, usize::MAX).letters;
         let loaded = reloaded.list(None, usize::MAX, usize::MAX).letters;

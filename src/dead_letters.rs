@@ -11,6 +11,10 @@
 //! a sender stuck on a bad schema cannot fill the disk the journal needs; past that, storing
 //! fails and the webhook answers 503 (Gameball retries) until an operator replays or purges.
 //!
+//! That is a single node's backend, [`LocalLetters`]. In replicated mode letters are the
+//! cluster's, in a key-value bucket (`shared`); [`DeadLetters`] (`handle`) is the one handle
+//! over either, and what callers use.
+//!
 //! This module keeps letters and nothing else: validating and applying them (on arrival and on
 //! replay) is `crate::ingest`'s path, and HTTP or gRPC are the adapters' business.
 //!
@@ -31,6 +35,12 @@ use sha1::{Digest, Sha1};
 use crate::data_dir::{sync_dir, write_atomically};
 use crate::error::Error;
 use crate::io_error::IoError;
+
+mod handle;
+pub mod shared;
+
+pub use handle::{DeadLetters, ReplayClaim};
+pub use shared::{BucketError, LetterBucket, REPLAY_CLAIM_TIMEOUT};
 
 /// The directory, inside the data directory, that holds one file per letter.
 pub const DIR: &str = "dead-letters";
@@ -169,6 +179,22 @@ pub enum DeadLetterError {
     /// A filesystem operation failed.
     #[error("dead letters: {0}")]
     Io(IoError),
+    /// The cluster-wide bucket could not be read or changed (NATS unreachable, a timeout).
+    #[error("dead letter bucket: {0}")]
+    Bucket(String),
+    /// A letter is larger than one bucket value may be.
+    #[error(
+        "dead letter {id} takes {bytes} bytes stored, more than the {limit} one bucket value may \
+         hold (the NATS server's max_payload); lower --max-body-bytes or raise max_payload"
+    )]
+    TooLarge {
+        /// The letter.
+        id: DeadLetterId,
+        /// Its stored size.
+        bytes: usize,
+        /// The bucket's limit.
+        limit: usize,
+    },
     /// A letter file does not hold a valid letter.
     #[error("dead letter file {path} is damaged: {reason}; move it away to start")]
     Damaged {
@@ -199,7 +225,7 @@ impl From<IoError> for DeadLetterError {
 /// The dead letters of one server. Cloning it is one reference-count increment; every clone
 /// shares the same letters (and, when durable, the same directory).
 #[derive(Clone)]
-pub struct DeadLetters {
+pub struct LocalLetters {
     inner: Arc<Inner>,
 }
 
@@ -244,16 +270,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl DeadLetters {
+impl LocalLetters {
     /// Letters kept in memory only (`--ephemeral`, and ingresses built without a data
     /// directory).
-    pub fn in_memory() -> DeadLetters {
-        DeadLetters::new(None, MAX_LETTERS, Index::default())
+    pub fn in_memory() -> LocalLetters {
+        LocalLetters::new(None, MAX_LETTERS, Index::default())
     }
 
     /// Opens `<data_dir>/dead-letters` (created if missing) and loads every letter in it.
     /// Blocking: call it where blocking is fine (start-up's recovery thread).
-    pub fn open(data_dir: &Path) -> Result<DeadLetters, DeadLetterError> {
+    pub fn open(data_dir: &Path) -> Result<LocalLetters, DeadLetterError> {
         let dir = data_dir.join(DIR);
         if !dir.is_dir() {
             std::fs::create_dir_all(&dir).map_err(IoError::on(&dir, "create"))?;
@@ -271,11 +297,11 @@ impl DeadLetters {
             }
         }
         tracing::info!(dir = %dir.display(), letters = index.by_id.len(), "dead letters loaded");
-        Ok(DeadLetters::new(Some(dir), MAX_LETTERS, index))
+        Ok(LocalLetters::new(Some(dir), MAX_LETTERS, index))
     }
 
-    fn new(dir: Option<PathBuf>, max_letters: usize, index: Index) -> DeadLetters {
-        DeadLetters {
+    fn new(dir: Option<PathBuf>, max_letters: usize, index: Index) -> LocalLetters {
+        LocalLetters {
             inner: Arc::new(Inner {
                 dir,
                 max_letters,
@@ -383,25 +409,11 @@ impl DeadLetters {
             Some(cursor) => Bound::Excluded((cursor.received_at, cursor.id.clone())),
             None => Bound::Unbounded,
         };
-        let mut letters: Vec<Arc<DeadLetter>> = Vec::new();
-        let mut bytes = 0;
-        for (_, id) in index.order.range((start, Bound::Unbounded)) {
-            let letter = &index.by_id[id];
-            let full = letters.len() >= limit.max(1)
-                || (!letters.is_empty() && bytes + letter.body.len() > max_body_bytes);
-            if full {
-                return Page {
-                    next: letters.last().map(|last| last.cursor()),
-                    letters,
-                };
-            }
-            bytes += letter.body.len();
-            letters.push(Arc::clone(letter));
-        }
-        Page {
-            letters,
-            next: None,
-        }
+        let letters = index
+            .order
+            .range((start, Bound::Unbounded))
+            .map(|(_, id)| &index.by_id[id]);
+        page(letters, limit, max_body_bytes)
     }
 
     /// Removes one letter (replayed, or no longer wanted). Returns false if it was not kept.
@@ -475,18 +487,7 @@ impl Inner {
         let Some(path) = self.path(&letter.id) else {
             return Ok(());
         };
-        let record = Record {
-            format: FORMAT,
-            id: letter.id.to_string(),
-            received_at: rfc3339(letter.received_at),
-            last_received_at: rfc3339(letter.last_received_at),
-            deliveries: letter.deliveries,
-            reason: letter.reason.clone(),
-            field: letter.field.clone(),
-            body: STANDARD.encode(&letter.body),
-        };
-        let mut bytes = serde_json::to_vec_pretty(&record).expect("a record serializes");
-        bytes.push(b'\n');
+        let bytes = encode(letter, None);
         Ok(write_atomically(&path, &bytes).map_err(IoError::on(&path, "write"))?)
     }
 
@@ -516,6 +517,9 @@ struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     field: Option<String>,
     body: String,
+    /// When a replica claimed the letter to replay it (cluster-wide letters only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replaying_since: Option<String>,
 }
 
 /// Reads one letter file, checking everything it claims (the id is the body's SHA-1 and the
@@ -526,25 +530,55 @@ fn load(path: &Path) -> Result<DeadLetter, DeadLetterError> {
         reason: reason.to_owned(),
     };
     let bytes = std::fs::read(path).map_err(IoError::on(path, "read"))?;
-    let record: Record = serde_json::from_slice(&bytes)
-        .map_err(|err| damaged(&format!("not a dead letter record: {err}")))?;
+    let (letter, _) = decode(&bytes).map_err(|reason| damaged(&reason))?;
+    if path.file_stem().and_then(|stem| stem.to_str()) != Some(letter.id.as_str()) {
+        return Err(damaged("its name is not its id"));
+    }
+    Ok(letter)
+}
+
+/// A letter as one JSON record (a file's contents, or a bucket entry's value), with the time a
+/// replica claimed it for a replay, if one did.
+fn encode(letter: &DeadLetter, replaying_since: Option<DateTime<Utc>>) -> Vec<u8> {
+    let record = Record {
+        format: FORMAT,
+        id: letter.id.to_string(),
+        received_at: rfc3339(letter.received_at),
+        last_received_at: rfc3339(letter.last_received_at),
+        deliveries: letter.deliveries,
+        reason: letter.reason.clone(),
+        field: letter.field.clone(),
+        body: STANDARD.encode(&letter.body),
+        replaying_since: replaying_since.map(rfc3339),
+    };
+    let mut bytes = serde_json::to_vec_pretty(&record).expect("a record serializes");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Reads a record made by [`encode`], checking everything it claims (the id is the body's
+/// SHA-1); what is wrong with it otherwise.
+fn decode(bytes: &[u8]) -> Result<(DeadLetter, Option<DateTime<Utc>>), String> {
+    let record: Record =
+        serde_json::from_slice(bytes).map_err(|err| format!("not a dead letter record: {err}"))?;
     if record.format != FORMAT {
-        return Err(damaged(&format!("unknown format {}", record.format)));
+        return Err(format!("unknown format {}", record.format));
     }
     let body = STANDARD
         .decode(&record.body)
-        .map_err(|_| damaged("body is not base64"))?;
+        .map_err(|_| "body is not base64".to_string())?;
     let id = DeadLetterId::of(&body);
     if record.id != id.as_str() {
-        return Err(damaged("its id is not the SHA-1 of its body"));
-    }
-    if path.file_stem().and_then(|stem| stem.to_str()) != Some(id.as_str()) {
-        return Err(damaged("its name is not its id"));
+        return Err("its id is not the SHA-1 of its body".into());
     }
     let time = |text: &str, what: &str| {
-        parse_time(text).ok_or_else(|| damaged(&format!("{what} is not an RFC 3339 timestamp")))
+        parse_time(text).ok_or_else(|| format!("{what} is not an RFC 3339 timestamp"))
     };
-    Ok(DeadLetter {
+    let replaying_since = match &record.replaying_since {
+        Some(text) => Some(time(text, "replaying_since")?),
+        None => None,
+    };
+    let letter = DeadLetter {
         id,
         received_at: time(&record.received_at, "received_at")?,
         last_received_at: time(&record.last_received_at, "last_received_at")?,
@@ -552,7 +586,35 @@ fn load(path: &Path) -> Result<DeadLetter, DeadLetterError> {
         reason: record.reason,
         field: record.field,
         body,
-    })
+    };
+    Ok((letter, replaying_since))
+}
+
+/// Up to `limit` letters (at least one) of `letters`, which are in listing order. Past the
+/// first letter, a page stops before its bodies would exceed `max_body_bytes`.
+fn page<'a>(
+    letters: impl Iterator<Item = &'a Arc<DeadLetter>>,
+    limit: usize,
+    max_body_bytes: usize,
+) -> Page {
+    let mut kept: Vec<Arc<DeadLetter>> = Vec::new();
+    let mut bytes = 0;
+    for letter in letters {
+        let full = kept.len() >= limit.max(1)
+            || (!kept.is_empty() && bytes + letter.body.len() > max_body_bytes);
+        if full {
+            return Page {
+                next: kept.last().map(|last| last.cursor()),
+                letters: kept,
+            };
+        }
+        bytes += letter.body.len();
+        kept.push(Arc::clone(letter));
+    }
+    Page {
+        letters: kept,
+        next: None,
+    }
 }
 
 /// RFC 3339 in UTC with as many fractional digits as needed to read back the same instant.
@@ -610,7 +672,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_same_body_is_one_letter_counting_repeats() {
-        let letters = DeadLetters::in_memory();
+        let letters = LocalLetters::in_memory();
         let id = letters.store(b"{", &invalid("body"), at(1)).await.unwrap();
         let again = letters.store(b"{", &invalid("event"), at(2)).await.unwrap();
         assert_eq!(id, again);
@@ -627,7 +689,7 @@ mod tests {
 
     #[tokio::test]
     async fn pages_follow_first_arrival_and_respect_the_byte_budget() {
-        let letters = DeadLetters::in_memory();
+        let letters = LocalLetters::in_memory();
         let mut ids = Vec::new();
         for n in 0..5u8 {
             let body = vec![n; 10];
@@ -663,7 +725,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_store_refuses_new_bodies_but_counts_repeats() {
-        let letters = DeadLetters::new(None, 1, Index::default());
+        let letters = LocalLetters::new(None, 1, Index::default());
         letters.store(b"1", &invalid("body"), at(1)).await.unwrap();
         let refused = letters.store(b"2", &invalid("body"), at(2)).await;
         assert!(matches!(refused, Err(DeadLetterError::Full { limit: 1 })));
@@ -677,7 +739,7 @@ mod tests {
     async fn letters_survive_reopening_and_removals_stick() {
         let data = tempfile::tempdir().unwrap();
         let body = b"\xff\xfe not utf-8".to_vec();
-        let letters = DeadLetters::open(data.path()).unwrap();
+        let letters = LocalLetters::open(data.path()).unwrap();
         let id = letters
             .store(&body, &invalid("data.tier_order"), at(1))
             .await
@@ -691,7 +753,7 @@ mod tests {
         let before: Vec<_> = letters.list(None, 10, usize::MAX).letters;
         drop(letters);
 
-        let reopened = DeadLetters::open(data.path()).unwrap();
+        let reopened = LocalLetters::open(data.path()).unwrap();
         let after = reopened.list(None, 10, usize::MAX).letters;
         assert_eq!(after, before);
         assert_eq!(reopened.get(&id).unwrap().deliveries, 2);
@@ -703,7 +765,7 @@ mod tests {
         assert!(reopened.remove(&id).await.unwrap());
         assert!(!reopened.remove(&id).await.unwrap());
         drop(reopened);
-        let again = DeadLetters::open(data.path()).unwrap();
+        let again = LocalLetters::open(data.path()).unwrap();
         assert_eq!(again.len(), 1);
         assert!(again.get(&other).is_some());
     }
@@ -711,7 +773,7 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_file_stops_opening_and_names_it() {
         let data = tempfile::tempdir().unwrap();
-        let letters = DeadLetters::open(data.path()).unwrap();
+        let letters = LocalLetters::open(data.path()).unwrap();
         let id = letters
             .store(b"{}", &invalid("event"), at(1))
             .await
@@ -724,7 +786,7 @@ mod tests {
         // A leftover temp file is an interrupted write, not damage.
         std::fs::write(data.path().join(DIR).join("x.tmp"), b"half").unwrap();
 
-        let Err(error) = DeadLetters::open(data.path()) else {
+        let Err(error) = LocalLetters::open(data.path()) else {
             panic!("a tampered letter must not load");
         };
         let message = error.to_string();
@@ -733,7 +795,7 @@ mod tests {
         assert!(!data.path().join(DIR).join("x.tmp").exists());
 
         std::fs::write(&path, b"not json").unwrap();
-        let Err(error) = DeadLetters::open(data.path()) else {
+        let Err(error) = LocalLetters::open(data.path()) else {
             panic!("junk must not load");
         };
         assert!(

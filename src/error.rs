@@ -71,6 +71,16 @@ pub enum Error {
         /// The id asked for.
         id: String,
     },
+    /// Another replica claimed this dead letter to replay it (and may have replayed it
+    /// already): one replay applies a letter, never two.
+    #[error(
+        "dead letter {id:?} is being replayed, or was just replayed, by another replica; get it \
+         again to see whether it is still kept"
+    )]
+    DeadLetterBeingReplayed {
+        /// The letter.
+        id: String,
+    },
     /// A read asked for `min_revision`, and this server had not applied it by the call's
     /// deadline: a replica behind its cluster, or a revision not assigned yet.
     #[error(

@@ -119,7 +119,9 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
                 StatusCode::NOT_FOUND
             }
             Error::ReconcileNotConfigured { .. } => StatusCode::PRECONDITION_FAILED,
-            Error::ReconcileJobRunning { .. } => StatusCode::CONFLICT,
+            Error::ReconcileJobRunning { .. } | Error::DeadLetterBeingReplayed { .. } => {
+                StatusCode::CONFLICT
+            }
             Error::TooManyReconcileJobs { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable { .. } | Error::RevisionNotApplied { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -171,6 +173,7 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             | Error::ReconcileJobNotFound { .. } => tonic::Code::NotFound,
             Error::ReconcileNotConfigured { .. } => tonic::Code::FailedPrecondition,
             Error::ReconcileJobRunning { .. } => tonic::Code::AlreadyExists,
+            Error::DeadLetterBeingReplayed { .. } => tonic::Code::Aborted,
             Error::TooManyReconcileJobs { .. } => tonic::Code::ResourceExhausted,
             Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
             Error::Compacted { .. } | Error::StoreChanged { .. } => tonic::Code::FailedPrecondition,

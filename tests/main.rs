@@ -35,6 +35,8 @@ mod queries;
 mod reconcile;
 mod reconcile_client;
 mod replicas;
+mod replicated_dead_letters;
+mod replicated_schedule;
 mod timestamps;
 mod watch;
 mod watch_fanout;

@@ -50,7 +50,12 @@ fn quick() -> ReconcileOptions {
     }
 }
 
-async fn start(config: Config, dir: &Path, stand_in: &GameballStandIn, key: &str) -> TestService {
+pub(crate) async fn start(
+    config: Config,
+    dir: &Path,
+    stand_in: &GameballStandIn,
+    key: &str,
+) -> TestService {
     let mut config = config;
     config.webhook_secrets_file = Some(secrets_file(dir, stand_in, key));
     let server = Server::bind(config).await.expect("service binds");

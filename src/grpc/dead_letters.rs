@@ -78,7 +78,9 @@ impl DeadLetterApi {
         };
         let page = self
             .dead_letters
-            .list(after.as_ref(), page_size, PAGE_BODY_BYTES);
+            .list(after.as_ref(), page_size, PAGE_BODY_BYTES)
+            .await
+            .map_err(unavailable)?;
         Ok(Response::new(pb::ListDeadLettersResponse {
             dead_letters: page.letters.iter().map(|l| letter(l)).collect(),
             next_page_token: page.next.map(|next| next.encode()).unwrap_or_default(),
@@ -95,6 +97,8 @@ impl DeadLetterApi {
         let found = self
             .dead_letters
             .get(&id)
+            .await
+            .map_err(unavailable)?
             .ok_or_else(|| grpc_status(Error::DeadLetterNotFound { id: id.to_string() }))?;
         Ok(Response::new(pb::GetDeadLetterResponse {
             dead_letter: Some(letter(&found)),

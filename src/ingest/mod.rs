@@ -18,7 +18,7 @@
 
 pub mod payload;
 
-use crate::dead_letters::{DeadLetterError, DeadLetterId, DeadLetters};
+use crate::dead_letters::{DeadLetterId, DeadLetters};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::profile::ProfileUpdate;
@@ -198,21 +198,16 @@ impl Ingest {
 
     /// Replays the dead letter `id` through the path a webhook takes: still invalid, it stays
     /// kept with the new reason ([`Error::DeadLettered`]); valid now, it is recorded and then
-    /// removed. Applied first, removed second: if the removal fails, replaying again is
-    /// harmless (the update is then unchanged).
+    /// removed. The letter is claimed first, so two replicas replaying it at once apply it once
+    /// (the other gets [`Error::DeadLetterBeingReplayed`]). Applied first, removed second: if
+    /// the removal fails, replaying again is harmless (the update is then unchanged).
     pub async fn replay(&self, id: &DeadLetterId) -> Result<Outcome, Error> {
-        let found = self
-            .dead_letters
-            .get(id)
-            .ok_or_else(|| Error::DeadLetterNotFound { id: id.to_string() })?;
-        let parsed = serde_json::from_slice::<serde_json::Value>(&found.body);
+        let claim = self.dead_letters.claim(id).await?;
+        let parsed = serde_json::from_slice::<serde_json::Value>(&claim.letter.body);
         let delivery = match validate(parsed.as_ref()) {
             Ok(delivery) => delivery,
             Err(cause) => {
-                self.dead_letters
-                    .set_reason(id, &cause)
-                    .await
-                    .map_err(DeadLetterError::unavailable)?;
+                self.dead_letters.release(claim, Some(&cause)).await?;
                 tracing::info!(
                     dead_letter_id = %id,
                     error = %cause,
@@ -224,11 +219,16 @@ impl Ingest {
                 });
             }
         };
-        let outcome = self.record(delivery).await?;
-        self.dead_letters
-            .remove(id)
-            .await
-            .map_err(DeadLetterError::unavailable)?;
+        let outcome = match self.record(delivery).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                if let Err(release) = self.dead_letters.release(claim, None).await {
+                    tracing::warn!(dead_letter_id = %id, error = %release, "could not release a replay's claim; it expires");
+                }
+                return Err(error);
+            }
+        };
+        self.dead_letters.finish(claim).await?;
         tracing::info!(dead_letter_id = %id, %outcome, "dead letter replayed and removed");
         Ok(outcome)
     }

@@ -1,6 +1,7 @@
 //! Cluster-wide dead letters in a JetStream KV bucket (`<stream>_DEAD_LETTERS`): one entry per
 //! letter id, with compare-and-set so two replicas never both replay (or both update) one
-//! letter. Values are opaque bytes here; what a letter holds is `dead_letters`' business.
+//! letter. Values are opaque bytes here; what a letter holds is `dead_letters`' business: this
+//! is the adapter that implements its [`LetterBucket`].
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Store, UpdateErrorKind};
 use async_nats::jetstream::stream::StorageType;
@@ -8,6 +9,19 @@ use tokio_stream::StreamExt;
 
 use super::stream::unavailable;
 use super::{JetStreamError, UpdateStream};
+use crate::dead_letters::shared::BucketFuture;
+use crate::dead_letters::{BucketError, LetterBucket};
+
+/// How nats-server words a compare-and-set that named a stale revision.
+const WRONG_LAST_SEQUENCE: &str = "wrong last sequence";
+
+/// Whether an update or purge failed because the entry is no longer at the revision it named.
+/// nats-server 2.12 answers that with error code 10164, not the 10071 that async-nats 0.51
+/// maps to `WrongLastRevision` (it reports 10164 as `Other`): same meaning, told by its text.
+fn wrong_revision(err: &kv::UpdateError) -> bool {
+    err.kind() == UpdateErrorKind::WrongLastRevision
+        || err.to_string().contains(WRONG_LAST_SEQUENCE)
+}
 
 /// A letter as stored, with the revision a compare-and-set must name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +39,7 @@ pub struct DeadLetterEntry {
 pub struct DeadLetterBucket {
     bucket: String,
     store: Store,
+    max_value_bytes: usize,
 }
 
 impl DeadLetterBucket {
@@ -32,8 +47,9 @@ impl DeadLetterBucket {
     /// if missing. `max_value_bytes` bounds a letter (its raw body and reason).
     pub async fn open(
         stream: &UpdateStream,
-        max_value_bytes: i32,
+        max_value_bytes: usize,
     ) -> Result<DeadLetterBucket, JetStreamError> {
+        let max_value_bytes = max_value_bytes.min(i32::MAX as usize);
         let bucket = format!("{}_DEAD_LETTERS", stream.name());
         let context = stream.nats().context();
         let store = match context.get_key_value(&bucket).await {
@@ -43,7 +59,7 @@ impl DeadLetterBucket {
                     bucket: bucket.clone(),
                     description: "profile-state dead letters".into(),
                     history: 1,
-                    max_value_size: max_value_bytes,
+                    max_value_size: max_value_bytes as i32,
                     storage: StorageType::File,
                     num_replicas: stream.settings().replicas,
                     ..Default::default()
@@ -51,14 +67,23 @@ impl DeadLetterBucket {
                 .await
                 .map_err(unavailable("dead letter bucket create"))?,
         };
-        Ok(DeadLetterBucket { bucket, store })
+        Ok(DeadLetterBucket {
+            bucket,
+            store,
+            max_value_bytes,
+        })
     }
 
     /// Stores a new letter; `Ok(None)` if one with this id exists (then read and update it).
     pub async fn create(&self, id: &str, value: Vec<u8>) -> Result<Option<u64>, JetStreamError> {
         match self.store.create(id, value.into()).await {
             Ok(revision) => Ok(Some(revision)),
-            Err(err) if err.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+            Err(err)
+                if err.kind() == CreateErrorKind::AlreadyExists
+                    || err.to_string().contains(WRONG_LAST_SEQUENCE) =>
+            {
+                Ok(None)
+            }
             Err(err) => Err(self.error(id, err)),
         }
     }
@@ -88,7 +113,7 @@ impl DeadLetterBucket {
     ) -> Result<u64, JetStreamError> {
         match self.store.update(id, value.into(), revision).await {
             Ok(revision) => Ok(revision),
-            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => Err(self.conflict(id)),
+            Err(err) if wrong_revision(&err) => Err(self.conflict(id)),
             Err(err) => Err(self.error(id, err)),
         }
     }
@@ -98,7 +123,7 @@ impl DeadLetterBucket {
     pub async fn remove(&self, id: &str, revision: u64) -> Result<(), JetStreamError> {
         match self.store.purge_expect_revision(id, Some(revision)).await {
             Ok(()) => Ok(()),
-            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => Err(self.conflict(id)),
+            Err(err) if wrong_revision(&err) => Err(self.conflict(id)),
             Err(err) => Err(self.error(id, err)),
         }
     }
@@ -131,5 +156,53 @@ impl DeadLetterBucket {
             key: key.to_string(),
             reason: err.to_string(),
         }
+    }
+}
+
+impl LetterBucket for DeadLetterBucket {
+    fn create<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BucketFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            DeadLetterBucket::create(self, key, value)
+                .await
+                .map_err(failed)
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BucketFuture<'a, Option<(Vec<u8>, u64)>> {
+        Box::pin(async move {
+            let entry = DeadLetterBucket::get(self, key).await.map_err(failed)?;
+            Ok(entry.map(|entry| (entry.value, entry.revision)))
+        })
+    }
+
+    fn update<'a>(&'a self, key: &'a str, value: Vec<u8>, revision: u64) -> BucketFuture<'a, u64> {
+        Box::pin(async move {
+            DeadLetterBucket::update(self, key, value, revision)
+                .await
+                .map_err(failed)
+        })
+    }
+
+    fn remove<'a>(&'a self, key: &'a str, revision: u64) -> BucketFuture<'a, ()> {
+        Box::pin(async move {
+            DeadLetterBucket::remove(self, key, revision)
+                .await
+                .map_err(failed)
+        })
+    }
+
+    fn keys(&self) -> BucketFuture<'_, Vec<String>> {
+        Box::pin(async move { self.ids().await.map_err(failed) })
+    }
+
+    fn max_value_bytes(&self) -> usize {
+        self.max_value_bytes
+    }
+}
+
+fn failed(error: JetStreamError) -> BucketError {
+    match error {
+        JetStreamError::Conflict { .. } => BucketError::Conflict,
+        error => BucketError::Failed(error.to_string()),
     }
 }

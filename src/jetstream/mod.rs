@@ -23,6 +23,7 @@ mod batch;
 mod connection;
 mod dead_letters;
 mod follow;
+mod schedule;
 mod snapshots;
 mod stream;
 
@@ -30,6 +31,7 @@ pub use batch::{UpdateBatch, delivery_id};
 pub use connection::Nats;
 pub use dead_letters::{DeadLetterBucket, DeadLetterEntry};
 pub use follow::{Entry, Follower};
+pub use schedule::ScheduleBucket;
 pub use snapshots::{SnapshotBucket, SnapshotInfo};
 pub use stream::{Bounds, Published, StreamSettings, UpdateStream};
 

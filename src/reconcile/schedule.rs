@@ -5,10 +5,20 @@
 //! all call Gameball at once; then one run per period. Each run selects the profiles not
 //! updated for a period: a profile whose webhooks keep arriving is fresh and skipped, one whose
 //! webhooks were lost gets old and is read back. A tick is skipped while the account's
-//! previous job still runs. Replicated mode (issue 13) will have to run schedules on one
-//! replica only; nothing here knows of replicas yet.
+//! previous job still runs.
+//!
+//! Replicated mode runs each period on one replica, through [`SlotClaims`] (a JetStream KV
+//! bucket, `crate::jetstream::ScheduleBucket`): periods are slots of wall-clock time (slot `n`
+//! starts at `n × period` since the Unix epoch), every replica wakes at a slot's start and
+//! tries to create the slot's key, and only the replica whose create succeeds runs it. There is
+//! no leader to lose: a replica that dies simply stops claiming, and the next slot goes to a
+//! survivor. Clocks need only agree to well within a period. When the bucket cannot be
+//! reached, the slot is skipped (a run on every replica is what this avoids).
 
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,16 +26,75 @@ use tokio_util::task::TaskTracker;
 use super::jobs::{ReconcileJobs, Selection};
 use crate::config::ReconcileEvery;
 
-/// Starts one schedule per entry of `every`.
+/// A future [`SlotClaims::claim`] returns.
+pub type ClaimFuture<'a> = Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>>;
+
+/// Claims of schedule slots shared by every replica: a slot's first claim wins.
+pub trait SlotClaims: Send + Sync + 'static {
+    /// True if this replica is the first to claim `slot` (it runs it); false if another one
+    /// was; an error if the claims cannot be reached.
+    fn claim<'a>(&'a self, slot: &'a str) -> ClaimFuture<'a>;
+}
+
+/// Starts one schedule per entry of `every`: on this server alone, or on one replica per
+/// period when `claims` are shared.
 pub fn start(
     jobs: &ReconcileJobs,
     every: &[ReconcileEvery],
     tracker: &TaskTracker,
     stopping: &CancellationToken,
+    claims: Option<Arc<dyn SlotClaims>>,
 ) {
     for entry in every {
-        let first = first_delay(entry.period);
-        tracker.spawn(run(jobs.clone(), entry.clone(), first, stopping.clone()));
+        let (jobs, entry, stopping) = (jobs.clone(), entry.clone(), stopping.clone());
+        match &claims {
+            None => {
+                let first = first_delay(entry.period);
+                tracker.spawn(run(jobs, entry, first, stopping));
+            }
+            Some(claims) => {
+                tracker.spawn(run_claimed(jobs, entry, Arc::clone(claims), stopping));
+            }
+        }
+    }
+}
+
+/// The slot after `now` and how long until it starts.
+fn next_slot(now: Duration, period: Duration) -> (u128, Duration) {
+    let period_ms = period.as_millis().max(1);
+    let slot = now.as_millis() / period_ms + 1;
+    let start = Duration::from_millis(u64::try_from(slot * period_ms).unwrap_or(u64::MAX));
+    (slot, start.saturating_sub(now))
+}
+
+/// The replicated loop: at each slot's start, run it if this replica claims it first.
+async fn run_claimed(
+    jobs: ReconcileJobs,
+    every: ReconcileEvery,
+    claims: Arc<dyn SlotClaims>,
+    stopping: CancellationToken,
+) {
+    let account = hex::encode(every.client_id.as_bytes());
+    loop {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let (slot, delay) = next_slot(now, every.period);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopping.cancelled() => return,
+        }
+        let key = format!("reconcile.{account}.{}.{slot}", every.period.as_millis());
+        let client_id = every.client_id.as_str();
+        match claims.claim(&key).await {
+            Ok(true) => tick(&jobs, &every),
+            Ok(false) => tracing::debug!(client_id, slot = %key, "another replica runs this slot"),
+            Err(error) => tracing::warn!(
+                client_id,
+                %error,
+                "scheduled reconcile skipped: its slot could not be claimed"
+            ),
+        }
     }
 }
 
@@ -69,6 +138,19 @@ fn tick(jobs: &ReconcileJobs, every: &ReconcileEvery) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_wall_clock_periods() {
+        let period = Duration::from_secs(60);
+        assert_eq!(
+            next_slot(Duration::from_secs(120), period),
+            (3, Duration::from_secs(60))
+        );
+        assert_eq!(
+            next_slot(Duration::from_millis(179_999), period),
+            (3, Duration::from_millis(1))
+        );
+    }
 
     #[test]
     fn the_first_run_is_somewhere_within_the_period() {

@@ -22,7 +22,8 @@ use super::Prepared;
 use crate::config::Config;
 use crate::data_dir::{DataDir, sync_dir};
 use crate::jetstream::{
-    Follower, JetStreamError, Nats, SnapshotBucket, SnapshotInfo, StreamSettings, UpdateStream,
+    DeadLetterBucket, Follower, JetStreamError, Nats, ScheduleBucket, SnapshotBucket, SnapshotInfo,
+    StreamSettings, UpdateStream,
 };
 use crate::journal::{self, snapshot};
 use crate::server::BadConfiguration;
@@ -36,6 +37,10 @@ pub struct Opened {
     pub data_dir: Option<DataDir>,
     /// The replica, not yet applying.
     pub replica: Prepared,
+    /// The cluster-wide dead letters.
+    pub dead_letters: DeadLetterBucket,
+    /// The schedule slots' claims.
+    pub schedule: ScheduleBucket,
 }
 
 /// A snapshot to start from: its file, and what it is as of.
@@ -69,6 +74,8 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
         Err(error) => return Err(error.into()),
     };
     let bucket = SnapshotBucket::open(&stream).await?;
+    let dead_letters = DeadLetterBucket::open(&stream, max_payload).await?;
+    let schedule = ScheduleBucket::open(&stream, &name).await?;
     let store = Store::new(config.history_events, stream.store_id());
     let data_dir = match config.ephemeral {
         true => None,
@@ -125,6 +132,8 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
         store,
         data_dir,
         replica,
+        dead_letters,
+        schedule,
     })
 }
 

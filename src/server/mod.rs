@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::data_dir::{self, DataDir};
-use crate::dead_letters::DeadLetters;
+use crate::dead_letters::{DeadLetters, LocalLetters};
 use crate::grpc::auth::{AdminAccess, AdminAuth, BearerAuth};
 use crate::grpc::transport;
 use crate::ingest::Ingest;
@@ -39,6 +39,7 @@ use crate::journal::FaultSwitch;
 use crate::listen_addr::ListenAddr;
 use crate::metrics::Metrics;
 use crate::monitoring::Monitoring;
+use crate::reconcile::schedule::SlotClaims;
 use crate::reconcile::{ReconcileJobs, ReconcileOptions};
 use crate::replication::{self, ApplierPause, ReplicaStatus};
 use crate::sequencer::{Durability, Sequencer};
@@ -70,6 +71,8 @@ pub struct Server {
     store: Store,
     mode: Mode,
     dead_letters: DeadLetters,
+    /// Replicated mode: the claims that run each schedule period on one replica.
+    schedule_claims: Option<Arc<dyn SlotClaims>>,
     faults: FaultSwitch,
     pause: ApplierPause,
     reconcile: ReconcileOptions,
@@ -121,18 +124,26 @@ impl Server {
         let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
         let admin = listen(&config.admin_listen, "admin-listen").await?;
         let faults = FaultSwitch::default();
-        let (store, mode, data_dir) = match config.nats.enabled() {
+        let (store, mode, data_dir, dead_letters, schedule_claims) = match config.nats.enabled() {
             true => {
                 let opened = replication::open(&config).await?;
                 let mode = Mode::Replicated(Box::new(opened.replica));
-                (opened.store, mode, opened.data_dir)
+                let dead_letters = DeadLetters::shared(Arc::new(opened.dead_letters));
+                let claims: Arc<dyn SlotClaims> = Arc::new(opened.schedule);
+                (
+                    opened.store,
+                    mode,
+                    opened.data_dir,
+                    dead_letters,
+                    Some(claims),
+                )
             }
             false => {
                 let (store, durability, data_dir) = open_state(&config, &faults).await?;
-                (store, Mode::Local(durability), data_dir)
+                let dead_letters = open_dead_letters(data_dir.as_ref()).await?;
+                (store, Mode::Local(durability), data_dir, dead_letters, None)
             }
         };
-        let dead_letters = open_dead_letters(data_dir.as_ref()).await?;
         let admin_auth = AdminAuth::new(auth.clone(), admin_access);
         let reconcile = reconcile_options(&config);
         Ok(Server {
@@ -147,6 +158,7 @@ impl Server {
             store,
             mode,
             dead_letters,
+            schedule_claims,
             faults,
             pause: ApplierPause::default(),
             reconcile,
@@ -217,6 +229,7 @@ impl Server {
             store,
             mode,
             dead_letters,
+            schedule_claims,
             faults: _,
             pause,
             reconcile,
@@ -239,6 +252,7 @@ impl Server {
         }
         let (health, health_service) = Health::follow(ready, &tracker, stopping.clone()).await;
         let secrets = secret_store(&verification);
+        let reconcile = (reconcile, schedule_claims);
         let reconcile = start_reconcile(context, &ingest, secrets, reconcile, &config);
         let monitoring = serve_monitoring(admin, context, dead_letters, writable, replica.clone());
         let grpc = serve_grpc(
@@ -362,15 +376,15 @@ async fn open_state(
     Ok((store, Some(durability), Some(dir)))
 }
 
-/// The dead letters, kept beside the journal and loaded before anything is served; in memory
-/// when ephemeral.
+/// A single node's dead letters, kept beside the journal and loaded before anything is served;
+/// in memory when ephemeral. (A replica's are the cluster's, in the stream's bucket.)
 async fn open_dead_letters(data_dir: Option<&DataDir>) -> anyhow::Result<DeadLetters> {
     let Some(dir) = data_dir else {
         return Ok(DeadLetters::in_memory());
     };
     let path = dir.path().to_owned();
     Ok(
-        tokio::task::spawn_blocking(move || DeadLetters::open(&path))
+        tokio::task::spawn_blocking(move || LocalLetters::open(&path).map(DeadLetters::local))
             .await
             .context("dead letters task")??,
     )
@@ -455,7 +469,7 @@ fn start_reconcile(
     (store, metrics, tracker, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),
     ingest: &Ingest,
     secrets: Option<SecretStore>,
-    options: ReconcileOptions,
+    (options, claims): (ReconcileOptions, Option<Arc<dyn SlotClaims>>),
     config: &Config,
 ) -> ReconcileJobs {
     let jobs = ReconcileJobs::new(
@@ -467,7 +481,8 @@ fn start_reconcile(
         tracker.clone(),
         stopping.clone(),
     );
-    crate::reconcile::schedule::start(&jobs, &config.reconcile.every, tracker, stopping);
+    let every = &config.reconcile.every;
+    crate::reconcile::schedule::start(&jobs, every, tracker, stopping, claims);
     jobs
 }
 

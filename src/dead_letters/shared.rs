@@ -1,0 +1,318 @@
+//! Cluster-wide dead letters (replicated mode): one record per letter in a key-value bucket
+//! that every replica reads and changes, so a letter kept by one replica is listed, replayed or
+//! purged from any. Every change is a compare-and-set on the entry's revision, so two replicas
+//! never both create a letter, lose a repeat count, or replay it twice: a replay first claims
+//! the letter (writes `replaying_since` at the revision it read), and only the replica whose
+//! claim succeeds applies it, then removes it at the claim's revision.
+//!
+//! What the bucket is (a JetStream KV bucket) is the adapter's business
+//! (`crate::jetstream::DeadLetterBucket` implements [`LetterBucket`]); this module knows no
+//! NATS. It holds no copy of the letters: every read goes to the bucket, so what a replica
+//! answers is what the cluster holds.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{Cursor, DeadLetter, DeadLetterError, DeadLetterId, Page, Purge, decode, encode, page};
+use crate::error::Error;
+
+/// How long a replay's claim on a letter holds. A replica that dies between claiming and
+/// removing leaves the claim behind; past this, another replica may claim the letter again
+/// (replaying it twice then is harmless: an update applied twice is unchanged the second time).
+pub const REPLAY_CLAIM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many times a change is retried when another replica changed the letter in between.
+const ATTEMPTS: usize = 5;
+
+/// A future a [`LetterBucket`] returns.
+pub type BucketFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BucketError>> + Send + 'a>>;
+
+/// Why a bucket operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    /// The entry is no longer at the revision the change named.
+    #[error("the entry changed in between")]
+    Conflict,
+    /// The bucket could not be reached or answered an error.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A key-value bucket with compare-and-set, shared by every replica.
+pub trait LetterBucket: Send + Sync + 'static {
+    /// Stores a new entry; `None` if one with this key exists.
+    fn create<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BucketFuture<'a, Option<u64>>;
+    /// The entry's value and revision, if there is one.
+    fn get<'a>(&'a self, key: &'a str) -> BucketFuture<'a, Option<(Vec<u8>, u64)>>;
+    /// Replaces the entry if it is still at `revision` ([`BucketError::Conflict`] if not).
+    fn update<'a>(&'a self, key: &'a str, value: Vec<u8>, revision: u64) -> BucketFuture<'a, u64>;
+    /// Removes the entry if it is still at `revision` ([`BucketError::Conflict`] if not).
+    fn remove<'a>(&'a self, key: &'a str, revision: u64) -> BucketFuture<'a, ()>;
+    /// Every key.
+    fn keys(&self) -> BucketFuture<'_, Vec<String>>;
+    /// The largest value the bucket takes, in bytes.
+    fn max_value_bytes(&self) -> usize;
+}
+
+impl From<BucketError> for DeadLetterError {
+    fn from(error: BucketError) -> DeadLetterError {
+        DeadLetterError::Bucket(error.to_string())
+    }
+}
+
+/// A letter as read from the bucket, with the revision a change must name.
+struct Entry {
+    letter: DeadLetter,
+    replaying_since: Option<DateTime<Utc>>,
+    revision: u64,
+}
+
+/// The cluster-wide letters. Cloning is cheap.
+#[derive(Clone)]
+pub(super) struct SharedLetters {
+    bucket: Arc<dyn LetterBucket>,
+    max_letters: usize,
+    /// The count last seen in the bucket, for the gauge (`len` cannot wait on NATS).
+    count: Arc<AtomicUsize>,
+}
+
+impl SharedLetters {
+    pub(super) fn new(bucket: Arc<dyn LetterBucket>, max_letters: usize) -> SharedLetters {
+        SharedLetters {
+            bucket,
+            max_letters,
+            count: Arc::default(),
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    async fn ids(&self) -> Result<Vec<String>, DeadLetterError> {
+        let ids = self.bucket.keys().await?;
+        self.count.store(ids.len(), Ordering::Relaxed);
+        Ok(ids)
+    }
+
+    async fn entry(&self, id: &DeadLetterId) -> Result<Option<Entry>, DeadLetterError> {
+        let Some((bytes, revision)) = self.bucket.get(id.as_str()).await? else {
+            return Ok(None);
+        };
+        let (letter, replaying_since) = decode(&bytes).map_err(|reason| {
+            DeadLetterError::Bucket(format!("entry {id} is not a dead letter: {reason}"))
+        })?;
+        Ok(Some(Entry {
+            letter,
+            replaying_since,
+            revision,
+        }))
+    }
+
+    fn encoded(
+        &self,
+        letter: &DeadLetter,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Vec<u8>, DeadLetterError> {
+        let bytes = encode(letter, since);
+        let limit = self.bucket.max_value_bytes();
+        if bytes.len() > limit {
+            return Err(DeadLetterError::TooLarge {
+                id: letter.id.clone(),
+                bytes: bytes.len(),
+                limit,
+            });
+        }
+        Ok(bytes)
+    }
+
+    pub(super) async fn store(
+        &self,
+        letter: DeadLetter,
+        now: DateTime<Utc>,
+    ) -> Result<DeadLetterId, DeadLetterError> {
+        let id = letter.id.clone();
+        for _ in 0..ATTEMPTS {
+            match self.entry(&id).await? {
+                Some(old) => {
+                    let repeat = DeadLetter {
+                        last_received_at: now.max(old.letter.last_received_at),
+                        deliveries: old.letter.deliveries + 1,
+                        reason: letter.reason.clone(),
+                        field: letter.field.clone(),
+                        ..old.letter
+                    };
+                    let bytes = self.encoded(&repeat, old.replaying_since)?;
+                    match self.bucket.update(id.as_str(), bytes, old.revision).await {
+                        Err(BucketError::Conflict) => continue,
+                        result => return result.map(|_| id).map_err(Into::into),
+                    }
+                }
+                None => {
+                    if self.ids().await?.len() >= self.max_letters {
+                        return Err(DeadLetterError::Full {
+                            limit: self.max_letters,
+                        });
+                    }
+                    let bytes = self.encoded(&letter, None)?;
+                    if self.bucket.create(id.as_str(), bytes).await?.is_some() {
+                        self.count.fetch_add(1, Ordering::Relaxed);
+                        return Ok(id);
+                    }
+                }
+            }
+        }
+        Err(contended(&id))
+    }
+
+    pub(super) async fn get(
+        &self,
+        id: &DeadLetterId,
+    ) -> Result<Option<DeadLetter>, DeadLetterError> {
+        Ok(self.entry(id).await?.map(|entry| entry.letter))
+    }
+
+    /// Reads every letter: the bucket has no order of its own. Letters are few (at most
+    /// `MAX_LETTERS`) and listing is an operator's action, so this is fine.
+    pub(super) async fn list(
+        &self,
+        after: Option<&Cursor>,
+        limit: usize,
+        max_body_bytes: usize,
+    ) -> Result<Page, DeadLetterError> {
+        let mut letters = Vec::new();
+        for key in self.ids().await? {
+            let Ok(id) = DeadLetterId::parse(&key) else {
+                tracing::warn!(key, "not a dead letter key in the bucket; left alone");
+                continue;
+            };
+            if let Some(entry) = self.entry(&id).await? {
+                letters.push(Arc::new(entry.letter));
+            }
+        }
+        letters.retain(|letter| after.is_none_or(|cursor| letter.cursor() > *cursor));
+        letters.sort_by_key(|letter| letter.cursor());
+        Ok(page(letters.iter(), limit, max_body_bytes))
+    }
+
+    pub(super) async fn purge(&self, which: Purge) -> Result<Vec<DeadLetterId>, DeadLetterError> {
+        let ids = match which {
+            Purge::All => self
+                .ids()
+                .await?
+                .iter()
+                .filter_map(|key| DeadLetterId::parse(key).ok())
+                .collect(),
+            Purge::Ids(ids) => ids,
+        };
+        let mut removed = Vec::new();
+        for id in ids {
+            if self.remove_any(&id).await? {
+                removed.push(id);
+            }
+        }
+        self.ids().await?;
+        Ok(removed)
+    }
+
+    /// Removes a letter whatever its revision; false if it is not kept.
+    async fn remove_any(&self, id: &DeadLetterId) -> Result<bool, DeadLetterError> {
+        for _ in 0..ATTEMPTS {
+            let Some(entry) = self.entry(id).await? else {
+                return Ok(false);
+            };
+            match self.bucket.remove(id.as_str(), entry.revision).await {
+                Err(BucketError::Conflict) => continue,
+                result => return result.map(|()| true).map_err(Into::into),
+            }
+        }
+        Err(contended(id))
+    }
+
+    /// Claims a letter for a replay: the letter and the claim's revision, or
+    /// [`Error::DeadLetterBeingReplayed`] if another replica holds (or just won) it.
+    pub(super) async fn claim(
+        &self,
+        id: &DeadLetterId,
+        now: DateTime<Utc>,
+    ) -> Result<(DeadLetter, u64), Error> {
+        let entry = self
+            .entry(id)
+            .await
+            .map_err(DeadLetterError::unavailable)?
+            .ok_or_else(|| Error::DeadLetterNotFound { id: id.to_string() })?;
+        let timeout = chrono::Duration::from_std(REPLAY_CLAIM_TIMEOUT).expect("a short timeout");
+        if entry
+            .replaying_since
+            .is_some_and(|since| now < since + timeout)
+        {
+            return Err(being_replayed(id));
+        }
+        let bytes = self
+            .encoded(&entry.letter, Some(now))
+            .map_err(DeadLetterError::unavailable)?;
+        match self.bucket.update(id.as_str(), bytes, entry.revision).await {
+            Ok(revision) => Ok((entry.letter, revision)),
+            Err(BucketError::Conflict) => Err(being_replayed(id)),
+            Err(error) => Err(DeadLetterError::from(error).unavailable()),
+        }
+    }
+
+    /// Removes a replayed letter, if the claim still holds it.
+    pub(super) async fn finish(&self, id: &DeadLetterId, claim: u64) -> Result<(), Error> {
+        match self.bucket.remove(id.as_str(), claim).await {
+            Ok(()) => {
+                let fewer = |count: usize| Some(count.saturating_sub(1));
+                let _ = self
+                    .count
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fewer);
+                Ok(())
+            }
+            // Changed since: a repeat delivery counted it (then it stays, to be replayed again
+            // harmlessly), or the claim expired and another replica took it.
+            Err(BucketError::Conflict) => {
+                tracing::warn!(dead_letter_id = %id, "replayed dead letter changed during the replay; kept");
+                Ok(())
+            }
+            Err(error) => Err(DeadLetterError::from(error).unavailable()),
+        }
+    }
+
+    /// Gives a claim back (the replay did not apply the letter), with the reason found if the
+    /// letter is still invalid.
+    pub(super) async fn release(
+        &self,
+        letter: &DeadLetter,
+        claim: u64,
+        cause: Option<&Error>,
+    ) -> Result<(), DeadLetterError> {
+        let letter = match cause {
+            Some(cause) => DeadLetter {
+                reason: cause.to_string(),
+                field: cause.field().map(str::to_owned),
+                ..letter.clone()
+            },
+            None => letter.clone(),
+        };
+        let bytes = self.encoded(&letter, None)?;
+        match self.bucket.update(letter.id.as_str(), bytes, claim).await {
+            // Changed since (a repeat delivery): the claim was kept in it and expires.
+            Ok(_) | Err(BucketError::Conflict) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+fn being_replayed(id: &DeadLetterId) -> Error {
+    Error::DeadLetterBeingReplayed { id: id.to_string() }
+}
+
+fn contended(id: &DeadLetterId) -> DeadLetterError {
+    DeadLetterError::Bucket(format!(
+        "entry {id} kept changing under {ATTEMPTS} attempts to change it"
+    ))
+}

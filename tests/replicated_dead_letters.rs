@@ -1,0 +1,212 @@
+//! Cluster-wide dead letters in replicated mode, against real nats-server processes: a letter
+//! kept by one replica is in the stream's `_DEAD_LETTERS` bucket, so any replica lists, gets,
+//! replays and purges it; a replay claims the letter with compare-and-set, so two replicas
+//! replaying it at once apply it once; without NATS a letter cannot be kept and the sender
+//! gets 503 (it retries), never a 422 for a letter nobody kept.
+
+use crate::common;
+use crate::replicas::replica_config;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::{JSON, SECRET, TestService, at, profile_updated};
+use nats_harness::NatsCluster;
+use profile_state::Server;
+use profile_state::dead_letters::DeadLetterId;
+use profile_state::error::Error;
+use profile_state::pb;
+use profile_state::pb::admin_service_client::AdminServiceClient;
+use serde_json::json;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn bad_tier_order(customer: &str) -> Vec<u8> {
+    let body = profile_updated(customer, &at(1), json!({"tier_order": "2"}));
+    serde_json::to_vec(&body).unwrap()
+}
+
+fn valid(customer: &str, points: u64) -> Vec<u8> {
+    let body = profile_updated(customer, &at(1), json!({"total_points": points}));
+    serde_json::to_vec(&body).unwrap()
+}
+
+async fn admin(service: &TestService) -> AdminServiceClient<Channel> {
+    AdminServiceClient::new(service.channel().await)
+}
+
+async fn ids(service: &TestService) -> Vec<String> {
+    let page = admin(service)
+        .await
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .expect("ListDeadLetters answers")
+        .into_inner();
+    assert_eq!(page.total_count, page.dead_letters.len() as u64);
+    page.dead_letters
+        .into_iter()
+        .map(|letter| letter.id)
+        .collect()
+}
+
+async fn replay(
+    service: &TestService,
+    id: &DeadLetterId,
+) -> Result<pb::ReplayDeadLetterResponse, tonic::Status> {
+    let request = pb::ReplayDeadLetterRequest { id: id.to_string() };
+    Ok(admin(service)
+        .await
+        .replay_dead_letter(request)
+        .await?
+        .into_inner())
+}
+
+/// The customer's points and the store revision on this replica.
+async fn points(service: &TestService, customer: &str) -> (Option<u64>, u64) {
+    let (profiles, store_revision) = common::list_all(&mut service.client().await).await;
+    let points = profiles
+        .iter()
+        .find(|profile| profile.customer_id == customer)
+        .and_then(|profile| profile.total_points);
+    (points.map(|points| points as u64), store_revision)
+}
+
+/// Waits until `service` serves the customer with these points.
+async fn wait_points(service: &TestService, customer: &str, expected: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (found, revision) = points(service, customer).await;
+        if found == Some(expected) {
+            return revision;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{customer}: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn letters_are_cluster_wide_and_a_replay_applies_once() {
+    let mut nats = NatsCluster::three().await.unwrap();
+    let old_rule = Error::invalid("data.total_points", "an older release's rule");
+    let server_a = Server::bind(replica_config(&nats, "LETTERS", "a"))
+        .await
+        .unwrap();
+    let letters_a = server_a.dead_letters();
+    let a = TestService::serve(server_a);
+    let b = TestService::start_with(replica_config(&nats, "LETTERS", "b")).await;
+    let c = TestService::start_with(replica_config(&nats, "LETTERS", "c")).await;
+
+    // Kept by A, listed and shown by B.
+    let body = bad_tier_order("bad");
+    let (status, answer) = a.post_signed(&body).await;
+    assert_eq!(status, 422, "{answer}");
+    let bad = DeadLetterId::of(&body);
+    assert_eq!(answer["dead_letter_id"], json!(bad.as_str()));
+    assert_eq!(ids(&b).await, vec![bad.to_string()]);
+    let shown = admin(&b)
+        .await
+        .get_dead_letter(pb::GetDeadLetterRequest {
+            id: bad.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letter
+        .unwrap();
+    assert_eq!(
+        (shown.body, shown.field.as_str()),
+        (body.clone(), "data.tier_order")
+    );
+    // The same body again, on C: the same letter, counted twice.
+    assert_eq!(c.post_signed(&body).await.0, 422);
+    let again = admin(&a)
+        .await
+        .get_dead_letter(pb::GetDeadLetterRequest {
+            id: bad.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.dead_letter.unwrap().delivery_count, 2);
+
+    // Kept by A under an older release's rule, valid now: replayed from B, seen everywhere.
+    let fixed = letters_a
+        .store(&valid("fixed", 7), &old_rule, Utc::now())
+        .await
+        .unwrap();
+    let replayed = replay(&b, &fixed).await.unwrap();
+    assert_eq!(replayed.outcome(), pb::ReplayOutcome::Applied);
+    for replica in [&a, &b, &c] {
+        wait_points(replica, "fixed", 7).await;
+    }
+    assert_eq!(
+        ids(&c).await,
+        vec![bad.to_string()],
+        "the replayed one is gone"
+    );
+    let status = replay(&a, &fixed).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    // Replayed from A and B at once: one applies it, the other is told it lost.
+    let racing = letters_a
+        .store(&valid("racing", 9), &old_rule, Utc::now())
+        .await
+        .unwrap();
+    let before = common::list_all(&mut a.client().await).await.1;
+    let (from_a, from_b) = tokio::join!(replay(&a, &racing), replay(&b, &racing));
+    let (won, lost): (Vec<_>, Vec<_>) = [from_a, from_b].into_iter().partition(Result::is_ok);
+    assert_eq!((won.len(), lost.len()), (1, 1), "exactly one replay wins");
+    let won = won.into_iter().next().unwrap().unwrap();
+    assert_eq!(won.outcome(), pb::ReplayOutcome::Applied);
+    assert_eq!(won.revision, before + 1, "the store moved once");
+    let lost = lost.into_iter().next().unwrap().unwrap_err();
+    assert!(
+        matches!(lost.code(), Code::Aborted | Code::NotFound),
+        "{lost:?}"
+    );
+    for replica in [&a, &b, &c] {
+        let revision = wait_points(replica, "racing", 9).await;
+        assert_eq!(revision, before + 1, "applied once, on every replica");
+    }
+
+    // Purged on A, gone on B.
+    let purged = admin(&a)
+        .await
+        .purge_dead_letters(pb::PurgeDeadLettersRequest {
+            ids: vec![],
+            all: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(purged.purged_count, 1);
+    assert!(ids(&b).await.is_empty());
+
+    // Without NATS a letter cannot be kept: 503, so Gameball retries; kept once NATS is back.
+    nats.kill_all();
+    let late = bad_tier_order("late");
+    let (status, answer) = b.post_signed_as(late.clone(), SECRET, Some(JSON)).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.get("dead_letter_id").is_none(), "{answer}");
+    nats.restart_all().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, answer) = b.post_signed(&late).await;
+        if status == 422 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(std::time::Instant::now() < deadline, "still 503: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ids(&a).await, vec![DeadLetterId::of(&late).to_string()]);
+    for replica in [a, b, c] {
+        replica.stop().await;
+    }
+}
