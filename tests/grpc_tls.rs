@@ -3,6 +3,7 @@
 //! end of the HTTP/2 preface (issue 10 item 7).
 
 use crate::common;
+use crate::watch::next;
 
 use std::time::Duration;
 
@@ -27,17 +28,6 @@ async fn refused(channel: Result<Channel, tonic::transport::Error>) -> bool {
             .await
             .is_err(),
     }
-}
-
-/// The next event of a watch stream, within [`PATIENCE`].
-async fn next(stream: &mut Streaming<pb::WatchProfilesResponse>) -> Event {
-    tokio::time::timeout(PATIENCE, stream.message())
-        .await
-        .expect("a watch message in time")
-        .expect("no stream error")
-        .expect("the stream goes on")
-        .event
-        .expect("every message has an event")
 }
 
 /// Opens an unfiltered watch with the initial state and reads up to its `Synced`.

@@ -3,8 +3,7 @@
 //! watcher resuming from a revision that fell out gets the usual Reset.
 
 use crate::common;
-
-use std::time::Duration;
+use crate::watch::next;
 
 use common::binary::Binary;
 use common::{at, profile_updated};
@@ -29,16 +28,6 @@ async fn watch(
         .await
         .unwrap();
     Ok(client.watch_profiles(request).await?.into_inner())
-}
-
-async fn next(stream: &mut Streaming<pb::WatchProfilesResponse>) -> Event {
-    tokio::time::timeout(Duration::from_secs(20), stream.message())
-        .await
-        .expect("a watch message in time")
-        .expect("no stream error")
-        .expect("the stream goes on")
-        .event
-        .expect("every message has an event")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
