@@ -6,7 +6,8 @@
 //! - Ingest: the same senders and bodies as `ingest`, spread round-robin over the replicas'
 //!   webhook ports, against the single node (journal + fdatasync) in the same rounds. Target:
 //!   ratio >= 0.50. CPU per webhook of everything the cluster runs (replicas and nats-server
-//!   nodes) next to the single node's.
+//!   nodes) next to the single node's; per round, the split by process, the webhooks per
+//!   stream message and the mean publish-to-ack time (stderr and the report's notes).
 //! - Replication lag at a paced rate (`--rate`, default 1,000 webhooks/s): a WatchProfiles
 //!   stream on every replica; for each webhook answered `applied` at one replica, the time from
 //!   that answer to the moment the slowest replica's watcher received its revision (external,
