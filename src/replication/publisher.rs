@@ -8,9 +8,10 @@
 //! the journal's group commit waits for one fsync. Every stream message costs each of the
 //! three nats-servers a Raft round with an fsync, far more than a replica spends on it, so
 //! fewer, larger messages is what the cluster's throughput depends on (BENCHMARKS.md, Replicas:
-//! 4 in flight gave 2 webhooks per message, 1 gives 6, and a quarter less CPU per webhook).
+//! 4 in flight gave 2-3 webhooks per message, 1 gives 6-7, and 12-20% less CPU per webhook).
 //! Should it be raised again, the order of concurrent batches does not matter (every replica
-//! applies whatever order the stream gives, and each caller waits for its own outcome). Once acknowledged, each caller waits until this replica's applier has
+//! applies whatever order the stream gives, and each caller waits for its own outcome).
+//! Once acknowledged, each caller waits until this replica's applier has
 //! applied the message (`super::pending`), and is answered with the real outcome: `Changed`
 //! with its revision, or `Unchanged`.
 //!
