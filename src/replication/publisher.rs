@@ -3,10 +3,15 @@
 //! A caller hands over a validated [`ProfileUpdate`] and waits. One task takes what queued up
 //! as one batch (group commit on the stream, as the sequencer does on the journal), cut where
 //! its encoding would pass the server's `max_payload`, and publishes it as one stream message
-//! with its content-derived `Nats-Msg-Id`. Up to [`MAX_IN_FLIGHT`] batches are acknowledged
-//! concurrently, so the round trip to a quorum does not serialise ingest; their order does not
-//! matter (every replica applies whatever order the stream gives, and each caller waits for
-//! its own outcome). Once acknowledged, each caller waits until this replica's applier has
+//! with its content-derived `Nats-Msg-Id`. [`MAX_IN_FLIGHT`] batches are acknowledged at once
+//! (one): what arrives while a publish waits for its quorum forms the next batch, exactly as
+//! the journal's group commit waits for one fsync. Every stream message costs each of the
+//! three nats-servers a Raft round with an fsync, far more than a replica spends on it, so
+//! fewer, larger messages is what the cluster's throughput depends on (BENCHMARKS.md, Replicas:
+//! 4 in flight gave 2-3 webhooks per message, 1 gives 6-7, and 12-20% less CPU per webhook).
+//! Should it be raised again, the order of concurrent batches does not matter (every replica
+//! applies whatever order the stream gives, and each caller waits for its own outcome).
+//! Once acknowledged, each caller waits until this replica's applier has
 //! applied the message (`super::pending`), and is answered with the real outcome: `Changed`
 //! with its revision, or `Unchanged`.
 //!
@@ -35,8 +40,10 @@ use crate::store::Store;
 
 /// How many waiting updates one batch takes at most (as the sequencer).
 const MAX_BATCH: usize = 512;
-/// Batches published and not yet acknowledged at once.
-pub(super) const MAX_IN_FLIGHT: usize = 4;
+/// Batches published and not yet acknowledged at once. One: more in flight cut the batches
+/// into smaller stream messages, and each message costs the nats-servers far more than its
+/// updates do (measured with `profile-state-bench cluster`, see the module doc).
+pub(super) const MAX_IN_FLIGHT: usize = 1;
 /// Room left under the server's `max_payload` for the message's headers.
 const HEADROOM: usize = 1024;
 

@@ -6,7 +6,8 @@
 //! - Ingest: the same senders and bodies as `ingest`, spread round-robin over the replicas'
 //!   webhook ports, against the single node (journal + fdatasync) in the same rounds. Target:
 //!   ratio >= 0.50. CPU per webhook of everything the cluster runs (replicas and nats-server
-//!   nodes) next to the single node's.
+//!   nodes) next to the single node's; per round, the split by process, the webhooks per
+//!   stream message and the mean publish-to-ack time (stderr and the report's notes).
 //! - Replication lag at a paced rate (`--rate`, default 1,000 webhooks/s): a WatchProfiles
 //!   stream on every replica; for each webhook answered `applied` at one replica, the time from
 //!   that answer to the moment the slowest replica's watcher received its revision (external,
@@ -82,19 +83,35 @@ pub async fn run(options: &Options, report: &mut Report, replicas: usize) -> any
         nats_harness::binary::PINNED_VERSION,
         workload.update(0).body.len()
     ));
-    let mut cluster_pids: Vec<u32> = servers.iter().filter_map(Server::pid).collect();
-    cluster_pids.extend(nats.nodes().iter().filter_map(|node| node.pid()));
+    let mut cluster_pids: Vec<(String, u32)> = servers
+        .iter()
+        .filter_map(|server| Some((server.name.clone(), server.pid()?)))
+        .collect();
+    cluster_pids.extend(
+        nats.nodes()
+            .iter()
+            .enumerate()
+            .filter_map(|(index, node)| Some((format!("nats-{index}"), node.pid()?))),
+    );
+    let breakdowns = Mutex::new(Vec::new());
 
     let results = rounds(options.rounds, 2, |_, index| {
         let (servers, single, workload) = (&servers, &single, &workload);
-        let cluster_pids = &cluster_pids;
+        let (cluster_pids, breakdowns) = (&cluster_pids, &breakdowns);
         async move {
             let measured = if index == 0 {
                 super::ingest::measure(options, single, workload).await
             } else {
-                let before = total_cpu(cluster_pids);
+                let before = Breakdown::read(cluster_pids, servers).await?;
                 let mut measured = ingest(options, servers, workload).await?;
-                measured.server_cpu = Some(total_cpu(cluster_pids).saturating_sub(before));
+                let used = Breakdown::read(cluster_pids, servers).await?.since(&before);
+                measured.server_cpu = Some(used.cpu.iter().map(|(_, cpu)| *cpu).sum());
+                let line = used.describe(measured.ops);
+                eprintln!("cluster breakdown: {line}");
+                breakdowns
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(line);
                 Ok(measured)
             };
             if let Ok(measured) = &measured {
@@ -139,6 +156,14 @@ pub async fn run(options: &Options, report: &mut Report, replicas: usize) -> any
                 .ours(values(&cluster, &latency))
                 .baseline("single node durable", values(&baseline, &latency)),
         );
+    }
+    for (round, line) in breakdowns
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .into_iter()
+        .enumerate()
+    {
+        report.note(format!("cluster round {round}: {line}"));
     }
     let cpu = |m: &Measured| m.server_cpu_us_per_op().unwrap_or(f64::NAN);
     report.push(
@@ -195,9 +220,90 @@ async fn wait_for_profiles(server: &Server, count: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU time of all these processes so far.
-fn total_cpu(pids: &[u32]) -> Duration {
-    pids.iter().filter_map(|pid| cpu_time(*pid)).sum()
+/// Where the cluster's work goes over one window: CPU per process (replicas and nats-server
+/// nodes) and the replicas' stream publishes, from their `/metrics`.
+struct Breakdown {
+    cpu: Vec<(String, Duration)>,
+    publishes: f64,
+    publish_seconds: f64,
+}
+
+impl Breakdown {
+    async fn read(pids: &[(String, u32)], servers: &[Server]) -> anyhow::Result<Breakdown> {
+        let cpu = pids
+            .iter()
+            .map(|(name, pid)| (name.clone(), cpu_time(*pid).unwrap_or_default()))
+            .collect();
+        let (mut publishes, mut publish_seconds) = (0.0, 0.0);
+        for server in servers {
+            let text = metrics(server).await?;
+            publishes += sum(
+                &text,
+                "profile_state_replication_publish_duration_seconds_count",
+            );
+            publish_seconds += sum(
+                &text,
+                "profile_state_replication_publish_duration_seconds_sum",
+            );
+        }
+        Ok(Breakdown {
+            cpu,
+            publishes,
+            publish_seconds,
+        })
+    }
+
+    fn since(&self, before: &Breakdown) -> Breakdown {
+        Breakdown {
+            cpu: self
+                .cpu
+                .iter()
+                .zip(&before.cpu)
+                .map(|((name, now), (_, then))| (name.clone(), now.saturating_sub(*then)))
+                .collect(),
+            publishes: self.publishes - before.publishes,
+            publish_seconds: self.publish_seconds - before.publish_seconds,
+        }
+    }
+
+    /// One line: µs of CPU per webhook of each process, webhooks per stream message and the
+    /// mean publish-to-acknowledgement time.
+    fn describe(&self, webhooks: u64) -> String {
+        let per_webhook = |cpu: &Duration| cpu.as_secs_f64() * 1e6 / webhooks.max(1) as f64;
+        let processes: Vec<String> = self
+            .cpu
+            .iter()
+            .map(|(name, cpu)| format!("{name} {:.0}", per_webhook(cpu)))
+            .collect();
+        format!(
+            "CPU µs per webhook: {}; {webhooks} webhooks in {:.0} stream messages ({:.1} per \
+             message), mean publish ack {:.2} ms",
+            processes.join(", "),
+            self.publishes,
+            webhooks as f64 / self.publishes.max(1.0),
+            self.publish_seconds * 1e3 / self.publishes.max(1.0)
+        )
+    }
+}
+
+/// A replica's `/metrics` text.
+async fn metrics(server: &Server) -> anyhow::Result<String> {
+    let admin = server
+        .admin
+        .with_context(|| format!("{}: admin address unknown", server.name))?;
+    let (status, body) = HttpConnection::open(admin).await?.get("/metrics").await?;
+    if status != 200 {
+        bail!("{}: GET /metrics: HTTP {status}", server.name);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The sum of every series of one metric in a `/metrics` text.
+fn sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// One measured ingest window, senders spread round-robin over the replicas.
