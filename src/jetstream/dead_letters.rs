@@ -3,25 +3,13 @@
 //! letter. Values are opaque bytes here; what a letter holds is `dead_letters`' business: this
 //! is the adapter that implements its [`LetterBucket`].
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Store, UpdateErrorKind};
-use async_nats::jetstream::stream::StorageType;
+use async_nats::jetstream::kv::{self, Store};
 use tokio_stream::StreamExt;
 
-use super::stream::unavailable;
+use super::key_value::{already_exists, open_bucket, wrong_revision};
 use super::{JetStreamError, UpdateStream};
 use crate::dead_letters::shared::BucketFuture;
 use crate::dead_letters::{BucketError, LetterBucket};
-
-/// How nats-server words a compare-and-set that named a stale revision.
-const WRONG_LAST_SEQUENCE: &str = "wrong last sequence";
-
-/// Whether an update or purge failed because the entry is no longer at the revision it named.
-/// nats-server 2.12 answers that with error code 10164, not the 10071 that async-nats 0.51
-/// maps to `WrongLastRevision` (it reports 10164 as `Other`): same meaning, told by its text.
-fn wrong_revision(err: &kv::UpdateError) -> bool {
-    err.kind() == UpdateErrorKind::WrongLastRevision
-        || err.to_string().contains(WRONG_LAST_SEQUENCE)
-}
 
 /// A letter as stored, with the revision a compare-and-set must name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,22 +39,14 @@ impl DeadLetterBucket {
     ) -> Result<DeadLetterBucket, JetStreamError> {
         let max_value_bytes = max_value_bytes.min(i32::MAX as usize);
         let bucket = format!("{}_DEAD_LETTERS", stream.name());
-        let context = stream.nats().context();
-        let store = match context.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    description: "profile-state dead letters".into(),
-                    history: 1,
-                    max_value_size: max_value_bytes as i32,
-                    storage: StorageType::File,
-                    num_replicas: stream.settings().replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable("dead letter bucket create"))?,
+        let config = kv::Config {
+            bucket: bucket.clone(),
+            description: "profile-state dead letters".into(),
+            history: 1,
+            max_value_size: max_value_bytes as i32,
+            ..Default::default()
         };
+        let store = open_bucket(stream, config, "dead letter bucket create").await?;
         Ok(DeadLetterBucket {
             bucket,
             store,
@@ -78,12 +58,7 @@ impl DeadLetterBucket {
     pub async fn create(&self, id: &str, value: Vec<u8>) -> Result<Option<u64>, JetStreamError> {
         match self.store.create(id, value.into()).await {
             Ok(revision) => Ok(Some(revision)),
-            Err(err)
-                if err.kind() == CreateErrorKind::AlreadyExists
-                    || err.to_string().contains(WRONG_LAST_SEQUENCE) =>
-            {
-                Ok(None)
-            }
+            Err(err) if already_exists(&err) => Ok(None),
             Err(err) => Err(self.error(id, err)),
         }
     }

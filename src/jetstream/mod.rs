@@ -23,6 +23,7 @@ mod batch;
 mod connection;
 mod dead_letters;
 mod follow;
+mod key_value;
 mod schedule;
 mod snapshots;
 mod stream;

@@ -6,10 +6,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Store};
-use async_nats::jetstream::stream::StorageType;
+use async_nats::jetstream::kv::{self, Store};
 
-use super::stream::unavailable;
+use super::key_value::{already_exists, open_bucket};
 use super::{JetStreamError, UpdateStream};
 use crate::reconcile::schedule::{ClaimFuture, SlotClaims};
 
@@ -29,22 +28,14 @@ impl ScheduleBucket {
         replica: &str,
     ) -> Result<ScheduleBucket, JetStreamError> {
         let bucket = format!("{}_SCHEDULE", stream.name());
-        let context = stream.nats().context();
-        let store = match context.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    description: "profile-state schedule slots".into(),
-                    history: 1,
-                    max_age: KEEP_SLOTS,
-                    storage: StorageType::File,
-                    num_replicas: stream.settings().replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable("schedule bucket create"))?,
+        let config = kv::Config {
+            bucket,
+            description: "profile-state schedule slots".into(),
+            history: 1,
+            max_age: KEEP_SLOTS,
+            ..Default::default()
         };
+        let store = open_bucket(stream, config, "schedule bucket create").await?;
         Ok(ScheduleBucket {
             store,
             replica: replica.to_owned(),
@@ -57,14 +48,7 @@ impl SlotClaims for ScheduleBucket {
         Box::pin(async move {
             match self.store.create(slot, self.replica.clone().into()).await {
                 Ok(_) => Ok(true),
-                // nats-server 2.12 answers an existing key with error code 10164, which
-                // async-nats 0.51 does not map to AlreadyExists (see dead_letters.rs).
-                Err(err)
-                    if err.kind() == CreateErrorKind::AlreadyExists
-                        || err.to_string().contains("wrong last sequence") =>
-                {
-                    Ok(false)
-                }
+                Err(err) if already_exists(&err) => Ok(false),
                 Err(err) => Err(format!("schedule slot {slot}: {err}")),
             }
         })

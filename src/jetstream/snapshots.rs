@@ -17,6 +17,7 @@ use async_nats::jetstream::stream::StorageType;
 use tokio::io::AsyncRead;
 use tokio_stream::StreamExt;
 
+use super::key_value::open_bucket;
 use super::stream::unavailable;
 use super::{JetStreamError, UpdateStream};
 
@@ -71,21 +72,14 @@ impl SnapshotBucket {
                 .map_err(unavailable("snapshot bucket create"))?,
         };
         let meta_bucket = format!("{}_META", stream.name());
-        let meta = match context.get_key_value(&meta_bucket).await {
-            Ok(meta) => meta,
-            Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: meta_bucket,
-                    description: "profile-state coordination (snapshot upload claims)".into(),
-                    history: 1,
-                    max_age: CLAIM_TTL,
-                    storage: StorageType::File,
-                    num_replicas: stream.settings().replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable("meta bucket create"))?,
+        let config = kv::Config {
+            bucket: meta_bucket,
+            description: "profile-state coordination (snapshot upload claims)".into(),
+            history: 1,
+            max_age: CLAIM_TTL,
+            ..Default::default()
         };
+        let meta = open_bucket(stream, config, "meta bucket create").await?;
         Ok(SnapshotBucket {
             bucket,
             store,
