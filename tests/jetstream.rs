@@ -331,6 +331,24 @@ async fn snapshots_round_trip_through_the_object_store() {
     let (_nats, client, stream) = started("SNAP").await;
     let bucket = SnapshotBucket::open(&stream).await.unwrap();
     assert_eq!(bucket.newest().await.unwrap(), None);
+    // One replica at a time holds the upload claim; a second claimant is told so, not failed.
+    assert!(bucket.claim_upload("r1").await.unwrap());
+    assert!(
+        !bucket
+            .claim_upload("r2")
+            .await
+            .expect("a held claim is not an error")
+    );
+    bucket.release_upload().await.unwrap();
+    assert!(bucket.claim_upload("r2").await.unwrap());
+    // Again once the key has been purged before (nats-server words that answer differently).
+    assert!(
+        !bucket
+            .claim_upload("r1")
+            .await
+            .expect("a held claim is not an error")
+    );
+    bucket.release_upload().await.unwrap();
 
     let older = blob(300_000);
     let large = blob(8 * 1024 * 1024 + 3);

@@ -11,13 +11,13 @@ use std::collections::HashMap;
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, CreateErrorKind};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::object_store::{self, ObjectMetadata, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use tokio::io::AsyncRead;
 use tokio_stream::StreamExt;
 
-use super::key_value::open_bucket;
+use super::key_value::{already_exists, open_bucket};
 use super::stream::unavailable;
 use super::{JetStreamError, UpdateStream};
 
@@ -97,7 +97,7 @@ impl SnapshotBucket {
             .await
         {
             Ok(_) => Ok(true),
-            Err(err) if err.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+            Err(err) if already_exists(&err) => Ok(false),
             Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
         }
     }
