@@ -555,6 +555,7 @@ mod tests {
             ["--nats-duplicate-window", "1h"],
             ["--nats-max-bytes", "1000"],
             ["--nats-request-timeout", "1s"],
+            ["--nats-publish-linger", "1ms"],
             ["--nats-retain-after-snapshot", "10"],
             ["--replica-name", "r1"],
             ["--max-lag", "2s"],
@@ -583,7 +584,7 @@ mod tests {
 
     #[test]
     fn bad_nats_values_name_their_flag_and_a_good_set_is_accepted() {
-        let cases: [(&[&str], &str); 9] = [
+        let cases: [(&[&str], &str); 10] = [
             (&["--nats-url", "http://a:80"], "--nats-url"),
             (&["--nats-url", "nats://a,wss://b:443"], "--nats-url"),
             (
@@ -605,6 +606,10 @@ mod tests {
             (
                 &["--nats-url", "nats://a", "--nats-request-timeout", "10s"],
                 "--nats-request-timeout",
+            ),
+            (
+                &["--nats-url", "nats://a", "--nats-publish-linger", "5s"],
+                "--nats-publish-linger",
             ),
             (&["--nats-url", "nats://a", "--max-lag", "0s"], "--max-lag"),
             (

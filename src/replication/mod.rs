@@ -18,6 +18,7 @@
 
 mod applier;
 mod catch_up;
+mod linger;
 mod pending;
 mod publisher;
 mod snapshots;
@@ -66,6 +67,7 @@ struct Settings {
     snapshot_every_bytes: u64,
     history_events: u64,
     retain_after_snapshot: u64,
+    publish_linger: Duration,
 }
 
 /// A running replica: what the rest of the server uses.
@@ -108,6 +110,7 @@ impl Prepared {
             snapshot_every_bytes: config.snapshot_every_bytes,
             history_events: config.history_events as u64,
             retain_after_snapshot: config.nats.retain_after_snapshot,
+            publish_linger: config.nats.publish_linger,
         };
         Prepared {
             status,
@@ -152,6 +155,7 @@ impl Prepared {
                 metrics: metrics.clone(),
                 apply_timeout: settings.apply_timeout,
                 done: publisher_done.clone(),
+                linger: settings.publish_linger,
             },
             tracker,
         );

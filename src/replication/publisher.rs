@@ -5,7 +5,8 @@
 //! its encoding would pass the server's `max_payload`, and publishes it as one stream message
 //! with its content-derived `Nats-Msg-Id`. [`MAX_IN_FLIGHT`] batches are acknowledged at once
 //! (one): what arrives while a publish waits for its quorum forms the next batch, exactly as
-//! the journal's group commit waits for one fsync. Every stream message costs each of the
+//! the journal's group commit waits for one fsync; a batch smaller than the recent ones may
+//! wait a bounded time for more (`super::linger`, `--nats-publish-linger`). Every stream message costs each of the
 //! three nats-servers a Raft round with an fsync, far more than a replica spends on it, so
 //! fewer, larger messages is what the cluster's throughput depends on (BENCHMARKS.md, Replicas:
 //! 4 in flight gave 2-3 webhooks per message, 1 gives 6-7, and 12-20% less CPU per webhook).
@@ -29,6 +30,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::linger::{Linger, Wait};
 use super::pending::{Pending, Registered, Reply};
 use crate::error::Error;
 use crate::jetstream::{JetStreamError, UpdateBatch, UpdateStream};
@@ -75,6 +77,8 @@ pub(super) struct Parts {
     pub apply_timeout: Duration,
     /// Cancelled once the publisher has stopped and nobody waits for an apply any more.
     pub done: CancellationToken,
+    /// The longest a batch waits for more updates (`--nats-publish-linger`; zero: never).
+    pub linger: Duration,
 }
 
 impl Publisher {
@@ -138,15 +142,27 @@ struct Task {
 impl Task {
     async fn run(self, mut inbox: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut linger = Linger::new(self.parts.linger);
+        // The last publish's round trip, in µs, and the size of the batch it carried.
+        let round_trip = Arc::new(AtomicU64::new(0));
+        let mut previous = None;
         loop {
             // A slot first, then the batch: what queues up while all slots are busy joins it.
             let permit = Arc::clone(&self.in_flight)
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
+            if let Some(size) = previous.take() {
+                let micros = round_trip.load(Ordering::Acquire);
+                linger.published(size, Duration::from_micros(micros));
+            }
             if inbox.recv_many(&mut batch, MAX_BATCH).await == 0 {
                 break;
             }
+            if let Some(wait) = linger.wait(batch.len()) {
+                fill(&mut inbox, &mut batch, wait).await;
+            }
+            previous = Some(batch.len());
             let limit = self
                 .parts
                 .stream
@@ -163,8 +179,12 @@ impl Task {
                         .expect("the semaphore is never closed"),
                 };
                 let parts = Arc::clone(&self.parts);
+                let round_trip = Arc::clone(&round_trip);
                 self.tracker.spawn(async move {
+                    let started = Instant::now();
                     publish(&parts, part).await;
+                    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    round_trip.store(micros, Ordering::Release);
                     drop(slot);
                 });
             }
@@ -179,6 +199,20 @@ impl Task {
         }
         self.parts.done.cancel();
         tracing::debug!("publisher stopped");
+    }
+}
+
+/// Adds what arrives to `batch` until it holds `wait.updates` or `wait.for_at_most` has passed
+/// (or every handle is gone: the batch is published as it is).
+async fn fill(inbox: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, wait: Wait) {
+    let deadline = tokio::time::Instant::now() + wait.for_at_most;
+    let wanted = wait.updates.min(MAX_BATCH);
+    while batch.len() < wanted {
+        let room = MAX_BATCH - batch.len();
+        match tokio::time::timeout_at(deadline, inbox.recv_many(batch, room)).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -317,5 +351,63 @@ mod tests {
             1000,
         );
         assert_eq!(batches.len(), 2);
+    }
+
+    fn linger(updates: usize, ms: u64) -> Wait {
+        Wait {
+            updates,
+            for_at_most: Duration::from_millis(ms),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_batch_goes_as_soon_as_it_is_full() {
+        let (sender, mut inbox) = mpsc::channel(16);
+        let mut batch = vec![request("first", 1)];
+        let started = tokio::time::Instant::now();
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            for i in 0..3 {
+                sender
+                    .send(request(&format!("c{i}"), 1))
+                    .await
+                    .ok()
+                    .unwrap();
+            }
+            sender
+        });
+        fill(&mut inbox, &mut batch, linger(4, 5)).await;
+        assert_eq!(batch.len(), 4);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(1),
+            "not the whole linger"
+        );
+        drop(late.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_batch_goes_when_the_time_is_up_or_everyone_has_gone() {
+        let (sender, mut inbox) = mpsc::channel(16);
+        let mut batch = vec![request("first", 1)];
+        sender.send(request("second", 1)).await.ok().unwrap();
+        let started = tokio::time::Instant::now();
+        fill(&mut inbox, &mut batch, linger(10, 5)).await;
+        assert_eq!(batch.len(), 2, "what came is taken");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(5),
+            "no longer than the linger"
+        );
+
+        drop(sender);
+        let started = tokio::time::Instant::now();
+        fill(&mut inbox, &mut batch, linger(10, 5)).await;
+        assert_eq!(batch.len(), 2);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "a closed inbox ends the wait"
+        );
     }
 }
