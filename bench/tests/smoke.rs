@@ -185,4 +185,9 @@ fn cluster_compares_replicas_with_the_single_node_and_measures_the_lag() {
             .iter()
             .any(|m| m.starts_with("replication lag p99"))
     );
+    assert!(
+        metrics(&report)
+            .iter()
+            .any(|m| m.starts_with("stream alone, 3 publishers x 1 updates per message"))
+    );
 }

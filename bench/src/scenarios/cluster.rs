@@ -12,6 +12,10 @@
 //!   stream on every replica; for each webhook answered `applied` at one replica, the time from
 //!   that answer to the moment the slowest replica's watcher received its revision (external,
 //!   so it includes the delivery to watchers). Target: p99 <= 50 ms.
+//! - The stream alone (`super::stream_alone`): the same NATS cluster with nothing of the service
+//!   in the loop, as many updates in flight as the senders can have, in messages of 21, 10 and
+//!   5 (for 64 senders), against the same single-node req/s: the ceiling of the ingest ratio on
+//!   this box, and the nats-servers' CPU per webhook at each message size.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -204,6 +208,86 @@ pub async fn run(options: &Options, report: &mut Report, replicas: usize) -> any
             row = row.target(Target::AtMost { value });
         }
         report.push(row);
+    }
+    let single = values(&baseline, &rate);
+    stream_alone(options, report, &nats, &workload, &single).await
+}
+
+/// The ceiling: the stream alone with as many updates in flight as the senders can have,
+/// split into messages three ways, against the single node's req/s of the ingest rounds.
+async fn stream_alone(
+    options: &Options,
+    report: &mut Report,
+    nats: &NatsCluster,
+    workload: &Arc<Workload>,
+    single: &[f64],
+) -> anyhow::Result<()> {
+    let in_flight = options.concurrency.max(3);
+    for publishers in [3, 6, 12].into_iter().filter(|&p| p <= in_flight) {
+        let per_message = in_flight / publishers;
+        let mut rounds = Vec::new();
+        for round in 0..options.rounds.max(1) {
+            let name = format!("ALONE_{round}_{publishers}X{per_message}");
+            let window = (options.warmup, options.duration);
+            let alone = super::stream_alone::measure(
+                nats,
+                workload,
+                &name,
+                publishers,
+                per_message,
+                window,
+            )
+            .await?;
+            eprintln!(
+                "cluster stream alone, {publishers} publishers x {per_message} per message: \
+                 {:.0} webhooks/s, mean ack {:.2} ms, nats-servers {:.0} µs CPU per webhook",
+                alone.webhooks_per_second,
+                alone.mean_ack.as_secs_f64() * 1e3,
+                alone.nats_cpu_per_webhook.as_secs_f64() * 1e6
+            );
+            rounds.push(alone);
+        }
+        let label = format!("{publishers} publishers x {per_message} updates per message");
+        report.push(
+            Row::new(
+                "cluster",
+                &format!("stream alone, {label}: webhooks/s"),
+                "req/s",
+            )
+            .ours(
+                rounds
+                    .iter()
+                    .map(|alone| alone.webhooks_per_second)
+                    .collect(),
+            )
+            .baseline("single node durable", single.to_vec()),
+        );
+        report.push(
+            Row::new(
+                "cluster",
+                &format!("stream alone, {label}: nats-servers CPU per webhook"),
+                "µs",
+            )
+            .ours(
+                rounds
+                    .iter()
+                    .map(|alone| alone.nats_cpu_per_webhook.as_secs_f64() * 1e6)
+                    .collect(),
+            ),
+        );
+        report.push(
+            Row::new(
+                "cluster",
+                &format!("stream alone, {label}: mean publish ack"),
+                "ms",
+            )
+            .ours(
+                rounds
+                    .iter()
+                    .map(|alone| alone.mean_ack.as_secs_f64() * 1e3)
+                    .collect(),
+            ),
+        );
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod footprint;
 pub mod ingest;
 pub mod reads;
 pub mod scale;
+pub mod stream_alone;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
