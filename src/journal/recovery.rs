@@ -128,7 +128,9 @@ pub fn recover(
 
 /// Loads the snapshot `path` (as of `revision`) into the store.
 fn load_snapshot(store: &Store, revision: u64, path: &Path) -> Result<(), JournalError> {
-    let read = snapshot::read(path, |profiles| store.restore(profiles, revision))?;
+    let read = snapshot::read(path, |expected, profiles| {
+        store.restore(expected, profiles, revision)
+    })?;
     if read != revision {
         return Err(JournalError::DamagedSnapshot {
             path: path.to_owned(),

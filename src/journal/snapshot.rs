@@ -202,8 +202,13 @@ pub fn read_header(path: &Path) -> Result<SnapshotHeader, JournalError> {
 /// keep both busy, few enough that they hold little memory.
 const CHUNKS_IN_FLIGHT: usize = 4;
 
+/// The most profiles a snapshot's header may make the loader reserve room for up front.
+const MAX_RESERVE: usize = 1 << 26;
+
 /// Reads a whole snapshot and hands its profiles, chunk by chunk, to `load`; any damage is an
-/// error (snapshots are never torn). Returns the snapshot's revision.
+/// error (snapshots are never torn). `load` is also given how many profiles the header says the
+/// snapshot holds (for sizing; the count is checked once all are decoded). Returns the
+/// snapshot's revision.
 ///
 /// Decoding runs on a second thread while `load` runs on this one: recovery time is start-up
 /// time, and decoding and inserting take about as long as each other. The file is read one
@@ -213,13 +218,16 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 /// then discard what it loaded (recovery stops with the error).
 pub fn read(
     path: &Path,
-    load: impl FnOnce(&mut dyn Iterator<Item = Vec<Profile>>),
+    load: impl FnOnce(usize, &mut dyn Iterator<Item = Vec<Profile>>),
 ) -> Result<u64, JournalError> {
+    let expected = usize::try_from(read_header(path)?.profiles).unwrap_or(usize::MAX);
     let file = File::open(path).map_err(JournalError::io(path, "open"))?;
     let (chunks, received) = std::sync::mpsc::sync_channel(CHUNKS_IN_FLIGHT);
     std::thread::scope(|scope| {
         let decoder = scope.spawn(|| decode(path, BufReader::new(file), chunks));
-        load(&mut received.into_iter());
+        // The header's count only sizes the store: a damaged one is refused below, once the
+        // profiles are counted, and must not reserve unbounded memory first.
+        load(expected.min(MAX_RESERVE), &mut received.into_iter());
         decoder
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -487,7 +495,7 @@ mod tests {
     fn read_all(path: &Path) -> (Vec<usize>, Vec<Profile>, Result<u64, JournalError>) {
         let mut sizes = Vec::new();
         let mut loaded = Vec::new();
-        let outcome = read(path, |chunks| {
+        let outcome = read(path, |_, chunks| {
             for chunk in chunks {
                 sizes.push(chunk.len());
                 loaded.extend(chunk);

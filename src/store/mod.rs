@@ -18,10 +18,13 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::profile::{Change, Profile, ProfileKey};
+
+mod profiles;
+
+use profiles::ProfileMap;
 
 /// Handle to the shared state. Cloning it is one reference-count increment; every clone sees
 /// the same profiles, history and revision.
@@ -33,11 +36,10 @@ pub struct Store {
 struct Inner {
     // Random, made with the data directory; tells a wiped store from a continued one.
     store_id: Arc<str>,
-    // A sharded map: point reads from many gRPC tasks at once rarely meet the single writer on
-    // the same shard, and never wait on each other. Hashed with foldhash rather than SipHash:
-    // hashing was 6% of recovery and is part of every read; keys come only from signed
-    // webhooks, and foldhash is still randomly seeded per map.
-    profiles: DashMap<ProfileKey, Arc<Profile>, foldhash::fast::RandomState>,
+    // A sharded set of profiles found by their own keys (`profiles.rs`): point reads from many
+    // gRPC tasks at once rarely meet the single writer on the same shard, and a slot is one
+    // pointer.
+    profiles: ProfileMap,
     // Keys in (client_id, customer_id) order, for paging and initial state. Profiles are never
     // removed, so "the first key after the last one returned" pages stably under writes. An
     // RwLock: the sequencer writes it once per new profile; readers hold it for one short
@@ -117,7 +119,7 @@ impl Store {
         Store {
             inner: Arc::new(Inner {
                 store_id: store_id.into(),
-                profiles: DashMap::default(),
+                profiles: ProfileMap::default(),
                 order: RwLock::new(BTreeSet::new()),
                 history: RwLock::new(VecDeque::with_capacity(history_limits.events.min(4096))),
                 history_limits,
@@ -150,7 +152,7 @@ impl Store {
 
     /// Whether the store holds no profile.
     pub fn is_empty(&self) -> bool {
-        self.inner.profiles.is_empty()
+        self.len() == 0
     }
 
     /// `key` with its account's shared `client_id` (this store's one copy of that string),
@@ -181,7 +183,7 @@ impl Store {
 
     /// The current state of one profile.
     pub fn get(&self, key: &ProfileKey) -> Option<Arc<Profile>> {
-        self.inner.profiles.get(key).map(|entry| Arc::clone(&entry))
+        self.inner.profiles.get(key)
     }
 
     /// Up to `limit` profiles after `after` (or from the start of `client_id`'s range, or of
@@ -317,23 +319,28 @@ impl Store {
     }
 
     fn insert(&self, profile: &Arc<Profile>) {
-        let key = &profile.key;
-        let previous = self.inner.profiles.insert(key.clone(), Arc::clone(profile));
-        if previous.is_none() {
+        if self.inner.profiles.insert(Arc::clone(profile)) {
             let mut order = self.inner.order.write().expect("order lock poisoned");
-            order.insert(key.clone());
+            order.insert(profile.key.clone());
         }
     }
 
     /// Loads a recovered state: profiles as of `revision`, in chunks, with an empty history.
     /// Only for a store nobody reads yet (recovery, before the listeners open). Each profile's
-    /// key gets its account's shared `client_id`.
+    /// key gets its account's shared `client_id`. `expected` is how many profiles the chunks
+    /// hold (the snapshot's header says), so the map is sized once rather than grown.
     ///
     /// The key order is built once at the end from all keys (a bulk build over sorted keys is
     /// several times cheaper than a million single inserts).
-    pub(crate) fn restore(&self, chunks: &mut dyn Iterator<Item = Vec<Profile>>, revision: u64) {
+    pub(crate) fn restore(
+        &self,
+        expected: usize,
+        chunks: &mut dyn Iterator<Item = Vec<Profile>>,
+        revision: u64,
+    ) {
         debug_assert_eq!(self.revision(), 0, "restore into a fresh store only");
-        let mut keys = Vec::new();
+        self.inner.profiles.reserve(expected);
+        let mut keys = Vec::with_capacity(expected);
         // Snapshots are in key order, so runs of one account follow each other: the shared
         // copy is looked up once per run, not once per profile.
         let mut account: Option<Arc<str>> = None;
@@ -347,12 +354,7 @@ impl Store {
                 profile.key.client_id = Arc::clone(&shared);
                 account = Some(shared);
                 let key = profile.key.clone();
-                if self
-                    .inner
-                    .profiles
-                    .insert(key.clone(), Arc::new(profile))
-                    .is_none()
-                {
+                if self.inner.profiles.insert(Arc::new(profile)) {
                     keys.push(key);
                 }
             }
@@ -614,7 +616,7 @@ mod tests {
             1,
             1,
         );
-        store.restore(&mut std::iter::once(vec![rebuilt]), 1);
+        store.restore(1, &mut std::iter::once(vec![rebuilt]), 1);
         let rebuilt = store.get(&ProfileKey::new("shared-account", "c")).unwrap();
         assert!(Arc::ptr_eq(&one.key.client_id, &rebuilt.key.client_id));
         // Another store in the same process keeps its own copies.
