@@ -23,6 +23,7 @@
 pub mod codec;
 mod discard;
 pub mod head;
+mod profile_wire;
 pub mod recovery;
 pub mod snapshot;
 mod writer;

@@ -22,7 +22,7 @@ use super::codec::{
     self, Frame, FrameFormat, HeaderError, ProfileBatch, ProfileRecord, SNAPSHOT_MAGIC,
     SnapshotHeader,
 };
-use super::{JournalError, numbered_files, segments};
+use super::{JournalError, numbered_files, profile_wire, segments};
 use crate::data_dir::sync_dir;
 use crate::profile::Profile;
 use crate::store::{Compacted, Store};
@@ -251,6 +251,8 @@ fn decode(
     let mut offset = codec::HEADER_LEN as u64;
     let mut header = None;
     let mut count = 0u64;
+    // The account of the last profile decoded: runs of one account share one `client_id`.
+    let mut account = None;
     loop {
         read_frame(&mut file, &mut buffer, format).map_err(JournalError::io(path, "read"))?;
         match codec::read_frame(&buffer, 0, format) {
@@ -262,13 +264,8 @@ fn decode(
                         .map_err(|error| corrupt(offset, error.to_string()))?;
                     header = Some(decoded);
                 } else {
-                    let batch = ProfileBatch::decode(payload)
-                        .map_err(|error| corrupt(offset, error.to_string()))?;
-                    let profiles = batch
-                        .profiles
-                        .into_iter()
-                        .map(ProfileRecord::into_profile)
-                        .collect::<Result<Vec<_>, _>>()
+                    let mut profiles = Vec::with_capacity(CHUNK);
+                    profile_wire::decode_batch(payload, &mut account, &mut profiles)
                         .map_err(|error| corrupt(offset, error.to_string()))?;
                     count += profiles.len() as u64;
                     if chunks.send(profiles).is_err() {
