@@ -396,7 +396,9 @@ pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
     let mut next_revision = store.revision() + 1;
     // Profiles this batch already changed: later updates of the same profile merge into these,
     // not into the store's older copy.
-    let mut latest: HashMap<ProfileKey, Arc<Profile>> = HashMap::new();
+    // foldhash, as the store's map: SipHash here showed in recovery's replay profile.
+    let mut latest: HashMap<ProfileKey, Arc<Profile>, foldhash::fast::RandomState> =
+        HashMap::default();
     let mut changes = Vec::new();
     let mut outcomes = Vec::with_capacity(updates.len());
     for update in updates {
