@@ -456,8 +456,9 @@ pub(crate) fn replay(store: &Store, records: Vec<UpdateRecord>) -> Result<(), St
             ));
         }
     }
-    // No hook: recovery runs before anything can watch the store.
-    store.commit(&changes);
+    // No hook: recovery runs before anything can watch the store, or read it (the key order
+    // of new profiles is built once at the end, `journal::recover`).
+    store.commit_replayed(&changes);
     Ok(())
 }
 

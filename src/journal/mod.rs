@@ -23,9 +23,9 @@
 pub mod codec;
 mod discard;
 pub mod head;
-mod profile_wire;
 pub mod recovery;
 pub mod snapshot;
+mod wire;
 mod writer;
 
 use std::fs;

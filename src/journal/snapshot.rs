@@ -22,7 +22,7 @@ use super::codec::{
     self, Frame, FrameFormat, HeaderError, ProfileBatch, ProfileRecord, SNAPSHOT_MAGIC,
     SnapshotHeader,
 };
-use super::{JournalError, numbered_files, profile_wire, segments};
+use super::{JournalError, numbered_files, segments, wire};
 use crate::data_dir::sync_dir;
 use crate::profile::Profile;
 use crate::store::{Compacted, Store};
@@ -265,7 +265,7 @@ fn decode(
                     header = Some(decoded);
                 } else {
                     let mut profiles = Vec::with_capacity(CHUNK);
-                    profile_wire::decode_batch(payload, &mut account, &mut profiles)
+                    wire::decode_batch(payload, &mut account, &mut profiles)
                         .map_err(|error| corrupt(offset, error.to_string()))?;
                     count += profiles.len() as u64;
                     if chunks.send(profiles).is_err() {

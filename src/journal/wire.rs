@@ -1,17 +1,19 @@
-//! A snapshot frame's profiles decoded straight from its bytes: the same protobuf messages as
-//! `codec::ProfileBatch` (the format does not change), read without building the records first.
+//! Journal records read straight from their bytes, in the formats `codec` defines with prost
+//! (nothing about the format changes): a snapshot frame's profiles, and the last revision of a
+//! segment's batch.
 //!
 //! Decoding a snapshot through the prost records allocated about twenty small objects per
 //! profile (a `String` per id and text value, a `Vec` of field records, a timestamp each) only to
 //! pack them into the profile and free them again; with a million profiles that was most of the
 //! decoding thread's time at start-up. Here the texts are borrowed from the frame and packed
 //! directly: a profile costs its customer id and its packed registers. Extras, which few profiles
-//! have, still go through `codec::ExtraRecord`.
+//! have, still go through `codec::ExtraRecord`. Likewise recovery skips the batches a snapshot
+//! already holds by their last revision, without decoding their updates.
 //!
 //! It reads what prost reads: unknown fields are skipped, a repeated singular field keeps its
 //! last value, and anything prost would refuse (a bad varint, a wrong wire type, a length past
 //! the end, text that is not UTF-8) is an error, as is what `ProfileRecord::into_profile`
-//! refuses. It does not write (`codec::ProfileRecord::new` does).
+//! refuses. It does not write (`codec` does).
 
 use std::sync::Arc;
 
@@ -37,6 +39,35 @@ pub fn decode_batch(
         }
     }
     Ok(())
+}
+
+/// The revision of the last update of a journal frame's payload (a `BatchRecord`); `None`
+/// when it holds none. Reads only the updates' revisions.
+pub fn last_revision(payload: &[u8]) -> Result<Option<u64>, Malformed> {
+    let mut wire = Wire(payload);
+    let mut last = None;
+    while let Some((tag, kind)) = wire.key()? {
+        match (tag, kind) {
+            (1, LEN) => last = Some(update_revision(wire.bytes()?)?),
+            (1, _) => return Err(wrong_type("BatchRecord.updates")),
+            _ => wire.skip(kind)?,
+        }
+    }
+    Ok(last)
+}
+
+/// The revision of one `UpdateRecord` (0 when absent, as prost reads it).
+fn update_revision(bytes: &[u8]) -> Result<u64, Malformed> {
+    let mut wire = Wire(bytes);
+    let mut revision = 0;
+    while let Some((tag, kind)) = wire.key()? {
+        match (tag, kind) {
+            (1, VARINT) => revision = wire.varint()?,
+            (1, _) => return Err(wrong_type("UpdateRecord.revision")),
+            _ => wire.skip(kind)?,
+        }
+    }
+    Ok(revision)
 }
 
 /// One `ProfileRecord`.
@@ -294,6 +325,32 @@ mod tests {
             let (by_prost, by_wire) = decode_both(&bytes);
             prop_assert_eq!(by_prost.ok(), by_wire.ok());
         }
+    }
+
+    #[test]
+    fn a_batch_is_known_by_its_last_revision() {
+        use crate::journal::codec::{BatchRecord, UpdateRecord};
+        use crate::profile::{Origin, ProfileUpdate};
+        let update = ProfileUpdate {
+            key: ProfileKey::new("2155", "c1"),
+            at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            fields: vec![(Field::Email, Some(Scalar::Text("a@example.com".into())))],
+            extras: vec![("k".into(), Some(serde_json::json!([1, 2])))],
+            origin: Origin::Reconcile,
+        };
+        let batch = |revisions: &[u64]| BatchRecord {
+            updates: revisions
+                .iter()
+                .map(|revision| UpdateRecord::new(*revision, &update))
+                .collect(),
+        };
+        let revision = |revisions: &[u64]| last_revision(&batch(revisions).encode_to_vec());
+        assert_eq!(revision(&[7, 8, 300_000]).unwrap(), Some(300_000));
+        assert_eq!(revision(&[1]).unwrap(), Some(1));
+        assert_eq!(revision(&[]).unwrap(), None);
+        let mut cut = batch(&[5, 6]).encode_to_vec();
+        cut.pop();
+        assert!(last_revision(&cut).is_err());
     }
 
     #[test]
