@@ -14,7 +14,7 @@
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use prost::Message;
 
@@ -198,93 +198,232 @@ pub fn read_header(path: &Path) -> Result<SnapshotHeader, JournalError> {
     }
 }
 
-/// Chunks of decoded profiles in flight between the decoding thread and the loader: enough to
-/// keep both busy, few enough that they hold little memory.
+/// Chunks of decoded profiles in flight between the decoding threads and the loader: enough to
+/// keep them all busy, few enough that they hold little memory.
 const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// The most profiles a snapshot's header may make the loader reserve room for up front.
 const MAX_RESERVE: usize = 1 << 26;
 
-/// Reads a whole snapshot and hands its profiles, chunk by chunk, to `load`; any damage is an
-/// error (snapshots are never torn). `load` is also given how many profiles the header says the
-/// snapshot holds (for sizing; the count is checked once all are decoded). Returns the
-/// snapshot's revision.
+/// Reads a whole snapshot and hands its profiles, chunk by chunk and in file order, to `load`;
+/// any damage is an error (snapshots are never torn). `load` is also given how many profiles the
+/// header says the snapshot holds (for sizing; the count is checked once all are decoded).
+/// Returns the snapshot's revision.
 ///
-/// Decoding runs on a second thread while `load` runs on this one: recovery time is start-up
-/// time, and decoding and inserting take about as long as each other. The file is read one
-/// frame at a time into a reused buffer rather than whole: a snapshot of a million profiles is
-/// hundreds of megabytes, and fresh pages for all of them cost more than reading them. When the
-/// snapshot turns out damaged, `load` has seen the chunks before the damage; the caller must
+/// Decoding runs on two threads while `load` runs on this one: recovery time is start-up
+/// time, and a loader alone inserts faster than one thread decodes, so a second decoder uses
+/// the core the loader leaves idle. The file is read one frame at a time (under a lock, in
+/// order) into each decoder's reused buffer rather than whole: a snapshot of a million profiles
+/// is hundreds of megabytes, and fresh pages for all of them cost more than reading them. When
+/// the snapshot turns out damaged, `load` has seen chunks before the damage; the caller must
 /// then discard what it loaded (recovery stops with the error).
 pub fn read(
     path: &Path,
     load: impl FnOnce(usize, &mut dyn Iterator<Item = Vec<Profile>>),
 ) -> Result<u64, JournalError> {
-    let expected = usize::try_from(read_header(path)?.profiles).unwrap_or(usize::MAX);
     let file = File::open(path).map_err(JournalError::io(path, "open"))?;
+    let mut frames = Frames::open(path, BufReader::new(file))?;
+    let header = frames.header()?;
+    let expected = usize::try_from(header.profiles).unwrap_or(usize::MAX);
+    let frames = std::sync::Mutex::new(frames);
     let (chunks, received) = std::sync::mpsc::sync_channel(CHUNKS_IN_FLIGHT);
-    std::thread::scope(|scope| {
-        let decoder = scope.spawn(|| decode(path, BufReader::new(file), chunks));
+    let decoded = std::thread::scope(|scope| {
+        let decoders: Vec<_> = (0..DECODERS)
+            .map(|_| {
+                let chunks = chunks.clone();
+                scope.spawn(|| decode(&frames, chunks))
+            })
+            .collect();
+        drop(chunks);
         // The header's count only sizes the store: a damaged one is refused below, once the
         // profiles are counted, and must not reserve unbounded memory first.
-        load(expected.min(MAX_RESERVE), &mut received.into_iter());
-        decoder
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+        load(expected.min(MAX_RESERVE), &mut InOrder::new(received));
+        let mut count = 0u64;
+        let mut first_error: Option<(u64, JournalError)> = None;
+        for decoder in decoders {
+            match decoder
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            {
+                Ok(decoded) => count += decoded,
+                // The damage nearest the start is the one to report.
+                Err((offset, error)) => {
+                    if first_error
+                        .as_ref()
+                        .is_none_or(|(first, _)| offset < *first)
+                    {
+                        first_error = Some((offset, error));
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some((_, error)) => Err(error),
+            None => Ok(count),
+        }
+    })?;
+    if header.profiles != decoded {
+        let offset = frames
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .offset;
+        return Err(JournalError::DamagedSnapshot {
+            path: path.to_owned(),
+            offset,
+            reason: format!("{decoded} profiles, header says {}", header.profiles),
+        });
+    }
+    Ok(header.revision)
 }
 
-/// Decodes the snapshot read from `file`, sending its profiles in chunks; stops early when the
-/// receiver is gone.
-fn decode(
-    path: &Path,
-    mut file: impl Read,
-    chunks: std::sync::mpsc::SyncSender<Vec<Profile>>,
-) -> Result<u64, JournalError> {
-    let corrupt = |offset: u64, reason: String| JournalError::DamagedSnapshot {
-        path: path.to_owned(),
-        offset,
-        reason,
-    };
+/// Threads decoding a snapshot's frames beside the loader.
+const DECODERS: usize = 2;
+
+/// A snapshot file read frame by frame, in order, by whichever decoder asks next.
+struct Frames<'a, R> {
+    path: &'a Path,
+    file: R,
+    format: FrameFormat,
+    /// Where the next frame starts.
+    offset: u64,
+    /// How many profile frames were handed out: the next one's place in the file's order.
+    handed_out: usize,
+}
+
+impl<'a, R: Read> Frames<'a, R> {
+    /// Opens `file` (at `path`) after checking its file header.
+    fn open(path: &'a Path, mut file: R) -> Result<Self, JournalError> {
+        let mut buffer = Vec::new();
+        let format = read_file_header(path, &mut file, &mut buffer)?;
+        Ok(Frames {
+            path,
+            file,
+            format,
+            offset: codec::HEADER_LEN as u64,
+            handed_out: 0,
+        })
+    }
+
+    fn corrupt(&self, offset: u64, reason: String) -> JournalError {
+        JournalError::DamagedSnapshot {
+            path: self.path.to_owned(),
+            offset,
+            reason,
+        }
+    }
+
+    /// The header frame (the first).
+    fn header(&mut self) -> Result<SnapshotHeader, JournalError> {
+        let mut buffer = Vec::new();
+        let offset = self.offset;
+        match self.next(&mut buffer)? {
+            None => Err(self.corrupt(offset, "no header frame".into())),
+            Some((_, offset)) => {
+                let header = match codec::read_frame(&buffer, 0, self.format) {
+                    Frame::Valid { payload, .. } => SnapshotHeader::decode(payload)
+                        .map_err(|error| self.corrupt(offset, error.to_string())),
+                    Frame::End => Err(self.corrupt(offset, "no header frame".into())),
+                    Frame::Invalid(invalid) => Err(self.corrupt(offset, invalid.reason().into())),
+                };
+                // The header frame is not one of the profile frames counted by `handed_out`.
+                self.handed_out = 0;
+                header
+            }
+        }
+    }
+
+    /// Reads the next frame into `buffer`: its place among the frames and its offset; `None`
+    /// at the end of the file. The frame is checked by whoever decodes it.
+    fn next(&mut self, buffer: &mut Vec<u8>) -> Result<Option<(usize, u64)>, JournalError> {
+        read_frame(&mut self.file, buffer, self.format)
+            .map_err(JournalError::io(self.path, "read"))?;
+        if buffer.is_empty() {
+            return Ok(None);
+        }
+        let (index, offset) = (self.handed_out, self.offset);
+        self.handed_out += 1;
+        self.offset += buffer.len() as u64;
+        Ok(Some((index, offset)))
+    }
+}
+
+/// One decoder: takes the next frame while there is one, decodes it and sends its profiles,
+/// tagged with the frame's place. Returns how many profiles it decoded; on damage, the frame's
+/// offset and the error. Stops early when the loader is gone.
+fn decode<R: Read>(
+    frames: &std::sync::Mutex<Frames<'_, R>>,
+    chunks: std::sync::mpsc::SyncSender<(usize, Vec<Profile>)>,
+) -> Result<u64, (u64, JournalError)> {
     let mut buffer = Vec::new();
-    let format = read_file_header(path, &mut file, &mut buffer)?;
-    let mut offset = codec::HEADER_LEN as u64;
-    let mut header = None;
     let mut count = 0u64;
     // The account of the last profile decoded: runs of one account share one `client_id`.
     let mut account = None;
     loop {
-        read_frame(&mut file, &mut buffer, format).map_err(JournalError::io(path, "read"))?;
+        let (path, format, next) = {
+            let mut frames = frames.lock().unwrap_or_else(PoisonError::into_inner);
+            let next = frames.next(&mut buffer);
+            (frames.path, frames.format, next)
+        };
+        let corrupt = |offset: u64, reason: String| {
+            let error = JournalError::DamagedSnapshot {
+                path: path.to_owned(),
+                offset,
+                reason,
+            };
+            (offset, error)
+        };
+        let Some((index, offset)) = next.map_err(|error| (u64::MAX, error))? else {
+            return Ok(count);
+        };
         match codec::read_frame(&buffer, 0, format) {
-            Frame::End => break,
+            Frame::End => return Ok(count),
             Frame::Invalid(invalid) => return Err(corrupt(offset, invalid.reason().into())),
-            Frame::Valid { payload, next } => {
-                if header.is_none() {
-                    let decoded = SnapshotHeader::decode(payload)
-                        .map_err(|error| corrupt(offset, error.to_string()))?;
-                    header = Some(decoded);
-                } else {
-                    let mut profiles = Vec::with_capacity(CHUNK);
-                    wire::decode_batch(payload, &mut account, &mut profiles)
-                        .map_err(|error| corrupt(offset, error.to_string()))?;
-                    count += profiles.len() as u64;
-                    if chunks.send(profiles).is_err() {
-                        // The loader stopped early; it reports its own reason.
-                        return Err(corrupt(offset, "the loader stopped reading".into()));
-                    }
+            Frame::Valid { payload, .. } => {
+                let mut profiles = Vec::with_capacity(CHUNK);
+                wire::decode_batch(payload, &mut account, &mut profiles)
+                    .map_err(|error| corrupt(offset, error.to_string()))?;
+                count += profiles.len() as u64;
+                if chunks.send((index, profiles)).is_err() {
+                    // The loader stopped early; it reports its own reason.
+                    return Err(corrupt(offset, "the loader stopped reading".into()));
                 }
-                offset += next as u64;
             }
         }
     }
-    let header = header.ok_or_else(|| corrupt(offset, "no header frame".into()))?;
-    if header.profiles != count {
-        return Err(corrupt(
-            offset,
-            format!("{count} profiles, header says {}", header.profiles),
-        ));
+}
+
+/// The decoders' chunks back in file order: a chunk that arrives before its predecessors waits.
+struct InOrder {
+    received: std::sync::mpsc::Receiver<(usize, Vec<Profile>)>,
+    waiting: std::collections::BTreeMap<usize, Vec<Profile>>,
+    next: usize,
+}
+
+impl InOrder {
+    fn new(received: std::sync::mpsc::Receiver<(usize, Vec<Profile>)>) -> Self {
+        InOrder {
+            received,
+            waiting: std::collections::BTreeMap::new(),
+            next: 0,
+        }
     }
-    Ok(header.revision)
+}
+
+impl Iterator for InOrder {
+    type Item = Vec<Profile>;
+
+    fn next(&mut self) -> Option<Vec<Profile>> {
+        loop {
+            if let Some(chunk) = self.waiting.remove(&self.next) {
+                self.next += 1;
+                return Some(chunk);
+            }
+            // Every decoder gone with a chunk missing: a decoder stopped at damage, and the
+            // error says so; what waits after the gap is not loaded.
+            let (index, chunk) = self.received.recv().ok()?;
+            self.waiting.insert(index, chunk);
+        }
+    }
 }
 
 /// Reads and checks the snapshot file header of `file` (at `path`); the frame format it names.
