@@ -396,7 +396,9 @@ pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
     let mut next_revision = store.revision() + 1;
     // Profiles this batch already changed: later updates of the same profile merge into these,
     // not into the store's older copy.
-    let mut latest: HashMap<ProfileKey, Arc<Profile>> = HashMap::new();
+    // foldhash, as the store's map: SipHash here showed in recovery's replay profile.
+    let mut latest: HashMap<ProfileKey, Arc<Profile>, foldhash::fast::RandomState> =
+        HashMap::default();
     let mut changes = Vec::new();
     let mut outcomes = Vec::with_capacity(updates.len());
     for update in updates {
@@ -454,8 +456,9 @@ pub(crate) fn replay(store: &Store, records: Vec<UpdateRecord>) -> Result<(), St
             ));
         }
     }
-    // No hook: recovery runs before anything can watch the store.
-    store.commit(&changes);
+    // No hook: recovery runs before anything can watch the store, or read it (the key order
+    // of new profiles is built once at the end, `journal::recover`).
+    store.commit_replayed(&changes);
     Ok(())
 }
 

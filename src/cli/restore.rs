@@ -43,7 +43,7 @@ pub fn check(file: &Path) -> Result<(u64, u64), Failure> {
         return Err(Failure::Usage(error.to_string()));
     }
     let mut profiles = 0;
-    let revision = snapshot::read(file, |chunks| {
+    let revision = snapshot::read(file, |_, chunks| {
         for chunk in chunks {
             profiles += chunk.len() as u64;
         }

@@ -391,14 +391,14 @@ fn timestamp(at: EventTime) -> prost_types::Timestamp {
     }
 }
 
-fn event_time(at: Option<&prost_types::Timestamp>) -> Result<EventTime, Malformed> {
+pub(super) fn event_time(at: Option<&prost_types::Timestamp>) -> Result<EventTime, Malformed> {
     let at = at.ok_or_else(|| Malformed("missing timestamp".into()))?;
     let nanos = u32::try_from(at.nanos).map_err(|_| Malformed("negative nanos".into()))?;
     EventTime::from_timestamp(at.seconds, nanos)
         .ok_or_else(|| Malformed(format!("timestamp {}s out of range", at.seconds)))
 }
 
-fn field(number: u32) -> Result<Field, Malformed> {
+pub(super) fn field(number: u32) -> Result<Field, Malformed> {
     Field::from_number(number).ok_or_else(|| Malformed(format!("unknown field number {number}")))
 }
 
@@ -533,13 +533,7 @@ impl ProfileRecord {
         let extras = self
             .extras
             .into_iter()
-            .map(|record| {
-                let register = Register {
-                    at: event_time(record.at.as_ref())?,
-                    value: json(record.json)?.map(ExtraValue),
-                };
-                Ok((record.key.into_boxed_str(), register))
-            })
+            .map(ExtraRecord::into_register)
             .collect::<Result<Vec<_>, Malformed>>()?;
         Ok(Profile::from_registers(
             ProfileKey::new(self.client_id, self.customer_id),
@@ -549,6 +543,17 @@ impl ProfileRecord {
             self.create_revision,
             self.version,
         ))
+    }
+}
+
+impl ExtraRecord {
+    /// The register of a snapshot's extra key.
+    pub fn into_register(self) -> Result<(Box<str>, Register<ExtraValue>), Malformed> {
+        let register = Register {
+            at: event_time(self.at.as_ref())?,
+            value: json(self.json)?.map(ExtraValue),
+        };
+        Ok((self.key.into_boxed_str(), register))
     }
 }
 

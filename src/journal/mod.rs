@@ -25,6 +25,7 @@ mod discard;
 pub mod head;
 pub mod recovery;
 pub mod snapshot;
+mod wire;
 mod writer;
 
 use std::fs;

@@ -22,7 +22,7 @@ use super::codec::{
     self, BatchRecord, ClosedAt, Frame, FrameFormat, HeaderError, Invalid, SEGMENT_MAGIC,
 };
 use super::writer::{TEMP_SUFFIX, Tail, segment_path};
-use super::{JournalError, SEGMENT_PREFIX, head, segments, snapshot};
+use super::{JournalError, SEGMENT_PREFIX, head, segments, snapshot, wire};
 use crate::store::Store;
 
 /// What recovery found and did.
@@ -119,6 +119,8 @@ pub fn recover(
         }
     }
     check_against_head(dir, store, newest_recorded, closed, tail.as_ref())?;
+    // The replay held the key order of the profiles it created back, to build it once.
+    store.order_replayed();
     Ok(Recovered {
         snapshot: snapshot.map(|(revision, _)| revision),
         replayed: replaying.replayed,
@@ -128,7 +130,9 @@ pub fn recover(
 
 /// Loads the snapshot `path` (as of `revision`) into the store.
 fn load_snapshot(store: &Store, revision: u64, path: &Path) -> Result<(), JournalError> {
-    let read = snapshot::read(path, |profiles| store.restore(profiles, revision))?;
+    let read = snapshot::read(path, |expected, profiles| {
+        store.restore(expected, profiles, revision)
+    })?;
     if read != revision {
         return Err(JournalError::DamagedSnapshot {
             path: path.to_owned(),
@@ -230,6 +234,14 @@ impl<F: FnMut(Vec<codec::UpdateRecord>) -> Result<(), String>> Replaying<'_, F> 
             match codec::read_frame(bytes, offset, format) {
                 Frame::End => return Ok(offset as u64),
                 Frame::Valid { payload, next } => {
+                    // A batch the snapshot already holds is skipped by its last revision,
+                    // without decoding its updates (after a snapshot, most of a segment).
+                    let last = wire::last_revision(payload)
+                        .map_err(|error| corrupt(format!("undecodable batch: {error}")))?;
+                    if last.is_some_and(|last| last < first_lost) {
+                        offset = next;
+                        continue;
+                    }
                     let batch = BatchRecord::decode(payload)
                         .map_err(|error| corrupt(format!("undecodable batch: {error}")))?;
                     let pending: Vec<_> = batch

@@ -14,7 +14,7 @@
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use prost::Message;
 
@@ -22,7 +22,7 @@ use super::codec::{
     self, Frame, FrameFormat, HeaderError, ProfileBatch, ProfileRecord, SNAPSHOT_MAGIC,
     SnapshotHeader,
 };
-use super::{JournalError, numbered_files, segments};
+use super::{JournalError, numbered_files, segments, wire};
 use crate::data_dir::sync_dir;
 use crate::profile::Profile;
 use crate::store::{Compacted, Store};
@@ -198,88 +198,243 @@ pub fn read_header(path: &Path) -> Result<SnapshotHeader, JournalError> {
     }
 }
 
-/// Chunks of decoded profiles in flight between the decoding thread and the loader: enough to
-/// keep both busy, few enough that they hold little memory.
+/// Chunks of decoded profiles in flight between the decoding threads and the loader: enough to
+/// keep them all busy, few enough that they hold little memory.
 const CHUNKS_IN_FLIGHT: usize = 4;
 
-/// Reads a whole snapshot and hands its profiles, chunk by chunk, to `load`; any damage is an
-/// error (snapshots are never torn). Returns the snapshot's revision.
+/// The most profiles a snapshot's header may make the loader reserve room for up front.
+const MAX_RESERVE: usize = 1 << 26;
+
+/// Reads a whole snapshot and hands its profiles, chunk by chunk and in file order, to `load`;
+/// any damage is an error (snapshots are never torn). `load` is also given how many profiles the
+/// header says the snapshot holds (for sizing; the count is checked once all are decoded).
+/// Returns the snapshot's revision.
 ///
-/// Decoding runs on a second thread while `load` runs on this one: recovery time is start-up
-/// time, and decoding and inserting take about as long as each other. The file is read one
-/// frame at a time into a reused buffer rather than whole: a snapshot of a million profiles is
-/// hundreds of megabytes, and fresh pages for all of them cost more than reading them. When the
-/// snapshot turns out damaged, `load` has seen the chunks before the damage; the caller must
+/// Decoding runs on two threads while `load` runs on this one: recovery time is start-up
+/// time, and a loader alone inserts faster than one thread decodes, so a second decoder uses
+/// the core the loader leaves idle. The file is read one frame at a time (under a lock, in
+/// order) into each decoder's reused buffer rather than whole: a snapshot of a million profiles
+/// is hundreds of megabytes, and fresh pages for all of them cost more than reading them. When
+/// the snapshot turns out damaged, `load` has seen chunks before the damage; the caller must
 /// then discard what it loaded (recovery stops with the error).
 pub fn read(
     path: &Path,
-    load: impl FnOnce(&mut dyn Iterator<Item = Vec<Profile>>),
+    load: impl FnOnce(usize, &mut dyn Iterator<Item = Vec<Profile>>),
 ) -> Result<u64, JournalError> {
     let file = File::open(path).map_err(JournalError::io(path, "open"))?;
+    let mut frames = Frames::open(path, BufReader::new(file))?;
+    let header = frames.header()?;
+    let expected = usize::try_from(header.profiles).unwrap_or(usize::MAX);
+    let frames = std::sync::Mutex::new(frames);
     let (chunks, received) = std::sync::mpsc::sync_channel(CHUNKS_IN_FLIGHT);
-    std::thread::scope(|scope| {
-        let decoder = scope.spawn(|| decode(path, BufReader::new(file), chunks));
-        load(&mut received.into_iter());
-        decoder
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
-/// Decodes the snapshot read from `file`, sending its profiles in chunks; stops early when the
-/// receiver is gone.
-fn decode(
-    path: &Path,
-    mut file: impl Read,
-    chunks: std::sync::mpsc::SyncSender<Vec<Profile>>,
-) -> Result<u64, JournalError> {
-    let corrupt = |offset: u64, reason: String| JournalError::DamagedSnapshot {
-        path: path.to_owned(),
-        offset,
-        reason,
-    };
-    let mut buffer = Vec::new();
-    let format = read_file_header(path, &mut file, &mut buffer)?;
-    let mut offset = codec::HEADER_LEN as u64;
-    let mut header = None;
-    let mut count = 0u64;
-    loop {
-        read_frame(&mut file, &mut buffer, format).map_err(JournalError::io(path, "read"))?;
-        match codec::read_frame(&buffer, 0, format) {
-            Frame::End => break,
-            Frame::Invalid(invalid) => return Err(corrupt(offset, invalid.reason().into())),
-            Frame::Valid { payload, next } => {
-                if header.is_none() {
-                    let decoded = SnapshotHeader::decode(payload)
-                        .map_err(|error| corrupt(offset, error.to_string()))?;
-                    header = Some(decoded);
-                } else {
-                    let batch = ProfileBatch::decode(payload)
-                        .map_err(|error| corrupt(offset, error.to_string()))?;
-                    let profiles = batch
-                        .profiles
-                        .into_iter()
-                        .map(ProfileRecord::into_profile)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|error| corrupt(offset, error.to_string()))?;
-                    count += profiles.len() as u64;
-                    if chunks.send(profiles).is_err() {
-                        // The loader stopped early; it reports its own reason.
-                        return Err(corrupt(offset, "the loader stopped reading".into()));
+    let decoded = std::thread::scope(|scope| {
+        let decoders: Vec<_> = (0..DECODERS)
+            .map(|_| {
+                let chunks = chunks.clone();
+                scope.spawn(|| decode(&frames, chunks))
+            })
+            .collect();
+        drop(chunks);
+        // The header's count only sizes the store: a damaged one is refused below, once the
+        // profiles are counted, and must not reserve unbounded memory first.
+        load(expected.min(MAX_RESERVE), &mut InOrder::new(received));
+        let mut count = 0u64;
+        let mut first_error: Option<(u64, JournalError)> = None;
+        for decoder in decoders {
+            match decoder
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            {
+                Ok(decoded) => count += decoded,
+                // The damage nearest the start is the one to report.
+                Err((offset, error)) => {
+                    if first_error
+                        .as_ref()
+                        .is_none_or(|(first, _)| offset < *first)
+                    {
+                        first_error = Some((offset, error));
                     }
                 }
-                offset += next as u64;
+            }
+        }
+        match first_error {
+            Some((_, error)) => Err(error),
+            None => Ok(count),
+        }
+    })?;
+    if header.profiles != decoded {
+        let offset = frames
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .offset;
+        return Err(JournalError::DamagedSnapshot {
+            path: path.to_owned(),
+            offset,
+            reason: format!("{decoded} profiles, header says {}", header.profiles),
+        });
+    }
+    Ok(header.revision)
+}
+
+/// Threads decoding a snapshot's frames beside the loader.
+const DECODERS: usize = 2;
+
+/// A snapshot file read frame by frame, in order, by whichever decoder asks next.
+struct Frames<'a, R> {
+    path: &'a Path,
+    file: R,
+    format: FrameFormat,
+    /// Where the next frame starts.
+    offset: u64,
+    /// How many profile frames were handed out: the next one's place in the file's order.
+    handed_out: usize,
+    /// Set by a decoder that found damage: the others stop at their next frame rather than
+    /// read the rest of a damaged file.
+    stopped: bool,
+}
+
+impl<'a, R: Read> Frames<'a, R> {
+    /// Opens `file` (at `path`) after checking its file header.
+    fn open(path: &'a Path, mut file: R) -> Result<Self, JournalError> {
+        let mut buffer = Vec::new();
+        let format = read_file_header(path, &mut file, &mut buffer)?;
+        Ok(Frames {
+            path,
+            file,
+            format,
+            offset: codec::HEADER_LEN as u64,
+            handed_out: 0,
+            stopped: false,
+        })
+    }
+
+    fn corrupt(&self, offset: u64, reason: String) -> JournalError {
+        JournalError::DamagedSnapshot {
+            path: self.path.to_owned(),
+            offset,
+            reason,
+        }
+    }
+
+    /// The header frame (the first).
+    fn header(&mut self) -> Result<SnapshotHeader, JournalError> {
+        let mut buffer = Vec::new();
+        let offset = self.offset;
+        match self.next(&mut buffer)? {
+            None => Err(self.corrupt(offset, "no header frame".into())),
+            Some((_, offset)) => {
+                let header = match codec::read_frame(&buffer, 0, self.format) {
+                    Frame::Valid { payload, .. } => SnapshotHeader::decode(payload)
+                        .map_err(|error| self.corrupt(offset, error.to_string())),
+                    Frame::End => Err(self.corrupt(offset, "no header frame".into())),
+                    Frame::Invalid(invalid) => Err(self.corrupt(offset, invalid.reason().into())),
+                };
+                // The header frame is not one of the profile frames counted by `handed_out`.
+                self.handed_out = 0;
+                header
             }
         }
     }
-    let header = header.ok_or_else(|| corrupt(offset, "no header frame".into()))?;
-    if header.profiles != count {
-        return Err(corrupt(
-            offset,
-            format!("{count} profiles, header says {}", header.profiles),
-        ));
+
+    /// Reads the next frame into `buffer`: its place among the frames and its offset; `None`
+    /// at the end of the file. The frame is checked by whoever decodes it.
+    fn next(&mut self, buffer: &mut Vec<u8>) -> Result<Option<(usize, u64)>, JournalError> {
+        if self.stopped {
+            return Ok(None);
+        }
+        read_frame(&mut self.file, buffer, self.format)
+            .map_err(JournalError::io(self.path, "read"))?;
+        if buffer.is_empty() {
+            return Ok(None);
+        }
+        let (index, offset) = (self.handed_out, self.offset);
+        self.handed_out += 1;
+        self.offset += buffer.len() as u64;
+        Ok(Some((index, offset)))
     }
-    Ok(header.revision)
+}
+
+/// One decoder: takes the next frame while there is one, decodes it and sends its profiles,
+/// tagged with the frame's place. Returns how many profiles it decoded; on damage, the frame's
+/// offset and the error. Stops early when the loader is gone.
+fn decode<R: Read>(
+    frames: &std::sync::Mutex<Frames<'_, R>>,
+    chunks: std::sync::mpsc::SyncSender<(usize, Vec<Profile>)>,
+) -> Result<u64, (u64, JournalError)> {
+    let mut buffer = Vec::new();
+    let mut count = 0u64;
+    // The account of the last profile decoded: runs of one account share one `client_id`.
+    let mut account = None;
+    loop {
+        let (path, format, next) = {
+            let mut frames = frames.lock().unwrap_or_else(PoisonError::into_inner);
+            let next = frames.next(&mut buffer);
+            (frames.path, frames.format, next)
+        };
+        let corrupt = |offset: u64, reason: String| {
+            frames
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .stopped = true;
+            let error = JournalError::DamagedSnapshot {
+                path: path.to_owned(),
+                offset,
+                reason,
+            };
+            (offset, error)
+        };
+        let Some((index, offset)) = next.map_err(|error| (u64::MAX, error))? else {
+            return Ok(count);
+        };
+        match codec::read_frame(&buffer, 0, format) {
+            Frame::End => return Ok(count),
+            Frame::Invalid(invalid) => return Err(corrupt(offset, invalid.reason().into())),
+            Frame::Valid { payload, .. } => {
+                let mut profiles = Vec::with_capacity(CHUNK);
+                wire::decode_batch(payload, &mut account, &mut profiles)
+                    .map_err(|error| corrupt(offset, error.to_string()))?;
+                count += profiles.len() as u64;
+                if chunks.send((index, profiles)).is_err() {
+                    // The loader stopped early; it reports its own reason.
+                    return Err(corrupt(offset, "the loader stopped reading".into()));
+                }
+            }
+        }
+    }
+}
+
+/// The decoders' chunks back in file order: a chunk that arrives before its predecessors waits.
+struct InOrder {
+    received: std::sync::mpsc::Receiver<(usize, Vec<Profile>)>,
+    waiting: std::collections::BTreeMap<usize, Vec<Profile>>,
+    next: usize,
+}
+
+impl InOrder {
+    fn new(received: std::sync::mpsc::Receiver<(usize, Vec<Profile>)>) -> Self {
+        InOrder {
+            received,
+            waiting: std::collections::BTreeMap::new(),
+            next: 0,
+        }
+    }
+}
+
+impl Iterator for InOrder {
+    type Item = Vec<Profile>;
+
+    fn next(&mut self) -> Option<Vec<Profile>> {
+        loop {
+            if let Some(chunk) = self.waiting.remove(&self.next) {
+                self.next += 1;
+                return Some(chunk);
+            }
+            // Every decoder gone with a chunk missing: a decoder stopped at damage, and the
+            // error says so; what waits after the gap is not loaded.
+            let (index, chunk) = self.received.recv().ok()?;
+            self.waiting.insert(index, chunk);
+        }
+    }
 }
 
 /// Reads and checks the snapshot file header of `file` (at `path`); the frame format it names.
@@ -456,144 +611,4 @@ pub fn compact(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
-
-    fn profiles(count: usize) -> Vec<Arc<Profile>> {
-        (0..count)
-            .map(|i| {
-                let key = ProfileKey::new("2155", format!("customer-{i:05}"));
-                let mut profile = Profile::empty(key.clone());
-                profile.merge(&ProfileUpdate {
-                    key,
-                    at: chrono::DateTime::from_timestamp(1_700_000_000 + i as i64, 0).unwrap(),
-                    fields: vec![
-                        (Field::GbCustomerId, Some(Scalar::Int(i as i64))),
-                        (Field::TierName, Some(Scalar::Text("gold".into()))),
-                    ],
-                    extras: vec![],
-                    origin: crate::profile::Origin::Webhook,
-                });
-                profile.revision = i as u64 + 1;
-                profile.create_revision = i as u64 + 1;
-                profile.version = 1;
-                Arc::new(profile)
-            })
-            .collect()
-    }
-
-    /// Reads `path`, returning what the loader saw (chunk sizes, profiles) and the outcome.
-    fn read_all(path: &Path) -> (Vec<usize>, Vec<Profile>, Result<u64, JournalError>) {
-        let mut sizes = Vec::new();
-        let mut loaded = Vec::new();
-        let outcome = read(path, |chunks| {
-            for chunk in chunks {
-                sizes.push(chunk.len());
-                loaded.extend(chunk);
-            }
-        });
-        (sizes, loaded, outcome)
-    }
-
-    #[test]
-    fn a_snapshot_reads_back_every_profile_chunk_by_chunk() {
-        let dir = tempfile::tempdir().unwrap();
-        let written = profiles(2 * CHUNK + 10);
-        let path = write(dir.path(), 2 * CHUNK as u64 + 10, &written).unwrap();
-        let (sizes, loaded, outcome) = read_all(&path);
-        assert_eq!(outcome.unwrap(), 2 * CHUNK as u64 + 10);
-        assert_eq!(sizes, vec![CHUNK, CHUNK, 10]);
-        assert_eq!(loaded.len(), written.len());
-        for (loaded, written) in loaded.iter().zip(&written) {
-            assert_eq!(loaded, &**written);
-        }
-    }
-
-    #[test]
-    fn damage_in_a_later_frame_is_an_error_naming_file_and_offset() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), 2 * CHUNK as u64, &profiles(2 * CHUNK)).unwrap();
-        let mut bytes = fs::read(&path).unwrap();
-        // Find the second profile frame by walking the frames, then damage its payload.
-        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT)
-        {
-            Frame::Valid { next, .. } => next,
-            _ => unreachable!("a snapshot just written starts with a valid header frame"),
-        };
-        let second = match codec::read_frame(&bytes, header_frame, FrameFormat::CURRENT) {
-            Frame::Valid { next, .. } => next,
-            _ => unreachable!("the first profile frame is valid"),
-        };
-        bytes[second + FrameFormat::CURRENT.overhead() + 3] ^= 0x01;
-        fs::write(&path, &bytes).unwrap();
-        let (sizes, _, outcome) = read_all(&path);
-        match outcome {
-            Err(JournalError::DamagedSnapshot {
-                path: at,
-                offset,
-                reason,
-            }) => {
-                assert_eq!(at, path);
-                assert_eq!(offset, second as u64);
-                assert_eq!(reason, "checksum mismatch");
-            }
-            other => panic!("expected DamagedSnapshot, got {other:?}"),
-        }
-        // The loader saw only what came before the damage (the caller discards it).
-        assert_eq!(sizes, vec![CHUNK]);
-    }
-
-    #[test]
-    fn a_snapshot_cut_short_is_an_error_not_a_smaller_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), 10, &profiles(10)).unwrap();
-        let bytes = fs::read(&path).unwrap();
-        let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT)
-        {
-            Frame::Valid { next, .. } => next,
-            _ => unreachable!("a snapshot just written starts with a valid header frame"),
-        };
-        fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
-        let (sizes, _, outcome) = read_all(&path);
-        match outcome {
-            Err(JournalError::DamagedSnapshot { offset, reason, .. }) => {
-                assert_eq!(offset, header_frame as u64);
-                assert_eq!(reason, "frame cut off");
-            }
-            other => panic!("expected DamagedSnapshot, got {other:?}"),
-        }
-        assert!(sizes.is_empty());
-    }
-
-    #[test]
-    fn a_snapshot_that_fails_leaves_no_temporary_file() {
-        let dir = tempfile::tempdir().unwrap();
-        // The final name is taken by a directory, so the rename (the last step) fails.
-        fs::create_dir(path(dir.path(), 10)).unwrap();
-        let error = write(dir.path(), 10, &profiles(10)).unwrap_err();
-        assert!(error.to_string().contains("rename"), "{error}");
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            names,
-            ["snapshot-00000000000000000010.snap"],
-            "only the directory"
-        );
-    }
-
-    #[test]
-    fn a_file_that_is_not_a_snapshot_is_refused_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("snapshot-00000000000000000001.snap");
-        fs::write(&path, b"not a snapshot at all, just some bytes").unwrap();
-        let (sizes, _, outcome) = read_all(&path);
-        assert!(
-            matches!(&outcome, Err(JournalError::DamagedSnapshot { path: at, .. }) if *at == path),
-            "got {outcome:?}"
-        );
-        assert!(sizes.is_empty());
-    }
-}
+mod tests;

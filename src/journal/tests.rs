@@ -726,6 +726,17 @@ fn a_format_1_data_directory_is_recovered_and_continued_in_format_2() {
         20,
         "history rebuilt"
     );
+    let listed: Vec<String> = store
+        .scan(None, None, 100, |_| true)
+        .profiles
+        .iter()
+        .map(|profile| profile.key.customer_id.to_string())
+        .collect();
+    assert_eq!(
+        listed,
+        ["c0", "c1", "c2", "c3", "c4", "c5", "c6"],
+        "key order"
+    );
 
     let tail = recovered.tail.unwrap();
     assert_eq!(tail.format, codec::FrameFormat::V1);

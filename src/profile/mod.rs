@@ -207,13 +207,37 @@ impl Profile {
         create_revision: u64,
         version: u64,
     ) -> Profile {
-        let mut profile = Profile::empty(key);
         let fields: Vec<(Field, Register<Scalar>)> = fields.into_iter().collect();
-        let mut slots: Slots<'_> = [None; Field::ALL.len()];
-        for (field, register) in &fields {
+        let borrowed = fields.iter().map(|(field, register)| {
+            let value = register.value.as_ref().map(Scalar::view);
+            (
+                *field,
+                Register {
+                    at: register.at,
+                    value,
+                },
+            )
+        });
+        Profile::from_register_refs(key, borrowed, extras, revision, create_revision, version)
+    }
+
+    /// [`Profile::from_registers`] from borrowed values: a snapshot's profiles are packed
+    /// straight from the bytes they were read into. A field given twice keeps the later
+    /// register.
+    pub fn from_register_refs<'a>(
+        key: ProfileKey,
+        fields: impl IntoIterator<Item = (Field, Register<ScalarRef<'a>>)>,
+        extras: impl IntoIterator<Item = (Box<str>, Register<ExtraValue>)>,
+        revision: u64,
+        create_revision: u64,
+        version: u64,
+    ) -> Profile {
+        let mut profile = Profile::empty(key);
+        let mut slots: Slots<'a> = [None; Field::ALL.len()];
+        for (field, register) in fields {
             slots[field.index()] = Some(Slot {
                 at: Clock::of(register.at),
-                value: register.value.as_ref().map(Scalar::view),
+                value: register.value,
             });
         }
         profile.registers = Registers::pack(&slots);

@@ -269,7 +269,9 @@ async fn download(
 async fn load(store: &Store, start: &Start, remove: bool) -> anyhow::Result<u64> {
     let (store, path, revision) = (store.clone(), start.path.clone(), start.revision);
     let read = blocking(move || {
-        let read = snapshot::read(&path, |profiles| store.restore(profiles, revision));
+        let read = snapshot::read(&path, |expected, profiles| {
+            store.restore(expected, profiles, revision)
+        });
         if remove {
             let _ = std::fs::remove_file(&path);
         }

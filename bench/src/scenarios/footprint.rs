@@ -94,7 +94,7 @@ pub async fn memory(options: &Options, report: &mut Report) -> anyhow::Result<()
             "B",
         )
         .ours(per_profile)
-        .target(Target::AtMost { value: 600.0 }),
+        .target(Target::AtMost { value: 400.0 }),
     );
     report.push(Row::new("memory", "RSS growth", "MiB").ours(grown));
     Ok(())
@@ -198,13 +198,13 @@ pub async fn recovery(options: &Options, report: &mut Report) -> anyhow::Result<
         )
         .ours(listening)
         .baseline("empty data dir", empty_listening)
-        .target(Target::AtMost { value: 3.0 }),
+        .target(Target::AtMost { value: 1.5 }),
     );
     report.push(
         Row::new("recovery", "spawn -> first gRPC call", "s")
             .ours(call)
             .baseline("empty data dir", empty_call)
-            .target(Target::AtMost { value: 3.0 }),
+            .target(Target::AtMost { value: 1.5 }),
     );
     Ok(())
 }

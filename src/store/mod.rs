@@ -18,10 +18,13 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::profile::{Change, Profile, ProfileKey};
+
+mod profiles;
+
+use profiles::ProfileMap;
 
 /// Handle to the shared state. Cloning it is one reference-count increment; every clone sees
 /// the same profiles, history and revision.
@@ -33,11 +36,10 @@ pub struct Store {
 struct Inner {
     // Random, made with the data directory; tells a wiped store from a continued one.
     store_id: Arc<str>,
-    // A sharded map: point reads from many gRPC tasks at once rarely meet the single writer on
-    // the same shard, and never wait on each other. Hashed with foldhash rather than SipHash:
-    // hashing was 6% of recovery and is part of every read; keys come only from signed
-    // webhooks, and foldhash is still randomly seeded per map.
-    profiles: DashMap<ProfileKey, Arc<Profile>, foldhash::fast::RandomState>,
+    // A sharded set of profiles found by their own keys (`profiles.rs`): point reads from many
+    // gRPC tasks at once rarely meet the single writer on the same shard, and a slot is one
+    // pointer.
+    profiles: ProfileMap,
     // Keys in (client_id, customer_id) order, for paging and initial state. Profiles are never
     // removed, so "the first key after the last one returned" pages stably under writes. An
     // RwLock: the sequencer writes it once per new profile; readers hold it for one short
@@ -59,6 +61,10 @@ struct Inner {
     // store. A plain mutex: taken once per new profile (and once per snapshot chunk account
     // change at recovery), never while another lock is held.
     client_ids: Mutex<HashSet<Arc<str>>>,
+    // Keys of profiles that recovery's replay created and that are not in `order` yet
+    // (`commit_replayed`): one bulk build when recovery is done (`order_replayed`) costs a
+    // fraction of a B-tree insert each. Empty outside recovery, which nobody reads during.
+    replayed_keys: Mutex<Vec<ProfileKey>>,
 }
 
 /// How much of the recent history of changes the store keeps: at most `events` changes and
@@ -117,13 +123,14 @@ impl Store {
         Store {
             inner: Arc::new(Inner {
                 store_id: store_id.into(),
-                profiles: DashMap::default(),
+                profiles: ProfileMap::default(),
                 order: RwLock::new(BTreeSet::new()),
                 history: RwLock::new(VecDeque::with_capacity(history_limits.events.min(4096))),
                 history_limits,
                 history_bytes: AtomicUsize::new(0),
                 revision: watch::channel(0).0,
                 client_ids: Mutex::default(),
+                replayed_keys: Mutex::default(),
             }),
         }
     }
@@ -150,7 +157,7 @@ impl Store {
 
     /// Whether the store holds no profile.
     pub fn is_empty(&self) -> bool {
-        self.inner.profiles.is_empty()
+        self.len() == 0
     }
 
     /// `key` with its account's shared `client_id` (this store's one copy of that string),
@@ -181,7 +188,7 @@ impl Store {
 
     /// The current state of one profile.
     pub fn get(&self, key: &ProfileKey) -> Option<Arc<Profile>> {
-        self.inner.profiles.get(key).map(|entry| Arc::clone(&entry))
+        self.inner.profiles.get(key)
     }
 
     /// Up to `limit` profiles after `after` (or from the start of `client_id`'s range, or of
@@ -278,62 +285,114 @@ impl Store {
     /// Makes a batch of changes visible: history, profiles, then the revision.
     ///
     /// Called by one writer at a time, with consecutive revisions following the published one:
-    /// the sequencer's task, and recovery before it starts (`crate::sequencer`). History
+    /// the sequencer's task or a replica's applier (recovery, before either starts, uses
+    /// [`Store::commit_replayed`]). History
     /// first, so that a profile anyone can read already has its change in the ring
     /// ([`AsOfScan`] relies on it).
     pub(crate) fn commit(&self, changes: &[Arc<Change>]) {
-        let Some(last) = changes.last().map(|change| change.revision) else {
+        let Some(last) = self.push_history(changes) else {
             return;
         };
-        debug_assert_eq!(
-            changes.first().map(|change| change.revision),
-            Some(self.revision() + 1),
-            "revisions must follow the published one"
-        );
-        {
-            let mut history = self.inner.history.write().expect("history lock poisoned");
-            let limits = self.inner.history_limits;
-            let mut bytes = self.inner.history_bytes.load(Ordering::Relaxed);
-            for change in changes {
-                let cost = change_bytes(change);
-                // Oldest first; the newest change always stays.
-                while history.len() == limits.events
-                    || (!history.is_empty() && bytes.saturating_add(cost) > limits.bytes)
-                {
-                    let Some(oldest) = history.pop_front() else {
-                        break;
-                    };
-                    bytes -= change_bytes(&oldest);
-                }
-                history.push_back(Arc::clone(change));
-                bytes += cost;
-            }
-            self.inner.history_bytes.store(bytes, Ordering::Relaxed);
-        }
         for change in changes {
             self.insert(&change.profile);
         }
         self.inner.revision.send_replace(last);
     }
 
+    /// [`Store::commit`] for recovery's replay, before anyone reads: the keys of new profiles
+    /// wait for [`Store::order_replayed`] instead of going into the key order one by one.
+    pub(crate) fn commit_replayed(&self, changes: &[Arc<Change>]) {
+        let Some(last) = self.push_history(changes) else {
+            return;
+        };
+        let mut pending = self
+            .inner
+            .replayed_keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for change in changes {
+            if self.inner.profiles.insert(Arc::clone(&change.profile)) {
+                pending.push(change.profile.key.clone());
+            }
+        }
+        drop(pending);
+        self.inner.revision.send_replace(last);
+    }
+
+    /// Puts the keys [`Store::commit_replayed`] held back into the key order: recovery calls it
+    /// once it has replayed everything, before the store is read.
+    pub(crate) fn order_replayed(&self) {
+        let keys = std::mem::take(
+            &mut *self
+                .inner
+                .replayed_keys
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if keys.is_empty() {
+            return;
+        }
+        let mut order = self.inner.order.write().expect("order lock poisoned");
+        let mut all: Vec<ProfileKey> = std::mem::take(&mut *order).into_iter().collect();
+        all.extend(keys);
+        // `from_iter` sorts (the order so far is one sorted run, the replayed keys follow),
+        // then builds the tree bottom up, as `restore` does.
+        *order = all.into_iter().collect();
+    }
+
+    /// Pushes a batch's changes to the history ring (oldest out first); the batch's last
+    /// revision, `None` for an empty batch.
+    fn push_history(&self, changes: &[Arc<Change>]) -> Option<u64> {
+        let last = changes.last()?.revision;
+        debug_assert_eq!(
+            changes.first().map(|change| change.revision),
+            Some(self.revision() + 1),
+            "revisions must follow the published one"
+        );
+        let mut history = self.inner.history.write().expect("history lock poisoned");
+        let limits = self.inner.history_limits;
+        let mut bytes = self.inner.history_bytes.load(Ordering::Relaxed);
+        for change in changes {
+            let cost = change_bytes(change);
+            // Oldest first; the newest change always stays.
+            while history.len() == limits.events
+                || (!history.is_empty() && bytes.saturating_add(cost) > limits.bytes)
+            {
+                let Some(oldest) = history.pop_front() else {
+                    break;
+                };
+                bytes -= change_bytes(&oldest);
+            }
+            history.push_back(Arc::clone(change));
+            bytes += cost;
+        }
+        self.inner.history_bytes.store(bytes, Ordering::Relaxed);
+        Some(last)
+    }
+
     fn insert(&self, profile: &Arc<Profile>) {
-        let key = &profile.key;
-        let previous = self.inner.profiles.insert(key.clone(), Arc::clone(profile));
-        if previous.is_none() {
+        if self.inner.profiles.insert(Arc::clone(profile)) {
             let mut order = self.inner.order.write().expect("order lock poisoned");
-            order.insert(key.clone());
+            order.insert(profile.key.clone());
         }
     }
 
     /// Loads a recovered state: profiles as of `revision`, in chunks, with an empty history.
     /// Only for a store nobody reads yet (recovery, before the listeners open). Each profile's
-    /// key gets its account's shared `client_id`.
+    /// key gets its account's shared `client_id`. `expected` is how many profiles the chunks
+    /// hold (the snapshot's header says), so the map is sized once rather than grown.
     ///
     /// The key order is built once at the end from all keys (a bulk build over sorted keys is
     /// several times cheaper than a million single inserts).
-    pub(crate) fn restore(&self, chunks: &mut dyn Iterator<Item = Vec<Profile>>, revision: u64) {
+    pub(crate) fn restore(
+        &self,
+        expected: usize,
+        chunks: &mut dyn Iterator<Item = Vec<Profile>>,
+        revision: u64,
+    ) {
         debug_assert_eq!(self.revision(), 0, "restore into a fresh store only");
-        let mut keys = Vec::new();
+        self.inner.profiles.reserve(expected);
+        let mut keys = Vec::with_capacity(expected);
         // Snapshots are in key order, so runs of one account follow each other: the shared
         // copy is looked up once per run, not once per profile.
         let mut account: Option<Arc<str>> = None;
@@ -347,12 +406,7 @@ impl Store {
                 profile.key.client_id = Arc::clone(&shared);
                 account = Some(shared);
                 let key = profile.key.clone();
-                if self
-                    .inner
-                    .profiles
-                    .insert(key.clone(), Arc::new(profile))
-                    .is_none()
-                {
+                if self.inner.profiles.insert(Arc::new(profile)) {
                     keys.push(key);
                 }
             }
@@ -485,176 +539,4 @@ pub struct Scan {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::profile::{Field, ProfileUpdate, Scalar};
-
-    fn change(revision: u64, client: &str, customer: &str, tier: &str) -> Arc<Change> {
-        let key = ProfileKey::new(client, customer);
-        let mut profile = Profile::empty(key.clone());
-        let changed = profile
-            .merge(&ProfileUpdate {
-                key,
-                at: chrono::DateTime::from_timestamp(revision as i64, 0).unwrap(),
-                fields: vec![
-                    (Field::GbCustomerId, Some(Scalar::Int(1))),
-                    (Field::TierName, Some(Scalar::Text(tier.into()))),
-                ],
-                extras: vec![],
-                origin: crate::profile::Origin::Webhook,
-            })
-            .unwrap();
-        profile.revision = revision;
-        Arc::new(Change {
-            revision,
-            profile: Arc::new(profile),
-            previous: None,
-            changed_fields: changed,
-            origin: crate::profile::Origin::Webhook,
-        })
-    }
-
-    #[test]
-    fn history_keeps_the_newest_changes_and_reports_compaction() {
-        let store = Store::new(3, "test");
-        store.commit(
-            &(1..=5)
-                .map(|r| change(r, "a", &r.to_string(), "t"))
-                .collect::<Vec<_>>(),
-        );
-        assert_eq!(store.revision(), 5);
-        assert_eq!(store.oldest_in_history(), 3);
-        let revisions = |from, max| -> Vec<u64> {
-            store
-                .history_from(from, max)
-                .unwrap()
-                .iter()
-                .map(|c| c.revision)
-                .collect()
-        };
-        assert_eq!(revisions(3, 10), vec![3, 4, 5]);
-        assert_eq!(revisions(4, 1), vec![4]);
-        assert_eq!(revisions(6, 10), Vec::<u64>::new());
-        assert_eq!(
-            store.history_from(2, 10).unwrap_err(),
-            Compacted { oldest: 3 }
-        );
-    }
-
-    /// A change of `customer` to a profile with an extra of `extra_bytes` bytes.
-    fn large_change(revision: u64, customer: &str, extra_bytes: usize) -> Arc<Change> {
-        let key = ProfileKey::new("a", customer);
-        let mut profile = Profile::empty(key.clone());
-        let text = serde_json::Value::String("x".repeat(extra_bytes));
-        let changed = profile
-            .merge(&ProfileUpdate {
-                key,
-                at: chrono::DateTime::from_timestamp(revision as i64, 0).unwrap(),
-                fields: vec![],
-                extras: vec![("notes".into(), Some(text))],
-                origin: Default::default(),
-            })
-            .unwrap();
-        profile.revision = revision;
-        Arc::new(Change {
-            revision,
-            profile: Arc::new(profile),
-            previous: None,
-            changed_fields: changed,
-            origin: Default::default(),
-        })
-    }
-
-    #[test]
-    fn history_is_bounded_by_bytes_too_oldest_first() {
-        let limits = HistoryLimits {
-            events: 1000,
-            bytes: 200_000,
-        };
-        let store = Store::with_history(limits, "test");
-        for revision in 1..=20 {
-            store.commit(&[large_change(revision, &revision.to_string(), 50_000)]);
-            assert!(
-                store.history_bytes() <= limits.bytes,
-                "{}",
-                store.history_bytes()
-            );
-        }
-        // Four changes of ~50 KB fit in 200 KB only just not: three stay, the newest ones.
-        let oldest = store.oldest_in_history();
-        assert_eq!(oldest, 18);
-        assert!(matches!(
-            store.history_from(1, 10),
-            Err(Compacted { oldest: 18 })
-        ));
-        assert_eq!(store.history_from(18, 10).unwrap().len(), 3);
-        // A change larger than the whole bound still stays, alone, until the next one.
-        store.commit(&[large_change(21, "huge", 300_000)]);
-        assert_eq!(store.oldest_in_history(), 21);
-        assert!(store.history_bytes() > limits.bytes);
-        store.commit(&[large_change(22, "small", 10)]);
-        assert_eq!(store.oldest_in_history(), 22);
-        assert!(store.history_bytes() < 1000);
-    }
-
-    #[test]
-    fn profiles_of_one_account_share_their_client_id() {
-        let store = Store::new(10, "test");
-        let one =
-            Profile::empty(store.shared_key(ProfileKey::new(String::from("shared-account"), "a")));
-        let other =
-            Profile::empty(store.shared_key(ProfileKey::new(String::from("shared-account"), "b")));
-        assert!(Arc::ptr_eq(&one.key.client_id, &other.key.client_id));
-        // A profile loaded from a snapshot gets the same copy.
-        let rebuilt = Profile::from_registers(
-            ProfileKey::new(String::from("shared-account"), "c"),
-            [],
-            [],
-            1,
-            1,
-            1,
-        );
-        store.restore(&mut std::iter::once(vec![rebuilt]), 1);
-        let rebuilt = store.get(&ProfileKey::new("shared-account", "c")).unwrap();
-        assert!(Arc::ptr_eq(&one.key.client_id, &rebuilt.key.client_id));
-        // Another store in the same process keeps its own copies.
-        let elsewhere = Store::new(10, "other")
-            .shared_key(ProfileKey::new(String::from("shared-account"), "d"));
-        assert!(!Arc::ptr_eq(&one.key.client_id, &elsewhere.client_id));
-    }
-
-    #[test]
-    fn scan_pages_by_client_and_filter() {
-        let store = Store::new(10, "test");
-        let mut changes = Vec::new();
-        for (i, (client, customer, tier)) in [
-            ("a", "1", "gold"),
-            ("a", "2", "basic"),
-            ("a", "3", "gold"),
-            ("b", "1", "gold"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            changes.push(change(i as u64 + 1, client, customer, tier));
-        }
-        store.commit(&changes);
-        let ids = |scan: &Scan| -> Vec<String> {
-            scan.profiles
-                .iter()
-                .map(|p| format!("{:?}", p.key))
-                .collect()
-        };
-        let page = store.scan(Some("a"), None, 2, |_| true);
-        assert_eq!(ids(&page), vec!["a/1", "a/2"]);
-        let next = page.next.expect("more keys remain");
-        assert_eq!(next, ProfileKey::new("a", "2"));
-        let page = store.scan(Some("a"), Some(&next), 2, |_| true);
-        assert_eq!(ids(&page), vec!["a/3"]);
-        assert_eq!(page.next, None);
-        let gold = store.scan(None, None, 10, |p| {
-            p.get_text(Field::TierName) == Some("gold")
-        });
-        assert_eq!(ids(&gold), vec!["a/1", "a/3", "b/1"]);
-    }
-}
+mod tests;

@@ -1,0 +1,181 @@
+use super::*;
+use crate::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
+
+fn profiles(count: usize) -> Vec<Arc<Profile>> {
+    (0..count)
+        .map(|i| {
+            let key = ProfileKey::new("2155", format!("customer-{i:05}"));
+            let mut profile = Profile::empty(key.clone());
+            profile.merge(&ProfileUpdate {
+                key,
+                at: chrono::DateTime::from_timestamp(1_700_000_000 + i as i64, 0).unwrap(),
+                fields: vec![
+                    (Field::GbCustomerId, Some(Scalar::Int(i as i64))),
+                    (Field::TierName, Some(Scalar::Text("gold".into()))),
+                ],
+                extras: vec![],
+                origin: crate::profile::Origin::Webhook,
+            });
+            profile.revision = i as u64 + 1;
+            profile.create_revision = i as u64 + 1;
+            profile.version = 1;
+            Arc::new(profile)
+        })
+        .collect()
+}
+
+/// Reads `path`, returning what the loader saw (chunk sizes, profiles) and the outcome.
+fn read_all(path: &Path) -> (Vec<usize>, Vec<Profile>, Result<u64, JournalError>) {
+    let mut sizes = Vec::new();
+    let mut loaded = Vec::new();
+    let outcome = read(path, |_, chunks| {
+        for chunk in chunks {
+            sizes.push(chunk.len());
+            loaded.extend(chunk);
+        }
+    });
+    (sizes, loaded, outcome)
+}
+
+#[test]
+fn a_snapshot_reads_back_every_profile_chunk_by_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = profiles(2 * CHUNK + 10);
+    let path = write(dir.path(), 2 * CHUNK as u64 + 10, &written).unwrap();
+    let (sizes, loaded, outcome) = read_all(&path);
+    assert_eq!(outcome.unwrap(), 2 * CHUNK as u64 + 10);
+    assert_eq!(sizes, vec![CHUNK, CHUNK, 10]);
+    assert_eq!(loaded.len(), written.len());
+    for (loaded, written) in loaded.iter().zip(&written) {
+        assert_eq!(loaded, &**written);
+    }
+}
+
+#[test]
+fn many_frames_decoded_by_two_threads_load_in_file_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = 20 * CHUNK + 7;
+    let written = profiles(count);
+    let path = write(dir.path(), count as u64, &written).unwrap();
+    for _ in 0..5 {
+        let (sizes, loaded, outcome) = read_all(&path);
+        assert_eq!(outcome.unwrap(), count as u64);
+        assert_eq!(sizes.len(), 21);
+        assert_eq!(loaded.len(), count);
+        for (loaded, written) in loaded.iter().zip(&written) {
+            assert_eq!(loaded, &**written);
+        }
+    }
+}
+
+#[test]
+fn damage_early_in_a_long_snapshot_stops_both_decoders_and_loads_nothing_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), 30 * CHUNK as u64, &profiles(30 * CHUNK)).unwrap();
+    let mut bytes = fs::read(&path).unwrap();
+    let mut offset = codec::HEADER_LEN;
+    // The header frame, then two profile frames: damage the third profile frame.
+    for _ in 0..3 {
+        offset = match codec::read_frame(&bytes, offset, FrameFormat::CURRENT) {
+            Frame::Valid { next, .. } => next,
+            _ => unreachable!("the frames of a snapshot just written are valid"),
+        };
+    }
+    bytes[offset + FrameFormat::CURRENT.overhead() + 5] ^= 0x10;
+    fs::write(&path, &bytes).unwrap();
+    let (sizes, _, outcome) = read_all(&path);
+    match outcome {
+        Err(JournalError::DamagedSnapshot { offset: at, .. }) => assert_eq!(at, offset as u64),
+        other => panic!("expected DamagedSnapshot, got {other:?}"),
+    }
+    assert_eq!(
+        sizes,
+        vec![CHUNK, CHUNK],
+        "only the frames before the damage"
+    );
+}
+
+#[test]
+fn damage_in_a_later_frame_is_an_error_naming_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), 2 * CHUNK as u64, &profiles(2 * CHUNK)).unwrap();
+    let mut bytes = fs::read(&path).unwrap();
+    // Find the second profile frame by walking the frames, then damage its payload.
+    let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT) {
+        Frame::Valid { next, .. } => next,
+        _ => unreachable!("a snapshot just written starts with a valid header frame"),
+    };
+    let second = match codec::read_frame(&bytes, header_frame, FrameFormat::CURRENT) {
+        Frame::Valid { next, .. } => next,
+        _ => unreachable!("the first profile frame is valid"),
+    };
+    bytes[second + FrameFormat::CURRENT.overhead() + 3] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    let (sizes, _, outcome) = read_all(&path);
+    match outcome {
+        Err(JournalError::DamagedSnapshot {
+            path: at,
+            offset,
+            reason,
+        }) => {
+            assert_eq!(at, path);
+            assert_eq!(offset, second as u64);
+            assert_eq!(reason, "checksum mismatch");
+        }
+        other => panic!("expected DamagedSnapshot, got {other:?}"),
+    }
+    // The loader saw only what came before the damage (the caller discards it).
+    assert_eq!(sizes, vec![CHUNK]);
+}
+
+#[test]
+fn a_snapshot_cut_short_is_an_error_not_a_smaller_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), 10, &profiles(10)).unwrap();
+    let bytes = fs::read(&path).unwrap();
+    let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT) {
+        Frame::Valid { next, .. } => next,
+        _ => unreachable!("a snapshot just written starts with a valid header frame"),
+    };
+    fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let (sizes, _, outcome) = read_all(&path);
+    match outcome {
+        Err(JournalError::DamagedSnapshot { offset, reason, .. }) => {
+            assert_eq!(offset, header_frame as u64);
+            assert_eq!(reason, "frame cut off");
+        }
+        other => panic!("expected DamagedSnapshot, got {other:?}"),
+    }
+    assert!(sizes.is_empty());
+}
+
+#[test]
+fn a_snapshot_that_fails_leaves_no_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // The final name is taken by a directory, so the rename (the last step) fails.
+    fs::create_dir(path(dir.path(), 10)).unwrap();
+    let error = write(dir.path(), 10, &profiles(10)).unwrap_err();
+    assert!(error.to_string().contains("rename"), "{error}");
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["snapshot-00000000000000000010.snap"],
+        "only the directory"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_snapshot_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snapshot-00000000000000000001.snap");
+    fs::write(&path, b"not a snapshot at all, just some bytes").unwrap();
+    let (sizes, _, outcome) = read_all(&path);
+    assert!(
+        matches!(&outcome, Err(JournalError::DamagedSnapshot { path: at, .. }) if *at == path),
+        "got {outcome:?}"
+    );
+    assert!(sizes.is_empty());
+}

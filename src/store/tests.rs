@@ -1,0 +1,203 @@
+use super::*;
+use crate::profile::{Field, ProfileUpdate, Scalar};
+
+fn change(revision: u64, client: &str, customer: &str, tier: &str) -> Arc<Change> {
+    let key = ProfileKey::new(client, customer);
+    let mut profile = Profile::empty(key.clone());
+    let changed = profile
+        .merge(&ProfileUpdate {
+            key,
+            at: chrono::DateTime::from_timestamp(revision as i64, 0).unwrap(),
+            fields: vec![
+                (Field::GbCustomerId, Some(Scalar::Int(1))),
+                (Field::TierName, Some(Scalar::Text(tier.into()))),
+            ],
+            extras: vec![],
+            origin: crate::profile::Origin::Webhook,
+        })
+        .unwrap();
+    profile.revision = revision;
+    Arc::new(Change {
+        revision,
+        profile: Arc::new(profile),
+        previous: None,
+        changed_fields: changed,
+        origin: crate::profile::Origin::Webhook,
+    })
+}
+
+#[test]
+fn replayed_profiles_join_the_key_order_once_recovery_orders_them() {
+    let store = Store::new(100, "test");
+    let restored: Vec<Profile> = ["b", "d"]
+        .iter()
+        .map(|customer| Profile::clone(&change(1, "2155", customer, "Gold").profile))
+        .collect();
+    store.restore(2, &mut std::iter::once(restored), 1);
+    store.commit_replayed(&[
+        change(2, "2155", "c", "Gold"),
+        change(3, "2155", "a", "Gold"),
+        change(4, "2155", "b", "Silver"),
+    ]);
+    let listed = |store: &Store| -> Vec<String> {
+        let scan = store.scan(None, None, 10, |_| true);
+        scan.profiles
+            .iter()
+            .map(|profile| profile.key.customer_id.to_string())
+            .collect()
+    };
+    // Readable by key at once; in the order only once recovery is done.
+    assert!(store.get(&ProfileKey::new("2155", "a")).is_some());
+    assert_eq!(listed(&store), ["b", "d"]);
+    store.order_replayed();
+    assert_eq!(listed(&store), ["a", "b", "c", "d"]);
+    assert_eq!(store.revision(), 4);
+    assert_eq!(store.len(), 4);
+    // Nothing held back any more: a second call changes nothing.
+    store.order_replayed();
+    assert_eq!(listed(&store), ["a", "b", "c", "d"]);
+}
+
+#[test]
+fn history_keeps_the_newest_changes_and_reports_compaction() {
+    let store = Store::new(3, "test");
+    store.commit(
+        &(1..=5)
+            .map(|r| change(r, "a", &r.to_string(), "t"))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(store.revision(), 5);
+    assert_eq!(store.oldest_in_history(), 3);
+    let revisions = |from, max| -> Vec<u64> {
+        store
+            .history_from(from, max)
+            .unwrap()
+            .iter()
+            .map(|c| c.revision)
+            .collect()
+    };
+    assert_eq!(revisions(3, 10), vec![3, 4, 5]);
+    assert_eq!(revisions(4, 1), vec![4]);
+    assert_eq!(revisions(6, 10), Vec::<u64>::new());
+    assert_eq!(
+        store.history_from(2, 10).unwrap_err(),
+        Compacted { oldest: 3 }
+    );
+}
+
+/// A change of `customer` to a profile with an extra of `extra_bytes` bytes.
+fn large_change(revision: u64, customer: &str, extra_bytes: usize) -> Arc<Change> {
+    let key = ProfileKey::new("a", customer);
+    let mut profile = Profile::empty(key.clone());
+    let text = serde_json::Value::String("x".repeat(extra_bytes));
+    let changed = profile
+        .merge(&ProfileUpdate {
+            key,
+            at: chrono::DateTime::from_timestamp(revision as i64, 0).unwrap(),
+            fields: vec![],
+            extras: vec![("notes".into(), Some(text))],
+            origin: Default::default(),
+        })
+        .unwrap();
+    profile.revision = revision;
+    Arc::new(Change {
+        revision,
+        profile: Arc::new(profile),
+        previous: None,
+        changed_fields: changed,
+        origin: Default::default(),
+    })
+}
+
+#[test]
+fn history_is_bounded_by_bytes_too_oldest_first() {
+    let limits = HistoryLimits {
+        events: 1000,
+        bytes: 200_000,
+    };
+    let store = Store::with_history(limits, "test");
+    for revision in 1..=20 {
+        store.commit(&[large_change(revision, &revision.to_string(), 50_000)]);
+        assert!(
+            store.history_bytes() <= limits.bytes,
+            "{}",
+            store.history_bytes()
+        );
+    }
+    // Four changes of ~50 KB fit in 200 KB only just not: three stay, the newest ones.
+    let oldest = store.oldest_in_history();
+    assert_eq!(oldest, 18);
+    assert!(matches!(
+        store.history_from(1, 10),
+        Err(Compacted { oldest: 18 })
+    ));
+    assert_eq!(store.history_from(18, 10).unwrap().len(), 3);
+    // A change larger than the whole bound still stays, alone, until the next one.
+    store.commit(&[large_change(21, "huge", 300_000)]);
+    assert_eq!(store.oldest_in_history(), 21);
+    assert!(store.history_bytes() > limits.bytes);
+    store.commit(&[large_change(22, "small", 10)]);
+    assert_eq!(store.oldest_in_history(), 22);
+    assert!(store.history_bytes() < 1000);
+}
+
+#[test]
+fn profiles_of_one_account_share_their_client_id() {
+    let store = Store::new(10, "test");
+    let one =
+        Profile::empty(store.shared_key(ProfileKey::new(String::from("shared-account"), "a")));
+    let other =
+        Profile::empty(store.shared_key(ProfileKey::new(String::from("shared-account"), "b")));
+    assert!(Arc::ptr_eq(&one.key.client_id, &other.key.client_id));
+    // A profile loaded from a snapshot gets the same copy.
+    let rebuilt = Profile::from_registers(
+        ProfileKey::new(String::from("shared-account"), "c"),
+        [],
+        [],
+        1,
+        1,
+        1,
+    );
+    store.restore(1, &mut std::iter::once(vec![rebuilt]), 1);
+    let rebuilt = store.get(&ProfileKey::new("shared-account", "c")).unwrap();
+    assert!(Arc::ptr_eq(&one.key.client_id, &rebuilt.key.client_id));
+    // Another store in the same process keeps its own copies.
+    let elsewhere =
+        Store::new(10, "other").shared_key(ProfileKey::new(String::from("shared-account"), "d"));
+    assert!(!Arc::ptr_eq(&one.key.client_id, &elsewhere.client_id));
+}
+
+#[test]
+fn scan_pages_by_client_and_filter() {
+    let store = Store::new(10, "test");
+    let mut changes = Vec::new();
+    for (i, (client, customer, tier)) in [
+        ("a", "1", "gold"),
+        ("a", "2", "basic"),
+        ("a", "3", "gold"),
+        ("b", "1", "gold"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        changes.push(change(i as u64 + 1, client, customer, tier));
+    }
+    store.commit(&changes);
+    let ids = |scan: &Scan| -> Vec<String> {
+        scan.profiles
+            .iter()
+            .map(|p| format!("{:?}", p.key))
+            .collect()
+    };
+    let page = store.scan(Some("a"), None, 2, |_| true);
+    assert_eq!(ids(&page), vec!["a/1", "a/2"]);
+    let next = page.next.expect("more keys remain");
+    assert_eq!(next, ProfileKey::new("a", "2"));
+    let page = store.scan(Some("a"), Some(&next), 2, |_| true);
+    assert_eq!(ids(&page), vec!["a/3"]);
+    assert_eq!(page.next, None);
+    let gold = store.scan(None, None, 10, |p| {
+        p.get_text(Field::TierName) == Some("gold")
+    });
+    assert_eq!(ids(&gold), vec!["a/1", "a/3", "b/1"]);
+}
