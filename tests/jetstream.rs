@@ -523,3 +523,46 @@ async fn the_tls_flags_connect_with_a_ca_and_a_client_certificate() {
         "{error}"
     );
 }
+
+/// A publish that finds no server for the stream's subject (a stream just created, or its
+/// leader being elected again) is tried again until the request timeout, then is Unavailable.
+#[tokio::test]
+async fn a_publish_without_responders_is_tried_again_until_the_request_timeout() {
+    let (nats, client, stream) = started("NORESP").await;
+    client.context().delete_stream("NORESP").await.unwrap();
+
+    // The stream comes back while the publish is being retried: the publish lands in it.
+    let recreate = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            UpdateStream::ensure(&client, &settings("NORESP"))
+                .await
+                .unwrap()
+        })
+    };
+    let published = stream.publish(&batch("c1", 1)).await.expect("retried");
+    assert_eq!(published.sequence, 1);
+    recreate.await.unwrap();
+
+    // No stream at all: Unavailable once the request timeout has passed, not at once.
+    let mut config = Config::for_tests("s").nats;
+    config.urls = nats.client_urls();
+    config.request_timeout = Duration::from_millis(500);
+    let short = Nats::connect(&config, "short").await.unwrap();
+    let stream = UpdateStream::ensure(&short, &settings("GONE"))
+        .await
+        .unwrap();
+    short.context().delete_stream("GONE").await.unwrap();
+    let started = Instant::now();
+    let error = stream.publish(&batch("c1", 2)).await.unwrap_err();
+    assert!(
+        matches!(error, JetStreamError::Unavailable { .. }),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+}

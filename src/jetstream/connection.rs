@@ -20,6 +20,8 @@ pub struct Nats {
     /// Counts (re)connections; a follower rebuilds its consumer when it moves, since the
     /// consumer may have gone with the server that restarted.
     connections: watch::Receiver<u64>,
+    /// `--nats-request-timeout`: the longest one request may take.
+    request_timeout: Duration,
 }
 
 impl Nats {
@@ -82,6 +84,7 @@ impl Nats {
             client,
             context,
             connections,
+            request_timeout: timeout,
         })
     }
 
@@ -103,6 +106,11 @@ impl Nats {
     /// The largest message the connected server accepts, in bytes: a batch must stay below it.
     pub fn max_payload(&self) -> usize {
         self.client.server_info().max_payload
+    }
+
+    /// `--nats-request-timeout`.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
     }
 }
 

@@ -199,21 +199,43 @@ impl UpdateStream {
                 max,
             });
         }
-        let message = async_nats::jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(batch.message_id());
-        let ack = self
-            .nats
-            .context()
-            .send_publish(self.subject.clone(), message)
-            .await
-            .map_err(publish_failed)?
-            .await
-            .map_err(publish_failed)?;
-        Ok(Published {
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+        let (payload, id) = (bytes::Bytes::from(payload), batch.message_id());
+        // No responders: no server holds the stream's subject for a moment, while a new
+        // stream's or a failed leader's Raft group elects a leader. The message id makes a
+        // repeat harmless, so try again until the request timeout rather than answer 503.
+        let deadline = tokio::time::Instant::now() + self.nats.request_timeout();
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let message = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id.as_str());
+            let sent = match self
+                .nats
+                .context()
+                .send_publish(self.subject.clone(), message)
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(err) => Err(err),
+            };
+            match sent {
+                Ok(ack) => {
+                    return Ok(Published {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Err(err)
+                    if err.kind() == PublishErrorKind::StreamNotFound
+                        && tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(%err, "no responders for the stream yet: publishing again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(err) => return Err(publish_failed(err)),
+            }
+        }
     }
 
     /// First and last sequence, read from the stream leader: `last` is a barrier, since every
