@@ -5,11 +5,12 @@
 //! its encoding would pass the server's `max_payload`, and publishes it as one stream message
 //! with its content-derived `Nats-Msg-Id`. [`MAX_IN_FLIGHT`] batches are acknowledged at once
 //! (one): what arrives while a publish waits for its quorum forms the next batch, exactly as
-//! the journal's group commit waits for one fsync; a batch smaller than the recent ones may
-//! wait a bounded time for more (`super::linger`, `--nats-publish-linger`). Every stream message costs each of the
-//! three nats-servers a Raft round with an fsync, far more than a replica spends on it, so
-//! fewer, larger messages is what the cluster's throughput depends on (BENCHMARKS.md, Replicas:
-//! 4 in flight gave 2-3 webhooks per message, 1 gives 6-7, and 12-20% less CPU per webhook).
+//! the journal's group commit waits for one fsync; after a batch of several, the next may wait
+//! a bounded time for as many more (`super::linger`, `--nats-publish-linger`). Every stream
+//! message costs each of the three nats-servers a Raft round with an fsync, far more than a
+//! replica spends on it, so fewer, larger messages is what the cluster's throughput depends on
+//! (BENCHMARKS.md, Replicas: 4 in flight gave 2-3 webhooks per message, 1 gives 6-7, with the
+//! linger 14-15, each step cutting the cluster's CPU per webhook).
 //! Should it be raised again, the order of concurrent batches does not matter (every replica
 //! applies whatever order the stream gives, and each caller waits for its own outcome).
 //! Once acknowledged, each caller waits until this replica's applier has
@@ -143,7 +144,8 @@ impl Task {
     async fn run(self, mut inbox: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut linger = Linger::new(self.parts.linger);
-        // The last publish's round trip, in µs, and the size of the batch it carried.
+        // The last publish's round trip in µs (written by its task), and the size of the batch
+        // it carried (known here), handed to the linger once its slot is free again.
         let round_trip = Arc::new(AtomicU64::new(0));
         let mut previous = None;
         loop {
