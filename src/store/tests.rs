@@ -2,17 +2,27 @@ use super::*;
 use crate::profile::{Field, ProfileUpdate, Scalar};
 
 fn change(revision: u64, client: &str, customer: &str, tier: &str) -> Arc<Change> {
-    let key = ProfileKey::new(client, customer);
+    let fields = vec![
+        (Field::GbCustomerId, Some(Scalar::Int(1))),
+        (Field::TierName, Some(Scalar::Text(tier.into()))),
+    ];
+    change_of(revision, ProfileKey::new(client, customer), fields, vec![])
+}
+
+/// The change that creates `key`'s profile from one update at `revision` (its time too).
+fn change_of(
+    revision: u64,
+    key: ProfileKey,
+    fields: Vec<(Field, Option<Scalar>)>,
+    extras: Vec<(Box<str>, Option<serde_json::Value>)>,
+) -> Arc<Change> {
     let mut profile = Profile::empty(key.clone());
     let changed = profile
         .merge(&ProfileUpdate {
             key,
             at: chrono::DateTime::from_timestamp(revision as i64, 0).unwrap(),
-            fields: vec![
-                (Field::GbCustomerId, Some(Scalar::Int(1))),
-                (Field::TierName, Some(Scalar::Text(tier.into()))),
-            ],
-            extras: vec![],
+            fields,
+            extras,
             origin: crate::profile::Origin::Webhook,
         })
         .unwrap();
@@ -87,26 +97,9 @@ fn history_keeps_the_newest_changes_and_reports_compaction() {
 
 /// A change of `customer` to a profile with an extra of `extra_bytes` bytes.
 fn large_change(revision: u64, customer: &str, extra_bytes: usize) -> Arc<Change> {
-    let key = ProfileKey::new("a", customer);
-    let mut profile = Profile::empty(key.clone());
     let text = serde_json::Value::String("x".repeat(extra_bytes));
-    let changed = profile
-        .merge(&ProfileUpdate {
-            key,
-            at: chrono::DateTime::from_timestamp(revision as i64, 0).unwrap(),
-            fields: vec![],
-            extras: vec![("notes".into(), Some(text))],
-            origin: Default::default(),
-        })
-        .unwrap();
-    profile.revision = revision;
-    Arc::new(Change {
-        revision,
-        profile: Arc::new(profile),
-        previous: None,
-        changed_fields: changed,
-        origin: Default::default(),
-    })
+    let extras = vec![("notes".into(), Some(text))];
+    change_of(revision, ProfileKey::new("a", customer), vec![], extras)
 }
 
 #[test]

@@ -68,19 +68,23 @@ fn many_frames_decoded_by_two_threads_load_in_file_order() {
     }
 }
 
+/// Where frame `n` of a snapshot just written starts (frame 0 is the header frame).
+fn frame_start(bytes: &[u8], n: usize) -> usize {
+    (0..n).fold(codec::HEADER_LEN, |offset, _| {
+        match codec::read_frame(bytes, offset, FrameFormat::CURRENT) {
+            Frame::Valid { next, .. } => next,
+            _ => unreachable!("the frames of a snapshot just written are valid"),
+        }
+    })
+}
+
 #[test]
 fn damage_early_in_a_long_snapshot_stops_both_decoders_and_loads_nothing_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), 30 * CHUNK as u64, &profiles(30 * CHUNK)).unwrap();
     let mut bytes = fs::read(&path).unwrap();
-    let mut offset = codec::HEADER_LEN;
     // The header frame, then two profile frames: damage the third profile frame.
-    for _ in 0..3 {
-        offset = match codec::read_frame(&bytes, offset, FrameFormat::CURRENT) {
-            Frame::Valid { next, .. } => next,
-            _ => unreachable!("the frames of a snapshot just written are valid"),
-        };
-    }
+    let offset = frame_start(&bytes, 3);
     bytes[offset + FrameFormat::CURRENT.overhead() + 5] ^= 0x10;
     fs::write(&path, &bytes).unwrap();
     let (sizes, _, outcome) = read_all(&path);
@@ -101,14 +105,7 @@ fn damage_in_a_later_frame_is_an_error_naming_file_and_offset() {
     let path = write(dir.path(), 2 * CHUNK as u64, &profiles(2 * CHUNK)).unwrap();
     let mut bytes = fs::read(&path).unwrap();
     // Find the second profile frame by walking the frames, then damage its payload.
-    let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT) {
-        Frame::Valid { next, .. } => next,
-        _ => unreachable!("a snapshot just written starts with a valid header frame"),
-    };
-    let second = match codec::read_frame(&bytes, header_frame, FrameFormat::CURRENT) {
-        Frame::Valid { next, .. } => next,
-        _ => unreachable!("the first profile frame is valid"),
-    };
+    let second = frame_start(&bytes, 2);
     bytes[second + FrameFormat::CURRENT.overhead() + 3] ^= 0x01;
     fs::write(&path, &bytes).unwrap();
     let (sizes, _, outcome) = read_all(&path);
@@ -133,10 +130,7 @@ fn a_snapshot_cut_short_is_an_error_not_a_smaller_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), 10, &profiles(10)).unwrap();
     let bytes = fs::read(&path).unwrap();
-    let header_frame = match codec::read_frame(&bytes, codec::HEADER_LEN, FrameFormat::CURRENT) {
-        Frame::Valid { next, .. } => next,
-        _ => unreachable!("a snapshot just written starts with a valid header frame"),
-    };
+    let header_frame = frame_start(&bytes, 1);
     fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
     let (sizes, _, outcome) = read_all(&path);
     match outcome {
