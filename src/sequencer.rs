@@ -428,7 +428,7 @@ pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
                     revision,
                     profile,
                     previous: current,
-                    changed_fields,
+                    changed_fields: changed_fields.into(),
                     origin: update.origin,
                 }));
                 Applied::Changed { revision }
@@ -501,14 +501,14 @@ mod tests {
         assert_eq!((a.revision, a.create_revision, a.version), (3, 1, 2));
         let b = store.get(&ProfileKey::new("2155", "b")).unwrap();
         assert!(
-            Arc::ptr_eq(&a.key.client_id, &b.key.client_id),
+            arcstr::ArcStr::ptr_eq(&a.key.client_id, &b.key.client_id),
             "one client_id string per account"
         );
         assert_eq!(a.get_int(Field::TotalPoints), Some(20));
         let history = store.history_from(1, 10).unwrap();
         assert_eq!(history.len(), 3);
         assert_eq!(
-            history[2].changed_fields,
+            history[2].changed_fields.to_vec(),
             vec![FieldPath::Field(Field::TotalPoints)]
         );
         assert_eq!(history[2].previous.as_ref().unwrap().revision, 1);

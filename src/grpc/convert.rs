@@ -93,7 +93,7 @@ pub fn change(change: &Change, include_previous: bool) -> pb::ProfileChange {
         changed_fields: change
             .changed_fields
             .iter()
-            .map(ToString::to_string)
+            .map(|path| path.to_string())
             .collect(),
         revision: change.revision,
         tier_change: change.tier_change().map(|tier| pb::TierChange {

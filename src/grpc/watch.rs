@@ -375,7 +375,7 @@ mod tests {
             revision,
             profile: profile(20, revision),
             previous: previous.then(|| profile(10, revision - 1)),
-            changed_fields: vec![FieldPath::Field(Field::TotalPoints)],
+            changed_fields: vec![FieldPath::Field(Field::TotalPoints)].into(),
             origin: Origin::Webhook,
         })
     }

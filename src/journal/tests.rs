@@ -361,7 +361,10 @@ fn segments_rotate_and_snapshots_compact_without_changing_state_or_history() {
             .map(|c| {
                 (
                     c.revision,
-                    c.changed_fields.iter().map(ToString::to_string).collect(),
+                    c.changed_fields
+                        .iter()
+                        .map(|path| path.to_string())
+                        .collect(),
                 )
             })
             .collect()

@@ -15,8 +15,7 @@
 //! the end, text that is not UTF-8) is an error, as is what `ProfileRecord::into_profile`
 //! refuses. It does not write (`codec` does).
 
-use std::sync::Arc;
-
+use arcstr::ArcStr;
 use prost::Message;
 
 use super::codec::{self, ExtraRecord, Malformed};
@@ -27,7 +26,7 @@ use crate::profile::{Field, Profile, ProfileKey, Register, ScalarRef};
 /// are in key order), so a profile does not allocate its own copy.
 pub fn decode_batch(
     payload: &[u8],
-    accounts: &mut Option<Arc<str>>,
+    accounts: &mut Option<ArcStr>,
     out: &mut Vec<Profile>,
 ) -> Result<(), Malformed> {
     let mut wire = Wire(payload);
@@ -71,7 +70,7 @@ fn update_revision(bytes: &[u8]) -> Result<u64, Malformed> {
 }
 
 /// One `ProfileRecord`.
-fn decode_profile(bytes: &[u8], accounts: &mut Option<Arc<str>>) -> Result<Profile, Malformed> {
+fn decode_profile(bytes: &[u8], accounts: &mut Option<ArcStr>) -> Result<Profile, Malformed> {
     let mut wire = Wire(bytes);
     let (mut client_id, mut customer_id) = ("", "");
     let (mut revision, mut create_revision, mut version) = (0, 0, 0);
@@ -95,10 +94,10 @@ fn decode_profile(bytes: &[u8], accounts: &mut Option<Arc<str>>) -> Result<Profi
         }
     }
     let client_id = match accounts {
-        Some(shared) if **shared == *client_id => Arc::clone(shared),
+        Some(shared) if *shared == client_id => shared.clone(),
         _ => {
-            let shared: Arc<str> = client_id.into();
-            *accounts = Some(Arc::clone(&shared));
+            let shared: ArcStr = client_id.into();
+            *accounts = Some(shared.clone());
             shared
         }
     };
@@ -386,7 +385,7 @@ mod tests {
         let mut decoded = Vec::new();
         decode_batch(&bytes, &mut None, &mut decoded).unwrap();
         assert_eq!(decoded, profiles);
-        assert!(Arc::ptr_eq(
+        assert!(arcstr::ArcStr::ptr_eq(
             &decoded[0].key.client_id,
             &decoded[2].key.client_id
         ));

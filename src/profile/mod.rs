@@ -39,7 +39,9 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 
-pub use change::{Change, ChangeKind, Origin, PointsDelta, TierChange, TierDirection};
+pub use change::{
+    Change, ChangeKind, ChangedFields, Origin, PointsDelta, TierChange, TierDirection,
+};
 pub use field::{ExtraValue, Field, FieldKind, FieldPath, Scalar, ScalarRef};
 pub use key::ProfileKey;
 pub use merge::Register;

@@ -18,6 +18,7 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use arcstr::ArcStr;
 use tokio::sync::watch;
 
 use crate::profile::{Change, Profile, ProfileKey};
@@ -55,12 +56,12 @@ struct Inner {
     // The published revision. A watch channel is both the value and the wake-up signal that
     // watchers wait on; it keeps only the latest value, so a slow watcher costs nothing here.
     revision: watch::Sender<u64>,
-    // One copy of each account's `client_id`, shared by all its profiles: one `Arc<str>` per
+    // One copy of each account's `client_id`, shared by all its profiles: one `ArcStr` per
     // account instead of one per profile saves its allocation (32 bytes) per profile. Per
     // store, so two stores in one process (tests, replicas) share nothing and it goes with its
     // store. A plain mutex: taken once per new profile (and once per snapshot chunk account
     // change at recovery), never while another lock is held.
-    client_ids: Mutex<HashSet<Arc<str>>>,
+    client_ids: Mutex<HashSet<ArcStr>>,
     // Keys of profiles that recovery's replay created and that are not in `order` yet
     // (`commit_replayed`): one bulk build when recovery is done (`order_replayed`) costs a
     // fraction of a B-tree insert each. Empty outside recovery, which nobody reads during.
@@ -94,7 +95,7 @@ impl HistoryLimits {
 /// change or the store, so this errs high).
 pub fn change_bytes(change: &Change) -> usize {
     std::mem::size_of::<Change>()
-        + change.changed_fields.capacity() * std::mem::size_of::<crate::profile::FieldPath>()
+        + change.changed_fields.heap_bytes()
         + change.profile.memory_bytes()
         + change.previous.as_ref().map_or(0, |p| p.memory_bytes())
 }
@@ -170,7 +171,7 @@ impl Store {
         }
     }
 
-    fn shared_client_id(&self, client_id: Arc<str>) -> Arc<str> {
+    fn shared_client_id(&self, client_id: ArcStr) -> ArcStr {
         // A panic elsewhere while holding the lock cannot leave the set half-changed.
         let mut ids = self
             .inner
@@ -178,9 +179,9 @@ impl Store {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match ids.get(&*client_id) {
-            Some(shared) => Arc::clone(shared),
+            Some(shared) => shared.clone(),
             None => {
-                ids.insert(Arc::clone(&client_id));
+                ids.insert(client_id.clone());
                 client_id
             }
         }
@@ -395,15 +396,15 @@ impl Store {
         let mut keys = Vec::with_capacity(expected);
         // Snapshots are in key order, so runs of one account follow each other: the shared
         // copy is looked up once per run, not once per profile.
-        let mut account: Option<Arc<str>> = None;
+        let mut account: Option<ArcStr> = None;
         for chunk in chunks {
             keys.reserve(chunk.len());
             for mut profile in chunk {
                 let shared = match &account {
-                    Some(shared) if **shared == *profile.key.client_id => Arc::clone(shared),
-                    _ => self.shared_client_id(Arc::clone(&profile.key.client_id)),
+                    Some(shared) if *shared == profile.key.client_id => shared.clone(),
+                    _ => self.shared_client_id(profile.key.client_id.clone()),
                 };
-                profile.key.client_id = Arc::clone(&shared);
+                profile.key.client_id = shared.clone();
                 account = Some(shared);
                 let key = profile.key.clone();
                 if self.inner.profiles.insert(Arc::new(profile)) {

@@ -31,7 +31,7 @@ fn change_of(
         revision,
         profile: Arc::new(profile),
         previous: None,
-        changed_fields: changed,
+        changed_fields: changed.into(),
         origin: crate::profile::Origin::Webhook,
     })
 }
@@ -141,7 +141,10 @@ fn profiles_of_one_account_share_their_client_id() {
         Profile::empty(store.shared_key(ProfileKey::new(String::from("shared-account"), "a")));
     let other =
         Profile::empty(store.shared_key(ProfileKey::new(String::from("shared-account"), "b")));
-    assert!(Arc::ptr_eq(&one.key.client_id, &other.key.client_id));
+    assert!(arcstr::ArcStr::ptr_eq(
+        &one.key.client_id,
+        &other.key.client_id
+    ));
     // A profile loaded from a snapshot gets the same copy.
     let rebuilt = Profile::from_registers(
         ProfileKey::new(String::from("shared-account"), "c"),
@@ -153,11 +156,17 @@ fn profiles_of_one_account_share_their_client_id() {
     );
     store.restore(1, &mut std::iter::once(vec![rebuilt]), 1);
     let rebuilt = store.get(&ProfileKey::new("shared-account", "c")).unwrap();
-    assert!(Arc::ptr_eq(&one.key.client_id, &rebuilt.key.client_id));
+    assert!(arcstr::ArcStr::ptr_eq(
+        &one.key.client_id,
+        &rebuilt.key.client_id
+    ));
     // Another store in the same process keeps its own copies.
     let elsewhere =
         Store::new(10, "other").shared_key(ProfileKey::new(String::from("shared-account"), "d"));
-    assert!(!Arc::ptr_eq(&one.key.client_id, &elsewhere.client_id));
+    assert!(!arcstr::ArcStr::ptr_eq(
+        &one.key.client_id,
+        &elsewhere.client_id
+    ));
 }
 
 #[test]

@@ -76,7 +76,7 @@ impl WatchSpec {
         self.client_id
             .as_ref()
             .is_none_or(|client| *client == key.client_id)
-            && (self.customer_ids.is_empty() || self.customer_ids.contains(&key.customer_id))
+            && (self.customer_ids.is_empty() || self.customer_ids.contains(&*key.customer_id))
     }
 
     pub(super) fn wants_change(&self, change: &Change) -> bool {
