@@ -441,13 +441,8 @@ pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
 
 /// Recovery: re-applies journaled records through the same merge, checking that each produces
 /// the revision it was recorded with, and commits them (rebuilding the history).
-pub(crate) fn replay(store: &Store, records: Vec<UpdateRecord>) -> Result<(), String> {
-    let mut revisions = Vec::with_capacity(records.len());
-    let mut updates = Vec::with_capacity(records.len());
-    for record in records {
-        revisions.push(record.revision);
-        updates.push(record.into_update().map_err(|error| error.to_string())?);
-    }
+pub(crate) fn replay(store: &Store, records: Vec<(u64, ProfileUpdate)>) -> Result<(), String> {
+    let (revisions, updates): (Vec<u64>, Vec<ProfileUpdate>) = records.into_iter().unzip();
     let Sequenced { changes, outcomes } = sequence(store, &updates);
     for (recorded, outcome) in revisions.into_iter().zip(outcomes) {
         if outcome != (Applied::Changed { revision: recorded }) {

@@ -840,3 +840,30 @@ fn a_clean_shutdown_mark_does_not_hold_against_an_older_build_appending_after_it
         .unwrap();
     assert_eq!(recovered_revision(dir.path()), 61);
 }
+
+#[test]
+fn a_record_that_does_not_decode_stops_recovery_at_its_frame_after_the_batches_before_it() {
+    // The frames are decoded on a second thread ahead of the merge: its failure must still be
+    // reported at its own frame, with every batch before it replayed and none after it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = write(dir.path(), 3, u64::MAX);
+    let mut bad = record(11);
+    bad.fields[0].field = 999;
+    let updates = vec![record(10), bad, record(12)];
+    journal.append(&BatchRecord { updates }).unwrap();
+    let updates = (13..=15).map(record).collect();
+    journal.append(&BatchRecord { updates }).unwrap();
+    drop(journal);
+    let path = only_segment(dir.path());
+    let (offsets, _) = frame_offsets(&path);
+    let error = refused_at(dir.path(), &path, offsets[3]);
+    match error {
+        JournalError::Corrupt {
+            first_lost, reason, ..
+        } => {
+            assert_eq!(first_lost, 10, "the three batches before it were replayed");
+            assert!(reason.contains("999"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
