@@ -23,6 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arcstr::ArcStr;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -229,7 +230,8 @@ impl ProfileService for ProfileApi {
         request: Request<pb::BatchGetProfilesRequest>,
     ) -> Result<Response<pb::BatchGetProfilesResponse>, Status> {
         let (metadata, _, request) = request.into_parts();
-        let client_id: Arc<str> = required(&request.client_id, "client_id")?.into();
+        // The key's own string type: each id's key shares it rather than copying it.
+        let client_id: ArcStr = required(&request.client_id, "client_id")?.into();
         if request.customer_ids.len() > MAX_BATCH_IDS {
             let reason = format!(
                 "at most {MAX_BATCH_IDS} ids per call, got {}",
@@ -244,7 +246,7 @@ impl ProfileService for ProfileApi {
         let mut found = Vec::with_capacity(request.customer_ids.len());
         let mut missing_customer_ids = Vec::new();
         for customer_id in request.customer_ids {
-            let key = ProfileKey::new(Arc::clone(&client_id), customer_id.as_str());
+            let key = ProfileKey::new(client_id.clone(), customer_id.as_str());
             match self.store.get(&key) {
                 Some(profile) => found.push(profile),
                 None => missing_customer_ids.push(customer_id),
