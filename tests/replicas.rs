@@ -787,3 +787,55 @@ async fn start_up_names_an_unreachable_nats_and_refuses_a_body_limit_above_its_m
     assert!(stderr.contains("--max-body-bytes"), "{stderr}");
     assert!(stderr.contains("max_payload"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_started_while_jetstream_has_no_quorum_waits_for_it() {
+    let nats = NatsCluster::three().await.unwrap();
+    let a = TestService::start_with(replica_config(&nats, "QUORUM", "a")).await;
+    post_until_ok(
+        &a,
+        &profile_updated("before", &at(0), json!({"total_points": 1})),
+    )
+    .await;
+    // Two nodes frozen, the stream's leader among them: the node left accepts connections but
+    // cannot answer a JetStream request (a cluster electing its leaders looks the same).
+    let leader = stream_leader(&nats, "QUORUM").await;
+    let live = nats
+        .nodes()
+        .iter()
+        .position(|node| node.name() != leader)
+        .unwrap();
+    let mut config = replica_config(&nats, "QUORUM", "b");
+    config.nats.urls = vec![nats.nodes()[live].client_url()];
+    config.nats.request_timeout = Duration::from_secs(1);
+    let frozen: Vec<usize> = (0..3).filter(|index| *index != live).collect();
+    for index in &frozen {
+        nats.nodes()[*index].pause().unwrap();
+    }
+    let starting = tokio::spawn(Server::bind(config));
+    // The outage is the scenario: two request timeouts long, so start-up has met at least one
+    // unanswered request; it must still be trying, neither failed nor started.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !starting.is_finished(),
+        "start-up ended while JetStream had no quorum: {:?}",
+        starting.await.unwrap().err()
+    );
+    for index in &frozen {
+        nats.nodes()[*index].resume().unwrap();
+    }
+    let b = TestService::serve(
+        starting
+            .await
+            .unwrap()
+            .expect("b starts once JetStream answers"),
+    );
+    post_until_ok(
+        &b,
+        &profile_updated("after", &at(1), json!({"total_points": 2})),
+    )
+    .await;
+    assert_converged(&[(&a).into(), (&b).into()]).await;
+    a.stop().await;
+    b.stop().await;
+}

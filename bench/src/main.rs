@@ -153,6 +153,14 @@ enum Scenario {
         /// Replicas started over the NATS cluster.
         #[arg(long, default_value_t = 3)]
         replicas: usize,
+        /// GOMAXPROCS of each nats-server started (0: Go's default, one per core). Six
+        /// processes share this box; a server on a machine of its own would have its cores.
+        #[arg(long, default_value_t = 0)]
+        nats_gomaxprocs: u32,
+        /// Tokio worker threads of each replica started (0: tokio's default, one per core);
+        /// the single node keeps the default.
+        #[arg(long, default_value_t = 0)]
+        replica_threads: u32,
     },
     /// RSS growth per profile of an --ephemeral service loaded with N profiles [1M].
     Memory,
@@ -258,8 +266,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             scenarios::scale::run(&options, &mut report, watchers).await?
         }
-        Scenario::Cluster { replicas } => {
-            scenarios::cluster::run(&options, &mut report, replicas).await?
+        Scenario::Cluster {
+            replicas,
+            nats_gomaxprocs,
+            replica_threads,
+        } => {
+            let members = scenarios::cluster::Members {
+                replicas,
+                nats_gomaxprocs,
+                replica_threads,
+            };
+            scenarios::cluster::run(&options, &mut report, &members).await?
         }
         Scenario::Memory => scenarios::footprint::memory(&options, &mut report).await?,
         Scenario::Recovery => scenarios::footprint::recovery(&options, &mut report).await?,

@@ -55,6 +55,12 @@ impl NatsCluster {
     /// A 3-node JetStream cluster (`n1`, `n2`, `n3`), every node ready and aware of the meta
     /// leader.
     pub async fn three() -> Result<NatsCluster, HarnessError> {
+        NatsCluster::three_with_env(&[]).await
+    }
+
+    /// [`NatsCluster::three`], every node started (and restarted) with these environment
+    /// variables, e.g. `GOMAXPROCS`.
+    pub async fn three_with_env(env: &[(String, String)]) -> Result<NatsCluster, HarnessError> {
         let ports = free_ports::<9>()?;
         let routes = [ports[2], ports[5], ports[8]];
         let configs = (0..3)
@@ -65,15 +71,22 @@ impl NatsCluster {
                 (name, config)
             })
             .collect();
-        NatsCluster::from_configs(configs).await
+        NatsCluster::from_configs_with_env(configs, env).await
     }
 
     /// Nodes from configuration texts (name, text), all started before any is awaited, so a
     /// cluster can elect its leader. See [`Node::start`] for what the texts need.
     pub async fn from_configs(configs: Vec<(String, String)>) -> Result<NatsCluster, HarnessError> {
+        NatsCluster::from_configs_with_env(configs, &[]).await
+    }
+
+    async fn from_configs_with_env(
+        configs: Vec<(String, String)>,
+        env: &[(String, String)],
+    ) -> Result<NatsCluster, HarnessError> {
         let mut nodes = configs
             .iter()
-            .map(|(name, text)| Node::spawn(name, text))
+            .map(|(name, text)| Node::spawn(name, text, env))
             .collect::<Result<Vec<_>, _>>()?;
         for node in &mut nodes {
             node.wait_ready().await?;

@@ -28,6 +28,8 @@ pub struct Node {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Environment variables the process is started (and restarted) with.
+    env: Vec<(String, String)>,
     http: reqwest::Client,
     // Last, so the directory is removed only after the process is gone.
     dir: TempDir,
@@ -38,13 +40,17 @@ impl Node {
     /// top-level `listen: 127.0.0.1:<port>` and `http: 127.0.0.1:<port>` lines; relative paths
     /// in it (such as `store_dir`) are inside the node's own temporary directory.
     pub async fn start(name: &str, config_text: &str) -> Result<Node, HarnessError> {
-        let mut node = Node::spawn(name, config_text)?;
+        let mut node = Node::spawn(name, config_text, &[])?;
         node.wait_ready().await?;
         Ok(node)
     }
 
     /// Starts a node without waiting for it (a cluster starts all nodes, then waits).
-    pub(crate) fn spawn(name: &str, config_text: &str) -> Result<Node, HarnessError> {
+    pub(crate) fn spawn(
+        name: &str,
+        config_text: &str,
+        env: &[(String, String)],
+    ) -> Result<Node, HarnessError> {
         let port = |key: &str| {
             top_level_port(config_text, key).ok_or_else(|| {
                 HarnessError(format!(
@@ -67,6 +73,7 @@ impl Node {
             log: dir.path().join("nats-server.log"),
             config,
             child: None,
+            env: env.to_vec(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()
@@ -85,6 +92,7 @@ impl Node {
             .arg("-c")
             .arg(&self.config)
             .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|err| self.error(err))?)
             .stderr(log);

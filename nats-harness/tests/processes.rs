@@ -67,6 +67,22 @@ async fn a_cluster_agrees_on_a_meta_leader_and_takes_a_killed_node_back() {
 }
 
 #[tokio::test]
+async fn a_cluster_started_with_an_environment_keeps_it_across_a_restart() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let env = [("GOMAXPROCS".to_owned(), "1".to_owned())];
+    let mut nats = NatsCluster::three_with_env(&env).await.unwrap();
+    // What the server's own runtime reports, not what was asked for.
+    for node in nats.nodes() {
+        let varz = node.monitor("/varz").await.expect("/varz answers");
+        assert_eq!(varz["gomaxprocs"], 1, "{}: {varz}", node.name());
+    }
+    let node = &mut nats.nodes_mut()[2];
+    node.restart().await.unwrap();
+    let varz = node.monitor("/varz").await.expect("/varz answers");
+    assert_eq!(varz["gomaxprocs"], 1, "after a restart: {varz}");
+}
+
+#[tokio::test]
 async fn a_paused_node_answers_nothing_until_resumed() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut nats = NatsCluster::single().await.unwrap();

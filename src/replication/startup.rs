@@ -14,6 +14,7 @@
 //! keeps none, and a directory is one or the other.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::io::AsyncWriteExt;
@@ -50,9 +51,43 @@ struct Start {
     stream_sequence: u64,
 }
 
+/// How long start-up keeps trying while JetStream does not answer a request in time (the
+/// connection itself is up): a stream or cluster formed a moment ago is still electing its
+/// leaders, and a replica that exited on that would only be restarted into the same wait.
+const START_PATIENCE: Duration = Duration::from_secs(30);
+/// Longest pause between two start-up attempts.
+const MAX_START_PAUSE: Duration = Duration::from_secs(2);
+
 /// Connects, checks or creates the stream, opens the data directory, and loads the starting
-/// point. Settings that cannot work are [`BadConfiguration`]; an unreachable NATS is not.
+/// point. Settings that cannot work are [`BadConfiguration`]; an unreachable NATS is not, and
+/// fails at once. JetStream not answering in time is tried again from the start, with
+/// backoff, for up to [`START_PATIENCE`].
 pub async fn open(config: &Config) -> anyhow::Result<Opened> {
+    let deadline = Instant::now() + START_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match open_once(config).await {
+            Err(error) if jetstream_unavailable(&error) && Instant::now() + pause < deadline => {
+                tracing::warn!(error = %format!("{error:#}"), "start-up: jetstream did not answer in time; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_START_PAUSE);
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// Whether start-up failed because JetStream did not answer (worth another attempt), rather
+/// than because of the configuration, the data directory or the stream's content.
+fn jetstream_unavailable(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<JetStreamError>(),
+        Some(JetStreamError::Unavailable { .. })
+    )
+}
+
+/// One attempt of [`open`]; everything it opened is dropped again if it fails.
+async fn open_once(config: &Config) -> anyhow::Result<Opened> {
     let started = std::time::Instant::now();
     let name = config.nats.replica_name();
     let nats = Nats::connect(&config.nats, &name).await?;

@@ -39,21 +39,54 @@ use crate::workload::{Rng, Workload};
 /// The stream the replicas share.
 const STREAM: &str = "BENCH";
 
-pub async fn run(options: &Options, report: &mut Report, replicas: usize) -> anyhow::Result<()> {
+/// What the cluster is made of.
+pub struct Members {
+    /// Replicas started.
+    pub replicas: usize,
+    /// `GOMAXPROCS` of each nats-server (0: not set).
+    pub nats_gomaxprocs: u32,
+    /// `TOKIO_WORKER_THREADS` of each replica (0: not set).
+    pub replica_threads: u32,
+}
+
+impl Members {
+    /// How the members' threads were set, for the report.
+    fn threads(&self) -> String {
+        let set = |value: u32, default: &str| match value {
+            0 => default.to_owned(),
+            n => n.to_string(),
+        };
+        format!(
+            "nats-server GOMAXPROCS {}, replica worker threads {}",
+            set(self.nats_gomaxprocs, "default (one per core)"),
+            set(self.replica_threads, "default (one per core)")
+        )
+    }
+}
+
+pub async fn run(options: &Options, report: &mut Report, members: &Members) -> anyhow::Result<()> {
     if options.external() {
         bail!("cluster starts its own NATS cluster and replicas: --webhook/--grpc do not apply");
     }
-    let nats = NatsCluster::three()
+    let nats_env: Vec<(String, String)> = match members.nats_gomaxprocs {
+        0 => Vec::new(),
+        n => vec![("GOMAXPROCS".to_owned(), n.to_string())],
+    };
+    let nats = NatsCluster::three_with_env(&nats_env)
         .await
         .map_err(|error| anyhow!("starting the NATS cluster: {error}"))?;
     let urls = nats.client_urls().join(",");
     let mut temps = Vec::new();
     let mut servers = Vec::new();
-    for index in 0..replicas.max(1) {
+    for index in 0..members.replicas.max(1) {
         let temp = tempfile::Builder::new()
             .prefix("profile-state-bench-replica-")
             .tempdir()?;
         let mut spec = options.spec(Some(temp.path().to_owned()));
+        if members.replica_threads > 0 {
+            let threads = members.replica_threads.to_string();
+            spec.env.push(("TOKIO_WORKER_THREADS".to_owned(), threads));
+        }
         let name = format!("r{index}");
         spec.extra_args.extend(
             [
@@ -82,10 +115,11 @@ pub async fn run(options: &Options, report: &mut Report, replicas: usize) -> any
     super::note_setup(report, options, "cluster");
     report.note(format!(
         "cluster: {} replicas over a 3-node NATS cluster (nats-harness: nats-server {}, \
-         sync_interval always, stream R3), {customers} customers, bodies of {} bytes",
+         sync_interval always, stream R3), {customers} customers, bodies of {} bytes; {}",
         servers.len(),
         nats_harness::binary::PINNED_VERSION,
-        workload.update(0).body.len()
+        workload.update(0).body.len(),
+        members.threads()
     ));
     let mut cluster_pids: Vec<(String, u32)> = servers
         .iter()
