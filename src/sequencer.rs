@@ -1,14 +1,18 @@
 //! The sequencer: the one writer. It turns validated updates into numbered, recorded changes.
 //!
 //! Callers hand it a [`ProfileUpdate`] and wait. A single task takes the updates in batches
-//! (whatever queued up while the previous batch was being written), merges each into the latest
-//! state of its profile (earlier updates of the same batch included), gives each update that
-//! changed something the next revision, appends the batch to the journal and syncs it once
-//! (group commit), commits it to the store (history, profiles, revision), and only then answers
-//! every caller of the batch. Nothing reaches memory that is not on disk.
+//! (whatever queued up meanwhile), merges each into the latest state of its profile (earlier
+//! updates of the same batch, and of the batch still being synced, included), gives each update
+//! that changed something the next revision, encodes the batch as one journal frame and hands
+//! it to the journal's thread (`journal::appender`), which writes and syncs it (group commit).
+//! While one batch syncs, the next is sequenced and encoded on top of it (at most two in
+//! flight). Batches are committed to the store (history, profiles, revision) strictly in
+//! journal order, each once its sync succeeded, and only then are its callers answered.
+//! Nothing reaches memory that is not on disk.
 //!
 //! When the journal cannot be written, the batch's callers get `Unavailable` (a 503, so Gameball
-//! retries), nothing is committed, no revision is used, and the sequencer reports itself not
+//! retries), and so do those of the batch in flight after it (numbered on top of it, it is
+//! never written); nothing is committed, no revision is used, and the sequencer reports itself not
 //! writable; every second it probes the path the next append will take (`Journal::probe`: the
 //! new segment if one is due, a write as large as the one that failed) and reports writable
 //! again only once that, or a real append, succeeds.
@@ -19,7 +23,8 @@
 //! of watchers. Recovery (`replay`) commits through the same merge before the sequencer
 //! starts, while nothing reads or watches the store yet.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -28,7 +33,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::error::Error;
-use crate::journal::codec::{BatchRecord, UpdateRecord};
+use crate::journal::appender::{Appended, Appender};
+use crate::journal::codec::{self, BatchRecord, UpdateRecord};
 use crate::journal::{Journal, snapshot};
 use crate::metrics::Metrics;
 use crate::profile::{Change, Profile, ProfileKey, ProfileUpdate};
@@ -38,6 +44,9 @@ use crate::store::Store;
 const MAX_BATCH: usize = 512;
 /// How often a sequencer that cannot write tries the disk again.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Batches handed to the journal and not yet committed, at most: one being written and synced,
+/// the next sequenced and encoded on top of it, waiting its turn.
+const PIPELINE_DEPTH: usize = 2;
 
 /// What applying an update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +114,7 @@ struct Request {
 pub struct Sequencer {
     requests: mpsc::Sender<Request>,
     writable: watch::Receiver<bool>,
+    in_flight: watch::Receiver<usize>,
 }
 
 impl Sequencer {
@@ -136,11 +146,13 @@ impl Sequencer {
             .as_ref()
             .is_none_or(|durability| durability.journal.looks_writable());
         let (writable_tx, writable) = watch::channel(writable_now);
+        let (in_flight_tx, in_flight) = watch::channel(0);
         let task = Task {
             store,
             hook,
             durable: durability.map(|durability| Durable {
-                journal: Some(durability.journal),
+                // Only fails when the OS cannot start a thread at all.
+                appender: Appender::start(durability.journal).expect("the journal thread starts"),
                 snapshot_every_records: durability.snapshot_every_records,
                 snapshot_every_bytes: durability.snapshot_every_bytes,
                 history_events: durability.history_events,
@@ -151,9 +163,16 @@ impl Sequencer {
             writable: writable_tx,
             metrics,
             tracker: tracker.clone(),
+            in_flight: VecDeque::with_capacity(PIPELINE_DEPTH),
+            in_flight_count: in_flight_tx,
+            pending: HashMap::new(),
         };
         tracker.spawn(task.run(inbox));
-        Sequencer { requests, writable }
+        Sequencer {
+            requests,
+            writable,
+            in_flight,
+        }
     }
 
     /// Applies one update and returns once its outcome is recorded and visible to readers and
@@ -170,6 +189,12 @@ impl Sequencer {
         outcome.await.map_err(|_| stopped())?
     }
 
+    /// How many batches are sequenced and waiting for the journal (at most two): what the
+    /// pipeline tests wait on.
+    pub fn batches_in_flight(&self) -> watch::Receiver<usize> {
+        self.in_flight.clone()
+    }
+
     /// Whether the last journal write succeeded: false while the disk refuses writes.
     pub fn writable(&self) -> watch::Receiver<bool> {
         self.writable.clone()
@@ -177,8 +202,8 @@ impl Sequencer {
 }
 
 struct Durable {
-    /// `None` only while an append runs on a blocking thread.
-    journal: Option<Journal>,
+    /// The journal's thread.
+    appender: Appender,
     snapshot_every_records: u64,
     snapshot_every_bytes: u64,
     history_events: u64,
@@ -188,31 +213,6 @@ struct Durable {
 }
 
 impl Durable {
-    /// Runs `work` on the journal on a blocking thread (its syncs would stall the runtime).
-    async fn with_journal<T: Send + 'static>(
-        &mut self,
-        work: impl FnOnce(&mut Journal) -> T + Send + 'static,
-    ) -> T {
-        let mut journal = self
-            .journal
-            .take()
-            .expect("the journal is back after every blocking call");
-        let (journal, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = work(&mut journal);
-            (journal, outcome)
-        })
-        .await
-        .expect("journal I/O does not panic");
-        self.journal = Some(journal);
-        outcome
-    }
-
-    /// Appends and syncs one batch.
-    async fn append(&mut self, batch: BatchRecord) -> std::io::Result<u64> {
-        self.with_journal(move |journal| journal.append(&batch))
-            .await
-    }
-
     /// Starts a snapshot in the background when enough was written since the last one.
     fn maybe_snapshot(&mut self, store: &Store, tracker: &TaskTracker) {
         let due = self.records_since_snapshot >= self.snapshot_every_records
@@ -222,12 +222,7 @@ impl Durable {
         }
         self.records_since_snapshot = 0;
         self.bytes_since_snapshot = 0;
-        let dir = self
-            .journal
-            .as_ref()
-            .expect("journal present")
-            .dir()
-            .to_owned();
+        let dir = self.appender.dir().to_owned();
         let (store, history, running) = (
             store.clone(),
             self.history_events,
@@ -248,6 +243,16 @@ impl Durable {
     }
 }
 
+/// A batch sequenced and handed to the journal, not yet committed: its callers wait until its
+/// append is synced and every batch before it committed.
+struct InFlight {
+    changes: Vec<Arc<Change>>,
+    outcomes: Vec<Applied>,
+    replies: Vec<oneshot::Sender<Result<Applied, Error>>>,
+    /// The append, if the batch changed anything (else it only waits its turn).
+    written: Option<Pin<Box<dyn Future<Output = std::io::Result<Appended>> + Send>>>,
+}
+
 struct Task {
     store: Store,
     hook: Arc<dyn CommitHook>,
@@ -255,59 +260,46 @@ struct Task {
     writable: watch::Sender<bool>,
     metrics: Metrics,
     tracker: TaskTracker,
+    /// Batches handed to the journal, oldest first; at most [`PIPELINE_DEPTH`].
+    in_flight: VecDeque<InFlight>,
+    /// `in_flight.len()`, for [`Sequencer::batches_in_flight`].
+    in_flight_count: watch::Sender<usize>,
+    /// The newest profile of every key that an in-flight batch changed: the next batch merges
+    /// into these, not into the store's older copies.
+    pending: HashMap<ProfileKey, Arc<Profile>>,
 }
 
 impl Task {
     async fn run(mut self, mut inbox: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        loop {
-            let received = if *self.writable.borrow() {
-                inbox.recv_many(&mut batch, MAX_BATCH).await
-            } else {
-                tokio::select! {
-                    received = inbox.recv_many(&mut batch, MAX_BATCH) => received,
-                    () = tokio::time::sleep(PROBE_INTERVAL) => {
-                        self.probe().await;
-                        continue;
+        let mut open = true;
+        while open || !self.in_flight.is_empty() {
+            let room = self.in_flight.len() < PIPELINE_DEPTH;
+            let idle = self.in_flight.is_empty();
+            let writable = *self.writable.borrow();
+            tokio::select! {
+                biased;
+                written = front_written(&mut self.in_flight), if !idle => {
+                    self.finish_front(written);
+                    self.in_flight_count.send_replace(self.in_flight.len());
+                }
+                received = inbox.recv_many(&mut batch, MAX_BATCH), if open && room => {
+                    if received == 0 {
+                        open = false;
+                    } else {
+                        self.start(&mut batch);
+                        self.in_flight_count.send_replace(self.in_flight.len());
                     }
                 }
-            };
-            if received == 0 {
-                break;
-            }
-            let (updates, replies): (Vec<_>, Vec<_>) = batch
-                .drain(..)
-                .map(|Request { update, reply }| (update, reply))
-                .unzip();
-            let Sequenced { changes, outcomes } = sequence(&self.store, &updates);
-            let answers = match self.record(&updates, &outcomes).await {
-                Ok(()) => {
-                    self.store.commit(&changes);
-                    self.hook.committed(&changes);
-                    outcomes.into_iter().map(Ok).collect()
+                () = tokio::time::sleep(PROBE_INTERVAL), if idle && !writable => {
+                    self.probe().await;
                 }
-                Err(error) => {
-                    tracing::error!(%error, "journal write failed: answering 503 until a write succeeds");
-                    self.writable.send_replace(false);
-                    let unavailable = Error::Unavailable {
-                        reason: "the update could not be recorded durably; retry later".into(),
-                    };
-                    vec![Err(unavailable); replies.len()]
-                }
-            };
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                // A caller that gave up (its HTTP client went away) no longer listens; the
-                // update stays applied, which is what a retry would do.
-                let _ = reply.send(answer);
-            }
-            if let Some(durable) = &mut self.durable {
-                durable.maybe_snapshot(&self.store, &self.tracker);
             }
         }
         // The last step of a clean shutdown: recovery then knows where the journal ends, and
         // treats any difference there as damage rather than a torn write.
-        if let Some(durable) = &mut self.durable {
-            match durable.with_journal(Journal::close).await {
+        if let Some(durable) = self.durable.take() {
+            match durable.appender.close().await {
                 Ok(()) => tracing::debug!(revision = self.store.revision(), "journal closed"),
                 Err(error) => {
                     tracing::warn!(%error, "journal not marked closed; the next start checks it as after a crash")
@@ -317,44 +309,106 @@ impl Task {
         tracing::debug!("sequencer stopped");
     }
 
-    /// Journals the batch's changes, if durable and if there are any.
-    async fn record(
-        &mut self,
-        updates: &[ProfileUpdate],
-        outcomes: &[Applied],
-    ) -> std::io::Result<()> {
-        let Some(durable) = &mut self.durable else {
-            return Ok(());
-        };
-        let records: Vec<UpdateRecord> = updates
+    /// Sequences `batch` on top of the in-flight batches and hands it to the journal (or, in
+    /// memory only with nothing in flight, commits it at once).
+    fn start(&mut self, batch: &mut Vec<Request>) {
+        let (updates, replies): (Vec<_>, Vec<_>) = batch
+            .drain(..)
+            .map(|Request { update, reply }| (update, reply))
+            .unzip();
+        let first_revision = self.store.revision() + 1 + self.in_flight_changes();
+        let Sequenced { changes, outcomes } =
+            sequence_after(&self.store, &self.pending, first_revision, &updates);
+        let written = self.durable.as_ref().and_then(|durable| {
+            let frame = encode(&updates, &outcomes)?;
+            let revisions = Some((first_revision, first_revision + changes.len() as u64 - 1));
+            let written = durable.appender.append(frame, revisions);
+            Some(Box::pin(written) as Pin<Box<dyn Future<Output = _> + Send>>)
+        });
+        for change in &changes {
+            let profile = &change.profile;
+            self.pending
+                .insert(profile.key.clone(), Arc::clone(profile));
+        }
+        self.in_flight.push_back(InFlight {
+            changes,
+            outcomes,
+            replies,
+            written,
+        });
+    }
+
+    fn in_flight_changes(&self) -> u64 {
+        self.in_flight
             .iter()
-            .zip(outcomes)
-            .filter_map(|(update, outcome)| match outcome {
-                Applied::Changed { revision } => Some(UpdateRecord::new(*revision, update)),
-                Applied::Unchanged { .. } => None,
-            })
-            .collect();
-        if records.is_empty() {
-            return Ok(());
-        }
-        let count = records.len() as u64;
-        let started = std::time::Instant::now();
-        let bytes = match durable.append(BatchRecord { updates: records }).await {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                self.metrics.journal_failure();
-                return Err(error);
+            .map(|batch| batch.changes.len() as u64)
+            .sum()
+    }
+
+    /// The oldest in-flight batch's append finished: commit and answer it, or fail it and
+    /// every batch after it (they were numbered on top of it).
+    fn finish_front(&mut self, written: Option<std::io::Result<Appended>>) {
+        let batch = self.in_flight.pop_front().expect("a batch in flight");
+        match written {
+            None => self.commit(batch),
+            Some(Ok(appended)) => {
+                self.metrics
+                    .journal_append(appended.took.as_secs_f64(), appended.bytes);
+                if let Some(durable) = &mut self.durable {
+                    durable.records_since_snapshot += batch.changes.len() as u64;
+                    durable.bytes_since_snapshot += appended.bytes;
+                }
+                if !*self.writable.borrow() {
+                    tracing::info!("journal writes succeed again");
+                    self.writable.send_replace(true);
+                }
+                self.commit(batch);
+                if let Some(durable) = &mut self.durable {
+                    durable.maybe_snapshot(&self.store, &self.tracker);
+                }
             }
-        };
-        self.metrics
-            .journal_append(started.elapsed().as_secs_f64(), bytes);
-        durable.records_since_snapshot += count;
-        durable.bytes_since_snapshot += bytes;
-        if !*self.writable.borrow() {
-            tracing::info!("journal writes succeed again");
-            self.writable.send_replace(true);
+            Some(Err(error)) => {
+                self.metrics.journal_failure();
+                tracing::error!(%error, "journal write failed: answering 503 until a write succeeds");
+                self.writable.send_replace(false);
+                let failed = std::iter::once(batch).chain(self.in_flight.drain(..));
+                for batch in failed {
+                    for reply in batch.replies {
+                        let _ = reply.send(Err(Error::Unavailable {
+                            reason: "the update could not be recorded durably; retry later".into(),
+                        }));
+                    }
+                }
+                // Nothing numbered after the failure reaches the disk (the journal thread
+                // refused it), so its revisions are free again.
+                self.pending.clear();
+                if let Some(durable) = &self.durable {
+                    durable.appender.resume();
+                }
+            }
         }
-        Ok(())
+    }
+
+    /// Commits a batch whose append is synced (every batch before it is committed), tells
+    /// the hook, and answers its callers.
+    fn commit(&mut self, batch: InFlight) {
+        self.store.commit(&batch.changes);
+        self.hook.committed(&batch.changes);
+        for change in &batch.changes {
+            let key = &change.profile.key;
+            if self
+                .pending
+                .get(key)
+                .is_some_and(|newest| Arc::ptr_eq(newest, &change.profile))
+            {
+                self.pending.remove(key);
+            }
+        }
+        for (reply, outcome) in batch.replies.into_iter().zip(batch.outcomes) {
+            // A caller that gave up (its HTTP client went away) no longer listens; the
+            // update stays applied, which is what a retry would do.
+            let _ = reply.send(Ok(outcome));
+        }
     }
 
     /// Tries the path the next append will take (the segment it needs, a write as large as
@@ -365,10 +419,7 @@ impl Task {
             return;
         };
         let next_revision = self.store.revision() + 1;
-        match durable
-            .with_journal(move |journal| journal.probe(next_revision))
-            .await
-        {
+        match durable.appender.probe(next_revision).await {
             Ok(()) => {
                 tracing::info!("journal writes succeed again");
                 self.writable.send_replace(true);
@@ -377,6 +428,35 @@ impl Task {
             Err(error) => tracing::debug!(%error, "journal probe failed"),
         }
     }
+}
+
+/// The append of the oldest in-flight batch; `None` at once for a batch with nothing to write.
+async fn front_written(in_flight: &mut VecDeque<InFlight>) -> Option<std::io::Result<Appended>> {
+    match in_flight
+        .front_mut()
+        .and_then(|batch| batch.written.as_mut())
+    {
+        Some(written) => Some(written.await),
+        None => None,
+    }
+}
+
+/// The journal frame of a batch's changes; `None` when nothing changed.
+fn encode(updates: &[ProfileUpdate], outcomes: &[Applied]) -> Option<Vec<u8>> {
+    let records: Vec<UpdateRecord> = updates
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(update, outcome)| match outcome {
+            Applied::Changed { revision } => Some(UpdateRecord::new(*revision, update)),
+            Applied::Unchanged { .. } => None,
+        })
+        .collect();
+    if records.is_empty() {
+        return None;
+    }
+    let mut frame = Vec::new();
+    codec::encode_frame(&BatchRecord { updates: records }, &mut frame);
+    Some(frame)
 }
 
 /// A merged and numbered batch, not yet committed.
@@ -393,7 +473,18 @@ pub(crate) struct Sequenced {
 /// replicated mode the replica's applier (`crate::replication`) for each stream message, in
 /// stream order, so that every replica assigns the same revisions.
 pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
-    let mut next_revision = store.revision() + 1;
+    sequence_after(store, &HashMap::new(), store.revision() + 1, updates)
+}
+
+/// [`sequence`] on top of batches numbered but not committed yet: `pending` holds the newest
+/// profile of every key they changed, and the first revision is `first_revision`.
+fn sequence_after(
+    store: &Store,
+    pending: &HashMap<ProfileKey, Arc<Profile>>,
+    first_revision: u64,
+    updates: &[ProfileUpdate],
+) -> Sequenced {
+    let mut next_revision = first_revision;
     // Profiles this batch already changed: later updates of the same profile merge into these,
     // not into the store's older copy.
     // foldhash, as the store's map: SipHash here showed in recovery's replay profile.
@@ -404,6 +495,7 @@ pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
     for update in updates {
         let current = latest
             .get(&update.key)
+            .or_else(|| pending.get(&update.key))
             .cloned()
             .or_else(|| store.get(&update.key));
         let mut profile = match &current {

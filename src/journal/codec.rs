@@ -124,15 +124,23 @@ pub fn check_header(bytes: &[u8], magic: [u8; 8]) -> Result<FrameFormat, HeaderE
 
 /// Appends one frame carrying `message` to `out`, in the current format.
 pub fn encode_frame(message: &impl Message, out: &mut Vec<u8>) {
-    let payload = message.encode_to_vec();
+    // Encoded in place after a header filled in afterwards: no copy of the payload.
+    const FRAME_HEADER_LEN: usize = FrameFormat::CURRENT.overhead();
+    let start = out.len();
+    let payload_len = message.encoded_len();
+    out.reserve(FRAME_HEADER_LEN + payload_len);
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    message
+        .encode(out)
+        .expect("a Vec grows to take any message");
+    let payload = &out[start + FRAME_HEADER_LEN..];
     let len = u32::try_from(payload.len()).expect("a frame under 4 GiB");
-    let mut header = [0u8; 12];
+    let mut header = [0u8; FRAME_HEADER_LEN];
     header[..4].copy_from_slice(&len.to_le_bytes());
-    header[4..8].copy_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    header[4..8].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     let header_crc = crc32c::crc32c(&header[..8]);
     header[8..].copy_from_slice(&header_crc.to_le_bytes());
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&payload);
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&header);
 }
 
 /// One frame read from a buffer.
