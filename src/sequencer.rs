@@ -5,14 +5,16 @@
 //! updates of the same batch, and of the batch still being synced, included), gives each update
 //! that changed something the next revision, encodes the batch as one journal frame and hands
 //! it to the journal's thread (`journal::appender`), which writes and syncs it (group commit).
-//! While one batch syncs, the next is sequenced and encoded on top of it (at most two in
-//! flight). Batches are committed to the store (history, profiles, revision) strictly in
-//! journal order, each once its sync succeeded, and only then are its callers answered.
-//! Nothing reaches memory that is not on disk.
+//! While one batch syncs, the next is sequenced and encoded on top of it as its updates arrive
+//! (each record encoded once, into the frame that will be written), and handed over whole as
+//! soon as the journal's thread is free: at most two batches in flight. Batches are committed
+//! to the store (history, profiles, revision) strictly in journal order, each once its sync
+//! succeeded, and only then are its callers answered. Nothing reaches memory that is not on
+//! disk.
 //!
 //! When the journal cannot be written, the batch's callers get `Unavailable` (a 503, so Gameball
-//! retries), and so do those of the batch in flight after it (numbered on top of it, it is
-//! never written); nothing is committed, no revision is used, and the sequencer reports itself not
+//! retries), and so do those of the batch after it (numbered on top of it, it is never
+//! written); nothing is committed, no revision is used, and the sequencer reports itself not
 //! writable; every second it probes the path the next append will take (`Journal::probe`: the
 //! new segment if one is due, a write as large as the one that failed) and reports writable
 //! again only once that, or a real append, succeeds.
@@ -23,7 +25,7 @@
 //! of watchers. Recovery (`replay`) commits through the same merge before the sequencer
 //! starts, while nothing reads or watches the store yet.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::Error;
 use crate::journal::appender::{Appended, Appender};
-use crate::journal::codec::{self, BatchRecord, UpdateRecord};
+use crate::journal::codec::{BatchFrame, UpdateRecord};
 use crate::journal::{Journal, snapshot};
 use crate::metrics::Metrics;
 use crate::profile::{Change, Profile, ProfileKey, ProfileUpdate};
@@ -44,9 +46,6 @@ use crate::store::Store;
 const MAX_BATCH: usize = 512;
 /// How often a sequencer that cannot write tries the disk again.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// Batches handed to the journal and not yet committed, at most: one being written and synced,
-/// the next sequenced and encoded on top of it, waiting its turn.
-const PIPELINE_DEPTH: usize = 2;
 
 /// What applying an update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +162,8 @@ impl Sequencer {
             writable: writable_tx,
             metrics,
             tracker: tracker.clone(),
-            in_flight: VecDeque::with_capacity(PIPELINE_DEPTH),
+            writing: None,
+            next: None,
             in_flight_count: in_flight_tx,
             pending: HashMap::new(),
         };
@@ -243,14 +243,21 @@ impl Durable {
     }
 }
 
-/// A batch sequenced and handed to the journal, not yet committed: its callers wait until its
-/// append is synced and every batch before it committed.
-struct InFlight {
+/// A batch sequenced and not committed yet: its callers wait until its append is synced and
+/// every batch before it committed.
+#[derive(Default)]
+struct Batch {
     changes: Vec<Arc<Change>>,
     outcomes: Vec<Applied>,
     replies: Vec<oneshot::Sender<Result<Applied, Error>>>,
-    /// The append, if the batch changed anything (else it only waits its turn).
-    written: Option<Pin<Box<dyn Future<Output = std::io::Result<Appended>> + Send>>>,
+    /// Its journal frame, built as updates join (durable only).
+    frame: BatchFrame,
+}
+
+/// The batch the journal's thread is writing and syncing.
+struct Writing {
+    batch: Batch,
+    written: Pin<Box<dyn Future<Output = std::io::Result<Appended>> + Send>>,
 }
 
 struct Task {
@@ -260,41 +267,50 @@ struct Task {
     writable: watch::Sender<bool>,
     metrics: Metrics,
     tracker: TaskTracker,
-    /// Batches handed to the journal, oldest first; at most [`PIPELINE_DEPTH`].
-    in_flight: VecDeque<InFlight>,
-    /// `in_flight.len()`, for [`Sequencer::batches_in_flight`].
+    /// The batch being written and synced.
+    writing: Option<Writing>,
+    /// The next batch, sequenced on top of `writing` and growing with every update that
+    /// arrives until the journal's thread is free: then it is handed over whole, so each sync
+    /// carries everything that queued up during the previous one (group commit).
+    next: Option<Batch>,
+    /// How many batches are in `writing` and `next`, for [`Sequencer::batches_in_flight`].
     in_flight_count: watch::Sender<usize>,
-    /// The newest profile of every key that an in-flight batch changed: the next batch merges
+    /// The newest profile of every key that an uncommitted batch changed: later updates merge
     /// into these, not into the store's older copies.
     pending: HashMap<ProfileKey, Arc<Profile>>,
 }
 
 impl Task {
     async fn run(mut self, mut inbox: mpsc::Receiver<Request>) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut requests = Vec::with_capacity(MAX_BATCH);
         let mut open = true;
-        while open || !self.in_flight.is_empty() {
-            let room = self.in_flight.len() < PIPELINE_DEPTH;
-            let idle = self.in_flight.is_empty();
-            let writable = *self.writable.borrow();
+        while open || self.writing.is_some() || self.next.is_some() {
+            let room = self
+                .next
+                .as_ref()
+                .is_none_or(|next| next.replies.len() < MAX_BATCH);
+            let writing = self.writing.is_some();
+            let probe = !writing && self.next.is_none() && !*self.writable.borrow();
             tokio::select! {
                 biased;
-                written = front_written(&mut self.in_flight), if !idle => {
-                    self.finish_front(written);
-                    self.in_flight_count.send_replace(self.in_flight.len());
+                written = written(&mut self.writing), if writing => {
+                    self.finish_writing(written);
+                    self.hand_over();
                 }
-                received = inbox.recv_many(&mut batch, MAX_BATCH), if open && room => {
+                received = inbox.recv_many(&mut requests, MAX_BATCH), if open && room => {
                     if received == 0 {
                         open = false;
                     } else {
-                        self.start(&mut batch);
-                        self.in_flight_count.send_replace(self.in_flight.len());
+                        self.add(&mut requests);
                     }
+                    self.hand_over();
                 }
-                () = tokio::time::sleep(PROBE_INTERVAL), if idle && !writable => {
+                () = tokio::time::sleep(PROBE_INTERVAL), if probe => {
                     self.probe().await;
                 }
             }
+            let count = usize::from(self.writing.is_some()) + usize::from(self.next.is_some());
+            self.in_flight_count.send_replace(count);
         }
         // The last step of a clean shutdown: recovery then knows where the journal ends, and
         // treats any difference there as damage rather than a torn write.
@@ -309,78 +325,94 @@ impl Task {
         tracing::debug!("sequencer stopped");
     }
 
-    /// Sequences `batch` on top of the in-flight batches and hands it to the journal (or, in
-    /// memory only with nothing in flight, commits it at once).
-    fn start(&mut self, batch: &mut Vec<Request>) {
-        let (updates, replies): (Vec<_>, Vec<_>) = batch
+    /// Sequences `requests` on top of every uncommitted batch into the next batch (in memory
+    /// only: commits them at once).
+    fn add(&mut self, requests: &mut Vec<Request>) {
+        let (updates, replies): (Vec<_>, Vec<_>) = requests
             .drain(..)
             .map(|Request { update, reply }| (update, reply))
             .unzip();
-        let first_revision = self.store.revision() + 1 + self.in_flight_changes();
+        let first_revision = self.store.revision() + 1 + self.uncommitted_changes();
         let Sequenced { changes, outcomes } =
             sequence_after(&self.store, &self.pending, first_revision, &updates);
-        let written = self.durable.as_ref().and_then(|durable| {
-            let frame = encode(&updates, &outcomes)?;
-            let revisions = Some((first_revision, first_revision + changes.len() as u64 - 1));
-            let written = durable.appender.append(frame, revisions);
-            Some(Box::pin(written) as Pin<Box<dyn Future<Output = _> + Send>>)
-        });
-        for change in &changes {
-            let profile = &change.profile;
-            self.pending
-                .insert(profile.key.clone(), Arc::clone(profile));
+        let mut next = self.next.take().unwrap_or_default();
+        if self.durable.is_some() {
+            for (update, outcome) in updates.iter().zip(&outcomes) {
+                if let Applied::Changed { revision } = outcome {
+                    next.frame.push(&UpdateRecord::new(*revision, update));
+                }
+            }
+            for change in &changes {
+                let profile = &change.profile;
+                self.pending
+                    .insert(profile.key.clone(), Arc::clone(profile));
+            }
         }
-        self.in_flight.push_back(InFlight {
-            changes,
-            outcomes,
-            replies,
-            written,
-        });
+        next.changes.extend(changes);
+        next.outcomes.extend(outcomes);
+        next.replies.extend(replies);
+        self.next = Some(next);
     }
 
-    fn in_flight_changes(&self) -> u64 {
-        self.in_flight
-            .iter()
-            .map(|batch| batch.changes.len() as u64)
-            .sum()
+    fn uncommitted_changes(&self) -> u64 {
+        let writing = self.writing.as_ref().map_or(0, |w| w.batch.changes.len());
+        let next = self.next.as_ref().map_or(0, |next| next.changes.len());
+        (writing + next) as u64
     }
 
-    /// The oldest in-flight batch's append finished: commit and answer it, or fail it and
-    /// every batch after it (they were numbered on top of it).
-    fn finish_front(&mut self, written: Option<std::io::Result<Appended>>) {
-        let batch = self.in_flight.pop_front().expect("a batch in flight");
+    /// Hands the next batch to the journal's thread once it is free (commits it at once if
+    /// there is nothing to write: in memory only, or nothing changed).
+    fn hand_over(&mut self) {
+        if self.writing.is_some() {
+            return;
+        }
+        let Some(mut batch) = self.next.take() else {
+            return;
+        };
+        let durable = self.durable.as_ref();
+        match (durable, batch.frame.revisions()) {
+            (Some(durable), Some(revisions)) => {
+                let frame = std::mem::take(&mut batch.frame).finish();
+                let written = Box::pin(durable.appender.append(frame, Some(revisions)));
+                self.writing = Some(Writing { batch, written });
+            }
+            _ => self.commit(batch),
+        }
+    }
+
+    /// The batch being written was synced, or failed: commit and answer it, or fail it and the
+    /// next batch (numbered on top of it).
+    fn finish_writing(&mut self, written: std::io::Result<Appended>) {
+        let Writing { batch, .. } = self.writing.take().expect("a batch being written");
         match written {
-            None => self.commit(batch),
-            Some(Ok(appended)) => {
+            Ok(appended) => {
                 self.metrics
                     .journal_append(appended.took.as_secs_f64(), appended.bytes);
-                if let Some(durable) = &mut self.durable {
-                    durable.records_since_snapshot += batch.changes.len() as u64;
-                    durable.bytes_since_snapshot += appended.bytes;
-                }
                 if !*self.writable.borrow() {
                     tracing::info!("journal writes succeed again");
                     self.writable.send_replace(true);
                 }
+                let records = batch.changes.len() as u64;
                 self.commit(batch);
                 if let Some(durable) = &mut self.durable {
+                    durable.records_since_snapshot += records;
+                    durable.bytes_since_snapshot += appended.bytes;
                     durable.maybe_snapshot(&self.store, &self.tracker);
                 }
             }
-            Some(Err(error)) => {
+            Err(error) => {
                 self.metrics.journal_failure();
                 tracing::error!(%error, "journal write failed: answering 503 until a write succeeds");
                 self.writable.send_replace(false);
-                let failed = std::iter::once(batch).chain(self.in_flight.drain(..));
-                for batch in failed {
+                for batch in std::iter::once(batch).chain(self.next.take()) {
                     for reply in batch.replies {
                         let _ = reply.send(Err(Error::Unavailable {
                             reason: "the update could not be recorded durably; retry later".into(),
                         }));
                     }
                 }
-                // Nothing numbered after the failure reaches the disk (the journal thread
-                // refused it), so its revisions are free again.
+                // Nothing numbered after the failure reached the journal, so its revisions
+                // are free again.
                 self.pending.clear();
                 if let Some(durable) = &self.durable {
                     durable.appender.resume();
@@ -391,7 +423,7 @@ impl Task {
 
     /// Commits a batch whose append is synced (every batch before it is committed), tells
     /// the hook, and answers its callers.
-    fn commit(&mut self, batch: InFlight) {
+    fn commit(&mut self, batch: Batch) {
         self.store.commit(&batch.changes);
         self.hook.committed(&batch.changes);
         for change in &batch.changes {
@@ -430,33 +462,12 @@ impl Task {
     }
 }
 
-/// The append of the oldest in-flight batch; `None` at once for a batch with nothing to write.
-async fn front_written(in_flight: &mut VecDeque<InFlight>) -> Option<std::io::Result<Appended>> {
-    match in_flight
-        .front_mut()
-        .and_then(|batch| batch.written.as_mut())
-    {
-        Some(written) => Some(written.await),
-        None => None,
+/// The append of the batch being written.
+async fn written(writing: &mut Option<Writing>) -> std::io::Result<Appended> {
+    match writing {
+        Some(writing) => writing.written.as_mut().await,
+        None => std::future::pending().await,
     }
-}
-
-/// The journal frame of a batch's changes; `None` when nothing changed.
-fn encode(updates: &[ProfileUpdate], outcomes: &[Applied]) -> Option<Vec<u8>> {
-    let records: Vec<UpdateRecord> = updates
-        .iter()
-        .zip(outcomes)
-        .filter_map(|(update, outcome)| match outcome {
-            Applied::Changed { revision } => Some(UpdateRecord::new(*revision, update)),
-            Applied::Unchanged { .. } => None,
-        })
-        .collect();
-    if records.is_empty() {
-        return None;
-    }
-    let mut frame = Vec::new();
-    codec::encode_frame(&BatchRecord { updates: records }, &mut frame);
-    Some(frame)
 }
 
 /// A merged and numbered batch, not yet committed.
