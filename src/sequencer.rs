@@ -165,7 +165,7 @@ impl Sequencer {
             writing: None,
             next: None,
             in_flight_count: in_flight_tx,
-            pending: HashMap::new(),
+            pending: ProfileMap::default(),
         };
         tracker.spawn(task.run(inbox));
         Sequencer {
@@ -277,7 +277,7 @@ struct Task {
     in_flight_count: watch::Sender<usize>,
     /// The newest profile of every key that an uncommitted batch changed: later updates merge
     /// into these, not into the store's older copies.
-    pending: HashMap<ProfileKey, Arc<Profile>>,
+    pending: ProfileMap,
 }
 
 impl Task {
@@ -291,13 +291,20 @@ impl Task {
                 .is_none_or(|next| next.replies.len() < MAX_BATCH);
             let writing = self.writing.is_some();
             let probe = !writing && self.next.is_none() && !*self.writable.borrow();
+            // While a batch syncs, the first updates to arrive start the next batch; the rest
+            // wait in the channel until the sync is done and are taken then, all at once
+            // (`take_waiting`): a wake-up per batch rather than one per arriving update.
+            let listen = open && room && !(writing && self.next.is_some());
             tokio::select! {
                 biased;
                 written = written(&mut self.writing), if writing => {
                     self.finish_writing(written);
+                    if open {
+                        open = self.take_waiting(&mut inbox, &mut requests);
+                    }
                     self.hand_over();
                 }
-                received = inbox.recv_many(&mut requests, MAX_BATCH), if open && room => {
+                received = inbox.recv_many(&mut requests, MAX_BATCH), if listen => {
                     if received == 0 {
                         open = false;
                     } else {
@@ -310,7 +317,10 @@ impl Task {
                 }
             }
             let count = usize::from(self.writing.is_some()) + usize::from(self.next.is_some());
-            self.in_flight_count.send_replace(count);
+            if *self.in_flight_count.borrow() != count {
+                self.metrics.journal_batches_in_flight(count);
+                self.in_flight_count.send_replace(count);
+            }
         }
         // The last step of a clean shutdown: recovery then knows where the journal ends, and
         // treats any difference there as damage rather than a torn write.
@@ -352,6 +362,31 @@ impl Task {
         next.outcomes.extend(outcomes);
         next.replies.extend(replies);
         self.next = Some(next);
+    }
+
+    /// Adds the updates waiting in `inbox` to the next batch, without waiting for more (up to
+    /// a batch's worth). False once every handle is gone and the inbox is empty.
+    fn take_waiting(
+        &mut self,
+        inbox: &mut mpsc::Receiver<Request>,
+        requests: &mut Vec<Request>,
+    ) -> bool {
+        let queued = self.next.as_ref().map_or(0, |next| next.replies.len());
+        let mut open = true;
+        while queued + requests.len() < MAX_BATCH {
+            match inbox.try_recv() {
+                Ok(request) => requests.push(request),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if !requests.is_empty() {
+            self.add(requests);
+        }
+        open
     }
 
     fn uncommitted_changes(&self) -> u64 {
@@ -470,6 +505,10 @@ async fn written(writing: &mut Option<Writing>) -> std::io::Result<Appended> {
     }
 }
 
+/// Profiles by key, hashed with foldhash as the store's map: SipHash showed in recovery's
+/// replay profile.
+type ProfileMap = HashMap<ProfileKey, Arc<Profile>, foldhash::fast::RandomState>;
+
 /// A merged and numbered batch, not yet committed.
 pub(crate) struct Sequenced {
     /// The changes, revisions consecutive after the store's.
@@ -484,26 +523,24 @@ pub(crate) struct Sequenced {
 /// replicated mode the replica's applier (`crate::replication`) for each stream message, in
 /// stream order, so that every replica assigns the same revisions.
 pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
-    sequence_after(store, &HashMap::new(), store.revision() + 1, updates)
+    sequence_after(store, &ProfileMap::default(), store.revision() + 1, updates)
 }
 
 /// [`sequence`] on top of batches numbered but not committed yet: `pending` holds the newest
 /// profile of every key they changed, and the first revision is `first_revision`.
 fn sequence_after(
     store: &Store,
-    pending: &HashMap<ProfileKey, Arc<Profile>>,
+    pending: &ProfileMap,
     first_revision: u64,
     updates: &[ProfileUpdate],
 ) -> Sequenced {
     let mut next_revision = first_revision;
     // Profiles this batch already changed: later updates of the same profile merge into these,
     // not into the store's older copy.
-    // foldhash, as the store's map: SipHash here showed in recovery's replay profile.
-    let mut latest: HashMap<ProfileKey, Arc<Profile>, foldhash::fast::RandomState> =
-        HashMap::default();
+    let mut latest = ProfileMap::default();
     let mut changes = Vec::new();
     let mut outcomes = Vec::with_capacity(updates.len());
-    for update in updates {
+    for (index, update) in updates.iter().enumerate() {
         let current = latest
             .get(&update.key)
             .or_else(|| pending.get(&update.key))
@@ -526,7 +563,11 @@ fn sequence_after(
                     profile.create_revision = revision;
                 }
                 let profile = Arc::new(profile);
-                latest.insert(update.key.clone(), Arc::clone(&profile));
+                // The last update has no later one to merge into it: no map to fill (a batch
+                // of one fills none).
+                if index + 1 < updates.len() {
+                    latest.insert(update.key.clone(), Arc::clone(&profile));
+                }
                 changes.push(Arc::new(Change {
                     revision,
                     profile,

@@ -170,6 +170,34 @@ impl sequencer::CommitHook for Visible {
     }
 }
 
+/// Holds every sync, then applies caller 1's update 1 (batch A: written, its sync held) and
+/// update 2 (batch B: sequenced on top of A, queued behind it); returns once both are in flight.
+async fn two_batches_in_flight(
+    sequencer: &Sequencer,
+    faults: &FaultSwitch,
+) -> (
+    tokio::task::JoinHandle<Result<Applied, crate::error::Error>>,
+    tokio::task::JoinHandle<Result<Applied, crate::error::Error>>,
+) {
+    faults.hold_syncs(true);
+    let mut held = faults.syncs_waited();
+    let batch_a = tokio::spawn({
+        let sequencer = sequencer.clone();
+        async move { sequencer.apply(update(1, 1)).await }
+    });
+    held.wait_for(|held| *held >= 1).await.unwrap();
+    let batch_b = tokio::spawn({
+        let sequencer = sequencer.clone();
+        async move { sequencer.apply(update(1, 2)).await }
+    });
+    sequencer
+        .batches_in_flight()
+        .wait_for(|count| *count == 2)
+        .await
+        .unwrap();
+    (batch_a, batch_b)
+}
+
 /// Two batches in flight (one held in its sync, the next sequenced on top of it and queued):
 /// nothing of either is visible before its sync; the second builds on the first's profile;
 /// then the power is cut in that sync, and both fail, neither survives, and their revisions
@@ -199,19 +227,7 @@ async fn with_two_batches_in_flight_nothing_is_visible_before_its_sync_and_a_cut
     let first = sequencer.apply(update(0, 1)).await.unwrap();
     assert_eq!(first, Applied::Changed { revision: 1 });
 
-    faults.hold_syncs(true);
-    let mut held = faults.syncs_waited();
-    let batch_a = tokio::spawn({
-        let sequencer = sequencer.clone();
-        async move { sequencer.apply(update(1, 1)).await }
-    });
-    held.wait_for(|held| *held >= 1).await.unwrap();
-    let batch_b = tokio::spawn({
-        let sequencer = sequencer.clone();
-        async move { sequencer.apply(update(1, 2)).await }
-    });
-    let mut in_flight = sequencer.batches_in_flight();
-    in_flight.wait_for(|count| *count == 2).await.unwrap();
+    let (batch_a, batch_b) = two_batches_in_flight(&sequencer, &faults).await;
     // Written (A) or sequenced (B), not synced: invisible to readers and watchers.
     assert_eq!(store.revision(), 1);
     assert!(store.get(&update(1, 1).key).is_none());
@@ -247,22 +263,7 @@ async fn two_batches_in_flight_commit_in_order_the_second_on_top_of_the_first() 
     let faults = FaultSwitch::default();
     let tracker = TaskTracker::new();
     let (store, sequencer) = start(dir.path(), &faults, &tracker);
-    faults.hold_syncs(true);
-    let mut held = faults.syncs_waited();
-    let batch_a = tokio::spawn({
-        let sequencer = sequencer.clone();
-        async move { sequencer.apply(update(1, 1)).await }
-    });
-    held.wait_for(|held| *held >= 1).await.unwrap();
-    let batch_b = tokio::spawn({
-        let sequencer = sequencer.clone();
-        async move { sequencer.apply(update(1, 2)).await }
-    });
-    sequencer
-        .batches_in_flight()
-        .wait_for(|count| *count == 2)
-        .await
-        .unwrap();
+    let (batch_a, batch_b) = two_batches_in_flight(&sequencer, &faults).await;
     assert_eq!(store.revision(), 0);
     faults.hold_syncs(false);
     assert_eq!(
