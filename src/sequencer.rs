@@ -1,14 +1,20 @@
 //! The sequencer: the one writer. It turns validated updates into numbered, recorded changes.
 //!
 //! Callers hand it a [`ProfileUpdate`] and wait. A single task takes the updates in batches
-//! (whatever queued up while the previous batch was being written), merges each into the latest
-//! state of its profile (earlier updates of the same batch included), gives each update that
-//! changed something the next revision, appends the batch to the journal and syncs it once
-//! (group commit), commits it to the store (history, profiles, revision), and only then answers
-//! every caller of the batch. Nothing reaches memory that is not on disk.
+//! (whatever queued up meanwhile), merges each into the latest state of its profile (earlier
+//! updates of the same batch, and of the batch still being synced, included), gives each update
+//! that changed something the next revision, encodes the batch as one journal frame and hands
+//! it to the journal's thread (`journal::appender`), which writes and syncs it (group commit).
+//! While one batch syncs, the next is sequenced and encoded on top of it as its updates arrive
+//! (each record encoded once, into the frame that will be written), and handed over whole as
+//! soon as the journal's thread is free: at most two batches in flight. Batches are committed
+//! to the store (history, profiles, revision) strictly in journal order, each once its sync
+//! succeeded, and only then are its callers answered. Nothing reaches memory that is not on
+//! disk.
 //!
 //! When the journal cannot be written, the batch's callers get `Unavailable` (a 503, so Gameball
-//! retries), nothing is committed, no revision is used, and the sequencer reports itself not
+//! retries), and so do those of the batch after it (numbered on top of it, it is never
+//! written); nothing is committed, no revision is used, and the sequencer reports itself not
 //! writable; every second it probes the path the next append will take (`Journal::probe`: the
 //! new segment if one is due, a write as large as the one that failed) and reports writable
 //! again only once that, or a real append, succeeds.
@@ -20,6 +26,7 @@
 //! starts, while nothing reads or watches the store yet.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -28,7 +35,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::error::Error;
-use crate::journal::codec::{BatchRecord, UpdateRecord};
+use crate::journal::appender::{Appended, Appender};
+use crate::journal::codec::{BatchFrame, UpdateRecord};
 use crate::journal::{Journal, snapshot};
 use crate::metrics::Metrics;
 use crate::profile::{Change, Profile, ProfileKey, ProfileUpdate};
@@ -105,6 +113,7 @@ struct Request {
 pub struct Sequencer {
     requests: mpsc::Sender<Request>,
     writable: watch::Receiver<bool>,
+    in_flight: watch::Receiver<usize>,
 }
 
 impl Sequencer {
@@ -136,11 +145,13 @@ impl Sequencer {
             .as_ref()
             .is_none_or(|durability| durability.journal.looks_writable());
         let (writable_tx, writable) = watch::channel(writable_now);
+        let (in_flight_tx, in_flight) = watch::channel(0);
         let task = Task {
             store,
             hook,
             durable: durability.map(|durability| Durable {
-                journal: Some(durability.journal),
+                // Only fails when the OS cannot start a thread at all.
+                appender: Appender::start(durability.journal).expect("the journal thread starts"),
                 snapshot_every_records: durability.snapshot_every_records,
                 snapshot_every_bytes: durability.snapshot_every_bytes,
                 history_events: durability.history_events,
@@ -151,9 +162,17 @@ impl Sequencer {
             writable: writable_tx,
             metrics,
             tracker: tracker.clone(),
+            writing: None,
+            next: None,
+            in_flight_count: in_flight_tx,
+            pending: ProfileMap::default(),
         };
         tracker.spawn(task.run(inbox));
-        Sequencer { requests, writable }
+        Sequencer {
+            requests,
+            writable,
+            in_flight,
+        }
     }
 
     /// Applies one update and returns once its outcome is recorded and visible to readers and
@@ -170,6 +189,12 @@ impl Sequencer {
         outcome.await.map_err(|_| stopped())?
     }
 
+    /// How many batches are sequenced and waiting for the journal (at most two): what the
+    /// pipeline tests wait on.
+    pub fn batches_in_flight(&self) -> watch::Receiver<usize> {
+        self.in_flight.clone()
+    }
+
     /// Whether the last journal write succeeded: false while the disk refuses writes.
     pub fn writable(&self) -> watch::Receiver<bool> {
         self.writable.clone()
@@ -177,8 +202,8 @@ impl Sequencer {
 }
 
 struct Durable {
-    /// `None` only while an append runs on a blocking thread.
-    journal: Option<Journal>,
+    /// The journal's thread.
+    appender: Appender,
     snapshot_every_records: u64,
     snapshot_every_bytes: u64,
     history_events: u64,
@@ -188,31 +213,6 @@ struct Durable {
 }
 
 impl Durable {
-    /// Runs `work` on the journal on a blocking thread (its syncs would stall the runtime).
-    async fn with_journal<T: Send + 'static>(
-        &mut self,
-        work: impl FnOnce(&mut Journal) -> T + Send + 'static,
-    ) -> T {
-        let mut journal = self
-            .journal
-            .take()
-            .expect("the journal is back after every blocking call");
-        let (journal, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = work(&mut journal);
-            (journal, outcome)
-        })
-        .await
-        .expect("journal I/O does not panic");
-        self.journal = Some(journal);
-        outcome
-    }
-
-    /// Appends and syncs one batch.
-    async fn append(&mut self, batch: BatchRecord) -> std::io::Result<u64> {
-        self.with_journal(move |journal| journal.append(&batch))
-            .await
-    }
-
     /// Starts a snapshot in the background when enough was written since the last one.
     fn maybe_snapshot(&mut self, store: &Store, tracker: &TaskTracker) {
         let due = self.records_since_snapshot >= self.snapshot_every_records
@@ -222,12 +222,7 @@ impl Durable {
         }
         self.records_since_snapshot = 0;
         self.bytes_since_snapshot = 0;
-        let dir = self
-            .journal
-            .as_ref()
-            .expect("journal present")
-            .dir()
-            .to_owned();
+        let dir = self.appender.dir().to_owned();
         let (store, history, running) = (
             store.clone(),
             self.history_events,
@@ -248,6 +243,23 @@ impl Durable {
     }
 }
 
+/// A batch sequenced and not committed yet: its callers wait until its append is synced and
+/// every batch before it committed.
+#[derive(Default)]
+struct Batch {
+    changes: Vec<Arc<Change>>,
+    outcomes: Vec<Applied>,
+    replies: Vec<oneshot::Sender<Result<Applied, Error>>>,
+    /// Its journal frame, built as updates join (durable only).
+    frame: BatchFrame,
+}
+
+/// The batch the journal's thread is writing and syncing.
+struct Writing {
+    batch: Batch,
+    written: Pin<Box<dyn Future<Output = std::io::Result<Appended>> + Send>>,
+}
+
 struct Task {
     store: Store,
     hook: Arc<dyn CommitHook>,
@@ -255,59 +267,65 @@ struct Task {
     writable: watch::Sender<bool>,
     metrics: Metrics,
     tracker: TaskTracker,
+    /// The batch being written and synced.
+    writing: Option<Writing>,
+    /// The next batch, sequenced on top of `writing` and growing with every update that
+    /// arrives until the journal's thread is free: then it is handed over whole, so each sync
+    /// carries everything that queued up during the previous one (group commit).
+    next: Option<Batch>,
+    /// How many batches are in `writing` and `next`, for [`Sequencer::batches_in_flight`].
+    in_flight_count: watch::Sender<usize>,
+    /// The newest profile of every key that an uncommitted batch changed: later updates merge
+    /// into these, not into the store's older copies.
+    pending: ProfileMap,
 }
 
 impl Task {
     async fn run(mut self, mut inbox: mpsc::Receiver<Request>) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        loop {
-            let received = if *self.writable.borrow() {
-                inbox.recv_many(&mut batch, MAX_BATCH).await
-            } else {
-                tokio::select! {
-                    received = inbox.recv_many(&mut batch, MAX_BATCH) => received,
-                    () = tokio::time::sleep(PROBE_INTERVAL) => {
-                        self.probe().await;
-                        continue;
+        let mut requests = Vec::with_capacity(MAX_BATCH);
+        let mut open = true;
+        while open || self.writing.is_some() || self.next.is_some() {
+            let room = self
+                .next
+                .as_ref()
+                .is_none_or(|next| next.replies.len() < MAX_BATCH);
+            let writing = self.writing.is_some();
+            let probe = !writing && self.next.is_none() && !*self.writable.borrow();
+            // While a batch syncs, the first updates to arrive start the next batch; the rest
+            // wait in the channel until the sync is done and are taken then, all at once
+            // (`take_waiting`): a wake-up per batch rather than one per arriving update.
+            let listen = open && room && !(writing && self.next.is_some());
+            tokio::select! {
+                biased;
+                written = written(&mut self.writing), if writing => {
+                    self.finish_writing(written);
+                    if open {
+                        open = self.take_waiting(&mut inbox, &mut requests);
                     }
+                    self.hand_over();
                 }
-            };
-            if received == 0 {
-                break;
+                received = inbox.recv_many(&mut requests, MAX_BATCH), if listen => {
+                    if received == 0 {
+                        open = false;
+                    } else {
+                        self.add(&mut requests);
+                    }
+                    self.hand_over();
+                }
+                () = tokio::time::sleep(PROBE_INTERVAL), if probe => {
+                    self.probe().await;
+                }
             }
-            let (updates, replies): (Vec<_>, Vec<_>) = batch
-                .drain(..)
-                .map(|Request { update, reply }| (update, reply))
-                .unzip();
-            let Sequenced { changes, outcomes } = sequence(&self.store, &updates);
-            let answers = match self.record(&updates, &outcomes).await {
-                Ok(()) => {
-                    self.store.commit(&changes);
-                    self.hook.committed(&changes);
-                    outcomes.into_iter().map(Ok).collect()
-                }
-                Err(error) => {
-                    tracing::error!(%error, "journal write failed: answering 503 until a write succeeds");
-                    self.writable.send_replace(false);
-                    let unavailable = Error::Unavailable {
-                        reason: "the update could not be recorded durably; retry later".into(),
-                    };
-                    vec![Err(unavailable); replies.len()]
-                }
-            };
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                // A caller that gave up (its HTTP client went away) no longer listens; the
-                // update stays applied, which is what a retry would do.
-                let _ = reply.send(answer);
-            }
-            if let Some(durable) = &mut self.durable {
-                durable.maybe_snapshot(&self.store, &self.tracker);
+            let count = usize::from(self.writing.is_some()) + usize::from(self.next.is_some());
+            if *self.in_flight_count.borrow() != count {
+                self.metrics.journal_batches_in_flight(count);
+                self.in_flight_count.send_replace(count);
             }
         }
         // The last step of a clean shutdown: recovery then knows where the journal ends, and
         // treats any difference there as damage rather than a torn write.
-        if let Some(durable) = &mut self.durable {
-            match durable.with_journal(Journal::close).await {
+        if let Some(durable) = self.durable.take() {
+            match durable.appender.close().await {
                 Ok(()) => tracing::debug!(revision = self.store.revision(), "journal closed"),
                 Err(error) => {
                     tracing::warn!(%error, "journal not marked closed; the next start checks it as after a crash")
@@ -317,44 +335,147 @@ impl Task {
         tracing::debug!("sequencer stopped");
     }
 
-    /// Journals the batch's changes, if durable and if there are any.
-    async fn record(
-        &mut self,
-        updates: &[ProfileUpdate],
-        outcomes: &[Applied],
-    ) -> std::io::Result<()> {
-        let Some(durable) = &mut self.durable else {
-            return Ok(());
-        };
-        let records: Vec<UpdateRecord> = updates
-            .iter()
-            .zip(outcomes)
-            .filter_map(|(update, outcome)| match outcome {
-                Applied::Changed { revision } => Some(UpdateRecord::new(*revision, update)),
-                Applied::Unchanged { .. } => None,
-            })
-            .collect();
-        if records.is_empty() {
-            return Ok(());
+    /// Sequences `requests` on top of every uncommitted batch into the next batch (in memory
+    /// only: commits them at once).
+    fn add(&mut self, requests: &mut Vec<Request>) {
+        let (updates, replies): (Vec<_>, Vec<_>) = requests
+            .drain(..)
+            .map(|Request { update, reply }| (update, reply))
+            .unzip();
+        let first_revision = self.store.revision() + 1 + self.uncommitted_changes();
+        let Sequenced { changes, outcomes } =
+            sequence_after(&self.store, &self.pending, first_revision, &updates);
+        let mut next = self.next.take().unwrap_or_default();
+        if self.durable.is_some() {
+            for (update, outcome) in updates.iter().zip(&outcomes) {
+                if let Applied::Changed { revision } = outcome {
+                    next.frame.push(&UpdateRecord::new(*revision, update));
+                }
+            }
+            for change in &changes {
+                let profile = &change.profile;
+                self.pending
+                    .insert(profile.key.clone(), Arc::clone(profile));
+            }
         }
-        let count = records.len() as u64;
-        let started = std::time::Instant::now();
-        let bytes = match durable.append(BatchRecord { updates: records }).await {
-            Ok(bytes) => bytes,
+        next.changes.extend(changes);
+        next.outcomes.extend(outcomes);
+        next.replies.extend(replies);
+        self.next = Some(next);
+    }
+
+    /// Adds the updates waiting in `inbox` to the next batch, without waiting for more (up to
+    /// a batch's worth). False once every handle is gone and the inbox is empty.
+    fn take_waiting(
+        &mut self,
+        inbox: &mut mpsc::Receiver<Request>,
+        requests: &mut Vec<Request>,
+    ) -> bool {
+        let queued = self.next.as_ref().map_or(0, |next| next.replies.len());
+        let mut open = true;
+        while queued + requests.len() < MAX_BATCH {
+            match inbox.try_recv() {
+                Ok(request) => requests.push(request),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if !requests.is_empty() {
+            self.add(requests);
+        }
+        open
+    }
+
+    fn uncommitted_changes(&self) -> u64 {
+        let writing = self.writing.as_ref().map_or(0, |w| w.batch.changes.len());
+        let next = self.next.as_ref().map_or(0, |next| next.changes.len());
+        (writing + next) as u64
+    }
+
+    /// Hands the next batch to the journal's thread once it is free (commits it at once if
+    /// there is nothing to write: in memory only, or nothing changed).
+    fn hand_over(&mut self) {
+        if self.writing.is_some() {
+            return;
+        }
+        let Some(mut batch) = self.next.take() else {
+            return;
+        };
+        let durable = self.durable.as_ref();
+        match (durable, batch.frame.revisions()) {
+            (Some(durable), Some(revisions)) => {
+                let frame = std::mem::take(&mut batch.frame).finish();
+                let written = Box::pin(durable.appender.append(frame, Some(revisions)));
+                self.writing = Some(Writing { batch, written });
+            }
+            _ => self.commit(batch),
+        }
+    }
+
+    /// The batch being written was synced, or failed: commit and answer it, or fail it and the
+    /// next batch (numbered on top of it).
+    fn finish_writing(&mut self, written: std::io::Result<Appended>) {
+        let Writing { batch, .. } = self.writing.take().expect("a batch being written");
+        match written {
+            Ok(appended) => {
+                self.metrics
+                    .journal_append(appended.took.as_secs_f64(), appended.bytes);
+                if !*self.writable.borrow() {
+                    tracing::info!("journal writes succeed again");
+                    self.writable.send_replace(true);
+                }
+                let records = batch.changes.len() as u64;
+                self.commit(batch);
+                if let Some(durable) = &mut self.durable {
+                    durable.records_since_snapshot += records;
+                    durable.bytes_since_snapshot += appended.bytes;
+                    durable.maybe_snapshot(&self.store, &self.tracker);
+                }
+            }
             Err(error) => {
                 self.metrics.journal_failure();
-                return Err(error);
+                tracing::error!(%error, "journal write failed: answering 503 until a write succeeds");
+                self.writable.send_replace(false);
+                for batch in std::iter::once(batch).chain(self.next.take()) {
+                    for reply in batch.replies {
+                        let _ = reply.send(Err(Error::Unavailable {
+                            reason: "the update could not be recorded durably; retry later".into(),
+                        }));
+                    }
+                }
+                // Nothing numbered after the failure reached the journal, so its revisions
+                // are free again.
+                self.pending.clear();
+                if let Some(durable) = &self.durable {
+                    durable.appender.resume();
+                }
             }
-        };
-        self.metrics
-            .journal_append(started.elapsed().as_secs_f64(), bytes);
-        durable.records_since_snapshot += count;
-        durable.bytes_since_snapshot += bytes;
-        if !*self.writable.borrow() {
-            tracing::info!("journal writes succeed again");
-            self.writable.send_replace(true);
         }
-        Ok(())
+    }
+
+    /// Commits a batch whose append is synced (every batch before it is committed), tells
+    /// the hook, and answers its callers.
+    fn commit(&mut self, batch: Batch) {
+        self.store.commit(&batch.changes);
+        self.hook.committed(&batch.changes);
+        for change in &batch.changes {
+            let key = &change.profile.key;
+            if self
+                .pending
+                .get(key)
+                .is_some_and(|newest| Arc::ptr_eq(newest, &change.profile))
+            {
+                self.pending.remove(key);
+            }
+        }
+        for (reply, outcome) in batch.replies.into_iter().zip(batch.outcomes) {
+            // A caller that gave up (its HTTP client went away) no longer listens; the
+            // update stays applied, which is what a retry would do.
+            let _ = reply.send(Ok(outcome));
+        }
     }
 
     /// Tries the path the next append will take (the segment it needs, a write as large as
@@ -365,10 +486,7 @@ impl Task {
             return;
         };
         let next_revision = self.store.revision() + 1;
-        match durable
-            .with_journal(move |journal| journal.probe(next_revision))
-            .await
-        {
+        match durable.appender.probe(next_revision).await {
             Ok(()) => {
                 tracing::info!("journal writes succeed again");
                 self.writable.send_replace(true);
@@ -378,6 +496,18 @@ impl Task {
         }
     }
 }
+
+/// The append of the batch being written.
+async fn written(writing: &mut Option<Writing>) -> std::io::Result<Appended> {
+    match writing {
+        Some(writing) => writing.written.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Profiles by key, hashed with foldhash as the store's map: SipHash showed in recovery's
+/// replay profile.
+type ProfileMap = HashMap<ProfileKey, Arc<Profile>, foldhash::fast::RandomState>;
 
 /// A merged and numbered batch, not yet committed.
 pub(crate) struct Sequenced {
@@ -393,17 +523,27 @@ pub(crate) struct Sequenced {
 /// replicated mode the replica's applier (`crate::replication`) for each stream message, in
 /// stream order, so that every replica assigns the same revisions.
 pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
-    let mut next_revision = store.revision() + 1;
+    sequence_after(store, &ProfileMap::default(), store.revision() + 1, updates)
+}
+
+/// [`sequence`] on top of batches numbered but not committed yet: `pending` holds the newest
+/// profile of every key they changed, and the first revision is `first_revision`.
+fn sequence_after(
+    store: &Store,
+    pending: &ProfileMap,
+    first_revision: u64,
+    updates: &[ProfileUpdate],
+) -> Sequenced {
+    let mut next_revision = first_revision;
     // Profiles this batch already changed: later updates of the same profile merge into these,
     // not into the store's older copy.
-    // foldhash, as the store's map: SipHash here showed in recovery's replay profile.
-    let mut latest: HashMap<ProfileKey, Arc<Profile>, foldhash::fast::RandomState> =
-        HashMap::default();
+    let mut latest = ProfileMap::default();
     let mut changes = Vec::new();
     let mut outcomes = Vec::with_capacity(updates.len());
-    for update in updates {
+    for (index, update) in updates.iter().enumerate() {
         let current = latest
             .get(&update.key)
+            .or_else(|| pending.get(&update.key))
             .cloned()
             .or_else(|| store.get(&update.key));
         let mut profile = match &current {
@@ -423,7 +563,11 @@ pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
                     profile.create_revision = revision;
                 }
                 let profile = Arc::new(profile);
-                latest.insert(update.key.clone(), Arc::clone(&profile));
+                // The last update has no later one to merge into it: no map to fill (a batch
+                // of one fills none).
+                if index + 1 < updates.len() {
+                    latest.insert(update.key.clone(), Arc::clone(&profile));
+                }
                 changes.push(Arc::new(Change {
                     revision,
                     profile,

@@ -18,6 +18,7 @@ mod cli;
 mod cli_dead_letters;
 mod corruption_sweep;
 mod crash;
+mod crash_pipeline;
 mod dead_letters;
 mod disk_full;
 mod durability;

@@ -124,15 +124,63 @@ pub fn check_header(bytes: &[u8], magic: [u8; 8]) -> Result<FrameFormat, HeaderE
 
 /// Appends one frame carrying `message` to `out`, in the current format.
 pub fn encode_frame(message: &impl Message, out: &mut Vec<u8>) {
-    let payload = message.encode_to_vec();
+    // Encoded in place after a header filled in afterwards: no copy of the payload.
+    let start = out.len();
+    out.reserve(FRAME_HEADER_LEN + message.encoded_len());
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    message
+        .encode(out)
+        .expect("a Vec grows to take any message");
+    fill_frame_header(&mut out[start..]);
+}
+
+/// Bytes before a frame's payload in the current format.
+const FRAME_HEADER_LEN: usize = FrameFormat::CURRENT.overhead();
+
+/// Fills the header of `frame` (header room, then the payload) in the current format.
+fn fill_frame_header(frame: &mut [u8]) {
+    let (header, payload) = frame.split_at_mut(FRAME_HEADER_LEN);
     let len = u32::try_from(payload.len()).expect("a frame under 4 GiB");
-    let mut header = [0u8; 12];
     header[..4].copy_from_slice(&len.to_le_bytes());
-    header[4..8].copy_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    header[4..8].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     let header_crc = crc32c::crc32c(&header[..8]);
     header[8..].copy_from_slice(&header_crc.to_le_bytes());
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&payload);
+}
+
+/// The frame of a [`BatchRecord`], built one update at a time: each is encoded once, where it
+/// will be written (the same bytes as [`encode_frame`] of the whole batch).
+pub struct BatchFrame {
+    bytes: Vec<u8>,
+    revisions: Option<(u64, u64)>,
+}
+
+impl Default for BatchFrame {
+    fn default() -> Self {
+        BatchFrame {
+            bytes: vec![0; FRAME_HEADER_LEN],
+            revisions: None,
+        }
+    }
+}
+
+impl BatchFrame {
+    /// Adds `record`, whose revision follows the last one added.
+    pub fn push(&mut self, record: &UpdateRecord) {
+        prost::encoding::message::encode(1, record, &mut self.bytes);
+        let first = self.revisions.map_or(record.revision, |(first, _)| first);
+        self.revisions = Some((first, record.revision));
+    }
+
+    /// The first and last revision added; `None` when nothing was.
+    pub fn revisions(&self) -> Option<(u64, u64)> {
+        self.revisions
+    }
+
+    /// The finished frame.
+    pub fn finish(mut self) -> Vec<u8> {
+        fill_frame_header(&mut self.bytes);
+        self.bytes
+    }
 }
 
 /// One frame read from a buffer.
@@ -715,5 +763,18 @@ mod tests {
         let error = check_header(&future, SEGMENT_MAGIC).unwrap_err();
         assert_eq!(error, HeaderError::UnknownVersion(9));
         assert!(error.to_string().contains("newer profile-state"), "{error}");
+    }
+
+    #[test]
+    fn a_batch_frame_built_record_by_record_is_the_frame_of_the_batch() {
+        let records: Vec<UpdateRecord> = (1..=3).map(|r| UpdateRecord::new(r, &update())).collect();
+        let mut built = BatchFrame::default();
+        for record in &records {
+            built.push(record);
+        }
+        assert_eq!(built.revisions(), Some((1, 3)));
+        let mut whole = Vec::new();
+        encode_frame(&BatchRecord { updates: records }, &mut whole);
+        assert_eq!(built.finish(), whole);
     }
 }

@@ -20,6 +20,7 @@
 //! generic WAL crate would add a format and a dependency without removing any of that code.
 //! This module does not merge or number updates and knows nothing of HTTP or gRPC.
 
+pub mod appender;
 pub mod codec;
 mod discard;
 pub mod head;
@@ -294,6 +295,11 @@ struct Faults {
     writes: AtomicBool,
     segment_creation: AtomicBool,
     lose_unsynced: AtomicBool,
+    /// While true, a sync waits (the journal thread blocks in it) until it is false again.
+    syncs_held: std::sync::Mutex<bool>,
+    syncs_released: std::sync::Condvar,
+    /// How many syncs have waited so far, for tests to know one is held.
+    syncs_waited: tokio::sync::watch::Sender<u64>,
     /// How many failures were injected so far, for tests to wait on.
     injected: tokio::sync::watch::Sender<u64>,
 }
@@ -317,6 +323,41 @@ impl FaultSwitch {
     /// sync succeeds any more). For a journal opened after this call.
     pub fn lose_unsynced_writes(&self) {
         self.0.lose_unsynced.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes every following journal sync wait until called with `false` (`true`), so a test
+    /// can hold an append in flight while the sequencer goes on.
+    pub fn hold_syncs(&self, hold: bool) {
+        *self
+            .0
+            .syncs_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hold;
+        self.0.syncs_released.notify_all();
+    }
+
+    /// How many syncs have been held so far: tests wait on it to know an append is in flight.
+    pub fn syncs_waited(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.syncs_waited.subscribe()
+    }
+
+    /// Waits while syncs are held ([`FaultSwitch::hold_syncs`]).
+    fn before_sync(&self) {
+        let mut held = self
+            .0
+            .syncs_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *held {
+            self.0.syncs_waited.send_modify(|count| *count += 1);
+        }
+        while *held {
+            held = self
+                .0
+                .syncs_released
+                .wait(held)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
     }
 
     fn loses_unsynced_writes(&self) -> bool {

@@ -154,3 +154,131 @@ async fn every_acknowledged_update_survives_a_power_cut_and_no_revision_is_reuse
     assert_eq!(last[0].profile.key, ProfileKey::new("2155", "caller-99"));
     stop(sequencer, &tracker).await;
 }
+
+/// A recording commit hook: every change made visible to watchers, in order.
+#[derive(Default)]
+struct Visible(std::sync::Mutex<Vec<(u64, ProfileKey)>>);
+
+impl sequencer::CommitHook for Visible {
+    fn committed(&self, changes: &[std::sync::Arc<crate::profile::Change>]) {
+        let mut seen = self.0.lock().unwrap();
+        seen.extend(
+            changes
+                .iter()
+                .map(|change| (change.revision, change.profile.key.clone())),
+        );
+    }
+}
+
+/// Holds every sync, then applies caller 1's update 1 (batch A: written, its sync held) and
+/// update 2 (batch B: sequenced on top of A, queued behind it); returns once both are in flight.
+async fn two_batches_in_flight(
+    sequencer: &Sequencer,
+    faults: &FaultSwitch,
+) -> (
+    tokio::task::JoinHandle<Result<Applied, crate::error::Error>>,
+    tokio::task::JoinHandle<Result<Applied, crate::error::Error>>,
+) {
+    faults.hold_syncs(true);
+    let mut held = faults.syncs_waited();
+    let batch_a = tokio::spawn({
+        let sequencer = sequencer.clone();
+        async move { sequencer.apply(update(1, 1)).await }
+    });
+    held.wait_for(|held| *held >= 1).await.unwrap();
+    let batch_b = tokio::spawn({
+        let sequencer = sequencer.clone();
+        async move { sequencer.apply(update(1, 2)).await }
+    });
+    sequencer
+        .batches_in_flight()
+        .wait_for(|count| *count == 2)
+        .await
+        .unwrap();
+    (batch_a, batch_b)
+}
+
+/// Two batches in flight (one held in its sync, the next sequenced on top of it and queued):
+/// nothing of either is visible before its sync; the second builds on the first's profile;
+/// then the power is cut in that sync, and both fail, neither survives, and their revisions
+/// are taken by the next updates without any trace of the lost ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_batches_in_flight_nothing_is_visible_before_its_sync_and_a_cut_fails_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FaultSwitch::default();
+    faults.lose_unsynced_writes();
+    let tracker = TaskTracker::new();
+    let store = Store::new(1000, "test");
+    let journal = Journal::open(dir.path(), None, 1, SEGMENT_BYTES, faults.clone()).unwrap();
+    let durability = Durability {
+        journal,
+        snapshot_every_records: u64::MAX,
+        snapshot_every_bytes: u64::MAX,
+        history_events: 1000,
+    };
+    let visible = std::sync::Arc::new(Visible::default());
+    let sequencer = Sequencer::start_with_hook(
+        store.clone(),
+        Some(durability),
+        visible.clone(),
+        Metrics::new(),
+        &tracker,
+    );
+    let first = sequencer.apply(update(0, 1)).await.unwrap();
+    assert_eq!(first, Applied::Changed { revision: 1 });
+
+    let (batch_a, batch_b) = two_batches_in_flight(&sequencer, &faults).await;
+    // Written (A) or sequenced (B), not synced: invisible to readers and watchers.
+    assert_eq!(store.revision(), 1);
+    assert!(store.get(&update(1, 1).key).is_none());
+    assert_eq!(visible.0.lock().unwrap().len(), 1);
+
+    // The cut, during A's sync: A fails, and B, numbered on top of it, with it.
+    faults.fail_writes(true);
+    faults.hold_syncs(false);
+    assert!(batch_a.await.unwrap().is_err());
+    assert!(batch_b.await.unwrap().is_err());
+    assert_eq!(store.revision(), 1);
+    assert_eq!(visible.0.lock().unwrap().len(), 1);
+    stop(sequencer, &tracker).await;
+
+    let faults = FaultSwitch::default();
+    let tracker = TaskTracker::new();
+    let (store, sequencer) = start(dir.path(), &faults, &tracker);
+    assert_eq!(store.revision(), 1, "neither in-flight batch survives");
+    assert!(store.get(&update(1, 1).key).is_none());
+    // Their revisions are free: the next update takes 2, as a fresh profile.
+    let next = sequencer.apply(update(1, 3)).await.unwrap();
+    assert_eq!(next, Applied::Changed { revision: 2 });
+    let profile = store.get(&update(1, 3).key).unwrap();
+    assert_eq!((profile.version, profile.create_revision), (1, 2));
+    stop(sequencer, &tracker).await;
+}
+
+/// The same two batches in flight, the sync let go: both commit in order, the second merged
+/// into the first's profile, each visible only once synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_batches_in_flight_commit_in_order_the_second_on_top_of_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FaultSwitch::default();
+    let tracker = TaskTracker::new();
+    let (store, sequencer) = start(dir.path(), &faults, &tracker);
+    let (batch_a, batch_b) = two_batches_in_flight(&sequencer, &faults).await;
+    assert_eq!(store.revision(), 0);
+    faults.hold_syncs(false);
+    assert_eq!(
+        batch_a.await.unwrap().unwrap(),
+        Applied::Changed { revision: 1 }
+    );
+    assert_eq!(
+        batch_b.await.unwrap().unwrap(),
+        Applied::Changed { revision: 2 }
+    );
+    let profile = store.get(&update(1, 2).key).unwrap();
+    assert_eq!((profile.version, profile.create_revision), (2, 1));
+    assert_eq!(profile.get_int(Field::TotalPoints), Some(2));
+    stop(sequencer, &tracker).await;
+    let (store, sequencer) = start(dir.path(), &faults, &TaskTracker::new());
+    assert_eq!(store.revision(), 2);
+    drop(sequencer);
+}

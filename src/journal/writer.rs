@@ -183,11 +183,25 @@ impl Journal {
     pub fn append(&mut self, batch: &BatchRecord) -> std::io::Result<u64> {
         let mut frame = Vec::new();
         codec::encode_frame(batch, &mut frame);
-        let first_revision = batch.updates.first().map(|update| update.revision);
-        match self.append_frame(&frame, first_revision) {
+        let revisions = match (batch.updates.first(), batch.updates.last()) {
+            (Some(first), Some(last)) => Some((first.revision, last.revision)),
+            _ => None,
+        };
+        self.append_encoded(&frame, revisions)
+    }
+
+    /// [`Journal::append`] of a frame the caller encoded ([`codec::encode_frame`] of a
+    /// [`BatchRecord`]) holding the revisions `first..=last` (`None`: no updates), so the
+    /// encoding can happen off the thread that writes.
+    pub fn append_encoded(
+        &mut self,
+        frame: &[u8],
+        revisions: Option<(u64, u64)>,
+    ) -> std::io::Result<u64> {
+        match self.append_frame(frame, revisions.map(|(first, _)| first)) {
             Ok(()) => {
-                if let Some(last) = batch.updates.last() {
-                    self.last_revision = last.revision;
+                if let Some((_, last)) = revisions {
+                    self.last_revision = last;
                 }
                 Ok(frame.len() as u64)
             }
@@ -243,7 +257,10 @@ impl Journal {
             .faults
             .check()
             .and_then(|()| self.file.write_all(bytes))
-            .and_then(|()| self.faults.check())
+            .and_then(|()| {
+                self.faults.before_sync();
+                self.faults.check()
+            })
             .and_then(|()| self.file.sync_data());
         if written.is_err() {
             self.needs_repair = true;

@@ -134,6 +134,7 @@ struct Journal {
     fsync: Histogram,
     bytes: IntCounter,
     failures: IntCounter,
+    batches_in_flight: IntGauge,
 }
 
 /// What the gauges that mirror the rest of the service read at scrape time.
@@ -352,6 +353,12 @@ impl Journal {
                 "profile_state_journal_write_failures_total",
                 "Journal appends that failed (the batch was answered 503).",
             ),
+            batches_in_flight: gauge(
+                r,
+                "profile_state_journal_batches_in_flight",
+                "Batches sequenced and not yet synced: 0 idle, 1 one syncing, 2 the next one \
+                 waiting for that sync (the journal is the bottleneck).",
+            ),
         }
     }
 }
@@ -468,6 +475,11 @@ impl Metrics {
     pub fn journal_append(&self, seconds: f64, bytes: u64) {
         self.inner.journal.fsync.observe(seconds);
         self.inner.journal.bytes.inc_by(bytes);
+    }
+
+    /// How many batches are sequenced and not yet synced (at most two).
+    pub fn journal_batches_in_flight(&self, batches: usize) {
+        self.inner.journal.batches_in_flight.set(batches as i64);
     }
 
     /// Counts a failed journal append.

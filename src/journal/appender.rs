@@ -1,0 +1,163 @@
+//! The journal's own thread: appends (write + `fdatasync`), probes and the close, one at a
+//! time in the order they were asked for, off the async runtime.
+//!
+//! A dedicated thread rather than a `spawn_blocking` per batch: the sequencer hands it a
+//! frame it encoded and goes on sequencing and encoding the next batch while this one syncs
+//! (a pipeline; see `crate::sequencer`). Order is the point: appends are written strictly in
+//! the order they were sent. After a failed append every later append is refused without
+//! touching the file, until [`Appender::resume`]: a batch numbered after a failed one must
+//! never reach the disk, or its revisions would follow a gap. This module does not decide
+//! what goes into a frame, or when to retry.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::{Journal, JournalError};
+
+/// An append that was written and synced.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    /// The frame's bytes.
+    pub bytes: u64,
+    /// How long the write and sync took.
+    pub took: Duration,
+}
+
+enum Job {
+    Append {
+        frame: Vec<u8>,
+        revisions: Option<(u64, u64)>,
+        done: oneshot::Sender<io::Result<Appended>>,
+    },
+    Resume,
+    Probe {
+        next_revision: u64,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+    Close {
+        done: oneshot::Sender<Result<(), JournalError>>,
+    },
+}
+
+/// Handle to the journal's thread. The thread ends once the handle is dropped (or closed),
+/// after finishing what it was given.
+pub struct Appender {
+    jobs: mpsc::Sender<Job>,
+    dir: PathBuf,
+}
+
+/// What the thread says when it stopped before answering (it cannot: it answers every job
+/// it takes, unless it panicked).
+fn gone() -> io::Error {
+    io::Error::other("the journal thread has stopped")
+}
+
+impl Appender {
+    /// Starts the thread that owns `journal`.
+    pub fn start(journal: Journal) -> io::Result<Appender> {
+        let dir = journal.dir().to_owned();
+        let (jobs, inbox) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || run(journal, inbox))?;
+        Ok(Appender { jobs, dir })
+    }
+
+    /// The directory the journal lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends `frame` (a [`BatchRecord`](super::codec::BatchRecord) frame holding the
+    /// revisions `first..=last`) after everything sent before it; resolves once it is synced,
+    /// or refused because an earlier append failed and [`Appender::resume`] was not called
+    /// since.
+    pub fn append(
+        &self,
+        frame: Vec<u8>,
+        revisions: Option<(u64, u64)>,
+    ) -> impl Future<Output = io::Result<Appended>> + Send + 'static {
+        let (done, answer) = oneshot::channel();
+        let sent = self.jobs.send(Job::Append {
+            frame,
+            revisions,
+            done,
+        });
+        async move {
+            sent.map_err(|_| gone())?;
+            answer.await.map_err(|_| gone())?
+        }
+    }
+
+    /// After a failed append, and once every append sent after it was answered: appends sent
+    /// from now on are written again.
+    pub fn resume(&self) {
+        let _ = self.jobs.send(Job::Resume);
+    }
+
+    /// [`Journal::probe`] on the thread, after what was sent before.
+    pub async fn probe(&self, next_revision: u64) -> io::Result<()> {
+        let (done, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Probe {
+                next_revision,
+                done,
+            })
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// [`Journal::close`] on the thread, after what was sent before; the thread then ends.
+    pub async fn close(self) -> Result<(), JournalError> {
+        let (done, answer) = oneshot::channel();
+        let gone = || JournalError::Io(crate::io_error::IoError::on(&self.dir, "close")(gone()));
+        self.jobs.send(Job::Close { done }).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+fn run(mut journal: Journal, inbox: mpsc::Receiver<Job>) {
+    // Set by a failed append, cleared by `Resume`: what was numbered after the failure is
+    // refused, never written.
+    let mut refusing = false;
+    for job in inbox {
+        match job {
+            Job::Append {
+                frame,
+                revisions,
+                done,
+            } => {
+                let outcome = if refusing {
+                    Err(io::Error::other(
+                        "not written: an earlier journal append failed",
+                    ))
+                } else {
+                    let started = Instant::now();
+                    journal
+                        .append_encoded(&frame, revisions)
+                        .map(|bytes| Appended {
+                            bytes,
+                            took: started.elapsed(),
+                        })
+                        .inspect_err(|_| refusing = true)
+                };
+                let _ = done.send(outcome);
+            }
+            Job::Resume => refusing = false,
+            Job::Probe {
+                next_revision,
+                done,
+            } => {
+                let _ = done.send(journal.probe(next_revision));
+            }
+            Job::Close { done } => {
+                let _ = done.send(journal.close());
+                return;
+            }
+        }
+    }
+}
