@@ -5,7 +5,9 @@
 //! - gRPC: tonic, the same `ProfileService` and listener setting, answering GetProfile,
 //!   BatchGetProfiles and ListProfiles with pre-built profiles of the same size as ours (no
 //!   store, no lookup); the other RPCs are UNIMPLEMENTED.
-//! - fan-out: a tokio broadcast channel alone (see [`broadcast_fanout`]).
+//! - fan-out over gRPC: WatchProfiles on the no-op gRPC server, every change pre-encoded once
+//!   and written to every stream (`noop_watch.rs`), triggered by a POST on a third listener.
+//! - fan-out in process: a tokio broadcast channel alone (see [`broadcast_fanout`]).
 //!
 //! The servers run in their own process (`profile-state-bench baseline`), started by the tool,
 //! so they share the cores with the load generator exactly as the service does.
@@ -26,6 +28,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
+use crate::noop_watch::{NoopWatch, Routes};
 use crate::workload::Workload;
 
 /// Serves both no-op servers on 127.0.0.1 port 0 and prints their addresses as one JSON line
@@ -33,20 +36,32 @@ use crate::workload::Workload;
 pub async fn serve(client_id: &str) -> anyhow::Result<()> {
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let trigger = TcpListener::bind("127.0.0.1:0").await?;
     println!(
         "{}",
-        serde_json::json!({"http": http.local_addr()?, "grpc": grpc.local_addr()?})
+        serde_json::json!({
+            "http": http.local_addr()?,
+            "grpc": grpc.local_addr()?,
+            "fanout_trigger": trigger.local_addr()?,
+        })
     );
     let workload = Workload::new(client_id, 1, "");
     let profile = workload.profile(0);
+    let watch = NoopWatch::new(profile.clone());
     let noop = NoopProfiles { profile };
+    let routes = Routes {
+        generated: ProfileServiceServer::new(noop),
+        watch: Arc::clone(&watch),
+    };
     let grpc = tonic::transport::Server::builder()
-        .add_service(ProfileServiceServer::new(noop))
+        .add_service(routes)
         .serve_with_incoming(TcpIncoming::from(grpc).with_nodelay(Some(true)));
     let http = axum::serve(http.tap_nodelay(), noop_router()).into_future();
-    let (grpc, http) = tokio::join!(grpc, http);
+    let trigger = axum::serve(trigger.tap_nodelay(), watch.trigger()).into_future();
+    let (grpc, http, trigger) = tokio::join!(grpc, http, trigger);
     grpc?;
     http?;
+    trigger?;
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 
 mod baseline;
 mod load;
+mod noop_watch;
 mod process;
 mod report;
 mod scenarios;

@@ -33,6 +33,8 @@ pub struct Server {
     pub grpc: Option<SocketAddr>,
     /// The service's admin listener (`/metrics`), when the tool started it.
     pub admin: Option<SocketAddr>,
+    /// The baseline's fan-out trigger: a POST publishes a change to its WatchProfiles streams.
+    pub fanout_trigger: Option<SocketAddr>,
     /// `None` for a target the tool did not start (given by address).
     child: Option<Child>,
     /// When the process was started and when it said it was listening.
@@ -51,6 +53,7 @@ impl Server {
             webhook,
             grpc,
             admin: None,
+            fanout_trigger: None,
             child: None,
             spawned_at: now,
             listening_at: now,
@@ -124,6 +127,7 @@ impl Server {
                         webhook: Some(addr("webhook")?),
                         grpc: Some(addr("grpc")?),
                         admin: addr("admin").ok(),
+                        fanout_trigger: None,
                         child: Some(child),
                         spawned_at,
                         listening_at: at,
@@ -135,7 +139,8 @@ impl Server {
         }
     }
 
-    /// Starts this binary's no-op baseline servers (HTTP and gRPC) in a child process.
+    /// Starts this binary's no-op baseline servers (HTTP, gRPC and the fan-out trigger) in a child
+    /// process.
     pub fn spawn_baseline(client_id: &str) -> anyhow::Result<Server> {
         let exe = std::env::current_exe().context("locating this binary")?;
         let spawned_at = Instant::now();
@@ -159,6 +164,7 @@ impl Server {
             webhook: Some(addr("http")?),
             grpc: Some(addr("grpc")?),
             admin: None,
+            fanout_trigger: Some(addr("fanout_trigger")?),
             child: Some(child),
             spawned_at,
             listening_at: at,

@@ -72,13 +72,16 @@ fn metrics(report: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-fn ratio_of(report: &serde_json::Value, metric: &str) -> Option<f64> {
+fn row_of<'a>(report: &'a serde_json::Value, metric: &str) -> Option<&'a serde_json::Value> {
     report["rows"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|row| row["metric"] == metric)?["ratio"]
-        .as_f64()
+        .find(|row| row["metric"] == metric)
+}
+
+fn ratio_of(report: &serde_json::Value, metric: &str) -> Option<f64> {
+    row_of(report, metric)?["ratio"].as_f64()
 }
 
 #[test]
@@ -108,18 +111,30 @@ fn list_compares_pages_with_batch_get() {
 #[test]
 fn fanout_measures_every_delivery() {
     let report = run(
-        &["fanout", "--subscribers", "3"],
+        &[
+            "fanout",
+            "--subscribers",
+            "3",
+            "--streams-per-connection",
+            "2",
+        ],
         &["--customers", "50", "--rate", "50"],
     );
-    let missing = report["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|row| row["metric"] == "deliveries missing")
-        .unwrap()["ours"][0]
-        .as_f64()
-        .unwrap();
-    assert_eq!(missing, 0.0, "every change reaches every subscriber");
+    let missing = row_of(&report, "deliveries missing").unwrap();
+    assert_eq!(missing["baseline_name"], "no-op gRPC");
+    for side in ["ours", "baseline"] {
+        assert_eq!(
+            missing[side][0].as_f64(),
+            Some(0.0),
+            "every change reaches every subscriber ({side})"
+        );
+    }
+    // The transport baseline delivered changes over gRPC.
+    let delivered = row_of(&report, "deliveries/s").unwrap();
+    assert!(
+        delivered["baseline"][0].as_f64().unwrap() > 0.0,
+        "{delivered}"
+    );
     assert!(
         metrics(&report)
             .iter()

@@ -17,10 +17,6 @@ pub fn profile(profile: &Profile) -> pb::Profile {
     let values = profile.values();
     let text = |field| values.text(field).map(str::to_owned);
     let int = |field| values.int(field);
-    let extra = profile
-        .extras()
-        .map(|(key, value)| (key.to_owned(), json_value(value)))
-        .collect::<BTreeMap<_, _>>();
     pb::Profile {
         client_id: profile.key.client_id.to_string(),
         customer_id: profile.key.customer_id.to_string(),
@@ -35,14 +31,23 @@ pub fn profile(profile: &Profile) -> pb::Profile {
         activated_points: int(Field::ActivatedPoints),
         pending_points: int(Field::PendingPoints),
         total_points: int(Field::TotalPoints),
-        extra: (!extra.is_empty()).then(|| prost_types::Struct {
-            fields: extra.into_iter().collect(),
-        }),
+        extra: extra(profile),
         updated_at: profile.updated_at().map(timestamp),
         revision: profile.revision,
         create_revision: profile.create_revision,
         version: profile.version,
     }
+}
+
+/// A profile's extra attributes as `Profile.extra`; `None` when it has none.
+pub(super) fn extra(profile: &Profile) -> Option<prost_types::Struct> {
+    let fields = profile
+        .extras()
+        .map(|(key, value)| (key.to_owned(), json_value(value)))
+        .collect::<BTreeMap<_, _>>();
+    (!fields.is_empty()).then(|| prost_types::Struct {
+        fields: fields.into_iter().collect(),
+    })
 }
 
 /// The one converter from a time to the `google.protobuf.Timestamp` the API emits: always a

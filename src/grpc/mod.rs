@@ -13,6 +13,7 @@ pub mod backup;
 mod convert;
 pub mod dead_letters;
 mod page_token;
+mod profile_reply;
 mod reconcile;
 pub mod transport;
 mod watch;
@@ -193,19 +194,13 @@ fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
 }
 
 /// The store revision a read was served at: at least that of everything it returned.
-fn served_at<'a>(store: &Store, profiles: impl IntoIterator<Item = &'a Arc<Profile>>) -> u64 {
-    let newest = profiles.into_iter().map(|p| p.revision).max();
-    store.revision().max(newest.unwrap_or(0))
-}
-
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchProfilesResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl ProfileService for ProfileApi {
-    async fn get_profile(
+impl ProfileApi {
+    /// GetProfile without its answer: checks the request, waits for `min_revision`, finds the
+    /// profile; returns it with the revision the read is served at.
+    async fn find_profile(
         &self,
         request: Request<pb::GetProfileRequest>,
-    ) -> Result<Response<pb::GetProfileResponse>, Status> {
+    ) -> Result<(Arc<Profile>, u64), Status> {
         let (metadata, _, request) = request.into_parts();
         let client_id = required(&request.client_id, "client_id")?;
         let customer_id = required(&request.customer_id, "customer_id")?;
@@ -219,8 +214,29 @@ impl ProfileService for ProfileApi {
                     customer_id: customer_id.to_owned(),
                 })
             })?;
+        let store_revision = served_at(&self.store, [&profile]);
+        Ok((profile, store_revision))
+    }
+}
+
+fn served_at<'a>(store: &Store, profiles: impl IntoIterator<Item = &'a Arc<Profile>>) -> u64 {
+    let newest = profiles.into_iter().map(|p| p.revision).max();
+    store.revision().max(newest.unwrap_or(0))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchProfilesResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ProfileService for ProfileApi {
+    /// Served by [`ProfileServiceRoutes`] (`profile_reply`) rather than through here; kept
+    /// whole, as the generated message, for whoever calls the trait directly.
+    async fn get_profile(
+        &self,
+        request: Request<pb::GetProfileRequest>,
+    ) -> Result<Response<pb::GetProfileResponse>, Status> {
+        let (profile, store_revision) = self.find_profile(request).await?;
         Ok(Response::new(pb::GetProfileResponse {
-            store_revision: served_at(&self.store, [&profile]),
+            store_revision,
             profile: Some(convert::profile(&profile)),
         }))
     }

@@ -1,5 +1,6 @@
 //! WatchProfiles, served by hand: each change is encoded once per response shape and the bytes
-//! are shared by every subscriber that wants that shape.
+//! are shared by every subscriber that wants that shape. GetProfile is routed here too, so its
+//! answer is written straight from the stored profile (`profile_reply`).
 //!
 //! tonic fixes the codec per method, and the generated one encodes a `pb::WatchProfilesResponse`
 //! per subscriber: with 1,000 subscribers of a change that is 1,000 conversions and encodings
@@ -32,9 +33,10 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::codegen::Body as HttpBody;
 use tonic::codegen::{BoxFuture, Bytes, StdError, http};
-use tonic::server::{Grpc, NamedService, ServerStreamingService};
+use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 use tonic::{Request, Response, Status};
 
+use super::profile_reply::ProfileReply;
 use super::{
     DEFAULT_PROGRESS_INTERVAL, MAX_WATCH_FIELDS, MAX_WATCH_IDS, OpenWatch, ProfileApi, convert,
     transport,
@@ -46,8 +48,9 @@ use crate::profile::Change;
 use crate::status::{Rejection, grpc_status};
 use crate::watch::{FieldSelector, WatchEvent, WatchSpec};
 
-/// The method this module serves.
+/// The methods this module serves.
 pub const WATCH_PROFILES_PATH: &str = "/gameball.profiles.v1.ProfileService/WatchProfiles";
+const GET_PROFILE_PATH: &str = "/gameball.profiles.v1.ProfileService/GetProfile";
 /// Events buffered per subscriber between its feed task and the gRPC stream. Small on purpose:
 /// a subscriber that does not read holds at most this many, the rest stays in history.
 const WATCH_BUFFER: usize = 64;
@@ -107,15 +110,27 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != WATCH_PROFILES_PATH {
-            return self.generated.call(request);
-        }
-        let method = WatchProfilesMethod(Arc::clone(&self.api));
         let limit = Some(self.max_message_bytes);
-        Box::pin(async move {
-            let mut grpc = Grpc::new(WatchCodec).apply_max_message_size_config(limit, limit);
-            Ok(grpc.server_streaming(method, request).await)
-        })
+        match request.uri().path() {
+            WATCH_PROFILES_PATH => {
+                let method = WatchProfilesMethod(Arc::clone(&self.api));
+                Box::pin(async move {
+                    let mut grpc =
+                        Grpc::new(WatchCodec).apply_max_message_size_config(limit, limit);
+                    Ok(grpc.server_streaming(method, request).await)
+                })
+            }
+            GET_PROFILE_PATH => {
+                let method = GetProfileMethod(Arc::clone(&self.api));
+                Box::pin(async move {
+                    let codec =
+                        tonic_prost::ProstCodec::<ProfileReply, pb::GetProfileRequest>::new();
+                    let mut grpc = Grpc::new(codec).apply_max_message_size_config(limit, limit);
+                    Ok(grpc.unary(method, request).await)
+                })
+            }
+            _ => self.generated.call(request),
+        }
     }
 }
 
@@ -224,6 +239,23 @@ fn encode_event(
         WatchEvent::Change(change) => Ok(shared.change(&change, include_previous)),
         other => convert::watch_event(other, include_previous, store_id)
             .map(|message| Encoded(Bytes::from(message.encode_to_vec()))),
+    }
+}
+
+/// The GetProfile method over a [`ProfileApi`]: the answer written straight from the stored
+/// profile ([`ProfileReply`]).
+struct GetProfileMethod(Arc<ProfileApi>);
+
+impl UnaryService<pb::GetProfileRequest> for GetProfileMethod {
+    type Response = ProfileReply;
+    type Future = BoxFuture<Response<ProfileReply>, Status>;
+
+    fn call(&mut self, request: Request<pb::GetProfileRequest>) -> Self::Future {
+        let api = Arc::clone(&self.0);
+        Box::pin(async move {
+            let (profile, store_revision) = api.find_profile(request).await?;
+            Ok(Response::new(ProfileReply::new(profile, store_revision)))
+        })
     }
 }
 

@@ -14,7 +14,7 @@
 
 use anyhow::Context;
 
-use super::fanout::{Audience, Filter, Subscribers, measure_latency};
+use super::fanout::{Audience, Endpoints, Filter, Subscribers, measure_latency};
 use super::{Options, preload, rounds};
 use crate::process::rss_bytes;
 use crate::report::{Report, Row, Target};
@@ -95,7 +95,16 @@ pub async fn run(options: &Options, report: &mut Report, watchers: Watchers) -> 
     };
     let results = rounds(options.rounds, 1, |_, _| {
         let (options, ours, workload) = (&options, &ours, &workload);
-        async move { measure_latency(options, ours, workload, active_audience, rate).await }
+        async move {
+            measure_latency(
+                options,
+                Endpoints::service(ours)?,
+                workload,
+                active_audience,
+                rate,
+            )
+            .await
+        }
     })
     .await;
     let stats = results
