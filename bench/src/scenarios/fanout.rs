@@ -460,7 +460,7 @@ pub async fn run(
             )
             .ours(with)
             .baseline("no subscribers", without)
-            .target(Target::RatioAtLeast { value: 0.80 }),
+            .target(Target::RatioAtLeast { value: 0.90 }),
         );
     }
     Ok(())
