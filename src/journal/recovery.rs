@@ -184,9 +184,12 @@ pub(super) fn records_after(segments: &[(u64, PathBuf)], revision: u64) -> usize
         && whole_records > 0
         && whole_bytes > 0
     {
-        let estimated = u128::from(size(path)) * u128::from(whole_records) / u128::from(whole_bytes);
+        let estimated =
+            u128::from(size(path)) * u128::from(whole_records) / u128::from(whole_bytes);
         let covered = (revision + 1).saturating_sub(*first);
-        records += u64::try_from(estimated).unwrap_or(u64::MAX).saturating_sub(covered);
+        records += u64::try_from(estimated)
+            .unwrap_or(u64::MAX)
+            .saturating_sub(covered);
     }
     usize::try_from(records).unwrap_or(usize::MAX)
 }

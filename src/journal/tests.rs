@@ -903,7 +903,9 @@ fn a_snapshot_and_the_profiles_replayed_after_it_are_listed_together_in_key_orde
         .iter()
         .map(|profile| profile.key.customer_id.to_string())
         .collect();
-    let expected: Vec<String> = (1..=120).map(|revision| format!("u{revision:04}")).collect();
+    let expected: Vec<String> = (1..=120)
+        .map(|revision| format!("u{revision:04}"))
+        .collect();
     assert_eq!(listed, expected, "every profile once, in key order");
 }
 
@@ -929,5 +931,8 @@ fn the_records_after_a_revision_are_counted_in_whole_segments_and_estimated_in_t
     let one = tempfile::tempdir().unwrap();
     let single = write(one.path(), 4, u64::MAX);
     drop(single);
-    assert_eq!(recovery::records_after(&super::segments(one.path()).unwrap(), 0), 0);
+    assert_eq!(
+        recovery::records_after(&super::segments(one.path()).unwrap(), 0),
+        0
+    );
 }

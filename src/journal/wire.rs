@@ -19,7 +19,7 @@ use arcstr::ArcStr;
 use prost::Message;
 
 use super::codec::{self, ExtraRecord, Malformed};
-use crate::profile::{Field, Profile, ProfileKey, Register, ScalarRef};
+use crate::profile::{Field, Profile, ProfileKey, ScalarRef, StampedRef};
 
 /// The profiles of a snapshot frame's payload (a `ProfileBatch`), appended to `out`.
 /// `accounts` is the last `client_id` read, reused while runs of one account go on (snapshots
@@ -74,7 +74,7 @@ fn decode_profile(bytes: &[u8], accounts: &mut Option<ArcStr>) -> Result<Profile
     let mut wire = Wire(bytes);
     let (mut client_id, mut customer_id) = ("", "");
     let (mut revision, mut create_revision, mut version) = (0, 0, 0);
-    let mut fields: Vec<(Field, Register<ScalarRef<'_>>)> = Vec::with_capacity(Field::ALL.len());
+    let mut fields: Vec<(Field, StampedRef<'_>)> = Vec::with_capacity(Field::ALL.len());
     let mut extras = Vec::new();
     while let Some((tag, kind)) = wire.key()? {
         match (tag, kind) {
@@ -101,18 +101,20 @@ fn decode_profile(bytes: &[u8], accounts: &mut Option<ArcStr>) -> Result<Profile
             shared
         }
     };
-    Ok(Profile::from_register_refs(
+    Profile::from_stamped_refs(
         ProfileKey::new(client_id, customer_id),
         fields,
         extras,
         revision,
         create_revision,
         version,
-    ))
+    )
+    .map_err(|(_, seconds)| Malformed(format!("timestamp {seconds}s out of range")))
 }
 
-/// One `FieldRecord`: the field, its register's value (the oneof's last member read) and clock.
-fn decode_field(bytes: &[u8]) -> Result<(Field, Register<ScalarRef<'_>>), Malformed> {
+/// One `FieldRecord`: the field, its register's value (the oneof's last member read) and time
+/// (as stored: checked when the profile is packed).
+fn decode_field(bytes: &[u8]) -> Result<(Field, StampedRef<'_>), Malformed> {
     let mut wire = Wire(bytes);
     let mut number = 0u32;
     let mut value = None;
@@ -128,11 +130,15 @@ fn decode_field(bytes: &[u8]) -> Result<(Field, Register<ScalarRef<'_>>), Malfor
             _ => wire.skip(kind)?,
         }
     }
-    let register = Register {
-        at: codec::event_time(at.as_ref())?,
+    // As `codec::event_time` refuses them, in the same order.
+    let at = at.ok_or_else(|| Malformed("missing timestamp".into()))?;
+    let nanos = u32::try_from(at.nanos).map_err(|_| Malformed("negative nanos".into()))?;
+    let stamped = StampedRef {
         value,
+        seconds: at.seconds,
+        nanos,
     };
-    Ok((codec::field(number)?, register))
+    Ok((codec::field(number)?, stamped))
 }
 
 /// A `google.protobuf.Timestamp`, merged into `at` as prost merges a repeated message field.
@@ -233,7 +239,7 @@ impl<'a> Wire<'a> {
 mod tests {
     use super::*;
     use crate::journal::codec::{ProfileBatch, ProfileRecord};
-    use crate::profile::{ExtraValue, Scalar};
+    use crate::profile::{ExtraValue, Register, Scalar};
     use proptest::prelude::*;
 
     fn decode_both(payload: &[u8]) -> (Result<Vec<Profile>, String>, Result<Vec<Profile>, String>) {

@@ -51,6 +51,18 @@ use registers::{Clock, Registers, Slot, Slots};
 /// ingest path lets in is within [`time`]'s rule.
 pub type EventTime = DateTime<Utc>;
 
+/// A modeled field's register as a snapshot stores it: its value, borrowed, and its time as
+/// a protobuf `Timestamp` holds it (seconds since the epoch, nanoseconds within the second).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StampedRef<'a> {
+    /// The value; `None` when the newest write cleared the field.
+    pub value: Option<ScalarRef<'a>>,
+    /// Seconds since the epoch.
+    pub seconds: i64,
+    /// Nanoseconds within the second (10^9 and more: a leap second).
+    pub nanos: u32,
+}
+
 /// The registers of unmodeled `data` keys, ordered by key.
 type Extras = BTreeMap<Box<str>, Register<ExtraValue>>;
 
@@ -223,6 +235,31 @@ impl Profile {
         Profile::from_register_refs(key, borrowed, extras, revision, create_revision, version)
     }
 
+    /// [`Profile::from_register_refs`] from registers whose times are still a protobuf
+    /// `Timestamp`'s seconds and nanoseconds (a snapshot's, read straight from its bytes): the
+    /// clocks are stored as they are rather than made into dates and back. A time chrono
+    /// cannot hold refuses the profile, with its field and seconds.
+    pub fn from_stamped_refs<'a>(
+        key: ProfileKey,
+        fields: impl IntoIterator<Item = (Field, StampedRef<'a>)>,
+        extras: impl IntoIterator<Item = (Box<str>, Register<ExtraValue>)>,
+        revision: u64,
+        create_revision: u64,
+        version: u64,
+    ) -> Result<Profile, (Field, i64)> {
+        let mut slots: Slots<'a> = [None; Field::ALL.len()];
+        for (field, stamped) in fields {
+            let at = Clock::from_timestamp(stamped.seconds, stamped.nanos)
+                .ok_or((field, stamped.seconds))?;
+            slots[field.index()] = Some(Slot {
+                at,
+                value: stamped.value,
+            });
+        }
+        let bookkeeping = (revision, create_revision, version);
+        Ok(Profile::from_slots(key, &slots, extras, bookkeeping))
+    }
+
     /// [`Profile::from_registers`] from borrowed values: a snapshot's profiles are packed
     /// straight from the bytes they were read into. A field given twice keeps the later
     /// register.
@@ -234,7 +271,6 @@ impl Profile {
         create_revision: u64,
         version: u64,
     ) -> Profile {
-        let mut profile = Profile::empty(key);
         let mut slots: Slots<'a> = [None; Field::ALL.len()];
         for (field, register) in fields {
             slots[field.index()] = Some(Slot {
@@ -242,7 +278,19 @@ impl Profile {
                 value: register.value,
             });
         }
-        profile.registers = Registers::pack(&slots);
+        Profile::from_slots(key, &slots, extras, (revision, create_revision, version))
+    }
+
+    /// The profile of `key` holding `slots` and `extras`, with its `(revision,
+    /// create_revision, version)`.
+    fn from_slots(
+        key: ProfileKey,
+        slots: &Slots<'_>,
+        extras: impl IntoIterator<Item = (Box<str>, Register<ExtraValue>)>,
+        (revision, create_revision, version): (u64, u64, u64),
+    ) -> Profile {
+        let mut profile = Profile::empty(key);
+        profile.registers = Registers::pack(slots);
         let extra: Extras = extras.into_iter().collect();
         profile.extra = (!extra.is_empty()).then(|| Box::new(extra));
         profile.revision = revision;

@@ -32,12 +32,27 @@ impl Clock {
         }
     }
 
+    /// The clock of the time `secs` seconds and `nanos` nanoseconds after the epoch: exactly
+    /// `DateTime::from_timestamp(secs, nanos).map(Clock::of)`, without building (and taking
+    /// apart again) a date for the ordinary times of years 1 to 9999, which chrono always
+    /// holds unchanged. Snapshot loading reads a clock per register, millions at start-up.
+    pub(super) fn from_timestamp(secs: i64, nanos: u32) -> Option<Clock> {
+        if nanos < 1_000_000_000 && (YEAR_1..=YEAR_9999_END).contains(&secs) {
+            return Some(Clock { secs, nanos });
+        }
+        DateTime::from_timestamp(secs, nanos).map(Clock::of)
+    }
+
     pub(super) fn time(self) -> EventTime {
         // Clocks are only made from `EventTime`s (`Clock::of`), and those convert back.
         DateTime::from_timestamp(self.secs, self.nanos)
             .expect("a clock converts back to the time it was taken from")
     }
 }
+
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z in seconds since the epoch.
+const YEAR_1: i64 = -62_135_596_800;
+const YEAR_9999_END: i64 = 253_402_300_799;
 
 /// One modeled field's register, unpacked: borrowed from the packed bytes or from an update.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -267,6 +282,17 @@ mod tests {
             prop_assert_eq!(Clock::of(a).cmp(&Clock::of(b)), a.cmp(&b));
             prop_assert_eq!(Clock::of(a).time(), a);
         }
+
+        #[test]
+        fn clocks_from_timestamps_are_chronos(
+            secs in -300_000_000_000i64..300_000_000_000,
+            nanos in 0u32..2_100_000_000,
+        ) {
+            prop_assert_eq!(
+                Clock::from_timestamp(secs, nanos),
+                DateTime::from_timestamp(secs, nanos).map(Clock::of)
+            );
+        }
     }
 
     #[test]
@@ -287,6 +313,35 @@ mod tests {
         }
         assert!(Clock::of(before) < Clock::of(leap) && Clock::of(leap) < Clock::of(after));
         assert!(before < leap && leap < after);
+    }
+
+    #[test]
+    fn a_clock_from_a_timestamp_is_what_chrono_makes_of_it() {
+        let through_chrono = |secs, nanos| DateTime::from_timestamp(secs, nanos).map(Clock::of);
+        let edges = [YEAR_1, YEAR_9999_END];
+        let seconds = edges
+            .iter()
+            .flat_map(|edge| [edge - 86_400, edge - 1, *edge, edge + 1, edge + 86_400])
+            .chain([0, -1, 1_483_228_799, 1_483_228_800, i64::MIN, i64::MAX])
+            .chain([i64::MIN / 1000, i64::MAX / 1000]);
+        for secs in seconds {
+            for nanos in [
+                0,
+                1,
+                999_999_999,
+                1_000_000_000,
+                1_500_000_000,
+                1_999_999_999,
+                2_000_000_000,
+                u32::MAX,
+            ] {
+                assert_eq!(
+                    Clock::from_timestamp(secs, nanos),
+                    through_chrono(secs, nanos),
+                    "{secs}s {nanos}ns"
+                );
+            }
+        }
     }
 
     #[test]

@@ -441,7 +441,11 @@ impl Store {
             }
         }
         debug_assert!(
-            self.inner.order.read().expect("order lock poisoned").is_empty(),
+            self.inner
+                .order
+                .read()
+                .expect("order lock poisoned")
+                .is_empty(),
             "restore into a fresh store only"
         );
         *self
