@@ -163,22 +163,30 @@ fn read_whole(path: &Path, buffer: &mut Vec<u8>) -> Result<(), JournalError> {
 
 /// About how many records the journal holds after `revision`: exact for every segment but
 /// the newest (the next one's first revision says), the newest one's estimated from its size
-/// at the others' bytes per record (none counted when it is the only one).
+/// at the others' bytes per record (none counted when it is the only one). A segment never
+/// counts more records than its bytes can hold, and the whole never more than
+/// [`MAX_REPLAY_RESERVE`]: the names of a damaged directory must not size an allocation.
 ///
 /// The profile map makes room for that many new profiles before loading, because growing it
 /// while the replay adds profiles rehashes every one already loaded, each a pointer chase to
-/// its key: a tenth of recovery's CPU at a million profiles. An over-estimate costs table
-/// slots (9 bytes each), never correctness.
+/// its key: a tenth of recovery's CPU at a million profiles. An over-estimate (records that
+/// update profiles already there) costs table slots (9 bytes each), never correctness.
 pub(super) fn records_after(segments: &[(u64, PathBuf)], revision: u64) -> usize {
     let size = |path: &Path| fs::metadata(path).map_or(0, |metadata| metadata.len());
+    // Records of revisions up to `revision` that a segment starting at `first` holds.
+    let covered = |first: u64| (revision + 1).saturating_sub(first);
     let (mut records, mut whole_records, mut whole_bytes) = (0u64, 0u64, 0u64);
     for pair in segments.windows(2) {
         let [(first, path), (next_first, _)] = pair else {
             continue;
         };
-        records += next_first.saturating_sub((*first).max(revision + 1));
-        whole_records += next_first.saturating_sub(*first);
-        whole_bytes += size(path);
+        let bytes = size(path);
+        let held = next_first
+            .saturating_sub(*first)
+            .min(bytes / MIN_RECORD_BYTES);
+        records += held.saturating_sub(covered(*first));
+        whole_records += held;
+        whole_bytes += bytes;
     }
     if let Some((first, path)) = segments.last()
         && whole_records > 0
@@ -186,13 +194,20 @@ pub(super) fn records_after(segments: &[(u64, PathBuf)], revision: u64) -> usize
     {
         let estimated =
             u128::from(size(path)) * u128::from(whole_records) / u128::from(whole_bytes);
-        let covered = (revision + 1).saturating_sub(*first);
-        records += u64::try_from(estimated)
-            .unwrap_or(u64::MAX)
-            .saturating_sub(covered);
+        let estimated = u64::try_from(estimated).unwrap_or(u64::MAX);
+        records += estimated.saturating_sub(covered(*first));
     }
-    usize::try_from(records).unwrap_or(usize::MAX)
+    usize::try_from(records.min(MAX_REPLAY_RESERVE)).unwrap_or(usize::MAX)
 }
+
+/// Fewer bytes than any record this service writes takes (its revision, customer id and time
+/// alone take more): what bounds the records a segment is counted as holding, whatever the
+/// names around it say, so the room made is at most about its size.
+const MIN_RECORD_BYTES: u64 = 8;
+
+/// The most profiles recovery makes room for ahead of a replay; beyond it the map grows as
+/// profiles arrive.
+const MAX_REPLAY_RESERVE: u64 = 1 << 24;
 
 /// Loads the snapshot `path` (as of `revision`) into the store, with room for `more` profiles
 /// beyond those it holds.

@@ -936,3 +936,27 @@ fn the_records_after_a_revision_are_counted_in_whole_segments_and_estimated_in_t
         0
     );
 }
+
+#[test]
+fn segment_names_claiming_a_huge_journal_reserve_no_more_than_their_bytes_can_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 4, u64::MAX));
+    // A second segment named as if some 10^18 records came before it: a gap, to be refused
+    // with its error rather than by an allocation of room for that many profiles.
+    let first = segments(dir.path()).unwrap()[0].1.clone();
+    let bogus = writer::segment_path(dir.path(), 1_000_000_000_000_000_000);
+    fs::copy(&first, &bogus).unwrap();
+    let claimed = recovery::records_after(&segments(dir.path()).unwrap(), 0);
+    let bytes = fs::metadata(&first).unwrap().len() * 2;
+    assert!(
+        claimed as u64 <= bytes,
+        "{claimed} records claimed in {bytes} bytes"
+    );
+    match recovered(dir.path()) {
+        Err(JournalError::Gap { .. }) => {}
+        other => panic!(
+            "expected a gap, got {:?}",
+            other.map(|(_, recovered)| recovered)
+        ),
+    }
+}
