@@ -173,15 +173,28 @@ struct Wire<'a>(&'a [u8]);
 
 impl<'a> Wire<'a> {
     fn varint(&mut self) -> Result<u64, Malformed> {
+        // Keys, most lengths and small numbers take one byte. The general loop below, written
+        // over an enumerated and limited iterator, was a fifth of a snapshot's decoding
+        // instructions at start-up; the plain indexed loop and this shortcut cut it to a few.
+        if let Some((&byte, rest)) = self.0.split_first()
+            && byte < 0x80
+        {
+            self.0 = rest;
+            return Ok(u64::from(byte));
+        }
+        let bytes = self.0;
         let mut value = 0u64;
-        for (index, byte) in self.0.iter().enumerate().take(10) {
+        let mut index = 0;
+        while index < bytes.len().min(10) {
+            let byte = bytes[index];
             value |= u64::from(byte & 0x7f) << (7 * index);
-            if byte & 0x80 == 0 {
+            index += 1;
+            if byte < 0x80 {
                 // The tenth byte may only carry the top bit of a u64.
-                if index == 9 && *byte > 1 {
+                if index == 10 && byte > 1 {
                     break;
                 }
-                self.0 = &self.0[index + 1..];
+                self.0 = &bytes[index..];
                 return Ok(value);
             }
         }
@@ -315,6 +328,29 @@ mod tests {
             prop_assert_eq!(by_wire.unwrap(), profiles);
         }
 
+        /// A varint reads as prost reads it: the same value and rest, or an error where prost
+        /// has one (cut short, more than ten bytes, a tenth byte past a u64's top bit).
+        #[test]
+        fn varints_read_as_prost_reads_them(
+            value in any::<u64>(),
+            // Mostly continuation bytes, so that long and overlong varints come up.
+            noise in proptest::collection::vec(prop_oneof![3 => 0x80u8..=0xff, 1 => any::<u8>()], 0..12),
+        ) {
+            let mut encoded = Vec::new();
+            prost::encoding::encode_varint(value, &mut encoded);
+            let mut wire = Wire(&encoded);
+            prop_assert_eq!(wire.varint().unwrap(), value);
+            prop_assert!(wire.0.is_empty());
+            let mut by_prost = &noise[..];
+            let expected = prost::encoding::decode_varint(&mut by_prost).ok();
+            let mut wire = Wire(&noise);
+            let read = wire.varint().ok();
+            prop_assert_eq!(read, expected);
+            if read.is_some() {
+                prop_assert_eq!(wire.0, by_prost);
+            }
+        }
+
         /// Arbitrary bytes never panic, and the two readings agree on what they accept.
         #[test]
         fn damaged_bytes_are_refused_alike(
@@ -330,6 +366,21 @@ mod tests {
             let (by_prost, by_wire) = decode_both(&bytes);
             prop_assert_eq!(by_prost.ok(), by_wire.ok());
         }
+    }
+
+    #[test]
+    fn varints_at_the_edges_of_a_u64() {
+        let read = |bytes: &[u8]| Wire(bytes).varint().ok();
+        let mut longest = vec![0xff; 9];
+        longest.push(0x01);
+        assert_eq!(read(&longest), Some(u64::MAX));
+        *longest.last_mut().unwrap() = 0x02;
+        assert_eq!(read(&longest), None, "a tenth byte past a u64's top bit");
+        assert_eq!(read(&[0x80; 10]), None, "more than ten bytes");
+        assert_eq!(read(&[0x80, 0x80]), None, "cut short");
+        assert_eq!(read(&[]), None, "nothing");
+        assert_eq!(read(&[0x7f, 0xff]), Some(127));
+        assert_eq!(read(&[0x80, 0x01]), Some(128));
     }
 
     #[test]
