@@ -3,9 +3,15 @@
 //! Every journal segment and snapshot starts with an 8-byte magic and a little-endian `u32`
 //! format version; the frames after it follow that version:
 //!
-//! - format 2 (written): `len: u32 LE`, `crc32c(payload): u32 LE`, `crc32c(len and payload
-//!   crc): u32 LE`, `payload`. The header has its own checksum, so a damaged length is told
-//!   apart from a frame cut off by a crash: only a sound header's length is believed.
+//! - format 3 (written for snapshots): format 2's frames; a snapshot's profiles carry their
+//!   modeled registers as the store packs them ([`ProfileRecord::packed_registers`]) instead
+//!   of a [`FieldRecord`] per field, so loading one is a check and a copy. Builds that read
+//!   only formats 1 and 2 would skip that field and load empty profiles: the new number makes
+//!   them refuse the file instead.
+//! - format 2 (written for journal segments and the head file; read for snapshots): `len: u32
+//!   LE`, `crc32c(payload): u32 LE`, `crc32c(len and payload crc): u32 LE`, `payload`. The
+//!   header has its own checksum, so a damaged length is told apart from a frame cut off by a
+//!   crash: only a sound header's length is believed.
 //! - format 1 (read only, written by earlier builds): `len: u32 LE`, `crc32c(payload): u32 LE`,
 //!   `payload`. The length is unprotected.
 //!
@@ -23,8 +29,6 @@ use crate::profile::{
     ScalarRef,
 };
 
-/// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Magic of a journal segment file.
@@ -45,17 +49,31 @@ pub enum FrameFormat {
     V1,
     /// Format 2: length, payload checksum and a checksum of those two.
     V2,
+    /// Format 3: format 2's frames, and snapshots' registers packed.
+    V3,
 }
 
 impl FrameFormat {
-    /// The format this build writes.
+    /// The format this build writes journal segments and the head file in.
     pub const CURRENT: FrameFormat = FrameFormat::V2;
+    /// The format this build writes snapshots in.
+    pub const SNAPSHOTS: FrameFormat = FrameFormat::V3;
+
+    /// The newest format a file with `magic` may have: what this build writes it in. A
+    /// segment or head file claiming format 3 is damaged or from a newer build, not read.
+    pub fn newest_for(magic: [u8; 8]) -> FrameFormat {
+        if magic == SNAPSHOT_MAGIC {
+            FrameFormat::SNAPSHOTS
+        } else {
+            FrameFormat::CURRENT
+        }
+    }
 
     /// Bytes before a frame's payload.
     pub const fn overhead(self) -> usize {
         match self {
             FrameFormat::V1 => 8,
-            FrameFormat::V2 => 12,
+            FrameFormat::V2 | FrameFormat::V3 => 12,
         }
     }
 
@@ -64,15 +82,16 @@ impl FrameFormat {
         match self {
             FrameFormat::V1 => 1,
             FrameFormat::V2 => 2,
+            FrameFormat::V3 => 3,
         }
     }
 }
 
-/// The header of a file with this magic, in the current format.
-pub fn file_header(magic: [u8; 8]) -> [u8; HEADER_LEN] {
+/// The header of a file with this magic, in `format`.
+pub fn file_header(magic: [u8; 8], format: FrameFormat) -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
     header[..8].copy_from_slice(&magic);
-    header[8..].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[8..].copy_from_slice(&format.version().to_le_bytes());
     header
 }
 
@@ -83,8 +102,14 @@ pub enum HeaderError {
     Short,
     /// Not this kind of file.
     WrongMagic,
-    /// Written by a format this build does not read.
-    UnknownVersion(u32),
+    /// Written by a format this build does not read in this kind of file (`newest` is the
+    /// newest it does).
+    UnknownVersion {
+        /// The version the header names.
+        version: u32,
+        /// The newest version this build reads in this kind of file.
+        newest: u32,
+    },
 }
 
 impl std::fmt::Display for HeaderError {
@@ -92,16 +117,16 @@ impl std::fmt::Display for HeaderError {
         match self {
             HeaderError::Short => write!(f, "the file header is cut off"),
             HeaderError::WrongMagic => write!(f, "not this kind of file (wrong magic bytes)"),
-            HeaderError::UnknownVersion(version) if *version > FORMAT_VERSION => write!(
+            HeaderError::UnknownVersion { version, newest } if version > newest => write!(
                 f,
                 "written in format {version} by a newer profile-state; this build reads formats \
-                 {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}: run the newer build (or restore \
-                 a backup taken before the upgrade)"
+                 {OLDEST_READABLE_VERSION} to {newest}: run the newer build (or restore a backup \
+                 taken before the upgrade)"
             ),
-            HeaderError::UnknownVersion(version) => write!(
+            HeaderError::UnknownVersion { version, newest } => write!(
                 f,
                 "format {version} is not one this build reads (formats \
-                 {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
+                 {OLDEST_READABLE_VERSION} to {newest})"
             ),
         }
     }
@@ -115,10 +140,15 @@ pub fn check_header(bytes: &[u8], magic: [u8; 8]) -> Result<FrameFormat, HeaderE
     if bytes[..8] != magic {
         return Err(HeaderError::WrongMagic);
     }
+    let newest = FrameFormat::newest_for(magic);
     match u32::from_le_bytes(bytes[8..12].try_into().expect("four bytes")) {
         1 => Ok(FrameFormat::V1),
         2 => Ok(FrameFormat::V2),
-        other => Err(HeaderError::UnknownVersion(other)),
+        3 if newest == FrameFormat::V3 => Ok(FrameFormat::V3),
+        version => Err(HeaderError::UnknownVersion {
+            version,
+            newest: newest.version(),
+        }),
     }
 }
 
@@ -244,7 +274,7 @@ pub fn read_frame(bytes: &[u8], offset: usize, format: FrameFormat) -> Frame<'_>
         return Frame::Invalid(Invalid::HeaderCutOff);
     }
     let word = |at: usize| u32::from_le_bytes(rest[at..at + 4].try_into().expect("four bytes"));
-    if format == FrameFormat::V2 && crc32c::crc32c(&rest[..8]) != word(8) {
+    if format != FrameFormat::V1 && crc32c::crc32c(&rest[..8]) != word(8) {
         return Frame::Invalid(Invalid::HeaderDamaged);
     }
     let len = word(0) as usize;
@@ -252,7 +282,7 @@ pub fn read_frame(bytes: &[u8], offset: usize, format: FrameFormat) -> Frame<'_>
         return Frame::Invalid(match format {
             FrameFormat::V1 => Invalid::ImplausibleLength,
             // A sound header with a length we never write: damaged all the same.
-            FrameFormat::V2 => Invalid::HeaderDamaged,
+            FrameFormat::V2 | FrameFormat::V3 => Invalid::HeaderDamaged,
         });
     }
     let claimed_end = offset + overhead + len;
@@ -396,12 +426,16 @@ pub struct ProfileRecord {
     /// Number of changes.
     #[prost(uint64, tag = "5")]
     pub version: u64,
-    /// Modeled field registers.
+    /// Modeled field registers, one record each (formats 1 and 2; empty in format 3).
     #[prost(message, repeated, tag = "6")]
     pub fields: Vec<FieldRecord>,
     /// Extra registers.
     #[prost(message, repeated, tag = "7")]
     pub extras: Vec<ExtraRecord>,
+    /// Modeled field registers as the store packs them ([`Profile::packed_registers`]),
+    /// format 3 on; a record holds these or `fields`, never both.
+    #[prost(bytes = "vec", tag = "8")]
+    pub packed_registers: Vec<u8>,
 }
 
 /// The journal's head file (`JOURNAL_HEAD`): what recovery must find, so that a segment
@@ -538,14 +572,20 @@ impl UpdateRecord {
 }
 
 impl ProfileRecord {
-    /// The record of a whole profile.
+    /// The record of a whole profile, as format 3 writes it (registers packed).
     pub fn new(profile: &Profile) -> ProfileRecord {
         ProfileRecord {
-            client_id: profile.key.client_id.to_string(),
-            customer_id: profile.key.customer_id.to_string(),
-            revision: profile.revision,
-            create_revision: profile.create_revision,
-            version: profile.version,
+            packed_registers: profile.packed_registers().to_vec(),
+            fields: Vec::new(),
+            ..ProfileRecord::without_registers(profile)
+        }
+    }
+
+    /// The record of a whole profile as formats 1 and 2 wrote it (a record per register):
+    /// the snapshots of earlier builds, which this one still reads.
+    #[cfg(test)]
+    pub fn with_field_records(profile: &Profile) -> ProfileRecord {
+        ProfileRecord {
             fields: profile
                 .field_registers()
                 .map(|(field, register)| FieldRecord {
@@ -554,6 +594,18 @@ impl ProfileRecord {
                     at: Some(timestamp(register.at)),
                 })
                 .collect(),
+            ..ProfileRecord::without_registers(profile)
+        }
+    }
+
+    fn without_registers(profile: &Profile) -> ProfileRecord {
+        ProfileRecord {
+            client_id: profile.key.client_id.to_string(),
+            customer_id: profile.key.customer_id.to_string(),
+            revision: profile.revision,
+            create_revision: profile.create_revision,
+            version: profile.version,
+            fields: Vec::new(),
             extras: profile
                 .extra_registers()
                 .map(|(key, register)| ExtraRecord {
@@ -562,11 +614,26 @@ impl ProfileRecord {
                     at: Some(timestamp(register.at)),
                 })
                 .collect(),
+            packed_registers: Vec::new(),
         }
     }
 
     /// The profile this record holds.
     pub fn into_profile(self) -> Result<Profile, Malformed> {
+        let extras = self
+            .extras
+            .into_iter()
+            .map(ExtraRecord::into_register)
+            .collect::<Result<Vec<_>, Malformed>>()?;
+        let key = ProfileKey::new(self.client_id, self.customer_id);
+        let bookkeeping = (self.revision, self.create_revision, self.version);
+        if !self.packed_registers.is_empty() {
+            if !self.fields.is_empty() {
+                return Err(both_register_forms());
+            }
+            return Profile::from_packed(key, &self.packed_registers, extras, bookkeeping)
+                .ok_or_else(unreadable_packed_registers);
+        }
         let fields = self
             .fields
             .into_iter()
@@ -578,20 +645,24 @@ impl ProfileRecord {
                 Ok((field(record.field)?, register))
             })
             .collect::<Result<Vec<_>, Malformed>>()?;
-        let extras = self
-            .extras
-            .into_iter()
-            .map(ExtraRecord::into_register)
-            .collect::<Result<Vec<_>, Malformed>>()?;
+        let (revision, create_revision, version) = bookkeeping;
         Ok(Profile::from_registers(
-            ProfileKey::new(self.client_id, self.customer_id),
+            key,
             fields,
             extras,
-            self.revision,
-            self.create_revision,
-            self.version,
+            revision,
+            create_revision,
+            version,
         ))
     }
+}
+
+pub(super) fn both_register_forms() -> Malformed {
+    Malformed("a profile with both packed registers and field records".into())
+}
+
+pub(super) fn unreadable_packed_registers() -> Malformed {
+    Malformed("packed registers that no profile packs to".into())
 }
 
 impl ExtraRecord {
@@ -745,8 +816,10 @@ mod tests {
 
     #[test]
     fn headers_name_what_is_wrong() {
-        let header = file_header(SEGMENT_MAGIC);
+        let header = file_header(SEGMENT_MAGIC, FrameFormat::CURRENT);
         assert_eq!(check_header(&header, SEGMENT_MAGIC), Ok(FrameFormat::V2));
+        let snapshot = file_header(SNAPSHOT_MAGIC, FrameFormat::SNAPSHOTS);
+        assert_eq!(check_header(&snapshot, SNAPSHOT_MAGIC), Ok(FrameFormat::V3));
         assert_eq!(
             check_header(&header[..5], SEGMENT_MAGIC),
             Err(HeaderError::Short)
@@ -761,7 +834,30 @@ mod tests {
         let mut future = header;
         future[8] = 9;
         let error = check_header(&future, SEGMENT_MAGIC).unwrap_err();
-        assert_eq!(error, HeaderError::UnknownVersion(9));
+        assert_eq!(
+            error,
+            HeaderError::UnknownVersion {
+                version: 9,
+                newest: 2
+            }
+        );
+        // Only snapshots are written in format 3: a segment claiming it is not read as one.
+        let mut three = header;
+        three[8] = 3;
+        assert!(check_header(&three, SEGMENT_MAGIC).is_err());
+        three[..8].copy_from_slice(&SNAPSHOT_MAGIC);
+        assert_eq!(check_header(&three, SNAPSHOT_MAGIC), Ok(FrameFormat::V3));
+        three[8] = 4;
+        let error = check_header(&three, SNAPSHOT_MAGIC)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "written in format 4 by a newer profile-state; this build reads \
+                 formats 1 to 3"
+            ),
+            "{error}"
+        );
         assert!(error.to_string().contains("newer profile-state"), "{error}");
     }
 

@@ -57,7 +57,7 @@ pub fn read(dir: &Path) -> Result<Option<JournalHead>, JournalError> {
 /// Replaces the head file with `head`, atomically.
 pub fn write(dir: &Path, head: &JournalHead) -> Result<(), JournalError> {
     let path = path(dir);
-    let mut bytes = codec::file_header(HEAD_MAGIC).to_vec();
+    let mut bytes = codec::file_header(HEAD_MAGIC, codec::FrameFormat::CURRENT).to_vec();
     codec::encode_frame(head, &mut bytes);
     write_atomically(&path, &bytes).map_err(JournalError::io(&path, "write"))
 }

@@ -249,7 +249,7 @@ fn segment_format(
             fs::remove_file(path).map_err(JournalError::io(path, "remove"))?;
             Ok(None)
         }
-        Err(error @ HeaderError::UnknownVersion(_)) => Err(JournalError::Format {
+        Err(error @ HeaderError::UnknownVersion { .. }) => Err(JournalError::Format {
             path: path.to_owned(),
             reason: format!("not a journal segment this build reads: {error}"),
         }),
@@ -483,7 +483,7 @@ fn is_torn(bytes: &[u8], offset: usize, format: FrameFormat, invalid: Invalid) -
         // A sound header's length is believed. Format 1's is unchecked: a valid frame further
         // on means the length was damaged, not the write cut short.
         Invalid::PayloadCutOff { .. } => {
-            format == FrameFormat::V2 || !valid_frame_after(bytes, offset + 1, format)
+            format != FrameFormat::V1 || !valid_frame_after(bytes, offset + 1, format)
         }
         Invalid::HeaderDamaged => {
             zeroed_sector(bytes, offset, bytes.len())

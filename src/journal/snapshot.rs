@@ -141,7 +141,7 @@ pub fn encode(
     profiles: &[Arc<Profile>],
     mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let mut frame = codec::file_header(SNAPSHOT_MAGIC).to_vec();
+    let mut frame = codec::file_header(SNAPSHOT_MAGIC, FrameFormat::SNAPSHOTS).to_vec();
     codec::encode_frame(header, &mut frame);
     out(&frame)?;
     for chunk in profiles.chunks(CHUNK) {
@@ -446,7 +446,7 @@ fn read_file_header(
     read_up_to(file, buffer, codec::HEADER_LEN).map_err(JournalError::io(path, "read"))?;
     match codec::check_header(buffer, SNAPSHOT_MAGIC) {
         Ok(format) => Ok(format),
-        Err(error @ HeaderError::UnknownVersion(_)) => Err(JournalError::Format {
+        Err(error @ HeaderError::UnknownVersion { .. }) => Err(JournalError::Format {
             path: path.to_owned(),
             reason: format!("not a snapshot this build reads: {error}"),
         }),

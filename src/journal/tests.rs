@@ -688,18 +688,40 @@ fn a_segment_of_a_newer_format_is_refused_with_a_clear_message() {
 
 /// A copy of `tests/fixtures/format-1`: a data directory written by a build of format 1.
 fn format_1_data_dir() -> tempfile::TempDir {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-1");
+    fixture_data_dir("format-1")
+}
+
+/// A copy of the data directory `tests/fixtures/<name>` (its journal, snapshots and head file;
+/// not the script that wrote it).
+fn fixture_data_dir(name: &str) -> tempfile::TempDir {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let dir = tempfile::tempdir().unwrap();
     for entry in fs::read_dir(fixture).unwrap() {
         let path = entry.unwrap().path();
-        let name = path.file_name().unwrap();
-        if name.to_str().unwrap().starts_with("journal-")
-            || name.to_str().unwrap().starts_with("snapshot-")
-        {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        if name.starts_with("journal-") || name.starts_with("snapshot-") || name == head::FILE {
             fs::copy(&path, dir.path().join(name)).unwrap();
         }
     }
     dir
+}
+
+/// The 60 webhooks of the fixtures' script: webhook n went to customer n % 7 of account 2155
+/// with total_points n * 10 and tier_name tier{n % 3}; each customer's last one wins.
+fn assert_holds_the_fixtures_webhooks(store: &Store) {
+    assert_eq!((store.revision(), store.len()), (60, 7));
+    for customer in 0..7u64 {
+        let last = (1..=60).filter(|n| n % 7 == customer).max().unwrap();
+        let profile = store
+            .get(&ProfileKey::new("2155", format!("c{customer}")))
+            .unwrap();
+        assert_eq!(profile.get_int(Field::TotalPoints), Some(last as i64 * 10));
+        let tier = format!("tier{}", last % 3);
+        assert_eq!(profile.get_text(Field::TierName), Some(tier.as_str()));
+        assert_eq!(profile.revision, last);
+    }
 }
 
 #[test]
@@ -711,19 +733,8 @@ fn a_format_1_data_directory_is_recovered_and_continued_in_format_2() {
         Some(40),
         "the compaction base, format 1"
     );
-    assert_eq!(
-        (store.revision(), store.len(), recovered.replayed),
-        (60, 7, 20)
-    );
-    for customer in 0..7u64 {
-        // Webhook n went to customer n % 7 with total_points n * 10; the last one wins.
-        let last = (1..=60).filter(|n| n % 7 == customer).max().unwrap();
-        let profile = store
-            .get(&ProfileKey::new("2155", format!("c{customer}")))
-            .unwrap();
-        assert_eq!(profile.get_int(Field::TotalPoints), Some(last as i64 * 10));
-        assert_eq!(profile.revision, last);
-    }
+    assert_eq!(recovered.replayed, 20);
+    assert_holds_the_fixtures_webhooks(&store);
     assert_eq!(
         store.history_from(41, 100).unwrap().len(),
         20,
@@ -778,6 +789,33 @@ fn a_format_1_data_directory_is_recovered_and_continued_in_format_2() {
         "the old segment is left as it was"
     );
     assert_eq!(recovered_revision(dir.path()), 62);
+}
+
+#[test]
+fn a_format_2_data_directory_is_recovered_and_its_snapshots_continue_in_format_3() {
+    // The same 60 webhooks as format 1's, written by the last build of format 2 (snapshots
+    // with a record per field register), its head file included.
+    let dir = fixture_data_dir("format-2");
+    let (store, from_format_2) = recovered(dir.path()).unwrap();
+    assert_eq!(
+        from_format_2.snapshot,
+        Some(40),
+        "the compaction base, format 2"
+    );
+    assert_eq!(from_format_2.replayed, 20);
+    assert_holds_the_fixtures_webhooks(&store);
+    let profiles = store.scan(None, None, 100, |_| true).profiles;
+
+    // The next snapshot is written in format 3 and loads the same profiles.
+    let written = snapshot::write(dir.path(), 60, &profiles).unwrap();
+    assert_eq!(
+        codec::check_header(&fs::read(&written).unwrap(), codec::SNAPSHOT_MAGIC),
+        Ok(codec::FrameFormat::V3)
+    );
+    fs::remove_file(dir.path().join("snapshot-00000000000000000040.snap")).unwrap();
+    let (again, reloaded) = recovered(dir.path()).unwrap();
+    assert_eq!((reloaded.snapshot, reloaded.replayed), (Some(60), 0));
+    assert_eq!(again.scan(None, None, 100, |_| true).profiles, profiles);
 }
 
 #[test]

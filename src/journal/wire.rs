@@ -1,6 +1,7 @@
 //! Journal records read straight from their bytes, in the formats `codec` defines with prost
-//! (nothing about the format changes): a snapshot frame's profiles, and the last revision of a
-//! segment's batch.
+//! (nothing about the format changes): a snapshot frame's profiles (format 3's packed
+//! registers, or the field records of formats 1 and 2), and the last revision of a segment's
+//! batch.
 //!
 //! Decoding a snapshot through the prost records allocated about twenty small objects per
 //! profile (a `String` per id and text value, a `Vec` of field records, a timestamp each) only to
@@ -74,8 +75,10 @@ fn decode_profile(bytes: &[u8], accounts: &mut Option<ArcStr>) -> Result<Profile
     let mut wire = Wire(bytes);
     let (mut client_id, mut customer_id) = ("", "");
     let (mut revision, mut create_revision, mut version) = (0, 0, 0);
-    let mut fields: Vec<(Field, StampedRef<'_>)> = Vec::with_capacity(Field::ALL.len());
+    // Field records are only in formats 1 and 2: no allocation for a format 3 profile.
+    let mut fields: Vec<(Field, StampedRef<'_>)> = Vec::new();
     let mut extras = Vec::new();
+    let mut packed: &[u8] = &[];
     while let Some((tag, kind)) = wire.key()? {
         match (tag, kind) {
             (1, LEN) => client_id = text(wire.bytes()?)?,
@@ -83,13 +86,19 @@ fn decode_profile(bytes: &[u8], accounts: &mut Option<ArcStr>) -> Result<Profile
             (3, VARINT) => revision = wire.varint()?,
             (4, VARINT) => create_revision = wire.varint()?,
             (5, VARINT) => version = wire.varint()?,
-            (6, LEN) => fields.push(decode_field(wire.bytes()?)?),
+            (6, LEN) => {
+                if fields.capacity() == 0 {
+                    fields.reserve_exact(Field::ALL.len());
+                }
+                fields.push(decode_field(wire.bytes()?)?);
+            }
             (7, LEN) => {
                 let record = ExtraRecord::decode(wire.bytes()?)
                     .map_err(|error| Malformed(error.to_string()))?;
                 extras.push(record.into_register()?);
             }
-            (1..=7, _) => return Err(wrong_type("ProfileRecord")),
+            (8, LEN) => packed = wire.bytes()?,
+            (1..=8, _) => return Err(wrong_type("ProfileRecord")),
             _ => wire.skip(kind)?,
         }
     }
@@ -101,15 +110,17 @@ fn decode_profile(bytes: &[u8], accounts: &mut Option<ArcStr>) -> Result<Profile
             shared
         }
     };
-    Profile::from_stamped_refs(
-        ProfileKey::new(client_id, customer_id),
-        fields,
-        extras,
-        revision,
-        create_revision,
-        version,
-    )
-    .map_err(|(_, seconds)| Malformed(format!("timestamp {seconds}s out of range")))
+    let key = ProfileKey::new(client_id, customer_id);
+    if !packed.is_empty() {
+        if !fields.is_empty() {
+            return Err(codec::both_register_forms());
+        }
+        let bookkeeping = (revision, create_revision, version);
+        return Profile::from_packed(key, packed, extras, bookkeeping)
+            .ok_or_else(codec::unreadable_packed_registers);
+    }
+    Profile::from_stamped_refs(key, fields, extras, revision, create_revision, version)
+        .map_err(|(_, seconds)| Malformed(format!("timestamp {seconds}s out of range")))
 }
 
 /// One `FieldRecord`: the field, its register's value (the oneof's last member read) and time
@@ -272,6 +283,15 @@ mod tests {
         (by_prost, by_wire)
     }
 
+    /// A profile's record as format 3 writes it (`packed`) or as formats 1 and 2 did.
+    fn record(packed: bool) -> fn(&Profile) -> ProfileRecord {
+        if packed {
+            ProfileRecord::new
+        } else {
+            ProfileRecord::with_field_records
+        }
+    }
+
     fn scalar(field: Field, seed: i64, text: &str) -> Option<Scalar> {
         match field {
             Field::GbCustomerId
@@ -319,10 +339,14 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever `ProfileRecord::new` writes, both readings give the same profiles.
+        /// Whatever `ProfileRecord::new` writes (format 3), or formats 1 and 2 wrote, both
+        /// readings give the same profiles.
         #[test]
-        fn reads_what_prost_reads(profiles in proptest::collection::vec(profile(), 0..6)) {
-            let batch = ProfileBatch { profiles: profiles.iter().map(ProfileRecord::new).collect() };
+        fn reads_what_prost_reads(
+            profiles in proptest::collection::vec(profile(), 0..6),
+            packed in any::<bool>(),
+        ) {
+            let batch = ProfileBatch { profiles: profiles.iter().map(record(packed)).collect() };
             let (by_prost, by_wire) = decode_both(&batch.encode_to_vec());
             prop_assert_eq!(by_prost.as_ref().unwrap(), &profiles);
             prop_assert_eq!(by_wire.unwrap(), profiles);
@@ -355,9 +379,10 @@ mod tests {
         #[test]
         fn damaged_bytes_are_refused_alike(
             profiles in proptest::collection::vec(profile(), 1..3),
+            packed in any::<bool>(),
             flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
         ) {
-            let batch = ProfileBatch { profiles: profiles.iter().map(ProfileRecord::new).collect() };
+            let batch = ProfileBatch { profiles: profiles.iter().map(record(packed)).collect() };
             let mut bytes = batch.encode_to_vec();
             for (index, byte) in flips {
                 let at = index.index(bytes.len());
@@ -467,6 +492,39 @@ mod tests {
             error.to_string(),
             "malformed record: unknown field number 99"
         );
+        // Both forms of registers in one record.
+        let register = Register {
+            at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            value: Some(ScalarRef::Int(5)),
+        };
+        let key = ProfileKey::new("a", "b");
+        let profile = Profile::from_register_refs(key, [(Field::TierOrder, register)], [], 1, 1, 1);
+        let both = ProfileRecord {
+            packed_registers: profile.packed_registers().to_vec(),
+            ..ProfileRecord::with_field_records(&profile)
+        };
+        let packed_damaged = ProfileRecord {
+            packed_registers: vec![1, 0, 0, 0, 0, 0, 0],
+            ..ProfileRecord::new(&profile)
+        };
+        for (record, expected) in [
+            (
+                both,
+                "a profile with both packed registers and field records",
+            ),
+            (packed_damaged, "packed registers that no profile packs to"),
+        ] {
+            let bytes = ProfileBatch {
+                profiles: vec![record.clone()],
+            }
+            .encode_to_vec();
+            let error = decode_batch(&bytes, &mut None, &mut Vec::new()).unwrap_err();
+            assert_eq!(error.to_string(), format!("malformed record: {expected}"));
+            assert_eq!(
+                record.into_profile().unwrap_err().to_string(),
+                error.to_string()
+            );
+        }
         // A length running past the end.
         let error = decode_batch(&[1 << 3 | 2, 50, 1], &mut None, &mut Vec::new()).unwrap_err();
         assert_eq!(

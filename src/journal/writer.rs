@@ -389,7 +389,7 @@ fn write_segment_header(
         .map_err(JournalError::io(temp, "create segment"))?;
     faults
         .check_segment_creation()
-        .and_then(|()| file.write_all(&codec::file_header(SEGMENT_MAGIC)))
+        .and_then(|()| file.write_all(&codec::file_header(SEGMENT_MAGIC, FrameFormat::CURRENT)))
         .and_then(|()| file.sync_all())
         .map_err(JournalError::io(temp, "write segment header"))?;
     // A segment of this name can only be one whose directory sync failed after the rename

@@ -260,6 +260,33 @@ impl Profile {
         Ok(Profile::from_slots(key, &slots, extras, bookkeeping))
     }
 
+    /// The modeled fields' registers in their packed form: what a snapshot stores, so that
+    /// loading it is a check and a copy instead of a field-by-field decode. The layout is this
+    /// module's (`registers::Registers`); only [`Profile::from_packed`] reads it back.
+    pub fn packed_registers(&self) -> &[u8] {
+        &self.registers.0
+    }
+
+    /// The profile of `key` whose modeled registers are `packed`, as
+    /// [`Profile::packed_registers`] gave them; `None` unless `packed` is exactly what that
+    /// gives for some registers (damaged or foreign bytes are refused, never trusted).
+    pub fn from_packed(
+        key: ProfileKey,
+        packed: &[u8],
+        extras: impl IntoIterator<Item = (Box<str>, Register<ExtraValue>)>,
+        (revision, create_revision, version): (u64, u64, u64),
+    ) -> Option<Profile> {
+        let registers = Registers::from_packed(packed)?;
+        let mut profile = Profile::from_slots(
+            key,
+            &[None; Field::ALL.len()],
+            extras,
+            (revision, create_revision, version),
+        );
+        profile.registers = registers;
+        Some(profile)
+    }
+
     /// [`Profile::from_registers`] from borrowed values: a snapshot's profiles are packed
     /// straight from the bytes they were read into. A field given twice keeps the later
     /// register.

@@ -147,35 +147,20 @@ impl Registers {
     }
 
     pub(super) fn unpack(&self) -> Slots<'_> {
-        let mut slots = [None; Field::ALL.len()];
-        if self.0.is_empty() {
-            return slots;
-        }
-        let mut bytes = Reader(&self.0);
-        let written = bytes.u16();
-        let cleared = bytes.u16();
-        let text = bytes.u16();
-        let clock_count = usize::from(bytes.u8());
-        let clocks = bytes.take(clock_count * Clock::LEN);
-        for (index, slot) in slots.iter_mut().enumerate() {
-            let bit = 1 << index;
-            if written & bit == 0 {
-                continue;
-            }
-            let at = Reader(&clocks[usize::from(bytes.u8()) * Clock::LEN..]).clock();
-            let value = if cleared & bit != 0 {
-                None
-            } else if text & bit != 0 {
-                let len = usize::try_from(bytes.varint()).expect("a text length fits usize");
-                let text = std::str::from_utf8(bytes.take(len))
-                    .expect("packed text is the UTF-8 it was packed from");
-                Some(ScalarRef::Text(text))
-            } else {
-                Some(ScalarRef::Int(unzigzag(bytes.varint())))
-            };
-            *slot = Some(Slot { at, value });
-        }
-        slots
+        unpack_checked(&self.0).expect("registers unpack as they were packed")
+    }
+
+    /// The registers whose packed bytes are `bytes` (a snapshot's, read from disk), or `None`
+    /// unless they are exactly what [`Registers::pack`] writes for some registers: every clock
+    /// a time chrono holds, every text UTF-8, nothing left over, and the one canonical
+    /// encoding (clocks distinct and in order of first use, shortest varints), so that
+    /// comparing bytes still compares registers and unpacking can trust them.
+    ///
+    /// Checked in one pass and copied: unpacking into registers and packing them again (the
+    /// obvious check) cost about 4,000 instructions a profile, most of a snapshot's loading.
+    /// The tests hold the two checks to the same answer.
+    pub(super) fn from_packed(bytes: &[u8]) -> Option<Registers> {
+        is_canonical(bytes).then(|| Registers(bytes.into()))
     }
 
     /// The newest clock of any register.
@@ -187,52 +172,175 @@ impl Registers {
         let clocks = &self.0[Self::HEADER..Self::HEADER + count * Clock::LEN];
         clocks
             .chunks_exact(Clock::LEN)
-            .map(|clock| Reader(clock).clock())
+            .filter_map(|clock| Reader(clock).clock())
             .max()
     }
 }
 
-/// Reads the packed registers front to back. The bytes were written by [`Registers::pack`], so
-/// running short of them is a bug, not bad input.
+/// The registers packed in `bytes`, read with every length, index, clock and text checked:
+/// `None` for bytes [`Registers::pack`] cannot have written (it may still accept some that are
+/// not canonical; [`Registers::from_packed`] tells those apart).
+fn unpack_checked(bytes: &[u8]) -> Option<Slots<'_>> {
+    let mut slots = [None; Field::ALL.len()];
+    if bytes.is_empty() {
+        return Some(slots);
+    }
+    let mut bytes = Reader(bytes);
+    let written = bytes.u16()?;
+    let cleared = bytes.u16()?;
+    let text = bytes.u16()?;
+    let clock_count = usize::from(bytes.u8()?);
+    let clocks = bytes.take(clock_count * Clock::LEN)?;
+    for (index, slot) in slots.iter_mut().enumerate() {
+        let bit = 1 << index;
+        if written & bit == 0 {
+            continue;
+        }
+        let at = Reader(clocks.get(usize::from(bytes.u8()?) * Clock::LEN..)?).clock()?;
+        let value = if cleared & bit != 0 {
+            None
+        } else if text & bit != 0 {
+            let len = usize::try_from(bytes.varint()?).ok()?;
+            Some(ScalarRef::Text(std::str::from_utf8(bytes.take(len)?).ok()?))
+        } else {
+            Some(ScalarRef::Int(unzigzag(bytes.varint()?)))
+        };
+        *slot = Some(Slot { at, value });
+    }
+    Some(slots)
+}
+
+/// Whether `bytes` are exactly what [`Registers::pack`] writes for some registers (see
+/// [`Registers::from_packed`]), checked without building them.
+fn is_canonical(bytes: &[u8]) -> bool {
+    if bytes.is_empty() {
+        return true;
+    }
+    let mut reader = Reader(bytes);
+    let (Some(written), Some(cleared), Some(text), Some(clock_count)) =
+        (reader.u16(), reader.u16(), reader.u16(), reader.u8())
+    else {
+        return false;
+    };
+    let fields = (1u32 << Field::ALL.len()) - 1;
+    let masks_agree = written != 0
+        && u32::from(written) & !fields == 0
+        && cleared & !written == 0
+        && text & !(written & !cleared) == 0;
+    let clock_count = usize::from(clock_count);
+    let Some(clocks) = reader.take(clock_count * Clock::LEN) else {
+        return false;
+    };
+    if !masks_agree || !distinct_valid_clocks(clocks) {
+        return false;
+    }
+    // Each register's clock is one already used or the next new one (order of first use).
+    let mut clocks_used = 0;
+    for index in 0..Field::ALL.len() {
+        let bit = 1 << index;
+        if written & bit == 0 {
+            continue;
+        }
+        match reader.u8().map(usize::from) {
+            Some(clock) if clock < clocks_used => {}
+            Some(clock) if clock == clocks_used && clock < clock_count => clocks_used += 1,
+            _ => return false,
+        }
+        let value_fits = if cleared & bit != 0 {
+            true
+        } else if text & bit != 0 {
+            reader
+                .shortest_varint()
+                .and_then(|len| usize::try_from(len).ok())
+                .and_then(|len| reader.take(len))
+                // Most texts are ASCII, which is checked in a fraction of UTF-8's time.
+                .is_some_and(|text| text.is_ascii() || std::str::from_utf8(text).is_ok())
+        } else {
+            reader.shortest_varint().is_some()
+        };
+        if !value_fits {
+            return false;
+        }
+    }
+    clocks_used == clock_count && reader.0.is_empty()
+}
+
+/// Whether the clock table holds only clocks of times chrono holds, each once.
+fn distinct_valid_clocks(table: &[u8]) -> bool {
+    let mut clocks = [Clock { secs: 0, nanos: 0 }; Field::ALL.len()];
+    let mut count = 0;
+    for bytes in table.chunks_exact(Clock::LEN) {
+        let mut reader = Reader(bytes);
+        let (secs, nanos) = match (reader.array(), reader.array()) {
+            (Some(secs), Some(nanos)) => (i64::from_le_bytes(secs), u32::from_le_bytes(nanos)),
+            _ => return false,
+        };
+        match Clock::from_timestamp(secs, nanos) {
+            Some(clock) if clock == (Clock { secs, nanos }) && count < clocks.len() => {
+                if clocks[..count].contains(&clock) {
+                    return false;
+                }
+                clocks[count] = clock;
+                count += 1;
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Reads packed registers front to back; `None` when they run short or hold what no clock or
+/// varint can be. In memory only [`Registers::pack`] writes them, so there a `None` is a bug.
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, len: usize) -> &'a [u8] {
-        let (taken, rest) = self.0.split_at(len);
+    fn take(&mut self, len: usize) -> Option<&'a [u8]> {
+        let (taken, rest) = self.0.split_at_checked(len)?;
         self.0 = rest;
-        taken
+        Some(taken)
     }
 
-    fn array<const N: usize>(&mut self) -> [u8; N] {
-        self.take(N).try_into().expect("took N bytes")
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
     }
 
-    fn u8(&mut self) -> u8 {
-        u8::from_le_bytes(self.array())
+    fn u8(&mut self) -> Option<u8> {
+        self.array().map(u8::from_le_bytes)
     }
 
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.array())
+    fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_le_bytes)
     }
 
-    fn clock(&mut self) -> Clock {
-        Clock {
-            secs: i64::from_le_bytes(self.array()),
-            nanos: u32::from_le_bytes(self.array()),
-        }
+    /// A clock of a time chrono holds (as every [`Clock`] is).
+    fn clock(&mut self) -> Option<Clock> {
+        let secs = i64::from_le_bytes(self.array()?);
+        let nanos = u32::from_le_bytes(self.array()?);
+        Clock::from_timestamp(secs, nanos)
     }
 
-    fn varint(&mut self) -> u64 {
+    /// LEB128 as [`put_varint`] writes it: at most ten bytes, no needless trailing zero group.
+    fn shortest_varint(&mut self) -> Option<u64> {
+        let before = self.0;
+        let value = self.varint()?;
+        let used = before.len() - self.0.len();
+        (used == varint_len(value)).then_some(value)
+    }
+
+    /// LEB128 of at most ten bytes (a u64's).
+    fn varint(&mut self) -> Option<u64> {
         let mut value = 0u64;
-        let mut shift = 0;
-        loop {
-            let byte = self.u8();
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            if shift == 63 && byte > 1 {
+                return None; // bits past a u64's
+            }
             value |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
-                return value;
+                return Some(value);
             }
-            shift += 7;
         }
+        None
     }
 }
 
@@ -363,6 +471,141 @@ mod tests {
         assert_eq!(profile.registers.0.len(), 7 + 2 * 12 + 4 + 4 + 35);
         assert_eq!(profile.get_int(Field::TotalPoints), Some(-5));
         assert_eq!(profile.updated_at(), Some(at(2)));
+    }
+
+    /// A profile with a text, integers, a cleared register and two clocks.
+    fn written() -> Profile {
+        let mut profile = Profile::empty(key());
+        profile.merge(&update(
+            1,
+            &[
+                (Field::Email, text("ö@example.com")),
+                (Field::TotalPoints, Some(Scalar::Int(-300))),
+                (Field::MobileNumber, None),
+            ],
+        ));
+        profile.merge(&update(
+            2,
+            &[(Field::TierOrder, Some(Scalar::Int(1 << 40)))],
+        ));
+        profile
+    }
+
+    #[test]
+    fn packed_registers_are_taken_back_exactly() {
+        let profile = written();
+        let packed = &profile.registers.0;
+        let taken = Registers::from_packed(packed).expect("taken");
+        assert!(taken == profile.registers);
+        assert!(Registers::from_packed(&[]).is_some_and(|taken| taken.0.is_empty()));
+    }
+
+    #[test]
+    fn packed_registers_no_profile_packs_to_are_refused() {
+        let packed = written().registers.0.to_vec();
+        let edited = |edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut bytes = packed.clone();
+            edit(&mut bytes);
+            Registers::from_packed(&bytes).map(|registers| registers.0)
+        };
+        let table = Registers::HEADER;
+        let first_register = table + 2 * Clock::LEN;
+        type Edit<'a> = &'a dyn Fn(&mut Vec<u8>);
+        let refused: [(&str, Edit); 10] = [
+            ("cut short", &|bytes| bytes.truncate(bytes.len() - 1)),
+            ("a byte left over", &|bytes| bytes.push(0)),
+            ("header only", &|bytes| bytes.truncate(3)),
+            ("a clock index past the table", &|bytes| {
+                bytes[first_register] = 2
+            }),
+            ("two clocks alike", &|bytes| {
+                let first: Vec<u8> = bytes[table..table + Clock::LEN].to_vec();
+                bytes[table + Clock::LEN..table + 2 * Clock::LEN].copy_from_slice(&first);
+            }),
+            ("nanoseconds no clock has", &|bytes| {
+                bytes[table + 8..table + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+            }),
+            ("seconds chrono cannot hold", &|bytes| {
+                bytes[table..table + 8].copy_from_slice(&i64::MAX.to_le_bytes());
+            }),
+            ("a field no profile has", &|bytes| bytes[1] |= 0x80),
+            ("cleared but never written", &|bytes| bytes[2] |= 1),
+            ("text that is not UTF-8", &|bytes| {
+                let at = bytes.iter().position(|byte| *byte == 0xc3).unwrap();
+                bytes[at] = 0xff;
+            }),
+        ];
+        for (what, edit) in refused {
+            assert_eq!(edited(edit), None, "{what}");
+        }
+        // Every single damaged byte is refused unless it makes other registers' exact bytes.
+        for at in 0..packed.len() {
+            for flip in [0x01, 0x02, 0x80, 0xff] {
+                let mut bytes = packed.clone();
+                bytes[at] ^= flip;
+                assert_eq!(
+                    Registers::from_packed(&bytes).is_some(),
+                    packs_to_itself(&bytes),
+                    "byte {at} ^ {flip:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn varints_longer_than_needed_are_refused() {
+        for value in [Some(Scalar::Int(1)), text("x")] {
+            let mut profile = Profile::empty(key());
+            profile.merge(&update(1, &[(Field::TierOrder, value.clone())]));
+            let packed = profile.registers.0.to_vec();
+            assert!(Registers::from_packed(&packed).is_some());
+            // The integer (zigzag 2), or the text's length (1), in two bytes instead of one.
+            let at = if matches!(value, Some(Scalar::Int(_))) {
+                packed.len() - 1
+            } else {
+                packed.len() - 2
+            };
+            let mut longer = packed.clone();
+            longer[at] |= 0x80;
+            longer.insert(at + 1, 0x00);
+            assert!(Registers::from_packed(&longer).is_none(), "{value:?}");
+            assert!(!packs_to_itself(&longer), "{value:?}");
+        }
+    }
+
+    /// The obvious check `from_packed` must agree with: read with checks, pack again, compare.
+    fn packs_to_itself(bytes: &[u8]) -> bool {
+        unpack_checked(bytes).is_some_and(|slots| *Registers::pack(&slots).0 == *bytes)
+    }
+
+    proptest! {
+        /// Packed registers with bytes replaced, cut or added are taken exactly when they are
+        /// what some registers pack to.
+        #[test]
+        fn packed_bytes_are_taken_exactly_when_registers_pack_to_them(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4),
+            ints in proptest::collection::vec(any::<i64>(), 2),
+        ) {
+            let mut profile = written();
+            profile.merge(&update(3, &[
+                (Field::PendingPoints, Some(Scalar::Int(ints[0]))),
+                (Field::ActivatedPoints, Some(Scalar::Int(ints[1]))),
+            ]));
+            let mut bytes = profile.registers.0.to_vec();
+            prop_assert!(Registers::from_packed(&bytes).is_some());
+            for (index, byte, kind) in edits {
+                let at = index.index(bytes.len());
+                match kind {
+                    0 => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    _ => drop(bytes.remove(at)),
+                }
+                if bytes.is_empty() {
+                    break;
+                }
+            }
+            prop_assert_eq!(Registers::from_packed(&bytes).is_some(), packs_to_itself(&bytes));
+        }
     }
 
     #[test]

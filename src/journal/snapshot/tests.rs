@@ -52,6 +52,50 @@ fn a_snapshot_reads_back_every_profile_chunk_by_chunk() {
 }
 
 #[test]
+fn snapshots_are_written_in_format_3_and_those_of_format_2_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = profiles(CHUNK + 3);
+    let path = write(dir.path(), CHUNK as u64 + 3, &written).unwrap();
+    let bytes = fs::read(&path).unwrap();
+    assert_eq!(
+        codec::check_header(&bytes, SNAPSHOT_MAGIC),
+        Ok(FrameFormat::V3)
+    );
+    // A format 2 snapshot of the same profiles, as earlier builds wrote it.
+    let old = dir.path().join("format-2.snap");
+    let mut file = codec::file_header(SNAPSHOT_MAGIC, FrameFormat::V2).to_vec();
+    let header = SnapshotHeader {
+        revision: CHUNK as u64 + 3,
+        profiles: written.len() as u64,
+        stream_sequence: 0,
+    };
+    codec::encode_frame(&header, &mut file);
+    for chunk in written.chunks(CHUNK) {
+        let records = chunk
+            .iter()
+            .map(|profile| ProfileRecord::with_field_records(profile));
+        let batch = ProfileBatch {
+            profiles: records.collect(),
+        };
+        codec::encode_frame(&batch, &mut file);
+    }
+    fs::write(&old, &file).unwrap();
+    // The packed registers take less room than a record per field.
+    assert!(
+        bytes.len() < file.len(),
+        "{} vs {}",
+        bytes.len(),
+        file.len()
+    );
+    for path in [&path, &old] {
+        let (_, loaded, outcome) = read_all(path);
+        assert_eq!(outcome.unwrap(), CHUNK as u64 + 3);
+        let written: Vec<Profile> = written.iter().map(|profile| (**profile).clone()).collect();
+        assert_eq!(loaded, written, "{}", path.display());
+    }
+}
+
+#[test]
 fn many_frames_decoded_by_two_threads_load_in_file_order() {
     let dir = tempfile::tempdir().unwrap();
     let count = 20 * CHUNK + 7;
