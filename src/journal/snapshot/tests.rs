@@ -217,3 +217,43 @@ fn a_file_that_is_not_a_snapshot_is_refused_naming_it() {
     );
     assert!(sizes.is_empty());
 }
+
+#[test]
+fn packed_registers_no_profile_packs_to_are_refused_naming_the_file_and_frame() {
+    // Checksums protect against flipped bits, not against a writer's bug or a crafted file:
+    // the registers' bytes are checked too, and a bad profile refuses the snapshot.
+    let dir = tempfile::tempdir().unwrap();
+    let written = profiles(3);
+    let path = write(dir.path(), 3, &written).unwrap();
+    let mut file = codec::file_header(SNAPSHOT_MAGIC, FrameFormat::SNAPSHOTS).to_vec();
+    let header = SnapshotHeader {
+        revision: 3,
+        profiles: 3,
+        stream_sequence: 0,
+    };
+    codec::encode_frame(&header, &mut file);
+    let frame_at = file.len() as u64;
+    let mut records: Vec<ProfileRecord> = written.iter().map(|p| ProfileRecord::new(p)).collect();
+    // Two clocks alike: unpacking would work, but it is not what the packer writes.
+    let packed = &mut records[1].packed_registers;
+    let clock = packed[7..19].to_vec();
+    packed[6] = 2;
+    packed.splice(19..19, clock);
+    codec::encode_frame(&ProfileBatch { profiles: records }, &mut file);
+    fs::write(&path, &file).unwrap();
+    let (_, _, outcome) = read_all(&path);
+    match outcome {
+        Err(JournalError::DamagedSnapshot {
+            path: at,
+            offset,
+            reason,
+        }) => {
+            assert_eq!((at, offset), (path, frame_at));
+            assert_eq!(
+                reason,
+                "malformed record: packed registers that no profile packs to"
+            );
+        }
+        other => panic!("got {other:?}"),
+    }
+}
