@@ -491,7 +491,7 @@ fn origin_number(origin: Origin) -> u32 {
     }
 }
 
-fn origin(number: u32) -> Result<Origin, Malformed> {
+pub(super) fn origin(number: u32) -> Result<Origin, Malformed> {
     match number {
         0 => Ok(Origin::Webhook),
         1 => Ok(Origin::Reconcile),
@@ -513,7 +513,7 @@ fn scalar(record: Option<ScalarRecord>) -> Option<Scalar> {
     })
 }
 
-fn json(text: Option<String>) -> Result<Option<serde_json::Value>, Malformed> {
+pub(super) fn json(text: Option<String>) -> Result<Option<serde_json::Value>, Malformed> {
     text.map(|text| serde_json::from_str(&text).map_err(|err| Malformed(err.to_string())))
         .transpose()
 }

@@ -23,10 +23,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use prost::Message;
-
 use super::codec::{
-    self, BatchRecord, ClosedAt, Frame, FrameFormat, HeaderError, Invalid, Malformed, SEGMENT_MAGIC,
+    self, ClosedAt, Frame, FrameFormat, HeaderError, Invalid, Malformed, SEGMENT_MAGIC,
 };
 use super::writer::{TEMP_SUFFIX, Tail, segment_path};
 use super::{JournalError, SEGMENT_PREFIX, head, segments, snapshot, wire};
@@ -306,7 +304,7 @@ const DECODED_AHEAD: usize = 32;
 
 /// A batch's records as the decoding thread leaves them: each one's revision, and its update
 /// or why that does not decode.
-type DecodedRecords = Vec<(u64, Result<ProfileUpdate, Malformed>)>;
+type DecodedRecords = wire::DecodedUpdates;
 
 /// What the decoding thread found at a frame of a segment, in file order.
 enum Decoded {
@@ -418,6 +416,7 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
 /// updates. Stops early when the receiver is gone.
 fn decode_frames(bytes: &[u8], format: FrameFormat, floor: u64, out: &mpsc::SyncSender<Decoded>) {
     let mut offset = codec::HEADER_LEN;
+    let mut accounts = None;
     loop {
         let (item, next) = match codec::read_frame(bytes, offset, format) {
             Frame::End => (Decoded::End { offset }, None),
@@ -428,7 +427,7 @@ fn decode_frames(bytes: &[u8], format: FrameFormat, floor: u64, out: &mpsc::Sync
                     continue;
                 }
                 Ok(last) => {
-                    let records = decode_batch(payload, floor);
+                    let records = decode_batch(payload, floor, &mut accounts);
                     (
                         Decoded::Batch {
                             offset,
@@ -463,15 +462,15 @@ fn decode_frames(bytes: &[u8], format: FrameFormat, floor: u64, out: &mpsc::Sync
 }
 
 /// A batch's records from `floor` on, each decoded into its update or why it does not decode.
-fn decode_batch(payload: &[u8], floor: u64) -> Result<DecodedRecords, String> {
-    let batch =
-        BatchRecord::decode(payload).map_err(|error| format!("undecodable batch: {error}"))?;
-    Ok(batch
-        .updates
-        .into_iter()
-        .filter(|update| update.revision >= floor)
-        .map(|update| (update.revision, update.into_update()))
-        .collect())
+/// Read straight from the bytes (`wire`): prost's records and their conversion were the
+/// decoding thread's time, and that thread is the replay's bottleneck at start-up.
+fn decode_batch(
+    payload: &[u8],
+    floor: u64,
+    accounts: &mut Option<arcstr::ArcStr>,
+) -> Result<DecodedRecords, String> {
+    wire::decode_updates(payload, floor, accounts)
+        .map_err(|error| format!("undecodable batch: {error}"))
 }
 
 /// Whether the invalid frame at `offset`, the last thing in the newest segment, is a write a

@@ -20,7 +20,7 @@ use arcstr::ArcStr;
 use prost::Message;
 
 use super::codec::{self, ExtraRecord, Malformed};
-use crate::profile::{Field, Profile, ProfileKey, ScalarRef, StampedRef};
+use crate::profile::{Field, Profile, ProfileKey, ProfileUpdate, ScalarRef, StampedRef};
 
 /// The profiles of a snapshot frame's payload (a `ProfileBatch`), appended to `out`.
 /// `accounts` is the last `client_id` read, reused while runs of one account go on (snapshots
@@ -54,6 +54,130 @@ pub fn last_revision(payload: &[u8]) -> Result<Option<u64>, Malformed> {
         }
     }
     Ok(last)
+}
+
+/// A batch's updates decoded, each with its revision: the update, or why it does not make
+/// sense (as `UpdateRecord::into_update` says, in the same order of checks).
+pub type DecodedUpdates = Vec<(u64, Result<ProfileUpdate, Malformed>)>;
+
+/// The updates of a journal frame's payload (a `BatchRecord`) from revision `floor` on, as
+/// `BatchRecord::decode` and `UpdateRecord::into_update` give them: an error when prost would
+/// refuse the payload (every record is read, those below `floor` included), and per record
+/// when `into_update` would refuse it. Texts are copied once, straight into the update, and
+/// runs of one account share `accounts`' `client_id`.
+pub fn decode_updates(
+    payload: &[u8],
+    floor: u64,
+    accounts: &mut Option<ArcStr>,
+) -> Result<DecodedUpdates, Malformed> {
+    let mut wire = Wire(payload);
+    let mut updates = Vec::new();
+    while let Some((tag, kind)) = wire.key()? {
+        match (tag, kind) {
+            (1, LEN) => {
+                let record = UpdateRef::decode(wire.bytes()?)?;
+                if record.revision >= floor {
+                    updates.push((record.revision, record.into_update(accounts)));
+                }
+            }
+            (1, _) => return Err(wrong_type("BatchRecord.updates")),
+            _ => wire.skip(kind)?,
+        }
+    }
+    Ok(updates)
+}
+
+/// An `UpdateRecord` read in place: what prost reads, texts borrowed from the frame.
+#[derive(Default)]
+struct UpdateRef<'a> {
+    revision: u64,
+    client_id: &'a str,
+    customer_id: &'a str,
+    at: Option<prost_types::Timestamp>,
+    fields: Vec<(u32, Option<ScalarRef<'a>>)>,
+    extras: Vec<ExtraRecord>,
+    origin: u32,
+}
+
+impl<'a> UpdateRef<'a> {
+    fn decode(bytes: &'a [u8]) -> Result<Self, Malformed> {
+        let mut wire = Wire(bytes);
+        let mut record = UpdateRef::default();
+        while let Some((tag, kind)) = wire.key()? {
+            match (tag, kind) {
+                (1, VARINT) => record.revision = wire.varint()?,
+                (2, LEN) => record.client_id = text(wire.bytes()?)?,
+                (3, LEN) => record.customer_id = text(wire.bytes()?)?,
+                (4, LEN) => decode_timestamp(wire.bytes()?, record.at.get_or_insert_default())?,
+                (5, LEN) => record.fields.push(update_field(wire.bytes()?)?),
+                (6, LEN) => record.extras.push(
+                    ExtraRecord::decode(wire.bytes()?)
+                        .map_err(|error| Malformed(error.to_string()))?,
+                ),
+                // prost reads a uint32 as a varint cut to 32 bits.
+                (7, VARINT) => record.origin = wire.varint()? as u32,
+                (1..=7, _) => return Err(wrong_type("UpdateRecord")),
+                _ => wire.skip(kind)?,
+            }
+        }
+        Ok(record)
+    }
+
+    /// `UpdateRecord::into_update`, from borrowed texts.
+    fn into_update(self, accounts: &mut Option<ArcStr>) -> Result<ProfileUpdate, Malformed> {
+        let at = codec::event_time(self.at.as_ref())?;
+        let fields = self
+            .fields
+            .into_iter()
+            .map(|(number, value)| Ok((codec::field(number)?, value.map(ScalarRef::to_scalar))))
+            .collect::<Result<_, Malformed>>()?;
+        let extras = self
+            .extras
+            .into_iter()
+            .map(|record| Ok((record.key.into_boxed_str(), codec::json(record.json)?)))
+            .collect::<Result<_, Malformed>>()?;
+        let origin = codec::origin(self.origin)?;
+        Ok(ProfileUpdate {
+            key: ProfileKey::new(shared_account(accounts, self.client_id), self.customer_id),
+            at,
+            fields,
+            extras,
+            origin,
+        })
+    }
+}
+
+/// One `FieldRecord` of an update: its field number and value (the oneof's last member read).
+/// Its clock, which updates do not use, is still read, as prost reads it.
+fn update_field(bytes: &[u8]) -> Result<(u32, Option<ScalarRef<'_>>), Malformed> {
+    let mut wire = Wire(bytes);
+    let mut number = 0u32;
+    let mut value = None;
+    let mut unused_clock = prost_types::Timestamp::default();
+    while let Some((tag, kind)) = wire.key()? {
+        match (tag, kind) {
+            (1, VARINT) => number = wire.varint()? as u32,
+            (2, VARINT) => value = Some(ScalarRef::Int(wire.varint()? as i64)),
+            (3, LEN) => value = Some(ScalarRef::Text(text(wire.bytes()?)?)),
+            (4, LEN) => decode_timestamp(wire.bytes()?, &mut unused_clock)?,
+            (1..=4, _) => return Err(wrong_type("FieldRecord")),
+            _ => wire.skip(kind)?,
+        }
+    }
+    Ok((number, value))
+}
+
+/// The shared copy of `client_id` when it is the last account read, else a new one that
+/// becomes the last.
+fn shared_account(accounts: &mut Option<ArcStr>, client_id: &str) -> ArcStr {
+    match accounts {
+        Some(shared) if *shared == client_id => shared.clone(),
+        _ => {
+            let shared: ArcStr = client_id.into();
+            *accounts = Some(shared.clone());
+            shared
+        }
+    }
 }
 
 /// The revision of one `UpdateRecord` (0 when absent, as prost reads it).
@@ -102,15 +226,7 @@ fn decode_profile(bytes: &[u8], accounts: &mut Option<ArcStr>) -> Result<Profile
             _ => wire.skip(kind)?,
         }
     }
-    let client_id = match accounts {
-        Some(shared) if *shared == client_id => shared.clone(),
-        _ => {
-            let shared: ArcStr = client_id.into();
-            *accounts = Some(shared.clone());
-            shared
-        }
-    };
-    let key = ProfileKey::new(client_id, customer_id);
+    let key = ProfileKey::new(shared_account(accounts, client_id), customer_id);
     if !packed.is_empty() {
         if !fields.is_empty() {
             return Err(codec::both_register_forms());
@@ -393,6 +509,105 @@ mod tests {
         }
     }
 
+    prop_compose! {
+        /// An `UpdateRecord` as the journal writes them, or one `into_update` refuses: field
+        /// numbers and origins out of range, a missing or impossible time, JSON that is not.
+        fn update_record()(
+            revision in 0u64..40,
+            client in prop_oneof!["[a-b]{1}", "\\PC{0,6}"],
+            customer in "\\PC{0,12}",
+            at in proptest::option::weighted(0.95, (-62_135_596_800i64..253_402_300_799, -2i32..1_000_000_000)),
+            fields in proptest::collection::vec(
+                (0u32..12, proptest::option::of(prop_oneof![
+                    any::<i64>().prop_map(codec::ScalarRecord::Int),
+                    "\\PC{0,10}".prop_map(codec::ScalarRecord::Text),
+                ])),
+                0..5,
+            ),
+            extras in proptest::collection::vec(
+                ("[a-z]{1,4}", proptest::option::of(prop_oneof!["[0-9]{1,3}", "\\{\"a\":[0-9]\\}", "\\PC{0,3}"])),
+                0..2,
+            ),
+            origin in prop_oneof![9 => 0u32..2, 1 => 2u32..5],
+        ) -> codec::UpdateRecord {
+            codec::UpdateRecord {
+                revision,
+                client_id: client,
+                customer_id: customer,
+                at: at.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+                // A clock on a field is a snapshot's, but prost reads it in an update too.
+                fields: fields.into_iter().enumerate().map(|(index, (field, value))| codec::FieldRecord {
+                    field,
+                    value,
+                    at: (index == 1).then_some(prost_types::Timestamp { seconds: revision as i64, nanos: 5 }),
+                }).collect(),
+                extras: extras.into_iter().map(|(key, json)| ExtraRecord { key, json, at: None }).collect(),
+                origin,
+            }
+        }
+    }
+
+    /// A batch read: its updates with their revisions, or why it was refused (as text).
+    type BatchReading = Result<Vec<(u64, Result<ProfileUpdate, String>)>, String>;
+
+    /// Both readings of a journal batch: prost's records converted, and `decode_updates`.
+    fn updates_both(payload: &[u8], floor: u64) -> (BatchReading, BatchReading) {
+        let by_prost = codec::BatchRecord::decode(payload)
+            .map(|batch| {
+                batch
+                    .updates
+                    .into_iter()
+                    .filter(|update| update.revision >= floor)
+                    .map(|update| {
+                        (
+                            update.revision,
+                            update.into_update().map_err(|error| error.to_string()),
+                        )
+                    })
+                    .collect()
+            })
+            .map_err(|error| error.to_string());
+        let by_wire = decode_updates(payload, floor, &mut None)
+            .map(|updates| {
+                updates
+                    .into_iter()
+                    .map(|(revision, update)| (revision, update.map_err(|error| error.to_string())))
+                    .collect()
+            })
+            .map_err(|error| error.to_string());
+        (by_prost, by_wire)
+    }
+
+    proptest! {
+        /// Whatever records a batch holds, the direct reading gives the updates (or the same
+        /// reasons to refuse them) that prost's records converted give, from any floor.
+        #[test]
+        fn journal_updates_read_as_prost_reads_them(
+            records in proptest::collection::vec(update_record(), 0..6),
+            floor in 0u64..40,
+        ) {
+            let payload = codec::BatchRecord { updates: records }.encode_to_vec();
+            let (by_prost, by_wire) = updates_both(&payload, floor);
+            prop_assert!(by_prost.is_ok());
+            prop_assert_eq!(by_wire, by_prost);
+        }
+
+        /// Damaged batches: accepted alike, with the same updates, or refused alike.
+        #[test]
+        fn damaged_journal_batches_are_refused_alike(
+            records in proptest::collection::vec(update_record(), 1..4),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut payload = codec::BatchRecord { updates: records }.encode_to_vec();
+            for (index, byte) in flips {
+                let at = index.index(payload.len());
+                payload[at] = byte;
+            }
+            let (by_prost, by_wire) = updates_both(&payload, 0);
+            prop_assert_eq!(by_wire.ok(), by_prost.ok());
+        }
+    }
+
     #[test]
     fn varints_at_the_edges_of_a_u64() {
         let read = |bytes: &[u8]| Wire(bytes).varint().ok();
@@ -525,6 +740,18 @@ mod tests {
                 error.to_string()
             );
         }
+        // A field's clock cut short inside an update: prost refuses the batch, and so do we.
+        let field = [0x08, 0x01, 0x22, 0x02, 0x08, 0x80];
+        let mut update = vec![0x2a, field.len() as u8];
+        update.extend_from_slice(&field);
+        let mut batch = vec![0x0a, update.len() as u8];
+        batch.extend_from_slice(&update);
+        assert!(codec::BatchRecord::decode(batch.as_slice()).is_err());
+        let error = decode_updates(&batch, 0, &mut None).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "malformed record: a varint that is cut short or too long"
+        );
         // A length running past the end.
         let error = decode_batch(&[1 << 3 | 2, 50, 1], &mut None, &mut Vec::new()).unwrap_err();
         assert_eq!(
