@@ -1,7 +1,7 @@
 //! Journal records read straight from their bytes, in the formats `codec` defines with prost
 //! (nothing about the format changes): a snapshot frame's profiles (format 3's packed
-//! registers, or the field records of formats 1 and 2), and the last revision of a segment's
-//! batch.
+//! registers, or the field records of formats 1 and 2), a segment batch's updates (recovery's
+//! replay: each text copied once, straight into its update), and a batch's last revision.
 //!
 //! Decoding a snapshot through the prost records allocated about twenty small objects per
 //! profile (a `String` per id and text value, a `Vec` of field records, a timestamp each) only to
@@ -14,7 +14,8 @@
 //! It reads what prost reads: unknown fields are skipped, a repeated singular field keeps its
 //! last value, and anything prost would refuse (a bad varint, a wrong wire type, a length past
 //! the end, text that is not UTF-8) is an error, as is what `ProfileRecord::into_profile`
-//! refuses. It does not write (`codec` does).
+//! refuses, and per update what `UpdateRecord::into_update` refuses. It does not write
+//! (`codec` does).
 
 use arcstr::ArcStr;
 use prost::Message;
