@@ -2,6 +2,8 @@
 //!
 //! Only [`Registers::pack`] writes the bytes and only this module reads them; the rest of the
 //! profile module sees [`Slot`]s (a register's clock and borrowed value) and [`Clock`]s.
+//! Snapshots carry the bytes as they are (format 3), and bytes coming back from disk are taken
+//! only when they are exactly what `pack` writes ([`Registers::from_packed`]).
 
 use chrono::DateTime;
 
