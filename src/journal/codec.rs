@@ -491,7 +491,7 @@ fn origin_number(origin: Origin) -> u32 {
     }
 }
 
-pub(super) fn origin(number: u32) -> Result<Origin, Malformed> {
+fn origin(number: u32) -> Result<Origin, Malformed> {
     match number {
         0 => Ok(Origin::Webhook),
         1 => Ok(Origin::Reconcile),
@@ -513,7 +513,7 @@ fn scalar(record: Option<ScalarRecord>) -> Option<Scalar> {
     })
 }
 
-pub(super) fn json(text: Option<String>) -> Result<Option<serde_json::Value>, Malformed> {
+fn json(text: Option<String>) -> Result<Option<serde_json::Value>, Malformed> {
     text.map(|text| serde_json::from_str(&text).map_err(|err| Malformed(err.to_string())))
         .transpose()
 }
@@ -550,25 +550,44 @@ impl UpdateRecord {
 
     /// The update this record holds.
     pub fn into_update(self) -> Result<ProfileUpdate, Malformed> {
-        let at = event_time(self.at.as_ref())?;
-        let fields = self
-            .fields
-            .into_iter()
-            .map(|record| Ok((field(record.field)?, scalar(record.value))))
-            .collect::<Result<_, Malformed>>()?;
-        let extras = self
-            .extras
-            .into_iter()
-            .map(|record| Ok((record.key.into_boxed_str(), json(record.json)?)))
-            .collect::<Result<_, Malformed>>()?;
-        Ok(ProfileUpdate {
-            key: ProfileKey::new(self.client_id, self.customer_id),
-            at,
-            fields,
-            extras,
-            origin: origin(self.origin)?,
-        })
+        update_of(
+            ProfileKey::new(self.client_id, self.customer_id),
+            self.at.as_ref(),
+            self.fields
+                .into_iter()
+                .map(|record| (record.field, scalar(record.value))),
+            self.extras,
+            self.origin,
+        )
     }
+}
+
+/// The update an `UpdateRecord`'s parts make, checked in this order (the first failure is the
+/// error): its time, each field number, each extra's JSON, its origin. Both readings of the
+/// journal (prost's records and `wire`'s in-place one) come through here.
+pub(super) fn update_of(
+    key: ProfileKey,
+    at: Option<&prost_types::Timestamp>,
+    fields: impl IntoIterator<Item = (u32, Option<Scalar>)>,
+    extras: Vec<ExtraRecord>,
+    origin_number: u32,
+) -> Result<ProfileUpdate, Malformed> {
+    let at = event_time(at)?;
+    let fields = fields
+        .into_iter()
+        .map(|(number, value)| Ok((field(number)?, value)))
+        .collect::<Result<_, Malformed>>()?;
+    let extras = extras
+        .into_iter()
+        .map(|record| Ok((record.key.into_boxed_str(), json(record.json)?)))
+        .collect::<Result<_, Malformed>>()?;
+    Ok(ProfileUpdate {
+        key,
+        at,
+        fields,
+        extras,
+        origin: origin(origin_number)?,
+    })
 }
 
 impl ProfileRecord {
@@ -628,11 +647,8 @@ impl ProfileRecord {
         let key = ProfileKey::new(self.client_id, self.customer_id);
         let bookkeeping = (self.revision, self.create_revision, self.version);
         if !self.packed_registers.is_empty() {
-            if !self.fields.is_empty() {
-                return Err(both_register_forms());
-            }
-            return Profile::from_packed(key, &self.packed_registers, extras, bookkeeping)
-                .ok_or_else(unreadable_packed_registers);
+            let has_fields = !self.fields.is_empty();
+            return packed_profile(key, &self.packed_registers, has_fields, extras, bookkeeping);
         }
         let fields = self
             .fields
@@ -657,12 +673,23 @@ impl ProfileRecord {
     }
 }
 
-pub(super) fn both_register_forms() -> Malformed {
-    Malformed("a profile with both packed registers and field records".into())
-}
-
-pub(super) fn unreadable_packed_registers() -> Malformed {
-    Malformed("packed registers that no profile packs to".into())
+/// The profile of a format 3 record, whose registers are `packed` (never empty here); a
+/// record that also has field records, or registers no profile packs to, is malformed. Both
+/// readings of a snapshot (prost's records and `wire`'s in-place one) come through here.
+pub(super) fn packed_profile(
+    key: ProfileKey,
+    packed: &[u8],
+    has_fields: bool,
+    extras: Vec<(Box<str>, Register<ExtraValue>)>,
+    bookkeeping: (u64, u64, u64),
+) -> Result<Profile, Malformed> {
+    if has_fields {
+        return Err(Malformed(
+            "a profile with both packed registers and field records".into(),
+        ));
+    }
+    Profile::from_packed(key, packed, extras, bookkeeping)
+        .ok_or_else(|| Malformed("packed registers that no profile packs to".into()))
 }
 
 impl ExtraRecord {

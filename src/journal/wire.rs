@@ -124,27 +124,17 @@ impl<'a> UpdateRef<'a> {
         Ok(record)
     }
 
-    /// `UpdateRecord::into_update`, from borrowed texts.
+    /// `UpdateRecord::into_update`, from borrowed texts (each copied once, here).
     fn into_update(self, accounts: &mut Option<ArcStr>) -> Result<ProfileUpdate, Malformed> {
-        let at = codec::event_time(self.at.as_ref())?;
-        let fields = self
-            .fields
-            .into_iter()
-            .map(|(number, value)| Ok((codec::field(number)?, value.map(ScalarRef::to_scalar))))
-            .collect::<Result<_, Malformed>>()?;
-        let extras = self
-            .extras
-            .into_iter()
-            .map(|record| Ok((record.key.into_boxed_str(), codec::json(record.json)?)))
-            .collect::<Result<_, Malformed>>()?;
-        let origin = codec::origin(self.origin)?;
-        Ok(ProfileUpdate {
-            key: ProfileKey::new(shared_account(accounts, self.client_id), self.customer_id),
-            at,
-            fields,
-            extras,
-            origin,
-        })
+        codec::update_of(
+            ProfileKey::new(shared_account(accounts, self.client_id), self.customer_id),
+            self.at.as_ref(),
+            self.fields
+                .into_iter()
+                .map(|(number, value)| (number, value.map(ScalarRef::to_scalar))),
+            self.extras,
+            self.origin,
+        )
     }
 }
 
@@ -229,12 +219,8 @@ fn decode_profile(bytes: &[u8], accounts: &mut Option<ArcStr>) -> Result<Profile
     }
     let key = ProfileKey::new(shared_account(accounts, client_id), customer_id);
     if !packed.is_empty() {
-        if !fields.is_empty() {
-            return Err(codec::both_register_forms());
-        }
         let bookkeeping = (revision, create_revision, version);
-        return Profile::from_packed(key, packed, extras, bookkeeping)
-            .ok_or_else(codec::unreadable_packed_registers);
+        return codec::packed_profile(key, packed, !fields.is_empty(), extras, bookkeeping);
     }
     Profile::from_stamped_refs(key, fields, extras, revision, create_revision, version)
         .map_err(|(_, seconds)| Malformed(format!("timestamp {seconds}s out of range")))
@@ -301,9 +287,8 @@ struct Wire<'a>(&'a [u8]);
 
 impl<'a> Wire<'a> {
     fn varint(&mut self) -> Result<u64, Malformed> {
-        // Keys, most lengths and small numbers take one byte. The general loop below, written
-        // over an enumerated and limited iterator, was a fifth of a snapshot's decoding
-        // instructions at start-up; the plain indexed loop and this shortcut cut it to a few.
+        // Keys, most lengths and small numbers take one byte: read those without the loop
+        // (with the indexed loop below, 0.8% fewer instructions per start-up at 1M profiles).
         if let Some((&byte, rest)) = self.0.split_first()
             && byte < 0x80
         {

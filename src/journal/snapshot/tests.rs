@@ -37,6 +37,40 @@ fn read_all(path: &Path) -> (Vec<usize>, Vec<Profile>, Result<u64, JournalError>
     (sizes, loaded, outcome)
 }
 
+/// The bytes of a snapshot file as of `revision` in `format` holding `batches` of records, a
+/// frame each (what `write` writes, with records a test chooses), and where the first batch's
+/// frame starts.
+fn snapshot_file(
+    format: FrameFormat,
+    revision: u64,
+    batches: Vec<Vec<ProfileRecord>>,
+) -> (Vec<u8>, u64) {
+    let mut file = codec::file_header(SNAPSHOT_MAGIC, format).to_vec();
+    let header = SnapshotHeader {
+        revision,
+        profiles: batches.iter().map(Vec::len).sum::<usize>() as u64,
+        stream_sequence: 0,
+    };
+    codec::encode_frame(&header, &mut file);
+    let first_batch = file.len() as u64;
+    for profiles in batches {
+        codec::encode_frame(&ProfileBatch { profiles }, &mut file);
+    }
+    (file, first_batch)
+}
+
+/// The file, offset and reason of a damaged snapshot; any other outcome fails the test.
+fn damage(outcome: Result<u64, JournalError>) -> (PathBuf, u64, String) {
+    match outcome {
+        Err(JournalError::DamagedSnapshot {
+            path,
+            offset,
+            reason,
+        }) => (path, offset, reason),
+        other => panic!("expected DamagedSnapshot, got {other:?}"),
+    }
+}
+
 #[test]
 fn a_snapshot_reads_back_every_profile_chunk_by_chunk() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,22 +97,13 @@ fn snapshots_are_written_in_format_3_and_those_of_format_2_still_load() {
     );
     // A format 2 snapshot of the same profiles, as earlier builds wrote it.
     let old = dir.path().join("format-2.snap");
-    let mut file = codec::file_header(SNAPSHOT_MAGIC, FrameFormat::V2).to_vec();
-    let header = SnapshotHeader {
-        revision: CHUNK as u64 + 3,
-        profiles: written.len() as u64,
-        stream_sequence: 0,
-    };
-    codec::encode_frame(&header, &mut file);
-    for chunk in written.chunks(CHUNK) {
+    let batches = written.chunks(CHUNK).map(|chunk| {
         let records = chunk
             .iter()
             .map(|profile| ProfileRecord::with_field_records(profile));
-        let batch = ProfileBatch {
-            profiles: records.collect(),
-        };
-        codec::encode_frame(&batch, &mut file);
-    }
+        records.collect()
+    });
+    let (file, _) = snapshot_file(FrameFormat::V2, CHUNK as u64 + 3, batches.collect());
     fs::write(&old, &file).unwrap();
     // The packed registers take less room than a record per field.
     assert!(
@@ -153,18 +178,10 @@ fn damage_in_a_later_frame_is_an_error_naming_file_and_offset() {
     bytes[second + FrameFormat::CURRENT.overhead() + 3] ^= 0x01;
     fs::write(&path, &bytes).unwrap();
     let (sizes, _, outcome) = read_all(&path);
-    match outcome {
-        Err(JournalError::DamagedSnapshot {
-            path: at,
-            offset,
-            reason,
-        }) => {
-            assert_eq!(at, path);
-            assert_eq!(offset, second as u64);
-            assert_eq!(reason, "checksum mismatch");
-        }
-        other => panic!("expected DamagedSnapshot, got {other:?}"),
-    }
+    let (at, offset, reason) = damage(outcome);
+    assert_eq!(at, path);
+    assert_eq!(offset, second as u64);
+    assert_eq!(reason, "checksum mismatch");
     // The loader saw only what came before the damage (the caller discards it).
     assert_eq!(sizes, vec![CHUNK]);
 }
@@ -225,35 +242,21 @@ fn packed_registers_no_profile_packs_to_are_refused_naming_the_file_and_frame() 
     let dir = tempfile::tempdir().unwrap();
     let written = profiles(3);
     let path = write(dir.path(), 3, &written).unwrap();
-    let mut file = codec::file_header(SNAPSHOT_MAGIC, FrameFormat::SNAPSHOTS).to_vec();
-    let header = SnapshotHeader {
-        revision: 3,
-        profiles: 3,
-        stream_sequence: 0,
-    };
-    codec::encode_frame(&header, &mut file);
-    let frame_at = file.len() as u64;
     let mut records: Vec<ProfileRecord> = written.iter().map(|p| ProfileRecord::new(p)).collect();
     // Two clocks alike: unpacking would work, but it is not what the packer writes.
     let packed = &mut records[1].packed_registers;
     let clock = packed[7..19].to_vec();
     packed[6] = 2;
     packed.splice(19..19, clock);
-    codec::encode_frame(&ProfileBatch { profiles: records }, &mut file);
+    let (file, frame_at) = snapshot_file(FrameFormat::SNAPSHOTS, 3, vec![records]);
     fs::write(&path, &file).unwrap();
     let (_, _, outcome) = read_all(&path);
-    match outcome {
-        Err(JournalError::DamagedSnapshot {
-            path: at,
-            offset,
-            reason,
-        }) => {
-            assert_eq!((at, offset), (path, frame_at));
-            assert_eq!(
-                reason,
-                "malformed record: packed registers that no profile packs to"
-            );
-        }
-        other => panic!("got {other:?}"),
-    }
+    assert_eq!(
+        damage(outcome),
+        (
+            path,
+            frame_at,
+            "malformed record: packed registers that no profile packs to".into()
+        )
+    );
 }
