@@ -308,8 +308,9 @@ type DecodedRecords = wire::DecodedUpdates;
 
 /// What the decoding thread found at a frame of a segment, in file order.
 enum Decoded {
-    /// A batch that may hold records from the segment's floor on: its last revision, and its
-    /// records or why the batch does not decode.
+    /// A batch that may hold records from the segment's floor on: its last revision (looked
+    /// for only until a batch reaches the floor), and its records or why the batch does not
+    /// decode.
     Batch {
         offset: usize,
         last: Option<u64>,
@@ -417,16 +418,25 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
 fn decode_frames(bytes: &[u8], format: FrameFormat, floor: u64, out: &mpsc::SyncSender<Decoded>) {
     let mut offset = codec::HEADER_LEN;
     let mut accounts = None;
+    // Past the first batch that reaches the floor, the batches are decoded without looking for
+    // their last revision first: in a sound journal they all reach it (revisions only grow),
+    // and `apply` checks every record's revision against the replay's anyway.
+    let mut past_floor = false;
     loop {
+        let last_revision = |payload| match past_floor {
+            true => Ok(None),
+            false => wire::last_revision(payload),
+        };
         let (item, next) = match codec::read_frame(bytes, offset, format) {
             Frame::End => (Decoded::End { offset }, None),
             Frame::Invalid(invalid) => (Decoded::Invalid { offset, invalid }, None),
-            Frame::Valid { payload, next } => match wire::last_revision(payload) {
+            Frame::Valid { payload, next } => match last_revision(payload) {
                 Ok(last) if last.is_some_and(|last| last < floor) => {
                     offset = next;
                     continue;
                 }
                 Ok(last) => {
+                    past_floor = true;
                     let records = decode_batch(payload, floor, &mut accounts);
                     (
                         Decoded::Batch {

@@ -59,7 +59,7 @@ impl Profile {
             "an update merged into another profile"
         );
         let mut wrote = false;
-        let mut changed = Vec::new();
+        let mut changed = Vec::with_capacity(update.fields.len() + update.extras.len());
         if !update.fields.is_empty() {
             let at = Clock::of(update.at);
             let mut slots = self.registers.unpack();
