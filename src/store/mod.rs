@@ -425,8 +425,16 @@ impl Store {
         // Snapshots are in key order, so runs of one account follow each other: the shared
         // copy is looked up once per run, not once per profile.
         let mut account: Option<ArcStr> = None;
+        // Each profile with its hash, taken while its key is in cache; inserted all at once
+        // below (`insert_distinct`), in an order the map's memory likes.
+        let mut loaded = Vec::with_capacity(expected);
+        // Keys strictly increasing (as every snapshot this service writes has them) cannot
+        // repeat, so nothing need be looked up before inserting.
+        let mut distinct = true;
+        let before = keys.len();
         for chunk in chunks {
             keys.reserve(chunk.len());
+            loaded.reserve(chunk.len());
             for mut profile in chunk {
                 let shared = match &account {
                     Some(shared) if *shared == profile.key.client_id => shared.clone(),
@@ -434,8 +442,20 @@ impl Store {
                 };
                 profile.key.client_id = shared.clone();
                 account = Some(shared);
+                distinct &= keys[before..].last().is_none_or(|last| *last < profile.key);
+                keys.push(profile.key.clone());
+                loaded.push((self.inner.profiles.hash(&profile.key), Arc::new(profile)));
+            }
+        }
+        if distinct {
+            self.inner.profiles.insert_distinct(loaded);
+        } else {
+            // Out of order (not a snapshot of this service's): one at a time, a repeated key's
+            // last profile kept, as the map's `insert` does.
+            keys.truncate(before);
+            for (_, profile) in loaded {
                 let key = profile.key.clone();
-                if self.inner.profiles.insert(Arc::new(profile)) {
+                if self.inner.profiles.insert(profile) {
                     keys.push(key);
                 }
             }

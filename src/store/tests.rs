@@ -68,6 +68,58 @@ fn replayed_profiles_join_the_key_order_once_recovery_orders_them() {
     assert_eq!(listed(&store), ["a", "b", "c", "d"]);
 }
 
+/// Every profile of `store`, in its key order, as `account/customer@revision`.
+fn listed_with_revisions(store: &Store) -> Vec<String> {
+    store
+        .scan(None, None, usize::MAX, |_| true)
+        .profiles
+        .iter()
+        .map(|profile| format!("{:?}@{}", profile.key, profile.revision))
+        .collect()
+}
+
+#[test]
+fn a_snapshot_in_key_order_and_one_out_of_order_restore_alike() {
+    let profile = |account: &str, customer: usize, revision: u64| {
+        let key = ProfileKey::new(account, format!("c{customer:05}"));
+        let mut profile = Profile::empty(key);
+        profile.revision = revision;
+        profile
+    };
+    let in_order: Vec<Profile> = ["a", "b"]
+        .iter()
+        .flat_map(|account| (0..1500).map(move |n| profile(account, n, n as u64 + 1)))
+        .collect();
+    let expected: Vec<String> = in_order
+        .iter()
+        .map(|profile| format!("{:?}@{}", profile.key, profile.revision))
+        .collect();
+    // As snapshots are: in key order, in chunks.
+    let sorted = Store::new(10, "test");
+    let mut chunks = in_order.chunks(1024).map(<[Profile]>::to_vec);
+    sorted.restore(in_order.len(), &mut chunks, 5);
+    assert_eq!(sorted.len(), 3000);
+    assert_eq!(listed_with_revisions(&sorted), expected);
+    // Out of order, and one key twice: the later one is kept, as the map's inserts keep it.
+    let mut shuffled = in_order.clone();
+    shuffled.reverse();
+    shuffled.swap(10, 2000);
+    shuffled.push(profile("a", 7, 99));
+    let unsorted = Store::new(10, "test");
+    unsorted.restore(shuffled.len(), &mut std::iter::once(shuffled), 5);
+    assert_eq!(unsorted.len(), 3000);
+    let mut expected = expected;
+    expected[7] = "a/c00007@99".into();
+    assert_eq!(listed_with_revisions(&unsorted), expected);
+    for store in [&sorted, &unsorted] {
+        let found = store
+            .get(&ProfileKey::new("b", "c01499"))
+            .expect("the last profile");
+        assert_eq!(found.revision, 1500);
+        assert!(store.get(&ProfileKey::new("b", "c01500")).is_none());
+    }
+}
+
 #[test]
 fn history_keeps_the_newest_changes_and_reports_compaction() {
     let store = Store::new(3, "test");
