@@ -537,9 +537,10 @@ fn sequence_after(
     let mut next_revision = first_revision;
     // Profiles this batch already changed: later updates of the same profile merge into these,
     // not into the store's older copy.
-    // Sized once: growing it from empty rehashed it several times a batch (in recovery's
-    // replay, a tenth of the merging thread).
-    let mut latest = ProfileMap::with_capacity_and_hasher(updates.len(), Default::default());
+    // Sized once (growing it from empty rehashed it several times a batch: in recovery's
+    // replay, a tenth of the merging thread); the last update is never put in it.
+    let room = updates.len().saturating_sub(1);
+    let mut latest = ProfileMap::with_capacity_and_hasher(room, Default::default());
     let mut changes = Vec::with_capacity(updates.len());
     let mut outcomes = Vec::with_capacity(updates.len());
     for (index, update) in updates.iter().enumerate() {

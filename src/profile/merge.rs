@@ -59,7 +59,16 @@ impl Profile {
             "an update merged into another profile"
         );
         let mut wrote = false;
-        let mut changed = Vec::with_capacity(update.fields.len() + update.extras.len());
+        let mut changed = Vec::new();
+        // Room for every path at the first change (growing from four took three allocations
+        // a merge), and none taken when nothing changes (a duplicate delivery).
+        let room = update.fields.len() + update.extras.len();
+        let note = |changed: &mut Vec<FieldPath>, path| {
+            if changed.capacity() == 0 {
+                changed.reserve_exact(room);
+            }
+            changed.push(path);
+        };
         if !update.fields.is_empty() {
             let at = Clock::of(update.at);
             let mut slots = self.registers.unpack();
@@ -71,7 +80,7 @@ impl Profile {
                 if beats(current, &at, value.as_ref(), Ord::cmp) {
                     wrote_fields = true;
                     if slot.map(|slot| slot.value) != Some(value) {
-                        changed.push(FieldPath::Field(*field));
+                        note(&mut changed, FieldPath::Field(*field));
                     }
                     *slot = Some(Slot { at, value });
                 }
@@ -89,7 +98,7 @@ impl Profile {
             if beats(current_register, &update.at, value.as_ref(), by_text) {
                 wrote = true;
                 if current.map(|register| &register.value) != Some(&value) {
-                    changed.push(FieldPath::Extra(key.clone()));
+                    note(&mut changed, FieldPath::Extra(key.clone()));
                 }
                 self.extra.get_or_insert_default().insert(
                     key.clone(),
