@@ -335,8 +335,10 @@ impl Store {
             return;
         }
         let mut order = self.inner.order.write().expect("order lock poisoned");
-        let mut all: Vec<ProfileKey> = std::mem::take(&mut *order).into_iter().collect();
-        all.extend(keys);
+        // The held-back keys' vector takes the ordered ones (none at start-up): no second
+        // vector of a million keys, fresh pages and a copy.
+        let mut all = keys;
+        all.extend(std::mem::take(&mut *order));
         // `from_iter` sorts (a snapshot's keys are one nearly sorted run, the replayed keys
         // follow), then builds the tree bottom up.
         *order = all.into_iter().collect();
