@@ -434,8 +434,8 @@ impl Store {
         // below (`insert_distinct`), in an order the map's memory likes.
         let mut loaded = Vec::with_capacity(expected);
         // Keys strictly increasing (as every snapshot this service writes has them) cannot
-        // repeat, so nothing need be looked up before inserting.
-        let mut distinct = true;
+        // repeat, so nothing need be looked up before inserting into a map that held none.
+        let mut distinct = self.inner.profiles.len() == 0;
         let before = keys.len();
         for chunk in chunks {
             keys.reserve(chunk.len());
