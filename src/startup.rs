@@ -81,6 +81,9 @@ pub fn open_durable(
         snapshot = recovered.snapshot,
         replayed = recovered.replayed,
         elapsed_ms = started.elapsed().as_millis() as u64,
+        snapshot_ms = recovered.took.snapshot.as_millis() as u64,
+        replay_ms = recovered.took.replay.as_millis() as u64,
+        key_order_ms = recovered.took.key_order.as_millis() as u64,
         "recovered"
     );
     let durability = Durability {

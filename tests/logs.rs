@@ -150,6 +150,14 @@ async fn json_logs_are_flat_with_no_debug_text_across_a_restart() {
         .cloned();
     let recovered = recovered.expect("a recovered line");
     assert!(recovered["snapshot"].is_u64(), "{recovered}");
+    // Where start-up time went: each part in milliseconds, together no more than the whole.
+    let part = |name: &str| {
+        recovered[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: {recovered}"))
+    };
+    let parts = part("snapshot_ms") + part("replay_ms") + part("key_order_ms");
+    assert!(parts <= part("elapsed_ms"), "{recovered}");
     let second = binary.stop_collecting();
     let messages: Vec<&str> = first
         .iter()

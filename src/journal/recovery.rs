@@ -22,6 +22,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use super::codec::{
     self, ClosedAt, Frame, FrameFormat, HeaderError, Invalid, Malformed, SEGMENT_MAGIC,
@@ -44,6 +45,19 @@ pub struct Recovered {
     pub replayed: u64,
     /// Where appends continue; `None` when there is no segment yet.
     pub tail: Option<Tail>,
+    /// How long each part took (start-up time is downtime: the log says where it went).
+    pub took: Took,
+}
+
+/// How long each part of recovery took.
+#[derive(Debug, Default)]
+pub struct Took {
+    /// Loading the snapshot into the store (zero without one).
+    pub snapshot: Duration,
+    /// Reading and replaying the journal after it.
+    pub replay: Duration,
+    /// Building the key order of every profile, once, at the end.
+    pub key_order: Duration,
 }
 
 /// The unit a crash can leave unwritten inside a write that reached the file's length: such a
@@ -78,10 +92,13 @@ pub fn recover(
     let snapshot = snapshot::choose(dir, &segments)?;
     let from = snapshot.as_ref().map_or(0, |(revision, _)| *revision);
     let room_for_replay = records_after(&segments, from);
+    let mut took = Took::default();
+    let started = Instant::now();
     match &snapshot {
         Some((revision, path)) => load_snapshot(store, *revision, path, room_for_replay)?,
         None => store.reserve_profiles(room_for_replay),
     }
+    took.snapshot = started.elapsed();
     let newest_recorded = head.as_ref().map_or(0, |head| head.newest_segment);
     // After a clean shutdown nothing can be torn: the newest segment ends where it was left.
     let closed = head
@@ -136,13 +153,16 @@ pub fn recover(
         }
     }
     check_against_head(dir, store, newest_recorded, closed, tail.as_ref())?;
+    took.replay = started.elapsed() - took.snapshot;
     // The snapshot's keys and those of the profiles the replay created wait for their key
     // order, built once, here.
     store.order_replayed();
+    took.key_order = started.elapsed() - took.snapshot - took.replay;
     Ok(Recovered {
         snapshot: snapshot.map(|(revision, _)| revision),
         replayed: replaying.replayed,
         tail,
+        took,
     })
 }
 
