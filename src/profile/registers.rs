@@ -322,7 +322,16 @@ impl<'a> Reader<'a> {
     }
 
     /// LEB128 as [`put_varint`] writes it: at most ten bytes, no needless trailing zero group.
+    #[inline]
     fn shortest_varint(&mut self) -> Option<u64> {
+        // Most lengths and numbers take one byte, which is always the shortest form: without
+        // the general loop (the check of a snapshot's registers reads ten varints a profile).
+        if let Some((&byte, rest)) = self.0.split_first()
+            && byte < 0x80
+        {
+            self.0 = rest;
+            return Some(u64::from(byte));
+        }
         let before = self.0;
         let value = self.varint()?;
         let used = before.len() - self.0.len();
