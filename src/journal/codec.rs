@@ -164,6 +164,16 @@ pub fn encode_frame(message: &impl Message, out: &mut Vec<u8>) {
     fill_frame_header(&mut out[start..]);
 }
 
+/// A frame of the current format around `payload` as it is (tests build payloads no build
+/// writes).
+#[cfg(test)]
+pub(super) fn frame_of(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0; FRAME_HEADER_LEN];
+    frame.extend_from_slice(payload);
+    fill_frame_header(&mut frame);
+    frame
+}
+
 /// Bytes before a frame's payload in the current format.
 const FRAME_HEADER_LEN: usize = FrameFormat::CURRENT.overhead();
 

@@ -328,12 +328,11 @@ type DecodedRecords = wire::DecodedUpdates;
 
 /// What the decoding thread found at a frame of a segment, in file order.
 enum Decoded {
-    /// A batch that may hold records from the segment's floor on: its last revision (looked
-    /// for only until a batch reaches the floor), and its records or why the batch does not
-    /// decode.
+    /// A batch that may hold records from the segment's floor on: its records (those of the
+    /// first batch that reaches the floor from the floor on, the later ones' all) or why the
+    /// batch does not decode.
     Batch {
         offset: usize,
-        last: Option<u64>,
         records: Result<DecodedRecords, String>,
     },
     /// The valid frames end here, at the end of the file.
@@ -363,16 +362,18 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
                 .spawn_scoped(scope, move || decode_frames(bytes, format, floor, &sender))
                 .map_err(JournalError::io(path, "start the decoding thread for"))?;
             // `decoded` is dropped on return, so the decoder stops at its next send.
-            self.apply(path, bytes, format, may_be_torn, decoded)
+            self.apply(path, bytes, (format, floor), may_be_torn, decoded)
         })
     }
 
     /// Applies what `decode_frames` sends, in order, until the segment's valid frames end.
+    /// `floor` is the first revision the segment's replay needs (the ones before it are the
+    /// snapshot's).
     fn apply(
         &mut self,
         path: &Path,
         bytes: &[u8],
-        format: FrameFormat,
+        (format, floor): (FrameFormat, u64),
         may_be_torn: bool,
         decoded: mpsc::Receiver<Decoded>,
     ) -> Result<u64, JournalError> {
@@ -386,37 +387,9 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
             };
             match item {
                 Decoded::End { offset } => return Ok(offset as u64),
-                // As the decoder skipped those before the floor, by the live revision.
-                Decoded::Batch { last, .. } if last.is_some_and(|last| last < first_lost) => {}
-                Decoded::Batch {
-                    offset, records, ..
-                } => {
+                Decoded::Batch { offset, records } => {
                     let records = records.map_err(|reason| corrupt(offset, reason))?;
-                    let pending: Vec<_> = records
-                        .into_iter()
-                        .filter(|(revision, _)| *revision >= first_lost)
-                        .collect();
-                    if let Some((revision, _)) = pending.first()
-                        && *revision != first_lost
-                    {
-                        return Err(JournalError::Gap {
-                            path: path.to_owned(),
-                            offset: offset as u64,
-                            expected: first_lost,
-                            found: *revision,
-                            previous: None,
-                        });
-                    }
-                    self.replayed += pending.len() as u64;
-                    if pending.is_empty() {
-                        continue;
-                    }
-                    let updates = pending
-                        .into_iter()
-                        .map(|(revision, update)| Ok((revision, update?)))
-                        .collect::<Result<Vec<_>, Malformed>>()
-                        .map_err(|error| corrupt(offset, error.to_string()))?;
-                    (self.replay)(updates).map_err(|reason| corrupt(offset, reason))?;
+                    self.batch(path, offset, records, floor)?;
                 }
                 Decoded::Invalid { offset, invalid } => {
                     if may_be_torn && is_torn(bytes, offset, format, invalid) {
@@ -429,6 +402,73 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
         }
         unreachable!("the decoder ends every segment with its end or an invalid frame")
     }
+
+    /// Replays the `records` of the batch at `offset` that the store does not hold yet, after
+    /// checking their revisions against the journal's order (`floor` as in `apply`).
+    fn batch(
+        &mut self,
+        path: &Path,
+        offset: usize,
+        records: DecodedRecords,
+        floor: u64,
+    ) -> Result<(), JournalError> {
+        let first_lost = self.store.revision() + 1;
+        let gap = |expected, found| JournalError::Gap {
+            path: path.to_owned(),
+            offset: offset as u64,
+            expected,
+            found,
+            previous: None,
+        };
+        let revisions = records.iter().map(|(revision, _)| *revision);
+        if let Some((expected, found)) = out_of_order(revisions, floor, first_lost) {
+            return Err(gap(expected, found));
+        }
+        let pending: Vec<_> = records
+            .into_iter()
+            .filter(|(revision, _)| *revision >= first_lost)
+            .collect();
+        match pending.first() {
+            None => return Ok(()),
+            Some((revision, _)) if *revision != first_lost => {
+                return Err(gap(first_lost, *revision));
+            }
+            Some(_) => {}
+        }
+        self.replayed += pending.len() as u64;
+        let corrupt = |reason: String| JournalError::Corrupt {
+            path: path.to_owned(),
+            offset: offset as u64,
+            reason,
+            first_lost,
+        };
+        let updates = pending
+            .into_iter()
+            .map(|(revision, update)| Ok((revision, update?)))
+            .collect::<Result<Vec<_>, Malformed>>()
+            .map_err(|error| corrupt(error.to_string()))?;
+        (self.replay)(updates).map_err(corrupt)
+    }
+}
+
+/// Where a batch's `revisions` break the journal's order, as (expected, found): each one must
+/// follow the one before it, and once the replay is past the segment's `floor` (`next`, the
+/// revision it needs, above it) none may be one it already has. Before that, revisions below
+/// `next` are the snapshot's and are skipped.
+fn out_of_order(revisions: impl Iterator<Item = u64>, floor: u64, next: u64) -> Option<(u64, u64)> {
+    let mut previous: Option<u64> = None;
+    for revision in revisions {
+        if let Some(previous) = previous
+            && revision != previous.wrapping_add(1)
+        {
+            return Some((previous.wrapping_add(1), revision));
+        }
+        if next > floor && revision < next {
+            return Some((next, revision));
+        }
+        previous = Some(revision);
+    }
+    None
 }
 
 /// The frames of a segment from its header on, decoded and sent in order, ending with its
@@ -438,48 +478,37 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
 fn decode_frames(bytes: &[u8], format: FrameFormat, floor: u64, out: &mpsc::SyncSender<Decoded>) {
     let mut offset = codec::HEADER_LEN;
     let mut accounts = None;
-    // Past the first batch that reaches the floor, the batches are decoded without looking for
-    // their last revision first: in a sound journal they all reach it (revisions only grow),
-    // and `apply` checks every record's revision against the replay's anyway.
+    // Past the first batch that reaches the floor, the batches are decoded whole without
+    // looking for their last revision first: in a sound journal they are all above it
+    // (revisions only grow), and `apply` refuses one that holds a revision it already has.
     let mut past_floor = false;
     loop {
-        let last_revision = |payload| match past_floor {
-            true => Ok(None),
-            false => wire::last_revision(payload),
-        };
         let (item, next) = match codec::read_frame(bytes, offset, format) {
             Frame::End => (Decoded::End { offset }, None),
             Frame::Invalid(invalid) => (Decoded::Invalid { offset, invalid }, None),
-            Frame::Valid { payload, next } => match last_revision(payload) {
-                Ok(last) if last.is_some_and(|last| last < floor) => {
-                    offset = next;
-                    continue;
+            Frame::Valid { payload, next } => {
+                let last = match past_floor {
+                    true => Ok(None),
+                    false => wire::last_revision(payload),
+                };
+                match last {
+                    Ok(last) if last.is_some_and(|last| last < floor) => {
+                        offset = next;
+                        continue;
+                    }
+                    Ok(last) => {
+                        let from = if past_floor { 0 } else { floor };
+                        // An empty batch reaches nothing.
+                        past_floor |= last.is_some();
+                        let records = decode_batch(payload, from, &mut accounts);
+                        (Decoded::Batch { offset, records }, Some(next))
+                    }
+                    Err(error) => {
+                        let records = Err(format!("undecodable batch: {error}"));
+                        (Decoded::Batch { offset, records }, None)
+                    }
                 }
-                Ok(last) => {
-                    past_floor = true;
-                    let records = decode_batch(payload, floor, &mut accounts);
-                    (
-                        Decoded::Batch {
-                            offset,
-                            last,
-                            records,
-                        },
-                        Some(next),
-                    )
-                }
-                Err(error) => {
-                    let records = Err(format!("undecodable batch: {error}"));
-                    let (last, next) = (None, None);
-                    (
-                        Decoded::Batch {
-                            offset,
-                            last,
-                            records,
-                        },
-                        next,
-                    )
-                }
-            },
+            }
         };
         if out.send(item).is_err() {
             return;

@@ -998,3 +998,99 @@ fn segment_names_claiming_a_huge_journal_reserve_no_more_than_their_bytes_can_ho
         ),
     }
 }
+
+/// A data dir whose journal holds `batches` (each a list of record revisions, written as they
+/// are, in order) in one segment named after the first one's first revision, and, with
+/// `snapshot_at`, a snapshot of the state the records up to it make (taken from a second
+/// journal of those records alone). Recovery uses a snapshot only when the journal does not
+/// start at revision 1.
+fn journal_of(batches: &[&[u64]], snapshot_at: Option<u64>) -> tempfile::TempDir {
+    let write_batches = |dir: &Path, batches: &[&[u64]]| {
+        let first = batches.iter().find_map(|batch| batch.first()).copied();
+        let mut journal = Journal::open(
+            dir,
+            None,
+            first.unwrap_or(1),
+            u64::MAX,
+            FaultSwitch::default(),
+        )
+        .unwrap();
+        for revisions in batches {
+            let updates = revisions.iter().map(|revision| record(*revision)).collect();
+            journal.append(&BatchRecord { updates }).unwrap();
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_batches(dir.path(), batches);
+    if let Some(revision) = snapshot_at {
+        let before = tempfile::tempdir().unwrap();
+        let records: Vec<u64> = (1..=revision).collect();
+        write_batches(before.path(), &[&records]);
+        let (store, _) = recovered(before.path()).unwrap();
+        let profiles = store.scan(None, None, usize::MAX, |_| true).profiles;
+        snapshot::write(dir.path(), revision, &profiles).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn revisions_that_go_back_after_the_replay_started_are_refused_not_dropped() {
+    let refused = |batches: &[&[u64]], snapshot_at, expected, found| {
+        let dir = journal_of(batches, snapshot_at);
+        match recovered(dir.path()).map(|(store, _)| store.revision()) {
+            Err(JournalError::Gap {
+                expected: e,
+                found: f,
+                ..
+            }) => assert_eq!((e, f), (expected, found), "{batches:?}"),
+            other => panic!("{batches:?}: {other:?}"),
+        }
+    };
+    // A batch that goes back within itself, in the middle of the journal and at its end.
+    refused(&[&[1, 2, 3], &[4, 3], &[5]], None, 5, 3);
+    refused(&[&[1, 2, 3], &[4, 3]], None, 5, 3);
+    // One the replay already has, whole, after a snapshot.
+    refused(&[&[2, 3], &[4, 5, 6], &[7], &[5]], Some(3), 8, 5);
+    // One that ends below the snapshot after the replay went past it.
+    refused(&[&[2, 3], &[4, 5, 6], &[7, 2], &[8]], Some(3), 8, 2);
+    // A record without a revision (prost reads it as 0).
+    refused(&[&[1, 2, 3], &[4, 0], &[5]], None, 5, 0);
+    // What the snapshot holds is still skipped, a batch across it cut: the journals, sound.
+    for (batches, replayed) in [
+        (&[&[2, 3][..], &[4, 5, 6], &[7], &[8]][..], 5),
+        (&[&[2], &[3, 4, 5], &[6]], 3),
+    ] {
+        let dir = journal_of(batches, Some(3));
+        let (store, recovered) = recovered(dir.path()).unwrap();
+        assert_eq!(recovered.snapshot, Some(3));
+        assert_eq!(
+            (store.revision(), recovered.replayed),
+            (3 + replayed, replayed)
+        );
+    }
+}
+
+#[test]
+fn an_empty_batch_before_the_snapshot_does_not_make_the_batches_it_holds_decoded() {
+    // A batch the snapshot holds, whose middle record does not decode (its customer id is not
+    // UTF-8), is skipped by its last revision, an empty batch before it or not: none of its
+    // records is needed.
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::open(dir.path(), None, 2, u64::MAX, FaultSwitch::default()).unwrap();
+    journal.append(&BatchRecord { updates: vec![] }).unwrap();
+    let mut payload = prost::Message::encode_to_vec(&batch(2..=2));
+    // Field 1 (an update) holding revision 3 and a customer id (field 3) of one byte, 0xff.
+    payload.extend_from_slice(&[0x0a, 0x05, 0x08, 0x03, 0x1a, 0x01, 0xff]);
+    payload.extend(prost::Message::encode_to_vec(&batch(4..=4)));
+    journal
+        .append_encoded(&codec::frame_of(&payload), Some((2, 4)))
+        .unwrap();
+    journal.append(&batch(5..=6)).unwrap();
+    drop(journal);
+    let sound = journal_of(&[&[2, 3, 4]], Some(4));
+    let snapshot = snapshot::list(sound.path()).unwrap().remove(0).1;
+    std::fs::copy(&snapshot, dir.path().join(snapshot.file_name().unwrap())).unwrap();
+    let (store, recovered) = recovered(dir.path()).unwrap();
+    assert_eq!(recovered.snapshot, Some(4));
+    assert_eq!((store.revision(), recovered.replayed), (6, 2));
+}
