@@ -413,16 +413,15 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
         floor: u64,
     ) -> Result<(), JournalError> {
         let first_lost = self.store.revision() + 1;
-        let gap = |expected, found| JournalError::Gap {
+        let corrupt = |reason: String| JournalError::Corrupt {
             path: path.to_owned(),
             offset: offset as u64,
-            expected,
-            found,
-            previous: None,
+            reason,
+            first_lost,
         };
         let revisions = records.iter().map(|(revision, _)| *revision);
-        if let Some((expected, found)) = out_of_order(revisions, floor, first_lost) {
-            return Err(gap(expected, found));
+        if let Some(reason) = out_of_order(revisions, floor, first_lost) {
+            return Err(corrupt(reason));
         }
         let pending: Vec<_> = records
             .into_iter()
@@ -431,17 +430,17 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
         match pending.first() {
             None => return Ok(()),
             Some((revision, _)) if *revision != first_lost => {
-                return Err(gap(first_lost, *revision));
+                return Err(JournalError::Gap {
+                    path: path.to_owned(),
+                    offset: offset as u64,
+                    expected: first_lost,
+                    found: *revision,
+                    previous: None,
+                });
             }
             Some(_) => {}
         }
         self.replayed += pending.len() as u64;
-        let corrupt = |reason: String| JournalError::Corrupt {
-            path: path.to_owned(),
-            offset: offset as u64,
-            reason,
-            first_lost,
-        };
         let updates = pending
             .into_iter()
             .map(|(revision, update)| Ok((revision, update?)))
@@ -451,20 +450,24 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
     }
 }
 
-/// Where a batch's `revisions` break the journal's order, as (expected, found): each one must
-/// follow the one before it, and once the replay is past the segment's `floor` (`next`, the
-/// revision it needs, above it) none may be one it already has. Before that, revisions below
-/// `next` are the snapshot's and are skipped.
-fn out_of_order(revisions: impl Iterator<Item = u64>, floor: u64, next: u64) -> Option<(u64, u64)> {
+/// How a batch's `revisions` break the journal's order, if they do: each one must follow the
+/// one before it, and once the replay is past the segment's `floor` (`next`, the revision it
+/// needs, above it) none may be one it already has. Before that, revisions below `next` are
+/// the snapshot's and are skipped.
+fn out_of_order(revisions: impl Iterator<Item = u64>, floor: u64, next: u64) -> Option<String> {
     let mut previous: Option<u64> = None;
     for revision in revisions {
         if let Some(previous) = previous
             && revision != previous.wrapping_add(1)
         {
-            return Some((previous.wrapping_add(1), revision));
+            return Some(format!(
+                "revision {revision} follows revision {previous} in one batch"
+            ));
         }
         if next > floor && revision < next {
-            return Some((next, revision));
+            return Some(format!(
+                "revision {revision} again: the replay already has it (it needs {next} next)"
+            ));
         }
         previous = Some(revision);
     }

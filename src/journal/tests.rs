@@ -1035,26 +1035,50 @@ fn journal_of(batches: &[&[u64]], snapshot_at: Option<u64>) -> tempfile::TempDir
 
 #[test]
 fn revisions_that_go_back_after_the_replay_started_are_refused_not_dropped() {
-    let refused = |batches: &[&[u64]], snapshot_at, expected, found| {
+    // Refused as damage at the batch, everything before it replayed (`first_lost`, which is
+    // also what giving the journal up from there would lose).
+    let refused = |batches: &[&[u64]], snapshot_at, first: u64, said: &str| {
         let dir = journal_of(batches, snapshot_at);
         match recovered(dir.path()).map(|(store, _)| store.revision()) {
-            Err(JournalError::Gap {
-                expected: e,
-                found: f,
-                ..
-            }) => assert_eq!((e, f), (expected, found), "{batches:?}"),
+            Err(JournalError::Corrupt {
+                first_lost, reason, ..
+            }) => {
+                assert_eq!(first_lost, first, "{batches:?}: {reason}");
+                assert!(reason.contains(said), "{batches:?}: {reason}");
+            }
             other => panic!("{batches:?}: {other:?}"),
         }
     };
     // A batch that goes back within itself, in the middle of the journal and at its end.
-    refused(&[&[1, 2, 3], &[4, 3], &[5]], None, 5, 3);
-    refused(&[&[1, 2, 3], &[4, 3]], None, 5, 3);
+    refused(
+        &[&[1, 2, 3], &[4, 3], &[5]],
+        None,
+        4,
+        "revision 3 follows revision 4",
+    );
+    refused(
+        &[&[1, 2, 3], &[4, 3]],
+        None,
+        4,
+        "revision 3 follows revision 4",
+    );
     // One the replay already has, whole, after a snapshot.
-    refused(&[&[2, 3], &[4, 5, 6], &[7], &[5]], Some(3), 8, 5);
+    let again = "revision 5 again: the replay already has it (it needs 8 next)";
+    refused(&[&[2, 3], &[4, 5, 6], &[7], &[5]], Some(3), 8, again);
     // One that ends below the snapshot after the replay went past it.
-    refused(&[&[2, 3], &[4, 5, 6], &[7, 2], &[8]], Some(3), 8, 2);
+    refused(
+        &[&[2, 3], &[4, 5, 6], &[7, 2], &[8]],
+        Some(3),
+        7,
+        "revision 2 follows revision 7",
+    );
     // A record without a revision (prost reads it as 0).
-    refused(&[&[1, 2, 3], &[4, 0], &[5]], None, 5, 0);
+    refused(
+        &[&[1, 2, 3], &[4, 0], &[5]],
+        None,
+        4,
+        "revision 0 follows revision 4",
+    );
     // What the snapshot holds is still skipped, a batch across it cut: the journals, sound.
     for (batches, replayed) in [
         (&[&[2, 3][..], &[4, 5, 6], &[7], &[8]][..], 5),
