@@ -153,11 +153,13 @@ pub fn recover(
         }
     }
     check_against_head(dir, store, newest_recorded, closed, tail.as_ref())?;
-    took.replay = started.elapsed() - took.snapshot;
+    took.replay = started.elapsed().saturating_sub(took.snapshot);
     // The snapshot's keys and those of the profiles the replay created wait for their key
     // order, built once, here.
     store.order_replayed();
-    took.key_order = started.elapsed() - took.snapshot - took.replay;
+    took.key_order = started
+        .elapsed()
+        .saturating_sub(took.snapshot + took.replay);
     Ok(Recovered {
         snapshot: snapshot.map(|(revision, _)| revision),
         replayed: replaying.replayed,
