@@ -6,9 +6,9 @@
 //! looks like what a crash leaves: bytes missing at the end of the file, or a run of zeros
 //! within one disk sector (a sector that never reached the disk) with no valid frame after
 //! it. A bit flipped in a header or a payload is none of these, so it stops start-up naming
-//! the file and offset, and so does any damage before the end, a gap in the revisions, a
-//! segment `JOURNAL_HEAD` records that is gone, and a journal that does not end where a clean
-//! shutdown left it.
+//! the file and offset, and so does any damage before the end, a gap in the revisions or
+//! revisions that go back, a segment `JOURNAL_HEAD` records that is gone, and a journal that
+//! does not end where a clean shutdown left it.
 //!
 //! A segment's frames are checked and decoded (protobuf to [`ProfileUpdate`]) on a second
 //! thread while this one merges the batches before them, in order: at a million profiles the
@@ -364,7 +364,7 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
                 .spawn_scoped(scope, move || decode_frames(bytes, format, floor, &sender))
                 .map_err(JournalError::io(path, "start the decoding thread for"))?;
             // `decoded` is dropped on return, so the decoder stops at its next send.
-            self.apply(path, bytes, (format, floor), may_be_torn, decoded)
+            self.apply(path, bytes, format, floor, may_be_torn, decoded)
         })
     }
 
@@ -375,7 +375,8 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
         &mut self,
         path: &Path,
         bytes: &[u8],
-        (format, floor): (FrameFormat, u64),
+        format: FrameFormat,
+        floor: u64,
         may_be_torn: bool,
         decoded: mpsc::Receiver<Decoded>,
     ) -> Result<u64, JournalError> {
