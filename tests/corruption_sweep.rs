@@ -8,12 +8,20 @@
 //! - every bit of every segment's file header, and cuts inside it,
 //! - cuts at every frame boundary and at six places inside every frame.
 //!
+//! After a crash the newest segment's frames are followed by the runway (zeros the journal
+//! writes ahead of its frames), so the crash run also has:
+//!
+//! - one bit flipped at 32 places in the runway,
+//! - the last frame torn inside the runway: each of its sectors but one zeroed, as a write of
+//!   which that sector alone never reached the disk leaves it (and its first sector alone).
+//!
 //! Each case must end in one of two ways: recovery refuses, naming the file (and, for a flipped
 //! bit, exactly the damaged frame's offset, with the flag that would give it up); or it
-//! recovers every record of every frame the case left whole, which only a cut of the newest
-//! segment of a journal that was not closed cleanly may do (a crash's torn write). Never fewer
-//! records under the same store id. Run twice: as after a crash (the journal dropped) and after
-//! a clean shutdown (`Journal::close`), when even a cut at the end is refused.
+//! recovers every record of every frame the case left whole, which only a cut or a torn last
+//! write of the newest segment, or damage in its runway, of a journal that was not closed
+//! cleanly may do. Never fewer records under the same store id. Run twice: as after a crash
+//! (the journal dropped) and after a clean shutdown (`Journal::close`), when even a cut at the
+//! end is refused.
 //!
 //! Why not every bit of the first 64 bytes of every frame: each case is a whole recovery, about
 //! 45 µs per replayed record in a debug build, and that would be ~20,000 cases per run, several
@@ -44,6 +52,8 @@ struct FrameAt {
 struct Written {
     segments: Vec<(PathBuf, Vec<u8>)>,
     frames: Vec<FrameAt>,
+    /// Where the newest segment's frames end (its runway's zeros follow after a crash).
+    frames_end: usize,
 }
 
 fn update(revision: u64) -> UpdateRecord {
@@ -90,8 +100,10 @@ fn write_journal(dir: &Path, close: bool) -> Written {
     let mut written = Written {
         segments: Vec::new(),
         frames: Vec::new(),
+        frames_end: 0,
     };
     let mut next_revision = 1;
+    let newest = segments.len() - 1;
     for (index, path) in segments.into_iter().enumerate() {
         let bytes = std::fs::read(&path).unwrap();
         let mut offset = codec::HEADER_LEN;
@@ -110,7 +122,15 @@ fn write_journal(dir: &Path, close: bool) -> Written {
             next_revision += count;
             offset = next;
         }
-        assert_eq!(offset, bytes.len());
+        // A segment left for the next, and a journal closed cleanly, end at their last frame;
+        // after a crash the newest ends in the runway.
+        if index == newest && !close {
+            assert!(bytes.len() > offset, "a runway after the frames");
+            assert!(bytes[offset..].iter().all(|byte| *byte == 0));
+        } else {
+            assert_eq!(offset, bytes.len());
+        }
+        written.frames_end = offset;
         written.segments.push((path, bytes));
     }
     assert_eq!(next_revision, RECORDS + 1);
@@ -155,14 +175,22 @@ struct Sweep<'a> {
 
 impl Sweep<'_> {
     /// Runs one case: `damaged` replaces segment `segment`; checks the outcome against `frame`
-    /// (the frame the damage is in, `None` for a file header) and restores the file.
-    fn case(&mut self, segment: usize, damaged: &[u8], frame: Option<&FrameAt>, what: &str) {
+    /// (the frame the damage is in, `None` for a file header) and restores the file. `kept`:
+    /// where the frames a crash may have left whole end, if the damage is what a crash can
+    /// leave (a cut, a torn last write, zeros or damage in the runway), `None` for a flipped bit.
+    fn case(
+        &mut self,
+        segment: usize,
+        damaged: &[u8],
+        frame: Option<&FrameAt>,
+        kept: Option<usize>,
+        what: &str,
+    ) {
         self.cases += 1;
         let (path, original) = &self.written.segments[segment];
         std::fs::write(path, damaged).unwrap();
         let outcome = recover(self.dir);
         let newest = segment + 1 == self.written.segments.len();
-        let cut = damaged.len() < original.len();
         match outcome {
             Outcome::Refused(error) => {
                 let message = error.to_string();
@@ -177,7 +205,7 @@ impl Sweep<'_> {
                     message.contains(&format!("--discard-journal-from {point}")),
                     "{what}: {message}"
                 );
-                if let (Some(frame), false) = (frame, cut) {
+                if let (Some(frame), None) = (frame, kept) {
                     // A flipped bit: refused exactly at the damaged frame.
                     let at =
                         profile_state::journal::DiscardPoint::at(path, frame.span.start as u64);
@@ -188,17 +216,15 @@ impl Sweep<'_> {
             Outcome::Recovered { revision, profiles } => {
                 // Only a crash's torn write at the end of the newest segment may be cut off, and
                 // then every frame the cut left whole comes back.
-                assert!(
-                    cut && newest && !self.closed,
-                    "{what}: recovered revision {revision} instead of refusing"
-                );
+                let kept = kept.filter(|_| newest && !self.closed);
+                let kept = kept.unwrap_or_else(|| {
+                    panic!("{what}: recovered revision {revision} instead of refusing")
+                });
                 let whole = self
                     .written
                     .frames
                     .iter()
-                    .filter(|f| {
-                        f.segment < segment || (f.segment == segment && f.span.end <= damaged.len())
-                    })
+                    .filter(|f| f.segment < segment || (f.segment == segment && f.span.end <= kept))
                     .map(|f| f.revisions.end - 1)
                     .max()
                     .unwrap_or(0);
@@ -229,9 +255,48 @@ impl Sweep<'_> {
                 "segment {} bit {bit} (frame at {})",
                 frame.segment, frame.span.start
             );
-            self.case(frame.segment, &damaged, Some(frame), &what);
+            self.case(frame.segment, &damaged, Some(frame), None, &what);
             damaged[bit / 8] ^= 1 << (bit % 8);
         }
+    }
+
+    /// The crash run's runway cases (see the module doc), in the newest segment.
+    fn runway(&mut self) {
+        let segment = self.written.segments.len() - 1;
+        let original = self.written.segments[segment].1.clone();
+        let end = self.written.frames_end;
+        let runway = original.len() - end;
+        for place in 0..32 {
+            let byte = end + runway * place / 32;
+            let mut damaged = original.clone();
+            damaged[byte] ^= 1 << (place % 8);
+            let what = format!("runway bit {place} at {byte}");
+            // Nothing was written there that recovery could lose: every frame comes back.
+            self.case(segment, &damaged, None, Some(original.len()), &what);
+        }
+        let last = self.written.frames.last().unwrap().clone();
+        let sectors: Vec<usize> = (last.span.start / SECTOR..=(last.span.end - 1) / SECTOR)
+            .map(|sector| sector * SECTOR)
+            .collect();
+        assert!(
+            sectors.len() >= 2,
+            "the last frame spans {} sectors",
+            sectors.len()
+        );
+        // Each sector of the last frame that is its alone, never written: zeros as the runway.
+        for sector in &sectors {
+            let from = (*sector).max(last.span.start);
+            let to = (sector + SECTOR).min(last.span.end);
+            let mut damaged = original.clone();
+            damaged[from..to].fill(0);
+            let what = format!("last frame's sector at {sector} never written");
+            self.case(segment, &damaged, Some(&last), Some(last.span.start), &what);
+        }
+        // Only its first sector written.
+        let mut damaged = original.clone();
+        damaged[sectors[1]..last.span.end].fill(0);
+        let what = "only the last frame's first sector written";
+        self.case(segment, &damaged, Some(&last), Some(last.span.start), what);
     }
 
     fn cuts(&mut self, frame: &FrameAt) {
@@ -249,7 +314,7 @@ impl Sweep<'_> {
         ];
         for at in inside {
             let what = format!("segment {} cut at {at} (frame at {start})", frame.segment);
-            self.case(frame.segment, &original[..at], Some(frame), &what);
+            self.case(frame.segment, &original[..at], Some(frame), Some(at), &what);
         }
     }
 
@@ -294,6 +359,9 @@ impl Sweep<'_> {
     }
 }
 
+/// The disk sector the torn-write rules reason in.
+const SECTOR: usize = 512;
+
 /// A directory on a RAM disk when there is one: cutting a torn tail syncs the file, and
 /// thousands of syncs on a real disk would make the sweep slow.
 fn scratch_dir() -> tempfile::TempDir {
@@ -334,6 +402,9 @@ fn sweep(closed: bool) {
         sweep.cuts(frame);
     }
     sweep.file_headers();
+    if !closed {
+        sweep.runway();
+    }
     eprintln!(
         "{} cases over {} frames in {} segments ({}): {} recovered as a torn tail, the rest refused",
         sweep.cases,
@@ -346,15 +417,22 @@ fn sweep(closed: bool) {
         },
         sweep.torn,
     );
-    // Every cut inside the newest segment's frames, and nothing else, after a crash; none after
-    // a clean shutdown.
+    // Every cut inside the newest segment's frames and every runway case, and nothing else,
+    // after a crash; none after a clean shutdown.
     let newest = written.segments.len() - 1;
     let newest_frames = written
         .frames
         .iter()
         .filter(|f| f.segment == newest)
         .count();
-    let expected = if closed { 0 } else { newest_frames * 7 };
+    let last = written.frames.last().unwrap();
+    let last_sectors = (last.span.end - 1) / SECTOR - last.span.start / SECTOR + 1;
+    let runway_cases = 32 + last_sectors + 1;
+    let expected = if closed {
+        0
+    } else {
+        newest_frames * 7 + runway_cases
+    };
     assert_eq!(sweep.torn, expected);
 }
 

@@ -22,16 +22,25 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn mount(size: &str) -> Tmpfs {
+        Tmpfs::mount_options(&format!("size={size}"))
+    }
+
+    /// A tmpfs of `size` with room for `inodes` files.
+    fn mount_with(size: &str, inodes: u32) -> Tmpfs {
+        Tmpfs::mount_options(&format!("size={size},nr_inodes={inodes}"))
+    }
+
+    fn mount_options(options: &str) -> Tmpfs {
         let dir = tempfile::tempdir().unwrap();
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(dir.path())
             .status();
         match status {
             Ok(status) if status.success() => Tmpfs { dir },
             other => panic!(
-                "cannot mount a {size} tmpfs on {} ({other:?}): this test needs root (as CI \
-                 runs) to fill a real disk",
+                "cannot mount a tmpfs ({options}) on {} ({other:?}): this test needs root (as \
+                 CI runs) to fill a real disk",
                 dir.path().display()
             ),
         }
@@ -67,12 +76,28 @@ fn fill(dir: &Path) -> PathBuf {
     path
 }
 
+/// Uses up the inodes of the filesystem of `dir` with empty files in a new directory, which
+/// it returns.
+fn fill_inodes(dir: &Path) -> PathBuf {
+    let files = dir.join("inode-filler");
+    std::fs::create_dir(&files).unwrap();
+    for n in 0.. {
+        match std::fs::File::create(files.join(n.to_string())) {
+            Ok(_) => {}
+            Err(error) if error.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(error) => panic!("using up the inodes: {error}"),
+        }
+        assert!(n < 100_000, "the filesystem's inodes never ran out");
+    }
+    files
+}
+
 const SERVICE: &str = "gameball.profiles.v1.ProfileService";
 
 /// Issue 10, bug 1: the disk fills up just as the journal needs a new segment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_full_at_segment_rotation_heals_once_space_is_back_and_readiness_never_lies() {
-    let disk = Tmpfs::mount("8m");
+    let disk = Tmpfs::mount_with("8m", 1000);
     let data = disk.path().join("data");
     let mut binary = Binary::start(&data, &["--segment-bytes", "65536"]).await;
     // Two webhooks of ~40 KB fill the first segment past 64 KiB: the next change rotates.
@@ -92,7 +117,10 @@ async fn a_disk_full_at_segment_rotation_heals_once_space_is_back_and_readiness_
     let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
     assert_eq!(next_status().await, ServingStatus::Serving);
 
+    // Bytes and inodes: leaving the first segment cuts off its runway (the zeros written ahead
+    // of its frames), which frees a megabyte; the new segment's file must still not fit.
     let filler = fill(disk.path());
+    let inodes = fill_inodes(disk.path());
     let third = profile_updated("c", &at(3), json!({"total_points": 3}));
     let (status, answer) = binary.post(&third).await;
     assert_eq!(status, 503, "{answer}");
@@ -117,6 +145,7 @@ async fn a_disk_full_at_segment_rotation_heals_once_space_is_back_and_readiness_
     assert_eq!(binary.post(&third).await.0, 503, "still full");
 
     std::fs::remove_file(filler).unwrap();
+    std::fs::remove_dir_all(inodes).unwrap();
     // Every refused webhook repeated NOT_SERVING; what follows must be SERVING.
     let status = tokio::time::timeout(PATIENCE, async {
         loop {
@@ -256,4 +285,81 @@ async fn a_restart_on_a_full_disk_serves_reads_and_is_not_ready_until_there_is_r
     binary.stop();
     let binary = Binary::start(&data, &[]).await;
     assert_eq!(binary.server_info().await.revision, 2);
+}
+
+/// A batch of `records` records from `first` on, each a new customer with a long name (about
+/// 100 bytes a record).
+fn batch_of(first: u64, records: u64) -> profile_state::journal::codec::BatchRecord {
+    use profile_state::journal::codec::{BatchRecord, UpdateRecord};
+    use profile_state::profile::{Field, Origin, ProfileKey, ProfileUpdate, Scalar};
+    let updates = (first..first + records)
+        .map(|revision| {
+            let update = ProfileUpdate {
+                key: ProfileKey::new("2155", format!("customer-{revision:0>60}")),
+                at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+                fields: vec![(Field::TotalPoints, Some(Scalar::Int(revision as i64)))],
+                extras: vec![],
+                origin: Origin::Webhook,
+            };
+            UpdateRecord::new(revision, &update)
+        })
+        .collect();
+    BatchRecord { updates }
+}
+
+/// The journal writes its frames into zeros written ahead (the runway, a megabyte at a time):
+/// a disk with room for the next frames but not for the next runway still takes them, and
+/// every one it took is recovered.
+#[test]
+fn a_disk_too_full_for_the_journals_runway_still_takes_the_records_that_fit() {
+    use profile_state::journal::{FaultSwitch, Journal};
+    let disk = Tmpfs::mount("4m");
+    let dir = disk.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let mut journal = Journal::open(&dir, None, 1, u64::MAX, FaultSwitch::default()).unwrap();
+    const RECORDS: u64 = 50;
+    journal.append(&batch_of(1, RECORDS)).unwrap();
+    let segment = dir.join("journal-00000000000000000001.log");
+    let with_runway = std::fs::metadata(&segment).unwrap().len();
+    assert!(
+        with_runway > 1 << 20,
+        "a runway after the first frame: {with_runway} bytes"
+    );
+
+    // The disk full, then 64 KiB freed: room for frames, not for another megabyte of zeros.
+    let filler = fill(disk.path());
+    let filler_len = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(filler_len - 64 * 1024)
+        .unwrap();
+    let mut next = 1 + RECORDS;
+    let mut past_the_runway = 0;
+    loop {
+        let before = std::fs::metadata(&segment).unwrap().len();
+        if journal.append(&batch_of(next, RECORDS)).is_err() {
+            break;
+        }
+        next += RECORDS;
+        if std::fs::metadata(&segment).unwrap().len() > before {
+            past_the_runway += 1;
+        }
+        assert!(next < 1_000_000, "the disk never filled up");
+    }
+    assert!(
+        past_the_runway >= 5,
+        "frames past the runway taken on a disk with no room for another: {past_the_runway}"
+    );
+    let acknowledged = next - 1;
+    drop(journal);
+
+    let history = profile_state::store::HistoryLimits::events(1000);
+    let (store, _) = profile_state::startup::recover_store(&dir, history, "test").unwrap();
+    assert_eq!(
+        store.revision(),
+        acknowledged,
+        "every record taken is recovered"
+    );
 }

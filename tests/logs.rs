@@ -226,3 +226,38 @@ async fn refused_signatures_are_warned_rate_limited_without_the_body() {
         assert!(!all.contains(secret), "{secret} in the logs");
     }
 }
+
+/// A SIGKILL between appends leaves the journal's runway (zeros written ahead of its frames)
+/// at the end of the newest segment: the restart cuts it off with an info line, and never
+/// warns of a torn record, which would send an operator looking for damage there is none of.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_after_a_kill_cuts_the_runway_off_without_warning_of_a_torn_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = Binary::start(dir.path(), &[]).await;
+    for second in 1..=3 {
+        let body = profile_updated("c1", &at(second), json!({"total_points": second}));
+        assert_eq!(binary.post(&body).await.0, 200);
+    }
+    drop(binary); // SIGKILL
+    let binary = Binary::start(dir.path(), &[]).await;
+    let cut = binary
+        .seen
+        .iter()
+        .find(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|message| message.starts_with("the newest segment ends in zeros"))
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no line about the runway in {:?}", binary.seen));
+    assert_eq!(cut["level"], "INFO", "{cut}");
+    assert!(cut["zero_bytes"].as_u64().unwrap() > 0, "{cut}");
+    assert!(
+        !binary.seen.iter().any(|line| line["level"] == "WARN"),
+        "{:?}",
+        binary.seen
+    );
+    assert_eq!(binary.server_info().await.revision, 3);
+    let body = profile_updated("c1", &at(4), json!({"total_points": 4}));
+    assert_eq!(binary.post(&body).await.0, 200);
+}

@@ -15,6 +15,10 @@
 //! - format 1 (read only, written by earlier builds): `len: u32 LE`, `crc32c(payload): u32 LE`,
 //!   `payload`. The length is unprotected.
 //!
+//! After a crash, the newest journal segment's frames may be followed by zeros (the writer's
+//! runway, `super::writer`): recovery reads them as the end of its frames. The frame layout is
+//! format 2's either way, so the version stays 2.
+//!
 //! A journal frame holds one [`BatchRecord`] (one group commit); a snapshot holds a
 //! [`SnapshotHeader`] frame and then [`ProfileBatch`] frames. Records are protobuf (prost
 //! derive), so fields can be added without a format break. This module does no I/O.

@@ -16,7 +16,10 @@
 //! are read whole into one buffer reused from segment to segment.
 //!
 //! This module does not merge or number anything itself (the `replay` callback does) and does
-//! not write the journal beyond cutting a torn tail.
+//! not write the journal beyond cutting a torn tail, or the runway of zeros the writer keeps
+//! after its frames (`super::writer`), which ends the newest segment after a crash: an all-zero
+//! rest of the newest segment of a journal not closed cleanly is the end of its frames, cut off
+//! with an info line; zeros anywhere else are judged as any other bytes.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 use super::codec::{
     self, ClosedAt, Frame, FrameFormat, HeaderError, Invalid, Malformed, SEGMENT_MAGIC,
 };
-use super::writer::{TEMP_SUFFIX, Tail, segment_path};
+use super::writer::{RUNWAY_BYTES, TEMP_SUFFIX, Tail, segment_path};
 use super::{JournalError, SEGMENT_PREFIX, head, segments, snapshot, wire};
 use crate::profile::ProfileUpdate;
 use crate::store::Store;
@@ -213,11 +216,26 @@ pub(super) fn records_after(segments: &[(u64, PathBuf)], revision: u64) -> usize
         && whole_bytes > 0
     {
         let estimated =
-            u128::from(size(path)) * u128::from(whole_records) / u128::from(whole_bytes);
+            u128::from(written_len(path)) * u128::from(whole_records) / u128::from(whole_bytes);
         let estimated = u64::try_from(estimated).unwrap_or(u64::MAX);
         records += estimated.saturating_sub(covered(*first));
     }
     usize::try_from(records.min(MAX_REPLAY_RESERVE)).unwrap_or(usize::MAX)
+}
+
+/// The length of the file `path` without the zeros it ends in, looked for in its last
+/// [`RUNWAY_BYTES`] (what the runway a crash leaves can be): the newest segment's records are
+/// estimated from it. Zero when it cannot be read (recovery reports that when it reads it).
+fn written_len(path: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let Ok(file) = File::open(path) else { return 0 };
+    let size = file.metadata().map_or(0, |metadata| metadata.len());
+    let window = size.min(RUNWAY_BYTES);
+    let mut end = vec![0; window as usize];
+    if file.read_exact_at(&mut end, size - window).is_err() {
+        return size;
+    }
+    size - window + written_end(&end) as u64
 }
 
 /// Fewer bytes than any record this service writes takes (its revision, customer id and time
@@ -395,6 +413,10 @@ impl<F: FnMut(Vec<Replayed>) -> Result<(), String>> Replaying<'_, F> {
                     self.batch(path, offset, records, floor)?;
                 }
                 Decoded::Invalid { offset, invalid } => {
+                    if may_be_torn && all_zero(&bytes[offset..]) {
+                        cut_runway(path, bytes.len(), offset)?;
+                        return Ok(offset as u64);
+                    }
                     if may_be_torn && is_torn(bytes, offset, format, invalid) {
                         cut_torn_tail(path, bytes.len(), offset, invalid)?;
                         return Ok(offset as u64);
@@ -549,13 +571,17 @@ fn is_torn(bytes: &[u8], offset: usize, format: FrameFormat, invalid: Invalid) -
         Invalid::PayloadCutOff { .. } => {
             format != FrameFormat::V1 || !valid_frame_after(bytes, offset + 1, format)
         }
+        // The runway's zeros after the frame prove nothing of a damaged header: only zeros in
+        // its own sectors up to the last byte written do, or a header that runs into the zeros.
         Invalid::HeaderDamaged => {
-            zeroed_sector(bytes, offset, bytes.len())
+            let written = written_end(bytes);
+            (zeroed_sector(bytes, offset, written) || written < offset + format.overhead())
                 && !valid_frame_after(bytes, offset + 1, format)
         }
-        // Bytes after a complete frame mean it was not the last write: it was acknowledged.
+        // Bytes after a complete frame (other than the runway's zeros) mean it was not the
+        // last write: it was acknowledged.
         Invalid::PayloadDamaged { claimed_end } => {
-            claimed_end == bytes.len() && zeroed_sector(bytes, offset, claimed_end)
+            all_zero(&bytes[claimed_end..]) && zeroed_sector(bytes, offset, claimed_end)
         }
         Invalid::ImplausibleLength => false,
     }
@@ -576,10 +602,38 @@ fn zeroed_sector(bytes: &[u8], from: usize, to: usize) -> bool {
     false
 }
 
+/// Whether `bytes` are all zeros (none: also true): the runway the writer keeps after its
+/// frames, or what is left of it.
+fn all_zero(bytes: &[u8]) -> bool {
+    // Compared a block at a time (`memcmp`): a megabyte per start-up after a crash, and per
+    // case of the corruption sweep's thousands, where a byte loop in a debug build was slow.
+    bytes
+        .chunks(ZEROS.len())
+        .all(|chunk| chunk == &ZEROS[..chunk.len()])
+}
+
+/// A block of zeros to compare with.
+static ZEROS: [u8; 4096] = [0; 4096];
+
+/// Where the bytes that are not zeros end: the zeros after are the runway, or nothing.
+fn written_end(bytes: &[u8]) -> usize {
+    let zero_blocks = bytes
+        .rchunks(ZEROS.len())
+        .take_while(|chunk| all_zero(chunk))
+        .count();
+    let before = bytes.len().saturating_sub(zero_blocks * ZEROS.len());
+    bytes[..before]
+        .iter()
+        .rposition(|byte| *byte != 0)
+        .map_or(0, |last| last + 1)
+}
+
 /// Whether a valid frame with a payload starts anywhere from `from` on.
 fn valid_frame_after(bytes: &[u8], from: usize, format: FrameFormat) -> bool {
+    // Such a frame's length is not zero, so it starts before the zeros the file may end in
+    // (the runway: a megabyte of offsets not worth a look each).
     let mut budget = SEARCH_BUDGET;
-    for offset in from..bytes.len() {
+    for offset in from..written_end(bytes) {
         let checked = match codec::read_frame(bytes, offset, format) {
             Frame::Valid { payload, .. } if !payload.is_empty() => return true,
             Frame::Valid { payload, .. } => payload.len(),
@@ -592,6 +646,30 @@ fn valid_frame_after(bytes: &[u8], from: usize, format: FrameFormat) -> bool {
         }
     }
     false
+}
+
+/// Cuts off the runway (zeros written ahead of the frames, `offset` to `len`) that a crash
+/// left at the end of the newest segment: not damage, and not a torn write.
+fn cut_runway(path: &Path, len: usize, offset: usize) -> Result<(), JournalError> {
+    tracing::info!(
+        segment = %path.display(),
+        offset,
+        zero_bytes = len - offset,
+        "the newest segment ends in zeros written ahead of its records (a crash left them); \
+         cutting them off"
+    );
+    cut(path, offset)
+}
+
+/// Cuts the segment `path` at `offset`, synced.
+fn cut(path: &Path, offset: usize) -> Result<(), JournalError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(JournalError::io(path, "open to cut the end of"))?;
+    file.set_len(offset as u64)
+        .and_then(|()| file.sync_all())
+        .map_err(JournalError::io(path, "cut the end of"))
 }
 
 fn cut_torn_tail(
@@ -607,13 +685,7 @@ fn cut_torn_tail(
         reason = invalid.reason(),
         "cutting off a torn last record (a crash mid-write; it was never acknowledged)"
     );
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(JournalError::io(path, "open to cut the torn tail"))?;
-    file.set_len(offset as u64)
-        .and_then(|()| file.sync_all())
-        .map_err(JournalError::io(path, "cut the torn tail"))
+    cut(path, offset)
 }
 
 /// Removes what an interrupted segment creation or snapshot left: a temporary file never

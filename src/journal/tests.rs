@@ -10,7 +10,7 @@ use crate::sequencer;
 use crate::store::Store;
 use codec::{BatchRecord, UpdateRecord};
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{Seek, Write};
 
 fn record(revision: u64) -> UpdateRecord {
     let update = ProfileUpdate {
@@ -40,6 +40,21 @@ fn recovered(dir: &Path) -> Result<(Store, Recovered), JournalError> {
     let store = Store::new(1000, "test");
     let recovered = recover(dir, &store, |records| sequencer::replay(&store, records))?;
     Ok((store, recovered))
+}
+
+/// Where the frames of `path` end: a crashed journal's newest segment has the runway's zeros
+/// after them, which this checks are all zeros.
+fn frames_end(path: &Path) -> usize {
+    frame_offsets(path).1
+}
+
+/// Writes `bytes` where the frames of `path` end, over the runway's zeros, as the journal
+/// writes its next frame (and as a crash mid-write leaves part of it).
+fn write_after_frames(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let end = frames_end(path);
+    let file = OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(bytes, end as u64).unwrap();
 }
 
 fn only_segment(dir: &Path) -> PathBuf {
@@ -88,8 +103,9 @@ fn a_torn_last_frame_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     drop(write(dir.path(), 3, u64::MAX));
     let path = only_segment(dir.path());
-    let whole = fs::metadata(&path).unwrap().len();
-    // Half of a fourth frame, as a crash mid-write leaves it.
+    let whole = frames_end(&path) as u64;
+    // Half of a fourth frame, as a crash mid-write leaves it when the frame grew the file
+    // (past the runway, or an earlier build's segment): the file ends inside it.
     let mut frame = Vec::new();
     codec::encode_frame(
         &BatchRecord {
@@ -97,7 +113,9 @@ fn a_torn_last_frame_is_cut_off() {
         },
         &mut frame,
     );
-    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+    let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(whole).unwrap();
+    file.seek(std::io::SeekFrom::End(0)).unwrap();
     file.write_all(&frame[..frame.len() / 2]).unwrap();
     drop(file);
 
@@ -107,7 +125,7 @@ fn a_torn_last_frame_is_cut_off() {
     assert_eq!(
         fs::metadata(&path).unwrap().len(),
         whole,
-        "the torn bytes are gone"
+        "the torn bytes are gone, and the runway after them"
     );
 }
 
@@ -116,9 +134,7 @@ fn a_torn_frame_header_is_cut_off_too() {
     let dir = tempfile::tempdir().unwrap();
     drop(write(dir.path(), 2, u64::MAX));
     let path = only_segment(dir.path());
-    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-    file.write_all(&[0x55, 0x01, 0x00]).unwrap();
-    drop(file);
+    write_after_frames(&path, &[0x55, 0x01, 0x00]);
     assert_eq!(recovered_revision(dir.path()), 6);
 }
 
@@ -178,7 +194,7 @@ fn a_failed_write_leaves_nothing_and_the_next_one_works() {
         })
         .unwrap();
     let path = only_segment(dir.path());
-    let good = fs::metadata(&path).unwrap().len();
+    let good = frames_end(&path) as u64;
     faults.fail_writes(true);
     assert!(
         journal
@@ -187,7 +203,11 @@ fn a_failed_write_leaves_nothing_and_the_next_one_works() {
             })
             .is_err()
     );
-    assert_eq!(fs::metadata(&path).unwrap().len(), good);
+    assert_eq!(
+        frames_end(&path) as u64,
+        good,
+        "nothing of the batch is left"
+    );
     faults.fail_writes(false);
     journal
         .append(&BatchRecord {
@@ -246,7 +266,7 @@ fn the_probe_tries_the_segment_the_next_append_needs_and_leaves_no_bytes() {
     let mut journal = Journal::open(dir.path(), None, 1, 1, faults.clone()).unwrap();
     journal.append(&batch(1..=3)).unwrap();
     let first = only_segment(dir.path());
-    let first_len = fs::metadata(&first).unwrap().len();
+    let first_len = frames_end(&first) as u64;
     faults.fail_segment_creation(true);
     assert!(journal.append(&batch(4..=6)).is_err());
     let refused = *faults.injected().borrow();
@@ -258,7 +278,7 @@ fn the_probe_tries_the_segment_the_next_append_needs_and_leaves_no_bytes() {
     assert_eq!(
         fs::metadata(&first).unwrap().len(),
         first_len,
-        "nothing written"
+        "nothing written, and the runway cut off before the segment was left"
     );
 
     faults.fail_segment_creation(false);
@@ -376,7 +396,8 @@ fn segments_rotate_and_snapshots_compact_without_changing_state_or_history() {
     );
 }
 
-/// The offsets of the frames of a segment written by this build, and its length.
+/// The offsets of the frames of a segment written by this build, and where they end (the
+/// file's length, or where the runway's zeros start).
 fn frame_offsets(path: &Path) -> (Vec<usize>, usize) {
     let bytes = fs::read(path).unwrap();
     let mut offsets = Vec::new();
@@ -387,8 +408,11 @@ fn frame_offsets(path: &Path) -> (Vec<usize>, usize) {
         offsets.push(offset);
         offset = next;
     }
-    assert_eq!(offset, bytes.len(), "every frame is valid");
-    (offsets, bytes.len())
+    assert!(
+        bytes[offset..].iter().all(|byte| *byte == 0),
+        "every frame is valid, and only zeros follow them"
+    );
+    (offsets, offset)
 }
 
 fn flip(path: &Path, byte: usize, bit: u8) {
@@ -466,7 +490,7 @@ fn a_last_write_with_a_sector_that_never_reached_the_disk_is_cut_as_torn() {
     let dir = tempfile::tempdir().unwrap();
     drop(write(dir.path(), 3, u64::MAX));
     let path = only_segment(dir.path());
-    let good = fs::metadata(&path).unwrap().len() as usize;
+    let good = frames_end(&path);
     // A fourth batch of ~1.5 KB whose second sector stayed zeros: the file got its length.
     let updates = (10..=60).map(record).collect();
     let mut frame = Vec::new();
@@ -474,16 +498,12 @@ fn a_last_write_with_a_sector_that_never_reached_the_disk_is_cut_as_torn() {
     let sector_start = 512 - good % 512;
     assert!(frame.len() > sector_start + 1024, "{}", frame.len());
     frame[sector_start..sector_start + 512].fill(0);
-    OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap()
-        .write_all(&frame)
-        .unwrap();
+    write_after_frames(&path, &frame);
     assert_eq!(recovered_revision(dir.path()), 9);
     assert_eq!(fs::metadata(&path).unwrap().len() as usize, good, "cut off");
 
-    // A last write of which only the length reached the disk: all zeros.
+    // A last write of which only the length reached the disk (an earlier build's segment, no
+    // runway): all zeros.
     OpenOptions::new()
         .append(true)
         .open(&path)
@@ -978,7 +998,7 @@ fn the_records_after_a_revision_are_counted_in_whole_segments_and_estimated_in_t
 #[test]
 fn segment_names_claiming_a_huge_journal_reserve_no_more_than_their_bytes_can_hold() {
     let dir = tempfile::tempdir().unwrap();
-    drop(write(dir.path(), 4, u64::MAX));
+    write(dir.path(), 4, u64::MAX).close().unwrap();
     // A second segment named as if some 10^18 records came before it: a gap, to be refused
     // with its error rather than by an allocation of room for that many profiles.
     let first = segments(dir.path()).unwrap()[0].1.clone();
@@ -1118,3 +1138,93 @@ fn an_empty_batch_before_the_snapshot_does_not_make_the_batches_it_holds_decoded
     assert_eq!(recovered.snapshot, Some(4));
     assert_eq!((store.revision(), recovered.replayed), (6, 2));
 }
+
+#[test]
+fn a_crash_leaves_the_runway_after_the_frames_and_recovery_cuts_it_off() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 4, u64::MAX));
+    let path = only_segment(dir.path());
+    let end = frames_end(&path) as u64;
+    let len = fs::metadata(&path).unwrap().len();
+    assert!(
+        len > end && len >= writer::RUNWAY_BYTES,
+        "frames end at {end}, the file at {len}: the frames are written into zeros ahead"
+    );
+    let (store, recovered) = recovered(dir.path()).unwrap();
+    assert_eq!(store.revision(), 12);
+    assert_eq!(recovered.tail.as_ref().unwrap().len, end);
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        end,
+        "the runway is cut off"
+    );
+
+    let mut journal = Journal::open(
+        dir.path(),
+        recovered.tail,
+        13,
+        u64::MAX,
+        FaultSwitch::default(),
+    )
+    .unwrap();
+    journal.append(&batch(13..=15)).unwrap();
+    drop(journal);
+    assert_eq!(recovered_revision(dir.path()), 15);
+}
+
+#[test]
+fn a_clean_close_and_leaving_a_segment_cut_the_runway_off_and_zeros_after_a_close_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = write(dir.path(), 20, 300);
+    let segments = segments(dir.path()).unwrap();
+    assert!(segments.len() > 2, "{} segments", segments.len());
+    for (_, path) in &segments[..segments.len() - 1] {
+        assert_eq!(
+            fs::metadata(path).unwrap().len() as usize,
+            frames_end(path),
+            "a segment left for the next ends at its last frame"
+        );
+    }
+    let newest = &segments.last().unwrap().1;
+    assert!(fs::metadata(newest).unwrap().len() as usize > frames_end(newest));
+    journal.close().unwrap();
+    let end = frames_end(newest);
+    assert_eq!(fs::metadata(newest).unwrap().len() as usize, end);
+    assert_eq!(recovered_revision(dir.path()), 60);
+
+    // After a clean shutdown the journal ends where it was left: zeros after it are a change.
+    OpenOptions::new()
+        .append(true)
+        .open(newest)
+        .unwrap()
+        .write_all(&[0; 4096])
+        .unwrap();
+    refused_at(dir.path(), newest, end);
+}
+
+#[test]
+fn a_torn_frame_header_split_by_a_sector_that_never_reached_the_disk_is_cut_in_the_runway() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::open(dir.path(), None, 1, u64::MAX, FaultSwitch::default()).unwrap();
+    let path = only_segment(dir.path());
+    // One-record batches until the frames end within a header's length before a sector's end.
+    let mut revision = 0;
+    while !(SECTOR_LEN - 11..SECTOR_LEN).contains(&(frames_end(&path) % SECTOR_LEN)) {
+        revision += 1;
+        assert!(revision < 500, "the frames never ended near a sector's end");
+        journal.append(&batch(revision..=revision)).unwrap();
+    }
+    drop(journal);
+    let end = frames_end(&path);
+    // The next frame, of which only the first sector reached the disk: its header is cut
+    // short by the sector after it, which reads back as the runway's zeros.
+    let mut frame = Vec::new();
+    codec::encode_frame(&batch(revision + 1..=revision + 20), &mut frame);
+    let written = SECTOR_LEN - end % SECTOR_LEN;
+    write_after_frames(&path, &frame[..written]);
+    assert_eq!(recovered_revision(dir.path()), revision);
+    assert_eq!(fs::metadata(&path).unwrap().len() as usize, end, "cut off");
+}
+
+/// The disk sector recovery's torn-write rules reason in.
+const SECTOR_LEN: usize = 512;

@@ -12,11 +12,21 @@
 //! Frames are always written in the current format: a recovered tail of an older format is not
 //! appended to, the first append starts a new segment.
 //!
+//! Frames are written into zeros written ahead of them (the runway, [`RUNWAY_BYTES`] at a
+//! time, synced with the frame that needed it): on ext4 an `fdatasync` of a write that grows
+//! the file also commits the file system's journal (the new size), and one of a write over
+//! blocks already there does not, which made a sync about a third cheaper on this service's
+//! disks. Recovery reads an all-zero end of the newest segment as the end of its frames. The
+//! runway is cut off before a segment is left for the next one and at a clean
+//! [`Journal::close`], so only a crash leaves one behind, and a finished segment ends at its
+//! last frame as before (earlier builds read it as they did).
+//!
 //! This module does not read the journal back (see [`super::recovery`]) and does not decide
 //! what goes into a frame (the sequencer does).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::codec::{self, BatchRecord, ClosedAt, FrameFormat, JournalHead, SEGMENT_MAGIC};
@@ -47,6 +57,8 @@ pub struct Journal {
     last_revision: u64,
     /// Bytes known good: the header and whole, synced frames.
     len: u64,
+    /// The file's length: zeros from `len` to here (the runway the next frames overwrite).
+    zeroed_end: u64,
     segment_bytes: u64,
     faults: FaultSwitch,
     /// A failed append left bytes after `len` that could not be cut off yet.
@@ -65,6 +77,11 @@ pub struct Journal {
 /// The smallest probe write: one page, so a probe never succeeds only because the last page of
 /// the segment still had room.
 const MIN_PROBE_BYTES: usize = 4096;
+
+/// Zeros written ahead of the frames at a time. A megabyte is about 3,500 records: the sync of
+/// the frame that extends the runway writes it too (about 2.5 ms instead of 0.4 on this
+/// service's disks), once every couple of hundred batches.
+pub(super) const RUNWAY_BYTES: u64 = 1 << 20;
 
 /// Suffix of a segment being created; renamed to `.log` once its header is synced.
 pub(super) const TEMP_SUFFIX: &str = ".log.tmp";
@@ -94,8 +111,9 @@ impl Journal {
                 first_revision,
                 format,
             }) => {
+                // Written at offsets (the runway), never appended to.
                 let file = OpenOptions::new()
-                    .append(true)
+                    .write(true)
                     .open(&path)
                     .map_err(JournalError::io(&path, "open for append"))?;
                 (
@@ -125,6 +143,8 @@ impl Journal {
             segment_first,
             last_revision: next_revision - 1,
             len,
+            // Recovery cut off anything after the last frame (a crash's runway included).
+            zeroed_end: len,
             segment_bytes: segment_bytes.max(codec::HEADER_LEN as u64 + 1),
             faults,
             needs_repair: false,
@@ -162,9 +182,11 @@ impl Journal {
     /// at), so recovery treats any difference at its end as damage, not as a torn write. Call
     /// it last, once nothing more is appended; a journal dropped without it counts as crashed.
     pub fn close(&mut self) -> Result<(), JournalError> {
-        if self.needs_repair {
-            self.repair()
-                .map_err(JournalError::io(&self.path, "cut off a failed write"))?;
+        if self.needs_repair || self.zeroed_end > self.len {
+            self.repair().map_err(JournalError::io(
+                &self.path,
+                "cut off a failed write or the runway",
+            ))?;
         }
         head::write(
             &self.dir,
@@ -225,7 +247,8 @@ impl Journal {
         self.repair()
     }
 
-    /// Repairs, rotates if due, then writes and syncs `frame`.
+    /// Repairs, rotates if due, then writes and syncs `frame` (and the runway after it, if it
+    /// reaches the runway's end).
     fn append_frame(&mut self, frame: &[u8], first_revision: Option<u64>) -> std::io::Result<()> {
         self.prepare(first_revision)?;
         self.write_and_sync(frame)?;
@@ -253,10 +276,12 @@ impl Journal {
     /// Writes `bytes` after the good frames and syncs; on failure, cuts them off again (now, or
     /// before the next write if that fails too).
     fn write_and_sync(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let end = self.len + bytes.len() as u64;
         let written = self
             .faults
             .check()
-            .and_then(|()| self.file.write_all(bytes))
+            .and_then(|()| self.file.write_at(bytes, self.len))
+            .and_then(|()| self.extend_runway(end))
             .and_then(|()| {
                 self.faults.before_sync();
                 self.faults.check()
@@ -269,10 +294,31 @@ impl Journal {
         written
     }
 
-    /// Cuts the file back to its last good frame.
+    /// Writes zeros after `end` (where the frame just written ends) if it reached the
+    /// runway's end, [`RUNWAY_BYTES`] of them; the frame's sync makes them durable. A disk too
+    /// full for them does not fail the frame: what was written of them is cut off again, and
+    /// the frame is synced as a plain append.
+    fn extend_runway(&mut self, end: u64) -> std::io::Result<()> {
+        static ZEROS: [u8; RUNWAY_BYTES as usize] = [0; RUNWAY_BYTES as usize];
+        if end <= self.zeroed_end {
+            return Ok(());
+        }
+        match self.file.write_at(&ZEROS, end) {
+            Ok(()) => self.zeroed_end = end + RUNWAY_BYTES,
+            Err(error) => {
+                tracing::debug!(%error, "no room for the journal's runway; appending without");
+                self.file.set_len(end)?;
+                self.zeroed_end = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts the file back to its last good frame (a failed write, the runway).
     fn repair(&mut self) -> std::io::Result<()> {
         self.faults.check()?;
         self.file.set_len(self.len)?;
+        self.zeroed_end = self.len;
         self.file.sync_data()?;
         self.needs_repair = false;
         Ok(())
@@ -281,6 +327,10 @@ impl Journal {
     /// Starts the segment `first_revision`; it is recorded in `JOURNAL_HEAD` before it gets a
     /// record, so recovery notices if it goes missing.
     fn rotate(&mut self, first_revision: u64) -> std::io::Result<()> {
+        // The segment left ends at its last frame: recovery reads a zero end only in the newest.
+        if self.zeroed_end > self.len {
+            self.repair()?;
+        }
         let path = segment_path(&self.dir, first_revision);
         let file = create_segment(&path, &self.faults).map_err(into_io)?;
         tracing::info!(segment = %path.display(), "journal segment started");
@@ -288,6 +338,7 @@ impl Journal {
         self.path = path;
         self.segment_first = first_revision;
         self.len = codec::HEADER_LEN as u64;
+        self.zeroed_end = self.len;
         self.older_format = false;
         // Recorded before the segment gets a record: `prepare` writes it next, and an append
         // fails (and is retried) until it is written.
@@ -301,14 +352,14 @@ impl Journal {
     }
 }
 
-/// The segment being appended to. Writes reach the file at once (the OS keeps them until
+/// The segment being written. Writes reach the file at once (the OS keeps them until
 /// `fdatasync`), except over the power-loss seam ([`FaultSwitch::lose_unsynced_writes`]),
 /// where they wait here until the next sync: dropping the journal then loses what was written
 /// since the last successful sync, as a power cut loses the page cache.
 struct SegmentFile {
     file: File,
-    /// `Some` over the power-loss seam: bytes written and not yet synced.
-    unsynced: Option<Vec<u8>>,
+    /// `Some` over the power-loss seam: writes not yet synced, with their offsets, in order.
+    unsynced: Option<Vec<(u64, Vec<u8>)>>,
 }
 
 impl SegmentFile {
@@ -317,27 +368,32 @@ impl SegmentFile {
         SegmentFile { file, unsynced }
     }
 
-    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
         match &mut self.unsynced {
             Some(unsynced) => {
-                unsynced.extend_from_slice(bytes);
+                unsynced.push((offset, bytes.to_vec()));
                 Ok(())
             }
-            None => self.file.write_all(bytes),
+            None => self.file.write_all_at(bytes, offset),
         }
     }
 
     fn sync_data(&mut self) -> std::io::Result<()> {
         if let Some(unsynced) = &mut self.unsynced {
-            self.file.write_all(unsynced)?;
-            unsynced.clear();
+            for (offset, bytes) in unsynced.drain(..) {
+                self.file.write_all_at(&bytes, offset)?;
+            }
         }
         self.file.sync_data()
     }
 
     fn set_len(&mut self, len: u64) -> std::io::Result<()> {
         if let Some(unsynced) = &mut self.unsynced {
-            unsynced.clear();
+            // What is cut off is gone; what is before `len` still waits for the sync.
+            unsynced.retain_mut(|(offset, bytes)| {
+                bytes.truncate(usize::try_from(len.saturating_sub(*offset)).unwrap_or(usize::MAX));
+                !bytes.is_empty()
+            });
         }
         self.file.set_len(len)
     }
@@ -384,7 +440,7 @@ fn write_segment_header(
     }
     let mut file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .open(temp)
         .map_err(JournalError::io(temp, "create segment"))?;
     faults
