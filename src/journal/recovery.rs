@@ -5,8 +5,9 @@
 //! segment, only when the journal was not closed cleanly (`JOURNAL_HEAD`), and only when it
 //! looks like what a crash leaves: bytes missing at the end of the file, or a run of zeros
 //! within one disk sector (a sector that never reached the disk) with no valid frame after
-//! it. A bit flipped in a header or a payload is none of these, so it stops start-up naming
-//! the file and offset, and so does any damage before the end, a gap in the revisions or
+//! it, or, over the runway, a frame zero from a page boundary on (a kill stopped its write).
+//! A bit flipped in a header or a payload is none of these, so it stops start-up naming the
+//! file and offset, and so does any damage before the end, a gap in the revisions or
 //! revisions that go back, a segment `JOURNAL_HEAD` records that is gone, and a journal that
 //! does not end where a clean shutdown left it.
 //!
@@ -581,11 +582,26 @@ fn is_torn(bytes: &[u8], offset: usize, format: FrameFormat, invalid: Invalid) -
         // Bytes after a complete frame (other than the runway's zeros) mean it was not the
         // last write: it was acknowledged.
         Invalid::PayloadDamaged { claimed_end } => {
-            all_zero(&bytes[claimed_end..]) && zeroed_sector(bytes, offset, claimed_end)
+            all_zero(&bytes[claimed_end..])
+                && (zeroed_sector(bytes, offset, claimed_end)
+                    || zeroed_from_page(bytes, offset, claimed_end))
         }
         Invalid::ImplausibleLength => false,
     }
 }
+
+/// Whether the frame `bytes[from..to]` is zeros from the last page boundary inside it on: a
+/// write into the runway that a kill stopped there (the kernel copies a write into the page
+/// cache a page at a time and gives up between pages for a fatal signal), which leaves as few
+/// as one zero byte, fewer than [`MIN_ZEROED`]. Before the runway such a write left the file
+/// short instead (`PayloadCutOff`).
+fn zeroed_from_page(bytes: &[u8], from: usize, to: usize) -> bool {
+    let boundary = (to - 1) / PAGE * PAGE;
+    boundary > from && all_zero(&bytes[boundary..to])
+}
+
+/// The unit the kernel copies a write into the page cache in.
+const PAGE: usize = 4096;
 
 /// Whether `bytes[from..to]` holds, within one sector, a run of at least [`MIN_ZEROED`] zeros
 /// that fills that sector's part of the range.

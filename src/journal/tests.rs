@@ -1228,3 +1228,63 @@ fn a_torn_frame_header_split_by_a_sector_that_never_reached_the_disk_is_cut_in_t
 
 /// The disk sector recovery's torn-write rules reason in.
 const SECTOR_LEN: usize = 512;
+
+/// A batch of the one record `revision` whose frame is exactly `len` bytes long (its customer
+/// id padded), for `len` of a few hundred bytes or more.
+fn batch_of_frame_len(revision: u64, len: usize) -> BatchRecord {
+    let frame_len = |batch: &BatchRecord| {
+        let mut frame = Vec::new();
+        codec::encode_frame(batch, &mut frame);
+        frame.len()
+    };
+    let mut batch = batch(revision..=revision);
+    let mut pad = len.saturating_sub(frame_len(&batch));
+    loop {
+        batch.updates[0].customer_id = format!("c{}", "x".repeat(pad));
+        match frame_len(&batch) {
+            found if found == len => return batch,
+            found if found > len => pad -= 1,
+            _ => pad += 1,
+        }
+    }
+}
+
+/// Kills stop a write into the page cache between pages: the next frame written into the
+/// runway up to a page boundary, its last bytes (as few as one) still the runway's zeros. It
+/// was never acknowledged, and before the runway the same kill left the file short: cut, as
+/// then. The same zeros at the end of a frame, starting one byte after the boundary (where
+/// neither a kill nor a sector that never reached the disk leaves them), are damage.
+#[test]
+fn a_frame_a_kill_stopped_at_a_page_boundary_is_cut_however_few_bytes_it_lacks() {
+    for missing in 1..=12 {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 4, u64::MAX));
+        let path = only_segment(dir.path());
+        let end = frames_end(&path);
+        let page = (end / 4096 + 2) * 4096;
+        let mut frame = Vec::new();
+        codec::encode_frame(&batch_of_frame_len(13, page + missing - end), &mut frame);
+        assert_eq!(end + frame.len(), page + missing);
+        write_after_frames(&path, &frame[..frame.len() - missing]);
+        assert_eq!(
+            recovered_revision(dir.path()),
+            12,
+            "{missing} bytes missing"
+        );
+        assert_eq!(fs::metadata(&path).unwrap().len() as usize, end, "cut off");
+
+        // The frame whole but for its last bytes, which do not start at a page boundary.
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 4, u64::MAX));
+        let mut frame = Vec::new();
+        codec::encode_frame(
+            &batch_of_frame_len(13, page + missing + 1 - end),
+            &mut frame,
+        );
+        let zeros_from = frame.len() - missing;
+        frame[zeros_from..].fill(0);
+        let path = only_segment(dir.path());
+        write_after_frames(&path, &frame);
+        refused_at(dir.path(), &path, end);
+    }
+}
