@@ -613,6 +613,20 @@ fn invalid_bodies() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         json!(true),
         "data.tier_name",
     );
+    // Text is journaled as it is; runs of NULs would weaken recovery's torn-write rules.
+    let nuls = format!("gold{}", "\0".repeat(600));
+    wrong(
+        "tier_name with NUL characters",
+        "data.tier_name",
+        json!(nuls),
+        "data.tier_name",
+    );
+    wrong(
+        "customer_id with a NUL character",
+        "customer_id",
+        json!("c\0"),
+        "customer_id",
+    );
     cases
 }
 

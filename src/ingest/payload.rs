@@ -179,6 +179,9 @@ where
     let mut fields = vec![(Field::GbCustomerId, Some(Scalar::Int(gb_customer_id)))];
     let mut extras = Vec::new();
     for (name, value) in data {
+        if name.contains('\0') {
+            return Err(Error::invalid("data", NUL_KEY));
+        }
         match Field::from_name(name) {
             // gb_customer_id belongs at the top level; inside `data` it is just an extra.
             Some(field) if field != Field::GbCustomerId => {
@@ -214,8 +217,22 @@ fn required_id<'j, J: Json>(value: Option<&'j J>, field: &str) -> Result<&'j str
     if id.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
     }
-    Ok(id)
+    without_nul(id, field)
 }
+
+/// `text` if it has no NUL character (`\u0000`): no customer's name, e-mail or id has one,
+/// and text kept as it is in the journal must not carry runs of zero bytes, which recovery's
+/// torn-write rules read as a disk sector that was never written (a NUL-filled value in the
+/// last record could then excuse a flipped bit in it, and an acknowledged update be cut off).
+fn without_nul<'t>(text: &'t str, field: &str) -> Result<&'t str, Error> {
+    match text.contains('\0') {
+        true => Err(Error::invalid(field, NUL_VALUE)),
+        false => Ok(text),
+    }
+}
+
+const NUL_VALUE: &str = "must not contain a NUL character (\\u0000)";
+const NUL_KEY: &str = "a key contains a NUL character (\\u0000)";
 
 /// `created_at` as the service keeps it (`profile::time`): a leap second becomes the last
 /// nanosecond before it; a year outside 1..=9999, which no API client could read back, is
@@ -240,7 +257,7 @@ fn scalar<J: Json>(value: &J, field: Field) -> Result<Option<Scalar>, Error> {
         return Ok(None);
     }
     match (value.as_str(), field.kind()) {
-        (Some(text), FieldKind::Text) => Ok(Some(Scalar::Text(text.into()))),
+        (Some(text), FieldKind::Text) => Ok(Some(Scalar::Text(without_nul(text, &path())?.into()))),
         (None, FieldKind::Text) => Err(Error::invalid(path(), "must be a string or null")),
         (_, kind) => integer(value, &path(), kind).map(|n| Some(Scalar::Int(n))),
     }
@@ -535,6 +552,33 @@ mod tests {
             Err(Error::InvalidArgument { reason, .. }) => reason,
             other => panic!("expected a validation error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn nul_characters_are_refused_in_ids_text_fields_and_keys_not_in_extras_values() {
+        let with = |pointer: &str, value: Value| {
+            let mut body = valid();
+            *body.pointer_mut(pointer).unwrap() = value;
+            body
+        };
+        let nuls = format!("gold{}", "\0".repeat(600));
+        for (pointer, field) in [
+            ("/client_id", "client_id"),
+            ("/customer_id", "customer_id"),
+            ("/data/tier_name", "data.tier_name"),
+        ] {
+            let body = with(pointer, json!(nuls));
+            assert_eq!(error_field(body.clone()), field);
+            let raw = serde_json::to_string(&body).unwrap();
+            assert_eq!(reason(&raw), NUL_VALUE, "{field}");
+        }
+        let mut body = valid();
+        body["data"]["note\0"] = json!(1);
+        assert_eq!(error_field(body), "data");
+        // An extra's value is kept as JSON text, where a NUL is the escape `\u0000`.
+        let mut body = valid();
+        body["data"]["note"] = json!(nuls);
+        assert!(parse_both(&body).is_ok());
     }
 
     #[test]

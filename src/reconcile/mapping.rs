@@ -46,8 +46,11 @@ impl Fetched {
             .checked_sub_signed(margin)
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let mut fields = Vec::new();
+        // A value with a NUL character is left out, as a webhook carrying one is refused: text
+        // is journaled as it is, and runs of zero bytes in a record weaken recovery's
+        // torn-write rules (`ingest::payload`).
         let mut text = |field, value: &Option<String>| {
-            if let Some(value) = value {
+            if let Some(value) = value.as_ref().filter(|value| !value.contains('\0')) {
                 fields.push((field, Some(Scalar::Text(value.as_str().into()))));
             }
         };
@@ -171,6 +174,26 @@ mod tests {
                 .fields
                 .iter()
                 .all(|(field, _)| !field.is_points() && *field != Field::Email)
+        );
+    }
+
+    #[test]
+    fn a_text_value_with_a_nul_character_is_left_out() {
+        let client: Arc<str> = "2155".into();
+        let mut nul = fetched(time("2026-01-01T00:00:10Z"));
+        nul.tier.as_mut().unwrap().name = Some(format!("Gold{}", "\0".repeat(40)));
+        let update = nul.to_update(&client, Duration::ZERO);
+        assert!(
+            update
+                .fields
+                .iter()
+                .all(|(field, _)| *field != Field::TierName)
+        );
+        assert!(
+            update
+                .fields
+                .iter()
+                .any(|(field, _)| *field == Field::Email)
         );
     }
 
