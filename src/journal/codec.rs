@@ -192,10 +192,29 @@ fn fill_frame_header(frame: &mut [u8]) {
 }
 
 /// The frame of a [`BatchRecord`], built one update at a time: each is encoded once, where it
-/// will be written (the same bytes as [`encode_frame`] of the whole batch).
+/// will be written (the same bytes as [`batch_frame`] of the whole batch).
+///
+/// Every batch frame ends in the field [`BATCH_END_TAG`], `0xFFFFFFFF`, which no reader knows
+/// and every reader skips (prost and `wire` skip unknown fields; so did every earlier build):
+/// a frame this build writes never ends in a zero byte. A record can (an integer field of
+/// value 0), and recovery reads a frame over the runway that is zeros from a page boundary on
+/// as a write a kill stopped there: without the mark, a damaged last frame that ended one byte
+/// past a page boundary, in a zero, would have been cut instead of refused.
 pub struct BatchFrame {
     bytes: Vec<u8>,
     revisions: Option<(u64, u64)>,
+}
+
+/// The field number of a batch frame's end mark (see [`BatchFrame`]).
+pub const BATCH_END_TAG: u32 = 15;
+
+/// The frame the journal writes for `batch`: its records and the end mark.
+pub fn batch_frame(batch: &BatchRecord) -> Vec<u8> {
+    let mut frame = BatchFrame::default();
+    for record in &batch.updates {
+        frame.push(record);
+    }
+    frame.finish()
 }
 
 impl Default for BatchFrame {
@@ -220,8 +239,9 @@ impl BatchFrame {
         self.revisions
     }
 
-    /// The finished frame.
+    /// The finished frame, with its end mark.
     pub fn finish(mut self) -> Vec<u8> {
+        prost::encoding::fixed32::encode(BATCH_END_TAG, &u32::MAX, &mut self.bytes);
         fill_frame_header(&mut self.bytes);
         self.bytes
     }
@@ -910,8 +930,16 @@ mod tests {
             built.push(record);
         }
         assert_eq!(built.revisions(), Some((1, 3)));
+        let batch = BatchRecord { updates: records };
+        let built = built.finish();
+        assert_eq!(built, batch_frame(&batch));
+        // The records as prost encodes the batch, then the end mark, which prost skips.
         let mut whole = Vec::new();
-        encode_frame(&BatchRecord { updates: records }, &mut whole);
-        assert_eq!(built.finish(), whole);
+        encode_frame(&batch, &mut whole);
+        assert_eq!(built[12..whole.len()], whole[12..]);
+        assert_eq!(built[whole.len()..], [0x7d, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(BatchRecord::decode(&built[12..]).unwrap(), batch);
+        let empty = batch_frame(&BatchRecord::default());
+        assert_ne!(empty.last(), Some(&0), "no batch frame ends in a zero byte");
     }
 }

@@ -1288,3 +1288,34 @@ fn a_frame_a_kill_stopped_at_a_page_boundary_is_cut_however_few_bytes_it_lacks()
         refused_at(dir.path(), &path, end);
     }
 }
+
+/// Every batch frame ends in a mark that is not zero, so a damaged last frame never passes for
+/// a write a kill stopped at a page boundary: here one ending a byte past a page boundary, its
+/// last record ending in a zero (an integer field of value 0), is refused, not cut.
+#[test]
+fn a_damaged_last_frame_ending_just_past_a_page_boundary_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = write(dir.path(), 4, u64::MAX);
+    let path = only_segment(dir.path());
+    let end = frames_end(&path);
+    let page = (end / 4096 + 2) * 4096;
+    let mut last = record(13);
+    last.fields[1].value = Some(codec::ScalarRecord::Int(0));
+    let mut batch = BatchRecord {
+        updates: vec![last],
+    };
+    let mut pad = 0;
+    while end + codec::batch_frame(&batch).len() != page + 1 {
+        pad += 1;
+        assert!(pad < 10_000, "no frame of that length");
+        batch.updates[0].customer_id = format!("c{}", "x".repeat(pad));
+    }
+    let mut records = Vec::new();
+    codec::encode_frame(&batch, &mut records);
+    assert_eq!(records.last(), Some(&0), "the records alone end in a zero");
+    journal.append(&batch).unwrap();
+    drop(journal);
+    assert_eq!(frames_end(&path), page + 1);
+    flip(&path, end + 40, 2);
+    refused_at(dir.path(), &path, end);
+}

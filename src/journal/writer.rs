@@ -203,8 +203,7 @@ impl Journal {
     /// Appends one batch as one frame and syncs it. Returns the bytes written. On failure,
     /// nothing of the batch stays in the file (or it is cut off before the next append).
     pub fn append(&mut self, batch: &BatchRecord) -> std::io::Result<u64> {
-        let mut frame = Vec::new();
-        codec::encode_frame(batch, &mut frame);
+        let frame = codec::batch_frame(batch);
         let revisions = match (batch.updates.first(), batch.updates.last()) {
             (Some(first), Some(last)) => Some((first.revision, last.revision)),
             _ => None,
@@ -212,8 +211,8 @@ impl Journal {
         self.append_encoded(&frame, revisions)
     }
 
-    /// [`Journal::append`] of a frame the caller encoded ([`codec::encode_frame`] of a
-    /// [`BatchRecord`]) holding the revisions `first..=last` (`None`: no updates), so the
+    /// [`Journal::append`] of a frame the caller encoded ([`codec::batch_frame`] of a
+    /// [`BatchRecord`], or a [`codec::BatchFrame`]) holding the revisions `first..=last` (`None`: no updates), so the
     /// encoding can happen off the thread that writes.
     pub fn append_encoded(
         &mut self,
