@@ -194,12 +194,12 @@ fn fill_frame_header(frame: &mut [u8]) {
 /// The frame of a [`BatchRecord`], built one update at a time: each is encoded once, where it
 /// will be written (the same bytes as [`batch_frame`] of the whole batch).
 ///
-/// Every batch frame ends in the field [`BATCH_END_TAG`], `0xFFFFFFFF`, which no reader knows
-/// and every reader skips (prost and `wire` skip unknown fields; so did every earlier build):
-/// a frame this build writes never ends in a zero byte. A record can (an integer field of
-/// value 0), and recovery reads a frame over the runway that is zeros from a page boundary on
-/// as a write a kill stopped there: without the mark, a damaged last frame that ended one byte
-/// past a page boundary, in a zero, would have been cut instead of refused.
+/// Every batch frame ends in [`BATCH_END_MARK`], field 15 holding `u64::MAX`, which no reader
+/// knows and every reader skips (prost and `wire` skip unknown fields; so did every earlier
+/// build). Recovery reads a frame over the runway whose last bytes, from a page boundary on,
+/// are zeros as a write a kill stopped there only if what is left before them is the start of
+/// the mark: a record can end in a zero byte (an integer field of value 0), and a damaged
+/// frame of an earlier build, which has no mark, must not pass for such a write.
 pub struct BatchFrame {
     bytes: Vec<u8>,
     revisions: Option<(u64, u64)>,
@@ -207,6 +207,9 @@ pub struct BatchFrame {
 
 /// The field number of a batch frame's end mark (see [`BatchFrame`]).
 pub const BATCH_END_TAG: u32 = 15;
+
+/// The last bytes of every batch frame: the key of field 15 as a fixed64, and `u64::MAX`.
+pub const BATCH_END_MARK: [u8; 9] = [0x79, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
 
 /// The frame the journal writes for `batch`: its records and the end mark.
 pub fn batch_frame(batch: &BatchRecord) -> Vec<u8> {
@@ -241,7 +244,7 @@ impl BatchFrame {
 
     /// The finished frame, with its end mark.
     pub fn finish(mut self) -> Vec<u8> {
-        prost::encoding::fixed32::encode(BATCH_END_TAG, &u32::MAX, &mut self.bytes);
+        prost::encoding::fixed64::encode(BATCH_END_TAG, &u64::MAX, &mut self.bytes);
         fill_frame_header(&mut self.bytes);
         self.bytes
     }
@@ -937,7 +940,7 @@ mod tests {
         let mut whole = Vec::new();
         encode_frame(&batch, &mut whole);
         assert_eq!(built[12..whole.len()], whole[12..]);
-        assert_eq!(built[whole.len()..], [0x7d, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(built[whole.len()..], BATCH_END_MARK);
         assert_eq!(BatchRecord::decode(&built[12..]).unwrap(), batch);
         let empty = batch_frame(&BatchRecord::default());
         assert_ne!(empty.last(), Some(&0), "no batch frame ends in a zero byte");

@@ -590,14 +590,23 @@ fn is_torn(bytes: &[u8], offset: usize, format: FrameFormat, invalid: Invalid) -
     }
 }
 
-/// Whether the frame `bytes[from..to]` is zeros from the last page boundary inside it on: a
-/// write into the runway that a kill stopped there (the kernel copies a write into the page
-/// cache a page at a time and gives up between pages for a fatal signal), which leaves as few
-/// as one zero byte, fewer than [`MIN_ZEROED`]. Before the runway such a write left the file
-/// short instead (`PayloadCutOff`).
+/// Whether the frame `bytes[from..to]` is a write into the runway that a kill stopped at the
+/// last page boundary inside it (the kernel copies a write into the page cache a page at a
+/// time and gives up between pages for a fatal signal): zeros from there on, as few as one,
+/// fewer than [`MIN_ZEROED`], and before them the start of the end mark every batch frame
+/// carries ([`codec::BATCH_END_MARK`]), so that only the mark is missing. Before the runway such
+/// a write left the file short instead (`PayloadCutOff`). More missing bytes fill a sector's
+/// part with zeros, which `zeroed_sector` reads; a frame without the mark (an earlier build's)
+/// never passes here.
 fn zeroed_from_page(bytes: &[u8], from: usize, to: usize) -> bool {
+    let mark = codec::BATCH_END_MARK;
     let boundary = (to - 1) / PAGE * PAGE;
-    boundary > from && all_zero(&bytes[boundary..to])
+    let missing = to - boundary;
+    boundary > from
+        && missing <= mark.len()
+        && to >= from + mark.len()
+        && all_zero(&bytes[boundary..to])
+        && bytes[to - mark.len()..boundary] == mark[..mark.len() - missing]
 }
 
 /// The unit the kernel copies a write into the page cache in.

@@ -1229,14 +1229,10 @@ fn a_torn_frame_header_split_by_a_sector_that_never_reached_the_disk_is_cut_in_t
 /// The disk sector recovery's torn-write rules reason in.
 const SECTOR_LEN: usize = 512;
 
-/// A batch of the one record `revision` whose frame is exactly `len` bytes long (its customer
-/// id padded), for `len` of a few hundred bytes or more.
+/// A batch of the one record `revision` whose frame ([`codec::batch_frame`], as the journal
+/// writes it) is exactly `len` bytes long (its customer id padded), for `len` of a few hundred bytes or more.
 fn batch_of_frame_len(revision: u64, len: usize) -> BatchRecord {
-    let frame_len = |batch: &BatchRecord| {
-        let mut frame = Vec::new();
-        codec::encode_frame(batch, &mut frame);
-        frame.len()
-    };
+    let frame_len = |batch: &BatchRecord| codec::batch_frame(batch).len();
     let mut batch = batch(revision..=revision);
     let mut pad = len.saturating_sub(frame_len(&batch));
     loop {
@@ -1262,8 +1258,7 @@ fn a_frame_a_kill_stopped_at_a_page_boundary_is_cut_however_few_bytes_it_lacks()
         let path = only_segment(dir.path());
         let end = frames_end(&path);
         let page = (end / 4096 + 2) * 4096;
-        let mut frame = Vec::new();
-        codec::encode_frame(&batch_of_frame_len(13, page + missing - end), &mut frame);
+        let frame = codec::batch_frame(&batch_of_frame_len(13, page + missing - end));
         assert_eq!(end + frame.len(), page + missing);
         write_after_frames(&path, &frame[..frame.len() - missing]);
         assert_eq!(
@@ -1276,11 +1271,7 @@ fn a_frame_a_kill_stopped_at_a_page_boundary_is_cut_however_few_bytes_it_lacks()
         // The frame whole but for its last bytes, which do not start at a page boundary.
         let dir = tempfile::tempdir().unwrap();
         drop(write(dir.path(), 4, u64::MAX));
-        let mut frame = Vec::new();
-        codec::encode_frame(
-            &batch_of_frame_len(13, page + missing + 1 - end),
-            &mut frame,
-        );
+        let mut frame = codec::batch_frame(&batch_of_frame_len(13, page + missing + 1 - end));
         let zeros_from = frame.len() - missing;
         frame[zeros_from..].fill(0);
         let path = only_segment(dir.path());
@@ -1316,6 +1307,47 @@ fn a_damaged_last_frame_ending_just_past_a_page_boundary_is_refused_not_cut() {
     journal.append(&batch).unwrap();
     drop(journal);
     assert_eq!(frames_end(&path), page + 1);
+    flip(&path, end + 40, 2);
+    refused_at(dir.path(), &path, end);
+}
+
+/// A frame of an earlier build carries no end mark and can end in a zero: last, damaged, and
+/// ending a byte past a page boundary in that zero, it is refused, not taken for a write a
+/// kill stopped there.
+#[test]
+fn a_damaged_last_frame_without_the_end_mark_ending_past_a_page_boundary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 4, u64::MAX));
+    let path = only_segment(dir.path());
+    let end = frames_end(&path);
+    // An earlier build's segment: no runway.
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(end as u64)
+        .unwrap();
+    let page = (end / 4096 + 2) * 4096;
+    let mut last = record(13);
+    last.fields[1].value = Some(codec::ScalarRecord::Int(0));
+    let mut batch = BatchRecord {
+        updates: vec![last],
+    };
+    let encoded = |batch: &BatchRecord| {
+        let mut frame = Vec::new();
+        codec::encode_frame(batch, &mut frame);
+        frame
+    };
+    let mut pad = 0;
+    while end + encoded(&batch).len() != page + 1 {
+        pad += 1;
+        assert!(pad < 10_000, "no frame of that length");
+        batch.updates[0].customer_id = format!("c{}", "x".repeat(pad));
+    }
+    let frame = encoded(&batch);
+    assert_eq!(frame.last(), Some(&0));
+    write_after_frames(&path, &frame);
+    assert_eq!(recovered_revision(dir.path()), 13);
     flip(&path, end + 40, 2);
     refused_at(dir.path(), &path, end);
 }

@@ -578,9 +578,16 @@ impl ReconcileJobs {
 }
 
 /// Checks a request: the account named, a selection within its limits.
+/// What a NUL in an id is refused with.
+const NUL: &str = "a NUL character (\\u0000)";
+
 fn check(client_id: &str, selection: &Selection) -> Result<(), Error> {
     if client_id.is_empty() {
         return Err(Error::invalid("client_id", "required"));
+    }
+    // As a webhook's ids: the key is journaled as it is (see `ingest::payload`).
+    if client_id.contains('\0') {
+        return Err(Error::invalid("client_id", NUL));
     }
     match selection {
         Selection::CustomerIds(ids) if ids.is_empty() => Err(Error::invalid(
@@ -597,6 +604,9 @@ fn check(client_id: &str, selection: &Selection) -> Result<(), Error> {
         Selection::CustomerIds(ids) if ids.iter().any(String::is_empty) => {
             Err(Error::invalid("customer_ids.ids", "an empty customer id"))
         }
+        Selection::CustomerIds(ids) if ids.iter().any(|id| id.contains('\0')) => Err(
+            Error::invalid("customer_ids.ids", format!("a customer id with {NUL}")),
+        ),
         Selection::NotUpdatedFor(age) if age.is_zero() => {
             Err(Error::invalid("not_updated_for", "must be positive"))
         }
@@ -631,6 +641,16 @@ mod tests {
         assert_eq!(
             field("2155", Selection::NotUpdatedFor(Duration::ZERO)).as_deref(),
             Some("not_updated_for")
+        );
+        // Ids are journaled as they are: no NUL characters, as in a webhook.
+        let nuls = format!("c{}", "\0".repeat(600));
+        assert_eq!(
+            field("2155", Selection::CustomerIds(vec!["c".into(), nuls])).as_deref(),
+            Some("customer_ids.ids")
+        );
+        assert_eq!(
+            field("21\055", Selection::All).as_deref(),
+            Some("client_id")
         );
     }
 
