@@ -649,7 +649,7 @@ mod tests {
             Some("customer_ids.ids")
         );
         assert_eq!(
-            field("21\055", Selection::All).as_deref(),
+            field("21\u{0}55", Selection::All).as_deref(),
             Some("client_id")
         );
     }
