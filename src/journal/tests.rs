@@ -78,20 +78,18 @@ fn recovery_replays_every_record_and_appending_continues() {
     let profile = store.get(&ProfileKey::new("2155", "c5")).unwrap();
     assert_eq!(profile.get_int(Field::TotalPoints), Some(12));
 
-    let mut journal = Journal::open(
-        dir.path(),
-        recovered.tail,
-        13,
-        u64::MAX,
-        FaultSwitch::default(),
-    )
-    .unwrap();
+    let mut journal = reopen(dir.path(), recovered.tail, 13);
     journal
         .append(&BatchRecord {
             updates: vec![record(13)],
         })
         .unwrap();
     assert_eq!(recovered_revision(dir.path()), 13);
+}
+
+/// The journal of `dir` opened for appends where recovery left it (`tail`), as start-up does.
+fn reopen(dir: &Path, tail: Option<Tail>, next_revision: u64) -> Journal {
+    Journal::open(dir, tail, next_revision, u64::MAX, FaultSwitch::default()).unwrap()
 }
 
 fn recovered_revision(dir: &Path) -> u64 {
@@ -557,16 +555,11 @@ fn after_a_clean_shutdown_nothing_at_the_end_is_forgiven() {
 
     // The same cut after a crash (no clean mark) is a torn write.
     fs::write(&path, &bytes).unwrap();
-    drop(
-        Journal::open(
-            dir.path(),
-            recovered(dir.path()).unwrap().1.tail,
-            31,
-            u64::MAX,
-            FaultSwitch::default(),
-        )
-        .unwrap(),
-    );
+    drop(reopen(
+        dir.path(),
+        recovered(dir.path()).unwrap().1.tail,
+        31,
+    ));
     assert_eq!(
         head::read(dir.path()).unwrap().unwrap().closed,
         None,
@@ -1159,14 +1152,7 @@ fn a_crash_leaves_the_runway_after_the_frames_and_recovery_cuts_it_off() {
         "the runway is cut off"
     );
 
-    let mut journal = Journal::open(
-        dir.path(),
-        recovered.tail,
-        13,
-        u64::MAX,
-        FaultSwitch::default(),
-    )
-    .unwrap();
+    let mut journal = reopen(dir.path(), recovered.tail, 13);
     journal.append(&batch(13..=15)).unwrap();
     drop(journal);
     assert_eq!(recovered_revision(dir.path()), 15);
