@@ -23,6 +23,8 @@ mod dead_letters;
 mod disk_full;
 mod durability;
 mod error_details;
+mod grpc_coalescing;
+mod grpc_coalescing_wire;
 mod grpc_security;
 mod grpc_tls;
 mod jetstream;

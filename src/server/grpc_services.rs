@@ -30,6 +30,7 @@ use crate::replication::ReplicaStatus;
 use crate::store::Store;
 use crate::watch::Watchers;
 
+use super::coalesce::Coalescing;
 use super::connections::{self, CappedListener};
 use super::cut::Cuttable;
 use super::tls::TlsConnection;
@@ -179,14 +180,14 @@ pub(super) fn serve<H: Health>(
     };
     let task = match tls {
         None => {
-            let open = move |tcp| Cuttable::new(tcp, cuttable.child_token());
+            let open = move |tcp| Cuttable::new(Coalescing::new(tcp), cuttable.child_token());
             let incoming = connections::incoming(listener, handshake_timeout, open, tag);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
         Some(acceptor) => {
             let open = move |tcp| {
                 Cuttable::new(
-                    TlsConnection::accepting(&acceptor, tcp),
+                    Coalescing::new(TlsConnection::accepting(&acceptor, tcp)),
                     cuttable.child_token(),
                 )
             };

@@ -13,6 +13,7 @@
 //! health, start the reconcile jobs and their schedule, serve monitoring, serve gRPC, serve the
 //! ingress, wait for the signal, then `shutdown`'s ordered stop. No request logic lives here.
 
+mod coalesce;
 mod connections;
 mod cut;
 mod grpc_services;
