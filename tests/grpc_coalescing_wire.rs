@@ -62,7 +62,9 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
 /// Sends a PING and waits for its ACK, answering the server's own pings; the round trip.
 async fn ping_rtt<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, n: u64) -> Duration {
     let started = Instant::now();
-    io.write_all(&frame(PING, 0, 0, &n.to_be_bytes())).await.unwrap();
+    io.write_all(&frame(PING, 0, 0, &n.to_be_bytes()))
+        .await
+        .unwrap();
     io.flush().await.unwrap();
     loop {
         let (kind, flags, _, payload) = read_frame(io).await;
@@ -149,7 +151,9 @@ async fn server_keepalive_pings_an_idle_client_and_keeps_it() {
     service.stop().await;
 }
 
-async fn unary_latencies(client: &mut ProfileServiceClient<tonic::transport::Channel>) -> Vec<Duration> {
+async fn unary_latencies(
+    client: &mut ProfileServiceClient<tonic::transport::Channel>,
+) -> Vec<Duration> {
     let mut latencies = Vec::new();
     for n in 0..200 {
         let started = Instant::now();
@@ -183,7 +187,8 @@ async fn unary_calls_over_tls_answer_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
     let service = TestService::start_with(tls_config(dir.path(), &pki, false)).await;
-    let mut client = ProfileServiceClient::new(tls_channel(service.grpc, &pki, None).await.unwrap());
+    let mut client =
+        ProfileServiceClient::new(tls_channel(service.grpc, &pki, None).await.unwrap());
     unary_latencies(&mut client).await;
     service.stop().await;
 }
@@ -192,8 +197,8 @@ async fn unary_calls_over_tls_answer_at_once() {
 /// Every watcher must get every change, each without waiting for the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_change_reaches_every_watcher_of_one_connection_on_its_own() {
-    use profile_state::pb;
     use pb::watch_profiles_response::Event;
+    use profile_state::pb;
     let service = TestService::start().await;
     let channel = service.channel().await;
     let mut streams = Vec::new();
@@ -203,7 +208,11 @@ async fn each_change_reaches_every_watcher_of_one_connection_on_its_own() {
             .await
             .expect("watch starts")
             .into_inner();
-        let first = tokio::time::timeout(STUCK, stream.message()).await.unwrap().unwrap().unwrap();
+        let first = tokio::time::timeout(STUCK, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert!(matches!(first.event, Some(Event::Synced(_))));
         streams.push(stream);
     }
@@ -211,7 +220,11 @@ async fn each_change_reaches_every_watcher_of_one_connection_on_its_own() {
     for n in 1..=20u32 {
         let started = Instant::now();
         service
-            .update(&common::profile_updated("a", &common::at(n), serde_json::json!({"total_points": n})))
+            .update(&common::profile_updated(
+                "a",
+                &common::at(n),
+                serde_json::json!({"total_points": n}),
+            ))
             .await;
         for (i, stream) in streams.iter_mut().enumerate() {
             let message = tokio::time::timeout(STUCK, stream.message())
@@ -219,7 +232,10 @@ async fn each_change_reaches_every_watcher_of_one_connection_on_its_own() {
                 .unwrap_or_else(|_| panic!("change {n} stuck for watcher {i}"))
                 .unwrap()
                 .unwrap();
-            assert!(matches!(message.event, Some(Event::Change(_))), "{message:?}");
+            assert!(
+                matches!(message.event, Some(Event::Change(_))),
+                "{message:?}"
+            );
         }
         worst = worst.max(started.elapsed());
     }
@@ -241,14 +257,18 @@ async fn shutdown_during_unary_traffic_loses_no_answer() {
             callers.spawn(async move {
                 let mut outcomes = (0usize, Vec::new());
                 loop {
-                    match tokio::time::timeout(Duration::from_secs(15), server_info(&mut client)).await {
+                    match tokio::time::timeout(Duration::from_secs(15), server_info(&mut client))
+                        .await
+                    {
                         Err(_) => {
                             outcomes.1.push("stuck".to_owned());
                             return outcomes;
                         }
                         Ok(Ok(_)) => outcomes.0 += 1,
                         Ok(Err(status)) => {
-                            outcomes.1.push(format!("{:?}: {}", status.code(), status.message()));
+                            outcomes
+                                .1
+                                .push(format!("{:?}: {}", status.code(), status.message()));
                             return outcomes;
                         }
                     }
@@ -316,7 +336,10 @@ async fn answers_through_a_tiny_window_flow() {
         .into_inner();
         assert_eq!(page.profiles.len(), 400);
     }
-    eprintln!("5 pages of 400 through a 256-byte window: {:?}", started.elapsed());
+    eprintln!(
+        "5 pages of 400 through a 256-byte window: {:?}",
+        started.elapsed()
+    );
     drop(client);
     std::sync::Arc::into_inner(service).unwrap().stop().await;
 }
@@ -348,9 +371,8 @@ async fn tls_bulk_initial_state_to_many_watchers_arrives_whole() {
     use profile_state::pb;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
-    let service = std::sync::Arc::new(
-        TestService::start_with(tls_config(dir.path(), &pki, false)).await,
-    );
+    let service =
+        std::sync::Arc::new(TestService::start_with(tls_config(dir.path(), &pki, false)).await);
     seed(&service, 300).await;
     let channel = tls_channel(service.grpc, &pki, None).await.unwrap();
     let mut watchers = tokio::task::JoinSet::new();
@@ -389,7 +411,11 @@ async fn tls_bulk_initial_state_to_many_watchers_arrives_whole() {
     }
     for n in 2..=6u32 {
         service
-            .update(&common::profile_updated("c0001", &common::at(n), serde_json::json!({"total_points": n})))
+            .update(&common::profile_updated(
+                "c0001",
+                &common::at(n),
+                serde_json::json!({"total_points": n}),
+            ))
             .await;
         for (i, stream) in streams.iter_mut().enumerate() {
             let message = tokio::time::timeout(STUCK, stream.message())
