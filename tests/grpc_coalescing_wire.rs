@@ -193,6 +193,34 @@ async fn unary_calls_over_tls_answer_at_once() {
     service.stop().await;
 }
 
+/// Posts change `n` of `customer` and waits for it on every stream; stuck past [`STUCK`] fails.
+async fn change_reaches_every_watcher(
+    service: &TestService,
+    streams: &mut [tonic::Streaming<profile_state::pb::WatchProfilesResponse>],
+    customer: &str,
+    n: u32,
+) {
+    use profile_state::pb::watch_profiles_response::Event;
+    service
+        .update(&common::profile_updated(
+            customer,
+            &common::at(n),
+            serde_json::json!({"total_points": n}),
+        ))
+        .await;
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let message = tokio::time::timeout(STUCK, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("change {n} stuck for watcher {i}"))
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(message.event, Some(Event::Change(_))),
+            "{message:?}"
+        );
+    }
+}
+
 /// The case the change was made for: one change wakes every watch stream of a connection.
 /// Every watcher must get every change, each without waiting for the next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,24 +247,7 @@ async fn each_change_reaches_every_watcher_of_one_connection_on_its_own() {
     let mut worst = Duration::ZERO;
     for n in 1..=20u32 {
         let started = Instant::now();
-        service
-            .update(&common::profile_updated(
-                "a",
-                &common::at(n),
-                serde_json::json!({"total_points": n}),
-            ))
-            .await;
-        for (i, stream) in streams.iter_mut().enumerate() {
-            let message = tokio::time::timeout(STUCK, stream.message())
-                .await
-                .unwrap_or_else(|_| panic!("change {n} stuck for watcher {i}"))
-                .unwrap()
-                .unwrap();
-            assert!(
-                matches!(message.event, Some(Event::Change(_))),
-                "{message:?}"
-            );
-        }
+        change_reaches_every_watcher(&service, &mut streams, "a", n).await;
         worst = worst.max(started.elapsed());
     }
     eprintln!("worst delivery to 100 watchers: {worst:?}");
@@ -410,21 +421,7 @@ async fn tls_bulk_initial_state_to_many_watchers_arrives_whole() {
         streams.push(stream);
     }
     for n in 2..=6u32 {
-        service
-            .update(&common::profile_updated(
-                "c0001",
-                &common::at(n),
-                serde_json::json!({"total_points": n}),
-            ))
-            .await;
-        for (i, stream) in streams.iter_mut().enumerate() {
-            let message = tokio::time::timeout(STUCK, stream.message())
-                .await
-                .unwrap_or_else(|_| panic!("change {n} stuck for watcher {i}"))
-                .unwrap()
-                .unwrap();
-            assert!(matches!(message.event, Some(Event::Change(_))));
-        }
+        change_reaches_every_watcher(&service, &mut streams, "c0001", n).await;
     }
     drop(streams);
     let tls = tonic::transport::ClientTlsConfig::new()

@@ -328,8 +328,8 @@ mod tests {
 
     /// As hyper's connection task does: takes what the stream tasks hand it, writes and
     /// flushes each, and reads (the peer sends nothing) on every poll.
-    async fn connection(
-        mut io: Coalescing<Counted>,
+    pub(super) async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+        mut io: Coalescing<S>,
         mut frames: tokio::sync::mpsc::Receiver<Vec<u8>>,
     ) {
         let mut incoming = [0; 16];
@@ -542,20 +542,7 @@ mod interleavings {
             // Some other task keeps this worker busy for a while (spawned here, it is run next
             // on this worker, from its LIFO slot, which other workers do not steal).
             tokio::spawn(async { std::thread::sleep(Duration::from_secs(3)) });
-            let mut incoming = [0; 16];
-            loop {
-                tokio::select! {
-                    frame = frames.recv() => match frame {
-                        Some(frame) => {
-                            io.write_all(&frame).await.unwrap();
-                            io.flush().await.unwrap();
-                        }
-                        None => break,
-                    },
-                    read = io.read(&mut incoming) => panic!("the peer sent nothing: {read:?}"),
-                }
-            }
-            io.shutdown().await.unwrap();
+            super::tests::connection(io, frames).await;
         });
         let mut received = vec![0; frame(0).len()];
         peer.read_exact(&mut received).await.unwrap();
