@@ -534,7 +534,7 @@ mod interleavings {
     async fn bytes_are_not_held_while_an_unrelated_task_keeps_the_writing_worker_busy() {
         let (ours, mut peer) = duplex(64 * 1024);
         let mut io = Coalescing::new(ours);
-        let (to_connection, mut frames) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let (to_connection, frames) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
         let connection = tokio::spawn(async move {
             // Frame 0 goes out at once and asks for this worker's turn.
             io.write_all(&frame(0)).await.unwrap();
