@@ -93,8 +93,8 @@ async fn pings_on_an_idle_connection<S: AsyncRead + AsyncWrite + Unpin>(io: &mut
     eprintln!("ping rtts: max {:?}", rtts.iter().max());
 }
 
-#[tokio::test]
-async fn ping_acks_reach_an_idle_client() {
+/// A service on plain TCP, a raw connection to it, and the pings; the runtime is the caller's.
+async fn ping_acks_over_plain_tcp() {
     let service = TestService::start().await;
     let mut tcp = TcpStream::connect(service.grpc).await.unwrap();
     pings_on_an_idle_connection(&mut tcp).await;
@@ -102,13 +102,14 @@ async fn ping_acks_reach_an_idle_client() {
     service.stop().await;
 }
 
+#[tokio::test]
+async fn ping_acks_reach_an_idle_client() {
+    ping_acks_over_plain_tcp().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_acks_reach_an_idle_client_multi_thread() {
-    let service = TestService::start().await;
-    let mut tcp = TcpStream::connect(service.grpc).await.unwrap();
-    pings_on_an_idle_connection(&mut tcp).await;
-    drop(tcp);
-    service.stop().await;
+    ping_acks_over_plain_tcp().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
