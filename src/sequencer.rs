@@ -312,7 +312,9 @@ impl Task {
                     }
                     self.hand_over();
                 }
-                () = tokio::time::sleep(PROBE_INTERVAL), if probe => {
+                // select! builds every branch's future on each turn; in a block, the sleep
+                // (a clock read and a timer handle) is only made when the branch is polled.
+                () = async { tokio::time::sleep(PROBE_INTERVAL).await }, if probe => {
                     self.probe().await;
                 }
             }

@@ -736,6 +736,7 @@ async fn json_or_missing_content_types_are_accepted() {
         Some("application/json; charset=utf-8"),
         Some("Application/JSON"),
         Some("application/vnd.gameball+json"),
+        Some("application/VND.Gameball+JSON; charset=utf-8"),
     ];
     for (index, content_type) in content_types.into_iter().enumerate() {
         let customer = format!("media-{index}");

@@ -119,11 +119,15 @@ impl Ingress {
 
     /// The axum router serving the webhook path.
     pub fn router(self) -> Router {
-        Router::new().route(PATH, post(receive)).with_state(self)
+        // Behind one `Arc`: axum clones the state for every request, and a clone of the
+        // handle itself is a dozen reference counts shared by both cores.
+        Router::new()
+            .route(PATH, post(receive))
+            .with_state(Arc::new(self))
     }
 }
 
-async fn receive(State(ingress): State<Ingress>, headers: HeaderMap, body: Body) -> Response {
+async fn receive(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let handled = ingress.handle(&headers, body).await;
     let (label, response) = match handled {
@@ -162,7 +166,12 @@ async fn receive(State(ingress): State<Ingress>, headers: HeaderMap, body: Body)
 /// `{"outcome":"applied","revision":N}` (or `unchanged`), written out directly: the answer to
 /// almost every delivery, so it is not built as a `serde_json::Value` and serialized.
 fn recorded(outcome: &'static str, revision: u64) -> Response {
-    let body = format!(r#"{{"outcome":"{outcome}","revision":{revision}}}"#);
+    let mut body = String::with_capacity(48);
+    body.push_str(r#"{"outcome":""#);
+    body.push_str(outcome);
+    body.push_str(r#"","revision":"#);
+    body.push_str(itoa::Buffer::new().format(revision));
+    body.push('}');
     (
         StatusCode::OK,
         [(
@@ -285,8 +294,13 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
     };
     let text = value.to_str().unwrap_or_default();
     let essence = text.split(';').next().unwrap_or_default().trim();
-    let essence = essence.to_ascii_lowercase();
-    if essence == "application/json" || essence.ends_with("+json") {
+    // Compared without a lowercased copy: this runs for every delivery.
+    let json_suffix = essence
+        .len()
+        .checked_sub(5)
+        .and_then(|start| essence.get(start..))
+        .is_some_and(|suffix| suffix.eq_ignore_ascii_case("+json"));
+    if essence.eq_ignore_ascii_case("application/json") || json_suffix {
         return Ok(());
     }
     Err(Rejection::UnsupportedMediaType {
