@@ -166,7 +166,8 @@ async fn receive(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: 
 /// `{"outcome":"applied","revision":N}` (or `unchanged`), written out directly: the answer to
 /// almost every delivery, so it is not built as a `serde_json::Value` and serialized.
 fn recorded(outcome: &'static str, revision: u64) -> Response {
-    let mut body = String::with_capacity(48);
+    // Room for the longest: `unchanged` and a 20-digit revision.
+    let mut body = String::with_capacity(64);
     body.push_str(r#"{"outcome":""#);
     body.push_str(outcome);
     body.push_str(r#"","revision":"#);
@@ -295,11 +296,8 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
     let text = value.to_str().unwrap_or_default();
     let essence = text.split(';').next().unwrap_or_default().trim();
     // Compared without a lowercased copy: this runs for every delivery.
-    let json_suffix = essence
-        .len()
-        .checked_sub(5)
-        .and_then(|start| essence.get(start..))
-        .is_some_and(|suffix| suffix.eq_ignore_ascii_case("+json"));
+    let bytes = essence.as_bytes();
+    let json_suffix = bytes.len() >= 5 && bytes[bytes.len() - 5..].eq_ignore_ascii_case(b"+json");
     if essence.eq_ignore_ascii_case("application/json") || json_suffix {
         return Ok(());
     }
