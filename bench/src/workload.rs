@@ -11,8 +11,8 @@ use bytes::Bytes;
 use profile_state::pb;
 use profile_state::webhook::signature::SignatureCheck;
 
-/// `created_at` of sequence number 0; every later sequence number is one millisecond later.
-const EPOCH_MS: i64 = 1_735_689_600_000; // 2025-01-01T00:00:00Z
+/// `created_at` of sequence number 0; every later sequence number is one microsecond later.
+const EPOCH_MICROS: i64 = 1_735_689_600_000_000; // 2025-01-01T00:00:00Z
 
 const TIERS: [&str; 4] = ["Bronze", "Silver", "Gold", "Platinum"];
 
@@ -41,9 +41,11 @@ impl Workload {
             signer: SignatureCheck::new(secret),
             // Start from the wall clock so a second run against the same store still sends
             // newer updates (an older `created_at` would be answered `unchanged`, and cost less).
-            sequence: AtomicU64::new(
-                u64::try_from(chrono::Utc::now().timestamp_millis() - EPOCH_MS).unwrap_or(0),
-            ),
+            // In microseconds: a run sends far fewer than a million updates a second, so it
+            // never gets ahead of the clock, and the next run starts past its last update (in
+            // milliseconds a run of 25,000 a second ran 25 times ahead of it, and the next one
+            // minutes later sent mostly older updates).
+            sequence: AtomicU64::new(now_micros()),
         }
     }
 
@@ -72,9 +74,9 @@ impl Workload {
 
     fn body(&self, n: u64, sequence: u64) -> String {
         let fields = Fields::of(n, sequence);
-        let created_at = chrono::DateTime::from_timestamp_millis(EPOCH_MS + sequence as i64)
+        let created_at = chrono::DateTime::from_timestamp_micros(EPOCH_MICROS + sequence as i64)
             .unwrap_or_default()
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         format!(
             concat!(
                 r#"{{"event":"customer.profile.updated","client_id":"{client}","#,
@@ -118,7 +120,7 @@ impl Workload {
             total_points: Some(fields.activated + fields.pending),
             extra: None,
             updated_at: Some(prost_types::Timestamp {
-                seconds: EPOCH_MS / 1000 + 86_400 * 365,
+                seconds: EPOCH_MICROS / 1_000_000 + 86_400 * 365,
                 nanos: 123_000_000,
             }),
             revision: 1_234_567,
@@ -159,6 +161,11 @@ impl Fields {
             pending: ((h >> 8) % 1000) as i64,
         }
     }
+}
+
+/// Microseconds from [`EPOCH_MICROS`] to now.
+fn now_micros() -> u64 {
+    u64::try_from(chrono::Utc::now().timestamp_micros() - EPOCH_MICROS).unwrap_or(0)
 }
 
 fn splitmix(n: u64) -> u64 {
@@ -205,5 +212,28 @@ mod tests {
         assert!(parse(&a)["created_at"].as_str() < parse(&b)["created_at"].as_str());
         assert_eq!(a.signature, SignatureCheck::new("s").sign(&a.body));
         assert!(workload.profile(3).encoded_len() > 150);
+    }
+
+    /// A run sends updates faster than a millisecond apart; one started after it must still
+    /// be newer than everything it sent, or a second run against the same service is answered
+    /// `unchanged`.
+    #[test]
+    fn a_later_run_is_newer_than_everything_an_earlier_fast_one_sent() {
+        let created_at = |d: &Delivery| {
+            let body = serde_json::from_slice::<serde_json::Value>(&d.body).unwrap();
+            chrono::DateTime::parse_from_rfc3339(body["created_at"].as_str().unwrap()).unwrap()
+        };
+        let first = Workload::new("bench", 10, "s");
+        let started = std::time::Instant::now();
+        let mut last = first.update(0);
+        for _ in 0..50_000 {
+            last = first.update(0);
+        }
+        // As fast as a run goes: no more than one update per microsecond, so the clock is ahead.
+        while started.elapsed() < std::time::Duration::from_micros(50_001) {
+            std::hint::spin_loop();
+        }
+        let second = Workload::new("bench", 10, "s");
+        assert!(created_at(&second.update(0)) > created_at(&last));
     }
 }
