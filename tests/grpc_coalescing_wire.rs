@@ -307,7 +307,6 @@ async fn shutdown_during_unary_traffic_loses_no_answer() {
 /// its WINDOW_UPDATE, and each DATA frame that follows is held for the turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_through_a_tiny_window_flow() {
-    use profile_state::pb;
     let service = std::sync::Arc::new(TestService::start().await);
     let mut posters = tokio::task::JoinSet::new();
     for share in 0..8usize {
@@ -334,19 +333,7 @@ async fn answers_through_a_tiny_window_flow() {
     let mut client = ProfileServiceClient::new(channel);
     let started = Instant::now();
     for _ in 0..5 {
-        let page = tokio::time::timeout(
-            Duration::from_secs(20),
-            client.list_profiles(pb::ListProfilesRequest {
-                client_id: "2155".into(),
-                page_size: 1000,
-                ..Default::default()
-            }),
-        )
-        .await
-        .expect("not stuck")
-        .expect("ListProfiles answers")
-        .into_inner();
-        assert_eq!(page.profiles.len(), 400);
+        assert_eq!(first_page_of_2155(&mut client).await.len(), 400);
     }
     eprintln!(
         "5 pages of 400 through a 256-byte window: {:?}",
@@ -354,6 +341,24 @@ async fn answers_through_a_tiny_window_flow() {
     );
     drop(client);
     std::sync::Arc::into_inner(service).unwrap().stop().await;
+}
+
+/// The first page (up to 1000) of account 2155's profiles, which must come within 20 s however
+/// small the client's flow-control window.
+async fn first_page_of_2155(
+    client: &mut ProfileServiceClient<tonic::transport::Channel>,
+) -> Vec<profile_state::pb::Profile> {
+    let request = profile_state::pb::ListProfilesRequest {
+        client_id: "2155".into(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    tokio::time::timeout(Duration::from_secs(20), client.list_profiles(request))
+        .await
+        .expect("not stuck")
+        .expect("ListProfiles answers")
+        .into_inner()
+        .profiles
 }
 
 async fn seed(service: &std::sync::Arc<TestService>, count: usize) {
@@ -437,19 +442,8 @@ async fn tls_bulk_initial_state_to_many_watchers_arrives_whole() {
         .connect()
         .await
         .unwrap();
-    let page = tokio::time::timeout(
-        Duration::from_secs(20),
-        ProfileServiceClient::new(tiny).list_profiles(pb::ListProfilesRequest {
-            client_id: "2155".into(),
-            page_size: 1000,
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("not stuck")
-    .expect("ListProfiles answers")
-    .into_inner();
-    assert_eq!(page.profiles.len(), 300);
+    let mut client = ProfileServiceClient::new(tiny);
+    assert_eq!(first_page_of_2155(&mut client).await.len(), 300);
     drop(channel);
     std::sync::Arc::into_inner(service).unwrap().stop().await;
 }
