@@ -36,7 +36,7 @@ pub fn decode_batch(
         match (tag, kind) {
             (1, LEN) => out.push(decode_profile(wire.bytes()?, accounts)?),
             (1, _) => return Err(wrong_type("ProfileBatch.profiles")),
-            _ => wire.skip(kind)?,
+            _ => wire.skip(tag, kind, 0)?,
         }
     }
     Ok(())
@@ -54,7 +54,7 @@ pub fn last_revision(payload: &[u8]) -> Result<Option<u64>, Malformed> {
         match (tag, kind) {
             (1, LEN) => last = Some(wire.bytes()?),
             (1, _) => return Err(wrong_type("BatchRecord.updates")),
-            _ => wire.skip(kind)?,
+            _ => wire.skip(tag, kind, 0)?,
         }
     }
     last.map(update_revision).transpose()
@@ -85,7 +85,7 @@ pub fn decode_updates(
                 }
             }
             (1, _) => return Err(wrong_type("BatchRecord.updates")),
-            _ => wire.skip(kind)?,
+            _ => wire.skip(tag, kind, 0)?,
         }
     }
     Ok(updates)
@@ -112,7 +112,7 @@ impl<'a> UpdateRef<'a> {
                 (1, VARINT) => record.revision = wire.varint()?,
                 (2, LEN) => record.client_id = text(wire.bytes()?)?,
                 (3, LEN) => record.customer_id = text(wire.bytes()?)?,
-                (4, LEN) => decode_timestamp(wire.bytes()?, record.at.get_or_insert_default())?,
+                (4, LEN) => decode_timestamp(wire.bytes()?, record.at.get_or_insert_default(), 2)?,
                 (5, LEN) => {
                     if record.fields.capacity() == 0 {
                         record.fields.reserve_exact(Field::ALL.len());
@@ -126,7 +126,7 @@ impl<'a> UpdateRef<'a> {
                 // prost reads a uint32 as a varint cut to 32 bits.
                 (7, VARINT) => record.origin = wire.varint()? as u32,
                 (1..=7, _) => return Err(wrong_type("UpdateRecord")),
-                _ => wire.skip(kind)?,
+                _ => wire.skip(tag, kind, 1)?,
             }
         }
         Ok(record)
@@ -158,9 +158,9 @@ fn update_field(bytes: &[u8]) -> Result<(u32, Option<ScalarRef<'_>>), Malformed>
             (1, VARINT) => number = wire.varint()? as u32,
             (2, VARINT) => value = Some(ScalarRef::Int(wire.varint()? as i64)),
             (3, LEN) => value = Some(ScalarRef::Text(text(wire.bytes()?)?)),
-            (4, LEN) => decode_timestamp(wire.bytes()?, &mut unused_clock)?,
+            (4, LEN) => decode_timestamp(wire.bytes()?, &mut unused_clock, 3)?,
             (1..=4, _) => return Err(wrong_type("FieldRecord")),
-            _ => wire.skip(kind)?,
+            _ => wire.skip(tag, kind, 2)?,
         }
     }
     Ok((number, value))
@@ -187,7 +187,7 @@ fn update_revision(bytes: &[u8]) -> Result<u64, Malformed> {
         match (tag, kind) {
             (1, VARINT) => revision = wire.varint()?,
             (1, _) => return Err(wrong_type("UpdateRecord.revision")),
-            _ => wire.skip(kind)?,
+            _ => wire.skip(tag, kind, 1)?,
         }
     }
     Ok(revision)
@@ -222,7 +222,7 @@ fn decode_profile(bytes: &[u8], accounts: &mut Option<ArcStr>) -> Result<Profile
             }
             (8, LEN) => packed = wire.bytes()?,
             (1..=8, _) => return Err(wrong_type("ProfileRecord")),
-            _ => wire.skip(kind)?,
+            _ => wire.skip(tag, kind, 1)?,
         }
     }
     let key = ProfileKey::new(shared_account(accounts, client_id), customer_id);
@@ -247,9 +247,9 @@ fn decode_field(bytes: &[u8]) -> Result<(Field, StampedRef<'_>), Malformed> {
             (1, VARINT) => number = wire.varint()? as u32,
             (2, VARINT) => value = Some(ScalarRef::Int(wire.varint()? as i64)),
             (3, LEN) => value = Some(ScalarRef::Text(text(wire.bytes()?)?)),
-            (4, LEN) => decode_timestamp(wire.bytes()?, at.get_or_insert_default())?,
+            (4, LEN) => decode_timestamp(wire.bytes()?, at.get_or_insert_default(), 3)?,
             (1..=4, _) => return Err(wrong_type("FieldRecord")),
-            _ => wire.skip(kind)?,
+            _ => wire.skip(tag, kind, 2)?,
         }
     }
     // As `codec::event_time` refuses them, in the same order.
@@ -263,15 +263,20 @@ fn decode_field(bytes: &[u8]) -> Result<(Field, StampedRef<'_>), Malformed> {
     Ok((codec::field(number)?, stamped))
 }
 
-/// A `google.protobuf.Timestamp`, merged into `at` as prost merges a repeated message field.
-fn decode_timestamp(bytes: &[u8], at: &mut prost_types::Timestamp) -> Result<(), Malformed> {
+/// A `google.protobuf.Timestamp`, merged into `at` as prost merges a repeated message field;
+/// `depth` is how deep it is nested (see [`Wire::skip`]).
+fn decode_timestamp(
+    bytes: &[u8],
+    at: &mut prost_types::Timestamp,
+    depth: u32,
+) -> Result<(), Malformed> {
     let mut wire = Wire(bytes);
     while let Some((tag, kind)) = wire.key()? {
         match (tag, kind) {
             (1, VARINT) => at.seconds = wire.varint()? as i64,
             (2, VARINT) => at.nanos = wire.varint()? as i32,
             (1..=2, _) => return Err(wrong_type("Timestamp")),
-            _ => wire.skip(kind)?,
+            _ => wire.skip(tag, kind, depth)?,
         }
     }
     Ok(())
@@ -281,6 +286,10 @@ fn text(bytes: &[u8]) -> Result<&str, Malformed> {
     std::str::from_utf8(bytes).map_err(|_| Malformed("text that is not UTF-8".into()))
 }
 
+fn unexpected_group_end() -> Malformed {
+    Malformed("a group's end without its start".into())
+}
+
 fn wrong_type(message: &str) -> Malformed {
     Malformed(format!("a field of {message} with the wrong wire type"))
 }
@@ -288,7 +297,12 @@ fn wrong_type(message: &str) -> Malformed {
 const VARINT: u8 = 0;
 const FIXED64: u8 = 1;
 const LEN: u8 = 2;
+const START_GROUP: u8 = 3;
+const END_GROUP: u8 = 4;
 const FIXED32: u8 = 5;
+
+/// prost's nesting limit: messages, and groups inside them, nested this deep are refused.
+const RECURSION_LIMIT: u32 = 100;
 
 /// The unread rest of a message.
 struct Wire<'a>(&'a [u8]);
@@ -386,14 +400,30 @@ impl<'a> Wire<'a> {
         Ok(())
     }
 
-    /// Skips a field this build does not know (written by a newer one).
-    fn skip(&mut self, kind: u8) -> Result<(), Malformed> {
+    /// Skips a field this build does not know (written by a newer one), as prost skips it:
+    /// a group (wire types 3 and 4, which nothing here writes, but which a damaged byte can
+    /// make) up to its matching end, groups inside it included. `depth` is how deep the
+    /// message being read is nested (the outermost is 0); with the groups around the field it
+    /// counts against prost's recursion limit as it does in prost. Reading a damaged frame
+    /// exactly as prost reads it is what the tests hold this reader to.
+    fn skip(&mut self, tag: u32, kind: u8, depth: u32) -> Result<(), Malformed> {
+        if depth >= RECURSION_LIMIT {
+            return Err(Malformed("groups nested past the recursion limit".into()));
+        }
         match kind {
             VARINT => self.varint().map(drop),
             FIXED64 => self.advance(8),
             LEN => self.bytes().map(drop),
             FIXED32 => self.advance(4),
-            // Groups (3, 4) were never written by anything that writes snapshots.
+            START_GROUP => loop {
+                match self.key()? {
+                    None => return Err(Malformed("a group without its end".into())),
+                    Some((inner, END_GROUP)) if inner == tag => return Ok(()),
+                    Some((_, END_GROUP)) => return Err(unexpected_group_end()),
+                    Some((inner, kind)) => self.skip(inner, kind, depth + 1)?,
+                }
+            },
+            END_GROUP => Err(unexpected_group_end()),
             other => Err(Malformed(format!("unknown wire type {other}"))),
         }
     }
@@ -683,6 +713,59 @@ mod tests {
         assert_eq!(with(&[7], &wrong_revision, &[9]).unwrap(), Some(9));
         let error = with(&[7], &wrong_revision, &[]).unwrap_err();
         assert!(error.0.contains("UpdateRecord.revision"), "{error}");
+    }
+
+    /// Groups (wire types 3 and 4) are skipped as prost skips them, nested or not, and refused
+    /// where prost refuses them; found by the damaged-batch property, where one flipped byte
+    /// turned a text field's key into `9, varint` and its length and first byte into an empty
+    /// group (`33 34`), which prost skipped and this reader refused.
+    #[test]
+    fn groups_are_skipped_and_refused_as_prost_does() {
+        let update = |extra: &[u8]| {
+            let mut record = codec::UpdateRecord {
+                revision: 3,
+                client_id: "2155".into(),
+                customer_id: "c".into(),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            record.extend_from_slice(extra);
+            let mut payload = vec![(1 << 3) | 2];
+            prost::encoding::encode_varint(record.len() as u64, &mut payload);
+            payload.extend_from_slice(&record);
+            payload
+        };
+        let group = |tag: u8, inner: &[u8], end: u8| {
+            let mut bytes = vec![(tag << 3) | 3];
+            bytes.extend_from_slice(inner);
+            bytes.push((end << 3) | 4);
+            bytes
+        };
+        let cases = [
+            ("empty", group(9, &[], 9)),
+            (
+                "with fields",
+                group(9, &[(1 << 3), 5, (2 << 3) | 2, 1, b'x'], 9),
+            ),
+            ("nested", group(9, &group(10, &[(1 << 3), 1], 10), 9)),
+            ("the wrong end", group(9, &[], 10)),
+            ("no end", vec![(9 << 3) | 3, (1 << 3), 1]),
+            ("an end alone", vec![(9 << 3) | 4]),
+            ("nested past the limit", {
+                let mut deep = Vec::new();
+                for _ in 0..RECURSION_LIMIT {
+                    deep = group(9, &deep, 9);
+                }
+                deep
+            }),
+        ];
+        let mut accepted = 0;
+        for (case, extra) in cases {
+            let (by_prost, by_wire) = updates_both(&update(&extra), 0);
+            accepted += usize::from(by_prost.is_ok());
+            assert_eq!(by_wire.ok(), by_prost.ok(), "{case}");
+        }
+        assert_eq!(accepted, 3, "the first three are whole groups");
     }
 
     #[test]
