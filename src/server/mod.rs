@@ -17,6 +17,7 @@ mod coalesce;
 mod connections;
 mod cut;
 mod grpc_services;
+mod ingest_thread;
 mod shutdown;
 mod tls;
 
@@ -50,6 +51,7 @@ use crate::watch::Watchers;
 use crate::webhook::secrets::{SecretStore, Secrets};
 use crate::webhook::{Ingress, Limits, Verification};
 use connections::CappedListener;
+use ingest_thread::IngestThread;
 use shutdown::{Health, Servers, Shutdown};
 
 /// The configuration, or a file it names (secrets, tokens, certificates), cannot be used, or
@@ -241,13 +243,14 @@ impl Server {
         let (stopping, tracker, metrics) =
             (CancellationToken::new(), TaskTracker::new(), Metrics::new());
         let context = (&store, &metrics, &tracker, &stopping);
+        let ingest_thread = IngestThread::start().context("cannot start the ingest thread")?;
         let Domain {
             ingest,
             watchers,
             ready,
             writable,
             replica,
-        } = start_domain(mode, context, dead_letters.clone(), pause);
+        } = start_domain(mode, context, &ingest_thread, dead_letters.clone(), pause);
         if let Verification::Secrets(secrets) = &verification {
             reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
         }
@@ -278,10 +281,16 @@ impl Server {
         )?;
         announce(addresses, &config, &verification, admin_access);
         let ingress = Ingress::with_ingest(ingest, verification, limits(&config), metrics.clone());
-        let webhook = serve_ingress(webhook, ingress, &config, &metrics, &stopping);
+        let webhook = serve_ingress(
+            webhook,
+            ingress,
+            &config,
+            (&metrics, &stopping),
+            &ingest_thread,
+        )?;
 
         wait_for_signal(shutdown, &stopping).await;
-        Shutdown {
+        let stopped = Shutdown {
             health,
             stopping,
             watch_streams_closed: grpc.watch_streams_closed,
@@ -298,7 +307,10 @@ impl Server {
             grace: config.shutdown_grace,
         }
         .run()
-        .await
+        .await;
+        // Everything on it has ended (or was given up on) in the ordered stop.
+        ingest_thread.stop().await;
+        stopped
     }
 }
 
@@ -413,17 +425,22 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
         .expect("a bound listener has an address")
 }
 
-/// Starts the store's one writer, telling the watch layer of every commit: the sequencer on a
-/// single node, the replica's applier (and its publisher) in replicated mode. The ingest path
-/// takes the only handle of the sequencer or publisher: it stops once the listeners that use
-/// it are gone (shutdown step 4), and a replica's applier after it.
+/// Starts the store's one writer on the ingest thread, telling the watch layer of every
+/// commit: the sequencer on a single node, the replica's applier (and its publisher) in
+/// replicated mode. The ingest path takes the only handle of the sequencer or publisher: it
+/// stops once the listeners that use it are gone (shutdown step 4), and a replica's applier
+/// after it.
 fn start_domain(
     mode: Mode,
     (store, metrics, tracker, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),
+    ingest_thread: &IngestThread,
     dead_letters: DeadLetters,
     pause: ApplierPause,
 ) -> Domain {
     let watchers = Watchers::new(store.clone());
+    // The writer's tasks are spawned with `tokio::spawn` (through `tracker`): onto the ingest
+    // thread, beside the handlers that hand it updates.
+    let _on_ingest_thread = ingest_thread.handle().enter();
     match mode {
         Mode::Local(durability) => {
             let sequencer = start_sequencer(store, durability, &watchers, metrics, tracker);
@@ -541,25 +558,32 @@ fn grpc_limits(config: &Config) -> grpc_services::Limits {
     }
 }
 
-/// Serves the webhook path until `stopping`; in-flight webhooks are finished first. Each
-/// connection has the idle and header timeouts (`--webhook-idle-timeout`,
+/// Serves the webhook path on the ingest thread until `stopping`; in-flight webhooks are
+/// finished first. Each connection has the idle and header timeouts (`--webhook-idle-timeout`,
 /// `--webhook-header-timeout`).
 fn serve_ingress(
     listener: TcpListener,
     ingress: Ingress,
     config: &Config,
-    metrics: &Metrics,
-    stopping: &CancellationToken,
-) -> JoinHandle<std::io::Result<()>> {
+    (metrics, stopping): (&Metrics, &CancellationToken),
+    ingest_thread: &IngestThread,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
     let metrics = metrics.listener("webhook");
-    let listener = CappedListener::new(listener, config.max_webhook_connections, metrics);
-    tokio::spawn(connections::serve_http(
-        listener,
-        ingress.router(),
+    // Moved to the ingest thread's runtime: a listener stays registered with the runtime that
+    // made it, and would wake this one for every connection.
+    let listener = listener
+        .into_std()
+        .context("cannot move the webhook listener to the ingest thread")?;
+    let (max, idle, header) = (
+        config.max_webhook_connections,
         config.webhook_idle_timeout,
         config.webhook_header_timeout,
-        stopping.clone(),
-    ))
+    );
+    let (router, stopping) = (ingress.router(), stopping.clone());
+    Ok(ingest_thread.handle().spawn(async move {
+        let listener = CappedListener::new(TcpListener::from_std(listener)?, max, metrics);
+        connections::serve_http(listener, router, idle, header, stopping).await
+    }))
 }
 
 /// The start-up line: each listener's address, and whether TLS and authentication are on for
