@@ -37,7 +37,18 @@ async fn r3_stream(nats: &NatsCluster, name: &str) -> (Nats, UpdateStream) {
         duplicate_window: Duration::from_secs(2 * 3600),
         max_bytes: None,
     };
-    let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
+    // Creating an R3 stream is a round of the cluster's meta group; on a loaded machine the
+    // request can time out (seen in a full `cargo test`: "jetstream request timed out") while
+    // the server goes on to create it. `ensure` is idempotent (it finds a stream a timed-out
+    // request created), so it is tried again, as a replica's restart would.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        match UpdateStream::ensure(&client, &settings).await {
+            Ok(stream) => break stream,
+            Err(JetStreamError::Unavailable { .. }) if Instant::now() < deadline => {}
+            Err(err) => panic!("the stream {name} could not be created: {err}"),
+        }
+    };
     (client, stream)
 }
 
