@@ -1,7 +1,8 @@
 //! The ingest thread: a single-threaded tokio runtime on an OS thread of its own, where the
-//! webhook listener, its connections and handlers, and the store's one writer (the sequencer,
-//! or a replica's publisher and applier) run. gRPC, watch streams, monitoring and reconcile
-//! jobs stay on the main (multi-thread) runtime.
+//! webhook listener, its connections and handlers, and the store's one writer on a single node
+//! (the sequencer) run. gRPC, watch streams, monitoring, reconcile jobs and a replica's
+//! publisher and applier (which start snapshot uploads) stay on the main (multi-thread)
+//! runtime.
 //!
 //! Why one thread: every webhook is handed to the one writer and answered by it. On the
 //! multi-thread runtime the handler and the writer ran on different workers: each update was
@@ -33,23 +34,39 @@ pub(super) struct IngestThread {
 }
 
 impl IngestThread {
-    /// Starts the thread and its runtime (timers and I/O enabled).
-    pub(super) fn start() -> io::Result<IngestThread> {
-        let runtime = Builder::new_current_thread().enable_all().build()?;
-        let handle = runtime.handle().clone();
+    /// Starts the thread and its runtime (timers and I/O enabled). The runtime is built on the
+    /// thread itself, so a failure to build it is an error here, not a runtime dropped on an
+    /// async thread. The thread logs where the caller logs: the caller's default subscriber
+    /// (the global one in production, a test's capture in tests) is made the thread's.
+    pub(super) async fn start() -> io::Result<IngestThread> {
+        let logs = tracing::dispatcher::get_default(Clone::clone);
+        let (started, handle) = oneshot::channel::<io::Result<Handle>>();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("ingest".into())
             .spawn(move || {
-                // A current-thread runtime runs its spawned tasks while its thread waits in
-                // `block_on`; an `Err` means the `IngestThread` was dropped: stop as well.
-                runtime.block_on(async move {
-                    let _ = stopped.await;
+                tracing::dispatcher::with_default(&logs, || {
+                    let runtime = match Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(error) => {
+                            let _ = started.send(Err(error));
+                            return;
+                        }
+                    };
+                    let _ = started.send(Ok(runtime.handle().clone()));
+                    // A current-thread runtime runs its spawned tasks while its thread waits
+                    // in `block_on`; an `Err` means the `IngestThread` was dropped: stop too.
+                    runtime.block_on(async move {
+                        let _ = stopped.await;
+                    });
+                    // The server's shutdown waited for what it needs; blocking work still
+                    // running (it should be none) does not hold the process past this.
+                    runtime.shutdown_timeout(BLOCKING_GRACE);
                 });
-                // The server's shutdown waited for what it needs; whatever blocking work is
-                // still running (it should be none) does not hold the process past this.
-                runtime.shutdown_timeout(BLOCKING_GRACE);
             })?;
+        let handle = handle
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the ingest thread ended at its start")))?;
         Ok(IngestThread {
             handle,
             stop: Some(stop),
@@ -92,7 +109,7 @@ mod tests {
 
     #[tokio::test]
     async fn spawned_tasks_run_on_the_ingest_thread_until_it_stops() {
-        let ingest = IngestThread::start().unwrap();
+        let ingest = IngestThread::start().await.unwrap();
         let on = ingest
             .handle()
             .spawn(async { std::thread::current().name().map(str::to_owned) })

@@ -1,8 +1,9 @@
 //! Wiring: recovers the data directory (or, with `--nats-url`, opens the replica: its stream
-//! and its starting snapshot), binds the three listeners, starts the sequencer (or the
-//! replica's publisher and applier), serves the webhook ingress (axum), the gRPC API (tonic,
-//! with health and reflection) and monitoring on the admin listener, and shuts everything down
-//! in order.
+//! and its starting snapshot), binds the three listeners, starts the ingest thread
+//! (`ingest_thread.rs`) and the sequencer on it (or the replica's publisher and applier, on
+//! the main runtime), serves the webhook ingress (axum, on the ingest thread), the gRPC API
+//! (tonic, with health and reflection) and monitoring on the admin listener, and shuts
+//! everything down in order.
 //!
 //! `Server::bind` then `Server::run(shutdown)`: binding first lets callers (tests, `main`) learn
 //! the real addresses of port-0 listeners before serving starts. `bind` checks the
@@ -243,7 +244,9 @@ impl Server {
         let (stopping, tracker, metrics) =
             (CancellationToken::new(), TaskTracker::new(), Metrics::new());
         let context = (&store, &metrics, &tracker, &stopping);
-        let ingest_thread = IngestThread::start().context("cannot start the ingest thread")?;
+        let ingest_thread = IngestThread::start()
+            .await
+            .context("cannot start the ingest thread")?;
         let Domain {
             ingest,
             watchers,
@@ -290,7 +293,7 @@ impl Server {
         )?;
 
         wait_for_signal(shutdown, &stopping).await;
-        let stopped = Shutdown {
+        Shutdown {
             health,
             stopping,
             watch_streams_closed: grpc.watch_streams_closed,
@@ -305,12 +308,10 @@ impl Server {
             store,
             data_dir,
             grace: config.shutdown_grace,
+            ingest_thread,
         }
         .run()
-        .await;
-        // Everything on it has ended (or was given up on) in the ordered stop.
-        ingest_thread.stop().await;
-        stopped
+        .await
     }
 }
 
@@ -425,10 +426,11 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
         .expect("a bound listener has an address")
 }
 
-/// Starts the store's one writer on the ingest thread, telling the watch layer of every
-/// commit: the sequencer on a single node, the replica's applier (and its publisher) in
-/// replicated mode. The ingest path takes the only handle of the sequencer or publisher: it
-/// stops once the listeners that use it are gone (shutdown step 4), and a replica's applier
+/// Starts the store's one writer, telling the watch layer of every commit: the sequencer on a
+/// single node, on the ingest thread; the replica's applier (and its publisher) in replicated
+/// mode, on this runtime (it also starts snapshot uploads, whose hashing of every chunk must
+/// not hold up webhooks). The ingest path takes the only handle of the sequencer or publisher:
+/// it stops once the listeners that use it are gone (shutdown step 4), and a replica's applier
 /// after it.
 fn start_domain(
     mode: Mode,
@@ -438,12 +440,14 @@ fn start_domain(
     pause: ApplierPause,
 ) -> Domain {
     let watchers = Watchers::new(store.clone());
-    // The writer's tasks are spawned with `tokio::spawn` (through `tracker`): onto the ingest
-    // thread, beside the handlers that hand it updates.
-    let _on_ingest_thread = ingest_thread.handle().enter();
     match mode {
         Mode::Local(durability) => {
-            let sequencer = start_sequencer(store, durability, &watchers, metrics, tracker);
+            // The sequencer's task is spawned with `tokio::spawn` (through `tracker`): onto the
+            // ingest thread, beside the handlers that hand it updates.
+            let sequencer = {
+                let _on_ingest_thread = ingest_thread.handle().enter();
+                start_sequencer(store, durability, &watchers, metrics, tracker)
+            };
             let writable = sequencer.writable();
             Domain {
                 ingest: Ingest::new(sequencer, dead_letters, metrics.clone()),
@@ -571,19 +575,19 @@ fn serve_ingress(
     let metrics = metrics.listener("webhook");
     // Moved to the ingest thread's runtime: a listener stays registered with the runtime that
     // made it, and would wake this one for every connection.
-    let listener = listener
-        .into_std()
-        .context("cannot move the webhook listener to the ingest thread")?;
-    let (max, idle, header) = (
-        config.max_webhook_connections,
+    let moved = listener.into_std().and_then(|listener| {
+        let _on_ingest_thread = ingest_thread.handle().enter();
+        TcpListener::from_std(listener)
+    });
+    let listener = moved.context("cannot move the webhook listener to the ingest thread")?;
+    let listener = CappedListener::new(listener, config.max_webhook_connections, metrics);
+    Ok(ingest_thread.handle().spawn(connections::serve_http(
+        listener,
+        ingress.router(),
         config.webhook_idle_timeout,
         config.webhook_header_timeout,
-    );
-    let (router, stopping) = (ingress.router(), stopping.clone());
-    Ok(ingest_thread.handle().spawn(async move {
-        let listener = CappedListener::new(TcpListener::from_std(listener)?, max, metrics);
-        connections::serve_http(listener, router, idle, header, stopping).await
-    }))
+        stopping.clone(),
+    )))
 }
 
 /// The start-up line: each listener's address, and whether TLS and authentication are on for

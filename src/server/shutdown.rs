@@ -25,6 +25,8 @@ use crate::grpc::ProfileApi;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::store::Store;
 
+use super::ingest_thread::IngestThread;
+
 /// What the sequencer's last flush and the journal's close get at least, even when clients
 /// used up all of `--shutdown-grace`: the whole stop takes at most the grace plus this.
 pub const FLUSH_MARGIN: Duration = Duration::from_secs(1);
@@ -146,6 +148,8 @@ pub(super) struct Shutdown {
     pub data_dir: Option<DataDir>,
     /// `--shutdown-grace`, for all the waits on clients together.
     pub grace: Duration,
+    /// Ended last, once everything on it has stopped or was given up on.
+    pub ingest_thread: IngestThread,
 }
 
 impl Shutdown {
@@ -180,6 +184,7 @@ impl Shutdown {
             store,
             data_dir,
             grace,
+            ingest_thread,
         } = self;
         let deadline = Instant::now() + grace;
         health.not_serving().await;
@@ -215,6 +220,9 @@ impl Shutdown {
         })
         .await?;
 
+        // What the steps above gave up on goes with the ingest thread's runtime; the journal
+        // is closed (or given up on) before the data directory's lock is released.
+        ingest_thread.stop().await;
         tracing::info!(revision = store.revision(), "stopped");
         drop(data_dir);
         served
