@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::post;
@@ -127,9 +127,12 @@ impl Ingress {
     }
 }
 
-async fn receive(State(ingress): State<Arc<Ingress>>, headers: HeaderMap, body: Body) -> Response {
+async fn receive(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
     let started = Instant::now();
-    let handled = ingress.handle(&headers, body).await;
+    // The request taken whole: axum's `HeaderMap` extractor clones the headers (two vectors
+    // copied and freed per webhook).
+    let (parts, body) = request.into_parts();
+    let handled = ingress.handle(&parts.headers, body).await;
     let (label, response) = match handled {
         Ok(Outcome::Applied(Applied::Changed { revision })) => {
             ("applied", recorded("applied", revision))
