@@ -1,16 +1,7 @@
-import sys,re,collections
+import sys,collections
+import perf_samples
 f=sys.argv[1]; pats=sys.argv[2:]
-samples=[];cur=[]
-for line in open(f,errors='replace'):
-    if not line.strip():
-        if cur: samples.append(cur)
-        cur=[];continue
-    if line[0] in ' \t':
-        parts=line.strip().split(' ',1)
-        if len(parts)==2:
-            sym=re.sub(r'\+0x[0-9a-f]+ \(.*$','',parts[1]).strip(); sym=re.sub(r' \(.*\)$','',sym)
-            cur.append(sym)
-if cur: samples.append(cur)
+samples=perf_samples.samples(f)
 tot=len(samples)
 print("samples",tot)
 for p in pats:

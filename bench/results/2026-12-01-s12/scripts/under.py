@@ -1,19 +1,9 @@
-import sys,re,collections
+import sys,collections
+import perf_samples
 # usage: under.py perf.txt PATTERN [depth]: leaf (or child-of-pattern) breakdown of samples whose stack contains PATTERN
 f,pat=sys.argv[1],sys.argv[2]
 mode=sys.argv[3] if len(sys.argv)>3 else 'leaf'
-samples=[];cur=[]
-for line in open(f,errors='replace'):
-    if not line.strip():
-        if cur: samples.append(cur)
-        cur=[];continue
-    if line[0] in ' \t':
-        parts=line.strip().split(' ',1)
-        if len(parts)==2:
-            sym=re.sub(r'\+0x[0-9a-f]+ \(.*$','',parts[1]).strip()
-            sym=re.sub(r' \(.*\)$','',sym)
-            cur.append(sym)
-if cur: samples.append(cur)
+samples=perf_samples.samples(f)
 tot=len(samples);c=collections.Counter();n=0
 for s in samples:
     idx=[i for i,x in enumerate(s) if pat in x]
