@@ -148,7 +148,8 @@ pub(super) struct Shutdown {
     pub data_dir: Option<DataDir>,
     /// `--shutdown-grace`, for all the waits on clients together.
     pub grace: Duration,
-    /// Ended last, once everything on it has stopped or was given up on.
+    /// Ended once everything on it has stopped or was given up on, before the data
+    /// directory's lock is released.
     pub ingest_thread: IngestThread,
 }
 
