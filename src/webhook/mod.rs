@@ -120,7 +120,8 @@ impl Ingress {
     /// The axum router serving the webhook path.
     pub fn router(self) -> Router {
         // Behind one `Arc`: axum clones the state for every request, and a clone of the
-        // handle itself is a dozen reference counts shared by both cores.
+        // handle itself is a dozen reference counts, some on lines other threads write too
+        // (the sequencer's and dead letters' handles).
         Router::new()
             .route(PATH, post(receive))
             .with_state(Arc::new(self))
