@@ -291,10 +291,12 @@ impl Task {
                 .is_none_or(|next| next.replies.len() < MAX_BATCH);
             let writing = self.writing.is_some();
             let probe = !writing && self.next.is_none() && !*self.writable.borrow();
-            // While a batch syncs, the first updates to arrive start the next batch; the rest
-            // wait in the channel until the sync is done and are taken then, all at once
-            // (`take_waiting`): a wake-up per batch rather than one per arriving update.
-            let listen = open && room && !(writing && self.next.is_some());
+            // While a batch syncs, the updates that arrive are sequenced and encoded into the
+            // next batch as they come, so the sync's end finds it ready to hand over: the
+            // journal's thread waits only for this task to wake, not for the batch to be built
+            // (measured: a tenth more durable webhooks/s, a lower p50). On the ingest thread a
+            // wake-up is a local queue push, and each takes whatever queued meanwhile.
+            let listen = open && room;
             tokio::select! {
                 biased;
                 written = written(&mut self.writing), if writing => {

@@ -22,6 +22,14 @@ use std::time::Duration;
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
 
+/// How often (in tasks run) the runtime looks at tasks woken from other threads before its own
+/// queue. Such a wake is the journal's thread saying a sync is done: until the sequencer runs,
+/// the next batch waits and the synced batch's callers get no answer. At tokio's default (31)
+/// it can wait behind 31 connection tasks; measured from a sync's end to the sequencer
+/// running: 0.18-0.22 ms at 31, 0.14-0.16 ms at 2, and more durable webhooks/s. Looking more
+/// often costs an atomic load per task while nothing is there.
+const GLOBAL_QUEUE_INTERVAL: u32 = 2;
+
 /// How long the runtime's end waits for blocking tasks still running on it.
 const BLOCKING_GRACE: Duration = Duration::from_secs(1);
 
@@ -46,7 +54,11 @@ impl IngestThread {
             .name("ingest".into())
             .spawn(move || {
                 tracing::dispatcher::with_default(&logs, || {
-                    let runtime = match Builder::new_current_thread().enable_all().build() {
+                    let runtime = match Builder::new_current_thread()
+                        .enable_all()
+                        .global_queue_interval(GLOBAL_QUEUE_INTERVAL)
+                        .build()
+                    {
                         Ok(runtime) => runtime,
                         Err(error) => {
                             let _ = started.send(Err(error));
