@@ -282,3 +282,67 @@ async fn two_batches_in_flight_commit_in_order_the_second_on_top_of_the_first() 
     assert_eq!(store.revision(), 2);
     drop(sequencer);
 }
+
+/// How many changes each committed batch had.
+#[derive(Default)]
+struct BatchSizes(std::sync::Mutex<Vec<usize>>);
+
+impl sequencer::CommitHook for BatchSizes {
+    fn committed(&self, changes: &[std::sync::Arc<crate::profile::Change>]) {
+        self.0.lock().unwrap().push(changes.len());
+    }
+}
+
+/// More updates arrive during one sync than a batch may hold: the batch after it takes
+/// `MAX_BATCH` of them and the rest wait for the one after (a batch once took up to twice as
+/// many, when it was already started as the rest arrived). On a current-thread runtime all the
+/// callers below have sent before the sequencer runs again, so it finds them all waiting.
+#[tokio::test]
+async fn a_batch_never_takes_more_than_max_batch_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FaultSwitch::default();
+    let tracker = TaskTracker::new();
+    let store = Store::new(1_000_000, "test");
+    let journal = Journal::open(dir.path(), None, 1, 1 << 30, faults.clone()).unwrap();
+    let durability = Durability {
+        journal,
+        snapshot_every_records: u64::MAX,
+        snapshot_every_bytes: u64::MAX,
+        history_events: 1_000_000,
+    };
+    let sizes = std::sync::Arc::new(BatchSizes::default());
+    let sequencer = Sequencer::start_with_hook(
+        store.clone(),
+        Some(durability),
+        sizes.clone(),
+        Metrics::new(),
+        &tracker,
+    );
+    // Batch A held in its sync, batch B (one update) started on top of it.
+    let (batch_a, batch_b) = two_batches_in_flight(&sequencer, &faults).await;
+    let callers = sequencer::MAX_BATCH + 200;
+    let waiting: Vec<_> = (0..callers)
+        .map(|caller| {
+            let sequencer = sequencer.clone();
+            tokio::spawn(async move { sequencer.apply(update(caller + 10, 1)).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    faults.hold_syncs(false);
+    batch_a.await.unwrap().unwrap();
+    batch_b.await.unwrap().unwrap();
+    for caller in waiting {
+        assert!(matches!(caller.await.unwrap(), Ok(Applied::Changed { .. })));
+    }
+    let sizes = sizes.0.lock().unwrap().clone();
+    assert_eq!(sizes.iter().sum::<usize>(), callers + 2, "{sizes:?}");
+    assert!(
+        sizes.iter().all(|&size| size <= sequencer::MAX_BATCH),
+        "a batch over {}: {sizes:?}",
+        sequencer::MAX_BATCH
+    );
+    // B and the first MAX_BATCH - 1 callers make one full batch.
+    assert!(sizes.contains(&sequencer::MAX_BATCH), "{sizes:?}");
+    assert_eq!(store.revision(), (callers + 2) as u64);
+    stop(sequencer, &tracker).await;
+}
