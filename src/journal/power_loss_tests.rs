@@ -53,6 +53,31 @@ fn start(dir: &Path, faults: &FaultSwitch, tracker: &TaskTracker) -> (Store, Seq
     (store, sequencer)
 }
 
+/// A sequencer over a new journal in `dir` (nothing to recover), telling `hook` of its commits.
+fn start_empty(
+    dir: &Path,
+    faults: &FaultSwitch,
+    tracker: &TaskTracker,
+    hook: std::sync::Arc<dyn sequencer::CommitHook>,
+) -> (Store, Sequencer) {
+    let store = Store::new(1_000_000, "test");
+    let journal = Journal::open(dir, None, 1, SEGMENT_BYTES, faults.clone()).unwrap();
+    let durability = Durability {
+        journal,
+        snapshot_every_records: u64::MAX,
+        snapshot_every_bytes: u64::MAX,
+        history_events: 1_000_000,
+    };
+    let sequencer = Sequencer::start_with_hook(
+        store.clone(),
+        Some(durability),
+        hook,
+        Metrics::new(),
+        tracker,
+    );
+    (store, sequencer)
+}
+
 /// Applies `caller`'s updates 1, 2, 3, ... until one is refused; the acknowledged ones as
 /// `(points, revision)`.
 async fn apply_until_refused(
@@ -208,22 +233,8 @@ async fn with_two_batches_in_flight_nothing_is_visible_before_its_sync_and_a_cut
     let faults = FaultSwitch::default();
     faults.lose_unsynced_writes();
     let tracker = TaskTracker::new();
-    let store = Store::new(1000, "test");
-    let journal = Journal::open(dir.path(), None, 1, SEGMENT_BYTES, faults.clone()).unwrap();
-    let durability = Durability {
-        journal,
-        snapshot_every_records: u64::MAX,
-        snapshot_every_bytes: u64::MAX,
-        history_events: 1000,
-    };
     let visible = std::sync::Arc::new(Visible::default());
-    let sequencer = Sequencer::start_with_hook(
-        store.clone(),
-        Some(durability),
-        visible.clone(),
-        Metrics::new(),
-        &tracker,
-    );
+    let (store, sequencer) = start_empty(dir.path(), &faults, &tracker, visible.clone());
     let first = sequencer.apply(update(0, 1)).await.unwrap();
     assert_eq!(first, Applied::Changed { revision: 1 });
 
@@ -302,22 +313,8 @@ async fn a_batch_never_takes_more_than_max_batch_updates() {
     let dir = tempfile::tempdir().unwrap();
     let faults = FaultSwitch::default();
     let tracker = TaskTracker::new();
-    let store = Store::new(1_000_000, "test");
-    let journal = Journal::open(dir.path(), None, 1, 1 << 30, faults.clone()).unwrap();
-    let durability = Durability {
-        journal,
-        snapshot_every_records: u64::MAX,
-        snapshot_every_bytes: u64::MAX,
-        history_events: 1_000_000,
-    };
     let sizes = std::sync::Arc::new(BatchSizes::default());
-    let sequencer = Sequencer::start_with_hook(
-        store.clone(),
-        Some(durability),
-        sizes.clone(),
-        Metrics::new(),
-        &tracker,
-    );
+    let (store, sequencer) = start_empty(dir.path(), &faults, &tracker, sizes.clone());
     // Batch A held in its sync, batch B (one update) started on top of it.
     let (batch_a, batch_b) = two_batches_in_flight(&sequencer, &faults).await;
     let callers = sequencer::MAX_BATCH + 200;
