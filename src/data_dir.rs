@@ -6,10 +6,17 @@
 //! up (an operator's `--discard-journal-from`): clients compare it to tell a store whose
 //! revisions they know from one whose revisions mean something else (wiped, or cut back). The journal and snapshots live directly in the directory;
 //! their format is `crate::journal`'s business, not this module's.
+//!
+//! The lock outlives the [`DataDir`] while a thread that writes into the directory still runs:
+//! each such thread (the journal's, a snapshot's) holds a [`LockShare`], and the OS lock is
+//! released only when the handle and every share are gone. A stop that gave up waiting for one
+//! of them (a sync stuck on a failing disk) thus never lets another server into the directory
+//! while that thread may still write or remove files there.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::io_error::IoError;
 
@@ -22,8 +29,16 @@ const STORE_ID_FILE: &str = "STORE_ID";
 pub struct DataDir {
     path: PathBuf,
     store_id: String,
-    // Held, never read: the OS lock lives as long as this handle.
-    _lock: File,
+    // Held, never read: the OS lock lives as long as this handle and every share of it.
+    lock: Arc<File>,
+}
+
+/// A share of a data directory's lock, held by a thread that writes into the directory: the
+/// lock is released only once every share and the [`DataDir`] are dropped.
+#[derive(Clone)]
+pub struct LockShare {
+    // Held, never read.
+    _lock: Arc<File>,
 }
 
 /// Why a data directory cannot be used.
@@ -81,8 +96,21 @@ impl DataDir {
         Ok(DataDir {
             path: path.to_owned(),
             store_id,
-            _lock: lock,
+            lock: Arc::new(lock),
         })
+    }
+
+    /// A share of the lock for a thread that writes into the directory (see the module docs).
+    pub fn share_lock(&self) -> LockShare {
+        LockShare {
+            _lock: Arc::clone(&self.lock),
+        }
+    }
+
+    /// How many [`LockShare`]s are still held: above zero when this handle is dropped, the
+    /// directory stays locked until they are.
+    pub fn lock_shares(&self) -> usize {
+        Arc::strong_count(&self.lock) - 1
     }
 
     /// The directory.

@@ -34,6 +34,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
+use crate::data_dir::LockShare;
 use crate::error::Error;
 use crate::journal::appender::{Appended, Appender};
 use crate::journal::codec::{BatchFrame, UpdateRecord};
@@ -93,6 +94,9 @@ pub struct Durability {
     pub snapshot_every_bytes: u64,
     /// The watch history size, which decides what compaction keeps.
     pub history_events: u64,
+    /// A share of the data directory's lock, held by the journal's thread and by each
+    /// snapshot until they end (`None`: a directory nobody locked, in tests).
+    pub lock: Option<LockShare>,
 }
 
 /// The hook of a sequencer nobody watches.
@@ -151,7 +155,9 @@ impl Sequencer {
             hook,
             durable: durability.map(|durability| Durable {
                 // Only fails when the OS cannot start a thread at all.
-                appender: Appender::start(durability.journal).expect("the journal thread starts"),
+                appender: Appender::start(durability.journal, durability.lock.clone())
+                    .expect("the journal thread starts"),
+                lock: durability.lock,
                 snapshot_every_records: durability.snapshot_every_records,
                 snapshot_every_bytes: durability.snapshot_every_bytes,
                 history_events: durability.history_events,
@@ -210,6 +216,8 @@ struct Durable {
     records_since_snapshot: u64,
     bytes_since_snapshot: u64,
     snapshot_running: Arc<AtomicBool>,
+    /// Given to each snapshot: it writes and removes files in the directory.
+    lock: Option<LockShare>,
 }
 
 impl Durable {
@@ -223,12 +231,14 @@ impl Durable {
         self.records_since_snapshot = 0;
         self.bytes_since_snapshot = 0;
         let dir = self.appender.dir().to_owned();
-        let (store, history, running) = (
+        let (store, history, running, lock) = (
             store.clone(),
             self.history_events,
             Arc::clone(&self.snapshot_running),
+            self.lock.clone(),
         );
         tracker.spawn_blocking(move || {
+            let _lock = lock;
             match snapshot::take(&dir, &store, history) {
                 Ok(taken) => tracing::info!(
                     revision = taken.revision,

@@ -4,6 +4,7 @@
 use crate::common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::{TestService, at, durable_config, profile_updated};
 use profile_state::pb::{self, watch_profiles_response::Event};
@@ -260,7 +261,7 @@ async fn readiness_stays_false_until_the_segment_that_could_not_be_created_is_cr
     // The sequencer probes the disk every second: each probe must try what failed (creating
     // the segment), so readiness stays false as long as webhooks would be refused.
     let refused = *injected.borrow_and_update();
-    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+    tokio::time::timeout(Duration::from_secs(10), async {
         tokio::select! {
             status = next_status() => panic!(
                 "readiness turned {status:?} while a new segment cannot be created and \
@@ -437,5 +438,69 @@ async fn a_watcher_resuming_with_another_store_id_is_reset_or_refused() {
         panic!("expected Synced")
     };
     assert_eq!(synced.revision, 1);
+    service.stop().await;
+}
+
+/// A stop whose grace runs out while the journal's thread is inside a sync must not release
+/// the data directory's lock: when the sync returns, that thread still owns the journal's
+/// files, and a server that took the directory meanwhile (recovered it, cut its torn tail,
+/// appended) could find its records overwritten. The lock goes when the thread is done.
+#[tokio::test]
+async fn the_data_directory_stays_locked_until_a_sync_that_outlived_the_stop_ends() {
+    use profile_state::data_dir::{DataDir, DataDirError};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = durable(dir.path());
+    config.shutdown_grace = Duration::from_millis(100);
+    let server = Server::bind(config).await.unwrap();
+    let faults = server.journal_faults();
+    let mut held = faults.syncs_waited();
+    let service = TestService::serve(server);
+    faults.hold_syncs(true);
+    let body = serde_json::to_vec(&profile_updated("a", &at(1), json!({"total_points": 7})));
+    let (url, body) = (service.webhook_url(), body.unwrap());
+    let signature =
+        profile_state::webhook::signature::SignatureCheck::new(common::SECRET).sign(&body);
+    let posting = tokio::spawn(async move {
+        let sent = reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .header("x-gb-signature", signature)
+            .body(body)
+            .send()
+            .await;
+        sent.map(|answer| answer.status().as_u16())
+    });
+    held.wait_for(|syncs| *syncs >= 1).await.unwrap();
+
+    service.stop().await;
+    let answered = posting.await.unwrap();
+    assert!(
+        !matches!(answered, Ok(200)),
+        "a webhook whose sync never ended must not be acknowledged: {answered:?}"
+    );
+    let refused = DataDir::open(dir.path()).err();
+    assert!(
+        matches!(refused, Some(DataDirError::Locked { .. })),
+        "the journal's thread is still inside its sync: the directory must stay locked, got {refused:?}"
+    );
+
+    // The sync ends, the thread with it, and the lock is released: the next server recovers
+    // the directory cleanly (the held update was synced, never acknowledged: either is fine).
+    faults.hold_syncs(false);
+    let reopened = async {
+        loop {
+            match DataDir::open(dir.path()) {
+                Ok(opened) => return opened,
+                Err(DataDirError::Locked { .. }) => tokio::task::yield_now().await,
+                Err(error) => panic!("{error}"),
+            }
+        }
+    };
+    let reopened = tokio::time::timeout(Duration::from_secs(10), reopened)
+        .await
+        .expect("the lock is released once the journal's thread ends");
+    drop(reopened);
+    let service = TestService::start_with(durable(dir.path())).await;
+    assert!(service.server_info().await.revision <= 1);
     service.stop().await;
 }

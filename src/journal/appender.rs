@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::{Journal, JournalError};
+use crate::data_dir::LockShare;
 
 /// An append that was written and synced.
 #[derive(Debug, Clone, Copy)]
@@ -57,13 +58,16 @@ fn gone() -> io::Error {
 }
 
 impl Appender {
-    /// Starts the thread that owns `journal`.
-    pub fn start(journal: Journal) -> io::Result<Appender> {
+    /// Starts the thread that owns `journal`, holding `lock` (a share of the data directory's
+    /// lock) until it has closed the journal's files and ends: a stop that gives up waiting
+    /// for a sync does not let another server into the directory while this thread may still
+    /// write there.
+    pub fn start(journal: Journal, lock: Option<LockShare>) -> io::Result<Appender> {
         let dir = journal.dir().to_owned();
         let (jobs, inbox) = mpsc::channel();
         std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || run(journal, inbox))?;
+            .spawn(move || run(journal, inbox, lock))?;
         Ok(Appender { jobs, dir })
     }
 
@@ -120,7 +124,8 @@ impl Appender {
     }
 }
 
-fn run(mut journal: Journal, inbox: mpsc::Receiver<Job>) {
+/// Takes jobs until the close or the handle's drop; `lock` is held until then.
+fn run(mut journal: Journal, inbox: mpsc::Receiver<Job>, lock: Option<LockShare>) {
     // Set by a failed append, cleared by `Resume`: what was numbered after the failure is
     // refused, never written.
     let mut refusing = false;
@@ -155,9 +160,17 @@ fn run(mut journal: Journal, inbox: mpsc::Receiver<Job>) {
                 let _ = done.send(journal.probe(next_revision));
             }
             Job::Close { done } => {
-                let _ = done.send(journal.close());
+                // Files closed and the lock's share given back before the answer: once a
+                // clean stop has its answer, nothing of this thread keeps the directory.
+                let closed = journal.close();
+                drop(journal);
+                drop(lock);
+                let _ = done.send(closed);
                 return;
             }
         }
     }
+    // The handle is gone without a close: the files first, then the lock's share.
+    drop(journal);
+    drop(lock);
 }

@@ -48,6 +48,7 @@ fn start(dir: &Path, faults: &FaultSwitch, tracker: &TaskTracker) -> (Store, Seq
         snapshot_every_records: u64::MAX,
         snapshot_every_bytes: u64::MAX,
         history_events: 1_000_000,
+        lock: None,
     };
     let sequencer = Sequencer::start(store.clone(), Some(durability), Metrics::new(), tracker);
     (store, sequencer)
@@ -67,6 +68,7 @@ fn start_empty(
         snapshot_every_records: u64::MAX,
         snapshot_every_bytes: u64::MAX,
         history_events: 1_000_000,
+        lock: None,
     };
     let sequencer = Sequencer::start_with_hook(
         store.clone(),

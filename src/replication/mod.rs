@@ -40,6 +40,7 @@ pub use startup::{Opened, open};
 pub use status::{Lag, POLL_INTERVAL, Position, ReplicaStatus};
 
 use crate::config::Config;
+use crate::data_dir::{DataDir, LockShare};
 use crate::jetstream::{Follower, Nats, SnapshotBucket, UpdateStream};
 use crate::metrics::Metrics;
 use crate::sequencer::CommitHook;
@@ -62,7 +63,8 @@ pub struct Prepared {
 struct Settings {
     name: String,
     apply_timeout: Duration,
-    data_dir: Option<std::path::PathBuf>,
+    /// Where local snapshots go, and the share of its lock each snapshot holds.
+    data_dir: Option<(std::path::PathBuf, LockShare)>,
     snapshot_every_records: u64,
     snapshot_every_bytes: u64,
     history_events: u64,
@@ -93,6 +95,7 @@ impl Prepared {
         follower: Follower,
         applied: u64,
         store: &Store,
+        data_dir: Option<&DataDir>,
     ) -> Prepared {
         let position = Position {
             sequence: applied,
@@ -105,7 +108,7 @@ impl Prepared {
         let settings = Settings {
             name,
             apply_timeout,
-            data_dir: (!config.ephemeral).then(|| config.data_dir.clone()),
+            data_dir: data_dir.map(|dir| (dir.path().to_owned(), dir.share_lock())),
             snapshot_every_records: config.snapshot_every_records,
             snapshot_every_bytes: config.snapshot_every_bytes,
             history_events: config.history_events as u64,
@@ -159,8 +162,9 @@ impl Prepared {
             },
             tracker,
         );
-        let snapshots = settings.data_dir.clone().map(|dir| Snapshots {
+        let snapshots = settings.data_dir.clone().map(|(dir, lock)| Snapshots {
             dir,
+            lock,
             store: store.clone(),
             stream: stream.clone(),
             bucket,

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::task::TaskTracker;
 
+use crate::data_dir::LockShare;
 use crate::jetstream::{JetStreamError, SnapshotBucket, UpdateStream};
 use crate::journal::snapshot;
 use crate::metrics::Metrics;
@@ -27,6 +28,8 @@ use crate::store::Store;
 /// When and where a replica snapshots, and what it publishes.
 pub(super) struct Snapshots {
     pub dir: PathBuf,
+    /// Held by each snapshot while it writes and removes files in `dir`.
+    pub lock: LockShare,
     pub store: Store,
     pub stream: UpdateStream,
     pub bucket: SnapshotBucket,
@@ -63,6 +66,7 @@ impl Snapshots {
         self.bytes_since = 0;
         let job = Job {
             dir: self.dir.clone(),
+            lock: self.lock.clone(),
             store: self.store.clone(),
             stream: self.stream.clone(),
             bucket: self.bucket.clone(),
@@ -83,6 +87,7 @@ impl Snapshots {
 /// One snapshot and its upload, off the applier's task.
 struct Job {
     dir: PathBuf,
+    lock: LockShare,
     store: Store,
     stream: UpdateStream,
     bucket: SnapshotBucket,
@@ -96,7 +101,9 @@ struct Job {
 impl Job {
     async fn run(self, revision: u64, stream_sequence: u64) {
         let (dir, store, history) = (self.dir.clone(), self.store.clone(), self.history_events);
+        let lock = self.lock.clone();
         let taken = tokio::task::spawn_blocking(move || {
+            let _lock = lock;
             snapshot::take_as_of(&dir, &store, revision, stream_sequence, history)
         })
         .await

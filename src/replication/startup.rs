@@ -161,7 +161,15 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
         "replica recovered"
     );
     let replica = Prepared::new(
-        config, name, nats, stream, bucket, follower, applied, &store,
+        config,
+        name,
+        nats,
+        stream,
+        bucket,
+        follower,
+        applied,
+        &store,
+        data_dir.as_ref(),
     );
     Ok(Opened {
         store,

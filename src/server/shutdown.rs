@@ -225,6 +225,15 @@ impl Shutdown {
         // is closed (or given up on) before the data directory's lock is released.
         ingest_thread.stop().await;
         tracing::info!(revision = store.revision(), "stopped");
+        if let Some(shares) = data_dir.as_ref().map(DataDir::lock_shares)
+            && shares > 0
+        {
+            tracing::warn!(
+                shares,
+                "the journal's thread or a snapshot outlived the stop: the data directory stays \
+                 locked until they end"
+            );
+        }
         drop(data_dir);
         served
     }
