@@ -470,7 +470,8 @@ impl Harness {
             .expect("a tokio runtime");
         let tracker = TaskTracker::new();
         let dead_letter_dir = scratch_dir();
-        let dead_letters = LocalLetters::open(&dead_letter_dir).expect("a dead letter directory");
+        let dead_letters =
+            LocalLetters::open(&dead_letter_dir, None).expect("a dead letter directory");
         let router = runtime.block_on(async {
             let metrics = Metrics::new();
             let store = Store::new(64, "fuzz");
@@ -665,7 +666,7 @@ impl Harness {
         if self.dead_letters.len() < LETTERS_BEFORE_PURGE {
             return Ok(());
         }
-        let reloaded = LocalLetters::open(&self.dead_letter_dir)
+        let reloaded = LocalLetters::open(&self.dead_letter_dir, None)
             .map_err(|err| format!("the dead letters do not load back: {err}"))?;
         let kept = self.dead_letters.list(None, usize::MAX, usize::MAX).letters;
         let loaded = reloaded.list(None, usize::MAX, usize::MAX).letters;

@@ -7,16 +7,19 @@
 //! revisions they know from one whose revisions mean something else (wiped, or cut back). The journal and snapshots live directly in the directory;
 //! their format is `crate::journal`'s business, not this module's.
 //!
-//! The lock outlives the [`DataDir`] while a thread that writes into the directory still runs:
-//! each such thread (the journal's, a snapshot's) holds a [`LockShare`], and the OS lock is
-//! released only when the handle and every share are gone. A stop that gave up waiting for one
-//! of them (a sync stuck on a failing disk) thus never lets another server into the directory
-//! while that thread may still write or remove files there.
+//! The lock outlives the [`DataDir`] while work that writes into the directory still runs: the
+//! journal's thread, each snapshot and each change of a dead letter holds a [`LockShare`], and
+//! the OS lock is released only when the handle and every share are gone. A stop that gave up
+//! waiting for one of them (a sync stuck on a failing disk) thus never lets another server into
+//! the directory while that work may still write or remove files there. What lives as long as
+//! the server and only sometimes writes (the sequencer, a replica's applier, the dead letters)
+//! keeps a [`LockRef`] and takes a share for each piece of work: once the directory was
+//! released, it gets none and must not write.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::io_error::IoError;
 
@@ -33,12 +36,25 @@ pub struct DataDir {
     lock: Arc<File>,
 }
 
-/// A share of a data directory's lock, held by a thread that writes into the directory: the
-/// lock is released only once every share and the [`DataDir`] are dropped.
+/// A share of a data directory's lock, held by work that writes into the directory: the lock
+/// is released only once every share and the [`DataDir`] are dropped.
 #[derive(Clone)]
 pub struct LockShare {
     // Held, never read.
     _lock: Arc<File>,
+}
+
+/// Where to take a [`LockShare`] from for each piece of work, without holding the lock in
+/// between.
+#[derive(Clone)]
+pub struct LockRef(Weak<File>);
+
+impl LockRef {
+    /// A share for one piece of work; `None` once the directory was released (the server
+    /// stopped): then nothing may be written there.
+    pub fn share(&self) -> Option<LockShare> {
+        self.0.upgrade().map(|lock| LockShare { _lock: lock })
+    }
 }
 
 /// Why a data directory cannot be used.
@@ -105,6 +121,11 @@ impl DataDir {
         LockShare {
             _lock: Arc::clone(&self.lock),
         }
+    }
+
+    /// Where work that writes into the directory now and then takes its shares from.
+    pub fn lock_ref(&self) -> LockRef {
+        LockRef(Arc::downgrade(&self.lock))
     }
 
     /// How many [`LockShare`]s are still held: above zero when this handle is dropped, the
@@ -219,5 +240,25 @@ mod tests {
         assert_ne!(renewed, id);
         drop(again);
         assert_eq!(DataDir::open(&path).unwrap().store_id(), renewed, "durably");
+    }
+
+    #[test]
+    fn a_share_keeps_the_lock_after_the_handle_and_a_ref_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = DataDir::open(dir.path()).unwrap();
+        let (share, lock_ref) = (opened.share_lock(), opened.lock_ref());
+        assert_eq!(opened.lock_shares(), 1);
+        drop(opened);
+        assert!(
+            matches!(DataDir::open(dir.path()), Err(DataDirError::Locked { .. })),
+            "a share outlives the handle"
+        );
+        let second = lock_ref
+            .share()
+            .expect("the lock is still held: a ref gets a share");
+        drop((share, second));
+        assert!(lock_ref.share().is_none(), "released: no more shares");
+        let reopened = DataDir::open(dir.path()).expect("the last share released the lock");
+        assert_eq!(reopened.lock_shares(), 0, "the old ref does not count");
     }
 }

@@ -32,7 +32,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
-use crate::data_dir::{sync_dir, write_atomically};
+use crate::data_dir::{LockRef, sync_dir, write_atomically};
 use crate::error::Error;
 use crate::io_error::IoError;
 
@@ -232,6 +232,9 @@ pub struct LocalLetters {
 struct Inner {
     /// `None` under `--ephemeral`.
     dir: Option<PathBuf>,
+    /// Where each change takes its share of the data directory's lock (`None`: in memory, or
+    /// a directory nobody locked).
+    lock: Option<LockRef>,
     max_letters: usize,
     /// What readers see. A plain mutex, held only to look up or swap entries and never during
     /// I/O: letters are few and rarely touched, so a concurrent map would buy nothing.
@@ -277,9 +280,10 @@ impl LocalLetters {
         LocalLetters::new(None, MAX_LETTERS, Index::default())
     }
 
-    /// Opens `<data_dir>/dead-letters` (created if missing) and loads every letter in it.
-    /// Blocking: call it where blocking is fine (start-up's recovery thread).
-    pub fn open(data_dir: &Path) -> Result<LocalLetters, DeadLetterError> {
+    /// Opens `<data_dir>/dead-letters` (created if missing) and loads every letter in it; each
+    /// later change holds a share of `lock` while it writes (`None` only where nobody locked
+    /// the directory). Blocking: call it where blocking is fine (start-up's recovery thread).
+    pub fn open(data_dir: &Path, lock: Option<LockRef>) -> Result<LocalLetters, DeadLetterError> {
         let dir = data_dir.join(DIR);
         if !dir.is_dir() {
             std::fs::create_dir_all(&dir).map_err(IoError::on(&dir, "create"))?;
@@ -297,13 +301,21 @@ impl LocalLetters {
             }
         }
         tracing::info!(dir = %dir.display(), letters = index.by_id.len(), "dead letters loaded");
-        Ok(LocalLetters::new(Some(dir), MAX_LETTERS, index))
+        Ok(LocalLetters::new(Some((dir, lock)), MAX_LETTERS, index))
     }
 
-    fn new(dir: Option<PathBuf>, max_letters: usize, index: Index) -> LocalLetters {
+    /// Letters kept in `dir` (with where each change takes its share of the directory's lock),
+    /// or in memory only.
+    fn new(
+        dir: Option<(PathBuf, Option<LockRef>)>,
+        max_letters: usize,
+        index: Index,
+    ) -> LocalLetters {
+        let (dir, lock) = dir.map_or((None, None), |(dir, lock)| (Some(dir), lock));
         LocalLetters {
             inner: Arc::new(Inner {
                 dir,
+                lock,
                 max_letters,
                 index: Mutex::new(index),
                 writer: Mutex::new(()),
@@ -460,12 +472,24 @@ impl LocalLetters {
         work: impl FnOnce(&Inner) -> Result<T, DeadLetterError> + Send + 'static,
     ) -> Result<T, DeadLetterError> {
         let inner = Arc::clone(&self.inner);
+        let Some(dir) = self.inner.dir.clone() else {
+            let _writing = lock(&inner.writer);
+            return work(&inner);
+        };
+        // Held until the change is done, even if its caller stopped waiting: the directory
+        // stays locked while a file is written or removed. None once the server released it.
+        let share = match &self.inner.lock {
+            None => None,
+            Some(lock) => Some(lock.share().ok_or_else(|| {
+                let released =
+                    std::io::Error::other("the server stopped and released the directory");
+                IoError::new(&dir, "change a dead letter", released)
+            })?),
+        };
         let run = move || {
+            let _share = share;
             let _writing = lock(&inner.writer);
             work(&inner)
-        };
-        let Some(dir) = self.inner.dir.clone() else {
-            return run();
         };
         match tokio::task::spawn_blocking(run).await {
             Ok(result) => result,
@@ -724,6 +748,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_change_once_the_data_directory_was_released() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = crate::data_dir::DataDir::open(data.path()).unwrap();
+        let letters = LocalLetters::open(data.path(), Some(dir.lock_ref())).unwrap();
+        letters.store(b"1", &invalid("body"), at(1)).await.unwrap();
+        drop(dir);
+        let refused = letters.store(b"2", &invalid("body"), at(2)).await;
+        let Err(DeadLetterError::Io(error)) = refused else {
+            panic!("refused after the release, got {refused:?}");
+        };
+        assert!(error.to_string().contains("released"), "{error}");
+        assert_eq!(
+            LocalLetters::open(data.path(), None)
+                .unwrap()
+                .list(None, 10, usize::MAX)
+                .letters
+                .len(),
+            1,
+            "nothing written after the release"
+        );
+    }
+
+    #[tokio::test]
     async fn a_full_store_refuses_new_bodies_but_counts_repeats() {
         let letters = LocalLetters::new(None, 1, Index::default());
         letters.store(b"1", &invalid("body"), at(1)).await.unwrap();
@@ -739,7 +786,7 @@ mod tests {
     async fn letters_survive_reopening_and_removals_stick() {
         let data = tempfile::tempdir().unwrap();
         let body = b"\xff\xfe not utf-8".to_vec();
-        let letters = LocalLetters::open(data.path()).unwrap();
+        let letters = LocalLetters::open(data.path(), None).unwrap();
         let id = letters
             .store(&body, &invalid("data.tier_order"), at(1))
             .await
@@ -753,7 +800,7 @@ mod tests {
         let before: Vec<_> = letters.list(None, 10, usize::MAX).letters;
         drop(letters);
 
-        let reopened = LocalLetters::open(data.path()).unwrap();
+        let reopened = LocalLetters::open(data.path(), None).unwrap();
         let after = reopened.list(None, 10, usize::MAX).letters;
         assert_eq!(after, before);
         assert_eq!(reopened.get(&id).unwrap().deliveries, 2);
@@ -765,7 +812,7 @@ mod tests {
         assert!(reopened.remove(&id).await.unwrap());
         assert!(!reopened.remove(&id).await.unwrap());
         drop(reopened);
-        let again = LocalLetters::open(data.path()).unwrap();
+        let again = LocalLetters::open(data.path(), None).unwrap();
         assert_eq!(again.len(), 1);
         assert!(again.get(&other).is_some());
     }
@@ -773,7 +820,7 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_file_stops_opening_and_names_it() {
         let data = tempfile::tempdir().unwrap();
-        let letters = LocalLetters::open(data.path()).unwrap();
+        let letters = LocalLetters::open(data.path(), None).unwrap();
         let id = letters
             .store(b"{}", &invalid("event"), at(1))
             .await
@@ -786,7 +833,7 @@ mod tests {
         // A leftover temp file is an interrupted write, not damage.
         std::fs::write(data.path().join(DIR).join("x.tmp"), b"half").unwrap();
 
-        let Err(error) = LocalLetters::open(data.path()) else {
+        let Err(error) = LocalLetters::open(data.path(), None) else {
             panic!("a tampered letter must not load");
         };
         let message = error.to_string();
@@ -795,7 +842,7 @@ mod tests {
         assert!(!data.path().join(DIR).join("x.tmp").exists());
 
         std::fs::write(&path, b"not json").unwrap();
-        let Err(error) = LocalLetters::open(data.path()) else {
+        let Err(error) = LocalLetters::open(data.path(), None) else {
             panic!("junk must not load");
         };
         assert!(

@@ -34,7 +34,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::data_dir::LockShare;
+use crate::data_dir::LockRef;
 use crate::error::Error;
 use crate::journal::appender::{Appended, Appender};
 use crate::journal::codec::{BatchFrame, UpdateRecord};
@@ -94,9 +94,9 @@ pub struct Durability {
     pub snapshot_every_bytes: u64,
     /// The watch history size, which decides what compaction keeps.
     pub history_events: u64,
-    /// A share of the data directory's lock, held by the journal's thread and by each
-    /// snapshot until they end (`None`: a directory nobody locked, in tests).
-    pub lock: Option<LockShare>,
+    /// The data directory's lock: the journal's thread holds a share of it until it ends, and
+    /// so does each snapshot (`None`: a directory nobody locked, in tests).
+    pub lock: Option<LockRef>,
 }
 
 /// The hook of a sequencer nobody watches.
@@ -155,8 +155,11 @@ impl Sequencer {
             hook,
             durable: durability.map(|durability| Durable {
                 // Only fails when the OS cannot start a thread at all.
-                appender: Appender::start(durability.journal, durability.lock.clone())
-                    .expect("the journal thread starts"),
+                appender: Appender::start(
+                    durability.lock.as_ref().and_then(LockRef::share),
+                    durability.journal,
+                )
+                .expect("the journal thread starts"),
                 lock: durability.lock,
                 snapshot_every_records: durability.snapshot_every_records,
                 snapshot_every_bytes: durability.snapshot_every_bytes,
@@ -216,8 +219,9 @@ struct Durable {
     records_since_snapshot: u64,
     bytes_since_snapshot: u64,
     snapshot_running: Arc<AtomicBool>,
-    /// Given to each snapshot: it writes and removes files in the directory.
-    lock: Option<LockShare>,
+    /// Where each snapshot takes its share of the directory's lock from: it writes and
+    /// removes files there.
+    lock: Option<LockRef>,
 }
 
 impl Durable {
@@ -228,14 +232,21 @@ impl Durable {
         if !due || self.snapshot_running.swap(true, Ordering::SeqCst) {
             return;
         }
+        let lock = match &self.lock {
+            None => None,
+            Some(lock) => match lock.share() {
+                Some(share) => Some(share),
+                // The server stopped and released the directory: no more files.
+                None => return,
+            },
+        };
         self.records_since_snapshot = 0;
         self.bytes_since_snapshot = 0;
         let dir = self.appender.dir().to_owned();
-        let (store, history, running, lock) = (
+        let (store, history, running) = (
             store.clone(),
             self.history_events,
             Arc::clone(&self.snapshot_running),
-            self.lock.clone(),
         );
         tracker.spawn_blocking(move || {
             let _lock = lock;

@@ -455,6 +455,15 @@ async fn the_data_directory_stays_locked_until_a_sync_that_outlived_the_stop_end
     let faults = server.journal_faults();
     let mut held = faults.syncs_waited();
     let service = TestService::serve(server);
+    // Released however the test ends, so a failed assertion does not leave the journal's
+    // thread waiting forever.
+    struct Release(profile_state::journal::FaultSwitch);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.hold_syncs(false);
+        }
+    }
+    let release = Release(faults.clone());
     faults.hold_syncs(true);
     let body = serde_json::to_vec(&profile_updated("a", &at(1), json!({"total_points": 7})));
     let (url, body) = (service.webhook_url(), body.unwrap());
@@ -486,12 +495,15 @@ async fn the_data_directory_stays_locked_until_a_sync_that_outlived_the_stop_end
 
     // The sync ends, the thread with it, and the lock is released: the next server recovers
     // the directory cleanly (the held update was synced, never acknowledged: either is fine).
-    faults.hold_syncs(false);
+    drop(release);
+    // Nothing signals the thread's end to a test but the lock itself: look every 5 ms.
     let reopened = async {
         loop {
             match DataDir::open(dir.path()) {
                 Ok(opened) => return opened,
-                Err(DataDirError::Locked { .. }) => tokio::task::yield_now().await,
+                Err(DataDirError::Locked { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 Err(error) => panic!("{error}"),
             }
         }

@@ -62,12 +62,12 @@ impl Appender {
     /// lock) until it has closed the journal's files and ends: a stop that gives up waiting
     /// for a sync does not let another server into the directory while this thread may still
     /// write there.
-    pub fn start(journal: Journal, lock: Option<LockShare>) -> io::Result<Appender> {
+    pub fn start(lock: Option<LockShare>, journal: Journal) -> io::Result<Appender> {
         let dir = journal.dir().to_owned();
         let (jobs, inbox) = mpsc::channel();
         std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || run(journal, inbox, lock))?;
+            .spawn(move || run(lock, journal, inbox))?;
         Ok(Appender { jobs, dir })
     }
 
@@ -124,8 +124,10 @@ impl Appender {
     }
 }
 
-/// Takes jobs until the close or the handle's drop; `lock` is held until then.
-fn run(mut journal: Journal, inbox: mpsc::Receiver<Job>, lock: Option<LockShare>) {
+/// Takes jobs until the close or the handle's drop; `lock` is held until then. (First among
+/// the parameters: they drop in reverse order, so on a panic too the journal's files are
+/// closed before the share goes.)
+fn run(lock: Option<LockShare>, mut journal: Journal, inbox: mpsc::Receiver<Job>) {
     // Set by a failed append, cleared by `Resume`: what was numbered after the failure is
     // refused, never written.
     let mut refusing = false;

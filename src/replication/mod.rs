@@ -40,7 +40,7 @@ pub use startup::{Opened, open};
 pub use status::{Lag, POLL_INTERVAL, Position, ReplicaStatus};
 
 use crate::config::Config;
-use crate::data_dir::{DataDir, LockShare};
+use crate::data_dir::{DataDir, LockRef};
 use crate::jetstream::{Follower, Nats, SnapshotBucket, UpdateStream};
 use crate::metrics::Metrics;
 use crate::sequencer::CommitHook;
@@ -63,8 +63,8 @@ pub struct Prepared {
 struct Settings {
     name: String,
     apply_timeout: Duration,
-    /// Where local snapshots go, and the share of its lock each snapshot holds.
-    data_dir: Option<(std::path::PathBuf, LockShare)>,
+    /// Where local snapshots go, and where each takes its share of the directory's lock.
+    data_dir: Option<(std::path::PathBuf, LockRef)>,
     snapshot_every_records: u64,
     snapshot_every_bytes: u64,
     history_events: u64,
@@ -108,7 +108,7 @@ impl Prepared {
         let settings = Settings {
             name,
             apply_timeout,
-            data_dir: data_dir.map(|dir| (dir.path().to_owned(), dir.share_lock())),
+            data_dir: data_dir.map(|dir| (dir.path().to_owned(), dir.lock_ref())),
             snapshot_every_records: config.snapshot_every_records,
             snapshot_every_bytes: config.snapshot_every_bytes,
             history_events: config.history_events as u64,

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::task::TaskTracker;
 
-use crate::data_dir::LockShare;
+use crate::data_dir::LockRef;
 use crate::jetstream::{JetStreamError, SnapshotBucket, UpdateStream};
 use crate::journal::snapshot;
 use crate::metrics::Metrics;
@@ -28,8 +28,9 @@ use crate::store::Store;
 /// When and where a replica snapshots, and what it publishes.
 pub(super) struct Snapshots {
     pub dir: PathBuf,
-    /// Held by each snapshot while it writes and removes files in `dir`.
-    pub lock: LockShare,
+    /// Where each snapshot takes its share of the directory's lock while it writes and
+    /// removes files in `dir`.
+    pub lock: LockRef,
     pub store: Store,
     pub stream: UpdateStream,
     pub bucket: SnapshotBucket,
@@ -87,7 +88,7 @@ impl Snapshots {
 /// One snapshot and its upload, off the applier's task.
 struct Job {
     dir: PathBuf,
-    lock: LockShare,
+    lock: LockRef,
     store: Store,
     stream: UpdateStream,
     bucket: SnapshotBucket,
@@ -101,7 +102,10 @@ struct Job {
 impl Job {
     async fn run(self, revision: u64, stream_sequence: u64) {
         let (dir, store, history) = (self.dir.clone(), self.store.clone(), self.history_events);
-        let lock = self.lock.clone();
+        let Some(lock) = self.lock.share() else {
+            // The server stopped and released the directory: no more files.
+            return;
+        };
         let taken = tokio::task::spawn_blocking(move || {
             let _lock = lock;
             snapshot::take_as_of(&dir, &store, revision, stream_sequence, history)

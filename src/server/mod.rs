@@ -80,7 +80,8 @@ pub struct Server {
     faults: FaultSwitch,
     pause: ApplierPause,
     reconcile: ReconcileOptions,
-    // Holds the directory's lock until the server is dropped.
+    // Holds the directory's lock until the server stops (and whatever still writes there,
+    // holding a share of it, has ended).
     data_dir: Option<DataDir>,
 }
 
@@ -396,12 +397,12 @@ async fn open_dead_letters(data_dir: Option<&DataDir>) -> anyhow::Result<DeadLet
     let Some(dir) = data_dir else {
         return Ok(DeadLetters::in_memory());
     };
-    let path = dir.path().to_owned();
-    Ok(
-        tokio::task::spawn_blocking(move || LocalLetters::open(&path).map(DeadLetters::local))
-            .await
-            .context("dead letters task")??,
-    )
+    let (path, lock) = (dir.path().to_owned(), dir.lock_ref());
+    Ok(tokio::task::spawn_blocking(move || {
+        LocalLetters::open(&path, Some(lock)).map(DeadLetters::local)
+    })
+    .await
+    .context("dead letters task")??)
 }
 
 /// Binds the listener of `--<flag>`. An address another process holds is a plain error (it

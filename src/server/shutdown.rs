@@ -230,8 +230,8 @@ impl Shutdown {
         {
             tracing::warn!(
                 shares,
-                "the journal's thread or a snapshot outlived the stop: the data directory stays \
-                 locked until they end"
+                "work that writes into the data directory (the journal's thread, a snapshot, a \
+                 dead letter's change) outlived the stop: the directory stays locked until it ends"
             );
         }
         drop(data_dir);
