@@ -229,7 +229,7 @@ impl Durable {
     fn maybe_snapshot(&mut self, store: &Store, tracker: &TaskTracker) {
         let due = self.records_since_snapshot >= self.snapshot_every_records
             || self.bytes_since_snapshot >= self.snapshot_every_bytes;
-        if !due || self.snapshot_running.swap(true, Ordering::SeqCst) {
+        if !due {
             return;
         }
         let lock = match &self.lock {
@@ -240,6 +240,9 @@ impl Durable {
                 None => return,
             },
         };
+        if self.snapshot_running.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.records_since_snapshot = 0;
         self.bytes_since_snapshot = 0;
         let dir = self.appender.dir().to_owned();
