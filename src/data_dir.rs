@@ -116,13 +116,6 @@ impl DataDir {
         })
     }
 
-    /// A share of the lock for a thread that writes into the directory (see the module docs).
-    pub fn share_lock(&self) -> LockShare {
-        LockShare {
-            _lock: Arc::clone(&self.lock),
-        }
-    }
-
     /// Where work that writes into the directory now and then takes its shares from.
     pub fn lock_ref(&self) -> LockRef {
         LockRef(Arc::downgrade(&self.lock))
@@ -246,7 +239,8 @@ mod tests {
     fn a_share_keeps_the_lock_after_the_handle_and_a_ref_does_not() {
         let dir = tempfile::tempdir().unwrap();
         let opened = DataDir::open(dir.path()).unwrap();
-        let (share, lock_ref) = (opened.share_lock(), opened.lock_ref());
+        let lock_ref = opened.lock_ref();
+        let share = lock_ref.share().expect("held");
         assert_eq!(opened.lock_shares(), 1);
         drop(opened);
         assert!(

@@ -195,6 +195,9 @@ pub enum DeadLetterError {
         /// The bucket's limit.
         limit: usize,
     },
+    /// The server stopped and released its data directory: nothing is written there any more.
+    #[error("the server is stopping: dead letters are no longer changed")]
+    Stopping,
     /// A letter file does not hold a valid letter.
     #[error("dead letter file {path} is damaged: {reason}; move it away to start")]
     Damaged {
@@ -209,6 +212,13 @@ impl DeadLetterError {
     /// The error to answer a caller with: this one is logged in full, the caller gets a
     /// generic UNAVAILABLE (storage details are the operators', not the client's).
     pub fn unavailable(self) -> Error {
+        if let DeadLetterError::Stopping = self {
+            // Not a storage failure: the caller retries against the next server.
+            tracing::info!("dead letter not changed: the server is stopping");
+            return Error::Unavailable {
+                reason: "the server is stopping; retry later".into(),
+            };
+        }
         tracing::error!(error = %self, "dead letter storage failed");
         Error::Unavailable {
             reason: "the dead letters could not be changed on disk; retry later".into(),
@@ -480,11 +490,7 @@ impl LocalLetters {
         // stays locked while a file is written or removed. None once the server released it.
         let share = match &self.inner.lock {
             None => None,
-            Some(lock) => Some(lock.share().ok_or_else(|| {
-                let released =
-                    std::io::Error::other("the server stopped and released the directory");
-                IoError::new(&dir, "change a dead letter", released)
-            })?),
+            Some(lock) => Some(lock.share().ok_or(DeadLetterError::Stopping)?),
         };
         let run = move || {
             let _share = share;
@@ -755,10 +761,12 @@ mod tests {
         letters.store(b"1", &invalid("body"), at(1)).await.unwrap();
         drop(dir);
         let refused = letters.store(b"2", &invalid("body"), at(2)).await;
-        let Err(DeadLetterError::Io(error)) = refused else {
-            panic!("refused after the release, got {refused:?}");
-        };
-        assert!(error.to_string().contains("released"), "{error}");
+        assert!(
+            matches!(refused, Err(DeadLetterError::Stopping)),
+            "refused after the release, got {refused:?}"
+        );
+        let answered = refused.unwrap_err().unavailable().to_string();
+        assert!(answered.contains("stopping"), "{answered}");
         assert_eq!(
             LocalLetters::open(data.path(), None)
                 .unwrap()

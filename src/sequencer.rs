@@ -156,7 +156,11 @@ impl Sequencer {
             durable: durability.map(|durability| Durable {
                 // Only fails when the OS cannot start a thread at all.
                 appender: Appender::start(
-                    durability.lock.as_ref().and_then(LockRef::share),
+                    // A journal is only opened in a directory its caller holds.
+                    durability.lock.as_ref().map(|lock| {
+                        lock.share()
+                            .expect("the data directory is held while its journal starts")
+                    }),
                     durability.journal,
                 )
                 .expect("the journal thread starts"),
