@@ -449,13 +449,7 @@ async fn a_watcher_resuming_with_another_store_id_is_reset_or_refused() {
 async fn the_data_directory_stays_locked_until_a_sync_that_outlived_the_stop_ends() {
     use profile_state::data_dir::{DataDir, DataDirError};
     // The stop's warning is captured: the test's runtime runs the server's task on this thread.
-    let captured = common::CapturedLogs::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = common::CapturedLogs::on_this_thread(tracing::Level::WARN);
     let dir = tempfile::tempdir().unwrap();
     let mut config = durable(dir.path());
     config.shutdown_grace = Duration::from_millis(100);
@@ -500,7 +494,7 @@ async fn the_data_directory_stays_locked_until_a_sync_that_outlived_the_stop_end
         matches!(refused, Some(DataDirError::Locked { .. })),
         "the journal's thread is still inside its sync: the directory must stay locked, got {refused:?}"
     );
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("outlived the stop: the directory stays locked"),
         "the operator is told why the directory is still locked: {logs}"

@@ -463,13 +463,7 @@ use common::CapturedLogs as Captured;
 // default as its own.
 #[tokio::test]
 async fn email_and_mobile_number_never_reach_the_logs_at_any_level() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::on_this_thread(tracing::Level::TRACE);
 
     let service = TestService::start().await;
     let email = "pii-probe@example.com";
@@ -499,7 +493,7 @@ async fn email_and_mobile_number_never_reach_the_logs_at_any_level() {
     assert_eq!(profile.profile.unwrap().email.as_deref(), Some(email));
     service.stop().await;
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("profile-state listening"),
         "the capture works"

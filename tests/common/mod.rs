@@ -83,6 +83,28 @@ impl std::io::Write for CapturedLogs {
     }
 }
 
+impl CapturedLogs {
+    /// Captures this thread's log lines at `level` and above until the guard drops. A test's
+    /// current-thread runtime runs the server's tasks here, and the ingest thread takes its
+    /// creator's default subscriber as its own, so their lines are captured too.
+    pub fn on_this_thread(
+        level: tracing::Level,
+    ) -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+        let captured = CapturedLogs::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(move || writer.clone())
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// What was captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
 /// A running service. Dropping it without `stop` aborts nothing: call `stop` to shut it down.
 pub struct TestService {
     pub webhook: SocketAddr,
