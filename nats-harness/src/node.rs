@@ -173,9 +173,23 @@ impl Node {
     }
 
     /// SIGSTOP: the process stays, holding its ports and connections, and answers nothing (a
-    /// stand-in for a partitioned or frozen machine).
+    /// stand-in for a partitioned or frozen machine). Returns once every thread of it has
+    /// stopped: kill(2) only queues the stop, each thread takes it on its next way through the
+    /// kernel, and until the last one has, it may still answer (seen once in CI: a `/healthz`
+    /// sent right after the signal was answered).
     pub fn pause(&self) -> Result<(), HarnessError> {
-        self.signal(libc::SIGSTOP)
+        self.signal(libc::SIGSTOP)?;
+        let pid = self.pid().ok_or_else(|| self.error("not running"))?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        // Polled: nothing else says when a group stop is complete without reaping the child
+        // (waitpid would race the `Child` that owns it).
+        while !every_thread_stopped(pid) {
+            if Instant::now() > deadline {
+                return Err(self.error(format!("not stopped {STOP_TIMEOUT:?} after SIGSTOP")));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// SIGCONT after [`Node::pause`].
@@ -302,6 +316,24 @@ fn die_with_parent(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// How long [`Node::pause`] waits for every thread to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether every thread of `pid` is in the stopped state (`T` in `/proc/<pid>/task/*/stat`).
+fn every_thread_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses and may hold both
+            // spaces and parentheses itself: read it after the last ") ".
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, fields)| fields.starts_with('T'))
+        })
+    })
 }
 
 #[cfg(test)]
