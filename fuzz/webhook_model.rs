@@ -40,6 +40,7 @@ use serde_json::{Value, json};
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use profile_state::data_dir::LockRef;
 use profile_state::dead_letters::{DeadLetterId, DeadLetters, LocalLetters, Purge};
 use profile_state::ingest::payload::{self, Delivery};
 use profile_state::journal::codec::{ProfileRecord, UpdateRecord};
@@ -470,8 +471,8 @@ impl Harness {
             .expect("a tokio runtime");
         let tracker = TaskTracker::new();
         let dead_letter_dir = scratch_dir();
-        let dead_letters =
-            LocalLetters::open(&dead_letter_dir, None).expect("a dead letter directory");
+        let dead_letters = LocalLetters::open(&dead_letter_dir, LockRef::unlocked())
+            .expect("a dead letter directory");
         let router = runtime.block_on(async {
             let metrics = Metrics::new();
             let store = Store::new(64, "fuzz");
@@ -666,7 +667,7 @@ impl Harness {
         if self.dead_letters.len() < LETTERS_BEFORE_PURGE {
             return Ok(());
         }
-        let reloaded = LocalLetters::open(&self.dead_letter_dir, None)
+        let reloaded = LocalLetters::open(&self.dead_letter_dir, LockRef::unlocked())
             .map_err(|err| format!("the dead letters do not load back: {err}"))?;
         let kept = self.dead_letters.list(None, usize::MAX, usize::MAX).letters;
         let loaded = reloaded.list(None, usize::MAX, usize::MAX).letters;

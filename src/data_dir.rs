@@ -40,20 +40,29 @@ pub struct DataDir {
 /// is released only once every share and the [`DataDir`] are dropped.
 #[derive(Clone)]
 pub struct LockShare {
-    // Held, never read.
-    _lock: Arc<File>,
+    // Held, never read (`None`: a directory nobody locked).
+    _lock: Option<Arc<File>>,
 }
 
 /// Where to take a [`LockShare`] from for each piece of work, without holding the lock in
 /// between.
 #[derive(Clone)]
-pub struct LockRef(Weak<File>);
+pub struct LockRef(Option<Weak<File>>);
 
 impl LockRef {
+    /// For a directory nobody locked (tests, and what lives in memory only): every share is
+    /// given, and holds nothing.
+    pub fn unlocked() -> LockRef {
+        LockRef(None)
+    }
+
     /// A share for one piece of work; `None` once the directory was released (the server
     /// stopped): then nothing may be written there.
     pub fn share(&self) -> Option<LockShare> {
-        self.0.upgrade().map(|lock| LockShare { _lock: lock })
+        match &self.0 {
+            None => Some(LockShare { _lock: None }),
+            Some(lock) => lock.upgrade().map(|lock| LockShare { _lock: Some(lock) }),
+        }
     }
 }
 
@@ -118,7 +127,7 @@ impl DataDir {
 
     /// Where work that writes into the directory now and then takes its shares from.
     pub fn lock_ref(&self) -> LockRef {
-        LockRef(Arc::downgrade(&self.lock))
+        LockRef(Some(Arc::downgrade(&self.lock)))
     }
 
     /// How many [`LockShare`]s are still held: above zero when this handle is dropped, the

@@ -242,9 +242,8 @@ pub struct LocalLetters {
 struct Inner {
     /// `None` under `--ephemeral`.
     dir: Option<PathBuf>,
-    /// Where each change takes its share of the data directory's lock (`None`: in memory, or
-    /// a directory nobody locked).
-    lock: Option<LockRef>,
+    /// Where each change takes its share of the data directory's lock (unlocked in memory).
+    lock: LockRef,
     max_letters: usize,
     /// What readers see. A plain mutex, held only to look up or swap entries and never during
     /// I/O: letters are few and rarely touched, so a concurrent map would buy nothing.
@@ -287,13 +286,13 @@ impl LocalLetters {
     /// Letters kept in memory only (`--ephemeral`, and ingresses built without a data
     /// directory).
     pub fn in_memory() -> LocalLetters {
-        LocalLetters::new(None, MAX_LETTERS, Index::default())
+        LocalLetters::new(None, LockRef::unlocked(), MAX_LETTERS, Index::default())
     }
 
     /// Opens `<data_dir>/dead-letters` (created if missing) and loads every letter in it; each
-    /// later change holds a share of `lock` while it writes (`None` only where nobody locked
-    /// the directory). Blocking: call it where blocking is fine (start-up's recovery thread).
-    pub fn open(data_dir: &Path, lock: Option<LockRef>) -> Result<LocalLetters, DeadLetterError> {
+    /// later change holds a share of `lock` while it writes ([`LockRef::unlocked`] only where
+    /// nobody locked the directory). Blocking: call it where blocking is fine (start-up's recovery thread).
+    pub fn open(data_dir: &Path, lock: LockRef) -> Result<LocalLetters, DeadLetterError> {
         let dir = data_dir.join(DIR);
         if !dir.is_dir() {
             std::fs::create_dir_all(&dir).map_err(IoError::on(&dir, "create"))?;
@@ -311,17 +310,11 @@ impl LocalLetters {
             }
         }
         tracing::info!(dir = %dir.display(), letters = index.by_id.len(), "dead letters loaded");
-        Ok(LocalLetters::new(Some((dir, lock)), MAX_LETTERS, index))
+        Ok(LocalLetters::new(Some(dir), lock, MAX_LETTERS, index))
     }
 
-    /// Letters kept in `dir` (with where each change takes its share of the directory's lock),
-    /// or in memory only.
-    fn new(
-        dir: Option<(PathBuf, Option<LockRef>)>,
-        max_letters: usize,
-        index: Index,
-    ) -> LocalLetters {
-        let (dir, lock) = dir.map_or((None, None), |(dir, lock)| (Some(dir), lock));
+    /// Letters kept in `dir`, each change holding a share of `lock`, or in memory only.
+    fn new(dir: Option<PathBuf>, lock: LockRef, max_letters: usize, index: Index) -> LocalLetters {
         LocalLetters {
             inner: Arc::new(Inner {
                 dir,
@@ -488,10 +481,7 @@ impl LocalLetters {
         };
         // Held until the change is done, even if its caller stopped waiting: the directory
         // stays locked while a file is written or removed. None once the server released it.
-        let share = match &self.inner.lock {
-            None => None,
-            Some(lock) => Some(lock.share().ok_or(DeadLetterError::Stopping)?),
-        };
+        let share = self.inner.lock.share().ok_or(DeadLetterError::Stopping)?;
         let run = move || {
             let _share = share;
             let _writing = lock(&inner.writer);
@@ -757,7 +747,7 @@ mod tests {
     async fn no_change_once_the_data_directory_was_released() {
         let data = tempfile::tempdir().unwrap();
         let dir = crate::data_dir::DataDir::open(data.path()).unwrap();
-        let letters = LocalLetters::open(data.path(), Some(dir.lock_ref())).unwrap();
+        let letters = LocalLetters::open(data.path(), dir.lock_ref()).unwrap();
         letters.store(b"1", &invalid("body"), at(1)).await.unwrap();
         drop(dir);
         let refused = letters.store(b"2", &invalid("body"), at(2)).await;
@@ -768,7 +758,7 @@ mod tests {
         let answered = refused.unwrap_err().unavailable().to_string();
         assert!(answered.contains("stopping"), "{answered}");
         assert_eq!(
-            LocalLetters::open(data.path(), None)
+            LocalLetters::open(data.path(), LockRef::unlocked())
                 .unwrap()
                 .list(None, 10, usize::MAX)
                 .letters
@@ -780,7 +770,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_store_refuses_new_bodies_but_counts_repeats() {
-        let letters = LocalLetters::new(None, 1, Index::default());
+        let letters = LocalLetters::new(None, LockRef::unlocked(), 1, Index::default());
         letters.store(b"1", &invalid("body"), at(1)).await.unwrap();
         let refused = letters.store(b"2", &invalid("body"), at(2)).await;
         assert!(matches!(refused, Err(DeadLetterError::Full { limit: 1 })));
@@ -794,7 +784,7 @@ mod tests {
     async fn letters_survive_reopening_and_removals_stick() {
         let data = tempfile::tempdir().unwrap();
         let body = b"\xff\xfe not utf-8".to_vec();
-        let letters = LocalLetters::open(data.path(), None).unwrap();
+        let letters = LocalLetters::open(data.path(), LockRef::unlocked()).unwrap();
         let id = letters
             .store(&body, &invalid("data.tier_order"), at(1))
             .await
@@ -808,7 +798,7 @@ mod tests {
         let before: Vec<_> = letters.list(None, 10, usize::MAX).letters;
         drop(letters);
 
-        let reopened = LocalLetters::open(data.path(), None).unwrap();
+        let reopened = LocalLetters::open(data.path(), LockRef::unlocked()).unwrap();
         let after = reopened.list(None, 10, usize::MAX).letters;
         assert_eq!(after, before);
         assert_eq!(reopened.get(&id).unwrap().deliveries, 2);
@@ -820,7 +810,7 @@ mod tests {
         assert!(reopened.remove(&id).await.unwrap());
         assert!(!reopened.remove(&id).await.unwrap());
         drop(reopened);
-        let again = LocalLetters::open(data.path(), None).unwrap();
+        let again = LocalLetters::open(data.path(), LockRef::unlocked()).unwrap();
         assert_eq!(again.len(), 1);
         assert!(again.get(&other).is_some());
     }
@@ -828,7 +818,7 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_file_stops_opening_and_names_it() {
         let data = tempfile::tempdir().unwrap();
-        let letters = LocalLetters::open(data.path(), None).unwrap();
+        let letters = LocalLetters::open(data.path(), LockRef::unlocked()).unwrap();
         let id = letters
             .store(b"{}", &invalid("event"), at(1))
             .await
@@ -841,7 +831,7 @@ mod tests {
         // A leftover temp file is an interrupted write, not damage.
         std::fs::write(data.path().join(DIR).join("x.tmp"), b"half").unwrap();
 
-        let Err(error) = LocalLetters::open(data.path(), None) else {
+        let Err(error) = LocalLetters::open(data.path(), LockRef::unlocked()) else {
             panic!("a tampered letter must not load");
         };
         let message = error.to_string();
@@ -850,7 +840,7 @@ mod tests {
         assert!(!data.path().join(DIR).join("x.tmp").exists());
 
         std::fs::write(&path, b"not json").unwrap();
-        let Err(error) = LocalLetters::open(data.path(), None) else {
+        let Err(error) = LocalLetters::open(data.path(), LockRef::unlocked()) else {
             panic!("junk must not load");
         };
         assert!(

@@ -95,8 +95,8 @@ pub struct Durability {
     /// The watch history size, which decides what compaction keeps.
     pub history_events: u64,
     /// The data directory's lock: the journal's thread holds a share of it until it ends, and
-    /// so does each snapshot (`None`: a directory nobody locked, in tests).
-    pub lock: Option<LockRef>,
+    /// so does each snapshot ([`LockRef::unlocked`]: a directory nobody locked, in tests).
+    pub lock: LockRef,
 }
 
 /// The hook of a sequencer nobody watches.
@@ -157,10 +157,10 @@ impl Sequencer {
                 // Only fails when the OS cannot start a thread at all.
                 appender: Appender::start(
                     // A journal is only opened in a directory its caller holds.
-                    durability.lock.as_ref().map(|lock| {
-                        lock.share()
-                            .expect("the data directory is held while its journal starts")
-                    }),
+                    durability
+                        .lock
+                        .share()
+                        .expect("the data directory is held while its journal starts"),
                     durability.journal,
                 )
                 .expect("the journal thread starts"),
@@ -225,7 +225,7 @@ struct Durable {
     snapshot_running: Arc<AtomicBool>,
     /// Where each snapshot takes its share of the directory's lock from: it writes and
     /// removes files there.
-    lock: Option<LockRef>,
+    lock: LockRef,
 }
 
 impl Durable {
@@ -236,13 +236,9 @@ impl Durable {
         if !due {
             return;
         }
-        let lock = match &self.lock {
-            None => None,
-            Some(lock) => match lock.share() {
-                Some(share) => Some(share),
-                // The server stopped and released the directory: no more files.
-                None => return,
-            },
+        let Some(lock) = self.lock.share() else {
+            // The server stopped and released the directory: no more files.
+            return;
         };
         if self.snapshot_running.swap(true, Ordering::SeqCst) {
             return;

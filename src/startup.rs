@@ -91,7 +91,7 @@ pub fn open_durable(
         snapshot_every_records: config.snapshot_every_records,
         snapshot_every_bytes: config.snapshot_every_bytes,
         history_events: config.history_events as u64,
-        lock: Some(dir.lock_ref()),
+        lock: dir.lock_ref(),
     };
     Ok((store, durability, dir))
 }

@@ -153,7 +153,7 @@ async fn journal_as_before(dir: &Path, updates: Vec<ProfileUpdate>) {
         snapshot_every_records: u64::MAX,
         snapshot_every_bytes: u64::MAX,
         history_events: 1000,
-        lock: Some(data_dir.lock_ref()),
+        lock: data_dir.lock_ref(),
     };
     let tracker = TaskTracker::new();
     let sequencer = Sequencer::start(store, Some(durability), Metrics::new(), &tracker);

@@ -62,7 +62,7 @@ impl Appender {
     /// lock) until it has closed the journal's files and ends: a stop that gives up waiting
     /// for a sync does not let another server into the directory while this thread may still
     /// write there.
-    pub fn start(lock: Option<LockShare>, journal: Journal) -> io::Result<Appender> {
+    pub fn start(lock: LockShare, journal: Journal) -> io::Result<Appender> {
         let dir = journal.dir().to_owned();
         let (jobs, inbox) = mpsc::channel();
         std::thread::Builder::new()
@@ -127,7 +127,7 @@ impl Appender {
 /// Takes jobs until the close or the handle's drop; `lock` is held until then. (First among
 /// the parameters: they drop in reverse order, so on a panic too the journal's files are
 /// closed before the share goes.)
-fn run(lock: Option<LockShare>, mut journal: Journal, inbox: mpsc::Receiver<Job>) {
+fn run(lock: LockShare, mut journal: Journal, inbox: mpsc::Receiver<Job>) {
     // Set by a failed append, cleared by `Resume`: what was numbered after the failure is
     // refused, never written.
     let mut refusing = false;

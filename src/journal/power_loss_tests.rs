@@ -6,6 +6,7 @@
 use tokio_util::task::TaskTracker;
 
 use super::*;
+use crate::data_dir::LockRef;
 use crate::metrics::Metrics;
 use crate::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
 use crate::sequencer::{self, Applied, Durability, Sequencer};
@@ -31,6 +32,17 @@ fn update(caller: usize, n: i64) -> ProfileUpdate {
     }
 }
 
+/// The journal, never snapshotting, in a directory nobody locked.
+fn durability(journal: Journal) -> Durability {
+    Durability {
+        journal,
+        snapshot_every_records: u64::MAX,
+        snapshot_every_bytes: u64::MAX,
+        history_events: 1_000_000,
+        lock: LockRef::unlocked(),
+    }
+}
+
 /// A sequencer over `dir`'s journal, recovered first; the store it writes.
 fn start(dir: &Path, faults: &FaultSwitch, tracker: &TaskTracker) -> (Store, Sequencer) {
     let store = Store::new(1_000_000, "test");
@@ -43,13 +55,7 @@ fn start(dir: &Path, faults: &FaultSwitch, tracker: &TaskTracker) -> (Store, Seq
         faults.clone(),
     )
     .unwrap();
-    let durability = Durability {
-        journal,
-        snapshot_every_records: u64::MAX,
-        snapshot_every_bytes: u64::MAX,
-        history_events: 1_000_000,
-        lock: None,
-    };
+    let durability = durability(journal);
     let sequencer = Sequencer::start(store.clone(), Some(durability), Metrics::new(), tracker);
     (store, sequencer)
 }
@@ -63,13 +69,7 @@ fn start_empty(
 ) -> (Store, Sequencer) {
     let store = Store::new(1_000_000, "test");
     let journal = Journal::open(dir, None, 1, SEGMENT_BYTES, faults.clone()).unwrap();
-    let durability = Durability {
-        journal,
-        snapshot_every_records: u64::MAX,
-        snapshot_every_bytes: u64::MAX,
-        history_events: 1_000_000,
-        lock: None,
-    };
+    let durability = durability(journal);
     let sequencer = Sequencer::start_with_hook(
         store.clone(),
         Some(durability),

@@ -398,11 +398,13 @@ async fn open_dead_letters(data_dir: Option<&DataDir>) -> anyhow::Result<DeadLet
         return Ok(DeadLetters::in_memory());
     };
     let (path, lock) = (dir.path().to_owned(), dir.lock_ref());
-    Ok(tokio::task::spawn_blocking(move || {
-        LocalLetters::open(&path, Some(lock)).map(DeadLetters::local)
-    })
-    .await
-    .context("dead letters task")??)
+    Ok(
+        tokio::task::spawn_blocking(move || {
+            LocalLetters::open(&path, lock).map(DeadLetters::local)
+        })
+        .await
+        .context("dead letters task")??,
+    )
 }
 
 /// Binds the listener of `--<flag>`. An address another process holds is a plain error (it
