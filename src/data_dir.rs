@@ -13,12 +13,14 @@
 //! waiting for one of them (a sync stuck on a failing disk) thus never lets another server into
 //! the directory while that work may still write or remove files there. What lives as long as
 //! the server and only sometimes writes (the sequencer, a replica's applier, the dead letters)
-//! keeps a [`LockRef`] and takes a share for each piece of work: once the directory was
-//! released, it gets none and must not write.
+//! keeps a [`LockRef`] and takes a share for each piece of work: once the [`DataDir`] was
+//! dropped (the server stopped), it gets none and must not write, even while an earlier share
+//! still holds the lock.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use crate::io_error::IoError;
@@ -32,8 +34,21 @@ const STORE_ID_FILE: &str = "STORE_ID";
 pub struct DataDir {
     path: PathBuf,
     store_id: String,
-    // Held, never read: the OS lock lives as long as this handle and every share of it.
-    lock: Arc<File>,
+    // The OS lock lives as long as this handle and every share of it.
+    lock: Arc<Lock>,
+}
+
+/// The locked file, and whether its [`DataDir`] is gone (no new shares then).
+struct Lock {
+    // Held, never read.
+    _file: File,
+    handle_dropped: AtomicBool,
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        self.lock.handle_dropped.store(true, Ordering::SeqCst);
+    }
 }
 
 /// A share of a data directory's lock, held by work that writes into the directory: the lock
@@ -41,13 +56,13 @@ pub struct DataDir {
 #[derive(Clone)]
 pub struct LockShare {
     // Held, never read (`None`: a directory nobody locked).
-    _lock: Option<Arc<File>>,
+    _lock: Option<Arc<Lock>>,
 }
 
 /// Where to take a [`LockShare`] from for each piece of work, without holding the lock in
 /// between.
 #[derive(Clone)]
-pub struct LockRef(Option<Weak<File>>);
+pub struct LockRef(Option<Weak<Lock>>);
 
 impl LockRef {
     /// For a directory nobody locked (tests, and what lives in memory only): every share is
@@ -56,12 +71,16 @@ impl LockRef {
         LockRef(None)
     }
 
-    /// A share for one piece of work; `None` once the directory was released (the server
-    /// stopped): then nothing may be written there.
+    /// A share for one piece of work; `None` once the [`DataDir`] was dropped (the server
+    /// stopped), whether or not earlier shares still hold the lock: then nothing new may be
+    /// written there.
     pub fn share(&self) -> Option<LockShare> {
         match &self.0 {
             None => Some(LockShare { _lock: None }),
-            Some(lock) => lock.upgrade().map(|lock| LockShare { _lock: Some(lock) }),
+            Some(lock) => lock
+                .upgrade()
+                .filter(|lock| !lock.handle_dropped.load(Ordering::SeqCst))
+                .map(|lock| LockShare { _lock: Some(lock) }),
         }
     }
 }
@@ -121,7 +140,10 @@ impl DataDir {
         Ok(DataDir {
             path: path.to_owned(),
             store_id,
-            lock: Arc::new(lock),
+            lock: Arc::new(Lock {
+                _file: lock,
+                handle_dropped: AtomicBool::new(false),
+            }),
         })
     }
 
@@ -232,7 +254,10 @@ mod tests {
         assert_eq!(id.len(), 32);
         match DataDir::open(&path) {
             Err(DataDirError::Locked { .. }) => {}
-            other => panic!("expected Locked, got {:?}", other.map(|d| d.store_id)),
+            other => panic!(
+                "expected Locked, got {:?}",
+                other.map(|d| d.store_id().to_owned())
+            ),
         }
         drop(first);
         let mut again = DataDir::open(&path).unwrap();
@@ -256,10 +281,11 @@ mod tests {
             matches!(DataDir::open(dir.path()), Err(DataDirError::Locked { .. })),
             "a share outlives the handle"
         );
-        let second = lock_ref
-            .share()
-            .expect("the lock is still held: a ref gets a share");
-        drop((share, second));
+        assert!(
+            lock_ref.share().is_none(),
+            "the handle is gone: no new share, though the lock is still held"
+        );
+        drop(share);
         assert!(lock_ref.share().is_none(), "released: no more shares");
         let reopened = DataDir::open(dir.path()).expect("the last share released the lock");
         assert_eq!(reopened.lock_shares(), 0, "the old ref does not count");

@@ -749,12 +749,20 @@ mod tests {
         let dir = crate::data_dir::DataDir::open(data.path()).unwrap();
         let letters = LocalLetters::open(data.path(), dir.lock_ref()).unwrap();
         letters.store(b"1", &invalid("body"), at(1)).await.unwrap();
+        // A journal thread stuck in a sync keeps the lock past the stop: the directory is
+        // still locked, and still nothing new may start writing there.
+        let stuck_journal = dir.lock_ref().share().unwrap();
         drop(dir);
+        assert!(matches!(
+            crate::data_dir::DataDir::open(data.path()),
+            Err(crate::data_dir::DataDirError::Locked { .. })
+        ));
         let refused = letters.store(b"2", &invalid("body"), at(2)).await;
         assert!(
             matches!(refused, Err(DeadLetterError::Stopping)),
-            "refused after the release, got {refused:?}"
+            "refused after the stop, got {refused:?}"
         );
+        drop(stuck_journal);
         let answered = refused.unwrap_err().unavailable().to_string();
         assert!(answered.contains("stopping"), "{answered}");
         assert_eq!(
