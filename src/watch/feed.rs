@@ -19,6 +19,11 @@ use crate::error::Error;
 use crate::profile::Change;
 use crate::store::{Compacted, Store};
 
+/// The end of a stream stopped in the middle of an initial state (on request or after a
+/// `Reset`): the profiles sent are not the whole state, and no revision of it is a resume point.
+const INCOMPLETE_STATE: &str = "server shutting down before the initial state was complete: \
+    the profiles sent so far are not the whole state; watch again as you first did";
+
 /// How many history entries or profiles a subscriber takes per read.
 const READ_BATCH: usize = 256;
 
@@ -178,14 +183,19 @@ impl Feed {
                 }
                 Err(Compacted { oldest }) => {
                     synced_at = None;
-                    *cursor = self.fell_behind(*cursor, oldest).await?;
+                    // No resume point from the Reset until the new state's Synced: the
+                    // subscriber drops what it has, and a stop before the end must not make
+                    // it resume on top of half a state.
+                    let behind = std::mem::take(cursor);
+                    *cursor = self.fell_behind(behind, oldest).await?;
                 }
             }
         }
     }
 
     /// Takes the subscription to its starting point; `cursor` is where it reads the history
-    /// from next. Returns the revision a replay sends `Synced` after, if any.
+    /// from next (0 until a start with an initial state has sent its `Synced`: no resume
+    /// point before that). Returns the revision a replay sends `Synced` after, if any.
     async fn begin(&mut self, start: Start, cursor: &mut u64) -> Result<Option<u64>, Stop> {
         match start {
             Start::Live { synced } => {
@@ -202,7 +212,6 @@ impl Feed {
                 reason,
                 oldest,
             } => {
-                *cursor = oldest;
                 self.send(WatchEvent::Reset {
                     kind,
                     reason,
@@ -381,16 +390,22 @@ impl Feed {
         }
     }
 
-    /// At shutdown: a last resume point, then the end naming the revision to resume from.
-    /// Both wait for room in the subscriber's channel, however slowly it reads (until it hangs
+    /// At shutdown: a last resume point, then the end naming the revision to resume from; in
+    /// the middle of an initial state (`cursor` 0) no resume point, and an end that says to
+    /// watch again as before. Both wait for room in the subscriber's channel, however slowly it reads (until it hangs
     /// up): dropping them would end the stream with a clean OK after its buffered events, and
     /// the subscriber would not know it was cut off. One that never reads again is cut when
     /// the server stops at the end of `--shutdown-grace`: an error, never a clean end.
     async fn last_words(&self, cursor: u64) {
-        let reason = format!("server shutting down; resume from revision {cursor}");
-        let progress = (cursor > 0).then(|| WatchEvent::Progress {
-            revision: cursor - 1,
-        });
+        let (reason, progress) = match cursor {
+            0 => (INCOMPLETE_STATE.to_owned(), None),
+            _ => (
+                format!("server shutting down; resume from revision {cursor}"),
+                Some(WatchEvent::Progress {
+                    revision: cursor - 1,
+                }),
+            ),
+        };
         let end = WatchEvent::End(Error::Unavailable { reason });
         for event in progress.into_iter().chain([end]) {
             tokio::select! {

@@ -550,3 +550,69 @@ fn field_selectors_parse_api_names() {
     assert!(unknown.contains("unknown field \"tier\""), "{unknown}");
     assert!(FieldSelector::parse("extra.").is_err());
 }
+
+/// A stop in the middle of an initial state: the stream ends without a resume point, saying to
+/// watch again (it used to say `Progress{oldest - 1}` and "resume from revision <oldest>" after
+/// a Reset, so a client that resumed there never received the profiles not yet sent).
+#[tokio::test]
+async fn a_stop_during_an_initial_state_offers_no_resume_point() {
+    let starts = [
+        // Compacted start: Reset, then the state.
+        WatchSpec {
+            start_revision: 1,
+            ..WatchSpec::default()
+        },
+        // Another store's revision: Reset, then the state.
+        WatchSpec {
+            start_revision: 1,
+            store_id: Some(Arc::from("another store")),
+            ..WatchSpec::default()
+        },
+        // The state on request.
+        WatchSpec {
+            send_initial_state: true,
+            ..WatchSpec::default()
+        },
+    ];
+    for spec in starts {
+        let (watchers, tracker, sequencer) = store_with_sequencer(10);
+        for n in 1..=30 {
+            sequencer
+                .apply(points(&format!("c{n}"), n, n))
+                .await
+                .unwrap();
+        }
+        let shutdown = CancellationToken::new();
+        let (mut received, task) = spawn_feed(&watchers, spec.clone(), 1, &shutdown);
+        let mut existing = 0;
+        while existing < 5 {
+            match received.recv().await {
+                Some(WatchEvent::Existing(_)) => existing += 1,
+                Some(WatchEvent::Reset { .. }) => {}
+                other => panic!("{spec:?}: expected the state, got {other:?}"),
+            }
+        }
+        shutdown.cancel();
+        // The last words wait for room in the channel: read until the stream ends.
+        let mut rest = Vec::new();
+        while let Some(event) = received.recv().await {
+            rest.push(event);
+        }
+        task.await.unwrap();
+        let end = match rest.pop() {
+            Some(WatchEvent::End(Error::Unavailable { reason })) => reason,
+            other => panic!("{spec:?}: expected the shutdown end, got {other:?}"),
+        };
+        assert!(
+            rest.iter()
+                .all(|event| matches!(event, WatchEvent::Existing(_))),
+            "{spec:?}: no Progress or Synced before the end: {rest:?}"
+        );
+        assert!(rest.len() < 25, "{spec:?}: the state was cut short");
+        assert!(!end.contains("resume from"), "{spec:?}: {end}");
+        assert!(end.contains("watch again"), "{spec:?}: {end}");
+        drop(sequencer);
+        tracker.close();
+        tracker.wait().await;
+    }
+}
