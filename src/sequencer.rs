@@ -466,8 +466,18 @@ impl Task {
             }
             Err(error) => {
                 self.metrics.journal_failure();
-                tracing::error!(%error, "journal write failed: answering 503 until a write succeeds");
-                self.writable.send_replace(false);
+                // Once when writes start failing (the recovery is logged once too): while the
+                // disk stays full every batch fails, a line per webhook would flood the logs,
+                // which may well live on that disk. The metric counts every failure.
+                // Only a change notifies: readiness watchers see one NotServing, not one a batch.
+                if self
+                    .writable
+                    .send_if_modified(|writable| std::mem::replace(writable, false))
+                {
+                    tracing::error!(%error, "journal write failed: answering 503 until a write succeeds");
+                } else {
+                    tracing::debug!(%error, "journal write failed again");
+                }
                 for batch in std::iter::once(batch).chain(self.next.take()) {
                     for reply in batch.replies {
                         let _ = reply.send(Err(Error::Unavailable {
