@@ -54,6 +54,9 @@ pub enum Rejection {
         /// `--webhook-body-timeout`.
         deadline: std::time::Duration,
     },
+    /// The webhook carries two Content-Type header lines.
+    #[error("more than one content-type header; send one, application/json")]
+    RepeatedContentType,
     /// The webhook's Content-Type is not JSON.
     #[error("content-type {content_type:?} is not JSON")]
     UnsupportedMediaType {
@@ -131,9 +134,9 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
         Rejection::PermissionDenied { .. } => StatusCode::FORBIDDEN,
         Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         Rejection::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-        Rejection::UnsupportedMediaType { .. } | Rejection::UnsupportedContentEncoding { .. } => {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE
-        }
+        Rejection::UnsupportedMediaType { .. }
+        | Rejection::RepeatedContentType
+        | Rejection::UnsupportedContentEncoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Rejection::TooManyWatchStreams { .. } | Rejection::TooManyConnectionWatchStreams { .. } => {
             StatusCode::TOO_MANY_REQUESTS
         }
@@ -184,9 +187,9 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
         Rejection::PayloadTooLarge { .. }
         | Rejection::TooManyWatchStreams { .. }
         | Rejection::TooManyConnectionWatchStreams { .. } => tonic::Code::ResourceExhausted,
-        Rejection::UnsupportedMediaType { .. } | Rejection::UnsupportedContentEncoding { .. } => {
-            tonic::Code::InvalidArgument
-        }
+        Rejection::UnsupportedMediaType { .. }
+        | Rejection::RepeatedContentType
+        | Rejection::UnsupportedContentEncoding { .. } => tonic::Code::InvalidArgument,
         Rejection::BodyTimeout { .. } => tonic::Code::DeadlineExceeded,
     };
     tonic::Status::new(code, message)

@@ -37,6 +37,25 @@ async fn a_compressed_body_gets_415_and_is_not_kept() {
         let error = answer["error"].as_str().unwrap();
         assert!(error.contains("content-encoding"), "{error}");
     }
+    // A second header line adds an encoding: it is checked too.
+    let headers = [
+        ("content-type", JSON),
+        ("content-encoding", "identity"),
+        ("content-encoding", "gzip"),
+        ("x-gb-signature", signature.as_str()),
+    ];
+    let (status, answer) = service.post_raw(body.clone(), &headers).await;
+    assert_eq!(status, 415, "identity then gzip: {answer}");
+    // Two Content-Type lines: which one holds is anybody's guess.
+    let headers = [
+        ("content-type", JSON),
+        ("content-type", "text/plain"),
+        ("x-gb-signature", signature.as_str()),
+    ];
+    let (status, answer) = service.post_raw(body.clone(), &headers).await;
+    assert_eq!(status, 415, "two content types: {answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("more than one content-type"), "{error}");
     // `identity` is no encoding at all.
     let headers = [
         ("content-type", JSON),

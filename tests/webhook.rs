@@ -706,6 +706,37 @@ async fn bodies_over_the_limit_get_413_and_the_limit_itself_is_accepted() {
     service.stop().await;
 }
 
+/// A declared length over the limit is answered 413 at once, before any of the body is sent
+/// (it used to be read for the body timeout, and `Expect: 100-continue` invited the upload).
+#[tokio::test]
+async fn a_declared_length_over_the_limit_gets_413_before_the_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = Config::for_tests(SECRET);
+    config.max_body_bytes = 1024;
+    config.webhook_body_timeout = Duration::from_secs(30);
+    let service = TestService::start_with(config).await;
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let mut tcp = tokio::net::TcpStream::connect(service.webhook)
+            .await
+            .unwrap();
+        let head = format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             X-GB-Signature: 00\r\nContent-Length: 10000000\r\n{expect}Connection: close\r\n\r\n",
+            profile_state::webhook::PATH
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        // Far below the body timeout: the answer must not wait for a body.
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut answer))
+            .await
+            .expect("answered before the body timeout")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{expect:?}: {answer}");
+        assert!(!answer.contains("100 Continue"), "{expect:?}: {answer}");
+    }
+    service.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Media type
 // ---------------------------------------------------------------------------------------------

@@ -237,6 +237,7 @@ impl Ingress {
     /// one of the in-flight slots: slow uploads cannot hold the slots signed deliveries need.
     async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<Outcome, Rejection> {
         check_content_type(headers)?;
+        check_declared_length(headers, self.limits.max_body_bytes)?;
         let raw = read_body(body, self.limits.max_body_bytes, self.limits.body_timeout).await?;
         let _slot = Arc::clone(&self.in_flight)
             .try_acquire_owned()
@@ -284,9 +285,10 @@ impl Ingress {
 /// A missing Content-Type is accepted (some senders omit it); anything but JSON is not. Nor is
 /// a compressed body: Gameball documents none, and decoding one would let a small upload
 /// expand past the body limit, so it is refused (415) rather than read as bytes and kept as a
-/// dead letter.
+/// dead letter. Every Content-Encoding line is checked (a second line adds an encoding), and
+/// two Content-Type lines are refused: which one holds is anybody's guess.
 fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
+    for encoding in headers.get_all(header::CONTENT_ENCODING) {
         let text = String::from_utf8_lossy(encoding.as_bytes());
         if !text.trim().eq_ignore_ascii_case("identity") {
             // Bounded: it is echoed in the answer.
@@ -294,9 +296,13 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
             return Err(Rejection::UnsupportedContentEncoding { encoding });
         }
     }
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+    let mut content_types = headers.get_all(header::CONTENT_TYPE).iter();
+    let Some(value) = content_types.next() else {
         return Ok(());
     };
+    if content_types.next().is_some() {
+        return Err(Rejection::RepeatedContentType);
+    }
     let text = value.to_str().unwrap_or_default();
     let essence = text.split(';').next().unwrap_or_default().trim();
     // Compared without a lowercased copy: this runs for every delivery.
@@ -311,6 +317,20 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
 }
 
 /// The whole body, at most `limit` bytes (413 past it), within `deadline` (408 past it).
+/// A Content-Length above the limit is refused before any of the body is read: the sender
+/// learns it at once (and one that asked `Expect: 100-continue` is not invited to upload it).
+/// An unreadable Content-Length is hyper's to refuse; a body without one is counted as read.
+fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), Rejection> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => Err(Rejection::PayloadTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
 async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, Rejection> {
     let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit));
     let Ok(read) = read.await else {
