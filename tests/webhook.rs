@@ -706,6 +706,57 @@ async fn bodies_over_the_limit_get_413_and_the_limit_itself_is_accepted() {
     service.stop().await;
 }
 
+/// An extra nested deeper than protobuf clients decode is refused and kept as a dead letter;
+/// one at the limit is served, and reads back through GetProfile and a watch. (A value of 40
+/// levels used to be applied, and then every read of its profile failed to decode.)
+#[tokio::test]
+async fn an_extra_nested_deeper_than_clients_decode_is_a_dead_letter() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let nested = |levels: usize| (0..levels).fold(json!(1), |inner, _| json!({"k": inner}));
+    let limit = profile_state::ingest::payload::MAX_EXTRA_NESTING;
+    let mut watch = client
+        .watch_profiles(pb::WatchProfilesRequest {
+            client_id: "2155".into(),
+            include_previous: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "Synced");
+
+    let deep = to_bytes(&profile_updated(
+        "deep",
+        &at(1),
+        json!({"nest": nested(40)}),
+    ));
+    let answer = post_signed(&service, deep.clone(), Some(JSON)).await;
+    assert_dead_lettered(&answer, &deep, "data");
+    assert_not_found(&mut client, "deep").await;
+
+    let body = to_bytes(&profile_updated(
+        "deep",
+        &at(2),
+        json!({"nest": nested(limit)}),
+    ));
+    assert_applied(&post_signed(&service, body, Some(JSON)).await, 1);
+    let extra = profile(&mut client, "deep").await.extra.unwrap();
+    let mut value = extra.fields["nest"].clone();
+    let mut levels = 0;
+    while let Some(prost_types::value::Kind::StructValue(inner)) = value.kind {
+        value = inner.fields["k"].clone();
+        levels += 1;
+    }
+    assert_eq!(levels, limit);
+    let change = watch.message().await.expect("the change decodes").unwrap();
+    assert!(matches!(
+        change.event,
+        Some(pb::watch_profiles_response::Event::Change(_))
+    ));
+    service.stop().await;
+}
+
 /// A declared length over the limit is answered 413 at once, before any of the body is sent
 /// (it used to be read for the body timeout, and `Expect: 100-continue` invited the upload).
 #[tokio::test]
