@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        // Prost's, with a request that does not decode answered INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::grpc::codec::MessageCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

@@ -36,6 +36,7 @@ use tonic::codegen::{BoxFuture, Bytes, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 use tonic::{Request, Response, Status};
 
+use super::codec::{MessageCodec, MessageDecoder};
 use super::profile_reply::ProfileReply;
 use super::{
     DEFAULT_PROGRESS_INTERVAL, MAX_WATCH_FIELDS, MAX_WATCH_IDS, OpenWatch, ProfileApi, convert,
@@ -123,8 +124,7 @@ where
             GET_PROFILE_PATH => {
                 let method = GetProfileMethod(Arc::clone(&self.api));
                 Box::pin(async move {
-                    let codec =
-                        tonic_prost::ProstCodec::<ProfileReply, pb::GetProfileRequest>::new();
+                    let codec = MessageCodec::<ProfileReply, pb::GetProfileRequest>::default();
                     let mut grpc = Grpc::new(codec).apply_max_message_size_config(limit, limit);
                     Ok(grpc.unary(method, request).await)
                 })
@@ -142,14 +142,14 @@ impl Codec for WatchCodec {
     type Encode = Encoded;
     type Decode = pb::WatchProfilesRequest;
     type Encoder = PassThrough;
-    type Decoder = tonic_prost::ProstDecoder<pb::WatchProfilesRequest>;
+    type Decoder = MessageDecoder<pb::WatchProfilesRequest>;
 
     fn encoder(&mut self) -> PassThrough {
         PassThrough
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::new(BufferSettings::default())
+        MessageDecoder::new(BufferSettings::default())
     }
 }
 

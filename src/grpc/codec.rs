@@ -1,0 +1,89 @@
+//! The codec of every method of our services: prost's, except that a request that does not
+//! decode (bytes that are not the message, a string field that is not UTF-8, a truncated
+//! frame) is `INVALID_ARGUMENT` naming the message, through the error table, where prost's
+//! codec answers `INTERNAL`: a client's garbage is the client's mistake, and must not page
+//! whoever watches the server's INTERNAL rate.
+//!
+//! Generated code uses it through `build.rs` (`codec_path`); the hand-routed methods
+//! (`watch.rs`) take [`MessageDecoder`]. The generated clients share it: a response that does
+//! not decode is then reported as INVALID_ARGUMENT too (only a broken server sends one).
+//! Encoding is prost's, unchanged.
+
+use std::marker::PhantomData;
+
+use prost::Message;
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic_prost::{ProstCodec, ProstDecoder};
+
+use crate::error::Error;
+use crate::status::grpc_status;
+
+/// prost's codec with [`MessageDecoder`].
+#[derive(Debug, Clone)]
+pub struct MessageCodec<T, U> {
+    prost: ProstCodec<T, U>,
+}
+
+impl<T, U> Default for MessageCodec<T, U> {
+    fn default() -> Self {
+        MessageCodec {
+            prost: ProstCodec::new(),
+        }
+    }
+}
+
+impl<T, U> Codec for MessageCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
+    type Decoder = MessageDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.prost.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        MessageDecoder::new(BufferSettings::default())
+    }
+}
+
+/// prost's decoder, a failure of which is `INVALID_ARGUMENT` on the field `request`.
+#[derive(Debug)]
+pub struct MessageDecoder<U> {
+    prost: ProstDecoder<U>,
+    _message: PhantomData<U>,
+}
+
+impl<U> MessageDecoder<U> {
+    /// A decoder with these buffer settings.
+    pub fn new(buffer_settings: BufferSettings) -> Self {
+        MessageDecoder {
+            prost: ProstDecoder::new(buffer_settings),
+            _message: PhantomData,
+        }
+    }
+}
+
+impl<U: Message + Default> Decoder for MessageDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.prost.decode(buf).map_err(|status| {
+            let message = std::any::type_name::<U>().rsplit("::").next().unwrap_or("");
+            grpc_status(Error::invalid(
+                "request",
+                format!("is not a valid {message} message: {}", status.message()),
+            ))
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.prost.buffer_settings()
+    }
+}
