@@ -503,12 +503,26 @@ pub struct Taken {
 pub fn take(dir: &Path, store: &Store, history_events: u64) -> Result<Taken, JournalError> {
     let (revision, profiles) = consistent_state(store, None)?;
     let path = write(dir, revision, &profiles)?;
-    let removed = compact(dir, revision, history_events)?;
+    let removed = compact_or_keep(dir, revision, history_events);
     Ok(Taken {
         revision,
         profiles: profiles.len(),
         path,
         removed,
+    })
+}
+
+/// [`compact`], for after a snapshot was written: the snapshot stands when compaction fails
+/// (a damaged base, a file that cannot be removed), which is logged, and nothing more is
+/// removed until a later compaction succeeds.
+fn compact_or_keep(dir: &Path, current_revision: u64, history_events: u64) -> Vec<PathBuf> {
+    compact(dir, current_revision, history_events).unwrap_or_else(|error| {
+        tracing::error!(
+            %error,
+            "compaction removed nothing (recovery starts from an older snapshot, and the \
+             journal grows until this is mended); the next snapshot tries again"
+        );
+        Vec::new()
     })
 }
 
@@ -524,7 +538,7 @@ pub fn take_as_of(
 ) -> Result<Taken, JournalError> {
     let (revision, profiles) = consistent_state(store, Some(revision))?;
     let path = write_as_of(dir, revision, stream_sequence, &profiles)?;
-    let removed = compact(dir, store.revision(), history_events)?;
+    let removed = compact_or_keep(dir, store.revision(), history_events);
     Ok(Taken {
         revision,
         profiles: profiles.len(),
@@ -571,6 +585,12 @@ pub fn consistent_state(
 /// Removes snapshots and segments no recovery needs, given the current revision: keeps the
 /// newest snapshot below the history window (the base), newer snapshots, and segments after
 /// the base. Never removes the newest segment.
+///
+/// Before anything older than the base goes, the base is read back whole: recovery will start
+/// from it, and it may have been damaged on disk since it was written (recovery only reads the
+/// oldest snapshot the journal continues from, so nothing else would notice). A damaged base
+/// is an error and nothing is removed: the older base and its segments still recover every
+/// acknowledged update.
 pub fn compact(
     dir: &Path,
     current_revision: u64,
@@ -586,23 +606,26 @@ pub fn compact(
     else {
         return Ok(Vec::new());
     };
-    let mut removed = Vec::new();
     let segments = segments(dir)?;
     // Segments first: a crash between the two steps leaves an extra old snapshot, which
     // recovery skips because the journal no longer continues from it.
-    for pair in segments.windows(2) {
-        let (_, path) = &pair[0];
-        let (next_first, _) = pair[1];
-        if next_first <= base + 1 {
-            fs::remove_file(path).map_err(JournalError::io(path, "remove"))?;
-            removed.push(path.clone());
-        }
+    let old_segments = segments
+        .windows(2)
+        .filter(|pair| pair[1].0 <= base + 1)
+        .map(|pair| pair[0].1.clone());
+    let old_snapshots = snapshots
+        .iter()
+        .filter(|(revision, _)| *revision < base)
+        .map(|(_, path)| path.clone());
+    let doomed: Vec<PathBuf> = old_segments.chain(old_snapshots).collect();
+    if doomed.is_empty() {
+        return Ok(doomed);
     }
-    for (revision, path) in snapshots {
-        if revision < base {
-            fs::remove_file(&path).map_err(JournalError::io(&path, "remove"))?;
-            removed.push(path);
-        }
+    read(&path(dir, base), |_, chunks| chunks.for_each(drop))?;
+    let mut removed = Vec::new();
+    for path in doomed {
+        fs::remove_file(&path).map_err(JournalError::io(&path, "remove"))?;
+        removed.push(path);
     }
     if !removed.is_empty() {
         sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))?;

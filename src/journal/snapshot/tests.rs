@@ -260,3 +260,32 @@ fn packed_registers_no_profile_packs_to_are_refused_naming_the_file_and_frame() 
         )
     );
 }
+
+/// Compaction reads the snapshot that becomes the base before removing what is older: a base
+/// damaged on disk since it was written is an error, and the older snapshot (with the segments
+/// after it) stays for recovery. (It used to be trusted unread; recovery then refused the
+/// directory although the files removed could have recovered every update.)
+#[test]
+fn compaction_keeps_the_older_files_when_the_new_base_is_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let older = write(dir.path(), 10, &profiles(10)).unwrap();
+    let base = write(dir.path(), 20, &profiles(20)).unwrap();
+    let intact = fs::read(&base).unwrap();
+    let mut damaged = intact.clone();
+    let last = damaged.len() - 3;
+    damaged[last] ^= 0x10;
+    fs::write(&base, &damaged).unwrap();
+
+    let (at, _, reason) = damage(compact(dir.path(), 100, 50).map(|_| 0));
+    assert_eq!(at, base);
+    assert_eq!(reason, "checksum mismatch");
+    assert!(older.exists(), "the older snapshot stays");
+
+    fs::write(&base, &intact).unwrap();
+    assert_eq!(compact(dir.path(), 100, 50).unwrap(), vec![older.clone()]);
+    assert!(!older.exists());
+    assert!(
+        compact(dir.path(), 100, 50).unwrap().is_empty(),
+        "nothing left to remove"
+    );
+}
