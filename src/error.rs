@@ -18,7 +18,11 @@ pub enum Error {
         reason: String,
     },
     /// No profile with that key was ever applied.
-    #[error("no profile for client_id {client_id:?} and customer_id {customer_id:?}")]
+    #[error(
+        "no profile for client_id {:?} and customer_id {:?}",
+        echoed(.client_id),
+        echoed(.customer_id)
+    )]
     NotFound {
         /// The account asked for.
         client_id: String,
@@ -47,8 +51,9 @@ pub enum Error {
     /// A watch asked to resume revisions of another store (another store id) and did not want
     /// a reset.
     #[error(
-        "store_id {requested:?} is not this server's store ({current:?}): the revisions it \
-         knows mean something else here; read the current state and watch from there"
+        "store_id {:?} is not this server's store ({current:?}): the revisions it \
+         knows mean something else here; read the current state and watch from there",
+        echoed(.requested)
     )]
     StoreChanged {
         /// The store id the watcher resumed with.
@@ -120,7 +125,7 @@ pub enum Error {
         max: usize,
     },
     /// No reconcile job with that id is kept (never started, or finished long ago).
-    #[error("no reconcile job {job_id:?}")]
+    #[error("no reconcile job {:?}", echoed(.job_id))]
     ReconcileJobNotFound {
         /// The id asked for.
         job_id: String,
@@ -155,5 +160,18 @@ impl Error {
             Error::ReconcileJobNotFound { .. } => Some("job_id"),
             _ => None,
         }
+    }
+}
+
+/// How many characters of a caller's text an error message repeats.
+const ECHOED_CHARS: usize = 128;
+
+/// `text` as an error message repeats it: at most [`ECHOED_CHARS`] characters, then `…`. The
+/// message travels in `grpc-message`, and gRPC's C core refuses metadata over 16 KiB: a caller
+/// who sent a megabyte-long id must still be told NOT_FOUND, not RESOURCE_EXHAUSTED.
+fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(ECHOED_CHARS) {
+        None => text.into(),
+        Some((cut, _)) => format!("{}…", &text[..cut]).into(),
     }
 }

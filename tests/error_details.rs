@@ -275,3 +275,33 @@ async fn a_request_that_does_not_decode_is_invalid_argument() {
     );
     service.stop().await;
 }
+
+/// A long id is repeated in an error message only in part: the message travels in
+/// `grpc-message`, which gRPC's C core refuses over 16 KiB (such a client was told
+/// RESOURCE_EXHAUSTED instead of NOT_FOUND). Found by an adversarial helper.
+#[tokio::test]
+async fn an_error_repeats_at_most_the_start_of_a_long_id() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let long = "x".repeat(100_000);
+    let status = client
+        .get_profile(pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: long.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no such profile");
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(
+        status.message().len() < 1024,
+        "{} bytes",
+        status.message().len()
+    );
+    assert!(
+        status.message().contains(&format!("{}…", &long[..128])),
+        "{}",
+        status.message()
+    );
+    service.stop().await;
+}
