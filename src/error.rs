@@ -101,15 +101,19 @@ pub enum Error {
     /// Reconciliation was asked for an account without `[gameball_api."<client_id>"]` settings
     /// in the secrets file.
     #[error(
-        "client_id {client_id:?} has no [gameball_api] settings in the secrets file: \
-         reconciliation needs its api_key and secret_key"
+        "client_id {:?} has no [gameball_api] settings in the secrets file: \
+         reconciliation needs its api_key and secret_key",
+        echoed(.client_id)
     )]
     ReconcileNotConfigured {
         /// The account asked for.
         client_id: String,
     },
     /// A reconciliation job of the account is running already.
-    #[error("reconcile job {job_id} of client_id {client_id:?} is still running")]
+    #[error(
+        "reconcile job {job_id} of client_id {:?} is still running",
+        echoed(.client_id)
+    )]
     ReconcileJobRunning {
         /// The account asked for.
         client_id: String,
@@ -169,7 +173,7 @@ const ECHOED_CHARS: usize = 128;
 /// `text` as an error message repeats it: at most [`ECHOED_CHARS`] characters, then `…`. The
 /// message travels in `grpc-message`, and gRPC's C core refuses metadata over 16 KiB: a caller
 /// who sent a megabyte-long id must still be told NOT_FOUND, not RESOURCE_EXHAUSTED.
-fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
     match text.char_indices().nth(ECHOED_CHARS) {
         None => text.into(),
         Some((cut, _)) => format!("{}…", &text[..cut]).into(),

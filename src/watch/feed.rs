@@ -22,7 +22,8 @@ use crate::store::{Compacted, Store};
 /// The end of a stream stopped in the middle of an initial state (on request or after a
 /// `Reset`): the profiles sent are not the whole state, and no revision of it is a resume point.
 const INCOMPLETE_STATE: &str = "server shutting down before the initial state was complete: \
-    the profiles sent so far are not the whole state; watch again as you first did";
+    the profiles sent so far are not the whole state; watch again with start_revision 0 and \
+    send_initial_state";
 
 /// How many history entries or profiles a subscriber takes per read.
 const READ_BATCH: usize = 256;
@@ -183,11 +184,7 @@ impl Feed {
                 }
                 Err(Compacted { oldest }) => {
                     synced_at = None;
-                    // No resume point from the Reset until the new state's Synced: the
-                    // subscriber drops what it has, and a stop before the end must not make
-                    // it resume on top of half a state.
-                    let behind = std::mem::take(cursor);
-                    *cursor = self.fell_behind(behind, oldest).await?;
+                    self.fell_behind(cursor, oldest).await?;
                 }
             }
         }
@@ -246,9 +243,12 @@ impl Feed {
         Ok(())
     }
 
-    /// The history no longer holds `cursor`: `Reset`, then the initial state again; returns
-    /// the cursor after it.
-    async fn fell_behind(&mut self, cursor: u64, oldest: u64) -> Result<u64, Stop> {
+    /// The history no longer holds `cursor`: `Reset`, then the initial state again; moves
+    /// `cursor` past it. From the `Reset` on there is no resume point until the new state's
+    /// `Synced` (`cursor` 0): the subscriber drops what it has, and a stop before the end must
+    /// not make it resume on top of half a state. Until the `Reset` is sent, its old position
+    /// stands.
+    async fn fell_behind(&mut self, cursor: &mut u64, oldest: u64) -> Result<(), Stop> {
         let reason = format!(
             "subscriber fell behind the history: revision {cursor} is gone, the oldest \
              available is {oldest}"
@@ -259,7 +259,9 @@ impl Feed {
             revision: oldest,
         })
         .await?;
-        self.initial_state().await
+        *cursor = 0;
+        *cursor = self.initial_state().await?;
+        Ok(())
     }
 
     /// Sends every matching profile as of one revision `R`, then `Synced{R}`; returns `R + 1`.
@@ -392,7 +394,7 @@ impl Feed {
 
     /// At shutdown: a last resume point, then the end naming the revision to resume from; in
     /// the middle of an initial state (`cursor` 0) no resume point, and an end that says to
-    /// watch again as before. Both wait for room in the subscriber's channel, however slowly it reads (until it hangs
+    /// watch again from the current state. Both wait for room in the subscriber's channel, however slowly it reads (until it hangs
     /// up): dropping them would end the stream with a clean OK after its buffered events, and
     /// the subscriber would not know it was cut off. One that never reads again is cut when
     /// the server stops at the end of `--shutdown-grace`: an error, never a clean end.

@@ -57,7 +57,8 @@ impl FieldSelector {
             .ok_or_else(|| {
                 let names: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
                 format!(
-                    "unknown field {name:?}; expected one of {}, extra or extra.<key>",
+                    "unknown field {:?}; expected one of {}, extra or extra.<key>",
+                    crate::error::echoed(name),
                     names.join(", ")
                 )
             })

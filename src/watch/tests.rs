@@ -610,9 +610,59 @@ async fn a_stop_during_an_initial_state_offers_no_resume_point() {
         );
         assert!(rest.len() < 25, "{spec:?}: the state was cut short");
         assert!(!end.contains("resume from"), "{spec:?}: {end}");
-        assert!(end.contains("watch again"), "{spec:?}: {end}");
+        assert!(end.contains("send_initial_state"), "{spec:?}: {end}");
         drop(sequencer);
         tracker.close();
         tracker.wait().await;
     }
+}
+
+/// The same for a subscriber that fell behind: once its `Reset` is sent, a stop during the new
+/// state offers no resume point (its old position would skip the profiles not re-sent yet).
+#[tokio::test]
+async fn a_stop_during_the_state_after_falling_behind_offers_no_resume_point() {
+    let (watchers, tracker, sequencer) = store_with_sequencer(10);
+    let shutdown = CancellationToken::new();
+    let (mut received, task) = spawn_feed(&watchers, WatchSpec::default(), 1, &shutdown);
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Synced { revision: 0 })
+    ));
+    // Far more than the channel, the mailbox and the history hold, for distinct customers.
+    let customers = MAILBOX_CAPACITY as i64 * 3;
+    for n in 1..=customers {
+        sequencer
+            .apply(points(&format!("c{n}"), n, n))
+            .await
+            .unwrap();
+    }
+    let mut existing = 0;
+    let mut reset = false;
+    while existing < 5 {
+        match received.recv().await {
+            Some(WatchEvent::Change(_) | WatchEvent::Progress { .. }) if !reset => {}
+            Some(WatchEvent::Reset { .. }) => reset = true,
+            Some(WatchEvent::Existing(_)) if reset => existing += 1,
+            other => panic!("expected changes, a Reset and the state, got {other:?}"),
+        }
+    }
+    shutdown.cancel();
+    let mut rest = Vec::new();
+    while let Some(event) = received.recv().await {
+        rest.push(event);
+    }
+    task.await.unwrap();
+    let end = match rest.pop() {
+        Some(WatchEvent::End(Error::Unavailable { reason })) => reason,
+        other => panic!("expected the shutdown end, got {other:?}"),
+    };
+    assert!(
+        rest.iter()
+            .all(|event| matches!(event, WatchEvent::Existing(_))),
+        "no Progress or Synced before the end: {rest:?}"
+    );
+    assert!(end.contains("send_initial_state"), "{end}");
+    drop(sequencer);
+    tracker.close();
+    tracker.wait().await;
 }

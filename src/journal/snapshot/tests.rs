@@ -288,4 +288,14 @@ fn compaction_keeps_the_older_files_when_the_new_base_is_damaged() {
         compact(dir.path(), 100, 50).unwrap().is_empty(),
         "nothing left to remove"
     );
+
+    // A whole snapshot under another revision's name is no base either.
+    let renamed = path(dir.path(), 30);
+    fs::write(&renamed, &intact).unwrap();
+    let (at, _, reason) = damage(compact(dir.path(), 100, 50).map(|_| 0));
+    assert_eq!(
+        (at, reason),
+        (renamed, "its header says revision 20".into())
+    );
+    assert!(base.exists());
 }
