@@ -551,6 +551,33 @@ fn field_selectors_parse_api_names() {
     assert!(FieldSelector::parse("extra.").is_err());
 }
 
+/// Reads a feed stopped in the middle of an initial state to its end (its last words wait for
+/// room in the channel) and checks that end: more of the state at most, no `Progress` or
+/// `Synced`, and an UNAVAILABLE that names no resume point but says to watch for the whole
+/// state again. Returns how many profiles of the state came after the stop.
+async fn stopped_during_a_state(
+    mut received: mpsc::Receiver<WatchEvent>,
+    task: tokio::task::JoinHandle<()>,
+) -> usize {
+    let mut rest = Vec::new();
+    while let Some(event) = received.recv().await {
+        rest.push(event);
+    }
+    task.await.unwrap();
+    let end = match rest.pop() {
+        Some(WatchEvent::End(Error::Unavailable { reason })) => reason,
+        other => panic!("expected the shutdown end, got {other:?}"),
+    };
+    assert!(
+        rest.iter()
+            .all(|event| matches!(event, WatchEvent::Existing(_))),
+        "no Progress or Synced before the end: {rest:?}"
+    );
+    assert!(!end.contains("resume from"), "{end}");
+    assert!(end.contains("send_initial_state"), "{end}");
+    rest.len()
+}
+
 /// A stop in the middle of an initial state: the stream ends without a resume point, saying to
 /// watch again (it used to say `Progress{oldest - 1}` and "resume from revision <oldest>" after
 /// a Reset, so a client that resumed there never received the profiles not yet sent).
@@ -593,24 +620,8 @@ async fn a_stop_during_an_initial_state_offers_no_resume_point() {
             }
         }
         shutdown.cancel();
-        // The last words wait for room in the channel: read until the stream ends.
-        let mut rest = Vec::new();
-        while let Some(event) = received.recv().await {
-            rest.push(event);
-        }
-        task.await.unwrap();
-        let end = match rest.pop() {
-            Some(WatchEvent::End(Error::Unavailable { reason })) => reason,
-            other => panic!("{spec:?}: expected the shutdown end, got {other:?}"),
-        };
-        assert!(
-            rest.iter()
-                .all(|event| matches!(event, WatchEvent::Existing(_))),
-            "{spec:?}: no Progress or Synced before the end: {rest:?}"
-        );
-        assert!(rest.len() < 25, "{spec:?}: the state was cut short");
-        assert!(!end.contains("resume from"), "{spec:?}: {end}");
-        assert!(end.contains("send_initial_state"), "{spec:?}: {end}");
+        let rest = stopped_during_a_state(received, task).await;
+        assert!(rest < 25, "{spec:?}: the state was cut short");
         drop(sequencer);
         tracker.close();
         tracker.wait().await;
@@ -647,21 +658,7 @@ async fn a_stop_during_the_state_after_falling_behind_offers_no_resume_point() {
         }
     }
     shutdown.cancel();
-    let mut rest = Vec::new();
-    while let Some(event) = received.recv().await {
-        rest.push(event);
-    }
-    task.await.unwrap();
-    let end = match rest.pop() {
-        Some(WatchEvent::End(Error::Unavailable { reason })) => reason,
-        other => panic!("expected the shutdown end, got {other:?}"),
-    };
-    assert!(
-        rest.iter()
-            .all(|event| matches!(event, WatchEvent::Existing(_))),
-        "no Progress or Synced before the end: {rest:?}"
-    );
-    assert!(end.contains("send_initial_state"), "{end}");
+    stopped_during_a_state(received, task).await;
     drop(sequencer);
     tracker.close();
     tracker.wait().await;
