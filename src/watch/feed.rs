@@ -394,8 +394,8 @@ impl Feed {
 
     /// At shutdown: a last resume point, then the end naming the revision to resume from; in
     /// the middle of an initial state (`cursor` 0) no resume point, and an end that says to
-    /// watch again from the current state. Both wait for room in the subscriber's channel, however slowly it reads (until it hangs
-    /// up): dropping them would end the stream with a clean OK after its buffered events, and
+    /// watch again from the current state. Both wait for room in the subscriber's channel,
+    /// however slowly it reads (until it hangs up): dropping them would end the stream with a clean OK after its buffered events, and
     /// the subscriber would not know it was cut off. One that never reads again is cut when
     /// the server stops at the end of `--shutdown-grace`: an error, never a clean end.
     async fn last_words(&self, cursor: u64) {

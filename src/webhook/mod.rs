@@ -316,7 +316,6 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
     })
 }
 
-/// The whole body, at most `limit` bytes (413 past it), within `deadline` (408 past it).
 /// A Content-Length above the limit is refused before any of the body is read: the sender
 /// learns it at once (and one that asked `Expect: 100-continue` is not invited to upload it).
 /// An unreadable Content-Length is hyper's to refuse; a body without one is counted as read.
@@ -331,6 +330,7 @@ fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), Reject
     }
 }
 
+/// The whole body, at most `limit` bytes (413 past it), within `deadline` (408 past it).
 async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, Rejection> {
     let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit));
     let Ok(read) = read.await else {
