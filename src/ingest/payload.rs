@@ -246,6 +246,7 @@ fn without_nul<F: Into<String>>(text: &str, field: impl FnOnce() -> F) -> Result
 }
 
 const NUL_VALUE: &str = "must not contain a NUL character (\\u0000)";
+const NUL_KEY: &str = "a key contains a NUL character (\\u0000)";
 
 /// How deeply an extra's value may nest objects and arrays. Served as a protobuf `Struct`,
 /// each level of an object costs three levels of messages, and the C++, Java and Python
@@ -285,7 +286,6 @@ fn nesting(value: &Value, cap: usize) -> usize {
         _ => 0,
     }
 }
-const NUL_KEY: &str = "a key contains a NUL character (\\u0000)";
 
 /// `created_at` as the service keeps it (`profile::time`): a leap second becomes the last
 /// nanosecond before it; a year outside 1..=9999, which no API client could read back, is

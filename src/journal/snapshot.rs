@@ -607,8 +607,8 @@ pub fn consistent_state(
 /// newest snapshot below the history window (the base), newer snapshots, and segments after
 /// the base. Never removes the newest segment.
 ///
-/// Before anything older than the base goes, the base is read back whole: recovery will start
-/// from it, and it may have been damaged on disk since it was written (recovery only reads the
+/// Before anything older than the base goes, the base is read through ([`check_frames`]: its
+/// header's revision and every frame's checksum): recovery will start from it, and it may have been damaged on disk since it was written (recovery only reads the
 /// oldest snapshot the journal continues from, so nothing else would notice). A damaged base
 /// is an error and nothing is removed: the older base and its segments still recover every
 /// acknowledged update.
