@@ -15,7 +15,8 @@
 //!
 //! - the status is a documented one (200, 400, 401, 413, 415, 422, 503) and the one the
 //!   README's table and the order of checks predict for this input (415, 413 or 400 while the
-//!   body is read, 401, then 422 for a signed body that cannot be applied, then 200);
+//!   body is read, 401, then 422 for a signed body that cannot be applied, or whose update
+//!   would grow its profile past the bound, then 200);
 //! - a 200 is JSON with an `outcome` (`applied`/`unchanged` with a revision, `ignored` with the
 //!   event); an error is JSON with `error` (and `field` on a 400 or 422);
 //! - a 422 names the dead letter that holds exactly this body (id = its SHA-1), and the letters
@@ -45,7 +46,7 @@ use profile_state::dead_letters::{DeadLetterId, DeadLetters, LocalLetters, Purge
 use profile_state::ingest::payload::{self, Delivery};
 use profile_state::journal::codec::{ProfileRecord, UpdateRecord};
 use profile_state::metrics::Metrics;
-use profile_state::profile::{FieldPath, Profile, ProfileUpdate};
+use profile_state::profile::{FieldPath, Profile, ProfileUpdate, check_growth};
 use profile_state::sequencer::Sequencer;
 use profile_state::store::Store;
 use profile_state::webhook::secrets::{SecretStore, Secrets};
@@ -453,6 +454,9 @@ pub struct Harness {
     newest_revision: AtomicU64,
     /// The fixture's own update, for the commutativity check.
     fixture_update: ProfileUpdate,
+    /// The sequencer's store: what decides whether an update would grow its profile past the
+    /// bound (most inputs are the fixture's customer, whose extras accumulate over a run).
+    store: Store,
 }
 
 impl Default for Harness {
@@ -473,10 +477,10 @@ impl Harness {
         let dead_letter_dir = scratch_dir();
         let dead_letters = LocalLetters::open(&dead_letter_dir, LockRef::unlocked())
             .expect("a dead letter directory");
+        let store = Store::new(64, "fuzz");
         let router = runtime.block_on(async {
             let metrics = Metrics::new();
-            let store = Store::new(64, "fuzz");
-            let sequencer = Sequencer::start(store, None, metrics.clone(), &tracker);
+            let sequencer = Sequencer::start(store.clone(), None, metrics.clone(), &tracker);
             let limits = Limits {
                 max_body_bytes: MAX_BODY_BYTES,
                 max_in_flight: 4,
@@ -499,7 +503,19 @@ impl Harness {
             dead_letter_dir,
             newest_revision: AtomicU64::new(0),
             fixture_update,
+            store,
         }
+    }
+
+    /// Whether the sequencer will refuse `update` for growing its profile past the bound
+    /// (`profile::check_growth`): one input at a time, so the store is as the merge finds it.
+    fn refused(&self, update: &ProfileUpdate) -> bool {
+        let current = self.store.get(&update.key);
+        let mut merged = match &current {
+            Some(current) => Profile::clone(current),
+            None => Profile::empty(update.key.clone()),
+        };
+        merged.merge(update).is_some() && check_growth(current.as_deref(), &merged, update).is_err()
     }
 
     /// Posts `input` to the router, then runs the body through the domain directly. `Err`
@@ -522,6 +538,9 @@ impl Harness {
             match &delivery {
                 None | Some(Err(_)) => Expect::DeadLettered,
                 Some(Ok(Delivery::Other { .. })) => Expect::Ignored,
+                Some(Ok(Delivery::ProfileUpdated(update))) if self.refused(update) => {
+                    Expect::DeadLettered
+                }
                 Some(Ok(Delivery::ProfileUpdated(_))) => Expect::Recorded,
             }
         };

@@ -128,6 +128,19 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// A read's answer would be larger than a message may be (`--grpc-max-message-bytes`).
+    #[error(
+        "the answer would take {bytes} bytes, more than the {limit} a message may carry \
+         (--grpc-max-message-bytes); ask for fewer {field}"
+    )]
+    ResponseTooLarge {
+        /// The request field that decides how much is answered (`customer_ids`).
+        field: String,
+        /// How large the answer would be, encoded.
+        bytes: usize,
+        /// The largest message allowed.
+        limit: usize,
+    },
     /// No reconcile job with that id is kept (never started, or finished long ago).
     #[error("no reconcile job {:?}", echoed(.job_id))]
     ReconcileJobNotFound {
@@ -140,6 +153,14 @@ pub enum Error {
         /// Why, and what to do.
         reason: String,
     },
+}
+
+/// An update refused for growing its profile past the bound: the fault is in the webhook's
+/// `data`, as with any other rule it breaks.
+impl From<crate::profile::TooLarge> for Error {
+    fn from(too_large: crate::profile::TooLarge) -> Self {
+        Error::invalid("data", too_large.to_string())
+    }
 }
 
 impl Error {
@@ -162,6 +183,7 @@ impl Error {
                 Some("client_id")
             }
             Error::ReconcileJobNotFound { .. } => Some("job_id"),
+            Error::ResponseTooLarge { field, .. } => Some(field),
             _ => None,
         }
     }

@@ -40,7 +40,7 @@ use crate::journal::appender::{Appended, Appender};
 use crate::journal::codec::{BatchFrame, UpdateRecord};
 use crate::journal::{Journal, snapshot};
 use crate::metrics::Metrics;
-use crate::profile::{Change, Profile, ProfileKey, ProfileUpdate};
+use crate::profile::{Change, Profile, ProfileKey, ProfileUpdate, TooLarge, check_growth};
 use crate::store::Store;
 
 /// How many waiting updates one batch takes at most.
@@ -272,7 +272,7 @@ impl Durable {
 #[derive(Default)]
 struct Batch {
     changes: Vec<Arc<Change>>,
-    outcomes: Vec<Applied>,
+    outcomes: Vec<Outcome>,
     replies: Vec<oneshot::Sender<Result<Applied, Error>>>,
     /// Its journal frame, built as updates join (durable only).
     frame: BatchFrame,
@@ -372,12 +372,17 @@ impl Task {
             .map(|Request { update, reply }| (update, reply))
             .unzip();
         let first_revision = self.store.revision() + 1 + self.uncommitted_changes();
-        let Sequenced { changes, outcomes } =
-            sequence_after(&self.store, &self.pending, first_revision, &updates);
+        let Sequenced { changes, outcomes } = sequence_after(
+            &self.store,
+            &self.pending,
+            first_revision,
+            &updates,
+            Bound::Checked,
+        );
         let mut next = self.next.take().unwrap_or_default();
         if self.durable.is_some() {
             for (update, outcome) in updates.iter().zip(&outcomes) {
-                if let Applied::Changed { revision } = outcome {
+                if let Ok(Applied::Changed { revision }) = outcome {
                     next.frame.push(&UpdateRecord::new(*revision, update));
                 }
             }
@@ -513,7 +518,7 @@ impl Task {
         for (reply, outcome) in batch.replies.into_iter().zip(batch.outcomes) {
             // A caller that gave up (its HTTP client went away) no longer listens; the
             // update stays applied, which is what a retry would do.
-            let _ = reply.send(Ok(outcome));
+            let _ = reply.send(outcome.map_err(Error::from));
         }
     }
 
@@ -548,12 +553,26 @@ async fn written(writing: &mut Option<Writing>) -> std::io::Result<Appended> {
 /// replay profile.
 type ProfileMap = HashMap<ProfileKey, Arc<Profile>, foldhash::fast::RandomState>;
 
+/// What became of one update of a batch: applied (changed or unchanged), or refused whole
+/// because it would grow its profile past the bound (`crate::profile::check_growth`).
+pub(crate) type Outcome = Result<Applied, TooLarge>;
+
 /// A merged and numbered batch, not yet committed.
 pub(crate) struct Sequenced {
     /// The changes, revisions consecutive after the store's.
     pub(crate) changes: Vec<Arc<Change>>,
     /// Each update's outcome, in order.
-    pub(crate) outcomes: Vec<Applied>,
+    pub(crate) outcomes: Vec<Outcome>,
+}
+
+/// Whether a merge checks how large the update grows its profile.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// Live updates, local or from the stream: refused past the bound.
+    Checked,
+    /// Recovery's replay of the local journal: what it holds was accepted when it was written,
+    /// perhaps by a build without the bound, and must replay as it was.
+    Waived,
 }
 
 /// Merges a batch of updates in arrival order and numbers the changes after the store's
@@ -562,7 +581,14 @@ pub(crate) struct Sequenced {
 /// replicated mode the replica's applier (`crate::replication`) for each stream message, in
 /// stream order, so that every replica assigns the same revisions.
 pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
-    sequence_after(store, &ProfileMap::default(), store.revision() + 1, updates)
+    let first_revision = store.revision() + 1;
+    sequence_after(
+        store,
+        &ProfileMap::default(),
+        first_revision,
+        updates,
+        Bound::Checked,
+    )
 }
 
 /// [`sequence`] on top of batches numbered but not committed yet: `pending` holds the newest
@@ -572,6 +598,7 @@ fn sequence_after(
     pending: &ProfileMap,
     first_revision: u64,
     updates: &[ProfileUpdate],
+    bound: Bound,
 ) -> Sequenced {
     let mut next_revision = first_revision;
     // Profiles this batch already changed: later updates of the same profile merge into these,
@@ -592,11 +619,20 @@ fn sequence_after(
             Some(current) => Profile::clone(current),
             None => Profile::empty(store.shared_key(update.key.clone())),
         };
-        let outcome = match profile.merge(update) {
-            None => Applied::Unchanged {
+        let merged = profile.merge(update);
+        let refused = match bound {
+            Bound::Checked if merged.is_some() => {
+                check_growth(current.as_deref(), &profile, update).err()
+            }
+            _ => None,
+        };
+        let outcome = match (merged, refused) {
+            // Refused whole: no revision, the profile as it was.
+            (_, Some(too_large)) => Err(too_large),
+            (None, None) => Ok(Applied::Unchanged {
                 revision: profile.revision,
-            },
-            Some(changed_fields) => {
+            }),
+            (Some(changed_fields), None) => {
                 let revision = next_revision;
                 next_revision += 1;
                 profile.revision = revision;
@@ -617,7 +653,7 @@ fn sequence_after(
                     changed_fields: changed_fields.into(),
                     origin: update.origin,
                 }));
-                Applied::Changed { revision }
+                Ok(Applied::Changed { revision })
             }
         };
         outcomes.push(outcome);
@@ -629,9 +665,16 @@ fn sequence_after(
 /// the revision it was recorded with, and commits them (rebuilding the history).
 pub(crate) fn replay(store: &Store, records: Vec<(u64, ProfileUpdate)>) -> Result<(), String> {
     let (revisions, updates): (Vec<u64>, Vec<ProfileUpdate>) = records.into_iter().unzip();
-    let Sequenced { changes, outcomes } = sequence(store, &updates);
+    let first_revision = store.revision() + 1;
+    let Sequenced { changes, outcomes } = sequence_after(
+        store,
+        &ProfileMap::default(),
+        first_revision,
+        &updates,
+        Bound::Waived,
+    );
     for (recorded, outcome) in revisions.into_iter().zip(outcomes) {
-        if outcome != (Applied::Changed { revision: recorded }) {
+        if outcome != Ok(Applied::Changed { revision: recorded }) {
             return Err(format!(
                 "the record of revision {recorded} replays as {outcome:?}"
             ));
@@ -699,6 +742,41 @@ mod tests {
         tracker.wait().await;
     }
 
+    /// `update` with one extra key holding `len` bytes of text.
+    fn with_extra(customer: &str, second: i64, key: &str, len: usize) -> ProfileUpdate {
+        let mut update = update(customer, second, 1);
+        update.extras = vec![(key.into(), Some("x".repeat(len).into()))];
+        update
+    }
+
+    #[test]
+    fn an_update_past_the_bound_is_refused_whole_and_uses_no_revision() {
+        let store = Store::new(100, "test");
+        let half = crate::profile::MAX_EXTRAS_JSON_BYTES / 2 + 10;
+        let updates = [
+            with_extra("a", 1, "one", half),
+            with_extra("a", 2, "two", half),
+            update("b", 1, 5),
+        ];
+        let Sequenced { changes, outcomes } = sequence(&store, &updates);
+        assert_eq!(outcomes[0], Ok(Applied::Changed { revision: 1 }));
+        let Err(refused) = outcomes[1] else {
+            panic!("the second extra is past the bound: {:?}", outcomes[1]);
+        };
+        assert!(refused.extras_json_bytes > crate::profile::MAX_EXTRAS_JSON_BYTES);
+        assert_eq!(outcomes[2], Ok(Applied::Changed { revision: 2 }));
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[0].profile.extras().count(), 1);
+
+        // Recovery replays what a journal holds as it was written, bound or not (an older
+        // build may have let a profile grow past it).
+        let replayed = Store::new(100, "test");
+        let records = vec![(1, updates[0].clone()), (2, updates[1].clone())];
+        replay(&replayed, records).expect("replays");
+        let profile = replayed.get(&ProfileKey::new("2155", "a")).unwrap();
+        assert_eq!((profile.revision, profile.extras().count()), (2, 2));
+    }
+
     #[tokio::test]
     async fn updates_of_one_profile_within_a_batch_build_on_each_other() {
         let store = Store::new(100, "test");
@@ -707,9 +785,9 @@ mod tests {
         assert_eq!(
             outcomes,
             vec![
-                Applied::Changed { revision: 1 },
-                Applied::Changed { revision: 2 },
-                Applied::Unchanged { revision: 2 },
+                Ok(Applied::Changed { revision: 1 }),
+                Ok(Applied::Changed { revision: 2 }),
+                Ok(Applied::Unchanged { revision: 2 }),
             ]
         );
         assert_eq!(changes[1].previous.as_ref().unwrap().revision, 1);

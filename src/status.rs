@@ -126,6 +126,8 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
                 StatusCode::CONFLICT
             }
             Error::TooManyReconcileJobs { .. } => StatusCode::TOO_MANY_REQUESTS,
+            // gRPC only (reads); as RESOURCE_EXHAUSTED pairs with 413 for a request.
+            Error::ResponseTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unavailable { .. } | Error::RevisionNotApplied { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -177,7 +179,9 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             Error::ReconcileNotConfigured { .. } => tonic::Code::FailedPrecondition,
             Error::ReconcileJobRunning { .. } => tonic::Code::AlreadyExists,
             Error::DeadLetterBeingReplayed { .. } => tonic::Code::Aborted,
-            Error::TooManyReconcileJobs { .. } => tonic::Code::ResourceExhausted,
+            Error::TooManyReconcileJobs { .. } | Error::ResponseTooLarge { .. } => {
+                tonic::Code::ResourceExhausted
+            }
             Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
             Error::Compacted { .. } | Error::StoreChanged { .. } => tonic::Code::FailedPrecondition,
             Error::Unavailable { .. } => tonic::Code::Unavailable,

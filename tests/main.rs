@@ -34,6 +34,7 @@ mod logs;
 mod metrics;
 mod nats_cluster;
 mod operations;
+mod profile_size;
 mod queries;
 mod reconcile;
 mod reconcile_client;

@@ -332,6 +332,38 @@ fn the_model_reaches_every_documented_answer() {
     }
 }
 
+/// A long run sends the fixture's customer new extra keys over and over: once they would grow
+/// its extras past the bound, the ingress refuses them (422) and the model must predict it,
+/// or a million-input run would report a false finding.
+#[test]
+fn the_model_predicts_refusals_of_a_profile_grown_to_the_bound() {
+    let harness = Harness::new();
+    let mut statuses = Vec::new();
+    for n in 0..120 {
+        let filler = "x".repeat(webhook_model::MAX_BODY_BYTES - 1000);
+        let edit = Edit::SetData(Key::Other(format!("key-{n}")), Val::Str(filler));
+        let answer = harness.check(&signed(fixture(vec![edit])));
+        statuses.push(
+            answer
+                .unwrap_or_else(|broken| panic!("input {n}: {broken}"))
+                .status,
+        );
+    }
+    let first_refused = statuses.iter().position(|status| *status == 422);
+    let first_refused = first_refused.unwrap_or_else(|| panic!("never refused: {statuses:?}"));
+    assert!(first_refused > 50, "{statuses:?}");
+    assert!(
+        statuses[..first_refused]
+            .iter()
+            .all(|status| *status == 200)
+    );
+    assert!(
+        statuses[first_refused..]
+            .iter()
+            .all(|status| *status == 422)
+    );
+}
+
 /// Regression cases the fuzzer found, as it decoded them (`fuzz/artifacts/webhook/`).
 #[test]
 fn fuzzer_findings_stay_fixed() {

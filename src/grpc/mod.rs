@@ -52,6 +52,8 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// The stream limit when none is set: as many as `streams_closed` can count.
 const UNLIMITED_STREAMS: usize = u32::MAX as usize;
+/// The largest answer until [`ProfileApi::with_max_message_bytes`]: gRPC's usual 4 MiB.
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Most customer ids one WatchProfiles filter may name.
 pub const MAX_WATCH_IDS: usize = 1000;
 /// Most field names one WatchProfiles filter may name.
@@ -77,6 +79,9 @@ pub struct ProfileApi {
     replica: Option<ReplicaStatus>,
     /// Encoded changes shared by every watch stream (`watch.rs`).
     encodings: Arc<watch::SharedEncodings>,
+    /// The largest message sent: ListProfiles pages stop short of it, and a BatchGetProfiles
+    /// answer past it is refused by name.
+    max_message_bytes: usize,
 }
 
 impl ProfileApi {
@@ -104,7 +109,14 @@ impl ProfileApi {
             metrics,
             replica: None,
             encodings: Arc::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
+    }
+
+    /// Answers of at most `max` bytes (the transport's limit, `--grpc-max-message-bytes`).
+    pub fn with_max_message_bytes(mut self, max: usize) -> Self {
+        self.max_message_bytes = max;
+        self
     }
 
     /// A replica's API: GetServerInfo also reports `replica`'s name, position and lag.
@@ -220,6 +232,52 @@ impl ProfileApi {
     }
 }
 
+/// A ListProfiles answer of the scanned `profiles` that fits in `max_message_bytes`: as many
+/// as fit, at least one, and the token of the next page (`next` when all fit, else the last
+/// profile kept: the rest come after it), made by `token`. Sizes are summed as the profiles
+/// are converted rather than by encoding the answer twice.
+fn fitted_page(
+    store: &Store,
+    profiles: &[Arc<Profile>],
+    next: Option<ProfileKey>,
+    max_message_bytes: usize,
+    token: impl Fn(&ProfileKey) -> String,
+) -> pb::ListProfilesResponse {
+    let mut page = Vec::with_capacity(profiles.len());
+    let mut sizes = Vec::with_capacity(profiles.len());
+    let (mut next, mut used) = (next, 0);
+    for profile in profiles {
+        let converted = convert::profile(profile);
+        let size = prost::encoding::message::encoded_len(1, &converted);
+        // The answer's other fields (a revision, a token holding a key) are added below, which
+        // may take a profile or more off again.
+        if used + size > max_message_bytes && !page.is_empty() {
+            next = Some(profiles[page.len() - 1].key.clone());
+            break;
+        }
+        used += size;
+        sizes.push(size);
+        page.push(converted);
+    }
+    loop {
+        let kept = page.len();
+        let rest = pb::ListProfilesResponse {
+            profiles: Vec::new(),
+            store_revision: served_at(store, &profiles[..kept]),
+            next_page_token: next.as_ref().map(&token).unwrap_or_default(),
+        };
+        if used + prost::Message::encoded_len(&rest) <= max_message_bytes || kept <= 1 {
+            return pb::ListProfilesResponse {
+                profiles: page,
+                ..rest
+            };
+        }
+        page.pop();
+        used -= sizes.pop().unwrap_or_default();
+        next = Some(profiles[kept - 2].key.clone());
+    }
+}
+
 fn served_at<'a>(store: &Store, profiles: impl IntoIterator<Item = &'a Arc<Profile>>) -> u64 {
     let newest = profiles.into_iter().map(|p| p.revision).max();
     store.revision().max(newest.unwrap_or(0))
@@ -269,11 +327,20 @@ impl ProfileService for ProfileApi {
                 None => missing_customer_ids.push(customer_id),
             }
         }
-        Ok(Response::new(pb::BatchGetProfilesResponse {
+        let response = pb::BatchGetProfilesResponse {
             store_revision: served_at(&self.store, &found),
             profiles: found.iter().map(|p| convert::profile(p)).collect(),
             missing_customer_ids,
-        }))
+        };
+        let bytes = prost::Message::encoded_len(&response);
+        if bytes > self.max_message_bytes {
+            return Err(grpc_status(Error::ResponseTooLarge {
+                field: "customer_ids".into(),
+                bytes,
+                limit: self.max_message_bytes,
+            }));
+        }
+        Ok(Response::new(response))
     }
 
     async fn list_profiles(
@@ -296,14 +363,14 @@ impl ProfileService for ProfileApi {
             page_size,
             |profile| tier_name.is_empty() || profile.get_text(Field::TierName) == Some(tier_name),
         );
-        Ok(Response::new(pb::ListProfilesResponse {
-            store_revision: served_at(&self.store, &scan.profiles),
-            profiles: scan.profiles.iter().map(|p| convert::profile(p)).collect(),
-            next_page_token: scan
-                .next
-                .map(|next| page_token::encode(client_id, tier_name, &next))
-                .unwrap_or_default(),
-        }))
+        let response = fitted_page(
+            &self.store,
+            &scan.profiles,
+            scan.next,
+            self.max_message_bytes,
+            |next| page_token::encode(client_id, tier_name, next),
+        );
+        Ok(Response::new(response))
     }
 
     type WatchProfilesStream = WatchStream;

@@ -120,20 +120,27 @@ impl Ingest {
 
     /// Takes an authenticated body (`raw`) and what validating it gave: records a valid
     /// delivery, or keeps the body as a dead letter and answers [`Error::DeadLettered`] (or
-    /// [`Error::Unavailable`] if it could not be kept, so the sender retries).
+    /// [`Error::Unavailable`] if it could not be kept, so the sender retries). A valid delivery
+    /// that recording refuses (it would grow its profile past the bound) is kept too.
     pub async fn accept(
         &self,
         raw: &[u8],
         validated: Result<Delivery, Error>,
     ) -> Result<Outcome, Error> {
-        match validated {
-            Ok(delivery) => self.record(delivery).await,
-            Err(cause) => Err(self.dead_letter(raw, cause).await),
-        }
+        let cause = match validated {
+            Ok(delivery) => match self.record(delivery).await {
+                Err(refused @ Error::InvalidArgument { .. }) => refused,
+                recorded => return recorded,
+            },
+            Err(cause) => cause,
+        };
+        Err(self.dead_letter(raw, cause).await)
     }
 
     /// Applies a validated delivery (another topic is only acknowledged) and returns once it is
-    /// recorded and visible here. The second half of the path.
+    /// recorded and visible here. The second half of the path. [`Error::InvalidArgument`] (on
+    /// `data`) when the update would grow its profile past the bound
+    /// (`crate::profile::check_growth`): refused whole, nothing recorded.
     pub async fn record(&self, delivery: Delivery) -> Result<Outcome, Error> {
         match delivery {
             Delivery::Other { event } => {
@@ -196,17 +203,22 @@ impl Ingest {
         }
     }
 
-    /// Replays the dead letter `id` through the path a webhook takes: still invalid, it stays
-    /// kept with the new reason ([`Error::DeadLettered`]); valid now, it is recorded and then
+    /// Replays the dead letter `id` through the path a webhook takes: still invalid (or refused
+    /// by the record), it stays kept with the new reason ([`Error::DeadLettered`]); valid now, it is recorded and then
     /// removed. The letter is claimed first, so two replicas replaying it at once apply it once
     /// (the other gets [`Error::DeadLetterBeingReplayed`]). Applied first, removed second: if
     /// the removal fails, replaying again is harmless (the update is then unchanged).
     pub async fn replay(&self, id: &DeadLetterId) -> Result<Outcome, Error> {
         let claim = self.dead_letters.claim(id).await?;
         let parsed = serde_json::from_slice::<serde_json::Value>(&claim.letter.body);
-        let delivery = match validate(parsed.as_ref()) {
-            Ok(delivery) => delivery,
-            Err(cause) => {
+        let recorded = match validate(parsed.as_ref()) {
+            Ok(delivery) => self.record(delivery).await,
+            Err(cause) => Err(cause),
+        };
+        let outcome = match recorded {
+            Ok(outcome) => outcome,
+            // Invalid still, or refused by the record: kept, with the reason of this attempt.
+            Err(cause @ Error::InvalidArgument { .. }) => {
                 self.dead_letters.release(claim, Some(&cause)).await?;
                 tracing::info!(
                     dead_letter_id = %id,
@@ -218,9 +230,6 @@ impl Ingest {
                     cause: Box::new(cause),
                 });
             }
-        };
-        let outcome = match self.record(delivery).await {
-            Ok(outcome) => outcome,
             Err(error) => {
                 if let Err(release) = self.dead_letters.release(claim, None).await {
                     tracing::warn!(dead_letter_id = %id, error = %release, "could not release a replay's claim; it expires");

@@ -17,6 +17,7 @@
 //! - `field`: the field table ([`Field`]: names, kinds, numbers) and values ([`Scalar`],
 //!   [`ScalarRef`], [`ExtraValue`], [`FieldPath`]).
 //! - `merge`: the merge rules ([`Register`], [`Profile::merge`]).
+//! - `limit`: how large an update may grow a profile's extras ([`check_growth`]).
 //! - `registers`: the packed register codec.
 //! - `change`: [`Change`], and the tier change and points delta derived from it.
 //! - [`time`]: which instants are kept and served (no leap seconds, years 1 to 9999).
@@ -28,6 +29,7 @@
 mod change;
 mod field;
 mod key;
+mod limit;
 mod merge;
 mod registers;
 #[cfg(test)]
@@ -44,6 +46,7 @@ pub use change::{
 };
 pub use field::{ExtraValue, Field, FieldKind, FieldPath, Scalar, ScalarRef};
 pub use key::ProfileKey;
+pub use limit::{MAX_EXTRAS_JSON_BYTES, TooLarge, check_growth};
 pub use merge::Register;
 use registers::{Clock, Registers, Slot, Slots};
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::sequencer::Applied;
+use crate::sequencer::{Applied, Outcome};
 
 /// Outcomes of this many recently applied sequences are kept for acknowledgements that arrive
 /// after their message was applied (the applier is often faster than the ack's way back).
@@ -24,8 +24,7 @@ pub(super) enum Registered {
     /// Applied already: the reply was sent its outcome.
     Now,
     /// Applied so long ago that its outcome is no longer kept (a duplicate of an old message):
-    /// merging it again changed nothing, so the caller answers the reply with `Unchanged` and
-    /// the profile's revision.
+    /// the caller works the outcome out from the profile as it is now (`publisher::old_outcome`).
     Old(Reply),
     /// Not applied yet: the reply will be sent when it is.
     Waiting,
@@ -45,7 +44,7 @@ struct State {
     /// The last sequence the applier completed.
     applied_through: u64,
     /// Outcomes of the last [`RECENT`] sequences, oldest first, sequences increasing.
-    recent: VecDeque<(u64, Arc<[Applied]>)>,
+    recent: VecDeque<(u64, Arc<[Outcome]>)>,
     /// Callers waiting for a sequence, with their index in its batch.
     waiters: HashMap<u64, Vec<(usize, Reply)>>,
 }
@@ -57,7 +56,7 @@ impl Pending {
     }
 
     /// The applier applied `sequence` with these outcomes (one per update of its batch).
-    pub(super) fn complete(&self, sequence: u64, outcomes: Arc<[Applied]>) {
+    pub(super) fn complete(&self, sequence: u64, outcomes: Arc<[Outcome]>) {
         let waiting = {
             let mut state = self.state();
             state.applied_through = sequence;
@@ -71,12 +70,13 @@ impl Pending {
             let outcome = outcomes
                 .get(index)
                 .copied()
-                .ok_or_else(|| Error::Unavailable {
+                .map(|outcome| outcome.map_err(Error::from))
+                .unwrap_or_else(|| Err(Error::Unavailable {
                     reason: format!(
                         "stream message {sequence} holds no update {index}; retry (the update is \
                      recorded)"
                     ),
-                });
+                }));
             // A caller that gave up (timed out, went away) no longer listens.
             let _ = reply.send(outcome);
         }
@@ -95,7 +95,7 @@ impl Pending {
             drop(state);
             return match found {
                 Some(outcome) => {
-                    let _ = reply.send(Ok(outcome));
+                    let _ = reply.send(outcome.map_err(Error::from));
                     Registered::Now
                 }
                 None => Registered::Old(reply),
@@ -131,8 +131,8 @@ impl Pending {
 mod tests {
     use super::*;
 
-    fn changed(revision: u64) -> Applied {
-        Applied::Changed { revision }
+    fn changed(revision: u64) -> Outcome {
+        Ok(Applied::Changed { revision })
     }
 
     #[tokio::test]
@@ -143,12 +143,25 @@ mod tests {
         assert!(matches!(pending.register(5, 1, reply), Registered::Waiting));
         assert!(pending.has_waiters());
         pending.complete(5, Arc::from([changed(9), changed(10)]));
-        assert_eq!(outcome.await.unwrap(), Ok(changed(10)));
+        assert_eq!(outcome.await.unwrap(), changed(10).map_err(Error::from));
         assert!(!pending.has_waiters());
         // Applied first, acknowledged second (a duplicate ack names the same sequence).
         let (reply, outcome) = oneshot::channel();
         assert!(matches!(pending.register(5, 0, reply), Registered::Now));
-        assert_eq!(outcome.await.unwrap(), Ok(changed(9)));
+        assert_eq!(outcome.await.unwrap(), changed(9).map_err(Error::from));
+        // A refused update is answered as the error it maps to, now and later.
+        let refused = crate::profile::TooLarge {
+            extras_json_bytes: 300_000,
+        };
+        let (reply, outcome) = oneshot::channel();
+        assert!(matches!(pending.register(6, 0, reply), Registered::Waiting));
+        pending.complete(6, Arc::from([Err(refused)]));
+        let error = outcome.await.unwrap().unwrap_err();
+        assert_eq!(error, Error::from(refused));
+        assert_eq!(error.field(), Some("data"));
+        let (reply, outcome) = oneshot::channel();
+        assert!(matches!(pending.register(6, 0, reply), Registered::Now));
+        assert_eq!(outcome.await.unwrap(), Err(Error::from(refused)));
     }
 
     #[tokio::test]

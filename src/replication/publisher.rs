@@ -37,7 +37,7 @@ use crate::error::Error;
 use crate::jetstream::{JetStreamError, UpdateBatch, UpdateStream};
 use crate::journal::codec::UpdateRecord;
 use crate::metrics::Metrics;
-use crate::profile::{ProfileKey, ProfileUpdate};
+use crate::profile::{Profile, ProfileUpdate, check_growth};
 use crate::sequencer::Applied;
 use crate::store::Store;
 
@@ -271,11 +271,10 @@ async fn publish(parts: &Parts, batch: Vec<(Request, UpdateRecord)>) {
                 .replication_published(started.elapsed().as_secs_f64(), ack.duplicate);
             for (index, request) in requests.into_iter().enumerate() {
                 request.acked.store(ack.sequence, Ordering::Release);
-                let key = request.update.key;
                 if let Registered::Old(reply) =
                     parts.pending.register(ack.sequence, index, request.reply)
                 {
-                    let _ = reply.send(Ok(unchanged(&parts.store, &key)));
+                    let _ = reply.send(old_outcome(&parts.store, &request.update));
                 }
             }
         }
@@ -297,18 +296,54 @@ async fn publish(parts: &Parts, batch: Vec<(Request, UpdateRecord)>) {
     }
 }
 
-/// The outcome of a duplicate of a message applied long ago: nothing changed, so the profile's
-/// revision (it exists: the message was applied).
-fn unchanged(store: &Store, key: &ProfileKey) -> Applied {
-    Applied::Unchanged {
-        revision: store.get(key).map_or(0, |profile| profile.revision),
+/// The outcome of a duplicate of a message applied long ago. Merging is idempotent and only
+/// moves forward, so an update that was applied changes nothing merged again: `Unchanged` at
+/// the profile's revision. One that still would change something was refused for growing the
+/// profile past the bound (`crate::profile::check_growth`), and is answered so again.
+fn old_outcome(store: &Store, update: &ProfileUpdate) -> Result<Applied, Error> {
+    let current = store.get(&update.key);
+    let mut merged = match &current {
+        Some(current) => Profile::clone(current),
+        None => Profile::empty(update.key.clone()),
+    };
+    if merged.merge(update).is_some() {
+        check_growth(current.as_deref(), &merged, update)?;
     }
+    Ok(Applied::Unchanged {
+        revision: current.map_or(0, |profile| profile.revision),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{EventTime, Field, Scalar};
+    use crate::profile::{EventTime, Field, MAX_EXTRAS_JSON_BYTES, ProfileKey, Scalar};
+
+    /// A duplicate acknowledged after its outcome left the recent window: worked out again.
+    #[test]
+    fn an_old_duplicate_is_unchanged_if_it_was_applied_and_refused_if_it_was_refused() {
+        let store = Store::new(100, "test");
+        let extra = |second: i64, key: &str| ProfileUpdate {
+            key: ProfileKey::new("2155", "big"),
+            at: EventTime::from_timestamp(1_732_037_682 + second, 0).unwrap(),
+            fields: vec![],
+            extras: vec![(
+                key.into(),
+                Some("x".repeat(MAX_EXTRAS_JSON_BYTES / 2 + 10).into()),
+            )],
+            origin: Default::default(),
+        };
+        let (applied, refused) = (extra(1, "one"), extra(2, "two"));
+        let sequenced = crate::sequencer::sequence(&store, &[applied.clone(), refused.clone()]);
+        assert!(sequenced.outcomes[1].is_err());
+        store.commit(&sequenced.changes);
+        assert_eq!(
+            old_outcome(&store, &applied),
+            Ok(Applied::Unchanged { revision: 1 })
+        );
+        let error = old_outcome(&store, &refused).unwrap_err();
+        assert_eq!(error.field(), Some("data"), "{error}");
+    }
 
     fn request(customer: &str, extra_bytes: usize) -> Request {
         Request {

@@ -149,7 +149,8 @@ pub(super) fn serve<H: Health>(
         tracker.clone(),
         metrics.clone(),
     )
-    .with_max_watch_streams(max_watch_streams);
+    .with_max_watch_streams(max_watch_streams)
+    .with_max_message_bytes(limit);
     if let Some(replica) = replica {
         profiles = profiles.with_replica(replica);
     }

@@ -1,0 +1,208 @@
+//! How large a profile may grow, and reads that stay decodable: an update that would take a
+//! profile's extras past the bound is refused whole (422, kept as a dead letter, replayable once
+//! the profile has room), on a single node and on replicas alike; ListProfiles pages stop
+//! short of the message limit and a BatchGetProfiles answer past it is refused by name.
+
+use crate::common;
+use crate::replicas::replica_config;
+
+use std::collections::BTreeSet;
+
+use common::{TestService, at, durable_config, profile_updated};
+use nats_harness::NatsCluster;
+use profile_state::dead_letters::DeadLetterId;
+use profile_state::pb;
+use profile_state::pb::admin_service_client::AdminServiceClient;
+use profile_state::profile::MAX_EXTRAS_JSON_BYTES;
+use serde_json::{Value, json};
+use tonic::Code;
+
+/// A signed-able body for `customer` at `second` with these `data` fields.
+fn body(customer: &str, second: u32, data: Value) -> Vec<u8> {
+    serde_json::to_vec(&profile_updated(customer, &at(second), data)).unwrap()
+}
+
+/// More than half the bound: two such extras do not fit in one profile.
+fn over_half() -> String {
+    "x".repeat(MAX_EXTRAS_JSON_BYTES / 2 + 1000)
+}
+
+async fn get(service: &TestService, customer: &str) -> pb::Profile {
+    let request = pb::GetProfileRequest {
+        client_id: "2155".into(),
+        customer_id: customer.into(),
+        ..Default::default()
+    };
+    let response = service.client().await.get_profile(request).await;
+    response
+        .expect("the profile reads")
+        .into_inner()
+        .profile
+        .unwrap()
+}
+
+fn extra_keys(profile: &pb::Profile) -> Vec<String> {
+    let extra = profile.extra.as_ref().map(|extra| extra.fields.clone());
+    extra.unwrap_or_default().into_keys().collect()
+}
+
+/// Asserts a 422 that kept `body` as a dead letter, refused for the bound on `data`.
+fn assert_refused((status, answer): &(u16, Value), body: &[u8]) {
+    assert_eq!(*status, 422, "{answer}");
+    assert_eq!(answer["field"], json!("data"), "{answer}");
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&MAX_EXTRAS_JSON_BYTES.to_string()),
+        "the answer names the bound: {answer}"
+    );
+    let id = DeadLetterId::of(body);
+    assert_eq!(answer["dead_letter_id"], json!(id.as_str()), "{answer}");
+}
+
+async fn replay(service: &TestService, body: &[u8]) -> Result<u64, tonic::Status> {
+    let request = pb::ReplayDeadLetterRequest {
+        id: DeadLetterId::of(body).to_string(),
+    };
+    let mut admin = AdminServiceClient::new(service.channel().await);
+    let response = admin.replay_dead_letter(request).await?.into_inner();
+    Ok(response.revision)
+}
+
+#[tokio::test]
+async fn an_update_growing_a_profile_past_the_bound_is_refused_whole_and_replayable_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = durable_config(dir.path());
+    config.max_body_bytes = 1 << 20;
+    let service = TestService::start_with(config.clone()).await;
+    let first = body("big", 1, json!({"total_points": 1, "first": over_half()}));
+    assert_eq!(service.post_signed(&first).await.0, 200);
+
+    // New extras past the bound, and a points change: refused whole, nothing recorded.
+    let second = body("big", 2, json!({"total_points": 7, "second": over_half()}));
+    assert_refused(&service.post_signed(&second).await, &second);
+    let profile = get(&service, "big").await;
+    assert_eq!((profile.revision, profile.total_points), (1, Some(1)));
+    assert_eq!(extra_keys(&profile), ["first"]);
+    // An update without extras still applies to the full profile.
+    let points = body("big", 3, json!({"total_points": 3}));
+    assert_eq!(service.post_signed(&points).await.0, 200);
+    assert_eq!(get(&service, "big").await.revision, 2);
+
+    // Replayed while there is no room: still refused, still kept.
+    let status = replay(&service, &second).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("data"), "{status:?}");
+    // A clear makes room (the key stays, its value goes); the replay applies then.
+    let clear = body("big", 4, json!({"first": null}));
+    assert_eq!(service.post_signed(&clear).await.0, 200);
+    assert_eq!(replay(&service, &second).await.unwrap(), 4);
+    let profile = get(&service, "big").await;
+    assert_eq!(
+        extra_keys(&profile),
+        ["second"],
+        "a cleared extra is not served"
+    );
+    assert_eq!(profile.total_points, Some(3), "at 3 is newer than at 2");
+    service.stop().await;
+
+    // The journal holds exactly what was answered: the same profile after a restart.
+    let restarted = TestService::start_with(config).await;
+    assert_eq!(get(&restarted, "big").await, profile);
+    restarted.stop().await;
+}
+
+#[tokio::test]
+async fn replicas_refuse_the_same_update_and_a_repeat_of_it_gets_the_same_answer() {
+    let nats = NatsCluster::single().await.unwrap();
+    let config = |name| {
+        let mut config = replica_config(&nats, "SIZE", name);
+        config.max_body_bytes = 1 << 20;
+        config
+    };
+    let a = TestService::start_with(config("a")).await;
+    let b = TestService::start_with(config("b")).await;
+    let first = body("big", 1, json!({"first": over_half()}));
+    assert_eq!(a.post_signed(&first).await.0, 200);
+    let second = body("big", 2, json!({"total_points": 7, "second": over_half()}));
+    assert_refused(&b.post_signed(&second).await, &second);
+    // The stream took it (same message id: a duplicate now), and each replica refused it.
+    assert_refused(&a.post_signed(&second).await, &second);
+    let after = body("big", 3, json!({"total_points": 3}));
+    let (status, answer) = b.post_signed(&after).await;
+    assert_eq!(status, 200, "{answer}");
+    let revision = answer["revision"].as_u64().unwrap();
+    for replica in [&a, &b] {
+        let mut client = replica.client().await;
+        let request = pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: "big".into(),
+            min_revision: revision,
+        };
+        let profile = client.get_profile(request).await.unwrap().into_inner();
+        let profile = profile.profile.unwrap();
+        assert_eq!((profile.revision, profile.total_points), (2, Some(3)));
+        assert_eq!(extra_keys(&profile), ["first"]);
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn list_pages_stop_short_of_the_message_limit_and_a_batch_past_it_is_refused() {
+    let mut config = profile_state::Config::for_tests(common::SECRET);
+    config.grpc_max_message_bytes = 64 * 1024;
+    let service = TestService::start_with(config).await;
+    let customers: Vec<String> = (0..20).map(|n| format!("c{n:02}")).collect();
+    for customer in &customers {
+        let note = "n".repeat(10_000);
+        let (status, answer) = service
+            .post_signed(&body(customer, 1, json!({"note": note})))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    let mut client = service.client().await;
+    let (mut seen, mut page_token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let request = pb::ListProfilesRequest {
+            page_size: 1000,
+            page_token,
+            ..Default::default()
+        };
+        let page = client.list_profiles(request).await.unwrap().into_inner();
+        assert!(prost::Message::encoded_len(&page) <= 64 * 1024);
+        assert!(!page.profiles.is_empty(), "every page holds a profile");
+        pages += 1;
+        seen.extend(page.profiles.into_iter().map(|p| p.customer_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, customers, "each once, in order");
+    assert!(
+        pages >= 4,
+        "20 profiles of 10 KB take 4 pages of 64 KiB: {pages}"
+    );
+
+    let batch = |ids: &[String]| pb::BatchGetProfilesRequest {
+        client_id: "2155".into(),
+        customer_ids: ids.to_vec(),
+        ..Default::default()
+    };
+    let status = client.batch_get_profiles(batch(&customers)).await;
+    let status = status.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("customer_ids"), "{status:?}");
+    assert!(status.message().contains("65536"), "{status:?}");
+    let some = client.batch_get_profiles(batch(&customers[..4])).await;
+    let found: BTreeSet<_> = some
+        .unwrap()
+        .into_inner()
+        .profiles
+        .into_iter()
+        .map(|p| p.customer_id)
+        .collect();
+    assert_eq!(found.len(), 4);
+    service.stop().await;
+}
