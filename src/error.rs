@@ -130,13 +130,13 @@ pub enum Error {
     },
     /// A read's answer would be larger than a message may be (`--grpc-max-message-bytes`).
     #[error(
-        "the answer would take {bytes} bytes, more than the {limit} a message may carry \
-         (--grpc-max-message-bytes); ask for fewer {field}"
+        "the answer would take at least {bytes} bytes, more than the {limit} a message may \
+         carry (--grpc-max-message-bytes); ask for fewer {field}"
     )]
     ResponseTooLarge {
         /// The request field that decides how much is answered (`customer_ids`).
         field: String,
-        /// How large the answer would be, encoded.
+        /// How large the answer would be at least, encoded (counting stops past the limit).
         bytes: usize,
         /// The largest message allowed.
         limit: usize,

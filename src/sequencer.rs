@@ -566,12 +566,13 @@ pub(crate) struct Sequenced {
 }
 
 /// Whether a merge checks how large the update grows its profile.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Bound {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bound {
     /// Live updates, local or from the stream: refused past the bound.
     Checked,
-    /// Recovery's replay of the local journal: what it holds was accepted when it was written,
-    /// perhaps by a build without the bound, and must replay as it was.
+    /// Recovery's replay of the local journal, and stream messages from before the stream took
+    /// this build's merge rules: accepted when they were written, perhaps by a build without
+    /// the bound, they must apply as they did.
     Waived,
 }
 
@@ -580,14 +581,14 @@ enum Bound {
 /// sequencer's task calls it for the local journal, recovery through `replay`, and in
 /// replicated mode the replica's applier (`crate::replication`) for each stream message, in
 /// stream order, so that every replica assigns the same revisions.
-pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate]) -> Sequenced {
+pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate], bound: Bound) -> Sequenced {
     let first_revision = store.revision() + 1;
     sequence_after(
         store,
         &ProfileMap::default(),
         first_revision,
         updates,
-        Bound::Checked,
+        bound,
     )
 }
 
@@ -665,14 +666,7 @@ fn sequence_after(
 /// the revision it was recorded with, and commits them (rebuilding the history).
 pub(crate) fn replay(store: &Store, records: Vec<(u64, ProfileUpdate)>) -> Result<(), String> {
     let (revisions, updates): (Vec<u64>, Vec<ProfileUpdate>) = records.into_iter().unzip();
-    let first_revision = store.revision() + 1;
-    let Sequenced { changes, outcomes } = sequence_after(
-        store,
-        &ProfileMap::default(),
-        first_revision,
-        &updates,
-        Bound::Waived,
-    );
+    let Sequenced { changes, outcomes } = sequence(store, &updates, Bound::Waived);
     for (recorded, outcome) in revisions.into_iter().zip(outcomes) {
         if outcome != Ok(Applied::Changed { revision: recorded }) {
             return Err(format!(
@@ -758,7 +752,7 @@ mod tests {
             with_extra("a", 2, "two", half),
             update("b", 1, 5),
         ];
-        let Sequenced { changes, outcomes } = sequence(&store, &updates);
+        let Sequenced { changes, outcomes } = sequence(&store, &updates, Bound::Checked);
         assert_eq!(outcomes[0], Ok(Applied::Changed { revision: 1 }));
         let Err(refused) = outcomes[1] else {
             panic!("the second extra is past the bound: {:?}", outcomes[1]);
@@ -781,7 +775,7 @@ mod tests {
     async fn updates_of_one_profile_within_a_batch_build_on_each_other() {
         let store = Store::new(100, "test");
         let updates = [update("a", 1, 10), update("a", 2, 20), update("a", 2, 20)];
-        let Sequenced { changes, outcomes } = sequence(&store, &updates);
+        let Sequenced { changes, outcomes } = sequence(&store, &updates, Bound::Checked);
         assert_eq!(
             outcomes,
             vec![

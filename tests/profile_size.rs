@@ -112,7 +112,7 @@ async fn an_update_growing_a_profile_past_the_bound_is_refused_whole_and_replaya
 }
 
 #[tokio::test]
-async fn replicas_refuse_the_same_update_and_a_repeat_of_it_gets_the_same_answer() {
+async fn replicas_refuse_the_same_update_and_apply_its_retry_once_there_is_room() {
     let nats = NatsCluster::single().await.unwrap();
     let config = |name| {
         let mut config = replica_config(&nats, "SIZE", name);
@@ -132,19 +132,60 @@ async fn replicas_refuse_the_same_update_and_a_repeat_of_it_gets_the_same_answer
     assert_eq!(status, 200, "{answer}");
     let revision = answer["revision"].as_u64().unwrap();
     for replica in [&a, &b] {
-        let mut client = replica.client().await;
-        let request = pb::GetProfileRequest {
-            client_id: "2155".into(),
-            customer_id: "big".into(),
-            min_revision: revision,
-        };
-        let profile = client.get_profile(request).await.unwrap().into_inner();
-        let profile = profile.profile.unwrap();
-        assert_eq!((profile.revision, profile.total_points), (2, Some(3)));
-        assert_eq!(extra_keys(&profile), ["first"]);
+        assert_eq!(
+            served(replica, revision).await,
+            (2, Some(3), vec!["first".into()])
+        );
     }
+
+    // Room made: Gameball's retry of the refused delivery is applied, though the stream
+    // holds the original (a duplicate, for two hours), and on the other replica too. The
+    // replica remembers the outcomes of its last 4096 stream messages: past those, it works
+    // out from the profile that the update was not applied.
+    let clear = body("big", 4, json!({"first": null}));
+    assert_eq!(a.post_signed(&clear).await.0, 200);
+    let (status, answer) = a.post_signed(&second).await;
+    assert_eq!(status, 200, "the retry applies: {answer}");
+    let revision = answer["revision"].as_u64().unwrap();
+    assert_eq!(
+        served(&b, revision).await,
+        (4, Some(3), vec!["second".into()]),
+        "points of 2 are older than those of 3"
+    );
+    let third = body("big", 5, json!({"third": over_half()}));
+    assert_refused(&b.post_signed(&third).await, &third);
+    // One at a time: each its own stream message.
+    for n in 0..4100 {
+        let other = body(&format!("c{n}"), 1, json!({"total_points": n}));
+        assert_eq!(a.post_signed(&other).await.0, 200);
+    }
+    let clear = body("big", 6, json!({"second": null}));
+    assert_eq!(b.post_signed(&clear).await.0, 200);
+    let (status, answer) = b.post_signed(&third).await;
+    assert_eq!(status, 200, "the retry applies: {answer}");
+    let revision = answer["revision"].as_u64().unwrap();
+    assert_eq!(served(&a, revision).await.2, ["third"]);
+    // A repeat of what was applied changes nothing (answered with the outcome of the message
+    // it repeats, as any repeat on a replica).
+    let (status, answer) = a.post_signed(&third).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(served(&a, revision).await.0, revision, "no revision used");
     a.stop().await;
     b.stop().await;
+}
+
+/// The revision, points and extra keys of the profile "big" as `replica` serves it once it has
+/// applied `revision`.
+async fn served(replica: &TestService, revision: u64) -> (u64, Option<i64>, Vec<String>) {
+    let mut client = replica.client().await;
+    let request = pb::GetProfileRequest {
+        client_id: "2155".into(),
+        customer_id: "big".into(),
+        min_revision: revision,
+    };
+    let profile = client.get_profile(request).await.unwrap().into_inner();
+    let profile = profile.profile.unwrap();
+    (profile.revision, profile.total_points, extra_keys(&profile))
 }
 
 #[tokio::test]
@@ -205,4 +246,66 @@ async fn list_pages_stop_short_of_the_message_limit_and_a_batch_past_it_is_refus
         .collect();
     assert_eq!(found.len(), 4);
     service.stop().await;
+}
+
+/// A stream an earlier build (merge rules 1, no bound) wrote, holding a profile grown past the
+/// bound: refused without `--nats-upgrade-rules`, naming it; taken over with it, what the
+/// stream held applies as it did under rules 1, and what comes after with the bound.
+#[tokio::test]
+async fn a_stream_of_the_earlier_rules_is_taken_over_only_when_asked_and_applies_as_before() {
+    use profile_state::jetstream::{Nats, StreamSettings, UpdateBatch, UpdateStream};
+    use profile_state::profile::{EventTime, ProfileKey, ProfileUpdate};
+    let nats = NatsCluster::single().await.unwrap();
+    let mut config = replica_config(&nats, "RULES", "a");
+    config.max_body_bytes = 1 << 20;
+    let client = Nats::connect(&config.nats, "test").await.unwrap();
+    let settings = StreamSettings::from_config(&config.nats);
+    let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
+    for (second, key) in [(1, "one"), (2, "two")] {
+        let update = ProfileUpdate {
+            key: ProfileKey::new("2155", "big"),
+            at: EventTime::from_timestamp(1_732_000_000 + second, 0).unwrap(),
+            fields: vec![],
+            extras: vec![(key.into(), Some(over_half().into()))],
+            origin: Default::default(),
+        };
+        stream.publish(&UpdateBatch::new([&update])).await.unwrap();
+    }
+    let context = client.context();
+    let mut stream_config = context
+        .get_stream("RULES")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    stream_config
+        .metadata
+        .insert("profile_state_rules".into(), "1".into());
+    context.update_stream(stream_config).await.unwrap();
+
+    let refused = profile_state::Server::bind(config.clone()).await.err();
+    let message = format!("{:#}", refused.expect("a stream of rules 1 is refused"));
+    assert!(message.contains("--nats-upgrade-rules"), "{message}");
+
+    config.nats.upgrade_rules = true;
+    let a = TestService::start_with(config.clone()).await;
+    assert_eq!(
+        served(&a, 2).await,
+        (2, None, vec!["one".into(), "two".into()])
+    );
+    let three = body("big", 3, json!({"three": "x"}));
+    assert_refused(&a.post_signed(&three).await, &three);
+    a.stop().await;
+    // Taken over once: the flag is harmless on a stream of rules 2, and a replica with an
+    // empty disk replays the same history the same way.
+    let mut fresh = replica_config(&nats, "RULES", "b");
+    fresh.max_body_bytes = 1 << 20;
+    let b = TestService::start_with(fresh).await;
+    assert_eq!(
+        served(&b, 2).await,
+        (2, None, vec!["one".into(), "two".into()])
+    );
+    assert_refused(&b.post_signed(&three).await, &three);
+    b.stop().await;
 }

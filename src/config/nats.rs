@@ -110,6 +110,17 @@ pub struct NatsConfig {
     )]
     pub retain_after_snapshot: u64,
 
+    /// Takes over a stream of an earlier build's merge rules (1, without the bound on how large
+    /// an update may grow a profile): what it holds is applied as before, what comes after
+    /// with this build's rules. Only with every replica of the earlier build stopped (README,
+    /// "Upgrades"); harmless on a stream of this build's rules.
+    #[arg(
+        long = "nats-upgrade-rules",
+        env = "PROFILE_STATE_NATS_UPGRADE_RULES",
+        requires = "urls"
+    )]
+    pub upgrade_rules: bool,
+
     /// This replica's name in GetServerInfo, logs and the NATS connection list; default: the
     /// host name.
     #[arg(

@@ -278,6 +278,17 @@ fn fitted_page(
     }
 }
 
+/// About the largest WatchProfiles change a profile can make, its previous state included,
+/// when webhooks carry at most `max_body_bytes`: the extras at the bound as a protobuf
+/// `Struct` (at most 5.5 times their JSON, a list of one-digit numbers being the worst case),
+/// and each text field and id as large as a body. A server whose message limit is below it
+/// may hold a profile it cannot send (the start-up log warns).
+pub fn largest_change_bytes(max_body_bytes: usize) -> usize {
+    let extras = crate::profile::MAX_EXTRAS_JSON_BYTES * 11 / 2;
+    let texts = 7 * max_body_bytes;
+    2 * (extras + texts + 1024) + 1024
+}
+
 fn served_at<'a>(store: &Store, profiles: impl IntoIterator<Item = &'a Arc<Profile>>) -> u64 {
     let newest = profiles.into_iter().map(|p| p.revision).max();
     store.revision().max(newest.unwrap_or(0))
@@ -327,18 +338,25 @@ impl ProfileService for ProfileApi {
                 None => missing_customer_ids.push(customer_id),
             }
         }
-        let response = pb::BatchGetProfilesResponse {
+        let mut response = pb::BatchGetProfilesResponse {
             store_revision: served_at(&self.store, &found),
-            profiles: found.iter().map(|p| convert::profile(p)).collect(),
+            profiles: Vec::with_capacity(found.len()),
             missing_customer_ids,
         };
-        let bytes = prost::Message::encoded_len(&response);
-        if bytes > self.max_message_bytes {
-            return Err(grpc_status(Error::ResponseTooLarge {
-                field: "customer_ids".into(),
-                bytes,
-                limit: self.max_message_bytes,
-            }));
+        // Sizes summed while converting, so that an answer past the limit stops there rather
+        // than after a thousand large profiles were copied.
+        let mut bytes = prost::Message::encoded_len(&response);
+        for profile in &found {
+            let converted = convert::profile(profile);
+            bytes += prost::encoding::message::encoded_len(1, &converted);
+            if bytes > self.max_message_bytes {
+                return Err(grpc_status(Error::ResponseTooLarge {
+                    field: "customer_ids".into(),
+                    bytes,
+                    limit: self.max_message_bytes,
+                }));
+            }
+            response.profiles.push(converted);
         }
         Ok(Response::new(response))
     }
@@ -443,6 +461,16 @@ fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The defaults fit: with 64 KiB bodies no profile outgrows a 4 MiB message, so the
+    /// start-up warning stays silent unless an operator moves one limit against the other.
+    #[test]
+    fn the_largest_change_fits_the_default_message_limit() {
+        let defaults = crate::Config::for_tests("s");
+        let largest = largest_change_bytes(defaults.max_body_bytes);
+        assert!(largest <= defaults.grpc_max_message_bytes, "{largest}");
+        assert!(largest_change_bytes(256 * 1024) > defaults.grpc_max_message_bytes);
+    }
 
     #[test]
     fn grpc_timeouts_are_read_in_every_unit_and_garbage_is_none() {

@@ -26,8 +26,16 @@ const FORMAT: &str = "1";
 /// implement, and a release that changes a merge rule (anything `Profile::merge` decides)
 /// bumps this, which makes its upgrade a full stop (README, "Upgrading replicas").
 const RULES_KEY: &str = "profile_state_rules";
-/// The merge rules this build implements.
-pub const RULES: &str = "1";
+/// The merge rules this build implements. 2: an update that would grow a profile's extras
+/// past the bound is refused (`crate::profile::check_growth`); a replica of rules 1 applies it.
+pub const RULES: &str = "2";
+/// The rules this build can take a stream over from ([`UpdateStream::upgrade_rules`]): rules 1
+/// are rules 2 without the bound, so messages applied under them are applied here with the
+/// bound waived, exactly as they were.
+const UPGRADABLE_RULES: &str = "1";
+/// Stream metadata key holding the first stream sequence applied under rules 2, on a stream
+/// that began under rules 1 (absent: every message).
+const RULES_FROM_KEY: &str = "profile_state_rules_2_from";
 
 /// What the stream must look like; derived from the `--nats-*` flags.
 #[derive(Clone, Debug)]
@@ -115,6 +123,8 @@ pub struct UpdateStream {
     settings: StreamSettings,
     subject: String,
     store_id: String,
+    /// The first sequence applied with the bound on profile growth (see [`RULES_FROM_KEY`]).
+    rules_from: u64,
 }
 
 impl UpdateStream {
@@ -146,7 +156,7 @@ impl UpdateStream {
             }
             Err(err) => return Err(unavailable("stream info")(err)),
         };
-        let store_id = verify(settings, &info.config)?;
+        let (store_id, rules_from) = verify(settings, &info.config)?;
         let stream = context
             .get_stream_no_info(&settings.name)
             .await
@@ -157,7 +167,46 @@ impl UpdateStream {
             subject: settings.subject(),
             settings: settings.clone(),
             store_id,
+            rules_from,
         })
+    }
+
+    /// Takes the stream `settings` name over from rules 1 ([`UPGRADABLE_RULES`]) to this
+    /// build's: its metadata then says rules 2 from the sequence after its last message, so
+    /// every replica of this build applies what came before exactly as replicas of rules 1 did,
+    /// and what comes after with the bound. Only while no replica of rules 1 runs (one would
+    /// apply the later messages without the bound). `Ok(None)`: nothing to take over (no such
+    /// stream, or rules 2 already); `Ok(Some(sequence))`: the first sequence of rules 2.
+    pub async fn upgrade_rules(
+        nats: &Nats,
+        settings: &StreamSettings,
+    ) -> Result<Option<u64>, JetStreamError> {
+        let context = nats.context();
+        let info = match context.get_stream(&settings.name).await {
+            Ok(stream) => stream.cached_info().clone(),
+            Err(err) if is_not_found(&err) => return Ok(None),
+            Err(err) => return Err(unavailable("stream info")(err)),
+        };
+        let mut config = info.config;
+        if config.metadata.get(RULES_KEY).map(String::as_str) != Some(UPGRADABLE_RULES) {
+            return Ok(None);
+        }
+        let from = info.state.last_sequence + 1;
+        config.metadata.insert(RULES_KEY.into(), RULES.into());
+        config
+            .metadata
+            .insert(RULES_FROM_KEY.into(), from.to_string());
+        context
+            .update_stream(config)
+            .await
+            .map_err(unavailable("stream update"))?;
+        Ok(Some(from))
+    }
+
+    /// The first stream sequence applied with the bound on profile growth: 0 on a stream
+    /// created under rules 2, else the sequence [`UpdateStream::upgrade_rules`] recorded.
+    pub fn rules_from(&self) -> u64 {
+        self.rules_from
     }
 
     /// The store id every replica of this stream reports.
@@ -191,6 +240,16 @@ impl UpdateStream {
     /// Publishes a batch with its content-derived `Nats-Msg-Id` and waits for the stream's
     /// acknowledgement (a quorum has stored it; synced, with `sync_interval: always`).
     pub async fn publish(&self, batch: &UpdateBatch) -> Result<Published, JetStreamError> {
+        self.publish_as(batch, &batch.message_id()).await
+    }
+
+    /// [`UpdateStream::publish`] under the message id `id`: a repeat the stream must take as
+    /// a new message (one whose original the merge refused, `crate::replication`).
+    pub async fn publish_as(
+        &self,
+        batch: &UpdateBatch,
+        id: &str,
+    ) -> Result<Published, JetStreamError> {
         let payload = batch.encode_to_vec();
         let max = self.nats.max_payload();
         if payload.len() > max {
@@ -199,7 +258,7 @@ impl UpdateStream {
                 max,
             });
         }
-        let (payload, id) = (bytes::Bytes::from(payload), batch.message_id());
+        let payload = bytes::Bytes::from(payload);
         // No responders: no server holds the stream's subject for a moment, while a new
         // stream's or a failed leader's Raft group elects a leader. The message id makes a
         // repeat harmless, so try again until the request timeout rather than answer 503.
@@ -208,7 +267,7 @@ impl UpdateStream {
         loop {
             let message = async_nats::jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
-                .message_id(id.as_str());
+                .message_id(id);
             let sent = match self
                 .nats
                 .context()
@@ -270,7 +329,10 @@ impl UpdateStream {
 }
 
 /// Checks an existing stream against what this service relies on; returns its store id.
-fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<String, JetStreamError> {
+fn verify(
+    settings: &StreamSettings,
+    config: &stream::Config,
+) -> Result<(String, u64), JetStreamError> {
     check_layout(settings, config)
         .and_then(|()| check_durability(settings, config))
         .and_then(|()| check_limits(config))
@@ -362,8 +424,9 @@ fn check_limits(config: &stream::Config) -> Result<(), Mismatch> {
     Ok(())
 }
 
-/// The stream's metadata: our message format, our merge rules, a store id (returned).
-fn check_metadata(config: &stream::Config) -> Result<String, Mismatch> {
+/// The stream's metadata: our message format, our merge rules (and since when: returned), a
+/// store id (returned).
+fn check_metadata(config: &stream::Config) -> Result<(String, u64), Mismatch> {
     match config.metadata.get(FORMAT_KEY).map(String::as_str) {
         Some(FORMAT) => {}
         found => {
@@ -372,20 +435,37 @@ fn check_metadata(config: &stream::Config) -> Result<String, Mismatch> {
     }
     match config.metadata.get(RULES_KEY).map(String::as_str) {
         Some(RULES) => {}
+        Some(UPGRADABLE_RULES) => {
+            return Err((
+                "metadata merge rules version",
+                format!(
+                    "{RULES}, the rules of this build (the stream's are those of an earlier \
+                     build: stop every replica, start one of this build with \
+                     --nats-upgrade-rules, then the others)"
+                ),
+                format!("{UPGRADABLE_RULES:?}"),
+            ));
+        }
         found => {
             return Err((
                 "metadata merge rules version",
                 format!(
                     "{RULES}, the rules of this build (a stream of other rules is applied only \
-                     by a build that implements them: stop every replica, upgrade them all, \
-                     then start them)"
+                     by a build that implements them)"
                 ),
                 format!("{found:?}"),
             ));
         }
     }
+    let rules_from = match config.metadata.get(RULES_FROM_KEY) {
+        None => 0,
+        Some(from) => from.parse().map_err(|_| {
+            let expected = "a stream sequence".to_string();
+            ("metadata rules 2 start", expected, format!("{from:?}"))
+        })?,
+    };
     match config.metadata.get(STORE_ID_KEY) {
-        Some(id) if !id.is_empty() => Ok(id.clone()),
+        Some(id) if !id.is_empty() => Ok((id.clone(), rules_from)),
         _ => Err(("metadata store id", "a store id".into(), "none".into())),
     }
 }

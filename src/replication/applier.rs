@@ -20,7 +20,7 @@ use super::snapshots::Snapshots;
 use super::status::ReplicaStatus;
 use crate::jetstream::{Entry, Follower};
 use crate::metrics::Metrics;
-use crate::sequencer::{CommitHook, Sequenced, sequence};
+use crate::sequencer::{Bound, CommitHook, Sequenced, sequence};
 use crate::store::Store;
 
 /// Holds the applier between messages while paused: a test seam (the stand-in for a replica
@@ -67,6 +67,9 @@ pub(super) struct Applier {
     /// Cancelled once the publisher has stopped and no webhook waits any more.
     pub stop: CancellationToken,
     pub pause: ApplierPause,
+    /// The first stream sequence applied with the bound on profile growth
+    /// (`UpdateStream::rules_from`).
+    pub rules_from: u64,
 }
 
 impl Applier {
@@ -108,7 +111,13 @@ impl Applier {
         let updates = batch
             .into_updates()
             .map_err(|reason| format!("stream message {stream_sequence}: {reason}"))?;
-        let Sequenced { changes, outcomes } = sequence(&self.store, &updates);
+        // Messages from before the stream took rules 2 apply as replicas of rules 1 applied
+        // them: without the bound.
+        let bound = match stream_sequence >= self.rules_from {
+            true => Bound::Checked,
+            false => Bound::Waived,
+        };
+        let Sequenced { changes, outcomes } = sequence(&self.store, &updates, bound);
         self.store.commit(&changes);
         self.hook.committed(&changes);
         let revision = self.store.revision();

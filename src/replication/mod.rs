@@ -189,6 +189,7 @@ impl Prepared {
             snapshots,
             stop: publisher_done,
             pause,
+            rules_from: stream.rules_from(),
         };
         tracker.spawn(applier.run());
         let ready = poll(&stream, &status, tracker, stopping.clone());

@@ -24,7 +24,9 @@ pub(super) enum Registered {
     /// Applied already: the reply was sent its outcome.
     Now,
     /// Applied so long ago that its outcome is no longer kept (a duplicate of an old message):
-    /// the caller works the outcome out from the profile as it is now (`publisher::old_outcome`).
+    /// merging it again changed nothing, so the caller answers the reply with `Unchanged` and
+    /// the profile's revision (a repeat of a refused update never gets here: the publisher
+    /// publishes it anew, `publisher::refused_before`).
     Old(Reply),
     /// Not applied yet: the reply will be sent when it is.
     Waiting,
@@ -115,6 +117,22 @@ impl Pending {
             .or_default()
             .push((index, reply));
         Registered::Waiting
+    }
+
+    /// What the applier made of the update at `index` of stream message `sequence`: `None`
+    /// while it is not applied, `Some(None)` when it was applied too long ago for its outcome
+    /// to be kept.
+    pub(super) fn settled(&self, sequence: u64, index: usize) -> Option<Option<Outcome>> {
+        let state = self.state();
+        if sequence > state.applied_through {
+            return None;
+        }
+        let kept = state
+            .recent
+            .binary_search_by_key(&sequence, |(applied, _)| *applied)
+            .ok()
+            .and_then(|at| state.recent[at].1.get(index).copied());
+        Some(kept)
     }
 
     /// Whether any caller still waits for an apply (shutdown waits until none does).

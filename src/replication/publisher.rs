@@ -15,7 +15,10 @@
 //! applies whatever order the stream gives, and each caller waits for its own outcome).
 //! Once acknowledged, each caller waits until this replica's applier has
 //! applied the message (`super::pending`), and is answered with the real outcome: `Changed`
-//! with its revision, or `Unchanged`.
+//! with its revision, `Unchanged`, or refused for growing its profile past the bound
+//! (`crate::profile::check_growth`). The stream drops a repeat of a refused update (a
+//! Gameball retry, a dead letter's replay) as a duplicate, yet by then room may have been made:
+//! such a repeat is published again under an id of its own and applied anew.
 //!
 //! Failures: not connected, not acknowledged in `--nats-request-timeout`, or refused (the
 //! stream full) is `Unavailable` (503): not recorded, or recorded without the ack reaching us,
@@ -34,10 +37,10 @@ use tokio_util::task::TaskTracker;
 use super::linger::{Linger, Wait};
 use super::pending::{Pending, Registered, Reply};
 use crate::error::Error;
-use crate::jetstream::{JetStreamError, UpdateBatch, UpdateStream};
+use crate::jetstream::{JetStreamError, UpdateBatch, UpdateStream, delivery_id};
 use crate::journal::codec::UpdateRecord;
 use crate::metrics::Metrics;
-use crate::profile::{Profile, ProfileUpdate, check_growth};
+use crate::profile::{Profile, ProfileKey, ProfileUpdate};
 use crate::sequencer::Applied;
 use crate::store::Store;
 
@@ -253,9 +256,14 @@ fn record_len(record: &UpdateRecord) -> usize {
 async fn publish(parts: &Parts, batch: Vec<(Request, UpdateRecord)>) {
     let (requests, records): (Vec<Request>, Vec<UpdateRecord>) = batch.into_iter().unzip();
     let message = UpdateBatch { updates: records };
+    publish_as(parts, requests, message.message_id(), message).await;
+}
+
+/// [`publish`] under the message id `id`.
+async fn publish_as(parts: &Parts, requests: Vec<Request>, id: String, message: UpdateBatch) {
     let started = Instant::now();
     let published = if parts.stream.nats().is_connected() {
-        parts.stream.publish(&message).await
+        parts.stream.publish_as(&message, &id).await
     } else {
         // Fail fast: a publish while disconnected would sit in the client's buffer past the
         // caller's time, and might still reach the stream afterwards.
@@ -271,10 +279,22 @@ async fn publish(parts: &Parts, batch: Vec<(Request, UpdateRecord)>) {
                 .replication_published(started.elapsed().as_secs_f64(), ack.duplicate);
             for (index, request) in requests.into_iter().enumerate() {
                 request.acked.store(ack.sequence, Ordering::Release);
+                if ack.duplicate && refused_before(parts, ack.sequence, index, &request.update) {
+                    // The stream dropped a repeat (a retry, a replay) of an update the merge
+                    // refused for want of room: published again under an id of its own, it is
+                    // applied to the profile as it is now, room made or not.
+                    let record = UpdateRecord::new(0, &request.update);
+                    let id = format!("{}+{}", delivery_id(&record), ack.sequence);
+                    let alone = UpdateBatch {
+                        updates: vec![record],
+                    };
+                    Box::pin(publish_as(parts, vec![request], id, alone)).await;
+                    continue;
+                }
                 if let Registered::Old(reply) =
                     parts.pending.register(ack.sequence, index, request.reply)
                 {
-                    let _ = reply.send(old_outcome(&parts.store, &request.update));
+                    let _ = reply.send(Ok(unchanged(&parts.store, &request.update.key)));
                 }
             }
         }
@@ -296,54 +316,38 @@ async fn publish(parts: &Parts, batch: Vec<(Request, UpdateRecord)>) {
     }
 }
 
-/// The outcome of a duplicate of a message applied long ago. Merging is idempotent and only
-/// moves forward, so an update that was applied changes nothing merged again: `Unchanged` at
-/// the profile's revision. One that still would change something was refused for growing the
-/// profile past the bound (`crate::profile::check_growth`), and is answered so again.
-fn old_outcome(store: &Store, update: &ProfileUpdate) -> Result<Applied, Error> {
-    let current = store.get(&update.key);
-    let mut merged = match &current {
-        Some(current) => Profile::clone(current),
-        None => Profile::empty(update.key.clone()),
-    };
-    if merged.merge(update).is_some() {
-        check_growth(current.as_deref(), &merged, update)?;
+/// Whether the update at `index` of stream message `sequence`, which the stream has already,
+/// was refused when this replica applied it: its outcome says so while it is kept, and after
+/// that the profile does (merged again, an applied update changes nothing: merging is
+/// idempotent and only moves forward). Not applied here yet: not known, so no.
+fn refused_before(parts: &Parts, sequence: u64, index: usize, update: &ProfileUpdate) -> bool {
+    match parts.pending.settled(sequence, index) {
+        Some(Some(outcome)) => outcome.is_err(),
+        Some(None) => {
+            let current = parts.store.get(&update.key);
+            let mut merged = match &current {
+                Some(current) => Profile::clone(current),
+                None => Profile::empty(update.key.clone()),
+            };
+            merged.merge(update).is_some()
+        }
+        None => false,
     }
-    Ok(Applied::Unchanged {
-        revision: current.map_or(0, |profile| profile.revision),
-    })
+}
+
+/// The outcome of a duplicate of a message applied long ago, and not refused
+/// ([`refused_before`]): nothing changed, so the profile's revision (it exists: the message
+/// was applied).
+fn unchanged(store: &Store, key: &ProfileKey) -> Applied {
+    Applied::Unchanged {
+        revision: store.get(key).map_or(0, |profile| profile.revision),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{EventTime, Field, MAX_EXTRAS_JSON_BYTES, ProfileKey, Scalar};
-
-    /// A duplicate acknowledged after its outcome left the recent window: worked out again.
-    #[test]
-    fn an_old_duplicate_is_unchanged_if_it_was_applied_and_refused_if_it_was_refused() {
-        let store = Store::new(100, "test");
-        let extra = |second: i64, key: &str| ProfileUpdate {
-            key: ProfileKey::new("2155", "big"),
-            at: EventTime::from_timestamp(1_732_037_682 + second, 0).unwrap(),
-            fields: vec![],
-            extras: vec![(
-                key.into(),
-                Some("x".repeat(MAX_EXTRAS_JSON_BYTES / 2 + 10).into()),
-            )],
-            origin: Default::default(),
-        };
-        let (applied, refused) = (extra(1, "one"), extra(2, "two"));
-        let sequenced = crate::sequencer::sequence(&store, &[applied.clone(), refused.clone()]);
-        assert!(sequenced.outcomes[1].is_err());
-        store.commit(&sequenced.changes);
-        assert_eq!(
-            old_outcome(&store, &applied),
-            Ok(Applied::Unchanged { revision: 1 })
-        );
-        let error = old_outcome(&store, &refused).unwrap_err();
-        assert_eq!(error.field(), Some("data"), "{error}");
-    }
+    use crate::profile::{EventTime, Field, Scalar};
 
     fn request(customer: &str, extra_bytes: usize) -> Request {
         Request {

@@ -101,6 +101,16 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
         )));
     }
     let settings = StreamSettings::from_config(&config.nats);
+    if config.nats.upgrade_rules
+        && let Some(from) = UpdateStream::upgrade_rules(&nats, &settings).await?
+    {
+        tracing::warn!(
+            stream = %settings.name,
+            from,
+            "took the stream over from merge rules 1: messages from this sequence on are applied \
+             with the bound on how large an update may grow a profile"
+        );
+    }
     let stream = match UpdateStream::ensure(&nats, &settings).await {
         Ok(stream) => stream,
         Err(error @ JetStreamError::Mismatch { .. }) => {

@@ -628,6 +628,17 @@ fn announce(
         admin_auth = "off (metrics and health only)",
         "profile-state listening"
     );
+    let largest = crate::grpc::largest_change_bytes(config.max_body_bytes);
+    if largest > config.grpc_max_message_bytes {
+        tracing::warn!(
+            largest,
+            grpc_max_message_bytes = config.grpc_max_message_bytes,
+            max_body_bytes = config.max_body_bytes,
+            "a profile may grow larger than a gRPC message may carry (a watch change with its \
+             previous state may take about {largest} bytes): such a profile could not be read \
+             or watched; raise --grpc-max-message-bytes or lower --max-body-bytes"
+        );
+    }
     if grpc_auth == "off" && !grpc.ip().to_canonical().is_loopback() {
         tracing::warn!(
             grpc = %grpc,
