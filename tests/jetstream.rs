@@ -143,7 +143,10 @@ async fn an_existing_stream_that_cannot_work_is_refused_naming_the_setting() {
         message.contains("metadata merge rules version"),
         "{message}"
     );
-    assert!(message.contains("a build that implements them"), "{message}");
+    assert!(
+        message.contains("a build that implements them"),
+        "{message}"
+    );
 
     // A stream an operator made by hand: no store id, messages removed by age.
     context

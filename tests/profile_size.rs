@@ -126,7 +126,16 @@ async fn replicas_refuse_the_same_update_and_apply_its_retry_once_there_is_room(
     let second = body("big", 2, json!({"total_points": 7, "second": over_half()}));
     assert_refused(&b.post_signed(&second).await, &second);
     // The stream took it (same message id: a duplicate now), and each replica refused it.
+    // Repeats while nothing changed are refused again, each at most one more stream message
+    // (the update alone under the profile's revision, then dropped as a repeat of that).
     assert_refused(&a.post_signed(&second).await, &second);
+    let before = a.server_info().await.stream_last_sequence;
+    for _ in 0..5 {
+        assert_refused(&a.post_signed(&second).await, &second);
+        assert_refused(&b.post_signed(&second).await, &second);
+    }
+    let after = a.server_info().await.stream_last_sequence;
+    assert!(after - before <= 2, "{before}..{after}");
     let after = body("big", 3, json!({"total_points": 3}));
     let (status, answer) = b.post_signed(&after).await;
     assert_eq!(status, 200, "{answer}");
@@ -288,7 +297,40 @@ async fn a_stream_of_the_earlier_rules_is_taken_over_only_when_asked_and_applies
     let message = format!("{:#}", refused.expect("a stream of rules 1 is refused"));
     assert!(message.contains("--nats-upgrade-rules"), "{message}");
 
+    // Not taken over while the stream is read (a replica of rules 1 may still run), nor with
+    // another setting that does not fit: the stream stays as it was.
     config.nats.upgrade_rules = true;
+    let reader = async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some("old-replica".into()),
+        ..Default::default()
+    };
+    context
+        .create_consumer_on_stream(reader, "RULES")
+        .await
+        .unwrap();
+    let refused = profile_state::Server::bind(config.clone()).await.err();
+    let message = format!("{:#}", refused.expect("refused while a consumer reads"));
+    assert!(message.contains("consumers"), "{message}");
+    context
+        .delete_consumer_from_stream("old-replica", "RULES")
+        .await
+        .unwrap();
+    let mut longer = config.clone();
+    longer.nats.duplicate_window *= 2;
+    let refused = profile_state::Server::bind(longer).await.err();
+    let message = format!(
+        "{:#}",
+        refused.expect("a longer duplicate window is refused")
+    );
+    assert!(message.contains("duplicate"), "{message}");
+    let info = context
+        .get_stream("RULES")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.config.metadata["profile_state_rules"], "1");
+
     let a = TestService::start_with(config.clone()).await;
     assert_eq!(
         served(&a, 2).await,

@@ -175,8 +175,11 @@ impl UpdateStream {
     /// build's: its metadata then says rules 2 from the sequence after its last message, so
     /// every replica of this build applies what came before exactly as replicas of rules 1 did,
     /// and what comes after with the bound. Only while no replica of rules 1 runs (one would
-    /// apply the later messages without the bound). `Ok(None)`: nothing to take over (no such
-    /// stream, or rules 2 already); `Ok(Some(sequence))`: the first sequence of rules 2.
+    /// apply the later messages without the bound, and publish snapshots of that): refused
+    /// while any consumer reads the stream (a replica's lasts 30 s after it stops). Every
+    /// other setting is checked first, so a refusal leaves the stream as it was.
+    /// `Ok(None)`: nothing to take over (no such stream, or rules 2 already);
+    /// `Ok(Some(sequence))`: the first sequence of rules 2.
     pub async fn upgrade_rules(
         nats: &Nats,
         settings: &StreamSettings,
@@ -196,6 +199,17 @@ impl UpdateStream {
         config
             .metadata
             .insert(RULES_FROM_KEY.into(), from.to_string());
+        verify(settings, &config)?;
+        if info.state.consumer_count > 0 {
+            return Err(JetStreamError::Mismatch {
+                name: settings.name.clone(),
+                setting: "consumers (for --nats-upgrade-rules)",
+                expected: "none: stop every replica of the earlier release, wait 30 s for their \
+                           consumers to expire, then start again"
+                    .into(),
+                found: info.state.consumer_count.to_string(),
+            });
+        }
         context
             .update_stream(config)
             .await

@@ -40,7 +40,7 @@ use crate::error::Error;
 use crate::jetstream::{JetStreamError, UpdateBatch, UpdateStream, delivery_id};
 use crate::journal::codec::UpdateRecord;
 use crate::metrics::Metrics;
-use crate::profile::{Profile, ProfileKey, ProfileUpdate};
+use crate::profile::{Profile, ProfileKey, ProfileUpdate, check_growth};
 use crate::sequencer::Applied;
 use crate::store::Store;
 
@@ -256,11 +256,34 @@ fn record_len(record: &UpdateRecord) -> usize {
 async fn publish(parts: &Parts, batch: Vec<(Request, UpdateRecord)>) {
     let (requests, records): (Vec<Request>, Vec<UpdateRecord>) = batch.into_iter().unzip();
     let message = UpdateBatch { updates: records };
-    publish_as(parts, requests, message.message_id(), message).await;
+    publish_as(
+        parts,
+        requests,
+        message.message_id(),
+        message,
+        Repeat::First,
+    )
+    .await;
+}
+
+/// Which publish of an update this is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Under its content's id, as every update is published first.
+    First,
+    /// Again, alone, under its id and the revision of its profile here: a repeat of an update
+    /// the merge refused ([`refused_before`]).
+    Again,
 }
 
 /// [`publish`] under the message id `id`.
-async fn publish_as(parts: &Parts, requests: Vec<Request>, id: String, message: UpdateBatch) {
+async fn publish_as(
+    parts: &Parts,
+    requests: Vec<Request>,
+    id: String,
+    message: UpdateBatch,
+    repeat: Repeat,
+) {
     let started = Instant::now();
     let published = if parts.stream.nats().is_connected() {
         parts.stream.publish_as(&message, &id).await
@@ -279,16 +302,26 @@ async fn publish_as(parts: &Parts, requests: Vec<Request>, id: String, message: 
                 .replication_published(started.elapsed().as_secs_f64(), ack.duplicate);
             for (index, request) in requests.into_iter().enumerate() {
                 request.acked.store(ack.sequence, Ordering::Release);
-                if ack.duplicate && refused_before(parts, ack.sequence, index, &request.update) {
+                let refused = || refused_before(parts, ack.sequence, index, &request.update);
+                if ack.duplicate && repeat == Repeat::First && refused() {
                     // The stream dropped a repeat (a retry, a replay) of an update the merge
                     // refused for want of room: published again under an id of its own, it is
-                    // applied to the profile as it is now, room made or not.
+                    // applied to the profile as it is now. The id names the profile's revision:
+                    // while the profile has not changed, repeats are dropped again (and
+                    // refused again, below), so a retry costs two publishes at most.
                     let record = UpdateRecord::new(0, &request.update);
-                    let id = format!("{}+{}", delivery_id(&record), ack.sequence);
+                    let revision = parts.store.get(&request.update.key).map(|p| p.revision);
+                    let id = format!("{}@{}", delivery_id(&record), revision.unwrap_or(0));
                     let alone = UpdateBatch {
                         updates: vec![record],
                     };
-                    Box::pin(publish_as(parts, vec![request], id, alone)).await;
+                    let again = publish_as(parts, vec![request], id, alone, Repeat::Again);
+                    Box::pin(again).await;
+                    continue;
+                }
+                if ack.duplicate && repeat == Repeat::Again && refused() {
+                    // Refused at this very revision of the profile already: nothing changed.
+                    let _ = request.reply.send(refusal(&parts.store, &request.update));
                     continue;
                 }
                 if let Registered::Old(reply) =
@@ -323,16 +356,34 @@ async fn publish_as(parts: &Parts, requests: Vec<Request>, id: String, message: 
 fn refused_before(parts: &Parts, sequence: u64, index: usize, update: &ProfileUpdate) -> bool {
     match parts.pending.settled(sequence, index) {
         Some(Some(outcome)) => outcome.is_err(),
-        Some(None) => {
-            let current = parts.store.get(&update.key);
-            let mut merged = match &current {
-                Some(current) => Profile::clone(current),
-                None => Profile::empty(update.key.clone()),
-            };
-            merged.merge(update).is_some()
-        }
+        Some(None) => merged_now(&parts.store, update).1.is_some(),
         None => false,
     }
+}
+
+/// The profile `update` is about as this replica holds it, and what merging `update` into it
+/// makes of it (`None`: nothing would change).
+fn merged_now(store: &Store, update: &ProfileUpdate) -> (Option<Arc<Profile>>, Option<Profile>) {
+    let current = store.get(&update.key);
+    let mut merged = match &current {
+        Some(current) => Profile::clone(current),
+        None => Profile::empty(update.key.clone()),
+    };
+    let changed = merged.merge(update).is_some();
+    (current, changed.then_some(merged))
+}
+
+/// The answer to a repeat of an update refused at the profile's current revision: the merge's
+/// refusal, worked out again (the same profile, the same update: the same refusal).
+fn refusal(store: &Store, update: &ProfileUpdate) -> Result<Applied, Error> {
+    if let (current, Some(merged)) = merged_now(store, update) {
+        check_growth(current.as_deref(), &merged, update)?;
+    }
+    Err(Error::Unavailable {
+        reason: "the update was refused for growing its profile past the bound, which it no \
+                 longer does; retry"
+            .into(),
+    })
 }
 
 /// The outcome of a duplicate of a message applied long ago, and not refused

@@ -102,7 +102,12 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
     }
     let settings = StreamSettings::from_config(&config.nats);
     if config.nats.upgrade_rules
-        && let Some(from) = UpdateStream::upgrade_rules(&nats, &settings).await?
+        && let Some(from) = UpdateStream::upgrade_rules(&nats, &settings)
+            .await
+            .map_err(|error| match error {
+                JetStreamError::Mismatch { .. } => bad_configuration(error.to_string()),
+                error => error.into(),
+            })?
     {
         tracing::warn!(
             stream = %settings.name,
