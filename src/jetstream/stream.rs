@@ -36,9 +36,6 @@ const UPGRADABLE_RULES: &str = "1";
 /// Stream metadata key holding the first stream sequence applied under rules 2, on a stream
 /// that began under rules 1 (absent: every message).
 const RULES_FROM_KEY: &str = "profile_state_rules_2_from";
-/// How long a takeover of a rules-1 stream watches for a consumer of a replica of rules 1 that
-/// was starting when it began ([`UpdateStream::upgrade_rules`]).
-const TAKEOVER_SETTLE: Duration = Duration::from_secs(3);
 
 /// What the stream must look like; derived from the `--nats-*` flags.
 #[derive(Clone, Debug)]
@@ -213,38 +210,10 @@ impl UpdateStream {
                 found: info.state.consumer_count.to_string(),
             });
         }
-        let mut rules_1 = config.clone();
         context
             .update_stream(config)
             .await
             .map_err(unavailable("stream update"))?;
-        // A replica of rules 1 that was starting checked the metadata before the rewrite and
-        // creates its consumer only after loading its snapshot; it never looks again. Such a
-        // consumer appearing soon after is taken as one, and the takeover undone. (One that
-        // takes longer than this to start is not caught: the README says to stop them all.)
-        tokio::time::sleep(TAKEOVER_SETTLE).await;
-        let readers = match context.get_stream(&settings.name).await {
-            Ok(stream) => stream.cached_info().state.consumer_count,
-            Err(err) => return Err(unavailable("stream info")(err)),
-        };
-        if readers > 0 {
-            rules_1
-                .metadata
-                .insert(RULES_KEY.into(), UPGRADABLE_RULES.into());
-            rules_1.metadata.remove(RULES_FROM_KEY);
-            context
-                .update_stream(rules_1)
-                .await
-                .map_err(unavailable("stream update"))?;
-            return Err(JetStreamError::Mismatch {
-                name: settings.name.clone(),
-                setting: "consumers (for --nats-upgrade-rules)",
-                expected: "none: a replica of the earlier release started during the takeover, \
-                           which was undone; stop it and start again"
-                    .into(),
-                found: readers.to_string(),
-            });
-        }
         Ok(Some(from))
     }
 
