@@ -123,17 +123,7 @@ async fn an_existing_stream_that_cannot_work_is_refused_naming_the_setting() {
     // A stream of other merge rules (a newer or older release's): replicas of both would
     // assign different revisions, so it is refused, saying how to upgrade.
     let context = client.context();
-    let mut config = context
-        .get_stream("CHECKED")
-        .await
-        .unwrap()
-        .cached_info()
-        .config
-        .clone();
-    config
-        .metadata
-        .insert("profile_state_rules".into(), "0".into());
-    context.update_stream(config).await.unwrap();
+    crate::common::set_stream_metadata(context, "CHECKED", "profile_state_rules", "0").await;
     let error = UpdateStream::ensure(&client, &settings("CHECKED"))
         .await
         .err()

@@ -281,17 +281,7 @@ async fn a_stream_of_the_earlier_rules_is_taken_over_only_when_asked_and_applies
         stream.publish(&UpdateBatch::new([&update])).await.unwrap();
     }
     let context = client.context();
-    let mut stream_config = context
-        .get_stream("RULES")
-        .await
-        .unwrap()
-        .cached_info()
-        .config
-        .clone();
-    stream_config
-        .metadata
-        .insert("profile_state_rules".into(), "1".into());
-    context.update_stream(stream_config).await.unwrap();
+    common::set_stream_metadata(context, "RULES", "profile_state_rules", "1").await;
 
     let refused = profile_state::Server::bind(config.clone()).await.err();
     let message = format!("{:#}", refused.expect("a stream of rules 1 is refused"));

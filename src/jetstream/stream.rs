@@ -23,8 +23,9 @@ const FORMAT: &str = "1";
 /// Stream metadata key holding the version of the merge rules every replica applies the stream
 /// with. Revisions are assigned by each replica from the stream, so replicas with different
 /// rules would assign different ones: a replica refuses a stream of rules it does not
-/// implement, and a release that changes a merge rule (anything `Profile::merge` decides)
-/// bumps this, which makes its upgrade a full stop (README, "Upgrading replicas").
+/// implement, and a release that changes a merge rule (anything `Profile::merge` or the bound
+/// on profile growth decides) bumps this; its upgrade stops every replica of the earlier
+/// release and takes the stream over ([`UpdateStream::upgrade_rules`]; README, "Upgrades").
 const RULES_KEY: &str = "profile_state_rules";
 /// The merge rules this build implements. 2: an update that would grow a profile's extras
 /// past the bound is refused (`crate::profile::check_growth`); a replica of rules 1 applies it.

@@ -14,7 +14,9 @@
 //! recovery replays the local journal without the check (what it holds was accepted).
 //! Measured as JSON because that is what senders write and what users can reason about: as a
 //! protobuf `Struct` the same extras take at most about 5.5 times as much (a list of one-digit
-//! numbers, the worst case), so 256 KiB stays well inside a 4 MiB message.
+//! numbers, the worst case). With the default limits (64 KiB bodies, so text fields of at most
+//! that, and 4 MiB messages) the largest watch change, previous state included, stays inside a
+//! message; other limits may not (`crate::grpc::largest_change_bytes`, warned at start-up).
 //!
 //! This module does not decide how a refusal is answered (`crate::ingest` does).
 

@@ -248,6 +248,22 @@ impl TestService {
     }
 }
 
+/// Sets one metadata entry of the stream `name`, as an operator or another release might have.
+pub async fn set_stream_metadata(
+    context: &async_nats::jetstream::Context,
+    name: &str,
+    key: &str,
+    value: &str,
+) {
+    let stream = context.get_stream(name).await.expect("the stream exists");
+    let mut config = stream.cached_info().config.clone();
+    config.metadata.insert(key.into(), value.into());
+    context
+        .update_stream(config)
+        .await
+        .expect("the stream updates");
+}
+
 /// A `customer.profile.updated` body for `customer` at `created_at` with these `data` fields.
 pub fn profile_updated(customer: &str, created_at: &str, data: Value) -> Value {
     json!({
