@@ -13,10 +13,13 @@
 //!
 //! Modules: [`workload`] (ids, signed bodies, the profile they become), [`load`] (the load loop
 //! and the HTTP client), [`process`] (child processes and /proc), [`baseline`] (the no-op
-//! servers and the broadcast baseline), [`scenarios`], [`report`] (table and JSON).
+//! servers and the broadcast baseline), [`noop_durable`] and [`noop_replica`] (the durable
+//! and the cluster baselines), [`scenarios`], [`report`] (table and JSON).
 
 mod baseline;
 mod load;
+mod noop_durable;
+mod noop_replica;
 mod noop_watch;
 mod process;
 mod report;
@@ -170,6 +173,22 @@ enum Scenario {
     /// Serve the no-op baselines (used by the tool itself).
     #[command(hide = true)]
     Baseline,
+    /// Serve the no-op durable server (used by the tool itself, `ingest`).
+    #[command(hide = true)]
+    NoopDurable {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Serve one no-op replica (used by the tool itself, `cluster`).
+    #[command(hide = true)]
+    NoopReplica {
+        #[arg(long)]
+        nats_url: String,
+        #[arg(long)]
+        stream: String,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -186,8 +205,15 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.global;
-    if let Scenario::Baseline = cli.scenario {
-        return baseline::serve(&global.client_id).await;
+    match &cli.scenario {
+        Scenario::Baseline => return baseline::serve(&global.client_id).await,
+        Scenario::NoopReplica {
+            nats_url,
+            stream,
+            name,
+        } => return noop_replica::serve(nats_url, stream, name).await,
+        Scenario::NoopDurable { dir } => return noop_durable::serve(dir).await,
+        _ => {}
     }
     let server_env = global
         .server_env
@@ -281,7 +307,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Scenario::Memory => scenarios::footprint::memory(&options, &mut report).await?,
         Scenario::Recovery => scenarios::footprint::recovery(&options, &mut report).await?,
-        Scenario::Baseline => unreachable!("handled above"),
+        Scenario::Baseline | Scenario::NoopReplica { .. } | Scenario::NoopDurable { .. } => {
+            unreachable!("handled above")
+        }
     }
     report.note(format!(
         "load average (1, 5, 15 min) before: {load_before}; after: {}",

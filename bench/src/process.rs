@@ -172,6 +172,67 @@ impl Server {
         })
     }
 
+    /// Starts this binary's no-op replica (`crate::noop_replica`) on `stream` of the NATS
+    /// cluster at `nats_urls`, with `env` (the replicas' thread settings), in a child process.
+    pub fn spawn_noop_replica(
+        name: &str,
+        nats_urls: &str,
+        stream: &str,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Server> {
+        let args = [
+            "noop-replica",
+            "--nats-url",
+            nats_urls,
+            "--stream",
+            stream,
+            "--name",
+            name,
+        ];
+        Server::spawn_noop(name, &args, env)
+    }
+
+    /// Starts this binary's no-op durable server (`crate::noop_durable`), its file in `dir`, in
+    /// a child process.
+    pub fn spawn_noop_durable(dir: &Path) -> anyhow::Result<Server> {
+        let dir = dir.to_str().context("a data directory that is not UTF-8")?;
+        Server::spawn_noop("no-op durable", &["noop-durable", "--dir", dir], &[])
+    }
+
+    /// Starts this binary with `args`: a server that prints `{"http": ADDR}` once listening.
+    fn spawn_noop(name: &str, args: &[&str], env: &[(String, String)]) -> anyhow::Result<Server> {
+        let exe = std::env::current_exe().context("locating this binary")?;
+        let spawned_at = Instant::now();
+        let mut child = die_with_parent(&mut Command::new(exe))
+            .args(args)
+            .envs(env.iter().map(|(key, value)| (key, value)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting the {name}"))?;
+        let lines = drain(&mut child);
+        let (at, line) = lines
+            .recv_timeout(Duration::from_secs(60))
+            .with_context(|| format!("the {name} did not start"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("the {name}'s address"))?;
+        let http = json["http"]
+            .as_str()
+            .with_context(|| format!("the {name}'s address"))?;
+        Ok(Server {
+            name: name.to_owned(),
+            webhook: Some(http.parse()?),
+            grpc: None,
+            admin: None,
+            fanout_trigger: None,
+            child: Some(child),
+            spawned_at,
+            listening_at: at,
+            recovered: None,
+        })
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

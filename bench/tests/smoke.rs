@@ -85,10 +85,13 @@ fn ratio_of(report: &serde_json::Value, metric: &str) -> Option<f64> {
 }
 
 #[test]
-fn ingest_compares_ephemeral_with_noop_and_durable_with_ephemeral() {
+fn ingest_compares_ephemeral_with_noop_and_durable_with_ephemeral_and_the_noop_durable() {
     let report = run(&["ingest"], &["--customers", "200"]);
     assert!(ratio_of(&report, "req/s (--ephemeral)").is_some());
     assert!(ratio_of(&report, "req/s durable vs --ephemeral").is_some());
+    assert!(
+        ratio_of(&report, "req/s no-op durable vs no-op HTTP").is_some_and(|ratio| ratio > 0.0)
+    );
 }
 
 #[test]
@@ -188,13 +191,17 @@ fn memory_and_recovery_measure_a_spawned_service() {
 }
 
 #[test]
-fn cluster_compares_replicas_with_the_single_node_and_measures_the_lag() {
+fn cluster_compares_replicas_with_the_single_node_and_the_noop_replicas_and_measures_the_lag() {
     let report = run(&["cluster"], &["--customers", "50", "--rate", "50"]);
     assert!(
         metrics(&report)
             .iter()
             .any(|m| m.starts_with("ingest req/s through 3 replicas"))
     );
+    // The no-op replicas took the same webhooks (every one answered 2xx, or the run fails).
+    let noop = "ingest req/s through 3 no-op replicas (HTTP, validate, publish, follow)";
+    assert!(ratio_of(&report, noop).is_some_and(|ratio| ratio > 0.0));
+    assert!(ratio_of(&report, "ingest req/s, replicas vs no-op replicas").is_some());
     assert!(
         metrics(&report)
             .iter()

@@ -7,7 +7,12 @@
 //!   webhook ports, against the single node (journal + fdatasync) in the same rounds. Target:
 //!   ratio >= 0.50. CPU per webhook of everything the cluster runs (replicas and nats-server
 //!   nodes) next to the single node's; per round, the split by process, the webhooks per
-//!   stream message and the mean publish-to-ack time (stderr and the report's notes).
+//!   stream message and the mean publish-to-ack time (stderr and the report's notes), all over
+//!   the measured window alone.
+//! - The no-op replicas (`crate::noop_replica`) in the same rounds, as many as the replicas, on a
+//!   stream of their own in the same NATS cluster: HTTP, validation, one publish in flight and
+//!   every message read back, nothing else. What they reach is the transport's share of the
+//!   ingest ratio; the replicas' rate against theirs is what the service's own work costs.
 //! - Replication lag at a paced rate (`--rate`, default 1,000 webhooks/s): a WatchProfiles
 //!   stream on every replica; for each webhook answered `applied` at one replica, the time from
 //!   that answer to the moment the slowest replica's watcher received its revision (external,
@@ -38,6 +43,9 @@ use crate::workload::{Rng, Workload};
 
 /// The stream the replicas share.
 const STREAM: &str = "BENCH";
+
+/// The stream of the no-op replicas (`crate::noop_replica`).
+const NOOP_STREAM: &str = "BENCH_NOOP";
 
 /// What the cluster is made of.
 pub struct Members {
@@ -78,15 +86,17 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
     let urls = nats.client_urls().join(",");
     let mut temps = Vec::new();
     let mut servers = Vec::new();
+    let mut noops = Vec::new();
+    let replica_env: Vec<(String, String)> = match members.replica_threads {
+        0 => Vec::new(),
+        n => vec![("TOKIO_WORKER_THREADS".to_owned(), n.to_string())],
+    };
     for index in 0..members.replicas.max(1) {
         let temp = tempfile::Builder::new()
             .prefix("profile-state-bench-replica-")
             .tempdir()?;
         let mut spec = options.spec(Some(temp.path().to_owned()));
-        if members.replica_threads > 0 {
-            let threads = members.replica_threads.to_string();
-            spec.env.push(("TOKIO_WORKER_THREADS".to_owned(), threads));
-        }
+        spec.env.extend(replica_env.iter().cloned());
         let name = format!("r{index}");
         spec.extra_args.extend(
             [
@@ -101,6 +111,13 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
         );
         servers.push(Server::spawn_service(&format!("replica-{name}"), &spec)?);
         temps.push(temp);
+        let noop = format!("noop-replica-{name}");
+        noops.push(Server::spawn_noop_replica(
+            &noop,
+            &urls,
+            NOOP_STREAM,
+            &replica_env,
+        )?);
     }
     let (single_dir, _single_temp) = super::data_dir(options)?;
     let single = Server::spawn_service("single-durable", &options.spec(Some(single_dir)))?;
@@ -121,41 +138,54 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
         workload.update(0).body.len(),
         members.threads()
     ));
-    let mut cluster_pids: Vec<(String, u32)> = servers
+    let nats_pids: Vec<(String, u32)> = nats
+        .nodes()
         .iter()
-        .filter_map(|server| Some((server.name.clone(), server.pid()?)))
+        .enumerate()
+        .filter_map(|(index, node)| Some((format!("nats-{index}"), node.pid()?)))
         .collect();
-    cluster_pids.extend(
-        nats.nodes()
+    let with_nats = |members: &[Server]| -> Vec<(String, u32)> {
+        members
             .iter()
-            .enumerate()
-            .filter_map(|(index, node)| Some((format!("nats-{index}"), node.pid()?))),
-    );
+            .filter_map(|server| Some((server.name.clone(), server.pid()?)))
+            .chain(nats_pids.iter().cloned())
+            .collect()
+    };
+    let (cluster_pids, noop_pids) = (with_nats(&servers), with_nats(&noops));
     let breakdowns = Mutex::new(Vec::new());
 
-    let results = rounds(options.rounds, 2, |_, index| {
-        let (servers, single, workload) = (&servers, &single, &workload);
-        let (cluster_pids, breakdowns) = (&cluster_pids, &breakdowns);
+    let results = rounds(options.rounds, 3, |_, index| {
+        let (servers, single, workload, noops) = (&servers, &single, &workload, &noops);
+        let (cluster_pids, breakdowns, noop_pids) = (&cluster_pids, &breakdowns, &noop_pids);
         async move {
             let measured = if index == 0 {
                 super::ingest::measure(options, single, workload).await
             } else {
-                let before = Breakdown::read(cluster_pids, servers).await?;
-                let mut measured = ingest(options, servers, workload).await?;
-                let used = Breakdown::read(cluster_pids, servers).await?.since(&before);
+                let (members, pids, messages, name) = match index {
+                    1 => (servers, cluster_pids, Messages::Metrics(servers), "cluster"),
+                    _ => (
+                        noops,
+                        noop_pids,
+                        Messages::NoopStats(noops),
+                        "no-op replicas",
+                    ),
+                };
+                let (mut measured, used) = ingest(options, members, workload, pids, messages)
+                    .await
+                    .with_context(|| format!("ingest into the {name}"))?;
                 measured.server_cpu = Some(used.cpu.iter().map(|(_, cpu)| *cpu).sum());
                 let line = used.describe(measured.ops);
-                eprintln!("cluster breakdown: {line}");
+                eprintln!("{name} breakdown: {line}");
                 breakdowns
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(line);
+                    .push(format!("{name}: {line}"));
                 Ok(measured)
             };
             if let Ok(measured) = &measured {
                 eprintln!(
                     "cluster ingest {}: {:>8.0} req/s, p99 {} µs",
-                    if index == 0 { "single " } else { "cluster" },
+                    ["single ", "cluster", "no-op replicas"][index],
                     measured.per_second(),
                     measured.latency.value_at_quantile(0.99)
                 );
@@ -168,6 +198,7 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
         .into_iter()
         .map(|rounds| rounds.into_iter().collect::<anyhow::Result<Vec<_>>>())
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let noop = results.pop().unwrap_or_default();
     let cluster = results.pop().unwrap_or_default();
     let baseline = results.pop().unwrap_or_default();
     let values = |rounds: &[Measured], f: &dyn Fn(&Measured) -> f64| -> Vec<f64> {
@@ -187,6 +218,27 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
         .baseline("single node durable", values(&baseline, &rate))
         .target(Target::RatioAtLeast { value: 0.50 }),
     );
+    report.push(
+        Row::new(
+            "cluster",
+            &format!(
+                "ingest req/s through {} no-op replicas (HTTP, validate, publish, follow)",
+                noops.len()
+            ),
+            "req/s",
+        )
+        .ours(values(&noop, &rate))
+        .baseline("single node durable", values(&baseline, &rate)),
+    );
+    report.push(
+        Row::new(
+            "cluster",
+            "ingest req/s, replicas vs no-op replicas",
+            "req/s",
+        )
+        .ours(values(&cluster, &rate))
+        .baseline("no-op replicas", values(&noop, &rate)),
+    );
     for (label, quantile) in [("p50", 0.5), ("p99", 0.99)] {
         let latency = move |m: &Measured| m.latency.value_at_quantile(quantile) as f64 / 1000.0;
         report.push(
@@ -201,7 +253,8 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
         .into_iter()
         .enumerate()
     {
-        report.note(format!("cluster round {round}: {line}"));
+        // Two lines a round: the cluster's, then the no-op replicas'.
+        report.note(format!("cluster round {}, {line}", round / 2));
     }
     let cpu = |m: &Measured| m.server_cpu_us_per_op().unwrap_or(f64::NAN);
     report.push(
@@ -212,6 +265,15 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
         )
         .ours(values(&cluster, &cpu))
         .baseline("single node durable", values(&baseline, &cpu)),
+    );
+    report.push(
+        Row::new(
+            "cluster",
+            "CPU per webhook: no-op replicas + nats-servers vs replicas + nats-servers",
+            "µs",
+        )
+        .ours(values(&noop, &cpu))
+        .baseline("replicas", values(&cluster, &cpu)),
     );
 
     let paced = options.rate.unwrap_or(1000.0);
@@ -346,23 +408,46 @@ struct Breakdown {
     publish_seconds: f64,
 }
 
+/// Where a window's stream messages are counted: the replicas' publish metrics, or the no-op
+/// replicas' `GET /stats`.
+#[derive(Clone, Copy)]
+enum Messages<'a> {
+    Metrics(&'a [Server]),
+    NoopStats(&'a [Server]),
+}
+
 impl Breakdown {
-    async fn read(pids: &[(String, u32)], servers: &[Server]) -> anyhow::Result<Breakdown> {
+    async fn read(pids: &[(String, u32)], messages: Messages<'_>) -> anyhow::Result<Breakdown> {
         let cpu = pids
             .iter()
             .map(|(name, pid)| (name.clone(), cpu_time(*pid).unwrap_or_default()))
             .collect();
         let (mut publishes, mut publish_seconds) = (0.0, 0.0);
-        for server in servers {
-            let text = metrics(server).await?;
-            publishes += sum(
-                &text,
-                "profile_state_replication_publish_duration_seconds_count",
-            );
-            publish_seconds += sum(
-                &text,
-                "profile_state_replication_publish_duration_seconds_sum",
-            );
+        match messages {
+            Messages::Metrics(servers) => {
+                for server in servers {
+                    let text = metrics(server).await?;
+                    let count = "profile_state_replication_publish_duration_seconds_count";
+                    publishes += sum(&text, count);
+                    let seconds = "profile_state_replication_publish_duration_seconds_sum";
+                    publish_seconds += sum(&text, seconds);
+                }
+            }
+            Messages::NoopStats(noops) => {
+                for noop in noops {
+                    let (status, body) = HttpConnection::open(noop.webhook()?)
+                        .await?
+                        .get("/stats")
+                        .await?;
+                    if status != 200 {
+                        bail!("{}: GET /stats: HTTP {status}", noop.name);
+                    }
+                    let stats: serde_json::Value = serde_json::from_slice(&body)?;
+                    let count = |key: &str| stats[key].as_u64().unwrap_or_default() as f64;
+                    publishes += count("publishes");
+                    publish_seconds += count("ack_micros") / 1e6;
+                }
+            }
         }
         Ok(Breakdown {
             cpu,
@@ -427,12 +512,14 @@ fn sum(text: &str, name: &str) -> f64 {
 /// One measured ingest window, senders spread round-robin over the replicas.
 async fn ingest(
     options: &Options,
-    servers: &[Server],
+    members: &[Server],
     workload: &Arc<Workload>,
-) -> anyhow::Result<Measured> {
+    pids: &[(String, u32)],
+    messages: Messages<'_>,
+) -> anyhow::Result<(Measured, Breakdown)> {
     let mut senders = Vec::with_capacity(options.concurrency);
     for seed in 0..options.concurrency {
-        let addr = servers[seed % servers.len()].webhook()?;
+        let addr = members[seed % members.len()].webhook()?;
         senders.push(Sender::open(addr, workload, seed as u64 + 1).await?);
     }
     let plan = Plan {
@@ -441,9 +528,18 @@ async fn ingest(
         duration: options.duration,
         server_pid: None,
     };
-    let measured = load::run(&plan, senders).await;
-    measured.check("ingest into the cluster")?;
-    Ok(measured)
+    // The figures of the measured window alone, as `load::run` counts its webhooks (the
+    // warm-up's work in them would be divided by the window's webhooks).
+    let started = tokio::time::Instant::now();
+    let window = async {
+        tokio::time::sleep_until(started + options.warmup).await;
+        let before = Breakdown::read(pids, messages).await?;
+        tokio::time::sleep_until(started + options.warmup + options.duration).await;
+        anyhow::Ok(Breakdown::read(pids, messages).await?.since(&before))
+    };
+    let (measured, used) = tokio::join!(load::run(&plan, senders), window);
+    measured.check("ingest")?;
+    Ok((measured, used?))
 }
 
 /// When each revision reached how many replicas' watchers, and the latest arrival.

@@ -1,7 +1,8 @@
 //! `ingest`: signed webhooks over HTTP/1.1 keep-alive, one connection per sender, each a real
 //! change (newer `created_at`, new points) of a random customer. Compared with the no-op HTTP
 //! server, and, when the tool starts the service, durable (journal + fdatasync) with
-//! `--ephemeral`.
+//! `--ephemeral`, beside the no-op durable server (`crate::noop_durable`) against the no-op
+//! HTTP server: what the disk alone takes from the same senders.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -110,13 +111,18 @@ pub async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
     let ephemeral = options.ours()?;
     // Durable only when the tool starts the service: an external target is what it is. The
     // bindings drop in reverse order, so the service stops before its temporary dir goes.
-    let (_durable_dir, durable) = if options.external() {
-        (None, None)
+    let (_durable_dir, durable, noop_durable) = if options.external() {
+        (None, None, None)
     } else {
         let (dir, temp) = super::data_dir(options)?;
         report.note(format!("ingest: durable data dir {}", dir.display()));
-        let server = Server::spawn_service("ours-durable", &options.spec(Some(dir)))?;
-        (temp, Some(server))
+        let server = Server::spawn_service("ours-durable", &options.spec(Some(dir.clone())))?;
+        // The disk's own cost, on the same file system (`crate::noop_durable`).
+        let noop = match &baseline {
+            Some(_) => Some(Server::spawn_noop_durable(&dir)?),
+            None => None,
+        };
+        (temp, Some(server), noop)
     };
     // Every round measures updates of existing profiles, not the first round creations.
     preload(&ephemeral, &workload, customers, options.concurrency).await?;
@@ -131,6 +137,7 @@ pub async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
 
     let contenders: Vec<&Server> = baseline
         .iter()
+        .chain(noop_durable.iter())
         .chain([&ephemeral])
         .chain(durable.iter())
         .collect();
@@ -175,6 +182,9 @@ pub async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
         .collect();
     let durable_results = durable.is_some().then(|| results.pop().unwrap_or_default());
     let ours = results.pop().unwrap_or_default();
+    let noop_durable_results = noop_durable
+        .is_some()
+        .then(|| results.pop().unwrap_or_default());
     let noop = results.pop();
 
     let values = |rounds: &[Measured], f: &dyn Fn(&Measured) -> f64| -> Vec<f64> {
@@ -194,6 +204,14 @@ pub async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
                 .ours(values(durable, &rate))
                 .baseline("--ephemeral", values(&ours, &rate))
                 .target(Target::RatioAtLeast { value: 0.80 }),
+        );
+    }
+    // What the disk alone takes: the durable row's target asks ours to lose less than this.
+    if let (Some(noop), Some(noop_durable)) = (&noop, &noop_durable_results) {
+        report.push(
+            Row::new("ingest", "req/s no-op durable vs no-op HTTP", "req/s")
+                .ours(values(noop_durable, &rate))
+                .baseline("no-op HTTP", values(noop, &rate)),
         );
     }
     for (label, quantile) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
@@ -254,6 +272,13 @@ pub async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
             Row::new("ingest", "server CPU per req durable", "µs")
                 .ours(values(durable, &cpu))
                 .baseline("--ephemeral", values(&ours, &cpu)),
+        );
+    }
+    if let (Some(noop), Some(noop_durable)) = (&noop, &noop_durable_results) {
+        report.push(
+            Row::new("ingest", "server CPU per req no-op durable", "µs")
+                .ours(values(noop_durable, &cpu))
+                .baseline("no-op HTTP", values(noop, &cpu)),
         );
     }
     Ok(())

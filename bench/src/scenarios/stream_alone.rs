@@ -44,31 +44,12 @@ pub async fn measure(
     (warmup, duration): (Duration, Duration),
 ) -> anyhow::Result<StreamAlone> {
     let urls = nats.client_urls().join(",");
-    let args = [
-        "profile-state",
-        "--webhook-secret",
-        "s",
-        "--nats-url",
-        &urls,
-    ];
-    let config = profile_state::Config::try_parse_from(args).map_err(|error| anyhow!("{error}"))?;
-    let settings = StreamSettings {
-        name: name.to_owned(),
-        replicas: 3,
-        duplicate_window: config.nats.duplicate_window,
-        max_bytes: None,
-    };
     let stop = CancellationToken::new();
     let published = Arc::new(AtomicU64::new(0));
     let ack_micros = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for index in 0..publishers {
-        let client = Nats::connect(&config.nats, &format!("alone-{index}"))
-            .await
-            .map_err(|error| anyhow!("{error}"))?;
-        let stream = UpdateStream::ensure(&client, &settings)
-            .await
-            .map_err(|error| anyhow!("{error}"))?;
+        let stream = open_stream(&urls, name, &format!("alone-{index}")).await?;
         let mut follower = Follower::start(&stream, 0)
             .await
             .map_err(|error| anyhow!("{error}"))?;
@@ -126,6 +107,25 @@ pub async fn measure(
         mean_ack: Duration::from_micros(acks / messages.max(1)),
         nats_cpu_per_webhook: used / u32::try_from(webhooks).unwrap_or(u32::MAX),
     })
+}
+
+/// The stream `name` (created if missing, R3 and the service's default settings) over a new
+/// connection to the NATS servers at `urls` (comma-separated), as a replica opens it.
+pub async fn open_stream(urls: &str, name: &str, client: &str) -> anyhow::Result<UpdateStream> {
+    let args = ["profile-state", "--webhook-secret", "s", "--nats-url", urls];
+    let config = profile_state::Config::try_parse_from(args).map_err(|error| anyhow!("{error}"))?;
+    let settings = StreamSettings {
+        name: name.to_owned(),
+        replicas: 3,
+        duplicate_window: config.nats.duplicate_window,
+        max_bytes: None,
+    };
+    let nats = Nats::connect(&config.nats, client)
+        .await
+        .map_err(|error| anyhow!("{error}"))?;
+    UpdateStream::ensure(&nats, &settings)
+        .await
+        .map_err(|error| anyhow!("{error}"))
 }
 
 /// `count` normalized updates of the workload's signed bodies, from update `first` on.

@@ -1,0 +1,131 @@
+//! The no-op replica: the least any replica of issue 13's design does for a webhook, and
+//! nothing more, as the baseline of `cluster`'s ingest.
+//!
+//! Run as a child process of this binary (the hidden `noop-replica` command), one per replica.
+//! It takes webhooks over HTTP (axum, as the no-op HTTP baseline), reads and validates each body
+//! into a normalized update (`profile_state::ingest::payload`, as the service does before it
+//! publishes), publishes the updates that arrive together as one stream message (one publish in
+//! flight, as a replica's publisher) through the service's own `profile_state::jetstream` code,
+//! answers 200 once the stream acknowledged it, and reads every message of the stream back
+//! (the ordered consumer each replica follows). `GET /stats` answers how many messages it
+//! published and their acknowledgements' total wait, for the tool's breakdown. It does not check signatures, merge, store,
+//! journal, snapshot or tell watchers, and its answer carries no outcome: whatever a replica
+//! adds to this is the service's own cost, and what this reaches is the most three replicas
+//! can reach on the same cores.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::anyhow;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use profile_state::ingest::payload::{Delivery, Envelope};
+use profile_state::jetstream::{Follower, UpdateBatch, UpdateStream};
+use profile_state::profile::ProfileUpdate;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most updates in one stream message (the service's `MAX_BATCH`).
+const MAX_PER_MESSAGE: usize = 512;
+
+/// An update waiting for its message's acknowledgement.
+type Waiting = (ProfileUpdate, oneshot::Sender<bool>);
+
+/// What `GET /stats` answers.
+#[derive(Default)]
+struct Stats {
+    publishes: AtomicU64,
+    ack_micros: AtomicU64,
+}
+
+/// Serves one no-op replica on 127.0.0.1 port 0 and prints its address as one JSON line
+/// (`{"http": ...}`); runs until killed.
+pub async fn serve(nats_urls: &str, stream_name: &str, name: &str) -> anyhow::Result<()> {
+    let stream = crate::scenarios::stream_alone::open_stream(nats_urls, stream_name, name).await?;
+    let mut follower = Follower::start(&stream, 0)
+        .await
+        .map_err(|error| anyhow!("{error}"))?;
+    let following = tokio::spawn(async move {
+        loop {
+            follower.next().await.map_err(|error| anyhow!("{error}"))?;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    });
+    let (waiting, inbox) = mpsc::channel::<Waiting>(4 * MAX_PER_MESSAGE);
+    let stats = Arc::new(Stats::default());
+    let publishing = tokio::spawn(publish(stream, inbox, Arc::clone(&stats)));
+
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = http.local_addr()?;
+    println!("{}", serde_json::json!({ "http": addr }));
+    let router = Router::new()
+        .route(profile_state::webhook::PATH, post(take))
+        .with_state(waiting)
+        .route("/stats", get(move || async move { answer_stats(&stats) }));
+    let listener = {
+        use axum::serve::ListenerExt;
+        http.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    };
+    tokio::select! {
+        served = axum::serve(listener, router).into_future() => served?,
+        followed = following => followed??,
+        published = publishing => published??,
+    }
+    Ok(())
+}
+
+/// One webhook: validated, published with the others waiting, answered on the acknowledgement.
+async fn take(State(waiting): State<mpsc::Sender<Waiting>>, body: Bytes) -> StatusCode {
+    let update = match Envelope::read(&body).map(|envelope| envelope.validate()) {
+        Some(Ok(Delivery::ProfileUpdated(update))) => update,
+        _ => return StatusCode::BAD_REQUEST,
+    };
+    let (reply, answer) = oneshot::channel();
+    if waiting.send((update, reply)).await.is_err() {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    match answer.await {
+        Ok(true) => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn answer_stats(stats: &Stats) -> String {
+    serde_json::json!({
+        "publishes": stats.publishes.load(Ordering::Relaxed),
+        "ack_micros": stats.ack_micros.load(Ordering::Relaxed),
+    })
+    .to_string()
+}
+
+/// Publishes everything waiting as one message, one message in flight, and answers each.
+async fn publish(
+    stream: UpdateStream,
+    mut inbox: mpsc::Receiver<Waiting>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    let mut batch = Vec::with_capacity(MAX_PER_MESSAGE);
+    while inbox.recv_many(&mut batch, MAX_PER_MESSAGE).await > 0 {
+        let (updates, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+        let started = Instant::now();
+        let published = stream.publish(&UpdateBatch::new(&updates)).await;
+        let waited = started.elapsed().as_micros() as u64;
+        stats.ack_micros.fetch_add(waited, Ordering::Relaxed);
+        stats.publishes.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = &published {
+            eprintln!("noop-replica: publish failed: {error}");
+        }
+        for reply in replies {
+            let _ = reply.send(published.is_ok());
+        }
+    }
+    Ok(())
+}
