@@ -4,19 +4,21 @@
 //! Run as a child process of this binary (the hidden `noop-replica` command), one per replica.
 //! It takes webhooks over HTTP (axum, as the no-op HTTP baseline), reads and validates each body
 //! into a normalized update (`profile_state::ingest::payload`, as the service does before it
-//! publishes), publishes the updates that arrive together as one stream message (one publish in
-//! flight, as a replica's publisher) through the service's own `profile_state::jetstream` code,
-//! answers 200 once the stream acknowledged it, and reads every message of the stream back
-//! (the ordered consumer each replica follows). `GET /stats` answers how many messages it
-//! published and their acknowledgements' total wait, for the tool's breakdown. It does not check signatures, merge, store,
-//! journal, snapshot or tell watchers, and its answer carries no outcome: whatever a replica
-//! adds to this is the service's own cost, and what this reaches is the most three replicas
-//! can reach on the same cores.
+//! publishes), publishes the updates that arrive together as one stream message through the
+//! service's own `profile_state::jetstream` code, with the publisher's batching (one publish in
+//! flight, and the service's default linger: after a batch of several, the next waits up to
+//! 5 ms, and at most half the last round trip, for as many more), reads every message of the
+//! stream back (the ordered consumer each replica follows), and answers 200 once its update's
+//! message is acknowledged and read back here (a replica answers once it applied it). It does
+//! not check signatures, merge, store, journal, snapshot or tell watchers, and its answer
+//! carries no outcome: what a replica adds to this is the service's own cost. `GET /stats`
+//! answers how many messages it published and their acknowledgements' total wait, for the
+//! tool's breakdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use axum::Router;
@@ -28,10 +30,13 @@ use profile_state::ingest::payload::{Delivery, Envelope};
 use profile_state::jetstream::{Follower, UpdateBatch, UpdateStream};
 use profile_state::profile::ProfileUpdate;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Most updates in one stream message (the service's `MAX_BATCH`).
 const MAX_PER_MESSAGE: usize = 512;
+
+/// The longest a batch waits for more (the service's `--nats-publish-linger` default).
+const LINGER: Duration = Duration::from_millis(5);
 
 /// An update waiting for its message's acknowledgement.
 type Waiting = (ProfileUpdate, oneshot::Sender<bool>);
@@ -50,16 +55,19 @@ pub async fn serve(nats_urls: &str, stream_name: &str, name: &str) -> anyhow::Re
     let mut follower = Follower::start(&stream, 0)
         .await
         .map_err(|error| anyhow!("{error}"))?;
+    // The last sequence read back: a message's callers are answered once it is here.
+    let (read, read_back) = watch::channel(0u64);
     let following = tokio::spawn(async move {
         loop {
-            follower.next().await.map_err(|error| anyhow!("{error}"))?;
+            let entry = follower.next().await.map_err(|error| anyhow!("{error}"))?;
+            read.send_replace(entry.sequence);
         }
         #[allow(unreachable_code)]
         anyhow::Ok(())
     });
     let (waiting, inbox) = mpsc::channel::<Waiting>(4 * MAX_PER_MESSAGE);
     let stats = Arc::new(Stats::default());
-    let publishing = tokio::spawn(publish(stream, inbox, Arc::clone(&stats)));
+    let publishing = tokio::spawn(publish(stream, inbox, read_back, Arc::clone(&stats)));
 
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = http.local_addr()?;
@@ -106,25 +114,55 @@ fn answer_stats(stats: &Stats) -> String {
     .to_string()
 }
 
-/// Publishes everything waiting as one message, one message in flight, and answers each.
+/// Publishes what is waiting as one message (after the linger), one message in flight, and
+/// answers each caller once the message is acknowledged and read back.
 async fn publish(
     stream: UpdateStream,
     mut inbox: mpsc::Receiver<Waiting>,
+    read_back: watch::Receiver<u64>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
     let mut batch = Vec::with_capacity(MAX_PER_MESSAGE);
+    let (mut last_size, mut last_round_trip) = (0, Duration::ZERO);
     while inbox.recv_many(&mut batch, MAX_PER_MESSAGE).await > 0 {
+        let for_at_most = LINGER.min(last_round_trip / 2);
+        if last_size > 1 && !for_at_most.is_zero() {
+            let wanted = (batch.len() + last_size).min(MAX_PER_MESSAGE);
+            let deadline = tokio::time::Instant::now() + for_at_most;
+            while batch.len() < wanted {
+                let room = wanted - batch.len();
+                match tokio::time::timeout_at(deadline, inbox.recv_many(&mut batch, room)).await {
+                    Ok(received) if received > 0 => {}
+                    _ => break,
+                }
+            }
+        }
         let (updates, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
         let started = Instant::now();
         let published = stream.publish(&UpdateBatch::new(&updates)).await;
-        let waited = started.elapsed().as_micros() as u64;
-        stats.ack_micros.fetch_add(waited, Ordering::Relaxed);
+        (last_size, last_round_trip) = (updates.len(), started.elapsed());
+        stats
+            .ack_micros
+            .fetch_add(last_round_trip.as_micros() as u64, Ordering::Relaxed);
         stats.publishes.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = &published {
-            eprintln!("noop-replica: publish failed: {error}");
-        }
-        for reply in replies {
-            let _ = reply.send(published.is_ok());
+        // The next message may go as soon as this one is acknowledged (the service's publish
+        // slot is free then too); its callers wait for the read-back on their own.
+        match published {
+            Ok(published) => {
+                let mut read_back = read_back.clone();
+                tokio::spawn(async move {
+                    let read = read_back.wait_for(|read| *read >= published.sequence).await;
+                    for reply in replies {
+                        let _ = reply.send(read.is_ok());
+                    }
+                });
+            }
+            Err(error) => {
+                eprintln!("noop-replica: publish failed: {error}");
+                for reply in replies {
+                    let _ = reply.send(false);
+                }
+            }
         }
     }
     Ok(())

@@ -10,9 +10,10 @@
 //!   stream message and the mean publish-to-ack time (stderr and the report's notes), all over
 //!   the measured window alone.
 //! - The no-op replicas (`crate::noop_replica`) in the same rounds, as many as the replicas, on a
-//!   stream of their own in the same NATS cluster: HTTP, validation, one publish in flight and
-//!   every message read back, nothing else. What they reach is the transport's share of the
-//!   ingest ratio; the replicas' rate against theirs is what the service's own work costs.
+//!   stream of their own in the same NATS cluster: HTTP, validation, the publisher's batching,
+//!   every message read back before answering, nothing else. What they reach is the
+//!   transport's share of the ingest ratio; the replicas' rate against theirs is what the
+//!   service's own work costs.
 //! - Replication lag at a paced rate (`--rate`, default 1,000 webhooks/s): a WatchProfiles
 //!   stream on every replica; for each webhook answered `applied` at one replica, the time from
 //!   that answer to the moment the slowest replica's watcher received its revision (external,
