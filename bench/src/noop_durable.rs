@@ -1,5 +1,5 @@
-//! The no-op durable server: the least a server does to answer a webhook only once it is on
-//! disk, as the baseline of `ingest`'s durable row.
+//! The no-op durable server: a plain server that answers a webhook only once it is on disk,
+//! as the baseline of `ingest`'s durable row.
 //!
 //! Run as a child process of this binary (the hidden `noop-durable` command). It takes webhooks
 //! over HTTP (axum, as the no-op HTTP baseline), and a thread of its own writes the bodies that
@@ -7,8 +7,9 @@
 //! frame gathers), then each is answered 200. The file is written with zeros and synced before
 //! the first webhook, and frames overwrite it from the start when they reach its end, so no sync
 //! ever grows the file: the service's journal gets the same from its runway. Nothing is parsed,
-//! verified, merged, encoded or stored: whatever the service's durable path adds to this is its
-//! own cost, and this server's rate against the no-op HTTP server's is what the disk alone takes.
+//! verified, merged, encoded or stored. Its rate against the no-op HTTP server's is what the
+//! disk takes from such a server with the same senders; a cleverer design might keep more, so
+//! it bounds nothing (BENCHMARKS.md, Session 17).
 
 use std::fs::File;
 use std::io::Write;

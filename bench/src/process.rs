@@ -173,13 +173,8 @@ impl Server {
     }
 
     /// Starts this binary's no-op replica (`crate::noop_replica`) on `stream` of the NATS
-    /// cluster at `nats_urls`, with `env` (the replicas' thread settings), in a child process.
-    pub fn spawn_noop_replica(
-        name: &str,
-        nats_urls: &str,
-        stream: &str,
-        env: &[(String, String)],
-    ) -> anyhow::Result<Server> {
+    /// cluster at `nats_urls`, in a child process.
+    pub fn spawn_noop_replica(name: &str, nats_urls: &str, stream: &str) -> anyhow::Result<Server> {
         let args = [
             "noop-replica",
             "--nats-url",
@@ -189,23 +184,22 @@ impl Server {
             "--name",
             name,
         ];
-        Server::spawn_noop(name, &args, env)
+        Server::spawn_noop(name, &args)
     }
 
     /// Starts this binary's no-op durable server (`crate::noop_durable`), its file in `dir`, in
     /// a child process.
     pub fn spawn_noop_durable(dir: &Path) -> anyhow::Result<Server> {
         let dir = dir.to_str().context("a data directory that is not UTF-8")?;
-        Server::spawn_noop("no-op durable", &["noop-durable", "--dir", dir], &[])
+        Server::spawn_noop("no-op durable", &["noop-durable", "--dir", dir])
     }
 
     /// Starts this binary with `args`: a server that prints `{"http": ADDR}` once listening.
-    fn spawn_noop(name: &str, args: &[&str], env: &[(String, String)]) -> anyhow::Result<Server> {
+    fn spawn_noop(name: &str, args: &[&str]) -> anyhow::Result<Server> {
         let exe = std::env::current_exe().context("locating this binary")?;
         let spawned_at = Instant::now();
         let mut child = die_with_parent(&mut Command::new(exe))
             .args(args)
-            .envs(env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

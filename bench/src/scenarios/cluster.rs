@@ -88,16 +88,15 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
     let mut temps = Vec::new();
     let mut servers = Vec::new();
     let mut noops = Vec::new();
-    let replica_env: Vec<(String, String)> = match members.replica_threads {
-        0 => Vec::new(),
-        n => vec![("TOKIO_WORKER_THREADS".to_owned(), n.to_string())],
-    };
     for index in 0..members.replicas.max(1) {
         let temp = tempfile::Builder::new()
             .prefix("profile-state-bench-replica-")
             .tempdir()?;
         let mut spec = options.spec(Some(temp.path().to_owned()));
-        spec.env.extend(replica_env.iter().cloned());
+        if members.replica_threads > 0 {
+            let threads = members.replica_threads.to_string();
+            spec.env.push(("TOKIO_WORKER_THREADS".to_owned(), threads));
+        }
         let name = format!("r{index}");
         spec.extra_args.extend(
             [
@@ -113,12 +112,7 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
         servers.push(Server::spawn_service(&format!("replica-{name}"), &spec)?);
         temps.push(temp);
         let noop = format!("noop-replica-{name}");
-        noops.push(Server::spawn_noop_replica(
-            &noop,
-            &urls,
-            NOOP_STREAM,
-            &replica_env,
-        )?);
+        noops.push(Server::spawn_noop_replica(&noop, &urls, NOOP_STREAM)?);
     }
     let (single_dir, _single_temp) = super::data_dir(options)?;
     let single = Server::spawn_service("single-durable", &options.spec(Some(single_dir)))?;

@@ -2,7 +2,7 @@
 //! change (newer `created_at`, new points) of a random customer. Compared with the no-op HTTP
 //! server, and, when the tool starts the service, durable (journal + fdatasync) with
 //! `--ephemeral`, beside the no-op durable server (`crate::noop_durable`) against the no-op
-//! HTTP server: what the disk alone takes from the same senders.
+//! HTTP server: what the disk takes from a plain durable server with the same senders.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -206,7 +206,7 @@ pub async fn run(options: &Options, report: &mut Report) -> anyhow::Result<()> {
                 .target(Target::RatioAtLeast { value: 0.80 }),
         );
     }
-    // What the disk alone takes: the durable row's target asks ours to lose less than this.
+    // What the disk takes from a plain durable server, beside what it takes from ours.
     if let (Some(noop), Some(noop_durable)) = (&noop, &noop_durable_results) {
         report.push(
             Row::new("ingest", "req/s no-op durable vs no-op HTTP", "req/s")
