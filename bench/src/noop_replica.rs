@@ -1,5 +1,6 @@
-//! The no-op replica: the least any replica of issue 13's design does for a webhook, and
-//! nothing more, as the baseline of `cluster`'s ingest.
+//! The no-op replica: only what issue 13's design asks of every replica for a webhook, without
+//! the service's merge, store or watch, as the baseline of `cluster`'s ingest. A baseline, not a
+//! bound: how it batches decides much of its rate (BENCHMARKS.md, Session 17).
 //!
 //! Run as a child process of this binary (the hidden `noop-replica` command), one per replica.
 //! It takes webhooks over HTTP (axum, as the no-op HTTP baseline), reads and validates each body
@@ -52,19 +53,12 @@ struct Stats {
 /// (`{"http": ...}`); runs until killed.
 pub async fn serve(nats_urls: &str, stream_name: &str, name: &str) -> anyhow::Result<()> {
     let stream = crate::scenarios::stream_alone::open_stream(nats_urls, stream_name, name).await?;
-    let mut follower = Follower::start(&stream, 0)
+    let follower = Follower::start(&stream, 0)
         .await
         .map_err(|error| anyhow!("{error}"))?;
     // The last sequence read back: a message's callers are answered once it is here.
     let (read, read_back) = watch::channel(0u64);
-    let following = tokio::spawn(async move {
-        loop {
-            let entry = follower.next().await.map_err(|error| anyhow!("{error}"))?;
-            read.send_replace(entry.sequence);
-        }
-        #[allow(unreachable_code)]
-        anyhow::Ok(())
-    });
+    let following = tokio::spawn(follow(follower, read));
     let (waiting, inbox) = mpsc::channel::<Waiting>(4 * MAX_PER_MESSAGE);
     let stats = Arc::new(Stats::default());
     let publishing = tokio::spawn(publish(stream, inbox, read_back, Arc::clone(&stats)));
@@ -90,7 +84,16 @@ pub async fn serve(nats_urls: &str, stream_name: &str, name: &str) -> anyhow::Re
     Ok(())
 }
 
-/// One webhook: validated, published with the others waiting, answered on the acknowledgement.
+/// Reads every message of the stream, telling `read` the last sequence read.
+async fn follow(mut follower: Follower, read: watch::Sender<u64>) -> anyhow::Result<()> {
+    loop {
+        let entry = follower.next().await.map_err(|error| anyhow!("{error}"))?;
+        read.send_replace(entry.sequence);
+    }
+}
+
+/// One webhook: validated, published with the others waiting, answered once its message is
+/// acknowledged and read back.
 async fn take(State(waiting): State<mpsc::Sender<Waiting>>, body: Bytes) -> StatusCode {
     let update = match Envelope::read(&body).map(|envelope| envelope.validate()) {
         Some(Ok(Delivery::ProfileUpdated(update))) => update,
