@@ -39,7 +39,8 @@ type Waiting = (Bytes, oneshot::Sender<bool>);
 pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     let file = zeroed_file(dir)?;
     let (waiting, inbox) = mpsc::channel::<Waiting>(4 * MAX_PER_FRAME);
-    let writer = std::thread::Builder::new()
+    // Detached: it ends when the last handler's sender is gone.
+    std::thread::Builder::new()
         .name("noop-journal".into())
         .spawn(move || write_frames(&file, inbox))?;
 
@@ -56,7 +57,6 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         })
     };
     axum::serve(listener, router).await?;
-    drop(writer);
     Ok(())
 }
 
