@@ -532,3 +532,56 @@ fn an_unreadable_secrets_file_exits_64_before_binding() {
     // The OS error once, not once per link of the error chain.
     assert_eq!(stderr.matches("(os error 2)").count(), 1, "{stderr}");
 }
+
+/// CPU time (user + system, in clock ticks) of the process's thread named `name`.
+fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        if std::fs::read_to_string(task.join("comm")).unwrap().trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // Fields after the command (which may hold spaces) start at state: utime and stime
+        // are fields 14 and 15 of the line, 12 and 13 after the closing parenthesis.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        return fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    panic!("no thread named {name:?} in process {pid}")
+}
+
+/// The sequencer keeps the ingest thread polling while a batch syncs and right after answers,
+/// when webhooks arrive concurrently (`SPIN_WHILE_SYNCING`, `SPIN_AFTER_ANSWERS`): once the
+/// webhooks stop, the thread must sleep again, not keep burning a core.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ingest_thread_sleeps_once_durable_webhooks_stop() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let binary = Binary::start(dir.path(), &[]).await;
+    let pid = binary.child.id();
+    let idle_ticks = async || {
+        let before = thread_cpu_ticks(pid, "ingest");
+        // An interval of nothing: there is no event to wait for, the point is that nothing runs.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        thread_cpu_ticks(pid, "ingest") - before
+    };
+    // 32 senders at once, so batches hold many updates and the thread polls.
+    for round in 0..10u32 {
+        let posts = (0..32u32).map(|sender| {
+            let body = profile_updated(
+                &format!("c{sender}"),
+                &at(round + 1),
+                json!({"total_points": round}),
+            );
+            let binary = &binary;
+            async move { binary.post(&body).await.0 }
+        });
+        let statuses = futures_util::future::join_all(posts).await;
+        assert!(statuses.iter().all(|status| *status == 200), "{statuses:?}");
+    }
+    // A thread that kept polling spends about a second (100 ticks) here; an idle one none.
+    let spent = idle_ticks().await;
+    assert!(
+        spent < 20,
+        "the idle ingest thread used {spent} ticks of CPU in a second"
+    );
+}
