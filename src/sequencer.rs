@@ -12,12 +12,6 @@
 //! succeeded, and only then are its callers answered. Nothing reaches memory that is not on
 //! disk.
 //!
-//! While a batch syncs, and briefly after a batch was answered, the task yields rather than
-//! waits, which keeps the thread it shares with the webhook connections polling them instead of
-//! sleeping (only while batches hold more than one update, and bounded in time: a quiet or idle
-//! server sleeps). That is about speed only: what is answered, committed and written, and in
-//! which order, does not depend on it.
-//!
 //! When the journal cannot be written, the batch's callers get `Unavailable` (a 503, so Gameball
 //! retries), and so do those of the batch after it (numbered on top of it, it is never
 //! written); nothing is committed, no revision is used, and the sequencer reports itself not
@@ -35,7 +29,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -53,13 +47,6 @@ use crate::store::Store;
 pub(crate) const MAX_BATCH: usize = 512;
 /// How often a sequencer that cannot write tries the disk again.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// How long the task keeps its thread polling, rather than letting it sleep, after it handed a
-/// batch to the journal's thread: on this service's disks a sync takes 0.2-0.4 ms. Capped, so
-/// a slow disk costs at most this much CPU per sync.
-const SPIN_WHILE_SYNCING: Duration = Duration::from_millis(1);
-/// The same after a durable batch was answered: its callers' next webhooks arrive within it on
-/// a busy server (the senders answered are most of the next batch).
-const SPIN_AFTER_ANSWERS: Duration = Duration::from_micros(300);
 
 /// What applying an update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,9 +179,6 @@ impl Sequencer {
             next: None,
             in_flight_count: in_flight_tx,
             pending: ProfileMap::default(),
-            spin_until: None,
-            last_handed_over: 0,
-            concurrent: false,
         };
         tracker.spawn(task.run(inbox));
         Sequencer {
@@ -318,13 +302,6 @@ struct Task {
     /// The newest profile of every key that an uncommitted batch changed: later updates merge
     /// into these, not into the store's older copies.
     pending: ProfileMap,
-    /// Until when the task yields instead of waiting (durable only; see [`Task::run`]).
-    spin_until: Option<Instant>,
-    /// Updates in the batch last handed to the journal.
-    last_handed_over: usize,
-    /// Whether one of the last two batches handed over held more than one update: webhooks
-    /// arrive concurrently, and polling pays.
-    concurrent: bool,
 }
 
 impl Task {
@@ -345,16 +322,6 @@ impl Task {
             // takes whatever queued meanwhile. (`recv_many` answers 0 at once for a limit of
             // 0, which would read as a closed channel: hence `room > 0`.)
             let listen = open && room > 0;
-            // While a batch syncs, and shortly after one was answered, the task yields instead
-            // of waiting: its thread keeps polling its connections (the runtime looks for I/O
-            // without blocking while a task yielded) rather than sleeping in `epoll_wait` and
-            // being woken by the sync's end or the next webhook. On this 2-core VM a thread's
-            // wake-up costs 10-30 µs of CPU and finds its caches cold; measured (BENCHMARKS.md,
-            // session 18): durable vs `--ephemeral` 0.675 -> 0.70, median of 12 pairs. Only
-            // while webhooks arrive concurrently (batches of more than one: one at a time, the
-            // polling cost a fifth of a core at 200/s), and bounded in time, so a quiet or
-            // idle server sleeps.
-            let spin = self.spin_until.is_some_and(|until| Instant::now() < until);
             tokio::select! {
                 biased;
                 written = written(&mut self.writing), if writing => {
@@ -372,7 +339,6 @@ impl Task {
                     }
                     self.hand_over();
                 }
-                () = tokio::task::yield_now(), if spin => {}
                 // select! builds every branch's future on each turn; in a block, the sleep
                 // (a clock read and a timer handle) is only made when the branch is polled.
                 () = async { tokio::time::sleep(PROBE_INTERVAL).await }, if probe => {
@@ -477,14 +443,7 @@ impl Task {
             (Some(durable), Some(revisions)) => {
                 let frame = std::mem::take(&mut batch.frame).finish();
                 let written = Box::pin(durable.appender.append(frame, Some(revisions)));
-                // One update a batch is a quiet server: polling would only burn CPU there.
-                let size = batch.replies.len();
-                self.concurrent = size > 1 || self.last_handed_over > 1;
-                self.last_handed_over = size;
                 self.writing = Some(Writing { batch, written });
-                if self.concurrent {
-                    self.spin_for(SPIN_WHILE_SYNCING);
-                }
             }
             _ => self.commit(batch),
         }
@@ -504,9 +463,6 @@ impl Task {
                 }
                 let records = batch.changes.len() as u64;
                 self.commit(batch);
-                if self.concurrent {
-                    self.spin_for(SPIN_AFTER_ANSWERS);
-                }
                 if let Some(durable) = &mut self.durable {
                     durable.records_since_snapshot += records;
                     durable.bytes_since_snapshot += appended.bytes;
@@ -564,12 +520,6 @@ impl Task {
             // update stays applied, which is what a retry would do.
             let _ = reply.send(outcome.map_err(Error::from));
         }
-    }
-
-    /// Keeps the task polling for `period` from now, or longer if it already was.
-    fn spin_for(&mut self, period: Duration) {
-        let until = Instant::now() + period;
-        self.spin_until = Some(self.spin_until.map_or(until, |before| before.max(until)));
     }
 
     /// Tries the path the next append will take (the segment it needs, a write as large as
