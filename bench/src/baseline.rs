@@ -24,6 +24,7 @@ use hdrhistogram::Histogram;
 use profile_state::pb;
 use profile_state::pb::profile_service_server::{ProfileService, ProfileServiceServer};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
@@ -256,4 +257,21 @@ pub async fn broadcast_fanout(
 /// A latency histogram in microseconds, 1 µs to 1 hour, 3 significant digits.
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// How the no-op servers that answer once their work is done (`noop_durable`, `noop_replica`)
+/// answer a request: `item` goes to their worker with a reply slot, 200 once the worker says
+/// done, 503 when it failed or is gone.
+pub async fn answer_when_done<T>(
+    worker: &mpsc::Sender<(T, oneshot::Sender<bool>)>,
+    item: T,
+) -> axum::http::StatusCode {
+    let (reply, done) = oneshot::channel();
+    if worker.send((item, reply)).await.is_err() {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    match done.await {
+        Ok(true) => axum::http::StatusCode::OK,
+        _ => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+    }
 }

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::baseline::answer_when_done;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -73,14 +74,7 @@ fn zeroed_file(dir: &Path) -> anyhow::Result<File> {
 
 /// One webhook: answered once the frame holding its body is synced.
 async fn take(State(waiting): State<mpsc::Sender<Waiting>>, body: Bytes) -> StatusCode {
-    let (reply, synced) = oneshot::channel();
-    if waiting.send((body, reply)).await.is_err() {
-        return StatusCode::SERVICE_UNAVAILABLE;
-    }
-    match synced.await {
-        Ok(true) => StatusCode::OK,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    }
+    answer_when_done(&waiting, body).await
 }
 
 /// Writes and syncs everything waiting as one frame (length-prefixed bodies), answers each,

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::baseline::answer_when_done;
 use anyhow::anyhow;
 use axum::Router;
 use axum::body::Bytes;
@@ -99,14 +100,7 @@ async fn take(State(waiting): State<mpsc::Sender<Waiting>>, body: Bytes) -> Stat
         Some(Ok(Delivery::ProfileUpdated(update))) => update,
         _ => return StatusCode::BAD_REQUEST,
     };
-    let (reply, answer) = oneshot::channel();
-    if waiting.send((update, reply)).await.is_err() {
-        return StatusCode::SERVICE_UNAVAILABLE;
-    }
-    match answer.await {
-        Ok(true) => StatusCode::OK,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    }
+    answer_when_done(&waiting, update).await
 }
 
 fn answer_stats(stats: &Stats) -> String {
