@@ -8,7 +8,8 @@
 //! publishes), publishes the updates that arrive together as one stream message through the
 //! service's own `profile_state::jetstream` code, with the publisher's batching (one publish in
 //! flight, and the service's default linger: after a batch of several, the next waits up to
-//! 5 ms, and at most half the last round trip, for as many more), reads every message of the
+//! 5 ms, and at most half the last round trip, for what was queued when the last publish was
+//! acknowledged plus as many as it carried), reads every message of the
 //! stream back (the ordered consumer each replica follows), and answers 200 once its update's
 //! message is acknowledged and read back here (a replica answers once it applied it). It does
 //! not check signatures, merge, store, journal, snapshot or tell watchers, and its answer
@@ -121,10 +122,15 @@ async fn publish(
 ) -> anyhow::Result<()> {
     let mut batch = Vec::with_capacity(MAX_PER_MESSAGE);
     let (mut last_size, mut last_round_trip) = (0, Duration::ZERO);
-    while inbox.recv_many(&mut batch, MAX_PER_MESSAGE).await > 0 {
+    loop {
+        // Counted before waiting for arrivals, as the service's linger does.
+        let queued = inbox.len();
+        if inbox.recv_many(&mut batch, MAX_PER_MESSAGE).await == 0 {
+            break;
+        }
         let for_at_most = LINGER.min(last_round_trip / 2);
         if last_size > 1 && !for_at_most.is_zero() {
-            let wanted = (batch.len() + last_size).min(MAX_PER_MESSAGE);
+            let wanted = (queued + last_size).min(MAX_PER_MESSAGE);
             let deadline = tokio::time::Instant::now() + for_at_most;
             while batch.len() < wanted {
                 let room = wanted - batch.len();

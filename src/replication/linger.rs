@@ -8,8 +8,12 @@
 //! The linger lets the next batch wait, a bounded time, for the callers who are likely to come
 //! back (a sender with more deliveries queued sends the next one as soon as it is answered):
 //!
-//! - after a batch of several updates, the next one waits until it holds as many more as that
-//!   batch did (after a batch of one it never waits, so a trickle is published at once);
+//! - after a batch of several updates, the next one waits until it holds what was already
+//!   queued when the publish slot freed plus as many as that batch did (after a batch of one it
+//!   never waits, so a trickle is published at once). Counted from the moment the slot frees,
+//!   not from the first arrival after it: when every sender was in the last batch, the first to
+//!   come back is one of them, and a target of "one plus the last batch" would outnumber the
+//!   senders and always wait out the bound;
 //! - at most `--nats-publish-linger`, and at most half the last publish's round trip (so the
 //!   added latency stays a fraction of what a webhook waits anyway).
 //!
@@ -42,7 +46,8 @@ impl Linger {
         }
     }
 
-    /// Whether a batch holding `queued` updates should wait for more, and for how many.
+    /// Whether the next batch should wait for more, and for how many, given `queued` updates
+    /// were waiting when the publish slot freed (before any that arrived since).
     pub(super) fn wait(&self, queued: usize) -> Option<Wait> {
         let for_at_most = self.max.min(self.last_round_trip / 2);
         (self.last_size > 1 && !for_at_most.is_zero()).then_some(Wait {
@@ -97,6 +102,18 @@ mod tests {
         assert_eq!(linger.wait(7), None, "no round trip, no wait");
         linger.published(2, 8 * MS);
         assert_eq!(linger.wait(1).unwrap().updates, 3);
+    }
+
+    #[test]
+    fn one_group_in_lockstep_is_published_once_all_are_back() {
+        // Every sender was in the last batch, so none was queued when the slot freed: the
+        // batch goes as soon as all of them are back, not after the bound.
+        let mut linger = Linger::new(5 * MS);
+        linger.published(21, 4 * MS);
+        assert_eq!(linger.wait(0).unwrap().updates, 21);
+        // Two groups alternating: the one queued during the publish and the one it answered.
+        linger.published(12, 4 * MS);
+        assert_eq!(linger.wait(9).unwrap().updates, 21);
     }
 
     #[test]

@@ -161,11 +161,8 @@ impl Task {
                 let micros = round_trip.load(Ordering::Acquire);
                 linger.published(size, Duration::from_micros(micros));
             }
-            if inbox.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            if next_batch(&mut inbox, &mut batch, &linger).await == 0 {
                 break;
-            }
-            if let Some(wait) = linger.wait(batch.len()) {
-                fill(&mut inbox, &mut batch, wait).await;
             }
             previous = Some(batch.len());
             let limit = self
@@ -205,6 +202,25 @@ impl Task {
         self.parts.done.cancel();
         tracing::debug!("publisher stopped");
     }
+}
+
+/// Takes the next batch into `batch` once the publish slot is free: what is queued, or else the
+/// first arrival, then what the linger waits for. Zero: every handle is gone.
+async fn next_batch(
+    inbox: &mut mpsc::Receiver<Request>,
+    batch: &mut Vec<Request>,
+    linger: &Linger,
+) -> usize {
+    // Counted before waiting for arrivals, so the last batch's callers are not counted twice
+    // (`super::linger`).
+    let queued = inbox.len();
+    if inbox.recv_many(batch, MAX_BATCH).await == 0 {
+        return 0;
+    }
+    if let Some(wait) = linger.wait(queued) {
+        fill(inbox, batch, wait).await;
+    }
+    batch.len()
 }
 
 /// Adds what arrives to `batch` until it holds `wait.updates` or `wait.for_at_most` has passed
@@ -457,17 +473,7 @@ mod tests {
         let (sender, mut inbox) = mpsc::channel(16);
         let mut batch = vec![request("first", 1)];
         let started = tokio::time::Instant::now();
-        let late = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            for i in 0..3 {
-                sender
-                    .send(request(&format!("c{i}"), 1))
-                    .await
-                    .ok()
-                    .unwrap();
-            }
-            sender
-        });
+        let late = arrive(sender, 3, Duration::from_millis(1));
         fill(&mut inbox, &mut batch, linger(4, 5)).await;
         assert_eq!(batch.len(), 4);
         assert_eq!(
@@ -476,6 +482,53 @@ mod tests {
             "not the whole linger"
         );
         drop(late.await.unwrap());
+    }
+
+    /// Sends `count` requests after `after`, and hands the sender back.
+    fn arrive(
+        sender: mpsc::Sender<Request>,
+        count: usize,
+        after: Duration,
+    ) -> tokio::task::JoinHandle<mpsc::Sender<Request>> {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            for i in 0..count {
+                let customer = format!("back{i}");
+                sender.send(request(&customer, 1)).await.ok().unwrap();
+            }
+            sender
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_in_lockstep_goes_once_all_are_back_not_after_the_bound() {
+        // Three senders, all in the last batch (4 ms round trip: a 2 ms bound); nothing was
+        // queued when the slot freed. They come back 1 ms later: the batch goes then.
+        let (sender, mut inbox) = mpsc::channel(16);
+        let mut linger = Linger::new(Duration::from_millis(5));
+        linger.published(3, Duration::from_millis(4));
+        let back = arrive(sender, 3, Duration::from_millis(1));
+        let started = tokio::time::Instant::now();
+        let mut batch = Vec::new();
+        assert_eq!(next_batch(&mut inbox, &mut batch, &linger).await, 3);
+        assert_eq!(started.elapsed(), Duration::from_millis(1), "no linger");
+        let sender = back.await.unwrap();
+
+        // Two groups alternating: two arrived during the publish, the three it answered are
+        // waited for.
+        for i in 0..2 {
+            sender
+                .send(request(&format!("other{i}"), 1))
+                .await
+                .ok()
+                .unwrap();
+        }
+        let back = arrive(sender, 3, Duration::from_millis(1));
+        let started = tokio::time::Instant::now();
+        batch.clear();
+        assert_eq!(next_batch(&mut inbox, &mut batch, &linger).await, 2 + 3);
+        assert_eq!(started.elapsed(), Duration::from_millis(1));
+        drop(back.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]
