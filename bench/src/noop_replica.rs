@@ -32,6 +32,7 @@ use axum::routing::{get, post};
 use profile_state::ingest::payload::{Delivery, Envelope};
 use profile_state::jetstream::{Follower, UpdateBatch, UpdateStream};
 use profile_state::profile::ProfileUpdate;
+use profile_state::replication::Linger;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -121,17 +122,17 @@ async fn publish(
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
     let mut batch = Vec::with_capacity(MAX_PER_MESSAGE);
-    let (mut last_size, mut last_round_trip) = (0, Duration::ZERO);
+    // The service's own policy (`profile_state::replication::Linger`), so the two cannot drift.
+    let mut linger = Linger::new(LINGER);
     loop {
-        // Counted before waiting for arrivals, as the service's linger does.
+        // Counted before waiting for arrivals, as the service's publisher does.
         let queued = inbox.len();
         if inbox.recv_many(&mut batch, MAX_PER_MESSAGE).await == 0 {
             break;
         }
-        let for_at_most = LINGER.min(last_round_trip / 2);
-        if last_size > 1 && !for_at_most.is_zero() {
-            let wanted = (queued + last_size).min(MAX_PER_MESSAGE);
-            let deadline = tokio::time::Instant::now() + for_at_most;
+        if let Some(wait) = linger.wait(queued) {
+            let wanted = wait.updates.min(MAX_PER_MESSAGE);
+            let deadline = tokio::time::Instant::now() + wait.for_at_most;
             while batch.len() < wanted {
                 let room = wanted - batch.len();
                 match tokio::time::timeout_at(deadline, inbox.recv_many(&mut batch, room)).await {
@@ -143,10 +144,11 @@ async fn publish(
         let (updates, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
         let started = Instant::now();
         let published = stream.publish(&UpdateBatch::new(&updates)).await;
-        (last_size, last_round_trip) = (updates.len(), started.elapsed());
+        let round_trip = started.elapsed();
+        linger.published(updates.len(), round_trip);
         stats
             .ack_micros
-            .fetch_add(last_round_trip.as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(round_trip.as_micros() as u64, Ordering::Relaxed);
         stats.publishes.fetch_add(1, Ordering::Relaxed);
         // The next message may go as soon as this one is acknowledged (the service's publish
         // slot is free then too); its callers wait for the read-back on their own.

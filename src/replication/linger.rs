@@ -17,13 +17,14 @@
 //! - at most `--nats-publish-linger`, and at most half the last publish's round trip (so the
 //!   added latency stays a fraction of what a webhook waits anyway).
 //!
-//! Pure policy: no clock, no channel. The publisher owns the waiting.
+//! Pure policy: no clock, no channel. The publisher owns the waiting. Public so that the load
+//! tool's no-op replica batches by the same rule instead of a copy that could drift.
 
 use std::time::Duration;
 
 /// The linger policy's state: the last published batch and its round trip.
 #[derive(Debug, Clone)]
-pub(super) struct Linger {
+pub struct Linger {
     max: Duration,
     last_size: usize,
     last_round_trip: Duration,
@@ -31,14 +32,16 @@ pub(super) struct Linger {
 
 /// What a batch should wait for: until it holds `updates`, or `for_at_most` has passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Wait {
+pub struct Wait {
+    /// Publish once the batch holds this many updates...
     pub updates: usize,
+    /// ...or once this long has passed since the wait began.
     pub for_at_most: Duration,
 }
 
 impl Linger {
     /// A policy that never waits longer than `max` (zero: never waits).
-    pub(super) fn new(max: Duration) -> Linger {
+    pub fn new(max: Duration) -> Linger {
         Linger {
             max,
             last_size: 0,
@@ -48,7 +51,7 @@ impl Linger {
 
     /// Whether the next batch should wait for more, and for how many, given `queued` updates
     /// were waiting when the publish slot freed (before any that arrived since).
-    pub(super) fn wait(&self, queued: usize) -> Option<Wait> {
+    pub fn wait(&self, queued: usize) -> Option<Wait> {
         let for_at_most = self.max.min(self.last_round_trip / 2);
         (self.last_size > 1 && !for_at_most.is_zero()).then_some(Wait {
             updates: queued + self.last_size,
@@ -57,7 +60,7 @@ impl Linger {
     }
 
     /// A batch of `size` updates was published and took `round_trip` to be acknowledged.
-    pub(super) fn published(&mut self, size: usize, round_trip: Duration) {
+    pub fn published(&mut self, size: usize, round_trip: Duration) {
         self.last_size = size;
         self.last_round_trip = round_trip;
     }
@@ -105,9 +108,10 @@ mod tests {
     }
 
     #[test]
-    fn one_group_in_lockstep_is_published_once_all_are_back() {
-        // Every sender was in the last batch, so none was queued when the slot freed: the
-        // batch goes as soon as all of them are back, not after the bound.
+    fn the_target_is_what_was_queued_when_the_slot_freed_plus_the_last_batch() {
+        // The formula only; that the publisher counts `queued` before any arrival (so one
+        // group in lockstep is not waited out) is the publisher's test
+        // `a_group_in_lockstep_goes_once_all_are_back_not_after_the_bound`.
         let mut linger = Linger::new(5 * MS);
         linger.published(21, 4 * MS);
         assert_eq!(linger.wait(0).unwrap().updates, 21);

@@ -515,7 +515,8 @@ mod tests {
         let sender = back.await.unwrap();
 
         // Two groups alternating: two arrived during the publish, the three it answered are
-        // waited for.
+        // waited for. (The same target as when it was counted after the first arrival: this
+        // half guards that the fix did not shrink it; only the half above tells them apart.)
         for i in 0..2 {
             sender
                 .send(request(&format!("other{i}"), 1))
