@@ -32,12 +32,9 @@ use axum::routing::{get, post};
 use profile_state::ingest::payload::{Delivery, Envelope};
 use profile_state::jetstream::{Follower, UpdateBatch, UpdateStream};
 use profile_state::profile::ProfileUpdate;
-use profile_state::replication::Linger;
+use profile_state::replication::{Linger, MAX_BATCH, next_batch};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
-
-/// Most updates in one stream message (the service's `MAX_BATCH`).
-const MAX_PER_MESSAGE: usize = 512;
 
 /// The longest a batch waits for more (the service's `--nats-publish-linger` default).
 const LINGER: Duration = Duration::from_millis(5);
@@ -62,7 +59,7 @@ pub async fn serve(nats_urls: &str, stream_name: &str, name: &str) -> anyhow::Re
     // The last sequence read back: a message's callers are answered once it is here.
     let (read, read_back) = watch::channel(0u64);
     let following = tokio::spawn(follow(follower, read));
-    let (waiting, inbox) = mpsc::channel::<Waiting>(4 * MAX_PER_MESSAGE);
+    let (waiting, inbox) = mpsc::channel::<Waiting>(4 * MAX_BATCH);
     let stats = Arc::new(Stats::default());
     let publishing = tokio::spawn(publish(stream, inbox, read_back, Arc::clone(&stats)));
 
@@ -121,25 +118,13 @@ async fn publish(
     read_back: watch::Receiver<u64>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
-    let mut batch = Vec::with_capacity(MAX_PER_MESSAGE);
-    // The service's own policy (`profile_state::replication::Linger`), so the two cannot drift.
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    // The service's own batching (`profile_state::replication::next_batch` with its linger),
+    // so the two cannot drift.
     let mut linger = Linger::new(LINGER);
     loop {
-        // Counted before waiting for arrivals, as the service's publisher does.
-        let queued = inbox.len();
-        if inbox.recv_many(&mut batch, MAX_PER_MESSAGE).await == 0 {
+        if next_batch(&mut inbox, &mut batch, &linger).await == 0 {
             break;
-        }
-        if let Some(wait) = linger.wait(queued) {
-            let wanted = wait.updates.min(MAX_PER_MESSAGE);
-            let deadline = tokio::time::Instant::now() + wait.for_at_most;
-            while batch.len() < wanted {
-                let room = wanted - batch.len();
-                match tokio::time::timeout_at(deadline, inbox.recv_many(&mut batch, room)).await {
-                    Ok(received) if received > 0 => {}
-                    _ => break,
-                }
-            }
         }
         let (updates, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
         let started = Instant::now();

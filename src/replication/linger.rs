@@ -17,8 +17,9 @@
 //! - at most `--nats-publish-linger`, and at most half the last publish's round trip (so the
 //!   added latency stays a fraction of what a webhook waits anyway).
 //!
-//! Pure policy: no clock, no channel. The publisher owns the waiting. Public so that the load
-//! tool's no-op replica batches by the same rule instead of a copy that could drift.
+//! Pure policy: no clock, no channel. The publisher owns the waiting (`super::next_batch`).
+//! Public so that the load tool's no-op replica batches by the same rule instead of a copy
+//! that could drift.
 
 use std::time::Duration;
 
@@ -105,14 +106,9 @@ mod tests {
         assert_eq!(linger.wait(7), None, "no round trip, no wait");
         linger.published(2, 8 * MS);
         assert_eq!(linger.wait(1).unwrap().updates, 3);
-    }
-
-    #[test]
-    fn the_target_is_what_was_queued_when_the_slot_freed_plus_the_last_batch() {
-        // The formula only; that the publisher counts `queued` before any arrival (so one
-        // group in lockstep is not waited out) is the publisher's test
+        // Nothing queued when the slot freed (one group in lockstep): as many as the last
+        // batch. That the publisher counts `queued` before any arrival is its own test,
         // `a_group_in_lockstep_goes_once_all_are_back_not_after_the_bound`.
-        let mut linger = Linger::new(5 * MS);
         linger.published(21, 4 * MS);
         assert_eq!(linger.wait(0).unwrap().updates, 21);
         // Two groups alternating: the one queued during the publish and the one it answered.

@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 pub use applier::ApplierPause;
 pub use catch_up::CATCH_UP_TIMEOUT;
 pub use linger::{Linger, Wait};
-pub use publisher::Publisher;
+pub use publisher::{MAX_BATCH, Publisher, next_batch};
 pub use startup::{Opened, open};
 pub use status::{Lag, POLL_INTERVAL, Position, ReplicaStatus};
 

@@ -45,7 +45,7 @@ use crate::sequencer::Applied;
 use crate::store::Store;
 
 /// How many waiting updates one batch takes at most (as the sequencer).
-const MAX_BATCH: usize = 512;
+pub const MAX_BATCH: usize = 512;
 /// Batches published and not yet acknowledged at once. One: more in flight cut the batches
 /// into smaller stream messages, and each message costs the nats-servers far more than its
 /// updates do (measured with `profile-state-bench cluster`, see the module doc).
@@ -205,10 +205,12 @@ impl Task {
 }
 
 /// Takes the next batch into `batch` once the publish slot is free: what is queued, or else the
-/// first arrival, then what the linger waits for. Zero: every handle is gone.
-async fn next_batch(
-    inbox: &mut mpsc::Receiver<Request>,
-    batch: &mut Vec<Request>,
+/// first arrival, then what the linger waits for. Zero: every handle is gone. Public (and
+/// generic over what is queued) so that the load tool's no-op replica batches by this very
+/// code, not a copy.
+pub async fn next_batch<T>(
+    inbox: &mut mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
     linger: &Linger,
 ) -> usize {
     // Counted before waiting for arrivals, so the last batch's callers are not counted twice
@@ -225,7 +227,7 @@ async fn next_batch(
 
 /// Adds what arrives to `batch` until it holds `wait.updates` or `wait.for_at_most` has passed
 /// (or every handle is gone: the batch is published as it is).
-async fn fill(inbox: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, wait: Wait) {
+async fn fill<T>(inbox: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, wait: Wait) {
     let deadline = tokio::time::Instant::now() + wait.for_at_most;
     let wanted = wait.updates.min(MAX_BATCH);
     while batch.len() < wanted {
