@@ -1,7 +1,8 @@
 //! The no-op baselines every figure is compared with, measured in the same run:
 //!
 //! - HTTP: axum, the same version and listener setting (TCP_NODELAY) as the service's webhook
-//!   ingress, on the same path; it reads the body and answers 200 with an empty body.
+//!   ingress, on the same path; it reads the body and answers 200 with an empty body (and,
+//!   while watch streams are open on the no-op gRPC server, hands the body to them first).
 //! - gRPC: tonic, the same `ProfileService` and listener setting, answering GetProfile,
 //!   BatchGetProfiles and ListProfiles with pre-built profiles of the same size as ours (no
 //!   store, no lookup); the other RPCs are UNIMPLEMENTED.
@@ -57,7 +58,7 @@ pub async fn serve(client_id: &str) -> anyhow::Result<()> {
     let grpc = tonic::transport::Server::builder()
         .add_service(routes)
         .serve_with_incoming(TcpIncoming::from(grpc).with_nodelay(Some(true)));
-    let http = axum::serve(http.tap_nodelay(), noop_router()).into_future();
+    let http = axum::serve(http.tap_nodelay(), noop_router(Arc::clone(&watch))).into_future();
     let trigger = axum::serve(trigger.tap_nodelay(), watch.trigger()).into_future();
     let (grpc, http, trigger) = tokio::join!(grpc, http, trigger);
     grpc?;
@@ -66,12 +67,13 @@ pub async fn serve(client_id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The no-op webhook endpoint: read the body, answer 200.
-fn noop_router() -> Router {
+/// The no-op webhook endpoint: read the body, give it to the watch streams that want it (none
+/// open: one atomic load), answer 200.
+fn noop_router(watch: Arc<NoopWatch>) -> Router {
     Router::new().route(
         profile_state::webhook::PATH,
-        post(|body: Bytes| async move {
-            drop(body);
+        post(move |body: Bytes| async move {
+            watch.deliver(&body);
             axum::http::StatusCode::OK
         }),
     )

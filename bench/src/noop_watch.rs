@@ -13,12 +13,22 @@
 //! publishes the next change, then answers `{"outcome":"applied","revision":N}` as the service
 //! does, so the tool measures both with the same code and clock (`scenarios::fanout`).
 //!
-//! What it does not do: filter, resume, keep history or handle slow readers (a stream that lags
-//! the channel by more than its capacity ends).
+//! The ingest-impact part of `fanout` measures the no-op webhook endpoint with watchers open,
+//! as it measures ours: [`NoopWatch::deliver`] gives each webhook to the streams that want it,
+//! so the deliveries cost the transport what they cost the service's. A stream of
+//! `customer_ids` gets the webhooks that name one of them (the customer id found in the body by
+//! a substring search, no JSON parse), a stream of another account none, any other stream
+//! every webhook. While no stream is open a webhook costs one atomic load, so the plain ingest
+//! baseline is unchanged.
+//!
+//! What it does not do: resume, keep history or handle slow readers (a stream that lags the
+//! channel by more than its capacity ends; a customer stream's changes beyond its capacity are
+//! dropped).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use axum::Router;
@@ -27,8 +37,8 @@ use bytes::Bytes;
 use profile_state::pb;
 use profile_state::pb::watch_profiles_response::Event;
 use prost::Message;
-use tokio::sync::broadcast;
-use tokio_stream::wrappers::BroadcastStream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::body::Body;
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
@@ -43,12 +53,22 @@ const CAPACITY: usize = 4096;
 const STREAM_BUFFER_BYTES: usize = 1024;
 const STREAM_YIELD_BYTES: usize = 32 * 1024;
 
-/// The published changes: a template change and the broadcast channel every stream reads.
+/// The published changes: a template change, the broadcast channel every stream of all
+/// customers reads, and the streams of one customer each.
 pub struct NoopWatch {
     template: pb::ProfileChange,
     revision: AtomicU64,
     changes: broadcast::Sender<Bytes>,
+    /// Customer id -> the streams that watch it.
+    customers: Mutex<HashMap<String, Vec<mpsc::Sender<Bytes>>>>,
+    /// Streams open on the broadcast channel and in `customers`: a webhook looks no further
+    /// while both are 0.
+    broadcast_streams: AtomicUsize,
+    customer_streams: AtomicUsize,
 }
+
+/// Where a webhook body names its customer (the workload's bodies, `workload.rs`).
+const CUSTOMER_KEY: &str = "\"customer_id\":\"";
 
 impl NoopWatch {
     /// Changes like `profile`'s update of its points (the message the service sends).
@@ -62,11 +82,14 @@ impl NoopWatch {
             },
             revision: AtomicU64::new(0),
             changes: broadcast::channel(CAPACITY).0,
+            customers: Mutex::default(),
+            broadcast_streams: AtomicUsize::new(0),
+            customer_streams: AtomicUsize::new(0),
         })
     }
 
-    /// Encodes the next change once and hands it to every stream; returns its revision.
-    fn publish(&self) -> u64 {
+    /// The next change, encoded once.
+    fn next_change(&self) -> (u64, Bytes) {
         let revision = self.revision.fetch_add(1, Ordering::Relaxed) + 1;
         let mut change = self.template.clone();
         change.revision = revision;
@@ -76,9 +99,55 @@ impl NoopWatch {
         let message = pb::WatchProfilesResponse {
             event: Some(Event::Change(change)),
         };
+        (revision, Bytes::from(message.encode_to_vec()))
+    }
+
+    /// Encodes the next change once and hands it to every broadcast stream; returns its
+    /// revision.
+    fn publish(&self) -> u64 {
+        let (revision, change) = self.next_change();
         // No stream open is not an error: the trigger still answers.
-        let _ = self.changes.send(Bytes::from(message.encode_to_vec()));
+        let _ = self.changes.send(change);
         revision
+    }
+
+    /// A webhook arrived at the no-op endpoint: one change to every stream that wants it.
+    pub fn deliver(&self, body: &[u8]) {
+        if self.broadcast_streams.load(Ordering::Relaxed) > 0 {
+            self.publish();
+        }
+        if self.customer_streams.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let Some(customer) = customer_of(body) else {
+            return;
+        };
+        let mut customers = self
+            .customers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(streams) = customers.get_mut(customer) else {
+            return;
+        };
+        let (_, change) = self.next_change();
+        streams.retain(|stream| match stream.try_send(change.clone()) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+
+    /// A stream of the changes of `customer_ids`.
+    fn watch_customers(self: &Arc<Self>, customer_ids: Vec<String>) -> Changes {
+        let (sender, receiver) = mpsc::channel(CAPACITY);
+        let mut customers = self
+            .customers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for customer in customer_ids {
+            customers.entry(customer).or_default().push(sender.clone());
+        }
+        let changes = ReceiverStream::new(receiver).map(Ok);
+        Counted::boxed(changes, self, |watch| &watch.customer_streams)
     }
 
     /// The trigger: POST (any path, any body) publishes a change and answers like the webhook.
@@ -88,6 +157,49 @@ impl NoopWatch {
             let revision = watch.publish();
             async move { axum::Json(serde_json::json!({"outcome": "applied", "revision": revision})) }
         }))
+    }
+}
+
+/// The customer id a workload body names.
+fn customer_of(body: &[u8]) -> Option<&str> {
+    let body = std::str::from_utf8(body).ok()?;
+    let start = body.find(CUSTOMER_KEY)? + CUSTOMER_KEY.len();
+    let length = body[start..].find('"')?;
+    Some(&body[start..start + length])
+}
+
+/// A stream counted in one of [`NoopWatch`]'s stream counts while it is open.
+struct Counted<S> {
+    changes: S,
+    watch: Arc<NoopWatch>,
+    count: fn(&NoopWatch) -> &AtomicUsize,
+}
+
+impl<S: Stream<Item = Result<Bytes, Status>> + Send + Unpin + 'static> Counted<S> {
+    fn boxed(changes: S, watch: &Arc<NoopWatch>, count: fn(&NoopWatch) -> &AtomicUsize) -> Changes {
+        count(watch).fetch_add(1, Ordering::Relaxed);
+        Box::pin(Counted {
+            changes,
+            watch: Arc::clone(watch),
+            count,
+        })
+    }
+}
+
+impl<S: Stream + Unpin> Stream for Counted<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<S::Item>> {
+        std::pin::Pin::new(&mut self.changes).poll_next(cx)
+    }
+}
+
+impl<S> Drop for Counted<S> {
+    fn drop(&mut self) {
+        (self.count)(&self.watch).fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -142,16 +254,32 @@ impl ServerStreamingService<pb::WatchProfilesRequest> for Method {
     type ResponseStream = Changes;
     type Future = std::future::Ready<Result<Response<Changes>, Status>>;
 
-    fn call(&mut self, _request: Request<pb::WatchProfilesRequest>) -> Self::Future {
+    fn call(&mut self, request: Request<pb::WatchProfilesRequest>) -> Self::Future {
+        let watch = &self.0;
         let synced = pb::WatchProfilesResponse {
             event: Some(Event::Synced(pb::Synced {
-                revision: self.0.revision.load(Ordering::Relaxed),
+                revision: watch.revision.load(Ordering::Relaxed),
                 store_id: "noop".into(),
             })),
         };
         let first = tokio_stream::once(Ok(Bytes::from(synced.encode_to_vec())));
-        let changes = BroadcastStream::new(self.0.changes.subscribe())
-            .map_while(|change| change.ok().map(Ok));
+        let request = request.into_inner();
+        let account = watch
+            .template
+            .profile
+            .as_ref()
+            .map(|p| p.client_id.as_str());
+        let changes: Changes =
+            if !request.client_id.is_empty() && Some(request.client_id.as_str()) != account {
+                // The workload's webhooks all name the template's account: this stream gets none.
+                Box::pin(tokio_stream::pending())
+            } else if !request.customer_ids.is_empty() {
+                watch.watch_customers(request.customer_ids)
+            } else {
+                let changes = BroadcastStream::new(watch.changes.subscribe())
+                    .map_while(|change| change.ok().map(Ok));
+                Counted::boxed(changes, watch, |watch| &watch.broadcast_streams)
+            };
         std::future::ready(Ok(Response::new(Box::pin(first.chain(changes)))))
     }
 }

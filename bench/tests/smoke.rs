@@ -143,6 +143,20 @@ fn fanout_measures_every_delivery() {
             .iter()
             .any(|m| m.starts_with("ingest req/s with subscribers"))
     );
+    // The ingest impact has the no-op servers' own beside it, and both sides delivered the
+    // webhooks of the watched customers during it (a side that delivered nothing fails the run).
+    assert!(
+        ratio_of(
+            &report,
+            "no-op servers: ingest req/s with subscribers (Customer filter)"
+        )
+        .is_some()
+    );
+    let delivered = row_of(&report, "deliveries/s during ingest (warm-up included)").unwrap();
+    assert_eq!(delivered["baseline_name"], "no-op servers");
+    for side in ["ours", "baseline"] {
+        assert!(delivered[side][0].as_f64().unwrap() > 0.0, "{delivered}");
+    }
 }
 
 #[test]

@@ -24,7 +24,7 @@ use profile_state::pb::watch_profiles_response::Event;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Options, channel, client, ingest, preload, rounds};
+use super::{Options, channel, client, preload, rounds};
 use crate::baseline::{FanoutStats, broadcast_fanout, histogram};
 use crate::load::HttpConnection;
 use crate::process::{Server, cpu_time};
@@ -141,6 +141,11 @@ impl Subscribers {
             delivered,
             tasks,
         })
+    }
+
+    /// Changes received by all subscribers together so far.
+    pub(super) fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
     }
 
     pub(super) async fn close(self) -> Vec<Vec<(u64, Instant)>> {
@@ -325,7 +330,6 @@ pub async fn run(
     let customers = options.customers(10_000).max(most);
     let workload = options.workload(customers);
     let ours = options.ours()?;
-    let grpc = ours.grpc()?;
     preload(&ours, &workload, customers, options.concurrency).await?;
     report.note(format!(
         "fanout: {} rounds; latency at {rate} webhooks/s for {:?} (+{:?} warm-up), filter {filter:?}; \
@@ -349,13 +353,14 @@ pub async fn run(
         rate: None,
         ..options.clone()
     };
-    // The transport baseline sends every change to every stream: a like-for-like comparison
+    let baseline = options.baseline()?;
+    // The latency baseline sends every change to every stream: a like-for-like comparison
     // only when every subscriber wants every change.
-    let baseline = match filter {
-        Filter::All | Filter::Unfiltered => options.baseline()?,
+    let transport = match filter {
+        Filter::All | Filter::Unfiltered => baseline.as_ref().map(Endpoints::noop_watch),
         Filter::Customer | Filter::OtherAccount => None,
-    };
-    let transport = baseline.as_ref().map(Endpoints::noop_watch).transpose()?;
+    }
+    .transpose()?;
     let ours_endpoints = Endpoints::service(&ours)?;
     for &count in counts {
         let scenario = format!("fanout S={count}");
@@ -411,57 +416,16 @@ pub async fn run(
         let broadcast = results.pop().unwrap_or_default();
         latency_rows(report, &scenario, audience, &ours_stats, &noop, &broadcast);
 
-        // Ingest throughput with S subscribers connected, against none, per round.
-        let results = rounds(options.rounds, 2, |_, contender| {
-            let (workload, ours, scenario, closed_loop) =
-                (&workload, &ours, &scenario, &closed_loop);
-            async move {
-                let subscribers = if contender == 1 {
-                    Some(
-                        Subscribers::open(
-                            grpc,
-                            Audience {
-                                count,
-                                per_connection,
-                                filter: impact_filter,
-                                first_customer: 0,
-                            },
-                            &workload.client_id,
-                        )
-                        .await?,
-                    )
-                } else {
-                    None
-                };
-                let measured = ingest::measure(closed_loop, ours, workload).await?;
-                if let Some(subscribers) = subscribers {
-                    subscribers.close().await;
-                }
-                eprintln!(
-                    "{scenario}: ingest with {} subscribers: {:.0} req/s",
-                    if contender == 1 { count } else { 0 },
-                    measured.per_second()
-                );
-                anyhow::Ok(measured.per_second())
-            }
-        })
-        .await;
-        let mut results: Vec<Vec<f64>> = results
-            .into_iter()
-            .map(|rounds| rounds.into_iter().collect::<anyhow::Result<_>>())
-            .collect::<anyhow::Result<_>>()?;
-        let with = results.pop().unwrap_or_default();
-        let without = results.pop().unwrap_or_default();
-        report.push(
-            Row::new(
-                &scenario,
-                &format!("ingest req/s with subscribers ({impact_filter:?} filter)"),
-                "req/s",
-            )
-            .ours(with)
-            .baseline("no subscribers", without)
-            .target(Target::RatioAtLeast { value: 0.90 }),
-        );
+        let impact = super::watch_impact::Impact {
+            audience: Audience {
+                filter: impact_filter,
+                ..audience
+            },
+            workload: &workload,
+            options: &closed_loop,
+            scenario: &scenario,
+        };
+        impact.measure(report, &ours, baseline.as_ref()).await?;
     }
     Ok(())
 }

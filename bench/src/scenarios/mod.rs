@@ -8,6 +8,7 @@ pub mod ingest;
 pub mod reads;
 pub mod scale;
 pub mod stream_alone;
+mod watch_impact;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
