@@ -316,3 +316,71 @@ impl Encoder for PassThroughCodec {
         BufferSettings::new(STREAM_BUFFER_BYTES, STREAM_YIELD_BYTES)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::Workload;
+
+    fn request(client_id: &str, customer_ids: Vec<String>) -> Request<pb::WatchProfilesRequest> {
+        Request::new(pb::WatchProfilesRequest {
+            client_id: client_id.into(),
+            customer_ids,
+            ..Default::default()
+        })
+    }
+
+    /// The events a stream has ready now (it never ends while its server lives).
+    async fn ready(stream: &mut Changes) -> usize {
+        let mut count = 0;
+        while let Ok(Some(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(20), stream.next()).await
+        {
+            count += 1;
+        }
+        count
+    }
+
+    /// A WatchProfiles stream of the no-op, past its `Synced`.
+    async fn open(watch: &Arc<NoopWatch>, request: Request<pb::WatchProfilesRequest>) -> Changes {
+        let response = Method(Arc::clone(watch)).call(request).await.unwrap();
+        let mut stream = response.into_inner();
+        assert_eq!(ready(&mut stream).await, 1, "Synced first");
+        stream
+    }
+
+    #[tokio::test]
+    async fn each_webhook_reaches_the_streams_that_want_it_and_closed_streams_stop_the_work() {
+        let workload = Workload::new("bench", 10, "s");
+        let watch = NoopWatch::new(workload.profile(0));
+        let customer = Workload::customer_id(3);
+        let mut one = open(&watch, request("bench", vec![customer])).await;
+        let mut all = open(&watch, request("bench", Vec::new())).await;
+        let mut other = open(&watch, request("bench-other", Vec::new())).await;
+
+        for n in 0..10 {
+            watch.deliver(&workload.update(n).body);
+        }
+        assert_eq!(ready(&mut one).await, 1, "only customer 3's webhook");
+        assert_eq!(ready(&mut all).await, 10, "every webhook");
+        assert_eq!(
+            ready(&mut other).await,
+            0,
+            "another account's stream gets none"
+        );
+
+        // Closed streams leave the endpoint a no-op again.
+        drop((one, all));
+        assert_eq!(watch.customer_streams.load(Ordering::Relaxed), 0);
+        assert_eq!(watch.broadcast_streams.load(Ordering::Relaxed), 0);
+        let revision = watch.revision.load(Ordering::Relaxed);
+        watch.deliver(&workload.update(0).body);
+        watch.deliver(&workload.update(3).body);
+        assert_eq!(
+            watch.revision.load(Ordering::Relaxed),
+            revision,
+            "nothing encoded"
+        );
+        drop(other);
+    }
+}

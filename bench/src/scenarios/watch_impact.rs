@@ -89,11 +89,11 @@ impl Impact<'_> {
 
     /// Opens the subscribers (if `with`), measures ingest, closes them.
     async fn window(&self, server: &Server, with: bool) -> anyhow::Result<Window> {
-        let subscribers = match with {
-            true => Some(
-                Subscribers::open(server.grpc()?, self.audience, &self.workload.client_id).await?,
-            ),
-            false => None,
+        let subscribers = if with {
+            let grpc = server.grpc()?;
+            Some(Subscribers::open(grpc, self.audience, &self.workload.client_id).await?)
+        } else {
+            None
         };
         let measured = ingest::measure(self.options, server, self.workload).await?;
         let delivered = match subscribers {
