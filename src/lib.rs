@@ -84,4 +84,6 @@ pub use config::Config;
 #[cfg(test)]
 #[path = "../tests/fixtures/mod.rs"]
 mod fixtures;
+#[cfg(test)]
+mod yield_probe;
 pub use server::Server;

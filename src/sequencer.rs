@@ -592,6 +592,25 @@ pub(crate) fn sequence(store: &Store, updates: &[ProfileUpdate], bound: Bound) -
     )
 }
 
+/// For tests: a store of `count` profiles of account `a` (`c000000`, `c000001`, ...), each of
+/// tier `basic`, committed as one batch.
+#[cfg(test)]
+pub(crate) fn store_of_basic_profiles(count: usize) -> Store {
+    use crate::profile::{Field, Origin, ProfileKey, Scalar};
+    let store = Store::new(10, "test");
+    let updates: Vec<_> = (0..count)
+        .map(|i| ProfileUpdate {
+            key: ProfileKey::new("a", format!("c{i:06}")),
+            at: chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("a valid time"),
+            fields: vec![(Field::TierName, Some(Scalar::Text("basic".into())))],
+            extras: vec![],
+            origin: Origin::Webhook,
+        })
+        .collect();
+    store.commit(&sequence(&store, &updates, Bound::Checked).changes);
+    store
+}
+
 /// [`sequence`] on top of batches numbered but not committed yet: `pending` holds the newest
 /// profile of every key they changed, and the first revision is `first_revision`.
 fn sequence_after(

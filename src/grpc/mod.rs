@@ -39,7 +39,7 @@ use crate::pb::profile_service_server::ProfileService;
 use crate::profile::{Field, Profile, ProfileKey};
 use crate::replication::ReplicaStatus;
 use crate::status::grpc_status;
-use crate::store::Store;
+use crate::store::{self, Store};
 use crate::watch::Watchers;
 
 /// Most ids one BatchGetProfiles may ask for.
@@ -123,6 +123,40 @@ impl ProfileApi {
     pub fn with_replica(mut self, replica: ReplicaStatus) -> Self {
         self.replica = Some(replica);
         self
+    }
+
+    /// Up to `page_size` profiles of `client_id` (empty: every account) after `after`, of
+    /// tier `tier_name` (empty: any), and the last key examined when keys remain. Yields to
+    /// the worker's other tasks every [`store::EXAMINE_PER_TURN`] keys: a filter that matches
+    /// little would otherwise hold a tokio worker, and the calls and watch streams queued on
+    /// it, for the whole scan of the account.
+    async fn scan_yielding(
+        &self,
+        client_id: &str,
+        tier_name: &str,
+        mut after: Option<ProfileKey>,
+        page_size: usize,
+    ) -> (Vec<Arc<Profile>>, Option<ProfileKey>) {
+        let client_id = Some(client_id).filter(|id| !id.is_empty());
+        let keep = |profile: &Profile| {
+            tier_name.is_empty() || profile.get_text(Field::TierName) == Some(tier_name)
+        };
+        let mut profiles = Vec::new();
+        loop {
+            let wanted = page_size - profiles.len();
+            let examine = store::EXAMINE_PER_TURN;
+            let scan = self
+                .store
+                .scan_at_most(client_id, after.as_ref(), wanted, examine, keep);
+            profiles.extend(scan.profiles);
+            match scan.next {
+                Some(next) if profiles.len() < page_size => {
+                    after = Some(next);
+                    tokio::task::yield_now().await;
+                }
+                next => return (profiles, next),
+            }
+        }
     }
 
     /// Waits until the store has applied `min_revision` (0: no wait), at most until shortly
@@ -375,16 +409,13 @@ impl ProfileService for ProfileApi {
             }
         };
         self.wait_for(request.min_revision, &metadata).await?;
-        let scan = self.store.scan(
-            Some(client_id).filter(|id| !id.is_empty()),
-            after.as_ref(),
-            page_size,
-            |profile| tier_name.is_empty() || profile.get_text(Field::TierName) == Some(tier_name),
-        );
+        let (profiles, next) = self
+            .scan_yielding(client_id, tier_name, after, page_size)
+            .await;
         let response = fitted_page(
             &self.store,
-            &scan.profiles,
-            scan.next,
+            &profiles,
+            next,
             self.max_message_bytes,
             |next| page_token::encode(client_id, tier_name, next),
         );
@@ -470,6 +501,32 @@ mod tests {
         let largest = largest_change_bytes(defaults.max_body_bytes);
         assert!(largest <= defaults.grpc_max_message_bytes, "{largest}");
         assert!(largest_change_bytes(256 * 1024) > defaults.grpc_max_message_bytes);
+    }
+
+    /// A tier filter that matches nothing examines every key; the other tasks of the worker
+    /// (other calls, watch streams) run in between, and the page is right.
+    #[tokio::test]
+    async fn a_filtered_list_yields_to_the_workers_other_tasks_while_it_scans() {
+        let store = crate::sequencer::store_of_basic_profiles(10 * store::EXAMINE_PER_TURN);
+        let watchers = Watchers::new(store.clone());
+        let (stopping, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let api = ProfileApi::new(store, watchers, false, stopping, tracker, Metrics::new());
+        let probe = crate::yield_probe::YieldProbe::spawn();
+        let (profiles, next) = api.scan_yielding("a", "gold", None, 100).await;
+        let turns = probe.turns();
+        drop(probe);
+        assert!(
+            profiles.is_empty() && next.is_none(),
+            "no gold, every key examined"
+        );
+        assert!(
+            turns >= 9,
+            "the other task ran {turns} times during the scan"
+        );
+
+        let (basic, next) = api.scan_yielding("a", "basic", None, 100).await;
+        assert_eq!(basic.len(), 100);
+        assert_eq!(next, Some(ProfileKey::new("a", "c000099")));
     }
 
     #[test]

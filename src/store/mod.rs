@@ -100,6 +100,10 @@ pub fn change_bytes(change: &Change) -> usize {
         + change.previous.as_ref().map_or(0, |p| p.memory_bytes())
 }
 
+/// About how many keys an async reader examines between yields to its worker's other tasks
+/// ([`Store::scan_at_most`], [`AsOfScan::next_turn`]): a fraction of a millisecond of work.
+pub const EXAMINE_PER_TURN: usize = 4096;
+
 /// A change revision no longer in history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compacted {
@@ -204,9 +208,25 @@ impl Store {
         client_id: Option<&str>,
         after: Option<&ProfileKey>,
         limit: usize,
+        keep: impl FnMut(&Profile) -> bool,
+    ) -> Scan {
+        self.scan_at_most(client_id, after, limit, usize::MAX, keep)
+    }
+
+    /// [`Store::scan`] that also stops once it has examined about `examine` keys (a few
+    /// hundred more at most), with fewer than `limit` profiles then and `next` set: what an
+    /// async caller does between yields, so a filtered scan that matches little does not hold
+    /// its tokio worker (and the calls and watch streams queued on it) for the whole range.
+    pub fn scan_at_most(
+        &self,
+        client_id: Option<&str>,
+        after: Option<&ProfileKey>,
+        limit: usize,
+        examine: usize,
         mut keep: impl FnMut(&Profile) -> bool,
     ) -> Scan {
         const CHUNK: usize = 256;
+        let mut examined = 0usize;
         let first = ProfileKey::new(client_id.unwrap_or(""), "");
         let mut cursor = match after {
             Some(after) if *after >= first => Bound::Excluded(after.clone()),
@@ -236,7 +256,14 @@ impl Store {
                     profiles.push(profile);
                 }
             }
+            examined += keys.len();
             match keys.last() {
+                Some(last) if !exhausted && examined >= examine => {
+                    return Scan {
+                        profiles,
+                        next: Some(last.clone()),
+                    };
+                }
                 Some(last) if !exhausted => cursor = Bound::Excluded(last.clone()),
                 _ => {
                     return Scan {
@@ -542,11 +569,25 @@ impl AsOfScan {
         &mut self,
         store: &Store,
         chunk: usize,
+        keep: impl FnMut(&Profile) -> bool,
+    ) -> Vec<Arc<Profile>> {
+        self.next_turn(store, chunk, usize::MAX, keep)
+    }
+
+    /// Like [`AsOfScan::next_chunk`], examining about `examine` keys at most: may come back
+    /// empty before the scan is done ([`AsOfScan::done`] says when it is), so an async caller
+    /// can yield between turns.
+    pub fn next_turn(
+        &mut self,
+        store: &Store,
+        chunk: usize,
+        examine: usize,
         mut keep: impl FnMut(&Profile) -> bool,
     ) -> Vec<Arc<Profile>> {
         while !self.scanned {
             let client_id = self.client_id.as_deref();
-            let scan = store.scan(client_id, self.after.as_ref(), chunk, &mut keep);
+            let after = self.after.as_ref();
+            let scan = store.scan_at_most(client_id, after, chunk, examine, &mut keep);
             self.scanned = scan.next.is_none();
             self.after = scan.next;
             let (current, newer): (Vec<_>, Vec<_>) = scan
@@ -555,11 +596,17 @@ impl AsOfScan {
                 .partition(|profile| profile.revision <= self.as_of);
             self.newer
                 .extend(newer.into_iter().map(|profile| profile.key.clone()));
-            if !current.is_empty() {
+            // One turn: what it found, even nothing, when it stopped at `examine`.
+            if !current.is_empty() || examine != usize::MAX {
                 return current;
             }
         }
         Vec::new()
+    }
+
+    /// Whether every key has been examined.
+    pub fn done(&self) -> bool {
+        self.scanned
     }
 
     /// After the scan: the state at `as_of` of every profile that was read newer than that.

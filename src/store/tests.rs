@@ -255,3 +255,81 @@ fn scan_pages_by_client_and_filter() {
     });
     assert_eq!(ids(&gold), vec!["a/1", "a/3", "b/1"]);
 }
+
+/// 1,000 profiles of account `a` (`c0000`..`c0999`), every hundredth of tier `gold`.
+fn thousand_with_ten_gold() -> Store {
+    let store = Store::new(10, "test");
+    let changes: Vec<_> = (0..1000u64)
+        .map(|i| {
+            let tier = if i % 100 == 0 { "gold" } else { "basic" };
+            change(i + 1, "a", &format!("c{i:04}"), tier)
+        })
+        .collect();
+    store.commit(&changes);
+    store
+}
+
+fn gold(profile: &Profile) -> bool {
+    profile.get_text(Field::TierName) == Some("gold")
+}
+
+#[test]
+fn a_scan_bounded_by_keys_examined_stops_early_and_resumes_where_it_stopped() {
+    let store = thousand_with_ten_gold();
+    // Chunks of 256 keys: past 300 examined it stops at the end of the second chunk.
+    let first = store.scan_at_most(Some("a"), None, 10, 300, gold);
+    let customers = |scan: &Scan| -> Vec<String> {
+        scan.profiles
+            .iter()
+            .map(|p| p.key.customer_id.to_string())
+            .collect()
+    };
+    assert_eq!(
+        customers(&first),
+        ["c0000", "c0100", "c0200", "c0300", "c0400", "c0500"]
+    );
+    assert_eq!(first.next, Some(ProfileKey::new("a", "c0511")));
+
+    // Turn after turn, the same profiles as one unbounded scan, each once.
+    let mut found = customers(&first);
+    let mut after = first.next;
+    let mut turns = 1;
+    while let Some(next) = after.clone().filter(|_| found.len() < 10) {
+        let scan = store.scan_at_most(Some("a"), Some(&next), 10 - found.len(), 300, gold);
+        found.extend(customers(&scan));
+        after = scan.next;
+        turns += 1;
+    }
+    assert_eq!(turns, 2);
+    let whole = store.scan(Some("a"), None, 10, gold);
+    assert_eq!(found, customers(&whole));
+    assert_eq!(after, whole.next, "both stop after the tenth");
+    assert_eq!(found.len(), 10);
+}
+
+#[test]
+fn an_as_of_scan_in_bounded_turns_may_come_back_empty_before_it_is_done() {
+    let store = thousand_with_ten_gold();
+    let only_the_last = |profile: &Profile| &*profile.key.customer_id == "c0999";
+    let mut scan = store.scan_as_of(None);
+    let mut empty_turns = 0;
+    let mut found = Vec::new();
+    while !scan.done() {
+        let turn = scan.next_turn(&store, 256, 256, only_the_last);
+        if turn.is_empty() {
+            empty_turns += 1;
+        }
+        found.extend(turn);
+    }
+    assert_eq!(found.len(), 1, "the one wanted profile, once");
+    assert!(
+        empty_turns >= 3,
+        "turns of 256 keys find nothing before c0999: {empty_turns}"
+    );
+
+    // Unbounded, the same scan finds it in one call, and then reports the end.
+    let mut scan = store.scan_as_of(None);
+    assert_eq!(scan.next_chunk(&store, 256, only_the_last).len(), 1);
+    assert!(scan.next_chunk(&store, 256, only_the_last).is_empty());
+    assert!(scan.done());
+}

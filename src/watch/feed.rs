@@ -272,13 +272,18 @@ impl Feed {
     async fn initial_state(&mut self) -> Result<u64, Stop> {
         loop {
             let mut scan = self.store.scan_as_of(self.spec.client_id.clone());
-            loop {
+            while !scan.done() {
                 let spec = &self.spec;
-                let chunk = scan.next_chunk(&self.store, READ_BATCH, |profile| {
-                    spec.wants_profile(&profile.key)
-                });
+                let chunk = scan.next_turn(
+                    &self.store,
+                    READ_BATCH,
+                    crate::store::EXAMINE_PER_TURN,
+                    |profile| spec.wants_profile(&profile.key),
+                );
                 if chunk.is_empty() {
-                    break;
+                    // Many keys examined, none wanted: let the worker's other tasks run.
+                    tokio::task::yield_now().await;
+                    continue;
                 }
                 for profile in chunk {
                     self.send(WatchEvent::Existing(profile)).await?;

@@ -663,3 +663,39 @@ async fn a_stop_during_the_state_after_falling_behind_offers_no_resume_point() {
     tracker.close();
     tracker.wait().await;
 }
+
+/// An initial state for one customer out of many examines every key of the account; the other
+/// tasks of the worker (other calls, watch streams) run in between.
+#[tokio::test]
+async fn an_initial_state_that_wants_little_yields_to_the_workers_other_tasks_while_it_scans() {
+    let count = 10 * crate::store::EXAMINE_PER_TURN;
+    let store = crate::sequencer::store_of_basic_profiles(count);
+    let watchers = Watchers::new(store);
+    let last = format!("c{:06}", count - 1);
+    let spec = WatchSpec {
+        client_id: Some(Arc::from("a")),
+        customer_ids: customers(&[&last]),
+        send_initial_state: true,
+        progress_interval: Duration::from_secs(3600),
+        ..WatchSpec::default()
+    };
+    let probe = crate::yield_probe::YieldProbe::spawn();
+    let shutdown = CancellationToken::new();
+    let before = probe.turns();
+    let (mut received, _feed) = spawn_feed(&watchers, spec, 4, &shutdown);
+    let Some(WatchEvent::Existing(profile)) = received.recv().await else {
+        panic!("the one wanted profile first");
+    };
+    let during = probe.turns() - before;
+    drop(probe);
+    assert_eq!(&*profile.key.customer_id, last.as_str());
+    assert!(
+        during >= 9,
+        "the other task ran {during} times during the scan"
+    );
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Synced { .. })
+    ));
+    shutdown.cancel();
+}
