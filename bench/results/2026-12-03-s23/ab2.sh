@@ -1,0 +1,12 @@
+#!/bin/bash
+# ab2.sh N label args...: N alternated pairs of main (A) vs new (B) binaries
+N=$1; L=$2; shift 2
+A=/work/bin/s23/profile-state; B=/work/bin/s23/new/profile-state
+for i in $(seq 1 $N); do
+  if [ $((i % 2)) = 1 ]; then order="$B $A"; else order="$A $B"; fi
+  for bin in $order; do
+    t=$( [ $bin = $A ] && echo main || echo new )
+    echo "== $t pair $i $(date -u +%T) load $(cut -d' ' -f1-3 /proc/loadavg)"
+    timeout 900 /work/bin/s23/profile-state-bench --server-bin $bin "$@" --json /tmp/s23/r/$L-$t-$i.json 2>&1 | grep -vE "^note|^fanout +(ours|baseline)|^fanout: [0-9]+ deliveries arrived"
+  done
+done
