@@ -529,6 +529,48 @@ mod tests {
         assert_eq!(next, Some(ProfileKey::new("a", "c000099")));
     }
 
+    /// Matches spread over many turns make the same page as one unbounded scan.
+    #[tokio::test]
+    async fn a_filtered_list_gathers_its_page_across_turns() {
+        use crate::profile::{Origin, ProfileUpdate, Scalar};
+        let store = crate::sequencer::store_of_basic_profiles(10 * store::EXAMINE_PER_TURN);
+        // Every 1,000th profile (41 of them) moves to gold.
+        let gold: Vec<_> = (0..10 * store::EXAMINE_PER_TURN)
+            .step_by(1000)
+            .map(|i| ProfileUpdate {
+                key: ProfileKey::new("a", format!("c{i:06}")),
+                at: chrono::DateTime::from_timestamp(1_700_000_001, 0).unwrap(),
+                fields: vec![(Field::TierName, Some(Scalar::Text("gold".into())))],
+                extras: vec![],
+                origin: Origin::Webhook,
+            })
+            .collect();
+        let bound = crate::sequencer::Bound::Checked;
+        store.commit(&crate::sequencer::sequence(&store, &gold, bound).changes);
+        let watchers = Watchers::new(store.clone());
+        let (stopping, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let api = ProfileApi::new(
+            store.clone(),
+            watchers,
+            false,
+            stopping,
+            tracker,
+            Metrics::new(),
+        );
+        let is_gold = |p: &Profile| p.get_text(Field::TierName) == Some("gold");
+        let keys = |page: &[Arc<Profile>]| page.iter().map(|p| p.key.clone()).collect::<Vec<_>>();
+
+        let (page, next) = api.scan_yielding("a", "gold", None, 30).await;
+        let whole = store.scan(Some("a"), None, 30, is_gold);
+        assert_eq!(keys(&page), keys(&whole.profiles));
+        assert_eq!(page.len(), 30);
+        assert_eq!(next, whole.next);
+
+        let (rest, next) = api.scan_yielding("a", "gold", next, 30).await;
+        assert_eq!(rest.len(), 11);
+        assert_eq!(next, None);
+    }
+
     #[test]
     fn grpc_timeouts_are_read_in_every_unit_and_garbage_is_none() {
         let with = |value: &str| {

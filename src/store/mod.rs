@@ -569,39 +569,40 @@ impl AsOfScan {
         &mut self,
         store: &Store,
         chunk: usize,
-        keep: impl FnMut(&Profile) -> bool,
+        mut keep: impl FnMut(&Profile) -> bool,
     ) -> Vec<Arc<Profile>> {
-        self.next_turn(store, chunk, usize::MAX, keep)
+        loop {
+            let found = self.next_turn(store, chunk, usize::MAX, &mut keep);
+            if !found.is_empty() || self.scanned {
+                return found;
+            }
+        }
     }
 
-    /// Like [`AsOfScan::next_chunk`], examining about `examine` keys at most: may come back
-    /// empty before the scan is done ([`AsOfScan::done`] says when it is), so an async caller
-    /// can yield between turns.
+    /// One turn of the scan: up to `chunk` profiles at `as_of` that `keep` accepts, examining
+    /// about `examine` keys at most. May come back empty before the scan is done
+    /// ([`AsOfScan::done`] says when it is), so an async caller can yield between turns.
     pub fn next_turn(
         &mut self,
         store: &Store,
         chunk: usize,
         examine: usize,
-        mut keep: impl FnMut(&Profile) -> bool,
+        keep: impl FnMut(&Profile) -> bool,
     ) -> Vec<Arc<Profile>> {
-        while !self.scanned {
-            let client_id = self.client_id.as_deref();
-            let after = self.after.as_ref();
-            let scan = store.scan_at_most(client_id, after, chunk, examine, &mut keep);
-            self.scanned = scan.next.is_none();
-            self.after = scan.next;
-            let (current, newer): (Vec<_>, Vec<_>) = scan
-                .profiles
-                .into_iter()
-                .partition(|profile| profile.revision <= self.as_of);
-            self.newer
-                .extend(newer.into_iter().map(|profile| profile.key.clone()));
-            // One turn: what it found, even nothing, when it stopped at `examine`.
-            if !current.is_empty() || examine != usize::MAX {
-                return current;
-            }
+        if self.scanned {
+            return Vec::new();
         }
-        Vec::new()
+        let client_id = self.client_id.as_deref();
+        let scan = store.scan_at_most(client_id, self.after.as_ref(), chunk, examine, keep);
+        self.scanned = scan.next.is_none();
+        self.after = scan.next;
+        let (current, newer): (Vec<_>, Vec<_>) = scan
+            .profiles
+            .into_iter()
+            .partition(|profile| profile.revision <= self.as_of);
+        self.newer
+            .extend(newer.into_iter().map(|profile| profile.key.clone()));
+        current
     }
 
     /// Whether every key has been examined.
