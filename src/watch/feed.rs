@@ -281,7 +281,10 @@ impl Feed {
                     |profile| spec.wants_profile(&profile.key),
                 );
                 if chunk.is_empty() {
-                    // Many keys examined, none wanted: let the worker's other tasks run.
+                    // Many keys examined, none wanted: nothing was sent that would have seen a
+                    // shutdown or a subscriber gone, so look before the next turn; then let the
+                    // worker's other tasks run.
+                    self.stop_if_unwanted()?;
                     tokio::task::yield_now().await;
                     continue;
                 }
@@ -420,6 +423,14 @@ impl Feed {
                 () = self.events.closed() => return,
             }
         }
+    }
+
+    /// `Stop` when the server is shutting down or the subscriber has gone: no use going on.
+    fn stop_if_unwanted(&self) -> Result<(), Stop> {
+        if self.shutdown.is_cancelled() || self.events.is_closed() {
+            return Err(Stop);
+        }
+        Ok(())
     }
 
     /// Sends one event, waiting while the subscriber's channel is full.

@@ -664,6 +664,46 @@ async fn a_stop_during_the_state_after_falling_behind_offers_no_resume_point() {
     tracker.wait().await;
 }
 
+/// An initial state that finds nothing it wants sends nothing while it scans, so it has to look
+/// for a shutdown (or a subscriber gone) between its turns: it stops within a turn or two, not
+/// at the end of the account.
+#[tokio::test]
+async fn an_initial_state_that_finds_nothing_stops_between_turns_on_shutdown_or_hang_up() {
+    let count = 10 * crate::store::EXAMINE_PER_TURN;
+    let store = crate::sequencer::store_of_basic_profiles(count);
+    let watchers = Watchers::new(store);
+    for hang_up in [false, true] {
+        let spec = WatchSpec {
+            client_id: Some(Arc::from("a")),
+            customer_ids: customers(&["nobody"]),
+            send_initial_state: true,
+            progress_interval: Duration::from_secs(3600),
+            ..WatchSpec::default()
+        };
+        let shutdown = CancellationToken::new();
+        let (received, feed) = spawn_feed(&watchers, spec, 4, &shutdown);
+        // The stopper runs after the feed's first turn (a current-thread runtime runs its
+        // tasks in the order they were woken).
+        let mut kept = None;
+        let stopper = if hang_up {
+            tokio::spawn(async move { drop(received) })
+        } else {
+            kept = Some(received);
+            let stopping = shutdown.clone();
+            tokio::spawn(async move { stopping.cancel() })
+        };
+        let probe = crate::yield_probe::YieldProbe::spawn();
+        feed.await.unwrap();
+        let turns = probe.turns();
+        stopper.await.unwrap();
+        assert_eq!(kept.is_some(), !hang_up);
+        assert!(
+            turns <= 3,
+            "hang_up {hang_up}: the feed went on for {turns} turns after it was stopped"
+        );
+    }
+}
+
 /// An initial state for one customer out of many examines every key of the account; the other
 /// tasks of the worker (other calls, watch streams) run in between.
 #[tokio::test]
