@@ -145,7 +145,17 @@ impl UpdateStream {
                     .create_stream(settings.stream_config(&store_id))
                     .await
                 {
-                    Ok(stream) => stream.cached_info().clone(),
+                    Ok(stream) => {
+                        // Right for a new cluster; for a replica of a running one, a mistyped
+                        // --nats-stream: it would serve an empty store of its own.
+                        tracing::warn!(
+                            stream = %settings.name,
+                            %store_id,
+                            "created the update stream, which did not exist: a new, empty \
+                             store; if other replicas already run, check --nats-stream"
+                        );
+                        stream.cached_info().clone()
+                    }
                     Err(err) if created_meanwhile(&err) => context
                         .get_stream(&settings.name)
                         .await
@@ -158,6 +168,7 @@ impl UpdateStream {
             Err(err) => return Err(unavailable("stream info")(err)),
         };
         let (store_id, rules_from) = verify(settings, &info.config)?;
+        warn_if_limit_differs(settings, &info.config);
         let stream = context
             .get_stream_no_info(&settings.name)
             .await
@@ -307,6 +318,19 @@ impl UpdateStream {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(100));
                 }
+                // The same message id is being proposed by another publish (the same delivery
+                // taken by two replicas at once, a retry racing its original): the message is
+                // not refused, its first copy is just not stored yet. Once it is, this publish
+                // is acknowledged as its duplicate, with its sequence.
+                Err(err)
+                    if jetstream_code(&err)
+                        == Some(ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT)
+                        && tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(%err, "the same message is being stored: publishing again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
                 Err(err) => return Err(publish_failed(err)),
             }
         }
@@ -416,6 +440,27 @@ fn check_durability(settings: &StreamSettings, config: &stream::Config) -> Resul
         ));
     }
     Ok(())
+}
+
+/// `--nats-max-bytes` sets the limit of a stream this service creates; an existing stream
+/// keeps its own (changing it is the NATS operator's call: `nats stream edit`), which a replica
+/// started with another says, rather than let the flag look applied.
+fn warn_if_limit_differs(settings: &StreamSettings, config: &stream::Config) {
+    let stream_limit = u64::try_from(config.max_bytes)
+        .ok()
+        .filter(|bytes| *bytes > 0);
+    if let Some(flag) = settings.max_bytes
+        && stream_limit != Some(flag)
+    {
+        let stream_limit = stream_limit.map_or("none".to_owned(), |bytes| bytes.to_string());
+        tracing::warn!(
+            stream = %settings.name,
+            nats_max_bytes = flag,
+            stream_max_bytes = %stream_limit,
+            "--nats-max-bytes differs from the existing stream's limit, which applies; change \
+             the stream's with `nats stream edit --max-bytes`"
+        );
+    }
 }
 
 /// Limits that remove messages on their own would remove what no snapshot covers yet.

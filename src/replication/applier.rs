@@ -12,7 +12,6 @@
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::pending::Pending;
@@ -80,7 +79,6 @@ impl Applier {
                 next = self.follower.next() => next,
                 () = self.stop.cancelled() => break,
             };
-            let delivered = Instant::now();
             let entry = match next {
                 Ok(entry) => entry,
                 Err(error) => {
@@ -91,7 +89,7 @@ impl Applier {
             if !self.pause.wait(&self.stop).await {
                 break;
             }
-            if let Err(reason) = self.apply(entry, delivered) {
+            if let Err(reason) = self.apply(entry) {
                 self.stopped(reason);
                 break;
             }
@@ -100,7 +98,7 @@ impl Applier {
     }
 
     /// Applies one stream message.
-    fn apply(&mut self, entry: Entry, delivered: Instant) -> Result<(), String> {
+    fn apply(&mut self, entry: Entry) -> Result<(), String> {
         let Entry {
             sequence: stream_sequence,
             published,
@@ -121,8 +119,7 @@ impl Applier {
         self.store.commit(&changes);
         self.hook.committed(&changes);
         let revision = self.store.revision();
-        self.status
-            .applied(stream_sequence, revision, pending, delivered);
+        self.status.applied(stream_sequence, revision, pending);
         self.pending.complete(stream_sequence, outcomes.into());
         let lag = (chrono::Utc::now() - published)
             .to_std()

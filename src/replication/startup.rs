@@ -126,7 +126,7 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
     let bucket = SnapshotBucket::open(&stream).await?;
     let dead_letters = DeadLetterBucket::open(&stream, max_payload).await?;
     let schedule = ScheduleBucket::open(&stream, &name).await?;
-    let store = Store::new(config.history_events, stream.store_id());
+    let store = Store::with_history(config.history(), stream.store_id());
     let data_dir = match config.ephemeral {
         true => None,
         false => {

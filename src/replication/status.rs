@@ -3,12 +3,19 @@
 //!
 //! Lag is measured without trusting any clock but this process's: the replica remembers the
 //! last moment it *knew* it had applied everything the stream held (`caught_up_at`). It learns
-//! that from a delivered message with nothing pending after it, or from a barrier: the stream's
-//! last sequence read from the stream leader at some moment `t` (a poll every
-//! [`POLL_INTERVAL`]), once applied, proves that everything published before `t` is applied.
-//! The lag in seconds is `now - caught_up_at`: an upper bound on the age of the oldest message
-//! not applied yet, exact to about one poll interval, and growing while the replica is stopped,
-//! cut off from NATS or stuck, which is what readiness needs.
+//! that only from a barrier: the stream's last sequence, read from the stream leader by a
+//! request sent at some moment `t` (a poll every [`POLL_INTERVAL`]), once applied, proves that
+//! everything published before `t` is applied. The lag in seconds is `now - caught_up_at`: an
+//! upper bound on the age of the oldest message not applied yet, exact to about one poll
+//! interval, and growing while the replica is stopped, cut off from NATS or stuck, which is
+//! what readiness needs. A replica that has not passed a barrier since it started is not ready,
+//! however young it is.
+//!
+//! A delivered message's count of messages pending after it is not such a proof: it is the
+//! server's count when it sent the message, which may be long before this process reads it (a
+//! process paused, or starved of CPU, reads what the client had buffered). Taken at the time of
+//! reading, a 0 there made a replica 20 s behind report itself caught up and ready. It still
+//! raises what the replica knows of the stream's end.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -139,6 +146,13 @@ impl ReplicaStatus {
             return Some("not connected to NATS; webhooks get 503".into());
         }
         let lag = self.lag();
+        if lock(&self.inner.clock).caught_up_at.is_none() {
+            return Some(format!(
+                "replica catching up since it started: not yet shown to have applied the \
+                 whole stream, {} messages behind",
+                lag.messages
+            ));
+        }
         if lag.seconds > self.inner.max_lag.as_secs_f64() {
             return Some(format!(
                 "replica lagging: {:.1} s since it last had applied the whole stream \
@@ -151,9 +165,9 @@ impl ReplicaStatus {
         None
     }
 
-    /// The applier applied stream message `sequence` (delivered at `delivered`, with `pending`
-    /// messages after it then), leaving the store at `revision`.
-    pub(crate) fn applied(&self, sequence: u64, revision: u64, pending: u64, delivered: Instant) {
+    /// The applier applied stream message `sequence` (sent by the server with `pending`
+    /// messages after it), leaving the store at `revision`.
+    pub(crate) fn applied(&self, sequence: u64, revision: u64, pending: u64) {
         self.inner
             .position
             .send_replace(Position { sequence, revision });
@@ -161,9 +175,6 @@ impl ReplicaStatus {
             .stream_last
             .fetch_max(sequence + pending, Ordering::AcqRel);
         let mut clock = lock(&self.inner.clock);
-        if pending == 0 {
-            clock.caught_up(delivered);
-        }
         if let Some((read_at, last)) = clock.barrier
             && sequence >= last
         {
