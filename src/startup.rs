@@ -39,6 +39,7 @@ pub fn open_durable(
 ) -> anyhow::Result<(Store, Durability, DataDir)> {
     let started = std::time::Instant::now();
     let mut dir = DataDir::open(&config.data_dir)?;
+    renew_id_if_head_lost(&mut dir)?;
     let wanted = config.discard_journal_from.as_ref();
     let (store, recovered) = match recover_store(dir.path(), config.history(), dir.store_id()) {
         Ok(recovered) => {
@@ -94,6 +95,25 @@ pub fn open_durable(
         lock: dir.lock_ref(),
     };
     Ok((store, durability, dir))
+}
+
+/// Without `JOURNAL_HEAD` (removed, as its damage's refusal allows, or lost) recovery cannot
+/// tell a journal whose end was cut or removed from a whole one, and would reuse the lost
+/// revisions under the same id: the store gets a new id first, so watchers start over.
+fn renew_id_if_head_lost(dir: &mut DataDir) -> anyhow::Result<()> {
+    if !journal::head::lost(dir.path())? {
+        return Ok(());
+    }
+    let old_id = dir.store_id().to_owned();
+    let new_id = dir.renew_store_id()?.to_owned();
+    tracing::warn!(
+        old_store_id = %old_id,
+        new_store_id = %new_id,
+        "JOURNAL_HEAD is missing from a data directory this build's journal format wrote (it \
+         was removed or lost): whether the journal's end is whole cannot be checked, so the \
+         store gets a new id and every watcher starts over"
+    );
+    Ok(())
 }
 
 /// The operator's word: a new store id first (durably), then the journal cut at `point`.

@@ -248,6 +248,47 @@ async fn a_removed_newest_segment_is_noticed_and_giving_it_up_renews_the_store_i
     binary.stop();
 }
 
+/// `JOURNAL_HEAD` removed (as the refusal of a damaged one allows) or lost: recovery cannot check
+/// the journal's end, so the store gets a new id. With the newest segment gone too, the
+/// revisions it held were reused under the old id, and a watcher that had seen them resumed
+/// past the new ones (found by an adversarial run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_journal_head_the_store_gets_a_new_id_so_no_revision_is_reused_under_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let args = ["--segment-bytes", "2048"];
+    let binary = Binary::start(data, &args).await;
+    post_each(&binary, 100).await;
+    let first_id = binary.server_info().await.store_id;
+    binary.stop();
+
+    // The head alone: everything is recovered, under a new id.
+    std::fs::remove_file(data.join("JOURNAL_HEAD")).unwrap();
+    let binary = Binary::start(data, &args).await;
+    let info = binary.server_info().await;
+    assert_eq!(info.revision, 100);
+    assert_ne!(info.store_id, first_id);
+    let second_id = info.store_id;
+    binary.stop();
+
+    // The head written again by that start is honoured: the id stays.
+    let binary = Binary::start(data, &args).await;
+    assert_eq!(binary.server_info().await.store_id, second_id);
+    binary.stop();
+
+    // The head and the newest segment (two faults): fewer revisions, under yet another id.
+    std::fs::remove_file(data.join("JOURNAL_HEAD")).unwrap();
+    std::fs::remove_file(segments(data).pop().unwrap()).unwrap();
+    let binary = Binary::start(data, &args).await;
+    let info = binary.server_info().await;
+    assert!(info.revision < 100, "{info:?}");
+    assert!(
+        info.store_id != first_id && info.store_id != second_id,
+        "{info:?}"
+    );
+    binary.stop();
+}
+
 /// Production data directories were written in format 1: a newer build takes them over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_of_format_1_is_recovered_and_continued() {

@@ -54,6 +54,29 @@ pub fn read(dir: &Path) -> Result<Option<JournalHead>, JournalError> {
     }
 }
 
+/// Whether the head file is missing from a directory whose journal a build that writes one
+/// wrote (a segment of format 2 or later: the two came together): it was removed or lost, so
+/// recovery cannot tell a cut or removed end of the journal from a whole one. A directory of
+/// format 1 segments alone is an earlier build's, not a loss. A head that is there but damaged
+/// is recovery's to refuse, and a segment whose header cannot be read, recovery's to report.
+pub fn lost(dir: &Path) -> Result<bool, JournalError> {
+    if path(dir).exists() {
+        return Ok(false);
+    }
+    for (_, segment) in super::segments(dir)? {
+        let mut header = [0; codec::HEADER_LEN];
+        let read = fs::File::open(&segment)
+            .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut header));
+        if read.is_ok()
+            && codec::check_header(&header, codec::SEGMENT_MAGIC)
+                .is_ok_and(|format| format != codec::FrameFormat::V1)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Replaces the head file with `head`, atomically.
 pub fn write(dir: &Path, head: &JournalHead) -> Result<(), JournalError> {
     let path = path(dir);

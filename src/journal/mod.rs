@@ -155,8 +155,9 @@ pub enum JournalError {
     },
     /// `JOURNAL_HEAD` cannot be read.
     #[error(
-        "{path}: damaged ({reason}); it records which journal segments must exist: restore it \
-         from a backup, or remove it to start once without that check"
+        "{path}: damaged ({reason}); it records which journal segments must exist and where a \
+         clean shutdown left the journal: restore it from a backup, or remove it to start once \
+         without those checks (the store then gets a new store id, so every watcher starts over)"
     )]
     DamagedHead {
         /// The head file.

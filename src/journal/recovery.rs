@@ -88,8 +88,8 @@ pub fn recover(
     let segments = segments(dir)?;
     if head.is_none() && !segments.is_empty() {
         tracing::warn!(
-            "no {} (a data directory of an earlier build): recovering without checking for \
-             a removed newest segment; the journal writes one now",
+            "no {}: recovering without checking for a removed newest segment or a cut end; \
+             the journal writes one now",
             head::FILE
         );
     }
