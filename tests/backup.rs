@@ -171,6 +171,42 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     Arc::into_inner(service).unwrap().stop().await;
 }
 
+/// The backup replaces FILE by a rename, which would replace a link or a device node itself
+/// (`backup /dev/full` made a regular file of it) and left `.partial` files beside a directory:
+/// such targets are refused before anything is written (found by an adversarial run).
+#[tokio::test]
+async fn backup_refuses_a_target_that_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let regular = dir.path().join("regular");
+    std::fs::write(&regular, b"kept").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&regular, &link).unwrap();
+    let directory = dir.path().join("directory");
+    std::fs::create_dir(&directory).unwrap();
+    for target in [&link, &directory, Path::new("/dev/null")] {
+        let refused = run(vec!["backup".into(), path(target)]).await;
+        let stderr = text(&refused.stderr);
+        assert_eq!(
+            refused.status.code(),
+            Some(64),
+            "{}: {stderr}",
+            target.display()
+        );
+        assert!(stderr.contains("is not a regular file"), "{stderr}");
+    }
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    assert_eq!(std::fs::read(&regular).unwrap(), b"kept");
+    assert!(
+        !std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_file()
+    );
+    let mut names = binary::file_names(dir.path());
+    names.sort();
+    assert_eq!(names, ["directory", "link", "regular"], "no .partial left");
+}
+
 #[tokio::test]
 async fn restore_refuses_what_is_not_a_backup() {
     let dir = tempfile::tempdir().unwrap();

@@ -20,7 +20,8 @@ use crate::pb;
 /// `profile-state backup ...`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Where to write the backup (replaced if it exists, only once the new one is whole).
+    /// Where to write the backup (a regular file replaced if it exists, only once the new one
+    /// is whole; a directory, link or device is refused).
     file: PathBuf,
     #[command(flatten)]
     connection: Connection,
@@ -39,6 +40,7 @@ pub fn run(args: Args, sources: &Sources) -> ExitCode {
 }
 
 async fn backup(args: Args) -> Result<(), Failure> {
+    check_target(&args.file)?;
     let partial = partial_path(&args.file);
     let received = receive(&args.connection, &partial).await;
     let announced = match received {
@@ -48,8 +50,10 @@ async fn backup(args: Args) -> Result<(), Failure> {
             return Err(failure);
         }
     };
-    std::fs::rename(&partial, &args.file)
-        .map_err(|error| failed(IoError::new(&partial, "rename", error)))?;
+    if let Err(error) = std::fs::rename(&partial, &args.file) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(failed(IoError::new(&partial, "rename", error)));
+    }
     let parent = args.file.parent().filter(|p| !p.as_os_str().is_empty());
     crate::data_dir::sync_dir(parent.unwrap_or(Path::new(".")))
         .map_err(|error| failed(IoError::new(&args.file, "sync the directory of", error)))?;
@@ -100,6 +104,21 @@ async fn receive(connection: &Connection, partial: &Path) -> Result<Announced, F
     file.sync_all()
         .map_err(|error| failed(IoError::new(partial, "sync", error)))?;
     announced.ok_or_else(|| Failure::Failed("backup: the server sent nothing".to_owned()))
+}
+
+/// FILE is replaced by a rename, which would replace a link, a device or a directory's entry
+/// itself rather than write where it points: only a regular file (or none) is replaced.
+fn check_target(file: &Path) -> Result<(), Failure> {
+    match std::fs::symlink_metadata(file) {
+        Ok(found) if !found.file_type().is_file() => Err(Failure::Usage(format!(
+            "{} exists and is not a regular file (a directory, a link or a device): name a \
+             new file, or a regular file to replace",
+            file.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(failed(IoError::new(file, "inspect", error))),
+    }
 }
 
 fn partial_path(file: &Path) -> PathBuf {
