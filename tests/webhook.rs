@@ -317,6 +317,32 @@ async fn bad_signatures_are_refused_with_401_and_store_nothing() {
     service.stop().await;
 }
 
+/// Two X-GB-Signature lines: the first one used to be checked and the second ignored. Which one
+/// the sender meant is anybody's guess, as with two Content-Types: 401, whatever either holds
+/// (found by an adversarial run).
+#[tokio::test]
+async fn a_repeated_signature_header_is_refused_even_when_one_is_right() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let good = sign(SECRET, PROFILE_UPDATED);
+    let wrong = sign("other-secret", PROFILE_UPDATED);
+    for pair in [[&good, &good], [&good, &wrong], [&wrong, &good]] {
+        let headers = [
+            ("content-type", JSON),
+            ("x-gb-signature", pair[0].as_str()),
+            ("x-gb-signature", pair[1].as_str()),
+        ];
+        let answer = service.post_raw(PROFILE_UPDATED.to_vec(), &headers).await;
+        assert_error(&answer, 401, None);
+        let message = answer.1["error"].as_str().unwrap_or_default();
+        assert!(message.contains("more than once"), "{}", answer.1);
+        assert_not_found(&mut client, FIXTURE_CUSTOMER).await;
+    }
+    let answer = post_with_signature(&service, PROFILE_UPDATED, Some(&good)).await;
+    assert_applied(&answer, 1);
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn bad_signatures_leave_an_existing_profile_unchanged() {
     let service = TestService::start().await;

@@ -251,9 +251,16 @@ impl Ingress {
             })?;
         let parsed = Parsed::read(&raw);
         if let Verification::Secrets(secrets) = &*self.verification {
-            let claimed = headers
-                .get(signature::HEADER)
+            let mut signatures = headers.get_all(signature::HEADER).iter();
+            let claimed = signatures
+                .next()
                 .map(|value| value.to_str().unwrap_or_default());
+            if signatures.next().is_some() {
+                // Which one to check is anybody's guess, as with two Content-Types.
+                let reason = "X-GB-Signature appears more than once; send one";
+                self.rejections.refused(parsed.client_id(), reason);
+                return Err(Rejection::Unauthenticated { reason });
+            }
             // The client_id read from the body is only a hint for choosing secrets: the
             // signature then covers the whole body.
             let checks = secrets.current();
