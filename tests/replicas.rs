@@ -520,6 +520,46 @@ async fn creating_the_stream_and_a_max_bytes_the_stream_lacks_are_warned_of() {
     assert_eq!(logged[0]["stream_max_bytes"], "none");
 }
 
+/// A nats-server that hangs (a frozen VM, a black-holed node: no FIN, no RST) while the cluster
+/// keeps a quorum: the replica connected to it moves to another node within seconds. It stayed
+/// about three minutes (the client's default ping interval), answering every webhook 503, and
+/// the publishes that timed out were answered "could not be recorded" though they may have been
+/// (both found by an adversarial run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_on_a_hung_nats_server_moves_to_another_within_seconds() {
+    let nats = NatsCluster::three().await.unwrap();
+    let hung = &nats.nodes()[0];
+    let mut config = replica_config(&nats, "HUNG", "a");
+    // Only the node that will hang: the client learns the others from it.
+    config.nats.urls = vec![hung.client_url()];
+    let a = TestService::start_with(config).await;
+    a.update(&profile_updated("x", &at(1), json!({"total_points": 1})))
+        .await;
+    hung.pause().unwrap();
+    let paused = Instant::now();
+    let body = profile_updated("x", &at(2), json!({"total_points": 2}));
+    for attempt in 0.. {
+        let (status, answer) = a.post(&body).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        if attempt == 0 {
+            // Published to the hung server and never acknowledged: it may be in the stream,
+            // and the answer must not say it is not (it said "could not be recorded").
+            let said = answer["error"].as_str().unwrap_or_default();
+            assert!(said.contains("may still be recorded"), "{answer}");
+        }
+        assert!(
+            paused.elapsed() < Duration::from_secs(30),
+            "still 503 {:?} after its server hung: {answer}",
+            paused.elapsed()
+        );
+    }
+    hung.resume().unwrap();
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_nats_webhooks_get_503_and_nothing_acknowledged_is_lost() {
     let mut nats = NatsCluster::three().await.unwrap();

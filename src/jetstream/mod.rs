@@ -56,6 +56,17 @@ pub enum JetStreamError {
         /// The client's reason.
         reason: String,
     },
+    /// A request was sent and its answer did not come in time: it may still have taken effect
+    /// (a publish may be in the stream).
+    #[error(
+        "jetstream did not confirm {operation} in time (it may still have taken effect): {reason}"
+    )]
+    Unconfirmed {
+        /// What was being done (`publish`).
+        operation: &'static str,
+        /// The client's reason.
+        reason: String,
+    },
     /// JetStream answered, and refused.
     #[error("jetstream refused {operation}: {reason}")]
     Refused {

@@ -569,8 +569,11 @@ fn create_failed(
 
 fn publish_failed(err: async_nats::jetstream::context::PublishError) -> JetStreamError {
     match err.kind() {
-        PublishErrorKind::TimedOut
-        | PublishErrorKind::BrokenPipe
+        PublishErrorKind::TimedOut => JetStreamError::Unconfirmed {
+            operation: "publish",
+            reason: err.to_string(),
+        },
+        PublishErrorKind::BrokenPipe
         | PublishErrorKind::StreamNotFound
         | PublishErrorKind::MaxAckPending => unavailable("publish")(err),
         PublishErrorKind::WrongLastMessageId

@@ -9,7 +9,8 @@ use super::{Metrics, counter, counter_vec_at_zero, gauge, histogram, register};
 use crate::replication::ReplicaStatus;
 
 /// Why a publish to the stream failed (`profile_state_replication_publish_failures_total`).
-pub const REPLICATION_PUBLISH_FAILURES: &[&str] = &["unavailable", "refused", "too_large"];
+pub const REPLICATION_PUBLISH_FAILURES: &[&str] =
+    &["unavailable", "unconfirmed", "refused", "too_large"];
 
 /// What became of a snapshot upload (`profile_state_replication_snapshot_uploads_total`).
 pub const REPLICATION_UPLOAD_OUTCOMES: &[&str] = &["uploaded", "failed"];
@@ -78,7 +79,7 @@ impl Replication {
                 r,
                 "profile_state_replication_publish_failures_total",
                 "Publishes to the stream that failed (their webhooks got 503), by reason \
-                 (unavailable, refused, too_large).",
+                 (unavailable, unconfirmed, refused, too_large).",
                 "reason",
                 REPLICATION_PUBLISH_FAILURES.iter().copied(),
             ),

@@ -353,14 +353,23 @@ async fn publish_as(
             let reason = match error {
                 JetStreamError::TooLarge { .. } => "too_large",
                 JetStreamError::Refused { .. } => "refused",
+                JetStreamError::Unconfirmed { .. } => "unconfirmed",
                 _ => "unavailable",
             };
             parts.metrics.replication_publish_failed(reason);
             tracing::warn!(%error, updates = requests.len(), "publish failed: answering 503");
+            // A publish whose acknowledgement did not come may be in the stream: say so, as
+            // the single node's timeout does; the retry is harmless either way.
+            let answer = match error {
+                JetStreamError::Unconfirmed { .. } => {
+                    "the replicated log did not confirm the update in time; it may still be \
+                     recorded: retry it, a repeated delivery changes nothing"
+                }
+                _ => "the update could not be recorded in the replicated log; retry later",
+            };
             for request in requests {
                 let _ = request.reply.send(Err(Error::Unavailable {
-                    reason: "the update could not be recorded in the replicated log; retry later"
-                        .into(),
+                    reason: answer.into(),
                 }));
             }
         }
