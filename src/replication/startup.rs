@@ -23,8 +23,8 @@ use super::Prepared;
 use crate::config::Config;
 use crate::data_dir::{DataDir, sync_dir};
 use crate::jetstream::{
-    DeadLetterBucket, Follower, JetStreamError, Nats, ScheduleBucket, SnapshotBucket, SnapshotInfo,
-    StreamSettings, UpdateStream,
+    Bounds, DeadLetterBucket, Follower, JetStreamError, Nats, ScheduleBucket, SnapshotBucket,
+    SnapshotInfo, StreamSettings, UpdateStream,
 };
 use crate::journal::{self, snapshot};
 use crate::server::BadConfiguration;
@@ -126,7 +126,6 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
     let bucket = SnapshotBucket::open(&stream).await?;
     let dead_letters = DeadLetterBucket::open(&stream, max_payload).await?;
     let schedule = ScheduleBucket::open(&stream, &name).await?;
-    let store = Store::with_history(config.history(), stream.store_id());
     let data_dir = match config.ephemeral {
         true => None,
         false => {
@@ -136,31 +135,20 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
     };
     let dir = data_dir.as_ref().map(|dir| dir.path().to_owned());
     let bounds = stream.bounds().await?;
-    let local = match &dir {
-        Some(dir) => choose_local(dir.clone(), bounds.first, bounds.last).await?,
-        None => None,
-    };
-    let (start, source) = match local {
-        Some(start) => (Some(start), "local snapshot"),
-        None => match bucket.newest().await? {
-            Some(published) => {
-                let start = download(&bucket, &published, dir.as_deref()).await?;
-                (Some(start), "published snapshot")
-            }
-            None if bounds.first > 1 => bail!(
-                "stream {} starts at sequence {}: the messages before it were purged, and no \
-                 published snapshot of store {} covers them (bucket {}_SNAPSHOTS is empty)",
-                stream.name(),
-                bounds.first,
-                stream.store_id(),
-                stream.name()
-            ),
-            None => (None, "empty store"),
-        },
-    };
-    let applied = match &start {
-        Some(start) => load(&store, start, dir.is_none()).await?,
-        None => 0,
+    let (store, applied, source) = loop {
+        let (start, source) = choose_start(&stream, &bucket, dir.as_deref(), bounds).await?;
+        let store = Store::with_history(config.history(), stream.store_id());
+        let Some(start) = start else {
+            break (store, 0, source);
+        };
+        match load(&store, &start, dir.is_none()).await {
+            Ok(applied) => break (store, applied, source),
+            // A replica's own snapshots are copies of what the stream and the published ones
+            // hold: a damaged one is set aside, and start-up goes on without it (it used to
+            // refuse to start, for good, with a single node's advice).
+            Err(error) if source == LOCAL => set_aside(&start.path, &error)?,
+            Err(error) => return Err(error),
+        }
     };
     let follower = Follower::start(&stream, applied).await?;
     tracing::info!(
@@ -248,6 +236,55 @@ fn prepare_dir(path: &Path, store_id: &str) -> anyhow::Result<DataDir> {
         sync_dir(dir.path()).context("syncing the data directory")?;
     }
     Ok(dir)
+}
+
+/// Where start-up's store comes from: [`LOCAL`], a published snapshot, or the whole stream.
+const LOCAL: &str = "local snapshot";
+
+/// The snapshot to start from, and where it came from: the oldest local one the stream
+/// continues from, else the newest published one (downloaded into `dir`), else none (the
+/// whole stream, if it still starts at its first message).
+async fn choose_start(
+    stream: &UpdateStream,
+    bucket: &SnapshotBucket,
+    dir: Option<&Path>,
+    bounds: Bounds,
+) -> anyhow::Result<(Option<Start>, &'static str)> {
+    if let Some(dir) = dir
+        && let Some(start) = choose_local(dir.to_owned(), bounds.first, bounds.last).await?
+    {
+        return Ok((Some(start), LOCAL));
+    }
+    match bucket.newest().await? {
+        Some(published) => {
+            let start = download(bucket, &published, dir).await?;
+            Ok((Some(start), "published snapshot"))
+        }
+        None if bounds.first > 1 => bail!(
+            "stream {} starts at sequence {}: the messages before it were purged, and no \
+             published snapshot of store {} covers them (bucket {}_SNAPSHOTS is empty)",
+            stream.name(),
+            bounds.first,
+            stream.store_id(),
+            stream.name()
+        ),
+        None => Ok((None, "empty store")),
+    }
+}
+
+/// Renames a local snapshot that could not be loaded to `<name>.damaged`, out of every later
+/// start's way, and says so.
+fn set_aside(path: &Path, error: &anyhow::Error) -> anyhow::Result<()> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".damaged");
+    std::fs::rename(path, &aside).with_context(|| format!("setting {} aside", path.display()))?;
+    tracing::warn!(
+        error = %format!("{error:#}"),
+        set_aside_as = %Path::new(&aside).display(),
+        "a local snapshot could not be loaded: set aside, starting without it (from an older \
+         local snapshot, the newest published one, or the stream)"
+    );
+    Ok(())
 }
 
 /// The oldest local snapshot the stream (now holding `first..=last`) continues from.
