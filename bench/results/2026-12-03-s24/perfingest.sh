@@ -1,0 +1,12 @@
+#!/bin/bash
+# perf record of the ingest thread during an --ephemeral ingest run
+BIN=$1; O=/tmp/s24/pi
+$BIN --ephemeral --webhook-secret bench-secret --webhook-listen 127.0.0.1:18080 --grpc-listen 127.0.0.1:18081 --admin-listen 127.0.0.1:18082 > /dev/null 2>&1 &
+P=$!; sleep 1
+/work/bin/s24/profile-state-bench --webhook 127.0.0.1:18080 --grpc 127.0.0.1:18081 --no-baseline ingest --rounds 1 --duration 10s --warmup 2s > $O.out 2>&1 &
+B=$!
+sleep 5
+T=$(for t in /proc/$P/task/*; do [ "$(cat $t/comm)" = ingest ] && basename $t; done)
+perf record -e cpu-clock -F 2999 --call-graph dwarf,16384 -t $T -o $O.data -- sleep 4 > /dev/null 2>&1
+wait $B; kill $P
+grep "req/s" $O.out
