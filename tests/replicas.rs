@@ -303,6 +303,15 @@ async fn child_replica_with(
     Binary::start(dir, &args).await
 }
 
+/// Replicas `a`, `b` and `c` of `stream`, in-process.
+async fn three_replicas(nats: &NatsCluster, stream: &str) -> Vec<TestService> {
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c"] {
+        replicas.push(TestService::start_with(replica_config(nats, stream, name)).await);
+    }
+    replicas
+}
+
 /// One customer's deliveries: `count` updates whose points are their second, sent in a
 /// shuffled order with a repeat of one of them: duplicates and out-of-order deliveries.
 fn deliveries(customer: &str, count: u32, seed: u32) -> Vec<Value> {
@@ -320,10 +329,7 @@ fn deliveries(customer: &str, count: u32, seed: u32) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_converge_under_duplicates_and_out_of_order_deliveries() {
     let nats = NatsCluster::three().await.unwrap();
-    let mut replicas = Vec::new();
-    for name in ["a", "b", "c"] {
-        replicas.push(TestService::start_with(replica_config(&nats, "CONVERGE", name)).await);
-    }
+    let replicas = three_replicas(&nats, "CONVERGE").await;
     let replicas = Arc::new(replicas);
     // (customer, delivery, outcome, revision) of every 2xx.
     let answers = Arc::new(Mutex::new(Vec::new()));
@@ -418,10 +424,7 @@ async fn three_replicas_converge_under_duplicates_and_out_of_order_deliveries() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_delivery_taken_by_every_replica_at_once_is_answered_2xx_by_each() {
     let nats = NatsCluster::three().await.unwrap();
-    let mut replicas = Vec::new();
-    for name in ["a", "b", "c"] {
-        replicas.push(TestService::start_with(replica_config(&nats, "AT_ONCE", name)).await);
-    }
+    let replicas = three_replicas(&nats, "AT_ONCE").await;
     let targets: Vec<Replica> = replicas.iter().map(Replica::from).collect();
     for n in 0..40u32 {
         let body = profile_updated(&format!("c{n}"), &at(1), json!({"total_points": n}));
