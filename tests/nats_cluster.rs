@@ -115,8 +115,11 @@ async fn an_r3_stream_keeps_every_acknowledged_message_through_its_leaders_crash
         loop {
             match stream.publish(&batch(n)).await {
                 Ok(published) => break acknowledged.push(published.sequence),
-                Err(JetStreamError::Unavailable { .. } | JetStreamError::Refused { .. })
-                    if Instant::now() < deadline => {}
+                Err(
+                    JetStreamError::Unavailable { .. }
+                    | JetStreamError::Unconfirmed { .. }
+                    | JetStreamError::Refused { .. },
+                ) if Instant::now() < deadline => {}
                 Err(err) => panic!("publish {n} failed for good: {err}"),
             }
         }
