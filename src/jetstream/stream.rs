@@ -568,8 +568,15 @@ fn create_failed(
 }
 
 fn publish_failed(err: async_nats::jetstream::context::PublishError) -> JetStreamError {
+    // Still being stored by another publish of the same id when time ran out: it may well be
+    // in the stream, like a publish whose acknowledgement did not come.
+    let in_process = jetstream_code(&err) == Some(ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT);
     match err.kind() {
         PublishErrorKind::TimedOut => JetStreamError::Unconfirmed {
+            operation: "publish",
+            reason: err.to_string(),
+        },
+        _ if in_process => JetStreamError::Unconfirmed {
             operation: "publish",
             reason: err.to_string(),
         },
@@ -605,5 +612,43 @@ pub(super) fn unavailable<E: std::fmt::Display>(
     move |err| JetStreamError::Unavailable {
         operation,
         reason: err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::PublishError;
+
+    fn refusal(code: u64, description: &str) -> PublishError {
+        let error: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 409,
+            "err_code": code,
+            "description": description,
+        }))
+        .expect("a JetStream error");
+        PublishError::with_source(PublishErrorKind::Other, error)
+    }
+
+    /// A publish whose id another publish was still storing when time ran out may be in the
+    /// stream: not a refusal. A refusal with another code stays one.
+    #[test]
+    fn a_publish_still_in_process_at_the_deadline_is_unconfirmed_not_refused() {
+        let in_process = refusal(10158, "duplicate message id is in process");
+        assert!(matches!(
+            publish_failed(in_process),
+            JetStreamError::Unconfirmed {
+                operation: "publish",
+                ..
+            }
+        ));
+        let full = refusal(10077, "maximum bytes exceeded");
+        assert!(matches!(
+            publish_failed(full),
+            JetStreamError::Refused {
+                operation: "publish",
+                ..
+            }
+        ));
     }
 }

@@ -696,7 +696,8 @@ async fn an_initial_state_that_finds_nothing_stops_between_turns_on_shutdown_or_
         feed.await.unwrap();
         let turns = probe.turns();
         stopper.await.unwrap();
-        assert_eq!(kept.is_some(), !hang_up);
+        // Held open until the feed ended, in the shutdown case.
+        drop(kept);
         assert!(
             turns <= 3,
             "hang_up {hang_up}: the feed went on for {turns} turns after it was stopped"
