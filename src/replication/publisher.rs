@@ -350,23 +350,22 @@ async fn publish_as(
             }
         }
         Err(error) => {
-            let reason = match error {
-                JetStreamError::TooLarge { .. } => "too_large",
-                JetStreamError::Refused { .. } => "refused",
-                JetStreamError::Unconfirmed { .. } => "unconfirmed",
-                _ => "unavailable",
+            const NOT_RECORDED: &str =
+                "the update could not be recorded in the replicated log; retry later";
+            // A publish whose acknowledgement did not come may be in the stream: say so, as
+            // the single node's timeout does; the retry is harmless either way.
+            let (reason, answer) = match error {
+                JetStreamError::TooLarge { .. } => ("too_large", NOT_RECORDED),
+                JetStreamError::Refused { .. } => ("refused", NOT_RECORDED),
+                JetStreamError::Unconfirmed { .. } => (
+                    "unconfirmed",
+                    "the replicated log did not confirm the update in time; it may still be \
+                     recorded: retry it, a repeated delivery changes nothing",
+                ),
+                _ => ("unavailable", NOT_RECORDED),
             };
             parts.metrics.replication_publish_failed(reason);
             tracing::warn!(%error, updates = requests.len(), "publish failed: answering 503");
-            // A publish whose acknowledgement did not come may be in the stream: say so, as
-            // the single node's timeout does; the retry is harmless either way.
-            let answer = match error {
-                JetStreamError::Unconfirmed { .. } => {
-                    "the replicated log did not confirm the update in time; it may still be \
-                     recorded: retry it, a repeated delivery changes nothing"
-                }
-                _ => "the update could not be recorded in the replicated log; retry later",
-            };
             for request in requests {
                 let _ = request.reply.send(Err(Error::Unavailable {
                     reason: answer.into(),
