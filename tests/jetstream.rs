@@ -326,23 +326,38 @@ async fn snapshots_round_trip_through_the_object_store() {
     let bucket = SnapshotBucket::open(&stream).await.unwrap();
     assert_eq!(bucket.newest().await.unwrap(), None);
     // One replica at a time holds the upload claim; a second claimant is told so, not failed.
-    assert!(bucket.claim_upload("r1").await.unwrap());
+    let r1 = bucket.claim_upload("r1").await.unwrap().expect("r1 claims");
+    let r1_again = r1.clone();
+    assert_eq!(
+        bucket.upload_claim_holder().await.unwrap().as_deref(),
+        Some("r1")
+    );
     assert!(
-        !bucket
+        bucket
             .claim_upload("r2")
             .await
             .expect("a held claim is not an error")
+            .is_none()
     );
-    bucket.release_upload().await.unwrap();
-    assert!(bucket.claim_upload("r2").await.unwrap());
+    bucket.release_upload(r1).await.unwrap();
+    assert_eq!(bucket.upload_claim_holder().await.unwrap(), None);
+    let r2 = bucket.claim_upload("r2").await.unwrap().expect("r2 claims");
     // Again once the key has been purged before (nats-server words that answer differently).
     assert!(
-        !bucket
+        bucket
             .claim_upload("r1")
             .await
             .expect("a held claim is not an error")
+            .is_none()
     );
-    bucket.release_upload().await.unwrap();
+    // A claim that lapsed and was taken by another replica is not its old holder's to give
+    // back: r1 releasing its old claim again leaves r2's in place.
+    bucket.release_upload(r1_again).await.unwrap();
+    assert_eq!(
+        bucket.upload_claim_holder().await.unwrap().as_deref(),
+        Some("r2")
+    );
+    bucket.release_upload(r2).await.unwrap();
 
     let older = blob(300_000);
     let large = blob(8 * 1024 * 1024 + 3);

@@ -17,7 +17,7 @@ use async_nats::jetstream::stream::StorageType;
 use tokio::io::AsyncRead;
 use tokio_stream::StreamExt;
 
-use super::key_value::{already_exists, open_bucket};
+use super::key_value::{already_exists, open_bucket, wrong_revision};
 use super::stream::unavailable;
 use super::{JetStreamError, UpdateStream};
 
@@ -40,6 +40,13 @@ pub struct SnapshotInfo {
     pub stream_sequence: u64,
     /// Its size in bytes.
     pub size: usize,
+}
+
+/// The upload claim as one replica took it: releasing it removes that claim and no later one.
+#[derive(Clone, Debug)]
+pub struct UploadClaim {
+    /// The claim's revision in `<stream>_META`.
+    revision: u64,
 }
 
 /// The snapshot bucket of one update stream. Cloning is cheap.
@@ -88,26 +95,42 @@ impl SnapshotBucket {
         })
     }
 
-    /// Claims the right to upload the next snapshot for `holder`; false when another replica
+    /// Claims the right to upload the next snapshot for `holder`; `None` when another replica
     /// holds the claim. A claim its holder never releases (it crashed) lapses after 10 minutes.
-    pub async fn claim_upload(&self, holder: &str) -> Result<bool, JetStreamError> {
+    pub async fn claim_upload(&self, holder: &str) -> Result<Option<UploadClaim>, JetStreamError> {
         match self
             .meta
             .create(UPLOAD_CLAIM, holder.to_string().into())
             .await
         {
-            Ok(_) => Ok(true),
-            Err(err) if already_exists(&err) => Ok(false),
+            Ok(revision) => Ok(Some(UploadClaim { revision })),
+            Err(err) if already_exists(&err) => Ok(None),
             Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
         }
     }
 
-    /// Gives the upload claim back.
-    pub async fn release_upload(&self) -> Result<(), JetStreamError> {
-        self.meta
-            .purge(UPLOAD_CLAIM)
+    /// Gives `claim` back, unless it lapsed and another replica holds the claim now: that one
+    /// is not ours to remove.
+    pub async fn release_upload(&self, claim: UploadClaim) -> Result<(), JetStreamError> {
+        match self
+            .meta
+            .purge_expect_revision(UPLOAD_CLAIM, Some(claim.revision))
             .await
-            .map_err(|err| self.error(UPLOAD_CLAIM, err))
+        {
+            Ok(()) => Ok(()),
+            Err(err) if wrong_revision(&err) => Ok(()),
+            Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
+        }
+    }
+
+    /// Who holds the upload claim now, if anyone.
+    pub async fn upload_claim_holder(&self) -> Result<Option<String>, JetStreamError> {
+        let value = self
+            .meta
+            .get(UPLOAD_CLAIM)
+            .await
+            .map_err(|err| self.error(UPLOAD_CLAIM, err))?;
+        Ok(value.map(|holder| String::from_utf8_lossy(&holder).into_owned()))
     }
 
     /// Stores a snapshot read from `data`, as of `revision` and `stream_sequence`.

@@ -71,6 +71,8 @@ struct Settings {
     history_events: u64,
     retain_after_snapshot: u64,
     publish_linger: Duration,
+    /// How long a snapshot upload may go on once the replica starts stopping.
+    upload_stop_allowance: Duration,
 }
 
 /// A running replica: what the rest of the server uses.
@@ -115,6 +117,8 @@ impl Prepared {
             history_events: config.history_events as u64,
             retain_after_snapshot: config.nats.retain_after_snapshot,
             publish_linger: config.nats.publish_linger,
+            // Half the grace, so giving the claim back fits in the rest of it.
+            upload_stop_allowance: config.shutdown_grace / 2,
         };
         Prepared {
             status,
@@ -176,6 +180,8 @@ impl Prepared {
             name: settings.name.clone(),
             metrics: metrics.clone(),
             tracker: tracker.clone(),
+            stopping: stopping.clone(),
+            stop_allowance: settings.upload_stop_allowance,
             records_since: 0,
             bytes_since: 0,
             running: Arc::new(AtomicBool::new(false)),

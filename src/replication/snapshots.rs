@@ -12,11 +12,20 @@
 //! purges the stream below the older of the two (less `--nats-retain-after-snapshot`
 //! messages): nothing the newest published snapshot does not cover is ever removed, and the
 //! older one stays usable for a replica that is downloading it right now.
+//!
+//! A stop does not strand the claim: an upload still running when the replica starts stopping
+//! gets half of `--shutdown-grace` to finish, then it is abandoned and the claim given back,
+//! so that another replica publishes the next snapshot at once rather than after the claim's
+//! 10 minutes. (The chunks an abandoned upload stored stay in the bucket's stream: the object
+//! store offers no way to remove an object that was never finished.)
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use tokio::io::AsyncRead;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::data_dir::LockRef;
@@ -42,6 +51,10 @@ pub(super) struct Snapshots {
     pub name: String,
     pub metrics: Metrics,
     pub tracker: TaskTracker,
+    /// Cancelled when the replica starts stopping.
+    pub stopping: CancellationToken,
+    /// How long an upload may go on once `stopping` is cancelled.
+    pub stop_allowance: Duration,
     pub records_since: u64,
     pub bytes_since: u64,
     pub running: Arc<AtomicBool>,
@@ -76,6 +89,8 @@ impl Snapshots {
             retain_after: self.retain_after,
             name: self.name.clone(),
             metrics: self.metrics.clone(),
+            stopping: self.stopping.clone(),
+            stop_allowance: self.stop_allowance,
         };
         let running = Arc::clone(&self.running);
         self.tracker.spawn(async move {
@@ -97,7 +112,12 @@ struct Job {
     retain_after: u64,
     name: String,
     metrics: Metrics,
+    stopping: CancellationToken,
+    stop_allowance: Duration,
 }
+
+/// How long giving the upload claim back may take on the way out (the stop waits for it).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Job {
     async fn run(self, revision: u64, stream_sequence: u64) {
@@ -141,10 +161,29 @@ impl Job {
 
     /// Publishes the snapshot at `path` if the bucket's newest is old enough and this replica
     /// wins the claim; then keeps the two newest and purges the stream below the older.
-    /// Returns the messages purged, or `None` when another replica's snapshot will do.
+    /// Returns the messages purged, or `None` when another replica's snapshot will do or the
+    /// upload was abandoned because the replica is stopping.
     async fn publish(
         &self,
         path: &Path,
+        revision: u64,
+        stream_sequence: u64,
+    ) -> Result<Option<u64>, JetStreamError> {
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|err| JetStreamError::Bucket {
+                bucket: "snapshots".into(),
+                key: path.display().to_string(),
+                reason: err.to_string(),
+            })?;
+        self.publish_from(&mut file, revision, stream_sequence)
+            .await
+    }
+
+    /// [`Job::publish`] of the snapshot read from `data`.
+    async fn publish_from(
+        &self,
+        data: &mut (impl AsyncRead + Unpin),
         revision: u64,
         stream_sequence: u64,
     ) -> Result<Option<u64>, JetStreamError> {
@@ -152,36 +191,42 @@ impl Job {
         if newest.is_some_and(|newest| newest.revision + self.every_records > revision) {
             return Ok(None);
         }
-        match self.bucket.claim_upload(&self.name).await {
-            Ok(true) => {}
-            Ok(false) => return Ok(None),
+        let claim = match self.bucket.claim_upload(&self.name).await {
+            Ok(Some(claim)) => claim,
+            Ok(None) => return Ok(None),
             Err(error) => {
                 tracing::debug!(%error, "upload claim failed; another replica has it");
                 return Ok(None);
             }
+        };
+        let stopped = async {
+            self.stopping.cancelled().await;
+            tokio::time::sleep(self.stop_allowance).await;
+        };
+        let published = tokio::select! {
+            published = self.upload_and_purge(data, revision, stream_sequence) => published.map(Some),
+            () = stopped => {
+                tracing::info!(revision, "snapshot upload abandoned: the replica is stopping");
+                Ok(None)
+            }
+        };
+        match tokio::time::timeout(RELEASE_TIMEOUT, self.bucket.release_upload(claim)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "upload claim not released; it lapses by itself");
+            }
+            Err(_) => tracing::debug!("upload claim not released in time; it lapses by itself"),
         }
-        let published = self.upload_and_purge(path, revision, stream_sequence).await;
-        if let Err(error) = self.bucket.release_upload().await {
-            tracing::debug!(%error, "upload claim not released; it lapses by itself");
-        }
-        published.map(Some)
+        published
     }
 
     async fn upload_and_purge(
         &self,
-        path: &Path,
+        data: &mut (impl AsyncRead + Unpin),
         revision: u64,
         stream_sequence: u64,
     ) -> Result<u64, JetStreamError> {
-        let io = |err: std::io::Error| JetStreamError::Bucket {
-            bucket: "snapshots".into(),
-            key: path.display().to_string(),
-            reason: err.to_string(),
-        };
-        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
-        self.bucket
-            .put(revision, stream_sequence, &mut file)
-            .await?;
+        self.bucket.put(revision, stream_sequence, data).await?;
         self.bucket.retire(2).await?;
         let published = self.bucket.list().await?;
         let [older, _newest] = published.as_slice() else {
@@ -204,6 +249,79 @@ fn purge_point(stream_sequence: u64, retain_after: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data_dir::DataDir;
+    use crate::jetstream::{Nats, StreamSettings};
+
+    /// A replica stopped in the middle of an upload gives the claim back once its allowance
+    /// is spent, so another replica can publish at once: the claim used to be held for its
+    /// whole 10 minutes (found by an adversarial run). Against a real nats-server, with an
+    /// upload whose bytes never end.
+    #[tokio::test]
+    async fn an_upload_cut_short_by_a_stop_gives_the_claim_back() {
+        let nats = nats_harness::NatsCluster::single().await.unwrap();
+        let mut config = crate::Config::for_tests("s").nats;
+        config.urls = nats.client_urls();
+        let client = Nats::connect(&config, "test").await.unwrap();
+        let settings = StreamSettings {
+            name: "UPLOAD".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(60),
+            max_bytes: None,
+        };
+        let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
+        let bucket = SnapshotBucket::open(&stream).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::open(dir.path()).unwrap();
+        let stopping = CancellationToken::new();
+        let job = Job {
+            dir: dir.path().to_owned(),
+            lock: data_dir.lock_ref(),
+            store: Store::new(10, "test"),
+            stream,
+            bucket: bucket.clone(),
+            every_records: 10,
+            history_events: 10,
+            retain_after: 0,
+            name: "r1".into(),
+            metrics: Metrics::new(),
+            stopping: stopping.clone(),
+            stop_allowance: Duration::from_millis(200),
+        };
+        // The snapshot's bytes: a first chunk, then nothing more and no end.
+        let (mut writer, mut reader) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut writer, b"snapshot bytes")
+            .await
+            .unwrap();
+        let upload = tokio::spawn(async move { job.publish_from(&mut reader, 100, 50).await });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while bucket.upload_claim_holder().await.unwrap().as_deref() != Some("r1") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "r1 claims the upload"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            bucket.claim_upload("r2").await.unwrap().is_none(),
+            "r1 holds it"
+        );
+        stopping.cancel();
+        let published = tokio::time::timeout(Duration::from_secs(10), upload)
+            .await
+            .expect("the upload is abandoned once the allowance is spent")
+            .unwrap();
+        assert!(matches!(published, Ok(None)), "{published:?}");
+        assert!(
+            bucket.claim_upload("r2").await.unwrap().is_some(),
+            "r1 gave the claim back"
+        );
+        assert_eq!(
+            bucket.newest().await.unwrap(),
+            None,
+            "nothing was published"
+        );
+        drop(writer);
+    }
 
     #[test]
     fn the_purge_keeps_what_the_older_snapshot_does_not_cover_and_the_retained_messages() {
