@@ -970,17 +970,7 @@ async fn an_empty_replica_bootstraps_from_the_published_snapshot_and_the_stream(
     load.finish(&[(&a).into()]).await;
     // Two published snapshots, and the stream purged below the older: replaying the stream
     // from its start is impossible.
-    let mut nats_config = Config::for_tests(SECRET).nats;
-    nats_config.urls = nats.client_urls();
-    nats_config.stream = "BOOT".into();
-    nats_config.replicas = 1;
-    let client = profile_state::jetstream::Nats::connect(&nats_config, "test")
-        .await
-        .unwrap();
-    let settings = profile_state::jetstream::StreamSettings::from_config(&nats_config);
-    let stream = profile_state::jetstream::UpdateStream::ensure(&client, &settings)
-        .await
-        .unwrap();
+    let stream = stream_of(&nats, "BOOT").await;
     let deadline = Instant::now() + PATIENCE;
     while stream.bounds().await.unwrap().first <= 1 {
         assert!(Instant::now() < deadline, "the stream was purged");
@@ -990,6 +980,65 @@ async fn an_empty_replica_bootstraps_from_the_published_snapshot_and_the_stream(
     assert_converged(&[(&a).into(), (&d).into()]).await;
     a.stop().await;
     d.stop().await;
+}
+
+/// The stream `name` of a single-node cluster, opened by a client of the test's own.
+async fn stream_of(nats: &NatsCluster, name: &str) -> profile_state::jetstream::UpdateStream {
+    let mut nats_config = Config::for_tests(SECRET).nats;
+    nats_config.urls = nats.client_urls();
+    nats_config.stream = name.into();
+    nats_config.replicas = 1;
+    let client = profile_state::jetstream::Nats::connect(&nats_config, "test")
+        .await
+        .unwrap();
+    let settings = profile_state::jetstream::StreamSettings::from_config(&nats_config);
+    profile_state::jetstream::UpdateStream::ensure(&client, &settings)
+        .await
+        .unwrap()
+}
+
+/// A replica cut off for longer than the stream keeps messages after a snapshot stayed stuck:
+/// not applying, not ready, yet alive, until someone restarted it (found by an adversarial run).
+/// It now stops by itself with an error (exit status 1, so a supervisor starts it again), and
+/// started again on the same data directory it loads the newest published snapshot and
+/// converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_the_stream_was_purged_past_stops_to_restart_from_the_published_snapshot() {
+    let nats = NatsCluster::single().await.unwrap();
+    let config = |name: &str, dir: &Path| {
+        let mut config = replica_config(&nats, "CUTOFF", name);
+        config.ephemeral = false;
+        config.data_dir = dir.to_owned();
+        config.snapshot_every_records = 20;
+        config.nats.retain_after_snapshot = 0;
+        config
+    };
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestService::start_with(config("a", a_dir.path())).await;
+    let (b, pause) = held_replica(config("b", b_dir.path())).await;
+    let load = Load::start(vec![(&a).into()], 2, 30, PACE);
+    load.finish(&[(&a).into(), (&b).into()]).await;
+
+    pause.pause();
+    // More messages than b's consumer has asked for ahead, so b cannot hold them all.
+    let load = Load::start(vec![(&a).into()], 2, 400, Duration::ZERO);
+    load.finish(&[(&a).into()]).await;
+    let b_applied = Replica::from(&b).info().await.applied_sequence;
+    let stream = stream_of(&nats, "CUTOFF").await;
+    let deadline = Instant::now() + PATIENCE;
+    while stream.bounds().await.unwrap().first <= b_applied + 1 {
+        assert!(Instant::now() < deadline, "the stream was purged past b");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pause.resume();
+    let ended = b.stopped_by_itself(PATIENCE).await;
+    let error = format!("{:#}", ended.expect_err("b stops with an error"));
+    assert!(error.contains("purged past"), "{error}");
+
+    let b = TestService::start_with(config("b", b_dir.path())).await;
+    assert_converged(&[(&a).into(), (&b).into()]).await;
+    a.stop().await;
+    b.stop().await;
 }
 
 /// A replica's local snapshots are copies of what the stream (and the published snapshots)

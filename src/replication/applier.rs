@@ -4,10 +4,12 @@
 //! the webhooks waiting for that message. Same stream, same order, same pure merge: every
 //! replica assigns the same revisions.
 //!
-//! It never skips: a hole in the stream, a malformed message or a stream purged past it stops
-//! it for good (readiness false, logged), since applying past it would make this replica's
-//! revisions differ from the others'. NATS being unreachable is not an error here: the
-//! follower waits and resumes by itself.
+//! It never skips: a hole in the stream or a malformed message stops it for good (readiness
+//! false, logged), since applying past it would make this replica's revisions differ from the
+//! others'. A stream purged past it (the replica was cut off longer than the stream keeps
+//! messages after a snapshot) asks the server to stop instead: started again, the replica
+//! loads the newest published snapshot, which the purge never passes. NATS being unreachable is
+//! not an error here: the follower waits and resumes by itself.
 
 use std::sync::Arc;
 
@@ -17,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::pending::Pending;
 use super::snapshots::Snapshots;
 use super::status::ReplicaStatus;
-use crate::jetstream::{Entry, Follower};
+use crate::jetstream::{Entry, Follower, JetStreamError};
 use crate::metrics::Metrics;
 use crate::sequencer::{Bound, CommitHook, Sequenced, sequence};
 use crate::store::Store;
@@ -65,6 +67,9 @@ pub(super) struct Applier {
     pub snapshots: Option<Snapshots>,
     /// Cancelled once the publisher has stopped and no webhook waits any more.
     pub stop: CancellationToken,
+    /// Cancelled by the applier when the stream was purged past it: the server stops, so that
+    /// the replica starts again from the newest published snapshot.
+    pub restart: CancellationToken,
     pub pause: ApplierPause,
     /// The first stream sequence applied with the bound on profile growth
     /// (`UpdateStream::rules_from`).
@@ -81,6 +86,10 @@ impl Applier {
             };
             let entry = match next {
                 Ok(entry) => entry,
+                Err(error @ JetStreamError::StartBelowFirst { .. }) => {
+                    self.cut_off(error.to_string());
+                    break;
+                }
                 Err(error) => {
                     self.stopped(error.to_string());
                     break;
@@ -141,5 +150,19 @@ impl Applier {
         );
         self.metrics.replication_applier_failed();
         self.status.fail(reason);
+    }
+
+    /// The stream no longer holds the next message: only a snapshot can bring this replica
+    /// back, and loading one is what start-up does, so the server is asked to stop.
+    fn cut_off(&self, reason: String) {
+        tracing::error!(
+            %reason,
+            position = ?self.status.position(),
+            "the stream was purged past this replica: it stops, to start again from the newest \
+             published snapshot (under a supervisor that restarts it)"
+        );
+        self.metrics.replication_applier_failed();
+        self.status.fail(reason);
+        self.restart.cancel();
     }
 }

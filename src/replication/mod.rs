@@ -85,6 +85,9 @@ pub struct Running {
     pub ready: watch::Receiver<bool>,
     /// The barrier watches wait for on this replica.
     pub catch_up: Arc<dyn crate::watch::CatchUp>,
+    /// Cancelled when the stream was purged past this replica: the server stops, and the
+    /// replica must be started again (it then loads the newest published snapshot).
+    pub restart: CancellationToken,
 }
 
 impl Prepared {
@@ -186,6 +189,7 @@ impl Prepared {
             bytes_since: 0,
             running: Arc::new(AtomicBool::new(false)),
         });
+        let restart = CancellationToken::new();
         let applier = Applier {
             follower,
             store: store.clone(),
@@ -195,6 +199,7 @@ impl Prepared {
             metrics: metrics.clone(),
             snapshots,
             stop: publisher_done,
+            restart: restart.clone(),
             pause,
             rules_from: stream.rules_from(),
         };
@@ -210,6 +215,7 @@ impl Prepared {
             status,
             ready,
             catch_up,
+            restart,
         }
     }
 }

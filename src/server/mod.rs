@@ -103,6 +103,9 @@ struct Domain {
     /// Whether the journal's last write succeeded (always true for a replica).
     writable: tokio::sync::watch::Receiver<bool>,
     replica: Option<ReplicaStatus>,
+    /// Cancelled when the service must stop to be started again (a replica the stream was
+    /// purged past); never on a single node.
+    restart: CancellationToken,
 }
 
 /// What `Server::bind` reads from the configuration alone, before touching the disk.
@@ -220,7 +223,8 @@ impl Server {
     /// Serves until `shutdown` completes, then stops in the order `Shutdown::run`
     /// (`shutdown.rs`) documents: readiness false, watchers told where to resume, listeners
     /// drained, the sequencer's last batch recorded, the journal closed. Each wait is bounded
-    /// by `--shutdown-grace`.
+    /// by `--shutdown-grace`. A replica the stream was purged past stops the same way by itself
+    /// and returns an error: it must be started again, from the newest published snapshot.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Server {
             config,
@@ -254,6 +258,7 @@ impl Server {
             ready,
             writable,
             replica,
+            restart,
         } = start_domain(mode, context, &ingest_thread, dead_letters.clone(), pause);
         if let Verification::Secrets(secrets) = &verification {
             reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
@@ -293,8 +298,8 @@ impl Server {
             &ingest_thread,
         )?;
 
-        wait_for_signal(shutdown, &stopping).await;
-        Shutdown {
+        wait_for_signal(shutdown, &stopping, &restart).await;
+        let stopped = Shutdown {
             health,
             stopping,
             watch_streams_closed: grpc.watch_streams_closed,
@@ -312,7 +317,14 @@ impl Server {
             ingest_thread,
         }
         .run()
-        .await
+        .await;
+        if restart.is_cancelled() {
+            anyhow::bail!(
+                "the stream was purged past this replica's position: start it again, and it \
+                 loads the newest published snapshot (a supervisor restarts it by itself)"
+            );
+        }
+        stopped
     }
 }
 
@@ -458,6 +470,7 @@ fn start_domain(
                 ready: writable.clone(),
                 writable,
                 replica: None,
+                restart: CancellationToken::new(),
             }
         }
         Mode::Replicated(prepared) => {
@@ -470,6 +483,7 @@ fn start_domain(
                 // No journal: writability is the replica's readiness, reported apart.
                 writable: tokio::sync::watch::channel(true).1,
                 replica: Some(running.status),
+                restart: running.restart,
             }
         }
     }
@@ -649,11 +663,17 @@ fn announce(
     }
 }
 
-/// Waits for the caller's shutdown signal (or for something inside cancelling `stopping`).
-async fn wait_for_signal(shutdown: impl Future<Output = ()>, stopping: &CancellationToken) {
+/// Waits for the caller's shutdown signal (or for something inside cancelling `stopping`, or
+/// asking for a restart).
+async fn wait_for_signal(
+    shutdown: impl Future<Output = ()>,
+    stopping: &CancellationToken,
+    restart: &CancellationToken,
+) {
     tokio::select! {
         () = shutdown => tracing::info!("shutting down"),
         () = stopping.cancelled() => {}
+        () = restart.cancelled() => tracing::info!("shutting down, to be started again"),
     }
 }
 

@@ -242,6 +242,16 @@ impl TestService {
             .expect("service stops cleanly");
     }
 
+    /// Waits for the service to stop by itself, with no signal sent, failing if that takes
+    /// longer than `within`; returns how it ended.
+    pub async fn stopped_by_itself(mut self, within: Duration) -> anyhow::Result<()> {
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(within, task)
+            .await
+            .expect("service stops by itself")
+            .expect("service task does not panic")
+    }
+
     /// Shuts the service down.
     pub async fn stop(self) {
         self.stop_within(Duration::from_secs(10)).await
