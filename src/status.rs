@@ -70,6 +70,14 @@ pub enum Rejection {
         /// What the request said.
         encoding: String,
     },
+    /// The webhook's body carries a transfer-coding besides `chunked` (`Transfer-Encoding:
+    /// gzip, chunked`): the HTTP layer takes the chunks apart and nothing would undo the
+    /// rest, so it is refused (501, as RFC 9112 asks) rather than read as the bytes it is not.
+    #[error("transfer-coding {coding:?} is not supported; send the body uncompressed")]
+    UnsupportedTransferCoding {
+        /// What the request said.
+        coding: String,
+    },
     /// `--max-watch-streams-per-connection` streams are open on this connection already.
     #[error(
         "too many watch streams open on this connection (limit {limit}); open another \
@@ -139,6 +147,7 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
         Rejection::UnsupportedMediaType { .. }
         | Rejection::RepeatedContentType
         | Rejection::UnsupportedContentEncoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Rejection::UnsupportedTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
         Rejection::TooManyWatchStreams { .. } | Rejection::TooManyConnectionWatchStreams { .. } => {
             StatusCode::TOO_MANY_REQUESTS
         }
@@ -193,7 +202,8 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
         | Rejection::TooManyConnectionWatchStreams { .. } => tonic::Code::ResourceExhausted,
         Rejection::UnsupportedMediaType { .. }
         | Rejection::RepeatedContentType
-        | Rejection::UnsupportedContentEncoding { .. } => tonic::Code::InvalidArgument,
+        | Rejection::UnsupportedContentEncoding { .. }
+        | Rejection::UnsupportedTransferCoding { .. } => tonic::Code::InvalidArgument,
         Rejection::BodyTimeout { .. } => tonic::Code::DeadlineExceeded,
     };
     tonic::Status::new(code, message)

@@ -49,8 +49,22 @@ impl std::fmt::Display for Outcome {
 /// breaks a rule, is an [`Error::InvalidArgument`] naming the field. The first half of the path
 /// every authenticated body takes, on arrival and on a dead letter's replay.
 pub fn validate(parsed: Result<&serde_json::Value, &serde_json::Error>) -> Result<Delivery, Error> {
-    let parsed = parsed.map_err(|err| Error::invalid("body", format!("not JSON: {err}")))?;
+    let parsed = parsed.map_err(|err| Error::invalid("body", not_json(err)))?;
     payload::parse(parsed)
+}
+
+/// Why a body is not JSON. serde_json calls a `\u` escape of half a UTF-16 surrogate pair
+/// (`"\ud800"` with no low half after it) an "unexpected end of hex escape", which reads as a
+/// cut-off escape: the answer names the likelier cause first.
+fn not_json(err: &serde_json::Error) -> String {
+    let reason = err.to_string();
+    if reason.contains("hex escape") {
+        return format!(
+            "not JSON: a \\u escape is not a whole Unicode character (half of a UTF-16 \
+             surrogate pair, or cut short): {reason}"
+        );
+    }
+    format!("not JSON: {reason}")
 }
 
 /// How a string from a delivery (its `event`, its `client_id`) may appear in a log line: as

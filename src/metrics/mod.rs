@@ -52,6 +52,7 @@ pub const WEBHOOK_ANSWERS: &[(&str, u16)] = &[
     ("rejected", 413),
     ("rejected", 415),
     ("rejected", 422),
+    ("rejected", 501),
     ("unavailable", 503),
 ];
 

@@ -1,7 +1,7 @@
 //! The webhook ingress: `POST /webhooks/gameball`, the HTTP adapter in front of the sequencer.
 //!
-//! In order: Content-Type and Content-Encoding (415), the body, whole within its deadline (408)
-//! and within the size limit (413), the in-flight cap (503 + `Retry-After`), signature (401,
+//! In order: Content-Type and Content-Encoding (415), a transfer-coding besides chunked (501),
+//! the body, whole within its deadline (408) and within the size limit (413), the in-flight cap (503 + `Retry-After`), signature (401,
 //! with the secrets of the body's `client_id`), JSON and field validation, then the sequencer,
 //! whose answer is awaited within the request timeout (503, saying it may still be recorded).
 //! Only complete bodies hold in-flight slots, so unauthenticated slow uploads cannot starve
@@ -293,8 +293,21 @@ impl Ingress {
 /// a compressed body: Gameball documents none, and decoding one would let a small upload
 /// expand past the body limit, so it is refused (415) rather than read as bytes and kept as a
 /// dead letter. Every Content-Encoding line is checked (a second line adds an encoding), and
-/// two Content-Type lines are refused: which one holds is anybody's guess.
+/// two Content-Type lines are refused: which one holds is anybody's guess. A transfer-coding
+/// other than `chunked` (which the HTTP layer undoes) is refused the same way.
 fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
+    for codings in headers.get_all(header::TRANSFER_ENCODING) {
+        let text = String::from_utf8_lossy(codings.as_bytes());
+        if let Some(coding) = text
+            .split(',')
+            .map(str::trim)
+            .find(|coding| !coding.eq_ignore_ascii_case("chunked"))
+        {
+            // Bounded: it is echoed in the answer.
+            let coding = coding.chars().take(64).collect();
+            return Err(Rejection::UnsupportedTransferCoding { coding });
+        }
+    }
     for encoding in headers.get_all(header::CONTENT_ENCODING) {
         let text = String::from_utf8_lossy(encoding.as_bytes());
         if !text.trim().eq_ignore_ascii_case("identity") {
