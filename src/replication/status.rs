@@ -120,11 +120,14 @@ impl ReplicaStatus {
 
     /// How far behind it is now.
     pub fn lag(&self) -> Lag {
+        self.lag_since(lock(&self.inner.clock).caught_up_at)
+    }
+
+    /// How far behind it is, last shown current at `caught_up_at` (never: since it started).
+    fn lag_since(&self, caught_up_at: Option<Instant>) -> Lag {
         let applied = self.position().sequence;
         let messages = self.stream_last().saturating_sub(applied);
-        let since = lock(&self.inner.clock)
-            .caught_up_at
-            .unwrap_or(self.inner.started);
+        let since = caught_up_at.unwrap_or(self.inner.started);
         Lag {
             messages,
             seconds: since.elapsed().as_secs_f64(),
@@ -145,8 +148,9 @@ impl ReplicaStatus {
         if !self.nats_connected() {
             return Some("not connected to NATS; webhooks get 503".into());
         }
-        let lag = self.lag();
-        if lock(&self.inner.clock).caught_up_at.is_none() {
+        let caught_up_at = lock(&self.inner.clock).caught_up_at;
+        let lag = self.lag_since(caught_up_at);
+        if caught_up_at.is_none() {
             return Some(format!(
                 "replica catching up since it started: not yet shown to have applied the \
                  whole stream, {} messages behind",
