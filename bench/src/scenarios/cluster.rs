@@ -248,7 +248,7 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
         .into_iter()
         .enumerate()
     {
-        // Two lines a round: the cluster's, then the no-op replicas'.
+        // Two lines a round, each naming its side (the order alternates between rounds).
         report.note(format!("cluster round {}, {line}", round / 2));
     }
     let cpu = |m: &Measured| m.server_cpu_us_per_op().unwrap_or(f64::NAN);

@@ -220,8 +220,10 @@ pub async fn load_customers(
     Ok(started.elapsed())
 }
 
-/// Runs the A/B rounds: each round measures every contender once, in the order given, so a
-/// noisy moment hits neighbours alike. Returns, per contender, one result per round.
+/// Runs the A/B rounds: each round measures every contender once, so a noisy moment hits
+/// neighbours alike; in the order given in even rounds and in reverse in odd ones, so that no
+/// contender always goes first (right after the previous one's load) or always last (on a box
+/// that has warmed up or got busier). Returns, per contender, one result per round.
 pub async fn rounds<T, F, Fut>(rounds: usize, contenders: usize, mut measure: F) -> Vec<Vec<T>>
 where
     F: FnMut(usize, usize) -> Fut,
@@ -229,11 +231,19 @@ where
 {
     let mut results: Vec<Vec<T>> = (0..contenders).map(|_| Vec::new()).collect();
     for round in 0..rounds.max(1) {
-        for (contender, result) in results.iter_mut().enumerate() {
-            result.push(measure(round, contender).await);
+        for contender in round_order(round, contenders) {
+            results[contender].push(measure(round, contender).await);
         }
     }
     results
+}
+
+/// The contenders in the order round `round` measures them.
+fn round_order(round: usize, contenders: usize) -> Vec<usize> {
+    match round % 2 {
+        0 => (0..contenders).collect(),
+        _ => (0..contenders).rev().collect(),
+    }
 }
 
 /// Notes the scenario's setup in the report.
@@ -262,4 +272,34 @@ pub fn data_dir(options: &Options) -> anyhow::Result<(PathBuf, Option<tempfile::
         .prefix("profile-state-bench-")
         .tempdir()?;
     Ok((temp.path().to_owned(), Some(temp)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rounds_alternate_the_order_and_keep_each_contenders_results_together() {
+        let mut order = Vec::new();
+        let results = rounds(3, 3, |round, contender| {
+            order.push((round, contender));
+            async move { round * 10 + contender }
+        })
+        .await;
+        assert_eq!(
+            order,
+            [
+                (0, 0),
+                (0, 1),
+                (0, 2),
+                (1, 2),
+                (1, 1),
+                (1, 0),
+                (2, 0),
+                (2, 1),
+                (2, 2)
+            ]
+        );
+        assert_eq!(results, [[0, 10, 20], [1, 11, 21], [2, 12, 22]]);
+    }
 }
