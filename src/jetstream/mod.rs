@@ -33,7 +33,7 @@ pub use connection::Nats;
 pub use dead_letters::{DeadLetterBucket, DeadLetterEntry};
 pub use follow::{Entry, Follower};
 pub use schedule::ScheduleBucket;
-pub use snapshots::{SnapshotBucket, SnapshotInfo, UploadClaim};
+pub use snapshots::{CLAIM_TTL, SnapshotBucket, SnapshotInfo, UploadClaim};
 pub use stream::{Bounds, Published, StreamSettings, UpdateStream};
 
 /// What can go wrong talking to JetStream. Messages are lowercase and name the stream, bucket,

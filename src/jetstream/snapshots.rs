@@ -7,13 +7,13 @@
 //! metadata. The object store checks a SHA-256 digest when a read reaches the end. What a
 //! snapshot contains, and when one is taken, is not decided here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
 use async_nats::jetstream::object_store::{self, ObjectMetadata, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
+use async_nats::jetstream::{self, kv};
 use tokio::io::AsyncRead;
 use tokio_stream::StreamExt;
 
@@ -27,7 +27,7 @@ const STORE_ID_KEY: &str = "store_id";
 /// The key of the upload claim in `<stream>_META`.
 const UPLOAD_CLAIM: &str = "snapshot-upload";
 /// How long an upload claim holds when its holder never releases it (it crashed).
-const CLAIM_TTL: Duration = Duration::from_secs(600);
+pub const CLAIM_TTL: Duration = Duration::from_secs(600);
 
 /// What a published snapshot is as of.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +54,8 @@ pub struct UploadClaim {
 pub struct SnapshotBucket {
     bucket: String,
     store: ObjectStore,
+    /// For what the object store does not offer: its stream's chunk subjects.
+    context: jetstream::Context,
     store_id: String,
     /// `<stream>_META`: the upload claim, so that replicas which reach a snapshot at the same
     /// time (they apply the same stream) do not all upload one.
@@ -90,6 +92,7 @@ impl SnapshotBucket {
         Ok(SnapshotBucket {
             bucket,
             store,
+            context: context.clone(),
             store_id: stream.store_id().to_string(),
             meta,
         })
@@ -223,6 +226,78 @@ impl SnapshotBucket {
                 .map_err(|err| self.error(&snapshot.name, err))?;
         }
         Ok(old)
+    }
+
+    /// The chunk subjects of uploads that never finished: a replica stopped or crashed in the
+    /// middle of one, and the object store keeps what it had stored under no object (or an
+    /// upload is under way right now). Every object's chunks count, whatever its store id.
+    pub async fn unfinished_uploads(&self) -> Result<Vec<String>, JetStreamError> {
+        let mut objects = self
+            .store
+            .list()
+            .await
+            .map_err(|err| self.error("*", err))?;
+        let mut finished = HashSet::new();
+        while let Some(object) = objects.next().await {
+            let object = object.map_err(|err| self.error("*", err))?;
+            if !object.deleted {
+                finished.insert(object.nuid);
+            }
+        }
+        let prefix = format!("$O.{}.C.", self.bucket);
+        let mut subjects = self
+            .chunk_stream()
+            .await?
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(|err| self.error("chunks", err))?;
+        let mut unfinished = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            let (subject, _) = subject.map_err(|err| self.error("chunks", err))?;
+            let nuid = subject.strip_prefix(&prefix).unwrap_or(&subject);
+            if !finished.contains(nuid) {
+                unfinished.push(subject);
+            }
+        }
+        Ok(unfinished)
+    }
+
+    /// Removes the chunks of [`SnapshotBucket::unfinished_uploads`] whose last chunk is at least
+    /// `quiet_for` old, so that an upload still under way is left alone. Run by the holder of
+    /// the upload claim (no one else uploads meanwhile). Returns how many uploads' chunks went.
+    pub async fn remove_unfinished_uploads(
+        &self,
+        quiet_for: Duration,
+    ) -> Result<usize, JetStreamError> {
+        let stream = self.chunk_stream().await?;
+        let mut removed = 0;
+        for subject in self.unfinished_uploads().await? {
+            let last = stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .map_err(|err| self.error(&subject, err))?;
+            let age = (chrono::Utc::now() - last.time)
+                .to_std()
+                .unwrap_or_default();
+            if age < quiet_for {
+                continue;
+            }
+            stream
+                .purge()
+                .filter(subject.as_str())
+                .await
+                .map_err(|err| self.error(&subject, err))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// The stream the object store keeps its chunks and objects in.
+    async fn chunk_stream(&self) -> Result<jetstream::stream::Stream, JetStreamError> {
+        self.context
+            .get_stream(format!("OBJ_{}", self.bucket))
+            .await
+            .map_err(|err| self.error("chunks", err))
     }
 
     fn error(&self, key: &str, err: impl std::fmt::Display) -> JetStreamError {

@@ -16,8 +16,9 @@
 //! A stop does not strand the claim: an upload still running when the replica starts stopping
 //! gets half of `--shutdown-grace` to finish, then it is abandoned and the claim given back,
 //! so that another replica publishes the next snapshot at once rather than after the claim's
-//! 10 minutes. (The chunks an abandoned upload stored stay in the bucket's stream: the object
-//! store offers no way to remove an object that was never finished.)
+//! 10 minutes. The chunks an abandoned (or crashed) upload stored stay in the bucket's stream
+//! under no object; the next replica to publish removes them once they are as old as a lapsed
+//! claim, so interrupted uploads do not fill the NATS servers' disks.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::data_dir::LockRef;
-use crate::jetstream::{JetStreamError, SnapshotBucket, UpdateStream};
+use crate::jetstream::{CLAIM_TTL, JetStreamError, SnapshotBucket, UpdateStream};
 use crate::journal::snapshot;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -228,6 +229,15 @@ impl Job {
     ) -> Result<u64, JetStreamError> {
         self.bucket.put(revision, stream_sequence, data).await?;
         self.bucket.retire(2).await?;
+        // What stopped or crashed uploads left: a claim lapses after CLAIM_TTL, so an upload
+        // quiet for that long is not under way any more.
+        match self.bucket.remove_unfinished_uploads(CLAIM_TTL).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed the chunks of unfinished uploads"),
+            Err(error) => {
+                tracing::warn!(%error, "unfinished uploads not removed; the next upload retries")
+            }
+        }
         let published = self.bucket.list().await?;
         let [older, _newest] = published.as_slice() else {
             return Ok(0);
@@ -254,10 +264,10 @@ mod tests {
 
     /// A replica stopped in the middle of an upload gives the claim back once its allowance
     /// is spent, so another replica can publish at once: the claim used to be held for its
-    /// whole 10 minutes (found by an adversarial run). Against a real nats-server, with an
-    /// upload whose bytes never end.
+    /// whole 10 minutes (found by an adversarial run); the chunks it stored are removed later.
+    /// Against a real nats-server, with an upload whose bytes never end.
     #[tokio::test]
-    async fn an_upload_cut_short_by_a_stop_gives_the_claim_back() {
+    async fn an_upload_cut_short_by_a_stop_gives_the_claim_back_and_its_chunks_are_removed() {
         let nats = nats_harness::NatsCluster::single().await.unwrap();
         let mut config = crate::Config::for_tests("s").nats;
         config.urls = nats.client_urls();
@@ -294,16 +304,23 @@ mod tests {
             .unwrap();
         let upload = tokio::spawn(async move { job.publish_from(&mut reader, 100, 50).await });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while bucket.upload_claim_holder().await.unwrap().as_deref() != Some("r1") {
+        while bucket.upload_claim_holder().await.unwrap().as_deref() != Some("r1")
+            || bucket.unfinished_uploads().await.unwrap().is_empty()
+        {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "r1 claims the upload"
+                "r1 claims the upload and stores its first chunk"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(
             bucket.claim_upload("r2").await.unwrap().is_none(),
             "r1 holds it"
+        );
+        assert_eq!(
+            bucket.remove_unfinished_uploads(CLAIM_TTL).await.unwrap(),
+            0,
+            "an upload under way is left alone"
         );
         stopping.cancel();
         let published = tokio::time::timeout(Duration::from_secs(10), upload)
@@ -321,6 +338,32 @@ mod tests {
             "nothing was published"
         );
         drop(writer);
+
+        // What the abandoned upload stored goes once it is old enough (here: at once); a
+        // finished snapshot's chunks stay.
+        bucket
+            .put(200, 80, &mut &b"whole snapshot"[..])
+            .await
+            .unwrap();
+        assert_eq!(bucket.unfinished_uploads().await.unwrap().len(), 1);
+        assert_eq!(
+            bucket
+                .remove_unfinished_uploads(Duration::ZERO)
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
+        let newest = bucket
+            .newest()
+            .await
+            .unwrap()
+            .expect("the finished snapshot");
+        let mut read = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut bucket.read(&newest).await.unwrap(), &mut read)
+            .await
+            .unwrap();
+        assert_eq!(read, b"whole snapshot");
     }
 
     #[test]
