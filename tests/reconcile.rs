@@ -425,6 +425,19 @@ async fn requests_are_refused_with_the_reason() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     let status = ask("2155", Some(ids(&[]))).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // Ages past what a timestamp holds were a panic in the job, which then showed RUNNING for
+    // good and refused every later job of the account (found by an adversarial run).
+    for (seconds, nanos) in [(400_000 * 366 * 86_400, 0), (i64::MAX, 1_999_999_999)] {
+        let age = prost_types::Duration { seconds, nanos };
+        let selection = pb::reconcile_profiles_request::Selection::NotUpdatedFor(age);
+        let status = ask("2155", Some(selection)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("not_updated_for"),
+            "{}",
+            status.message()
+        );
+    }
 
     let running = ask("2155", Some(ids(&["jo"]))).await.unwrap().into_inner();
     let status = ask("2155", Some(ids(&["jo"]))).await.unwrap_err();

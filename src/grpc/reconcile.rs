@@ -56,13 +56,23 @@ pub(super) fn get_reconcile_job(
     })
 }
 
+/// The longest `not_updated_for`: older than anything a store holds, and far from the edge of
+/// what a timestamp can hold (a larger age was a panic in the job's cutoff).
+const MAX_NOT_UPDATED_FOR: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+
 fn duration(age: &prost_types::Duration) -> Result<Duration, Status> {
-    let invalid = || grpc_status(Error::invalid("not_updated_for", "must be positive"));
-    let seconds = u64::try_from(age.seconds).map_err(|_| invalid())?;
-    let nanos = u32::try_from(age.nanos).map_err(|_| invalid())?;
+    let invalid = |reason: &str| grpc_status(Error::invalid("not_updated_for", reason));
+    let seconds = u64::try_from(age.seconds).map_err(|_| invalid("must be positive"))?;
+    let nanos = u32::try_from(age.nanos)
+        .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)
+        .ok_or_else(|| invalid("nanos must be from 0 to 999,999,999"))?;
+    if seconds > MAX_NOT_UPDATED_FOR.as_secs() {
+        return Err(invalid("must be at most 100 years"));
+    }
     let age = Duration::new(seconds, nanos);
     if age.is_zero() {
-        return Err(invalid());
+        return Err(invalid("must be positive"));
     }
     Ok(age)
 }

@@ -443,7 +443,11 @@ impl ReconcileJobs {
             }
             Selection::All => Box::new(|_| true),
             Selection::NotUpdatedFor(age) => {
-                let cutoff = Utc::now() - chrono::Duration::from_std(age).unwrap_or_default();
+                // An age past what a timestamp holds selects what was never updated.
+                let cutoff = chrono::Duration::from_std(age)
+                    .ok()
+                    .and_then(|age| Utc::now().checked_sub_signed(age))
+                    .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
                 Box::new(move |profile| profile.updated_at().is_none_or(|at| at < cutoff))
             }
         };
