@@ -69,6 +69,39 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
             "--history-events must be at least 1",
             None,
         ),
+        // Values at the edge of what a number or a clock holds were panics at their first use
+        // (found by an adversarial run).
+        (
+            [&ephemeral[..], &["--shutdown-grace", "400000y"]].concat(),
+            vec![],
+            "400000y is longer than the longest a flag takes, a year",
+            None,
+        ),
+        (
+            ephemeral.to_vec(),
+            vec![("PROFILE_STATE_GRPC_KEEPALIVE_INTERVAL", "5000years")],
+            "longer than the longest a flag takes",
+            Some(note(
+                "grpc-keepalive-interval",
+                "PROFILE_STATE_GRPC_KEEPALIVE_INTERVAL",
+            )),
+        ),
+        (
+            [
+                &ephemeral[..],
+                &["--max-in-flight-webhooks", "18446744073709551615"],
+            ]
+            .concat(),
+            vec![],
+            "--max-in-flight-webhooks must be at most 1048576",
+            None,
+        ),
+        (
+            [&ephemeral[..], &["--grpc-max-message-bytes", "10"]].concat(),
+            vec![],
+            "--grpc-max-message-bytes must be at least 1024",
+            None,
+        ),
         (
             SECRET.to_vec(),
             vec![("PROFILE_STATE_EPHEMERAL", "maybe")],

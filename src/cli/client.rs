@@ -53,7 +53,7 @@ pub struct Connection {
     pub server_name: Option<String>,
 
     /// How long to wait for the connection, and for each call.
-    #[arg(long, env = "PROFILE_STATE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROFILE_STATE_TIMEOUT", default_value = "30s", value_parser = crate::config::duration)]
     pub timeout: Duration,
 }
 

@@ -69,22 +69,22 @@ pub struct Config {
 
     /// Longest a webhook may wait for its update to be confirmed before it is answered 503
     /// (saying it may still be recorded: a retry changes nothing).
-    #[arg(long, env = "PROFILE_STATE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub webhook_timeout: Duration,
 
     /// Longest a webhook's body may take to arrive whole; slower bodies get 408. Only a
     /// complete body takes one of the in-flight slots.
-    #[arg(long, env = "PROFILE_STATE_WEBHOOK_BODY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_BODY_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub webhook_body_timeout: Duration,
 
     /// Longest a client may take to send a request's headers (or an HTTP/2 preface) on the
     /// webhook listener, from its first byte; the connection is closed past it.
-    #[arg(long, env = "PROFILE_STATE_WEBHOOK_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub webhook_header_timeout: Duration,
 
     /// How long a webhook connection may stay open with no request in progress and nothing
     /// received; the connection is closed past it.
-    #[arg(long, env = "PROFILE_STATE_WEBHOOK_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROFILE_STATE_WEBHOOK_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub webhook_idle_timeout: Duration,
 
     /// Most connections open at once on the webhook listener; more are closed at once.
@@ -193,7 +193,7 @@ pub struct Config {
 
     /// Longest a gRPC client may take from connecting to completing its TLS handshake (if
     /// any) and the HTTP/2 connection preface; the connection is closed past it.
-    #[arg(long, env = "PROFILE_STATE_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROFILE_STATE_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub grpc_handshake_timeout: Duration,
 
     /// Most connections open at once on the gRPC listener; more are closed at once.
@@ -210,11 +210,11 @@ pub struct Config {
 
     /// HTTP/2 keepalive ping interval on gRPC connections, so idle streams survive load
     /// balancers; 0 turns pings off.
-    #[arg(long, env = "PROFILE_STATE_GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROFILE_STATE_GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
     pub grpc_keepalive_interval: Duration,
 
     /// How long a keepalive ping may go unanswered before the connection is closed.
-    #[arg(long, env = "PROFILE_STATE_GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROFILE_STATE_GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub grpc_keepalive_timeout: Duration,
 
     /// Address of the admin listener (/metrics, /livez, /readyz): IP:PORT or HOST:PORT, e.g.
@@ -228,7 +228,7 @@ pub struct Config {
 
     /// How long shutdown waits, in all, for in-flight requests and watch streams before it cuts
     /// their connections; the process exits within this plus one second.
-    #[arg(long, env = "PROFILE_STATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROFILE_STATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
 
     /// Log format: `text` (colours only on a terminal, and not with NO_COLOR) or `json` (one
@@ -304,8 +304,7 @@ impl ReconcileEvery {
         if client_id.is_empty() {
             return Err(format!("{text:?} names no client_id"));
         }
-        let period = humantime::parse_duration(period)
-            .map_err(|error| format!("period {period:?}: {error}"))?;
+        let period = duration(period).map_err(|error| format!("period {period:?}: {error}"))?;
         if period < MIN_RECONCILE_PERIOD {
             return Err(format!(
                 "period {} of client_id {client_id:?} is shorter than 1h",
@@ -328,6 +327,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// The longest duration any flag takes: a year, beyond any sensible setting and far from where
+/// adding it to a clock overflows (a larger `--shutdown-grace` or `--grpc-keepalive-interval`
+/// was a panic at its first use).
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Parses a duration flag (`10s`, `5m`, `2h`, as humantime reads them), at most
+/// [`MAX_DURATION`].
+pub fn duration(text: &str) -> Result<Duration, String> {
+    let parsed = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if parsed > MAX_DURATION {
+        return Err(format!(
+            "{text} is longer than the longest a flag takes, a year"
+        ));
+    }
+    Ok(parsed)
+}
+
+/// The smallest `--grpc-max-message-bytes`: room for the smallest answers (below it, 0 or 10
+/// were taken, and every read failed with OUT_OF_RANGE while the server looked healthy).
+pub const MIN_GRPC_MESSAGE_BYTES: usize = 1024;
+
+/// The most webhooks a server holds in flight: far beyond what one process handles at once,
+/// and within what its semaphore counts (more was a panic right after it started listening).
+pub const MAX_IN_FLIGHT_WEBHOOKS: usize = 1 << 20;
+
 /// A configuration that cannot work, found before anything binds.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -336,6 +360,22 @@ pub enum ConfigError {
     Zero {
         /// The flag.
         flag: &'static str,
+    },
+    /// A flag is below the least it takes.
+    #[error("{flag} must be at least {min}")]
+    TooSmall {
+        /// The flag.
+        flag: &'static str,
+        /// The least it takes.
+        min: u64,
+    },
+    /// A flag is above the most it takes.
+    #[error("{flag} must be at most {max}")]
+    TooLarge {
+        /// The flag.
+        flag: &'static str,
+        /// The most it takes.
+        max: u64,
     },
     /// Neither a secret nor the explicit opt-out was given.
     #[error(
@@ -399,6 +439,12 @@ impl Config {
         }
         if self.max_in_flight_webhooks == 0 {
             return Err(ConfigError::ZeroInFlight);
+        }
+        if self.max_in_flight_webhooks > MAX_IN_FLIGHT_WEBHOOKS {
+            return Err(ConfigError::TooLarge {
+                flag: "--max-in-flight-webhooks",
+                max: MAX_IN_FLIGHT_WEBHOOKS as u64,
+            });
         }
         if self.max_watch_streams == 0 {
             return Err(ConfigError::ZeroWatchStreams);
@@ -473,10 +519,16 @@ impl Config {
             ),
             ("max-grpc-connections", self.max_grpc_connections == 0),
         ];
-        match zero.into_iter().find(|(_, is_zero)| *is_zero) {
-            Some((flag, _)) => Err(ConfigError::ZeroLimit { flag }),
-            None => Ok(()),
+        if let Some((flag, _)) = zero.into_iter().find(|(_, is_zero)| *is_zero) {
+            return Err(ConfigError::ZeroLimit { flag });
         }
+        if self.grpc_max_message_bytes < MIN_GRPC_MESSAGE_BYTES {
+            return Err(ConfigError::TooSmall {
+                flag: "--grpc-max-message-bytes",
+                min: MIN_GRPC_MESSAGE_BYTES as u64,
+            });
+        }
+        Ok(())
     }
 }
 

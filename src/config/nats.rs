@@ -75,7 +75,7 @@ pub struct NatsConfig {
     /// How long the stream remembers a message id to drop a repeated publish. Two hours cover
     /// Gameball's retries (5, 20, 60 minutes) of a delivery published on its own; the server
     /// keeps one entry per message in the window.
-    #[arg(long = "nats-duplicate-window", env = "PROFILE_STATE_NATS_DUPLICATE_WINDOW", default_value = "2h", value_parser = humantime::parse_duration, requires = "urls")]
+    #[arg(long = "nats-duplicate-window", env = "PROFILE_STATE_NATS_DUPLICATE_WINDOW", default_value = "2h", value_parser = super::duration, requires = "urls")]
     pub duplicate_window: Duration,
 
     /// Largest size of the stream in bytes. When it is full, publishes are refused (webhooks
@@ -89,14 +89,14 @@ pub struct NatsConfig {
 
     /// Longest one JetStream request (a publish's acknowledgement, stream info) may take before
     /// it fails; shorter than --webhook-timeout, so a webhook can still be answered 503 in time.
-    #[arg(long = "nats-request-timeout", env = "PROFILE_STATE_NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, requires = "urls")]
+    #[arg(long = "nats-request-timeout", env = "PROFILE_STATE_NATS_REQUEST_TIMEOUT", default_value = "5s", value_parser = super::duration, requires = "urls")]
     pub request_timeout: Duration,
 
     /// Longest a batch of webhooks waits for more before it is published, when it is smaller
     /// than the recent batches (and never longer than half the last publish's round trip).
     /// Each stream message costs every nats-server a Raft round and fsyncs, so under load fewer,
     /// larger messages cost the cluster less CPU per webhook; `0s` publishes at once.
-    #[arg(long = "nats-publish-linger", env = "PROFILE_STATE_NATS_PUBLISH_LINGER", default_value = "5ms", value_parser = humantime::parse_duration, requires = "urls")]
+    #[arg(long = "nats-publish-linger", env = "PROFILE_STATE_NATS_PUBLISH_LINGER", default_value = "5ms", value_parser = super::duration, requires = "urls")]
     pub publish_linger: Duration,
 
     /// Stream messages kept before the point a published snapshot covers when the stream is
@@ -133,7 +133,7 @@ pub struct NatsConfig {
     /// Readiness is false while this replica is further behind the stream than this (the
     /// time since it last had applied everything the stream held), so load balancers send
     /// webhooks to replicas that answer quickly.
-    #[arg(long = "max-lag", env = "PROFILE_STATE_MAX_LAG", default_value = "1s", value_parser = humantime::parse_duration, requires = "urls")]
+    #[arg(long = "max-lag", env = "PROFILE_STATE_MAX_LAG", default_value = "1s", value_parser = super::duration, requires = "urls")]
     pub max_lag: Duration,
 }
 
