@@ -154,7 +154,14 @@ async fn changes(service: &TestService, count: usize) -> Vec<pb::ProfileChange> 
 }
 
 fn now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+    ago(0)
+}
+
+/// `seconds` before now. A webhook a reconcile is to correct must be older than the fetch by
+/// Gameball's clock, which the answer's `Date` gives to the second, less the round trip and
+/// the clock margin: a few seconds do.
+fn ago(seconds: i64) -> String {
+    (Utc::now() - chrono::Duration::seconds(seconds)).to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// A webhook body carrying every field the API gives, as `customer` holds them.
@@ -219,7 +226,7 @@ async fn a_profile_wrong_after_a_lost_webhook_is_corrected_and_origins_survive_a
     let stand_in = GameballStandIn::start().await;
     let mut jo = Customer::new("jo");
     let service = start(durable_config(dir.path()), dir.path(), &stand_in, API_KEY).await;
-    service.update(&webhook_of(&jo, &now())).await;
+    service.update(&webhook_of(&jo, &ago(5))).await;
     // Gameball's next webhook is lost: the truth moves on without the service.
     jo.available_points += 500;
     jo.tier = Some((3, "Platinum".into()));
@@ -402,6 +409,47 @@ async fn refused_keys_fail_the_job_with_the_reason() {
     service.stop().await;
 }
 
+/// Reconcile clocked its updates with this host's clock and webhooks carry Gameball's: with
+/// Gameball's clock seconds behind, a webhook of a change made after the fetch was answered
+/// `applied` and lost to the older reconciled value (found by an adversarial run). The fetch
+/// is now timed by the answer's `Date`, Gameball's clock.
+#[tokio::test]
+async fn a_webhook_after_the_fetch_wins_when_gameballs_clock_is_behind() {
+    let behind = chrono::Duration::seconds(120);
+    let gameball_now = |shift: i64| {
+        (Utc::now() - behind + chrono::Duration::seconds(shift))
+            .to_rfc3339_opts(SecondsFormat::Millis, true)
+    };
+    let points = |total: i64| {
+        let mut customer = Customer::new("late");
+        (customer.available_points, customer.pending_points) = (total, 0);
+        customer
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.clock_behind(behind.to_std().unwrap());
+    let service = in_memory(dir.path(), &stand_in).await;
+
+    service
+        .update(&webhook_of(&points(100), &gameball_now(-10)))
+        .await;
+    // A webhook lost meanwhile: the API says 200.
+    stand_in.add([points(200)]);
+    let job = reconcile(&service, ids(&["late"])).await;
+    assert_eq!(job.changed, 1, "{job:?}");
+    assert_eq!(profile(&service, "late").await.total_points, Some(200));
+    // The customer changes after the fetch; Gameball stamps the webhook with its clock.
+    service
+        .update(&webhook_of(&points(300), &gameball_now(0)))
+        .await;
+    assert_eq!(
+        profile(&service, "late").await.total_points,
+        Some(300),
+        "the webhook of a change after the fetch wins"
+    );
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn requests_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -519,7 +567,7 @@ async fn converge(seed: u64) -> Vec<Value> {
             customer.available_points = 100 * step + customer.customer_id.len() as i64;
             customer.tier = Some((step, format!("tier-{step}")));
             customer.email = Some(format!("{}-{step}@example.com", customer.customer_id));
-            let body = webhook_of(customer, &now());
+            let body = webhook_of(customer, &ago(10 - step));
             // 20 % lost, 20 % delivered twice.
             match rng.u32(0..5) {
                 0 => {}
@@ -673,7 +721,7 @@ async fn a_schedule_heals_a_lost_webhook_by_itself() {
         period: Duration::from_millis(300),
     }];
     let service = start(config, dir.path(), &stand_in, API_KEY).await;
-    service.update(&webhook_of(&jo, &now())).await;
+    service.update(&webhook_of(&jo, &ago(5))).await;
     jo.available_points += 500;
     stand_in.add([jo.clone()]);
 

@@ -138,9 +138,16 @@ async fn a_customer_is_fetched_and_mapped_from_the_documented_answers() {
             (Field::TotalPoints, Some(Scalar::Int(100))),
         ]
     );
-    // The fetch time, less the default one-second margin for clock skew.
+    // The fetch time by the answer's `Date` (whole seconds) less the round trip, less the
+    // default one-second margin for clock skew.
     let margin = chrono::Duration::seconds(1);
-    assert!(update.at >= before - margin && update.at <= after - margin);
+    let earliest = before - margin - chrono::Duration::seconds(1) - (after - before);
+    assert!(
+        update.at >= earliest && update.at <= after - margin,
+        "{} not in {earliest}..{}",
+        update.at,
+        after - margin
+    );
     for api in [Api::Details, Api::TierProgress, Api::Balance] {
         assert_eq!(stand_in.count(api), 1, "{api:?}");
     }
@@ -582,8 +589,9 @@ async fn many_customers_get_their_points_from_one_balance_inquiry() {
             field(update, Field::ActivatedPoints),
             Some(&Scalar::Int(1200))
         );
-        // The batch's clock: when it was asked for, not when its results were read.
-        assert!(update.at >= before - chrono::Duration::seconds(1));
+        // The batch's clock: when it was asked for, not when its results were read (by the
+        // answer's `Date`, whole seconds, less the round trip and the margin).
+        assert!(update.at >= before - chrono::Duration::seconds(3));
         assert!(update.at <= inquiry.wall - chrono::Duration::seconds(1));
     }
 }

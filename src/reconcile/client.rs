@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
-use reqwest::header::{ACCEPT, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{ACCEPT, DATE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -70,7 +70,9 @@ impl Default for ClientOptions {
 pub struct Answer {
     /// The body.
     pub body: Value,
-    /// When the successful attempt was sent: the value is at least this fresh.
+    /// A time the value is at least as fresh as, on Gameball's clock when its answer says
+    /// (`Date`, less the round trip: [`gameball_time`]), which is the clock its webhooks'
+    /// `created_at` use; otherwise this host's, when the successful attempt was sent.
     pub sent_at: DateTime<Utc>,
     /// The HTTP status (a 2xx).
     pub status: u16,
@@ -369,6 +371,8 @@ impl GameballClient {
         let limit = self.inner.options.max_answer_bytes;
         let exchange = async {
             let mut response = request.send().await?;
+            let date = response.headers().get(DATE).cloned();
+            let sent_at = gameball_time(date.as_ref(), sent_at, Utc::now());
             let status = response.status();
             let retry_after = response
                 .headers()
@@ -378,11 +382,11 @@ impl GameballClient {
             let mut bytes = Vec::new();
             while let Some(chunk) = response.chunk().await? {
                 if bytes.len() + chunk.len() > limit {
-                    return Ok((status, retry_after, None));
+                    return Ok((status, retry_after, None, sent_at));
                 }
                 bytes.extend_from_slice(&chunk);
             }
-            Ok::<_, reqwest::Error>((status, retry_after, Some(bytes)))
+            Ok::<_, reqwest::Error>((status, retry_after, Some(bytes), sent_at))
         };
         let failed = |reason, detail: String, retry| Attempt::Failed {
             error: ApiError::new(endpoint, reason, detail),
@@ -401,7 +405,7 @@ impl GameballClient {
                 format!("request failed: {}", error_chain(&err.without_url())),
                 true,
             ),
-            Ok(Ok((status, _, None))) => Attempt::Failed {
+            Ok(Ok((status, _, None, _))) => Attempt::Failed {
                 error: ApiError {
                     status: Some(status.as_u16()),
                     ..ApiError::new(
@@ -413,7 +417,7 @@ impl GameballClient {
                 retry: false,
                 retry_after: None,
             },
-            Ok(Ok((status, retry_after, Some(bytes)))) => {
+            Ok(Ok((status, retry_after, Some(bytes), sent_at))) => {
                 classify(endpoint, status, retry_after, &bytes, sent_at)
             }
         }
@@ -492,6 +496,29 @@ fn classify(
 }
 
 /// `Retry-After` as seconds (`120`) or an HTTP date, as a delay from `now`.
+/// When a request sent at `sent` (this host's clock) was at the latest received, on Gameball's
+/// clock: its answer's `Date` less the round trip (`answered - sent`), which bounds how long
+/// Gameball took. A value read then is at least that fresh by the clock Gameball stamps its
+/// webhooks' `created_at` with, so a webhook of a later change wins over it even when this
+/// host's clock runs ahead of Gameball's (reconcile stamped with this host's clock lost such
+/// webhooks). `Date` is truncated to the second, which only makes the time earlier. Without a
+/// usable `Date`, `sent`.
+fn gameball_time(
+    date: Option<&HeaderValue>,
+    sent: DateTime<Utc>,
+    answered: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let date = date
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| httpdate::parse_http_date(value).ok());
+    match date {
+        Some(date) => {
+            DateTime::<Utc>::from(date) - (answered - sent).max(chrono::TimeDelta::zero())
+        }
+        None => sent,
+    }
+}
+
 fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
@@ -540,6 +567,23 @@ fn truncate(text: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_is_as_fresh_as_its_date_less_the_round_trip_on_gameballs_clock() {
+        let at = |text: &str| text.parse::<DateTime<Utc>>().unwrap();
+        // This host runs two minutes ahead of Gameball.
+        let sent = at("2026-12-03T10:02:05.200Z");
+        let answered = at("2026-12-03T10:02:05.500Z");
+        let date = HeaderValue::from_static("Thu, 03 Dec 2026 10:00:05 GMT");
+        assert_eq!(
+            gameball_time(Some(&date), sent, answered),
+            at("2026-12-03T10:00:04.700Z")
+        );
+        // No Date, or one that is not an HTTP date: this host's clock at sending.
+        assert_eq!(gameball_time(None, sent, answered), sent);
+        let garbage = HeaderValue::from_static("yesterday");
+        assert_eq!(gameball_time(Some(&garbage), sent, answered), sent);
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {

@@ -157,6 +157,8 @@ struct Script {
     batch_processing: Duration,
     batch_fails: bool,
     batch_omits: HashSet<String>,
+    /// How far Gameball's clock (its answers' `Date`) is behind this host's.
+    clock_behind: Option<Duration>,
 }
 
 struct StandIn {
@@ -219,6 +221,10 @@ impl GameballStandIn {
                 post(balance_inquiry),
             )
             .route(&format!("{base}/batches/{{id}}/status"), get(batch_status))
+            .layer(axum::middleware::map_response_with_state(
+                Arc::clone(&state),
+                gameball_date,
+            ))
             .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -236,6 +242,12 @@ impl GameballStandIn {
             state,
             _stop: stop,
         }
+    }
+
+    /// Answers with a `Date` this much behind this host's clock, as a Gameball whose clock runs
+    /// behind.
+    pub fn clock_behind(&self, behind: Duration) {
+        self.state.script.lock().unwrap().clock_behind = Some(behind);
     }
 
     /// The base URL to configure the client with.
@@ -697,4 +709,22 @@ async fn batch_status(
     state
         .serve(Api::BatchStatus, &version, &headers, vec![], answer)
         .await
+}
+
+/// The `Date` of every answer, on the stand-in's clock when it runs behind (hyper's own
+/// otherwise).
+async fn gameball_date(
+    State(state): State<Arc<StandIn>>,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    let behind = state.script.lock().unwrap().clock_behind;
+    if let Some(behind) = behind {
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now() - behind);
+        let value =
+            axum::http::HeaderValue::from_str(&date).expect("an HTTP date is a header value");
+        response
+            .headers_mut()
+            .insert(axum::http::header::DATE, value);
+    }
+    response
 }
