@@ -325,6 +325,24 @@ async fn an_unknown_customer_fails_alone_and_a_bad_answer_names_its_field() {
         "{error}"
     );
 
+    // A text field too long for any profile is a bad answer, not a profile no message can
+    // carry (found by an adversarial run).
+    stand_in.answer(
+        Api::TierProgress,
+        json!({"current": {"order": 2, "name": "G".repeat(8 * 1024 + 1)}}),
+    );
+    let error = fetcher.fetch_one("a").await.unwrap_err();
+    assert_eq!(error.reason, FailureReason::BadAnswer);
+    assert!(
+        error.detail.contains("current.name is 8193 bytes"),
+        "{error}"
+    );
+    stand_in.answer(
+        Api::TierProgress,
+        json!({"current": {"order": 2, "name": "G".repeat(8 * 1024)}}),
+    );
+    fetcher.fetch_one("a").await.expect("8 KiB is taken");
+
     // An answer larger than the client reads is refused, not buffered.
     stand_in.answer(
         Api::TierProgress,

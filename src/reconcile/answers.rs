@@ -218,10 +218,20 @@ fn present(value: Option<&Value>) -> Option<&Value> {
     value.filter(|value| !value.is_null())
 }
 
+/// The longest text a field of an answer may hold. Gameball's (e-mail, mobile, tier name,
+/// referral code and link) are short, and a webhook's whole body is at most `--max-body-bytes`
+/// (64 KiB by default): megabytes taken from an answer made a profile no gRPC message could
+/// carry, and every page and watch of its account failed.
+pub const MAX_TEXT_BYTES: usize = 8 * 1024;
+
 fn text(body: &Map<String, Value>, key: &str, path: &str) -> Result<Option<String>, BadAnswer> {
     match present(body.get(key)) {
         None => Ok(None),
         Some(Value::String(text)) if text.is_empty() => Ok(None),
+        Some(Value::String(text)) if text.len() > MAX_TEXT_BYTES => Err(format!(
+            "{path} is {} bytes, more than the {MAX_TEXT_BYTES} a field takes",
+            text.len()
+        )),
         Some(Value::String(text)) => Ok(Some(text.clone())),
         Some(_) => Err(format!("{path} must be a string")),
     }
