@@ -42,7 +42,10 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
     let tokens = dir.path().join("no-such-tokens");
     let secrets = dir.path().join("secrets");
     std::fs::write(&secrets, "[clients]\n\"2155\" = [\"topsecret\"\n").unwrap();
+    let padded = dir.path().join("padded");
+    std::fs::write(&padded, "[clients]\n\"2155\" = [\" topsecret\"]\n").unwrap();
     let (tokens, secrets) = (tokens.to_str().unwrap(), secrets.to_str().unwrap());
+    let padded = padded.to_str().unwrap();
     let ephemeral = [SECRET[0], SECRET[1], "--ephemeral"];
     let cases: Vec<Case> = vec![
         (
@@ -67,6 +70,20 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
             [&ephemeral[..], &["--history-events", "0"]].concat(),
             vec![],
             "--history-events must be at least 1",
+            None,
+        ),
+        // A secret with a newline from its file or variable: every signature failed, 401s
+        // only (found by an adversarial run).
+        (
+            vec!["--ephemeral"],
+            vec![("PROFILE_STATE_WEBHOOK_SECRET", "topsecret\n")],
+            "--webhook-secret begins or ends with whitespace",
+            Some(note("webhook-secret", "PROFILE_STATE_WEBHOOK_SECRET")),
+        ),
+        (
+            vec!["--ephemeral", "--webhook-secrets-file", padded],
+            vec![],
+            "a secret begins or ends with whitespace",
             None,
         ),
         // Values at the edge of what a number or a clock holds were panics at their first use

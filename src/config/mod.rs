@@ -386,6 +386,12 @@ pub enum ConfigError {
     /// A secret was given but is empty.
     #[error("--webhook-secret is empty")]
     EmptyWebhookSecret,
+    /// A secret begins or ends with whitespace: no signature Gameball makes would match it.
+    #[error(
+        "--webhook-secret begins or ends with whitespace (a newline from a file or an \
+         environment variable?); Gameball's secrets have none, so every signature would fail"
+    )]
+    PaddedWebhookSecret,
     /// The history must hold at least one change.
     #[error("--history-events must be at least 1")]
     EmptyHistory,
@@ -434,6 +440,9 @@ impl Config {
         let has_file = self.webhook_secrets_file.is_some();
         match (&self.webhook_secret, self.insecure_skip_signature) {
             (Some(secret), _) if secret.is_empty() => return Err(ConfigError::EmptyWebhookSecret),
+            (Some(secret), _) if secret.trim() != secret => {
+                return Err(ConfigError::PaddedWebhookSecret);
+            }
             (None, false) if !has_file => return Err(ConfigError::MissingWebhookSecret),
             _ => {}
         }

@@ -28,6 +28,12 @@ use crate::status::{Rejection, grpc_status};
 pub const MISSING_TOKEN: &str = "missing bearer token";
 /// The message of a call whose bearer token is not one of the configured ones.
 pub const INVALID_TOKEN: &str = "invalid bearer token";
+/// The message of a call with more than one `authorization` header: which one holds is
+/// anybody's guess (a proxy may read the other), so neither does.
+pub const REPEATED_TOKEN: &str = "more than one authorization header; send one bearer token";
+/// The longest token a file may hold: a longer one could never arrive (clients and servers
+/// refuse header blocks of 16 KiB and more).
+const MAX_TOKEN_BYTES: usize = 4096;
 
 /// Checks `authorization: Bearer <token>` against the configured tokens, or lets every call
 /// through when none are configured. Cloning it shares the tokens (one reference count).
@@ -57,16 +63,22 @@ impl BearerAuth {
     }
 
     /// Reads tokens from `path`: one per line, surrounding whitespace trimmed, blank lines and
-    /// lines starting with `#` ignored. An unreadable file, or one without a token, is an error
-    /// naming the file.
+    /// lines starting with `#` ignored. An unreadable file, one without a token, or a line that
+    /// can never match a presented token (a `Bearer ` prefix, a byte-order mark, more than
+    /// 4 KiB, a character a header cannot carry) is an error naming the file and the line.
     pub fn from_file(path: &Path) -> anyhow::Result<BearerAuth> {
         let text = std::fs::read_to_string(path).map_err(IoError::on(path, "read"))?;
-        let tokens: Vec<Box<[u8]>> = text
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .map(|token| token.as_bytes().into())
-            .collect();
+        let mut tokens: Vec<Box<[u8]>> = Vec::new();
+        for (index, line) in text.lines().enumerate() {
+            let token = line.trim();
+            if token.is_empty() || token.starts_with('#') {
+                continue;
+            }
+            if let Err(reason) = check_token(token) {
+                anyhow::bail!("{} line {}: {reason}", path.display(), index + 1);
+            }
+            tokens.push(token.as_bytes().into());
+        }
         anyhow::ensure!(
             !tokens.is_empty(),
             "{} holds no token (one per line; `#` starts a comment)",
@@ -179,6 +191,26 @@ impl tonic::service::Interceptor for AdminAuth {
     }
 }
 
+/// Why a token from the file could never be presented, if it could not.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.starts_with('\u{feff}') {
+        return Err("starts with a byte-order mark; save the file without one".into());
+    }
+    if bearer_token(token.as_bytes()).is_some() {
+        return Err("starts with `Bearer `; write the token alone".into());
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(format!("a token is at most {MAX_TOKEN_BYTES} bytes"));
+    }
+    if !token
+        .bytes()
+        .all(|byte| byte == b' ' || byte.is_ascii_graphic())
+    {
+        return Err("a token is printable ASCII (what a header carries)".into());
+    }
+    Ok(())
+}
+
 /// The token of an `authorization` header value: `Bearer <token>`, the scheme matched without
 /// regard to case (RFC 6750 and RFC 9110 make it case-insensitive).
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
@@ -194,9 +226,14 @@ impl tonic::service::Interceptor for BearerAuth {
         let Some(tokens) = &self.tokens else {
             return Ok(request);
         };
-        let presented = request
-            .metadata()
-            .get("authorization")
+        let mut values = request.metadata().get_all("authorization").iter();
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(grpc_status(Rejection::Unauthenticated {
+                reason: REPEATED_TOKEN,
+            }));
+        }
+        let presented = first
             .and_then(|value| bearer_token(value.as_bytes()))
             .ok_or_else(|| {
                 grpc_status(Rejection::Unauthenticated {
@@ -233,6 +270,46 @@ mod tests {
         let path = dir.path().join("tokens");
         std::fs::write(&path, file).unwrap();
         BearerAuth::from_file(&path).unwrap()
+    }
+
+    /// Two `authorization` headers: the first decided, so a valid token followed by a wrong
+    /// one was let in (found by an adversarial run).
+    #[test]
+    fn a_repeated_authorization_header_is_refused() {
+        let mut auth = auth("alpha\n");
+        let mut twice = request(Some("Bearer alpha"));
+        twice
+            .metadata_mut()
+            .append("authorization", "Bearer wrong".parse().unwrap());
+        let status = auth.call(twice).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(status.message(), REPEATED_TOKEN);
+        assert!(auth.call(request(Some("Bearer alpha"))).is_ok());
+    }
+
+    /// Lines that could never match a presented token were taken, and every call with them
+    /// failed (found by an adversarial run).
+    #[test]
+    fn token_lines_that_could_never_be_presented_are_refused_naming_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        let long = "t".repeat(4097);
+        for (file, reason) in [
+            ("\u{feff}alpha\n", "byte-order mark"),
+            ("# ok\nBearer alpha\n", "starts with `Bearer `"),
+            (&format!("alpha\n{long}\n") as &str, "at most 4096 bytes"),
+            ("alpha\nbéta\n", "printable ASCII"),
+        ] {
+            std::fs::write(&path, file).unwrap();
+            let error = format!("{:#}", BearerAuth::from_file(&path).unwrap_err());
+            assert!(error.contains(reason), "{file:?}: {error}");
+            assert!(
+                error.contains(" line 2") || file.starts_with('\u{feff}'),
+                "{error}"
+            );
+        }
+        std::fs::write(&path, "a token with spaces\n").unwrap();
+        BearerAuth::from_file(&path).expect("spaces inside a token are carried");
     }
 
     #[test]

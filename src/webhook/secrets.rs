@@ -104,6 +104,19 @@ impl Secrets {
         if file.default.iter().any(String::is_empty) {
             return Err(invalid("`default` holds an empty secret".into()));
         }
+        let padded = |secret: &String| secret.trim() != secret;
+        if file
+            .default
+            .iter()
+            .chain(file.clients.values().flatten())
+            .any(padded)
+        {
+            return Err(invalid(
+                "a secret begins or ends with whitespace; Gameball's secrets have none, so \
+                 every signature would fail"
+                    .into(),
+            ));
+        }
         let mut by_client = HashMap::new();
         for (client, secrets) in file.clients {
             if secrets.is_empty() || secrets.iter().any(String::is_empty) {
