@@ -180,3 +180,40 @@ async fn over_tls_the_token_is_needed_and_taken_from_its_variable() {
     );
     service.stop().await;
 }
+
+/// A client certificate the server refuses (another CA) was answered with the hint to give the
+/// server's CA with --ca, which had been given (found by an adversarial run): the hint now
+/// names the client certificate too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_client_certificate_is_hinted_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::tls::Pki::new();
+    let service = TestService::start_with(common::tls::tls_config(dir.path(), &pki, true)).await;
+    let (cert, key) = common::tls::Pki::new().issue("client");
+    std::fs::write(dir.path().join("client.pem"), cert).unwrap();
+    std::fs::write(dir.path().join("client.key"), key).unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let grpc = format!("localhost:{}", service.grpc.port());
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let args = [
+        "list",
+        "--grpc",
+        &grpc,
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--timeout",
+        "5s",
+    ];
+    let refused = cli(&args, &[]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("check --cert and --key"),
+        "{}",
+        stderr(&refused)
+    );
+    service.stop().await;
+}

@@ -194,7 +194,9 @@ pub fn refused(what: &str, status: &Status) -> Failure {
                 .iter()
                 .any(|transport| status.message().contains(transport)) =>
         {
-            " (if the server's gRPC listener uses TLS, give its CA with --ca)"
+            " (if the server's gRPC listener uses TLS, give its CA with --ca; if it also asks \
+             for client certificates, it may have refused this one: check --cert and --key \
+             against its --grpc-client-ca)"
         }
         _ => "",
     };
