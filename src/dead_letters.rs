@@ -252,6 +252,9 @@ struct Inner {
     /// entry, so two arrivals of the same body cannot both create it or lose a repeat count.
     /// Held across file I/O (on a blocking thread), never by readers.
     writer: Mutex<()>,
+    /// The letters a replay holds, and since when: one replay at a time, and a purge leaves
+    /// them to it. A claim lapses after [`shared::REPLAY_CLAIM_TIMEOUT`], as a replica's does.
+    replaying: Mutex<HashMap<DeadLetterId, std::time::Instant>>,
 }
 
 #[derive(Default)]
@@ -322,6 +325,7 @@ impl LocalLetters {
                 max_letters,
                 index: Mutex::new(index),
                 writer: Mutex::new(()),
+                replaying: Mutex::default(),
             }),
         }
     }
@@ -448,7 +452,9 @@ impl LocalLetters {
             let mut removed = Vec::new();
             let mut result = Ok(());
             for id in ids {
-                if !lock(&inner.index).by_id.contains_key(&id) {
+                // A letter a replay holds is the replay's to remove once applied: purging it
+                // too said "purged" of a letter that was then applied.
+                if !lock(&inner.index).by_id.contains_key(&id) || inner.replay_holds(&id) {
                     continue;
                 }
                 if let Err(error) = inner.delete(&id) {
@@ -466,6 +472,21 @@ impl LocalLetters {
             result.map(|()| removed)
         })
         .await
+    }
+
+    /// Claims `id` for a replay; false while another replay holds it.
+    pub fn claim_replay(&self, id: &DeadLetterId) -> bool {
+        let mut replaying = lock(&self.inner.replaying);
+        if replaying.get(id).is_some_and(claim_holds) {
+            return false;
+        }
+        replaying.insert(id.clone(), std::time::Instant::now());
+        true
+    }
+
+    /// The replay of `id` is over (applied or not).
+    pub fn end_replay(&self, id: &DeadLetterId) {
+        lock(&self.inner.replaying).remove(id);
     }
 
     /// Runs a change with the writer lock held: inline in memory, on a blocking thread when it
@@ -497,7 +518,17 @@ impl LocalLetters {
     }
 }
 
+/// Whether a replay claim made at `since` still holds.
+fn claim_holds(since: &std::time::Instant) -> bool {
+    since.elapsed() < shared::REPLAY_CLAIM_TIMEOUT
+}
+
 impl Inner {
+    /// Whether a replay holds `id`.
+    fn replay_holds(&self, id: &DeadLetterId) -> bool {
+        lock(&self.replaying).get(id).is_some_and(claim_holds)
+    }
+
     fn path(&self, id: &DeadLetterId) -> Option<PathBuf> {
         self.dir.as_ref().map(|dir| dir.join(format!("{id}.json")))
     }

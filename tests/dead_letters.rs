@@ -552,3 +552,31 @@ async fn list_pages_default_to_50_letters_and_are_capped_at_500() {
     );
     service.stop().await;
 }
+
+/// A purge and a replay of the same letter at once both said they had done it (the purge
+/// "purged 1", the replay "applied"; found by an adversarial run): a letter a replay holds is
+/// now left to the replay, and a second replay of it is refused until the first ends.
+#[tokio::test]
+async fn a_purge_leaves_a_letter_a_replay_holds_to_it() {
+    let server = Server::bind(Config::for_tests(SECRET)).await.unwrap();
+    let letters = server.dead_letters();
+    let service = TestService::serve(server);
+    let body = bad_tier_order("held");
+    let id = DeadLetterId::parse(&post_dead(&service, &body, "data.tier_order").await).unwrap();
+    let purge = || profile_state::dead_letters::Purge::Ids(vec![id.clone()]);
+
+    let claim = letters.claim(&id).await.unwrap();
+    assert!(matches!(
+        letters.claim(&id).await,
+        Err(Error::DeadLetterBeingReplayed { .. })
+    ));
+    assert_eq!(letters.purge(purge()).await.unwrap(), vec![]);
+    assert!(
+        letters.get(&id).await.unwrap().is_some(),
+        "left to the replay"
+    );
+    letters.release(claim, None).await.unwrap();
+    assert_eq!(letters.purge(purge()).await.unwrap(), vec![id.clone()]);
+    assert!(letters.get(&id).await.unwrap().is_none());
+    service.stop().await;
+}

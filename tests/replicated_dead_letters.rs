@@ -230,3 +230,30 @@ async fn letters_are_cluster_wide_and_a_replay_applies_once() {
         replica.stop().await;
     }
 }
+
+/// The cluster-wide letters leave a letter a replay holds to the replay: a purge that went
+/// ahead said "purged" of a letter the replay then applied (found by an adversarial run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_leaves_a_letter_a_replay_holds_to_it() {
+    let nats = NatsCluster::single().await.unwrap();
+    let server = Server::bind(replica_config(&nats, "HELD", "a"))
+        .await
+        .unwrap();
+    let letters = server.dead_letters();
+    let a = TestService::serve(server);
+    let body = bad_tier_order("held");
+    assert_eq!(a.post_signed(&body).await.0, 422);
+    let id = DeadLetterId::of(&body);
+    let purge = || profile_state::dead_letters::Purge::Ids(vec![id.clone()]);
+
+    let claim = letters.claim(&id).await.unwrap();
+    assert_eq!(letters.purge(purge()).await.unwrap(), vec![]);
+    assert!(
+        letters.get(&id).await.unwrap().is_some(),
+        "left to the replay"
+    );
+    letters.release(claim, None).await.unwrap();
+    assert_eq!(letters.purge(purge()).await.unwrap(), vec![id.clone()]);
+    assert!(letters.get(&id).await.unwrap().is_none());
+    a.stop().await;
+}

@@ -31,8 +31,8 @@ enum Backend {
 pub struct ReplayClaim {
     /// The letter as claimed.
     pub letter: Arc<DeadLetter>,
-    /// The bucket revision of the claim (unused for local letters, which need no claim: one
-    /// process serves them).
+    /// The bucket revision of the claim (0 for local letters, claimed in this process's
+    /// memory).
     revision: u64,
 }
 
@@ -133,10 +133,16 @@ impl DeadLetters {
     pub async fn claim(&self, id: &DeadLetterId) -> Result<ReplayClaim, Error> {
         let not_found = || Error::DeadLetterNotFound { id: id.to_string() };
         match &self.backend {
-            Backend::Local(local) => Ok(ReplayClaim {
-                letter: local.get(id).ok_or_else(not_found)?,
-                revision: 0,
-            }),
+            Backend::Local(local) => {
+                let letter = local.get(id).ok_or_else(not_found)?;
+                if !local.claim_replay(id) {
+                    return Err(Error::DeadLetterBeingReplayed { id: id.to_string() });
+                }
+                Ok(ReplayClaim {
+                    letter,
+                    revision: 0,
+                })
+            }
             Backend::Shared(shared) => {
                 let (letter, revision) = shared.claim(id, Utc::now()).await?;
                 Ok(ReplayClaim {
@@ -152,11 +158,11 @@ impl DeadLetters {
         let id = &claim.letter.id;
         match &self.backend {
             Backend::Shared(shared) => shared.finish(id, claim.revision).await,
-            Backend::Local(local) => local
-                .remove(id)
-                .await
-                .map(|_| ())
-                .map_err(DeadLetterError::unavailable),
+            Backend::Local(local) => {
+                let removed = local.remove(id).await;
+                local.end_replay(id);
+                removed.map(|_| ()).map_err(DeadLetterError::unavailable)
+            }
         }
     }
 
@@ -165,10 +171,14 @@ impl DeadLetters {
     pub async fn release(&self, claim: ReplayClaim, cause: Option<&Error>) -> Result<(), Error> {
         let result = match &self.backend {
             Backend::Shared(shared) => shared.release(&claim.letter, claim.revision, cause).await,
-            Backend::Local(local) => match cause {
-                Some(cause) => local.set_reason(&claim.letter.id, cause).await.map(|_| ()),
-                None => Ok(()),
-            },
+            Backend::Local(local) => {
+                let set = match cause {
+                    Some(cause) => local.set_reason(&claim.letter.id, cause).await.map(|_| ()),
+                    None => Ok(()),
+                };
+                local.end_replay(&claim.letter.id);
+                set
+            }
         };
         result.map_err(DeadLetterError::unavailable)
     }

@@ -64,6 +64,12 @@ impl From<BucketError> for DeadLetterError {
     }
 }
 
+/// Whether a replay claim made at `since` still holds at `now`.
+fn claimed_at(since: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    let timeout = chrono::Duration::from_std(REPLAY_CLAIM_TIMEOUT).expect("a short timeout");
+    since.is_some_and(|since| now < since + timeout)
+}
+
 /// A letter as read from the bucket, with the revision a change must name.
 struct Entry {
     letter: DeadLetter,
@@ -219,12 +225,17 @@ impl SharedLetters {
         Ok(removed)
     }
 
-    /// Removes a letter whatever its revision; false if it is not kept.
+    /// Removes a letter whatever its revision; false if it is not kept, or a replay holds it
+    /// (the replay removes it once applied: a purge that went ahead said "purged" of a letter
+    /// the replay then applied).
     async fn remove_any(&self, id: &DeadLetterId) -> Result<bool, DeadLetterError> {
         for _ in 0..ATTEMPTS {
             let Some(entry) = self.entry(id).await? else {
                 return Ok(false);
             };
+            if claimed_at(entry.replaying_since, Utc::now()) {
+                return Ok(false);
+            }
             match self.bucket.remove(id.as_str(), entry.revision).await {
                 Err(BucketError::Conflict) => continue,
                 result => return result.map(|()| true).map_err(Into::into),
@@ -245,11 +256,7 @@ impl SharedLetters {
             .await
             .map_err(DeadLetterError::unavailable)?
             .ok_or_else(|| Error::DeadLetterNotFound { id: id.to_string() })?;
-        let timeout = chrono::Duration::from_std(REPLAY_CLAIM_TIMEOUT).expect("a short timeout");
-        if entry
-            .replaying_since
-            .is_some_and(|since| now < since + timeout)
-        {
+        if claimed_at(entry.replaying_since, now) {
             return Err(being_replayed(id));
         }
         let bytes = self
