@@ -76,11 +76,11 @@ pub enum Error {
         /// The id asked for.
         id: String,
     },
-    /// Another replica claimed this dead letter to replay it (and may have replayed it
-    /// already): one replay applies a letter, never two.
+    /// Another replay (on this server or another replica) claimed this dead letter (and may
+    /// have replayed it already): one replay applies a letter, never two.
     #[error(
-        "dead letter {id:?} is being replayed, or was just replayed, by another replica; get it \
-         again to see whether it is still kept"
+        "dead letter {id:?} is being replayed, or was just replayed, by another call (or \
+         another replica); get it again to see whether it is still kept"
     )]
     DeadLetterBeingReplayed {
         /// The letter.
