@@ -580,3 +580,26 @@ async fn a_purge_leaves_a_letter_a_replay_holds_to_it() {
     assert!(letters.get(&id).await.unwrap().is_none());
     service.stop().await;
 }
+
+/// With `--max-body-bytes` above `--grpc-max-message-bytes`, one large letter could be neither
+/// shown nor listed past, and nothing had said so (found by an adversarial run): start-up warns.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_limit_above_the_message_limit_is_warned_of_for_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::binary::Binary::start(
+        dir.path(),
+        &[
+            "--max-body-bytes",
+            "6000000",
+            "--grpc-max-message-bytes",
+            "4194304",
+        ],
+    )
+    .await;
+    let warning = "a dead letter may be larger than a gRPC message may carry: such a letter \
+                   could not be shown, nor could the list pages from it on be read (purge still \
+                   works); raise --grpc-max-message-bytes or lower --max-body-bytes";
+    let line = server.wait_for(warning).await;
+    assert_eq!(line["level"], "WARN", "{line}");
+    server.stop();
+}
