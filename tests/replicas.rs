@@ -1157,3 +1157,65 @@ async fn a_replica_started_while_jetstream_has_no_quorum_waits_for_it() {
     a.stop().await;
     b.stop().await;
 }
+
+/// SIGTERM while a replica's start-up waited for JetStream was ignored until start-up ended
+/// (up to 30 s, then exit 1) (found by an adversarial run): it now stops there, exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_stops_it_at_once() {
+    use std::io::BufRead;
+    let nats = NatsCluster::three().await.unwrap();
+    let a = TestService::start_with(replica_config(&nats, "EARLY", "a")).await;
+    let leader = stream_leader(&nats, "EARLY").await;
+    let live = nats
+        .nodes()
+        .iter()
+        .position(|node| node.name() != leader)
+        .unwrap();
+    let frozen: Vec<usize> = (0..3).filter(|index| *index != live).collect();
+    for index in &frozen {
+        nats.nodes()[*index].pause().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = nats.nodes()[live].client_url();
+    let args = [
+        "--nats-url",
+        &url,
+        "--nats-stream",
+        "EARLY",
+        "--nats-replicas",
+        "3",
+        "--replica-name",
+        "b",
+        "--nats-request-timeout",
+        "1s",
+        "--webhook-timeout",
+        "4s",
+    ];
+    let mut child = binary::command(dir.path(), &args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // In start-up, and waiting: its first attempt went unanswered.
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let waiting = tokio::task::block_in_place(|| {
+        lines.any(|line| line.unwrap().contains("jetstream did not answer in time"))
+    });
+    assert!(waiting, "b waits for JetStream");
+    let signal = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signal.success());
+    let sent = Instant::now();
+    let exit = tokio::task::block_in_place(|| child.wait().unwrap());
+    assert!(exit.success(), "exits 0: {exit:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+    for index in &frozen {
+        nats.nodes()[*index].resume().unwrap();
+    }
+    a.stop().await;
+}

@@ -59,7 +59,17 @@ pub fn run(config: Config, sources: &Sources) -> ExitCode {
 
 async fn serve(config: Config, sources: &Sources) -> ExitCode {
     let shutdown = shutdown_signal();
-    let server = match Server::bind(config).await {
+    tokio::pin!(shutdown);
+    // A signal during start-up (a recovery, a replica waiting for JetStream or loading a
+    // snapshot) stops it there: it used to wait for start-up to end, however long.
+    let bound = tokio::select! {
+        bound = Server::bind(config) => bound,
+        () = &mut shutdown => {
+            tracing::info!("stopped during start-up, before serving");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let server = match bound {
         Ok(server) => server,
         Err(error) => {
             print_error(sources, &format!("{error:#}"));

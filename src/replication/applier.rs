@@ -150,6 +150,7 @@ impl Applier {
         );
         self.metrics.replication_applier_failed();
         self.status.fail(reason);
+        self.pending.applier_stopped();
     }
 
     /// The stream no longer holds the next message: only a snapshot can bring this replica
@@ -163,6 +164,7 @@ impl Applier {
         );
         self.metrics.replication_applier_failed();
         self.status.fail(reason);
+        self.pending.applier_stopped();
         self.restart.cancel();
     }
 }

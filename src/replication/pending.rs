@@ -32,6 +32,17 @@ pub(super) enum Registered {
     Waiting,
 }
 
+/// The answer to a caller whose update is in the stream at `sequence` but will not be applied
+/// here: this replica's applier stopped.
+fn not_applied_here(sequence: u64) -> Error {
+    Error::Unavailable {
+        reason: format!(
+            "the update is recorded in the replicated log (stream sequence {sequence}) but this \
+             replica stopped applying it; a retry, on another replica, is harmless"
+        ),
+    }
+}
+
 /// Shared between the publisher and the applier.
 #[derive(Default)]
 pub(super) struct Pending {
@@ -49,6 +60,8 @@ struct State {
     recent: VecDeque<(u64, Arc<[Outcome]>)>,
     /// Callers waiting for a sequence, with their index in its batch.
     waiters: HashMap<u64, Vec<(usize, Reply)>>,
+    /// Set once the applier stopped for good: nothing waits for it any more.
+    stopped: bool,
 }
 
 impl Pending {
@@ -88,6 +101,10 @@ impl Pending {
     /// `sequence`: the outcome now, or a promise to send it to `reply`.
     pub(super) fn register(&self, sequence: u64, index: usize, reply: Reply) -> Registered {
         let mut state = self.state();
+        if state.stopped && sequence > state.applied_through {
+            let _ = reply.send(Err(not_applied_here(sequence)));
+            return Registered::Now;
+        }
         if sequence <= state.applied_through {
             let found = state
                 .recent
@@ -133,6 +150,21 @@ impl Pending {
             .ok()
             .and_then(|at| state.recent[at].1.get(index).copied());
         Some(kept)
+    }
+
+    /// The applier stopped for good: every caller waiting for it is answered now, and later
+    /// ones at once (they waited out the webhook timeout for an apply that could not come).
+    pub(super) fn applier_stopped(&self) {
+        let waiting = {
+            let mut state = self.state();
+            state.stopped = true;
+            std::mem::take(&mut state.waiters)
+        };
+        for (sequence, replies) in waiting {
+            for (_, reply) in replies {
+                let _ = reply.send(Err(not_applied_here(sequence)));
+            }
+        }
     }
 
     /// Whether any caller still waits for an apply (shutdown waits until none does).
@@ -200,5 +232,25 @@ mod tests {
         ));
         pending.complete(RECENT as u64 + 2, Arc::from([changed(1)]));
         assert!(outcome.await.unwrap().is_err());
+    }
+
+    /// A replica cut off with webhooks waiting held them for the whole webhook timeout, and
+    /// its stop with them (found by an adversarial run): they are answered when the applier
+    /// stops, and later ones at once.
+    #[test]
+    fn waiters_are_answered_when_the_applier_stops_and_later_ones_at_once() {
+        let pending = Pending::default();
+        let (reply, mut waiting) = oneshot::channel();
+        assert!(matches!(pending.register(5, 0, reply), Registered::Waiting));
+        pending.applier_stopped();
+        let answer = waiting.try_recv().expect("answered at the stop");
+        assert!(
+            matches!(&answer, Err(Error::Unavailable { reason }) if reason.contains("sequence 5")),
+            "{answer:?}"
+        );
+        assert!(!pending.has_waiters());
+        let (reply, mut late) = oneshot::channel();
+        assert!(matches!(pending.register(6, 0, reply), Registered::Now));
+        assert!(late.try_recv().expect("answered at once").is_err());
     }
 }

@@ -120,8 +120,11 @@ impl Publisher {
         let answer = tokio::time::timeout(self.apply_timeout, outcome).await;
         match (answer, acked.load(Ordering::Acquire)) {
             (Ok(Ok(result)), _) => result,
+            // Still being published when the wait ran out: it may yet be recorded.
             (_, 0) => Err(Error::Unavailable {
-                reason: "the update was not recorded in the replicated log in time; retry".into(),
+                reason: "the update was not confirmed in the replicated log in time (it may \
+                         still be recorded); a retry is harmless"
+                    .into(),
             }),
             (_, sequence) => {
                 self.metrics.replication_recorded_not_applied();

@@ -78,11 +78,13 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
 }
 
 /// Whether start-up failed because JetStream did not answer (worth another attempt), rather
-/// than because of the configuration, the data directory or the stream's content.
+/// than because of the configuration, the data directory or the stream's content. A bucket's
+/// failure counts: without quorum, opening or listing the snapshot bucket times out too (a
+/// damaged snapshot is tried again as well, and fails the same way at the end).
 fn jetstream_unavailable(error: &anyhow::Error) -> bool {
     matches!(
         error.downcast_ref::<JetStreamError>(),
-        Some(JetStreamError::Unavailable { .. })
+        Some(JetStreamError::Unavailable { .. } | JetStreamError::Bucket { .. })
     )
 }
 
@@ -381,4 +383,33 @@ async fn load(store: &Store, start: &Start, remove: bool) -> anyhow::Result<u64>
         );
     }
     Ok(start.stream_sequence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without quorum, a new replica's snapshot bucket timed out and start-up gave up after
+    /// one attempt, where the README promises 30 s of attempts (found by an adversarial run).
+    #[test]
+    fn bucket_failures_are_tried_again_and_the_configuration_is_not() {
+        let bucket = JetStreamError::Bucket {
+            bucket: "PROFILE_STATE_SNAPSHOTS".into(),
+            key: "*".into(),
+            reason: "timed out".into(),
+        };
+        assert!(jetstream_unavailable(&anyhow::Error::new(bucket)));
+        let unavailable = JetStreamError::Unavailable {
+            operation: "stream info",
+            reason: "timed out".into(),
+        };
+        assert!(jetstream_unavailable(&anyhow::Error::new(unavailable)));
+        let mismatch = JetStreamError::Mismatch {
+            name: "PROFILE_STATE".into(),
+            setting: "replicas",
+            expected: "3".into(),
+            found: "1".into(),
+        };
+        assert!(!jetstream_unavailable(&anyhow::Error::new(mismatch)));
+    }
 }
