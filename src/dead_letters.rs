@@ -437,13 +437,23 @@ impl LocalLetters {
 
     /// Removes one letter (replayed, or no longer wanted). Returns false if it was not kept.
     pub async fn remove(&self, id: &DeadLetterId) -> Result<bool, DeadLetterError> {
-        let removed = self.purge(Purge::Ids(vec![id.clone()])).await?;
+        let removed = self.delete(Purge::Ids(vec![id.clone()]), false).await?;
         Ok(!removed.is_empty())
     }
 
     /// Removes these letters, or all of them; returns the ids removed. Ids that are not kept
     /// are skipped. On an I/O error, the letters removed before it stay removed.
     pub async fn purge(&self, which: Purge) -> Result<Vec<DeadLetterId>, DeadLetterError> {
+        self.delete(which, true).await
+    }
+
+    /// Removes letters; those a replay holds too unless `leave_held` (a purge leaves them to
+    /// the replay, which removes its letter once applied).
+    async fn delete(
+        &self,
+        which: Purge,
+        leave_held: bool,
+    ) -> Result<Vec<DeadLetterId>, DeadLetterError> {
         self.change(move |inner| {
             let ids = match which {
                 Purge::All => lock(&inner.index).by_id.keys().cloned().collect(),
@@ -454,7 +464,9 @@ impl LocalLetters {
             for id in ids {
                 // A letter a replay holds is the replay's to remove once applied: purging it
                 // too said "purged" of a letter that was then applied.
-                if !lock(&inner.index).by_id.contains_key(&id) || inner.replay_holds(&id) {
+                if !lock(&inner.index).by_id.contains_key(&id)
+                    || (leave_held && inner.replay_holds(&id))
+                {
                     continue;
                 }
                 if let Err(error) = inner.delete(&id) {

@@ -185,25 +185,27 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// What a refused call says: the server's message and its gRPC code, and what to do when the
 /// refusal is about credentials.
 pub fn refused(what: &str, status: &Status) -> Failure {
+    // The transport's cause, when there is one: tonic's message alone says little.
+    let message = match std::error::Error::source(status) {
+        Some(cause) => format!("{}: {}", status.message(), chain(cause)),
+        None => status.message().to_owned(),
+    };
     let hint = match status.code() {
         tonic::Code::Unauthenticated => " (give the token with --token or PROFILE_STATE_TOKEN)",
         tonic::Code::Unavailable => " (is the server running, and is --grpc its gRPC address?)",
-        // What a plaintext call to a TLS listener gets back (which of the two varies).
-        tonic::Code::Internal | tonic::Code::Unknown
+        // What a plaintext call to a TLS listener, or a client certificate the server refused,
+        // gets back (which code, and whether the status or its cause says "transport error",
+        // varies with the timing).
+        tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Cancelled
             if ["h2 protocol error", "transport error"]
                 .iter()
-                .any(|transport| status.message().contains(transport)) =>
+                .any(|transport| message.contains(transport)) =>
         {
             " (if the server's gRPC listener uses TLS, give its CA with --ca; if it also asks \
              for client certificates, it may have refused this one: check --cert and --key \
              against its --grpc-client-ca)"
         }
         _ => "",
-    };
-    // The transport's cause, when there is one: tonic's message alone says little.
-    let message = match std::error::Error::source(status) {
-        Some(cause) => format!("{}: {}", status.message(), chain(cause)),
-        None => status.message().to_owned(),
     };
     Failure::Failed(format!("{what}: {message} [{:?}]{hint}", status.code()))
 }
