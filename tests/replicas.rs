@@ -1219,3 +1219,63 @@ async fn sigterm_during_start_up_stops_it_at_once() {
     }
     a.stop().await;
 }
+
+/// A stream purged past the newest published snapshot (by hand, or a limit) made a starting
+/// replica download that snapshot only to fail, and a supervised one crash-loop doing so
+/// (found by an adversarial run): start-up now waits for a newer snapshot, without downloading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_waits_for_a_snapshot_newer_than_a_stream_purged_past_every_one() {
+    let nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = replica_config(&nats, "PURGED", "a");
+    config.ephemeral = false;
+    config.data_dir = dir.path().to_owned();
+    config.snapshot_every_records = 20;
+    config.nats.retain_after_snapshot = 0;
+    let a = TestService::start_with(config).await;
+    Load::start(vec![(&a).into()], 2, 30, PACE)
+        .finish(&[(&a).into()])
+        .await;
+    // Messages after the newest published snapshot (empty batches: they change nothing, so a
+    // takes no snapshot of them), then the stream purged past them all.
+    let stream = stream_of(&nats, "PURGED").await;
+    for _ in 0..3 {
+        let payload =
+            prost::Message::encode_to_vec(&profile_state::jetstream::UpdateBatch::default());
+        let message =
+            async_nats::jetstream::message::PublishMessage::build().payload(payload.into());
+        let context = stream.nats().context();
+        context
+            .send_publish(format!("{}.updates", "PURGED"), message)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let last = stream.bounds().await.unwrap().last;
+    wait_applied(&[(&a).into()], last).await;
+    stream.purge_below(last + 1).await.unwrap();
+
+    let starting = tokio::spawn(Server::bind(replica_config(&nats, "PURGED", "b")));
+    // No published snapshot reaches the stream: b can only wait (a bounded look).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !starting.is_finished(),
+        "b's start-up ended: {:?}",
+        starting.await.unwrap().err()
+    );
+    // a goes on and publishes a newer snapshot; b starts from it.
+    Load::start(vec![(&a).into()], 2, 60, PACE)
+        .finish(&[(&a).into()])
+        .await;
+    let b = TestService::serve(
+        tokio::time::timeout(PATIENCE, starting)
+            .await
+            .expect("b starts once a newer snapshot is published")
+            .unwrap()
+            .expect("b starts"),
+    );
+    assert_converged(&[(&a).into(), (&b).into()]).await;
+    a.stop().await;
+    b.stop().await;
+}

@@ -80,11 +80,16 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
 /// Whether start-up failed because JetStream did not answer (worth another attempt), rather
 /// than because of the configuration, the data directory or the stream's content. A bucket's
 /// failure counts: without quorum, opening or listing the snapshot bucket times out too (a
-/// damaged snapshot is tried again as well, and fails the same way at the end).
+/// damaged snapshot is tried again as well, and fails the same way at the end). So does a
+/// stream purged past every snapshot: a replica may publish a newer one meanwhile.
 fn jetstream_unavailable(error: &anyhow::Error) -> bool {
     matches!(
         error.downcast_ref::<JetStreamError>(),
-        Some(JetStreamError::Unavailable { .. } | JetStreamError::Bucket { .. })
+        Some(
+            JetStreamError::Unavailable { .. }
+                | JetStreamError::Bucket { .. }
+                | JetStreamError::StartBelowFirst { .. }
+        )
     )
 }
 
@@ -258,6 +263,20 @@ async fn choose_start(
         return Ok((Some(start), LOCAL));
     }
     match bucket.newest().await? {
+        // The stream was purged past it too (by hand, or a limit): downloading it only to
+        // fail would repeat at every restart. Start-up waits for a newer one instead.
+        Some(published) if published.stream_sequence + 1 < bounds.first => {
+            Err(JetStreamError::StartBelowFirst {
+                stream: stream.name().to_string(),
+                requested: published.stream_sequence + 1,
+                first: bounds.first,
+            })
+            .context(format!(
+                "the newest published snapshot ({}, as of stream sequence {}) is older than \
+                 the stream's first message: waiting for a replica to publish a newer one",
+                published.name, published.stream_sequence
+            ))
+        }
         Some(published) => {
             let start = download(bucket, &published, dir).await?;
             Ok((Some(start), "published snapshot"))
@@ -404,6 +423,17 @@ mod tests {
             reason: "timed out".into(),
         };
         assert!(jetstream_unavailable(&anyhow::Error::new(unavailable)));
+        // The stream purged past the newest published snapshot: not downloaded only to fail,
+        // and tried again while another replica may publish a newer one (a replica restarted
+        // into it crash-looped, downloading it each time: found by an adversarial run).
+        let purged = JetStreamError::StartBelowFirst {
+            stream: "PROFILE_STATE".into(),
+            requested: 101,
+            first: 500,
+        };
+        assert!(jetstream_unavailable(
+            &anyhow::Error::new(purged).context("waiting for a replica to publish a newer one")
+        ));
         let mismatch = JetStreamError::Mismatch {
             name: "PROFILE_STATE".into(),
             setting: "replicas",
