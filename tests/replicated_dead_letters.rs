@@ -243,17 +243,6 @@ async fn a_purge_leaves_a_letter_a_replay_holds_to_it() {
     let a = TestService::serve(server);
     let body = bad_tier_order("held");
     assert_eq!(a.post_signed(&body).await.0, 422);
-    let id = DeadLetterId::of(&body);
-    let purge = || profile_state::dead_letters::Purge::Ids(vec![id.clone()]);
-
-    let claim = letters.claim(&id).await.unwrap();
-    assert_eq!(letters.purge(purge()).await.unwrap(), vec![]);
-    assert!(
-        letters.get(&id).await.unwrap().is_some(),
-        "left to the replay"
-    );
-    letters.release(claim, None).await.unwrap();
-    assert_eq!(letters.purge(purge()).await.unwrap(), vec![id.clone()]);
-    assert!(letters.get(&id).await.unwrap().is_none());
+    common::assert_purge_leaves_a_held_letter(&letters, &DeadLetterId::of(&body)).await;
     a.stop().await;
 }

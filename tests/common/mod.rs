@@ -295,3 +295,21 @@ pub fn at(second: u32) -> String {
         second % 60
     )
 }
+
+/// A purge leaves the letter `id` to a replay that holds it, and removes it once the replay has
+/// given it back: through the `DeadLetters` handle of either backend.
+pub async fn assert_purge_leaves_a_held_letter(
+    letters: &profile_state::dead_letters::DeadLetters,
+    id: &profile_state::dead_letters::DeadLetterId,
+) {
+    let purge = || profile_state::dead_letters::Purge::Ids(vec![id.clone()]);
+    let claim = letters.claim(id).await.unwrap();
+    assert_eq!(letters.purge(purge()).await.unwrap(), vec![]);
+    assert!(
+        letters.get(id).await.unwrap().is_some(),
+        "left to the replay"
+    );
+    letters.release(claim, None).await.unwrap();
+    assert_eq!(letters.purge(purge()).await.unwrap(), vec![id.clone()]);
+    assert!(letters.get(id).await.unwrap().is_none());
+}
