@@ -174,3 +174,33 @@ mod tests {
         assert!(!colours(false, None));
     }
 }
+
+/// How often at most a warning repeated by [`RateLimited`] is logged.
+pub const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Allows a repeated log line (a refused connection, a refused publish) at most every
+/// [`WARN_EVERY`], counting the ones it held back, so a flood of the same failure is a line
+/// every ten seconds rather than one per event.
+#[derive(Default)]
+pub struct RateLimited {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    suppressed: std::sync::atomic::AtomicUsize,
+}
+
+impl RateLimited {
+    /// `Some(how many were held back since the last one)` when one may be logged now.
+    pub fn due(&self) -> Option<usize> {
+        use std::sync::atomic::Ordering;
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}

@@ -1279,3 +1279,57 @@ async fn a_replica_waits_for_a_snapshot_newer_than_a_stream_purged_past_every_on
     a.stop().await;
     b.stop().await;
 }
+
+/// A full stream (`--nats-max-bytes`, discard new) refused every webhook with 503 while every
+/// replica said it was ready (found by an adversarial run): a replica is not ready while the
+/// stream has less room than one webhook, and ready again once room is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_is_not_ready_while_the_stream_is_full() {
+    let nats = NatsCluster::single().await.unwrap();
+    let mut config = replica_config(&nats, "FULL", "a");
+    config.nats.max_bytes = Some(64 * 1024);
+    config.max_body_bytes = 4096;
+    let a = TestService::start_with(config).await;
+    let replica = Replica::from(&a);
+    let readyz = || async {
+        let response = reqwest::get(format!("http://{}/readyz", replica.admin))
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    // Fill it: 1 KiB updates until one is refused.
+    let mut refused = false;
+    for n in 0..200 {
+        let body = profile_updated(
+            &format!("c{n}"),
+            &at(1),
+            json!({"tier_name": "t".repeat(1024)}),
+        );
+        if a.post(&body).await.0 == 503 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the stream filled up");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, reason) = readyz().await;
+        if status == 503 && reason.contains("the stream is full") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready while full: {status} {reason}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    let stream = stream_of(&nats, "FULL").await;
+    let last = stream.bounds().await.unwrap().last;
+    stream.purge_below(last + 1).await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while readyz().await.0 != 200 {
+        assert!(Instant::now() < deadline, "ready once there is room");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    a.stop().await;
+}

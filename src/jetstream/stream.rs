@@ -114,6 +114,9 @@ pub struct Bounds {
     pub first: u64,
     /// The sequence of the last message ever stored (0 if none).
     pub last: u64,
+    /// Bytes the stream may still take before it refuses publishes (`--nats-max-bytes` less
+    /// what it holds); `None` without a size limit.
+    pub room: Option<u64>,
 }
 
 /// The update stream. Cloning is cheap (handles onto the connection).
@@ -349,9 +352,13 @@ impl UpdateStream {
                 unavailable("stream info")(err)
             }
         })?;
+        let limit = u64::try_from(info.config.max_bytes)
+            .ok()
+            .filter(|max| *max > 0);
         Ok(Bounds {
             first: info.state.first_sequence,
             last: info.state.last_sequence,
+            room: limit.map(|max| max.saturating_sub(info.state.bytes)),
         })
     }
 

@@ -107,7 +107,8 @@ impl Prepared {
             sequence: applied,
             revision: store.revision(),
         };
-        let status = ReplicaStatus::new(name.clone(), nats, config.nats.max_lag, position);
+        let limits = (config.nats.max_lag, config.max_body_bytes as u64);
+        let status = ReplicaStatus::new(name.clone(), nats, limits, position);
         // A caller's own wait ends a little before the ingress's timeout, so the answer says
         // whether the update was recorded.
         let apply_timeout = config.webhook_timeout.mul_f64(0.9);
@@ -167,6 +168,7 @@ impl Prepared {
                 apply_timeout: settings.apply_timeout,
                 done: publisher_done.clone(),
                 linger: settings.publish_linger,
+                failure_log: crate::logging::RateLimited::default(),
             },
             tracker,
         );
@@ -240,7 +242,10 @@ fn poll(
             }
             let read_at = tokio::time::Instant::now();
             match stream.bounds().await {
-                Ok(bounds) => status.observed_last(bounds.last, read_at),
+                Ok(bounds) => {
+                    status.observed_last(bounds.last, read_at);
+                    status.observed_room(bounds.room);
+                }
                 Err(error) => tracing::debug!(%error, "stream bounds not read"),
             }
             let now_ready = status.not_ready_reason().is_none();

@@ -83,6 +83,8 @@ pub(super) struct Parts {
     pub done: CancellationToken,
     /// The longest a batch waits for more updates (`--nats-publish-linger`; zero: never).
     pub linger: Duration,
+    /// How often a failed publish is warned about: a full stream or an outage fails every one.
+    pub failure_log: crate::logging::RateLimited,
 }
 
 impl Publisher {
@@ -368,7 +370,16 @@ async fn publish_as(
                 _ => ("unavailable", NOT_RECORDED),
             };
             parts.metrics.replication_publish_failed(reason);
-            tracing::warn!(%error, updates = requests.len(), "publish failed: answering 503");
+            // Counted every time (`profile_state_replication_publish_failures_total`).
+            if let Some(suppressed) = parts.failure_log.due() {
+                tracing::warn!(
+                    %error,
+                    updates = requests.len(),
+                    suppressed,
+                    "publish failed: answering 503 (warned at most every 10 s; `suppressed` \
+                     failures since the last warning)"
+                );
+            }
             for request in requests {
                 let _ = request.reply.send(Err(Error::Unavailable {
                     reason: answer.into(),

@@ -66,6 +66,10 @@ struct Inner {
     clock: Mutex<Clock>,
     /// Why the applier stopped, if it did (a hole, a malformed message: operator action).
     failed: Mutex<Option<String>>,
+    /// The least room the stream must have left: one webhook of `--max-body-bytes`.
+    min_room: u64,
+    /// The room the stream had at the last poll, when it had less than `min_room`.
+    short_of_room: Mutex<Option<(u64, u64)>>,
 }
 
 #[derive(Default)]
@@ -83,7 +87,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl ReplicaStatus {
     /// A replica named `name` that starts at `position`, not caught up yet.
-    pub(crate) fn new(name: String, nats: Nats, max_lag: Duration, position: Position) -> Self {
+    pub(crate) fn new(
+        name: String,
+        nats: Nats,
+        (max_lag, min_room): (Duration, u64),
+        position: Position,
+    ) -> Self {
         ReplicaStatus {
             inner: Arc::new(Inner {
                 name,
@@ -94,8 +103,20 @@ impl ReplicaStatus {
                 stream_last: AtomicU64::new(position.sequence),
                 clock: Mutex::default(),
                 failed: Mutex::default(),
+                min_room,
+                short_of_room: Mutex::default(),
             }),
         }
+    }
+
+    /// The stream had `room` bytes left at a poll (`None`: it has no size limit). Less than
+    /// one webhook's worth makes the replica not ready: every publish would be refused (its
+    /// discard policy is `new`), until a snapshot's purge or the operator makes room.
+    pub(crate) fn observed_room(&self, room: Option<u64>) {
+        let short = room
+            .filter(|room| *room < self.inner.min_room)
+            .map(|room| (room, self.inner.min_room));
+        *lock(&self.inner.short_of_room) = short;
     }
 
     /// The replica's name (`--replica-name`).
@@ -147,6 +168,13 @@ impl ReplicaStatus {
         }
         if !self.nats_connected() {
             return Some("not connected to NATS; webhooks get 503".into());
+        }
+        if let Some((room, needed)) = *lock(&self.inner.short_of_room) {
+            return Some(format!(
+                "the stream is full: {room} bytes left, less than one webhook of \
+                 --max-body-bytes ({needed}); webhooks get 503 until a snapshot's purge or the \
+                 operator makes room (--nats-max-bytes)"
+            ));
         }
         let caught_up_at = lock(&self.inner.clock).caught_up_at;
         let lag = self.lag_since(caught_up_at);

@@ -25,8 +25,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,13 +37,11 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use crate::logging::RateLimited;
 use crate::metrics::{ConnectionMetrics, ListenerMetrics};
 
 /// Length of the HTTP/2 client connection preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
 pub const HTTP2_PREFACE_BYTES: usize = 24;
-
-/// How often at most a refused connection (or a failed accept) is warned about.
-const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// A listener holding at most `max` connections at once; see the module docs.
 pub struct CappedListener {
@@ -204,27 +202,6 @@ pub fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::debug!(limit, "open files limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
-    }
-}
-
-/// Allows a log line at most every [`WARN_EVERY`], counting the ones it held back.
-#[derive(Default)]
-struct RateLimited {
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicUsize,
-}
-
-impl RateLimited {
-    /// `Some(how many were held back since the last one)` when one may be logged now.
-    fn due(&self) -> Option<usize> {
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
     }
 }
 
