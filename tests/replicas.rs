@@ -303,6 +303,17 @@ async fn child_replica_with(
     Binary::start(dir, &args).await
 }
 
+/// A replica on `dir` that snapshots every 20 records and publishes them, the stream purged
+/// right below the older published snapshot (no messages retained): purges come quickly.
+fn snapshotting(nats: &NatsCluster, stream: &str, name: &str, dir: &Path) -> Config {
+    let mut config = replica_config(nats, stream, name);
+    config.ephemeral = false;
+    config.data_dir = dir.to_owned();
+    config.snapshot_every_records = 20;
+    config.nats.retain_after_snapshot = 0;
+    config
+}
+
 /// Replicas `a`, `b` and `c` of `stream`, in-process.
 async fn three_replicas(nats: &NatsCluster, stream: &str) -> Vec<TestService> {
     let mut replicas = Vec::new();
@@ -960,12 +971,7 @@ async fn a_watch_cut_off_on_one_replica_resumes_on_another_without_gap_or_duplic
 async fn an_empty_replica_bootstraps_from_the_published_snapshot_and_the_stream() {
     let nats = NatsCluster::single().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = replica_config(&nats, "BOOT", "a");
-    config.ephemeral = false;
-    config.data_dir = dir.path().to_owned();
-    config.snapshot_every_records = 20;
-    config.nats.retain_after_snapshot = 0;
-    let a = TestService::start_with(config).await;
+    let a = TestService::start_with(snapshotting(&nats, "BOOT", "a", dir.path())).await;
     let load = Load::start(vec![(&a).into()], 4, 40, PACE);
     load.finish(&[(&a).into()]).await;
     // Two published snapshots, and the stream purged below the older: replaying the stream
@@ -1005,14 +1011,7 @@ async fn stream_of(nats: &NatsCluster, name: &str) -> profile_state::jetstream::
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_the_stream_was_purged_past_stops_to_restart_from_the_published_snapshot() {
     let nats = NatsCluster::single().await.unwrap();
-    let config = |name: &str, dir: &Path| {
-        let mut config = replica_config(&nats, "CUTOFF", name);
-        config.ephemeral = false;
-        config.data_dir = dir.to_owned();
-        config.snapshot_every_records = 20;
-        config.nats.retain_after_snapshot = 0;
-        config
-    };
+    let config = |name: &str, dir: &Path| snapshotting(&nats, "CUTOFF", name, dir);
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = TestService::start_with(config("a", a_dir.path())).await;
     let (b, pause) = held_replica(config("b", b_dir.path())).await;
@@ -1227,12 +1226,7 @@ async fn sigterm_during_start_up_stops_it_at_once() {
 async fn a_replica_waits_for_a_snapshot_newer_than_a_stream_purged_past_every_one() {
     let nats = NatsCluster::single().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = replica_config(&nats, "PURGED", "a");
-    config.ephemeral = false;
-    config.data_dir = dir.path().to_owned();
-    config.snapshot_every_records = 20;
-    config.nats.retain_after_snapshot = 0;
-    let a = TestService::start_with(config).await;
+    let a = TestService::start_with(snapshotting(&nats, "PURGED", "a", dir.path())).await;
     Load::start(vec![(&a).into()], 2, 30, PACE)
         .finish(&[(&a).into()])
         .await;
