@@ -501,8 +501,8 @@ fn classify(
 /// Gameball took. A value read then is at least that fresh by the clock Gameball stamps its
 /// webhooks' `created_at` with, so a webhook of a later change wins over it even when this
 /// host's clock runs ahead of Gameball's (reconcile stamped with this host's clock lost such
-/// webhooks). `Date` is truncated to the second, which only makes the time earlier. Without a
-/// usable `Date`, `sent`.
+/// webhooks). `Date` is truncated to the second, which only makes the time earlier. Never
+/// later than `sent`; without a usable `Date`, `sent`.
 fn gameball_time(
     date: Option<&HeaderValue>,
     sent: DateTime<Utc>,
@@ -512,8 +512,13 @@ fn gameball_time(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| httpdate::parse_http_date(value).ok());
     match date {
+        // Never later than this host's clock at sending: a `Date` far ahead (a misconfigured
+        // proxy, a hostile answer) would make the reconciled values win over every webhook to
+        // come. An earlier time only lets webhooks win more often.
         Some(date) => {
-            DateTime::<Utc>::from(date) - (answered - sent).max(chrono::TimeDelta::zero())
+            let gameball =
+                DateTime::<Utc>::from(date) - (answered - sent).max(chrono::TimeDelta::zero());
+            gameball.min(sent)
         }
         None => sent,
     }
@@ -583,6 +588,10 @@ mod tests {
         assert_eq!(gameball_time(None, sent, answered), sent);
         let garbage = HeaderValue::from_static("yesterday");
         assert_eq!(gameball_time(Some(&garbage), sent, answered), sent);
+        // A Date far ahead would make reconciled values beat every later webhook: never later
+        // than this host's clock at sending.
+        let ahead = HeaderValue::from_static("Sat, 01 Jan 2100 00:00:00 GMT");
+        assert_eq!(gameball_time(Some(&ahead), sent, answered), sent);
     }
 
     #[test]
