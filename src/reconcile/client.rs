@@ -590,7 +590,7 @@ mod tests {
         assert_eq!(gameball_time(Some(&garbage), sent, answered), sent);
         // A Date far ahead would make reconciled values beat every later webhook: never later
         // than this host's clock at sending.
-        let ahead = HeaderValue::from_static("Sat, 01 Jan 2100 00:00:00 GMT");
+        let ahead = HeaderValue::from_static("Fri, 01 Jan 2100 00:00:00 GMT");
         assert_eq!(gameball_time(Some(&ahead), sent, answered), sent);
     }
 
