@@ -123,6 +123,49 @@ async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_binary() 
     service.stop().await;
 }
 
+/// A letter larger than one response (found by an adversarial run: `list` stopped at it, exit 1,
+/// and `show` failed): `list` goes past it, `show` prints its body whole from its parts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_larger_than_a_response_is_listed_past_and_shown_whole() {
+    let mut config = Config::for_tests(common::SECRET);
+    config.max_body_bytes = 1 << 20;
+    config.grpc_max_message_bytes = 64 << 10;
+    let service = TestService::start_with(config).await;
+    let (_, before) = dead_letter(&service, "before").await;
+    // Not JSON, and every 9 bytes different, so a part out of place would show.
+    let large: Vec<u8> = (0..30_000u32)
+        .flat_map(|n| format!("{n:08x} ").into_bytes())
+        .collect();
+    let (status, answer) = service.post_signed(&large).await;
+    assert_eq!(status, 422, "{answer}");
+    let big = answer["dead_letter_id"].as_str().unwrap().to_owned();
+    let (_, after) = dead_letter(&service, "after").await;
+    let grpc = service.grpc.to_string();
+    let env = [("PROFILE_STATE_GRPC", grpc.as_str())];
+
+    let list = cli(&["list", "--json"], &env).await;
+    assert!(list.status.success(), "{}", stderr(&list));
+    let objects: Vec<Value> = stdout(&list)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let ids: Vec<&str> = objects.iter().map(|o| o["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [&before, &big, &after]);
+    assert_eq!(
+        objects[1]["body_bytes"],
+        json!(large.len()),
+        "the whole body's size"
+    );
+
+    let raw = cli(&["show", "--body-only", &big], &env).await;
+    assert!(raw.status.success(), "{}", stderr(&raw));
+    assert!(
+        raw.stdout == large,
+        "the body byte for byte, from its parts"
+    );
+    service.stop().await;
+}
+
 /// A CA and a `localhost` server certificate in `dir` (`ca.pem`, `server.pem`, `server.key`).
 fn certificates(dir: &Path) {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();

@@ -83,7 +83,10 @@ async fn get(
     client: &mut AdminServiceClient<Channel>,
     id: &str,
 ) -> Result<pb::DeadLetter, tonic::Status> {
-    let request = pb::GetDeadLetterRequest { id: id.into() };
+    let request = pb::GetDeadLetterRequest {
+        id: id.into(),
+        ..Default::default()
+    };
     let response = client.get_dead_letter(request).await?.into_inner();
     Ok(response.dead_letter.expect("a letter"))
 }
@@ -573,25 +576,142 @@ async fn a_purge_leaves_a_letter_a_replay_holds_to_it() {
     service.stop().await;
 }
 
-/// With `--max-body-bytes` above `--grpc-max-message-bytes`, one large letter could be neither
-/// shown nor listed past, and nothing had said so (found by an adversarial run): start-up warns.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_body_limit_above_the_message_limit_is_warned_of_for_dead_letters() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = common::binary::Binary::start(
-        dir.path(),
-        &[
-            "--max-body-bytes",
-            "6000000",
-            "--grpc-max-message-bytes",
-            "4194304",
-        ],
-    )
-    .await;
-    let warning = "a dead letter may be larger than a gRPC message may carry: such a letter \
-                   could not be shown, nor could the list pages from it on be read (purge still \
-                   works); raise --grpc-max-message-bytes or lower --max-body-bytes";
-    let line = server.wait_for(warning).await;
-    assert_eq!(line["level"], "WARN", "{line}");
-    server.stop();
+/// A body that is not JSON, `len` bytes, every part of it different from every other (so a part
+/// read from the wrong offset shows).
+fn large_body(len: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(len + 9);
+    let mut n = 0u32;
+    while body.len() < len {
+        body.extend_from_slice(format!("{n:08x} ").as_bytes());
+        n += 1;
+    }
+    body.truncate(len);
+    body
+}
+
+/// The letter `id` read part after part with `body_offset`, as `dead-letters show` does;
+/// returns the body and how many parts it took.
+async fn read_in_parts(client: &mut AdminServiceClient<Channel>, id: &str) -> (Vec<u8>, usize) {
+    let mut body = Vec::new();
+    for parts in 1.. {
+        let request = pb::GetDeadLetterRequest {
+            id: id.into(),
+            body_offset: body.len() as u64,
+        };
+        let response = client.get_dead_letter(request).await.expect("a part");
+        let letter = response.into_inner().dead_letter.expect("a letter");
+        body.extend_from_slice(&letter.body);
+        if !letter.body_truncated {
+            return (body, parts);
+        }
+        assert!(
+            !letter.body.is_empty(),
+            "a part that says more follows holds something"
+        );
+    }
+    unreachable!()
+}
+
+/// One letter larger than a gRPC response could carry stopped every listing at itself, and
+/// could not be shown (found by an adversarial run): it is now listed alone on its page with
+/// its body cut, the pages after it are read, and GetDeadLetter gives its body in parts.
+#[tokio::test]
+async fn a_letter_larger_than_a_response_is_listed_cut_and_read_in_parts() {
+    // The limit above the 4 MiB that clients accept by default: responses stay under both.
+    for (message_limit, body_len, expected_parts) in
+        [(16 << 20, 5_000_000, 2), (64 << 10, 200_000, 4)]
+    {
+        let mut config = Config::for_tests(SECRET);
+        config.max_body_bytes = 6_000_000;
+        config.grpc_max_message_bytes = message_limit;
+        let service = TestService::start_with(config).await;
+        let small_a = bad_tier_order("before");
+        let large = large_body(body_len);
+        let small_b = bad_tier_order("after");
+        let a = post_dead(&service, &small_a, "data.tier_order").await;
+        let big = post_dead(&service, &large, "body").await;
+        let b = post_dead(&service, &small_b, "data.tier_order").await;
+        let mut client = admin(&service).await;
+
+        let letters = list_all(&mut client, 500).await;
+        let ids: Vec<&str> = letters.iter().map(|l| l.id.as_str()).collect();
+        assert_eq!(ids, [&a, &big, &b], "every letter listed, in order");
+        assert_eq!(
+            (letters[0].body.clone(), letters[0].body_truncated),
+            (small_a.clone(), false)
+        );
+        assert_eq!(
+            (letters[2].body.clone(), letters[2].body_truncated),
+            (small_b, false)
+        );
+        let cut = &letters[1];
+        assert!(cut.body_truncated, "limit {message_limit}");
+        assert_eq!(cut.body_size, body_len as u64);
+        assert!(
+            !cut.body.is_empty() && large.starts_with(&cut.body),
+            "a prefix of the body"
+        );
+        assert_eq!(letters[0].body_size, small_a.len() as u64);
+
+        // The large letter is alone on its page: the one before it ends a page.
+        let first = client
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                page_size: 500,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(first.dead_letters.len(), 1, "limit {message_limit}");
+
+        let (body, parts) = read_in_parts(&mut client, &big).await;
+        assert!(body == large, "the parts put together are the body");
+        assert_eq!(parts, expected_parts, "limit {message_limit}");
+        // At the end: nothing more; past it: refused, naming the field.
+        let at_end = pb::GetDeadLetterRequest {
+            id: big.clone(),
+            body_offset: body_len as u64,
+        };
+        let letter = client.get_dead_letter(at_end).await.unwrap().into_inner();
+        let letter = letter.dead_letter.unwrap();
+        assert!(letter.body.is_empty() && !letter.body_truncated);
+        let past = pb::GetDeadLetterRequest {
+            id: big.clone(),
+            body_offset: body_len as u64 + 1,
+        };
+        let status = client.get_dead_letter(past).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let bad_request = status
+            .get_details_bad_request()
+            .expect("BadRequest details");
+        assert_eq!(bad_request.field_violations[0].field, "body_offset");
+        assert!(
+            status.message().contains(&format!("({body_len} bytes)")),
+            "{status:?}"
+        );
+        service.stop().await;
+    }
+}
+
+/// Pages are fitted to the message limit by the letters' whole encoding, not their bodies
+/// alone: under the smallest limit allowed, many small letters (the empty body's too, all
+/// metadata) come a few a page, all of them whole.
+#[tokio::test]
+async fn pages_fit_the_smallest_message_limit() {
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_max_message_bytes = 1024;
+    let server = Server::bind(config).await.unwrap();
+    let letters = server.dead_letters();
+    let cause = Error::invalid("data.tier_order", "must be a 32-bit signed integer");
+    let mut bodies = vec![Vec::new()];
+    bodies.extend((0..40).map(|n| bad_tier_order(&format!("small-{n:03}"))));
+    for body in &bodies {
+        letters.store(body, &cause, Utc::now()).await.unwrap();
+    }
+    let service = TestService::serve(server);
+    let mut client = admin(&service).await;
+    let listed = list_all(&mut client, 500).await;
+    assert_eq!(listed.len(), bodies.len());
+    assert!(listed.iter().all(|letter| !letter.body_truncated));
+    service.stop().await;
 }

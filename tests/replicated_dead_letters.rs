@@ -118,6 +118,7 @@ async fn letters_are_cluster_wide_and_a_replay_applies_once() {
         .await
         .get_dead_letter(pb::GetDeadLetterRequest {
             id: bad.to_string(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -134,6 +135,7 @@ async fn letters_are_cluster_wide_and_a_replay_applies_once() {
         .await
         .get_dead_letter(pb::GetDeadLetterRequest {
             id: bad.to_string(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -12,6 +12,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use serde_json::json;
+use sha1::{Digest as _, Sha1};
 
 use super::client::{AdminClient, Connection, refused};
 use super::{Failure, Sources};
@@ -152,19 +153,13 @@ fn summary(letter: &pb::DeadLetter) -> serde_json::Value {
         "delivery_count": letter.delivery_count,
         "field": letter.field,
         "reason": letter.reason,
-        "body_bytes": letter.body.len(),
+        "body_bytes": letter.body_size.max(letter.body.len() as u64),
     })
 }
 
 async fn show(client: &mut AdminClient, id: String, body_only: bool) -> Result<(), Failure> {
     let what = format!("dead letter {id}");
-    let letter = client
-        .get_dead_letter(pb::GetDeadLetterRequest { id })
-        .await
-        .map_err(|status| refused(&what, &status))?
-        .into_inner()
-        .dead_letter
-        .ok_or_else(|| Failure::Failed(format!("{what}: the server sent no letter")))?;
+    let letter = body_part(client, &id, 0, &what).await?;
     let mut out = std::io::stdout().lock();
     if !body_only {
         let details = format!(
@@ -182,9 +177,54 @@ async fn show(client: &mut AdminClient, id: String, body_only: bool) -> Result<(
         );
         write(&mut out, &details)?;
     }
-    out.write_all(&letter.body)
-        .and_then(|()| out.flush())
-        .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))
+    // A body too large for one response comes in parts.
+    let mut digest = Sha1::new();
+    let mut read = 0;
+    let mut part = letter;
+    loop {
+        digest.update(&part.body);
+        out.write_all(&part.body)
+            .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))?;
+        read += part.body.len() as u64;
+        if !part.body_truncated {
+            break;
+        }
+        if part.body.is_empty() {
+            return Err(Failure::Failed(format!(
+                "{what}: the server sent an empty part of a body it said goes on"
+            )));
+        }
+        part = body_part(client, &id, read, &what).await?;
+    }
+    out.flush()
+        .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))?;
+    // A letter's id is its body's SHA-1: a body put together wrongly from its parts shows.
+    if hex::encode(digest.finalize()) != id {
+        return Err(Failure::Failed(format!(
+            "{what}: the body read does not match the letter's id"
+        )));
+    }
+    Ok(())
+}
+
+/// The letter with the part of its body from `offset` on.
+async fn body_part(
+    client: &mut AdminClient,
+    id: &str,
+    offset: u64,
+    what: &str,
+) -> Result<pb::DeadLetter, Failure> {
+    let request = pb::GetDeadLetterRequest {
+        id: id.to_owned(),
+        body_offset: offset,
+    };
+    client
+        .get_dead_letter(request)
+        .await
+        .map_err(|status| refused(what, &status))?
+        .into_inner()
+        .dead_letter
+        .ok_or_else(|| Failure::Failed(format!("{what}: the server sent no letter")))
 }
 
 async fn replay(client: &mut AdminClient, ids: Vec<String>) -> Result<(), Failure> {

@@ -137,7 +137,7 @@ pub(super) fn serve<H: Health>(
         replica,
     } = services;
     let admin = AdminApi::new(
-        DeadLetterApi::new(ingest),
+        DeadLetterApi::new(ingest, limit),
         BackupApi::new(store.clone(), limit),
         reconcile,
     );

@@ -653,16 +653,6 @@ fn announce(
              or watched; raise --grpc-max-message-bytes or lower --max-body-bytes"
         );
     }
-    // A dead letter holds its body whole, and AdminService sends it whole.
-    if config.max_body_bytes > config.grpc_max_message_bytes {
-        tracing::warn!(
-            grpc_max_message_bytes = config.grpc_max_message_bytes,
-            max_body_bytes = config.max_body_bytes,
-            "a dead letter may be larger than a gRPC message may carry: such a letter could not \
-             be shown, nor could the list pages from it on be read (purge still works); raise \
-             --grpc-max-message-bytes or lower --max-body-bytes"
-        );
-    }
     if grpc_auth == "off" && !grpc.ip().to_canonical().is_loopback() {
         tracing::warn!(
             grpc = %grpc,
