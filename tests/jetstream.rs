@@ -320,6 +320,32 @@ fn blob(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Unfinished uploads are aged by the NATS server's clock (the bucket's newest message), not
+/// this host's: with this host's clock ahead of the server's by the quiet time, an upload
+/// under way looked abandoned and its chunks were removed (found in a final read). Here this
+/// host's clock runs ahead by waiting while the server writes nothing.
+#[tokio::test]
+async fn unfinished_uploads_are_aged_by_the_servers_clock() {
+    let (_nats, client, stream) = started("AGE").await;
+    let bucket = SnapshotBucket::open(&stream).await.unwrap();
+    let chunk = "$O.AGE_SNAPSHOTS.C.unfinished";
+    let ack = client.context().publish(chunk, "part".into()).await;
+    ack.unwrap().await.unwrap();
+    bucket.put(1, 1, &mut &b"finished"[..]).await.unwrap();
+    assert_eq!(bucket.unfinished_uploads().await.unwrap().len(), 1);
+    let quiet = Duration::from_secs(1);
+    tokio::time::sleep(quiet + Duration::from_millis(500)).await;
+    assert_eq!(
+        bucket.remove_unfinished_uploads(quiet).await.unwrap(),
+        0,
+        "written just before the newest message: not quiet yet, however late it is here"
+    );
+    // The server's newest message now comes a quiet time after the chunk: it goes.
+    bucket.put(2, 2, &mut &b"finished again"[..]).await.unwrap();
+    assert_eq!(bucket.remove_unfinished_uploads(quiet).await.unwrap(), 1);
+    assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn snapshots_round_trip_through_the_object_store() {
     let (_nats, client, stream) = started("SNAP").await;

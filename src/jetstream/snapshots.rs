@@ -263,22 +263,25 @@ impl SnapshotBucket {
     }
 
     /// Removes the chunks of [`SnapshotBucket::unfinished_uploads`] whose last chunk is at least
-    /// `quiet_for` old, so that an upload still under way is left alone. Run by the holder of
-    /// the upload claim (no one else uploads meanwhile). Returns how many uploads' chunks went.
+    /// `quiet_for` older than the bucket's newest message, so that an upload still under way is
+    /// left alone. Run by the holder of the upload claim right after its own upload (no one
+    /// else uploads meanwhile, and the newest message is that upload's: the NATS server's
+    /// "now"). Returns how many uploads' chunks went.
     pub async fn remove_unfinished_uploads(
         &self,
         quiet_for: Duration,
     ) -> Result<usize, JetStreamError> {
         let stream = self.chunk_stream().await?;
+        // Ages are told by the server's clock alone: against this replica's clock, a skew of
+        // `quiet_for` would make an upload under way look abandoned.
+        let now = stream.cached_info().state.last_timestamp;
         let mut removed = 0;
         for subject in self.unfinished_uploads().await? {
             let last = stream
                 .get_last_raw_message_by_subject(&subject)
                 .await
                 .map_err(|err| self.error(&subject, err))?;
-            let age = (chrono::Utc::now() - last.time)
-                .to_std()
-                .unwrap_or_default();
+            let age = (now - last.time).to_std().unwrap_or_default();
             if age < quiet_for {
                 continue;
             }
