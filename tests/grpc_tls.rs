@@ -7,6 +7,7 @@ use crate::watch::next;
 
 use std::time::Duration;
 
+use common::binary::Binary;
 use common::tls::{Pki, tls_channel, tls_config, tls_connect};
 use common::{TestService, at, profile_updated, server_info};
 use profile_state::pb;
@@ -211,4 +212,74 @@ async fn tls_clients_that_stall_before_the_http2_preface_are_closed_after_the_ha
     );
     delivers_a_change(&service, &mut watching, "after-the-timeout").await;
     service.stop().await;
+}
+
+/// An expired served certificate started without a word, and handshakes the listener refused
+/// left no trace in logs or metrics (found by an adversarial run): start-up warns of the
+/// certificate and exports its expiry; a refused handshake is warned of and counted, and a
+/// client gone mid-handshake (a TCP probe) counted without a warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_certificate_and_failed_handshakes_are_warned_of_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let (cert, key) = pki.issue_expired("localhost");
+    let (cert_file, key_file) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "--grpc-tls-cert",
+        cert_file.to_str().unwrap(),
+        "--grpc-tls-key",
+        key_file.to_str().unwrap(),
+    ];
+    let mut server = Binary::start(&data, &args).await;
+    let warning = server
+        .wait_for(
+            "the --grpc-tls-cert certificate expired at 2021-01-01T00:00:00+00:00: clients \
+             refuse it; renew it and restart (certificates are read at start-up)",
+        )
+        .await;
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let metrics = |admin| async move {
+        let url = format!("http://{admin}/metrics");
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    };
+    let expiry = "profile_state_tls_certificate_expiry_timestamp_seconds";
+    assert_eq!(
+        sample(&metrics(server.admin).await, expiry),
+        1_609_459_200.0
+    );
+
+    // Connected and gone (a TCP probe does that): counted as closed, and not warned of (had
+    // it been, its warning would be the one found below, and hold back the refusal's).
+    let refused_series = "profile_state_tls_handshakes_failed_total{reason=\"refused\"}";
+    let closed_series = "profile_state_tls_handshakes_failed_total{reason=\"closed\"}";
+    drop(tokio::net::TcpStream::connect(server.grpc).await.unwrap());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let now = metrics(server.admin).await;
+        if sample(&now, closed_series) == 1.0 {
+            assert_eq!(sample(&now, refused_series), 0.0, "{now}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not counted: {now}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A client that trusts the CA refuses the expired certificate: the server hears its alert.
+    assert!(refused(tls_channel(server.grpc, &pki, None).await).await);
+    let failed = server
+        .wait_for(
+            "a TLS handshake on the gRPC listener failed; if this client should get through, \
+             check its CA and certificate against --grpc-tls-cert and --grpc-client-ca \
+             (profile_state_tls_handshakes_failed_total counts them)",
+        )
+        .await;
+    assert_eq!(failed["level"], "WARN", "{failed}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(error.contains("CertificateExpired"), "{failed}");
+    let after = metrics(server.admin).await;
+    assert!(sample(&after, refused_series) >= 1.0, "{after}");
+    server.stop();
 }

@@ -26,9 +26,11 @@
 mod grpc;
 mod reconcile;
 mod replication;
+mod tls;
 
 pub use grpc::{GrpcMethodMetrics, GrpcType, grpc_code_name};
 pub use replication::{REPLICATION_PUBLISH_FAILURES, REPLICATION_UPLOAD_OUTCOMES};
+pub use tls::HandshakeMetrics;
 
 use std::sync::Arc;
 
@@ -101,6 +103,7 @@ struct Inner {
     grpc: grpc::Grpc,
     reconcile: reconcile::ReconcileMetrics,
     replication: replication::Replication,
+    tls: tls::Tls,
 }
 
 /// The `profile_state_webhook*` series.
@@ -383,6 +386,7 @@ impl Metrics {
             grpc: grpc::Grpc::new(r),
             replication: replication::Replication::new(r),
             reconcile: reconcile::ReconcileMetrics::new(r),
+            tls: tls::Tls::new(r),
             registry,
         };
         Metrics {

@@ -19,6 +19,7 @@ use crate::grpc::admin::AdminApi;
 use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::dead_letters::DeadLetterApi;
+use crate::grpc::transport::CertificateValidity;
 use crate::grpc::transport::{Connection, ConnectionWatches, MetricsLayer};
 use crate::grpc::{ProfileApi, ProfileServiceRoutes};
 use crate::ingest::Ingest;
@@ -33,7 +34,7 @@ use crate::watch::Watchers;
 use super::coalesce::Coalescing;
 use super::connections::{self, CappedListener};
 use super::cut::Cuttable;
-use super::tls::TlsConnection;
+use super::tls::{HandshakeFailures, TlsConnection};
 
 /// Applies the one message-size limit, both ways, to a generated service. tonic sets it per
 /// service, with a method of the same name on each generated type (no trait to be generic
@@ -53,6 +54,8 @@ pub(super) struct Transport {
     pub builder: tonic::transport::Server,
     /// `--grpc-tls-cert` and friends; `None` for plaintext.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// When the served certificate is valid; `None` for plaintext.
+    pub certificate: Option<CertificateValidity>,
 }
 
 /// What the gRPC listener serves, and with which limits.
@@ -117,7 +120,7 @@ pub(super) fn serve<H: Health>(
     tracker: &TaskTracker,
 ) -> anyhow::Result<Serving> {
     let Services {
-        transport: Transport { builder, tls },
+        transport: Transport { builder, tls, .. },
         auth,
         admin_auth,
         health,
@@ -136,6 +139,7 @@ pub(super) fn serve<H: Health>(
             },
         replica,
     } = services;
+    let handshake_metrics = metrics.tls_handshakes();
     let admin = AdminApi::new(
         DeadLetterApi::new(ingest, limit),
         BackupApi::new(store.clone(), limit),
@@ -186,9 +190,10 @@ pub(super) fn serve<H: Health>(
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
         Some(acceptor) => {
+            let failures = HandshakeFailures::new(handshake_metrics);
             let open = move |tcp| {
                 Cuttable::new(
-                    Coalescing::new(TlsConnection::accepting(&acceptor, tcp)),
+                    Coalescing::new(TlsConnection::accepting(&acceptor, tcp, &failures)),
                     cuttable.child_token(),
                 )
             };

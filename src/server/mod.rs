@@ -268,6 +268,7 @@ impl Server {
         let reconcile = (reconcile, schedule_claims);
         let reconcile = start_reconcile(context, &ingest, secrets, reconcile, &config);
         let monitoring = serve_monitoring(admin, context, dead_letters, writable, replica.clone());
+        let certificate = grpc_transport.certificate;
         let grpc = serve_grpc(
             grpc,
             &config,
@@ -289,6 +290,12 @@ impl Server {
             &tracker,
         )?;
         announce(addresses, &config, &verification, admin_access);
+        if let Some(certificate) = certificate {
+            metrics.tls_certificate_expiry(certificate.not_after);
+            if let Some(warning) = certificate.warning(chrono::Utc::now().timestamp()) {
+                tracing::warn!(not_after = certificate.not_after, "{warning}");
+            }
+        }
         let ingress = Ingress::with_ingest(ingest, verification, limits(&config), metrics.clone());
         let webhook = serve_ingress(
             webhook,
@@ -375,9 +382,17 @@ fn check(config: &Config) -> anyhow::Result<Checked> {
         verification,
         auth: BearerAuth::from_config(config)?,
         admin_access: AdminAccess::from_config(config),
-        grpc_transport: grpc_services::Transport {
-            builder: transport::server_builder(config),
-            tls: transport::tls_acceptor(config)?,
+        grpc_transport: match transport::tls_acceptor(config)? {
+            Some((acceptor, validity)) => grpc_services::Transport {
+                builder: transport::server_builder(config),
+                tls: Some(acceptor),
+                certificate: Some(validity),
+            },
+            None => grpc_services::Transport {
+                builder: transport::server_builder(config),
+                tls: None,
+                certificate: None,
+            },
         },
     })
 }

@@ -14,7 +14,9 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,9 +24,54 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{Accept, TlsAcceptor};
 
+use crate::logging::RateLimited;
+use crate::metrics::HandshakeMetrics;
+
 /// A server-side TLS connection over an accepted TCP stream; see the module docs.
 pub struct TlsConnection {
     state: State,
+    peer: Option<SocketAddr>,
+    failures: Arc<HandshakeFailures>,
+}
+
+/// What the listener does with a failed handshake: counts it
+/// (`profile_state_tls_handshakes_failed_total`), and warns of one TLS refused at most every
+/// ten seconds. A client with the wrong CA or an expired certificate fails every call on its
+/// side; without this the server stayed silent. Clients that go away mid-handshake (a TCP
+/// probe does) are counted, not warned of.
+pub struct HandshakeFailures {
+    metrics: HandshakeMetrics,
+    warnings: RateLimited,
+}
+
+impl HandshakeFailures {
+    /// Failures counted in `metrics`.
+    pub fn new(metrics: HandshakeMetrics) -> Arc<HandshakeFailures> {
+        Arc::new(HandshakeFailures {
+            metrics,
+            warnings: RateLimited::default(),
+        })
+    }
+
+    fn failed(&self, error: &io::Error, peer: Option<SocketAddr>) {
+        // tokio-rustls returns every TLS error (alerts sent or received) as InvalidData.
+        if error.kind() != io::ErrorKind::InvalidData {
+            self.metrics.closed();
+            tracing::debug!(%error, ?peer, "tls handshake abandoned by the client");
+            return;
+        }
+        self.metrics.refused();
+        if let Some(held_back) = self.warnings.due() {
+            tracing::warn!(
+                %error,
+                ?peer,
+                held_back,
+                "a TLS handshake on the gRPC listener failed; if this client should get \
+                 through, check its CA and certificate against --grpc-tls-cert and \
+                 --grpc-client-ca (profile_state_tls_handshakes_failed_total counts them)"
+            );
+        }
+    }
 }
 
 enum State {
@@ -39,10 +86,17 @@ enum State {
 }
 
 impl TlsConnection {
-    /// `tcp`, to be handshaken with `acceptor` once it is first read or written.
-    pub fn accepting(acceptor: &TlsAcceptor, tcp: TcpStream) -> TlsConnection {
+    /// `tcp`, to be handshaken with `acceptor` once it is first read or written; a failed
+    /// handshake is reported to `failures`.
+    pub fn accepting(
+        acceptor: &TlsAcceptor,
+        tcp: TcpStream,
+        failures: &Arc<HandshakeFailures>,
+    ) -> TlsConnection {
         TlsConnection {
+            peer: tcp.peer_addr().ok(),
             state: State::Handshaking(Box::new(acceptor.accept(tcp))),
+            failures: Arc::clone(failures),
         }
     }
 
@@ -54,7 +108,7 @@ impl TlsConnection {
                 Poll::Ready(Ok(stream)) => self.state = State::Open(Box::new(stream)),
                 Poll::Ready(Err(error)) => {
                     self.state = State::Failed;
-                    tracing::debug!(%error, "tls handshake failed");
+                    self.failures.failed(&error, self.peer);
                     return Poll::Ready(Err(error));
                 }
             }

@@ -35,6 +35,16 @@ impl Pki {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// A certificate for `name` signed by the CA that expired at the start of 2021.
+    pub fn issue_expired(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     pub fn ca_pem(&self) -> String {
         self.ca.pem()
     }
