@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
+use common::binary::Binary;
 use common::gameball_api::{API_KEY, Api, Bucket, Customer, GameballStandIn, SECRET_KEY};
 use common::{TestService, durable_config, profile_updated};
 use profile_state::pb;
@@ -747,4 +748,44 @@ async fn a_schedule_heals_a_lost_webhook_by_itself() {
         ) >= 1.0
     );
     service.stop().await;
+}
+
+/// Nothing said when a schedule would first run, and one account given twice ran two
+/// schedules (found by an adversarial run): start-up logs each schedule with its period and
+/// first run, and refuses an account given twice (exit 64, naming it).
+#[tokio::test(flavor = "multi_thread")]
+async fn schedules_are_logged_at_start_up_and_an_account_given_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let secrets = secrets_file(dir.path(), &stand_in, API_KEY);
+    let secrets = secrets.to_str().unwrap();
+    let schedule = ["--webhook-secrets-file", secrets, "--reconcile-every"];
+    let server = Binary::start(
+        &dir.path().join("a"),
+        &[&schedule[..], &["2155=24h"]].concat(),
+    )
+    .await;
+    // Logged as the schedule starts, before the "listening" line Binary::start waited for.
+    let line = server
+        .seen
+        .iter()
+        .find(|line| line["message"] == "reconcile schedule started")
+        .cloned()
+        .unwrap_or_else(|| panic!("no schedule line: {:?}", server.seen));
+    assert_eq!(
+        (&line["client_id"], &line["period"]),
+        (&json!("2155"), &json!("1day"))
+    );
+    let first = humantime::parse_duration(line["first_run_in"].as_str().unwrap()).unwrap();
+    assert!(first <= Duration::from_secs(24 * 3600), "{line}");
+    server.stop();
+
+    let twice = [&schedule[..], &["2155=24h,2155=2h"]].concat();
+    let refused = common::binary::refused(&dir.path().join("b"), &twice).await;
+    assert_eq!(refused.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("client_id \"2155\" is given twice (1day and 2h)"),
+        "{stderr}"
+    );
 }

@@ -283,6 +283,24 @@ pub struct ReconcileConfig {
     pub max_in_flight: usize,
 }
 
+impl ReconcileConfig {
+    /// One schedule per account: two would both run, each skipped while the other's job runs,
+    /// which is neither period.
+    fn check_schedules(&self) -> Result<(), ConfigError> {
+        let mut seen: std::collections::HashMap<&str, Duration> = Default::default();
+        for every in &self.every {
+            if let Some(first) = seen.insert(&every.client_id, every.period) {
+                return Err(ConfigError::DuplicateSchedule {
+                    client_id: every.client_id.clone(),
+                    first: humantime::format_duration(first).to_string(),
+                    second: humantime::format_duration(every.period).to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Shortest `--reconcile-every` period: each run costs API quota the account shares.
 pub const MIN_RECONCILE_PERIOD: Duration = Duration::from_secs(3600);
 
@@ -413,6 +431,19 @@ pub enum ConfigError {
     /// Snapshot thresholds cannot be zero.
     #[error("--snapshot-every-records and --snapshot-every-bytes must be at least 1")]
     ZeroSnapshotInterval,
+    /// One account given two `--reconcile-every` schedules.
+    #[error(
+        "--reconcile-every: client_id {client_id:?} is given twice ({first} and {second}); \
+         give each account one period"
+    )]
+    DuplicateSchedule {
+        /// The account.
+        client_id: String,
+        /// Its first period, as written.
+        first: String,
+        /// Its second period.
+        second: String,
+    },
     /// A NATS flag has a value that cannot work.
     #[error("--{flag}: {reason}")]
     BadNatsFlag {
@@ -478,6 +509,7 @@ impl Config {
                 flag: "--reconcile-max-in-flight",
             });
         }
+        self.reconcile.check_schedules()?;
         self.nats.check()?;
         if self.nats.enabled() && self.nats.request_timeout >= self.webhook_timeout {
             return Err(ConfigError::BadNatsFlag {
@@ -569,6 +601,22 @@ mod tests {
             "2=2h",
         ]);
         assert_eq!(config.reconcile.every.len(), 2);
+        assert!(config.check().is_ok());
+        // One account twice (as flags, or in the variable's list): refused, naming it.
+        let twice = Config::parse_from([
+            "profile-state",
+            "--webhook-secret",
+            "s",
+            "--reconcile-every",
+            "2155=1h,7=2h",
+            "--reconcile-every",
+            "2155=3h",
+        ]);
+        assert_eq!(
+            twice.check().unwrap_err().to_string(),
+            "--reconcile-every: client_id \"2155\" is given twice (1h and 3h); give each \
+             account one period"
+        );
         let mut zero = Config::for_tests("s");
         zero.reconcile.max_jobs = 0;
         assert!(

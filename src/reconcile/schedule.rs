@@ -47,16 +47,39 @@ pub fn start(
 ) {
     for entry in every {
         let (jobs, entry, stopping) = (jobs.clone(), entry.clone(), stopping.clone());
+        // Operators asked when a schedule first runs; nothing said.
+        let period = humantime::format_duration(entry.period).to_string();
         match &claims {
             None => {
                 let first = first_delay(entry.period);
+                tracing::info!(
+                    client_id = %entry.client_id,
+                    %period,
+                    first_run_in = %humantime::format_duration(whole_seconds(first)),
+                    "reconcile schedule started"
+                );
                 tracker.spawn(run(jobs, entry, first, stopping));
             }
             Some(claims) => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                let (_, next) = next_slot(now, entry.period);
+                tracing::info!(
+                    client_id = %entry.client_id,
+                    %period,
+                    next_slot_in = %humantime::format_duration(whole_seconds(next)),
+                    "reconcile schedule started (each period on one replica)"
+                );
                 tracker.spawn(run_claimed(jobs, entry, Arc::clone(claims), stopping));
             }
         }
     }
+}
+
+/// `delay` to the second, for a log line.
+fn whole_seconds(delay: Duration) -> Duration {
+    Duration::from_secs(delay.as_secs())
 }
 
 /// The slot after `now` and how long until it starts.
