@@ -683,6 +683,36 @@ async fn the_reconcile_subcommand_starts_follows_and_exits_by_outcome() {
     service.stop().await;
 }
 
+/// A server that stopped while `reconcile --wait` followed its job was reported as a failed
+/// connection (exit 1, "is the server running?"), though the job had ended with it (found by
+/// an adversarial run): it is a job stopped early, exit 2, saying so.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_wait_says_the_job_ended_when_its_server_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.add([Customer::new("jo")]);
+    stand_in.slow(Api::Details, Duration::from_secs(60));
+    let service = in_memory(dir.path(), &stand_in).await;
+    let grpc = service.grpc.to_string();
+    let args = ["reconcile", "--grpc", &grpc, "--client-id", "2155"];
+    let mut command =
+        common::binary::bare_command(&[&args[..], &["--customer-id", "jo", "--wait"]].concat());
+    let waiting = tokio::task::spawn_blocking(move || command.output().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stand_in.count(Api::Details) == 0 {
+        assert!(Instant::now() < deadline, "the job never asked Gameball");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.stop().await;
+    let waited = waiting.await.unwrap();
+    let stderr = String::from_utf8_lossy(&waited.stderr);
+    assert_eq!(waited.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stopped early: the server has been unreachable for 5s"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn a_schedule_for_an_account_without_api_settings_is_refused_before_binding() {
     let dir = tempfile::tempdir().unwrap();

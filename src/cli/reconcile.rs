@@ -5,8 +5,8 @@
 //! progress on stderr each second and the final counts and failures on stdout (one JSON object
 //! with `--json`). Exit statuses: 0 when the job started (without `--wait`) or ended with no
 //! failed customer; 1 when some customers failed, or the server cannot be reached or refuses;
-//! 2 when the job stopped early (keys refused, journal unavailable, shutdown); 64 for a usage
-//! error. This module formats; the rules are the server's.
+//! 2 when the job stopped early (keys refused, journal unavailable, shutdown, or the server
+//! gone or restarted while the job ran); 64 for a usage error. This module formats; the rules are the server's.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -77,18 +77,32 @@ pub fn run(args: Args, sources: &Sources) -> std::process::ExitCode {
     })
 }
 
+/// How long `--wait` keeps asking a server it lost before it says the job ended with it.
+const SERVER_GONE_AFTER: Duration = Duration::from_secs(5);
+
 /// Polls the job each second until it ends, showing progress on stderr.
 async fn follow(client: &mut AdminClient, job_id: &str) -> Result<pb::ReconcileJob, Failure> {
+    let mut unreachable_since = None;
     loop {
-        let job = client
-            .get_reconcile_job(pb::GetReconcileJobRequest {
-                job_id: job_id.to_owned(),
-            })
-            .await
-            .map_err(|status| refused(&format!("reconcile job {job_id}"), &status))?
-            .into_inner()
-            .job
-            .ok_or_else(|| Failure::Failed(format!("reconcile job {job_id}: no job sent")))?;
+        let request = pb::GetReconcileJobRequest {
+            job_id: job_id.to_owned(),
+        };
+        let job = match client.get_reconcile_job(request).await {
+            Ok(answer) => answer.into_inner().job,
+            Err(status) => {
+                let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                match lost_server(job_id, &status, since.elapsed()) {
+                    Some(failure) => return Err(failure),
+                    None => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        unreachable_since = None;
+        let job =
+            job.ok_or_else(|| Failure::Failed(format!("reconcile job {job_id}: no job sent")))?;
         if job.state() != pb::ReconcileJobState::Running {
             return Ok(job);
         }
@@ -97,6 +111,30 @@ async fn follow(client: &mut AdminClient, job_id: &str) -> Result<pb::ReconcileJ
             job.done, job.total, job.changed, job.failed
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// What a failed poll of a job already running means, or `None` to ask again. Jobs live in
+/// their server's memory: a server that stopped (unreachable for [`SERVER_GONE_AFTER`]) or
+/// restarted (the job unknown) ended the job with it, exit 2 as for any job stopped early;
+/// it used to read as a failed connection, exit 1.
+fn lost_server(job_id: &str, status: &tonic::Status, unreachable_for: Duration) -> Option<Failure> {
+    let ended = |how: &str| {
+        Failure::Stopped(format!(
+            "reconcile job {job_id} stopped early: {how}, which ends the jobs it runs; start \
+             the job again once the server is back ({}: {})",
+            status.code(),
+            status.message()
+        ))
+    };
+    match status.code() {
+        tonic::Code::Unavailable if unreachable_for < SERVER_GONE_AFTER => None,
+        tonic::Code::Unavailable => Some(ended(&format!(
+            "the server has been unreachable for {}s (it stopped or restarted)",
+            unreachable_for.as_secs()
+        ))),
+        tonic::Code::NotFound => Some(ended("the server no longer knows it (it restarted)")),
+        _ => Some(refused(&format!("reconcile job {job_id}"), status)),
     }
 }
 
