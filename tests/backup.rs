@@ -221,7 +221,17 @@ async fn restore_refuses_what_is_not_a_backup() {
     ])
     .await;
     assert_eq!(damaged.status.code(), Some(1), "{}", text(&damaged.stderr));
-    assert!(text(&damaged.stderr).contains("is not a whole backup"));
+    let said = text(&damaged.stderr);
+    assert!(
+        said.contains("is not a whole backup: damaged at offset 0"),
+        "{said}"
+    );
+    // This file is the backup: not the journal's advice to restore one (an adversarial run).
+    assert!(
+        said.contains("take the backup again (`profile-state backup`) or restore an older one")
+            && !said.contains("from a backup of the data directory"),
+        "{said}"
+    );
     assert!(!target.exists(), "nothing created");
     let missing = run(vec![
         "restore".into(),

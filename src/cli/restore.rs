@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use super::{Failure, Sources};
 use crate::data_dir::DataDir;
-use crate::journal::snapshot;
+use crate::journal::{JournalError, snapshot};
 
 /// History kept while checking the restore: nothing is replayed, so the ring stays empty.
 const CHECK_HISTORY: usize = 16;
@@ -49,7 +49,19 @@ pub fn check(file: &Path) -> Result<(u64, u64), Failure> {
         }
     })
     .map_err(|error| {
-        Failure::Failed(format!("{} is not a whole backup: {error}", file.display()))
+        // The journal's advice for a damaged snapshot is to restore a backup: this file is
+        // the backup, so the advice here is another one.
+        let what = match error {
+            JournalError::DamagedSnapshot { offset, reason, .. } => {
+                format!("damaged at offset {offset} ({reason})")
+            }
+            other => other.to_string(),
+        };
+        Failure::Failed(format!(
+            "{} is not a whole backup: {what}; take the backup again (`profile-state backup`) \
+             or restore an older one",
+            file.display()
+        ))
     })?;
     Ok((revision, profiles))
 }
