@@ -267,6 +267,12 @@ async fn refused_keys_fail_with_gameballs_reason_and_stop_the_run() {
         (error.reason, error.gameball_code),
         (FailureReason::Forbidden, Some(1002))
     );
+    // Gameball's message is kept, the key it echoed is not (found by an adversarial run: it
+    // reached the job's report and the log).
+    assert_eq!(
+        error.detail,
+        "No permission to access the resource with key [redacted]."
+    );
     stand_in.forbid(false);
 
     // A whole run stops at the first refusal instead of spending 90 calls on 401s.

@@ -418,10 +418,30 @@ impl GameballClient {
                 retry_after: None,
             },
             Ok(Ok((status, retry_after, Some(bytes), sent_at))) => {
-                classify(endpoint, status, retry_after, &bytes, sent_at)
+                let mut attempt = classify(endpoint, status, retry_after, &bytes, sent_at);
+                if let Attempt::Failed { error, .. } = &mut attempt {
+                    let account = &self.inner.account;
+                    reportable(
+                        &mut error.detail,
+                        &[account.api_key(), account.secret_key()],
+                    );
+                }
+                attempt
             }
         }
     }
+}
+
+/// Gameball's message made fit for job reports and logs: without `keys` (an answer may echo
+/// the request's keys, "Forbidden: <api key>"), then cut to 200 bytes (after the redaction, so
+/// the cut cannot leave part of a key).
+fn reportable(detail: &mut String, keys: &[&str]) {
+    for key in keys.iter().filter(|key| !key.is_empty()) {
+        if detail.contains(key) {
+            *detail = detail.replace(key, "[redacted]");
+        }
+    }
+    truncate(detail, 200);
 }
 
 /// Turns an answer into a result, or a classified failure that says whether to retry.
@@ -460,11 +480,8 @@ fn classify(
     let code = field("code")
         .or_else(|| field("error"))
         .and_then(Value::as_i64);
-    let message = field("message").and_then(Value::as_str).map(|text| {
-        let mut text = text.to_owned();
-        truncate(&mut text, 200);
-        text
-    });
+    // Cut to 200 characters by `GameballClient::attempt`, once the keys are redacted.
+    let message = field("message").and_then(Value::as_str).map(str::to_owned);
     let (reason, retry) = match status.as_u16() {
         401 => (FailureReason::Unauthorized, false),
         403 => (FailureReason::Forbidden, false),
@@ -572,6 +589,15 @@ fn truncate(text: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_redacted_before_a_long_message_is_cut() {
+        let key = "k".repeat(40);
+        let mut detail = format!("{}{key} and {key}", "x".repeat(190));
+        reportable(&mut detail, &[&key, "other"]);
+        assert!(!detail.contains("kkkk"), "{detail}");
+        assert_eq!(detail, format!("{}[redacted]…", "x".repeat(190)));
+    }
 
     #[test]
     fn an_answer_is_as_fresh_as_its_date_less_the_round_trip_on_gameballs_clock() {

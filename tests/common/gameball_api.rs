@@ -463,8 +463,10 @@ impl StandIn {
             return Some(error(401, 1001, "Authentication Error", message));
         }
         if script.forbidden {
-            let message = "No permission to access the resource.";
-            return Some(error(403, 1002, "Authentication Error", message));
+            // Echoing the key, as a proxy or a verbose API may: it must not reach reports.
+            let key = header("apikey").unwrap_or_default();
+            let message = format!("No permission to access the resource with key {key}.");
+            return Some(error(403, 1002, "Authentication Error", &message));
         }
         script
             .answers
