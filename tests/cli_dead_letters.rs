@@ -199,6 +199,7 @@ async fn over_tls_the_token_is_needed_and_taken_from_its_variable() {
     assert_eq!(without.status.code(), Some(1), "{}", stderr(&without));
     assert!(stderr(&without).contains("[Unauthenticated]"));
     assert!(stderr(&without).contains("PROFILE_STATE_TOKEN"), "the hint");
+    assert_eq!(stdout(&without), "", "no header over a refusal");
 
     let with = cli(&args, &[("PROFILE_STATE_TOKEN", "admin-token")]).await;
     assert!(with.status.success(), "{}", stderr(&with));

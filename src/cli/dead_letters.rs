@@ -100,9 +100,7 @@ async fn list(client: &mut AdminClient, json: bool) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     let mut page_token = String::new();
     let mut count = 0;
-    if !json {
-        write(&mut out, "ID\tFIRST ARRIVAL\tDELIVERIES\tFIELD\tREASON\n")?;
-    }
+    let mut first_page = true;
     loop {
         let request = pb::ListDeadLettersRequest {
             page_size: 500,
@@ -113,6 +111,10 @@ async fn list(client: &mut AdminClient, json: bool) -> Result<(), Failure> {
             .await
             .map_err(|status| refused("listing dead letters", &status))?
             .into_inner();
+        // After the first answer: a refusal prints no header over nothing.
+        if !json && std::mem::take(&mut first_page) {
+            write(&mut out, "ID\tFIRST ARRIVAL\tDELIVERIES\tFIELD\tREASON\n")?;
+        }
         for letter in &page.dead_letters {
             let line = if json {
                 format!("{}\n", summary(letter))
