@@ -267,19 +267,87 @@ async fn an_expired_certificate_and_failed_handshakes_are_warned_of_and_counted(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // A client that trusts the CA refuses the expired certificate: the server hears its alert.
-    assert!(refused(tls_channel(server.grpc, &pki, None).await).await);
-    let failed = server
-        .wait_for(
-            "a TLS handshake on the gRPC listener failed; if this client should get through, \
-             check its CA and certificate against --grpc-tls-cert and --grpc-client-ca \
-             (profile_state_tls_handshakes_failed_total counts them)",
-        )
-        .await;
+    // A plaintext client: refused and warned of.
+    let warning = "a TLS handshake on the gRPC listener failed; if this client should get \
+                   through, check its CA and certificate against --grpc-tls-cert and \
+                   --grpc-client-ca (profile_state_tls_handshakes_failed_total counts them)";
+    let mut plaintext = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    plaintext
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    until_closed("the plaintext client", &mut plaintext).await;
+    let failed = server.wait_for(warning).await;
     assert_eq!(failed["level"], "WARN", "{failed}");
+    assert!(
+        failed["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{failed}"
+    );
+
+    // A client that trusts the CA refuses the expired certificate: the server hears its alert,
+    // and warns of it although it warned of another TLS error just now (one warning every 10 s
+    // for all of them hid it: found by an adversarial run).
+    assert!(refused(tls_channel(server.grpc, &pki, None).await).await);
+    let failed = server.wait_for(warning).await;
     let error = failed["error"].as_str().unwrap_or_default();
     assert!(error.contains("CertificateExpired"), "{failed}");
     let after = metrics(server.admin).await;
     assert!(sample(&after, refused_series) >= 1.0, "{after}");
+    server.stop();
+}
+
+/// Only the leaf's dates were read (found by an adversarial run): an expired intermediate in
+/// the served chain, which every client refuses, and an expired client CA, which rustls still
+/// trusts, started without a word. Both are warned of, and the gauge is the chain's first
+/// expiry.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_intermediate_and_an_expired_client_ca_are_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, key) = Pki::new().issue_under_expired_intermediate("localhost", "old intermediate");
+    let client_ca = Pki::expired_ca("old client CA");
+    let files = [
+        ("server.pem", chain),
+        ("server.key", key),
+        ("ca.pem", client_ca.ca_pem()),
+    ];
+    for (name, pem) in &files {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let (cert, key, ca) = (path("server.pem"), path("server.key"), path("ca.pem"));
+    let args = [
+        "--grpc-tls-cert",
+        &cert,
+        "--grpc-tls-key",
+        &key,
+        "--grpc-client-ca",
+        &ca,
+    ];
+    let mut server = Binary::start(&dir.path().join("data"), &args).await;
+    let intermediate = server
+        .wait_for(
+            "certificate 2 of the --grpc-tls-cert chain (CN=old intermediate) expired at \
+             2021-01-01T00:00:00+00:00: clients refuse it; renew it and restart (certificates \
+             are read at start-up)",
+        )
+        .await;
+    assert_eq!(intermediate["level"], "WARN");
+    let ca = server
+        .wait_for(
+            "the --grpc-client-ca certificate CN=old client CA expired at \
+             2021-01-01T00:00:00+00:00, yet the TLS library trusts the client certificates it \
+             signed (it does not check a CA's dates): remove it from the file and restart to \
+             stop trusting them",
+        )
+        .await;
+    assert_eq!(ca["level"], "WARN");
+    let url = format!("http://{}/metrics", server.admin);
+    let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
+    let expiry = "profile_state_tls_certificate_expiry_timestamp_seconds";
+    assert_eq!(
+        sample(&metrics, expiry),
+        1_609_459_200.0,
+        "the intermediate's"
+    );
     server.stop();
 }

@@ -196,7 +196,15 @@ async fn show(client: &mut AdminClient, id: String, body_only: bool) -> Result<(
                 "{what}: the server sent an empty part of a body it said goes on"
             )));
         }
-        part = body_part(client, &id, read, &what).await?;
+        let size = part.body_size;
+        part = body_part(client, &id, read, &what)
+            .await
+            .map_err(|failure| {
+                // Part of the body is on stdout already: say it is not all of it.
+                Failure::Failed(format!(
+                    "{failure}; the output holds only the first {read} of the body's {size} bytes"
+                ))
+            })?;
     }
     out.flush()
         .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))?;

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backup;
+pub mod certificates;
 pub mod codec;
 mod convert;
 pub mod dead_letters;

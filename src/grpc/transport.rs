@@ -17,7 +17,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -31,6 +31,7 @@ use tonic::Code;
 use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, StdError, http};
 
+use super::certificates::TlsCertificates;
 use crate::config::Config;
 use crate::io_error::IoError;
 use crate::metrics::{GrpcMethodMetrics, GrpcType, Metrics};
@@ -54,7 +55,7 @@ pub fn server_builder(config: &Config) -> tonic::transport::Server {
 /// client certificates signed by `--grpc-client-ca` when that is given; `None` for plaintext.
 /// The whole rustls configuration is built here, so a key that does not fit its certificate
 /// fails start-up, not the first handshake.
-pub fn tls_acceptor(config: &Config) -> anyhow::Result<Option<(TlsAcceptor, CertificateValidity)>> {
+pub fn tls_acceptor(config: &Config) -> anyhow::Result<Option<(TlsAcceptor, TlsCertificates)>> {
     let Some(files) = tls_files(config)? else {
         return Ok(None);
     };
@@ -65,70 +66,13 @@ pub fn tls_acceptor(config: &Config) -> anyhow::Result<Option<(TlsAcceptor, Cert
         )
     };
     let acceptor = server_tls(&files).with_context(unusable)?;
-    let validity = CertificateValidity::of(&files.cert).with_context(unusable)?;
-    Ok(Some((acceptor, validity)))
-}
-
-/// When the certificate the gRPC listener serves (the first of `--grpc-tls-cert`) is valid,
-/// in Unix seconds. rustls serves an expired certificate without a word; clients refuse it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CertificateValidity {
-    /// Not valid before.
-    pub not_before: i64,
-    /// Not valid after.
-    pub not_after: i64,
-}
-
-/// How long before its expiry the served certificate is warned of at start-up.
-pub const RENEWAL_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
-
-impl CertificateValidity {
-    fn of(pem: &[u8]) -> anyhow::Result<CertificateValidity> {
-        let first = certificates(pem)?
-            .into_iter()
-            .next()
-            .context("no certificate")?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&first)
-            .map_err(|error| anyhow::anyhow!("the certificate cannot be parsed: {error}"))?;
-        let validity = parsed.validity();
-        Ok(CertificateValidity {
-            not_before: validity.not_before.timestamp(),
-            not_after: validity.not_after.timestamp(),
-        })
-    }
-
-    /// What to warn an operator of at `now` (Unix seconds): a certificate not valid yet,
-    /// expired, or expiring within [`RENEWAL_WARNING`]; `None` when it is fine.
-    pub fn warning(&self, now: i64) -> Option<String> {
-        let at = |seconds: i64| {
-            chrono::DateTime::from_timestamp(seconds, 0)
-                .map_or_else(|| seconds.to_string(), |at| at.to_rfc3339())
-        };
-        let days = |seconds: i64| seconds.div_euclid(24 * 3600);
-        let renew = RENEWAL_WARNING.as_secs() as i64;
-        if now < self.not_before {
-            Some(format!(
-                "the --grpc-tls-cert certificate is not valid before {}: clients refuse it until \
-                 then",
-                at(self.not_before)
-            ))
-        } else if now > self.not_after {
-            Some(format!(
-                "the --grpc-tls-cert certificate expired at {}: clients refuse it; renew it \
-                 and restart (certificates are read at start-up)",
-                at(self.not_after)
-            ))
-        } else if self.not_after - now < renew {
-            Some(format!(
-                "the --grpc-tls-cert certificate expires at {} (in {} days): renew it and \
-                 restart (certificates are read at start-up)",
-                at(self.not_after),
-                days(self.not_after - now)
-            ))
-        } else {
-            None
-        }
-    }
+    let client_cas = match &files.client_ca {
+        Some(ca) => certificates(ca)?,
+        None => Vec::new(),
+    };
+    let dates =
+        TlsCertificates::read(&certificates(&files.cert)?, &client_cas).with_context(unusable)?;
+    Ok(Some((acceptor, dates)))
 }
 
 /// The PEM contents of the TLS files, each checked.
@@ -456,29 +400,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The served certificate is warned of when clients would refuse it, or soon will.
-    #[test]
-    fn a_certificate_not_yet_valid_expired_or_expiring_soon_is_warned_of() {
-        let day = 24 * 3600;
-        let (start, end) = (1_700_000_000, 1_700_000_000 + 90 * day);
-        let validity = CertificateValidity {
-            not_before: start,
-            not_after: end,
-        };
-        let warning = |now| validity.warning(now).unwrap_or_default();
-        assert!(warning(start - 1).contains("is not valid before 2023-11-14T22:13:20+00:00"));
-        assert_eq!(validity.warning(start), None);
-        assert_eq!(validity.warning(end - 14 * day), None);
-        assert!(
-            warning(end - 14 * day + 1)
-                .contains("expires at 2024-02-12T22:13:20+00:00 (in 13 days)")
-        );
-        assert!(warning(end).contains("(in 0 days)"));
-        assert!(
-            warning(end + 1).contains("expired at 2024-02-12T22:13:20+00:00: clients refuse it")
-        );
-    }
 
     #[test]
     fn the_methods_of_both_services_are_known_and_nothing_else() {

@@ -29,9 +29,9 @@ impl Tls {
             certificate_expiry: gauge(
                 r,
                 "profile_state_tls_certificate_expiry_timestamp_seconds",
-                "When the certificate the gRPC listener serves (the first of --grpc-tls-cert) \
-                 expires, in Unix seconds; 0 without TLS. Read at start-up: a renewed \
-                 certificate needs a restart.",
+                "When the certificate chain the gRPC listener serves (--grpc-tls-cert, leaf \
+                 and intermediates) first expires, in Unix seconds; 0 without TLS. Read at \
+                 start-up: a renewed certificate needs a restart.",
             ),
         }
     }

@@ -18,8 +18,8 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use crate::grpc::admin::AdminApi;
 use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
+use crate::grpc::certificates::TlsCertificates;
 use crate::grpc::dead_letters::DeadLetterApi;
-use crate::grpc::transport::CertificateValidity;
 use crate::grpc::transport::{Connection, ConnectionWatches, MetricsLayer};
 use crate::grpc::{ProfileApi, ProfileServiceRoutes};
 use crate::ingest::Ingest;
@@ -54,8 +54,8 @@ pub(super) struct Transport {
     pub builder: tonic::transport::Server,
     /// `--grpc-tls-cert` and friends; `None` for plaintext.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// When the served certificate is valid; `None` for plaintext.
-    pub certificate: Option<CertificateValidity>,
+    /// The dates of the certificates served and trusted; `None` for plaintext.
+    pub certificates: Option<TlsCertificates>,
 }
 
 /// What the gRPC listener serves, and with which limits.

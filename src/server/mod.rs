@@ -268,7 +268,7 @@ impl Server {
         let reconcile = (reconcile, schedule_claims);
         let reconcile = start_reconcile(context, &ingest, secrets, reconcile, &config);
         let monitoring = serve_monitoring(admin, context, dead_letters, writable, replica.clone());
-        let certificate = grpc_transport.certificate;
+        let certificates = grpc_transport.certificates.clone();
         let grpc = serve_grpc(
             grpc,
             &config,
@@ -290,10 +290,10 @@ impl Server {
             &tracker,
         )?;
         announce(addresses, &config, &verification, admin_access);
-        if let Some(certificate) = certificate {
-            metrics.tls_certificate_expiry(certificate.not_after);
-            if let Some(warning) = certificate.warning(chrono::Utc::now().timestamp()) {
-                tracing::warn!(not_after = certificate.not_after, "{warning}");
+        if let Some(certificates) = certificates {
+            metrics.tls_certificate_expiry(certificates.expiry());
+            for warning in certificates.warnings(chrono::Utc::now().timestamp()) {
+                tracing::warn!("{warning}");
             }
         }
         let ingress = Ingress::with_ingest(ingest, verification, limits(&config), metrics.clone());
@@ -383,15 +383,15 @@ fn check(config: &Config) -> anyhow::Result<Checked> {
         auth: BearerAuth::from_config(config)?,
         admin_access: AdminAccess::from_config(config),
         grpc_transport: match transport::tls_acceptor(config)? {
-            Some((acceptor, validity)) => grpc_services::Transport {
+            Some((acceptor, certificates)) => grpc_services::Transport {
                 builder: transport::server_builder(config),
                 tls: Some(acceptor),
-                certificate: Some(validity),
+                certificates: Some(certificates),
             },
             None => grpc_services::Transport {
                 builder: transport::server_builder(config),
                 tls: None,
-                certificate: None,
+                certificates: None,
             },
         },
     })

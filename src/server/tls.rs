@@ -9,14 +9,16 @@
 //! bytes, exactly as for a plaintext connection. The handshake never runs in the accept loop,
 //! so slow handshakes do not hold up other clients.
 //!
-//! This module does not build the TLS configuration (`crate::grpc::transport::tls_acceptor`
+//! A failed handshake goes to [`HandshakeFailures`] (counted; a TLS error warned of). This
+//! module does not build the TLS configuration (`crate::grpc::transport::tls_acceptor`
 //! reads the certificate, key and client CA) and knows nothing of HTTP/2.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -36,35 +38,57 @@ pub struct TlsConnection {
 
 /// What the listener does with a failed handshake: counts it
 /// (`profile_state_tls_handshakes_failed_total`), and warns of one TLS refused at most every
-/// ten seconds. A client with the wrong CA or an expired certificate fails every call on its
-/// side; without this the server stayed silent. Clients that go away mid-handshake (a TCP
-/// probe does) are counted, not warned of.
+/// ten seconds per distinct TLS error, so a stream of plaintext clients does not hide the one
+/// client whose certificate is refused. A client with the wrong CA or an expired certificate
+/// fails every call on its side; without this the server stayed silent. Clients that go away
+/// mid-handshake (a TCP probe does) are counted, not warned of.
 pub struct HandshakeFailures {
     metrics: HandshakeMetrics,
-    warnings: RateLimited,
+    /// One limiter per TLS error's text; past [`DISTINCT_WARNINGS`] texts, one for the rest.
+    warnings: Mutex<HashMap<String, Arc<RateLimited>>>,
+    others: Arc<RateLimited>,
 }
+
+/// How many distinct TLS errors get a warning line of their own (rustls has a few dozen).
+const DISTINCT_WARNINGS: usize = 64;
 
 impl HandshakeFailures {
     /// Failures counted in `metrics`.
     pub fn new(metrics: HandshakeMetrics) -> Arc<HandshakeFailures> {
         Arc::new(HandshakeFailures {
             metrics,
-            warnings: RateLimited::default(),
+            warnings: Mutex::default(),
+            others: Arc::default(),
         })
+    }
+
+    /// The limiter of warnings about `error`.
+    fn limiter(&self, error: &str) -> Arc<RateLimited> {
+        let mut warnings = self.warnings.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(limiter) = warnings.get(error) {
+            return Arc::clone(limiter);
+        }
+        if warnings.len() >= DISTINCT_WARNINGS {
+            return Arc::clone(&self.others);
+        }
+        let limiter = Arc::<RateLimited>::default();
+        warnings.insert(error.to_owned(), Arc::clone(&limiter));
+        limiter
     }
 
     fn failed(&self, error: &io::Error, peer: Option<SocketAddr>) {
         // tokio-rustls returns every TLS error (alerts sent or received) as InvalidData.
         if error.kind() != io::ErrorKind::InvalidData {
             self.metrics.closed();
-            tracing::debug!(%error, ?peer, "tls handshake abandoned by the client");
+            tracing::debug!(%error, peer = ?peer, "tls handshake abandoned by the client");
             return;
         }
         self.metrics.refused();
-        if let Some(held_back) = self.warnings.due() {
+        let peer = peer.map_or_else(|| "unknown".to_owned(), |peer| peer.to_string());
+        if let Some(held_back) = self.limiter(&error.to_string()).due() {
             tracing::warn!(
                 %error,
-                ?peer,
+                %peer,
                 held_back,
                 "a TLS handshake on the gRPC listener failed; if this client should get \
                  through, check its CA and certificate against --grpc-tls-cert and \

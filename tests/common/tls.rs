@@ -45,6 +45,48 @@ impl Pki {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// A CA named `name` whose dates ended at the start of 2021.
+    pub fn expired_ca(name: &str) -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Pki { ca }
+    }
+
+    /// A valid certificate for `name` signed by an intermediate CA named `intermediate` that
+    /// expired at the start of 2021 (signed by this CA): (the chain's PEM, leaf first; key PEM).
+    pub fn issue_under_expired_intermediate(
+        &self,
+        name: &str,
+        intermediate: &str,
+    ) -> (String, String) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, intermediate);
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let middle =
+            CertifiedIssuer::signed_by(params, KeyPair::generate().unwrap(), &self.ca).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &middle)
+            .unwrap();
+        (
+            format!("{}{}", leaf.pem(), middle.pem()),
+            key.serialize_pem(),
+        )
+    }
+
     pub fn ca_pem(&self) -> String {
         self.ca.pem()
     }

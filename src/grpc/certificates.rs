@@ -1,0 +1,210 @@
+//! The validity dates of the certificates the gRPC listener serves (`--grpc-tls-cert`, the
+//! whole chain) and trusts (`--grpc-client-ca`), for start-up warnings and the expiry gauge.
+//!
+//! Why: rustls serves an expired certificate without a word (clients refuse it), and never
+//! checks a trust anchor's dates, so an expired client CA keeps letting its clients in. This
+//! module only reads dates; `super::transport` builds the TLS configuration, `crate::server`
+//! logs the warnings and sets the gauge.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+
+/// How long before an expiry the served chain is warned of at start-up.
+pub const RENEWAL_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// One certificate's validity, in Unix seconds, and how a warning names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Validity {
+    /// "the --grpc-tls-cert certificate", "certificate 2 of the --grpc-tls-cert chain (CN=…)".
+    pub name: String,
+    /// Not valid before.
+    pub not_before: i64,
+    /// Not valid after.
+    pub not_after: i64,
+}
+
+/// The dates of every certificate served and trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsCertificates {
+    /// The served chain, leaf first.
+    pub served: Vec<Validity>,
+    /// The client CAs (mTLS); empty without `--grpc-client-ca`.
+    pub client_cas: Vec<Validity>,
+}
+
+impl TlsCertificates {
+    /// The dates of `served` (the chain, leaf first) and `client_cas`.
+    pub fn read(
+        served: &[CertificateDer<'_>],
+        client_cas: &[CertificateDer<'_>],
+    ) -> anyhow::Result<TlsCertificates> {
+        let served = served
+            .iter()
+            .enumerate()
+            .map(|(index, der)| {
+                validity(der, |subject| match index {
+                    0 => "the --grpc-tls-cert certificate".to_owned(),
+                    _ => format!(
+                        "certificate {} of the --grpc-tls-cert chain ({subject})",
+                        index + 1
+                    ),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("--grpc-tls-cert")?;
+        let client_cas = client_cas
+            .iter()
+            .map(|der| {
+                validity(der, |subject| {
+                    format!("the --grpc-client-ca certificate {subject}")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("--grpc-client-ca")?;
+        Ok(TlsCertificates { served, client_cas })
+    }
+
+    /// When clients start refusing the served chain: its first expiry.
+    pub fn expiry(&self) -> i64 {
+        self.served
+            .iter()
+            .map(|cert| cert.not_after)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// What to warn an operator of at `now` (Unix seconds): a served certificate not valid
+    /// yet, expired, or expiring within [`RENEWAL_WARNING`]; a client CA outside its dates.
+    pub fn warnings(&self, now: i64) -> Vec<String> {
+        let renew = RENEWAL_WARNING.as_secs() as i64;
+        let restart = "renew it and restart (certificates are read at start-up)";
+        let mut warnings = Vec::new();
+        for cert in &self.served {
+            let name = &cert.name;
+            if now < cert.not_before {
+                let at = at(cert.not_before);
+                warnings.push(format!(
+                    "{name} is not valid before {at}: clients refuse it until then"
+                ));
+            } else if now > cert.not_after {
+                let at = at(cert.not_after);
+                warnings.push(format!(
+                    "{name} expired at {at}: clients refuse it; {restart}"
+                ));
+            } else if cert.not_after - now < renew {
+                let (at, left) = (at(cert.not_after), left(cert.not_after - now));
+                warnings.push(format!("{name} expires at {at} ({left}): {restart}"));
+            }
+        }
+        let remove = "yet the TLS library trusts the client certificates it signed (it does not \
+                      check a CA's dates): remove it from the file and restart to stop trusting \
+                      them";
+        for ca in &self.client_cas {
+            let name = &ca.name;
+            if now < ca.not_before {
+                warnings.push(format!(
+                    "{name} is not valid before {}, {remove}",
+                    at(ca.not_before)
+                ));
+            } else if now > ca.not_after {
+                warnings.push(format!("{name} expired at {}, {remove}", at(ca.not_after)));
+            }
+        }
+        warnings
+    }
+}
+
+/// The dates of one DER certificate, named by `name` from its subject.
+fn validity(der: &CertificateDer<'_>, name: impl Fn(String) -> String) -> anyhow::Result<Validity> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(der)
+        .map_err(|error| anyhow::anyhow!("a certificate cannot be parsed: {error}"))?;
+    let dates = parsed.validity();
+    Ok(Validity {
+        name: name(parsed.subject().to_string()),
+        not_before: dates.not_before.timestamp(),
+        not_after: dates.not_after.timestamp(),
+    })
+}
+
+/// A Unix time as RFC 3339.
+fn at(seconds: i64) -> String {
+    chrono::DateTime::from_timestamp(seconds, 0)
+        .map_or_else(|| seconds.to_string(), |at| at.to_rfc3339())
+}
+
+/// Time left, in days, or hours under two days.
+fn left(seconds: i64) -> String {
+    match seconds / 3600 {
+        0 => "in less than an hour".to_owned(),
+        1 => "in 1 hour".to_owned(),
+        hours if hours < 48 => format!("in {hours} hours"),
+        hours => format!("in {} days", hours / 24),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 24 * 3600;
+
+    fn cert(name: &str, not_before: i64, not_after: i64) -> Validity {
+        Validity {
+            name: name.into(),
+            not_before,
+            not_after,
+        }
+    }
+
+    /// The served chain is warned of when clients would refuse it, or soon will.
+    #[test]
+    fn a_served_certificate_not_yet_valid_expired_or_expiring_soon_is_warned_of() {
+        let (start, end) = (1_700_000_000, 1_700_000_000 + 90 * DAY);
+        let chain = TlsCertificates {
+            served: vec![cert("the leaf", start, end)],
+            client_cas: vec![],
+        };
+        let warning = |now| chain.warnings(now).join("\n");
+        assert!(
+            warning(start - 1).contains("the leaf is not valid before 2023-11-14T22:13:20+00:00")
+        );
+        assert_eq!(chain.warnings(start), Vec::<String>::new());
+        assert_eq!(chain.warnings(end - 14 * DAY), Vec::<String>::new());
+        assert!(
+            warning(end - 14 * DAY + 1)
+                .contains("expires at 2024-02-12T22:13:20+00:00 (in 13 days)")
+        );
+        assert!(warning(end - 47 * 3600).contains("(in 47 hours)"));
+        assert!(warning(end - 1).contains("(in less than an hour)"));
+        assert!(
+            warning(end + 1)
+                .contains("the leaf expired at 2024-02-12T22:13:20+00:00: clients refuse it")
+        );
+        assert_eq!(chain.expiry(), end);
+    }
+
+    /// An intermediate that expires first is what clients refuse at (found by an adversarial
+    /// run: only the leaf was read); an expired client CA is still trusted by rustls.
+    #[test]
+    fn the_whole_chain_and_the_client_cas_are_read() {
+        let now = 1_700_000_000;
+        let certificates = TlsCertificates {
+            served: vec![
+                cert("leaf", 0, now + 365 * DAY),
+                cert("intermediate", 0, now - DAY),
+            ],
+            client_cas: vec![cert("old CA", 0, now - DAY), cert("good CA", 0, now + DAY)],
+        };
+        assert_eq!(certificates.expiry(), now - DAY);
+        let warnings = certificates.warnings(now);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("intermediate expired at"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].starts_with("old CA expired at"), "{warnings:?}");
+        assert!(warnings[1].contains("trusts the client certificates it signed"));
+    }
+}
