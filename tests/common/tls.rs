@@ -47,14 +47,7 @@ impl Pki {
 
     /// A CA named `name` whose dates ended at the start of 2021.
     pub fn expired_ca(name: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let params = expired_ca_params(name);
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         Pki { ca }
     }
@@ -66,14 +59,7 @@ impl Pki {
         name: &str,
         intermediate: &str,
     ) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, intermediate);
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let params = expired_ca_params(intermediate);
         let middle =
             CertifiedIssuer::signed_by(params, KeyPair::generate().unwrap(), &self.ca).unwrap();
         let key = KeyPair::generate().unwrap();
@@ -90,6 +76,19 @@ impl Pki {
     pub fn ca_pem(&self) -> String {
         self.ca.pem()
     }
+}
+
+/// The parameters of a CA named `name` whose dates ended at the start of 2021.
+fn expired_ca_params(name: &str) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    params
 }
 
 /// A configuration serving TLS with a `localhost` certificate from `pki`, requiring client
