@@ -62,8 +62,11 @@ impl HandshakeFailures {
         })
     }
 
-    /// The limiter of warnings about `error`.
+    /// The limiter of warnings about `error`. Errors that differ only in numbers (rustls puts
+    /// the verification time in an expired certificate's) share one.
     fn limiter(&self, error: &str) -> Arc<RateLimited> {
+        let error: String = error.chars().filter(|c| !c.is_ascii_digit()).collect();
+        let error = error.as_str();
         let mut warnings = self.warnings.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(limiter) = warnings.get(error) {
             return Arc::clone(limiter);
@@ -202,5 +205,30 @@ impl AsyncWrite for TlsConnection {
             State::Open(stream) => stream.is_write_vectored(),
             State::Handshaking(_) | State::Failed => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// One warning line per kind of TLS error every ten seconds: texts that differ only in
+    /// numbers (a verification time) are one kind, and past 64 kinds the rest share a line, so
+    /// neither the map nor the log grows with what clients send.
+    #[test]
+    fn warnings_are_limited_per_kind_of_error_and_the_kinds_are_bounded() {
+        let failures = HandshakeFailures::new(Metrics::new().tls_handshakes());
+        let expired = |at: u64| format!("certificate expired: verification time {at} (UNIX)");
+        assert!(failures.limiter(&expired(1_700_000_000)).due().is_some());
+        assert!(failures.limiter(&expired(1_700_000_001)).due().is_none(), "the same kind");
+        assert!(failures.limiter("peer sent no certificates").due().is_some(), "another kind");
+        for kind in 0..100 {
+            let text = format!("kind {}", "x".repeat(kind));
+            failures.limiter(&text);
+        }
+        let kinds = failures.warnings.lock().unwrap().len();
+        assert_eq!(kinds, DISTINCT_WARNINGS);
+        assert!(Arc::ptr_eq(&failures.limiter("yet another"), &failures.others));
     }
 }
