@@ -38,19 +38,15 @@ pub struct TlsConnection {
 
 /// What the listener does with a failed handshake: counts it
 /// (`profile_state_tls_handshakes_failed_total`), and warns of one TLS refused at most every
-/// ten seconds per distinct TLS error, so a stream of plaintext clients does not hide the one
-/// client whose certificate is refused. A client with the wrong CA or an expired certificate
-/// fails every call on its side; without this the server stayed silent. Clients that go away
-/// mid-handshake (a TCP probe does) are counted, not warned of.
+/// ten seconds per kind of TLS error ([`kind`]), so a stream of plaintext clients does not
+/// hide the one client whose certificate is refused. A client with the wrong CA or an expired
+/// certificate fails every call on its side; without this the server stayed silent. Clients
+/// that go away mid-handshake (a TCP probe does) are counted, not warned of.
 pub struct HandshakeFailures {
     metrics: HandshakeMetrics,
-    /// One limiter per TLS error's text; past [`DISTINCT_WARNINGS`] texts, one for the rest.
-    warnings: Mutex<HashMap<String, Arc<RateLimited>>>,
-    others: Arc<RateLimited>,
+    /// One limiter per kind: a fixed set, whatever clients send.
+    warnings: Mutex<HashMap<&'static str, Arc<RateLimited>>>,
 }
-
-/// How many distinct TLS errors get a warning line of their own (rustls has a few dozen).
-const DISTINCT_WARNINGS: usize = 64;
 
 impl HandshakeFailures {
     /// Failures counted in `metrics`.
@@ -58,25 +54,13 @@ impl HandshakeFailures {
         Arc::new(HandshakeFailures {
             metrics,
             warnings: Mutex::default(),
-            others: Arc::default(),
         })
     }
 
-    /// The limiter of warnings about `error`. Errors that differ only in numbers (rustls puts
-    /// the verification time in an expired certificate's) share one.
-    fn limiter(&self, error: &str) -> Arc<RateLimited> {
-        let error: String = error.chars().filter(|c| !c.is_ascii_digit()).collect();
-        let error = error.as_str();
+    /// The limiter of warnings of `kind`.
+    fn limiter(&self, kind: &'static str) -> Arc<RateLimited> {
         let mut warnings = self.warnings.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(limiter) = warnings.get(error) {
-            return Arc::clone(limiter);
-        }
-        if warnings.len() >= DISTINCT_WARNINGS {
-            return Arc::clone(&self.others);
-        }
-        let limiter = Arc::<RateLimited>::default();
-        warnings.insert(error.to_owned(), Arc::clone(&limiter));
-        limiter
+        Arc::clone(warnings.entry(kind).or_default())
     }
 
     fn failed(&self, error: &io::Error, peer: Option<SocketAddr>) {
@@ -88,9 +72,11 @@ impl HandshakeFailures {
         }
         self.metrics.refused();
         let peer = peer.map_or_else(|| "unknown".to_owned(), |peer| peer.to_string());
-        if let Some(held_back) = self.limiter(&error.to_string()).due() {
+        let kind = kind(error);
+        if let Some(held_back) = self.limiter(kind).due() {
             tracing::warn!(
                 %error,
+                kind,
                 %peer,
                 held_back,
                 "a TLS handshake on the gRPC listener failed; if this client should get \
@@ -110,6 +96,36 @@ enum State {
     Open(Box<TlsStream<TcpStream>>),
     /// The handshake failed, and its error was returned once.
     Failed,
+}
+
+/// The kind of a failed handshake, for its warnings' limit: by rustls' error variant, never by
+/// its text, which holds numbers (an expired certificate's verification time), alert codes
+/// or a certificate's purposes that a client chooses, and would make every failure a kind of
+/// its own (found by an adversarial run).
+fn kind(error: &io::Error) -> &'static str {
+    use tokio_rustls::rustls::{CertificateError as Cert, Error as Tls};
+    let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Tls>()) else {
+        return "other";
+    };
+    match tls {
+        Tls::InvalidMessage(_) | Tls::InappropriateMessage { .. } => "not TLS, or malformed",
+        Tls::NoCertificatesPresented => "no client certificate",
+        Tls::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
+            "certificate expired"
+        }
+        Tls::InvalidCertificate(Cert::NotValidYet | Cert::NotValidYetContext { .. }) => {
+            "certificate not valid yet"
+        }
+        Tls::InvalidCertificate(Cert::UnknownIssuer) => "certificate of an unknown issuer",
+        Tls::InvalidCertificate(Cert::InvalidPurpose | Cert::InvalidPurposeContext { .. }) => {
+            "certificate for another purpose"
+        }
+        Tls::InvalidCertificate(_) => "certificate refused",
+        Tls::AlertReceived(_) => "alert from the client",
+        Tls::PeerIncompatible(_) => "no common protocol",
+        Tls::NoApplicationProtocol => "no common application protocol",
+        _ => "other TLS error",
+    }
 }
 
 impl TlsConnection {
@@ -210,25 +226,56 @@ impl AsyncWrite for TlsConnection {
 
 #[cfg(test)]
 mod tests {
+    use tokio_rustls::rustls::{AlertDescription, CertificateError, Error as Tls};
+
     use super::*;
     use crate::metrics::Metrics;
 
-    /// One warning line per kind of TLS error every ten seconds: texts that differ only in
-    /// numbers (a verification time) are one kind, and past 64 kinds the rest share a line, so
-    /// neither the map nor the log grows with what clients send.
+    fn io(tls: Tls) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, tls)
+    }
+
+    /// Failures are limited by kind, never by text: every alert code a client can send, and
+    /// an expired certificate's verification time, make no new kinds (found by an adversarial
+    /// run: 64 texts filled a map of limiters for good).
     #[test]
-    fn warnings_are_limited_per_kind_of_error_and_the_kinds_are_bounded() {
+    fn warnings_are_limited_per_kind_of_error_whatever_the_text() {
         let failures = HandshakeFailures::new(Metrics::new().tls_handshakes());
-        let expired = |at: u64| format!("certificate expired: verification time {at} (UNIX)");
-        assert!(failures.limiter(&expired(1_700_000_000)).due().is_some());
-        assert!(failures.limiter(&expired(1_700_000_001)).due().is_none(), "the same kind");
-        assert!(failures.limiter("peer sent no certificates").due().is_some(), "another kind");
-        for kind in 0..100 {
-            let text = format!("kind {}", "x".repeat(kind));
-            failures.limiter(&text);
+        let expired = |now| {
+            io(Tls::InvalidCertificate(CertificateError::ExpiredContext {
+                time: tokio_rustls::rustls::pki_types::UnixTime::since_unix_epoch(
+                    std::time::Duration::from_secs(now),
+                ),
+                not_after: tokio_rustls::rustls::pki_types::UnixTime::since_unix_epoch(
+                    std::time::Duration::from_secs(1),
+                ),
+            }))
+        };
+        assert_eq!(kind(&expired(1_700_000_000)), "certificate expired");
+        assert!(
+            failures
+                .limiter(kind(&expired(1_700_000_000)))
+                .due()
+                .is_some()
+        );
+        assert!(
+            failures
+                .limiter(kind(&expired(1_700_000_001)))
+                .due()
+                .is_none(),
+            "same kind"
+        );
+        for code in 0..=255u8 {
+            let alert = io(Tls::AlertReceived(AlertDescription::from(code)));
+            assert_eq!(kind(&alert), "alert from the client");
+            failures.limiter(kind(&alert));
         }
-        let kinds = failures.warnings.lock().unwrap().len();
-        assert_eq!(kinds, DISTINCT_WARNINGS);
-        assert!(Arc::ptr_eq(&failures.limiter("yet another"), &failures.others));
+        let unknown = io(Tls::InvalidCertificate(CertificateError::UnknownIssuer));
+        assert!(
+            failures.limiter(kind(&unknown)).due().is_some(),
+            "not hidden by the alerts"
+        );
+        assert_eq!(kind(&io::Error::other("not rustls")), "other");
+        assert_eq!(failures.warnings.lock().unwrap().len(), 3);
     }
 }
