@@ -223,7 +223,7 @@ async fn restore_refuses_what_is_not_a_backup() {
     assert_eq!(damaged.status.code(), Some(1), "{}", text(&damaged.stderr));
     let said = text(&damaged.stderr);
     assert!(
-        said.contains("is not a whole backup: damaged at offset 0"),
+        said.contains("is not a whole backup: the block at offset 0 is damaged"),
         "{said}"
     );
     // This file is the backup: not the journal's advice to restore one (an adversarial run).
@@ -241,4 +241,16 @@ async fn restore_refuses_what_is_not_a_backup() {
     ])
     .await;
     assert_eq!(missing.status.code(), Some(64), "{}", text(&missing.stderr));
+    // A directory cannot be read as a file: a usage error, not a damaged backup (found by an
+    // adversarial run).
+    let directory = run(vec![
+        "restore".into(),
+        path(dir.path()),
+        "--data-dir".into(),
+        path(&target),
+    ])
+    .await;
+    let said = text(&directory.stderr);
+    assert_eq!(directory.status.code(), Some(64), "{said}");
+    assert!(!said.contains("take the backup again"), "{said}");
 }

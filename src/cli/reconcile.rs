@@ -127,13 +127,21 @@ fn lost_server(job_id: &str, status: &tonic::Status, unreachable_for: Duration) 
             status.message()
         ))
     };
+    // A status with a source was made by this client's transport (a connection reset or
+    // closed, as a proxy does when the server behind it goes away), not sent by the server.
+    let unreachable =
+        status.code() == tonic::Code::Unavailable || std::error::Error::source(status).is_some();
     match status.code() {
-        tonic::Code::Unavailable if unreachable_for < SERVER_GONE_AFTER => None,
-        tonic::Code::Unavailable => Some(ended(&format!(
-            "the server has been unreachable for {}s (it stopped or restarted)",
+        _ if unreachable && unreachable_for < SERVER_GONE_AFTER => None,
+        _ if unreachable => Some(ended(&format!(
+            "the server has been unreachable for {}s (it stopped or restarted; if only the \
+             network dropped, the job may still run: GetReconcileJob tells)",
             unreachable_for.as_secs()
         ))),
-        tonic::Code::NotFound => Some(ended("the server no longer knows it (it restarted)")),
+        tonic::Code::NotFound => Some(ended(
+            "the server no longer knows it (it restarted, or the job ended and left the \
+             server's last 100 finished jobs)",
+        )),
         _ => Some(refused(&format!("reconcile job {job_id}"), status)),
     }
 }

@@ -53,8 +53,10 @@ pub fn check(file: &Path) -> Result<(u64, u64), Failure> {
         // the backup, so the advice here is another one.
         let what = match error {
             JournalError::DamagedSnapshot { offset, reason, .. } => {
-                format!("damaged at offset {offset} ({reason})")
+                format!("the block at offset {offset} is damaged ({reason})")
             }
+            // Not the backup's fault (a directory, an I/O error): no advice about backups.
+            JournalError::Io(error) => return Failure::Usage(error.to_string()),
             other => other.to_string(),
         };
         Failure::Failed(format!(
