@@ -436,12 +436,44 @@ impl GameballClient {
 /// the request's keys, "Forbidden: <api key>"), then cut to 200 bytes (after the redaction, so
 /// the cut cannot leave part of a key).
 fn reportable(detail: &mut String, keys: &[&str]) {
-    for key in keys.iter().filter(|key| !key.is_empty()) {
-        if detail.contains(key) {
-            *detail = detail.replace(key, "[redacted]");
-        }
+    // Longest first, so a key that begins another cannot leave the other's rest behind; as
+    // written, and percent-encoded (an echoed URL or form), in any case.
+    let mut forms: Vec<String> = keys
+        .iter()
+        .filter(|key| !key.is_empty())
+        .flat_map(|key| [key.to_string(), percent_encoded(key)])
+        .collect();
+    forms.sort_by_key(|form| std::cmp::Reverse(form.len()));
+    for form in &forms {
+        *detail = replace_ignoring_case(detail, form, "[redacted]");
     }
     truncate(detail, 200);
+}
+
+/// `key` with every byte but the unreserved ones of RFC 3986 as `%XX`.
+fn percent_encoded(key: &str) -> String {
+    key.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(byte).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
+/// `text` with every ASCII-case-insensitive occurrence of `pattern` (ASCII) replaced.
+fn replace_ignoring_case(text: &str, pattern: &str, with: &str) -> String {
+    let (lower, pattern) = (text.to_ascii_lowercase(), pattern.to_ascii_lowercase());
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    while let Some(found) = lower[from..].find(&pattern) {
+        out.push_str(&text[from..from + found]);
+        out.push_str(with);
+        from += found + pattern.len();
+    }
+    out.push_str(&text[from..]);
+    out
 }
 
 /// Turns an answer into a result, or a classified failure that says whether to retry.
@@ -589,6 +621,17 @@ fn truncate(text: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by an adversarial run: a key echoed percent-encoded or in another case, and a
+    /// secret key that begins with the API key, reached reports.
+    #[test]
+    fn keys_are_redacted_in_any_case_percent_encoded_and_longest_first() {
+        let (api, secret) = ("APIKEY-1234+/=ab", "APIKEY-1234+/=abS3CR3T");
+        let mut detail =
+            "a apikey-1234+/=ab b APIKEY-1234%2B%2F%3Dab c APIKEY-1234+/=abS3CR3T d".to_owned();
+        reportable(&mut detail, &[api, secret]);
+        assert_eq!(detail, "a [redacted] b [redacted] c [redacted] d");
+    }
 
     #[test]
     fn keys_are_redacted_before_a_long_message_is_cut() {
