@@ -35,14 +35,16 @@ pub struct TlsCertificates {
 }
 
 impl TlsCertificates {
-    /// The dates of `served` (the chain, leaf first) and `client_cas`.
+    /// The dates of `served` (the chain, leaf first: only the certificates on the leaf's path
+    /// of issuers, which clients check) and `client_cas`.
     pub fn read(
         served: &[CertificateDer<'_>],
         client_cas: &[CertificateDer<'_>],
     ) -> anyhow::Result<TlsCertificates> {
-        let served = served
-            .iter()
-            .enumerate()
+        let served = issuer_path(served)
+            .context("--grpc-tls-cert")?
+            .into_iter()
+            .map(|index| (index, &served[index]))
             .map(|(index, der)| {
                 validity(der, |subject| match index {
                     0 => "the --grpc-tls-cert certificate".to_owned(),
@@ -116,6 +118,37 @@ impl TlsCertificates {
     }
 }
 
+/// The indexes of `chain`'s certificates on the leaf's path: the leaf, the one whose subject
+/// is its issuer, and so on. A full-chain file may hold more (an old cross-signed root): those
+/// are not what clients verify, and an expired one is no reason to warn (found by an
+/// adversarial run).
+fn issuer_path(chain: &[CertificateDer<'_>]) -> anyhow::Result<Vec<usize>> {
+    if chain.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names = chain
+        .iter()
+        .map(|der| {
+            let (_, parsed) = x509_parser::parse_x509_certificate(der)
+                .map_err(|error| anyhow::anyhow!("a certificate cannot be parsed: {error}"))?;
+            Ok((
+                parsed.subject().as_raw().to_vec(),
+                parsed.issuer().as_raw().to_vec(),
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut path = vec![0];
+    while let Some(&last) = path.last() {
+        let issuer = &names[last].1;
+        let next = (0..names.len()).find(|i| !path.contains(i) && &names[*i].0 == issuer);
+        match next {
+            Some(next) if names[last].0 != *issuer => path.push(next),
+            _ => break,
+        }
+    }
+    Ok(path)
+}
+
 /// The dates of one DER certificate, named by `name` from its subject.
 fn validity(der: &CertificateDer<'_>, name: impl Fn(String) -> String) -> anyhow::Result<Validity> {
     let (_, parsed) = x509_parser::parse_x509_certificate(der)
@@ -183,6 +216,52 @@ mod tests {
                 .contains("the leaf expired at 2024-02-12T22:13:20+00:00: clients refuse it")
         );
         assert_eq!(chain.expiry(), end);
+    }
+
+    /// A certificate in the file off the leaf's path of issuers (an old cross-signed root kept
+    /// in a full-chain file) is not what clients check: no warning, not in the expiry (found by
+    /// an adversarial run).
+    #[test]
+    fn only_the_leafs_path_of_issuers_counts() {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let ca = |name: &str, expired: bool| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let (root, stray) = (ca("root", false), ca("old cross-signed root", true));
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &root)
+            .unwrap();
+        let file = [leaf.der().clone(), stray.der().clone(), root.der().clone()];
+        let certificates = TlsCertificates::read(&file, &[]).unwrap();
+        let names: Vec<&str> = certificates
+            .served
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "the --grpc-tls-cert certificate",
+                "certificate 3 of the --grpc-tls-cert chain (CN=root)"
+            ]
+        );
+        assert_eq!(
+            certificates.warnings(chrono::Utc::now().timestamp()),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            TlsCertificates::read(&file[..1], &[]).unwrap().served.len(),
+            1
+        );
     }
 
     /// An intermediate that expires first is what clients refuse at (found by an adversarial
