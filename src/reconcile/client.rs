@@ -199,6 +199,15 @@ impl GameballClient {
         self.inner.attempts.load(Ordering::Relaxed)
     }
 
+    /// `text` from Gameball (an error's message, a value quoted in a bad answer's reason) made
+    /// fit for reports and logs: this account's keys redacted, at most 200 bytes.
+    pub fn reportable(&self, text: impl std::fmt::Display) -> String {
+        let account = &self.inner.account;
+        let mut text = text.to_string();
+        reportable(&mut text, &[account.api_key(), account.secret_key()]);
+        text
+    }
+
     /// The account this client calls for.
     pub fn account(&self) -> &Account {
         &self.inner.account

@@ -310,19 +310,19 @@ impl Fetcher {
         let (contact, referral, first) = if client.account().read_contact {
             let answer = client.get_customer(Endpoint::Details, customer_id).await?;
             let (contact, referral) = answers::details(&answer.body, customer_id)
-                .map_err(|why| bad_answer(Endpoint::Details, why))?;
+                .map_err(|why| self.bad_answer(Endpoint::Details, why))?;
             (Some(contact), referral, answer.sent_at)
         } else {
             let answer = client.get_customer(Endpoint::Customer, customer_id).await?;
             let referral = answers::customer(&answer.body, customer_id)
-                .map_err(|why| bad_answer(Endpoint::Customer, why))?;
+                .map_err(|why| self.bad_answer(Endpoint::Customer, why))?;
             (None, referral, answer.sent_at)
         };
         let answer = client
             .get_customer(Endpoint::TierProgress, customer_id)
             .await?;
         let tier = answers::tier_progress(&answer.body)
-            .map_err(|why| bad_answer(Endpoint::TierProgress, why))?;
+            .map_err(|why| self.bad_answer(Endpoint::TierProgress, why))?;
         let fetched = Fetched {
             customer_id: customer_id.to_owned(),
             contact,
@@ -351,8 +351,8 @@ impl Fetcher {
             .client
             .get_customer(Endpoint::Balance, &fetched.customer_id)
             .await?;
-        let points =
-            answers::balance(&answer.body).map_err(|why| bad_answer(Endpoint::Balance, why))?;
+        let points = answers::balance(&answer.body)
+            .map_err(|why| self.bad_answer(Endpoint::Balance, why))?;
         fetched.points = Some(points);
         fetched.oldest_sent_at = fetched.oldest_sent_at.min(answer.sent_at);
         Ok(fetched)
@@ -367,6 +367,7 @@ impl Fetcher {
     ) -> Option<(HashMap<String, Points>, Option<DateTime<Utc>>)> {
         let client_id = &self.client.account().client_id;
         let give_up = |what: &str, detail: &dyn std::fmt::Display| {
+            let detail = self.client.reportable(detail);
             tracing::warn!(%client_id, customers = chunk.len(), %detail, "{what}");
             None
         };
@@ -411,6 +412,21 @@ impl Fetcher {
         }
     }
 
+    /// A 2xx answer that cannot be read; `why` may quote Gameball's values, so it is made
+    /// reportable like an error's message (found by an adversarial run: a 100 KB status with
+    /// the secret key in it went whole into a log line).
+    fn bad_answer(&self, endpoint: Endpoint, why: String) -> ApiError {
+        ApiError {
+            status: Some(200),
+            attempts: 1,
+            ..ApiError::new(
+                endpoint,
+                FailureReason::BadAnswer,
+                self.client.reportable(why),
+            )
+        }
+    }
+
     fn update(&self, fetched: &Fetched) -> ProfileUpdate {
         fetched.to_update(&self.client.account().client_id, self.options.clock_margin)
     }
@@ -435,18 +451,33 @@ impl Fetcher {
     }
 }
 
-fn bad_answer(endpoint: Endpoint, why: String) -> ApiError {
-    ApiError {
-        status: Some(200),
-        attempts: 1,
-        ..ApiError::new(endpoint, FailureReason::BadAnswer, why)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::reconcile::{Account, ClientOptions};
+
+    /// A 2xx answer's unreadable value went whole into a report and a log line, secret key
+    /// included (found by an adversarial run): a bad answer's reason is made reportable.
+    #[test]
+    fn a_bad_answers_reason_is_redacted_and_cut() {
+        let account = Account::new("2155", "api-key-123", "secret-key-456").unwrap();
+        let client = GameballClient::new(account, ClientOptions::default()).unwrap();
+        let fetcher = Fetcher::new(client, FetchOptions::default());
+        let status =
+            serde_json::json!({"status": format!("weird SECRET-KEY-456 {}", "z".repeat(100_000))});
+        let why = answers::batch_status(&status).unwrap_err();
+        let error = fetcher.bad_answer(Endpoint::Balance, why);
+        assert!(
+            error.detail.starts_with("status \"weird [redacted] zzz"),
+            "{}",
+            error.detail
+        );
+        assert!(
+            error.detail.len() <= 200 + '…'.len_utf8(),
+            "{}",
+            error.detail.len()
+        );
+    }
 
     /// A job spawns the fetch on the runtime, so its future must be `Send`.
     #[test]
