@@ -851,3 +851,41 @@ async fn schedules_are_logged_at_start_up_and_an_account_given_twice_is_refused(
         "{stderr}"
     );
 }
+
+/// A SIGHUP that reloads a secrets file without a scheduled account's API settings was taken
+/// without a word, though start-up refuses that file (found by an adversarial run): the
+/// reload stands (its webhook secrets may be a rotation), with a warning naming the account.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_without_a_scheduled_accounts_settings_is_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let secrets = secrets_file(dir.path(), &stand_in, API_KEY);
+    let args = [
+        "--webhook-secrets-file",
+        secrets.to_str().unwrap(),
+        "--reconcile-every",
+        "2155=24h",
+    ];
+    let mut server = Binary::start(&dir.path().join("data"), &args).await;
+    std::fs::write(&secrets, "").unwrap();
+    let pid = server.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    server.wait_for("webhook secrets reloaded").await;
+    let warning = server
+        .wait_for(
+            "the reloaded --webhook-secrets-file has no [gameball_api.\"2155\"] settings, which \
+             its --reconcile-every schedule needs: its runs fail until they are back",
+        )
+        .await;
+    assert_eq!(
+        (&warning["level"], &warning["client_id"]),
+        (&json!("WARN"), &json!("2155"))
+    );
+    server.stop();
+}

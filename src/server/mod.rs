@@ -261,7 +261,13 @@ impl Server {
             restart,
         } = start_domain(mode, context, &ingest_thread, dead_letters.clone(), pause);
         if let Verification::Secrets(secrets) = &verification {
-            reload_on_sighup(secrets.clone(), &tracker, stopping.clone());
+            let scheduled = config.reconcile.every.iter().map(|e| e.client_id.clone());
+            reload_on_sighup(
+                secrets.clone(),
+                scheduled.collect(),
+                &tracker,
+                stopping.clone(),
+            );
         }
         let (health, health_service) = Health::follow(ready, &tracker, stopping.clone()).await;
         let secrets = secret_store(&verification);
@@ -714,7 +720,12 @@ fn verification(config: &Config) -> anyhow::Result<Verification> {
 }
 
 /// Reloads the webhook secrets file on every SIGHUP; a bad file keeps the old secrets.
-fn reload_on_sighup(secrets: SecretStore, tracker: &TaskTracker, stopping: CancellationToken) {
+fn reload_on_sighup(
+    secrets: SecretStore,
+    scheduled: Vec<String>,
+    tracker: &TaskTracker,
+    stopping: CancellationToken,
+) {
     // Installed here, before the listeners announce themselves: a SIGHUP without a handler
     // would terminate the process.
     #[cfg(unix)]
@@ -733,7 +744,10 @@ fn reload_on_sighup(secrets: SecretStore, tracker: &TaskTracker, stopping: Cance
                 () = stopping.cancelled() => return,
             }
             match secrets.reload() {
-                Ok(()) => tracing::info!("webhook secrets reloaded"),
+                Ok(()) => {
+                    tracing::info!("webhook secrets reloaded");
+                    warn_of_unscheduled(&secrets, &scheduled);
+                }
                 Err(error) => {
                     tracing::error!(%error, "webhook secrets not reloaded; the old ones stay")
                 }
@@ -741,5 +755,22 @@ fn reload_on_sighup(secrets: SecretStore, tracker: &TaskTracker, stopping: Cance
         }
     });
     #[cfg(not(unix))]
-    let _ = (secrets, tracker, stopping);
+    let _ = (secrets, scheduled, tracker, stopping);
+}
+
+/// A reloaded secrets file without the API settings of a `--reconcile-every` account: start-up
+/// refuses that file, a reload takes it (the webhook secrets in it may be a rotation that must
+/// not wait) and says that account's scheduled runs will fail (found by an adversarial run).
+fn warn_of_unscheduled(secrets: &SecretStore, scheduled: &[String]) {
+    let current = secrets.current();
+    for client_id in scheduled {
+        if current.api_account(client_id).is_none() {
+            tracing::warn!(
+                %client_id,
+                "the reloaded --webhook-secrets-file has no [gameball_api.\"{client_id}\"] \
+                 settings, which its --reconcile-every schedule needs: its runs fail until they \
+                 are back"
+            );
+        }
+    }
 }
