@@ -6,7 +6,8 @@
 //! with `--json`). Exit statuses: 0 when the job started (without `--wait`) or ended with no
 //! failed customer; 1 when some customers failed, or the server cannot be reached or refuses;
 //! 2 when the job stopped early (keys refused, journal unavailable, shutdown, or the server
-//! gone or restarted while the job ran); 64 for a usage error. This module formats; the rules are the server's.
+//! gone or restarted while the job ran); 64 for a usage error. This module formats; the rules
+//! are the server's.
 
 use std::io::Write as _;
 use std::time::Duration;
