@@ -41,27 +41,33 @@ impl TlsCertificates {
         served: &[CertificateDer<'_>],
         client_cas: &[CertificateDer<'_>],
     ) -> anyhow::Result<TlsCertificates> {
-        let served = issuer_path(served)
-            .context("--grpc-tls-cert")?
-            .into_iter()
-            .map(|index| (index, &served[index]))
-            .map(|(index, der)| {
-                validity(der, |subject| match index {
-                    0 => "the --grpc-tls-cert certificate".to_owned(),
-                    _ => format!(
-                        "certificate {} of the --grpc-tls-cert chain ({subject})",
-                        index + 1
-                    ),
-                })
-            })
+        let chain = served
+            .iter()
+            .map(parse)
             .collect::<anyhow::Result<Vec<_>>>()
             .context("--grpc-tls-cert")?;
+        let served = issuer_path(&chain)
+            .into_iter()
+            .map(|index| match index {
+                0 => chain[0].validity("the --grpc-tls-cert certificate".to_owned()),
+                _ => {
+                    let subject = &chain[index].subject_text;
+                    let name = format!(
+                        "certificate {} of the --grpc-tls-cert chain ({subject})",
+                        index + 1
+                    );
+                    chain[index].validity(name)
+                }
+            })
+            .collect();
         let client_cas = client_cas
             .iter()
             .map(|der| {
-                validity(der, |subject| {
-                    format!("the --grpc-client-ca certificate {subject}")
-                })
+                let ca = parse(der)?;
+                Ok(ca.validity(format!(
+                    "the --grpc-client-ca certificate {}",
+                    ca.subject_text
+                )))
             })
             .collect::<anyhow::Result<Vec<_>>>()
             .context("--grpc-client-ca")?;
@@ -122,40 +128,49 @@ impl TlsCertificates {
 /// is its issuer, and so on. A full-chain file may hold more (an old cross-signed root): those
 /// are not what clients verify, and an expired one is no reason to warn (found by an
 /// adversarial run).
-fn issuer_path(chain: &[CertificateDer<'_>]) -> anyhow::Result<Vec<usize>> {
+fn issuer_path(chain: &[Parsed]) -> Vec<usize> {
     if chain.is_empty() {
-        return Ok(Vec::new());
+        return Vec::new();
     }
-    let names = chain
-        .iter()
-        .map(|der| {
-            let (_, parsed) = x509_parser::parse_x509_certificate(der)
-                .map_err(|error| anyhow::anyhow!("a certificate cannot be parsed: {error}"))?;
-            Ok((
-                parsed.subject().as_raw().to_vec(),
-                parsed.issuer().as_raw().to_vec(),
-            ))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut path = vec![0];
     while let Some(&last) = path.last() {
-        let issuer = &names[last].1;
-        let next = (0..names.len()).find(|i| !path.contains(i) && &names[*i].0 == issuer);
+        let issuer = &chain[last].issuer;
+        let next = (0..chain.len()).find(|i| !path.contains(i) && &chain[*i].subject == issuer);
         match next {
-            Some(next) if names[last].0 != *issuer => path.push(next),
+            Some(next) if chain[last].subject != *issuer => path.push(next),
             _ => break,
         }
     }
-    Ok(path)
+    path
 }
 
-/// The dates of one DER certificate, named by `name` from its subject.
-fn validity(der: &CertificateDer<'_>, name: impl Fn(String) -> String) -> anyhow::Result<Validity> {
+/// One certificate, parsed once: its names (raw, to follow issuers) and its dates.
+struct Parsed {
+    subject: Vec<u8>,
+    issuer: Vec<u8>,
+    subject_text: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+impl Parsed {
+    fn validity(&self, name: String) -> Validity {
+        Validity {
+            name,
+            not_before: self.not_before,
+            not_after: self.not_after,
+        }
+    }
+}
+
+fn parse(der: &CertificateDer<'_>) -> anyhow::Result<Parsed> {
     let (_, parsed) = x509_parser::parse_x509_certificate(der)
         .map_err(|error| anyhow::anyhow!("a certificate cannot be parsed: {error}"))?;
     let dates = parsed.validity();
-    Ok(Validity {
-        name: name(parsed.subject().to_string()),
+    Ok(Parsed {
+        subject: parsed.subject().as_raw().to_vec(),
+        issuer: parsed.issuer().as_raw().to_vec(),
+        subject_text: parsed.subject().to_string(),
         not_before: dates.not_before.timestamp(),
         not_after: dates.not_after.timestamp(),
     })

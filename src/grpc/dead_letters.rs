@@ -12,8 +12,6 @@ use std::collections::HashSet;
 use tonic::{Request, Response, Status};
 
 use super::convert::timestamp;
-use prost::Message as _;
-
 use crate::dead_letters::{
     Cursor, DeadLetter, DeadLetterError, DeadLetterId, DeadLetters, Page, Purge,
 };
@@ -83,7 +81,7 @@ fn letter(letter: &DeadLetter, offset: usize, room: usize) -> pb::DeadLetter {
         body_truncated: true,
     };
     // The body's tag and length take at most 6 bytes, the truncation flag 2.
-    let body_room = room.saturating_sub(framed(reply.encoded_len()) + 6);
+    let body_room = room.saturating_sub(framed(&reply) + 6);
     let rest = &letter.body[offset.min(letter.body.len())..];
     let part = &rest[..rest.len().min(body_room)];
     reply.body_truncated = part.len() < rest.len();
@@ -91,9 +89,9 @@ fn letter(letter: &DeadLetter, offset: usize, room: usize) -> pb::DeadLetter {
     reply
 }
 
-/// A message's bytes inside a response, with its tag and length.
-fn framed(encoded_len: usize) -> usize {
-    encoded_len + 1 + prost::length_delimiter_len(encoded_len)
+/// A letter's bytes inside a response, with its tag and length (field 1 in both responses).
+fn framed(reply: &pb::DeadLetter) -> usize {
+    prost::encoding::message::encoded_len(1, reply)
 }
 
 /// The page's letters that fit in `room` bytes, and where the next page starts. A first letter
@@ -105,7 +103,7 @@ fn fit(page: Page, room: usize) -> (Vec<pb::DeadLetter>, Option<Cursor>) {
     for (index, kept) in page.letters.iter().enumerate() {
         let left = room - used;
         let reply = letter(kept, 0, left);
-        let size = framed(reply.encoded_len());
+        let size = framed(&reply);
         if index > 0 && (reply.body_truncated || size > left) {
             return (replies, Some(page.letters[index - 1].cursor()));
         }
@@ -264,7 +262,7 @@ mod tests {
     }
 
     fn encoded(replies: &[pb::DeadLetter]) -> usize {
-        replies.iter().map(|r| framed(r.encoded_len())).sum()
+        replies.iter().map(framed).sum()
     }
 
     /// Whatever the room, a page's letters fit in it, at least one comes, and a cut letter
@@ -295,8 +293,8 @@ mod tests {
     #[test]
     fn a_letter_of_metadata_alone_that_does_not_fit_starts_the_next_page() {
         let first = page(&[b"{}"]);
-        let whole = framed(letter(&first.letters[0], 0, usize::MAX).encoded_len());
-        let empty = framed(letter(&kept(b"", 1), 0, usize::MAX).encoded_len());
+        let whole = framed(&letter(&first.letters[0], 0, usize::MAX));
+        let empty = framed(&letter(&kept(b"", 1), 0, usize::MAX));
         let (replies, next) = fit(page(&[b"{}", b""]), whole + empty - 1);
         assert_eq!(replies.len(), 1);
         assert_eq!(next, Some(first.letters[0].cursor()));
@@ -306,7 +304,7 @@ mod tests {
     fn a_part_starts_at_its_offset_and_says_whether_more_follows() {
         let body: Vec<u8> = (0..=255).collect();
         let letter_of = |offset, room| letter(&kept(&body, 0), offset, room);
-        let metadata = framed(letter_of(0, 0).encoded_len()) + 6;
+        let metadata = framed(&letter_of(0, 0)) + 6;
         let part = letter_of(10, metadata + 100);
         assert_eq!(
             (part.body.as_slice(), part.body_truncated),
