@@ -982,10 +982,39 @@ async fn an_empty_replica_bootstraps_from_the_published_snapshot_and_the_stream(
         assert!(Instant::now() < deadline, "the stream was purged");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The local snapshots the purge went past are removed: no start can use them (a replica
+    // kept every one within the history window: gigabytes at a low --snapshot-every-records).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let first = stream.bounds().await.unwrap().first;
+        let unusable = unusable_local_snapshots(dir.path(), first);
+        if unusable.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "local snapshots as of stream sequences {unusable:?} stay, the stream starting at {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let d = TestService::start_with(replica_config(&nats, "BOOT", "d")).await;
     assert_converged(&[(&a).into(), (&d).into()]).await;
     a.stop().await;
     d.stop().await;
+}
+
+/// The stream sequences of the local snapshots in `dir`, the newest aside, that a stream
+/// starting at `first` does not continue from.
+fn unusable_local_snapshots(dir: &Path, first: u64) -> Vec<u64> {
+    use profile_state::journal::snapshot;
+    let mut snapshots = snapshot::list(dir).unwrap();
+    snapshots.pop();
+    snapshots
+        .into_iter()
+        .filter_map(|(_, path)| snapshot::read_header(&path).ok())
+        .map(|header| header.stream_sequence)
+        .filter(|sequence| sequence + 1 < first)
+        .collect()
 }
 
 /// The stream `name` of a single-node cluster, opened by a client of the test's own.

@@ -5,7 +5,8 @@
 //! the applier starts a snapshot in the background: the state as of the position it just
 //! reached (revision and stream sequence, a pair only the applier knows exactly), written like
 //! a single node's with the stream sequence in its header, then compacted as a single node's
-//! (the newest snapshot below the history window stays, so a restart rebuilds the window).
+//! (the newest snapshot below the history window stays, so a restart rebuilds the window),
+//! less those the stream was purged past: no restart can use them.
 //!
 //! Then, if the bucket's newest snapshot is that many revisions older, the replica that wins
 //! the upload claim (`SnapshotBucket::claim_upload`) publishes it, keeps the two newest, and
@@ -31,7 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::data_dir::LockRef;
 use crate::jetstream::{CLAIM_TTL, JetStreamError, SnapshotBucket, UpdateStream};
-use crate::journal::snapshot;
+use crate::journal::{JournalError, snapshot};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -158,6 +159,43 @@ impl Job {
                 tracing::warn!(%error, "snapshot not published; a later one will retry");
             }
         }
+        self.remove_unusable().await;
+    }
+
+    /// Removes the local snapshots the stream was purged past (by this replica's purge just
+    /// now or another's): no start can use them, and the compaction above keeps every one
+    /// within the history window, which took gigabytes at a low `--snapshot-every-records`.
+    async fn remove_unusable(&self) {
+        let first = match self.stream.bounds().await {
+            Ok(bounds) => bounds.first,
+            Err(error) => {
+                tracing::debug!(%error, "stream bounds unknown; old local snapshots stay for now");
+                return;
+            }
+        };
+        let Some(lock) = self.lock.share() else {
+            return;
+        };
+        let dir = self.dir.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let _lock = lock;
+            remove_unusable(&dir, first)
+        })
+        .await
+        .expect("removing files does not panic");
+        match removed {
+            Ok(removed) if removed.is_empty() => {}
+            Ok(removed) => tracing::info!(
+                removed = removed.len(),
+                stream_first_sequence = first,
+                "removed local snapshots the stream no longer continues from"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                "local snapshots the stream no longer continues from not removed; the next \
+                 snapshot retries"
+            ),
+        }
     }
 
     /// Publishes the snapshot at `path` if the bucket's newest is old enough and this replica
@@ -248,6 +286,26 @@ impl Job {
         }
         self.stream.purge_below(below).await
     }
+}
+
+/// Removes the snapshots in `dir` that the stream, now starting at `first`, does not continue
+/// from (`startup::choose_local` needs `stream_sequence + 1 >= first`), except the newest.
+/// Left alone: unreadable ones (start-up sets those aside, naming them) and a single node's
+/// (stream sequence 0: not this replica's to remove). Returns what was removed.
+fn remove_unusable(dir: &Path, first: u64) -> Result<Vec<PathBuf>, JournalError> {
+    let mut snapshots = snapshot::list(dir)?;
+    snapshots.pop();
+    let mut removed = Vec::new();
+    for (_, path) in snapshots {
+        let unusable = snapshot::read_header(&path)
+            .is_ok_and(|header| header.stream_sequence > 0 && header.stream_sequence + 1 < first);
+        if unusable {
+            let remove = crate::io_error::IoError::on(&path, "remove");
+            std::fs::remove_file(&path).map_err(|error| JournalError::Io(remove(error)))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
 }
 
 /// The first sequence kept when the older of the two published snapshots is as of
@@ -364,6 +422,51 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(read, b"whole snapshot");
+    }
+
+    /// A replica kept every local snapshot within the history window, also those the stream
+    /// was purged past, which no start can use (15 GB per replica at a low
+    /// `--snapshot-every-records`, found by an adversarial run). They go; the newest, a single
+    /// node's and an unreadable one stay.
+    #[test]
+    fn local_snapshots_the_stream_no_longer_continues_from_are_removed_but_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |revision, sequence| snapshot::write_as_of(dir.path(), revision, sequence, &[]);
+        let single_node = write(5, 0).unwrap();
+        let paths: Vec<_> = [(10, 5), (20, 15), (30, 25), (40, 35)]
+            .into_iter()
+            .map(|(revision, sequence)| write(revision, sequence).unwrap())
+            .collect();
+        let unreadable = dir.path().join(format!("snapshot-{:020}.snap", 15));
+        std::fs::write(&unreadable, b"not a snapshot").unwrap();
+
+        let removed = remove_unusable(dir.path(), 26).unwrap();
+        assert_eq!(
+            removed,
+            paths[..2].to_vec(),
+            "the two the stream does not continue from"
+        );
+        let left: Vec<_> = snapshot::list(dir.path()).unwrap();
+        let left: Vec<_> = left.into_iter().map(|(_, path)| path).collect();
+        assert_eq!(
+            left,
+            [
+                single_node.clone(),
+                unreadable.clone(),
+                paths[2].clone(),
+                paths[3].clone()
+            ]
+        );
+
+        // Purged past every one: the newest stays all the same (start-up then says what to do).
+        assert_eq!(
+            remove_unusable(dir.path(), 100).unwrap(),
+            [paths[2].clone()]
+        );
+        assert!(remove_unusable(dir.path(), 100).unwrap().is_empty());
+        let left: Vec<_> = snapshot::list(dir.path()).unwrap();
+        let left: Vec<_> = left.into_iter().map(|(_, path)| path).collect();
+        assert_eq!(left, [single_node, unreadable, paths[3].clone()]);
     }
 
     #[test]
