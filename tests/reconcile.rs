@@ -5,6 +5,8 @@
 use crate::common;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
@@ -698,6 +700,88 @@ async fn tcp_forwarder(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
         }
     });
     address
+}
+
+/// A TCP forwarder to `upstream` that can be made to hang, as a server stopped by SIGSTOP or
+/// a network path that drops every packet: once `hung` is set, what either side sends is read
+/// and dropped, and the connections stay open.
+async fn hanging_forwarder(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pass(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        hung: Arc<AtomicBool>,
+    ) {
+        let mut buffer = vec![0; 16 * 1024];
+        while let Ok(read @ 1..) = from.read(&mut buffer).await {
+            if !hung.load(Ordering::SeqCst) && to.write_all(&buffer[..read]).await.is_err() {
+                return;
+            }
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let hung = Arc::new(AtomicBool::new(false));
+    let switch = Arc::clone(&hung);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let ((client_read, client_write), (server_read, server_write)) =
+                (client.into_split(), server.into_split());
+            tokio::spawn(pass(client_read, server_write, Arc::clone(&hung)));
+            tokio::spawn(pass(server_read, client_write, Arc::clone(&hung)));
+        }
+    });
+    (address, switch)
+}
+
+/// A server that hangs (SIGSTOP, a dead network path) while `reconcile --wait` follows its
+/// job: each poll runs out its `--timeout` in this client's transport, which counts as the
+/// server unreachable, so after 5 s of those the job is reported stopped early (exit 2), not
+/// as a failed connection (an adversarial run could not tell which; now pinned).
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_wait_says_the_job_ended_when_its_server_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.add([Customer::new("jo")]);
+    stand_in.slow(Api::Details, Duration::from_secs(60));
+    let service = in_memory(dir.path(), &stand_in).await;
+    let (grpc, hung) = hanging_forwarder(service.grpc).await;
+    let grpc = grpc.to_string();
+    let args = [
+        "reconcile",
+        "--grpc",
+        &grpc,
+        "--client-id",
+        "2155",
+        "--timeout",
+        "1s",
+    ];
+    let mut command =
+        common::binary::bare_command(&[&args[..], &["--customer-id", "jo", "--wait"]].concat());
+    let waiting = tokio::task::spawn_blocking(move || command.output().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stand_in.count(Api::Details) == 0 {
+        assert!(Instant::now() < deadline, "the job never asked Gameball");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hung.store(true, Ordering::SeqCst);
+    let waited = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("--wait gives up on a hung server")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&waited.stderr);
+    assert_eq!(waited.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("stopped early: the server has been unreachable for")
+            && stderr.contains("Timeout expired"),
+        "{stderr}"
+    );
+    service.stop().await;
 }
 
 /// A server that stopped while `reconcile --wait` followed its job was reported as a failed
