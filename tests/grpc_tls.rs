@@ -250,6 +250,11 @@ async fn an_expired_certificate_and_failed_handshakes_are_warned_of_and_counted(
         sample(&metrics(server.admin).await, expiry),
         1_609_459_200.0
     );
+    let valid_from = "profile_state_tls_certificate_valid_from_timestamp_seconds";
+    assert_eq!(
+        sample(&metrics(server.admin).await, valid_from),
+        1_577_836_800.0
+    );
 
     // Connected and gone (a TCP probe does that): counted as closed, and not warned of (had
     // it been, its warning would be the one found below, and hold back the refusal's).
@@ -293,6 +298,44 @@ async fn an_expired_certificate_and_failed_handshakes_are_warned_of_and_counted(
     assert!(error.contains("CertificateExpired"), "{failed}");
     let after = metrics(server.admin).await;
     assert!(sample(&after, refused_series) >= 1.0, "{after}");
+    server.stop();
+}
+
+/// A served certificate not valid yet (deployed too early, or the clock behind) is refused by
+/// every client: start-up warns of it, and its start is exported, so that an alert can say so
+/// before the refusals do (the expiry gauge alone showed nothing wrong).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_not_valid_yet_is_warned_of_and_its_start_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let (cert, key) = pki.issue_not_yet_valid("localhost");
+    let (cert_file, key_file) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let args = [
+        "--grpc-tls-cert",
+        cert_file.to_str().unwrap(),
+        "--grpc-tls-key",
+        key_file.to_str().unwrap(),
+    ];
+    let mut server = Binary::start(&dir.path().join("data"), &args).await;
+    let warning = server
+        .wait_for(
+            "the --grpc-tls-cert certificate is not valid before 2099-01-01T00:00:00+00:00: \
+             clients refuse it until then",
+        )
+        .await;
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let url = format!("http://{}/metrics", server.admin);
+    let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
+    let valid_from = "profile_state_tls_certificate_valid_from_timestamp_seconds";
+    assert_eq!(sample(&metrics, valid_from), 4_070_908_800.0);
+    let expiry = "profile_state_tls_certificate_expiry_timestamp_seconds";
+    assert_eq!(sample(&metrics, expiry), 4_102_444_800.0);
+    assert!(
+        refused(tls_channel(server.grpc, &pki, None).await).await,
+        "a client that trusts the CA refuses a certificate not valid yet"
+    );
     server.stop();
 }
 

@@ -83,6 +83,16 @@ impl TlsCertificates {
             .unwrap_or(0)
     }
 
+    /// When clients start accepting the served chain: its last `not_before` (0 without
+    /// certificates). Later than now, clients refuse it (an early deployment, a clock behind).
+    pub fn valid_from(&self) -> i64 {
+        self.served
+            .iter()
+            .map(|cert| cert.not_before)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// What to warn an operator of at `now` (Unix seconds): a served certificate not valid
     /// yet, expired, or expiring within [`RENEWAL_WARNING`]; a client CA outside its dates.
     pub fn warnings(&self, now: i64) -> Vec<String> {
@@ -231,6 +241,24 @@ mod tests {
                 .contains("the leaf expired at 2024-02-12T22:13:20+00:00: clients refuse it")
         );
         assert_eq!(chain.expiry(), end);
+    }
+
+    /// Clients accept a chain from its latest start to its first end (the gauges' values).
+    #[test]
+    fn the_chain_is_valid_from_its_latest_start_until_its_first_end() {
+        let chain = TlsCertificates {
+            served: vec![
+                cert("the leaf", 100, 900),
+                cert("an intermediate", 300, 500),
+            ],
+            client_cas: vec![cert("a client CA", 700, 800)],
+        };
+        assert_eq!((chain.valid_from(), chain.expiry()), (300, 500));
+        let none = TlsCertificates {
+            served: vec![],
+            client_cas: vec![],
+        };
+        assert_eq!((none.valid_from(), none.expiry()), (0, 0));
     }
 
     /// A certificate in the file off the leaf's path of issuers (an old cross-signed root kept

@@ -1,6 +1,7 @@
 //! The gRPC listener's TLS series: failed handshakes by reason, and when the served
-//! certificate expires (what an alert on renewal watches). `crate::server::tls` counts the
-//! handshakes; `crate::server` sets the expiry once the certificate is read at start-up.
+//! certificate expires (what an alert on renewal watches) and became valid.
+//! `crate::server::tls` counts the handshakes; `crate::server` sets the dates once the
+//! certificate is read at start-up.
 
 use prometheus::{IntCounter, IntGauge, Registry};
 
@@ -10,6 +11,7 @@ pub(super) struct Tls {
     refused: IntCounter,
     closed: IntCounter,
     certificate_expiry: IntGauge,
+    certificate_valid_from: IntGauge,
 }
 
 impl Tls {
@@ -32,6 +34,13 @@ impl Tls {
                 "When the certificate chain the gRPC listener serves (--grpc-tls-cert, leaf \
                  and intermediates) first expires, in Unix seconds; 0 without TLS. Read at \
                  start-up: a renewed certificate needs a restart.",
+            ),
+            certificate_valid_from: gauge(
+                r,
+                "profile_state_tls_certificate_valid_from_timestamp_seconds",
+                "When every certificate of the chain the gRPC listener serves has become valid \
+                 (the latest not-before), in Unix seconds; 0 without TLS. Later than now: \
+                 clients refuse the certificate until then.",
             ),
         }
     }
@@ -68,5 +77,10 @@ impl Metrics {
     /// When the served certificate expires, in Unix seconds.
     pub fn tls_certificate_expiry(&self, unix_seconds: i64) {
         self.inner.tls.certificate_expiry.set(unix_seconds);
+    }
+
+    /// When the served certificate became (or becomes) valid, in Unix seconds.
+    pub fn tls_certificate_valid_from(&self, unix_seconds: i64) {
+        self.inner.tls.certificate_valid_from.set(unix_seconds);
     }
 }

@@ -298,6 +298,7 @@ impl Server {
         announce(addresses, &config, &verification, admin_access);
         if let Some(certificates) = certificates {
             metrics.tls_certificate_expiry(certificates.expiry());
+            metrics.tls_certificate_valid_from(certificates.valid_from());
             for warning in certificates.warnings(chrono::Utc::now().timestamp()) {
                 tracing::warn!("{warning}");
             }

@@ -45,6 +45,17 @@ impl Pki {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// A certificate for `name` signed by the CA, valid from the start of 2099 (deployed too
+    /// early, or on a machine whose clock is behind).
+    pub fn issue_not_yet_valid(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2099, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A CA named `name` whose dates ended at the start of 2021.
     pub fn expired_ca(name: &str) -> Pki {
         let params = expired_ca_params(name);
