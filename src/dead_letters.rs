@@ -221,7 +221,9 @@ impl DeadLetterError {
         }
         tracing::error!(error = %self, "dead letter storage failed");
         Error::Unavailable {
-            reason: "the dead letters could not be changed on disk; retry later".into(),
+            reason: "the dead letters could not be read or changed (the server's log says why); \
+                     retry later"
+                .into(),
         }
     }
 }

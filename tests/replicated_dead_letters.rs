@@ -248,3 +248,28 @@ async fn a_purge_leaves_a_letter_a_replay_holds_to_it() {
     common::assert_purge_leaves_a_held_letter(&letters, &DeadLetterId::of(&body)).await;
     a.stop().await;
 }
+
+/// A burst of new letters: each read every key of the bucket to check the limit, a consumer
+/// the NATS server keeps for 30 s, and after about 1,000 in half a minute it refused more: every
+/// further letter was answered 503 and ListDeadLetters failed until they lapsed (found by
+/// measuring). Against a real nats-server, 1,200 letters in a row are all kept and listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_letters_is_kept_and_listed() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a = TestService::start_with(replica_config(&nats, "BURST", "a")).await;
+    for n in 0..1_200 {
+        let (status, answer) = a.post_signed(&bad_tier_order(&format!("c{n}"))).await;
+        assert_eq!(status, 422, "letter {n}: {answer}");
+    }
+    let page = admin(&a)
+        .await
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .expect("listed right after the burst")
+        .into_inner();
+    assert_eq!((page.dead_letters.len(), page.total_count), (10, 1_200));
+    a.stop().await;
+}

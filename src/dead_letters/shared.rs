@@ -12,9 +12,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -27,6 +27,11 @@ use crate::error::Error;
 pub const REPLAY_CLAIM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How many times a change is retried when another replica changed the letter in between.
 const ATTEMPTS: usize = 5;
+/// How long the count of letters last read from the bucket stands in for a new read when a new
+/// letter is kept (this replica's own changes counted meanwhile). Each read of the keys is a
+/// consumer the NATS server keeps for 30 s after its use, and a stream takes only so many:
+/// reading per new letter refused every letter with 503 after about 1,000 in half a minute.
+const COUNT_FRESH_FOR: Duration = Duration::from_secs(10);
 
 /// A future a [`LetterBucket`] returns.
 pub type BucketFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BucketError>> + Send + 'a>>;
@@ -82,8 +87,11 @@ struct Entry {
 pub(super) struct SharedLetters {
     bucket: Arc<dyn LetterBucket>,
     max_letters: usize,
-    /// The count last seen in the bucket, for the gauge (`len` cannot wait on NATS).
+    /// The count last seen in the bucket, for the gauge (`len` cannot wait on NATS), and
+    /// this replica's changes since.
     count: Arc<AtomicUsize>,
+    /// When the keys were last read.
+    counted_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl SharedLetters {
@@ -92,6 +100,7 @@ impl SharedLetters {
             bucket,
             max_letters,
             count: Arc::default(),
+            counted_at: Arc::default(),
         }
     }
 
@@ -102,7 +111,29 @@ impl SharedLetters {
     async fn ids(&self) -> Result<Vec<String>, DeadLetterError> {
         let ids = self.bucket.keys().await?;
         self.count.store(ids.len(), Ordering::Relaxed);
+        *self.counted_at() = Some(Instant::now());
         Ok(ids)
+    }
+
+    fn counted_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // An instant: a poisoned lock still holds a valid one.
+        self.counted_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many letters the cluster keeps, for the [`DeadLetterError::Full`] check: read from
+    /// the bucket at most every [`COUNT_FRESH_FOR`]. Letters other replicas keep in between
+    /// are seen at the next read, so the cluster may pass the limit by what it keeps in that
+    /// time: a bound on the bucket's size, not an exact one.
+    async fn count(&self) -> Result<usize, DeadLetterError> {
+        let fresh = self
+            .counted_at()
+            .is_some_and(|at| at.elapsed() < COUNT_FRESH_FOR);
+        match fresh {
+            true => Ok(self.count.load(Ordering::Relaxed)),
+            false => Ok(self.ids().await?.len()),
+        }
     }
 
     async fn entry(&self, id: &DeadLetterId) -> Result<Option<Entry>, DeadLetterError> {
@@ -159,7 +190,7 @@ impl SharedLetters {
                     }
                 }
                 None => {
-                    if self.ids().await?.len() >= self.max_letters {
+                    if self.count().await? >= self.max_letters {
                         return Err(DeadLetterError::Full {
                             limit: self.max_letters,
                         });
@@ -322,4 +353,94 @@ fn contended(id: &DeadLetterId) -> DeadLetterError {
     DeadLetterError::Bucket(format!(
         "entry {id} kept changing under {ATTEMPTS} attempts to change it"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::dead_letters::DeadLetterId;
+
+    /// Entries in memory, counting the reads of every key (each a NATS consumer in the real
+    /// bucket, `crate::jetstream::DeadLetterBucket`).
+    #[derive(Default)]
+    struct MemoryBucket {
+        entries: Mutex<HashMap<String, (Vec<u8>, u64)>>,
+        key_reads: AtomicUsize,
+    }
+
+    impl LetterBucket for MemoryBucket {
+        fn create<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BucketFuture<'a, Option<u64>> {
+            let mut entries = self.entries.lock().unwrap();
+            let created = match entries.contains_key(key) {
+                true => None,
+                false => {
+                    entries.insert(key.to_owned(), (value, 1));
+                    Some(1)
+                }
+            };
+            Box::pin(async move { Ok(created) })
+        }
+
+        fn get<'a>(&'a self, key: &'a str) -> BucketFuture<'a, Option<(Vec<u8>, u64)>> {
+            let entry = self.entries.lock().unwrap().get(key).cloned();
+            Box::pin(async move { Ok(entry) })
+        }
+
+        fn update<'a>(&'a self, _: &'a str, _: Vec<u8>, _: u64) -> BucketFuture<'a, u64> {
+            Box::pin(async { Err(BucketError::Failed("not in this test".into())) })
+        }
+
+        fn remove<'a>(&'a self, key: &'a str, _: u64) -> BucketFuture<'a, ()> {
+            self.entries.lock().unwrap().remove(key);
+            Box::pin(async { Ok(()) })
+        }
+
+        fn keys(&self) -> BucketFuture<'_, Vec<String>> {
+            self.key_reads.fetch_add(1, Ordering::SeqCst);
+            let keys = self.entries.lock().unwrap().keys().cloned().collect();
+            Box::pin(async move { Ok(keys) })
+        }
+
+        fn max_value_bytes(&self) -> usize {
+            1 << 20
+        }
+    }
+
+    fn letter(n: usize, now: DateTime<Utc>) -> DeadLetter {
+        let body = format!("body {n}").into_bytes();
+        DeadLetter {
+            id: DeadLetterId::of(&body),
+            received_at: now,
+            last_received_at: now,
+            deliveries: 1,
+            reason: "is required".into(),
+            field: Some("customer_id".into()),
+            body,
+        }
+    }
+
+    /// Every new letter read every key to check the limit: a NATS consumer each, kept 30 s,
+    /// and after about 1,000 in half a minute the server refused more, so every further letter
+    /// got 503 (found by measuring a burst). The count is read once a while, and the limit
+    /// still holds on the letters this replica keeps in between.
+    #[tokio::test]
+    async fn new_letters_read_the_keys_once_a_while_and_the_limit_still_holds() {
+        let bucket = Arc::new(MemoryBucket::default());
+        let letters = SharedLetters::new(Arc::clone(&bucket) as Arc<dyn LetterBucket>, 150);
+        let now = Utc::now();
+        for n in 0..150 {
+            letters.store(letter(n, now), now).await.unwrap();
+        }
+        assert_eq!(bucket.key_reads.load(Ordering::SeqCst), 1);
+        assert_eq!(letters.len(), 150);
+        let refused = letters.store(letter(150, now), now).await;
+        assert!(
+            matches!(refused, Err(DeadLetterError::Full { limit: 150 })),
+            "{refused:?}"
+        );
+        assert_eq!(bucket.key_reads.load(Ordering::SeqCst), 1);
+    }
 }
