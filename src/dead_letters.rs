@@ -662,23 +662,55 @@ fn page<'a>(
     limit: usize,
     max_body_bytes: usize,
 ) -> Page {
-    let mut kept: Vec<Arc<DeadLetter>> = Vec::new();
-    let mut bytes = 0;
+    let mut page = PageBuilder::new(limit, max_body_bytes);
     for letter in letters {
-        let full = kept.len() >= limit.max(1)
-            || (!kept.is_empty() && bytes + letter.body.len() > max_body_bytes);
-        if full {
-            return Page {
-                next: kept.last().map(|last| last.cursor()),
-                letters: kept,
-            };
+        if !page.offer(Arc::clone(letter)) {
+            break;
         }
-        bytes += letter.body.len();
-        kept.push(Arc::clone(letter));
     }
-    Page {
-        letters: kept,
-        next: None,
+    page.finish()
+}
+
+/// A page filled letter by letter in listing order, so that letters read one at a time (from
+/// the cluster's bucket) are read only as far as the page goes: at most `limit` letters, and
+/// no more bodies than `max_body_bytes` once it holds one.
+struct PageBuilder {
+    kept: Vec<Arc<DeadLetter>>,
+    bytes: usize,
+    limit: usize,
+    max_body_bytes: usize,
+    next: Option<Cursor>,
+}
+
+impl PageBuilder {
+    fn new(limit: usize, max_body_bytes: usize) -> PageBuilder {
+        PageBuilder {
+            kept: Vec::new(),
+            bytes: 0,
+            limit: limit.max(1),
+            max_body_bytes,
+            next: None,
+        }
+    }
+
+    /// Takes the next letter; false when the page is full (it goes to a later page).
+    fn offer(&mut self, letter: Arc<DeadLetter>) -> bool {
+        let full = self.kept.len() >= self.limit
+            || (!self.kept.is_empty() && self.bytes + letter.body.len() > self.max_body_bytes);
+        if full {
+            self.next = self.kept.last().map(|last| last.cursor());
+            return false;
+        }
+        self.bytes += letter.body.len();
+        self.kept.push(letter);
+        true
+    }
+
+    fn finish(self) -> Page {
+        Page {
+            letters: self.kept,
+            next: self.next,
+        }
     }
 }
 

@@ -261,15 +261,34 @@ async fn a_burst_of_letters_is_kept_and_listed() {
         let (status, answer) = a.post_signed(&bad_tier_order(&format!("c{n}"))).await;
         assert_eq!(status, 422, "letter {n}: {answer}");
     }
-    let page = admin(&a)
-        .await
-        .list_dead_letters(pb::ListDeadLettersRequest {
-            page_size: 10,
-            page_token: String::new(),
-        })
-        .await
-        .expect("listed right after the burst")
-        .into_inner();
-    assert_eq!((page.dead_letters.len(), page.total_count), (10, 1_200));
+    // Listed right after, every letter once, in order of arrival.
+    let (mut listed, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = admin(&a)
+            .await
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                page_size: 100,
+                page_token: token,
+            })
+            .await
+            .expect("listed right after the burst")
+            .into_inner();
+        assert_eq!(page.total_count, 1_200);
+        listed.extend(page.dead_letters);
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let expected: Vec<String> = (0..1_200)
+        .map(|n| DeadLetterId::of(&bad_tier_order(&format!("c{n}"))).to_string())
+        .collect();
+    let mut ids: Vec<String> = listed.iter().map(|letter| letter.id.clone()).collect();
+    let arrivals: Vec<_> = listed.iter().map(|letter| letter.received_at).collect();
+    assert!(arrivals.is_sorted_by_key(|at| at.as_ref().map(|at| (at.seconds, at.nanos))));
+    ids.sort();
+    let mut expected_sorted = expected;
+    expected_sorted.sort();
+    assert_eq!(ids, expected_sorted);
     a.stop().await;
 }

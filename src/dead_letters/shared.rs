@@ -10,6 +10,7 @@
 //! NATS. It holds no copy of the letters: every read goes to the bucket, so what a replica
 //! answers is what the cluster holds.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::{Cursor, DeadLetter, DeadLetterError, DeadLetterId, Page, Purge, decode, encode, page};
+use super::{
+    Cursor, DeadLetter, DeadLetterError, DeadLetterId, Page, PageBuilder, Purge, decode, encode,
+};
 use crate::error::Error;
 
 /// How long a replay's claim on a letter holds. A replica that dies between claiming and
@@ -92,6 +95,8 @@ pub(super) struct SharedLetters {
     count: Arc<AtomicUsize>,
     /// When the keys were last read.
     counted_at: Arc<Mutex<Option<Instant>>>,
+    /// Each letter's first arrival, by id: its place in listings (see [`SharedLetters::list`]).
+    arrivals: Arc<Mutex<HashMap<DeadLetterId, DateTime<Utc>>>>,
 }
 
 impl SharedLetters {
@@ -101,6 +106,7 @@ impl SharedLetters {
             max_letters,
             count: Arc::default(),
             counted_at: Arc::default(),
+            arrivals: Arc::default(),
         }
     }
 
@@ -213,27 +219,87 @@ impl SharedLetters {
         Ok(self.entry(id).await?.map(|entry| entry.letter))
     }
 
-    /// Reads every letter: the bucket has no order of its own. Letters are few (at most
-    /// `MAX_LETTERS`) and listing is an operator's action, so this is fine.
+    /// A page of letters in listing order (first arrival, then id). The bucket has no order
+    /// of its own, so the order comes from each letter's first arrival, which never changes
+    /// (a repeat of the body is counted in the letter, not a new one): it is read once per
+    /// letter and kept here by id. A page then reads the keys and only its own letters, where
+    /// reading every letter for every page took 49 s to list 1,500 letters of 60 KB.
     pub(super) async fn list(
         &self,
         after: Option<&Cursor>,
         limit: usize,
         max_body_bytes: usize,
     ) -> Result<Page, DeadLetterError> {
-        let mut letters = Vec::new();
+        let mut attempt = 0;
+        'listing: loop {
+            attempt += 1;
+            let mut page = PageBuilder::new(limit, max_body_bytes);
+            let order = self.listing_order().await?;
+            for cursor in order
+                .into_iter()
+                .filter(|cursor| after.is_none_or(|after| cursor > after))
+            {
+                // Gone since the keys were read: replayed or purged.
+                let Some(entry) = self.entry(&cursor.id).await? else {
+                    continue;
+                };
+                let letter = entry.letter;
+                // Removed and kept anew since its arrival was read: a later place in the
+                // order. Read the order again (once more at most, so a body sent over and
+                // over while it is purged cannot hold a listing up).
+                if letter.received_at != cursor.received_at && attempt < 3 {
+                    self.arrivals().insert(cursor.id, letter.received_at);
+                    continue 'listing;
+                }
+                if !page.offer(Arc::new(letter)) {
+                    break;
+                }
+            }
+            return Ok(page.finish());
+        }
+    }
+
+    fn arrivals(&self) -> std::sync::MutexGuard<'_, HashMap<DeadLetterId, DateTime<Utc>>> {
+        // Plain inserts and removals: a poisoned map is still consistent.
+        self.arrivals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every letter's place in the listing order, sorted: the keys read now, each letter's
+    /// first arrival read once (the letters unknown here), and letters gone forgotten.
+    async fn listing_order(&self) -> Result<Vec<Cursor>, DeadLetterError> {
+        let mut ids = Vec::new();
         for key in self.ids().await? {
-            let Ok(id) = DeadLetterId::parse(&key) else {
-                tracing::warn!(key, "not a dead letter key in the bucket; left alone");
-                continue;
-            };
-            if let Some(entry) = self.entry(&id).await? {
-                letters.push(Arc::new(entry.letter));
+            match DeadLetterId::parse(&key) {
+                Ok(id) => ids.push(id),
+                Err(_) => tracing::warn!(key, "not a dead letter key in the bucket; left alone"),
             }
         }
-        letters.retain(|letter| after.is_none_or(|cursor| letter.cursor() > *cursor));
-        letters.sort_by_key(|letter| letter.cursor());
-        Ok(page(letters.iter(), limit, max_body_bytes))
+        let unknown: Vec<DeadLetterId> = {
+            let arrivals = self.arrivals();
+            ids.iter()
+                .filter(|id| !arrivals.contains_key(*id))
+                .cloned()
+                .collect()
+        };
+        for id in unknown {
+            if let Some(entry) = self.entry(&id).await? {
+                self.arrivals().insert(id, entry.letter.received_at);
+            }
+        }
+        let kept: HashSet<&DeadLetterId> = ids.iter().collect();
+        let mut arrivals = self.arrivals();
+        arrivals.retain(|id, _| kept.contains(id));
+        let mut order: Vec<Cursor> = arrivals
+            .iter()
+            .map(|(id, &received_at)| Cursor {
+                received_at,
+                id: id.clone(),
+            })
+            .collect();
+        order.sort();
+        Ok(order)
     }
 
     pub(super) async fn purge(&self, which: Purge) -> Result<Vec<DeadLetterId>, DeadLetterError> {
@@ -357,11 +423,11 @@ fn contended(id: &DeadLetterId) -> DeadLetterError {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::sync::atomic::AtomicUsize;
 
+    use std::collections::HashMap;
+
     use super::*;
-    use crate::dead_letters::DeadLetterId;
 
     /// Entries in memory, counting the reads of every key (each a NATS consumer in the real
     /// bucket, `crate::jetstream::DeadLetterBucket`).
@@ -369,6 +435,7 @@ mod tests {
     struct MemoryBucket {
         entries: Mutex<HashMap<String, (Vec<u8>, u64)>>,
         key_reads: AtomicUsize,
+        reads: AtomicUsize,
     }
 
     impl LetterBucket for MemoryBucket {
@@ -385,6 +452,7 @@ mod tests {
         }
 
         fn get<'a>(&'a self, key: &'a str) -> BucketFuture<'a, Option<(Vec<u8>, u64)>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
             let entry = self.entries.lock().unwrap().get(key).cloned();
             Box::pin(async move { Ok(entry) })
         }
@@ -442,5 +510,62 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(bucket.key_reads.load(Ordering::SeqCst), 1);
+    }
+
+    async fn listed(letters: &SharedLetters, limit: usize) -> Vec<Vec<usize>> {
+        let mut pages = Vec::new();
+        let mut after = None;
+        loop {
+            let page = letters.list(after.as_ref(), limit, 1 << 20).await.unwrap();
+            let numbers = page.letters.iter().map(|letter| {
+                let body = String::from_utf8(letter.body.clone()).unwrap();
+                body.trim_start_matches("body ").parse().unwrap()
+            });
+            pages.push(numbers.collect());
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return pages,
+            }
+        }
+    }
+
+    /// Every page read every letter of the bucket (N reads a page, so listing 1,500 letters of
+    /// 60 KB took 49 s against a real nats-server): a page now reads the keys and its own
+    /// letters, each letter's place being read once. Letters gone, or kept anew, since their
+    /// place was read are listed where they are now.
+    #[tokio::test]
+    async fn a_page_reads_its_own_letters_not_every_one() {
+        let bucket = Arc::new(MemoryBucket::default());
+        let letters = SharedLetters::new(Arc::clone(&bucket) as Arc<dyn LetterBucket>, 1000);
+        let start = Utc::now();
+        let arrival = |n: usize| start + chrono::Duration::milliseconds(n as i64);
+        for n in 0..100 {
+            letters
+                .store(letter(n, arrival(n)), arrival(n))
+                .await
+                .unwrap();
+        }
+        bucket.reads.store(0, Ordering::SeqCst);
+        let pages = listed(&letters, 10).await;
+        let expected: Vec<Vec<usize>> = (0..10).map(|p| (p * 10..p * 10 + 10).collect()).collect();
+        assert_eq!(pages, expected);
+        // 100 places once, then each page its 10 letters and the first of the next.
+        let reads = bucket.reads.swap(0, Ordering::SeqCst);
+        assert!(reads <= 100 + 10 * 11, "{reads} reads");
+        assert_eq!(listed(&letters, 10).await, expected);
+        assert!(bucket.reads.swap(0, Ordering::SeqCst) <= 10 * 11);
+
+        // 5 replayed, 7 purged and kept anew later (a repeat arriving after its purge).
+        let id = |n: usize| letter(n, start).id;
+        letters.bucket.remove(id(5).as_str(), 1).await.unwrap();
+        letters.bucket.remove(id(7).as_str(), 1).await.unwrap();
+        letters
+            .store(letter(7, arrival(500)), arrival(500))
+            .await
+            .unwrap();
+        let order: Vec<usize> = listed(&letters, 10).await.concat();
+        let mut expected: Vec<usize> = (0..100).filter(|n| ![5, 7].contains(n)).collect();
+        expected.push(7);
+        assert_eq!(order, expected);
     }
 }
