@@ -7,8 +7,10 @@
 //!
 //! What the bucket is (a JetStream KV bucket) is the adapter's business
 //! (`crate::jetstream::DeadLetterBucket` implements [`LetterBucket`]); this module knows no
-//! NATS. It holds no copy of the letters: every read goes to the bucket, so what a replica
-//! answers is what the cluster holds.
+//! NATS. It holds no copy of the letters: every read of one goes to the bucket, so what a
+//! replica answers is what the cluster holds. It keeps only each letter's first arrival (its
+//! place in listings, which never changes) and a count of the letters read now and then
+//! (each read of the bucket's keys costs a NATS consumer).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
