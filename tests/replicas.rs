@@ -311,6 +311,7 @@ fn snapshotting(nats: &NatsCluster, stream: &str, name: &str, dir: &Path) -> Con
     config.data_dir = dir.to_owned();
     config.snapshot_every_records = 20;
     config.nats.retain_after_snapshot = 0;
+    config.nats.snapshot_publish_interval = Duration::ZERO;
     config
 }
 
@@ -1001,6 +1002,47 @@ async fn an_empty_replica_bootstraps_from_the_published_snapshot_and_the_stream(
     assert_converged(&[(&a).into(), (&d).into()]).await;
     a.stop().await;
     d.stop().await;
+}
+
+/// Every snapshot tried to publish, and each try lists the snapshot bucket: a NATS consumer
+/// the server keeps for 30 s. At a snapshot every few dozen records the bucket ran out of
+/// consumers, and publications and purges stopped while local snapshots piled up (found by
+/// an adversarial run). A replica tries at most every 10 s by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_tries_to_publish_snapshots_at_most_every_interval() {
+    let nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = snapshotting(&nats, "FLOOR", "a", dir.path());
+    let default = Config::for_tests(SECRET).nats.snapshot_publish_interval;
+    assert_eq!(default, Duration::from_secs(10));
+    // Longer here, so that a slow machine cannot reach it within the test.
+    config.nats.snapshot_publish_interval = Duration::from_secs(120);
+    // No purge, so that every local snapshot stays to be counted.
+    config.nats.retain_after_snapshot = 1_000_000;
+    let a = TestService::start_with(config).await;
+    let load = Load::start(vec![(&a).into()], 4, 50, Duration::ZERO);
+    load.finish(&[(&a).into()]).await;
+    // Several snapshots written (every 20 records).
+    let deadline = Instant::now() + PATIENCE;
+    while profile_state::journal::snapshot::list(dir.path())
+        .unwrap()
+        .len()
+        < 4
+    {
+        assert!(Instant::now() < deadline, "a snapshot every 20 records");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = a.admin_get("/metrics").await;
+    let uploaded = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with(
+                "profile_state_replication_snapshot_uploads_total{outcome=\"uploaded\"}",
+            )
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(uploaded, Some(1.0), "{metrics}");
+    a.stop().await;
 }
 
 /// The stream sequences of the local snapshots in `dir`, the newest aside, that a stream

@@ -110,6 +110,13 @@ pub struct NatsConfig {
     )]
     pub retain_after_snapshot: u64,
 
+    /// The least time between two of this replica's attempts to publish a snapshot (not a
+    /// flag: tests lower it). Each attempt lists the snapshot bucket, a NATS consumer the
+    /// server keeps for 30 s; at a low `--snapshot-every-records` the attempts ran the bucket
+    /// out of consumers, and publications and purges stopped (found by an adversarial run).
+    #[arg(skip = std::time::Duration::from_secs(10))]
+    pub snapshot_publish_interval: std::time::Duration,
+
     /// Takes over a stream of an earlier build's merge rules (1, without the bound on how large
     /// an update may grow a profile): what it holds is applied as before, what comes after
     /// with this build's rules. Only with every replica of the earlier build stopped (README,

@@ -99,7 +99,11 @@ impl SnapshotBucket {
     }
 
     /// Claims the right to upload the next snapshot for `holder`; `None` when another replica
-    /// holds the claim. A claim its holder never releases (it crashed) lapses after 10 minutes.
+    /// holds the claim. A claim its holder never releases (it crashed) lapses after 10 minutes,
+    /// except that `holder` takes over a claim in its own name: that is its own, left by this
+    /// replica before a restart (replica names are unique) or by an upload whose release
+    /// failed, and waiting it out stopped every publication and purge for 10 minutes while
+    /// local snapshots piled up (found by an adversarial run).
     pub async fn claim_upload(&self, holder: &str) -> Result<Option<UploadClaim>, JetStreamError> {
         match self
             .meta
@@ -107,7 +111,34 @@ impl SnapshotBucket {
             .await
         {
             Ok(revision) => Ok(Some(UploadClaim { revision })),
-            Err(err) if already_exists(&err) => Ok(None),
+            Err(err) if already_exists(&err) => self.take_over_own_claim(holder).await,
+            Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
+        }
+    }
+
+    /// The claim, if `holder` holds it already (compare-and-set on its revision, so a claim
+    /// taken by another replica in between stays theirs).
+    async fn take_over_own_claim(
+        &self,
+        holder: &str,
+    ) -> Result<Option<UploadClaim>, JetStreamError> {
+        let entry = self
+            .meta
+            .entry(UPLOAD_CLAIM)
+            .await
+            .map_err(|err| self.error(UPLOAD_CLAIM, err))?;
+        let Some(entry) = entry.filter(|entry| {
+            entry.operation == kv::Operation::Put && entry.value.as_ref() == holder.as_bytes()
+        }) else {
+            return Ok(None);
+        };
+        match self
+            .meta
+            .update(UPLOAD_CLAIM, holder.to_string().into(), entry.revision)
+            .await
+        {
+            Ok(revision) => Ok(Some(UploadClaim { revision })),
+            Err(err) if wrong_revision(&err) => Ok(None),
             Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
         }
     }

@@ -8,8 +8,10 @@
 //! (the newest snapshot below the history window stays, so a restart rebuilds the window),
 //! less those the stream was purged past: no restart can use them.
 //!
-//! Then, if the bucket's newest snapshot is that many revisions older, the replica that wins
-//! the upload claim (`SnapshotBucket::claim_upload`) publishes it, keeps the two newest, and
+//! Then, if the bucket's newest snapshot is that many revisions older (checked at most every
+//! 10 s: each check lists the bucket, a NATS consumer the server keeps for 30 s), the replica
+//! that wins the upload claim (`SnapshotBucket::claim_upload`; a claim in its own name, left
+//! by a crash, is its own) publishes it, keeps the two newest, and
 //! purges the stream below the older of the two (less `--nats-retain-after-snapshot`
 //! messages): nothing the newest published snapshot does not cover is ever removed, and the
 //! older one stays usable for a replica that is downloading it right now.
@@ -24,7 +26,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +49,10 @@ pub(super) struct Snapshots {
     pub bucket: SnapshotBucket,
     pub every_records: u64,
     pub every_bytes: u64,
+    /// The least time between two attempts to publish (`NatsConfig::snapshot_publish_interval`).
+    pub publish_interval: Duration,
+    /// When this replica last tried to publish.
+    pub last_publish: Option<Instant>,
     pub history_events: u64,
     pub retain_after: u64,
     /// Who holds the upload claim (the replica's name).
@@ -80,7 +86,14 @@ impl Snapshots {
         }
         self.records_since = 0;
         self.bytes_since = 0;
+        let publish = self
+            .last_publish
+            .is_none_or(|at| at.elapsed() >= self.publish_interval);
+        if publish {
+            self.last_publish = Some(Instant::now());
+        }
         let job = Job {
+            publish,
             dir: self.dir.clone(),
             lock: self.lock.clone(),
             store: self.store.clone(),
@@ -104,6 +117,8 @@ impl Snapshots {
 
 /// One snapshot and its upload, off the applier's task.
 struct Job {
+    /// Whether to try publishing it (at most every `Snapshots::publish_interval`).
+    publish: bool,
     dir: PathBuf,
     lock: LockRef,
     store: Store,
@@ -148,7 +163,11 @@ impl Job {
             removed_files = taken.removed.len(),
             "snapshot written"
         );
-        match self.publish(&taken.path, revision, stream_sequence).await {
+        let published = match self.publish {
+            true => self.publish(&taken.path, revision, stream_sequence).await,
+            false => Ok(None),
+        };
+        match published {
             Ok(Some(purged)) => {
                 self.metrics.replication_snapshot_upload("uploaded");
                 tracing::info!(revision, stream_sequence, purged, "snapshot published");
@@ -179,22 +198,30 @@ impl Job {
         let dir = self.dir.clone();
         let removed = tokio::task::spawn_blocking(move || {
             let _lock = lock;
-            remove_unusable(&dir, first)
+            remove_unusable(&dir, first, |path| std::fs::remove_file(path))
         })
         .await
         .expect("removing files does not panic");
-        match removed {
-            Ok(removed) if removed.is_empty() => {}
-            Ok(removed) => tracing::info!(
-                removed = removed.len(),
-                stream_first_sequence = first,
-                "removed local snapshots the stream no longer continues from"
-            ),
-            Err(error) => tracing::warn!(
+        let failed = match removed {
+            Ok((removed, failed)) => {
+                if !removed.is_empty() {
+                    tracing::info!(
+                        removed = removed.len(),
+                        stream_first_sequence = first,
+                        "removed local snapshots the stream no longer continues from"
+                    );
+                }
+                failed
+            }
+            Err(error) => vec![error],
+        };
+        if let Some(error) = failed.first() {
+            tracing::warn!(
                 %error,
+                not_removed = failed.len(),
                 "local snapshots the stream no longer continues from not removed; the next \
                  snapshot retries"
-            ),
+            );
         }
     }
 
@@ -291,21 +318,32 @@ impl Job {
 /// Removes the snapshots in `dir` that the stream, now starting at `first`, does not continue
 /// from (`startup::choose_local` needs `stream_sequence + 1 >= first`), except the newest.
 /// Left alone: unreadable ones (start-up sets those aside, naming them) and a single node's
-/// (stream sequence 0: not this replica's to remove). Returns what was removed.
-fn remove_unusable(dir: &Path, first: u64) -> Result<Vec<PathBuf>, JournalError> {
+/// (stream sequence 0: not this replica's to remove). A file that cannot be removed is skipped
+/// (one stuck file stopped every later removal, found by an adversarial run). Returns what was
+/// removed, and the failures.
+fn remove_unusable(
+    dir: &Path,
+    first: u64,
+    remove: impl Fn(&Path) -> std::io::Result<()>,
+) -> Result<(Vec<PathBuf>, Vec<JournalError>), JournalError> {
     let mut snapshots = snapshot::list(dir)?;
     snapshots.pop();
-    let mut removed = Vec::new();
+    let (mut removed, mut failed) = (Vec::new(), Vec::new());
     for (_, path) in snapshots {
         let unusable = snapshot::read_header(&path)
             .is_ok_and(|header| header.stream_sequence > 0 && header.stream_sequence + 1 < first);
-        if unusable {
-            let remove = crate::io_error::IoError::on(&path, "remove");
-            std::fs::remove_file(&path).map_err(|error| JournalError::Io(remove(error)))?;
-            removed.push(path);
+        if !unusable {
+            continue;
+        }
+        match remove(&path) {
+            Ok(()) => removed.push(path),
+            Err(error) => {
+                let failure = crate::io_error::IoError::on(&path, "remove");
+                failed.push(JournalError::Io(failure(error)));
+            }
         }
     }
-    Ok(removed)
+    Ok((removed, failed))
 }
 
 /// The first sequence kept when the older of the two published snapshots is as of
@@ -342,6 +380,7 @@ mod tests {
         let data_dir = DataDir::open(dir.path()).unwrap();
         let stopping = CancellationToken::new();
         let job = Job {
+            publish: true,
             dir: dir.path().to_owned(),
             lock: data_dir.lock_ref(),
             store: Store::new(10, "test"),
@@ -440,9 +479,14 @@ mod tests {
         let unreadable = dir.path().join(format!("snapshot-{:020}.snap", 15));
         std::fs::write(&unreadable, b"not a snapshot").unwrap();
 
-        let removed = remove_unusable(dir.path(), 26).unwrap();
+        let removed = |first| {
+            let remove = |path: &Path| std::fs::remove_file(path);
+            let (removed, failed) = remove_unusable(dir.path(), first, remove).unwrap();
+            assert!(failed.is_empty(), "{failed:?}");
+            removed
+        };
         assert_eq!(
-            removed,
+            removed(26),
             paths[..2].to_vec(),
             "the two the stream does not continue from"
         );
@@ -459,14 +503,37 @@ mod tests {
         );
 
         // Purged past every one: the newest stays all the same (start-up then says what to do).
-        assert_eq!(
-            remove_unusable(dir.path(), 100).unwrap(),
-            [paths[2].clone()]
-        );
-        assert!(remove_unusable(dir.path(), 100).unwrap().is_empty());
+        assert_eq!(removed(100), [paths[2].clone()]);
+        assert!(removed(100).is_empty());
         let left: Vec<_> = snapshot::list(dir.path()).unwrap();
         let left: Vec<_> = left.into_iter().map(|(_, path)| path).collect();
         assert_eq!(left, [single_node, unreadable, paths[3].clone()]);
+    }
+
+    /// One snapshot that could not be removed (immutable, on a read-only mount) stopped the
+    /// removal of every later one (found by an adversarial run): it is skipped and named.
+    #[test]
+    fn a_snapshot_that_cannot_be_removed_does_not_hold_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<_> = [(10, 5), (20, 15), (30, 25), (40, 35)]
+            .into_iter()
+            .map(|(revision, sequence)| {
+                snapshot::write_as_of(dir.path(), revision, sequence, &[]).unwrap()
+            })
+            .collect();
+        let stuck = paths[0].clone();
+        let remove = |path: &Path| match path == stuck {
+            true => Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied)),
+            false => std::fs::remove_file(path),
+        };
+        let (removed, failed) = remove_unusable(dir.path(), 100, remove).unwrap();
+        assert_eq!(removed, paths[1..3].to_vec());
+        assert_eq!(failed.len(), 1);
+        let named = failed[0].to_string();
+        assert!(
+            named.contains("snapshot-00000000000000000010.snap"),
+            "{named}"
+        );
     }
 
     #[test]
