@@ -214,6 +214,20 @@ async fn tls_clients_that_stall_before_the_http2_preface_are_closed_after_the_ha
     service.stop().await;
 }
 
+/// The arguments that serve `(certificate, key)` (PEM), written to files in `dir`.
+fn serving(dir: &std::path::Path, (cert, key): (String, String)) -> Vec<String> {
+    let (cert_file, key_file) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let path = |file: &std::path::Path| file.to_str().unwrap().to_owned();
+    vec![
+        "--grpc-tls-cert".into(),
+        path(&cert_file),
+        "--grpc-tls-key".into(),
+        path(&key_file),
+    ]
+}
+
 /// An expired served certificate started without a word, and handshakes the listener refused
 /// left no trace in logs or metrics (found by an adversarial run): start-up warns of the
 /// certificate and exports its expiry; a refused handshake is warned of and counted, and a
@@ -222,17 +236,9 @@ async fn tls_clients_that_stall_before_the_http2_preface_are_closed_after_the_ha
 async fn an_expired_certificate_and_failed_handshakes_are_warned_of_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
-    let (cert, key) = pki.issue_expired("localhost");
-    let (cert_file, key_file) = (dir.path().join("server.pem"), dir.path().join("server.key"));
-    std::fs::write(&cert_file, cert).unwrap();
-    std::fs::write(&key_file, key).unwrap();
+    let args = serving(dir.path(), pki.issue_expired("localhost"));
     let data = dir.path().join("data");
-    let args = [
-        "--grpc-tls-cert",
-        cert_file.to_str().unwrap(),
-        "--grpc-tls-key",
-        key_file.to_str().unwrap(),
-    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut server = Binary::start(&data, &args).await;
     let warning = server
         .wait_for(
@@ -308,16 +314,8 @@ async fn an_expired_certificate_and_failed_handshakes_are_warned_of_and_counted(
 async fn a_certificate_not_valid_yet_is_warned_of_and_its_start_exported() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new();
-    let (cert, key) = pki.issue_not_yet_valid("localhost");
-    let (cert_file, key_file) = (dir.path().join("server.pem"), dir.path().join("server.key"));
-    std::fs::write(&cert_file, cert).unwrap();
-    std::fs::write(&key_file, key).unwrap();
-    let args = [
-        "--grpc-tls-cert",
-        cert_file.to_str().unwrap(),
-        "--grpc-tls-key",
-        key_file.to_str().unwrap(),
-    ];
+    let args = serving(dir.path(), pki.issue_not_yet_valid("localhost"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut server = Binary::start(&dir.path().join("data"), &args).await;
     let warning = server
         .wait_for(

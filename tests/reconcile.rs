@@ -739,6 +739,25 @@ async fn hanging_forwarder(
     (address, switch)
 }
 
+/// Starts `reconcile --wait` (with `extra` arguments) of customer `jo` through `grpc`, and
+/// returns once its job asked Gameball for the customer: the command's output, once it ends.
+async fn wait_for_a_running_job(
+    grpc: &str,
+    extra: &[&str],
+    stand_in: &GameballStandIn,
+) -> tokio::task::JoinHandle<std::process::Output> {
+    let args = ["reconcile", "--grpc", grpc, "--client-id", "2155"];
+    let wait = ["--customer-id", "jo", "--wait"];
+    let mut command = common::binary::bare_command(&[&args[..], extra, &wait[..]].concat());
+    let waiting = tokio::task::spawn_blocking(move || command.output().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stand_in.count(Api::Details) == 0 {
+        assert!(Instant::now() < deadline, "the job never asked Gameball");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    waiting
+}
+
 /// A server that hangs (SIGSTOP, a dead network path) while `reconcile --wait` follows its
 /// job: each poll runs out its `--timeout` in this client's transport, which counts as the
 /// server unreachable, so after 5 s of those the job is reported stopped early (exit 2), not
@@ -752,23 +771,7 @@ async fn reconcile_wait_says_the_job_ended_when_its_server_hangs() {
     let service = in_memory(dir.path(), &stand_in).await;
     let (grpc, hung) = hanging_forwarder(service.grpc).await;
     let grpc = grpc.to_string();
-    let args = [
-        "reconcile",
-        "--grpc",
-        &grpc,
-        "--client-id",
-        "2155",
-        "--timeout",
-        "1s",
-    ];
-    let mut command =
-        common::binary::bare_command(&[&args[..], &["--customer-id", "jo", "--wait"]].concat());
-    let waiting = tokio::task::spawn_blocking(move || command.output().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stand_in.count(Api::Details) == 0 {
-        assert!(Instant::now() < deadline, "the job never asked Gameball");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let waiting = wait_for_a_running_job(&grpc, &["--timeout", "1s"], &stand_in).await;
     hung.store(true, Ordering::SeqCst);
     let waited = tokio::time::timeout(Duration::from_secs(30), waiting)
         .await
@@ -806,15 +809,7 @@ async fn wait_for_a_job_whose_server_stops(forwarded: bool) {
         false => service.grpc.to_string(),
         true => tcp_forwarder(service.grpc).await.to_string(),
     };
-    let args = ["reconcile", "--grpc", &grpc, "--client-id", "2155"];
-    let mut command =
-        common::binary::bare_command(&[&args[..], &["--customer-id", "jo", "--wait"]].concat());
-    let waiting = tokio::task::spawn_blocking(move || command.output().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stand_in.count(Api::Details) == 0 {
-        assert!(Instant::now() < deadline, "the job never asked Gameball");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let waiting = wait_for_a_running_job(&grpc, &[], &stand_in).await;
     service.stop().await;
     let waited = waiting.await.unwrap();
     let stderr = String::from_utf8_lossy(&waited.stderr);

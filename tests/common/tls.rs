@@ -37,21 +37,22 @@ impl Pki {
 
     /// A certificate for `name` signed by the CA that expired at the start of 2021.
     pub fn issue_expired(&self, name: &str) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem())
+        self.issue_dated(name, 2020, 2021)
     }
 
     /// A certificate for `name` signed by the CA, valid from the start of 2099 (deployed too
     /// early, or on a machine whose clock is behind).
     pub fn issue_not_yet_valid(&self, name: &str) -> (String, String) {
+        self.issue_dated(name, 2099, 2100)
+    }
+
+    /// A certificate for `name` signed by the CA, valid from the start of year `from` to the
+    /// start of year `until`.
+    fn issue_dated(&self, name: &str, from: i32, until: i32) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.not_before = rcgen::date_time_ymd(2099, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
         let cert = params.signed_by(&key, &self.ca).unwrap();
         (cert.pem(), key.serialize_pem())
     }
