@@ -161,7 +161,7 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
         (
             vec!["--ephemeral", "--webhook-secrets-file", secrets],
             vec![],
-            "is not valid TOML: line 2, column 22",
+            "is not a valid secrets file (TOML): line 2, column 22",
             None,
         ),
         (

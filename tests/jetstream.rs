@@ -109,7 +109,11 @@ async fn an_existing_stream_that_cannot_work_is_refused_naming_the_setting() {
         ..settings("CHECKED")
     };
     let error = UpdateStream::ensure(&client, &three).await.err().unwrap();
-    assert_eq!(error.to_string(), "CHECKED: replicas is 1, expected 3");
+    assert_eq!(
+        error.to_string(),
+        "CHECKED: replicas is 1, expected 3 (--nats-replicas; or change the stream's replicas on \
+         the server)"
+    );
 
     let longer = StreamSettings {
         duplicate_window: Duration::from_secs(3 * 3600),
@@ -118,7 +122,8 @@ async fn an_existing_stream_that_cannot_work_is_refused_naming_the_setting() {
     let error = UpdateStream::ensure(&client, &longer).await.err().unwrap();
     assert_eq!(
         error.to_string(),
-        "CHECKED: duplicate_window is 2h, expected at least 3h"
+        "CHECKED: duplicate_window is 2h, expected at least 3h (--nats-duplicate-window; or \
+         raise the stream's duplicate window on the server)"
     );
 
     // A stream of other merge rules (a newer or older release's): replicas of both would

@@ -970,3 +970,24 @@ async fn a_reload_without_a_scheduled_accounts_settings_is_warned_of() {
     );
     server.stop();
 }
+
+/// A SIGHUP without a secrets file said "webhook secrets reloaded" of secrets that come from
+/// the flags alone (found by a fresh-eyes run): it says there is no file to reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_without_a_secrets_file_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Binary::start(&dir.path().join("data"), &[]).await;
+    let pid = server.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let said = server
+        .wait_for("SIGHUP: there is no --webhook-secrets-file to reload")
+        .await;
+    assert_eq!(said["level"], "INFO");
+    server.stop();
+}

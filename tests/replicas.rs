@@ -1174,6 +1174,22 @@ async fn start_up_names_an_unreachable_nats_and_refuses_a_body_limit_above_its_m
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("--max-body-bytes"), "{stderr}");
     assert!(stderr.contains("max_payload"), "{stderr}");
+
+    // Three stream replicas on one JetStream server outside a cluster cannot work, whatever
+    // a restart finds: exit 64, naming the flag (it was exit 1, so systemd restarted it for
+    // good; found by a fresh-eyes run), on a line of its own.
+    let args = ["--nats-url", &url, "--nats-replicas", "3"];
+    let output = binary::refused(dir.path(), &args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|line| line.starts_with("profile-state: "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.ends_with("with one server, give --nats-replicas 1)"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

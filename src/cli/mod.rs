@@ -284,11 +284,13 @@ pub fn run(cli: Cli, sources: &Sources) -> ExitCode {
 
 /// Prints `profile-state: <message>` (with notes on flags set from the environment) to stderr.
 pub fn print_error(sources: &Sources, message: &str) {
-    let _ = writeln!(
-        std::io::stderr(),
-        "{}",
+    // One write, newline included: a log line written meanwhile by a thread still stopping
+    // (the NATS client's "closed") landed between the message and its newline.
+    let line = format!(
+        "{}\n",
         sources.explain(&format!("profile-state: {message}"))
     );
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 #[cfg(test)]

@@ -353,7 +353,10 @@ pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Parses a duration flag (`10s`, `5m`, `2h`, as humantime reads them), at most
 /// [`MAX_DURATION`].
 pub fn duration(text: &str) -> Result<Duration, String> {
-    let parsed = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    // humantime's own words name neither the format nor the units ("expected number at 0").
+    let parsed = humantime::parse_duration(text).map_err(|error| {
+        format!("{error}: a duration is a number and a unit, such as 500ms, 10s, 5m, 2h or 1d")
+    })?;
     if parsed > MAX_DURATION {
         return Err(format!(
             "{text} is longer than the longest a flag takes, a year"
@@ -576,6 +579,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// "expected number at 0" was all a bad duration got (found by a fresh-eyes run).
+    #[test]
+    fn a_bad_duration_is_told_the_format() {
+        for bad in ["xyz", "10", "5 parsecs"] {
+            let error = duration(bad).unwrap_err();
+            assert!(error.contains("such as 500ms, 10s"), "{bad}: {error}");
+        }
+        assert_eq!(duration("90s"), Ok(Duration::from_secs(90)));
+    }
 
     #[test]
     fn reconcile_every_is_an_account_and_a_period_of_an_hour_or_more() {

@@ -67,6 +67,18 @@ pub enum JetStreamError {
         /// The client's reason.
         reason: String,
     },
+    /// The stream asks for more replicas than a JetStream server outside a cluster keeps:
+    /// a setting that cannot work, whereas too few servers up in a cluster may pass.
+    #[error(
+        "jetstream refused stream create: {reason} (--nats-replicas {replicas} needs a JetStream \
+         cluster of at least that many servers; with one server, give --nats-replicas 1)"
+    )]
+    ReplicasNotSupported {
+        /// The replicas asked for.
+        replicas: usize,
+        /// The server's reason.
+        reason: String,
+    },
     /// JetStream answered, and refused.
     #[error("jetstream refused {operation}: {reason}")]
     Refused {
@@ -76,7 +88,7 @@ pub enum JetStreamError {
         reason: String,
     },
     /// The existing stream or bucket is configured in a way this service cannot rely on.
-    #[error("{name}: {setting} is {found}, expected {expected}")]
+    #[error("{name}: {setting} is {found}, expected {expected}{}", set_by(setting))]
     Mismatch {
         /// The stream or bucket.
         name: String,
@@ -161,4 +173,19 @@ pub enum JetStreamError {
         /// Why.
         reason: String,
     },
+}
+
+/// Where a setting of the stream comes from, for a [`JetStreamError::Mismatch`]: the flag to
+/// change, or the stream to edit (a setting no flag makes, set on the server by hand).
+fn set_by(setting: &str) -> String {
+    match setting {
+        "replicas" => " (--nats-replicas; or change the stream's replicas on the server)".into(),
+        "duplicate_window" => {
+            " (--nats-duplicate-window; or raise the stream's duplicate window on the server)"
+                .into()
+        }
+        _ => " (a setting of the stream on the server: change it back, e.g. with `nats stream \
+               edit`)"
+            .into(),
+    }
 }

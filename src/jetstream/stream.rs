@@ -553,13 +553,17 @@ fn create_failed(
     err: async_nats::jetstream::context::CreateStreamError,
 ) -> JetStreamError {
     match err.kind() {
+        CreateStreamErrorKind::JetStream(inner)
+            if inner.error_code() == ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED =>
+        {
+            JetStreamError::ReplicasNotSupported {
+                replicas: settings.replicas,
+                reason: inner.to_string(),
+            }
+        }
         CreateStreamErrorKind::JetStream(inner) => {
             let mut reason = inner.to_string();
-            let too_few_servers = [
-                ErrorCode::INSUFFICIENT_RESOURCES,
-                ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED,
-            ];
-            if settings.replicas > 1 && too_few_servers.contains(&inner.error_code()) {
+            if settings.replicas > 1 && inner.error_code() == ErrorCode::INSUFFICIENT_RESOURCES {
                 reason.push_str(&format!(
                     " (--nats-replicas {} needs that many JetStream servers in the cluster)",
                     settings.replicas

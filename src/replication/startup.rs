@@ -125,7 +125,9 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
     }
     let stream = match UpdateStream::ensure(&nats, &settings).await {
         Ok(stream) => stream,
-        Err(error @ JetStreamError::Mismatch { .. }) => {
+        Err(
+            error @ (JetStreamError::Mismatch { .. } | JetStreamError::ReplicasNotSupported { .. }),
+        ) => {
             return Err(bad_configuration(error.to_string()));
         }
         Err(error) => return Err(error.into()),

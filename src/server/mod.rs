@@ -744,6 +744,12 @@ fn reload_on_sighup(
                 received = hangups.recv() => if received.is_none() { return },
                 () = stopping.cancelled() => return,
             }
+            if !secrets.reloads_a_file() {
+                // It said "reloaded" of secrets that come from flags only (found by a
+                // fresh-eyes run).
+                tracing::info!("SIGHUP: there is no --webhook-secrets-file to reload");
+                continue;
+            }
             match secrets.reload() {
                 Ok(()) => {
                     tracing::info!("webhook secrets reloaded");

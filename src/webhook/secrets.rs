@@ -63,7 +63,7 @@ pub enum SecretsError {
     #[error("--webhook-secrets-file {0}")]
     Read(IoError),
     /// The file does not parse.
-    #[error("--webhook-secrets-file {path} is not valid {format}: {reason}")]
+    #[error("--webhook-secrets-file {path} is not a valid secrets file ({format}): {reason}")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -267,6 +267,11 @@ impl SecretStore {
     }
 
     /// Reloads the secrets file. On error the old secrets stay in force.
+    /// Whether there is a file to reload (`--webhook-secrets-file`).
+    pub fn reloads_a_file(&self) -> bool {
+        self.file.is_some()
+    }
+
     pub fn reload(&self) -> Result<(), SecretsError> {
         let Some(file) = &self.file else {
             return Ok(());
@@ -330,8 +335,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.toml");
         for (text, wanted) in [
-            ("default = [", "not valid TOML"),
-            ("defaults = [\"x\"]", "not valid TOML"),
+            ("default = [", "is not a valid secrets file (TOML)"),
+            ("defaults = [\"x\"]", "is not a valid secrets file (TOML)"),
             ("[clients]\n\"1\" = []", "at least one"),
             ("", "no secret at all"),
         ] {
@@ -377,14 +382,14 @@ mod tests {
         .unwrap();
         let error = load_error(&path);
         assert!(
-            error.contains("is not valid TOML: line 3, column "),
+            error.contains("is not a valid secrets file (TOML): line 3, column "),
             "{error}"
         );
         assert!(!error.contains("topsecret"), "{error}");
         std::fs::write(&path, "{\"clients\": {\"2155\": [\"topsecret\",]}}").unwrap();
         let error = load_error(&path);
         assert!(
-            error.contains("is not valid JSON") && error.contains("line 1 column"),
+            error.contains("is not a valid secrets file (JSON)") && error.contains("line 1 column"),
             "{error}"
         );
         assert!(!error.contains("topsecret"), "{error}");
