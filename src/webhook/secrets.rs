@@ -266,12 +266,12 @@ impl SecretStore {
         Arc::clone(&self.current.read().expect("secrets lock poisoned"))
     }
 
-    /// Reloads the secrets file. On error the old secrets stay in force.
     /// Whether there is a file to reload (`--webhook-secrets-file`).
     pub fn reloads_a_file(&self) -> bool {
         self.file.is_some()
     }
 
+    /// Reloads the secrets file. On error the old secrets stay in force.
     pub fn reload(&self) -> Result<(), SecretsError> {
         let Some(file) = &self.file else {
             return Ok(());
