@@ -114,10 +114,33 @@ impl From<IoError> for DataDirError {
     }
 }
 
+/// Creates `path` (and missing parents) if missing, the directory itself readable by its owner
+/// only: it holds every customer's personal data, and was created readable by everyone under a
+/// usual umask outside systemd (whose unit sets `UMask=0077`; found by a fresh-eyes run). An
+/// existing directory keeps its mode: the operator chose it.
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        fs::create_dir_all(parent)?;
+    }
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    match builder.create(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        result => result,
+    }
+}
+
 impl DataDir {
     /// Opens `path`, creating it if missing; takes the lock; reads or creates the store id.
     pub fn open(path: &Path) -> Result<DataDir, DataDirError> {
-        fs::create_dir_all(path).map_err(IoError::on(path, "create"))?;
+        create_private_dir(path).map_err(IoError::on(path, "create"))?;
         let lock_path = path.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)

@@ -113,6 +113,14 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     assert!(!Path::new(&format!("{}.partial", path(&file))).exists());
     let size = std::fs::metadata(&file).unwrap().len();
     assert!(size > 1024, "{size} bytes: more than one message's worth");
+    // Personal data: the backup, and the data directories the binary creates, are their
+    // owner's only whatever the umask (they were readable by everyone; a fresh-eyes run).
+    let private = |path: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o077 == 0
+    };
+    assert!(private(&file), "the backup file");
+    assert!(private(&original), "a data directory the service created");
 
     // The state at the backup's revision: each customer's last update at or before it.
     let mut expected: HashMap<String, (i64, u64)> = HashMap::new();
@@ -142,6 +150,7 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     ])
     .await;
     assert!(restore.status.success(), "{}", text(&restore.stderr));
+    assert!(private(&restored), "a data directory restore created");
     assert!(
         text(&restore.stdout).contains(&format!("as of revision {revision} into")),
         "{}",

@@ -85,8 +85,8 @@ async fn receive(connection: &Connection, partial: &Path) -> Result<Announced, F
         .await
         .map_err(|status| refused("backup", &status))?
         .into_inner();
-    let mut file = std::fs::File::create(partial)
-        .map_err(|error| failed(IoError::new(partial, "create", error)))?;
+    let mut file =
+        private_file(partial).map_err(|error| failed(IoError::new(partial, "create", error)))?;
     let mut announced = None;
     while let Some(message) = stream
         .message()
@@ -119,6 +119,19 @@ fn check_target(file: &Path) -> Result<(), Failure> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(error) => Err(failed(IoError::new(file, "inspect", error))),
     }
+}
+
+/// A new (or emptied) file only its owner may read: a backup holds every customer's personal
+/// data, and it was left readable by everyone under a usual umask (found by a fresh-eyes run).
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::File::create(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Also a leftover `.partial` of an interrupted backup, which keeps its old mode.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
 }
 
 fn partial_path(file: &Path) -> PathBuf {
