@@ -425,10 +425,6 @@ fn contended(id: &DeadLetterId) -> DeadLetterError {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-
-    use std::collections::HashMap;
-
     use super::*;
 
     /// Entries in memory, counting the reads of every key (each a NATS consumer in the real
