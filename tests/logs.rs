@@ -264,3 +264,32 @@ async fn a_restart_after_a_kill_cuts_the_runway_off_without_warning_of_a_torn_re
     let body = profile_updated("c1", &at(4), json!({"total_points": 4}));
     assert_eq!(binary.post(&body).await.0, 200);
 }
+
+/// `--webhook-secret` beside `--insecure-skip-signature` was dropped without a word (found by
+/// a fresh-eyes run): start-up says it is not used.
+#[test]
+fn secrets_beside_insecure_skip_signature_are_said_to_be_unused() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let args = [
+        "--insecure-skip-signature",
+        "--webhook-secret",
+        "s",
+        "--ephemeral",
+        "--webhook-listen",
+        &taken,
+    ];
+    let output = bare_command(&args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the binary runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "port in use: {text}");
+    assert!(
+        text.contains(
+            "--webhook-secret and --webhook-secrets-file are not used while \
+             --insecure-skip-signature is set"
+        ),
+        "{text}"
+    );
+}
