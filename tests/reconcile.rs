@@ -772,6 +772,8 @@ async fn reconcile_wait_says_the_job_ended_when_its_server_hangs() {
     let (grpc, hung) = hanging_forwarder(service.grpc).await;
     let grpc = grpc.to_string();
     let waiting = wait_for_a_running_job(&grpc, &["--timeout", "1s"], &stand_in).await;
+    // Polled a few times (each second) while nothing moves: the time is what is tested.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     hung.store(true, Ordering::SeqCst);
     let waited = tokio::time::timeout(Duration::from_secs(30), waiting)
         .await
@@ -784,6 +786,8 @@ async fn reconcile_wait_says_the_job_ended_when_its_server_hangs() {
             && stderr.contains("Timeout expired"),
         "{stderr}"
     );
+    // Progress is shown when it moves, not the same line every second (a fresh-eyes run).
+    assert_eq!(stderr.matches("0 of 1 done").count(), 1, "{stderr}");
     service.stop().await;
 }
 

@@ -84,6 +84,8 @@ const SERVER_GONE_AFTER: Duration = Duration::from_secs(5);
 /// Polls the job each second until it ends, showing progress on stderr.
 async fn follow(client: &mut AdminClient, job_id: &str) -> Result<pb::ReconcileJob, Failure> {
     let mut unreachable_since = None;
+    // The last progress shown: a line only when it moved (the same line came every second).
+    let mut shown = None;
     loop {
         let request = pb::GetReconcileJobRequest {
             job_id: job_id.to_owned(),
@@ -107,10 +109,14 @@ async fn follow(client: &mut AdminClient, job_id: &str) -> Result<pb::ReconcileJ
         if job.state() != pb::ReconcileJobState::Running {
             return Ok(job);
         }
-        eprintln!(
-            "profile-state: {} of {} done ({} changed, {} failed)",
-            job.done, job.total, job.changed, job.failed
-        );
+        let progress = (job.done, job.total, job.changed, job.failed);
+        if shown != Some(progress) {
+            eprintln!(
+                "profile-state: {} of {} done ({} changed, {} failed)",
+                job.done, job.total, job.changed, job.failed
+            );
+            shown = Some(progress);
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
