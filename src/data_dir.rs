@@ -114,27 +114,20 @@ impl From<IoError> for DataDirError {
     }
 }
 
-/// Creates `path` (and missing parents) if missing, the directory itself readable by its owner
-/// only: it holds every customer's personal data, and was created readable by everyone under a
+/// Creates `path` (and missing parents) if missing, readable by its owner only: it holds every customer's personal data, and was created readable by everyone under a
 /// usual umask outside systemd (whose unit sets `UMask=0077`; found by a fresh-eyes run). An
 /// existing directory keeps its mode: the operator chose it.
 fn create_private_dir(path: &Path) -> std::io::Result<()> {
     if path.is_dir() {
         return Ok(());
     }
-    if let Some(parent) = path
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-    {
-        fs::create_dir_all(parent)?;
-    }
+    // Missing parents too (as `create_dir_all`, whose errors it keeps: a file in the way is
+    // "Not a directory").
     let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    match builder.create(path) {
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
-        result => result,
-    }
+    builder.create(path)
 }
 
 impl DataDir {
