@@ -953,14 +953,7 @@ async fn a_reload_without_a_scheduled_accounts_settings_is_warned_of() {
     ];
     let mut server = Binary::start(&dir.path().join("data"), &args).await;
     std::fs::write(&secrets, "").unwrap();
-    let pid = server.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    server.signal("HUP");
     server.wait_for("webhook secrets reloaded").await;
     let warning = server
         .wait_for(
@@ -981,14 +974,7 @@ async fn a_reload_without_a_scheduled_accounts_settings_is_warned_of() {
 async fn a_reload_without_a_secrets_file_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Binary::start(&dir.path().join("data"), &[]).await;
-    let pid = server.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    server.signal("HUP");
     let said = server
         .wait_for("SIGHUP: there is no --webhook-secrets-file to reload")
         .await;

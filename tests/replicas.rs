@@ -870,15 +870,7 @@ async fn a_replica_stopped_for_20_s_under_load_catches_up_by_itself() {
     // Webhooks go to a only: a load balancer stops sending to a replica that does not answer.
     let mut load = Load::start(vec![(&a).into()], 4, 150, Duration::from_millis(150));
     load.wait_acked(8).await;
-    let pid = b.child.id().to_string();
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    signal("-STOP");
+    b.signal("STOP");
     let before = *load.acked.borrow();
     // The stop itself is the scenario (a stand-in for a partition): 20 s, as the issue says.
     // More than `--max-lag` (1 s) before the end of it, what the stream holds then: b may only
@@ -891,7 +883,7 @@ async fn a_replica_stopped_for_20_s_under_load_catches_up_by_itself() {
         *load.acked.borrow() > before + 100,
         "a took webhooks meanwhile"
     );
-    signal("-CONT");
+    b.signal("CONT");
     let b_replica = Replica::from(&b);
     let deadline = Instant::now() + PATIENCE;
     while b_replica.ready().await != 200 {

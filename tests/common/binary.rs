@@ -208,14 +208,19 @@ impl Binary {
             .into_inner()
     }
 
+    /// Sends the binary a signal by `kill`'s name for it (`"HUP"`, `"STOP"`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name}");
+    }
+
     /// SIGTERM, then waits for a clean exit. The wait blocks only this worker thread: the
     /// runtime must go on closing the test's connections, or the server waits for them.
     pub fn stop(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.signal("TERM");
         let exit = tokio::task::block_in_place(|| self.child.wait().unwrap());
         assert!(exit.success(), "exits 0");
     }
@@ -225,11 +230,7 @@ impl Binary {
     /// SIGTERM, a clean exit, then every log line the binary wrote (those `wait_for` read
     /// first).
     pub fn stop_collecting(mut self) -> Vec<Value> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.signal("TERM");
         let exit = tokio::task::block_in_place(|| self.child.wait().unwrap());
         assert!(exit.success(), "exits 0");
         let mut lines = std::mem::take(&mut self.seen);
