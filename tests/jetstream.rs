@@ -624,3 +624,63 @@ async fn a_publish_without_responders_is_tried_again_until_the_request_timeout()
         started.elapsed()
     );
 }
+
+/// The consumers left on `stream` (the bucket's own stream).
+async fn consumers_on(client: &Nats, stream: &str) -> usize {
+    let mut stream = client.context().get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.consumer_count
+}
+
+/// Listing a bucket's keys or objects made a consumer that the server kept 30 s after, and a
+/// stream holds a bounded number: a burst of listings (a dead letter counted per arrival, an
+/// operator paging, snapshot jobs at a low `--snapshot-every-records`) ended in NATS refusing
+/// every further consumer (error 10026; found by an adversarial run and by measuring). Every
+/// listing now leaves none, and lists past one fetch's worth of keys.
+#[tokio::test]
+async fn listings_leave_no_consumer_behind() {
+    let (_nats, client, stream) = started("LIST").await;
+    let letters = DeadLetterBucket::open(&stream, 1024).await.unwrap();
+    let mut ids: Vec<String> = (0..2_500).map(|n| format!("{n:040x}")).collect();
+    for id in &ids {
+        letters
+            .create(id, b"letter".to_vec())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let gone = ids.remove(7);
+    let at = letters.get(&gone).await.unwrap().unwrap().revision;
+    letters.remove(&gone, at).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(
+            letters.ids().await.unwrap(),
+            ids,
+            "every key but the removed one"
+        );
+    }
+    assert_eq!(consumers_on(&client, "KV_LIST_DEAD_LETTERS").await, 0);
+
+    let snapshots = SnapshotBucket::open(&stream).await.unwrap();
+    let chunk = "$O.LIST_SNAPSHOTS.C.unfinished";
+    client
+        .context()
+        .publish(chunk, "part".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for n in 1..=3 {
+        snapshots
+            .put(n * 10, n, &mut &b"snapshot"[..])
+            .await
+            .unwrap();
+    }
+    assert_eq!(snapshots.retire(2).await.unwrap(), 1);
+    for _ in 0..20 {
+        let listed = snapshots.list().await.unwrap();
+        let sequences: Vec<u64> = listed.iter().map(|s| s.stream_sequence).collect();
+        assert_eq!(sequences, [2, 3], "the retired one is not listed");
+        assert_eq!(snapshots.unfinished_uploads().await.unwrap(), [chunk]);
+    }
+    assert_eq!(consumers_on(&client, "OBJ_LIST_SNAPSHOTS").await, 0);
+}

@@ -111,9 +111,10 @@ pub struct NatsConfig {
     pub retain_after_snapshot: u64,
 
     /// The least time between two of this replica's attempts to publish a snapshot (not a
-    /// flag: tests lower it). Each attempt lists the snapshot bucket, a NATS consumer the
-    /// server keeps for 30 s; at a low `--snapshot-every-records` the attempts ran the bucket
-    /// out of consumers, and publications and purges stopped (found by an adversarial run).
+    /// flag: tests lower it). Each attempt lists the snapshot bucket (three JetStream requests:
+    /// a consumer made, read and deleted); at a low `--snapshot-every-records` there would be
+    /// many a second. (Before the listing deleted its consumer, the attempts ran the bucket
+    /// out of consumers and publications and purges stopped: found by an adversarial run.)
     #[arg(skip = std::time::Duration::from_secs(10))]
     pub snapshot_publish_interval: std::time::Duration,
 

@@ -10,7 +10,7 @@
 //! NATS. It holds no copy of the letters: every read of one goes to the bucket, so what a
 //! replica answers is what the cluster holds. It keeps only each letter's first arrival (its
 //! place in listings, which never changes) and a count of the letters read now and then
-//! (each read of the bucket's keys costs a NATS consumer).
+//! (each read of the bucket's keys reads every key's last entry).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -33,11 +33,10 @@ pub const REPLAY_CLAIM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How many times a change is retried when another replica changed the letter in between.
 const ATTEMPTS: usize = 5;
 /// How long the count of letters last read from the bucket stands in for a new read when a new
-/// letter is kept (this replica's own changes counted meanwhile). Each read of the keys is a
-/// consumer the NATS server keeps for 30 s after its use, and a stream takes only so many:
-/// reading per new letter refused every letter with 503 after about 1,000 in half a minute.
-/// A second: each replica then reads at most about 30 times in the 30 s a consumer stays, and
-/// the cluster passes the limit by at most a second of letters (10 s let a burst over three
+/// letter is kept (this replica's own changes counted meanwhile). Each read of the keys reads
+/// every key's last entry (up to 10,000, through a NATS consumer made and deleted for it):
+/// per new letter, a burst's cost would grow with the square of its size. A second: the
+/// cluster passes the limit by at most a second of letters (10 s let a burst over three
 /// replicas pass it by 40%, found by an adversarial run).
 const COUNT_FRESH_FOR: Duration = Duration::from_secs(1);
 
@@ -434,8 +433,8 @@ fn contended(id: &DeadLetterId) -> DeadLetterError {
 mod tests {
     use super::*;
 
-    /// Entries in memory, counting the reads of every key (each a NATS consumer in the real
-    /// bucket, `crate::jetstream::DeadLetterBucket`).
+    /// Entries in memory, counting the reads of every key (each a listing of the whole bucket
+    /// in the real one, `crate::jetstream::DeadLetterBucket`).
     #[derive(Default)]
     struct MemoryBucket {
         entries: Mutex<HashMap<String, (Vec<u8>, u64)>>,
@@ -495,10 +494,11 @@ mod tests {
         }
     }
 
-    /// Every new letter read every key to check the limit: a NATS consumer each, kept 30 s,
-    /// and after about 1,000 in half a minute the server refused more, so every further letter
-    /// got 503 (found by measuring a burst). The count is read once a while, and the limit
-    /// still holds on the letters this replica keeps in between.
+    /// Every new letter read every key to check the limit: a NATS consumer each, which the
+    /// server then kept 30 s, and after about 1,000 in half a minute it refused more, so every
+    /// further letter got 503 (found by measuring a burst; the listing now deletes its
+    /// consumer, `jetstream::listing`). The count is read once a while, and the limit still
+    /// holds on the letters this replica keeps in between.
     #[tokio::test]
     async fn new_letters_read_the_keys_once_a_while_and_the_limit_still_holds() {
         let bucket = Arc::new(MemoryBucket::default());

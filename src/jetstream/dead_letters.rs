@@ -3,13 +3,12 @@
 //! letter. Values are opaque bytes here; what a letter holds is `dead_letters`' business: this
 //! is the adapter that implements its [`LetterBucket`].
 
-use async_nats::jetstream::kv::{self, Store};
-use tokio_stream::StreamExt;
-
-use super::key_value::{already_exists, open_bucket, wrong_revision};
+use super::key_value::{KV_OPERATION, already_exists, open_bucket, wrong_revision};
+use super::listing::last_per_subject;
 use super::{JetStreamError, UpdateStream};
 use crate::dead_letters::shared::BucketFuture;
 use crate::dead_letters::{BucketError, LetterBucket};
+use async_nats::jetstream::kv::{self, Store};
 
 /// A letter as stored, with the revision a compare-and-set must name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,17 +102,23 @@ impl DeadLetterBucket {
         }
     }
 
-    /// The ids of every letter.
+    /// The ids of every letter: the bucket's keys whose last entry is not a removal.
     pub async fn ids(&self) -> Result<Vec<String>, JetStreamError> {
-        let mut keys = self
-            .store
-            .keys()
+        let filter = format!("{}>", self.store.prefix);
+        let entries = last_per_subject(&self.store.stream, filter, true)
             .await
             .map_err(|err| self.error("*", err))?;
-        let mut ids = Vec::new();
-        while let Some(key) = keys.next().await {
-            ids.push(key.map_err(|err| self.error("*", err))?);
-        }
+        let mut ids: Vec<String> = entries
+            .iter()
+            .filter(|entry| !is_removal(entry))
+            .filter_map(|entry| {
+                entry
+                    .subject
+                    .as_str()
+                    .strip_prefix(self.store.prefix.as_str())
+            })
+            .map(str::to_string)
+            .collect();
         ids.sort();
         Ok(ids)
     }
@@ -173,6 +178,13 @@ impl LetterBucket for DeadLetterBucket {
     fn max_value_bytes(&self) -> usize {
         self.max_value_bytes
     }
+}
+
+/// Whether a bucket entry removes its key (a delete or purge marker), as the KV protocol
+/// marks it.
+fn is_removal(entry: &async_nats::jetstream::Message) -> bool {
+    let operation = entry.headers.as_ref().and_then(|h| h.get(KV_OPERATION));
+    operation.is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
 }
 
 fn failed(error: JetStreamError) -> BucketError {

@@ -8,6 +8,9 @@ use async_nats::jetstream::stream::StorageType;
 use super::stream::unavailable;
 use super::{JetStreamError, UpdateStream};
 
+/// The header that marks a KV entry as a delete (`DEL`) or a purge (`PURGE`).
+pub(super) const KV_OPERATION: &str = "KV-Operation";
+
 /// How nats-server words a create or compare-and-set that lost to another writer.
 const WRONG_LAST_SEQUENCE: &str = "wrong last sequence";
 

@@ -24,6 +24,7 @@ mod connection;
 mod dead_letters;
 mod follow;
 mod key_value;
+mod listing;
 mod schedule;
 mod snapshots;
 mod stream;

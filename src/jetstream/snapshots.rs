@@ -11,13 +11,14 @@ use std::collections::{HashMap, HashSet};
 
 use std::time::Duration;
 
-use async_nats::jetstream::object_store::{self, ObjectMetadata, ObjectStore};
+use async_nats::jetstream::object_store::{self, ObjectInfo, ObjectMetadata, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use async_nats::jetstream::{self, kv};
 use tokio::io::AsyncRead;
 use tokio_stream::StreamExt;
 
 use super::key_value::{already_exists, open_bucket, wrong_revision};
+use super::listing::last_per_subject;
 use super::stream::unavailable;
 use super::{JetStreamError, UpdateStream};
 
@@ -201,13 +202,8 @@ impl SnapshotBucket {
     /// Every snapshot of this store (objects of another store id, left from a stream that was
     /// replaced, are not ours), oldest first.
     pub async fn list(&self) -> Result<Vec<SnapshotInfo>, JetStreamError> {
-        let mut objects = match self.store.list().await {
-            Ok(objects) => objects,
-            Err(err) => return Err(self.error("*", err)),
-        };
         let mut snapshots = Vec::new();
-        while let Some(object) = objects.next().await {
-            let object = object.map_err(|err| self.error("*", err))?;
+        for object in self.objects().await? {
             let field = |key: &str| object.metadata.get(key);
             if object.deleted || field(STORE_ID_KEY) != Some(&self.store_id) {
                 continue;
@@ -263,18 +259,10 @@ impl SnapshotBucket {
     /// middle of one, and the object store keeps what it had stored under no object (or an
     /// upload is under way right now). Every object's chunks count, whatever its store id.
     pub async fn unfinished_uploads(&self) -> Result<Vec<String>, JetStreamError> {
-        let mut objects = self
-            .store
-            .list()
-            .await
-            .map_err(|err| self.error("*", err))?;
-        let mut finished = HashSet::new();
-        while let Some(object) = objects.next().await {
-            let object = object.map_err(|err| self.error("*", err))?;
-            if !object.deleted {
-                finished.insert(object.nuid);
-            }
-        }
+        let finished: HashSet<String> = (self.objects().await?.into_iter())
+            .filter(|object| !object.deleted)
+            .map(|object| object.nuid)
+            .collect();
         let prefix = format!("$O.{}.C.", self.bucket);
         let mut subjects = self
             .chunk_stream()
@@ -324,6 +312,24 @@ impl SnapshotBucket {
             removed += 1;
         }
         Ok(removed)
+    }
+
+    /// Every object's description, deleted ones included (the object store keeps a deleted
+    /// object's description, marked). Read as `ObjectStore::list` reads them, from the last
+    /// message of each object's meta subject, through a consumer deleted right after.
+    async fn objects(&self) -> Result<Vec<ObjectInfo>, JetStreamError> {
+        let filter = format!("$O.{}.M.>", self.bucket);
+        let stream = self.chunk_stream().await?;
+        let messages = last_per_subject(&stream, filter, false)
+            .await
+            .map_err(|err| self.error("*", err))?;
+        let mut objects = Vec::with_capacity(messages.len());
+        for message in messages {
+            let object: ObjectInfo = serde_json::from_slice(&message.payload)
+                .map_err(|err| self.error(message.subject.as_str(), err))?;
+            objects.push(object);
+        }
+        Ok(objects)
     }
 
     /// The stream the object store keeps its chunks and objects in.

@@ -9,7 +9,8 @@
 //! less those the stream was purged past: no restart can use them.
 //!
 //! Then, if the bucket's newest snapshot is that many revisions older (checked at most every
-//! 10 s: each check lists the bucket, a NATS consumer the server keeps for 30 s), the replica
+//! 10 s: each check lists the bucket, which at a low `--snapshot-every-records` would otherwise
+//! run many times a second), the replica
 //! that wins the upload claim (`SnapshotBucket::claim_upload`; a claim in its own name, left
 //! by a crash, is its own) publishes it, keeps the two newest, and
 //! purges the stream below the older of the two (less `--nats-retain-after-snapshot`

@@ -1,0 +1,83 @@
+//! The last message of every subject under a filter (a KV bucket's keys, an object store's
+//! objects), read through a consumer of our own that is deleted as soon as the listing ends.
+//!
+//! async-nats's own listings (`kv::Store::keys`, `ObjectStore::list`) create a consumer and
+//! leave it to the server, which removes it after 30 s without interest. A stream holds a
+//! bounded number of consumers: about a thousand listings in 30 s (a burst of dead letters
+//! counted, an operator paging through them, snapshot jobs) made NATS refuse every further
+//! consumer with error 10026, the listings and everything else that needs one included. Here
+//! the consumer is deleted on the way out, and its own inactivity threshold is short, so a
+//! replica killed mid-listing leaves it only seconds.
+//!
+//! It reads; it neither decides what a subject means nor changes the stream.
+
+use std::time::Duration;
+
+use async_nats::jetstream::Message;
+use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy, ReplayPolicy, pull};
+use async_nats::jetstream::stream::Stream;
+use tokio_stream::StreamExt;
+
+/// How long the server keeps a listing's consumer that nobody reads or deletes (its replica
+/// died mid-listing): every fetch of a listing comes well within it.
+const ABANDONED_AFTER: Duration = Duration::from_secs(5);
+
+/// How many messages one fetch asks for.
+const FETCH_BATCH: usize = 1_000;
+
+/// The last message of every subject matching `filter` in `stream`, in stream order (only
+/// their headers if `headers_only`). Subjects that gain their first message during the
+/// listing may or may not be in it.
+pub(super) async fn last_per_subject(
+    stream: &Stream,
+    filter: String,
+    headers_only: bool,
+) -> Result<Vec<Message>, async_nats::Error> {
+    let consumer: Consumer<pull::Config> = stream
+        .create_consumer(pull::Config {
+            description: Some("profile-state listing".into()),
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ack_policy: AckPolicy::None,
+            replay_policy: ReplayPolicy::Instant,
+            headers_only,
+            inactive_threshold: ABANDONED_AFTER,
+            num_replicas: 1,
+            memory_storage: true,
+            ..Default::default()
+        })
+        .await?;
+    let (name, pending) = {
+        let info = consumer.cached_info();
+        (info.name.clone(), info.num_pending)
+    };
+    let listed = read_all(&consumer, pending).await;
+    if let Err(err) = stream.delete_consumer(&name).await {
+        // The server removes it after `ABANDONED_AFTER` anyway.
+        tracing::debug!(consumer = %name, error = %err, "listing consumer not deleted");
+    }
+    listed
+}
+
+/// Fetches until the consumer has nothing pending (or a fetch brings nothing: what was
+/// pending was removed meanwhile).
+async fn read_all(
+    consumer: &Consumer<pull::Config>,
+    mut pending: u64,
+) -> Result<Vec<Message>, async_nats::Error> {
+    let mut listed = Vec::with_capacity(pending.min(FETCH_BATCH as u64) as usize);
+    while pending > 0 {
+        let asked = pending.min(FETCH_BATCH as u64) as usize;
+        let mut messages = consumer.fetch().max_messages(asked).messages().await?;
+        let before = listed.len();
+        while let Some(message) = messages.next().await {
+            let message = message?;
+            pending = message.info()?.pending;
+            listed.push(message);
+        }
+        if listed.len() == before {
+            break;
+        }
+    }
+    Ok(listed)
+}
