@@ -430,7 +430,12 @@ async fn bad_security_files_stop_startup_and_name_the_file() {
     std::fs::write(dir.path().join("other.key"), other_key).unwrap();
     let mut config = good.clone();
     config.grpc_tls_key = Some(dir.path().join("other.key"));
-    refuses_naming(config, "other.key").await;
+    refuses_naming(config.clone(), "other.key").await;
+    refuses_naming(
+        config,
+        "the private key (--grpc-tls-key) is not the key of the certificate",
+    )
+    .await;
 
     let mut config = good.clone();
     config.grpc_client_ca = Some(dir.path().join("missing-ca.pem"));

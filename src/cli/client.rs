@@ -186,8 +186,10 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// refusal is about credentials.
 pub fn refused(what: &str, status: &Status) -> Failure {
     // The transport's cause, when there is one: tonic's message alone says little.
-    let message = match std::error::Error::source(status) {
-        Some(cause) => format!("{}: {}", status.message(), chain(cause)),
+    // (Its cause often starts with the message itself: "transport error".)
+    let message = match std::error::Error::source(status).map(chain) {
+        Some(cause) if cause.starts_with(status.message()) => cause,
+        Some(cause) => format!("{}: {cause}", status.message()),
         None => status.message().to_owned(),
     };
     let hint = match status.code() {
@@ -253,6 +255,30 @@ mod tests {
             target(&["--grpc", "ftp://ps:1"])
                 .unwrap_err()
                 .contains("http://")
+        );
+    }
+
+    /// tonic's transport errors carry "transport error" in the status and again at the head
+    /// of its cause: it was printed twice (found by a fresh-eyes reading).
+    #[test]
+    fn a_refusal_names_its_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error: connection error: broken pipe")]
+        struct Transport;
+        let mut status = Status::unknown("transport error");
+        status.set_source(std::sync::Arc::new(Transport));
+        let text = refused("list", &status).to_string();
+        assert!(
+            text.starts_with("list: transport error: connection error: broken pipe [Unknown]"),
+            "{text}"
+        );
+        assert!(text.contains("give its CA with --ca"), "{text}");
+        let mut status = Status::unavailable("connect failed");
+        status.set_source(std::sync::Arc::new(Transport));
+        let text = refused("list", &status).to_string();
+        assert!(
+            text.starts_with("list: connect failed: transport error: connection error"),
+            "{text}"
         );
     }
 

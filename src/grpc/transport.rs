@@ -104,7 +104,18 @@ fn server_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
         }
     };
     let key = PrivateKeyDer::from_pem_slice(&files.key).context("no usable private key")?;
-    let mut tls = builder.with_single_cert(certificates(&files.cert)?, key)?;
+    let mut tls = builder
+        .with_single_cert(certificates(&files.cert)?, key)
+        .map_err(|err| match err {
+            // rustls says "keys may not be consistent: KeyMismatch".
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                anyhow::anyhow!(
+                    "the private key (--grpc-tls-key) is not the key of the certificate \
+                     (the first one in --grpc-tls-cert)"
+                )
+            }
+            err => err.into(),
+        })?;
     tls.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(tls)))
 }
