@@ -1,6 +1,8 @@
 //! Log output: the level filter from `RUST_LOG`, and the two formats.
 //!
-//! - The filter is `RUST_LOG` (default `info`). A value that does not parse is an error, and so
+//! - The filter is `RUST_LOG` (default `info`, with `async_nats` at `warn`: the service logs
+//!   the NATS connection's events itself, without a line every few seconds while NATS is
+//!   down). A value that does not parse is an error, and so
 //!   is a bare word that is neither a level nor a target of this program (`RUST_LOG=warning`
 //!   would otherwise mean "everything of a module named `warning`", which is nothing at all).
 //! - `text`: colours only when stdout is a terminal and `NO_COLOR` is not set (no-color.org),
@@ -52,12 +54,17 @@ const KNOWN_TARGETS: &[&str] = &[
     "tower",
 ];
 
+/// What the filter holds back when `RUST_LOG` is unset: async-nats logs every connection
+/// event at INFO (`jetstream::Nats` logs them in its own words).
+const QUIET_BY_DEFAULT: &str = "async_nats=warn";
+
 /// The filter `RUST_LOG` (`value`, `None` when unset) asks for, with `default` when it is unset
 /// or empty.
 pub fn filter(value: Option<&str>, default: LevelFilter) -> Result<EnvFilter, FilterError> {
     let builder = EnvFilter::builder().with_default_directive(default.into());
     let Some(value) = value.filter(|value| !value.trim().is_empty()) else {
-        return Ok(builder.parse_lossy(""));
+        // (The default directive only counts when no other is given.)
+        return Ok(builder.parse_lossy(format!("{default},{QUIET_BY_DEFAULT}")));
     };
     let error = |reason: String| FilterError {
         value: value.to_owned(),
@@ -141,6 +148,7 @@ mod tests {
                 Some(LevelFilter::INFO),
                 "{unset:?}"
             );
+            assert_eq!(filter.to_string(), "async_nats=warn,info");
         }
     }
 

@@ -575,6 +575,42 @@ async fn a_replica_on_a_hung_nats_server_moves_to_another_within_seconds() {
     a.stop().await;
 }
 
+/// While NATS was down, async-nats logged "event: client error" at INFO every few seconds
+/// (found by a fresh-eyes reading). With `RUST_LOG` unset, the replica says in its own words
+/// that it lost the connection and got it back, and async-nats' own lines are held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_outage_is_logged_in_the_services_words() {
+    let mut nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let urls = nats.client_urls().join(",");
+    let args = [
+        "--nats-url",
+        &urls,
+        "--nats-stream",
+        "QUIET",
+        "--nats-replicas",
+        "1",
+    ];
+    // `binary::command` leaves RUST_LOG unset: the default filter.
+    let mut replica = Binary::spawn(binary::command(dir.path(), &args)).await;
+    nats.kill_all();
+    replica
+        .wait_for("lost the connection to NATS; reconnecting")
+        .await;
+    nats.restart_all().await.unwrap();
+    replica.wait_for("connected to NATS").await;
+    let lines = replica.stop_collecting();
+    let from_async_nats: Vec<&Value> = (lines.iter())
+        .filter(|line| {
+            line["target"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("async_nats")
+        })
+        .collect();
+    assert!(from_async_nats.is_empty(), "{from_async_nats:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_nats_webhooks_get_503_and_nothing_acknowledged_is_lost() {
     let mut nats = NatsCluster::three().await.unwrap();

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use super::JetStreamError;
 use crate::config::NatsConfig;
+use crate::logging::RateLimited;
 
 /// A connection to NATS and its JetStream context. Cloning is cheap (handles onto one
 /// connection task that async-nats owns; it reconnects by itself, forever).
@@ -39,10 +40,12 @@ impl Nats {
         let timeout: Duration = config.request_timeout;
         let (connected, connections) = watch::channel(0u64);
         let connected = Arc::new(connected);
+        let repeated_errors = Arc::new(RateLimited::default());
         let mut options = ConnectOptions::new()
             .event_callback(move |event| {
-                let connected = connected.clone();
+                let (connected, repeated_errors) = (connected.clone(), repeated_errors.clone());
                 async move {
+                    log_event(&event, &repeated_errors);
                     if matches!(event, Event::Connected) {
                         connected.send_modify(|count| *count += 1);
                     }
@@ -145,6 +148,22 @@ fn check_readable(flag: &str, path: &std::path::Path) -> Result<(), String> {
 /// default.
 fn ping_interval(request_timeout: Duration) -> Duration {
     (request_timeout / 2).max(Duration::from_secs(1))
+}
+
+/// Logs a connection event in our words. async-nats logs each one at INFO itself, a "client
+/// error" every few seconds while NATS is down; its target is at WARN by default
+/// (`logging::filter`), and the errors are repeated here at most every 10 s.
+fn log_event(event: &Event, repeated_errors: &RateLimited) {
+    match event {
+        Event::Connected => tracing::info!("connected to NATS"),
+        Event::Disconnected => tracing::warn!("lost the connection to NATS; reconnecting"),
+        Event::ClientError(_) | Event::ServerError(_) => {
+            if let Some(suppressed) = repeated_errors.due() {
+                tracing::warn!(suppressed, "NATS connection: {event}");
+            }
+        }
+        event => tracing::info!("NATS connection: {event}"),
+    }
 }
 
 #[cfg(test)]
