@@ -575,6 +575,67 @@ async fn a_replica_on_a_hung_nats_server_moves_to_another_within_seconds() {
     a.stop().await;
 }
 
+/// While a replica started (here: waiting on a NATS server that hangs), its admin listener
+/// accepted connections nobody served, so a probe hung until its own timeout (found by an
+/// adversarial run). It answers at once: alive, not ready, no metrics yet; then the real
+/// endpoints take over the same listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probes_are_answered_while_a_replica_starts() {
+    let nats = NatsCluster::single().await.unwrap();
+    let hung = &nats.nodes()[0];
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    drop(admin);
+    let mut config = replica_config(&nats, "PROBED", "a");
+    config.admin_listen = admin_addr.to_string().parse().unwrap();
+    config.nats.request_timeout = Duration::from_secs(15);
+    config.webhook_timeout = Duration::from_secs(20);
+    hung.pause().unwrap();
+    let starting = tokio::spawn(Server::bind(config));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let get = |path: &'static str| {
+        let request = http.get(format!("http://{admin_addr}{path}")).send();
+        async move {
+            let response = request.await?;
+            let status = response.status().as_u16();
+            Ok::<_, reqwest::Error>((status, response.text().await?))
+        }
+    };
+    // Until Server::bind has bound the port, connections are refused.
+    let deadline = Instant::now() + PATIENCE;
+    let livez = loop {
+        match get("/livez").await {
+            Err(error) if error.is_connect() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answer => break answer.expect("/livez answered while starting"),
+        }
+    };
+    assert_eq!(livez, (200, "ok\n".to_string()));
+    for path in ["/readyz", "/metrics"] {
+        let answer = get(path).await.expect("answered while starting");
+        assert_eq!(answer, (503, "starting\n".to_string()), "{path}");
+    }
+    assert!(
+        !starting.is_finished(),
+        "still starting: the probes were answered meanwhile"
+    );
+    hung.resume().unwrap();
+    let a = TestService::serve(starting.await.unwrap().unwrap());
+    let deadline = Instant::now() + PATIENCE;
+    while a.admin_get("/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "ready once started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, metrics) = a.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("profile_state_ready 1"), "{metrics}");
+    a.stop().await;
+}
+
 /// While NATS was down, async-nats logged "event: client error" at INFO every few seconds
 /// (found by a fresh-eyes reading). With `RUST_LOG` unset, the replica says in its own words
 /// that it lost the connection and got it back, and async-nats' own lines are held back.

@@ -41,7 +41,7 @@ use crate::ingest::Ingest;
 use crate::journal::FaultSwitch;
 use crate::listen_addr::ListenAddr;
 use crate::metrics::Metrics;
-use crate::monitoring::Monitoring;
+use crate::monitoring::{Monitoring, Starting};
 use crate::reconcile::schedule::SlotClaims;
 use crate::reconcile::{ReconcileJobs, ReconcileOptions};
 use crate::replication::{self, ApplierPause, ReplicaStatus};
@@ -68,6 +68,9 @@ pub struct Server {
     webhook: TcpListener,
     grpc: TcpListener,
     admin: TcpListener,
+    /// The admin listener's answers until `run` serves monitoring (`/livez` 200, `/readyz`
+    /// 503 "starting").
+    starting: Starting,
     verification: Verification,
     auth: BearerAuth,
     admin_auth: AdminAuth,
@@ -118,7 +121,8 @@ struct Checked {
 
 impl Server {
     /// Checks the configuration, binds the listeners, then recovers the data directory (unless
-    /// `--ephemeral`): nothing is served before recovery is complete, and nothing is written
+    /// `--ephemeral`): nothing is served before recovery is complete but the admin listener's
+    /// start-up answers (`monitoring::Starting`), and nothing is written
     /// before the ports are had.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let Checked {
@@ -131,6 +135,7 @@ impl Server {
         let webhook = listen(&config.webhook_listen, "webhook-listen").await?;
         let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
         let admin = listen(&config.admin_listen, "admin-listen").await?;
+        let (admin, starting) = Starting::serve(admin).context("cannot serve --admin-listen")?;
         let faults = FaultSwitch::default();
         let (store, mode, data_dir, dead_letters, schedule_claims) = match config.nats.enabled() {
             true => {
@@ -159,6 +164,7 @@ impl Server {
             webhook,
             grpc,
             admin,
+            starting,
             verification,
             auth,
             admin_auth,
@@ -231,6 +237,7 @@ impl Server {
             webhook,
             grpc,
             admin,
+            starting,
             verification,
             auth,
             admin_auth,
@@ -273,6 +280,7 @@ impl Server {
         let secrets = secret_store(&verification);
         let reconcile = (reconcile, schedule_claims);
         let reconcile = start_reconcile(context, &ingest, secrets, reconcile, &config);
+        starting.stop().await;
         let monitoring = serve_monitoring(admin, context, dead_letters, writable, replica.clone());
         let certificates = grpc_transport.certificates.clone();
         let grpc = serve_grpc(
