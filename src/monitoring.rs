@@ -10,10 +10,11 @@
 //!   NATS, applying and within `--max-lag` of the stream (judged at the request); else 503
 //!   with the reason.
 //!
-//! While the server starts (a single node's recovery, a replica's download of a snapshot and
-//! catch-up with the stream), [`Starting`] answers on the same listener: `/livez` 200, and
-//! `/readyz` and `/metrics` 503 "starting", so that a probe gets an answer instead of a
-//! connection nobody serves.
+//! The listener is served from the moment it is bound ([`AdminEndpoints`]): while the server
+//! starts (a single node's recovery, a replica's download of a snapshot and catch-up with the
+//! stream), `/livez` answers 200 and `/readyz` and `/metrics` 503 "starting", so that a probe
+//! gets an answer instead of a connection nobody serves; then the same server answers from
+//! [`Monitoring`].
 //!
 //! It only reads state; it changes nothing and serves no customer data.
 
@@ -22,6 +23,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use std::sync::{Arc, OnceLock};
+
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -49,17 +52,40 @@ pub struct Monitoring {
     pub replica: Option<ReplicaStatus>,
 }
 
-impl Monitoring {
-    /// The monitoring router.
-    pub fn router(self) -> Router {
-        Router::new()
+/// The admin listener's endpoints: start-up answers until [`AdminEndpoints::started`] gives
+/// them the [`Monitoring`] to answer from. Cloning is cheap.
+#[derive(Clone, Default)]
+pub struct AdminEndpoints(Arc<OnceLock<Monitoring>>);
+
+impl AdminEndpoints {
+    /// Serves `listener` until `stop` is cancelled (then lets requests under way finish).
+    pub fn serve(
+        &self,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> JoinHandle<std::io::Result<()>> {
+        let router = Router::new()
             .route("/metrics", get(metrics))
             .route("/livez", get(|| async { "ok\n" }))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(ready))
-            .with_state(self)
+            .with_state(self.clone());
+        let serve = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
+        tokio::spawn(serve.into_future())
     }
 
+    /// Start-up is over: answer from `monitoring` from now on.
+    pub fn started(&self, monitoring: Monitoring) {
+        let _ = self.0.set(monitoring);
+    }
+}
+
+/// What `/readyz` and `/metrics` answer while the server starts.
+fn starting() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+}
+
+impl Monitoring {
     /// Why the service is not ready for webhooks, if it is not (`/readyz` and the
     /// `profile_state_ready` gauge both say this).
     fn not_ready(&self) -> Option<String> {
@@ -74,7 +100,10 @@ impl Monitoring {
     }
 }
 
-async fn metrics(State(monitoring): State<Monitoring>) -> Response {
+async fn metrics(State(endpoints): State<AdminEndpoints>) -> Response {
+    let Some(monitoring) = endpoints.0.get() else {
+        return starting();
+    };
     let text = monitoring.metrics.render(Readings {
         store: &monitoring.store,
         dead_letters: monitoring.dead_letters.len(),
@@ -85,53 +114,12 @@ async fn metrics(State(monitoring): State<Monitoring>) -> Response {
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
-async fn ready(State(monitoring): State<Monitoring>) -> Response {
+async fn ready(State(endpoints): State<AdminEndpoints>) -> Response {
+    let Some(monitoring) = endpoints.0.get() else {
+        return starting();
+    };
     match monitoring.not_ready() {
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
         None => "ready\n".into_response(),
-    }
-}
-
-/// How long a stop waits for the start-up answers' connections to end before cutting them.
-const STARTING_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The monitoring endpoints while the server starts, served on a copy of the admin listener
-/// until [`Starting::stop`] (or its drop, when start-up fails) hands the listener over.
-pub struct Starting {
-    stop: CancellationToken,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl Starting {
-    /// Starts answering on `listener`; returns the listener back for [`Monitoring`] to serve
-    /// once start-up is done (both are the same socket: connections wait in its backlog in
-    /// between).
-    pub fn serve(listener: TcpListener) -> std::io::Result<(TcpListener, Starting)> {
-        let listener = listener.into_std()?;
-        let copy = TcpListener::from_std(listener.try_clone()?)?;
-        let not_yet = || async { (StatusCode::SERVICE_UNAVAILABLE, "starting\n") };
-        let router = Router::new()
-            .route("/livez", get(|| async { "ok\n" }))
-            .route("/healthz", get(|| async { "ok\n" }))
-            .route("/readyz", get(not_yet))
-            .route("/metrics", get(not_yet));
-        let stop = CancellationToken::new();
-        let serve =
-            axum::serve(copy, router).with_graceful_shutdown(stop.clone().cancelled_owned());
-        let task = tokio::spawn(serve.into_future());
-        Ok((TcpListener::from_std(listener)?, Starting { stop, task }))
-    }
-
-    /// Stops answering: requests under way get [`STARTING_STOP_WAIT`] to finish.
-    pub async fn stop(mut self) {
-        self.stop.cancel();
-        let _ = tokio::time::timeout(STARTING_STOP_WAIT, &mut self.task).await;
-    }
-}
-
-impl Drop for Starting {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.task.abort();
     }
 }

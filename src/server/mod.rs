@@ -29,7 +29,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -41,7 +41,7 @@ use crate::ingest::Ingest;
 use crate::journal::FaultSwitch;
 use crate::listen_addr::ListenAddr;
 use crate::metrics::Metrics;
-use crate::monitoring::{Monitoring, Starting};
+use crate::monitoring::{AdminEndpoints, Monitoring};
 use crate::reconcile::schedule::SlotClaims;
 use crate::reconcile::{ReconcileJobs, ReconcileOptions};
 use crate::replication::{self, ApplierPause, ReplicaStatus};
@@ -67,10 +67,12 @@ pub struct Server {
     config: Config,
     webhook: TcpListener,
     grpc: TcpListener,
-    admin: TcpListener,
-    /// The admin listener's answers until `run` serves monitoring (`/livez` 200, `/readyz`
-    /// 503 "starting").
-    starting: Starting,
+    /// The admin listener, served since it was bound: start-up answers until `run` gives it
+    /// the monitoring to answer from; the server task; its address.
+    admin: (AdminEndpoints, JoinHandle<std::io::Result<()>>, SocketAddr),
+    /// `run`'s stop signal, made here because the admin listener is served from here on;
+    /// cancelled if the server is dropped without running (start-up failed after the bind).
+    stopping: DropGuard,
     verification: Verification,
     auth: BearerAuth,
     admin_auth: AdminAuth,
@@ -122,7 +124,7 @@ struct Checked {
 impl Server {
     /// Checks the configuration, binds the listeners, then recovers the data directory (unless
     /// `--ephemeral`): nothing is served before recovery is complete but the admin listener's
-    /// start-up answers (`monitoring::Starting`), and nothing is written
+    /// start-up answers (`monitoring::AdminEndpoints`), and nothing is written
     /// before the ports are had.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let Checked {
@@ -135,7 +137,14 @@ impl Server {
         let webhook = listen(&config.webhook_listen, "webhook-listen").await?;
         let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
         let admin = listen(&config.admin_listen, "admin-listen").await?;
-        let (admin, starting) = Starting::serve(admin).context("cannot serve --admin-listen")?;
+        let (endpoints, stopping) = (AdminEndpoints::default(), CancellationToken::new());
+        let admin_addr = local_addr(&admin);
+        let admin = (
+            endpoints.clone(),
+            endpoints.serve(admin, stopping.clone()),
+            admin_addr,
+        );
+        let stopping = stopping.drop_guard();
         let faults = FaultSwitch::default();
         let (store, mode, data_dir, dead_letters, schedule_claims) = match config.nats.enabled() {
             true => {
@@ -164,7 +173,7 @@ impl Server {
             webhook,
             grpc,
             admin,
-            starting,
+            stopping,
             verification,
             auth,
             admin_auth,
@@ -217,7 +226,7 @@ impl Server {
 
     /// The admin listener's actual address.
     pub fn admin_addr(&self) -> SocketAddr {
-        local_addr(&self.admin)
+        self.admin.2
     }
 
     /// The webhook secrets, for reloading them (SIGHUP does it in production); `None` under
@@ -236,8 +245,8 @@ impl Server {
             config,
             webhook,
             grpc,
-            admin,
-            starting,
+            admin: (admin, monitoring, admin_addr),
+            stopping,
             verification,
             auth,
             admin_auth,
@@ -251,10 +260,9 @@ impl Server {
             reconcile,
             data_dir,
         } = self;
-        let addresses = [local_addr(&webhook), local_addr(&grpc), local_addr(&admin)];
+        let addresses = [local_addr(&webhook), local_addr(&grpc), admin_addr];
         let admin_access = admin_auth.access();
-        let (stopping, tracker, metrics) =
-            (CancellationToken::new(), TaskTracker::new(), Metrics::new());
+        let (stopping, tracker, metrics) = (stopping.disarm(), TaskTracker::new(), Metrics::new());
         let context = (&store, &metrics, &tracker, &stopping);
         let ingest_thread = IngestThread::start()
             .await
@@ -280,8 +288,7 @@ impl Server {
         let secrets = secret_store(&verification);
         let reconcile = (reconcile, schedule_claims);
         let reconcile = start_reconcile(context, &ingest, secrets, reconcile, &config);
-        starting.stop().await;
-        let monitoring = serve_monitoring(admin, context, dead_letters, writable, replica.clone());
+        serve_monitoring(&admin, context, dead_letters, writable, replica.clone());
         let certificates = grpc_transport.certificates.clone();
         let grpc = serve_grpc(
             grpc,
@@ -568,25 +575,23 @@ fn serve_grpc<H: tonic_health::pb::health_server::Health>(
     grpc_services::serve(listener, services, stopping, tracker)
 }
 
-/// Serves `/metrics`, `/livez` and `/readyz` until `stopping`.
+/// Ends the admin listener's start-up answers: `/metrics` and `/readyz` answer from now on
+/// (it is served until `stopping`).
 fn serve_monitoring(
-    listener: TcpListener,
+    endpoints: &AdminEndpoints,
     (store, metrics, _, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),
     dead_letters: DeadLetters,
     writable: tokio::sync::watch::Receiver<bool>,
     replica: Option<ReplicaStatus>,
-) -> JoinHandle<std::io::Result<()>> {
-    let monitoring = Monitoring {
+) {
+    endpoints.started(Monitoring {
         metrics: metrics.clone(),
         store: store.clone(),
         dead_letters,
         writable,
         stopping: stopping.clone(),
         replica,
-    };
-    let serve = axum::serve(listener, monitoring.router())
-        .with_graceful_shutdown(stopping.clone().cancelled_owned());
-    tokio::spawn(serve.into_future())
+    });
 }
 
 /// What one webhook, and all of them together, may take.

@@ -151,14 +151,27 @@ impl TestService {
     }
 
     /// GETs a path of the admin listener; returns status and body text.
+    /// (Until `Server::run` has started monitoring, `/readyz` and `/metrics` answer 503
+    /// "starting": asked again, as a probe would.)
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        let response = self
-            .http
-            .get(format!("http://{}{path}", self.admin))
-            .send()
-            .await
-            .expect("admin answers");
-        (response.status().as_u16(), response.text().await.unwrap())
+        let deadline = std::time::Instant::now() + binary::PATIENCE;
+        loop {
+            let response = self
+                .http
+                .get(format!("http://{}{path}", self.admin))
+                .send()
+                .await
+                .expect("admin answers");
+            let answer = (response.status().as_u16(), response.text().await.unwrap());
+            if answer != (503, "starting\n".into()) {
+                return answer;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{path}: still starting"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// A gRPC client connected to the service.
