@@ -24,10 +24,27 @@ const CUSTOMERS: u32 = 25;
 
 async fn run(args: Vec<String>) -> Output {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut command = bare_command(&args);
+    let mut command = under_umask_022(bare_command(&args));
     tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
         .unwrap()
+}
+
+/// `command` run by a shell that sets the umask to 022 first: what the binary creates must be
+/// its owner's only by itself, which a test run under umask 077 would not show.
+fn under_umask_022(command: std::process::Command) -> std::process::Command {
+    let mut shell = std::process::Command::new("sh");
+    shell
+        .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (name, value) in command.get_envs() {
+        match value {
+            Some(value) => shell.env(name, value),
+            None => shell.env_remove(name),
+        };
+    }
+    shell
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -120,6 +137,7 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o077 == 0
     };
     assert!(private(&file), "the backup file");
+    // (This one the test's own process created, under the test's umask.)
     assert!(private(&original), "a data directory the service created");
 
     // The state at the backup's revision: each customer's last update at or before it.
