@@ -25,6 +25,11 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(5);
 /// How many messages one fetch asks for.
 const FETCH_BATCH: usize = 1_000;
 
+/// How many times in a row a fetch that found no one to answer it is sent again, each after a
+/// pause of [`NO_RESPONDER_PAUSE`] times its number (about 2 s in all).
+const NO_RESPONDER_RETRIES: u32 = 20;
+const NO_RESPONDER_PAUSE: Duration = Duration::from_millis(10);
+
 /// The last message of every subject matching `filter` in `stream`, in stream order (only
 /// their headers if `headers_only`). Subjects that gain their first message during the
 /// listing may or may not be in it.
@@ -66,18 +71,45 @@ async fn read_all(
     mut pending: u64,
 ) -> Result<Vec<Message>, async_nats::Error> {
     let mut listed = Vec::with_capacity(pending.min(FETCH_BATCH as u64) as usize);
+    let mut unanswered = 0;
     while pending > 0 {
-        let asked = pending.min(FETCH_BATCH as u64) as usize;
-        let mut messages = consumer.fetch().max_messages(asked).messages().await?;
         let before = listed.len();
-        while let Some(message) = messages.next().await {
-            let message = message?;
-            pending = message.info()?.pending;
-            listed.push(message);
+        match fetch(consumer, &mut listed, &mut pending).await {
+            Ok(()) => unanswered = 0,
+            // In a cluster the consumer may be on another server, where it is not listening
+            // yet right after its creation: nothing was delivered, ask again.
+            Err(err) if no_responders(&*err) && unanswered < NO_RESPONDER_RETRIES => {
+                unanswered += 1;
+                tokio::time::sleep(NO_RESPONDER_PAUSE * unanswered).await;
+                continue;
+            }
+            Err(err) => return Err(err),
         }
         if listed.len() == before {
             break;
         }
     }
     Ok(listed)
+}
+
+/// One fetch of up to [`FETCH_BATCH`] messages into `listed`.
+async fn fetch(
+    consumer: &Consumer<pull::Config>,
+    listed: &mut Vec<Message>,
+    pending: &mut u64,
+) -> Result<(), async_nats::Error> {
+    let asked = (*pending).min(FETCH_BATCH as u64) as usize;
+    let mut messages = consumer.fetch().max_messages(asked).messages().await?;
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        *pending = message.info()?.pending;
+        listed.push(message);
+    }
+    Ok(())
+}
+
+/// Whether a fetch's error is NATS' status 503, no responders, which async-nats 0.51 reports
+/// only in its text ("error while processing messages from the stream: 503, None").
+fn no_responders(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.to_string().contains("from the stream: 503")
 }
