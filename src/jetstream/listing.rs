@@ -7,7 +7,10 @@
 //! counted, an operator paging through them, snapshot jobs) made NATS refuse every further
 //! consumer with error 10026, the listings and everything else that needs one included. Here
 //! the consumer is deleted on the way out, and its own inactivity threshold is short, so a
-//! replica killed mid-listing leaves it only seconds.
+//! replica killed mid-listing leaves it only seconds. In a cluster the consumer may be placed
+//! on another server than the one this client is connected to, whose interest in its pull
+//! requests reaches the others a moment after its creation: a first fetch that finds no
+//! responder is sent again.
 //!
 //! It reads; it neither decides what a subject means nor changes the stream.
 
