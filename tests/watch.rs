@@ -237,6 +237,10 @@ async fn invalid_watch_requests_are_refused_with_the_field() {
             .expect("bad request details")
             .field_violations;
         assert_eq!(violations[0].field, field);
+        if field == "customer_ids[1]" {
+            // As BatchGetProfiles words an empty id.
+            assert_eq!(violations[0].description, "is required");
+        }
     }
     service.stop().await;
 }

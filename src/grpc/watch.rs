@@ -349,7 +349,11 @@ fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
     let mut customer_ids = HashSet::with_capacity(request.customer_ids.len());
     for (index, id) in request.customer_ids.into_iter().enumerate() {
         if id.is_empty() {
-            return Err(Error::invalid(format!("customer_ids[{index}]"), "is empty"));
+            // Worded as every other RPC words an empty id.
+            return Err(Error::invalid(
+                format!("customer_ids[{index}]"),
+                "is required",
+            ));
         }
         customer_ids.insert(Arc::from(id));
     }
