@@ -206,6 +206,25 @@ async fn over_tls_the_token_is_needed_and_taken_from_its_variable() {
     assert!(stdout(&with).starts_with("ID\t"));
     assert!(!stderr(&with).contains("warning"), "TLS: no warning");
 
+    // An https:// address without --ca: the system's CAs (here SSL_CERT_FILE, which
+    // rustls-native-certs reads first), and without the server's CA among them, a refusal
+    // that says what to give.
+    let https = format!("https://{grpc}");
+    let token = ("PROFILE_STATE_TOKEN", "admin-token");
+    let trusted = [("SSL_CERT_FILE", ca.to_str().unwrap()), token];
+    let system = cli(&["list", "--grpc", &https], &trusted).await;
+    assert!(system.status.success(), "{}", stderr(&system));
+    let other_ca = dir.path().join("other-ca.pem");
+    let other = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let other = other
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    std::fs::write(&other_ca, other.pem()).unwrap();
+    let untrusted = [("SSL_CERT_FILE", other_ca.to_str().unwrap()), token];
+    let refused = cli(&["list", "--grpc", &https], &untrusted).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("--ca"), "{}", stderr(&refused));
+
     // Plaintext to a TLS listener fails, and says what to try.
     let plain = cli(&["list", "--grpc", &grpc, "--timeout", "5s"], &[]).await;
     assert_eq!(plain.status.code(), Some(1));

@@ -36,7 +36,8 @@ pub struct Connection {
     #[arg(long, env = "PROFILE_STATE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
-    /// PEM certificate of the CA that signed the server's certificate; turns TLS on.
+    /// PEM certificate of the CA that signed the server's certificate; turns TLS on. Without
+    /// it, an https:// --grpc is checked against the system's CAs.
     #[arg(long, env = "PROFILE_STATE_CA", value_name = "PEM")]
     pub ca: Option<PathBuf>,
 
@@ -79,12 +80,6 @@ impl Connection {
     /// The URL `--grpc` names, and whether TLS is on.
     fn target(&self) -> Result<(String, bool), Failure> {
         let tls = self.ca.is_some() || self.grpc.starts_with("https://");
-        if self.grpc.starts_with("https://") && self.ca.is_none() {
-            return Err(Failure::Usage(format!(
-                "--grpc {} asks for TLS: give the server's CA with --ca",
-                self.grpc
-            )));
-        }
         let url = match self.grpc.split_once("://") {
             Some(("http", _)) if self.ca.is_some() => {
                 let message = "--grpc is an http:// URL but --ca asks for TLS: use https://";
@@ -118,7 +113,18 @@ impl Connection {
                 .map_err(|error| Failure::Usage(format!("--ca: {}", chain(&error))))?;
         }
         let channel = endpoint.connect().await.map_err(|error| {
-            Failure::Failed(format!("cannot connect to {url}: {}", chain(&error)))
+            let error = chain(&error);
+            let hint = match &self.ca {
+                None if tls && error.contains("certificate") => {
+                    " (it was checked against the system's CAs: give the server's CA with --ca)"
+                }
+                Some(_) if error.contains("certificate") => {
+                    " (is --ca the CA that signed the server's certificate, and does --grpc, or \
+                     --server-name, name a host the certificate is for?)"
+                }
+                _ => "",
+            };
+            Failure::Failed(format!("cannot connect to {url}: {error}{hint}"))
         })?;
         Ok(AdminServiceClient::with_interceptor(channel, token))
     }
@@ -136,8 +142,10 @@ impl Connection {
 
     fn tls(&self) -> Result<ClientTlsConfig, Failure> {
         let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = &self.ca {
-            tls = tls.ca_certificate(Certificate::from_pem(read(ca, "--ca")?));
+        match &self.ca {
+            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(read(ca, "--ca")?)),
+            // An https:// URL without --ca: a certificate from a CA the system trusts.
+            None => tls = tls.with_native_roots(),
         }
         if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
             tls = tls.identity(Identity::from_pem(
@@ -241,10 +249,10 @@ mod tests {
             target(&["--grpc", "ps:50051", "--ca", "ca.pem"]).unwrap(),
             ("https://ps:50051".to_owned(), true)
         );
-        assert!(
-            target(&["--grpc", "https://ps:1"])
-                .unwrap_err()
-                .contains("--ca")
+        assert_eq!(
+            target(&["--grpc", "https://ps:1"]).unwrap(),
+            ("https://ps:1".to_owned(), true),
+            "the system's CAs"
         );
         assert!(
             target(&["--grpc", "http://ps:1", "--ca", "c"])
