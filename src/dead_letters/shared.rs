@@ -136,16 +136,19 @@ impl SharedLetters {
     /// the bucket at most every [`COUNT_FRESH_FOR`] while this replica's count is far from the
     /// limit, and for every new letter within a tenth of it. Letters other replicas keep in
     /// between are seen at the next read, so the cluster may pass the limit by what it keeps
-    /// in that time: a bound on the bucket's size, not an exact one.
+    /// in that time: a bound on the bucket's size, not an exact one. At the limit, a count
+    /// read within [`COUNT_FRESH_FOR`] stands: reading every key for each refused letter kept
+    /// NATS so busy that a sender retrying at the limit starved the listings an operator needs
+    /// to make room (found by an adversarial run), and a letter refused on a count a second
+    /// old costs its sender one retry.
     async fn count(&self) -> Result<usize, DeadLetterError> {
-        let near_the_limit =
-            self.count.load(Ordering::Relaxed) >= self.max_letters - self.max_letters / 10;
-        let fresh = !near_the_limit
-            && self
-                .counted_at()
-                .is_some_and(|at| at.elapsed() < COUNT_FRESH_FOR);
-        match fresh {
-            true => Ok(self.count.load(Ordering::Relaxed)),
+        let count = self.count.load(Ordering::Relaxed);
+        let near_the_limit = count >= self.max_letters - self.max_letters / 10;
+        let recent = self
+            .counted_at()
+            .is_some_and(|at| at.elapsed() < COUNT_FRESH_FOR);
+        match recent && (!near_the_limit || count >= self.max_letters) {
+            true => Ok(count),
             false => Ok(self.ids().await?.len()),
         }
     }
@@ -515,11 +518,16 @@ mod tests {
         }
         assert_eq!(bucket.key_reads.load(Ordering::SeqCst), 16);
         assert_eq!(letters.len(), 150);
-        let refused = letters.store(letter(150, now), now).await;
-        assert!(
-            matches!(refused, Err(DeadLetterError::Full { limit: 150 })),
-            "{refused:?}"
-        );
+        // At the limit, refusals stand on the count just read: one read for them all, not one
+        // each (a sender retrying at the limit kept NATS busy reading every key).
+        for n in 150..200 {
+            let refused = letters.store(letter(n, now), now).await;
+            assert!(
+                matches!(refused, Err(DeadLetterError::Full { limit: 150 })),
+                "{refused:?}"
+            );
+        }
+        assert!(bucket.key_reads.load(Ordering::SeqCst) <= 17);
     }
 
     async fn listed(letters: &SharedLetters, limit: usize) -> Vec<Vec<usize>> {
