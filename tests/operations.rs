@@ -532,3 +532,63 @@ fn an_unreadable_secrets_file_exits_64_before_binding() {
     // The OS error once, not once per link of the error chain.
     assert_eq!(stderr.matches("(os error 2)").count(), 1, "{stderr}");
 }
+
+/// SIGTERM during a single node's recovery logged "stopped during start-up" and then waited
+/// for the recovery to end: a large journal kept the process up for as long, a read that
+/// hangs (a failing disk) for ever (found by an adversarial run). Here the store id is a FIFO
+/// nobody writes to: the read hangs, and the process still exits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hung_recovery_exits_at_once() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("STORE_ID");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let mut child = common::binary::command(dir.path(), &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Opening the FIFO's writing end succeeds once the recovery has it open for reading; held
+    // open without a byte, it keeps that read waiting.
+    const O_NONBLOCK: i32 = 0o4000;
+    let deadline = std::time::Instant::now() + common::binary::PATIENCE;
+    let _writer = loop {
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&fifo);
+        match opened {
+            Ok(writer) => break writer,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(error) => panic!("the recovery never read the store id: {error}"),
+        }
+    };
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let logged = tokio::task::block_in_place(|| {
+        stdout.lines().any(|line| {
+            line.unwrap()
+                .contains("stopped during start-up, before serving")
+        })
+    });
+    assert!(logged, "the stop is logged");
+    // Polled, so that a process that never exits fails the test instead of hanging it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("still running 5 s after its stop was logged");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(exit.success(), "{exit}");
+}

@@ -54,7 +54,13 @@ pub fn run(config: Config, sources: &Sources) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config, sources))
+    let exit = runtime.block_on(serve(config, sources));
+    // What still runs is not waited for: a recovery a signal stopped (reading a large journal,
+    // or a read that hangs on a failing disk, kept the process up for as long), or work the
+    // stop already gave up on at --shutdown-grace. Whatever it was writing is safe to leave at
+    // any point, as after a crash.
+    runtime.shutdown_background();
+    exit
 }
 
 async fn serve(config: Config, sources: &Sources) -> ExitCode {
