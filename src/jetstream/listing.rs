@@ -28,6 +28,11 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(5);
 /// How many messages one fetch asks for.
 const FETCH_BATCH: usize = 1_000;
 
+/// How long one fetch may take. A fetch whose answer was lost (its consumer's server restarted
+/// mid-listing) waited for ever: a ListDeadLetters call hung for 13 minutes (found by an
+/// adversarial run).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How many times in a row a fetch that found no one to answer it is sent again, each after a
 /// pause of [`NO_RESPONDER_PAUSE`] times its number (about 2 s in all).
 const NO_RESPONDER_RETRIES: u32 = 20;
@@ -77,7 +82,12 @@ async fn read_all(
     let mut unanswered = 0;
     while pending > 0 {
         let before = listed.len();
-        match fetch(consumer, &mut listed, &mut pending).await {
+        let fetched =
+            tokio::time::timeout(FETCH_TIMEOUT, fetch(consumer, &mut listed, &mut pending));
+        let fetched = fetched.await.unwrap_or_else(|_| {
+            Err(format!("a fetch went unanswered for {FETCH_TIMEOUT:?}").into())
+        });
+        match fetched {
             Ok(()) => unanswered = 0,
             // In a cluster the consumer may be on another server, where it is not listening
             // yet right after its creation: nothing was delivered, ask again.
