@@ -5,8 +5,8 @@
 //! - `GET /metrics`: Prometheus text exposition of `crate::metrics`.
 //! - `GET /livez` (and `/healthz`, its older name): 200 while the process serves at all
 //!   (liveness).
-//! - `GET /readyz`: 200 when webhooks can be accepted: recovery done (the listener only opens
-//!   after it), the journal writable, not shutting down, and in replicated mode connected to
+//! - `GET /readyz`: 200 when webhooks can be accepted: recovery done (503 "starting" until
+//!   then), the journal writable, not shutting down, and in replicated mode connected to
 //!   NATS, applying and within `--max-lag` of the stream (judged at the request); else 503
 //!   with the reason.
 //!
