@@ -8,10 +8,11 @@
 //! `Server::bind` then `Server::run(shutdown)`: binding first lets callers (tests, `main`) learn
 //! the real addresses of port-0 listeners before serving starts. `bind` checks the
 //! configuration, binds the three listeners, and only then touches the data directory, so a
-//! port that cannot be had leaves no directory created and no store id minted; connections
-//! wait in the listen backlog until recovery is done and `run` serves them. `run` is a
-//! sequence of named steps, each a function here: start the domain, follow readiness into
-//! health, start the reconcile jobs and their schedule, serve monitoring, serve gRPC, serve the
+//! port that cannot be had leaves no directory created and no store id minted; webhook and
+//! gRPC connections wait in the listen backlog until recovery is done and `run` serves them
+//! (the admin listener answers "starting" meanwhile). `run` is a sequence of named steps, each
+//! a function here: start the domain, follow readiness into health, start the reconcile jobs
+//! and their schedule, give the admin listener its monitoring, serve gRPC, serve the
 //! ingress, wait for the signal, then `shutdown`'s ordered stop. No request logic lives here.
 
 mod coalesce;
