@@ -5,16 +5,18 @@
 //! - `GET /metrics`: Prometheus text exposition of `crate::metrics`.
 //! - `GET /livez` (and `/healthz`, its older name): 200 while the process serves at all
 //!   (liveness).
-//! - `GET /readyz`: 200 when webhooks can be accepted: recovery done (503 "starting" until
+//! - `GET /readyz`: 200 when webhooks can be accepted: start-up done (503 "starting" until
 //!   then), the journal writable, not shutting down, and in replicated mode connected to
 //!   NATS, applying and within `--max-lag` of the stream (judged at the request); else 503
 //!   with the reason.
 //!
 //! The listener is served from the moment it is bound ([`AdminEndpoints`]): while the server
 //! starts (a single node's recovery, a replica's download of a snapshot and catch-up with the
-//! stream), `/livez` answers 200 and `/readyz` and `/metrics` 503 "starting", so that a probe
-//! gets an answer instead of a connection nobody serves; then the same server answers from
-//! [`Monitoring`].
+//! stream), `/livez` answers 200, `/readyz` 503 "starting" and `/metrics` a start-up
+//! exposition (`crate::metrics::render_starting`: `profile_state_starting 1`,
+//! `profile_state_ready 0`), so that a probe gets an answer instead of a connection nobody
+//! serves and a scrape succeeds (a long start alerts as not ready, not as down); then the same
+//! server answers from [`Monitoring`].
 //!
 //! It only reads state; it changes nothing and serves no customer data.
 
@@ -31,7 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letters::DeadLetters;
-use crate::metrics::{Metrics, Readings};
+use crate::metrics::{self, Metrics, Readings};
 use crate::replication::ReplicaStatus;
 use crate::store::Store;
 
@@ -80,10 +82,13 @@ impl AdminEndpoints {
     }
 }
 
-/// What `/readyz` and `/metrics` answer while the server starts.
+/// What `/readyz` answers while the server starts.
 fn starting() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
 }
+
+/// The Prometheus text format's content type.
+const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl Monitoring {
     /// Why the service is not ready for webhooks, if it is not (`/readyz` and the
@@ -102,7 +107,11 @@ impl Monitoring {
 
 async fn metrics(State(endpoints): State<AdminEndpoints>) -> Response {
     let Some(monitoring) = endpoints.0.get() else {
-        return starting();
+        return (
+            [(header::CONTENT_TYPE, EXPOSITION)],
+            metrics::render_starting(),
+        )
+            .into_response();
     };
     let text = monitoring.metrics.render(Readings {
         store: &monitoring.store,
@@ -110,8 +119,7 @@ async fn metrics(State(endpoints): State<AdminEndpoints>) -> Response {
         ready: monitoring.not_ready().is_none(),
         replica: monitoring.replica.as_ref(),
     });
-    let content_type = "text/plain; version=0.0.4; charset=utf-8";
-    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+    ([(header::CONTENT_TYPE, EXPOSITION)], text).into_response()
 }
 
 async fn ready(State(endpoints): State<AdminEndpoints>) -> Response {

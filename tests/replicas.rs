@@ -577,8 +577,9 @@ async fn a_replica_on_a_hung_nats_server_moves_to_another_within_seconds() {
 
 /// While a replica started (here: waiting on a NATS server that hangs), its admin listener
 /// accepted connections nobody served, so a probe hung until its own timeout (found by an
-/// adversarial run). It answers at once: alive, not ready, no metrics yet; then the real
-/// endpoints take over the same listener.
+/// adversarial run). It answers at once: alive, not ready, and a scrape that succeeds with the
+/// start-up metrics (a 503 there made a long start alert as "down"); then the real endpoints
+/// take over the same listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn probes_are_answered_while_a_replica_starts() {
     let nats = NatsCluster::single().await.unwrap();
@@ -615,10 +616,17 @@ async fn probes_are_answered_while_a_replica_starts() {
         }
     };
     assert_eq!(livez, (200, "ok\n".to_string()));
-    for path in ["/readyz", "/metrics"] {
-        let answer = get(path).await.expect("answered while starting");
-        assert_eq!(answer, (503, "starting\n".to_string()), "{path}");
+    let readyz = get("/readyz").await.expect("answered while starting");
+    assert_eq!(readyz, (503, "starting\n".to_string()));
+    // A scrape succeeds while starting (a long start alerts as not ready, not as down), and
+    // says only what is known yet.
+    let (status, metrics) = get("/metrics").await.expect("answered while starting");
+    assert_eq!(status, 200, "{metrics}");
+    for line in ["profile_state_starting 1", "profile_state_ready 0"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     }
+    assert!(metrics.contains("profile_state_build_info{"), "{metrics}");
+    assert!(!metrics.contains("profile_state_profiles"), "{metrics}");
     assert!(
         !starting.is_finished(),
         "still starting: the probes were answered meanwhile"
@@ -633,6 +641,10 @@ async fn probes_are_answered_while_a_replica_starts() {
     let (status, metrics) = a.admin_get("/metrics").await;
     assert_eq!(status, 200);
     assert!(metrics.contains("profile_state_ready 1"), "{metrics}");
+    assert!(
+        metrics.contains("\nprofile_state_starting 0\n"),
+        "{metrics}"
+    );
     a.stop().await;
 }
 

@@ -217,6 +217,41 @@ fn build_info(registry: &Registry) {
         .set(1);
 }
 
+/// `profile_state_ready`, at 0.
+fn ready_gauge(registry: &Registry) -> IntGauge {
+    let help = "1 while the service is ready for webhooks (as /readyz), else 0.";
+    gauge(registry, "profile_state_ready", help)
+}
+
+/// `profile_state_starting`, at 0.
+fn starting_gauge(registry: &Registry) -> IntGauge {
+    let help = "1 while the service starts (a single node's recovery, a replica's snapshot \
+                download and catch-up with the stream): only build info, process metrics and \
+                profile_state_ready 0 are exported then. 0 once started.";
+    gauge(registry, "profile_state_starting", help)
+}
+
+/// What `/metrics` answers while the server starts, before there is a [`Metrics`] to render:
+/// build info, the process's metrics, `profile_state_ready 0` and `profile_state_starting 1`.
+/// A scrape succeeds meanwhile, so a long start reads as "not ready", not as "down".
+pub fn render_starting() -> String {
+    let registry = Registry::new();
+    build_info(&registry);
+    process_metrics(&registry);
+    ready_gauge(&registry);
+    starting_gauge(&registry).set(1);
+    exposition(&registry)
+}
+
+/// The Prometheus text exposition of everything in `registry`.
+fn exposition(registry: &Registry) -> String {
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .expect("text encoding into memory");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
 /// CPU, memory, file descriptors, threads and start time of this process (`process_*`).
 #[cfg(target_os = "linux")]
 fn process_metrics(registry: &Registry) {
@@ -286,11 +321,7 @@ impl Mirrors {
                 "profile_state_dead_letters",
                 "Dead letters kept now, waiting to be replayed or purged.",
             ),
-            ready: gauge(
-                r,
-                "profile_state_ready",
-                "1 while the service is ready for webhooks (as /readyz), else 0.",
-            ),
+            ready: ready_gauge(r),
             profiles: gauge(r, "profile_state_profiles", "Profiles in the store."),
             store_revision: gauge(
                 r,
@@ -374,6 +405,7 @@ impl Metrics {
         let r = &registry;
         build_info(r);
         process_metrics(r);
+        starting_gauge(r);
         let (connections, connections_refused, connections_timed_out) = connection_metrics(r);
         let inner = Inner {
             webhooks: Webhooks::new(r),
@@ -505,11 +537,7 @@ impl Metrics {
         if let Some(replica) = now.replica {
             inner.replication.mirror(replica);
         }
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&inner.registry.gather(), &mut out)
-            .expect("text encoding into memory");
-        String::from_utf8(out).expect("the text format is UTF-8")
+        exposition(&inner.registry)
     }
 }
 

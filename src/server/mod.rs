@@ -576,7 +576,7 @@ fn serve_grpc<H: tonic_health::pb::health_server::Health>(
     grpc_services::serve(listener, services, stopping, tracker)
 }
 
-/// Ends the admin listener's start-up answers: `/metrics` and `/readyz` answer from now on
+/// Ends the admin listener's start-up answers: `/metrics` and `/readyz` answer from `Monitoring` from now on
 /// (it is served until `stopping`).
 fn serve_monitoring(
     endpoints: &AdminEndpoints,
