@@ -237,6 +237,78 @@ async fn sigterm_ends_watchers_with_a_resume_point_and_exits_zero_in_time() {
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
+/// A client that sent half a request to the admin listener (a slowloris) held the stop for the
+/// whole `--shutdown-grace`, and the admin listener stopped accepting as soon as the stop
+/// began, so `/readyz` could not say "shutting down" while webhooks drained (found by an
+/// adversarial run). Here a webhook whose body is held keeps the drain going: `/readyz` answers
+/// 503 "shutting down" meanwhile; once the body arrives the webhook is applied and answered,
+/// and the process exits at once, the half request notwithstanding (the grace is 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_answers_through_the_stop_and_does_not_hold_it() {
+    use std::io::{Read, Write};
+    let mut binary = Binary::start(&[
+        "--webhook-secret",
+        common::SECRET,
+        "--shutdown-grace",
+        "60s",
+        "--webhook-body-timeout",
+        "60s",
+    ]);
+    let listening = binary.wait_for("profile-state listening");
+    let address = |name: &str| listening[name].as_str().unwrap().to_owned();
+    let (admin, webhook) = (address("admin"), address("webhook"));
+    let mut slowloris = std::net::TcpStream::connect(&admin).unwrap();
+    slowloris
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let (raw, signature) = signed(&profile_updated("held", &at(1), json!({})), common::SECRET);
+    let mut held = std::net::TcpStream::connect(&webhook).unwrap();
+    let head = format!(
+        "POST /webhooks/gameball HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         X-GB-Signature: {signature}\r\nContent-Length: {}\r\n\r\n",
+        raw.len()
+    );
+    held.write_all(head.as_bytes()).unwrap();
+    held.write_all(&raw[..10]).unwrap();
+
+    binary.signal("TERM");
+    binary.wait_for("shutting down");
+    let readyz = format!("http://{admin}/readyz");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let response = reqwest::get(&readyz)
+            .await
+            .expect("/readyz answers while stopping");
+        let answer = (response.status().as_u16(), response.text().await.unwrap());
+        if answer.0 != 200 || std::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(answer, (503, "shutting down\n".to_string()));
+
+    held.write_all(&raw[10..]).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answered = [0u8; 12];
+    tokio::task::block_in_place(|| held.read_exact(&mut answered)).unwrap();
+    assert_eq!(&answered, b"HTTP/1.1 200", "the held webhook is applied");
+    // Polled, so that a process that does not exit fails the test instead of hanging it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = binary.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 10 s after its last webhook was answered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(exit.success(), "{exit}");
+    drop(slowloris);
+}
+
 /// A body that never ends, as a stalled sender produces.
 fn endless_body() -> Body {
     Body::from_stream(futures_stream_pending())

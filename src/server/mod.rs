@@ -30,7 +30,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -42,7 +42,7 @@ use crate::ingest::Ingest;
 use crate::journal::FaultSwitch;
 use crate::listen_addr::ListenAddr;
 use crate::metrics::Metrics;
-use crate::monitoring::{AdminEndpoints, Monitoring};
+use crate::monitoring::{AdminEndpoints, AdminServer, Monitoring};
 use crate::reconcile::schedule::SlotClaims;
 use crate::reconcile::{ReconcileJobs, ReconcileOptions};
 use crate::replication::{self, ApplierPause, ReplicaStatus};
@@ -69,11 +69,9 @@ pub struct Server {
     webhook: TcpListener,
     grpc: TcpListener,
     /// The admin listener, served since it was bound: start-up answers until `run` gives it
-    /// the monitoring to answer from; the server task; its address.
-    admin: (AdminEndpoints, JoinHandle<std::io::Result<()>>, SocketAddr),
-    /// `run`'s stop signal, made here because the admin listener is served from here on;
-    /// cancelled if the server is dropped without running (start-up failed after the bind).
-    stopping: DropGuard,
+    /// the monitoring to answer from; the server (stopped if this is dropped without
+    /// running); its address.
+    admin: (AdminEndpoints, AdminServer, SocketAddr),
     verification: Verification,
     auth: BearerAuth,
     admin_auth: AdminAuth,
@@ -138,14 +136,9 @@ impl Server {
         let webhook = listen(&config.webhook_listen, "webhook-listen").await?;
         let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
         let admin = listen(&config.admin_listen, "admin-listen").await?;
-        let (endpoints, stopping) = (AdminEndpoints::default(), CancellationToken::new());
+        let endpoints = AdminEndpoints::default();
         let admin_addr = local_addr(&admin);
-        let admin = (
-            endpoints.clone(),
-            endpoints.serve(admin, stopping.clone()),
-            admin_addr,
-        );
-        let stopping = stopping.drop_guard();
+        let admin = (endpoints.clone(), endpoints.serve(admin), admin_addr);
         let faults = FaultSwitch::default();
         let (store, mode, data_dir, dead_letters, schedule_claims) = match config.nats.enabled() {
             true => {
@@ -174,7 +167,6 @@ impl Server {
             webhook,
             grpc,
             admin,
-            stopping,
             verification,
             auth,
             admin_auth,
@@ -246,8 +238,7 @@ impl Server {
             config,
             webhook,
             grpc,
-            admin: (admin, monitoring, admin_addr),
-            stopping,
+            admin: (admin, admin_server, admin_addr),
             verification,
             auth,
             admin_auth,
@@ -263,7 +254,8 @@ impl Server {
         } = self;
         let addresses = [local_addr(&webhook), local_addr(&grpc), admin_addr];
         let admin_access = admin_auth.access();
-        let (stopping, tracker, metrics) = (stopping.disarm(), TaskTracker::new(), Metrics::new());
+        let (stopping, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let metrics = Metrics::new();
         let context = (&store, &metrics, &tracker, &stopping);
         let ingest_thread = IngestThread::start()
             .await
@@ -336,7 +328,6 @@ impl Server {
             grpc_stopping: grpc.stopping,
             grpc_cut: grpc.cut,
             servers: Servers {
-                monitoring,
                 webhook,
                 grpc: grpc.task,
             },
@@ -345,6 +336,7 @@ impl Server {
             data_dir,
             grace: config.shutdown_grace,
             ingest_thread,
+            admin: admin_server,
         }
         .run()
         .await;
@@ -577,7 +569,7 @@ fn serve_grpc<H: tonic_health::pb::health_server::Health>(
 }
 
 /// Ends the admin listener's start-up answers: `/metrics` and `/readyz` answer from `Monitoring` from now on
-/// (it is served until `stopping`).
+/// (it is served until the end of the ordered stop).
 fn serve_monitoring(
     endpoints: &AdminEndpoints,
     (store, metrics, _, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),

@@ -22,6 +22,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::data_dir::DataDir;
 use crate::grpc::ProfileApi;
+use crate::monitoring::AdminServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::store::Store;
 
@@ -92,10 +93,9 @@ impl Health {
     }
 }
 
-/// The three listeners' server tasks.
+/// The webhook and gRPC listeners' server tasks (the admin listener's is stopped last, on
+/// its own: [`Shutdown::admin`]).
 pub(super) struct Servers {
-    /// Monitoring on the admin listener: `/metrics`, `/livez`, `/readyz`.
-    pub monitoring: JoinHandle<std::io::Result<()>>,
     /// The webhook ingress.
     pub webhook: JoinHandle<std::io::Result<()>>,
     /// The gRPC API.
@@ -104,20 +104,13 @@ pub(super) struct Servers {
 
 impl Servers {
     /// Handles that stop the three server tasks, dropping the connections they own.
-    fn abort_handles(&self) -> [AbortHandle; 3] {
-        [
-            self.monitoring.abort_handle(),
-            self.webhook.abort_handle(),
-            self.grpc.abort_handle(),
-        ]
+    fn abort_handles(&self) -> [AbortHandle; 2] {
+        [self.webhook.abort_handle(), self.grpc.abort_handle()]
     }
 
-    /// Waits for all three to finish their in-flight requests; the first failure is returned.
+    /// Waits for both to finish their in-flight requests; the first failure is returned.
     async fn finished(self) -> anyhow::Result<()> {
-        let (monitoring, webhook, grpc) = tokio::join!(self.monitoring, self.webhook, self.grpc);
-        monitoring
-            .context("monitoring server task")?
-            .context("monitoring server")?;
+        let (webhook, grpc) = tokio::join!(self.webhook, self.grpc);
         webhook
             .context("webhook server task")?
             .context("webhook server")?;
@@ -151,12 +144,15 @@ pub(super) struct Shutdown {
     /// Ended once everything on it has stopped or was given up on, before the data
     /// directory's lock is released.
     pub ingest_thread: IngestThread,
+    /// The admin listener: it answers throughout (`/readyz` 503 "shutting down") and is
+    /// stopped last, without waiting for its connections.
+    pub admin: AdminServer,
 }
 
 impl Shutdown {
     /// Stops the service, in this order:
     ///
-    /// 1. Readiness false: health NOT_SERVING, `/readyz` 503 (`stopping`).
+    /// 1. Readiness false: health NOT_SERVING, `/readyz` 503 "shutting down" (`stopping`).
     /// 2. Watchers get their last `Progress` and `UNAVAILABLE` naming the revision to resume
     ///    from (their feeds end on `stopping`); only once tonic has taken and dropped every
     ///    watch stream does gRPC stop, so those last messages are not cut off.
@@ -164,15 +160,17 @@ impl Shutdown {
     ///    tonic its calls, after health statuses are removed so health Watch streams end too.
     /// 4. The sequencer flushes: once the last ingress handle is gone it answers what it holds
     ///    and stops; every other background task (snapshots included) is waited for.
-    /// 5. The journal closes (it went with the sequencer task) and the data directory's lock
-    ///    is released, last.
+    /// 5. The journal closes (it went with the sequencer task); the admin listener, which
+    ///    answered throughout, stops accepting (its connections are not waited for); the data
+    ///    directory's lock is released, last.
     ///
     /// Steps 2 and 3 share one deadline, `--shutdown-grace` from the signal, whatever clients
     /// do (a watcher that stops reading, half-open connections): past it the server tasks are
     /// aborted, which cuts the webhook connections left, and the gRPC connections left are
-    /// cut (`super::cut`), so an in-process server returns with none of them open; admin
-    /// connections go with the process. Step 4 then has what is left of the grace, and at least [`FLUSH_MARGIN`], so the whole stop takes at most the grace
-    /// plus that margin.
+    /// cut (`super::cut`), so an in-process server returns with none of them open; an admin
+    /// connection whose request never completes goes with the process. Step 4 then has what
+    /// is left of the grace, and at least [`FLUSH_MARGIN`], so the whole stop takes at most the
+    /// grace plus that margin.
     pub(super) async fn run(self) -> anyhow::Result<()> {
         let Shutdown {
             mut health,
@@ -186,6 +184,7 @@ impl Shutdown {
             data_dir,
             grace,
             ingest_thread,
+            admin,
         } = self;
         let deadline = Instant::now() + grace;
         health.not_serving().await;
@@ -208,8 +207,7 @@ impl Shutdown {
         .await;
         // The webhook task owns its connections: aborting it cuts what is still connected
         // there. tonic spawned the gRPC connections' tasks: their streams fail once cut, which
-        // ends them (and the watch streams on them). Admin connections, spawned by axum, go
-        // with the process.
+        // ends them (and the watch streams on them).
         aborts.iter().for_each(AbortHandle::abort);
         grpc_cut.cancel();
 
@@ -224,6 +222,7 @@ impl Shutdown {
         // What the steps above gave up on goes with the ingest thread's runtime; the journal
         // is closed (or given up on) before the data directory's lock is released.
         ingest_thread.stop().await;
+        let admin_stopped = admin.stop().context("admin listener's server");
         tracing::info!(revision = store.revision(), "stopped");
         if let Some(shares) = data_dir.as_ref().map(DataDir::lock_shares)
             && shares > 0
@@ -235,7 +234,7 @@ impl Shutdown {
             );
         }
         drop(data_dir);
-        served
+        served.and(admin_stopped)
     }
 }
 
