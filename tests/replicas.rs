@@ -650,7 +650,9 @@ async fn probes_are_answered_while_a_replica_starts() {
 
 /// While NATS was down, async-nats logged "event: client error" at INFO every few seconds
 /// (found by a fresh-eyes reading). With `RUST_LOG` unset, the replica says in its own words
-/// that it lost the connection and got it back, and async-nats' own lines are held back.
+/// that it lost the connection and got it back, and async-nats' own lines are held back. Its
+/// reconnect errors said only "IO error": the service names each server and what a TCP
+/// connection to it says (an adversarial run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nats_outage_is_logged_in_the_services_words() {
     let mut nats = NatsCluster::single().await.unwrap();
@@ -670,6 +672,15 @@ async fn a_nats_outage_is_logged_in_the_services_words() {
     replica
         .wait_for("lost the connection to NATS; reconnecting")
         .await;
+    let unreachable = replica.wait_for("cannot reach NATS; retrying").await;
+    let servers = unreachable["servers"].as_str().unwrap_or_default();
+    for url in nats.client_urls() {
+        let address = url.trim_start_matches("nats://");
+        assert!(
+            servers.contains(&format!("{address}: Connection refused")),
+            "{address} in {unreachable}"
+        );
+    }
     nats.restart_all().await.unwrap();
     replica.wait_for("connected to NATS").await;
     let lines = replica.stop_collecting();

@@ -38,14 +38,23 @@ impl Nats {
         // `--nats-request-timeout`, below the webhook timeout (checked with the flags), so a
         // webhook can still be answered 503 in time.
         let timeout: Duration = config.request_timeout;
+        let addrs = config
+            .urls
+            .iter()
+            .map(|url| url.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| error(err.to_string()))?;
         let (connected, connections) = watch::channel(0u64);
         let connected = Arc::new(connected);
-        let repeated_errors = Arc::new(RateLimited::default());
+        let log = Arc::new(ConnectionLog {
+            repeated_errors: RateLimited::default(),
+            servers: addrs.clone(),
+        });
         let mut options = ConnectOptions::new()
             .event_callback(move |event| {
-                let (connected, repeated_errors) = (connected.clone(), repeated_errors.clone());
+                let (connected, log) = (connected.clone(), log.clone());
                 async move {
-                    log_event(&event, &repeated_errors);
+                    log.event(&event);
                     if matches!(event, Event::Connected) {
                         connected.send_modify(|count| *count += 1);
                     }
@@ -72,12 +81,6 @@ impl Nats {
             check_readable("--nats-tls-key", key).map_err(error)?;
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        let addrs = config
-            .urls
-            .iter()
-            .map(|url| url.parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| error(err.to_string()))?;
         let client = options
             .connect(addrs)
             .await
@@ -150,20 +153,71 @@ fn ping_interval(request_timeout: Duration) -> Duration {
     (request_timeout / 2).max(Duration::from_secs(1))
 }
 
-/// Logs a connection event in our words. async-nats logs each one at INFO itself, a "client
+/// How long [`reachability`] waits for each server to accept a TCP connection.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Logs connection events in our words. async-nats logs each one at INFO itself, a "client
 /// error" every few seconds while NATS is down; its target is at WARN by default
 /// (`logging::filter`), and the errors are repeated here at most every 10 s.
-fn log_event(event: &Event, repeated_errors: &RateLimited) {
-    match event {
-        Event::Connected => tracing::info!("connected to NATS"),
-        Event::Disconnected => tracing::warn!("lost the connection to NATS; reconnecting"),
-        Event::ClientError(_) | Event::ServerError(_) => {
-            if let Some(suppressed) = repeated_errors.due() {
-                tracing::warn!(suppressed, "NATS connection: {event}");
+struct ConnectionLog {
+    repeated_errors: RateLimited,
+    /// `--nats-url`, to say which servers cannot be reached and why.
+    servers: Vec<async_nats::ServerAddr>,
+}
+
+impl ConnectionLog {
+    fn event(&self, event: &Event) {
+        match event {
+            Event::Connected => tracing::info!("connected to NATS"),
+            Event::Disconnected => tracing::warn!("lost the connection to NATS; reconnecting"),
+            Event::ClientError(_) => {
+                // async-nats's reconnect errors name neither the server nor the cause ("IO
+                // error"): a TCP connection to each server tells an operator where to look.
+                // Spawned, so that the events after this one are not held up.
+                if let Some(suppressed) = self.repeated_errors.due() {
+                    let (servers, error) = (self.servers.clone(), event.to_string());
+                    tokio::spawn(async move {
+                        let servers = reachability(&servers).await;
+                        let client_error = error.as_str();
+                        tracing::warn!(
+                            suppressed,
+                            servers,
+                            client_error,
+                            "cannot reach NATS; retrying"
+                        );
+                    });
+                }
             }
+            Event::ServerError(_) => {
+                if let Some(suppressed) = self.repeated_errors.due() {
+                    tracing::warn!(suppressed, "NATS connection: {event}");
+                }
+            }
+            event => tracing::info!("NATS connection: {event}"),
         }
-        event => tracing::info!("NATS connection: {event}"),
     }
+}
+
+/// What a plain TCP connection to each server says, e.g. `127.0.0.1:4222: Connection refused
+/// (os error 111)`.
+async fn reachability(servers: &[async_nats::ServerAddr]) -> String {
+    let probes = servers.iter().map(|server| async move {
+        let (host, port) = (server.host(), server.port());
+        let shown = match host.contains(':') {
+            true => format!("[{host}]:{port}"),
+            false => format!("{host}:{port}"),
+        };
+        let connecting = tokio::net::TcpStream::connect((host, port));
+        let outcome = match tokio::time::timeout(PROBE_TIMEOUT, connecting).await {
+            Err(_) => "no answer within 2 s (the host is down, or packets are dropped)".into(),
+            Ok(Err(error)) => error.to_string(),
+            Ok(Ok(_)) => {
+                "accepts TCP connections (TLS, the credentials or NATS itself fails)".into()
+            }
+        };
+        format!("{shown}: {outcome}")
+    });
+    futures_util::future::join_all(probes).await.join("; ")
 }
 
 #[cfg(test)]
