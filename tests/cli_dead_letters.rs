@@ -42,6 +42,20 @@ async fn dead_letter(service: &TestService, customer: &str) -> (Vec<u8>, String)
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn tls_to_a_plaintext_listener_says_to_use_http() {
+    let service = TestService::start().await;
+    let https = format!("https://{}", service.grpc);
+    let answer = cli(&["list", "--grpc", &https], &[]).await;
+    assert_eq!(answer.status.code(), Some(1), "{}", stderr(&answer));
+    assert!(
+        stderr(&answer).contains("give --grpc as http://"),
+        "{}",
+        stderr(&answer)
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
 async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_binary() {
     let service = TestService::start().await;
     let (body_a, a) = dead_letter(&service, "a").await;

@@ -115,6 +115,11 @@ impl Connection {
         let channel = endpoint.connect().await.map_err(|error| {
             let error = chain(&error);
             let hint = match &self.ca {
+                // rustls's words for a record that is not TLS: the server spoke plaintext.
+                _ if tls && error.contains("InvalidContentType") => {
+                    " (the server answered without TLS: if its gRPC listener has no \
+                     --grpc-tls-cert, give --grpc as http://)"
+                }
                 None if tls && error.contains("certificate") => {
                     " (it was checked against the system's CAs: give the server's CA with --ca)"
                 }
