@@ -16,10 +16,8 @@
 //! exposition (`crate::metrics::render_starting`: `profile_state_starting 1`,
 //! `profile_state_ready 0`), so that a probe gets an answer instead of a connection nobody
 //! serves and a scrape succeeds (a long start alerts as not ready, not as down); then the same
-//! server answers from [`Monitoring`]. It keeps answering through the ordered stop (`/readyz`
-//! 503 "shutting down" while the other listeners drain) and is stopped last
-//! ([`AdminServer::stop`]) without waiting for its connections: a client that sends half a
-//! request (a slowloris) must not hold the process for the whole `--shutdown-grace`.
+//! server answers from [`Monitoring`] (`crate::server`'s `admin_listener` serves these routes,
+//! through the whole stop).
 //!
 //! It only reads state; it changes nothing and serves no customer data.
 
@@ -30,10 +28,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use std::sync::{Arc, OnceLock};
 
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 use crate::dead_letters::DeadLetters;
 use crate::metrics::{self, Metrics, Readings};
@@ -63,55 +59,19 @@ pub struct Monitoring {
 pub struct AdminEndpoints(Arc<OnceLock<Monitoring>>);
 
 impl AdminEndpoints {
-    /// Serves `listener` until the returned server is stopped or dropped.
-    pub fn serve(&self, listener: TcpListener) -> AdminServer {
-        let router = Router::new()
+    /// The routes, answering from these endpoints.
+    pub fn router(&self) -> Router {
+        Router::new()
             .route("/metrics", get(metrics))
             .route("/livez", get(|| async { "ok\n" }))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(ready))
-            .with_state(self.clone());
-        let stop = CancellationToken::new();
-        let serve =
-            axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
-        AdminServer {
-            task: tokio::spawn(serve.into_future()),
-            _stop: stop.drop_guard(),
-        }
+            .with_state(self.clone())
     }
 
     /// Start-up is over: answer from `monitoring` from now on.
     pub fn started(&self, monitoring: Monitoring) {
         let _ = self.0.set(monitoring);
-    }
-}
-
-/// The admin listener's server task: it serves until [`AdminServer::stop`], or until dropped
-/// (a start-up that failed after the bind).
-pub struct AdminServer {
-    task: JoinHandle<std::io::Result<()>>,
-    /// Stops accepting, and tells the connections to close once their request is answered.
-    _stop: DropGuard,
-}
-
-impl AdminServer {
-    /// Stops accepting and returns at once, with the server's error if it had failed. The
-    /// connections left close once their request is answered; one whose request never
-    /// completes (axum spawned its task, out of reach here) goes with the process.
-    pub fn stop(self) -> std::io::Result<()> {
-        let AdminServer { task, _stop } = self;
-        drop(_stop);
-        let failed = match task.is_finished() {
-            true => futures_util::FutureExt::now_or_never(task),
-            false => {
-                task.abort();
-                None
-            }
-        };
-        match failed {
-            Some(Ok(Err(error))) => Err(error),
-            _ => Ok(()),
-        }
     }
 }
 

@@ -309,6 +309,60 @@ async fn the_admin_listener_answers_through_the_stop_and_does_not_hold_it() {
     drop(slowloris);
 }
 
+/// The admin listener had no cap and no timeouts: connections held open there (half a request,
+/// or none) stayed for ever, each with an open file the webhook listener may need (found while
+/// fixing the slowloris above). At most 64 are held; one more is closed as it arrives, a
+/// half-sent request is closed after 10 s, and both are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_caps_its_connections_and_closes_a_slow_request() {
+    use std::io::{Read, Write};
+    let service = TestService::start().await;
+    let connect = || std::net::TcpStream::connect(service.admin).unwrap();
+    let mut slowloris = connect();
+    slowloris
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let held: Vec<_> = (1..64).map(|_| connect()).collect();
+    // Closed: end of file, or a reset when the server closed before reading what was sent.
+    let closed = |read: &std::io::Result<usize>| match read {
+        Ok(0) => true,
+        Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    let mut refused = connect();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let read = tokio::task::block_in_place(|| refused.read(&mut [0u8; 1]));
+    assert!(
+        closed(&read),
+        "the 65th connection is closed at once: {read:?}"
+    );
+    drop(held);
+
+    slowloris
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let since = std::time::Instant::now();
+    let read = tokio::task::block_in_place(|| slowloris.read(&mut [0u8; 1]));
+    assert!(
+        closed(&read),
+        "half a request is closed, not answered: {read:?}"
+    );
+    assert!(
+        since.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        since.elapsed()
+    );
+    let (status, metrics) = service.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    let refused = r#"profile_state_connections_refused_total{listener="admin"}"#;
+    assert_eq!(sample(&metrics, refused), Some(1.0), "{metrics}");
+    let header = r#"profile_state_connections_timed_out_total{listener="admin",timeout="header"}"#;
+    assert_eq!(sample(&metrics, header), Some(1.0), "{metrics}");
+    service.stop().await;
+}
+
 /// A body that never ends, as a stalled sender produces.
 fn endless_body() -> Body {
     Body::from_stream(futures_stream_pending())

@@ -68,8 +68,11 @@ pub const WATCH_RESET_REASONS: &[&str] = &[
 
 /// Every listener whose connections are counted, with the timeouts that can close them: the
 /// `listener` and `timeout` labels of `profile_state_connections*`. Each exists at zero.
-pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] =
-    &[("webhook", &["idle", "header"]), ("grpc", &["handshake"])];
+pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] = &[
+    ("webhook", &["idle", "header"]),
+    ("grpc", &["handshake"]),
+    ("admin", &["idle", "header"]),
+];
 
 /// Every limit a WatchProfiles call can be refused by: the `limit` label of
 /// `profile_state_watch_streams_refused_total` (`--max-watch-streams`,
@@ -558,7 +561,7 @@ fn connection_metrics(r: &Registry) -> (IntGaugeVec, IntCounterVec, IntCounterVe
         r,
         "profile_state_connections_refused_total",
         "Connections closed as they arrived because the listener's connection cap was reached \
-         (--max-webhook-connections, --max-grpc-connections).",
+         (--max-webhook-connections, --max-grpc-connections; 64 on the admin listener).",
         &["listener"],
     );
     let timed_out = counter_vec(

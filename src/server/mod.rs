@@ -15,6 +15,7 @@
 //! and their schedule, give the admin listener its monitoring, serve gRPC, serve the
 //! ingress, wait for the signal, then `shutdown`'s ordered stop. No request logic lives here.
 
+mod admin_listener;
 mod coalesce;
 mod connections;
 mod cut;
@@ -42,7 +43,7 @@ use crate::ingest::Ingest;
 use crate::journal::FaultSwitch;
 use crate::listen_addr::ListenAddr;
 use crate::metrics::Metrics;
-use crate::monitoring::{AdminEndpoints, AdminServer, Monitoring};
+use crate::monitoring::{AdminEndpoints, Monitoring};
 use crate::reconcile::schedule::SlotClaims;
 use crate::reconcile::{ReconcileJobs, ReconcileOptions};
 use crate::replication::{self, ApplierPause, ReplicaStatus};
@@ -52,6 +53,7 @@ use crate::store::Store;
 use crate::watch::Watchers;
 use crate::webhook::secrets::{SecretStore, Secrets};
 use crate::webhook::{Ingress, Limits, Verification};
+use admin_listener::AdminServer;
 use connections::CappedListener;
 use ingest_thread::IngestThread;
 use shutdown::{Health, Servers, Shutdown};
@@ -72,6 +74,8 @@ pub struct Server {
     /// the monitoring to answer from; the server (stopped if this is dropped without
     /// running); its address.
     admin: (AdminEndpoints, AdminServer, SocketAddr),
+    /// The server's metrics, from the bind on (the admin listener counts its connections).
+    metrics: Metrics,
     verification: Verification,
     auth: BearerAuth,
     admin_auth: AdminAuth,
@@ -136,9 +140,10 @@ impl Server {
         let webhook = listen(&config.webhook_listen, "webhook-listen").await?;
         let grpc = listen(&config.grpc_listen, "grpc-listen").await?;
         let admin = listen(&config.admin_listen, "admin-listen").await?;
-        let endpoints = AdminEndpoints::default();
+        let (endpoints, metrics) = (AdminEndpoints::default(), Metrics::new());
         let admin_addr = local_addr(&admin);
-        let admin = (endpoints.clone(), endpoints.serve(admin), admin_addr);
+        let admin_server = AdminServer::start(admin, &endpoints, metrics.listener("admin"));
+        let admin = (endpoints, admin_server, admin_addr);
         let faults = FaultSwitch::default();
         let (store, mode, data_dir, dead_letters, schedule_claims) = match config.nats.enabled() {
             true => {
@@ -167,6 +172,7 @@ impl Server {
             webhook,
             grpc,
             admin,
+            metrics,
             verification,
             auth,
             admin_auth,
@@ -239,6 +245,7 @@ impl Server {
             webhook,
             grpc,
             admin: (admin, admin_server, admin_addr),
+            metrics,
             verification,
             auth,
             admin_auth,
@@ -255,7 +262,6 @@ impl Server {
         let addresses = [local_addr(&webhook), local_addr(&grpc), admin_addr];
         let admin_access = admin_auth.access();
         let (stopping, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let metrics = Metrics::new();
         let context = (&store, &metrics, &tracker, &stopping);
         let ingest_thread = IngestThread::start()
             .await

@@ -20,9 +20,9 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health as HealthService, HealthServer};
 use tonic_health::server::HealthReporter;
 
+use super::admin_listener::AdminServer;
 use crate::data_dir::DataDir;
 use crate::grpc::ProfileApi;
-use crate::monitoring::AdminServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::store::Store;
 
@@ -145,7 +145,7 @@ pub(super) struct Shutdown {
     /// directory's lock is released.
     pub ingest_thread: IngestThread,
     /// The admin listener: it answers throughout (`/readyz` 503 "shutting down") and is
-    /// stopped last, without waiting for its connections.
+    /// stopped last, its connections cut.
     pub admin: AdminServer,
 }
 
@@ -161,15 +161,14 @@ impl Shutdown {
     /// 4. The sequencer flushes: once the last ingress handle is gone it answers what it holds
     ///    and stops; every other background task (snapshots included) is waited for.
     /// 5. The journal closes (it went with the sequencer task); the admin listener, which
-    ///    answered throughout, stops accepting (its connections are not waited for); the data
-    ///    directory's lock is released, last.
+    ///    answered throughout, stops and cuts its connections; the data directory's lock is
+    ///    released, last.
     ///
     /// Steps 2 and 3 share one deadline, `--shutdown-grace` from the signal, whatever clients
     /// do (a watcher that stops reading, half-open connections): past it the server tasks are
     /// aborted, which cuts the webhook connections left, and the gRPC connections left are
-    /// cut (`super::cut`), so an in-process server returns with none of them open; an admin
-    /// connection whose request never completes goes with the process. Step 4 then has what
-    /// is left of the grace, and at least [`FLUSH_MARGIN`], so the whole stop takes at most the
+    /// cut (`super::cut`), so an in-process server returns with none of them open. Step 4
+    /// then has what is left of the grace, and at least [`FLUSH_MARGIN`], so the whole stop takes at most the
     /// grace plus that margin.
     pub(super) async fn run(self) -> anyhow::Result<()> {
         let Shutdown {
