@@ -169,6 +169,9 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     .await;
     assert!(restore.status.success(), "{}", text(&restore.stderr));
     assert!(private(&restored), "a data directory restore created");
+    for file in files_under(&restored) {
+        assert!(private(&file), "{} (restored)", file.display());
+    }
     assert!(
         text(&restore.stdout).contains(&format!("as of revision {revision} into")),
         "{}",
@@ -196,6 +199,49 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     );
     binary.stop();
     Arc::into_inner(service).unwrap().stop().await;
+}
+
+/// Every file under `dir`, in its subdirectories too.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        match path.is_dir() {
+            true => files.extend(files_under(&path)),
+            false => files.push(path),
+        }
+    }
+    files
+}
+
+/// A data directory that already existed (made by an operator, a volume mount) keeps its
+/// mode, and under a usual umask of 022 the journal, snapshot and dead letters written into it
+/// were readable by everyone (found by a fresh-eyes run). The binary creates them its owner's
+/// only, whatever the umask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_in_an_existing_data_directory_are_their_owners_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let args = ["--snapshot-every-records", "1"];
+    let binary = Binary::spawn(under_umask_022(binary::command(&data, &args))).await;
+    let kept = profile_updated("kept", &at(1), json!({"total_points": 1}));
+    assert_eq!(binary.post(&kept).await.0, 200);
+    let mut letter = profile_updated("letter", &at(2), json!({}));
+    letter["data"]["tier_order"] = json!("high");
+    assert_eq!(binary.post(&letter).await.0, 422, "kept as a dead letter");
+    binary.stop();
+    let files = files_under(&data);
+    assert!(
+        files.len() >= 4,
+        "journal, snapshot, dead letter, store id: {files:?}"
+    );
+    for file in files {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", file.display());
+    }
 }
 
 /// The backup replaces FILE by a rename, which would replace a link or a device node itself

@@ -273,6 +273,7 @@ fn report_clap_error(error: &clap::Error, command: &clap::Command, argv: &[OsStr
 
 /// Runs what the command line asks for; returns the exit status.
 pub fn run(cli: Cli, sources: &Sources) -> ExitCode {
+    owner_only_files();
     match cli.command {
         None => serve::run(cli.serve, sources),
         Some(Command::DeadLetters(args)) => dead_letters::run(args, sources),
@@ -280,6 +281,15 @@ pub fn run(cli: Cli, sources: &Sources) -> ExitCode {
         Some(Command::Restore(args)) => restore::run(args, sources),
         Some(Command::Reconcile(args)) => reconcile::run(args, sources),
     }
+}
+
+/// Every file and directory the binary creates (a data directory's journal, snapshots, dead
+/// letters; a restore; a backup) is its owner's only, whatever umask it was started under: they
+/// hold customers' personal data. A shell or a container usually gives 022, under which an
+/// existing data directory's files were readable by everyone (the systemd unit sets
+/// `UMask=0077` too). The library leaves the umask of a process that embeds it alone.
+fn owner_only_files() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
 /// Prints `profile-state: <message>` (with notes on flags set from the environment) to stderr.
