@@ -54,9 +54,12 @@ const KNOWN_TARGETS: &[&str] = &[
     "tower",
 ];
 
-/// What the filter holds back when `RUST_LOG` is unset: async-nats logs every connection
-/// event at INFO (`jetstream::Nats` logs them in its own words).
-const QUIET_BY_DEFAULT: &str = "async_nats=warn";
+/// What the filter holds back when `RUST_LOG` is unset: async-nats itself. It logs every
+/// connection event at INFO, and the cause of a failed attempt at ERROR on every attempt, a
+/// hundred a second against a port that closes unanswered ("expected INFO, got nothing").
+/// Every one of those also reaches `jetstream::Nats` as an event, which logs it in our words,
+/// rate-limited and naming the servers; `RUST_LOG=async_nats=debug` shows the library's own.
+const QUIET_BY_DEFAULT: &str = "async_nats=off";
 
 /// The filter `RUST_LOG` (`value`, `None` when unset) asks for, with `default` when it is unset
 /// or empty.
@@ -148,7 +151,7 @@ mod tests {
                 Some(LevelFilter::INFO),
                 "{unset:?}"
             );
-            assert_eq!(filter.to_string(), "async_nats=warn,info");
+            assert_eq!(filter.to_string(), "async_nats=off,info");
         }
     }
 
