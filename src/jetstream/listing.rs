@@ -46,7 +46,27 @@ pub(super) async fn last_per_subject(
     filter: String,
     headers_only: bool,
 ) -> Result<Vec<Message>, async_nats::Error> {
-    let consumer: Consumer<pull::Config> = stream
+    let consumer = listing_consumer(stream, filter, headers_only).await?;
+    let (name, pending) = {
+        let info = consumer.cached_info();
+        (info.name.clone(), info.num_pending)
+    };
+    let listed = read_all(&consumer, pending).await;
+    if let Err(err) = stream.delete_consumer(&name).await {
+        // The server removes it after `ABANDONED_AFTER` anyway.
+        tracing::debug!(consumer = %name, error = %err, "listing consumer not deleted");
+    }
+    listed
+}
+
+/// A consumer of the last message of every subject matching `filter`, kept in memory on one
+/// server, and removed by the server [`ABANDONED_AFTER`] without a fetch.
+async fn listing_consumer(
+    stream: &Stream,
+    filter: String,
+    headers_only: bool,
+) -> Result<Consumer<pull::Config>, async_nats::Error> {
+    let consumer = stream
         .create_consumer(pull::Config {
             description: Some("profile-state listing".into()),
             filter_subject: filter,
@@ -60,16 +80,7 @@ pub(super) async fn last_per_subject(
             ..Default::default()
         })
         .await?;
-    let (name, pending) = {
-        let info = consumer.cached_info();
-        (info.name.clone(), info.num_pending)
-    };
-    let listed = read_all(&consumer, pending).await;
-    if let Err(err) = stream.delete_consumer(&name).await {
-        // The server removes it after `ABANDONED_AFTER` anyway.
-        tracing::debug!(consumer = %name, error = %err, "listing consumer not deleted");
-    }
-    listed
+    Ok(consumer)
 }
 
 /// Fetches until the consumer has nothing pending (or a fetch brings nothing: what was
@@ -125,4 +136,51 @@ async fn fetch(
 /// only in its text ("error while processing messages from the stream: 503, None").
 fn no_responders(err: &(dyn std::error::Error + 'static)) -> bool {
     err.to_string().contains("from the stream: 503")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fetch whose answer never came (its server restarted mid-listing) kept a
+    /// ListDeadLetters call waiting for 13 minutes (found by an adversarial run). Here the
+    /// server is stopped (SIGSTOP) between the consumer's creation and its first fetch: the
+    /// listing fails after [`FETCH_TIMEOUT`] instead. The client pings only every minute, so it
+    /// does not notice the server is gone within the test.
+    #[tokio::test]
+    async fn a_fetch_that_goes_unanswered_fails_the_listing() {
+        let nats = nats_harness::NatsCluster::single().await.unwrap();
+        let client = async_nats::connect(nats.client_urls()).await.unwrap();
+        let context = async_nats::jetstream::new(client);
+        let stream = context
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "UNANSWERED".into(),
+                subjects: vec!["unanswered.>".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for key in ["a", "b", "c"] {
+            let subject = format!("unanswered.{key}");
+            context
+                .publish(subject, "x".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let consumer = listing_consumer(&stream, "unanswered.>".into(), false)
+            .await
+            .unwrap();
+        let pending = consumer.cached_info().num_pending;
+        assert_eq!(pending, 3);
+        let server = &nats.nodes()[0];
+        server.pause().unwrap();
+        let listed = tokio::time::timeout(FETCH_TIMEOUT * 3, read_all(&consumer, pending)).await;
+        server.resume().unwrap();
+        let error = listed
+            .expect("the listing ends by itself")
+            .expect_err("nothing was answered");
+        assert!(error.to_string().contains("unanswered"), "{error}");
+    }
 }
