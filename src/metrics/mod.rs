@@ -561,7 +561,7 @@ fn connection_metrics(r: &Registry) -> (IntGaugeVec, IntCounterVec, IntCounterVe
         r,
         "profile_state_connections_refused_total",
         "Connections closed as they arrived because the listener's connection cap was reached \
-         (--max-webhook-connections, --max-grpc-connections; 64 on the admin listener).",
+         (--max-webhook-connections, --max-grpc-connections; 256 on the admin listener).",
         &["listener"],
     );
     let timed_out = counter_vec(

@@ -6,8 +6,16 @@
 //! limits rather than flags: at most [`MAX_CONNECTIONS`] at once, closed when idle for
 //! [`IDLE_TIMEOUT`] or slower than [`HEADER_TIMEOUT`] to send a request's headers. Without
 //! them, clients that open connections and send half a request (a slowloris) could hold the
-//! process's open files, which the webhook listener needs. They belong to the server task:
-//! [`AdminServer::stop`] cuts whatever is left, without waiting for it.
+//! process's open files, which the webhook listener needs. HTTP/1.1 only: Prometheus and
+//! probes speak it, and over HTTP/2 one connection could hold a rendered `/metrics` (about
+//! 100 KB) in each of 200 streams it never reads (an adversarial run pinned 1.6 GB with 60
+//! connections). They belong to the server task: [`AdminServer::stop`] cuts whatever is left,
+//! without waiting for it.
+//!
+//! The cap refuses newcomers rather than evicting the connections that hold it: 256
+//! connections kept busy enough (a request every half minute each) keep a new scraper out.
+//! That takes a deliberate client on the admin network; evicting the longest idle at the cap
+//! would end it, and is not built.
 //!
 //! It decides nothing about what the endpoints answer (that is `crate::monitoring`).
 
@@ -21,12 +29,13 @@ use super::connections::{self, CappedListener};
 use crate::metrics::ListenerMetrics;
 use crate::monitoring::AdminEndpoints;
 
-/// Connections served at once: probes and scrapers need a handful.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once: probes and scrapers need a handful, and clients that hold
+/// connections should need many to keep them out. Each holds at most one rendered answer.
+pub const MAX_CONNECTIONS: usize = 256;
 
-/// How long a connection may stay open with no request in progress: above the usual scrape
-/// interval and probe period, so theirs are reused.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a connection may stay open with no request in progress: probes every few seconds
+/// reuse theirs; a scraper every minute opens a new one, which costs nothing here.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest a client may take to send a request's headers, from its first byte.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,8 +60,8 @@ impl AdminServer {
         let serving = connections::serve_http(
             listener,
             endpoints.router(),
-            IDLE_TIMEOUT,
-            HEADER_TIMEOUT,
+            (IDLE_TIMEOUT, HEADER_TIMEOUT),
+            false,
             stop.clone(),
         );
         AdminServer {

@@ -127,17 +127,20 @@ impl CappedListener {
 /// connections close at once). Each connection has the idle and header timeouts of
 /// [`Deadlines::Requests`]. The connections belong to the returned future: dropping it (an
 /// aborted task) cuts them all, which is how shutdown keeps its grace whatever clients do.
-/// HTTP/1.1 and HTTP/2, as `axum::serve` would, with TCP_NODELAY.
+/// HTTP/1.1, and HTTP/2 too if `http2` (as `axum::serve` would), with TCP_NODELAY.
 pub async fn serve_http(
     listener: CappedListener,
     router: axum::Router,
-    idle: Duration,
-    header: Duration,
+    (idle, header): (Duration, Duration),
+    http2: bool,
     stopping: CancellationToken,
 ) -> io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if !http2 {
+        builder = builder.http1_only();
+    }
     let mut connections = JoinSet::new();
     loop {
         let (stream, _peer, slot) = tokio::select! {

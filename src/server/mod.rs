@@ -635,8 +635,8 @@ fn serve_ingress(
     Ok(ingest_thread.handle().spawn(connections::serve_http(
         listener,
         ingress.router(),
-        config.webhook_idle_timeout,
-        config.webhook_header_timeout,
+        (config.webhook_idle_timeout, config.webhook_header_timeout),
+        true,
         stopping.clone(),
     )))
 }
