@@ -127,7 +127,7 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
         revision >= 50 && revision < last,
         "taken under load: {revision} of {last}"
     );
-    assert!(!Path::new(&format!("{}.partial", path(&file))).exists());
+    assert_eq!(partial_files(dir.path()), Vec::<String>::new());
     let size = std::fs::metadata(&file).unwrap().len();
     assert!(size > 1024, "{size} bytes: more than one message's worth");
     // Personal data: the backup, and the data directories the binary creates, are their
@@ -199,6 +199,64 @@ async fn a_backup_under_load_restores_to_the_state_at_its_revision() {
     );
     binary.stop();
     Arc::into_inner(service).unwrap().stop().await;
+}
+
+/// The names of the `.partial` files in `dir`.
+fn partial_files(dir: &Path) -> Vec<String> {
+    let names = std::fs::read_dir(dir).unwrap();
+    let names = names.map(|entry| entry.unwrap().file_name().into_string().unwrap());
+    names.filter(|name| name.ends_with(".partial")).collect()
+}
+
+/// The backup wrote into a fixed `FILE.partial`, opened following links: a link planted there
+/// made it overwrite the link's target and then rename the link to FILE; and two backups to one
+/// FILE at once wrote into the same file, so FILE ended damaged (both found by an adversarial
+/// run). Each backup now writes a new file of its own: the planted link's target is untouched,
+/// two at once both succeed, and FILE is a whole backup.
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_write_files_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = TestService::start_with(durable_config(&dir.path().join("data"))).await;
+    for n in 1..=20 {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({"total_points": n}));
+        assert_eq!(service.post(&body).await.0, 200);
+    }
+    let file = dir.path().join("backup.snap");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"kept").unwrap();
+    let planted = dir.path().join("backup.snap.partial");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let backup = || {
+        let args = ["backup", "--grpc", &service.grpc.to_string(), &path(&file)];
+        run(args.iter().map(|arg| arg.to_string()).collect())
+    };
+    let (first, second) = tokio::join!(backup(), backup());
+    for output in [&first, &second] {
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        b"kept",
+        "the link's target"
+    );
+    assert!(std::fs::symlink_metadata(&file).unwrap().is_file());
+    assert!(std::fs::symlink_metadata(&planted).unwrap().is_symlink());
+    assert_eq!(partial_files(dir.path()), ["backup.snap.partial"]);
+    let restored = dir.path().join("restored");
+    let restore = run(vec![
+        "restore".into(),
+        path(&file),
+        "--data-dir".into(),
+        path(&restored),
+    ]);
+    let restore = restore.await;
+    assert!(restore.status.success(), "{}", text(&restore.stderr));
+    assert!(
+        text(&restore.stdout).contains("20 profiles"),
+        "{}",
+        text(&restore.stdout)
+    );
+    service.stop().await;
 }
 
 /// Every file under `dir`, in its subdirectories too.

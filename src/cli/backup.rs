@@ -1,9 +1,11 @@
 //! `profile-state backup [--grpc ADDR] FILE`: an online backup of a running server
 //! (AdminService.Backup) written to FILE.
 //!
-//! The stream goes to `FILE.partial`, is synced, then renamed to FILE, so FILE is only ever a
-//! whole backup; it is then read back and checked (every frame's checksum, the profile count
-//! and revision the server announced). Exit statuses: 0 written and checked; 1 the server
+//! The stream goes to a partial file of its own beside FILE (`FILE.<random>.partial`, created
+//! new), is synced and read back and checked (every frame's checksum, the profile count and
+//! revision the server announced), and only then renamed to FILE: FILE is only ever a whole,
+//! checked backup, and two backups to one FILE at once each write their own file (the last
+//! to finish is kept). Exit statuses: 0 written and checked; 1 the server
 //! refused or the file could not be written or did not check; 64 a usage error. The file
 //! format and its check are the journal's (`crate::journal::snapshot`); restoring is
 //! `super::restore`.
@@ -11,6 +13,8 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use tempfile::NamedTempFile;
 
 use super::client::{Connection, refused};
 use super::{Failure, Sources};
@@ -41,32 +45,25 @@ pub fn run(args: Args, sources: &Sources) -> ExitCode {
 
 async fn backup(args: Args) -> Result<(), Failure> {
     check_target(&args.file)?;
-    let partial = partial_path(&args.file);
-    let received = receive(&args.connection, &partial).await;
-    let announced = match received {
-        Ok(announced) => announced,
-        Err(failure) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(failure);
-        }
-    };
-    if let Err(error) = std::fs::rename(&partial, &args.file) {
-        let _ = std::fs::remove_file(&partial);
-        return Err(failed(IoError::new(&partial, "rename", error)));
-    }
-    let parent = args.file.parent().filter(|p| !p.as_os_str().is_empty());
-    crate::data_dir::sync_dir(parent.unwrap_or(Path::new(".")))
-        .map_err(|error| failed(IoError::new(&args.file, "sync the directory of", error)))?;
-    let (revision, profiles) = super::restore::check(&args.file)?;
+    // Removed when dropped, on every failure below.
+    let mut partial = partial_file(&args.file)?;
+    let path = partial.path().to_owned();
+    let announced = receive(&args.connection, partial.as_file_mut(), &path).await?;
+    let (revision, profiles) = super::restore::check(&path)?;
     if (revision, profiles) != (announced.revision, announced.profiles) {
         return Err(Failure::Failed(format!(
             "{} holds {profiles} profiles as of revision {revision}, but the server announced \
              {} as of revision {}",
-            args.file.display(),
+            path.display(),
             announced.profiles,
             announced.revision
         )));
     }
+    partial
+        .persist(&args.file)
+        .map_err(|error| failed(IoError::new(&path, "rename", error.error)))?;
+    crate::data_dir::sync_dir(directory_of(&args.file))
+        .map_err(|error| failed(IoError::new(&args.file, "sync the directory of", error)))?;
     let done = format!(
         "backup of store {} written to {}: {profiles} profiles as of revision {revision}\n",
         announced.store_id,
@@ -77,16 +74,18 @@ async fn backup(args: Args) -> Result<(), Failure> {
         .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))
 }
 
-/// Streams the backup into `partial`, synced.
-async fn receive(connection: &Connection, partial: &Path) -> Result<Announced, Failure> {
+/// Streams the backup into `file` (at `path`, for messages), synced.
+async fn receive(
+    connection: &Connection,
+    file: &mut std::fs::File,
+    path: &Path,
+) -> Result<Announced, Failure> {
     let mut client = connection.admin().await?;
     let mut stream = client
         .backup(pb::BackupRequest {})
         .await
         .map_err(|status| refused("backup", &status))?
         .into_inner();
-    let mut file =
-        private_file(partial).map_err(|error| failed(IoError::new(partial, "create", error)))?;
     let mut announced = None;
     while let Some(message) = stream
         .message()
@@ -99,10 +98,10 @@ async fn receive(connection: &Connection, partial: &Path) -> Result<Announced, F
             profiles: message.profile_count,
         });
         file.write_all(&message.chunk)
-            .map_err(|error| failed(IoError::new(partial, "write", error)))?;
+            .map_err(|error| failed(IoError::new(path, "write", error)))?;
     }
     file.sync_all()
-        .map_err(|error| failed(IoError::new(partial, "sync", error)))?;
+        .map_err(|error| failed(IoError::new(path, "sync", error)))?;
     announced.ok_or_else(|| Failure::Failed("backup: the server sent nothing".to_owned()))
 }
 
@@ -121,23 +120,28 @@ fn check_target(file: &Path) -> Result<(), Failure> {
     }
 }
 
-/// A new (or emptied) file only its owner may read: a backup holds every customer's personal
-/// data, and it was left readable by everyone under a usual umask (found by a fresh-eyes run).
-fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    let file = std::fs::File::create(path)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // Also a leftover `.partial` of an interrupted backup, which keeps its old mode.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(file)
+/// A new file beside FILE, `FILE.<random>.partial`, only its owner may read (tempfile creates
+/// it `0600`: a backup holds every customer's personal data). New, under a name of its own: a fixed `FILE.partial` was
+/// opened following a link planted there (writing the backup wherever it pointed, then
+/// renaming the link to FILE), and two backups to one FILE at once wrote into the same file
+/// (both found by an adversarial run).
+fn partial_file(file: &Path) -> Result<NamedTempFile, Failure> {
+    let name = file
+        .file_name()
+        .ok_or_else(|| Failure::Usage(format!("{} names no file", file.display())))?;
+    let mut prefix = name.to_owned();
+    prefix.push(".");
+    tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".partial")
+        .tempfile_in(directory_of(file))
+        .map_err(|error| failed(IoError::new(file, "create a partial file beside", error)))
 }
 
-fn partial_path(file: &Path) -> PathBuf {
-    let mut name = file.as_os_str().to_owned();
-    name.push(".partial");
-    PathBuf::from(name)
+/// The directory FILE is in (`.` for a bare name).
+fn directory_of(file: &Path) -> &Path {
+    let parent = file.parent().filter(|p| !p.as_os_str().is_empty());
+    parent.unwrap_or(Path::new("."))
 }
 
 fn failed(error: IoError) -> Failure {
