@@ -257,6 +257,28 @@ async fn backups_write_files_of_their_own() {
         text(&restore.stdout)
     );
     service.stop().await;
+
+    // A restore that fails half-way (here: no file may grow past 512 bytes, as on a full
+    // disk) left a half-made directory, which the retry refused as not empty and the service
+    // served as an empty store (an adversarial run). Nothing is left now; the retry succeeds.
+    let again = dir.path().join("again");
+    let args = ["restore", &path(&file), "--data-dir", &path(&again)];
+    let mut limited = std::process::Command::new("sh");
+    limited
+        .args(["-c", "trap '' XFSZ && ulimit -f 1 && exec \"$0\" \"$@\""])
+        .arg(bare_command(&args).get_program())
+        .args(args);
+    let failed = tokio::task::spawn_blocking(move || limited.output().unwrap());
+    let failed = failed.await.unwrap();
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed.stderr));
+    assert!(
+        text(&failed.stderr).contains("nothing was left in --data-dir"),
+        "{}",
+        text(&failed.stderr)
+    );
+    assert!(!again.exists(), "the directory the restore made is gone");
+    let retried = run(args.iter().map(|arg| arg.to_string()).collect()).await;
+    assert!(retried.status.success(), "{}", text(&retried.stderr));
 }
 
 /// Every file under `dir`, in its subdirectories too.

@@ -71,7 +71,7 @@ pub fn check(file: &Path) -> Result<(u64, u64), Failure> {
 fn restore(args: &Args) -> Result<(), Failure> {
     let (revision, profiles) = check(&args.file)?;
     let dir = &args.data_dir;
-    match std::fs::read_dir(dir) {
+    let existed = match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
                 return Err(Failure::Usage(format!(
@@ -80,13 +80,21 @@ fn restore(args: &Args) -> Result<(), Failure> {
                     dir.display()
                 )));
             }
+            true
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
         Err(error) => {
             let error = crate::io_error::IoError::new(dir, "read", error);
             return Err(Failure::Usage(format!("--data-dir {error}")));
         }
-    }
+    };
+    install(args, (revision, profiles)).map_err(|failure| undo(dir, existed, failure))
+}
+
+/// Makes `args.data_dir` a data directory holding the backup, and proves it recovers to what
+/// `check` read; prints what was restored.
+fn install(args: &Args, (revision, profiles): (u64, u64)) -> Result<(), Failure> {
+    let dir = &args.data_dir;
     let data_dir = DataDir::open(dir).map_err(|error| Failure::Failed(error.to_string()))?;
     snapshot::install(data_dir.path(), revision, &args.file)
         .map_err(|error| Failure::Failed(error.to_string()))?;
@@ -111,4 +119,34 @@ fn restore(args: &Args) -> Result<(), Failure> {
     std::io::stdout()
         .write_all(done.as_bytes())
         .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))
+}
+
+/// After a failed restore, removes what it made: the directory if it created it, else what it
+/// put in it. A half-made directory was refused by the retry as "not empty", and served as an
+/// empty store with a new id (found by an adversarial run).
+fn undo(dir: &Path, existed: bool, failure: Failure) -> Failure {
+    let removed = match existed {
+        false => std::fs::remove_dir_all(dir),
+        true => std::fs::read_dir(dir).and_then(|entries| {
+            entries.into_iter().try_for_each(|entry| {
+                let path = entry?.path();
+                match path.is_dir() {
+                    true => std::fs::remove_dir_all(&path),
+                    false => std::fs::remove_file(&path),
+                }
+            })
+        }),
+    };
+    // Every failure after the checks is `Failed` (exit 1).
+    Failure::Failed(match removed {
+        Ok(()) => format!(
+            "{failure} (nothing was left in --data-dir {})",
+            dir.display()
+        ),
+        Err(error) => format!(
+            "{failure} (and what was made in --data-dir {} could not be removed: {error}; \
+             remove it before restoring again)",
+            dir.display()
+        ),
+    })
 }
