@@ -164,6 +164,26 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
             "is not a valid secrets file (TOML): line 2, column 22",
             None,
         ),
+        // A NATS URL that does not parse was echoed whole, password included (found by an
+        // adversarial run).
+        (
+            [
+                SECRET[0],
+                SECRET[1],
+                "--nats-url",
+                "nats://u:topsecret@127.0.0.1:99999",
+            ]
+            .to_vec(),
+            vec![],
+            "\"nats://***@127.0.0.1:99999\" is not a NATS URL",
+            None,
+        ),
+        (
+            SECRET.to_vec(),
+            vec![("PROFILE_STATE_NATS_URL", "ws://u:topsecret@[::1")],
+            "\"ws://***@[::1\"",
+            Some(note("nats-url", "PROFILE_STATE_NATS_URL")),
+        ),
         (
             ephemeral.to_vec(),
             vec![("RUST_LOG", "warning")],

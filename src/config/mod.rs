@@ -18,7 +18,7 @@ use crate::listen_addr::ListenAddr;
 
 mod nats;
 
-pub use nats::NatsConfig;
+pub use nats::{NatsConfig, redact_url};
 
 /// Everything the service needs to start.
 #[derive(Clone, Parser)]

@@ -151,7 +151,7 @@ impl NatsConfig {
         !self.urls.is_empty()
     }
 
-    /// Rejects NATS settings that cannot work; without `--nats-url` there is nothing to check.
+    /// Rejects NATS settings that cannot work (naming a URL without its credentials); without `--nats-url` there is nothing to check.
     pub fn check(&self) -> Result<(), ConfigError> {
         if !self.enabled() {
             return Ok(());
@@ -159,12 +159,15 @@ impl NatsConfig {
         let bad = |flag, reason: String| Err(ConfigError::BadNatsFlag { flag, reason });
         for url in &self.urls {
             match url.parse::<async_nats::ServerAddr>() {
-                Err(err) => return bad("nats-url", format!("{url:?} is not a NATS URL: {err}")),
+                Err(err) => {
+                    let url = redact_url(url);
+                    return bad("nats-url", format!("{url:?} is not a NATS URL: {err}"));
+                }
                 // Built without async-nats' websocket support.
                 Ok(addr) if addr.is_websocket() => {
                     return bad(
                         "nats-url",
-                        format!("{url:?}: websocket URLs are not supported"),
+                        format!("{:?}: websocket URLs are not supported", redact_url(url)),
                     );
                 }
                 Ok(_) => {}
@@ -214,5 +217,16 @@ impl NatsConfig {
             .map(|name| name.trim().to_owned())
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| "profile-state".into())
+    }
+}
+/// `url` for messages and logs, with any user, password or token before an `@` replaced by
+/// `***` (a URL that does not parse included: its error message must not carry them either).
+pub fn redact_url(url: &str) -> String {
+    match url.rsplit_once('@') {
+        Some((before, host)) => {
+            let scheme = before.split_once("://").map_or("", |(scheme, _)| scheme);
+            format!("{scheme}://***@{host}")
+        }
+        None => url.to_owned(),
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use super::JetStreamError;
 use crate::config::NatsConfig;
+use crate::config::redact_url;
 use crate::logging::RateLimited;
 
 /// A connection to NATS and its JetStream context. Cloning is cheap (handles onto one
@@ -123,16 +124,7 @@ impl Nats {
 
 /// The URLs for messages and logs, with any embedded user and password removed.
 fn redacted(urls: &[String]) -> String {
-    let shown: Vec<String> = urls
-        .iter()
-        .map(|url| match url.rsplit_once('@') {
-            Some((before, host)) => {
-                let scheme = before.split_once("://").map_or("", |(scheme, _)| scheme);
-                format!("{scheme}://***@{host}")
-            }
-            None => url.clone(),
-        })
-        .collect();
+    let shown: Vec<String> = urls.iter().map(|url| redact_url(url)).collect();
     shown.join(",")
 }
 
