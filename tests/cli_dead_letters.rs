@@ -55,6 +55,36 @@ async fn tls_to_a_plaintext_listener_says_to_use_http() {
     service.stop().await;
 }
 
+/// A server that accepts the connection and never answers the TLS handshake kept the CLI
+/// waiting for ever, `--timeout` notwithstanding (found by an adversarial run).
+#[tokio::test]
+async fn a_tls_handshake_that_never_completes_is_bounded_by_the_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let https = format!("https://{}", silent.local_addr().unwrap());
+    let args = ["dead-letters", "list", "--grpc", &https, "--timeout", "1s"];
+    let mut child = bare_command(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Polled, so that a CLI that never gives up fails the test instead of hanging it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("still waiting 20 s into a 1 s --timeout");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut said).unwrap();
+    assert_eq!(exit.code(), Some(1), "{said}");
+    assert!(said.contains("no answer within 1s (--timeout)"), "{said}");
+    drop(silent);
+}
+
 #[tokio::test]
 async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_binary() {
     let service = TestService::start().await;

@@ -112,7 +112,21 @@ impl Connection {
                 .tls_config(self.tls()?)
                 .map_err(|error| Failure::Usage(format!("--ca: {}", chain(&error))))?;
         }
-        let channel = endpoint.connect().await.map_err(|error| {
+        // The endpoint's connect timeout covers the TCP connection only: a server that accepts
+        // and never answers the TLS handshake kept `backup` waiting for ever (found by an
+        // adversarial run).
+        let connecting = tokio::time::timeout(self.timeout, endpoint.connect()).await;
+        let connected = connecting.map_err(|_| {
+            let hint = match tls {
+                true => " (a TLS handshake that never completed: is this the server's gRPC port?)",
+                false => "",
+            };
+            let waited = self.timeout;
+            Failure::Failed(format!(
+                "cannot connect to {url}: no answer within {waited:?} (--timeout){hint}"
+            ))
+        })?;
+        let channel = connected.map_err(|error| {
             let error = chain(&error);
             let hint = match &self.ca {
                 // rustls's words for a record that is not TLS: the server spoke plaintext.
