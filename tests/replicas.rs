@@ -718,6 +718,29 @@ async fn a_nats_outage_is_logged_in_the_services_words() {
     assert!(from_async_nats.is_empty(), "{from_async_nats:#?}");
 }
 
+/// A replica stopped while NATS was down waited for its readiness poll's read of the stream,
+/// which waits out --nats-request-timeout, and sometimes for another after it: the whole
+/// --shutdown-grace (found by an adversarial run). It stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_stops_at_once_while_nats_is_down() {
+    let mut nats = NatsCluster::single().await.unwrap();
+    let mut config = replica_config(&nats, "STOPDOWN", "a");
+    config.nats.request_timeout = Duration::from_secs(30);
+    config.webhook_timeout = Duration::from_secs(40);
+    config.shutdown_grace = Duration::from_secs(60);
+    let a = TestService::start_with(config).await;
+    nats.kill_all();
+    let deadline = Instant::now() + PATIENCE;
+    while a.admin_get("/readyz").await.0 != 503 {
+        assert!(Instant::now() < deadline, "not ready without NATS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The poll reads every second: one is now waiting on the dead connection (nothing
+    // outside tells when it began).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.stop_within(Duration::from_secs(10)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_nats_webhooks_get_503_and_nothing_acknowledged_is_lost() {
     let mut nats = NatsCluster::three().await.unwrap();

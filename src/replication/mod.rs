@@ -240,12 +240,21 @@ fn poll(
         let mut ticks = tokio::time::interval(POLL_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Stopping first, and the read raced against it: during a NATS outage each read
+            // waits out --nats-request-timeout, and a stop waited for one or two of them, the
+            // whole --shutdown-grace in all (found by an adversarial run).
             tokio::select! {
-                _ = ticks.tick() => {}
+                biased;
                 () = stopping.cancelled() => return,
+                _ = ticks.tick() => {}
             }
             let read_at = tokio::time::Instant::now();
-            match stream.bounds().await {
+            let read = tokio::select! {
+                biased;
+                () = stopping.cancelled() => return,
+                read = stream.bounds() => read,
+            };
+            match read {
                 Ok(bounds) => {
                     status.observed_last(bounds.last, read_at);
                     status.observed_room(bounds.room);
