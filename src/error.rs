@@ -120,6 +120,12 @@ pub enum Error {
         /// The running job.
         job_id: String,
     },
+    /// A backup is being streamed already; one at a time.
+    #[error(
+        "a backup is being taken already (one at a time: each holds a copy of the state); \
+         retry when it ends"
+    )]
+    BackupRunning,
     /// `--reconcile-max-jobs` jobs are running.
     #[error(
         "{max} reconcile jobs are running, the most allowed (--reconcile-max-jobs); retry later"

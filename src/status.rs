@@ -133,7 +133,9 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
             Error::ReconcileJobRunning { .. } | Error::DeadLetterBeingReplayed { .. } => {
                 StatusCode::CONFLICT
             }
-            Error::TooManyReconcileJobs { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::TooManyReconcileJobs { .. } | Error::BackupRunning => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             // gRPC only (reads); as RESOURCE_EXHAUSTED pairs with 413 for a request.
             Error::ResponseTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unavailable { .. } | Error::RevisionNotApplied { .. } => {
@@ -188,9 +190,9 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             Error::ReconcileNotConfigured { .. } => tonic::Code::FailedPrecondition,
             Error::ReconcileJobRunning { .. } => tonic::Code::AlreadyExists,
             Error::DeadLetterBeingReplayed { .. } => tonic::Code::Aborted,
-            Error::TooManyReconcileJobs { .. } | Error::ResponseTooLarge { .. } => {
-                tonic::Code::ResourceExhausted
-            }
+            Error::TooManyReconcileJobs { .. }
+            | Error::ResponseTooLarge { .. }
+            | Error::BackupRunning => tonic::Code::ResourceExhausted,
             Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
             Error::Compacted { .. } | Error::StoreChanged { .. } => tonic::Code::FailedPrecondition,
             Error::Unavailable { .. } => tonic::Code::Unavailable,

@@ -70,7 +70,7 @@ impl AdminService for AdminApi {
         &self,
         _request: Request<pb::BackupRequest>,
     ) -> Result<Response<BackupStream>, Status> {
-        Ok(self.backups.backup())
+        self.backups.backup()
     }
 
     async fn reconcile_profiles(

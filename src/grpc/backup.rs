@@ -4,13 +4,17 @@
 //! (`journal::snapshot::consistent_state`, the snapshots' own read), then encoded in the
 //! journal's snapshot format and streamed in pieces of at most [`PIECE_BYTES`]. Reading and
 //! encoding run on a blocking thread that stops as soon as the client is gone (a send fails).
+//! One backup at a time: each holds a copy of the state (about three times the store's size
+//! in memory until it is sent), and concurrent ones added up unbounded (eight stalled clients
+//! took 1 GB; found by an adversarial run); another call meanwhile gets RESOURCE_EXHAUSTED.
 //! This module reads the store; it writes nothing, and restoring is `crate::cli::restore`'s.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Response, Status};
 
 use crate::error::Error;
@@ -36,6 +40,8 @@ pub type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupResponse, Sta
 pub struct BackupApi {
     store: Store,
     piece_bytes: usize,
+    /// One permit: the backup being streamed holds it until its stream is dropped.
+    one_at_a_time: Arc<Semaphore>,
 }
 
 impl BackupApi {
@@ -44,16 +50,28 @@ impl BackupApi {
         let piece_bytes = PIECE_BYTES
             .min(max_message_bytes.saturating_sub(MESSAGE_OVERHEAD))
             .max(1);
-        BackupApi { store, piece_bytes }
+        let one_at_a_time = Arc::new(Semaphore::new(1));
+        BackupApi {
+            store,
+            piece_bytes,
+            one_at_a_time,
+        }
     }
 
-    /// Starts streaming a backup.
-    pub fn backup(&self) -> Response<BackupStream> {
+    /// Starts streaming a backup, unless one is being streamed already.
+    pub fn backup(&self) -> Result<Response<BackupStream>, Status> {
+        let running = Arc::clone(&self.one_at_a_time).try_acquire_owned();
+        let permit = running.map_err(|_| grpc_status(Error::BackupRunning))?;
         let (pieces, stream) = mpsc::channel(BUFFERED);
         let (store, piece_bytes) = (self.store.clone(), self.piece_bytes);
         // Ends when the backup is sent or the client is gone: its owner is the stream.
         tokio::task::spawn_blocking(move || send(&store, piece_bytes, &pieces));
-        Response::new(Box::pin(ReceiverStream::new(stream)))
+        // The permit goes with the stream: when the client has it all, or is gone.
+        let stream = ReceiverStream::new(stream).map(move |piece| {
+            let _held = &permit;
+            piece
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
