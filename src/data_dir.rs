@@ -30,6 +30,11 @@ const LOCK_FILE: &str = "LOCK";
 /// The name of the file holding the store id.
 const STORE_ID_FILE: &str = "STORE_ID";
 
+/// Whether `dir` is a data directory (it holds a store id): a place nothing else may write.
+pub fn is_data_dir(dir: &Path) -> bool {
+    dir.join(STORE_ID_FILE).exists()
+}
+
 /// An opened, locked data directory.
 pub struct DataDir {
     path: PathBuf,

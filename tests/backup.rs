@@ -246,7 +246,24 @@ async fn backups_write_files_of_their_own() {
     assert!(std::fs::symlink_metadata(&file).unwrap().is_file());
     assert!(std::fs::symlink_metadata(&planted).unwrap().is_symlink());
     assert_eq!(partial_files(dir.path()), ["backup.snap.partial"]);
+    // Not into the data directory of a server: replacing its journal lost acknowledged
+    // webhooks (an adversarial run).
+    let inside = dir
+        .path()
+        .join("data")
+        .join("journal-00000000000000000001.log");
+    let args = [
+        "backup",
+        "--grpc",
+        &service.grpc.to_string(),
+        &path(&inside),
+    ];
+    let refused = run(args.iter().map(|arg| arg.to_string()).collect()).await;
+    assert_eq!(refused.status.code(), Some(64), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("is in a data directory"));
+    // A volume's root, its `lost+found` kept, is a place to restore to.
     let restored = dir.path().join("restored");
+    std::fs::create_dir_all(restored.join("lost+found")).unwrap();
     let restore = run(vec![
         "restore".into(),
         path(&file),

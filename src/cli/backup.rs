@@ -87,9 +87,13 @@ async fn receive(
         .map_err(|status| refused("backup", &status))?
         .into_inner();
     let mut announced = None;
-    while let Some(message) = stream
-        .message()
+    // Each piece within --timeout: a server that stopped mid-stream (hung, or a partition
+    // without a reset) kept the backup waiting for ever (found by an adversarial run).
+    let waited = connection.timeout;
+    let stalled = || Failure::Failed(format!("backup: no data for {waited:?} (--timeout)"));
+    while let Some(message) = tokio::time::timeout(waited, stream.message())
         .await
+        .map_err(|_| stalled())?
         .map_err(|status| refused("backup", &status))?
     {
         announced.get_or_insert_with(|| Announced {
@@ -107,7 +111,16 @@ async fn receive(
 
 /// FILE is replaced by a rename, which would replace a link, a device or a directory's entry
 /// itself rather than write where it points: only a regular file (or none) is replaced.
+/// Nor a file in a data directory: replacing its journal segment, head or a snapshot under a
+/// running server lost acknowledged webhooks and stopped the next start (found by an
+/// adversarial run).
 fn check_target(file: &Path) -> Result<(), Failure> {
+    if crate::data_dir::is_data_dir(directory_of(file)) {
+        return Err(Failure::Usage(format!(
+            "{} is in a data directory (it holds a STORE_ID): write the backup elsewhere",
+            file.display()
+        )));
+    }
     match std::fs::symlink_metadata(file) {
         Ok(found) if !found.file_type().is_file() => Err(Failure::Usage(format!(
             "{} exists and is not a regular file (a directory, a link or a device): name a \

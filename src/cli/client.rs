@@ -53,7 +53,8 @@ pub struct Connection {
     #[arg(long, env = "PROFILE_STATE_SERVER_NAME")]
     pub server_name: Option<String>,
 
-    /// How long to wait for the connection, and for each call.
+    /// How long to wait for the connection, for each call's answer, and for each piece of a
+    /// backup.
     #[arg(long, env = "PROFILE_STATE_TIMEOUT", default_value = "30s", value_parser = crate::config::duration)]
     pub timeout: Duration,
 }

@@ -72,7 +72,14 @@ fn restore(args: &Args) -> Result<(), Failure> {
     let (revision, profiles) = check(&args.file)?;
     let dir = &args.data_dir;
     let existed = match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
+        Ok(entries) => {
+            // A file system's own `lost+found` (a volume mounted as the data directory) is
+            // not the operator's: the service tolerates it too.
+            let mut entries = entries.filter(|entry| {
+                entry
+                    .as_ref()
+                    .map_or(true, |entry| entry.file_name() != "lost+found")
+            });
             if entries.next().is_some() {
                 return Err(Failure::Usage(format!(
                     "--data-dir {} is not empty: restore into a new directory (move the old \
@@ -129,7 +136,11 @@ fn undo(dir: &Path, existed: bool, failure: Failure) -> Failure {
         false => std::fs::remove_dir_all(dir),
         true => std::fs::read_dir(dir).and_then(|entries| {
             entries.into_iter().try_for_each(|entry| {
-                let path = entry?.path();
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_name() == "lost+found" {
+                    return Ok(());
+                }
                 match path.is_dir() {
                     true => std::fs::remove_dir_all(&path),
                     false => std::fs::remove_file(&path),
