@@ -897,6 +897,58 @@ async fn a_schedule_heals_a_lost_webhook_by_itself() {
     service.stop().await;
 }
 
+/// A balance inquiry Gameball refused was logged with Gameball's message, which may quote the
+/// request: customer ids, e-mails, mobile numbers (and a newline in it forged a line; found by
+/// an adversarial run). The warning says what failed, not what Gameball wrote.
+#[tokio::test(flavor = "multi_thread")]
+async fn gameballs_words_stay_out_of_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let ids: Vec<String> = (1..=30).map(|n| format!("quoted-{n}")).collect();
+    stand_in.add(ids.iter().map(|id| Customer::new(id)));
+    let quoted = "customerId quoted-1 (email jane.doe@example.com, mobile +201001234567) \
+                  is invalid\nFORGED line";
+    stand_in.fail_next_saying(Api::BalanceInquiry, &[400], quoted);
+    let secrets = secrets_file(dir.path(), &stand_in, API_KEY);
+    let args = ["--webhook-secrets-file", secrets.to_str().unwrap()];
+    let server = Binary::start(&dir.path().join("data"), &args).await;
+    let grpc = server.grpc.to_string();
+    let mut reconcile = vec![
+        "reconcile",
+        "--grpc",
+        &grpc,
+        "--client-id",
+        "2155",
+        "--wait",
+    ];
+    for id in &ids {
+        reconcile.extend(["--customer-id", id]);
+    }
+    let mut command = common::binary::bare_command(&reconcile);
+    let done = tokio::task::spawn_blocking(move || command.output().unwrap());
+    let done = done.await.unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let lines = server.stop_collecting();
+    let warned = lines
+        .iter()
+        .find(|line| line["message"] == "balance inquiry not created; asking one by one")
+        .unwrap_or_else(|| panic!("the refused inquiry is warned of: {lines:#?}"));
+    assert_eq!(
+        warned["detail"],
+        "gameball balance_inquiry rejected (http 400, code 5000)"
+    );
+    for line in &lines {
+        let text = line.to_string();
+        for said in ["example.com", "+2010", "quoted-", "FORGED"] {
+            assert!(!text.contains(said), "{said} in {text}");
+        }
+    }
+}
+
 /// Nothing said when a schedule would first run, and one account given twice ran two
 /// schedules (found by an adversarial run): start-up logs each schedule with its period and
 /// first run, and refuses an account given twice (exit 64, naming it).

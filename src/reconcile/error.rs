@@ -164,6 +164,24 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What a log line may say of it: the endpoint, the class, the statuses and the attempts,
+    /// not Gameball's message, which may quote customer ids, e-mails or mobile numbers from
+    /// the request (the job's report keeps it; found by an adversarial run).
+    pub fn loggable(&self) -> String {
+        let mut said = format!("gameball {} {}", self.endpoint, self.reason);
+        match (self.status, self.gameball_code) {
+            (Some(status), Some(code)) => said += &format!(" (http {status}, code {code})"),
+            (Some(status), None) => said += &format!(" (http {status})"),
+            _ => {}
+        }
+        if self.attempts > 1 {
+            said += &format!(" (after {} attempts)", self.attempts);
+        }
+        said
+    }
+}
+
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "gameball {} {}", self.endpoint, self.reason)?;

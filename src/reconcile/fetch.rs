@@ -366,9 +366,10 @@ impl Fetcher {
         run: &Run<'_>,
     ) -> Option<(HashMap<String, Points>, Option<DateTime<Utc>>)> {
         let client_id = &self.client.account().client_id;
-        let give_up = |what: &str, detail: &dyn std::fmt::Display| {
-            let detail = self.client.reportable(detail);
-            tracing::warn!(%client_id, customers = chunk.len(), %detail, "{what}");
+        // Only what cannot carry personal data or forge a line: Gameball's own words (an
+        // error's message, an unreadable answer's values) stay out of the log.
+        let give_up = |what: &str, detail: &str| {
+            tracing::warn!(%client_id, customers = chunk.len(), detail, "{what}");
             None
         };
         let ids: Vec<&str> = chunk.iter().map(String::as_str).collect();
@@ -376,12 +377,13 @@ impl Fetcher {
             Ok(created) => created,
             Err(error) => {
                 run.note(&error);
-                return give_up("balance inquiry not created; asking one by one", &error);
+                let detail = error.loggable();
+                return give_up("balance inquiry not created; asking one by one", &detail);
             }
         };
         let job_id = match answers::batch_created(&created.body) {
             Ok(job_id) => job_id,
-            Err(why) => return give_up("balance inquiry answer unreadable", &why),
+            Err(_) => return give_up("balance inquiry answer unreadable", "asking one by one"),
         };
         let deadline = tokio::time::Instant::now() + self.options.batch_timeout;
         loop {
@@ -393,7 +395,8 @@ impl Fetcher {
                 Ok(answer) => answers::batch_status(&answer.body),
                 Err(error) => {
                     run.note(&error);
-                    return give_up("balance inquiry status failed; asking one by one", &error);
+                    let detail = error.loggable();
+                    return give_up("balance inquiry status failed; asking one by one", &detail);
                 }
             };
             match status {
@@ -402,10 +405,12 @@ impl Fetcher {
                     return Some((status.results, Some(created.sent_at)));
                 }
                 Ok(status) if status.state == BatchState::Failed => {
-                    return give_up("balance inquiry failed at gameball", &job_id);
+                    let job = format!("job {job_id:?}");
+                    return give_up("balance inquiry failed at gameball", &job);
                 }
                 Ok(_) if tokio::time::Instant::now() >= deadline => {
-                    return give_up("balance inquiry not done in time", &job_id);
+                    let job = format!("job {job_id:?}");
+                    return give_up("balance inquiry not done in time", &job);
                 }
                 Ok(_) => {}
             }

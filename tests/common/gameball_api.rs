@@ -153,6 +153,8 @@ struct Script {
     storm: Option<Storm>,
     delays: HashMap<Api, Duration>,
     fail_next: HashMap<Api, VecDeque<u16>>,
+    /// The message of those failures, if not the default.
+    fail_message: Option<String>,
     answers: HashMap<Api, Value>,
     batch_processing: Duration,
     batch_fails: bool,
@@ -309,6 +311,13 @@ impl GameballStandIn {
             .extend(statuses);
     }
 
+    /// As `fail_next`, each failure's message being `message` (Gameball's may quote the
+    /// request: ids, e-mails, mobile numbers).
+    pub fn fail_next_saying(&self, api: Api, statuses: &[u16], message: &str) {
+        self.script().fail_message = Some(message.to_owned());
+        self.fail_next(api, statuses);
+    }
+
     /// Answers `api` with this body (status 200) instead of the customer's.
     pub fn answer(&self, api: Api, body: Value) {
         self.script().answers.insert(api, body);
@@ -443,7 +452,11 @@ impl StandIn {
         }
         let mut script = self.script.lock().unwrap();
         if let Some(status) = script.fail_next.get_mut(&api).and_then(VecDeque::pop_front) {
-            return Some(error(status, 5000, "Server Error", "Scripted failure."));
+            let message = script
+                .fail_message
+                .as_deref()
+                .unwrap_or("Scripted failure.");
+            return Some(error(status, 5000, "Server Error", message));
         }
         if version != "v4.0" && version != "v4.1" {
             return Some(StatusCode::NOT_FOUND.into_response());
