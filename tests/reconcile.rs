@@ -949,6 +949,30 @@ async fn gameballs_words_stay_out_of_the_logs() {
     }
 }
 
+/// A 403 from the balance inquiry (a key without permission for batches) was taken as the
+/// account's keys refused: every job of 25 customers or more failed, every customer "not
+/// attempted" (found by an adversarial run). Its customers are asked one by one instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_balance_inquiry_forbidden_alone_does_not_stop_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let ids: Vec<String> = (1..=30).map(|n| format!("c{n}")).collect();
+    stand_in.add(ids.iter().map(|id| Customer::new(id)));
+    stand_in.fail_next_saying(Api::BalanceInquiry, &[403], "Forbidden for batches.");
+    let service = in_memory(dir.path(), &stand_in).await;
+    let mut args = vec!["--client-id", "2155", "--wait", "--json"];
+    for id in &ids {
+        args.extend(["--customer-id", id]);
+    }
+    let done = cli(&service, &args).await;
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{stderr}");
+    let outcome: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(outcome["state"], "succeeded", "{outcome}");
+    assert_eq!(outcome["changed"].as_u64(), Some(30), "{outcome}");
+    service.stop().await;
+}
+
 /// Nothing said when a schedule would first run, and one account given twice ran two
 /// schedules (found by an adversarial run): start-up logs each schedule with its period and
 /// first run, and refuses an account given twice (exit 64, naming it).
