@@ -134,10 +134,10 @@ fn check_target(file: &Path) -> Result<(), Failure> {
 }
 
 /// A new file beside FILE, `FILE.<random>.partial`, only its owner may read (tempfile creates
-/// it `0600`: a backup holds every customer's personal data). New, under a name of its own: a fixed `FILE.partial` was
-/// opened following a link planted there (writing the backup wherever it pointed, then
-/// renaming the link to FILE), and two backups to one FILE at once wrote into the same file
-/// (both found by an adversarial run).
+/// it `0600`: a backup holds every customer's personal data). New, under a name of its own: a
+/// fixed `FILE.partial` was opened following a link planted there (writing the backup
+/// wherever it pointed, then renaming the link to FILE), and two backups to one FILE at once
+/// wrote into the same file (both found by an adversarial run).
 fn partial_file(file: &Path) -> Result<NamedTempFile, Failure> {
     let name = file
         .file_name()

@@ -574,8 +574,8 @@ fn serve_grpc<H: tonic_health::pb::health_server::Health>(
     grpc_services::serve(listener, services, stopping, tracker)
 }
 
-/// Ends the admin listener's start-up answers: `/metrics` and `/readyz` answer from `Monitoring` from now on
-/// (it is served until the end of the ordered stop).
+/// Ends the admin listener's start-up answers: `/metrics` and `/readyz` answer from
+/// `Monitoring` from now on (it is served until the end of the ordered stop).
 fn serve_monitoring(
     endpoints: &AdminEndpoints,
     (store, metrics, _, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),
