@@ -973,6 +973,33 @@ async fn a_balance_inquiry_forbidden_alone_does_not_stop_the_job() {
     service.stop().await;
 }
 
+/// A 429 asking to wait longer than the client waits (an hour) failed that customer and the job
+/// sent every other customer into the same refusal at once (found by an adversarial run). The
+/// job stops, saying how long Gameball asked for, and starts no new customer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_retry_after_stops_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let ids: Vec<String> = (1..=60).map(|n| format!("w{n}")).collect();
+    stand_in.add(ids.iter().map(|id| Customer::new(id)));
+    let service = in_memory(dir.path(), &stand_in).await;
+    stand_in.storm(Duration::from_secs(60), Some(3600));
+    let mut args = vec!["--client-id", "2155", "--wait"];
+    for id in &ids[..20] {
+        args.extend(["--customer-id", id]);
+    }
+    let done = cli(&service, &args).await;
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_ne!(done.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("gameball asked to wait 3600 s"), "{stderr}");
+    let sent = stand_in.seen().len();
+    assert!(
+        sent < 20,
+        "{sent} requests for 20 customers after the first asked to wait"
+    );
+    service.stop().await;
+}
+
 /// Nothing said when a schedule would first run, and one account given twice ran two
 /// schedules (found by an adversarial run): start-up logs each schedule with its period and
 /// first run, and refuses an account given twice (exit 64, naming it).

@@ -8,7 +8,8 @@
 //! `max_attempts` times with exponential backoff and jitter; a 429 also pauses the whole bucket
 //! for its `Retry-After` (seconds or an HTTP date) or, without one, for the backoff, so
 //! concurrent callers back off together. A `Retry-After` longer than `max_retry_after` is not
-//! waited for: the call fails as rate limited. Nothing is retried forever.
+//! waited for: the call fails as rate limited, saying how long Gameball asked for (and the job
+//! stops, `super::fetch`). Nothing is retried forever.
 //!
 //! This module returns answers as JSON with the time their request was sent; `answers` reads
 //! them. It knows nothing of profiles, the sequencer, axum or tonic, and never logs a key or a
@@ -326,6 +327,7 @@ impl GameballClient {
                         asked.as_secs(),
                         options.max_retry_after.as_secs()
                     );
+                    error.asked_to_wait = Some(asked);
                     return Err(error);
                 }
                 Some(asked) => asked,

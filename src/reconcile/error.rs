@@ -148,6 +148,9 @@ pub struct ApiError {
     pub detail: String,
     /// How many requests were sent (0 when none was).
     pub attempts: u32,
+    /// Gameball asked to wait this long before calling again (a 429's `Retry-After`), longer
+    /// than the client waits: the job stops rather than keep calling.
+    pub asked_to_wait: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -160,6 +163,7 @@ impl ApiError {
             gameball_code: None,
             detail: detail.into(),
             attempts: 0,
+            asked_to_wait: None,
         }
     }
 }

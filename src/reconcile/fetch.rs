@@ -1,6 +1,6 @@
 //! Fetching whole customers: which endpoints to call for each, the balance inquiry batch when
 //! many are fetched at once, bounded concurrency, cancellation, and stopping early when the
-//! account's keys are refused.
+//! account's keys are refused or Gameball asks to wait longer than the client waits.
 //!
 //! For each customer, one after another (so Gameball never sees two requests for the same
 //! customer at once, which it may refuse with code 2001): `/details` (or `/customers/{id}` when
@@ -77,6 +77,10 @@ pub enum Stopped {
     Cancelled,
     /// Gameball refused the account's keys (401 or 403): no later call could succeed.
     AccountRefused(ApiError),
+    /// Gameball asked to wait longer than the client waits (a 429's `Retry-After`): calling on
+    /// sent every other customer into the same refusal, against an account asked to pause
+    /// (found by an adversarial run).
+    AskedToWait(ApiError),
 }
 
 /// Counts of a whole fetch.
@@ -106,7 +110,8 @@ pub struct Fetcher {
 /// State shared by the tasks of one `fetch_many`.
 struct Run<'a> {
     cancel: &'a CancellationToken,
-    /// The first refusal of the account's keys; once set, nothing new is started.
+    /// The first refusal of the account's keys, or ask to wait longer than the client waits;
+    /// once set, nothing new is started.
     refused: OnceLock<ApiError>,
 }
 
@@ -116,7 +121,7 @@ impl Run<'_> {
     }
 
     fn note(&self, error: &ApiError) {
-        if error.reason.refuses_account() {
+        if error.reason.refuses_account() || error.asked_to_wait.is_some() {
             let _ = self.refused.set(error.clone());
         }
     }
@@ -192,6 +197,7 @@ impl Fetcher {
         }
         summary.not_attempted = customer_ids.len() - summary.fetched - summary.failed;
         summary.stopped = match run.refused.into_inner() {
+            Some(error) if error.asked_to_wait.is_some() => Some(Stopped::AskedToWait(error)),
             Some(error) => Some(Stopped::AccountRefused(error)),
             None if cancel.is_cancelled() && summary.not_attempted > 0 => Some(Stopped::Cancelled),
             None => None,

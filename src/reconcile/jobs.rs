@@ -490,6 +490,11 @@ impl ReconcileJobs {
             Some(Stopped::AccountRefused(error)) => Some(format!(
                 "gameball refused the account's keys, the job stopped: {error}"
             )),
+            Some(Stopped::AskedToWait(error)) => Some(format!(
+                "gameball asked to wait {} s before calling again, the job stopped (run it \
+                 again later): {error}",
+                error.asked_to_wait.unwrap_or_default().as_secs()
+            )),
             Some(Stopped::Cancelled) | None => None,
         }
     }
