@@ -1000,6 +1000,38 @@ async fn a_long_retry_after_stops_the_job() {
     service.stop().await;
 }
 
+/// A customer id given several times was fetched each time (its calls on the account's quota
+/// again) and counted each time (found by an adversarial run): once now.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_customer_id_is_fetched_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.add([Customer::new("jo"), Customer::new("al")]);
+    let service = in_memory(dir.path(), &stand_in).await;
+    let mut args = vec!["--client-id", "2155", "--wait", "--json"];
+    for id in ["jo", "al", "jo", "jo"] {
+        args.extend(["--customer-id", id]);
+    }
+    let done = cli(&service, &args).await;
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{stderr}");
+    let outcome: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(outcome["total"].as_u64(), Some(2), "{outcome}");
+    assert_eq!(outcome["changed"].as_u64(), Some(2), "{outcome}");
+    let jo = stand_in
+        .seen()
+        .iter()
+        .filter(|seen| seen.customers == ["jo"])
+        .count();
+    let al = stand_in
+        .seen()
+        .iter()
+        .filter(|seen| seen.customers == ["al"])
+        .count();
+    assert_eq!(jo, al, "jo asked for as often as al");
+    service.stop().await;
+}
+
 /// Nothing said when a schedule would first run, and one account given twice ran two
 /// schedules (found by an adversarial run): start-up logs each schedule with its period and
 /// first run, and refuses an account given twice (exit 64, naming it).

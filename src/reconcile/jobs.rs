@@ -22,7 +22,7 @@
 //! This module knows nothing of tonic or axum: the gRPC adapter (`crate::grpc::reconcile`)
 //! only translates requests and [`JobReport`]s. Errors are `crate::error::Error`s.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -437,6 +437,13 @@ impl ReconcileJobs {
         let client_id = lock(job).client_id.clone();
         let keep: Box<dyn Fn(&Profile) -> bool + Send + Sync> = match selection {
             Selection::CustomerIds(ids) => {
+                // Each customer once, in the order given: a repeated id cost its API calls
+                // again and counted again in the report (found by an adversarial run).
+                let mut seen = HashSet::new();
+                let ids: Vec<String> = ids
+                    .into_iter()
+                    .filter(|id| seen.insert(id.clone()))
+                    .collect();
                 lock(job).total = ids.len() as u64;
                 let summary = fetcher.fetch_many(&ids, stop, &out).await;
                 return self.fetched(job, &summary);
