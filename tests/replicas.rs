@@ -1310,11 +1310,24 @@ async fn a_replica_sets_damaged_local_snapshots_aside_and_starts_without_them() 
 async fn start_up_names_an_unreachable_nats_and_refuses_a_body_limit_above_its_max_payload() {
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens on port 1: the refusal names the URL (exit 1: the environment, not the
-    // flags, is wrong; a supervisor retries).
-    let output = binary::refused(dir.path(), &["--nats-url", "nats://127.0.0.1:1"]).await;
+    // flags, is wrong; a supervisor retries), and what a connection to each server says (it
+    // gave one server's failure for the whole list; an adversarial run).
+    let impostor = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = impostor.local_addr().unwrap().to_string();
+    let urls = format!("nats://127.0.0.1:1,nats://{silent}");
+    let mut command = binary::command(dir.path(), &["--nats-url", &urls]);
+    command.env("PROFILE_STATE_NATS_REQUEST_TIMEOUT", "1s");
+    let output = binary::refused_command(command).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("nats://127.0.0.1:1"), "{stderr}");
+    assert!(
+        stderr.contains("127.0.0.1:1: Connection refused"),
+        "{stderr}"
+    );
+    let accepted = format!("{silent}: accepts TCP connections");
+    assert!(stderr.contains(&accepted), "{stderr}");
+    drop(impostor);
 
     // A webhook body the server's max_payload (1 MiB by default) could not carry: exit 64.
     let nats = NatsCluster::single().await.unwrap();

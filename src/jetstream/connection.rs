@@ -82,10 +82,16 @@ impl Nats {
             check_readable("--nats-tls-key", key).map_err(error)?;
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        let client = options
-            .connect(addrs)
-            .await
-            .map_err(|err| error(err.to_string()))?;
+        // async-nats names one server's failure for the whole list (the last tried, or a
+        // random one): each server and what a TCP connection to it says (found by an
+        // adversarial run).
+        let client = match options.connect(addrs.clone()).await {
+            Ok(client) => client,
+            Err(err) => {
+                let servers = reachability(&addrs).await;
+                return Err(error(format!("{err} (each server: {servers})")));
+            }
+        };
         let mut context = jetstream::new(client.clone());
         context.set_timeout(timeout);
         Ok(Nats {
