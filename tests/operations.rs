@@ -265,10 +265,17 @@ async fn the_admin_listener_answers_through_the_stop_and_does_not_hold_it() {
     let mut held = std::net::TcpStream::connect(&webhook).unwrap();
     let head = format!(
         "POST /webhooks/gameball HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         X-GB-Signature: {signature}\r\nContent-Length: {}\r\n\r\n",
+         Expect: 100-continue\r\nX-GB-Signature: {signature}\r\nContent-Length: {}\r\n\r\n",
         raw.len()
     );
     held.write_all(head.as_bytes()).unwrap();
+    // The 100 Continue says the handler is reading the body: the request is in progress, so
+    // the stop waits for it (sent before that, a stop could close the connection as idle).
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut continued = [0u8; 25];
+    tokio::task::block_in_place(|| held.read_exact(&mut continued)).unwrap();
+    assert_eq!(&continued, b"HTTP/1.1 100 Continue\r\n\r\n");
     held.write_all(&raw[..10]).unwrap();
 
     binary.signal("TERM");
@@ -288,8 +295,6 @@ async fn the_admin_listener_answers_through_the_stop_and_does_not_hold_it() {
     assert_eq!(answer, (503, "shutting down\n".to_string()));
 
     held.write_all(&raw[10..]).unwrap();
-    held.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
     let mut answered = [0u8; 12];
     tokio::task::block_in_place(|| held.read_exact(&mut answered)).unwrap();
     assert_eq!(&answered, b"HTTP/1.1 200", "the held webhook is applied");
