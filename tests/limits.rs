@@ -152,6 +152,89 @@ async fn slow_unsigned_bodies_do_not_starve_signed_deliveries() {
     service.stop().await;
 }
 
+/// A request on `h2` for the webhook path declaring `length` bytes of JSON, with `body` sent
+/// (and the stream ended if that is all of it).
+fn h2_post(
+    h2: &mut h2::client::SendRequest<bytes::Bytes>,
+    length: usize,
+    body: &[u8],
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = axum::http::Request::post("http://x/webhooks/gameball")
+        .header("content-type", JSON)
+        .header("content-length", length)
+        .body(())
+        .unwrap();
+    let (answer, mut stream) = h2.send_request(request, false).unwrap();
+    let whole = body.len() == length;
+    stream
+        .send_data(bytes::Bytes::copy_from_slice(body), whole)
+        .unwrap();
+    (answer, stream)
+}
+
+/// HTTP/2 runs up to 200 requests a connection, and each held a body being read: gigabytes at
+/// the connection cap (found by an adversarial run). The listener as a whole receives no more
+/// requests at once than it has connections, whatever the protocol: one past that is 503 with
+/// Retry-After before its body is read, and a slot given back serves the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_receive_no_more_requests_at_once_than_the_connection_cap() {
+    let mut config = Config::for_tests(SECRET);
+    config.max_webhook_connections = 4;
+    config.webhook_body_timeout = std::time::Duration::from_secs(60);
+    let service = TestService::start_with(config).await;
+    let tcp = tokio::net::TcpStream::connect(service.webhook)
+        .await
+        .unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(h2_post(&mut h2, 5000, b"{"));
+    }
+    // Once the four are being read, a whole request on the same connection is refused.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refused = loop {
+        h2 = h2.ready().await.unwrap();
+        let (answer, _) = h2_post(&mut h2, 2, b"{}");
+        let answer = answer.await.unwrap();
+        if answer.status() == 503 {
+            break answer;
+        }
+        assert_eq!(answer.status(), 401, "unsigned, once it is read");
+        assert!(tokio::time::Instant::now() < deadline, "never refused");
+        tokio::task::yield_now().await;
+    };
+    assert!(refused.headers().contains_key("retry-after"));
+    let mut body = refused.into_body();
+    let mut said = Vec::new();
+    while let Some(chunk) = body.data().await {
+        said.extend_from_slice(&chunk.unwrap());
+    }
+    let said = String::from_utf8_lossy(&said);
+    assert!(
+        said.contains("too many webhook requests being received at once (limit 4"),
+        "{said}"
+    );
+    // The limit is the listener's: a signed delivery on a connection of its own waits too.
+    let body = profile_updated("held-out", &at(1), json!({}));
+    assert_eq!(service.post(&body).await.0, 503);
+
+    for (_, mut stream) in held {
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    let mut status = 0;
+    while status != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slots never given back"
+        );
+        status = service.post(&body).await.0;
+        assert!(status == 200 || status == 503, "{status}");
+    }
+    service.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_for_an_update_that_was_applied_does_not_say_it_was_not_recorded() {
     let dir = tempfile::tempdir().unwrap();

@@ -598,6 +598,7 @@ fn limits(config: &Config) -> Limits {
     Limits {
         max_body_bytes: config.max_body_bytes,
         max_in_flight: config.max_in_flight_webhooks,
+        max_receiving: config.max_webhook_connections,
         body_timeout: config.webhook_body_timeout,
         timeout: config.webhook_timeout,
     }
