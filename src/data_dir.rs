@@ -1,7 +1,10 @@
 //! The data directory: its lock, its store id, and where files go.
 //!
 //! One process at a time: `LOCK` is held with an OS file lock for the life of the process, so a
-//! second process on the same directory refuses to start (a crashed process releases it). The
+//! second process on the same directory refuses to start (a crashed process releases it).
+//! `RESTORING` marks a directory that `profile-state restore` is filling, from before the
+//! backup's first byte until the restored store is proven to recover: a restore killed half-way
+//! leaves it, and no server opens such a directory (a new restore starts it over). The
 //! store id is created with the directory and changes only when acknowledged records are given
 //! up (an operator's `--discard-journal-from`): clients compare it to tell a store whose
 //! revisions they know from one whose revisions mean something else (wiped, or cut back). The journal and snapshots live directly in the directory;
@@ -17,6 +20,7 @@
 //! dropped (the server stopped), it gets none and must not write, even while an earlier share
 //! still holds the lock.
 
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,6 +33,11 @@ use crate::io_error::IoError;
 const LOCK_FILE: &str = "LOCK";
 /// The name of the file holding the store id.
 const STORE_ID_FILE: &str = "STORE_ID";
+/// The name of the file a restore keeps in the directory until the restored store is whole and
+/// proven to recover. A directory holding it is a restore that did not finish (killed, the
+/// machine lost): no server may open it, since it would serve part of the backup, or nothing,
+/// as the store.
+const RESTORING_FILE: &str = "RESTORING";
 
 /// Whether `dir` is a data directory (it holds a store id): a place nothing else may write.
 pub fn is_data_dir(dir: &Path) -> bool {
@@ -105,6 +114,15 @@ pub enum DataDirError {
     /// A filesystem operation failed.
     #[error("data directory {0}")]
     Io(IoError),
+    /// A restore into the directory did not finish.
+    #[error(
+        "data directory {path} holds a restore that did not finish (its RESTORING file): run \
+         `profile-state restore` into it again (it starts over), or remove the directory"
+    )]
+    RestoreUnfinished {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The store id file holds something else than an id.
     #[error("{path} does not hold a store id")]
     BadStoreId {
@@ -136,27 +154,27 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
 }
 
 impl DataDir {
-    /// Opens `path`, creating it if missing; takes the lock; reads or creates the store id.
+    /// Opens `path`, creating it if missing; takes the lock; refuses a restore that did not
+    /// finish; reads or creates the store id.
     pub fn open(path: &Path) -> Result<DataDir, DataDirError> {
-        create_private_dir(path).map_err(IoError::on(path, "create"))?;
-        let lock_path = path.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(IoError::on(&lock_path, "open lock file"))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(DataDirError::Locked {
-                    path: path.to_owned(),
-                });
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(IoError::new(&lock_path, "lock", source).into());
-            }
+        let lock = lock(path)?;
+        if restore_unfinished(path)? {
+            return Err(DataDirError::RestoreUnfinished {
+                path: path.to_owned(),
+            });
         }
+        DataDir::with_lock(path, lock)
+    }
+
+    /// For `restore` only: opens `path` as [`DataDir::open`] does, and whether it holds a
+    /// restore that did not finish (which `restore` then starts over).
+    pub fn open_for_restore(path: &Path) -> Result<(DataDir, bool), DataDirError> {
+        let lock = lock(path)?;
+        let unfinished = restore_unfinished(path)?;
+        Ok((DataDir::with_lock(path, lock)?, unfinished))
+    }
+
+    fn with_lock(path: &Path, lock: File) -> Result<DataDir, DataDirError> {
         let store_id = read_or_create_store_id(path)?;
         Ok(DataDir {
             path: path.to_owned(),
@@ -168,6 +186,69 @@ impl DataDir {
         })
     }
 
+    /// Marks the directory as holding a restore that has not finished, durably: until
+    /// [`DataDir::finish_restore`], no server opens it.
+    pub fn begin_restore(&self) -> std::io::Result<()> {
+        let marker = b"a profile-state restore is filling this directory\n";
+        write_atomically(&self.path.join(RESTORING_FILE), marker)
+    }
+
+    /// Ends what [`DataDir::begin_restore`] began, durably: the directory is a store again.
+    pub fn finish_restore(&self) -> std::io::Result<()> {
+        fs::remove_file(self.path.join(RESTORING_FILE))?;
+        sync_dir(&self.path)
+    }
+
+    /// For `restore`, holding the lock: removes everything but the lock, the restore marker and
+    /// a file system's `lost+found`.
+    pub fn clear_for_restore(&self) -> std::io::Result<()> {
+        for entry in fs::read_dir(&self.path)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if [LOCK_FILE, RESTORING_FILE, "lost+found"]
+                .map(OsStr::new)
+                .contains(&&*name)
+            {
+                continue;
+            }
+            match entry.file_type()?.is_dir() {
+                true => fs::remove_dir_all(entry.path())?,
+                false => fs::remove_file(entry.path())?,
+            }
+        }
+        Ok(())
+    }
+
+    /// For a failed `restore`, still holding the lock: removes what it made, the restore marker
+    /// last (a removal that fails half-way still leaves a directory no server opens), then the
+    /// whole directory if `remove_dir` (the restore created it), else the lock file.
+    pub fn undo_restore(&self, remove_dir: bool) -> std::io::Result<()> {
+        self.clear_for_restore()?;
+        match fs::remove_file(self.path.join(RESTORING_FILE)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+        match remove_dir {
+            true => fs::remove_dir_all(&self.path),
+            false => fs::remove_file(self.path.join(LOCK_FILE)),
+        }
+    }
+
+    /// Whether `name` is one of the directory's own files (its lock, store id or restore
+    /// marker, or the temporary file of one being written), not the store's.
+    pub fn is_own_file(name: &OsStr) -> bool {
+        let name = name.to_string_lossy();
+        let name = name.strip_suffix(".tmp").unwrap_or(&name);
+        [LOCK_FILE, STORE_ID_FILE, RESTORING_FILE].contains(&name)
+    }
+
+    /// Whether `name` is the restore marker.
+    pub fn is_restore_marker(name: &OsStr) -> bool {
+        name == RESTORING_FILE
+    }
+}
+
+impl DataDir {
     /// Where work that writes into the directory now and then takes its shares from.
     pub fn lock_ref(&self) -> LockRef {
         LockRef(Some(Arc::downgrade(&self.lock)))
@@ -212,6 +293,40 @@ impl DataDir {
             .map_err(IoError::on(&path, "write store id"))?;
         self.store_id = id.to_owned();
         Ok(())
+    }
+}
+
+/// Creates `path` if missing and takes its lock.
+fn lock(path: &Path) -> Result<File, DataDirError> {
+    create_private_dir(path).map_err(IoError::on(path, "create"))?;
+    let lock_path = path.join(LOCK_FILE);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(IoError::on(&lock_path, "open lock file"))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(DataDirError::Locked {
+                path: path.to_owned(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(source)) => {
+            return Err(IoError::new(&lock_path, "lock", source).into());
+        }
+    }
+    Ok(lock)
+}
+
+/// Whether `dir` holds a restore's marker.
+fn restore_unfinished(dir: &Path) -> Result<bool, DataDirError> {
+    let marker = dir.join(RESTORING_FILE);
+    match fs::symlink_metadata(&marker) {
+        Ok(_) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(IoError::new(&marker, "look for", error).into()),
     }
 }
 

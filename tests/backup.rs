@@ -300,6 +300,41 @@ async fn backups_write_files_of_their_own() {
     assert!(!again.exists(), "the directory the restore made is gone");
     let retried = run(args.iter().map(|arg| arg.to_string()).collect()).await;
     assert!(retried.status.success(), "{}", text(&retried.stderr));
+    restore_killed_half_way(&file).await;
+}
+
+/// A restore killed half-way (here by SIGXFSZ, the default action of a write past `ulimit
+/// -f`: no clean-up runs) left a half-made directory that the service served as the store,
+/// empty or in part. It is marked until the restore has proven it recovers: the service
+/// refuses it, and a restore into it starts over.
+async fn restore_killed_half_way(backup: &Path) {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("killed");
+    let args = ["restore", &path(backup), "--data-dir", &path(&target)];
+    let mut limited = std::process::Command::new("sh");
+    limited
+        .args(["-c", "ulimit -f 1 && exec \"$0\" \"$@\""])
+        .arg(bare_command(&args).get_program())
+        .args(args);
+    let killed = tokio::task::spawn_blocking(move || limited.output().unwrap());
+    let killed = killed.await.unwrap();
+    assert_eq!(killed.status.signal(), Some(25), "SIGXFSZ: {killed:?}");
+    assert!(target.join("STORE_ID").exists(), "the restore had begun");
+
+    let refused = binary::refused(&target, &[]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("holds a restore that did not finish"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let again = run(args.iter().map(|arg| arg.to_string()).collect()).await;
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(text(&again.stdout).contains("restored 20 profiles"));
+    let served = Binary::start(&target, &[]).await;
+    assert_eq!(served.server_info().await.profile_count, 20);
+    served.stop();
 }
 
 /// Each Backup call held a copy of the state, with no limit on how many ran at once: eight

@@ -7,8 +7,11 @@
 //! backup's revisions: revisions continue from the backup's, and a watcher that resumes with the
 //! old store id is reset rather than handed revisions that now mean other changes (the same
 //! rule as `--discard-journal-from`). The restore is then recovered, as start-up would, to
-//! prove it starts. Exit statuses: 0 restored; 64 a usage error (FILE unreadable, DIR not
-//! empty); 1 a damaged backup or a failure writing DIR. Dead letters are not part of a backup.
+//! prove it starts. DIR's lock is held throughout, and DIR is marked (`RESTORING`) from before
+//! the backup's first byte until that proof: a restore killed on the way leaves a directory
+//! that no server opens and that a restore starts over. Exit statuses: 0 restored; 64 a usage
+//! error (FILE unreadable, DIR not empty or in use); 1 a damaged backup or a failure writing
+//! DIR. Dead letters are not part of a backup.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -71,40 +74,104 @@ pub fn check(file: &Path) -> Result<(u64, u64), Failure> {
 fn restore(args: &Args) -> Result<(), Failure> {
     let (revision, profiles) = check(&args.file)?;
     let dir = &args.data_dir;
-    let existed = match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            // A file system's own `lost+found` (a volume mounted as the data directory) is
-            // not the operator's: the service tolerates it too.
-            let mut entries = entries.filter(|entry| {
-                entry
-                    .as_ref()
-                    .map_or(true, |entry| entry.file_name() != "lost+found")
-            });
-            if entries.next().is_some() {
-                return Err(Failure::Usage(format!(
-                    "--data-dir {} is not empty: restore into a new directory (move the old \
-                     one aside first)",
-                    dir.display()
-                )));
-            }
-            true
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+    let existed = match contents(dir) {
+        Ok(Contents::Missing) => false,
+        Ok(Contents::Restorable) => true,
+        Ok(Contents::Store) => return Err(not_empty(dir)),
         Err(error) => {
             let error = crate::io_error::IoError::new(dir, "read", error);
             return Err(Failure::Usage(format!("--data-dir {error}")));
         }
     };
-    install(args, (revision, profiles)).map_err(|failure| undo(dir, existed, failure))
+    let mut data_dir = lock(dir)?;
+    install(&mut data_dir, args, (revision, profiles))
+        .map_err(|failure| undo(&data_dir, existed, failure))
 }
 
-/// Makes `args.data_dir` a data directory holding the backup, and proves it recovers to what
-/// `check` read; prints what was restored.
-fn install(args: &Args, (revision, profiles): (u64, u64)) -> Result<(), Failure> {
-    let dir = &args.data_dir;
-    let data_dir = DataDir::open(dir).map_err(|error| Failure::Failed(error.to_string()))?;
-    snapshot::install(data_dir.path(), revision, &args.file)
+/// What a `--data-dir` holds, as far as a restore is concerned.
+#[derive(Debug, PartialEq)]
+enum Contents {
+    Missing,
+    /// Nothing of a store: empty, or only the directory's own files (a restore that did not
+    /// finish among them) and a file system's `lost+found`.
+    Restorable,
+    /// Anything else: a store, or a stranger's files.
+    Store,
+}
+
+fn contents(dir: &Path) -> std::io::Result<Contents> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Contents::Missing);
+        }
+        Err(error) => return Err(error),
+    };
+    let mut unfinished = false;
+    let mut others = false;
+    for entry in entries {
+        let name = entry?.file_name();
+        unfinished |= DataDir::is_restore_marker(&name);
+        // A file system's own `lost+found` (a volume mounted as the data directory) is not
+        // the operator's: the service tolerates it too.
+        others |= !DataDir::is_own_file(&name) && name != "lost+found";
+    }
+    // What an unfinished restore left was never served (no server opens it): started over.
+    Ok(match others && !unfinished {
+        true => Contents::Store,
+        false => Contents::Restorable,
+    })
+}
+
+fn not_empty(dir: &Path) -> Failure {
+    Failure::Usage(format!(
+        "--data-dir {} is not empty: restore into a new directory (move the old one aside \
+         first)",
+        dir.display()
+    ))
+}
+
+/// Takes the directory's lock, and under it looks again: a server may have started there
+/// since the first look. Nothing is undone on a refusal here: what is there is not ours.
+fn lock(dir: &Path) -> Result<DataDir, Failure> {
+    let (mut data_dir, unfinished) =
+        DataDir::open_for_restore(dir).map_err(|error| match error {
+            crate::data_dir::DataDirError::Locked { .. } => Failure::Usage(error.to_string()),
+            other => Failure::Failed(other.to_string()),
+        })?;
+    let contents = contents(dir).map_err(|error| {
+        Failure::Failed(crate::io_error::IoError::new(dir, "read", error).to_string())
+    })?;
+    if contents != Contents::Restorable {
+        return Err(not_empty(dir));
+    }
+    if unfinished {
+        data_dir.clear_for_restore().map_err(|error| {
+            Failure::Failed(format!(
+                "cannot remove the restore that did not finish from --data-dir {}: {error}",
+                dir.display()
+            ))
+        })?;
+    }
+    // A new id whatever was there: the restored store is not the one any client knew.
+    data_dir
+        .renew_store_id()
         .map_err(|error| Failure::Failed(error.to_string()))?;
+    Ok(data_dir)
+}
+
+/// Makes the locked `data_dir` hold the backup, and proves it recovers to what `check` read;
+/// prints what was restored. Marked as a restore from before the backup's first byte to the
+/// end: killed on the way, the directory is refused by servers and started over by a restore.
+fn install(
+    data_dir: &mut DataDir,
+    args: &Args,
+    (revision, profiles): (u64, u64),
+) -> Result<(), Failure> {
+    let dir = &args.data_dir;
+    let failed = |error: &dyn std::fmt::Display| Failure::Failed(error.to_string());
+    data_dir.begin_restore().map_err(|error| failed(&error))?;
+    snapshot::install(data_dir.path(), revision, &args.file).map_err(|error| failed(&error))?;
     let (store, _) = crate::startup::recover_store(
         dir,
         crate::store::HistoryLimits::events(CHECK_HISTORY),
@@ -118,6 +185,7 @@ fn install(args: &Args, (revision, profiles): (u64, u64)) -> Result<(), Failure>
             store.revision()
         )));
     }
+    data_dir.finish_restore().map_err(|error| failed(&error))?;
     let done = format!(
         "restored {profiles} profiles as of revision {revision} into {}, store id {} (new)\n",
         dir.display(),
@@ -128,26 +196,12 @@ fn install(args: &Args, (revision, profiles): (u64, u64)) -> Result<(), Failure>
         .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))
 }
 
-/// After a failed restore, removes what it made: the directory if it created it, else what it
-/// put in it. A half-made directory was refused by the retry as "not empty", and served as an
-/// empty store with a new id (found by an adversarial run).
-fn undo(dir: &Path, existed: bool, failure: Failure) -> Failure {
-    let removed = match existed {
-        false => std::fs::remove_dir_all(dir),
-        true => std::fs::read_dir(dir).and_then(|entries| {
-            entries.into_iter().try_for_each(|entry| {
-                let entry = entry?;
-                let path = entry.path();
-                if entry.file_name() == "lost+found" {
-                    return Ok(());
-                }
-                match path.is_dir() {
-                    true => std::fs::remove_dir_all(&path),
-                    false => std::fs::remove_file(&path),
-                }
-            })
-        }),
-    };
+/// After a failed restore, still holding the lock, removes what it made: the directory if it
+/// created it, else what it put in it. A half-made directory was refused by the retry as "not
+/// empty", and served as an empty store with a new id (found by an adversarial run).
+fn undo(data_dir: &DataDir, existed: bool, failure: Failure) -> Failure {
+    let dir = data_dir.path();
+    let removed = data_dir.undo_restore(!existed);
     // Every failure after the checks is `Failed` (exit 1).
     Failure::Failed(match removed {
         Ok(()) => format!(
@@ -155,9 +209,37 @@ fn undo(dir: &Path, existed: bool, failure: Failure) -> Failure {
             dir.display()
         ),
         Err(error) => format!(
-            "{failure} (and what was made in --data-dir {} could not be removed: {error}; \
-             remove it before restoring again)",
+            "{failure} (and what was made in --data-dir {} could not all be removed: {error}; \
+             restoring again starts over)",
             dir.display()
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server may start in the directory between the restore's first look and its lock: the
+    /// restore then refuses without touching its files (it removed them as "what it made").
+    #[test]
+    fn a_server_that_came_first_keeps_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        assert_eq!(contents(&data).unwrap(), Contents::Missing);
+        let server = DataDir::open(&data).unwrap();
+        let journal = data.join("journal-00000000000000000001.log");
+        std::fs::write(&journal, b"acknowledged").unwrap();
+        match lock(&data) {
+            Err(Failure::Usage(said)) => assert!(said.contains("in use"), "{said}"),
+            other => panic!("{:?}", other.map(|dir| dir.store_id().to_owned())),
+        }
+        drop(server);
+        // Stopped since, its files still there: not empty, seen under the lock.
+        match lock(&data) {
+            Err(Failure::Usage(said)) => assert!(said.contains("is not empty"), "{said}"),
+            other => panic!("{:?}", other.map(|dir| dir.store_id().to_owned())),
+        }
+        assert_eq!(std::fs::read(&journal).unwrap(), b"acknowledged");
+    }
 }
