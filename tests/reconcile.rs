@@ -685,6 +685,32 @@ async fn the_reconcile_subcommand_starts_follows_and_exits_by_outcome() {
     service.stop().await;
 }
 
+/// What Gameball wrote reached the operator's terminal as written: an escape sequence in a
+/// failure's detail cleared or recoloured it, a newline or a tab forged lines of the listing
+/// (found by an adversarial run). It is printed escaped.
+#[tokio::test(flavor = "multi_thread")]
+async fn gameballs_words_reach_the_terminal_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.add([Customer::new("jo")]);
+    let said = "bad \u{1b}[2J\u{1b}[31mred\nforged\tline";
+    stand_in.fail_next_saying(Api::Details, &[400], said);
+    let service = in_memory(dir.path(), &stand_in).await;
+    let args = ["--client-id", "2155", "--customer-id", "jo", "--wait"];
+    let done = cli(&service, &args).await;
+    let printed = String::from_utf8(done.stdout).unwrap();
+    assert_eq!(done.status.code(), Some(1), "{printed}");
+    assert!(!printed.contains('\u{1b}'), "{printed:?}");
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 2, "the summary and one failure: {printed:?}");
+    assert!(lines[1].starts_with("jo\t"), "{printed:?}");
+    assert!(
+        lines[1].contains(r"bad \u{1b}[2J\u{1b}[31mred\nforged\tline"),
+        "{printed:?}"
+    );
+    service.stop().await;
+}
+
 /// A TCP forwarder to `upstream`, as `kubectl port-forward` or a TCP load balancer: when the
 /// upstream goes away it closes the client's connection, and closes new ones at once.
 async fn tcp_forwarder(upstream: std::net::SocketAddr) -> std::net::SocketAddr {

@@ -15,7 +15,7 @@ use serde_json::json;
 use sha1::{Digest as _, Sha1};
 
 use super::client::{AdminClient, Connection, refused};
-use super::{Failure, Sources};
+use super::{Failure, Sources, printable};
 use crate::dead_letters::DeadLetterId;
 use crate::pb;
 
@@ -125,11 +125,11 @@ async fn list(client: &mut AdminClient, json: bool) -> Result<(), Failure> {
                     time(letter.received_at.as_ref()),
                     letter.delivery_count,
                     if letter.field.is_empty() {
-                        "-"
+                        "-".into()
                     } else {
-                        &letter.field
+                        printable(&letter.field)
                     },
-                    letter.reason
+                    printable(&letter.reason)
                 )
             };
             write(&mut out, &line)?;
@@ -171,11 +171,11 @@ async fn show(client: &mut AdminClient, id: String, body_only: bool) -> Result<(
             time(letter.last_received_at.as_ref()),
             letter.delivery_count,
             if letter.field.is_empty() {
-                "-"
+                "-".into()
             } else {
-                &letter.field
+                printable(&letter.field)
             },
-            letter.reason,
+            printable(&letter.reason),
         );
         write(&mut out, &details)?;
     }

@@ -292,20 +292,46 @@ fn owner_only_files() {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
-/// Prints `profile-state: <message>` (with notes on flags set from the environment) to stderr.
+/// Prints `profile-state: <message>` (with notes on flags set from the environment) to stderr,
+/// its lines made [`printable`]: a message may quote a server's or Gameball's text.
 pub fn print_error(sources: &Sources, message: &str) {
+    let message = message.split('\n').map(printable).collect::<Vec<_>>();
     // One write, newline included: a log line written meanwhile by a thread still stopping
     // (the NATS client's "closed") landed between the message and its newline.
     let line = format!(
         "{}\n",
-        sources.explain(&format!("profile-state: {message}"))
+        sources.explain(&format!("profile-state: {}", message.join("\n")))
     );
     let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// `text` with each control character (newline and tab included) written as its Rust escape
+/// (`\n`, `\u{1b}`): what a subcommand prints from a server or from Gameball (a reconcile job's
+/// failures, a dead letter's reason) could otherwise move the terminal's cursor, recolour it or
+/// forge lines of a tab-separated listing (found by an adversarial run).
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let escape = |c: char| match c.is_control() {
+        true => c.escape_default().to_string(),
+        false => c.to_string(),
+    };
+    text.chars().map(escape).collect::<String>().into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_printed_escaped() {
+        assert_eq!(printable("plain: text"), "plain: text");
+        assert_eq!(
+            printable("a\tb\nc\u{1b}[2Jd\u{7f}é"),
+            "a\\tb\\nc\\u{1b}[2Jd\\u{7f}é"
+        );
+    }
 
     #[test]
     fn flags_are_found_in_messages_of_both_kinds() {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::client::{AdminClient, Connection, refused};
-use super::{Failure, Sources};
+use super::{Failure, Sources, printable};
 use crate::pb;
 use crate::pb::reconcile_profiles_request::Selection;
 
@@ -197,7 +197,9 @@ fn report(job: &pb::ReconcileJob, json: bool) -> Result<(), Failure> {
         for failure in &job.failures {
             text += &format!(
                 "{}\t{}\t{}\n",
-                failure.customer_id, failure.reason, failure.detail
+                printable(&failure.customer_id),
+                printable(&failure.reason),
+                printable(&failure.detail)
             );
         }
         text
