@@ -329,7 +329,9 @@ async fn a_429_storm_is_backed_off_without_exceeding_the_limits() {
     stand_in.storm(Duration::from_millis(800), Some(1));
     let service = in_memory(dir.path(), &stand_in).await;
     let names: Vec<&str> = customers.iter().map(|c| c.customer_id.as_str()).collect();
+    let started = Instant::now();
     let job = reconcile(&service, ids(&names)).await;
+    let took = started.elapsed();
 
     assert_eq!(job.state(), pb::ReconcileJobState::Succeeded, "{job:?}");
     assert_eq!((job.changed, job.failed), (20, 0), "{job:?}");
@@ -362,6 +364,13 @@ async fn a_429_storm_is_backed_off_without_exceeding_the_limits() {
     let (_, metrics) = service.admin_get("/metrics").await;
     let paused = "profile_state_reconcile_rate_limited_seconds_total{bucket=\"customers_get\"}";
     assert!(metric(&metrics, paused) >= 1.0);
+    // The 429s of requests in flight together overlap: counted one by one, their pauses
+    // added up to more seconds than the job took (an adversarial run).
+    assert!(
+        metric(&metrics, paused) <= took.as_secs_f64(),
+        "paused {} s in a job of {took:?}",
+        metric(&metrics, paused)
+    );
     assert!(
         metric(
             &metrics,

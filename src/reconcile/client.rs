@@ -343,9 +343,9 @@ impl GameballClient {
                 "gameball call failed, retrying"
             );
             if error.reason == FailureReason::RateLimited {
-                self.limiter(endpoint).pause_for(delay);
-                if let Some(observer) = &self.inner.observer {
-                    observer.paused(endpoint, delay.as_secs_f64());
+                let longer = self.limiter(endpoint).pause_for(delay);
+                if let (Some(observer), false) = (&self.inner.observer, longer.is_zero()) {
+                    observer.paused(endpoint, longer.as_secs_f64());
                 }
             }
             tokio::time::sleep(delay).await;

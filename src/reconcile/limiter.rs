@@ -118,13 +118,18 @@ impl RateLimiter {
     }
 
     /// Sends nothing on this bucket for `delay` from now (or longer, if already paused longer):
-    /// what a 429 asks for.
-    pub fn pause_for(&self, delay: Duration) {
-        let until = Instant::now() + delay;
+    /// what a 429 asks for. Returns how much longer the bucket is now paused than it was: the
+    /// 429s of requests in flight together overlap, and their pauses counted one by one added
+    /// up to more seconds than had passed (found by an adversarial run).
+    pub fn pause_for(&self, delay: Duration) -> Duration {
+        let now = Instant::now();
+        let until = now + delay;
         let mut state = self.state.lock().expect("rate limiter lock poisoned");
-        if state.paused_until.is_none_or(|paused| paused < until) {
+        let paused_until = state.paused_until.unwrap_or(now).max(now);
+        if paused_until < until {
             state.paused_until = Some(until);
         }
+        until.saturating_duration_since(paused_until)
     }
 
     /// When the next request may go, or `None` if it may go `now`.
@@ -245,15 +250,30 @@ mod tests {
             Duration::from_secs(1),
         )]));
         let start = Instant::now();
-        limiter.pause_for(Duration::from_secs(3));
-        // A shorter pause does not shorten the longer one.
-        limiter.pause_for(Duration::from_secs(1));
+        assert_eq!(
+            limiter.pause_for(Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
+        // A shorter pause does not shorten the longer one, nor add to it.
+        assert_eq!(limiter.pause_for(Duration::from_secs(1)), Duration::ZERO);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // A longer one adds what it goes past the first.
+        assert_eq!(limiter.pause_for(Duration::from_secs(2)), Duration::ZERO);
+        assert_eq!(
+            limiter.pause_for(Duration::from_millis(2500)),
+            Duration::from_millis(500)
+        );
+        limiter.pause_for(Duration::from_millis(1500));
         let times = send_all(Arc::clone(&limiter), 3, 2).await;
-        assert!(times.iter().all(|t| *t - start >= Duration::from_secs(3)));
         assert!(
             times
                 .iter()
-                .all(|t| *t - start < Duration::from_millis(3100))
+                .all(|t| *t - start >= Duration::from_millis(3500))
+        );
+        assert!(
+            times
+                .iter()
+                .all(|t| *t - start < Duration::from_millis(3600))
         );
     }
 
