@@ -380,6 +380,41 @@ async fn a_429_storm_is_backed_off_without_exceeding_the_limits() {
     service.stop().await;
 }
 
+/// A job stopped early over every profile reported only the page it had reached as its
+/// selection: a thousand customers where there were 1,500 (found by an adversarial run). The
+/// rest is counted as selected and not attempted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_stopped_early_counts_the_whole_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let config = Config::for_tests(common::SECRET);
+    let service = Arc::new(start(config, dir.path(), &stand_in, "revoked-key").await);
+    let senders = (0..8).map(|sender| {
+        let service = Arc::clone(&service);
+        tokio::spawn(async move {
+            for n in (sender..1500).step_by(8) {
+                let body = profile_updated(&format!("c-{n:04}"), &now(), json!({}));
+                service.update(&body).await;
+            }
+        })
+    });
+    for sender in senders.collect::<Vec<_>>() {
+        sender.await.unwrap();
+    }
+    let job = reconcile(
+        &service,
+        pb::reconcile_profiles_request::Selection::All(true),
+    )
+    .await;
+    assert_eq!(job.state(), pb::ReconcileJobState::Failed, "{job:?}");
+    assert_eq!(job.total, 1500, "{job:?}");
+    assert_eq!(job.changed + job.unchanged, 0);
+    assert_eq!(job.failed + job.not_attempted, 1500, "{job:?}");
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let not_attempted = "profile_state_reconcile_profiles_total{outcome=\"not_attempted\"}";
+    assert_eq!(metric(&metrics, not_attempted), job.not_attempted as f64);
+}
+
 #[tokio::test]
 async fn refused_keys_fail_the_job_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

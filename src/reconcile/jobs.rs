@@ -38,7 +38,7 @@ use super::mapping::drift;
 use crate::error::Error;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::profile::{Field, Profile, ProfileUpdate};
+use crate::profile::{Field, Profile, ProfileKey, ProfileUpdate};
 use crate::sequencer::Applied;
 use crate::store::Store;
 use crate::webhook::secrets::SecretStore;
@@ -459,7 +459,8 @@ impl ReconcileJobs {
             }
         };
         let mut after = None;
-        while !stop.is_cancelled() {
+        let mut error = None;
+        while !stop.is_cancelled() && error.is_none() {
             let scan = self
                 .inner
                 .store
@@ -474,16 +475,48 @@ impl ReconcileJobs {
             lock(job).total += ids.len() as u64;
             if !ids.is_empty() {
                 let summary = fetcher.fetch_many(&ids, stop, &out).await;
-                if let Some(error) = self.fetched(job, &summary) {
-                    return Some(error);
-                }
+                error = self.fetched(job, &summary);
             }
+            match scan.next {
+                Some(next) => after = Some(next),
+                None => return error,
+            }
+        }
+        self.count_unattempted(job, &client_id, after, &keep).await;
+        error
+    }
+
+    /// Counts the rest of a selection a job stopped before, from `after` on, as selected and
+    /// not attempted: a job stopped early reported only the pages it had reached, as if that
+    /// were the whole selection (found by an adversarial run).
+    async fn count_unattempted(
+        &self,
+        job: &JobCell,
+        client_id: &str,
+        mut after: Option<ProfileKey>,
+        keep: &(dyn Fn(&Profile) -> bool + Send + Sync),
+    ) {
+        let mut rest = 0;
+        loop {
+            let scan = self
+                .inner
+                .store
+                .scan(Some(client_id), after.as_ref(), PAGE, |profile| {
+                    keep(profile)
+                });
+            rest += scan.profiles.len() as u64;
             match scan.next {
                 Some(next) => after = Some(next),
                 None => break,
             }
+            // A page at a time, as the fetch: other tasks run in between.
+            tokio::task::yield_now().await;
         }
-        None
+        let mut report = lock(job);
+        report.total += rest;
+        report.not_attempted += rest;
+        drop(report);
+        self.inner.metrics.reconcile_profiles("not_attempted", rest);
     }
 
     /// Counts what a fetch left unattempted; the job's error if the keys were refused.
