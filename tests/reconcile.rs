@@ -1130,6 +1130,19 @@ async fn schedules_are_logged_at_start_up_and_an_account_given_twice_is_refused(
     );
     let first = humantime::parse_duration(line["first_run_in"].as_str().unwrap()).unwrap();
     assert!(first <= Duration::from_secs(24 * 3600), "{line}");
+    // At the start of the next day of wall-clock time, whenever the server started: the first
+    // run used to come a random delay after each start, so a server restarted more often than
+    // its period might never run (found by an adversarial run).
+    let at = line["first_run_at"].as_str().unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(at).unwrap().to_utc();
+    let midnight = (Utc::now() + chrono::Duration::days(1)).date_naive();
+    assert_eq!(
+        at,
+        midnight.and_hms_opt(0, 0, 0).unwrap().and_utc(),
+        "{line}"
+    );
+    let until = (at - Utc::now()).to_std().unwrap();
+    assert!(until.abs_diff(first) < Duration::from_secs(5), "{line}");
     server.stop();
 
     let twice = [&schedule[..], &["2155=24h,2155=2h"]].concat();

@@ -1,15 +1,16 @@
 //! `--reconcile-every CLIENT_ID=DURATION`: a periodic reconcile job per account.
 //!
-//! One task per account on the server's `TaskTracker`, stopped by the shutdown token. The
-//! first run comes after a random delay within the period, so replicas and restarts do not
-//! all call Gameball at once; then one run per period. Each run selects the profiles not
-//! updated for a period: a profile whose webhooks keep arriving is fresh and skipped, one whose
-//! webhooks were lost gets old and is read back. A tick is skipped while the account's
-//! previous job still runs.
+//! One task per account on the server's `TaskTracker`, stopped by the shutdown token. Periods
+//! are slots of wall-clock time (slot `n` starts at `n × period` since the Unix epoch: `24h`
+//! runs at midnight UTC), and a run starts at each slot's start, so a restart does not move the
+//! schedule. (The first run used to come after a random delay within the period, counted from
+//! each start: a server restarted more often than its period might never run; found by an
+//! adversarial run.) Each run selects the profiles not updated for a period: a profile whose
+//! webhooks keep arriving is fresh and skipped, one whose webhooks were lost gets old and is
+//! read back. A tick is skipped while the account's previous job still runs.
 //!
-//! Replicated mode runs each period on one replica, through [`SlotClaims`] (a JetStream KV
-//! bucket, `crate::jetstream::ScheduleBucket`): periods are slots of wall-clock time (slot `n`
-//! starts at `n × period` since the Unix epoch), every replica wakes at a slot's start and
+//! Replicated mode runs each slot on one replica, through [`SlotClaims`] (a JetStream KV
+//! bucket, `crate::jetstream::ScheduleBucket`): every replica wakes at a slot's start and
 //! tries to create the slot's key, and only the replica whose create succeeds runs it. There is
 //! no leader to lose: a replica that dies simply stops claiming, and the next slot goes to a
 //! survivor. Clocks need only agree to well within a period. When the bucket cannot be
@@ -49,32 +50,37 @@ pub fn start(
         let (jobs, entry, stopping) = (jobs.clone(), entry.clone(), stopping.clone());
         // Operators asked when a schedule first runs; nothing said.
         let period = humantime::format_duration(entry.period).to_string();
+        let now = since_epoch();
+        let (_, next) = next_slot(now, entry.period);
+        let first_run_at = chrono::DateTime::<chrono::Utc>::from(UNIX_EPOCH + now + next)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let first_run_in = humantime::format_duration(whole_seconds(next));
+        let client_id = &entry.client_id;
         match &claims {
-            None => {
-                let first = first_delay(entry.period);
-                tracing::info!(
-                    client_id = %entry.client_id,
-                    %period,
-                    first_run_in = %humantime::format_duration(whole_seconds(first)),
-                    "reconcile schedule started"
-                );
-                tracker.spawn(run(jobs, entry, first, stopping));
-            }
-            Some(claims) => {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default();
-                let (_, next) = next_slot(now, entry.period);
-                tracing::info!(
-                    client_id = %entry.client_id,
-                    %period,
-                    next_slot_in = %humantime::format_duration(whole_seconds(next)),
-                    "reconcile schedule started (each period on one replica)"
-                );
-                tracker.spawn(run_claimed(jobs, entry, Arc::clone(claims), stopping));
-            }
+            None => tracing::info!(
+                %client_id,
+                %period,
+                %first_run_in,
+                %first_run_at,
+                "reconcile schedule started"
+            ),
+            Some(_) => tracing::info!(
+                %client_id,
+                %period,
+                next_slot_in = %first_run_in,
+                next_slot_at = %first_run_at,
+                "reconcile schedule started (each period on one replica)"
+            ),
         }
+        tracker.spawn(run(jobs, entry, claims.clone(), stopping));
     }
+}
+
+/// The wall-clock time since the Unix epoch.
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// `delay` to the second, for a log line.
@@ -90,23 +96,24 @@ fn next_slot(now: Duration, period: Duration) -> (u128, Duration) {
     (slot, start.saturating_sub(now))
 }
 
-/// The replicated loop: at each slot's start, run it if this replica claims it first.
-async fn run_claimed(
+/// At each slot's start, runs it: on this server alone, or if this replica claims it first.
+async fn run(
     jobs: ReconcileJobs,
     every: ReconcileEvery,
-    claims: Arc<dyn SlotClaims>,
+    claims: Option<Arc<dyn SlotClaims>>,
     stopping: CancellationToken,
 ) {
     let account = hex::encode(every.client_id.as_bytes());
     loop {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let (slot, delay) = next_slot(now, every.period);
+        let (slot, delay) = next_slot(since_epoch(), every.period);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stopping.cancelled() => return,
         }
+        let Some(claims) = &claims else {
+            tick(&jobs, &every);
+            continue;
+        };
         let key = format!("reconcile.{account}.{}.{slot}", every.period.as_millis());
         let client_id = every.client_id.as_str();
         match claims.claim(&key).await {
@@ -118,29 +125,6 @@ async fn run_claimed(
                 "scheduled reconcile skipped: its slot could not be claimed"
             ),
         }
-    }
-}
-
-/// A random delay within the period.
-fn first_delay(period: Duration) -> Duration {
-    let millis = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
-    Duration::from_millis(fastrand::u64(0..millis))
-}
-
-async fn run(
-    jobs: ReconcileJobs,
-    every: ReconcileEvery,
-    first: Duration,
-    stopping: CancellationToken,
-) {
-    let mut delay = first;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = stopping.cancelled() => return,
-        }
-        delay = every.period;
-        tick(&jobs, &every);
     }
 }
 
@@ -172,17 +156,6 @@ mod tests {
         assert_eq!(
             next_slot(Duration::from_millis(179_999), period),
             (3, Duration::from_millis(1))
-        );
-    }
-
-    #[test]
-    fn the_first_run_is_somewhere_within_the_period() {
-        let period = Duration::from_secs(3600);
-        let delays: Vec<Duration> = (0..50).map(|_| first_delay(period)).collect();
-        assert!(delays.iter().all(|delay| *delay < period));
-        assert!(
-            delays.iter().any(|delay| *delay != delays[0]),
-            "not all alike"
         );
     }
 }
