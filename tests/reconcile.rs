@@ -380,6 +380,93 @@ async fn a_429_storm_is_backed_off_without_exceeding_the_limits() {
     service.stop().await;
 }
 
+/// A long job could not be stopped but by stopping the server (found by an adversarial run):
+/// CancelReconcileJob stops it at once, counts the rest as not attempted, frees the account
+/// for a new job, and answers a job that ended as it ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_job_is_cancelled_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let names: Vec<String> = (0..40).map(|n| format!("c-{n}")).collect();
+    stand_in.add(names.iter().map(|id| Customer::new(id)));
+    stand_in.slow(Api::Details, Duration::from_secs(3600));
+    let service = in_memory(dir.path(), &stand_in).await;
+    let mut admin = admin(&service).await;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let request = pb::ReconcileProfilesRequest {
+        client_id: "2155".into(),
+        selection: Some(ids(&names[..20])),
+    };
+    let started = admin
+        .reconcile_profiles(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stand_in.count(Api::Details) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the job never asked for a customer"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // The CLI, as an operator would.
+    let cancelled = cli(&service, &["--cancel", &started.job_id, "--json"]).await;
+    let said = String::from_utf8_lossy(&cancelled.stderr);
+    assert_eq!(cancelled.status.code(), Some(0), "{said}");
+    let job: Value = serde_json::from_slice(&cancelled.stdout).unwrap();
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["error"], "cancelled (CancelReconcileJob)", "{job}");
+    assert_eq!(job["total"], 20, "{job}");
+    assert_eq!(job["changed"], 0, "{job}");
+    assert!(job["not_attempted"].as_u64().unwrap() > 0, "{job}");
+
+    // Again: the job as it ended. Then the account is free for the next job.
+    let again = pb::CancelReconcileJobRequest {
+        job_id: started.job_id.clone(),
+    };
+    let again = admin
+        .cancel_reconcile_job(again)
+        .await
+        .unwrap()
+        .into_inner();
+    let again = again.job.unwrap();
+    assert_eq!(again.state(), pb::ReconcileJobState::Cancelled);
+    assert_eq!(again.not_attempted, job["not_attempted"].as_u64().unwrap());
+    let next = pb::ReconcileProfilesRequest {
+        client_id: "2155".into(),
+        selection: Some(ids(&names[20..])),
+    };
+    let next = admin.reconcile_profiles(next).await.unwrap().into_inner();
+    let cancel = |job_id: &str| pb::CancelReconcileJobRequest {
+        job_id: job_id.to_owned(),
+    };
+    let next = admin.cancel_reconcile_job(cancel(&next.job_id)).await;
+    assert_eq!(
+        next.unwrap().into_inner().job.unwrap().state(),
+        pb::ReconcileJobState::Cancelled
+    );
+
+    let unknown = admin
+        .cancel_reconcile_job(cancel("no-such-job"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    let empty = admin.cancel_reconcile_job(cancel("")).await.unwrap_err();
+    assert_eq!(empty.code(), tonic::Code::InvalidArgument, "{empty:?}");
+    assert!(empty.message().contains("job_id"), "{empty:?}");
+    let (_, metrics) = service.admin_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "profile_state_reconcile_jobs_total{result=\"cancelled\"}"
+        ),
+        2.0
+    );
+    service.stop().await;
+}
+
 /// A job stopped early over every profile reported only the page it had reached as its
 /// selection: a thousand customers where there were 1,500 (found by an adversarial run). The
 /// rest is counted as selected and not attempted.

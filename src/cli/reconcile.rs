@@ -1,5 +1,6 @@
 //! `profile-state reconcile`: starts a reconcile job on a running server (AdminService
-//! `ReconcileProfiles`) and, with `--wait`, follows it to the end (`GetReconcileJob`).
+//! `ReconcileProfiles`) and, with `--wait`, follows it to the end (`GetReconcileJob`); with
+//! `--cancel JOB_ID`, cancels one (`CancelReconcileJob`: exit 0 once it has ended).
 //!
 //! It never reads API keys: the server has them. Prints the job id (stdout); with `--wait`,
 //! progress on stderr each second and the final counts and failures on stdout (one JSON object
@@ -21,11 +22,12 @@ use crate::pb::reconcile_profiles_request::Selection;
 
 /// `profile-state reconcile ...`.
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("selection").required(true).args(["customer_id", "all", "not_updated_for"])))]
+#[command(group(clap::ArgGroup::new("selection").required(true).args(["customer_id", "all", "not_updated_for", "cancel"])))]
+#[command(group(clap::ArgGroup::new("outcome").args(["wait", "cancel"])))]
 pub struct Args {
     /// The Gameball account (its API keys are in the server's secrets file).
-    #[arg(long)]
-    client_id: String,
+    #[arg(long, required_unless_present = "cancel")]
+    client_id: Option<String>,
     /// Reconcile this customer (repeatable; unknown ones are created from the API).
     #[arg(long = "customer-id")]
     customer_id: Vec<String>,
@@ -35,11 +37,15 @@ pub struct Args {
     /// Reconcile the account's profiles not updated for this long (e.g. `7d`).
     #[arg(long, value_parser = humantime::parse_duration)]
     not_updated_for: Option<Duration>,
+    /// Cancel this running job instead (its id, as printed when it started), then print how it
+    /// ended; a job that already ended is printed as it ended.
+    #[arg(long, value_name = "JOB_ID", conflicts_with_all = ["client_id", "wait"])]
+    cancel: Option<String>,
     /// Follow the job until it ends, then print its outcome.
     #[arg(long)]
     wait: bool,
-    /// With --wait, print the outcome as one JSON object.
-    #[arg(long, requires = "wait")]
+    /// With --wait or --cancel, print the outcome as one JSON object.
+    #[arg(long, requires = "outcome")]
     json: bool,
     #[command(flatten)]
     connection: Connection,
@@ -49,6 +55,9 @@ pub struct Args {
 pub fn run(args: Args, sources: &Sources) -> std::process::ExitCode {
     super::block_on(sources, async move {
         let mut client = args.connection.admin().await?;
+        if let Some(job_id) = args.cancel {
+            return cancel(&mut client, job_id, args.json).await;
+        }
         let selection = if args.all {
             Selection::All(true)
         } else if let Some(age) = args.not_updated_for {
@@ -63,7 +72,7 @@ pub fn run(args: Args, sources: &Sources) -> std::process::ExitCode {
         };
         let started = client
             .reconcile_profiles(pb::ReconcileProfilesRequest {
-                client_id: args.client_id,
+                client_id: args.client_id.unwrap_or_default(),
                 selection: Some(selection),
             })
             .await
@@ -74,8 +83,31 @@ pub fn run(args: Args, sources: &Sources) -> std::process::ExitCode {
         }
         eprintln!("profile-state: reconcile job {}", started.job_id);
         let job = follow(&mut client, &started.job_id).await?;
-        report(&job, args.json)
+        print_report(&job, args.json)?;
+        outcome(&job)
     })
+}
+
+/// Cancels the job and prints how it ended: exit 0 once it has ended, whichever way (a job
+/// that had ended already is left as it was); 1 if it still ran when the server answered.
+async fn cancel(client: &mut AdminClient, job_id: String, json: bool) -> Result<(), Failure> {
+    let what = format!("cancelling reconcile job {job_id}");
+    let request = pb::CancelReconcileJobRequest { job_id };
+    let job = client
+        .cancel_reconcile_job(request)
+        .await
+        .map_err(|status| refused(&what, &status))?
+        .into_inner()
+        .job
+        .ok_or_else(|| Failure::Failed(format!("{what}: the server sent no job")))?;
+    print_report(&job, json)?;
+    match job.state() {
+        pb::ReconcileJobState::Running => Err(Failure::Failed(format!(
+            "reconcile job {} has not ended yet; GetReconcileJob tells when it has",
+            job.job_id
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// How long `--wait` keeps asking a server it lost before it says the job ended with it.
@@ -153,9 +185,10 @@ fn lost_server(job_id: &str, status: &tonic::Status, unreachable_for: Duration) 
     }
 }
 
-/// Prints the outcome; the failure that sets the exit status, if any.
-fn report(job: &pb::ReconcileJob, json: bool) -> Result<(), Failure> {
+/// Prints the job's counts and failures.
+fn print_report(job: &pb::ReconcileJob, json: bool) -> Result<(), Failure> {
     let state = match job.state() {
+        pb::ReconcileJobState::Running => "running",
         pb::ReconcileJobState::Succeeded => "succeeded",
         pb::ReconcileJobState::Failed => "failed",
         pb::ReconcileJobState::Cancelled => "cancelled",
@@ -204,7 +237,11 @@ fn report(job: &pb::ReconcileJob, json: bool) -> Result<(), Failure> {
         }
         text
     };
-    write(&text)?;
+    write(&text)
+}
+
+/// The failure a followed job's end sets the exit status by, if any.
+fn outcome(job: &pb::ReconcileJob) -> Result<(), Failure> {
     match job.state() {
         pb::ReconcileJobState::Succeeded if job.failed == 0 => Ok(()),
         pb::ReconcileJobState::Succeeded => Err(Failure::Failed(format!(

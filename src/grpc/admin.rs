@@ -88,4 +88,13 @@ impl AdminService for AdminApi {
         super::reconcile::get_reconcile_job(&self.reconcile, request.into_inner())
             .map(Response::new)
     }
+
+    async fn cancel_reconcile_job(
+        &self,
+        request: Request<pb::CancelReconcileJobRequest>,
+    ) -> Result<Response<pb::CancelReconcileJobResponse>, Status> {
+        super::reconcile::cancel_reconcile_job(&self.reconcile, request.into_inner())
+            .await
+            .map(Response::new)
+    }
 }

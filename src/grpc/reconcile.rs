@@ -1,5 +1,5 @@
 //! The gRPC adapter for AdminService's reconciliation RPCs (`ReconcileProfiles`,
-//! `GetReconcileJob`): it checks the request's shape, calls [`ReconcileJobs`], and converts
+//! `GetReconcileJob`, `CancelReconcileJob`): it checks the request's shape, calls [`ReconcileJobs`], and converts
 //! the [`JobReport`]. Rules (limits, selection, what a job does) are the domain's
 //! (`crate::reconcile::jobs`); errors go through `crate::status`.
 
@@ -52,6 +52,26 @@ pub(super) fn get_reconcile_job(
     }
     let report = jobs.get(&request.job_id).map_err(grpc_status)?;
     Ok(pb::GetReconcileJobResponse {
+        job: Some(job(&report)),
+    })
+}
+
+/// How long CancelReconcileJob waits for the job to end before it answers.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// Cancels a job; its report once it ended (or after [`CANCEL_WAIT`]).
+pub(super) async fn cancel_reconcile_job(
+    jobs: &ReconcileJobs,
+    request: pb::CancelReconcileJobRequest,
+) -> Result<pb::CancelReconcileJobResponse, Status> {
+    if request.job_id.is_empty() {
+        return Err(grpc_status(Error::invalid("job_id", "required")));
+    }
+    let report = jobs
+        .cancel(&request.job_id, CANCEL_WAIT)
+        .await
+        .map_err(grpc_status)?;
+    Ok(pb::CancelReconcileJobResponse {
         job: Some(job(&report)),
     })
 }

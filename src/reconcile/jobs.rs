@@ -103,7 +103,7 @@ pub enum JobState {
     Succeeded,
     /// Stopped early: `error` says why (keys refused, journal unavailable).
     Failed,
-    /// Stopped by shutdown.
+    /// Stopped by shutdown or [`ReconcileJobs::cancel`].
     Cancelled,
 }
 
@@ -217,6 +217,9 @@ struct Table {
     jobs: HashMap<String, JobCell>,
     /// Running job per account.
     running: HashMap<String, String>,
+    /// Each running job's cancel token (its own, a child of the server's) and the token its
+    /// end cancels, by job id.
+    controls: HashMap<String, (CancellationToken, CancellationToken)>,
     /// Finished jobs, oldest first, with when they finished.
     finished: VecDeque<(Instant, String)>,
 }
@@ -262,16 +265,37 @@ impl ReconcileJobs {
                 client_id: client_id.to_owned(),
             })?;
         let client = self.client(account)?;
-        let job = self.register(client_id)?;
+        let (job, cancel) = self.register(client_id)?;
         let report = lock(&job).clone();
         let jobs = self.clone();
-        let cancel = self.inner.stopping.child_token();
         self.inner.tracker.spawn(async move {
             jobs.inner.metrics.reconcile_job_started();
             let (state, error) = jobs.run(&job, client, selection, &cancel).await;
             jobs.finish(&job, state, error);
         });
         Ok(report)
+    }
+
+    /// Cancels a running job: it starts no new customer, drops the requests in flight, and
+    /// counts the rest as not attempted. Waits up to `wait` for it to end; its report then
+    /// (still running if it has not ended by then). A job that already ended is left as it
+    /// ended.
+    pub async fn cancel(&self, job_id: &str, wait: Duration) -> Result<JobReport, Error> {
+        let control = {
+            let mut table = lock(&self.inner.table);
+            self.prune(&mut table);
+            if !table.jobs.contains_key(job_id) {
+                return Err(Error::ReconcileJobNotFound {
+                    job_id: job_id.to_owned(),
+                });
+            }
+            table.controls.get(job_id).cloned()
+        };
+        if let Some((cancel, ended)) = control {
+            cancel.cancel();
+            let _ = tokio::time::timeout(wait, ended.cancelled()).await;
+        }
+        self.get(job_id)
     }
 
     /// A job's report.
@@ -321,8 +345,9 @@ impl ReconcileJobs {
         Ok(client)
     }
 
-    /// Enters a new job in the table, unless the account's or the server's limit refuses it.
-    fn register(&self, client_id: &str) -> Result<JobCell, Error> {
+    /// Enters a new job in the table, unless the account's or the server's limit refuses it;
+    /// the job's cancel token.
+    fn register(&self, client_id: &str) -> Result<(JobCell, CancellationToken), Error> {
         let mut table = lock(&self.inner.table);
         self.prune(&mut table);
         if let Some(job_id) = table.running.get(client_id) {
@@ -352,9 +377,12 @@ impl ReconcileJobs {
             error: None,
             api_requests: 0,
         }));
+        let cancel = self.inner.stopping.child_token();
+        let control = (cancel.clone(), CancellationToken::new());
+        table.controls.insert(job_id.clone(), control);
         table.jobs.insert(job_id.clone(), Arc::clone(&job));
         table.running.insert(client_id.to_owned(), job_id);
-        Ok(job)
+        Ok((job, cancel))
     }
 
     /// Forgets finished jobs older than `keep_finished_for`, or beyond `keep_finished`.
@@ -395,6 +423,9 @@ impl ReconcileJobs {
         self.inner.metrics.reconcile_job_finished(state.as_str());
         let mut table = lock(&self.inner.table);
         table.running.remove(&client_id);
+        if let Some((_, ended)) = table.controls.remove(&job_id) {
+            ended.cancel();
+        }
         table.finished.push_back((Instant::now(), job_id));
         self.prune(&mut table);
     }
@@ -418,9 +449,13 @@ impl ReconcileJobs {
         lock(job).api_requests = client.attempts() - attempts_before;
         match apply_error.or(fetch_error) {
             Some(error) => (JobState::Failed, Some(error)),
-            None if cancel.is_cancelled() => {
+            None if self.inner.stopping.is_cancelled() => {
                 (JobState::Cancelled, Some("server shutting down".into()))
             }
+            None if cancel.is_cancelled() => (
+                JobState::Cancelled,
+                Some("cancelled (CancelReconcileJob)".into()),
+            ),
             None => (JobState::Succeeded, None),
         }
     }
