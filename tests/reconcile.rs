@@ -1157,6 +1157,36 @@ async fn a_long_retry_after_stops_the_job() {
     service.stop().await;
 }
 
+/// The balance inquiry is a shortcut in a bucket of its own: a 429 there asking to wait an hour
+/// stopped the whole job, though its customers could be read one by one in theirs (found by an
+/// adversarial run). They are, and the job goes on without batches.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_wait_asked_for_batches_alone_does_not_stop_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let ids: Vec<String> = (1..=60).map(|n| format!("b{n}")).collect();
+    stand_in.add(ids.iter().map(|id| Customer::new(id)));
+    // One request of the bucket an hour: the inquiry goes, its status is refused for an hour.
+    stand_in.set_limits(Bucket::Others, &[(1, Duration::from_secs(3600))]);
+    stand_in.send_retry_after(true);
+    let service = in_memory(dir.path(), &stand_in).await;
+    let mut args = vec!["--client-id", "2155", "--wait", "--json"];
+    for id in &ids {
+        args.extend(["--customer-id", id]);
+    }
+    let done = cli(&service, &args).await;
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{stderr}");
+    let outcome: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(outcome["changed"].as_u64(), Some(60), "{outcome}");
+    let batches = stand_in.count(Api::BalanceInquiry) + stand_in.count(Api::BatchStatus);
+    assert!(
+        batches <= 3,
+        "{batches} batch requests after the first refusal"
+    );
+    service.stop().await;
+}
+
 /// A customer id given several times was fetched each time (its calls on the account's quota
 /// again) and counted each time (found by an adversarial run): once now.
 #[tokio::test(flavor = "multi_thread")]

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -113,6 +114,9 @@ struct Run<'a> {
     /// The first refusal of the account's keys, or ask to wait longer than the client waits;
     /// once set, nothing new is started.
     refused: OnceLock<ApiError>,
+    /// Set once a balance inquiry was forbidden or asked to wait too long: the chunks left are
+    /// asked one by one.
+    no_batches: AtomicBool,
 }
 
 impl Run<'_> {
@@ -127,11 +131,14 @@ impl Run<'_> {
     }
 
     /// As `note`, for the balance inquiry, which is only a shortcut: a 403 there may be the
-    /// key's permissions for batches alone (its customers are then asked one by one, and a
-    /// refusal of those stops the job). Stopping on it failed every job of 25 customers or more
-    /// of such an account (found by an adversarial run).
+    /// key's permissions for batches alone, and a 429 there is about its own bucket (its
+    /// customers are then asked one by one, and a refusal of those stops the job). Stopping on
+    /// either failed every job of 25 customers or more of such an account, or while batches
+    /// were limited (found by adversarial runs).
     fn note_batch(&self, error: &ApiError) {
-        if error.reason != FailureReason::Forbidden {
+        if error.reason == FailureReason::Forbidden || error.asked_to_wait.is_some() {
+            self.no_batches.store(true, Ordering::Relaxed);
+        } else {
             self.note(error);
         }
     }
@@ -170,13 +177,15 @@ impl Fetcher {
         let run = Run {
             cancel,
             refused: OnceLock::new(),
+            no_batches: AtomicBool::new(false),
         };
         let mut summary = FetchSummary::default();
         // Chunks of equal size (1,001 ids: 501 and 500, not 1,000 and a batch of one).
         let chunks = customer_ids.len().div_ceil(MAX_BATCH).max(1);
         let chunk_size = customer_ids.len().div_ceil(chunks).max(1);
         for chunk in customer_ids.chunks(chunk_size) {
-            let bulk = chunk.len() >= self.options.bulk_threshold;
+            let bulk = chunk.len() >= self.options.bulk_threshold
+                && !run.no_batches.load(Ordering::Relaxed);
             if run.should_stop() {
                 break;
             }
