@@ -484,7 +484,6 @@ impl Harness {
             let limits = Limits {
                 max_body_bytes: MAX_BODY_BYTES,
                 max_in_flight: 4,
-                max_receiving: 64,
                 body_timeout: Duration::from_secs(30),
                 timeout: Duration::from_secs(30),
             };

@@ -412,7 +412,6 @@ async fn a_body_that_does_not_arrive_in_time_gets_408_and_holds_no_slot() {
     let limits = Limits {
         max_body_bytes: 1024,
         max_in_flight: 1,
-        max_receiving: 64,
         body_timeout: Duration::from_secs(3),
         timeout: Duration::from_secs(60),
     };
@@ -485,7 +484,6 @@ async fn webhooks_past_the_in_flight_cap_get_503_and_a_late_answer_does_not_deny
     let limits = Limits {
         max_body_bytes: 1024,
         max_in_flight: 1,
-        max_receiving: 64,
         body_timeout: Duration::from_secs(5),
         timeout: Duration::from_secs(60),
     };

@@ -87,8 +87,7 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_WEBHOOK_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub webhook_idle_timeout: Duration,
 
-    /// Most connections open at once on the webhook listener; more are closed at once. Also the
-    /// most webhook requests received at once over all of them (HTTP/2 streams); more get 503.
+    /// Most connections open at once on the webhook listener; more are closed at once.
     #[arg(
         long,
         env = "PROFILE_STATE_MAX_WEBHOOK_CONNECTIONS",

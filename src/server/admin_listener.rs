@@ -61,7 +61,7 @@ impl AdminServer {
             listener,
             endpoints.router(),
             (IDLE_TIMEOUT, HEADER_TIMEOUT),
-            false,
+            None,
             stop.clone(),
         );
         AdminServer {

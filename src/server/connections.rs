@@ -127,19 +127,23 @@ impl CappedListener {
 /// connections close at once). Each connection has the idle and header timeouts of
 /// [`Deadlines::Requests`]. The connections belong to the returned future: dropping it (an
 /// aborted task) cuts them all, which is how shutdown keeps its grace whatever clients do.
-/// HTTP/1.1, and HTTP/2 too if `http2` (as `axum::serve` would), with TCP_NODELAY.
+/// HTTP/1.1, and HTTP/2 (prior knowledge) too if `http2_streams` says how many requests an
+/// HTTP/2 connection may run at once, with TCP_NODELAY.
 pub async fn serve_http(
     listener: CappedListener,
     router: axum::Router,
     (idle, header): (Duration, Duration),
-    http2: bool,
+    http2_streams: Option<u32>,
     stopping: CancellationToken,
 ) -> io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if !http2 {
-        builder = builder.http1_only();
+    match http2_streams {
+        None => builder = builder.http1_only(),
+        Some(streams) => {
+            builder.http2().max_concurrent_streams(streams);
+        }
     }
     let mut connections = JoinSet::new();
     loop {

@@ -598,7 +598,6 @@ fn limits(config: &Config) -> Limits {
     Limits {
         max_body_bytes: config.max_body_bytes,
         max_in_flight: config.max_in_flight_webhooks,
-        max_receiving: config.max_webhook_connections,
         body_timeout: config.webhook_body_timeout,
         timeout: config.webhook_timeout,
     }
@@ -613,6 +612,13 @@ fn grpc_limits(config: &Config) -> grpc_services::Limits {
         handshake_timeout: config.grpc_handshake_timeout,
     }
 }
+
+/// Requests an HTTP/2 connection to the webhook port may run at once: one, as over HTTP/1.1, so
+/// that the connection cap bounds the requests in progress (and the bodies being read) whatever
+/// the protocol. At hyper's default of 200, eleven connections of stalled bodies took gigabytes,
+/// or every place of a cap on requests (found by adversarial runs). A proxy that speaks HTTP/2
+/// to us opens more connections instead; Gameball sends one delivery per request.
+const WEBHOOK_HTTP2_STREAMS: u32 = 1;
 
 /// Serves the webhook path on the ingest thread until `stopping`; in-flight webhooks are
 /// finished first. Each connection has the idle and header timeouts (`--webhook-idle-timeout`,
@@ -637,7 +643,7 @@ fn serve_ingress(
         listener,
         ingress.router(),
         (config.webhook_idle_timeout, config.webhook_header_timeout),
-        true,
+        Some(WEBHOOK_HTTP2_STREAMS),
         stopping.clone(),
     )))
 }

@@ -59,12 +59,6 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most deliveries handled at once (503 with `Retry-After` past it).
     pub max_in_flight: usize,
-    /// Most requests whose body is still being read, over every connection together (503
-    /// with `Retry-After` past it, before any of the body is read): the connection cap. Over
-    /// HTTP/1.1 each connection reads one request at a time, so only HTTP/2's streams (up to
-    /// 200 a connection) could pass it; each held a body of up to `max_body_bytes`, gigabytes
-    /// at the connection cap (found by an adversarial run).
-    pub max_receiving: usize,
     /// Longest a delivery's body may take to arrive whole (408 past it), before it holds a
     /// slot.
     pub body_timeout: Duration,
@@ -80,7 +74,6 @@ pub struct Ingress {
     verification: Arc<Verification>,
     limits: Limits,
     in_flight: Arc<Semaphore>,
-    receiving: Arc<Semaphore>,
     metrics: Metrics,
     /// Refused signatures, logged at WARN at most once per interval.
     rejections: Arc<RejectionLog>,
@@ -112,9 +105,6 @@ impl Ingress {
             ingest,
             verification: Arc::new(verification),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
-            receiving: Arc::new(Semaphore::new(
-                limits.max_receiving.min(Semaphore::MAX_PERMITS),
-            )),
             limits,
             metrics,
             rejections: Arc::default(),
@@ -246,21 +236,9 @@ impl Ingress {
     /// anybody's, so it must arrive whole within `--webhook-body-timeout` before it may take
     /// one of the in-flight slots: slow uploads cannot hold the slots signed deliveries need.
     async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<Outcome, Rejection> {
-        let receiving = Arc::clone(&self.receiving)
-            .try_acquire_owned()
-            .map_err(|_| {
-                Rejection::from(Error::Unavailable {
-                    reason: format!(
-                        "too many webhook requests being received at once (limit {}, \
-                         --max-webhook-connections); retry shortly",
-                        self.limits.max_receiving
-                    ),
-                })
-            })?;
         check_content_type(headers)?;
         check_declared_length(headers, self.limits.max_body_bytes)?;
         let raw = read_body(body, self.limits.max_body_bytes, self.limits.body_timeout).await?;
-        drop(receiving);
         let _slot = Arc::clone(&self.in_flight)
             .try_acquire_owned()
             .map_err(|_| {
