@@ -117,7 +117,7 @@ pub enum DataDirError {
     /// A restore into the directory did not finish.
     #[error(
         "data directory {path} holds a restore that did not finish (its RESTORING file): run \
-         `profile-state restore` into it again (it starts over), or remove the directory"
+         `profile-state restore` into it again, or move it aside"
     )]
     RestoreUnfinished {
         /// The directory.
@@ -166,12 +166,18 @@ impl DataDir {
         DataDir::with_lock(path, lock)
     }
 
-    /// For `restore` only: opens `path` as [`DataDir::open`] does, and whether it holds a
-    /// restore that did not finish (which `restore` then starts over).
-    pub fn open_for_restore(path: &Path) -> Result<(DataDir, bool), DataDirError> {
+    /// For `restore` only: creates `path` if missing and takes its lock, reading nothing and
+    /// writing nothing else; the store id is empty until [`DataDir::renew_store_id`].
+    pub fn open_for_restore(path: &Path) -> Result<DataDir, DataDirError> {
         let lock = lock(path)?;
-        let unfinished = restore_unfinished(path)?;
-        Ok((DataDir::with_lock(path, lock)?, unfinished))
+        Ok(DataDir {
+            path: path.to_owned(),
+            store_id: String::new(),
+            lock: Arc::new(Lock {
+                _file: lock,
+                handle_dropped: AtomicBool::new(false),
+            }),
+        })
     }
 
     fn with_lock(path: &Path, lock: File) -> Result<DataDir, DataDirError> {
@@ -186,24 +192,31 @@ impl DataDir {
         })
     }
 
-    /// Marks the directory as holding a restore that has not finished, durably: until
-    /// [`DataDir::finish_restore`], no server opens it.
-    pub fn begin_restore(&self) -> std::io::Result<()> {
-        let marker = b"a profile-state restore is filling this directory\n";
-        write_atomically(&self.path.join(RESTORING_FILE), marker)
+    /// Marks the directory as holding a restore that has not finished, durably, before anything
+    /// else is written: until [`DataDir::finish_restore`], no server opens it. Created in place,
+    /// not renamed into place: a marker cut short by a kill is still a marker.
+    pub fn begin_restore(&self) -> Result<(), IoError> {
+        let marker = self.path.join(RESTORING_FILE);
+        let mut file = File::create(&marker).map_err(IoError::on(&marker, "create"))?;
+        file.write_all(b"a profile-state restore is filling this directory\n")
+            .and_then(|()| file.sync_all())
+            .map_err(IoError::on(&marker, "write"))?;
+        sync_dir(&self.path).map_err(IoError::on(&self.path, "sync"))
     }
 
     /// Ends what [`DataDir::begin_restore`] began, durably: the directory is a store again.
-    pub fn finish_restore(&self) -> std::io::Result<()> {
-        fs::remove_file(self.path.join(RESTORING_FILE))?;
-        sync_dir(&self.path)
+    pub fn finish_restore(&self) -> Result<(), IoError> {
+        let marker = self.path.join(RESTORING_FILE);
+        fs::remove_file(&marker).map_err(IoError::on(&marker, "remove"))?;
+        sync_dir(&self.path).map_err(IoError::on(&self.path, "sync"))
     }
 
     /// For `restore`, holding the lock: removes everything but the lock, the restore marker and
     /// a file system's `lost+found`.
-    pub fn clear_for_restore(&self) -> std::io::Result<()> {
-        for entry in fs::read_dir(&self.path)? {
-            let entry = entry?;
+    pub fn clear_for_restore(&self) -> Result<(), IoError> {
+        let entries = fs::read_dir(&self.path).map_err(IoError::on(&self.path, "read"))?;
+        for entry in entries {
+            let entry = entry.map_err(IoError::on(&self.path, "read"))?;
             let name = entry.file_name();
             if [LOCK_FILE, RESTORING_FILE, "lost+found"]
                 .map(OsStr::new)
@@ -211,27 +224,36 @@ impl DataDir {
             {
                 continue;
             }
-            match entry.file_type()?.is_dir() {
-                true => fs::remove_dir_all(entry.path())?,
-                false => fs::remove_file(entry.path())?,
-            }
+            let path = entry.path();
+            let removed = match entry.file_type().map(|kind| kind.is_dir()) {
+                Ok(true) => fs::remove_dir_all(&path),
+                Ok(false) => fs::remove_file(&path),
+                Err(error) => Err(error),
+            };
+            removed.map_err(IoError::on(&path, "remove"))?;
         }
         Ok(())
     }
 
     /// For a failed `restore`, still holding the lock: removes what it made, the restore marker
-    /// last (a removal that fails half-way still leaves a directory no server opens), then the
-    /// whole directory if `remove_dir` (the restore created it), else the lock file.
-    pub fn undo_restore(&self, remove_dir: bool) -> std::io::Result<()> {
+    /// last (a removal that fails half-way still leaves a directory no server opens), then, if
+    /// `remove_dir` (the restore created it), the lock file and the directory, which fails
+    /// rather than remove what another process wrote there meanwhile.
+    pub fn undo_restore(&self, remove_dir: bool) -> Result<(), IoError> {
         self.clear_for_restore()?;
-        match fs::remove_file(self.path.join(RESTORING_FILE)) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        let marker = self.path.join(RESTORING_FILE);
+        match fs::remove_file(&marker) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(IoError::new(&marker, "remove", error));
+            }
             _ => {}
         }
-        match remove_dir {
-            true => fs::remove_dir_all(&self.path),
-            false => fs::remove_file(self.path.join(LOCK_FILE)),
+        let lock = self.path.join(LOCK_FILE);
+        fs::remove_file(&lock).map_err(IoError::on(&lock, "remove"))?;
+        if remove_dir {
+            fs::remove_dir(&self.path).map_err(IoError::on(&self.path, "remove"))?;
         }
+        Ok(())
     }
 
     /// Whether `name` is one of the directory's own files (its lock, store id or restore

@@ -308,19 +308,20 @@ async fn backups_write_files_of_their_own() {
 /// empty or in part. It is marked until the restore has proven it recovers: the service
 /// refuses it, and a restore into it starts over.
 async fn restore_killed_half_way(backup: &Path) {
-    use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
+    // Killed at its first write of a byte: the marker, written before the store id (a restore
+    // killed while it wrote the store id, the marker not yet there, was served as an empty
+    // store; found by an adversarial run).
+    let first_byte = dir.path().join("first-byte");
+    restore_killed_at(backup, &first_byte, 0).await;
+    assert!(!first_byte.join("STORE_ID").exists());
+    let refused = binary::refused(&first_byte, &[]).await;
+    assert!(text(&refused.stderr).contains("holds a restore that did not finish"));
+    // Killed while it wrote the backup.
     let target = dir.path().join("killed");
-    let args = ["restore", &path(backup), "--data-dir", &path(&target)];
-    let mut limited = std::process::Command::new("sh");
-    limited
-        .args(["-c", "ulimit -f 1 && exec \"$0\" \"$@\""])
-        .arg(bare_command(&args).get_program())
-        .args(args);
-    let killed = tokio::task::spawn_blocking(move || limited.output().unwrap());
-    let killed = killed.await.unwrap();
-    assert_eq!(killed.status.signal(), Some(25), "SIGXFSZ: {killed:?}");
+    restore_killed_at(backup, &target, 1).await;
     assert!(target.join("STORE_ID").exists(), "the restore had begun");
+    let args = ["restore", &path(backup), "--data-dir", &path(&target)];
 
     let refused = binary::refused(&target, &[]).await;
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stderr));
@@ -334,7 +335,56 @@ async fn restore_killed_half_way(backup: &Path) {
     assert!(text(&again.stdout).contains("restored 20 profiles"));
     let served = Binary::start(&target, &[]).await;
     assert_eq!(served.server_info().await.profile_count, 20);
+    let body = profile_updated("acknowledged", &at(1), json!({}));
+    assert_eq!(served.post(&body).await.0, 200);
     served.stop();
+
+    // A marker left beside what a server wrote (a version that does not know it served the
+    // directory): the restore wiped the acknowledged webhooks, and succeeded (an adversarial
+    // run). It refuses, naming a file, and leaves them.
+    std::fs::write(target.join("RESTORING"), b"").unwrap();
+    let before = binary::file_names(&target);
+    let refused = run(args.iter().map(|arg| arg.to_string()).collect()).await;
+    assert_eq!(refused.status.code(), Some(64), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("but also files a server wrote since (JOURNAL_HEAD)"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert_eq!(binary::file_names(&target), before);
+
+    // The backup inside the directory: it was overwritten, then removed.
+    let inside = dir.path().join("inside");
+    std::fs::create_dir(&inside).unwrap();
+    std::fs::copy(backup, inside.join("RESTORING")).unwrap();
+    let args = [
+        "restore",
+        &path(&inside.join("RESTORING")),
+        "--data-dir",
+        &path(&inside),
+    ];
+    let refused = run(args.iter().map(|arg| arg.to_string()).collect()).await;
+    assert_eq!(refused.status.code(), Some(64), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("move the backup out first"));
+    assert_eq!(
+        std::fs::read(inside.join("RESTORING")).unwrap(),
+        std::fs::read(backup).unwrap()
+    );
+}
+
+/// `restore` into `target`, killed by SIGXFSZ at its first write past `blocks` of 512 bytes
+/// (`ulimit -f`: the default action, so no clean-up runs).
+async fn restore_killed_at(backup: &Path, target: &Path, blocks: u32) {
+    use std::os::unix::process::ExitStatusExt;
+    let args = ["restore", &path(backup), "--data-dir", &path(target)];
+    let mut limited = std::process::Command::new("sh");
+    limited
+        .args(["-c", &format!("ulimit -f {blocks} && exec \"$0\" \"$@\"")])
+        .arg(bare_command(&args).get_program())
+        .args(args);
+    let killed = tokio::task::spawn_blocking(move || limited.output().unwrap());
+    let killed = killed.await.unwrap();
+    assert_eq!(killed.status.signal(), Some(25), "SIGXFSZ: {killed:?}");
 }
 
 /// Each Backup call held a copy of the state, with no limit on how many ran at once: eight

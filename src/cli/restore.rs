@@ -74,10 +74,11 @@ pub fn check(file: &Path) -> Result<(u64, u64), Failure> {
 fn restore(args: &Args) -> Result<(), Failure> {
     let (revision, profiles) = check(&args.file)?;
     let dir = &args.data_dir;
+    refuse_file_inside(&args.file, dir)?;
     let existed = match contents(dir) {
         Ok(Contents::Missing) => false,
         Ok(Contents::Restorable) => true,
-        Ok(Contents::Store) => return Err(not_empty(dir)),
+        Ok(contents) => return Err(not_empty(dir, &contents)),
         Err(error) => {
             let error = crate::io_error::IoError::new(dir, "read", error);
             return Err(Failure::Usage(format!("--data-dir {error}")));
@@ -88,15 +89,38 @@ fn restore(args: &Args) -> Result<(), Failure> {
         .map_err(|failure| undo(&data_dir, existed, failure))
 }
 
+/// The backup must not be in DIR: the restore clears DIR, and a backup there was overwritten
+/// and removed (found by an adversarial run).
+fn refuse_file_inside(file: &Path, dir: &Path) -> Result<(), Failure> {
+    let (Ok(file), Ok(dir)) = (file.canonicalize(), dir.canonicalize()) else {
+        return Ok(()); // DIR missing: nothing can be in it.
+    };
+    match file.starts_with(&dir) {
+        true => Err(Failure::Usage(format!(
+            "{} is inside --data-dir {}, which the restore fills: move the backup out first",
+            file.display(),
+            dir.display()
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// What a `--data-dir` holds, as far as a restore is concerned.
 #[derive(Debug, PartialEq)]
 enum Contents {
     Missing,
-    /// Nothing of a store: empty, or only the directory's own files (a restore that did not
-    /// finish among them) and a file system's `lost+found`.
+    /// Nothing of a store: empty, or only the directory's own files and a file system's
+    /// `lost+found`, or what a restore that did not finish left (its marker, snapshots).
     Restorable,
-    /// Anything else: a store, or a stranger's files.
-    Store,
+    /// Something else, `example` among it: a store, or a stranger's files.
+    Store {
+        example: std::ffi::OsString,
+    },
+    /// A restore's marker, and files only a server writes (a server that does not know the
+    /// marker, an older version, served the directory since).
+    ServedSince {
+        example: std::ffi::OsString,
+    },
 }
 
 fn contents(dir: &Path) -> std::io::Result<Contents> {
@@ -107,62 +131,71 @@ fn contents(dir: &Path) -> std::io::Result<Contents> {
         }
         Err(error) => return Err(error),
     };
-    let mut unfinished = false;
-    let mut others = false;
+    let (mut unfinished, mut snapshots, mut others) = (false, None, None);
     for entry in entries {
         let name = entry?.file_name();
         unfinished |= DataDir::is_restore_marker(&name);
         // A file system's own `lost+found` (a volume mounted as the data directory) is not
         // the operator's: the service tolerates it too.
-        others |= !DataDir::is_own_file(&name) && name != "lost+found";
+        if DataDir::is_own_file(&name) || name == "lost+found" {
+            continue;
+        }
+        // The first by name, so that a message names the same file each time.
+        let first = |seen: &mut Option<std::ffi::OsString>| match seen {
+            Some(seen) if *seen <= name => {}
+            _ => *seen = Some(name.clone()),
+        };
+        match snapshot::is_snapshot_file(&name) {
+            true => first(&mut snapshots),
+            false => first(&mut others),
+        }
     }
     // What an unfinished restore left was never served (no server opens it): started over.
-    Ok(match others && !unfinished {
-        true => Contents::Store,
-        false => Contents::Restorable,
+    Ok(match (unfinished, others, snapshots) {
+        (true, Some(example), _) => Contents::ServedSince { example },
+        (false, Some(example), _) | (false, None, Some(example)) => Contents::Store { example },
+        (true, None, _) | (false, None, None) => Contents::Restorable,
     })
 }
 
-fn not_empty(dir: &Path) -> Failure {
-    Failure::Usage(format!(
-        "--data-dir {} is not empty: restore into a new directory (move the old one aside \
-         first)",
-        dir.display()
-    ))
+fn not_empty(dir: &Path, contents: &Contents) -> Failure {
+    let dir = dir.display();
+    Failure::Usage(match contents {
+        Contents::ServedSince { example } => format!(
+            "--data-dir {dir} holds a restore that did not finish (its RESTORING file), but also \
+             files a server wrote since ({}): a version that does not know the marker served \
+             it; move it aside and restore into a new directory",
+            example.to_string_lossy()
+        ),
+        Contents::Store { example } => format!(
+            "--data-dir {dir} is not empty ({} among others): restore into a new directory \
+             (move the old one aside first)",
+            example.to_string_lossy()
+        ),
+        Contents::Missing | Contents::Restorable => unreachable!("{contents:?} is restorable"),
+    })
 }
 
 /// Takes the directory's lock, and under it looks again: a server may have started there
 /// since the first look. Nothing is undone on a refusal here: what is there is not ours.
 fn lock(dir: &Path) -> Result<DataDir, Failure> {
-    let (mut data_dir, unfinished) =
-        DataDir::open_for_restore(dir).map_err(|error| match error {
-            crate::data_dir::DataDirError::Locked { .. } => Failure::Usage(error.to_string()),
-            other => Failure::Failed(other.to_string()),
-        })?;
+    let data_dir = DataDir::open_for_restore(dir).map_err(|error| match error {
+        crate::data_dir::DataDirError::Locked { .. } => Failure::Usage(error.to_string()),
+        other => Failure::Failed(other.to_string()),
+    })?;
     let contents = contents(dir).map_err(|error| {
         Failure::Failed(crate::io_error::IoError::new(dir, "read", error).to_string())
     })?;
-    if contents != Contents::Restorable {
-        return Err(not_empty(dir));
+    match contents {
+        Contents::Restorable => Ok(data_dir),
+        contents => Err(not_empty(dir, &contents)),
     }
-    if unfinished {
-        data_dir.clear_for_restore().map_err(|error| {
-            Failure::Failed(format!(
-                "cannot remove the restore that did not finish from --data-dir {}: {error}",
-                dir.display()
-            ))
-        })?;
-    }
-    // A new id whatever was there: the restored store is not the one any client knew.
-    data_dir
-        .renew_store_id()
-        .map_err(|error| Failure::Failed(error.to_string()))?;
-    Ok(data_dir)
 }
 
 /// Makes the locked `data_dir` hold the backup, and proves it recovers to what `check` read;
-/// prints what was restored. Marked as a restore from before the backup's first byte to the
-/// end: killed on the way, the directory is refused by servers and started over by a restore.
+/// prints what was restored. Marked as a restore before anything else is written (what an
+/// unfinished restore left is then removed, and the store gets a new id), until the end:
+/// killed on the way, the directory is refused by servers and started over by a restore.
 fn install(
     data_dir: &mut DataDir,
     args: &Args,
@@ -171,6 +204,11 @@ fn install(
     let dir = &args.data_dir;
     let failed = |error: &dyn std::fmt::Display| Failure::Failed(error.to_string());
     data_dir.begin_restore().map_err(|error| failed(&error))?;
+    data_dir
+        .clear_for_restore()
+        .map_err(|error| failed(&error))?;
+    // A new id whatever was there: the restored store is not the one any client knew.
+    data_dir.renew_store_id().map_err(|error| failed(&error))?;
     snapshot::install(data_dir.path(), revision, &args.file).map_err(|error| failed(&error))?;
     let (store, _) = crate::startup::recover_store(
         dir,
@@ -208,9 +246,16 @@ fn undo(data_dir: &DataDir, existed: bool, failure: Failure) -> Failure {
             "{failure} (nothing was left in --data-dir {})",
             dir.display()
         ),
+        // The directory itself not empty once the restore's files were gone: another process
+        // wrote there meanwhile, and its files were left alone.
+        Err(error) if error.kind() == std::io::ErrorKind::DirectoryNotEmpty => format!(
+            "{failure} (what the restore made in --data-dir {} was removed; another process has \
+             written there since, and its files were left alone)",
+            dir.display()
+        ),
         Err(error) => format!(
             "{failure} (and what was made in --data-dir {} could not all be removed: {error}; \
-             restoring again starts over)",
+             restoring into it again starts over)",
             dir.display()
         ),
     })

@@ -28,6 +28,11 @@ use crate::profile::Profile;
 use crate::store::{Compacted, Store};
 
 pub(super) const PREFIX: &str = "snapshot-";
+
+/// Whether `name` is a snapshot's file, or the temporary file of one being written.
+pub fn is_snapshot_file(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_some_and(|name| name.starts_with(PREFIX))
+}
 const SUFFIX: &str = ".snap";
 /// Profiles per frame.
 const CHUNK: usize = 1024;
