@@ -197,7 +197,19 @@ impl DataDir {
     /// not renamed into place: a marker cut short by a kill is still a marker.
     pub fn begin_restore(&self) -> Result<(), IoError> {
         let marker = self.path.join(RESTORING_FILE);
-        let mut file = File::create(&marker).map_err(IoError::on(&marker, "create"))?;
+        // A new file, never through what is there: a link planted under the marker's name was
+        // followed, and its target overwritten (found by an adversarial run).
+        match fs::remove_file(&marker) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(IoError::new(&marker, "remove", error));
+            }
+            _ => {}
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+            .map_err(IoError::on(&marker, "create"))?;
         file.write_all(b"a profile-state restore is filling this directory\n")
             .and_then(|()| file.sync_all())
             .map_err(IoError::on(&marker, "write"))?;
@@ -382,7 +394,16 @@ fn read_or_create_store_id(dir: &Path) -> Result<String, DataDirError> {
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temp = path.with_extension("tmp");
     let written = (|| {
-        let mut file = File::create(&temp)?;
+        // A new file, never through a leftover: a link planted under the temporary name was
+        // followed, and its target overwritten (found by an adversarial run).
+        match fs::remove_file(&temp) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&temp, path)
@@ -425,6 +446,22 @@ mod tests {
         assert_ne!(renewed, id);
         drop(again);
         assert_eq!(DataDir::open(&path).unwrap().store_id(), renewed, "durably");
+    }
+
+    /// A link planted under the store id's temporary name was followed, and its target
+    /// overwritten with the id (found by an adversarial run).
+    #[test]
+    fn the_store_id_is_written_through_no_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, data.join("STORE_ID.tmp")).unwrap();
+        let opened = DataDir::open(&data).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        let written = fs::read_to_string(data.join(STORE_ID_FILE)).unwrap();
+        assert_eq!(written.trim(), opened.store_id());
     }
 
     #[test]

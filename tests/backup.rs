@@ -301,6 +301,31 @@ async fn backups_write_files_of_their_own() {
     let retried = run(args.iter().map(|arg| arg.to_string()).collect()).await;
     assert!(retried.status.success(), "{}", text(&retried.stderr));
     restore_killed_half_way(&file).await;
+    restore_follows_no_planted_link(&file).await;
+}
+
+/// Links planted under the names of the files a restore writes (the store id's temporary
+/// file, the marker) were followed: their targets outside the directory were overwritten
+/// (found by an adversarial run). The restore replaces them and leaves the targets alone.
+async fn restore_follows_no_planted_link(backup: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("planted");
+    std::fs::create_dir(&target).unwrap();
+    let victims = [dir.path().join("victim-1"), dir.path().join("victim-2")];
+    for (victim, name) in victims.iter().zip(["STORE_ID.tmp", "RESTORING"]) {
+        std::fs::write(victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(victim, target.join(name)).unwrap();
+    }
+    let args = ["restore", &path(backup), "--data-dir", &path(&target)];
+    let restored = run(args.iter().map(|arg| arg.to_string()).collect()).await;
+    assert!(restored.status.success(), "{}", text(&restored.stderr));
+    for victim in &victims {
+        assert_eq!(std::fs::read(victim).unwrap(), b"precious", "{victim:?}");
+    }
+    assert_eq!(
+        binary::file_names(&target),
+        ["LOCK", "STORE_ID", "snapshot-00000000000000000020.snap"]
+    );
 }
 
 /// A restore killed half-way (here by SIGXFSZ, the default action of a write past `ulimit
