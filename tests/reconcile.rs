@@ -839,6 +839,23 @@ async fn gameballs_words_reach_the_terminal_escaped() {
         lines[1].contains(r"bad \u{1b}[2J\u{1b}[31mred\nforged\tline"),
         "{printed:?}"
     );
+
+    // The job's error, in the message the CLI ends with (a newline there still forged a line;
+    // a bidi override reordered it: a second adversarial run).
+    let said = "Secret Key Required\nprofile-state: FORGED \u{202e}desrever";
+    stand_in.fail_next_saying(Api::Details, &[401], said);
+    let stopped = cli(&service, &args).await;
+    let stderr = String::from_utf8(stopped.stderr).unwrap();
+    assert_eq!(stopped.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(r"Secret Key Required\nprofile-state: FORGED \u{202e}desrever"),
+        "{stderr:?}"
+    );
+    assert!(
+        !stderr
+            .lines()
+            .any(|line| line.starts_with("profile-state: FORGED"))
+    );
     service.stop().await;
 }
 

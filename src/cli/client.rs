@@ -237,6 +237,9 @@ pub fn refused(what: &str, status: &Status) -> Failure {
         }
         _ => "",
     };
+    // The server's words on one line: a newline in them forged a line of our own (an
+    // adversarial run).
+    let message = super::printable(&message);
     Failure::Failed(format!("{what}: {message} [{:?}]{hint}", status.code()))
 }
 

@@ -305,16 +305,27 @@ pub fn print_error(sources: &Sources, message: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
-/// `text` with each control character (newline and tab included) written as its Rust escape
-/// (`\n`, `\u{1b}`): what a subcommand prints from a server or from Gameball (a reconcile job's
-/// failures, a dead letter's reason) could otherwise move the terminal's cursor, recolour it or
-/// forge lines of a tab-separated listing (found by an adversarial run).
+/// `text` with each character a terminal does not simply print written as its Rust escape
+/// (`\n`, `\u{1b}`, `\u{202e}`): control characters (newline and tab included), and the
+/// invisible ones that reorder or hide text (bidi marks, overrides and isolates, zero-width
+/// characters, line and paragraph separators). What a subcommand prints from a server or from
+/// Gameball (a reconcile job's failures, a dead letter's reason) could otherwise move the
+/// terminal's cursor, recolour it, reorder a line or forge lines of a tab-separated listing
+/// (found by adversarial runs).
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    // Listed rather than `escape_debug`'s own test, which also escapes combining marks (the
+    // vowel marks of Arabic names among them).
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c,
+                '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+    };
+    if !text.chars().any(hidden) {
         return text.into();
     }
-    let escape = |c: char| match c.is_control() {
-        true => c.escape_default().to_string(),
+    let escape = |c: char| match hidden(c) {
+        true => c.escape_debug().to_string(),
         false => c.to_string(),
     };
     text.chars().map(escape).collect::<String>().into()
@@ -326,7 +337,16 @@ mod tests {
 
     #[test]
     fn control_characters_are_printed_escaped() {
-        assert_eq!(printable("plain: text"), "plain: text");
+        assert_eq!(
+            printable("plain: text, \"quoted\" \\ 'é'"),
+            "plain: text, \"quoted\" \\ 'é'"
+        );
+        assert_eq!(
+            printable("left\u{202e}right\u{200b}\u{2028}\u{2066}"),
+            "left\\u{202e}right\\u{200b}\\u{2028}\\u{2066}"
+        );
+        // An Arabic name with its vowel marks (combining characters) is printed as it is.
+        assert_eq!(printable("مُحَمَّد"), "مُحَمَّد");
         assert_eq!(
             printable("a\tb\nc\u{1b}[2Jd\u{7f}é"),
             "a\\tb\\nc\\u{1b}[2Jd\\u{7f}é"

@@ -163,7 +163,7 @@ fn lost_server(job_id: &str, status: &tonic::Status, unreachable_for: Duration) 
             "reconcile job {job_id} stopped early: {how}, which ends the jobs it runs; start \
              the job again once the server is back ({}: {})",
             status.code(),
-            status.message()
+            printable(status.message())
         ))
     };
     // A status with a source was made by this client's transport (a connection reset or
@@ -250,7 +250,8 @@ fn outcome(job: &pb::ReconcileJob) -> Result<(), Failure> {
         ))),
         _ => Err(Failure::Stopped(format!(
             "reconcile job {} stopped early: {}",
-            job.job_id, job.error
+            job.job_id,
+            printable(&job.error)
         ))),
     }
 }
