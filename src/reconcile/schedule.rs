@@ -96,6 +96,13 @@ fn next_slot(now: Duration, period: Duration) -> (u128, Duration) {
     (slot, start.saturating_sub(now))
 }
 
+/// Whether `slot` runs at wall-clock time `now`: it has started, and it is later than the last
+/// slot that ran.
+fn due(slot: u128, now: Duration, period: Duration, last_run: Option<u128>) -> bool {
+    let (next, _) = next_slot(now, period);
+    next > slot && last_run.is_none_or(|last| slot > last)
+}
+
 /// At each slot's start, runs it: on this server alone, or if this replica claims it first.
 async fn run(
     jobs: ReconcileJobs,
@@ -104,12 +111,20 @@ async fn run(
     stopping: CancellationToken,
 ) {
     let account = hex::encode(every.client_id.as_bytes());
+    let mut last_run = None;
     loop {
         let (slot, delay) = next_slot(since_epoch(), every.period);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stopping.cancelled() => return,
         }
+        // The wait is on the monotonic clock: a wall clock stepped back meanwhile (an NTP step,
+        // a resumed VM) woke this before the slot's start, and the slot came round again and ran
+        // twice (found by an adversarial run). Then it waits again.
+        if !due(slot, since_epoch(), every.period, last_run) {
+            continue;
+        }
+        last_run = Some(slot);
         let Some(claims) = &claims else {
             tick(&jobs, &every);
             continue;
@@ -157,5 +172,18 @@ mod tests {
             next_slot(Duration::from_millis(179_999), period),
             (3, Duration::from_millis(1))
         );
+    }
+
+    #[test]
+    fn a_slot_runs_once_and_not_before_its_start() {
+        let period = Duration::from_secs(60);
+        let start = Duration::from_secs(180);
+        assert!(due(3, start, period, None));
+        assert!(due(3, start + Duration::from_secs(5), period, Some(2)));
+        // The wall clock stepped back while the wait ran: early.
+        assert!(!due(3, start - Duration::from_secs(13), period, Some(2)));
+        // The same slot again, or an older one after a step back of a whole period.
+        assert!(!due(3, start, period, Some(3)));
+        assert!(!due(2, start, period, Some(3)));
     }
 }
