@@ -421,6 +421,13 @@ async fn a_running_job_is_cancelled_and_says_so() {
     assert_eq!(job["total"], 20, "{job}");
     assert_eq!(job["changed"], 0, "{job}");
     assert!(job["not_attempted"].as_u64().unwrap() > 0, "{job}");
+    // The requests it dropped were sent, and Gameball counted them: so does the job (it did
+    // not: a second adversarial run).
+    let arrived = stand_in.count(Api::Details) as u64;
+    assert!(
+        job["api_requests"].as_u64().unwrap() >= arrived,
+        "{job}: {arrived} arrived"
+    );
 
     // Again: the job as it ended. Then the account is free for the next job.
     let again = pb::CancelReconcileJobRequest {
@@ -464,6 +471,9 @@ async fn a_running_job_is_cancelled_and_says_so() {
         ),
         2.0
     );
+    let dropped =
+        "profile_state_reconcile_requests_total{endpoint=\"details\",status=\"cancelled\"}";
+    assert!(metric(&metrics, dropped) >= arrived as f64);
     service.stop().await;
 }
 

@@ -90,7 +90,7 @@ pub trait RequestObserver: Send + Sync {
 }
 
 /// Every value [`status_label`] gives, for metrics that exist at zero.
-pub const STATUS_LABELS: [&str; 10] = [
+pub const STATUS_LABELS: [&str; 11] = [
     "200",
     "401",
     "403",
@@ -101,7 +101,12 @@ pub const STATUS_LABELS: [&str; 10] = [
     "timeout",
     "unreachable",
     "other",
+    CANCELLED,
 ];
+
+/// The status label of an attempt dropped before its answer (its job cancelled or stopped):
+/// sent, and counted by Gameball against the account's limits.
+pub const CANCELLED: &str = "cancelled";
 
 /// The status label of one attempt: the HTTP codes the reconciler treats apart, a class for
 /// the others, or why there was no answer. A fixed set, so metrics stay bounded.
@@ -147,6 +152,34 @@ enum Attempt {
         retry: bool,
         retry_after: Option<Duration>,
     },
+}
+
+/// An attempt on its way: dropped before its answer (a cancelled job drops the requests it has
+/// in flight), it still counts, as `cancelled`. Such requests were sent, and Gameball counted
+/// them, but the job's `api_requests` and the requests metric did not (found by an
+/// adversarial run).
+struct Unanswered<'a> {
+    client: &'a GameballClient,
+    endpoint: Endpoint,
+    started: Instant,
+    answered: bool,
+}
+
+impl Unanswered<'_> {
+    /// The answer came: counted by the caller instead. When the attempt started.
+    fn answered(mut self) -> Instant {
+        self.answered = true;
+        self.started
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            let took = self.started.elapsed();
+            self.client.count(self.endpoint, CANCELLED, took);
+        }
+    }
 }
 
 impl GameballClient {
@@ -301,10 +334,16 @@ impl GameballClient {
                 let _slot = self.inner.in_flight.acquire().await.expect("never closed");
                 // Rate limiting last, so the request goes out right when it is counted.
                 self.limiter(endpoint).acquire().await;
-                let started = Instant::now();
+                let unanswered = Unanswered {
+                    client: self,
+                    endpoint,
+                    started: Instant::now(),
+                    answered: false,
+                };
                 let attempt = self
                     .attempt(endpoint, method.clone(), url.clone(), body.as_ref())
                     .await;
+                let started = unanswered.answered();
                 self.observe(endpoint, &attempt, started.elapsed());
                 attempt
             };
@@ -354,15 +393,18 @@ impl GameballClient {
 
     /// Counts an attempt and tells the observer.
     fn observe(&self, endpoint: Endpoint, attempt: &Attempt, took: Duration) {
-        self.inner.attempts.fetch_add(1, Ordering::Relaxed);
-        let Some(observer) = &self.inner.observer else {
-            return;
-        };
         let status = match attempt {
             Attempt::Done(answer) => status_label(Some(answer.status), None),
             Attempt::Failed { error, .. } => status_label(error.status, Some(error.reason)),
         };
-        observer.attempted(endpoint, status, took.as_secs_f64());
+        self.count(endpoint, status, took);
+    }
+
+    fn count(&self, endpoint: Endpoint, status: &'static str, took: Duration) {
+        self.inner.attempts.fetch_add(1, Ordering::Relaxed);
+        if let Some(observer) = &self.inner.observer {
+            observer.attempted(endpoint, status, took.as_secs_f64());
+        }
     }
 
     /// Sends once and reads the answer, all within the request timeout.
