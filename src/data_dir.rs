@@ -2,8 +2,8 @@
 //!
 //! One process at a time: `LOCK` is held with an OS file lock for the life of the process, so a
 //! second process on the same directory refuses to start (a crashed process releases it).
-//! `RESTORING` marks a directory that `profile-state restore` is filling, from before the
-//! backup's first byte until the restored store is proven to recover: a restore killed half-way
+//! `RESTORING` marks a directory that `profile-state restore` is filling, from before anything
+//! else is written until the restored store is proven to recover: a restore killed half-way
 //! leaves it, and no server opens such a directory (a new restore starts it over). The
 //! store id is created with the directory and changes only when acknowledged records are given
 //! up (an operator's `--discard-journal-from`): clients compare it to tell a store whose
@@ -197,13 +197,14 @@ impl DataDir {
     /// not renamed into place: a marker cut short by a kill is still a marker.
     pub fn begin_restore(&self) -> Result<(), IoError> {
         let marker = self.path.join(RESTORING_FILE);
-        // A new file, never through what is there: a link planted under the marker's name was
-        // followed, and its target overwritten (found by an adversarial run).
-        match fs::remove_file(&marker) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                return Err(IoError::new(&marker, "remove", error));
-            }
-            _ => {}
+        match fs::symlink_metadata(&marker) {
+            // An unfinished restore's marker: kept, so that the directory is never without one.
+            Ok(found) if found.is_file() => return Ok(()),
+            // Anything else under its name is replaced, never written through: a link planted
+            // there was followed, and its target overwritten (found by an adversarial run).
+            Ok(_) => fs::remove_file(&marker).map_err(IoError::on(&marker, "remove"))?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(IoError::new(&marker, "look for", error)),
         }
         let mut file = OpenOptions::new()
             .write(true)

@@ -8,7 +8,7 @@
 //! old store id is reset rather than handed revisions that now mean other changes (the same
 //! rule as `--discard-journal-from`). The restore is then recovered, as start-up would, to
 //! prove it starts. DIR's lock is held throughout, and DIR is marked (`RESTORING`) from before
-//! the backup's first byte until that proof: a restore killed on the way leaves a directory
+//! anything else is written until that proof: a restore killed on the way leaves a directory
 //! that no server opens and that a restore starts over. Exit statuses: 0 restored; 64 a usage
 //! error (FILE unreadable, DIR not empty or in use); 1 a damaged backup or a failure writing
 //! DIR. Dead letters are not part of a backup.
