@@ -541,6 +541,12 @@ impl Harness {
                 Some(Ok(Delivery::ProfileUpdated(update))) if self.refused(update) => {
                     Expect::DeadLettered
                 }
+                Some(Ok(Delivery::ProfileUpdated(update)))
+                    if profile_state::ingest::check_clock_lead(update, chrono::Utc::now())
+                        .is_err() =>
+                {
+                    Expect::DeadLettered
+                }
                 Some(Ok(Delivery::ProfileUpdated(_))) => Expect::Recorded,
             }
         };

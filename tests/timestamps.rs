@@ -97,6 +97,27 @@ async fn a_leap_second_is_kept_as_the_nanosecond_before_and_year_0_is_refused_na
     let (status, answer) = service.post(&year_10000).await;
     assert_eq!(status, 422, "{answer}");
     assert_eq!(answer["field"], json!("created_at"), "{answer}");
+    // Far ahead of the server's clock: its fields would have won over every update until then,
+    // and over every reconciliation (an adversarial run). Kept as a dead letter; a day's lead
+    // is allowed.
+    let ahead = |lead: chrono::Duration| {
+        let at = chrono::Utc::now() + lead;
+        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let future = profile_updated("future", &ahead(chrono::Duration::days(400)), json!({}));
+    let (status, answer) = service.post(&future).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["field"], json!("created_at"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("ahead of this server's clock"),
+        "{answer}"
+    );
+    assert!(answer["dead_letter_id"].is_string(), "{answer}");
+    let tomorrow = profile_updated("tomorrow", &ahead(chrono::Duration::hours(23)), json!({}));
+    assert_eq!(service.post(&tomorrow).await.0, 200);
 
     let profile = get(&service, "leap")
         .await
@@ -106,7 +127,8 @@ async fn a_leap_second_is_kept_as_the_nanosecond_before_and_year_0_is_refused_na
     assert_eq!(updated_at, timestamp("2016-12-31T23:59:59.999999999Z"));
     assert!(get(&service, "year-zero").await.is_none());
     assert!(get(&service, "year-10000").await.is_none());
-    assert_eq!(list_checked(&service).await.len(), 1);
+    assert!(get(&service, "future").await.is_none());
+    assert_eq!(list_checked(&service).await.len(), 2, "leap and tomorrow");
 
     // The leap second sorts where it did: after every other instant of its second, before the
     // next second.
@@ -130,7 +152,7 @@ async fn a_leap_second_is_kept_as_the_nanosecond_before_and_year_0_is_refused_na
         .unwrap()
         .into_inner()
         .dead_letters;
-    assert_eq!(letters.len(), 2);
+    assert_eq!(letters.len(), 3, "year 0, year 10000, far ahead");
     for letter in &letters {
         assert_valid(letter.received_at.as_ref().unwrap(), "received_at");
         assert_valid(

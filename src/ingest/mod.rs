@@ -18,6 +18,10 @@
 
 pub mod payload;
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
 use crate::dead_letters::{DeadLetterId, DeadLetters};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -51,6 +55,30 @@ impl std::fmt::Display for Outcome {
 pub fn validate(parsed: Result<&serde_json::Value, &serde_json::Error>) -> Result<Delivery, Error> {
     let parsed = parsed.map_err(|err| Error::invalid("body", not_json(err)))?;
     payload::parse(parsed)
+}
+
+/// How far ahead of this server's clock a delivery's `created_at` may be. Gameball's clocks
+/// and ours differ by seconds; a day ahead is a clock gone wrong, and such an update's fields
+/// would win the merge over every update (and every reconciliation) until that time came:
+/// the profile would freeze, silently (found by an adversarial run).
+pub const MAX_CLOCK_LEAD: Duration = Duration::from_secs(24 * 3600);
+
+/// Refuses `update` if its `created_at` is more than [`MAX_CLOCK_LEAD`] ahead of `now`, naming
+/// the field: kept as a dead letter, it can be replayed once its time has come.
+pub fn check_clock_lead(update: &ProfileUpdate, now: DateTime<Utc>) -> Result<(), Error> {
+    let ahead = update.at.signed_duration_since(now);
+    match ahead.to_std() {
+        Ok(ahead) if ahead > MAX_CLOCK_LEAD => Err(Error::invalid(
+            "created_at",
+            format!(
+                "is {} ahead of this server's clock, more than the {} allowed: its fields would \
+                 win over every update until then (check the sender's clock, and this server's)",
+                humantime::format_duration(Duration::from_secs(ahead.as_secs())),
+                humantime::format_duration(MAX_CLOCK_LEAD)
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Why a body is not JSON. serde_json calls a `\u` escape of half a UTF-16 surrogate pair
@@ -154,7 +182,8 @@ impl Ingest {
     /// Applies a validated delivery (another topic is only acknowledged) and returns once it is
     /// recorded and visible here. The second half of the path. [`Error::InvalidArgument`] (on
     /// `data`) when the update would grow its profile past the bound
-    /// (`crate::profile::check_growth`): refused whole, nothing recorded.
+    /// (`crate::profile::check_growth`), or (on `created_at`) when it is too far ahead of this
+    /// server's clock ([`check_clock_lead`]): refused whole, nothing recorded.
     pub async fn record(&self, delivery: Delivery) -> Result<Outcome, Error> {
         match delivery {
             Delivery::Other { event } => {
@@ -163,6 +192,7 @@ impl Ingest {
                 Ok(Outcome::Ignored(event))
             }
             Delivery::ProfileUpdated(update) => {
+                check_clock_lead(&update, Utc::now())?;
                 let client_id = update.key.client_id.clone();
                 let applied = self.apply(update).await?;
                 let client_id = loggable(&client_id);
