@@ -117,7 +117,8 @@ pub enum DataDirError {
     /// A restore into the directory did not finish.
     #[error(
         "data directory {path} holds a restore that did not finish (its RESTORING file): run \
-         `profile-state restore` into it again, or move it aside"
+         `profile-state restore` into it again (which refuses, naming a file, if a server wrote \
+         there since), or move it aside"
     )]
     RestoreUnfinished {
         /// The directory.
@@ -335,10 +336,16 @@ impl DataDir {
 fn lock(path: &Path) -> Result<File, DataDirError> {
     create_private_dir(path).map_err(IoError::on(path, "create"))?;
     let lock_path = path.join(LOCK_FILE);
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
+    let mut options = OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    // Never through a link planted under its name: its target, outside the directory, was
+    // created or locked (found by an adversarial run).
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        rustix::fs::OFlags::NOFOLLOW.bits() as i32,
+    );
+    let lock = options
         .open(&lock_path)
         .map_err(IoError::on(&lock_path, "open lock file"))?;
     match lock.try_lock() {
@@ -463,6 +470,22 @@ mod tests {
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         let written = fs::read_to_string(data.join(STORE_ID_FILE)).unwrap();
         assert_eq!(written.trim(), opened.store_id());
+    }
+
+    /// A link planted under the lock's name was followed: its target, outside the directory,
+    /// was created and locked (found by an adversarial run). Refused, the target not made.
+    #[test]
+    fn the_lock_is_taken_through_no_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        let target = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, data.join(LOCK_FILE)).unwrap();
+        match DataDir::open(&data) {
+            Err(DataDirError::Io(error)) => assert!(error.to_string().contains("LOCK"), "{error}"),
+            other => panic!("{:?}", other.map(|dir| dir.store_id().to_owned())),
+        }
+        assert!(!target.exists(), "the link's target was created");
     }
 
     #[test]

@@ -90,12 +90,19 @@ fn restore(args: &Args) -> Result<(), Failure> {
 }
 
 /// The backup must not be in DIR: the restore clears DIR, and a backup there was overwritten
-/// and removed (found by an adversarial run).
+/// and removed (found by adversarial runs). Each directory above FILE is compared with DIR by
+/// device and inode, so that a bind mount of DIR elsewhere is DIR too.
 fn refuse_file_inside(file: &Path, dir: &Path) -> Result<(), Failure> {
-    let (Ok(file), Ok(dir)) = (file.canonicalize(), dir.canonicalize()) else {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(file), Ok(dir_metadata)) = (file.canonicalize(), std::fs::metadata(dir)) else {
         return Ok(()); // DIR missing: nothing can be in it.
     };
-    match file.starts_with(&dir) {
+    let is_dir = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|metadata| {
+            (metadata.dev(), metadata.ino()) == (dir_metadata.dev(), dir_metadata.ino())
+        })
+    };
+    match file.ancestors().skip(1).any(is_dir) {
         true => Err(Failure::Usage(format!(
             "{} is inside --data-dir {}, which the restore fills: move the backup out first",
             file.display(),

@@ -446,13 +446,20 @@ impl ReconcileJobs {
         let fetch = self.fetch(job, &fetcher, selection, &stop, out);
         let apply = self.apply_all(job, outcomes, &stop);
         let (fetch_error, apply_error) = tokio::join!(fetch, apply);
-        lock(job).api_requests = client.attempts() - attempts_before;
+        let left = {
+            let mut report = lock(job);
+            report.api_requests = client.attempts() - attempts_before;
+            report.not_attempted
+        };
+        // A cancel that came once every customer was done changed nothing: the job ran to its
+        // end (it was reported cancelled, and `--wait` exited 2; found by an adversarial run).
+        let cancelled = cancel.is_cancelled() && left > 0;
         match apply_error.or(fetch_error) {
             Some(error) => (JobState::Failed, Some(error)),
-            None if self.inner.stopping.is_cancelled() => {
+            None if cancelled && self.inner.stopping.is_cancelled() => {
                 (JobState::Cancelled, Some("server shutting down".into()))
             }
-            None if cancel.is_cancelled() => (
+            None if cancelled => (
                 JobState::Cancelled,
                 Some("cancelled (CancelReconcileJob)".into()),
             ),
