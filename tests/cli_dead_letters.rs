@@ -124,6 +124,25 @@ async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_binary() 
     let raw = cli(&["show", "--body-only", &a], &env).await;
     assert_eq!(raw.stdout, body_a, "the body byte for byte");
 
+    // A body that is not JSON, with an escape sequence: shown escaped (it cleared the
+    // terminal; an adversarial run), and byte for byte with --body-only.
+    let hostile = b"not json \x1b[2J\x1b]0;title\x07\r\nsecond line".to_vec();
+    let (status, answer) = service.post_signed(&hostile).await;
+    assert_eq!(status, 422, "{answer}");
+    let hostile_id = answer["dead_letter_id"].as_str().unwrap().to_owned();
+    let show = cli(&["show", &hostile_id], &env).await;
+    assert!(show.status.success(), "{}", stderr(&show));
+    assert!(!show.stdout.contains(&0x1b) && !show.stdout.contains(&0x07));
+    assert!(
+        stdout(&show).ends_with("\n\nnot json \\u{1b}[2J\\u{1b}]0;title\\u{7}\\u{d}\nsecond line"),
+        "{}",
+        stdout(&show)
+    );
+    let raw = cli(&["show", "--body-only", &hostile_id], &env).await;
+    assert_eq!(raw.stdout, hostile, "the body byte for byte");
+    let purge = cli(&["purge", &hostile_id], &env).await;
+    assert!(purge.status.success(), "{}", stderr(&purge));
+
     // Still invalid: refused, kept, and the exit status says so.
     let replay = cli(&["replay", &a], &env).await;
     assert_eq!(replay.status.code(), Some(1), "{}", stderr(&replay));
