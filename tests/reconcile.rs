@@ -1299,6 +1299,61 @@ async fn schedules_are_logged_at_start_up_and_an_account_given_twice_is_refused(
     );
 }
 
+/// A SIGHUP, even one that changed nothing, built the account's client anew, with new rate
+/// limiters: a pause a 429 had asked for was forgotten, and the next job called at once
+/// (found by an adversarial run). The limiters outlive the reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_keeps_the_pause_gameball_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.add([Customer::new("jo")]);
+    let secrets = secrets_file(dir.path(), &stand_in, API_KEY);
+    let args = ["--webhook-secrets-file", secrets.to_str().unwrap()];
+    let mut server = Binary::start(&dir.path().join("data"), &args).await;
+    let mut admin = AdminServiceClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let start = || pb::ReconcileProfilesRequest {
+        client_id: "2155".into(),
+        selection: Some(ids(&["jo"])),
+    };
+    // A 429 asking for 4 s: the job waits it out, and is cancelled meanwhile.
+    stand_in.storm(Duration::from_millis(500), Some(4));
+    let first = admin
+        .reconcile_profiles(start())
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stand_in.count_status(429) == 0 {
+        assert!(Instant::now() < deadline, "no 429");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let paused_at = Instant::now();
+    let cancel = pb::CancelReconcileJobRequest {
+        job_id: first.job_id,
+    };
+    admin.cancel_reconcile_job(cancel).await.unwrap();
+    server.signal("HUP");
+    server.wait_for("webhook secrets reloaded").await;
+
+    let before = stand_in.seen().len();
+    let second = admin
+        .reconcile_profiles(start())
+        .await
+        .unwrap()
+        .into_inner();
+    let job = wait(&mut admin, &second.job_id).await;
+    assert_eq!(job.state(), pb::ReconcileJobState::Succeeded, "{job:?}");
+    let next = stand_in.seen()[before].at;
+    assert!(
+        next >= paused_at + Duration::from_millis(3500),
+        "the next job called {:?} into a 4 s pause",
+        next - paused_at
+    );
+    server.stop();
+}
+
 /// A SIGHUP that reloads a secrets file without a scheduled account's API settings was taken
 /// without a word, though start-up refuses that file (found by an adversarial run): the
 /// reload stands (its webhook secrets may be a rotation), with a warning naming the account.

@@ -135,8 +135,8 @@ pub struct GameballClient {
 struct Inner {
     account: Account,
     http: reqwest::Client,
-    customers_get: RateLimiter,
-    others: RateLimiter,
+    customers_get: Arc<RateLimiter>,
+    others: Arc<RateLimiter>,
     in_flight: Semaphore,
     options: ClientOptions,
     /// Attempts made, retries included: what the client cost.
@@ -216,8 +216,8 @@ impl GameballClient {
             .map_err(|err| format!("cannot build the gameball http client: {err}"))?;
         Ok(GameballClient {
             inner: Arc::new(Inner {
-                customers_get: RateLimiter::new(&account.limits.customers_get),
-                others: RateLimiter::new(&account.limits.others),
+                customers_get: Arc::new(RateLimiter::new(&account.limits.customers_get)),
+                others: Arc::new(RateLimiter::new(&account.limits.others)),
                 in_flight: Semaphore::new(options.max_in_flight.max(1)),
                 account,
                 http,
@@ -226,6 +226,23 @@ impl GameballClient {
                 observer,
             }),
         })
+    }
+
+    /// A client for `account`, this client's account with its settings reloaded: it keeps this
+    /// client's rate limiters (the requests in their windows, and a pause a 429 asked for) when
+    /// the limits are the same, as Gameball's count of them goes on. Every reload built new
+    /// ones, so a SIGHUP, even one that changed nothing, forgot a pause Gameball had asked for
+    /// (found by an adversarial run).
+    pub fn reloaded(&self, account: Account) -> Result<GameballClient, String> {
+        let same_limits = account.limits == self.inner.account.limits;
+        let options = self.inner.options.clone();
+        let mut client = GameballClient::observed(account, options, self.inner.observer.clone())?;
+        if same_limits {
+            let inner = Arc::get_mut(&mut client.inner).expect("a client just made is not shared");
+            inner.customers_get = Arc::clone(&self.inner.customers_get);
+            inner.others = Arc::clone(&self.inner.others);
+        }
+        Ok(client)
     }
 
     /// Attempts made so far, retries included.

@@ -321,21 +321,20 @@ impl ReconcileJobs {
         secrets.api_account(client_id).cloned()
     }
 
-    /// The account's client, built again when its settings changed (a reload).
+    /// The account's client, built again when its settings changed (a reload), keeping its
+    /// rate limiters ([`GameballClient::reloaded`]).
     fn client(&self, account: Arc<Account>) -> Result<GameballClient, Error> {
         let mut clients = lock(&self.inner.clients);
-        if let Some((cached, client)) = clients.get(&account.client_id)
-            && Arc::ptr_eq(cached, &account)
-        {
-            return Ok(client.clone());
-        }
-        let observer: Arc<dyn RequestObserver> = Arc::new(self.inner.metrics.clone());
-        let client = GameballClient::observed(
-            Account::clone(&account),
-            self.inner.options.client.clone(),
-            Some(observer),
-        )
-        .map_err(|error| {
+        let built = match clients.get(&account.client_id) {
+            Some((cached, client)) if Arc::ptr_eq(cached, &account) => return Ok(client.clone()),
+            Some((_, client)) => client.reloaded(Account::clone(&account)),
+            None => {
+                let observer: Arc<dyn RequestObserver> = Arc::new(self.inner.metrics.clone());
+                let options = self.inner.options.client.clone();
+                GameballClient::observed(Account::clone(&account), options, Some(observer))
+            }
+        };
+        let client = built.map_err(|error| {
             tracing::error!(%error, "cannot build the gameball client");
             Error::Unavailable {
                 reason: "cannot build the gameball api client; see the server log".into(),
