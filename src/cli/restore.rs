@@ -260,9 +260,10 @@ fn undo(data_dir: &DataDir, existed: bool, failure: Failure) -> Failure {
              written there since, and its files were left alone)",
             dir.display()
         ),
+        // The marker is removed last: what is left is still marked.
         Err(error) => format!(
             "{failure} (and what was made in --data-dir {} could not all be removed: {error}; \
-             restoring into it again starts over)",
+             no server serves what is left, and a restore starts it over once that is fixed)",
             dir.display()
         ),
     })
