@@ -602,3 +602,89 @@ async fn restore_refuses_what_is_not_a_backup() {
     assert_eq!(directory.status.code(), Some(64), "{said}");
     assert!(!said.contains("take the backup again"), "{said}");
 }
+
+/// A TCP forwarder to `upstream` that passes the client's bytes on, and at most `limit` of the
+/// server's back, then holds the connection open and silent until the client leaves: a server
+/// that stopped in the middle of a stream, or a partition without a reset.
+async fn stalling_forwarder(upstream: std::net::SocketAddr, limit: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            tokio::spawn(async move {
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = tokio::io::copy(&mut from_client, &mut to_server);
+                let down = async {
+                    let mut buffer = vec![0; limit];
+                    let mut passed = 0;
+                    while passed < limit {
+                        let read = from_server.read(&mut buffer[..limit - passed]).await?;
+                        if read == 0 {
+                            break;
+                        }
+                        to_client.write_all(&buffer[..read]).await?;
+                        passed += read;
+                    }
+                    std::future::pending::<std::io::Result<()>>().await
+                };
+                // Until the client leaves: then the server's connection closes too.
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    address
+}
+
+/// A server that stops sending in the middle of a backup kept the backup waiting for ever
+/// (found by an adversarial run): each piece must come within `--timeout`, and the backup
+/// gives up, leaving no file behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_gives_up_on_a_server_that_stops_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = TestService::start_with(durable_config(&dir.path().join("data"))).await;
+    let extra = "x".repeat(1000);
+    for n in 0..300 {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({ "note": extra }));
+        assert_eq!(service.post(&body).await.0, 200);
+    }
+    // The handshake and the answer's start pass; the backup's 300 KB do not.
+    let stalling = stalling_forwarder(service.grpc, 64 * 1024).await;
+    let file = dir.path().join("backup.snap");
+    let args = [
+        "backup",
+        "--grpc",
+        &stalling.to_string(),
+        "--timeout",
+        "2s",
+        &path(&file),
+    ];
+    let mut command = bare_command(&args);
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the backup still waited after 20 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("backup: no data for 2s (--timeout)"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert!(!file.exists());
+    assert_eq!(partial_files(dir.path()), Vec::<String>::new());
+    service.stop().await;
+}
