@@ -57,13 +57,15 @@ impl AdminServer {
     ) -> AdminServer {
         let stop = CancellationToken::new();
         let listener = CappedListener::new(listener, MAX_CONNECTIONS, metrics);
-        let serving = connections::serve_http(
-            listener,
-            endpoints.router(),
-            (IDLE_TIMEOUT, HEADER_TIMEOUT),
-            None,
-            stop.clone(),
-        );
+        let options = connections::HttpOptions {
+            idle: IDLE_TIMEOUT,
+            header: HEADER_TIMEOUT,
+            http2_streams: None,
+            // Probes and scrapers must get in: 256 idle connections held by one client kept
+            // them all out (an adversarial run).
+            evict_idlest_at_cap: true,
+        };
+        let serving = connections::serve_http(listener, endpoints.router(), options, stop.clone());
         AdminServer {
             task: tokio::spawn(serving),
             _stop: stop.drop_guard(),

@@ -21,6 +21,7 @@
 //! the connection; it is counted in `profile_state_connections_timed_out_total`. Nothing here
 //! knows HTTP beyond the preface's length.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -81,6 +82,16 @@ impl CappedListener {
     /// The next connection within the cap, with `TCP_NODELAY` set (answers go out as soon as
     /// they are written). Connections past the cap are closed as they arrive. Cancel-safe.
     pub async fn accept(&self) -> (TcpStream, SocketAddr, Slot) {
+        self.accept_making_room(|| false).await
+    }
+
+    /// As [`CappedListener::accept`], but a connection past the cap first asks `make_room` to
+    /// close another one; if it did, the connection waits for its place (a second at most).
+    /// Not cancel-safe while it waits: the connection accepted is dropped.
+    pub async fn accept_making_room(
+        &self,
+        mut make_room: impl FnMut() -> bool,
+    ) -> (TcpStream, SocketAddr, Slot) {
         loop {
             let (stream, peer) = match self.tcp.accept().await {
                 Ok(accepted) => accepted,
@@ -99,7 +110,18 @@ impl CappedListener {
                     continue;
                 }
             };
-            let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+            let permit = match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) if make_room() => {
+                    let place = Arc::clone(&self.slots).acquire_owned();
+                    tokio::time::timeout(Duration::from_secs(1), place)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+                Err(_) => None,
+            };
+            let Some(permit) = permit else {
                 self.metrics.refused();
                 if let Some(suppressed) = self.refusals.due() {
                     tracing::warn!(
@@ -123,36 +145,63 @@ impl CappedListener {
     }
 }
 
+/// How [`serve_http`] serves its connections.
+pub struct HttpOptions {
+    /// The idle timeout of [`Deadlines::Requests`].
+    pub idle: Duration,
+    /// The header timeout of [`Deadlines::Requests`].
+    pub header: Duration,
+    /// HTTP/1.1 only if `None`; else HTTP/2 (prior knowledge) too, with at most this many
+    /// requests at once on a connection.
+    pub http2_streams: Option<u32>,
+    /// At the cap, close the connection idle the longest (no request in progress) to make room
+    /// for the new one, rather than close the new one: idle connections held open by one client
+    /// then cannot keep every other out (found by an adversarial run).
+    pub evict_idlest_at_cap: bool,
+}
+
+/// Each open connection's requests and task, by task: what eviction chooses from.
+type OpenConnections = HashMap<tokio::task::Id, (Arc<Activity>, tokio::task::AbortHandle)>;
+
 /// Serves `router` on `listener` until `stopping`, then lets in-flight requests finish (idle
 /// connections close at once). Each connection has the idle and header timeouts of
 /// [`Deadlines::Requests`]. The connections belong to the returned future: dropping it (an
 /// aborted task) cuts them all, which is how shutdown keeps its grace whatever clients do.
-/// HTTP/1.1, and HTTP/2 (prior knowledge) too if `http2_streams` says how many requests an
-/// HTTP/2 connection may run at once, with TCP_NODELAY.
+/// With TCP_NODELAY; the protocols and the cap's policy as `options` say.
 pub async fn serve_http(
     listener: CappedListener,
     router: axum::Router,
-    (idle, header): (Duration, Duration),
-    http2_streams: Option<u32>,
+    options: HttpOptions,
     stopping: CancellationToken,
 ) -> io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    match http2_streams {
+    match options.http2_streams {
         None => builder = builder.http1_only(),
         Some(streams) => {
             builder.http2().max_concurrent_streams(streams);
         }
     }
+    let (idle, header) = (options.idle, options.header);
     let mut connections = JoinSet::new();
+    let mut open = OpenConnections::new();
     loop {
-        let (stream, _peer, slot) = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stopping.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        let make_room = || {
+            reap(&mut connections, &mut open);
+            let evicted = options.evict_idlest_at_cap && evict_idlest(&open);
+            if evicted {
+                listener.metrics().timed_out("idle");
+            }
+            evicted
         };
+        let (stream, _peer, slot) = tokio::select! {
+            accepted = listener.accept_making_room(make_room) => accepted,
+            () = stopping.cancelled() => break,
+        };
+        reap(&mut connections, &mut open);
         let activity = Arc::new(Activity::default());
+        let activity_of_task = Arc::clone(&activity);
         let deadlines = Deadlines::Requests {
             activity: Arc::clone(&activity),
             idle,
@@ -171,16 +220,44 @@ pub async fn serve_http(
         });
         let connection = builder.serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection.into_owned());
-        connections.spawn(async move {
+        let task = connections.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "connection closed with an error");
             }
         });
+        open.insert(task.id(), (activity_of_task, task));
     }
     drop(listener);
     graceful.shutdown().await;
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Forgets the connections that ended.
+fn reap(connections: &mut JoinSet<()>, open: &mut OpenConnections) {
+    while let Some(ended) = connections.try_join_next_with_id() {
+        let id = match ended {
+            Ok((id, ())) => id,
+            Err(error) => error.id(),
+        };
+        open.remove(&id);
+    }
+}
+
+/// Closes the connection with no request in progress that has been idle the longest; whether
+/// there was one.
+fn evict_idlest(open: &OpenConnections) -> bool {
+    let idlest = open
+        .values()
+        .filter(|(activity, task)| !activity.in_progress() && !task.is_finished())
+        .min_by_key(|(activity, _)| activity.last_end());
+    match idlest {
+        Some((_, task)) => {
+            task.abort();
+            true
+        }
+        None => false,
+    }
 }
 
 /// The connections of `listener` as tonic's incoming stream, each turned into the stream tonic

@@ -639,11 +639,16 @@ fn serve_ingress(
     });
     let listener = moved.context("cannot move the webhook listener to the ingest thread")?;
     let listener = CappedListener::new(listener, config.max_webhook_connections, metrics);
+    let options = connections::HttpOptions {
+        idle: config.webhook_idle_timeout,
+        header: config.webhook_header_timeout,
+        http2_streams: Some(WEBHOOK_HTTP2_STREAMS),
+        evict_idlest_at_cap: false,
+    };
     Ok(ingest_thread.handle().spawn(connections::serve_http(
         listener,
         ingress.router(),
-        (config.webhook_idle_timeout, config.webhook_header_timeout),
-        Some(WEBHOOK_HTTP2_STREAMS),
+        options,
         stopping.clone(),
     )))
 }
