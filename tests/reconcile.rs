@@ -763,6 +763,19 @@ async fn cli(service: &TestService, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `reconcile --wait --json` of these customers of account 2155 through the CLI; the job's
+/// outcome, once the CLI exited 0.
+async fn reconciled(service: &TestService, ids: &[&str]) -> Value {
+    let mut args = vec!["--client-id", "2155", "--wait", "--json"];
+    for id in ids {
+        args.extend(["--customer-id", id]);
+    }
+    let done = cli(service, &args).await;
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{stderr}");
+    serde_json::from_slice(&done.stdout).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_reconcile_subcommand_starts_follows_and_exits_by_outcome() {
     let dir = tempfile::tempdir().unwrap();
@@ -1144,14 +1157,8 @@ async fn a_balance_inquiry_forbidden_alone_does_not_stop_the_job() {
     stand_in.add(ids.iter().map(|id| Customer::new(id)));
     stand_in.fail_next_saying(Api::BalanceInquiry, &[403], "Forbidden for batches.");
     let service = in_memory(dir.path(), &stand_in).await;
-    let mut args = vec!["--client-id", "2155", "--wait", "--json"];
-    for id in &ids {
-        args.extend(["--customer-id", id]);
-    }
-    let done = cli(&service, &args).await;
-    let stderr = String::from_utf8_lossy(&done.stderr);
-    assert_eq!(done.status.code(), Some(0), "{stderr}");
-    let outcome: Value = serde_json::from_slice(&done.stdout).unwrap();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let outcome = reconciled(&service, &ids).await;
     assert_eq!(outcome["state"], "succeeded", "{outcome}");
     assert_eq!(outcome["changed"].as_u64(), Some(30), "{outcome}");
     service.stop().await;
@@ -1197,14 +1204,8 @@ async fn a_long_wait_asked_for_batches_alone_does_not_stop_the_job() {
     stand_in.set_limits(Bucket::Others, &[(1, Duration::from_secs(3600))]);
     stand_in.send_retry_after(true);
     let service = in_memory(dir.path(), &stand_in).await;
-    let mut args = vec!["--client-id", "2155", "--wait", "--json"];
-    for id in &ids {
-        args.extend(["--customer-id", id]);
-    }
-    let done = cli(&service, &args).await;
-    let stderr = String::from_utf8_lossy(&done.stderr);
-    assert_eq!(done.status.code(), Some(0), "{stderr}");
-    let outcome: Value = serde_json::from_slice(&done.stdout).unwrap();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let outcome = reconciled(&service, &ids).await;
     assert_eq!(outcome["changed"].as_u64(), Some(60), "{outcome}");
     let batches = stand_in.count(Api::BalanceInquiry) + stand_in.count(Api::BatchStatus);
     assert!(
@@ -1222,14 +1223,7 @@ async fn a_repeated_customer_id_is_fetched_once() {
     let stand_in = GameballStandIn::start().await;
     stand_in.add([Customer::new("jo"), Customer::new("al")]);
     let service = in_memory(dir.path(), &stand_in).await;
-    let mut args = vec!["--client-id", "2155", "--wait", "--json"];
-    for id in ["jo", "al", "jo", "jo"] {
-        args.extend(["--customer-id", id]);
-    }
-    let done = cli(&service, &args).await;
-    let stderr = String::from_utf8_lossy(&done.stderr);
-    assert_eq!(done.status.code(), Some(0), "{stderr}");
-    let outcome: Value = serde_json::from_slice(&done.stdout).unwrap();
+    let outcome = reconciled(&service, &["jo", "al", "jo", "jo"]).await;
     assert_eq!(outcome["total"].as_u64(), Some(2), "{outcome}");
     assert_eq!(outcome["changed"].as_u64(), Some(2), "{outcome}");
     let jo = stand_in
