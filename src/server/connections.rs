@@ -3,7 +3,9 @@
 //! [`CappedListener`] accepts at most `max` connections at once (`--max-webhook-connections`,
 //! `--max-grpc-connections`); one past the cap is closed at once, counted in
 //! `profile_state_connections_refused_total` and warned about at most every ten seconds, so a
-//! flood of idle sockets cannot use up the process's open files and starve the other ports.
+//! flood of idle sockets cannot use up the process's open files and starve the other ports. A
+//! listener served with [`HttpOptions::evict_idlest_at_cap`] (the admin listener) closes its
+//! idlest connection instead, and serves the new one.
 //! [`Timed`] wraps each accepted connection with its deadlines:
 //! - [`Deadlines::Requests`] (the webhook listener): while no request is in progress, a
 //!   connection that sends nothing is closed after the idle timeout (counted from the end of
