@@ -87,7 +87,8 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_WEBHOOK_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub webhook_idle_timeout: Duration,
 
-    /// Most connections open at once on the webhook listener; more are closed at once.
+    /// Most connections open at once on the webhook listener; one more closes the connection
+    /// idle the longest, or is closed itself when none is idle.
     #[arg(
         long,
         env = "PROFILE_STATE_MAX_WEBHOOK_CONNECTIONS",

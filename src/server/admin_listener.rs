@@ -61,9 +61,6 @@ impl AdminServer {
             idle: IDLE_TIMEOUT,
             header: HEADER_TIMEOUT,
             http2_streams: None,
-            // Probes and scrapers must get in: 256 idle connections held by one client kept
-            // them all out (an adversarial run).
-            evict_idlest_at_cap: true,
         };
         let serving = connections::serve_http(listener, endpoints.router(), options, stop.clone());
         AdminServer {

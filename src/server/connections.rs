@@ -3,9 +3,9 @@
 //! [`CappedListener`] accepts at most `max` connections at once (`--max-webhook-connections`,
 //! `--max-grpc-connections`); one past the cap is closed at once, counted in
 //! `profile_state_connections_refused_total` and warned about at most every ten seconds, so a
-//! flood of idle sockets cannot use up the process's open files and starve the other ports. A
-//! listener served with [`HttpOptions::evict_idlest_at_cap`] (the admin listener) closes its
-//! idlest connection instead, and serves the new one.
+//! flood of idle sockets cannot use up the process's open files and starve the other ports.
+//! [`serve_http`] (the webhook and admin listeners) closes its idlest connection instead, if
+//! one has no request in progress, and serves the new one.
 //! [`Timed`] wraps each accepted connection with its deadlines:
 //! - [`Deadlines::Requests`] (the webhook listener): while no request is in progress, a
 //!   connection that sends nothing is closed after the idle timeout (counted from the end of
@@ -156,10 +156,6 @@ pub struct HttpOptions {
     /// HTTP/1.1 only if `None`; else HTTP/2 (prior knowledge) too, with at most this many
     /// requests at once on a connection.
     pub http2_streams: Option<u32>,
-    /// At the cap, close the connection idle the longest (no request in progress) to make room
-    /// for the new one, rather than close the new one: idle connections held open by one client
-    /// then cannot keep every other out (found by an adversarial run).
-    pub evict_idlest_at_cap: bool,
 }
 
 /// Each open connection's requests and task, by task: what eviction chooses from.
@@ -169,7 +165,10 @@ type OpenConnections = HashMap<tokio::task::Id, (Arc<Activity>, tokio::task::Abo
 /// connections close at once). Each connection has the idle and header timeouts of
 /// [`Deadlines::Requests`]. The connections belong to the returned future: dropping it (an
 /// aborted task) cuts them all, which is how shutdown keeps its grace whatever clients do.
-/// With TCP_NODELAY; the protocols and the cap's policy as `options` say.
+/// At the cap, the connection idle the longest (no request in progress) is closed to make room
+/// for a new one, which is closed itself only when none is idle: idle connections held open by
+/// one client kept every other out (found by adversarial runs). With TCP_NODELAY; the
+/// protocols as `options` say.
 pub async fn serve_http(
     listener: CappedListener,
     router: axum::Router,
@@ -191,7 +190,7 @@ pub async fn serve_http(
     loop {
         let make_room = || {
             reap(&mut connections, &mut open);
-            let evicted = options.evict_idlest_at_cap && evict_idlest(&open);
+            let evicted = evict_idlest(&open);
             if evicted {
                 listener.metrics().timed_out("idle");
             }

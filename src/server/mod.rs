@@ -643,7 +643,6 @@ fn serve_ingress(
         idle: config.webhook_idle_timeout,
         header: config.webhook_header_timeout,
         http2_streams: Some(WEBHOOK_HTTP2_STREAMS),
-        evict_idlest_at_cap: false,
     };
     Ok(ingest_thread.handle().spawn(connections::serve_http(
         listener,
