@@ -78,7 +78,7 @@ fn restore(args: &Args) -> Result<(), Failure> {
     let existed = match contents(dir) {
         Ok(Contents::Missing) => false,
         Ok(Contents::Restorable) => true,
-        Ok(contents) => return Err(not_empty(dir, &contents)),
+        Ok(Contents::Refused(refusal)) => return Err(not_empty(dir, &refusal)),
         Err(error) => {
             let error = crate::io_error::IoError::new(dir, "read", error);
             return Err(Failure::Usage(format!("--data-dir {error}")));
@@ -119,15 +119,19 @@ enum Contents {
     /// Nothing of a store: empty, or only the directory's own files and a file system's
     /// `lost+found`, or what a restore that did not finish left (its marker, snapshots).
     Restorable,
-    /// Something else, `example` among it: a store, or a stranger's files.
-    Store {
-        example: std::ffi::OsString,
-    },
-    /// A restore's marker, and files only a server writes (a server that does not know the
-    /// marker, an older version, served the directory since).
-    ServedSince {
-        example: std::ffi::OsString,
-    },
+    /// Something else.
+    Refused(Refusal),
+}
+
+/// What makes a `--data-dir` no place to restore to.
+#[derive(Debug, PartialEq)]
+struct Refusal {
+    /// A file that is in the way, the first by name.
+    example: std::ffi::OsString,
+    /// Beside a restore's marker: files only a server writes (a server that does not know the
+    /// marker, an older version, served the directory since). Otherwise a store, or a
+    /// stranger's files.
+    served_since: bool,
 }
 
 fn contents(dir: &Path) -> std::io::Result<Contents> {
@@ -158,28 +162,31 @@ fn contents(dir: &Path) -> std::io::Result<Contents> {
         }
     }
     // What an unfinished restore left was never served (no server opens it): started over.
+    let refused = |example, served_since| {
+        Contents::Refused(Refusal {
+            example,
+            served_since,
+        })
+    };
     Ok(match (unfinished, others, snapshots) {
-        (true, Some(example), _) => Contents::ServedSince { example },
-        (false, Some(example), _) | (false, None, Some(example)) => Contents::Store { example },
+        (true, Some(example), _) => refused(example, true),
+        (false, Some(example), _) | (false, None, Some(example)) => refused(example, false),
         (true, None, _) | (false, None, None) => Contents::Restorable,
     })
 }
 
-fn not_empty(dir: &Path, contents: &Contents) -> Failure {
-    let dir = dir.display();
-    Failure::Usage(match contents {
-        Contents::ServedSince { example } => format!(
+fn not_empty(dir: &Path, refusal: &Refusal) -> Failure {
+    let (dir, example) = (dir.display(), refusal.example.to_string_lossy());
+    Failure::Usage(match refusal.served_since {
+        true => format!(
             "--data-dir {dir} holds a restore that did not finish (its RESTORING file), but also \
-             files a server wrote since ({}): a version that does not know the marker served \
-             it; move it aside and restore into a new directory",
-            example.to_string_lossy()
+             files a server wrote since ({example}): a version that does not know the marker \
+             served it; move it aside and restore into a new directory"
         ),
-        Contents::Store { example } => format!(
-            "--data-dir {dir} is not empty ({} among others): restore into a new directory \
-             (move the old one aside first)",
-            example.to_string_lossy()
+        false => format!(
+            "--data-dir {dir} is not empty ({example} among others): restore into a new \
+             directory (move the old one aside first)"
         ),
-        Contents::Missing | Contents::Restorable => unreachable!("{contents:?} is restorable"),
     })
 }
 
@@ -195,7 +202,12 @@ fn lock(dir: &Path) -> Result<DataDir, Failure> {
     })?;
     match contents {
         Contents::Restorable => Ok(data_dir),
-        contents => Err(not_empty(dir, &contents)),
+        Contents::Refused(refusal) => Err(not_empty(dir, &refusal)),
+        // Locked, then removed by another process: nothing of ours to undo.
+        Contents::Missing => Err(Failure::Failed(format!(
+            "--data-dir {} was removed while the restore began",
+            dir.display()
+        ))),
     }
 }
 

@@ -246,7 +246,9 @@ fn reap(connections: &mut JoinSet<()>, open: &mut OpenConnections) {
 }
 
 /// Closes the connection with no request in progress that has been idle the longest; whether
-/// there was one.
+/// there was one. A request that begins on it between the check and the abort is cut before
+/// its answer: never acknowledged, so the sender retries it (a webhook's merge makes a retry
+/// of a recorded update harmless).
 fn evict_idlest(open: &OpenConnections) -> bool {
     let idlest = open
         .values()
