@@ -603,6 +603,62 @@ async fn restore_refuses_what_is_not_a_backup() {
     assert!(!said.contains("take the backup again"), "{said}");
 }
 
+/// A restore reads its backup twice (checked, then copied): a pipe is refused before DIR is
+/// touched, also one with no writer (its check waited for one forever); and a DIR that is a
+/// link to nothing is said to be one (creating it failed with "File exists"). Both found by
+/// an adversarial run.
+#[tokio::test]
+async fn restore_refuses_a_pipe_and_a_link_to_nothing_before_making_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("backup.pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let target = dir.path().join("target");
+    let mut child = bare_command(&["restore", &path(&pipe), "--data-dir", &path(&target)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the restore waited for a writer of the pipe");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let refused = child.wait_with_output().unwrap();
+    let said = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(64), "{said}");
+    assert!(said.contains("is not a regular file"), "{said}");
+    assert!(!target.exists(), "nothing made");
+
+    let backup = dir.path().join("backup");
+    std::fs::write(&backup, b"never read").unwrap();
+    let nowhere = dir.path().join("nowhere");
+    std::os::unix::fs::symlink(&nowhere, &target).unwrap();
+    let refused = run(vec![
+        "restore".into(),
+        path(&backup),
+        "--data-dir".into(),
+        path(&target),
+    ])
+    .await;
+    let said = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(64), "{said}");
+    assert!(
+        said.contains(&format!(
+            "is a symbolic link to {}, which does not exist",
+            nowhere.display()
+        )),
+        "{said}"
+    );
+    assert!(!nowhere.exists(), "nothing made");
+}
+
 /// A TCP forwarder to `upstream` that passes the client's bytes on, and at most `limit` of the
 /// server's back, then holds the connection open and silent until the client leaves: a server
 /// that stopped in the middle of a stream, or a partition without a reset.

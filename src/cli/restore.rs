@@ -10,8 +10,8 @@
 //! prove it starts. DIR's lock is held throughout, and DIR is marked (`RESTORING`) from before
 //! anything else is written until that proof: a restore killed on the way leaves a directory
 //! that no server opens and that a restore starts over. Exit statuses: 0 restored; 64 a usage
-//! error (FILE unreadable, DIR not empty or in use); 1 a damaged backup or a failure writing
-//! DIR. Dead letters are not part of a backup.
+//! error (FILE unreadable or not a regular file, DIR not empty, in use or a link to nothing);
+//! 1 a damaged backup or a failure writing DIR. Dead letters are not part of a backup.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -72,8 +72,11 @@ pub fn check(file: &Path) -> Result<(u64, u64), Failure> {
 }
 
 fn restore(args: &Args) -> Result<(), Failure> {
-    let (revision, profiles) = check(&args.file)?;
     let dir = &args.data_dir;
+    // What needs no reading of the backup first: a large one takes a while to check.
+    refuse_unless_regular(&args.file)?;
+    refuse_dangling_link(dir)?;
+    let (revision, profiles) = check(&args.file)?;
     refuse_file_inside(&args.file, dir)?;
     let existed = match contents(dir) {
         Ok(Contents::Missing) => false,
@@ -87,6 +90,39 @@ fn restore(args: &Args) -> Result<(), Failure> {
     let mut data_dir = lock(dir)?;
     install(&mut data_dir, args, (revision, profiles))
         .map_err(|failure| undo(&data_dir, existed, failure))
+}
+
+/// The backup is read twice, checked and then copied: a pipe gives its bytes once, and was
+/// refused only once the copy found it empty, after DIR was made; one with no writer held the
+/// check forever (found by an adversarial run). A missing or unreadable FILE, or a directory,
+/// is left to `check`, which says which.
+fn refuse_unless_regular(file: &Path) -> Result<(), Failure> {
+    match std::fs::metadata(file) {
+        Ok(metadata) if !metadata.is_file() && !metadata.is_dir() => Err(Failure::Usage(format!(
+            "{} is not a regular file (a pipe, socket or device): a restore reads the backup \
+             twice, to check it and then to copy it, so save it to a file first",
+            file.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// DIR a symbolic link to nothing: it is not missing (the link is there), so creating it
+/// failed with "File exists" (found by an adversarial run). Said as it is instead.
+fn refuse_dangling_link(dir: &Path) -> Result<(), Failure> {
+    let is_link = std::fs::symlink_metadata(dir).is_ok_and(|metadata| metadata.is_symlink());
+    let dangling =
+        std::fs::metadata(dir).is_err_and(|error| error.kind() == std::io::ErrorKind::NotFound);
+    if !(is_link && dangling) {
+        return Ok(());
+    }
+    let target = std::fs::read_link(dir).unwrap_or_else(|_| "?".into());
+    Err(Failure::Usage(format!(
+        "--data-dir {} is a symbolic link to {}, which does not exist: create that directory \
+         first, or give the directory's own path",
+        dir.display(),
+        target.display()
+    )))
 }
 
 /// The backup must not be in DIR: the restore clears DIR, and a backup there was overwritten
