@@ -27,8 +27,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::codegen::Body as HttpBody;
@@ -47,14 +45,11 @@ use crate::pb;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::profile::Change;
 use crate::status::{Rejection, grpc_status};
-use crate::watch::{FieldSelector, WatchEvent, WatchSpec};
+use crate::watch::{FieldSelector, OUTBOX_BYTES, OUTBOX_EVENTS, WatchEvent, WatchSpec};
 
 /// The methods this module serves.
 pub const WATCH_PROFILES_PATH: &str = "/gameball.profiles.v1.ProfileService/WatchProfiles";
 const GET_PROFILE_PATH: &str = "/gameball.profiles.v1.ProfileService/GetProfile";
-/// Events buffered per subscriber between its feed task and the gRPC stream. Small on purpose:
-/// a subscriber that does not read holds at most this many, the rest stays in history.
-const WATCH_BUFFER: usize = 64;
 /// Changes whose encodings are kept: subscribers that keep up ask for the same few recent
 /// revisions, so a small ring covers them; one reading far behind encodes again (correct, only
 /// slower).
@@ -304,7 +299,9 @@ impl ProfileApi {
             .open_caught_up(spec)
             .await
             .map_err(|e| grpc_status(&e))?;
-        let (events, received) = mpsc::channel(WATCH_BUFFER);
+        // Small on purpose: a subscriber that does not read holds at most this, the rest
+        // stays in the history.
+        let (events, received) = crate::watch::outbox(OUTBOX_EVENTS, OUTBOX_BYTES);
         self.tracker.spawn(watch.run(events, self.shutdown.clone()));
         let store = self.store.clone();
         let metrics = self.metrics.clone();
@@ -315,7 +312,7 @@ impl ProfileApi {
             _connection_slot: connection_slot,
             _gauge: metrics.watch_stream(),
         };
-        let stream = ReceiverStream::new(received).map(move |event| {
+        let stream = received.map(move |event| {
             let _open = &open;
             if let WatchEvent::Reset { kind, .. } = &event {
                 metrics.watch_reset(kind.label());

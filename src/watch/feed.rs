@@ -8,10 +8,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::outbox::{Outbox, TrySendError};
 use super::router::{Mailbox, Registration, Router};
 use super::spec::WatchSpec;
 use super::{ResetKind, WatchEvent};
@@ -126,7 +126,7 @@ impl Watch {
 
     /// Feeds the subscriber until it goes away or `shutdown` fires; on shutdown the last event
     /// is an `End` naming the revision to resume from.
-    pub async fn run(self, events: mpsc::Sender<WatchEvent>, shutdown: CancellationToken) {
+    pub async fn run(self, events: Outbox, shutdown: CancellationToken) {
         let mut feed = Feed {
             spec: Arc::new(self.spec),
             store: self.store,
@@ -149,7 +149,7 @@ struct Feed {
     spec: Arc<WatchSpec>,
     store: Store,
     router: Arc<Router>,
-    events: mpsc::Sender<WatchEvent>,
+    events: Outbox,
     shutdown: CancellationToken,
     last_sent: Instant,
 }
@@ -229,10 +229,19 @@ impl Feed {
         cursor: &mut u64,
         synced_at: &mut Option<u64>,
     ) -> Result<(), Stop> {
-        for change in changes {
+        let mut changes = changes.into_iter();
+        while let Some(change) = changes.next() {
             let revision = change.revision;
-            if self.spec.wants_change(&change) {
-                self.send(WatchEvent::Change(change)).await?;
+            if self.spec.wants_change(&change)
+                && let Some(event) = self.try_send(WatchEvent::Change(change))?
+            {
+                // No room: the rest of the read is let go before the wait, and read again
+                // from the history afterwards (`run`), so a subscriber that stopped reading
+                // keeps no batch of changes alive that the history has dropped since.
+                drop(changes);
+                self.send(event).await?;
+                *cursor = revision + 1;
+                return Ok(());
             }
             *cursor = revision + 1;
             if *synced_at == Some(revision) {
@@ -351,9 +360,17 @@ impl Feed {
                         return Ok(());
                     }
                 };
-                for change in changes {
+                let mut changes = changes.into_iter();
+                while let Some(change) = changes.next() {
                     let revision = change.revision;
-                    self.send(WatchEvent::Change(change)).await?;
+                    if let Some(event) = self.try_send(WatchEvent::Change(change))? {
+                        // As in `send_changes`: nothing else held while it waits; what the
+                        // mailbox named after this is read from the history again.
+                        drop(changes);
+                        self.send(event).await?;
+                        *cursor = revision + 1;
+                        return Ok(());
+                    }
                     *cursor = revision + 1;
                 }
             }
@@ -433,24 +450,35 @@ impl Feed {
         Ok(())
     }
 
-    /// Sends one event, waiting while the subscriber's channel is full.
+    /// Sends one event, waiting while the subscriber's outbox is full.
     ///
-    /// With room in the channel (a subscriber that keeps up) the event goes in at once,
+    /// With room in the outbox (a subscriber that keeps up) the event goes in at once,
     /// without waiting on the shutdown token, whose waiters every feed shares.
     async fn send(&mut self, event: WatchEvent) -> Result<(), Stop> {
+        let Some(event) = self.try_send(event)? else {
+            return Ok(());
+        };
+        tokio::select! {
+            sent = self.events.send(event) => sent.map_err(|()| Stop)?,
+            () = self.shutdown.cancelled() => return Err(Stop),
+        }
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// Sends one event if there is room for it now; gives it back if not.
+    fn try_send(&mut self, event: WatchEvent) -> Result<Option<WatchEvent>, Stop> {
         if self.shutdown.is_cancelled() {
             return Err(Stop);
         }
         match self.events.try_send(event) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop),
-            Err(mpsc::error::TrySendError::Full(event)) => tokio::select! {
-                sent = self.events.send(event) => sent.map_err(|_| Stop)?,
-                () = self.shutdown.cancelled() => return Err(Stop),
-            },
+            Ok(()) => {
+                self.last_sent = Instant::now();
+                Ok(None)
+            }
+            Err(TrySendError::Closed) => Err(Stop),
+            Err(TrySendError::Full(event)) => Ok(Some(event)),
         }
-        self.last_sent = Instant::now();
-        Ok(())
     }
 }
 

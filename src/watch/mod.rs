@@ -14,8 +14,9 @@
 //!   change it wants. A mailbox holds at most [`MAILBOX_CAPACITY`] revisions (numbers, not
 //!   changes); when it fills, the feed reads the history instead.
 //! - `feed`: one subscriber's task. It owns a cursor (the next revision it has to look at)
-//!   and reads the store's history from there at its own pace, into a small bounded channel.
-//!   No change is queued per subscriber beyond that channel, and the writer never waits for a
+//!   and reads the store's history from there at its own pace, into its outbox (`outbox`:
+//!   at most 64 events and 256 KiB of changes). No change is queued per subscriber beyond
+//!   that, and the writer never waits for a
 //!   subscriber: one that does not read just stops advancing its cursor. When it reads again
 //!   it catches up from the history, or, if the history has moved past a change it still has
 //!   to send, gets a `Reset` and the full initial state again.
@@ -30,6 +31,7 @@
 //! messages and statuses is the adapter's job.
 
 mod feed;
+mod outbox;
 mod router;
 mod spec;
 #[cfg(test)]
@@ -40,6 +42,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 
 pub use feed::Watch;
+pub use outbox::{Inbox, OUTBOX_BYTES, OUTBOX_EVENTS, Outbox, outbox};
 pub use router::MAILBOX_CAPACITY;
 pub use spec::{FieldSelector, WatchSpec};
 

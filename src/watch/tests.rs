@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -51,7 +50,7 @@ async fn progress_is_sent_after_an_interval_without_other_events() {
         ..WatchSpec::default()
     };
     let watch = watchers.open(spec).unwrap();
-    let (events, mut received) = mpsc::channel(8);
+    let (events, mut received) = super::outbox(8, usize::MAX);
     let shutdown = CancellationToken::new();
     tracker.spawn(watch.run(events, shutdown.clone()));
 
@@ -113,7 +112,7 @@ async fn initial_state_is_as_of_one_revision_while_writes_land_during_the_scan()
     let watch = watchers.open(spec).unwrap();
     // A one-slot channel holds the feed back: it has read only the first chunk of keys
     // when the first profile arrives here.
-    let (events, mut received) = mpsc::channel(1);
+    let (events, mut received) = super::outbox(1, usize::MAX);
     let shutdown = CancellationToken::new();
     tracker.spawn(watch.run(events, shutdown.clone()));
     let first = received.recv().await;
@@ -196,9 +195,9 @@ fn spawn_feed(
     spec: WatchSpec,
     capacity: usize,
     shutdown: &CancellationToken,
-) -> (mpsc::Receiver<WatchEvent>, tokio::task::JoinHandle<()>) {
+) -> (super::Inbox, tokio::task::JoinHandle<()>) {
     let watch = watchers.open(spec).unwrap();
-    let (events, received) = mpsc::channel(capacity);
+    let (events, received) = super::outbox(capacity, usize::MAX);
     let task = tokio::spawn(watch.run(events, shutdown.clone()));
     (received, task)
 }
@@ -216,7 +215,7 @@ struct Received {
 /// Collects a feed's events until its stream ends; `latest` follows the `Synced` revision
 /// and the last change.
 async fn collect(
-    mut received: mpsc::Receiver<WatchEvent>,
+    mut received: super::Inbox,
     latest: tokio::sync::watch::Sender<(Option<u64>, u64)>,
 ) -> Received {
     let mut all = Received::default();
@@ -556,7 +555,7 @@ fn field_selectors_parse_api_names() {
 /// `Synced`, and an UNAVAILABLE that names no resume point but says to watch for the whole
 /// state again. Returns how many profiles of the state came after the stop.
 async fn stopped_during_a_state(
-    mut received: mpsc::Receiver<WatchEvent>,
+    mut received: super::Inbox,
     task: tokio::task::JoinHandle<()>,
 ) -> usize {
     let mut rest = Vec::new();
@@ -738,5 +737,164 @@ async fn an_initial_state_that_wants_little_yields_to_the_workers_other_tasks_wh
         received.recv().await,
         Some(WatchEvent::Synced { .. })
     ));
+    shutdown.cancel();
+}
+
+/// A subscriber that stops reading keeps alive at most its outbox's bytes of changes and the
+/// one its feed waits to send, whatever the history has dropped since: neither its queue nor
+/// the rest of the feed's history read pins more (an adversarial run stalled streams holding
+/// 64 changes of large profiles each, 18 MB a stream, kept until the client left). Read
+/// again, it gets what was queued, then a `Reset` and the state: never a gap.
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_pins_at_most_its_outbox_bytes() {
+    const HISTORY: u64 = 20;
+    let (watchers, _tracker, sequencer) = store_with_sequencer(HISTORY as usize);
+    let store = watchers.store.clone();
+    let mut changes = Vec::new();
+    let mut apply = async |n: u64| {
+        let second = i64::try_from(n).unwrap();
+        sequencer.apply(points("c1", second, second)).await.unwrap();
+        let change = store.history_from(n, 1).unwrap().remove(0);
+        assert_eq!(change.revision, n);
+        changes.push(Arc::downgrade(&change));
+        crate::store::change_bytes(&change)
+    };
+    // A history full before the feed starts: its first read from revision 1 takes 20 changes.
+    apply(1).await;
+    // Every later change holds the profile before it too: the larger ones.
+    let one = apply(2).await;
+    for n in 3..=HISTORY {
+        apply(n).await;
+    }
+    let spec = WatchSpec {
+        start_revision: 1,
+        progress_interval: Duration::from_secs(3600),
+        ..WatchSpec::default()
+    };
+    let watch = watchers.open(spec).unwrap();
+    let (events, mut received) = super::outbox(64, 3 * one);
+    let shutdown = CancellationToken::new();
+    let _feed = tokio::spawn(watch.run(events, shutdown.clone()));
+    // The feed runs until the outbox is full (this runtime has one thread: yielding lets it).
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    for n in HISTORY + 1..=10 * HISTORY {
+        apply(n).await;
+    }
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let oldest_kept = 10 * HISTORY - HISTORY + 1;
+    let pinned: Vec<u64> = changes
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .map(|change| change.revision)
+        .filter(|revision| *revision < oldest_kept)
+        .collect();
+    // Three in the outbox, one waiting to go in.
+    assert_eq!(
+        pinned,
+        [1, 2, 3, 4],
+        "dropped by the history, kept by the feed"
+    );
+
+    let mut sent = Vec::new();
+    loop {
+        match received.recv().await.unwrap() {
+            WatchEvent::Change(change) => sent.push(change.revision),
+            WatchEvent::Reset { kind, .. } => {
+                assert_eq!(kind, ResetKind::FellBehind);
+                break;
+            }
+            other => panic!("{other:?} before the reset"),
+        }
+    }
+    assert_eq!(
+        sent,
+        [1, 2, 3, 4],
+        "what was queued, in order, then the reset"
+    );
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Existing(_))
+    ));
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Synced { revision }) if revision == 10 * HISTORY
+    ));
+    shutdown.cancel();
+}
+
+/// The same for a subscriber that had caught up: the changes its mailbox named, fetched
+/// together, are not kept while it waits for room.
+#[tokio::test]
+async fn a_live_subscriber_that_stops_reading_pins_at_most_its_outbox_bytes() {
+    const HISTORY: u64 = 20;
+    let (watchers, _tracker, sequencer) = store_with_sequencer(HISTORY as usize);
+    let store = watchers.store.clone();
+    let update = |n: u64| {
+        let second = i64::try_from(n).unwrap();
+        points(&format!("c{n}"), second, second)
+    };
+    sequencer.apply(update(1)).await.unwrap();
+    let spec = WatchSpec {
+        progress_interval: Duration::from_secs(3600),
+        ..WatchSpec::default()
+    };
+    let watch = watchers.open(spec).unwrap();
+    // Room for three changes of the size of those below.
+    let one = crate::store::change_bytes(&store.history_from(1, 1).unwrap()[0]);
+    let (events, mut received) = super::outbox(64, 3 * one);
+    let shutdown = CancellationToken::new();
+    let _feed = tokio::spawn(watch.run(events, shutdown.clone()));
+    assert!(matches!(
+        received.recv().await,
+        Some(WatchEvent::Synced { revision: 1 })
+    ));
+    // Twenty updates committed together: the feed's mailbox names them at once.
+    let batch = (2..=HISTORY + 1).map(|n| sequencer.apply(update(n)));
+    for applied in futures_util::future::join_all(batch).await {
+        applied.unwrap();
+    }
+    let changes: Vec<_> = store
+        .history_from(2, HISTORY as usize)
+        .unwrap()
+        .iter()
+        .map(Arc::downgrade)
+        .collect();
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    for n in HISTORY + 2..=10 * HISTORY {
+        sequencer.apply(update(n)).await.unwrap();
+    }
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let pinned: Vec<u64> = changes
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .map(|change| change.revision)
+        .collect();
+    assert_eq!(pinned, [2, 3, 4, 5], "three in the outbox, one waiting");
+    let mut sent = Vec::new();
+    let after = loop {
+        match received.recv().await {
+            Some(WatchEvent::Change(change)) => sent.push(change.revision),
+            other => break other,
+        }
+    };
+    assert_eq!(sent, [2, 3, 4, 5]);
+    assert!(
+        matches!(
+            after,
+            Some(WatchEvent::Reset {
+                kind: ResetKind::FellBehind,
+                ..
+            })
+        ),
+        "{after:?}"
+    );
     shutdown.cancel();
 }
