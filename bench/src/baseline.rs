@@ -7,7 +7,9 @@
 //!   BatchGetProfiles and ListProfiles with pre-built profiles of the same size as ours (no
 //!   store, no lookup); the other RPCs are UNIMPLEMENTED.
 //! - fan-out over gRPC: WatchProfiles on the no-op gRPC server, every change pre-encoded once
-//!   and written to every stream (`noop_watch.rs`), triggered by a POST on a third listener.
+//!   and written to every stream (`noop_watch.rs`), triggered by a POST on a third listener;
+//!   and the same server on a fourth listener with each connection and its streams on one
+//!   task (`one_task.rs`), the transport's floor.
 //! - fan-out in process: a tokio broadcast channel alone (see [`broadcast_fanout`]).
 //!
 //! The servers run in their own process (`profile-state-bench baseline`), started by the tool,
@@ -39,12 +41,14 @@ pub async fn serve(client_id: &str) -> anyhow::Result<()> {
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let trigger = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc_one_task = TcpListener::bind("127.0.0.1:0").await?;
     println!(
         "{}",
         serde_json::json!({
             "http": http.local_addr()?,
             "grpc": grpc.local_addr()?,
             "fanout_trigger": trigger.local_addr()?,
+            "grpc_one_task": grpc_one_task.local_addr()?,
         })
     );
     let workload = Workload::new(client_id, 1, "");
@@ -55,13 +59,15 @@ pub async fn serve(client_id: &str) -> anyhow::Result<()> {
         generated: ProfileServiceServer::new(noop),
         watch: Arc::clone(&watch),
     };
+    let one_task = crate::one_task::serve(grpc_one_task, routes.clone());
     let grpc = tonic::transport::Server::builder()
         .add_service(routes)
         .serve_with_incoming(TcpIncoming::from(grpc).with_nodelay(Some(true)));
     let http = axum::serve(http.tap_nodelay(), noop_router(Arc::clone(&watch))).into_future();
     let trigger = axum::serve(trigger.tap_nodelay(), watch.trigger()).into_future();
-    let (grpc, http, trigger) = tokio::join!(grpc, http, trigger);
+    let (grpc, one_task, http, trigger) = tokio::join!(grpc, one_task, http, trigger);
     grpc?;
+    one_task?;
     http?;
     trigger?;
     Ok(())

@@ -21,6 +21,7 @@ mod load;
 mod noop_durable;
 mod noop_replica;
 mod noop_watch;
+mod one_task;
 mod process;
 mod report;
 mod scenarios;

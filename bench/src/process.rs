@@ -35,6 +35,9 @@ pub struct Server {
     pub admin: Option<SocketAddr>,
     /// The baseline's fan-out trigger: a POST publishes a change to its WatchProfiles streams.
     pub fanout_trigger: Option<SocketAddr>,
+    /// The baseline's no-op gRPC server with each connection and its streams on one task
+    /// (`one_task.rs`).
+    pub grpc_one_task: Option<SocketAddr>,
     /// `None` for a target the tool did not start (given by address).
     child: Option<Child>,
     /// When the process was started and when it said it was listening.
@@ -54,6 +57,7 @@ impl Server {
             grpc,
             admin: None,
             fanout_trigger: None,
+            grpc_one_task: None,
             child: None,
             spawned_at: now,
             listening_at: now,
@@ -128,6 +132,7 @@ impl Server {
                         grpc: Some(addr("grpc")?),
                         admin: addr("admin").ok(),
                         fanout_trigger: None,
+                        grpc_one_task: None,
                         child: Some(child),
                         spawned_at,
                         listening_at: at,
@@ -165,6 +170,7 @@ impl Server {
             grpc: Some(addr("grpc")?),
             admin: None,
             fanout_trigger: Some(addr("fanout_trigger")?),
+            grpc_one_task: Some(addr("grpc_one_task")?),
             child: Some(child),
             spawned_at,
             listening_at: at,
@@ -220,6 +226,7 @@ impl Server {
             grpc: None,
             admin: None,
             fanout_trigger: None,
+            grpc_one_task: None,
             child: Some(child),
             spawned_at,
             listening_at: at,

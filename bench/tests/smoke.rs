@@ -132,6 +132,12 @@ fn fanout_measures_every_delivery() {
             "every change reaches every subscriber ({side})"
         );
     }
+    // So did the transport floor (the no-op server with each connection on one task).
+    let missing = row_of(&report, "deliveries missing, transport floor").unwrap();
+    assert_eq!(missing["baseline_name"], "no-op gRPC, one task");
+    assert_eq!(missing["baseline"][0].as_f64(), Some(0.0), "{missing}");
+    let floor = row_of(&report, "delivery latency p99, transport floor").unwrap();
+    assert!(floor["baseline"][0].as_f64().unwrap() > 0.0, "{floor}");
     // The transport baseline delivered changes over gRPC.
     let delivered = row_of(&report, "deliveries/s").unwrap();
     assert!(

@@ -6,7 +6,9 @@
 //! Baselines, in the same rounds: the no-op gRPC server's WatchProfiles (the transport alone:
 //! the same streams per connection, each change pre-encoded once at the same size and written
 //! to every stream, measured by the same code from its trigger's answer, `noop_watch.rs`), and
-//! a tokio broadcast channel alone, with as many receiver tasks at the same rate.
+//! the same no-op server with each connection and all its streams on one task (the
+//! transport's floor: hyper's HTTP/2 with no task per stream, `one_task.rs`), and a tokio
+//! broadcast channel alone, with as many receiver tasks at the same rate.
 //!
 //! Then ingest throughput (closed loop, `--concurrency` senders) with S subscribers connected
 //! against none, rounds interleaved.
@@ -187,6 +189,16 @@ impl Endpoints {
             pid: baseline.pid(),
         })
     }
+
+    /// The same, with the no-op gRPC server that runs each connection on one task.
+    fn transport_floor(baseline: &Server) -> anyhow::Result<Endpoints> {
+        Ok(Endpoints {
+            grpc: baseline
+                .grpc_one_task
+                .context("the baseline has no one-task gRPC listener")?,
+            ..Endpoints::noop_watch(baseline)?
+        })
+    }
 }
 
 /// One latency window: webhooks (or the no-op trigger's POSTs) at `rate`, subscribers open.
@@ -356,11 +368,16 @@ pub async fn run(
     let baseline = options.baseline()?;
     // The latency baseline sends every change to every stream: a like-for-like comparison
     // only when every subscriber wants every change.
-    let transport = match filter {
-        Filter::All | Filter::Unfiltered => baseline.as_ref().map(Endpoints::noop_watch),
-        Filter::Customer | Filter::OtherAccount => None,
-    }
-    .transpose()?;
+    let like_for_like = matches!(filter, Filter::All | Filter::Unfiltered);
+    let baseline_of = |endpoints: fn(&Server) -> anyhow::Result<Endpoints>| {
+        baseline
+            .as_ref()
+            .filter(|_| like_for_like)
+            .map(endpoints)
+            .transpose()
+    };
+    let transport = baseline_of(Endpoints::noop_watch)?;
+    let floor = baseline_of(Endpoints::transport_floor)?;
     let ours_endpoints = Endpoints::service(&ours)?;
     for &count in counts {
         let scenario = format!("fanout S={count}");
@@ -370,8 +387,9 @@ pub async fn run(
             filter,
             first_customer: 0,
         };
-        // Latency: the broadcast baseline, the no-op gRPC server, then ours, per round.
-        let results = rounds(options.rounds, 3, |_, contender| {
+        // Latency: the broadcast baseline, the no-op gRPC server, its one-task floor, then
+        // ours, per round.
+        let results = rounds(options.rounds, 4, |_, contender| {
             let (workload, event, scenario) = (&workload, Arc::clone(&event), &scenario);
             async move {
                 let target = match contender {
@@ -382,8 +400,8 @@ pub async fn run(
                                 .await;
                         return Ok(Some(stats));
                     }
-                    1 => match transport {
-                        Some(transport) => transport,
+                    1 | 2 => match if contender == 1 { transport } else { floor } {
+                        Some(endpoints) => endpoints,
                         None => return Ok(None),
                     },
                     _ => ours_endpoints,
@@ -391,7 +409,7 @@ pub async fn run(
                 let stats = measure_latency(options, target, workload, audience, rate).await?;
                 eprintln!(
                     "{scenario} ({}): p50 {} µs, p99 {} µs, max {} µs, {} deliveries, {} missing",
-                    if contender == 1 { "no-op gRPC" } else { "ours" },
+                    [NOOP, FLOOR, "ours"][contender.min(3) - 1],
                     stats.latency.value_at_quantile(0.5),
                     stats.latency.value_at_quantile(0.99),
                     stats.latency.max(),
@@ -412,9 +430,15 @@ pub async fn run(
             })
             .collect::<anyhow::Result<_>>()?;
         let ours_stats = results.pop().unwrap_or_default();
+        let floor = results.pop().unwrap_or_default();
         let noop = results.pop().unwrap_or_default();
         let broadcast = results.pop().unwrap_or_default();
-        latency_rows(report, &scenario, audience, &ours_stats, &noop, &broadcast);
+        let baselines = Baselines {
+            noop,
+            floor,
+            broadcast,
+        };
+        latency_rows(report, &scenario, audience, &ours_stats, &baselines);
 
         let impact = super::watch_impact::Impact {
             audience: Audience {
@@ -430,17 +454,34 @@ pub async fn run(
     Ok(())
 }
 
+const NOOP: &str = "no-op gRPC";
+const FLOOR: &str = "no-op gRPC, one task";
+
+/// What ours is compared with in the latency part, each round's figures.
+struct Baselines {
+    /// The no-op gRPC server (tonic's serving).
+    noop: Vec<FanoutStats>,
+    /// The same server with each connection on one task.
+    floor: Vec<FanoutStats>,
+    /// The in-process broadcast channel.
+    broadcast: Vec<FanoutStats>,
+}
+
 /// The latency, rate and CPU rows of one subscriber count: ours against the no-op gRPC
-/// server's (the transport's own cost), and the in-process broadcast channel's p50 and p99.
+/// server's (the transport's own cost) and its one-task floor's, and the in-process broadcast
+/// channel's p50 and p99.
 fn latency_rows(
     report: &mut Report,
     scenario: &str,
     audience: Audience,
     ours: &[FanoutStats],
-    noop: &[FanoutStats],
-    broadcast: &[FanoutStats],
+    baselines: &Baselines,
 ) {
-    const NOOP: &str = "no-op gRPC";
+    let Baselines {
+        noop,
+        floor,
+        broadcast,
+    } = baselines;
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let each = |stats: &[FanoutStats], f: &dyn Fn(&FanoutStats) -> f64| -> Vec<f64> {
         stats.iter().map(f).collect()
@@ -473,6 +514,18 @@ fn latency_rows(
             row = row.target(Target::AtMost { value });
         }
         report.push(row);
+    }
+    for (label, quantile) in [("p50", 0.5), ("p99", 0.99)] {
+        let value = |s: &FanoutStats| ms(&s.latency, quantile);
+        report.push(
+            Row::new(
+                scenario,
+                &format!("delivery latency {label}, transport floor"),
+                "ms",
+            )
+            .ours(each(ours, &value))
+            .baseline(FLOOR, each(floor, &value)),
+        );
     }
     for (label, quantile) in [("p50", 0.5), ("p99", 0.99)] {
         let value = |s: &FanoutStats| ms(&s.latency, quantile);
@@ -528,11 +581,21 @@ fn latency_rows(
                 .ours(each(ours, &cpu))
                 .baseline(NOOP, each(noop, &cpu)),
         );
+        report.push(
+            Row::new(scenario, "server CPU per delivery, transport floor", "µs")
+                .ours(each(ours, &cpu))
+                .baseline(FLOOR, each(floor, &cpu)),
+        );
     }
     let missing = |s: &FanoutStats| s.missing as f64;
     report.push(
         Row::new(scenario, "deliveries missing", "count")
             .ours(each(ours, &missing))
             .baseline(NOOP, each(noop, &missing)),
+    );
+    report.push(
+        Row::new(scenario, "deliveries missing, transport floor", "count")
+            .ours(each(ours, &missing))
+            .baseline(FLOOR, each(floor, &missing)),
     );
 }
