@@ -708,3 +708,155 @@ async fn the_soft_open_files_limit_is_raised_to_the_hard_one_at_start() {
     assert_eq!(open_files_limits(binary.child.id()), (hard, hard));
     binary.stop();
 }
+
+/// An HTTP/2 connection to the gRPC port driven by hand.
+async fn raw_grpc(grpc: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// A GetProfile whose message declares `declared` bytes and sends `sent` of them, never
+/// ending: the answer, and the request's stream (kept open while it lives).
+async fn unfinished_call(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    declared: u32,
+    sent: usize,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    call(client, declared, sent, false).await
+}
+
+async fn call(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    declared: u32,
+    sent: usize,
+    end: bool,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = tonic::codegen::http::Request::post(
+        "http://x/gameball.profiles.v1.ProfileService/GetProfile",
+    )
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let mut ready = client.clone().ready().await.unwrap();
+    let (response, mut body) = ready.send_request(request, false).unwrap();
+    let mut message = vec![0];
+    message.extend(declared.to_be_bytes());
+    message.resize(5 + sent, b'x');
+    body.send_data(message.into(), end).unwrap();
+    (response, body)
+}
+
+/// `grpc-message` as written: percent-encoded UTF-8.
+fn percent_decoded(text: &str) -> String {
+    let mut bytes = Vec::new();
+    let mut rest = text.as_bytes();
+    while let Some((&first, tail)) = rest.split_first() {
+        match (first, tail) {
+            (b'%', [high, low, tail @ ..]) => {
+                let hex = std::str::from_utf8(&[*high, *low]).unwrap().to_owned();
+                bytes.push(u8::from_str_radix(&hex, 16).unwrap());
+                rest = tail;
+            }
+            _ => {
+                bytes.push(first);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8(bytes).unwrap()
+}
+
+/// The gRPC status of an answer (trailers-only, or in the trailers) and its message.
+async fn grpc_status(response: h2::client::ResponseFuture) -> (String, String) {
+    let response = response.await.unwrap();
+    let of = |headers: &tonic::codegen::http::HeaderMap| {
+        let text = |name| {
+            headers
+                .get(name)
+                .map(|value: &tonic::codegen::http::HeaderValue| value.to_str().unwrap().to_owned())
+        };
+        let message = text("grpc-message").unwrap_or_default();
+        Some((text("grpc-status")?, percent_decoded(&message)))
+    };
+    if let Some(status) = of(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    while body.data().await.is_some() {}
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    of(&trailers).expect("a grpc-status")
+}
+
+/// gRPC requests whose message never finished arriving held what they had received, up to the
+/// message limit each and 1,000 a connection, for as long as the client stayed: 890 MB from
+/// 200 calls (found by an adversarial run). Now requests still arriving hold at most twice the
+/// limit per connection and 16 times it in all, a request past either is refused, and each
+/// must arrive within `--grpc-request-body-timeout`; what they held is then free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_requests_that_never_finish_arriving_hold_bounded_bytes_for_bounded_time() {
+    const LIMIT: usize = 1 << 20;
+    const SENT: usize = 900_000;
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_max_message_bytes = LIMIT;
+    config.grpc_request_body_timeout = std::time::Duration::from_secs(5);
+    let service = TestService::start_with(config).await;
+    let declared = u32::try_from(LIMIT - 1000).unwrap();
+
+    // Two of them fit in a connection's 2 MiB, the third does not.
+    let mut first = raw_grpc(service.grpc).await;
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        calls.push(unfinished_call(&mut first, declared, SENT).await);
+    }
+    let (third, _open) = unfinished_call(&mut first, declared, SENT).await;
+    let refusal = tokio::time::timeout(std::time::Duration::from_secs(30), grpc_status(third));
+    let (code, message) = refusal
+        .await
+        .expect("the third call refused before its deadline");
+    assert_eq!(code, "8", "RESOURCE_EXHAUSTED: {message}");
+    assert!(message.contains("this connection's requests"), "{message}");
+
+    // Nine more connections of two each: 18 MB, past the server's 16 MiB.
+    let mut connections = Vec::new();
+    for _ in 0..9 {
+        let mut connection = raw_grpc(service.grpc).await;
+        for _ in 0..2 {
+            calls.push(unfinished_call(&mut connection, declared, SENT).await);
+        }
+        connections.push(connection);
+    }
+    let mut answers = Vec::new();
+    for (response, _open) in calls {
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(30), grpc_status(response));
+        answers.push(answer.await.expect("every call answered by its deadline"));
+    }
+    let refused = answers
+        .iter()
+        .filter(|(code, message)| code == "8" && message.contains("the server's requests"))
+        .count();
+    let timed_out = answers
+        .iter()
+        .filter(|(code, message)| code == "4" && message.contains("did not arrive whole within 5s"))
+        .count();
+    assert!(refused >= 1, "{answers:?}");
+    assert_eq!(refused + timed_out, answers.len(), "{answers:?}");
+
+    // Their bytes are free again: a whole request is answered, on an old connection too.
+    let mut client = service.client().await;
+    let request = profile_state::pb::GetProfileRequest {
+        client_id: "a".into(),
+        customer_id: "c".into(),
+        ..Default::default()
+    };
+    let answer = client.get_profile(request).await.unwrap_err();
+    assert_eq!(answer.code(), tonic::Code::NotFound, "{answer:?}");
+    let (whole, _open) = call(&mut first, 0, 0, true).await;
+    let (code, message) = grpc_status(whole).await;
+    assert_eq!(code, "3", "INVALID_ARGUMENT (an empty request): {message}");
+    drop(connections);
+    service.stop().await;
+}

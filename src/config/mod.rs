@@ -197,6 +197,11 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub grpc_handshake_timeout: Duration,
 
+    /// Longest a gRPC request's message may take to arrive whole, from the call's start; the
+    /// call then fails with DEADLINE_EXCEEDED and what it had received is freed.
+    #[arg(long, env = "PROFILE_STATE_GRPC_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub grpc_request_body_timeout: Duration,
+
     /// Most connections open at once on the gRPC listener; more are closed at once.
     #[arg(
         long,
@@ -561,6 +566,10 @@ impl Config {
             (
                 "grpc-handshake-timeout",
                 self.grpc_handshake_timeout.is_zero(),
+            ),
+            (
+                "grpc-request-body-timeout",
+                self.grpc_request_body_timeout.is_zero(),
             ),
             ("max-grpc-connections", self.max_grpc_connections == 0),
         ];

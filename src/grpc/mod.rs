@@ -17,6 +17,7 @@ pub mod dead_letters;
 mod page_token;
 mod profile_reply;
 mod reconcile;
+pub mod request_bytes;
 pub mod transport;
 mod watch;
 

@@ -136,6 +136,8 @@ pub struct Connection {
     pub peer: std::net::SocketAddr,
     /// The watch stream slots of this connection.
     pub watches: ConnectionWatches,
+    /// The bytes of requests this connection may be receiving at once.
+    pub request_bytes: super::request_bytes::ConnectionRequestBytes,
 }
 
 impl Connection {

@@ -20,6 +20,7 @@ use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::certificates::TlsCertificates;
 use crate::grpc::dead_letters::DeadLetterApi;
+use crate::grpc::request_bytes::{ConnectionRequestBytes, RequestBytesLayer};
 use crate::grpc::transport::{Connection, ConnectionWatches, MetricsLayer};
 use crate::grpc::{ProfileApi, ProfileServiceRoutes};
 use crate::ingest::Ingest;
@@ -97,6 +98,8 @@ pub(super) struct Limits {
     /// `--grpc-handshake-timeout`: from the accept, the TLS handshake (if any) and the HTTP/2
     /// preface must be done within it.
     pub handshake_timeout: std::time::Duration,
+    /// `--grpc-request-body-timeout`: a request's message must arrive whole within it.
+    pub request_body_timeout: std::time::Duration,
 }
 
 /// The gRPC listener, serving.
@@ -136,6 +139,7 @@ pub(super) fn serve<H: Health>(
                 max_watch_streams_per_connection,
                 max_message_bytes: limit,
                 handshake_timeout,
+                request_body_timeout,
             },
         replica,
     } = services;
@@ -163,6 +167,7 @@ pub(super) fn serve<H: Health>(
     // tokens are configured, AdminService credentials or a loopback peer (`AdminAuth`).
     let router = builder
         .layer(MetricsLayer::new(metrics))
+        .layer(RequestBytesLayer::new(limit, request_body_timeout))
         .add_service(limited!(health, limit))
         .add_service(limited!(reflection_v1()?, limit))
         .add_service(limited!(reflection_v1alpha()?, limit))
@@ -182,6 +187,7 @@ pub(super) fn serve<H: Health>(
     let tag = move |peer| Connection {
         peer,
         watches: ConnectionWatches::new(max_watch_streams_per_connection),
+        request_bytes: ConnectionRequestBytes::new(limit),
     };
     let task = match tls {
         None => {
