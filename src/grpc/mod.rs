@@ -58,6 +58,10 @@ const UNLIMITED_STREAMS: usize = u32::MAX as usize;
 const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Most customer ids one WatchProfiles filter may name.
 pub const MAX_WATCH_IDS: usize = 1000;
+/// Most bytes of customer ids one WatchProfiles filter may name (256 bytes each for the most
+/// ids): a stream keeps its filter while it is open, and 1,000 ids of 4 KB each kept 4 MB a
+/// stream (found by an adversarial run).
+pub const MAX_WATCH_ID_BYTES: usize = 256 * 1024;
 /// Most field names one WatchProfiles filter may name.
 pub const MAX_WATCH_FIELDS: usize = 100;
 /// Longest a `min_revision` read waits, whatever its deadline.

@@ -37,8 +37,8 @@ use tonic::{Request, Response, Status};
 use super::codec::{MessageCodec, MessageDecoder};
 use super::profile_reply::ProfileReply;
 use super::{
-    DEFAULT_PROGRESS_INTERVAL, MAX_WATCH_FIELDS, MAX_WATCH_IDS, OpenWatch, ProfileApi, convert,
-    transport,
+    DEFAULT_PROGRESS_INTERVAL, MAX_WATCH_FIELDS, MAX_WATCH_ID_BYTES, MAX_WATCH_IDS, OpenWatch,
+    ProfileApi, convert, transport,
 };
 use crate::error::Error;
 use crate::pb;
@@ -334,6 +334,11 @@ fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
             "at most {MAX_WATCH_IDS} ids per watch, got {}",
             request.customer_ids.len()
         );
+        return Err(Error::invalid("customer_ids", reason));
+    }
+    let id_bytes: usize = request.customer_ids.iter().map(String::len).sum();
+    if id_bytes > MAX_WATCH_ID_BYTES {
+        let reason = format!("at most {MAX_WATCH_ID_BYTES} bytes of ids per watch, got {id_bytes}");
         return Err(Error::invalid("customer_ids", reason));
     }
     if request.fields.len() > MAX_WATCH_FIELDS {
