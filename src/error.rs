@@ -86,6 +86,19 @@ pub enum Error {
         /// The letter.
         id: String,
     },
+    /// A read on a single node asked for a `min_revision` beyond the store's: this store
+    /// never assigned it (a webhook is answered only once its revision is visible), so no
+    /// wait can bring it; only unrelated later writes would reach the number.
+    #[error(
+        "min_revision {requested} was never assigned by this store (its latest revision is \
+         {current}): a revision of another store, or of this one before it was emptied"
+    )]
+    RevisionNeverAssigned {
+        /// The `min_revision` asked for.
+        requested: u64,
+        /// The store's revision.
+        current: u64,
+    },
     /// A read asked for `min_revision`, and this server had not applied it by the call's
     /// deadline: a replica behind its cluster, or a revision not assigned yet.
     #[error(
@@ -184,6 +197,7 @@ impl Error {
             Error::InvalidArgument { field, .. } => Some(field),
             Error::DeadLettered { cause, .. } => cause.field(),
             Error::RevisionInFuture { .. } | Error::Compacted { .. } => Some("start_revision"),
+            Error::RevisionNeverAssigned { .. } => Some("min_revision"),
             Error::StoreChanged { .. } => Some("store_id"),
             Error::ReconcileNotConfigured { .. } | Error::ReconcileJobRunning { .. } => {
                 Some("client_id")

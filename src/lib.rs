@@ -42,6 +42,7 @@
 //! knows nothing of axum, tonic or NATS.
 #![warn(missing_docs)]
 
+pub mod activity;
 pub mod cli;
 pub mod config;
 pub mod data_dir;

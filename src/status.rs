@@ -123,7 +123,9 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
         Rejection::Domain(error) => match error {
             Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
-            Error::RevisionInFuture { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            Error::RevisionInFuture { .. } | Error::RevisionNeverAssigned { .. } => {
+                StatusCode::RANGE_NOT_SATISFIABLE
+            }
             Error::Compacted { .. } | Error::StoreChanged { .. } => StatusCode::GONE,
             Error::DeadLettered { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::DeadLetterNotFound { .. } | Error::ReconcileJobNotFound { .. } => {
@@ -193,7 +195,9 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             Error::TooManyReconcileJobs { .. }
             | Error::ResponseTooLarge { .. }
             | Error::BackupRunning => tonic::Code::ResourceExhausted,
-            Error::RevisionInFuture { .. } => tonic::Code::OutOfRange,
+            Error::RevisionInFuture { .. } | Error::RevisionNeverAssigned { .. } => {
+                tonic::Code::OutOfRange
+            }
             Error::Compacted { .. } | Error::StoreChanged { .. } => tonic::Code::FailedPrecondition,
             Error::Unavailable { .. } => tonic::Code::Unavailable,
         },

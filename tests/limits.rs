@@ -395,7 +395,16 @@ async fn connections_past_a_listeners_cap_are_refused_or_make_room_and_are_count
         connect(service.webhook, b"").await,
         connect(service.webhook, b"").await,
     ];
-    let held_grpc = connect(service.grpc, b"").await;
+    // gRPC: an idle connection makes room for a new one, as on the other listeners (2,048
+    // idle ones kept every client out: found by an adversarial run); one with a call in
+    // progress does not, and the newcomer is refused.
+    let mut held_grpc = connect(service.grpc, b"").await;
+    let mut client = service.client().await;
+    // Closed (after the server's SETTINGS, sent as it was accepted).
+    until_closed(&mut held_grpc).await;
+    let request = profile_state::pb::WatchProfilesRequest::default();
+    let mut watch = client.watch_profiles(request).await.unwrap().into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "Synced");
     let mut refused_grpc = connect(service.grpc, b"").await;
     assert_eq!(until_closed(&mut refused_grpc).await, b"");
     let (_, metrics) = service.admin_get("/metrics").await;
@@ -430,12 +439,16 @@ async fn connections_past_a_listeners_cap_are_refused_or_make_room_and_are_count
         1.0
     );
     assert_eq!(
+        value(r#"profile_state_connections_timed_out_total{listener="grpc",timeout="idle"}"#),
+        1.0
+    );
+    assert_eq!(
         value(r#"profile_state_connections{listener="webhook"}"#),
         2.0
     );
     assert_eq!(value(r#"profile_state_connections{listener="grpc"}"#), 1.0);
     drop(held);
-    drop(held_grpc);
+    drop(watch);
     service.stop().await;
 }
 
@@ -797,41 +810,48 @@ async fn grpc_status(response: h2::client::ResponseFuture) -> (String, String) {
 /// must arrive within `--grpc-request-body-timeout`; what they held is then free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_requests_that_never_finish_arriving_hold_bounded_bytes_for_bounded_time() {
-    const LIMIT: usize = 1 << 20;
-    const SENT: usize = 900_000;
+    // Small messages: each call's bytes fit in its HTTP/2 stream window, so they all arrive
+    // at once, well before the deadline, however loaded the machine.
+    const LIMIT: usize = 64 * 1024;
+    const SENT: usize = 60_000;
     let mut config = Config::for_tests(SECRET);
     config.grpc_max_message_bytes = LIMIT;
     config.grpc_request_body_timeout = std::time::Duration::from_secs(5);
     let service = TestService::start_with(config).await;
     let declared = u32::try_from(LIMIT - 1000).unwrap();
 
-    // Two of them fit in a connection's 2 MiB, the third does not.
+    // Two of them fit in a connection's 128 KiB, the third does not: one of the three (the
+    // last whose bytes the server reads) is refused at once.
     let mut first = raw_grpc(service.grpc).await;
-    let mut calls = Vec::new();
-    for _ in 0..2 {
-        calls.push(unfinished_call(&mut first, declared, SENT).await);
+    let mut pending = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let (response, stream) = unfinished_call(&mut first, declared, SENT).await;
+        pending.push(Box::pin(grpc_status(response)));
+        streams.push(stream);
     }
-    let (third, _open) = unfinished_call(&mut first, declared, SENT).await;
-    let refusal = tokio::time::timeout(std::time::Duration::from_secs(30), grpc_status(third));
-    let (code, message) = refusal
-        .await
-        .expect("the third call refused before its deadline");
+    let first_answer = futures_util::future::select_all(pending);
+    let ((code, message), _, mut pending) =
+        tokio::time::timeout(std::time::Duration::from_secs(30), first_answer)
+            .await
+            .expect("one call refused before the deadline");
     assert_eq!(code, "8", "RESOURCE_EXHAUSTED: {message}");
     assert!(message.contains("this connection's requests"), "{message}");
 
-    // Nine more connections of two each: 18 MB, past the server's 16 MiB.
+    // Nine more connections of two each: 1.2 MB, past the server's 1 MiB.
     let mut connections = Vec::new();
     for _ in 0..9 {
         let mut connection = raw_grpc(service.grpc).await;
         for _ in 0..2 {
-            calls.push(unfinished_call(&mut connection, declared, SENT).await);
+            let (response, stream) = unfinished_call(&mut connection, declared, SENT).await;
+            pending.push(Box::pin(grpc_status(response)));
+            streams.push(stream);
         }
         connections.push(connection);
     }
     let mut answers = Vec::new();
-    for (response, _open) in calls {
-        let answer =
-            tokio::time::timeout(std::time::Duration::from_secs(30), grpc_status(response));
+    for answer in pending {
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(30), answer);
         answers.push(answer.await.expect("every call answered by its deadline"));
     }
     let refused = answers
@@ -845,7 +865,7 @@ async fn grpc_requests_that_never_finish_arriving_hold_bounded_bytes_for_bounded
     assert!(refused >= 1, "{answers:?}");
     assert_eq!(refused + timed_out, answers.len(), "{answers:?}");
 
-    // Their bytes are free again: a whole request is answered, on an old connection too.
+    // Their bytes are free again: a whole request is answered, on the first connection too.
     let mut client = service.client().await;
     let request = profile_state::pb::GetProfileRequest {
         client_id: "a".into(),

@@ -796,3 +796,50 @@ async fn health_reports_the_profile_service_and_the_server_serving() {
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     service.stop().await;
 }
+
+/// A single node answers a webhook only once its revision is visible: a `min_revision` beyond
+/// the store's was never assigned here (another store's, or this one's before it was
+/// emptied). It waited 30 s and said "retry", and would have been satisfied by unrelated
+/// later writes (found by an adversarial run); it is refused at once, naming both revisions.
+/// The revision a webhook was answered with is served as before.
+#[tokio::test]
+async fn a_min_revision_a_single_node_never_assigned_is_out_of_range_at_once() {
+    let service = TestService::start().await;
+    let (status, answer) = service
+        .post(&profile_updated(
+            "alice",
+            &at(1),
+            json!({"total_points": 7}),
+        ))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let revision = answer["revision"].as_u64().unwrap();
+    let mut client = service.client().await;
+    let mut read = get(CLIENT, "alice");
+    read.min_revision = revision;
+    let profile = client.get_profile(read.clone()).await.unwrap().into_inner();
+    assert_eq!(profile.profile.unwrap().revision, revision);
+
+    read.min_revision = revision + 1;
+    let mut request = tonic::Request::new(read);
+    request.set_timeout(Duration::from_secs(5));
+    let refused = client.get_profile(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        format!(
+            "min_revision {} was never assigned by this store (its latest revision is \
+             {revision}): a revision of another store, or of this one before it was emptied",
+            revision + 1
+        )
+    );
+    let mut batch_read = batch(CLIENT, &["alice".to_owned()]);
+    batch_read.min_revision = u64::MAX;
+    let refused = client.batch_get_profiles(batch_read).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    let mut list_read = list(CLIENT, "", 10, "");
+    list_read.min_revision = revision + 1;
+    let refused = client.list_profiles(list_read).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    service.stop().await;
+}

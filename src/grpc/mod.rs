@@ -173,8 +173,19 @@ impl ProfileApi {
         min_revision: u64,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<(), Status> {
-        if min_revision == 0 || self.store.revision() >= min_revision {
+        let current = self.store.revision();
+        if min_revision == 0 || current >= min_revision {
             return Ok(());
+        }
+        // A single node answers a webhook once its revision is visible here: one beyond the
+        // store's was never assigned by it, and waiting would only let unrelated writes reach
+        // the number (found by an adversarial run). A replica may be behind its cluster: it
+        // waits.
+        if self.replica.is_none() {
+            return Err(grpc_status(Error::RevisionNeverAssigned {
+                requested: min_revision,
+                current,
+            }));
         }
         let budget = deadline(metadata).map_or(MAX_MIN_REVISION_WAIT, |timeout| {
             // A tenth of the time (at most 100 ms) is left for the answer to travel.

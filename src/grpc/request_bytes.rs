@@ -4,10 +4,12 @@
 //! control credit as they are read, so a client that declares a large message and never
 //! finishes it held up to `--grpc-max-message-bytes` per call, 1,000 calls per connection, for
 //! as long as it stayed: 890 MB from 200 calls (found by an adversarial run). Every request
-//! body here draws its bytes from its connection's budget (twice the message limit) and the
-//! server's (16 times it), and gives them back when it ends, whole or not; a body that would
-//! go over fails with `RESOURCE_EXHAUSTED`, and one not whole within
-//! `--grpc-request-body-timeout` with `DEADLINE_EXCEEDED`. Every request of the API is one message, so a legitimate one arrives
+//! body here follows its messages' length prefixes, and while a message is incomplete its
+//! bytes are drawn from its connection's budget (twice the message limit) and the server's
+//! (16 times it), given back when it is whole or the body ends; a body that would go over
+//! fails with `RESOURCE_EXHAUSTED`, and a body not whole within `--grpc-request-body-timeout`
+//! of its first wait for more with `DEADLINE_EXCEEDED`. A message that comes whole in one
+//! frame, most of them, takes nothing, and its timer, if any, goes with it. Every request of the API is one message, so a legitimate one arrives
 //! at once; the limits bind only requests that stall or flood.
 //!
 //! What this module does not do: limit a message's size (tonic does, per service) or count
@@ -114,6 +116,7 @@ where
                 deadline: None,
                 arrival,
                 ended: false,
+                framing: Framing::default(),
             })
         }))
     }
@@ -169,6 +172,49 @@ struct Held {
     connection: Option<OwnedSemaphorePermit>,
 }
 
+/// Where a body is in its gRPC messages (each a 5-byte prefix, then as many bytes as it
+/// declares): tonic holds a message's bytes until it is whole, so only those count.
+#[derive(Default)]
+struct Framing {
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// Bytes of the message still to come, once its prefix is whole.
+    rest: u64,
+}
+
+impl Framing {
+    /// Counts `data` in; whether a message is incomplete after it.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            if self.prefix_len < self.prefix.len() {
+                let take = (self.prefix.len() - self.prefix_len).min(data.len());
+                self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
+                self.prefix_len += take;
+                data = &data[take..];
+                if self.prefix_len == self.prefix.len() {
+                    let [_, length @ ..] = self.prefix;
+                    self.rest = u64::from(u32::from_be_bytes(length));
+                    self.next_if_whole();
+                }
+                continue;
+            }
+            let take = usize::try_from(self.rest)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            self.rest -= take as u64;
+            data = &data[take..];
+            self.next_if_whole();
+        }
+        self.prefix_len > 0
+    }
+
+    fn next_if_whole(&mut self) {
+        if self.rest == 0 {
+            self.prefix_len = 0;
+        }
+    }
+}
+
 /// A request body drawing on its budgets until it ends, within its deadline.
 struct Arriving {
     body: Body,
@@ -179,6 +225,7 @@ struct Arriving {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     arrival: Duration,
     ended: bool,
+    framing: Framing,
 }
 
 impl Arriving {
@@ -190,6 +237,11 @@ impl Arriving {
 
     fn end(&mut self) {
         self.ended = true;
+        self.between_messages();
+    }
+
+    /// No message incomplete: nothing held, no deadline.
+    fn between_messages(&mut self) {
         self.held = Held::default();
         self.deadline = None;
     }
@@ -209,8 +261,12 @@ impl HttpBody for Arriving {
         }
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let bytes = frame.data_ref().map_or(0, Bytes::len);
-                if let Err(status) = this.hold(bytes) {
+                let Some(data) = frame.data_ref() else {
+                    return Poll::Ready(Some(Ok(frame)));
+                };
+                if !this.framing.feed(data) {
+                    this.between_messages();
+                } else if let Err(status) = this.hold(data.len()) {
                     this.end();
                     return Poll::Ready(Some(Err(status)));
                 }
@@ -243,5 +299,37 @@ impl HttpBody for Arriving {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(length: u32) -> Vec<u8> {
+        let mut bytes = vec![0];
+        bytes.extend(length.to_be_bytes());
+        bytes.resize(5 + length as usize, b'x');
+        bytes
+    }
+
+    /// Only a message not yet whole counts, however its bytes are cut into frames.
+    #[test]
+    fn framing_follows_messages_across_frames() {
+        let mut framing = Framing::default();
+        assert!(!framing.feed(&message(3)), "whole in one frame");
+        assert!(!framing.feed(&message(0)), "an empty message");
+        let ten = message(10);
+        assert!(framing.feed(&ten[..2]), "the prefix cut");
+        assert!(
+            framing.feed(&ten[2..7]),
+            "the prefix whole, two bytes of ten"
+        );
+        assert!(!framing.feed(&ten[7..]), "the rest");
+        let mut two = message(4);
+        two.extend(message(6));
+        assert!(framing.feed(&two[..12]), "one whole, the next begun");
+        assert!(!framing.feed(&two[12..]));
+        assert!(!framing.feed(&[]), "nothing");
     }
 }

@@ -138,6 +138,9 @@ pub struct Connection {
     pub watches: ConnectionWatches,
     /// The bytes of requests this connection may be receiving at once.
     pub request_bytes: super::request_bytes::ConnectionRequestBytes,
+    /// Its calls in progress (marked by [`MetricsLayer`]): the listener closes a connection
+    /// with none, the idlest, to make room at its cap.
+    pub activity: Arc<crate::activity::Activity>,
 }
 
 impl Connection {
@@ -145,6 +148,11 @@ impl Connection {
     /// TLS: the listener terminates TLS itself, so tonic sees the same `Connection` either way;
     /// no call reads the client's certificate, which the handshake has already checked).
     pub fn of<T>(request: &tonic::Request<T>) -> Option<&Connection> {
+        request.extensions().get::<Connection>()
+    }
+
+    /// The connection of an HTTP request, before tonic makes it a call.
+    fn of_http<B>(request: &http::Request<B>) -> Option<&Connection> {
         request.extensions().get::<Connection>()
     }
 
@@ -381,9 +389,20 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let method = self.layer.methods.get(request.uri().path()).cloned();
+        // In progress on its connection until the answer is dropped (`Connection::activity`):
+        // held by the answer's body, which this layer wraps anyway.
+        let busy = Connection::of_http(&request).map(|connection| connection.activity.begin());
         let response = self.inner.call(request);
         let Some(method) = method else {
-            return Box::pin(async move { Ok(response.await?.map(Body::new)) });
+            return Box::pin(async move {
+                let response = response.await?;
+                Ok(response.map(|body| {
+                    Body::new(body.map_frame(move |frame| {
+                        let _busy = &busy;
+                        frame
+                    }))
+                }))
+            });
         };
         let mut call = Call::start(method);
         Box::pin(async move {
@@ -393,19 +412,18 @@ where
                 call.finish(code);
             } else if response.body().is_end_stream() {
                 call.finish(Code::Unknown);
-            } else {
-                // The status follows the messages, in the trailers; a body dropped before
-                // them drops `call`, which counts the call as cancelled.
-                return Ok(response.map(|body| {
-                    Body::new(body.map_frame(move |frame| {
-                        if let Some(trailers) = frame.trailers_ref() {
-                            call.finish(status_in(trailers).unwrap_or(Code::Unknown));
-                        }
-                        frame
-                    }))
-                }));
             }
-            Ok(response.map(Body::new))
+            // Otherwise the status follows the messages, in the trailers; a body dropped before
+            // them drops `call`, which counts the call as cancelled.
+            Ok(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _busy = &busy;
+                    if let Some(trailers) = frame.trailers_ref() {
+                        call.finish(status_in(trailers).unwrap_or(Code::Unknown));
+                    }
+                    frame
+                }))
+            }))
         })
     }
 }

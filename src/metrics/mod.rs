@@ -70,7 +70,7 @@ pub const WATCH_RESET_REASONS: &[&str] = &[
 /// `listener` and `timeout` labels of `profile_state_connections*`. Each exists at zero.
 pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] = &[
     ("webhook", &["idle", "header"]),
-    ("grpc", &["handshake"]),
+    ("grpc", &["handshake", "idle"]),
     ("admin", &["idle", "header"]),
 ];
 

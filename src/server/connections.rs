@@ -5,7 +5,8 @@
 //! `profile_state_connections_refused_total` and warned about at most every ten seconds, so a
 //! flood of idle sockets cannot use up the process's open files and starve the other ports.
 //! [`serve_http`] (the webhook and admin listeners) closes its idlest connection instead, if
-//! one has no request in progress, and serves the new one.
+//! one has no request in progress, and serves the new one; so does the gRPC listener, whose
+//! connections tonic serves, through [`Evictable`].
 //! [`Timed`] wraps each accepted connection with its deadlines:
 //! - [`Deadlines::Requests`] (the webhook listener): while no request is in progress, a
 //!   connection that sends nothing is closed after the idle timeout (counted from the end of
@@ -28,8 +29,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,6 +40,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::Activity;
 use crate::logging::RateLimited;
 use crate::metrics::{ConnectionMetrics, ListenerMetrics};
 
@@ -82,14 +83,9 @@ impl CappedListener {
     }
 
     /// The next connection within the cap, with `TCP_NODELAY` set (answers go out as soon as
-    /// they are written). Connections past the cap are closed as they arrive. Cancel-safe.
-    pub async fn accept(&self) -> (TcpStream, SocketAddr, Slot) {
-        self.accept_making_room(|| false).await
-    }
-
-    /// As [`CappedListener::accept`], but a connection past the cap first asks `make_room` to
-    /// close another one; if it did, the connection waits for its place (a second at most).
-    /// Not cancel-safe while it waits: the connection accepted is dropped.
+    /// they are written). A connection past the cap first asks `make_room` to close another
+    /// one; if it did, the connection waits for its place (a second at most), and if not it is
+    /// closed at once. Not cancel-safe while it waits: the connection accepted is dropped.
     pub async fn accept_making_room(
         &self,
         mut make_room: impl FnMut() -> bool,
@@ -263,24 +259,75 @@ fn evict_idlest(open: &OpenConnections) -> bool {
     }
 }
 
-/// The connections of `listener` as tonic's incoming stream, each turned into the stream tonic
-/// reads by `open` (the TCP stream itself, or TLS over it), with the handshake timeout of
-/// [`Deadlines::Preface`] and a `tag` made for it from the peer's address.
+/// Connections served by a task out of our reach (tonic's), which the listener closes at its
+/// cap through their cut token (`super::cut`): the one with no call in progress that has been
+/// idle the longest, as [`serve_http`] does with its own tasks. 2,048 idle gRPC connections,
+/// answering pings and making no call, kept every other client out for as long as they stayed
+/// (found by an adversarial run).
+#[derive(Clone, Default)]
+pub struct Evictable(Arc<Mutex<Vec<EvictableConnection>>>);
+
+/// A connection's activity, and the token that cuts it.
+type EvictableConnection = (Weak<Activity>, CancellationToken);
+
+impl Evictable {
+    /// A connection's activity and the token that cuts it. The entry goes once the connection
+    /// and its calls are gone (the last `Arc` of its activity).
+    pub fn add(&self, activity: &Arc<Activity>, cut: CancellationToken) {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        open.retain(|(activity, _)| activity.strong_count() > 0);
+        open.push((Arc::downgrade(activity), cut));
+    }
+
+    /// Cuts the connection with no call in progress idle the longest; whether there was one.
+    pub fn evict_idlest(&self) -> bool {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        open.retain(|(activity, cut)| activity.strong_count() > 0 && !cut.is_cancelled());
+        let idlest = open
+            .iter()
+            .enumerate()
+            .filter_map(|(index, (activity, _))| {
+                let activity = activity.upgrade()?;
+                (!activity.in_progress()).then(|| (index, activity.last_end()))
+            })
+            .min_by_key(|(_, last_end)| *last_end);
+        let Some((index, _)) = idlest else {
+            return false;
+        };
+        let (_, cut) = open.swap_remove(index);
+        cut.cancel();
+        true
+    }
+}
+
+/// The connections of `listener` as tonic's incoming stream, each turned by `open` into the
+/// stream tonic reads (the TCP stream itself, or TLS over it) and a tag made from the peer's
+/// address, with the handshake timeout of [`Deadlines::Preface`]; at the cap, the idlest of
+/// `evictable` is closed for a new one.
 pub fn incoming<T: Send + 'static, S: Send + 'static>(
     listener: CappedListener,
     handshake: Duration,
-    open: impl Fn(TcpStream) -> S + Send + 'static,
-    tag: impl Fn(std::net::SocketAddr) -> T + Send + 'static,
+    open: impl Fn(TcpStream, SocketAddr) -> (S, T) + Send + 'static,
+    evictable: Evictable,
 ) -> impl futures_util::Stream<Item = io::Result<Timed<T, S>>> + Send + 'static {
-    futures_util::stream::unfold(
-        (listener, open, tag),
-        move |(listener, open, tag)| async move {
-            let (stream, peer, slot) = listener.accept().await;
+    futures_util::stream::unfold((listener, open), move |(listener, open)| {
+        let evictable = evictable.clone();
+        async move {
+            let metrics = listener.metrics();
+            let make_room = || {
+                let evicted = evictable.evict_idlest();
+                if evicted {
+                    metrics.timed_out("idle");
+                }
+                evicted
+            };
+            let (stream, peer, slot) = listener.accept_making_room(make_room).await;
             let deadlines = Deadlines::Preface { handshake };
-            let io = Timed::new(open(stream), slot, deadlines, listener.metrics(), tag(peer));
-            Some((Ok(io), (listener, open, tag)))
-        },
-    )
+            let (stream, tag) = open(stream, peer);
+            let io = Timed::new(stream, slot, deadlines, listener.metrics(), tag);
+            Some((Ok(io), (listener, open)))
+        }
+    })
 }
 
 /// Raises the soft limit of open files to the hard limit, so the connection caps, not the
@@ -289,59 +336,6 @@ pub fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::debug!(limit, "open files limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
-    }
-}
-
-/// Requests in progress on one connection, as its service sees them, and when the last one
-/// ended: the connection's idle deadline counts from there. No wake-up when a request ends
-/// (hyper does not read an idle HTTP/1 connection again by itself): while a request is in
-/// progress the connection's timer stays armed, and when it fires after the request ended
-/// the idle deadline is set from the end. Waking the connection at the end of every request
-/// instead cost an extra poll of it per webhook.
-pub struct Activity {
-    in_progress: AtomicUsize,
-    /// When the connection was accepted: what `last_end` counts from.
-    epoch: Instant,
-    /// Nanoseconds from `epoch` to the end of the last request.
-    last_end: AtomicU64,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity {
-            in_progress: AtomicUsize::new(0),
-            epoch: Instant::now(),
-            last_end: AtomicU64::new(0),
-        }
-    }
-}
-
-/// One request in progress; ends when dropped.
-pub struct Busy(Arc<Activity>);
-
-impl Activity {
-    /// A request started.
-    pub fn begin(self: &Arc<Self>) -> Busy {
-        self.in_progress.fetch_add(1, Ordering::SeqCst);
-        Busy(Arc::clone(self))
-    }
-
-    fn in_progress(&self) -> bool {
-        self.in_progress.load(Ordering::SeqCst) > 0
-    }
-
-    /// When the last request ended (the accept, if none has).
-    fn last_end(&self) -> Instant {
-        self.epoch + Duration::from_nanos(self.last_end.load(Ordering::SeqCst))
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let activity = &self.0;
-        let ended = u64::try_from(activity.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        activity.last_end.fetch_max(ended, Ordering::SeqCst);
-        activity.in_progress.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -1,6 +1,8 @@
 //! Connections the server can cut, whoever runs their task: [`Cuttable`] wraps a gRPC
 //! connection's stream so that, once its token is cancelled, every read and write that would
 //! wait fails instead, and hyper drops the connection (and the calls and watch streams on it).
+//! The listener cuts its idlest connection to make room at its cap
+//! (`super::connections::Evictable`).
 //!
 //! tonic spawns each connection's task itself, out of our reach, and its graceful shutdown
 //! waits for calls that may never end (a watcher that stopped reading, a half-open
@@ -38,7 +40,8 @@ impl<S> Cuttable<S> {
         self.cut.as_mut().poll(cx).is_ready().then(|| {
             io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "connection cut at the end of the shutdown grace",
+                "connection cut by the server (the end of the shutdown grace, or room made at the \
+                 connection cap)",
             )
         })
     }

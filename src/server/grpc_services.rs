@@ -33,7 +33,7 @@ use crate::store::Store;
 use crate::watch::Watchers;
 
 use super::coalesce::Coalescing;
-use super::connections::{self, CappedListener};
+use super::connections::{self, CappedListener, Evictable};
 use super::cut::Cuttable;
 use super::tls::{HandshakeFailures, TlsConnection};
 
@@ -184,26 +184,39 @@ pub(super) fn serve<H: Health>(
     let cut = CancellationToken::new();
     let cuttable = cut.clone();
     // The listener sets TCP_NODELAY: answers go out as soon as they are written.
-    let tag = move |peer| Connection {
-        peer,
-        watches: ConnectionWatches::new(max_watch_streams_per_connection),
-        request_bytes: ConnectionRequestBytes::new(limit),
+    // Each connection's cut token and activity, for the listener to close the idlest at its
+    // cap.
+    let evictable = Evictable::default();
+    let registry = evictable.clone();
+    let connection = move |peer| {
+        let cut = cuttable.child_token();
+        let activity = std::sync::Arc::new(crate::activity::Activity::default());
+        registry.add(&activity, cut.clone());
+        let tag = Connection {
+            peer,
+            watches: ConnectionWatches::new(max_watch_streams_per_connection),
+            request_bytes: ConnectionRequestBytes::new(limit),
+            activity,
+        };
+        (cut, tag)
     };
     let task = match tls {
         None => {
-            let open = move |tcp| Cuttable::new(Coalescing::new(tcp), cuttable.child_token());
-            let incoming = connections::incoming(listener, handshake_timeout, open, tag);
+            let open = move |tcp, peer| {
+                let (cut, tag) = connection(peer);
+                (Cuttable::new(Coalescing::new(tcp), cut), tag)
+            };
+            let incoming = connections::incoming(listener, handshake_timeout, open, evictable);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
         Some(acceptor) => {
             let failures = HandshakeFailures::new(handshake_metrics);
-            let open = move |tcp| {
-                Cuttable::new(
-                    Coalescing::new(TlsConnection::accepting(&acceptor, tcp, &failures)),
-                    cuttable.child_token(),
-                )
+            let open = move |tcp, peer| {
+                let (cut, tag) = connection(peer);
+                let tls = TlsConnection::accepting(&acceptor, tcp, &failures);
+                (Cuttable::new(Coalescing::new(tls), cut), tag)
             };
-            let incoming = connections::incoming(listener, handshake_timeout, open, tag);
+            let incoming = connections::incoming(listener, handshake_timeout, open, evictable);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
     };
