@@ -666,13 +666,13 @@ fn sequence_after(
                 if index + 1 < updates.len() {
                     latest.insert(update.key.clone(), Arc::clone(&profile));
                 }
-                changes.push(Arc::new(Change {
+                changes.push(Arc::new(Change::new(
                     revision,
                     profile,
-                    previous: current,
-                    changed_fields: changed_fields.into(),
-                    origin: update.origin,
-                }));
+                    current,
+                    changed_fields.into(),
+                    update.origin,
+                )));
                 Ok(Applied::Changed { revision })
             }
         };

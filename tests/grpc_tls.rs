@@ -149,9 +149,9 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
 }
 
 /// A client that stops after the TLS handshake, or inside it, or after part of the HTTP/2
-/// preface, is closed by `--grpc-handshake-timeout` and counted, so as many such clients as
-/// `--max-grpc-connections` allows starve real calls only until then; a client that sent its
-/// preface in time is not cut. Before TLS was terminated in the listener, only tonic's TLS
+/// preface, is closed by `--grpc-handshake-timeout` and counted, and at
+/// `--max-grpc-connections` a new client closes the idlest of them to be served; a client that
+/// sent its preface in time and has a call in progress is not cut. Before TLS was terminated in the listener, only tonic's TLS
 /// handshake was timed: the first two clients here held their slots forever.
 #[tokio::test]
 async fn tls_clients_that_stall_before_the_http2_preface_are_closed_after_the_handshake_timeout() {
@@ -176,29 +176,43 @@ async fn tls_clients_that_stall_before_the_http2_preface_are_closed_after_the_ha
     partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     partial.flush().await.unwrap();
     let mut no_handshake = tokio::net::TcpStream::connect(service.grpc).await.unwrap();
-    // Every slot is taken: one more connection is closed at once, and no call gets through.
-    let mut past_the_cap = tokio::net::TcpStream::connect(service.grpc).await.unwrap();
-    until_closed("the connection past the cap", &mut past_the_cap).await;
-    assert!(refused(tls_channel(service.grpc, &pki, None).await).await);
-
+    // Every slot is taken: a new client closes the connection with no call in progress idle
+    // the longest, the silent one, and is served (it was refused until a deadline passed);
+    // the watcher's, with a call in progress, is never taken.
+    let channel = tls_channel(service.grpc, &pki, None)
+        .await
+        .expect("room made for a new client");
+    assert!(
+        server_info(&mut ProfileServiceClient::new(channel))
+            .await
+            .is_ok()
+    );
     until_closed("silent after the TLS handshake", &mut silent).await;
     until_closed("part of the preface", &mut partial).await;
     until_closed("no TLS handshake", &mut no_handshake).await;
     let (_, metrics) = service.admin_get("/metrics").await;
+    let timed_out = |timeout: &str| {
+        let series = format!(
+            r#"profile_state_connections_timed_out_total{{listener="grpc",timeout="{timeout}"}}"#
+        );
+        sample(&metrics, &series)
+    };
     assert_eq!(
-        sample(
-            &metrics,
-            r#"profile_state_connections_timed_out_total{listener="grpc",timeout="handshake"}"#
-        ),
-        3.0,
-        "the three stalled clients and not the watching one"
+        timed_out("handshake"),
+        2.0,
+        "the two stalled clients left, and not the watching one"
+    );
+    assert_eq!(
+        timed_out("idle"),
+        1.0,
+        "the silent one, closed to make room"
     );
     assert_eq!(
         sample(
             &metrics,
             r#"profile_state_connections_refused_total{listener="grpc"}"#
         ),
-        2.0
+        0.0
     );
 
     // The slots are free again for real calls, and the watcher's connection was not cut.

@@ -409,13 +409,13 @@ mod tests {
     }
 
     fn change(revision: u64, previous: bool) -> Arc<Change> {
-        Arc::new(Change {
+        Arc::new(Change::new(
             revision,
-            profile: profile(20, revision),
-            previous: previous.then(|| profile(10, revision - 1)),
-            changed_fields: vec![FieldPath::Field(Field::TotalPoints)].into(),
-            origin: Origin::Webhook,
-        })
+            profile(20, revision),
+            previous.then(|| profile(10, revision - 1)),
+            vec![FieldPath::Field(Field::TotalPoints)].into(),
+            Origin::Webhook,
+        ))
     }
 
     fn decoded(encoded: &Encoded) -> pb::WatchProfilesResponse {

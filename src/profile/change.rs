@@ -92,9 +92,42 @@ pub struct Change {
     pub changed_fields: ChangedFields,
     /// What produced the update that made this change.
     pub origin: Origin,
+    /// [`Change::memory_bytes`], counted once: the history and every subscriber's queue read
+    /// it, and counting walks both profiles' extras. A `u32` (a change is a few MB at most)
+    /// keeps the change in mimalloc's 64-byte class.
+    memory_bytes: u32,
 }
 
 impl Change {
+    /// A change, its memory counted.
+    pub fn new(
+        revision: u64,
+        profile: Arc<Profile>,
+        previous: Option<Arc<Profile>>,
+        changed_fields: ChangedFields,
+        origin: Origin,
+    ) -> Change {
+        let memory_bytes = std::mem::size_of::<Change>()
+            + changed_fields.heap_bytes()
+            + profile.memory_bytes()
+            + previous.as_ref().map_or(0, |p| p.memory_bytes());
+        let memory_bytes = u32::try_from(memory_bytes).unwrap_or(u32::MAX);
+        Change {
+            revision,
+            profile,
+            previous,
+            changed_fields,
+            origin,
+            memory_bytes,
+        }
+    }
+
+    /// What the change holds in memory: itself, its changed fields, and both profiles (the
+    /// one before may be shared with an older change or the store, so this errs high).
+    pub fn memory_bytes(&self) -> usize {
+        self.memory_bytes as usize
+    }
+
     /// Created or updated.
     pub fn kind(&self) -> ChangeKind {
         match self.previous {
@@ -262,13 +295,8 @@ mod tests {
     use crate::profile::Scalar;
 
     fn change(before: Option<Profile>, after: Profile, changed: Vec<FieldPath>) -> Change {
-        Change {
-            revision: 2,
-            profile: Arc::new(after),
-            previous: before.map(Arc::new),
-            changed_fields: changed.into(),
-            origin: Origin::Webhook,
-        }
+        let (after, before) = (Arc::new(after), before.map(Arc::new));
+        Change::new(2, after, before, changed.into(), Origin::Webhook)
     }
 
     #[test]

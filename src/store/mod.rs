@@ -90,14 +90,10 @@ impl HistoryLimits {
     }
 }
 
-/// What a change in the history holds in memory, for [`HistoryLimits::bytes`]: the change
-/// itself, its changed fields, and both profiles (the one before may be shared with an older
-/// change or the store, so this errs high).
+/// What a change in the history holds in memory, for [`HistoryLimits::bytes`]
+/// ([`Change::memory_bytes`], counted when the change was made).
 pub fn change_bytes(change: &Change) -> usize {
-    std::mem::size_of::<Change>()
-        + change.changed_fields.heap_bytes()
-        + change.profile.memory_bytes()
-        + change.previous.as_ref().map_or(0, |p| p.memory_bytes())
+    change.memory_bytes()
 }
 
 /// About how many keys an async reader examines between yields to its worker's other tasks

@@ -27,13 +27,13 @@ fn change_of(
         })
         .unwrap();
     profile.revision = revision;
-    Arc::new(Change {
+    Arc::new(Change::new(
         revision,
-        profile: Arc::new(profile),
-        previous: None,
-        changed_fields: changed.into(),
-        origin: crate::profile::Origin::Webhook,
-    })
+        Arc::new(profile),
+        None,
+        changed.into(),
+        crate::profile::Origin::Webhook,
+    ))
 }
 
 #[test]
