@@ -280,6 +280,9 @@ impl Evictable {
     }
 
     /// Cuts the connection with no call in progress idle the longest; whether there was one.
+    /// A call that begins on it between the check and the cut fails with the connection, and
+    /// its client retries it, as with [`serve_http`]'s eviction; a connection still in its
+    /// TLS handshake or preface has no call, so it goes first if it came first.
     pub fn evict_idlest(&self) -> bool {
         let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         open.retain(|(activity, cut)| activity.strong_count() > 0 && !cut.is_cancelled());
