@@ -111,6 +111,18 @@ pub enum Error {
         /// The revision this server had applied at the deadline.
         applied: u64,
     },
+    /// A read was waiting for `min_revision` when this server began to stop: it ends at once
+    /// rather than holding the stop (and the read) for the whole `--shutdown-grace`.
+    #[error(
+        "this server is stopping before it applied revision {requested} (applied revision \
+         {applied}); retry on another replica"
+    )]
+    StoppedBeforeRevision {
+        /// The `min_revision` asked for.
+        requested: u64,
+        /// The revision this server had applied when it began to stop.
+        applied: u64,
+    },
     /// Reconciliation was asked for an account without `[gameball_api."<client_id>"]` settings
     /// in the secrets file.
     #[error(
@@ -139,6 +151,17 @@ pub enum Error {
          retry when it ends"
     )]
     BackupRunning,
+    /// A backup's client took no piece for `--backup-stall-timeout`: the backup was
+    /// abandoned, so that it no longer holds the one backup slot.
+    #[error(
+        "the client took no piece of the backup for {}s (--backup-stall-timeout): the backup \
+         was abandoned; take it again",
+        .timeout.as_secs_f64()
+    )]
+    BackupStalled {
+        /// `--backup-stall-timeout`.
+        timeout: std::time::Duration,
+    },
     /// `--reconcile-max-jobs` jobs are running.
     #[error(
         "{max} reconcile jobs are running, the most allowed (--reconcile-max-jobs); retry later"

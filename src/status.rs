@@ -138,11 +138,13 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
             Error::TooManyReconcileJobs { .. } | Error::BackupRunning => {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            // gRPC only (a streamed answer): as DEADLINE_EXCEEDED pairs with 408 for a request.
+            Error::BackupStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             // gRPC only (reads); as RESOURCE_EXHAUSTED pairs with 413 for a request.
             Error::ResponseTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::Unavailable { .. } | Error::RevisionNotApplied { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::Unavailable { .. }
+            | Error::RevisionNotApplied { .. }
+            | Error::StoppedBeforeRevision { .. } => StatusCode::SERVICE_UNAVAILABLE,
         },
         Rejection::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
         Rejection::PermissionDenied { .. } => StatusCode::FORBIDDEN,
@@ -179,7 +181,8 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
                     dead_letter_details(&id, &cause),
                 );
             }
-            Error::RevisionNotApplied { requested, applied } => {
+            Error::RevisionNotApplied { requested, applied }
+            | Error::StoppedBeforeRevision { requested, applied } => {
                 return tonic::Status::with_error_details(
                     tonic::Code::Unavailable,
                     message,
@@ -200,6 +203,7 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             }
             Error::Compacted { .. } | Error::StoreChanged { .. } => tonic::Code::FailedPrecondition,
             Error::Unavailable { .. } => tonic::Code::Unavailable,
+            Error::BackupStalled { .. } => tonic::Code::DeadlineExceeded,
         },
         Rejection::Unauthenticated { .. } => tonic::Code::Unauthenticated,
         Rejection::PermissionDenied { .. } => tonic::Code::PermissionDenied,

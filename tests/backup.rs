@@ -476,6 +476,73 @@ async fn one_backup_at_a_time() {
     service.stop().await;
 }
 
+/// A Backup whose client stopped reading (window 0, pings answered) held the one backup slot
+/// for as long as its connection lived, refusing every other backup (found by an adversarial
+/// run). Past `--backup-stall-timeout` the backup is abandoned and the slot is free; the
+/// stalled client, if it reads again, gets what was queued and then DEADLINE_EXCEEDED, never a
+/// clean end that would pass a truncated backup for a whole one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_whose_client_stops_reading_gives_up_the_slot_after_the_stall_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = durable_config(&dir.path().join("data"));
+    // As in one_backup_at_a_time: a backup that cannot all be sent to a client that stalls.
+    config.grpc_max_message_bytes = 1024;
+    config.backup_stall_timeout = std::time::Duration::from_secs(1);
+    let service = TestService::start_with(config).await;
+    for n in 1..=15 {
+        let blob = format!("{n:06}{}", "x".repeat(60_000));
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({"blob": blob}));
+        assert_eq!(service.post(&body).await.0, 200);
+    }
+    let small_window = tonic::transport::Channel::from_shared(format!("http://{}", service.grpc))
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled = pb::admin_service_client::AdminServiceClient::new(small_window)
+        .backup(pb::BackupRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stalled.message().await.unwrap().is_some(),
+        "the first piece"
+    );
+
+    let deadline = std::time::Instant::now() + binary::PATIENCE;
+    let mut second = loop {
+        let mut client = pb::admin_service_client::AdminServiceClient::new(service.channel().await);
+        match client.backup(pb::BackupRequest {}).await {
+            Ok(stream) => break stream.into_inner(),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                assert!(std::time::Instant::now() < deadline, "the slot stays taken");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
+    let mut profiles = 0;
+    while let Some(piece) = second.message().await.expect("the second backup is whole") {
+        profiles = profiles.max(piece.profile_count);
+    }
+    assert_eq!(profiles, 15);
+
+    let ended = loop {
+        match stalled.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a stalled backup must not end OK"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::DeadlineExceeded, "{ended:?}");
+    assert!(
+        ended.message().contains("--backup-stall-timeout"),
+        "{ended:?}"
+    );
+    service.stop().await;
+}
+
 /// Every file under `dir`, in its subdirectories too.
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();

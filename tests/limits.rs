@@ -723,7 +723,7 @@ async fn the_soft_open_files_limit_is_raised_to_the_hard_one_at_start() {
 }
 
 /// An HTTP/2 connection to the gRPC port driven by hand.
-async fn raw_grpc(grpc: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+pub(crate) async fn raw_grpc(grpc: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
     let tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
@@ -762,6 +762,29 @@ async fn call(
     (response, body)
 }
 
+/// A whole call of ProfileService's `method` with this encoded request, sent on its own
+/// stream of `client`'s connection: streams are taken by the server in the order they were
+/// opened, which a test can lean on.
+pub(crate) async fn raw_unary(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+    encoded: Vec<u8>,
+) -> h2::client::ResponseFuture {
+    let uri = format!("http://x/gameball.profiles.v1.ProfileService/{method}");
+    let request = tonic::codegen::http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut ready = client.clone().ready().await.unwrap();
+    let (response, mut body) = ready.send_request(request, false).unwrap();
+    let mut message = vec![0];
+    message.extend(u32::try_from(encoded.len()).unwrap().to_be_bytes());
+    message.extend(encoded);
+    body.send_data(message.into(), true).unwrap();
+    response
+}
+
 /// `grpc-message` as written: percent-encoded UTF-8.
 fn percent_decoded(text: &str) -> String {
     let mut bytes = Vec::new();
@@ -783,7 +806,7 @@ fn percent_decoded(text: &str) -> String {
 }
 
 /// The gRPC status of an answer (trailers-only, or in the trailers) and its message.
-async fn grpc_status(response: h2::client::ResponseFuture) -> (String, String) {
+pub(crate) async fn grpc_status(response: h2::client::ResponseFuture) -> (String, String) {
     let response = response.await.unwrap();
     let of = |headers: &tonic::codegen::http::HeaderMap| {
         let text = |name| {

@@ -741,6 +741,44 @@ async fn a_replica_stops_at_once_while_nats_is_down() {
     a.stop_within(Duration::from_secs(10)).await;
 }
 
+/// A read waiting for its `min_revision` held a replica's stop for the whole --shutdown-grace,
+/// and its client then got a transport error instead of a status (found by an adversarial
+/// run). At shutdown it is answered at once: UNAVAILABLE, naming the revision applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_waiting_for_its_revision_is_answered_at_shutdown_and_does_not_hold_it() {
+    use crate::limits::{grpc_status, raw_grpc, raw_unary};
+    use prost::Message;
+    let nats = NatsCluster::single().await.unwrap();
+    let mut config = replica_config(&nats, "STOPREAD", "a");
+    config.shutdown_grace = Duration::from_secs(60);
+    let a = TestService::start_with(config).await;
+    let applied = a
+        .update(&profile_updated("x", &at(1), json!({"total_points": 1})))
+        .await["revision"]
+        .as_u64()
+        .unwrap();
+    let mut connection = raw_grpc(a.grpc).await;
+    let ahead = pb::GetProfileRequest {
+        client_id: "2155".into(),
+        customer_id: "x".into(),
+        min_revision: applied + 1000,
+    };
+    let waiting = raw_unary(&mut connection, "GetProfile", ahead.encode_to_vec()).await;
+    // Answered on a stream opened after the read's: the server has taken the read.
+    let info = raw_unary(&mut connection, "GetServerInfo", Vec::new()).await;
+    assert_eq!(grpc_status(info).await.0, "0");
+
+    a.stop_within(Duration::from_secs(10)).await;
+    let (code, message) = tokio::time::timeout(PATIENCE, grpc_status(waiting))
+        .await
+        .expect("the read is answered");
+    assert_eq!(code, "14", "UNAVAILABLE: {message}");
+    assert!(
+        message.contains("stopping") && message.contains(&format!("applied revision {applied})")),
+        "{message}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_nats_webhooks_get_503_and_nothing_acknowledged_is_lost() {
     let mut nats = NatsCluster::three().await.unwrap();

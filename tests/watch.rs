@@ -209,6 +209,53 @@ async fn each_filter_selects_only_matching_changes() {
     service.stop().await;
 }
 
+/// Each name in a change's `changed_fields` selects that change as a filter, whatever the
+/// extra's key: an empty key was named `extra.`, which the filter refused (found by an
+/// adversarial run), and a key with a dot is one key, not a path.
+#[tokio::test]
+async fn every_changed_field_name_selects_its_change_as_a_filter() {
+    let service = TestService::start().await;
+    let by_fields = |fields: &[&str]| pb::WatchProfilesRequest {
+        fields: fields.iter().map(|field| field.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut empty_key = watch(&service, by_fields(&["extra."])).await;
+    let mut dotted_key = watch(&service, by_fields(&["extra.a.b"])).await;
+    for stream in [&mut empty_key, &mut dotted_key] {
+        assert_eq!(synced(stream).await, 0);
+    }
+    for (at_second, data) in [
+        (1, json!({"": 1, "a.b": 1})),
+        (2, json!({"": 2})),
+        (3, json!({"a.b": 3})),
+        (4, json!({"a": 4})),
+        (5, json!({"": 5, "a.b": 5})),
+    ] {
+        service
+            .update(&profile_updated("x", &at(at_second), data))
+            .await;
+    }
+    let first = next_change(&mut empty_key).await;
+    assert_eq!(first.revision, 1);
+    assert_eq!(
+        first.changed_fields,
+        vec!["gb_customer_id", "extra.", "extra.a.b"],
+        "created"
+    );
+    let second = next_change(&mut empty_key).await;
+    assert_eq!(
+        (second.revision, second.changed_fields),
+        (2, vec!["extra.".into()])
+    );
+    assert_eq!(next_change(&mut empty_key).await.revision, 5);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(next_change(&mut dotted_key).await.revision);
+    }
+    assert_eq!(seen, vec![1, 3, 5], "not the plain key `a`");
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn invalid_watch_requests_are_refused_with_the_field() {
     use tonic_types::StatusExt;

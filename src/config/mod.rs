@@ -202,6 +202,11 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_GRPC_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub grpc_request_body_timeout: Duration,
 
+    /// Longest AdminService.Backup waits for its client to take the next piece; past it the
+    /// backup is abandoned (the call ends DEADLINE_EXCEEDED), freeing the one backup slot.
+    #[arg(long, env = "PROFILE_STATE_BACKUP_STALL_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub backup_stall_timeout: Duration,
+
     /// Most connections open at once on the gRPC listener; more are closed at once.
     #[arg(
         long,
@@ -571,6 +576,7 @@ impl Config {
                 "grpc-request-body-timeout",
                 self.grpc_request_body_timeout.is_zero(),
             ),
+            ("backup-stall-timeout", self.backup_stall_timeout.is_zero()),
             ("max-grpc-connections", self.max_grpc_connections == 0),
         ];
         if let Some((flag, _)) = zero.into_iter().find(|(_, is_zero)| *is_zero) {

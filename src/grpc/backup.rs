@@ -7,11 +7,17 @@
 //! One backup at a time: each holds a copy of the state (about three times the store's size
 //! in memory until it is sent), and concurrent ones added up unbounded (eight stalled clients
 //! took 1 GB; found by an adversarial run); another call meanwhile gets RESOURCE_EXHAUSTED.
+//! The slot goes with the copy: a client that takes no piece for `--backup-stall-timeout`
+//! loses its backup (it ends DEADLINE_EXCEEDED after the pieces already queued), so one stuck
+//! client cannot hold the slot for as long as its connection lives (found by the next run).
 //! This module reads the store; it writes nothing, and restoring is `crate::cli::restore`'s.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::runtime::Handle;
+use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -40,13 +46,16 @@ pub type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupResponse, Sta
 pub struct BackupApi {
     store: Store,
     piece_bytes: usize,
-    /// One permit: the backup being streamed holds it until its stream is dropped.
+    /// One permit: the thread reading and encoding a backup holds it while it has the copy.
     one_at_a_time: Arc<Semaphore>,
+    /// `--backup-stall-timeout`: how long a piece waits for the client to take the ones before.
+    stall_timeout: Duration,
 }
 
 impl BackupApi {
-    /// Backups of `store`, in messages of at most `max_message_bytes`.
-    pub fn new(store: Store, max_message_bytes: usize) -> BackupApi {
+    /// Backups of `store`, in messages of at most `max_message_bytes`, abandoned when the
+    /// client takes no piece for `stall_timeout`.
+    pub fn new(store: Store, max_message_bytes: usize, stall_timeout: Duration) -> BackupApi {
         let piece_bytes = PIECE_BYTES
             .min(max_message_bytes.saturating_sub(MESSAGE_OVERHEAD))
             .max(1);
@@ -55,6 +64,7 @@ impl BackupApi {
             store,
             piece_bytes,
             one_at_a_time,
+            stall_timeout,
         }
     }
 
@@ -62,25 +72,65 @@ impl BackupApi {
     pub fn backup(&self) -> Result<Response<BackupStream>, Status> {
         let running = Arc::clone(&self.one_at_a_time).try_acquire_owned();
         let permit = running.map_err(|_| grpc_status(Error::BackupRunning))?;
-        let (pieces, stream) = mpsc::channel(BUFFERED);
+        let (sender, stream) = mpsc::channel(BUFFERED);
+        let last_words = Arc::new(Mutex::new(None));
+        let pieces = Pieces {
+            sender,
+            stall_timeout: self.stall_timeout,
+            runtime: Handle::current(),
+            last_words: Arc::clone(&last_words),
+        };
         let (store, piece_bytes) = (self.store.clone(), self.piece_bytes);
-        // Ends when the backup is sent or the client is gone: its owner is the stream.
-        tokio::task::spawn_blocking(move || send(&store, piece_bytes, &pieces));
-        // The permit goes with the stream: when the client has it all, or is gone.
-        let stream = ReceiverStream::new(stream).map(move |piece| {
-            let _held = &permit;
-            piece
+        // Ends when the backup is sent, the client is gone or stalls; the slot with it.
+        tokio::task::spawn_blocking(move || {
+            send(&store, piece_bytes, &pieces);
+            drop(permit);
         });
+        // After the pieces queued, why the backup was abandoned (if it was): without it the
+        // stream would end OK, and the client would take a truncated backup for a whole one.
+        let abandoned =
+            futures_util::stream::once(
+                async move { last_words.lock().expect("not poisoned").take() },
+            );
+        let stream =
+            ReceiverStream::new(stream).chain(abandoned.filter_map(|status| status.map(Err)));
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
-/// Reads, encodes and sends the backup; a failed send (the client left) stops it.
-fn send(
-    store: &Store,
-    piece_bytes: usize,
-    pieces: &mpsc::Sender<Result<pb::BackupResponse, Status>>,
-) {
+/// Where the encoding thread sends a backup's messages.
+struct Pieces {
+    sender: mpsc::Sender<Result<pb::BackupResponse, Status>>,
+    stall_timeout: Duration,
+    /// The runtime the stream is on: the thread waits for room on it, with a timer.
+    runtime: Handle,
+    /// The error the stream ends with when its client stalled (the channel is full then).
+    last_words: Arc<Mutex<Option<Status>>>,
+}
+
+impl Pieces {
+    /// Queues `message` for the client, waiting at most the stall timeout for room: past it,
+    /// the backup is abandoned and the stream ends with an error after what is queued.
+    fn send(&self, message: Result<pb::BackupResponse, Status>) -> std::io::Result<()> {
+        let sent = self
+            .runtime
+            .block_on(self.sender.send_timeout(message, self.stall_timeout));
+        match sent {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Closed(_)) => Err(std::io::ErrorKind::BrokenPipe.into()),
+            Err(SendTimeoutError::Timeout(_)) => {
+                let stalled = Error::BackupStalled {
+                    timeout: self.stall_timeout,
+                };
+                *self.last_words.lock().expect("not poisoned") = Some(grpc_status(stalled));
+                Err(std::io::ErrorKind::TimedOut.into())
+            }
+        }
+    }
+}
+
+/// Reads, encodes and sends the backup; a failed send (the client left or stalled) stops it.
+fn send(store: &Store, piece_bytes: usize, pieces: &Pieces) {
     let (revision, profiles) = match snapshot::consistent_state(store, None) {
         Ok(state) => state,
         Err(error) => {
@@ -90,7 +140,7 @@ fn send(
                          raise --history-events)"
                     .into(),
             };
-            let _ = pieces.blocking_send(Err(grpc_status(error)));
+            let _ = pieces.send(Err(grpc_status(error)));
             return;
         }
     };
@@ -110,14 +160,16 @@ fn send(
         for piece in bytes.chunks(piece_bytes) {
             let mut message = first.take().unwrap_or_default();
             message.chunk = piece.to_vec();
-            pieces
-                .blocking_send(Ok(message))
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+            pieces.send(Ok(message))?;
         }
         Ok(())
     });
     match sent {
         Ok(()) => tracing::info!(revision, profiles = profiles.len(), "backup sent"),
+        Err(error) if error.kind() == std::io::ErrorKind::TimedOut => tracing::warn!(
+            revision,
+            "backup abandoned: the client took no piece within --backup-stall-timeout"
+        ),
         Err(_) => tracing::info!(revision, "backup abandoned: the client left"),
     }
 }

@@ -167,7 +167,8 @@ impl ProfileApi {
 
     /// Waits until the store has applied `min_revision` (0: no wait), at most until shortly
     /// before the call's deadline (so the caller gets this answer, not its own timeout) and
-    /// [`MAX_MIN_REVISION_WAIT`]; past it, `RevisionNotApplied` with the applied revision.
+    /// [`MAX_MIN_REVISION_WAIT`]; past it, `RevisionNotApplied` with the applied revision, and
+    /// at shutdown at once `StoppedBeforeRevision`.
     async fn wait_for(
         &self,
         min_revision: u64,
@@ -193,14 +194,19 @@ impl ProfileApi {
             timeout.saturating_sub(margin).min(MAX_MIN_REVISION_WAIT)
         });
         let mut revisions = self.store.subscribe();
-        let waited = tokio::time::timeout(
-            budget,
-            revisions.wait_for(|revision| *revision >= min_revision),
-        )
-        .await;
-        match waited {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(grpc_status(Error::RevisionNotApplied {
+        let applied = revisions.wait_for(|revision| *revision >= min_revision);
+        // Ends at shutdown too, as watch feeds do: a pending read held the drain for the
+        // whole --shutdown-grace and was then cut with a transport error, not a status
+        // (found by an adversarial run).
+        tokio::select! {
+            waited = tokio::time::timeout(budget, applied) => match waited {
+                Ok(Ok(_)) => Ok(()),
+                _ => Err(grpc_status(Error::RevisionNotApplied {
+                    requested: min_revision,
+                    applied: self.store.revision(),
+                })),
+            },
+            () = self.shutdown.cancelled() => Err(grpc_status(Error::StoppedBeforeRevision {
                 requested: min_revision,
                 applied: self.store.revision(),
             })),

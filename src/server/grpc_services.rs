@@ -100,6 +100,8 @@ pub(super) struct Limits {
     pub handshake_timeout: std::time::Duration,
     /// `--grpc-request-body-timeout`: a request's message must arrive whole within it.
     pub request_body_timeout: std::time::Duration,
+    /// `--backup-stall-timeout`: a Backup's client must take a piece within it.
+    pub backup_stall_timeout: std::time::Duration,
 }
 
 /// The gRPC listener, serving.
@@ -140,13 +142,14 @@ pub(super) fn serve<H: Health>(
                 max_message_bytes: limit,
                 handshake_timeout,
                 request_body_timeout,
+                backup_stall_timeout,
             },
         replica,
     } = services;
     let handshake_metrics = metrics.tls_handshakes();
     let admin = AdminApi::new(
         DeadLetterApi::new(ingest, limit),
-        BackupApi::new(store.clone(), limit),
+        BackupApi::new(store.clone(), limit, backup_stall_timeout),
         reconcile,
     );
     let mut profiles = ProfileApi::new(

@@ -611,6 +611,7 @@ fn grpc_limits(config: &Config) -> grpc_services::Limits {
         max_message_bytes: config.grpc_max_message_bytes,
         handshake_timeout: config.grpc_handshake_timeout,
         request_body_timeout: config.grpc_request_body_timeout,
+        backup_stall_timeout: config.backup_stall_timeout,
     }
 }
 

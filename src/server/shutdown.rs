@@ -155,7 +155,8 @@ impl Shutdown {
     /// 1. Readiness false: health NOT_SERVING, `/readyz` 503 "shutting down" (`stopping`).
     /// 2. Watchers get their last `Progress` and `UNAVAILABLE` naming the revision to resume
     ///    from (their feeds end on `stopping`); only once tonic has taken and dropped every
-    ///    watch stream does gRPC stop, so those last messages are not cut off.
+    ///    watch stream does gRPC stop, so those last messages are not cut off. Reads waiting
+    ///    for a `min_revision` are answered UNAVAILABLE at once (`stopping` too).
     /// 3. The listeners drain: axum finishes in-flight webhooks (it stopped accepting at 1),
     ///    tonic its calls, after health statuses are removed so health Watch streams end too.
     /// 4. The sequencer flushes: once the last ingress handle is gone it answers what it holds

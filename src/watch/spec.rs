@@ -41,15 +41,16 @@ pub enum FieldSelector {
 }
 
 impl FieldSelector {
-    /// Parses a field name as the API spells it: `tier_name`, `extra.<key>`, or `extra`.
+    /// Parses a field name as the API spells it: `tier_name`, `extra.<key>` (any key, even
+    /// empty), or `extra`.
     pub fn parse(name: &str) -> Result<FieldSelector, String> {
         if name == "extra" {
             return Ok(FieldSelector::AnyExtra);
         }
+        // Every key a webhook may carry, the empty one too: `changed_fields` names its change
+        // `extra.`, and each name there must select its change here (an adversarial run found
+        // `extra.` refused).
         if let Some(key) = name.strip_prefix("extra.") {
-            if key.is_empty() {
-                return Err("`extra.` needs a key after the dot".into());
-            }
             return Ok(FieldSelector::Path(FieldPath::Extra(key.into())));
         }
         Field::from_name(name)

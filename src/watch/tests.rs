@@ -547,7 +547,11 @@ fn field_selectors_parse_api_names() {
     assert_eq!(FieldSelector::parse("extra"), Ok(FieldSelector::AnyExtra));
     let unknown = FieldSelector::parse("tier").unwrap_err();
     assert!(unknown.contains("unknown field \"tier\""), "{unknown}");
-    assert!(FieldSelector::parse("extra.").is_err());
+    assert_eq!(
+        FieldSelector::parse("extra."),
+        Ok(FieldSelector::Path(FieldPath::Extra("".into()))),
+        "the empty key, as changed_fields names it"
+    );
 }
 
 /// Reads a feed stopped in the middle of an initial state to its end (its last words wait for
