@@ -679,6 +679,103 @@ async fn one_connection_cannot_take_every_watch_stream_and_its_streams_are_adver
     service.stop().await;
 }
 
+/// Health Watch and reflection streams stay open as long as their client likes, and no cap
+/// counted them: 5,000 health watches on five connections took 68 MB (found by an adversarial
+/// run). They take their connection's watch slots, shared with WatchProfiles, and slots of
+/// their own under `--max-watch-streams`, given back when they end.
+#[tokio::test]
+async fn health_watch_and_reflection_streams_are_capped_like_watch_streams() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
+    let mut config = Config::for_tests(SECRET);
+    config.max_watch_streams_per_connection = 2;
+    config.max_watch_streams = 3;
+    let service = TestService::start_with(config).await;
+    let everything = || HealthCheckRequest {
+        service: String::new(),
+    };
+    let serving = |answer: Option<tonic_health::pb::HealthCheckResponse>| {
+        answer.expect("a status").status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    };
+
+    let first = service.channel().await;
+    let mut first_health = HealthClient::new(first.clone());
+    let mut one = first_health.watch(everything()).await.unwrap().into_inner();
+    assert!(serving(one.message().await.unwrap()));
+    let watch = profile_state::pb::WatchProfilesRequest::default();
+    let mut profiles = profile_state::pb::profile_service_client::ProfileServiceClient::new(first);
+    let _profiles = profiles.watch_profiles(watch.clone()).await.unwrap();
+    let refused = first_health.watch(everything()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("on this connection"),
+        "{refused:?}"
+    );
+
+    // Three in all (the WatchProfiles stream is not one of them).
+    let mut second = HealthClient::new(service.channel().await);
+    let _two = second.watch(everything()).await.unwrap().into_inner();
+    let _three = second.watch(everything()).await.unwrap().into_inner();
+    let third = service.channel().await;
+    let refused = HealthClient::new(third.clone())
+        .watch(everything())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(refused.message().contains("limit 3"), "{refused:?}");
+    let list_services = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let refused = ServerReflectionClient::new(third.clone())
+        .server_reflection_info(tokio_stream::once(list_services.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    // Checks are not streams: answered.
+    assert!(serving(Some(
+        HealthClient::new(third.clone())
+            .check(everything())
+            .await
+            .unwrap()
+            .into_inner()
+    )));
+
+    // A stream that ends gives its slot back.
+    drop(one);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut reflection = loop {
+        let asked = ServerReflectionClient::new(third.clone())
+            .server_reflection_info(tokio_stream::once(list_services.clone()))
+            .await;
+        match asked {
+            Ok(answers) => break answers.into_inner(),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                assert!(std::time::Instant::now() < deadline, "the slot stays taken");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
+    assert!(reflection.message().await.unwrap().is_some(), "answered");
+
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let refused_by = |limit: &str| {
+        sample(
+            &metrics,
+            &format!("profile_state_watch_streams_refused_total{{limit=\"{limit}\"}}"),
+        )
+    };
+    assert_eq!(refused_by("connection"), 1.0);
+    assert!(refused_by("server") >= 2.0, "{metrics}");
+    service.stop().await;
+}
+
 /// The soft and hard open-files limits of process `pid`, from `/proc/<pid>/limits`.
 fn open_files_limits(pid: u32) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();

@@ -166,7 +166,8 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_GRPC_CLIENT_CA", requires = "grpc_tls_cert")]
     pub grpc_client_ca: Option<PathBuf>,
 
-    /// Most WatchProfiles streams open at once; more get RESOURCE_EXHAUSTED.
+    /// Most WatchProfiles streams open at once; more get RESOURCE_EXHAUSTED. Health Watch and
+    /// reflection streams have as many slots of their own.
     #[arg(
         long,
         env = "PROFILE_STATE_MAX_WATCH_STREAMS",
@@ -174,8 +175,8 @@ pub struct Config {
     )]
     pub max_watch_streams: usize,
 
-    /// Most WatchProfiles streams open at once on one gRPC connection; more get
-    /// RESOURCE_EXHAUSTED.
+    /// Most WatchProfiles, health Watch and reflection streams open at once on one gRPC
+    /// connection, together; more get RESOURCE_EXHAUSTED.
     #[arg(
         long,
         env = "PROFILE_STATE_MAX_WATCH_STREAMS_PER_CONNECTION",

@@ -5,7 +5,8 @@
 //! store has applied it, bounded by the call's deadline (`grpc-timeout`). Open watch streams are
 //! capped (`--max-watch-streams`, and `--max-watch-streams-per-connection` on each connection).
 //! Health and reflection are wired up in `crate::server`, not here;
-//! `auth` checks bearer tokens and `transport` sets up TLS, keepalive and per-call metrics.
+//! `auth` checks bearer tokens and `transport` sets up TLS, keepalive and per-call metrics;
+//! `open_streams` caps health's and reflection's open-ended streams.
 
 pub mod admin;
 pub mod auth;
@@ -14,6 +15,7 @@ pub mod certificates;
 pub mod codec;
 mod convert;
 pub mod dead_letters;
+pub mod open_streams;
 mod page_token;
 mod profile_reply;
 mod reconcile;

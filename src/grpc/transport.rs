@@ -152,7 +152,7 @@ impl Connection {
     }
 
     /// The connection of an HTTP request, before tonic makes it a call.
-    fn of_http<B>(request: &http::Request<B>) -> Option<&Connection> {
+    pub(super) fn of_http<B>(request: &http::Request<B>) -> Option<&Connection> {
         request.extensions().get::<Connection>()
     }
 

@@ -358,8 +358,9 @@ impl Watch {
             streams_refused: counter_vec_at_zero(
                 r,
                 "profile_state_watch_streams_refused_total",
-                "WatchProfiles calls refused with RESOURCE_EXHAUSTED, by the limit they met \
-                 (server: --max-watch-streams, connection: --max-watch-streams-per-connection).",
+                "WatchProfiles calls, and health Watch and reflection streams, refused with \
+                 RESOURCE_EXHAUSTED, by the limit they met (server: --max-watch-streams, \
+                 connection: --max-watch-streams-per-connection).",
                 "limit",
                 WATCH_STREAM_LIMITS.iter().copied(),
             ),
@@ -487,7 +488,8 @@ impl Metrics {
         self.inner.watch.resets.with_label_values(&[reason]).inc();
     }
 
-    /// Counts a WatchProfiles call refused by `limit`, one of [`WATCH_STREAM_LIMITS`].
+    /// Counts a WatchProfiles call, or a health Watch or reflection stream, refused by
+    /// `limit`, one of [`WATCH_STREAM_LIMITS`].
     pub fn watch_stream_refused(&self, limit: &str) {
         debug_assert!(
             WATCH_STREAM_LIMITS.contains(&limit),

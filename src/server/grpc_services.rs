@@ -20,6 +20,7 @@ use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::certificates::TlsCertificates;
 use crate::grpc::dead_letters::DeadLetterApi;
+use crate::grpc::open_streams::OpenStreamsLayer;
 use crate::grpc::request_bytes::{ConnectionRequestBytes, RequestBytesLayer};
 use crate::grpc::transport::{Connection, ConnectionWatches, MetricsLayer};
 use crate::grpc::{ProfileApi, ProfileServiceRoutes};
@@ -169,8 +170,9 @@ pub(super) fn serve<H: Health>(
     // Health and reflection stay open (probes, grpcurl); ProfileService needs a token when
     // tokens are configured, AdminService credentials or a loopback peer (`AdminAuth`).
     let router = builder
-        .layer(MetricsLayer::new(metrics))
+        .layer(MetricsLayer::new(metrics.clone()))
         .layer(RequestBytesLayer::new(limit, request_body_timeout))
+        .layer(OpenStreamsLayer::new(max_watch_streams, metrics.clone()))
         .add_service(limited!(health, limit))
         .add_service(limited!(reflection_v1()?, limit))
         .add_service(limited!(reflection_v1alpha()?, limit))
