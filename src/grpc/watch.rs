@@ -28,7 +28,9 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio_stream::{Stream, StreamExt};
-use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+use tonic::codec::{
+    BufferSettings, Codec, CompressionEncoding, EnabledCompressionEncodings, EncodeBuf, Encoder,
+};
 use tonic::codegen::Body as HttpBody;
 use tonic::codegen::{BoxFuture, Bytes, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
@@ -81,7 +83,9 @@ impl ProfileServiceRoutes {
         ProfileServiceRoutes {
             generated: ProfileServiceServer::from_arc(Arc::clone(&api))
                 .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
+                .max_encoding_message_size(max_message_bytes)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Deflate),
             api,
             max_message_bytes,
         }
@@ -111,8 +115,9 @@ where
             WATCH_PROFILES_PATH => {
                 let method = WatchProfilesMethod(Arc::clone(&self.api));
                 Box::pin(async move {
-                    let mut grpc =
-                        Grpc::new(WatchCodec).apply_max_message_size_config(limit, limit);
+                    let mut grpc = Grpc::new(WatchCodec)
+                        .apply_max_message_size_config(limit, limit)
+                        .apply_compression_config(accepted(), Default::default());
                     Ok(grpc.server_streaming(method, request).await)
                 })
             }
@@ -120,13 +125,24 @@ where
                 let method = GetProfileMethod(Arc::clone(&self.api));
                 Box::pin(async move {
                     let codec = MessageCodec::<ProfileReply, pb::GetProfileRequest>::default();
-                    let mut grpc = Grpc::new(codec).apply_max_message_size_config(limit, limit);
+                    let mut grpc = Grpc::new(codec)
+                        .apply_max_message_size_config(limit, limit)
+                        .apply_compression_config(accepted(), Default::default());
                     Ok(grpc.unary(method, request).await)
                 })
             }
             _ => self.generated.call(request),
         }
     }
+}
+
+/// The request encodings every method takes, as the generated services do (`accept_compressed`):
+/// gzip and deflate, decompressed within the message limit. Answers are not compressed.
+fn accepted() -> EnabledCompressionEncodings {
+    let mut accepted = EnabledCompressionEncodings::default();
+    accepted.enable(CompressionEncoding::Gzip);
+    accepted.enable(CompressionEncoding::Deflate);
+    accepted
 }
 
 /// Decodes the request with prost; writes [`Encoded`] responses as they are.

@@ -46,6 +46,8 @@ macro_rules! limited {
         $service
             .max_decoding_message_size($bytes)
             .max_encoding_message_size($bytes)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
     };
 }
 
