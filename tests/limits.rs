@@ -798,6 +798,7 @@ async fn compressed_requests_are_taken_by_every_service_within_the_message_limit
         client_id: "2155".into(),
         customer_id,
         min_revision: 0,
+        ..Default::default()
     };
     for encoding in [Gzip, Deflate] {
         let channel = service.channel().await;
@@ -809,6 +810,7 @@ async fn compressed_requests_are_taken_by_every_service_within_the_message_limit
             client_id: "2155".into(),
             customer_ids: vec!["x".into()],
             min_revision: 0,
+            ..Default::default()
         };
         let found = profiles.batch_get_profiles(batch).await.unwrap();
         assert_eq!(found.into_inner().profiles.len(), 1);

@@ -191,6 +191,7 @@ async fn served(replica: &TestService, revision: u64) -> (u64, Option<i64>, Vec<
         client_id: "2155".into(),
         customer_id: "big".into(),
         min_revision: revision,
+        ..Default::default()
     };
     let profile = client.get_profile(request).await.unwrap().into_inner();
     let profile = profile.profile.unwrap();

@@ -762,6 +762,7 @@ async fn a_read_waiting_for_its_revision_is_answered_at_shutdown_and_does_not_ho
         client_id: "2155".into(),
         customer_id: "x".into(),
         min_revision: applied + 1000,
+        ..Default::default()
     };
     let waiting = raw_unary(&mut connection, "GetProfile", ahead.encode_to_vec()).await;
     // Answered on a stream opened after the read's: the server has taken the read.
@@ -914,6 +915,7 @@ async fn a_lagging_replica_waits_for_min_revision_reads_and_resumed_watches() {
         client_id: "2155".into(),
         customer_id: "x".into(),
         min_revision,
+        ..Default::default()
     };
     // Past the deadline: UNAVAILABLE naming the revision b has applied.
     let mut client = b.client().await;
@@ -945,6 +947,7 @@ async fn a_lagging_replica_waits_for_min_revision_reads_and_resumed_watches() {
                 client_id: "2155".into(),
                 customer_ids: vec!["x".into()],
                 min_revision: revision,
+                ..Default::default()
             })
             .await
     });

@@ -167,15 +167,24 @@ impl ProfileApi {
         }
     }
 
-    /// Waits until the store has applied `min_revision` (0: no wait), at most until shortly
+    /// Refuses a `store_id` (if set) that is not this store's, then waits until the store has
+    /// applied `min_revision` (0: no wait), at most until shortly
     /// before the call's deadline (so the caller gets this answer, not its own timeout) and
     /// [`MAX_MIN_REVISION_WAIT`]; past it, `RevisionNotApplied` with the applied revision, and
     /// at shutdown at once `StoppedBeforeRevision`.
     async fn wait_for(
         &self,
-        min_revision: u64,
+        (store_id, min_revision): (&str, u64),
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<(), Status> {
+        // Revisions of another store (one emptied or restored since) mean other changes here:
+        // once this one has passed the number, waiting would be satisfied by them.
+        if !store_id.is_empty() && store_id != self.store.store_id() {
+            return Err(grpc_status(Error::StoreChanged {
+                requested: store_id.to_owned(),
+                current: self.store.store_id().to_owned(),
+            }));
+        }
         let current = self.store.revision();
         if min_revision == 0 || current >= min_revision {
             return Ok(());
@@ -276,7 +285,8 @@ impl ProfileApi {
         let (metadata, _, request) = request.into_parts();
         let client_id = required(&request.client_id, "client_id")?;
         let customer_id = required(&request.customer_id, "customer_id")?;
-        self.wait_for(request.min_revision, &metadata).await?;
+        self.wait_for((&request.store_id, request.min_revision), &metadata)
+            .await?;
         let profile = self
             .store
             .get(&ProfileKey::new(client_id, customer_id))
@@ -387,7 +397,8 @@ impl ProfileService for ProfileApi {
         for (index, customer_id) in request.customer_ids.iter().enumerate() {
             required(customer_id, &format!("customer_ids[{index}]"))?;
         }
-        self.wait_for(request.min_revision, &metadata).await?;
+        self.wait_for((&request.store_id, request.min_revision), &metadata)
+            .await?;
         let mut found = Vec::with_capacity(request.customer_ids.len());
         let mut missing_customer_ids = Vec::new();
         for customer_id in request.customer_ids {
@@ -433,7 +444,8 @@ impl ProfileService for ProfileApi {
                 Some(page_token::decode(token, client_id, tier_name).map_err(|e| grpc_status(&e))?)
             }
         };
-        self.wait_for(request.min_revision, &metadata).await?;
+        self.wait_for((&request.store_id, request.min_revision), &metadata)
+            .await?;
         let (profiles, next) = self
             .scan_yielding(client_id, tier_name, after, page_size)
             .await;
