@@ -93,6 +93,17 @@ pub enum Rejection {
         /// The limit.
         limit: usize,
     },
+    /// Health `Watch` and reflection streams: `limit` are open `scope` already.
+    #[error(
+        "too many health watch and reflection streams open {scope} (limit {limit}); close \
+         one, or retry later"
+    )]
+    TooManyOpenStreams {
+        /// "on this connection" or "on this server".
+        scope: &'static str,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl Rejection {
@@ -154,9 +165,9 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
         | Rejection::RepeatedContentType
         | Rejection::UnsupportedContentEncoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Rejection::UnsupportedTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
-        Rejection::TooManyWatchStreams { .. } | Rejection::TooManyConnectionWatchStreams { .. } => {
-            StatusCode::TOO_MANY_REQUESTS
-        }
+        Rejection::TooManyWatchStreams { .. }
+        | Rejection::TooManyConnectionWatchStreams { .. }
+        | Rejection::TooManyOpenStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 
@@ -209,7 +220,8 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
         Rejection::PermissionDenied { .. } => tonic::Code::PermissionDenied,
         Rejection::PayloadTooLarge { .. }
         | Rejection::TooManyWatchStreams { .. }
-        | Rejection::TooManyConnectionWatchStreams { .. } => tonic::Code::ResourceExhausted,
+        | Rejection::TooManyConnectionWatchStreams { .. }
+        | Rejection::TooManyOpenStreams { .. } => tonic::Code::ResourceExhausted,
         Rejection::UnsupportedMediaType { .. }
         | Rejection::RepeatedContentType
         | Rejection::UnsupportedContentEncoding { .. }

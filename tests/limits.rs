@@ -681,17 +681,20 @@ async fn one_connection_cannot_take_every_watch_stream_and_its_streams_are_adver
 
 /// Health Watch and reflection streams stay open as long as their client likes, and no cap
 /// counted them: 5,000 health watches on five connections took 68 MB (found by an adversarial
-/// run). They take their connection's watch slots, shared with WatchProfiles, and slots of
-/// their own under `--max-watch-streams`, given back when they end.
+/// run). A connection may hold 16 of them and the server `--max-watch-streams`, apart from
+/// WatchProfiles' slots, and a stream that ends gives its slots back.
 #[tokio::test]
-async fn health_watch_and_reflection_streams_are_capped_like_watch_streams() {
+async fn health_watch_and_reflection_streams_are_capped_apart_from_watch_streams() {
+    use profile_state::grpc::open_streams::OPEN_STREAMS_PER_CONNECTION;
+    use profile_state::pb::profile_service_client::ProfileServiceClient;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request};
+    let in_all = OPEN_STREAMS_PER_CONNECTION + 4;
     let mut config = Config::for_tests(SECRET);
     config.max_watch_streams_per_connection = 2;
-    config.max_watch_streams = 3;
+    config.max_watch_streams = in_all;
     let service = TestService::start_with(config).await;
     let everything = || HealthCheckRequest {
         service: String::new(),
@@ -701,31 +704,46 @@ async fn health_watch_and_reflection_streams_are_capped_like_watch_streams() {
             == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     };
 
+    // A connection full of health watches still opens its WatchProfiles streams.
     let first = service.channel().await;
     let mut first_health = HealthClient::new(first.clone());
-    let mut one = first_health.watch(everything()).await.unwrap().into_inner();
-    assert!(serving(one.message().await.unwrap()));
-    let watch = profile_state::pb::WatchProfilesRequest::default();
-    let mut profiles = profile_state::pb::profile_service_client::ProfileServiceClient::new(first);
-    let _profiles = profiles.watch_profiles(watch.clone()).await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..OPEN_STREAMS_PER_CONNECTION {
+        let mut stream = first_health.watch(everything()).await.unwrap().into_inner();
+        assert!(serving(stream.message().await.unwrap()));
+        open.push(stream);
+    }
     let refused = first_health.watch(everything()).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     assert!(
         refused.message().contains("on this connection"),
         "{refused:?}"
     );
+    let mut profiles = ProfileServiceClient::new(first);
+    let watch = profile_state::pb::WatchProfilesRequest::default;
+    let _watches = [
+        profiles.watch_profiles(watch()).await.unwrap(),
+        profiles.watch_profiles(watch()).await.unwrap(),
+    ];
 
-    // Three in all (the WatchProfiles stream is not one of them).
+    // The server's own cap.
     let mut second = HealthClient::new(service.channel().await);
-    let _two = second.watch(everything()).await.unwrap().into_inner();
-    let _three = second.watch(everything()).await.unwrap().into_inner();
+    let mut more = Vec::new();
+    for _ in OPEN_STREAMS_PER_CONNECTION..in_all {
+        more.push(second.watch(everything()).await.unwrap().into_inner());
+    }
     let third = service.channel().await;
     let refused = HealthClient::new(third.clone())
         .watch(everything())
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-    assert!(refused.message().contains("limit 3"), "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains(&format!("on this server (limit {in_all})")),
+        "{refused:?}"
+    );
     let list_services = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(server_reflection_request::MessageRequest::ListServices(
@@ -738,16 +756,11 @@ async fn health_watch_and_reflection_streams_are_capped_like_watch_streams() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     // Checks are not streams: answered.
-    assert!(serving(Some(
-        HealthClient::new(third.clone())
-            .check(everything())
-            .await
-            .unwrap()
-            .into_inner()
-    )));
+    let check = HealthClient::new(third.clone()).check(everything()).await;
+    assert!(serving(Some(check.unwrap().into_inner())));
 
-    // A stream that ends gives its slot back.
-    drop(one);
+    // A stream that ends gives its slots back.
+    drop(open.pop());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut reflection = loop {
         let asked = ServerReflectionClient::new(third.clone())

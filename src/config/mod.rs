@@ -175,8 +175,8 @@ pub struct Config {
     )]
     pub max_watch_streams: usize,
 
-    /// Most WatchProfiles, health Watch and reflection streams open at once on one gRPC
-    /// connection, together; more get RESOURCE_EXHAUSTED.
+    /// Most WatchProfiles streams open at once on one gRPC connection; more get
+    /// RESOURCE_EXHAUSTED.
     #[arg(
         long,
         env = "PROFILE_STATE_MAX_WATCH_STREAMS_PER_CONNECTION",

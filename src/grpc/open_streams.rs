@@ -3,11 +3,12 @@
 //!
 //! Nothing counted them: each held about 14 KB, and 5,000 health watches on five connections
 //! took 68 MB (found by an adversarial run); the listener's own caps allowed two million. Each
-//! now takes one of its connection's `--max-watch-streams-per-connection` slots (shared with
-//! WatchProfiles: a client needs one health watch, not a hundred) and one of
-//! `--max-watch-streams` slots of their own (not WatchProfiles' slots: shutdown waits for
-//! those to be given back before health streams end), both held until the answer is dropped.
-//! Past either the call is refused RESOURCE_EXHAUSTED, as a WatchProfiles would be.
+//! now takes one of [`OPEN_STREAMS_PER_CONNECTION`] slots of its connection (a client needs
+//! one health watch per connection and a reflection stream at a time) and one of
+//! `--max-watch-streams` slots in all, both held until the answer is dropped; past either the
+//! call is refused RESOURCE_EXHAUSTED. Neither is a WatchProfiles slot: a client with
+//! client-side health checking would otherwise lose one of its connection's watch streams to
+//! it, and shutdown waits for WatchProfiles' slots before health streams end.
 //!
 //! Every other call passes through untouched (no allocation, no lookup beyond its path).
 
@@ -25,6 +26,9 @@ use tonic::codegen::http;
 use super::transport::Connection;
 use crate::metrics::Metrics;
 use crate::status::{Rejection, grpc_status};
+
+/// Health `Watch` and reflection streams one connection may have open at once.
+pub const OPEN_STREAMS_PER_CONNECTION: usize = 16;
 
 /// The paths of the open-ended streams this layer counts.
 const OPEN_ENDED: [&str; 3] = [
@@ -57,14 +61,16 @@ impl OpenStreamsLayer {
     fn slots(&self, connection: Option<&Connection>) -> Result<Slots, tonic::Status> {
         let connection = match connection {
             None => None,
-            Some(connection) => Some(connection.watches.try_open().map_err(|limit| {
+            Some(connection) => Some(connection.open_streams.try_open().map_err(|limit| {
                 self.metrics.watch_stream_refused("connection");
-                grpc_status(Rejection::TooManyConnectionWatchStreams { limit })
+                let scope = "on this connection";
+                grpc_status(Rejection::TooManyOpenStreams { scope, limit })
             })?),
         };
         let in_all = Arc::clone(&self.in_all).try_acquire_owned().map_err(|_| {
             self.metrics.watch_stream_refused("server");
-            grpc_status(Rejection::TooManyWatchStreams { limit: self.limit })
+            let (scope, limit) = ("on this server", self.limit);
+            grpc_status(Rejection::TooManyOpenStreams { scope, limit })
         })?;
         Ok(Slots {
             _connection: connection,

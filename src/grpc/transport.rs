@@ -136,6 +136,9 @@ pub struct Connection {
     pub peer: std::net::SocketAddr,
     /// The watch stream slots of this connection.
     pub watches: ConnectionWatches,
+    /// The slots of this connection for health `Watch` and reflection streams
+    /// (`super::open_streams`).
+    pub open_streams: ConnectionWatches,
     /// The bytes of requests this connection may be receiving at once.
     pub request_bytes: super::request_bytes::ConnectionRequestBytes,
     /// Its calls in progress (marked by [`MetricsLayer`]): the listener closes a connection

@@ -20,7 +20,7 @@ use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::certificates::TlsCertificates;
 use crate::grpc::dead_letters::DeadLetterApi;
-use crate::grpc::open_streams::OpenStreamsLayer;
+use crate::grpc::open_streams::{OPEN_STREAMS_PER_CONNECTION, OpenStreamsLayer};
 use crate::grpc::request_bytes::{ConnectionRequestBytes, RequestBytesLayer};
 use crate::grpc::transport::{Connection, ConnectionWatches, MetricsLayer};
 use crate::grpc::{ProfileApi, ProfileServiceRoutes};
@@ -202,6 +202,7 @@ pub(super) fn serve<H: Health>(
         let tag = Connection {
             peer,
             watches: ConnectionWatches::new(max_watch_streams_per_connection),
+            open_streams: ConnectionWatches::new(OPEN_STREAMS_PER_CONNECTION),
             request_bytes: ConnectionRequestBytes::new(limit),
             activity,
         };
