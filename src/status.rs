@@ -93,14 +93,12 @@ pub enum Rejection {
         /// The limit.
         limit: usize,
     },
-    /// Health `Watch` and reflection streams: `limit` are open `scope` already.
+    /// `limit` health `Watch` and reflection streams are open on this connection already.
     #[error(
-        "too many health watch and reflection streams open {scope} (limit {limit}); close \
-         one, or retry later"
+        "too many health watch and reflection streams open on this connection (limit \
+         {limit}); close one, or open another connection"
     )]
     TooManyOpenStreams {
-        /// "on this connection" or "on this server".
-        scope: &'static str,
         /// The limit.
         limit: usize,
     },

@@ -120,6 +120,12 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
             None,
         ),
         (
+            [&ephemeral[..], &["--backup-stall-timeout", "500ms"]].concat(),
+            vec![],
+            "--backup-stall-timeout must be at least 1s",
+            None,
+        ),
+        (
             SECRET.to_vec(),
             vec![("PROFILE_STATE_EPHEMERAL", "maybe")],
             "invalid value 'maybe' for '--ephemeral'",

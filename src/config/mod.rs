@@ -166,8 +166,7 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_GRPC_CLIENT_CA", requires = "grpc_tls_cert")]
     pub grpc_client_ca: Option<PathBuf>,
 
-    /// Most WatchProfiles streams open at once; more get RESOURCE_EXHAUSTED. Health Watch and
-    /// reflection streams have as many slots of their own.
+    /// Most WatchProfiles streams open at once; more get RESOURCE_EXHAUSTED.
     #[arg(
         long,
         env = "PROFILE_STATE_MAX_WATCH_STREAMS",
@@ -203,9 +202,10 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_GRPC_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub grpc_request_body_timeout: Duration,
 
-    /// Longest AdminService.Backup waits for its client to take the next piece; past it the
-    /// backup is abandoned (the call ends DEADLINE_EXCEEDED), freeing the one backup slot.
-    #[arg(long, env = "PROFILE_STATE_BACKUP_STALL_TIMEOUT", default_value = "60s", value_parser = duration)]
+    /// Longest AdminService.Backup waits for its client to take the next piece (at least 1s);
+    /// past it the backup is abandoned (the call ends DEADLINE_EXCEEDED), freeing the one
+    /// backup slot.
+    #[arg(long, env = "PROFILE_STATE_BACKUP_STALL_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub backup_stall_timeout: Duration,
 
     /// Most connections open at once on the gRPC listener; more are closed at once.
@@ -380,6 +380,8 @@ pub fn duration(text: &str) -> Result<Duration, String> {
 /// The smallest `--grpc-max-message-bytes`: room for the smallest answers (below it, 0 or 10
 /// were taken, and every read failed with OUT_OF_RANGE while the server looked healthy).
 pub const MIN_GRPC_MESSAGE_BYTES: usize = 1024;
+/// The least `--backup-stall-timeout` taken.
+pub const MIN_BACKUP_STALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The most webhooks a server holds in flight: far beyond what one process handles at once,
 /// and within what its semaphore counts (more was a panic right after it started listening).
@@ -401,6 +403,14 @@ pub enum ConfigError {
         flag: &'static str,
         /// The least it takes.
         min: u64,
+    },
+    /// A duration flag is below the least it takes.
+    #[error("{flag} must be at least {}s", .min.as_secs())]
+    TooShort {
+        /// The flag.
+        flag: &'static str,
+        /// The least it takes.
+        min: Duration,
     },
     /// A flag is above the most it takes.
     #[error("{flag} must be at most {max}")]
@@ -577,11 +587,18 @@ impl Config {
                 "grpc-request-body-timeout",
                 self.grpc_request_body_timeout.is_zero(),
             ),
-            ("backup-stall-timeout", self.backup_stall_timeout.is_zero()),
             ("max-grpc-connections", self.max_grpc_connections == 0),
         ];
         if let Some((flag, _)) = zero.into_iter().find(|(_, is_zero)| *is_zero) {
             return Err(ConfigError::ZeroLimit { flag });
+        }
+        // A backup waits this long for a client that gives window back in steps of several
+        // pieces (grpcio): a timeout of milliseconds would fail every backup but the fastest.
+        if self.backup_stall_timeout < MIN_BACKUP_STALL_TIMEOUT {
+            return Err(ConfigError::TooShort {
+                flag: "--backup-stall-timeout",
+                min: MIN_BACKUP_STALL_TIMEOUT,
+            });
         }
         if self.grpc_max_message_bytes < MIN_GRPC_MESSAGE_BYTES {
             return Err(ConfigError::TooSmall {

@@ -2,88 +2,78 @@
 //! and reflection's `ServerReflectionInfo`, beside WatchProfiles (which `super::watch` caps).
 //!
 //! Nothing counted them: each held about 14 KB, and 5,000 health watches on five connections
-//! took 68 MB (found by an adversarial run); the listener's own caps allowed two million. Each
-//! now takes one of [`OPEN_STREAMS_PER_CONNECTION`] slots of its connection (a client needs
-//! one health watch per connection and a reflection stream at a time) and one of
-//! `--max-watch-streams` slots in all, both held until the answer is dropped; past either the
-//! call is refused RESOURCE_EXHAUSTED. Neither is a WatchProfiles slot: a client with
-//! client-side health checking would otherwise lose one of its connection's watch streams to
-//! it, and shutdown waits for WatchProfiles' slots before health streams end.
+//! took 68 MB (found by an adversarial run); the listener's own caps allowed two million. A
+//! connection may now have [`OPEN_STREAMS_PER_CONNECTION`] of them open (a client needs one
+//! health watch per service name it checks and a reflection stream at a time); one more is
+//! refused RESOURCE_EXHAUSTED. The bound in all is that times `--max-grpc-connections`. There
+//! is deliberately no server-wide count: health and reflection answer without a token, and
+//! slots anyone can take would let one client refuse every other client's health watch,
+//! which client-side health checking reads as the server being down (found by the next run).
+//! Neither are these WatchProfiles slots: a connection full of watch streams keeps its health
+//! watch.
+//!
+//! Reflection streams also end at the start of shutdown (UNAVAILABLE, "server shutting
+//! down"): a grpcurl session left open held the drain for the whole `--shutdown-grace`. Health
+//! watches end in shutdown's own order, after they have seen NOT_SERVING.
 //!
 //! Every other call passes through untouched (no allocation, no lookup beyond its path).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use futures_util::future::Either;
-use http_body_util::BodyExt as _;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::Status;
 use tonic::body::Body;
-use tonic::codegen::http;
+use tonic::codegen::{Body as HttpBody, Bytes, http};
 
 use super::transport::Connection;
 use crate::metrics::Metrics;
 use crate::status::{Rejection, grpc_status};
 
 /// Health `Watch` and reflection streams one connection may have open at once.
-pub const OPEN_STREAMS_PER_CONNECTION: usize = 16;
+pub const OPEN_STREAMS_PER_CONNECTION: usize = 8;
 
-/// The paths of the open-ended streams this layer counts.
-const OPEN_ENDED: [&str; 3] = [
-    "/grpc.health.v1.Health/Watch",
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+const REFLECTION: [&str; 2] = [
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
-/// The layer that gives each open-ended stream its slots; see the module docs.
+/// The layer that gives each open-ended stream its slot; see the module docs.
 #[derive(Clone)]
 pub struct OpenStreamsLayer {
-    in_all: Arc<Semaphore>,
-    limit: usize,
     metrics: Metrics,
+    stopping: CancellationToken,
 }
 
 impl OpenStreamsLayer {
-    /// At most `limit` open-ended streams in all; refusals are counted in `metrics`.
-    pub fn new(limit: usize, metrics: Metrics) -> Self {
-        let limit = limit.min(Semaphore::MAX_PERMITS);
-        OpenStreamsLayer {
-            in_all: Arc::new(Semaphore::new(limit)),
-            limit,
-            metrics,
-        }
+    /// Refusals counted in `metrics`; reflection streams end when `stopping` is cancelled.
+    pub fn new(metrics: Metrics, stopping: CancellationToken) -> Self {
+        OpenStreamsLayer { metrics, stopping }
     }
 
-    /// Both slots for a stream arriving on `connection` (none from a connection that did not
-    /// come through the capped listener), or the refusal naming the limit reached.
-    fn slots(&self, connection: Option<&Connection>) -> Result<Slots, tonic::Status> {
-        let connection = match connection {
-            None => None,
-            Some(connection) => Some(connection.open_streams.try_open().map_err(|limit| {
-                self.metrics.watch_stream_refused("connection");
-                let scope = "on this connection";
-                grpc_status(Rejection::TooManyOpenStreams { scope, limit })
-            })?),
+    /// The slot of a stream arriving on `connection` (none from a connection that did not
+    /// come through the capped listener), or the refusal.
+    fn slot(&self, connection: Option<&Connection>) -> Result<Slot, Status> {
+        let Some(connection) = connection else {
+            return Ok(None);
         };
-        let in_all = Arc::clone(&self.in_all).try_acquire_owned().map_err(|_| {
-            self.metrics.watch_stream_refused("server");
-            let (scope, limit) = ("on this server", self.limit);
-            grpc_status(Rejection::TooManyOpenStreams { scope, limit })
-        })?;
-        Ok(Slots {
-            _connection: connection,
-            _in_all: in_all,
-        })
+        connection
+            .open_streams
+            .try_open()
+            .map(Some)
+            .map_err(|limit| {
+                self.metrics.watch_stream_refused("connection");
+                grpc_status(Rejection::TooManyOpenStreams { limit })
+            })
     }
 }
 
 /// What an open-ended stream holds until its answer is dropped.
-struct Slots {
-    _connection: Option<OwnedSemaphorePermit>,
-    _in_all: OwnedSemaphorePermit,
-}
+type Slot = Option<OwnedSemaphorePermit>;
 
 impl<S> tower::Layer<S> for OpenStreamsLayer {
     type Service = OpenStreamsService<S>;
@@ -120,24 +110,120 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if !OPEN_ENDED.contains(&request.uri().path()) {
+        let path = request.uri().path();
+        let reflection = REFLECTION.contains(&path);
+        if !reflection && path != HEALTH_WATCH {
             return Either::Left(self.inner.call(request));
         }
-        let slots = match self.layer.slots(Connection::of_http(&request)) {
-            Ok(slots) => slots,
+        let slot = match self.layer.slot(Connection::of_http(&request)) {
+            Ok(slot) => slot,
             Err(refused) => {
                 return Either::Right(Box::pin(std::future::ready(Ok(refused.into_http()))));
             }
         };
+        let stopping = || Box::pin(self.layer.stopping.clone().cancelled_owned());
+        // A reflection stream's requests end at shutdown too: the service waits for the next
+        // one, holding the stream (and the drain) open until the client half-closes.
+        let request = match reflection {
+            true => request.map(|body| {
+                Body::new(Requests {
+                    body: Some(body),
+                    stopping: stopping(),
+                })
+            }),
+            false => request,
+        };
+        let stopping = reflection.then(stopping);
         let answer = self.inner.call(request);
         Either::Right(Box::pin(async move {
             let answer = answer.await?;
             Ok(answer.map(|body| {
-                Body::new(body.map_frame(move |frame| {
-                    let _slots = &slots;
-                    frame
-                }))
+                Body::new(Holding {
+                    body,
+                    _slot: slot,
+                    stopping,
+                    ended: false,
+                })
             }))
         }))
     }
+}
+
+/// An open-ended stream's answer: holds its slot, and ends at `stopping` if it has one.
+struct Holding {
+    body: Body,
+    _slot: Slot,
+    stopping: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    ended: bool,
+}
+
+impl HttpBody for Holding {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        // tonic yields whole messages per frame, so trailers may follow any frame.
+        if let Some(stopping) = &mut this.stopping
+            && stopping.as_mut().poll(cx).is_ready()
+        {
+            this.ended = true;
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(shutting_down()))));
+        }
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        this.ended = match &frame {
+            Some(Ok(frame)) => frame.is_trailers(),
+            _ => true,
+        };
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
+}
+
+/// A reflection stream's requests: they end at `stopping` (the client's body let go of, which
+/// resets its side of the stream).
+struct Requests {
+    body: Option<Body>,
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl HttpBody for Requests {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        if self.stopping.as_mut().poll(cx).is_ready() {
+            self.body = None;
+        }
+        match &mut self.body {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+}
+
+/// The trailers that end a stream at shutdown: UNAVAILABLE (14), "server shutting down" (all
+/// printable ASCII, so nothing to percent-encode).
+fn shutting_down() -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+    let message = http::HeaderValue::from_static("server shutting down");
+    trailers.insert("grpc-message", message);
+    trailers
 }

@@ -360,7 +360,7 @@ impl Watch {
                 "profile_state_watch_streams_refused_total",
                 "WatchProfiles calls, and health Watch and reflection streams, refused with \
                  RESOURCE_EXHAUSTED, by the limit they met (server: --max-watch-streams, \
-                 connection: --max-watch-streams-per-connection, or 16 health and reflection \
+                 connection: --max-watch-streams-per-connection, or 8 health and reflection \
                  streams).",
                 "limit",
                 WATCH_STREAM_LIMITS.iter().copied(),

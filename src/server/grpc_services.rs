@@ -174,7 +174,7 @@ pub(super) fn serve<H: Health>(
     let router = builder
         .layer(MetricsLayer::new(metrics.clone()))
         .layer(RequestBytesLayer::new(limit, request_body_timeout))
-        .layer(OpenStreamsLayer::new(max_watch_streams, metrics.clone()))
+        .layer(OpenStreamsLayer::new(metrics.clone(), stopping.clone()))
         .add_service(limited!(health, limit))
         .add_service(limited!(reflection_v1()?, limit))
         .add_service(limited!(reflection_v1alpha()?, limit))

@@ -156,7 +156,8 @@ impl Shutdown {
     /// 2. Watchers get their last `Progress` and `UNAVAILABLE` naming the revision to resume
     ///    from (their feeds end on `stopping`); only once tonic has taken and dropped every
     ///    watch stream does gRPC stop, so those last messages are not cut off. Reads waiting
-    ///    for a `min_revision` are answered UNAVAILABLE at once (`stopping` too).
+    ///    for a `min_revision` and reflection streams end with UNAVAILABLE at once (`stopping`
+    ///    too).
     /// 3. The listeners drain: axum finishes in-flight webhooks (it stopped accepting at 1),
     ///    tonic its calls, after health statuses are removed so health Watch streams end too.
     /// 4. The sequencer flushes: once the last ingress handle is gone it answers what it holds
