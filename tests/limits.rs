@@ -1071,8 +1071,19 @@ async fn grpc_requests_that_never_finish_arriving_hold_bounded_bytes_for_bounded
         .iter()
         .filter(|(code, message)| code == "4" && message.contains("did not arrive whole within 5s"))
         .count();
+    // Two calls of the first connection taking their frames on two threads at once may both
+    // find its budget full: the first refused gives its bytes back an instant later.
+    let refused_by_connection = answers
+        .iter()
+        .filter(|(code, message)| code == "8" && message.contains("this connection's"))
+        .count();
     assert!(refused >= 1, "{answers:?}");
-    assert_eq!(refused + timed_out, answers.len(), "{answers:?}");
+    assert!(refused_by_connection <= 1, "{answers:?}");
+    assert_eq!(
+        refused + timed_out + refused_by_connection,
+        answers.len(),
+        "{answers:?}"
+    );
 
     // Their bytes are free again: a whole request is answered, on the first connection too.
     let mut client = service.client().await;
