@@ -47,7 +47,8 @@ pub struct BackupApi {
     piece_bytes: usize,
     /// One permit: the thread reading and encoding a backup holds it while it has the copy.
     one_at_a_time: Arc<Semaphore>,
-    /// `--backup-stall-timeout`: how long a piece waits for the client to take the ones before.
+    /// `--backup-stall-timeout`: how long a full queue waits for the client to take a piece
+    /// (the watch looks once per timeout, so a stall is found within twice that).
     stall_timeout: Duration,
 }
 

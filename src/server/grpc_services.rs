@@ -38,9 +38,10 @@ use super::connections::{self, CappedListener, Evictable};
 use super::cut::Cuttable;
 use super::tls::{HandshakeFailures, TlsConnection};
 
-/// Applies the one message-size limit, both ways, to a generated service. tonic sets it per
-/// service, with a method of the same name on each generated type (no trait to be generic
-/// over), hence a macro.
+/// Applies the one message-size limit, both ways, and the request compressions every service
+/// takes (gzip, deflate: `ProfileServiceRoutes` takes the same) to a generated service. tonic
+/// sets both per service, with methods of the same names on each generated type (no trait to
+/// be generic over), hence a macro.
 macro_rules! limited {
     ($service:expr, $bytes:expr) => {
         $service
