@@ -769,6 +769,56 @@ fn list_services() -> tonic_reflection::pb::v1::ServerReflectionRequest {
     }
 }
 
+/// A reflection stream holds what it decodes for as long as it is open, and tonic-reflection
+/// echoes each request in its answer: with the message limit, and gzip, each stream could hold
+/// 10 to 19 MB for a few kilobytes sent, with no credentials (found by an adversarial run).
+/// Health and reflection requests (a name each) are refused past 16 KiB, and reflection ones
+/// compressed.
+#[tokio::test]
+async fn health_and_reflection_requests_are_small_and_reflection_ones_plain() {
+    use tonic::codec::CompressionEncoding::Gzip;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    let service = TestService::start().await;
+    let channel = service.channel().await;
+    let mut large = list_services();
+    large.host = "h".repeat(20 * 1024);
+    // tonic-reflection ends the stream when a request cannot be decoded, without a status.
+    let refused = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::once(large))
+        .await;
+    if let Ok(answers) = refused {
+        let answer = answers.into_inner().message().await;
+        assert!(!matches!(answer, Ok(Some(_))), "not answered: {answer:?}");
+    }
+    let refused = ServerReflectionClient::new(channel.clone())
+        .send_compressed(Gzip)
+        .server_reflection_info(tokio_stream::once(list_services()))
+        .await;
+    let refused = match refused {
+        Err(status) => status,
+        Ok(answers) => answers.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    let large = HealthCheckRequest {
+        service: "s".repeat(20 * 1024),
+    };
+    let refused = HealthClient::new(channel.clone())
+        .check(large)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    // Ordinary ones are answered.
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::once(list_services()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some());
+    service.stop().await;
+}
+
 /// A reflection stream its client keeps open (grpcurl's, a tool left running) held shutdown
 /// for the whole `--shutdown-grace` and was then cut with no status (found by an adversarial
 /// run). It ends at the start of shutdown with UNAVAILABLE, as watch streams do.

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Response, Status};
 
@@ -45,10 +45,11 @@ pub type BackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupResponse, Sta
 pub struct BackupApi {
     store: Store,
     piece_bytes: usize,
-    /// One permit: the thread reading and encoding a backup holds it while it has the copy.
+    /// One permit: held while a backup's thread has the copy of the state or its queue has
+    /// pieces the client has not taken.
     one_at_a_time: Arc<Semaphore>,
-    /// `--backup-stall-timeout`: how long a full queue waits for the client to take a piece
-    /// (the watch looks once per timeout, so a stall is found within twice that).
+    /// `--backup-stall-timeout`: how long queued pieces wait for the client to take one (the
+    /// watch looks once per timeout, so a stall is found within twice that).
     stall_timeout: Duration,
 }
 
@@ -72,11 +73,15 @@ impl BackupApi {
     pub fn backup(&self) -> Result<Response<BackupStream>, Status> {
         let running = Arc::clone(&self.one_at_a_time).try_acquire_owned();
         let permit = running.map_err(|_| grpc_status(Error::BackupRunning))?;
+        // Held by the thread while it has the copy of the state, and by the queue until the
+        // backup is all taken, is abandoned, or its stream is gone.
+        let slot = Arc::new(permit);
         let (sender, receiver) = mpsc::channel(BUFFERED);
         let queue = Arc::new(Queue {
             receiver: Mutex::new(receiver),
             taken: Arc::new(Notify::new()),
             last_words: Mutex::new(None),
+            slot: Mutex::new(Some(Arc::clone(&slot))),
         });
         // Weak: the watch must not keep the queue open for a client that has left.
         let watched = Watched {
@@ -86,11 +91,11 @@ impl BackupApi {
         };
         tokio::spawn(watched.abandon_if_stalled(self.stall_timeout));
         let (store, piece_bytes) = (self.store.clone(), self.piece_bytes);
-        // Ends when the backup is sent, or its queue is closed (the client left or stalled);
-        // the slot with it.
+        // Ends when the backup is all queued, or its queue is closed (the client left or
+        // stalled).
         tokio::task::spawn_blocking(move || {
             send(&store, piece_bytes, &sender);
-            drop(permit);
+            drop(slot);
         });
         Ok(Response::new(Box::pin(queue.into_stream())))
     }
@@ -103,6 +108,10 @@ struct Queue {
     taken: Arc<Notify>,
     /// Why the backup was abandoned, once it was.
     last_words: Mutex<Option<Status>>,
+    /// The queue's share of the one backup slot: a client that stopped reading after the
+    /// last piece was queued kept it, and the pieces, while the slot went to the next backup
+    /// (15 such clients of a small store took 65 MB; found by an adversarial run).
+    slot: Mutex<Option<Arc<OwnedSemaphorePermit>>>,
 }
 
 type Piece = Result<pb::BackupResponse, Status>;
@@ -138,7 +147,18 @@ impl Queue {
         let mut receiver = self.receiver.lock().expect("not poisoned");
         receiver.close();
         while receiver.try_recv().is_ok() {}
+        self.let_go();
         tracing::warn!("backup abandoned: the client took no piece within --backup-stall-timeout");
+    }
+
+    /// Gives up the queue's share of the slot.
+    fn let_go(&self) {
+        self.slot.lock().expect("not poisoned").take();
+    }
+
+    /// Messages waiting to be taken.
+    fn waiting(&self) -> usize {
+        self.receiver.lock().expect("not poisoned").len()
     }
 }
 
@@ -150,17 +170,21 @@ struct Watched {
 }
 
 impl Watched {
-    /// Watches until the backup is all queued or its stream is gone, and abandons it once the
-    /// encoding thread has waited `timeout` for room with nothing taken. A task of its own
-    /// rather than a timed wait in the thread: a tokio timer polled from a blocking thread
-    /// while the runtime shuts down panics.
+    /// Watches until the backup is all taken from the queue (the queue then lets go of the
+    /// slot: the rest is HTTP/2's) or its stream is gone, and abandons it once messages have
+    /// waited `timeout` with none taken. A task of its own rather than a timed wait in the
+    /// thread: a tokio timer polled from a blocking thread while the runtime shuts down panics.
     async fn abandon_if_stalled(self, timeout: Duration) {
         loop {
             let taken = tokio::time::timeout(timeout, self.taken.notified()).await;
-            let (Some(queue), Some(sender)) = (self.queue.upgrade(), self.sender.upgrade()) else {
+            let Some(queue) = self.queue.upgrade() else {
                 return;
             };
-            if taken.is_err() && sender.capacity() == 0 {
+            let waiting = queue.waiting();
+            if waiting == 0 && self.sender.upgrade().is_none() {
+                return queue.let_go();
+            }
+            if taken.is_err() && waiting > 0 {
                 return queue.abandon(timeout);
             }
         }

@@ -52,6 +52,23 @@ macro_rules! limited {
     };
 }
 
+/// Largest request health and reflection decode: they name a service, a file or a symbol.
+/// Their streams stay open as long as the client likes, tonic-reflection echoes each request
+/// in its answer, and a bidi stream keeps its decoding buffer: with the message limit (and
+/// gzip) each reflection stream could hold 10 to 19 MB for a few kilobytes sent, with no
+/// credentials (found by an adversarial run).
+const SMALL_REQUEST_BYTES: usize = 16 * 1024;
+
+/// A reflection service: requests of at most [`SMALL_REQUEST_BYTES`] and not compressed
+/// (a few bytes each; grpcurl and the like send them plain), answers up to the message limit.
+macro_rules! small_requests {
+    ($service:expr, $bytes:expr) => {
+        $service
+            .max_decoding_message_size(SMALL_REQUEST_BYTES)
+            .max_encoding_message_size($bytes)
+    };
+}
+
 /// How the gRPC listener speaks: tonic's server as configured (keepalive, concurrent
 /// streams), and TLS, which the listener terminates itself (`super::tls`).
 pub(super) struct Transport {
@@ -176,9 +193,9 @@ pub(super) fn serve<H: Health>(
         .layer(MetricsLayer::new(metrics.clone()))
         .layer(RequestBytesLayer::new(limit, request_body_timeout))
         .layer(OpenStreamsLayer::new(metrics.clone(), stopping.clone()))
-        .add_service(limited!(health, limit))
-        .add_service(limited!(reflection_v1()?, limit))
-        .add_service(limited!(reflection_v1alpha()?, limit))
+        .add_service(limited!(health, limit).max_decoding_message_size(SMALL_REQUEST_BYTES))
+        .add_service(small_requests!(reflection_v1()?, limit))
+        .add_service(small_requests!(reflection_v1alpha()?, limit))
         .add_service(InterceptedService::new(
             ProfileServiceRoutes::new(profiles, limit),
             auth,
