@@ -433,13 +433,7 @@ async fn one_backup_at_a_time() {
         let channel = service.channel().await;
         pb::admin_service_client::AdminServiceClient::new(channel)
     };
-    let small_window = tonic::transport::Channel::from_shared(format!("http://{}", service.grpc))
-        .unwrap()
-        .initial_stream_window_size(1024)
-        .connect()
-        .await
-        .unwrap();
-    let mut first = pb::admin_service_client::AdminServiceClient::new(small_window);
+    let mut first = small_window_admin(&service).await;
     let mut held = first
         .backup(pb::BackupRequest {})
         .await
@@ -513,13 +507,8 @@ async fn stalled_backup(profiles: u32) {
         let body = profile_updated(&format!("c{n}"), &at(n), json!({"blob": blob}));
         assert_eq!(service.post(&body).await.0, 200);
     }
-    let small_window = tonic::transport::Channel::from_shared(format!("http://{}", service.grpc))
-        .unwrap()
-        .initial_stream_window_size(1024)
-        .connect()
+    let mut stalled = small_window_admin(&service)
         .await
-        .unwrap();
-    let mut stalled = pb::admin_service_client::AdminServiceClient::new(small_window)
         .backup(pb::BackupRequest {})
         .await
         .unwrap()
@@ -564,6 +553,20 @@ async fn stalled_backup(profiles: u32) {
         "{ended:?}"
     );
     service.stop().await;
+}
+
+/// An AdminService client whose streams have a 1 KiB window: it stops taking a backup as soon
+/// as it stops reading.
+async fn small_window_admin(
+    service: &TestService,
+) -> pb::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
+    let small_window = tonic::transport::Channel::from_shared(format!("http://{}", service.grpc))
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    pb::admin_service_client::AdminServiceClient::new(small_window)
 }
 
 /// Every file under `dir`, in its subdirectories too.

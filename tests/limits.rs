@@ -982,15 +982,7 @@ async fn call(
     sent: usize,
     end: bool,
 ) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let request = tonic::codegen::http::Request::post(
-        "http://x/gameball.profiles.v1.ProfileService/GetProfile",
-    )
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
-    let mut ready = client.clone().ready().await.unwrap();
-    let (response, mut body) = ready.send_request(request, false).unwrap();
+    let (response, mut body) = open_call(client, "GetProfile").await;
     let mut message = vec![0];
     message.extend(declared.to_be_bytes());
     message.resize(5 + sent, b'x');
@@ -1006,6 +998,20 @@ pub(crate) async fn raw_unary(
     method: &str,
     encoded: Vec<u8>,
 ) -> h2::client::ResponseFuture {
+    let (response, mut body) = open_call(client, method).await;
+    let mut message = vec![0];
+    message.extend(u32::try_from(encoded.len()).unwrap().to_be_bytes());
+    message.extend(encoded);
+    body.send_data(message.into(), true).unwrap();
+    response
+}
+
+/// A call of ProfileService's `method` opened on its own stream of `client`'s connection, its
+/// request body still to send.
+async fn open_call(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
     let uri = format!("http://x/gameball.profiles.v1.ProfileService/{method}");
     let request = tonic::codegen::http::Request::post(uri)
         .header("content-type", "application/grpc")
@@ -1013,12 +1019,7 @@ pub(crate) async fn raw_unary(
         .body(())
         .unwrap();
     let mut ready = client.clone().ready().await.unwrap();
-    let (response, mut body) = ready.send_request(request, false).unwrap();
-    let mut message = vec![0];
-    message.extend(u32::try_from(encoded.len()).unwrap().to_be_bytes());
-    message.extend(encoded);
-    body.send_data(message.into(), true).unwrap();
-    response
+    ready.send_request(request, false).unwrap()
 }
 
 /// `grpc-message` as written: percent-encoded UTF-8.
