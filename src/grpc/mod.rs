@@ -66,6 +66,12 @@ pub const MAX_WATCH_IDS: usize = 1000;
 pub const MAX_WATCH_ID_BYTES: usize = 256 * 1024;
 /// Most field names one WatchProfiles filter may name.
 pub const MAX_WATCH_FIELDS: usize = 100;
+/// The request compressions every service but reflection takes (tonic inflates a message
+/// within the message limit); answers are not compressed.
+pub const ACCEPTED_ENCODINGS: [tonic::codec::CompressionEncoding; 2] = [
+    tonic::codec::CompressionEncoding::Gzip,
+    tonic::codec::CompressionEncoding::Deflate,
+];
 /// Longest a `min_revision` read waits, whatever its deadline.
 pub const MAX_MIN_REVISION_WAIT: Duration = Duration::from_secs(30);
 

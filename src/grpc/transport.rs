@@ -167,9 +167,9 @@ impl Connection {
     }
 }
 
-/// The slots for the watch streams one connection may open,
-/// `--max-watch-streams-per-connection`, so one HTTP/2 connection cannot take every slot of
-/// `--max-watch-streams`.
+/// Slots for the streams one connection may hold open at once: its watch streams
+/// (`--max-watch-streams-per-connection`, so one HTTP/2 connection cannot take every slot of
+/// `--max-watch-streams`), or its health and reflection streams (`super::open_streams`).
 #[derive(Clone)]
 pub struct ConnectionWatches {
     slots: Arc<tokio::sync::Semaphore>,

@@ -28,9 +28,7 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio_stream::{Stream, StreamExt};
-use tonic::codec::{
-    BufferSettings, Codec, CompressionEncoding, EnabledCompressionEncodings, EncodeBuf, Encoder,
-};
+use tonic::codec::{BufferSettings, Codec, EnabledCompressionEncodings, EncodeBuf, Encoder};
 use tonic::codegen::Body as HttpBody;
 use tonic::codegen::{BoxFuture, Bytes, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
@@ -39,8 +37,8 @@ use tonic::{Request, Response, Status};
 use super::codec::{MessageCodec, MessageDecoder};
 use super::profile_reply::ProfileReply;
 use super::{
-    DEFAULT_PROGRESS_INTERVAL, MAX_WATCH_FIELDS, MAX_WATCH_ID_BYTES, MAX_WATCH_IDS, OpenWatch,
-    ProfileApi, convert, transport,
+    ACCEPTED_ENCODINGS, DEFAULT_PROGRESS_INTERVAL, MAX_WATCH_FIELDS, MAX_WATCH_ID_BYTES,
+    MAX_WATCH_IDS, OpenWatch, ProfileApi, convert, transport,
 };
 use crate::error::Error;
 use crate::pb;
@@ -80,12 +78,14 @@ impl ProfileServiceRoutes {
     /// `api` served with `max_message_bytes` as the limit both ways, on every method.
     pub fn new(api: ProfileApi, max_message_bytes: usize) -> Self {
         let api = Arc::new(api);
+        let mut generated = ProfileServiceServer::from_arc(Arc::clone(&api))
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        for encoding in ACCEPTED_ENCODINGS {
+            generated = generated.accept_compressed(encoding);
+        }
         ProfileServiceRoutes {
-            generated: ProfileServiceServer::from_arc(Arc::clone(&api))
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes)
-                .accept_compressed(CompressionEncoding::Gzip)
-                .accept_compressed(CompressionEncoding::Deflate),
+            generated,
             api,
             max_message_bytes,
         }
@@ -136,12 +136,12 @@ where
     }
 }
 
-/// The request encodings every method takes, as the generated services do (`accept_compressed`):
-/// gzip and deflate, decompressed within the message limit. Answers are not compressed.
+/// [`ACCEPTED_ENCODINGS`] as tonic's hand-written services take them.
 fn accepted() -> EnabledCompressionEncodings {
     let mut accepted = EnabledCompressionEncodings::default();
-    accepted.enable(CompressionEncoding::Gzip);
-    accepted.enable(CompressionEncoding::Deflate);
+    ACCEPTED_ENCODINGS
+        .into_iter()
+        .for_each(|encoding| accepted.enable(encoding));
     accepted
 }
 

@@ -39,17 +39,19 @@ use super::cut::Cuttable;
 use super::tls::{HandshakeFailures, TlsConnection};
 
 /// Applies the one message-size limit, both ways, and the request compressions every service
-/// takes (gzip, deflate: `ProfileServiceRoutes` takes the same) to a generated service. tonic
+/// takes (`ACCEPTED_ENCODINGS`, as `ProfileServiceRoutes` does) to a generated service. tonic
 /// sets both per service, with methods of the same names on each generated type (no trait to
 /// be generic over), hence a macro.
 macro_rules! limited {
-    ($service:expr, $bytes:expr) => {
-        $service
+    ($service:expr, $bytes:expr) => {{
+        let mut service = $service
             .max_decoding_message_size($bytes)
-            .max_encoding_message_size($bytes)
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-            .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
-    };
+            .max_encoding_message_size($bytes);
+        for encoding in crate::grpc::ACCEPTED_ENCODINGS {
+            service = service.accept_compressed(encoding);
+        }
+        service
+    }};
 }
 
 /// Largest request health and reflection decode: they name a service, a file or a symbol.
