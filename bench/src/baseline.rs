@@ -174,6 +174,8 @@ pub struct FanoutStats {
     /// Events published in the measured window.
     pub events: u64,
     pub deliveries: u64,
+    /// Deliveries that arrived before their write's acknowledgement (counted as 0 in `latency`).
+    pub early: u64,
     pub missing: u64,
     pub elapsed: Duration,
     /// The server's CPU time per delivery over the whole window (warm-up included, ingest of
@@ -234,6 +236,7 @@ pub async fn broadcast_fanout(
         last: histogram(),
         events: measured.len() as u64,
         deliveries: 0,
+        early: 0,
         missing: 0,
         elapsed: duration,
         cpu_per_delivery: None,

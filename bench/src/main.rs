@@ -22,6 +22,7 @@ mod noop_durable;
 mod noop_replica;
 mod noop_watch;
 mod one_task;
+mod peers;
 mod process;
 mod report;
 mod scenarios;
@@ -35,6 +36,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use peers::PeerKind;
 use report::{Machine, Report};
 use scenarios::Options;
 use scenarios::fanout::Filter;
@@ -138,6 +140,10 @@ enum Scenario {
         /// What each subscriber watches in the ingest-impact part.
         #[arg(long, value_enum, default_value = "customer")]
         impact_filter: Filter,
+        /// Other watch systems to measure in the same rounds, the same way (comma-separated):
+        /// etcd (the `etcd` on PATH or ETCD_BIN), nats-kv (nats-server as the tests find it).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        peers: Vec<PeerKind>,
     },
     /// Many idle customer-filtered watch streams beside a few unfiltered ones: service RSS per
     /// idle stream, and the unfiltered ones' delivery latency at --rate [100/s].
@@ -279,6 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             streams_per_connection,
             filter,
             impact_filter,
+            peers,
         } => {
             scenarios::fanout::run(
                 &options,
@@ -287,6 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 streams_per_connection,
                 filter,
                 impact_filter,
+                &peers,
             )
             .await?
         }

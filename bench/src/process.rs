@@ -276,7 +276,7 @@ impl Drop for Server {
 
 /// Makes the child get SIGTERM when this process dies, however it dies (Ctrl-C, a kill), so
 /// no service or baseline outlives the tool.
-fn die_with_parent(command: &mut Command) -> &mut Command {
+pub(crate) fn die_with_parent(command: &mut Command) -> &mut Command {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| {

@@ -20,15 +20,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use profile_state::pb;
 use profile_state::pb::watch_profiles_response::Event;
+use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{Options, channel, client, preload, rounds};
 use crate::baseline::{FanoutStats, broadcast_fanout, histogram};
 use crate::load::HttpConnection;
+use crate::peers::{PeerKind, Started, Watchers};
 use crate::process::{Server, cpu_time};
 use crate::report::{Report, Row, Target};
 use crate::workload::{Rng, Workload};
@@ -61,7 +64,7 @@ pub(super) struct Audience {
 }
 
 /// Connected subscribers; stopping them returns what each received: (revision, when).
-pub(super) struct Subscribers {
+pub(crate) struct Subscribers {
     stop: watch::Sender<bool>,
     /// Changes received by all subscribers together so far.
     delivered: Arc<AtomicU64>,
@@ -82,9 +85,7 @@ impl Subscribers {
             filter,
             first_customer,
         } = audience;
-        let (stop, stopped) = watch::channel(false);
-        let delivered = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::with_capacity(count);
+        let mut subscribers = Subscribers::none();
         let mut shared = None;
         for index in 0..count {
             if index % per_connection.max(1) == 0 {
@@ -116,9 +117,9 @@ impl Subscribers {
                 }) => {}
                 other => bail!("subscriber {index} began with {other:?}, not Synced"),
             }
-            let mut stopped = stopped.clone();
-            let delivered = Arc::clone(&delivered);
-            tasks.push(tokio::spawn(async move {
+            let mut stopped = subscribers.stopped();
+            let delivered = subscribers.counter();
+            subscribers.add(tokio::spawn(async move {
                 // The channel lives as long as the stream reads from it.
                 let _channel = channel;
                 let mut received = Vec::new();
@@ -138,19 +139,42 @@ impl Subscribers {
                 received
             }));
         }
-        Ok(Subscribers {
+        Ok(subscribers)
+    }
+
+    /// No subscriber yet: each one's task is added with [`Subscribers::add`], and reads
+    /// [`Subscribers::stopped`] and counts what it receives in [`Subscribers::counter`] (the
+    /// peers of `crate::peers` open theirs so).
+    pub(crate) fn none() -> Subscribers {
+        let (stop, _) = watch::channel(false);
+        Subscribers {
             stop,
-            delivered,
-            tasks,
-        })
+            delivered: Arc::new(AtomicU64::new(0)),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Changes once the window is over: a subscriber's task then returns what it received.
+    pub(crate) fn stopped(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Counts the changes received by all subscribers together.
+    pub(crate) fn counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.delivered)
+    }
+
+    /// A subscriber's task: it returns (change id, receipt time) of every change received.
+    pub(crate) fn add(&mut self, task: JoinHandle<Vec<(u64, Instant)>>) {
+        self.tasks.push(task);
     }
 
     /// Changes received by all subscribers together so far.
-    pub(super) fn delivered(&self) -> u64 {
+    pub(crate) fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
     }
 
-    pub(super) async fn close(self) -> Vec<Vec<(u64, Instant)>> {
+    pub(crate) async fn close(self) -> Vec<Vec<(u64, Instant)>> {
         let _ = self.stop.send(true);
         let mut all = Vec::with_capacity(self.tasks.len());
         for task in self.tasks {
@@ -212,30 +236,23 @@ pub(super) async fn measure_latency(
     let Audience { count, filter, .. } = audience;
     let Endpoints { webhook, grpc, pid } = target;
     let subscribers = Subscribers::open(grpc, audience, &workload.client_id).await?;
-    let cpu_before = pid.and_then(cpu_time);
-    let delivered_before = subscribers.delivered.load(Ordering::Relaxed);
-    let started = Instant::now();
-    let measure_from = started + options.warmup;
-    let end = measure_from + options.duration;
+    let window = Window::start(options, pid, &subscribers);
+    let measure_from = window.measure_from;
     // Open loop: a few senders on their own connections share the schedule, so a slow answer
     // does not lower the offered rate.
     let mut senders = Vec::with_capacity(SENDERS);
     for index in 0..SENDERS {
         let mut connection = HttpConnection::open(webhook).await?;
         let workload = Arc::clone(workload);
-        let interval = Duration::from_secs_f64(SENDERS as f64 / rate);
-        let mut next = started + interval * index as u32 / SENDERS as u32;
+        let mut pace = window.pace(index, SENDERS, rate);
         let mut rng = Rng::new(7 + index as u64);
         senders.push(tokio::spawn(async move {
             // (revision, sent, answered) of every applied webhook.
             let mut answered = Vec::new();
             loop {
-                tokio::time::sleep_until(next.into()).await;
-                next += interval;
-                let sent = Instant::now();
-                if sent >= end {
+                let Some(sent) = pace.next().await else {
                     return anyhow::Ok(answered);
-                }
+                };
                 let n = match filter {
                     Filter::All | Filter::OtherAccount | Filter::Unfiltered => {
                         rng.below(workload.customers)
@@ -268,65 +285,135 @@ pub(super) async fn measure_latency(
             }
         }
     }
-    // Let the last deliveries arrive (at most 5 s more), then stop the subscribers.
     let fan = match filter {
         Filter::All | Filter::Unfiltered => count as u64,
         Filter::Customer => 1,
         Filter::OtherAccount => 0,
     };
-    let drain_until = Instant::now() + Duration::from_secs(5);
-    while subscribers.delivered.load(Ordering::Relaxed) < applied * fan
-        && Instant::now() < drain_until
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    Ok(window
+        .finish(subscribers, applied * fan, answered, fan)
+        .await)
+}
+
+/// A latency window beside its subscribers: when it starts and ends, and the server's CPU
+/// and the deliveries at its start.
+#[derive(Clone, Copy)]
+pub(crate) struct Window {
+    pub(crate) started: Instant,
+    /// The warm-up's end: changes written from here on are measured.
+    pub(crate) measure_from: Instant,
+    pub(crate) end: Instant,
+    duration: Duration,
+    pid: Option<u32>,
+    cpu_before: Option<Duration>,
+    delivered_before: u64,
+}
+
+/// One sender's share of a fixed rate: its sends, evenly spaced, until the window ends.
+pub(crate) struct Pace {
+    next: Instant,
+    interval: Duration,
+    end: Instant,
+}
+
+impl Pace {
+    /// Waits for the next send's time; the moment it is sent, or `None` once the window ended.
+    pub(crate) async fn next(&mut self) -> Option<Instant> {
+        tokio::time::sleep_until(self.next.into()).await;
+        self.next += self.interval;
+        Some(Instant::now()).filter(|sent| *sent < self.end)
     }
-    let cpu = pid.and_then(cpu_time).zip(cpu_before);
-    let delivered = subscribers.delivered.load(Ordering::Relaxed) - delivered_before;
-    let cpu_per_delivery = cpu
-        .filter(|_| delivered > 0)
-        .map(|(after, before)| after.saturating_sub(before).div_f64(delivered as f64));
-    let received = subscribers.close().await;
-    let mut stats = FanoutStats {
-        latency: histogram(),
-        from_send: histogram(),
-        last: histogram(),
-        events: answered.len() as u64,
-        deliveries: 0,
-        missing: 0,
-        elapsed: options.duration,
-        cpu_per_delivery,
-    };
-    let mut last: HashMap<u64, u64> = HashMap::new();
-    let mut early = 0u64;
-    for deliveries in &received {
-        for (revision, at) in deliveries {
-            let Some((sent, answered_at)) = answered.get(revision) else {
-                continue;
-            };
-            stats.deliveries += 1;
-            if at < answered_at {
-                early += 1;
-            }
-            let micros = at.saturating_duration_since(*answered_at).as_micros() as u64;
-            stats.latency.saturating_record(micros);
-            stats
-                .from_send
-                .saturating_record(at.saturating_duration_since(*sent).as_micros() as u64);
-            let slot = last.entry(*revision).or_default();
-            *slot = (*slot).max(micros);
+}
+
+impl Window {
+    /// Sender `index`'s pace, when `senders` share `rate` sends a second (open loop: a slow
+    /// answer does not lower the rate), staggered so their sends interleave.
+    pub(crate) fn pace(&self, index: usize, senders: usize, rate: f64) -> Pace {
+        let interval = Duration::from_secs_f64(senders as f64 / rate);
+        Pace {
+            next: self.started + interval * index as u32 / senders as u32,
+            interval,
+            end: self.end,
         }
     }
-    for micros in last.values() {
-        stats.last.saturating_record(*micros);
+
+    /// Starts a window now, counting the CPU of `pid`.
+    pub(crate) fn start(options: &Options, pid: Option<u32>, subscribers: &Subscribers) -> Window {
+        let started = Instant::now();
+        Window {
+            started,
+            measure_from: started + options.warmup,
+            end: started + options.warmup + options.duration,
+            duration: options.duration,
+            pid,
+            cpu_before: pid.and_then(cpu_time),
+            delivered_before: subscribers.delivered(),
+        }
     }
-    let expected = answered.len() as u64 * fan;
-    stats.missing = expected.saturating_sub(stats.deliveries);
-    if early > 0 {
-        eprintln!(
-            "fanout: {early} deliveries arrived before their webhook's answer (counted as 0)"
-        );
+
+    /// Once every change is written: lets the last deliveries arrive (until `expected` in all,
+    /// at most 5 s more), stops the subscribers, and measures each delivery of a change in
+    /// `answered` (id -> (sent, acknowledged)) from its acknowledgement. `fan`: the
+    /// subscribers that should receive each change.
+    pub(crate) async fn finish(
+        self,
+        subscribers: Subscribers,
+        expected: u64,
+        answered: HashMap<u64, (Instant, Instant)>,
+        fan: u64,
+    ) -> FanoutStats {
+        let drain_until = Instant::now() + Duration::from_secs(5);
+        while subscribers.delivered() < expected && Instant::now() < drain_until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let cpu = self.pid.and_then(cpu_time).zip(self.cpu_before);
+        let delivered = subscribers.delivered() - self.delivered_before;
+        let cpu_per_delivery = cpu
+            .filter(|_| delivered > 0)
+            .map(|(after, before)| after.saturating_sub(before).div_f64(delivered as f64));
+        let received = subscribers.close().await;
+        let mut stats = FanoutStats {
+            latency: histogram(),
+            from_send: histogram(),
+            last: histogram(),
+            events: answered.len() as u64,
+            deliveries: 0,
+            early: 0,
+            missing: 0,
+            elapsed: self.duration,
+            cpu_per_delivery,
+        };
+        let mut last: HashMap<u64, u64> = HashMap::new();
+        for deliveries in &received {
+            for (id, at) in deliveries {
+                let Some((sent, answered_at)) = answered.get(id) else {
+                    continue;
+                };
+                stats.deliveries += 1;
+                if at < answered_at {
+                    stats.early += 1;
+                }
+                let micros = at.saturating_duration_since(*answered_at).as_micros() as u64;
+                stats.latency.saturating_record(micros);
+                stats
+                    .from_send
+                    .saturating_record(at.saturating_duration_since(*sent).as_micros() as u64);
+                let slot = last.entry(*id).or_default();
+                *slot = (*slot).max(micros);
+            }
+        }
+        for micros in last.values() {
+            stats.last.saturating_record(*micros);
+        }
+        stats.missing = (answered.len() as u64 * fan).saturating_sub(stats.deliveries);
+        if stats.early > 0 {
+            eprintln!(
+                "fanout: {} deliveries arrived before their write's answer (counted as 0)",
+                stats.early
+            );
+        }
+        stats
     }
-    Ok(stats)
 }
 
 pub async fn run(
@@ -336,6 +423,7 @@ pub async fn run(
     per_connection: usize,
     filter: Filter,
     impact_filter: Filter,
+    peers: &[PeerKind],
 ) -> anyhow::Result<()> {
     let rate = options.rate.unwrap_or(100.0);
     let most = counts.iter().copied().max().unwrap_or(0) as u64;
@@ -376,6 +464,22 @@ pub async fn run(
             .map(endpoints)
             .transpose()
     };
+    if !peers.is_empty() && !like_for_like {
+        bail!("--peers measures watchers of every change: use --filter all or unfiltered");
+    }
+    let mut started = Vec::with_capacity(peers.len());
+    for &kind in peers {
+        started.push((kind, Started::start(kind).await?));
+    }
+    // What each peer's write puts: as large as one of our change messages.
+    let value = Bytes::from(vec![b'x'; event.encoded_len()]);
+    report.note(format!(
+        "fanout: peers {:?}, values of {} bytes, {} keys; the peers sync each write before \
+         answering it, ours runs --ephemeral",
+        peers,
+        value.len(),
+        customers
+    ));
     let transport = baseline_of(Endpoints::noop_watch)?;
     let floor = baseline_of(Endpoints::transport_floor)?;
     let ours_endpoints = Endpoints::service(&ours)?;
@@ -387,11 +491,30 @@ pub async fn run(
             filter,
             first_customer: 0,
         };
-        // Latency: the broadcast baseline, the no-op gRPC server, its one-task floor, then
-        // ours, per round.
-        let results = rounds(options.rounds, 4, |_, contender| {
+        // Latency: the broadcast baseline, the no-op gRPC server, its one-task floor, ours,
+        // then the peers, per round.
+        let (started, value) = (&started, &value);
+        let results = rounds(options.rounds, 4 + started.len(), |_, contender| {
             let (workload, event, scenario) = (&workload, Arc::clone(&event), &scenario);
             async move {
+                if let Some((kind, peer)) = contender.checked_sub(4).map(|i| &started[i]) {
+                    let watchers = Watchers {
+                        count,
+                        per_connection,
+                        keys: customers,
+                    };
+                    let stats = peer.measure(options, watchers, rate, value).await?;
+                    eprintln!(
+                        "{scenario} ({}): p50 {} µs, p99 {} µs, max {} µs, {} deliveries, {} missing",
+                        kind.label(),
+                        stats.latency.value_at_quantile(0.5),
+                        stats.latency.value_at_quantile(0.99),
+                        stats.latency.max(),
+                        stats.deliveries,
+                        stats.missing
+                    );
+                    return anyhow::Ok(Some(stats));
+                }
                 let target = match contender {
                     0 if options.no_baseline => return Ok(None),
                     0 => {
@@ -429,6 +552,7 @@ pub async fn run(
                     .collect::<anyhow::Result<_>>()
             })
             .collect::<anyhow::Result<_>>()?;
+        let peer_stats = results.split_off(4);
         let ours_stats = results.pop().unwrap_or_default();
         let floor = results.pop().unwrap_or_default();
         let noop = results.pop().unwrap_or_default();
@@ -439,6 +563,9 @@ pub async fn run(
             broadcast,
         };
         latency_rows(report, &scenario, audience, &ours_stats, &baselines);
+        for ((kind, _), stats) in started.iter().zip(&peer_stats) {
+            peer_rows(report, &scenario, kind.label(), &ours_stats, stats);
+        }
 
         let impact = super::watch_impact::Impact {
             audience: Audience {
@@ -597,5 +724,74 @@ fn latency_rows(
         Row::new(scenario, "deliveries missing, transport floor", "count")
             .ours(each(ours, &missing))
             .baseline(FLOOR, each(floor, &missing)),
+    );
+}
+
+/// Ours against a peer measured in the same rounds (`crate::peers`): latency, the peer
+/// server's CPU per delivery, and deliveries missing.
+fn peer_rows(
+    report: &mut Report,
+    scenario: &str,
+    peer: &str,
+    ours: &[FanoutStats],
+    theirs: &[FanoutStats],
+) {
+    let each = |stats: &[FanoutStats], f: &dyn Fn(&FanoutStats) -> f64| -> Vec<f64> {
+        stats.iter().map(f).collect()
+    };
+    // From the acknowledgement (a delivery that beats it counts as 0: etcd tells its watchers
+    // while it answers the write), and from the write's send, which no side can beat.
+    for (label, quantile) in [("p50", 0.5), ("p99", 0.99)] {
+        let value = |s: &FanoutStats| s.latency.value_at_quantile(quantile) as f64 / 1000.0;
+        report.push(
+            Row::new(scenario, &format!("delivery latency {label}, {peer}"), "ms")
+                .ours(each(ours, &value))
+                .baseline(peer, each(theirs, &value)),
+        );
+        let value = |s: &FanoutStats| s.from_send.value_at_quantile(quantile) as f64 / 1000.0;
+        report.push(
+            Row::new(
+                scenario,
+                &format!("delivery latency {label} from the write's send, {peer}"),
+                "ms",
+            )
+            .ours(each(ours, &value))
+            .baseline(peer, each(theirs, &value)),
+        );
+    }
+    let cpu = |s: &FanoutStats| {
+        s.cpu_per_delivery
+            .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6)
+    };
+    report.push(
+        Row::new(scenario, &format!("server CPU per delivery, {peer}"), "µs")
+            .ours(each(ours, &cpu))
+            .baseline(peer, each(theirs, &cpu)),
+    );
+    let early = |s: &FanoutStats| s.early as f64 / s.deliveries.max(1) as f64;
+    report.push(
+        Row::new(
+            scenario,
+            &format!("share of deliveries before the write's acknowledgement, {peer}"),
+            "share",
+        )
+        .ours(each(ours, &early))
+        .baseline(peer, each(theirs, &early)),
+    );
+    let writes = |s: &FanoutStats| s.events as f64 / s.elapsed.as_secs_f64();
+    report.push(
+        Row::new(
+            scenario,
+            &format!("writes/s achieved (asked: --rate), {peer}"),
+            "1/s",
+        )
+        .ours(each(ours, &writes))
+        .baseline(peer, each(theirs, &writes)),
+    );
+    let missing = |s: &FanoutStats| s.missing as f64;
+    report.push(
+        Row::new(scenario, &format!("deliveries missing, {peer}"), "count")
+            .ours(each(ours, &missing))
+            .baseline(peer, each(theirs, &missing)),
     );
 }
