@@ -1065,7 +1065,32 @@ async fn a_schedule_heals_a_lost_webhook_by_itself() {
         client_id: "2155".into(),
         period: Duration::from_millis(300),
     }];
+    let before_start = unix_now();
     let service = start(config, dir.path(), &stand_in, API_KEY).await;
+    let last_success = |metrics: &str| {
+        metric(
+            metrics,
+            "profile_state_reconcile_schedule_last_success_timestamp_seconds{client_id=\"2155\"}",
+        )
+    };
+    let succeeded = "profile_state_reconcile_jobs_total{result=\"succeeded\"}";
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let started = metric(
+        &metrics,
+        "profile_state_reconcile_schedule_started_timestamp_seconds{client_id=\"2155\"}",
+    );
+    let succeeded_before = metric(&metrics, succeeded);
+    assert!(
+        started >= before_start && started <= unix_now(),
+        "{started}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "profile_state_reconcile_schedule_period_seconds{client_id=\"2155\"}"
+        ),
+        0.3
+    );
     service.update(&webhook_of(&jo, &ago(5))).await;
     jo.available_points += 500;
     stand_in.add([jo.clone()]);
@@ -1078,12 +1103,19 @@ async fn a_schedule_heals_a_lost_webhook_by_itself() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, metrics) = service.admin_get("/metrics").await;
+    // The healing job has ended once its metrics count it (a job of the first slot may have
+    // run before the first scrape: only a later one counts here).
+    let metrics = loop {
+        let (_, metrics) = service.admin_get("/metrics").await;
+        if metric(&metrics, succeeded) > succeeded_before {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "no scheduled job ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
-        metric(
-            &metrics,
-            "profile_state_reconcile_jobs_total{result=\"succeeded\"}"
-        ) >= 1.0
+        last_success(&metrics) > started,
+        "a scheduled success moves it on"
     );
     assert!(
         metric(
@@ -1092,6 +1124,61 @@ async fn a_schedule_heals_a_lost_webhook_by_itself() {
         ) >= 1.0
     );
     service.stop().await;
+}
+
+/// A schedule whose jobs stop early (here Gameball refuses the account's keys) keeps its last
+/// success where it was: `ProfileStateReconcileScheduleLate` fires 2.5 periods on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_whose_jobs_fail_does_not_move_its_last_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let jo = Customer::new("jo");
+    stand_in.add([jo.clone()]);
+    let mut config = Config::for_tests(common::SECRET);
+    config.reconcile.every = vec![profile_state::config::ReconcileEvery {
+        client_id: "2155".into(),
+        period: Duration::from_millis(300),
+    }];
+    let service = start(config, dir.path(), &stand_in, "revoked-key").await;
+    let last_success = |metrics: &str| {
+        let series = "profile_state_reconcile_schedule_last_success_timestamp_seconds\
+                      {client_id=\"2155\"}";
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series))
+            .map(|value| value.trim().parse::<f64>().unwrap())
+    };
+    // A profile older than the period, so each run from now on asks Gameball and is refused
+    // (a run before it selected nothing, and ran to its end).
+    service.update(&webhook_of(&jo, &ago(5))).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let when_failed = |count: f64| {
+        let service = &service;
+        async move {
+            loop {
+                let (_, metrics) = service.admin_get("/metrics").await;
+                let failed = "profile_state_reconcile_jobs_total{result=\"failed\"}";
+                if metric(&metrics, failed) >= count {
+                    return metrics;
+                }
+                assert!(Instant::now() < deadline, "fewer than {count} jobs failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // Absent, or the end of a job before the webhook: failed jobs leave it as it was.
+    let after_first = last_success(&when_failed(1.0).await);
+    let after_third = last_success(&when_failed(3.0).await);
+    assert_eq!(after_third, after_first);
+    service.stop().await;
+}
+
+/// The wall clock as Unix time in seconds, as the metrics give it.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 /// A balance inquiry Gameball refused was logged with Gameball's message, which may quote the

@@ -1,9 +1,14 @@
 //! The reconciler's metrics (`profile_state_reconcile_*`, issue 15): what Gameball's API cost,
-//! what the jobs found and how they ended. Every series exists at zero from the first scrape:
-//! endpoints, statuses, outcomes, reasons and fields are fixed sets. No account or customer
-//! in any label.
+//! what the jobs found and how they ended, and when each `--reconcile-every` schedule last
+//! ran to its end. Every series exists from the first scrape: endpoints, statuses, outcomes,
+//! reasons and fields are fixed sets. No account or customer in any label, except the
+//! schedules' gauges: their `client_id` is an account `--reconcile-every` names, a set the
+//! operator fixes, and a schedule that stopped running is per account, which no other label
+//! could tell.
 
-use prometheus::{CounterVec, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{CounterVec, GaugeVec, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 use super::{Metrics, counter_vec, counter_vec_at_zero, gauge, histogram_vec, register};
 use crate::profile::Field;
@@ -27,6 +32,9 @@ pub(super) struct ReconcileMetrics {
     jobs: IntCounterVec,
     jobs_running: IntGauge,
     rate_limited: CounterVec,
+    schedule_started: GaugeVec,
+    schedule_last_success: GaugeVec,
+    schedule_period: GaugeVec,
 }
 
 /// The fields reconciliation can correct: every modeled field but `gb_customer_id`, which the
@@ -112,6 +120,7 @@ impl ReconcileMetrics {
         for bucket in BUCKETS {
             rate_limited.with_label_values(&[bucket]);
         }
+        let [schedule_started, schedule_last_success, schedule_period] = schedule_metrics(r);
         ReconcileMetrics {
             requests,
             request_duration,
@@ -125,8 +134,45 @@ impl ReconcileMetrics {
                 "Reconcile jobs running now.",
             ),
             rate_limited,
+            schedule_started,
+            schedule_last_success,
+            schedule_period,
         }
     }
+}
+
+/// When each schedule started on this server, when one of its jobs last ran to its end here,
+/// and its period: what an alert needs to tell a schedule that stopped succeeding, through
+/// restarts and across replicas, with Prometheus remembering the newest success (a restart
+/// does not make it look recent: the last success is absent until this server has one).
+fn schedule_metrics(r: &Registry) -> [GaugeVec; 3] {
+    let gauge_vec = |name: &str, help: &str| {
+        let gauge = GaugeVec::new(Opts::new(name, help), &["client_id"]).expect("valid metric");
+        register(r, gauge)
+    };
+    [
+        gauge_vec(
+            "profile_state_reconcile_schedule_started_timestamp_seconds",
+            "When this server started the account's --reconcile-every schedule (Unix time).",
+        ),
+        gauge_vec(
+            "profile_state_reconcile_schedule_last_success_timestamp_seconds",
+            "When a job of the account's --reconcile-every schedule last ran to its end on this \
+             server (Unix time); absent until one has since the server started.",
+        ),
+        gauge_vec(
+            "profile_state_reconcile_schedule_period_seconds",
+            "The period of the account's --reconcile-every schedule.",
+        ),
+    ]
+}
+
+/// The wall clock as Unix time in seconds.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 impl Metrics {
@@ -163,6 +209,27 @@ impl Metrics {
         let reconcile = self.reconcile();
         reconcile.jobs_running.dec();
         reconcile.jobs.with_label_values(&[result]).inc();
+    }
+
+    /// A `--reconcile-every` schedule started: its start and its period.
+    pub fn reconcile_schedule_started(&self, client_id: &str, period: Duration) {
+        let reconcile = self.reconcile();
+        reconcile
+            .schedule_started
+            .with_label_values(&[client_id])
+            .set(unix_now());
+        reconcile
+            .schedule_period
+            .with_label_values(&[client_id])
+            .set(period.as_secs_f64());
+    }
+
+    /// A job the schedule of `client_id` started ran to its end.
+    pub fn reconcile_schedule_succeeded(&self, client_id: &str) {
+        self.reconcile()
+            .schedule_last_success
+            .with_label_values(&[client_id])
+            .set(unix_now());
     }
 }
 

@@ -258,6 +258,30 @@ impl ReconcileJobs {
 
     /// Starts a job; its first report.
     pub fn start(&self, client_id: &str, selection: Selection) -> Result<JobReport, Error> {
+        self.start_job(client_id, selection, false)
+    }
+
+    /// Starts a job of the account's `--reconcile-every` schedule: as [`ReconcileJobs::start`],
+    /// and if it runs to its end, the schedule's last success is now
+    /// (`profile_state_reconcile_schedule_last_success_timestamp_seconds`).
+    pub fn start_scheduled(&self, client_id: &str, period: Duration) -> Result<JobReport, Error> {
+        self.start_job(client_id, Selection::NotUpdatedFor(period), true)
+    }
+
+    /// Tells the metrics that the account's schedule started (see
+    /// `Metrics::reconcile_schedule_started`).
+    pub fn schedule_started(&self, client_id: &str, period: Duration) {
+        self.inner
+            .metrics
+            .reconcile_schedule_started(client_id, period);
+    }
+
+    fn start_job(
+        &self,
+        client_id: &str,
+        selection: Selection,
+        scheduled: bool,
+    ) -> Result<JobReport, Error> {
         check(client_id, &selection)?;
         let account = self
             .account(client_id)
@@ -268,9 +292,14 @@ impl ReconcileJobs {
         let (job, cancel) = self.register(client_id)?;
         let report = lock(&job).clone();
         let jobs = self.clone();
+        let client_id = client_id.to_owned();
         self.inner.tracker.spawn(async move {
             jobs.inner.metrics.reconcile_job_started();
             let (state, error) = jobs.run(&job, client, selection, &cancel).await;
+            // Before the job counts as finished: whoever sees it finished sees this too.
+            if scheduled && state == JobState::Succeeded {
+                jobs.inner.metrics.reconcile_schedule_succeeded(&client_id);
+            }
             jobs.finish(&job, state, error);
         });
         Ok(report)

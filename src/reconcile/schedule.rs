@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::jobs::{ReconcileJobs, Selection};
+use super::jobs::ReconcileJobs;
 use crate::config::ReconcileEvery;
 
 /// A future [`SlotClaims::claim`] returns.
@@ -56,6 +56,7 @@ pub fn start(
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let first_run_in = humantime::format_duration(whole_seconds(next));
         let client_id = &entry.client_id;
+        jobs.schedule_started(client_id, entry.period);
         match &claims {
             None => tracing::info!(
                 %client_id,
@@ -149,7 +150,7 @@ fn tick(jobs: &ReconcileJobs, every: &ReconcileEvery) {
         tracing::warn!(client_id, %job_id, "scheduled reconcile skipped: the last one still runs");
         return;
     }
-    match jobs.start(client_id, Selection::NotUpdatedFor(every.period)) {
+    match jobs.start_scheduled(client_id, every.period) {
         Ok(report) => {
             tracing::info!(client_id, job_id = %report.job_id, "scheduled reconcile started")
         }
