@@ -1,10 +1,11 @@
 //! The reconciler's metrics (`profile_state_reconcile_*`, issue 15): what Gameball's API cost,
 //! what the jobs found and how they ended, and when each `--reconcile-every` schedule last
-//! ran to its end. Every series exists from the first scrape: endpoints, statuses, outcomes,
-//! reasons and fields are fixed sets. No account or customer in any label, except the
-//! schedules' gauges: their `client_id` is an account `--reconcile-every` names, a set the
-//! operator fixes, and a schedule that stopped running is per account, which no other label
-//! could tell.
+//! ran to its end. Every series of a fixed label set exists from the first scrape: endpoints,
+//! statuses, outcomes, reasons and fields are fixed sets. No account or customer in any label,
+//! except the schedules' gauges: a series per schedule (its last success only once one of its
+//! jobs ran to its end), whose `client_id` is an account `--reconcile-every` names, a set the
+//! operator fixes; a schedule that stopped running is per account, which no other label could
+//! tell.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
