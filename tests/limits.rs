@@ -407,11 +407,12 @@ async fn connections_past_a_listeners_cap_are_refused_or_make_room_and_are_count
     assert!(watch.message().await.unwrap().is_some(), "Synced");
     let mut refused_grpc = connect(service.grpc, b"").await;
     assert_eq!(until_closed(&mut refused_grpc).await, b"");
-    let (_, metrics) = service.admin_get("/metrics").await;
-    assert_eq!(
-        sample(&metrics, r#"profile_state_connections{listener="webhook"}"#),
-        2.0
-    );
+    // Both held webhook connections are accepted (the listener's own task takes them, a
+    // moment after the kernel did: this read once came first on a loaded CI machine).
+    let webhook_connections = r#"profile_state_connections{listener="webhook"}"#;
+    service
+        .metrics_until(|metrics| sample(metrics, webhook_connections) == 2.0)
+        .await;
 
     // A delivery on a third connection: served, the idlest held connection closed for it.
     let (status, answer) = service

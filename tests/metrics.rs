@@ -6,7 +6,7 @@
 use crate::common;
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{TestService, at, profile_updated};
 use profile_state::metrics::{VERSION, WATCH_RESET_REASONS, WEBHOOK_ANSWERS};
@@ -192,22 +192,6 @@ async fn the_first_scrape_has_every_series_of_the_readme_at_zero() {
     service.stop().await;
 }
 
-/// Reads `/metrics` until `check` holds for it; the server counts a stream's end on its own
-/// task, a moment after the client sees it.
-async fn metrics_until(service: &TestService, check: impl Fn(&str) -> bool) -> String {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let (_, text) = service.admin_get("/metrics").await;
-            if check(&text) {
-                return text;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the metrics reach the expected state")
-}
-
 #[tokio::test]
 async fn a_watch_stream_counts_as_handled_when_it_ends_with_its_code_and_lifetime() {
     let service = TestService::start().await;
@@ -255,7 +239,9 @@ async fn a_watch_stream_counts_as_handled_when_it_ends_with_its_code_and_lifetim
     // The client goes away: CANCELLED, with the stream's whole life as its duration.
     drop(stream);
     let held = opened.elapsed().as_secs_f64();
-    let text = metrics_until(&service, |text| handled(text, "CANCELLED") == 1.0).await;
+    let text = service
+        .metrics_until(|text| handled(text, "CANCELLED") == 1.0)
+        .await;
     assert_eq!(handled(&text, "OK"), 0.0, "{text}");
     let seconds = sample(
         &text,
@@ -314,10 +300,9 @@ async fn readiness_and_dead_letter_gauges_follow_the_service() {
 
     // The disk recovers: ready again once the sequencer's probe write succeeds.
     faults.fail_writes(false);
-    let text = metrics_until(&service, |text| {
-        sample(text, "profile_state_ready", &[]) == Some(1.0)
-    })
-    .await;
+    let text = service
+        .metrics_until(|text| sample(text, "profile_state_ready", &[]) == Some(1.0))
+        .await;
     assert_eq!(sample(&text, "profile_state_ready", &[]), Some(1.0));
     assert_eq!(service.admin_get("/readyz").await.0, 200);
     service.stop().await;

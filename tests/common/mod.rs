@@ -176,6 +176,23 @@ impl TestService {
         }
     }
 
+    /// Reads `/metrics` until `check` holds for it (failing after `binary::PATIENCE`): the
+    /// server counts a connection or a stream on its own tasks, a moment after the client
+    /// sees it.
+    pub async fn metrics_until(&self, check: impl Fn(&str) -> bool) -> String {
+        tokio::time::timeout(binary::PATIENCE, async {
+            loop {
+                let (_, text) = self.admin_get("/metrics").await;
+                if check(&text) {
+                    return text;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the metrics reach the expected state")
+    }
+
     /// A gRPC client connected to the service.
     pub async fn client(&self) -> ProfileServiceClient<Channel> {
         ProfileServiceClient::new(self.channel().await)
