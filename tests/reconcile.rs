@@ -1479,3 +1479,88 @@ async fn a_reload_without_a_secrets_file_says_so() {
     assert_eq!(said["level"], "INFO");
     server.stop();
 }
+
+/// Schedules of one period fall due at the same instants: with more accounts than
+/// `--reconcile-max-jobs`, those that found no room were skipped until the next slot, where the
+/// same race left the same ones out again. A slot that finds the cap taken now waits for a job
+/// to end, and runs within its own period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_job_past_the_job_cap_waits_for_room_within_its_slot() {
+    const PERIOD: f64 = 3.0;
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    // Account 2156's job takes the one job slot: Gameball never answers for its customer.
+    stand_in.add([Customer::new("held")]);
+    stand_in.slow(Api::Details, Duration::from_secs(3600));
+    let secrets = dir.path().join("secrets.toml");
+    let account = |client_id: &str| {
+        format!(
+            "[gameball_api.\"{client_id}\"]\napi_key = \"{API_KEY}\"\n\
+             secret_key = \"{SECRET_KEY}\"\nbase_url = \"{}\"\n",
+            stand_in.url()
+        )
+    };
+    std::fs::write(&secrets, account("2155") + &account("2156")).unwrap();
+    let mut config = Config::for_tests(common::SECRET);
+    config.webhook_secrets_file = Some(secrets);
+    config.reconcile.every = vec![profile_state::config::ReconcileEvery {
+        client_id: "2155".into(),
+        period: Duration::from_secs_f64(PERIOD),
+    }];
+    let server = Server::bind(config).await.expect("service binds");
+    let options = ReconcileOptions {
+        max_jobs: 1,
+        ..quick()
+    };
+    let service = TestService::serve(server.with_reconcile_options(options));
+    let mut admin = admin(&service).await;
+    let next_slot_after = |at: f64| (at / PERIOD).floor() * PERIOD + PERIOD;
+    // Slots are wall-clock time: if one starts in the next half second, let it pass (2155's
+    // job selects nothing and ends at once), so that 2156's job is first to the cap.
+    let soon = next_slot_after(unix_now());
+    if soon - unix_now() < 0.5 {
+        tokio::time::sleep(Duration::from_secs_f64(soon - unix_now() + 0.1)).await;
+    }
+    let request = pb::ReconcileProfilesRequest {
+        client_id: "2156".into(),
+        selection: Some(ids(&["held"])),
+    };
+    let holding = admin
+        .reconcile_profiles(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let blocked_slot = next_slot_after(unix_now());
+    // Half a second into the slot: its job found the cap taken.
+    tokio::time::sleep(Duration::from_secs_f64(blocked_slot + 0.5 - unix_now())).await;
+    let last_success = |metrics: &str| {
+        let series = "profile_state_reconcile_schedule_last_success_timestamp_seconds\
+                      {client_id=\"2155\"}";
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series))
+            .map(|value| value.trim().parse::<f64>().unwrap())
+    };
+    let (_, metrics) = service.admin_get("/metrics").await;
+    assert!(
+        last_success(&metrics).is_none_or(|at| at < blocked_slot),
+        "2155's job ran beside 2156's: {metrics}"
+    );
+
+    let cancel = pb::CancelReconcileJobRequest {
+        job_id: holding.job_id,
+    };
+    // The waiting job may start, and end, before the cancel is answered.
+    let room_at = unix_now();
+    admin.cancel_reconcile_job(cancel).await.unwrap();
+    let metrics = service
+        .metrics_until(|metrics| last_success(metrics).is_some_and(|at| at >= room_at))
+        .await;
+    let ran_at = last_success(&metrics).unwrap();
+    assert!(
+        ran_at < blocked_slot + PERIOD,
+        "the slot at {blocked_slot} did not run in its period (room at {room_at}, ran at \
+         {ran_at})"
+    );
+    service.stop().await;
+}

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -204,6 +204,8 @@ struct Inner {
     tracker: TaskTracker,
     stopping: CancellationToken,
     table: Mutex<Table>,
+    /// Woken whenever a job ends: a schedule waiting for room tries again.
+    job_ended: Notify,
     /// One client per account, rebuilt when a reload changed the account's settings.
     clients: Mutex<HashMap<Arc<str>, CachedClient>>,
 }
@@ -246,6 +248,7 @@ impl ReconcileJobs {
                 tracker,
                 stopping,
                 table: Mutex::default(),
+                job_ended: Notify::new(),
                 clients: Mutex::default(),
             }),
         }
@@ -266,6 +269,46 @@ impl ReconcileJobs {
     /// (`profile_state_reconcile_schedule_last_success_timestamp_seconds`).
     pub fn start_scheduled(&self, client_id: &str, period: Duration) -> Result<JobReport, Error> {
         self.start_job(client_id, Selection::NotUpdatedFor(period), true)
+    }
+
+    /// As [`ReconcileJobs::start_scheduled`], but while the account's last job or
+    /// `--reconcile-max-jobs` jobs still run, waits for a job to end and tries again, for up to
+    /// `wait` (a schedule waits until its next slot). Schedules of one period fall due
+    /// together: more accounts than the cap left the rest unreconciled until the next slot,
+    /// and the same ones again every slot. `Err` is the last refusal once `wait` ran out, or
+    /// any other refusal at once.
+    pub async fn start_scheduled_within(
+        &self,
+        client_id: &str,
+        period: Duration,
+        wait: Duration,
+    ) -> Result<JobReport, Error> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut said = false;
+        loop {
+            // Registered before the attempt, so a job ending between the two is not missed.
+            let ended = self.inner.job_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let refused = match self.start_scheduled(client_id, period) {
+                Err(
+                    error
+                    @ (Error::ReconcileJobRunning { .. } | Error::TooManyReconcileJobs { .. }),
+                ) => error,
+                started_or_refused => return started_or_refused,
+            };
+            if !said {
+                said = true;
+                tracing::info!(
+                    client_id,
+                    reason = %refused,
+                    "scheduled reconcile waits for a running job to end"
+                );
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return Err(refused);
+            }
+        }
     }
 
     /// Tells the metrics that the account's schedule started (see
@@ -338,11 +381,6 @@ impl ReconcileJobs {
             .ok_or_else(|| Error::ReconcileJobNotFound {
                 job_id: job_id.to_owned(),
             })
-    }
-
-    /// The running job of an account, if any.
-    pub fn running(&self, client_id: &str) -> Option<String> {
-        lock(&self.inner.table).running.get(client_id).cloned()
     }
 
     fn account(&self, client_id: &str) -> Option<Arc<Account>> {
@@ -456,6 +494,8 @@ impl ReconcileJobs {
         }
         table.finished.push_back((Instant::now(), job_id));
         self.prune(&mut table);
+        drop(table);
+        self.inner.job_ended.notify_waiters();
     }
 
     /// Fetches and applies concurrently; the state the job ends in and why it stopped early.

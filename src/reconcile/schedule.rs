@@ -7,7 +7,10 @@
 //! each start: a server restarted more often than its period might never run; found by an
 //! adversarial run.) Each run selects the profiles not updated for a period: a profile whose
 //! webhooks keep arriving is fresh and skipped, one whose webhooks were lost gets old and is
-//! read back. A tick is skipped while the account's previous job still runs.
+//! read back. A slot that finds the account's last job still running, or `--reconcile-max-jobs`
+//! jobs running (schedules of one period fall due together), waits for a job to end until the
+//! next slot's start, and is skipped only then; a slot whose start passed while the one
+//! before it waited runs at once.
 //!
 //! Replicated mode runs each slot on one replica, through [`SlotClaims`] (a JetStream KV
 //! bucket, `crate::jetstream::ScheduleBucket`): every replica wakes at a slot's start and
@@ -26,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use super::jobs::ReconcileJobs;
 use crate::config::ReconcileEvery;
+use crate::error::Error;
 
 /// A future [`SlotClaims::claim`] returns.
 pub type ClaimFuture<'a> = Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>>;
@@ -97,6 +101,17 @@ fn next_slot(now: Duration, period: Duration) -> (u128, Duration) {
     (slot, start.saturating_sub(now))
 }
 
+/// The slot to wait for after `last_run`, and how long until it starts: normally the next one
+/// to start; but if the slot after `last_run` started (less than a period ago) while
+/// `last_run` was still waiting for room, that one, at once.
+fn upcoming_slot(now: Duration, period: Duration, last_run: Option<u128>) -> (u128, Duration) {
+    let (next, delay) = next_slot(now, period);
+    match last_run {
+        Some(last) if last + 2 == next => (last + 1, Duration::ZERO),
+        _ => (next, delay),
+    }
+}
+
 /// Whether `slot` runs at wall-clock time `now`: it has started, and it is later than the last
 /// slot that ran.
 fn due(slot: u128, now: Duration, period: Duration, last_run: Option<u128>) -> bool {
@@ -114,7 +129,7 @@ async fn run(
     let account = hex::encode(every.client_id.as_bytes());
     let mut last_run = None;
     loop {
-        let (slot, delay) = next_slot(since_epoch(), every.period);
+        let (slot, delay) = upcoming_slot(since_epoch(), every.period, last_run);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stopping.cancelled() => return,
@@ -127,13 +142,13 @@ async fn run(
         }
         last_run = Some(slot);
         let Some(claims) = &claims else {
-            tick(&jobs, &every);
+            tick(&jobs, &every, &stopping).await;
             continue;
         };
         let key = format!("reconcile.{account}.{}.{slot}", every.period.as_millis());
         let client_id = every.client_id.as_str();
         match claims.claim(&key).await {
-            Ok(true) => tick(&jobs, &every),
+            Ok(true) => tick(&jobs, &every, &stopping).await,
             Ok(false) => tracing::debug!(client_id, slot = %key, "another replica runs this slot"),
             Err(error) => tracing::warn!(
                 client_id,
@@ -144,15 +159,24 @@ async fn run(
     }
 }
 
-fn tick(jobs: &ReconcileJobs, every: &ReconcileEvery) {
+/// Starts the slot's job, waiting for room until the next slot starts (or the server stops).
+async fn tick(jobs: &ReconcileJobs, every: &ReconcileEvery, stopping: &CancellationToken) {
     let client_id = every.client_id.as_str();
-    if let Some(job_id) = jobs.running(client_id) {
-        tracing::warn!(client_id, %job_id, "scheduled reconcile skipped: the last one still runs");
-        return;
-    }
-    match jobs.start_scheduled(client_id, every.period) {
+    let (_, until_next_slot) = next_slot(since_epoch(), every.period);
+    let started = tokio::select! {
+        started = jobs.start_scheduled_within(client_id, every.period, until_next_slot) => started,
+        () = stopping.cancelled() => return,
+    };
+    match started {
         Ok(report) => {
             tracing::info!(client_id, job_id = %report.job_id, "scheduled reconcile started")
+        }
+        Err(error @ (Error::ReconcileJobRunning { .. } | Error::TooManyReconcileJobs { .. })) => {
+            tracing::warn!(
+                client_id,
+                %error,
+                "scheduled reconcile not started: no room for it before its next slot"
+            )
         }
         Err(error) => tracing::warn!(client_id, %error, "scheduled reconcile not started"),
     }
@@ -186,5 +210,33 @@ mod tests {
         // The same slot again, or an older one after a step back of a whole period.
         assert!(!due(3, start, period, Some(3)));
         assert!(!due(2, start, period, Some(3)));
+    }
+
+    #[test]
+    fn a_slot_that_started_while_the_last_one_waited_runs_at_once() {
+        let period = Duration::from_secs(60);
+        // Slot 3 ran at 180 s; its wait for room ended past 240 s, slot 4's start.
+        let (slot, delay) = upcoming_slot(Duration::from_secs(241), period, Some(3));
+        assert_eq!((slot, delay), (4, Duration::ZERO));
+        assert!(due(slot, Duration::from_secs(241), period, Some(3)));
+        // Slot 3 ran, and the clock is still in slot 3: the next is slot 4, at its start.
+        assert_eq!(
+            upcoming_slot(Duration::from_secs(200), period, Some(3)),
+            (4, Duration::from_secs(40))
+        );
+        // Nothing ran yet (a start), or the last run was long ago (a suspended machine): the
+        // next slot to start, never one whose start has passed.
+        for last_run in [None, Some(1)] {
+            assert_eq!(
+                upcoming_slot(Duration::from_secs(241), period, last_run),
+                (5, Duration::from_secs(59))
+            );
+        }
+        // The wall clock stepped back past the last run: not that slot again.
+        assert_eq!(
+            upcoming_slot(Duration::from_secs(130), period, Some(3)),
+            (3, Duration::from_secs(50))
+        );
+        assert!(!due(3, Duration::from_secs(180), period, Some(3)));
     }
 }
