@@ -843,6 +843,36 @@ async fn a_read_naming_another_store_is_refused_and_this_stores_is_served() {
     service.stop().await;
 }
 
+/// Every read answer names the store its `store_revision` belongs to, so that a client can
+/// pass both on (a later read's `min_revision`, a watch's `start_revision`) without asking
+/// GetServerInfo in between, where a restore could slip in unnoticed.
+#[tokio::test]
+async fn read_answers_name_the_store_their_revision_belongs_to() {
+    let service = TestService::start().await;
+    let update = profile_updated("alice", &at(1), json!({"total_points": 1}));
+    service.update(&update).await;
+    let this_store = service.server_info().await.store_id;
+    assert!(!this_store.is_empty());
+    let mut client = service.client().await;
+    let found = client.get_profile(get(CLIENT, "alice")).await.unwrap();
+    assert_eq!(found.into_inner().store_id, this_store, "GetProfile");
+    let batch_read = batch(CLIENT, &["alice".to_owned(), "nobody".to_owned()]);
+    let found = client.batch_get_profiles(batch_read).await.unwrap();
+    assert_eq!(found.into_inner().store_id, this_store, "BatchGetProfiles");
+    for client_id in ["", "an-account-with-nothing"] {
+        let page = client
+            .list_profiles(list(client_id, "", 10, ""))
+            .await
+            .unwrap();
+        assert_eq!(
+            page.into_inner().store_id,
+            this_store,
+            "ListProfiles {client_id:?}"
+        );
+    }
+    service.stop().await;
+}
+
 /// A single node answers a webhook only once its revision is visible: a `min_revision` beyond
 /// the store's was never assigned here (another store's, or this one's before it was
 /// emptied). It waited 30 s and said "retry", and would have been satisfied by unrelated

@@ -106,6 +106,9 @@ struct NoopProfiles {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchProfilesResponse, Status>> + Send>>;
 
+/// As long as the service's (a UUID's 32 hex digits), so the answers are as large as its.
+const STORE_ID: &str = "0123456789abcdef0123456789abcdef";
+
 #[tonic::async_trait]
 impl ProfileService for NoopProfiles {
     async fn get_profile(
@@ -115,6 +118,7 @@ impl ProfileService for NoopProfiles {
         Ok(Response::new(pb::GetProfileResponse {
             profile: Some(self.profile.clone()),
             store_revision: self.profile.revision,
+            store_id: STORE_ID.into(),
         }))
     }
 
@@ -127,6 +131,7 @@ impl ProfileService for NoopProfiles {
             profiles: vec![self.profile.clone(); count],
             missing_customer_ids: Vec::new(),
             store_revision: self.profile.revision,
+            store_id: STORE_ID.into(),
         }))
     }
 
@@ -143,6 +148,7 @@ impl ProfileService for NoopProfiles {
             // As long as a real token (a key, base64), so the next request is as large too.
             next_page_token: "Y2xpZW50LWlkL2N1c3RvbWVyLWlkLzAwMDAwMDAwLTAwMDAtNDAwMA".into(),
             store_revision: self.profile.revision,
+            store_id: STORE_ID.into(),
         }))
     }
 

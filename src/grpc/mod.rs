@@ -340,6 +340,7 @@ fn fitted_page(
             profiles: Vec::new(),
             store_revision: served_at(store, &profiles[..kept]),
             next_page_token: next.as_ref().map(&token).unwrap_or_default(),
+            store_id: store.store_id().to_owned(),
         };
         if used + prost::Message::encoded_len(&rest) <= max_message_bytes || kept <= 1 {
             return pb::ListProfilesResponse {
@@ -383,6 +384,7 @@ impl ProfileService for ProfileApi {
         Ok(Response::new(pb::GetProfileResponse {
             store_revision,
             profile: Some(convert::profile(&profile)),
+            store_id: self.store.store_id().to_owned(),
         }))
     }
 
@@ -418,6 +420,7 @@ impl ProfileService for ProfileApi {
             store_revision: served_at(&self.store, &found),
             profiles: Vec::with_capacity(found.len()),
             missing_customer_ids,
+            store_id: self.store.store_id().to_owned(),
         };
         // Sizes summed while converting, so that an answer past the limit stops there rather
         // than after a thousand large profiles were copied.

@@ -25,6 +25,7 @@ use crate::profile::{Field, FieldValues, Profile};
 pub struct ProfileReply {
     profile: Arc<Profile>,
     store_revision: u64,
+    store_id: Arc<str>,
     /// `extra` and `updated_at`, converted once (both encoded sizes are needed twice).
     extra: Option<prost_types::Struct>,
     updated_at: Option<prost_types::Timestamp>,
@@ -33,12 +34,13 @@ pub struct ProfileReply {
 }
 
 impl ProfileReply {
-    pub fn new(profile: Arc<Profile>, store_revision: u64) -> Self {
+    pub fn new(profile: Arc<Profile>, store_revision: u64, store_id: Arc<str>) -> Self {
         let mut reply = ProfileReply {
             extra: convert::extra(&profile),
             updated_at: profile.updated_at().map(convert::timestamp),
             profile,
             store_revision,
+            store_id,
             profile_len: 0,
         };
         reply.profile_len = reply.profile_fields(&mut Counter(0)).0;
@@ -177,6 +179,11 @@ impl Message for ProfileReply {
         if self.store_revision != 0 {
             encoding::uint64::encode(2, &self.store_revision, buf);
         }
+        if !self.store_id.is_empty() {
+            encoding::encode_key(3, WireType::LengthDelimited, buf);
+            encoding::encode_varint(self.store_id.len() as u64, buf);
+            buf.put_slice(self.store_id.as_bytes());
+        }
     }
 
     fn encoded_len(&self) -> usize {
@@ -185,10 +192,15 @@ impl Message for ProfileReply {
         } else {
             encoding::uint64::encoded_len(2, &self.store_revision)
         };
+        let store_id = match self.store_id.len() {
+            0 => 0,
+            len => encoding::key_len(3) + encoding::encoded_len_varint(len as u64) + len,
+        };
         encoding::key_len(1)
             + encoding::encoded_len_varint(self.profile_len as u64)
             + self.profile_len
             + store_revision
+            + store_id
     }
 
     /// Never decoded: a reply is only sent. Skips whatever it is given.
@@ -215,20 +227,26 @@ mod tests {
         chrono::DateTime::from_timestamp(seconds, 5).expect("a time")
     }
 
-    fn generated(profile: &Arc<Profile>, store_revision: u64) -> Vec<u8> {
+    fn generated(profile: &Arc<Profile>, store_revision: u64, store_id: &str) -> Vec<u8> {
         pb::GetProfileResponse {
             profile: Some(convert::profile(profile)),
             store_revision,
+            store_id: store_id.to_owned(),
         }
         .encode_to_vec()
     }
 
+    /// Encoded by hand as prost encodes the generated message, with a store id of each length
+    /// class (none, one byte of length, two).
     fn assert_same_bytes(profile: Profile, store_revision: u64) {
         let profile = Arc::new(profile);
-        let reply = ProfileReply::new(Arc::clone(&profile), store_revision);
-        let bytes = reply.encode_to_vec();
-        assert_eq!(bytes.len(), reply.encoded_len());
-        assert_eq!(bytes, generated(&profile, store_revision), "{profile:?}");
+        for store_id in ["", "0123456789abcdef0123456789abcdef", &"s".repeat(200)] {
+            let reply = ProfileReply::new(Arc::clone(&profile), store_revision, store_id.into());
+            let bytes = reply.encode_to_vec();
+            assert_eq!(bytes.len(), reply.encoded_len());
+            let expected = generated(&profile, store_revision, store_id);
+            assert_eq!(bytes, expected, "{profile:?} {store_id}");
+        }
     }
 
     fn register(value: Option<Scalar>, seconds: i64) -> Register<Scalar> {

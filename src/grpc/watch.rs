@@ -265,7 +265,12 @@ impl UnaryService<pb::GetProfileRequest> for GetProfileMethod {
         let api = Arc::clone(&self.0);
         Box::pin(async move {
             let (profile, store_revision) = api.find_profile(request).await?;
-            Ok(Response::new(ProfileReply::new(profile, store_revision)))
+            let store_id = api.store.shared_store_id();
+            Ok(Response::new(ProfileReply::new(
+                profile,
+                store_revision,
+                store_id,
+            )))
         })
     }
 }

@@ -141,6 +141,11 @@ impl Store {
         &self.inner.store_id
     }
 
+    /// The store id, shared (an answer that carries it holds a reference, not a copy).
+    pub fn shared_store_id(&self) -> Arc<str> {
+        Arc::clone(&self.inner.store_id)
+    }
+
     /// The published revision: every change up to it is visible.
     pub fn revision(&self) -> u64 {
         *self.inner.revision.borrow()
