@@ -14,7 +14,8 @@
 //! Modules: [`workload`] (ids, signed bodies, the profile they become), [`load`] (the load loop
 //! and the HTTP client), [`process`] (child processes and /proc), [`baseline`] (the no-op
 //! servers and the broadcast baseline), [`noop_durable`] and [`noop_replica`] (the durable
-//! and the cluster baselines), [`scenarios`], [`report`] (table and JSON).
+//! and the cluster baselines), [`scenarios`], [`report`] (table and JSON), [`temp`] (temporary
+//! directories, and those killed runs left).
 
 mod baseline;
 mod load;
@@ -26,6 +27,7 @@ mod peers;
 mod process;
 mod report;
 mod scenarios;
+mod temp;
 mod workload;
 
 use std::net::SocketAddr;
@@ -220,6 +222,14 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.global;
+    // A measuring run, not one of its baselines' processes (this binary's children).
+    let baseline = matches!(
+        cli.scenario,
+        Scenario::Baseline | Scenario::NoopReplica { .. } | Scenario::NoopDurable { .. }
+    );
+    if !baseline {
+        temp::sweep();
+    }
     match &cli.scenario {
         Scenario::Baseline => return baseline::serve(&global.client_id).await,
         Scenario::NoopReplica {

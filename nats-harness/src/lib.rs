@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::net::TcpListener;
 
 pub use binary::{NatsServerBinary, nats_server};
-pub use node::{Node, READY_TIMEOUT};
+pub use node::{NODE_DIR_PREFIX, Node, READY_TIMEOUT};
 
 /// Why the harness could not do what it was asked. The message names the node and includes
 /// the tail of its log where there is one; `Debug` prints the same, so `.unwrap()` in a test

@@ -18,6 +18,11 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between two readiness probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(20);
 
+/// The start of a node's temporary directory's name, before the process id of whoever started
+/// it: a directory left by a process that is gone (killed: nothing removed it) is known as
+/// such (the load tool removes them).
+pub const NODE_DIR_PREFIX: &str = "nats-harness-";
+
 /// A `nats-server` process the harness started. Killed (SIGKILL) and reaped on drop; its
 /// directory is removed after that.
 pub struct Node {
@@ -59,7 +64,7 @@ impl Node {
             })
         };
         let dir = tempfile::Builder::new()
-            .prefix(&format!("nats-{name}-"))
+            .prefix(&format!("{NODE_DIR_PREFIX}{}-{name}-", std::process::id()))
             .tempdir()
             .map_err(|err| HarnessError(format!("node {name}: no temporary directory: {err}")))?;
         let config = dir.path().join("nats-server.conf");

@@ -135,7 +135,7 @@ fn etcd_bin() -> anyhow::Result<PathBuf> {
 impl Etcd {
     pub async fn start() -> anyhow::Result<Etcd> {
         let bin = etcd_bin()?;
-        let dir = tempfile::tempdir()?;
+        let dir = crate::temp::dir("etcd")?;
         let [client, peer] = nats_harness::free_ports::<2>()
             .map_err(|error| anyhow::anyhow!("free ports for etcd: {error}"))?;
         let client_url = format!("http://127.0.0.1:{client}");

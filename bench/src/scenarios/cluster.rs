@@ -89,9 +89,7 @@ pub async fn run(options: &Options, report: &mut Report, members: &Members) -> a
     let mut servers = Vec::new();
     let mut noops = Vec::new();
     for index in 0..members.replicas.max(1) {
-        let temp = tempfile::Builder::new()
-            .prefix("profile-state-bench-replica-")
-            .tempdir()?;
+        let temp = crate::temp::dir("replica")?;
         let mut spec = options.spec(Some(temp.path().to_owned()));
         if members.replica_threads > 0 {
             let threads = members.replica_threads.to_string();

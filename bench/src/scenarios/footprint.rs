@@ -160,9 +160,7 @@ pub async fn recovery(options: &Options, report: &mut Report) -> anyhow::Result<
         dir.display(),
         size as f64 / f64::from(1 << 20)
     ));
-    let empty = tempfile::Builder::new()
-        .prefix("profile-state-bench-empty-")
-        .tempdir()?;
+    let empty = crate::temp::dir("empty")?;
 
     let mut rows: [Vec<f64>; 4] = Default::default();
     for round in 0..options.rounds.max(1) {

@@ -268,9 +268,7 @@ pub fn data_dir(options: &Options) -> anyhow::Result<(PathBuf, Option<tempfile::
         std::fs::create_dir_all(dir)?;
         return Ok((dir.clone(), None));
     }
-    let temp = tempfile::Builder::new()
-        .prefix("profile-state-bench-")
-        .tempdir()?;
+    let temp = crate::temp::dir("data")?;
     Ok((temp.path().to_owned(), Some(temp)))
 }
 
