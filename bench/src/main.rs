@@ -146,6 +146,11 @@ enum Scenario {
         /// etcd (the `etcd` on PATH or ETCD_BIN), nats-kv (nats-server as the tests find it).
         #[arg(long, value_enum, value_delimiter = ',')]
         peers: Vec<PeerKind>,
+        /// Run the started service durable (`--data-dir`, or a temporary one on the temp
+        /// dir's disk): it syncs each batch before answering, as the peers sync each write,
+        /// so the rows from the write's send compare like with like. Default: `--ephemeral`.
+        #[arg(long)]
+        durable: bool,
     },
     /// Many idle customer-filtered watch streams beside a few unfiltered ones: service RSS per
     /// idle stream, and the unfiltered ones' delivery latency at --rate [100/s].
@@ -296,17 +301,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             filter,
             impact_filter,
             peers,
+            durable,
         } => {
-            scenarios::fanout::run(
-                &options,
-                &mut report,
-                &subscribers,
-                streams_per_connection,
+            let shape = scenarios::fanout::Shape {
+                counts: subscribers,
+                per_connection: streams_per_connection,
                 filter,
                 impact_filter,
-                &peers,
-            )
-            .await?
+                peers,
+                durable,
+            };
+            scenarios::fanout::run(&options, &mut report, &shape).await?
         }
         Scenario::Scale {
             idle,

@@ -165,6 +165,34 @@ fn fanout_measures_every_delivery() {
     }
 }
 
+/// `--durable` runs the started service on a data directory (it writes its journal there),
+/// and every change still reaches every subscriber.
+#[test]
+fn fanout_durable_runs_the_service_on_a_data_dir() {
+    let data = tempfile::tempdir().unwrap();
+    let report = run(
+        &["fanout", "--subscribers", "3", "--durable", "--no-baseline"],
+        &[
+            "--customers",
+            "50",
+            "--rate",
+            "50",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let missing = row_of(&report, "deliveries missing").unwrap();
+    assert_eq!(missing["ours"][0].as_f64(), Some(0.0), "{missing}");
+    let written: Vec<_> = std::fs::read_dir(data.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(
+        written.iter().any(|name| name == "STORE_ID"),
+        "no store in the data dir: {written:?}"
+    );
+}
+
 #[test]
 fn scale_measures_idle_streams_and_the_busy_ones_beside_them() {
     let report = run(

@@ -416,20 +416,51 @@ impl Window {
     }
 }
 
-pub async fn run(
-    options: &Options,
-    report: &mut Report,
-    counts: &[usize],
-    per_connection: usize,
-    filter: Filter,
-    impact_filter: Filter,
-    peers: &[PeerKind],
-) -> anyhow::Result<()> {
+/// What `fanout` measures: its command line.
+pub struct Shape {
+    /// Subscriber counts, one latency part and one impact part each.
+    pub counts: Vec<usize>,
+    /// Subscriber streams per HTTP/2 connection.
+    pub per_connection: usize,
+    /// What each subscriber watches in the latency part.
+    pub filter: Filter,
+    /// What each subscriber watches in the ingest-impact part.
+    pub impact_filter: Filter,
+    /// Other watch systems measured in the same rounds.
+    pub peers: Vec<PeerKind>,
+    /// The started service syncs before answering (a data dir) instead of `--ephemeral`.
+    pub durable: bool,
+}
+
+pub async fn run(options: &Options, report: &mut Report, shape: &Shape) -> anyhow::Result<()> {
+    let Shape {
+        ref counts,
+        per_connection,
+        filter,
+        impact_filter,
+        ref peers,
+        durable,
+    } = *shape;
     let rate = options.rate.unwrap_or(100.0);
     let most = counts.iter().copied().max().unwrap_or(0) as u64;
     let customers = options.customers(10_000).max(most);
     let workload = options.workload(customers);
-    let ours = options.ours()?;
+    // The bindings drop in reverse order: the service stops before its temporary dir goes.
+    let (_data_dir, ours) = match durable && !options.external() {
+        true => {
+            let (dir, temp) = super::data_dir(options)?;
+            report.note(format!("fanout: ours durable, data dir {}", dir.display()));
+            (
+                temp,
+                Server::spawn_service("ours", &options.spec(Some(dir)))?,
+            )
+        }
+        false => (None, options.ours()?),
+    };
+    let ours_syncs = match durable {
+        true => "ours syncs each batch before answering too (--durable)",
+        false => "ours runs --ephemeral",
+    };
     preload(&ours, &workload, customers, options.concurrency).await?;
     report.note(format!(
         "fanout: {} rounds; latency at {rate} webhooks/s for {:?} (+{:?} warm-up), filter {filter:?}; \
@@ -475,7 +506,7 @@ pub async fn run(
     let value = Bytes::from(vec![b'x'; event.encoded_len()]);
     report.note(format!(
         "fanout: peers {:?}, values of {} bytes, {} keys; the peers sync each write before \
-         answering it, ours runs --ephemeral",
+         answering it, {ours_syncs}",
         peers,
         value.len(),
         customers
