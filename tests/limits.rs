@@ -455,7 +455,12 @@ async fn connections_past_a_listeners_cap_are_refused_or_make_room_and_are_count
 
 /// Posts `count` signed webhooks (customers `{prefix}{n}`, each with 3 KB of extras),
 /// `concurrency` at a time, over one client; every one must be applied.
-async fn post_many(webhook: std::net::SocketAddr, prefix: &str, count: usize, concurrency: usize) {
+pub(crate) async fn post_many(
+    webhook: std::net::SocketAddr,
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+) {
     let client = reqwest::Client::new();
     let url = format!("http://{webhook}/webhooks/gameball");
     let mut posts = tokio::task::JoinSet::new();
@@ -483,11 +488,11 @@ async fn post_many(webhook: std::net::SocketAddr, prefix: &str, count: usize, co
 }
 
 /// How many webhooks the lagging watcher is behind on.
-const WEBHOOKS: usize = 400;
+pub(crate) const WEBHOOKS: usize = 400;
 
 /// An unfiltered watch on a connection of its own, with the 64 KiB windows of HTTP/2's
 /// defaults (Go's and grpcurl's): the server can send only that much before the watcher reads.
-async fn small_window_watch(
+pub(crate) async fn small_window_watch(
     grpc: std::net::SocketAddr,
 ) -> tonic::Streaming<profile_state::pb::WatchProfilesResponse> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))

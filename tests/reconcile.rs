@@ -1480,6 +1480,41 @@ async fn a_reload_without_a_secrets_file_says_so() {
     server.stop();
 }
 
+/// A service with `--reconcile-max-jobs 1`, API settings for `accounts` (all on the
+/// stand-in) and a schedule of `period` seconds for each of `scheduled`.
+async fn one_job_at_a_time(
+    dir: &Path,
+    stand_in: &GameballStandIn,
+    accounts: &[&str],
+    scheduled: &[&str],
+    period: f64,
+) -> TestService {
+    let secrets = dir.join("secrets.toml");
+    let account = |client_id: &&str| {
+        format!(
+            "[gameball_api.\"{client_id}\"]\napi_key = \"{API_KEY}\"\n\
+             secret_key = \"{SECRET_KEY}\"\nbase_url = \"{}\"\n",
+            stand_in.url()
+        )
+    };
+    std::fs::write(&secrets, accounts.iter().map(account).collect::<String>()).unwrap();
+    let mut config = Config::for_tests(common::SECRET);
+    config.webhook_secrets_file = Some(secrets);
+    config.reconcile.every = scheduled
+        .iter()
+        .map(|client_id| profile_state::config::ReconcileEvery {
+            client_id: (*client_id).into(),
+            period: Duration::from_secs_f64(period),
+        })
+        .collect();
+    let server = Server::bind(config).await.expect("service binds");
+    let options = ReconcileOptions {
+        max_jobs: 1,
+        ..quick()
+    };
+    TestService::serve(server.with_reconcile_options(options))
+}
+
 /// Schedules of one period fall due at the same instants: with more accounts than
 /// `--reconcile-max-jobs`, those that found no room were skipped until the next slot, where the
 /// same race left the same ones out again. A slot that finds the cap taken now waits for a job
@@ -1492,27 +1527,8 @@ async fn a_scheduled_job_past_the_job_cap_waits_for_room_within_its_slot() {
     // Account 2156's job takes the one job slot: Gameball never answers for its customer.
     stand_in.add([Customer::new("held")]);
     stand_in.slow(Api::Details, Duration::from_secs(3600));
-    let secrets = dir.path().join("secrets.toml");
-    let account = |client_id: &str| {
-        format!(
-            "[gameball_api.\"{client_id}\"]\napi_key = \"{API_KEY}\"\n\
-             secret_key = \"{SECRET_KEY}\"\nbase_url = \"{}\"\n",
-            stand_in.url()
-        )
-    };
-    std::fs::write(&secrets, account("2155") + &account("2156")).unwrap();
-    let mut config = Config::for_tests(common::SECRET);
-    config.webhook_secrets_file = Some(secrets);
-    config.reconcile.every = vec![profile_state::config::ReconcileEvery {
-        client_id: "2155".into(),
-        period: Duration::from_secs_f64(PERIOD),
-    }];
-    let server = Server::bind(config).await.expect("service binds");
-    let options = ReconcileOptions {
-        max_jobs: 1,
-        ..quick()
-    };
-    let service = TestService::serve(server.with_reconcile_options(options));
+    let service =
+        one_job_at_a_time(dir.path(), &stand_in, &["2155", "2156"], &["2155"], PERIOD).await;
     let mut admin = admin(&service).await;
     let next_slot_after = |at: f64| (at / PERIOD).floor() * PERIOD + PERIOD;
     // Slots are wall-clock time: if one starts in the next half second, let it pass (2155's
@@ -1563,4 +1579,78 @@ async fn a_scheduled_job_past_the_job_cap_waits_for_room_within_its_slot() {
          {ran_at})"
     );
     service.stop().await;
+}
+
+/// A job asked for while the server stops is refused UNAVAILABLE, saying so: it would be
+/// cancelled at once. (Scheduled ones too: shutdown ended the running jobs, and each end let a
+/// waiting schedule start one after the server had begun to stop; an adversarial run.) Here a
+/// watcher that reads nothing holds the stop open while the call is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_job_starts_once_the_server_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let mut config = Config::for_tests(common::SECRET);
+    config.shutdown_grace = Duration::from_secs(3);
+    let service = start(config, dir.path(), &stand_in, API_KEY).await;
+    let mut admin = admin(&service).await;
+    let _never_reads = crate::limits::small_window_watch(service.grpc).await;
+    crate::limits::post_many(service.webhook, "c", crate::limits::WEBHOOKS, 32).await;
+    let readyz = format!("http://{}/readyz", service.admin);
+    let stopped = tokio::spawn(service.stop_within(Duration::from_secs(10)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reqwest::get(&readyz).await.unwrap().status() != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not begin to stop"
+        );
+        tokio::task::yield_now().await;
+    }
+    let request = pb::ReconcileProfilesRequest {
+        client_id: "2155".into(),
+        selection: Some(ids(&["c1"])),
+    };
+    let refused = admin.reconcile_profiles(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("stopping"), "{refused:?}");
+    stopped.await.unwrap();
+}
+
+/// Shutdown cancels the running jobs, and each end let a waiting schedule start its job after
+/// the server had begun to stop (an adversarial run: up to all seven waiting, in 7 of 8
+/// stops). Nothing starts once the server stops.
+#[tokio::test(flavor = "current_thread")]
+async fn schedules_waiting_for_room_start_nothing_once_the_server_stops() {
+    const PERIOD: f64 = 2.0;
+    let (logs, _capture) = common::CapturedLogs::on_this_thread(tracing::Level::INFO);
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    stand_in.add([Customer::new("held")]);
+    stand_in.slow(Api::Details, Duration::from_secs(3600));
+    let scheduled = ["2155", "2156", "2157"];
+    let accounts = ["2155", "2156", "2157", "2199"];
+    let service = one_job_at_a_time(dir.path(), &stand_in, &accounts, &scheduled, PERIOD).await;
+    let mut admin = admin(&service).await;
+    // As above: 2199's job takes the one place before a slot starts (the jobs of a slot
+    // that comes first select nothing, and end at once, one after the other).
+    let next_slot_after = |at: f64| (at / PERIOD).floor() * PERIOD + PERIOD;
+    let soon = next_slot_after(unix_now());
+    if soon - unix_now() < 1.0 {
+        tokio::time::sleep(Duration::from_secs_f64(soon - unix_now() + 0.5)).await;
+    }
+    let request = pb::ReconcileProfilesRequest {
+        client_id: "2199".into(),
+        selection: Some(ids(&["held"])),
+    };
+    admin.reconcile_profiles(request).await.unwrap();
+    let before = logs.text().len();
+    let blocked_slot = next_slot_after(unix_now());
+    tokio::time::sleep(Duration::from_secs_f64(blocked_slot + 0.5 - unix_now())).await;
+    let waiting = logs.text();
+    let new = &waiting[before..];
+    assert_eq!(new.matches("scheduled reconcile waits").count(), 3, "{new}");
+
+    service.stop().await;
+    let after = logs.text().split_off(waiting.len());
+    assert!(after.contains("reconcile job finished"), "{after}");
+    assert!(!after.contains("scheduled reconcile started"), "{after}");
 }

@@ -278,7 +278,9 @@ pub struct ReconcileConfig {
     )]
     pub every: Vec<ReconcileEvery>,
 
-    /// Reconcile jobs running at once (one per account at most); more get RESOURCE_EXHAUSTED.
+    /// Reconcile jobs running at once (one per account at most); more get RESOURCE_EXHAUSTED,
+    /// and a scheduled one waits for room until its next period (the account longest without
+    /// a scheduled job first).
     #[arg(
         long = "reconcile-max-jobs",
         env = "PROFILE_STATE_RECONCILE_MAX_JOBS",

@@ -35,6 +35,7 @@ use super::account::Account;
 use super::client::{ClientOptions, GameballClient, RequestObserver};
 use super::fetch::{FetchOptions, FetchSummary, Fetcher, Outcome, Stopped};
 use super::mapping::drift;
+use super::waiting::WaitingLine;
 use crate::error::Error;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
@@ -204,8 +205,9 @@ struct Inner {
     tracker: TaskTracker,
     stopping: CancellationToken,
     table: Mutex<Table>,
-    /// Woken whenever a job ends: a schedule waiting for room tries again.
-    job_ended: Notify,
+    /// Woken whenever a job ends or a waiting schedule leaves the line: the waiting schedules
+    /// try again.
+    line_moved: Notify,
     /// One client per account, rebuilt when a reload changed the account's settings.
     clients: Mutex<HashMap<Arc<str>, CachedClient>>,
 }
@@ -224,6 +226,29 @@ struct Table {
     controls: HashMap<String, (CancellationToken, CancellationToken)>,
     /// Finished jobs, oldest first, with when they finished.
     finished: VecDeque<(Instant, String)>,
+    /// Scheduled jobs waiting for room, and who goes first.
+    line: WaitingLine,
+}
+
+/// A schedule's place in the waiting line, left when dropped (started, given up, or the
+/// wait dropped at shutdown), which wakes the others: the next in line may start now.
+struct Turn<'a> {
+    jobs: &'a ReconcileJobs,
+    ticket: u64,
+}
+
+impl<'a> Turn<'a> {
+    fn join(jobs: &'a ReconcileJobs, client_id: &str) -> Turn<'a> {
+        let ticket = lock(&jobs.inner.table).line.join(client_id);
+        Turn { jobs, ticket }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        lock(&self.jobs.inner.table).line.leave(self.ticket);
+        self.jobs.inner.line_moved.notify_waiters();
+    }
 }
 
 impl ReconcileJobs {
@@ -248,7 +273,7 @@ impl ReconcileJobs {
                 tracker,
                 stopping,
                 table: Mutex::default(),
-                job_ended: Notify::new(),
+                line_moved: Notify::new(),
                 clients: Mutex::default(),
             }),
         }
@@ -261,22 +286,18 @@ impl ReconcileJobs {
 
     /// Starts a job; its first report.
     pub fn start(&self, client_id: &str, selection: Selection) -> Result<JobReport, Error> {
-        self.start_job(client_id, selection, false)
+        self.start_job(client_id, selection, None)
     }
 
-    /// Starts a job of the account's `--reconcile-every` schedule: as [`ReconcileJobs::start`],
-    /// and if it runs to its end, the schedule's last success is now
-    /// (`profile_state_reconcile_schedule_last_success_timestamp_seconds`).
-    pub fn start_scheduled(&self, client_id: &str, period: Duration) -> Result<JobReport, Error> {
-        self.start_job(client_id, Selection::NotUpdatedFor(period), true)
-    }
-
-    /// As [`ReconcileJobs::start_scheduled`], but while the account's last job or
-    /// `--reconcile-max-jobs` jobs still run, waits for a job to end and tries again, for up to
-    /// `wait` (a schedule waits until its next slot). Schedules of one period fall due
-    /// together: more accounts than the cap left the rest unreconciled until the next slot,
-    /// and the same ones again every slot. `Err` is the last refusal once `wait` ran out, or
-    /// any other refusal at once.
+    /// Starts a job of the account's `--reconcile-every` schedule, as [`ReconcileJobs::start`];
+    /// if it runs to its end, the schedule's last success is now
+    /// (`profile_state_reconcile_schedule_last_success_timestamp_seconds`). While the
+    /// account's last job or `--reconcile-max-jobs` jobs still run, it waits in line
+    /// (`super::waiting`: the account longest without a scheduled job first) and tries again
+    /// as jobs end, for up to `wait` (a schedule waits until its next slot). Schedules of one
+    /// period fall due together: more accounts than the cap left the rest unreconciled until
+    /// the next slot, and the same ones again every slot. `Err` is the last refusal once
+    /// `wait` ran out, or any other refusal at once.
     pub async fn start_scheduled_within(
         &self,
         client_id: &str,
@@ -284,13 +305,15 @@ impl ReconcileJobs {
         wait: Duration,
     ) -> Result<JobReport, Error> {
         let deadline = tokio::time::Instant::now() + wait;
+        let turn = Turn::join(self, client_id);
         let mut said = false;
         loop {
             // Registered before the attempt, so a job ending between the two is not missed.
-            let ended = self.inner.job_ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            let refused = match self.start_scheduled(client_id, period) {
+            let moved = self.inner.line_moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let selection = Selection::NotUpdatedFor(period);
+            let refused = match self.start_job(client_id, selection, Some(turn.ticket)) {
                 Err(
                     error
                     @ (Error::ReconcileJobRunning { .. } | Error::TooManyReconcileJobs { .. }),
@@ -305,7 +328,7 @@ impl ReconcileJobs {
                     "scheduled reconcile waits for a running job to end"
                 );
             }
-            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
                 return Err(refused);
             }
         }
@@ -319,11 +342,12 @@ impl ReconcileJobs {
             .reconcile_schedule_started(client_id, period);
     }
 
+    /// Starts a job: a scheduled one when it holds a `turn` in the waiting line.
     fn start_job(
         &self,
         client_id: &str,
         selection: Selection,
-        scheduled: bool,
+        turn: Option<u64>,
     ) -> Result<JobReport, Error> {
         check(client_id, &selection)?;
         let account = self
@@ -332,7 +356,8 @@ impl ReconcileJobs {
                 client_id: client_id.to_owned(),
             })?;
         let client = self.client(account)?;
-        let (job, cancel) = self.register(client_id)?;
+        let (job, cancel) = self.register(client_id, turn)?;
+        let scheduled = turn.is_some();
         let report = lock(&job).clone();
         let jobs = self.clone();
         let client_id = client_id.to_owned();
@@ -411,11 +436,24 @@ impl ReconcileJobs {
         Ok(client)
     }
 
-    /// Enters a new job in the table, unless the account's or the server's limit refuses it;
-    /// the job's cancel token.
-    fn register(&self, client_id: &str) -> Result<(JobCell, CancellationToken), Error> {
-        let mut table = lock(&self.inner.table);
-        self.prune(&mut table);
+    /// Enters a new job in the table, unless the server is stopping, or the account's or the
+    /// server's limit refuses it, or (a scheduled job, holding a `turn`) a schedule before it
+    /// in the waiting line could take the place; the job's cancel token.
+    fn register(
+        &self,
+        client_id: &str,
+        turn: Option<u64>,
+    ) -> Result<(JobCell, CancellationToken), Error> {
+        // A job started now would be cancelled at once: a waiting schedule woken by the jobs
+        // that shutdown ended started jobs after it had begun (an adversarial run).
+        if self.inner.stopping.is_cancelled() {
+            return Err(Error::Unavailable {
+                reason: "the server is stopping: it starts no reconcile job".into(),
+            });
+        }
+        let mut guard = lock(&self.inner.table);
+        let table = &mut *guard;
+        self.prune(table);
         if let Some(job_id) = table.running.get(client_id) {
             return Err(Error::ReconcileJobRunning {
                 client_id: client_id.to_owned(),
@@ -425,6 +463,17 @@ impl ReconcileJobs {
         let max = self.inner.options.max_jobs.max(1);
         if table.running.len() >= max {
             return Err(Error::TooManyReconcileJobs { max });
+        }
+        if let Some(ticket) = turn {
+            let running = &table.running;
+            if !table
+                .line
+                .is_next(ticket, |account| !running.contains_key(account))
+            {
+                // The place goes to a schedule that has waited longer without a job.
+                return Err(Error::TooManyReconcileJobs { max });
+            }
+            table.line.started(client_id, Instant::now());
         }
         let job_id = uuid::Uuid::new_v4().simple().to_string();
         let job = Arc::new(Mutex::new(JobReport {
@@ -495,7 +544,7 @@ impl ReconcileJobs {
         table.finished.push_back((Instant::now(), job_id));
         self.prune(&mut table);
         drop(table);
-        self.inner.job_ended.notify_waiters();
+        self.inner.line_moved.notify_waiters();
     }
 
     /// Fetches and applies concurrently; the state the job ends in and why it stopped early.

@@ -18,6 +18,7 @@
 //! - [`jobs`]: reconcile jobs: select profiles, fetch them, apply them through the sequencer
 //!   as updates of origin `Reconcile`, report progress; bounded, cancelled at shutdown.
 //! - [`schedule`]: `--reconcile-every`, a periodic job per account.
+//! - `waiting`: the line of scheduled jobs waiting for room, longest without a job first.
 //!
 //! This module knows nothing of axum or tonic: the admin RPCs are `crate::grpc::reconcile`, an
 //! adapter over [`ReconcileJobs`]. Only `jobs` knows the store and the sequencer.
@@ -31,6 +32,7 @@ pub mod jobs;
 pub mod limiter;
 pub mod mapping;
 pub mod schedule;
+mod waiting;
 
 pub use account::{Account, AccountEntry, ApiVersion, Limits};
 pub use client::{ClientOptions, GameballClient};
