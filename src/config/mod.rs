@@ -280,7 +280,7 @@ pub struct ReconcileConfig {
 
     /// Reconcile jobs running at once (one per account at most); more get RESOURCE_EXHAUSTED,
     /// and a scheduled one waits for room until its next period (the account longest without
-    /// a scheduled job first).
+    /// a scheduled job first), taking a freed place before a new request does.
     #[arg(
         long = "reconcile-max-jobs",
         env = "PROFILE_STATE_RECONCILE_MAX_JOBS",
