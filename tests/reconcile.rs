@@ -1140,14 +1140,7 @@ async fn a_schedule_whose_jobs_fail_does_not_move_its_last_success() {
         period: Duration::from_millis(300),
     }];
     let service = start(config, dir.path(), &stand_in, "revoked-key").await;
-    let last_success = |metrics: &str| {
-        let series = "profile_state_reconcile_schedule_last_success_timestamp_seconds\
-                      {client_id=\"2155\"}";
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(series))
-            .map(|value| value.trim().parse::<f64>().unwrap())
-    };
+    let last_success = scheduled_success_of_2155;
     // A profile older than the period, so each run from now on asks Gameball and is refused
     // (a run before it selected nothing, and ran to its end).
     service.update(&webhook_of(&jo, &ago(5))).await;
@@ -1171,6 +1164,16 @@ async fn a_schedule_whose_jobs_fail_does_not_move_its_last_success() {
     let after_third = last_success(&when_failed(3.0).await);
     assert_eq!(after_third, after_first);
     service.stop().await;
+}
+
+/// When a scheduled job of account 2155 last ran to its end, if one has (`metrics`' gauge).
+fn scheduled_success_of_2155(metrics: &str) -> Option<f64> {
+    let series = "profile_state_reconcile_schedule_last_success_timestamp_seconds\
+                  {client_id=\"2155\"}";
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series))
+        .map(|value| value.trim().parse::<f64>().unwrap())
 }
 
 /// The wall clock as Unix time in seconds, as the metrics give it.
@@ -1515,6 +1518,29 @@ async fn one_job_at_a_time(
     TestService::serve(server.with_reconcile_options(options))
 }
 
+/// Takes the one job place (`--reconcile-max-jobs 1`) with a job of `holder` whose customer
+/// Gameball never answers (`held`), before a slot of `period` seconds starts; the job's id and
+/// that slot's start (Unix seconds).
+async fn take_the_place_before_a_slot(
+    admin: &mut AdminServiceClient<Channel>,
+    holder: &str,
+    period: f64,
+) -> (String, f64) {
+    let next_slot_after = |at: f64| (at / period).floor() * period + period;
+    // Slots are wall-clock time: one that starts within a second is let pass (its scheduled
+    // jobs select nothing and end at once, one after the other), so the holder comes first.
+    let soon = next_slot_after(unix_now());
+    if soon - unix_now() < 1.0 {
+        tokio::time::sleep(Duration::from_secs_f64(soon - unix_now() + 0.5)).await;
+    }
+    let request = pb::ReconcileProfilesRequest {
+        client_id: holder.into(),
+        selection: Some(ids(&["held"])),
+    };
+    let holding = admin.reconcile_profiles(request).await.unwrap();
+    (holding.into_inner().job_id, next_slot_after(unix_now()))
+}
+
 /// Schedules of one period fall due at the same instants: with more accounts than
 /// `--reconcile-max-jobs`, those that found no room were skipped until the next slot, where the
 /// same race left the same ones out again. A slot that finds the cap taken now waits for a job
@@ -1530,42 +1556,17 @@ async fn a_scheduled_job_past_the_job_cap_waits_for_room_within_its_slot() {
     let service =
         one_job_at_a_time(dir.path(), &stand_in, &["2155", "2156"], &["2155"], PERIOD).await;
     let mut admin = admin(&service).await;
-    let next_slot_after = |at: f64| (at / PERIOD).floor() * PERIOD + PERIOD;
-    // Slots are wall-clock time: if one starts in the next half second, let it pass (2155's
-    // job selects nothing and ends at once), so that 2156's job is first to the cap.
-    let soon = next_slot_after(unix_now());
-    if soon - unix_now() < 0.5 {
-        tokio::time::sleep(Duration::from_secs_f64(soon - unix_now() + 0.1)).await;
-    }
-    let request = pb::ReconcileProfilesRequest {
-        client_id: "2156".into(),
-        selection: Some(ids(&["held"])),
-    };
-    let holding = admin
-        .reconcile_profiles(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let blocked_slot = next_slot_after(unix_now());
+    let (holding, blocked_slot) = take_the_place_before_a_slot(&mut admin, "2156", PERIOD).await;
     // Half a second into the slot: its job found the cap taken.
     tokio::time::sleep(Duration::from_secs_f64(blocked_slot + 0.5 - unix_now())).await;
-    let last_success = |metrics: &str| {
-        let series = "profile_state_reconcile_schedule_last_success_timestamp_seconds\
-                      {client_id=\"2155\"}";
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(series))
-            .map(|value| value.trim().parse::<f64>().unwrap())
-    };
+    let last_success = scheduled_success_of_2155;
     let (_, metrics) = service.admin_get("/metrics").await;
     assert!(
         last_success(&metrics).is_none_or(|at| at < blocked_slot),
         "2155's job ran beside 2156's: {metrics}"
     );
 
-    let cancel = pb::CancelReconcileJobRequest {
-        job_id: holding.job_id,
-    };
+    let cancel = pb::CancelReconcileJobRequest { job_id: holding };
     // The waiting job may start, and end, before the cancel is answered.
     let room_at = unix_now();
     admin.cancel_reconcile_job(cancel).await.unwrap();
@@ -1630,20 +1631,8 @@ async fn schedules_waiting_for_room_start_nothing_once_the_server_stops() {
     let accounts = ["2155", "2156", "2157", "2199"];
     let service = one_job_at_a_time(dir.path(), &stand_in, &accounts, &scheduled, PERIOD).await;
     let mut admin = admin(&service).await;
-    // As above: 2199's job takes the one place before a slot starts (the jobs of a slot
-    // that comes first select nothing, and end at once, one after the other).
-    let next_slot_after = |at: f64| (at / PERIOD).floor() * PERIOD + PERIOD;
-    let soon = next_slot_after(unix_now());
-    if soon - unix_now() < 1.0 {
-        tokio::time::sleep(Duration::from_secs_f64(soon - unix_now() + 0.5)).await;
-    }
-    let request = pb::ReconcileProfilesRequest {
-        client_id: "2199".into(),
-        selection: Some(ids(&["held"])),
-    };
-    admin.reconcile_profiles(request).await.unwrap();
+    let (_, blocked_slot) = take_the_place_before_a_slot(&mut admin, "2199", PERIOD).await;
     let before = logs.text().len();
-    let blocked_slot = next_slot_after(unix_now());
     tokio::time::sleep(Duration::from_secs_f64(blocked_slot + 0.5 - unix_now())).await;
     let waiting = logs.text();
     let new = &waiting[before..];
