@@ -445,8 +445,12 @@ pub async fn run(options: &Options, report: &mut Report, shape: &Shape) -> anyho
     let most = counts.iter().copied().max().unwrap_or(0) as u64;
     let customers = options.customers(10_000).max(most);
     let workload = options.workload(customers);
+    if durable && options.external() {
+        report.note("fanout: --durable does nothing for a service the tool did not start");
+    }
+    let durable = durable && !options.external();
     // The bindings drop in reverse order: the service stops before its temporary dir goes.
-    let (_data_dir, ours) = match durable && !options.external() {
+    let (_data_dir, ours) = match durable {
         true => {
             let (dir, temp) = super::data_dir(options)?;
             report.note(format!("fanout: ours durable, data dir {}", dir.display()));
