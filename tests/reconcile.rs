@@ -1648,6 +1648,14 @@ async fn schedules_waiting_for_room_start_nothing_once_the_server_stops() {
         assert!(Instant::now() < deadline, "{}", &waiting[before..]);
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // Each line names the slot it waits in.
+    let slot = chrono::DateTime::from_timestamp(blocked_slot as i64, 0)
+        .unwrap()
+        .to_rfc3339_opts(SecondsFormat::Secs, true);
+    let mut waits = waiting[before..]
+        .lines()
+        .filter(|line| line.contains("waits"));
+    assert!(waits.all(|line| line.contains(&slot)), "{slot}: {waiting}");
 
     service.stop().await;
     let after = logs.text().split_off(waiting.len());

@@ -297,16 +297,18 @@ impl ReconcileJobs {
     /// as jobs end, for up to `wait` (a schedule waits until its next slot). Schedules of one
     /// period fall due together: more accounts than the cap left the rest unreconciled until
     /// the next slot, and the same ones again every slot. `Err` is the last refusal once
-    /// `wait` ran out, or any other refusal at once.
+    /// `wait` ran out, or any other refusal at once. `waits` hears of the first refusal that
+    /// makes it wait (the schedule logs it, naming its slot).
     pub async fn start_scheduled_within(
         &self,
         client_id: &str,
         period: Duration,
         wait: Duration,
+        waits: impl FnOnce(&Error),
     ) -> Result<JobReport, Error> {
         let deadline = tokio::time::Instant::now() + wait;
         let turn = Turn::join(self, client_id);
-        let mut said = false;
+        let mut waits = Some(waits);
         loop {
             // Registered before the attempt, so a job ending between the two is not missed.
             let moved = self.inner.line_moved.notified();
@@ -320,13 +322,8 @@ impl ReconcileJobs {
                 ) => error,
                 started_or_refused => return started_or_refused,
             };
-            if !said {
-                said = true;
-                tracing::info!(
-                    client_id,
-                    reason = %refused,
-                    "scheduled reconcile waits for a running job to end"
-                );
+            if let Some(waits) = waits.take() {
+                waits(&refused);
             }
             if tokio::time::timeout_at(deadline, moved).await.is_err() {
                 return Err(refused);

@@ -141,17 +141,26 @@ async fn run(
             continue;
         }
         last_run = Some(slot);
+        // Every line of the slot names it: a start late in slot n (it waited for room) and one
+        // on time in slot n + 1 look alike otherwise.
+        let slot_start = slot_start(slot, every.period);
         let Some(claims) = &claims else {
-            tick(&jobs, &every, &stopping).await;
+            tick(&jobs, &every, &slot_start, &stopping).await;
             continue;
         };
         let key = format!("reconcile.{account}.{}.{slot}", every.period.as_millis());
         let client_id = every.client_id.as_str();
         match claims.claim(&key).await {
-            Ok(true) => tick(&jobs, &every, &stopping).await,
-            Ok(false) => tracing::debug!(client_id, slot = %key, "another replica runs this slot"),
+            Ok(true) => tick(&jobs, &every, &slot_start, &stopping).await,
+            Ok(false) => tracing::debug!(
+                client_id,
+                slot = %slot_start,
+                key,
+                "another replica runs this slot"
+            ),
             Err(error) => tracing::warn!(
                 client_id,
+                slot = %slot_start,
                 %error,
                 "scheduled reconcile skipped: its slot could not be claimed"
             ),
@@ -159,26 +168,49 @@ async fn run(
     }
 }
 
+/// When `slot` starts, for a log line (RFC 3339, UTC, to the second).
+fn slot_start(slot: u128, period: Duration) -> String {
+    let millis = i64::try_from(slot * period.as_millis()).unwrap_or(i64::MAX);
+    chrono::DateTime::from_timestamp_millis(millis)
+        .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| format!("slot {slot}"))
+}
+
 /// Starts the slot's job, waiting for room until the next slot starts (or the server stops).
-async fn tick(jobs: &ReconcileJobs, every: &ReconcileEvery, stopping: &CancellationToken) {
+async fn tick(
+    jobs: &ReconcileJobs,
+    every: &ReconcileEvery,
+    slot: &str,
+    stopping: &CancellationToken,
+) {
     let client_id = every.client_id.as_str();
     let (_, until_next_slot) = next_slot(since_epoch(), every.period);
+    let waits = |refused: &Error| {
+        tracing::info!(
+            client_id,
+            slot,
+            reason = %refused,
+            "scheduled reconcile waits for a running job to end"
+        )
+    };
+    let start = jobs.start_scheduled_within(client_id, every.period, until_next_slot, waits);
     let started = tokio::select! {
-        started = jobs.start_scheduled_within(client_id, every.period, until_next_slot) => started,
+        started = start => started,
         () = stopping.cancelled() => return,
     };
     match started {
         Ok(report) => {
-            tracing::info!(client_id, job_id = %report.job_id, "scheduled reconcile started")
+            tracing::info!(client_id, slot, job_id = %report.job_id, "scheduled reconcile started")
         }
         Err(error @ (Error::ReconcileJobRunning { .. } | Error::TooManyReconcileJobs { .. })) => {
             tracing::warn!(
                 client_id,
+                slot,
                 %error,
                 "scheduled reconcile not started: no room for it before its next slot"
             )
         }
-        Err(error) => tracing::warn!(client_id, %error, "scheduled reconcile not started"),
+        Err(error) => tracing::warn!(client_id, slot, %error, "scheduled reconcile not started"),
     }
 }
 
@@ -210,6 +242,16 @@ mod tests {
         // The same slot again, or an older one after a step back of a whole period.
         assert!(!due(3, start, period, Some(3)));
         assert!(!due(2, start, period, Some(3)));
+    }
+
+    #[test]
+    fn a_slot_is_named_by_its_start() {
+        assert_eq!(
+            slot_start(3, Duration::from_secs(60)),
+            "1970-01-01T00:03:00Z"
+        );
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(slot_start(20_427, day), "2025-12-05T00:00:00Z");
     }
 
     #[test]
