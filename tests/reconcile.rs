@@ -22,16 +22,25 @@ use tonic::transport::Channel;
 
 /// Writes a secrets file naming the stand-in as account 2155's API, with `api_key`.
 fn secrets_file(dir: &Path, stand_in: &GameballStandIn, api_key: &str) -> std::path::PathBuf {
+    secrets_file_for(dir, stand_in, api_key, &["2155"])
+}
+
+/// Writes a secrets file naming the stand-in as the API of each of `accounts`, with `api_key`.
+fn secrets_file_for(
+    dir: &Path,
+    stand_in: &GameballStandIn,
+    api_key: &str,
+    accounts: &[&str],
+) -> std::path::PathBuf {
     let path = dir.join("secrets.toml");
-    std::fs::write(
-        &path,
+    let account = |client_id: &&str| {
         format!(
-            "[gameball_api.\"2155\"]\napi_key = \"{api_key}\"\nsecret_key = \"{SECRET_KEY}\"\n\
+            "[gameball_api.\"{client_id}\"]\napi_key = \"{api_key}\"\nsecret_key = \"{SECRET_KEY}\"\n\
              base_url = \"{}\"\n",
             stand_in.url()
-        ),
-    )
-    .unwrap();
+        )
+    };
+    std::fs::write(&path, accounts.iter().map(account).collect::<String>()).unwrap();
     path
 }
 
@@ -1492,15 +1501,7 @@ async fn one_job_at_a_time(
     scheduled: &[&str],
     period: f64,
 ) -> TestService {
-    let secrets = dir.join("secrets.toml");
-    let account = |client_id: &&str| {
-        format!(
-            "[gameball_api.\"{client_id}\"]\napi_key = \"{API_KEY}\"\n\
-             secret_key = \"{SECRET_KEY}\"\nbase_url = \"{}\"\n",
-            stand_in.url()
-        )
-    };
-    std::fs::write(&secrets, accounts.iter().map(account).collect::<String>()).unwrap();
+    let secrets = secrets_file_for(dir, stand_in, API_KEY, accounts);
     let mut config = Config::for_tests(common::SECRET);
     config.webhook_secrets_file = Some(secrets);
     config.reconcile.every = scheduled

@@ -47,6 +47,14 @@ impl ProfileReply {
         reply
     }
 
+    /// Writes the answer's fields after the profile into `out`: the store revision and the
+    /// store id it belongs to.
+    fn answer_fields<'b, O: Out>(&self, out: &'b mut O) -> &'b mut O {
+        out.uint64(2, self.store_revision);
+        out.string(3, &self.store_id, false);
+        out
+    }
+
     /// Writes the `Profile` message's fields (prost's order and rules) into `out`.
     fn profile_fields<'b, O: Out>(&self, out: &'b mut O) -> &'b mut O {
         let profile = &*self.profile;
@@ -176,31 +184,14 @@ impl Message for ProfileReply {
         encoding::encode_key(1, WireType::LengthDelimited, buf);
         encoding::encode_varint(self.profile_len as u64, buf);
         self.profile_fields(&mut Writer(buf));
-        if self.store_revision != 0 {
-            encoding::uint64::encode(2, &self.store_revision, buf);
-        }
-        if !self.store_id.is_empty() {
-            encoding::encode_key(3, WireType::LengthDelimited, buf);
-            encoding::encode_varint(self.store_id.len() as u64, buf);
-            buf.put_slice(self.store_id.as_bytes());
-        }
+        self.answer_fields(&mut Writer(buf));
     }
 
     fn encoded_len(&self) -> usize {
-        let store_revision = if self.store_revision == 0 {
-            0
-        } else {
-            encoding::uint64::encoded_len(2, &self.store_revision)
-        };
-        let store_id = match self.store_id.len() {
-            0 => 0,
-            len => encoding::key_len(3) + encoding::encoded_len_varint(len as u64) + len,
-        };
         encoding::key_len(1)
             + encoding::encoded_len_varint(self.profile_len as u64)
             + self.profile_len
-            + store_revision
-            + store_id
+            + self.answer_fields(&mut Counter(0)).0
     }
 
     /// Never decoded: a reply is only sent. Skips whatever it is given.
