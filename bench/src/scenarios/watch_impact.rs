@@ -167,13 +167,24 @@ impl Impact<'_> {
                 .baseline("no-op, no subscribers", each(noop[0], &Window::per_second)),
             );
         }
-        let row = Row::new(
-            self.scenario,
-            "CPU per webhook the subscribers add (server + tool)",
-            "µs",
-        )
-        .ours(added(ours));
-        report.push(with_noop(row, added(noop)));
+        // A service the tool did not start (`--webhook`, `--grpc`) has no CPU reading: the row
+        // would be NaN, so a note says why it is missing.
+        let mut windows = ours.iter().flat_map(|windows| windows.iter());
+        if windows.all(|window| window.measured.server_cpu.is_some()) {
+            let row = Row::new(
+                self.scenario,
+                "CPU per webhook the subscribers add (server + tool)",
+                "µs",
+            )
+            .ours(added(ours));
+            report.push(with_noop(row, added(noop)));
+        } else {
+            report.note(format!(
+                "{}: no CPU per webhook row: the tool reads the CPU of a service it started, \
+                 not of one given by --webhook/--grpc",
+                self.scenario
+            ));
+        }
         let row = Row::new(
             self.scenario,
             "deliveries/s during ingest (warm-up included)",
