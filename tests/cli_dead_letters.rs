@@ -307,6 +307,76 @@ async fn over_tls_the_token_is_needed_and_taken_from_its_variable() {
     service.stop().await;
 }
 
+/// The deploy kit's operator commands run inside the service's container, which has no shell
+/// to set PROFILE_STATE_TOKEN in and whose tokens are on (found by a first-user review): the
+/// CLI reads the server's own tokens file, through its variable, or one given by --token-file.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_is_read_from_the_servers_tokens_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "# operators\n\n  admin-token  \nother-token\n").unwrap();
+    let mut config = Config::for_tests(common::SECRET);
+    config.grpc_auth_tokens_file = Some(tokens.clone());
+    let service = TestService::start_with(config).await;
+    let grpc = service.grpc.to_string();
+    let tokens = tokens.to_str().unwrap();
+
+    let server_variable = [("PROFILE_STATE_GRPC_AUTH_TOKENS_FILE", tokens)];
+    let listed = cli(&["list", "--grpc", &grpc], &server_variable).await;
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(stdout(&listed).starts_with("ID\t"), "{}", stdout(&listed));
+    let flag = cli(&["list", "--grpc", &grpc, "--token-file", tokens], &[]).await;
+    assert!(flag.status.success(), "{}", stderr(&flag));
+
+    // --token wins over the file.
+    let wrong = [
+        &["list", "--grpc", &grpc, "--token", "wrong"][..],
+        &["--token-file", tokens],
+    ];
+    let refused = cli(&wrong.concat(), &[]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("[Unauthenticated]"),
+        "{}",
+        stderr(&refused)
+    );
+    let without = cli(&["list", "--grpc", &grpc], &[]).await;
+    assert_eq!(without.status.code(), Some(1), "{}", stderr(&without));
+    assert!(
+        stderr(&without).contains("--token-file"),
+        "the hint: {}",
+        stderr(&without)
+    );
+
+    // A file without a token, or none there, is a usage error naming the flag and the file.
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "# none yet\n").unwrap();
+    let empty = empty.to_str().unwrap();
+    let no_token = cli(&["list", "--grpc", &grpc, "--token-file", empty], &[]).await;
+    assert_eq!(no_token.status.code(), Some(64), "{}", stderr(&no_token));
+    assert!(
+        stderr(&no_token).contains(&format!("--token-file {empty} holds no token")),
+        "{}",
+        stderr(&no_token)
+    );
+    let missing = [("PROFILE_STATE_GRPC_AUTH_TOKENS_FILE", "/no/such/tokens")];
+    let unreadable = cli(&["list", "--grpc", &grpc], &missing).await;
+    assert_eq!(
+        unreadable.status.code(),
+        Some(64),
+        "{}",
+        stderr(&unreadable)
+    );
+    assert!(
+        stderr(&unreadable).contains(
+            "--token-file was set by the environment variable PROFILE_STATE_GRPC_AUTH_TOKENS_FILE"
+        ),
+        "{}",
+        stderr(&unreadable)
+    );
+    service.stop().await;
+}
+
 /// A client certificate the server refuses (another CA) was answered with the hint to give the
 /// server's CA with --ca, which had been given (found by an adversarial run): the hint now
 /// names the client certificate too.

@@ -36,6 +36,12 @@ pub struct Connection {
     #[arg(long, env = "PROFILE_STATE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// A file of the server's tokens, in its --grpc-auth-tokens-file format: the first one is
+    /// sent when --token is not given. It reads the server's own variable, so inside the
+    /// service's container or unit, where that is set, commands need no token given.
+    #[arg(long, env = "PROFILE_STATE_GRPC_AUTH_TOKENS_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
     /// PEM certificate of the CA that signed the server's certificate; turns TLS on. Without
     /// it, an https:// --grpc is checked against the system's CAs.
     #[arg(long, env = "PROFILE_STATE_CA", value_name = "PEM")]
@@ -150,10 +156,14 @@ impl Connection {
     }
 
     fn token(&self) -> Result<Token, Failure> {
-        let Some(token) = &self.token else {
-            return Ok(Token(None));
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => token.trim().to_owned(),
+            (None, Some(file)) => crate::grpc::auth::read_tokens_file(file)
+                .map_err(|error| Failure::Usage(format!("--token-file {error:#}")))?
+                .swap_remove(0),
+            (None, None) => return Ok(Token(None)),
         };
-        let value = format!("Bearer {}", token.trim());
+        let value = format!("Bearer {token}");
         let value = value.parse().map_err(|_| {
             Failure::Usage("--token holds characters a header cannot carry".to_owned())
         })?;
@@ -221,7 +231,10 @@ pub fn refused(what: &str, status: &Status) -> Failure {
         None => status.message().to_owned(),
     };
     let hint = match status.code() {
-        tonic::Code::Unauthenticated => " (give the token with --token or PROFILE_STATE_TOKEN)",
+        tonic::Code::Unauthenticated => {
+            " (give the token with --token or PROFILE_STATE_TOKEN, or a file of tokens with \
+             --token-file)"
+        }
         tonic::Code::Unavailable => " (is the server running, and is --grpc its gRPC address?)",
         // What a plaintext call to a TLS listener, or a client certificate the server refused,
         // gets back (which code, and whether the status or its cause says "transport error",

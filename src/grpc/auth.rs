@@ -62,30 +62,14 @@ impl BearerAuth {
         }
     }
 
-    /// Reads tokens from `path`: one per line, surrounding whitespace trimmed, blank lines and
-    /// lines starting with `#` ignored. An unreadable file, one without a token, or a line that
-    /// can never match a presented token (a `Bearer ` prefix, a byte-order mark, more than
-    /// 4 KiB, a character a header cannot carry) is an error naming the file and the line.
+    /// The tokens of the file at `path` ([`read_tokens_file`]).
     pub fn from_file(path: &Path) -> anyhow::Result<BearerAuth> {
-        let text = std::fs::read_to_string(path).map_err(IoError::on(path, "read"))?;
-        let mut tokens: Vec<Box<[u8]>> = Vec::new();
-        for (index, line) in text.lines().enumerate() {
-            let token = line.trim();
-            if token.is_empty() || token.starts_with('#') {
-                continue;
-            }
-            if let Err(reason) = check_token(token) {
-                anyhow::bail!("{} line {}: {reason}", path.display(), index + 1);
-            }
-            tokens.push(token.as_bytes().into());
-        }
-        anyhow::ensure!(
-            !tokens.is_empty(),
-            "{} holds no token (one per line; `#` starts a comment)",
-            path.display()
-        );
+        let tokens = read_tokens_file(path)?
+            .into_iter()
+            .map(|token| token.into_bytes().into_boxed_slice())
+            .collect();
         Ok(BearerAuth {
-            tokens: Some(tokens.into()),
+            tokens: Some(tokens),
         })
     }
 
@@ -103,6 +87,32 @@ impl BearerAuth {
             .fold(Choice::from(0), |any, token| any | token.ct_eq(presented))
             .into()
     }
+}
+
+/// The tokens of a tokens file (`--grpc-auth-tokens-file`; the operator CLI's `--token-file`
+/// reads the same format): one per line, surrounding whitespace trimmed, blank lines and lines
+/// starting with `#` ignored. An unreadable file, one without a token, or a line that can never
+/// match a presented token (a `Bearer ` prefix, a byte-order mark, more than 4 KiB, a character
+/// a header cannot carry) is an error naming the file and the line.
+pub fn read_tokens_file(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(IoError::on(path, "read"))?;
+    let mut tokens = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let token = line.trim();
+        if token.is_empty() || token.starts_with('#') {
+            continue;
+        }
+        if let Err(reason) = check_token(token) {
+            anyhow::bail!("{} line {}: {reason}", path.display(), index + 1);
+        }
+        tokens.push(token.to_owned());
+    }
+    anyhow::ensure!(
+        !tokens.is_empty(),
+        "{} holds no token (one per line; `#` starts a comment)",
+        path.display()
+    );
+    Ok(tokens)
 }
 
 /// Who may call AdminService, decided once from the configuration.
