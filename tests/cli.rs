@@ -119,6 +119,22 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
             "--grpc-max-message-bytes must be at least 1024",
             None,
         ),
+        // A zero timeout answered recorded webhooks with 503 (found by a first-user review).
+        (
+            [&ephemeral[..], &["--webhook-timeout", "0s"]].concat(),
+            vec![],
+            "--webhook-timeout must be more than zero",
+            None,
+        ),
+        (
+            ephemeral.to_vec(),
+            vec![("PROFILE_STATE_GRPC_KEEPALIVE_TIMEOUT", "0ms")],
+            "--grpc-keepalive-timeout must be more than zero",
+            Some(note(
+                "grpc-keepalive-timeout",
+                "PROFILE_STATE_GRPC_KEEPALIVE_TIMEOUT",
+            )),
+        ),
         (
             [&ephemeral[..], &["--backup-stall-timeout", "500ms"]].concat(),
             vec![],

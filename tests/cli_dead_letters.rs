@@ -307,6 +307,19 @@ async fn over_tls_the_token_is_needed_and_taken_from_its_variable() {
     service.stop().await;
 }
 
+/// `--timeout 0s` failed every call and blamed TLS (found by a first-user review).
+#[tokio::test]
+async fn a_zero_timeout_is_a_usage_error() {
+    let zero = cli(&["list", "--timeout", "0s"], &[]).await;
+    assert_eq!(zero.status.code(), Some(64), "{}", stderr(&zero));
+    assert!(
+        stderr(&zero)
+            .contains("invalid value '0s' for '--timeout <TIMEOUT>': must be more than zero"),
+        "{}",
+        stderr(&zero)
+    );
+}
+
 /// The deploy kit's operator commands run inside the service's container, which has no shell
 /// to set PROFILE_STATE_TOKEN in and whose tokens are on (found by a first-user review): the
 /// CLI reads the server's own tokens file, through its variable, or one given by --token-file.

@@ -769,11 +769,23 @@ async fn reflection_serves_the_profiles_file_with_comments_in_v1_and_v1alpha() {
     service.stop().await;
 }
 
+/// Reflection answers were held to `--grpc-max-message-bytes`: below the descriptors' 29 KB,
+/// grpcurl could neither describe nor call anything (found by a first-user review).
 #[tokio::test]
-async fn health_reports_the_profile_service_and_the_server_serving() {
+async fn reflection_answers_under_the_smallest_message_limit() {
+    let mut config = profile_state::Config::for_tests(common::SECRET);
+    config.grpc_max_message_bytes = profile_state::config::MIN_GRPC_MESSAGE_BYTES;
+    let service = TestService::start_with(config).await;
+    let files = v1::file_containing_symbol(service.channel().await, PROFILE_SERVICE).await;
+    assert_is_the_profiles_file(&files);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn health_reports_both_services_and_the_server_serving() {
     let service = TestService::start().await;
     let mut health = HealthClient::new(service.channel().await);
-    for name in [PROFILE_SERVICE, ""] {
+    for name in [PROFILE_SERVICE, "gameball.profiles.v1.AdminService", ""] {
         let response = health
             .check(HealthCheckRequest {
                 service: name.into(),

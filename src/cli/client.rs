@@ -61,7 +61,7 @@ pub struct Connection {
 
     /// How long to wait for the connection, for each call's answer, and for each piece of a
     /// backup.
-    #[arg(long, env = "PROFILE_STATE_TIMEOUT", default_value = "30s", value_parser = crate::config::duration)]
+    #[arg(long, env = "PROFILE_STATE_TIMEOUT", default_value = "30s", value_parser = crate::config::positive_duration)]
     pub timeout: Duration,
 }
 

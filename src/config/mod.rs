@@ -379,6 +379,15 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     Ok(parsed)
 }
 
+/// A [`duration`] that must be more than zero (a timeout of zero fails every call at once).
+pub fn positive_duration(text: &str) -> Result<Duration, String> {
+    let parsed = duration(text)?;
+    match parsed.is_zero() {
+        true => Err("must be more than zero".to_owned()),
+        false => Ok(parsed),
+    }
+}
+
 /// The smallest `--grpc-max-message-bytes`: room for the smallest answers (below it, 0 or 10
 /// were taken, and every read failed with OUT_OF_RANGE while the server looked healthy).
 pub const MIN_GRPC_MESSAGE_BYTES: usize = 1024;
@@ -566,6 +575,8 @@ impl Config {
     fn check_transport_limits(&self) -> Result<(), ConfigError> {
         let zero = [
             ("history-bytes", self.history_bytes == 0),
+            // Zero answered webhooks that were recorded with 503 (found by a first-user review).
+            ("webhook-timeout", self.webhook_timeout.is_zero()),
             ("webhook-body-timeout", self.webhook_body_timeout.is_zero()),
             (
                 "webhook-header-timeout",
@@ -590,6 +601,10 @@ impl Config {
                 self.grpc_request_body_timeout.is_zero(),
             ),
             ("max-grpc-connections", self.max_grpc_connections == 0),
+            (
+                "grpc-keepalive-timeout",
+                self.grpc_keepalive_timeout.is_zero(),
+            ),
         ];
         if let Some((flag, _)) = zero.into_iter().find(|(_, is_zero)| *is_zero) {
             return Err(ConfigError::ZeroLimit { flag });

@@ -61,13 +61,20 @@ macro_rules! limited {
 /// credentials (found by an adversarial run).
 const SMALL_REQUEST_BYTES: usize = 16 * 1024;
 
+/// Largest reflection answer, whatever `--grpc-max-message-bytes` says: the API's own
+/// descriptors (about 29 KB for ProfileService) plus the request echoed. Under the message
+/// limit, a limit below that size left grpcurl unable to describe or call anything (found by a
+/// first-user review); what reflection answers does not grow with the data.
+const REFLECTION_ANSWER_BYTES: usize = 1024 * 1024;
+
 /// A reflection service: requests of at most [`SMALL_REQUEST_BYTES`] and not compressed
-/// (a few bytes each; grpcurl and the like send them plain), answers up to the message limit.
+/// (a few bytes each; grpcurl and the like send them plain), answers up to the message limit
+/// or [`REFLECTION_ANSWER_BYTES`], whichever is larger.
 macro_rules! small_requests {
     ($service:expr, $bytes:expr) => {
         $service
             .max_decoding_message_size(SMALL_REQUEST_BYTES)
-            .max_encoding_message_size($bytes)
+            .max_encoding_message_size(REFLECTION_ANSWER_BYTES.max($bytes))
     };
 }
 

@@ -23,6 +23,8 @@ use tonic_health::server::HealthReporter;
 use super::admin_listener::AdminServer;
 use crate::data_dir::DataDir;
 use crate::grpc::ProfileApi;
+use crate::grpc::admin::AdminApi;
+use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::profile_service_server::ProfileServiceServer;
 use crate::store::Store;
 
@@ -34,8 +36,12 @@ pub const FLUSH_MARGIN: Duration = Duration::from_secs(1);
 
 /// The name health reports ProfileService under.
 type Profiles = ProfileServiceServer<ProfileApi>;
+/// The name health reports AdminService under.
+type Admin = AdminServiceServer<AdminApi>;
 
-/// What gRPC health reports: ProfileService follows the journal's writability until shutdown.
+/// What gRPC health reports: ProfileService follows the journal's writability until shutdown;
+/// AdminService (health answered NOT_FOUND for it, though reflection listed it: found by a
+/// first-user review) is SERVING until shutdown.
 pub(super) struct Health {
     reporter: HealthReporter,
 }
@@ -51,6 +57,7 @@ impl Health {
         stopping: CancellationToken,
     ) -> (Health, HealthServer<impl HealthService>) {
         let (reporter, service) = tonic_health::server::health_reporter();
+        reporter.set_serving::<Admin>().await;
         // Start from what the journal says now: a restart on a full disk serves reads but is
         // not ready until a write succeeds.
         if *writable.borrow_and_update() {
@@ -75,9 +82,10 @@ impl Health {
         (Health { reporter }, service)
     }
 
-    /// NOT_SERVING for ProfileService and for the server as a whole.
+    /// NOT_SERVING for both services and for the server as a whole.
     async fn not_serving(&self) {
         self.reporter.set_not_serving::<Profiles>().await;
+        self.reporter.set_not_serving::<Admin>().await;
         self.reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
@@ -88,6 +96,9 @@ impl Health {
     async fn clear(&mut self) {
         self.reporter
             .clear_service_status(<Profiles as NamedService>::NAME)
+            .await;
+        self.reporter
+            .clear_service_status(<Admin as NamedService>::NAME)
             .await;
         self.reporter.clear_service_status("").await;
     }
