@@ -24,8 +24,12 @@ use crate::config::Config;
 use crate::io_error::IoError;
 use crate::status::{Rejection, grpc_status};
 
-/// The message of a call without a bearer token.
+/// The message of a call without an `authorization` header.
 pub const MISSING_TOKEN: &str = "missing bearer token";
+/// The message of a call whose `authorization` header is not `Bearer <token>` (a token
+/// without its scheme was called missing, though the header was there: found by a
+/// first-user review).
+pub const NOT_BEARER: &str = "the authorization header must be `Bearer <token>`";
 /// The message of a call whose bearer token is not one of the configured ones.
 pub const INVALID_TOKEN: &str = "invalid bearer token";
 /// The message of a call with more than one `authorization` header: which one holds is
@@ -243,13 +247,9 @@ impl tonic::service::Interceptor for BearerAuth {
                 reason: REPEATED_TOKEN,
             }));
         }
-        let presented = first
-            .and_then(|value| bearer_token(value.as_bytes()))
-            .ok_or_else(|| {
-                grpc_status(Rejection::Unauthenticated {
-                    reason: MISSING_TOKEN,
-                })
-            })?;
+        let refused = |reason| grpc_status(Rejection::Unauthenticated { reason });
+        let first = first.ok_or_else(|| refused(MISSING_TOKEN))?;
+        let presented = bearer_token(first.as_bytes()).ok_or_else(|| refused(NOT_BEARER))?;
         if BearerAuth::accepts(tokens, presented) {
             Ok(request)
         } else {
@@ -342,16 +342,13 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{wrong}");
             assert_eq!(status.message(), INVALID_TOKEN, "{wrong}");
         }
-        for missing in [
-            None,
-            Some("alpha"),
-            Some("Basic alpha"),
-            Some("Bearer "),
-            Some("Bearer"),
-        ] {
-            let status = auth.call(request(missing)).unwrap_err();
-            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{missing:?}");
-            assert_eq!(status.message(), MISSING_TOKEN, "{missing:?}");
+        let status = auth.call(request(None)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(status.message(), MISSING_TOKEN);
+        for not_bearer in ["alpha", "Basic alpha", "Bearer ", "Bearer"] {
+            let status = auth.call(request(Some(not_bearer))).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{not_bearer}");
+            assert_eq!(status.message(), NOT_BEARER, "{not_bearer}");
         }
         assert!(!format!("{auth:?}").contains("alpha"), "Debug hides tokens");
     }
