@@ -119,6 +119,28 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
             "--grpc-max-message-bytes must be at least 1024",
             None,
         ),
+        // Beside secrets it turned authentication off with only a warning: a development
+        // switch left in the environment (found by a first-user review; a fresh-eyes run
+        // before had found the secrets dropped without a word).
+        (
+            vec!["--ephemeral", "--webhook-secret", "s"],
+            vec![("PROFILE_STATE_INSECURE_SKIP_SIGNATURE", "1")],
+            "--insecure-skip-signature accepts unsigned webhooks, so it cannot be used with \
+             --webhook-secret or --webhook-secrets-file",
+            Some(note(
+                "insecure-skip-signature",
+                "PROFILE_STATE_INSECURE_SKIP_SIGNATURE",
+            )),
+        ),
+        (
+            vec!["--ephemeral", "--insecure-skip-signature"],
+            vec![("PROFILE_STATE_WEBHOOK_SECRETS_FILE", "/etc/secrets.toml")],
+            "cannot be used with --webhook-secret or --webhook-secrets-file",
+            Some(note(
+                "webhook-secrets-file",
+                "PROFILE_STATE_WEBHOOK_SECRETS_FILE",
+            )),
+        ),
         // A zero timeout answered recorded webhooks with 503 (found by a first-user review).
         (
             [&ephemeral[..], &["--webhook-timeout", "0s"]].concat(),

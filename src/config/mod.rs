@@ -437,6 +437,14 @@ pub enum ConfigError {
          --webhook-secrets-file, or --insecure-skip-signature to accept unsigned webhooks"
     )]
     MissingWebhookSecret,
+    /// Unsigned webhooks accepted beside secrets: a development switch left set (say in the
+    /// environment) turned a production service's authentication off with only a warning
+    /// (found by a first-user review).
+    #[error(
+        "--insecure-skip-signature accepts unsigned webhooks, so it cannot be used with \
+         --webhook-secret or --webhook-secrets-file: keep one or the other"
+    )]
+    SkipSignatureWithSecrets,
     /// A secret was given but is empty.
     #[error("--webhook-secret is empty")]
     EmptyWebhookSecret,
@@ -511,6 +519,8 @@ impl Config {
                 return Err(ConfigError::PaddedWebhookSecret);
             }
             (None, false) if !has_file => return Err(ConfigError::MissingWebhookSecret),
+            (Some(_), true) => return Err(ConfigError::SkipSignatureWithSecrets),
+            (None, true) if has_file => return Err(ConfigError::SkipSignatureWithSecrets),
             _ => {}
         }
         if self.max_in_flight_webhooks == 0 {
@@ -702,6 +712,18 @@ mod tests {
         ));
         config.insecure_skip_signature = true;
         assert!(config.check().is_ok());
+        config.webhook_secret = Some("s".into());
+        assert!(matches!(
+            config.check(),
+            Err(ConfigError::SkipSignatureWithSecrets)
+        ));
+        config.webhook_secret = None;
+        config.webhook_secrets_file = Some("secrets.toml".into());
+        assert!(matches!(
+            config.check(),
+            Err(ConfigError::SkipSignatureWithSecrets)
+        ));
+        config.webhook_secrets_file = None;
         config.webhook_secret = Some(String::new());
         assert!(matches!(
             config.check(),

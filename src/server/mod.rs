@@ -731,13 +731,7 @@ fn verification(config: &Config) -> anyhow::Result<Verification> {
             "--insecure-skip-signature is set: webhooks are accepted without checking \
              X-GB-Signature"
         );
-        // Set beside it, the secrets were dropped without a word (found by a fresh-eyes run).
-        if config.webhook_secret.is_some() || config.webhook_secrets_file.is_some() {
-            tracing::warn!(
-                "--webhook-secret and --webhook-secrets-file are not used while \
-                 --insecure-skip-signature is set"
-            );
-        }
+        // Never beside secrets: `Config::check` refuses that.
         return Ok(Verification::Skip);
     }
     let flag = config.webhook_secret.clone();
