@@ -46,8 +46,9 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
-    /// TOML (`.toml`) or JSON file of webhook secrets per client_id, several at once while
-    /// rotating, plus optional defaults; reloaded on SIGHUP. `--webhook-secret` adds a default.
+    /// TOML or JSON file (JSON when it starts with `{`, whatever its name) of webhook secrets per
+    /// client_id, several at once while rotating, plus optional defaults; reloaded on SIGHUP.
+    /// `--webhook-secret` adds a default.
     #[arg(long, env = "PROFILE_STATE_WEBHOOK_SECRETS_FILE")]
     pub webhook_secrets_file: Option<PathBuf>,
 
@@ -148,7 +149,7 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_GRPC_AUTH_TOKENS_FILE")]
     pub grpc_auth_tokens_file: Option<PathBuf>,
 
-    /// Let AdminService (dead letters, backups) answer clients on other machines without
+    /// Let AdminService (dead letters, backups, reconciliation) answer clients on other machines without
     /// credentials. Without it, and without tokens or client certificates, AdminService
     /// answers only clients on this machine (loopback).
     #[arg(long, env = "PROFILE_STATE_INSECURE_OPEN_ADMIN_SERVICE", value_parser = BoolishValueParser::new())]
@@ -208,7 +209,8 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_BACKUP_STALL_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub backup_stall_timeout: Duration,
 
-    /// Most connections open at once on the gRPC listener; more are closed at once.
+    /// Most connections open at once on the gRPC listener; one more closes the idlest with no
+    /// call in progress to make room, else it is closed itself.
     #[arg(
         long,
         env = "PROFILE_STATE_MAX_GRPC_CONNECTIONS",
