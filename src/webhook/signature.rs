@@ -46,6 +46,12 @@ impl SignatureCheck {
     }
 }
 
+/// The refusal of a delivery no secret can sign: its `client_id` has none and there is no
+/// default (or the body names no `client_id`: it was "this client_id" then, found by a
+/// first-user review).
+const NO_SECRET: &str =
+    "no webhook secret applies: none for the body's client_id (or it has none) and no default";
+
 /// Accepts when `signature` (hex, any case) is the signature, under any of `checks`, of the raw
 /// body or, failing that, of the compact re-serialization `compact` makes (`None` when the
 /// body is not JSON). `compact` is called at most once, and only when the raw body matched
@@ -57,9 +63,7 @@ pub fn verify(
     compact: impl FnOnce() -> Option<Vec<u8>>,
 ) -> Result<(), Rejection> {
     if checks.is_empty() {
-        return Err(Rejection::Unauthenticated {
-            reason: "no webhook secret is configured for this client_id",
-        });
+        return Err(Rejection::Unauthenticated { reason: NO_SECRET });
     }
     let signature = signature.ok_or(Rejection::Unauthenticated {
         reason: "missing X-GB-Signature header",
@@ -68,8 +72,13 @@ pub fn verify(
         reason: "X-GB-Signature does not match the body",
     };
     let mut claimed = [0u8; 20];
-    // Decoding is case-insensitive; a malformed header simply never matches.
-    hex::decode_to_slice(signature.trim(), &mut claimed).map_err(|_| mismatch.clone())?;
+    // Decoding is case-insensitive. A header that cannot be a signature says so: "does not
+    // match" sent users looking for a wrong secret (found by a first-user review).
+    hex::decode_to_slice(signature.trim(), &mut claimed).map_err(|_| {
+        Rejection::Unauthenticated {
+            reason: "X-GB-Signature is not a SHA-1 in hex (40 hex digits)",
+        }
+    })?;
     if checks.iter().any(|check| check.matches(&claimed, raw)) {
         return Ok(());
     }
@@ -156,13 +165,18 @@ mod tests {
                 reason: "missing X-GB-Signature header"
             })
         );
-        assert!(verify(&[check()], Some("zz"), RAW, raw_only).is_err());
-        assert!(verify(&[check()], Some(""), RAW, raw_only).is_err());
+        for malformed in ["zz", "", "sha1=00", &RAW_SIG.trim()[1..]] {
+            assert_eq!(
+                verify(&[check()], Some(malformed), RAW, raw_only),
+                Err(Rejection::Unauthenticated {
+                    reason: "X-GB-Signature is not a SHA-1 in hex (40 hex digits)"
+                }),
+                "{malformed}"
+            );
+        }
         assert_eq!(
             verify(&[], Some(RAW_SIG.trim()), RAW, raw_only),
-            Err(Rejection::Unauthenticated {
-                reason: "no webhook secret is configured for this client_id"
-            })
+            Err(Rejection::Unauthenticated { reason: NO_SECRET })
         );
     }
 }
