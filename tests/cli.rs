@@ -141,6 +141,50 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
                 "PROFILE_STATE_WEBHOOK_SECRETS_FILE",
             )),
         ),
+        // NATS settings that cannot work exited 1, for a supervisor to restart them forever
+        // (found by an adversarial run).
+        (
+            [&ephemeral[..], &["--nats-url="]].concat(),
+            vec![],
+            "--nats-url: is empty",
+            None,
+        ),
+        (
+            [&ephemeral[..], &["--nats-url", "nats://127.0.0.1:4222"]].concat(),
+            vec![("PROFILE_STATE_NATS_CREDS", "/no/such.creds")],
+            "--nats-creds: /no/such.creds: No such file or directory",
+            Some(note("nats-creds", "PROFILE_STATE_NATS_CREDS")),
+        ),
+        (
+            [
+                &ephemeral[..],
+                &[
+                    "--nats-url",
+                    "nats://127.0.0.1:4222",
+                    "--nats-creds",
+                    secrets,
+                ],
+            ]
+            .concat(),
+            vec![],
+            "not a NATS credentials file",
+            None,
+        ),
+        (
+            [
+                &ephemeral[..],
+                &[
+                    "--nats-url",
+                    "nats://127.0.0.1:4222",
+                    "--nats-tls-ca",
+                    "/no/ca.pem",
+                ],
+            ]
+            .concat(),
+            vec![],
+            "--nats-tls-ca: /no/ca.pem: No such file or directory",
+            None,
+        ),
         // A zero timeout answered recorded webhooks with 503 (found by a first-user review).
         (
             [&ephemeral[..], &["--webhook-timeout", "0s"]].concat(),

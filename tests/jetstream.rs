@@ -442,6 +442,32 @@ async fn snapshots_round_trip_through_the_object_store() {
     assert_ne!(replaced.store_id(), stream.store_id());
     let bucket = SnapshotBucket::open(&replaced).await.unwrap();
     assert_eq!(bucket.newest().await.unwrap(), None);
+
+    // Replaced again with its very configuration (the same store id, as an operator restoring
+    // its definition makes it): the snapshots of the stream before are not offered either
+    // (found by an adversarial run), and the handle on that one says the stream is not its own.
+    bucket
+        .put(1, 2, &mut &b"a snapshot of the stream before"[..])
+        .await
+        .unwrap();
+    let context = client.context();
+    let config = context
+        .get_stream("SNAP")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    context.delete_stream("SNAP").await.unwrap();
+    context.create_stream(config).await.unwrap();
+    let again = UpdateStream::ensure(&client, &settings("SNAP"))
+        .await
+        .unwrap();
+    assert_eq!(again.store_id(), replaced.store_id());
+    let bucket = SnapshotBucket::open(&again).await.unwrap();
+    assert_eq!(bucket.newest().await.unwrap(), None);
+    let error = replaced.bounds().await.unwrap_err();
+    assert!(matches!(error, JetStreamError::Replaced { .. }), "{error}");
 }
 
 #[tokio::test]

@@ -1310,6 +1310,157 @@ async fn a_replica_the_stream_was_purged_past_stops_to_restart_from_the_publishe
     b.stop().await;
 }
 
+/// A stream deleted and created again under a running replica (by another replica, or by an
+/// operator restoring its definition, store id and all): the replica applied the new stream's
+/// messages from its old position on top of the old state, and replicas diverged silently, all
+/// ready, with the same store id and revision (found by an adversarial run). It now stops by
+/// itself (exit status 1, for a supervisor to start it again) before taking anything of the new
+/// stream; started again it sets its snapshots of the old stream aside, skips the old stream's
+/// published ones, and converges with the new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_created_again_under_a_running_replica_stops_it_to_start_over_on_the_new_one() {
+    let nats = NatsCluster::single().await.unwrap();
+    // Snapshots taken and published often, and nothing purged: a's local snapshots of the old
+    // stream are sequences the new stream holds too, so only knowing which stream they are of
+    // keeps a started again from loading them.
+    let config = |name: &str, dir: &Path| {
+        let mut config = snapshotting(&nats, "REMADE", name, dir);
+        config.nats.retain_after_snapshot = 1_000_000;
+        config
+    };
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestService::start_with(config("a", a_dir.path())).await;
+    Load::start(vec![(&a).into()], 2, 30, PACE)
+        .finish(&[(&a).into()])
+        .await;
+    let old_revision = Replica::from(&a).info().await.revision;
+
+    // Deleted and added again with its very configuration: the same store id.
+    let stream = stream_of(&nats, "REMADE").await;
+    let context = stream.nats().context();
+    let old = context.get_stream("REMADE").await.unwrap();
+    let old_config = old.cached_info().config.clone();
+    context.delete_stream("REMADE").await.unwrap();
+    context.create_stream(old_config).await.unwrap();
+
+    // b starts on the new stream and takes more deliveries than a applied.
+    let b = TestService::start_with(config("b", b_dir.path())).await;
+    let store_id = |replica: &TestService| Replica::from(replica);
+    let (a_info, b_info) = (store_id(&a).info().await, store_id(&b).info().await);
+    assert_eq!(b_info.store_id, a_info.store_id, "the same store id");
+    let load = Load::start(vec![(&b).into()], 2, 60, PACE);
+    let ended = a.stopped_by_itself(PATIENCE).await;
+    let error = format!("{:#}", ended.expect_err("a stops with an error"));
+    assert!(error.contains("was deleted and created again"), "{error}");
+    load.finish(&[(&b).into()]).await;
+
+    let a = TestService::start_with(config("a", a_dir.path())).await;
+    assert_converged(&[(&a).into(), (&b).into()]).await;
+    let stale = std::fs::read_dir(a_dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|entry| entry.file_name().to_string_lossy().starts_with("stale-"));
+    assert!(stale, "the old stream's snapshots are set aside");
+    assert!(old_revision > 0);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A replica started from a published snapshot at the stream's very end, with no message after
+/// it: a repeat of a delivery the snapshot holds (a Gameball retry, which the stream drops as a
+/// duplicate) waited the whole webhook timeout for an apply that could not come, and got 503
+/// at every retry (found by an adversarial run). It is answered at once, as unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeat_of_what_the_starting_snapshot_holds_is_answered_at_once() {
+    let nats = NatsCluster::single().await.unwrap();
+    let config = |name: &str, dir: &Path| snapshotting(&nats, "REPEAT", name, dir);
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestService::start_with(config("a", a_dir.path())).await;
+    // One message each, posted one after the other: a snapshot every 20 records lands on the
+    // stream's last message.
+    let bodies: Vec<Value> = (0..20)
+        .map(|n| profile_updated(&format!("r{n}"), &at(1), json!({"total_points": n})))
+        .collect();
+    for body in &bodies {
+        post_until_ok(&a, body).await;
+    }
+    let stream = stream_of(&nats, "REPEAT").await;
+    let bucket = profile_state::jetstream::SnapshotBucket::open(&stream)
+        .await
+        .unwrap();
+    let last = stream.bounds().await.unwrap().last;
+    let deadline = Instant::now() + PATIENCE;
+    while bucket.newest().await.unwrap().map(|s| s.stream_sequence) != Some(last) {
+        assert!(
+            Instant::now() < deadline,
+            "a snapshot at the stream's end is published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let b = TestService::start_with(config("b", b_dir.path())).await;
+    assert_eq!(Replica::from(&b).info().await.applied_sequence, last);
+    let started = Instant::now();
+    let (status, answer) = b.post(&bodies[19]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["outcome"], "unchanged", "{answer}");
+    // The webhook timeout of these replicas is 4 s: the bug waited it out.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A stream limited in bytes that filled up stayed full for good: nothing was applied, so no
+/// snapshot came due, so none was published and nothing purged, and every webhook got 503
+/// (found by an adversarial run; with the default `--nats-retain-after-snapshot`, no purge
+/// could free a stream holding fewer messages than that either). A replica now publishes a
+/// snapshot when the stream is full and purges below it, and webhooks are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_stream_is_purged_below_a_snapshot_taken_to_make_room() {
+    let nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = replica_config(&nats, "FULL", "a");
+    config.ephemeral = false;
+    config.data_dir = dir.path().to_owned();
+    // No snapshot ever comes due by count; the default retention.
+    config.snapshot_every_records = 1_000_000;
+    config.nats.max_bytes = Some(64 * 1024);
+    config.max_body_bytes = 2048;
+    let a = TestService::start_with(config).await;
+    let update = |n: u32| profile_updated(&format!("f{n}"), &at(1), json!({"total_points": n}));
+    let mut taken = 0;
+    loop {
+        let (status, answer) = a.post(&update(taken)).await;
+        if status == 503 {
+            break;
+        }
+        assert_eq!(status, 200, "{answer}");
+        taken += 1;
+        assert!(taken < 5_000, "the stream never filled");
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, answer) = a.post(&update(taken)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "the stream stays full: {answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let info = Replica::from(&a).info().await;
+    assert_eq!(
+        info.revision,
+        u64::from(taken) + 1,
+        "nothing acknowledged was lost"
+    );
+    a.stop().await;
+}
+
 /// A replica's local snapshots are copies of what the stream (and the published snapshots)
 /// hold: damaged ones are set aside and the replica starts without them. It refused to start
 /// for good, with a single node's advice to restore a backup (found by an adversarial run).

@@ -158,6 +158,11 @@ impl NatsConfig {
         }
         let bad = |flag, reason: String| Err(ConfigError::BadNatsFlag { flag, reason });
         for url in &self.urls {
+            // An empty one failed later, as a DNS error and exit status 1 (a supervisor then
+            // restarts a typo forever; found by an adversarial run), as did the files below.
+            if url.trim().is_empty() {
+                return bad("nats-url", "is empty".into());
+            }
             match url.parse::<async_nats::ServerAddr>() {
                 Err(err) => {
                     let url = redact_url(url);
@@ -202,6 +207,33 @@ impl NatsConfig {
         if self.replica_name.as_deref() == Some("") {
             return bad("replica-name", "must not be empty".into());
         }
+        let files = [
+            ("nats-creds", &self.creds),
+            ("nats-tls-ca", &self.tls_ca),
+            ("nats-tls-cert", &self.tls_cert),
+            ("nats-tls-key", &self.tls_key),
+        ];
+        for (flag, path) in files {
+            if let Some(path) = path
+                && let Err(reason) = readable_file(path)
+            {
+                return bad(flag, reason);
+            }
+        }
+        if let Some(path) = &self.creds {
+            let text =
+                std::fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()));
+            let parsed = text.and_then(|text| {
+                async_nats::ConnectOptions::with_credentials(&text)
+                    .map(drop)
+                    .map_err(|err| {
+                        format!("{}: not a NATS credentials file: {err}", path.display())
+                    })
+            });
+            if let Err(reason) = parsed {
+                return bad("nats-creds", reason);
+            }
+        }
         Ok(())
     }
 
@@ -219,6 +251,7 @@ impl NatsConfig {
             .unwrap_or_else(|| "profile-state".into())
     }
 }
+
 /// `url` for messages and logs, with any user, password or token before an `@` replaced by
 /// `***` (a URL that does not parse included: its error message must not carry them either).
 pub fn redact_url(url: &str) -> String {
@@ -228,5 +261,15 @@ pub fn redact_url(url: &str) -> String {
             format!("{scheme}://***@{host}")
         }
         None => url.to_owned(),
+    }
+}
+
+/// Whether `path` is a file this process can open.
+fn readable_file(path: &std::path::Path) -> Result<(), String> {
+    let described = |err: std::io::Error| format!("{}: {err}", path.display());
+    let file = std::fs::File::open(path).map_err(described)?;
+    match file.metadata().map_err(described)?.is_file() {
+        true => Ok(()),
+        false => Err(format!("{}: not a file", path.display())),
     }
 }

@@ -9,7 +9,10 @@
 //! beginning of the stream (anything below the next sequence is skipped); and a consumer asked
 //! to start below the stream's first sequence silently starts at the first (the first sequence
 //! is compared with the one wanted, before and while reading). Any other jump in sequence means
-//! a message was removed, and is an error too: a replica must never apply past a hole.
+//! a message was removed, and is an error too: a replica must never apply past a hole. And a
+//! consumer the client recreated may be reading another stream of the same name (the stream
+//! was deleted and created again meanwhile): the first message of each consumer is taken only
+//! once the stream is checked to be the one this replica followed (`UpdateStream::bounds`).
 
 use std::time::Duration;
 
@@ -56,6 +59,9 @@ pub struct Follower {
     watch_connections: bool,
     /// The sequence that must come next.
     next: u64,
+    /// The consumer whose messages were checked to come from this replica's stream: a new
+    /// name means the client recreated its consumer, perhaps on a stream created again.
+    checked_consumer: Option<String>,
 }
 
 impl Follower {
@@ -70,6 +76,7 @@ impl Follower {
             connections,
             watch_connections: true,
             next: applied + 1,
+            checked_consumer: None,
         };
         check_bounds(stream, follower.next).await?;
         follower.messages = Some(consume_from(stream, follower.next).await?);
@@ -129,6 +136,11 @@ impl Follower {
     ) -> Result<Option<Entry>, JetStreamError> {
         let info = message.info().map_err(unavailable("consume"))?;
         let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
+        if self.checked_consumer.as_deref() != Some(info.consumer) {
+            // Checked before anything of the new consumer is taken, skipped ones included.
+            check_bounds(&self.stream, self.next).await?;
+            self.checked_consumer = Some(info.consumer.to_owned());
+        }
         if sequence < self.next {
             // A consumer the client recreated before its first message starts from the first.
             return Ok(None);

@@ -35,7 +35,7 @@ pub use dead_letters::{DeadLetterBucket, DeadLetterEntry};
 pub use follow::{Entry, Follower};
 pub use schedule::ScheduleBucket;
 pub use snapshots::{CLAIM_TTL, SnapshotBucket, SnapshotInfo, UploadClaim};
-pub use stream::{Bounds, Published, StreamSettings, UpdateStream};
+pub use stream::{Bounds, Published, StreamCreated, StreamSettings, UpdateStream};
 
 /// What can go wrong talking to JetStream. Messages are lowercase and name the stream, bucket,
 /// sequence or flag concerned; none carries profile data.
@@ -107,6 +107,22 @@ pub enum JetStreamError {
         bytes: usize,
         /// The server's `max_payload`.
         max: usize,
+    },
+    /// The stream was deleted and created again under its name (by a replica, or by an operator
+    /// restoring its definition, store id and all): the state this replica applied belongs to
+    /// the old one. Following the new one from the old position made running replicas diverge
+    /// silently (found by an adversarial run).
+    #[error(
+        "stream {stream} was deleted and created again (created {now}, this replica followed the \
+         one created {was}): what this replica applied belongs to the old stream"
+    )]
+    Replaced {
+        /// The stream.
+        stream: String,
+        /// When the stream this replica followed was created (RFC 3339).
+        was: String,
+        /// When the stream now under that name was created.
+        now: String,
     },
     /// Reading was asked to start at a sequence the stream no longer holds (purged or removed
     /// by limits): the replica needs a snapshot at or after `first - 1`.

@@ -25,6 +25,10 @@ use super::{JetStreamError, UpdateStream};
 const REVISION_KEY: &str = "revision";
 const SEQUENCE_KEY: &str = "stream_sequence";
 const STORE_ID_KEY: &str = "store_id";
+/// When the update stream the snapshot was taken from was created: a stream deleted and
+/// created again with its configuration keeps its store id, not this (objects without it,
+/// from earlier builds, are taken on their store id alone).
+const STREAM_CREATED_KEY: &str = "stream_created";
 /// The key of the upload claim in `<stream>_META`.
 const UPLOAD_CLAIM: &str = "snapshot-upload";
 /// How long an upload claim holds when its holder never releases it (it crashed).
@@ -58,6 +62,8 @@ pub struct SnapshotBucket {
     /// For what the object store does not offer: its stream's chunk subjects.
     context: jetstream::Context,
     store_id: String,
+    /// When the update stream was created (see [`STREAM_CREATED_KEY`]).
+    stream_created: String,
     /// `<stream>_META`: the upload claim, so that replicas which reach a snapshot at the same
     /// time (they apply the same stream) do not all upload one.
     meta: kv::Store,
@@ -95,6 +101,7 @@ impl SnapshotBucket {
             store,
             context: context.clone(),
             store_id: stream.store_id().to_string(),
+            stream_created: stream.created().to_string(),
             meta,
         })
     }
@@ -180,6 +187,7 @@ impl SnapshotBucket {
             (REVISION_KEY.to_string(), revision.to_string()),
             (SEQUENCE_KEY.to_string(), stream_sequence.to_string()),
             (STORE_ID_KEY.to_string(), self.store_id.clone()),
+            (STREAM_CREATED_KEY.to_string(), self.stream_created.clone()),
         ]);
         let meta = ObjectMetadata {
             name: name.clone(),
@@ -199,13 +207,16 @@ impl SnapshotBucket {
         })
     }
 
-    /// Every snapshot of this store (objects of another store id, left from a stream that was
-    /// replaced, are not ours), oldest first.
+    /// Every snapshot of this store (objects of another store id, or of a stream of this name
+    /// created before this one, left from a stream that was replaced, are not ours), oldest
+    /// first.
     pub async fn list(&self) -> Result<Vec<SnapshotInfo>, JetStreamError> {
         let mut snapshots = Vec::new();
         for object in self.objects().await? {
             let field = |key: &str| object.metadata.get(key);
-            if object.deleted || field(STORE_ID_KEY) != Some(&self.store_id) {
+            let other_stream =
+                field(STREAM_CREATED_KEY).is_some_and(|created| created != &self.stream_created);
+            if object.deleted || field(STORE_ID_KEY) != Some(&self.store_id) || other_stream {
                 continue;
             }
             let number = |key: &str| field(key).and_then(|value| value.parse::<u64>().ok());

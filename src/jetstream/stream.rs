@@ -129,6 +129,33 @@ pub struct UpdateStream {
     store_id: String,
     /// The first sequence applied with the bound on profile growth (see [`RULES_FROM_KEY`]).
     rules_from: u64,
+    /// When the server created the stream: what tells it from one deleted and created again
+    /// under the same name, even with the same configuration and store id.
+    created: StreamCreated,
+}
+
+/// When a stream was created, as the server says: one incarnation of a stream name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamCreated(pub chrono::DateTime<chrono::Utc>);
+
+impl StreamCreated {
+    fn of(info: &stream::Info) -> StreamCreated {
+        StreamCreated(info.created)
+    }
+
+    /// The stored form (`STREAM_CREATED` in a replica's data directory): RFC 3339 to the
+    /// nanosecond, which parses back to the same instant.
+    pub fn parse(text: &str) -> Option<StreamCreated> {
+        chrono::DateTime::parse_from_rfc3339(text.trim())
+            .ok()
+            .map(|at| StreamCreated(at.to_utc()))
+    }
+}
+
+impl std::fmt::Display for StreamCreated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
+    }
 }
 
 impl UpdateStream {
@@ -171,6 +198,7 @@ impl UpdateStream {
             Err(err) => return Err(unavailable("stream info")(err)),
         };
         let (store_id, rules_from) = verify(settings, &info.config)?;
+        let created = StreamCreated::of(&info);
         warn_if_limit_differs(settings, &info.config);
         let stream = context
             .get_stream_no_info(&settings.name)
@@ -183,7 +211,13 @@ impl UpdateStream {
             settings: settings.clone(),
             store_id,
             rules_from,
+            created,
         })
+    }
+
+    /// When the stream this handle was opened on was created.
+    pub fn created(&self) -> StreamCreated {
+        self.created
     }
 
     /// Takes the stream `settings` name over from rules 1 ([`UPGRADABLE_RULES`]) to this
@@ -340,7 +374,9 @@ impl UpdateStream {
     }
 
     /// First and last sequence, read from the stream leader: `last` is a barrier, since every
-    /// message acknowledged before this call has a sequence at or below it.
+    /// message acknowledged before this call has a sequence at or below it. A stream created
+    /// again since this handle was opened is [`JetStreamError::Replaced`]: its sequences are
+    /// not this one's.
     pub async fn bounds(&self) -> Result<Bounds, JetStreamError> {
         let info = self.stream.get_info().await.map_err(|err| {
             if jetstream_code(&err) == Some(ErrorCode::STREAM_NOT_FOUND) {
@@ -352,6 +388,14 @@ impl UpdateStream {
                 unavailable("stream info")(err)
             }
         })?;
+        let created = StreamCreated::of(&info);
+        if created != self.created {
+            return Err(JetStreamError::Replaced {
+                stream: self.settings.name.clone(),
+                was: self.created.to_string(),
+                now: created.to_string(),
+            });
+        }
         let limit = u64::try_from(info.config.max_bytes)
             .ok()
             .filter(|max| *max > 0);

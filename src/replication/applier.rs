@@ -24,6 +24,9 @@ use crate::metrics::Metrics;
 use crate::sequencer::{Bound, CommitHook, Sequenced, sequence};
 use crate::store::Store;
 
+/// How often the applier looks whether the stream is full while it waits for a message.
+const ROOM_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Holds the applier between messages while paused: a test seam (the stand-in for a replica
 /// that lags behind), reached through `Server::applier_pause`. Cloning shares the switch.
 #[derive(Clone)]
@@ -79,15 +82,39 @@ pub(super) struct Applier {
 impl Applier {
     /// Applies the stream until stopped, or until the stream itself cannot be applied.
     pub(super) async fn run(mut self) {
+        let mut room_checks = tokio::time::interval(ROOM_CHECK_INTERVAL);
+        room_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next = tokio::select! {
-                next = self.follower.next() => next,
-                () = self.stop.cancelled() => break,
+            // The same `next` is polled across room checks: dropped half-way, it could lose a
+            // message it had taken from the consumer (it awaits a bounds check after that),
+            // and the next one would look like a hole.
+            let next = {
+                let next = self.follower.next();
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        next = &mut next => break Some(next),
+                        () = self.stop.cancelled() => break None,
+                        _ = room_checks.tick() => {
+                            // A full stream refuses every publish, so nothing comes to apply.
+                            if let Some(snapshots) = &mut self.snapshots
+                                && self.status.short_of_room()
+                            {
+                                snapshots.make_room(self.status.position());
+                            }
+                        }
+                    }
+                }
             };
+            let Some(next) = next else { break };
             let entry = match next {
                 Ok(entry) => entry,
                 Err(error @ JetStreamError::StartBelowFirst { .. }) => {
                     self.cut_off(error.to_string());
+                    break;
+                }
+                Err(error @ JetStreamError::Replaced { .. }) => {
+                    self.replaced(error.to_string());
                     break;
                 }
                 Err(error) => {
@@ -162,6 +189,22 @@ impl Applier {
             "the stream was purged past this replica: it stops, to start again from the newest \
              published snapshot (under a supervisor that restarts it)"
         );
+        self.restart_for(format!("the stream was purged past this replica: {reason}"));
+    }
+
+    /// The stream was created again: what this replica holds is the old stream's, and start-up
+    /// sets it aside (`startup::prepare_dir`), so the server is asked to stop.
+    fn replaced(&self, reason: String) {
+        tracing::error!(
+            %reason,
+            position = ?self.status.position(),
+            "the stream this replica followed was replaced: it stops, to start again on the new \
+             one (under a supervisor that restarts it), setting its snapshots of the old one aside"
+        );
+        self.restart_for(reason);
+    }
+
+    fn restart_for(&self, reason: String) {
         self.metrics.replication_applier_failed();
         self.status.fail(reason);
         self.pending.applier_stopped();

@@ -42,7 +42,7 @@ pub use status::{Lag, POLL_INTERVAL, Position, ReplicaStatus};
 
 use crate::config::Config;
 use crate::data_dir::{DataDir, LockRef};
-use crate::jetstream::{Follower, Nats, SnapshotBucket, UpdateStream};
+use crate::jetstream::{Follower, JetStreamError, Nats, SnapshotBucket, UpdateStream};
 use crate::metrics::Metrics;
 use crate::sequencer::CommitHook;
 use crate::store::Store;
@@ -159,7 +159,7 @@ impl Prepared {
             follower,
             settings,
         } = self;
-        let pending = Arc::new(Pending::default());
+        let pending = Arc::new(Pending::after(follower.next_sequence() - 1));
         let publisher_done = CancellationToken::new();
         let publisher = Publisher::start(
             publisher::Parts {
@@ -194,6 +194,7 @@ impl Prepared {
             records_since: 0,
             bytes_since: 0,
             running: Arc::new(AtomicBool::new(false)),
+            room_made_at: None,
         });
         let restart = CancellationToken::new();
         let applier = Applier {
@@ -226,6 +227,9 @@ impl Prepared {
     }
 }
 
+/// How often a stream that cannot be followed (deleted, or created again) is warned of.
+const STREAM_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Reads the stream's last sequence every [`POLL_INTERVAL`] (the barrier that proves this
 /// replica current, idle or not) and re-evaluates readiness, until `stopping`.
 fn poll(
@@ -239,6 +243,7 @@ fn poll(
     tracker.spawn(async move {
         let mut ticks = tokio::time::interval(POLL_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned: Option<tokio::time::Instant> = None;
         loop {
             // Stopping first, and the read raced against it: during a NATS outage each read
             // waits out --nats-request-timeout, and a stop waited for one or two of them, the
@@ -258,6 +263,14 @@ fn poll(
                 Ok(bounds) => {
                     status.observed_last(bounds.last, read_at);
                     status.observed_room(bounds.room);
+                }
+                // A stream deleted (or created again) was not logged at all while the
+                // replica stayed connected (found by an adversarial run): said every 30 s.
+                Err(error @ (JetStreamError::Refused { .. } | JetStreamError::Replaced { .. }))
+                    if warned.is_none_or(|at| at.elapsed() >= STREAM_WARNING_INTERVAL) =>
+                {
+                    warned = Some(tokio::time::Instant::now());
+                    tracing::warn!(%error, "the update stream cannot be followed: not ready");
                 }
                 Err(error) => tracing::debug!(%error, "stream bounds not read"),
             }

@@ -33,8 +33,9 @@ use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::status::Position;
 use crate::data_dir::LockRef;
-use crate::jetstream::{CLAIM_TTL, JetStreamError, SnapshotBucket, UpdateStream};
+use crate::jetstream::{CLAIM_TTL, JetStreamError, SnapshotBucket, SnapshotInfo, UpdateStream};
 use crate::journal::{JournalError, snapshot};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -67,9 +68,28 @@ pub(super) struct Snapshots {
     pub records_since: u64,
     pub bytes_since: u64,
     pub running: Arc<AtomicBool>,
+    /// The stream sequence of the last snapshot taken to make room (`Snapshots::make_room`).
+    pub room_made_at: Option<u64>,
 }
 
 impl Snapshots {
+    /// The stream is full (it refuses every publish), so nothing is applied, so no snapshot
+    /// came due, so none was published and nothing purged: it stayed full for good (found by
+    /// an adversarial run). Takes one as of `at` and publishes it whatever the counts, then
+    /// purges the stream below it, without `--nats-retain-after-snapshot` (with the default,
+    /// a stream limited below 100,000 messages could never be freed). Once per position.
+    pub(super) fn make_room(&mut self, at: Position) {
+        if self.room_made_at == Some(at.sequence) || self.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.room_made_at = Some(at.sequence);
+        tracing::warn!(
+            stream_sequence = at.sequence,
+            "the stream is full: publishing a snapshot to purge it below an older one"
+        );
+        self.start(at, Publish::ToMakeRoom);
+    }
+
     /// After each applied message: starts a snapshot as of (`revision`, `stream_sequence`)
     /// when enough was applied since the last one and none is running.
     pub(super) fn after_apply(
@@ -87,10 +107,23 @@ impl Snapshots {
         }
         self.records_since = 0;
         self.bytes_since = 0;
-        let publish = self
+        let publish = match self
             .last_publish
-            .is_none_or(|at| at.elapsed() >= self.publish_interval);
-        if publish {
+            .is_none_or(|at| at.elapsed() >= self.publish_interval)
+        {
+            true => Publish::WhenOldEnough,
+            false => Publish::No,
+        };
+        let at = Position {
+            sequence: stream_sequence,
+            revision,
+        };
+        self.start(at, publish);
+    }
+
+    /// Runs a snapshot job as of `at` in the background (`running` is set).
+    fn start(&mut self, at: Position, publish: Publish) {
+        if publish != Publish::No {
             self.last_publish = Some(Instant::now());
         }
         let job = Job {
@@ -110,16 +143,26 @@ impl Snapshots {
         };
         let running = Arc::clone(&self.running);
         self.tracker.spawn(async move {
-            job.run(revision, stream_sequence).await;
+            job.run(at.revision, at.sequence).await;
             running.store(false, Ordering::SeqCst);
         });
     }
 }
 
+/// Whether a snapshot job publishes what it takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Publish {
+    /// Not this time (one was tried less than `Snapshots::publish_interval` ago).
+    No,
+    /// If the bucket's newest is `--snapshot-every-records` revisions older.
+    WhenOldEnough,
+    /// Whatever the newest, if it is behind, and the purge keeps nothing after the older.
+    ToMakeRoom,
+}
+
 /// One snapshot and its upload, off the applier's task.
 struct Job {
-    /// Whether to try publishing it (at most every `Snapshots::publish_interval`).
-    publish: bool,
+    publish: Publish,
     dir: PathBuf,
     lock: LockRef,
     store: Store,
@@ -165,8 +208,8 @@ impl Job {
             "snapshot written"
         );
         let published = match self.publish {
-            true => self.publish(&taken.path, revision, stream_sequence).await,
-            false => Ok(None),
+            Publish::No => Ok(None),
+            _ => self.publish(&taken.path, revision, stream_sequence).await,
         };
         match published {
             Ok(Some(purged)) => {
@@ -255,7 +298,11 @@ impl Job {
         stream_sequence: u64,
     ) -> Result<Option<u64>, JetStreamError> {
         let newest = self.bucket.newest().await?;
-        if newest.is_some_and(|newest| newest.revision + self.every_records > revision) {
+        let old_enough = |newest: &SnapshotInfo| match self.publish {
+            Publish::ToMakeRoom => newest.stream_sequence < stream_sequence,
+            _ => newest.revision + self.every_records <= revision,
+        };
+        if newest.is_some_and(|newest| !old_enough(&newest)) {
             return Ok(None);
         }
         let claim = match self.bucket.claim_upload(&self.name).await {
@@ -305,10 +352,13 @@ impl Job {
             }
         }
         let published = self.bucket.list().await?;
-        let [older, _newest] = published.as_slice() else {
-            return Ok(0);
+        let below = match (self.publish, published.as_slice()) {
+            // The stream refuses every write: below the snapshot just published, whatever an
+            // older one is for (a replica downloading that one takes this one instead).
+            (Publish::ToMakeRoom, [.., newest]) => purge_point(newest.stream_sequence, 0),
+            (_, [older, _newest]) => purge_point(older.stream_sequence, self.retain_after),
+            _ => return Ok(0),
         };
-        let below = purge_point(older.stream_sequence, self.retain_after);
         if below <= self.stream.bounds().await?.first {
             return Ok(0);
         }

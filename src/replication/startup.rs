@@ -8,8 +8,9 @@
 //!    directory first (an empty disk, or the stream was purged past every local snapshot);
 //! 3. an empty store, when the stream still holds its first message.
 //!
-//! The data directory records the store id of the stream it belongs to: a directory of
-//! another stream (the stream was deleted and made again) has its snapshots moved aside to
+//! The data directory records the store id of the stream it belongs to, and when that stream
+//! was created (`STREAM_CREATED`: a stream deleted and created again with its configuration
+//! keeps its store id): a directory of another stream has its snapshots moved aside to
 //! `stale-<old id>/` before anything else. A single node's journal is refused: replicated mode
 //! keeps none, and a directory is one or the other.
 
@@ -22,9 +23,10 @@ use tokio::io::AsyncWriteExt;
 use super::Prepared;
 use crate::config::Config;
 use crate::data_dir::{DataDir, sync_dir};
+use crate::io_error::IoError;
 use crate::jetstream::{
     Bounds, DeadLetterBucket, Follower, JetStreamError, Nats, ScheduleBucket, SnapshotBucket,
-    SnapshotInfo, StreamSettings, UpdateStream,
+    SnapshotInfo, StreamCreated, StreamSettings, UpdateStream,
 };
 use crate::journal::{self, snapshot};
 use crate::server::BadConfiguration;
@@ -139,7 +141,8 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
         true => None,
         false => {
             let (path, id) = (config.data_dir.clone(), stream.store_id().to_owned());
-            Some(blocking(move || prepare_dir(&path, &id)).await?)
+            let created = stream.created();
+            Some(blocking(move || prepare_dir(&path, &id, created)).await?)
         }
     };
     let dir = data_dir.as_ref().map(|dir| dir.path().to_owned());
@@ -205,8 +208,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Opens and locks the data directory, refuses a single node's journal, removes what a crash
-/// left half-written, and makes it the directory of store `store_id`.
-fn prepare_dir(path: &Path, store_id: &str) -> anyhow::Result<DataDir> {
+/// left half-written, and makes it the directory of store `store_id`, of the stream `created`
+/// then.
+fn prepare_dir(path: &Path, store_id: &str, created: StreamCreated) -> anyhow::Result<DataDir> {
     let mut dir = DataDir::open(path)?;
     if !journal::segments(dir.path())?.is_empty() {
         bail!(
@@ -222,10 +226,22 @@ fn prepare_dir(path: &Path, store_id: &str) -> anyhow::Result<DataDir> {
             std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
         }
     }
-    if dir.store_id() != store_id {
+    let created_file = dir.path().join(STREAM_CREATED_FILE);
+    let recorded = match std::fs::read_to_string(&created_file) {
+        Ok(text) => StreamCreated::parse(&text),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => return Err(IoError::new(&created_file, "read", error).into()),
+    };
+    // A directory of an earlier build records no creation: its store id alone decides.
+    let other_stream = recorded.is_some_and(|recorded| recorded != created);
+    if dir.store_id() != store_id || other_stream {
         let snapshots = snapshot::list(dir.path())?;
         if !snapshots.is_empty() {
-            let aside = dir.path().join(format!("stale-{}", dir.store_id()));
+            let aside = match other_stream {
+                false => format!("stale-{}", dir.store_id()),
+                true => format!("stale-{}-{}", dir.store_id(), recorded.unwrap_or(created)),
+            };
+            let aside = dir.path().join(aside);
             std::fs::create_dir_all(&aside)
                 .with_context(|| format!("creating {}", aside.display()))?;
             for (_, file) in &snapshots {
@@ -244,8 +260,16 @@ fn prepare_dir(path: &Path, store_id: &str) -> anyhow::Result<DataDir> {
         dir.adopt_store_id(store_id)?;
         sync_dir(dir.path()).context("syncing the data directory")?;
     }
+    if recorded != Some(created) {
+        crate::data_dir::write_atomically(&created_file, format!("{created}\n").as_bytes())
+            .map_err(|error| IoError::new(&created_file, "write", error))?;
+        sync_dir(dir.path()).context("syncing the data directory")?;
+    }
     Ok(dir)
 }
+
+/// The data directory's record of when its stream was created.
+const STREAM_CREATED_FILE: &str = "STREAM_CREATED";
 
 /// Where start-up's store comes from: [`LOCAL`], a published snapshot, or the whole stream.
 const LOCAL: &str = "local snapshot";

@@ -119,6 +119,11 @@ impl ReplicaStatus {
         *lock(&self.inner.short_of_room) = short;
     }
 
+    /// Whether the stream had less room than one webhook at the last poll.
+    pub(crate) fn short_of_room(&self) -> bool {
+        lock(&self.inner.short_of_room).is_some()
+    }
+
     /// The replica's name (`--replica-name`).
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -232,6 +237,11 @@ impl ReplicaStatus {
     /// The applier stopped for good, for `reason`.
     pub(crate) fn fail(&self, reason: String) {
         *lock(&self.inner.failed) = Some(reason);
+    }
+
+    /// Why the applier stopped, if it did.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.inner.failed).clone()
     }
 }
 

@@ -304,7 +304,7 @@ impl Server {
                 reconcile,
                 metrics: metrics.clone(),
                 limits: grpc_limits(&config),
-                replica,
+                replica: replica.clone(),
             },
             &stopping,
             &tracker,
@@ -347,9 +347,14 @@ impl Server {
         .run()
         .await;
         if restart.is_cancelled() {
+            // The applier's reason: the stream purged past this replica, or replaced.
+            let reason = replica.and_then(|status| status.failure());
             anyhow::bail!(
-                "the stream was purged past this replica's position: start it again, and it \
-                 loads the newest published snapshot (a supervisor restarts it by itself)"
+                "this replica stopped to start again ({}): started again, it loads the newest \
+                 published snapshot (a supervisor restarts it by itself)",
+                reason
+                    .as_deref()
+                    .unwrap_or("the stream cannot be followed from its position")
             );
         }
         stopped
