@@ -307,9 +307,10 @@ async fn over_tls_the_token_is_needed_and_taken_from_its_variable() {
     service.stop().await;
 }
 
-/// `--timeout 0s` failed every call and blamed TLS (found by a first-user review).
+/// `--timeout 0s` failed every call and blamed TLS, and `--grpc localhost` went to port 80
+/// (found by a first-user review).
 #[tokio::test]
-async fn a_zero_timeout_is_a_usage_error() {
+async fn a_zero_timeout_or_an_address_without_a_port_is_a_usage_error() {
     let zero = cli(&["list", "--timeout", "0s"], &[]).await;
     assert_eq!(zero.status.code(), Some(64), "{}", stderr(&zero));
     assert!(
@@ -318,6 +319,16 @@ async fn a_zero_timeout_is_a_usage_error() {
         "{}",
         stderr(&zero)
     );
+    // An address without its port went to port 80 (found by the same review).
+    for address in ["localhost", "[::1]", "127.0.0.1:"] {
+        let portless = cli(&["list", "--grpc", address], &[]).await;
+        assert_eq!(portless.status.code(), Some(64), "{}", stderr(&portless));
+        assert!(
+            stderr(&portless).contains("has no port"),
+            "{}",
+            stderr(&portless)
+        );
+    }
 }
 
 /// The deploy kit's operator commands run inside the service's container, which has no shell

@@ -97,6 +97,15 @@ impl Connection {
                 let message = format!("--grpc {}: the URL must be http:// or https://", self.grpc);
                 return Err(Failure::Usage(message));
             }
+            // HOST:PORT as the server's listen flags take it: without a port, the URL made of it
+            // went to port 80 (found by a first-user review).
+            None if !has_port(&self.grpc) => {
+                let message = format!(
+                    "--grpc {} has no port: write HOST:PORT (the server's default is 50051)",
+                    self.grpc
+                );
+                return Err(Failure::Usage(message));
+            }
             None if tls => format!("https://{}", self.grpc),
             None => format!("http://{}", self.grpc),
         };
@@ -195,6 +204,15 @@ fn read(path: &Path, flag: &str) -> Result<Vec<u8>, Failure> {
         let error = crate::io_error::IoError::new(path, "read", error);
         Failure::Usage(format!("{flag} {error}"))
     })
+}
+
+/// Whether `address` (HOST:PORT, a bracketed IPv6 address included) ends in a port.
+fn has_port(address: &str) -> bool {
+    let port = match address.rsplit_once(']') {
+        Some((_, rest)) => rest.strip_prefix(':'),
+        None => address.rsplit_once(':').map(|(_, port)| port),
+    };
+    port.is_some_and(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Whether `url` names this machine, where a plaintext token stays on the machine.

@@ -431,7 +431,7 @@ mod tests {
         let data_dir = DataDir::open(dir.path()).unwrap();
         let stopping = CancellationToken::new();
         let job = Job {
-            publish: true,
+            publish: Publish::WhenOldEnough,
             dir: dir.path().to_owned(),
             lock: data_dir.lock_ref(),
             store: Store::new(10, "test"),
