@@ -68,8 +68,9 @@ pub(super) struct Snapshots {
     pub records_since: u64,
     pub bytes_since: u64,
     pub running: Arc<AtomicBool>,
-    /// The stream sequence of the last snapshot taken to make room (`Snapshots::make_room`).
-    pub room_made_at: Option<u64>,
+    /// The stream sequence of the last snapshot taken to make room, and when
+    /// (`Snapshots::make_room`).
+    pub room_made_at: Option<(u64, Instant)>,
 }
 
 impl Snapshots {
@@ -77,12 +78,16 @@ impl Snapshots {
     /// came due, so none was published and nothing purged: it stayed full for good (found by
     /// an adversarial run). Takes one as of `at` and publishes it whatever the counts, then
     /// purges the stream below it, without `--nats-retain-after-snapshot` (with the default,
-    /// a stream limited below 100,000 messages could never be freed). Once per position.
+    /// a stream limited below 100,000 messages could never be freed). Once per position, and
+    /// again after [`ROOM_RETRY`] (another replica held the upload claim and failed, say).
     pub(super) fn make_room(&mut self, at: Position) {
-        if self.room_made_at == Some(at.sequence) || self.running.swap(true, Ordering::SeqCst) {
+        let tried = |(sequence, when): (u64, Instant)| {
+            sequence == at.sequence && when.elapsed() < ROOM_RETRY
+        };
+        if self.room_made_at.is_some_and(tried) || self.running.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.room_made_at = Some(at.sequence);
+        self.room_made_at = Some((at.sequence, Instant::now()));
         tracing::warn!(
             stream_sequence = at.sequence,
             "the stream is full: publishing a snapshot to purge it below an older one"
@@ -176,6 +181,10 @@ struct Job {
     stopping: CancellationToken,
     stop_allowance: Duration,
 }
+
+/// How long a replica waits before it tries again to make room in a stream still full at the
+/// same position.
+const ROOM_RETRY: Duration = Duration::from_secs(30);
 
 /// How long giving the upload claim back may take on the way out (the stop waits for it).
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
