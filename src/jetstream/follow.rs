@@ -138,8 +138,17 @@ impl Follower {
         let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
         if self.checked_consumer.as_deref() != Some(info.consumer) {
             // Checked before anything of the new consumer is taken, skipped ones included.
-            check_bounds(&self.stream, self.next).await?;
-            self.checked_consumer = Some(info.consumer.to_owned());
+            match check_bounds(&self.stream, self.next).await {
+                Ok(()) => self.checked_consumer = Some(info.consumer.to_owned()),
+                // Consumers are recreated when NATS nodes come and go, when the check may not
+                // be answered: not an error of the stream. Rebuilt from `next` (this message
+                // again), the check runs with `rebuild`'s retries.
+                Err(JetStreamError::Unavailable { .. }) => {
+                    self.messages = None;
+                    return Ok(None);
+                }
+                Err(error) => return Err(error),
+            }
         }
         if sequence < self.next {
             // A consumer the client recreated before its first message starts from the first.
@@ -253,9 +262,18 @@ mod tests {
         sequence: u64,
         payload: Vec<u8>,
     ) -> async_nats::jetstream::Message {
+        delivered_by(stream, "test", sequence, payload)
+    }
+
+    fn delivered_by(
+        stream: &UpdateStream,
+        consumer: &str,
+        sequence: u64,
+        payload: Vec<u8>,
+    ) -> async_nats::jetstream::Message {
         // `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<nanos>.<pending>`
         let reply = format!(
-            "$JS.ACK.{}.test.1.{sequence}.{sequence}.1764500000000000000.0",
+            "$JS.ACK.{}.{consumer}.1.{sequence}.{sequence}.1764500000000000000.0",
             stream.name()
         );
         async_nats::jetstream::Message {
@@ -335,15 +353,38 @@ mod tests {
         };
         assert_eq!(hole, expected);
 
-        stream.purge_below(6).await.unwrap();
+        // A recreated consumer's first message while the stream cannot be asked whether it is
+        // still the one followed: not an error; the consumer is rebuilt from the same place.
+        nats.nodes()[0].pause().unwrap();
+        let unanswered = follower
+            .accept(delivered_by(&stream, "recreated", 5, payload()))
+            .await;
+        nats.nodes()[0].resume().unwrap();
+        assert!(matches!(unanswered, Ok(None)), "{unanswered:?}");
+        assert!(follower.messages.is_none(), "rebuilt before reading on");
+        assert_eq!(follower.next_sequence(), 5);
+        let entry = follower
+            .accept(delivered_by(&stream, "recreated", 5, payload()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(entry.sequence, 5);
+
+        let sixth = async_nats::jetstream::message::PublishMessage::build()
+            .payload(batch.encode_to_vec().into());
+        let ack = client
+            .context()
+            .send_publish(stream.subject().to_string(), sixth);
+        ack.await.unwrap().await.unwrap();
+        stream.purge_below(7).await.unwrap();
         let purged = follower
-            .accept(delivered(&stream, 7, payload()))
+            .accept(delivered(&stream, 8, payload()))
             .await
             .unwrap_err();
         let expected = JetStreamError::StartBelowFirst {
             stream: "ACCEPT".into(),
-            requested: 5,
-            first: 6,
+            requested: 6,
+            first: 7,
         };
         assert_eq!(purged, expected);
     }
