@@ -331,6 +331,40 @@ async fn a_zero_timeout_or_an_address_without_a_port_is_a_usage_error() {
     }
 }
 
+/// A client key that does not match `--cert` was blamed on `--ca` (found by a first-user
+/// review): the message names all three.
+#[tokio::test]
+async fn a_client_key_that_does_not_match_its_certificate_names_cert_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let other_key = dir.path().join("other.key");
+    std::fs::write(&other_key, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let args = [
+        "list",
+        "--grpc",
+        "localhost:1",
+        "--ca",
+        &path("ca.pem"),
+        "--cert",
+        &path("server.pem"),
+        "--key",
+        &path("other.key"),
+    ];
+    let mismatched = cli(&args, &[]).await;
+    assert_eq!(
+        mismatched.status.code(),
+        Some(64),
+        "{}",
+        stderr(&mismatched)
+    );
+    assert!(
+        stderr(&mismatched).contains("--ca, --cert or --key: "),
+        "{}",
+        stderr(&mismatched)
+    );
+}
+
 /// The deploy kit's operator commands run inside the service's container, which has no shell
 /// to set PROFILE_STATE_TOKEN in and whose tokens are on (found by a first-user review): the
 /// CLI reads the server's own tokens file, through its variable, or one given by --token-file.

@@ -124,9 +124,15 @@ impl Connection {
             .connect_timeout(self.timeout)
             .timeout(self.timeout);
         if tls {
+            // The client certificate is checked here too (its version, its key): only --ca was
+            // named, for a key that did not match --cert (found by a first-user review).
+            let flags = match self.cert {
+                Some(_) => "--ca, --cert or --key",
+                None => "--ca",
+            };
             endpoint = endpoint
                 .tls_config(self.tls()?)
-                .map_err(|error| Failure::Usage(format!("--ca: {}", chain(&error))))?;
+                .map_err(|error| Failure::Usage(format!("{flags}: {}", chain(&error))))?;
         }
         // The endpoint's connect timeout covers the TCP connection only: a server that accepts
         // and never answers the TLS handshake kept `backup` waiting for ever (found by an
