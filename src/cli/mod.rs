@@ -199,14 +199,17 @@ impl Sources {
         sources
     }
 
-    /// `message` with a note, after its first line, for each flag it names (`--flag`) that was
-    /// set from the environment.
+    /// `message` with a note, after its first line, for each flag its first paragraph names
+    /// (`--flag`) that was set from the environment. Not the usage lines after it: a flag they
+    /// list had its note put inside the list of missing arguments (found by a first-user
+    /// review).
     pub fn explain(&self, message: &str) -> String {
         let message = message.trim_end();
         let (first, rest) = message.split_once('\n').unwrap_or((message, ""));
+        let error = message.split("\n\n").next().unwrap_or(message);
         let mut explained = first.to_owned();
         let mut noted = Vec::new();
-        for flag in flags_named(message) {
+        for flag in flags_named(error) {
             let Some((long, env)) = self.from_env.iter().find(|(long, _)| *long == flag) else {
                 continue;
             };
@@ -380,6 +383,10 @@ mod tests {
              --data-dir was set by the environment variable PROFILE_STATE_DATA_DIR\n\nUsage: x"
         );
         assert_eq!(sources.explain("--ephemeral alone"), "--ephemeral alone");
+        // A flag only the usage names is not the error's.
+        let missing = "the following required arguments were not provided:\n  <IDS>...\n\n\
+                       Usage: x --data-dir <DIR> <IDS>...";
+        assert_eq!(sources.explain(missing), missing);
     }
 
     #[test]
