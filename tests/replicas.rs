@@ -751,9 +751,18 @@ async fn a_read_waiting_for_its_revision_is_answered_at_shutdown_and_does_not_ho
     let nats = NatsCluster::single().await.unwrap();
     let mut config = replica_config(&nats, "STOPREAD", "a");
     config.shutdown_grace = Duration::from_secs(60);
-    let a = TestService::start_with(config).await;
+    // a lags (paused) behind b, which assigns the revision a's read waits for: a revision no
+    // replica assigned is refused at once (below).
+    let (a, pause) = held_replica(config).await;
+    let b = TestService::start_with(replica_config(&nats, "STOPREAD", "b")).await;
     let applied = a
         .update(&profile_updated("x", &at(1), json!({"total_points": 1})))
+        .await["revision"]
+        .as_u64()
+        .unwrap();
+    pause.pause();
+    let ahead = b
+        .update(&profile_updated("x", &at(2), json!({"total_points": 2})))
         .await["revision"]
         .as_u64()
         .unwrap();
@@ -761,7 +770,7 @@ async fn a_read_waiting_for_its_revision_is_answered_at_shutdown_and_does_not_ho
     let ahead = pb::GetProfileRequest {
         client_id: "2155".into(),
         customer_id: "x".into(),
-        min_revision: applied + 1000,
+        min_revision: ahead,
         ..Default::default()
     };
     let waiting = raw_unary(&mut connection, "GetProfile", ahead.encode_to_vec()).await;
@@ -778,6 +787,41 @@ async fn a_read_waiting_for_its_revision_is_answered_at_shutdown_and_does_not_ho
         message.contains("stopping") && message.contains(&format!("applied revision {applied})")),
         "{message}"
     );
+    b.stop().await;
+}
+
+/// A `min_revision` no replica assigned waited out the whole budget (30 s) on a caught-up
+/// replica and then said to retry, here or elsewhere, while a watch resumed there was refused
+/// at once (found by two reviews): once the replica holds everything its cluster had
+/// acknowledged when the read came, the read is refused as a single node refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_min_revision_no_replica_assigned_is_out_of_range_once_caught_up() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a = TestService::start_with(replica_config(&nats, "NEVER", "a")).await;
+    let revision = a
+        .update(&profile_updated("x", &at(1), json!({"total_points": 1})))
+        .await["revision"]
+        .as_u64()
+        .unwrap();
+    let mut client = a.client().await;
+    let started = Instant::now();
+    let status = client
+        .get_profile(pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: "x".into(),
+            min_revision: revision + 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("never assigned"), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    a.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -177,7 +177,9 @@ impl ProfileApi {
     /// applied `min_revision` (0: no wait), at most until shortly
     /// before the call's deadline (so the caller gets this answer, not its own timeout) and
     /// [`MAX_MIN_REVISION_WAIT`]; past it, `RevisionNotApplied` with the applied revision, and
-    /// at shutdown at once `StoppedBeforeRevision`.
+    /// at shutdown at once `StoppedBeforeRevision`. A revision the store never assigned is
+    /// `RevisionNeverAssigned`: at once on a single node, and on a replica once it has caught
+    /// up with what its cluster had acknowledged when the read came.
     async fn wait_for(
         &self,
         (store_id, min_revision): (&str, u64),
@@ -212,6 +214,19 @@ impl ProfileApi {
         });
         let mut revisions = self.store.subscribe();
         let applied = revisions.wait_for(|revision| *revision >= min_revision);
+        // Once this replica holds everything its cluster had acknowledged when the read came
+        // (the barrier a resumed watch waits for), a revision it still lacks was never
+        // assigned: answered so at once, as a single node does. It waited out the whole
+        // budget, 30 s, and then said to retry (found by two reviews).
+        let never_assigned = async {
+            let caught_up = match self.watchers.catch_up() {
+                Some(catch_up) => catch_up.caught_up().await.is_ok(),
+                None => false,
+            };
+            if !caught_up || self.store.revision() >= min_revision {
+                std::future::pending::<()>().await;
+            }
+        };
         // Ends at shutdown too, as watch feeds do: a pending read held the drain for the
         // whole --shutdown-grace and was then cut with a transport error, not a status
         // (found by an adversarial run).
@@ -223,6 +238,10 @@ impl ProfileApi {
                     applied: self.store.revision(),
                 })),
             },
+            () = never_assigned => Err(grpc_status(Error::RevisionNeverAssigned {
+                requested: min_revision,
+                current: self.store.revision(),
+            })),
             () = self.shutdown.cancelled() => Err(grpc_status(Error::StoppedBeforeRevision {
                 requested: min_revision,
                 applied: self.store.revision(),

@@ -92,6 +92,12 @@ impl Watchers {
         self
     }
 
+    /// How this replica catches up with its cluster (`None` on a single node): reads with a
+    /// `min_revision` beyond the store's use it as watches do.
+    pub fn catch_up(&self) -> Option<&Arc<dyn CatchUp>> {
+        self.catch_up.as_ref()
+    }
+
     /// [`Watchers::open`], after catching up when the subscription resumes beyond this
     /// replica's revision: a revision the cluster assigned is then here, and only one it never
     /// assigned is refused (OUT_OF_RANGE). On a single node, the same as `open`.
