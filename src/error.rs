@@ -86,9 +86,10 @@ pub enum Error {
         /// The letter.
         id: String,
     },
-    /// A read on a single node asked for a `min_revision` beyond the store's: this store
-    /// never assigned it (a webhook is answered only once its revision is visible), so no
-    /// wait can bring it; only unrelated later writes would reach the number.
+    /// A read asked for a `min_revision` beyond the store's that it never assigned: on a single
+    /// node at once (a webhook is answered only once its revision is visible), on a replica
+    /// once it holds everything its cluster had acknowledged when the read came. No wait can
+    /// bring it; only unrelated later writes would reach the number.
     #[error(
         "min_revision {requested} was never assigned by this store (its latest revision is \
          {current}): a revision of another store, or of this one before it was emptied"
