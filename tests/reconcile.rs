@@ -694,8 +694,8 @@ async fn unknown_customers_are_created_and_all_walks_the_known_ones() {
 }
 
 /// Gameball's truth changes while webhooks (some lost, some twice, out of order) and
-/// reconcile jobs run at once. After a last job, the service holds the truth whatever the
-/// order; three orders end in the same values.
+/// reconcile jobs run at once. After a last job clocked past every earlier read, the service
+/// holds the truth whatever the order; three orders end in the same values.
 #[tokio::test]
 async fn webhooks_and_reconciles_converge_whatever_the_order() {
     let mut finals = Vec::new();
@@ -750,14 +750,37 @@ async fn converge(seed: u64) -> Vec<Value> {
         reconcile(&service, ids_all)
     );
     assert_eq!(job.failed, 0, "{job:?}");
-    let job = reconcile(&service, ids(&names)).await;
-    assert_eq!(job.failed, 0, "{job:?}");
-    let mut finals = Vec::new();
-    for customer in &truth {
-        let served = profile(&service, &customer.customer_id).await;
-        assert_eq!(api_fields(&served), expected(customer), "seed {seed}");
-        finals.push(api_fields(&served));
-    }
+    // A reconcile is clocked by Gameball's `Date` (whole seconds) less the round trip, a time
+    // never later than its read (`gameball_time`), not by when it was sent: two reads of a
+    // customer within about a second plus a round trip of each other may be clocked in the
+    // opposite order, and the older read's values stay until a later read is clocked past it
+    // (one read 600 ms slower in the same `Date` second loses to the one before it). A last job
+    // pins the truth only once it is clocked past every earlier read: reconcile again, a second
+    // apart, until it is, which on a loaded machine (round trips of most of a second seen) may
+    // take a few jobs. Every job attempts every customer.
+    let wanted: Vec<Value> = truth.iter().map(expected).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let finals = loop {
+        let job = reconcile(&service, ids(&names)).await;
+        assert_eq!(job.state(), pb::ReconcileJobState::Succeeded, "{job:?}");
+        assert_eq!(
+            (job.done, job.failed, job.not_attempted),
+            (4, 0, 0),
+            "{job:?}"
+        );
+        let mut served = Vec::new();
+        for customer in &truth {
+            served.push(api_fields(&profile(&service, &customer.customer_id).await));
+        }
+        if served == wanted {
+            break served;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: never converged\n  served: {served:?}\n  truth: {wanted:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    };
     service.stop().await;
     finals
 }
