@@ -17,6 +17,10 @@
 //! messages): nothing the newest published snapshot does not cover is ever removed, and the
 //! older one stays usable for a replica that is downloading it right now.
 //!
+//! A full stream (`--nats-max-bytes`) refuses every publish, so nothing is applied and no
+//! snapshot comes due: the applier asks for one at its position then ([`Snapshots::make_room`]),
+//! published whatever the counts, and the stream is purged below it.
+//!
 //! A stop does not strand the claim: an upload still running when the replica starts stopping
 //! gets half of `--shutdown-grace` to finish, then it is abandoned and the claim given back,
 //! so that another replica publishes the next snapshot at once rather than after the claim's
@@ -90,7 +94,7 @@ impl Snapshots {
         self.room_made_at = Some((at.sequence, Instant::now()));
         tracing::warn!(
             stream_sequence = at.sequence,
-            "the stream is full: publishing a snapshot to purge it below an older one"
+            "the stream is full: publishing a snapshot of this position to purge the stream below it"
         );
         self.start(at, Publish::ToMakeRoom);
     }
@@ -161,7 +165,8 @@ enum Publish {
     No,
     /// If the bucket's newest is `--snapshot-every-records` revisions older.
     WhenOldEnough,
-    /// Whatever the newest, if it is behind, and the purge keeps nothing after the older.
+    /// Whatever the counts, if the bucket's newest is behind it, and the stream is purged below
+    /// it, keeping nothing before it.
     ToMakeRoom,
 }
 
