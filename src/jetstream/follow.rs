@@ -138,7 +138,7 @@ impl Follower {
         let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
         if self.checked_consumer.as_deref() != Some(info.consumer) {
             // Checked before anything of the new consumer is taken, skipped ones included.
-            match check_bounds(&self.stream, self.next).await {
+            match check_bounds_settled(&self.stream, self.next, SETTLE).await {
                 Ok(()) => self.checked_consumer = Some(info.consumer.to_owned()),
                 // Consumers are recreated when NATS nodes come and go, when the check may not
                 // be answered: not an error of the stream. Rebuilt from `next` (this message
@@ -186,7 +186,7 @@ impl Follower {
 async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamError> {
     let mut delay = Duration::from_millis(50);
     loop {
-        let attempt = match check_bounds(stream, next).await {
+        let attempt = match check_bounds_settled(stream, next, SETTLE).await {
             Ok(()) => consume_from(stream, next).await,
             Err(err) => Err(err),
         };
@@ -198,6 +198,33 @@ async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamE
                 delay = (delay * 2).min(MAX_RETRY_DELAY);
             }
             Err(err) => return Err(err),
+        }
+    }
+}
+
+/// How long a running follower keeps asking when the stream seems to end before what it applied.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// [`check_bounds`] for a running follower: an answer that the stream ends before what was
+/// applied is asked again for `settle`. A nats-server back from a pause may answer as the
+/// stream leader it was, from its old state, while the cluster went on: two replicas stopped
+/// for good on such an answer at a reconnection (found by an adversarial run). A stream that
+/// really is behind (replaced, or restored from an older copy) stays so.
+async fn check_bounds_settled(
+    stream: &UpdateStream,
+    next: u64,
+    settle: Duration,
+) -> Result<(), JetStreamError> {
+    let deadline = tokio::time::Instant::now() + settle;
+    loop {
+        match check_bounds(stream, next).await {
+            Err(error @ JetStreamError::AheadOfStream { .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(%error, "the stream seems to end before this replica; asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            checked => return checked,
         }
     }
 }
@@ -313,6 +340,25 @@ mod tests {
                 .send_publish(stream.subject().to_string(), message);
             ack.await.unwrap().await.unwrap();
         }
+        // A stream that really ends before what was applied is reported once asked again.
+        let asked = std::time::Instant::now();
+        let behind = check_bounds_settled(&stream, 9, Duration::from_millis(1200)).await;
+        assert!(
+            matches!(
+                behind,
+                Err(JetStreamError::AheadOfStream {
+                    applied: 8,
+                    last: 5,
+                    ..
+                })
+            ),
+            "{behind:?}"
+        );
+        assert!(
+            asked.elapsed() >= Duration::from_millis(1200),
+            "asked again meanwhile"
+        );
+
         let mut follower = Follower::start(&stream, 3).await.unwrap();
         let payload = || batch.encode_to_vec();
 
