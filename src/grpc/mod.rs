@@ -74,6 +74,9 @@ pub const ACCEPTED_ENCODINGS: [tonic::codec::CompressionEncoding; 2] = [
 ];
 /// Longest a `min_revision` read waits, whatever its deadline.
 pub const MAX_MIN_REVISION_WAIT: Duration = Duration::from_secs(30);
+/// How long a replica's `min_revision` read waits before it asks the stream whether the
+/// revision was ever assigned (a request to NATS; most reads are answered well before).
+const NEVER_ASSIGNED_CHECK_AFTER: Duration = Duration::from_millis(500);
 
 /// The ProfileService implementation.
 pub struct ProfileApi {
@@ -219,6 +222,9 @@ impl ProfileApi {
         // assigned: answered so at once, as a single node does. It waited out the whole
         // budget, 30 s, and then said to retry (found by two reviews).
         let never_assigned = async {
+            // Reads that a write elsewhere just passed wait milliseconds: asked only after
+            // that, so that they do not each send the stream a request.
+            tokio::time::sleep(NEVER_ASSIGNED_CHECK_AFTER).await;
             let caught_up = match self.watchers.catch_up() {
                 Some(catch_up) => catch_up.caught_up().await.is_ok(),
                 None => false,
