@@ -331,14 +331,17 @@ mod tests {
         };
         let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
         let batch = UpdateBatch::default();
-        for _ in 1..=5 {
-            // Published without a message id, so the equal payloads are not deduplicated.
+        // Published without a message id, so the equal payloads are not deduplicated.
+        let publish = || async {
             let message = async_nats::jetstream::message::PublishMessage::build()
                 .payload(batch.encode_to_vec().into());
             let ack = client
                 .context()
                 .send_publish(stream.subject().to_string(), message);
             ack.await.unwrap().await.unwrap();
+        };
+        for _ in 1..=5 {
+            publish().await;
         }
         // A stream that really ends before what was applied is reported once asked again.
         let asked = std::time::Instant::now();
@@ -416,12 +419,7 @@ mod tests {
             .unwrap();
         assert_eq!(entry.sequence, 5);
 
-        let sixth = async_nats::jetstream::message::PublishMessage::build()
-            .payload(batch.encode_to_vec().into());
-        let ack = client
-            .context()
-            .send_publish(stream.subject().to_string(), sixth);
-        ack.await.unwrap().await.unwrap();
+        publish().await;
         stream.purge_below(7).await.unwrap();
         let purged = follower
             .accept(delivered(&stream, 8, payload()))
