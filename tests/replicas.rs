@@ -1317,6 +1317,43 @@ async fn stream_of(nats: &NatsCluster, name: &str) -> profile_state::jetstream::
         .unwrap()
 }
 
+/// A stream deleted under a running replica was not logged at all while the replica stayed
+/// connected (found by an adversarial run): it is warned of at once (and then every 30 s), in
+/// the replica's words, and the replica reports itself not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_deleted_under_a_running_replica_is_warned_of_and_not_ready() {
+    let nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let urls = nats.client_urls().join(",");
+    let args = [
+        "--nats-url",
+        &urls,
+        "--nats-stream",
+        "GONE",
+        "--nats-replicas",
+        "1",
+    ];
+    let mut replica = Binary::spawn(binary::command(dir.path(), &args)).await;
+    let deadline = Instant::now() + PATIENCE;
+    while replica.ready().await != 200 {
+        assert!(Instant::now() < deadline, "the replica never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let stream = stream_of(&nats, "GONE").await;
+    stream.nats().context().delete_stream("GONE").await.unwrap();
+    let warning = replica
+        .wait_for("the update stream cannot be followed: not ready")
+        .await;
+    let error = warning["error"].as_str().unwrap_or_default();
+    assert!(error.contains("GONE"), "names the stream: {warning}");
+    while replica.ready().await != 503 {
+        assert!(Instant::now() < deadline, "the replica stayed ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replica.stop();
+}
+
 /// A replica cut off for longer than the stream keeps messages after a snapshot stayed stuck:
 /// not applying, not ready, yet alive, until someone restarted it (found by an adversarial run).
 /// It now stops by itself with an error (exit status 1, so a supervisor starts it again), and

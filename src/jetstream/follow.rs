@@ -215,16 +215,29 @@ async fn check_bounds_settled(
     next: u64,
     settle: Duration,
 ) -> Result<(), JetStreamError> {
-    let deadline = tokio::time::Instant::now() + settle;
+    let started = tokio::time::Instant::now();
+    let mut asked_again = false;
     loop {
         match check_bounds(stream, next).await {
-            Err(error @ JetStreamError::AheadOfStream { .. })
-                if tokio::time::Instant::now() < deadline =>
-            {
-                tracing::debug!(%error, "the stream seems to end before this replica; asking again");
+            Err(error @ JetStreamError::AheadOfStream { .. }) if started.elapsed() < settle => {
+                // Said once per check at INFO: whether this ever happens in production is
+                // what decides if the 15 s are right.
+                if !asked_again {
+                    tracing::info!(%error, "the stream seems to end before this replica; asking again");
+                }
+                asked_again = true;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            checked => return checked,
+            checked => {
+                if asked_again && checked.is_ok() {
+                    let waited_ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(
+                        waited_ms,
+                        "the stream holds what this replica applied after all"
+                    );
+                }
+                return checked;
+            }
         }
     }
 }

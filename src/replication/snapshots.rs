@@ -92,8 +92,12 @@ impl Snapshots {
             return;
         }
         self.room_made_at = Some((at.sequence, Instant::now()));
+        // The operator's part: the purge ignores the retention, so a replica further behind
+        // than this position starts again from the snapshot; the flags below prevent that.
         tracing::warn!(
             stream_sequence = at.sequence,
+            hint = "raise --nats-max-bytes, or lower --nats-retain-after-snapshot so that \
+                    ordinary purges keep the stream under it",
             "the stream is full: publishing a snapshot of this position to purge the stream below it"
         );
         self.start(at, Publish::ToMakeRoom);
