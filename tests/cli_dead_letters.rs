@@ -10,7 +10,8 @@ use std::process::Output;
 
 use binary::bare_command;
 use common::{TestService, at, profile_updated};
-use profile_state::Config;
+use profile_state::pb::admin_service_client::AdminServiceClient;
+use profile_state::{Config, pb};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::{Value, json};
 
@@ -134,7 +135,7 @@ async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_binary() 
     assert!(show.status.success(), "{}", stderr(&show));
     assert!(!show.stdout.contains(&0x1b) && !show.stdout.contains(&0x07));
     assert!(
-        stdout(&show).ends_with("\n\nnot json \\u{1b}[2J\\u{1b}]0;title\\u{7}\\u{d}\nsecond line"),
+        stdout(&show).ends_with("\n\nnot json \\u{1b}[2J\\u{1b}]0;title\\u{7}\\r\nsecond line"),
         "{}",
         stdout(&show)
     );
@@ -225,6 +226,46 @@ async fn a_letter_larger_than_a_response_is_listed_past_and_shown_whole() {
     assert!(
         raw.stdout == large,
         "the body byte for byte, from its parts"
+    );
+    service.stop().await;
+}
+
+/// A body of bidi controls and zero-width spaces, read in parts that end inside a character:
+/// `show` prints each one escaped, as `reconcile`, `backup` and `restore` do, and none raw (a
+/// first-user review: it escaped control bytes only, so a U+202E reordered the terminal's line).
+#[tokio::test(flavor = "multi_thread")]
+async fn show_escapes_bidi_controls_even_when_a_part_ends_inside_one() {
+    let mut config = Config::for_tests(common::SECRET);
+    config.max_body_bytes = 1 << 20;
+    config.grpc_max_message_bytes = 64 << 10;
+    let service = TestService::start_with(config).await;
+    let invisible = "\u{202e}\u{200b}".repeat(20_000);
+    let body = format!("bad\x1b[31mRED\nline2{invisible}");
+    let (status, answer) = service.post_signed(body.as_bytes()).await;
+    assert_eq!(status, 422, "{answer}");
+    let id = answer["dead_letter_id"].as_str().unwrap().to_owned();
+    // The first part ends inside a character, or this test would not test that.
+    let mut admin = AdminServiceClient::new(service.channel().await);
+    let request = pb::GetDeadLetterRequest {
+        id: id.clone(),
+        body_offset: 0,
+    };
+    let first = admin.get_dead_letter(request).await.unwrap().into_inner();
+    let first = first.dead_letter.unwrap();
+    assert!(first.body_truncated);
+    let cut = std::str::from_utf8(&first.body).unwrap_err();
+    assert_eq!(cut.error_len(), None, "a character cut at the part's end");
+
+    let grpc = service.grpc.to_string();
+    let show = cli(&["show", &id], &[("PROFILE_STATE_GRPC", grpc.as_str())]).await;
+    assert!(show.status.success(), "{}", stderr(&show));
+    let shown = stdout(&show);
+    assert!(!shown.contains('\u{202e}') && !shown.contains('\u{200b}'));
+    let escaped = "\\u{202e}\\u{200b}".repeat(20_000);
+    assert!(
+        shown.ends_with(&format!("\n\nbad\\u{{1b}}[31mRED\nline2{escaped}")),
+        "{}",
+        shown.chars().take(200).collect::<String>()
     );
     service.stop().await;
 }

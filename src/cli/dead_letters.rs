@@ -2,7 +2,8 @@
 //! over AdminService, so operators need not write grpcurl calls.
 //!
 //! Results go to stdout (`list` one letter a line, or one JSON object a line with `--json`;
-//! `show` the letter then its raw body), problems to stderr. Exit statuses: 0 when everything
+//! `show` the letter then its body, escaped as `super::printable` escapes, or raw with
+//! `--body-only`), problems to stderr. Exit statuses: 0 when everything
 //! asked for was done; 64 for a usage error (an id that is not 40 lowercase hex digits
 //! included, found before connecting); 1 when the server cannot be reached or refuses (for
 //! `replay`, when any letter could not be replayed: the others still are). This module
@@ -15,7 +16,7 @@ use serde_json::json;
 use sha1::{Digest as _, Sha1};
 
 use super::client::{AdminClient, Connection, refused};
-use super::{Failure, Sources, printable};
+use super::{Failure, Sources, hidden, printable};
 use crate::dead_letters::DeadLetterId;
 use crate::pb;
 
@@ -183,11 +184,12 @@ async fn show(client: &mut AdminClient, id: String, body_only: bool) -> Result<(
     let mut digest = Sha1::new();
     let mut read = 0;
     let mut part = letter;
+    let mut readable = Readable::default();
     loop {
         digest.update(&part.body);
         let shown = match body_only {
             true => std::borrow::Cow::Borrowed(&part.body[..]),
-            false => escape_controls(&part.body),
+            false => readable.text(&part.body, !part.body_truncated).into(),
         };
         out.write_all(&shown)
             .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))?;
@@ -221,23 +223,44 @@ async fn show(client: &mut AdminClient, id: String, body_only: bool) -> Result<(
     Ok(())
 }
 
-/// `body` for a person to read: each control byte but newline and tab (an escape sequence in a
-/// body that is not JSON cleared or recoloured the terminal; found by an adversarial run)
-/// written as `\u{1b}`. Byte by byte, as a body comes in parts: a control byte is never part
-/// of a longer UTF-8 sequence. `--body-only` keeps the bytes as they are.
-fn escape_controls(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    let control = |byte: &u8| byte.is_ascii_control() && !matches!(byte, b'\n' | b'\t');
-    if !body.iter().any(control) {
-        return std::borrow::Cow::Borrowed(body);
-    }
-    let mut shown = Vec::with_capacity(body.len() + 16);
-    for byte in body {
-        match control(byte) {
-            true => shown.extend(format!("\\u{{{byte:x}}}").bytes()),
-            false => shown.push(*byte),
+/// A body for a person to read, as it comes in parts: decoded as UTF-8, each character
+/// [`hidden`] finds but newline and tab written as its escape (`\u{1b}`, `\u{202e}`), each
+/// byte that is not UTF-8 as `\xNN`. An escape sequence in a body that is not JSON cleared or
+/// recoloured the terminal (an adversarial run), and a bidi override reordered the lines after
+/// it (a first-user review). `--body-only` keeps the bytes as they are.
+#[derive(Default)]
+struct Readable {
+    /// The first bytes of a character that the last part ended in, the rest of which opens
+    /// the next part (a part ends wherever the response's size limit falls).
+    unfinished: Vec<u8>,
+}
+
+impl Readable {
+    /// The text of `part`, after what the part before left unfinished; `last` when no part
+    /// follows, so that a character left unfinished then is bytes that are not UTF-8.
+    fn text(&mut self, part: &[u8], last: bool) -> Vec<u8> {
+        let mut bytes = std::mem::take(&mut self.unfinished);
+        bytes.extend_from_slice(part);
+        let mut text = String::with_capacity(bytes.len() + 16);
+        let mut chunks = bytes.utf8_chunks().peekable();
+        while let Some(chunk) = chunks.next() {
+            for c in chunk.valid().chars() {
+                match hidden(c) && !matches!(c, '\n' | '\t') {
+                    true => text.extend(c.escape_debug()),
+                    false => text.push(c),
+                }
+            }
+            let invalid = chunk.invalid();
+            // A sequence cut short by the end of the bytes, not by a wrong byte.
+            let cut_short = std::str::from_utf8(invalid).is_err_and(|e| e.error_len().is_none());
+            if chunks.peek().is_none() && cut_short && !last {
+                self.unfinished = invalid.to_vec();
+            } else {
+                text.extend(invalid.iter().map(|byte| format!("\\x{byte:02x}")));
+            }
         }
+        text.into_bytes()
     }
-    std::borrow::Cow::Owned(shown)
 }
 
 /// The letter with the part of its body from `offset` on.
@@ -323,4 +346,42 @@ fn time(at: Option<&prost_types::Timestamp>) -> String {
     };
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
     humantime::format_rfc3339_seconds(at).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `body` as `show` prints it when the server cuts it into parts at `cuts`.
+    fn shown(body: &[u8], cuts: &[usize]) -> String {
+        let mut readable = Readable::default();
+        let mut text = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain([&body.len()]) {
+            text.extend(readable.text(&body[from..to], to == body.len()));
+            from = to;
+        }
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn a_body_is_shown_with_what_hides_or_reorders_text_escaped() {
+        let body = "{\"name\":\"a\u{202e}b\u{200b}c\u{2066}\"}\n\t\u{1b}[2J\u{9b}é مُحَمَّد";
+        let escaped = "{\"name\":\"a\\u{202e}b\\u{200b}c\\u{2066}\"}\n\t\\u{1b}[2J\\u{9b}é مُحَمَّد";
+        assert_eq!(shown(body.as_bytes(), &[]), escaped);
+        // Cut anywhere, in the middle of a character too: the same text.
+        for cut in 0..=body.len() {
+            assert_eq!(shown(body.as_bytes(), &[cut]), escaped, "cut at {cut}");
+        }
+        // A character in three parts, one byte each.
+        assert_eq!(shown("\u{202e}".as_bytes(), &[1, 2]), "\\u{202e}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_shown_as_hex_escapes() {
+        assert_eq!(shown(b"a\xffb", &[]), "a\\xffb");
+        // A character the body ends before finishing, and one a wrong byte breaks.
+        assert_eq!(shown(b"a\xe2\x80", &[2]), "a\\xe2\\x80");
+        assert_eq!(shown(b"\xe2\x80A\xe2", &[1]), "\\xe2\\x80A\\xe2");
+    }
 }

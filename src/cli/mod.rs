@@ -309,21 +309,11 @@ pub fn print_error(sources: &Sources, message: &str) {
 }
 
 /// `text` with each character a terminal does not simply print written as its Rust escape
-/// (`\n`, `\u{1b}`, `\u{202e}`): control characters (newline and tab included), and the
-/// invisible ones that reorder or hide text (bidi marks, overrides and isolates, zero-width
-/// characters, line and paragraph separators). What a subcommand prints from a server or from
-/// Gameball (a reconcile job's failures, a dead letter's reason) could otherwise move the
-/// terminal's cursor, recolour it, reorder a line or forge lines of a tab-separated listing
-/// (found by adversarial runs).
+/// (`\n`, `\u{1b}`, `\u{202e}`): every character [`hidden`] finds. What a subcommand prints
+/// from a server or from Gameball (a reconcile job's failures, a dead letter's reason) could
+/// otherwise move the terminal's cursor, recolour it, reorder a line or forge lines of a
+/// tab-separated listing (found by adversarial runs).
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    // Listed rather than `escape_debug`'s own test, which also escapes combining marks (the
-    // vowel marks of Arabic names among them).
-    let hidden = |c: char| {
-        c.is_control()
-            || matches!(c,
-                '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
-                | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
-    };
     if !text.chars().any(hidden) {
         return text.into();
     }
@@ -332,6 +322,20 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
         false => c.to_string(),
     };
     text.chars().map(escape).collect::<String>().into()
+}
+
+/// Whether `c` is one a terminal does not simply print: a control character (newline and tab
+/// included), or an invisible one that reorders or hides text (bidi marks, overrides and
+/// isolates, zero-width characters, line and paragraph separators). One list for everything
+/// the subcommands print, so that no output escapes fewer than the others (`dead-letters
+/// show` escaped control bytes only, and printed a body's U+202E raw: a first-user review).
+pub fn hidden(c: char) -> bool {
+    // Listed rather than `escape_debug`'s own test, which also escapes combining marks (the
+    // vowel marks of Arabic names among them).
+    c.is_control()
+        || matches!(c,
+            '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
 }
 
 #[cfg(test)]
