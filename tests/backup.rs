@@ -277,6 +277,16 @@ async fn backups_write_files_of_their_own() {
         "{}",
         text(&restore.stdout)
     );
+    // A DIR that cannot be used, found before anything is written: a usage error, as a
+    // missing FILE is (it was exit 1; a first-user review). Tests run as root, for whom no
+    // directory is unwritable: a directory in the place of its LOCK file stands for one.
+    let unusable = dir.path().join("unusable");
+    std::fs::create_dir_all(unusable.join("LOCK")).unwrap();
+    let args = ["restore", &path(&file), "--data-dir", &path(&unusable)];
+    let refused = run(args.iter().map(|arg| arg.to_string()).collect()).await;
+    let said = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(64), "{said}");
+    assert!(said.contains("open lock file: Is a directory"), "{said}");
     service.stop().await;
 
     // A restore that fails half-way (here: no file may grow past 512 bytes, as on a full
@@ -646,6 +656,46 @@ async fn backup_refuses_a_target_that_is_not_a_regular_file() {
     let mut names = binary::file_names(dir.path());
     names.sort();
     assert_eq!(names, ["directory", "link", "regular"], "no .partial left");
+}
+
+/// FILE in a directory that does not exist, or under a file: said of the directory, and a
+/// usage error found before connecting, as a missing backup is for `restore` (a first-user
+/// review: "create a partial file beside: No such file or directory" of the partial file's
+/// name, exit 1). No server runs: the default address would refuse the connection.
+#[tokio::test]
+async fn backup_into_a_directory_that_does_not_exist_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let regular = dir.path().join("regular");
+    std::fs::write(&regular, b"kept").unwrap();
+    let missing = dir.path().join("nodir");
+    let cases = [
+        (
+            missing.join("x.snap"),
+            "nodir does not exist: create the directory first",
+        ),
+        (regular.join("x.snap"), "regular is not a directory"),
+        (
+            regular.join("a/x.snap"),
+            "is not a directory (a part of its path is a file)",
+        ),
+    ];
+    for (target, said) in cases {
+        let args = vec![
+            "backup".into(),
+            "--grpc".into(),
+            "127.0.0.1:9".into(),
+            path(&target),
+        ];
+        let refused = run(args).await;
+        let stderr = text(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot write {}: ", target.display())),
+            "{stderr}"
+        );
+        assert!(stderr.contains(said), "{stderr}");
+    }
+    assert!(!missing.exists());
 }
 
 #[tokio::test]

@@ -319,6 +319,20 @@ async fn help_and_version_exit_zero_on_stdout() {
     }
 }
 
+/// `reconcile --not-updated-for 1` explains what a duration is, as the server's duration flags
+/// do (it said only humantime's "time unit needed"; a first-user review).
+#[tokio::test]
+async fn a_duration_the_reconcile_subcommand_cannot_read_is_explained() {
+    let age = ["reconcile", "--client-id", "2155", "--not-updated-for", "1"];
+    let age = exits(&age, &[]).await;
+    assert_eq!(age.status.code(), Some(64));
+    assert!(
+        stderr(&age).contains("a duration is a number and a unit, such as 500ms"),
+        "{}",
+        stderr(&age)
+    );
+}
+
 /// The binary with JSON logs on loopback ports, `args` and `envs` added.
 /// Listeners not in `args` are on loopback port 0.
 async fn start(args: &[&str], envs: &[(&str, &str)]) -> Binary {

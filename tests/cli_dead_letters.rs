@@ -148,7 +148,7 @@ async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_binary() 
     let replay = cli(&["replay", &a], &env).await;
     assert_eq!(replay.status.code(), Some(1), "{}", stderr(&replay));
     assert!(stderr(&replay).contains(&format!("replaying {a}: ")));
-    assert!(stderr(&replay).contains("[FailedPrecondition]"));
+    assert!(stderr(&replay).contains("[FAILED_PRECONDITION]"));
 
     let never = "0".repeat(40);
     let purge = cli(&["purge", &a, &never], &env).await;
@@ -157,7 +157,7 @@ async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_binary() 
     let missing = cli(&["show", &a], &env).await;
     assert_eq!(missing.status.code(), Some(1));
     assert!(
-        stderr(&missing).contains("[NotFound]"),
+        stderr(&missing).contains("[NOT_FOUND]"),
         "{}",
         stderr(&missing)
     );
@@ -301,7 +301,7 @@ async fn over_tls_the_token_is_needed_and_taken_from_its_variable() {
 
     let without = cli(&args, &[]).await;
     assert_eq!(without.status.code(), Some(1), "{}", stderr(&without));
-    assert!(stderr(&without).contains("[Unauthenticated]"));
+    assert!(stderr(&without).contains("[UNAUTHENTICATED]"));
     assert!(stderr(&without).contains("PROFILE_STATE_TOKEN"), "the hint");
     assert_eq!(stdout(&without), "", "no header over a refusal");
 
@@ -435,7 +435,7 @@ async fn the_token_is_read_from_the_servers_tokens_file() {
     let refused = cli(&wrong.concat(), &[]).await;
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
     assert!(
-        stderr(&refused).contains("[Unauthenticated]"),
+        stderr(&refused).contains("[UNAUTHENTICATED]"),
         "{}",
         stderr(&refused)
     );

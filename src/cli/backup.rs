@@ -6,7 +6,8 @@
 //! revision the server announced), and only then renamed to FILE: FILE is only ever a whole,
 //! checked backup, and two backups to one FILE at once each write their own file (the last
 //! to finish is kept). Exit statuses: 0 written and checked; 1 the server
-//! refused or the file could not be written or did not check; 64 a usage error. The file
+//! refused or the file could not be written or did not check; 64 a usage error (FILE, or its
+//! directory, cannot be used: found before connecting). The file
 //! format and its check are the journal's (`crate::journal::snapshot`); restoring is
 //! `super::restore`.
 
@@ -115,6 +116,7 @@ async fn receive(
 /// running server lost acknowledged webhooks and stopped the next start (found by an
 /// adversarial run).
 fn check_target(file: &Path) -> Result<(), Failure> {
+    check_directory(file)?;
     if crate::data_dir::is_data_dir(directory_of(file)) {
         return Err(Failure::Usage(format!(
             "{} is in a data directory (it holds a STORE_ID): write the backup elsewhere",
@@ -133,6 +135,30 @@ fn check_target(file: &Path) -> Result<(), Failure> {
     }
 }
 
+/// FILE's directory must exist: creating the partial file in a missing one said only "No such
+/// file or directory" of the partial file's name, and exited 1 (a first-user review). A path
+/// the command line names that cannot be used is a usage error, as `restore`'s FILE is.
+fn check_directory(file: &Path) -> Result<(), Failure> {
+    let dir = directory_of(file);
+    let cannot = |why: &str| {
+        let (file, dir) = (file.display(), dir.display());
+        Err(Failure::Usage(format!("cannot write {file}: {dir} {why}")))
+    };
+    match std::fs::metadata(dir) {
+        Ok(found) if found.is_dir() => Ok(()),
+        Ok(_) => cannot("is not a directory"),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            cannot("does not exist: create the directory first, or name a file in one that does")
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotADirectory => {
+            cannot("is not a directory (a part of its path is a file)")
+        }
+        Err(error) => Err(Failure::Usage(
+            IoError::new(dir, "inspect", error).to_string(),
+        )),
+    }
+}
+
 /// A new file beside FILE, `FILE.<random>.partial`, only its owner may read (tempfile creates
 /// it `0600`: a backup holds every customer's personal data). New, under a name of its own: a
 /// fixed `FILE.partial` was opened following a link planted there (writing the backup
@@ -148,7 +174,12 @@ fn partial_file(file: &Path) -> Result<NamedTempFile, Failure> {
         .prefix(&prefix)
         .suffix(".partial")
         .tempfile_in(directory_of(file))
-        .map_err(|error| failed(IoError::new(file, "create a partial file beside", error)))
+        // Before anything is asked of the server: FILE's place cannot be written (no
+        // permission, a read-only file system), a usage error as a missing directory is.
+        .map_err(|error| {
+            let error = IoError::new(file, "create a partial file beside", error);
+            Failure::Usage(error.to_string())
+        })
 }
 
 /// The directory FILE is in (`.` for a bare name).

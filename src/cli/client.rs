@@ -277,7 +277,10 @@ pub fn refused(what: &str, status: &Status) -> Failure {
     // The server's words on one line: a newline in them forged a line of our own (an
     // adversarial run).
     let message = super::printable(&message);
-    Failure::Failed(format!("{what}: {message} [{:?}]{hint}", status.code()))
+    // The code as the README, grpcurl and the metrics name it (`FAILED_PRECONDITION`), not
+    // tonic's `Debug` (`FailedPrecondition`: a first-user review).
+    let code = crate::metrics::grpc_code_name(status.code());
+    Failure::Failed(format!("{what}: {message} [{code}]{hint}"))
 }
 
 #[cfg(test)]
@@ -337,7 +340,7 @@ mod tests {
         status.set_source(std::sync::Arc::new(Transport));
         let text = refused("list", &status).to_string();
         assert!(
-            text.starts_with("list: transport error: connection error: broken pipe [Unknown]"),
+            text.starts_with("list: transport error: connection error: broken pipe [UNKNOWN]"),
             "{text}"
         );
         assert!(text.contains("give its CA with --ca"), "{text}");

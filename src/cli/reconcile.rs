@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long)]
     all: bool,
     /// Reconcile the account's profiles not updated for this long (e.g. `7d`).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = age)]
     not_updated_for: Option<Duration>,
     /// Cancel this running job instead (its id, as printed when it started), then print how it
     /// ended; a job that already ended is printed as it ended.
@@ -49,6 +49,19 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     connection: Connection,
+}
+
+/// Parses `--not-updated-for`, with the server's words for a duration that is not one ("a
+/// duration is a number and a unit, such as ..."; humantime's own named neither). Not the
+/// server's year-long limit of its flags: the server takes an age of up to 100 years, and
+/// says so itself.
+fn age(text: &str) -> Result<Duration, String> {
+    // The server's parser fails wherever humantime does, its message explained.
+    humantime::parse_duration(text).map_err(|error| {
+        crate::config::duration(text)
+            .err()
+            .unwrap_or(error.to_string())
+    })
 }
 
 /// Starts the job (and follows it); returns the exit status.
@@ -162,7 +175,7 @@ fn lost_server(job_id: &str, status: &tonic::Status, unreachable_for: Duration) 
         Failure::Stopped(format!(
             "reconcile job {job_id} stopped early: {how}, which ends the jobs it runs; start \
              the job again once the server is back ({}: {})",
-            status.code(),
+            crate::metrics::grpc_code_name(status.code()),
             printable(status.message())
         ))
     };
@@ -261,4 +274,17 @@ fn write(text: &str) -> Result<(), Failure> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .map_err(|error| Failure::Failed(format!("writing to stdout: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_its_server_forgot_names_the_code_as_grpc_does() {
+        let status = tonic::Status::not_found("no job abc");
+        let failure = lost_server("abc", &status, Duration::ZERO).unwrap();
+        let text = failure.to_string();
+        assert!(text.ends_with("(NOT_FOUND: no job abc)"), "{text}");
+    }
 }

@@ -10,8 +10,9 @@
 //! prove it starts. DIR's lock is held throughout, and DIR is marked (`RESTORING`) from before
 //! anything else is written until that proof: a restore killed on the way leaves a directory
 //! that no server opens and that a restore starts over. Exit statuses: 0 restored; 64 a usage
-//! error (FILE unreadable or not a regular file, DIR not empty, in use or a link to nothing);
-//! 1 a damaged backup or a failure writing DIR. Dead letters are not part of a backup.
+//! error (FILE unreadable or not a regular file, DIR not empty, in use, a link to nothing or
+//! where no directory can be made: found before anything is written); 1 a damaged backup or a
+//! failure writing DIR. Dead letters are not part of a backup.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -229,10 +230,11 @@ fn not_empty(dir: &Path, refusal: &Refusal) -> Failure {
 /// Takes the directory's lock, and under it looks again: a server may have started there
 /// since the first look. Nothing is undone on a refusal here: what is there is not ours.
 fn lock(dir: &Path) -> Result<DataDir, Failure> {
-    let data_dir = DataDir::open_for_restore(dir).map_err(|error| match error {
-        crate::data_dir::DataDirError::Locked { .. } => Failure::Usage(error.to_string()),
-        other => Failure::Failed(other.to_string()),
-    })?;
+    // In use, or no directory can be made there (its parent a file, no permission): DIR
+    // cannot be used, found before anything is written, so a usage error as FILE's problems
+    // are (it was exit 1, a first-user review found the statuses of path problems differ).
+    let data_dir =
+        DataDir::open_for_restore(dir).map_err(|error| Failure::Usage(error.to_string()))?;
     let contents = contents(dir).map_err(|error| {
         Failure::Failed(crate::io_error::IoError::new(dir, "read", error).to_string())
     })?;
