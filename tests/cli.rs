@@ -333,6 +333,54 @@ async fn a_duration_the_reconcile_subcommand_cannot_read_is_explained() {
     );
 }
 
+/// The operator subcommands' help and usage errors say what each needs (a first-user review):
+/// `reconcile`'s usage shows `--client-id` as required (clap left it among the [OPTIONS]);
+/// each subcommand's `--timeout` names that subcommand's answers (every one named a backup's
+/// pieces).
+#[tokio::test]
+async fn the_operator_subcommands_say_what_they_need() {
+    let help = |args: &[&str]| {
+        let output = bare_command(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{args:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let reconcile = help(&["reconcile", "--help"]);
+    assert!(
+        reconcile.contains("Usage: profile-state reconcile --client-id <CLIENT_ID> <--customer-id")
+            && reconcile.contains("\n       profile-state reconcile --cancel <JOB_ID> [OPTIONS]"),
+        "{reconcile}"
+    );
+    let missing = exits(&["reconcile", "--all"], &[]).await;
+    assert_eq!(missing.status.code(), Some(64));
+    assert!(stderr(&missing).contains("reconcile --client-id <CLIENT_ID> <"));
+
+    for (args, answers) in [
+        (&["dead-letters", "list"][..], "each page of the list"),
+        (&["dead-letters", "show"], "each part of the letter"),
+        (&["dead-letters", "replay"], "each letter's replay"),
+        (&["dead-letters", "purge"], "the purge"),
+        (
+            &["backup"],
+            "the backup's first answer and each piece after it",
+        ),
+        (&["reconcile"], "each answer (with --wait"),
+    ] {
+        let text = help(&[args, &["--help"]].concat());
+        // On the flag's line, or the next one when the help is long.
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines.iter().position(|line| line.contains("--timeout <"));
+        let timeout = lines[at.unwrap()..][..2].join(" ");
+        assert!(
+            timeout.contains(&format!(
+                "How long to wait for the connection, and for {answers}"
+            )),
+            "{args:?}: {timeout}"
+        );
+        let backups = text.matches("backup").count();
+        assert!(args[0] == "backup" || backups == 0, "{args:?}: {text}");
+    }
+}
+
 /// The binary with JSON logs on loopback ports, `args` and `envs` added.
 /// Listeners not in `args` are on loopback port 0.
 async fn start(args: &[&str], envs: &[(&str, &str)]) -> Binary {

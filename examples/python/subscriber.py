@@ -204,8 +204,12 @@ class Subscriber:
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="localhost:50051", help="gRPC address")
-    parser.add_argument("--client-id", default="", help="Gameball account; empty = all")
+    parser.add_argument(
+        "--target", default="localhost:50051", help="gRPC address (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--client-id", default="", help="Gameball account to watch (default: all)"
+    )
     parser.add_argument(
         "--tls", action="store_true", help="use TLS, verifying the server against system CAs"
     )
@@ -219,7 +223,14 @@ def parse_args():
         help="bearer token (default: $PROFILE_STATE_TOKEN); sent over TLS as call credentials, "
         "over plaintext only with a warning",
     )
-    parser.add_argument("--proto-dir", type=pathlib.Path, default=PROTO_DIR)
+    # Node's stubs are built from proto/ by `npm run build`: it has no such option.
+    parser.add_argument(
+        "--proto-dir",
+        type=pathlib.Path,
+        default=PROTO_DIR,
+        help="directory of the .proto files the stubs are generated from at start "
+        "(default: this repository's proto/)",
+    )
     args = parser.parse_args()
     if bool(args.cert) != bool(args.key):
         parser.error("--cert and --key go together")

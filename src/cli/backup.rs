@@ -17,13 +17,17 @@ use std::process::ExitCode;
 
 use tempfile::NamedTempFile;
 
-use super::client::{Connection, refused};
+use super::client::{Connection, refused, timeout_help};
 use super::{Failure, Sources};
 use crate::io_error::IoError;
 use crate::pb;
 
 /// `profile-state backup ...`.
 #[derive(Debug, clap::Args)]
+#[command(mut_arg(
+    "timeout",
+    timeout_help("the backup's first answer and each piece after it")
+))]
 pub struct Args {
     /// Where to write the backup (a regular file replaced if it exists, only once the new one
     /// is whole; a directory, link or device is refused).

@@ -59,10 +59,18 @@ pub struct Connection {
     #[arg(long, env = "PROFILE_STATE_SERVER_NAME")]
     pub server_name: Option<String>,
 
-    /// How long to wait for the connection, for each call's answer, and for each piece of a
-    /// backup.
+    // Each subcommand replaces this help with one that names its answers (`timeout_help`).
+    /// How long to wait for the connection and for each of the server's answers.
     #[arg(long, env = "PROFILE_STATE_TIMEOUT", default_value = "30s", value_parser = crate::config::positive_duration)]
     pub timeout: Duration,
+}
+
+/// `--timeout`'s help in a subcommand whose answers are `answers` ("each page of the list"):
+/// one text for all of them named a backup's pieces in every dead-letters subcommand (a
+/// first-user review).
+pub fn timeout_help(answers: &str) -> impl FnOnce(clap::Arg) -> clap::Arg {
+    let help = format!("How long to wait for the connection, and for {answers}");
+    move |arg| arg.help(help)
 }
 
 /// The AdminService client the subcommands use: every call carries the token.

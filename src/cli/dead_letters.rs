@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use serde_json::json;
 use sha1::{Digest as _, Sha1};
 
-use super::client::{AdminClient, Connection, refused};
+use super::client::{AdminClient, Connection, refused, timeout_help};
 use super::{Failure, Sources, hidden, printable};
 use crate::dead_letters::DeadLetterId;
 use crate::pb;
@@ -30,6 +30,7 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Action {
     /// Lists every kept letter, oldest first: id, first arrival, deliveries, field, reason.
+    #[command(mut_arg("timeout", timeout_help("each page of the list")))]
     List {
         /// One JSON object a line (without the body) instead of columns.
         #[arg(long)]
@@ -38,6 +39,10 @@ enum Action {
         connection: Connection,
     },
     /// Prints one letter's details, a blank line, then its raw body.
+    #[command(mut_arg(
+        "timeout",
+        timeout_help("each part of the letter (a large body comes in several)")
+    ))]
     Show {
         /// The letter's id (40 lowercase hex digits, as `list` prints).
         #[arg(value_parser = letter_id)]
@@ -50,6 +55,7 @@ enum Action {
     },
     /// Applies letters again (after a fix), as their webhooks would have been; each one that
     /// applies is removed, each one that still cannot is kept with the new reason.
+    #[command(mut_arg("timeout", timeout_help("each letter's replay")))]
     Replay {
         /// The letters' ids.
         #[arg(required = true, value_parser = letter_id)]
@@ -58,6 +64,7 @@ enum Action {
         connection: Connection,
     },
     /// Removes letters for good: the given ones, or all with --all.
+    #[command(mut_arg("timeout", timeout_help("the purge")))]
     Purge {
         /// The letters' ids.
         #[arg(value_parser = letter_id, required_unless_present = "all", conflicts_with = "all")]

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::client::{AdminClient, Connection, refused};
+use super::client::{AdminClient, Connection, refused, timeout_help};
 use super::{Failure, Sources, printable};
 use crate::pb;
 use crate::pb::reconcile_profiles_request::Selection;
@@ -24,18 +24,25 @@ use crate::pb::reconcile_profiles_request::Selection;
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("selection").required(true).args(["customer_id", "all", "not_updated_for", "cancel"])))]
 #[command(group(clap::ArgGroup::new("outcome").args(["wait", "cancel"])))]
+#[command(mut_arg(
+    "timeout",
+    timeout_help("each answer (with --wait: each look at the job, one a second)")
+))]
+// Written out: clap's usage leaves an argument that is only `required_unless_present` among
+// the [OPTIONS], and so hid that --client-id is needed (a first-user review).
+#[command(override_usage = USAGE)]
 pub struct Args {
     /// The Gameball account (its API keys are in the server's secrets file).
     #[arg(long, required_unless_present = "cancel")]
     client_id: Option<String>,
     /// Reconcile this customer (repeatable; unknown ones are created from the API).
-    #[arg(long = "customer-id")]
+    #[arg(long = "customer-id", value_name = "ID")]
     customer_id: Vec<String>,
     /// Reconcile every profile of the account the server knows.
     #[arg(long)]
     all: bool,
     /// Reconcile the account's profiles not updated for this long (e.g. `7d`).
-    #[arg(long, value_parser = age)]
+    #[arg(long, value_parser = age, value_name = "AGE")]
     not_updated_for: Option<Duration>,
     /// Cancel this running job instead (its id, as printed when it started), then print how it
     /// ended; a job that already ended is printed as it ended.
@@ -50,6 +57,11 @@ pub struct Args {
     #[command(flatten)]
     connection: Connection,
 }
+
+/// The two ways to run `reconcile`: start a job (of an account), or cancel one.
+const USAGE: &str = "profile-state reconcile --client-id <CLIENT_ID> \
+                     <--customer-id <ID>...|--all|--not-updated-for <AGE>> [--wait] [OPTIONS]\n       \
+                     profile-state reconcile --cancel <JOB_ID> [OPTIONS]";
 
 /// Parses `--not-updated-for`, with the server's words for a duration that is not one ("a
 /// duration is a number and a unit, such as ..."; humantime's own named neither). Not the
@@ -286,5 +298,25 @@ mod tests {
         let failure = lost_server("abc", &status, Duration::ZERO).unwrap();
         let text = failure.to_string();
         assert!(text.ends_with("(NOT_FOUND: no job abc)"), "{text}");
+    }
+
+    #[test]
+    fn the_written_usage_names_every_way_to_run_the_command() {
+        use clap::Args as _;
+        let command = Args::augment_args(clap::Command::new("reconcile"));
+        let selection = command
+            .get_groups()
+            .find(|group| group.get_id() == "selection");
+        let client_id = clap::Id::from("client_id");
+        let mut named = selection.unwrap().get_args().collect::<Vec<_>>();
+        named.push(&client_id);
+        for id in named {
+            let arg = command.get_arguments().find(|arg| arg.get_id() == id);
+            let long = arg.unwrap().get_long().unwrap();
+            assert!(
+                USAGE.contains(&format!("--{long} <")) || USAGE.contains(&format!("--{long}|")),
+                "{long}"
+            );
+        }
     }
 }
