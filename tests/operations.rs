@@ -184,6 +184,47 @@ async fn sighup_reloads_the_secrets_file_of_the_real_binary() {
     assert_eq!(post(3, "second").await, 200);
 }
 
+/// With no `default`, a delivery that no secret applies to is not called a bad signature: the
+/// 401 says whether its `client_id` could be read at all, and the log line says no secret
+/// applied (a first-user review was told "this client_id" of a body that had none).
+#[tokio::test]
+async fn a_delivery_no_secret_applies_to_says_why_and_is_not_logged_as_a_bad_signature() {
+    use profile_state::webhook::signature::{NO_SECRET_FOR_CLIENT, UNREADABLE_CLIENT_ID};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.toml");
+    std::fs::write(&file, "[clients]\n\"2155\" = [\"known\"]\n").unwrap();
+    let binary = Binary::start(&["--webhook-secrets-file", file.to_str().unwrap()]);
+    let listening = binary.wait_for("profile-state listening");
+    let url = format!(
+        "http://{}/webhooks/gameball",
+        listening["webhook"].as_str().unwrap()
+    );
+    let post = async |raw: Vec<u8>| {
+        let response = reqwest::Client::new()
+            .post(&url)
+            .header("x-gb-signature", "a".repeat(40))
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    let (status, answer) = post(b"garbage".to_vec()).await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(answer["error"], UNREADABLE_CLIENT_ID);
+    let line = binary.wait_for("webhook refused: no secret for the account");
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["client_id"], "(none)", "{line}");
+    assert_eq!(line["reason"], UNREADABLE_CLIENT_ID, "{line}");
+
+    let mut unknown = profile_updated("a", &at(1), json!({}));
+    unknown["client_id"] = json!("7777");
+    let (status, answer) = post(serde_json::to_vec(&unknown).unwrap()).await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(answer["error"], NO_SECRET_FOR_CLIENT);
+}
+
 #[tokio::test]
 async fn sigterm_ends_watchers_with_a_resume_point_and_exits_zero_in_time() {
     let binary = Binary::start(&["--webhook-secret", common::SECRET, "--shutdown-grace", "5s"]);

@@ -79,6 +79,31 @@ async fn list_checked(service: &TestService) -> Vec<pb::Profile> {
     profiles
 }
 
+/// A year of five digits is out of range, as year 0 is: both are told the range, and only a
+/// time that is malformed is told the format (a first-user review got the format message for
+/// year 10000).
+#[tokio::test]
+async fn years_0_and_10000_are_told_the_range_and_a_malformed_time_the_format() {
+    const RANGE: &str = "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999999Z";
+    let service = TestService::start().await;
+    let cases = [
+        ("0000-01-01T00:00:00Z", RANGE),
+        ("10000-01-01T00:00:00Z", RANGE),
+        ("123456-07-08T09:10:11.5+02:00", RANGE),
+        ("10000-13-01T00:00:00Z", "must be an RFC 3339 timestamp"),
+        ("01000-01-01T00:00:00Z", "must be an RFC 3339 timestamp"),
+        ("10000-01-01", "must be an RFC 3339 timestamp"),
+    ];
+    for (n, (created_at, expected)) in cases.into_iter().enumerate() {
+        let body = profile_updated(&format!("c{n}"), created_at, json!({}));
+        let (status, answer) = service.post(&body).await;
+        assert_eq!(status, 422, "{created_at}: {answer}");
+        assert_eq!(answer["field"], json!("created_at"), "{answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(expected), "{created_at}: {answer}");
+    }
+}
+
 #[tokio::test]
 async fn a_leap_second_is_kept_as_the_nanosecond_before_and_year_0_is_refused_naming_the_field() {
     let service = TestService::start().await;

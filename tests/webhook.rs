@@ -676,6 +676,27 @@ async fn invalid_bodies_get_422_naming_the_field_and_change_nothing() {
     service.stop().await;
 }
 
+/// A body that starts with a UTF-8 byte-order mark was answered "expected value at line 1
+/// column 1", pointing at a character editors do not show (found by a first-user review): the
+/// answer names the mark, and the signed delivery is kept as a dead letter like any body that
+/// is not JSON.
+#[tokio::test]
+async fn a_body_starting_with_a_byte_order_mark_is_told_so() {
+    let service = TestService::start().await;
+    let mut body = b"\xEF\xBB\xBF".to_vec();
+    body.extend(to_bytes(&profile_updated("bom", &at(1), json!({}))));
+    let answer = post_signed(&service, body.clone(), Some(JSON)).await;
+    assert_eq!(answer.0, 422, "{}", answer.1);
+    assert_eq!(answer.1["field"], "body", "{}", answer.1);
+    let error = answer.1["error"].as_str().unwrap();
+    assert!(
+        error.contains("starts with a UTF-8 byte-order mark"),
+        "{error}"
+    );
+    assert_dead_lettered(&answer, &body, "body");
+    service.stop().await;
+}
+
 /// Half a UTF-16 surrogate pair in a string was answered with serde_json's "unexpected end of
 /// hex escape", which points at a cut-off escape (found by an adversarial run): the answer now
 /// names the unpaired surrogate.

@@ -291,16 +291,31 @@ fn nesting(value: &Value, cap: usize) -> usize {
 /// nanosecond before it; a year outside 1..=9999, which no API client could read back, is
 /// refused.
 fn created_at(text: &str) -> Result<EventTime, Error> {
+    let out_of_range =
+        |out_of_range: time::OutOfRange| Error::invalid("created_at", out_of_range.to_string());
     let at = DateTime::parse_from_rfc3339(text)
         .map(|at| at.with_timezone(&Utc))
         .map_err(|_| {
+            if past_year_9999(text) {
+                return out_of_range(time::OutOfRange);
+            }
             Error::invalid(
                 "created_at",
                 "must be an RFC 3339 timestamp with an offset, like 2024-11-19T17:34:42.297Z",
             )
         })?;
-    time::event_time(at)
-        .map_err(|out_of_range| Error::invalid("created_at", out_of_range.to_string()))
+    time::event_time(at).map_err(out_of_range)
+}
+
+/// Whether `text` is a well-formed timestamp but for a year of five digits or more, which RFC
+/// 3339 cannot write: its problem is the range, as for year 0, not the format (a first-user
+/// review got the format message for `10000-01-01T00:00:00Z`).
+fn past_year_9999(text: &str) -> bool {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    // 2000 is a leap year, so a 29 February of a leap year past 9999 is judged by its format.
+    digits > 4
+        && !text.starts_with('0')
+        && DateTime::parse_from_rfc3339(&format!("2000{}", &text[digits..])).is_ok()
 }
 
 /// A modeled `data` field's value; JSON `null` clears the field.

@@ -223,10 +223,10 @@ impl<'a> Parsed<'a> {
         }
     }
 
-    fn validate(&self) -> Result<Delivery, Error> {
+    fn validate(&self, raw: &[u8]) -> Result<Delivery, Error> {
         match self {
             Parsed::Envelope(envelope) => envelope.validate(),
-            Parsed::General(parsed) => ingest::validate(parsed.as_ref()),
+            Parsed::General(parsed) => ingest::validate(raw, parsed.as_ref()),
         }
     }
 }
@@ -264,11 +264,19 @@ impl Ingress {
             // The client_id read from the body is only a hint for choosing secrets: the
             // signature then covers the whole body.
             let checks = secrets.current();
-            let checks = checks.for_client(parsed.client_id());
+            let client_id = parsed.client_id();
+            let checks = checks.for_client(client_id);
+            if checks.is_empty() {
+                // Nothing to check with: not a bad signature, an account missing from the
+                // secrets file (or a body that names none).
+                let reason = signature::no_secret(client_id);
+                self.rejections.no_secret(client_id, reason);
+                return Err(Rejection::Unauthenticated { reason });
+            }
             signature::verify(checks, claimed, &raw, || parsed.compact(&raw)).inspect_err(
                 |refusal| {
                     if let Rejection::Unauthenticated { reason } = refusal {
-                        self.rejections.refused(parsed.client_id(), reason);
+                        self.rejections.refused(client_id, reason);
                     }
                 },
             )?;
@@ -277,7 +285,7 @@ impl Ingress {
         // it has the update, the sequencer may record it whenever the answer comes, so a
         // timeout must not claim it was not recorded.
         let timeout = self.limits.timeout;
-        match tokio::time::timeout(timeout, self.ingest.accept(&raw, parsed.validate())).await {
+        match tokio::time::timeout(timeout, self.ingest.accept(&raw, parsed.validate(&raw))).await {
             Ok(outcome) => Ok(outcome?),
             Err(_) => Err(Rejection::from(Error::Unavailable {
                 reason: format!(

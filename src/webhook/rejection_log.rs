@@ -1,6 +1,7 @@
 //! Warnings for refused signatures, at most one per interval.
 //!
-//! A delivery with a missing or wrong `X-GB-Signature` is logged at WARN with the `client_id`
+//! A delivery with a missing or wrong `X-GB-Signature`, or one for an account with no secret
+//! (its own line: it is not a bad signature), is logged at WARN with the `client_id`
 //! the body claims (trimmed to 64 characters, control characters replaced: it is unauthenticated
 //! input) and the reason; never the body, the signature, or anything else from the body, which
 //! may hold personal data. Whoever can reach the webhook port can send such deliveries as fast
@@ -24,6 +25,13 @@ pub struct RejectionLog {
     state: Mutex<State>,
 }
 
+/// Why a delivery was refused, which names the log line.
+#[derive(Clone, Copy)]
+enum Kind {
+    BadSignature,
+    NoSecret,
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// When the next line may be written; `None` before the first.
@@ -33,19 +41,38 @@ struct State {
 }
 
 impl RejectionLog {
-    /// Notes one refused delivery: logs it, unless a line was written less than [`INTERVAL`]
-    /// ago.
+    /// Notes one delivery refused for its signature: logs it, unless a line was written less
+    /// than [`INTERVAL`] ago.
     pub fn refused(&self, client_id: Option<&str>, reason: &str) {
+        self.log(Kind::BadSignature, client_id, reason);
+    }
+
+    /// Notes one delivery refused because no secret applies to its `client_id` (an account
+    /// not in the secrets file, and no default): not a bad signature, there was nothing to
+    /// check it with. Rate-limited with [`RejectionLog::refused`].
+    pub fn no_secret(&self, client_id: Option<&str>, reason: &str) {
+        self.log(Kind::NoSecret, client_id, reason);
+    }
+
+    fn log(&self, kind: Kind, client_id: Option<&str>, reason: &str) {
         let Some(suppressed) = self.admit(Instant::now()) else {
             return;
         };
         let client_id = client_id.map_or_else(|| "(none)".to_owned(), printable);
-        tracing::warn!(
-            client_id = %client_id,
-            reason,
-            suppressed,
-            "webhook refused: bad signature"
-        );
+        match kind {
+            Kind::BadSignature => tracing::warn!(
+                client_id = %client_id,
+                reason,
+                suppressed,
+                "webhook refused: bad signature"
+            ),
+            Kind::NoSecret => tracing::warn!(
+                client_id = %client_id,
+                reason,
+                suppressed,
+                "webhook refused: no secret for the account"
+            ),
+        }
     }
 
     /// Whether a line may be written at `now`, and how many were suppressed before it.

@@ -46,11 +46,23 @@ impl SignatureCheck {
     }
 }
 
-/// The refusal of a delivery no secret can sign: its `client_id` has none and there is no
-/// default (or the body names no `client_id`: it was "this client_id" then, found by a
-/// first-user review).
-const NO_SECRET: &str =
-    "no webhook secret applies: none for the body's client_id (or it has none) and no default";
+/// The refusal of a delivery whose `client_id` has no secret, when there is no default.
+pub const NO_SECRET_FOR_CLIENT: &str =
+    "no webhook secret is configured for the body's client_id, and there is no default";
+
+/// The refusal of a delivery whose `client_id` could not be read, when there is no default:
+/// there was no account to choose a secret by. Saying "this client_id" there sent a first-user
+/// review looking for one.
+pub const UNREADABLE_CLIENT_ID: &str = "the body's client_id could not be read (not JSON, no \
+     client_id, or not a string), so no webhook secret could be chosen, and there is no default";
+
+/// Why no secret applies to a delivery, by whether its `client_id` could be read.
+pub fn no_secret(client_id: Option<&str>) -> &'static str {
+    match client_id {
+        Some(_) => NO_SECRET_FOR_CLIENT,
+        None => UNREADABLE_CLIENT_ID,
+    }
+}
 
 /// Accepts when `signature` (hex, any case) is the signature, under any of `checks`, of the raw
 /// body or, failing that, of the compact re-serialization `compact` makes (`None` when the
@@ -63,7 +75,10 @@ pub fn verify(
     compact: impl FnOnce() -> Option<Vec<u8>>,
 ) -> Result<(), Rejection> {
     if checks.is_empty() {
-        return Err(Rejection::Unauthenticated { reason: NO_SECRET });
+        // The handler says why first (`no_secret`); this is for any other caller.
+        return Err(Rejection::Unauthenticated {
+            reason: NO_SECRET_FOR_CLIENT,
+        });
     }
     let signature = signature.ok_or(Rejection::Unauthenticated {
         reason: "missing X-GB-Signature header",
@@ -176,7 +191,9 @@ mod tests {
         }
         assert_eq!(
             verify(&[], Some(RAW_SIG.trim()), RAW, raw_only),
-            Err(Rejection::Unauthenticated { reason: NO_SECRET })
+            Err(Rejection::Unauthenticated {
+                reason: NO_SECRET_FOR_CLIENT
+            })
         );
     }
 }
