@@ -111,6 +111,13 @@ pub enum DataDirError {
         /// The directory.
         path: PathBuf,
     },
+    /// Something other than a directory is at the path (it was told "create: File exists":
+    /// found by a first-user review).
+    #[error("data directory {path} is not a directory (a file is in its place)")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
     /// A filesystem operation failed.
     #[error("data directory {0}")]
     Io(IoError),
@@ -334,6 +341,12 @@ impl DataDir {
 
 /// Creates `path` if missing and takes its lock.
 fn lock(path: &Path) -> Result<File, DataDirError> {
+    // Followed through a link: a link to a directory is a directory.
+    if fs::metadata(path).is_ok_and(|found| !found.is_dir()) {
+        return Err(DataDirError::NotADirectory {
+            path: path.to_owned(),
+        });
+    }
     create_private_dir(path).map_err(IoError::on(path, "create"))?;
     let lock_path = path.join(LOCK_FILE);
     let mut options = OpenOptions::new();

@@ -125,15 +125,14 @@ pub enum Error {
         applied: u64,
     },
     /// Reconciliation was asked for an account without `[gameball_api."<client_id>"]` settings
-    /// in the secrets file.
-    #[error(
-        "client_id {:?} has no [gameball_api] settings in the secrets file: \
-         reconciliation needs its api_key and secret_key",
-        echoed(.client_id)
-    )]
+    /// in the secrets file, or of a server given no secrets file at all (which the message
+    /// says: "in the secrets file" sent a first-user review looking for a file there was not).
+    #[error("{}", reconcile_not_configured(.client_id, *.secrets_file))]
     ReconcileNotConfigured {
         /// The account asked for.
         client_id: String,
+        /// Whether the server has a secrets file (`--webhook-secrets-file`).
+        secrets_file: bool,
     },
     /// A reconciliation job of the account is running already.
     #[error(
@@ -239,6 +238,22 @@ const ECHOED_CHARS: usize = 128;
 /// `text` as an error message repeats it: at most [`ECHOED_CHARS`] characters, then `…`. The
 /// message travels in `grpc-message`, and gRPC's C core refuses metadata over 16 KiB: a caller
 /// who sent a megabyte-long id must still be told NOT_FOUND, not RESOURCE_EXHAUSTED.
+/// The message of [`Error::ReconcileNotConfigured`].
+fn reconcile_not_configured(client_id: &str, secrets_file: bool) -> String {
+    let client_id = echoed(client_id);
+    match secrets_file {
+        true => format!(
+            "client_id {client_id:?} has no [gameball_api] settings in the secrets file: \
+             reconciliation needs its api_key and secret_key"
+        ),
+        false => format!(
+            "client_id {client_id:?} cannot be reconciled: reconciliation needs \
+             --webhook-secrets-file with a [gameball_api.{client_id:?}] table (api_key and \
+             secret_key), and this server was given no secrets file"
+        ),
+    }
+}
+
 pub(crate) fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
     match text.char_indices().nth(ECHOED_CHARS) {
         None => text.into(),

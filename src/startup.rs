@@ -121,17 +121,22 @@ fn give_up(dir: &mut DataDir, point: &DiscardPoint, first_lost: u64) -> anyhow::
     let old_id = dir.store_id().to_owned();
     let new_id = dir.renew_store_id()?.to_owned();
     let discarded = journal::discard(dir.path(), point, first_lost)?;
+    // No field when nothing was removed: an empty `removed=` read as a value left out (found
+    // by a first-user review).
+    let removed = (!discarded.removed.is_empty()).then(|| {
+        discarded
+            .removed
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
     tracing::warn!(
         %point,
         first_lost_revision = first_lost,
         cut_segment = discarded.cut.as_ref().map(|(path, _)| path.display().to_string()),
         cut_to_bytes = discarded.cut.as_ref().map(|(_, len)| *len),
-        removed = %discarded
-            .removed
-            .iter()
-            .map(|path| path.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        removed,
         old_store_id = %old_id,
         new_store_id = %new_id,
         "gave up the journal from the damage on, as --discard-journal-from asked: revisions \

@@ -47,6 +47,8 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
     let (tokens, secrets) = (tokens.to_str().unwrap(), secrets.to_str().unwrap());
     let padded = padded.to_str().unwrap();
     let ephemeral = [SECRET[0], SECRET[1], "--ephemeral"];
+    let secrets_says = format!("--webhook-secrets-file: {secrets} is not a valid secrets file");
+    let tokens_says = format!("--grpc-auth-tokens-file: {tokens}: read: ");
     let cases: Vec<Case> = vec![
         (
             vec!["--bogus"],
@@ -252,6 +254,60 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
             "is not a valid secrets file (TOML): line 2, column 22",
             None,
         ),
+        // A file flag is named as the others are, `--flag: PATH: ...` (it was `--flag PATH`
+        // here alone: found by a first-user review).
+        (
+            vec![
+                "--ephemeral",
+                "--webhook-secrets-file",
+                "/no/such/secrets.toml",
+            ],
+            vec![],
+            "--webhook-secrets-file: /no/such/secrets.toml: read: No such file",
+            None,
+        ),
+        (
+            vec!["--ephemeral", "--webhook-secrets-file", secrets],
+            vec![],
+            &secrets_says,
+            None,
+        ),
+        (
+            [&ephemeral[..], &["--grpc-auth-tokens-file", tokens]].concat(),
+            vec![],
+            &tokens_says,
+            None,
+        ),
+        // A count is told "at least 1", a duration "more than zero", whatever the flag (both
+        // were said of counts: found by a first-user review).
+        (
+            [&ephemeral[..], &["--max-webhook-connections", "0"]].concat(),
+            vec![],
+            "--max-webhook-connections must be at least 1",
+            None,
+        ),
+        (
+            [&ephemeral[..], &["--nats-url", "nats://127.0.0.1:4222"]].concat(),
+            vec![("PROFILE_STATE_MAX_LAG", "0s")],
+            "--max-lag must be more than zero",
+            Some(note("max-lag", "PROFILE_STATE_MAX_LAG")),
+        ),
+        // Zero was taken as the smallest segment, silently (found by a first-user review).
+        (
+            [&ephemeral[..], &["--segment-bytes", "0"]].concat(),
+            vec![],
+            "--segment-bytes must be at least 1",
+            None,
+        ),
+        // Without a secrets file, "no settings in --webhook-secrets-file" sent a first-user
+        // review looking for a file that was never given.
+        (
+            [&ephemeral[..], &["--reconcile-every", "2155=24h"]].concat(),
+            vec![],
+            "--reconcile-every 2155: reconciliation needs --webhook-secrets-file with a \
+             [gameball_api.\"2155\"] table (api_key and secret_key), and no secrets file is given",
+            None,
+        ),
         // A NATS URL that does not parse was echoed whole, password included (found by an
         // adversarial run).
         (
@@ -427,6 +483,27 @@ async fn listen_addresses_take_host_names_and_bracketed_ipv4() {
     assert_eq!(binary.server_info().await.profile_count, 0);
     assert_eq!(binary.ready().await, 200);
     binary.stop();
+}
+
+/// A `--data-dir` that is a file was told "create: File exists (os error 17)" (found by a
+/// first-user review): it is told it is not a directory, and the file is left as it was.
+#[tokio::test]
+async fn a_data_dir_that_is_a_file_is_told_it_is_not_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "mine").unwrap();
+    let args = [SECRET[0], SECRET[1], "--data-dir", file.to_str().unwrap()];
+    let output = exits(&args, &[]).await;
+    let text = stderr(&output);
+    assert!(
+        text.contains(&format!(
+            "data directory {} is not a directory",
+            file.display()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("File exists"), "{text}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
 }
 
 #[tokio::test]

@@ -241,6 +241,19 @@ async fn a_removed_newest_segment_is_noticed_and_giving_it_up_renews_the_store_i
 
     let discard = ["--discard-journal-from", &format!("{name}:0")];
     let binary = Binary::start(data, &[&args[..], &discard].concat()).await;
+    // Nothing was there to remove: the line has no `removed` field, not an empty one (which
+    // read as a value left out: found by a first-user review).
+    let gave_up = binary
+        .seen
+        .iter()
+        .find(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|message| message.starts_with("gave up the journal"))
+        })
+        .unwrap_or_else(|| panic!("no line about giving up: {:?}", binary.seen));
+    assert_eq!(gave_up["level"], "WARN", "{gave_up}");
+    assert!(gave_up.get("removed").is_none(), "{gave_up}");
     let info = binary.server_info().await;
     assert_ne!(info.store_id, old_id);
     assert_eq!(info.revision, first_lost(&stderr) - 1);

@@ -603,6 +603,37 @@ async fn a_webhook_after_the_fetch_wins_when_gameballs_clock_is_behind() {
     service.stop().await;
 }
 
+/// A server given no secrets file was told "no [gameball_api] settings in the secrets file",
+/// which sent a first-user review looking for a file there was not: the answer says the
+/// secrets file is what reconciliation needs.
+#[tokio::test]
+async fn reconciling_on_a_server_without_a_secrets_file_says_it_needs_one() {
+    let service = TestService::start().await;
+    let request = pb::ReconcileProfilesRequest {
+        client_id: "2155".into(),
+        selection: Some(ids(&["jo"])),
+    };
+    let status = admin(&service)
+        .await
+        .reconcile_profiles(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains(
+            "reconciliation needs --webhook-secrets-file with a [gameball_api.\"2155\"] table"
+        ),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("given no secrets file"),
+        "{}",
+        status.message()
+    );
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn requests_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -140,7 +140,8 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_SNAPSHOT_EVERY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub snapshot_every_bytes: u64,
 
-    /// Start a new journal segment once the current one reaches this size, in bytes.
+    /// Start a new journal segment once the current one reaches this size, in bytes (at least
+    /// 1).
     #[arg(long, env = "PROFILE_STATE_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,
 
@@ -403,7 +404,7 @@ pub const MAX_IN_FLIGHT_WEBHOOKS: usize = 1 << 20;
 /// A configuration that cannot work, found before anything binds.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A flag that must be at least 1 is 0.
+    /// A count (a number flag) that must be at least 1 is 0.
     #[error("{flag} must be at least 1")]
     Zero {
         /// The flag.
@@ -468,9 +469,9 @@ pub enum ConfigError {
     /// At least one webhook must be allowed in flight.
     #[error("--max-in-flight-webhooks must be at least 1")]
     ZeroInFlight,
-    /// A connection cap, a stream cap, a history bound or a timeout of the transport is zero.
+    /// A timeout (a duration flag) is zero.
     #[error("--{flag} must be more than zero")]
-    ZeroLimit {
+    ZeroDuration {
         /// The flag, without dashes.
         flag: &'static str,
     },
@@ -583,10 +584,33 @@ impl Config {
         }
     }
 
-    /// The limits of the listeners and the history: each must leave room for something.
+    /// The limits of the listeners, the history and the journal's segments: each must leave
+    /// room for something.
     fn check_transport_limits(&self) -> Result<(), ConfigError> {
+        // A count is told "at least 1" and a duration "more than zero", whichever list it is
+        // in (the same kind of flag was told both: found by a first-user review).
+        let zero_counts = [
+            ("--history-bytes", self.history_bytes == 0),
+            // Zero was taken as the smallest segment, silently (found by a first-user review).
+            ("--segment-bytes", self.segment_bytes == 0),
+            (
+                "--max-webhook-connections",
+                self.max_webhook_connections == 0,
+            ),
+            (
+                "--max-watch-streams-per-connection",
+                self.max_watch_streams_per_connection == 0,
+            ),
+            (
+                "--grpc-max-concurrent-streams",
+                self.grpc_max_concurrent_streams == 0,
+            ),
+            ("--max-grpc-connections", self.max_grpc_connections == 0),
+        ];
+        if let Some((flag, _)) = zero_counts.into_iter().find(|(_, is_zero)| *is_zero) {
+            return Err(ConfigError::Zero { flag });
+        }
         let zero = [
-            ("history-bytes", self.history_bytes == 0),
             // Zero answered webhooks that were recorded with 503 (found by a first-user review).
             ("webhook-timeout", self.webhook_timeout.is_zero()),
             ("webhook-body-timeout", self.webhook_body_timeout.is_zero()),
@@ -595,15 +619,6 @@ impl Config {
                 self.webhook_header_timeout.is_zero(),
             ),
             ("webhook-idle-timeout", self.webhook_idle_timeout.is_zero()),
-            ("max-webhook-connections", self.max_webhook_connections == 0),
-            (
-                "max-watch-streams-per-connection",
-                self.max_watch_streams_per_connection == 0,
-            ),
-            (
-                "grpc-max-concurrent-streams",
-                self.grpc_max_concurrent_streams == 0,
-            ),
             (
                 "grpc-handshake-timeout",
                 self.grpc_handshake_timeout.is_zero(),
@@ -612,14 +627,13 @@ impl Config {
                 "grpc-request-body-timeout",
                 self.grpc_request_body_timeout.is_zero(),
             ),
-            ("max-grpc-connections", self.max_grpc_connections == 0),
             (
                 "grpc-keepalive-timeout",
                 self.grpc_keepalive_timeout.is_zero(),
             ),
         ];
         if let Some((flag, _)) = zero.into_iter().find(|(_, is_zero)| *is_zero) {
-            return Err(ConfigError::ZeroLimit { flag });
+            return Err(ConfigError::ZeroDuration { flag });
         }
         // A backup waits this long for a client that gives window back in steps of several
         // pieces (grpcio): a timeout of milliseconds would fail every backup but the fastest.

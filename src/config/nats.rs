@@ -189,20 +189,26 @@ impl NatsConfig {
             return bad("nats-replicas", reason);
         }
         if self.duplicate_window.is_zero() {
-            return bad("nats-duplicate-window", "must be longer than zero".into());
+            return Err(ConfigError::ZeroDuration {
+                flag: "nats-duplicate-window",
+            });
         }
         if self.max_bytes == Some(0) {
-            return bad("nats-max-bytes", "must be at least 1".into());
+            return Err(ConfigError::Zero {
+                flag: "--nats-max-bytes",
+            });
         }
         if self.request_timeout.is_zero() {
-            return bad("nats-request-timeout", "must be longer than zero".into());
+            return Err(ConfigError::ZeroDuration {
+                flag: "nats-request-timeout",
+            });
         }
         if self.publish_linger >= self.request_timeout {
             let reason = "must be shorter than --nats-request-timeout".into();
             return bad("nats-publish-linger", reason);
         }
         if self.max_lag.is_zero() {
-            return bad("max-lag", "must be longer than zero".into());
+            return Err(ConfigError::ZeroDuration { flag: "max-lag" });
         }
         if self.replica_name.as_deref() == Some("") {
             return bad("replica-name", "must not be empty".into());

@@ -248,7 +248,7 @@ fn read_pem(path: &Path, flag: &str, labels: &[&str]) -> anyhow::Result<Vec<u8>>
         .map_err(IoError::on(path, "read"))
         .with_context(|| flag.to_owned())?;
     check_pem(&bytes, labels)
-        .with_context(|| format!("{flag} {} is not usable", path.display()))?;
+        .with_context(|| format!("{flag}: {} is not usable", path.display()))?;
     Ok(bytes)
 }
 

@@ -69,7 +69,7 @@ impl Nats {
             options = options
                 .credentials_file(path)
                 .await
-                .map_err(|err| error(format!("--nats-creds {}: {err}", path.display())))?;
+                .map_err(|err| error(format!("--nats-creds: {}: {err}", path.display())))?;
         }
         if let Some(path) = &config.tls_ca {
             check_readable("--nats-tls-ca", path).map_err(error)?;
@@ -139,7 +139,7 @@ fn redacted(urls: &[String]) -> String {
 fn check_readable(flag: &str, path: &std::path::Path) -> Result<(), String> {
     std::fs::metadata(path)
         .map(|_| ())
-        .map_err(|err| format!("{flag} {}: {err}", path.display()))
+        .map_err(|err| format!("{flag}: {}: {err}", path.display()))
 }
 
 /// How often the client pings its server. A server that hangs (a frozen VM, a black-holed node:

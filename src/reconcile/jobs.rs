@@ -351,6 +351,11 @@ impl ReconcileJobs {
             .account(client_id)
             .ok_or_else(|| Error::ReconcileNotConfigured {
                 client_id: client_id.to_owned(),
+                secrets_file: self
+                    .inner
+                    .secrets
+                    .as_ref()
+                    .is_some_and(SecretStore::reloads_a_file),
             })?;
         let client = self.client(account)?;
         let (job, cancel) = self.register(client_id, turn)?;

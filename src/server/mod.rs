@@ -366,6 +366,15 @@ fn check_schedules(config: &Config, verification: &Verification) -> anyhow::Resu
     let secrets = secret_store(verification).map(|store| store.current());
     for every in &config.reconcile.every {
         let client_id = &every.client_id;
+        if config.webhook_secrets_file.is_none() {
+            // "no settings in --webhook-secrets-file" sent a first-user review looking for a
+            // file that was never given.
+            anyhow::bail!(
+                "--reconcile-every {client_id}: reconciliation needs --webhook-secrets-file \
+                 with a [gameball_api.\"{client_id}\"] table (api_key and secret_key), and no \
+                 secrets file is given"
+            );
+        }
         if secrets
             .as_ref()
             .and_then(|s| s.api_account(client_id))

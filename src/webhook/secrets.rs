@@ -60,10 +60,10 @@ struct SecretsFile {
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
     /// The file cannot be read.
-    #[error("--webhook-secrets-file {0}")]
+    #[error("--webhook-secrets-file: {0}")]
     Read(IoError),
     /// The file does not parse.
-    #[error("--webhook-secrets-file {path} is not a valid secrets file ({format}): {reason}")]
+    #[error("--webhook-secrets-file: {path} is not a valid secrets file ({format}): {reason}")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -73,7 +73,7 @@ pub enum SecretsError {
         reason: String,
     },
     /// The file parses but is unusable.
-    #[error("--webhook-secrets-file {path}: {reason}")]
+    #[error("--webhook-secrets-file: {path}: {reason}")]
     Invalid {
         /// The file.
         path: PathBuf,
