@@ -80,15 +80,15 @@ pub enum Rejection {
     },
     /// `--max-watch-streams-per-connection` streams are open on this connection already.
     #[error(
-        "too many watch streams open on this connection (limit {limit}); open another \
-         connection or close a stream"
+        "too many watch streams open on this connection (limit {limit}, \
+         --max-watch-streams-per-connection); open another connection or close a stream"
     )]
     TooManyConnectionWatchStreams {
         /// The limit.
         limit: usize,
     },
     /// `--max-watch-streams` streams are open already.
-    #[error("too many watch streams open (limit {limit}); retry later")]
+    #[error("too many watch streams open (limit {limit}, --max-watch-streams); retry later")]
     TooManyWatchStreams {
         /// The limit.
         limit: usize,
@@ -96,7 +96,7 @@ pub enum Rejection {
     /// `limit` health `Watch` and reflection streams are open on this connection already.
     #[error(
         "too many health watch and reflection streams open on this connection (limit \
-         {limit}); close one, or open another connection"
+         {limit}, not configurable); close one, or open another connection"
     )]
     TooManyOpenStreams {
         /// The limit.

@@ -197,8 +197,9 @@ async fn watch_streams_past_the_limit_are_refused_until_one_closes() {
     }
     let refused = client.watch_profiles(watch.clone()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
+    // The flag to raise is named (found by a first-user review).
     assert!(
-        refused.message().contains("limit 2"),
+        refused.message().contains("(limit 2, --max-watch-streams)"),
         "{}",
         refused.message()
     );

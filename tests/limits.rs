@@ -669,6 +669,14 @@ async fn one_connection_cannot_take_every_watch_stream_and_its_streams_are_adver
         "{}",
         refused.message()
     );
+    // The flag to raise is named (found by a first-user review).
+    assert!(
+        refused
+            .message()
+            .contains("(limit 2, --max-watch-streams-per-connection)"),
+        "{}",
+        refused.message()
+    );
     // Another connection still gets its own.
     let mut second = service.client().await;
     let _other = second.watch_profiles(watch()).await.unwrap();
@@ -1103,6 +1111,11 @@ async fn grpc_requests_that_never_finish_arriving_hold_bounded_bytes_for_bounded
             .expect("one call refused before the deadline");
     assert_eq!(code, "8", "RESOURCE_EXHAUSTED: {message}");
     assert!(message.contains("this connection's requests"), "{message}");
+    // The flag to raise is named (found by a first-user review).
+    assert!(
+        message.contains("at most 2 times --grpc-max-message-bytes"),
+        "{message}"
+    );
 
     // Nine more connections of two each: 1.2 MB, past the server's 1 MiB.
     let mut connections = Vec::new();

@@ -170,6 +170,17 @@ async fn json_logs_are_flat_with_no_debug_text_across_a_restart() {
             "{expected}: {messages:?}"
         );
     }
+    // A dead letter needs an operator (Gameball will not send it again): WARN, not INFO
+    // (found by a first-user review).
+    let kept = first
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("kept a delivery"))
+        })
+        .unwrap();
+    assert_eq!(kept["level"], "WARN", "{kept}");
     assert_flat_json(&first);
     assert_flat_json(&second);
 }

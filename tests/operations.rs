@@ -551,6 +551,18 @@ async fn webhooks_past_the_in_flight_cap_get_503_and_a_late_answer_does_not_deny
     let refused = router.clone().oneshot(signed_request("b")).await.unwrap();
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
+    let body = axum::body::to_bytes(refused.into_body(), 4096)
+        .await
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    // The flag to raise is named (found by a first-user review).
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("(limit 1, --max-in-flight-webhooks)"),
+        "{answer}"
+    );
 
     // The held one times out; its update is with the sequencer, which may still record it.
     let late = held.await.unwrap().unwrap();

@@ -132,20 +132,22 @@ impl Budgets {
     /// `bytes` more from both budgets, added to `held`, or the status saying which one ran
     /// out.
     fn take(&self, bytes: u32, held: &mut Held) -> Result<(), Status> {
-        let exhausted = |whose: &str| {
+        // The budget is named by the flag it is a multiple of, so an operator knows what to
+        // raise (found by a first-user review).
+        let exhausted = |whose: &str, times: usize| {
             Status::resource_exhausted(format!(
-                "{whose} requests still arriving hold too many bytes already: send the \
-                 request again once they are in"
+                "{whose} requests still arriving hold too many bytes already (at most {times} \
+                 times --grpc-max-message-bytes): send the request again once they are in"
             ))
         };
         let in_all = Arc::clone(&self.in_all)
             .try_acquire_many_owned(bytes)
-            .map_err(|_| exhausted("the server's"))?;
+            .map_err(|_| exhausted("the server's", IN_ALL))?;
         let connection = match &self.connection {
             Some(connection) => Some(
                 Arc::clone(connection)
                     .try_acquire_many_owned(bytes)
-                    .map_err(|_| exhausted("this connection's"))?,
+                    .map_err(|_| exhausted("this connection's", PER_CONNECTION))?,
             ),
             None => None,
         };

@@ -237,7 +237,9 @@ impl Ingest {
         {
             Ok(id) => {
                 self.metrics.dead_letter();
-                tracing::info!(
+                // WARN: Gameball will not send it again, so someone must replay or purge it
+                // (it was INFO: found by a first-user review).
+                tracing::warn!(
                     dead_letter_id = %id,
                     error = %cause,
                     "kept a delivery that cannot be applied as a dead letter"

@@ -64,6 +64,16 @@ pub struct Slot {
     _open: ConnectionMetrics,
 }
 
+/// The flag that sets a listener's connection cap, for the warning of a refusal (found by a
+/// first-user review: the limit was given, not what sets it); the admin listener's is fixed.
+fn limit_flag(listener: &str) -> Option<&'static str> {
+    match listener {
+        "grpc" => Some("--max-grpc-connections"),
+        "webhook" => Some("--max-webhook-connections"),
+        _ => None,
+    }
+}
+
 impl CappedListener {
     /// `tcp`, capped at `max` connections, counted under `metrics`' listener label.
     pub fn new(tcp: TcpListener, max: usize, metrics: ListenerMetrics) -> CappedListener {
@@ -125,6 +135,7 @@ impl CappedListener {
                     tracing::warn!(
                         listener = self.metrics.listener(),
                         limit = self.max,
+                        flag = limit_flag(self.metrics.listener()),
                         suppressed,
                         "connection refused: too many connections open"
                     );

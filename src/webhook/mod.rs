@@ -244,7 +244,8 @@ impl Ingress {
             .map_err(|_| {
                 Rejection::from(Error::Unavailable {
                     reason: format!(
-                        "too many webhooks in flight (limit {}); retry shortly",
+                        "too many webhooks in flight (limit {}, --max-in-flight-webhooks); retry \
+                         shortly",
                         self.limits.max_in_flight
                     ),
                 })
