@@ -235,9 +235,6 @@ impl Error {
 /// How many characters of a caller's text an error message repeats.
 const ECHOED_CHARS: usize = 128;
 
-/// `text` as an error message repeats it: at most [`ECHOED_CHARS`] characters, then `…`. The
-/// message travels in `grpc-message`, and gRPC's C core refuses metadata over 16 KiB: a caller
-/// who sent a megabyte-long id must still be told NOT_FOUND, not RESOURCE_EXHAUSTED.
 /// The message of [`Error::ReconcileNotConfigured`].
 fn reconcile_not_configured(client_id: &str, secrets_file: bool) -> String {
     let client_id = echoed(client_id);
@@ -254,6 +251,9 @@ fn reconcile_not_configured(client_id: &str, secrets_file: bool) -> String {
     }
 }
 
+/// `text` as an error message repeats it: at most [`ECHOED_CHARS`] characters, then `…`. The
+/// message travels in `grpc-message`, and gRPC's C core refuses metadata over 16 KiB: a caller
+/// who sent a megabyte-long id must still be told NOT_FOUND, not RESOURCE_EXHAUSTED.
 pub(crate) fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
     match text.char_indices().nth(ECHOED_CHARS) {
         None => text.into(),
