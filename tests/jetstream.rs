@@ -96,6 +96,44 @@ async fn replicas_racing_to_create_the_stream_share_one_store_id() {
     assert_eq!(again.store_id(), first.store_id(), "kept across starts");
 }
 
+/// A stream made by a release that did not record which incarnation its store id is of keeps
+/// its id (its replicas' watchers are not reset by an upgrade), and the incarnation is recorded
+/// then, so that a restore or a re-creation of it later is a new store to clients.
+#[tokio::test]
+async fn a_stream_of_an_earlier_release_keeps_its_store_id_and_gets_its_incarnation_recorded() {
+    let (_nats, client, made) = started("EARLIER").await;
+    let context = client.context();
+    let metadata = |config: &async_nats::jetstream::stream::Config| {
+        config.metadata.get("profile_state_store_created").cloned()
+    };
+    let info = context
+        .get_stream("EARLIER")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(metadata(&info.config), Some(made.created().to_string()));
+    let mut earlier = info.config.clone();
+    earlier.metadata.remove("profile_state_store_created");
+    context.update_stream(earlier).await.unwrap();
+
+    let opened = UpdateStream::ensure(&client, &settings("EARLIER"))
+        .await
+        .unwrap();
+    assert_eq!(
+        opened.store_id(),
+        made.store_id(),
+        "the same store to clients"
+    );
+    let info = context
+        .get_stream("EARLIER")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(metadata(&info.config), Some(opened.created().to_string()));
+}
+
 #[tokio::test]
 async fn an_existing_stream_that_cannot_work_is_refused_naming_the_setting() {
     let nats = NatsCluster::single().await.unwrap();

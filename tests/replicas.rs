@@ -1397,7 +1397,9 @@ async fn a_replica_the_stream_was_purged_past_stops_to_restart_from_the_publishe
 /// ready, with the same store id and revision (found by an adversarial run). It now stops by
 /// itself (exit status 1, for a supervisor to start it again) before taking anything of the new
 /// stream; started again it sets its snapshots of the old stream aside, skips the old stream's
-/// published ones, and converges with the new stream.
+/// published ones, and converges with the new stream. The new stream is a new store to clients
+/// although its metadata names the old one's id: a watcher resuming with the old id was handed
+/// revisions that now mean other changes, with no Reset (a later adversarial run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_created_again_under_a_running_replica_stops_it_to_start_over_on_the_new_one() {
     let nats = NatsCluster::single().await.unwrap();
@@ -1428,7 +1430,7 @@ async fn a_stream_created_again_under_a_running_replica_stops_it_to_start_over_o
     let b = TestService::start_with(config("b", b_dir.path())).await;
     let store_id = |replica: &TestService| Replica::from(replica);
     let (a_info, b_info) = (store_id(&a).info().await, store_id(&b).info().await);
-    assert_eq!(b_info.store_id, a_info.store_id, "the same store id");
+    assert_ne!(b_info.store_id, a_info.store_id, "a new store to clients");
     let load = Load::start(vec![(&b).into()], 2, 60, PACE);
     let ended = a.stopped_by_itself(PATIENCE).await;
     let error = format!("{:#}", ended.expect_err("a stops with an error"));
@@ -1437,6 +1439,30 @@ async fn a_stream_created_again_under_a_running_replica_stops_it_to_start_over_o
 
     let a = TestService::start_with(config("a", a_dir.path())).await;
     assert_converged(&[(&a).into(), (&b).into()]).await;
+    let again = Replica::from(&a).info().await;
+    assert_eq!(
+        again.store_id, b_info.store_id,
+        "every replica derives the same id"
+    );
+    // A watcher of the old stream resuming on the new one, with the old id: reset.
+    let mut resumed = a
+        .client()
+        .await
+        .watch_profiles(pb::WatchProfilesRequest {
+            start_revision: old_revision,
+            store_id: a_info.store_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(PATIENCE, resumed.next())
+        .await
+        .unwrap();
+    match first.unwrap().unwrap().event {
+        Some(Event::Reset(reset)) => assert_eq!(reset.store_id, b_info.store_id, "{reset:?}"),
+        other => panic!("expected Reset, got {other:?}"),
+    }
     let stale = std::fs::read_dir(a_dir.path())
         .unwrap()
         .filter_map(Result::ok)

@@ -16,6 +16,9 @@ use crate::config::NatsConfig;
 
 /// Stream metadata key holding the cluster-wide store id.
 const STORE_ID_KEY: &str = "profile_state_store_id";
+/// Stream metadata key holding when the server created the incarnation of the stream its store
+/// id was minted for (see [`served_store_id`]).
+const STORE_CREATED_KEY: &str = "profile_state_store_created";
 /// Stream metadata key holding the message format version.
 const FORMAT_KEY: &str = "profile_state_format";
 /// The message format this build writes and reads ([`UpdateBatch`], version 1).
@@ -200,6 +203,7 @@ impl UpdateStream {
         let (store_id, rules_from) = verify(settings, &info.config)?;
         let created = StreamCreated::of(&info);
         warn_if_limit_differs(settings, &info.config);
+        let store_id = served_store_id(context, &info, store_id, created).await;
         let stream = context
             .get_stream_no_info(&settings.name)
             .await
@@ -584,6 +588,66 @@ fn check_metadata(config: &stream::Config) -> Result<(String, u64), Mismatch> {
 fn is_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
     use async_nats::jetstream::context::GetStreamErrorKind;
     matches!(err.kind(), GetStreamErrorKind::JetStream(err) if err.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// The store id clients are given for the stream `info` describes: its metadata's on the
+/// incarnation the id was minted for, and on any other one derived from the two, alike on
+/// every replica. A stream restored from a backup, or created again with its definition, keeps
+/// the metadata's id, yet its revisions from the backup's point on mean other changes: with
+/// the same id, a watcher resuming on it was handed them with no Reset, and kept profiles the
+/// stream no longer had (found by an adversarial run). On a stream whose metadata does not
+/// say which incarnation its id is of (made by an earlier release), this one is recorded.
+async fn served_store_id(
+    context: &async_nats::jetstream::Context,
+    info: &stream::Info,
+    store_id: String,
+    created: StreamCreated,
+) -> String {
+    let minted_for = info.config.metadata.get(STORE_CREATED_KEY);
+    match minted_for.map(|text| StreamCreated::parse(text)) {
+        Some(Some(minted)) if minted == created => store_id,
+        Some(_) => {
+            let served = derived_store_id(&store_id, created);
+            tracing::warn!(
+                stream = %info.config.name,
+                %created,
+                minted_for = minted_for.map_or("", String::as_str),
+                metadata_store_id = %store_id,
+                store_id = %served,
+                "the stream is another incarnation of the one its store id was made for \
+                 (restored from a backup, or created again with its definition): it is a new \
+                 store to clients, whose watches are reset"
+            );
+            served
+        }
+        None => {
+            let mut config = info.config.clone();
+            config
+                .metadata
+                .insert(STORE_CREATED_KEY.into(), created.to_string());
+            // Every replica that races here writes the same value. Should the update fail
+            // (an account not allowed to update streams), the id stays as it was.
+            if let Err(error) = context.update_stream(config).await {
+                tracing::warn!(%error, "could not record the stream's incarnation in its metadata");
+            }
+            store_id
+        }
+    }
+}
+
+/// The store id of incarnation `created` of a stream whose metadata names `store_id`: 32 hex
+/// digits, as [`crate::data_dir::new_store_id`] makes.
+fn derived_store_id(store_id: &str, created: StreamCreated) -> String {
+    use sha1::Digest as _;
+    let digest = sha1::Sha1::new()
+        .chain_update(store_id.as_bytes())
+        .chain_update(b"@")
+        .chain_update(created.to_string().as_bytes())
+        .finalize();
+    digest[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// Another replica created the stream between our lookup and our creation, with its own
