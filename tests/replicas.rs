@@ -1473,6 +1473,38 @@ async fn a_stream_created_again_under_a_running_replica_stops_it_to_start_over_o
     b.stop().await;
 }
 
+/// A stream restored from an older backup under running replicas: shorter than what they
+/// applied, it sent them no message, so they never stopped (only a message at their next
+/// sequence showed the consumer's check a new stream), served the old stream's state, and
+/// answered a new webhook 200 with the outcome the old stream's message of its sequence had
+/// (found by an adversarial run). The poll's finding stops the replica; until then a webhook is
+/// answered 503, never with another update's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_restored_shorter_under_a_running_replica_stops_it_and_no_webhook_gets_an_old_outcome()
+ {
+    let nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestService::start_with(snapshotting(&nats, "SHORTER", "a", dir.path())).await;
+    Load::start(vec![(&a).into()], 2, 30, PACE)
+        .finish(&[(&a).into()])
+        .await;
+
+    // The stream as a backup of its beginning would bring it back: the definition, no message.
+    let stream = stream_of(&nats, "SHORTER").await;
+    let context = stream.nats().context();
+    let old = context.get_stream("SHORTER").await.unwrap();
+    let old_config = old.cached_info().config.clone();
+    context.delete_stream("SHORTER").await.unwrap();
+    context.create_stream(old_config).await.unwrap();
+
+    let body = profile_updated("after-the-restore", &at(1), json!({"total_points": 7}));
+    let (status, answer) = a.post(&body).await;
+    assert_eq!(status, 503, "{answer}");
+    let ended = a.stopped_by_itself(PATIENCE).await;
+    let error = format!("{:#}", ended.expect_err("a stops with an error"));
+    assert!(error.contains("was deleted and created again"), "{error}");
+}
+
 /// A replica started from a published snapshot at the stream's very end, with no message after
 /// it: a repeat of a delivery the snapshot holds (a Gameball retry, which the stream drops as a
 /// duplicate) waited the whole webhook timeout for an apply that could not come, and got 503

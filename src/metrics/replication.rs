@@ -9,8 +9,13 @@ use super::{Metrics, counter, counter_vec_at_zero, gauge, histogram, register};
 use crate::replication::ReplicaStatus;
 
 /// Why a publish to the stream failed (`profile_state_replication_publish_failures_total`).
-pub const REPLICATION_PUBLISH_FAILURES: &[&str] =
-    &["unavailable", "unconfirmed", "refused", "too_large"];
+pub const REPLICATION_PUBLISH_FAILURES: &[&str] = &[
+    "unavailable",
+    "unconfirmed",
+    "refused",
+    "too_large",
+    "replaced",
+];
 
 /// What became of a snapshot upload (`profile_state_replication_snapshot_uploads_total`).
 pub const REPLICATION_UPLOAD_OUTCOMES: &[&str] = &["uploaded", "failed"];

@@ -77,6 +77,16 @@ pub(super) struct Applier {
     /// The first stream sequence applied with the bound on profile growth
     /// (`UpdateStream::rules_from`).
     pub rules_from: u64,
+    /// Why the status poll found the stream replaced for good, once it did (`super::poll`).
+    pub replaced_seen: watch::Receiver<Option<String>>,
+}
+
+/// What the applier's wait for its next message ended with.
+enum Woken {
+    Next(Result<Entry, JetStreamError>),
+    Stopped,
+    /// The status poll found the stream replaced, for this reason.
+    Replaced(String),
 }
 
 impl Applier {
@@ -88,13 +98,21 @@ impl Applier {
             // The same `next` is polled across room checks: dropped half-way, it could lose a
             // message it had taken from the consumer (it awaits a bounds check after that),
             // and the next one would look like a hole.
-            let next = {
+            let woken = {
                 let next = self.follower.next();
                 tokio::pin!(next);
                 loop {
                     tokio::select! {
-                        next = &mut next => break Some(next),
-                        () = self.stop.cancelled() => break None,
+                        next = &mut next => break Woken::Next(next),
+                        () = self.stop.cancelled() => break Woken::Stopped,
+                        // A stream restored shorter than what this replica applied sends no
+                        // message: the consumer's check never came, and the replica stayed
+                        // up on the old stream's state (found by an adversarial run).
+                        Ok(()) = self.replaced_seen.changed() => {
+                            if let Some(reason) = self.replaced_seen.borrow_and_update().clone() {
+                                break Woken::Replaced(reason);
+                            }
+                        }
                         _ = room_checks.tick() => {
                             // A full stream refuses every publish, so nothing comes to apply.
                             if let Some(snapshots) = &mut self.snapshots
@@ -106,7 +124,14 @@ impl Applier {
                     }
                 }
             };
-            let Some(next) = next else { break };
+            let next = match woken {
+                Woken::Next(next) => next,
+                Woken::Stopped => break,
+                Woken::Replaced(reason) => {
+                    self.replaced(reason);
+                    break;
+                }
+            };
             let entry = match next {
                 Ok(entry) => entry,
                 Err(error @ JetStreamError::StartBelowFirst { .. }) => {

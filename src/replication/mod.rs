@@ -171,6 +171,7 @@ impl Prepared {
                 done: publisher_done.clone(),
                 linger: settings.publish_linger,
                 failure_log: crate::logging::RateLimited::default(),
+                status: status.clone(),
             },
             tracker,
         );
@@ -197,6 +198,7 @@ impl Prepared {
             room_made_at: None,
         });
         let restart = CancellationToken::new();
+        let (replaced, replaced_seen) = watch::channel(None);
         let applier = Applier {
             follower,
             store: store.clone(),
@@ -209,9 +211,10 @@ impl Prepared {
             restart: restart.clone(),
             pause,
             rules_from: stream.rules_from(),
+            replaced_seen,
         };
         tracker.spawn(applier.run());
-        let ready = poll(&stream, &status, tracker, stopping.clone());
+        let ready = poll(&stream, &status, tracker, stopping.clone(), replaced);
         let catch_up = Arc::new(StreamCatchUp {
             stream,
             status: status.clone(),
@@ -230,13 +233,20 @@ impl Prepared {
 /// How often a stream that cannot be followed (deleted, or created again) is warned of.
 const STREAM_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long every poll must find the stream replaced before the applier is told to stop: one
+/// answer could be a NATS server's from before it was paused (the follower's re-ask, for the
+/// same reason, is `jetstream::follow::SETTLE`).
+const REPLACED_SETTLE: Duration = Duration::from_secs(2);
+
 /// Reads the stream's last sequence every [`POLL_INTERVAL`] (the barrier that proves this
-/// replica current, idle or not) and re-evaluates readiness, until `stopping`.
+/// replica current, idle or not) and re-evaluates readiness, until `stopping`. A stream
+/// found replaced for [`REPLACED_SETTLE`] is sent on `replaced`, for the applier to stop.
 fn poll(
     stream: &UpdateStream,
     status: &ReplicaStatus,
     tracker: &TaskTracker,
     stopping: CancellationToken,
+    replaced: watch::Sender<Option<String>>,
 ) -> watch::Receiver<bool> {
     let (ready_tx, ready) = watch::channel(false);
     let (stream, status) = (stream.clone(), status.clone());
@@ -261,18 +271,35 @@ fn poll(
             };
             match read {
                 Ok(bounds) => {
+                    status.observed_stream();
                     status.observed_last(bounds.last, read_at);
                     status.observed_room(bounds.room);
                 }
-                // A stream deleted (or created again) was not logged at all while the
-                // replica stayed connected (found by an adversarial run): said every 30 s.
-                Err(error @ (JetStreamError::Refused { .. } | JetStreamError::Replaced { .. }))
-                    if warned.is_none_or(|at| at.elapsed() >= STREAM_WARNING_INTERVAL) =>
-                {
-                    warned = Some(tokio::time::Instant::now());
-                    tracing::warn!(%error, "the update stream cannot be followed: not ready");
+                Err(error) => {
+                    if let JetStreamError::Replaced { .. } = error
+                        && status.observed_replaced(error.to_string()) >= REPLACED_SETTLE
+                    {
+                        replaced.send_if_modified(|seen| {
+                            let first = seen.is_none();
+                            seen.get_or_insert_with(|| error.to_string());
+                            first
+                        });
+                    }
+                    // A stream deleted (or created again) was not logged at all while the
+                    // replica stayed connected (found by an adversarial run): said every 30 s.
+                    let unfollowable = matches!(
+                        error,
+                        JetStreamError::Refused { .. } | JetStreamError::Replaced { .. }
+                    );
+                    if unfollowable
+                        && warned.is_none_or(|at| at.elapsed() >= STREAM_WARNING_INTERVAL)
+                    {
+                        warned = Some(tokio::time::Instant::now());
+                        tracing::warn!(%error, "the update stream cannot be followed: not ready");
+                    } else if !unfollowable {
+                        tracing::debug!(%error, "stream bounds not read");
+                    }
                 }
-                Err(error) => tracing::debug!(%error, "stream bounds not read"),
             }
             let now_ready = status.not_ready_reason().is_none();
             ready_tx.send_if_modified(|ready| std::mem::replace(ready, now_ready) != now_ready);

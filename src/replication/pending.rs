@@ -150,6 +150,11 @@ impl Pending {
         Registered::Waiting
     }
 
+    /// The last stream sequence the applier completed.
+    pub(super) fn applied_through(&self) -> u64 {
+        self.state().applied_through
+    }
+
     /// What the applier made of the update at `index` of stream message `sequence`: `None`
     /// while it is not applied, `Some(None)` when it was applied too long ago for its outcome
     /// to be kept.

@@ -85,6 +85,8 @@ pub(super) struct Parts {
     pub linger: Duration,
     /// How often a failed publish is warned about: a full stream or an outage fails every one.
     pub failure_log: crate::logging::RateLimited,
+    /// Whether the stream is still the one this replica follows.
+    pub status: super::ReplicaStatus,
 }
 
 impl Publisher {
@@ -308,6 +310,10 @@ async fn publish_as(
     repeat: Repeat,
 ) {
     let started = Instant::now();
+    if let Some(reason) = parts.status.replaced() {
+        // Its outcome could not be known here: this replica holds the old stream's state.
+        return answer_replaced(parts, requests, reason, NOT_RECORDED);
+    }
     let published = if parts.stream.nats().is_connected() {
         parts.stream.publish_as(&message, &id).await
     } else {
@@ -319,6 +325,17 @@ async fn publish_as(
         })
     };
     match published {
+        // A new message numbered at or below what this replica applied: the stream is another
+        // one (restored, or created again, since the last poll), and the outcome kept for that
+        // sequence is of another update: it was the answer (found by an adversarial run).
+        Ok(ack) if !ack.duplicate && ack.sequence <= parts.pending.applied_through() => {
+            let reason = format!(
+                "stream message {} is at or below what this replica applied ({})",
+                ack.sequence,
+                parts.pending.applied_through()
+            );
+            answer_replaced(parts, requests, reason, RECORDED_ELSEWHERE);
+        }
         Ok(ack) => {
             parts
                 .metrics
@@ -355,8 +372,6 @@ async fn publish_as(
             }
         }
         Err(error) => {
-            const NOT_RECORDED: &str =
-                "the update could not be recorded in the replicated log; retry later";
             // A publish whose acknowledgement did not come may be in the stream: say so, as
             // the single node's timeout does; the retry is harmless either way.
             let (reason, answer) = match error {
@@ -386,6 +401,30 @@ async fn publish_as(
                 }));
             }
         }
+    }
+}
+
+const NOT_RECORDED: &str = "the update could not be recorded in the replicated log; retry later";
+const RECORDED_ELSEWHERE: &str = "the update is recorded, but in a replicated log this replica \
+     no longer follows; retry it, a repeated delivery changes nothing";
+
+/// Answers `requests` 503: the stream is not the one this replica follows (`reason`), which
+/// stops to start again on it (`super::poll`).
+fn answer_replaced(parts: &Parts, requests: Vec<Request>, reason: String, answer: &str) {
+    parts.metrics.replication_publish_failed("replaced");
+    if let Some(suppressed) = parts.failure_log.due() {
+        tracing::warn!(
+            %reason,
+            updates = requests.len(),
+            suppressed,
+            "the stream was replaced under this replica: answering 503 until it has started \
+             again on the new one"
+        );
+    }
+    for request in requests {
+        let _ = request.reply.send(Err(Error::Unavailable {
+            reason: format!("{answer} (the stream was replaced: {reason})"),
+        }));
     }
 }
 

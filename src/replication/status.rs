@@ -70,6 +70,8 @@ struct Inner {
     min_room: u64,
     /// The room the stream had at the last poll, when it had less than `min_room`.
     short_of_room: Mutex<Option<(u64, u64)>>,
+    /// Since when, and why, every poll found the stream replaced by another incarnation.
+    replaced: Mutex<Option<(Instant, String)>>,
 }
 
 #[derive(Default)]
@@ -105,6 +107,7 @@ impl ReplicaStatus {
                 failed: Mutex::default(),
                 min_room,
                 short_of_room: Mutex::default(),
+                replaced: Mutex::default(),
             }),
         }
     }
@@ -117,6 +120,27 @@ impl ReplicaStatus {
             .filter(|room| *room < self.inner.min_room)
             .map(|room| (room, self.inner.min_room));
         *lock(&self.inner.short_of_room) = short;
+    }
+
+    /// A poll found the stream replaced by another incarnation (restored from a backup, or
+    /// deleted and created again) for `reason`: how long every poll has found it so.
+    pub(crate) fn observed_replaced(&self, reason: String) -> Duration {
+        let mut replaced = lock(&self.inner.replaced);
+        let (since, _) = replaced.get_or_insert_with(|| (Instant::now(), reason));
+        since.elapsed()
+    }
+
+    /// A poll found the stream this replica follows.
+    pub(crate) fn observed_stream(&self) {
+        *lock(&self.inner.replaced) = None;
+    }
+
+    /// Why the stream is not the one this replica follows, if the last poll found so: what it
+    /// would publish to is another stream, whose outcomes it cannot know.
+    pub(crate) fn replaced(&self) -> Option<String> {
+        lock(&self.inner.replaced)
+            .as_ref()
+            .map(|(_, reason)| reason.clone())
     }
 
     /// Whether the stream had less room than one webhook at the last poll.
@@ -173,6 +197,12 @@ impl ReplicaStatus {
         }
         if !self.nats_connected() {
             return Some("not connected to NATS; webhooks get 503".into());
+        }
+        if let Some(reason) = self.replaced() {
+            return Some(format!(
+                "the stream this replica follows was replaced ({reason}); it stops, to start \
+                 again on the new one"
+            ));
         }
         if let Some((room, needed)) = *lock(&self.inner.short_of_room) {
             return Some(format!(
