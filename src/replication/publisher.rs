@@ -310,6 +310,9 @@ async fn publish_as(
     repeat: Repeat,
 ) {
     let started = Instant::now();
+    // Read before the publish: its message cannot have been applied before it existed (after,
+    // it may be, as the delivery and the acknowledgement race).
+    let applied_before = parts.pending.applied_through();
     if let Some(reason) = parts.status.replaced() {
         // Its outcome could not be known here: this replica holds the old stream's state.
         return answer_replaced(parts, requests, reason, NOT_RECORDED);
@@ -325,14 +328,15 @@ async fn publish_as(
         })
     };
     match published {
-        // A new message numbered at or below what this replica applied: the stream is another
-        // one (restored, or created again, since the last poll), and the outcome kept for that
-        // sequence is of another update: it was the answer (found by an adversarial run).
-        Ok(ack) if !ack.duplicate && ack.sequence <= parts.pending.applied_through() => {
+        // A new message numbered at or below what this replica had applied before it was
+        // sent: the stream is another one (restored, or created again, since the last poll),
+        // and the outcome kept for that sequence is of another update: it was the answer
+        // (found by an adversarial run).
+        Ok(ack) if !ack.duplicate && ack.sequence <= applied_before => {
             let reason = format!(
-                "stream message {} is at or below what this replica applied ({})",
+                "new stream message {} is at or below what this replica had applied before \
+                 sending it ({applied_before})",
                 ack.sequence,
-                parts.pending.applied_through()
             );
             answer_replaced(parts, requests, reason, RECORDED_ELSEWHERE);
         }
