@@ -236,6 +236,31 @@ impl SnapshotBucket {
         Ok(snapshots)
     }
 
+    /// The `stream_created` of each live snapshot of this store id taken from an earlier
+    /// stream of this name (one deleted and created again, or restored from a backup): such
+    /// snapshots are not [`SnapshotBucket::list`]ed, and a start-up that finds none of its own
+    /// names them, so that an operator sees why the bucket's objects are not used.
+    pub async fn of_earlier_streams(&self) -> Result<Vec<String>, JetStreamError> {
+        let mut created = Vec::new();
+        for object in self.objects().await? {
+            let field = |key: &str| object.metadata.get(key);
+            if object.deleted || field(STORE_ID_KEY) != Some(&self.store_id) {
+                continue;
+            }
+            if let Some(stream_created) = field(STREAM_CREATED_KEY)
+                && stream_created != &self.stream_created
+            {
+                created.push(stream_created.clone());
+            }
+        }
+        Ok(created)
+    }
+
+    /// The bucket's name (`<stream>_SNAPSHOTS`).
+    pub fn name(&self) -> &str {
+        &self.bucket
+    }
+
     /// The snapshot at the highest stream sequence, if any.
     pub async fn newest(&self) -> Result<Option<SnapshotInfo>, JetStreamError> {
         Ok(self.list().await?.pop())

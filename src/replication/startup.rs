@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Prepared;
 use crate::config::Config;
@@ -59,18 +59,29 @@ struct Start {
 const START_PATIENCE: Duration = Duration::from_secs(30);
 /// Longest pause between two start-up attempts.
 const MAX_START_PAUSE: Duration = Duration::from_secs(2);
+/// How many `--nats-request-timeout`s a download may go without a byte before it is given up.
+/// The object store's reader ends only at the object's last chunk: once the object is retired
+/// while it downloads (deleted, its chunks purged), it waits for ever, hearing only heartbeats,
+/// and start-up hung without a word (found by an adversarial run).
+const DOWNLOAD_STALL_REQUESTS: u32 = 3;
 
 /// Connects, checks or creates the stream, opens the data directory, and loads the starting
 /// point. Settings that cannot work are [`BadConfiguration`]; an unreachable NATS is not, and
 /// fails at once. JetStream not answering in time is tried again from the start, with
-/// backoff, for up to [`START_PATIENCE`].
+/// backoff, for up to [`START_PATIENCE`]; so is a published snapshot replaced while it
+/// downloaded. Each attempt tried again is logged with why.
 pub async fn open(config: &Config) -> anyhow::Result<Opened> {
     let deadline = Instant::now() + START_PATIENCE;
     let mut pause = Duration::from_millis(100);
+    let mut attempt = 0_u32;
     loop {
+        attempt += 1;
         match open_once(config).await {
-            Err(error) if jetstream_unavailable(&error) && Instant::now() + pause < deadline => {
-                tracing::warn!(error = %format!("{error:#}"), "start-up: jetstream did not answer in time; trying again");
+            Err(error) if Instant::now() + pause < deadline => {
+                let Some(reason) = retry_reason(&error) else {
+                    return Err(error);
+                };
+                tracing::warn!(error = %format!("{error:#}"), attempt, "{reason}");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(MAX_START_PAUSE);
             }
@@ -79,20 +90,28 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
     }
 }
 
-/// Whether start-up failed because JetStream did not answer (worth another attempt), rather
-/// than because of the configuration, the data directory or the stream's content. A bucket's
-/// failure counts: without quorum, opening or listing the snapshot bucket times out too (a
-/// damaged snapshot is tried again as well, and fails the same way at the end). So does a
-/// stream purged past every snapshot: a replica may publish a newer one meanwhile.
-fn jetstream_unavailable(error: &anyhow::Error) -> bool {
-    matches!(
-        error.downcast_ref::<JetStreamError>(),
-        Some(
-            JetStreamError::Unavailable { .. }
-                | JetStreamError::Bucket { .. }
-                | JetStreamError::StartBelowFirst { .. }
-        )
-    )
+/// What to log when start-up failed for a reason worth another attempt (`None`: not worth
+/// one, the configuration, the data directory or the stream's content are at fault).
+/// JetStream not answering counts, and so does a bucket's failure: without quorum, opening or
+/// listing the snapshot bucket times out too (a damaged snapshot is tried again as well, and
+/// fails the same way at the end). So does a stream purged past every snapshot (a replica
+/// may publish a newer one meanwhile), and a snapshot replaced while it downloaded.
+fn retry_reason(error: &anyhow::Error) -> Option<&'static str> {
+    if error.downcast_ref::<Replaced>().is_some() {
+        return Some(
+            "start-up: the published snapshot was replaced while it downloaded; trying the newest",
+        );
+    }
+    match error.downcast_ref::<JetStreamError>()? {
+        JetStreamError::Unavailable { .. } | JetStreamError::Bucket { .. } => {
+            Some("start-up: jetstream did not answer in time; trying again")
+        }
+        JetStreamError::StartBelowFirst { .. } => Some(
+            "start-up: the stream was purged past the snapshot; trying again with the newest \
+             published one",
+        ),
+        _ => None,
+    }
 }
 
 /// One attempt of [`open`]; everything it opened is dropped again if it fails.
@@ -147,22 +166,8 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
     };
     let dir = data_dir.as_ref().map(|dir| dir.path().to_owned());
     let bounds = stream.bounds().await?;
-    let (store, applied, source) = loop {
-        let (start, source) = choose_start(&stream, &bucket, dir.as_deref(), bounds).await?;
-        let store = Store::with_history(config.history(), stream.store_id());
-        let Some(start) = start else {
-            break (store, 0, source);
-        };
-        match load(&store, &start, dir.is_none()).await {
-            Ok(applied) => break (store, applied, source),
-            // A replica's own snapshots are copies of what the stream and the published ones
-            // hold: a damaged one is set aside, and start-up goes on without it (it used to
-            // refuse to start, for good, with a single node's advice).
-            Err(error) if source == LOCAL => set_aside(&start.path, &error)?,
-            Err(error) => return Err(error),
-        }
-    };
-    let follower = Follower::start(&stream, applied).await?;
+    let (store, applied, source, follower) =
+        recover(config, &stream, &bucket, dir.as_deref(), bounds).await?;
     tracing::info!(
         replica = %name,
         stream = stream.name(),
@@ -193,6 +198,48 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
         dead_letters,
         schedule,
     })
+}
+
+/// The store as of the starting point, the stream sequence it is as of, where it came from,
+/// and the stream followed from there. A downloaded snapshot that turns out unusable is
+/// removed.
+async fn recover(
+    config: &Config,
+    stream: &UpdateStream,
+    bucket: &SnapshotBucket,
+    dir: Option<&Path>,
+    bounds: Bounds,
+) -> anyhow::Result<(Store, u64, &'static str, Follower)> {
+    let stall = config.nats.request_timeout * DOWNLOAD_STALL_REQUESTS;
+    let (store, applied, source, downloaded) = loop {
+        let (start, source) = choose_start(stream, bucket, dir, bounds, stall).await?;
+        let store = Store::with_history(config.history(), stream.store_id());
+        let Some(start) = start else {
+            break (store, 0, source, None);
+        };
+        // In the data directory, a download is a file like the replica's own snapshots.
+        let downloaded = (source == PUBLISHED && dir.is_some()).then(|| start.path.clone());
+        match load(&store, &start, dir.is_none()).await {
+            Ok(applied) => break (store, applied, source, downloaded),
+            // A replica's own snapshots are copies of what the stream and the published ones
+            // hold: a damaged one is set aside, and start-up goes on without it (it used to
+            // refuse to start, for good, with a single node's advice).
+            Err(error) if source == LOCAL => set_aside(&start.path, &error)?,
+            Err(error) => {
+                remove_download(downloaded.as_deref(), &error);
+                return Err(error);
+            }
+        }
+    };
+    match Follower::start(stream, applied).await {
+        Ok(follower) => Ok((store, applied, source, follower)),
+        // The stream was purged past the download while it downloaded, most likely.
+        Err(error) => {
+            let error = anyhow::Error::new(error);
+            remove_download(downloaded.as_deref(), &error);
+            Err(error)
+        }
+    }
 }
 
 fn bad_configuration(reason: String) -> anyhow::Error {
@@ -271,8 +318,10 @@ fn prepare_dir(path: &Path, store_id: &str, created: StreamCreated) -> anyhow::R
 /// The data directory's record of when its stream was created.
 const STREAM_CREATED_FILE: &str = "STREAM_CREATED";
 
-/// Where start-up's store comes from: [`LOCAL`], a published snapshot, or the whole stream.
+/// Where start-up's store comes from: [`LOCAL`], [`PUBLISHED`], or the whole stream.
 const LOCAL: &str = "local snapshot";
+/// A published snapshot, downloaded.
+const PUBLISHED: &str = "published snapshot";
 
 /// The snapshot to start from, and where it came from: the oldest local one the stream
 /// continues from, else the newest published one (downloaded into `dir`), else none (the
@@ -282,6 +331,7 @@ async fn choose_start(
     bucket: &SnapshotBucket,
     dir: Option<&Path>,
     bounds: Bounds,
+    stall: Duration,
 ) -> anyhow::Result<(Option<Start>, &'static str)> {
     if let Some(dir) = dir
         && let Some(start) = choose_local(dir.to_owned(), bounds.first, bounds.last).await?
@@ -304,18 +354,62 @@ async fn choose_start(
             ))
         }
         Some(published) => {
-            let start = download(bucket, &published, dir).await?;
-            Ok((Some(start), "published snapshot"))
+            let start = download(bucket, &published, dir, stall).await?;
+            Ok((Some(start), PUBLISHED))
         }
         None if bounds.first > 1 => bail!(
             "stream {} starts at sequence {}: the messages before it were purged, and no \
-             published snapshot of store {} covers them (bucket {}_SNAPSHOTS is empty)",
+             published snapshot of store {} covers them ({})",
             stream.name(),
             bounds.first,
             stream.store_id(),
-            stream.name()
+            what_the_bucket_holds(stream, bucket).await?
         ),
         None => Ok((None, "empty store")),
+    }
+}
+
+/// Why a bucket holds no snapshot this stream can use: it is empty, or its snapshots were
+/// taken from an earlier stream of this name, one deleted and created again or restored from
+/// a backup (the message said "is empty" then, and the operator looked for the wrong cause).
+async fn what_the_bucket_holds(
+    stream: &UpdateStream,
+    bucket: &SnapshotBucket,
+) -> anyhow::Result<String> {
+    let mut earlier = bucket.of_earlier_streams().await?;
+    if earlier.is_empty() {
+        return Ok(format!("bucket {} is empty", bucket.name()));
+    }
+    let count = earlier.len();
+    earlier.sort();
+    earlier.dedup();
+    Ok(format!(
+        "bucket {} holds {count} snapshot(s) of an earlier incarnation of the stream (created \
+         {}), which this one (created {}) cannot use",
+        bucket.name(),
+        earlier.join(", "),
+        stream.created()
+    ))
+}
+
+/// Removes a downloaded snapshot start-up cannot use (the stream was purged past it while it
+/// downloaded, or it does not load): each attempt left one behind, tens of megabytes, and a
+/// supervised replica outrun again and again filled the disk (found by an adversarial run).
+/// The bucket still has it, or a newer one. The replica's own snapshots never come here.
+fn remove_download(downloaded: Option<&Path>, why: &anyhow::Error) {
+    let Some(path) = downloaded else { return };
+    let removed = std::fs::remove_file(path).map_err(|error| IoError::new(path, "remove", error));
+    match removed {
+        Ok(()) => tracing::warn!(
+            snapshot = %path.display(),
+            error = %format!("{why:#}"),
+            "the downloaded snapshot cannot be used: removed"
+        ),
+        Err(error) => tracing::warn!(
+            snapshot = %path.display(),
+            %error,
+            "the downloaded snapshot cannot be used, and could not be removed"
+        ),
     }
 }
 
@@ -360,11 +454,14 @@ async fn choose_local(dir: PathBuf, first: u64, last: u64) -> anyhow::Result<Opt
 }
 
 /// Downloads a published snapshot: into the data directory as an ordinary local snapshot
-/// (temporary file, synced, renamed), or into a temporary file when ephemeral.
+/// (temporary file, synced, renamed), or into a temporary file when ephemeral. A download that
+/// gets no byte for `stall` is given up; one that ends early says whether the snapshot is
+/// still the newest published, and is [`Replaced`] when it is not.
 async fn download(
     bucket: &SnapshotBucket,
     published: &SnapshotInfo,
     dir: Option<&Path>,
+    stall: Duration,
 ) -> anyhow::Result<Start> {
     let name = format!("snapshot-{:020}.snap", published.revision);
     let (temp, path) = match dir {
@@ -375,18 +472,16 @@ async fn download(
             (temp.clone(), temp)
         }
     };
-    let copied = async {
-        let mut reader = bucket.read(published).await?;
-        let mut file = tokio::fs::File::create(&temp).await?;
-        tokio::io::copy(&mut reader, &mut file).await?;
-        file.flush().await?;
-        file.sync_all().await?;
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(error) = copied {
+    tracing::info!(
+        snapshot = %published.name,
+        revision = published.revision,
+        stream_sequence = published.stream_sequence,
+        bytes = published.size,
+        "downloading published snapshot"
+    );
+    if let Err(interrupted) = copy_into(bucket, published, &temp, stall).await {
         let _ = tokio::fs::remove_file(&temp).await;
-        return Err(error.context(format!("downloading published snapshot {}", published.name)));
+        return Err(download_failed(bucket, published, interrupted).await);
     }
     if let Some(dir) = dir {
         tokio::fs::rename(&temp, &path).await?;
@@ -404,6 +499,113 @@ async fn download(
         revision: published.revision,
         stream_sequence: published.stream_sequence,
     })
+}
+
+/// A download that ended early: how far it got, and why.
+struct Interrupted {
+    copied: u64,
+    cause: anyhow::Error,
+}
+
+/// Copies `published` into `temp` and syncs it, giving up after `stall` without a byte.
+async fn copy_into(
+    bucket: &SnapshotBucket,
+    published: &SnapshotInfo,
+    temp: &Path,
+    stall: Duration,
+) -> Result<(), Interrupted> {
+    let mut copied = 0;
+    let result = async {
+        let mut reader = bucket.read(published).await?;
+        let mut file = tokio::fs::File::create(temp).await?;
+        let mut buffer = vec![0; 128 * 1024];
+        loop {
+            let Ok(read) = tokio::time::timeout(stall, reader.read(&mut buffer)).await else {
+                bail!(
+                    "no byte arrived for {} ({DOWNLOAD_STALL_REQUESTS} × --nats-request-timeout)",
+                    humantime::format_duration(stall)
+                );
+            };
+            let read = read?;
+            if read == 0 {
+                break;
+            }
+            file.write_all(&buffer[..read]).await?;
+            copied += read as u64;
+        }
+        file.flush().await?;
+        file.sync_all().await?;
+        anyhow::Ok(())
+    }
+    .await;
+    result.map_err(|cause| Interrupted { copied, cause })
+}
+
+/// The error for a download that ended early. The bucket is asked what became of the snapshot
+/// (a download cut off by a long pause said only "missed idle heartbeat"): retired or
+/// replaced by a newer one meanwhile, it is [`Replaced`], which start-up tries again with the
+/// newest; still the newest, the failure is the download's own, its cause kept (a bucket that
+/// does not answer is tried again, as before).
+async fn download_failed(
+    bucket: &SnapshotBucket,
+    published: &SnapshotInfo,
+    interrupted: Interrupted,
+) -> anyhow::Error {
+    let failure = format!(
+        "downloading published snapshot {} failed after {} of {} bytes",
+        published.name, interrupted.copied, published.size
+    );
+    let snapshots = match bucket.list().await {
+        Ok(snapshots) => snapshots,
+        Err(error) => {
+            return interrupted.cause.context(format!(
+                "{failure} (whether it is still in bucket {} could not be checked: {error})",
+                bucket.name()
+            ));
+        }
+    };
+    let kept = snapshots.iter().any(|kept| kept.name == published.name);
+    let newest = snapshots.last().map(|newest| newest.name.clone());
+    if kept && newest.as_ref() == Some(&published.name) {
+        return interrupted.cause.context(format!(
+            "{failure} (it is still the newest snapshot in bucket {})",
+            bucket.name()
+        ));
+    }
+    Replaced {
+        failure: format!("{failure}: {:#}", interrupted.cause),
+        snapshot: published.name.clone(),
+        kept,
+        newest,
+    }
+    .into()
+}
+
+/// A published snapshot that was retired (deleted), or replaced by a newer one, while it
+/// downloaded; start-up tries again with the newest.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{failure}; the snapshot {snapshot} was replaced while it downloaded ({})",
+    fate(*kept, newest.as_deref())
+)]
+struct Replaced {
+    failure: String,
+    snapshot: String,
+    /// Whether the bucket still holds it (a newer one was published), or it was deleted.
+    kept: bool,
+    /// The newest published snapshot now.
+    newest: Option<String>,
+}
+
+fn fate(kept: bool, newest: Option<&str>) -> String {
+    let newest = match newest {
+        Some(newest) => format!("the newest is now {newest}"),
+        None => "the bucket holds none now".to_string(),
+    };
+    match kept {
+        true => format!("it is still in the bucket, but {newest}"),
+        false => format!("it is no longer in the bucket; {newest}"),
+    }
 }
 
 /// Loads `start` into the (fresh) store; returns its stream sequence. A temporary download
@@ -443,12 +645,12 @@ mod tests {
             key: "*".into(),
             reason: "timed out".into(),
         };
-        assert!(jetstream_unavailable(&anyhow::Error::new(bucket)));
+        assert!(retry_reason(&anyhow::Error::new(bucket)).is_some());
         let unavailable = JetStreamError::Unavailable {
             operation: "stream info",
             reason: "timed out".into(),
         };
-        assert!(jetstream_unavailable(&anyhow::Error::new(unavailable)));
+        assert!(retry_reason(&anyhow::Error::new(unavailable)).is_some());
         // The stream purged past the newest published snapshot: not downloaded only to fail,
         // and tried again while another replica may publish a newer one (a replica restarted
         // into it crash-looped, downloading it each time: found by an adversarial run).
@@ -457,15 +659,28 @@ mod tests {
             requested: 101,
             first: 500,
         };
-        assert!(jetstream_unavailable(
-            &anyhow::Error::new(purged).context("waiting for a replica to publish a newer one")
-        ));
+        assert!(
+            retry_reason(
+                &anyhow::Error::new(purged).context("waiting for a replica to publish a newer one")
+            )
+            .is_some()
+        );
+        // A snapshot retired while it downloaded: the newest is downloaded instead (start-up
+        // hung on it for good: found by an adversarial run).
+        let replaced = Replaced {
+            failure: "downloading published snapshot snapshot-1 failed".into(),
+            snapshot: "snapshot-1".into(),
+            kept: false,
+            newest: Some("snapshot-2".into()),
+        };
+        let reason = retry_reason(&anyhow::Error::new(replaced).context("choosing a start"));
+        assert!(reason.is_some_and(|reason| reason.contains("replaced")));
         let mismatch = JetStreamError::Mismatch {
             name: "PROFILE_STATE".into(),
             setting: "replicas",
             expected: "3".into(),
             found: "1".into(),
         };
-        assert!(!jetstream_unavailable(&anyhow::Error::new(mismatch)));
+        assert!(retry_reason(&anyhow::Error::new(mismatch)).is_none());
     }
 }

@@ -112,7 +112,31 @@ impl Binary {
 
     /// Starts `command` (which must ask for `--log-format json`) and waits for its "listening"
     /// line.
-    pub async fn spawn(mut command: Command) -> Binary {
+    pub async fn spawn(command: Command) -> Binary {
+        let mut binary = Binary::spawn_starting(command);
+        binary.wait_listening().await;
+        binary
+    }
+
+    /// Starts the binary on `data_dir` with `args` and returns at once, while it starts up
+    /// (its addresses are known after [`Binary::wait_listening`]).
+    pub fn start_up(data_dir: &Path, args: &[&str]) -> Binary {
+        let mut command = command(data_dir, args);
+        command.env("RUST_LOG", "info");
+        Binary::spawn_starting(command)
+    }
+
+    /// Waits for the "listening" line, which comes once start-up is over, and takes the
+    /// addresses from it.
+    pub async fn wait_listening(&mut self) {
+        let listening = self.wait_for("profile-state listening").await;
+        let address = |name: &str| listening[name].as_str().unwrap().parse().unwrap();
+        (self.webhook, self.grpc, self.admin) =
+            (address("webhook"), address("grpc"), address("admin"));
+    }
+
+    /// Starts `command` (which must ask for `--log-format json`), not waiting for anything.
+    fn spawn_starting(mut command: Command) -> Binary {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -129,19 +153,14 @@ impl Binary {
             }
         });
         let unbound: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let mut binary = Binary {
+        Binary {
             child,
             lines,
             seen: Vec::new(),
             webhook: unbound,
             grpc: unbound,
             admin: unbound,
-        };
-        let listening = binary.wait_for("profile-state listening").await;
-        let address = |name: &str| listening[name].as_str().unwrap().parse().unwrap();
-        (binary.webhook, binary.grpc, binary.admin) =
-            (address("webhook"), address("grpc"), address("admin"));
-        binary
+        }
     }
 
     /// The next log line whose message is `message`.
