@@ -236,15 +236,16 @@ impl SnapshotBucket {
         Ok(snapshots)
     }
 
-    /// The `stream_created` of each live snapshot of this store id taken from an earlier
-    /// stream of this name (one deleted and created again, or restored from a backup): such
-    /// snapshots are not [`SnapshotBucket::list`]ed, and a start-up that finds none of its own
-    /// names them, so that an operator sees why the bucket's objects are not used.
+    /// The `stream_created` of each live snapshot taken from an earlier stream of this name
+    /// (one deleted and created again, or restored from a backup): such snapshots are not
+    /// [`SnapshotBucket::list`]ed, and a start-up that finds none of its own names them, so
+    /// that an operator sees why the bucket's objects are not used. Whatever their store id:
+    /// such a stream is served under another one (`UpdateStream::store_id`).
     pub async fn of_earlier_streams(&self) -> Result<Vec<String>, JetStreamError> {
         let mut created = Vec::new();
         for object in self.objects().await? {
             let field = |key: &str| object.metadata.get(key);
-            if object.deleted || field(STORE_ID_KEY) != Some(&self.store_id) {
+            if object.deleted {
                 continue;
             }
             if let Some(stream_created) = field(STREAM_CREATED_KEY)
