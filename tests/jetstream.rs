@@ -103,17 +103,15 @@ async fn replicas_racing_to_create_the_stream_share_one_store_id() {
 async fn a_stream_of_an_earlier_release_keeps_its_store_id_and_gets_its_incarnation_recorded() {
     let (_nats, client, made) = started("EARLIER").await;
     let context = client.context();
-    let metadata = |config: &async_nats::jetstream::stream::Config| {
+    let config = || async {
+        let stream = context.get_stream("EARLIER").await.unwrap();
+        stream.cached_info().config.clone()
+    };
+    let recorded = |config: &async_nats::jetstream::stream::Config| {
         config.metadata.get("profile_state_store_created").cloned()
     };
-    let info = context
-        .get_stream("EARLIER")
-        .await
-        .unwrap()
-        .cached_info()
-        .clone();
-    assert_eq!(metadata(&info.config), Some(made.created().to_string()));
-    let mut earlier = info.config.clone();
+    let mut earlier = config().await;
+    assert_eq!(recorded(&earlier), Some(made.created().to_string()));
     earlier.metadata.remove("profile_state_store_created");
     context.update_stream(earlier).await.unwrap();
 
@@ -125,13 +123,10 @@ async fn a_stream_of_an_earlier_release_keeps_its_store_id_and_gets_its_incarnat
         made.store_id(),
         "the same store to clients"
     );
-    let info = context
-        .get_stream("EARLIER")
-        .await
-        .unwrap()
-        .cached_info()
-        .clone();
-    assert_eq!(metadata(&info.config), Some(opened.created().to_string()));
+    assert_eq!(
+        recorded(&config().await),
+        Some(opened.created().to_string())
+    );
 }
 
 #[tokio::test]
