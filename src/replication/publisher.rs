@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use super::linger::{Linger, Wait};
 use super::pending::{Pending, Registered, Reply};
 use crate::error::Error;
-use crate::jetstream::{JetStreamError, UpdateBatch, UpdateStream, delivery_id};
+use crate::jetstream::{JetStreamError, Published, UpdateBatch, UpdateStream, delivery_id};
 use crate::journal::codec::UpdateRecord;
 use crate::metrics::Metrics;
 use crate::profile::{Profile, ProfileKey, ProfileUpdate, check_growth};
@@ -344,67 +344,76 @@ async fn publish_as(
             parts
                 .metrics
                 .replication_published(started.elapsed().as_secs_f64(), ack.duplicate);
-            for (index, request) in requests.into_iter().enumerate() {
-                request.acked.store(ack.sequence, Ordering::Release);
-                let refused = || refused_before(parts, ack.sequence, index, &request.update);
-                if ack.duplicate && repeat == Repeat::First && refused() {
-                    // The stream dropped a repeat (a retry, a replay) of an update the merge
-                    // refused for want of room: published again under an id of its own, it is
-                    // applied to the profile as it is now. The id names the profile's revision:
-                    // while the profile has not changed, repeats are dropped again (and
-                    // refused again, below), so a retry costs two publishes at most.
-                    let record = UpdateRecord::new(0, &request.update);
-                    let revision = parts.store.get(&request.update.key).map(|p| p.revision);
-                    let id = format!("{}@{}", delivery_id(&record), revision.unwrap_or(0));
-                    let alone = UpdateBatch {
-                        updates: vec![record],
-                    };
-                    let again = publish_as(parts, vec![request], id, alone, Repeat::Again);
-                    Box::pin(again).await;
-                    continue;
-                }
-                if ack.duplicate && repeat == Repeat::Again && refused() {
-                    // Refused at this very revision of the profile already: nothing changed.
-                    let _ = request.reply.send(refusal(&parts.store, &request.update));
-                    continue;
-                }
-                if let Registered::Old(reply) =
-                    parts.pending.register(ack.sequence, index, request.reply)
-                {
-                    let _ = reply.send(Ok(unchanged(&parts.store, &request.update.key)));
-                }
-            }
+            hand_over(parts, requests, ack, repeat).await;
         }
-        Err(error) => {
-            // A publish whose acknowledgement did not come may be in the stream: say so, as
-            // the single node's timeout does; the retry is harmless either way.
-            let (reason, answer) = match error {
-                JetStreamError::TooLarge { .. } => ("too_large", NOT_RECORDED),
-                JetStreamError::Refused { .. } => ("refused", NOT_RECORDED),
-                JetStreamError::Unconfirmed { .. } => (
-                    "unconfirmed",
-                    "the replicated log did not confirm the update in time; it may still be \
-                     recorded: retry it, a repeated delivery changes nothing",
-                ),
-                _ => ("unavailable", NOT_RECORDED),
+        Err(error) => answer_failed(parts, requests, error),
+    }
+}
+
+/// Hands each caller of a published message to the pending table, which answers it once this
+/// replica applied the message; a repeat of an update the merge refused is published again or
+/// answered here.
+async fn hand_over(parts: &Parts, requests: Vec<Request>, ack: Published, repeat: Repeat) {
+    for (index, request) in requests.into_iter().enumerate() {
+        request.acked.store(ack.sequence, Ordering::Release);
+        let refused = || refused_before(parts, ack.sequence, index, &request.update);
+        if ack.duplicate && repeat == Repeat::First && refused() {
+            // The stream dropped a repeat (a retry, a replay) of an update the merge
+            // refused for want of room: published again under an id of its own, it is
+            // applied to the profile as it is now. The id names the profile's revision:
+            // while the profile has not changed, repeats are dropped again (and
+            // refused again, below), so a retry costs two publishes at most.
+            let record = UpdateRecord::new(0, &request.update);
+            let revision = parts.store.get(&request.update.key).map(|p| p.revision);
+            let id = format!("{}@{}", delivery_id(&record), revision.unwrap_or(0));
+            let alone = UpdateBatch {
+                updates: vec![record],
             };
-            parts.metrics.replication_publish_failed(reason);
-            // Counted every time (`profile_state_replication_publish_failures_total`).
-            if let Some(suppressed) = parts.failure_log.due() {
-                tracing::warn!(
-                    %error,
-                    updates = requests.len(),
-                    suppressed,
-                    "publish failed: answering 503 (warned at most every 10 s; `suppressed` \
-                     failures since the last warning)"
-                );
-            }
-            for request in requests {
-                let _ = request.reply.send(Err(Error::Unavailable {
-                    reason: answer.into(),
-                }));
-            }
+            let again = publish_as(parts, vec![request], id, alone, Repeat::Again);
+            Box::pin(again).await;
+            continue;
         }
+        if ack.duplicate && repeat == Repeat::Again && refused() {
+            // Refused at this very revision of the profile already: nothing changed.
+            let _ = request.reply.send(refusal(&parts.store, &request.update));
+            continue;
+        }
+        if let Registered::Old(reply) = parts.pending.register(ack.sequence, index, request.reply) {
+            let _ = reply.send(Ok(unchanged(&parts.store, &request.update.key)));
+        }
+    }
+}
+
+/// Answers every caller of a message whose publish failed 503, counts the failure by its kind
+/// and warns (at most every 10 s).
+fn answer_failed(parts: &Parts, requests: Vec<Request>, error: JetStreamError) {
+    // A publish whose acknowledgement did not come may be in the stream: say so, as
+    // the single node's timeout does; the retry is harmless either way.
+    let (reason, answer) = match error {
+        JetStreamError::TooLarge { .. } => ("too_large", NOT_RECORDED),
+        JetStreamError::Refused { .. } => ("refused", NOT_RECORDED),
+        JetStreamError::Unconfirmed { .. } => (
+            "unconfirmed",
+            "the replicated log did not confirm the update in time; it may still be \
+             recorded: retry it, a repeated delivery changes nothing",
+        ),
+        _ => ("unavailable", NOT_RECORDED),
+    };
+    parts.metrics.replication_publish_failed(reason);
+    // Counted every time (`profile_state_replication_publish_failures_total`).
+    if let Some(suppressed) = parts.failure_log.due() {
+        tracing::warn!(
+            %error,
+            updates = requests.len(),
+            suppressed,
+            "publish failed: answering 503 (warned at most every 10 s; `suppressed` \
+             failures since the last warning)"
+        );
+    }
+    for request in requests {
+        let _ = request.reply.send(Err(Error::Unavailable {
+            reason: answer.into(),
+        }));
     }
 }
 
