@@ -500,6 +500,28 @@ async fn snapshots_round_trip_through_the_object_store() {
     assert_ne!(again.store_id(), replaced.store_id());
     let bucket = SnapshotBucket::open(&again).await.unwrap();
     assert_eq!(bucket.newest().await.unwrap(), None);
+    // A snapshot of the same sequence does not overwrite the earlier stream's, which a
+    // restored backup of that stream may need (the names carry the store id).
+    bucket
+        .put(1, 2, &mut &b"a snapshot of this stream"[..])
+        .await
+        .unwrap();
+    let earlier = bucket.of_earlier_streams().await.unwrap();
+    assert_eq!(earlier.len(), 2, "{earlier:?}");
+    let before = earlier
+        .iter()
+        .find(|earlier| earlier.snapshot.stream_sequence == 2)
+        .expect("the earlier stream's snapshot of sequence 2");
+    let mut read = Vec::new();
+    bucket
+        .read(&before.snapshot)
+        .await
+        .unwrap()
+        .read_to_end(&mut read)
+        .await
+        .unwrap();
+    assert_eq!(read, b"a snapshot of the stream before");
+    assert_eq!(before.message_digest, None, "the stream held no message 2");
     let error = replaced.bounds().await.unwrap_err();
     assert!(matches!(error, JetStreamError::Replaced { .. }), "{error}");
 }

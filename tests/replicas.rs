@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use binary::Binary;
-use common::{SECRET, TestService, at, profile_updated};
+use common::{SECRET, TestService, at, profile_updated, stream_backup};
 use nats_harness::NatsCluster;
 use profile_state::pb::profile_service_client::ProfileServiceClient;
 use profile_state::pb::watch_profiles_response::Event;
@@ -2135,12 +2135,13 @@ async fn a_downloaded_snapshot_the_stream_was_purged_past_is_removed() {
 
 /// After a stream was restored from a backup (a new stream under the name, the same store id),
 /// start-up said the snapshot bucket "is empty" although it held snapshots: those of the
-/// earlier stream, which the new one cannot use (found by an adversarial run). It says so.
+/// earlier stream, which the new one cannot use (found by an adversarial run). It names each,
+/// and why: here the new stream holds none of their sequences.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn start_up_names_the_snapshots_of_an_earlier_stream_it_cannot_use() {
     let nats = NatsCluster::single().await.unwrap();
     let a_dir = tempfile::tempdir().unwrap();
-    let (a, _, _) = two_published(&nats, "REBORN", a_dir.path()).await;
+    let (a, _, published) = two_published(&nats, "REBORN", a_dir.path()).await;
     a.stop().await;
     // Deleted and created again with its configuration, then purged, as a restored backup
     // of a purged stream starts after its first message.
@@ -2165,10 +2166,171 @@ async fn start_up_names_the_snapshots_of_an_earlier_stream_it_cannot_use() {
     let refused = Server::bind(replica_config(&nats, "REBORN", "b")).await;
     let error = format!("{:#}", refused.err().expect("b cannot start"));
     let expected = format!(
-        "bucket REBORN_SNAPSHOTS holds 2 snapshot(s) of an earlier incarnation of the stream \
-         (created {}), which this one (created {}) cannot use",
-        old_created,
+        "bucket REBORN_SNAPSHOTS holds 2 snapshot(s) of an earlier incarnation of the stream, \
+         none of which this one (created {}) continues: ",
         stream.created()
     );
     assert!(error.contains(&expected), "{error}");
+    for published in &published {
+        let expected = format!(
+            "{} (stream created {old_created}, as of sequence {}): the stream holds no message \
+             (it starts at sequence 2)",
+            published.name, published.stream_sequence
+        );
+        assert!(error.contains(&expected), "{expected}: {error}");
+    }
+}
+
+/// Waits until `stream` was purged (no longer starts at its first message); returns where
+/// it starts.
+async fn purged(stream: &profile_state::jetstream::UpdateStream) -> u64 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let first = stream.bounds().await.unwrap().first;
+        if first > 1 {
+            return first;
+        }
+        assert!(Instant::now() < deadline, "the stream was purged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A stream backed up (`nats stream backup`) once snapshots were published and the stream
+/// purged below them, then restored (`nats stream restore`: the same configuration and
+/// messages, a new creation time) could not be started on: the published snapshots are of the
+/// earlier incarnation, and the stream no longer starts at its first message (adversarial
+/// finding; README called it a limit). Each snapshot records the digest of the message it was
+/// taken after, and the restored stream holds that message: a replica on an empty data
+/// directory and one on its old one both start from the snapshot, hold what the backup held
+/// under a new store id, and apply what comes after. A real backup and restore, through the
+/// JetStream API as the NATS CLI makes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_start_on_a_restored_backup_of_a_purged_stream() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a_dir = tempfile::tempdir().unwrap();
+    let (a, _, published) = two_published(&nats, "RESTORED", a_dir.path()).await;
+    // Messages after the newest snapshot, which a replica started from it applies.
+    for n in 60..65 {
+        let body = profile_updated(&format!("p{n}"), &at(1), json!({"total_points": n}));
+        post_until_ok(&a, &body).await;
+    }
+    let stream = stream_of(&nats, "RESTORED").await;
+    let first = purged(&stream).await;
+    assert!(
+        first > published[0].stream_sequence,
+        "purged below the older"
+    );
+    let last = stream.bounds().await.unwrap().last;
+    wait_applied(&[(&a).into()], last).await;
+    let (held, revision) = Replica::from(&a).dump().await;
+    let old_store_id = Replica::from(&a).info().await.store_id;
+    let client = stream_backup::client(&nats.client_urls()[0]).await;
+    let backup = stream_backup::backup(&client, "RESTORED").await;
+    a.stop().await;
+
+    let context = stream.nats().context();
+    context.delete_stream("RESTORED").await.unwrap();
+    stream_backup::restore(&client, "RESTORED", &backup).await;
+    let restored = stream_of(&nats, "RESTORED").await;
+    assert_ne!(restored.created(), stream.created(), "another incarnation");
+    let bounds = restored.bounds().await.unwrap();
+    assert_eq!((bounds.first, bounds.last), (first, last));
+
+    let b_dir = tempfile::tempdir().unwrap();
+    let a = TestService::start_with(snapshotting(&nats, "RESTORED", "a", a_dir.path())).await;
+    let b = TestService::start_with(snapshotting(&nats, "RESTORED", "b", b_dir.path())).await;
+    let replicas = [Replica::from(&a), Replica::from(&b)];
+    wait_applied(&replicas, last).await;
+    for replica in &replicas {
+        let (profiles, now) = replica.dump().await;
+        assert_eq!(now, revision, "the revision the backup held");
+        assert!(profiles == held, "the profiles the backup held");
+        let info = replica.info().await;
+        assert_ne!(info.store_id, old_store_id, "a new store to clients");
+    }
+    let body = profile_updated("after-the-restore", &at(1), json!({"total_points": 7}));
+    post_until_ok(&b, &body).await;
+    let dump = assert_converged(&replicas).await;
+    assert_eq!(dump.len(), held.len() + 1);
+    assert!(dump.iter().any(|p| p.customer_id == "after-the-restore"));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The other side of the restore: a stream deleted and created again with its configuration
+/// and fed other messages, purged as the earlier one was, is not taken for a restore of it.
+/// The messages at the snapshots' sequences differ, and a snapshot of an earlier release
+/// records no digest to compare: start-up refuses, naming each snapshot and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_without_the_messages_the_snapshots_were_taken_after_is_not_started_from_them() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a_dir = tempfile::tempdir().unwrap();
+    let (a, bucket, published) = two_published(&nats, "UNLIKE", a_dir.path()).await;
+    a.stop().await;
+    let stream = stream_of(&nats, "UNLIKE").await;
+    let old_created = stream.created().to_string();
+    let context = stream.nats().context().clone();
+    // A snapshot as a release before this one published it: no digest, its sequence held.
+    let sequence = published[0].stream_sequence + 1;
+    let metadata = [
+        ("revision", "1".to_string()),
+        ("stream_sequence", sequence.to_string()),
+        ("store_id", stream.store_id().to_string()),
+        ("stream_created", old_created.clone()),
+    ];
+    let old_release = async_nats::jetstream::object_store::ObjectMetadata {
+        name: format!("snapshot-{sequence:020}"),
+        metadata: metadata.map(|(key, value)| (key.to_string(), value)).into(),
+        ..Default::default()
+    };
+    let store = context.get_object_store(bucket.name()).await.unwrap();
+    store
+        .put(old_release, &mut &b"a snapshot"[..])
+        .await
+        .unwrap();
+
+    let config = context
+        .get_stream("UNLIKE")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    context.delete_stream("UNLIKE").await.unwrap();
+    context.create_stream(config).await.unwrap();
+    let payload = prost::Message::encode_to_vec(&profile_state::jetstream::UpdateBatch::default());
+    for _ in 0..published[1].stream_sequence + 5 {
+        let message =
+            async_nats::jetstream::message::PublishMessage::build().payload(payload.clone().into());
+        let ack = context
+            .send_publish("UNLIKE.updates", message)
+            .await
+            .unwrap();
+        ack.await.unwrap();
+    }
+    let stream = stream_of(&nats, "UNLIKE").await;
+    stream
+        .purge_below(published[0].stream_sequence)
+        .await
+        .unwrap();
+
+    let refused = Server::bind(replica_config(&nats, "UNLIKE", "b")).await;
+    let error = format!("{:#}", refused.err().expect("b cannot start"));
+    assert!(
+        error.contains("holds 3 snapshot(s) of an earlier incarnation"),
+        "{error}"
+    );
+    for published in &published {
+        let expected = format!(
+            "{} (stream created {old_created}, as of sequence {}): the stream's message at its \
+             sequence differs from the one it was taken after",
+            published.name, published.stream_sequence
+        );
+        assert!(error.contains(&expected), "{expected}: {error}");
+    }
+    let expected = format!(
+        "snapshot-{sequence:020} (stream created {old_created}, as of sequence {sequence}): no \
+         digest of the stream's message at its sequence (published by a release before this one)"
+    );
+    assert!(error.contains(&expected), "{expected}: {error}");
 }

@@ -6,11 +6,12 @@
 //!   an existing one (subjects, storage, replicas, duplicate window, limits), owns the
 //!   cluster-wide store id (kept in the stream's metadata, so it lives and dies with the log),
 //!   publishes an [`UpdateBatch`] with a `Nats-Msg-Id`, reads the last sequence (a
-//!   leader-served barrier), and purges below a sequence.
+//!   leader-served barrier) and the digest of a message, and purges below a sequence.
 //! - [`Follower`]: reads the stream in order from a sequence with an ordered consumer and hands
 //!   out every later sequence exactly once, or fails naming what is missing.
 //! - [`SnapshotBucket`]: snapshots in an Object Store bucket, tagged with the revision and
-//!   stream sequence they are as of, for replicas that start with an empty disk.
+//!   stream sequence they are as of (and the digest of the stream's message there), for
+//!   replicas that start with an empty disk.
 //! - [`DeadLetterBucket`]: a KV bucket for cluster-wide dead letters, with compare-and-set.
 //!
 //! It is an adapter: it turns profile updates into stream messages and JetStream failures into
@@ -34,7 +35,7 @@ pub use connection::Nats;
 pub use dead_letters::{DeadLetterBucket, DeadLetterEntry};
 pub use follow::{Entry, Follower};
 pub use schedule::ScheduleBucket;
-pub use snapshots::{CLAIM_TTL, SnapshotBucket, SnapshotInfo, UploadClaim};
+pub use snapshots::{CLAIM_TTL, EarlierSnapshot, SnapshotBucket, SnapshotInfo, UploadClaim};
 pub use stream::{Bounds, Published, StreamCreated, StreamSettings, UpdateStream};
 
 /// What can go wrong talking to JetStream. Messages are lowercase and name the stream, bucket,

@@ -3,9 +3,11 @@
 //! all.
 //!
 //! An object is the snapshot file's bytes, as the journal writes it, named by the stream
-//! sequence it is as of, with its revision, stream sequence and store id in the object's
+//! sequence it is as of and the store id, with its revision, stream sequence, store id, the
+//! stream's creation and the digest of the stream's message at that sequence in the object's
 //! metadata. The object store checks a SHA-256 digest when a read reaches the end. What a
-//! snapshot contains, and when one is taken, is not decided here.
+//! snapshot contains, when one is taken, and whether a stream may start from the snapshot of
+//! an earlier incarnation of it, are not decided here.
 
 use std::collections::{HashMap, HashSet};
 
@@ -29,6 +31,11 @@ const STORE_ID_KEY: &str = "store_id";
 /// created again with its configuration keeps its store id, not this (objects without it,
 /// from earlier builds, are taken on their store id alone).
 const STREAM_CREATED_KEY: &str = "stream_created";
+/// The digest of the stream's message at the snapshot's sequence
+/// (`UpdateStream::message_digest`): a stream restored from a backup is another incarnation,
+/// and holding the same message there is what lets it start from this snapshot. Absent on
+/// objects of earlier builds, and when the message could not be read at upload.
+const MESSAGE_DIGEST_KEY: &str = "stream_message_sha256";
 /// The key of the upload claim in `<stream>_META`.
 const UPLOAD_CLAIM: &str = "snapshot-upload";
 /// How long an upload claim holds when its holder never releases it (it crashed).
@@ -37,7 +44,8 @@ pub const CLAIM_TTL: Duration = Duration::from_secs(600);
 /// What a published snapshot is as of.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {
-    /// The object's name (`snapshot-<stream sequence, 20 digits>`).
+    /// The object's name (`snapshot-<stream sequence, 20 digits>-<store id>`; without the
+    /// store id from earlier builds).
     pub name: String,
     /// The store revision it holds every change up to.
     pub revision: u64,
@@ -45,6 +53,19 @@ pub struct SnapshotInfo {
     pub stream_sequence: u64,
     /// Its size in bytes.
     pub size: usize,
+}
+
+/// A live snapshot of an earlier incarnation of the stream (one deleted and created again, or
+/// restored from a backup): not [`SnapshotBucket::list`]ed, and what start-up may fall back on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EarlierSnapshot {
+    /// What it is as of.
+    pub snapshot: SnapshotInfo,
+    /// When the stream it was taken from was created.
+    pub stream_created: String,
+    /// The digest of that stream's message at its sequence (see [`MESSAGE_DIGEST_KEY`]);
+    /// `None` on a snapshot published by an earlier release, or without that message.
+    pub message_digest: Option<String>,
 }
 
 /// The upload claim as one replica took it: releasing it removes that claim and no later one.
@@ -61,6 +82,8 @@ pub struct SnapshotBucket {
     store: ObjectStore,
     /// For what the object store does not offer: its stream's chunk subjects.
     context: jetstream::Context,
+    /// The update stream, whose message at a snapshot's sequence each upload records.
+    stream: UpdateStream,
     store_id: String,
     /// When the update stream was created (see [`STREAM_CREATED_KEY`]).
     stream_created: String,
@@ -100,6 +123,7 @@ impl SnapshotBucket {
             bucket,
             store,
             context: context.clone(),
+            stream: stream.clone(),
             store_id: stream.store_id().to_string(),
             stream_created: stream.created().to_string(),
             meta,
@@ -175,20 +199,27 @@ impl SnapshotBucket {
         Ok(value.map(|holder| String::from_utf8_lossy(&holder).into_owned()))
     }
 
-    /// Stores a snapshot read from `data`, as of `revision` and `stream_sequence`.
+    /// Stores a snapshot read from `data`, as of `revision` and `stream_sequence`, with the
+    /// digest of the stream's message at `stream_sequence` (without it when that message
+    /// cannot be read: the upload is not failed for it). The name carries the store id: an
+    /// earlier incarnation's snapshot of the same sequence, which a restored stream may need,
+    /// is not overwritten.
     pub async fn put(
         &self,
         revision: u64,
         stream_sequence: u64,
         data: &mut (impl AsyncRead + Unpin),
     ) -> Result<SnapshotInfo, JetStreamError> {
-        let name = format!("snapshot-{stream_sequence:020}");
-        let metadata = HashMap::from([
+        let name = format!("snapshot-{stream_sequence:020}-{}", self.store_id);
+        let mut metadata = HashMap::from([
             (REVISION_KEY.to_string(), revision.to_string()),
             (SEQUENCE_KEY.to_string(), stream_sequence.to_string()),
             (STORE_ID_KEY.to_string(), self.store_id.clone()),
             (STREAM_CREATED_KEY.to_string(), self.stream_created.clone()),
         ]);
+        if let Some(digest) = self.digest_at(stream_sequence).await {
+            metadata.insert(MESSAGE_DIGEST_KEY.to_string(), digest);
+        }
         let meta = ObjectMetadata {
             name: name.clone(),
             metadata,
@@ -207,6 +238,33 @@ impl SnapshotBucket {
         })
     }
 
+    /// The digest of the stream's message at `sequence`, or `None`, saying why: a snapshot
+    /// without it is only of no use to a restored stream.
+    async fn digest_at(&self, sequence: u64) -> Option<String> {
+        match self.stream.message_digest(sequence).await {
+            Ok(Some(digest)) => Some(digest),
+            Ok(None) => {
+                tracing::info!(
+                    stream_sequence = sequence,
+                    "the stream no longer holds the message this snapshot was taken after: \
+                     published without its digest (a restored backup of the stream cannot \
+                     start from it)"
+                );
+                None
+            }
+            Err(error) => {
+                tracing::info!(
+                    stream_sequence = sequence,
+                    %error,
+                    "the stream's message this snapshot was taken after could not be read: \
+                     published without its digest (a restored backup of the stream cannot \
+                     start from it)"
+                );
+                None
+            }
+        }
+    }
+
     /// Every snapshot of this store (objects of another store id, or of a stream of this name
     /// created before this one, left from a stream that was replaced, are not ours), oldest
     /// first.
@@ -219,42 +277,40 @@ impl SnapshotBucket {
             if object.deleted || field(STORE_ID_KEY) != Some(&self.store_id) || other_stream {
                 continue;
             }
-            let number = |key: &str| field(key).and_then(|value| value.parse::<u64>().ok());
-            let (Some(revision), Some(stream_sequence)) =
-                (number(REVISION_KEY), number(SEQUENCE_KEY))
-            else {
-                continue;
-            };
-            snapshots.push(SnapshotInfo {
-                name: object.name.clone(),
-                revision,
-                stream_sequence,
-                size: object.size,
-            });
+            snapshots.extend(snapshot_info(&object));
         }
         snapshots.sort_by_key(|snapshot| snapshot.stream_sequence);
         Ok(snapshots)
     }
 
-    /// The `stream_created` of each live snapshot taken from an earlier stream of this name
-    /// (one deleted and created again, or restored from a backup): such snapshots are not
-    /// [`SnapshotBucket::list`]ed, and a start-up that finds none of its own names them, so
-    /// that an operator sees why the bucket's objects are not used. Whatever their store id:
-    /// such a stream is served under another one (`UpdateStream::store_id`).
-    pub async fn of_earlier_streams(&self) -> Result<Vec<String>, JetStreamError> {
-        let mut created = Vec::new();
+    /// Every live snapshot taken from an earlier stream of this name (one deleted and created
+    /// again, or restored from a backup), newest first: such snapshots are not
+    /// [`SnapshotBucket::list`]ed; a start-up that finds none of its own may start from one
+    /// the stream continues, or names them, so that an operator sees why they are not used.
+    /// Whatever their store id: such a stream is served under another one
+    /// (`UpdateStream::store_id`). Objects without a `stream_created` (earlier builds) are
+    /// taken on their store id alone, by `list`.
+    pub async fn of_earlier_streams(&self) -> Result<Vec<EarlierSnapshot>, JetStreamError> {
+        let mut earlier = Vec::new();
         for object in self.objects().await? {
             let field = |key: &str| object.metadata.get(key);
-            if object.deleted {
+            let Some(stream_created) = field(STREAM_CREATED_KEY) else {
+                continue;
+            };
+            if object.deleted || stream_created == &self.stream_created {
                 continue;
             }
-            if let Some(stream_created) = field(STREAM_CREATED_KEY)
-                && stream_created != &self.stream_created
-            {
-                created.push(stream_created.clone());
-            }
+            let Some(snapshot) = snapshot_info(&object) else {
+                continue;
+            };
+            earlier.push(EarlierSnapshot {
+                snapshot,
+                stream_created: stream_created.clone(),
+                message_digest: field(MESSAGE_DIGEST_KEY).cloned(),
+            });
         }
-        Ok(created)
+        earlier.sort_by_key(|earlier| std::cmp::Reverse(earlier.snapshot.stream_sequence));
+        Ok(earlier)
     }
 
     /// The bucket's name (`<stream>_SNAPSHOTS`).
@@ -384,4 +440,16 @@ impl SnapshotBucket {
             reason: err.to_string(),
         }
     }
+}
+
+/// What an object's metadata says its snapshot is as of; `None` for an object that is not one
+/// of our snapshots.
+fn snapshot_info(object: &ObjectInfo) -> Option<SnapshotInfo> {
+    let number = |key: &str| object.metadata.get(key)?.parse::<u64>().ok();
+    Some(SnapshotInfo {
+        name: object.name.clone(),
+        revision: number(REVISION_KEY)?,
+        stream_sequence: number(SEQUENCE_KEY)?,
+        size: object.size,
+    })
 }

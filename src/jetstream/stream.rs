@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{CreateStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{
-    self, DiscardPolicy, PersistenceMode, RetentionPolicy, StorageType,
+    self, DiscardPolicy, PersistenceMode, RawMessageErrorKind, RetentionPolicy, StorageType,
 };
 use prost::Message;
 
@@ -410,6 +411,26 @@ impl UpdateStream {
         })
     }
 
+    /// The digest of the message at `sequence` ([`message_digest`]): what a snapshot as of
+    /// that sequence records, so that a stream restored from a backup, another incarnation
+    /// whose messages are the same, can be told to continue from it. `None` when the stream does
+    /// not hold that message (purged, or not yet stored). One read from the stream leader; a
+    /// stream created again since this handle was opened is [`JetStreamError::Replaced`], so
+    /// that the digest is never of another incarnation's message.
+    pub async fn message_digest(&self, sequence: u64) -> Result<Option<String>, JetStreamError> {
+        if sequence == 0 {
+            return Ok(None);
+        }
+        let message = match self.stream.get_raw_message(sequence).await {
+            Ok(message) => message,
+            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(err) => return Err(unavailable("message get")(err)),
+        };
+        // Read after the get: a stream replaced before it answered is caught here.
+        self.bounds().await?;
+        Ok(Some(message_digest(&message)))
+    }
+
     /// Removes every message below `sequence` (those a snapshot covers); returns how many.
     pub async fn purge_below(&self, sequence: u64) -> Result<u64, JetStreamError> {
         let response = self
@@ -420,6 +441,26 @@ impl UpdateStream {
             .map_err(unavailable("purge"))?;
         Ok(response.purged)
     }
+}
+
+/// Hex SHA-256 of what makes a stored message this one and no other: its `Nats-Msg-Id` (a
+/// hash of its updates), the time the stream stored it (to the nanosecond) and its payload. A
+/// backup restores all three; a stream created again and fed the same webhooks does not have
+/// the same times, so its message is not taken for the earlier one.
+fn message_digest(message: &StreamMessage) -> String {
+    use sha2::Digest as _;
+    let id = message
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map_or("", |id| id.as_str());
+    let stored = message.time.timestamp_nanos_opt().unwrap_or_default();
+    let digest = sha2::Sha256::new()
+        .chain_update((id.len() as u64).to_be_bytes())
+        .chain_update(id.as_bytes())
+        .chain_update(stored.to_be_bytes())
+        .chain_update(&message.payload)
+        .finalize();
+    hex::encode(digest)
 }
 
 /// Checks an existing stream against what this service relies on; returns its store id.
@@ -747,6 +788,38 @@ mod tests {
         }))
         .expect("a JetStream error");
         PublishError::with_source(PublishErrorKind::Other, error)
+    }
+
+    /// The digest that tells a restored stream's message from another: the same message id,
+    /// stored time and payload give the same digest; any one of them different, another.
+    #[test]
+    fn a_message_digest_covers_its_id_its_stored_time_and_its_payload() {
+        let message = |id: &str, nanos: i64, payload: &'static [u8]| {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+            StreamMessage {
+                subject: "S.updates".into(),
+                sequence: 7,
+                headers,
+                payload: bytes::Bytes::from_static(payload),
+                time: chrono::DateTime::from_timestamp_nanos(nanos),
+            }
+        };
+        let digest = message_digest(&message("id", 1_000_000_001, b"batch"));
+        assert_eq!(digest.len(), 64);
+        assert_eq!(
+            digest,
+            message_digest(&message("id", 1_000_000_001, b"batch"))
+        );
+        for other in [
+            message("other", 1_000_000_001, b"batch"),
+            message("id", 1_000_000_002, b"batch"),
+            message("id", 1_000_000_001, b"other"),
+            // The bytes cut at another place between id and what follows.
+            message("i", 1_000_000_001, b"batch"),
+        ] {
+            assert_ne!(digest, message_digest(&other));
+        }
     }
 
     /// A publish whose id another publish was still storing when time ran out may be in the

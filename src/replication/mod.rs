@@ -3,7 +3,8 @@
 //! layer's `CommitHook`) and the JetStream adapter (`crate::jetstream`).
 //!
 //! - [`startup`]: connect, open the stream (its metadata holds the cluster's store id and the
-//!   merge rules version), rebuild the store from a local or published snapshot.
+//!   merge rules version), rebuild the store from a local or published snapshot; `restored`:
+//!   which snapshot of an earlier incarnation a stream restored from a backup continues.
 //! - [`Publisher`]: what the ingest path records through: batches of updates published to the
 //!   stream, each caller answered once this replica has applied its update.
 //! - `applier`: the replica's one writer, applying the stream in stream order through the same
@@ -21,6 +22,7 @@ mod catch_up;
 mod linger;
 mod pending;
 mod publisher;
+mod restored;
 mod snapshots;
 pub mod startup;
 mod status;

@@ -6,7 +6,11 @@
 //!    after the restart, as a single node chooses; local snapshots lag the history window);
 //! 2. the newest published snapshot (`<stream>_SNAPSHOTS`), downloaded into the data
 //!    directory first (an empty disk, or the stream was purged past every local snapshot);
-//! 3. an empty store, when the stream still holds its first message.
+//! 3. an empty store, when the stream still holds its first message;
+//! 4. else (a stream restored from a backup: another incarnation, whose own replicas have
+//!    published nothing yet) the newest published snapshot of an earlier incarnation that the
+//!    stream continues: the stream holds the message it was taken after (`restored`),
+//!    downloaded as in 2.
 //!
 //! The data directory records the store id of the stream it belongs to, and when that stream
 //! was created (`STREAM_CREATED`: a stream deleted and created again with its configuration
@@ -21,12 +25,13 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Prepared;
+use super::restored::{self, Earlier};
 use crate::config::Config;
 use crate::data_dir::{DataDir, sync_dir};
 use crate::io_error::IoError;
 use crate::jetstream::{
-    Bounds, DeadLetterBucket, Follower, JetStreamError, Nats, ScheduleBucket, SnapshotBucket,
-    SnapshotInfo, StreamCreated, StreamSettings, UpdateStream,
+    Bounds, DeadLetterBucket, EarlierSnapshot, Follower, JetStreamError, Nats, ScheduleBucket,
+    SnapshotBucket, SnapshotInfo, StreamCreated, StreamSettings, UpdateStream,
 };
 use crate::journal::{self, snapshot};
 use crate::server::BadConfiguration;
@@ -218,7 +223,8 @@ async fn recover(
             break (store, 0, source, None);
         };
         // In the data directory, a download is a file like the replica's own snapshots.
-        let downloaded = (source == PUBLISHED && dir.is_some()).then(|| start.path.clone());
+        let published = source == PUBLISHED || source == EARLIER;
+        let downloaded = (published && dir.is_some()).then(|| start.path.clone());
         match load(&store, &start, dir.is_none()).await {
             Ok(applied) => break (store, applied, source, downloaded),
             // A replica's own snapshots are copies of what the stream and the published ones
@@ -322,10 +328,14 @@ const STREAM_CREATED_FILE: &str = "STREAM_CREATED";
 const LOCAL: &str = "local snapshot";
 /// A published snapshot, downloaded.
 const PUBLISHED: &str = "published snapshot";
+/// A published snapshot of an earlier incarnation of the stream, downloaded.
+const EARLIER: &str = "published snapshot of an earlier incarnation of the stream";
 
 /// The snapshot to start from, and where it came from: the oldest local one the stream
 /// continues from, else the newest published one (downloaded into `dir`), else none (the
-/// whole stream, if it still starts at its first message).
+/// whole stream, if it still starts at its first message), else the newest of an earlier
+/// incarnation the stream continues (downloaded too). That last one is also tried when the
+/// stream was purged past this incarnation's newest.
 async fn choose_start(
     stream: &UpdateStream,
     bucket: &SnapshotBucket,
@@ -340,8 +350,14 @@ async fn choose_start(
     }
     match bucket.newest().await? {
         // The stream was purged past it too (by hand, or a limit): downloading it only to
-        // fail would repeat at every restart. Start-up waits for a newer one instead.
+        // fail would repeat at every restart. Start-up waits for a newer one instead, unless
+        // an earlier incarnation's starts the stream (one restored, then purged by hand).
         Some(published) if published.stream_sequence + 1 < bounds.first => {
+            if let Earlier::Continues(earlier) =
+                restored::earlier_start(stream, bucket, bounds).await?
+            {
+                return start_from_earlier(stream, bucket, &earlier, dir, stall).await;
+            }
             Err(JetStreamError::StartBelowFirst {
                 stream: stream.name().to_string(),
                 requested: published.stream_sequence + 1,
@@ -357,39 +373,56 @@ async fn choose_start(
             let start = download(bucket, &published, dir, stall).await?;
             Ok((Some(start), PUBLISHED))
         }
-        None if bounds.first > 1 => bail!(
-            "stream {} starts at sequence {}: the messages before it were purged, and no \
-             published snapshot of store {} covers them ({})",
-            stream.name(),
-            bounds.first,
-            stream.store_id(),
-            what_the_bucket_holds(stream, bucket).await?
-        ),
+        None if bounds.first > 1 => match restored::earlier_start(stream, bucket, bounds).await? {
+            Earlier::Continues(earlier) => {
+                start_from_earlier(stream, bucket, &earlier, dir, stall).await
+            }
+            Earlier::Refused(refused) => Err(uncovered(stream, bucket, bounds, &refused)),
+        },
         None => Ok((None, "empty store")),
     }
 }
 
-/// Why a bucket holds no snapshot this stream can use: it is empty, or its snapshots were
-/// taken from an earlier stream of this name, one deleted and created again or restored from
-/// a backup (the message said "is empty" then, and the operator looked for the wrong cause).
-async fn what_the_bucket_holds(
+/// The error for a stream purged below its first message that no published snapshot starts.
+/// Each snapshot is named with its reason: "is empty", said of a bucket holding an earlier
+/// stream's snapshots, sent the operator after the wrong cause.
+fn uncovered(
     stream: &UpdateStream,
     bucket: &SnapshotBucket,
-) -> anyhow::Result<String> {
-    let mut earlier = bucket.of_earlier_streams().await?;
-    if earlier.is_empty() {
-        return Ok(format!("bucket {} is empty", bucket.name()));
-    }
-    let count = earlier.len();
-    earlier.sort();
-    earlier.dedup();
-    Ok(format!(
-        "bucket {} holds {count} snapshot(s) of an earlier incarnation of the stream (created \
-         {}), which this one (created {}) cannot use",
-        bucket.name(),
-        earlier.join(", "),
-        stream.created()
-    ))
+    bounds: Bounds,
+    refused: &[(EarlierSnapshot, restored::Refusal)],
+) -> anyhow::Error {
+    let created = stream.created().to_string();
+    anyhow::anyhow!(
+        "stream {} starts at sequence {}: the messages before it were purged, and no published \
+         snapshot of store {} covers them ({})",
+        stream.name(),
+        bounds.first,
+        stream.store_id(),
+        restored::refusals(bucket.name(), &created, refused)
+    )
+}
+
+/// Downloads `earlier`, a snapshot of an earlier incarnation of the stream that the stream
+/// continues, saying so: the stream was restored from a backup, most likely.
+async fn start_from_earlier(
+    stream: &UpdateStream,
+    bucket: &SnapshotBucket,
+    earlier: &EarlierSnapshot,
+    dir: Option<&Path>,
+    stall: Duration,
+) -> anyhow::Result<(Option<Start>, &'static str)> {
+    tracing::warn!(
+        stream = stream.name(),
+        stream_created = %stream.created(),
+        snapshot = %earlier.snapshot.name,
+        snapshot_stream_created = %earlier.stream_created,
+        stream_sequence = earlier.snapshot.stream_sequence,
+        "starting from a snapshot of an earlier incarnation of the stream (restored from a \
+         backup): the stream's message at its sequence is the one the snapshot was taken after"
+    );
+    let start = download(bucket, &earlier.snapshot, dir, stall).await?;
+    Ok((Some(start), EARLIER))
 }
 
 /// Removes a downloaded snapshot start-up cannot use (the stream was purged past it while it
@@ -544,8 +577,9 @@ async fn copy_into(
 /// The error for a download that ended early. The bucket is asked what became of the snapshot
 /// (a download cut off by a long pause said only "missed idle heartbeat"): retired or
 /// replaced by a newer one meanwhile, it is [`Replaced`], which start-up tries again with the
-/// newest; still the newest, the failure is the download's own, its cause kept (a bucket that
-/// does not answer is tried again, as before).
+/// newest; still the newest (or, for an earlier incarnation's, still there and this one has
+/// published none), the failure is the download's own, its cause kept (a bucket that does
+/// not answer is tried again, as before).
 async fn download_failed(
     bucket: &SnapshotBucket,
     published: &SnapshotInfo,
@@ -564,13 +598,28 @@ async fn download_failed(
             ));
         }
     };
-    let kept = snapshots.iter().any(|kept| kept.name == published.name);
     let newest = snapshots.last().map(|newest| newest.name.clone());
-    if kept && newest.as_ref() == Some(&published.name) {
-        return interrupted.cause.context(format!(
-            "{failure} (it is still the newest snapshot in bucket {})",
-            bucket.name()
-        ));
+    let kept = snapshots.iter().any(|kept| kept.name == published.name)
+        || (bucket.of_earlier_streams().await).is_ok_and(|earlier| {
+            earlier
+                .iter()
+                .any(|kept| kept.snapshot.name == published.name)
+        });
+    match newest.as_ref() {
+        Some(newest) if kept && *newest == published.name => {
+            return interrupted.cause.context(format!(
+                "{failure} (it is still the newest snapshot in bucket {})",
+                bucket.name()
+            ));
+        }
+        None if kept => {
+            return interrupted.cause.context(format!(
+                "{failure} (it is still in bucket {}, and this stream has published none of its \
+                 own)",
+                bucket.name()
+            ));
+        }
+        _ => {}
     }
     Replaced {
         failure: format!("{failure}: {:#}", interrupted.cause),

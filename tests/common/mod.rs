@@ -8,6 +8,7 @@ pub mod binary;
 pub mod fixtures;
 pub mod gameball_api;
 pub mod reflection;
+pub mod stream_backup;
 pub mod tls;
 
 use std::net::SocketAddr;

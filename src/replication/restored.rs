@@ -1,0 +1,187 @@
+//! Start-up on a stream restored from a backup (`nats stream backup`, `nats stream restore`):
+//! another incarnation of the stream (the server gives it a new creation time) holding the
+//! earlier one's messages at the same sequences. Purged below a snapshot before the backup,
+//! it cannot be replayed from its start, and its own incarnation has published no snapshot;
+//! the earlier incarnation's snapshots cover it, and each records the digest of the stream's
+//! message it was taken after (`UpdateStream::message_digest`: message id, stored time,
+//! payload). The start is the newest of them whose sequence the stream holds, with the same
+//! message there.
+//!
+//! What it decides: which earlier snapshot the stream continues, if any, and why each other
+//! one was refused. It does not download or load it (`startup`), and it proves no more than
+//! that one message is the same: a backup restores every message before it too, and a stream
+//! created again and fed other messages holds another message there (another id, another
+//! stored time).
+
+use std::fmt;
+
+use crate::jetstream::{Bounds, EarlierSnapshot, JetStreamError, SnapshotBucket, UpdateStream};
+
+/// Why a snapshot of an earlier incarnation cannot start the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// It records no digest of the stream's message: published by an earlier release.
+    NoDigest,
+    /// The stream does not hold its sequence (purged below it, or it ends before it).
+    Outside { first: u64, last: u64 },
+    /// The stream held its sequence a moment ago, and holds no message there now (purged).
+    NoMessage,
+    /// The stream's message at its sequence is not the one it was taken after.
+    Differs,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::NoDigest => f.write_str(
+                "no digest of the stream's message at its sequence (published by a release \
+                 before this one)",
+            ),
+            Refusal::Outside { first, last } if first > last => {
+                write!(
+                    f,
+                    "the stream holds no message (it starts at sequence {first})"
+                )
+            }
+            Refusal::Outside { first, last } => {
+                write!(f, "outside the stream's sequences {first}..={last}")
+            }
+            Refusal::NoMessage => f.write_str("the stream no longer holds its sequence"),
+            Refusal::Differs => f.write_str(
+                "the stream's message at its sequence differs from the one it was taken after",
+            ),
+        }
+    }
+}
+
+/// What the bucket offers a stream that none of its own snapshots can start.
+#[derive(Debug)]
+pub(super) enum Earlier {
+    /// The newest snapshot of an earlier incarnation the stream continues.
+    Continues(EarlierSnapshot),
+    /// None: each earlier snapshot, newest first, and why it was refused (empty: the bucket
+    /// holds none).
+    Refused(Vec<(EarlierSnapshot, Refusal)>),
+}
+
+/// The newest snapshot of an earlier incarnation of `stream` (holding `bounds`) that the
+/// stream continues: its sequence within the stream, and the stream's message there the one
+/// it was taken after. One read of the stream per snapshot compared.
+pub(super) async fn earlier_start(
+    stream: &UpdateStream,
+    bucket: &SnapshotBucket,
+    bounds: Bounds,
+) -> Result<Earlier, JetStreamError> {
+    let mut refused = Vec::new();
+    for earlier in bucket.of_earlier_streams().await? {
+        let sequence = earlier.snapshot.stream_sequence;
+        let refusal = match &earlier.message_digest {
+            None => Refusal::NoDigest,
+            Some(_) if sequence < bounds.first || sequence > bounds.last => Refusal::Outside {
+                first: bounds.first,
+                last: bounds.last,
+            },
+            Some(recorded) => match stream.message_digest(sequence).await? {
+                None => Refusal::NoMessage,
+                Some(digest) if digest == *recorded => return Ok(Earlier::Continues(earlier)),
+                Some(_) => Refusal::Differs,
+            },
+        };
+        refused.push((earlier, refusal));
+    }
+    Ok(Earlier::Refused(refused))
+}
+
+/// Why the bucket `bucket` holds no snapshot this stream (created `created`) can start from:
+/// it is empty, or each of its earlier incarnation's snapshots, and why it was refused.
+pub(super) fn refusals(
+    bucket: &str,
+    created: &str,
+    refused: &[(EarlierSnapshot, Refusal)],
+) -> String {
+    if refused.is_empty() {
+        return format!("bucket {bucket} is empty");
+    }
+    let each: Vec<String> = refused
+        .iter()
+        .map(|(earlier, refusal)| {
+            format!(
+                "{} (stream created {}, as of sequence {}): {refusal}",
+                earlier.snapshot.name, earlier.stream_created, earlier.snapshot.stream_sequence
+            )
+        })
+        .collect();
+    format!(
+        "bucket {bucket} holds {} snapshot(s) of an earlier incarnation of the stream, none of \
+         which this one (created {created}) continues: {}",
+        refused.len(),
+        each.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jetstream::SnapshotInfo;
+
+    fn earlier(sequence: u64, digest: Option<&str>) -> EarlierSnapshot {
+        EarlierSnapshot {
+            snapshot: SnapshotInfo {
+                name: format!("snapshot-{sequence:020}"),
+                revision: sequence * 2,
+                stream_sequence: sequence,
+                size: 10,
+            },
+            stream_created: "2025-01-01T00:00:00.000000001Z".into(),
+            message_digest: digest.map(str::to_owned),
+        }
+    }
+
+    /// An operator told only "cannot use" looked for the wrong cause: each snapshot is named
+    /// with its own reason.
+    #[test]
+    fn a_refusal_names_each_snapshot_and_its_reason() {
+        assert_eq!(
+            refusals("S_SNAPSHOTS", "now", &[]),
+            "bucket S_SNAPSHOTS is empty"
+        );
+        let refused = [
+            (earlier(60, Some("d")), Refusal::Differs),
+            (earlier(50, None), Refusal::NoDigest),
+            (
+                earlier(40, Some("d")),
+                Refusal::Outside {
+                    first: 41,
+                    last: 70,
+                },
+            ),
+            (
+                earlier(30, Some("d")),
+                Refusal::Outside {
+                    first: 41,
+                    last: 40,
+                },
+            ),
+            (earlier(45, Some("d")), Refusal::NoMessage),
+        ];
+        let text = refusals("S_SNAPSHOTS", "now", &refused);
+        assert!(
+            text.starts_with(
+                "bucket S_SNAPSHOTS holds 5 snapshot(s) of an earlier incarnation of the stream, \
+                 none of which this one (created now) continues: snapshot-00000000000000000060 \
+                 (stream created 2025-01-01T00:00:00.000000001Z, as of sequence 60): the \
+                 stream's message at its sequence differs from the one it was taken after; "
+            ),
+            "{text}"
+        );
+        for reason in [
+            "as of sequence 50): no digest of the stream's message at its sequence (published \
+             by a release before this one)",
+            "as of sequence 40): outside the stream's sequences 41..=70",
+            "as of sequence 30): the stream holds no message (it starts at sequence 41)",
+            "as of sequence 45): the stream no longer holds its sequence",
+        ] {
+            assert!(text.contains(reason), "{reason}: {text}");
+        }
+    }
+}
