@@ -389,6 +389,31 @@ async fn a_duration_the_reconcile_subcommand_cannot_read_is_explained() {
     );
 }
 
+/// `reconcile --not-updated-for 0` was sent, and only the server refused it (exit 1, after
+/// connecting): a zero age is a usage error before connecting, in the words the server's
+/// duration flags use for zero. The address given is one nothing listens on, so a command that
+/// connected would fail otherwise (exit 1).
+#[tokio::test]
+async fn a_zero_age_for_the_reconcile_subcommand_is_refused_before_connecting() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    for zero in ["0", "0s", "0ms"] {
+        let args = ["reconcile", "--client-id", "2155", "--grpc", &closed];
+        let output = exits(&[&args[..], &["--not-updated-for", zero]].concat(), &[]).await;
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(64), "{zero}: {text}");
+        assert!(
+            text.contains(&format!(
+                "invalid value '{zero}' for '--not-updated-for <AGE>': must be more than zero"
+            )),
+            "{zero}: {text}"
+        );
+        assert!(!text.contains("cannot connect"), "{zero}: {text}");
+    }
+}
+
 /// The operator subcommands' help and usage errors say what each needs (a first-user review):
 /// `reconcile`'s usage shows `--client-id` as required (clap left it among the [OPTIONS]);
 /// each subcommand's `--timeout` names that subcommand's answers (every one named a backup's

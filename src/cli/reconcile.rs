@@ -64,16 +64,21 @@ const USAGE: &str = "profile-state reconcile --client-id <CLIENT_ID> \
                      profile-state reconcile --cancel <JOB_ID> [OPTIONS]";
 
 /// Parses `--not-updated-for`, with the server's words for a duration that is not one ("a
-/// duration is a number and a unit, such as ..."; humantime's own named neither). Not the
-/// server's year-long limit of its flags: the server takes an age of up to 100 years, and
-/// says so itself.
+/// duration is a number and a unit, such as ..."; humantime's own named neither) and for one
+/// that is zero ("must be more than zero": it was sent, and refused by the server, exit 1
+/// after connecting). Not the server's year-long limit of its flags: the server takes an age
+/// of up to 100 years, and says so itself.
 fn age(text: &str) -> Result<Duration, String> {
     // The server's parser fails wherever humantime does, its message explained.
-    humantime::parse_duration(text).map_err(|error| {
+    let age = humantime::parse_duration(text).map_err(|error| {
         crate::config::duration(text)
             .err()
             .unwrap_or(error.to_string())
-    })
+    })?;
+    match age.is_zero() {
+        true => Err(crate::config::ZERO_DURATION.to_owned()),
+        false => Ok(age),
+    }
 }
 
 /// Starts the job (and follows it); returns the exit status.

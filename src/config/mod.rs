@@ -382,11 +382,16 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     Ok(parsed)
 }
 
+/// What a duration flag that is zero is told, whichever check finds it: the server's flags
+/// ([`ConfigError::ZeroDuration`]), the subcommands' `--timeout` ([`positive_duration`]) and
+/// `reconcile --not-updated-for`.
+pub const ZERO_DURATION: &str = "must be more than zero";
+
 /// A [`duration`] that must be more than zero (a timeout of zero fails every call at once).
 pub fn positive_duration(text: &str) -> Result<Duration, String> {
     let parsed = duration(text)?;
     match parsed.is_zero() {
-        true => Err("must be more than zero".to_owned()),
+        true => Err(ZERO_DURATION.to_owned()),
         false => Ok(parsed),
     }
 }
@@ -470,7 +475,7 @@ pub enum ConfigError {
     #[error("--max-in-flight-webhooks must be at least 1")]
     ZeroInFlight,
     /// A timeout (a duration flag) is zero.
-    #[error("--{flag} must be more than zero")]
+    #[error("--{flag} {ZERO_DURATION}")]
     ZeroDuration {
         /// The flag, without dashes.
         flag: &'static str,
