@@ -233,11 +233,21 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
             "cannot be used with --data-dir",
             None,
         ),
+        // A listen address's reason follows clap's naming of the flag and the value, as every
+        // flag's does (it repeated the value, quoted, before the reason).
         (
             ephemeral.to_vec(),
             vec![("PROFILE_STATE_GRPC_LISTEN", "[fd00::1]")],
-            "has no port",
+            "invalid value '[fd00::1]' for '--grpc-listen <GRPC_LISTEN>': no port: write \
+             HOST:PORT",
             Some(note("grpc-listen", "PROFILE_STATE_GRPC_LISTEN")),
+        ),
+        (
+            [&ephemeral[..], &["--webhook-listen", "host:http"]].concat(),
+            vec![],
+            "invalid value 'host:http' for '--webhook-listen <WEBHOOK_LISTEN>': the port must \
+             be a number from 0 to 65535",
+            None,
         ),
         (
             ephemeral.to_vec(),
@@ -543,13 +553,21 @@ async fn ports_are_bound_before_the_data_directory_is_touched() {
     let output = exits(&[&args[..], &["--grpc-listen", &taken]].concat(), &[]).await;
     let text = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "{text}");
-    assert!(text.contains(&format!("--grpc-listen {taken}: ")), "{text}");
+    // The flag, the value, the reason, as every flag's error names them (`--flag: VALUE: `).
+    assert!(
+        text.contains(&format!("--grpc-listen: {taken}: ")),
+        "{text}"
+    );
     assert!(text.contains("in use"), "{text}");
     assert!(!data.exists(), "no data directory, no store id");
     // A host name that does not resolve is configuration: 64.
     let unknown = ["--admin-listen", "no-such-host.invalid:0"];
     let output = exits(&[&args[..], &unknown].concat(), &[]).await;
-    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
-    assert!(stderr(&output).contains("no-such-host.invalid"));
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("--admin-listen: no-such-host.invalid:0: cannot resolve the host name"),
+        "{text}"
+    );
     assert!(!data.exists());
 }

@@ -472,11 +472,11 @@ async fn open_dead_letters(data_dir: Option<&DataDir>) -> anyhow::Result<DeadLet
 /// Binds the listener of `--<flag>`. An address another process holds is a plain error (it
 /// may be free on the next try: a restart is worth it); any other failure (a host name that
 /// does not resolve, an address this machine does not have, a port it may not use) is bad
-/// configuration.
+/// configuration. Either names the flag as every flag's error does, `--flag: VALUE: reason`.
 async fn listen(address: &ListenAddr, flag: &str) -> anyhow::Result<TcpListener> {
     address.bind().await.map_err(|error| {
         let in_use = error.is_in_use();
-        let error = anyhow::anyhow!("--{flag} {error}");
+        let error = anyhow::anyhow!("--{flag}: {error}");
         if in_use {
             error
         } else {
