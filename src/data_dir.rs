@@ -112,8 +112,8 @@ pub enum DataDirError {
         path: PathBuf,
     },
     /// Something other than a directory is at the path (it was told "create: File exists":
-    /// found by a first-user review).
-    #[error("data directory {path} is not a directory (a file is in its place)")]
+    /// found by a first-user review). Named by its flag, as a configuration error is.
+    #[error("--data-dir: {path} is not a directory (a file is in its place)")]
     NotADirectory {
         /// The path.
         path: PathBuf,
@@ -339,14 +339,22 @@ impl DataDir {
     }
 }
 
+/// Refuses a `path` where something other than a directory is (a link to a directory is a
+/// directory); a missing one is fine, it will be created. Reads nothing inside, writes
+/// nothing: the server checks this with the rest of its configuration, before it binds.
+pub fn check_kind(path: &Path) -> Result<(), DataDirError> {
+    match fs::metadata(path).is_ok_and(|found| !found.is_dir()) {
+        true => Err(DataDirError::NotADirectory {
+            path: path.to_owned(),
+        }),
+        false => Ok(()),
+    }
+}
+
 /// Creates `path` if missing and takes its lock.
 fn lock(path: &Path) -> Result<File, DataDirError> {
-    // Followed through a link: a link to a directory is a directory.
-    if fs::metadata(path).is_ok_and(|found| !found.is_dir()) {
-        return Err(DataDirError::NotADirectory {
-            path: path.to_owned(),
-        });
-    }
+    // Checked again: the path may have changed since the configuration was.
+    check_kind(path)?;
     create_private_dir(path).map_err(IoError::on(path, "create"))?;
     let lock_path = path.join(LOCK_FILE);
     let mut options = OpenOptions::new();

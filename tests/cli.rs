@@ -521,24 +521,51 @@ async fn listen_addresses_take_host_names_and_bracketed_ipv4() {
 }
 
 /// A `--data-dir` that is a file was told "create: File exists (os error 17)" (found by a
-/// first-user review): it is told it is not a directory, and the file is left as it was.
+/// first-user review): it is told it is not a directory, and the file is left as it was. It is
+/// bad configuration, exit 64 as every other, in single-node and replicated mode alike (it
+/// exited 1, the status of a start worth trying again), found before anything binds or
+/// connects (a port taken is not what is reported, nor the NATS URL without a server), and
+/// named by its flag, so a value from the environment gets its note.
 #[tokio::test]
 async fn a_data_dir_that_is_a_file_is_told_it_is_not_a_directory() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("afile");
     std::fs::write(&file, "mine").unwrap();
-    let args = [SECRET[0], SECRET[1], "--data-dir", file.to_str().unwrap()];
-    let output = exits(&args, &[]).await;
-    let text = stderr(&output);
-    assert!(
-        text.contains(&format!(
-            "data directory {} is not a directory",
-            file.display()
-        )),
-        "{text}"
-    );
-    assert!(!text.contains("File exists"), "{text}");
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    let path = file.to_str().unwrap();
+    let mut listens = vec![SECRET[0], SECRET[1]];
+    listens.extend([
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let loopback = [&listens[..], &["--webhook-listen", "127.0.0.1:0"]].concat();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let port_taken = [&listens[..], &["--webhook-listen", &taken]].concat();
+    let replicated = [&loopback[..], &["--nats-url", "nats://127.0.0.1:1"]].concat();
+    let flag = ["--data-dir", path];
+    let cases = [
+        ([&loopback[..], &flag].concat(), vec![]),
+        ([&port_taken[..], &flag].concat(), vec![]),
+        ([&replicated[..], &flag].concat(), vec![]),
+        (loopback.clone(), vec![("PROFILE_STATE_DATA_DIR", path)]),
+    ];
+    for (args, envs) in cases {
+        let output = exits(&args, &envs).await;
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(64), "{args:?}: {text}");
+        assert!(
+            text.contains(&format!(
+                "--data-dir: {path} is not a directory (a file is in its place)"
+            )),
+            "{args:?}: {text}"
+        );
+        assert!(!text.contains("File exists"), "{text}");
+        let noted = text.contains(&note("data-dir", "PROFILE_STATE_DATA_DIR"));
+        assert_eq!(noted, !envs.is_empty(), "{text}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    }
 }
 
 #[tokio::test]

@@ -58,8 +58,9 @@ use connections::CappedListener;
 use ingest_thread::IngestThread;
 use shutdown::{Health, Servers, Shutdown};
 
-/// The configuration, or a file it names (secrets, tokens, certificates), cannot be used, or
-/// a listen address cannot be bound for a reason other than another process holding it.
+/// The configuration, or a file it names (secrets, tokens, certificates), cannot be used (a
+/// `--data-dir` that is a file included), or a listen address cannot be bound for a reason
+/// other than another process holding it.
 /// Found before the data directory is touched; `main` exits 64 on it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0:#}")]
@@ -408,9 +409,14 @@ fn secret_store(verification: &Verification) -> Option<SecretStore> {
 }
 
 /// Everything `bind` can refuse from the configuration alone: flag combinations, the webhook
-/// secrets, the gRPC tokens and TLS files.
+/// secrets, the gRPC tokens and TLS files, a `--data-dir` that is not a directory.
 fn check(config: &Config) -> anyhow::Result<Checked> {
     config.check()?;
+    // A file where the directory should be is configuration (exit 64), not a failure to
+    // start worth retrying (exit 1, which it was), and is known before anything binds.
+    if !config.ephemeral {
+        data_dir::check_kind(&config.data_dir)?;
+    }
     let verification = verification(config)?;
     check_schedules(config, &verification)?;
     Ok(Checked {
