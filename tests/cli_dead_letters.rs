@@ -476,6 +476,55 @@ async fn the_token_is_read_from_the_servers_tokens_file() {
     service.stop().await;
 }
 
+/// `replay` printed each letter it could not replay with `eprintln!`, where every other
+/// failure of the subcommands goes through one path (`Failure::report`): the same refusal that
+/// `list` follows with the note that `--token` came from PROFILE_STATE_TOKEN had no note.
+/// Now each refusal is printed as `list`'s is, then the count; exit 1 as before.
+#[tokio::test]
+async fn a_refused_replay_is_printed_as_every_other_failure_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "admin-token\n").unwrap();
+    let mut config = Config::for_tests(common::SECRET);
+    config.grpc_auth_tokens_file = Some(tokens);
+    let service = TestService::start_with(config).await;
+    let (_, id) = dead_letter(&service, "refused-replay").await;
+    let grpc = service.grpc.to_string();
+    let wrong = [("PROFILE_STATE_TOKEN", "wrong-token")];
+    let note = "  note: --token was set by the environment variable PROFILE_STATE_TOKEN";
+
+    let listed = cli(&["list", "--grpc", &grpc], &wrong).await;
+    assert_eq!(listed.status.code(), Some(1), "{}", stderr(&listed));
+    let listed = stderr(&listed);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert!(
+        lines[0].starts_with("profile-state: listing dead letters: "),
+        "{listed}"
+    );
+    assert_eq!(lines[1..], [note], "{listed}");
+
+    let replayed = cli(&["replay", &id, "--grpc", &grpc], &wrong).await;
+    assert_eq!(replayed.status.code(), Some(1), "{}", stderr(&replayed));
+    let replayed = stderr(&replayed);
+    let lines: Vec<&str> = replayed.lines().collect();
+    let refusal = lines[0]
+        .strip_prefix(&format!("profile-state: replaying {id}: "))
+        .unwrap_or_else(|| panic!("{replayed}"));
+    // The refusal's words as `list` has them, after what was being done.
+    let (_, listed_refusal) = listed
+        .lines()
+        .next()
+        .unwrap()
+        .split_at("profile-state: listing dead letters: ".len());
+    assert_eq!(refusal, listed_refusal, "{replayed}");
+    assert_eq!(
+        lines[1..],
+        [note, "profile-state: 1 dead letter(s) not replayed"],
+        "{replayed}"
+    );
+    service.stop().await;
+}
+
 /// A client certificate the server refuses (another CA) was answered with the hint to give the
 /// server's CA with --ca, which had been given (found by an adversarial run): the hint now
 /// names the client certificate too.

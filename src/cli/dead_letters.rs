@@ -94,7 +94,9 @@ pub fn run(args: Args, sources: &Sources) -> ExitCode {
                 body_only,
                 connection,
             } => show(&mut connection.admin().await?, id, body_only).await,
-            Action::Replay { ids, connection } => replay(&mut connection.admin().await?, ids).await,
+            Action::Replay { ids, connection } => {
+                replay(&mut connection.admin().await?, ids, sources).await
+            }
             Action::Purge {
                 ids,
                 all,
@@ -290,7 +292,13 @@ async fn body_part(
         .ok_or_else(|| Failure::Failed(format!("{what}: the server sent no letter")))
 }
 
-async fn replay(client: &mut AdminClient, ids: Vec<String>) -> Result<(), Failure> {
+/// Replays each letter in turn, printing each refusal as it comes and going on with the next;
+/// a `Failed` at the end if any was refused.
+async fn replay(
+    client: &mut AdminClient,
+    ids: Vec<String>,
+    sources: &Sources,
+) -> Result<(), Failure> {
     let mut failed = 0;
     for id in ids {
         let request = pb::ReplayDeadLetterRequest { id: id.clone() };
@@ -311,10 +319,11 @@ async fn replay(client: &mut AdminClient, ids: Vec<String>) -> Result<(), Failur
             }
             Err(status) => {
                 failed += 1;
-                eprintln!(
-                    "profile-state: {}",
-                    refused(&format!("replaying {id}"), &status)
-                );
+                // Printed as every subcommand's failure is (`Failure::report`): with the note
+                // on a flag the refusal names that the environment set (`--token` by
+                // PROFILE_STATE_TOKEN), which `eprintln!` left out.
+                let failure = refused(&format!("replaying {id}"), &status);
+                super::print_error(sources, &failure.to_string());
             }
         }
     }
