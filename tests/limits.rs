@@ -292,7 +292,7 @@ async fn a_503_for_an_update_that_was_applied_does_not_say_it_was_not_recorded()
 
 /// Reads what the server sends on `stream` until it closes it (or resets it); fails after
 /// `PATIENCE`.
-async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+pub(crate) async fn until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
     let which = stream.local_addr().unwrap();
     use tokio::io::AsyncReadExt;
     let mut received = Vec::new();
@@ -316,7 +316,10 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {series}"))
 }
 
-async fn connect(address: std::net::SocketAddr, first_bytes: &[u8]) -> tokio::net::TcpStream {
+pub(crate) async fn connect(
+    address: std::net::SocketAddr,
+    first_bytes: &[u8],
+) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     stream.write_all(first_bytes).await.unwrap();

@@ -1,6 +1,7 @@
 //! The real binary's log output: colours only on a terminal and never with `NO_COLOR`; JSON
 //! lines with the fields at the top level and no Rust `Debug` text; refused signatures at WARN,
-//! rate-limited, with the client id and the reason and nothing from the body.
+//! rate-limited, with the client id and the reason and nothing from the body; a connection
+//! refused at a listener's cap warned of with the flag that sets the cap.
 
 use crate::common;
 use crate::common::binary;
@@ -275,3 +276,61 @@ async fn a_restart_after_a_kill_cuts_the_runway_off_without_warning_of_a_torn_re
     let body = profile_updated("c1", &at(4), json!({"total_points": 4}));
     assert_eq!(binary.post(&body).await.0, 200);
 }
+
+/// A connection refused at a listener's cap is warned of with the listener, the cap and the
+/// flag that sets it (`flag`: the limit alone said nothing of where to raise it, a first-user
+/// review; no test read the field). Each listener's one connection is busy, so none can be
+/// closed to make room: the webhook one's request is in progress (its handler reads the body,
+/// hyper's `100 Continue` says so), the gRPC one has a watch open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_refused_at_a_cap_is_warned_of_with_the_flag_that_sets_the_cap() {
+    use crate::limits::{connect, until_closed};
+    use pb::profile_service_client::ProfileServiceClient;
+    use profile_state::pb;
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let caps = [
+        "--max-webhook-connections",
+        "1",
+        "--max-grpc-connections",
+        "1",
+    ];
+    let mut binary = Binary::start(dir.path(), &caps).await;
+    let refused = "connection refused: too many connections open";
+
+    let headers = "POST /webhooks/gameball HTTP/1.1\r\nhost: x\r\ncontent-type: \
+                   application/json\r\ncontent-length: 10\r\nexpect: 100-continue\r\n\r\n";
+    let mut busy = connect(binary.webhook, headers.as_bytes()).await;
+    let mut continued = [0; 21];
+    let read = tokio::time::timeout(PATIENCE, busy.read_exact(&mut continued));
+    read.await.expect("100 Continue").unwrap();
+    assert_eq!(&continued, b"HTTP/1.1 100 Continue");
+    assert_eq!(
+        until_closed(&mut connect(binary.webhook, b"").await).await,
+        b""
+    );
+    let warned = binary.wait_for(refused).await;
+    assert_eq!(warned["level"], "WARN");
+    assert_eq!(warned["listener"], "webhook");
+    assert_eq!(warned["limit"], 1);
+    assert_eq!(warned["flag"], "--max-webhook-connections", "{warned}");
+
+    let url = format!("http://{}", binary.grpc);
+    let mut client = ProfileServiceClient::connect(url).await.unwrap();
+    let request = pb::WatchProfilesRequest::default();
+    let mut watch = client.watch_profiles(request).await.unwrap().into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "Synced");
+    assert_eq!(
+        until_closed(&mut connect(binary.grpc, b"").await).await,
+        b""
+    );
+    let warned = binary.wait_for(refused).await;
+    assert_eq!(warned["listener"], "grpc");
+    assert_eq!(warned["limit"], 1);
+    assert_eq!(warned["flag"], "--max-grpc-connections", "{warned}");
+    drop((busy, watch, client));
+    binary.stop();
+}
+
+/// How long the test waits for an answer it must get.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
