@@ -70,3 +70,26 @@ fn every_test_file_is_declared() {
         missing.join(",")
     );
 }
+
+/// A log line whose call site another thread reached first, with no subscriber of its own, is
+/// still captured on this thread: tracing-core kept "not wanted" for the call site when this
+/// capture was the one dispatcher registered, and a reconcile test lost its "waits" lines
+/// whenever a sibling test ran the same schedule code first (`CapturedLogs::on_this_thread`).
+#[test]
+fn a_capture_sees_lines_whose_call_site_another_thread_reached_first() {
+    fn line(n: u32) {
+        tracing::info!(
+            n,
+            "a call site reached first on a thread with no subscriber"
+        );
+    }
+    let (captured, _capturing) = common::CapturedLogs::on_this_thread(tracing::Level::INFO);
+    std::thread::spawn(|| line(1)).join().unwrap();
+    line(2);
+    let text = captured.text();
+    assert_eq!(
+        text.matches("reached first").count(),
+        1,
+        "this thread's: {text}"
+    );
+}

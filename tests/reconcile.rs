@@ -1575,25 +1575,37 @@ async fn one_job_at_a_time(
 
 /// Takes the one job place (`--reconcile-max-jobs 1`) with a job of `holder` whose customer
 /// Gameball never answers (`held`), before a slot of `period` seconds starts; the job's id and
-/// that slot's start (Unix seconds).
+/// that slot's start (Unix seconds): the first slot to start once the holder has the place.
 async fn take_the_place_before_a_slot(
     admin: &mut AdminServiceClient<Channel>,
     holder: &str,
     period: f64,
 ) -> (String, f64) {
     let next_slot_after = |at: f64| (at / period).floor() * period + period;
-    // Slots are wall-clock time: one that starts within a second is let pass (its scheduled
-    // jobs select nothing and end at once, one after the other), so the holder comes first.
-    let soon = next_slot_after(unix_now());
-    if soon - unix_now() < 1.0 {
-        tokio::time::sleep(Duration::from_secs_f64(soon - unix_now() + 0.5)).await;
-    }
-    let request = pb::ReconcileProfilesRequest {
-        client_id: holder.into(),
-        selection: Some(ids(&["held"])),
+    // A slot that started a moment ago (since the server did) may still run its scheduled
+    // jobs, which select nothing and end at once, one after the other: until the last has
+    // ended the place is taken, and the holder is refused. So it asks until it has the place,
+    // rather than trusting that a slot is far enough away (a second was the margin, and no
+    // margin covered a slot that had just started).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let holding = loop {
+        let request = pb::ReconcileProfilesRequest {
+            client_id: holder.into(),
+            selection: Some(ids(&["held"])),
+        };
+        match admin.reconcile_profiles(request).await {
+            Ok(holding) => break holding.into_inner(),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the place stays taken: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
     };
-    let holding = admin.reconcile_profiles(request).await.unwrap();
-    (holding.into_inner().job_id, next_slot_after(unix_now()))
+    (holding.job_id, next_slot_after(unix_now()))
 }
 
 /// Schedules of one period fall due at the same instants: with more accounts than
@@ -1687,30 +1699,29 @@ async fn schedules_waiting_for_room_start_nothing_once_the_server_stops() {
     let service = one_job_at_a_time(dir.path(), &stand_in, &accounts, &scheduled, PERIOD).await;
     let mut admin = admin(&service).await;
     let (_, blocked_slot) = take_the_place_before_a_slot(&mut admin, "2199", PERIOD).await;
-    let before = logs.text().len();
-    tokio::time::sleep(Duration::from_secs_f64(blocked_slot - unix_now())).await;
-    // The three schedules of that slot wait (a loaded machine may run their ticks late).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let waiting = loop {
-        let waiting = logs.text();
-        if waiting[before..]
-            .matches("scheduled reconcile waits")
-            .count()
-            == 3
-        {
-            break waiting;
-        }
-        assert!(Instant::now() < deadline, "{}", &waiting[before..]);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    // Each line names the slot it waits in.
+    // The three schedules of that slot wait, each line naming the slot. Counted by the slot's
+    // name, not as every wait since the place was taken: a slot that started while the holder
+    // was being answered, or one whose ticks a loaded machine ran late, waits too, and its
+    // lines came on top of the three. (Nor a sleep until the slot starts first: computed just
+    // as the slot began, its length was negative, a panic.)
     let slot = chrono::DateTime::from_timestamp(blocked_slot as i64, 0)
         .unwrap()
         .to_rfc3339_opts(SecondsFormat::Secs, true);
-    let mut waits = waiting[before..]
-        .lines()
-        .filter(|line| line.contains("waits"));
-    assert!(waits.all(|line| line.contains(&slot)), "{slot}: {waiting}");
+    let waits_in_the_slot = |logs: &str| {
+        logs.lines()
+            .filter(|line| line.contains("scheduled reconcile waits") && line.contains(&slot))
+            .count()
+    };
+    let until_the_slot = Duration::from_secs_f64((blocked_slot - unix_now()).max(0.0));
+    let deadline = Instant::now() + until_the_slot + Duration::from_secs(10);
+    let waiting = loop {
+        let waiting = logs.text();
+        if waits_in_the_slot(&waiting) == 3 {
+            break waiting;
+        }
+        assert!(Instant::now() < deadline, "{slot}: {waiting}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     service.stop().await;
     let after = logs.text().split_off(waiting.len());

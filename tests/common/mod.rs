@@ -88,22 +88,44 @@ impl CapturedLogs {
     /// Captures this thread's log lines at `level` and above until the guard drops. A test's
     /// current-thread runtime runs the server's tasks here, and the ingest thread takes its
     /// creator's default subscriber as its own, so their lines are captured too.
-    pub fn on_this_thread(
-        level: tracing::Level,
-    ) -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+    ///
+    /// Whatever other tests do on their threads meanwhile: while a single dispatcher is
+    /// registered, tracing-core decides whether a log line's call site is wanted at all by
+    /// asking only the default subscriber of the thread that reaches the call site first
+    /// (`has_just_one` in its `callsite.rs`), and keeps the answer for every thread. Another
+    /// test's thread, with no subscriber, reaching a call site first (the reconcile schedule's
+    /// "waits" line, run by two tests at once) made it never wanted, and this capture lost
+    /// every such line. A second dispatcher registered for as long as the capture makes
+    /// tracing ask every registered one, this capture's included.
+    pub fn on_this_thread(level: tracing::Level) -> (CapturedLogs, Capturing) {
         let captured = CapturedLogs::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(level)
             .with_writer(move || writer.clone())
             .finish();
-        (captured, tracing::subscriber::set_default(subscriber))
+        let guard = tracing::subscriber::set_default(subscriber);
+        // Registering it asks every registered dispatcher again about every call site known,
+        // those another thread reached while this capture was the only one included.
+        let second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+        let capturing = Capturing {
+            _guard: guard,
+            _second: second,
+        };
+        (captured, capturing)
     }
 
     /// What was captured so far.
     pub fn text(&self) -> String {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
+}
+
+/// A capture in progress ([`CapturedLogs::on_this_thread`]): this thread's default
+/// subscriber, and the second dispatcher that keeps tracing asking it, until dropped.
+pub struct Capturing {
+    _guard: tracing::subscriber::DefaultGuard,
+    _second: tracing::Dispatch,
 }
 
 /// A running service. Dropping it without `stop` aborts nothing: call `stop` to shut it down.
