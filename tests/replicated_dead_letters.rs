@@ -21,12 +21,14 @@ use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
 
-fn bad_tier_order(customer: &str) -> Vec<u8> {
+/// A signed delivery the validation refuses (a string tier order): 422, kept as a letter.
+pub(crate) fn bad_tier_order(customer: &str) -> Vec<u8> {
     let body = profile_updated(customer, &at(1), json!({"tier_order": "2"}));
     serde_json::to_vec(&body).unwrap()
 }
 
-fn valid(customer: &str, points: u64) -> Vec<u8> {
+/// A delivery valid now, of `points` for `customer`.
+pub(crate) fn valid(customer: &str, points: u64) -> Vec<u8> {
     let body = profile_updated(customer, &at(1), json!({"total_points": points}));
     serde_json::to_vec(&body).unwrap()
 }
@@ -35,7 +37,8 @@ async fn admin(service: &TestService) -> AdminServiceClient<Channel> {
     AdminServiceClient::new(service.channel().await)
 }
 
-async fn ids(service: &TestService) -> Vec<String> {
+/// The ids of every letter the replica lists.
+pub(crate) async fn ids(service: &TestService) -> Vec<String> {
     try_ids(service).await.expect("ListDeadLetters answers")
 }
 
@@ -57,7 +60,8 @@ async fn try_ids(service: &TestService) -> Result<Vec<String>, tonic::Status> {
         .collect())
 }
 
-async fn replay(
+/// Replays letter `id` on the replica.
+pub(crate) async fn replay(
     service: &TestService,
     id: &DeadLetterId,
 ) -> Result<pb::ReplayDeadLetterResponse, tonic::Status> {
@@ -73,7 +77,10 @@ async fn replay(
 /// cluster formed, under CI's load, the letters' bucket may not answer within the request
 /// timeout, and the delivery is then refused "retry later" (its honest answer; seen once in
 /// `.ci/run`). Its last answer.
-async fn post_until_answered(service: &TestService, body: &[u8]) -> (u16, serde_json::Value) {
+pub(crate) async fn post_until_answered(
+    service: &TestService,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (status, answer) = service.post_signed(body).await;
@@ -94,8 +101,8 @@ async fn points(service: &TestService, customer: &str) -> (Option<u64>, u64) {
     (points.map(|points| points as u64), store_revision)
 }
 
-/// Waits until `service` serves the customer with these points.
-async fn wait_points(service: &TestService, customer: &str, expected: u64) -> u64 {
+/// Waits until `service` serves the customer with these points; the store revision then.
+pub(crate) async fn wait_points(service: &TestService, customer: &str, expected: u64) -> u64 {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (found, revision) = points(service, customer).await;

@@ -8,10 +8,10 @@
 //! message there.
 //!
 //! What it decides: which earlier snapshot the stream continues, if any, and why each other
-//! one was refused. It does not download or load it (`startup`), and it proves no more than
-//! that one message is the same: a backup restores every message before it too, and a stream
-//! created again and fed other messages holds another message there (another id, another
-//! stored time).
+//! one was refused (with what to restore when every one is newer than the stream). It does
+//! not download or load it (`startup`), and it proves no more than that one message is the
+//! same: a backup restores every message before it too, and a stream created again and fed
+//! other messages holds another message there (another id, another stored time).
 
 use std::fmt;
 
@@ -93,7 +93,8 @@ pub(super) async fn earlier_start(
 }
 
 /// Why the bucket `bucket` holds no snapshot this stream (created `created`) can start from:
-/// it is empty, or each of its earlier incarnation's snapshots, and why it was refused.
+/// it is empty, or each of its earlier incarnation's snapshots, and why it was refused; when
+/// every one is newer than the stream, what to restore ([`newer_than_the_stream`]).
 pub(super) fn refusals(
     bucket: &str,
     created: &str,
@@ -111,12 +112,39 @@ pub(super) fn refusals(
             )
         })
         .collect();
-    format!(
+    let mut text = format!(
         "bucket {bucket} holds {} snapshot(s) of an earlier incarnation of the stream, none of \
          which this one (created {created}) continues: {}",
         refused.len(),
         each.join("; ")
-    )
+    );
+    if let Some(last) = newer_than_the_stream(refused) {
+        text.push_str(&format!(
+            "; every one is as of a sequence past the stream's last ({last}): if the stream was \
+             restored from a backup, they were published after that backup was taken, and the \
+             bucket's own backup taken with it holds the snapshots it continues: delete stream \
+             OBJ_{bucket} (`nats stream rm -f OBJ_{bucket}`), restore that backup (`nats stream \
+             restore`) and start again"
+        ));
+    }
+    text
+}
+
+/// The stream's last sequence, when every refused snapshot is as of a sequence past it: a
+/// stream restored from a backup beside the live bucket, whose replicas published newer
+/// snapshots after the backup and retired every one it covers (the bucket keeps two). The
+/// bucket's backup taken with the stream's holds those; the live bucket no longer does.
+fn newer_than_the_stream(refused: &[(EarlierSnapshot, Refusal)]) -> Option<u64> {
+    let mut stream_last = None;
+    for (earlier, refusal) in refused {
+        match refusal {
+            Refusal::Outside { last, .. } if earlier.snapshot.stream_sequence > *last => {
+                stream_last = Some(*last);
+            }
+            _ => return None,
+        }
+    }
+    stream_last
 }
 
 #[cfg(test)]
@@ -182,6 +210,47 @@ mod tests {
             "as of sequence 45): the stream no longer holds its sequence",
         ] {
             assert!(text.contains(reason), "{reason}: {text}");
+        }
+        assert!(!text.contains("delete stream"), "{text}");
+    }
+
+    /// A stream restored from a backup beside the live bucket, whose replicas published two
+    /// snapshots after the backup, was refused with each named "outside the stream's
+    /// sequences", which does not say what to do: the bucket's backup taken with the stream's
+    /// holds the snapshots it continues. Said only when every snapshot is past the stream's
+    /// last: one it was purged past, or another message, is another story.
+    #[test]
+    fn snapshots_all_newer_than_the_stream_send_the_operator_to_the_buckets_backup() {
+        let newer = |sequence| {
+            let outside = Refusal::Outside {
+                first: 36,
+                last: 60,
+            };
+            (earlier(sequence, Some("d")), outside)
+        };
+        let text = refusals("S_SNAPSHOTS", "now", &[newer(100), newer(80)]);
+        assert!(
+            text.ends_with(
+                "as of sequence 80): outside the stream's sequences 36..=60; every one is as of \
+                 a sequence past the stream's last (60): if the stream was restored from a \
+                 backup, they were published after that backup was taken, and the bucket's own \
+                 backup taken with it holds the snapshots it continues: delete stream \
+                 OBJ_S_SNAPSHOTS (`nats stream rm -f OBJ_S_SNAPSHOTS`), restore that backup \
+                 (`nats stream restore`) and start again"
+            ),
+            "{text}"
+        );
+        let below = (
+            earlier(30, Some("d")),
+            Refusal::Outside {
+                first: 36,
+                last: 60,
+            },
+        );
+        let differs = (earlier(50, Some("d")), Refusal::Differs);
+        for others in [below, differs] {
+            let text = refusals("S_SNAPSHOTS", "now", &[newer(100), others]);
+            assert!(!text.contains("delete stream"), "{text}");
         }
     }
 }

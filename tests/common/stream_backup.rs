@@ -2,7 +2,9 @@
 //! does them (nats-io/jsm.go, `snapshots.go`): a stream snapshot whose chunks the server sends
 //! to a subject of ours, each acknowledged as it comes, then restored under the stream's own
 //! configuration and state. What comes back is what an operator gets: the same configuration
-//! (metadata included) and messages at the same sequences, and a new creation time.
+//! (metadata included) and messages at the same sequences, and a new creation time. A bucket's
+//! stream (`OBJ_<bucket>`, `KV_<bucket>`) is backed up and restored the same way, under its
+//! stream's name.
 
 use std::time::Duration;
 
@@ -23,6 +25,19 @@ pub struct StreamBackup {
     pub meta: Value,
     /// The snapshot.
     pub data: Vec<u8>,
+}
+
+impl StreamBackup {
+    /// The first and last sequence the stream held when it was backed up.
+    pub fn sequences(&self) -> (u64, u64) {
+        let state = &self.meta["state"];
+        let sequence = |key: &str| {
+            state[key]
+                .as_u64()
+                .unwrap_or_else(|| panic!("the backup's state has {key}: {state}"))
+        };
+        (sequence("first_seq"), sequence("last_seq"))
+    }
 }
 
 /// A client of its own on `url`, for the API requests below.
