@@ -39,6 +39,7 @@ mod queries;
 mod reconcile;
 mod reconcile_client;
 mod replicas;
+mod replicated_backup;
 mod replicated_dead_letters;
 mod replicated_schedule;
 mod timestamps;
