@@ -467,11 +467,22 @@ async fn a_stream_restored_beside_newer_snapshots_is_started_once_the_buckets_ba
     let (profiles, now) = Replica::from(&b).dump().await;
     assert_eq!(now, revision, "the revision the backup held");
     assert!(profiles == held, "the profiles the backup held");
-    // The restored stream's own snapshots, published and retired as usual.
+    // The restored stream's own snapshots, published and retired as usual; once it has two,
+    // the earlier incarnation's go (each restore left two for good).
     let restored = stream_of(&nats, "NEWER").await;
     let own = SnapshotBucket::open(&restored).await.unwrap();
+    assert!(!own.of_earlier_streams().await.unwrap().is_empty());
     let published = publish_more(&b, &own, 120, 160).await;
     assert!(published[0].stream_sequence > last, "{published:?}");
+    let deadline = Instant::now() + PATIENCE;
+    while !own.of_earlier_streams().await.unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the earlier incarnation's snapshots are retired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(own.list().await.unwrap(), published, "its own two are kept");
     b.stop().await;
 }
 

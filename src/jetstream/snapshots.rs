@@ -335,17 +335,29 @@ impl SnapshotBucket {
             .map_err(|err| self.error(&snapshot.name, err))
     }
 
-    /// Deletes all but the newest `keep` snapshots of this store; returns how many went.
+    /// Deletes all but the newest `keep` snapshots of this store, and, once this stream has
+    /// `keep` of its own, every snapshot of an earlier incarnation of it; returns how many went.
+    /// A replica starts from this stream's own snapshots whenever it has one, so the earlier
+    /// ones serve only a restore of the stream from a backup, which brings the bucket's backup
+    /// taken with it (README, "Backing up the stream"). Kept, each restore left two more
+    /// objects in the bucket for good.
     pub async fn retire(&self, keep: usize) -> Result<usize, JetStreamError> {
         let snapshots = self.list().await?;
         let old = snapshots.len().saturating_sub(keep);
-        for snapshot in &snapshots[..old] {
-            self.store
-                .delete(&snapshot.name)
-                .await
-                .map_err(|err| self.error(&snapshot.name, err))?;
+        let mut retired: Vec<String> = (snapshots[..old].iter())
+            .map(|snapshot| snapshot.name.clone())
+            .collect();
+        if snapshots.len() >= keep {
+            let earlier = self.of_earlier_streams().await?;
+            retired.extend(earlier.into_iter().map(|earlier| earlier.snapshot.name));
         }
-        Ok(old)
+        for name in &retired {
+            self.store
+                .delete(name)
+                .await
+                .map_err(|err| self.error(name, err))?;
+        }
+        Ok(retired.len())
     }
 
     /// The chunk subjects of uploads that never finished: a replica stopped or crashed in the
