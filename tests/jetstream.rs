@@ -467,8 +467,29 @@ async fn snapshots_round_trip_through_the_object_store() {
         .collect();
     assert_eq!(left, [9]);
 
-    // The stream replaced (new store id): the old store's snapshots are not offered.
-    client.context().delete_stream("SNAP").await.unwrap();
+    // The stream replaced (new store id): the old store's snapshots are not offered. A replica
+    // does not make it again beside them (the stream was lost: its restore would drop what the
+    // new one took); an operator does, here as a new store.
+    let context = client.context();
+    let mut config = context
+        .get_stream("SNAP")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    context.delete_stream("SNAP").await.unwrap();
+    let lost = UpdateStream::ensure(&client, &settings("SNAP")).await;
+    assert!(
+        matches!(lost, Err(JetStreamError::Lost { .. })),
+        "{:?}",
+        lost.err()
+    );
+    config
+        .metadata
+        .insert("profile_state_store_id".into(), "a-new-store".into());
+    config.metadata.remove("profile_state_store_created");
+    context.create_stream(config).await.unwrap();
     let replaced = UpdateStream::ensure(&client, &settings("SNAP"))
         .await
         .unwrap();
@@ -484,7 +505,6 @@ async fn snapshots_round_trip_through_the_object_store() {
         .put(1, 2, &mut &b"a snapshot of the stream before"[..])
         .await
         .unwrap();
-    let context = client.context();
     let config = context
         .get_stream("SNAP")
         .await

@@ -22,6 +22,87 @@ use crate::replicas::{
     stream_of, two_published, wait_applied,
 };
 
+/// A stream deleted or lost (its snapshot bucket left) was created again, empty, by the next
+/// replica to start: every replica then served an empty store and acknowledged webhooks into
+/// it, which restoring the stream from its backup dropped. No replica creates it while the
+/// bucket holds snapshots; once the bucket is deleted on purpose, one starts a new, empty
+/// store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_stream_is_not_created_again_beside_its_snapshots() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a_dir = tempfile::tempdir().unwrap();
+    let (a, _, _) = two_published(&nats, "LOSTONE", a_dir.path()).await;
+    let old_store_id = Replica::from(&a).info().await.store_id;
+    a.stop().await;
+    let stream = stream_of(&nats, "LOSTONE").await;
+    let context = stream.nats().context().clone();
+    context.delete_stream("LOSTONE").await.unwrap();
+
+    let b_dir = tempfile::tempdir().unwrap();
+    let refused = Server::bind(snapshotting(&nats, "LOSTONE", "b", b_dir.path())).await;
+    let error = format!("{:#}", refused.err().expect("b does not start"));
+    assert!(
+        error.contains(
+            "stream LOSTONE does not exist, but bucket LOSTONE_SNAPSHOTS holds snapshots that \
+             replicas of a stream of that name published: it was deleted or lost"
+        ) && error.contains("`nats stream rm -f OBJ_LOSTONE_SNAPSHOTS`"),
+        "{error}"
+    );
+    let missing = context.get_stream("LOSTONE").await;
+    assert!(missing.is_err(), "no stream was created");
+
+    // The bucket deleted on purpose: a new, empty store.
+    context
+        .delete_stream("OBJ_LOSTONE_SNAPSHOTS")
+        .await
+        .unwrap();
+    let b = TestService::start_with(snapshotting(&nats, "LOSTONE", "b", b_dir.path())).await;
+    let (profiles, revision) = Replica::from(&b).dump().await;
+    assert!(
+        profiles.is_empty() && revision == 0,
+        "{revision}: {profiles:?}"
+    );
+    assert_ne!(Replica::from(&b).info().await.store_id, old_store_id);
+    b.stop().await;
+}
+
+/// The NATS cluster lost with its disks, snapshot bucket and all: the first replica to start
+/// created an empty stream, and every replica then served an empty store and acknowledged
+/// webhooks that restoring the backups dropped. A replica whose data directory followed a
+/// stream of that name does not create it; on an empty data directory (nothing says a stream
+/// existed) one starts a new store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_followed_a_lost_stream_does_not_create_it_again() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a_dir = tempfile::tempdir().unwrap();
+    let (a, _, _) = two_published(&nats, "WIPED", a_dir.path()).await;
+    a.stop().await;
+    let stream = stream_of(&nats, "WIPED").await;
+    let context = stream.nats().context().clone();
+    for name in ["WIPED", "OBJ_WIPED_SNAPSHOTS"] {
+        context.delete_stream(name).await.unwrap();
+    }
+
+    let refused = Server::bind(snapshotting(&nats, "WIPED", "a", a_dir.path())).await;
+    let error = format!("{:#}", refused.err().expect("a does not start"));
+    assert!(
+        error.contains(
+            "stream WIPED does not exist, but this replica's data directory followed one"
+        ) && error.contains("start this replica on an empty --data-dir"),
+        "{error}"
+    );
+    assert!(context.get_stream("WIPED").await.is_err(), "none created");
+
+    let b_dir = tempfile::tempdir().unwrap();
+    let b = TestService::start_with(snapshotting(&nats, "WIPED", "b", b_dir.path())).await;
+    let (profiles, revision) = Replica::from(&b).dump().await;
+    assert!(
+        profiles.is_empty() && revision == 0,
+        "{revision}: {profiles:?}"
+    );
+    b.stop().await;
+}
+
 /// After a stream was restored from a backup (a new stream under the name, the same store id),
 /// start-up said the snapshot bucket "is empty" although it held snapshots: those of the
 /// earlier stream, which the new one cannot use (found by an adversarial run). It names each,

@@ -125,6 +125,23 @@ pub enum JetStreamError {
         /// When the stream now under that name was created.
         now: String,
     },
+    /// The update stream does not exist, but its snapshot bucket holds what replicas of a
+    /// stream of that name published: it was deleted or lost, not never made. A replica
+    /// created an empty one and took webhooks into it, which a restore of the stream from its
+    /// backup then dropped, acknowledged (and every replica served an empty store meanwhile).
+    #[error(
+        "stream {stream} does not exist, but bucket {bucket} holds snapshots that replicas of a \
+         stream of that name published: it was deleted or lost. No new, empty one is created: \
+         webhooks acknowledged into it would be dropped by restoring the stream from its \
+         backup. Restore it (README, \"Backing up the stream\"); to start a new, empty store \
+         on purpose, delete the bucket first (`nats stream rm -f OBJ_{bucket}`)"
+    )]
+    Lost {
+        /// The stream.
+        stream: String,
+        /// Its snapshot bucket.
+        bucket: String,
+    },
     /// Reading was asked to start at a sequence the stream no longer holds (purged or removed
     /// by limits): the replica needs a snapshot at or after `first - 1`.
     #[error(

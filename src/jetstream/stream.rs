@@ -174,6 +174,7 @@ impl UpdateStream {
         let info = match context.get_stream(&settings.name).await {
             Ok(stream) => stream.cached_info().clone(),
             Err(err) if is_not_found(&err) => {
+                refuse_if_lost(context, &settings.name).await?;
                 let store_id = crate::data_dir::new_store_id();
                 match context
                     .create_stream(settings.stream_config(&store_id))
@@ -218,6 +219,15 @@ impl UpdateStream {
             rules_from,
             created,
         })
+    }
+
+    /// Whether a stream named `name` exists (one stream-info request).
+    pub async fn exists(nats: &Nats, name: &str) -> Result<bool, JetStreamError> {
+        match nats.context().get_stream(name).await {
+            Ok(_) => Ok(true),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(err) => Err(unavailable("stream info")(err)),
+        }
     }
 
     /// When the stream this handle was opened on was created.
@@ -440,6 +450,30 @@ impl UpdateStream {
             .await
             .map_err(unavailable("purge"))?;
         Ok(response.purged)
+    }
+}
+
+/// [`JetStreamError::Lost`] when the stream `name`, found missing, has a snapshot bucket that
+/// holds anything: replicas of a stream of that name published snapshots, so it was deleted or
+/// lost, and an empty one made now would take webhooks that its restore drops. Its bucket's
+/// own stream is asked (`OBJ_<name>_SNAPSHOTS`): the bucket cannot be opened without the
+/// update stream. A bucket that does not exist, or holds nothing, is a new cluster's.
+async fn refuse_if_lost(
+    context: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<(), JetStreamError> {
+    let bucket = format!("{name}_SNAPSHOTS");
+    let chunks = match context.get_stream(format!("OBJ_{bucket}")).await {
+        Ok(chunks) => chunks,
+        Err(err) if is_not_found(&err) => return Ok(()),
+        Err(err) => return Err(unavailable("snapshot bucket info")(err)),
+    };
+    match chunks.cached_info().state.messages {
+        0 => Ok(()),
+        _ => Err(JetStreamError::Lost {
+            stream: name.to_owned(),
+            bucket,
+        }),
     }
 }
 

@@ -149,6 +149,9 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
              with the bound on how large an update may grow a profile"
         );
     }
+    if !config.ephemeral {
+        refuse_if_followed_before(&nats, &settings, &config.data_dir).await?;
+    }
     let stream = match UpdateStream::ensure(&nats, &settings).await {
         Ok(stream) => stream,
         Err(
@@ -319,6 +322,36 @@ fn prepare_dir(path: &Path, store_id: &str, created: StreamCreated) -> anyhow::R
         sync_dir(dir.path()).context("syncing the data directory")?;
     }
     Ok(dir)
+}
+
+/// Refuses to go on when the stream does not exist but the data directory records one it
+/// followed (`STREAM_CREATED`): the stream was deleted or lost (a NATS cluster rebuilt empty),
+/// and the stream `UpdateStream::ensure` would create would be a new, empty store, taking
+/// webhooks that restoring the stream from its backup then drops. The snapshot bucket is the
+/// other witness (`JetStreamError::Lost`), but it is lost with the cluster's disks.
+async fn refuse_if_followed_before(
+    nats: &Nats,
+    settings: &StreamSettings,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let created_file = dir.join(STREAM_CREATED_FILE);
+    let recorded = match std::fs::read_to_string(&created_file) {
+        Ok(text) => text.trim().to_owned(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(IoError::new(&created_file, "read", error).into()),
+    };
+    if UpdateStream::exists(nats, &settings.name).await? {
+        return Ok(());
+    }
+    bail!(
+        "stream {} does not exist, but this replica's data directory followed one (created \
+         {recorded}, {}): it was deleted or lost. No new, empty one is created: webhooks \
+         acknowledged into it would be dropped by restoring the stream from its backup. \
+         Restore it (README, \"Backing up the stream\"); to start a new, empty store on \
+         purpose, start this replica on an empty --data-dir",
+        settings.name,
+        created_file.display()
+    )
 }
 
 /// The data directory's record of when its stream was created.
