@@ -100,14 +100,19 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
 /// JetStream not answering counts, and so does a bucket's failure: without quorum, opening or
 /// listing the snapshot bucket times out too (a damaged snapshot is tried again as well, and
 /// fails the same way at the end). So does a stream purged past every snapshot (a replica
-/// may publish a newer one meanwhile), and a snapshot replaced while it downloaded.
+/// may publish a newer one meanwhile), a snapshot replaced while it downloaded, and a stream
+/// missing that existed ([`LOST_STREAM_RETRY`]).
 fn retry_reason(error: &anyhow::Error) -> Option<&'static str> {
     if error.downcast_ref::<Replaced>().is_some() {
         return Some(
             "start-up: the published snapshot was replaced while it downloaded; trying the newest",
         );
     }
+    if error.downcast_ref::<FollowedStreamMissing>().is_some() {
+        return Some(LOST_STREAM_RETRY);
+    }
     match error.downcast_ref::<JetStreamError>()? {
+        JetStreamError::Lost { .. } => Some(LOST_STREAM_RETRY),
         JetStreamError::Unavailable { .. } | JetStreamError::Bucket { .. } => {
             Some("start-up: jetstream did not answer in time; trying again")
         }
@@ -118,6 +123,11 @@ fn retry_reason(error: &anyhow::Error) -> Option<&'static str> {
         _ => None,
     }
 }
+
+/// Why a stream that existed and is missing is asked for again: a restore may be under way,
+/// and a stream's info can be missed while a cluster elects its leaders.
+const LOST_STREAM_RETRY: &str =
+    "start-up: the update stream is missing but existed; trying again (it may be being restored)";
 
 /// One attempt of [`open`]; everything it opened is dropped again if it fails.
 async fn open_once(config: &Config) -> anyhow::Result<Opened> {
@@ -343,15 +353,29 @@ async fn refuse_if_followed_before(
     if UpdateStream::exists(nats, &settings.name).await? {
         return Ok(());
     }
-    bail!(
-        "stream {} does not exist, but this replica's data directory followed one (created \
-         {recorded}, {}): it was deleted or lost. No new, empty one is created: webhooks \
-         acknowledged into it would be dropped by restoring the stream from its backup. \
-         Restore it (README, \"Backing up the stream\"); to start a new, empty store on \
-         purpose, start this replica on an empty --data-dir",
-        settings.name,
-        created_file.display()
-    )
+    Err(FollowedStreamMissing {
+        stream: settings.name.clone(),
+        created: recorded,
+        record: created_file,
+    }
+    .into())
+}
+
+/// The stream is missing, and the data directory followed one of that name
+/// ([`refuse_if_followed_before`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stream {stream} does not exist, but this replica's data directory followed one (created \
+     {created}, {}): it was deleted or lost. No new, empty one is created: webhooks \
+     acknowledged into it would be dropped by restoring the stream from its backup. Restore it \
+     (README, \"Backing up the stream\"); to start a new, empty store on purpose, start this \
+     replica on an empty --data-dir",
+    record.display()
+)]
+struct FollowedStreamMissing {
+    stream: String,
+    created: String,
+    record: PathBuf,
 }
 
 /// The data directory's record of when its stream was created.
@@ -757,6 +781,25 @@ mod tests {
         };
         let reason = retry_reason(&anyhow::Error::new(replaced).context("choosing a start"));
         assert!(reason.is_some_and(|reason| reason.contains("replaced")));
+        // A stream that existed, missing: a restore may be under way (a replica that created
+        // it again made a new, empty store of it).
+        let lost = JetStreamError::Lost {
+            stream: "PROFILE_STATE".into(),
+            bucket: "PROFILE_STATE_SNAPSHOTS".into(),
+        };
+        assert_eq!(
+            retry_reason(&anyhow::Error::new(lost)),
+            Some(LOST_STREAM_RETRY)
+        );
+        let followed = FollowedStreamMissing {
+            stream: "PROFILE_STATE".into(),
+            created: "2026-12-05T00:00:00Z".into(),
+            record: PathBuf::from("data/STREAM_CREATED"),
+        };
+        assert_eq!(
+            retry_reason(&anyhow::Error::new(followed)),
+            Some(LOST_STREAM_RETRY)
+        );
         let mismatch = JetStreamError::Mismatch {
             name: "PROFILE_STATE".into(),
             setting: "replicas",
