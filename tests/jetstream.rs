@@ -358,6 +358,35 @@ fn blob(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// An object description another client wrote, which async-nats cannot read (nats-py's delete
+/// writes an empty `mtime`), made every listing of the bucket fail: start-up retried for 30 s
+/// saying JetStream did not answer, then exited (found by an adversarial run). The listing
+/// skips it; the removal of unfinished uploads, which could take a live object's chunks for an
+/// abandoned upload's if its description were skipped, refuses to run instead.
+#[tokio::test]
+async fn an_unreadable_object_description_is_skipped_but_stops_the_removal_of_uploads() {
+    let (_nats, client, stream) = started("UNREADABLE").await;
+    let bucket = SnapshotBucket::open(&stream).await.unwrap();
+    let snapshot = bucket.put(1, 1, &mut &b"a snapshot"[..]).await.unwrap();
+    let description = r#"{"name":"elsewhere","bucket":"UNREADABLE_SNAPSHOTS","nuid":"x","size":0,"chunks":0,"mtime":"","deleted":true}"#;
+    client
+        .context()
+        .publish("$O.UNREADABLE_SNAPSHOTS.M.ZWxzZXdoZXJl", description.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    assert_eq!(bucket.list().await.unwrap(), vec![snapshot]);
+    let refused = bucket.unfinished_uploads().await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("$O.UNREADABLE_SNAPSHOTS.M.ZWxzZXdoZXJl"),
+        "{refused}"
+    );
+}
+
 /// Unfinished uploads are aged by the NATS server's clock (the bucket's newest message), not
 /// this host's: with this host's clock ahead of the server's by the quiet time, an upload
 /// under way looked abandoned and its chunks were removed (found in a final read). Here this

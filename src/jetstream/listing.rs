@@ -12,8 +12,16 @@
 //! requests reaches the others a moment after its creation: a first fetch that finds no
 //! responder is sent again.
 //!
+//! A consumer reads from whichever server holds it, and a server still catching up (restarted,
+//! or the stream just restored) answered an empty or short listing as if it were the whole: a
+//! restored snapshot bucket read as "empty" (found by an adversarial run), and the removal of
+//! unfinished uploads would have taken live snapshots' chunks for abandoned ones. So the stream
+//! leader is first asked which subjects the filter holds, and a listing that misses any of them
+//! fails, to be tried again.
+//!
 //! It reads; it neither decides what a subject means nor changes the stream.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
@@ -40,13 +48,15 @@ const NO_RESPONDER_PAUSE: Duration = Duration::from_millis(10);
 
 /// The last message of every subject matching `filter` in `stream`, in stream order (only
 /// their headers if `headers_only`). Subjects that gain their first message during the
-/// listing may or may not be in it.
+/// listing may or may not be in it; one the stream's leader held before it that the listing
+/// misses fails it (a subject removed in between does too, and is listed at the next try).
 pub(super) async fn last_per_subject(
     stream: &Stream,
     filter: String,
     headers_only: bool,
 ) -> Result<Vec<Message>, async_nats::Error> {
-    let consumer = listing_consumer(stream, filter, headers_only).await?;
+    let held = subjects_held(stream, &filter).await?;
+    let consumer = listing_consumer(stream, filter.clone(), headers_only).await?;
     let (name, pending) = {
         let info = consumer.cached_info();
         (info.name.clone(), info.num_pending)
@@ -56,7 +66,39 @@ pub(super) async fn last_per_subject(
         // The server removes it after `ABANDONED_AFTER` anyway.
         tracing::debug!(consumer = %name, error = %err, "listing consumer not deleted");
     }
-    listed
+    let listed = listed?;
+    let read = listed.iter().map(|message| message.subject.as_str());
+    if let Some(subject) = first_missed(&held, read) {
+        return Err(format!(
+            "the listing of {filter} missed {subject}, which the stream's leader holds (it read \
+             {} of {} subjects: the server that read it is catching up, most likely)",
+            listed.len(),
+            held.len()
+        )
+        .into());
+    }
+    Ok(listed)
+}
+
+/// The first of the subjects `held` that the subjects `read` miss.
+fn first_missed<'a, 'b>(
+    held: &'a [String],
+    read: impl IntoIterator<Item = &'b str>,
+) -> Option<&'a str> {
+    let read: HashSet<&str> = read.into_iter().collect();
+    held.iter()
+        .map(String::as_str)
+        .find(|subject| !read.contains(subject))
+}
+
+/// The subjects matching `filter` that `stream` holds, as its leader answers.
+async fn subjects_held(stream: &Stream, filter: &str) -> Result<Vec<String>, async_nats::Error> {
+    let mut subjects = stream.clone().info_with_subjects(filter).await?;
+    let mut held = Vec::new();
+    while let Some(subject) = subjects.next().await {
+        held.push(subject?.0);
+    }
+    Ok(held)
 }
 
 /// A consumer of the last message of every subject matching `filter`, kept in memory on one
@@ -141,6 +183,21 @@ fn no_responders(err: &(dyn std::error::Error + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listing read from a server still catching up came back short, and was taken for the
+    /// whole (a restored bucket read as empty: found by an adversarial run): a subject the
+    /// leader holds that the listing lacks is found; extra ones (new since) are not missed ones.
+    #[test]
+    fn a_subject_the_leader_holds_that_the_listing_lacks_is_found() {
+        let held = ["$O.B.M.a", "$O.B.M.b"].map(String::from);
+        assert_eq!(
+            first_missed(&held, ["$O.B.M.a", "$O.B.M.b", "$O.B.M.c"]),
+            None
+        );
+        assert_eq!(first_missed(&held, ["$O.B.M.a"]), Some("$O.B.M.b"));
+        assert_eq!(first_missed(&held, []), Some("$O.B.M.a"));
+        assert_eq!(first_missed(&[], ["$O.B.M.a"]), None);
+    }
 
     /// A fetch whose answer never came (its server restarted mid-listing) kept a
     /// ListDeadLetters call waiting for 13 minutes (found by an adversarial run). Here the
