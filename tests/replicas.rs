@@ -1965,7 +1965,7 @@ pub(crate) async fn publish_more(
 }
 
 /// The chunk subject of object `name` in `bucket`, in the object store's stream.
-async fn chunk_subject(
+pub(crate) async fn chunk_subject(
     context: &async_nats::jetstream::Context,
     bucket: &str,
     name: &str,
@@ -1978,7 +1978,7 @@ async fn chunk_subject(
 
 /// The binary's arguments for replica `name` of `stream`, JetStream requests bounded by
 /// `request_timeout` (a download without progress is given up after three of them).
-fn bootstrap_args(
+pub(crate) fn bootstrap_args(
     nats: &NatsCluster,
     stream: &str,
     name: &str,

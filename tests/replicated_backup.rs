@@ -2,8 +2,9 @@
 //! and restores made through the JetStream API as the NATS CLI makes them
 //! (`common::stream_backup`). A restored stream is another incarnation of the stream; replicas
 //! start on it from an earlier incarnation's published snapshot only when the stream holds the
-//! message that snapshot was taken after, and the README's procedure (the snapshot bucket, then
-//! the stream, then the dead letters) brings them back after every stream is lost. The other
+//! message that snapshot was taken after (the newest first, a damaged one passed over), and the
+//! README's procedure (the snapshot bucket, then the stream, then the dead letters) brings them
+//! back after every stream is lost. The other
 //! replicated-mode tests are in `replicas`, whose helpers these share.
 
 use crate::common;
@@ -11,6 +12,7 @@ use crate::common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::binary::{self, Binary};
 use common::{TestService, at, profile_updated, stream_backup};
 use nats_harness::NatsCluster;
 use profile_state::{Config, Server, pb};
@@ -18,8 +20,8 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 
 use crate::replicas::{
-    PATIENCE, Replica, assert_converged, post_until_ok, publish_more, replica_config, snapshotting,
-    stream_of, two_published, wait_applied,
+    PATIENCE, Replica, assert_converged, bootstrap_args, chunk_subject, post_until_ok,
+    publish_more, replica_config, snapshotting, stream_of, two_published, wait_applied,
 };
 
 /// A stream deleted or lost (its snapshot bucket left) was created again, empty, by the next
@@ -613,4 +615,167 @@ async fn without_retained_messages_a_snapshot_between_the_two_backups_leaves_the
         assert!(error.contains(&expected), "{expected}: {error}");
     }
     assert!(!error.contains("delete stream"), "{error}");
+}
+
+/// A stream restored from its backup beside its bucket, which holds two snapshots of the
+/// earlier incarnation that the restored stream both continues ([`restored_beside_two`]).
+struct RestoredBesideTwo {
+    /// The bucket's two snapshots, oldest first.
+    published: Vec<profile_state::jetstream::SnapshotInfo>,
+    /// When the earlier incarnation was created.
+    old_created: String,
+    /// The profiles and revision the backup held.
+    held: Vec<pb::Profile>,
+    revision: u64,
+    context: async_nats::jetstream::Context,
+}
+
+/// A replica `a` of `name` on `dir` publishes two snapshots, retaining [`RETAIN`] messages
+/// before the older, and stops once the stream is backed up; the stream is then deleted and
+/// restored from the backup, beside the bucket. The restored stream holds both snapshots'
+/// messages, so it continues both.
+async fn restored_beside_two(nats: &NatsCluster, name: &str, dir: &Path) -> RestoredBesideTwo {
+    use profile_state::jetstream::SnapshotBucket;
+
+    let a = TestService::start_with(retaining(nats, name, "a", dir)).await;
+    let stream = stream_of(nats, name).await;
+    let bucket = SnapshotBucket::open(&stream).await.unwrap();
+    let published = publish_more(&a, &bucket, 0, 60).await;
+    purged_below_the_older(&stream, &published).await;
+    let (held, revision) = Replica::from(&a).dump().await;
+    let applied = Replica::from(&a).info().await.applied_sequence;
+    let client = stream_backup::client(&nats.client_urls()[0]).await;
+    let backup = stream_backup::backup(&client, name).await;
+    let (first, last) = backup.sequences();
+    assert_eq!(last, applied, "the backup holds what was read");
+    assert!(
+        first <= published[0].stream_sequence && published[1].stream_sequence <= last,
+        "the backup ({first}..={last}) holds both snapshots' messages: {published:?}"
+    );
+    a.stop().await;
+
+    let context = stream.nats().context().clone();
+    context.delete_stream(name).await.unwrap();
+    stream_backup::restore(&client, name, &backup).await;
+    let restored = stream_of(nats, name).await;
+    assert_ne!(restored.created(), stream.created(), "another incarnation");
+    let earlier = SnapshotBucket::open(&restored).await.unwrap();
+    assert_eq!(earlier.of_earlier_streams().await.unwrap().len(), 2);
+    RestoredBesideTwo {
+        published,
+        old_created: stream.created().to_string(),
+        held,
+        revision,
+        context,
+    }
+}
+
+/// Flips one byte of object `name`'s last chunk in `bucket`, as a bad disk or copy might: the
+/// chunk's message deleted and published again altered, so that the object keeps its chunks
+/// and size, and a read of it fails the object store's digest check at its end.
+async fn damage_last_chunk(context: &async_nats::jetstream::Context, bucket: &str, name: &str) {
+    let (chunks, subject) = chunk_subject(context, bucket, name).await;
+    let chunk = chunks
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    assert!(chunks.delete_message(chunk.sequence).await.unwrap());
+    let mut payload = chunk.payload.to_vec();
+    *payload.last_mut().unwrap() ^= 1;
+    context
+        .publish(subject, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// The newest snapshot in a restored bucket that the stream continues was damaged (its read
+/// failed the object store's digest check): start-up failed on it, every time, on every
+/// replica, though the older one, which the stream continues too, would start it (found by an
+/// adversarial run, who deleted the damaged object by hand). The damaged one is named in a
+/// warning and passed over; a replica on an empty data directory starts from the older and
+/// holds what the backup held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_snapshot_in_a_restored_bucket_is_passed_over_for_an_older_one() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a_dir = tempfile::tempdir().unwrap();
+    let restored = restored_beside_two(&nats, "DAMAGED", a_dir.path()).await;
+    let (older, newest) = (&restored.published[0], &restored.published[1]);
+    damage_last_chunk(&restored.context, "DAMAGED_SNAPSHOTS", &newest.name).await;
+
+    let b_dir = tempfile::tempdir().unwrap();
+    let args = bootstrap_args(&nats, "DAMAGED", "b", "2s");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut b = Binary::start_up(b_dir.path(), &args);
+    let recovered = b.wait_for("replica recovered").await;
+    b.wait_listening().await;
+    assert_eq!(
+        recovered["source"], "published snapshot of an earlier incarnation of the stream",
+        "{recovered}"
+    );
+    assert_eq!(
+        recovered["stream_sequence"], older.stream_sequence,
+        "{recovered}"
+    );
+    let passed_over = b.seen.iter().find(|line| {
+        line["message"]
+            == "a snapshot of an earlier incarnation of the stream cannot be used: trying the \
+                next older one the stream continues, if any"
+    });
+    let passed_over = passed_over.unwrap_or_else(|| panic!("a warning: {:?}", b.seen));
+    assert_eq!(passed_over["level"], "WARN", "{passed_over}");
+    assert_eq!(
+        passed_over["snapshot"],
+        newest.name.as_str(),
+        "{passed_over}"
+    );
+    let error = passed_over["error"].as_str().unwrap();
+    assert!(error.contains("wrong digest"), "{error}");
+    let replica = Replica::from(&b);
+    wait_applied(&[replica], newest.stream_sequence).await;
+    let (profiles, revision) = replica.dump().await;
+    assert_eq!(revision, restored.revision, "the revision the backup held");
+    assert!(profiles == restored.held, "the profiles the backup held");
+    let names = binary::file_names(b_dir.path());
+    assert!(
+        !names.iter().any(|name| name.ends_with(".tmp")),
+        "{names:?}"
+    );
+    b.stop();
+}
+
+/// When every snapshot the restored stream continues fails, start-up fails as before, but
+/// names each one tried with its failure (it named the newest alone, and an operator who
+/// deleted that one met the next), and leaves no download behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restored_stream_whose_every_continued_snapshot_is_damaged_names_each() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a_dir = tempfile::tempdir().unwrap();
+    let restored = restored_beside_two(&nats, "RUINED", a_dir.path()).await;
+    for snapshot in &restored.published {
+        damage_last_chunk(&restored.context, "RUINED_SNAPSHOTS", &snapshot.name).await;
+    }
+
+    let b_dir = tempfile::tempdir().unwrap();
+    let refused = Server::bind(retaining(&nats, "RUINED", "b", b_dir.path())).await;
+    let error = format!("{:#}", refused.err().expect("b cannot start"));
+    let created = stream_of(&nats, "RUINED").await.created().to_string();
+    let expected = format!(
+        "bucket RUINED_SNAPSHOTS holds 2 snapshot(s) of an earlier incarnation of the stream \
+         that this one (created {created}) continues, and none of them could be used: "
+    );
+    assert!(error.contains(&expected), "{error}");
+    for snapshot in restored.published.iter().rev() {
+        let expected = format!(
+            "{} (stream created {}, as of sequence {}): downloading published snapshot {} \
+             failed after ",
+            snapshot.name, restored.old_created, snapshot.stream_sequence, snapshot.name
+        );
+        assert!(error.contains(&expected), "{expected}: {error}");
+    }
+    assert_eq!(error.matches("wrong digest").count(), 2, "{error}");
+    let names = binary::file_names(b_dir.path());
+    let left = names.iter().any(|name| name.contains(".snap"));
+    assert!(!left, "no download left: {names:?}");
 }

@@ -4,14 +4,15 @@
 //! it cannot be replayed from its start, and its own incarnation has published no snapshot;
 //! the earlier incarnation's snapshots cover it, and each records the digest of the stream's
 //! message it was taken after (`UpdateStream::message_digest`: message id, stored time,
-//! payload). The start is the newest of them whose sequence the stream holds, with the same
-//! message there.
+//! payload). The stream continues each of them whose sequence it holds, with the same message
+//! there; start-up tries those newest first.
 //!
-//! What it decides: which earlier snapshot the stream continues, if any, and why each other
+//! What it decides: which earlier snapshots the stream continues, if any, and why each other
 //! one was refused (with what to restore when every one is newer than the stream). It does
-//! not download or load it (`startup`), and it proves no more than that one message is the
-//! same: a backup restores every message before it too, and a stream created again and fed
-//! other messages holds another message there (another id, another stored time).
+//! not download or load them, nor pass over one that fails to (`startup`), and it proves no
+//! more than that one message is the same: a backup restores every message before it too, and
+//! a stream created again and fed other messages holds another message there (another id,
+//! another stored time).
 
 use std::fmt;
 
@@ -55,27 +56,29 @@ impl fmt::Display for Refusal {
 }
 
 /// What the bucket offers a stream that none of its own snapshots can start.
-#[derive(Debug)]
-pub(super) enum Earlier {
-    /// The newest snapshot of an earlier incarnation the stream continues.
-    Continues(EarlierSnapshot),
-    /// None: each earlier snapshot, newest first, and why it was refused (empty: the bucket
-    /// holds none).
-    Refused(Vec<(EarlierSnapshot, Refusal)>),
+#[derive(Debug, Default)]
+pub(super) struct Earlier {
+    /// Each snapshot of an earlier incarnation the stream continues, newest first: start-up
+    /// tries them in turn, as a damaged one is never replaced (the stream's own replicas
+    /// publish none until one of them has started).
+    pub(super) continued: Vec<EarlierSnapshot>,
+    /// Each other one, newest first, and why it was refused.
+    pub(super) refused: Vec<(EarlierSnapshot, Refusal)>,
 }
 
-/// The newest snapshot of an earlier incarnation of `stream` (holding `bounds`) that the
-/// stream continues: its sequence within the stream, and the stream's message there the one
-/// it was taken after. One read of the stream per snapshot compared.
+/// The snapshots of an earlier incarnation of `stream` (holding `bounds`) that the stream
+/// continues: their sequence within the stream, and the stream's message there the one they
+/// were taken after; and every other one, with why not. One read of the stream per snapshot
+/// compared.
 pub(super) async fn earlier_start(
     stream: &UpdateStream,
     bucket: &SnapshotBucket,
     bounds: Bounds,
 ) -> Result<Earlier, JetStreamError> {
-    let mut refused = Vec::new();
-    for earlier in bucket.of_earlier_streams().await? {
-        let sequence = earlier.snapshot.stream_sequence;
-        let refusal = match &earlier.message_digest {
+    let mut earlier = Earlier::default();
+    for snapshot in bucket.of_earlier_streams().await? {
+        let sequence = snapshot.snapshot.stream_sequence;
+        let refusal = match &snapshot.message_digest {
             None => Refusal::NoDigest,
             Some(_) if sequence < bounds.first || sequence > bounds.last => Refusal::Outside {
                 first: bounds.first,
@@ -83,13 +86,16 @@ pub(super) async fn earlier_start(
             },
             Some(recorded) => match stream.message_digest(sequence).await? {
                 None => Refusal::NoMessage,
-                Some(digest) if digest == *recorded => return Ok(Earlier::Continues(earlier)),
+                Some(digest) if digest == *recorded => {
+                    earlier.continued.push(snapshot);
+                    continue;
+                }
                 Some(_) => Refusal::Differs,
             },
         };
-        refused.push((earlier, refusal));
+        earlier.refused.push((snapshot, refusal));
     }
-    Ok(Earlier::Refused(refused))
+    Ok(earlier)
 }
 
 /// Why the bucket `bucket` holds no snapshot this stream (created `created`) can start from:
@@ -103,20 +109,11 @@ pub(super) fn refusals(
     if refused.is_empty() {
         return format!("bucket {bucket} is empty");
     }
-    let each: Vec<String> = refused
-        .iter()
-        .map(|(earlier, refusal)| {
-            format!(
-                "{} (stream created {}, as of sequence {}): {refusal}",
-                earlier.snapshot.name, earlier.stream_created, earlier.snapshot.stream_sequence
-            )
-        })
-        .collect();
     let mut text = format!(
         "bucket {bucket} holds {} snapshot(s) of an earlier incarnation of the stream, none of \
          which this one (created {created}) continues: {}",
         refused.len(),
-        each.join("; ")
+        each(refused)
     );
     if let Some(last) = newer_than_the_stream(refused) {
         text.push_str(&format!(
@@ -128,6 +125,47 @@ pub(super) fn refusals(
         ));
     }
     text
+}
+
+/// Why none of the snapshots of an earlier incarnation that this stream (created `created`)
+/// continues could start it: each one tried, newest first, with its failure (damaged, a
+/// download that stalled, a file that does not load), then each other one in the bucket
+/// `bucket` with why it was refused. An operator told of one failure alone would delete
+/// that snapshot and meet the next.
+pub(super) fn failures(
+    bucket: &str,
+    created: &str,
+    failed: &[(EarlierSnapshot, String)],
+    refused: &[(EarlierSnapshot, Refusal)],
+) -> String {
+    let mut text = format!(
+        "bucket {bucket} holds {} snapshot(s) of an earlier incarnation of the stream that this \
+         one (created {created}) continues, and none of them could be used: {}",
+        failed.len(),
+        each(failed)
+    );
+    if !refused.is_empty() {
+        text.push_str(&format!(
+            "; it holds {} other(s), which this one does not continue: {}",
+            refused.len(),
+            each(refused)
+        ));
+    }
+    text
+}
+
+/// Each snapshot named, with the stream it was taken from, its sequence, and `why`.
+fn each(snapshots: &[(EarlierSnapshot, impl fmt::Display)]) -> String {
+    let each: Vec<String> = snapshots
+        .iter()
+        .map(|(earlier, why)| {
+            format!(
+                "{} (stream created {}, as of sequence {}): {why}",
+                earlier.snapshot.name, earlier.stream_created, earlier.snapshot.stream_sequence
+            )
+        })
+        .collect();
+    each.join("; ")
 }
 
 /// The stream's last sequence, when every refused snapshot is as of a sequence past it: a
@@ -212,6 +250,37 @@ mod tests {
             assert!(text.contains(reason), "{reason}: {text}");
         }
         assert!(!text.contains("delete stream"), "{text}");
+    }
+
+    /// Every snapshot the stream continues failed: start-up's error named only the newest
+    /// when it gave up on it, and an operator who deleted it met the next. Each one tried is
+    /// named with its failure, then each refused one with its reason.
+    #[test]
+    fn when_every_continued_snapshot_fails_each_is_named_with_its_failure() {
+        let failed = [
+            (earlier(60, Some("d")), "wrong digest".to_string()),
+            (earlier(40, Some("d")), "no byte arrived for 6s".to_string()),
+        ];
+        let text = failures("S_SNAPSHOTS", "now", &failed, &[]);
+        assert_eq!(
+            text,
+            "bucket S_SNAPSHOTS holds 2 snapshot(s) of an earlier incarnation of the stream that \
+             this one (created now) continues, and none of them could be used: \
+             snapshot-00000000000000000060 (stream created 2025-01-01T00:00:00.000000001Z, as \
+             of sequence 60): wrong digest; snapshot-00000000000000000040 (stream created \
+             2025-01-01T00:00:00.000000001Z, as of sequence 40): no byte arrived for 6s"
+        );
+        let refused = [(earlier(80, Some("d")), Refusal::Differs)];
+        let text = failures("S_SNAPSHOTS", "now", &failed[..1], &refused);
+        assert!(
+            text.ends_with(
+                "as of sequence 60): wrong digest; it holds 1 other(s), which this one does not \
+                 continue: snapshot-00000000000000000080 (stream created \
+                 2025-01-01T00:00:00.000000001Z, as of sequence 80): the stream's message at \
+                 its sequence differs from the one it was taken after"
+            ),
+            "{text}"
+        );
     }
 
     /// A stream restored from a backup beside the live bucket, whose replicas published two

@@ -8,9 +8,10 @@
 //!    directory first (an empty disk, or the stream was purged past every local snapshot);
 //! 3. an empty store, when the stream still holds its first message;
 //! 4. else (a stream restored from a backup: another incarnation, whose own replicas have
-//!    published nothing yet) the newest published snapshot of an earlier incarnation that the
-//!    stream continues: the stream holds the message it was taken after (`restored`),
-//!    downloaded as in 2.
+//!    published nothing yet) a published snapshot of an earlier incarnation that the stream
+//!    continues: the stream holds the message it was taken after (`restored`), downloaded as
+//!    in 2. The newest first; one that fails to download or to load is passed over for the
+//!    next (the restored bucket's objects are never replaced until a replica has started).
 //!
 //! The data directory records the store id of the stream it belongs to, and when that stream
 //! was created (`STREAM_CREATED`: a stream deleted and created again with its configuration
@@ -230,14 +231,21 @@ async fn recover(
 ) -> anyhow::Result<(Store, u64, &'static str, Follower)> {
     let stall = config.nats.request_timeout * DOWNLOAD_STALL_REQUESTS;
     let (store, applied, source, downloaded) = loop {
-        let (start, source) = choose_start(stream, bucket, dir, bounds, stall).await?;
+        let (start, source) = match choose_start(stream, bucket, dir, bounds, stall).await? {
+            Chosen::Start(start, source) => (start, source),
+            Chosen::Earlier(earlier) => {
+                let (store, applied, downloaded) =
+                    start_from_earlier(config, stream, bucket, bounds, &earlier, dir, stall)
+                        .await?;
+                break (store, applied, EARLIER, downloaded);
+            }
+        };
         let store = Store::with_history(config.history(), stream.store_id());
         let Some(start) = start else {
             break (store, 0, source, None);
         };
         // In the data directory, a download is a file like the replica's own snapshots.
-        let published = source == PUBLISHED || source == EARLIER;
-        let downloaded = (published && dir.is_some()).then(|| start.path.clone());
+        let downloaded = (source == PUBLISHED && dir.is_some()).then(|| start.path.clone());
         match load(&store, &start, dir.is_none()).await {
             Ok(applied) => break (store, applied, source, downloaded),
             // A replica's own snapshots are copies of what the stream and the published ones
@@ -388,32 +396,41 @@ const PUBLISHED: &str = "published snapshot";
 /// A published snapshot of an earlier incarnation of the stream, downloaded.
 const EARLIER: &str = "published snapshot of an earlier incarnation of the stream";
 
+/// What start-up starts from ([`choose_start`]).
+enum Chosen {
+    /// A snapshot (a published one downloaded already), or none: the whole stream; and where
+    /// it came from.
+    Start(Option<Start>, &'static str),
+    /// The snapshots of an earlier incarnation the stream continues, to download and load in
+    /// turn ([`start_from_earlier`]), and the bucket's others.
+    Earlier(Earlier),
+}
+
 /// The snapshot to start from, and where it came from: the oldest local one the stream
 /// continues from, else the newest published one (downloaded into `dir`), else none (the
-/// whole stream, if it still starts at its first message), else the newest of an earlier
-/// incarnation the stream continues (downloaded too). That last one is also tried when the
-/// stream was purged past this incarnation's newest.
+/// whole stream, if it still starts at its first message), else those of an earlier
+/// incarnation the stream continues. Those are also tried when the stream was purged past
+/// this incarnation's newest.
 async fn choose_start(
     stream: &UpdateStream,
     bucket: &SnapshotBucket,
     dir: Option<&Path>,
     bounds: Bounds,
     stall: Duration,
-) -> anyhow::Result<(Option<Start>, &'static str)> {
+) -> anyhow::Result<Chosen> {
     if let Some(dir) = dir
         && let Some(start) = choose_local(dir.to_owned(), bounds.first, bounds.last).await?
     {
-        return Ok((Some(start), LOCAL));
+        return Ok(Chosen::Start(Some(start), LOCAL));
     }
     match bucket.newest().await? {
         // The stream was purged past it too (by hand, or a limit): downloading it only to
         // fail would repeat at every restart. Start-up waits for a newer one instead, unless
         // an earlier incarnation's starts the stream (one restored, then purged by hand).
         Some(published) if published.stream_sequence + 1 < bounds.first => {
-            if let Earlier::Continues(earlier) =
-                restored::earlier_start(stream, bucket, bounds).await?
-            {
-                return start_from_earlier(stream, bucket, &earlier, dir, stall).await;
+            let earlier = restored::earlier_start(stream, bucket, bounds).await?;
+            if !earlier.continued.is_empty() {
+                return Ok(Chosen::Earlier(earlier));
             }
             Err(JetStreamError::StartBelowFirst {
                 stream: stream.name().to_string(),
@@ -428,15 +445,16 @@ async fn choose_start(
         }
         Some(published) => {
             let start = download(bucket, &published, dir, stall).await?;
-            Ok((Some(start), PUBLISHED))
+            Ok(Chosen::Start(Some(start), PUBLISHED))
         }
-        None if bounds.first > 1 => match restored::earlier_start(stream, bucket, bounds).await? {
-            Earlier::Continues(earlier) => {
-                start_from_earlier(stream, bucket, &earlier, dir, stall).await
+        None if bounds.first > 1 => {
+            let earlier = restored::earlier_start(stream, bucket, bounds).await?;
+            match earlier.continued.is_empty() {
+                true => Err(uncovered(stream, bucket, bounds, &earlier.refused)),
+                false => Ok(Chosen::Earlier(earlier)),
             }
-            Earlier::Refused(refused) => Err(uncovered(stream, bucket, bounds, &refused)),
-        },
-        None => Ok((None, "empty store")),
+        }
+        None => Ok(Chosen::Start(None, "empty store")),
     }
 }
 
@@ -450,25 +468,72 @@ fn uncovered(
     refused: &[(EarlierSnapshot, restored::Refusal)],
 ) -> anyhow::Error {
     let created = stream.created().to_string();
+    let why = restored::refusals(bucket.name(), &created, refused);
+    purged_below(stream, bounds, &why)
+}
+
+/// The error for a stream purged below its first message, where no published snapshot
+/// started it, and `why`.
+fn purged_below(stream: &UpdateStream, bounds: Bounds, why: &str) -> anyhow::Error {
     anyhow::anyhow!(
         "stream {} starts at sequence {}: the messages before it were purged, and no published \
-         snapshot of store {} covers them ({})",
+         snapshot of store {} covers them ({why})",
         stream.name(),
         bounds.first,
         stream.store_id(),
-        restored::refusals(bucket.name(), &created, refused)
     )
 }
 
-/// Downloads `earlier`, a snapshot of an earlier incarnation of the stream that the stream
-/// continues, saying so: the stream was restored from a backup, most likely.
+/// Starts from the newest of `earlier`'s continued snapshots that downloads and loads: the
+/// store, the stream sequence it is as of, and the download (in `dir`). One that fails is
+/// logged, its download removed, and the next one tried: a damaged object in a restored bucket
+/// stays there until the stream's own replicas publish, which takes a replica that started,
+/// and failing on it failed every start, for good, where an older one would do (found by an
+/// adversarial run). A failure worth another attempt of the whole start-up (`retry_reason`:
+/// replaced while it downloaded, JetStream not answering) is not the snapshot's: returned at
+/// once, as before. When every one failed, the error names each, and each refused one.
 async fn start_from_earlier(
+    config: &Config,
+    stream: &UpdateStream,
+    bucket: &SnapshotBucket,
+    bounds: Bounds,
+    earlier: &Earlier,
+    dir: Option<&Path>,
+    stall: Duration,
+) -> anyhow::Result<(Store, u64, Option<PathBuf>)> {
+    let mut failed = Vec::new();
+    for (tried, snapshot) in earlier.continued.iter().enumerate() {
+        let error = match load_earlier(config, stream, bucket, snapshot, dir, stall).await {
+            Ok(started) => return Ok(started),
+            Err(error) if retry_reason(&error).is_some() => return Err(error),
+            Err(error) => error,
+        };
+        tracing::warn!(
+            snapshot = %snapshot.snapshot.name,
+            stream_sequence = snapshot.snapshot.stream_sequence,
+            error = %format!("{error:#}"),
+            left = earlier.continued.len() - tried - 1,
+            "a snapshot of an earlier incarnation of the stream cannot be used: trying the next \
+             older one the stream continues, if any"
+        );
+        failed.push((snapshot.clone(), format!("{error:#}")));
+    }
+    let created = stream.created().to_string();
+    let why = restored::failures(bucket.name(), &created, &failed, &earlier.refused);
+    Err(purged_below(stream, bounds, &why))
+}
+
+/// Downloads `earlier`, a snapshot of an earlier incarnation of the stream that the stream
+/// continues, saying so (the stream was restored from a backup, most likely), and loads it
+/// into a new store. A download that does not load is removed.
+async fn load_earlier(
+    config: &Config,
     stream: &UpdateStream,
     bucket: &SnapshotBucket,
     earlier: &EarlierSnapshot,
     dir: Option<&Path>,
     stall: Duration,
-) -> anyhow::Result<(Option<Start>, &'static str)> {
+) -> anyhow::Result<(Store, u64, Option<PathBuf>)> {
     tracing::warn!(
         stream = stream.name(),
         stream_created = %stream.created(),
@@ -479,7 +544,15 @@ async fn start_from_earlier(
          backup): the stream's message at its sequence is the one the snapshot was taken after"
     );
     let start = download(bucket, &earlier.snapshot, dir, stall).await?;
-    Ok((Some(start), EARLIER))
+    let store = Store::with_history(config.history(), stream.store_id());
+    let downloaded = dir.is_some().then(|| start.path.clone());
+    match load(&store, &start, dir.is_none()).await {
+        Ok(applied) => Ok((store, applied, downloaded)),
+        Err(error) => {
+            remove_download(downloaded.as_deref(), &error);
+            Err(error)
+        }
+    }
 }
 
 /// Removes a downloaded snapshot start-up cannot use (the stream was purged past it while it
