@@ -500,13 +500,11 @@ async fn snapshots_round_trip_through_the_object_store() {
     // does not make it again beside them (the stream was lost: its restore would drop what the
     // new one took); an operator does, here as a new store.
     let context = client.context();
-    let mut config = context
-        .get_stream("SNAP")
-        .await
-        .unwrap()
-        .cached_info()
-        .config
-        .clone();
+    let config_now = || async {
+        let stream = context.get_stream("SNAP").await.unwrap();
+        stream.cached_info().config.clone()
+    };
+    let mut config = config_now().await;
     context.delete_stream("SNAP").await.unwrap();
     let lost = UpdateStream::ensure(&client, &settings("SNAP")).await;
     assert!(
@@ -534,13 +532,7 @@ async fn snapshots_round_trip_through_the_object_store() {
         .put(1, 2, &mut &b"a snapshot of the stream before"[..])
         .await
         .unwrap();
-    let config = context
-        .get_stream("SNAP")
-        .await
-        .unwrap()
-        .cached_info()
-        .config
-        .clone();
+    let config = config_now().await;
     context.delete_stream("SNAP").await.unwrap();
     context.create_stream(config).await.unwrap();
     let again = UpdateStream::ensure(&client, &settings("SNAP"))
