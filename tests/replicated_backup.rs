@@ -71,8 +71,8 @@ async fn a_lost_stream_is_not_created_again_beside_its_snapshots() {
 /// The NATS cluster lost with its disks, snapshot bucket and all: the first replica to start
 /// created an empty stream, and every replica then served an empty store and acknowledged
 /// webhooks that restoring the backups dropped. A replica whose data directory followed a
-/// stream of that name does not create it; on an empty data directory (nothing says a stream
-/// existed) one starts a new store.
+/// stream does not create it; on an empty data directory (nothing says a stream existed) one
+/// starts a new store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_that_followed_a_lost_stream_does_not_create_it_again() {
     let nats = NatsCluster::single().await.unwrap();
@@ -89,7 +89,7 @@ async fn a_replica_that_followed_a_lost_stream_does_not_create_it_again() {
     let error = format!("{:#}", refused.err().expect("a does not start"));
     assert!(
         error.contains(
-            "stream WIPED does not exist, but this replica's data directory followed one"
+            "stream WIPED does not exist, but this replica's data directory followed a stream"
         ) && error.contains("start this replica on an empty --data-dir"),
         "{error}"
     );

@@ -353,7 +353,7 @@ async fn refuse_if_followed_before(
     dir: &Path,
 ) -> anyhow::Result<()> {
     let created_file = dir.join(STREAM_CREATED_FILE);
-    let recorded = match std::fs::read_to_string(&created_file) {
+    let recorded = match tokio::fs::read_to_string(&created_file).await {
         Ok(text) => text.trim().to_owned(),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(error) => return Err(IoError::new(&created_file, "read", error).into()),
@@ -373,8 +373,8 @@ async fn refuse_if_followed_before(
 /// ([`refuse_if_followed_before`]).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "stream {stream} does not exist, but this replica's data directory followed one (created \
-     {created}, {}): it was deleted or lost. No new, empty one is created: webhooks \
+    "stream {stream} does not exist, but this replica's data directory followed a stream \
+     (created {created}, recorded in {}): it was deleted or lost. No new, empty one is created: webhooks \
      acknowledged into it would be dropped by restoring the stream from its backup. Restore it \
      (README, \"Backing up the stream\"); to start a new, empty store on purpose, start this \
      replica on an empty --data-dir",
