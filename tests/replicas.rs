@@ -1302,7 +1302,7 @@ fn unusable_local_snapshots(dir: &Path, first: u64) -> Vec<u64> {
         .collect()
 }
 
-/// The stream `name` of a single-node cluster, opened by a client of the test's own.
+/// The stream `name` (one replica per node of `nats`), opened by a client of the test's own.
 pub(crate) async fn stream_of(
     nats: &NatsCluster,
     name: &str,
@@ -1310,7 +1310,7 @@ pub(crate) async fn stream_of(
     let mut nats_config = Config::for_tests(SECRET).nats;
     nats_config.urls = nats.client_urls();
     nats_config.stream = name.into();
-    nats_config.replicas = 1;
+    nats_config.replicas = nats.nodes().len();
     let client = profile_state::jetstream::Nats::connect(&nats_config, "test")
         .await
         .unwrap();

@@ -779,3 +779,150 @@ async fn a_restored_stream_whose_every_continued_snapshot_is_damaged_names_each(
     let left = names.iter().any(|name| name.contains(".snap"));
     assert!(!left, "no download left: {names:?}");
 }
+
+/// A restored stream's creation time is not the same on every server of a NATS cluster: the
+/// server that ran the restore reports its own clock, the others the stream assignment's,
+/// some milliseconds earlier (nats-server 2.15). Replicas took it for the stream's identity:
+/// the first change of stream leader after a restore made every one of them take the stream
+/// for replaced and stop, and a replica started after it served another store id (found by
+/// an adversarial run). Nothing may stop, the store id stays the same on every replica, one
+/// started after the change included, and a data directory keeps its snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restored_stream_keeps_its_identity_when_its_leader_moves() {
+    let nats = NatsCluster::three().await.unwrap();
+    let config = |name: &str, dir: &Path| {
+        let mut config = snapshotting(&nats, "MOVED", name, dir);
+        config.snapshot_every_records = 5;
+        config
+    };
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestService::start_with(config("a", a_dir.path())).await;
+    for n in 0..10 {
+        let body = profile_updated(&format!("p{n}"), &at(1), json!({"total_points": n}));
+        post_until_ok(&a, &body).await;
+    }
+    let client = stream_backup::client(&nats.client_urls()[0]).await;
+    let backup = stream_backup::backup(&client, "MOVED").await;
+    a.stop().await;
+    let context = async_nats::jetstream::new(client.clone());
+    context.delete_stream("MOVED").await.unwrap();
+    stream_backup::restore(&client, "MOVED", &backup).await;
+
+    let before = stream_of(&nats, "MOVED").await;
+    let a = TestService::start_with(config("a", a_dir.path())).await;
+    let b = TestService::start_with(config("b", b_dir.path())).await;
+    let store_id = Replica::from(&a).info().await.store_id;
+    assert_eq!(Replica::from(&b).info().await.store_id, store_id);
+    let metadata = context.get_stream("MOVED").await.unwrap();
+    let metadata = &metadata.cached_info().config.metadata;
+    assert_eq!(
+        metadata.get("profile_state_store_id"),
+        Some(&store_id),
+        "the restored stream's id recorded as its metadata's"
+    );
+    assert!(metadata.contains_key("profile_state_store_raft_group"));
+    // Snapshots of the restored stream, in b's directory and published.
+    for n in 10..20 {
+        let body = profile_updated(&format!("p{n}"), &at(1), json!({"total_points": n}));
+        post_until_ok(&b, &body).await;
+    }
+    b.stop().await;
+    let local = || {
+        let names = std::fs::read_dir(b_dir.path()).unwrap();
+        let names = names.map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned());
+        names.filter(|name| name.ends_with(".snap")).count()
+    };
+    assert!(local() > 0, "b took snapshots");
+    let bucket = profile_state::jetstream::SnapshotBucket::open(&before)
+        .await
+        .unwrap();
+    let published = bucket.list().await.unwrap();
+    assert!(
+        !published.is_empty(),
+        "published snapshots of the restored stream"
+    );
+
+    step_down_stream_leader(&client, "MOVED").await;
+    let after = stream_of(&nats, "MOVED").await;
+    assert_ne!(
+        after.created(),
+        before.created(),
+        "the premise: the new leader reports another creation time (if a nats-server reports \
+         one time everywhere, this test no longer shows the bug it guards against)"
+    );
+    before
+        .bounds()
+        .await
+        .expect("the same stream to a handle opened before");
+    let bucket = profile_state::jetstream::SnapshotBucket::open(&after)
+        .await
+        .unwrap();
+    let listed = bucket.list().await.unwrap();
+    assert!(
+        published.iter().all(|snapshot| listed.contains(snapshot)),
+        "the published snapshots are still the stream's own: {published:?}, {listed:?}"
+    );
+
+    let c = TestService::start_with(replica_config(&nats, "MOVED", "c")).await;
+    let b = TestService::start_with(config("b", b_dir.path())).await;
+    let body = profile_updated("after-the-move", &at(1), json!({"total_points": 1}));
+    post_until_ok(&a, &body).await;
+    let replicas = [Replica::from(&a), Replica::from(&b), Replica::from(&c)];
+    for replica in &replicas {
+        assert_eq!(replica.info().await.store_id, store_id, "one store id");
+    }
+    // a's status poll read the stream from its new leader since: not taken for replaced.
+    let last = after.bounds().await.unwrap().last;
+    let deadline = Instant::now() + PATIENCE;
+    while Replica::from(&a).info().await.stream_last_sequence < last {
+        assert!(Instant::now() < deadline, "a polls the stream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.admin_get("/readyz").await.0, 200, "a is ready");
+    assert_converged(&replicas).await;
+    let aside: Vec<_> = std::fs::read_dir(b_dir.path())
+        .unwrap()
+        .filter_map(|entry| {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            name.starts_with("stale-").then_some(name)
+        })
+        .collect();
+    assert!(aside.is_empty(), "b's snapshots were set aside: {aside:?}");
+    assert!(local() > 0, "b's snapshots are where they were");
+    for replica in [a, b, c] {
+        replica.stop().await;
+    }
+}
+
+/// Asks the leader of `stream` to step down, and waits until another server leads it.
+async fn step_down_stream_leader(client: &async_nats::Client, stream: &str) {
+    let context = async_nats::jetstream::new(client.clone());
+    let leader = |info: &async_nats::jetstream::stream::Info| {
+        info.cluster
+            .as_ref()
+            .and_then(|cluster| cluster.leader.clone())
+    };
+    let mut handle = context.get_stream(stream).await.unwrap();
+    let was = leader(&handle.info().await.unwrap().clone());
+    assert!(was.is_some(), "the stream has a leader");
+    let answer = client
+        .request(
+            format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+            "".into(),
+        )
+        .await
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(answer["success"], true, "step-down: {answer}");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(info) = handle.info().await {
+            let now = leader(info);
+            if now.is_some() && now != was {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "another leader for {stream}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -24,6 +24,7 @@ mod batch;
 mod connection;
 mod dead_letters;
 mod follow;
+mod incarnation;
 mod key_value;
 mod listing;
 mod schedule;
@@ -34,9 +35,10 @@ pub use batch::{UpdateBatch, delivery_id};
 pub use connection::Nats;
 pub use dead_letters::{DeadLetterBucket, DeadLetterEntry};
 pub use follow::{Entry, Follower};
+pub use incarnation::{Incarnation, StreamCreated};
 pub use schedule::ScheduleBucket;
 pub use snapshots::{CLAIM_TTL, EarlierSnapshot, SnapshotBucket, SnapshotInfo, UploadClaim};
-pub use stream::{Bounds, Published, StreamCreated, StreamSettings, UpdateStream};
+pub use stream::{Bounds, Published, StreamSettings, UpdateStream};
 
 /// What can go wrong talking to JetStream. Messages are lowercase and name the stream, bucket,
 /// sequence or flag concerned; none carries profile data.
@@ -114,15 +116,15 @@ pub enum JetStreamError {
     /// the old one. Following the new one from the old position made running replicas diverge
     /// silently (found by an adversarial run).
     #[error(
-        "stream {stream} was deleted and created again (created {now}, this replica followed the \
-         one created {was}): what this replica applied belongs to the old stream"
+        "stream {stream} was deleted and created again ({now}; this replica followed the one \
+         {was}): what this replica applied belongs to the old stream"
     )]
     Replaced {
         /// The stream.
         stream: String,
-        /// When the stream this replica followed was created (RFC 3339).
+        /// The incarnation this replica followed (`Incarnation`'s display).
         was: String,
-        /// When the stream now under that name was created.
+        /// The incarnation now under that name.
         now: String,
     },
     /// The update stream does not exist, but its snapshot bucket holds what replicas of a

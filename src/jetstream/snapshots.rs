@@ -22,15 +22,17 @@ use tokio_stream::StreamExt;
 use super::key_value::{already_exists, open_bucket, wrong_revision};
 use super::listing::last_per_subject;
 use super::stream::unavailable;
-use super::{JetStreamError, UpdateStream};
+use super::{Incarnation, JetStreamError, UpdateStream};
 
 const REVISION_KEY: &str = "revision";
 const SEQUENCE_KEY: &str = "stream_sequence";
 const STORE_ID_KEY: &str = "store_id";
-/// When the update stream the snapshot was taken from was created: a stream deleted and
-/// created again with its configuration keeps its store id, not this (objects without it,
-/// from earlier builds, are taken on their store id alone).
+/// When the update stream the snapshot was taken from was created, and (on a cluster) its Raft
+/// group: which incarnation of the stream it is of (`super::incarnation`). A stream deleted and
+/// created again with its configuration keeps its store id, not these (objects without them,
+/// from earlier builds, are taken on their store id alone; without the group, on the time).
 const STREAM_CREATED_KEY: &str = "stream_created";
+const STREAM_RAFT_GROUP_KEY: &str = "stream_raft_group";
 /// The digest of the stream's message at the snapshot's sequence
 /// (`UpdateStream::message_digest`): a stream restored from a backup is another incarnation,
 /// and holding the same message there is what lets it start from this snapshot. Absent on
@@ -85,8 +87,8 @@ pub struct SnapshotBucket {
     /// The update stream, whose message at a snapshot's sequence each upload records.
     stream: UpdateStream,
     store_id: String,
-    /// When the update stream was created (see [`STREAM_CREATED_KEY`]).
-    stream_created: String,
+    /// The update stream's incarnation (see [`STREAM_CREATED_KEY`]).
+    incarnation: Incarnation,
     /// `<stream>_META`: the upload claim, so that replicas which reach a snapshot at the same
     /// time (they apply the same stream) do not all upload one.
     meta: kv::Store,
@@ -125,7 +127,7 @@ impl SnapshotBucket {
             context: context.clone(),
             stream: stream.clone(),
             store_id: stream.store_id().to_string(),
-            stream_created: stream.created().to_string(),
+            incarnation: stream.incarnation().clone(),
             meta,
         })
     }
@@ -215,8 +217,14 @@ impl SnapshotBucket {
             (REVISION_KEY.to_string(), revision.to_string()),
             (SEQUENCE_KEY.to_string(), stream_sequence.to_string()),
             (STORE_ID_KEY.to_string(), self.store_id.clone()),
-            (STREAM_CREATED_KEY.to_string(), self.stream_created.clone()),
+            (
+                STREAM_CREATED_KEY.to_string(),
+                self.incarnation.created.to_string(),
+            ),
         ]);
+        if let Some(group) = &self.incarnation.raft_group {
+            metadata.insert(STREAM_RAFT_GROUP_KEY.to_string(), group.clone());
+        }
         if let Some(digest) = self.digest_at(stream_sequence).await {
             metadata.insert(MESSAGE_DIGEST_KEY.to_string(), digest);
         }
@@ -272,8 +280,8 @@ impl SnapshotBucket {
         let mut snapshots = Vec::new();
         for object in self.objects().await? {
             let field = |key: &str| object.metadata.get(key);
-            let other_stream =
-                field(STREAM_CREATED_KEY).is_some_and(|created| created != &self.stream_created);
+            let other_stream = field(STREAM_CREATED_KEY)
+                .is_some_and(|created| !self.of_this_stream(created, field(STREAM_RAFT_GROUP_KEY)));
             if object.deleted || field(STORE_ID_KEY) != Some(&self.store_id) || other_stream {
                 continue;
             }
@@ -297,7 +305,7 @@ impl SnapshotBucket {
             let Some(stream_created) = field(STREAM_CREATED_KEY) else {
                 continue;
             };
-            if object.deleted || stream_created == &self.stream_created {
+            if object.deleted || self.of_this_stream(stream_created, field(STREAM_RAFT_GROUP_KEY)) {
                 continue;
             }
             let Some(snapshot) = snapshot_info(&object) else {
@@ -311,6 +319,13 @@ impl SnapshotBucket {
         }
         earlier.sort_by_key(|earlier| std::cmp::Reverse(earlier.snapshot.stream_sequence));
         Ok(earlier)
+    }
+
+    /// Whether an object recorded as taken from the incarnation `created`, `raft_group` was
+    /// taken from this one. A record that does not parse is of another.
+    fn of_this_stream(&self, created: &str, raft_group: Option<&String>) -> bool {
+        Incarnation::parse(created, raft_group.map(String::as_str))
+            .is_some_and(|recorded| recorded.is(&self.incarnation))
     }
 
     /// The bucket's name (`<stream>_SNAPSHOTS`).

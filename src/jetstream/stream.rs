@@ -12,6 +12,7 @@ use async_nats::jetstream::stream::{
 };
 use prost::Message;
 
+use super::incarnation::{Incarnation, StreamCreated};
 use super::{JetStreamError, Nats, UpdateBatch};
 use crate::config::NatsConfig;
 
@@ -20,6 +21,9 @@ const STORE_ID_KEY: &str = "profile_state_store_id";
 /// Stream metadata key holding when the server created the incarnation of the stream its store
 /// id was minted for (see [`served_store_id`]).
 const STORE_CREATED_KEY: &str = "profile_state_store_created";
+/// Stream metadata key holding the Raft group of that incarnation (absent on a single server,
+/// and on streams of releases before it was recorded).
+const STORE_RAFT_GROUP_KEY: &str = "profile_state_store_raft_group";
 /// Stream metadata key holding the message format version.
 const FORMAT_KEY: &str = "profile_state_format";
 /// The message format this build writes and reads ([`UpdateBatch`], version 1).
@@ -133,33 +137,9 @@ pub struct UpdateStream {
     store_id: String,
     /// The first sequence applied with the bound on profile growth (see [`RULES_FROM_KEY`]).
     rules_from: u64,
-    /// When the server created the stream: what tells it from one deleted and created again
-    /// under the same name, even with the same configuration and store id.
-    created: StreamCreated,
-}
-
-/// When a stream was created, as the server says: one incarnation of a stream name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StreamCreated(pub chrono::DateTime<chrono::Utc>);
-
-impl StreamCreated {
-    fn of(info: &stream::Info) -> StreamCreated {
-        StreamCreated(info.created)
-    }
-
-    /// The stored form (`STREAM_CREATED` in a replica's data directory): RFC 3339 to the
-    /// nanosecond, which parses back to the same instant.
-    pub fn parse(text: &str) -> Option<StreamCreated> {
-        chrono::DateTime::parse_from_rfc3339(text.trim())
-            .ok()
-            .map(|at| StreamCreated(at.to_utc()))
-    }
-}
-
-impl std::fmt::Display for StreamCreated {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
-    }
+    /// Which incarnation of the stream name it is: what tells it from one deleted and created
+    /// again under the same name, even with the same configuration and store id.
+    incarnation: Incarnation,
 }
 
 impl UpdateStream {
@@ -203,9 +183,9 @@ impl UpdateStream {
             Err(err) => return Err(unavailable("stream info")(err)),
         };
         let (store_id, rules_from) = verify(settings, &info.config)?;
-        let created = StreamCreated::of(&info);
+        let incarnation = Incarnation::of(&info);
         warn_if_limit_differs(settings, &info.config);
-        let store_id = served_store_id(context, &info, store_id, created).await;
+        let store_id = served_store_id(context, &info, store_id, &incarnation).await;
         let stream = context
             .get_stream_no_info(&settings.name)
             .await
@@ -217,7 +197,7 @@ impl UpdateStream {
             settings: settings.clone(),
             store_id,
             rules_from,
-            created,
+            incarnation,
         })
     }
 
@@ -230,9 +210,16 @@ impl UpdateStream {
         }
     }
 
-    /// When the stream this handle was opened on was created.
+    /// When the stream this handle was opened on was created, as the server that answered
+    /// said (servers of a cluster may not agree: [`UpdateStream::incarnation`] tells streams
+    /// apart).
     pub fn created(&self) -> StreamCreated {
-        self.created
+        self.incarnation.created
+    }
+
+    /// Which incarnation of the stream name this handle was opened on.
+    pub fn incarnation(&self) -> &Incarnation {
+        &self.incarnation
     }
 
     /// Takes the stream `settings` name over from rules 1 ([`UPGRADABLE_RULES`]) to this
@@ -403,12 +390,12 @@ impl UpdateStream {
                 unavailable("stream info")(err)
             }
         })?;
-        let created = StreamCreated::of(&info);
-        if created != self.created {
+        let now = Incarnation::of(&info);
+        if !self.incarnation.is(&now) {
             return Err(JetStreamError::Replaced {
                 stream: self.settings.name.clone(),
-                was: self.created.to_string(),
-                now: created.to_string(),
+                was: self.incarnation.to_string(),
+                now: now.to_string(),
             });
         }
         let limit = u64::try_from(info.config.max_bytes)
@@ -665,59 +652,86 @@ fn is_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
     matches!(err.kind(), GetStreamErrorKind::JetStream(err) if err.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
-/// The store id clients are given for the stream `info` describes: its metadata's on the
-/// incarnation the id was minted for, and on any other one derived from the two, alike on
-/// every replica. A stream restored from a backup, or created again with its definition, keeps
-/// the metadata's id, yet its revisions from the backup's point on mean other changes: with
-/// the same id, a watcher resuming on it was handed them with no Reset, and kept profiles the
-/// stream no longer had (found by an adversarial run). On a stream whose metadata does not
-/// say which incarnation its id is of (made by an earlier release), this one is recorded.
+/// The store id clients are given for the stream `info` describes, incarnation `this`: its
+/// metadata's on the incarnation the id was minted for. A stream restored from a backup, or
+/// created again with its definition, keeps the metadata's id, yet its revisions from the
+/// backup's point on mean other changes: with the same id, a watcher resuming on it was handed
+/// them with no Reset, and kept profiles the stream no longer had (found by an adversarial
+/// run). So another incarnation gets an id derived from both, alike on every replica, and
+/// recorded as the metadata's with the incarnation, so that a replica whose server reports
+/// another creation time for it, or a later start, serves it too. A stream whose metadata
+/// does not say which incarnation its id is of (made by an earlier release) gets this one
+/// recorded; one that records no Raft group gets it added.
 async fn served_store_id(
     context: &async_nats::jetstream::Context,
     info: &stream::Info,
     store_id: String,
-    created: StreamCreated,
+    this: &Incarnation,
 ) -> String {
-    let minted_for = info.config.metadata.get(STORE_CREATED_KEY);
-    match minted_for.map(|text| StreamCreated::parse(text)) {
-        Some(Some(minted)) if minted == created => store_id,
+    let metadata = &info.config.metadata;
+    let minted_for = metadata.get(STORE_CREATED_KEY).map(|created| {
+        let raft_group = metadata.get(STORE_RAFT_GROUP_KEY).map(String::as_str);
+        Incarnation::parse(created, raft_group)
+    });
+    match minted_for {
+        Some(Some(minted)) if minted.is(this) => {
+            if minted.raft_group.is_none() && this.raft_group.is_some() {
+                record_incarnation(context, info, &store_id, this).await;
+            }
+            store_id
+        }
         Some(_) => {
-            let served = derived_store_id(&store_id, created);
+            let served = derived_store_id(&store_id, this);
             tracing::warn!(
                 stream = %info.config.name,
-                %created,
-                minted_for = minted_for.map_or("", String::as_str),
+                incarnation = %this,
+                minted_for = metadata.get(STORE_CREATED_KEY).map_or("", String::as_str),
                 metadata_store_id = %store_id,
                 store_id = %served,
                 "the stream is another incarnation of the one its store id was made for \
                  (restored from a backup, or created again with its definition): it is a new \
                  store to clients, whose watches are reset"
             );
+            record_incarnation(context, info, &served, this).await;
             served
         }
         None => {
-            let mut config = info.config.clone();
-            config
-                .metadata
-                .insert(STORE_CREATED_KEY.into(), created.to_string());
-            // Every replica that races here writes the same value. Should the update fail
-            // (an account not allowed to update streams), the id stays as it was.
-            if let Err(error) = context.update_stream(config).await {
-                tracing::warn!(%error, "could not record the stream's incarnation in its metadata");
-            }
+            record_incarnation(context, info, &store_id, this).await;
             store_id
         }
     }
 }
 
-/// The store id of incarnation `created` of a stream whose metadata names `store_id`: 32 hex
+/// Records in the stream's metadata that `store_id` is the id of incarnation `this`. Every
+/// replica that races here writes the same id and group. Should the update fail (an account
+/// not allowed to update streams), every replica still derives the same id.
+async fn record_incarnation(
+    context: &async_nats::jetstream::Context,
+    info: &stream::Info,
+    store_id: &str,
+    this: &Incarnation,
+) {
+    let mut config = info.config.clone();
+    let metadata = &mut config.metadata;
+    metadata.insert(STORE_ID_KEY.into(), store_id.into());
+    metadata.insert(STORE_CREATED_KEY.into(), this.created.to_string());
+    match &this.raft_group {
+        Some(group) => metadata.insert(STORE_RAFT_GROUP_KEY.into(), group.clone()),
+        None => metadata.remove(STORE_RAFT_GROUP_KEY),
+    };
+    if let Err(error) = context.update_stream(config).await {
+        tracing::warn!(%error, "could not record the stream's incarnation in its metadata");
+    }
+}
+
+/// The store id of incarnation `this` of a stream whose metadata names `store_id`: 32 hex
 /// digits, as [`crate::data_dir::new_store_id`] makes.
-fn derived_store_id(store_id: &str, created: StreamCreated) -> String {
+fn derived_store_id(store_id: &str, this: &Incarnation) -> String {
     use sha1::Digest as _;
     let digest = sha1::Sha1::new()
         .chain_update(store_id.as_bytes())
         .chain_update(b"@")
-        .chain_update(created.to_string().as_bytes())
+        .chain_update(this.derivation_key().as_bytes())
         .finalize();
     digest[..16]
         .iter()

@@ -98,12 +98,12 @@ pub(super) async fn earlier_start(
     Ok(earlier)
 }
 
-/// Why the bucket `bucket` holds no snapshot this stream (created `created`) can start from:
+/// Why the bucket `bucket` holds no snapshot this stream (`incarnation`) can start from:
 /// it is empty, or each of its earlier incarnation's snapshots, and why it was refused; when
 /// every one is newer than the stream, what to restore ([`newer_than_the_stream`]).
 pub(super) fn refusals(
     bucket: &str,
-    created: &str,
+    incarnation: &str,
     refused: &[(EarlierSnapshot, Refusal)],
 ) -> String {
     if refused.is_empty() {
@@ -111,7 +111,7 @@ pub(super) fn refusals(
     }
     let mut text = format!(
         "bucket {bucket} holds {} snapshot(s) of an earlier incarnation of the stream, none of \
-         which this one (created {created}) continues: {}",
+         which this one ({incarnation}) continues: {}",
         refused.len(),
         each(refused)
     );
@@ -127,20 +127,20 @@ pub(super) fn refusals(
     text
 }
 
-/// Why none of the snapshots of an earlier incarnation that this stream (created `created`)
+/// Why none of the snapshots of an earlier incarnation that this stream (`incarnation`)
 /// continues could start it: each one tried, newest first, with its failure (damaged, a
 /// download that stalled, a file that does not load), then each other one in the bucket
 /// `bucket` with why it was refused. An operator told of one failure alone would delete
 /// that snapshot and meet the next.
 pub(super) fn failures(
     bucket: &str,
-    created: &str,
+    incarnation: &str,
     failed: &[(EarlierSnapshot, String)],
     refused: &[(EarlierSnapshot, Refusal)],
 ) -> String {
     let mut text = format!(
         "bucket {bucket} holds {} snapshot(s) of an earlier incarnation of the stream that this \
-         one (created {created}) continues, and none of them could be used: {}",
+         one ({incarnation}) continues, and none of them could be used: {}",
         failed.len(),
         each(failed)
     );
@@ -208,7 +208,7 @@ mod tests {
     #[test]
     fn a_refusal_names_each_snapshot_and_its_reason() {
         assert_eq!(
-            refusals("S_SNAPSHOTS", "now", &[]),
+            refusals("S_SNAPSHOTS", "created now", &[]),
             "bucket S_SNAPSHOTS is empty"
         );
         let refused = [
@@ -230,7 +230,7 @@ mod tests {
             ),
             (earlier(45, Some("d")), Refusal::NoMessage),
         ];
-        let text = refusals("S_SNAPSHOTS", "now", &refused);
+        let text = refusals("S_SNAPSHOTS", "created now", &refused);
         assert!(
             text.starts_with(
                 "bucket S_SNAPSHOTS holds 5 snapshot(s) of an earlier incarnation of the stream, \
@@ -261,7 +261,7 @@ mod tests {
             (earlier(60, Some("d")), "wrong digest".to_string()),
             (earlier(40, Some("d")), "no byte arrived for 6s".to_string()),
         ];
-        let text = failures("S_SNAPSHOTS", "now", &failed, &[]);
+        let text = failures("S_SNAPSHOTS", "created now", &failed, &[]);
         assert_eq!(
             text,
             "bucket S_SNAPSHOTS holds 2 snapshot(s) of an earlier incarnation of the stream that \
@@ -271,7 +271,7 @@ mod tests {
              2025-01-01T00:00:00.000000001Z, as of sequence 40): no byte arrived for 6s"
         );
         let refused = [(earlier(80, Some("d")), Refusal::Differs)];
-        let text = failures("S_SNAPSHOTS", "now", &failed[..1], &refused);
+        let text = failures("S_SNAPSHOTS", "created now", &failed[..1], &refused);
         assert!(
             text.ends_with(
                 "as of sequence 60): wrong digest; it holds 1 other(s), which this one does not \
@@ -297,7 +297,7 @@ mod tests {
             };
             (earlier(sequence, Some("d")), outside)
         };
-        let text = refusals("S_SNAPSHOTS", "now", &[newer(100), newer(80)]);
+        let text = refusals("S_SNAPSHOTS", "created now", &[newer(100), newer(80)]);
         assert!(
             text.ends_with(
                 "as of sequence 80): outside the stream's sequences 36..=60; every one is as of \
@@ -318,7 +318,7 @@ mod tests {
         );
         let differs = (earlier(50, Some("d")), Refusal::Differs);
         for others in [below, differs] {
-            let text = refusals("S_SNAPSHOTS", "now", &[newer(100), others]);
+            let text = refusals("S_SNAPSHOTS", "created now", &[newer(100), others]);
             assert!(!text.contains("delete stream"), "{text}");
         }
     }

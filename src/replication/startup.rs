@@ -31,8 +31,8 @@ use crate::config::Config;
 use crate::data_dir::{DataDir, sync_dir};
 use crate::io_error::IoError;
 use crate::jetstream::{
-    Bounds, DeadLetterBucket, EarlierSnapshot, Follower, JetStreamError, Nats, ScheduleBucket,
-    SnapshotBucket, SnapshotInfo, StreamCreated, StreamSettings, UpdateStream,
+    Bounds, DeadLetterBucket, EarlierSnapshot, Follower, Incarnation, JetStreamError, Nats,
+    ScheduleBucket, SnapshotBucket, SnapshotInfo, StreamSettings, UpdateStream,
 };
 use crate::journal::{self, snapshot};
 use crate::server::BadConfiguration;
@@ -179,8 +179,8 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
         true => None,
         false => {
             let (path, id) = (config.data_dir.clone(), stream.store_id().to_owned());
-            let created = stream.created();
-            Some(blocking(move || prepare_dir(&path, &id, created)).await?)
+            let incarnation = stream.incarnation().clone();
+            Some(blocking(move || prepare_dir(&path, &id, &incarnation)).await?)
         }
     };
     let dir = data_dir.as_ref().map(|dir| dir.path().to_owned());
@@ -282,9 +282,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Opens and locks the data directory, refuses a single node's journal, removes what a crash
-/// left half-written, and makes it the directory of store `store_id`, of the stream `created`
-/// then.
-fn prepare_dir(path: &Path, store_id: &str, created: StreamCreated) -> anyhow::Result<DataDir> {
+/// left half-written, and makes it the directory of store `store_id`, of the stream's
+/// incarnation `this`.
+fn prepare_dir(path: &Path, store_id: &str, this: &Incarnation) -> anyhow::Result<DataDir> {
     let mut dir = DataDir::open(path)?;
     if !journal::segments(dir.path())?.is_empty() {
         bail!(
@@ -300,20 +300,17 @@ fn prepare_dir(path: &Path, store_id: &str, created: StreamCreated) -> anyhow::R
             std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
         }
     }
-    let created_file = dir.path().join(STREAM_CREATED_FILE);
-    let recorded = match std::fs::read_to_string(&created_file) {
-        Ok(text) => StreamCreated::parse(&text),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-        Err(error) => return Err(IoError::new(&created_file, "read", error).into()),
-    };
+    let recorded = recorded_incarnation(dir.path())?;
     // A directory of an earlier build records no creation: its store id alone decides.
-    let other_stream = recorded.is_some_and(|recorded| recorded != created);
+    let other_stream = recorded.as_ref().is_some_and(|recorded| !recorded.is(this));
     if dir.store_id() != store_id || other_stream {
         let snapshots = snapshot::list(dir.path())?;
         if !snapshots.is_empty() {
-            let aside = match other_stream {
-                false => format!("stale-{}", dir.store_id()),
-                true => format!("stale-{}-{}", dir.store_id(), recorded.unwrap_or(created)),
+            let aside = match &recorded {
+                Some(recorded) if other_stream => {
+                    format!("stale-{}-{}", dir.store_id(), recorded.created)
+                }
+                _ => format!("stale-{}", dir.store_id()),
             };
             let aside = dir.path().join(aside);
             std::fs::create_dir_all(&aside)
@@ -334,12 +331,52 @@ fn prepare_dir(path: &Path, store_id: &str, created: StreamCreated) -> anyhow::R
         dir.adopt_store_id(store_id)?;
         sync_dir(dir.path()).context("syncing the data directory")?;
     }
-    if recorded != Some(created) {
-        crate::data_dir::write_atomically(&created_file, format!("{created}\n").as_bytes())
-            .map_err(|error| IoError::new(&created_file, "write", error))?;
-        sync_dir(dir.path()).context("syncing the data directory")?;
+    if recorded.as_ref() != Some(this) {
+        record_incarnation(dir.path(), this)?;
     }
     Ok(dir)
+}
+
+/// The incarnation of the stream the data directory in `dir` followed (`STREAM_CREATED`, and
+/// `STREAM_RAFT_GROUP` on a cluster); `None` in a directory of an earlier build, or one that
+/// followed none, and when the record does not parse.
+fn recorded_incarnation(dir: &Path) -> anyhow::Result<Option<Incarnation>> {
+    let read = |name: &str| {
+        let file = dir.join(name);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => Ok(Some(text)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(IoError::new(&file, "read", error)),
+        }
+    };
+    let Some(created) = read(STREAM_CREATED_FILE)? else {
+        return Ok(None);
+    };
+    let raft_group = read(STREAM_RAFT_GROUP_FILE)?;
+    Ok(Incarnation::parse(&created, raft_group.as_deref()))
+}
+
+/// Records `this` as the incarnation the data directory in `dir` follows. The group first: a
+/// crash between the two writes leaves a record that still matches the stream by its group,
+/// or by its time.
+fn record_incarnation(dir: &Path, this: &Incarnation) -> anyhow::Result<()> {
+    let group_file = dir.join(STREAM_RAFT_GROUP_FILE);
+    match &this.raft_group {
+        Some(group) => {
+            crate::data_dir::write_atomically(&group_file, format!("{group}\n").as_bytes())
+                .map_err(|error| IoError::new(&group_file, "write", error))?
+        }
+        None => match std::fs::remove_file(&group_file) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(IoError::new(&group_file, "remove", error).into()),
+        },
+    }
+    let created_file = dir.join(STREAM_CREATED_FILE);
+    let created = format!("{}\n", this.created);
+    crate::data_dir::write_atomically(&created_file, created.as_bytes())
+        .map_err(|error| IoError::new(&created_file, "write", error))?;
+    sync_dir(dir).context("syncing the data directory")
 }
 
 /// Refuses to go on when the stream does not exist but the data directory records one it
@@ -388,6 +425,8 @@ struct FollowedStreamMissing {
 
 /// The data directory's record of when its stream was created.
 const STREAM_CREATED_FILE: &str = "STREAM_CREATED";
+/// The data directory's record of its stream's Raft group (on a cluster).
+const STREAM_RAFT_GROUP_FILE: &str = "STREAM_RAFT_GROUP";
 
 /// Where start-up's store comes from: [`LOCAL`], [`PUBLISHED`], or the whole stream.
 const LOCAL: &str = "local snapshot";
@@ -467,8 +506,8 @@ fn uncovered(
     bounds: Bounds,
     refused: &[(EarlierSnapshot, restored::Refusal)],
 ) -> anyhow::Error {
-    let created = stream.created().to_string();
-    let why = restored::refusals(bucket.name(), &created, refused);
+    let incarnation = stream.incarnation().to_string();
+    let why = restored::refusals(bucket.name(), &incarnation, refused);
     purged_below(stream, bounds, &why)
 }
 
@@ -518,8 +557,8 @@ async fn start_from_earlier(
         );
         failed.push((snapshot.clone(), format!("{error:#}")));
     }
-    let created = stream.created().to_string();
-    let why = restored::failures(bucket.name(), &created, &failed, &earlier.refused);
+    let incarnation = stream.incarnation().to_string();
+    let why = restored::failures(bucket.name(), &incarnation, &failed, &earlier.refused);
     Err(purged_below(stream, bounds, &why))
 }
 
@@ -536,7 +575,7 @@ async fn load_earlier(
 ) -> anyhow::Result<(Store, u64, Option<PathBuf>)> {
     tracing::warn!(
         stream = stream.name(),
-        stream_created = %stream.created(),
+        stream = %stream.incarnation(),
         snapshot = %earlier.snapshot.name,
         snapshot_stream_created = %earlier.stream_created,
         stream_sequence = earlier.snapshot.stream_sequence,
