@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 
 use crate::replicas::{
-    PATIENCE, Replica, assert_converged, bootstrap_args, chunk_subject, post_until_ok,
+    PATIENCE, Replica, assert_converged, bootstrap_args, damage_last_chunk, post_until_ok,
     publish_more, replica_config, snapshotting, stream_of, two_published, wait_applied,
 };
 
@@ -668,26 +668,6 @@ async fn restored_beside_two(nats: &NatsCluster, name: &str, dir: &Path) -> Rest
         revision,
         context,
     }
-}
-
-/// Flips one byte of object `name`'s last chunk in `bucket`, as a bad disk or copy might: the
-/// chunk's message deleted and published again altered, so that the object keeps its chunks
-/// and size, and a read of it fails the object store's digest check at its end.
-async fn damage_last_chunk(context: &async_nats::jetstream::Context, bucket: &str, name: &str) {
-    let (chunks, subject) = chunk_subject(context, bucket, name).await;
-    let chunk = chunks
-        .get_last_raw_message_by_subject(&subject)
-        .await
-        .unwrap();
-    assert!(chunks.delete_message(chunk.sequence).await.unwrap());
-    let mut payload = chunk.payload.to_vec();
-    *payload.last_mut().unwrap() ^= 1;
-    context
-        .publish(subject, payload.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
 }
 
 /// The newest snapshot in a restored bucket that the stream continues was damaged (its read

@@ -230,9 +230,21 @@ async fn recover(
     bounds: Bounds,
 ) -> anyhow::Result<(Store, u64, &'static str, Follower)> {
     let stall = config.nats.request_timeout * DOWNLOAD_STALL_REQUESTS;
+    let mut passed_over = PassedOver::default();
     let (store, applied, source, downloaded) = loop {
-        let (start, source) = match choose_start(stream, bucket, dir, bounds, stall).await? {
-            Chosen::Start(start, source) => (start, source),
+        let chosen = choose_start(stream, bucket, dir, bounds, &passed_over).await?;
+        let (start, source, published) = match chosen {
+            Chosen::Start(start, source) => (start, source, None),
+            Chosen::Published(published) => {
+                match download(bucket, &published, dir, stall, &passed_over).await {
+                    Ok(start) => (Some(start), PUBLISHED, Some(published)),
+                    Err(error) if retry_reason(&error).is_some() => return Err(error),
+                    Err(error) => {
+                        passed_over.add(published, &error);
+                        continue;
+                    }
+                }
+            }
             Chosen::Earlier(earlier) => {
                 let (store, applied, downloaded) =
                     start_from_earlier(config, stream, bucket, bounds, &earlier, dir, stall)
@@ -248,14 +260,16 @@ async fn recover(
         let downloaded = (source == PUBLISHED && dir.is_some()).then(|| start.path.clone());
         match load(&store, &start, dir.is_none()).await {
             Ok(applied) => break (store, applied, source, downloaded),
-            // A replica's own snapshots are copies of what the stream and the published ones
-            // hold: a damaged one is set aside, and start-up goes on without it (it used to
-            // refuse to start, for good, with a single node's advice).
-            Err(error) if source == LOCAL => set_aside(&start.path, &error)?,
-            Err(error) => {
-                remove_download(downloaded.as_deref(), &error);
-                return Err(error);
-            }
+            Err(error) => match published {
+                // A replica's own snapshots are copies of what the stream and the published
+                // ones hold: a damaged one is set aside, and start-up goes on without it (it
+                // used to refuse to start, for good, with a single node's advice).
+                None => set_aside(&start.path, &error)?,
+                Some(published) => {
+                    remove_download(downloaded.as_deref(), &error);
+                    passed_over.add(published, &error);
+                }
+            },
         }
     };
     match Follower::start(stream, applied).await {
@@ -434,35 +448,96 @@ const LOCAL: &str = "local snapshot";
 const PUBLISHED: &str = "published snapshot";
 /// A published snapshot of an earlier incarnation of the stream, downloaded.
 const EARLIER: &str = "published snapshot of an earlier incarnation of the stream";
+/// The whole stream, every published snapshot having been passed over.
+const WHOLE_STREAM: &str = "the whole stream";
 
 /// What start-up starts from ([`choose_start`]).
 enum Chosen {
-    /// A snapshot (a published one downloaded already), or none: the whole stream; and where
-    /// it came from.
+    /// A local snapshot, or none: the whole stream; and where it came from.
     Start(Option<Start>, &'static str),
+    /// The newest published snapshot not passed over, to download and load.
+    Published(SnapshotInfo),
     /// The snapshots of an earlier incarnation the stream continues, to download and load in
     /// turn ([`start_from_earlier`]), and the bucket's others.
     Earlier(Earlier),
 }
 
+/// This incarnation's published snapshots that failed to download or load in this start-up,
+/// each with why. A damaged newest one failed every start, on every replica with an empty data
+/// directory, for good while the cluster published no newer one, though the older one, which
+/// the stream continues too, would have started it: each one that fails is named in a warning
+/// and passed over for the next older, then for the whole stream if it still starts at its
+/// first message.
+#[derive(Default)]
+struct PassedOver(Vec<(SnapshotInfo, String)>);
+
+impl PassedOver {
+    fn add(&mut self, snapshot: SnapshotInfo, error: &anyhow::Error) {
+        let error = format!("{error:#}");
+        tracing::warn!(
+            snapshot = %snapshot.name,
+            stream_sequence = snapshot.stream_sequence,
+            %error,
+            "a published snapshot cannot be used: trying the next older one, else the stream"
+        );
+        self.0.push((snapshot, error));
+    }
+
+    fn holds(&self, snapshot: &SnapshotInfo) -> bool {
+        self.0
+            .iter()
+            .any(|(passed, _)| passed.name == snapshot.name)
+    }
+
+    /// `error`, with each one passed over and why, if any was.
+    fn onto(&self, error: anyhow::Error) -> anyhow::Error {
+        match self.0.is_empty() {
+            true => error,
+            false => error.context(format!(
+                "no published snapshot could be used{}",
+                self.named()
+            )),
+        }
+    }
+
+    /// Each one and why, for an error that ends start-up; empty when none was.
+    fn named(&self) -> String {
+        let each: Vec<String> = (self.0.iter())
+            .map(|(snapshot, error)| {
+                let sequence = snapshot.stream_sequence;
+                format!("{} (as of sequence {sequence}): {error}", snapshot.name)
+            })
+            .collect();
+        match each.is_empty() {
+            true => String::new(),
+            false => format!(
+                "; passed over, as they could not be used: {}",
+                each.join("; ")
+            ),
+        }
+    }
+}
+
 /// The snapshot to start from, and where it came from: the oldest local one the stream
-/// continues from, else the newest published one (downloaded into `dir`), else none (the
-/// whole stream, if it still starts at its first message), else those of an earlier
-/// incarnation the stream continues. Those are also tried when the stream was purged past
-/// this incarnation's newest.
+/// continues from, else the newest published one not `passed_over`, else none (the whole
+/// stream, if it still starts at its first message), else those of an earlier incarnation
+/// the stream continues. Those are also tried when the stream was purged past this
+/// incarnation's newest.
 async fn choose_start(
     stream: &UpdateStream,
     bucket: &SnapshotBucket,
     dir: Option<&Path>,
     bounds: Bounds,
-    stall: Duration,
+    passed_over: &PassedOver,
 ) -> anyhow::Result<Chosen> {
     if let Some(dir) = dir
         && let Some(start) = choose_local(dir.to_owned(), bounds.first, bounds.last).await?
     {
         return Ok(Chosen::Start(Some(start), LOCAL));
     }
-    match bucket.newest().await? {
+    let mut published = bucket.list().await?;
+    published.retain(|snapshot| !passed_over.holds(snapshot));
+    match published.pop() {
         // The stream was purged past it too (by hand, or a limit): downloading it only to
         // fail would repeat at every restart. Start-up waits for a newer one instead, unless
         // an earlier incarnation's starts the stream (one restored, then purged by hand).
@@ -478,20 +553,28 @@ async fn choose_start(
             })
             .context(format!(
                 "the newest published snapshot ({}, as of stream sequence {}) is older than \
-                 the stream's first message: waiting for a replica to publish a newer one",
-                published.name, published.stream_sequence
+                 the stream's first message: waiting for a replica to publish a newer one{}",
+                published.name,
+                published.stream_sequence,
+                passed_over.named()
             ))
         }
-        Some(published) => {
-            let start = download(bucket, &published, dir, stall).await?;
-            Ok(Chosen::Start(Some(start), PUBLISHED))
-        }
+        Some(published) => Ok(Chosen::Published(published)),
         None if bounds.first > 1 => {
             let earlier = restored::earlier_start(stream, bucket, bounds).await?;
             match earlier.continued.is_empty() {
-                true => Err(uncovered(stream, bucket, bounds, &earlier.refused)),
+                true => Err(passed_over.onto(uncovered(stream, bucket, bounds, &earlier.refused))),
                 false => Ok(Chosen::Earlier(earlier)),
             }
+        }
+        None if !passed_over.0.is_empty() => {
+            tracing::warn!(
+                passed_over = passed_over.0.len(),
+                stream_last = bounds.last,
+                "no published snapshot could be used: applying the whole stream, which still \
+                 starts at its first message"
+            );
+            Ok(Chosen::Start(None, WHOLE_STREAM))
         }
         None => Ok(Chosen::Start(None, "empty store")),
     }
@@ -582,7 +665,14 @@ async fn load_earlier(
         "starting from a snapshot of an earlier incarnation of the stream (restored from a \
          backup): the stream's message at its sequence is the one the snapshot was taken after"
     );
-    let start = download(bucket, &earlier.snapshot, dir, stall).await?;
+    let start = download(
+        bucket,
+        &earlier.snapshot,
+        dir,
+        stall,
+        &PassedOver::default(),
+    )
+    .await?;
     let store = Store::with_history(config.history(), stream.store_id());
     let downloaded = dir.is_some().then(|| start.path.clone());
     match load(&store, &start, dir.is_none()).await {
@@ -664,6 +754,7 @@ async fn download(
     published: &SnapshotInfo,
     dir: Option<&Path>,
     stall: Duration,
+    passed_over: &PassedOver,
 ) -> anyhow::Result<Start> {
     let name = format!("snapshot-{:020}.snap", published.revision);
     let (temp, path) = match dir {
@@ -683,7 +774,7 @@ async fn download(
     );
     if let Err(interrupted) = copy_into(bucket, published, &temp, stall).await {
         let _ = tokio::fs::remove_file(&temp).await;
-        return Err(download_failed(bucket, published, interrupted).await);
+        return Err(download_failed(bucket, published, interrupted, passed_over).await);
     }
     if let Some(dir) = dir {
         tokio::fs::rename(&temp, &path).await?;
@@ -746,13 +837,14 @@ async fn copy_into(
 /// The error for a download that ended early. The bucket is asked what became of the snapshot
 /// (a download cut off by a long pause said only "missed idle heartbeat"): retired or
 /// replaced by a newer one meanwhile, it is [`Replaced`], which start-up tries again with the
-/// newest; still the newest (or, for an earlier incarnation's, still there and this one has
-/// published none), the failure is the download's own, its cause kept (a bucket that does
-/// not answer is tried again, as before).
+/// newest; still the newest not `passed_over` (or, for an earlier incarnation's, still there
+/// and this one has published none), the failure is the download's own, its cause kept (a
+/// bucket that does not answer is tried again, as before).
 async fn download_failed(
     bucket: &SnapshotBucket,
     published: &SnapshotInfo,
     interrupted: Interrupted,
+    passed_over: &PassedOver,
 ) -> anyhow::Error {
     let failure = format!(
         "downloading published snapshot {} failed after {} of {} bytes",
@@ -767,7 +859,9 @@ async fn download_failed(
             ));
         }
     };
-    let newest = snapshots.last().map(|newest| newest.name.clone());
+    let newest = (snapshots.iter())
+        .rfind(|snapshot| !passed_over.holds(snapshot))
+        .map(|newest| newest.name.clone());
     let kept = snapshots.iter().any(|kept| kept.name == published.name)
         || (bucket.of_earlier_streams().await).is_ok_and(|earlier| {
             earlier
