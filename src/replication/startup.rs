@@ -6,6 +6,7 @@
 //!    after the restart, as a single node chooses; local snapshots lag the history window);
 //! 2. the newest published snapshot (`<stream>_SNAPSHOTS`), downloaded into the data
 //!    directory first (an empty disk, or the stream was purged past every local snapshot);
+//!    one that fails to download or to load is passed over for the next older;
 //! 3. an empty store, when the stream still holds its first message;
 //! 4. else (a stream restored from a backup: another incarnation, whose own replicas have
 //!    published nothing yet) a published snapshot of an earlier incarnation that the stream
@@ -13,10 +14,10 @@
 //!    in 2. The newest first; one that fails to download or to load is passed over for the
 //!    next (the restored bucket's objects are never replaced until a replica has started).
 //!
-//! The data directory records the store id of the stream it belongs to, and when that stream
-//! was created (`STREAM_CREATED`: a stream deleted and created again with its configuration
-//! keeps its store id): a directory of another stream has its snapshots moved aside to
-//! `stale-<old id>/` before anything else. A single node's journal is refused: replicated mode
+//! The data directory records the store id of the stream it belongs to, and which incarnation
+//! of it (`STREAM_CREATED`, `STREAM_RAFT_GROUP`: a stream deleted and created again with its
+//! configuration keeps its store id): a directory of another stream has its snapshots moved
+//! aside to `stale-<old id>/` before anything else. A single node's journal is refused: replicated mode
 //! keeps none, and a directory is one or the other.
 
 use std::path::{Path, PathBuf};
