@@ -1335,6 +1335,10 @@ async fn a_stream_deleted_under_a_running_replica_is_warned_of_and_not_ready() {
         "GONE",
         "--nats-replicas",
         "1",
+        "--nats-request-timeout",
+        "20s",
+        "--webhook-timeout",
+        "30s",
     ];
     let mut replica = Binary::spawn(binary::command(dir.path(), &args)).await;
     let deadline = Instant::now() + PATIENCE;
@@ -1354,6 +1358,29 @@ async fn a_stream_deleted_under_a_running_replica_is_warned_of_and_not_ready() {
         assert!(Instant::now() < deadline, "the replica stayed ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Once every poll has found it missing for a moment, readiness says so, and a webhook
+    // is answered 503 at once, saying so: it waited out --nats-request-timeout (20 s here)
+    // publishing to no stream, past its sender's patience (found by an adversarial run).
+    let readyz = format!("http://{}/readyz", replica.admin);
+    loop {
+        let reason = reqwest::get(&readyz).await.unwrap().text().await.unwrap();
+        if reason.contains("the update stream is missing") {
+            assert!(reason.contains("GONE"), "{reason}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "readiness: {reason}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = profile_updated("while-it-is-gone", &at(1), json!({"total_points": 1}));
+    let (status, answer) = Replica::from(&replica)
+        .post(&body)
+        .await
+        .expect("answered within the client's 10 s");
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer.to_string().contains("the update stream is missing"),
+        "{answer}"
+    );
     replica.stop();
 }
 

@@ -278,6 +278,9 @@ fn poll(
                     status.observed_room(bounds.room);
                 }
                 Err(error) => {
+                    if let JetStreamError::Refused { .. } = error {
+                        status.observed_missing(error.to_string());
+                    }
                     if let JetStreamError::Replaced { .. } = error
                         && status.observed_replaced(error.to_string()) >= REPLACED_SETTLE
                     {

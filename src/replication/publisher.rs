@@ -317,6 +317,9 @@ async fn publish_as(
         // Its outcome could not be known here: this replica holds the old stream's state.
         return answer_replaced(parts, requests, reason, NOT_RECORDED);
     }
+    if let Some(reason) = parts.status.missing() {
+        return answer_missing(parts, requests, reason);
+    }
     let published = if parts.stream.nats().is_connected() {
         parts.stream.publish_as(&message, &id).await
     } else {
@@ -420,6 +423,24 @@ fn answer_failed(parts: &Parts, requests: Vec<Request>, error: JetStreamError) {
 const NOT_RECORDED: &str = "the update could not be recorded in the replicated log; retry later";
 const RECORDED_ELSEWHERE: &str = "the update is recorded, but in a replicated log this replica \
      no longer follows; retry it, a repeated delivery changes nothing";
+
+/// Answers `requests` 503 without a publish: the stream is missing (`reason`).
+fn answer_missing(parts: &Parts, requests: Vec<Request>, reason: String) {
+    parts.metrics.replication_publish_failed("unavailable");
+    if let Some(suppressed) = parts.failure_log.due() {
+        tracing::warn!(
+            %reason,
+            updates = requests.len(),
+            suppressed,
+            "the update stream is missing: answering 503 until it is restored"
+        );
+    }
+    for request in requests {
+        let _ = request.reply.send(Err(Error::Unavailable {
+            reason: format!("{NOT_RECORDED} (the update stream is missing: {reason})"),
+        }));
+    }
+}
 
 /// Answers `requests` 503: the stream is not the one this replica follows (`reason`), which
 /// stops to start again on it (`super::poll`).
