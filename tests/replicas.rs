@@ -2132,15 +2132,7 @@ async fn a_damaged_newest_published_snapshot_is_passed_over_for_the_older_one() 
     let args = bootstrap_args(&nats, "PASSED", "b", "2s");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut b = Binary::start_up(b_dir.path(), &args);
-    let passed_over = b.wait_for(PASSED_OVER).await;
-    assert_eq!(passed_over["level"], "WARN", "{passed_over}");
-    assert_eq!(
-        passed_over["snapshot"],
-        newest.name.as_str(),
-        "{passed_over}"
-    );
-    let error = passed_over["error"].as_str().unwrap();
-    assert!(error.contains("wrong digest"), "{error}");
+    assert_damaged(&b.wait_for(PASSED_OVER).await, &newest.name);
     let recovered = b.wait_for("replica recovered").await;
     b.wait_listening().await;
     assert_eq!(recovered["source"], "published snapshot", "{recovered}");
@@ -2216,6 +2208,15 @@ async fn when_every_published_snapshot_is_damaged_only_a_whole_stream_starts() {
         "{names:?}"
     );
     c.stop().await;
+}
+
+/// Asserts that `warning` is a warning naming snapshot `name`, passed over for failing the
+/// object store's digest check ([`damage_last_chunk`]).
+pub(crate) fn assert_damaged(warning: &Value, name: &str) {
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert_eq!(warning["snapshot"], name, "{warning}");
+    let error = warning["error"].as_str().unwrap_or_default();
+    assert!(error.contains("wrong digest"), "{warning}");
 }
 
 /// Flips one byte of object `name`'s last chunk in `bucket`, as a bad disk or copy might: the
