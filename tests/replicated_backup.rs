@@ -759,10 +759,12 @@ async fn a_restored_stream_whose_every_continued_snapshot_is_damaged_names_each(
 /// some milliseconds earlier (nats-server 2.15). Replicas took it for the stream's identity:
 /// the first change of stream leader after a restore made every one of them take the stream
 /// for replaced and stop, and a replica started after it served another store id (found by
-/// an adversarial run). Nothing may stop, the store id stays the same on every replica, one
-/// started after the change included, and a data directory keeps its snapshots.
+/// an adversarial run). Then, told by either its creation time or its Raft group, a restored
+/// stream scaled down to one replica and up again, both marks changed, was taken for replaced
+/// (found by the next). Nothing may stop, the store id stays the same on every replica, those
+/// started after the changes included, and a data directory keeps its snapshots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_restored_stream_keeps_its_identity_when_its_leader_moves() {
+async fn a_restored_stream_keeps_its_identity_when_its_leader_moves_and_it_is_scaled() {
     let nats = NatsCluster::three().await.unwrap();
     let config = |name: &str, dir: &Path| {
         let mut config = snapshotting(&nats, "MOVED", name, dir);
@@ -810,17 +812,21 @@ async fn a_restored_stream_keeps_its_identity_when_its_leader_moves() {
     let bucket = profile_state::jetstream::SnapshotBucket::open(&before)
         .await
         .unwrap();
-    let published = bucket.list().await.unwrap();
     assert!(
-        !published.is_empty(),
+        !bucket.list().await.unwrap().is_empty(),
         "published snapshots of the restored stream"
     );
 
     step_down_stream_leader(&client, "MOVED").await;
-    let after = stream_of(&nats, "MOVED").await;
+    let created = context
+        .get_stream("MOVED")
+        .await
+        .unwrap()
+        .cached_info()
+        .created;
     assert_ne!(
-        after.created(),
-        before.created(),
+        created,
+        before.created().0,
         "the premise: the new leader reports another creation time (if a nats-server reports \
          one time everywhere, this test no longer shows the bug it guards against)"
     );
@@ -828,25 +834,60 @@ async fn a_restored_stream_keeps_its_identity_when_its_leader_moves() {
         .bounds()
         .await
         .expect("the same stream to a handle opened before");
-    let bucket = profile_state::jetstream::SnapshotBucket::open(&after)
-        .await
-        .unwrap();
-    let listed = bucket.list().await.unwrap();
-    assert!(
-        published.iter().all(|snapshot| listed.contains(snapshot)),
-        "the published snapshots are still the stream's own: {published:?}, {listed:?}"
+
+    // Then scaled down to one replica (which a cluster reports no Raft group for), and up
+    // again (a new group), with a alone running: one mark changes at each step, and after
+    // both, neither is what b, the published snapshots or the metadata at the restore
+    // recorded. Replicas took that for a replaced stream: they stopped, came back under other
+    // store ids, and set their snapshots aside (found by an adversarial run).
+    let group = |info: &async_nats::jetstream::stream::Info| {
+        info.cluster
+            .as_ref()
+            .and_then(|cluster| cluster.raft_group.clone())
+    };
+    let first_group = group(
+        &context
+            .get_stream("MOVED")
+            .await
+            .unwrap()
+            .cached_info()
+            .clone(),
     );
+    for (replicas, customer) in [(1, "one-replica"), (3, "three-again")] {
+        // The premise: no group for one replica, then a new one.
+        let moved_on = |info: &async_nats::jetstream::stream::Info| match replicas {
+            1 => group(info).is_none(),
+            _ => group(info).is_some_and(|group| Some(group) != first_group),
+        };
+        scale(&context, "MOVED", replicas, moved_on).await;
+        before
+            .bounds()
+            .await
+            .expect("the same stream, followed through each step");
+        let body = profile_updated(customer, &at(1), json!({"total_points": 1}));
+        post_until_ok(&a, &body).await;
+    }
 
     let c = TestService::start_with(replica_config(&nats, "MOVED", "c")).await;
     let b = TestService::start_with(config("b", b_dir.path())).await;
-    let body = profile_updated("after-the-move", &at(1), json!({"total_points": 1}));
-    post_until_ok(&a, &body).await;
     let replicas = [Replica::from(&a), Replica::from(&b), Replica::from(&c)];
     for replica in &replicas {
         assert_eq!(replica.info().await.store_id, store_id, "one store id");
     }
+    let aside = stale(b_dir.path());
+    assert!(aside.is_empty(), "b's snapshots were set aside: {aside:?}");
+    assert!(local() > 0, "b's snapshots are where they were");
+    // Every published snapshot of the store is still its own (not one of an earlier stream).
+    assert!(!bucket.list().await.unwrap().is_empty());
+    let earlier = bucket.of_earlier_streams().await.unwrap();
+    let ours: Vec<_> = (earlier.iter())
+        .filter(|earlier| earlier.snapshot.name.ends_with(&store_id))
+        .collect();
+    assert!(ours.is_empty(), "taken for an earlier stream's: {ours:?}");
+    let body = profile_updated("after-the-moves", &at(1), json!({"total_points": 1}));
+    post_until_ok(&c, &body).await;
     // a's status poll read the stream from its new leader since: not taken for replaced.
-    let last = after.bounds().await.unwrap().last;
+    let last = stream_of(&nats, "MOVED").await.bounds().await.unwrap().last;
     let deadline = Instant::now() + PATIENCE;
     while Replica::from(&a).info().await.stream_last_sequence < last {
         assert!(Instant::now() < deadline, "a polls the stream");
@@ -854,17 +895,48 @@ async fn a_restored_stream_keeps_its_identity_when_its_leader_moves() {
     }
     assert_eq!(a.admin_get("/readyz").await.0, 200, "a is ready");
     assert_converged(&replicas).await;
-    let aside: Vec<_> = std::fs::read_dir(b_dir.path())
-        .unwrap()
-        .filter_map(|entry| {
-            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-            name.starts_with("stale-").then_some(name)
-        })
-        .collect();
-    assert!(aside.is_empty(), "b's snapshots were set aside: {aside:?}");
-    assert!(local() > 0, "b's snapshots are where they were");
     for replica in [a, b, c] {
         replica.stop().await;
+    }
+}
+
+/// The `stale-*` directories in `dir`: snapshots set aside as another stream's.
+fn stale(dir: &Path) -> Vec<String> {
+    let names = std::fs::read_dir(dir).unwrap();
+    let names = names.map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned());
+    names.filter(|name| name.starts_with("stale-")).collect()
+}
+
+/// Scales `stream` to `replicas` and waits until a leader and every other replica are
+/// current, and its info is `done`.
+async fn scale(
+    context: &async_nats::jetstream::Context,
+    stream: &str,
+    replicas: usize,
+    done: impl Fn(&async_nats::jetstream::stream::Info) -> bool,
+) {
+    let handle = context.get_stream(stream).await.unwrap();
+    let mut config = handle.cached_info().config.clone();
+    config.num_replicas = replicas;
+    context.update_stream(config).await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen = None;
+    loop {
+        if let Ok(handle) = context.get_stream(stream).await {
+            let info = handle.cached_info().clone();
+            if let Some(cluster) = &info.cluster {
+                let current = cluster.replicas.iter().filter(|peer| peer.current).count();
+                if cluster.leader.is_some() && current + 1 == replicas && done(&info) {
+                    return;
+                }
+            }
+            seen = Some(info.cluster);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stream} on {replicas} replicas: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -11,11 +11,16 @@
 //!   adversarial run);
 //! - a one-replica stream's group is renamed when it is scaled up.
 //!
-//! So two observations are of the same incarnation when either mark is the same. On a single
-//! server, which has no group, its one clock decides.
+//! So two observations are of the same incarnation when either mark is the same, and the
+//! reference an observation is compared with moves forward whenever one mark drifts (the
+//! stream's metadata record, `super::store_id`): both marks may change over a stream's life,
+//! one at a time (a restored stream's leader moves, it is scaled down to one replica, which a
+//! cluster reports no group for, then up again, which names a new one), and compared with
+//! the first observation alone, that made replicas take it for replaced (found by an
+//! adversarial run). On a single server, which has no group, its one clock decides.
 //!
 //! It decides nothing about what a replica does with another incarnation (stop, set snapshots
-//! aside, serve another store id): `super::stream`, `super::snapshots` and
+//! aside, serve another store id): `super::store_id`, `super::stream`, `super::snapshots` and
 //! `crate::replication::startup` do.
 
 /// When a stream was created, as the server that answered says.
@@ -38,12 +43,14 @@ impl std::fmt::Display for StreamCreated {
     }
 }
 
-/// One incarnation of a stream name, as one stream info described it.
+/// One incarnation of a stream name, as one stream info described it, or as a record of one
+/// says (where either mark may be missing or unreadable).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Incarnation {
     /// When it was created, as the server that answered says.
-    pub created: StreamCreated,
-    /// The name of its Raft group; `None` on a server that is not part of a cluster.
+    pub created: Option<StreamCreated>,
+    /// The name of its Raft group; `None` on a server that is not part of a cluster, and for
+    /// a one-replica stream on a cluster.
     pub raft_group: Option<String>,
 }
 
@@ -56,44 +63,52 @@ impl Incarnation {
             .and_then(|cluster| cluster.raft_group.clone())
             .filter(|group| !group.is_empty());
         Incarnation {
-            created: StreamCreated(info.created),
+            created: Some(StreamCreated(info.created)),
             raft_group,
         }
     }
 
-    /// The incarnation recorded as `created` and `raft_group` (absent in records of earlier
-    /// builds, and on a single server); `None` when `created` does not parse.
-    pub fn parse(created: &str, raft_group: Option<&str>) -> Option<Incarnation> {
-        Some(Incarnation {
-            created: StreamCreated::parse(created)?,
+    /// The incarnation recorded as `created` and `raft_group` (either absent in records of
+    /// earlier builds, and the group on a single server); `None` when neither is there and
+    /// readable: no record.
+    pub fn recorded(created: Option<&str>, raft_group: Option<&str>) -> Option<Incarnation> {
+        let recorded = Incarnation {
+            created: created.and_then(StreamCreated::parse),
             raft_group: raft_group
                 .map(str::trim)
                 .filter(|group| !group.is_empty())
                 .map(str::to_owned),
-        })
+        };
+        (recorded.created.is_some() || recorded.raft_group.is_some()).then_some(recorded)
     }
 
     /// Whether `other` is this same incarnation: the same creation time or the same Raft group
     /// (see the module's documentation for why either).
     pub fn is(&self, other: &Incarnation) -> bool {
-        self.created == other.created
-            || (self.raft_group.is_some() && self.raft_group == other.raft_group)
+        fn same<T: PartialEq>(this: &Option<T>, that: &Option<T>) -> bool {
+            this.is_some() && this == that
+        }
+        same(&self.created, &other.created) || same(&self.raft_group, &other.raft_group)
     }
 
-    /// What a store id of this incarnation is derived from (`super::stream`): a mark every
+    /// What a store id of this incarnation is derived from (`super::store_id`): a mark every
     /// server reports alike, so that every replica derives the same id. The Raft group; on a
-    /// single server, which has one clock, the creation time.
+    /// single server, which has one clock, and for a one-replica stream, the creation time.
     pub fn derivation_key(&self) -> String {
-        match &self.raft_group {
-            Some(group) => group.clone(),
-            None => self.created.to_string(),
+        match (&self.raft_group, &self.created) {
+            (Some(group), _) => group.clone(),
+            (None, Some(created)) => created.to_string(),
+            (None, None) => String::new(),
         }
     }
 }
 
 impl std::fmt::Display for Incarnation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "created {}", self.created)?;
+        match &self.created {
+            Some(created) => write!(f, "created {created}")?,
+            None => f.write_str("creation unknown")?,
+        }
         if let Some(group) = &self.raft_group {
             write!(f, ", Raft group {group}")?;
         }
@@ -106,7 +121,9 @@ mod tests {
     use super::*;
 
     fn incarnation(created: &str, raft_group: Option<&str>) -> Incarnation {
-        Incarnation::parse(created, raft_group).expect("a valid time")
+        let recorded = Incarnation::recorded(Some(created), raft_group).expect("a record");
+        assert!(recorded.created.is_some(), "a valid time");
+        recorded
     }
 
     const T1: &str = "2026-12-05T07:58:43.936846386Z";
@@ -117,10 +134,12 @@ mod tests {
         let followed = incarnation(T2, Some("S-R3F-abc"));
         // A restored stream, asked of another server.
         assert!(followed.is(&incarnation(T1, Some("S-R3F-abc"))));
-        // A one-replica stream scaled up.
+        // A one-replica stream scaled up, or a stream scaled down to one replica.
         assert!(followed.is(&incarnation(T2, Some("S-R3F-xyz"))));
+        assert!(followed.is(&incarnation(T2, None)));
         // Deleted and created again, or restored again.
         assert!(!followed.is(&incarnation(T1, Some("S-R3F-xyz"))));
+        assert!(!followed.is(&incarnation(T1, None)));
     }
 
     #[test]
@@ -134,12 +153,24 @@ mod tests {
     }
 
     #[test]
-    fn records_parse_back_and_an_empty_group_is_none() {
+    fn a_record_keeps_the_mark_it_can_read() {
         let recorded = incarnation(T1, Some("S-R3F-abc"));
-        let again = Incarnation::parse(&recorded.created.to_string(), Some("S-R3F-abc\n"));
-        assert_eq!(again, Some(recorded));
+        let created = recorded.created.unwrap().to_string();
+        let again = Incarnation::recorded(Some(&created), Some("S-R3F-abc\n"));
+        assert_eq!(again, Some(recorded.clone()));
+        // A garbled time: the group still tells the stream.
+        let garbled = Incarnation::recorded(Some("yesterday"), Some("S-R3F-abc")).unwrap();
+        assert_eq!(garbled.created, None);
+        assert!(garbled.is(&recorded));
         assert_eq!(incarnation(T1, Some(" ")).raft_group, None);
-        assert_eq!(Incarnation::parse("yesterday", None), None);
+        assert_eq!(Incarnation::recorded(Some("yesterday"), None), None);
+        assert_eq!(Incarnation::recorded(None, Some("")), None);
+        // Nothing known matches nothing.
+        let unknown = Incarnation {
+            created: None,
+            raft_group: None,
+        };
+        assert!(!unknown.is(&unknown));
     }
 
     #[test]

@@ -29,6 +29,7 @@ mod key_value;
 mod listing;
 mod schedule;
 mod snapshots;
+mod store_id;
 mod stream;
 
 pub use batch::{UpdateBatch, delivery_id};

@@ -217,11 +217,10 @@ impl SnapshotBucket {
             (REVISION_KEY.to_string(), revision.to_string()),
             (SEQUENCE_KEY.to_string(), stream_sequence.to_string()),
             (STORE_ID_KEY.to_string(), self.store_id.clone()),
-            (
-                STREAM_CREATED_KEY.to_string(),
-                self.incarnation.created.to_string(),
-            ),
         ]);
+        if let Some(created) = &self.incarnation.created {
+            metadata.insert(STREAM_CREATED_KEY.to_string(), created.to_string());
+        }
         if let Some(group) = &self.incarnation.raft_group {
             metadata.insert(STREAM_RAFT_GROUP_KEY.to_string(), group.clone());
         }
@@ -273,31 +272,24 @@ impl SnapshotBucket {
         }
     }
 
-    /// Every snapshot of this store (objects of another store id, or of a stream of this name
-    /// created before this one, left from a stream that was replaced, are not ours), oldest
-    /// first.
+    /// Every snapshot of this store, oldest first ([`SnapshotBucket::is_ours`]).
     pub async fn list(&self) -> Result<Vec<SnapshotInfo>, JetStreamError> {
         let mut snapshots = Vec::new();
         for object in self.objects().await? {
-            let field = |key: &str| object.metadata.get(key);
-            let other_stream = field(STREAM_CREATED_KEY)
-                .is_some_and(|created| !self.of_this_stream(created, field(STREAM_RAFT_GROUP_KEY)));
-            if object.deleted || field(STORE_ID_KEY) != Some(&self.store_id) || other_stream {
-                continue;
+            if !object.deleted && self.is_ours(&object) {
+                snapshots.extend(snapshot_info(&object));
             }
-            snapshots.extend(snapshot_info(&object));
         }
         snapshots.sort_by_key(|snapshot| snapshot.stream_sequence);
         Ok(snapshots)
     }
 
-    /// Every live snapshot taken from an earlier stream of this name (one deleted and created
-    /// again, or restored from a backup), newest first: such snapshots are not
-    /// [`SnapshotBucket::list`]ed; a start-up that finds none of its own may start from one
-    /// the stream continues, or names them, so that an operator sees why they are not used.
-    /// Whatever their store id: such a stream is served under another one
-    /// (`UpdateStream::store_id`). Objects without a `stream_created` (earlier builds) are
-    /// taken on their store id alone, by `list`.
+    /// Every live snapshot not of this store that records the stream it was taken from: of an
+    /// earlier stream of this name (one deleted and created again, or restored from a backup),
+    /// newest first. Such snapshots are not [`SnapshotBucket::list`]ed; a start-up that finds
+    /// none of its own may start from one the stream continues, or names them, so that an
+    /// operator sees why they are not used. Objects without a `stream_created` (earlier
+    /// builds) are taken on their store id alone, by `list`.
     pub async fn of_earlier_streams(&self) -> Result<Vec<EarlierSnapshot>, JetStreamError> {
         let mut earlier = Vec::new();
         for object in self.objects().await? {
@@ -305,7 +297,7 @@ impl SnapshotBucket {
             let Some(stream_created) = field(STREAM_CREATED_KEY) else {
                 continue;
             };
-            if object.deleted || self.of_this_stream(stream_created, field(STREAM_RAFT_GROUP_KEY)) {
+            if object.deleted || self.is_ours(&object) {
                 continue;
             }
             let Some(snapshot) = snapshot_info(&object) else {
@@ -321,11 +313,26 @@ impl SnapshotBucket {
         Ok(earlier)
     }
 
-    /// Whether an object recorded as taken from the incarnation `created`, `raft_group` was
-    /// taken from this one. A record that does not parse is of another.
-    fn of_this_stream(&self, created: &str, raft_group: Option<&String>) -> bool {
-        Incarnation::parse(created, raft_group.map(String::as_str))
-            .is_some_and(|recorded| recorded.is(&self.incarnation))
+    /// Whether `object` is a snapshot of this store: of its store id, and, for an object named
+    /// without it (earlier builds, which served one id for every incarnation of a stream), of
+    /// this incarnation of the stream too, when it records one. A store id is of one
+    /// incarnation since (`super::store_id`), and the marks an incarnation is told by drift
+    /// over its life: an object of this store taken for another incarnation's, and of no
+    /// other store either, left a replica nothing to start from, again and again (found by an
+    /// adversarial run).
+    fn is_ours(&self, object: &ObjectInfo) -> bool {
+        let field = |key: &str| object.metadata.get(key);
+        if field(STORE_ID_KEY) != Some(&self.store_id) {
+            return false;
+        }
+        if object.name.ends_with(&format!("-{}", self.store_id)) {
+            return true;
+        }
+        let recorded = Incarnation::recorded(
+            field(STREAM_CREATED_KEY).map(String::as_str),
+            field(STREAM_RAFT_GROUP_KEY).map(String::as_str),
+        );
+        recorded.is_none_or(|recorded| recorded.is(&self.incarnation))
     }
 
     /// The bucket's name (`<stream>_SNAPSHOTS`).

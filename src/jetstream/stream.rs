@@ -2,6 +2,7 @@
 //! published to, measured and purged.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::ErrorCode;
@@ -13,17 +14,10 @@ use async_nats::jetstream::stream::{
 use prost::Message;
 
 use super::incarnation::{Incarnation, StreamCreated};
+use super::store_id::{self, STORE_ID_KEY};
 use super::{JetStreamError, Nats, UpdateBatch};
 use crate::config::NatsConfig;
 
-/// Stream metadata key holding the cluster-wide store id.
-const STORE_ID_KEY: &str = "profile_state_store_id";
-/// Stream metadata key holding when the server created the incarnation of the stream its store
-/// id was minted for (see [`served_store_id`]).
-const STORE_CREATED_KEY: &str = "profile_state_store_created";
-/// Stream metadata key holding the Raft group of that incarnation (absent on a single server,
-/// and on streams of releases before it was recorded).
-const STORE_RAFT_GROUP_KEY: &str = "profile_state_store_raft_group";
 /// Stream metadata key holding the message format version.
 const FORMAT_KEY: &str = "profile_state_format";
 /// The message format this build writes and reads ([`UpdateBatch`], version 1).
@@ -137,9 +131,24 @@ pub struct UpdateStream {
     store_id: String,
     /// The first sequence applied with the bound on profile growth (see [`RULES_FROM_KEY`]).
     rules_from: u64,
-    /// Which incarnation of the stream name it is: what tells it from one deleted and created
-    /// again under the same name, even with the same configuration and store id.
+    /// Which incarnation of the stream name it is, as the stream info it was opened on said.
     incarnation: Incarnation,
+    /// When it was created, as that stream info said.
+    created: StreamCreated,
+    /// The incarnation and record this handle follows, moved forward as they drift.
+    followed: Arc<Mutex<Followed>>,
+    /// Whether the stream's metadata recorded which incarnation its store id is of when it was
+    /// opened (`super::store_id`): if so, the store id tells incarnations apart.
+    recorded_before: bool,
+}
+
+/// What a handle follows, poll after poll ([`UpdateStream::bounds`]).
+#[derive(Debug)]
+struct Followed {
+    /// The stream's incarnation as last seen to be this one: one mark may drift at a time.
+    incarnation: Incarnation,
+    /// The metadata's store id and record as last seen (`store_id::record_of`).
+    record: (String, Option<Incarnation>),
 }
 
 impl UpdateStream {
@@ -182,10 +191,38 @@ impl UpdateStream {
             }
             Err(err) => return Err(unavailable("stream info")(err)),
         };
-        let (store_id, rules_from) = verify(settings, &info.config)?;
+        let (_, rules_from) = verify(settings, &info.config)?;
         let incarnation = Incarnation::of(&info);
         warn_if_limit_differs(settings, &info.config);
-        let store_id = served_store_id(context, &info, store_id, &incarnation).await;
+        let served = store_id::served(&info.config.metadata, &incarnation);
+        if served.other_incarnation {
+            tracing::warn!(
+                stream = %info.config.name,
+                incarnation = %incarnation,
+                recorded = %store_id::recorded_text(&info.config.metadata),
+                store_id = %served.store_id,
+                "the stream is another incarnation of the one its store id was made for \
+                 (restored from a backup, or created again with its definition): it is a new \
+                 store to clients, whose watches are reset"
+            );
+        }
+        let mut record = store_id::record_of(&info.config.metadata);
+        if let Some(incarnation) = &served.record {
+            match record_incarnation(context, &settings.name, &served.store_id, incarnation).await {
+                Ok(Some(written)) => record = written,
+                Ok(None) => {}
+                // Should the update fail (an account not allowed to update streams), every
+                // replica still derives the same id.
+                Err(error) => tracing::warn!(
+                    %error,
+                    "could not record the stream's incarnation in its metadata"
+                ),
+            }
+        }
+        let followed = Followed {
+            incarnation: incarnation.clone(),
+            record,
+        };
         let stream = context
             .get_stream_no_info(&settings.name)
             .await
@@ -195,9 +232,12 @@ impl UpdateStream {
             stream,
             subject: settings.subject(),
             settings: settings.clone(),
-            store_id,
+            store_id: served.store_id,
             rules_from,
             incarnation,
+            created: StreamCreated(info.created),
+            followed: Arc::new(Mutex::new(followed)),
+            recorded_before: served.recorded_before,
         })
     }
 
@@ -214,12 +254,20 @@ impl UpdateStream {
     /// said (servers of a cluster may not agree: [`UpdateStream::incarnation`] tells streams
     /// apart).
     pub fn created(&self) -> StreamCreated {
-        self.incarnation.created
+        self.created
     }
 
     /// Which incarnation of the stream name this handle was opened on.
     pub fn incarnation(&self) -> &Incarnation {
         &self.incarnation
+    }
+
+    /// Whether the stream's metadata recorded which incarnation its store id is of when this
+    /// handle was opened: if so, a data directory or snapshot of another store id is of
+    /// another incarnation, and one of this store id of this one. If not (a stream of a
+    /// release before the record), the store id is the same for every incarnation.
+    pub fn recorded_before(&self) -> bool {
+        self.recorded_before
     }
 
     /// Takes the stream `settings` name over from rules 1 ([`UPGRADABLE_RULES`]) to this
@@ -390,14 +438,7 @@ impl UpdateStream {
                 unavailable("stream info")(err)
             }
         })?;
-        let now = Incarnation::of(&info);
-        if !self.incarnation.is(&now) {
-            return Err(JetStreamError::Replaced {
-                stream: self.settings.name.clone(),
-                was: self.incarnation.to_string(),
-                now: now.to_string(),
-            });
-        }
+        self.check_incarnation(&info).await?;
         let limit = u64::try_from(info.config.max_bytes)
             .ok()
             .filter(|max| *max > 0);
@@ -406,6 +447,66 @@ impl UpdateStream {
             last: info.state.last_sequence,
             room: limit.map(|max| max.saturating_sub(info.state.bytes)),
         })
+    }
+
+    /// [`JetStreamError::Replaced`] when `info` is of another incarnation than the one this
+    /// handle follows ([`UpdateStream::follow`]). A metadata record of this store one of whose
+    /// marks drifted is brought up to date (`super::store_id`): a replica that starts after
+    /// two drifts finds it one behind at most, and serves the same store id.
+    async fn check_incarnation(&self, info: &stream::Info) -> Result<(), JetStreamError> {
+        let now = Incarnation::of(info);
+        let record = store_id::record_of(&info.config.metadata);
+        self.follow(info, &now, &record)?;
+        let drifted = record.0 == self.store_id
+            && (record.1.as_ref()).is_some_and(|recorded| recorded.is(&now) && *recorded != now);
+        if drifted {
+            let context = self.nats.context();
+            match record_incarnation(context, self.name(), &self.store_id, &now).await {
+                Ok(Some(written)) => lock(&self.followed).record = written,
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "the stream's drifted incarnation record not updated");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `info` (incarnation `now`, metadata `record`) is the stream this handle follows.
+    /// While the metadata's record is the one last seen, the marks decide: either one the same
+    /// is this stream, and the reference moves forward to `now`, so that a stream whose marks
+    /// change one at a time (its leader moves, it is scaled down to one replica and up again)
+    /// is followed throughout; compared with the first observation alone, that made every
+    /// replica take it for replaced (found by an adversarial run). A record changed since was
+    /// written by another replica, or came with a restore or a re-creation: the store id it
+    /// gives decides.
+    fn follow(
+        &self,
+        info: &stream::Info,
+        now: &Incarnation,
+        record: &(String, Option<Incarnation>),
+    ) -> Result<(), JetStreamError> {
+        let mut followed = lock(&self.followed);
+        let served = store_id::served(&info.config.metadata, now);
+        let same = match *record == followed.record {
+            true => followed.incarnation.is(now),
+            false => {
+                served.store_id == self.store_id
+                    && (served.recorded_before || followed.incarnation.is(now))
+            }
+        };
+        if !same {
+            return Err(JetStreamError::Replaced {
+                stream: self.settings.name.clone(),
+                was: format!("{}, store id {}", followed.incarnation, self.store_id),
+                now: format!("{now}, store id {}", served.store_id),
+            });
+        }
+        *followed = Followed {
+            incarnation: now.clone(),
+            record: record.clone(),
+        };
+        Ok(())
     }
 
     /// The digest of the message at `sequence` ([`message_digest`]): what a snapshot as of
@@ -652,91 +753,47 @@ fn is_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
     matches!(err.kind(), GetStreamErrorKind::JetStream(err) if err.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
-/// The store id clients are given for the stream `info` describes, incarnation `this`: its
-/// metadata's on the incarnation the id was minted for. A stream restored from a backup, or
-/// created again with its definition, keeps the metadata's id, yet its revisions from the
-/// backup's point on mean other changes: with the same id, a watcher resuming on it was handed
-/// them with no Reset, and kept profiles the stream no longer had (found by an adversarial
-/// run). So another incarnation gets an id derived from both, alike on every replica, and
-/// recorded as the metadata's with the incarnation, so that a replica whose server reports
-/// another creation time for it, or a later start, serves it too. A stream whose metadata
-/// does not say which incarnation its id is of (made by an earlier release) gets this one
-/// recorded; one that records no Raft group gets it added.
-async fn served_store_id(
-    context: &async_nats::jetstream::Context,
-    info: &stream::Info,
-    store_id: String,
-    this: &Incarnation,
-) -> String {
-    let metadata = &info.config.metadata;
-    let minted_for = metadata.get(STORE_CREATED_KEY).map(|created| {
-        let raft_group = metadata.get(STORE_RAFT_GROUP_KEY).map(String::as_str);
-        Incarnation::parse(created, raft_group)
-    });
-    match minted_for {
-        Some(Some(minted)) if minted.is(this) => {
-            if minted.raft_group.is_none() && this.raft_group.is_some() {
-                record_incarnation(context, info, &store_id, this).await;
-            }
-            store_id
-        }
-        Some(_) => {
-            let served = derived_store_id(&store_id, this);
-            tracing::warn!(
-                stream = %info.config.name,
-                incarnation = %this,
-                minted_for = metadata.get(STORE_CREATED_KEY).map_or("", String::as_str),
-                metadata_store_id = %store_id,
-                store_id = %served,
-                "the stream is another incarnation of the one its store id was made for \
-                 (restored from a backup, or created again with its definition): it is a new \
-                 store to clients, whose watches are reset"
-            );
-            record_incarnation(context, info, &served, this).await;
-            served
-        }
-        None => {
-            record_incarnation(context, info, &store_id, this).await;
-            store_id
-        }
-    }
-}
-
-/// Records in the stream's metadata that `store_id` is the id of incarnation `this`. Every
-/// replica that races here writes the same id and group. Should the update fail (an account
-/// not allowed to update streams), every replica still derives the same id.
+/// Records in the metadata of stream `name` that `store_id` is the id of incarnation `this`:
+/// the record written (or found written), or `None` when the stream is no longer `this` (it
+/// moved on meanwhile: the next poll or start records it). The configuration is read again right before the
+/// update, which carries all of it: one read earlier could undo an operator's change made in
+/// between. Every replica that races here writes the same id and group.
 async fn record_incarnation(
     context: &async_nats::jetstream::Context,
-    info: &stream::Info,
+    name: &str,
     store_id: &str,
     this: &Incarnation,
-) {
-    let mut config = info.config.clone();
-    let metadata = &mut config.metadata;
-    metadata.insert(STORE_ID_KEY.into(), store_id.into());
-    metadata.insert(STORE_CREATED_KEY.into(), this.created.to_string());
-    match &this.raft_group {
-        Some(group) => metadata.insert(STORE_RAFT_GROUP_KEY.into(), group.clone()),
-        None => metadata.remove(STORE_RAFT_GROUP_KEY),
-    };
-    if let Err(error) = context.update_stream(config).await {
-        tracing::warn!(%error, "could not record the stream's incarnation in its metadata");
+) -> Result<Option<(String, Option<Incarnation>)>, JetStreamError> {
+    let info = context
+        .get_stream(name)
+        .await
+        .map_err(unavailable("stream info"))?
+        .cached_info()
+        .clone();
+    if Incarnation::of(&info) != *this {
+        return Ok(None);
     }
+    let written = (store_id.to_owned(), Some(this.clone()));
+    if store_id::record_of(&info.config.metadata) == written {
+        // Another replica wrote it.
+        return Ok(Some(written));
+    }
+    let mut config = info.config;
+    store_id::record(&mut config.metadata, store_id, this);
+    let record = store_id::record_of(&config.metadata);
+    context
+        .update_stream(config)
+        .await
+        .map_err(unavailable("stream update"))?;
+    Ok(Some(record))
 }
 
-/// The store id of incarnation `this` of a stream whose metadata names `store_id`: 32 hex
-/// digits, as [`crate::data_dir::new_store_id`] makes.
-fn derived_store_id(store_id: &str, this: &Incarnation) -> String {
-    use sha1::Digest as _;
-    let digest = sha1::Sha1::new()
-        .chain_update(store_id.as_bytes())
-        .chain_update(b"@")
-        .chain_update(this.derivation_key().as_bytes())
-        .finalize();
-    digest[..16]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+/// A lock on a plain value: a poisoned one still holds a consistent state (each change
+/// replaces it whole).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Another replica created the stream between our lookup and our creation, with its own

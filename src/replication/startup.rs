@@ -181,7 +181,9 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
         false => {
             let (path, id) = (config.data_dir.clone(), stream.store_id().to_owned());
             let incarnation = stream.incarnation().clone();
-            Some(blocking(move || prepare_dir(&path, &id, &incarnation)).await?)
+            let by_store_id = stream.recorded_before();
+            let prepared = move || prepare_dir(&path, &id, &incarnation, by_store_id);
+            Some(blocking(prepared).await?)
         }
     };
     let dir = data_dir.as_ref().map(|dir| dir.path().to_owned());
@@ -298,8 +300,17 @@ async fn blocking<T: Send + 'static>(
 
 /// Opens and locks the data directory, refuses a single node's journal, removes what a crash
 /// left half-written, and makes it the directory of store `store_id`, of the stream's
-/// incarnation `this`.
-fn prepare_dir(path: &Path, store_id: &str, this: &Incarnation) -> anyhow::Result<DataDir> {
+/// incarnation `this`. When the store id is of one incarnation (`by_store_id`:
+/// `UpdateStream::recorded_before`), it alone tells whether the directory's snapshots are of
+/// this stream: the marks an incarnation is told by drift over its life, and a directory
+/// compared by them set its snapshots aside after a restored stream was scaled down and up
+/// again while its replica was stopped (found by an adversarial run).
+fn prepare_dir(
+    path: &Path,
+    store_id: &str,
+    this: &Incarnation,
+    by_store_id: bool,
+) -> anyhow::Result<DataDir> {
     let mut dir = DataDir::open(path)?;
     if !journal::segments(dir.path())?.is_empty() {
         bail!(
@@ -317,14 +328,15 @@ fn prepare_dir(path: &Path, store_id: &str, this: &Incarnation) -> anyhow::Resul
     }
     let recorded = recorded_incarnation(dir.path())?;
     // A directory of an earlier build records no creation: its store id alone decides.
-    let other_stream = recorded.as_ref().is_some_and(|recorded| !recorded.is(this));
+    let other_stream = !by_store_id && recorded.as_ref().is_some_and(|recorded| !recorded.is(this));
     if dir.store_id() != store_id || other_stream {
         let snapshots = snapshot::list(dir.path())?;
         if !snapshots.is_empty() {
             let aside = match &recorded {
-                Some(recorded) if other_stream => {
-                    format!("stale-{}-{}", dir.store_id(), recorded.created)
-                }
+                Some(Incarnation {
+                    created: Some(created),
+                    ..
+                }) if other_stream => format!("stale-{}-{created}", dir.store_id()),
                 _ => format!("stale-{}", dir.store_id()),
             };
             let aside = dir.path().join(aside);
@@ -354,7 +366,7 @@ fn prepare_dir(path: &Path, store_id: &str, this: &Incarnation) -> anyhow::Resul
 
 /// The incarnation of the stream the data directory in `dir` followed (`STREAM_CREATED`, and
 /// `STREAM_RAFT_GROUP` on a cluster); `None` in a directory of an earlier build, or one that
-/// followed none, and when the record does not parse.
+/// followed none, and when the record does not parse (said in a warning: it is rewritten).
 fn recorded_incarnation(dir: &Path) -> anyhow::Result<Option<Incarnation>> {
     let read = |name: &str| {
         let file = dir.join(name);
@@ -364,11 +376,17 @@ fn recorded_incarnation(dir: &Path) -> anyhow::Result<Option<Incarnation>> {
             Err(error) => Err(IoError::new(&file, "read", error)),
         }
     };
-    let Some(created) = read(STREAM_CREATED_FILE)? else {
-        return Ok(None);
-    };
+    let created = read(STREAM_CREATED_FILE)?;
     let raft_group = read(STREAM_RAFT_GROUP_FILE)?;
-    Ok(Incarnation::parse(&created, raft_group.as_deref()))
+    let recorded = Incarnation::recorded(created.as_deref(), raft_group.as_deref());
+    if recorded.is_none() && (created.is_some() || raft_group.is_some()) {
+        tracing::warn!(
+            dir = %dir.display(),
+            "the data directory's record of its stream ({STREAM_CREATED_FILE}, \
+             {STREAM_RAFT_GROUP_FILE}) does not parse: taken for none, and written again"
+        );
+    }
+    Ok(recorded)
 }
 
 /// Records `this` as the incarnation the data directory in `dir` follows. The group first: a
@@ -387,10 +405,11 @@ fn record_incarnation(dir: &Path, this: &Incarnation) -> anyhow::Result<()> {
             Err(error) => return Err(IoError::new(&group_file, "remove", error).into()),
         },
     }
-    let created_file = dir.join(STREAM_CREATED_FILE);
-    let created = format!("{}\n", this.created);
-    crate::data_dir::write_atomically(&created_file, created.as_bytes())
-        .map_err(|error| IoError::new(&created_file, "write", error))?;
+    if let Some(created) = &this.created {
+        let created_file = dir.join(STREAM_CREATED_FILE);
+        crate::data_dir::write_atomically(&created_file, format!("{created}\n").as_bytes())
+            .map_err(|error| IoError::new(&created_file, "write", error))?;
+    }
     sync_dir(dir).context("syncing the data directory")
 }
 
@@ -659,7 +678,7 @@ async fn load_earlier(
 ) -> anyhow::Result<(Store, u64, Option<PathBuf>)> {
     tracing::warn!(
         stream = stream.name(),
-        stream = %stream.incarnation(),
+        incarnation = %stream.incarnation(),
         snapshot = %earlier.snapshot.name,
         snapshot_stream_created = %earlier.stream_created,
         stream_sequence = earlier.snapshot.stream_sequence,
