@@ -755,9 +755,10 @@ fn is_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
 
 /// Records in the metadata of stream `name` that `store_id` is the id of incarnation `this`:
 /// the record written (or found written), or `None` when the stream is no longer `this` (it
-/// moved on meanwhile: the next poll or start records it). The configuration is read again right before the
-/// update, which carries all of it: one read earlier could undo an operator's change made in
-/// between. Every replica that races here writes the same id and group.
+/// moved on meanwhile: the next poll or start records it). The configuration is read again
+/// right before the update, which carries all of it: one read earlier could undo an
+/// operator's change made in between. Every replica that races here writes the same id and
+/// group.
 async fn record_incarnation(
     context: &async_nats::jetstream::Context,
     name: &str,

@@ -15,10 +15,11 @@
 //!    next (the restored bucket's objects are never replaced until a replica has started).
 //!
 //! The data directory records the store id of the stream it belongs to, and which incarnation
-//! of it (`STREAM_CREATED`, `STREAM_RAFT_GROUP`: a stream deleted and created again with its
-//! configuration keeps its store id): a directory of another stream has its snapshots moved
-//! aside to `stale-<old id>/` before anything else. A single node's journal is refused: replicated mode
-//! keeps none, and a directory is one or the other.
+//! of it (`STREAM_CREATED`, `STREAM_RAFT_GROUP`: on a stream of an earlier release, which
+//! kept its store id when deleted and created again with its configuration, these tell): a
+//! directory of another stream has its snapshots moved aside to `stale-<old id>/` before
+//! anything else. A single node's journal is refused: replicated mode keeps none, and a
+//! directory is one or the other.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
