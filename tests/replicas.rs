@@ -1247,6 +1247,45 @@ async fn an_empty_replica_bootstraps_from_the_published_snapshot_and_the_stream(
     d.stop().await;
 }
 
+/// A publication that failed (here, the upload claim's bucket is gone, so the claim cannot be
+/// read) was tried again only when the next snapshot came due: an idle cluster kept the
+/// snapshot bucket a snapshot behind, and the stream unpurged, until more records came. It is
+/// tried again while no message comes, once the bucket answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_publication_is_tried_again_while_no_message_comes() {
+    let nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestService::start_with(snapshotting(&nats, "RETRIED", "a", dir.path())).await;
+    let stream = stream_of(&nats, "RETRIED").await;
+    let context = stream.nats().context().clone();
+    context.delete_key_value("RETRIED_META").await.unwrap();
+    for n in 0..20 {
+        let body = profile_updated(&format!("p{n}"), &at(1), json!({"total_points": n}));
+        post_until_ok(&a, &body).await;
+    }
+    let failed = r#"profile_state_replication_snapshot_uploads_total{outcome="failed"} 1"#;
+    a.metrics_until(|metrics| metrics.contains(failed)).await;
+    // Opening the bucket makes the claim's bucket again, as a replica's start does.
+    let bucket = profile_state::jetstream::SnapshotBucket::open(&stream)
+        .await
+        .unwrap();
+    let last = stream.bounds().await.unwrap().last;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let published = bucket.list().await.unwrap();
+        if published
+            .last()
+            .is_some_and(|newest| newest.stream_sequence == last)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "published again: {published:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stream.bounds().await.unwrap().last, last, "no message came");
+    a.stop().await;
+}
+
 /// Every snapshot tried to publish, and each try lists the snapshot bucket: a NATS consumer
 /// the server keeps for 30 s. At a snapshot every few dozen records the bucket ran out of
 /// consumers, and publications and purges stopped while local snapshots piled up (found by

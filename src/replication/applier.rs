@@ -24,7 +24,8 @@ use crate::metrics::Metrics;
 use crate::sequencer::{Bound, CommitHook, Sequenced, sequence};
 use crate::store::Store;
 
-/// How often the applier looks whether the stream is full while it waits for a message.
+/// How often the applier looks whether the stream is full, or a snapshot publication is to be
+/// tried again, while it waits for a message.
 const ROOM_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Holds the applier between messages while paused: a test seam (the stand-in for a replica
@@ -114,11 +115,15 @@ impl Applier {
                             }
                         }
                         _ = room_checks.tick() => {
-                            // A full stream refuses every publish, so nothing comes to apply.
-                            if let Some(snapshots) = &mut self.snapshots
-                                && self.status.short_of_room()
-                            {
-                                snapshots.make_room(self.status.position());
+                            if let Some(snapshots) = &mut self.snapshots {
+                                // A full stream refuses every publish, so nothing comes to
+                                // apply.
+                                match self.status.short_of_room() {
+                                    true => snapshots.make_room(self.status.position()),
+                                    false => {
+                                        snapshots.retry_publication(self.status.position());
+                                    }
+                                }
                             }
                         }
                     }

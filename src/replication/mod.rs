@@ -198,6 +198,7 @@ impl Prepared {
             bytes_since: 0,
             running: Arc::new(AtomicBool::new(false)),
             room_made_at: None,
+            publication_failed: Arc::new(AtomicBool::new(false)),
         });
         let restart = CancellationToken::new();
         let (replaced, replaced_seen) = watch::channel(None);

@@ -75,6 +75,8 @@ pub(super) struct Snapshots {
     /// The stream sequence of the last snapshot taken to make room, and when
     /// (`Snapshots::make_room`).
     pub room_made_at: Option<(u64, Instant)>,
+    /// Set when the last snapshot job's publication failed ([`Snapshots::retry_publication`]).
+    pub publication_failed: Arc<AtomicBool>,
 }
 
 impl Snapshots {
@@ -101,6 +103,29 @@ impl Snapshots {
             "the stream is full: publishing a snapshot of this position to purge the stream below it"
         );
         self.start(at, Publish::ToMakeRoom);
+    }
+
+    /// While no message comes: when the last publication failed (JetStream did not answer, the
+    /// upload claim could not be read), a snapshot as of `at` is taken and published once the
+    /// publish interval has passed. Publications were tried only when a snapshot came due,
+    /// so an idle cluster whose last one failed kept the bucket a snapshot behind and the
+    /// stream unpurged until more records came (a test that waited for the publication hung
+    /// on it).
+    pub(super) fn retry_publication(&mut self, at: Position) {
+        let due = self
+            .last_publish
+            .is_none_or(|tried| tried.elapsed() >= self.publish_interval);
+        if !due || !self.publication_failed.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::info!(
+            stream_sequence = at.sequence,
+            "the last snapshot publication failed: publishing one as of this position"
+        );
+        self.start(at, Publish::WhenOldEnough);
     }
 
     /// After each applied message: starts a snapshot as of (`revision`, `stream_sequence`)
@@ -138,6 +163,7 @@ impl Snapshots {
     fn start(&mut self, at: Position, publish: Publish) {
         if publish != Publish::No {
             self.last_publish = Some(Instant::now());
+            self.publication_failed.store(false, Ordering::SeqCst);
         }
         let job = Job {
             publish,
@@ -153,6 +179,7 @@ impl Snapshots {
             metrics: self.metrics.clone(),
             stopping: self.stopping.clone(),
             stop_allowance: self.stop_allowance,
+            publication_failed: Arc::clone(&self.publication_failed),
         };
         let running = Arc::clone(&self.running);
         self.tracker.spawn(async move {
@@ -189,6 +216,7 @@ struct Job {
     metrics: Metrics,
     stopping: CancellationToken,
     stop_allowance: Duration,
+    publication_failed: Arc<AtomicBool>,
 }
 
 /// How long a replica waits before it tries again to make room in a stream still full at the
@@ -237,7 +265,8 @@ impl Job {
             Ok(None) => {}
             Err(error) => {
                 self.metrics.replication_snapshot_upload("failed");
-                tracing::warn!(%error, "snapshot not published; a later one will retry");
+                self.publication_failed.store(true, Ordering::SeqCst);
+                tracing::warn!(%error, "snapshot not published; tried again");
             }
         }
         self.remove_unusable().await;
@@ -323,13 +352,10 @@ impl Job {
         if newest.is_some_and(|newest| !old_enough(&newest)) {
             return Ok(None);
         }
-        let claim = match self.bucket.claim_upload(&self.name).await {
-            Ok(Some(claim)) => claim,
-            Ok(None) => return Ok(None),
-            Err(error) => {
-                tracing::debug!(%error, "upload claim failed; another replica has it");
-                return Ok(None);
-            }
+        // A claim that cannot be read is a failure of this publication (tried again), not
+        // another replica's claim.
+        let Some(claim) = self.bucket.claim_upload(&self.name).await? else {
+            return Ok(None);
         };
         let stopped = async {
             self.stopping.cancelled().await;
@@ -462,6 +488,7 @@ mod tests {
             metrics: Metrics::new(),
             stopping: stopping.clone(),
             stop_allowance: Duration::from_millis(200),
+            publication_failed: Arc::default(),
         };
         // The snapshot's bytes: a first chunk, then nothing more and no end.
         let (mut writer, mut reader) = tokio::io::duplex(1024);
