@@ -761,8 +761,9 @@ async fn a_restored_stream_whose_every_continued_snapshot_is_damaged_names_each(
 /// for replaced and stop, and a replica started after it served another store id (found by
 /// an adversarial run). Then, told by either its creation time or its Raft group, a restored
 /// stream scaled down to one replica and up again, both marks changed, was taken for replaced
-/// (found by the next). Nothing may stop, the store id stays the same on every replica, those
-/// started after the changes included, and a data directory keeps its snapshots.
+/// (found by the next). Running replicas follow each change, and one started after one change
+/// serves the same store id and keeps its snapshots; one started after both takes the stream
+/// for another incarnation, and every replica then serves one new id, with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restored_stream_keeps_its_identity_when_its_leader_moves_and_it_is_scaled() {
     let nats = NatsCluster::three().await.unwrap();
@@ -834,12 +835,22 @@ async fn a_restored_stream_keeps_its_identity_when_its_leader_moves_and_it_is_sc
         .bounds()
         .await
         .expect("the same stream to a handle opened before");
+    // Started after one mark changed: the same store, and b's snapshots its own.
+    let c = TestService::start_with(replica_config(&nats, "MOVED", "c")).await;
+    let b = TestService::start_with(config("b", b_dir.path())).await;
+    for replica in [&b, &c] {
+        let info = Replica::from(replica).info().await;
+        assert_eq!(info.store_id, store_id, "one store id");
+    }
+    let aside = stale(b_dir.path());
+    assert!(aside.is_empty(), "b's snapshots were set aside: {aside:?}");
+    assert!(local() > 0, "b's snapshots are where they were");
 
     // Then scaled down to one replica (which a cluster reports no Raft group for), and up
-    // again (a new group), with a alone running: one mark changes at each step, and after
-    // both, neither is what b, the published snapshots or the metadata at the restore
-    // recorded. Replicas took that for a replaced stream: they stopped, came back under other
-    // store ids, and set their snapshots aside (found by an adversarial run).
+    // again (a new group), under the running replicas: each step changes one mark, and after
+    // both, neither is what they started on. They took that for a replaced stream, stopped,
+    // came back under other store ids, and set their snapshots aside (found by an adversarial
+    // run): they follow each step.
     let group = |info: &async_nats::jetstream::stream::Info| {
         info.cluster
             .as_ref()
@@ -867,35 +878,61 @@ async fn a_restored_stream_keeps_its_identity_when_its_leader_moves_and_it_is_sc
         let body = profile_updated(customer, &at(1), json!({"total_points": 1}));
         post_until_ok(&a, &body).await;
     }
-
-    let c = TestService::start_with(replica_config(&nats, "MOVED", "c")).await;
-    let b = TestService::start_with(config("b", b_dir.path())).await;
-    let replicas = [Replica::from(&a), Replica::from(&b), Replica::from(&c)];
-    for replica in &replicas {
-        assert_eq!(replica.info().await.store_id, store_id, "one store id");
-    }
-    let aside = stale(b_dir.path());
-    assert!(aside.is_empty(), "b's snapshots were set aside: {aside:?}");
-    assert!(local() > 0, "b's snapshots are where they were");
-    // Every published snapshot of the store is still its own (not one of an earlier stream).
-    assert!(!bucket.list().await.unwrap().is_empty());
-    let earlier = bucket.of_earlier_streams().await.unwrap();
-    let ours: Vec<_> = (earlier.iter())
-        .filter(|earlier| earlier.snapshot.name.ends_with(&store_id))
-        .collect();
-    assert!(ours.is_empty(), "taken for an earlier stream's: {ours:?}");
     let body = profile_updated("after-the-moves", &at(1), json!({"total_points": 1}));
     post_until_ok(&c, &body).await;
     // a's status poll read the stream from its new leader since: not taken for replaced.
-    let last = stream_of(&nats, "MOVED").await.bounds().await.unwrap().last;
+    let last = context
+        .get_stream("MOVED")
+        .await
+        .unwrap()
+        .cached_info()
+        .state
+        .last_sequence;
     let deadline = Instant::now() + PATIENCE;
     while Replica::from(&a).info().await.stream_last_sequence < last {
         assert!(Instant::now() < deadline, "a polls the stream");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(a.admin_get("/readyz").await.0, 200, "a is ready");
-    assert_converged(&replicas).await;
+    let replicas = [Replica::from(&a), Replica::from(&b), Replica::from(&c)];
+    for replica in &replicas {
+        assert_eq!(replica.info().await.store_id, store_id, "one store id");
+    }
+    // Ready again once its polls are answered (a cluster reconfiguring the stream may leave
+    // one unanswered for seconds).
+    for (name, replica) in [("a", &a), ("b", &b), ("c", &c)] {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (status, reason) = replica.admin_get("/readyz").await;
+            if status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name} ready: {reason}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let held = assert_converged(&replicas).await;
+
+    // The metadata's record is not rewritten at each change (an update carries the whole
+    // configuration, and one from a read a moment old undid operators' changes): both its
+    // marks changed, so a replica that starts now takes the stream for another incarnation.
+    // Every replica then serves one new store id (none keeps the old one beside it), each
+    // one's snapshots of the old id are set aside, and they start from the published ones the
+    // stream continues: once, and nothing lost.
+    let d = TestService::start_with(replica_config(&nats, "MOVED", "d")).await;
+    let new_id = Replica::from(&d).info().await.store_id;
+    assert_ne!(new_id, store_id, "taken for another incarnation");
     for replica in [a, b, c] {
+        replica.stopped_by_itself(PATIENCE).await.unwrap_err();
+    }
+    let a = TestService::start_with(config("a", a_dir.path())).await;
+    let b = TestService::start_with(config("b", b_dir.path())).await;
+    let replicas = [Replica::from(&a), Replica::from(&b), Replica::from(&d)];
+    for replica in &replicas {
+        assert_eq!(replica.info().await.store_id, new_id, "one new store id");
+    }
+    let now_held = assert_converged(&replicas).await;
+    assert!(now_held == held, "the same profiles");
+    for replica in [a, b, d] {
         replica.stop().await;
     }
 }

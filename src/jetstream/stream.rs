@@ -207,7 +207,9 @@ impl UpdateStream {
             );
         }
         let mut record = store_id::record_of(&info.config.metadata);
-        if let Some(incarnation) = &served.record {
+        if let Some(incarnation) = &served.record
+            && (!served.recorded_before || served.other_incarnation)
+        {
             match record_incarnation(context, &settings.name, &served.store_id, incarnation).await {
                 Ok(Some(written)) => record = written,
                 Ok(None) => {}
@@ -438,7 +440,7 @@ impl UpdateStream {
                 unavailable("stream info")(err)
             }
         })?;
-        self.check_incarnation(&info).await?;
+        self.check_incarnation(&info)?;
         let limit = u64::try_from(info.config.max_bytes)
             .ok()
             .filter(|max| *max > 0);
@@ -450,26 +452,11 @@ impl UpdateStream {
     }
 
     /// [`JetStreamError::Replaced`] when `info` is of another incarnation than the one this
-    /// handle follows ([`UpdateStream::follow`]). A metadata record of this store one of whose
-    /// marks drifted is brought up to date (`super::store_id`): a replica that starts after
-    /// two drifts finds it one behind at most, and serves the same store id.
-    async fn check_incarnation(&self, info: &stream::Info) -> Result<(), JetStreamError> {
+    /// handle follows ([`UpdateStream::follow`]).
+    fn check_incarnation(&self, info: &stream::Info) -> Result<(), JetStreamError> {
         let now = Incarnation::of(info);
         let record = store_id::record_of(&info.config.metadata);
-        self.follow(info, &now, &record)?;
-        let drifted = record.0 == self.store_id
-            && (record.1.as_ref()).is_some_and(|recorded| recorded.is(&now) && *recorded != now);
-        if drifted {
-            let context = self.nats.context();
-            match record_incarnation(context, self.name(), &self.store_id, &now).await {
-                Ok(Some(written)) => lock(&self.followed).record = written,
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::debug!(%error, "the stream's drifted incarnation record not updated");
-                }
-            }
-        }
-        Ok(())
+        self.follow(info, &now, &record)
     }
 
     /// Whether `info` (incarnation `now`, metadata `record`) is the stream this handle follows.
@@ -478,8 +465,12 @@ impl UpdateStream {
     /// change one at a time (its leader moves, it is scaled down to one replica and up again)
     /// is followed throughout; compared with the first observation alone, that made every
     /// replica take it for replaced (found by an adversarial run). A record changed since was
-    /// written by another replica, or came with a restore or a re-creation: the store id it
-    /// gives decides.
+    /// written by a replica started meanwhile (which took the stream for another incarnation),
+    /// or came with a restore or a re-creation: the store id it gives decides, so that no two
+    /// replicas serve different ids for long. The record is not brought up to date here: a
+    /// stream update carries the whole configuration, and one made from a read a moment old
+    /// undid operators' changes made meanwhile, a scale-up included (found by an adversarial
+    /// run).
     fn follow(
         &self,
         info: &stream::Info,
@@ -755,10 +746,11 @@ fn is_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
 
 /// Records in the metadata of stream `name` that `store_id` is the id of incarnation `this`:
 /// the record written (or found written), or `None` when the stream is no longer `this` (it
-/// moved on meanwhile: the next poll or start records it). The configuration is read again
-/// right before the update, which carries all of it: one read earlier could undo an
-/// operator's change made in between. Every replica that races here writes the same id and
-/// group.
+/// moved on meanwhile: the next start records it). Only where there was no record, and on a
+/// new incarnation: an update carries the whole configuration, and may undo an operator's
+/// change made a moment before (the configuration is read again right before it, which
+/// narrows that, but a stream leader's answer may lag a change being applied). Every replica
+/// that races here writes the same id and group.
 async fn record_incarnation(
     context: &async_nats::jetstream::Context,
     name: &str,
