@@ -2240,6 +2240,13 @@ async fn when_every_published_snapshot_is_damaged_only_a_whole_stream_starts() {
         );
         assert!(error.contains(&expected), "{expected}: {error}");
     }
+    // The older one is the newest left once the newer was passed over, not the newest.
+    let older = format!(
+        "{} bytes (it is still the newest snapshot in bucket RUINED_SNAPSHOTS but those passed \
+         over)",
+        published[0].size
+    );
+    assert!(error.contains(&older), "{older}: {error}");
     assert_eq!(error.matches("wrong digest").count(), 2, "{error}");
     let names = binary::file_names(d_dir.path());
     assert!(

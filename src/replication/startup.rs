@@ -891,8 +891,12 @@ async fn download_failed(
         });
     match newest.as_ref() {
         Some(newest) if kept && *newest == published.name => {
+            let newer_failed = match passed_over.0.is_empty() {
+                true => "",
+                false => " but those passed over",
+            };
             return interrupted.cause.context(format!(
-                "{failure} (it is still the newest snapshot in bucket {})",
+                "{failure} (it is still the newest snapshot in bucket {}{newer_failed})",
                 bucket.name()
             ));
         }
