@@ -113,12 +113,15 @@ pub enum JetStreamError {
         max: usize,
     },
     /// The stream was deleted and created again under its name (by a replica, or by an operator
-    /// restoring its definition, store id and all): the state this replica applied belongs to
-    /// the old one. Following the new one from the old position made running replicas diverge
-    /// silently (found by an adversarial run).
+    /// restoring its definition, store id and all), restored from a backup, or its metadata's
+    /// record now gives another store id (`store_id`): the state this replica applied belongs
+    /// to the old one. Following the new one from the old position made running replicas
+    /// diverge silently (found by an adversarial run).
     #[error(
-        "stream {stream} was deleted and created again ({now}; this replica followed the one \
-         {was}): what this replica applied belongs to the old stream"
+        "stream {stream} is not the one this replica followed: it was deleted and created \
+         again, restored from a backup, or its metadata's record now names another store \
+         ({now}; this replica followed the one {was}): what this replica applied belongs to \
+         the old stream"
     )]
     Replaced {
         /// The stream.
