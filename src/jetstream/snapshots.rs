@@ -314,18 +314,19 @@ impl SnapshotBucket {
     }
 
     /// Whether `object` is a snapshot of this store: of its store id, and, for an object named
-    /// without it (earlier builds, which served one id for every incarnation of a stream), of
-    /// this incarnation of the stream too, when it records one. A store id is of one
-    /// incarnation since (`super::store_id`), and the marks an incarnation is told by drift
-    /// over its life: an object of this store taken for another incarnation's, and of no
-    /// other store either, left a replica nothing to start from, again and again (found by an
-    /// adversarial run).
+    /// without it (earlier builds, which served one id for every incarnation of a stream) or
+    /// on a stream whose metadata recorded no incarnation when it was opened (where the id is
+    /// the same for every incarnation), of this incarnation of the stream too, when it records
+    /// one. A store id is of one incarnation otherwise (`super::store_id`), and the marks an
+    /// incarnation is told by drift over its life: an object of this store taken for another
+    /// incarnation's, and of no other store either, left a replica nothing to start from,
+    /// again and again (found by an adversarial run).
     fn is_ours(&self, object: &ObjectInfo) -> bool {
         let field = |key: &str| object.metadata.get(key);
         if field(STORE_ID_KEY) != Some(&self.store_id) {
             return false;
         }
-        if object.name.ends_with(&format!("-{}", self.store_id)) {
+        if self.stream.recorded_before() && object.name.ends_with(&format!("-{}", self.store_id)) {
             return true;
         }
         let recorded = Incarnation::recorded(
