@@ -46,18 +46,14 @@ pub(super) struct Served {
     pub recorded_before: bool,
     /// The stream is another incarnation than the record's: the id is derived.
     pub other_incarnation: bool,
-    /// This incarnation as a record would have it (the id served): to write where none is
-    /// there, or it is of another incarnation; where one of its marks drifted, it says so.
+    /// The record to write (this incarnation, the id served): where there is none, or it is
+    /// of another incarnation; never where one of its marks merely drifted (see the module).
     pub record: Option<Incarnation>,
 }
 
 /// The store id the stream of `metadata` serves on incarnation `now`.
 pub(super) fn served(metadata: &HashMap<String, String>, now: &Incarnation) -> Served {
-    let metadata_id = metadata.get(STORE_ID_KEY).cloned().unwrap_or_default();
-    let recorded = Incarnation::recorded(
-        metadata.get(STORE_CREATED_KEY).map(String::as_str),
-        metadata.get(STORE_RAFT_GROUP_KEY).map(String::as_str),
-    );
+    let (metadata_id, recorded) = record_of(metadata);
     match recorded {
         None => Served {
             store_id: metadata_id,
@@ -69,7 +65,7 @@ pub(super) fn served(metadata: &HashMap<String, String>, now: &Incarnation) -> S
             store_id: metadata_id,
             recorded_before: true,
             other_incarnation: false,
-            record: (recorded != *now).then(|| now.clone()),
+            record: None,
         },
         Some(_) => Served {
             store_id: derived(&metadata_id, now),
@@ -109,10 +105,7 @@ pub(super) fn record_of(metadata: &HashMap<String, String>) -> (String, Option<I
 
 /// What the metadata says of the incarnation its store id is of, for messages.
 pub(super) fn recorded_text(metadata: &HashMap<String, String>) -> String {
-    let recorded = Incarnation::recorded(
-        metadata.get(STORE_CREATED_KEY).map(String::as_str),
-        metadata.get(STORE_RAFT_GROUP_KEY).map(String::as_str),
-    );
+    let (_, recorded) = record_of(metadata);
     recorded.map_or_else(|| "none".into(), |recorded| recorded.to_string())
 }
 
@@ -162,7 +155,7 @@ mod tests {
             let served = served(&metadata, &now);
             assert_eq!(served.store_id, "id");
             assert!(served.recorded_before && !served.other_incarnation);
-            assert_eq!(served.record, Some(now), "says it drifted");
+            assert_eq!(served.record, None, "not rewritten on a drift");
         }
         let exact = served(&metadata, &incarnation(T2, Some("S-R3F-a")));
         assert_eq!((exact.store_id.as_str(), exact.record), ("id", None));
@@ -201,12 +194,12 @@ mod tests {
     }
 
     #[test]
-    fn a_garbled_time_in_the_record_is_repaired_by_its_group() {
+    fn a_garbled_time_in_the_record_leaves_its_group_to_tell_the_stream() {
         let mut metadata = metadata(Some(&incarnation(T1, Some("S-R3F-a"))));
         metadata.insert(STORE_CREATED_KEY.into(), "garbage".into());
-        let now = incarnation(T1, Some("S-R3F-a"));
-        let served = served(&metadata, &now);
+        let served = served(&metadata, &incarnation(T1, Some("S-R3F-a")));
         assert_eq!(served.store_id, "id");
-        assert_eq!(served.record, Some(now));
+        assert!(!served.other_incarnation);
+        assert_eq!(served.record, None, "not rewritten");
     }
 }

@@ -207,9 +207,7 @@ impl UpdateStream {
             );
         }
         let mut record = store_id::record_of(&info.config.metadata);
-        if let Some(incarnation) = &served.record
-            && (!served.recorded_before || served.other_incarnation)
-        {
+        if let Some(incarnation) = &served.record {
             match record_incarnation(context, &settings.name, &served.store_id, incarnation).await {
                 Ok(Some(written)) => record = written,
                 Ok(None) => {}
@@ -440,7 +438,7 @@ impl UpdateStream {
                 unavailable("stream info")(err)
             }
         })?;
-        self.check_incarnation(&info)?;
+        self.follow(&info)?;
         let limit = u64::try_from(info.config.max_bytes)
             .ok()
             .filter(|max| *max > 0);
@@ -451,17 +449,9 @@ impl UpdateStream {
         })
     }
 
-    /// [`JetStreamError::Replaced`] when `info` is of another incarnation than the one this
-    /// handle follows ([`UpdateStream::follow`]).
-    fn check_incarnation(&self, info: &stream::Info) -> Result<(), JetStreamError> {
-        let now = Incarnation::of(info);
-        let record = store_id::record_of(&info.config.metadata);
-        self.follow(info, &now, &record)
-    }
-
-    /// Whether `info` (incarnation `now`, metadata `record`) is the stream this handle follows.
+    /// [`JetStreamError::Replaced`] when `info` is not the stream this handle follows.
     /// While the metadata's record is the one last seen, the marks decide: either one the same
-    /// is this stream, and the reference moves forward to `now`, so that a stream whose marks
+    /// is this stream, and the reference moves forward to `info`'s marks, so that a stream whose marks
     /// change one at a time (its leader moves, it is scaled down to one replica and up again)
     /// is followed throughout; compared with the first observation alone, that made every
     /// replica take it for replaced (found by an adversarial run). A record changed since was
@@ -471,31 +461,29 @@ impl UpdateStream {
     /// stream update carries the whole configuration, and one made from a read a moment old
     /// undid operators' changes made meanwhile, a scale-up included (found by an adversarial
     /// run).
-    fn follow(
-        &self,
-        info: &stream::Info,
-        now: &Incarnation,
-        record: &(String, Option<Incarnation>),
-    ) -> Result<(), JetStreamError> {
+    fn follow(&self, info: &stream::Info) -> Result<(), JetStreamError> {
+        let now = Incarnation::of(info);
+        let record = store_id::record_of(&info.config.metadata);
         let mut followed = lock(&self.followed);
-        let served = store_id::served(&info.config.metadata, now);
-        let same = match *record == followed.record {
-            true => followed.incarnation.is(now),
+        let served = || store_id::served(&info.config.metadata, &now);
+        let same = match record == followed.record {
+            true => followed.incarnation.is(&now),
             false => {
+                let served = served();
                 served.store_id == self.store_id
-                    && (served.recorded_before || followed.incarnation.is(now))
+                    && (served.recorded_before || followed.incarnation.is(&now))
             }
         };
         if !same {
             return Err(JetStreamError::Replaced {
                 stream: self.settings.name.clone(),
                 was: format!("{}, store id {}", followed.incarnation, self.store_id),
-                now: format!("{now}, store id {}", served.store_id),
+                now: format!("{now}, store id {}", served().store_id),
             });
         }
         *followed = Followed {
-            incarnation: now.clone(),
-            record: record.clone(),
+            incarnation: now,
+            record,
         };
         Ok(())
     }
