@@ -453,14 +453,14 @@ impl UpdateStream {
     /// While the metadata's record is the one last seen, the marks decide: either one the same
     /// is this stream, and the reference moves forward to `info`'s marks, so that a stream
     /// whose marks change one at a time (its leader moves, it is scaled down to one replica
-    /// and up again) is followed throughout; compared with the first observation alone, that made every
-    /// replica take it for replaced (found by an adversarial run). A record changed since was
-    /// written by a replica started meanwhile (which took the stream for another incarnation),
-    /// or came with a restore or a re-creation: the store id it gives decides, so that no two
-    /// replicas serve different ids for long. The record is not brought up to date here: a
-    /// stream update carries the whole configuration, and one made from a read a moment old
-    /// undid operators' changes made meanwhile, a scale-up included (found by an adversarial
-    /// run).
+    /// and up again) is followed throughout; compared with the first observation alone, that
+    /// made every replica take it for replaced (found by an adversarial run). A record changed
+    /// since was written by a replica started meanwhile (which took the stream for another
+    /// incarnation), or came with a restore or a re-creation: the store id it gives decides,
+    /// so that no two replicas serve different ids for long. The record is not brought up to
+    /// date here: a stream update carries the whole configuration, and one made from a read a
+    /// moment old undid operators' changes made meanwhile, a scale-up included (found by an
+    /// adversarial run).
     fn follow(&self, info: &stream::Info) -> Result<(), JetStreamError> {
         let now = Incarnation::of(info);
         let record = store_id::record_of(&info.config.metadata);
