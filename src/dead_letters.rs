@@ -24,7 +24,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -35,6 +35,7 @@ use sha1::{Digest, Sha1};
 use crate::data_dir::{LockRef, sync_dir, write_atomically};
 use crate::error::Error;
 use crate::io_error::IoError;
+use crate::poison::lock;
 
 mod handle;
 pub mod shared;
@@ -279,12 +280,6 @@ impl Index {
         self.order.remove(&(letter.received_at, letter.id.clone()));
         Some(letter)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every change swaps whole entries under the lock, so a panic elsewhere cannot leave the
-    // index half-updated: a poisoned lock is still consistent.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl LocalLetters {

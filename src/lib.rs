@@ -57,6 +57,7 @@ pub mod listen_addr;
 pub mod logging;
 pub mod metrics;
 pub mod monitoring;
+pub mod poison;
 pub mod profile;
 pub mod reconcile;
 pub mod replication;

@@ -17,6 +17,7 @@ use super::incarnation::{Incarnation, StreamCreated};
 use super::store_id::{self, STORE_ID_KEY};
 use super::{JetStreamError, Nats, UpdateBatch};
 use crate::config::NatsConfig;
+use crate::poison::lock;
 
 /// Stream metadata key holding the message format version.
 const FORMAT_KEY: &str = "profile_state_format";
@@ -767,14 +768,6 @@ async fn record_incarnation(
         .await
         .map_err(unavailable("stream update"))?;
     Ok(Some(record))
-}
-
-/// A lock on a plain value: a poisoned one still holds a consistent state (each change
-/// replaces it whole).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Another replica created the stream between our lookup and our creation, with its own

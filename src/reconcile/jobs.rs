@@ -23,7 +23,7 @@
 //! only translates requests and [`JobReport`]s. Errors are `crate::error::Error`s.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -39,6 +39,7 @@ use super::waiting::WaitingLine;
 use crate::error::Error;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
+use crate::poison::lock;
 use crate::profile::{Field, Profile, ProfileKey, ProfileUpdate};
 use crate::sequencer::Applied;
 use crate::store::Store;
@@ -185,10 +186,6 @@ impl JobReport {
 
 /// A job's report, shared by its task and readers. A std mutex: held only to copy or bump.
 type JobCell = Arc<Mutex<JobReport>>;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// The jobs: running and recently finished, and each account's client.
 #[derive(Clone)]

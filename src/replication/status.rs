@@ -18,13 +18,14 @@
 //! raises what the replica knows of the stream's end.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::jetstream::Nats;
+use crate::poison::lock;
 
 /// How often a replica reads the stream's last sequence (its barrier), idle or not.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -87,11 +88,6 @@ struct Clock {
 /// How long every poll must find the stream missing before webhooks are answered 503 without
 /// a publish: a moment's "not found" while a cluster elects its leaders is ridden out.
 const MISSING_SETTLE: Duration = Duration::from_secs(2);
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Each change replaces plain values whole: a poisoned lock still holds a consistent state.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 impl ReplicaStatus {
     /// A replica named `name` that starts at `position`, not caught up yet.
