@@ -369,16 +369,8 @@ fn prepare_dir(
 /// `STREAM_RAFT_GROUP` on a cluster); `None` in a directory of an earlier build, or one that
 /// followed none, and when the record does not parse (said in a warning: it is rewritten).
 fn recorded_incarnation(dir: &Path) -> anyhow::Result<Option<Incarnation>> {
-    let read = |name: &str| {
-        let file = dir.join(name);
-        match std::fs::read_to_string(&file) {
-            Ok(text) => Ok(Some(text)),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(IoError::new(&file, "read", error)),
-        }
-    };
-    let created = read(STREAM_CREATED_FILE)?;
-    let raft_group = read(STREAM_RAFT_GROUP_FILE)?;
+    let created = read_record(&dir.join(STREAM_CREATED_FILE))?;
+    let raft_group = read_record(&dir.join(STREAM_RAFT_GROUP_FILE))?;
     let recorded = Incarnation::recorded(created.as_deref(), raft_group.as_deref());
     if recorded.is_none() && (created.is_some() || raft_group.is_some()) {
         tracing::warn!(
@@ -388,6 +380,19 @@ fn recorded_incarnation(dir: &Path) -> anyhow::Result<Option<Incarnation>> {
         );
     }
     Ok(recorded)
+}
+
+/// The text of one of the data directory's stream records; `None` when the file is missing.
+/// Bytes that are not UTF-8 are read as a record that does not parse, with U+FFFD where they
+/// were, not as an error: read strictly, such a file stopped every start (exit 1) where a
+/// garbled record in UTF-8 is warned of and written again (found by two adversarial runs).
+/// It is a small file the service itself wrote, so reading it whole on the runtime is fine.
+fn read_record(file: &Path) -> Result<Option<String>, IoError> {
+    match std::fs::read(file) {
+        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(IoError::new(file, "read", error)),
+    }
 }
 
 /// Records `this` as the incarnation the data directory in `dir` follows. The group first: a
@@ -425,11 +430,10 @@ async fn refuse_if_followed_before(
     dir: &Path,
 ) -> anyhow::Result<()> {
     let created_file = dir.join(STREAM_CREATED_FILE);
-    let recorded = match tokio::fs::read_to_string(&created_file).await {
-        Ok(text) => text.trim().to_owned(),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(IoError::new(&created_file, "read", error).into()),
+    let Some(recorded) = read_record(&created_file)? else {
+        return Ok(());
     };
+    let recorded = recorded.trim().to_owned();
     if UpdateStream::exists(nats, &settings.name).await? {
         return Ok(());
     }
@@ -972,6 +976,24 @@ async fn load(store: &Store, start: &Start, remove: bool) -> anyhow::Result<u64>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record whose bytes are not UTF-8 is a record that does not parse: taken for none and
+    /// written again, where reading it strictly stopped every start with exit 1 (found by two
+    /// adversarial runs). Each record is read on its own, so a valid group still counts.
+    #[test]
+    fn a_record_that_is_not_utf8_is_one_that_does_not_parse() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let created = dir.path().join(STREAM_CREATED_FILE);
+        std::fs::write(&created, b"2026-12-05T00:00:00\xffZ\n").expect("written");
+        assert_eq!(recorded_incarnation(dir.path()).expect("read"), None);
+        let followed = read_record(&created).expect("read").expect("present");
+        assert!(followed.contains('\u{FFFD}'), "{followed:?}");
+        std::fs::write(dir.path().join(STREAM_RAFT_GROUP_FILE), b"S-R3F-abc\n").expect("written");
+        let recorded = recorded_incarnation(dir.path()).expect("read").expect("the group");
+        assert_eq!(recorded.raft_group.as_deref(), Some("S-R3F-abc"));
+        assert_eq!(recorded.created, None);
+        assert_eq!(read_record(&dir.path().join("absent")).expect("read"), None);
+    }
 
     /// Without quorum, a new replica's snapshot bucket timed out and start-up gave up after
     /// one attempt, where the README promises 30 s of attempts (found by an adversarial run).
