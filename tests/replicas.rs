@@ -1388,9 +1388,26 @@ async fn a_stream_deleted_under_a_running_replica_is_warned_of_and_not_ready() {
 
     let stream = stream_of(&nats, "GONE").await;
     stream.nats().context().delete_stream("GONE").await.unwrap();
+    // A webhook sent at once is published to no stream: raced against the replica's status,
+    // it is answered when the stream is found missing, not after --nats-request-timeout (20 s
+    // here, past the client's 10 s), and so are the webhooks queued behind it (adversarial
+    // run of session 38, F3).
+    let in_flight = {
+        let replica = Replica::from(&replica);
+        let body = profile_updated("as-it-goes", &at(1), json!({"total_points": 1}));
+        tokio::spawn(async move { replica.post(&body).await })
+    };
     let warning = replica
         .wait_for("the update stream cannot be followed: not ready")
         .await;
+    let (status, answer) = in_flight
+        .await
+        .unwrap()
+        .expect("the webhook in flight answered within the client's 10 s");
+    assert_eq!(status, 503, "{answer}");
+    let answer = answer.to_string();
+    assert!(answer.contains("the update stream is missing"), "{answer}");
+    assert!(answer.contains("it may still be recorded"), "{answer}");
     let error = warning["error"].as_str().unwrap_or_default();
     assert!(error.contains("GONE"), "names the stream: {warning}");
     while replica.ready().await != 503 {

@@ -318,10 +318,19 @@ async fn publish_as(
         return answer_replaced(parts, requests, reason, NOT_RECORDED);
     }
     if let Some(reason) = parts.status.missing() {
-        return answer_missing(parts, requests, reason);
+        return answer_missing(parts, requests, reason, NOT_RECORDED);
     }
     let published = if parts.stream.nats().is_connected() {
-        parts.stream.publish_as(&message, &id).await
+        // Raced against the stream's status: a publish to a stream deleted meanwhile waits out
+        // `--nats-request-timeout`, and every webhook queued behind it waited too, where those
+        // after it are answered at once (adversarial run of session 38, F3).
+        tokio::select! {
+            biased;
+            published = parts.stream.publish_as(&message, &id) => published,
+            reason = parts.status.until_missing() => {
+                return answer_missing(parts, requests, reason, MAY_BE_RECORDED);
+            }
+        }
     } else {
         // Fail fast: a publish while disconnected would sit in the client's buffer past the
         // caller's time, and might still reach the stream afterwards.
@@ -421,11 +430,14 @@ fn answer_failed(parts: &Parts, requests: Vec<Request>, error: JetStreamError) {
 }
 
 const NOT_RECORDED: &str = "the update could not be recorded in the replicated log; retry later";
+const MAY_BE_RECORDED: &str = "the replicated log did not confirm the update; it may still be \
+     recorded: retry it, a repeated delivery changes nothing";
 const RECORDED_ELSEWHERE: &str = "the update is recorded, but in a replicated log this replica \
      no longer follows; retry it, a repeated delivery changes nothing";
 
-/// Answers `requests` 503 without a publish: the stream is missing (`reason`).
-fn answer_missing(parts: &Parts, requests: Vec<Request>, reason: String) {
+/// Answers `requests` 503 with `answer`: the stream is missing (`reason`), found so before
+/// their publish (`NOT_RECORDED`) or while it waited (`MAY_BE_RECORDED`).
+fn answer_missing(parts: &Parts, requests: Vec<Request>, reason: String, answer: &str) {
     parts.metrics.replication_publish_failed("unavailable");
     if let Some(suppressed) = parts.failure_log.due() {
         tracing::warn!(
@@ -437,7 +449,7 @@ fn answer_missing(parts: &Parts, requests: Vec<Request>, reason: String) {
     }
     for request in requests {
         let _ = request.reply.send(Err(Error::Unavailable {
-            reason: format!("{NOT_RECORDED} (the update stream is missing: {reason})"),
+            reason: format!("{answer} (the update stream is missing: {reason})"),
         }));
     }
 }

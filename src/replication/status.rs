@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::jetstream::Nats;
@@ -75,6 +75,9 @@ struct Inner {
     replaced: Mutex<Option<(Instant, String)>>,
     /// Since when, and why, every poll found the stream missing (deleted or lost).
     missing: Mutex<Option<(Instant, String)>>,
+    /// Told at each poll that finds the stream missing once [`MISSING_SETTLE`] has passed:
+    /// what publishes in flight wait on (`ReplicaStatus::until_missing`), without a timer each.
+    missing_settled: Notify,
 }
 
 #[derive(Default)]
@@ -111,6 +114,7 @@ impl ReplicaStatus {
                 short_of_room: Mutex::default(),
                 replaced: Mutex::default(),
                 missing: Mutex::default(),
+                missing_settled: Notify::new(),
             }),
         }
     }
@@ -136,7 +140,14 @@ impl ReplicaStatus {
 
     /// A poll found no stream of this name, for `reason`.
     pub(crate) fn observed_missing(&self, reason: String) {
-        lock(&self.inner.missing).get_or_insert_with(|| (Instant::now(), reason));
+        let settled = {
+            let mut missing = lock(&self.inner.missing);
+            let (since, _) = missing.get_or_insert_with(|| (Instant::now(), reason));
+            since.elapsed() >= MISSING_SETTLE
+        };
+        if settled {
+            self.inner.missing_settled.notify_waiters();
+        }
     }
 
     /// A poll found the stream this replica follows.
@@ -155,6 +166,19 @@ impl ReplicaStatus {
             .as_ref()
             .filter(|(since, _)| since.elapsed() >= MISSING_SETTLE)
             .map(|(_, reason)| reason.clone())
+    }
+
+    /// Why the stream is missing, once [`ReplicaStatus::missing`] says so (within a poll of
+    /// it): what a publish in flight is raced against.
+    pub(crate) async fn until_missing(&self) -> String {
+        loop {
+            // Made before the look, so that a poll's notice between the two is not missed.
+            let settled = self.inner.missing_settled.notified();
+            if let Some(reason) = self.missing() {
+                return reason;
+            }
+            settled.await;
+        }
     }
 
     /// Why the stream is not the one this replica follows, if the last poll found so: what it
