@@ -989,7 +989,9 @@ mod tests {
         let followed = read_record(&created).expect("read").expect("present");
         assert!(followed.contains('\u{FFFD}'), "{followed:?}");
         std::fs::write(dir.path().join(STREAM_RAFT_GROUP_FILE), b"S-R3F-abc\n").expect("written");
-        let recorded = recorded_incarnation(dir.path()).expect("read").expect("the group");
+        let recorded = recorded_incarnation(dir.path())
+            .expect("read")
+            .expect("the group");
         assert_eq!(recorded.raft_group.as_deref(), Some("S-R3F-abc"));
         assert_eq!(recorded.created, None);
         assert_eq!(read_record(&dir.path().join("absent")).expect("read"), None);

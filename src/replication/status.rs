@@ -138,7 +138,9 @@ impl ReplicaStatus {
         since.elapsed()
     }
 
-    /// A poll found no stream of this name, for `reason`.
+    /// A poll found no stream of this name, for `reason`. Once every poll has found so for
+    /// [`MISSING_SETTLE`], each such poll also wakes the publishes waiting on it
+    /// ([`ReplicaStatus::until_missing`]).
     pub(crate) fn observed_missing(&self, reason: String) {
         let settled = {
             let mut missing = lock(&self.inner.missing);
