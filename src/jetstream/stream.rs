@@ -192,7 +192,7 @@ impl UpdateStream {
             }
             Err(err) => return Err(unavailable("stream info")(err)),
         };
-        let (_, rules_from) = verify(settings, &info.config)?;
+        let rules_from = verify(settings, &info.config)?;
         let incarnation = Incarnation::of(&info);
         warn_if_limit_differs(settings, &info.config);
         let served = store_id::served(&info.config.metadata, &incarnation);
@@ -467,13 +467,12 @@ impl UpdateStream {
         let record = store_id::record_of(&info.config.metadata);
         let mut followed = lock(&self.followed);
         let served = || store_id::served(&info.config.metadata, &now);
-        let same = match record == followed.record {
-            true => followed.incarnation.is(&now),
-            false => {
-                let served = served();
-                served.store_id == self.store_id
-                    && (served.recorded_before || followed.incarnation.is(&now))
-            }
+        let same = if record == followed.record {
+            followed.incarnation.is(&now)
+        } else {
+            let served = served();
+            served.store_id == self.store_id
+                && (served.recorded_before || followed.incarnation.is(&now))
         };
         if !same {
             return Err(JetStreamError::Replaced {
@@ -565,11 +564,10 @@ fn message_digest(message: &StreamMessage) -> String {
     hex::encode(digest)
 }
 
-/// Checks an existing stream against what this service relies on; returns its store id.
-fn verify(
-    settings: &StreamSettings,
-    config: &stream::Config,
-) -> Result<(String, u64), JetStreamError> {
+/// Checks an existing stream against what this service relies on; returns the first sequence
+/// applied with rules 2 ([`RULES_FROM_KEY`]). The store id it serves is
+/// `store_id::served`'s to decide.
+fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<u64, JetStreamError> {
     check_layout(settings, config)
         .and_then(|()| check_durability(settings, config))
         .and_then(|()| check_limits(config))
@@ -684,7 +682,7 @@ fn check_limits(config: &stream::Config) -> Result<(), Mismatch> {
 
 /// The stream's metadata: our message format, our merge rules (and since when: returned), a
 /// store id (returned).
-fn check_metadata(config: &stream::Config) -> Result<(String, u64), Mismatch> {
+fn check_metadata(config: &stream::Config) -> Result<u64, Mismatch> {
     match config.metadata.get(FORMAT_KEY).map(String::as_str) {
         Some(FORMAT) => {}
         found => {
@@ -723,7 +721,7 @@ fn check_metadata(config: &stream::Config) -> Result<(String, u64), Mismatch> {
         })?,
     };
     match config.metadata.get(STORE_ID_KEY) {
-        Some(id) if !id.is_empty() => Ok((id.clone(), rules_from)),
+        Some(id) if !id.is_empty() => Ok(rules_from),
         _ => Err(("metadata store id", "a store id".into(), "none".into())),
     }
 }

@@ -118,11 +118,10 @@ impl Applier {
                             if let Some(snapshots) = &mut self.snapshots {
                                 // A full stream refuses every publish, so nothing comes to
                                 // apply.
-                                match self.status.short_of_room() {
-                                    true => snapshots.make_room(self.status.position()),
-                                    false => {
-                                        snapshots.retry_publication(self.status.position());
-                                    }
+                                if self.status.short_of_room() {
+                                    snapshots.make_room(self.status.position());
+                                } else {
+                                    snapshots.retry_publication(self.status.position());
                                 }
                             }
                         }
