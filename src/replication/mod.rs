@@ -10,8 +10,9 @@
 //! - `applier`: the replica's one writer, applying the stream in stream order through the same
 //!   merge and numbering as the single node; `snapshots` (local, published, purge);
 //!   `pending` (acknowledged updates waiting for their apply).
-//! - [`ReplicaStatus`]: the applied position, the lag, readiness; `catch_up`: the barrier a
-//!   watch waits for on a lagging replica.
+//! - [`ReplicaStatus`]: the applied position, the lag, readiness (`poll_findings`: how long
+//!   polls in a row found the stream missing or replaced); `catch_up`: the barrier a watch
+//!   waits for on a lagging replica.
 //!
 //! Who orders: the stream, and nothing else. Each replica owns its store in memory, its local
 //! snapshots and its applied stream sequence; no replica talks to another. There is no local
@@ -21,6 +22,7 @@ mod applier;
 mod catch_up;
 mod linger;
 mod pending;
+mod poll_findings;
 mod publisher;
 mod restored;
 mod snapshots;
@@ -51,6 +53,7 @@ use crate::store::Store;
 use applier::Applier;
 use catch_up::StreamCatchUp;
 use pending::Pending;
+use poll_findings::Finding;
 use snapshots::Snapshots;
 
 /// A replica that has loaded its starting point and not yet started applying.
@@ -272,18 +275,15 @@ fn poll(
                 () = stopping.cancelled() => return,
                 read = stream.bounds() => read,
             };
+            let run = status.observed(Finding::of(&read));
             match read {
                 Ok(bounds) => {
-                    status.observed_stream();
                     status.observed_last(bounds.last, read_at);
                     status.observed_room(bounds.room);
                 }
                 Err(error) => {
-                    if let JetStreamError::Refused { .. } = error {
-                        status.observed_missing(error.to_string());
-                    }
                     if let JetStreamError::Replaced { .. } = error
-                        && status.observed_replaced(error.to_string()) >= REPLACED_SETTLE
+                        && run >= REPLACED_SETTLE
                     {
                         replaced.send_if_modified(|seen| {
                             let first = seen.is_none();

@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use super::poll_findings::{Finding, Runs};
 use crate::jetstream::Nats;
 use crate::poison::lock;
 
@@ -71,10 +72,8 @@ struct Inner {
     min_room: u64,
     /// The room the stream had at the last poll, when it had less than `min_room`.
     short_of_room: Mutex<Option<(u64, u64)>>,
-    /// Since when, and why, every poll found the stream replaced by another incarnation.
-    replaced: Mutex<Option<(Instant, String)>>,
-    /// Since when, and why, every poll found the stream missing (deleted or lost).
-    missing: Mutex<Option<(Instant, String)>>,
+    /// Since when, and why, every poll found the stream missing or replaced.
+    runs: Mutex<Runs>,
     /// Told at each poll that finds the stream missing once [`MISSING_SETTLE`] has passed:
     /// what publishes in flight wait on (`ReplicaStatus::until_missing`), without a timer each.
     missing_settled: Notify,
@@ -112,8 +111,7 @@ impl ReplicaStatus {
                 failed: Mutex::default(),
                 min_room,
                 short_of_room: Mutex::default(),
-                replaced: Mutex::default(),
-                missing: Mutex::default(),
+                runs: Mutex::default(),
                 missing_settled: Notify::new(),
             }),
         }
@@ -129,33 +127,21 @@ impl ReplicaStatus {
         *lock(&self.inner.short_of_room) = short;
     }
 
-    /// A poll found the stream replaced by another incarnation (restored from a backup, or
-    /// deleted and created again) for `reason`: how long every poll has found it so.
-    pub(crate) fn observed_replaced(&self, reason: String) -> Duration {
-        *lock(&self.inner.missing) = None;
-        let mut replaced = lock(&self.inner.replaced);
-        let (since, _) = replaced.get_or_insert_with(|| (Instant::now(), reason));
-        since.elapsed()
-    }
-
-    /// A poll found no stream of this name, for `reason`. Once every poll has found so for
+    /// A poll found `finding`: how long polls in a row have found the same (the replaced
+    /// stream's run is what stops the applier). Once polls have found the stream missing for
     /// [`MISSING_SETTLE`], each such poll also wakes the publishes waiting on it
     /// ([`ReplicaStatus::until_missing`]).
-    pub(crate) fn observed_missing(&self, reason: String) {
-        let settled = {
-            let mut missing = lock(&self.inner.missing);
-            let (since, _) = missing.get_or_insert_with(|| (Instant::now(), reason));
-            since.elapsed() >= MISSING_SETTLE
+    pub(crate) fn observed(&self, finding: Finding) -> Duration {
+        let now = Instant::now();
+        let (lasted, settled) = {
+            let mut runs = lock(&self.inner.runs);
+            let lasted = runs.observe(finding, now);
+            (lasted, runs.missing(MISSING_SETTLE, now).is_some())
         };
         if settled {
             self.inner.missing_settled.notify_waiters();
         }
-    }
-
-    /// A poll found the stream this replica follows.
-    pub(crate) fn observed_stream(&self) {
-        *lock(&self.inner.replaced) = None;
-        *lock(&self.inner.missing) = None;
+        lasted
     }
 
     /// Why the stream is missing, once every poll for [`MISSING_SETTLE`] has found it so: a
@@ -164,10 +150,9 @@ impl ReplicaStatus {
     /// moment), and webhooks got their 503 after a median 9 s, a fifth of them after the
     /// sender gave up (found by an adversarial run).
     pub(crate) fn missing(&self) -> Option<String> {
-        lock(&self.inner.missing)
-            .as_ref()
-            .filter(|(since, _)| since.elapsed() >= MISSING_SETTLE)
-            .map(|(_, reason)| reason.clone())
+        lock(&self.inner.runs)
+            .missing(MISSING_SETTLE, Instant::now())
+            .map(str::to_owned)
     }
 
     /// Why the stream is missing, once [`ReplicaStatus::missing`] says so (within a poll of
@@ -186,9 +171,7 @@ impl ReplicaStatus {
     /// Why the stream is not the one this replica follows, if the last poll found so: what it
     /// would publish to is another stream, whose outcomes it cannot know.
     pub(crate) fn replaced(&self) -> Option<String> {
-        lock(&self.inner.replaced)
-            .as_ref()
-            .map(|(_, reason)| reason.clone())
+        lock(&self.inner.runs).replaced().map(str::to_owned)
     }
 
     /// Whether the stream had less room than one webhook at the last poll.
