@@ -99,6 +99,14 @@ pub(super) struct Services<H> {
     pub admin_auth: AdminAuth,
     /// The health service, whose statuses the server reports.
     pub health: HealthServer<H>,
+    /// What ProfileService and AdminService answer from.
+    pub apis: Apis,
+    /// What calls may take.
+    pub limits: Limits,
+}
+
+/// What ProfileService and AdminService answer from.
+pub(super) struct Apis {
     /// What ProfileService reads.
     pub store: Store,
     /// The store's watch layer, which WatchProfiles opens feeds through.
@@ -111,10 +119,39 @@ pub(super) struct Services<H> {
     pub reconcile: ReconcileJobs,
     /// Counts calls and watch activity.
     pub metrics: Metrics,
-    /// What calls may take.
-    pub limits: Limits,
     /// The replica's standing, in replicated mode (GetServerInfo reports it).
     pub replica: Option<ReplicaStatus>,
+}
+
+impl Apis {
+    /// The two services under `limits`; watch feeds run on `tracker` and end on `stopping`.
+    fn build(
+        self,
+        limits: &Limits,
+        stopping: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> (ProfileApi, AdminApi) {
+        let limit = limits.max_message_bytes;
+        let admin = AdminApi::new(
+            DeadLetterApi::new(self.ingest, limit),
+            BackupApi::new(self.store.clone(), limit, limits.backup_stall_timeout),
+            self.reconcile,
+        );
+        let mut profiles = ProfileApi::new(
+            self.store,
+            self.watchers,
+            self.durable,
+            stopping.clone(),
+            tracker.clone(),
+            self.metrics,
+        )
+        .with_max_watch_streams(limits.max_watch_streams)
+        .with_max_message_bytes(limit);
+        if let Some(replica) = self.replica {
+            profiles = profiles.with_replica(replica);
+        }
+        (profiles, admin)
+    }
 }
 
 /// What one RPC, and all of them together, may take.
@@ -159,48 +196,17 @@ pub(super) fn serve<H: Health>(
         auth,
         admin_auth,
         health,
-        store,
-        watchers,
-        durable,
-        ingest,
-        reconcile,
-        metrics,
-        limits:
-            Limits {
-                max_watch_streams,
-                max_watch_streams_per_connection,
-                max_message_bytes: limit,
-                handshake_timeout,
-                request_body_timeout,
-                backup_stall_timeout,
-            },
-        replica,
+        apis,
+        limits,
     } = services;
-    let handshake_metrics = metrics.tls_handshakes();
-    let admin = AdminApi::new(
-        DeadLetterApi::new(ingest, limit),
-        BackupApi::new(store.clone(), limit, backup_stall_timeout),
-        reconcile,
-    );
-    let mut profiles = ProfileApi::new(
-        store,
-        watchers,
-        durable,
-        stopping.clone(),
-        tracker.clone(),
-        metrics.clone(),
-    )
-    .with_max_watch_streams(max_watch_streams)
-    .with_max_message_bytes(limit);
-    if let Some(replica) = replica {
-        profiles = profiles.with_replica(replica);
-    }
+    let (limit, metrics) = (limits.max_message_bytes, apis.metrics.clone());
+    let (profiles, admin) = apis.build(&limits, stopping, tracker);
     let watch_streams_closed = Box::pin(profiles.streams_closed());
     // Health and reflection stay open (probes, grpcurl); ProfileService needs a token when
     // tokens are configured, AdminService credentials or a loopback peer (`AdminAuth`).
     let router = builder
         .layer(MetricsLayer::new(metrics.clone()))
-        .layer(RequestBytesLayer::new(limit, request_body_timeout))
+        .layer(RequestBytesLayer::new(limit, limits.request_body_timeout))
         .layer(OpenStreamsLayer::new(metrics.clone(), stopping.clone()))
         .add_service(limited!(health, limit).max_decoding_message_size(SMALL_REQUEST_BYTES))
         .add_service(small_requests!(reflection_v1()?, limit))
@@ -216,25 +222,10 @@ pub(super) fn serve<H: Health>(
     let grpc_stopping = CancellationToken::new();
     let stopped = grpc_stopping.clone().cancelled_owned();
     let cut = CancellationToken::new();
-    let cuttable = cut.clone();
     // The listener sets TCP_NODELAY: answers go out as soon as they are written.
-    // Each connection's cut token and activity, for the listener to close the idlest at its
-    // cap.
     let evictable = Evictable::default();
-    let registry = evictable.clone();
-    let connection = move |peer| {
-        let cut = cuttable.child_token();
-        let activity = std::sync::Arc::new(crate::activity::Activity::default());
-        registry.add(&activity, cut.clone());
-        let tag = Connection {
-            peer,
-            watches: ConnectionWatches::new(max_watch_streams_per_connection),
-            open_streams: ConnectionWatches::new(OPEN_STREAMS_PER_CONNECTION),
-            request_bytes: ConnectionRequestBytes::new(limit),
-            activity,
-        };
-        (cut, tag)
-    };
+    let connection = tagging(&cut, evictable.clone(), &limits);
+    let handshake_timeout = limits.handshake_timeout;
     let task = match tls {
         None => {
             let open = move |tcp, peer| {
@@ -245,7 +236,7 @@ pub(super) fn serve<H: Health>(
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
         }
         Some(acceptor) => {
-            let failures = HandshakeFailures::new(handshake_metrics);
+            let failures = HandshakeFailures::new(metrics.tls_handshakes());
             let open = move |tcp, peer| {
                 let (cut, tag) = connection(peer);
                 let tls = TlsConnection::accepting(&acceptor, tcp, &failures);
@@ -261,6 +252,34 @@ pub(super) fn serve<H: Health>(
         cut,
         watch_streams_closed,
     })
+}
+
+/// What each accepted connection gets: its cut token (a child of `cut`), its activity (in
+/// `registry`, for the listener to close the idlest at its cap), and its own limits on watch
+/// streams, open streams and request bytes.
+fn tagging(
+    cut: &CancellationToken,
+    registry: Evictable,
+    limits: &Limits,
+) -> impl Fn(std::net::SocketAddr) -> (CancellationToken, Connection) + Clone + Send + 'static {
+    let cuttable = cut.clone();
+    let (per_connection, limit) = (
+        limits.max_watch_streams_per_connection,
+        limits.max_message_bytes,
+    );
+    move |peer| {
+        let cut = cuttable.child_token();
+        let activity = std::sync::Arc::new(crate::activity::Activity::default());
+        registry.add(&activity, cut.clone());
+        let tag = Connection {
+            peer,
+            watches: ConnectionWatches::new(per_connection),
+            open_streams: ConnectionWatches::new(OPEN_STREAMS_PER_CONNECTION),
+            request_bytes: ConnectionRequestBytes::new(limit),
+            activity,
+        };
+        (cut, tag)
+    }
 }
 
 fn reflection_v1() -> anyhow::Result<

@@ -10,10 +10,11 @@
 //! configuration, binds the three listeners, and only then touches the data directory, so a
 //! port that cannot be had leaves no directory created and no store id minted; webhook and
 //! gRPC connections wait in the listen backlog until recovery is done and `run` serves them
-//! (the admin listener answers "starting" meanwhile). `run` is a sequence of named steps, each
-//! a function here: start the domain, follow readiness into health, start the reconcile jobs
-//! and their schedule, give the admin listener its monitoring, serve gRPC, serve the
-//! ingress, wait for the signal, then `shutdown`'s ordered stop. No request logic lives here.
+//! (the admin listener answers "starting" meanwhile). `run` serves (`Server::serve`, a sequence
+//! of named steps, each a function here: start the domain, follow readiness into health,
+//! start the reconcile jobs and their schedule, give the admin listener its monitoring, serve
+//! gRPC, serve the ingress), waits for the signal, then stops (`Running::stop`: `shutdown`'s
+//! ordered stop). No request logic lives here.
 
 mod admin_listener;
 mod coalesce;
@@ -38,6 +39,7 @@ use crate::config::Config;
 use crate::data_dir::{self, DataDir};
 use crate::dead_letters::{DeadLetters, LocalLetters};
 use crate::grpc::auth::{AdminAccess, AdminAuth, BearerAuth};
+use crate::grpc::certificates::TlsCertificates;
 use crate::grpc::transport;
 use crate::ingest::Ingest;
 use crate::journal::FaultSwitch;
@@ -241,6 +243,14 @@ impl Server {
     /// by `--shutdown-grace`. A replica the stream was purged past stops the same way by itself
     /// and returns an error: it must be started again, from the newest published snapshot.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let running = self.serve().await?;
+        wait_for_signal(shutdown, &running.stopping, &running.restart).await;
+        running.stop().await
+    }
+
+    /// Starts the domain and serves every listener: the steps of the module doc, up to the
+    /// wait for the signal.
+    async fn serve(self) -> anyhow::Result<Running> {
         let Server {
             config,
             webhook,
@@ -267,89 +277,106 @@ impl Server {
         let ingest_thread = IngestThread::start()
             .await
             .context("cannot start the ingest thread")?;
-        let Domain {
-            ingest,
-            watchers,
-            ready,
-            writable,
-            replica,
-            restart,
-        } = start_domain(mode, context, &ingest_thread, dead_letters.clone(), pause);
-        if let Verification::Secrets(secrets) = &verification {
-            let scheduled = config.reconcile.every.iter().map(|e| e.client_id.clone());
-            reload_on_sighup(
-                secrets.clone(),
-                scheduled.collect(),
-                &tracker,
-                stopping.clone(),
-            );
-        }
-        let (health, health_service) = Health::follow(ready, &tracker, stopping.clone()).await;
+        let domain = start_domain(mode, context, &ingest_thread, dead_letters.clone(), pause);
+        reload_secrets_on_sighup(&verification, &config, &tracker, &stopping);
+        let (health, health_service) =
+            Health::follow(domain.ready, &tracker, stopping.clone()).await;
         let secrets = secret_store(&verification);
         let reconcile = (reconcile, schedule_claims);
-        let reconcile = start_reconcile(context, &ingest, secrets, reconcile, &config);
-        serve_monitoring(&admin, context, dead_letters, writable, replica.clone());
+        let reconcile = start_reconcile(context, &domain.ingest, secrets, reconcile, &config);
+        let replica = domain.replica;
+        serve_monitoring(
+            &admin,
+            context,
+            dead_letters,
+            domain.writable,
+            replica.clone(),
+        );
         let certificates = grpc_transport.certificates.clone();
-        let grpc = serve_grpc(
-            grpc,
-            &config,
-            grpc_services::Services {
-                transport: grpc_transport,
-                auth,
-                admin_auth,
-                health: health_service,
-                store: store.clone(),
-                watchers,
-                durable: data_dir.is_some(),
-                ingest: ingest.clone(),
-                reconcile,
-                metrics: metrics.clone(),
-                limits: grpc_limits(&config),
-                replica: replica.clone(),
-            },
-            &stopping,
-            &tracker,
-        )?;
+        let apis = grpc_services::Apis {
+            store: store.clone(),
+            watchers: domain.watchers,
+            durable: data_dir.is_some(),
+            ingest: domain.ingest.clone(),
+            reconcile,
+            metrics: metrics.clone(),
+            replica: replica.clone(),
+        };
+        let services = grpc_services::Services {
+            transport: grpc_transport,
+            auth,
+            admin_auth,
+            health: health_service,
+            apis,
+            limits: grpc_limits(&config),
+        };
+        let grpc = serve_grpc(grpc, &config, services, &stopping, &tracker)?;
         announce(addresses, &config, &verification, admin_access);
-        if let Some(certificates) = certificates {
-            metrics.tls_certificate_expiry(certificates.expiry());
-            metrics.tls_certificate_valid_from(certificates.valid_from());
-            for warning in certificates.warnings(chrono::Utc::now().timestamp()) {
-                tracing::warn!("{warning}");
-            }
-        }
-        let ingress = Ingress::with_ingest(ingest, verification, limits(&config), metrics.clone());
-        let webhook = serve_ingress(
-            webhook,
-            ingress,
-            &config,
-            (&metrics, &stopping),
-            &ingest_thread,
-        )?;
-
-        wait_for_signal(shutdown, &stopping, &restart).await;
-        let stopped = Shutdown {
+        report_certificates(&metrics, certificates.as_ref());
+        let limits = limits(&config);
+        let ingress = Ingress::with_ingest(domain.ingest, verification, limits, metrics.clone());
+        let servers = (&metrics, &stopping);
+        let webhook = serve_ingress(webhook, ingress, &config, servers, &ingest_thread)?;
+        Ok(Running {
             health,
             stopping,
-            watch_streams_closed: grpc.watch_streams_closed,
-            grpc_stopping: grpc.stopping,
-            grpc_cut: grpc.cut,
-            servers: Servers {
-                webhook,
-                grpc: grpc.task,
-            },
+            restart: domain.restart,
+            grpc,
+            webhook,
             tracker,
             store,
             data_dir,
             grace: config.shutdown_grace,
             ingest_thread,
             admin: admin_server,
+            replica,
+        })
+    }
+}
+
+/// A server that serves, until its ordered stop.
+struct Running {
+    health: Health,
+    stopping: CancellationToken,
+    /// Cancelled when a replica must stop to be started again.
+    restart: CancellationToken,
+    grpc: grpc_services::Serving,
+    webhook: JoinHandle<std::io::Result<()>>,
+    tracker: TaskTracker,
+    store: Store,
+    data_dir: Option<DataDir>,
+    grace: std::time::Duration,
+    ingest_thread: IngestThread,
+    admin: AdminServer,
+    replica: Option<ReplicaStatus>,
+}
+
+impl Running {
+    /// The ordered stop (`Shutdown::run`); an error after it when a replica stopped to be
+    /// started again.
+    async fn stop(self) -> anyhow::Result<()> {
+        let stopped = Shutdown {
+            health: self.health,
+            stopping: self.stopping,
+            watch_streams_closed: self.grpc.watch_streams_closed,
+            grpc_stopping: self.grpc.stopping,
+            grpc_cut: self.grpc.cut,
+            servers: Servers {
+                webhook: self.webhook,
+                grpc: self.grpc.task,
+            },
+            tracker: self.tracker,
+            store: self.store,
+            data_dir: self.data_dir,
+            grace: self.grace,
+            ingest_thread: self.ingest_thread,
+            admin: self.admin,
         }
         .run()
         .await;
-        if restart.is_cancelled() {
+        if self.restart.is_cancelled() {
             // The applier's reason: the stream purged past this replica, or replaced.
-            let reason = replica.and_then(|status| status.failure());
+            let reason = self.replica.and_then(|status| status.failure());
             anyhow::bail!(
                 "this replica stopped to start again ({}): started again, it loads the newest \
                  published snapshot (a supervisor restarts it by itself)",
@@ -359,6 +386,19 @@ impl Server {
             );
         }
         stopped
+    }
+}
+
+/// The served certificates' dates as metrics, and a warning for each that expires soon or is
+/// not valid yet.
+fn report_certificates(metrics: &Metrics, certificates: Option<&TlsCertificates>) {
+    let Some(certificates) = certificates else {
+        return;
+    };
+    metrics.tls_certificate_expiry(certificates.expiry());
+    metrics.tls_certificate_valid_from(certificates.valid_from());
+    for warning in certificates.warnings(chrono::Utc::now().timestamp()) {
+        tracing::warn!("{warning}");
     }
 }
 
@@ -589,7 +629,7 @@ fn serve_grpc<H: tonic_health::pb::health_server::Health>(
     stopping: &CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<grpc_services::Serving> {
-    let metrics = services.metrics.listener("grpc");
+    let metrics = services.apis.metrics.listener("grpc");
     let listener = CappedListener::new(listener, config.max_grpc_connections, metrics);
     grpc_services::serve(listener, services, stopping, tracker)
 }
@@ -764,6 +804,24 @@ fn verification(config: &Config) -> anyhow::Result<Verification> {
         config.webhook_secrets_file.clone(),
         flag,
     )))
+}
+
+/// Unless webhooks are unsigned: reloads the webhook secrets on every SIGHUP.
+fn reload_secrets_on_sighup(
+    verification: &Verification,
+    config: &Config,
+    tracker: &TaskTracker,
+    stopping: &CancellationToken,
+) {
+    if let Verification::Secrets(secrets) = verification {
+        let scheduled = config.reconcile.every.iter().map(|e| e.client_id.clone());
+        reload_on_sighup(
+            secrets.clone(),
+            scheduled.collect(),
+            tracker,
+            stopping.clone(),
+        );
+    }
 }
 
 /// Reloads the webhook secrets file on every SIGHUP; a bad file keeps the old secrets.
