@@ -1440,6 +1440,82 @@ async fn a_stream_deleted_under_a_running_replica_is_warned_of_and_not_ready() {
     replica.stop();
 }
 
+/// A replica that reconnects to NATS while the stream is missing: its consumer's rebuild found
+/// "not found", took it for final and stopped the applier for good; when the stream was created
+/// again nothing saw it, and the replica stayed up, not ready, `/livez` 200, until restarted by
+/// hand (found by an adversarial run: every replica of a cluster at once). The consumer now
+/// waits for the stream, readiness says it is missing, and the stream created again (another
+/// stream, though of the same definition) stops the replica with exit status 1, for its
+/// supervisor to start it on the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_reconnects_while_the_stream_is_missing_stops_once_it_is_created_again() {
+    let mut nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let urls = nats.client_urls().join(",");
+    let args = [
+        "--nats-url",
+        &urls,
+        "--nats-stream",
+        "AWAY",
+        "--nats-replicas",
+        "1",
+    ];
+    let mut replica = Binary::spawn(binary::command(dir.path(), &args)).await;
+    let deadline = Instant::now() + PATIENCE;
+    while replica.ready().await != 200 {
+        assert!(Instant::now() < deadline, "the replica never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = profile_updated("before", &at(1), json!({"total_points": 1}));
+    let (status, answer) = replica.post(&body).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let stream = stream_of(&nats, "AWAY").await;
+    let context = stream.nats().context().clone();
+    let info = context.get_stream("AWAY").await.unwrap();
+    let definition = info.cached_info().config.clone();
+    context.delete_stream("AWAY").await.unwrap();
+    // The replica's connection breaks and comes back while the stream is missing: its consumer
+    // is rebuilt then.
+    nats.nodes_mut()[0].restart().await.unwrap();
+    replica
+        .wait_for("the update stream is missing: the consumer waits for it")
+        .await;
+    let readyz = format!("http://{}/readyz", replica.admin);
+    loop {
+        let reason = reqwest::get(&readyz).await.unwrap().text().await.unwrap();
+        assert!(!reason.contains("stopped applying"), "{reason}");
+        if reason.contains("the update stream is missing") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readiness: {reason}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Created again through the test's own connection, which reconnects by itself too.
+    while let Err(error) = context.create_stream(definition.clone()).await {
+        assert!(
+            Instant::now() < deadline,
+            "the stream was not created again: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopping = replica
+        .wait_for(
+            "the stream this replica followed was replaced: it stops, to start again on the new \
+             one (under a supervisor that restarts it), setting its snapshots of the old one aside",
+        )
+        .await;
+    assert!(
+        stopping["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("AWAY"),
+        "{stopping}"
+    );
+    assert_eq!(replica.exit_status().code(), Some(1));
+}
+
 /// A replica cut off for longer than the stream keeps messages after a snapshot stayed stuck:
 /// not applying, not ready, yet alive, until someone restarted it (found by an adversarial run).
 /// It now stops by itself with an error (exit status 1, so a supervisor starts it again), and

@@ -88,9 +88,10 @@ impl Follower {
         self.next
     }
 
-    /// The next entry; waits for it, through disconnections and server restarts. An error is
-    /// about the stream itself (a hole, a purge past `next`, a malformed message, the stream
-    /// gone) and is final: handle it, then start a new follower.
+    /// The next entry; waits for it, through disconnections, server restarts and a stream
+    /// missing for a while. An error is about the stream itself (a hole, a purge past `next`,
+    /// a malformed message, another stream under its name) and is final: handle it, then start
+    /// a new follower.
     pub async fn next(&mut self) -> Result<Entry, JetStreamError> {
         loop {
             let Some(messages) = self.messages.as_mut() else {
@@ -141,9 +142,10 @@ impl Follower {
             match check_bounds_settled(&self.stream, self.next, SETTLE).await {
                 Ok(()) => self.checked_consumer = Some(info.consumer.to_owned()),
                 // Consumers are recreated when NATS nodes come and go, when the check may not
-                // be answered: not an error of the stream. Rebuilt from `next` (this message
-                // again), the check runs with `rebuild`'s retries.
-                Err(JetStreamError::Unavailable { .. }) => {
+                // be answered, or the stream be missing for a while: not an error of the
+                // stream. Rebuilt from `next` (this message again), the check runs with
+                // `rebuild`'s retries.
+                Err(JetStreamError::Unavailable { .. } | JetStreamError::Refused { .. }) => {
                     self.messages = None;
                     return Ok(None);
                 }
@@ -182,9 +184,18 @@ impl Follower {
 // Free functions over the stream rather than `&self` methods: a `&Follower` held across an
 // await would make the applier's future not `Send` (the consumer's stream is not `Sync`).
 
-/// A new consumer from `next`, retrying (with backoff) while NATS cannot be reached.
+/// A new consumer from `next`, retrying (with backoff) while NATS cannot be reached and while
+/// the stream is missing.
+///
+/// A missing stream is waited out, not an error: the replica's status poll already makes it
+/// not ready and answers webhooks 503 while it is, and stops it if the stream comes back as
+/// another one (`Replaced`, from the bounds check here too). Taken as final, a "not found" at
+/// a reconnection stopped the applier for good: the stream's return was then seen by no one,
+/// and every replica that had reconnected stayed up, not ready, until restarted by hand (found
+/// by an adversarial run).
 async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamError> {
     let mut delay = Duration::from_millis(50);
+    let mut missing_said = false;
     loop {
         let attempt = match check_bounds_settled(stream, next, SETTLE).await {
             Ok(()) => consume_from(stream, next).await,
@@ -194,11 +205,17 @@ async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamE
             Ok(messages) => return Ok(messages),
             Err(JetStreamError::Unavailable { operation, reason }) => {
                 tracing::debug!(operation, reason, "consumer rebuild failed, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+            Err(error @ JetStreamError::Refused { .. }) => {
+                if !missing_said {
+                    tracing::info!(%error, next, "the update stream is missing: the consumer waits for it");
+                }
+                missing_said = true;
             }
             Err(err) => return Err(err),
         }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(MAX_RETRY_DELAY);
     }
 }
 

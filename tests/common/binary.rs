@@ -183,6 +183,24 @@ impl Binary {
         .unwrap_or_else(|_| panic!("no log line {message:?} within {PATIENCE:?}"))
     }
 
+    /// The exit status of a binary that stops by itself (once it has said so); fails the test
+    /// if it has not exited within [`PATIENCE`].
+    pub fn exit_status(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        tokio::task::block_in_place(|| {
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return status;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the binary did not exit within {PATIENCE:?}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        })
+    }
+
     /// Posts `body` signed with the test secret; returns status and JSON answer.
     pub async fn post(&self, body: &Value) -> (u16, Value) {
         let raw = serde_json::to_vec(body).unwrap();
