@@ -1,12 +1,15 @@
-//! What a poll of the update stream found, and for how long polls in a row have found the
-//! stream missing or replaced: the two findings that make a replica refuse webhooks (fast
-//! 503s) or stop its applier, so each counts only once it has lasted a while.
+//! What a poll of the update stream found, and for how long polls have found the stream
+//! missing or replaced: the two findings that make a replica refuse webhooks (fast 503s) or
+//! stop its applier, so each counts only once polls have found it for a while.
 //!
-//! A run lasts while every poll finds the same thing. Any other outcome ends it, a poll that
-//! got no answer included: during a leader election a stream can be "not found" for a moment
-//! and then not answer at all, and a run that skipped over the silent polls made a replica
-//! refuse webhooks (and give up on publishes in flight that could still succeed) for a stream
-//! that was there all along. This module reads no clock: callers give the time.
+//! A run lasts while every poll that answers finds the same thing, and it has lasted as long
+//! as its first and its latest finding are apart. A poll that gets no answer neither ends a
+//! run nor adds to it. Counted as part of a run (the clock running from its first finding), a
+//! moment's "not found" during a leader election followed by silent polls made a replica
+//! refuse webhooks, and give up on publishes in flight that could still succeed, for a stream
+//! that was there all along. Taken as its end, an election while the stream really was gone
+//! sent webhooks to publish again, and wait seconds for a 503 (found by an adversarial run).
+//! This module reads no clock: callers give the time.
 
 use std::time::Duration;
 
@@ -39,19 +42,33 @@ impl Finding {
     }
 }
 
-/// One finding polls have made without a break: since when, and the first poll's reason.
-type Run = Option<(Instant, String)>;
+/// One finding that the polls that answered made without a break.
+#[derive(Debug)]
+struct Run {
+    /// The first poll that made it.
+    first: Instant,
+    /// The latest poll that made it.
+    latest: Instant,
+    /// The first poll's reason.
+    reason: String,
+}
+
+impl Run {
+    fn lasted(&self) -> Duration {
+        self.latest.saturating_duration_since(self.first)
+    }
+}
 
 /// The current runs of "missing" and of "replaced" (at most one is under way).
 #[derive(Debug, Default)]
 pub(crate) struct Runs {
-    missing: Run,
-    replaced: Run,
+    missing: Option<Run>,
+    replaced: Option<Run>,
 }
 
 impl Runs {
     /// Records a poll's `finding` made at `now`: how long the run it continues has lasted
-    /// (zero for a run it starts, and for a finding that ends both).
+    /// (zero for a run it starts, for a finding that ends both, and for no answer).
     pub(crate) fn observe(&mut self, finding: Finding, now: Instant) -> Duration {
         match finding {
             Finding::Missing(reason) => {
@@ -62,32 +79,38 @@ impl Runs {
                 self.missing = None;
                 continued(&mut self.replaced, reason, now)
             }
-            Finding::Stream | Finding::NoAnswer => {
+            Finding::Stream => {
                 *self = Runs::default();
                 Duration::ZERO
             }
+            Finding::NoAnswer => Duration::ZERO,
         }
     }
 
-    /// Why the stream is missing, if every poll has found so for at least `settle` by `now`.
-    pub(crate) fn missing(&self, settle: Duration, now: Instant) -> Option<&str> {
+    /// Why the stream is missing, if polls have found so for at least `settle`.
+    pub(crate) fn missing(&self, settle: Duration) -> Option<&str> {
         self.missing
             .as_ref()
-            .filter(|(since, _)| now.saturating_duration_since(*since) >= settle)
-            .map(|(_, reason)| reason.as_str())
+            .filter(|run| run.lasted() >= settle)
+            .map(|run| run.reason.as_str())
     }
 
     /// Why the stream is replaced, if the last poll that answered found so.
     pub(crate) fn replaced(&self) -> Option<&str> {
-        self.replaced.as_ref().map(|(_, reason)| reason.as_str())
+        self.replaced.as_ref().map(|run| run.reason.as_str())
     }
 }
 
 /// Extends `run` to `now` (starting it with `reason` if none is under way): how long it has
 /// lasted.
-fn continued(run: &mut Run, reason: String, now: Instant) -> Duration {
-    let (since, _) = run.get_or_insert((now, reason));
-    now.saturating_duration_since(*since)
+fn continued(run: &mut Option<Run>, reason: String, now: Instant) -> Duration {
+    let run = run.get_or_insert(Run {
+        first: now,
+        latest: now,
+        reason,
+    });
+    run.latest = run.latest.max(now);
+    run.lasted()
 }
 
 #[cfg(test)]
@@ -100,52 +123,73 @@ mod tests {
         Finding::Missing("stream PROFILE_STATE not found".into())
     }
 
+    fn secs(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
     #[test]
     fn polls_that_find_the_stream_missing_for_the_settle_time_make_it_missing() {
         let (mut runs, t0) = (Runs::default(), Instant::now());
         assert_eq!(runs.observe(missing(), t0), Duration::ZERO);
-        let later = t0 + Duration::from_millis(1_900);
-        assert_eq!(runs.observe(missing(), later), Duration::from_millis(1_900));
-        assert_eq!(runs.missing(SETTLE, later), None);
-        let settled = t0 + SETTLE;
-        assert_eq!(runs.observe(missing(), settled), SETTLE);
-        assert_eq!(
-            runs.missing(SETTLE, settled),
-            Some("stream PROFILE_STATE not found")
-        );
+        assert_eq!(runs.observe(missing(), t0 + secs(1_900)), secs(1_900));
+        assert_eq!(runs.missing(SETTLE), None);
+        assert_eq!(runs.observe(missing(), t0 + SETTLE), SETTLE);
+        assert_eq!(runs.missing(SETTLE), Some("stream PROFILE_STATE not found"));
     }
 
     #[test]
-    fn a_poll_that_gets_no_answer_ends_a_run_of_missing() {
+    fn polls_that_get_no_answer_do_not_add_to_a_run_of_missing() {
+        // An election: a moment's "not found", then silence, then the stream again.
         let (mut runs, t0) = (Runs::default(), Instant::now());
         runs.observe(missing(), t0);
-        runs.observe(Finding::NoAnswer, t0 + Duration::from_secs(1));
-        let after = t0 + Duration::from_millis(2_500);
-        assert_eq!(runs.observe(missing(), after), Duration::ZERO);
-        assert_eq!(runs.missing(SETTLE, after), None);
-        assert!(runs.missing(SETTLE, after + SETTLE).is_some());
+        for silent in [1_000, 2_500, 7_000] {
+            assert_eq!(
+                runs.observe(Finding::NoAnswer, t0 + secs(silent)),
+                Duration::ZERO
+            );
+            assert_eq!(runs.missing(SETTLE), None, "after {silent} ms");
+        }
+        runs.observe(Finding::Stream, t0 + secs(7_200));
+        assert_eq!(runs.observe(missing(), t0 + secs(7_400)), Duration::ZERO);
     }
 
     #[test]
-    fn a_poll_that_gets_no_answer_ends_a_run_of_replaced() {
+    fn polls_that_get_no_answer_do_not_end_a_run_of_missing() {
+        // The stream really gone, and an election meanwhile: still missing, and confirmed by
+        // the first poll that answers again.
+        let (mut runs, t0) = (Runs::default(), Instant::now());
+        runs.observe(missing(), t0);
+        runs.observe(missing(), t0 + SETTLE);
+        runs.observe(Finding::NoAnswer, t0 + secs(3_000));
+        assert!(runs.missing(SETTLE).is_some());
+        assert_eq!(runs.observe(missing(), t0 + secs(9_000)), secs(9_000));
+
+        let (mut runs, t0) = (Runs::default(), Instant::now());
+        runs.observe(missing(), t0);
+        runs.observe(Finding::NoAnswer, t0 + secs(1_000));
+        assert_eq!(runs.observe(missing(), t0 + secs(2_500)), secs(2_500));
+        assert!(runs.missing(SETTLE).is_some());
+    }
+
+    #[test]
+    fn a_run_of_replaced_lasts_through_polls_that_get_no_answer() {
         let (mut runs, t0) = (Runs::default(), Instant::now());
         let replaced = || Finding::Replaced("the stream was created again".into());
         runs.observe(replaced(), t0);
         assert_eq!(runs.replaced(), Some("the stream was created again"));
-        runs.observe(Finding::NoAnswer, t0 + Duration::from_secs(1));
-        assert_eq!(runs.replaced(), None);
-        let after = t0 + Duration::from_secs(3);
-        assert_eq!(runs.observe(replaced(), after), Duration::ZERO);
+        runs.observe(Finding::NoAnswer, t0 + secs(1_000));
+        assert_eq!(runs.replaced(), Some("the stream was created again"));
+        assert_eq!(runs.observe(replaced(), t0 + secs(3_000)), secs(3_000));
     }
 
     #[test]
     fn finding_the_stream_or_the_other_finding_ends_a_run() {
         let (mut runs, t0) = (Runs::default(), Instant::now());
         runs.observe(missing(), t0);
-        runs.observe(Finding::Stream, t0 + Duration::from_secs(1));
+        runs.observe(Finding::Stream, t0 + secs(1_000));
         assert_eq!(runs.observe(missing(), t0 + SETTLE), Duration::ZERO);
         runs.observe(Finding::Replaced("again".into()), t0 + SETTLE * 2);
-        assert_eq!(runs.missing(SETTLE, t0 + SETTLE * 3), None);
+        assert_eq!(runs.missing(SETTLE), None);
         assert_eq!(runs.observe(missing(), t0 + SETTLE * 3), Duration::ZERO);
         assert_eq!(runs.replaced(), None);
     }

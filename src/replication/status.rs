@@ -136,7 +136,7 @@ impl ReplicaStatus {
         let (lasted, settled) = {
             let mut runs = lock(&self.inner.runs);
             let lasted = runs.observe(finding, now);
-            (lasted, runs.missing(MISSING_SETTLE, now).is_some())
+            (lasted, runs.missing(MISSING_SETTLE).is_some())
         };
         if settled {
             self.inner.missing_settled.notify_waiters();
@@ -144,14 +144,15 @@ impl ReplicaStatus {
         lasted
     }
 
-    /// Why the stream is missing, once every poll for [`MISSING_SETTLE`] has found it so: a
+    /// Why the stream is missing, once the polls that answered have found it so for
+    /// [`MISSING_SETTLE`] (`poll_findings`): a
     /// publish then would wait out `--nats-request-timeout` for a stream that no longer
     /// exists (the client retries "no responders", which a leader election answers for a
     /// moment), and webhooks got their 503 after a median 9 s, a fifth of them after the
     /// sender gave up (found by an adversarial run).
     pub(crate) fn missing(&self) -> Option<String> {
         lock(&self.inner.runs)
-            .missing(MISSING_SETTLE, Instant::now())
+            .missing(MISSING_SETTLE)
             .map(str::to_owned)
     }
 
