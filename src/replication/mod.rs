@@ -11,8 +11,8 @@
 //!   merge and numbering as the single node; `snapshots` (local, published, purge);
 //!   `pending` (acknowledged updates waiting for their apply).
 //! - [`ReplicaStatus`]: the applied position, the lag, readiness (`poll_findings`: how long
-//!   polls in a row found the stream missing or replaced); `catch_up`: the barrier a watch
-//!   waits for on a lagging replica.
+//!   the polls that answered found the stream missing or replaced); `catch_up`: the barrier a
+//!   watch waits for on a lagging replica.
 //!
 //! Who orders: the stream, and nothing else. Each replica owns its store in memory, its local
 //! snapshots and its applied stream sequence; no replica talks to another. There is no local
