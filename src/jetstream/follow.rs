@@ -208,7 +208,11 @@ async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamE
             }
             Err(error @ JetStreamError::Refused { .. }) => {
                 if !missing_said {
-                    tracing::info!(%error, next, "the update stream is missing: the consumer waits for it");
+                    tracing::info!(
+                        %error,
+                        next,
+                        "the update stream is missing: the consumer waits for it"
+                    );
                 }
                 missing_said = true;
             }

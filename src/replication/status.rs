@@ -72,10 +72,11 @@ struct Inner {
     min_room: u64,
     /// The room the stream had at the last poll, when it had less than `min_room`.
     short_of_room: Mutex<Option<(u64, u64)>>,
-    /// Since when, and why, every poll found the stream missing or replaced.
+    /// The polls' current run of finding the stream missing, or replaced (`poll_findings`).
     runs: Mutex<Runs>,
-    /// Told at each poll that finds the stream missing once [`MISSING_SETTLE`] has passed:
-    /// what publishes in flight wait on (`ReplicaStatus::until_missing`), without a timer each.
+    /// Told at each poll that finds the stream missing once its run has lasted
+    /// [`MISSING_SETTLE`]: what publishes in flight wait on (`ReplicaStatus::until_missing`),
+    /// without a timer each.
     missing_settled: Notify,
 }
 
@@ -127,9 +128,9 @@ impl ReplicaStatus {
         *lock(&self.inner.short_of_room) = short;
     }
 
-    /// A poll found `finding`: how long polls in a row have found the same (the replaced
-    /// stream's run is what stops the applier). Once polls have found the stream missing for
-    /// [`MISSING_SETTLE`], each such poll also wakes the publishes waiting on it
+    /// A poll found `finding`: how long the run it continues has lasted (a replaced stream's
+    /// run is what stops the applier). Once the polls that answered have found the stream
+    /// missing for [`MISSING_SETTLE`], each such poll also wakes the publishes waiting on it
     /// ([`ReplicaStatus::until_missing`]).
     pub(crate) fn observed(&self, finding: Finding) -> Duration {
         let now = Instant::now();
@@ -145,11 +146,11 @@ impl ReplicaStatus {
     }
 
     /// Why the stream is missing, once the polls that answered have found it so for
-    /// [`MISSING_SETTLE`] (`poll_findings`): a
-    /// publish then would wait out `--nats-request-timeout` for a stream that no longer
-    /// exists (the client retries "no responders", which a leader election answers for a
-    /// moment), and webhooks got their 503 after a median 9 s, a fifth of them after the
-    /// sender gave up (found by an adversarial run).
+    /// [`MISSING_SETTLE`] (`poll_findings`): a publish then would wait out
+    /// `--nats-request-timeout` for a stream that no longer exists (the client retries "no
+    /// responders", which a leader election answers for a moment), and webhooks got their
+    /// 503 after a median 9 s, a fifth of them after the sender gave up (found by an
+    /// adversarial run).
     pub(crate) fn missing(&self) -> Option<String> {
         lock(&self.inner.runs)
             .missing(MISSING_SETTLE)
