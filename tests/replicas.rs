@@ -1112,6 +1112,87 @@ async fn the_stream_leaders_nats_server_killed_under_load_loses_nothing() {
     b.stop().await;
 }
 
+/// A stream whose servers lost their quorum: the server left answers the stream's info from
+/// its own copy, naming no leader, and replicas took its last sequence for a barrier and said
+/// they were ready for the whole outage, while every webhook failed after seconds (found by an
+/// adversarial run). Such an answer is no answer now: the replica's lag keeps growing, and it
+/// stays not ready, until the quorum is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_is_not_ready_while_its_stream_has_no_leader() {
+    let mut nats = NatsCluster::three().await.unwrap();
+    let a = TestService::start_with(replica_config(&nats, "LEADERLESS", "a")).await;
+    let body = profile_updated("before", &at(1), json!({"total_points": 1}));
+    post_until_ok(&a, &body).await;
+    let a_replica = Replica::from(&a);
+    // The server kept leads neither the stream nor the cluster: both must lose their leader.
+    let leader = stream_leader(&nats, "LEADERLESS").await;
+    let meta = nats.nodes()[0].meta_leader().await;
+    let kept = nats
+        .nodes()
+        .iter()
+        .map(|node| node.name().to_owned())
+        .find(|name| *name != leader && meta.as_deref() != Some(name.as_str()))
+        .expect("a server that leads nothing");
+    let killed_at = Instant::now();
+    for node in nats.nodes_mut() {
+        if node.name() != kept {
+            node.kill();
+        }
+    }
+
+    // Wait for what misled the replicas: the server left answering without a leader.
+    let mut config = Config::for_tests(SECRET).nats;
+    config.urls = vec![nats.node_named(&kept).unwrap().client_url()];
+    let client = profile_state::jetstream::Nats::connect(&config, "test")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let answered_leaderless = loop {
+        let info = client.context().get_stream("LEADERLESS").await;
+        let leaderless = info.is_ok_and(|stream| {
+            let cluster = stream.cached_info().cluster.clone();
+            cluster.is_some_and(|cluster| cluster.leader.is_none())
+        });
+        if leaderless {
+            break killed_at.elapsed();
+        }
+        assert!(Instant::now() < deadline, "no leaderless answer came");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Taken for a barrier, those answers brought the lag back near zero: it must grow past
+    // the time they started plus a few polls, the replica not ready all along.
+    let past = answered_leaderless + Duration::from_secs(2);
+    loop {
+        assert_ne!(
+            a_replica.ready().await,
+            200,
+            "ready without a stream leader"
+        );
+        let lag = a_replica.info().await.lag.unwrap_or_default();
+        let lag = Duration::new(lag.seconds as u64, lag.nanos as u32);
+        if lag > past {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lag stopped growing at {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for node in nats.nodes_mut() {
+        if node.name() != kept {
+            node.restart().await.unwrap();
+        }
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while a_replica.ready().await != 200 {
+        assert!(Instant::now() < deadline, "a ready again with its quorum");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_stopped_for_20_s_under_load_catches_up_by_itself() {
     let nats = NatsCluster::single().await.unwrap();

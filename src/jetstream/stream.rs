@@ -427,7 +427,11 @@ impl UpdateStream {
     /// First and last sequence, read from the stream leader: `last` is a barrier, since every
     /// message acknowledged before this call has a sequence at or below it. A stream created
     /// again since this handle was opened is [`JetStreamError::Replaced`]: its sequences are
-    /// not this one's.
+    /// not this one's. An answer that names no leader is no answer
+    /// ([`JetStreamError::Unavailable`]): a clustered stream without one (its servers short of
+    /// a quorum) is answered by a follower, from its own copy, which may end before what the
+    /// cluster acknowledged; taken for a barrier, it made every replica ready while no webhook
+    /// could be recorded, for as long as the quorum was lost (found by an adversarial run).
     pub async fn bounds(&self) -> Result<Bounds, JetStreamError> {
         let info = self.stream.get_info().await.map_err(|err| {
             if jetstream_code(&err) == Some(ErrorCode::STREAM_NOT_FOUND) {
@@ -439,6 +443,16 @@ impl UpdateStream {
                 unavailable("stream info")(err)
             }
         })?;
+        if !has_leader(&info) {
+            return Err(JetStreamError::Unavailable {
+                operation: "stream info",
+                reason: format!(
+                    "stream {} has no leader (its servers are short of a quorum); the answer \
+                     came from a follower's copy",
+                    self.settings.name
+                ),
+            });
+        }
         self.follow(&info)?;
         let limit = u64::try_from(info.config.max_bytes)
             .ok()
@@ -850,6 +864,17 @@ pub(super) fn unavailable<E: std::fmt::Display>(
         operation,
         reason: err.to_string(),
     }
+}
+
+/// Whether a stream's info names its leader: a server outside a cluster names itself; a
+/// clustered stream's follower answering without a leader leaves it out.
+fn has_leader(info: &stream::Info) -> bool {
+    info.cluster.as_ref().is_none_or(|cluster| {
+        cluster
+            .leader
+            .as_deref()
+            .is_some_and(|leader| !leader.is_empty())
+    })
 }
 
 #[cfg(test)]
