@@ -1532,16 +1532,7 @@ async fn a_stream_deleted_under_a_running_replica_is_warned_of_and_not_ready() {
 async fn a_replica_that_reconnects_while_the_stream_is_missing_stops_once_it_is_created_again() {
     let mut nats = NatsCluster::single().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let urls = nats.client_urls().join(",");
-    let args = [
-        "--nats-url",
-        &urls,
-        "--nats-stream",
-        "AWAY",
-        "--nats-replicas",
-        "1",
-    ];
-    let mut replica = Binary::spawn(binary::command(dir.path(), &args)).await;
+    let mut replica = child_replica(&nats, "AWAY", "a", dir.path()).await;
     let deadline = Instant::now() + PATIENCE;
     while replica.ready().await != 200 {
         assert!(Instant::now() < deadline, "the replica never became ready");
