@@ -239,7 +239,7 @@ impl Prepared {
 /// How often a stream that cannot be followed (deleted, or created again) is warned of.
 const STREAM_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// How long every poll must find the stream replaced before the applier is told to stop: one
+/// How long the polls that answer must find the stream replaced before the applier stops: one
 /// answer could be a NATS server's from before it was paused (the follower's re-ask, for the
 /// same reason, is `jetstream::follow::SETTLE`).
 const REPLACED_SETTLE: Duration = Duration::from_secs(2);

@@ -88,8 +88,9 @@ struct Clock {
     barrier: Option<(Instant, u64)>,
 }
 
-/// How long every poll must find the stream missing before webhooks are answered 503 without
-/// a publish: a moment's "not found" while a cluster elects its leaders is ridden out.
+/// How long the polls that answer must find the stream missing before webhooks are answered
+/// 503 without a publish: a moment's "not found" while a cluster elects its leaders is ridden
+/// out.
 const MISSING_SETTLE: Duration = Duration::from_secs(2);
 
 impl ReplicaStatus {
