@@ -9,6 +9,9 @@
 //! refuse webhooks, and give up on publishes in flight that could still succeed, for a stream
 //! that was there all along. Taken as its end, an election while the stream really was gone
 //! sent webhooks to publish again, and wait seconds for a 503 (found by an adversarial run).
+//! It also keeps why the latest poll got no answer, while it got none: what readiness names
+//! when a replica falls behind because its polls go unanswered (a stream short of its quorum
+//! has no leader, and its followers' answers are no answer: `UpdateStream::bounds`).
 //! This module reads no clock: callers give the time.
 
 use std::time::Duration;
@@ -26,8 +29,9 @@ pub(crate) enum Finding {
     Missing(String),
     /// Another incarnation under that name (restored, or deleted and created again), and why.
     Replaced(String),
-    /// No answer (NATS unreachable, a timeout, an election under way): nothing known.
-    NoAnswer,
+    /// No answer (NATS unreachable, a timeout, an election under way, no leader): nothing
+    /// known of the stream, and why.
+    NoAnswer(String),
 }
 
 impl Finding {
@@ -37,7 +41,7 @@ impl Finding {
             Ok(_) => Finding::Stream,
             Err(error @ JetStreamError::Refused { .. }) => Finding::Missing(error.to_string()),
             Err(error @ JetStreamError::Replaced { .. }) => Finding::Replaced(error.to_string()),
-            Err(_) => Finding::NoAnswer,
+            Err(error) => Finding::NoAnswer(error.to_string()),
         }
     }
 }
@@ -59,11 +63,13 @@ impl Run {
     }
 }
 
-/// The current runs of "missing" and of "replaced" (at most one is under way).
+/// The current runs of "missing" and of "replaced" (at most one is under way), and why the
+/// latest poll got no answer, if it got none.
 #[derive(Debug, Default)]
 pub(crate) struct Runs {
     missing: Option<Run>,
     replaced: Option<Run>,
+    unanswered: Option<String>,
 }
 
 impl Runs {
@@ -72,19 +78,27 @@ impl Runs {
     pub(crate) fn observe(&mut self, finding: Finding, now: Instant) -> Duration {
         match finding {
             Finding::Missing(reason) => {
-                self.replaced = None;
+                (self.replaced, self.unanswered) = (None, None);
                 continued(&mut self.missing, reason, now)
             }
             Finding::Replaced(reason) => {
-                self.missing = None;
+                (self.missing, self.unanswered) = (None, None);
                 continued(&mut self.replaced, reason, now)
             }
             Finding::Stream => {
                 *self = Runs::default();
                 Duration::ZERO
             }
-            Finding::NoAnswer => Duration::ZERO,
+            Finding::NoAnswer(reason) => {
+                self.unanswered = Some(reason);
+                Duration::ZERO
+            }
         }
+    }
+
+    /// Why the latest poll got no answer, if it got none.
+    pub(crate) fn unanswered(&self) -> Option<&str> {
+        self.unanswered.as_deref()
     }
 
     /// Why the stream is missing, if polls have found so for at least `settle`.
@@ -123,6 +137,10 @@ mod tests {
         Finding::Missing("stream PROFILE_STATE not found".into())
     }
 
+    fn silent() -> Finding {
+        Finding::NoAnswer("jetstream unavailable during stream info: timed out".into())
+    }
+
     fn secs(millis: u64) -> Duration {
         Duration::from_millis(millis)
     }
@@ -142,12 +160,9 @@ mod tests {
         // An election: a moment's "not found", then silence, then the stream again.
         let (mut runs, t0) = (Runs::default(), Instant::now());
         runs.observe(missing(), t0);
-        for silent in [1_000, 2_500, 7_000] {
-            assert_eq!(
-                runs.observe(Finding::NoAnswer, t0 + secs(silent)),
-                Duration::ZERO
-            );
-            assert_eq!(runs.missing(SETTLE), None, "after {silent} ms");
+        for quiet in [1_000, 2_500, 7_000] {
+            assert_eq!(runs.observe(silent(), t0 + secs(quiet)), Duration::ZERO);
+            assert_eq!(runs.missing(SETTLE), None, "after {quiet} ms");
         }
         runs.observe(Finding::Stream, t0 + secs(7_200));
         assert_eq!(runs.observe(missing(), t0 + secs(7_400)), Duration::ZERO);
@@ -160,13 +175,13 @@ mod tests {
         let (mut runs, t0) = (Runs::default(), Instant::now());
         runs.observe(missing(), t0);
         runs.observe(missing(), t0 + SETTLE);
-        runs.observe(Finding::NoAnswer, t0 + secs(3_000));
+        runs.observe(silent(), t0 + secs(3_000));
         assert!(runs.missing(SETTLE).is_some());
         assert_eq!(runs.observe(missing(), t0 + secs(9_000)), secs(9_000));
 
         let (mut runs, t0) = (Runs::default(), Instant::now());
         runs.observe(missing(), t0);
-        runs.observe(Finding::NoAnswer, t0 + secs(1_000));
+        runs.observe(silent(), t0 + secs(1_000));
         assert_eq!(runs.observe(missing(), t0 + secs(2_500)), secs(2_500));
         assert!(runs.missing(SETTLE).is_some());
     }
@@ -177,7 +192,7 @@ mod tests {
         let replaced = || Finding::Replaced("the stream was created again".into());
         runs.observe(replaced(), t0);
         assert_eq!(runs.replaced(), Some("the stream was created again"));
-        runs.observe(Finding::NoAnswer, t0 + secs(1_000));
+        runs.observe(silent(), t0 + secs(1_000));
         assert_eq!(runs.replaced(), Some("the stream was created again"));
         assert_eq!(runs.observe(replaced(), t0 + secs(3_000)), secs(3_000));
     }
@@ -195,17 +210,44 @@ mod tests {
     }
 
     #[test]
+    fn the_reason_of_the_latest_poll_without_an_answer_lasts_until_a_poll_answers() {
+        let (mut runs, t0) = (Runs::default(), Instant::now());
+        assert_eq!(runs.unanswered(), None);
+        runs.observe(silent(), t0);
+        let no_leader = Finding::NoAnswer("stream PROFILE_STATE has no leader".into());
+        runs.observe(no_leader, t0 + secs(200));
+        assert_eq!(
+            runs.unanswered(),
+            Some("stream PROFILE_STATE has no leader")
+        );
+        runs.observe(Finding::Stream, t0 + secs(400));
+        assert_eq!(runs.unanswered(), None);
+        for answered in [missing(), Finding::Replaced("again".into())] {
+            runs.observe(silent(), t0 + secs(600));
+            assert!(runs.unanswered().is_some());
+            runs.observe(answered, t0 + secs(800));
+            assert_eq!(runs.unanswered(), None);
+        }
+    }
+
+    #[test]
     fn a_read_that_timed_out_or_could_not_be_sent_is_no_answer() {
         let unavailable = JetStreamError::Unavailable {
             operation: "stream info",
             reason: "timed out".into(),
         };
-        assert_eq!(Finding::of(&Err(unavailable)), Finding::NoAnswer);
+        assert_eq!(
+            Finding::of(&Err(unavailable)),
+            Finding::NoAnswer("jetstream unavailable during stream info: timed out".into())
+        );
         let unconfirmed = JetStreamError::Unconfirmed {
             operation: "stream info",
             reason: "timed out".into(),
         };
-        assert_eq!(Finding::of(&Err(unconfirmed)), Finding::NoAnswer);
+        assert!(matches!(
+            Finding::of(&Err(unconfirmed)),
+            Finding::NoAnswer(reason) if reason.contains("did not confirm stream info")
+        ));
         let not_found = JetStreamError::Refused {
             operation: "stream info",
             reason: "stream PROFILE_STATE not found".into(),

@@ -256,20 +256,32 @@ impl ReplicaStatus {
         if caught_up_at.is_none() {
             return Some(format!(
                 "replica catching up since it started: not yet shown to have applied the \
-                 whole stream, {} messages behind",
-                lag.messages
+                 whole stream, {} messages behind{}",
+                lag.messages,
+                self.unanswered_note()
             ));
         }
         if lag.seconds > self.inner.max_lag.as_secs_f64() {
             return Some(format!(
                 "replica lagging: {:.1} s since it last had applied the whole stream \
-                 (--max-lag {}), {} messages behind",
+                 (--max-lag {}), {} messages behind{}",
                 lag.seconds,
                 humantime::format_duration(self.inner.max_lag),
-                lag.messages
+                lag.messages,
+                self.unanswered_note()
             ));
         }
         None
+    }
+
+    /// Why the stream's polls go unanswered, if the latest got no answer: the cause of a lag
+    /// that grows while the replica applies everything it is sent (a stream short of its
+    /// quorum, a timeout), which "lagging" alone hid from operators.
+    fn unanswered_note(&self) -> String {
+        lock(&self.inner.runs)
+            .unanswered()
+            .map(|reason| format!("; the stream's latest poll got no answer: {reason}"))
+            .unwrap_or_default()
     }
 
     /// The applier applied stream message `sequence` (sent by the server with `pending`
