@@ -270,9 +270,9 @@ impl Ingress {
             if checks.is_empty() {
                 // Nothing to check with: not a bad signature, an account missing from the
                 // secrets file (or a body that names none).
-                let reason = signature::no_secret(client_id);
-                self.rejections.no_secret(client_id, reason);
-                return Err(Rejection::Unauthenticated { reason });
+                let (why, answer) = signature::no_secret(client_id);
+                self.rejections.no_secret(client_id, why);
+                return Err(answer);
             }
             signature::verify(checks, claimed, &raw, || parsed.compact(&raw)).inspect_err(
                 |refusal| {

@@ -46,9 +46,17 @@ impl SignatureCheck {
     }
 }
 
-/// The refusal of a delivery whose `client_id` has no secret, when there is no default.
+/// Why a delivery whose `client_id` has no secret was refused, when there is no default: what
+/// the log says. The sender is answered [`MISMATCH`], as for a wrong signature: answered
+/// this, anyone who can reach the webhook port could tell which accounts a server is
+/// configured for by trying `client_id`s with any signature.
 pub const NO_SECRET_FOR_CLIENT: &str =
     "no webhook secret is configured for the body's client_id, and there is no default";
+
+/// The answer to a delivery whose signature matches no secret that applies to its `client_id`,
+/// or whose `client_id` has none: the two are told apart only in the log.
+pub const MISMATCH: &str = "X-GB-Signature does not match the body under any webhook secret \
+     for its client_id (the server's log says whether one is configured)";
 
 /// The refusal of a delivery whose `client_id` could not be read, when there is no default:
 /// there was no account to choose a secret by. Saying "this client_id" there sent a first-user
@@ -56,12 +64,14 @@ pub const NO_SECRET_FOR_CLIENT: &str =
 pub const UNREADABLE_CLIENT_ID: &str = "the body's client_id could not be read (not JSON, no \
      client_id, or not a string), so no webhook secret could be chosen, and there is no default";
 
-/// Why no secret applies to a delivery, by whether its `client_id` could be read.
-pub fn no_secret(client_id: Option<&str>) -> &'static str {
-    match client_id {
-        Some(_) => NO_SECRET_FOR_CLIENT,
-        None => UNREADABLE_CLIENT_ID,
-    }
+/// Why no secret applies to a delivery, by whether its `client_id` could be read (for the
+/// log), and what its sender is answered.
+pub fn no_secret(client_id: Option<&str>) -> (&'static str, Rejection) {
+    let (why, answer) = match client_id {
+        Some(_) => (NO_SECRET_FOR_CLIENT, MISMATCH),
+        None => (UNREADABLE_CLIENT_ID, UNREADABLE_CLIENT_ID),
+    };
+    (why, Rejection::Unauthenticated { reason: answer })
 }
 
 /// Accepts when `signature` (hex, any case) is the signature, under any of `checks`, of the raw
@@ -75,17 +85,13 @@ pub fn verify(
     compact: impl FnOnce() -> Option<Vec<u8>>,
 ) -> Result<(), Rejection> {
     if checks.is_empty() {
-        // The handler says why first (`no_secret`); this is for any other caller.
-        return Err(Rejection::Unauthenticated {
-            reason: NO_SECRET_FOR_CLIENT,
-        });
+        // The handler logs why first (`no_secret`); this is for any other caller.
+        return Err(Rejection::Unauthenticated { reason: MISMATCH });
     }
     let signature = signature.ok_or(Rejection::Unauthenticated {
         reason: "missing X-GB-Signature header",
     })?;
-    let mismatch = Rejection::Unauthenticated {
-        reason: "X-GB-Signature does not match the body",
-    };
+    let mismatch = Rejection::Unauthenticated { reason: MISMATCH };
     let mut claimed = [0u8; 20];
     // Decoding is case-insensitive. A header that cannot be a signature says so: "does not
     // match" sent users looking for a wrong secret (found by a first-user review).
@@ -191,9 +197,7 @@ mod tests {
         }
         assert_eq!(
             verify(&[], Some(RAW_SIG.trim()), RAW, raw_only),
-            Err(Rejection::Unauthenticated {
-                reason: NO_SECRET_FOR_CLIENT
-            })
+            Err(Rejection::Unauthenticated { reason: MISMATCH })
         );
     }
 }
