@@ -230,7 +230,7 @@ struct Durable {
 
 impl Durable {
     /// Starts a snapshot in the background when enough was written since the last one.
-    fn maybe_snapshot(&mut self, store: &Store, tracker: &TaskTracker) {
+    fn maybe_snapshot(&mut self, store: &Store, tracker: &TaskTracker, metrics: &Metrics) {
         let due = self.records_since_snapshot >= self.snapshot_every_records
             || self.bytes_since_snapshot >= self.snapshot_every_bytes;
         if !due {
@@ -246,14 +246,17 @@ impl Durable {
         self.records_since_snapshot = 0;
         self.bytes_since_snapshot = 0;
         let dir = self.appender.dir().to_owned();
-        let (store, history, running) = (
+        let (store, history, running, metrics) = (
             store.clone(),
             self.history_events,
             Arc::clone(&self.snapshot_running),
+            metrics.clone(),
         );
         tracker.spawn_blocking(move || {
             let _lock = lock;
-            match snapshot::take(&dir, &store, history) {
+            let taken = snapshot::take(&dir, &store, history);
+            metrics.snapshot(taken.is_ok());
+            match taken {
                 Ok(taken) => tracing::info!(
                     revision = taken.revision,
                     profiles = taken.profiles,
@@ -466,7 +469,7 @@ impl Task {
                 if let Some(durable) = &mut self.durable {
                     durable.records_since_snapshot += records;
                     durable.bytes_since_snapshot += appended.bytes;
-                    durable.maybe_snapshot(&self.store, &self.tracker);
+                    durable.maybe_snapshot(&self.store, &self.tracker, &self.metrics);
                 }
             }
             Err(error) => {

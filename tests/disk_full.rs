@@ -187,9 +187,10 @@ async fn a_disk_full_at_segment_rotation_heals_once_space_is_back_and_readiness_
 }
 
 /// Issue 10, bug 5: a snapshot that fails (here for lack of space) must not leave its
-/// temporary file, and one left by a crash is removed at start-up.
+/// temporary file, and one left by a crash is removed at start-up. Each attempt is counted by
+/// its outcome: a log line alone left operators blind to a journal that was never trimmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_that_fails_for_lack_of_space_leaves_no_temporary_file() {
+async fn a_snapshot_that_fails_for_lack_of_space_leaves_no_temporary_file_and_is_counted() {
     let disk = Tmpfs::mount("4m");
     let data = disk.path().join("data");
     let args = ["--snapshot-every-records", "5"];
@@ -222,10 +223,27 @@ async fn a_snapshot_that_fails_for_lack_of_space_leaves_no_temporary_file() {
         !names.iter().any(|name| name.ends_with(".tmp")),
         "the failed snapshot's temporary file is gone: {names:?}"
     );
+    let snapshots = async |binary: &Binary| {
+        let text = binary.metrics().await;
+        let outcome = |outcome| {
+            let labels = [("outcome", outcome)];
+            common::metric(&text, "profile_state_snapshots_total", &labels)
+        };
+        (outcome("written"), outcome("failed"))
+    };
+    assert_eq!(snapshots(&binary).await, (Some(0.0), Some(1.0)));
+
+    // With room again, the next one is written, and counted so.
+    std::fs::remove_file(&filler).unwrap();
+    for n in 6..=10 {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({"total_points": n}));
+        assert_eq!(binary.post(&body).await.0, 200);
+    }
+    binary.wait_for("snapshot written").await;
+    assert_eq!(snapshots(&binary).await, (Some(1.0), Some(1.0)));
     binary.stop();
 
     // One left behind by a crash mid-snapshot is removed at start-up.
-    std::fs::remove_file(&filler).unwrap();
     let stale = data.join("snapshot-00000000000000000005.snap.tmp");
     std::fs::write(&stale, vec![0; 100_000]).unwrap();
     let binary = Binary::start(&data, &args).await;
@@ -233,7 +251,7 @@ async fn a_snapshot_that_fails_for_lack_of_space_leaves_no_temporary_file() {
         !stale.exists(),
         "a stale temporary snapshot is removed at start-up"
     );
-    assert_eq!(binary.server_info().await.revision, 5);
+    assert_eq!(binary.server_info().await.revision, 10);
 }
 
 /// A restart while the disk is full: the service starts and serves reads, readiness says not

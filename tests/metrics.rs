@@ -8,7 +8,7 @@ use crate::common;
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use common::{TestService, at, profile_updated};
+use common::{TestService, at, metric, profile_updated};
 use profile_state::metrics::{VERSION, WATCH_RESET_REASONS, WEBHOOK_ANSWERS};
 use profile_state::pb;
 use profile_state::pb::admin_service_client::AdminServiceClient;
@@ -16,26 +16,6 @@ use profile_state::{Config, Server};
 use prost::Message as _;
 use serde_json::json;
 use tonic::Code;
-
-/// The value of the one sample of `name` whose labels are exactly `labels` (any order).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    wanted.sort();
-    text.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, found) = match series.split_once('{') {
-            Some((metric, rest)) => (metric, rest.strip_suffix('}')?),
-            None => (series, ""),
-        };
-        let mut found: Vec<String> = found
-            .split(',')
-            .filter(|label| !label.is_empty())
-            .map(str::to_owned)
-            .collect();
-        found.sort();
-        (metric == name && found == wanted).then(|| value.parse().ok())?
-    })
-}
 
 /// The metric families a scrape declares (`# TYPE name kind`).
 fn families(text: &str) -> BTreeSet<String> {
@@ -133,15 +113,15 @@ async fn the_first_scrape_has_every_series_of_the_readme_at_zero() {
     );
 
     let build = [("version", VERSION), ("revision", "unknown")];
-    assert_eq!(sample(&text, "profile_state_build_info", &build), Some(1.0));
-    assert_eq!(sample(&text, "profile_state_ready", &[]), Some(1.0));
-    assert_eq!(sample(&text, "profile_state_dead_letters", &[]), Some(0.0));
+    assert_eq!(metric(&text, "profile_state_build_info", &build), Some(1.0));
+    assert_eq!(metric(&text, "profile_state_ready", &[]), Some(1.0));
+    assert_eq!(metric(&text, "profile_state_dead_letters", &[]), Some(0.0));
     for (outcome, status) in WEBHOOK_ANSWERS {
         let labels = [("outcome", *outcome), ("status", &status.to_string())];
-        let series = sample(&text, "profile_state_webhooks_total", &labels);
+        let series = metric(&text, "profile_state_webhooks_total", &labels);
         assert_eq!(series, Some(0.0), "{outcome} {status}");
         let duration = [("status", &*status.to_string()), ("le", "+Inf")];
-        let series = sample(
+        let series = metric(
             &text,
             "profile_state_webhook_duration_seconds_bucket",
             &duration,
@@ -149,7 +129,7 @@ async fn the_first_scrape_has_every_series_of_the_readme_at_zero() {
         assert_eq!(series, Some(0.0), "{status}");
     }
     for reason in WATCH_RESET_REASONS {
-        let series = sample(
+        let series = metric(
             &text,
             "profile_state_watch_resets_total",
             &[("reason", reason)],
@@ -164,23 +144,23 @@ async fn the_first_scrape_has_every_series_of_the_readme_at_zero() {
             ("grpc_service", service),
             ("grpc_method", method),
         ];
-        let started = sample(&text, "grpc_server_started_total", &labels);
+        let started = metric(&text, "grpc_server_started_total", &labels);
         assert_eq!(started, Some(0.0), "{method}");
-        let handling = sample(&text, "grpc_server_handling_seconds_count", &labels);
+        let handling = metric(&text, "grpc_server_handling_seconds_count", &labels);
         assert_eq!(handling, Some(0.0), "{method}");
         for code in CODES {
             let labels = [labels[0], labels[1], labels[2], ("grpc_code", code)];
-            let handled = sample(&text, "grpc_server_handled_total", &labels);
+            let handled = metric(&text, "grpc_server_handled_total", &labels);
             assert_eq!(handled, Some(0.0), "{method} {code}");
         }
     }
 
     // The process, read from /proc.
     for gauge in ["process_resident_memory_bytes", "process_open_fds"] {
-        let value = sample(&text, gauge, &[]).unwrap_or_else(|| panic!("{gauge}"));
+        let value = metric(&text, gauge, &[]).unwrap_or_else(|| panic!("{gauge}"));
         assert!(value > 0.0, "{gauge} = {value}");
     }
-    let started = sample(&text, "process_start_time_seconds", &[]).unwrap();
+    let started = metric(&text, "process_start_time_seconds", &[]).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -205,7 +185,7 @@ async fn a_watch_stream_counts_as_handled_when_it_ends_with_its_code_and_lifetim
     };
     let handled = |text: &str, code: &str| {
         let [kind, service, method] = watch("WatchProfiles");
-        sample(
+        metric(
             text,
             "grpc_server_handled_total",
             &[kind, service, method, ("grpc_code", code)],
@@ -231,7 +211,7 @@ async fn a_watch_stream_counts_as_handled_when_it_ends_with_its_code_and_lifetim
     let opened = Instant::now();
     stream.message().await.unwrap().expect("a progress message");
     let (_, text) = service.admin_get("/metrics").await;
-    let started = sample(&text, "grpc_server_started_total", &watch("WatchProfiles"));
+    let started = metric(&text, "grpc_server_started_total", &watch("WatchProfiles"));
     assert_eq!(started, Some(2.0), "{text}");
     assert_eq!(handled(&text, "OUT_OF_RANGE"), 1.0, "{text}");
     assert_eq!(handled(&text, "CANCELLED"), 0.0, "{text}");
@@ -243,7 +223,7 @@ async fn a_watch_stream_counts_as_handled_when_it_ends_with_its_code_and_lifetim
         .metrics_until(|text| handled(text, "CANCELLED") == 1.0)
         .await;
     assert_eq!(handled(&text, "OK"), 0.0, "{text}");
-    let seconds = sample(
+    let seconds = metric(
         &text,
         "grpc_server_handling_seconds_sum",
         &watch("WatchProfiles"),
@@ -270,7 +250,7 @@ async fn readiness_and_dead_letter_gauges_follow_the_service() {
     let bad = profile_updated("a", &at(1), json!({"tier_order": "two"}));
     assert_eq!(service.post(&bad).await.0, 422);
     let (_, text) = service.admin_get("/metrics").await;
-    assert_eq!(sample(&text, "profile_state_dead_letters", &[]), Some(1.0));
+    assert_eq!(metric(&text, "profile_state_dead_letters", &[]), Some(1.0));
     let mut admin = AdminServiceClient::new(service.channel().await);
     let purge = pb::PurgeDeadLettersRequest {
         all: true,
@@ -278,9 +258,9 @@ async fn readiness_and_dead_letter_gauges_follow_the_service() {
     };
     admin.purge_dead_letters(purge).await.unwrap();
     let (_, text) = service.admin_get("/metrics").await;
-    assert_eq!(sample(&text, "profile_state_dead_letters", &[]), Some(0.0));
+    assert_eq!(metric(&text, "profile_state_dead_letters", &[]), Some(0.0));
     assert_eq!(
-        sample(&text, "profile_state_webhook_dead_letters_total", &[]),
+        metric(&text, "profile_state_webhook_dead_letters_total", &[]),
         Some(1.0),
         "the counter keeps what was kept"
     );
@@ -290,20 +270,20 @@ async fn readiness_and_dead_letter_gauges_follow_the_service() {
     let update = profile_updated("a", &at(2), json!({"total_points": 1}));
     assert_eq!(service.post(&update).await.0, 503);
     let (_, text) = service.admin_get("/metrics").await;
-    assert_eq!(sample(&text, "profile_state_ready", &[]), Some(0.0));
+    assert_eq!(metric(&text, "profile_state_ready", &[]), Some(0.0));
     assert_eq!(service.admin_get("/readyz").await.0, 503);
-    let failures = sample(&text, "profile_state_journal_write_failures_total", &[]);
+    let failures = metric(&text, "profile_state_journal_write_failures_total", &[]);
     assert!(failures >= Some(1.0), "{text}");
     let unavailable = [("outcome", "unavailable"), ("status", "503")];
-    let refused = sample(&text, "profile_state_webhooks_total", &unavailable);
+    let refused = metric(&text, "profile_state_webhooks_total", &unavailable);
     assert_eq!(refused, Some(1.0), "{text}");
 
     // The disk recovers: ready again once the sequencer's probe write succeeds.
     faults.fail_writes(false);
     let text = service
-        .metrics_until(|text| sample(text, "profile_state_ready", &[]) == Some(1.0))
+        .metrics_until(|text| metric(text, "profile_state_ready", &[]) == Some(1.0))
         .await;
-    assert_eq!(sample(&text, "profile_state_ready", &[]), Some(1.0));
+    assert_eq!(metric(&text, "profile_state_ready", &[]), Some(1.0));
     assert_eq!(service.admin_get("/readyz").await.0, 200);
     service.stop().await;
 }

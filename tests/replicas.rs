@@ -1416,6 +1416,19 @@ async fn a_replica_tries_to_publish_snapshots_at_most_every_interval() {
         })
         .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok());
     assert_eq!(uploaded, Some(1.0), "{metrics}");
+    // Each local snapshot is counted as a single node's are (once taken, a moment after its
+    // file appears).
+    let snapshots = |text: &str, outcome| {
+        common::metric(
+            text,
+            "profile_state_snapshots_total",
+            &[("outcome", outcome)],
+        )
+    };
+    let metrics = a
+        .metrics_until(|text| snapshots(text, "written").is_some_and(|written| written >= 4.0))
+        .await;
+    assert_eq!(snapshots(&metrics, "failed"), Some(0.0));
     a.stop().await;
 }
 

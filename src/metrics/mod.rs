@@ -78,6 +78,9 @@ pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] = &[
 /// `profile_state_watch_streams_refused_total` (`--max-watch-streams`,
 /// `--max-watch-streams-per-connection`).
 pub const WATCH_STREAM_LIMITS: &[&str] = &["server", "connection"];
+/// What became of a snapshot of the store written to the data directory: the `outcome` label
+/// of `profile_state_snapshots_total` (a single node's, and a replica's local ones).
+pub const SNAPSHOT_OUTCOMES: &[&str] = &["written", "failed"];
 /// The version label of `profile_state_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -103,6 +106,10 @@ struct Inner {
     connections_refused: IntCounterVec,
     connections_timed_out: IntCounterVec,
     journal: Journal,
+    /// `profile_state_snapshots_total`: a snapshot that keeps failing lets the journal (or a
+    /// replica's share of the stream) grow, and the next start replay it all, with nothing
+    /// else to show it but a log line.
+    snapshots: IntCounterVec,
     grpc: grpc::Grpc,
     reconcile: reconcile::ReconcileMetrics,
     replication: replication::Replication,
@@ -420,6 +427,15 @@ impl Metrics {
             connections_refused,
             connections_timed_out,
             journal: Journal::new(r),
+            snapshots: counter_vec_at_zero(
+                r,
+                "profile_state_snapshots_total",
+                "Snapshots of the store written to the data directory, by outcome (written, \
+                 failed): a single node's, which let older journal segments go, and a \
+                 replica's local ones.",
+                "outcome",
+                SNAPSHOT_OUTCOMES.iter().copied(),
+            ),
             grpc: grpc::Grpc::new(r),
             replication: replication::Replication::new(r),
             reconcile: reconcile::ReconcileMetrics::new(r),
@@ -528,6 +544,12 @@ impl Metrics {
     /// Counts a failed journal append.
     pub fn journal_failure(&self) {
         self.inner.journal.failures.inc();
+    }
+
+    /// Counts a snapshot of the store: written, or failed.
+    pub fn snapshot(&self, written: bool) {
+        let outcome = SNAPSHOT_OUTCOMES[usize::from(!written)];
+        self.inner.snapshots.with_label_values(&[outcome]).inc();
     }
 
     /// The Prometheus text exposition of every metric, with the mirrored gauges read now.

@@ -239,6 +239,7 @@ impl Job {
         })
         .await
         .expect("a snapshot does not panic");
+        self.metrics.snapshot(taken.is_ok());
         let taken = match taken {
             Ok(taken) => taken,
             Err(error) => {

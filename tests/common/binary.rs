@@ -224,6 +224,16 @@ impl Binary {
             .as_u16()
     }
 
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// A gRPC health client.
     pub async fn health(&self) -> HealthClient<tonic::transport::Channel> {
         let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc))

@@ -368,3 +368,23 @@ pub async fn assert_purge_leaves_a_held_letter(
     assert_eq!(letters.purge(purge()).await.unwrap(), vec![id.clone()]);
     assert!(letters.get(id).await.unwrap().is_none());
 }
+
+/// The value of the one sample of `name` whose labels are exactly `labels` (any order).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, found) = match series.split_once('{') {
+            Some((metric, rest)) => (metric, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        let mut found: Vec<String> = found
+            .split(',')
+            .filter(|label| !label.is_empty())
+            .map(str::to_owned)
+            .collect();
+        found.sort();
+        (metric == name && found == wanted).then(|| value.parse().ok())?
+    })
+}
