@@ -201,17 +201,17 @@ async fn a_delivery_no_secret_applies_to_says_why_and_is_not_logged_as_a_bad_sig
         "http://{}/webhooks/gameball",
         listening["webhook"].as_str().unwrap()
     );
-    let post = async |raw: Vec<u8>| {
-        let response = reqwest::Client::new()
-            .post(&url)
-            .header("x-gb-signature", "a".repeat(40))
-            .body(raw)
-            .send()
-            .await
-            .unwrap();
+    let post_signed = async |raw: Vec<u8>, signature: Option<&str>| {
+        let mut request = reqwest::Client::new().post(&url).body(raw);
+        if let Some(signature) = signature {
+            request = request.header("x-gb-signature", signature);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json::<Value>().await.unwrap())
     };
+    let wrong = "a".repeat(40);
+    let post = async |raw: Vec<u8>| post_signed(raw, Some(&wrong)).await;
     // One line per 10 s: the unknown account's is the one looked at.
     let mut unknown = profile_updated("a", &at(1), json!({}));
     unknown["client_id"] = json!("7777");
@@ -226,6 +226,14 @@ async fn a_delivery_no_secret_applies_to_says_why_and_is_not_logged_as_a_bad_sig
     let (known_status, known_answer) = post(serde_json::to_vec(&known).unwrap()).await;
     assert_eq!((status, &answer), (known_status, &known_answer));
     assert_eq!(answer["error"], MISMATCH);
+    // Nor does a header that is missing or cannot be a signature tell them apart.
+    for signature in [None, Some("not hex")] {
+        let unknown = post_signed(serde_json::to_vec(&unknown).unwrap(), signature).await;
+        let known = post_signed(serde_json::to_vec(&known).unwrap(), signature).await;
+        assert_eq!(unknown, known, "{signature:?}");
+        assert_eq!(unknown.0, 401);
+        assert_ne!(unknown.1["error"], MISMATCH, "{signature:?} is named");
+    }
 
     let (status, answer) = post(b"garbage".to_vec()).await;
     assert_eq!(status, 401, "{answer}");

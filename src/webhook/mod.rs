@@ -270,7 +270,8 @@ impl Ingress {
             if checks.is_empty() {
                 // Nothing to check with: not a bad signature, an account missing from the
                 // secrets file (or a body that names none).
-                let (why, answer) = signature::no_secret(client_id);
+                let (why, answer) =
+                    signature::no_secret(client_id, claimed, &raw, || parsed.compact(&raw));
                 self.rejections.no_secret(client_id, why);
                 return Err(answer);
             }

@@ -47,7 +47,7 @@ impl SignatureCheck {
 }
 
 /// Why a delivery whose `client_id` has no secret was refused, when there is no default: what
-/// the log says. The sender is answered [`MISMATCH`], as for a wrong signature: answered
+/// the log says. The sender is answered as for a wrong signature ([`no_secret`]): answered
 /// this, anyone who can reach the webhook port could tell which accounts a server is
 /// configured for by trying `client_id`s with any signature.
 pub const NO_SECRET_FOR_CLIENT: &str =
@@ -65,13 +65,31 @@ pub const UNREADABLE_CLIENT_ID: &str = "the body's client_id could not be read (
      client_id, or not a string), so no webhook secret could be chosen, and there is no default";
 
 /// Why no secret applies to a delivery, by whether its `client_id` could be read (for the
-/// log), and what its sender is answered.
-pub fn no_secret(client_id: Option<&str>) -> (&'static str, Rejection) {
-    let (why, answer) = match client_id {
-        Some(_) => (NO_SECRET_FOR_CLIENT, MISMATCH),
-        None => (UNREADABLE_CLIENT_ID, UNREADABLE_CLIENT_ID),
-    };
-    (why, Rejection::Unauthenticated { reason: answer })
+/// log), and what its sender is answered. A readable `client_id` is answered exactly as a
+/// configured account's delivery with a wrong signature is: checked, with the same work,
+/// against a secret nobody knows (made at start), so that neither the answer (a missing or
+/// malformed header is named as for any account) nor its time tells which accounts a server
+/// has secrets for. A delivery that matched it anyway is refused all the same.
+pub fn no_secret(
+    client_id: Option<&str>,
+    signature: Option<&str>,
+    raw: &[u8],
+    compact: impl FnOnce() -> Option<Vec<u8>>,
+) -> (&'static str, Rejection) {
+    static UNKNOWN: std::sync::LazyLock<SignatureCheck> =
+        std::sync::LazyLock::new(|| SignatureCheck::new(&uuid::Uuid::new_v4().to_string()));
+    match client_id {
+        Some(_) => {
+            let refusal = verify(std::slice::from_ref(&*UNKNOWN), signature, raw, compact)
+                .err()
+                .unwrap_or(Rejection::Unauthenticated { reason: MISMATCH });
+            (NO_SECRET_FOR_CLIENT, refusal)
+        }
+        None => {
+            let reason = UNREADABLE_CLIENT_ID;
+            (reason, Rejection::Unauthenticated { reason })
+        }
+    }
 }
 
 /// Accepts when `signature` (hex, any case) is the signature, under any of `checks`, of the raw
