@@ -168,6 +168,16 @@ pub enum Purge {
     Ids(Vec<DeadLetterId>),
 }
 
+/// What a purge did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// The letters removed.
+    pub removed: Vec<DeadLetterId>,
+    /// The letters left because a replay held them: the replay removes its letter once
+    /// applied, and gives it back, still kept, when it cannot apply it.
+    pub replaying: Vec<DeadLetterId>,
+}
+
 /// Why letters could not be kept, loaded or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
@@ -434,63 +444,68 @@ impl LocalLetters {
 
     /// Removes one letter (replayed, or no longer wanted). Returns false if it was not kept.
     pub async fn remove(&self, id: &DeadLetterId) -> Result<bool, DeadLetterError> {
-        let removed = self.delete(Purge::Ids(vec![id.clone()]), false).await?;
-        Ok(!removed.is_empty())
+        let purged = self.delete(Purge::Ids(vec![id.clone()]), false).await?;
+        Ok(!purged.removed.is_empty())
     }
 
-    /// Removes these letters, or all of them; returns the ids removed. Ids that are not kept
-    /// are skipped. On an I/O error, the letters removed before it stay removed.
-    pub async fn purge(&self, which: Purge) -> Result<Vec<DeadLetterId>, DeadLetterError> {
+    /// Removes these letters, or all of them, except those a replay holds. Ids that are not
+    /// kept are skipped. On an I/O error, the letters removed before it stay removed.
+    pub async fn purge(&self, which: Purge) -> Result<Purged, DeadLetterError> {
         self.delete(which, true).await
     }
 
     /// Removes letters; those a replay holds too unless `leave_held` (a purge leaves them to
     /// the replay, which removes its letter once applied).
-    async fn delete(
-        &self,
-        which: Purge,
-        leave_held: bool,
-    ) -> Result<Vec<DeadLetterId>, DeadLetterError> {
+    async fn delete(&self, which: Purge, leave_held: bool) -> Result<Purged, DeadLetterError> {
         self.change(move |inner| {
             let ids = match which {
                 Purge::All => lock(&inner.index).by_id.keys().cloned().collect(),
                 Purge::Ids(ids) => ids,
             };
-            let mut removed = Vec::new();
+            let mut purged = Purged::default();
             let mut result = Ok(());
             for id in ids {
-                // A letter a replay holds is the replay's to remove once applied: purging it
-                // too said "purged" of a letter that was then applied.
-                if !lock(&inner.index).by_id.contains_key(&id)
-                    || (leave_held && inner.replay_holds(&id))
-                {
-                    continue;
-                }
+                let letter = match inner.take_unless_held(&id, leave_held) {
+                    Taken::Letter(letter) => letter,
+                    Taken::NotKept => continue,
+                    Taken::Held => {
+                        purged.replaying.push(id);
+                        continue;
+                    }
+                };
                 if let Err(error) = inner.delete(&id) {
+                    // Its file is still there: still kept.
+                    lock(&inner.index).insert(letter);
                     result = Err(error);
                     break;
                 }
-                lock(&inner.index).remove(&id);
-                removed.push(id);
+                purged.removed.push(id);
             }
             if let Some(dir) = &inner.dir
-                && !removed.is_empty()
+                && !purged.removed.is_empty()
             {
                 sync_dir(dir).map_err(IoError::on(dir, "sync"))?;
             }
-            result.map(|()| removed)
+            result.map(|()| purged)
         })
         .await
     }
 
-    /// Claims `id` for a replay; false while another replay holds it.
-    pub fn claim_replay(&self, id: &DeadLetterId) -> bool {
+    /// Claims `id` for a replay: the letter, unless it is not kept or another replay holds
+    /// it. Its presence is read and the claim made under the claims' lock, which a purge holds
+    /// while it takes a letter out ([`Inner::take_unless_held`]), so a purge and a replay of
+    /// one letter never both go ahead: read apart, a replay that started while a purge removed
+    /// the letter's file claimed it, and both said they had done it (found by an adversarial
+    /// run).
+    pub fn claim_replay(&self, id: &DeadLetterId) -> Result<Arc<DeadLetter>, Error> {
         let mut replaying = lock(&self.inner.replaying);
         if replaying.get(id).is_some_and(claim_holds) {
-            return false;
+            return Err(Error::DeadLetterBeingReplayed { id: id.to_string() });
         }
+        let letter = lock(&self.inner.index).by_id.get(id).cloned();
+        let letter = letter.ok_or_else(|| Error::DeadLetterNotFound { id: id.to_string() })?;
         replaying.insert(id.clone(), std::time::Instant::now());
-        true
+        Ok(letter)
     }
 
     /// The replay of `id` is over (applied or not).
@@ -532,10 +547,26 @@ fn claim_holds(since: &std::time::Instant) -> bool {
     since.elapsed() < shared::REPLAY_CLAIM_TIMEOUT
 }
 
+/// What [`Inner::take_unless_held`] found.
+enum Taken {
+    Letter(Arc<DeadLetter>),
+    NotKept,
+    Held,
+}
+
 impl Inner {
-    /// Whether a replay holds `id`.
-    fn replay_holds(&self, id: &DeadLetterId) -> bool {
-        lock(&self.replaying).get(id).is_some_and(claim_holds)
+    /// Takes `id` out of the index, unless it is not kept or (with `leave_held`) a replay
+    /// holds it. The claims' lock is taken first and held throughout, as
+    /// [`LocalLetters::claim_replay`] takes it (the same order: claims, then the index).
+    fn take_unless_held(&self, id: &DeadLetterId, leave_held: bool) -> Taken {
+        let replaying = lock(&self.replaying);
+        if leave_held && replaying.get(id).is_some_and(claim_holds) {
+            return Taken::Held;
+        }
+        match lock(&self.index).remove(id) {
+            Some(letter) => Taken::Letter(letter),
+            None => Taken::NotKept,
+        }
     }
 
     fn path(&self, id: &DeadLetterId) -> Option<PathBuf> {
@@ -855,8 +886,8 @@ mod tests {
         let refused = letters.store(b"2", &invalid("body"), at(2)).await;
         assert!(matches!(refused, Err(DeadLetterError::Full { limit: 1 })));
         letters.store(b"1", &invalid("body"), at(3)).await.unwrap();
-        let removed = letters.purge(Purge::All).await.unwrap();
-        assert_eq!(removed.len(), 1);
+        let purged = letters.purge(Purge::All).await.unwrap();
+        assert_eq!(purged.removed.len(), 1);
         letters.store(b"2", &invalid("body"), at(4)).await.unwrap();
     }
 
@@ -893,6 +924,26 @@ mod tests {
         let again = LocalLetters::open(data.path(), LockRef::unlocked()).unwrap();
         assert_eq!(again.len(), 1);
         assert!(again.get(&other).is_some());
+    }
+
+    /// A purge takes a letter out of the index before removing its file: a file that cannot
+    /// be removed puts it back, since it is still kept (and would be back after a restart).
+    #[tokio::test]
+    async fn a_letter_whose_file_cannot_be_removed_stays_kept() {
+        let data = tempfile::tempdir().unwrap();
+        let letters = LocalLetters::open(data.path(), LockRef::unlocked()).unwrap();
+        let id = letters
+            .store(b"{}", &invalid("event"), at(1))
+            .await
+            .unwrap();
+        let path = data.path().join(DIR).join(format!("{id}.json"));
+        std::fs::remove_file(&path).unwrap();
+        // A directory in its place: removing it as a file fails.
+        std::fs::create_dir_all(path.join("inside")).unwrap();
+        assert!(letters.purge(Purge::Ids(vec![id.clone()])).await.is_err());
+        assert!(letters.get(&id).is_some(), "still kept");
+        assert_eq!(letters.list(None, 10, usize::MAX).letters.len(), 1);
+        assert!(letters.claim_replay(&id).is_ok(), "and replayable");
     }
 
     #[tokio::test]

@@ -86,6 +86,40 @@ async fn a_tls_handshake_that_never_completes_is_bounded_by_the_timeout() {
     drop(silent);
 }
 
+/// A purge of a letter a replay holds leaves it: the binary says so per letter and exits 1,
+/// where it said "not kept" and exited 0 (found by an adversarial run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_of_a_letter_a_replay_holds_says_so_and_fails() {
+    let server = profile_state::Server::bind(Config::for_tests(common::SECRET))
+        .await
+        .unwrap();
+    let letters = server.dead_letters();
+    let service = TestService::serve(server);
+    let (_, id) = dead_letter(&service, "held").await;
+    let claim = letters
+        .claim(&profile_state::dead_letters::DeadLetterId::parse(&id).unwrap())
+        .await
+        .unwrap();
+    let grpc = service.grpc.to_string();
+    let env = [("PROFILE_STATE_GRPC", grpc.as_str())];
+    let purge = cli(&["purge", &id], &env).await;
+    assert_eq!(purge.status.code(), Some(1), "{}", stderr(&purge));
+    assert_eq!(
+        stdout(&purge),
+        format!("purged 0\n{id}: being replayed, not purged\n")
+    );
+    assert!(
+        stderr(&purge).contains("1 dead letter(s) not purged: a replay held them"),
+        "{}",
+        stderr(&purge)
+    );
+    letters.release(claim, None).await.unwrap();
+    let purge = cli(&["purge", &id], &env).await;
+    assert!(purge.status.success(), "{}", stderr(&purge));
+    assert_eq!(stdout(&purge), "purged 1\n");
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn dead_letters_are_listed_shown_replayed_and_purged_through_the_binary() {
     let service = TestService::start().await;

@@ -344,7 +344,16 @@ async fn purge(client: &mut AdminClient, ids: Vec<String>, all: bool) -> Result<
     for id in answer.missing_ids {
         write(&mut out, &format!("{id}: not kept\n"))?;
     }
-    Ok(())
+    for id in &answer.replaying_ids {
+        write(&mut out, &format!("{id}: being replayed, not purged\n"))?;
+    }
+    match answer.replaying_ids.len() {
+        0 => Ok(()),
+        n => Err(Failure::Failed(format!(
+            "{n} dead letter(s) not purged: a replay held them (it removes a letter it applies; \
+             purge again once it has ended)"
+        ))),
+    }
 }
 
 fn write(out: &mut impl std::io::Write, text: &str) -> Result<(), Failure> {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use super::shared::SharedLetters;
 use super::{
     Cursor, DeadLetter, DeadLetterError, DeadLetterId, LetterBucket, LocalLetters, MAX_LETTERS,
-    Page, Purge,
+    Page, Purge, Purged,
 };
 use crate::error::Error;
 
@@ -119,9 +119,9 @@ impl DeadLetters {
         }
     }
 
-    /// Removes these letters, or all of them; returns the ids removed (ids not kept are
-    /// skipped).
-    pub async fn purge(&self, which: Purge) -> Result<Vec<DeadLetterId>, DeadLetterError> {
+    /// Removes these letters, or all of them, except those a replay holds; says which it
+    /// removed and which it left to a replay (ids not kept are skipped).
+    pub async fn purge(&self, which: Purge) -> Result<Purged, DeadLetterError> {
         match &self.backend {
             Backend::Local(local) => local.purge(which).await,
             Backend::Shared(shared) => shared.purge(which).await,
@@ -131,18 +131,11 @@ impl DeadLetters {
     /// Claims the letter `id` for a replay: [`Error::DeadLetterNotFound`] if it is not kept,
     /// [`Error::DeadLetterBeingReplayed`] if another replica claimed it first.
     pub async fn claim(&self, id: &DeadLetterId) -> Result<ReplayClaim, Error> {
-        let not_found = || Error::DeadLetterNotFound { id: id.to_string() };
         match &self.backend {
-            Backend::Local(local) => {
-                let letter = local.get(id).ok_or_else(not_found)?;
-                if !local.claim_replay(id) {
-                    return Err(Error::DeadLetterBeingReplayed { id: id.to_string() });
-                }
-                Ok(ReplayClaim {
-                    letter,
-                    revision: 0,
-                })
-            }
+            Backend::Local(local) => Ok(ReplayClaim {
+                letter: local.claim_replay(id)?,
+                revision: 0,
+            }),
             Backend::Shared(shared) => {
                 let (letter, revision) = shared.claim(id, Utc::now()).await?;
                 Ok(ReplayClaim {

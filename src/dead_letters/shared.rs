@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use super::{
-    Cursor, DeadLetter, DeadLetterError, DeadLetterId, Page, PageBuilder, Purge, decode, encode,
+    Cursor, DeadLetter, DeadLetterError, DeadLetterId, Page, PageBuilder, Purge, Purged, decode,
+    encode,
 };
 use crate::error::Error;
 
@@ -324,7 +325,7 @@ impl SharedLetters {
         Ok(order)
     }
 
-    pub(super) async fn purge(&self, which: Purge) -> Result<Vec<DeadLetterId>, DeadLetterError> {
+    pub(super) async fn purge(&self, which: Purge) -> Result<Purged, DeadLetterError> {
         let ids = match which {
             Purge::All => self
                 .ids()
@@ -334,30 +335,33 @@ impl SharedLetters {
                 .collect(),
             Purge::Ids(ids) => ids,
         };
-        let mut removed = Vec::new();
+        let mut purged = Purged::default();
         for id in ids {
-            if self.remove_any(&id).await? {
-                removed.push(id);
+            match self.remove_any(&id).await? {
+                Removal::Removed => purged.removed.push(id),
+                Removal::Held => purged.replaying.push(id),
+                Removal::NotKept => {}
             }
         }
         self.ids().await?;
-        Ok(removed)
+        Ok(purged)
     }
 
-    /// Removes a letter whatever its revision; false if it is not kept, or a replay holds it
+    /// Removes a letter whatever its revision, unless it is not kept or a replay holds it
     /// (the replay removes it once applied: a purge that went ahead said "purged" of a letter
-    /// the replay then applied).
-    async fn remove_any(&self, id: &DeadLetterId) -> Result<bool, DeadLetterError> {
+    /// the replay then applied). The removal is conditional on the revision read, so a claim
+    /// made in between makes it look again.
+    async fn remove_any(&self, id: &DeadLetterId) -> Result<Removal, DeadLetterError> {
         for _ in 0..ATTEMPTS {
             let Some(entry) = self.entry(id).await? else {
-                return Ok(false);
+                return Ok(Removal::NotKept);
             };
             if claimed_at(entry.replaying_since, Utc::now()) {
-                return Ok(false);
+                return Ok(Removal::Held);
             }
             match self.bucket.remove(id.as_str(), entry.revision).await {
                 Err(BucketError::Conflict) => continue,
-                result => return result.map(|()| true).map_err(Into::into),
+                result => return result.map(|()| Removal::Removed).map_err(Into::into),
             }
         }
         Err(contended(id))
@@ -435,6 +439,13 @@ impl SharedLetters {
 
 fn being_replayed(id: &DeadLetterId) -> Error {
     Error::DeadLetterBeingReplayed { id: id.to_string() }
+}
+
+/// What a purge's removal of one letter found.
+enum Removal {
+    Removed,
+    Held,
+    NotKept,
 }
 
 fn contended(id: &DeadLetterId) -> DeadLetterError {

@@ -216,18 +216,26 @@ impl DeadLetterApi {
                 return Err(grpc_status(&error));
             }
         };
-        let removed = self.dead_letters.purge(which).await.map_err(unavailable)?;
-        tracing::info!(purged = removed.len(), "dead letters purged");
-        let removed_ids: HashSet<&str> = removed.iter().map(DeadLetterId::as_str).collect();
+        let purged = self.dead_letters.purge(which).await.map_err(unavailable)?;
+        tracing::info!(
+            purged = purged.removed.len(),
+            left_to_replays = purged.replaying.len(),
+            "dead letters purged"
+        );
+        let found: HashSet<&str> = (purged.removed.iter())
+            .chain(&purged.replaying)
+            .map(DeadLetterId::as_str)
+            .collect();
         let missing_ids = request
             .ids
             .iter()
-            .filter(|text| !removed_ids.contains(text.as_str()))
+            .filter(|text| !found.contains(text.as_str()))
             .cloned()
             .collect();
         Ok(Response::new(pb::PurgeDeadLettersResponse {
-            purged_count: removed.len() as u64,
+            purged_count: purged.removed.len() as u64,
             missing_ids,
+            replaying_ids: purged.replaying.iter().map(ToString::to_string).collect(),
         }))
     }
 }

@@ -357,15 +357,25 @@ pub async fn assert_purge_leaves_a_held_letter(
     letters: &profile_state::dead_letters::DeadLetters,
     id: &profile_state::dead_letters::DeadLetterId,
 ) {
-    let purge = || profile_state::dead_letters::Purge::Ids(vec![id.clone()]);
+    use profile_state::dead_letters::{Purge, Purged};
+    let purge = || Purge::Ids(vec![id.clone()]);
     let claim = letters.claim(id).await.unwrap();
-    assert_eq!(letters.purge(purge()).await.unwrap(), vec![]);
+    let left = Purged {
+        removed: vec![],
+        replaying: vec![id.clone()],
+    };
+    assert_eq!(letters.purge(purge()).await.unwrap(), left);
+    assert_eq!(letters.purge(Purge::All).await.unwrap(), left);
     assert!(
         letters.get(id).await.unwrap().is_some(),
         "left to the replay"
     );
     letters.release(claim, None).await.unwrap();
-    assert_eq!(letters.purge(purge()).await.unwrap(), vec![id.clone()]);
+    let purged = Purged {
+        removed: vec![id.clone()],
+        replaying: vec![],
+    };
+    assert_eq!(letters.purge(purge()).await.unwrap(), purged);
     assert!(letters.get(id).await.unwrap().is_none());
 }
 
