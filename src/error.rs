@@ -255,7 +255,12 @@ fn reconcile_not_configured(client_id: &str, secrets_file: bool) -> String {
 /// message travels in `grpc-message`, and gRPC's C core refuses metadata over 16 KiB: a caller
 /// who sent a megabyte-long id must still be told NOT_FOUND, not RESOURCE_EXHAUSTED.
 pub(crate) fn echoed(text: &str) -> std::borrow::Cow<'_, str> {
-    match text.char_indices().nth(ECHOED_CHARS) {
+    cut_to(text, ECHOED_CHARS)
+}
+
+/// `text`, or its first `chars` characters then `…`.
+pub(crate) fn cut_to(text: &str, chars: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(chars) {
         None => text.into(),
         Some((cut, _)) => format!("{}…", &text[..cut]).into(),
     }

@@ -724,6 +724,35 @@ async fn unknown_customers_are_created_and_all_walks_the_known_ones() {
     service.stop().await;
 }
 
+/// A hundred failed customers whose ids are 50 KB each (a webhook takes them): listed whole,
+/// the report passed gRPC's 4 MiB message limit, and the job could no longer be read or
+/// cancelled (found by an adversarial run). Listed ids are cut; the counts cover all.
+#[tokio::test]
+async fn a_report_of_failed_customers_with_huge_ids_can_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let service = in_memory(dir.path(), &stand_in).await;
+    for n in 0..100 {
+        let id = format!("{n:03}{}", "x".repeat(50_000));
+        service
+            .update(&profile_updated(&id, &common::at(1), json!({})))
+            .await;
+    }
+    // Gameball knows none of them.
+    let job = reconcile(
+        &service,
+        pb::reconcile_profiles_request::Selection::All(true),
+    )
+    .await;
+    assert_eq!((job.total, job.failed), (100, 100), "{:?}", job.error);
+    assert_eq!(job.failures.len(), 100);
+    for failure in &job.failures {
+        assert_eq!(failure.customer_id.chars().count(), 129, "cut, then …");
+        assert!(failure.customer_id.ends_with("xxx…"));
+    }
+    service.stop().await;
+}
+
 /// Gameball's truth changes while webhooks (some lost, some twice, out of order) and
 /// reconcile jobs run at once. After a last job clocked past every earlier read, the service
 /// holds the truth whatever the order; three orders end in the same values.

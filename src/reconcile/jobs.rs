@@ -49,6 +49,11 @@ use crate::webhook::secrets::SecretStore;
 pub const MAX_CUSTOMER_IDS: usize = 10_000;
 /// Failures a report lists one by one; the counts cover all.
 pub const MAX_LISTED_FAILURES: usize = 100;
+/// The most characters of a listed failure's detail; its customer id is cut as error messages
+/// cut a caller's text (`crate::error::echoed`). Whole, a webhook's customer id of 60 KB made
+/// a report of 100 failures too large for a gRPC message: the job could no longer be read,
+/// nor cancelled (found by an adversarial run).
+const MAX_DETAIL_CHARS: usize = 512;
 /// Keys read from the store per page of a paged selection.
 const PAGE: usize = 1_000;
 /// How often a journal that refuses writes is tried again for one customer, before the job
@@ -176,9 +181,9 @@ impl JobReport {
         *self.failures_by_reason.entry(reason).or_default() += 1;
         if self.failures.len() < MAX_LISTED_FAILURES {
             self.failures.push(CustomerFailure {
-                customer_id,
+                customer_id: crate::error::echoed(&customer_id).into_owned(),
                 reason,
-                detail,
+                detail: crate::error::cut_to(&detail, MAX_DETAIL_CHARS).into_owned(),
             });
         }
     }
@@ -861,9 +866,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_report_lists_the_first_failures_and_counts_all() {
-        let mut report = JobReport {
+    fn report() -> JobReport {
+        JobReport {
             job_id: "j".into(),
             client_id: "2155".into(),
             state: JobState::Running,
@@ -878,7 +882,12 @@ mod tests {
             failures: Vec::new(),
             error: None,
             api_requests: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_report_lists_the_first_failures_and_counts_all() {
+        let mut report = report();
         for n in 0..MAX_LISTED_FAILURES + 5 {
             report.fail(
                 format!("c-{n}"),
@@ -890,5 +899,18 @@ mod tests {
         assert_eq!(report.failed, (MAX_LISTED_FAILURES + 5) as u64);
         assert_eq!(report.failures_by_reason["not_found"], report.failed);
         assert_eq!(report.done(), report.failed + 2);
+    }
+
+    #[test]
+    fn listed_failures_cut_long_ids_and_details() {
+        let mut report = report();
+        report.fail("é".repeat(60_000), "not_found", "x".repeat(100_000));
+        report.fail("short".into(), "not_found", "said so".into());
+        let [long, short] = report.failures.as_slice() else {
+            panic!("{:?}", report.failures);
+        };
+        assert_eq!(long.customer_id, format!("{}…", "é".repeat(128)));
+        assert_eq!(long.detail, format!("{}…", "x".repeat(MAX_DETAIL_CHARS)));
+        assert_eq!((&*short.customer_id, &*short.detail), ("short", "said so"));
     }
 }
