@@ -461,7 +461,10 @@ impl Fetcher {
         fetched.to_update(&self.client.account().client_id, self.options.clock_margin)
     }
 
-    /// Sends an outcome and counts it. Returns whether the receiver is gone.
+    /// Sends an outcome and, once it is sent, counts it. Returns whether the receiver is gone.
+    /// Counted before, an outcome whose send a cancel dropped (the channel full with a batch's
+    /// outcomes) was neither applied nor counted as not attempted: the job's counts missed a
+    /// customer (found by an adversarial run).
     async fn send(
         &self,
         out: &mpsc::Sender<Outcome>,
@@ -469,15 +472,19 @@ impl Fetcher {
         customer_id: &str,
         result: Result<ProfileUpdate, ApiError>,
     ) -> bool {
-        match &result {
-            Ok(_) => summary.fetched += 1,
-            Err(_) => summary.failed += 1,
-        }
+        let fetched = result.is_ok();
         let outcome = Outcome {
             customer_id: customer_id.to_owned(),
             result,
         };
-        out.send(outcome).await.is_err()
+        if out.send(outcome).await.is_err() {
+            return true;
+        }
+        match fetched {
+            true => summary.fetched += 1,
+            false => summary.failed += 1,
+        }
+        false
     }
 }
 
@@ -507,6 +514,39 @@ mod tests {
             "{}",
             error.detail.len()
         );
+    }
+
+    /// A send a cancel drops (the channel full) leaves the outcome uncounted, so that the
+    /// summary's `not_attempted` covers it.
+    #[tokio::test]
+    async fn an_outcome_is_counted_once_sent_and_not_when_its_send_is_dropped() {
+        let account = Account::new("2155", "k", "s").unwrap();
+        let client = GameballClient::new(account, ClientOptions::default()).unwrap();
+        let fetcher = Fetcher::new(client, FetchOptions::default());
+        let failed = |customer: &str| ApiError {
+            endpoint: Endpoint::Details,
+            reason: FailureReason::NotFound,
+            status: Some(404),
+            gameball_code: None,
+            detail: format!("{customer} not found"),
+            attempts: 1,
+            asked_to_wait: None,
+        };
+        let (out, mut outcomes) = mpsc::channel(1);
+        let mut summary = FetchSummary::default();
+        assert!(!fetcher.send(&out, &mut summary, "a", Err(failed("a"))).await);
+        assert_eq!((summary.fetched, summary.failed), (0, 1));
+        // The channel is full: the next send waits (polled first), and a cancel drops it.
+        tokio::select! {
+            biased;
+            _ = fetcher.send(&out, &mut summary, "b", Err(failed("b"))) => panic!("sent"),
+            () = tokio::task::yield_now() => {}
+        }
+        assert_eq!((summary.fetched, summary.failed), (0, 1));
+        assert_eq!(outcomes.recv().await.unwrap().customer_id, "a");
+        drop(outcomes);
+        assert!(fetcher.send(&out, &mut summary, "c", Err(failed("c"))).await);
+        assert_eq!((summary.fetched, summary.failed), (0, 1), "the receiver was gone");
     }
 
     /// A job spawns the fetch on the runtime, so its future must be `Send`.
