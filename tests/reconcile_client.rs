@@ -191,7 +191,22 @@ async fn any_customer_id_travels_as_one_path_segment() {
         assert_eq!(error.reason, FailureReason::Rejected);
         assert_eq!(error.attempts, 0);
     }
-    assert_eq!(stand_in.seen().len(), 3, "no request for . or ..");
+    // An id whose url would pass what a request can carry (a `/` is 3 bytes escaped): refused
+    // at once, named, not retried as Gameball unreachable (found by an adversarial run).
+    let error = fetcher.fetch_one(&"/".repeat(25_000)).await.unwrap_err();
+    assert_eq!(error.reason, FailureReason::Rejected, "{error}");
+    assert_eq!(error.attempts, 0);
+    assert!(
+        error
+            .detail
+            .contains("customer id (25000 bytes) makes a url of"),
+        "{error}"
+    );
+    assert_eq!(
+        stand_in.seen().len(),
+        3,
+        "no request for . or .. or the long id"
+    );
 }
 
 #[tokio::test]

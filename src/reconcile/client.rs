@@ -107,6 +107,8 @@ pub const STATUS_LABELS: [&str; 11] = [
 /// The status label of an attempt dropped before its answer (its job cancelled or stopped):
 /// sent, and counted by Gameball against the account's limits.
 pub const CANCELLED: &str = "cancelled";
+/// The longest URL a request can carry: the `http` crate's bound on a URI.
+const MAX_URL_BYTES: usize = u16::MAX as usize - 1;
 
 /// The status label of one attempt: the HTTP codes the reconciler treats apart, a class for
 /// the others, or why there was no answer. A fixed set, so metrics stay bounded.
@@ -293,6 +295,18 @@ impl GameballClient {
         let mut segments = vec!["customers", customer_id];
         segments.extend(tail);
         let url = self.url(&segments);
+        // Longer, the request cannot even be built: it was tried six times over 20 s and
+        // reported as Gameball unreachable, counting requests never sent (found by an
+        // adversarial run).
+        if url.as_str().len() > MAX_URL_BYTES {
+            let detail = format!(
+                "this customer id ({} bytes) makes a url of {} bytes, longer than a request \
+                 can carry ({MAX_URL_BYTES})",
+                customer_id.len(),
+                url.as_str().len()
+            );
+            return Err(ApiError::new(endpoint, FailureReason::Rejected, detail));
+        }
         self.call(endpoint, Method::GET, url, None).await
     }
 

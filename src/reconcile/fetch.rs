@@ -534,7 +534,11 @@ mod tests {
         };
         let (out, mut outcomes) = mpsc::channel(1);
         let mut summary = FetchSummary::default();
-        assert!(!fetcher.send(&out, &mut summary, "a", Err(failed("a"))).await);
+        assert!(
+            !fetcher
+                .send(&out, &mut summary, "a", Err(failed("a")))
+                .await
+        );
         assert_eq!((summary.fetched, summary.failed), (0, 1));
         // The channel is full: the next send waits (polled first), and a cancel drops it.
         tokio::select! {
@@ -545,8 +549,16 @@ mod tests {
         assert_eq!((summary.fetched, summary.failed), (0, 1));
         assert_eq!(outcomes.recv().await.unwrap().customer_id, "a");
         drop(outcomes);
-        assert!(fetcher.send(&out, &mut summary, "c", Err(failed("c"))).await);
-        assert_eq!((summary.fetched, summary.failed), (0, 1), "the receiver was gone");
+        assert!(
+            fetcher
+                .send(&out, &mut summary, "c", Err(failed("c")))
+                .await
+        );
+        assert_eq!(
+            (summary.fetched, summary.failed),
+            (0, 1),
+            "the receiver was gone"
+        );
     }
 
     /// A job spawns the fetch on the runtime, so its future must be `Send`.
