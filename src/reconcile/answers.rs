@@ -250,15 +250,20 @@ fn integer(
     let number = value
         .as_number()
         .ok_or_else(|| format!("{path} must be a number"))?;
+    let out_of_range = || format!("{path} is out of range");
     let whole = match (number.as_i64(), number.as_f64()) {
         (Some(whole), _) => Some(whole),
+        // Past i64 (u64, or a whole float beyond): whole, and out of range; called "not a
+        // whole number" before (found by an adversarial run).
+        (None, _) if number.is_u64() => return Err(out_of_range()),
         // Exactly representable and whole: 2^63 is excluded by the strict upper bound.
         (None, Some(float)) if float.fract() == 0.0 && float.abs() < 9.2e18 => Some(float as i64),
+        (None, Some(float)) if float.fract() == 0.0 => return Err(out_of_range()),
         _ => None,
     };
     match whole {
         Some(whole) if range.contains(&whole) => Ok(Some(whole)),
-        Some(_) => Err(format!("{path} is out of range")),
+        Some(_) => Err(out_of_range()),
         None => Err(format!("{path} must be a whole number")),
     }
 }
@@ -354,6 +359,15 @@ mod tests {
             (
                 tier_progress(&json!({"current": {"order": 4_000_000_000_i64}})).unwrap_err(),
                 "current.order is out of range",
+            ),
+            // Whole numbers past i64, as an integer or written as a float.
+            (
+                balance(&json!({"totalPointsBalance": u64::MAX})).unwrap_err(),
+                "totalPointsBalance is out of range",
+            ),
+            (
+                balance(&json!({"totalPointsBalance": -1e19})).unwrap_err(),
+                "totalPointsBalance is out of range",
             ),
             (
                 tier_progress(&json!({"current": {"name": 3}})).unwrap_err(),
