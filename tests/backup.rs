@@ -802,10 +802,23 @@ async fn restore_refuses_a_pipe_and_a_link_to_nothing_before_making_anything() {
     assert!(!nowhere.exists(), "nothing made");
 }
 
+/// What a [`limiting_forwarder`] does once it has passed its limit.
+#[derive(Clone, Copy)]
+enum Past {
+    /// Holds the connection open and silent until the client leaves: a server that stopped in
+    /// the middle of a stream, or a partition without a reset.
+    Stall,
+    /// Closes the connection: a server that died in the middle of a stream.
+    Close,
+}
+
 /// A TCP forwarder to `upstream` that passes the client's bytes on, and at most `limit` of the
-/// server's back, then holds the connection open and silent until the client leaves: a server
-/// that stopped in the middle of a stream, or a partition without a reset.
-async fn stalling_forwarder(upstream: std::net::SocketAddr, limit: usize) -> std::net::SocketAddr {
+/// server's back, then does what `past` says.
+async fn limiting_forwarder(
+    upstream: std::net::SocketAddr,
+    limit: usize,
+    past: Past,
+) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -827,7 +840,10 @@ async fn stalling_forwarder(upstream: std::net::SocketAddr, limit: usize) -> std
                         to_client.write_all(&buffer[..read]).await?;
                         passed += read;
                     }
-                    std::future::pending::<std::io::Result<()>>().await
+                    match past {
+                        Past::Stall => std::future::pending::<std::io::Result<()>>().await,
+                        Past::Close => Ok(()),
+                    }
                 };
                 // Until the client leaves: then the server's connection closes too.
                 tokio::select! {
@@ -853,7 +869,7 @@ async fn a_backup_gives_up_on_a_server_that_stops_sending() {
         assert_eq!(service.post(&body).await.0, 200);
     }
     // The handshake and the answer's start pass; the backup's 300 KB do not.
-    let stalling = stalling_forwarder(service.grpc, 64 * 1024).await;
+    let stalling = limiting_forwarder(service.grpc, 64 * 1024, Past::Stall).await;
     let file = dir.path().join("backup.snap");
     let args = [
         "backup",
@@ -883,6 +899,40 @@ async fn a_backup_gives_up_on_a_server_that_stops_sending() {
         "{}",
         text(&output.stderr)
     );
+    assert!(!file.exists());
+    assert_eq!(partial_files(dir.path()), Vec::<String>::new());
+    service.stop().await;
+}
+
+/// A server that died in the middle of a backup: the backup says the stream broke off after
+/// what arrived, and no longer blames TLS or client certificates on a connection that got past
+/// them (found by an adversarial run).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_cut_off_mid_stream_says_so_without_a_tls_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = TestService::start_with(durable_config(&dir.path().join("data"))).await;
+    let extra = "x".repeat(1000);
+    for n in 0..300 {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({ "note": extra }));
+        assert_eq!(service.post(&body).await.0, 200);
+    }
+    let cutting = limiting_forwarder(service.grpc, 64 * 1024, Past::Close).await;
+    let file = dir.path().join("backup.snap");
+    let output = run(vec![
+        "backup".into(),
+        "--grpc".into(),
+        cutting.to_string(),
+        path(&file),
+    ])
+    .await;
+    let said = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("backup: the stream broke off after "),
+        "{said}"
+    );
+    assert!(said.contains(" bytes (not kept): "), "{said}");
+    assert!(!said.contains("TLS") && !said.contains("--cert"), "{said}");
     assert!(!file.exists());
     assert_eq!(partial_files(dir.path()), Vec::<String>::new());
     service.stop().await;

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use tempfile::NamedTempFile;
 
-use super::client::{Connection, refused, timeout_help};
+use super::client::{Connection, broke_off, refused, timeout_help};
 use super::{Failure, Sources};
 use crate::io_error::IoError;
 use crate::pb;
@@ -92,6 +92,7 @@ async fn receive(
         .map_err(|status| refused("backup", &status))?
         .into_inner();
     let mut announced = None;
+    let mut received = 0;
     // Each piece within --timeout: a server that stopped mid-stream (hung, or a partition
     // without a reset) kept the backup waiting for ever (found by an adversarial run).
     let waited = connection.timeout;
@@ -99,8 +100,12 @@ async fn receive(
     while let Some(message) = tokio::time::timeout(waited, stream.message())
         .await
         .map_err(|_| stalled())?
-        .map_err(|status| refused("backup", &status))?
+        .map_err(|status| match announced {
+            None => refused("backup", &status),
+            Some(_) => broke_off("backup", &format!("{received} bytes (not kept)"), &status),
+        })?
     {
+        received += message.chunk.len();
         announced.get_or_insert_with(|| Announced {
             revision: message.revision,
             store_id: message.store_id.clone(),

@@ -255,13 +255,7 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// What a refused call says: the server's message and its gRPC code, and what to do when the
 /// refusal is about credentials.
 pub fn refused(what: &str, status: &Status) -> Failure {
-    // The transport's cause, when there is one: tonic's message alone says little.
-    // (Its cause often starts with the message itself: "transport error".)
-    let message = match std::error::Error::source(status).map(chain) {
-        Some(cause) if cause.starts_with(status.message()) => cause,
-        Some(cause) => format!("{}: {cause}", status.message()),
-        None => status.message().to_owned(),
-    };
+    let message = message_of(status);
     let hint = match status.code() {
         tonic::Code::Unauthenticated => {
             " (give the token with --token or PROFILE_STATE_TOKEN, or a file of tokens with \
@@ -282,13 +276,38 @@ pub fn refused(what: &str, status: &Status) -> Failure {
         }
         _ => "",
     };
+    Failure::Failed(format!("{what}: {}{hint}", said(&message, status)))
+}
+
+/// A server stream that broke off after some of it arrived: no hint about TLS or client
+/// certificates, which the connection got past (they sent an operator whose server had died
+/// mid-backup checking certificates on a plaintext connection; found by an adversarial run).
+pub fn broke_off(what: &str, received: &str, status: &Status) -> Failure {
+    let said = said(&message_of(status), status);
+    Failure::Failed(format!(
+        "{what}: the stream broke off after {received}: {said}"
+    ))
+}
+
+/// A status's message with the transport's cause, when there is one: tonic's message alone
+/// says little. (Its cause often starts with the message itself: "transport error".)
+fn message_of(status: &Status) -> String {
+    match std::error::Error::source(status).map(chain) {
+        Some(cause) if cause.starts_with(status.message()) => cause,
+        Some(cause) => format!("{}: {cause}", status.message()),
+        None => status.message().to_owned(),
+    }
+}
+
+/// `message [CODE]`, as every subcommand prints what a server said.
+fn said(message: &str, status: &Status) -> String {
     // The server's words on one line: a newline in them forged a line of our own (an
     // adversarial run).
-    let message = super::printable(&message);
+    let message = super::printable(message);
     // The code as the README, grpcurl and the metrics name it (`FAILED_PRECONDITION`), not
     // tonic's `Debug` (`FailedPrecondition`: a first-user review).
     let code = crate::metrics::grpc_code_name(status.code());
-    Failure::Failed(format!("{what}: {message} [{code}]{hint}"))
+    format!("{message} [{code}]")
 }
 
 #[cfg(test)]
