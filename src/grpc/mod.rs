@@ -305,7 +305,11 @@ fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     Ok(value)
 }
 
-/// The store revision a read was served at: at least that of everything it returned.
+/// Every read answers with a store revision R such that what it returns is the state at R:
+/// each change up to R is in it and none after. R is read before the profiles (a commit makes
+/// its profiles visible before its revision: `Store::commit`), and a profile read at a later
+/// revision is given as it was at R (`Store::as_of`). Read after them, R could count a change
+/// that a profile read earlier lacked, and a client watching on from R + 1 never got it.
 impl ProfileApi {
     /// GetProfile without its answer: checks the request, waits for `min_revision`, finds the
     /// profile; returns it with the revision the read is served at.
@@ -318,6 +322,8 @@ impl ProfileApi {
         let customer_id = required(&request.customer_id, "customer_id")?;
         self.wait_for((&request.store_id, request.min_revision), &metadata)
             .await?;
+        // Read first: every change up to it is visible to the read that follows (`commit`).
+        let before = self.store.revision();
         let profile = self
             .store
             .get(&ProfileKey::new(client_id, customer_id))
@@ -327,7 +333,8 @@ impl ProfileApi {
                     customer_id: customer_id.to_owned(),
                 })
             })?;
-        let store_revision = served_at(&self.store, [&profile]);
+        // One profile: as of its own revision if it changed since, else as of `before`.
+        let store_revision = before.max(profile.revision);
         Ok((profile, store_revision))
     }
 }
@@ -337,7 +344,7 @@ impl ProfileApi {
 /// profile kept: the rest come after it), made by `token`. Sizes are summed as the profiles
 /// are converted rather than by encoding the answer twice.
 fn fitted_page(
-    store: &Store,
+    (store, as_of): (&Store, u64),
     profiles: &[Arc<Profile>],
     next: Option<ProfileKey>,
     max_message_bytes: usize,
@@ -363,7 +370,7 @@ fn fitted_page(
         let kept = page.len();
         let rest = pb::ListProfilesResponse {
             profiles: Vec::new(),
-            store_revision: served_at(store, &profiles[..kept]),
+            store_revision: as_of,
             next_page_token: next.as_ref().map(&token).unwrap_or_default(),
             store_id: store.store_id().to_owned(),
         };
@@ -390,9 +397,16 @@ pub fn largest_change_bytes(max_body_bytes: usize) -> usize {
     2 * (extras + texts + 1024) + 1024
 }
 
-fn served_at<'a>(store: &Store, profiles: impl IntoIterator<Item = &'a Arc<Profile>>) -> u64 {
-    let newest = profiles.into_iter().map(|p| p.revision).max();
-    store.revision().max(newest.unwrap_or(0))
+/// A read of many profiles that could not be made consistent: more changes landed while it ran
+/// than the history keeps.
+fn changed_too_fast(compacted: store::Compacted) -> Status {
+    grpc_status(Error::Unavailable {
+        reason: format!(
+            "the store changed faster than this read could be answered as of one revision \
+             (its history now starts at {}): retry",
+            compacted.oldest
+        ),
+    })
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchProfilesResponse, Status>> + Send>>;
@@ -432,17 +446,31 @@ impl ProfileService for ProfileApi {
         }
         self.wait_for((&request.store_id, request.min_revision), &metadata)
             .await?;
-        let mut found = Vec::with_capacity(request.customer_ids.len());
+        let as_of = self.store.revision();
+        let mut read = Vec::with_capacity(request.customer_ids.len());
         let mut missing_customer_ids = Vec::new();
         for customer_id in request.customer_ids {
             let key = ProfileKey::new(client_id.clone(), customer_id.as_str());
             match self.store.get(&key) {
+                Some(profile) => read.push((customer_id, profile)),
+                None => missing_customer_ids.push(customer_id),
+            }
+        }
+        let (customer_ids, profiles): (Vec<_>, Vec<_>) = read.into_iter().unzip();
+        let mut found = Vec::with_capacity(profiles.len());
+        let then = self
+            .store
+            .as_of(profiles, as_of)
+            .map_err(changed_too_fast)?;
+        for (customer_id, profile) in customer_ids.into_iter().zip(then) {
+            match profile {
                 Some(profile) => found.push(profile),
+                // Created after `as_of`: not there yet at the revision answered.
                 None => missing_customer_ids.push(customer_id),
             }
         }
         let mut response = pb::BatchGetProfilesResponse {
-            store_revision: served_at(&self.store, &found),
+            store_revision: as_of,
             profiles: Vec::with_capacity(found.len()),
             missing_customer_ids,
             store_id: self.store.store_id().to_owned(),
@@ -480,11 +508,18 @@ impl ProfileService for ProfileApi {
         };
         self.wait_for((&request.store_id, request.min_revision), &metadata)
             .await?;
+        let as_of = self.store.revision();
         let (profiles, next) = self
             .scan_yielding(client_id, tier_name, after, page_size)
             .await;
+        let then = self
+            .store
+            .as_of(profiles, as_of)
+            .map_err(changed_too_fast)?;
+        // One created after `as_of` is left out: the changes after it bring it.
+        let profiles: Vec<_> = then.into_iter().flatten().collect();
         let response = fitted_page(
-            &self.store,
+            (&self.store, as_of),
             &profiles,
             next,
             self.max_message_bytes,

@@ -549,6 +549,48 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Profiles read while writes went on, as they were at `as_of` (read before them): each
+    /// read at a later revision is replaced by its state then (the `previous` of its first
+    /// change after `as_of`), and one created after `as_of` is left out (`None` in its place).
+    /// What a page of reads reports `as_of` for: read as they came, with the revision read
+    /// after them, a page held a profile older than the revision it reported, and a client
+    /// that watched on from there never got that change (found by an adversarial run).
+    pub fn as_of(
+        &self,
+        profiles: Vec<Arc<Profile>>,
+        as_of: u64,
+    ) -> Result<Vec<Option<Arc<Profile>>>, Compacted> {
+        let newer: HashSet<&ProfileKey> = (profiles.iter())
+            .filter(|profile| profile.revision > as_of)
+            .map(|profile| &profile.key)
+            .collect();
+        let mut then = std::collections::HashMap::new();
+        let mut after = as_of;
+        while then.len() < newer.len() {
+            // Each was readable, so its change is in the ring already (`commit`).
+            let changes = self.history_after(after, 1024)?;
+            let Some(last) = changes.last() else {
+                return Err(Compacted { oldest: as_of + 1 });
+            };
+            after = last.revision;
+            for change in changes {
+                let key = &change.profile.key;
+                if newer.contains(key) && !then.contains_key(key) {
+                    then.insert(key.clone(), change.previous.clone());
+                }
+            }
+        }
+        Ok(profiles
+            .iter()
+            .map(|profile| match profile.revision > as_of {
+                true => then.get(&profile.key).cloned().flatten(),
+                false => Some(Arc::clone(profile)),
+            })
+            .collect())
+    }
+}
+
 /// A read of many profiles as of one revision `as_of`, taken while writes go on.
 ///
 /// Chunks come in key order. A profile read at a revision above `as_of` is held back; once the
