@@ -704,9 +704,12 @@ async fn reads_under_writes_are_the_state_at_the_revision_they_answer() {
             while !stopping.load(Ordering::Relaxed) {
                 let n = (write * 7 + writer * 75) % CUSTOMERS + 1;
                 let second = u32::try_from(write).unwrap() + 100;
-                let points = json!({"total_points": write * 4 + writer});
+                // Points, and a tier that flips: a tier-filtered page must hold profiles of
+                // that tier at its revision, not only when they were read.
+                let tier = if write % 3 == 0 { "gold" } else { "basic" };
+                let data = json!({"total_points": write * 4 + writer, "tier_name": tier});
                 let answer = service
-                    .update(&profile_updated(&customer(n), &at(second), points))
+                    .update(&profile_updated(&customer(n), &at(second), data))
                     .await;
                 let revision = answer["revision"].as_u64().unwrap();
                 applied.push((customer(n), revision));
@@ -718,7 +721,7 @@ async fn reads_under_writes_are_the_state_at_the_revision_they_answer() {
 
     let mut client = service.client().await;
     let ids: Vec<String> = (1..=CUSTOMERS).map(customer).collect();
-    let (mut answers, mut gets) = (Vec::new(), Vec::new());
+    let (mut answers, mut gets, mut gold_pages) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..300 {
         let page = list_page(&mut client, list(CLIENT, "", 1000, "")).await;
         let listed = page
@@ -741,6 +744,15 @@ async fn reads_under_writes_are_the_state_at_the_revision_they_answer() {
             .iter()
             .map(|p| (p.customer_id.clone(), p.revision));
         answers.push(("BatchGetProfiles", batch.store_revision, read.collect()));
+        let gold = list_page(&mut client, list(CLIENT, "gold", 1000, "")).await;
+        for profile in &gold.profiles {
+            assert_eq!(profile.tier_name.as_deref(), Some("gold"), "{profile:?}");
+        }
+        let listed = gold
+            .profiles
+            .iter()
+            .map(|p| (p.customer_id.clone(), p.revision));
+        gold_pages.push(("ListProfiles gold", gold.store_revision, listed.collect()));
         for id in [&ids[answers.len() % CUSTOMERS], &ids[0]] {
             let one = client
                 .get_profile(get(CLIENT, id))
@@ -760,6 +772,7 @@ async fn reads_under_writes_are_the_state_at_the_revision_they_answer() {
         );
     }
     answers.extend(gets);
+    answers.extend(gold_pages);
     stopping.store(true, Ordering::Relaxed);
     let mut writes: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (customer, revision) in writers.join_all().await.into_iter().flatten() {

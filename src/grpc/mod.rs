@@ -155,9 +155,7 @@ impl ProfileApi {
         page_size: usize,
     ) -> (Vec<Arc<Profile>>, Option<ProfileKey>) {
         let client_id = Some(client_id).filter(|id| !id.is_empty());
-        let keep = |profile: &Profile| {
-            tier_name.is_empty() || profile.get_text(Field::TierName) == Some(tier_name)
-        };
+        let keep = |profile: &Profile| in_tier(profile, tier_name);
         let mut profiles = Vec::new();
         loop {
             let wanted = page_size - profiles.len();
@@ -397,6 +395,11 @@ pub fn largest_change_bytes(max_body_bytes: usize) -> usize {
     2 * (extras + texts + 1024) + 1024
 }
 
+/// Whether `profile` passes ListProfiles' `tier_name` filter (empty: every profile does).
+fn in_tier(profile: &Profile, tier_name: &str) -> bool {
+    tier_name.is_empty() || profile.get_text(Field::TierName) == Some(tier_name)
+}
+
 /// A read of many profiles that could not be made consistent: more changes landed while it ran
 /// than the history keeps.
 fn changed_too_fast(compacted: store::Compacted) -> Status {
@@ -516,8 +519,11 @@ impl ProfileService for ProfileApi {
             .store
             .as_of(profiles, as_of)
             .map_err(changed_too_fast)?;
-        // One created after `as_of` is left out: the changes after it bring it.
-        let profiles: Vec<_> = then.into_iter().flatten().collect();
+        // One created after `as_of` is left out, as is one read in the tier that was not in
+        // it then: the changes after `as_of` bring them.
+        let profiles: Vec<_> = (then.into_iter().flatten())
+            .filter(|profile| in_tier(profile, tier_name))
+            .collect();
         let response = fitted_page(
             (&self.store, as_of),
             &profiles,
