@@ -706,7 +706,11 @@ async fn reads_under_writes_are_the_state_at_the_revision_they_answer() {
                 let second = u32::try_from(write).unwrap() + 100;
                 // Points, and a tier that flips: a tier-filtered page must hold profiles of
                 // that tier at its revision, not only when they were read.
-                let tier = if write.is_multiple_of(3) { "gold" } else { "basic" };
+                let tier = if write.is_multiple_of(3) {
+                    "gold"
+                } else {
+                    "basic"
+                };
                 let data = json!({"total_points": write * 4 + writer, "tier_name": tier});
                 let answer = service
                     .update(&profile_updated(&customer(n), &at(second), data))

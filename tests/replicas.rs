@@ -831,6 +831,63 @@ async fn a_min_revision_no_replica_assigned_is_out_of_range_once_caught_up() {
     a.stop().await;
 }
 
+/// Watches and reads beyond a replica's revision wait for the stream's end as the replica's
+/// status poll reads it: they send the stream no request each. One each let any client drive
+/// the stream leader's load (a STREAM.INFO per call: 2,000 watches, 2,006 requests; found by
+/// an adversarial run). The stream's info requests are counted by a subscriber of their
+/// subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_beyond_a_replica_send_the_stream_no_request_each() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a = TestService::start_with(replica_config(&nats, "AMPLIFY", "a")).await;
+    let revision = a
+        .update(&profile_updated("x", &at(1), json!({"total_points": 1})))
+        .await["revision"]
+        .as_u64()
+        .unwrap();
+    let observer = async_nats::connect(nats.nodes()[0].client_url())
+        .await
+        .unwrap();
+    let mut infos = observer
+        .subscribe("$JS.API.STREAM.INFO.AMPLIFY")
+        .await
+        .unwrap();
+    observer.flush().await.unwrap();
+
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..100u64 {
+        let mut client = a.client().await;
+        calls.spawn(async move {
+            let watch = pb::WatchProfilesRequest {
+                start_revision: revision + 1000 + n,
+                ..Default::default()
+            };
+            match client.watch_profiles(watch).await {
+                Ok(mut events) => events.get_mut().message().await.err(),
+                Err(status) => Some(status),
+            }
+        });
+    }
+    for answer in calls.join_all().await {
+        let status = answer.expect("refused");
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    }
+    let took = started.elapsed();
+    observer.flush().await.unwrap();
+    let mut sent = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), infos.next()).await {
+        sent += 1;
+    }
+    // The polls' own reads (one every 0.2 s) and a few more at most; not one per call.
+    let polls = (took.as_secs_f64() / 0.2).ceil() as usize + 2;
+    assert!(
+        sent <= polls + 5,
+        "{sent} stream info requests for 100 watches in {took:?}"
+    );
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_nats_webhooks_get_503_and_nothing_acknowledged_is_lost() {
     let mut nats = NatsCluster::three().await.unwrap();
@@ -1168,6 +1225,22 @@ async fn a_replica_is_not_ready_while_its_stream_has_no_leader() {
     };
     // Taken for a barrier, those answers brought the lag back near zero: it must grow past
     // the time they started plus a few polls, the replica not ready all along.
+    // A watch resumed beyond the replica waits for the stream's end meanwhile, and gets its
+    // true answer once the stream has a leader again: the revision was never assigned. It was
+    // answered UNAVAILABLE at once (found by an adversarial run).
+    let mut watcher = a.client().await;
+    let beyond = a.server_info().await.revision + 100;
+    let watch = tokio::spawn(async move {
+        let request = pb::WatchProfilesRequest {
+            start_revision: beyond,
+            ..Default::default()
+        };
+        match watcher.watch_profiles(request).await {
+            Ok(mut events) => events.get_mut().message().await.err(),
+            Err(status) => Some(status),
+        }
+    });
+
     // Readiness names the cause, not only the lag (its polls time out now and then too).
     let past = answered_leaderless + Duration::from_secs(2);
     let mut named_the_cause = false;
@@ -1201,6 +1274,9 @@ async fn a_replica_is_not_ready_while_its_stream_has_no_leader() {
         assert!(Instant::now() < deadline, "a ready again with its quorum");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let status = watch.await.unwrap().expect("refused");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("is beyond"), "{status:?}");
     a.stop().await;
 }
 

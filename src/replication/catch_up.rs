@@ -13,15 +13,13 @@ use futures_util::future::BoxFuture;
 
 use super::status::ReplicaStatus;
 use crate::error::Error;
-use crate::jetstream::UpdateStream;
 use crate::watch::CatchUp;
 
 /// Longest a watch waits for its replica to catch up before it is answered UNAVAILABLE.
 pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The stream barrier of one replica.
+/// The stream barrier of one replica: the stream's end as the status poll reads it.
 pub(super) struct StreamCatchUp {
-    pub stream: UpdateStream,
     pub status: ReplicaStatus,
     pub timeout: Duration,
 }
@@ -29,34 +27,40 @@ pub(super) struct StreamCatchUp {
 impl CatchUp for StreamCatchUp {
     fn caught_up(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
-            let barrier = match self.stream.bounds().await {
-                Ok(bounds) => bounds.last,
-                Err(error) => {
-                    tracing::debug!(%error, "no barrier for a watch catch-up");
-                    return Err(Error::Unavailable {
-                        reason: "the replica cannot read the stream to catch up; retry".into(),
-                    });
-                }
-            };
+            let arrived = tokio::time::Instant::now();
             let mut position = self.status.subscribe();
-            let waited = tokio::time::timeout(
-                self.timeout,
-                position.wait_for(|position| position.sequence >= barrier),
-            )
+            let mut barrier = None;
+            let waited = tokio::time::timeout(self.timeout, async {
+                let last = self.status.last_read_after(arrived).await;
+                barrier = Some(last);
+                position
+                    .wait_for(|position| position.sequence >= last)
+                    .await
+            })
             .await;
             if let Ok(Ok(_)) = waited {
                 return Ok(());
             }
             let now = self.status.position();
-            Err(Error::Unavailable {
-                reason: format!(
-                    "replica {} is catching up: applied revision {} (stream sequence {} of \
+            let name = self.status.name();
+            let reason = match barrier {
+                Some(barrier) => format!(
+                    "replica {name} is catching up: applied revision {} (stream sequence {} of \
                      {barrier}); retry, here or on another replica",
-                    self.status.name(),
-                    now.revision,
-                    now.sequence
+                    now.revision, now.sequence
                 ),
-            })
+                None => format!(
+                    "replica {name} could not read the stream's end within {:?} ({}), so it \
+                     cannot tell whether it has caught up: applied revision {}; retry, here or \
+                     on another replica",
+                    self.timeout,
+                    self.status
+                        .unanswered()
+                        .unwrap_or_else(|| "no answer yet".to_owned()),
+                    now.revision
+                ),
+            };
+            Err(Error::Unavailable { reason })
         })
     }
 }

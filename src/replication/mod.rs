@@ -222,7 +222,6 @@ impl Prepared {
         tracker.spawn(applier.run());
         let ready = poll(&stream, &status, tracker, stopping.clone(), replaced);
         let catch_up = Arc::new(StreamCatchUp {
-            stream,
             status: status.clone(),
             timeout: CATCH_UP_TIMEOUT,
         });

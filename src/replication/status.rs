@@ -78,6 +78,10 @@ struct Inner {
     /// [`MISSING_SETTLE`]: what publishes in flight wait on (`ReplicaStatus::until_missing`),
     /// without a timer each.
     missing_settled: Notify,
+    /// The latest answered read of the stream's end: (when it was sent, the last sequence).
+    /// What catch-ups wait on (`ReplicaStatus::last_read_after`) rather than each sending a
+    /// request of its own.
+    last_read: watch::Sender<Option<(Instant, u64)>>,
 }
 
 #[derive(Default)]
@@ -115,6 +119,7 @@ impl ReplicaStatus {
                 short_of_room: Mutex::default(),
                 runs: Mutex::default(),
                 missing_settled: Notify::new(),
+                last_read: watch::channel(None).0,
             }),
         }
     }
@@ -304,6 +309,7 @@ impl ReplicaStatus {
 
     /// The stream's last sequence was `last` when read at `read_at`.
     pub(crate) fn observed_last(&self, last: u64, read_at: Instant) {
+        self.inner.last_read.send_replace(Some((read_at, last)));
         self.inner.stream_last.fetch_max(last, Ordering::AcqRel);
         let applied = self.position().sequence;
         let mut clock = lock(&self.inner.clock);
@@ -314,6 +320,30 @@ impl ReplicaStatus {
             // An older barrier still waiting is kept: it is passed sooner.
             clock.barrier = Some((read_at, last));
         }
+    }
+
+    /// The stream's last sequence as read by the first of the polls' reads sent at or after
+    /// `since`: it bounds everything acknowledged anywhere before `since`. Waits for it (while
+    /// the stream's end cannot be read, for as long as that lasts: callers bound the wait).
+    /// The polls read every [`POLL_INTERVAL`] anyway, so any number of waiters cost the stream
+    /// no request: one each let any client drive the stream leader's load with watches and
+    /// reads past the replica's revision, and a read that failed ended a watch's wait at
+    /// once, while the stream elected a leader (both found by an adversarial run).
+    pub(crate) async fn last_read_after(&self, since: Instant) -> u64 {
+        let mut reads = self.inner.last_read.subscribe();
+        let read = reads
+            .wait_for(|read| read.is_some_and(|(read_at, _)| read_at >= since))
+            .await;
+        match read.ok().and_then(|read| *read) {
+            Some((_, last)) => last,
+            // The sender lives as long as this status: never closed while borrowed here.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Why the latest read of the stream's end got no answer, if it got none.
+    pub(crate) fn unanswered(&self) -> Option<String> {
+        lock(&self.inner.runs).unanswered().map(str::to_owned)
     }
 
     /// The applier stopped for good, for `reason`.
