@@ -450,28 +450,18 @@ impl ProfileService for ProfileApi {
         self.wait_for((&request.store_id, request.min_revision), &metadata)
             .await?;
         let as_of = self.store.revision();
-        let mut read = Vec::with_capacity(request.customer_ids.len());
+        let mut found = Vec::with_capacity(request.customer_ids.len());
         let mut missing_customer_ids = Vec::new();
         for customer_id in request.customer_ids {
             let key = ProfileKey::new(client_id.clone(), customer_id.as_str());
             match self.store.get(&key) {
-                Some(profile) => read.push((customer_id, profile)),
-                None => missing_customer_ids.push(customer_id),
-            }
-        }
-        let (customer_ids, profiles): (Vec<_>, Vec<_>) = read.into_iter().unzip();
-        let mut found = Vec::with_capacity(profiles.len());
-        let then = self
-            .store
-            .as_of(profiles, as_of)
-            .map_err(changed_too_fast)?;
-        for (customer_id, profile) in customer_ids.into_iter().zip(then) {
-            match profile {
                 Some(profile) => found.push(profile),
-                // Created after `as_of`: not there yet at the revision answered.
                 None => missing_customer_ids.push(customer_id),
             }
         }
+        // Created after `as_of`: not there yet at the revision answered.
+        let created = (self.store.as_of(&mut found, as_of)).map_err(changed_too_fast)?;
+        missing_customer_ids.extend(created.iter().map(|key| key.customer_id.to_string()));
         let mut response = pb::BatchGetProfilesResponse {
             store_revision: as_of,
             profiles: Vec::with_capacity(found.len()),
@@ -512,18 +502,16 @@ impl ProfileService for ProfileApi {
         self.wait_for((&request.store_id, request.min_revision), &metadata)
             .await?;
         let as_of = self.store.revision();
-        let (profiles, next) = self
+        let (mut profiles, next) = self
             .scan_yielding(client_id, tier_name, after, page_size)
             .await;
-        let then = self
-            .store
-            .as_of(profiles, as_of)
-            .map_err(changed_too_fast)?;
         // One created after `as_of` is left out, as is one read in the tier that was not in
         // it then: the changes after `as_of` bring them.
-        let profiles: Vec<_> = (then.into_iter().flatten())
-            .filter(|profile| in_tier(profile, tier_name))
-            .collect();
+        let changed_meanwhile = profiles.iter().any(|profile| profile.revision > as_of);
+        (self.store.as_of(&mut profiles, as_of)).map_err(changed_too_fast)?;
+        if changed_meanwhile && !tier_name.is_empty() {
+            profiles.retain(|profile| in_tier(profile, tier_name));
+        }
         let response = fitted_page(
             (&self.store, as_of),
             &profiles,

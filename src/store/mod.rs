@@ -550,20 +550,25 @@ impl Store {
 }
 
 impl Store {
-    /// Profiles read while writes went on, as they were at `as_of` (read before them): each
-    /// read at a later revision is replaced by its state then (the `previous` of its first
-    /// change after `as_of`), and one created after `as_of` is left out (`None` in its place).
-    /// What a page of reads reports `as_of` for: read as they came, with the revision read
-    /// after them, a page held a profile older than the revision it reported, and a client
-    /// that watched on from there never got that change (found by an adversarial run).
+    /// Makes `profiles`, read while writes went on, what they were at `as_of` (read before
+    /// them): each read at a later revision becomes its state then (the `previous` of its
+    /// first change after `as_of`), and each created after `as_of` is taken out; returns the
+    /// keys taken out, one per occurrence. Order kept; nothing done (nor allocated) when none
+    /// is newer, as when no write landed during the reads. What a read of many profiles
+    /// reports `as_of` for: read as they came, with the revision read after them, a page held
+    /// a profile older than the revision it reported, and a client that watched on from there
+    /// never got that change (found by an adversarial run).
     pub fn as_of(
         &self,
-        profiles: Vec<Arc<Profile>>,
+        profiles: &mut Vec<Arc<Profile>>,
         as_of: u64,
-    ) -> Result<Vec<Option<Arc<Profile>>>, Compacted> {
-        let newer: HashSet<&ProfileKey> = (profiles.iter())
+    ) -> Result<Vec<ProfileKey>, Compacted> {
+        if profiles.iter().all(|profile| profile.revision <= as_of) {
+            return Ok(Vec::new());
+        }
+        let newer: HashSet<ProfileKey> = (profiles.iter())
             .filter(|profile| profile.revision > as_of)
-            .map(|profile| &profile.key)
+            .map(|profile| profile.key.clone())
             .collect();
         let mut then = std::collections::HashMap::new();
         let mut after = as_of;
@@ -581,13 +586,23 @@ impl Store {
                 }
             }
         }
-        Ok(profiles
-            .iter()
-            .map(|profile| match profile.revision > as_of {
-                true => then.get(&profile.key).cloned().flatten(),
-                false => Some(Arc::clone(profile)),
-            })
-            .collect())
+        let mut left_out = Vec::new();
+        profiles.retain_mut(|profile| {
+            if profile.revision <= as_of {
+                return true;
+            }
+            match then.get(&profile.key).cloned().flatten() {
+                Some(previous) => {
+                    *profile = previous;
+                    true
+                }
+                None => {
+                    left_out.push(profile.key.clone());
+                    false
+                }
+            }
+        });
+        Ok(left_out)
     }
 }
 

@@ -347,47 +347,43 @@ fn change_after(before: &Change, revision: u64, tier: &str) -> Arc<Change> {
     ))
 }
 
-/// Profiles read after writes that followed `as_of` are given as they were at `as_of`: one
-/// changed since as before its first change after it, one created since as absent, the
-/// others as read. A history that no longer reaches back says so.
+/// Profiles read after writes that followed `as_of` are made what they were at `as_of`: one
+/// changed since as before its first change after it, one created since taken out (and
+/// named), the others as read. A history that no longer reaches back says so.
 #[test]
-fn profiles_read_during_writes_are_given_as_of_the_revision_read_before_them() {
+fn profiles_read_during_writes_are_made_what_they_were_at_the_revision_read_before_them() {
     let store = Store::new(100, "test");
-    let (a1, b1, c1) = (
-        change(1, "x", "a", "t1"),
-        change(2, "x", "b", "t1"),
-        change(3, "x", "c", "t1"),
-    );
+    let a1 = change(1, "x", "a", "t1");
+    let b1 = change(2, "x", "b", "t1");
+    let c1 = change(3, "x", "c", "t1");
     store.commit(&[Arc::clone(&a1), Arc::clone(&b1), Arc::clone(&c1)]);
     let as_of = store.revision();
     let b2 = change_after(&b1, 4, "t2");
     let b3 = change_after(&b2, 5, "t3");
     store.commit(&[b2, b3, change(6, "x", "d", "t1")]);
-    let read = ["a", "b", "d"].map(|customer| store.get(&ProfileKey::new("x", customer)).unwrap());
-    assert_eq!(read[1].revision, 5);
-    let then = store.as_of(read.to_vec(), as_of).unwrap();
-    assert_eq!(then.len(), 3);
+    let read = |customer| store.get(&ProfileKey::new("x", customer)).unwrap();
+    let mut then = vec![read("a"), read("b"), read("d")];
+    assert_eq!(then[1].revision, 5);
+    let left_out = store.as_of(&mut then, as_of).unwrap();
+    assert_eq!(left_out, vec![ProfileKey::new("x", "d")], "created after");
+    assert_eq!(then.len(), 2);
+    assert!(Arc::ptr_eq(&then[0], &a1.profile), "unchanged: as read");
     assert!(
-        Arc::ptr_eq(then[0].as_ref().unwrap(), &a1.profile),
-        "unchanged: as read"
-    );
-    assert!(
-        Arc::ptr_eq(then[1].as_ref().unwrap(), &b1.profile),
+        Arc::ptr_eq(&then[1], &b1.profile),
         "before its first change"
     );
-    assert!(then[2].is_none(), "created after");
+    let mut current = vec![Arc::clone(&c1.profile)];
+    assert_eq!(store.as_of(&mut current, as_of).unwrap(), vec![]);
+    assert!(Arc::ptr_eq(&current[0], &c1.profile));
 
     let small = Store::new(2, "test");
-    small.commit(&[change(1, "x", "a", "t1")]);
     let a = change(1, "x", "a", "t1");
-    small.commit(&[
-        change_after(&a, 2, "t2"),
-        change_after(&a, 3, "t3"),
-        change_after(&a, 4, "t4"),
-    ]);
-    let read = small.get(&ProfileKey::new("x", "a")).unwrap();
+    small.commit(&[Arc::clone(&a)]);
+    let later = [2, 3, 4].map(|revision| change_after(&a, revision, "t"));
+    small.commit(&later);
+    let mut read = vec![small.get(&ProfileKey::new("x", "a")).unwrap()];
     assert_eq!(
-        small.as_of(vec![read], 1).unwrap_err(),
+        small.as_of(&mut read, 1).unwrap_err(),
         Compacted { oldest: 3 }
     );
 }
