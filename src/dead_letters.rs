@@ -926,17 +926,23 @@ mod tests {
         assert!(again.get(&other).is_some());
     }
 
+    /// Letters kept in `data` holding one, its id and its file.
+    async fn one_letter(data: &Path) -> (LocalLetters, DeadLetterId, PathBuf) {
+        let letters = LocalLetters::open(data, LockRef::unlocked()).unwrap();
+        let id = letters
+            .store(b"{}", &invalid("event"), at(1))
+            .await
+            .unwrap();
+        let path = data.join(DIR).join(format!("{id}.json"));
+        (letters, id, path)
+    }
+
     /// A purge takes a letter out of the index before removing its file: a file that cannot
     /// be removed puts it back, since it is still kept (and would be back after a restart).
     #[tokio::test]
     async fn a_letter_whose_file_cannot_be_removed_stays_kept() {
         let data = tempfile::tempdir().unwrap();
-        let letters = LocalLetters::open(data.path(), LockRef::unlocked()).unwrap();
-        let id = letters
-            .store(b"{}", &invalid("event"), at(1))
-            .await
-            .unwrap();
-        let path = data.path().join(DIR).join(format!("{id}.json"));
+        let (letters, id, path) = one_letter(data.path()).await;
         std::fs::remove_file(&path).unwrap();
         // A directory in its place: removing it as a file fails.
         std::fs::create_dir_all(path.join("inside")).unwrap();
@@ -949,13 +955,8 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_file_stops_opening_and_names_it() {
         let data = tempfile::tempdir().unwrap();
-        let letters = LocalLetters::open(data.path(), LockRef::unlocked()).unwrap();
-        let id = letters
-            .store(b"{}", &invalid("event"), at(1))
-            .await
-            .unwrap();
+        let (letters, _, path) = one_letter(data.path()).await;
         drop(letters);
-        let path = data.path().join(DIR).join(format!("{id}.json"));
         let text = std::fs::read_to_string(&path).unwrap();
         let tampered = text.replace(&STANDARD.encode(b"{}"), &STANDARD.encode(b"[]"));
         std::fs::write(&path, tampered).unwrap();

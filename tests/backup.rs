@@ -856,18 +856,24 @@ async fn limiting_forwarder(
     address
 }
 
+/// A durable service in `dir/data` holding 300 profiles of about 1 KB each.
+async fn with_300_kb(dir: &Path) -> TestService {
+    let service = TestService::start_with(durable_config(&dir.join("data"))).await;
+    let extra = "x".repeat(1000);
+    for n in 0..300 {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({ "note": extra }));
+        assert_eq!(service.post(&body).await.0, 200);
+    }
+    service
+}
+
 /// A server that stops sending in the middle of a backup kept the backup waiting for ever
 /// (found by an adversarial run): each piece must come within `--timeout`, and the backup
 /// gives up, leaving no file behind.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_gives_up_on_a_server_that_stops_sending() {
     let dir = tempfile::tempdir().unwrap();
-    let service = TestService::start_with(durable_config(&dir.path().join("data"))).await;
-    let extra = "x".repeat(1000);
-    for n in 0..300 {
-        let body = profile_updated(&format!("c{n}"), &at(n), json!({ "note": extra }));
-        assert_eq!(service.post(&body).await.0, 200);
-    }
+    let service = with_300_kb(dir.path()).await;
     // The handshake and the answer's start pass; the backup's 300 KB do not.
     let stalling = limiting_forwarder(service.grpc, 64 * 1024, Past::Stall).await;
     let file = dir.path().join("backup.snap");
@@ -910,12 +916,7 @@ async fn a_backup_gives_up_on_a_server_that_stops_sending() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_cut_off_mid_stream_says_so_without_a_tls_hint() {
     let dir = tempfile::tempdir().unwrap();
-    let service = TestService::start_with(durable_config(&dir.path().join("data"))).await;
-    let extra = "x".repeat(1000);
-    for n in 0..300 {
-        let body = profile_updated(&format!("c{n}"), &at(n), json!({ "note": extra }));
-        assert_eq!(service.post(&body).await.0, 200);
-    }
+    let service = with_300_kb(dir.path()).await;
     let cutting = limiting_forwarder(service.grpc, 64 * 1024, Past::Close).await;
     let file = dir.path().join("backup.snap");
     let output = run(vec![
