@@ -888,6 +888,46 @@ async fn calls_beyond_a_replica_send_the_stream_no_request_each() {
     a.stop().await;
 }
 
+/// A watch waiting for its replica to catch up ends with a status when the replica stops: the
+/// status poll stops reading then, and such a watch held the stop for the whole
+/// --shutdown-grace, then was cut with a transport error (found by an adversarial run). NATS
+/// is down, so no read of the stream's end could end the wait otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_waiting_to_catch_up_ends_with_a_status_when_its_replica_stops() {
+    let mut nats = NatsCluster::single().await.unwrap();
+    let mut config = replica_config(&nats, "STOPPING", "a");
+    config.shutdown_grace = Duration::from_secs(30);
+    let a = TestService::start_with(config).await;
+    let revision = a
+        .update(&profile_updated("x", &at(1), json!({"total_points": 1})))
+        .await["revision"]
+        .as_u64()
+        .unwrap();
+    nats.kill_all();
+    let mut watcher = a.client().await;
+    let watch = tokio::spawn(async move {
+        let request = pb::WatchProfilesRequest {
+            start_revision: revision + 5,
+            ..Default::default()
+        };
+        match watcher.watch_profiles(request).await {
+            Ok(mut events) => events.get_mut().message().await.err(),
+            Err(status) => Some(status),
+        }
+    });
+    let labels = [
+        ("grpc_method", "WatchProfiles"),
+        ("grpc_service", "gameball.profiles.v1.ProfileService"),
+        ("grpc_type", "server_stream"),
+    ];
+    a.metrics_until(|text| common::metric(text, "grpc_server_started_total", &labels) == Some(1.0))
+        .await;
+    a.stop_within(Duration::from_secs(10)).await;
+    let status = watch.await.unwrap().expect("ended with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("is stopping"), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_nats_webhooks_get_503_and_nothing_acknowledged_is_lost() {
     let mut nats = NatsCluster::three().await.unwrap();

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
 use super::status::ReplicaStatus;
 use crate::error::Error;
@@ -21,6 +22,10 @@ pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The stream barrier of one replica: the stream's end as the status poll reads it.
 pub(super) struct StreamCatchUp {
     pub status: ReplicaStatus,
+    /// The replica's stop: the poll stops reading then, so a wait for its next read ends
+    /// with it (it held a stopping server's watches for the whole --shutdown-grace, then
+    /// they were cut with a transport error; found by an adversarial run).
+    pub stopping: CancellationToken,
     pub timeout: Duration,
 }
 
@@ -30,14 +35,24 @@ impl CatchUp for StreamCatchUp {
             let arrived = tokio::time::Instant::now();
             let mut position = self.status.subscribe();
             let mut barrier = None;
-            let waited = tokio::time::timeout(self.timeout, async {
+            let caught_up = async {
                 let last = self.status.last_read_after(arrived).await;
                 barrier = Some(last);
                 position
                     .wait_for(|position| position.sequence >= last)
                     .await
-            })
-            .await;
+            };
+            let waited = tokio::select! {
+                waited = tokio::time::timeout(self.timeout, caught_up) => waited,
+                () = self.stopping.cancelled() => {
+                    let reason = format!(
+                        "replica {} is stopping before it caught up: resume on another \
+                         replica",
+                        self.status.name()
+                    );
+                    return Err(Error::Unavailable { reason });
+                }
+            };
             if let Ok(Ok(_)) = waited {
                 return Ok(());
             }

@@ -223,6 +223,7 @@ impl Prepared {
         let ready = poll(&stream, &status, tracker, stopping.clone(), replaced);
         let catch_up = Arc::new(StreamCatchUp {
             status: status.clone(),
+            stopping: stopping.clone(),
             timeout: CATCH_UP_TIMEOUT,
         });
         Running {
