@@ -142,20 +142,51 @@ impl ProfileApi {
         self
     }
 
-    /// Up to `page_size` profiles of `client_id` (empty: every account) after `after`, of
-    /// tier `tier_name` (empty: any), and the last key examined when keys remain. Yields to
-    /// the worker's other tasks every [`store::EXAMINE_PER_TURN`] keys: a filter that matches
-    /// little would otherwise hold a tokio worker, and the calls and watch streams queued on
-    /// it, for the whole scan of the account.
-    async fn scan_yielding(
+    /// A ListProfiles page as of `as_of` (read before it): up to `page_size` profiles of
+    /// `client_id` after `after` in tier `tier_name` at `as_of` (`Store::as_of`), and the last
+    /// key examined when keys remain. Never empty while keys remain: a page that came out
+    /// empty (all its profiles created, or moved out of the tier, while it was read) goes on
+    /// to the next keys.
+    async fn page_as_of(
         &self,
-        client_id: &str,
-        tier_name: &str,
+        (client_id, tier_name): (&str, &str),
         mut after: Option<ProfileKey>,
         page_size: usize,
+        as_of: u64,
+    ) -> Result<(Vec<Arc<Profile>>, Option<ProfileKey>), Status> {
+        loop {
+            let (mut profiles, next) = self
+                .scan_yielding((client_id, tier_name), after, page_size, as_of)
+                .await;
+            let changed_meanwhile = profiles.iter().any(|profile| profile.revision > as_of);
+            (self.store.as_of(&mut profiles, as_of)).map_err(changed_too_fast)?;
+            if changed_meanwhile && !tier_name.is_empty() {
+                profiles.retain(|profile| in_tier(profile, tier_name));
+            }
+            match next {
+                Some(next) if profiles.is_empty() => after = Some(next),
+                next => return Ok((profiles, next)),
+            }
+        }
+    }
+
+    /// Up to `page_size` profiles of `client_id` (empty: every account) after `after`, of
+    /// tier `tier_name` (empty: any) or changed after `as_of` (whose tier at `as_of` the
+    /// caller decides: skipped for their tier now, those that left the tier while the page
+    /// was read were missing from it; found by an adversarial run), and the last key examined
+    /// when keys remain. Yields to the worker's other tasks every
+    /// [`store::EXAMINE_PER_TURN`] keys: a filter that matches little would otherwise hold a
+    /// tokio worker, and the calls and watch streams queued on it, for the whole scan of the
+    /// account.
+    async fn scan_yielding(
+        &self,
+        (client_id, tier_name): (&str, &str),
+        mut after: Option<ProfileKey>,
+        page_size: usize,
+        as_of: u64,
     ) -> (Vec<Arc<Profile>>, Option<ProfileKey>) {
         let client_id = Some(client_id).filter(|id| !id.is_empty());
-        let keep = |profile: &Profile| in_tier(profile, tier_name);
+        let keep = |profile: &Profile| profile.revision > as_of || in_tier(profile, tier_name);
         let mut profiles = Vec::new();
         loop {
             let wanted = page_size - profiles.len();
@@ -502,16 +533,9 @@ impl ProfileService for ProfileApi {
         self.wait_for((&request.store_id, request.min_revision), &metadata)
             .await?;
         let as_of = self.store.revision();
-        let (mut profiles, next) = self
-            .scan_yielding(client_id, tier_name, after, page_size)
-            .await;
-        // One created after `as_of` is left out, as is one read in the tier that was not in
-        // it then: the changes after `as_of` bring them.
-        let changed_meanwhile = profiles.iter().any(|profile| profile.revision > as_of);
-        (self.store.as_of(&mut profiles, as_of)).map_err(changed_too_fast)?;
-        if changed_meanwhile && !tier_name.is_empty() {
-            profiles.retain(|profile| in_tier(profile, tier_name));
-        }
+        let (profiles, next) = self
+            .page_as_of((client_id, tier_name), after, page_size, as_of)
+            .await?;
         let response = fitted_page(
             (&self.store, as_of),
             &profiles,
@@ -612,7 +636,7 @@ mod tests {
         let (stopping, tracker) = (CancellationToken::new(), TaskTracker::new());
         let api = ProfileApi::new(store, watchers, false, stopping, tracker, Metrics::new());
         let probe = crate::yield_probe::YieldProbe::spawn();
-        let (profiles, next) = api.scan_yielding("a", "gold", None, 100).await;
+        let (profiles, next) = api.scan_yielding(("a", "gold"), None, 100, u64::MAX).await;
         let turns = probe.turns();
         drop(probe);
         assert!(
@@ -624,7 +648,7 @@ mod tests {
             "the other task ran {turns} times during the scan"
         );
 
-        let (basic, next) = api.scan_yielding("a", "basic", None, 100).await;
+        let (basic, next) = api.scan_yielding(("a", "basic"), None, 100, u64::MAX).await;
         assert_eq!(basic.len(), 100);
         assert_eq!(next, Some(ProfileKey::new("a", "c000099")));
     }
@@ -660,13 +684,13 @@ mod tests {
         let is_gold = |p: &Profile| p.get_text(Field::TierName) == Some("gold");
         let keys = |page: &[Arc<Profile>]| page.iter().map(|p| p.key.clone()).collect::<Vec<_>>();
 
-        let (page, next) = api.scan_yielding("a", "gold", None, 30).await;
+        let (page, next) = api.scan_yielding(("a", "gold"), None, 30, u64::MAX).await;
         let whole = store.scan(Some("a"), None, 30, is_gold);
         assert_eq!(keys(&page), keys(&whole.profiles));
         assert_eq!(page.len(), 30);
         assert_eq!(next, whole.next);
 
-        let (rest, next) = api.scan_yielding("a", "gold", next, 30).await;
+        let (rest, next) = api.scan_yielding(("a", "gold"), next, 30, u64::MAX).await;
         assert_eq!(rest.len(), 11);
         assert_eq!(next, None);
     }
