@@ -938,3 +938,30 @@ async fn a_backup_cut_off_mid_stream_says_so_without_a_tls_hint() {
     assert_eq!(partial_files(dir.path()), Vec::<String>::new());
     service.stop().await;
 }
+
+/// A server that died before the backup's first piece: the hint names a stopped server
+/// beside TLS, as the words of the error cannot tell them apart (it named only TLS and client
+/// certificates; found by an adversarial run).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_cut_off_before_its_first_piece_names_a_stopped_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = with_300_kb(dir.path()).await;
+    // The server's first bytes (its HTTP/2 settings) pass; the answer does not.
+    let cutting = limiting_forwarder(service.grpc, 9, Past::Close).await;
+    let file = dir.path().join("backup.snap");
+    let output = run(vec![
+        "backup".into(),
+        "--grpc".into(),
+        cutting.to_string(),
+        path(&file),
+    ])
+    .await;
+    let said = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("the server may have stopped or restarted"),
+        "{said}"
+    );
+    assert!(!file.exists());
+    service.stop().await;
+}

@@ -262,17 +262,21 @@ pub fn refused(what: &str, status: &Status) -> Failure {
              --token-file)"
         }
         tonic::Code::Unavailable => " (is the server running, and is --grpc its gRPC address?)",
-        // What a plaintext call to a TLS listener, or a client certificate the server refused,
-        // gets back (which code, and whether the status or its cause says "transport error",
-        // varies with the timing).
+        // What a plaintext call to a TLS listener, a client certificate the server refused,
+        // or a server that stopped in the middle of the call gets back (which code, and
+        // whether the status or its cause says "transport error", varies with the timing):
+        // the words cannot tell them apart, so the hint names each. Naming only TLS sent an
+        // operator whose server had died checking certificates on a plaintext connection
+        // (found by an adversarial run).
         tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Cancelled
             if ["h2 protocol error", "transport error"]
                 .iter()
                 .any(|transport| message.contains(transport)) =>
         {
-            " (if the server's gRPC listener uses TLS, give its CA with --ca; if it also asks \
-             for client certificates, it may have refused this one: check --cert and --key \
-             against its --grpc-client-ca)"
+            " (the connection broke: the server may have stopped or restarted, see its log; \
+             or, if its gRPC listener uses TLS, give its CA with --ca, and if it also asks for \
+             client certificates, it may have refused this one: check --cert and --key against \
+             its --grpc-client-ca)"
         }
         _ => "",
     };
