@@ -264,24 +264,25 @@ impl Ingress {
             }
             // The client_id read from the body is only a hint for choosing secrets: the
             // signature then covers the whole body.
-            let checks = secrets.current();
+            let secrets = secrets.current();
             let client_id = parsed.client_id();
-            let checks = checks.for_client(client_id);
+            let checks = secrets.for_client(client_id);
+            let pad_to = secrets.most_checks();
             if checks.is_empty() {
                 // Nothing to check with: not a bad signature, an account missing from the
                 // secrets file (or a body that names none).
+                let compact = || parsed.compact(&raw);
                 let (why, answer) =
-                    signature::no_secret(client_id, claimed, &raw, || parsed.compact(&raw));
+                    signature::no_secret(client_id, (pad_to, claimed), &raw, compact);
                 self.rejections.no_secret(client_id, why);
                 return Err(answer);
             }
-            signature::verify(checks, claimed, &raw, || parsed.compact(&raw)).inspect_err(
-                |refusal| {
-                    if let Rejection::Unauthenticated { reason } = refusal {
-                        self.rejections.refused(client_id, reason);
-                    }
-                },
-            )?;
+            let compact = || parsed.compact(&raw);
+            signature::verify(checks, (pad_to, claimed), &raw, compact).inspect_err(|refusal| {
+                if let Rejection::Unauthenticated { reason } = refusal {
+                    self.rejections.refused(client_id, reason);
+                }
+            })?;
         }
         // Authenticated from here on (or unsigned by choice): the ingest path decides. Once
         // it has the update, the sequencer may record it whenever the answer comes, so a

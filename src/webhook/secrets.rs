@@ -42,6 +42,8 @@ pub struct Secrets {
     by_client: HashMap<String, Vec<SignatureCheck>>,
     default: Vec<SignatureCheck>,
     api_accounts: HashMap<String, Arc<Account>>,
+    /// [`Secrets::most_checks`], counted once.
+    most_checks: usize,
 }
 
 /// The file's shape.
@@ -89,6 +91,7 @@ impl Secrets {
             by_client: HashMap::new(),
             default: vec![SignatureCheck::new(secret)],
             api_accounts: HashMap::new(),
+            most_checks: 1,
         }
     }
 
@@ -147,10 +150,15 @@ impl Secrets {
                 .map_err(|why| invalid(format!("gameball_api {client:?}: {why}")))?;
             api_accounts.insert(client, Arc::new(account));
         }
+        let most_checks = (by_client.values().map(Vec::len))
+            .chain([default.len(), 1])
+            .max()
+            .unwrap_or(1);
         Ok(Secrets {
             by_client,
             default,
             api_accounts,
+            most_checks,
         })
     }
 
@@ -160,6 +168,14 @@ impl Secrets {
         client_id
             .and_then(|client| self.by_client.get(client))
             .unwrap_or(&self.default)
+    }
+
+    /// The most secrets any delivery is checked against (an account's, or the defaults): what
+    /// a refused delivery's check is padded to (`signature::verify`), so that the time of a
+    /// 401 does not tell an account in the middle of a rotation (several secrets) from one
+    /// with one or none.
+    pub fn most_checks(&self) -> usize {
+        self.most_checks
     }
 
     /// The REST API settings of `client_id`, if the file has them.
@@ -289,8 +305,13 @@ mod tests {
     fn signs(secrets: &Secrets, client: Option<&str>, secret: &str) -> bool {
         let body = b"{}";
         let signature = SignatureCheck::new(secret).sign(body);
-        super::super::signature::verify(secrets.for_client(client), Some(&signature), body, || None)
-            .is_ok()
+        super::super::signature::verify(
+            secrets.for_client(client),
+            (1, Some(&signature)),
+            body,
+            || None,
+        )
+        .is_ok()
     }
 
     /// Why loading `path` (without a flag secret) fails.

@@ -34,6 +34,8 @@ impl SignatureCheck {
     }
 
     fn digest(&self, body: &[u8]) -> [u8; 20] {
+        #[cfg(test)]
+        tests::DIGESTS.with(|digests| digests.set(digests.get() + 1));
         let mut hasher = Sha1::new();
         hasher.update(body);
         hasher.update(b":");
@@ -64,23 +66,28 @@ pub const MISMATCH: &str = "X-GB-Signature does not match the body under any web
 pub const UNREADABLE_CLIENT_ID: &str = "the body's client_id could not be read (not JSON, no \
      client_id, or not a string), so no webhook secret could be chosen, and there is no default";
 
+/// A secret nobody knows, made at start: what a delivery no secret applies to is checked
+/// against, and what a refused delivery's check is padded with.
+static UNKNOWN: std::sync::LazyLock<SignatureCheck> =
+    std::sync::LazyLock::new(|| SignatureCheck::new(&uuid::Uuid::new_v4().to_string()));
+
 /// Why no secret applies to a delivery, by whether its `client_id` could be read (for the
 /// log), and what its sender is answered. A readable `client_id` is answered exactly as a
-/// configured account's delivery with a wrong signature is: checked, with the same work,
-/// against a secret nobody knows (made at start), so that neither the answer (a missing or
-/// malformed header is named as for any account) nor its time tells which accounts a server
-/// has secrets for. A delivery that matched it anyway is refused all the same.
+/// configured account's delivery with a wrong signature is: checked, padded to `pad_to`
+/// checks as [`verify`] pads, against a secret nobody knows, so that neither the answer (a
+/// missing or malformed header is named as for any account) nor its time tells which
+/// accounts a server has secrets for. A delivery that matched it anyway is refused all the
+/// same.
 pub fn no_secret(
     client_id: Option<&str>,
-    signature: Option<&str>,
+    (pad_to, signature): (usize, Option<&str>),
     raw: &[u8],
     compact: impl FnOnce() -> Option<Vec<u8>>,
 ) -> (&'static str, Rejection) {
-    static UNKNOWN: std::sync::LazyLock<SignatureCheck> =
-        std::sync::LazyLock::new(|| SignatureCheck::new(&uuid::Uuid::new_v4().to_string()));
     match client_id {
         Some(_) => {
-            let refusal = verify(std::slice::from_ref(&*UNKNOWN), signature, raw, compact)
+            let unknown = std::slice::from_ref(&*UNKNOWN);
+            let refusal = verify(unknown, (pad_to, signature), raw, compact)
                 .err()
                 .unwrap_or(Rejection::Unauthenticated { reason: MISMATCH });
             (NO_SECRET_FOR_CLIENT, refusal)
@@ -95,10 +102,13 @@ pub fn no_secret(
 /// Accepts when `signature` (hex, any case) is the signature, under any of `checks`, of the raw
 /// body or, failing that, of the compact re-serialization `compact` makes (`None` when the
 /// body is not JSON). `compact` is called at most once, and only when the raw body matched
-/// none of them.
+/// none of them. A refusal costs the work of `pad_to` checks whatever `checks` holds (the
+/// most any account has: `Secrets::most_checks`): its time grew with an account's secrets, so
+/// it told an account in the middle of a rotation from one without secrets (found by an
+/// adversarial run).
 pub fn verify(
     checks: &[SignatureCheck],
-    signature: Option<&str>,
+    (pad_to, signature): (usize, Option<&str>),
     raw: &[u8],
     compact: impl FnOnce() -> Option<Vec<u8>>,
 ) -> Result<(), Rejection> {
@@ -121,10 +131,19 @@ pub fn verify(
     if checks.iter().any(|check| check.matches(&claimed, raw)) {
         return Ok(());
     }
-    match compact() {
-        Some(compact) if checks.iter().any(|check| check.matches(&claimed, &compact)) => Ok(()),
-        _ => Err(mismatch),
+    let compact = compact();
+    if let Some(compact) = &compact
+        && checks.iter().any(|check| check.matches(&claimed, compact))
+    {
+        return Ok(());
     }
+    for _ in checks.len()..pad_to {
+        std::hint::black_box(UNKNOWN.matches(&claimed, raw));
+        if let Some(compact) = &compact {
+            std::hint::black_box(UNKNOWN.matches(&claimed, compact));
+        }
+    }
+    Err(mismatch)
 }
 
 /// The compact re-serialization of a parsed body, key order kept (`preserve_order`): what
@@ -147,6 +166,52 @@ mod tests {
         SignatureCheck::new("test-secret")
     }
 
+    thread_local! {
+        /// Digests computed on this thread (each test runs on a thread of its own).
+        pub(super) static DIGESTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// How many digests `run` computed.
+    fn digests(run: impl FnOnce()) -> usize {
+        DIGESTS.with(|digests| digests.set(0));
+        run();
+        DIGESTS.with(std::cell::Cell::get)
+    }
+
+    /// A refusal costs the work of the most checks any account has, whether the account has
+    /// one secret, several (a rotation) or none: its time told them apart (found by an
+    /// adversarial run). A signature that matches stops at once.
+    #[test]
+    fn a_refusal_costs_as_many_checks_whatever_the_account_has() {
+        let one = [check()];
+        let rotating = ["a", "b", "c", "d"].map(SignatureCheck::new);
+        let wrong = "0".repeat(40);
+        let pretty = || Some(RAW.to_vec());
+        let refused = |checks: &[SignatureCheck]| {
+            digests(|| assert!(verify(checks, (4, Some(&wrong)), PRETTY, pretty).is_err()))
+        };
+        assert_eq!(
+            refused(&one),
+            8,
+            "4 over the raw body, 4 over its compact form"
+        );
+        assert_eq!(refused(&rotating), 8);
+        let unknown = digests(|| {
+            let (_, answer) = no_secret(Some("7777"), (4, Some(&wrong)), PRETTY, pretty);
+            assert_eq!(answer, Rejection::Unauthenticated { reason: MISMATCH });
+        });
+        assert_eq!(unknown, 8);
+        let raw_only = digests(|| assert!(verify(&one, (4, Some(&wrong)), RAW, || None).is_err()));
+        assert_eq!(raw_only, 4, "no compact form: 4 digests");
+        let accepted = digests(|| {
+            assert_eq!(
+                verify(&one, (4, Some(RAW_SIG.trim())), RAW, || None),
+                Ok(())
+            );
+        });
+        assert_eq!(accepted, 1);
+    }
+
     fn raw_only() -> Option<Vec<u8>> {
         None
     }
@@ -155,7 +220,7 @@ mod tests {
     fn fixture_vector_over_the_raw_body() {
         assert_eq!(check().sign(RAW), RAW_SIG.trim());
         assert_eq!(
-            verify(&[check()], Some(RAW_SIG.trim()), RAW, raw_only),
+            verify(&[check()], (1, Some(RAW_SIG.trim())), RAW, raw_only),
             Ok(())
         );
     }
@@ -163,9 +228,9 @@ mod tests {
     #[test]
     fn pretty_body_verifies_through_its_compact_form() {
         let parsed: serde_json::Value = serde_json::from_slice(PRETTY).unwrap();
-        assert!(verify(&[check()], Some(PRETTY_SIG.trim()), PRETTY, raw_only).is_err());
+        assert!(verify(&[check()], (1, Some(PRETTY_SIG.trim())), PRETTY, raw_only).is_err());
         assert_eq!(
-            verify(&[check()], Some(PRETTY_SIG.trim()), PRETTY, || Some(
+            verify(&[check()], (1, Some(PRETTY_SIG.trim())), PRETTY, || Some(
                 compact(&parsed)
             )),
             Ok(())
@@ -176,37 +241,43 @@ mod tests {
     fn the_compact_form_is_made_only_when_the_raw_body_does_not_match() {
         let never =
             || -> Option<Vec<u8>> { panic!("the raw body matched: no compact form needed") };
-        assert_eq!(verify(&[check()], Some(RAW_SIG.trim()), RAW, never), Ok(()));
+        assert_eq!(
+            verify(&[check()], (1, Some(RAW_SIG.trim())), RAW, never),
+            Ok(())
+        );
         let rotated = [SignatureCheck::new("old-secret"), check()];
-        assert_eq!(verify(&rotated, Some(RAW_SIG.trim()), RAW, never), Ok(()));
+        assert_eq!(
+            verify(&rotated, (1, Some(RAW_SIG.trim())), RAW, never),
+            Ok(())
+        );
         let mut made = 0;
         let counted = || {
             made += 1;
             None
         };
-        assert!(verify(&rotated, Some(PRETTY_SIG.trim()), PRETTY, counted).is_err());
+        assert!(verify(&rotated, (1, Some(PRETTY_SIG.trim())), PRETTY, counted).is_err());
         assert_eq!(made, 1, "made once for all the secrets");
     }
 
     #[test]
     fn uppercase_hex_is_accepted() {
         let upper = RAW_SIG.trim().to_uppercase();
-        assert_eq!(verify(&[check()], Some(&upper), RAW, raw_only), Ok(()));
+        assert_eq!(verify(&[check()], (1, Some(&upper)), RAW, raw_only), Ok(()));
     }
 
     #[test]
     fn wrong_secret_missing_and_malformed_headers_are_refused() {
         let other = SignatureCheck::new("other-secret");
-        assert!(verify(&[other], Some(RAW_SIG.trim()), RAW, raw_only).is_err());
+        assert!(verify(&[other], (1, Some(RAW_SIG.trim())), RAW, raw_only).is_err());
         assert_eq!(
-            verify(&[check()], None, RAW, raw_only),
+            verify(&[check()], (1, None), RAW, raw_only),
             Err(Rejection::Unauthenticated {
                 reason: "missing X-GB-Signature header"
             })
         );
         for malformed in ["zz", "", "sha1=00", &RAW_SIG.trim()[1..]] {
             assert_eq!(
-                verify(&[check()], Some(malformed), RAW, raw_only),
+                verify(&[check()], (1, Some(malformed)), RAW, raw_only),
                 Err(Rejection::Unauthenticated {
                     reason: "X-GB-Signature is not a SHA-1 in hex (40 hex digits)"
                 }),
@@ -214,7 +285,7 @@ mod tests {
             );
         }
         assert_eq!(
-            verify(&[], Some(RAW_SIG.trim()), RAW, raw_only),
+            verify(&[], (1, Some(RAW_SIG.trim())), RAW, raw_only),
             Err(Rejection::Unauthenticated { reason: MISMATCH })
         );
     }
