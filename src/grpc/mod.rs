@@ -426,6 +426,25 @@ pub fn largest_change_bytes(max_body_bytes: usize) -> usize {
     2 * (extras + texts + 1024) + 1024
 }
 
+/// BatchGetProfiles' missing ids in request order (duplicates included): those not found,
+/// and those found but `created` after the revision answered.
+fn missing_in_request_order(
+    requested: &[String],
+    not_found: Vec<String>,
+    created: &[ProfileKey],
+) -> Vec<String> {
+    if created.is_empty() {
+        return not_found;
+    }
+    let missing: std::collections::HashSet<&str> = (not_found.iter().map(String::as_str))
+        .chain(created.iter().map(|key| &*key.customer_id))
+        .collect();
+    (requested.iter())
+        .filter(|id| missing.contains(id.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// Whether `profile` passes ListProfiles' `tier_name` filter (empty: every profile does).
 fn in_tier(profile: &Profile, tier_name: &str) -> bool {
     tier_name.is_empty() || profile.get_text(Field::TierName) == Some(tier_name)
@@ -483,16 +502,17 @@ impl ProfileService for ProfileApi {
         let as_of = self.store.revision();
         let mut found = Vec::with_capacity(request.customer_ids.len());
         let mut missing_customer_ids = Vec::new();
-        for customer_id in request.customer_ids {
+        for customer_id in &request.customer_ids {
             let key = ProfileKey::new(client_id.clone(), customer_id.as_str());
             match self.store.get(&key) {
                 Some(profile) => found.push(profile),
-                None => missing_customer_ids.push(customer_id),
+                None => missing_customer_ids.push(customer_id.clone()),
             }
         }
         // Created after `as_of`: not there yet at the revision answered.
         let created = (self.store.as_of(&mut found, as_of)).map_err(changed_too_fast)?;
-        missing_customer_ids.extend(created.iter().map(|key| key.customer_id.to_string()));
+        let missing_customer_ids =
+            missing_in_request_order(&request.customer_ids, missing_customer_ids, &created);
         let mut response = pb::BatchGetProfilesResponse {
             store_revision: as_of,
             profiles: Vec::with_capacity(found.len()),
@@ -629,6 +649,21 @@ mod tests {
 
     /// A tier filter that matches nothing examines every key; the other tasks of the worker
     /// (other calls, watch streams) run in between, and the page is right.
+    #[test]
+    fn missing_ids_keep_the_request_order_when_some_were_created_meanwhile() {
+        let requested = ["a", "new", "b", "gone", "new"].map(String::from);
+        let not_found = vec!["gone".to_owned()];
+        assert_eq!(
+            missing_in_request_order(&requested, not_found.clone(), &[]),
+            not_found
+        );
+        let created = [ProfileKey::new("x", "new"), ProfileKey::new("x", "new")];
+        assert_eq!(
+            missing_in_request_order(&requested, not_found, &created),
+            ["new", "gone", "new"]
+        );
+    }
+
     #[tokio::test]
     async fn a_filtered_list_yields_to_the_workers_other_tasks_while_it_scans() {
         let store = crate::sequencer::store_of_basic_profiles(10 * store::EXAMINE_PER_TURN);
