@@ -910,14 +910,12 @@ async fn a_backup_gives_up_on_a_server_that_stops_sending() {
     service.stop().await;
 }
 
-/// A server that died in the middle of a backup: the backup says the stream broke off after
-/// what arrived, and no longer blames TLS or client certificates on a connection that got past
-/// them (found by an adversarial run).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_backup_cut_off_mid_stream_says_so_without_a_tls_hint() {
+/// What a backup of a 300 KB store through a forwarder that closes the connection after the
+/// server's first `limit` bytes printed (it failed, exit 1, and left no file).
+async fn backup_cut_off_after(limit: usize) -> String {
     let dir = tempfile::tempdir().unwrap();
     let service = with_300_kb(dir.path()).await;
-    let cutting = limiting_forwarder(service.grpc, 64 * 1024, Past::Close).await;
+    let cutting = limiting_forwarder(service.grpc, limit, Past::Close).await;
     let file = dir.path().join("backup.snap");
     let output = run(vec![
         "backup".into(),
@@ -928,15 +926,24 @@ async fn a_backup_cut_off_mid_stream_says_so_without_a_tls_hint() {
     .await;
     let said = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(!file.exists());
+    assert_eq!(partial_files(dir.path()), Vec::<String>::new());
+    service.stop().await;
+    said
+}
+
+/// A server that died in the middle of a backup: the backup says the stream broke off after
+/// what arrived, and no longer blames TLS or client certificates on a connection that got past
+/// them (found by an adversarial run).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_cut_off_mid_stream_says_so_without_a_tls_hint() {
+    let said = backup_cut_off_after(64 * 1024).await;
     assert!(
         said.contains("backup: the stream broke off after "),
         "{said}"
     );
     assert!(said.contains(" bytes (not kept): "), "{said}");
     assert!(!said.contains("TLS") && !said.contains("--cert"), "{said}");
-    assert!(!file.exists());
-    assert_eq!(partial_files(dir.path()), Vec::<String>::new());
-    service.stop().await;
 }
 
 /// A server that died before the backup's first piece: the hint names a stopped server
@@ -944,24 +951,10 @@ async fn a_backup_cut_off_mid_stream_says_so_without_a_tls_hint() {
 /// certificates; found by an adversarial run).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_cut_off_before_its_first_piece_names_a_stopped_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let service = with_300_kb(dir.path()).await;
     // The server's first bytes (its HTTP/2 settings) pass; the answer does not.
-    let cutting = limiting_forwarder(service.grpc, 9, Past::Close).await;
-    let file = dir.path().join("backup.snap");
-    let output = run(vec![
-        "backup".into(),
-        "--grpc".into(),
-        cutting.to_string(),
-        path(&file),
-    ])
-    .await;
-    let said = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{said}");
+    let said = backup_cut_off_after(9).await;
     assert!(
         said.contains("the server may have stopped or restarted"),
         "{said}"
     );
-    assert!(!file.exists());
-    service.stop().await;
 }
