@@ -449,7 +449,8 @@ impl LocalLetters {
     }
 
     /// Removes these letters, or all of them, except those a replay holds. Ids that are not
-    /// kept are skipped. On an I/O error, the letters removed before it stay removed.
+    /// kept are skipped. A letter whose file cannot be removed stays kept, the others are
+    /// removed, and the first such error is returned.
     pub async fn purge(&self, which: Purge) -> Result<Purged, DeadLetterError> {
         self.delete(which, true).await
     }
@@ -474,10 +475,14 @@ impl LocalLetters {
                     }
                 };
                 if let Err(error) = inner.delete(&id) {
-                    // Its file is still there: still kept.
+                    // Its file is still there: still kept. The others go on: stopping here
+                    // left every letter after it kept, however often the purge was retried
+                    // (found by an adversarial run).
                     lock(&inner.index).insert(letter);
-                    result = Err(error);
-                    break;
+                    if result.is_ok() {
+                        result = Err(error);
+                    }
+                    continue;
                 }
                 purged.removed.push(id);
             }
@@ -946,8 +951,21 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         // A directory in its place: removing it as a file fails.
         std::fs::create_dir_all(path.join("inside")).unwrap();
-        assert!(letters.purge(Purge::Ids(vec![id.clone()])).await.is_err());
+        let mut others = Vec::new();
+        for n in 0..3 {
+            let body = format!("[{n}]");
+            others.push(
+                letters
+                    .store(body.as_bytes(), &invalid("body"), at(2))
+                    .await
+                    .unwrap(),
+            );
+        }
+        // The failing letter first: the others after it are purged all the same.
+        let ids = [vec![id.clone()], others.clone()].concat();
+        assert!(letters.purge(Purge::Ids(ids)).await.is_err());
         assert!(letters.get(&id).is_some(), "still kept");
+        assert!(others.iter().all(|other| letters.get(other).is_none()));
         assert_eq!(letters.list(None, 10, usize::MAX).letters.len(), 1);
         assert!(letters.claim_replay(&id).is_ok(), "and replayable");
     }
