@@ -570,22 +570,8 @@ impl Store {
             .filter(|profile| profile.revision > as_of)
             .map(|profile| profile.key.clone())
             .collect();
-        let mut then = std::collections::HashMap::new();
-        let mut after = as_of;
-        while then.len() < newer.len() {
-            // Each was readable, so its change is in the ring already (`commit`).
-            let changes = self.history_after(after, 1024)?;
-            let Some(last) = changes.last() else {
-                return Err(Compacted { oldest: as_of + 1 });
-            };
-            after = last.revision;
-            for change in changes {
-                let key = &change.profile.key;
-                if newer.contains(key) && !then.contains_key(key) {
-                    then.insert(key.clone(), change.previous.clone());
-                }
-            }
-        }
+        let then: std::collections::HashMap<_, _> =
+            self.states_at(newer, as_of)?.into_iter().collect();
         let mut left_out = Vec::new();
         profiles.retain_mut(|profile| {
             if profile.revision <= as_of {
@@ -604,7 +590,38 @@ impl Store {
         });
         Ok(left_out)
     }
+
+    /// The state at `as_of` of each of `keys`, each read at a later revision (so each has a
+    /// change after `as_of` in the ring, pushed before it was readable: `commit`): the
+    /// `previous` of its first change after `as_of`, `None` for one created after it. In the
+    /// order of those changes. What [`Store::as_of`] and [`AsOfScan::resolve_newer`] share.
+    fn states_at(
+        &self,
+        mut keys: HashSet<ProfileKey>,
+        as_of: u64,
+    ) -> Result<Vec<StateThen>, Compacted> {
+        let mut states = Vec::with_capacity(keys.len());
+        let mut after = as_of;
+        while !keys.is_empty() {
+            let changes = self.history_after(after, 1024)?;
+            let Some(last) = changes.last() else {
+                // Cannot happen while commits push history first; if it did, starting over
+                // (as after a compaction) is the safe answer.
+                return Err(Compacted { oldest: as_of + 1 });
+            };
+            after = last.revision;
+            for change in changes {
+                if let Some(key) = keys.take(&change.profile.key) {
+                    states.push((key, change.previous.clone()));
+                }
+            }
+        }
+        Ok(states)
+    }
 }
+
+/// A profile's key and its state at a past revision (`None`: it did not exist yet).
+type StateThen = (ProfileKey, Option<Arc<Profile>>);
 
 /// A read of many profiles as of one revision `as_of`, taken while writes go on.
 ///
@@ -671,28 +688,8 @@ impl AsOfScan {
     /// After the scan: the state at `as_of` of every profile that was read newer than that.
     pub fn resolve_newer(&mut self, store: &Store) -> Result<Vec<Arc<Profile>>, Compacted> {
         debug_assert!(self.scanned, "resolve after the scan");
-        let mut resolved = Vec::new();
-        let mut after = self.as_of;
-        while !self.newer.is_empty() {
-            // Every held-back profile was readable, so its change is already in the ring.
-            let changes = store.history_after(after, 1024)?;
-            let Some(last) = changes.last() else {
-                // Cannot happen while commits push history first; if it did, starting over
-                // (as after a compaction) is the safe answer.
-                return Err(Compacted {
-                    oldest: self.as_of + 1,
-                });
-            };
-            after = last.revision;
-            for change in changes {
-                if self.newer.remove(&change.profile.key)
-                    && let Some(previous) = &change.previous
-                {
-                    resolved.push(Arc::clone(previous));
-                }
-            }
-        }
-        Ok(resolved)
+        let states = store.states_at(std::mem::take(&mut self.newer), self.as_of)?;
+        Ok(states.into_iter().filter_map(|(_, then)| then).collect())
     }
 }
 
