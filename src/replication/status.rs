@@ -283,8 +283,7 @@ impl ReplicaStatus {
     /// that grows while the replica applies everything it is sent (a stream short of its
     /// quorum, a timeout), which "lagging" alone hid from operators.
     fn unanswered_note(&self) -> String {
-        lock(&self.inner.runs)
-            .unanswered()
+        self.unanswered()
             .map(|reason| format!("; the stream's latest poll got no answer: {reason}"))
             .unwrap_or_default()
     }
