@@ -356,6 +356,13 @@ fn integer<J: Json, F: Into<String>>(
         // Neither i64 nor u64: serde_json read it as a float. A whole number past u64 (2^64)
         // lands here too, and is out of range, not a fraction.
         Some(number) => match number.as_f64() {
+            // `-0` is an integer literal, but serde_json keeps its sign by reading it as a
+            // float, so it cannot be told from `-0.0` or `0e0` here; the message names them all
+            // (an adversarial run got "without a decimal point or exponent" for `-0`).
+            Some(0.0) => Err(Error::invalid(
+                field(),
+                "must be written as the integer 0: not -0, and without a decimal point or exponent",
+            )),
             Some(float) if float.fract() == 0.0 => {
                 // Open bounds one past the range: for 64 bits they round to -2^63 and 2^63
                 // themselves, which an integer literal just past the range also parses to.
@@ -697,6 +704,11 @@ mod tests {
             written_as_float.contains("decimal point"),
             "{written_as_float}"
         );
+        for zero in ["-0", "-0.0", "0.0", "0e0"] {
+            let reason = reason(&body(zero));
+            assert!(reason.contains("integer 0: not -0"), "{zero}: {reason}");
+        }
+        assert!(matches!(agree(body("0").as_bytes()), Some(Ok(_))));
     }
 
     #[test]
