@@ -209,6 +209,14 @@ pub enum DeadLetterError {
     /// The server stopped and released its data directory: nothing is written there any more.
     #[error("the server is stopping: dead letters are no longer changed")]
     Stopping,
+    /// A purge removed `removed` letters, then failed: the rest stay kept.
+    #[error("{removed} dead letter(s) purged, then: {error}")]
+    PurgeBrokeOff {
+        /// How many letters it removed before (and, on one node, after) the failure.
+        removed: usize,
+        /// The (first) failure.
+        error: Box<DeadLetterError>,
+    },
     /// A letter file does not hold a valid letter.
     #[error("dead letter file {path} is damaged: {reason}; move it away to start")]
     Damaged {
@@ -220,6 +228,17 @@ pub enum DeadLetterError {
 }
 
 impl DeadLetterError {
+    /// This error, from a purge that had removed `removed` letters: the caller is told so.
+    pub(crate) fn after_removing(self, removed: usize) -> DeadLetterError {
+        match removed {
+            0 => self,
+            removed => DeadLetterError::PurgeBrokeOff {
+                removed,
+                error: Box::new(self),
+            },
+        }
+    }
+
     /// The error to answer a caller with: this one is logged in full, the caller gets a
     /// generic UNAVAILABLE (storage details are the operators', not the client's).
     pub fn unavailable(self) -> Error {
@@ -231,6 +250,15 @@ impl DeadLetterError {
             };
         }
         tracing::error!(error = %self, "dead letter storage failed");
+        if let DeadLetterError::PurgeBrokeOff { removed, .. } = self {
+            // The caller learns what was done: a purge is not all or nothing.
+            return Error::Unavailable {
+                reason: format!(
+                    "{removed} dead letter(s) were purged, then the rest could not be (the \
+                     server's log says why); purge again to remove them"
+                ),
+            };
+        }
         Error::Unavailable {
             reason: "the dead letters could not be read or changed (the server's log says why); \
                      retry later"
@@ -488,10 +516,14 @@ impl LocalLetters {
             }
             if let Some(dir) = &inner.dir
                 && !purged.removed.is_empty()
+                && let Err(error) = sync_dir(dir)
             {
-                sync_dir(dir).map_err(IoError::on(dir, "sync"))?;
+                result = result.and(Err(IoError::on(dir, "sync")(error).into()));
             }
-            result.map(|()| purged)
+            let removed = purged.removed.len();
+            result
+                .map(|()| purged)
+                .map_err(|error| error.after_removing(removed))
         })
         .await
     }
@@ -963,7 +995,21 @@ mod tests {
         }
         // The failing letter first: the others after it are purged all the same.
         let ids = [vec![id.clone()], others.clone()].concat();
-        assert!(letters.purge(Purge::Ids(ids)).await.is_err());
+        let Err(error) = letters.purge(Purge::Ids(ids)).await else {
+            panic!("a letter was not removed: the purge must say so");
+        };
+        // ... and what it did remove (a failed purge said nothing of it).
+        assert!(
+            matches!(error, DeadLetterError::PurgeBrokeOff { removed: 3, .. }),
+            "{error:?}"
+        );
+        let Error::Unavailable { reason } = error.unavailable() else {
+            panic!("answered UNAVAILABLE");
+        };
+        assert!(
+            reason.starts_with("3 dead letter(s) were purged"),
+            "{reason}"
+        );
         assert!(letters.get(&id).is_some(), "still kept");
         assert!(others.iter().all(|other| letters.get(other).is_none()));
         assert_eq!(letters.list(None, 10, usize::MAX).letters.len(), 1);

@@ -314,3 +314,47 @@ async fn a_burst_of_letters_is_kept_and_listed() {
     assert_eq!(ids, expected_sorted);
     a.stop().await;
 }
+
+/// A purge that fails part way says how many letters it removed: it answered only the generic
+/// "could not be changed", as if nothing had been done (a session-41 leftover). The failure is
+/// real: an entry in the bucket that is not a letter, put there with a plain NATS client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_that_breaks_off_says_how_many_it_removed() {
+    let nats = NatsCluster::single().await.unwrap();
+    let a = TestService::serve(
+        Server::bind(replica_config(&nats, "BROKE", "a"))
+            .await
+            .unwrap(),
+    );
+    let bodies = [bad_tier_order("first"), bad_tier_order("last")];
+    for body in &bodies {
+        assert_eq!(post_until_answered(&a, body).await.0, 422);
+    }
+    let client = async_nats::connect(nats.client_urls().join(","))
+        .await
+        .unwrap();
+    let bucket = async_nats::jetstream::new(client)
+        .get_key_value("BROKE_DEAD_LETTERS")
+        .await
+        .unwrap();
+    let junk = DeadLetterId::of(b"junk").to_string();
+    bucket.put(&junk, "not a letter".into()).await.unwrap();
+
+    let [first, last] = bodies.map(|body| DeadLetterId::of(&body).to_string());
+    let ids = vec![first.clone(), junk.clone(), last.clone()];
+    let status = admin(&a)
+        .await
+        .purge_dead_letters(pb::PurgeDeadLettersRequest { ids, all: false })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().starts_with("1 dead letter(s) were purged"),
+        "{status:?}"
+    );
+    // The first is gone, the rest stay kept for the next purge.
+    let kept = bucket.keys().await.unwrap();
+    let kept: Vec<String> = futures_util::TryStreamExt::try_collect(kept).await.unwrap();
+    assert!(!kept.contains(&first) && kept.contains(&last), "{kept:?}");
+    a.stop().await;
+}

@@ -336,14 +336,21 @@ impl SharedLetters {
             Purge::Ids(ids) => ids,
         };
         let mut purged = Purged::default();
+        // The first failure ends it (the bucket is most likely unreachable for the rest too),
+        // and says how many were removed before it.
+        let broke_off =
+            |error: DeadLetterError, purged: &Purged| error.after_removing(purged.removed.len());
         for id in ids {
-            match self.remove_any(&id).await? {
-                Removal::Removed => purged.removed.push(id),
-                Removal::Held => purged.replaying.push(id),
-                Removal::NotKept => {}
+            match self.remove_any(&id).await {
+                Ok(Removal::Removed) => purged.removed.push(id),
+                Ok(Removal::Held) => purged.replaying.push(id),
+                Ok(Removal::NotKept) => {}
+                Err(error) => return Err(broke_off(error, &purged)),
             }
         }
-        self.ids().await?;
+        if let Err(error) = self.ids().await {
+            return Err(broke_off(error, &purged));
+        }
         Ok(purged)
     }
 
