@@ -2659,3 +2659,36 @@ async fn a_downloaded_snapshot_the_stream_was_purged_past_is_removed() {
     b.stop();
     a.stop().await;
 }
+
+/// A poll of the stream's end that hangs (a NATS server paused, a dead network path) has no
+/// reason to give until --nats-request-timeout: readiness said only "lagging ... 0 messages
+/// behind" meanwhile (a session-41 leftover). It says how long ago the end was last read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_says_how_long_the_stream_has_gone_unread_while_a_poll_hangs() {
+    let nats = NatsCluster::single().await.unwrap();
+    let mut config = replica_config(&nats, "HANGING", "a");
+    config.nats.request_timeout = Duration::from_secs(60);
+    config.webhook_timeout = Duration::from_secs(70);
+    let a = TestService::start_with(config).await;
+    let deadline = Instant::now() + PATIENCE;
+    while a.admin_get("/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nats.nodes()[0].pause().unwrap();
+    let reason = loop {
+        let (status, reason) = a.admin_get("/readyz").await;
+        if status == 503 {
+            break reason;
+        }
+        assert!(Instant::now() < deadline, "ready with its stream unread");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(reason.contains("replica lagging"), "{reason}");
+    assert!(
+        reason.contains("the stream's end was last read") && reason.contains("no answer yet"),
+        "{reason}"
+    );
+    nats.nodes()[0].resume().unwrap();
+    a.stop().await;
+}

@@ -283,9 +283,25 @@ impl ReplicaStatus {
     /// that grows while the replica applies everything it is sent (a stream short of its
     /// quorum, a timeout), which "lagging" alone hid from operators.
     fn unanswered_note(&self) -> String {
-        self.unanswered()
-            .map(|reason| format!("; the stream's latest poll got no answer: {reason}"))
-            .unwrap_or_default()
+        if let Some(reason) = self.unanswered() {
+            return format!("; the stream's latest poll got no answer: {reason}");
+        }
+        // A poll still waiting for its answer has no reason yet, for up to
+        // --nats-request-timeout: its age says why the lag grows meanwhile (it said
+        // "0 messages behind" and nothing else; a session-41 leftover).
+        let last_read = *self.inner.last_read.borrow();
+        let since = match last_read {
+            Some((read_at, _)) => read_at,
+            None => self.inner.started,
+        };
+        match since.elapsed() {
+            age if age > 2 * POLL_INTERVAL => format!(
+                "; the stream's end was last read {:.1} s ago, and the poll since has no answer \
+                 yet",
+                age.as_secs_f64()
+            ),
+            _ => String::new(),
+        }
     }
 
     /// The applier applied stream message `sequence` (sent by the server with `pending`
