@@ -173,13 +173,22 @@ async fn follow(client: &mut AdminClient, job_id: &str) -> Result<pb::ReconcileJ
         }
         let progress = (job.done, job.total, job.changed, job.failed);
         if shown != Some(progress) {
-            eprintln!(
-                "profile-state: {} of {} done ({} changed, {} failed)",
-                job.done, job.total, job.changed, job.failed
-            );
+            eprintln!("profile-state: {}", progress_line(&job));
             shown = Some(progress);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A running job's progress, as `--wait` shows it.
+fn progress_line(job: &pb::ReconcileJob) -> String {
+    match job.total {
+        // Its customers are not chosen yet ("0 of 0 done" said nothing; a fresh-eyes run).
+        0 => "choosing the customers to read back".to_owned(),
+        total => format!(
+            "{} of {total} done ({} changed, {} failed)",
+            job.done, job.changed, job.failed
+        ),
     }
 }
 
@@ -296,6 +305,14 @@ fn write(text: &str) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_is_counted_once_the_customers_are_chosen() {
+        let mut job = pb::ReconcileJob::default();
+        assert_eq!(progress_line(&job), "choosing the customers to read back");
+        (job.total, job.done, job.changed, job.failed) = (10, 4, 2, 1);
+        assert_eq!(progress_line(&job), "4 of 10 done (2 changed, 1 failed)");
+    }
 
     #[test]
     fn a_job_its_server_forgot_names_the_code_as_grpc_does() {
