@@ -165,6 +165,8 @@ enum Contents {
 struct Refusal {
     /// A file that is in the way, the first by name.
     example: std::ffi::OsString,
+    /// Whether other files are in the way too.
+    among_others: bool,
     /// Beside a restore's marker: files only a server writes (a server that does not know the
     /// marker, an older version, served the directory since). Otherwise a store, or a
     /// stranger's files.
@@ -180,6 +182,7 @@ fn contents(dir: &Path) -> std::io::Result<Contents> {
         Err(error) => return Err(error),
     };
     let (mut unfinished, mut snapshots, mut others) = (false, None, None);
+    let (mut snapshot_count, mut other_count) = (0_usize, 0_usize);
     for entry in entries {
         let name = entry?.file_name();
         unfinished |= DataDir::is_restore_marker(&name);
@@ -194,14 +197,17 @@ fn contents(dir: &Path) -> std::io::Result<Contents> {
             _ => *seen = Some(name.clone()),
         };
         match snapshot::is_snapshot_file(&name) {
-            true => first(&mut snapshots),
-            false => first(&mut others),
-        }
+            true => (first(&mut snapshots), snapshot_count += 1),
+            false => (first(&mut others), other_count += 1),
+        };
     }
     // What an unfinished restore left was never served (no server opens it): started over.
-    let refused = |example, served_since| {
+    let refused = |example, served_since: bool| {
+        // A restore's own snapshots are not in the way of finishing it.
+        let in_the_way = other_count + if served_since { 0 } else { snapshot_count };
         Contents::Refused(Refusal {
             example,
+            among_others: in_the_way > 1,
             served_since,
         })
     };
@@ -221,8 +227,13 @@ fn not_empty(dir: &Path, refusal: &Refusal) -> Failure {
              served it; move it aside and restore into a new directory"
         ),
         false => format!(
-            "--data-dir {dir} is not empty ({example} among others): restore into a new \
-             directory (move the old one aside first)"
+            "--data-dir {dir} is not empty ({example}{}): restore into a new directory (move \
+             the old one aside first)",
+            if refusal.among_others {
+                " among others"
+            } else {
+                " is there"
+            }
         ),
     })
 }
@@ -344,5 +355,22 @@ mod tests {
             other => panic!("{:?}", other.map(|dir| dir.store_id().to_owned())),
         }
         assert_eq!(std::fs::read(&journal).unwrap(), b"acknowledged");
+    }
+
+    /// A lone file in the way is named as such ("(.keep among others)" said there was more).
+    #[test]
+    fn a_lone_file_in_the_way_is_not_called_one_among_others() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".keep"), b"").unwrap();
+        let said = |dir: &Path| match contents(dir).unwrap() {
+            Contents::Refused(refusal) => match not_empty(dir, &refusal) {
+                Failure::Usage(said) => said,
+                other => panic!("{other:?}"),
+            },
+            _ => panic!("not refused"),
+        };
+        assert!(said(dir.path()).contains("(.keep is there)"));
+        std::fs::write(dir.path().join("notes"), b"").unwrap();
+        assert!(said(dir.path()).contains("(.keep among others)"));
     }
 }
