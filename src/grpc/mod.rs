@@ -730,6 +730,38 @@ mod tests {
         assert_eq!(next, None);
     }
 
+    /// A tier page emptied by the as-of step (its profiles entered the tier after the page's
+    /// revision) goes on to the next keys, instead of answering an empty page.
+    #[tokio::test]
+    async fn a_tier_page_emptied_by_the_as_of_step_goes_on_to_the_next_keys() {
+        use crate::profile::{Origin, ProfileUpdate, Scalar};
+        let store = crate::sequencer::store_of_basic_profiles(10);
+        let to_gold = |ids: &[usize]| {
+            let updates: Vec<_> = (ids.iter())
+                .map(|i| ProfileUpdate {
+                    key: ProfileKey::new("a", format!("c{i:06}")),
+                    at: chrono::DateTime::from_timestamp(1_700_000_001, 0).unwrap(),
+                    fields: vec![(Field::TierName, Some(Scalar::Text("gold".into())))],
+                    extras: vec![],
+                    origin: Origin::Webhook,
+                })
+                .collect();
+            let bound = crate::sequencer::Bound::Checked;
+            store.commit(&crate::sequencer::sequence(&store, &updates, bound).changes);
+        };
+        to_gold(&[3]);
+        let as_of = store.revision();
+        // Gold now, basic at `as_of`: the first two pages of one are empty after the as-of step.
+        to_gold(&[0, 1]);
+        let watchers = Watchers::new(store.clone());
+        let (stopping, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let api = ProfileApi::new(store, watchers, false, stopping, tracker, Metrics::new());
+        let (page, next) = api.page_as_of(("a", "gold"), None, 1, as_of).await.unwrap();
+        let keys: Vec<_> = page.iter().map(|profile| profile.key.clone()).collect();
+        assert_eq!(keys, [ProfileKey::new("a", "c000003")]);
+        assert_eq!(next, Some(ProfileKey::new("a", "c000003")));
+    }
+
     #[test]
     fn grpc_timeouts_are_read_in_every_unit_and_garbage_is_none() {
         let with = |value: &str| {
