@@ -1,8 +1,8 @@
 //! Log output: the level filter from `RUST_LOG`, and the two formats.
 //!
-//! - The filter is `RUST_LOG` (default `info`, with `async_nats` at `warn`: the service logs
+//! - The filter is `RUST_LOG` (default `info`, with `async_nats` off: the service logs
 //!   the NATS connection's events itself, without a line every few seconds while NATS is
-//!   down). A value that does not parse is an error, and so
+//!   down; and `h2` at `error`: its warnings are clients' protocol errors, a line each). A value that does not parse is an error, and so
 //!   is a bare word that is neither a level nor a target of this program (`RUST_LOG=warning`
 //!   would otherwise mean "everything of a module named `warning`", which is nothing at all).
 //! - `text`: colours only when stdout is a terminal and `NO_COLOR` is not set (no-color.org),
@@ -59,7 +59,10 @@ const KNOWN_TARGETS: &[&str] = &[
 /// hundred a second against a port that closes unanswered ("expected INFO, got nothing").
 /// Every one of those also reaches `jetstream::Nats` as an event, which logs it in our words,
 /// rate-limited and naming the servers; `RUST_LOG=async_nats=debug` shows the library's own.
-const QUIET_BY_DEFAULT: &str = "async_nats=off";
+/// And h2's warnings: each is a client breaking the protocol (such as resetting more streams
+/// than it may), one line per connection, which one client without credentials repeated 2,000
+/// times a second (found by an adversarial run); the connection is closed either way.
+const QUIET_BY_DEFAULT: &str = "async_nats=off,h2=error";
 
 /// The filter `RUST_LOG` (`value`, `None` when unset) asks for, with `default` when it is unset
 /// or empty.
@@ -151,7 +154,7 @@ mod tests {
                 Some(LevelFilter::INFO),
                 "{unset:?}"
             );
-            assert_eq!(filter.to_string(), "async_nats=off,info");
+            assert_eq!(filter.to_string(), "async_nats=off,h2=error,info");
         }
     }
 

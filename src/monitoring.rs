@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letters::DeadLetters;
 use crate::metrics::{self, Metrics, Readings};
 use crate::replication::ReplicaStatus;
+use crate::sequencer::JournalState;
 use crate::store::Store;
 
 /// What the monitoring endpoints read.
@@ -46,7 +47,7 @@ pub struct Monitoring {
     /// The dead letters, for the gauge of those kept.
     pub dead_letters: DeadLetters,
     /// Whether the journal's last write succeeded (always true in replicated mode).
-    pub writable: watch::Receiver<bool>,
+    pub journal_state: watch::Receiver<JournalState>,
     /// Cancelled when shutdown begins.
     pub stopping: CancellationToken,
     /// The replica's standing, in replicated mode.
@@ -90,8 +91,18 @@ impl Monitoring {
         if self.stopping.is_cancelled() {
             return Some("shutting down\n".into());
         }
-        if !*self.writable.borrow() {
-            return Some("journal writes are failing; webhooks get 503\n".into());
+        match *self.journal_state.borrow() {
+            JournalState::Writable => {}
+            JournalState::Failing => {
+                return Some("journal writes are failing; webhooks get 503\n".into());
+            }
+            JournalState::Stalled => {
+                return Some(
+                    "the journal's write has not returned for half of --webhook-timeout (the \
+                     disk hangs); webhooks wait for it, then get 503\n"
+                        .into(),
+                );
+            }
         }
         let replica = self.replica.as_ref()?;
         replica.not_ready_reason().map(|reason| reason + "\n")

@@ -17,7 +17,9 @@
 //! written); nothing is committed, no revision is used, and the sequencer reports itself not
 //! writable; every second it probes the path the next append will take (`Journal::probe`: the
 //! new segment if one is due, a write as large as the one that failed) and reports writable
-//! again only once that, or a real append, succeeds.
+//! again only once that, or a real append, succeeds. An append that has not returned for
+//! [`Durability::stalled_after`] (a disk that hangs rather than fails) makes it report the
+//! journal stalled until the append returns.
 //! It also starts snapshots in the background. It does not parse, validate or know about HTTP.
 //!
 //! The sequencer owns the commit: after the store published a batch it tells its
@@ -97,6 +99,22 @@ pub struct Durability {
     /// The data directory's lock: the journal's thread holds a share of it until it ends, and
     /// so does each snapshot ([`LockRef::unlocked`]: a directory nobody locked, in tests).
     pub lock: LockRef,
+    /// How long an append may go without returning before the journal counts as stalled
+    /// ([`JournalState::Stalled`]).
+    pub stalled_after: Duration,
+}
+
+/// Whether the journal takes writes, as readiness and health report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JournalState {
+    /// The last append (or probe) succeeded.
+    Writable,
+    /// The last append or probe failed: webhooks get 503 until one succeeds.
+    Failing,
+    /// An append has not returned for [`Durability::stalled_after`]: the disk hangs, and
+    /// webhooks wait for it until their timeout (a 503). Readiness said ready all along
+    /// (found by an adversarial run).
+    Stalled,
 }
 
 /// The hook of a sequencer nobody watches.
@@ -116,7 +134,7 @@ struct Request {
 #[derive(Clone)]
 pub struct Sequencer {
     requests: mpsc::Sender<Request>,
-    writable: watch::Receiver<bool>,
+    journal_state: watch::Receiver<JournalState>,
     in_flight: watch::Receiver<usize>,
 }
 
@@ -148,7 +166,11 @@ impl Sequencer {
         let writable_now = durability
             .as_ref()
             .is_none_or(|durability| durability.journal.looks_writable());
-        let (writable_tx, writable) = watch::channel(writable_now);
+        let state_now = match writable_now {
+            true => JournalState::Writable,
+            false => JournalState::Failing,
+        };
+        let (journal_state_tx, journal_state) = watch::channel(state_now);
         let (in_flight_tx, in_flight) = watch::channel(0);
         let task = Task {
             store,
@@ -171,8 +193,9 @@ impl Sequencer {
                 records_since_snapshot: 0,
                 bytes_since_snapshot: 0,
                 snapshot_running: Arc::new(AtomicBool::new(false)),
+                stalled_after: durability.stalled_after,
             }),
-            writable: writable_tx,
+            journal_state: journal_state_tx,
             metrics,
             tracker: tracker.clone(),
             writing: None,
@@ -183,7 +206,7 @@ impl Sequencer {
         tracker.spawn(task.run(inbox));
         Sequencer {
             requests,
-            writable,
+            journal_state,
             in_flight,
         }
     }
@@ -208,9 +231,9 @@ impl Sequencer {
         self.in_flight.clone()
     }
 
-    /// Whether the last journal write succeeded: false while the disk refuses writes.
-    pub fn writable(&self) -> watch::Receiver<bool> {
-        self.writable.clone()
+    /// Whether the journal takes writes: not while the disk refuses them or hangs.
+    pub fn journal_state(&self) -> watch::Receiver<JournalState> {
+        self.journal_state.clone()
     }
 }
 
@@ -226,6 +249,7 @@ struct Durable {
     /// Where each snapshot takes its share of the directory's lock from: it writes and
     /// removes files there.
     lock: LockRef,
+    stalled_after: Duration,
 }
 
 impl Durable {
@@ -284,6 +308,8 @@ struct Batch {
 /// The batch the journal's thread is writing and syncing.
 struct Writing {
     batch: Batch,
+    /// When it was handed to the journal's thread.
+    started: tokio::time::Instant,
     written: Pin<Box<dyn Future<Output = std::io::Result<Appended>> + Send>>,
 }
 
@@ -291,7 +317,7 @@ struct Task {
     store: Store,
     hook: Arc<dyn CommitHook>,
     durable: Option<Durable>,
-    writable: watch::Sender<bool>,
+    journal_state: watch::Sender<JournalState>,
     metrics: Metrics,
     tracker: TaskTracker,
     /// The batch being written and synced.
@@ -311,12 +337,15 @@ impl Task {
     async fn run(mut self, mut inbox: mpsc::Receiver<Request>) {
         let mut requests = Vec::with_capacity(MAX_BATCH);
         let mut open = true;
+        // Ticks while a batch is being written, to find a write that does not return.
+        let mut stall_checks = stall_checks();
         while open || self.writing.is_some() || self.next.is_some() {
             // How many more updates the next batch may take: a batch never exceeds MAX_BATCH.
             let room =
                 MAX_BATCH.saturating_sub(self.next.as_ref().map_or(0, |next| next.replies.len()));
             let writing = self.writing.is_some();
-            let probe = !writing && self.next.is_none() && !*self.writable.borrow();
+            let state = *self.journal_state.borrow();
+            let probe = !writing && self.next.is_none() && state == JournalState::Failing;
             // While a batch syncs, the updates that arrive are sequenced and encoded into the
             // next batch as they come, so the sync's end finds it ready to hand over: the
             // journal's thread waits only for this task to wake, not for the batch to be built
@@ -346,6 +375,9 @@ impl Task {
                 // (a clock read and a timer handle) is only made when the branch is polled.
                 () = async { tokio::time::sleep(PROBE_INTERVAL).await }, if probe => {
                     self.probe().await;
+                }
+                _ = stall_checks.tick(), if writing && state == JournalState::Writable => {
+                    self.check_stall();
                 }
             }
             let count = usize::from(self.writing.is_some()) + usize::from(self.next.is_some());
@@ -446,7 +478,12 @@ impl Task {
             (Some(durable), Some(revisions)) => {
                 let frame = std::mem::take(&mut batch.frame).finish();
                 let written = Box::pin(durable.appender.append(frame, Some(revisions)));
-                self.writing = Some(Writing { batch, written });
+                let started = tokio::time::Instant::now();
+                self.writing = Some(Writing {
+                    batch,
+                    started,
+                    written,
+                });
             }
             _ => self.commit(batch),
         }
@@ -460,9 +497,13 @@ impl Task {
             Ok(appended) => {
                 self.metrics
                     .journal_append(appended.took.as_secs_f64(), appended.bytes);
-                if !*self.writable.borrow() {
-                    tracing::info!("journal writes succeed again");
-                    self.writable.send_replace(true);
+                match self.journal_state.send_replace(JournalState::Writable) {
+                    JournalState::Writable => {}
+                    JournalState::Failing => tracing::info!("journal writes succeed again"),
+                    JournalState::Stalled => tracing::info!(
+                        took_ms = appended.took.as_millis() as u64,
+                        "the journal's stalled write returned"
+                    ),
                 }
                 let records = batch.changes.len() as u64;
                 self.commit(batch);
@@ -478,10 +519,9 @@ impl Task {
                 // disk stays full every batch fails, a line per webhook would flood the logs,
                 // which may well live on that disk. The metric counts every failure.
                 // Only a change notifies: readiness watchers see one NotServing, not one a batch.
-                if self
-                    .writable
-                    .send_if_modified(|writable| std::mem::replace(writable, false))
-                {
+                if self.journal_state.send_if_modified(|state| {
+                    std::mem::replace(state, JournalState::Failing) != JournalState::Failing
+                }) {
                     tracing::error!(%error, "journal write failed: answering 503 until a write succeeds");
                 } else {
                     tracing::debug!(%error, "journal write failed again");
@@ -529,19 +569,48 @@ impl Task {
     /// the one that failed, a sync): writable again only when that works.
     async fn probe(&mut self) {
         let Some(durable) = &mut self.durable else {
-            self.writable.send_replace(true);
+            self.journal_state.send_replace(JournalState::Writable);
             return;
         };
         let next_revision = self.store.revision() + 1;
         match durable.appender.probe(next_revision).await {
             Ok(()) => {
                 tracing::info!("journal writes succeed again");
-                self.writable.send_replace(true);
+                self.journal_state.send_replace(JournalState::Writable);
             }
             // Once a second while the disk refuses: DEBUG, the failed appends log at ERROR.
             Err(error) => tracing::debug!(%error, "journal probe failed"),
         }
     }
+}
+
+impl Task {
+    /// Reports the journal stalled when the batch being written has not returned for
+    /// `stalled_after` (the append goes on: it may still return, and then succeed).
+    fn check_stall(&mut self) {
+        let (Some(writing), Some(durable)) = (&self.writing, &self.durable) else {
+            return;
+        };
+        let waited = writing.started.elapsed();
+        if waited >= durable.stalled_after {
+            self.journal_state.send_replace(JournalState::Stalled);
+            tracing::error!(
+                waited_ms = waited.as_millis() as u64,
+                "the journal's write has not returned: not ready until it does (the webhooks \
+                 waiting for it get 503 at their timeout)"
+            );
+        }
+    }
+}
+
+/// How often a batch being written is checked for a stall.
+const STALL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The stall checks' ticks: a missed tick is not made up for (a check reads the clock).
+fn stall_checks() -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval(STALL_CHECK_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
 }
 
 /// The append of the batch being written.

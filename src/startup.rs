@@ -93,6 +93,9 @@ pub fn open_durable(
         snapshot_every_bytes: config.snapshot_every_bytes,
         history_events: config.history_events as u64,
         lock: dir.lock_ref(),
+        // Webhooks waiting on such a write are half way to their 503: readiness tells load
+        // balancers before they time out.
+        stalled_after: config.webhook_timeout / 2,
     };
     Ok((store, durability, dir))
 }

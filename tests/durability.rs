@@ -531,3 +531,56 @@ async fn the_data_directory_stays_locked_until_a_sync_that_outlived_the_stop_end
     assert!(service.server_info().await.revision <= 1);
     service.stop().await;
 }
+
+/// A journal write that hangs (a disk that stops answering rather than failing) left
+/// readiness and health saying ready while every webhook waited out its timeout and got 503
+/// (found by an adversarial run). After half of `--webhook-timeout` without the write
+/// returning, the service is not ready, and says why; ready again once it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_write_that_hangs_makes_the_service_not_ready_until_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = durable(dir.path());
+    config.webhook_timeout = std::time::Duration::from_secs(2);
+    let server = Server::bind(config).await.unwrap();
+    let faults = server.journal_faults();
+    let service = TestService::serve(server);
+    let mut health = HealthClient::new(service.channel().await);
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: "gameball.profiles.v1.ProfileService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
+    assert_eq!(next_status().await, ServingStatus::Serving);
+    assert_eq!(service.admin_get("/readyz").await.0, 200);
+
+    faults.hold_syncs(true);
+    let mut held = faults.syncs_waited();
+    let body = profile_updated("a", &at(1), json!({"total_points": 1}));
+    let (status, answer) = service.post(&body).await;
+    assert_eq!(status, 503, "its timeout: {answer}");
+    held.wait_for(|held| *held >= 1).await.unwrap();
+    // The write has hung for longer than a second (the timeout's half) by now.
+    let patience = std::time::Duration::from_secs(10);
+    let status = tokio::time::timeout(patience, next_status()).await;
+    assert_eq!(
+        status,
+        Ok(ServingStatus::NotServing),
+        "ready while it hangs"
+    );
+    let (status, reason) = service.admin_get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(
+        reason.contains("the journal's write has not returned"),
+        "{reason}"
+    );
+
+    faults.hold_syncs(false);
+    assert_eq!(next_status().await, ServingStatus::Serving, "ready again");
+    assert_eq!(service.admin_get("/readyz").await.0, 200);
+    // What the write carried was recorded: the webhook's 503 said it might be.
+    assert_eq!(service.server_info().await.revision, 1);
+    service.stop().await;
+}

@@ -1173,3 +1173,129 @@ async fn grpc_requests_that_never_finish_arriving_hold_bounded_bytes_for_bounded
     drop(connections);
     service.stop().await;
 }
+
+/// A connection whose client shuts its HTTP/2 window: answers can be encoded, never sent.
+async fn unread_grpc(grpc: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// `calls` ListProfiles of every profile on `client`, none of whose answers it reads: the
+/// messages of those answered RESOURCE_EXHAUSTED at once, and the others' answers, which wait
+/// to be read (dropped, each would reset its stream).
+async fn unread_lists(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    calls: usize,
+) -> (Vec<String>, Vec<h2::RecvStream>) {
+    use prost::Message;
+    let list = profile_state::pb::ListProfilesRequest {
+        page_size: 100,
+        ..Default::default()
+    };
+    let (mut refused, mut waiting) = (Vec::new(), Vec::new());
+    for _ in 0..calls {
+        let answer = raw_unary(client, "ListProfiles", list.encode_to_vec()).await;
+        // The head comes whatever the window: a refusal is in it (trailers only).
+        let head = answer.await.unwrap();
+        let text = |name| {
+            let value = head.headers().get(name)?;
+            Some(value.to_str().unwrap().to_owned())
+        };
+        match text("grpc-status") {
+            Some(code) => {
+                assert_eq!(code, "8", "{head:?}");
+                refused.push(percent_decoded(&text("grpc-message").unwrap_or_default()));
+            }
+            None => waiting.push(head.into_body()),
+        }
+    }
+    (refused, waiting)
+}
+
+/// Answers a client did not read were held whole, unbounded: 1.7 GB from 300 ListProfiles
+/// on two connections whose clients never opened their window (found by an adversarial run).
+/// They now hold at most four times `--grpc-max-message-bytes` per connection and 32 times it
+/// in all; a call past either is answered RESOURCE_EXHAUSTED, and what a connection held is
+/// free again once it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_clients_do_not_read_hold_bounded_bytes() {
+    use prost::Message;
+    const LIMIT: usize = 64 * 1024;
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_max_message_bytes = LIMIT;
+    let service = TestService::start_with(config).await;
+    let note = "n".repeat(5_000);
+    for n in 0..10 {
+        let data = json!({"total_points": n, "note": note});
+        service
+            .update(&profile_updated(&format!("c{n}"), &at(1), data))
+            .await;
+    }
+    let list = profile_state::pb::ListProfilesRequest {
+        page_size: 100,
+        ..Default::default()
+    };
+    let mut client = service.client().await;
+    let page = client
+        .list_profiles(list.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    // An answer's frame: the message and its 5-byte prefix.
+    let frame = page.encoded_len() + 5;
+    assert!(frame > 50_000 && frame < LIMIT, "{frame}");
+
+    let mut first = unread_grpc(service.grpc).await;
+    let (refused, first_waiting) = unread_lists(&mut first, 10).await;
+    assert_eq!(10 - refused.len(), 4 * LIMIT / frame, "{refused:?}");
+    assert!(
+        refused[0].contains("this connection's answers not yet read"),
+        "{refused:?}"
+    );
+    assert!(
+        refused[0].contains("at most 4 times --grpc-max-message-bytes"),
+        "{refused:?}"
+    );
+
+    // More connections, until the server's budget is spent.
+    let mut others = Vec::new();
+    let mut by_server = Vec::new();
+    // Three calls each: within a connection's budget.
+    for _ in 0..15 {
+        let mut connection = unread_grpc(service.grpc).await;
+        let (refused, waiting) = unread_lists(&mut connection, 3).await;
+        by_server.extend(refused);
+        others.push((connection, waiting));
+    }
+    let accepted = 4 * LIMIT / frame + 15 * 3 - by_server.len();
+    assert_eq!(accepted, 32 * LIMIT / frame, "{by_server:?}");
+    assert!(
+        by_server
+            .iter()
+            .all(|message| message.contains("the server's"))
+    );
+    let refused = client.list_profiles(list.clone()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+
+    // Closed, a connection gives its bytes back.
+    drop((first, first_waiting));
+    drop(others.pop());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while let Err(status) = client.list_profiles(list.clone()).await {
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(std::time::Instant::now() < deadline, "never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(others);
+    service.stop().await;
+}

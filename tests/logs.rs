@@ -334,3 +334,66 @@ async fn a_connection_refused_at_a_cap_is_warned_of_with_the_flag_that_sets_the_
 
 /// How long the test waits for an answer it must get.
 const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An HTTP/2 connection that opens and resets more streams than h2 lets it: the preface,
+/// SETTINGS, then 40 HEADERS + RST_STREAM (CANCEL) pairs on `path`, in one write.
+fn rapid_resets(path: &str) -> Vec<u8> {
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend([kind, flags]);
+        frame.extend(stream.to_be_bytes());
+        frame.extend(payload);
+        frame
+    };
+    // HPACK: :method POST and :scheme http indexed; :path, :authority and content-type as
+    // literals with indexed names (4, 1 and 31), without Huffman coding.
+    let mut headers = vec![0x83, 0x86, 0x04, path.len() as u8];
+    headers.extend(path.as_bytes());
+    headers.extend([0x01, 1, b'x', 0x0f, 0x10, 16]);
+    headers.extend(b"application/grpc");
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(frame(0x4, 0, 0, &[]));
+    for stream in (1..80).step_by(2) {
+        bytes.extend(frame(0x1, 0x4, stream, &headers));
+        bytes.extend(frame(0x3, 0, stream, &8u32.to_be_bytes()));
+    }
+    bytes
+}
+
+/// The error code of the first GOAWAY among the HTTP/2 frames `bytes` holds.
+fn goaway_code(mut bytes: &[u8]) -> Option<u32> {
+    while bytes.len() >= 9 {
+        let length = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        let payload = bytes.get(9..9 + length)?;
+        if bytes[3] == 0x7 {
+            return Some(u32::from_be_bytes(payload.get(4..8)?.try_into().ok()?));
+        }
+        bytes = &bytes[9 + length..];
+    }
+    None
+}
+
+/// A client that resets more streams than h2 allows got the connection closed, and one WARN
+/// line from h2 each time, unthrottled: 2,000 lines a second from one client without
+/// credentials, on the gRPC port and the webhook port's h2c (found by an adversarial run).
+/// With `RUST_LOG` unset, h2 logs errors only.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_resetting_streams_past_h2s_limit_log_no_line_each() {
+    use crate::limits::{connect, until_closed};
+    let dir = tempfile::tempdir().unwrap();
+    let binary = Binary::spawn(command(dir.path(), &[])).await;
+    let grpc = "/gameball.profiles.v1.ProfileService/GetProfile";
+    for (address, path) in [(binary.grpc, grpc), (binary.webhook, "/webhooks/gameball")] {
+        for _ in 0..5 {
+            let answer = until_closed(&mut connect(address, &rapid_resets(path)).await).await;
+            // GOAWAY with ENHANCE_YOUR_CALM: h2 refused it, as it logs.
+            assert_eq!(goaway_code(&answer), Some(11), "{answer:?}");
+        }
+    }
+    // h2 logs before it closes the connection: every such line is in before the exit.
+    let lines = binary.stop_collecting();
+    let from_h2: Vec<_> = (lines.iter())
+        .filter(|line| line["target"].as_str().is_some_and(|t| t.starts_with("h2")))
+        .collect();
+    assert!(from_h2.is_empty(), "{from_h2:#?}");
+}

@@ -201,6 +201,7 @@ async fn journal_as_before(dir: &Path, updates: Vec<ProfileUpdate>) {
         snapshot_every_bytes: u64::MAX,
         history_events: 1000,
         lock: data_dir.lock_ref(),
+        stalled_after: std::time::Duration::from_secs(5),
     };
     let tracker = TaskTracker::new();
     let sequencer = Sequencer::start(store, Some(durability), Metrics::new(), &tracker);

@@ -9,8 +9,10 @@
 //! `open_streams` caps health's and reflection's open-ended streams.
 
 pub mod admin;
+pub mod answer_bytes;
 pub mod auth;
 pub mod backup;
+mod byte_budgets;
 pub mod certificates;
 pub mod codec;
 mod convert;

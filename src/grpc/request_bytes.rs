@@ -17,15 +17,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, http};
 
+use super::byte_budgets::{Budget, Budgets, Held};
 use super::transport::Connection;
 
 /// A connection's budget: this many of the largest messages.
@@ -35,26 +34,19 @@ const IN_ALL: usize = 16;
 
 /// The bytes of requests a connection may be receiving at once.
 #[derive(Clone)]
-pub struct ConnectionRequestBytes(Arc<Semaphore>);
+pub struct ConnectionRequestBytes(Budget);
 
 impl ConnectionRequestBytes {
     /// A new connection's budget, for messages of at most `max_message_bytes`.
     pub fn new(max_message_bytes: usize) -> Self {
-        ConnectionRequestBytes(semaphore(max_message_bytes, PER_CONNECTION))
+        ConnectionRequestBytes(Budget::new(max_message_bytes, PER_CONNECTION))
     }
-}
-
-fn semaphore(max_message_bytes: usize, messages: usize) -> Arc<Semaphore> {
-    let bytes = max_message_bytes
-        .saturating_mul(messages)
-        .min(Semaphore::MAX_PERMITS);
-    Arc::new(Semaphore::new(bytes))
 }
 
 /// The layer that gives every request body its budgets and its deadline.
 #[derive(Clone)]
 pub struct RequestBytesLayer {
-    in_all: Arc<Semaphore>,
+    in_all: Budget,
     arrival: Duration,
 }
 
@@ -62,7 +54,7 @@ impl RequestBytesLayer {
     /// Budgets for messages of at most `max_message_bytes`, each to arrive within `arrival`.
     pub fn new(max_message_bytes: usize, arrival: Duration) -> Self {
         RequestBytesLayer {
-            in_all: semaphore(max_message_bytes, IN_ALL),
+            in_all: Budget::new(max_message_bytes, IN_ALL),
             arrival,
         }
     }
@@ -102,10 +94,12 @@ where
         let connection = request
             .extensions()
             .get::<Connection>()
-            .map(|connection| Arc::clone(&connection.request_bytes.0));
+            .map(|connection| connection.request_bytes.0.clone());
         let budgets = Budgets {
             connection,
-            in_all: Arc::clone(&self.layer.in_all),
+            in_all: self.layer.in_all.clone(),
+            what: "requests still arriving",
+            advice: "send the request again once they are in",
         };
         let arrival = self.layer.arrival;
         self.inner.call(request.map(|body| {
@@ -120,58 +114,6 @@ where
             })
         }))
     }
-}
-
-struct Budgets {
-    /// Absent for a connection that did not come through the capped listener (tests).
-    connection: Option<Arc<Semaphore>>,
-    in_all: Arc<Semaphore>,
-}
-
-impl Budgets {
-    /// `bytes` more from both budgets, added to `held`, or the status saying which one ran
-    /// out.
-    fn take(&self, bytes: u32, held: &mut Held) -> Result<(), Status> {
-        // The budget is named by the flag it is a multiple of, so an operator knows what to
-        // raise (found by a first-user review).
-        let exhausted = |whose: &str, times: usize| {
-            Status::resource_exhausted(format!(
-                "{whose} requests still arriving hold too many bytes already (at most {times} \
-                 times --grpc-max-message-bytes): send the request again once they are in"
-            ))
-        };
-        let in_all = Arc::clone(&self.in_all)
-            .try_acquire_many_owned(bytes)
-            .map_err(|_| exhausted("the server's", IN_ALL))?;
-        let connection = match &self.connection {
-            Some(connection) => Some(
-                Arc::clone(connection)
-                    .try_acquire_many_owned(bytes)
-                    .map_err(|_| exhausted("this connection's", PER_CONNECTION))?,
-            ),
-            None => None,
-        };
-        // Permits merge only with those of their own semaphore.
-        merge(&mut held.in_all, in_all);
-        if let Some(connection) = connection {
-            merge(&mut held.connection, connection);
-        }
-        Ok(())
-    }
-}
-
-fn merge(held: &mut Option<OwnedSemaphorePermit>, permit: OwnedSemaphorePermit) {
-    match held {
-        Some(held) => held.merge(permit),
-        None => *held = Some(permit),
-    }
-}
-
-/// The bytes a body holds from each budget.
-#[derive(Default)]
-struct Held {
-    in_all: Option<OwnedSemaphorePermit>,
-    connection: Option<OwnedSemaphorePermit>,
 }
 
 /// Where a body is in its gRPC messages (each a 5-byte prefix, then as many bytes as it
@@ -232,8 +174,6 @@ struct Arriving {
 
 impl Arriving {
     fn hold(&mut self, bytes: usize) -> Result<(), Status> {
-        // A frame is at most 16 MiB (HTTP/2's largest frame size).
-        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
         self.budgets.take(bytes, &mut self.held)
     }
 

@@ -141,6 +141,8 @@ pub struct Connection {
     pub open_streams: ConnectionWatches,
     /// The bytes of requests this connection may be receiving at once.
     pub request_bytes: super::request_bytes::ConnectionRequestBytes,
+    /// The bytes of answers this connection may hold unsent at once.
+    pub answer_bytes: super::answer_bytes::ConnectionAnswerBytes,
     /// Its calls in progress (marked by [`MetricsLayer`]): the listener closes a connection
     /// with none, the idlest, to make room at its cap.
     pub activity: Arc<crate::activity::Activity>,

@@ -40,6 +40,7 @@ fn durability(journal: Journal) -> Durability {
         snapshot_every_bytes: u64::MAX,
         history_events: 1_000_000,
         lock: LockRef::unlocked(),
+        stalled_after: std::time::Duration::from_secs(3600),
     }
 }
 

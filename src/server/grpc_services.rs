@@ -16,6 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::grpc::admin::AdminApi;
+use crate::grpc::answer_bytes::{AnswerBytesLayer, ConnectionAnswerBytes};
 use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::certificates::TlsCertificates;
@@ -207,6 +208,7 @@ pub(super) fn serve<H: Health>(
     let router = builder
         .layer(MetricsLayer::new(metrics.clone()))
         .layer(RequestBytesLayer::new(limit, limits.request_body_timeout))
+        .layer(AnswerBytesLayer::new(limit))
         .layer(OpenStreamsLayer::new(metrics.clone(), stopping.clone()))
         .add_service(limited!(health, limit).max_decoding_message_size(SMALL_REQUEST_BYTES))
         .add_service(small_requests!(reflection_v1()?, limit))
@@ -276,6 +278,7 @@ fn tagging(
             watches: ConnectionWatches::new(per_connection),
             open_streams: ConnectionWatches::new(OPEN_STREAMS_PER_CONNECTION),
             request_bytes: ConnectionRequestBytes::new(limit),
+            answer_bytes: ConnectionAnswerBytes::new(limit),
             activity,
         };
         (cut, tag)

@@ -49,7 +49,7 @@ use crate::monitoring::{AdminEndpoints, Monitoring};
 use crate::reconcile::schedule::SlotClaims;
 use crate::reconcile::{ReconcileJobs, ReconcileOptions};
 use crate::replication::{self, ApplierPause, ReplicaStatus};
-use crate::sequencer::{Durability, Sequencer};
+use crate::sequencer::{Durability, JournalState, Sequencer};
 use crate::startup;
 use crate::store::Store;
 use crate::watch::Watchers;
@@ -111,8 +111,8 @@ struct Domain {
     watchers: Watchers,
     /// Ready for webhooks, as far as the writer can tell (health follows it).
     ready: tokio::sync::watch::Receiver<bool>,
-    /// Whether the journal's last write succeeded (always true for a replica).
-    writable: tokio::sync::watch::Receiver<bool>,
+    /// Whether the journal takes writes (always writable for a replica).
+    journal_state: tokio::sync::watch::Receiver<JournalState>,
     replica: Option<ReplicaStatus>,
     /// Cancelled when the service must stop to be started again (a replica the stream was
     /// purged past); never on a single node.
@@ -289,7 +289,7 @@ impl Server {
             &admin,
             context,
             dead_letters,
-            domain.writable,
+            domain.journal_state,
             replica.clone(),
         );
         let certificates = grpc_transport.certificates.clone();
@@ -559,12 +559,12 @@ fn start_domain(
                 let _on_ingest_thread = ingest_thread.handle().enter();
                 start_sequencer(store, durability, &watchers, metrics, tracker)
             };
-            let writable = sequencer.writable();
+            let journal_state = sequencer.journal_state();
             Domain {
                 ingest: Ingest::new(sequencer, dead_letters, metrics.clone()),
                 watchers,
-                ready: writable.clone(),
-                writable,
+                ready: ready_while_writable(journal_state.clone(), tracker),
+                journal_state,
                 replica: None,
                 restart: CancellationToken::new(),
             }
@@ -577,12 +577,29 @@ fn start_domain(
                 watchers: watchers.with_catch_up(running.catch_up),
                 ready: running.ready,
                 // No journal: writability is the replica's readiness, reported apart.
-                writable: tokio::sync::watch::channel(true).1,
+                journal_state: tokio::sync::watch::channel(JournalState::Writable).1,
                 replica: Some(running.status),
                 restart: running.restart,
             }
         }
     }
+}
+
+/// Whether a single node is ready for webhooks: while its journal takes writes (health
+/// follows this, `/readyz` reads the journal's state itself, to say why not).
+fn ready_while_writable(
+    mut journal_state: tokio::sync::watch::Receiver<JournalState>,
+    tracker: &TaskTracker,
+) -> tokio::sync::watch::Receiver<bool> {
+    let writable = |state: &JournalState| *state == JournalState::Writable;
+    let (ready_tx, ready) = tokio::sync::watch::channel(writable(&journal_state.borrow()));
+    tracker.spawn(async move {
+        while journal_state.changed().await.is_ok() {
+            let now = writable(&journal_state.borrow_and_update());
+            ready_tx.send_if_modified(|ready| std::mem::replace(ready, now) != now);
+        }
+    });
+    ready
 }
 
 /// The one writer, telling the watch layer of every commit.
@@ -640,14 +657,14 @@ fn serve_monitoring(
     endpoints: &AdminEndpoints,
     (store, metrics, _, stopping): (&Store, &Metrics, &TaskTracker, &CancellationToken),
     dead_letters: DeadLetters,
-    writable: tokio::sync::watch::Receiver<bool>,
+    journal_state: tokio::sync::watch::Receiver<JournalState>,
     replica: Option<ReplicaStatus>,
 ) {
     endpoints.started(Monitoring {
         metrics: metrics.clone(),
         store: store.clone(),
         dead_letters,
-        writable,
+        journal_state,
         stopping: stopping.clone(),
         replica,
     });

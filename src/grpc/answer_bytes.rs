@@ -1,0 +1,172 @@
+//! What gRPC answers may hold while they wait to be sent: bytes per connection and in all.
+//!
+//! tonic encodes an answer whole and hyper hands it to h2, which keeps it until the client's
+//! flow-control window lets it go: a client that asked for large answers and never read them
+//! had the server hold them all, up to `--grpc-max-concurrent-streams` calls per connection
+//! (about 6 MB each for a 4 MB ListProfiles page: 1.7 GB from 300 calls on two connections;
+//! found by an adversarial run). Here an answer's first message, read as soon as the call
+//! returns (hyper would not poll the body while the client's window is shut), draws its bytes
+//! from its connection's budget (four times `--grpc-max-message-bytes`) and the server's (32
+//! times it) until the body is polled again or dropped. hyper polls a body again only once h2
+//! has sent all but its send buffer's worth of the stream (400 KiB), so what a budget counts
+//! is what a client has not taken yet. An answer past either budget is RESOURCE_EXHAUSTED
+//! instead, naming the budget. Answers that clients read take
+//! their budget back as fast as the network carries them; only clients that stop reading
+//! (or read far slower than they ask) meet the limits.
+//!
+//! What this module does not do: count a stream's later messages (a watch stream's outbox
+//! bounds them, and a backup's stall timeout), or give a stalled answer a time limit.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{Body as HttpBody, Bytes, http};
+
+use super::byte_budgets::{Budget, Budgets, Held};
+use super::transport::Connection;
+
+/// A connection's budget: this many of the largest messages.
+const PER_CONNECTION: usize = 4;
+/// The server's budget: this many of the largest messages.
+const IN_ALL: usize = 32;
+
+/// The bytes of answers a connection may hold unsent at once.
+#[derive(Clone)]
+pub struct ConnectionAnswerBytes(Budget);
+
+impl ConnectionAnswerBytes {
+    /// A new connection's budget, for messages of at most `max_message_bytes`.
+    pub fn new(max_message_bytes: usize) -> Self {
+        ConnectionAnswerBytes(Budget::new(max_message_bytes, PER_CONNECTION))
+    }
+}
+
+/// The layer that makes every answer body draw on its budgets.
+#[derive(Clone)]
+pub struct AnswerBytesLayer {
+    in_all: Budget,
+}
+
+impl AnswerBytesLayer {
+    /// Budgets for messages of at most `max_message_bytes`.
+    pub fn new(max_message_bytes: usize) -> Self {
+        AnswerBytesLayer {
+            in_all: Budget::new(max_message_bytes, IN_ALL),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AnswerBytesLayer {
+    type Service = AnswerBytesService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AnswerBytesService {
+            inner,
+            in_all: self.in_all.clone(),
+        }
+    }
+}
+
+/// The service [`AnswerBytesLayer`] wraps.
+#[derive(Clone)]
+pub struct AnswerBytesService<S> {
+    inner: S,
+    in_all: Budget,
+}
+
+type Answer<E> = Result<http::Response<Body>, E>;
+
+impl<S, B> tower::Service<http::Request<B>> for AnswerBytesService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Answer<S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let budgets = Budgets {
+            connection: Connection::of_http(&request).map(|c| c.answer_bytes.0.clone()),
+            in_all: self.in_all.clone(),
+            what: "answers not yet read by their clients",
+            advice: "read the answers of earlier calls first, then call again",
+        };
+        let answer = self.inner.call(request);
+        Box::pin(async move { Ok(Sending::first_frame(answer.await?, budgets)) })
+    }
+}
+
+/// An answer's body, holding its first data frame's bytes from its budgets until it is
+/// polled again: a unary answer's whole message. A stream's later messages are not counted:
+/// its own bounds hold them (a watch stream's outbox, a backup's stall timeout), and a
+/// count on each would cost every delivery.
+struct Sending {
+    body: Body,
+    /// The first frame, read before the answer was handed on.
+    first: Option<http_body::Frame<Bytes>>,
+    held: Held,
+}
+
+impl Sending {
+    /// `answer`, its first frame taken from its budgets at once when it is ready (a unary
+    /// answer's whole message: tonic encodes it when its body is first polled). hyper polls a
+    /// body only once the client's window has room, so a client whose window is shut would
+    /// hold every answer unencoded and uncounted. Past a budget: RESOURCE_EXHAUSTED instead.
+    fn first_frame(answer: http::Response<Body>, budgets: Budgets) -> http::Response<Body> {
+        let (parts, mut body) = answer.into_parts();
+        let waker = futures_util::task::noop_waker();
+        let first = match Pin::new(&mut body).poll_frame(&mut Context::from_waker(&waker)) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            // Nothing yet (a stream's first message to come): as it is.
+            Poll::Pending => return http::Response::from_parts(parts, body),
+            Poll::Ready(None) => return http::Response::from_parts(parts, Body::empty()),
+            Poll::Ready(Some(Err(status))) => return status.into_http(),
+        };
+        let mut held = Held::default();
+        if let Some(bytes) = first.data_ref()
+            && let Err(status) = budgets.take(bytes.len(), &mut held)
+        {
+            return status.into_http();
+        }
+        let sending = Sending {
+            body,
+            first: Some(first),
+            held,
+        };
+        http::Response::from_parts(parts, Body::new(sending))
+    }
+}
+
+impl HttpBody for Sending {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        // Polled again: the first frame is sent, but for h2's send buffer.
+        this.held = Held::default();
+        Pin::new(&mut this.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -1,0 +1,113 @@
+//! Byte budgets a gRPC connection's calls draw on, one per connection and one for the server,
+//! each a multiple of `--grpc-max-message-bytes`: what requests still arriving
+//! (`request_bytes`) and answers not yet read (`answer_bytes`) may hold. Bytes are only ever
+//! taken if there is room (nothing waits for a budget), so a budget is one atomic count: no
+//! lock on a call's path.
+//!
+//! Not here: when bytes are taken and given back (the two modules decide).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tonic::Status;
+
+/// One budget: `messages` times the largest message.
+#[derive(Clone)]
+pub(super) struct Budget {
+    /// The bytes left.
+    left: Arc<AtomicUsize>,
+    messages: usize,
+}
+
+impl Budget {
+    pub(super) fn new(max_message_bytes: usize, messages: usize) -> Budget {
+        Budget {
+            left: Arc::new(AtomicUsize::new(max_message_bytes.saturating_mul(messages))),
+            messages,
+        }
+    }
+
+    /// `bytes` from this budget, if it has them.
+    fn take(&self, bytes: usize) -> Option<Taken> {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(bytes)
+            })
+            .ok()?;
+        Some(Taken {
+            left: Arc::clone(&self.left),
+            bytes,
+        })
+    }
+}
+
+/// Bytes taken from a budget, given back when dropped.
+struct Taken {
+    left: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.left.fetch_add(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// What a call draws on: its connection's budget and the server's.
+pub(super) struct Budgets {
+    /// Absent for a connection that did not come through the capped listener (tests).
+    pub(super) connection: Option<Budget>,
+    pub(super) in_all: Budget,
+    /// What the bytes are, for the status of a call that finds a budget spent: "requests
+    /// still arriving".
+    pub(super) what: &'static str,
+    /// What the caller can do then.
+    pub(super) advice: &'static str,
+}
+
+impl Budgets {
+    /// `bytes` more from both budgets, added to `held`, or the RESOURCE_EXHAUSTED status
+    /// saying which one ran out (nothing taken then).
+    pub(super) fn take(&self, bytes: usize, held: &mut Held) -> Result<(), Status> {
+        // The budget is named by the flag it is a multiple of, so an operator knows what to
+        // raise (found by a first-user review).
+        let exhausted = |whose: &str, budget: &Budget| {
+            Status::resource_exhausted(format!(
+                "{whose} {} hold too many bytes already (at most {} times \
+                 --grpc-max-message-bytes): {}",
+                self.what, budget.messages, self.advice
+            ))
+        };
+        let in_all =
+            (self.in_all.take(bytes)).ok_or_else(|| exhausted("the server's", &self.in_all))?;
+        let connection = match &self.connection {
+            Some(budget) => Some(
+                budget
+                    .take(bytes)
+                    .ok_or_else(|| exhausted("this connection's", budget))?,
+            ),
+            None => None,
+        };
+        merge(&mut held.in_all, in_all);
+        if let Some(connection) = connection {
+            merge(&mut held.connection, connection);
+        }
+        Ok(())
+    }
+}
+
+/// Adds `taken` to `held` (a body draws on the same budgets every time).
+fn merge(held: &mut Option<Taken>, mut taken: Taken) {
+    match held {
+        Some(held) => held.bytes += std::mem::take(&mut taken.bytes),
+        None => *held = Some(taken),
+    }
+}
+
+/// The bytes a body holds from its budgets, given back when dropped (or replaced by the
+/// default).
+#[derive(Default)]
+pub(super) struct Held {
+    in_all: Option<Taken>,
+    connection: Option<Taken>,
+}
