@@ -497,13 +497,19 @@ impl Task {
             Ok(appended) => {
                 self.metrics
                     .journal_append(appended.took.as_secs_f64(), appended.bytes);
-                match self.journal_state.send_replace(JournalState::Writable) {
+                // Read first: a send on every batch woke every reader of the state (health,
+                // readiness) once per sync, measurably (BENCHMARKS.md, session 42).
+                let was = *self.journal_state.borrow();
+                match was {
                     JournalState::Writable => {}
                     JournalState::Failing => tracing::info!("journal writes succeed again"),
                     JournalState::Stalled => tracing::info!(
                         took_ms = appended.took.as_millis() as u64,
                         "the journal's stalled write returned"
                     ),
+                }
+                if was != JournalState::Writable {
+                    self.journal_state.send_replace(JournalState::Writable);
                 }
                 let records = batch.changes.len() as u64;
                 self.commit(batch);
