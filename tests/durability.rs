@@ -158,6 +158,24 @@ async fn a_watcher_resumes_across_a_restart_without_missing_a_change() {
     service.stop().await;
 }
 
+/// A health client of `service`, and the watch of ProfileService's status on it.
+async fn profile_health(
+    service: &TestService,
+) -> (
+    HealthClient<tonic::transport::Channel>,
+    tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+) {
+    let mut health = HealthClient::new(service.channel().await);
+    let statuses = health
+        .watch(HealthCheckRequest {
+            service: "gameball.profiles.v1.ProfileService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (health, statuses)
+}
+
 async fn health_status(client: &mut HealthClient<tonic::transport::Channel>) -> i32 {
     client
         .check(HealthCheckRequest {
@@ -177,14 +195,7 @@ async fn a_failing_disk_gets_503_applies_nothing_and_recovers_by_itself() {
     let server = Server::bind(durable(dir.path())).await.unwrap();
     let faults = server.journal_faults();
     let service = TestService::serve(server);
-    let mut health = HealthClient::new(service.channel().await);
-    let mut statuses = health
-        .watch(HealthCheckRequest {
-            service: "gameball.profiles.v1.ProfileService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut health, mut statuses) = profile_health(&service).await;
     let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
     assert_eq!(next_status().await, ServingStatus::Serving);
 
@@ -245,14 +256,7 @@ async fn readiness_stays_false_until_the_segment_that_could_not_be_created_is_cr
     let server = Server::bind(config.clone()).await.unwrap();
     let faults = server.journal_faults();
     let service = TestService::serve(server);
-    let mut health = HealthClient::new(service.channel().await);
-    let mut statuses = health
-        .watch(HealthCheckRequest {
-            service: "gameball.profiles.v1.ProfileService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_health, mut statuses) = profile_health(&service).await;
     let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
     assert_eq!(next_status().await, ServingStatus::Serving);
     service
@@ -544,14 +548,7 @@ async fn a_journal_write_that_hangs_makes_the_service_not_ready_until_it_returns
     let server = Server::bind(config).await.unwrap();
     let faults = server.journal_faults();
     let service = TestService::serve(server);
-    let mut health = HealthClient::new(service.channel().await);
-    let mut statuses = health
-        .watch(HealthCheckRequest {
-            service: "gameball.profiles.v1.ProfileService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_health, mut statuses) = profile_health(&service).await;
     let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
     assert_eq!(next_status().await, ServingStatus::Serving);
     assert_eq!(service.admin_get("/readyz").await.0, 200);

@@ -690,14 +690,10 @@ mod tests {
         assert_eq!(next, Some(ProfileKey::new("a", "c000099")));
     }
 
-    /// Matches spread over many turns make the same page as one unbounded scan.
-    #[tokio::test]
-    async fn a_filtered_list_gathers_its_page_across_turns() {
+    /// Moves the basic profiles `ids` of `store_of_basic_profiles` to tier gold, in one batch.
+    fn to_gold(store: &Store, ids: impl Iterator<Item = usize>) {
         use crate::profile::{Origin, ProfileUpdate, Scalar};
-        let store = crate::sequencer::store_of_basic_profiles(10 * store::EXAMINE_PER_TURN);
-        // Every 1,000th profile (41 of them) moves to gold.
-        let gold: Vec<_> = (0..10 * store::EXAMINE_PER_TURN)
-            .step_by(1000)
+        let updates: Vec<_> = ids
             .map(|i| ProfileUpdate {
                 key: ProfileKey::new("a", format!("c{i:06}")),
                 at: chrono::DateTime::from_timestamp(1_700_000_001, 0).unwrap(),
@@ -707,7 +703,15 @@ mod tests {
             })
             .collect();
         let bound = crate::sequencer::Bound::Checked;
-        store.commit(&crate::sequencer::sequence(&store, &gold, bound).changes);
+        store.commit(&crate::sequencer::sequence(store, &updates, bound).changes);
+    }
+
+    /// Matches spread over many turns make the same page as one unbounded scan.
+    #[tokio::test]
+    async fn a_filtered_list_gathers_its_page_across_turns() {
+        let store = crate::sequencer::store_of_basic_profiles(10 * store::EXAMINE_PER_TURN);
+        // Every 1,000th profile (41 of them) moves to gold.
+        to_gold(&store, (0..10 * store::EXAMINE_PER_TURN).step_by(1000));
         let watchers = Watchers::new(store.clone());
         let (stopping, tracker) = (CancellationToken::new(), TaskTracker::new());
         let api = ProfileApi::new(
@@ -736,25 +740,11 @@ mod tests {
     /// revision) goes on to the next keys, instead of answering an empty page.
     #[tokio::test]
     async fn a_tier_page_emptied_by_the_as_of_step_goes_on_to_the_next_keys() {
-        use crate::profile::{Origin, ProfileUpdate, Scalar};
         let store = crate::sequencer::store_of_basic_profiles(10);
-        let to_gold = |ids: &[usize]| {
-            let updates: Vec<_> = (ids.iter())
-                .map(|i| ProfileUpdate {
-                    key: ProfileKey::new("a", format!("c{i:06}")),
-                    at: chrono::DateTime::from_timestamp(1_700_000_001, 0).unwrap(),
-                    fields: vec![(Field::TierName, Some(Scalar::Text("gold".into())))],
-                    extras: vec![],
-                    origin: Origin::Webhook,
-                })
-                .collect();
-            let bound = crate::sequencer::Bound::Checked;
-            store.commit(&crate::sequencer::sequence(&store, &updates, bound).changes);
-        };
-        to_gold(&[3]);
+        to_gold(&store, [3].into_iter());
         let as_of = store.revision();
         // Gold now, basic at `as_of`: the first two pages of one are empty after the as-of step.
-        to_gold(&[0, 1]);
+        to_gold(&store, [0, 1].into_iter());
         let watchers = Watchers::new(store.clone());
         let (stopping, tracker) = (CancellationToken::new(), TaskTracker::new());
         let api = ProfileApi::new(store, watchers, false, stopping, tracker, Metrics::new());

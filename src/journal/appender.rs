@@ -11,7 +11,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -44,11 +45,45 @@ enum Job {
     },
 }
 
+/// How long the append in progress has taken: its start in microseconds since `epoch`, plus
+/// one (0 while none is in progress), set and cleared by the journal's thread. What the
+/// sequencer's stall watch reads (a disk that hangs rather than fails).
+pub struct WriteClock {
+    epoch: Instant,
+    started: AtomicU64,
+}
+
+impl WriteClock {
+    fn new() -> WriteClock {
+        WriteClock {
+            epoch: Instant::now(),
+            started: AtomicU64::new(0),
+        }
+    }
+
+    fn start(&self, at: Instant) {
+        let since = at.saturating_duration_since(self.epoch).as_micros() as u64;
+        self.started.store(since + 1, Ordering::Release);
+    }
+
+    fn stop(&self) {
+        self.started.store(0, Ordering::Release);
+    }
+
+    /// How long the append in progress has taken, if one is.
+    pub fn waited(&self) -> Option<Duration> {
+        let started = self.started.load(Ordering::Acquire).checked_sub(1)?;
+        let now = self.epoch.elapsed().as_micros() as u64;
+        Some(Duration::from_micros(now.saturating_sub(started)))
+    }
+}
+
 /// Handle to the journal's thread. The thread ends once the handle is dropped (or closed),
 /// after finishing what it was given.
 pub struct Appender {
     jobs: mpsc::Sender<Job>,
     dir: PathBuf,
+    clock: Arc<WriteClock>,
 }
 
 /// What the thread says when it stopped before answering (it cannot: it answers every job
@@ -65,10 +100,17 @@ impl Appender {
     pub fn start(lock: LockShare, journal: Journal) -> io::Result<Appender> {
         let dir = journal.dir().to_owned();
         let (jobs, inbox) = mpsc::channel();
+        let clock = Arc::new(WriteClock::new());
+        let thread_clock = Arc::clone(&clock);
         std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || run(lock, journal, inbox))?;
-        Ok(Appender { jobs, dir })
+            .spawn(move || run(lock, journal, inbox, &thread_clock))?;
+        Ok(Appender { jobs, dir, clock })
+    }
+
+    /// How long the append in progress has taken.
+    pub fn write_clock(&self) -> Arc<WriteClock> {
+        Arc::clone(&self.clock)
     }
 
     /// The directory the journal lives in.
@@ -127,7 +169,7 @@ impl Appender {
 /// Takes jobs until the close or the handle's drop; `lock` is held until then. (First among
 /// the parameters: they drop in reverse order, so on a panic too the journal's files are
 /// closed before the share goes.)
-fn run(lock: LockShare, mut journal: Journal, inbox: mpsc::Receiver<Job>) {
+fn run(lock: LockShare, mut journal: Journal, inbox: mpsc::Receiver<Job>, clock: &WriteClock) {
     // Set by a failed append, cleared by `Resume`: what was numbered after the failure is
     // refused, never written.
     let mut refusing = false;
@@ -144,8 +186,11 @@ fn run(lock: LockShare, mut journal: Journal, inbox: mpsc::Receiver<Job>) {
                     ))
                 } else {
                     let started = Instant::now();
-                    journal
-                        .append_encoded(&frame, revisions)
+                    clock.start(started);
+                    let appended = journal.append_encoded(&frame, revisions);
+                    // Before the answer: whoever has the answer sees no write in progress.
+                    clock.stop();
+                    appended
                         .map(|bytes| Appended {
                             bytes,
                             took: started.elapsed(),
