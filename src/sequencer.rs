@@ -497,8 +497,8 @@ impl Task {
             Ok(appended) => {
                 self.metrics
                     .journal_append(appended.took.as_secs_f64(), appended.bytes);
-                // Read first: a send on every batch woke every reader of the state (health,
-                // readiness) once per sync, measurably (BENCHMARKS.md, session 42).
+                // Read first: a send on every batch would wake every reader of the state
+                // (health, readiness) once per sync.
                 let was = *self.journal_state.borrow();
                 match was {
                     JournalState::Writable => {}
