@@ -46,7 +46,7 @@ pub struct Monitoring {
     pub store: Store,
     /// The dead letters, for the gauge of those kept.
     pub dead_letters: DeadLetters,
-    /// Whether the journal's last write succeeded (always true in replicated mode).
+    /// Whether the journal takes writes (always writable in replicated mode).
     pub journal_state: watch::Receiver<JournalState>,
     /// Cancelled when shutdown begins.
     pub stopping: CancellationToken,

@@ -7,10 +7,10 @@
 //! found by an adversarial run). Here an answer's first message, read as soon as the call
 //! returns (hyper would not poll the body while the client's window is shut), draws its bytes
 //! from its connection's budget (four times `--grpc-max-message-bytes`) and the server's (32
-//! times it) until the body is polled again or dropped. hyper polls a body again only once h2
-//! has sent all but its send buffer's worth of the stream (400 KiB), so what a budget counts
-//! is what a client has not taken yet. An answer past either budget is RESOURCE_EXHAUSTED
-//! instead, naming the budget. Answers that clients read take
+//! times it), and gives them back as it is handed to hyper in chunks of 16 KiB. hyper takes a
+//! chunk only when the stream's window has room, so what the budgets count is what the
+//! client's window has not let out, but for a chunk and a window's worth per stream. An
+//! answer past either budget is RESOURCE_EXHAUSTED instead, naming the budget. Answers that clients read take
 //! their budget back as fast as the network carries them; only clients that stop reading
 //! (or read far slower than they ask) meet the limits.
 //!
@@ -104,14 +104,20 @@ where
     }
 }
 
-/// An answer's body, holding its first data frame's bytes from its budgets until it is
-/// polled again: a unary answer's whole message. A stream's later messages are not counted:
-/// its own bounds hold them (a watch stream's outbox, a backup's stall timeout), and a
-/// count on each would cost every delivery.
+/// At most this much of a counted message is handed to hyper at once. hyper takes a chunk
+/// whenever the stream has a byte of window, and h2 keeps what the window does not let out:
+/// a message handed over whole would be out of the count while still unsent (a client with a
+/// window of 64 KiB that never reads held 4 MB pages that way).
+const CHUNK: usize = 16 * 1024;
+
+/// An answer's body: its first message counted in its budgets until handed to hyper, a chunk
+/// at a time, as the client's window lets hyper take them. A stream's later messages are not
+/// counted: its own bounds hold them (a watch stream's outbox, a backup's stall timeout), and
+/// a count on each would cost every delivery.
 struct Sending {
     body: Body,
-    /// The first frame, read before the answer was handed on.
-    first: Option<http_body::Frame<Bytes>>,
+    /// What is left of the first message, counted in `held`.
+    rest: Bytes,
     held: Held,
 }
 
@@ -130,17 +136,21 @@ impl Sending {
             Poll::Ready(None) => return http::Response::from_parts(parts, Body::empty()),
             Poll::Ready(Some(Err(status))) => return status.into_http(),
         };
+        let rest = match first.into_data() {
+            Ok(data) => data,
+            // Trailers first: the answer is over.
+            Err(trailers) => {
+                let only =
+                    futures_util::stream::once(std::future::ready(Ok::<_, Status>(trailers)));
+                let body = http_body_util::StreamBody::new(only);
+                return http::Response::from_parts(parts, Body::new(body));
+            }
+        };
         let mut held = Held::default();
-        if let Some(bytes) = first.data_ref()
-            && let Err(status) = budgets.take(bytes.len(), &mut held)
-        {
+        if let Err(status) = budgets.take(rest.len(), &mut held) {
             return status.into_http();
         }
-        let sending = Sending {
-            body,
-            first: Some(first),
-            held,
-        };
+        let sending = Sending { body, rest, held };
         http::Response::from_parts(parts, Body::new(sending))
     }
 }
@@ -154,16 +164,16 @@ impl HttpBody for Sending {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
         let this = self.get_mut();
-        if let Some(first) = this.first.take() {
-            return Poll::Ready(Some(Ok(first)));
+        if !this.rest.is_empty() {
+            let chunk = this.rest.split_to(this.rest.len().min(CHUNK));
+            this.held.give_back(chunk.len());
+            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
         }
-        // Polled again: the first frame is sent, but for h2's send buffer.
-        this.held = Held::default();
         Pin::new(&mut this.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

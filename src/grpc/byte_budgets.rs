@@ -111,3 +111,17 @@ pub(super) struct Held {
     in_all: Option<Taken>,
     connection: Option<Taken>,
 }
+
+impl Held {
+    /// Gives `bytes` of what is held back to each budget.
+    pub(super) fn give_back(&mut self, bytes: usize) {
+        for taken in [&mut self.in_all, &mut self.connection]
+            .into_iter()
+            .flatten()
+        {
+            let given = bytes.min(taken.bytes);
+            taken.bytes -= given;
+            taken.left.fetch_add(given, Ordering::AcqRel);
+        }
+    }
+}
