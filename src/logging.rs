@@ -2,9 +2,10 @@
 //!
 //! - The filter is `RUST_LOG` (default `info`, with `async_nats` off: the service logs
 //!   the NATS connection's events itself, without a line every few seconds while NATS is
-//!   down; and `h2` at `error`: its warnings are clients' protocol errors, a line each). A value that does not parse is an error, and so
-//!   is a bare word that is neither a level nor a target of this program (`RUST_LOG=warning`
-//!   would otherwise mean "everything of a module named `warning`", which is nothing at all).
+//!   down; and `h2` at `error`: its warnings are clients' protocol errors, a line each). A
+//!   value that does not parse is an error, and so is a bare word that is neither a level
+//!   nor a target of this program (`RUST_LOG=warning` would otherwise mean "everything of a
+//!   module named `warning`", which is nothing at all).
 //! - `text`: colours only when stdout is a terminal and `NO_COLOR` is not set (no-color.org),
 //!   so files, pipes and log collectors get plain text.
 //! - `json`: one object per line, the event's fields at the top level beside `timestamp`,

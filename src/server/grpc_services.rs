@@ -258,7 +258,7 @@ pub(super) fn serve<H: Health>(
 
 /// What each accepted connection gets: its cut token (a child of `cut`), its activity (in
 /// `registry`, for the listener to close the idlest at its cap), and its own limits on watch
-/// streams, open streams and request bytes.
+/// streams, open streams, request bytes and answer bytes.
 fn tagging(
     cut: &CancellationToken,
     registry: Evictable,
