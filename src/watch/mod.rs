@@ -10,7 +10,7 @@
 //!   by account (a `client_id` and no customer), or in one list (neither). At each commit it
 //!   looks every change's customer up once, every account of the batch once, and queues the
 //!   revision in the mailbox of each feed that wants it (field filter included), waking only
-//!   those: a change costs a lookup plus the feeds that want it, and a feed wakes only for a
+//!   those (`wakes` decides when: at once, or batched while deliveries come close together): a change costs a lookup plus the feeds that want it, and a feed wakes only for a
 //!   change it wants. A mailbox holds at most [`MAILBOX_CAPACITY`] revisions (numbers, not
 //!   changes); when it fills, the feed reads the history instead.
 //! - `feed`: one subscriber's task. It owns a cursor (the next revision it has to look at)
@@ -36,6 +36,7 @@ mod router;
 mod spec;
 #[cfg(test)]
 mod tests;
+mod wakes;
 
 use std::sync::Arc;
 

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::Notify;
 
 use super::spec::WatchSpec;
+use super::wakes::Wakes;
 use crate::profile::Change;
 
 /// Most revisions queued for one feed; past that it reads the history instead.
@@ -33,6 +34,8 @@ pub(super) struct Router {
     index: RwLock<Index>,
     /// The last revision routed: every routed change up to it is in its feeds' mailboxes.
     routed: AtomicU64,
+    /// When the feeds routed to are woken.
+    wakes: Arc<Wakes>,
 }
 
 /// Where each feed is filed, by what its spec names (`WatchSpec::route`).
@@ -53,12 +56,14 @@ impl Router {
     ///
     /// A feed filed by account or with everyone is served once per batch: its revisions of the
     /// batch go into its mailbox under one lock and one wake-up, so a batch costs the writer
-    /// one visit per such feed, whatever its size.
+    /// one visit per such feed, whatever its size. The wake-ups are made at once, or together
+    /// with the next ones (`super::wakes`).
     pub(super) fn route(&self, changes: &[Arc<Change>]) {
         let Some(last) = changes.last().map(|change| change.revision) else {
             return;
         };
         let index = self.index.read().expect("router lock poisoned");
+        let mut wakes = self.wakes.begin();
         if !index.by_customer.is_empty() {
             for change in changes {
                 let Some(mailboxes) = index.by_customer.get(&*change.profile.key.customer_id)
@@ -66,8 +71,8 @@ impl Router {
                     continue;
                 };
                 for mailbox in mailboxes {
-                    if mailbox.spec.wants_change(change) {
-                        mailbox.push([change.revision]);
+                    if mailbox.spec.wants_change(change) && mailbox.push([change.revision]) {
+                        wakes.add(mailbox);
                     }
                 }
             }
@@ -78,16 +83,21 @@ impl Router {
                     continue;
                 };
                 for mailbox in mailboxes {
-                    mailbox.push(wanted(changes, &mailbox.spec));
+                    if mailbox.push(wanted(changes, &mailbox.spec)) {
+                        wakes.add(mailbox);
+                    }
                 }
             }
         }
         for mailbox in &index.everyone {
-            mailbox.push(wanted(changes, &mailbox.spec));
+            if mailbox.push(wanted(changes, &mailbox.spec)) {
+                wakes.add(mailbox);
+            }
         }
         // Still under the read lock: a feed registering meanwhile either is in the index for
         // these changes or sees this revision as already routed.
         self.routed.store(last, Ordering::Release);
+        wakes.finish();
     }
 
     /// Files a feed where its spec says.
@@ -210,8 +220,19 @@ pub(super) struct Taken {
 }
 
 impl Mailbox {
-    /// Queues `revisions` (ascending) under one lock and wakes the feed once, if any came.
-    fn push(&self, revisions: impl IntoIterator<Item = u64>) {
+    /// A mailbox in no router's index.
+    #[cfg(test)]
+    pub(super) fn unfiled() -> Arc<Mailbox> {
+        Arc::new(Mailbox {
+            spec: Arc::default(),
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Queues `revisions` (ascending) under one lock; whether any came (the feed is to be
+    /// woken, `Wakes` decides when).
+    fn push(&self, revisions: impl IntoIterator<Item = u64>) -> bool {
         let mut pushed = false;
         {
             let mut queue = self.queue.lock().expect("mailbox lock poisoned");
@@ -227,11 +248,7 @@ impl Mailbox {
                 }
             }
         }
-        // Stores a permit when the feed is not waiting, so a push between its take and its
-        // wait is not lost.
-        if pushed {
-            self.wake.notify_one();
-        }
+        pushed
     }
 
     pub(super) fn take(&self, router: &Router) -> Taken {
