@@ -176,7 +176,36 @@ impl HttpBody for Sending {
         self.rest.is_empty() && self.body.is_end_stream()
     }
 
+    /// The inner body's, with what is left of the first message: hyper sets a length from an
+    /// exact hint, which without `rest` would be short.
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        let mut hint = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint.set_lower(hint.lower() + rest);
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hyper sets a content length from an exact size hint: the first message read ahead
+    /// still counts in it.
+    #[test]
+    fn the_size_hint_counts_the_first_message_read_ahead() {
+        let full = http_body_util::Full::new(Bytes::from(vec![7; 100]));
+        let answer = http::Response::new(Body::new(full));
+        let budgets = Budgets {
+            connection: None,
+            in_all: Budget::new(1000, 1),
+            what: "answers",
+            advice: "wait",
+        };
+        let (_, body) = Sending::first_frame(answer, budgets).into_parts();
+        assert_eq!(body.size_hint().exact(), Some(100));
     }
 }
