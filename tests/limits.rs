@@ -863,6 +863,35 @@ async fn an_open_reflection_stream_ends_at_shutdown_and_does_not_hold_it() {
     drop(requests);
 }
 
+/// `--grpc-request-body-timeout` bounds a message still arriving, not the wait between one
+/// stream's messages: a reflection stream left open a while between a tool's questions was
+/// ended (as if answered in full, status OK) at the next wait past the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stream_idle_between_messages_past_the_body_timeout_stays_open() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_request_body_timeout = std::time::Duration::from_secs(1);
+    let service = TestService::start_with(config).await;
+    let (requests, asked) = tokio::sync::mpsc::channel(1);
+    requests.send(list_services()).await.unwrap();
+    let mut answers = ServerReflectionClient::new(service.channel().await)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(asked))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some(), "answered");
+
+    // Idle for twice the timeout: only time passing can show that nothing ends the stream.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let asked_again = requests.send(list_services()).await;
+    let again = answers.message().await;
+    assert!(
+        asked_again.is_ok() && matches!(again, Ok(Some(_))),
+        "the second question is taken and answered: {asked_again:?}, {again:?}"
+    );
+    service.stop().await;
+}
+
 /// Clients with compression turned on (channel-wide, a default on some platforms) got
 /// UNIMPLEMENTED on every method (found by an adversarial run). gzip and deflate requests are
 /// taken by every service, the hand-written routes too, and a message that inflates past

@@ -7,10 +7,12 @@
 //! body here follows its messages' length prefixes, and while a message is incomplete its
 //! bytes are drawn from its connection's budget (twice the message limit) and the server's
 //! (16 times it), given back when it is whole or the body ends; a body that would go over
-//! fails with `RESOURCE_EXHAUSTED`, and a body not whole within `--grpc-request-body-timeout`
-//! of its first wait for more with `DEADLINE_EXCEEDED`. A message that comes whole in one
-//! frame, most of them, takes nothing, and its timer, if any, goes with it. Every request of the API is one message, so a legitimate one arrives
-//! at once; the limits bind only requests that stall or flood.
+//! fails with `RESOURCE_EXHAUSTED`, and a message (the first, or one begun) not whole within
+//! `--grpc-request-body-timeout` of the first wait for it with `DEADLINE_EXCEEDED`. A message
+//! that comes whole in one frame, most of them, takes nothing, and its timer, if any, goes
+//! with it. Every request of the API is one message, so a legitimate one arrives at once; the
+//! limits bind only requests that stall or flood. A stream's wait between whole messages has
+//! no time limit: reflection's stream waits there between a tool's questions.
 //!
 //! What this module does not do: limit a message's size (tonic does, per service) or count
 //! responses.
@@ -108,6 +110,7 @@ where
                 budgets,
                 held: Held::default(),
                 deadline: None,
+                between: false,
                 arrival,
                 ended: false,
                 framing: Framing::default(),
@@ -165,8 +168,11 @@ struct Arriving {
     budgets: Budgets,
     /// The bytes received so far, given back when the body ends or is dropped.
     held: Held,
-    /// Set at the first wait for more.
+    /// Set at the first wait for more while a message is due: the first, or one begun.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A message came whole and no other has begun: a stream's wait for its next message is
+    /// its client's to make as long as it likes (a tool's reflection stream between questions).
+    between: bool,
     arrival: Duration,
     ended: bool,
     framing: Framing,
@@ -186,6 +192,7 @@ impl Arriving {
     fn between_messages(&mut self) {
         self.held = Held::default();
         self.deadline = None;
+        self.between = true;
     }
 }
 
@@ -208,7 +215,10 @@ impl HttpBody for Arriving {
                 };
                 if !this.framing.feed(data) {
                     this.between_messages();
-                } else if let Err(status) = this.hold(data.len()) {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                this.between = false;
+                if let Err(status) = this.hold(data.len()) {
                     this.end();
                     return Poll::Ready(Some(Err(status)));
                 }
@@ -218,6 +228,7 @@ impl HttpBody for Arriving {
                 this.end();
                 Poll::Ready(other)
             }
+            Poll::Pending if this.between => Poll::Pending,
             Poll::Pending => {
                 let arrival = this.arrival;
                 let deadline = this
