@@ -892,6 +892,29 @@ async fn a_request_stream_idle_between_messages_past_the_body_timeout_stays_open
     service.stop().await;
 }
 
+/// The wait between a stream's messages is untimed only for streams of requests: tonic reads a
+/// unary call's body to its end before the call runs, so a client that sends the whole message
+/// and never ends its stream would hold the call (and its stream slot) for as long as it
+/// liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_request_whose_stream_never_ends_is_timed_out() {
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_request_body_timeout = std::time::Duration::from_secs(1);
+    let service = TestService::start_with(config).await;
+    let mut client = raw_grpc(service.grpc).await;
+    // A whole (empty) GetProfile message, the stream left open.
+    let (response, _open) = call(&mut client, 0, 0, false).await;
+    let (code, message) = tokio::time::timeout(PATIENCE, grpc_status(response))
+        .await
+        .expect("answered before the test's patience ends");
+    assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
+    assert!(
+        message.contains("did not arrive whole within 1s"),
+        "{message}"
+    );
+    service.stop().await;
+}
+
 /// Clients with compression turned on (channel-wide, a default on some platforms) got
 /// UNIMPLEMENTED on every method (found by an adversarial run). gzip and deflate requests are
 /// taken by every service, the hand-written routes too, and a message that inflates past

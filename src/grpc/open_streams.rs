@@ -37,7 +37,8 @@ use crate::status::{Rejection, grpc_status};
 pub const OPEN_STREAMS_PER_CONNECTION: usize = 8;
 
 const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
-const REFLECTION: [&str; 2] = [
+/// Reflection's method paths: the API's only requests that are streams of messages.
+pub(super) const REFLECTION: [&str; 2] = [
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];

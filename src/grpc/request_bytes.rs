@@ -11,8 +11,10 @@
 //! `--grpc-request-body-timeout` of the first wait for it with `DEADLINE_EXCEEDED`. A message
 //! that comes whole in one frame, most of them, takes nothing, and its timer, if any, goes
 //! with it. Every request of the API is one message, so a legitimate one arrives at once; the
-//! limits bind only requests that stall or flood. A stream's wait between whole messages has
-//! no time limit: reflection's stream waits there between a tool's questions.
+//! limits bind only requests that stall or flood. A stream of requests (reflection's, the only
+//! one) has no time limit on its wait between whole messages: a tool waits there between its
+//! questions. A one-message request's wait for its end is timed as its message is: tonic
+//! reads the body to its end before the call runs.
 //!
 //! What this module does not do: limit a message's size (tonic does, per service) or count
 //! responses.
@@ -27,6 +29,7 @@ use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, http};
 
 use super::byte_budgets::{Budget, Budgets, Held};
+use super::open_streams::REFLECTION;
 use super::transport::Connection;
 
 /// A connection's budget: this many of the largest messages.
@@ -104,6 +107,7 @@ where
             advice: "send the request again once they are in",
         };
         let arrival = self.layer.arrival;
+        let streamed = REFLECTION.contains(&request.uri().path());
         self.inner.call(request.map(|body| {
             Body::new(Arriving {
                 body,
@@ -111,6 +115,7 @@ where
                 held: Held::default(),
                 deadline: None,
                 between: false,
+                streamed,
                 arrival,
                 ended: false,
                 framing: Framing::default(),
@@ -170,9 +175,13 @@ struct Arriving {
     held: Held,
     /// Set at the first wait for more while a message is due: the first, or one begun.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A message came whole and no other has begun: a stream's wait for its next message is
-    /// its client's to make as long as it likes (a tool's reflection stream between questions).
+    /// A message came whole and no other has begun.
     between: bool,
+    /// The request is a stream of messages (reflection's): its wait for the next message is
+    /// its client's to make as long as it likes (a tool's stream between questions). Every
+    /// other request is one message, and tonic reads its body to the end before the call
+    /// runs: that wait is timed too.
+    streamed: bool,
     arrival: Duration,
     ended: bool,
     framing: Framing,
@@ -228,7 +237,7 @@ impl HttpBody for Arriving {
                 this.end();
                 Poll::Ready(other)
             }
-            Poll::Pending if this.between => Poll::Pending,
+            Poll::Pending if this.between && this.streamed => Poll::Pending,
             Poll::Pending => {
                 let arrival = this.arrival;
                 let deadline = this
