@@ -915,6 +915,31 @@ async fn a_unary_request_whose_stream_never_ends_is_timed_out() {
     service.stop().await;
 }
 
+/// tonic-reflection ends its stream as if answered in full (status OK) when its requests fail
+/// on the way in; the client was not told why. It now gets the failure's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reflection_stream_whose_request_stalls_ends_with_the_reason() {
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_request_body_timeout = std::time::Duration::from_secs(1);
+    let service = TestService::start_with(config).await;
+    let mut client = raw_grpc(service.grpc).await;
+    let path = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    let (response, mut body) = open_path(&mut client, path).await;
+    // A message declared 100 bytes long, 10 of them sent.
+    let mut begun = vec![0, 0, 0, 0, 100];
+    begun.resize(15, 0);
+    body.send_data(begun.into(), false).unwrap();
+    let (code, message) = tokio::time::timeout(PATIENCE, grpc_status(response))
+        .await
+        .expect("answered before the test's patience ends");
+    assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
+    assert!(
+        message.contains("did not arrive whole within 1s"),
+        "{message}"
+    );
+    service.stop().await;
+}
+
 /// Clients with compression turned on (channel-wide, a default on some platforms) got
 /// UNIMPLEMENTED on every method (found by an adversarial run). gzip and deflate requests are
 /// taken by every service, the hand-written routes too, and a message that inflates past
@@ -1081,7 +1106,19 @@ async fn open_call(
     client: &mut h2::client::SendRequest<bytes::Bytes>,
     method: &str,
 ) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let uri = format!("http://x/gameball.profiles.v1.ProfileService/{method}");
+    open_path(
+        client,
+        &format!("/gameball.profiles.v1.ProfileService/{method}"),
+    )
+    .await
+}
+
+/// A call to `path` (`/service/method`), its request stream left open.
+async fn open_path(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let uri = format!("http://x{path}");
     let request = tonic::codegen::http::Request::post(uri)
         .header("content-type", "application/grpc")
         .header("te", "trailers")

@@ -14,12 +14,15 @@
 //!
 //! Reflection streams also end at the start of shutdown (UNAVAILABLE, "server shutting
 //! down"): a grpcurl session left open held the drain for the whole `--shutdown-grace`. Health
-//! watches end in shutdown's own order, after they have seen NOT_SERVING.
+//! watches end in shutdown's own order, after they have seen NOT_SERVING. A reflection stream
+//! whose requests fail on the way in (`super::request_bytes`: a message that stalls or floods)
+//! ends with that failure's status: tonic-reflection ends it as if answered in full (OK).
 //!
 //! Every other call passes through untouched (no allocation, no lookup beyond its path).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
 use futures_util::future::Either;
@@ -123,16 +126,18 @@ where
             }
         };
         let stopping = || Box::pin(self.layer.stopping.clone().cancelled_owned());
+        let failure = reflection.then(Arc::default);
         // A reflection stream's requests end at shutdown too: the service waits for the next
         // one, holding the stream (and the drain) open until the client half-closes.
-        let request = match reflection {
-            true => request.map(|body| {
+        let request = match &failure {
+            Some(failure) => request.map(|body| {
                 Body::new(Requests {
                     body: Some(body),
                     stopping: stopping(),
+                    failure: Arc::clone(failure),
                 })
             }),
-            false => request,
+            None => request,
         };
         let stopping = reflection.then(stopping);
         let answer = self.inner.call(request);
@@ -143,6 +148,7 @@ where
                     body,
                     _slot: slot,
                     stopping,
+                    failure,
                     ended: false,
                 })
             }))
@@ -150,13 +156,18 @@ where
     }
 }
 
-/// An open-ended stream's answer: holds its slot, and ends at `stopping` if it has one.
+/// An open-ended stream's answer: holds its slot, and ends at `stopping` if it has one, or
+/// with its requests' failure if they failed.
 struct Holding {
     body: Body,
     _slot: Slot,
     stopping: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    failure: Option<RequestFailure>,
     ended: bool,
 }
+
+/// Why a reflection stream's requests failed, once they have.
+type RequestFailure = Arc<OnceLock<Status>>;
 
 impl HttpBody for Holding {
     type Data = Bytes;
@@ -182,7 +193,13 @@ impl HttpBody for Holding {
             Some(Ok(frame)) => frame.is_trailers(),
             _ => true,
         };
-        Poll::Ready(frame)
+        let failed = this.failure.as_ref().and_then(|failure| failure.get());
+        match (frame, failed) {
+            (Some(Ok(frame)), Some(failed)) if frame.is_trailers() => {
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers_of(failed)))))
+            }
+            (frame, _) => Poll::Ready(frame),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -191,10 +208,11 @@ impl HttpBody for Holding {
 }
 
 /// A reflection stream's requests: they end at `stopping` (the client's body let go of, which
-/// resets its side of the stream).
+/// resets its side of the stream), and a failure is kept for the answer to end with.
 struct Requests {
     body: Option<Body>,
     stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    failure: RequestFailure,
 }
 
 impl HttpBody for Requests {
@@ -208,15 +226,29 @@ impl HttpBody for Requests {
         if self.stopping.as_mut().poll(cx).is_ready() {
             self.body = None;
         }
-        match &mut self.body {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(body) = &mut self.body else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(body).poll_frame(cx));
+        if let Some(Err(status)) = &frame {
+            let _ = self.failure.set(status.clone());
         }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
         self.body.as_ref().is_none_or(HttpBody::is_end_stream)
     }
+}
+
+/// The trailers that end a stream with `status`; a status that cannot be written (none of
+/// ours: their messages are ASCII) ends it UNKNOWN.
+fn trailers_of(status: &Status) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    if status.add_header(&mut trailers).is_err() {
+        trailers.insert("grpc-status", http::HeaderValue::from_static("2"));
+    }
+    trailers
 }
 
 /// The trailers that end a stream at shutdown: UNAVAILABLE (14), "server shutting down" (all
