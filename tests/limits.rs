@@ -894,8 +894,8 @@ async fn a_request_stream_idle_between_messages_past_the_body_timeout_stays_open
 
 /// The wait between a stream's messages is untimed only for streams of requests: tonic reads a
 /// unary call's body to its end before the call runs, so a client that sends the whole message
-/// and never ends its stream would hold the call (and its stream slot) for as long as it
-/// liked.
+/// and never ends its stream, or sends more whole messages now and then, would hold the call
+/// (and its stream slot) for as long as it liked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unary_request_whose_stream_never_ends_is_timed_out() {
     let mut config = Config::for_tests(SECRET);
@@ -904,14 +904,29 @@ async fn a_unary_request_whose_stream_never_ends_is_timed_out() {
     let mut client = raw_grpc(service.grpc).await;
     // A whole (empty) GetProfile message, the stream left open.
     let (response, _open) = call(&mut client, 0, 0, false).await;
-    let (code, message) = tokio::time::timeout(PATIENCE, grpc_status(response))
-        .await
-        .expect("answered before the test's patience ends");
-    assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
-    assert!(
-        message.contains("did not arrive whole within 1s"),
-        "{message}"
-    );
+    // The same, then more whole empty messages, one every 300 ms, for as long as it is open
+    // (found by an adversarial run: each restarted the timer).
+    let (trickled, mut trickle) = call(&mut client, 0, 0, false).await;
+    let trickling = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(300));
+        loop {
+            every.tick().await;
+            if trickle.send_data(vec![0; 5].into(), false).is_err() {
+                return;
+            }
+        }
+    });
+    for response in [response, trickled] {
+        let (code, message) = tokio::time::timeout(PATIENCE, grpc_status(response))
+            .await
+            .expect("answered before the test's patience ends");
+        assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
+        assert!(
+            message.contains("did not arrive whole within 1s"),
+            "{message}"
+        );
+    }
+    trickling.abort();
     service.stop().await;
 }
 

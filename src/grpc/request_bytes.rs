@@ -13,8 +13,8 @@
 //! with it. Every request of the API is one message, so a legitimate one arrives at once; the
 //! limits bind only requests that stall or flood. A stream of requests (reflection's, the only
 //! one) has no time limit on its wait between whole messages: a tool waits there between its
-//! questions. A one-message request's wait for its end is timed as its message is: tonic
-//! reads the body to its end before the call runs.
+//! questions. Any other request must end within the timeout of its first wait, whatever it
+//! sends meanwhile: tonic reads the body to its end before the call runs.
 //!
 //! What this module does not do: limit a message's size (tonic does, per service) or count
 //! responses.
@@ -197,11 +197,15 @@ impl Arriving {
         self.between_messages();
     }
 
-    /// No message incomplete: nothing held, no deadline.
+    /// No message incomplete: nothing held. A stream of requests waits for its next message
+    /// untimed; any other request's wait for its end stays timed from its first wait (whole
+    /// messages trickled in one by one held a unary call open; found by an adversarial run).
     fn between_messages(&mut self) {
         self.held = Held::default();
-        self.deadline = None;
         self.between = true;
+        if self.streamed {
+            self.deadline = None;
+        }
     }
 }
 
