@@ -1278,6 +1278,169 @@ async fn grpc_requests_that_never_finish_arriving_hold_bounded_bytes_for_bounded
     service.stop().await;
 }
 
+/// A client that opened huge HTTP/2 windows and never read its socket held 475 MB on one
+/// connection (found by an adversarial run): hyper takes a whole answer of up to 400 KiB into
+/// h2 when the window allows, and the budgets gave its bytes back as hyper took them. They
+/// now count until the connection's socket takes them, so past the connection's budget (and
+/// what the kernel's socket buffers take) its calls are refused; once the client reads, every
+/// answer accepted arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_h2_holds_for_a_client_that_stops_reading_its_socket_are_counted() {
+    use prost::Message;
+    const LIMIT: usize = 256 * 1024;
+    const CALLS: usize = 100;
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_max_message_bytes = LIMIT;
+    let service = TestService::start_with(config).await;
+    let note = "n".repeat(10_000);
+    for n in 0..20 {
+        let data = json!({"total_points": n, "note": note});
+        service
+            .update(&profile_updated(&format!("c{n}"), &at(1), data))
+            .await;
+    }
+    let list = profile_state::pb::ListProfilesRequest {
+        page_size: 100,
+        ..Default::default()
+    };
+    let page = service.client().await.list_profiles(list.clone()).await;
+    let frame = page.unwrap().into_inner().encoded_len() + 5;
+    assert!(frame > 150_000 && frame < LIMIT, "{frame}");
+
+    let reads = std::sync::Arc::new(Reads::default());
+    let mut client = socket_unread_grpc(service.grpc, &reads).await;
+    let mut answers = Vec::new();
+    for _ in 0..CALLS {
+        answers.push(raw_unary(&mut client, "ListProfiles", list.encode_to_vec()).await);
+    }
+    let labels = [
+        ("grpc_type", "unary"),
+        ("grpc_service", "gameball.profiles.v1.ProfileService"),
+        ("grpc_method", "ListProfiles"),
+    ];
+    service
+        .metrics_until(|text| {
+            common::metric(text, "grpc_server_started_total", &labels) == Some(1.0 + CALLS as f64)
+        })
+        .await;
+    reads.resume();
+    let (mut refused, mut accepted) = (0, 0);
+    for answer in answers {
+        let answer = answer.await.unwrap();
+        match answer.headers().get("grpc-status") {
+            Some(code) => {
+                assert_eq!(code, "8", "{answer:?}");
+                refused += 1;
+            }
+            None => {
+                let mut body = answer.into_body();
+                let mut received = 0;
+                while let Some(data) = body.data().await {
+                    let data = data.unwrap();
+                    received += data.len();
+                    let _ = body.flow_control().release_capacity(data.len());
+                }
+                assert_eq!(received, frame, "an accepted answer arrives whole");
+                accepted += 1;
+            }
+        }
+    }
+    // 1 MiB of the connection's budget and at most a few MiB of socket buffers: about 25
+    // answers. Without the count every one was accepted.
+    assert!(
+        refused >= CALLS / 2,
+        "{refused} refused, {accepted} accepted"
+    );
+    service.stop().await;
+}
+
+/// Whether a [`PausedReads`] stream reads, and the reader to wake when it may again.
+#[derive(Default)]
+struct Reads {
+    resumed: std::sync::atomic::AtomicBool,
+    waiting: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl Reads {
+    fn resume(&self) {
+        self.resumed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(waker) = self.waiting.lock().unwrap().take() {
+            waker.wake();
+        }
+    }
+}
+
+/// A TCP stream that reads nothing until its [`Reads`] are resumed.
+struct PausedReads {
+    tcp: tokio::net::TcpStream,
+    reads: std::sync::Arc<Reads>,
+}
+
+impl tokio::io::AsyncRead for PausedReads {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.reads.resumed.load(std::sync::atomic::Ordering::SeqCst) {
+            *self.reads.waiting.lock().unwrap() = Some(cx.waker().clone());
+            if !self.reads.resumed.load(std::sync::atomic::Ordering::SeqCst) {
+                return std::task::Poll::Pending;
+            }
+        }
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PausedReads {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// A connection whose client opens the largest windows HTTP/2 allows, with a small receive
+/// buffer, and reads nothing from its socket until `reads` are resumed.
+async fn socket_unread_grpc(
+    grpc: std::net::SocketAddr,
+    reads: &std::sync::Arc<Reads>,
+) -> h2::client::SendRequest<bytes::Bytes> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(grpc).await.unwrap();
+    let io = PausedReads {
+        tcp,
+        reads: std::sync::Arc::clone(reads),
+    };
+    let largest = (1 << 31) - 1;
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(largest)
+        .initial_connection_window_size(largest)
+        .handshake(io)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 /// A connection whose client advertises a stream window of `window` bytes and never reads
 /// (its received data is never released, so no window update is sent).
 async fn unread_grpc(
@@ -1403,7 +1566,9 @@ async fn answers_clients_do_not_read_hold_bounded_bytes() {
     }
     assert!(!by_server.is_empty());
     assert!(
-        by_server.iter().all(|m| m.contains("the server's")),
+        by_server
+            .iter()
+            .all(|m| m.contains("the server's") && m.contains("other clients'")),
         "{by_server:?}"
     );
     let refused = client.list_profiles(list.clone()).await.unwrap_err();

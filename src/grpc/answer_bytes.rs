@@ -7,19 +7,29 @@
 //! found by an adversarial run). Here an answer's first message, read as soon as the call
 //! returns (hyper would not poll the body while the client's window is shut), draws its bytes
 //! from its connection's budget (four times `--grpc-max-message-bytes`) and the server's (32
-//! times it), and gives them back as it is handed to hyper in chunks of 16 KiB. hyper takes a
-//! chunk only when the stream's window has room, so what the budgets count is what the
-//! client's window has not let out, but for a chunk and a window's worth per stream. An
-//! answer past either budget is RESOURCE_EXHAUSTED instead, naming the budget. Answers that clients read take
-//! their budget back as fast as the network carries them; only clients that stop reading
-//! (or read far slower than they ask) meet the limits.
+//! times it). It is handed to hyper in chunks of 16 KiB, and its bytes are given back as the
+//! connection's socket takes them ([`AnswersSent`] counts what it writes). hyper takes a chunk
+//! whenever the stream's window has a byte of room, and h2 keeps up to 400 KiB per stream that
+//! the socket has not taken: a client that opened huge windows and never read held 475 MB on
+//! one connection when chunks were given back as hyper took them (found by an adversarial
+//! run). An answer past either budget is RESOURCE_EXHAUSTED instead, naming the budget.
+//! Answers that clients read take their budget back as fast as the network carries them; only
+//! clients that stop reading (or read far slower than they ask) meet the limits.
+//!
+//! The socket's count is the bytes it wrote, HTTP/2's own frames among them, so it gives back
+//! slightly more than answers' bytes: never more than was handed over and not yet given
+//! back, and what the count misses is bounded by frames' headers.
 //!
 //! What this module does not do: count a stream's later messages (a watch stream's outbox
 //! bounds them, and a backup's stall timeout), or give a stalled answer a time limit.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tonic::Status;
 use tonic::body::Body;
@@ -33,14 +43,57 @@ const PER_CONNECTION: usize = 4;
 /// The server's budget: this many of the largest messages.
 const IN_ALL: usize = 32;
 
-/// The bytes of answers a connection may hold unsent at once.
+/// The bytes of answers a connection may hold unsent at once, and those its socket has yet
+/// to take.
 #[derive(Clone)]
-pub struct ConnectionAnswerBytes(Budget);
+pub struct ConnectionAnswerBytes {
+    budget: Budget,
+    unsent: Arc<Unsent>,
+}
 
-impl ConnectionAnswerBytes {
-    /// A new connection's budget, for messages of at most `max_message_bytes`.
-    pub fn new(max_message_bytes: usize) -> Self {
-        ConnectionAnswerBytes(Budget::new(max_message_bytes, PER_CONNECTION))
+/// Answer bytes handed to hyper that the connection's socket has not taken yet: still drawn
+/// from the connection's budget and the server's, given back as the socket takes bytes.
+struct Unsent {
+    bytes: AtomicUsize,
+    /// The connection's stream is gone: bytes handed over now are given back at once.
+    closed: AtomicBool,
+    connection: Budget,
+    in_all: Budget,
+}
+
+impl Unsent {
+    fn handed_over(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::SeqCst);
+        // Read after the addition: either this or `close` sees both, so nothing is left.
+        if self.closed.load(Ordering::SeqCst) {
+            self.give_back(self.bytes.swap(0, Ordering::SeqCst));
+        }
+    }
+
+    /// The socket took `bytes`: as many unsent bytes are given back, at most all of them.
+    fn sent(&self, bytes: usize) {
+        if self.bytes.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let fewer = |unsent: usize| (unsent > 0).then(|| unsent.saturating_sub(bytes));
+        if let Ok(unsent) = self
+            .bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fewer)
+        {
+            self.give_back(unsent.min(bytes));
+        }
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.give_back(self.bytes.swap(0, Ordering::SeqCst));
+    }
+
+    fn give_back(&self, bytes: usize) {
+        if bytes > 0 {
+            self.connection.give_back(bytes);
+            self.in_all.give_back(bytes);
+        }
     }
 }
 
@@ -48,6 +101,7 @@ impl ConnectionAnswerBytes {
 #[derive(Clone)]
 pub struct AnswerBytesLayer {
     in_all: Budget,
+    max_message_bytes: usize,
 }
 
 impl AnswerBytesLayer {
@@ -55,7 +109,90 @@ impl AnswerBytesLayer {
     pub fn new(max_message_bytes: usize) -> Self {
         AnswerBytesLayer {
             in_all: Budget::new(max_message_bytes, IN_ALL),
+            max_message_bytes,
         }
+    }
+
+    /// A new connection's budget, drawing on this server's too.
+    pub fn connection(&self) -> ConnectionAnswerBytes {
+        let budget = Budget::new(self.max_message_bytes, PER_CONNECTION);
+        let unsent = Unsent {
+            bytes: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            connection: budget.clone(),
+            in_all: self.in_all.clone(),
+        };
+        ConnectionAnswerBytes {
+            budget,
+            unsent: Arc::new(unsent),
+        }
+    }
+}
+
+/// A connection's stream that gives its answer budgets back the bytes it writes, and what is
+/// still unsent when it is dropped (the connection is over).
+pub struct AnswersSent<S> {
+    io: S,
+    unsent: Arc<Unsent>,
+}
+
+impl<S> AnswersSent<S> {
+    /// `io`, the stream of the connection that `answer_bytes` belong to.
+    pub fn new(io: S, answer_bytes: &ConnectionAnswerBytes) -> Self {
+        AnswersSent {
+            io,
+            unsent: Arc::clone(&answer_bytes.unsent),
+        }
+    }
+}
+
+impl<S> Drop for AnswersSent<S> {
+    fn drop(&mut self) {
+        self.unsent.close();
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AnswersSent<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AnswersSent<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+        self.unsent.sent(written);
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
+        self.unsent.sent(written);
+        Poll::Ready(Ok(written))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -93,14 +230,16 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let answer_bytes = Connection::of_http(&request).map(|c| c.answer_bytes.clone());
         let budgets = Budgets {
-            connection: Connection::of_http(&request).map(|c| c.answer_bytes.0.clone()),
+            connection: answer_bytes.as_ref().map(|bytes| bytes.budget.clone()),
             in_all: self.in_all.clone(),
             what: "answers not yet read by their clients",
             advice: "read the answers of earlier calls first, then call again",
         };
+        let unsent = answer_bytes.map(|bytes| bytes.unsent);
         let answer = self.inner.call(request);
-        Box::pin(async move { Ok(Sending::first_frame(answer.await?, budgets)) })
+        Box::pin(async move { Ok(Sending::first_frame(answer.await?, budgets, unsent)) })
     }
 }
 
@@ -110,15 +249,18 @@ where
 /// window of 64 KiB that never reads held 4 MB pages that way).
 const CHUNK: usize = 16 * 1024;
 
-/// An answer's body: its first message counted in its budgets until handed to hyper, a chunk
-/// at a time, as the client's window lets hyper take them. A stream's later messages are not
-/// counted: its own bounds hold them (a watch stream's outbox, a backup's stall timeout), and
-/// a count on each would cost every delivery.
+/// An answer's body: its first message counted in its budgets until its connection's socket
+/// takes it, handed to hyper a chunk at a time as the client's window lets hyper take them. A
+/// stream's later messages are not counted: its own bounds hold them (a watch stream's
+/// outbox, a backup's stall timeout), and a count on each would cost every delivery.
 struct Sending {
     body: Body,
     /// What is left of the first message, counted in `held`.
     rest: Bytes,
     held: Held,
+    /// Where handed-over bytes are counted until sent; none for a connection that did not
+    /// come through the capped listener (tests), whose bytes are given back as handed over.
+    unsent: Option<Arc<Unsent>>,
 }
 
 impl Sending {
@@ -126,7 +268,11 @@ impl Sending {
     /// answer's whole message: tonic encodes it when its body is first polled). hyper polls a
     /// body only once the client's window has room, so a client whose window is shut would
     /// hold every answer unencoded and uncounted. Past a budget: RESOURCE_EXHAUSTED instead.
-    fn first_frame(answer: http::Response<Body>, budgets: Budgets) -> http::Response<Body> {
+    fn first_frame(
+        answer: http::Response<Body>,
+        budgets: Budgets,
+        unsent: Option<Arc<Unsent>>,
+    ) -> http::Response<Body> {
         let (parts, mut body) = answer.into_parts();
         let waker = futures_util::task::noop_waker();
         let first = match Pin::new(&mut body).poll_frame(&mut Context::from_waker(&waker)) {
@@ -150,7 +296,12 @@ impl Sending {
         if let Err(status) = budgets.take(rest.len(), &mut held) {
             return status.into_http();
         }
-        let sending = Sending { body, rest, held };
+        let sending = Sending {
+            body,
+            rest,
+            held,
+            unsent,
+        };
         http::Response::from_parts(parts, Body::new(sending))
     }
 }
@@ -166,7 +317,13 @@ impl HttpBody for Sending {
         let this = self.get_mut();
         if !this.rest.is_empty() {
             let chunk = this.rest.split_to(this.rest.len().min(CHUNK));
-            this.held.give_back(chunk.len());
+            match &this.unsent {
+                Some(unsent) => {
+                    this.held.hand_over(chunk.len());
+                    unsent.handed_over(chunk.len());
+                }
+                None => this.held.give_back(chunk.len()),
+            }
             return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
         }
         Pin::new(&mut this.body).poll_frame(cx)
@@ -205,7 +362,7 @@ mod tests {
             what: "answers",
             advice: "wait",
         };
-        let (_, body) = Sending::first_frame(answer, budgets).into_parts();
+        let (_, body) = Sending::first_frame(answer, budgets, None).into_parts();
         assert_eq!(body.size_hint().exact(), Some(100));
     }
 }

@@ -27,6 +27,11 @@ impl Budget {
         }
     }
 
+    /// Gives `bytes` back that were handed over out of a [`Held`] ([`Held::hand_over`]).
+    pub(super) fn give_back(&self, bytes: usize) {
+        self.left.fetch_add(bytes, Ordering::AcqRel);
+    }
+
     /// `bytes` from this budget, if it has them.
     fn take(&self, bytes: usize) -> Option<Taken> {
         self.left
@@ -61,9 +66,14 @@ pub(super) struct Budgets {
     /// What the bytes are, for the status of a call that finds a budget spent: "requests
     /// still arriving".
     pub(super) what: &'static str,
-    /// What the caller can do then.
+    /// What the caller can do when its connection's budget is spent.
     pub(super) advice: &'static str,
 }
+
+/// What a caller can do when the server's budget is spent: it may hold nothing of it (a
+/// client that stops reading can spend it all; the advice to read earlier answers misled the
+/// others, found by an adversarial run).
+const SERVER_ADVICE: &str = "they may be other clients' calls, not this one's: retry in a moment";
 
 impl Budgets {
     /// `bytes` more from both budgets, added to `held`, or the RESOURCE_EXHAUSTED status
@@ -71,23 +81,25 @@ impl Budgets {
     pub(super) fn take(&self, bytes: usize, held: &mut Held) -> Result<(), Status> {
         // The budget is named by the flag it is a multiple of, so an operator knows what to
         // raise (found by a first-user review).
-        let exhausted = |whose: &str, budget: &Budget| {
+        let exhausted = |whose: &str, budget: &Budget, advice: &str| {
             Status::resource_exhausted(format!(
                 "{whose} {} hold too many bytes already (at most {} times \
-                 --grpc-max-message-bytes): {}",
-                self.what, budget.messages, self.advice
+                 --grpc-max-message-bytes): {advice}",
+                self.what, budget.messages
             ))
         };
-        let in_all =
-            (self.in_all.take(bytes)).ok_or_else(|| exhausted("the server's", &self.in_all))?;
+        // The connection's first: a connection past its own budget is told so, whatever the
+        // server's (what it took goes back if the server's is spent).
         let connection = match &self.connection {
             Some(budget) => Some(
                 budget
                     .take(bytes)
-                    .ok_or_else(|| exhausted("this connection's", budget))?,
+                    .ok_or_else(|| exhausted("this connection's", budget, self.advice))?,
             ),
             None => None,
         };
+        let in_all = (self.in_all.take(bytes))
+            .ok_or_else(|| exhausted("the server's", &self.in_all, SERVER_ADVICE))?;
         merge(&mut held.in_all, in_all);
         if let Some(connection) = connection {
             merge(&mut held.connection, connection);
@@ -122,6 +134,17 @@ impl Held {
             let given = bytes.min(taken.bytes);
             taken.bytes -= given;
             taken.left.fetch_add(given, Ordering::AcqRel);
+        }
+    }
+
+    /// Stops holding `bytes` without giving them back: whoever they were handed to gives them
+    /// back to the budgets ([`Budget::give_back`]) when done with them.
+    pub(super) fn hand_over(&mut self, bytes: usize) {
+        for taken in [&mut self.in_all, &mut self.connection]
+            .into_iter()
+            .flatten()
+        {
+            taken.bytes -= bytes.min(taken.bytes);
         }
     }
 }

@@ -16,7 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::grpc::admin::AdminApi;
-use crate::grpc::answer_bytes::{AnswerBytesLayer, ConnectionAnswerBytes};
+use crate::grpc::answer_bytes::{AnswerBytesLayer, AnswersSent};
 use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::certificates::TlsCertificates;
@@ -202,13 +202,14 @@ pub(super) fn serve<H: Health>(
     } = services;
     let (limit, metrics) = (limits.max_message_bytes, apis.metrics.clone());
     let (profiles, admin) = apis.build(&limits, stopping, tracker);
+    let answers = AnswerBytesLayer::new(limit);
     let watch_streams_closed = Box::pin(profiles.streams_closed());
     // Health and reflection stay open (probes, grpcurl); ProfileService needs a token when
     // tokens are configured, AdminService credentials or a loopback peer (`AdminAuth`).
     let router = builder
         .layer(MetricsLayer::new(metrics.clone()))
         .layer(RequestBytesLayer::new(limit, limits.request_body_timeout))
-        .layer(AnswerBytesLayer::new(limit))
+        .layer(answers.clone())
         .layer(OpenStreamsLayer::new(metrics.clone(), stopping.clone()))
         .add_service(limited!(health, limit).max_decoding_message_size(SMALL_REQUEST_BYTES))
         .add_service(small_requests!(reflection_v1()?, limit))
@@ -226,12 +227,13 @@ pub(super) fn serve<H: Health>(
     let cut = CancellationToken::new();
     // The listener sets TCP_NODELAY: answers go out as soon as they are written.
     let evictable = Evictable::default();
-    let connection = tagging(&cut, evictable.clone(), &limits);
+    let connection = tagging(&cut, evictable.clone(), &limits, answers);
     let handshake_timeout = limits.handshake_timeout;
     let task = match tls {
         None => {
             let open = move |tcp, peer| {
                 let (cut, tag) = connection(peer);
+                let tcp = AnswersSent::new(tcp, &tag.answer_bytes);
                 (Cuttable::new(Coalescing::new(tcp), cut), tag)
             };
             let incoming = connections::incoming(listener, handshake_timeout, open, evictable);
@@ -242,6 +244,7 @@ pub(super) fn serve<H: Health>(
             let open = move |tcp, peer| {
                 let (cut, tag) = connection(peer);
                 let tls = TlsConnection::accepting(&acceptor, tcp, &failures);
+                let tls = AnswersSent::new(tls, &tag.answer_bytes);
                 (Cuttable::new(Coalescing::new(tls), cut), tag)
             };
             let incoming = connections::incoming(listener, handshake_timeout, open, evictable);
@@ -263,6 +266,7 @@ fn tagging(
     cut: &CancellationToken,
     registry: Evictable,
     limits: &Limits,
+    answers: AnswerBytesLayer,
 ) -> impl Fn(std::net::SocketAddr) -> (CancellationToken, Connection) + Clone + Send + 'static {
     let cuttable = cut.clone();
     let (per_connection, limit) = (
@@ -278,7 +282,7 @@ fn tagging(
             watches: ConnectionWatches::new(per_connection),
             open_streams: ConnectionWatches::new(OPEN_STREAMS_PER_CONNECTION),
             request_bytes: ConnectionRequestBytes::new(limit),
-            answer_bytes: ConnectionAnswerBytes::new(limit),
+            answer_bytes: answers.connection(),
             activity,
         };
         (cut, tag)
