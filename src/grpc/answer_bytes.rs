@@ -24,19 +24,22 @@
 //! bounds them, and a backup's stall timeout), or give a stalled answer a time limit.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, http};
 
-use super::byte_budgets::{Budget, Budgets, Held};
+use super::byte_budgets::{Budget, Budgets, Held, Spent};
 use super::transport::Connection;
+use crate::poison::lock;
 
 /// A connection's budget: this many of the largest messages.
 const PER_CONNECTION: usize = 4;
@@ -59,6 +62,9 @@ struct Unsent {
     closed: AtomicBool,
     connection: Budget,
     in_all: Budget,
+    /// Cancelled to cut the connection (`crate::server::cut`).
+    cut: CancellationToken,
+    peer: SocketAddr,
 }
 
 impl Unsent {
@@ -102,6 +108,7 @@ impl Unsent {
 pub struct AnswerBytesLayer {
     in_all: Budget,
     max_message_bytes: usize,
+    holders: Holders,
 }
 
 impl AnswerBytesLayer {
@@ -110,22 +117,68 @@ impl AnswerBytesLayer {
         AnswerBytesLayer {
             in_all: Budget::new(max_message_bytes, IN_ALL),
             max_message_bytes,
+            holders: Holders::default(),
         }
     }
 
-    /// A new connection's budget, drawing on this server's too.
-    pub fn connection(&self) -> ConnectionAnswerBytes {
+    /// A new connection's budget, drawing on this server's too; `cut` cuts the connection
+    /// (from `peer`) if it holds the most when the server's budget is spent.
+    pub fn connection(&self, peer: SocketAddr, cut: CancellationToken) -> ConnectionAnswerBytes {
         let budget = Budget::new(self.max_message_bytes, PER_CONNECTION);
-        let unsent = Unsent {
+        let unsent = Arc::new(Unsent {
             bytes: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             connection: budget.clone(),
             in_all: self.in_all.clone(),
-        };
-        ConnectionAnswerBytes {
-            budget,
-            unsent: Arc::new(unsent),
+            cut,
+            peer,
+        });
+        self.holders.add(&unsent);
+        ConnectionAnswerBytes { budget, unsent }
+    }
+}
+
+/// Every connection's answer bytes, for the server to cut the one that holds the most when
+/// its budget is spent: one client that stops reading on enough connections could otherwise
+/// refuse every other client's larger answers for as long as it stayed (found by an
+/// adversarial run). Cut, its calls fail and its bytes come back; the call refused meanwhile
+/// is told to retry in a moment.
+#[derive(Clone, Default)]
+struct Holders(Arc<Mutex<Vec<Weak<Unsent>>>>);
+
+impl Holders {
+    fn add(&self, unsent: &Arc<Unsent>) {
+        let mut holders = lock(&self.0);
+        // Closed connections go whenever the list doubles: amortized, no timer.
+        if holders.len() == holders.capacity() {
+            holders.retain(|holder| holder.strong_count() > 0);
         }
+        holders.push(Arc::downgrade(unsent));
+    }
+
+    /// Cuts the connection, other than `calling`'s, that holds the most answer bytes, if any
+    /// holds some.
+    fn cut_heaviest(&self, calling: Option<&Arc<Unsent>>) {
+        let heaviest = {
+            let mut holders = lock(&self.0);
+            holders.retain(|holder| holder.strong_count() > 0);
+            holders
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|holder| !holder.cut.is_cancelled())
+                .filter(|holder| calling.is_none_or(|calling| !Arc::ptr_eq(holder, calling)))
+                .max_by_key(|holder| holder.connection.used())
+        };
+        let Some(heaviest) = heaviest.filter(|holder| holder.connection.used() > 0) else {
+            return;
+        };
+        heaviest.cut.cancel();
+        tracing::warn!(
+            peer = %heaviest.peer,
+            answer_bytes = heaviest.connection.used(),
+            "cut the gRPC connection holding the most answers not yet read: the server's \
+             budget for them was spent (a client that stops reading its answers)"
+        );
     }
 }
 
@@ -203,6 +256,7 @@ impl<S> tower::Layer<S> for AnswerBytesLayer {
         AnswerBytesService {
             inner,
             in_all: self.in_all.clone(),
+            holders: self.holders.clone(),
         }
     }
 }
@@ -212,6 +266,7 @@ impl<S> tower::Layer<S> for AnswerBytesLayer {
 pub struct AnswerBytesService<S> {
     inner: S,
     in_all: Budget,
+    holders: Holders,
 }
 
 type Answer<E> = Result<http::Response<Body>, E>;
@@ -238,8 +293,19 @@ where
             advice: "read the answers of earlier calls first, then call again",
         };
         let unsent = answer_bytes.map(|bytes| bytes.unsent);
+        let holders = self.holders.clone();
         let answer = self.inner.call(request);
-        Box::pin(async move { Ok(Sending::first_frame(answer.await?, budgets, unsent)) })
+        Box::pin(async move {
+            let answer = answer.await?;
+            Ok(
+                Sending::first_frame(answer, budgets, unsent).unwrap_or_else(|(spent, unsent)| {
+                    if spent.by_server {
+                        holders.cut_heaviest(unsent.as_ref());
+                    }
+                    spent.status.into_http()
+                }),
+            )
+        })
     }
 }
 
@@ -267,20 +333,20 @@ impl Sending {
     /// `answer`, its first frame taken from its budgets at once when it is ready (a unary
     /// answer's whole message: tonic encodes it when its body is first polled). hyper polls a
     /// body only once the client's window has room, so a client whose window is shut would
-    /// hold every answer unencoded and uncounted. Past a budget: RESOURCE_EXHAUSTED instead.
+    /// hold every answer unencoded and uncounted. Past a budget: which one, and `unsent`.
     fn first_frame(
         answer: http::Response<Body>,
         budgets: Budgets,
         unsent: Option<Arc<Unsent>>,
-    ) -> http::Response<Body> {
+    ) -> Result<http::Response<Body>, (Spent, Option<Arc<Unsent>>)> {
         let (parts, mut body) = answer.into_parts();
         let waker = futures_util::task::noop_waker();
         let first = match Pin::new(&mut body).poll_frame(&mut Context::from_waker(&waker)) {
             Poll::Ready(Some(Ok(frame))) => frame,
             // Nothing yet (a stream's first message to come): as it is.
-            Poll::Pending => return http::Response::from_parts(parts, body),
-            Poll::Ready(None) => return http::Response::from_parts(parts, Body::empty()),
-            Poll::Ready(Some(Err(status))) => return status.into_http(),
+            Poll::Pending => return Ok(http::Response::from_parts(parts, body)),
+            Poll::Ready(None) => return Ok(http::Response::from_parts(parts, Body::empty())),
+            Poll::Ready(Some(Err(status))) => return Ok(status.into_http()),
         };
         let rest = match first.into_data() {
             Ok(data) => data,
@@ -289,12 +355,12 @@ impl Sending {
                 let only =
                     futures_util::stream::once(std::future::ready(Ok::<_, Status>(trailers)));
                 let body = http_body_util::StreamBody::new(only);
-                return http::Response::from_parts(parts, Body::new(body));
+                return Ok(http::Response::from_parts(parts, Body::new(body)));
             }
         };
         let mut held = Held::default();
-        if let Err(status) = budgets.take(rest.len(), &mut held) {
-            return status.into_http();
+        if let Err(spent) = budgets.take(rest.len(), &mut held) {
+            return Err((spent, unsent));
         }
         let sending = Sending {
             body,
@@ -302,7 +368,7 @@ impl Sending {
             held,
             unsent,
         };
-        http::Response::from_parts(parts, Body::new(sending))
+        Ok(http::Response::from_parts(parts, Body::new(sending)))
     }
 }
 
@@ -362,7 +428,10 @@ mod tests {
             what: "answers",
             advice: "wait",
         };
-        let (_, body) = Sending::first_frame(answer, budgets, None).into_parts();
+        let Ok(answer) = Sending::first_frame(answer, budgets, None) else {
+            panic!("within the budget");
+        };
+        let (_, body) = answer.into_parts();
         assert_eq!(body.size_hint().exact(), Some(100));
     }
 }

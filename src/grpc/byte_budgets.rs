@@ -17,14 +17,22 @@ pub(super) struct Budget {
     /// The bytes left.
     left: Arc<AtomicUsize>,
     messages: usize,
+    total: usize,
 }
 
 impl Budget {
     pub(super) fn new(max_message_bytes: usize, messages: usize) -> Budget {
+        let total = max_message_bytes.saturating_mul(messages);
         Budget {
-            left: Arc::new(AtomicUsize::new(max_message_bytes.saturating_mul(messages))),
+            left: Arc::new(AtomicUsize::new(total)),
             messages,
+            total,
         }
+    }
+
+    /// The bytes taken from it now.
+    pub(super) fn used(&self) -> usize {
+        self.total.saturating_sub(self.left.load(Ordering::Acquire))
     }
 
     /// Gives `bytes` back that were handed over out of a [`Held`] ([`Held::hand_over`]).
@@ -78,7 +86,7 @@ const SERVER_ADVICE: &str = "they may be other clients' calls, not this one's: r
 impl Budgets {
     /// `bytes` more from both budgets, added to `held`, or the RESOURCE_EXHAUSTED status
     /// saying which one ran out (nothing taken then).
-    pub(super) fn take(&self, bytes: usize, held: &mut Held) -> Result<(), Status> {
+    pub(super) fn take(&self, bytes: usize, held: &mut Held) -> Result<(), Spent> {
         // The budget is named by the flag it is a multiple of, so an operator knows what to
         // raise (found by a first-user review).
         let exhausted = |whose: &str, budget: &Budget, advice: &str| {
@@ -91,21 +99,29 @@ impl Budgets {
         // The connection's first: a connection past its own budget is told so, whatever the
         // server's (what it took goes back if the server's is spent).
         let connection = match &self.connection {
-            Some(budget) => Some(
-                budget
-                    .take(bytes)
-                    .ok_or_else(|| exhausted("this connection's", budget, self.advice))?,
-            ),
+            Some(budget) => Some(budget.take(bytes).ok_or_else(|| Spent {
+                status: exhausted("this connection's", budget, self.advice),
+                by_server: false,
+            })?),
             None => None,
         };
-        let in_all = (self.in_all.take(bytes))
-            .ok_or_else(|| exhausted("the server's", &self.in_all, SERVER_ADVICE))?;
+        let in_all = (self.in_all.take(bytes)).ok_or_else(|| Spent {
+            status: exhausted("the server's", &self.in_all, SERVER_ADVICE),
+            by_server: true,
+        })?;
         merge(&mut held.in_all, in_all);
         if let Some(connection) = connection {
             merge(&mut held.connection, connection);
         }
         Ok(())
     }
+}
+
+/// A budget found spent: the RESOURCE_EXHAUSTED status that says which.
+pub(super) struct Spent {
+    pub(super) status: Status,
+    /// The server's budget, not the connection's.
+    pub(super) by_server: bool,
 }
 
 /// Adds `taken` to `held` (a body draws on the same budgets every time).

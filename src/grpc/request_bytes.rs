@@ -189,7 +189,7 @@ struct Arriving {
 
 impl Arriving {
     fn hold(&mut self, bytes: usize) -> Result<(), Status> {
-        self.budgets.take(bytes, &mut self.held)
+        (self.budgets.take(bytes, &mut self.held)).map_err(|spent| spent.status)
     }
 
     fn end(&mut self) {

@@ -282,7 +282,7 @@ fn tagging(
             watches: ConnectionWatches::new(per_connection),
             open_streams: ConnectionWatches::new(OPEN_STREAMS_PER_CONNECTION),
             request_bytes: ConnectionRequestBytes::new(limit),
-            answer_bytes: answers.connection(),
+            answer_bytes: answers.connection(peer, cut.clone()),
             activity,
         };
         (cut, tag)
