@@ -16,9 +16,14 @@
 //! Answers that clients read take their budget back as fast as the network carries them; only
 //! clients that stop reading (or read far slower than they ask) meet the limits.
 //!
-//! The socket's count is the bytes it wrote, HTTP/2's own frames among them, so it gives back
-//! slightly more than answers' bytes: never more than was handed over and not yet given
-//! back, and what the count misses is bounded by frames' headers.
+//! The socket's count is every byte it wrote (frames' headers, other streams' messages), so
+//! it gives back somewhat more than answers' bytes, never more than was handed over and not
+//! yet given back: other bytes go out only while the client reads, and then so do the
+//! answers'.
+//!
+//! A call refused because the server's budget is spent cuts the connection that holds the
+//! most (`Holders`): one client that stops reading on enough connections would otherwise
+//! refuse every other client's larger answers for as long as it stayed.
 //!
 //! What this module does not do: count a stream's later messages (a watch stream's outbox
 //! bounds them, and a backup's stall timeout), or give a stalled answer a time limit.
