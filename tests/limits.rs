@@ -836,15 +836,15 @@ async fn health_and_reflection_requests_are_small_and_reflection_ones_plain() {
     service.stop().await;
 }
 
-/// A reflection stream its client keeps open (grpcurl's, a tool left running) held shutdown
-/// for the whole `--shutdown-grace` and was then cut with no status (found by an adversarial
-/// run). It ends at the start of shutdown with UNAVAILABLE, as watch streams do.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_reflection_stream_ends_at_shutdown_and_does_not_hold_it() {
+/// A reflection stream kept open, its first question asked and answered: the sender of its
+/// next questions and its answers.
+async fn open_reflection(
+    service: &TestService,
+) -> (
+    tokio::sync::mpsc::Sender<tonic_reflection::pb::v1::ServerReflectionRequest>,
+    tonic::Streaming<tonic_reflection::pb::v1::ServerReflectionResponse>,
+) {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    let mut config = Config::for_tests(SECRET);
-    config.shutdown_grace = std::time::Duration::from_secs(60);
-    let service = TestService::start_with(config).await;
     let (requests, asked) = tokio::sync::mpsc::channel(1);
     requests.send(list_services()).await.unwrap();
     let mut answers = ServerReflectionClient::new(service.channel().await)
@@ -853,6 +853,18 @@ async fn an_open_reflection_stream_ends_at_shutdown_and_does_not_hold_it() {
         .unwrap()
         .into_inner();
     assert!(answers.message().await.unwrap().is_some(), "answered");
+    (requests, answers)
+}
+
+/// A reflection stream its client keeps open (grpcurl's, a tool left running) held shutdown
+/// for the whole `--shutdown-grace` and was then cut with no status (found by an adversarial
+/// run). It ends at the start of shutdown with UNAVAILABLE, as watch streams do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_reflection_stream_ends_at_shutdown_and_does_not_hold_it() {
+    let mut config = Config::for_tests(SECRET);
+    config.shutdown_grace = std::time::Duration::from_secs(60);
+    let service = TestService::start_with(config).await;
+    let (requests, mut answers) = open_reflection(&service).await;
 
     service
         .stop_within(std::time::Duration::from_secs(10))
@@ -868,18 +880,10 @@ async fn an_open_reflection_stream_ends_at_shutdown_and_does_not_hold_it() {
 /// ended (as if answered in full, status OK) at the next wait past the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_stream_idle_between_messages_past_the_body_timeout_stays_open() {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     let mut config = Config::for_tests(SECRET);
     config.grpc_request_body_timeout = std::time::Duration::from_secs(1);
     let service = TestService::start_with(config).await;
-    let (requests, asked) = tokio::sync::mpsc::channel(1);
-    requests.send(list_services()).await.unwrap();
-    let mut answers = ServerReflectionClient::new(service.channel().await)
-        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(asked))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(answers.message().await.unwrap().is_some(), "answered");
+    let (requests, mut answers) = open_reflection(&service).await;
 
     // Idle for twice the timeout: only time passing can show that nothing ends the stream.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -892,16 +896,34 @@ async fn a_request_stream_idle_between_messages_past_the_body_timeout_stays_open
     service.stop().await;
 }
 
+/// A service whose gRPC requests must arrive within a second, and a raw connection to it.
+async fn one_second_for_requests() -> (TestService, h2::client::SendRequest<bytes::Bytes>) {
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_request_body_timeout = std::time::Duration::from_secs(1);
+    let service = TestService::start_with(config).await;
+    let client = raw_grpc(service.grpc).await;
+    (service, client)
+}
+
+/// `response` is DEADLINE_EXCEEDED, its request not whole within a second.
+async fn assert_not_whole_within_a_second(response: h2::client::ResponseFuture) {
+    let (code, message) = tokio::time::timeout(PATIENCE, grpc_status(response))
+        .await
+        .expect("answered before the test's patience ends");
+    assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
+    assert!(
+        message.contains("did not arrive whole within 1s"),
+        "{message}"
+    );
+}
+
 /// The wait between a stream's messages is untimed only for streams of requests: tonic reads a
 /// unary call's body to its end before the call runs, so a client that sends the whole message
 /// and never ends its stream, or sends more whole messages now and then, would hold the call
 /// (and its stream slot) for as long as it liked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unary_request_whose_stream_never_ends_is_timed_out() {
-    let mut config = Config::for_tests(SECRET);
-    config.grpc_request_body_timeout = std::time::Duration::from_secs(1);
-    let service = TestService::start_with(config).await;
-    let mut client = raw_grpc(service.grpc).await;
+    let (service, mut client) = one_second_for_requests().await;
     // A whole (empty) GetProfile message, the stream left open.
     let (response, _open) = call(&mut client, 0, 0, false).await;
     // The same, then more whole empty messages, one every 300 ms, for as long as it is open
@@ -917,14 +939,7 @@ async fn a_unary_request_whose_stream_never_ends_is_timed_out() {
         }
     });
     for response in [response, trickled] {
-        let (code, message) = tokio::time::timeout(PATIENCE, grpc_status(response))
-            .await
-            .expect("answered before the test's patience ends");
-        assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
-        assert!(
-            message.contains("did not arrive whole within 1s"),
-            "{message}"
-        );
+        assert_not_whole_within_a_second(response).await;
     }
     trickling.abort();
     service.stop().await;
@@ -934,24 +949,14 @@ async fn a_unary_request_whose_stream_never_ends_is_timed_out() {
 /// on the way in; the client was not told why. It now gets the failure's status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reflection_stream_whose_request_stalls_ends_with_the_reason() {
-    let mut config = Config::for_tests(SECRET);
-    config.grpc_request_body_timeout = std::time::Duration::from_secs(1);
-    let service = TestService::start_with(config).await;
-    let mut client = raw_grpc(service.grpc).await;
+    let (service, mut client) = one_second_for_requests().await;
     let path = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
     let (response, mut body) = open_path(&mut client, path).await;
     // A message declared 100 bytes long, 10 of them sent.
     let mut begun = vec![0, 0, 0, 0, 100];
     begun.resize(15, 0);
     body.send_data(begun.into(), false).unwrap();
-    let (code, message) = tokio::time::timeout(PATIENCE, grpc_status(response))
-        .await
-        .expect("answered before the test's patience ends");
-    assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
-    assert!(
-        message.contains("did not arrive whole within 1s"),
-        "{message}"
-    );
+    assert_not_whole_within_a_second(response).await;
     service.stop().await;
 }
 
@@ -1289,20 +1294,7 @@ async fn answers_h2_holds_for_a_client_that_stops_reading_its_socket_are_counted
     use prost::Message;
     const LIMIT: usize = 256 * 1024;
     const CALLS: usize = 100;
-    let mut config = Config::for_tests(SECRET);
-    config.grpc_max_message_bytes = LIMIT;
-    let service = TestService::start_with(config).await;
-    let note = "n".repeat(10_000);
-    for n in 0..20 {
-        let data = json!({"total_points": n, "note": note});
-        service
-            .update(&profile_updated(&format!("c{n}"), &at(1), data))
-            .await;
-    }
-    let list = profile_state::pb::ListProfilesRequest {
-        page_size: 100,
-        ..Default::default()
-    };
+    let (service, list) = large_pages(LIMIT).await;
     let page = service.client().await.list_profiles(list.clone()).await;
     let frame = page.unwrap().into_inner().encoded_len() + 5;
     assert!(frame > 150_000 && frame < LIMIT, "{frame}");
@@ -1489,19 +1481,11 @@ async fn unread_lists(
     (refused, waiting)
 }
 
-/// Answers a client did not read were held whole, unbounded: 1.7 GB from 300 ListProfiles
-/// on two connections whose clients never opened their window further (found by an
-/// adversarial run). They now hold at most four times `--grpc-max-message-bytes` per
-/// connection and 32 times it in all, but for a chunk (16 KiB) and the window per stream; a
-/// call past either is answered RESOURCE_EXHAUSTED, and one past the server's cuts the
-/// connection that holds the most.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_clients_do_not_read_hold_bounded_bytes() {
-    use prost::Message;
-    const LIMIT: usize = 256 * 1024;
-    const CHUNK: usize = 16 * 1024;
+/// A service whose messages are at most `limit` bytes, with 20 profiles of 10 KB each, and a
+/// ListProfiles request for all of them (one answer of about 200 KB).
+async fn large_pages(limit: usize) -> (TestService, profile_state::pb::ListProfilesRequest) {
     let mut config = Config::for_tests(SECRET);
-    config.grpc_max_message_bytes = LIMIT;
+    config.grpc_max_message_bytes = limit;
     let service = TestService::start_with(config).await;
     let note = "n".repeat(10_000);
     for n in 0..20 {
@@ -1514,6 +1498,21 @@ async fn answers_clients_do_not_read_hold_bounded_bytes() {
         page_size: 100,
         ..Default::default()
     };
+    (service, list)
+}
+
+/// Answers a client did not read were held whole, unbounded: 1.7 GB from 300 ListProfiles
+/// on two connections whose clients never opened their window further (found by an
+/// adversarial run). They now hold at most four times `--grpc-max-message-bytes` per
+/// connection and 32 times it in all, but for a chunk (16 KiB) and the window per stream; a
+/// call past either is answered RESOURCE_EXHAUSTED, and one past the server's cuts the
+/// connection that holds the most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_clients_do_not_read_hold_bounded_bytes() {
+    use prost::Message;
+    const LIMIT: usize = 256 * 1024;
+    const CHUNK: usize = 16 * 1024;
+    let (service, list) = large_pages(LIMIT).await;
     let mut client = service.client().await;
     let page = client
         .list_profiles(list.clone())
