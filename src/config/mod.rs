@@ -199,8 +199,9 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub grpc_handshake_timeout: Duration,
 
-    /// Longest a gRPC request's message may take to arrive whole, from the call's start; the
-    /// call then fails with DEADLINE_EXCEEDED and what it had received is freed.
+    /// Longest a gRPC request may take to arrive whole, from its first wait to its end (on a
+    /// reflection stream: each message, the wait between them untimed); the call then fails
+    /// with DEADLINE_EXCEEDED and what it had received is freed.
     #[arg(long, env = "PROFILE_STATE_GRPC_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub grpc_request_body_timeout: Duration,
 
