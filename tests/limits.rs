@@ -1570,10 +1570,11 @@ async fn answers_clients_do_not_read_hold_bounded_bytes() {
             .all(|m| m.contains("the server's") && m.contains("other clients'")),
         "{by_server:?}"
     );
-    // Another client is refused while the server's budget is spent, and that cuts the
-    // connection holding the most (found by an adversarial run: one client that stops reading
-    // on enough connections refused every other client's larger answers for as long as it
-    // stayed). The client's retry is answered, while every non-reader but those cut stays.
+    // Another client is refused while the server's budget is spent, and a refusal cuts the
+    // connection holding the most of those that have read nothing for a second (found by an
+    // adversarial run: one client that stops reading on enough connections refused every
+    // other client's larger answers for as long as it stayed). The client's retries are
+    // answered within moments, while every non-reader but those cut stays.
     let deadline = std::time::Instant::now() + PATIENCE;
     let mut refusals = 0;
     while let Err(status) = client.list_profiles(list.clone()).await {
@@ -1585,11 +1586,8 @@ async fn answers_clients_do_not_read_hold_bounded_bytes() {
         // ends.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let non_readers = 2 + others.len();
-    assert!(
-        refusals < non_readers,
-        "{refusals} refusals before an answer"
-    );
+    // Cut only once none of its answers has been read for a second: refused until then.
+    assert!(refusals >= 1, "the first call is refused");
     let mut open = 0;
     for connection in [&shut, &default]
         .into_iter()

@@ -34,6 +34,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -70,6 +71,8 @@ struct Unsent {
     /// Cancelled to cut the connection (`crate::server::cut`).
     cut: CancellationToken,
     peer: SocketAddr,
+    /// What its budget had given back when a refusal last looked, and since when.
+    seen: Mutex<Option<(usize, Instant)>>,
 }
 
 impl Unsent {
@@ -106,7 +109,25 @@ impl Unsent {
             self.in_all.give_back(bytes);
         }
     }
+
+    /// Whether the connection holds answer bytes and has given none back for [`STALLED`], as
+    /// refusals have seen it: a client reading its answers, however slowly, gives some back.
+    fn stalled(&self, now: Instant) -> bool {
+        let (used, given) = (self.connection.used(), self.connection.given_back());
+        let mut seen = lock(&self.seen);
+        match *seen {
+            Some((was, since)) if was == given && used > 0 => now - since >= STALLED,
+            _ => {
+                *seen = (used > 0).then_some((given, now));
+                false
+            }
+        }
+    }
 }
+
+/// How long a connection holding answer bytes must give none back before a refusal for the
+/// server's budget may cut it.
+const STALLED: Duration = Duration::from_secs(1);
 
 /// The layer that makes every answer body draw on its budgets.
 #[derive(Clone)]
@@ -137,17 +158,19 @@ impl AnswerBytesLayer {
             in_all: self.in_all.clone(),
             cut,
             peer,
+            seen: Mutex::new(None),
         });
         self.holders.add(&unsent);
         ConnectionAnswerBytes { budget, unsent }
     }
 }
 
-/// Every connection's answer bytes, for the server to cut the one that holds the most when
-/// its budget is spent: one client that stops reading on enough connections could otherwise
-/// refuse every other client's larger answers for as long as it stayed (found by an
-/// adversarial run). Cut, its calls fail and its bytes come back; the call refused meanwhile
-/// is told to retry in a moment.
+/// Every connection's answer bytes, for the server to cut the one that holds the most, of
+/// those that have given none back for [`STALLED`], when its budget is spent: one client that
+/// stops reading on enough connections could otherwise refuse every other client's larger
+/// answers for as long as it stayed (found by an adversarial run). Cut, its calls fail and its
+/// bytes come back; the calls refused meanwhile are told to retry in a moment. Clients still
+/// reading are never cut.
 #[derive(Clone, Default)]
 struct Holders(Arc<Mutex<Vec<Weak<Unsent>>>>);
 
@@ -161,9 +184,10 @@ impl Holders {
         holders.push(Arc::downgrade(unsent));
     }
 
-    /// Cuts the connection, other than `calling`'s, that holds the most answer bytes, if any
-    /// holds some.
+    /// Cuts the stalled connection, other than `calling`'s, that holds the most answer bytes,
+    /// if any.
     fn cut_heaviest(&self, calling: Option<&Arc<Unsent>>) {
+        let now = Instant::now();
         let heaviest = {
             let mut holders = lock(&self.0);
             holders.retain(|holder| holder.strong_count() > 0);
@@ -172,17 +196,19 @@ impl Holders {
                 .filter_map(Weak::upgrade)
                 .filter(|holder| !holder.cut.is_cancelled())
                 .filter(|holder| calling.is_none_or(|calling| !Arc::ptr_eq(holder, calling)))
+                .filter(|holder| holder.stalled(now))
                 .max_by_key(|holder| holder.connection.used())
         };
-        let Some(heaviest) = heaviest.filter(|holder| holder.connection.used() > 0) else {
+        let Some(heaviest) = heaviest else {
             return;
         };
         heaviest.cut.cancel();
         tracing::warn!(
             peer = %heaviest.peer,
             answer_bytes = heaviest.connection.used(),
-            "cut the gRPC connection holding the most answers not yet read: the server's \
-             budget for them was spent (a client that stops reading its answers)"
+            "cut the gRPC connection holding the most answers not yet read, none read for a \
+             second: the server's budget for them was spent (a client that stops reading its \
+             answers)"
         );
     }
 }
@@ -420,6 +446,39 @@ impl HttpBody for Sending {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a connection that holds answer bytes and gives none back for a second, as
+    /// refusals see it, may be cut: one whose client reads, however slowly, may not.
+    #[test]
+    fn a_connection_is_stalled_only_after_a_second_without_giving_bytes_back() {
+        let layer = AnswerBytesLayer::new(1000);
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        let bytes = layer.connection(peer, CancellationToken::new());
+        let start = Instant::now();
+        assert!(!bytes.unsent.stalled(start), "holds nothing");
+        let budgets = Budgets {
+            connection: Some(bytes.budget.clone()),
+            in_all: layer.in_all.clone(),
+            what: "answers",
+            advice: "wait",
+        };
+        let mut held = Held::default();
+        assert!(budgets.take(600, &mut held).is_ok());
+        let second = Duration::from_secs(1);
+        assert!(!bytes.unsent.stalled(start), "first seen");
+        assert!(!bytes.unsent.stalled(start + second / 2));
+        assert!(bytes.unsent.stalled(start + second));
+        // Some read: not stalled, and a second more before it is again.
+        held.hand_over(100);
+        bytes.unsent.handed_over(100);
+        bytes.unsent.sent(50);
+        assert!(!bytes.unsent.stalled(start + 2 * second));
+        assert!(!bytes.unsent.stalled(start + 2 * second + second / 2));
+        assert!(bytes.unsent.stalled(start + 3 * second));
+        // Taking more is not reading.
+        assert!(budgets.take(100, &mut held).is_ok());
+        assert!(bytes.unsent.stalled(start + 3 * second));
+    }
 
     /// hyper sets a content length from an exact size hint: the first message read ahead
     /// still counts in it.

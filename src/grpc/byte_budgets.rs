@@ -16,6 +16,8 @@ use tonic::Status;
 pub(super) struct Budget {
     /// The bytes left.
     left: Arc<AtomicUsize>,
+    /// The bytes ever taken (wrapping): with `left`, what was ever given back.
+    taken: Arc<AtomicUsize>,
     messages: usize,
     total: usize,
 }
@@ -25,6 +27,7 @@ impl Budget {
         let total = max_message_bytes.saturating_mul(messages);
         Budget {
             left: Arc::new(AtomicUsize::new(total)),
+            taken: Arc::default(),
             messages,
             total,
         }
@@ -33,6 +36,11 @@ impl Budget {
     /// The bytes taken from it now.
     pub(super) fn used(&self) -> usize {
         self.total.saturating_sub(self.left.load(Ordering::Acquire))
+    }
+
+    /// The bytes ever given back (wrapping): it moves only as bytes come back.
+    pub(super) fn given_back(&self) -> usize {
+        (self.taken.load(Ordering::Acquire)).wrapping_sub(self.used())
     }
 
     /// Gives `bytes` back that were handed over out of a [`Held`] ([`Held::hand_over`]).
@@ -47,6 +55,7 @@ impl Budget {
                 left.checked_sub(bytes)
             })
             .ok()?;
+        self.taken.fetch_add(bytes, Ordering::AcqRel);
         Some(Taken {
             left: Arc::clone(&self.left),
             bytes,
