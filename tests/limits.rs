@@ -1346,6 +1346,32 @@ async fn answers_h2_holds_for_a_client_that_stops_reading_its_socket_are_counted
     service.stop().await;
 }
 
+/// A client that reads nothing fills its socket, and then keepalive's own PING cannot go out:
+/// such connections stayed open, with their calls, for as long as the client liked (found by
+/// an adversarial run). A write that waits longer than the keepalive interval plus its
+/// timeout now ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_is_disconnected_after_keepalives_interval_and_timeout() {
+    use prost::Message;
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_max_message_bytes = 256 * 1024;
+    config.grpc_keepalive_interval = std::time::Duration::from_secs(1);
+    config.grpc_keepalive_timeout = std::time::Duration::from_secs(1);
+    let (service, list) = large_pages_with(config).await;
+    let reads = std::sync::Arc::new(Reads::default());
+    let mut client = socket_unread_grpc(service.grpc, &reads).await;
+    let mut answers = Vec::new();
+    for _ in 0..100 {
+        answers.push(raw_unary(&mut client, "ListProfiles", list.encode_to_vec()).await);
+    }
+    let connections = [("listener", "grpc")];
+    let gone =
+        |text: &str| common::metric(text, "profile_state_connections", &connections) == Some(0.0);
+    service.metrics_until(gone).await;
+    drop(answers);
+    service.stop().await;
+}
+
 /// Whether a [`PausedReads`] stream reads, and the reader to wake when it may again.
 #[derive(Default)]
 struct Reads {
@@ -1486,6 +1512,11 @@ async fn unread_lists(
 async fn large_pages(limit: usize) -> (TestService, profile_state::pb::ListProfilesRequest) {
     let mut config = Config::for_tests(SECRET);
     config.grpc_max_message_bytes = limit;
+    large_pages_with(config).await
+}
+
+/// [`large_pages`] on a service started with `config`.
+async fn large_pages_with(config: Config) -> (TestService, profile_state::pb::ListProfilesRequest) {
     let service = TestService::start_with(config).await;
     let note = "n".repeat(10_000);
     for n in 0..20 {

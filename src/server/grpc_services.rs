@@ -170,6 +170,9 @@ pub(super) struct Limits {
     pub request_body_timeout: std::time::Duration,
     /// `--backup-stall-timeout`: a Backup's client must take a piece within it.
     pub backup_stall_timeout: std::time::Duration,
+    /// `--grpc-keepalive-interval` plus `--grpc-keepalive-timeout` (none without keepalive):
+    /// the longest a connection's write may wait for its socket.
+    pub write_stall: Option<std::time::Duration>,
 }
 
 /// The gRPC listener, serving.
@@ -228,13 +231,13 @@ pub(super) fn serve<H: Health>(
     // The listener sets TCP_NODELAY: answers go out as soon as they are written.
     let evictable = Evictable::default();
     let connection = tagging(&cut, evictable.clone(), &limits, answers);
-    let handshake_timeout = limits.handshake_timeout;
+    let (handshake_timeout, write_stall) = (limits.handshake_timeout, limits.write_stall);
     let task = match tls {
         None => {
             let open = move |tcp, peer| {
                 let (cut, tag) = connection(peer);
                 let tcp = AnswersSent::new(tcp, &tag.answer_bytes);
-                (Cuttable::new(Coalescing::new(tcp), cut), tag)
+                (Cuttable::new(Coalescing::new(tcp), cut, write_stall), tag)
             };
             let incoming = connections::incoming(listener, handshake_timeout, open, evictable);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
@@ -245,7 +248,7 @@ pub(super) fn serve<H: Health>(
                 let (cut, tag) = connection(peer);
                 let tls = TlsConnection::accepting(&acceptor, tcp, &failures);
                 let tls = AnswersSent::new(tls, &tag.answer_bytes);
-                (Cuttable::new(Coalescing::new(tls), cut), tag)
+                (Cuttable::new(Coalescing::new(tls), cut, write_stall), tag)
             };
             let incoming = connections::incoming(listener, handshake_timeout, open, evictable);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))

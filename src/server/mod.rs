@@ -689,6 +689,8 @@ fn grpc_limits(config: &Config) -> grpc_services::Limits {
         handshake_timeout: config.grpc_handshake_timeout,
         request_body_timeout: config.grpc_request_body_timeout,
         backup_stall_timeout: config.backup_stall_timeout,
+        write_stall: (!config.grpc_keepalive_interval.is_zero())
+            .then(|| config.grpc_keepalive_interval + config.grpc_keepalive_timeout),
     }
 }
 
