@@ -150,7 +150,7 @@ impl AnswerBytesLayer {
     /// A new connection's budget, drawing on this server's too; `cut` cuts the connection
     /// (from `peer`) if it holds the most when the server's budget is spent.
     pub fn connection(&self, peer: SocketAddr, cut: CancellationToken) -> ConnectionAnswerBytes {
-        let budget = Budget::new(self.max_message_bytes, PER_CONNECTION);
+        let budget = Budget::counting_given_back(self.max_message_bytes, PER_CONNECTION);
         let unsent = Arc::new(Unsent {
             bytes: AtomicUsize::new(0),
             closed: AtomicBool::new(false),

@@ -16,8 +16,10 @@ use tonic::Status;
 pub(super) struct Budget {
     /// The bytes left.
     left: Arc<AtomicUsize>,
-    /// The bytes ever taken (wrapping): with `left`, what was ever given back.
-    taken: Arc<AtomicUsize>,
+    /// The bytes ever taken (wrapping), with `left` what was ever given back: only where
+    /// that is asked ([`Budget::given_back`], a connection's answers), not on the server's
+    /// budgets, which every call shares.
+    taken: Option<Arc<AtomicUsize>>,
     messages: usize,
     total: usize,
 }
@@ -27,9 +29,17 @@ impl Budget {
         let total = max_message_bytes.saturating_mul(messages);
         Budget {
             left: Arc::new(AtomicUsize::new(total)),
-            taken: Arc::default(),
+            taken: None,
             messages,
             total,
+        }
+    }
+
+    /// [`Budget::new`], and counting what it gives back ([`Budget::given_back`]).
+    pub(super) fn counting_given_back(max_message_bytes: usize, messages: usize) -> Budget {
+        Budget {
+            taken: Some(Arc::default()),
+            ..Budget::new(max_message_bytes, messages)
         }
     }
 
@@ -38,9 +48,11 @@ impl Budget {
         self.total.saturating_sub(self.left.load(Ordering::Acquire))
     }
 
-    /// The bytes ever given back (wrapping): it moves only as bytes come back.
+    /// The bytes ever given back (wrapping): it moves only as bytes come back. Only a budget
+    /// made by [`Budget::counting_given_back`] counts it.
     pub(super) fn given_back(&self) -> usize {
-        (self.taken.load(Ordering::Acquire)).wrapping_sub(self.used())
+        let taken = self.taken.as_ref().map_or(0, |t| t.load(Ordering::Acquire));
+        taken.wrapping_sub(self.used())
     }
 
     /// Gives `bytes` back that were handed over out of a [`Held`] ([`Held::hand_over`]).
@@ -55,7 +67,9 @@ impl Budget {
                 left.checked_sub(bytes)
             })
             .ok()?;
-        self.taken.fetch_add(bytes, Ordering::AcqRel);
+        if let Some(taken) = &self.taken {
+            taken.fetch_add(bytes, Ordering::AcqRel);
+        }
         Some(Taken {
             left: Arc::clone(&self.left),
             bytes,
