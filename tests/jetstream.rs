@@ -567,6 +567,67 @@ async fn snapshots_round_trip_through_the_object_store() {
     assert!(matches!(error, JetStreamError::Replaced { .. }), "{error}");
 }
 
+/// A snapshot records the digest of the stream's message at its sequence, or goes
+/// unpublished: the handle's stream taken for another incarnation since (as a replica started
+/// meanwhile takes it), the digest cannot be read, and an upload without it, which no restored
+/// stream can start from, was followed by a purge that left the older one none either (a
+/// restored stream's replicas then had nothing to start from: found by CI, where the read
+/// failed while the stream was scaled). Nor does a handle on such a stream retire the
+/// snapshots of the store served now, which to it are an earlier incarnation's.
+#[tokio::test]
+async fn a_snapshot_is_published_with_its_messages_digest_or_not_at_all() {
+    let (_nats, client, stream) = started("DIGEST").await;
+    let sequence = publish_eventually(&stream, &batch("c1", 1)).await;
+    let bucket = SnapshotBucket::open(&stream).await.unwrap();
+    bucket
+        .put(1, sequence, &mut &b"with a digest"[..])
+        .await
+        .unwrap();
+    bucket
+        .put(1, sequence + 5, &mut &b"past the last message"[..])
+        .await
+        .unwrap();
+    let context = client.context();
+    crate::common::set_stream_metadata(context, "DIGEST", "profile_state_store_id", "other").await;
+    let error = stream.bounds().await.unwrap_err();
+    assert!(matches!(error, JetStreamError::Replaced { .. }), "{error}");
+    for at in [sequence, sequence + 9] {
+        let put = bucket
+            .put(2, at, &mut &b"of a store no longer served"[..])
+            .await;
+        assert!(
+            matches!(put, Err(JetStreamError::Replaced { .. })),
+            "sequence {at}: {put:?}"
+        );
+    }
+    // The store served now: the replaced handle's snapshots are an earlier incarnation's to it,
+    // and the digest recorded is the stream's message's.
+    let served = UpdateStream::ensure(&client, &settings("DIGEST"))
+        .await
+        .unwrap();
+    let served_bucket = SnapshotBucket::open(&served).await.unwrap();
+    served_bucket
+        .put(3, sequence, &mut &b"of the store served"[..])
+        .await
+        .unwrap();
+    let earlier = served_bucket.of_earlier_streams().await.unwrap();
+    let sequences: Vec<_> = (earlier.iter())
+        .map(|earlier| earlier.snapshot.stream_sequence)
+        .collect();
+    assert_eq!(
+        sequences,
+        [sequence + 5, sequence],
+        "nothing else published"
+    );
+    assert_eq!(earlier[0].message_digest, None, "no message there");
+    let digest = served.message_digest(sequence).await.unwrap();
+    assert!(digest.is_some());
+    assert_eq!(earlier[1].message_digest, digest);
+    let error = bucket.retire(2).await.unwrap_err();
+    assert!(matches!(error, JetStreamError::Replaced { .. }), "{error}");
+    assert_eq!(served_bucket.list().await.unwrap().len(), 1, "still there");
+}
+
 #[tokio::test]
 async fn dead_letters_are_created_once_and_changed_only_at_the_revision_read() {
     let nats = NatsCluster::single().await.unwrap();

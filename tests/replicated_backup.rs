@@ -303,7 +303,8 @@ async fn a_stream_without_the_messages_the_snapshots_were_taken_after_is_not_sta
     }
     let expected = format!(
         "snapshot-{sequence:020} (stream created {old_created}, as of sequence {sequence}): no \
-         digest of the stream's message at its sequence (published by a release before this one)"
+         digest of the stream's message at its sequence (published by an earlier release, or \
+         once the stream no longer held that message)"
     );
     assert!(error.contains(&expected), "{expected}: {error}");
 }

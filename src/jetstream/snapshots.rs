@@ -36,7 +36,8 @@ const STREAM_RAFT_GROUP_KEY: &str = "stream_raft_group";
 /// The digest of the stream's message at the snapshot's sequence
 /// (`UpdateStream::message_digest`): a stream restored from a backup is another incarnation,
 /// and holding the same message there is what lets it start from this snapshot. Absent on
-/// objects of earlier builds, and when the message could not be read at upload.
+/// objects of earlier builds (some of which published without it when the read failed), and
+/// when the stream held no such message at upload.
 const MESSAGE_DIGEST_KEY: &str = "stream_message_sha256";
 /// The key of the upload claim in `<stream>_META`.
 const UPLOAD_CLAIM: &str = "snapshot-upload";
@@ -202,10 +203,17 @@ impl SnapshotBucket {
     }
 
     /// Stores a snapshot read from `data`, as of `revision` and `stream_sequence`, with the
-    /// digest of the stream's message at `stream_sequence` (without it when that message
-    /// cannot be read: the upload is not failed for it). The name carries the store id: an
-    /// earlier incarnation's snapshot of the same sequence, which a restored stream may need,
-    /// is not overwritten.
+    /// digest of the stream's message at `stream_sequence` (without it only when the stream
+    /// holds no such message). The name carries the store id: an earlier incarnation's
+    /// snapshot of the same sequence, which a restored stream may need, is not overwritten.
+    ///
+    /// A digest that cannot be read fails the upload, which is tried again with the next
+    /// snapshot: published without it, after a stream info came from a follower while the
+    /// stream was scaled, the newest snapshot was one no restored stream can start from, the
+    /// purge that followed left the older one none either, and a restored stream's replicas
+    /// had nothing to start from (found by CI). So does a stream this handle no longer follows
+    /// (`UpdateStream::bounds`): a replica started since took it for another incarnation, and
+    /// this one's snapshots are of a store no longer served.
     pub async fn put(
         &self,
         revision: u64,
@@ -224,7 +232,7 @@ impl SnapshotBucket {
         if let Some(group) = &self.incarnation.raft_group {
             metadata.insert(STREAM_RAFT_GROUP_KEY.to_string(), group.clone());
         }
-        if let Some(digest) = self.digest_at(stream_sequence).await {
+        if let Some(digest) = self.digest_at(stream_sequence).await? {
             metadata.insert(MESSAGE_DIGEST_KEY.to_string(), digest);
         }
         let meta = ObjectMetadata {
@@ -245,31 +253,20 @@ impl SnapshotBucket {
         })
     }
 
-    /// The digest of the stream's message at `sequence`, or `None`, saying why: a snapshot
-    /// without it is only of no use to a restored stream.
-    async fn digest_at(&self, sequence: u64) -> Option<String> {
-        match self.stream.message_digest(sequence).await {
-            Ok(Some(digest)) => Some(digest),
-            Ok(None) => {
-                tracing::info!(
-                    stream_sequence = sequence,
-                    "the stream no longer holds the message this snapshot was taken after: \
-                     published without its digest (a restored backup of the stream cannot \
-                     start from it)"
-                );
-                None
-            }
-            Err(error) => {
-                tracing::info!(
-                    stream_sequence = sequence,
-                    %error,
-                    "the stream's message this snapshot was taken after could not be read: \
-                     published without its digest (a restored backup of the stream cannot \
-                     start from it)"
-                );
-                None
-            }
+    /// The digest of the stream's message at `sequence`, or `None` (saying so) when the
+    /// stream holds no such message: a snapshot without it is only of no use to a restored
+    /// stream.
+    async fn digest_at(&self, sequence: u64) -> Result<Option<String>, JetStreamError> {
+        let digest = self.stream.message_digest(sequence).await?;
+        if digest.is_none() {
+            tracing::info!(
+                stream_sequence = sequence,
+                "the stream no longer holds the message this snapshot was taken after: \
+                 published without its digest (a restored backup of the stream cannot start \
+                 from it)"
+            );
         }
+        Ok(digest)
     }
 
     /// Every snapshot of this store, oldest first ([`SnapshotBucket::is_ours`]).
@@ -364,6 +361,11 @@ impl SnapshotBucket {
     /// ones serve only a restore of the stream from a backup, which brings the bucket's backup
     /// taken with it (README, "Backing up the stream"). Kept, each restore left two more
     /// objects in the bucket for good.
+    ///
+    /// Only while this handle still follows the stream (`UpdateStream::bounds`, read after the
+    /// listing): to a replica still on a stream that one started since took for another
+    /// incarnation, that one's snapshots are an earlier incarnation's, and the only ones its
+    /// store has.
     pub async fn retire(&self, keep: usize) -> Result<usize, JetStreamError> {
         let snapshots = self.list().await?;
         let old = snapshots.len().saturating_sub(keep);
@@ -371,6 +373,7 @@ impl SnapshotBucket {
             .map(|snapshot| snapshot.name.clone())
             .collect();
         if snapshots.len() >= keep {
+            self.stream.bounds().await?;
             let earlier = self.of_earlier_streams().await?;
             retired.extend(earlier.into_iter().map(|earlier| earlier.snapshot.name));
         }

@@ -506,20 +506,21 @@ impl UpdateStream {
     /// that sequence records, so that a stream restored from a backup, another incarnation
     /// whose messages are the same, can be told to continue from it. `None` when the stream does
     /// not hold that message (purged, or not yet stored). One read from the stream leader; a
-    /// stream created again since this handle was opened is [`JetStreamError::Replaced`], so
-    /// that the digest is never of another incarnation's message.
+    /// stream created again since this handle was opened (or taken for another incarnation by
+    /// a replica started since) is [`JetStreamError::Replaced`], with or without the message,
+    /// so that the digest is never of another incarnation's message, nor its absence.
     pub async fn message_digest(&self, sequence: u64) -> Result<Option<String>, JetStreamError> {
-        if sequence == 0 {
-            return Ok(None);
-        }
-        let message = match self.stream.get_raw_message(sequence).await {
-            Ok(message) => message,
-            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
-            Err(err) => return Err(unavailable("message get")(err)),
+        let message = match sequence {
+            0 => None,
+            _ => match self.stream.get_raw_message(sequence).await {
+                Ok(message) => Some(message),
+                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => None,
+                Err(err) => return Err(unavailable("message get")(err)),
+            },
         };
         // Read after the get: a stream replaced before it answered is caught here.
         self.bounds().await?;
-        Ok(Some(message_digest(&message)))
+        Ok(message.as_ref().map(message_digest))
     }
 
     /// Removes every message below `sequence` (those a snapshot covers); returns how many.

@@ -21,7 +21,8 @@ use crate::jetstream::{Bounds, EarlierSnapshot, JetStreamError, SnapshotBucket, 
 /// Why a snapshot of an earlier incarnation cannot start the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Refusal {
-    /// It records no digest of the stream's message: published by an earlier release.
+    /// It records no digest of the stream's message: published by an earlier release, or once
+    /// the stream no longer held that message.
     NoDigest,
     /// The stream does not hold its sequence (purged below it, or it ends before it).
     Outside { first: u64, last: u64 },
@@ -35,8 +36,8 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refusal::NoDigest => f.write_str(
-                "no digest of the stream's message at its sequence (published by a release \
-                 before this one)",
+                "no digest of the stream's message at its sequence (published by an earlier \
+                 release, or once the stream no longer held that message)",
             ),
             Refusal::Outside { first, last } if first > last => {
                 write!(
@@ -242,7 +243,7 @@ mod tests {
         );
         for reason in [
             "as of sequence 50): no digest of the stream's message at its sequence (published \
-             by a release before this one)",
+             by an earlier release, or once the stream no longer held that message)",
             "as of sequence 40): outside the stream's sequences 41..=70",
             "as of sequence 30): the stream holds no message (it starts at sequence 41)",
             "as of sequence 45): the stream no longer holds its sequence",

@@ -17,6 +17,8 @@ use tokio_stream::StreamExt;
 const CHUNK: usize = 64 * 1024;
 /// How long a test waits for the next chunk, or for an answer.
 const PATIENCE: Duration = Duration::from_secs(30);
+/// JetStream's `JSClusterNoPeersErrF`: "no suitable peers for placement".
+const NO_SUITABLE_PEERS: u64 = 10005;
 
 /// A stream's backup: its configuration and state as the snapshot request answered them, and
 /// the snapshot's bytes (an s2-compressed tar, passed through untouched).
@@ -84,13 +86,22 @@ pub async fn backup(client: &Client, stream: &str) -> StreamBackup {
 
 /// Restores `backup` as `stream` (which must not exist): the restore request, the chunks, then
 /// an empty message, answered once the server has rebuilt the stream.
+///
+/// A cluster's meta leader that has not heard from a server for a moment (a loaded machine)
+/// answers "no suitable peers for placement, peer offline": asked again until PATIENCE runs out.
 pub async fn restore(client: &Client, stream: &str, backup: &StreamBackup) {
-    let answer = api(
-        client,
-        &format!("$JS.API.STREAM.RESTORE.{stream}"),
-        &backup.meta,
-    )
-    .await;
+    let subject = format!("$JS.API.STREAM.RESTORE.{stream}");
+    let body: Bytes = serde_json::to_vec(&backup.meta).unwrap().into();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let answer = loop {
+        let answer = request(client, &subject, body.clone()).await;
+        let no_peers = answer["error"]["err_code"] == json!(NO_SUITABLE_PEERS);
+        if !no_peers || tokio::time::Instant::now() >= deadline {
+            assert!(answer.get("error").is_none(), "{subject}: {answer}");
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let deliver = answer["deliver_subject"]
         .as_str()
         .unwrap_or_else(|| panic!("a subject to send the chunks to: {answer}"))
