@@ -17,7 +17,10 @@
 //! restored snapshot bucket read as "empty" (found by an adversarial run), and the removal of
 //! unfinished uploads would have taken live snapshots' chunks for abandoned ones. So the stream
 //! leader is first asked which subjects the filter holds, and a listing that misses any of them
-//! fails, to be tried again.
+//! is made again (a new consumer: another server, or the same one caught up) a few times in
+//! the next second or two before it fails: a listing made right after a restore or a server's
+//! restart failed a test's check of the published snapshots under load (found by a loop of that
+//! test), and an operator's `dead-letters list` the same way.
 //!
 //! It reads; it neither decides what a subject means nor changes the stream.
 
@@ -46,17 +49,51 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const NO_RESPONDER_RETRIES: u32 = 20;
 const NO_RESPONDER_PAUSE: Duration = Duration::from_millis(10);
 
+/// How many times a listing that missed a subject the stream's leader holds is made again,
+/// each after a pause of [`MISSED_PAUSE`] times its number (1.5 s in all), before it fails.
+const MISSED_RETRIES: u32 = 5;
+const MISSED_PAUSE: Duration = Duration::from_millis(100);
+
 /// The last message of every subject matching `filter` in `stream`, in stream order (only
 /// their headers if `headers_only`). Subjects that gain their first message during the
 /// listing may or may not be in it; one the stream's leader held before it that the listing
-/// misses fails it (a subject removed in between does too, and is listed at the next try).
+/// misses, [`MISSED_RETRIES`] times over, fails it (a subject removed in between is not
+/// missed at the next try).
 pub(super) async fn last_per_subject(
     stream: &Stream,
     filter: String,
     headers_only: bool,
 ) -> Result<Vec<Message>, async_nats::Error> {
-    let held = subjects_held(stream, &filter).await?;
-    let consumer = listing_consumer(stream, filter.clone(), headers_only).await?;
+    let mut retries = 0;
+    loop {
+        match listed_once(stream, &filter, headers_only).await? {
+            Listing::Whole(listed) => return Ok(listed),
+            Listing::Missed(reason) if retries == MISSED_RETRIES => return Err(reason.into()),
+            Listing::Missed(reason) => {
+                retries += 1;
+                tracing::debug!(%reason, retries, "listing made again");
+                tokio::time::sleep(MISSED_PAUSE * retries).await;
+            }
+        }
+    }
+}
+
+/// What one listing read.
+enum Listing {
+    /// Every subject the stream's leader held.
+    Whole(Vec<Message>),
+    /// Not: which subject it missed, and how many it read.
+    Missed(String),
+}
+
+/// One listing through one consumer ([`last_per_subject`]).
+async fn listed_once(
+    stream: &Stream,
+    filter: &str,
+    headers_only: bool,
+) -> Result<Listing, async_nats::Error> {
+    let held = subjects_held(stream, filter).await?;
+    let consumer = listing_consumer(stream, filter.to_owned(), headers_only).await?;
     let (name, pending) = {
         let info = consumer.cached_info();
         (info.name.clone(), info.num_pending)
@@ -69,15 +106,14 @@ pub(super) async fn last_per_subject(
     let listed = listed?;
     let read = listed.iter().map(|message| message.subject.as_str());
     if let Some(subject) = first_missed(&held, read) {
-        return Err(format!(
+        return Ok(Listing::Missed(format!(
             "the listing of {filter} missed {subject}, which the stream's leader holds (it read \
              {} of {} subjects: the server that read it is catching up, most likely)",
             listed.len(),
             held.len()
-        )
-        .into());
+        )));
     }
-    Ok(listed)
+    Ok(Listing::Whole(listed))
 }
 
 /// The first of the subjects `held` that the subjects `read` miss.
