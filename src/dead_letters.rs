@@ -217,6 +217,14 @@ pub enum DeadLetterError {
         /// The (first) failure.
         error: Box<DeadLetterError>,
     },
+    /// An entry of the cluster-wide bucket is not a letter, or the letter of another id.
+    #[error("entry {id} of the dead-letter bucket is not a dead letter: {reason}")]
+    Unreadable {
+        /// Its key.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A letter file does not hold a valid letter.
     #[error("dead letter file {path} is damaged: {reason}; move it away to start")]
     Damaged {
@@ -248,6 +256,11 @@ impl DeadLetterError {
             return Error::Unavailable {
                 reason: "the server is stopping; retry later".into(),
             };
+        }
+        if let DeadLetterError::Unreadable { id, reason } = self {
+            // Not a storage failure either: what is wrong is named, with the way out.
+            tracing::warn!(key = %id, %reason, "an entry of the dead-letter bucket is not a dead letter");
+            return Error::DeadLetterUnreadable { id, reason };
         }
         tracing::error!(error = %self, "dead letter storage failed");
         if let DeadLetterError::PurgeBrokeOff { removed, .. } = self {

@@ -86,6 +86,18 @@ pub enum Error {
         /// The letter.
         id: String,
     },
+    /// The dead-letter bucket's entry under this id is not a letter (a value put there by
+    /// hand or by another tool): nothing can be shown or replayed; a purge removes it.
+    #[error(
+        "the dead-letter bucket's entry {id} is not a dead letter ({reason}); `dead-letters \
+         purge {id}` removes it"
+    )]
+    DeadLetterUnreadable {
+        /// Its key.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A read asked for a `min_revision` beyond the store's that it never assigned: on a single
     /// node at once (a webhook is answered only once its revision is visible), on a replica
     /// once it holds everything its cluster had acknowledged when the read came. No wait can

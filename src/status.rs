@@ -144,6 +144,8 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
             Error::ReconcileJobRunning { .. } | Error::DeadLetterBeingReplayed { .. } => {
                 StatusCode::CONFLICT
             }
+            // gRPC only (AdminService): DATA_LOSS pairs with 500.
+            Error::DeadLetterUnreadable { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Error::TooManyReconcileJobs { .. } | Error::BackupRunning => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -204,6 +206,7 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             Error::ReconcileNotConfigured { .. } => tonic::Code::FailedPrecondition,
             Error::ReconcileJobRunning { .. } => tonic::Code::AlreadyExists,
             Error::DeadLetterBeingReplayed { .. } => tonic::Code::Aborted,
+            Error::DeadLetterUnreadable { .. } => tonic::Code::DataLoss,
             Error::TooManyReconcileJobs { .. }
             | Error::ResponseTooLarge { .. }
             | Error::BackupRunning => tonic::Code::ResourceExhausted,

@@ -90,6 +90,20 @@ struct Entry {
     revision: u64,
 }
 
+/// What the bucket holds under a letter's key.
+enum Read {
+    Letter(Entry),
+    /// A value that is not a letter record, or the letter of another id (put there by hand or
+    /// by another tool): listings pass it over, naming it in the log, `show` and `replay` name
+    /// it and why, a purge removes it, and the letter of its id replaces it. It failed every
+    /// listing and purge, and could not be removed but with a NATS client (found by an
+    /// adversarial run).
+    Unreadable {
+        reason: String,
+        revision: u64,
+    },
+}
+
 /// The cluster-wide letters. Cloning is cheap.
 #[derive(Clone)]
 pub(super) struct SharedLetters {
@@ -165,18 +179,52 @@ impl SharedLetters {
         }
     }
 
-    async fn entry(&self, id: &DeadLetterId) -> Result<Option<Entry>, DeadLetterError> {
+    async fn read(&self, id: &DeadLetterId) -> Result<Option<Read>, DeadLetterError> {
         let Some((bytes, revision)) = self.bucket.get(id.as_str()).await? else {
             return Ok(None);
         };
-        let (letter, replaying_since) = decode(&bytes).map_err(|reason| {
-            DeadLetterError::Bucket(format!("entry {id} is not a dead letter: {reason}"))
-        })?;
-        Ok(Some(Entry {
-            letter,
-            replaying_since,
-            revision,
-        }))
+        let read = match decode(&bytes) {
+            Ok((letter, _)) if letter.id != *id => Read::Unreadable {
+                reason: format!("it holds the letter of another body (id {})", letter.id),
+                revision,
+            },
+            Ok((letter, replaying_since)) => Read::Letter(Entry {
+                letter,
+                replaying_since,
+                revision,
+            }),
+            Err(reason) => Read::Unreadable { reason, revision },
+        };
+        Ok(Some(read))
+    }
+
+    /// The letter kept under `id`: [`DeadLetterError::Unreadable`] if the entry is not one.
+    async fn entry(&self, id: &DeadLetterId) -> Result<Option<Entry>, DeadLetterError> {
+        match self.read(id).await? {
+            None => Ok(None),
+            Some(Read::Letter(entry)) => Ok(Some(entry)),
+            Some(Read::Unreadable { reason, .. }) => Err(DeadLetterError::Unreadable {
+                id: id.to_string(),
+                reason,
+            }),
+        }
+    }
+
+    /// The letter kept under `id`, `None` for an entry that is not one (logged).
+    async fn listable(&self, id: &DeadLetterId) -> Result<Option<Entry>, DeadLetterError> {
+        match self.read(id).await? {
+            Some(Read::Letter(entry)) => Ok(Some(entry)),
+            Some(Read::Unreadable { reason, .. }) => {
+                tracing::warn!(
+                    key = %id,
+                    %reason,
+                    "an entry of the dead-letter bucket is not a dead letter: not listed \
+                     (`dead-letters purge <key>` removes it)"
+                );
+                Ok(None)
+            }
+            None => Ok(None),
+        }
     }
 
     fn encoded(
@@ -203,8 +251,21 @@ impl SharedLetters {
     ) -> Result<DeadLetterId, DeadLetterError> {
         let id = letter.id.clone();
         for _ in 0..ATTEMPTS {
-            match self.entry(&id).await? {
-                Some(old) => {
+            match self.read(&id).await? {
+                Some(Read::Unreadable { reason, revision }) => {
+                    tracing::warn!(
+                        key = %id,
+                        %reason,
+                        "an entry of the dead-letter bucket was not a dead letter: replaced by \
+                         the letter of its id"
+                    );
+                    let bytes = self.encoded(&letter, None)?;
+                    match self.bucket.update(id.as_str(), bytes, revision).await {
+                        Err(BucketError::Conflict) => continue,
+                        result => return result.map(|_| id).map_err(Into::into),
+                    }
+                }
+                Some(Read::Letter(old)) => {
                     let repeat = DeadLetter {
                         last_received_at: now.max(old.letter.last_received_at),
                         deliveries: old.letter.deliveries + 1,
@@ -263,7 +324,7 @@ impl SharedLetters {
                 .filter(|cursor| after.is_none_or(|after| cursor > after))
             {
                 // Gone since the keys were read: replayed or purged.
-                let Some(entry) = self.entry(&cursor.id).await? else {
+                let Some(entry) = self.listable(&cursor.id).await? else {
                     continue;
                 };
                 let letter = entry.letter;
@@ -307,7 +368,7 @@ impl SharedLetters {
                 .collect()
         };
         for id in unknown {
-            if let Some(entry) = self.entry(&id).await? {
+            if let Some(entry) = self.listable(&id).await? {
                 self.arrivals().insert(id, entry.letter.received_at);
             }
         }
@@ -322,6 +383,8 @@ impl SharedLetters {
             })
             .collect();
         order.sort();
+        // The letters, not the entries that are not (see `Read::Unreadable`).
+        self.count.store(order.len(), Ordering::Relaxed);
         Ok(order)
     }
 
@@ -360,13 +423,23 @@ impl SharedLetters {
     /// made in between makes it look again.
     async fn remove_any(&self, id: &DeadLetterId) -> Result<Removal, DeadLetterError> {
         for _ in 0..ATTEMPTS {
-            let Some(entry) = self.entry(id).await? else {
-                return Ok(Removal::NotKept);
+            let revision = match self.read(id).await? {
+                None => return Ok(Removal::NotKept),
+                Some(Read::Letter(entry)) if claimed_at(entry.replaying_since, Utc::now()) => {
+                    return Ok(Removal::Held);
+                }
+                Some(Read::Letter(entry)) => entry.revision,
+                // No replay can hold what is not a letter.
+                Some(Read::Unreadable { reason, revision }) => {
+                    tracing::warn!(
+                        key = %id,
+                        %reason,
+                        "purging an entry of the dead-letter bucket that is not a dead letter"
+                    );
+                    revision
+                }
             };
-            if claimed_at(entry.replaying_since, Utc::now()) {
-                return Ok(Removal::Held);
-            }
-            match self.bucket.remove(id.as_str(), entry.revision).await {
+            match self.bucket.remove(id.as_str(), revision).await {
                 Err(BucketError::Conflict) => continue,
                 result => return result.map(|()| Removal::Removed).map_err(Into::into),
             }
@@ -474,6 +547,8 @@ mod tests {
         reads: AtomicUsize,
         /// Reads of the keys fail (a NATS node restarting).
         keys_fail: std::sync::atomic::AtomicBool,
+        /// The removal of this key fails (NATS gone part way through a purge).
+        remove_fails: Mutex<Option<String>>,
     }
 
     impl LetterBucket for MemoryBucket {
@@ -500,6 +575,9 @@ mod tests {
         }
 
         fn remove<'a>(&'a self, key: &'a str, _: u64) -> BucketFuture<'a, ()> {
+            if self.remove_fails.lock().unwrap().as_deref() == Some(key) {
+                return Box::pin(async { Err(BucketError::Failed("timed out".into())) });
+            }
             self.entries.lock().unwrap().remove(key);
             Box::pin(async { Ok(()) })
         }
@@ -654,5 +732,35 @@ mod tests {
         let mut expected: Vec<usize> = (0..100).filter(|n| ![5, 7].contains(n)).collect();
         expected.push(7);
         assert_eq!(order, expected);
+    }
+
+    /// A purge that fails part way says how many letters it removed, and keeps the rest for
+    /// the next purge: it answered only the generic "could not be changed", as if nothing had
+    /// been done (a session-41 leftover).
+    #[tokio::test]
+    async fn a_purge_that_breaks_off_says_how_many_it_removed() {
+        let bucket = Arc::new(MemoryBucket::default());
+        let letters = SharedLetters::new(Arc::clone(&bucket) as Arc<dyn LetterBucket>, 10);
+        let now = Utc::now();
+        let ids: Vec<DeadLetterId> = (0..3).map(|n| letter(n, now).id).collect();
+        for n in 0..3 {
+            letters.store(letter(n, now), now).await.unwrap();
+        }
+        *bucket.remove_fails.lock().unwrap() = Some(ids[1].to_string());
+        let error = letters.purge(Purge::Ids(ids.clone())).await.unwrap_err();
+        assert!(
+            matches!(error, DeadLetterError::PurgeBrokeOff { removed: 1, .. }),
+            "{error}"
+        );
+        let Error::Unavailable { reason } = error.unavailable() else {
+            panic!("UNAVAILABLE");
+        };
+        assert!(
+            reason.starts_with("1 dead letter(s) were purged, then the rest could not be"),
+            "{reason}"
+        );
+        let kept = bucket.entries.lock().unwrap();
+        assert!(!kept.contains_key(ids[0].as_str()));
+        assert!(kept.contains_key(ids[1].as_str()) && kept.contains_key(ids[2].as_str()));
     }
 }
