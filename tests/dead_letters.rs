@@ -192,6 +192,35 @@ async fn a_signed_delivery_that_cannot_be_applied_is_kept_once_with_reason_body_
     service.stop().await;
 }
 
+/// A body whose signature covers its compact form (Gameball's own verifier hashes
+/// `JSON.stringify` of the parsed body) is known only up to that form: the letter keeps that
+/// form and is named by it, so the same signed body sent with other whitespace is one letter,
+/// counted again. Kept as received, one captured body became a letter per variant, up to the
+/// limit, after which real letters got 503 (found by an adversarial run). A body signed over
+/// its own bytes is kept byte for byte (above).
+#[tokio::test]
+async fn a_body_signed_over_its_compact_form_is_one_letter_whatever_its_whitespace() {
+    let service = TestService::start().await;
+    let mut client = admin(&service).await;
+    let value = profile_updated("spaced", &at(1), json!({"tier_order": "2"}));
+    let compact = serde_json::to_vec(&value).unwrap();
+    let signature = SignatureCheck::new(SECRET).sign(&compact);
+    let pretty = serde_json::to_vec_pretty(&value).unwrap();
+    let padded = [b" ".as_slice(), &compact, b"\n\n"].concat();
+    let id = DeadLetterId::of(&compact).to_string();
+    for body in [pretty.clone(), padded, pretty] {
+        let headers = [("content-type", JSON), ("x-gb-signature", &*signature)];
+        let (status, answer) = service.post_raw(body, &headers).await;
+        assert_eq!(status, 422, "{answer}");
+        assert_eq!(answer["dead_letter_id"], json!(id), "{answer}");
+    }
+    let letters = list_all(&mut client, 10).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].id, id);
+    assert_eq!(letters[0].body, compact, "the form the signature covers");
+    assert_eq!(letters[0].delivery_count, 3);
+}
+
 #[tokio::test]
 async fn unsigned_badly_signed_oversized_or_non_json_deliveries_are_never_kept() {
     let mut config = Config::for_tests(SECRET);

@@ -40,6 +40,7 @@ use crate::sequencer::{Applied, Sequencer};
 use crate::status::{self, Rejection};
 use rejection_log::RejectionLog;
 use secrets::SecretStore;
+use signature::Signed;
 
 /// The path Gameball posts to.
 pub const PATH: &str = "/webhooks/gameball";
@@ -251,6 +252,7 @@ impl Ingress {
                 })
             })?;
         let parsed = Parsed::read(&raw);
+        let mut signed = Signed::Raw;
         if let Verification::Secrets(secrets) = &*self.verification {
             let mut signatures = headers.get_all(signature::HEADER).iter();
             let claimed = signatures
@@ -278,17 +280,24 @@ impl Ingress {
                 return Err(answer);
             }
             let compact = || parsed.compact(&raw);
-            signature::verify(checks, (pad_to, claimed), &raw, compact).inspect_err(|refusal| {
-                if let Rejection::Unauthenticated { reason } = refusal {
-                    self.rejections.refused(client_id, reason);
-                }
-            })?;
+            signed = signature::verify(checks, (pad_to, claimed), &raw, compact).inspect_err(
+                |refusal| {
+                    if let Rejection::Unauthenticated { reason } = refusal {
+                        self.rejections.refused(client_id, reason);
+                    }
+                },
+            )?;
         }
+        // What the signature covers is what a dead letter keeps (`Signed::Compact`).
+        let body = match &signed {
+            Signed::Raw => &raw[..],
+            Signed::Compact(compact) => compact,
+        };
         // Authenticated from here on (or unsigned by choice): the ingest path decides. Once
         // it has the update, the sequencer may record it whenever the answer comes, so a
         // timeout must not claim it was not recorded.
         let timeout = self.limits.timeout;
-        match tokio::time::timeout(timeout, self.ingest.accept(&raw, parsed.validate(&raw))).await {
+        match tokio::time::timeout(timeout, self.ingest.accept(body, parsed.validate(&raw))).await {
             Ok(outcome) => Ok(outcome?),
             Err(_) => Err(Rejection::from(Error::Unavailable {
                 reason: format!(

@@ -99,10 +99,24 @@ pub fn no_secret(
     }
 }
 
+/// What a signature was found to cover.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Signed {
+    /// The body's bytes.
+    Raw,
+    /// The compact re-serialization of the parsed body, these bytes, not the body's own: the
+    /// body is then known only up to what that form leaves out (whitespace, escapes, a key
+    /// repeated), so what is kept of it is this form. Kept as received, one signed body
+    /// that cannot be applied, sent again with whitespace added, became as many dead letters
+    /// as variants, up to the limit, after which real ones got 503 (found by an adversarial
+    /// run).
+    Compact(Vec<u8>),
+}
+
 /// Accepts when `signature` (hex, any case) is the signature, under any of `checks`, of the raw
 /// body or, failing that, of the compact re-serialization `compact` makes (`None` when the
-/// body is not JSON). `compact` is called at most once, and only when the raw body matched
-/// none of them. A refusal costs the work of `pad_to` checks whatever `checks` holds (the
+/// body is not JSON), and says which. `compact` is called at most once, and only when the raw
+/// body matched none of them. A refusal costs the work of `pad_to` checks whatever `checks` holds (the
 /// most any account has: `Secrets::most_checks`): its time grew with an account's secrets, so
 /// it told an account in the middle of a rotation from one without secrets (found by an
 /// adversarial run).
@@ -111,7 +125,7 @@ pub fn verify(
     (pad_to, signature): (usize, Option<&str>),
     raw: &[u8],
     compact: impl FnOnce() -> Option<Vec<u8>>,
-) -> Result<(), Rejection> {
+) -> Result<Signed, Rejection> {
     if checks.is_empty() {
         // The handler logs why first (`no_secret`); this is for any other caller.
         return Err(Rejection::Unauthenticated { reason: MISMATCH });
@@ -129,14 +143,14 @@ pub fn verify(
         }
     })?;
     if checks.iter().any(|check| check.matches(&claimed, raw)) {
-        return Ok(());
+        return Ok(Signed::Raw);
     }
-    let compact = compact();
-    if let Some(compact) = &compact
-        && checks.iter().any(|check| check.matches(&claimed, compact))
-    {
-        return Ok(());
-    }
+    let compact = match compact() {
+        Some(compact) if checks.iter().any(|check| check.matches(&claimed, &compact)) => {
+            return Ok(Signed::Compact(compact));
+        }
+        compact => compact,
+    };
     for _ in checks.len()..pad_to {
         std::hint::black_box(UNKNOWN.matches(&claimed, raw));
         if let Some(compact) = &compact {
@@ -206,7 +220,7 @@ mod tests {
         let accepted = digests(|| {
             assert_eq!(
                 verify(&one, (4, Some(RAW_SIG.trim())), RAW, || None),
-                Ok(())
+                Ok(Signed::Raw)
             );
         });
         assert_eq!(accepted, 1);
@@ -221,7 +235,7 @@ mod tests {
         assert_eq!(check().sign(RAW), RAW_SIG.trim());
         assert_eq!(
             verify(&[check()], (1, Some(RAW_SIG.trim())), RAW, raw_only),
-            Ok(())
+            Ok(Signed::Raw)
         );
     }
 
@@ -233,7 +247,7 @@ mod tests {
             verify(&[check()], (1, Some(PRETTY_SIG.trim())), PRETTY, || Some(
                 compact(&parsed)
             )),
-            Ok(())
+            Ok(Signed::Compact(compact(&parsed)))
         );
     }
 
@@ -243,12 +257,12 @@ mod tests {
             || -> Option<Vec<u8>> { panic!("the raw body matched: no compact form needed") };
         assert_eq!(
             verify(&[check()], (1, Some(RAW_SIG.trim())), RAW, never),
-            Ok(())
+            Ok(Signed::Raw)
         );
         let rotated = [SignatureCheck::new("old-secret"), check()];
         assert_eq!(
             verify(&rotated, (1, Some(RAW_SIG.trim())), RAW, never),
-            Ok(())
+            Ok(Signed::Raw)
         );
         let mut made = 0;
         let counted = || {
@@ -262,7 +276,10 @@ mod tests {
     #[test]
     fn uppercase_hex_is_accepted() {
         let upper = RAW_SIG.trim().to_uppercase();
-        assert_eq!(verify(&[check()], (1, Some(&upper)), RAW, raw_only), Ok(()));
+        assert_eq!(
+            verify(&[check()], (1, Some(&upper)), RAW, raw_only),
+            Ok(Signed::Raw)
+        );
     }
 
     #[test]
