@@ -803,6 +803,30 @@ async fn an_extra_nested_deeper_than_clients_decode_is_a_dead_letter() {
     let answer = post_signed(&service, deep.clone(), Some(JSON)).await;
     assert_dead_lettered(&answer, &deep, "data");
     assert_not_found(&mut client, "deep").await;
+    // Past serde_json's own limit (128 levels) too, in `data` or in a key nobody reads: it
+    // was "not JSON: recursion limit exceeded", field `body` (found by an adversarial run).
+    let nested_past = |key: &str, levels: usize| {
+        let mut body = profile_updated("deeper", &at(1), json!({}));
+        let (path, field) = match key {
+            "other" => (&mut body["other"], "body"),
+            _ => (&mut body["data"][key], "data"),
+        };
+        *path = json!("PLACEHOLDER");
+        let text = body.to_string().replace(
+            "\"PLACEHOLDER\"",
+            &format!("{}{}", "[".repeat(levels), "]".repeat(levels)),
+        );
+        (text.into_bytes(), field)
+    };
+    for (key, levels) in [("nest", 200), ("nest", 5_000), ("other", 200)] {
+        let (body, field) = nested_past(key, levels);
+        let answer = post_signed(&service, body.clone(), Some(JSON)).await;
+        assert_dead_lettered(&answer, &body, field);
+        let error = answer.1["error"].as_str().unwrap();
+        let named = format!("the value of {key:?} nests objects and arrays more than");
+        assert!(error.contains(&named), "{key} {levels}: {error}");
+    }
+    assert_not_found(&mut client, "deeper").await;
 
     let body = to_bytes(&profile_updated(
         "deep",

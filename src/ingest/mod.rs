@@ -56,7 +56,9 @@ pub fn validate(
     raw: &[u8],
     parsed: Result<&serde_json::Value, &serde_json::Error>,
 ) -> Result<Delivery, Error> {
-    let parsed = parsed.map_err(|err| Error::invalid("body", not_json(raw, err)))?;
+    let parsed = parsed.map_err(|err| {
+        payload::too_deep(raw, err).unwrap_or_else(|| Error::invalid("body", not_json(raw, err)))
+    })?;
     payload::parse(parsed)
 }
 

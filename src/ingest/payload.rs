@@ -270,6 +270,89 @@ fn check_nesting(key: &str, value: &Value) -> Result<(), Error> {
     ))
 }
 
+/// The refusal of a body serde_json would not read for nesting past its limit (128 levels):
+/// it said "not JSON: recursion limit exceeded", field `body`, of valid JSON, where a `data`
+/// value 21 levels deep is told its key (found by an adversarial run). `None` when `err` is
+/// another error. The key is found by [`too_deep_at`]; a value of `data` is refused as
+/// [`check_nesting`] refuses it, one outside it (a key the service does not read) for the body.
+pub fn too_deep(raw: &[u8], err: &serde_json::Error) -> Option<Error> {
+    if !err.to_string().starts_with("recursion limit exceeded") {
+        return None;
+    }
+    let error = match too_deep_at(raw) {
+        [Some(top), Some(key)] if top == "data" => check_nesting(&key, &deep_value()).err()?,
+        [Some(top), _] if top == "data" => Error::invalid(
+            "data",
+            format!("nests objects and arrays more than {MAX_EXTRA_NESTING} levels deep"),
+        ),
+        [Some(top), _] => {
+            let top: String = top.chars().take(64).collect();
+            Error::invalid(
+                "body",
+                format!(
+                    "the value of {top:?} nests objects and arrays more than 127 levels deep, \
+                     more than this service reads"
+                ),
+            )
+        }
+        [None, _] => Error::invalid(
+            "body",
+            "nests objects and arrays more than 127 levels deep, more than this service reads",
+        ),
+    };
+    Some(error)
+}
+
+/// A value nested past [`MAX_EXTRA_NESTING`], for [`check_nesting`]'s message.
+fn deep_value() -> Value {
+    (0..=MAX_EXTRA_NESTING).fold(Value::Null, |inner, _| Value::Array(vec![inner]))
+}
+
+/// The key at the top of the body, and the key within that one's object, whose value is the
+/// first to nest past serde_json's limit: a scan of the bytes, which serde_json would not
+/// read. A key is decoded as JSON (escapes), else taken as it is.
+fn too_deep_at(raw: &[u8]) -> [Option<String>; 2] {
+    const LIMIT: usize = 127;
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let (mut string_start, mut last_string) = (0, None::<&[u8]>);
+    let mut keys: [Option<&[u8]>; 2] = [None, None];
+    for (at, &byte) in raw.iter().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => {
+                    in_string = false;
+                    last_string = Some(&raw[string_start..=at]);
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => (in_string, string_start) = (true, at),
+            b':' if (1..=2).contains(&depth) => keys[depth - 1] = last_string,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > LIMIT {
+                    break;
+                }
+                if depth <= 2 {
+                    keys[depth - 1..].fill(None);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    keys.map(|key| {
+        key.map(|quoted| {
+            serde_json::from_slice(quoted)
+                .unwrap_or_else(|_| String::from_utf8_lossy(quoted).into_owned())
+        })
+    })
+}
+
 /// How many levels of objects and arrays `value` nests (a scalar: 0), counting no further
 /// than `cap`.
 fn nesting(value: &Value, cap: usize) -> usize {
@@ -854,6 +937,39 @@ mod tests {
         );
         assert!(serde_json::from_str::<Value>(&deep).is_err());
         assert!(Envelope::read(deep.as_bytes()).is_none());
+    }
+
+    /// The keys a body nested past serde_json's limit is refused for: found in the bytes,
+    /// escapes decoded, strings holding brackets and quotes passed over.
+    #[test]
+    fn the_key_of_a_value_nested_past_the_readers_limit_is_found_in_the_bytes() {
+        let deep = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        let owned = |keys: [Option<&str>; 2]| keys.map(|key| key.map(str::to_owned));
+        let cases = [
+            (
+                format!(
+                    r#"{{"a":"[[{{\"","data":{{"x":[1],"n\u00e9st":{}}}}}"#,
+                    deep(200)
+                ),
+                [Some("data"), Some("nést")],
+            ),
+            (
+                format!(r#"{{"data":{},"later":1}}"#, deep(200)),
+                [Some("data"), None],
+            ),
+            (
+                format!(r#"{{"data":{{}},"other":{}}}"#, deep(130)),
+                [Some("other"), None],
+            ),
+            (deep(300), [None, None]),
+        ];
+        for (body, keys) in cases {
+            let err = serde_json::from_str::<Value>(&body).unwrap_err();
+            assert!(too_deep(body.as_bytes(), &err).is_some(), "{body}");
+            assert_eq!(too_deep_at(body.as_bytes()), owned(keys), "{body}");
+        }
+        let not_json = serde_json::from_str::<Value>("{").unwrap_err();
+        assert!(too_deep(b"{", &not_json).is_none());
     }
 
     #[test]
