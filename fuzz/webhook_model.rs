@@ -587,7 +587,15 @@ impl Harness {
         })?;
         let outcome = self.check_answer(status, &answer, expected, &delivery)?;
         if status == StatusCode::UNPROCESSABLE_ENTITY {
-            self.check_dead_letter(&raw, &answer)?;
+            // A letter keeps the bytes the signature covers: the compact form when only it
+            // matched (README, "Dead letters").
+            let compact = match input.signature {
+                Signature::CorrectCompact => parsed
+                    .as_ref()
+                    .map(|json| serde_json::to_vec(json).expect("JSON encodes")),
+                _ => None,
+            };
+            self.check_dead_letter(compact.as_deref().unwrap_or(&raw), &answer)?;
         }
 
         if let Some(Ok(Delivery::ProfileUpdated(update))) = &delivery {
