@@ -154,6 +154,13 @@ impl CappedListener {
     }
 }
 
+/// The most an HTTP/1 connection buffers of what it reads, a request's line and headers
+/// whole (more: 431). hyper's default, about 400 KiB, let one client hold that much per
+/// connection in headers for the header timeout: 800 MB at the webhook port's 2,048
+/// connections (found by an adversarial run). HTTP/2's header list is capped at 16 KiB by
+/// hyper; Gameball's headers take well under 1 KiB, and proxies' rarely 8.
+pub(crate) const HTTP1_MAX_BUF_BYTES: usize = 32 * 1024;
+
 /// How [`serve_http`] serves its connections.
 pub struct HttpOptions {
     /// The idle timeout of [`Deadlines::Requests`].
@@ -185,6 +192,7 @@ pub async fn serve_http(
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(HTTP1_MAX_BUF_BYTES);
     match options.http2_streams {
         None => builder = builder.http1_only(),
         Some(streams) => {
