@@ -247,8 +247,10 @@ impl DeadLetterError {
         }
     }
 
-    /// The error to answer a caller with: this one is logged in full, the caller gets a
-    /// generic UNAVAILABLE (storage details are the operators', not the client's).
+    /// The error to answer a caller with: a storage failure is logged in full, and the caller
+    /// gets a generic UNAVAILABLE (storage details are the operators', not the client's); a
+    /// stop is UNAVAILABLE too, and an entry that is not a letter is named
+    /// ([`Error::DeadLetterUnreadable`]).
     pub fn unavailable(self) -> Error {
         if let DeadLetterError::Stopping = self {
             // Not a storage failure: the caller retries against the next server.

@@ -823,7 +823,7 @@ async fn an_extra_nested_deeper_than_clients_decode_is_a_dead_letter() {
         let answer = post_signed(&service, body.clone(), Some(JSON)).await;
         assert_dead_lettered(&answer, &body, field);
         let error = answer.1["error"].as_str().unwrap();
-        let named = format!("the value of {key:?} nests objects and arrays more than");
+        let named = format!("the value of {key:?} nests objects and arrays ");
         assert!(error.contains(&named), "{key} {levels}: {error}");
     }
     assert_not_found(&mut client, "deeper").await;

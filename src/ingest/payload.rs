@@ -290,14 +290,14 @@ pub fn too_deep(raw: &[u8], err: &serde_json::Error) -> Option<Error> {
             Error::invalid(
                 "body",
                 format!(
-                    "the value of {top:?} nests objects and arrays more than 127 levels deep, \
-                     more than this service reads"
+                    "the value of {top:?} nests objects and arrays deeper than this service \
+                     reads (128 levels, the body's own included)"
                 ),
             )
         }
         [None, _] => Error::invalid(
             "body",
-            "nests objects and arrays more than 127 levels deep, more than this service reads",
+            "nests objects and arrays deeper than this service reads (128 levels)",
         ),
     };
     Some(error)
