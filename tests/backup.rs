@@ -261,7 +261,11 @@ async fn backups_write_files_of_their_own() {
     let refused = run(args.iter().map(|arg| arg.to_string()).collect()).await;
     assert_eq!(refused.status.code(), Some(64), "{}", text(&refused.stderr));
     assert!(text(&refused.stderr).contains("is in a data directory"));
-    // A volume's root, its `lost+found` kept, is a place to restore to.
+    // A volume's root, its `lost+found` kept, is a place to restore to. A backup readable by
+    // all (copied with an operator's umask) is restored into files of their own all the same
+    // (the snapshot kept the backup's bits: an adversarial run).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let restored = dir.path().join("restored");
     std::fs::create_dir_all(restored.join("lost+found")).unwrap();
     let restore = run(vec![
@@ -277,6 +281,13 @@ async fn backups_write_files_of_their_own() {
         "{}",
         text(&restore.stdout)
     );
+    for written in files_under(&restored) {
+        if written.starts_with(restored.join("lost+found")) {
+            continue;
+        }
+        let mode = std::fs::metadata(&written).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", written.display());
+    }
     // A DIR that cannot be used, found before anything is written: a usage error, as a
     // missing FILE is (it was exit 1; a first-user review). Tests run as root, for whom no
     // directory is unwritable: a directory in the place of its LOCK file stands for one.
@@ -744,6 +755,71 @@ async fn restore_refuses_what_is_not_a_backup() {
     let said = text(&directory.stderr);
     assert_eq!(directory.status.code(), Some(64), "{said}");
     assert!(!said.contains("take the backup again"), "{said}");
+}
+
+/// A backup whose checksums hold but whose profiles a store could not hold is refused, naming
+/// the profile: revisions past the backup's (the restored server gave revision 1 twice, and
+/// watches of the initial state were reset for ever), a revision given twice, a profile made
+/// after its last change, an empty id. They were restored (found by an adversarial run).
+#[tokio::test]
+async fn restore_refuses_a_backup_whose_profiles_no_store_holds() {
+    use profile_state::journal::snapshot;
+    use profile_state::profile::{Profile, ProfileKey};
+    use std::sync::Arc;
+    let profile = |customer: &str, revision: u64, create_revision: u64| {
+        let mut profile = Profile::empty(ProfileKey::new("2155", customer));
+        (profile.revision, profile.create_revision, profile.version) =
+            (revision, create_revision, 1);
+        Arc::new(profile)
+    };
+    let cases = [
+        (2, vec![profile("a", 1, 1), profile("b", 2, 2)], None),
+        (
+            2,
+            vec![profile("a", 1, 1), profile("b", 5, 5)],
+            Some(
+                r#"the profile of customer "b" of account "2155" has revision 5, past the backup's 2"#,
+            ),
+        ),
+        (
+            2,
+            vec![profile("a", 2, 1), profile("b", 2, 2)],
+            Some("two profiles have revision 2"),
+        ),
+        (
+            3,
+            vec![profile("a", 2, 3)],
+            Some(
+                r#"customer "a" of account "2155" was created at revision 3, after its last change at 2"#,
+            ),
+        ),
+        (1, vec![profile("", 1, 1)], Some("has an empty id")),
+    ];
+    for (revision, profiles, refusal) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let file = snapshot::write(dir.path(), revision, &profiles).unwrap();
+        let target = dir.path().join("target");
+        let restored = run(vec![
+            "restore".into(),
+            path(&file),
+            "--data-dir".into(),
+            path(&target),
+        ])
+        .await;
+        let said = text(&restored.stderr);
+        match refusal {
+            None => assert_eq!(restored.status.code(), Some(0), "{said}"),
+            Some(refusal) => {
+                assert_eq!(restored.status.code(), Some(1), "{said}");
+                assert!(
+                    said.contains("is not a backup a server can serve"),
+                    "{said}"
+                );
+                assert!(said.contains(refusal), "{refusal}: {said}");
+                assert!(!target.exists(), "nothing created");
+            }
+        }
+    }
 }
 
 /// A restore reads its backup twice (checked, then copied): a pipe is refused before DIR is

@@ -1,9 +1,9 @@
 //! `profile-state restore FILE --data-dir DIR`: a backup (`profile-state backup`) made into a
 //! new data directory that `profile-state --data-dir DIR` then serves.
 //!
-//! The backup is checked first (every frame's checksum, its profile count). DIR must be
-//! missing or empty: a restore never overwrites a store, so there is no flag to force it (move
-//! the old directory aside first). The restored store gets a new store id and keeps the
+//! The backup is checked first (every frame's checksum, its profile count, and each profile:
+//! ids, revisions). DIR must be missing or empty: a restore never overwrites a store, so there
+//! is no flag to force it (move the old directory aside first). The restored store gets a new store id and keeps the
 //! backup's revisions: revisions continue from the backup's, and a watcher that resumes with the
 //! old store id is reset rather than handed revisions that now mean other changes (the same
 //! rule as `--discard-journal-from`). The restore is then recovered, as start-up would, to
@@ -40,16 +40,17 @@ pub fn run(args: Args, sources: &Sources) -> ExitCode {
     super::block_on(sources, async move { restore(&args) })
 }
 
-/// The revision and profile count of the backup `file`, every frame checked.
+/// The revision and profile count of the backup `file`, every frame checked, and every
+/// profile ([`BackupProfiles`]).
 pub fn check(file: &Path) -> Result<(u64, u64), Failure> {
     if let Err(error) = std::fs::File::open(file) {
         let error = crate::io_error::IoError::new(file, "open", error);
         return Err(Failure::Usage(error.to_string()));
     }
-    let mut profiles = 0;
+    let mut contents = BackupProfiles::default();
     let revision = snapshot::read(file, |_, chunks| {
         for chunk in chunks {
-            profiles += chunk.len() as u64;
+            contents.add(&chunk);
         }
     })
     .map_err(|error| {
@@ -69,7 +70,96 @@ pub fn check(file: &Path) -> Result<(u64, u64), Failure> {
             file.display()
         ))
     })?;
-    Ok((revision, profiles))
+    contents.check(revision).map_err(|what| {
+        Failure::Failed(format!(
+            "{} is not a backup a server can serve: {what}; take the backup again \
+             (`profile-state backup`) or restore an older one",
+            file.display()
+        ))
+    })?;
+    Ok((revision, contents.profiles))
+}
+
+/// What a backup's profiles must be, checksums aside: every id one a webhook could carry, and
+/// revisions that are the store's own (each change its own revision, none past the backup's).
+/// A file crafted with valid checksums and profiles past its revision was restored, and the
+/// server then gave revision 1 twice, and watches of the initial state were reset for ever
+/// (found by an adversarial run).
+#[derive(Default)]
+struct BackupProfiles {
+    profiles: u64,
+    /// Each profile's revision, checked for repeats once all are read.
+    revisions: Vec<u64>,
+    /// The first profile found wrong, and why.
+    wrong: Option<String>,
+    /// The highest revision, and its profile.
+    highest: Option<(u64, String)>,
+}
+
+impl BackupProfiles {
+    fn add(&mut self, profiles: &[crate::profile::Profile]) {
+        self.profiles += profiles.len() as u64;
+        for profile in profiles {
+            self.revisions.push(profile.revision);
+            if self
+                .highest
+                .as_ref()
+                .is_none_or(|(at, _)| profile.revision > *at)
+            {
+                self.highest = Some((profile.revision, named(profile)));
+            }
+            if self.wrong.is_none() {
+                self.wrong = wrong(profile).map(|why| format!("{} {why}", named(profile)));
+            }
+        }
+    }
+
+    /// The first thing wrong with the profiles of a backup as of `revision`.
+    fn check(&mut self, revision: u64) -> Result<(), String> {
+        if let Some(wrong) = self.wrong.take() {
+            return Err(wrong);
+        }
+        if let Some((highest, profile)) = &self.highest
+            && *highest > revision
+        {
+            return Err(format!(
+                "{profile} has revision {highest}, past the backup's {revision}"
+            ));
+        }
+        self.revisions.sort_unstable();
+        match self.revisions.windows(2).find(|pair| pair[0] == pair[1]) {
+            Some(pair) => Err(format!("two profiles have revision {}", pair[0])),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A profile as an error names it.
+fn named(profile: &crate::profile::Profile) -> String {
+    let key = &profile.key;
+    format!(
+        "the profile of customer {:?} of account {:?}",
+        crate::error::cut_to(&key.customer_id, 64),
+        crate::error::cut_to(&key.client_id, 64)
+    )
+}
+
+/// Why `profile` is not one the store could hold, if it is not.
+fn wrong(profile: &crate::profile::Profile) -> Option<String> {
+    let key = &profile.key;
+    let id_wrong = |id: &str| id.is_empty() || id.contains('\0');
+    if id_wrong(&key.client_id) || id_wrong(&key.customer_id) {
+        return Some("has an empty id or one with a NUL character".into());
+    }
+    if profile.revision == 0 || profile.create_revision == 0 || profile.version == 0 {
+        return Some("has a revision, creation revision or version of 0".into());
+    }
+    (profile.create_revision > profile.revision).then(|| {
+        format!(
+            "was created at revision {}, after its last change at {}",
+            profile.create_revision, profile.revision
+        )
+    })
 }
 
 fn restore(args: &Args) -> Result<(), Failure> {

@@ -164,13 +164,16 @@ pub fn encode(
 }
 
 /// Copies the snapshot file `source` (as of `revision`, e.g. an online backup) into `dir` as
-/// its snapshot, atomically like [`write`]: restoring a backup.
+/// its snapshot, atomically like [`write`]: restoring a backup. The copy is a new file, made as
+/// every other (`fs::copy` gave it the backup's permission bits: a backup readable by all made
+/// a snapshot of every customer readable by all; found by an adversarial run).
 pub fn install(dir: &Path, revision: u64, source: &Path) -> Result<PathBuf, JournalError> {
     let final_path = path(dir, revision);
     let temp = dir.join(format!("{PREFIX}{revision:020}{TEMP_SUFFIX}"));
     let installed = (|| {
-        fs::copy(source, &temp).map_err(JournalError::io(&temp, "copy"))?;
-        let file = File::open(&temp).map_err(JournalError::io(&temp, "open"))?;
+        let mut from = File::open(source).map_err(JournalError::io(source, "open"))?;
+        let mut file = File::create(&temp).map_err(JournalError::io(&temp, "create"))?;
+        std::io::copy(&mut from, &mut file).map_err(JournalError::io(&temp, "copy"))?;
         file.sync_all().map_err(JournalError::io(&temp, "sync"))?;
         fs::rename(&temp, &final_path).map_err(JournalError::io(&temp, "rename"))?;
         sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))
