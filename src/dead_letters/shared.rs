@@ -133,8 +133,31 @@ impl SharedLetters {
         self.count.load(Ordering::Relaxed)
     }
 
-    async fn ids(&self) -> Result<Vec<String>, DeadLetterError> {
-        let ids = self.bucket.keys().await?;
+    /// The bucket's keys that are letter ids. Others (put there by hand or by another tool)
+    /// are left alone, named in one WARN per read, and not counted: 10,000 of them refused
+    /// every new letter as past the limit while listings showed none and purges removed none
+    /// (found by an adversarial run).
+    async fn ids(&self) -> Result<Vec<DeadLetterId>, DeadLetterError> {
+        let keys = self.bucket.keys().await?;
+        let mut others = Vec::new();
+        let ids: Vec<DeadLetterId> = (keys.into_iter())
+            .filter_map(|key| match DeadLetterId::parse(&key) {
+                Ok(id) => Some(id),
+                Err(_) => {
+                    others.push(key);
+                    None
+                }
+            })
+            .collect();
+        if let Some(first) = others.first() {
+            let first = crate::error::cut_to(first, 64);
+            tracing::warn!(
+                keys = others.len(),
+                %first,
+                "keys of the dead-letter bucket that are not dead letter ids: left alone, not \
+                 counted"
+            );
+        }
         self.count.store(ids.len(), Ordering::Relaxed);
         *self.counted_at() = Some(Instant::now());
         Ok(ids)
@@ -323,8 +346,15 @@ impl SharedLetters {
                 .into_iter()
                 .filter(|cursor| after.is_none_or(|after| cursor > after))
             {
-                // Gone since the keys were read: replayed or purged.
+                // Gone since the keys were read (replayed or purged), or no letter any more:
+                // not counted either.
                 let Some(entry) = self.listable(&cursor.id).await? else {
+                    if self.arrivals().remove(&cursor.id).is_some() {
+                        let fewer = |count: usize| Some(count.saturating_sub(1));
+                        let _ =
+                            self.count
+                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fewer);
+                    }
                     continue;
                 };
                 let letter = entry.letter;
@@ -353,13 +383,7 @@ impl SharedLetters {
     /// Every letter's place in the listing order, sorted: the keys read now, each letter's
     /// first arrival read once (the letters unknown here), and letters gone forgotten.
     async fn listing_order(&self) -> Result<Vec<Cursor>, DeadLetterError> {
-        let mut ids = Vec::new();
-        for key in self.ids().await? {
-            match DeadLetterId::parse(&key) {
-                Ok(id) => ids.push(id),
-                Err(_) => tracing::warn!(key, "not a dead letter key in the bucket; left alone"),
-            }
-        }
+        let ids = self.ids().await?;
         let unknown: Vec<DeadLetterId> = {
             let arrivals = self.arrivals();
             ids.iter()
@@ -390,12 +414,7 @@ impl SharedLetters {
 
     pub(super) async fn purge(&self, which: Purge) -> Result<Purged, DeadLetterError> {
         let ids = match which {
-            Purge::All => self
-                .ids()
-                .await?
-                .iter()
-                .filter_map(|key| DeadLetterId::parse(key).ok())
-                .collect(),
+            Purge::All => self.ids().await?,
             Purge::Ids(ids) => ids,
         };
         let mut purged = Purged::default();
@@ -762,5 +781,25 @@ mod tests {
         let kept = bucket.entries.lock().unwrap();
         assert!(!kept.contains_key(ids[0].as_str()));
         assert!(kept.contains_key(ids[1].as_str()) && kept.contains_key(ids[2].as_str()));
+    }
+
+    /// Keys that are not letter ids (put there by another tool) are not counted: 10,000 of
+    /// them refused every new letter as past the limit while listings showed none (found by
+    /// an adversarial run).
+    #[tokio::test]
+    async fn keys_that_are_not_letter_ids_do_not_count_toward_the_limit() {
+        let bucket = Arc::new(MemoryBucket::default());
+        for n in 0..5 {
+            let key = format!("junk-{n}");
+            bucket.create(&key, b"junk".to_vec()).await.unwrap();
+        }
+        let letters = SharedLetters::new(Arc::clone(&bucket) as Arc<dyn LetterBucket>, 10);
+        let now = Utc::now();
+        for n in 0..10 {
+            letters.store(letter(n, now), now).await.unwrap();
+        }
+        assert_eq!(letters.len(), 10);
+        let refused = letters.store(letter(10, now), now).await;
+        assert!(matches!(refused, Err(DeadLetterError::Full { limit: 10 })));
     }
 }
