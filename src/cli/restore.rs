@@ -3,10 +3,10 @@
 //!
 //! The backup is checked first (every frame's checksum, its profile count, and each profile:
 //! ids, revisions). DIR must be missing or empty: a restore never overwrites a store, so there
-//! is no flag to force it (move the old directory aside first). The restored store gets a new store id and keeps the
-//! backup's revisions: revisions continue from the backup's, and a watcher that resumes with the
-//! old store id is reset rather than handed revisions that now mean other changes (the same
-//! rule as `--discard-journal-from`). The restore is then recovered, as start-up would, to
+//! is no flag to force it (move the old directory aside first). The restored store gets a new
+//! store id and keeps the backup's revisions: revisions continue from the backup's, and a
+//! watcher that resumes with the old store id is reset rather than handed revisions that now
+//! mean other changes (the same rule as `--discard-journal-from`). The restore is then recovered, as start-up would, to
 //! prove it starts. DIR's lock is held throughout, and DIR is marked (`RESTORING`) from before
 //! anything else is written until that proof: a restore killed on the way leaves a directory
 //! that no server opens and that a restore starts over. Exit statuses: 0 restored; 64 a usage
