@@ -158,7 +158,7 @@ impl CappedListener {
 /// whole (more: 431). hyper's default, about 400 KiB, let one client hold that much per
 /// connection in headers for the header timeout: 800 MB at the webhook port's 2,048
 /// connections (found by an adversarial run). HTTP/2's header list is capped at 16 KiB by
-/// hyper; Gameball's headers take well under 1 KiB, and proxies' rarely 8.
+/// hyper; Gameball's headers take well under 1 KiB, and proxies' rarely more than 8 KiB.
 pub(crate) const HTTP1_MAX_BUF_BYTES: usize = 32 * 1024;
 
 /// How [`serve_http`] serves its connections.

@@ -3,7 +3,8 @@
 //! The digest is checked over the raw body first and, failing that, over the compact
 //! re-serialization of the parsed JSON with its key order kept, because Gameball's own example
 //! verifier hashes `JSON.stringify(parsedBody)`. The compact form is built only when the raw
-//! body matched no secret, so a delivery signed over its bytes never pays for it. Comparison
+//! body matched no secret, so a delivery signed over its bytes never pays for it; the check
+//! says which form matched, since a dead letter keeps the bytes the signature covers. Comparison
 //! is case-insensitive and constant time. This module does not read headers or decide
 //! statuses; the handler does.
 
@@ -116,10 +117,10 @@ pub enum Signed {
 /// Accepts when `signature` (hex, any case) is the signature, under any of `checks`, of the raw
 /// body or, failing that, of the compact re-serialization `compact` makes (`None` when the
 /// body is not JSON), and says which. `compact` is called at most once, and only when the raw
-/// body matched none of them. A refusal costs the work of `pad_to` checks whatever `checks` holds (the
-/// most any account has: `Secrets::most_checks`): its time grew with an account's secrets, so
-/// it told an account in the middle of a rotation from one without secrets (found by an
-/// adversarial run).
+/// body matched none of them. A refusal costs the work of `pad_to` checks whatever `checks`
+/// holds (the most any account has: `Secrets::most_checks`): its time grew with an account's
+/// secrets, so it told an account in the middle of a rotation from one without secrets (found
+/// by an adversarial run).
 pub fn verify(
     checks: &[SignatureCheck],
     (pad_to, signature): (usize, Option<&str>),
