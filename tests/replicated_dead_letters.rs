@@ -223,6 +223,19 @@ async fn letters_are_cluster_wide_and_a_replay_applies_once() {
     let (status, answer) = b.post_signed_as(late.clone(), SECRET, Some(JSON)).await;
     assert_eq!(status, 503, "{answer}");
     assert!(answer.get("dead_letter_id").is_none(), "{answer}");
+    // The operator's listing gets the replica's UNAVAILABLE as it said it, not asked whether
+    // the server runs, which it does (an adversarial run).
+    let args = ["dead-letters", "list", "--grpc", &b.grpc.to_string()];
+    let mut list = common::binary::bare_command(&args);
+    let listed = tokio::task::spawn_blocking(move || list.output().unwrap())
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&listed.stderr);
+    assert_eq!(listed.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("[UNAVAILABLE]") && !said.contains("is the server running"),
+        "{said}"
+    );
     nats.restart_all().await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -261,7 +261,12 @@ pub fn refused(what: &str, status: &Status) -> Failure {
             " (give the token with --token or PROFILE_STATE_TOKEN, or a file of tokens with \
              --token-file)"
         }
-        tonic::Code::Unavailable => " (is the server running, and is --grpc its gRPC address?)",
+        // Only when the call reached no server (the client's transport failed, so the status
+        // has a cause): a running server's own UNAVAILABLE (NATS not answering, a stop) was
+        // told to check that the server runs (found by an adversarial run).
+        tonic::Code::Unavailable if std::error::Error::source(status).is_some() => {
+            " (is the server running, and is --grpc its gRPC address?)"
+        }
         // What a plaintext call to a TLS listener, a client certificate the server refused,
         // or a server that stopped in the middle of the call gets back (which code, and
         // whether the status or its cause says "transport error", varies with the timing):
@@ -331,6 +336,20 @@ mod tests {
             .connection
             .target()
             .map_err(|failure| failure.to_string())
+    }
+
+    /// A running server's UNAVAILABLE (its NATS not answering, a stop) is printed as it said
+    /// it; only a call that reached no server (the transport's failure is its cause) asks
+    /// whether the server runs (it was asked of every UNAVAILABLE: an adversarial run).
+    #[test]
+    fn only_a_call_that_reached_no_server_asks_whether_it_runs() {
+        let hint = "is the server running";
+        let answered = Status::unavailable("the dead letters could not be read; retry later");
+        assert!(!refused("listing", &answered).to_string().contains(hint));
+        let mut unreached = Status::unavailable("tcp connect error");
+        let cause = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        unreached.set_source(std::sync::Arc::new(cause));
+        assert!(refused("listing", &unreached).to_string().contains(hint));
     }
 
     #[test]
