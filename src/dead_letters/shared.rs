@@ -124,7 +124,7 @@ pub(super) struct SharedLetters {
     arrivals: Arc<Mutex<HashMap<DeadLetterId, DateTime<Utc>>>>,
     /// Entries under letter ids found not to be letters (`Read::Unreadable`), and when: not
     /// listed, not counted, read again after [`UNREADABLE_RECHECK`].
-    unreadable: Arc<Mutex<HashMap<DeadLetterId, Instant>>>,
+    unreadable: Arc<Mutex<HashMap<DeadLetterId, (Instant, String)>>>,
 }
 
 impl SharedLetters {
@@ -239,8 +239,9 @@ impl SharedLetters {
             Read::Letter(_) => {
                 self.unreadable().remove(id);
             }
-            Read::Unreadable { .. } => {
-                self.unreadable().insert(id.clone(), Instant::now());
+            Read::Unreadable { reason, .. } => {
+                let found = (Instant::now(), reason.clone());
+                self.unreadable().insert(id.clone(), found);
             }
         }
         Ok(Some(read))
@@ -258,23 +259,30 @@ impl SharedLetters {
         }
     }
 
-    /// The letter kept under `id`, `None` for an entry that is not one (logged).
+    /// The letter kept under `id`, `None` for an entry that is not one (the listing names
+    /// those in one WARN: [`SharedLetters::warn_of_unreadable`]).
     async fn listable(&self, id: &DeadLetterId) -> Result<Option<Entry>, DeadLetterError> {
-        let known = self.unreadable().contains_key(id);
         match self.read(id).await? {
             Some(Read::Letter(entry)) => Ok(Some(entry)),
-            Some(Read::Unreadable { .. }) if known => Ok(None),
-            Some(Read::Unreadable { reason, .. }) => {
-                tracing::warn!(
-                    key = %id,
-                    %reason,
-                    "an entry of the dead-letter bucket is not a dead letter: not listed \
-                     (`dead-letters purge <key>` removes it)"
-                );
-                Ok(None)
-            }
-            None => Ok(None),
+            Some(Read::Unreadable { .. }) | None => Ok(None),
         }
+    }
+
+    /// One WARN for the entries under letter ids known not to be letters, if any: how many,
+    /// and the first with why. One per entry, per page, was 30,000 lines a page for 10,000
+    /// of them (found by an adversarial run).
+    fn warn_of_unreadable(&self) {
+        let unreadable = self.unreadable();
+        let Some((first, (_, reason))) = unreadable.iter().min_by_key(|(id, _)| *id) else {
+            return;
+        };
+        tracing::warn!(
+            entries = unreadable.len(),
+            %first,
+            %reason,
+            "entries of the dead-letter bucket that are not dead letters: not listed \
+             (`dead-letters purge <key>` removes one, `purge --all` every one)"
+        );
     }
 
     fn encoded(
@@ -403,7 +411,7 @@ impl SharedLetters {
         }
     }
 
-    fn unreadable(&self) -> std::sync::MutexGuard<'_, HashMap<DeadLetterId, Instant>> {
+    fn unreadable(&self) -> std::sync::MutexGuard<'_, HashMap<DeadLetterId, (Instant, String)>> {
         // Plain inserts and removals: a poisoned map is still consistent.
         self.unreadable
             .lock()
@@ -425,7 +433,7 @@ impl SharedLetters {
             let arrivals = self.arrivals();
             let unreadable = self.unreadable();
             let fresh = |id: &DeadLetterId| {
-                (unreadable.get(id)).is_some_and(|at| at.elapsed() < UNREADABLE_RECHECK)
+                (unreadable.get(id)).is_some_and(|(at, _)| at.elapsed() < UNREADABLE_RECHECK)
             };
             ids.iter()
                 .filter(|id| !arrivals.contains_key(*id) && !fresh(id))
@@ -450,6 +458,8 @@ impl SharedLetters {
         order.sort();
         // The letters, not the entries that are not (see `Read::Unreadable`).
         self.count.store(order.len(), Ordering::Relaxed);
+        drop(arrivals);
+        self.warn_of_unreadable();
         Ok(order)
     }
 
