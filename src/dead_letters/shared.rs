@@ -124,7 +124,7 @@ pub(super) struct SharedLetters {
     arrivals: Arc<Mutex<HashMap<DeadLetterId, DateTime<Utc>>>>,
     /// Entries under letter ids found not to be letters (`Read::Unreadable`), and when: not
     /// listed, not counted, read again after [`UNREADABLE_RECHECK`].
-    unreadable: Arc<Mutex<HashMap<DeadLetterId, (Instant, String)>>>,
+    unreadable: Arc<Mutex<HashMap<DeadLetterId, (tokio::time::Instant, String)>>>,
 }
 
 impl SharedLetters {
@@ -141,6 +141,12 @@ impl SharedLetters {
 
     pub(super) fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// This replica's count of the letters, one fewer (never below 0).
+    fn count_one_fewer(&self) {
+        let fewer = |count: usize| Some(count.saturating_sub(1));
+        let _ = (self.count).fetch_update(Ordering::Relaxed, Ordering::Relaxed, fewer);
     }
 
     /// The bucket's keys that are letter ids. Others (put there by hand or by another tool)
@@ -240,7 +246,7 @@ impl SharedLetters {
                 self.unreadable().remove(id);
             }
             Read::Unreadable { reason, .. } => {
-                let found = (Instant::now(), reason.clone());
+                let found = (tokio::time::Instant::now(), reason.clone());
                 self.unreadable().insert(id.clone(), found);
             }
         }
@@ -388,10 +394,7 @@ impl SharedLetters {
                 // not counted either.
                 let Some(entry) = self.listable(&cursor.id).await? else {
                     if self.arrivals().remove(&cursor.id).is_some() {
-                        let fewer = |count: usize| Some(count.saturating_sub(1));
-                        let _ =
-                            self.count
-                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fewer);
+                        self.count_one_fewer();
                     }
                     continue;
                 };
@@ -411,7 +414,9 @@ impl SharedLetters {
         }
     }
 
-    fn unreadable(&self) -> std::sync::MutexGuard<'_, HashMap<DeadLetterId, (Instant, String)>> {
+    fn unreadable(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<DeadLetterId, (tokio::time::Instant, String)>> {
         // Plain inserts and removals: a poisoned map is still consistent.
         self.unreadable
             .lock()
@@ -546,10 +551,7 @@ impl SharedLetters {
     pub(super) async fn finish(&self, id: &DeadLetterId, claim: u64) -> Result<(), Error> {
         match self.bucket.remove(id.as_str(), claim).await {
             Ok(()) => {
-                let fewer = |count: usize| Some(count.saturating_sub(1));
-                let _ = self
-                    .count
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fewer);
+                self.count_one_fewer();
                 Ok(())
             }
             // Changed since: a repeat delivery counted it (then it stays, to be replayed again
@@ -883,5 +885,30 @@ mod tests {
         }
         let refused = letters.store(letter(10, now), now).await;
         assert!(matches!(refused, Err(DeadLetterError::Full { limit: 10 })));
+    }
+
+    /// An entry found not to be a letter is read again after [`UNREADABLE_RECHECK`], so a
+    /// letter another replica stored in its place is then listed.
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_that_was_not_a_letter_is_read_again_after_the_recheck() {
+        let bucket = Arc::new(MemoryBucket::default());
+        let letters = SharedLetters::new(Arc::clone(&bucket) as Arc<dyn LetterBucket>, 10);
+        let now = Utc::now();
+        letters.store(letter(0, now), now).await.unwrap();
+        let later = letter(1, now);
+        let key = later.id.to_string();
+        bucket.create(&key, b"junk".to_vec()).await.unwrap();
+        assert_eq!(listed(&letters, 10).await.concat(), [0]);
+        let bytes = letters.encoded(&later, None).unwrap();
+        bucket.entries.lock().unwrap().insert(key, (bytes, 2));
+        assert_eq!(
+            listed(&letters, 10).await.concat(),
+            [0],
+            "not read again yet"
+        );
+        tokio::time::advance(UNREADABLE_RECHECK).await;
+        let mut listed = listed(&letters, 10).await.concat();
+        listed.sort();
+        assert_eq!(listed, [0, 1], "read again, and listed");
     }
 }

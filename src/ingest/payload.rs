@@ -257,30 +257,36 @@ pub const MAX_EXTRA_NESTING: usize = 20;
 
 /// Refuses an extra whose value nests deeper than [`MAX_EXTRA_NESTING`], naming its key.
 fn check_nesting(key: &str, value: &Value) -> Result<(), Error> {
-    if nesting(value, MAX_EXTRA_NESTING + 1) <= MAX_EXTRA_NESTING {
-        return Ok(());
+    match nesting(value, MAX_EXTRA_NESTING + 1) <= MAX_EXTRA_NESTING {
+        true => Ok(()),
+        false => Err(extra_too_deep(key)),
     }
+}
+
+/// The refusal of the extra `key` for nesting past [`MAX_EXTRA_NESTING`].
+fn extra_too_deep(key: &str) -> Error {
     let key: String = key.chars().take(64).collect();
-    Err(Error::invalid(
+    Error::invalid(
         "data",
         format!(
             "the value of {key:?} nests objects and arrays more than {MAX_EXTRA_NESTING} levels \
              deep, more than gRPC clients decode"
         ),
-    ))
+    )
 }
 
 /// The refusal of a body serde_json would not read for nesting past its limit (128 levels):
 /// it said "not JSON: recursion limit exceeded", field `body`, of valid JSON, where a `data`
 /// value 21 levels deep is told its key (found by an adversarial run). `None` when `err` is
 /// another error. The key is found by [`too_deep_at`]; a value of `data` is refused as
-/// [`check_nesting`] refuses it, one outside it (a key the service does not read) for the body.
+/// [`check_nesting`] refuses one 21 levels deep, one outside it (a key the service does not
+/// read) for the body.
 pub fn too_deep(raw: &[u8], err: &serde_json::Error) -> Option<Error> {
     if !err.to_string().starts_with("recursion limit exceeded") {
         return None;
     }
     let error = match too_deep_at(raw) {
-        [Some(top), Some(key)] if top == "data" => check_nesting(&key, &deep_value()).err()?,
+        [Some(top), Some(key)] if top == "data" => extra_too_deep(&key),
         [Some(top), _] if top == "data" => Error::invalid(
             "data",
             format!("nests objects and arrays more than {MAX_EXTRA_NESTING} levels deep"),
@@ -301,11 +307,6 @@ pub fn too_deep(raw: &[u8], err: &serde_json::Error) -> Option<Error> {
         ),
     };
     Some(error)
-}
-
-/// A value nested past [`MAX_EXTRA_NESTING`], for [`check_nesting`]'s message.
-fn deep_value() -> Value {
-    (0..=MAX_EXTRA_NESTING).fold(Value::Null, |inner, _| Value::Array(vec![inner]))
 }
 
 /// The key at the top of the body, and the key within that one's object, whose value is the
