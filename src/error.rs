@@ -195,6 +195,27 @@ pub enum Error {
         /// The largest message allowed.
         limit: usize,
     },
+    /// One profile, alone, takes more than a message may carry (`--grpc-max-message-bytes`):
+    /// limits that allow it (warned at start-up), or a profile an earlier build let grow.
+    #[error(
+        "the profile of customer_id {:?} (client_id {:?}) at revision {revision} takes {bytes} \
+         bytes, more than the {limit} a message may carry (--grpc-max-message-bytes): raise \
+         that limit, on this server and on the client if its own is lower, to read it",
+        echoed(.customer_id),
+        echoed(.client_id)
+    )]
+    ProfileTooLarge {
+        /// The profile's account.
+        client_id: String,
+        /// The profile's customer id.
+        customer_id: String,
+        /// The revision of the profile (or of the change) that does not fit.
+        revision: u64,
+        /// How large the message would be, encoded.
+        bytes: usize,
+        /// The largest message allowed.
+        limit: usize,
+    },
     /// No reconcile job with that id is kept (never started, or finished long ago).
     #[error("no reconcile job {:?}", echoed(.job_id))]
     ReconcileJobNotFound {

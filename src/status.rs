@@ -152,7 +152,9 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
             // gRPC only (a streamed answer): as DEADLINE_EXCEEDED pairs with 408 for a request.
             Error::BackupStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             // gRPC only (reads); as RESOURCE_EXHAUSTED pairs with 413 for a request.
-            Error::ResponseTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::ResponseTooLarge { .. } | Error::ProfileTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Error::Unavailable { .. }
             | Error::RevisionNotApplied { .. }
             | Error::StoppedBeforeRevision { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -209,6 +211,7 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
             Error::DeadLetterUnreadable { .. } => tonic::Code::DataLoss,
             Error::TooManyReconcileJobs { .. }
             | Error::ResponseTooLarge { .. }
+            | Error::ProfileTooLarge { .. }
             | Error::BackupRunning => tonic::Code::ResourceExhausted,
             Error::RevisionInFuture { .. } | Error::RevisionNeverAssigned { .. } => {
                 tonic::Code::OutOfRange

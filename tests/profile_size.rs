@@ -258,6 +258,137 @@ async fn list_pages_stop_short_of_the_message_limit_and_a_batch_past_it_is_refus
     service.stop().await;
 }
 
+/// One ListProfiles page after `page_token`: its customers, the keys it names too large, and
+/// the next token.
+async fn list_page(
+    service: &TestService,
+    page_size: i32,
+    page_token: String,
+) -> (Vec<String>, Vec<pb::ProfileKey>, String) {
+    let request = pb::ListProfilesRequest {
+        page_size,
+        page_token,
+        ..Default::default()
+    };
+    let page = service.client().await.list_profiles(request).await;
+    let page = page.expect("a page reaching a profile too large still answers");
+    let page = page.into_inner();
+    assert!(prost::Message::encoded_len(&page) <= 64 * 1024);
+    let customers = page.profiles.into_iter().map(|p| p.customer_id).collect();
+    (customers, page.too_large, page.next_page_token)
+}
+
+fn assert_names_too_large(status: &tonic::Status, customer: &str, revision: u64) {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    for part in [
+        format!("customer_id {customer:?}"),
+        format!("revision {revision} "),
+        "65536".into(),
+        "--grpc-max-message-bytes".into(),
+    ] {
+        assert!(status.message().contains(&part), "{part}: {status:?}");
+    }
+}
+
+/// A profile larger than a message may carry (limits that allow it, which the start-up log
+/// warns of; or a profile an earlier build let grow): GetProfile and a watch reaching it fail
+/// naming it, its revision and the flag, and ListProfiles goes past it, naming it in
+/// `too_large`. Before, every page reaching it failed with tonic's bare "encoded message length
+/// too large", so no later profile could be listed (adversary round 9, F5).
+#[tokio::test]
+async fn a_profile_too_large_for_a_message_is_named_and_listings_go_past_it() {
+    let mut config = profile_state::Config::for_tests(common::SECRET);
+    config.grpc_max_message_bytes = 64 * 1024;
+    let service = TestService::start_with(config).await;
+    let big = || "b".repeat(40_000);
+    let updates = [
+        ("a", json!({"note": "small"})),
+        ("b", json!({"first": big()})),
+        ("b", json!({"second": big()})),
+        ("c", json!({"note": "small"})),
+    ];
+    for (second, (customer, data)) in (1..).zip(updates) {
+        let (status, answer) = service.post_signed(&body(customer, second, data)).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    let mut client = service.client().await;
+    let request = |customer: &str| pb::GetProfileRequest {
+        client_id: "2155".into(),
+        customer_id: customer.into(),
+        ..Default::default()
+    };
+    let status = client.get_profile(request("b")).await.unwrap_err();
+    assert_names_too_large(&status, "b", 3);
+    assert_eq!(get(&service, "c").await.revision, 4);
+
+    // Every page size: a, c listed; b named once, wherever the pages fall.
+    for page_size in [1, 2, 3, 1000] {
+        let (mut listed, mut too_large, mut token) = (Vec::new(), Vec::new(), String::new());
+        for _ in 0..10 {
+            let (customers, skipped, next) = list_page(&service, page_size, token).await;
+            listed.extend(customers);
+            too_large.extend(skipped);
+            token = next;
+            if token.is_empty() {
+                break;
+            }
+        }
+        assert!(token.is_empty(), "the listing ends (page_size {page_size})");
+        assert_eq!(listed, ["a", "c"], "page_size {page_size}");
+        let named = pb::ProfileKey {
+            client_id: "2155".into(),
+            customer_id: "b".into(),
+        };
+        assert_eq!(too_large, [named], "page_size {page_size}");
+    }
+
+    // A watch of everything ends at b's too-large change, named; its first change (40 KB) and
+    // a's went through. One of c alone is not touched by it.
+    let mut everything = crate::watch::watch(
+        &service,
+        pb::WatchProfilesRequest {
+            start_revision: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    for revision in [1, 2] {
+        assert_eq!(
+            crate::watch::next_change(&mut everything).await.revision,
+            revision
+        );
+    }
+    let status = everything.message().await.unwrap_err();
+    assert_names_too_large(&status, "b", 3);
+    let mut initial = crate::watch::watch(
+        &service,
+        pb::WatchProfilesRequest {
+            send_initial_state: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = crate::watch::next_change(&mut initial).await;
+    assert_eq!(first.profile.unwrap().customer_id, "a");
+    assert_names_too_large(&initial.message().await.unwrap_err(), "b", 3);
+    let mut only_c = crate::watch::watch(
+        &service,
+        pb::WatchProfilesRequest {
+            customer_ids: vec!["c".into()],
+            start_revision: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(crate::watch::next_change(&mut only_c).await.revision, 4);
+    assert!(matches!(
+        crate::watch::next(&mut only_c).await,
+        pb::watch_profiles_response::Event::Synced(_)
+    ));
+    service.stop().await;
+}
+
 /// A stream an earlier build (merge rules 1, no bound) wrote, holding a profile grown past the
 /// bound: refused without `--nats-upgrade-rules`, naming it; taken over with it, what the
 /// stream held applies as it did under rules 1, and what comes after with the bound.

@@ -149,6 +149,7 @@ impl ProfileService for NoopProfiles {
             next_page_token: "Y2xpZW50LWlkL2N1c3RvbWVyLWlkLzAwMDAwMDAwLTAwMDAtNDAwMA".into(),
             store_revision: self.profile.revision,
             store_id: STORE_ID.into(),
+            too_large: Vec::new(),
         }))
     }
 

@@ -370,10 +370,32 @@ impl ProfileApi {
     }
 }
 
+/// Refuses an answer of `bytes` that carries `profile` (at `revision`) when it is larger than
+/// a message may be, naming the profile: tonic's own refusal, as it writes the answer, is a
+/// bare "encoded message length too large".
+pub(crate) fn fits_alone(
+    profile: &Profile,
+    revision: u64,
+    bytes: usize,
+    limit: usize,
+) -> Result<(), Status> {
+    if bytes <= limit {
+        return Ok(());
+    }
+    Err(grpc_status(Error::ProfileTooLarge {
+        client_id: profile.key.client_id.to_string(),
+        customer_id: profile.key.customer_id.to_string(),
+        revision,
+        bytes,
+        limit,
+    }))
+}
+
 /// A ListProfiles answer of the scanned `profiles` that fits in `max_message_bytes`: as many
-/// as fit, at least one, and the token of the next page (`next` when all fit, else the last
-/// profile kept: the rest come after it), made by `token`. Sizes are summed as the profiles
-/// are converted rather than by encoding the answer twice.
+/// as fit, and the token of the next page (`next` when all fit, else the last profile kept:
+/// the rest come after it), made by `token`. A first profile too large for any answer is
+/// named in `too_large` instead and the page ends after it, so a listing goes past it.
+/// Sizes are summed as the profiles are converted rather than by encoding the answer twice.
 fn fitted_page(
     (store, as_of): (&Store, u64),
     profiles: &[Arc<Profile>],
@@ -404,10 +426,23 @@ fn fitted_page(
             store_revision: as_of,
             next_page_token: next.as_ref().map(&token).unwrap_or_default(),
             store_id: store.store_id().to_owned(),
+            too_large: Vec::new(),
         };
-        if used + prost::Message::encoded_len(&rest) <= max_message_bytes || kept <= 1 {
+        if used + prost::Message::encoded_len(&rest) <= max_message_bytes || kept == 0 {
             return pb::ListProfilesResponse {
                 profiles: page,
+                ..rest
+            };
+        }
+        if kept == 1 {
+            // Alone and still too large: no page can carry it. The listing goes on after it.
+            let key = &profiles[0].key;
+            return pb::ListProfilesResponse {
+                next_page_token: token(key),
+                too_large: vec![pb::ProfileKey {
+                    client_id: key.client_id.to_string(),
+                    customer_id: key.customer_id.to_string(),
+                }],
                 ..rest
             };
         }
@@ -475,11 +510,14 @@ impl ProfileService for ProfileApi {
         request: Request<pb::GetProfileRequest>,
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
         let (profile, store_revision) = self.find_profile(request).await?;
-        Ok(Response::new(pb::GetProfileResponse {
+        let response = pb::GetProfileResponse {
             store_revision,
             profile: Some(convert::profile(&profile)),
             store_id: self.store.store_id().to_owned(),
-        }))
+        };
+        let bytes = prost::Message::encoded_len(&response);
+        fits_alone(&profile, profile.revision, bytes, self.max_message_bytes)?;
+        Ok(Response::new(response))
     }
 
     async fn batch_get_profiles(

@@ -47,6 +47,11 @@ impl ProfileReply {
         reply
     }
 
+    /// The profile answered.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
     /// Writes the answer's fields after the profile into `out`: the store revision and the
     /// store id it belongs to.
     fn answer_fields<'b, O: Out>(&self, out: &'b mut O) -> &'b mut O {

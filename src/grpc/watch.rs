@@ -38,7 +38,7 @@ use super::codec::{MessageCodec, MessageDecoder};
 use super::profile_reply::ProfileReply;
 use super::{
     ACCEPTED_ENCODINGS, DEFAULT_PROGRESS_INTERVAL, MAX_WATCH_FIELDS, MAX_WATCH_ID_BYTES,
-    MAX_WATCH_IDS, OpenWatch, ProfileApi, convert, transport,
+    MAX_WATCH_IDS, OpenWatch, ProfileApi, convert, fits_alone, transport,
 };
 use crate::error::Error;
 use crate::pb;
@@ -239,17 +239,27 @@ impl SharedEncodings {
 }
 
 /// A watch event as a stream item: changes from `shared`, the rest encoded here; `End` becomes
-/// the stream's final status.
+/// the stream's final status, and so does a profile too large for a message (`limit`), named.
 fn encode_event(
     event: WatchEvent,
     include_previous: bool,
     store_id: &str,
-    shared: &SharedEncodings,
+    (shared, limit): (&SharedEncodings, usize),
 ) -> Result<Encoded, Status> {
+    let encode = |message: pb::WatchProfilesResponse| Encoded(Bytes::from(message.encode_to_vec()));
     match event {
-        WatchEvent::Change(change) => Ok(shared.change(&change, include_previous)),
-        other => convert::watch_event(other, include_previous, store_id)
-            .map(|message| Encoded(Bytes::from(message.encode_to_vec()))),
+        WatchEvent::Change(change) => {
+            let encoded = shared.change(&change, include_previous);
+            fits_alone(&change.profile, change.revision, encoded.0.len(), limit)?;
+            Ok(encoded)
+        }
+        WatchEvent::Existing(profile) => {
+            let existing = WatchEvent::Existing(Arc::clone(&profile));
+            let encoded = encode(convert::watch_event(existing, include_previous, store_id)?);
+            fits_alone(&profile, profile.revision, encoded.0.len(), limit)?;
+            Ok(encoded)
+        }
+        other => convert::watch_event(other, include_previous, store_id).map(encode),
     }
 }
 
@@ -266,11 +276,10 @@ impl UnaryService<pb::GetProfileRequest> for GetProfileMethod {
         Box::pin(async move {
             let (profile, store_revision) = api.find_profile(request).await?;
             let store_id = api.store.shared_store_id();
-            Ok(Response::new(ProfileReply::new(
-                profile,
-                store_revision,
-                store_id,
-            )))
+            let reply = ProfileReply::new(profile, store_revision, store_id);
+            let (profile, bytes) = (reply.profile(), Message::encoded_len(&reply));
+            fits_alone(profile, profile.revision, bytes, api.max_message_bytes)?;
+            Ok(Response::new(reply))
         })
     }
 }
@@ -327,6 +336,7 @@ impl ProfileApi {
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let shared = Arc::clone(&self.encodings);
+        let limit = self.max_message_bytes;
         // The stream owns its slot and its gauge count: both go when tonic drops it.
         let open = OpenWatch {
             _slot: slot,
@@ -338,7 +348,7 @@ impl ProfileApi {
             if let WatchEvent::Reset { kind, .. } = &event {
                 metrics.watch_reset(kind.label());
             }
-            let message = encode_event(event, include_previous, store.store_id(), &shared);
+            let message = encode_event(event, include_previous, store.store_id(), (&shared, limit));
             // The final status (`End`) is not an event sent.
             if message.is_ok() {
                 metrics.watch_event();
