@@ -321,6 +321,14 @@ async fn a_profile_too_large_for_a_message_is_named_and_listings_go_past_it() {
     let status = client.get_profile(request("b")).await.unwrap_err();
     assert_names_too_large(&status, "b", 3);
     assert_eq!(get(&service, "c").await.revision, 4);
+    // Not "ask for fewer customer_ids": no answer can carry b.
+    let batch = pb::BatchGetProfilesRequest {
+        client_id: "2155".into(),
+        customer_ids: vec!["b".into()],
+        ..Default::default()
+    };
+    let status = client.batch_get_profiles(batch).await.unwrap_err();
+    assert_names_too_large(&status, "b", 3);
 
     // Every page size: a, c listed; b named once, wherever the pages fall.
     for page_size in [1, 2, 3, 1000] {

@@ -561,11 +561,18 @@ impl ProfileService for ProfileApi {
         };
         // Sizes summed while converting, so that an answer past the limit stops there rather
         // than after a thousand large profiles were copied.
-        let mut bytes = prost::Message::encoded_len(&response);
+        let (empty, limit) = (
+            prost::Message::encoded_len(&response),
+            self.max_message_bytes,
+        );
+        let mut bytes = empty;
         for profile in &found {
             let converted = convert::profile(profile);
-            bytes += prost::encoding::message::encoded_len(1, &converted);
-            if bytes > self.max_message_bytes {
+            let size = prost::encoding::message::encoded_len(1, &converted);
+            // One that no answer can carry: asking for fewer ids would not help.
+            fits_alone(profile, profile.revision, empty + size, limit)?;
+            bytes += size;
+            if bytes > limit {
                 return Err(grpc_status(Error::ResponseTooLarge {
                     field: "customer_ids".into(),
                     bytes,
