@@ -561,18 +561,22 @@ impl ProfileService for ProfileApi {
         };
         // Sizes summed while converting, so that an answer past the limit stops there rather
         // than after a thousand large profiles were copied.
-        let (empty, limit) = (
-            prost::Message::encoded_len(&response),
-            self.max_message_bytes,
-        );
-        let mut bytes = empty;
+        let limit = self.max_message_bytes;
+        let mut bytes = prost::Message::encoded_len(&response);
         for profile in &found {
             let converted = convert::profile(profile);
             let size = prost::encoding::message::encoded_len(1, &converted);
-            // One that no answer can carry: asking for fewer ids would not help.
-            fits_alone(profile, profile.revision, empty + size, limit)?;
             bytes += size;
             if bytes > limit {
+                // One that no answer can carry (alone, with no missing ids): asking for fewer
+                // ids would not help.
+                let alone = pb::BatchGetProfilesResponse {
+                    store_revision: as_of,
+                    store_id: response.store_id.clone(),
+                    ..Default::default()
+                };
+                let alone = prost::Message::encoded_len(&alone) + size;
+                fits_alone(profile, profile.revision, alone, limit)?;
                 return Err(grpc_status(Error::ResponseTooLarge {
                     field: "customer_ids".into(),
                     bytes,
