@@ -1,7 +1,9 @@
 //! Start-up of a durable store: opens the data directory, rebuilds the store from its
 //! snapshot and journal through the sequencer's own merge, and opens the journal for appends.
 //!
-//! Recovery refuses damage rather than lose acknowledged updates. The one way past such a
+//! Recovery refuses damage rather than lose acknowledged updates, unless a newer snapshot
+//! covers the damage: then it starts from that snapshot instead (`recover_store`), losing
+//! only watch history. The one way past another
 //! refusal short of a backup is the operator's `--discard-journal-from <segment>:<offset>`,
 //! naming the very point the refusal printed: then the store first gets a new store id (so no
 //! revision is ever reused under the same id, and every watcher that resumes is reset), the
@@ -21,14 +23,60 @@ use crate::store::{HistoryLimits, Store};
 
 /// Rebuilds a store (identified by `store_id`) from the snapshot and journal in `dir`, as
 /// start-up does, without taking the directory's lock or opening the journal for appends.
+///
+/// Damage that a newer snapshot covers (a damaged snapshot, a damaged or missing stretch of
+/// the journal before its newest segment: `journal::start_past`) is passed by starting from
+/// that snapshot, with a warning: every acknowledged update is there, only the watch history
+/// before it is not (watchers resuming before it get `Reset`). A damaged snapshot so passed
+/// is renamed `<name>.damaged`. When no newer start recovers, the first damage is the error,
+/// as before: its refusal names the backup or `--discard-journal-from` way out.
 pub fn recover_store(
     dir: &Path,
     history: HistoryLimits,
     store_id: &str,
 ) -> Result<(Store, Recovered), JournalError> {
-    let store = Store::with_history(history, store_id);
-    let recovered = journal::recover(dir, &store, |records| sequencer::replay(&store, records))?;
-    Ok((store, recovered))
+    let attempt = |at_least| {
+        let store = Store::with_history(history, store_id);
+        let replay = |records| sequencer::replay(&store, records);
+        journal::recover_from(dir, &store, at_least, replay).map(|recovered| (store, recovered))
+    };
+    let mut damage = match attempt(0) {
+        Ok(recovered) => return Ok(recovered),
+        Err(error) => error,
+    };
+    let mut passed = Vec::new();
+    while let Some(at_least) = journal::start_past(dir, &damage)? {
+        passed.push(damage);
+        match attempt(at_least) {
+            Ok(recovered) => {
+                passed_damage(&passed, &recovered.1)?;
+                return Ok(recovered);
+            }
+            Err(error) => damage = error,
+        }
+    }
+    // The first damage: its refusal names the way out.
+    match passed.is_empty() {
+        true => Err(damage),
+        false => Err(passed.swap_remove(0)),
+    }
+}
+
+/// Says that recovery passed `passed` (the damage each start stopped at) by starting from a
+/// newer snapshot, and sets each damaged snapshot it passed aside.
+fn passed_damage(passed: &[JournalError], recovered: &Recovered) -> Result<(), JournalError> {
+    for damage in passed {
+        if let JournalError::DamagedSnapshot { path, .. } = damage {
+            journal::snapshot::set_aside(path)?;
+        }
+    }
+    let passed: Vec<String> = passed.iter().map(|damage| damage.to_string()).collect();
+    tracing::warn!(
+        damage = passed.join("; then "),
+        started_from_snapshot = recovered.snapshot,
+        "recovery started from a newer snapshot that covers the damaged file, so no          acknowledged update is lost; the watch history before that snapshot is gone (watchers          resuming before it get Reset). A damaged snapshot is renamed <name>.damaged; a          damaged journal segment stays until compaction removes it, and each start reads up          to it again meanwhile. Check the disk."
+    );
+    Ok(())
 }
 
 /// Opens the data directory of `config`, rebuilds the store from it (giving records up only

@@ -9,7 +9,8 @@
 //!
 //! Recovery loads a snapshot, replays every later record through the same merge the sequencer
 //! uses, and so rebuilds profiles, revisions and the watch history exactly. A torn last frame
-//! (a crash mid-write, never acknowledged) is cut off with a warning; any other damage stops
+//! (a crash mid-write, never acknowledged) is cut off with a warning; damage a newer snapshot
+//! covers is passed by starting from it ([`recovery::start_past`]); any other damage stops
 //! start-up with the file and offset, because skipping it would silently lose acknowledged
 //! updates ([`recovery`] has the exact rules). Such a refusal names the [`DiscardPoint`] an
 //! operator can pass to `--discard-journal-from` to give up the rest ([`discard`]); the store
@@ -38,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::io_error::IoError;
 
 pub use discard::{Discarded, discard};
-pub use recovery::{Recovered, recover};
+pub use recovery::{Recovered, recover, recover_from, start_past};
 pub use writer::{Journal, Tail};
 
 /// Segment files are `journal-<first revision, 20 digits>.log`.
@@ -122,7 +123,8 @@ pub enum JournalError {
         /// The last revision at the clean shutdown.
         closed_revision: u64,
     },
-    /// A damaged snapshot: nothing to skip or cut, it is all or nothing.
+    /// A damaged snapshot: nothing to skip or cut, it is all or nothing (start-up passes it
+    /// when a newer snapshot covers it: `crate::startup::recover_store`).
     #[error(
         "{path}: damaged snapshot at offset {offset} ({reason}): restore it from a backup of \
          the data directory"

@@ -1,5 +1,7 @@
 //! Recovery: the snapshot the journal continues from, then every later record replayed
 //! through the sequencer's merge; a write a crash cut short cut off, anything else refused.
+//! [`start_past`] tells the caller which newer snapshot would not need what a refusal found
+//! damaged; [`recover_from`] starts from it (the caller decides, and warns).
 //!
 //! What counts as a torn write (cut off with a warning): only the last thing in the newest
 //! segment, only when the journal was not closed cleanly (`JOURNAL_HEAD`), and only when it
@@ -81,6 +83,17 @@ const SEARCH_BUDGET: usize = 64 << 20;
 pub fn recover(
     dir: &Path,
     store: &Store,
+    replay: impl FnMut(Vec<Replayed>) -> Result<(), String>,
+) -> Result<Recovered, JournalError> {
+    recover_from(dir, store, 0, replay)
+}
+
+/// [`recover`] from a snapshot of revision `at_least` or later (0: any), and the journal after
+/// it: the way past damage that such a snapshot covers ([`start_past`]).
+pub fn recover_from(
+    dir: &Path,
+    store: &Store,
+    at_least: u64,
     mut replay: impl FnMut(Vec<Replayed>) -> Result<(), String>,
 ) -> Result<Recovered, JournalError> {
     remove_temporary_files(dir)?;
@@ -93,7 +106,7 @@ pub fn recover(
             head::FILE
         );
     }
-    let snapshot = snapshot::choose(dir, &segments)?;
+    let snapshot = snapshot::choose(dir, &segments, at_least)?;
     let from = snapshot.as_ref().map_or(0, |(revision, _)| *revision);
     let room_for_replay = records_after(&segments, from);
     let mut took = Took::default();
@@ -170,6 +183,40 @@ pub fn recover(
         tail,
         took,
     })
+}
+
+/// Where recovery, stopped by `error`, could start instead without reading what is damaged:
+/// the least revision a snapshot must have to pass it. A damaged snapshot is passed by any
+/// newer one. Damage in a segment that is not the newest (a damaged record, revisions that
+/// jump), or a segment missing before one, is passed by a snapshot at or past the revision
+/// before the next segment: recovery does not read a segment a snapshot covers whole. `None`
+/// for anything else, damage in the newest segment among it: every start reads that one.
+/// Whether such a snapshot exists, and whether the journal continues from it, is for the
+/// caller's next recovery to find.
+pub fn start_past(dir: &Path, error: &JournalError) -> Result<Option<u64>, JournalError> {
+    let next_segment_after = |path: &Path| -> Result<Option<u64>, JournalError> {
+        let segments = segments(dir)?;
+        let index = segments.iter().position(|(_, segment)| segment == path);
+        let next = index.and_then(|index| segments.get(index + 1));
+        Ok(next.map(|(next_first, _)| next_first - 1))
+    };
+    match error {
+        JournalError::DamagedSnapshot { path, .. } => {
+            let name = path.file_name().and_then(|name| name.to_str());
+            Ok(name.and_then(snapshot::number).map(|revision| revision + 1))
+        }
+        // Between segments: the segment `path` starts past the revision expected.
+        JournalError::Gap {
+            offset: 0,
+            found,
+            previous: Some(_),
+            ..
+        } => Ok(Some(found.saturating_sub(1))),
+        JournalError::Gap { path, .. } | JournalError::Corrupt { path, .. } => {
+            next_segment_after(path)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Reads the file `path` into `buffer`, replacing what it held and keeping its capacity.

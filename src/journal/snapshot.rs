@@ -37,6 +37,14 @@ const SUFFIX: &str = ".snap";
 /// Profiles per frame.
 const CHUNK: usize = 1024;
 
+/// The revision a snapshot's file name says, if `name` is one.
+pub fn number(name: &str) -> Option<u64> {
+    name.strip_prefix(PREFIX)?
+        .strip_suffix(SUFFIX)?
+        .parse()
+        .ok()
+}
+
 fn path(dir: &Path, revision: u64) -> PathBuf {
     dir.join(format!("{PREFIX}{revision:020}{SUFFIX}"))
 }
@@ -49,16 +57,20 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
 /// The snapshot recovery starts from, given the journal's `segments` (first revision, path):
 /// none when the journal starts at revision 1 (replaying it all rebuilds the longest history),
 /// else the oldest one the journal continues from, or the newest one when there is no journal.
+/// With `at_least` above 0, only a snapshot of that revision or later will do (recovery
+/// passing damage that such a snapshot covers: `recovery::start_past`).
 pub fn choose(
     dir: &Path,
     segments: &[(u64, PathBuf)],
+    at_least: u64,
 ) -> Result<Option<(u64, PathBuf)>, JournalError> {
-    let snapshots = list(dir)?;
+    let mut snapshots = list(dir)?;
+    snapshots.retain(|(revision, _)| *revision >= at_least);
     let Some((first_segment, segment)) = segments.first() else {
         return Ok(snapshots.into_iter().next_back());
     };
     let first = *first_segment;
-    if first <= 1 {
+    if first <= 1 && at_least == 0 {
         return Ok(None);
     }
     if let Some(usable) = snapshots.iter().find(|(revision, _)| revision + 1 >= first) {
@@ -81,6 +93,17 @@ pub fn choose(
         newest,
         found,
     })
+}
+
+/// Renames the snapshot `path`, which could not be loaded, to `<name>.damaged`: out of every
+/// later start's way (it is no longer listed), and kept for whoever looks into the damage.
+/// Returns the new path.
+pub fn set_aside(path: &Path) -> Result<PathBuf, JournalError> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".damaged");
+    let aside = PathBuf::from(aside);
+    fs::rename(path, &aside).map_err(JournalError::io(path, "rename (setting it aside)"))?;
+    Ok(aside)
 }
 
 /// Suffix of a snapshot being written; renamed to `.snap` once whole and synced.

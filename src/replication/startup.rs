@@ -733,12 +733,10 @@ fn remove_download(downloaded: Option<&Path>, why: &anyhow::Error) {
 /// Renames a local snapshot that could not be loaded to `<name>.damaged`, out of every later
 /// start's way, and says so.
 fn set_aside(path: &Path, error: &anyhow::Error) -> anyhow::Result<()> {
-    let mut aside = path.as_os_str().to_owned();
-    aside.push(".damaged");
-    std::fs::rename(path, &aside).with_context(|| format!("setting {} aside", path.display()))?;
+    let aside = snapshot::set_aside(path)?;
     tracing::warn!(
         error = %format!("{error:#}"),
-        set_aside_as = %Path::new(&aside).display(),
+        set_aside_as = %aside.display(),
         "a local snapshot could not be loaded: set aside, starting without it (from an older \
          local snapshot, the newest published one, or the stream)"
     );
