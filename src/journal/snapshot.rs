@@ -229,10 +229,12 @@ pub fn read_header(path: &Path) -> Result<SnapshotHeader, JournalError> {
     }
 }
 
-/// Reads the snapshot `path` of `revision` through, checking its header and every frame's
-/// checksums without decoding the profiles: what damage on disk breaks, at the cost of a read
-/// (compaction does this for each new base, with the defaults once per snapshot; decoding it
-/// all as recovery does would cost that much CPU again).
+/// Reads the snapshot `path` of `revision` through, checking its header, every frame's
+/// checksums and that the frames hold as many profiles as the header says, without decoding
+/// the profiles: what damage on disk breaks, at the cost of a read (compaction does this for
+/// each new base, with the defaults once per snapshot; decoding it all as recovery does would
+/// cost that much CPU again). Without the count, a snapshot cut at a frame's end passed, and
+/// compaction removed the older files recovery then needed (adversary round 12, F3).
 fn check_frames(path: &Path, revision: u64) -> Result<(), JournalError> {
     let file = File::open(path).map_err(JournalError::io(path, "open"))?;
     let mut frames = Frames::open(path, BufReader::new(file))?;
@@ -241,11 +243,21 @@ fn check_frames(path: &Path, revision: u64) -> Result<(), JournalError> {
         let reason = format!("its header says revision {}", header.revision);
         return Err(frames.corrupt(codec::HEADER_LEN as u64, reason));
     }
-    let mut buffer = Vec::new();
+    let (mut buffer, mut profiles, mut end) = (Vec::new(), 0u64, 0);
     while let Some((_, offset)) = frames.next(&mut buffer)? {
-        if let Frame::Invalid(invalid) = codec::read_frame(&buffer, 0, frames.format) {
-            return Err(frames.corrupt(offset, invalid.reason().into()));
+        end = offset;
+        match codec::read_frame(&buffer, 0, frames.format) {
+            Frame::Invalid(invalid) => return Err(frames.corrupt(offset, invalid.reason().into())),
+            Frame::Valid { payload, .. } => {
+                profiles += wire::batch_len(payload)
+                    .map_err(|error| frames.corrupt(offset, error.to_string()))?;
+            }
+            Frame::End => break,
         }
+    }
+    if profiles != header.profiles {
+        let reason = format!("{profiles} profiles, header says {}", header.profiles);
+        return Err(frames.corrupt(end, reason));
     }
     Ok(())
 }

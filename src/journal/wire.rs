@@ -42,6 +42,24 @@ pub fn decode_batch(
     Ok(())
 }
 
+/// How many profiles a snapshot frame's payload (a `ProfileBatch`) holds, counted without
+/// decoding them: what compaction checks a snapshot's frames against its header by.
+pub fn batch_len(payload: &[u8]) -> Result<u64, Malformed> {
+    let mut wire = Wire(payload);
+    let mut count = 0;
+    while let Some((tag, kind)) = wire.key()? {
+        match (tag, kind) {
+            (1, LEN) => {
+                wire.bytes()?;
+                count += 1;
+            }
+            (1, _) => return Err(wrong_type("ProfileBatch.profiles")),
+            _ => wire.skip(tag, kind, 0)?,
+        }
+    }
+    Ok(count)
+}
+
 /// The revision of the last update of a journal frame's payload (a `BatchRecord`); `None`
 /// when it holds none. The batch's updates are only delimited, and the last one's revision
 /// read: recovery skips the batches a snapshot holds by it, and reading every update's

@@ -299,3 +299,26 @@ fn compaction_keeps_the_older_files_when_the_new_base_is_damaged() {
     );
     assert!(base.exists());
 }
+
+/// A new base cut at the end of a frame, every frame present whole, is no base: its frames
+/// hold fewer profiles than its header says, as recovery's read finds. Compaction trusted it
+/// and removed the older snapshot recovery then needed (adversary round 12, F3).
+#[test]
+fn compaction_keeps_the_older_files_when_the_new_base_is_cut_at_a_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let older = write(dir.path(), 10, &profiles(10)).unwrap();
+    let base = write(dir.path(), 3000, &profiles(3000)).unwrap();
+    let intact = fs::read(&base).unwrap();
+    // The header frame, then the first of three chunks of profiles.
+    fs::write(&base, &intact[..frame_start(&intact, 2)]).unwrap();
+
+    let (at, _, reason) = damage(compact(dir.path(), 5000, 50).map(|_| 0));
+    assert_eq!(at, base);
+    assert_eq!(reason, format!("{CHUNK} profiles, header says 3000"));
+    assert!(older.exists(), "the older snapshot stays");
+    let (_, _, read) = read_all(&base);
+    assert!(read.is_err(), "recovery refuses it too");
+
+    fs::write(&base, &intact).unwrap();
+    assert_eq!(compact(dir.path(), 5000, 50).unwrap(), vec![older]);
+}
