@@ -18,7 +18,9 @@
 //! the server and only sometimes writes (the sequencer, a replica's applier, the dead letters)
 //! keeps a [`LockRef`] and takes a share for each piece of work: once the [`DataDir`] was
 //! dropped (the server stopped), it gets none and must not write, even while an earlier share
-//! still holds the lock.
+//! still holds the lock. An OS lock holds a file, not a path: work that writes by path first
+//! checks that the `LOCK` at the path is still the locked file ([`LockShare::check_in_place`]),
+//! and writes nothing when the directory was moved or replaced, or its `LOCK` removed.
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -56,7 +58,25 @@ pub struct DataDir {
 struct Lock {
     // Held, never read.
     _file: File,
+    /// The locked file's device and inode: what `LOCK` must still be ([`LockShare::check_in_place`]).
+    identity: (u64, u64),
     handle_dropped: AtomicBool,
+}
+
+impl Lock {
+    fn new(file: File) -> Lock {
+        use std::os::unix::fs::MetadataExt;
+        // An fstat of an open file does not fail short of a bad descriptor; (0, 0) would only
+        // make every check fail, refusing writes rather than risking them.
+        let identity = file
+            .metadata()
+            .map_or((0, 0), |meta| (meta.dev(), meta.ino()));
+        Lock {
+            _file: file,
+            identity,
+            handle_dropped: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Drop for DataDir {
@@ -71,6 +91,32 @@ impl Drop for DataDir {
 pub struct LockShare {
     // Held, never read (`None`: a directory nobody locked).
     _lock: Option<Arc<Lock>>,
+}
+
+impl LockShare {
+    /// Whether the lock this share holds is still the `LOCK` file of `dir`: an error when the
+    /// file there is gone or is another (the directory was moved or replaced, by a restore
+    /// say, or its `LOCK` removed), where another process may now write. Work that writes by
+    /// path checks this first; writing on would mix two stores' files (adversary round 12, F4
+    /// and F5). A stat: cheap enough for every journal append.
+    pub fn check_in_place(&self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(lock) = &self._lock else {
+            return Ok(());
+        };
+        let at_path = fs::symlink_metadata(dir.join(LOCK_FILE))
+            .map(|meta| (meta.dev(), meta.ino()))
+            .ok();
+        match at_path == Some(lock.identity) {
+            true => Ok(()),
+            false => Err(std::io::Error::other(format!(
+                "{} is not the LOCK file this server locked (the data directory was moved or \
+                 replaced, or its LOCK removed): nothing more is written there; stop this \
+                 server, and start one on the directory you mean to serve",
+                dir.join(LOCK_FILE).display()
+            ))),
+        }
+    }
 }
 
 /// Where to take a [`LockShare`] from for each piece of work, without holding the lock in
@@ -181,10 +227,7 @@ impl DataDir {
         Ok(DataDir {
             path: path.to_owned(),
             store_id: String::new(),
-            lock: Arc::new(Lock {
-                _file: lock,
-                handle_dropped: AtomicBool::new(false),
-            }),
+            lock: Arc::new(Lock::new(lock)),
         })
     }
 
@@ -193,10 +236,7 @@ impl DataDir {
         Ok(DataDir {
             path: path.to_owned(),
             store_id,
-            lock: Arc::new(Lock {
-                _file: lock,
-                handle_dropped: AtomicBool::new(false),
-            }),
+            lock: Arc::new(Lock::new(lock)),
         })
     }
 

@@ -579,10 +579,15 @@ impl LocalLetters {
         // Held until the change is done, even if its caller stopped waiting: the directory
         // stays locked while a file is written or removed. None once the server released it.
         let share = self.inner.lock.share().ok_or(DeadLetterError::Stopping)?;
+        let data_dir = dir.parent().unwrap_or(&dir).to_owned();
         let run = move || {
-            let _share = share;
+            // Not into a data directory that is no longer this server's (moved or replaced).
+            let data_dir = data_dir.as_path();
+            (share.check_in_place(data_dir)).map_err(IoError::on(data_dir, "write a letter in"))?;
             let _writing = lock(&inner.writer);
-            work(&inner)
+            let done = work(&inner);
+            drop(share);
+            done
         };
         match tokio::task::spawn_blocking(run).await {
             Ok(result) => result,

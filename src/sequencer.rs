@@ -41,7 +41,7 @@ use crate::data_dir::LockRef;
 use crate::error::Error;
 use crate::journal::appender::{Appended, Appender, WriteClock};
 use crate::journal::codec::{BatchFrame, UpdateRecord};
-use crate::journal::{Journal, snapshot};
+use crate::journal::{self, Journal, snapshot};
 use crate::metrics::Metrics;
 use crate::profile::{Change, Profile, ProfileKey, ProfileUpdate, TooLarge, check_growth};
 use crate::store::Store;
@@ -286,8 +286,10 @@ impl Durable {
             metrics.clone(),
         );
         tracker.spawn_blocking(move || {
-            let _lock = lock;
-            let taken = snapshot::take(&dir, &store, history);
+            // Not into a directory that is no longer this server's (it was moved or replaced).
+            let taken = journal::in_place(&lock, &dir, "snapshot into")
+                .and_then(|()| snapshot::take(&dir, &store, history));
+            drop(lock);
             metrics.snapshot(taken.is_ok());
             match taken {
                 Ok(taken) => tracing::info!(

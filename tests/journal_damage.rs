@@ -212,6 +212,76 @@ async fn damage_in_the_newest_segment_is_refused_whatever_snapshots_there_are() 
     assert!(stderr.contains("--discard-journal-from"), "{stderr}");
 }
 
+/// A webhook's answer and, once refused, the server's readiness.
+async fn refused_and_not_ready(binary: &Binary, customer: &str, second: u32) {
+    let body = profile_updated(customer, &at(second), json!({"total_points": 1}));
+    let (status, answer) = binary.post(&body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(binary.ready().await, 503);
+}
+
+/// A server whose data directory is no longer at its path, or whose `LOCK` was removed, writes
+/// nothing more there: its webhooks get 503 and it is not ready. Before, a second server
+/// started beside it once `LOCK` was gone, both answered 200, and a restart lost half of what
+/// they had acknowledged; and a server whose directory was moved aside for a restore wrote its
+/// segments and snapshots into the restored one (adversary round 12, F4 and F5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_writes_nothing_once_its_directory_is_moved_or_its_lock_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--snapshot-every-records", "5"];
+    let first = Binary::start(&data, &args).await;
+    post_each(&first, 10).await;
+    std::fs::remove_file(data.join("LOCK")).unwrap();
+    refused_and_not_ready(&first, "late", 100).await;
+    // The second server, which the missing LOCK let in, is the only one writing.
+    let second = Binary::start(&data, &args).await;
+    let body = profile_updated("second", &at(101), json!({"total_points": 1}));
+    assert_eq!(
+        second.post(&body).await,
+        (200, json!({"outcome": "applied", "revision": 11}))
+    );
+    refused_and_not_ready(&first, "late", 102).await;
+    first.stop();
+    second.stop();
+    let binary = Binary::start(&data, &args).await;
+    let store_id = binary.server_info().await.store_id;
+    assert_eq!(binary.server_info().await.revision, 11);
+    assert!(exists(&binary, "second").await && !exists(&binary, "late").await);
+
+    // Moved aside, and a new store made in its place (as a restore would).
+    let aside = dir.path().join("data.old");
+    std::fs::rename(&data, &aside).unwrap();
+    let replacement = Binary::start(&data, &[]).await;
+    refused_and_not_ready(&binary, "late", 103).await;
+    for n in 104..110 {
+        let body = profile_updated("late", &at(n), json!({"total_points": 1}));
+        assert_eq!(binary.post(&body).await.0, 503);
+    }
+    binary.stop();
+    let replaced = replacement.server_info().await;
+    assert_eq!((replaced.revision, replaced.profile_count), (0, 0));
+    replacement.stop();
+    assert_eq!(
+        numbered(&data, "journal-", ".log").len(),
+        1,
+        "no segment of the old store in the new directory"
+    );
+    assert!(numbered(&data, "snapshot-", ".snap").is_empty());
+    let binary = Binary::start(&data, &[]).await;
+    let info = binary.server_info().await;
+    assert_eq!((info.revision, info.profile_count), (0, 0));
+    assert_ne!(info.store_id, store_id);
+    binary.stop();
+    // The moved directory holds what was acknowledged, and nothing the refused server tried.
+    let binary = Binary::start(&aside, &args).await;
+    let info = binary.server_info().await;
+    assert_eq!((info.revision, info.store_id), (11, store_id));
+    assert!(exists(&binary, "c10").await && exists(&binary, "second").await);
+    assert!(!exists(&binary, "late").await);
+    binary.stop();
+}
+
 /// Issue 10, bug 2, and what an operator can do about damage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damage_refuses_start_up_until_the_operator_gives_records_up_under_a_new_store_id() {

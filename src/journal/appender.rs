@@ -173,6 +173,7 @@ fn run(lock: LockShare, mut journal: Journal, inbox: mpsc::Receiver<Job>, clock:
     // Set by a failed append, cleared by `Resume`: what was numbered after the failure is
     // refused, never written.
     let mut refusing = false;
+    let dir = journal.dir().to_owned();
     for job in inbox {
         match job {
             Job::Append {
@@ -187,7 +188,10 @@ fn run(lock: LockShare, mut journal: Journal, inbox: mpsc::Receiver<Job>, clock:
                 } else {
                     let started = Instant::now();
                     clock.start(started);
-                    let appended = journal.append_encoded(&frame, revisions);
+                    // Checked before anything is written: a rotation creates its segment by
+                    // path, and the open one may now be in a directory moved away.
+                    let appended = (lock.check_in_place(&dir))
+                        .and_then(|()| journal.append_encoded(&frame, revisions));
                     // Before the answer: whoever has the answer sees no write in progress.
                     clock.stop();
                     appended
@@ -204,12 +208,16 @@ fn run(lock: LockShare, mut journal: Journal, inbox: mpsc::Receiver<Job>, clock:
                 next_revision,
                 done,
             } => {
-                let _ = done.send(journal.probe(next_revision));
+                let probed = lock.check_in_place(&dir);
+                let _ = done.send(probed.and_then(|()| journal.probe(next_revision)));
             }
             Job::Close { done } => {
                 // Files closed and the lock's share given back before the answer: once a
                 // clean stop has its answer, nothing of this thread keeps the directory.
-                let closed = journal.close();
+                // Not in a directory that is no longer this server's: closing cuts the
+                // segment to its length and writes the head, over another server's records.
+                let closed = super::in_place(&lock, &dir, "close the journal in")
+                    .and_then(|()| journal.close());
                 drop(journal);
                 drop(lock);
                 let _ = done.send(closed);

@@ -177,6 +177,17 @@ pub enum JournalError {
     },
 }
 
+/// [`LockShare::check_in_place`] as a journal error: work about to write into `dir` (`action`)
+/// first makes sure the directory is still the one its server locked.
+pub fn in_place(
+    lock: &crate::data_dir::LockShare,
+    dir: &Path,
+    action: &'static str,
+) -> Result<(), JournalError> {
+    lock.check_in_place(dir)
+        .map_err(|error| JournalError::Io(IoError::new(dir, action, error)))
+}
+
 /// The end of a refusal that an operator can resolve by giving records up.
 fn give_up(path: &Path, offset: u64, first_lost: u64) -> String {
     match DiscardPoint::at(path, offset) {

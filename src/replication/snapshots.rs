@@ -234,7 +234,8 @@ impl Job {
             return;
         };
         let taken = tokio::task::spawn_blocking(move || {
-            let _lock = lock;
+            // Not into a directory that is no longer this replica's (moved or replaced).
+            crate::journal::in_place(&lock, &dir, "snapshot into")?;
             snapshot::take_as_of(&dir, &store, revision, stream_sequence, history)
         })
         .await
@@ -289,7 +290,7 @@ impl Job {
         };
         let dir = self.dir.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            let _lock = lock;
+            crate::journal::in_place(&lock, &dir, "remove snapshots from")?;
             remove_unusable(&dir, first, |path| std::fs::remove_file(path))
         })
         .await
