@@ -114,7 +114,17 @@ pub enum HeaderError {
         /// The newest version this build reads in this kind of file.
         newest: u32,
     },
+    /// A version no build writes, far past the newest: a damaged header (a flipped bit), not
+    /// a file from a newer build, whose advice ("run the newer build") would mislead.
+    ImplausibleVersion {
+        /// The version the header names.
+        version: u32,
+    },
 }
+
+/// How many formats past its newest a build takes a file's version for one a newer build
+/// wrote; beyond, the header is damaged. Formats come one at a time, a few a year at most.
+const NEWER_FORMATS: u32 = 16;
 
 impl std::fmt::Display for HeaderError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -131,6 +141,10 @@ impl std::fmt::Display for HeaderError {
                 f,
                 "format {version} is not one this build reads (formats \
                  {OLDEST_READABLE_VERSION} to {newest})"
+            ),
+            HeaderError::ImplausibleVersion { version } => write!(
+                f,
+                "the file header is damaged (format version {version}, which no build writes)"
             ),
         }
     }
@@ -149,6 +163,9 @@ pub fn check_header(bytes: &[u8], magic: [u8; 8]) -> Result<FrameFormat, HeaderE
         1 => Ok(FrameFormat::V1),
         2 => Ok(FrameFormat::V2),
         3 if newest == FrameFormat::V3 => Ok(FrameFormat::V3),
+        version if version > newest.version().saturating_add(NEWER_FORMATS) => {
+            Err(HeaderError::ImplausibleVersion { version })
+        }
         version => Err(HeaderError::UnknownVersion {
             version,
             newest: newest.version(),

@@ -98,7 +98,8 @@ pub fn recover_from(
 ) -> Result<Recovered, JournalError> {
     remove_temporary_files(dir)?;
     let head = head::read(dir)?;
-    let segments = segments(dir)?;
+    let newest_recorded = head.as_ref().map_or(0, |head| head.newest_segment);
+    let segments = without_unfinished_newest(segments(dir)?, newest_recorded)?;
     if head.is_none() && !segments.is_empty() {
         tracing::warn!(
             "no {}: recovering without checking for a removed newest segment or a cut end; \
@@ -116,7 +117,6 @@ pub fn recover_from(
         None => store.reserve_profiles(room_for_replay),
     }
     took.snapshot = started.elapsed();
-    let newest_recorded = head.as_ref().map_or(0, |head| head.newest_segment);
     // After a clean shutdown nothing can be torn: the newest segment ends where it was left.
     let closed = head
         .and_then(|head| head.closed)
@@ -151,10 +151,7 @@ pub fn recover_from(
         }
         read_whole(path, &mut buffer)?;
         let bytes = buffer.as_slice();
-        let removable = is_last && *first != newest_recorded;
-        let Some(format) = segment_format(path, bytes, removable, store)? else {
-            continue;
-        };
+        let format = segment_format(path, bytes, store)?;
         // A clean-shutdown mark speaks only for a segment of this format: an older build,
         // which knows nothing of the mark, may have appended to an older one since.
         let closed_here = closed.is_some() && format == FrameFormat::CURRENT;
@@ -318,23 +315,35 @@ fn load_snapshot(
     Ok(())
 }
 
-/// How the segment `path` (its `bytes`) lays out its frames, from its file header; `None` when
-/// it is `removable` (the newest, and not the one `JOURNAL_HEAD` records) and its header was
-/// never completed, which a crash while an earlier build created it in place leaves: it is
-/// removed, it never held a record.
-fn segment_format(
-    path: &Path,
-    bytes: &[u8],
-    removable: bool,
-    store: &Store,
-) -> Result<Option<FrameFormat>, JournalError> {
+/// `segments` without a newest one whose file header was never completed (shorter than a
+/// header), which a crash while an earlier build created it in place leaves: it never held a
+/// record, and is removed. Not the one `JOURNAL_HEAD` records (`newest_recorded`): that one
+/// held records. Removed before recovery reads any segment, so that the one before it is read
+/// as the newest, as it was (its end may be a torn write or a runway of zeros); when it was
+/// removed during the read, the one before it had been read as an older one, and start-up
+/// refused, saying that intact segment was missing (adversary round 12, F7).
+fn without_unfinished_newest(
+    mut segments: Vec<(u64, PathBuf)>,
+    newest_recorded: u64,
+) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    while let Some((first, path)) = segments.last()
+        && *first != newest_recorded
+        && fs::metadata(path)
+            .map_err(JournalError::io(path, "read"))?
+            .len()
+            < codec::HEADER_LEN as u64
+    {
+        tracing::warn!(segment = %path.display(), "removing a segment whose header was never completed");
+        fs::remove_file(path).map_err(JournalError::io(path, "remove"))?;
+        segments.pop();
+    }
+    Ok(segments)
+}
+
+/// How the segment `path` (its `bytes`) lays out its frames, from its file header.
+fn segment_format(path: &Path, bytes: &[u8], store: &Store) -> Result<FrameFormat, JournalError> {
     match codec::check_header(bytes, SEGMENT_MAGIC) {
-        Ok(format) => Ok(Some(format)),
-        Err(HeaderError::Short) if removable => {
-            tracing::warn!(segment = %path.display(), "removing a segment whose header was never completed");
-            fs::remove_file(path).map_err(JournalError::io(path, "remove"))?;
-            Ok(None)
-        }
+        Ok(format) => Ok(format),
         Err(error @ HeaderError::UnknownVersion { .. }) => Err(JournalError::Format {
             path: path.to_owned(),
             reason: format!("not a journal segment this build reads: {error}"),

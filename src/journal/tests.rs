@@ -699,6 +699,31 @@ fn a_segment_of_a_newer_format_is_refused_with_a_clear_message() {
     assert!(message.contains("reads formats 1 to 2"), "{message}");
 }
 
+/// A flipped bit in a segment's format version, far past any newer build's, is damage (with
+/// the way to give the segment up), not "written by a newer profile-state: run the newer
+/// build", which sent the operator after a build that does not exist (adversary round 12, F8).
+#[test]
+fn a_version_no_build_writes_is_damage_not_a_newer_format() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(write(dir.path(), 2, u64::MAX));
+    let path = only_segment(dir.path());
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[10] ^= 0x20;
+    fs::write(&path, bytes).unwrap();
+    let error = recovered(dir.path()).err().expect("refused");
+    assert!(
+        matches!(error, JournalError::Corrupt { offset: 0, .. }),
+        "{error}"
+    );
+    assert!(error.discard_point().is_some());
+    let message = error.to_string();
+    assert!(
+        message.contains("the file header is damaged (format version 2097154"),
+        "{message}"
+    );
+    assert!(!message.contains("newer"), "{message}");
+}
+
 /// A copy of `tests/fixtures/format-1`: a data directory written by a build of format 1.
 fn format_1_data_dir() -> tempfile::TempDir {
     fixture_data_dir("format-1")
@@ -1336,4 +1361,30 @@ fn a_damaged_last_frame_without_the_end_mark_ending_past_a_page_boundary_is_refu
     assert_eq!(recovered_revision(dir.path()), 13);
     flip(&path, end + 40, 2);
     refused_at(dir.path(), &path, end);
+}
+
+/// A newest segment whose header was never completed (an empty file, as a crash while it was
+/// created leaves) is removed, and the one before it is recovered as the newest: after a clean
+/// stop (its end is where the stop left it) and after a crash (its runway of zeros is cut off).
+/// It was removed during the read, after the one before it had been read as an older one:
+/// start-up then refused, saying that intact segment was missing, or refused its runway as
+/// damage (adversary round 12, F7).
+#[test]
+fn an_empty_newest_segment_is_removed_and_the_one_before_it_is_the_newest_again() {
+    for clean in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = write(dir.path(), 4, u64::MAX);
+        if clean {
+            journal.close().unwrap();
+        }
+        drop(journal);
+        let empty = dir.path().join("journal-00000000000000000013.log");
+        fs::write(&empty, b"").unwrap();
+        let (store, recovered) = recovered(dir.path()).unwrap();
+        assert_eq!(store.revision(), 12, "clean: {clean}");
+        assert!(!empty.exists(), "clean: {clean}");
+        let tail = recovered.tail.unwrap();
+        assert_eq!(tail.first_revision, 1);
+        assert_eq!(fs::metadata(&tail.path).unwrap().len(), tail.len);
+    }
 }
