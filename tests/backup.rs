@@ -260,7 +260,18 @@ async fn backups_write_files_of_their_own() {
     ];
     let refused = run(args.iter().map(|arg| arg.to_string()).collect()).await;
     assert_eq!(refused.status.code(), Some(64), "{}", text(&refused.stderr));
-    assert!(text(&refused.stderr).contains("is in a data directory"));
+    assert!(text(&refused.stderr).contains("is in the data directory"));
+    // Nor in a directory within one: a letter-like name there stopped the next start-up, and
+    // a `.tmp` one was removed by it (adversary round 12, F6).
+    let letters = dir.path().join("data").join("dead-letters");
+    std::fs::create_dir_all(&letters).unwrap();
+    for name in [format!("{}.json", "0".repeat(40)), "nightly.tmp".into()] {
+        let inside = path(&letters.join(name));
+        let args = ["backup", "--grpc", &service.grpc.to_string(), &inside];
+        let refused = run(args.iter().map(|arg| arg.to_string()).collect()).await;
+        assert_eq!(refused.status.code(), Some(64), "{}", text(&refused.stderr));
+        assert!(text(&refused.stderr).contains("is in the data directory"));
+    }
     // A volume's root, its `lost+found` kept, is a place to restore to. A backup readable by
     // all (copied with an operator's umask) is restored into files of their own all the same
     // (the snapshot kept the backup's bits: an adversarial run).

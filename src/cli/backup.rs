@@ -126,10 +126,15 @@ async fn receive(
 /// adversarial run).
 fn check_target(file: &Path) -> Result<(), Failure> {
     check_directory(file)?;
-    if crate::data_dir::is_data_dir(directory_of(file)) {
+    // Its directory or any above it (`dead-letters/` is in one too, and a start-up reads or
+    // removes the files there), links resolved.
+    let directory = std::fs::canonicalize(directory_of(file))
+        .map_err(|error| failed(IoError::new(directory_of(file), "resolve", error)))?;
+    if let Some(data_dir) = (directory.ancestors()).find(|dir| crate::data_dir::is_data_dir(dir)) {
         return Err(Failure::Usage(format!(
-            "{} is in a data directory (it holds a STORE_ID): write the backup elsewhere",
-            file.display()
+            "{} is in the data directory {} (it holds a STORE_ID): write the backup elsewhere",
+            file.display(),
+            data_dir.display()
         )));
     }
     match std::fs::symlink_metadata(file) {
