@@ -285,6 +285,30 @@ async fn invalid_watch_requests_are_refused_with_the_field() {
             },
             "customer_ids",
         ),
+        // So are its other texts: 100 field names of 40 KB, or a 4 MB client_id or store_id,
+        // kept 4.4 MB a stream (adversary round 11, F1). 16 KiB each at most.
+        (
+            pb::WatchProfilesRequest {
+                fields: (0..100).map(|n| format!("extra.{n:0>158}")).collect(),
+                ..Default::default()
+            },
+            "fields",
+        ),
+        (
+            pb::WatchProfilesRequest {
+                client_id: "c".repeat(16 * 1024 + 1),
+                ..Default::default()
+            },
+            "client_id",
+        ),
+        (
+            pb::WatchProfilesRequest {
+                store_id: "s".repeat(16 * 1024 + 1),
+                start_revision: 1,
+                ..Default::default()
+            },
+            "store_id",
+        ),
     ] {
         let status = client.watch_profiles(request).await.expect_err("refused");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
@@ -303,7 +327,24 @@ async fn invalid_watch_requests_are_refused_with_the_field() {
                 "at most 262144 bytes of ids per watch, got 263000"
             );
         }
+        if field == "fields" {
+            assert_eq!(
+                violations[0].description,
+                "at most 16384 bytes per watch, got 16400"
+            );
+        }
     }
+    // 100 field names of 16,300 bytes in all, and a client_id of 16 KiB, fit.
+    let request = pb::WatchProfilesRequest {
+        fields: (0..100).map(|n| format!("extra.{n:0>157}")).collect(),
+        client_id: "c".repeat(16 * 1024),
+        ..Default::default()
+    };
+    let mut stream = client.watch_profiles(request).await.unwrap().into_inner();
+    assert!(matches!(
+        stream.message().await.unwrap().unwrap().event,
+        Some(Event::Synced(_))
+    ));
     // 1,000 ids of 262 bytes fit.
     let request = pb::WatchProfilesRequest {
         customer_ids: (0..1000).map(|n| format!("{n:0>262}")).collect(),

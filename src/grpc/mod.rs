@@ -68,6 +68,11 @@ pub const MAX_WATCH_IDS: usize = 1000;
 pub const MAX_WATCH_ID_BYTES: usize = 256 * 1024;
 /// Most field names one WatchProfiles filter may name.
 pub const MAX_WATCH_FIELDS: usize = 100;
+/// Most bytes of field names one WatchProfiles filter may name, all together; and most bytes
+/// of its `client_id`, and of its `store_id`. Kept while the stream is open, as its ids are:
+/// unbounded, 100 names of 40 KB (or one 4 MB `client_id`) kept 4.4 MB a stream (adversary
+/// round 11, F1).
+pub const MAX_WATCH_TEXT_BYTES: usize = 16 * 1024;
 /// The request compressions every service but reflection takes (tonic inflates a message
 /// within the message limit); answers are not compressed.
 pub const ACCEPTED_ENCODINGS: [tonic::codec::CompressionEncoding; 2] = [

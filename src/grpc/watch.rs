@@ -38,7 +38,7 @@ use super::codec::{MessageCodec, MessageDecoder};
 use super::profile_reply::ProfileReply;
 use super::{
     ACCEPTED_ENCODINGS, DEFAULT_PROGRESS_INTERVAL, MAX_WATCH_FIELDS, MAX_WATCH_ID_BYTES,
-    MAX_WATCH_IDS, OpenWatch, ProfileApi, convert, fits_alone, transport,
+    MAX_WATCH_IDS, MAX_WATCH_TEXT_BYTES, OpenWatch, ProfileApi, convert, fits_alone, transport,
 };
 use crate::error::Error;
 use crate::pb;
@@ -378,6 +378,17 @@ fn watch_spec(request: pb::WatchProfilesRequest) -> Result<WatchSpec, Error> {
             request.fields.len()
         );
         return Err(Error::invalid("fields", reason));
+    }
+    let texts = [
+        ("fields", request.fields.iter().map(String::len).sum()),
+        ("client_id", request.client_id.len()),
+        ("store_id", request.store_id.len()),
+    ];
+    for (field, bytes) in texts {
+        if bytes > MAX_WATCH_TEXT_BYTES {
+            let reason = format!("at most {MAX_WATCH_TEXT_BYTES} bytes per watch, got {bytes}");
+            return Err(Error::invalid(field, reason));
+        }
     }
     let mut customer_ids = HashSet::with_capacity(request.customer_ids.len());
     for (index, id) in request.customer_ids.into_iter().enumerate() {

@@ -83,8 +83,9 @@ impl Watch {
                 Start::Reset {
                     kind: ResetKind::StoreChanged,
                     reason: format!(
-                        "store_id {requested} is not this server's store {}: the revisions it \
-                         knows mean something else here",
+                        "store_id {} is not this server's store {}: the revisions it knows \
+                         mean something else here",
+                        crate::error::echoed(&requested),
                         store.store_id()
                     ),
                     oldest: store.oldest_in_history(),
