@@ -902,3 +902,45 @@ async fn a_live_subscriber_that_stops_reading_pins_at_most_its_outbox_bytes() {
     );
     shutdown.cancel();
 }
+
+/// Feeds naming the same customers leave the index one by one, each leaving all its ids at
+/// once, and the feeds left are still routed to: 300 feeds of the same 1,000 ids, half of them
+/// dropped. (Each id's feeds were a list scanned at every leave, so closing N such feeds cost
+/// N² times the ids under the index's write lock, seconds that every commit's routing waited
+/// for: adversary round 11, F3.)
+#[test]
+fn feeds_of_the_same_customers_leave_the_index_and_the_others_are_still_routed_to() {
+    use crate::profile::{Change, ChangedFields, Origin, Profile, Register};
+    let router = Arc::new(router::Router::default());
+    let ids: HashSet<Arc<str>> = (0..1000).map(|n| Arc::from(format!("c{n}"))).collect();
+    let spec = Arc::new(WatchSpec {
+        customer_ids: ids,
+        ..WatchSpec::default()
+    });
+    let mut feeds: Vec<_> = (0..300)
+        .map(|_| router::Registration::new(&router, Arc::clone(&spec)))
+        .collect();
+    let kept = feeds.split_off(150);
+    drop(feeds);
+    assert_eq!(router.indexed(), (1000, 0, 0));
+    let register = Register {
+        value: Some(Scalar::Int(5)),
+        at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+    };
+    let profile = Profile::from_registers(
+        ProfileKey::new("2155", "c7"),
+        [(Field::TotalPoints, register)],
+        [],
+        1,
+        1,
+        1,
+    );
+    let changed: ChangedFields = vec![FieldPath::Field(Field::TotalPoints)].into();
+    let change = Change::new(1, Arc::new(profile), None, changed, Origin::Webhook);
+    router.route(&[Arc::new(change)]);
+    for feed in &kept {
+        assert_eq!(feed.mailbox.take(&router).revisions, vec![1]);
+    }
+    drop(kept);
+    assert_eq!(router.indexed(), (0, 0, 0));
+}
