@@ -98,7 +98,8 @@ impl LockShare {
     /// file there is gone or is another (the directory was moved or replaced, by a restore
     /// say, or its `LOCK` removed), where another process may now write. Work that writes by
     /// path checks this first; writing on would mix two stores' files (adversary round 12, F4
-    /// and F5). A stat: cheap enough for every journal append.
+    /// and F5). A stat: the journal makes it before an append that creates or cuts a file, and
+    /// otherwise at most 50 ms apart (`journal::appender`).
     pub fn check_in_place(&self, dir: &Path) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         let Some(lock) = &self._lock else {
@@ -178,7 +179,10 @@ pub enum DataDirError {
         path: PathBuf,
     },
     /// The store id file holds something else than an id.
-    #[error("{path} does not hold a store id")]
+    #[error(
+        "{path} does not hold a store id: restore it from a backup of the data directory, or \
+         remove it to start under a new store id (every watcher then starts over)"
+    )]
     BadStoreId {
         /// The file.
         path: PathBuf,
@@ -408,7 +412,7 @@ fn lock(path: &Path) -> Result<File, DataDirError> {
     );
     let lock = options
         .open(&lock_path)
-        .map_err(IoError::on(&lock_path, "open lock file"))?;
+        .map_err(IoError::on(path, "open its lock file, LOCK"))?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -417,7 +421,7 @@ fn lock(path: &Path) -> Result<File, DataDirError> {
             });
         }
         Err(std::fs::TryLockError::Error(source)) => {
-            return Err(IoError::new(&lock_path, "lock", source).into());
+            return Err(IoError::new(path, "lock its lock file, LOCK", source).into());
         }
     }
     Ok(lock)

@@ -74,7 +74,11 @@ fn passed_damage(passed: &[JournalError], recovered: &Recovered) -> Result<(), J
     tracing::warn!(
         damage = passed.join("; then "),
         started_from_snapshot = recovered.snapshot,
-        "recovery started from a newer snapshot that covers the damaged file, so no          acknowledged update is lost; the watch history before that snapshot is gone (watchers          resuming before it get Reset). A damaged snapshot is renamed <name>.damaged; a          damaged journal segment stays until compaction removes it, and each start reads up          to it again meanwhile. Check the disk."
+        "recovery started from a newer snapshot that covers the damaged file, so no \
+         acknowledged update is lost; the watch history before that snapshot is gone \
+         (watchers resuming before it get Reset). A damaged snapshot is renamed \
+         <name>.damaged; a damaged journal segment stays until compaction removes it, and \
+         each start reads up to it again meanwhile. Check the disk."
     );
     Ok(())
 }

@@ -308,7 +308,10 @@ async fn backups_write_files_of_their_own() {
     let refused = run(args.iter().map(|arg| arg.to_string()).collect()).await;
     let said = text(&refused.stderr);
     assert_eq!(refused.status.code(), Some(64), "{said}");
-    assert!(said.contains("open lock file: Is a directory"), "{said}");
+    assert!(
+        said.contains("unusable: open its lock file, LOCK: Is a directory"),
+        "{said}"
+    );
     service.stop().await;
 
     // A restore that fails half-way (here: no file may grow past 512 bytes, as on a full

@@ -212,19 +212,40 @@ async fn damage_in_the_newest_segment_is_refused_whatever_snapshots_there_are() 
     assert!(stderr.contains("--discard-journal-from"), "{stderr}");
 }
 
-/// A webhook's answer and, once refused, the server's readiness.
-async fn refused_and_not_ready(binary: &Binary, customer: &str, second: u32) {
-    let body = profile_updated(customer, &at(second), json!({"total_points": 1}));
-    let (status, answer) = binary.post(&body).await;
-    assert_eq!(status, 503, "{answer}");
-    assert_eq!(binary.ready().await, 503);
+/// Posts webhooks of customers `<prefix>0`, `<prefix>1`, ... to `binary` until it answers
+/// 503, which it must within a bounded number (it checks its directory at most 50 ms apart
+/// while appends only write to the open segment); then it is not ready. Returns how many it
+/// acknowledged before.
+async fn acknowledged_until_refused(binary: &Binary, prefix: &str) -> u32 {
+    for n in 0..1000 {
+        let body = profile_updated(&format!("{prefix}{n}"), &at(n), json!({"total_points": 1}));
+        match binary.post(&body).await {
+            (200, _) => continue,
+            (503, _) => {
+                assert_eq!(binary.ready().await, 503);
+                let body = profile_updated("refused", &at(1), json!({"total_points": 1}));
+                assert_eq!(binary.post(&body).await.0, 503, "and every one after it");
+                return n;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    panic!("still acknowledging 1,000 webhooks after its directory was taken away")
 }
 
-/// A server whose data directory is no longer at its path, or whose `LOCK` was removed, writes
-/// nothing more there: its webhooks get 503 and it is not ready. Before, a second server
-/// started beside it once `LOCK` was gone, both answered 200, and a restart lost half of what
-/// they had acknowledged; and a server whose directory was moved aside for a restore wrote its
-/// segments and snapshots into the restored one (adversary round 12, F4 and F5).
+/// Every customer `<prefix>0` to `<prefix><count - 1>` is there.
+async fn all_there(binary: &Binary, prefix: &str, count: u32) {
+    for n in 0..count {
+        assert!(exists(binary, &format!("{prefix}{n}")).await, "{prefix}{n}");
+    }
+}
+
+/// A server whose data directory is no longer at its path, or whose `LOCK` was removed, stops
+/// writing there within 50 ms: its webhooks get 503 and it is not ready; what it acknowledged
+/// before is kept. Before, a second server started beside it once `LOCK` was gone, both
+/// answered 200, and a restart lost what they had acknowledged (the first one's clean stop cut
+/// the second one's records); and a server whose directory was moved aside for a restore wrote
+/// its segments and snapshots into the restored one (adversary round 12, F4 and F5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_writes_nothing_once_its_directory_is_moved_or_its_lock_removed() {
     let dir = tempfile::tempdir().unwrap();
@@ -233,31 +254,30 @@ async fn a_server_writes_nothing_once_its_directory_is_moved_or_its_lock_removed
     let first = Binary::start(&data, &args).await;
     post_each(&first, 10).await;
     std::fs::remove_file(data.join("LOCK")).unwrap();
-    refused_and_not_ready(&first, "late", 100).await;
+    let late = acknowledged_until_refused(&first, "late").await;
     // The second server, which the missing LOCK let in, is the only one writing.
     let second = Binary::start(&data, &args).await;
+    let revision = u64::from(10 + late);
+    assert_eq!(second.server_info().await.revision, revision);
     let body = profile_updated("second", &at(101), json!({"total_points": 1}));
     assert_eq!(
         second.post(&body).await,
-        (200, json!({"outcome": "applied", "revision": 11}))
+        (200, json!({"outcome": "applied", "revision": revision + 1}))
     );
-    refused_and_not_ready(&first, "late", 102).await;
+    assert_eq!(first.post(&body).await.0, 503);
     first.stop();
     second.stop();
     let binary = Binary::start(&data, &args).await;
     let store_id = binary.server_info().await.store_id;
-    assert_eq!(binary.server_info().await.revision, 11);
-    assert!(exists(&binary, "second").await && !exists(&binary, "late").await);
+    assert_eq!(binary.server_info().await.revision, revision + 1);
+    assert!(exists(&binary, "second").await);
+    all_there(&binary, "late", late).await;
 
     // Moved aside, and a new store made in its place (as a restore would).
     let aside = dir.path().join("data.old");
     std::fs::rename(&data, &aside).unwrap();
     let replacement = Binary::start(&data, &[]).await;
-    refused_and_not_ready(&binary, "late", 103).await;
-    for n in 104..110 {
-        let body = profile_updated("late", &at(n), json!({"total_points": 1}));
-        assert_eq!(binary.post(&body).await.0, 503);
-    }
+    let moved = acknowledged_until_refused(&binary, "moved").await;
     binary.stop();
     let replaced = replacement.server_info().await;
     assert_eq!((replaced.revision, replaced.profile_count), (0, 0));
@@ -273,12 +293,13 @@ async fn a_server_writes_nothing_once_its_directory_is_moved_or_its_lock_removed
     assert_eq!((info.revision, info.profile_count), (0, 0));
     assert_ne!(info.store_id, store_id);
     binary.stop();
-    // The moved directory holds what was acknowledged, and nothing the refused server tried.
+    // The moved directory holds everything acknowledged, nothing refused.
     let binary = Binary::start(&aside, &args).await;
     let info = binary.server_info().await;
-    assert_eq!((info.revision, info.store_id), (11, store_id));
-    assert!(exists(&binary, "c10").await && exists(&binary, "second").await);
-    assert!(!exists(&binary, "late").await);
+    let revision = revision + 1 + u64::from(moved);
+    assert_eq!((info.revision, info.store_id), (revision, store_id));
+    all_there(&binary, "moved", moved).await;
+    assert!(!exists(&binary, "refused").await);
     binary.stop();
 }
 

@@ -257,6 +257,15 @@ impl Journal {
 
     /// Cuts off what a failed write left, and starts a new segment (whose first revision is
     /// `first_revision`) if the current one is full. A frame without updates never rotates.
+    /// Whether the next append does more than write and sync the open segment: cuts a failed
+    /// write off, starts a segment (by path), or writes `JOURNAL_HEAD` (by path).
+    pub fn next_append_does_more(&self) -> bool {
+        self.needs_repair
+            || self.len >= self.segment_bytes
+            || self.older_format
+            || self.head_pending
+    }
+
     fn prepare(&mut self, first_revision: Option<u64>) -> std::io::Result<()> {
         if self.needs_repair {
             self.repair()?;
