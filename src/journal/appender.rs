@@ -166,13 +166,13 @@ impl Appender {
     }
 }
 
-/// Takes jobs until the close or the handle's drop; `lock` is held until then. (First among
-/// the parameters: they drop in reverse order, so on a panic too the journal's files are
-/// closed before the share goes.)
 /// Longest time between two checks that the data directory is still the one locked, while
 /// appends only write to the open segment.
 const IN_PLACE_EVERY: Duration = Duration::from_millis(50);
 
+/// Takes jobs until the close or the handle's drop; `lock` is held until then. (First among
+/// the parameters: they drop in reverse order, so on a panic too the journal's files are
+/// closed before the share goes.)
 fn run(lock: LockShare, mut journal: Journal, inbox: mpsc::Receiver<Job>, clock: &WriteClock) {
     // Set by a failed append, cleared by `Resume`: what was numbered after the failure is
     // refused, never written.
