@@ -287,8 +287,8 @@ impl Durable {
         );
         tracker.spawn_blocking(move || {
             // Not into a directory that is no longer this server's (it was moved or replaced).
-            let taken = journal::in_place(&lock, &dir, "snapshot into")
-                .and_then(|()| snapshot::take(&dir, &store, history));
+            let in_place = || journal::in_place(&lock, &dir, "snapshot into");
+            let taken = snapshot::take_in_place(&dir, &store, history, &in_place);
             drop(lock);
             metrics.snapshot(taken.is_ok());
             match taken {

@@ -38,7 +38,9 @@ pub fn recover_store(
     let attempt = |at_least| {
         let store = Store::with_history(history, store_id);
         let replay = |records| sequencer::replay(&store, records);
-        journal::recover_from(dir, &store, at_least, replay).map(|recovered| (store, recovered))
+        let recovered = journal::recover_from(dir, &store, at_least, replay)?;
+        set_aside_snapshots_past(dir, store.revision())?;
+        Ok((store, recovered))
     };
     let mut damage = match attempt(0) {
         Ok(recovered) => return Ok(recovered),
@@ -55,11 +57,43 @@ pub fn recover_store(
             Err(error) => damage = error,
         }
     }
-    // The first damage: its refusal names the way out.
-    match passed.is_empty() {
-        true => Err(damage),
-        false => Err(passed.swap_remove(0)),
+    if passed.is_empty() {
+        return Err(damage);
     }
+    // The damage no snapshot passes, if it names a point to give up from: giving up from the
+    // first damage instead lost what the later point keeps (adversary round 13). Else the first.
+    let passable: Vec<String> = passed.iter().map(ToString::to_string).collect();
+    let (refusal, also) = match damage.discard_point() {
+        Some(_) => (damage, passable),
+        None => (passed.swap_remove(0), passable[1..].to_vec()),
+    };
+    if !also.is_empty() {
+        tracing::warn!(
+            damage = also.join("; "),
+            "also damaged, each passable by a newer snapshot once the refused damage is mended"
+        );
+    }
+    Err(refusal)
+}
+
+/// Sets aside every snapshot past `revision`, the end of the journal just recovered: it holds
+/// revisions the journal lost (a lost newest segment and `JOURNAL_HEAD`, which start-up takes
+/// under a new store id), which new ones will reuse; a later start passing damage, or
+/// compaction, took it for the same history and served its profiles (adversary round 13).
+fn set_aside_snapshots_past(dir: &Path, revision: u64) -> Result<(), JournalError> {
+    for (past, path) in journal::snapshot::list(dir)? {
+        if past > revision {
+            let aside = journal::snapshot::set_aside(&path, ".past-journal-end")?;
+            tracing::warn!(
+                snapshot = %path.display(),
+                set_aside_as = %aside.display(),
+                journal_ends_at = revision,
+                "a snapshot past the journal's end holds revisions the journal lost: set aside, \
+                 never to be started from"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Says that recovery passed `passed` (the damage each start stopped at) by starting from a
@@ -67,7 +101,7 @@ pub fn recover_store(
 fn passed_damage(passed: &[JournalError], recovered: &Recovered) -> Result<(), JournalError> {
     for damage in passed {
         if let JournalError::DamagedSnapshot { path, .. } = damage {
-            journal::snapshot::set_aside(path)?;
+            journal::snapshot::set_aside(path, ".damaged")?;
         }
     }
     let passed: Vec<String> = passed.iter().map(|damage| damage.to_string()).collect();

@@ -192,6 +192,53 @@ async fn damage_a_newer_snapshot_covers_is_passed_with_every_update_kept() {
     binary.stop();
 }
 
+/// Damage a newer snapshot passes beside damage in the newest segment, which none does: the
+/// refusal names the newest segment's, whose `--discard-journal-from` gives up only what
+/// follows it, and the other is then passed. It named the first damage met, and giving up from
+/// there lost every revision after it (adversary round 13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refusal_names_the_damage_no_snapshot_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let args = [
+        "--snapshot-every-records",
+        "20",
+        "--history-events",
+        "100",
+        "--segment-bytes",
+        "2048",
+    ];
+    let binary = Binary::start(data, &args).await;
+    post_each(&binary, 300).await;
+    binary.stop();
+    let oldest = numbered(data, "snapshot-", ".snap")[0].0;
+    let segments = numbered(data, "journal-", ".log");
+    let read: Vec<_> = (segments.windows(2))
+        .filter(|pair| pair[1].0 > oldest + 1)
+        .map(|pair| pair[0].1.clone())
+        .collect();
+    let offsets = frame_offsets(&read[0]);
+    flip(&read[0], offsets[offsets.len() / 2] + 20, 2);
+    let (newest_first, newest) = segments.last().unwrap().clone();
+    let offsets = frame_offsets(&newest);
+    flip(&newest, offsets[offsets.len() / 2] + 20, 2);
+
+    let output = refused(data, &args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let point = discard_point(&stderr);
+    assert!(
+        point.starts_with(newest.file_name().unwrap().to_str().unwrap()),
+        "{stderr}"
+    );
+    let lost = first_lost(&stderr);
+    assert!(lost > newest_first, "{stderr}");
+    let discard = ["--discard-journal-from", point.as_str()];
+    let binary = Binary::start(data, &[&args[..], &discard].concat()).await;
+    assert_eq!(binary.server_info().await.revision, lost - 1);
+    assert!(exists(&binary, &format!("c{}", lost - 1)).await);
+    binary.stop();
+}
+
 /// Damage in the newest segment, which every start reads, is refused as before even with newer
 /// snapshots about: no snapshot passes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

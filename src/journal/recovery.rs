@@ -108,6 +108,14 @@ pub fn recover_from(
         );
     }
     let snapshot = snapshot::choose(dir, &segments, at_least)?;
+    if at_least > 0 && snapshot.is_none() {
+        // Without a snapshot past the damage there is nothing to start from: an empty store
+        // would lose everything (a restored directory holds one snapshot and no journal).
+        return Err(JournalError::Format {
+            path: dir.to_owned(),
+            reason: format!("no snapshot of revision {at_least} or later to start from"),
+        });
+    }
     let from = snapshot.as_ref().map_or(0, |(revision, _)| *revision);
     let room_for_replay = records_after(&segments, from);
     let mut took = Took::default();

@@ -95,12 +95,12 @@ pub fn choose(
     })
 }
 
-/// Renames the snapshot `path`, which could not be loaded, to `<name>.damaged`: out of every
-/// later start's way (it is no longer listed), and kept for whoever looks into the damage.
-/// Returns the new path.
-pub fn set_aside(path: &Path) -> Result<PathBuf, JournalError> {
+/// Renames the snapshot `path`, which must not be started from, to `<name><suffix>`
+/// (`.damaged`: it could not be loaded): out of every later start's way (it is no longer
+/// listed), and kept for whoever looks into it. Returns the new path.
+pub fn set_aside(path: &Path, suffix: &str) -> Result<PathBuf, JournalError> {
     let mut aside = path.as_os_str().to_owned();
-    aside.push(".damaged");
+    aside.push(suffix);
     let aside = PathBuf::from(aside);
     fs::rename(path, &aside).map_err(JournalError::io(path, "rename (setting it aside)"))?;
     Ok(aside)
@@ -128,6 +128,20 @@ pub fn write_as_of(
     stream_sequence: u64,
     profiles: &[Arc<Profile>],
 ) -> Result<PathBuf, JournalError> {
+    write_in_place(dir, revision, stream_sequence, profiles, &|| Ok(()))
+}
+
+/// [`write_as_of`], asking `in_place` before the file is created and again just before it is
+/// renamed into place (a rename replaces a file of that name: one of a store restored into a
+/// directory moved aside meanwhile).
+fn write_in_place(
+    dir: &Path,
+    revision: u64,
+    stream_sequence: u64,
+    profiles: &[Arc<Profile>],
+    in_place: InPlace<'_>,
+) -> Result<PathBuf, JournalError> {
+    in_place()?;
     let final_path = path(dir, revision);
     let temp = dir.join(format!("{PREFIX}{revision:020}{TEMP_SUFFIX}"));
     let header = SnapshotHeader {
@@ -135,7 +149,7 @@ pub fn write_as_of(
         profiles: profiles.len() as u64,
         stream_sequence,
     };
-    let written = write_then_rename(dir, &temp, &final_path, &header, profiles);
+    let written = write_then_rename(dir, (&temp, &final_path), &header, profiles, in_place);
     if written.is_err() {
         let _ = fs::remove_file(&temp);
     }
@@ -144,10 +158,10 @@ pub fn write_as_of(
 
 fn write_then_rename(
     dir: &Path,
-    temp: &Path,
-    final_path: &Path,
+    (temp, final_path): (&Path, &Path),
     header: &SnapshotHeader,
     profiles: &[Arc<Profile>],
+    in_place: InPlace<'_>,
 ) -> Result<(), JournalError> {
     let io = |action| JournalError::io(temp, action);
     let file = File::create(temp).map_err(io("create"))?;
@@ -157,6 +171,7 @@ fn write_then_rename(
         .into_inner()
         .map_err(|error| io("write")(error.into_error()))?;
     file.sync_all().map_err(io("sync"))?;
+    in_place()?;
     fs::rename(temp, final_path).map_err(io("rename"))?;
     sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))
 }
@@ -565,8 +580,24 @@ pub struct Taken {
 /// Takes a snapshot of `store` as of its current revision while writes go on, then compacts.
 /// Runs on a blocking thread.
 pub fn take(dir: &Path, store: &Store, history_events: u64) -> Result<Taken, JournalError> {
+    take_in_place(dir, store, history_events, &|| Ok(()))
+}
+
+/// Whether the directory is still the server's to write in (`crate::journal::in_place`).
+pub type InPlace<'a> = &'a dyn Fn() -> Result<(), JournalError>;
+
+/// [`take`], asking `in_place` before the file is created and again before it is renamed
+/// into place, so before compaction too: the state is read first, which takes seconds at a
+/// million profiles, and a directory moved aside meanwhile (for a restore into its path) got
+/// the old store's snapshot, and its compaction, in the new one (adversary round 13).
+pub fn take_in_place(
+    dir: &Path,
+    store: &Store,
+    history_events: u64,
+    in_place: InPlace<'_>,
+) -> Result<Taken, JournalError> {
     let (revision, profiles) = consistent_state(store, None)?;
-    let path = write(dir, revision, &profiles)?;
+    let path = write_in_place(dir, revision, 0, &profiles, in_place)?;
     let removed = compact_or_keep(dir, revision, history_events);
     Ok(Taken {
         revision,
@@ -596,12 +627,12 @@ fn compact_or_keep(dir: &Path, current_revision: u64, history_events: u64) -> Ve
 pub fn take_as_of(
     dir: &Path,
     store: &Store,
-    revision: u64,
-    stream_sequence: u64,
+    (revision, stream_sequence): (u64, u64),
     history_events: u64,
+    in_place: InPlace<'_>,
 ) -> Result<Taken, JournalError> {
     let (revision, profiles) = consistent_state(store, Some(revision))?;
-    let path = write_as_of(dir, revision, stream_sequence, &profiles)?;
+    let path = write_in_place(dir, revision, stream_sequence, &profiles, in_place)?;
     let removed = compact_or_keep(dir, store.revision(), history_events);
     Ok(Taken {
         revision,

@@ -235,8 +235,14 @@ impl Job {
         };
         let taken = tokio::task::spawn_blocking(move || {
             // Not into a directory that is no longer this replica's (moved or replaced).
-            crate::journal::in_place(&lock, &dir, "snapshot into")?;
-            snapshot::take_as_of(&dir, &store, revision, stream_sequence, history)
+            let in_place = || crate::journal::in_place(&lock, &dir, "snapshot into");
+            snapshot::take_as_of(
+                &dir,
+                &store,
+                (revision, stream_sequence),
+                history,
+                &in_place,
+            )
         })
         .await
         .expect("a snapshot does not panic");

@@ -733,7 +733,7 @@ fn remove_download(downloaded: Option<&Path>, why: &anyhow::Error) {
 /// Renames a local snapshot that could not be loaded to `<name>.damaged`, out of every later
 /// start's way, and says so.
 fn set_aside(path: &Path, error: &anyhow::Error) -> anyhow::Result<()> {
-    let aside = snapshot::set_aside(path)?;
+    let aside = snapshot::set_aside(path, ".damaged")?;
     tracing::warn!(
         error = %format!("{error:#}"),
         set_aside_as = %aside.display(),
