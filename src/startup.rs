@@ -28,8 +28,10 @@ use crate::store::{HistoryLimits, Store};
 /// the journal before its newest segment: `journal::start_past`) is passed by starting from
 /// that snapshot, with a warning: every acknowledged update is there, only the watch history
 /// before it is not (watchers resuming before it get `Reset`). A damaged snapshot so passed
-/// is renamed `<name>.damaged`. When no newer start recovers, the first damage is the error,
-/// as before: its refusal names the backup or `--discard-journal-from` way out.
+/// is renamed `<name>.damaged`. When no newer start recovers, the error is the damage none
+/// passes if it names a point to give up from (its `--discard-journal-from` gives up least),
+/// else the first damage met. After every recovery, snapshots past the journal's end are set
+/// aside ([`set_aside_snapshots_past`]).
 pub fn recover_store(
     dir: &Path,
     history: HistoryLimits,
