@@ -118,6 +118,27 @@ async fn assert_all_there(binary: &Binary, count: u32, store_id: &str) {
     }
 }
 
+/// What the passed-damage tests start from: snapshots every 20 records, a history of 100 and
+/// segments of 2 KiB.
+const SNAPSHOTS_AND_SEGMENTS: [&str; 6] = [
+    "--snapshot-every-records",
+    "20",
+    "--history-events",
+    "100",
+    "--segment-bytes",
+    "2048",
+];
+
+/// The segments, not the newest, that recovery reads after the oldest snapshot in `data`.
+fn segments_read_before_the_newest(data: &Path) -> Vec<PathBuf> {
+    let oldest = numbered(data, "snapshot-", ".snap")[0].0;
+    let segments = numbered(data, "journal-", ".log");
+    (segments.windows(2))
+        .filter(|pair| pair[1].0 > oldest + 1)
+        .map(|pair| pair[0].1.clone())
+        .collect()
+}
+
 /// Damage that a newer snapshot covers is passed rather than refused: a flipped bit in the
 /// snapshot recovery starts from (the oldest the journal continues from), in a segment before
 /// the newest, and a segment removed before the newest. Every acknowledged update is there under
@@ -129,14 +150,7 @@ async fn assert_all_there(binary: &Binary, count: u32, store_id: &str) {
 async fn damage_a_newer_snapshot_covers_is_passed_with_every_update_kept() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let args = [
-        "--snapshot-every-records",
-        "20",
-        "--history-events",
-        "100",
-        "--segment-bytes",
-        "2048",
-    ];
+    let args = SNAPSHOTS_AND_SEGMENTS;
     let binary = Binary::start(data, &args).await;
     post_each(&binary, 300).await;
     let store_id = binary.server_info().await.store_id;
@@ -158,13 +172,8 @@ async fn damage_a_newer_snapshot_covers_is_passed_with_every_update_kept() {
     assert!(!base_path.exists());
 
     // A record of a segment recovery reads (past the oldest snapshot), not the newest.
-    let oldest = numbered(data, "snapshot-", ".snap")[0].0;
-    let segments = numbered(data, "journal-", ".log");
-    let read: Vec<_> = (segments.windows(2))
-        .filter(|pair| pair[1].0 > oldest + 1)
-        .map(|pair| pair[0].1.clone())
-        .collect();
-    assert!(read.len() >= 2, "{segments:?}");
+    let read = segments_read_before_the_newest(data);
+    assert!(read.len() >= 2, "{read:?}");
     let offsets = frame_offsets(&read[0]);
     let damaged = offsets[offsets.len() / 2] + 20;
     flip(&read[0], damaged, 2);
@@ -200,23 +209,12 @@ async fn damage_a_newer_snapshot_covers_is_passed_with_every_update_kept() {
 async fn the_refusal_names_the_damage_no_snapshot_passes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let args = [
-        "--snapshot-every-records",
-        "20",
-        "--history-events",
-        "100",
-        "--segment-bytes",
-        "2048",
-    ];
+    let args = SNAPSHOTS_AND_SEGMENTS;
     let binary = Binary::start(data, &args).await;
     post_each(&binary, 300).await;
     binary.stop();
-    let oldest = numbered(data, "snapshot-", ".snap")[0].0;
     let segments = numbered(data, "journal-", ".log");
-    let read: Vec<_> = (segments.windows(2))
-        .filter(|pair| pair[1].0 > oldest + 1)
-        .map(|pair| pair[0].1.clone())
-        .collect();
+    let read = segments_read_before_the_newest(data);
     let offsets = frame_offsets(&read[0]);
     flip(&read[0], offsets[offsets.len() / 2] + 20, 2);
     let (newest_first, newest) = segments.last().unwrap().clone();
