@@ -107,14 +107,50 @@ pub async fn restore(client: &Client, stream: &str, backup: &StreamBackup) {
         .unwrap_or_else(|| panic!("a subject to send the chunks to: {answer}"))
         .to_owned();
     for chunk in backup.data.chunks(CHUNK) {
-        let reply = request(client, &deliver, Bytes::copy_from_slice(chunk)).await;
+        let reply = chunk_request(client, &deliver, Bytes::copy_from_slice(chunk)).await;
         assert!(
             reply.is_null() || reply.get("error").is_none(),
             "chunk refused: {reply}"
         );
     }
-    let created = request(client, &deliver, Bytes::new()).await;
+    let created = chunk_request(client, &deliver, Bytes::new()).await;
     assert!(created.get("error").is_none(), "restore refused: {created}");
+}
+
+/// [`request`] of a restore's chunk, asked again while nobody listens on `deliver` yet: the
+/// server that took the restore subscribes there, and a loaded cluster may not yet have told
+/// the server this client is connected to (a chunk answered "no responders" failed the test
+/// once in CI). No listener means nobody got the chunk, so sending it again sends it once.
+async fn chunk_request(client: &Client, deliver: &str, payload: Bytes) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let answer = loop {
+        let asked = tokio::time::timeout(
+            PATIENCE,
+            client.request(deliver.to_owned(), payload.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{deliver} answers"));
+        match asked {
+            Ok(answer) => break answer,
+            Err(error)
+                if error.kind() == async_nats::RequestErrorKind::NoResponders
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("{deliver}: {error}"),
+        }
+    };
+    json(deliver, &answer.payload)
+}
+
+/// An answer's payload as JSON (`null` when empty).
+fn json(subject: &str, payload: &[u8]) -> Value {
+    match payload.is_empty() {
+        true => Value::Null,
+        false => serde_json::from_slice(payload)
+            .unwrap_or_else(|error| panic!("{subject} answered no JSON: {error}")),
+    }
 }
 
 /// A JetStream API request; its answer, which must not be an error.
@@ -130,9 +166,5 @@ async fn request(client: &Client, subject: &str, payload: Bytes) -> Value {
         .await
         .unwrap_or_else(|_| panic!("{subject} answers"))
         .unwrap_or_else(|error| panic!("{subject}: {error}"));
-    match answer.payload.is_empty() {
-        true => Value::Null,
-        false => serde_json::from_slice(&answer.payload)
-            .unwrap_or_else(|error| panic!("{subject} answered no JSON: {error}")),
-    }
+    json(subject, &answer.payload)
 }
