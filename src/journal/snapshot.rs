@@ -577,16 +577,18 @@ pub struct Taken {
     pub removed: Vec<PathBuf>,
 }
 
-/// Takes a snapshot of `store` as of its current revision while writes go on, then compacts.
-/// Runs on a blocking thread.
-pub fn take(dir: &Path, store: &Store, history_events: u64) -> Result<Taken, JournalError> {
+/// [`take_in_place`] of a directory nothing can take away: for tests only, so that no server
+/// path takes a snapshot without asking.
+#[cfg(test)]
+pub(crate) fn take(dir: &Path, store: &Store, history_events: u64) -> Result<Taken, JournalError> {
     take_in_place(dir, store, history_events, &|| Ok(()))
 }
 
 /// Whether the directory is still the server's to write in (`crate::journal::in_place`).
 pub type InPlace<'a> = &'a dyn Fn() -> Result<(), JournalError>;
 
-/// [`take`], asking `in_place` before the file is created and again before it is renamed
+/// Takes a snapshot of `store` as of its current revision while writes go on, then compacts;
+/// runs on a blocking thread. Asks `in_place` before the file is created and again before it is renamed
 /// into place, so before compaction too: the state is read first, which takes seconds at a
 /// million profiles, and a directory moved aside meanwhile (for a restore into its path) got
 /// the old store's snapshot, and its compaction, in the new one (adversary round 13).
