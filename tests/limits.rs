@@ -1630,3 +1630,259 @@ async fn answers_clients_do_not_read_hold_bounded_bytes() {
     drop((shut, shut_waiting, default, default_waiting, others));
     service.stop().await;
 }
+
+/// Profiles `c0`.. of a 10 KB note each, posted to `binary`.
+async fn large_profiles(binary: &binary::Binary, count: usize) {
+    let note = "n".repeat(10_000);
+    for n in 0..count {
+        let update = profile_updated(&format!("c{n}"), &at(1), json!({"note": note}));
+        assert_eq!(binary.post(&update).await.0, 200);
+    }
+}
+
+/// `streams` WatchProfiles asking for the initial state, on a new connection whose client
+/// reads nothing from its socket until `reads` are resumed.
+async fn unread_watches(
+    binary: &binary::Binary,
+    reads: &std::sync::Arc<Reads>,
+    streams: usize,
+) -> Vec<h2::client::ResponseFuture> {
+    use prost::Message;
+    let request = profile_state::pb::WatchProfilesRequest {
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let mut client = socket_unread_grpc(binary.grpc, reads).await;
+    let mut answers = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        answers.push(raw_unary(&mut client, "WatchProfiles", request.encode_to_vec()).await);
+    }
+    answers
+}
+
+/// The sample of `series` in `binary`'s metrics, once it is `value`.
+async fn metric_reaches(binary: &binary::Binary, series: &str, value: f64) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while sample(&binary.metrics().await, series) != value {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never {value}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits until `binary`'s watch streams stop producing (their messages sent stay the same
+/// for a second) and returns how many they sent; fails if its memory passes `rss_bound`
+/// bytes first.
+async fn until_streams_stop_sending(binary: &binary::Binary, rss_bound: f64) -> f64 {
+    let (mut sent, mut still_since) = (f64::NAN, std::time::Instant::now());
+    let deadline = std::time::Instant::now() + 6 * PATIENCE;
+    loop {
+        let metrics = binary.metrics().await;
+        let rss = sample(&metrics, "process_resident_memory_bytes");
+        assert!(rss < rss_bound, "RSS {} MiB", rss / 1048576.0);
+        let now_sent = sample(&metrics, "profile_state_watch_events_sent_total ");
+        if now_sent != sent {
+            (sent, still_since) = (now_sent, std::time::Instant::now());
+        } else if still_since.elapsed() >= std::time::Duration::from_secs(1) {
+            return sent;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never stopped sending"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads a watch stream's initial state of `profiles` profiles whole, each message within
+/// [`PATIENCE`].
+async fn read_initial_state(mut body: h2::RecvStream, profiles: usize) {
+    use profile_state::pb::watch_profiles_response::Event;
+    use prost::Message;
+    let mut received = bytes::BytesMut::new();
+    let mut existing = 0;
+    while existing < profiles {
+        let data = tokio::time::timeout(PATIENCE, body.data()).await;
+        let data = data.expect("messages keep coming").expect("more").unwrap();
+        let _ = body.flow_control().release_capacity(data.len());
+        received.extend_from_slice(&data);
+        while received.len() >= 5 {
+            let length = u32::from_be_bytes(received[1..5].try_into().unwrap()) as usize;
+            if received.len() < 5 + length {
+                break;
+            }
+            let message = received.split_to(5 + length).split_off(5);
+            let response = profile_state::pb::WatchProfilesResponse::decode(message.freeze());
+            let event = response.unwrap().event;
+            assert!(matches!(event, Some(Event::Change(_))), "{event:?}");
+            existing += 1;
+        }
+    }
+}
+
+/// h2 drops what it held for streams the client resets, and no write of the socket gives
+/// those bytes back: a client that reset streams that had filled its connection's budget
+/// (16 MiB here, more than the kernel's socket buffers take) left it spent, and a stream it
+/// opened next waited for ever. Bytes still counted once the socket has taken nothing for a
+/// second without waiting to write are given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opened_after_the_client_reset_its_stalled_streams_is_served() {
+    use prost::Message;
+    const PROFILES: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let binary = binary::Binary::start(dir.path(), &[]).await;
+    large_profiles(&binary, PROFILES).await;
+    let rss = sample(&binary.metrics().await, "process_resident_memory_bytes");
+    let reads = std::sync::Arc::new(Reads::default());
+    let mut client = socket_unread_grpc(binary.grpc, &reads).await;
+    let request = profile_state::pb::WatchProfilesRequest {
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        stalled.push(raw_unary(&mut client, "WatchProfiles", request.encode_to_vec()).await);
+    }
+    metric_reaches(&binary, "profile_state_watch_streams ", 100.0).await;
+    until_streams_stop_sending(&binary, rss + 64.0 * 1024.0 * 1024.0).await;
+    drop(stalled);
+    metric_reaches(&binary, "profile_state_watch_streams ", 0.0).await;
+
+    let next = raw_unary(&mut client, "WatchProfiles", request.encode_to_vec()).await;
+    reads.resume();
+    let head = tokio::time::timeout(PATIENCE, next).await;
+    read_initial_state(head.expect("the head").unwrap().into_body(), PROFILES).await;
+    binary.stop();
+}
+
+/// A client that stops reading its watch streams had h2 keep up to 400 KiB of each (an initial
+/// state is encoded per stream): about 0.6 MiB per stalled stream, 5.7 GiB at the default
+/// `--max-watch-streams` (found by an adversarial run). A stream's messages now count in its
+/// connection's and the server's answer budgets until the socket takes them, and wait for room:
+/// three connections of 100 streams, each asking for an initial state of 3 MB and reading
+/// nothing, hold a few MiB each (about 120 MiB before). Once the clients read, the initial
+/// states arrive whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_whose_client_stops_reading_hold_bounded_bytes() {
+    const PROFILES: usize = 300;
+    const STREAMS: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    // Budgets: 1 MiB a connection, 8 MiB in all.
+    let args = ["--grpc-max-message-bytes", "262144"];
+    let binary = binary::Binary::start(dir.path(), &args).await;
+    large_profiles(&binary, PROFILES).await;
+    let rss = |metrics: &str| sample(metrics, "process_resident_memory_bytes");
+    let before = rss(&binary.metrics().await);
+
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        // Reads of their own: a `Reads` wakes one reader.
+        let reads = std::sync::Arc::new(Reads::default());
+        let streams = unread_watches(&binary, &reads, STREAMS).await;
+        answers.push((reads, streams));
+    }
+    metric_reaches(&binary, "profile_state_watch_streams ", 300.0).await;
+    // Unbounded, the streams took far more.
+    let sent = until_streams_stop_sending(&binary, before + 48.0 * 1024.0 * 1024.0).await;
+    // Far fewer than the 90,000 messages of the initial states.
+    assert!(sent < 20_000.0, "{sent} messages sent");
+
+    // Once read, an initial state arrives whole (one stream of each connection, whose other
+    // streams the client resets first).
+    for (reads, streams) in answers {
+        let mut streams = streams.into_iter();
+        let first = streams.next().unwrap();
+        drop(streams);
+        reads.resume();
+        let head = tokio::time::timeout(PATIENCE, first).await;
+        read_initial_state(head.expect("the head").unwrap().into_body(), PROFILES).await;
+    }
+    binary.stop();
+}
+
+/// Streams waiting for room in the server's budget, which clients that stopped reading on
+/// enough connections hold, cut the connection holding the most that has read nothing for a
+/// second, as a refused call does: a watcher elsewhere still gets its changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_gets_its_changes_while_stalled_streams_hold_the_servers_budget() {
+    use profile_state::pb;
+    // Budgets: 256 KiB a connection, 2 MiB in all.
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--grpc-max-message-bytes", "65536"];
+    let mut binary = binary::Binary::start(dir.path(), &args).await;
+    large_profiles(&binary, 100).await;
+    let mut client = pb::profile_service_client::ProfileServiceClient::connect(format!(
+        "http://{}",
+        binary.grpc
+    ))
+    .await
+    .unwrap();
+    let watch = pb::WatchProfilesRequest {
+        customer_ids: vec!["w".into()],
+        ..Default::default()
+    };
+    let mut watcher = client.watch_profiles(watch).await.unwrap().into_inner();
+    let synced = watcher.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            synced.event,
+            Some(pb::watch_profiles_response::Event::Synced(_))
+        ),
+        "{synced:?}"
+    );
+
+    let reads = std::sync::Arc::new(Reads::default());
+    let mut stalled = Vec::new();
+    for _ in 0..12 {
+        stalled.push(unread_watches(&binary, &reads, 20).await);
+    }
+    // Spent: a page of five profiles (about 50 KB) does not fit. One refusal only: refusals
+    // cut stalled connections too, and this test is about the streams that wait.
+    let list = pb::ListProfilesRequest {
+        page_size: 5,
+        ..Default::default()
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let refused = loop {
+        match client.list_profiles(list.clone()).await {
+            Ok(page) => assert_eq!(page.into_inner().profiles.len(), 5),
+            Err(status) => break status,
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server's budget never spent"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("the server's"), "{refused:?}");
+
+    // A change larger than a chunk (16 KiB): it waits for room in the server's budget.
+    let note = "w".repeat(30_000);
+    let update = profile_updated("w", &at(2), json!({"note": note}));
+    assert_eq!(binary.post(&update).await.0, 200);
+    let change = tokio::time::timeout(PATIENCE, watcher.message())
+        .await
+        .expect("the change within its patience")
+        .unwrap()
+        .unwrap();
+    let Some(pb::watch_profiles_response::Event::Change(change)) = change.event else {
+        panic!("{change:?}");
+    };
+    assert_eq!(change.profile.unwrap().customer_id, "w");
+    binary
+        .wait_for(
+            "cut the gRPC connection holding the most answers not yet read, none read for a \
+             second: the server's budget for them was spent (a client that stops reading its \
+             answers)",
+        )
+        .await;
+    drop(stalled);
+    binary.stop();
+}

@@ -25,8 +25,18 @@
 //! most (`Holders`): one client that stops reading on enough connections would otherwise
 //! refuse every other client's larger answers for as long as it stayed.
 //!
-//! What this module does not do: count a stream's later messages (a watch stream's outbox
-//! bounds them, and a backup's stall timeout), or give a stalled answer a time limit.
+//! A stream's later messages (a watch stream's changes and initial state, a backup's chunks)
+//! count too, a chunk at a time as they are handed to hyper, but they wait for room instead of
+//! failing: a stream whose client reads slowly is slowed to its pace. Before they were not
+//! counted, and h2 kept up to 400 KiB of each stream of a client that stopped reading: about
+//! 0.6 MiB per stalled watch stream, 5.7 GiB at the default `--max-watch-streams` (found by an
+//! adversarial run). A stream waiting for the server's budget cuts the connection holding the
+//! most that has read nothing for a second, as a refused call does; one waiting for its own
+//! connection's budget waits for its client (or keepalive's cut).
+//!
+//! What this module does not do: give a stalled answer a time limit, or bound what a stream
+//! holds before it is handed over (one frame of tonic's, at most [`STREAM_FRAME_BYTES`] or one
+//! message, and its outbox of events: see `grpc::watch`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,13 +47,15 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, http};
 
-use super::byte_budgets::{Budget, Budgets, Held, Spent};
+use super::byte_budgets::{Budget, Budgets, Held, Room};
 use super::transport::Connection;
 use crate::poison::lock;
 
@@ -71,7 +83,13 @@ struct Unsent {
     /// Cancelled to cut the connection (`crate::server::cut`).
     cut: CancellationToken,
     peer: SocketAddr,
-    /// What its budget had given back when a refusal last looked, and since when.
+    /// The bytes of answers its socket ever took (wrapping): moves only while the client
+    /// reads.
+    taken_by_socket: AtomicUsize,
+    /// The socket's last write had to wait: the client is not reading, and what is counted
+    /// may still go out.
+    blocked: AtomicBool,
+    /// What its socket had taken when a refusal last looked, and since when.
     seen: Mutex<Option<(usize, Instant)>>,
 }
 
@@ -94,7 +112,38 @@ impl Unsent {
             .bytes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fewer)
         {
-            self.give_back(unsent.min(bytes));
+            let taken = unsent.min(bytes);
+            self.taken_by_socket.fetch_add(taken, Ordering::Relaxed);
+            self.give_back(taken);
+        }
+    }
+
+    /// Notes whether a write of the socket had to wait.
+    fn wrote(&self, write: &Poll<std::io::Result<usize>>) {
+        let blocked = write.is_pending();
+        if self.blocked.load(Ordering::Relaxed) != blocked {
+            self.blocked.store(blocked, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives back every byte counted as unsent if the socket has taken none since it had
+    /// taken `mark` and is not waiting to write: h2 then has nothing it could write, so those
+    /// bytes went with streams the client reset (h2 drops what it held for them, and the
+    /// socket never takes it), or wait for windows the client keeps shut (hyper hands a
+    /// stream nothing while its window is shut, so at most a chunk a stream). A safety net:
+    /// without it, bytes h2 dropped (it drops what it holds for a stream the client resets)
+    /// would leave the connection's budget spent with nothing to give it back, and its other
+    /// streams waiting for ever; the tests' resets have not produced such bytes (what the
+    /// reset streams had handed over was written).
+    fn forgive_if_idle(&self, mark: usize) {
+        let idle = !self.blocked.load(Ordering::Relaxed)
+            && self.taken_by_socket.load(Ordering::Relaxed) == mark;
+        if idle {
+            let forgiven = self.bytes.swap(0, Ordering::SeqCst);
+            if forgiven > 0 {
+                tracing::debug!(peer = %self.peer, forgiven, "answer bytes no write will take");
+            }
+            self.give_back(forgiven);
         }
     }
 
@@ -110,10 +159,12 @@ impl Unsent {
         }
     }
 
-    /// Whether the connection holds answer bytes and has given none back for [`STALLED`], as
-    /// refusals have seen it: a client reading its answers, however slowly, gives some back.
+    /// Whether the connection holds answer bytes and its socket has taken none for
+    /// [`STALLED`], as refusals have seen it: a client reading its answers, however slowly,
+    /// takes some. (Answers dropped unsent give bytes back too, and are not reading.)
     fn stalled(&self, now: Instant) -> bool {
-        let (used, given) = (self.connection.used(), self.connection.given_back());
+        let given = self.taken_by_socket.load(Ordering::Relaxed);
+        let used = self.connection.used();
         let mut seen = lock(&self.seen);
         match *seen {
             Some((was, since)) if was == given && used > 0 => now - since >= STALLED,
@@ -150,7 +201,7 @@ impl AnswerBytesLayer {
     /// A new connection's budget, drawing on this server's too; `cut` cuts the connection
     /// (from `peer`) if it holds the most when the server's budget is spent.
     pub fn connection(&self, peer: SocketAddr, cut: CancellationToken) -> ConnectionAnswerBytes {
-        let budget = Budget::counting_given_back(self.max_message_bytes, PER_CONNECTION);
+        let budget = Budget::with_room(self.max_message_bytes, PER_CONNECTION);
         let unsent = Arc::new(Unsent {
             bytes: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -158,6 +209,8 @@ impl AnswerBytesLayer {
             in_all: self.in_all.clone(),
             cut,
             peer,
+            taken_by_socket: AtomicUsize::new(0),
+            blocked: AtomicBool::new(false),
             seen: Mutex::new(None),
         });
         self.holders.add(&unsent);
@@ -172,11 +225,19 @@ impl AnswerBytesLayer {
 /// bytes come back; the calls refused meanwhile are told to retry in a moment. Clients still
 /// reading are never cut.
 #[derive(Clone, Default)]
-struct Holders(Arc<Mutex<Vec<Weak<Unsent>>>>);
+struct Holders {
+    list: Arc<Mutex<Vec<Weak<Unsent>>>>,
+    /// When a stream waiting for the server's budget last had the list looked through.
+    looked: Arc<Mutex<Option<Instant>>>,
+}
+
+/// How often streams waiting for the server's budget have the holders looked through: each
+/// waiting stream asks on every retry, and a connection is found stalled only after a second.
+const LOOK_EVERY: Duration = Duration::from_millis(100);
 
 impl Holders {
     fn add(&self, unsent: &Arc<Unsent>) {
-        let mut holders = lock(&self.0);
+        let mut holders = lock(&self.list);
         // Closed connections go whenever the list doubles: amortized, no timer.
         if holders.len() == holders.capacity() {
             holders.retain(|holder| holder.strong_count() > 0);
@@ -184,12 +245,26 @@ impl Holders {
         holders.push(Arc::downgrade(unsent));
     }
 
+    /// [`Holders::cut_heaviest`], unless a waiting stream had it done less than
+    /// [`LOOK_EVERY`] ago.
+    fn cut_heaviest_now_and_then(&self, calling: Option<&Arc<Unsent>>) {
+        let now = Instant::now();
+        {
+            let mut looked = lock(&self.looked);
+            if looked.is_some_and(|at| now.saturating_duration_since(at) < LOOK_EVERY) {
+                return;
+            }
+            *looked = Some(now);
+        }
+        self.cut_heaviest(calling);
+    }
+
     /// Cuts the stalled connection, other than `calling`'s, that holds the most answer bytes,
     /// if any.
     fn cut_heaviest(&self, calling: Option<&Arc<Unsent>>) {
         let now = Instant::now();
         let heaviest = {
-            let mut holders = lock(&self.0);
+            let mut holders = lock(&self.list);
             holders.retain(|holder| holder.strong_count() > 0);
             holders
                 .iter()
@@ -252,7 +327,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AnswersSent<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+        let write = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.unsent.wrote(&write);
+        let written = ready!(write)?;
         self.unsent.sent(written);
         Poll::Ready(Ok(written))
     }
@@ -262,7 +339,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AnswersSent<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
+        let write = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.unsent.wrote(&write);
+        let written = ready!(write)?;
         self.unsent.sent(written);
         Poll::Ready(Ok(written))
     }
@@ -288,6 +367,7 @@ impl<S> tower::Layer<S> for AnswerBytesLayer {
             inner,
             in_all: self.in_all.clone(),
             holders: self.holders.clone(),
+            chunk: CHUNK.min(self.max_message_bytes),
         }
     }
 }
@@ -298,6 +378,8 @@ pub struct AnswerBytesService<S> {
     inner: S,
     in_all: Budget,
     holders: Holders,
+    /// [`CHUNK`], or less where it would not fit a connection's empty budget.
+    chunk: usize,
 }
 
 type Answer<E> = Result<http::Response<Body>, E>;
@@ -323,19 +405,16 @@ where
             what: "answers not yet read by their clients",
             advice: "read the answers of earlier calls first, then call again",
         };
-        let unsent = answer_bytes.map(|bytes| bytes.unsent);
-        let holders = self.holders.clone();
+        let counting = Counting {
+            budgets,
+            unsent: answer_bytes.map(|bytes| bytes.unsent),
+            holders: self.holders.clone(),
+            chunk: self.chunk,
+        };
         let answer = self.inner.call(request);
         Box::pin(async move {
             let answer = answer.await?;
-            Ok(
-                Sending::first_frame(answer, budgets, unsent).unwrap_or_else(|(spent, unsent)| {
-                    if spent.by_server {
-                        holders.cut_heaviest(unsent.as_ref());
-                    }
-                    spent.status.into_http()
-                }),
-            )
+            Ok(Sending::first_frame(answer, counting))
         })
     }
 }
@@ -346,38 +425,87 @@ where
 /// window of 64 KiB that never reads held 4 MB pages that way).
 const CHUNK: usize = 16 * 1024;
 
-/// An answer's body: its first message counted in its budgets until its connection's socket
-/// takes it, handed to hyper a chunk at a time as the client's window lets hyper take them. A
-/// stream's later messages are not counted: its own bounds hold them (a watch stream's
-/// outbox, a backup's stall timeout), and a count on each would cost every delivery.
-struct Sending {
-    body: Body,
-    /// What is left of the first message, counted in `held`.
-    rest: Bytes,
-    held: Held,
+/// The most a stream's frame holds before it is counted: tonic gathers a stream's messages
+/// into a frame until it holds this much (or none is ready), and a stream waiting for room
+/// holds that frame. One larger message makes a larger frame alone.
+pub const STREAM_FRAME_BYTES: usize = 8 * 1024;
+
+/// Bytes a stream takes beyond what its frame needs while both budgets stay at least half
+/// free, kept for its next frames: a change to many streams would otherwise have each of
+/// them update the connection's and the server's counts, which both cores share, for every
+/// message (measured: the fan-out's median latency a tenth higher). At most half of a budget
+/// is ever held this way, so a frame (at most a quarter of a connection's) always fits the
+/// rest once it drains.
+const CREDIT: usize = 4 * 1024;
+
+/// How often a stream waiting for room in the server's budget looks again: that room comes
+/// from other connections, which do not tell it.
+const SERVER_ROOM_RETRY: Duration = Duration::from_millis(50);
+
+/// How long a stream waits for room in its connection's budget while the socket takes
+/// nothing and does not wait to write, before the bytes counted as unsent are given back
+/// ([`Unsent::forgive_if_idle`]).
+const IDLE_SOCKET: Duration = Duration::from_secs(1);
+
+/// Where an answer's bytes are counted, and what they draw on.
+struct Counting {
+    budgets: Budgets,
     /// Where handed-over bytes are counted until sent; none for a connection that did not
     /// come through the capped listener (tests), whose bytes are given back as handed over.
     unsent: Option<Arc<Unsent>>,
+    holders: Holders,
+    /// [`CHUNK`], or less where it would not fit a connection's empty budget.
+    chunk: usize,
+}
+
+impl Counting {
+    /// [`CREDIT`], or a chunk where that is less.
+    fn credit(&self) -> usize {
+        CREDIT.min(self.chunk)
+    }
+}
+
+/// An answer's body, handed to hyper a chunk at a time as the client's window lets hyper take
+/// them, each chunk counted in the budgets until the connection's socket takes it. The first
+/// message's bytes are taken whole when the call returns (a refusal if they do not fit); a
+/// stream's later frames take theirs chunk by chunk and wait for room when a budget is spent.
+struct Sending {
+    body: Body,
+    /// What is left of the frame being handed over.
+    rest: Bytes,
+    /// How many bytes `held` has that are not handed over yet: all of the first message, and
+    /// the credit a stream took ahead ([`CREDIT`]).
+    prepaid: usize,
+    held: Held,
+    counting: Counting,
+    /// While waiting for room: the connection's budget's word that bytes came back (its
+    /// socket took some, or an answer ended), and, for room in the server's budget, a timer.
+    room: Option<Pin<Box<OwnedNotified>>>,
+    retry: Option<Pin<Box<Sleep>>>,
+    /// Counted in the connection's budget's waiters.
+    waiting: bool,
+    /// Waiting for the connection's budget: what its socket had taken, and when.
+    idle_since: Option<(usize, Instant)>,
 }
 
 impl Sending {
     /// `answer`, its first frame taken from its budgets at once when it is ready (a unary
     /// answer's whole message: tonic encodes it when its body is first polled). hyper polls a
     /// body only once the client's window has room, so a client whose window is shut would
-    /// hold every answer unencoded and uncounted. Past a budget: which one, and `unsent`.
-    fn first_frame(
-        answer: http::Response<Body>,
-        budgets: Budgets,
-        unsent: Option<Arc<Unsent>>,
-    ) -> Result<http::Response<Body>, (Spent, Option<Arc<Unsent>>)> {
+    /// hold every answer unencoded and uncounted. Past a budget: RESOURCE_EXHAUSTED naming
+    /// it, and past the server's the heaviest stalled connection is cut.
+    fn first_frame(answer: http::Response<Body>, counting: Counting) -> http::Response<Body> {
         let (parts, mut body) = answer.into_parts();
         let waker = futures_util::task::noop_waker();
         let first = match Pin::new(&mut body).poll_frame(&mut Context::from_waker(&waker)) {
             Poll::Ready(Some(Ok(frame))) => frame,
-            // Nothing yet (a stream's first message to come): as it is.
-            Poll::Pending => return Ok(http::Response::from_parts(parts, body)),
-            Poll::Ready(None) => return Ok(http::Response::from_parts(parts, Body::empty())),
-            Poll::Ready(Some(Err(status))) => return Ok(status.into_http()),
+            // Nothing yet (a stream's first message to come): counted as it comes.
+            Poll::Pending => {
+                let sending = Sending::new(body, counting, Bytes::new(), Held::default());
+                return http::Response::from_parts(parts, Body::new(sending));
+            }
+            Poll::Ready(None) => return http::Response::from_parts(parts, Body::empty()),
+            Poll::Ready(Some(Err(status))) => return status.into_http(),
         };
         let rest = match first.into_data() {
             Ok(data) => data,
@@ -386,20 +514,166 @@ impl Sending {
                 let only =
                     futures_util::stream::once(std::future::ready(Ok::<_, Status>(trailers)));
                 let body = http_body_util::StreamBody::new(only);
-                return Ok(http::Response::from_parts(parts, Body::new(body)));
+                return http::Response::from_parts(parts, Body::new(body));
             }
         };
         let mut held = Held::default();
-        if let Err(spent) = budgets.take(rest.len(), &mut held) {
-            return Err((spent, unsent));
+        if let Err(spent) = counting.budgets.take(rest.len(), &mut held) {
+            if spent.by_server {
+                counting.holders.cut_heaviest(counting.unsent.as_ref());
+            }
+            return spent.status.into_http();
         }
-        let sending = Sending {
+        let sending = Sending::new(body, counting, rest, held);
+        http::Response::from_parts(parts, Body::new(sending))
+    }
+
+    /// `body`, with `rest` of its first frame taken already into `held`.
+    fn new(body: Body, counting: Counting, rest: Bytes, held: Held) -> Sending {
+        Sending {
             body,
+            prepaid: rest.len(),
             rest,
             held,
-            unsent,
+            counting,
+            room: None,
+            retry: None,
+            waiting: false,
+            idle_since: None,
+        }
+    }
+
+    /// Ready once `need` more bytes are taken from the budgets; waits for room while either is
+    /// spent. The first look is one attempt: no lock, no allocation.
+    fn poll_room(&mut self, cx: &mut Context<'_>, need: usize) -> Poll<()> {
+        if need == 0 {
+            return Poll::Ready(());
+        }
+        if !self.woken(cx) {
+            return Poll::Pending;
+        }
+        self.forgive_idle_socket();
+        if self.take(need).is_ok() {
+            self.set_waiting(false);
+            return Poll::Ready(());
+        }
+        // Told of room from here on, then one more look: room given back in between is
+        // not missed.
+        self.set_waiting(true);
+        if let Some(room) = self.connection_room() {
+            let mut told = Box::pin(room.told());
+            told.as_mut().enable();
+            self.room = Some(told);
+        }
+        let by_server = match self.take(need) {
+            Ok(()) => {
+                self.room = None;
+                self.set_waiting(false);
+                return Poll::Ready(());
+            }
+            Err(by_server) => by_server,
         };
-        Ok(http::Response::from_parts(parts, Body::new(sending)))
+        let retry = match &self.counting.unsent {
+            Some(unsent) if !by_server => {
+                let taken = unsent.taken_by_socket.load(Ordering::Relaxed);
+                self.idle_since.get_or_insert((taken, Instant::now()));
+                IDLE_SOCKET
+            }
+            unsent => {
+                if by_server {
+                    self.counting
+                        .holders
+                        .cut_heaviest_now_and_then(unsent.as_ref());
+                }
+                SERVER_ROOM_RETRY
+            }
+        };
+        self.retry = Some(Box::pin(tokio::time::sleep(retry)));
+        if self.woken(cx) {
+            // Room came already: look again.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+
+    /// `need` bytes more from the budgets into `held`, and a credit ahead while both are
+    /// roomy; or whether the server's budget (not the connection's) was spent.
+    fn take(&mut self, need: usize) -> Result<(), bool> {
+        let (budgets, ahead) = (&self.counting.budgets, need + self.counting.credit());
+        let taken = if budgets.roomy(ahead) && budgets.try_take(ahead, &mut self.held).is_ok() {
+            ahead
+        } else {
+            budgets.try_take(need, &mut self.held)?;
+            need
+        };
+        self.prepaid += taken;
+        Ok(())
+    }
+
+    /// Whether no wait is on, or the one that was is over (its futures are then dropped);
+    /// otherwise they are registered with `cx`.
+    fn woken(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.room.is_none() && self.retry.is_none() {
+            return true;
+        }
+        let room = (self.room.as_mut()).is_some_and(|room| room.as_mut().poll(cx).is_ready());
+        let retry = (self.retry.as_mut()).is_some_and(|retry| retry.as_mut().poll(cx).is_ready());
+        if room || retry {
+            self.room = None;
+            self.retry = None;
+        }
+        room || retry
+    }
+
+    /// After [`IDLE_SOCKET`] waiting for the connection's budget: bytes counted as unsent that
+    /// no write will take are given back.
+    fn forgive_idle_socket(&mut self) {
+        let (Some((mark, since)), Some(unsent)) = (self.idle_since, &self.counting.unsent) else {
+            return;
+        };
+        if since.elapsed() >= IDLE_SOCKET {
+            unsent.forgive_if_idle(mark);
+            self.idle_since = None;
+        }
+    }
+
+    fn connection_room(&self) -> Option<&Room> {
+        self.counting.budgets.connection.as_ref()?.room()
+    }
+
+    fn set_waiting(&mut self, waiting: bool) {
+        if self.waiting == waiting {
+            return;
+        }
+        self.waiting = waiting;
+        if !waiting {
+            self.idle_since = None;
+        }
+        if let Some(room) = self.connection_room() {
+            if waiting {
+                room.start_waiting();
+            } else {
+                room.stop_waiting();
+            }
+        }
+    }
+
+    /// Hands `len` taken bytes to hyper: counted until the socket takes them.
+    fn hand_over(&mut self, len: usize) {
+        self.prepaid = self.prepaid.saturating_sub(len);
+        match &self.counting.unsent {
+            Some(unsent) => {
+                self.held.hand_over(len);
+                unsent.handed_over(len);
+            }
+            None => self.held.give_back(len),
+        }
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.set_waiting(false);
     }
 }
 
@@ -412,18 +686,21 @@ impl HttpBody for Sending {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
         let this = self.get_mut();
-        if !this.rest.is_empty() {
-            let chunk = this.rest.split_to(this.rest.len().min(CHUNK));
-            match &this.unsent {
-                Some(unsent) => {
-                    this.held.hand_over(chunk.len());
-                    unsent.handed_over(chunk.len());
-                }
-                None => this.held.give_back(chunk.len()),
+        if this.rest.is_empty() {
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => this.rest = data,
+                    Ok(empty) => return Poll::Ready(Some(Ok(http_body::Frame::data(empty)))),
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                other => return Poll::Ready(other),
             }
-            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
         }
-        Pin::new(&mut this.body).poll_frame(cx)
+        let len = this.rest.len().min(this.counting.chunk);
+        ready!(this.poll_room(cx, len.saturating_sub(this.prepaid)));
+        let chunk = this.rest.split_to(len);
+        this.hand_over(len);
+        Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -447,21 +724,28 @@ impl HttpBody for Sending {
 mod tests {
     use super::*;
 
-    /// Only a connection that holds answer bytes and gives none back for a second, as
-    /// refusals see it, may be cut: one whose client reads, however slowly, may not.
-    #[test]
-    fn a_connection_is_stalled_only_after_a_second_without_giving_bytes_back() {
-        let layer = AnswerBytesLayer::new(1000);
+    /// A layer for messages of `max_message_bytes`, a connection of it, and the budgets its
+    /// calls draw on.
+    fn connection(max_message_bytes: usize) -> (AnswerBytesLayer, ConnectionAnswerBytes, Budgets) {
+        let layer = AnswerBytesLayer::new(max_message_bytes);
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
         let bytes = layer.connection(peer, CancellationToken::new());
-        let start = Instant::now();
-        assert!(!bytes.unsent.stalled(start), "holds nothing");
         let budgets = Budgets {
             connection: Some(bytes.budget.clone()),
             in_all: layer.in_all.clone(),
             what: "answers",
             advice: "wait",
         };
+        (layer, bytes, budgets)
+    }
+
+    /// Only a connection that holds answer bytes and gives none back for a second, as
+    /// refusals see it, may be cut: one whose client reads, however slowly, may not.
+    #[test]
+    fn a_connection_is_stalled_only_after_a_second_without_giving_bytes_back() {
+        let (_layer, bytes, budgets) = connection(1000);
+        let start = Instant::now();
+        assert!(!bytes.unsent.stalled(start), "holds nothing");
         let mut held = Held::default();
         assert!(budgets.take(600, &mut held).is_ok());
         let second = Duration::from_secs(1);
@@ -480,6 +764,119 @@ mod tests {
         assert!(bytes.unsent.stalled(start + 3 * second));
     }
 
+    /// Only bytes the socket takes count as the client reading: not a take the server's
+    /// budget refuses (the connection's bytes are put back), nor an answer dropped unsent. A
+    /// connection whose streams keep trying while its client reads nothing still looks
+    /// stalled, so it may be cut.
+    #[test]
+    fn only_bytes_the_socket_takes_count_as_reading() {
+        let (layer, bytes, budgets) = connection(1000);
+        let server_only = Budgets {
+            connection: None,
+            in_all: layer.in_all.clone(),
+            ..budgets
+        };
+        let mut others = Held::default();
+        assert!(server_only.take(32 * 1000 - 1000, &mut others).is_ok());
+        let budgets = Budgets {
+            connection: Some(bytes.budget.clone()),
+            ..server_only
+        };
+        let (mut unread, mut dropped) = (Held::default(), Held::default());
+        assert!(budgets.take(300, &mut unread).is_ok());
+        assert!(budgets.take(300, &mut dropped).is_ok());
+        let start = Instant::now();
+        assert!(!bytes.unsent.stalled(start), "first seen");
+
+        let mut refused = Held::default();
+        let Err(spent) = budgets.take(500, &mut refused) else {
+            panic!("the server's budget has 400 bytes left");
+        };
+        assert!(spent.by_server);
+        assert_eq!(bytes.budget.used(), 600, "put back");
+        drop(dropped);
+        assert!(bytes.unsent.stalled(start + STALLED), "nothing was read");
+    }
+
+    /// Bytes still counted are given back only when the socket has taken none since the
+    /// mark and is not waiting to write.
+    #[test]
+    fn unsent_bytes_are_forgiven_only_while_the_socket_is_idle() {
+        let (layer, bytes, budgets) = connection(1000);
+        let mut held = Held::default();
+        assert!(budgets.take(600, &mut held).is_ok());
+        held.hand_over(600);
+        bytes.unsent.handed_over(600);
+        let pending = Poll::Pending;
+        bytes.unsent.wrote(&pending);
+        bytes.unsent.forgive_if_idle(0);
+        assert_eq!(
+            bytes.budget.used(),
+            600,
+            "the socket waits to write: they may go out"
+        );
+        bytes.unsent.wrote(&Poll::Ready(Ok(100)));
+        bytes.unsent.sent(100);
+        bytes.unsent.forgive_if_idle(0);
+        assert_eq!(
+            bytes.budget.used(),
+            500,
+            "the socket took some since the mark"
+        );
+        bytes.unsent.forgive_if_idle(100);
+        assert_eq!(bytes.budget.used(), 0, "idle since the mark");
+        assert_eq!(layer.in_all.used(), 0);
+        bytes.unsent.sent(500);
+        assert_eq!(bytes.budget.used(), 0, "nothing given back twice");
+    }
+
+    /// A stream's frame waits while its connection's budget is spent, and goes once bytes
+    /// come back, however they do: here another answer dropped before it was sent, which no
+    /// write of the socket reports.
+    #[tokio::test(start_paused = true)]
+    async fn a_streams_frame_waits_for_room_and_goes_when_bytes_come_back() {
+        use std::future::poll_fn;
+        use std::pin::pin;
+
+        // 4 KiB a connection, 32 KiB in all.
+        let (layer, bytes, budgets) = connection(1024);
+        let mut other = Held::default();
+        assert!(
+            budgets.take(4096, &mut other).is_ok(),
+            "the whole connection's"
+        );
+
+        let (frames, stream) = tokio::sync::mpsc::channel(1);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(stream);
+        let answer = http::Response::new(Body::new(http_body_util::StreamBody::new(stream)));
+        let counting = Counting {
+            budgets,
+            unsent: Some(Arc::clone(&bytes.unsent)),
+            holders: layer.holders.clone(),
+            chunk: CHUNK.min(1024),
+        };
+        let answer = Sending::first_frame(answer, counting);
+        let mut body = answer.into_body();
+        let frame = http_body::Frame::data(Bytes::from(vec![7; 1000]));
+        frames.send(Ok::<_, Status>(frame)).await.unwrap();
+        let mut next = pin!(http_body_util::BodyExt::frame(&mut body));
+        let first = poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "the connection's budget is spent");
+
+        // Time stands still but for timers: the frame goes at once, not at the next look.
+        let dropped = tokio::time::Instant::now();
+        drop(other);
+        let frame = next.await.expect("a frame").expect("not an error");
+        assert!(
+            dropped.elapsed() < IDLE_SOCKET,
+            "woken by the bytes given back"
+        );
+        assert_eq!(frame.into_data().expect("data").len(), 1000);
+        // The frame, counted until the socket takes it, and a credit ahead (the budget is
+        // more than half free again).
+        assert_eq!(bytes.budget.used(), 1000 + 1024);
+    }
+
     /// hyper sets a content length from an exact size hint: the first message read ahead
     /// still counts in it.
     #[test]
@@ -492,9 +889,13 @@ mod tests {
             what: "answers",
             advice: "wait",
         };
-        let Ok(answer) = Sending::first_frame(answer, budgets, None) else {
-            panic!("within the budget");
+        let counting = Counting {
+            budgets,
+            unsent: None,
+            holders: Holders::default(),
+            chunk: CHUNK,
         };
+        let answer = Sending::first_frame(answer, counting);
         let (_, body) = answer.into_parts();
         assert_eq!(body.size_hint().exact(), Some(100));
     }

@@ -1,91 +1,175 @@
 //! Byte budgets a gRPC connection's calls draw on, one per connection and one for the server,
 //! each a multiple of `--grpc-max-message-bytes`: what requests still arriving
 //! (`request_bytes`) and answers not yet read (`answer_bytes`) may hold. Bytes are only ever
-//! taken if there is room (nothing waits for a budget), so a budget is one atomic count: no
-//! lock on a call's path.
+//! taken if there is room (taking never blocks: a stream that must wait for room looks again
+//! when told, in `answer_bytes`), so a budget is one atomic count: no lock on a call's path.
 //!
 //! Not here: when bytes are taken and given back (the two modules decide).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering, fence};
 
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 use tonic::Status;
 
 /// One budget: `messages` times the largest message.
 #[derive(Clone)]
 pub(super) struct Budget {
-    /// The bytes left.
-    left: Arc<AtomicUsize>,
-    /// The bytes ever taken (wrapping), with `left` what was ever given back: only where
-    /// that is asked ([`Budget::given_back`], a connection's answers), not on the server's
-    /// budgets, which every call shares.
-    taken: Option<Arc<AtomicUsize>>,
+    counts: Arc<Counts>,
     messages: usize,
     total: usize,
 }
 
+/// A budget's counts, shared by its clones and by what was taken from it.
+struct Counts {
+    /// The bytes left.
+    left: AtomicUsize,
+    /// Who waits for bytes to come back (a connection's answers).
+    room: Option<Room>,
+}
+
+impl Counts {
+    fn give_back(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.left.fetch_add(bytes, Ordering::AcqRel);
+        if let Some(room) = &self.room {
+            room.tell();
+        }
+    }
+}
+
+/// Streams waiting for bytes to come back to a budget, told whenever some do.
+#[derive(Default)]
+pub(super) struct Room {
+    told: Arc<Notify>,
+    waiting: AtomicUsize,
+}
+
+impl Room {
+    /// Wakes the waiters, if any: a fence and one load when there are none (this runs for
+    /// every write of a connection's socket).
+    fn tell(&self) {
+        // Pairs with the fence in `start_waiting`: either the waiter's next look sees the
+        // bytes given back, or this sees it waiting.
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.told.notify_waiters();
+        }
+    }
+
+    /// Counts a waiter in; look at the budget again after this (and after enabling
+    /// [`Room::told`]), so bytes given back meanwhile are not missed.
+    pub(super) fn start_waiting(&self) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    pub(super) fn stop_waiting(&self) {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Ready once bytes come back after it is enabled (or first polled).
+    pub(super) fn told(&self) -> OwnedNotified {
+        Arc::clone(&self.told).notified_owned()
+    }
+}
+
 impl Budget {
     pub(super) fn new(max_message_bytes: usize, messages: usize) -> Budget {
+        Budget::with(max_message_bytes, messages, None)
+    }
+
+    /// [`Budget::new`], telling those waiting for room when bytes come back
+    /// ([`Budget::room`]).
+    pub(super) fn with_room(max_message_bytes: usize, messages: usize) -> Budget {
+        Budget::with(max_message_bytes, messages, Some(Room::default()))
+    }
+
+    fn with(max_message_bytes: usize, messages: usize, room: Option<Room>) -> Budget {
         let total = max_message_bytes.saturating_mul(messages);
+        let counts = Counts {
+            left: AtomicUsize::new(total),
+            room,
+        };
         Budget {
-            left: Arc::new(AtomicUsize::new(total)),
-            taken: None,
+            counts: Arc::new(counts),
             messages,
             total,
         }
     }
 
-    /// [`Budget::new`], and counting what it gives back ([`Budget::given_back`]).
-    pub(super) fn counting_given_back(max_message_bytes: usize, messages: usize) -> Budget {
-        Budget {
-            taken: Some(Arc::default()),
-            ..Budget::new(max_message_bytes, messages)
-        }
-    }
-
     /// The bytes taken from it now.
     pub(super) fn used(&self) -> usize {
-        self.total.saturating_sub(self.left.load(Ordering::Acquire))
+        let left = self.counts.left.load(Ordering::Acquire);
+        self.total.saturating_sub(left)
     }
 
-    /// The bytes ever given back (wrapping): it moves only as bytes come back. Only a budget
-    /// made by [`Budget::counting_given_back`] counts it.
-    pub(super) fn given_back(&self) -> usize {
-        let taken = self.taken.as_ref().map_or(0, |t| t.load(Ordering::Acquire));
-        taken.wrapping_sub(self.used())
+    /// Where to wait for bytes to come back: only a budget made by [`Budget::with_room`]
+    /// says.
+    pub(super) fn room(&self) -> Option<&Room> {
+        self.counts.room.as_ref()
     }
 
     /// Gives `bytes` back that were handed over out of a [`Held`] ([`Held::hand_over`]).
     pub(super) fn give_back(&self, bytes: usize) {
-        self.left.fetch_add(bytes, Ordering::AcqRel);
+        self.counts.give_back(bytes);
     }
 
     /// `bytes` from this budget, if it has them.
     fn take(&self, bytes: usize) -> Option<Taken> {
-        self.left
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-                left.checked_sub(bytes)
-            })
+        let fewer = |left: usize| left.checked_sub(bytes);
+        (self.counts.left)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, fewer)
             .ok()?;
-        if let Some(taken) = &self.taken {
-            taken.fetch_add(bytes, Ordering::AcqRel);
-        }
         Some(Taken {
-            left: Arc::clone(&self.left),
+            counts: Arc::clone(&self.counts),
             bytes,
         })
+    }
+
+    /// `bytes` from this budget into `held` (which holds bytes of this budget, or none), if
+    /// it has them. A body that takes again adds to what it holds: no new reference to the
+    /// counts for every message of a stream.
+    fn take_into(&self, bytes: usize, held: &mut Option<Taken>) -> bool {
+        match held {
+            Some(taken) => {
+                let fewer = |left: usize| left.checked_sub(bytes);
+                let counts = &self.counts.left;
+                let took = counts.fetch_update(Ordering::AcqRel, Ordering::Acquire, fewer);
+                taken.bytes += if took.is_ok() { bytes } else { 0 };
+                took.is_ok()
+            }
+            None => {
+                *held = self.take(bytes);
+                held.is_some()
+            }
+        }
     }
 }
 
 /// Bytes taken from a budget, given back when dropped.
 struct Taken {
-    left: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
     bytes: usize,
+}
+
+impl Taken {
+    /// Puts `bytes` of these back as if never taken: waiters are not told (the room was
+    /// theirs before; two streams that each take and put back would wake each other without
+    /// end).
+    fn put_back(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        self.counts.left.fetch_add(bytes, Ordering::AcqRel);
+    }
 }
 
 impl Drop for Taken {
     fn drop(&mut self) {
-        self.left.fetch_add(self.bytes, Ordering::AcqRel);
+        self.counts.give_back(self.bytes);
     }
 }
 
@@ -110,31 +194,48 @@ impl Budgets {
     /// `bytes` more from both budgets, added to `held`, or the RESOURCE_EXHAUSTED status
     /// saying which one ran out (nothing taken then).
     pub(super) fn take(&self, bytes: usize, held: &mut Held) -> Result<(), Spent> {
+        let by_server = match self.try_take(bytes, held) {
+            Ok(()) => return Ok(()),
+            Err(by_server) => by_server,
+        };
         // The budget is named by the flag it is a multiple of, so an operator knows what to
         // raise (found by a first-user review).
-        let exhausted = |whose: &str, budget: &Budget, advice: &str| {
-            Status::resource_exhausted(format!(
-                "{whose} {} hold too many bytes already (at most {} times \
-                 --grpc-max-message-bytes): {advice}",
-                self.what, budget.messages
-            ))
+        let (whose, budget, advice) = match (&self.connection, by_server) {
+            (Some(connection), false) => ("this connection's", connection, self.advice),
+            _ => ("the server's", &self.in_all, SERVER_ADVICE),
         };
+        let status = Status::resource_exhausted(format!(
+            "{whose} {} hold too many bytes already (at most {} times \
+             --grpc-max-message-bytes): {advice}",
+            self.what, budget.messages
+        ));
+        Err(Spent { status, by_server })
+    }
+
+    /// Whether both budgets would stay at least half free after `bytes` more.
+    pub(super) fn roomy(&self, bytes: usize) -> bool {
+        let roomy = |budget: &Budget| {
+            let left = budget.counts.left.load(Ordering::Relaxed);
+            left >= budget.total / 2 + bytes
+        };
+        self.connection.as_ref().is_none_or(roomy) && roomy(&self.in_all)
+    }
+
+    /// [`Budgets::take`] without the status (a stream that waits for room looks often):
+    /// whether the server's budget, not the connection's, was spent.
+    pub(super) fn try_take(&self, bytes: usize, held: &mut Held) -> Result<(), bool> {
         // The connection's first: a connection past its own budget is told so, whatever the
         // server's (what it took goes back if the server's is spent).
-        let connection = match &self.connection {
-            Some(budget) => Some(budget.take(bytes).ok_or_else(|| Spent {
-                status: exhausted("this connection's", budget, self.advice),
-                by_server: false,
-            })?),
-            None => None,
-        };
-        let in_all = (self.in_all.take(bytes)).ok_or_else(|| Spent {
-            status: exhausted("the server's", &self.in_all, SERVER_ADVICE),
-            by_server: true,
-        })?;
-        merge(&mut held.in_all, in_all);
-        if let Some(connection) = connection {
-            merge(&mut held.connection, connection);
+        if let Some(budget) = &self.connection
+            && !budget.take_into(bytes, &mut held.connection)
+        {
+            return Err(false);
+        }
+        if !self.in_all.take_into(bytes, &mut held.in_all) {
+            if let Some(connection) = &mut held.connection {
+                connection.put_back(bytes);
+            }
+            return Err(true);
         }
         Ok(())
     }
@@ -145,14 +246,6 @@ pub(super) struct Spent {
     pub(super) status: Status,
     /// The server's budget, not the connection's.
     pub(super) by_server: bool,
-}
-
-/// Adds `taken` to `held` (a body draws on the same budgets every time).
-fn merge(held: &mut Option<Taken>, mut taken: Taken) {
-    match held {
-        Some(held) => held.bytes += std::mem::take(&mut taken.bytes),
-        None => *held = Some(taken),
-    }
 }
 
 /// The bytes a body holds from its budgets, given back when dropped (or replaced by the
@@ -172,7 +265,7 @@ impl Held {
         {
             let given = bytes.min(taken.bytes);
             taken.bytes -= given;
-            taken.left.fetch_add(given, Ordering::AcqRel);
+            taken.counts.give_back(given);
         }
     }
 

@@ -57,8 +57,10 @@ const SHARED_SLOTS: usize = 1024;
 
 /// The first encode buffer of a stream: a change of a typical profile with its previous fits.
 const STREAM_BUFFER_BYTES: usize = 1024;
-/// Bytes tonic gathers from a stream before it hands them to HTTP/2: tonic's default.
-const STREAM_YIELD_BYTES: usize = 32 * 1024;
+/// Bytes tonic gathers from a stream before it hands them to HTTP/2: what a stream waiting for
+/// room in its answer budgets holds uncounted (`answer_bytes`), so less than tonic's 32 KiB.
+/// A change is a frame alone; only an initial state or a replay fills frames.
+const STREAM_YIELD_BYTES: usize = super::answer_bytes::STREAM_FRAME_BYTES;
 
 /// One whole `pb::WatchProfilesResponse`, already encoded; cloning shares the bytes.
 #[derive(Clone, Debug)]
