@@ -26,13 +26,14 @@
 //! refuse every other client's larger answers for as long as it stayed.
 //!
 //! A stream's later messages (a watch stream's changes and initial state, a backup's chunks)
-//! count too, a chunk at a time as they are handed to hyper, but they wait for room instead of
-//! failing: a stream whose client reads slowly is slowed to its pace. Before they were not
-//! counted, and h2 kept up to 400 KiB of each stream of a client that stopped reading: about
-//! 0.6 MiB per stalled watch stream, 5.7 GiB at the default `--max-watch-streams` (found by an
-//! adversarial run). A stream waiting for the server's budget cuts the connection holding the
-//! most that has read nothing for a second, as a refused call does; one waiting for its own
-//! connection's budget waits for its client (or keepalive's cut).
+//! count too, in the connection's budget only, a chunk at a time as they are handed to hyper,
+//! and they wait for room instead of failing: a stream whose client reads slowly is slowed to
+//! its pace. Before they were not counted, and h2 kept up to 400 KiB of each stream of a
+//! client that stopped reading: about 0.6 MiB per stalled watch stream, 5.7 GiB at the default
+//! `--max-watch-streams` (found by an adversarial run). Not in the server's budget: streams
+//! that waited for it were stalled by a client that held it while reading a few bytes a
+//! second, which is never cut, so every other client's watches stopped (found by the next
+//! adversarial run). So a client's streams wait only for what its own connection holds.
 //!
 //! What this module does not do: give a stalled answer a time limit, or bound what a stream
 //! holds before it is handed over (one frame of tonic's, at most [`STREAM_FRAME_BYTES`] or one
@@ -73,9 +74,13 @@ pub struct ConnectionAnswerBytes {
 }
 
 /// Answer bytes handed to hyper that the connection's socket has not taken yet: still drawn
-/// from the connection's budget and the server's, given back as the socket takes bytes.
+/// from the connection's budget (and the first messages' from the server's), given back as
+/// the socket takes bytes.
 struct Unsent {
     bytes: AtomicUsize,
+    /// Of `bytes`, those drawn from the server's budget too. Which of them a write takes is
+    /// anybody's guess (h2 interleaves streams): these are given back first.
+    in_all_bytes: AtomicUsize,
     /// The connection's stream is gone: bytes handed over now are given back at once.
     closed: AtomicBool,
     connection: Budget,
@@ -94,11 +99,15 @@ struct Unsent {
 }
 
 impl Unsent {
-    fn handed_over(&self, bytes: usize) {
+    /// `bytes` handed to hyper, `in_all` of them drawn from the server's budget too.
+    fn handed_over(&self, bytes: usize, in_all: usize) {
+        if in_all > 0 {
+            self.in_all_bytes.fetch_add(in_all, Ordering::SeqCst);
+        }
         self.bytes.fetch_add(bytes, Ordering::SeqCst);
         // Read after the addition: either this or `close` sees both, so nothing is left.
         if self.closed.load(Ordering::SeqCst) {
-            self.give_back(self.bytes.swap(0, Ordering::SeqCst));
+            self.give_back_all();
         }
     }
 
@@ -114,7 +123,12 @@ impl Unsent {
         {
             let taken = unsent.min(bytes);
             self.taken_by_socket.fetch_add(taken, Ordering::Relaxed);
-            self.give_back(taken);
+            let fewer = |in_all: usize| (in_all > 0).then(|| in_all.saturating_sub(taken));
+            let in_all = self
+                .in_all_bytes
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fewer)
+                .map_or(0, |in_all| in_all.min(taken));
+            self.give_back(taken, in_all);
         }
     }
 
@@ -139,24 +153,29 @@ impl Unsent {
         let idle = !self.blocked.load(Ordering::Relaxed)
             && self.taken_by_socket.load(Ordering::Relaxed) == mark;
         if idle {
-            let forgiven = self.bytes.swap(0, Ordering::SeqCst);
+            let forgiven = self.give_back_all();
             if forgiven > 0 {
                 tracing::debug!(peer = %self.peer, forgiven, "answer bytes no write will take");
             }
-            self.give_back(forgiven);
         }
     }
 
     fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.give_back(self.bytes.swap(0, Ordering::SeqCst));
+        self.give_back_all();
     }
 
-    fn give_back(&self, bytes: usize) {
-        if bytes > 0 {
-            self.connection.give_back(bytes);
-            self.in_all.give_back(bytes);
-        }
+    /// Gives back every byte counted as unsent; returns how many.
+    fn give_back_all(&self) -> usize {
+        let in_all = self.in_all_bytes.swap(0, Ordering::SeqCst);
+        let bytes = self.bytes.swap(0, Ordering::SeqCst);
+        self.give_back(bytes, in_all.min(bytes));
+        bytes
+    }
+
+    fn give_back(&self, bytes: usize, in_all: usize) {
+        self.connection.give_back(bytes);
+        self.in_all.give_back(in_all);
     }
 
     /// Whether the connection holds answer bytes and its socket has taken none for
@@ -204,6 +223,7 @@ impl AnswerBytesLayer {
         let budget = Budget::with_room(self.max_message_bytes, PER_CONNECTION);
         let unsent = Arc::new(Unsent {
             bytes: AtomicUsize::new(0),
+            in_all_bytes: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             connection: budget.clone(),
             in_all: self.in_all.clone(),
@@ -225,19 +245,11 @@ impl AnswerBytesLayer {
 /// bytes come back; the calls refused meanwhile are told to retry in a moment. Clients still
 /// reading are never cut.
 #[derive(Clone, Default)]
-struct Holders {
-    list: Arc<Mutex<Vec<Weak<Unsent>>>>,
-    /// When a stream waiting for the server's budget last had the list looked through.
-    looked: Arc<Mutex<Option<Instant>>>,
-}
-
-/// How often streams waiting for the server's budget have the holders looked through: each
-/// waiting stream asks on every retry, and a connection is found stalled only after a second.
-const LOOK_EVERY: Duration = Duration::from_millis(100);
+struct Holders(Arc<Mutex<Vec<Weak<Unsent>>>>);
 
 impl Holders {
     fn add(&self, unsent: &Arc<Unsent>) {
-        let mut holders = lock(&self.list);
+        let mut holders = lock(&self.0);
         // Closed connections go whenever the list doubles: amortized, no timer.
         if holders.len() == holders.capacity() {
             holders.retain(|holder| holder.strong_count() > 0);
@@ -245,26 +257,12 @@ impl Holders {
         holders.push(Arc::downgrade(unsent));
     }
 
-    /// [`Holders::cut_heaviest`], unless a waiting stream had it done less than
-    /// [`LOOK_EVERY`] ago.
-    fn cut_heaviest_now_and_then(&self, calling: Option<&Arc<Unsent>>) {
-        let now = Instant::now();
-        {
-            let mut looked = lock(&self.looked);
-            if looked.is_some_and(|at| now.saturating_duration_since(at) < LOOK_EVERY) {
-                return;
-            }
-            *looked = Some(now);
-        }
-        self.cut_heaviest(calling);
-    }
-
     /// Cuts the stalled connection, other than `calling`'s, that holds the most answer bytes,
     /// if any.
     fn cut_heaviest(&self, calling: Option<&Arc<Unsent>>) {
         let now = Instant::now();
         let heaviest = {
-            let mut holders = lock(&self.list);
+            let mut holders = lock(&self.0);
             holders.retain(|holder| holder.strong_count() > 0);
             holders
                 .iter()
@@ -430,17 +428,12 @@ const CHUNK: usize = 16 * 1024;
 /// holds that frame. One larger message makes a larger frame alone.
 pub const STREAM_FRAME_BYTES: usize = 8 * 1024;
 
-/// Bytes a stream takes beyond what its frame needs while both budgets stay at least half
-/// free, kept for its next frames: a change to many streams would otherwise have each of
-/// them update the connection's and the server's counts, which both cores share, for every
-/// message (measured: the fan-out's median latency a tenth higher). At most half of a budget
-/// is ever held this way, so a frame (at most a quarter of a connection's) always fits the
-/// rest once it drains.
+/// Bytes a stream takes beyond what its frame needs while its connection's budget stays at
+/// least half free, kept for its next frames: a change to many streams would otherwise have
+/// each of them update the connection's count, which both cores share, for every message. At
+/// most half of the budget is ever held this way, so a chunk (at most a quarter of it) always
+/// fits the rest once it drains.
 const CREDIT: usize = 4 * 1024;
-
-/// How often a stream waiting for room in the server's budget looks again: that room comes
-/// from other connections, which do not tell it.
-const SERVER_ROOM_RETRY: Duration = Duration::from_millis(50);
 
 /// How long a stream waits for room in its connection's budget while the socket takes
 /// nothing and does not wait to write, before the bytes counted as unsent are given back
@@ -466,9 +459,10 @@ impl Counting {
 }
 
 /// An answer's body, handed to hyper a chunk at a time as the client's window lets hyper take
-/// them, each chunk counted in the budgets until the connection's socket takes it. The first
-/// message's bytes are taken whole when the call returns (a refusal if they do not fit); a
-/// stream's later frames take theirs chunk by chunk and wait for room when a budget is spent.
+/// them, each chunk counted until the connection's socket takes it. The first message's bytes
+/// are taken whole from both budgets when the call returns (a refusal if they do not fit); a
+/// stream's later frames take theirs from the connection's budget chunk by chunk and wait for
+/// room while it is spent.
 struct Sending {
     body: Body,
     /// What is left of the frame being handed over.
@@ -479,7 +473,7 @@ struct Sending {
     held: Held,
     counting: Counting,
     /// While waiting for room: the connection's budget's word that bytes came back (its
-    /// socket took some, or an answer ended), and, for room in the server's budget, a timer.
+    /// socket took some, or an answer ended), and a timer ([`IDLE_SOCKET`]).
     room: Option<Pin<Box<OwnedNotified>>>,
     retry: Option<Pin<Box<Sleep>>>,
     /// Counted in the connection's budget's waiters.
@@ -543,8 +537,8 @@ impl Sending {
         }
     }
 
-    /// Ready once `need` more bytes are taken from the budgets; waits for room while either is
-    /// spent. The first look is one attempt: no lock, no allocation.
+    /// Ready once `need` more bytes are taken from the connection's budget; waits for room
+    /// while it is spent. The first look is one attempt: no lock, no allocation.
     fn poll_room(&mut self, cx: &mut Context<'_>, need: usize) -> Poll<()> {
         if need == 0 {
             return Poll::Ready(());
@@ -553,7 +547,7 @@ impl Sending {
             return Poll::Pending;
         }
         self.forgive_idle_socket();
-        if self.take(need).is_ok() {
+        if self.take(need) {
             self.set_waiting(false);
             return Poll::Ready(());
         }
@@ -565,30 +559,16 @@ impl Sending {
             told.as_mut().enable();
             self.room = Some(told);
         }
-        let by_server = match self.take(need) {
-            Ok(()) => {
-                self.room = None;
-                self.set_waiting(false);
-                return Poll::Ready(());
-            }
-            Err(by_server) => by_server,
-        };
-        let retry = match &self.counting.unsent {
-            Some(unsent) if !by_server => {
-                let taken = unsent.taken_by_socket.load(Ordering::Relaxed);
-                self.idle_since.get_or_insert((taken, Instant::now()));
-                IDLE_SOCKET
-            }
-            unsent => {
-                if by_server {
-                    self.counting
-                        .holders
-                        .cut_heaviest_now_and_then(unsent.as_ref());
-                }
-                SERVER_ROOM_RETRY
-            }
-        };
-        self.retry = Some(Box::pin(tokio::time::sleep(retry)));
+        if self.take(need) {
+            self.room = None;
+            self.set_waiting(false);
+            return Poll::Ready(());
+        }
+        if let Some(unsent) = &self.counting.unsent {
+            let taken = unsent.taken_by_socket.load(Ordering::Relaxed);
+            self.idle_since.get_or_insert((taken, Instant::now()));
+        }
+        self.retry = Some(Box::pin(tokio::time::sleep(IDLE_SOCKET)));
         if self.woken(cx) {
             // Room came already: look again.
             cx.waker().wake_by_ref();
@@ -596,18 +576,21 @@ impl Sending {
         Poll::Pending
     }
 
-    /// `need` bytes more from the budgets into `held`, and a credit ahead while both are
-    /// roomy; or whether the server's budget (not the connection's) was spent.
-    fn take(&mut self, need: usize) -> Result<(), bool> {
+    /// `need` bytes more from the connection's budget into `held`, and a credit ahead while
+    /// it stays half free; false if it does not have them.
+    fn take(&mut self, need: usize) -> bool {
         let (budgets, ahead) = (&self.counting.budgets, need + self.counting.credit());
-        let taken = if budgets.roomy(ahead) && budgets.try_take(ahead, &mut self.held).is_ok() {
+        let taken = if budgets.connection_roomy(ahead)
+            && budgets.try_take_connection(ahead, &mut self.held)
+        {
             ahead
-        } else {
-            budgets.try_take(need, &mut self.held)?;
+        } else if budgets.try_take_connection(need, &mut self.held) {
             need
+        } else {
+            return false;
         };
         self.prepaid += taken;
-        Ok(())
+        true
     }
 
     /// Whether no wait is on, or the one that was is over (its futures are then dropped);
@@ -663,8 +646,8 @@ impl Sending {
         self.prepaid = self.prepaid.saturating_sub(len);
         match &self.counting.unsent {
             Some(unsent) => {
-                self.held.hand_over(len);
-                unsent.handed_over(len);
+                let in_all = self.held.hand_over(len);
+                unsent.handed_over(len, in_all);
             }
             None => self.held.give_back(len),
         }
@@ -753,8 +736,8 @@ mod tests {
         assert!(!bytes.unsent.stalled(start + second / 2));
         assert!(bytes.unsent.stalled(start + second));
         // Some read: not stalled, and a second more before it is again.
-        held.hand_over(100);
-        bytes.unsent.handed_over(100);
+        let in_all = held.hand_over(100);
+        bytes.unsent.handed_over(100, in_all);
         bytes.unsent.sent(50);
         assert!(!bytes.unsent.stalled(start + 2 * second));
         assert!(!bytes.unsent.stalled(start + 2 * second + second / 2));
@@ -805,8 +788,8 @@ mod tests {
         let (layer, bytes, budgets) = connection(1000);
         let mut held = Held::default();
         assert!(budgets.take(600, &mut held).is_ok());
-        held.hand_over(600);
-        bytes.unsent.handed_over(600);
+        let in_all = held.hand_over(600);
+        bytes.unsent.handed_over(600, in_all);
         let pending = Poll::Pending;
         bytes.unsent.wrote(&pending);
         bytes.unsent.forgive_if_idle(0);

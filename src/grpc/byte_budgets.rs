@@ -212,13 +212,20 @@ impl Budgets {
         Err(Spent { status, by_server })
     }
 
-    /// Whether both budgets would stay at least half free after `bytes` more.
-    pub(super) fn roomy(&self, bytes: usize) -> bool {
-        let roomy = |budget: &Budget| {
+    /// `bytes` more from the connection's budget alone (if it has one) into `held`, if it has
+    /// them: what a stream's later messages draw on.
+    pub(super) fn try_take_connection(&self, bytes: usize, held: &mut Held) -> bool {
+        (self.connection.as_ref())
+            .is_none_or(|budget| budget.take_into(bytes, &mut held.connection))
+    }
+
+    /// Whether the connection's budget (if it has one) would stay at least half free after
+    /// `bytes` more.
+    pub(super) fn connection_roomy(&self, bytes: usize) -> bool {
+        (self.connection.as_ref()).is_none_or(|budget| {
             let left = budget.counts.left.load(Ordering::Relaxed);
             left >= budget.total / 2 + bytes
-        };
-        self.connection.as_ref().is_none_or(roomy) && roomy(&self.in_all)
+        })
     }
 
     /// [`Budgets::take`] without the status (a stream that waits for room looks often):
@@ -270,13 +277,18 @@ impl Held {
     }
 
     /// Stops holding `bytes` without giving them back: whoever they were handed to gives them
-    /// back to the budgets ([`Budget::give_back`]) when done with them.
-    pub(super) fn hand_over(&mut self, bytes: usize) {
-        for taken in [&mut self.in_all, &mut self.connection]
-            .into_iter()
-            .flatten()
-        {
+    /// back to the budgets ([`Budget::give_back`]) when done with them. Returns how many of
+    /// them were the server budget's too (a stream's later messages draw on the connection's
+    /// alone).
+    pub(super) fn hand_over(&mut self, bytes: usize) -> usize {
+        let mut in_all = 0;
+        if let Some(taken) = &mut self.in_all {
+            in_all = bytes.min(taken.bytes);
+            taken.bytes -= in_all;
+        }
+        if let Some(taken) = &mut self.connection {
             taken.bytes -= bytes.min(taken.bytes);
         }
+        in_all
     }
 }
