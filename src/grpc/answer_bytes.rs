@@ -70,6 +70,8 @@ const IN_ALL: usize = 32;
 #[derive(Clone)]
 pub struct ConnectionAnswerBytes {
     budget: Budget,
+    /// What it holds of the server's budget ([`Budgets::connection_share`]).
+    share: Budget,
     unsent: Arc<Unsent>,
 }
 
@@ -85,6 +87,8 @@ struct Unsent {
     closed: AtomicBool,
     connection: Budget,
     in_all: Budget,
+    /// What the connection holds of `in_all`: weighed when the server's budget is spent.
+    share: Budget,
     /// Cancelled to cut the connection (`crate::server::cut`).
     cut: CancellationToken,
     peer: SocketAddr,
@@ -176,6 +180,7 @@ impl Unsent {
     fn give_back(&self, bytes: usize, in_all: usize) {
         self.connection.give_back(bytes);
         self.in_all.give_back(in_all);
+        self.share.give_back(in_all);
     }
 
     /// Whether the connection holds answer bytes and its socket has taken none for
@@ -183,7 +188,9 @@ impl Unsent {
     /// takes some. (Answers dropped unsent give bytes back too, and are not reading.)
     fn stalled(&self, now: Instant) -> bool {
         let given = self.taken_by_socket.load(Ordering::Relaxed);
-        let used = self.connection.used();
+        // Of the server's budget: what a cut would free. A stream's later messages and credit
+        // are not in it, so an idle connection of watch streams is never taken for stalled.
+        let used = self.share.used();
         let mut seen = lock(&self.seen);
         match *seen {
             Some((was, since)) if was == given && used > 0 => now - since >= STALLED,
@@ -221,12 +228,14 @@ impl AnswerBytesLayer {
     /// (from `peer`) if it holds the most when the server's budget is spent.
     pub fn connection(&self, peer: SocketAddr, cut: CancellationToken) -> ConnectionAnswerBytes {
         let budget = Budget::with_room(self.max_message_bytes, PER_CONNECTION);
+        let share = Budget::new(self.max_message_bytes, IN_ALL);
         let unsent = Arc::new(Unsent {
             bytes: AtomicUsize::new(0),
             in_all_bytes: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             connection: budget.clone(),
             in_all: self.in_all.clone(),
+            share: share.clone(),
             cut,
             peer,
             taken_by_socket: AtomicUsize::new(0),
@@ -234,7 +243,11 @@ impl AnswerBytesLayer {
             seen: Mutex::new(None),
         });
         self.holders.add(&unsent);
-        ConnectionAnswerBytes { budget, unsent }
+        ConnectionAnswerBytes {
+            budget,
+            share,
+            unsent,
+        }
     }
 }
 
@@ -270,7 +283,7 @@ impl Holders {
                 .filter(|holder| !holder.cut.is_cancelled())
                 .filter(|holder| calling.is_none_or(|calling| !Arc::ptr_eq(holder, calling)))
                 .filter(|holder| holder.stalled(now))
-                .max_by_key(|holder| holder.connection.used())
+                .max_by_key(|holder| holder.share.used())
         };
         let Some(heaviest) = heaviest else {
             return;
@@ -278,7 +291,7 @@ impl Holders {
         heaviest.cut.cancel();
         tracing::warn!(
             peer = %heaviest.peer,
-            answer_bytes = heaviest.connection.used(),
+            answer_bytes = heaviest.share.used(),
             "cut the gRPC connection holding the most answers not yet read, none read for a \
              second: the server's budget for them was spent (a client that stops reading its \
              answers)"
@@ -400,6 +413,7 @@ where
         let budgets = Budgets {
             connection: answer_bytes.as_ref().map(|bytes| bytes.budget.clone()),
             in_all: self.in_all.clone(),
+            connection_share: answer_bytes.as_ref().map(|bytes| bytes.share.clone()),
             what: "answers not yet read by their clients",
             advice: "read the answers of earlier calls first, then call again",
         };
@@ -716,6 +730,7 @@ mod tests {
         let budgets = Budgets {
             connection: Some(bytes.budget.clone()),
             in_all: layer.in_all.clone(),
+            connection_share: Some(bytes.share.clone()),
             what: "answers",
             advice: "wait",
         };
@@ -757,12 +772,14 @@ mod tests {
         let server_only = Budgets {
             connection: None,
             in_all: layer.in_all.clone(),
+            connection_share: None,
             ..budgets
         };
         let mut others = Held::default();
         assert!(server_only.take(32 * 1000 - 1000, &mut others).is_ok());
         let budgets = Budgets {
             connection: Some(bytes.budget.clone()),
+            connection_share: Some(bytes.share.clone()),
             ..server_only
         };
         let (mut unread, mut dropped) = (Held::default(), Held::default());
@@ -779,6 +796,34 @@ mod tests {
         assert_eq!(bytes.budget.used(), 600, "put back");
         drop(dropped);
         assert!(bytes.unsent.stalled(start + STALLED), "nothing was read");
+    }
+
+    /// A stream's later messages and credit are in the connection's budget, not in what it
+    /// holds of the server's: a connection whose watch streams hold only those (an idle one,
+    /// with credit ahead) is never weighed as stalled when the server's budget is spent.
+    #[test]
+    fn stream_bytes_do_not_make_a_connection_look_stalled() {
+        let (_layer, bytes, budgets) = connection(1000);
+        let mut stream = Held::default();
+        assert!(budgets.try_take_connection(600, &mut stream));
+        assert_eq!(bytes.budget.used(), 600);
+        let start = Instant::now();
+        assert!(!bytes.unsent.stalled(start));
+        assert!(
+            !bytes.unsent.stalled(start + 2 * STALLED),
+            "holds none of the server's"
+        );
+
+        let mut answer = Held::default();
+        assert!(budgets.take(100, &mut answer).is_ok());
+        assert_eq!(bytes.share.used(), 100);
+        assert!(!bytes.unsent.stalled(start + 2 * STALLED), "first seen");
+        assert!(bytes.unsent.stalled(start + 3 * STALLED));
+        let in_all = answer.hand_over(100);
+        assert_eq!(in_all, 100);
+        bytes.unsent.handed_over(100, in_all);
+        bytes.unsent.sent(100);
+        assert_eq!(bytes.share.used(), 0, "given back as the socket takes it");
     }
 
     /// Bytes still counted are given back only when the socket has taken none since the
@@ -869,6 +914,7 @@ mod tests {
         let budgets = Budgets {
             connection: None,
             in_all: Budget::new(1000, 1),
+            connection_share: None,
             what: "answers",
             advice: "wait",
         };

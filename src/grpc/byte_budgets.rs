@@ -178,6 +178,10 @@ pub(super) struct Budgets {
     /// Absent for a connection that did not come through the capped listener (tests).
     pub(super) connection: Option<Budget>,
     pub(super) in_all: Budget,
+    /// What the connection holds of the server's budget (as large as it, so never the
+    /// limit): for the server to weigh connections when its budget is spent. A stream's later
+    /// messages are in the connection's budget but not in this.
+    pub(super) connection_share: Option<Budget>,
     /// What the bytes are, for the status of a call that finds a budget spent: "requests
     /// still arriving".
     pub(super) what: &'static str,
@@ -244,6 +248,10 @@ impl Budgets {
             }
             return Err(true);
         }
+        if let Some(share) = &self.connection_share {
+            // No more than the server's budget lets go: there is room.
+            share.take_into(bytes, &mut held.connection_share);
+        }
         Ok(())
     }
 }
@@ -261,15 +269,18 @@ pub(super) struct Spent {
 pub(super) struct Held {
     in_all: Option<Taken>,
     connection: Option<Taken>,
+    connection_share: Option<Taken>,
 }
 
 impl Held {
     /// Gives `bytes` of what is held back to each budget.
     pub(super) fn give_back(&mut self, bytes: usize) {
-        for taken in [&mut self.in_all, &mut self.connection]
-            .into_iter()
-            .flatten()
-        {
+        let all = [
+            &mut self.in_all,
+            &mut self.connection,
+            &mut self.connection_share,
+        ];
+        for taken in all.into_iter().flatten() {
             let given = bytes.min(taken.bytes);
             taken.bytes -= given;
             taken.counts.give_back(given);
@@ -285,6 +296,9 @@ impl Held {
         if let Some(taken) = &mut self.in_all {
             in_all = bytes.min(taken.bytes);
             taken.bytes -= in_all;
+        }
+        if let Some(taken) = &mut self.connection_share {
+            taken.bytes -= in_all.min(taken.bytes);
         }
         if let Some(taken) = &mut self.connection {
             taken.bytes -= bytes.min(taken.bytes);
