@@ -1894,3 +1894,86 @@ async fn clients_holding_their_connections_budgets_do_not_stall_other_clients() 
     drop(streams);
     binary.stop();
 }
+
+/// A client that kept its windows at one byte and sent a PING now and then had the socket
+/// take each answer's 17 bytes, which counted as reading its answers: its connections held the
+/// server's budget for good, never cut, and every other client's larger calls were refused
+/// (found by an adversarial run). Reading less than a sixteenth of what a connection holds in a
+/// second is not reading: another client's retries are answered once one is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_only_answers_pings_is_cut_when_the_servers_budget_is_needed() {
+    use profile_state::pb;
+    use prost::Message;
+    // Budgets: 256 KiB a connection, 2 MiB in all.
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--grpc-max-message-bytes", "65536"];
+    let mut binary = binary::Binary::start(dir.path(), &args).await;
+    large_profiles(&binary, 100).await;
+    // A page of five profiles: about 50 KB.
+    let list = pb::ListProfilesRequest {
+        page_size: 5,
+        ..Default::default()
+    };
+    // Twelve connections of four unread pages each: 2.4 MB, more than the server's budget.
+    let (mut pings, mut held) = (Vec::new(), Vec::new());
+    for _ in 0..12 {
+        let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
+        let (mut attacker, mut connection) = h2::client::Builder::new()
+            .initial_window_size(1)
+            .handshake(tcp)
+            .await
+            .unwrap();
+        pings.push(connection.ping_pong().unwrap());
+        tokio::spawn(connection);
+        for _ in 0..4 {
+            held.push(raw_unary(&mut attacker, "ListProfiles", list.encode_to_vec()).await);
+        }
+    }
+    let labels = [
+        ("grpc_type", "unary"),
+        ("grpc_service", "gameball.profiles.v1.ProfileService"),
+        ("grpc_method", "ListProfiles"),
+    ];
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let started = |text: &str| common::metric(text, "grpc_server_started_total", &labels);
+    while started(&binary.metrics().await) != Some(48.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the calls never started"
+        );
+        tokio::task::yield_now().await;
+    }
+    let pinging = tokio::spawn(async move {
+        loop {
+            for ping in &mut pings {
+                // A cut connection answers no more pings.
+                let _ = ping.ping(h2::Ping::opaque()).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    let url = format!("http://{}", binary.grpc);
+    let mut client = pb::profile_service_client::ProfileServiceClient::connect(url)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut refused = 0;
+    while let Err(status) = client.list_profiles(list.clone()).await {
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("the server's"), "{status:?}");
+        assert!(std::time::Instant::now() < deadline, "never answered");
+        refused += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(refused >= 1, "the server's budget was spent");
+    binary
+        .wait_for(
+            "cut the gRPC connection holding the most answers not yet read, none read for a \
+             second: the server's budget for them was spent (a client that stops reading its \
+             answers)",
+        )
+        .await;
+    pinging.abort();
+    drop(held);
+    binary.stop();
+}

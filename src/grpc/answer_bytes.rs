@@ -183,9 +183,11 @@ impl Unsent {
         self.share.give_back(in_all);
     }
 
-    /// Whether the connection holds answer bytes and its socket has taken none for
-    /// [`STALLED`], as refusals have seen it: a client reading its answers, however slowly,
-    /// takes some. (Answers dropped unsent give bytes back too, and are not reading.)
+    /// Whether the connection holds answer bytes and its socket took less than a sixteenth of
+    /// them ([`SLOWEST_SHARE`]) over a window of [`STALLED`], as refusals have seen it. Any
+    /// byte used to do: a client that kept its windows at one byte and sent a PING now and
+    /// then (each answer's 17 bytes taken) held its share for good and was never cut (found by
+    /// an adversarial run). (Answers dropped unsent give bytes back too, and are not reading.)
     fn stalled(&self, now: Instant) -> bool {
         let given = self.taken_by_socket.load(Ordering::Relaxed);
         // Of the server's budget: what a cut would free. A stream's later messages and credit
@@ -193,7 +195,17 @@ impl Unsent {
         let used = self.share.used();
         let mut seen = lock(&self.seen);
         match *seen {
-            Some((was, since)) if was == given && used > 0 => now - since >= STALLED,
+            Some((was, since)) if used > 0 => {
+                if now.saturating_duration_since(since) < STALLED {
+                    return false;
+                }
+                let slow = given.wrapping_sub(was) < used.div_ceil(SLOWEST_SHARE);
+                if !slow {
+                    // A new window from here.
+                    *seen = Some((given, now));
+                }
+                slow
+            }
             _ => {
                 *seen = (used > 0).then_some((given, now));
                 false
@@ -202,9 +214,14 @@ impl Unsent {
     }
 }
 
-/// How long a connection holding answer bytes must give none back before a refusal for the
-/// server's budget may cut it.
+/// How long a connection holding answer bytes must take too few of them before a refusal for
+/// the server's budget may cut it.
 const STALLED: Duration = Duration::from_secs(1);
+
+/// A client reading less than this share of what its connection holds of the server's budget
+/// in a [`STALLED`] window may be cut when that budget is spent: one reading at least this
+/// never is (16 MiB held: 1 MiB a second).
+const SLOWEST_SHARE: usize = 16;
 
 /// The layer that makes every answer body draw on its budgets.
 #[derive(Clone)]
@@ -737,8 +754,9 @@ mod tests {
         (layer, bytes, budgets)
     }
 
-    /// Only a connection that holds answer bytes and gives none back for a second, as
-    /// refusals see it, may be cut: one whose client reads, however slowly, may not.
+    /// Only a connection that holds answer bytes and gives (nearly) none back for a second, as
+    /// refusals see it, may be cut: one whose client reads a sixteenth of them a second may
+    /// not.
     #[test]
     fn a_connection_is_stalled_only_after_a_second_without_giving_bytes_back() {
         let (_layer, bytes, budgets) = connection(1000);
@@ -796,6 +814,33 @@ mod tests {
         assert_eq!(bytes.budget.used(), 600, "put back");
         drop(dropped);
         assert!(bytes.unsent.stalled(start + STALLED), "nothing was read");
+    }
+
+    /// A trickle is not reading: a client that keeps its windows at one byte and sends a PING
+    /// now and then has the socket take each answer's 17 bytes, and held its share for good.
+    /// Reading a sixteenth of what it holds in a second is.
+    #[test]
+    fn a_trickle_of_bytes_is_not_reading() {
+        let (_layer, bytes, budgets) = connection(16_000);
+        let mut held = Held::default();
+        assert!(budgets.take(16_000, &mut held).is_ok());
+        let in_all = held.hand_over(16_000);
+        bytes.unsent.handed_over(16_000, in_all);
+        let start = Instant::now();
+        assert!(!bytes.unsent.stalled(start), "first seen");
+        bytes.unsent.sent(17);
+        assert!(!bytes.unsent.stalled(start + STALLED / 2));
+        assert!(
+            bytes.unsent.stalled(start + STALLED),
+            "17 bytes in a second"
+        );
+        bytes.unsent.sent(1_000);
+        assert!(
+            !bytes.unsent.stalled(start + 2 * STALLED),
+            "a sixteenth read"
+        );
+        assert!(!bytes.unsent.stalled(start + 2 * STALLED + STALLED / 2));
+        assert!(bytes.unsent.stalled(start + 3 * STALLED), "nothing since");
     }
 
     /// A stream's later messages and credit are in the connection's budget, not in what it
