@@ -1696,6 +1696,17 @@ async fn until_streams_stop_sending(binary: &binary::Binary, rss_bound: f64) -> 
     }
 }
 
+/// Resumes `reads`, then reads the initial state of `profiles` profiles of the watch `call`.
+async fn resume_and_read_initial_state(
+    reads: &Reads,
+    call: h2::client::ResponseFuture,
+    profiles: usize,
+) {
+    reads.resume();
+    let head = tokio::time::timeout(PATIENCE, call).await;
+    read_initial_state(head.expect("the head").unwrap().into_body(), profiles).await;
+}
+
 /// Reads a watch stream's initial state of `profiles` profiles whole, each message within
 /// [`PATIENCE`].
 async fn read_initial_state(mut body: h2::RecvStream, profiles: usize) {
@@ -1751,16 +1762,14 @@ async fn a_stream_opened_after_the_client_reset_its_stalled_streams_is_served() 
     metric_reaches(&binary, "profile_state_watch_streams ", 0.0).await;
 
     let next = raw_unary(&mut client, "WatchProfiles", request.encode_to_vec()).await;
-    reads.resume();
-    let head = tokio::time::timeout(PATIENCE, next).await;
-    read_initial_state(head.expect("the head").unwrap().into_body(), PROFILES).await;
+    resume_and_read_initial_state(&reads, next, PROFILES).await;
     binary.stop();
 }
 
 /// A client that stops reading its watch streams had h2 keep up to 400 KiB of each (an initial
 /// state is encoded per stream): about 0.6 MiB per stalled stream, 5.7 GiB at the default
 /// `--max-watch-streams` (found by an adversarial run). A stream's messages now count in its
-/// connection's and the server's answer budgets until the socket takes them, and wait for room:
+/// connection's answer budget until the socket takes them, and wait for room:
 /// three connections of 100 streams, each asking for an initial state of 3 MB and reading
 /// nothing, hold a few MiB each (about 120 MiB before). Once the clients read, the initial
 /// states arrive whole.
@@ -1795,22 +1804,56 @@ async fn watch_streams_whose_client_stops_reading_hold_bounded_bytes() {
         let mut streams = streams.into_iter();
         let first = streams.next().unwrap();
         drop(streams);
-        reads.resume();
-        let head = tokio::time::timeout(PATIENCE, first).await;
-        read_initial_state(head.expect("the head").unwrap().into_body(), PROFILES).await;
+        resume_and_read_initial_state(&reads, first, PROFILES).await;
     }
     binary.stop();
 }
 
+/// Twelve connections whose client gives each stream a window of one byte, each with `calls`
+/// calls of ProfileService's `method` with `request`: their PINGs, and the answers.
+async fn one_byte_windows(
+    binary: &binary::Binary,
+    (calls, method): (usize, &str),
+    request: &impl prost::Message,
+) -> (Vec<h2::PingPong>, Vec<h2::client::ResponseFuture>) {
+    let (mut pings, mut answers) = (Vec::new(), Vec::new());
+    for _ in 0..12 {
+        let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
+        let (mut client, mut connection) = h2::client::Builder::new()
+            .initial_window_size(1)
+            .handshake(tcp)
+            .await
+            .unwrap();
+        pings.push(connection.ping_pong().unwrap());
+        tokio::spawn(connection);
+        for _ in 0..calls {
+            answers.push(raw_unary(&mut client, method, request.encode_to_vec()).await);
+        }
+    }
+    (pings, answers)
+}
+
+/// Sends a PING on each connection every 200 ms, so that their sockets take a few bytes (a
+/// cut connection answers no more).
+fn ping_now_and_then(mut pings: Vec<h2::PingPong>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            for ping in &mut pings {
+                let _ = ping.ping(h2::Ping::opaque()).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+}
+
 /// A stream's later messages count in its connection's budget only: a client that held every
 /// byte its connections may while it read a few bytes a second (windows of one byte, pings
-/// now and then: a client reading, so never cut) stopped every other client's watches when
-/// streams also waited for the server's budget (found by an adversarial run). Another
-/// client's watch gets its change meanwhile, and its calls are answered.
+/// now and then, then taken for a client reading and never cut) stopped every other client's
+/// watches when streams also waited for the server's budget (found by an adversarial run).
+/// Another client's watch gets its change meanwhile, and its calls are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_holding_their_connections_budgets_do_not_stall_other_clients() {
     use profile_state::pb;
-    use prost::Message;
     // Budgets: 256 KiB a connection, 2 MiB in all.
     let dir = tempfile::tempdir().unwrap();
     let args = ["--grpc-max-message-bytes", "65536"];
@@ -1842,31 +1885,10 @@ async fn clients_holding_their_connections_budgets_do_not_stall_other_clients() 
         send_initial_state: true,
         ..Default::default()
     };
-    let (mut pings, mut streams) = (Vec::new(), Vec::new());
-    for _ in 0..12 {
-        let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
-        let (mut attacker, mut connection) = h2::client::Builder::new()
-            .initial_window_size(1)
-            .handshake(tcp)
-            .await
-            .unwrap();
-        pings.push(connection.ping_pong().unwrap());
-        tokio::spawn(connection);
-        for _ in 0..20 {
-            let call = raw_unary(&mut attacker, "WatchProfiles", request.encode_to_vec()).await;
-            streams.push(call);
-        }
-    }
+    let (pings, streams) = one_byte_windows(&binary, (20, "WatchProfiles"), &request).await;
     metric_reaches(&binary, "profile_state_watch_streams ", 241.0).await;
     // Their sockets take a few bytes now and then: the pings' answers.
-    let pinging = tokio::spawn(async move {
-        loop {
-            for ping in &mut pings {
-                ping.ping(h2::Ping::opaque()).await.unwrap();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-    });
+    let pinging = ping_now_and_then(pings);
     until_streams_stop_sending(&binary, rss + 64.0 * 1024.0 * 1024.0).await;
 
     // A page of five profiles (about 50 KB) is answered: the streams hold none of the
@@ -1903,7 +1925,6 @@ async fn clients_holding_their_connections_budgets_do_not_stall_other_clients() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_only_answers_pings_is_cut_when_the_servers_budget_is_needed() {
     use profile_state::pb;
-    use prost::Message;
     // Budgets: 256 KiB a connection, 2 MiB in all.
     let dir = tempfile::tempdir().unwrap();
     let args = ["--grpc-max-message-bytes", "65536"];
@@ -1915,20 +1936,7 @@ async fn a_client_that_only_answers_pings_is_cut_when_the_servers_budget_is_need
         ..Default::default()
     };
     // Twelve connections of four unread pages each: 2.4 MB, more than the server's budget.
-    let (mut pings, mut held) = (Vec::new(), Vec::new());
-    for _ in 0..12 {
-        let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
-        let (mut attacker, mut connection) = h2::client::Builder::new()
-            .initial_window_size(1)
-            .handshake(tcp)
-            .await
-            .unwrap();
-        pings.push(connection.ping_pong().unwrap());
-        tokio::spawn(connection);
-        for _ in 0..4 {
-            held.push(raw_unary(&mut attacker, "ListProfiles", list.encode_to_vec()).await);
-        }
-    }
+    let (pings, held) = one_byte_windows(&binary, (4, "ListProfiles"), &list).await;
     let labels = [
         ("grpc_type", "unary"),
         ("grpc_service", "gameball.profiles.v1.ProfileService"),
@@ -1943,15 +1951,7 @@ async fn a_client_that_only_answers_pings_is_cut_when_the_servers_budget_is_need
         );
         tokio::task::yield_now().await;
     }
-    let pinging = tokio::spawn(async move {
-        loop {
-            for ping in &mut pings {
-                // A cut connection answers no more pings.
-                let _ = ping.ping(h2::Ping::opaque()).await;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-    });
+    let pinging = ping_now_and_then(pings);
     let url = format!("http://{}", binary.grpc);
     let mut client = pb::profile_service_client::ProfileServiceClient::connect(url)
         .await
