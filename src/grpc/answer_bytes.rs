@@ -173,7 +173,10 @@ impl Unsent {
     fn give_back_all(&self) -> usize {
         let in_all = self.in_all_bytes.swap(0, Ordering::SeqCst);
         let bytes = self.bytes.swap(0, Ordering::SeqCst);
-        self.give_back(bytes, in_all.min(bytes));
+        // All of `in_all`, even past `bytes`: a write between the two swaps took its bytes
+        // off `bytes` but finds `in_all_bytes` empty, so its share of the server's is here
+        // (capped at `bytes`, it was lost for good; an adversarial reading).
+        self.give_back(bytes, in_all);
         bytes
     }
 
@@ -869,6 +872,26 @@ mod tests {
         bytes.unsent.handed_over(100, in_all);
         bytes.unsent.sent(100);
         assert_eq!(bytes.share.used(), 0, "given back as the socket takes it");
+    }
+
+    /// A write between `give_back_all`'s two swaps takes its bytes off the unsent count but
+    /// finds the server's part taken already: that part is given back with the rest, not lost.
+    #[test]
+    fn a_write_racing_the_close_loses_none_of_the_servers_budget() {
+        let (layer, bytes, budgets) = connection(1000);
+        let mut held = Held::default();
+        assert!(budgets.take(1000, &mut held).is_ok());
+        let in_all = held.hand_over(1000);
+        bytes.unsent.handed_over(1000, in_all);
+        // The write's first half, as `Unsent::sent` does it.
+        bytes.unsent.bytes.fetch_sub(300, Ordering::SeqCst);
+        bytes.unsent.connection.give_back(300);
+        bytes.unsent.close();
+        // Its second half finds the server's part gone.
+        bytes.unsent.sent(0);
+        assert_eq!(layer.in_all.used(), 0);
+        assert_eq!(bytes.share.used(), 0);
+        assert_eq!(bytes.budget.used(), 0);
     }
 
     /// Bytes still counted are given back only when the socket has taken none since the
