@@ -232,9 +232,10 @@ impl Budgets {
         })
     }
 
-    /// [`Budgets::take`] without the status (a stream that waits for room looks often):
-    /// whether the server's budget, not the connection's, was spent.
-    pub(super) fn try_take(&self, bytes: usize, held: &mut Held) -> Result<(), bool> {
+    /// [`Budgets::take`] before its status is written: whether the server's budget, not the
+    /// connection's, was spent. (A stream's later messages take from the connection's alone:
+    /// [`Budgets::try_take_connection`].)
+    fn try_take(&self, bytes: usize, held: &mut Held) -> Result<(), bool> {
         // The connection's first: a connection past its own budget is told so, whatever the
         // server's (what it took goes back if the server's is spent).
         if let Some(budget) = &self.connection
