@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -199,6 +199,7 @@ impl Sequencer {
                 records_since_snapshot: 0,
                 bytes_since_snapshot: 0,
                 snapshot_running: Arc::new(AtomicBool::new(false)),
+                snapshot_watch: SnapshotWatch::default(),
             }),
             journal_state: Arc::clone(&journal_state_tx),
             _stall_watch: stall_watch.clone().drop_guard(),
@@ -256,6 +257,7 @@ struct Durable {
     records_since_snapshot: u64,
     bytes_since_snapshot: u64,
     snapshot_running: Arc<AtomicBool>,
+    snapshot_watch: SnapshotWatch,
     /// Where each snapshot takes its share of the directory's lock from: it writes and
     /// removes files there.
     lock: LockRef,
@@ -274,8 +276,18 @@ impl Durable {
             return;
         };
         if self.snapshot_running.swap(true, Ordering::SeqCst) {
+            if let Some(running) = self.snapshot_watch.overdue(Instant::now()) {
+                tracing::warn!(
+                    running_seconds = running.as_secs(),
+                    records_since = self.records_since_snapshot,
+                    "a snapshot is still running: the journal grows until it ends (a disk that \
+                     stopped answering?)"
+                );
+            }
             return;
         }
+        self.snapshot_watch.started(Instant::now());
+        metrics.snapshot_started();
         self.records_since_snapshot = 0;
         self.bytes_since_snapshot = 0;
         let dir = self.appender.dir().to_owned();
@@ -302,6 +314,37 @@ impl Durable {
             }
             running.store(false, Ordering::SeqCst);
         });
+    }
+}
+
+/// A snapshot running this long when the next one is due is logged, once per this long: a
+/// disk that stopped answering hangs it (nothing fails, so nothing else says so) while the
+/// journal grows. `profile_state_snapshot_running_seconds` shows it too.
+const SNAPSHOT_SLOW: Duration = Duration::from_secs(60);
+
+/// When the last snapshot started and when it was last said to be slow.
+#[derive(Default)]
+struct SnapshotWatch {
+    started: Option<Instant>,
+    warned: Option<Instant>,
+}
+
+impl SnapshotWatch {
+    fn started(&mut self, now: Instant) {
+        self.started = Some(now);
+        self.warned = None;
+    }
+
+    /// How long the snapshot still running at `now` has run, if past [`SNAPSHOT_SLOW`] and
+    /// not said within the last [`SNAPSHOT_SLOW`].
+    fn overdue(&mut self, now: Instant) -> Option<Duration> {
+        let running = now.saturating_duration_since(self.started?);
+        let said = |at: Instant| now.saturating_duration_since(at) < SNAPSHOT_SLOW;
+        if running < SNAPSHOT_SLOW || self.warned.is_some_and(said) {
+            return None;
+        }
+        self.warned = Some(now);
+        Some(running)
     }
 }
 
@@ -797,6 +840,25 @@ pub(crate) fn replay(store: &Store, records: Vec<(u64, ProfileUpdate)>) -> Resul
 mod tests {
     use super::*;
     use crate::profile::{Field, FieldPath, Scalar};
+
+    /// A snapshot still running a minute after it started is said to be, then once a minute
+    /// at most; one that started again is watched from its own start.
+    #[test]
+    fn a_snapshot_running_past_a_minute_is_said_to_be_once_a_minute() {
+        let start = Instant::now();
+        let at = |seconds| start + Duration::from_secs(seconds);
+        let mut watch = SnapshotWatch::default();
+        assert_eq!(watch.overdue(at(600)), None, "none started");
+        watch.started(start);
+        assert_eq!(watch.overdue(at(59)), None);
+        assert_eq!(watch.overdue(at(60)), Some(Duration::from_secs(60)));
+        assert_eq!(watch.overdue(at(61)), None, "said a second ago");
+        assert_eq!(watch.overdue(at(119)), None);
+        assert_eq!(watch.overdue(at(120)), Some(Duration::from_secs(120)));
+        watch.started(at(130));
+        assert_eq!(watch.overdue(at(150)), None, "the new one runs for 20 s");
+        assert_eq!(watch.overdue(at(190)), Some(Duration::from_secs(60)));
+    }
 
     fn update(customer: &str, second: i64, points: i64) -> ProfileUpdate {
         ProfileUpdate {

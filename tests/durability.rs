@@ -398,6 +398,59 @@ async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history(
     service.stop().await;
 }
 
+/// A snapshot hung on its disk (here its file is a FIFO nobody reads, so creating it blocks
+/// as a disk that stopped answering would) shows in `profile_state_snapshot_running_seconds`,
+/// which grows while webhooks are still recorded, and goes back to 0 when it ends. Before,
+/// nothing showed it: it neither failed nor was written.
+#[tokio::test]
+async fn a_hung_snapshot_shows_in_its_running_time_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = durable(dir.path());
+    config.snapshot_every_records = 5;
+    let service = TestService::start_with(config).await;
+    let temp = dir.path().join(format!("snapshot-{:020}.snap.tmp", 5));
+    let made = std::process::Command::new("mkfifo").arg(&temp).status();
+    assert!(made.unwrap().success(), "mkfifo {}", temp.display());
+    for n in 1..=5 {
+        let data = json!({"total_points": n});
+        service
+            .update(&profile_updated(&format!("c{n}"), &at(n), data))
+            .await;
+    }
+    let running = |text: &str| {
+        common::metric(text, "profile_state_snapshot_running_seconds", &[]).expect("the gauge")
+    };
+    let first = running(&service.metrics_until(|text| running(text) > 0.0).await);
+    service
+        .metrics_until(|text| running(text) > first + 0.2)
+        .await;
+    let answer = service
+        .update(&profile_updated("c6", &at(6), json!({"total_points": 6})))
+        .await;
+    assert_eq!(answer, json!({"outcome": "applied", "revision": 6}));
+
+    // Read the FIFO: the snapshot writes into it, and fails to sync it.
+    let reader = std::thread::spawn(move || {
+        let mut fifo = std::fs::File::open(&temp).unwrap();
+        std::io::Read::read_to_end(&mut fifo, &mut Vec::new())
+    });
+    // (A scrape reads the gauge a moment before the counters: it may see the count and the
+    // time of the same snapshot.)
+    let failed_and_over = |text: &str| {
+        let outcome = |outcome| common::metric(text, "profile_state_snapshots_total", &[outcome]);
+        outcome(("outcome", "failed")) == Some(1.0) && running(text) == 0.0
+    };
+    let text = service.metrics_until(failed_and_over).await;
+    let written = common::metric(
+        &text,
+        "profile_state_snapshots_total",
+        &[("outcome", "written")],
+    );
+    assert_eq!(written, Some(0.0));
+    reader.join().unwrap().unwrap();
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn a_watcher_resuming_with_another_store_id_is_reset_or_refused() {
     let service = TestService::start().await;

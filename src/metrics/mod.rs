@@ -32,13 +32,15 @@ pub use grpc::{GrpcMethodMetrics, GrpcType, grpc_code_name};
 pub use replication::{REPLICATION_PUBLISH_FAILURES, REPLICATION_UPLOAD_OUTCOMES};
 pub use tls::HandshakeMetrics;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
 
+use crate::poison::lock;
 use crate::replication::ReplicaStatus;
 use crate::store::Store;
 
@@ -106,10 +108,7 @@ struct Inner {
     connections_refused: IntCounterVec,
     connections_timed_out: IntCounterVec,
     journal: Journal,
-    /// `profile_state_snapshots_total`: a snapshot that keeps failing lets the journal (or a
-    /// replica's share of the stream) grow, and the next start replay it all, with nothing
-    /// else to show it but a log line.
-    snapshots: IntCounterVec,
+    snapshots: Snapshots,
     grpc: grpc::Grpc,
     reconcile: reconcile::ReconcileMetrics,
     replication: replication::Replication,
@@ -149,6 +148,41 @@ struct Journal {
     bytes: IntCounter,
     failures: IntCounter,
     batches_in_flight: IntGauge,
+}
+
+/// The `profile_state_snapshot*` series. A snapshot that keeps failing, or hangs on a disk
+/// that stopped answering, lets the journal (or a replica's share of the stream) grow, and the
+/// next start replay it all: a failure has a log line, a hang had nothing to show it.
+struct Snapshots {
+    outcomes: IntCounterVec,
+    running: Gauge,
+    /// When the snapshot in progress started, if one is.
+    running_since: Mutex<Option<Instant>>,
+}
+
+impl Snapshots {
+    fn new(r: &Registry) -> Snapshots {
+        let outcomes = counter_vec_at_zero(
+            r,
+            "profile_state_snapshots_total",
+            "Snapshots of the store written to the data directory, by outcome (written, \
+             failed): a single node's, which let older journal segments go, and a replica's \
+             local ones.",
+            "outcome",
+            SNAPSHOT_OUTCOMES.iter().copied(),
+        );
+        let running = Gauge::new(
+            "profile_state_snapshot_running_seconds",
+            "How long the snapshot being written has been running, 0 when none is: one that \
+             keeps growing hangs (a disk that stopped answering), and the journal grows \
+             meanwhile.",
+        );
+        Snapshots {
+            outcomes,
+            running: register(r, running.expect("valid metric")),
+            running_since: Mutex::new(None),
+        }
+    }
 }
 
 /// What the gauges that mirror the rest of the service read at scrape time.
@@ -427,15 +461,7 @@ impl Metrics {
             connections_refused,
             connections_timed_out,
             journal: Journal::new(r),
-            snapshots: counter_vec_at_zero(
-                r,
-                "profile_state_snapshots_total",
-                "Snapshots of the store written to the data directory, by outcome (written, \
-                 failed): a single node's, which let older journal segments go, and a \
-                 replica's local ones.",
-                "outcome",
-                SNAPSHOT_OUTCOMES.iter().copied(),
-            ),
+            snapshots: Snapshots::new(r),
             grpc: grpc::Grpc::new(r),
             replication: replication::Replication::new(r),
             reconcile: reconcile::ReconcileMetrics::new(r),
@@ -546,10 +572,17 @@ impl Metrics {
         self.inner.journal.failures.inc();
     }
 
+    /// A snapshot of the store started; [`Metrics::snapshot`] when it ends.
+    pub fn snapshot_started(&self) {
+        *lock(&self.inner.snapshots.running_since) = Some(Instant::now());
+    }
+
     /// Counts a snapshot of the store: written, or failed.
     pub fn snapshot(&self, written: bool) {
+        let snapshots = &self.inner.snapshots;
+        *lock(&snapshots.running_since) = None;
         let outcome = SNAPSHOT_OUTCOMES[usize::from(!written)];
-        self.inner.snapshots.with_label_values(&[outcome]).inc();
+        snapshots.outcomes.with_label_values(&[outcome]).inc();
     }
 
     /// The Prometheus text exposition of every metric, with the mirrored gauges read now.
@@ -562,6 +595,9 @@ impl Metrics {
         inner.mirrors.ready.set(i64::from(now.ready));
         let history_bytes = i64::try_from(now.store.history_bytes()).unwrap_or(i64::MAX);
         inner.watch.history_bytes.set(history_bytes);
+        let running_since = *lock(&inner.snapshots.running_since);
+        let running = running_since.map_or(0.0, |since| since.elapsed().as_secs_f64());
+        inner.snapshots.running.set(running);
         if let Some(replica) = now.replica {
             inner.replication.mirror(replica);
         }

@@ -233,6 +233,7 @@ impl Job {
             // The server stopped and released the directory: no more files.
             return;
         };
+        self.metrics.snapshot_started();
         let taken = tokio::task::spawn_blocking(move || {
             // Not into a directory that is no longer this replica's (moved or replaced).
             let in_place = || crate::journal::in_place(&lock, &dir, "snapshot into");
