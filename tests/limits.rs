@@ -1798,13 +1798,14 @@ async fn watch_streams_whose_client_stops_reading_hold_bounded_bytes() {
     // Far fewer than the 90,000 messages of the initial states.
     assert!(sent < 20_000.0, "{sent} messages sent");
 
-    // Once read, an initial state arrives whole (one stream of each connection, whose other
-    // streams the client resets first).
+    // Once read, an initial state arrives whole: one stream of each connection, whose other
+    // streams stay unread (their windows shut, each holding a chunk in h2: at most half of
+    // the connection's budget, so they do not make the read one wait).
     for (reads, streams) in answers {
         let mut streams = streams.into_iter();
         let first = streams.next().unwrap();
-        drop(streams);
         resume_and_read_initial_state(&reads, first, PROFILES).await;
+        drop(streams);
     }
     binary.stop();
 }
@@ -1975,5 +1976,180 @@ async fn a_client_that_only_answers_pings_is_cut_when_the_servers_budget_is_need
         .await;
     pinging.abort();
     drop(held);
+    binary.stop();
+}
+
+/// A connection of `--grpc-max-message-bytes 262144` (a budget of 1 MiB) whose client gives
+/// every stream a window of one byte, and a task that ends when the server closes it.
+async fn one_byte_window_connection(
+    binary: &binary::Binary,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    let closed = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (client, closed)
+}
+
+/// A ProfileService call of `method` on `client`'s connection, unless it is closed.
+async fn call_if_open(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+    encoded: Vec<u8>,
+) -> Option<h2::client::ResponseFuture> {
+    let uri = format!("http://x/gameball.profiles.v1.ProfileService/{method}");
+    let request = tonic::codegen::http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut ready = client.clone().ready().await.ok()?;
+    let (answer, mut body) = ready.send_request(request, false).ok()?;
+    let mut message = vec![0];
+    message.extend(u32::try_from(encoded.len()).unwrap().to_be_bytes());
+    message.extend(encoded);
+    body.send_data(message.into(), true).ok()?;
+    Some(answer)
+}
+
+/// A call's answer head, and its grpc-status: Some for a call refused before answering. (The
+/// head holds the answer's stream: dropped, it resets the stream.)
+async fn head_and_status(
+    answer: h2::client::ResponseFuture,
+) -> (
+    tonic::codegen::http::Response<h2::RecvStream>,
+    Option<String>,
+) {
+    let head = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("a head");
+    let head = head.expect("the connection is open");
+    let status = head.headers().get("grpc-status");
+    let status = status.map(|status| status.to_str().unwrap().to_owned());
+    (head, status)
+}
+
+/// Streams whose client keeps their windows shut hold a chunk each in h2 (and a chunk of
+/// credit): at most half of their connection's budget, so its other calls are answered. With
+/// chunks of 16 KiB, 100 watch streams took 1.6 MiB of a 1 MiB budget and every later call on
+/// the connection was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_behind_shut_windows_leave_their_connection_room_for_other_calls() {
+    use profile_state::pb;
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--grpc-max-message-bytes", "262144"];
+    let binary = binary::Binary::start(dir.path(), &args).await;
+    large_profiles(&binary, 50).await;
+    let (mut client, _closed) = one_byte_window_connection(&binary).await;
+    let watch = pb::WatchProfilesRequest {
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let mut watches = Vec::new();
+    for _ in 0..100 {
+        watches.push(raw_unary(&mut client, "WatchProfiles", watch.encode_to_vec()).await);
+    }
+    metric_reaches(&binary, "profile_state_watch_streams ", 100.0).await;
+    until_streams_stop_sending(&binary, f64::INFINITY).await;
+
+    let get = pb::GetProfileRequest {
+        client_id: "2155".into(),
+        customer_id: "c1".into(),
+        ..Default::default()
+    };
+    let answer = raw_unary(&mut client, "GetProfile", get.encode_to_vec()).await;
+    let (_head, status) = head_and_status(answer).await;
+    assert_eq!(status, None, "answered, not refused");
+    drop(watches);
+    binary.stop();
+}
+
+/// Answers parked behind windows their client keeps shut stay counted: a stream of the same
+/// connection waiting for room once made its budget give back everything counted after a
+/// second (h2 still held it all), and the client parked more, past every budget (found by an
+/// adversarial run). Now its calls are refused for as long as nothing goes out, and after ten
+/// seconds of that the connection is cut, which is also what frees a client whose counted
+/// bytes went with streams it reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_parked_behind_shut_windows_stay_counted_until_the_connection_is_cut() {
+    use profile_state::pb;
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--grpc-max-message-bytes", "262144"];
+    let mut binary = binary::Binary::start(dir.path(), &args).await;
+    large_profiles(&binary, 50).await;
+    let (mut client, mut closed) = one_byte_window_connection(&binary).await;
+    // Pages of ten profiles (about 100 KB) until the connection's budget refuses one.
+    let list = pb::ListProfilesRequest {
+        page_size: 10,
+        ..Default::default()
+    };
+    let mut parked = Vec::new();
+    let parked_at = loop {
+        let answer = raw_unary(&mut client, "ListProfiles", list.encode_to_vec()).await;
+        match head_and_status(answer).await {
+            (head, None) => parked.push(head),
+            (_, Some(status)) => {
+                assert_eq!(status, "8", "RESOURCE_EXHAUSTED");
+                break std::time::Instant::now();
+            }
+        }
+        assert!(parked.len() < 20, "never refused");
+    };
+    // A stream that waits for room on the same connection.
+    let watch = pb::WatchProfilesRequest {
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let _waiting = raw_unary(&mut client, "WatchProfiles", watch.encode_to_vec()).await;
+
+    // Pages as large as the one refused, to the end.
+    let mut refused = 0;
+    loop {
+        tokio::select! {
+            _ = &mut closed => break,
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+        let Some(answer) = call_if_open(&client, "ListProfiles", list.encode_to_vec()).await else {
+            break;
+        };
+        match tokio::time::timeout(PATIENCE, answer)
+            .await
+            .expect("a head")
+        {
+            Ok(head) => {
+                let status = head.headers().get("grpc-status");
+                assert_eq!(status.map(|s| s.to_str().unwrap()), Some("8"), "refused");
+                refused += 1;
+            }
+            Err(_) => break,
+        }
+        let waited = parked_at.elapsed();
+        assert!(waited < 2 * PATIENCE, "never cut");
+    }
+    let waited = parked_at.elapsed();
+    assert!(
+        refused >= 20,
+        "refused for ten seconds first, not {refused} times"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(9),
+        "cut after {waited:?}"
+    );
+    binary
+        .wait_for(
+            "cut a gRPC connection whose answers took its whole budget and none went out for \
+             ten seconds (a client that reads nothing, or reset streams that held them)",
+        )
+        .await;
     binary.stop();
 }

@@ -7,12 +7,12 @@
 //! found by an adversarial run). Here an answer's first message, read as soon as the call
 //! returns (hyper would not poll the body while the client's window is shut), draws its bytes
 //! from its connection's budget (four times `--grpc-max-message-bytes`) and the server's (32
-//! times it). It is handed to hyper in chunks of 16 KiB, and its bytes are given back as the
-//! connection's socket takes them ([`AnswersSent`] counts what it writes). hyper takes a chunk
-//! whenever the stream's window has a byte of room, and h2 keeps up to 400 KiB per stream that
-//! the socket has not taken: a client that opened huge windows and never read held 475 MB on
-//! one connection when chunks were given back as hyper took them (found by an adversarial
-//! run). An answer past either budget is RESOURCE_EXHAUSTED instead, naming the budget.
+//! times it). It is handed to hyper in chunks of 16 KiB at most, and its bytes are given back
+//! as the connection's socket takes them ([`AnswersSent`] counts what it writes). hyper takes
+//! a chunk whenever the stream's window has a byte of room, and h2 keeps up to 400 KiB per
+//! stream that the socket has not taken: a client that opened huge windows and never read
+//! held 475 MB on one connection when chunks were given back as hyper took them (found by an
+//! adversarial run). An answer past either budget is RESOURCE_EXHAUSTED instead, naming the budget.
 //! Answers that clients read take their budget back as fast as the network carries them; only
 //! clients that stop reading (or read far slower than they ask) meet the limits.
 //!
@@ -34,6 +34,12 @@
 //! that waited for it were stalled by a client that held it while reading a few bytes a
 //! second, which is never cut, so every other client's watches stopped (found by the next
 //! adversarial run). So a client's streams wait only for what its own connection holds.
+//!
+//! Counted bytes go back only as the socket takes them, or when the connection ends: bytes h2
+//! dropped with streams the client reset look the same as bytes waiting behind windows the
+//! client keeps shut, and giving either back on a guess let a client park answers past every
+//! budget (found by an adversarial run). A connection whose budget stays spent while its
+//! socket takes almost nothing is cut instead ([`Unsent::found_spent`]).
 //!
 //! What this module does not do: give a stalled answer a time limit, or bound what a stream
 //! holds before it is handed over (one frame of tonic's, at most [`STREAM_FRAME_BYTES`] or one
@@ -100,6 +106,9 @@ struct Unsent {
     blocked: AtomicBool,
     /// What its socket had taken when a refusal last looked, and since when.
     seen: Mutex<Option<(usize, Instant)>>,
+    /// What its socket had taken when the connection's budget was first found spent with
+    /// nothing taken since, and when ([`Unsent::found_spent`]).
+    spent_since: Mutex<Option<(usize, Instant)>>,
 }
 
 impl Unsent {
@@ -144,24 +153,39 @@ impl Unsent {
         }
     }
 
-    /// Gives back every byte counted as unsent if the socket has taken none since it had
-    /// taken `mark` and is not waiting to write: h2 then has nothing it could write, so those
-    /// bytes went with streams the client reset (h2 drops what it held for them, and the
-    /// socket never takes it), or wait for windows the client keeps shut (hyper hands a
-    /// stream nothing while its window is shut, so at most a chunk a stream). A safety net:
-    /// without it, bytes h2 dropped (it drops what it holds for a stream the client resets)
-    /// would leave the connection's budget spent with nothing to give it back, and its other
-    /// streams waiting for ever; the tests' resets have not produced such bytes (what the
-    /// reset streams had handed over was written).
-    fn forgive_if_idle(&self, mark: usize) {
-        let idle = !self.blocked.load(Ordering::Relaxed)
-            && self.taken_by_socket.load(Ordering::Relaxed) == mark;
-        if idle {
-            let forgiven = self.give_back_all();
-            if forgiven > 0 {
-                tracing::debug!(peer = %self.peer, forgiven, "answer bytes no write will take");
+    /// The connection's budget was found spent at `now` (a call refused, a stream's frame
+    /// waiting for room): cuts the connection once it has been found so for [`IDLE_CUT`]
+    /// while its socket took less than a sixteenth of what the budget holds
+    /// ([`SLOWEST_SHARE`]: the refusals' own answers are a trickle) and did not wait to write.
+    /// Its client then reads nothing, and what is counted either waits for windows it keeps
+    /// shut or went with streams it reset (h2 drops what it holds for those, and no write
+    /// gives it back): there is no telling which, so nothing is given back, and the connection
+    /// goes (its client can connect again). Giving back everything counted instead let a
+    /// client park answers past every budget (window-shut streams, h2 keeping each answer;
+    /// found by an adversarial run), and refusing alone left a client whose resets were
+    /// counted refused for as long as its connection lived (found by the same run).
+    fn found_spent(&self, now: Instant) {
+        let taken = self.taken_by_socket.load(Ordering::Relaxed);
+        let blocked = self.blocked.load(Ordering::Relaxed);
+        let reading = self.connection.used().div_ceil(SLOWEST_SHARE);
+        let mut spent_since = lock(&self.spent_since);
+        let since = match *spent_since {
+            Some((was, since)) if taken.wrapping_sub(was) < reading && !blocked => since,
+            _ => {
+                *spent_since = Some((taken, now));
+                return;
             }
+        };
+        if now.saturating_duration_since(since) < IDLE_CUT || self.cut.is_cancelled() {
+            return;
         }
+        self.cut.cancel();
+        tracing::warn!(
+            peer = %self.peer,
+            answer_bytes = self.bytes.load(Ordering::Relaxed),
+            "cut a gRPC connection whose answers took its whole budget and none went out for \
+             ten seconds (a client that reads nothing, or reset streams that held them)"
+        );
     }
 
     fn close(&self) {
@@ -232,15 +256,29 @@ pub struct AnswerBytesLayer {
     in_all: Budget,
     max_message_bytes: usize,
     holders: Holders,
+    /// [`CHUNK`], or less: see [`AnswerBytesLayer::new`].
+    chunk: usize,
 }
 
 impl AnswerBytesLayer {
-    /// Budgets for messages of at most `max_message_bytes`.
-    pub fn new(max_message_bytes: usize) -> Self {
+    /// Budgets for messages of at most `max_message_bytes`, on connections that may have
+    /// `open_streams` streams open at once (watches, health and reflection watches, a backup).
+    /// Chunks are small enough that those streams, each holding one in h2 behind a window its
+    /// client keeps shut and at most a chunk of credit, take at most half of a connection's
+    /// budget: the others spent it when a client read some streams and not the others, and
+    /// its other calls were refused (with `--grpc-max-message-bytes 262144`, 100 streams took
+    /// 1.6 MiB of 1 MiB).
+    pub fn new(max_message_bytes: usize, open_streams: usize) -> Self {
+        let budget = max_message_bytes.saturating_mul(PER_CONNECTION);
+        let chunk = CHUNK
+            .min(max_message_bytes)
+            .min(budget / 4 / open_streams.max(1))
+            .max(1);
         AnswerBytesLayer {
             in_all: Budget::new(max_message_bytes, IN_ALL),
             max_message_bytes,
             holders: Holders::default(),
+            chunk,
         }
     }
 
@@ -261,6 +299,7 @@ impl AnswerBytesLayer {
             taken_by_socket: AtomicUsize::new(0),
             blocked: AtomicBool::new(false),
             seen: Mutex::new(None),
+            spent_since: Mutex::new(None),
         });
         self.holders.add(&unsent);
         ConnectionAnswerBytes {
@@ -398,7 +437,7 @@ impl<S> tower::Layer<S> for AnswerBytesLayer {
             inner,
             in_all: self.in_all.clone(),
             holders: self.holders.clone(),
-            chunk: CHUNK.min(self.max_message_bytes),
+            chunk: self.chunk,
         }
     }
 }
@@ -413,16 +452,17 @@ pub struct AnswerBytesService<S> {
     chunk: usize,
 }
 
-type Answer<E> = Result<http::Response<Body>, E>;
+type Answer<R, E> = Result<http::Response<AnswerBody<R>>, E>;
 
-impl<S, B> tower::Service<http::Request<B>> for AnswerBytesService<S>
+impl<S, B, R> tower::Service<http::Request<B>> for AnswerBytesService<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<Body>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
+    R: HttpBody<Data = Bytes, Error = Status> + Unpin,
 {
-    type Response = http::Response<Body>;
+    type Response = http::Response<AnswerBody<R>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Answer<S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Answer<R, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -469,10 +509,67 @@ pub const STREAM_FRAME_BYTES: usize = 8 * 1024;
 /// fits the rest once it drains.
 const CREDIT: usize = 4 * 1024;
 
-/// How long a stream waits for room in its connection's budget while the socket takes
-/// nothing and does not wait to write, before the bytes counted as unsent are given back
-/// ([`Unsent::forgive_if_idle`]).
+/// How often a stream waiting for room in its connection's budget looks again, though no
+/// bytes came back: each look that finds the budget spent counts toward [`IDLE_CUT`].
 const IDLE_SOCKET: Duration = Duration::from_secs(1);
+
+/// How long a connection's budget may be found spent while its socket takes none of its
+/// bytes before the connection is cut ([`Unsent::found_spent`]): long enough for a client
+/// that pauses reading, short enough that one whose count no write will ever give back is not
+/// refused for long.
+const IDLE_CUT: Duration = Duration::from_secs(10);
+
+/// An answer's body as its budgets count it: the inner body in place, not boxed again (a
+/// body boxed at each layer is one more pointer to follow, often to memory out of the cache,
+/// for every frame of every watch stream).
+pub struct AnswerBody<R>(Answered<R>);
+
+/// The size of a [`Sending`] either way: tonic boxes the body once, and a body that is not
+/// counted (an error, an empty answer) is rare.
+#[allow(clippy::large_enum_variant)]
+enum Answered<R> {
+    Counted(Sending<R>),
+    /// Nothing to count: no message, only a status, or trailers alone.
+    Whole(Body),
+}
+
+impl<R> AnswerBody<R> {
+    fn whole(answer: http::Response<Body>) -> http::Response<AnswerBody<R>> {
+        answer.map(|body| AnswerBody(Answered::Whole(body)))
+    }
+}
+
+impl<R> HttpBody for AnswerBody<R>
+where
+    R: HttpBody<Data = Bytes, Error = Status> + Unpin,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        match &mut self.get_mut().0 {
+            Answered::Counted(sending) => Pin::new(sending).poll_frame(cx),
+            Answered::Whole(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Answered::Counted(sending) => sending.is_end_stream(),
+            Answered::Whole(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.0 {
+            Answered::Counted(sending) => sending.size_hint(),
+            Answered::Whole(body) => body.size_hint(),
+        }
+    }
+}
 
 /// Where an answer's bytes are counted, and what they draw on.
 struct Counting {
@@ -497,8 +594,8 @@ impl Counting {
 /// are taken whole from both budgets when the call returns (a refusal if they do not fit); a
 /// stream's later frames take theirs from the connection's budget chunk by chunk and wait for
 /// room while it is spent.
-struct Sending {
-    body: Body,
+struct Sending<R> {
+    body: R,
     /// What is left of the frame being handed over.
     rest: Bytes,
     /// How many bytes `held` has that are not handed over yet: all of the first message, and
@@ -512,17 +609,18 @@ struct Sending {
     retry: Option<Pin<Box<Sleep>>>,
     /// Counted in the connection's budget's waiters.
     waiting: bool,
-    /// Waiting for the connection's budget: what its socket had taken, and when.
-    idle_since: Option<(usize, Instant)>,
 }
 
-impl Sending {
+impl<R> Sending<R>
+where
+    R: HttpBody<Data = Bytes, Error = Status> + Unpin,
+{
     /// `answer`, its first frame taken from its budgets at once when it is ready (a unary
     /// answer's whole message: tonic encodes it when its body is first polled). hyper polls a
     /// body only once the client's window has room, so a client whose window is shut would
     /// hold every answer unencoded and uncounted. Past a budget: RESOURCE_EXHAUSTED naming
     /// it, and past the server's the heaviest stalled connection is cut.
-    fn first_frame(answer: http::Response<Body>, counting: Counting) -> http::Response<Body> {
+    fn first_frame(answer: http::Response<R>, counting: Counting) -> http::Response<AnswerBody<R>> {
         let (parts, mut body) = answer.into_parts();
         let waker = futures_util::task::noop_waker();
         let first = match Pin::new(&mut body).poll_frame(&mut Context::from_waker(&waker)) {
@@ -530,10 +628,13 @@ impl Sending {
             // Nothing yet (a stream's first message to come): counted as it comes.
             Poll::Pending => {
                 let sending = Sending::new(body, counting, Bytes::new(), Held::default());
-                return http::Response::from_parts(parts, Body::new(sending));
+                return http::Response::from_parts(parts, sending.into_body());
             }
-            Poll::Ready(None) => return http::Response::from_parts(parts, Body::empty()),
-            Poll::Ready(Some(Err(status))) => return status.into_http(),
+            Poll::Ready(None) => {
+                let empty = http::Response::from_parts(parts, Body::empty());
+                return AnswerBody::whole(empty);
+            }
+            Poll::Ready(Some(Err(status))) => return AnswerBody::whole(status.into_http()),
         };
         let rest = match first.into_data() {
             Ok(data) => data,
@@ -541,23 +642,27 @@ impl Sending {
             Err(trailers) => {
                 let only =
                     futures_util::stream::once(std::future::ready(Ok::<_, Status>(trailers)));
-                let body = http_body_util::StreamBody::new(only);
-                return http::Response::from_parts(parts, Body::new(body));
+                let body = Body::new(http_body_util::StreamBody::new(only));
+                return AnswerBody::whole(http::Response::from_parts(parts, body));
             }
         };
         let mut held = Held::default();
         if let Err(spent) = counting.budgets.take(rest.len(), &mut held) {
             if spent.by_server {
                 counting.holders.cut_heaviest(counting.unsent.as_ref());
+            } else if let Some(unsent) = &counting.unsent {
+                unsent.found_spent(Instant::now());
             }
-            return spent.status.into_http();
+            return AnswerBody::whole(spent.status.into_http());
         }
         let sending = Sending::new(body, counting, rest, held);
-        http::Response::from_parts(parts, Body::new(sending))
+        http::Response::from_parts(parts, sending.into_body())
     }
+}
 
+impl<R> Sending<R> {
     /// `body`, with `rest` of its first frame taken already into `held`.
-    fn new(body: Body, counting: Counting, rest: Bytes, held: Held) -> Sending {
+    fn new(body: R, counting: Counting, rest: Bytes, held: Held) -> Sending<R> {
         Sending {
             body,
             prepaid: rest.len(),
@@ -567,8 +672,11 @@ impl Sending {
             room: None,
             retry: None,
             waiting: false,
-            idle_since: None,
         }
+    }
+
+    fn into_body(self) -> AnswerBody<R> {
+        AnswerBody(Answered::Counted(self))
     }
 
     /// Ready once `need` more bytes are taken from the connection's budget; waits for room
@@ -580,7 +688,6 @@ impl Sending {
         if !self.woken(cx) {
             return Poll::Pending;
         }
-        self.forgive_idle_socket();
         if self.take(need) {
             self.set_waiting(false);
             return Poll::Ready(());
@@ -599,8 +706,7 @@ impl Sending {
             return Poll::Ready(());
         }
         if let Some(unsent) = &self.counting.unsent {
-            let taken = unsent.taken_by_socket.load(Ordering::Relaxed);
-            self.idle_since.get_or_insert((taken, Instant::now()));
+            unsent.found_spent(Instant::now());
         }
         self.retry = Some(Box::pin(tokio::time::sleep(IDLE_SOCKET)));
         if self.woken(cx) {
@@ -642,18 +748,6 @@ impl Sending {
         room || retry
     }
 
-    /// After [`IDLE_SOCKET`] waiting for the connection's budget: bytes counted as unsent that
-    /// no write will take are given back.
-    fn forgive_idle_socket(&mut self) {
-        let (Some((mark, since)), Some(unsent)) = (self.idle_since, &self.counting.unsent) else {
-            return;
-        };
-        if since.elapsed() >= IDLE_SOCKET {
-            unsent.forgive_if_idle(mark);
-            self.idle_since = None;
-        }
-    }
-
     fn connection_room(&self) -> Option<&Room> {
         self.counting.budgets.connection.as_ref()?.room()
     }
@@ -663,9 +757,6 @@ impl Sending {
             return;
         }
         self.waiting = waiting;
-        if !waiting {
-            self.idle_since = None;
-        }
         if let Some(room) = self.connection_room() {
             if waiting {
                 room.start_waiting();
@@ -688,13 +779,16 @@ impl Sending {
     }
 }
 
-impl Drop for Sending {
+impl<R> Drop for Sending<R> {
     fn drop(&mut self) {
         self.set_waiting(false);
     }
 }
 
-impl HttpBody for Sending {
+impl<R> HttpBody for Sending<R>
+where
+    R: HttpBody<Data = Bytes, Error = Status> + Unpin,
+{
     type Data = Bytes;
     type Error = Status;
 
@@ -744,7 +838,7 @@ mod tests {
     /// A layer for messages of `max_message_bytes`, a connection of it, and the budgets its
     /// calls draw on.
     fn connection(max_message_bytes: usize) -> (AnswerBytesLayer, ConnectionAnswerBytes, Budgets) {
-        let layer = AnswerBytesLayer::new(max_message_bytes);
+        let layer = AnswerBytesLayer::new(max_message_bytes, 1);
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
         let bytes = layer.connection(peer, CancellationToken::new());
         let budgets = Budgets {
@@ -894,36 +988,37 @@ mod tests {
         assert_eq!(bytes.budget.used(), 0);
     }
 
-    /// Bytes still counted are given back only when the socket has taken none since the
-    /// mark and is not waiting to write.
+    /// A connection whose budget is found spent for ten seconds while its socket takes none
+    /// of its bytes and does not wait to write is cut; nothing counted is given back before
+    /// (giving it back let a client park answers past every budget: found by an adversarial
+    /// run). Bytes taken, or a socket waiting to write, start the ten seconds again.
     #[test]
-    fn unsent_bytes_are_forgiven_only_while_the_socket_is_idle() {
-        let (layer, bytes, budgets) = connection(1000);
+    fn a_connection_found_spent_with_nothing_taken_for_ten_seconds_is_cut() {
+        let (_layer, bytes, budgets) = connection(1000);
         let mut held = Held::default();
         assert!(budgets.take(600, &mut held).is_ok());
         let in_all = held.hand_over(600);
         bytes.unsent.handed_over(600, in_all);
-        let pending = Poll::Pending;
-        bytes.unsent.wrote(&pending);
-        bytes.unsent.forgive_if_idle(0);
-        assert_eq!(
-            bytes.budget.used(),
-            600,
-            "the socket waits to write: they may go out"
-        );
+        let start = Instant::now();
+        let at = |seconds| start + Duration::from_secs(seconds);
+        let cut = || bytes.unsent.cut.is_cancelled();
+
+        bytes.unsent.found_spent(at(0));
         bytes.unsent.wrote(&Poll::Ready(Ok(100)));
         bytes.unsent.sent(100);
-        bytes.unsent.forgive_if_idle(0);
-        assert_eq!(
-            bytes.budget.used(),
-            500,
-            "the socket took some since the mark"
-        );
-        bytes.unsent.forgive_if_idle(100);
-        assert_eq!(bytes.budget.used(), 0, "idle since the mark");
-        assert_eq!(layer.in_all.used(), 0);
-        bytes.unsent.sent(500);
-        assert_eq!(bytes.budget.used(), 0, "nothing given back twice");
+        bytes.unsent.found_spent(at(9));
+        bytes.unsent.found_spent(at(10));
+        assert!(!cut(), "the socket took some at 9 s: from there");
+        bytes.unsent.wrote(&Poll::Pending);
+        bytes.unsent.found_spent(at(19));
+        assert!(!cut(), "the socket waits to write: its bytes may go out");
+        bytes.unsent.wrote(&Poll::Ready(Ok(0)));
+        bytes.unsent.found_spent(at(20));
+        bytes.unsent.found_spent(at(28));
+        assert!(!cut());
+        assert_eq!(bytes.budget.used(), 500, "nothing given back meanwhile");
+        bytes.unsent.found_spent(at(29));
+        assert!(cut(), "ten seconds with nothing taken since 19 s");
     }
 
     /// A stream's frame waits while its connection's budget is spent, and goes once bytes
