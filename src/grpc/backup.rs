@@ -29,9 +29,12 @@ use crate::pb;
 use crate::status::grpc_status;
 use crate::store::Store;
 
-/// The largest piece of the file in one message: well under the 4 MiB gRPC clients accept by
-/// default (less when `--grpc-max-message-bytes` is lower).
-pub const PIECE_BYTES: usize = 1 << 20;
+/// The largest piece of the file in one message (less when `--grpc-max-message-bytes` is
+/// lower). Small: a stream whose client keeps its window shut holds the message it has in
+/// hand (and tonic the buffer it was encoded in) until the client resets it, also once the
+/// backup is abandoned. With pieces of 1 MiB, a client that kept starting backups on one
+/// connection and reading none held about 1.7 MiB for each (found by an adversarial run).
+pub const PIECE_BYTES: usize = 16 * 1024;
 /// Room in a message for everything but the piece (field tags, the first message's details).
 const MESSAGE_OVERHEAD: usize = 512;
 /// Messages buffered between the encoding thread and the stream.
