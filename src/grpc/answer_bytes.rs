@@ -12,7 +12,8 @@
 //! a chunk whenever the stream's window has a byte of room, and h2 keeps up to 400 KiB per
 //! stream that the socket has not taken: a client that opened huge windows and never read
 //! held 475 MB on one connection when chunks were given back as hyper took them (found by an
-//! adversarial run). An answer past either budget is RESOURCE_EXHAUSTED instead, naming the budget.
+//! adversarial run). An answer past either budget is RESOURCE_EXHAUSTED instead, naming the
+//! budget.
 //! Answers that clients read take their budget back as fast as the network carries them; only
 //! clients that stop reading (or read far slower than they ask) meet the limits.
 //!
@@ -41,9 +42,10 @@
 //! budget (found by an adversarial run). A connection whose budget stays spent while its
 //! socket takes almost nothing is cut instead ([`Unsent::found_spent`]).
 //!
-//! What this module does not do: give a stalled answer a time limit, or bound what a stream
-//! holds before it is handed over (one frame of tonic's, at most [`STREAM_FRAME_BYTES`] or one
-//! message, and its outbox of events: see `grpc::watch`).
+//! What this module does not do: give a stalled answer a time limit (only a connection whose
+//! budget stays spent has one), or bound what a stream holds before it is handed over (one
+//! frame of tonic's, at most [`STREAM_FRAME_BYTES`] or one message, and its outbox of events:
+//! see `grpc::watch`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -107,7 +109,7 @@ struct Unsent {
     /// What its socket had taken when a refusal last looked, and since when.
     seen: Mutex<Option<(usize, Instant)>>,
     /// What its socket had taken when the connection's budget was first found spent with
-    /// nothing taken since, and when ([`Unsent::found_spent`]).
+    /// almost nothing taken since, and when ([`Unsent::found_spent`]).
     spent_since: Mutex<Option<(usize, Instant)>>,
 }
 
@@ -183,8 +185,8 @@ impl Unsent {
         tracing::warn!(
             peer = %self.peer,
             answer_bytes = self.bytes.load(Ordering::Relaxed),
-            "cut a gRPC connection whose answers took its whole budget and none went out for \
-             ten seconds (a client that reads nothing, or reset streams that held them)"
+            "cut a gRPC connection whose answers took its whole budget and almost none went out \
+             for ten seconds (a client that reads nothing, or reset streams that held them)"
         );
     }
 
@@ -513,8 +515,8 @@ const CREDIT: usize = 4 * 1024;
 /// bytes came back: each look that finds the budget spent counts toward [`IDLE_CUT`].
 const IDLE_SOCKET: Duration = Duration::from_secs(1);
 
-/// How long a connection's budget may be found spent while its socket takes none of its
-/// bytes before the connection is cut ([`Unsent::found_spent`]): long enough for a client
+/// How long a connection's budget may be found spent while its socket takes almost none of
+/// its bytes before the connection is cut ([`Unsent::found_spent`]): long enough for a client
 /// that pauses reading, short enough that one whose count no write will ever give back is not
 /// refused for long.
 const IDLE_CUT: Duration = Duration::from_secs(10);
