@@ -269,12 +269,16 @@ impl AnswerBytesLayer {
     /// client keeps shut and at most a chunk of credit, take at most half of a connection's
     /// budget: the others spent it when a client read some streams and not the others, and
     /// its other calls were refused (with `--grpc-max-message-bytes 262144`, 100 streams took
-    /// 1.6 MiB of 1 MiB).
+    /// 1.6 MiB of 1 MiB). Never under [`SMALLEST_CHUNK`] (or the message limit): smaller, every
+    /// byte went out in a frame of its own with nine bytes of header (found by an adversarial
+    /// run, at `--grpc-max-message-bytes 4096` and 10,000 watch streams per connection); such
+    /// settings give up the half.
     pub fn new(max_message_bytes: usize, open_streams: usize) -> Self {
         let budget = max_message_bytes.saturating_mul(PER_CONNECTION);
         let chunk = CHUNK
-            .min(max_message_bytes)
             .min(budget / 4 / open_streams.max(1))
+            .max(SMALLEST_CHUNK)
+            .min(max_message_bytes)
             .max(1);
         AnswerBytesLayer {
             in_all: Budget::new(max_message_bytes, IN_ALL),
@@ -498,6 +502,9 @@ where
 /// a message handed over whole would be out of the count while still unsent (a client with a
 /// window of 64 KiB that never reads held 4 MB pages that way).
 const CHUNK: usize = 16 * 1024;
+
+/// The smallest chunk, whatever the budgets ([`AnswerBytesLayer::new`]).
+const SMALLEST_CHUNK: usize = 1024;
 
 /// The most a stream's frame holds before it is counted: tonic gathers a stream's messages
 /// into a frame until it holds this much (or none is ready), and a stream waiting for room
@@ -1068,6 +1075,18 @@ mod tests {
         // The frame, counted until the socket takes it, and a credit ahead (the budget is
         // more than half free again).
         assert_eq!(bytes.budget.used(), 1000 + 1024);
+    }
+
+    /// Chunks leave half a connection's budget to other calls when every stream it may hold
+    /// keeps one (and a chunk of credit), are 16 KiB at most and 1 KiB at least (or the
+    /// message limit, if smaller).
+    #[test]
+    fn chunks_leave_half_the_budget_within_their_bounds() {
+        let chunk = |max_message, streams| AnswerBytesLayer::new(max_message, streams).chunk;
+        assert_eq!(chunk(4 << 20, 109), CHUNK, "the default limits");
+        assert_eq!(chunk(262_144, 109), 262_144 * 4 / 4 / 109);
+        assert_eq!(chunk(65_536, 10_009), SMALLEST_CHUNK, "not 6 bytes");
+        assert_eq!(chunk(512, 109), 512, "the message limit");
     }
 
     /// hyper sets a content length from an exact size hint: the first message read ahead
