@@ -1979,8 +1979,8 @@ async fn a_client_that_only_answers_pings_is_cut_when_the_servers_budget_is_need
     binary.stop();
 }
 
-/// A connection of `--grpc-max-message-bytes 262144` (a budget of 1 MiB) whose client gives
-/// every stream a window of one byte, and a task that ends when the server closes it.
+/// A connection to `binary` whose client gives every stream a window of one byte, and a task
+/// that ends when the server closes it.
 async fn one_byte_window_connection(
     binary: &binary::Binary,
 ) -> (
