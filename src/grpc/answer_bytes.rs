@@ -7,20 +7,20 @@
 //! found by an adversarial run). Here an answer's first message, read as soon as the call
 //! returns (hyper would not poll the body while the client's window is shut), draws its bytes
 //! from its connection's budget (four times `--grpc-max-message-bytes`) and the server's (32
-//! times it). It is handed to hyper in chunks of 16 KiB at most, and its bytes are given back
-//! as the connection's socket takes them ([`AnswersSent`] counts what it writes). hyper takes
-//! a chunk whenever the stream's window has a byte of room, and h2 keeps up to 400 KiB per
-//! stream that the socket has not taken: a client that opened huge windows and never read
-//! held 475 MB on one connection when chunks were given back as hyper took them (found by an
-//! adversarial run). An answer past either budget is RESOURCE_EXHAUSTED instead, naming the
-//! budget.
+//! times it). It is handed to hyper in chunks of 16 KiB at most, each counted until h2 lets
+//! go of it ([`CountedChunk`]: written to the socket, or dropped with its stream or
+//! connection). hyper takes a chunk whenever the stream's window has a byte of room, and h2
+//! keeps up to 400 KiB per stream that the socket has not taken: a client that opened huge
+//! windows and never read held 475 MB on one connection when chunks were given back as hyper
+//! took them (found by an adversarial run). An answer past either budget is
+//! RESOURCE_EXHAUSTED instead, naming the budget.
 //! Answers that clients read take their budget back as fast as the network carries them; only
 //! clients that stop reading (or read far slower than they ask) meet the limits.
 //!
-//! The socket's count is every byte it wrote (frames' headers, other streams' messages), so
-//! it gives back somewhat more than answers' bytes, never more than was handed over and not
-//! yet given back: other bytes go out only while the client reads, and then so do the
-//! answers'.
+//! Chunks are given back as h2 drops them, not as the socket writes: the socket also writes
+//! bytes no answer counted (PING and SETTINGS acknowledgements, refused calls' trailers), and
+//! giving back as many as it wrote let a client that sent PINGs repay answers h2 still held
+//! behind windows it kept shut, and park them past every budget (found by an adversarial run).
 //!
 //! A call refused because the server's budget is spent cuts the connection that holds the
 //! most (`Holders`): one client that stops reading on enough connections would otherwise
@@ -36,11 +36,10 @@
 //! second, which is never cut, so every other client's watches stopped (found by the next
 //! adversarial run). So a client's streams wait only for what its own connection holds.
 //!
-//! Counted bytes go back only as the socket takes them, or when the connection ends: bytes h2
-//! dropped with streams the client reset look the same as bytes waiting behind windows the
-//! client keeps shut, and giving either back on a guess let a client park answers past every
-//! budget (found by an adversarial run). A connection whose budget stays spent while its
-//! socket takes almost nothing is cut instead ([`Unsent::found_spent`]).
+//! Counted bytes go back only as h2 lets go of them: giving back on a guess (a stream that
+//! waited a second for room took everything its connection counted for lost) let a client
+//! park answers past every budget (found by an adversarial run). A connection whose budget
+//! stays spent while h2 lets go of almost none of it is cut instead ([`Unsent::found_spent`]).
 //!
 //! What this module does not do: give a stalled answer a time limit (only a connection whose
 //! budget stays spent has one), or bound what a stream holds before it is handed over (one
@@ -73,8 +72,7 @@ const PER_CONNECTION: usize = 4;
 /// The server's budget: this many of the largest messages.
 const IN_ALL: usize = 32;
 
-/// The bytes of answers a connection may hold unsent at once, and those its socket has yet
-/// to take.
+/// The bytes of answers a connection may hold unsent at once, and those h2 holds.
 #[derive(Clone)]
 pub struct ConnectionAnswerBytes {
     budget: Budget,
@@ -83,16 +81,13 @@ pub struct ConnectionAnswerBytes {
     unsent: Arc<Unsent>,
 }
 
-/// Answer bytes handed to hyper that the connection's socket has not taken yet: still drawn
-/// from the connection's budget (and the first messages' from the server's), given back as
-/// the socket takes bytes.
+/// Answer bytes handed to hyper that h2 has not let go of yet: still drawn from the
+/// connection's budget (and the first messages' from the server's), given back chunk by
+/// chunk as h2 drops them ([`CountedChunk`]).
 struct Unsent {
-    bytes: AtomicUsize,
-    /// Of `bytes`, those drawn from the server's budget too. Which of them a write takes is
-    /// anybody's guess (h2 interleaves streams): these are given back first.
-    in_all_bytes: AtomicUsize,
-    /// The connection's stream is gone: bytes handed over now are given back at once.
-    closed: AtomicBool,
+    /// The bytes of answers ever handed to h2 (wrapping): those it holds are these less
+    /// `let_go_bytes`, one count each way per chunk.
+    handed_bytes: AtomicUsize,
     connection: Budget,
     in_all: Budget,
     /// What the connection holds of `in_all`: weighed when the server's budget is spent.
@@ -100,51 +95,33 @@ struct Unsent {
     /// Cancelled to cut the connection (`crate::server::cut`).
     cut: CancellationToken,
     peer: SocketAddr,
-    /// The bytes of answers its socket ever took (wrapping): moves only while the client
-    /// reads.
-    taken_by_socket: AtomicUsize,
+    /// The bytes of answers h2 ever let go of (wrapping): moves while the client reads (or
+    /// resets streams, which gives their bytes back as well), not with PINGs.
+    let_go_bytes: AtomicUsize,
     /// The socket's last write had to wait: the client is not reading, and what is counted
     /// may still go out.
     blocked: AtomicBool,
-    /// What its socket had taken when a refusal last looked, and since when.
-    seen: Mutex<Option<(usize, Instant)>>,
-    /// What its socket had taken when the connection's budget was first found spent with
-    /// almost nothing taken since, and when ([`Unsent::found_spent`]).
-    spent_since: Mutex<Option<(usize, Instant)>>,
+    /// Since when its client has not read, as refusals for the server's budget have seen it
+    /// ([`Unsent::stalled`]).
+    stalled: NotReading,
+    /// Since when its client has not read while its budget was found spent
+    /// ([`Unsent::found_spent`]).
+    spent: NotReading,
 }
 
 impl Unsent {
-    /// `bytes` handed to hyper, `in_all` of them drawn from the server's budget too.
-    fn handed_over(&self, bytes: usize, in_all: usize) {
-        if in_all > 0 {
-            self.in_all_bytes.fetch_add(in_all, Ordering::SeqCst);
-        }
-        self.bytes.fetch_add(bytes, Ordering::SeqCst);
-        // Read after the addition: either this or `close` sees both, so nothing is left.
-        if self.closed.load(Ordering::SeqCst) {
-            self.give_back_all();
-        }
+    /// h2 let go of a chunk of `bytes`, `in_all` of them drawn from the server's budget too.
+    fn let_go(&self, bytes: usize, in_all: usize) {
+        self.let_go_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.connection.give_back(bytes);
+        self.in_all.give_back(in_all);
+        self.share.give_back(in_all);
     }
 
-    /// The socket took `bytes`: as many unsent bytes are given back, at most all of them.
-    fn sent(&self, bytes: usize) {
-        if self.bytes.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        let fewer = |unsent: usize| (unsent > 0).then(|| unsent.saturating_sub(bytes));
-        if let Ok(unsent) = self
-            .bytes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fewer)
-        {
-            let taken = unsent.min(bytes);
-            self.taken_by_socket.fetch_add(taken, Ordering::Relaxed);
-            let fewer = |in_all: usize| (in_all > 0).then(|| in_all.saturating_sub(taken));
-            let in_all = self
-                .in_all_bytes
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fewer)
-                .map_or(0, |in_all| in_all.min(taken));
-            self.give_back(taken, in_all);
-        }
+    /// The bytes h2 holds (near enough: the two counts are read apart).
+    fn held_by_h2(&self) -> usize {
+        let handed = self.handed_bytes.load(Ordering::Relaxed);
+        handed.wrapping_sub(self.let_go_bytes.load(Ordering::Relaxed))
     }
 
     /// Notes whether a write of the socket had to wait.
@@ -157,89 +134,94 @@ impl Unsent {
 
     /// The connection's budget was found spent at `now` (a call refused, a stream's frame
     /// waiting for room): cuts the connection once it has been found so for [`IDLE_CUT`]
-    /// while its socket took less than a sixteenth of what the budget holds
-    /// ([`SLOWEST_SHARE`]: the refusals' own answers are a trickle) and did not wait to write.
-    /// Its client then reads nothing, and what is counted either waits for windows it keeps
-    /// shut or went with streams it reset (h2 drops what it holds for those, and no write
-    /// gives it back): there is no telling which, so nothing is given back, and the connection
-    /// goes (its client can connect again). Giving back everything counted instead let a
-    /// client park answers past every budget (window-shut streams, h2 keeping each answer;
-    /// found by an adversarial run), and refusing alone left a client whose resets were
-    /// counted refused for as long as its connection lived (found by the same run).
+    /// while h2 let go of less than a sixteenth of what the budget holds ([`SLOWEST_SHARE`])
+    /// and its socket did not wait to write. Its client then reads nothing, and what is
+    /// counted waits for windows it keeps shut: the connection goes (its client can connect
+    /// again). Giving back everything counted instead let a client park answers past every
+    /// budget (found by an adversarial run).
     fn found_spent(&self, now: Instant) {
-        let taken = self.taken_by_socket.load(Ordering::Relaxed);
-        let blocked = self.blocked.load(Ordering::Relaxed);
-        let reading = self.connection.used().div_ceil(SLOWEST_SHARE);
-        let mut spent_since = lock(&self.spent_since);
-        let since = match *spent_since {
-            Some((was, since)) if taken.wrapping_sub(was) < reading && !blocked => since,
-            _ => {
-                *spent_since = Some((taken, now));
-                return;
-            }
+        let let_go = self.let_go_bytes.load(Ordering::Relaxed);
+        // A socket waiting to write is a client reading slowly: what is counted may go out.
+        let reading = match self.blocked.load(Ordering::Relaxed) {
+            true => 0,
+            false => self.connection.used().div_ceil(SLOWEST_SHARE),
         };
-        if now.saturating_duration_since(since) < IDLE_CUT || self.cut.is_cancelled() {
+        let not_reading = self.spent.for_how_long(let_go, reading, now, SPENT_LOOKS);
+        if not_reading < IDLE_CUT || self.cut.is_cancelled() {
             return;
         }
         self.cut.cancel();
         tracing::warn!(
             peer = %self.peer,
-            answer_bytes = self.bytes.load(Ordering::Relaxed),
+            answer_bytes = self.held_by_h2(),
             "cut a gRPC connection whose answers took its whole budget and almost none went out \
-             for ten seconds (a client that reads nothing, or reset streams that held them)"
+             for ten seconds (a client that reads nothing)"
         );
     }
 
-    fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.give_back_all();
-    }
-
-    /// Gives back every byte counted as unsent; returns how many.
-    fn give_back_all(&self) -> usize {
-        let in_all = self.in_all_bytes.swap(0, Ordering::SeqCst);
-        let bytes = self.bytes.swap(0, Ordering::SeqCst);
-        // All of `in_all`, even past `bytes`: a write between the two swaps took its bytes
-        // off `bytes` but finds `in_all_bytes` empty, so its share of the server's is here
-        // (capped at `bytes`, it was lost for good; an adversarial reading).
-        self.give_back(bytes, in_all);
-        bytes
-    }
-
-    fn give_back(&self, bytes: usize, in_all: usize) {
-        self.connection.give_back(bytes);
-        self.in_all.give_back(in_all);
-        self.share.give_back(in_all);
-    }
-
-    /// Whether the connection holds answer bytes and its socket took less than a sixteenth of
-    /// them ([`SLOWEST_SHARE`]) over a window of [`STALLED`], as refusals have seen it. Any
-    /// byte used to do: a client that kept its windows at one byte and sent a PING now and
-    /// then (each answer's 17 bytes taken) held its share for good and was never cut (found by
-    /// an adversarial run). (Answers dropped unsent give bytes back too, and are not reading.)
+    /// Whether the connection holds answer bytes and h2 let go of less than a sixteenth of
+    /// them ([`SLOWEST_SHARE`]) for [`STALLED`] or longer, as refusals have seen it. Any byte
+    /// used to do: a client that kept its windows at one byte and read a trickle held its
+    /// share for good and was never cut (found by an adversarial run).
     fn stalled(&self, now: Instant) -> bool {
-        let given = self.taken_by_socket.load(Ordering::Relaxed);
         // Of the server's budget: what a cut would free. A stream's later messages and credit
         // are not in it, so an idle connection of watch streams is never taken for stalled.
         let used = self.share.used();
-        let mut seen = lock(&self.seen);
-        match *seen {
-            Some((was, since)) if used > 0 => {
-                if now.saturating_duration_since(since) < STALLED {
-                    return false;
-                }
-                let slow = given.wrapping_sub(was) < used.div_ceil(SLOWEST_SHARE);
-                if !slow {
-                    // A new window from here.
-                    *seen = Some((given, now));
-                }
-                slow
+        if used == 0 {
+            self.stalled.forget();
+            return false;
+        }
+        let let_go = self.let_go_bytes.load(Ordering::Relaxed);
+        let reading = used.div_ceil(SLOWEST_SHARE);
+        // Refusals look now and then: no gap restarts the window.
+        let not_reading = (self.stalled).for_how_long(let_go, reading, now, Duration::MAX);
+        not_reading >= STALLED
+    }
+}
+
+/// Since when h2 has let go of too few of a connection's answer bytes for its client to count
+/// as reading, as looks have seen it: the one rule behind both cuts.
+#[derive(Default)]
+struct NotReading(Mutex<Option<Look>>);
+
+/// The window a [`NotReading`] measures.
+#[derive(Clone, Copy)]
+struct Look {
+    /// `Unsent::let_go_bytes` when the window started.
+    let_go: usize,
+    since: Instant,
+    /// The last look: a window not looked at for longer than a look's gap starts again.
+    last: Instant,
+}
+
+impl NotReading {
+    /// How long, as of `now`, h2 has let go of fewer than `reading` bytes (`let_go` is its
+    /// count now). Zero when this look starts a window: at the first, once it let go of that
+    /// many, and when the last look was more than `gap` ago.
+    fn for_how_long(&self, let_go: usize, reading: usize, now: Instant, gap: Duration) -> Duration {
+        let mut look = lock(&self.0);
+        match &mut *look {
+            Some(seen)
+                if let_go.wrapping_sub(seen.let_go) < reading
+                    && now.saturating_duration_since(seen.last) <= gap =>
+            {
+                seen.last = now;
+                now.saturating_duration_since(seen.since)
             }
             _ => {
-                *seen = (used > 0).then_some((given, now));
-                false
+                let (since, last) = (now, now);
+                *look = Some(Look {
+                    let_go,
+                    since,
+                    last,
+                });
+                Duration::ZERO
             }
         }
+    }
+
+    fn forget(&self) {
+        *lock(&self.0) = None;
     }
 }
 
@@ -294,18 +276,16 @@ impl AnswerBytesLayer {
         let budget = Budget::with_room(self.max_message_bytes, PER_CONNECTION);
         let share = Budget::new(self.max_message_bytes, IN_ALL);
         let unsent = Arc::new(Unsent {
-            bytes: AtomicUsize::new(0),
-            in_all_bytes: AtomicUsize::new(0),
-            closed: AtomicBool::new(false),
+            handed_bytes: AtomicUsize::new(0),
             connection: budget.clone(),
             in_all: self.in_all.clone(),
             share: share.clone(),
             cut,
             peer,
-            taken_by_socket: AtomicUsize::new(0),
+            let_go_bytes: AtomicUsize::new(0),
             blocked: AtomicBool::new(false),
-            seen: Mutex::new(None),
-            spent_since: Mutex::new(None),
+            stalled: NotReading::default(),
+            spent: NotReading::default(),
         });
         self.holders.add(&unsent);
         ConnectionAnswerBytes {
@@ -364,30 +344,24 @@ impl Holders {
     }
 }
 
-/// A connection's stream that gives its answer budgets back the bytes it writes, and what is
-/// still unsent when it is dropped (the connection is over).
-pub struct AnswersSent<S> {
+/// A connection's stream that tells its answer budgets whether its writes wait (a client not
+/// reading its socket: what h2 holds may still go out, so the connection is not cut for it).
+pub struct WritesWatched<S> {
     io: S,
     unsent: Arc<Unsent>,
 }
 
-impl<S> AnswersSent<S> {
+impl<S> WritesWatched<S> {
     /// `io`, the stream of the connection that `answer_bytes` belong to.
     pub fn new(io: S, answer_bytes: &ConnectionAnswerBytes) -> Self {
-        AnswersSent {
+        WritesWatched {
             io,
             unsent: Arc::clone(&answer_bytes.unsent),
         }
     }
 }
 
-impl<S> Drop for AnswersSent<S> {
-    fn drop(&mut self) {
-        self.unsent.close();
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for AnswersSent<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for WritesWatched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -397,7 +371,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AnswersSent<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for AnswersSent<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for WritesWatched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -405,9 +379,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AnswersSent<S> {
     ) -> Poll<std::io::Result<usize>> {
         let write = Pin::new(&mut self.io).poll_write(cx, buf);
         self.unsent.wrote(&write);
-        let written = ready!(write)?;
-        self.unsent.sent(written);
-        Poll::Ready(Ok(written))
+        write
     }
 
     fn poll_write_vectored(
@@ -417,9 +389,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AnswersSent<S> {
     ) -> Poll<std::io::Result<usize>> {
         let write = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.unsent.wrote(&write);
-        let written = ready!(write)?;
-        self.unsent.sent(written);
-        Poll::Ready(Ok(written))
+        write
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -522,10 +492,16 @@ const CREDIT: usize = 4 * 1024;
 /// bytes came back: each look that finds the budget spent counts toward [`IDLE_CUT`].
 const IDLE_SOCKET: Duration = Duration::from_secs(1);
 
-/// How long a connection's budget may be found spent while its socket takes almost none of
+/// The longest a connection's budget may go without being found spent and still count as
+/// spent all along (streams waiting for room look each [`IDLE_SOCKET`]): past it, it is
+/// taken to have had room meanwhile, and [`IDLE_CUT`] starts again. Without it, a budget
+/// found spent once, then freed, then spent a minute later was cut at once.
+const SPENT_LOOKS: Duration = Duration::from_secs(3);
+
+/// How long a connection's budget may be found spent while h2 lets go of almost none of
 /// its bytes before the connection is cut ([`Unsent::found_spent`]): long enough for a client
-/// that pauses reading, short enough that one whose count no write will ever give back is not
-/// refused for long.
+/// that pauses reading, short enough that one that reads nothing does not keep its budget
+/// (and its calls refused) for long.
 const IDLE_CUT: Duration = Duration::from_secs(10);
 
 /// An answer's body as its budgets count it: the inner body in place, not boxed again (a
@@ -599,10 +575,10 @@ impl Counting {
 }
 
 /// An answer's body, handed to hyper a chunk at a time as the client's window lets hyper take
-/// them, each chunk counted until the connection's socket takes it. The first message's bytes
-/// are taken whole from both budgets when the call returns (a refusal if they do not fit); a
-/// stream's later frames take theirs from the connection's budget chunk by chunk and wait for
-/// room while it is spent.
+/// them, each chunk counted until h2 lets go of it. The first message's bytes are taken whole
+/// from both budgets when the call returns (a refusal if they do not fit); a stream's later
+/// frames take theirs from the connection's budget chunk by chunk and wait for room while it
+/// is spent.
 struct Sending<R> {
     body: R,
     /// What is left of the frame being handed over.
@@ -613,7 +589,7 @@ struct Sending<R> {
     held: Held,
     counting: Counting,
     /// While waiting for room: the connection's budget's word that bytes came back (its
-    /// socket took some, or an answer ended), and a timer ([`IDLE_SOCKET`]).
+    /// h2 let go of a chunk, or an answer ended), and a timer ([`IDLE_SOCKET`]).
     room: Option<Pin<Box<OwnedNotified>>>,
     retry: Option<Pin<Box<Sleep>>>,
     /// Counted in the connection's budget's waiters.
@@ -775,16 +751,55 @@ impl<R> Sending<R> {
         }
     }
 
-    /// Hands `len` taken bytes to hyper: counted until the socket takes them.
-    fn hand_over(&mut self, len: usize) {
+    /// Hands `chunk`, its bytes taken already, to hyper: counted until h2 lets go of it.
+    fn hand_over(&mut self, chunk: Bytes) -> Bytes {
+        let len = chunk.len();
         self.prepaid = self.prepaid.saturating_sub(len);
         match &self.counting.unsent {
-            Some(unsent) => {
-                let in_all = self.held.hand_over(len);
-                unsent.handed_over(len, in_all);
+            Some(unsent) => CountedChunk::handed_over(chunk, &mut self.held, unsent),
+            None => {
+                self.held.give_back(len);
+                chunk
             }
-            None => self.held.give_back(len),
         }
+    }
+}
+
+/// A chunk handed to hyper, counted until h2 lets go of it: written to the socket (h2 drops a
+/// chunk once all of it is written, or once copied into its write buffer if small), or
+/// dropped with its stream (reset by the client, or ended with the connection). One
+/// allocation per chunk, to know exactly when h2 is done with it.
+struct CountedChunk {
+    bytes: Bytes,
+    unsent: Arc<Unsent>,
+    /// Of its bytes, those drawn from the server's budget too.
+    in_all: usize,
+}
+
+impl CountedChunk {
+    /// `chunk`, its bytes moved from `held` to what `unsent` counts.
+    fn handed_over(chunk: Bytes, held: &mut Held, unsent: &Arc<Unsent>) -> Bytes {
+        let in_all = held.hand_over(chunk.len());
+        unsent
+            .handed_bytes
+            .fetch_add(chunk.len(), Ordering::Relaxed);
+        Bytes::from_owner(CountedChunk {
+            bytes: chunk,
+            unsent: Arc::clone(unsent),
+            in_all,
+        })
+    }
+}
+
+impl AsRef<[u8]> for CountedChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for CountedChunk {
+    fn drop(&mut self) {
+        self.unsent.let_go(self.bytes.len(), self.in_all);
     }
 }
 
@@ -819,7 +834,7 @@ where
         let len = this.rest.len().min(this.counting.chunk);
         ready!(this.poll_room(cx, len.saturating_sub(this.prepaid)));
         let chunk = this.rest.split_to(len);
-        this.hand_over(len);
+        let chunk = this.hand_over(chunk);
         Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
     }
 
@@ -860,6 +875,12 @@ mod tests {
         (layer, bytes, budgets)
     }
 
+    /// `len` bytes of `held` handed to h2 as a chunk of `bytes`' connection: counted until
+    /// the chunk is dropped.
+    fn handed_over(bytes: &ConnectionAnswerBytes, held: &mut Held, len: usize) -> Bytes {
+        CountedChunk::handed_over(Bytes::from(vec![7; len]), held, &bytes.unsent)
+    }
+
     /// Only a connection that holds answer bytes and gives (nearly) none back for a second, as
     /// refusals see it, may be cut: one whose client reads a sixteenth of them a second may
     /// not.
@@ -875,9 +896,7 @@ mod tests {
         assert!(!bytes.unsent.stalled(start + second / 2));
         assert!(bytes.unsent.stalled(start + second));
         // Some read: not stalled, and a second more before it is again.
-        let in_all = held.hand_over(100);
-        bytes.unsent.handed_over(100, in_all);
-        bytes.unsent.sent(50);
+        drop(handed_over(&bytes, &mut held, 50));
         assert!(!bytes.unsent.stalled(start + 2 * second));
         assert!(!bytes.unsent.stalled(start + 2 * second + second / 2));
         assert!(bytes.unsent.stalled(start + 3 * second));
@@ -886,12 +905,13 @@ mod tests {
         assert!(bytes.unsent.stalled(start + 3 * second));
     }
 
-    /// Only bytes the socket takes count as the client reading: not a take the server's
-    /// budget refuses (the connection's bytes are put back), nor an answer dropped unsent. A
-    /// connection whose streams keep trying while its client reads nothing still looks
-    /// stalled, so it may be cut.
+    /// Only chunks h2 lets go of count as the client reading: not a take the server's budget
+    /// refuses (the connection's bytes are put back), nor an answer dropped before it was
+    /// handed over, nor bytes the socket writes that no answer counted. A connection whose
+    /// streams keep trying while its client reads nothing still looks stalled, so it may be
+    /// cut.
     #[test]
-    fn only_bytes_the_socket_takes_count_as_reading() {
+    fn only_chunks_h2_lets_go_of_count_as_reading() {
         let (layer, bytes, budgets) = connection(1000);
         let server_only = Budgets {
             connection: None,
@@ -919,28 +939,30 @@ mod tests {
         assert!(spent.by_server);
         assert_eq!(bytes.budget.used(), 600, "put back");
         drop(dropped);
+        bytes.unsent.wrote(&Poll::Ready(Ok(17)));
         assert!(bytes.unsent.stalled(start + STALLED), "nothing was read");
     }
 
-    /// A trickle is not reading: a client that keeps its windows at one byte and sends a PING
-    /// now and then has the socket take each answer's 17 bytes, and held its share for good.
-    /// Reading a sixteenth of what it holds in a second is.
+    /// A trickle is not reading: a client that keeps its windows at one byte reads a few
+    /// bytes now and then, and held its share for good. Reading a sixteenth of what it holds in
+    /// a second is.
     #[test]
     fn a_trickle_of_bytes_is_not_reading() {
         let (_layer, bytes, budgets) = connection(16_000);
         let mut held = Held::default();
         assert!(budgets.take(16_000, &mut held).is_ok());
-        let in_all = held.hand_over(16_000);
-        bytes.unsent.handed_over(16_000, in_all);
+        let trickle = handed_over(&bytes, &mut held, 17);
+        let sixteenth = handed_over(&bytes, &mut held, 1_000);
+        let _rest = handed_over(&bytes, &mut held, 16_000 - 1_017);
         let start = Instant::now();
         assert!(!bytes.unsent.stalled(start), "first seen");
-        bytes.unsent.sent(17);
+        drop(trickle);
         assert!(!bytes.unsent.stalled(start + STALLED / 2));
         assert!(
             bytes.unsent.stalled(start + STALLED),
             "17 bytes in a second"
         );
-        bytes.unsent.sent(1_000);
+        drop(sixteenth);
         assert!(
             !bytes.unsent.stalled(start + 2 * STALLED),
             "a sixteenth read"
@@ -970,69 +992,95 @@ mod tests {
         assert_eq!(bytes.share.used(), 100);
         assert!(!bytes.unsent.stalled(start + 2 * STALLED), "first seen");
         assert!(bytes.unsent.stalled(start + 3 * STALLED));
-        let in_all = answer.hand_over(100);
-        assert_eq!(in_all, 100);
-        bytes.unsent.handed_over(100, in_all);
-        bytes.unsent.sent(100);
-        assert_eq!(bytes.share.used(), 0, "given back as the socket takes it");
+        drop(handed_over(&bytes, &mut answer, 100));
+        assert_eq!(bytes.share.used(), 0, "given back as h2 lets go of it");
     }
 
-    /// A write between `give_back_all`'s two swaps takes its bytes off the unsent count but
-    /// finds the server's part taken already: that part is given back with the rest, not lost.
+    /// A chunk handed to h2 stays counted in every budget it drew on, whatever the socket
+    /// writes meanwhile (PING acknowledgements repaid answers h2 still held: found by an
+    /// adversarial run), until h2 lets go of it; then all of it comes back.
     #[test]
-    fn a_write_racing_the_close_loses_none_of_the_servers_budget() {
+    fn a_chunk_counts_until_h2_lets_go_of_it_whatever_the_socket_writes() {
         let (layer, bytes, budgets) = connection(1000);
         let mut held = Held::default();
         assert!(budgets.take(1000, &mut held).is_ok());
-        let in_all = held.hand_over(1000);
-        bytes.unsent.handed_over(1000, in_all);
-        // The write's first half, as `Unsent::sent` does it.
-        bytes.unsent.bytes.fetch_sub(300, Ordering::SeqCst);
-        bytes.unsent.connection.give_back(300);
-        bytes.unsent.close();
-        // Its second half finds the server's part gone.
-        bytes.unsent.sent(0);
-        assert_eq!(layer.in_all.used(), 0);
-        assert_eq!(bytes.share.used(), 0);
-        assert_eq!(bytes.budget.used(), 0);
+        let first = handed_over(&bytes, &mut held, 600);
+        let second = handed_over(&bytes, &mut held, 400);
+        drop(held);
+        for _ in 0..100 {
+            bytes.unsent.wrote(&Poll::Ready(Ok(17)));
+        }
+        let used = || (bytes.budget.used(), bytes.share.used(), layer.in_all.used());
+        assert_eq!(used(), (1000, 1000, 1000), "nothing given back by writes");
+        assert_eq!(bytes.unsent.held_by_h2(), 1000);
+        drop(first);
+        assert_eq!(used(), (400, 400, 400));
+        let copy = second.clone();
+        drop(second);
+        assert_eq!(used(), (400, 400, 400), "a part of it is still in h2");
+        drop(copy);
+        assert_eq!(used(), (0, 0, 0));
+        assert_eq!(bytes.unsent.held_by_h2(), 0);
     }
 
-    /// A connection whose budget is found spent for ten seconds while its socket takes none
-    /// of its bytes and does not wait to write is cut; nothing counted is given back before
-    /// (giving it back let a client park answers past every budget: found by an adversarial
-    /// run). Bytes taken, or a socket waiting to write, start the ten seconds again.
+    /// A connection whose budget is found spent for ten seconds while h2 lets go of none of
+    /// its bytes and its socket does not wait to write is cut; nothing counted is given back
+    /// before (giving it back let a client park answers past every budget: found by an
+    /// adversarial run). Bytes let go of, or a socket waiting to write, start the ten seconds
+    /// again.
     #[test]
     fn a_connection_found_spent_with_nothing_taken_for_ten_seconds_is_cut() {
         let (_layer, bytes, budgets) = connection(1000);
         let mut held = Held::default();
         assert!(budgets.take(600, &mut held).is_ok());
-        let in_all = held.hand_over(600);
-        bytes.unsent.handed_over(600, in_all);
+        let read = handed_over(&bytes, &mut held, 100);
+        let _parked = handed_over(&bytes, &mut held, 500);
         let start = Instant::now();
         let at = |seconds| start + Duration::from_secs(seconds);
         let cut = || bytes.unsent.cut.is_cancelled();
 
         bytes.unsent.found_spent(at(0));
         bytes.unsent.wrote(&Poll::Ready(Ok(100)));
-        bytes.unsent.sent(100);
+        drop(read);
         bytes.unsent.found_spent(at(9));
         bytes.unsent.found_spent(at(10));
-        assert!(!cut(), "the socket took some at 9 s: from there");
+        assert!(!cut(), "h2 let go of some at 9 s: from there");
         bytes.unsent.wrote(&Poll::Pending);
         bytes.unsent.found_spent(at(19));
         assert!(!cut(), "the socket waits to write: its bytes may go out");
         bytes.unsent.wrote(&Poll::Ready(Ok(0)));
-        bytes.unsent.found_spent(at(20));
-        bytes.unsent.found_spent(at(28));
+        for second in 20..=28 {
+            bytes.unsent.found_spent(at(second));
+        }
         assert!(!cut());
         assert_eq!(bytes.budget.used(), 500, "nothing given back meanwhile");
         bytes.unsent.found_spent(at(29));
         assert!(cut(), "ten seconds with nothing taken since 19 s");
     }
 
+    /// A budget not found spent for a while had room meanwhile: the ten seconds start again
+    /// at the next look, not from the first one.
+    #[test]
+    fn a_budget_not_found_spent_for_a_while_starts_its_ten_seconds_again() {
+        let (_layer, bytes, budgets) = connection(1000);
+        let mut held = Held::default();
+        assert!(budgets.take(600, &mut held).is_ok());
+        let _parked = handed_over(&bytes, &mut held, 600);
+        let start = Instant::now();
+        let at = |seconds| start + Duration::from_secs(seconds);
+        bytes.unsent.found_spent(at(0));
+        bytes.unsent.found_spent(at(3));
+        bytes.unsent.found_spent(at(7));
+        for second in 8..=16 {
+            bytes.unsent.found_spent(at(second));
+        }
+        assert!(!bytes.unsent.cut.is_cancelled(), "from 7 s on");
+        bytes.unsent.found_spent(at(17));
+        assert!(bytes.unsent.cut.is_cancelled());
+    }
+
     /// A stream's frame waits while its connection's budget is spent, and goes once bytes
-    /// come back, however they do: here another answer dropped before it was sent, which no
-    /// write of the socket reports.
+    /// come back, however they do: here another answer dropped before it was handed over.
     #[tokio::test(start_paused = true)]
     async fn a_streams_frame_waits_for_room_and_goes_when_bytes_come_back() {
         use std::future::poll_fn;
@@ -1071,10 +1119,13 @@ mod tests {
             dropped.elapsed() < IDLE_SOCKET,
             "woken by the bytes given back"
         );
-        assert_eq!(frame.into_data().expect("data").len(), 1000);
-        // The frame, counted until the socket takes it, and a credit ahead (the budget is
-        // more than half free again).
+        let data = frame.into_data().expect("data");
+        assert_eq!(data.len(), 1000);
+        // The frame, counted until h2 lets go of it, and a credit ahead (the budget is more
+        // than half free again).
         assert_eq!(bytes.budget.used(), 1000 + 1024);
+        drop(data);
+        assert_eq!(bytes.budget.used(), 1024, "the credit alone");
     }
 
     /// Chunks leave half a connection's budget to other calls when every stream it may hold
