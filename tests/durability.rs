@@ -409,8 +409,7 @@ async fn a_hung_snapshot_shows_in_its_running_time_until_it_ends() {
     config.snapshot_every_records = 5;
     let service = TestService::start_with(config).await;
     let temp = dir.path().join(format!("snapshot-{:020}.snap.tmp", 5));
-    let made = std::process::Command::new("mkfifo").arg(&temp).status();
-    assert!(made.unwrap().success(), "mkfifo {}", temp.display());
+    let stuck = common::stuck_file::StuckFile::plant(temp);
     for n in 1..=5 {
         let data = json!({"total_points": n});
         service
@@ -430,10 +429,7 @@ async fn a_hung_snapshot_shows_in_its_running_time_until_it_ends() {
     assert_eq!(answer, json!({"outcome": "applied", "revision": 6}));
 
     // Read the FIFO: the snapshot writes into it, and fails to sync it.
-    let reader = std::thread::spawn(move || {
-        let mut fifo = std::fs::File::open(&temp).unwrap();
-        std::io::Read::read_to_end(&mut fifo, &mut Vec::new())
-    });
+    let reader = stuck.release();
     // (A scrape reads the gauge a moment before the counters: it may see the count and the
     // time of the same snapshot.)
     let failed_and_over = |text: &str| {

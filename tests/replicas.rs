@@ -502,6 +502,45 @@ async fn a_replicas_watch_history_is_bounded_by_history_bytes() {
     a.stop().await;
 }
 
+/// A replica's local snapshot that hangs on its disk shows in
+/// `profile_state_snapshot_running_seconds` as a single node's does: the time grows while the
+/// replica goes on applying the stream, and goes back to 0 when the snapshot ends. (The gauge
+/// is set by the replica's own snapshot job, not the single node's sequencer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replicas_hung_snapshot_shows_in_its_running_time_until_it_ends() {
+    let nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = snapshotting(&nats, "HUNGSNAP", "a", dir.path());
+    config.snapshot_every_records = 5;
+    let replica = TestService::start_with(config).await;
+    let temp = dir.path().join(format!("snapshot-{:020}.snap.tmp", 5));
+    let stuck = common::stuck_file::StuckFile::plant(temp);
+    for n in 1..=5 {
+        let update = profile_updated(&format!("c{n}"), &at(n), json!({"total_points": n}));
+        post_until_ok(&replica, &update).await;
+    }
+    let running = |text: &str| {
+        common::metric(text, "profile_state_snapshot_running_seconds", &[]).expect("the gauge")
+    };
+    let first = running(&replica.metrics_until(|text| running(text) > 0.0).await);
+    replica
+        .metrics_until(|text| running(text) > first + 0.2)
+        .await;
+    let update = profile_updated("c6", &at(6), json!({"total_points": 6}));
+    let answer = post_until_ok(&replica, &update).await;
+    assert_eq!(answer["outcome"], "applied", "{answer}");
+
+    // The snapshot writes into it, and fails to sync it.
+    let reader = stuck.release();
+    let failed_and_over = |text: &str| {
+        let outcome = |outcome| common::metric(text, "profile_state_snapshots_total", &[outcome]);
+        outcome(("outcome", "failed")) == Some(1.0) && running(text) == 0.0
+    };
+    replica.metrics_until(failed_and_over).await;
+    reader.join().unwrap().unwrap();
+    replica.stop().await;
+}
+
 /// Settings an operator may get wrong without a refusal say so in the log: the replica that
 /// creates the stream (right for a new cluster; for a replica of a running one, a mistyped
 /// `--nats-stream`), and a `--nats-max-bytes` that an existing stream does not have (the

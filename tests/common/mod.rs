@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod gameball_api;
 pub mod reflection;
 pub mod stream_backup;
+pub mod stuck_file;
 pub mod tls;
 
 use std::net::SocketAddr;
