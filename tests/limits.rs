@@ -2097,6 +2097,82 @@ async fn answers_dropped_with_reset_streams_give_their_bytes_back_at_once() {
     binary.stop();
 }
 
+/// A client that reads nothing but resets a few of its parked calls each moment and asks
+/// again: h2 drops the reset streams' chunks, which once counted as its client reading, so its
+/// connections held the server's budget for good, never cut, and other clients' larger calls
+/// were refused most of the time (found by an adversarial run). Only DATA its socket takes is
+/// reading: its connections are cut as the server's budget refuses calls, and another
+/// client's calls are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_and_asks_again_but_reads_nothing_is_cut() {
+    use profile_state::pb;
+    use prost::Message;
+    // Budgets: 256 KiB a connection, 2 MiB in all.
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--grpc-max-message-bytes", "65536"];
+    let mut binary = binary::Binary::start(dir.path(), &args).await;
+    large_profiles(&binary, 100).await;
+    // A page of five profiles: about 50 KB. Twelve connections of four unread pages each:
+    // 2.4 MB, more than the server's budget.
+    let list = pb::ListProfilesRequest {
+        page_size: 5,
+        ..Default::default()
+    };
+    let mut connections = Vec::new();
+    for _ in 0..12 {
+        let (mut client, closed) = one_byte_window_connection(&binary).await;
+        let mut parked = std::collections::VecDeque::new();
+        for _ in 0..4 {
+            parked.push_back(raw_unary(&mut client, "ListProfiles", list.encode_to_vec()).await);
+        }
+        connections.push((client, closed, parked));
+    }
+    let url = format!("http://{}", binary.grpc);
+    let mut reader = pb::profile_service_client::ProfileServiceClient::connect(url)
+        .await
+        .unwrap();
+    // Each moment, on each connection still open: its two oldest calls reset, two more
+    // asked. Until another client's page is answered ten times in a row.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut answered_in_a_row = 0;
+    while answered_in_a_row < 10 {
+        let open = connections
+            .iter()
+            .filter(|(_, closed, _)| !closed.is_finished());
+        let open = open.count();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "another client still refused; {open} of 12 connections open"
+        );
+        for (client, closed, parked) in &mut connections {
+            if closed.is_finished() {
+                continue;
+            }
+            for _ in 0..2 {
+                drop(parked.pop_front());
+                let again = call_if_open(client, "ListProfiles", list.encode_to_vec()).await;
+                parked.extend(again);
+            }
+        }
+        match reader.list_profiles(list.clone()).await {
+            Ok(_) => answered_in_a_row += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                answered_in_a_row = 0;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    binary
+        .wait_for(
+            "cut the gRPC connection holding the most answers not yet read, none read for a \
+             second: the server's budget for them was spent (a client that stops reading its \
+             answers)",
+        )
+        .await;
+    binary.stop();
+}
+
 /// A connection to `binary` whose client gives every stream a window of one byte, and a task
 /// that ends when the server closes it.
 async fn one_byte_window_connection(

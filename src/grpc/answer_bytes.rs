@@ -39,7 +39,11 @@
 //! Counted bytes go back only as h2 lets go of them: giving back on a guess (a stream that
 //! waited a second for room took everything its connection counted for lost) let a client
 //! park answers past every budget (found by an adversarial run). A connection whose budget
-//! stays spent while h2 lets go of almost none of it is cut instead ([`Unsent::found_spent`]).
+//! stays spent while its client reads almost none of it is cut instead
+//! ([`Unsent::found_spent`]). A client reads what its socket takes of DATA frames
+//! ([`DataFrames`]): not PING acknowledgements, and not chunks h2 dropped with streams the
+//! client reset (a client that reset and re-asked a few calls a second, reading nothing, held
+//! the server's budget for good when those counted: found by an adversarial run).
 //!
 //! What this module does not do: give a stalled answer a time limit (only a connection whose
 //! budget stays spent has one), or bound what a stream holds before it is handed over (one
@@ -64,6 +68,7 @@ use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, http};
 
 use super::byte_budgets::{Budget, Budgets, Held, Room};
+use super::data_frames::DataFrames;
 use super::transport::Connection;
 use crate::poison::lock;
 
@@ -95,9 +100,12 @@ struct Unsent {
     /// Cancelled to cut the connection (`crate::server::cut`).
     cut: CancellationToken,
     peer: SocketAddr,
-    /// The bytes of answers h2 ever let go of (wrapping): moves while the client reads (or
-    /// resets streams, which gives their bytes back as well), not with PINGs.
+    /// The bytes of answers h2 ever let go of (wrapping): written, or dropped with streams
+    /// the client reset.
     let_go_bytes: AtomicUsize,
+    /// The DATA payload bytes its socket ever took (wrapping): moves only while the client
+    /// reads its answers.
+    data_read: AtomicUsize,
     /// The socket's last write had to wait: the client is not reading, and what is counted
     /// may still go out.
     blocked: AtomicBool,
@@ -112,10 +120,18 @@ struct Unsent {
 impl Unsent {
     /// h2 let go of a chunk of `bytes`, `in_all` of them drawn from the server's budget too.
     fn let_go(&self, bytes: usize, in_all: usize) {
+        // (Not reading: a stream the client reset drops its chunks too.)
         self.let_go_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.connection.give_back(bytes);
         self.in_all.give_back(in_all);
         self.share.give_back(in_all);
+    }
+
+    /// The socket took `bytes` of DATA frames' payload.
+    fn data_read(&self, bytes: usize) {
+        if bytes > 0 {
+            self.data_read.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     /// The bytes h2 holds (near enough: the two counts are read apart).
@@ -134,19 +150,19 @@ impl Unsent {
 
     /// The connection's budget was found spent at `now` (a call refused, a stream's frame
     /// waiting for room): cuts the connection once it has been found so for [`IDLE_CUT`]
-    /// while h2 let go of less than a sixteenth of what the budget holds ([`SLOWEST_SHARE`])
-    /// and its socket did not wait to write. Its client then reads nothing, and what is
+    /// while its client read less than a sixteenth of what the budget holds
+    /// ([`SLOWEST_SHARE`]) and its socket did not wait to write. Its client then reads nothing, and what is
     /// counted waits for windows it keeps shut: the connection goes (its client can connect
     /// again). Giving back everything counted instead let a client park answers past every
     /// budget (found by an adversarial run).
     fn found_spent(&self, now: Instant) {
-        let let_go = self.let_go_bytes.load(Ordering::Relaxed);
+        let read = self.data_read.load(Ordering::Relaxed);
         // A socket waiting to write is a client reading slowly: what is counted may go out.
         let reading = match self.blocked.load(Ordering::Relaxed) {
             true => 0,
             false => self.connection.used().div_ceil(SLOWEST_SHARE),
         };
-        let not_reading = self.spent.for_how_long(let_go, reading, now, SPENT_LOOKS);
+        let not_reading = self.spent.for_how_long(read, reading, now, SPENT_LOOKS);
         if not_reading < IDLE_CUT || self.cut.is_cancelled() {
             return;
         }
@@ -159,7 +175,7 @@ impl Unsent {
         );
     }
 
-    /// Whether the connection holds answer bytes and h2 let go of less than a sixteenth of
+    /// Whether the connection holds answer bytes and its client read less than a sixteenth of
     /// them ([`SLOWEST_SHARE`]) for [`STALLED`] or longer, as refusals have seen it. Any byte
     /// used to do: a client that kept its windows at one byte and read a trickle held its
     /// share for good and was never cut (found by an adversarial run).
@@ -171,38 +187,38 @@ impl Unsent {
             self.stalled.forget();
             return false;
         }
-        let let_go = self.let_go_bytes.load(Ordering::Relaxed);
+        let read = self.data_read.load(Ordering::Relaxed);
         let reading = used.div_ceil(SLOWEST_SHARE);
         // Refusals look now and then: no gap restarts the window.
-        let not_reading = (self.stalled).for_how_long(let_go, reading, now, Duration::MAX);
+        let not_reading = (self.stalled).for_how_long(read, reading, now, Duration::MAX);
         not_reading >= STALLED
     }
 }
 
-/// Since when h2 has let go of too few of a connection's answer bytes for its client to count
-/// as reading, as looks have seen it: the one rule behind both cuts.
+/// Since when a connection's client has read too few of its answer bytes to count as reading,
+/// as looks have seen it: the one rule behind both cuts.
 #[derive(Default)]
 struct NotReading(Mutex<Option<Look>>);
 
 /// The window a [`NotReading`] measures.
 #[derive(Clone, Copy)]
 struct Look {
-    /// `Unsent::let_go_bytes` when the window started.
-    let_go: usize,
+    /// `Unsent::data_read` when the window started.
+    read: usize,
     since: Instant,
     /// The last look: a window not looked at for longer than a look's gap starts again.
     last: Instant,
 }
 
 impl NotReading {
-    /// How long, as of `now`, h2 has let go of fewer than `reading` bytes (`let_go` is its
-    /// count now). Zero when this look starts a window: at the first, once it let go of that
-    /// many, and when the last look was more than `gap` ago.
-    fn for_how_long(&self, let_go: usize, reading: usize, now: Instant, gap: Duration) -> Duration {
+    /// How long, as of `now`, the client has read fewer than `reading` bytes (`read` is its
+    /// count now). Zero when this look starts a window: at the first, once it read that many,
+    /// and when the last look was more than `gap` ago.
+    fn for_how_long(&self, read: usize, reading: usize, now: Instant, gap: Duration) -> Duration {
         let mut look = lock(&self.0);
         match &mut *look {
             Some(seen)
-                if let_go.wrapping_sub(seen.let_go) < reading
+                if read.wrapping_sub(seen.read) < reading
                     && now.saturating_duration_since(seen.last) <= gap =>
             {
                 seen.last = now;
@@ -210,11 +226,7 @@ impl NotReading {
             }
             _ => {
                 let (since, last) = (now, now);
-                *look = Some(Look {
-                    let_go,
-                    since,
-                    last,
-                });
+                *look = Some(Look { read, since, last });
                 Duration::ZERO
             }
         }
@@ -283,6 +295,7 @@ impl AnswerBytesLayer {
             cut,
             peer,
             let_go_bytes: AtomicUsize::new(0),
+            data_read: AtomicUsize::new(0),
             blocked: AtomicBool::new(false),
             stalled: NotReading::default(),
             spent: NotReading::default(),
@@ -344,11 +357,13 @@ impl Holders {
     }
 }
 
-/// A connection's stream that tells its answer budgets whether its writes wait (a client not
-/// reading its socket: what h2 holds may still go out, so the connection is not cut for it).
+/// A connection's stream that tells its answer budgets how many bytes of answers its socket
+/// took ([`DataFrames`]), and whether its writes wait (a client not reading its socket: what
+/// h2 holds may still go out, so the connection is not cut for it).
 pub struct WritesWatched<S> {
     io: S,
     unsent: Arc<Unsent>,
+    frames: DataFrames,
 }
 
 impl<S> WritesWatched<S> {
@@ -357,6 +372,7 @@ impl<S> WritesWatched<S> {
         WritesWatched {
             io,
             unsent: Arc::clone(&answer_bytes.unsent),
+            frames: DataFrames::default(),
         }
     }
 }
@@ -379,6 +395,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WritesWatched<S> {
     ) -> Poll<std::io::Result<usize>> {
         let write = Pin::new(&mut self.io).poll_write(cx, buf);
         self.unsent.wrote(&write);
+        if let Poll::Ready(Ok(written)) = write {
+            let data = self.frames.scan(&buf[..written.min(buf.len())]);
+            self.unsent.data_read(data);
+        }
         write
     }
 
@@ -389,6 +409,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WritesWatched<S> {
     ) -> Poll<std::io::Result<usize>> {
         let write = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.unsent.wrote(&write);
+        if let Poll::Ready(Ok(written)) = write {
+            let data = self.frames.scan_vectored(bufs, written);
+            self.unsent.data_read(data);
+        }
         write
     }
 
@@ -896,7 +920,7 @@ mod tests {
         assert!(!bytes.unsent.stalled(start + second / 2));
         assert!(bytes.unsent.stalled(start + second));
         // Some read: not stalled, and a second more before it is again.
-        drop(handed_over(&bytes, &mut held, 50));
+        bytes.unsent.data_read(50);
         assert!(!bytes.unsent.stalled(start + 2 * second));
         assert!(!bytes.unsent.stalled(start + 2 * second + second / 2));
         assert!(bytes.unsent.stalled(start + 3 * second));
@@ -905,13 +929,13 @@ mod tests {
         assert!(bytes.unsent.stalled(start + 3 * second));
     }
 
-    /// Only chunks h2 lets go of count as the client reading: not a take the server's budget
+    /// Only DATA the socket takes counts as the client reading: not a take the server's budget
     /// refuses (the connection's bytes are put back), nor an answer dropped before it was
-    /// handed over, nor bytes the socket writes that no answer counted. A connection whose
-    /// streams keep trying while its client reads nothing still looks stalled, so it may be
-    /// cut.
+    /// handed over, nor a chunk h2 dropped with a stream the client reset, nor other bytes
+    /// the socket writes (a PING's acknowledgement). A connection whose streams keep trying
+    /// while its client reads nothing still looks stalled, so it may be cut.
     #[test]
-    fn only_chunks_h2_lets_go_of_count_as_reading() {
+    fn only_data_the_socket_takes_counts_as_reading() {
         let (layer, bytes, budgets) = connection(1000);
         let server_only = Budgets {
             connection: None,
@@ -939,6 +963,7 @@ mod tests {
         assert!(spent.by_server);
         assert_eq!(bytes.budget.used(), 600, "put back");
         drop(dropped);
+        drop(handed_over(&bytes, &mut unread, 100));
         bytes.unsent.wrote(&Poll::Ready(Ok(17)));
         assert!(bytes.unsent.stalled(start + STALLED), "nothing was read");
     }
@@ -951,18 +976,15 @@ mod tests {
         let (_layer, bytes, budgets) = connection(16_000);
         let mut held = Held::default();
         assert!(budgets.take(16_000, &mut held).is_ok());
-        let trickle = handed_over(&bytes, &mut held, 17);
-        let sixteenth = handed_over(&bytes, &mut held, 1_000);
-        let _rest = handed_over(&bytes, &mut held, 16_000 - 1_017);
         let start = Instant::now();
         assert!(!bytes.unsent.stalled(start), "first seen");
-        drop(trickle);
+        bytes.unsent.data_read(17);
         assert!(!bytes.unsent.stalled(start + STALLED / 2));
         assert!(
             bytes.unsent.stalled(start + STALLED),
             "17 bytes in a second"
         );
-        drop(sixteenth);
+        bytes.unsent.data_read(1_000);
         assert!(
             !bytes.unsent.stalled(start + 2 * STALLED),
             "a sixteenth read"
@@ -1023,28 +1045,27 @@ mod tests {
         assert_eq!(bytes.unsent.held_by_h2(), 0);
     }
 
-    /// A connection whose budget is found spent for ten seconds while h2 lets go of none of
-    /// its bytes and its socket does not wait to write is cut; nothing counted is given back
-    /// before (giving it back let a client park answers past every budget: found by an
-    /// adversarial run). Bytes let go of, or a socket waiting to write, start the ten seconds
+    /// A connection whose budget is found spent for ten seconds while its client reads none
+    /// of its bytes and its socket does not wait to write is cut; nothing counted is given
+    /// back before (giving it back let a client park answers past every budget: found by an
+    /// adversarial run). Bytes read, or a socket waiting to write, start the ten seconds
     /// again.
     #[test]
-    fn a_connection_found_spent_with_nothing_taken_for_ten_seconds_is_cut() {
+    fn a_connection_found_spent_with_nothing_read_for_ten_seconds_is_cut() {
         let (_layer, bytes, budgets) = connection(1000);
         let mut held = Held::default();
         assert!(budgets.take(600, &mut held).is_ok());
-        let read = handed_over(&bytes, &mut held, 100);
-        let _parked = handed_over(&bytes, &mut held, 500);
+        let _parked = handed_over(&bytes, &mut held, 600);
         let start = Instant::now();
         let at = |seconds| start + Duration::from_secs(seconds);
         let cut = || bytes.unsent.cut.is_cancelled();
 
         bytes.unsent.found_spent(at(0));
         bytes.unsent.wrote(&Poll::Ready(Ok(100)));
-        drop(read);
+        bytes.unsent.data_read(100);
         bytes.unsent.found_spent(at(9));
         bytes.unsent.found_spent(at(10));
-        assert!(!cut(), "h2 let go of some at 9 s: from there");
+        assert!(!cut(), "the client read some at 9 s: from there");
         bytes.unsent.wrote(&Poll::Pending);
         bytes.unsent.found_spent(at(19));
         assert!(!cut(), "the socket waits to write: its bytes may go out");
@@ -1053,7 +1074,7 @@ mod tests {
             bytes.unsent.found_spent(at(second));
         }
         assert!(!cut());
-        assert_eq!(bytes.budget.used(), 500, "nothing given back meanwhile");
+        assert_eq!(bytes.budget.used(), 600, "nothing given back meanwhile");
         bytes.unsent.found_spent(at(29));
         assert!(cut(), "ten seconds with nothing taken since 19 s");
     }

@@ -16,6 +16,7 @@ mod byte_budgets;
 pub mod certificates;
 pub mod codec;
 mod convert;
+mod data_frames;
 pub mod dead_letters;
 pub mod open_streams;
 mod page_token;
