@@ -505,7 +505,9 @@ async fn a_replicas_watch_history_is_bounded_by_history_bytes() {
 /// A replica's local snapshot that hangs on its disk shows in
 /// `profile_state_snapshot_running_seconds` as a single node's does: the time grows while the
 /// replica goes on applying the stream, and goes back to 0 when the snapshot ends. (The gauge
-/// is set by the replica's own snapshot job, not the single node's sequencer.)
+/// is set by the replica's own snapshot job, not the single node's sequencer.) The snapshot
+/// that came due meanwhile follows once it ends, though nothing more is applied: it waited for
+/// the next message (tests that waited for a snapshot at the stream's end hung on a slow box).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replicas_hung_snapshot_shows_in_its_running_time_until_it_ends() {
     let nats = NatsCluster::single().await.unwrap();
@@ -526,18 +528,27 @@ async fn a_replicas_hung_snapshot_shows_in_its_running_time_until_it_ends() {
     replica
         .metrics_until(|text| running(text) > first + 0.2)
         .await;
-    let update = profile_updated("c6", &at(6), json!({"total_points": 6}));
-    let answer = post_until_ok(&replica, &update).await;
-    assert_eq!(answer["outcome"], "applied", "{answer}");
+    // Five more: the next snapshot comes due while this one runs.
+    for n in 6..=10 {
+        let update = profile_updated(&format!("c{n}"), &at(n), json!({"total_points": n}));
+        let answer = post_until_ok(&replica, &update).await;
+        assert_eq!(answer["outcome"], "applied", "{answer}");
+    }
 
     // The snapshot writes into it, and fails to sync it.
     let reader = stuck.release();
-    let failed_and_over = |text: &str| {
-        let outcome = |outcome| common::metric(text, "profile_state_snapshots_total", &[outcome]);
-        outcome(("outcome", "failed")) == Some(1.0) && running(text) == 0.0
+    let outcome = |text: &str, outcome| {
+        let outcome = [("outcome", outcome)];
+        common::metric(text, "profile_state_snapshots_total", &outcome)
     };
+    let failed_and_over = |text: &str| outcome(text, "failed") == Some(1.0) && running(text) == 0.0;
     replica.metrics_until(failed_and_over).await;
     reader.join().unwrap().unwrap();
+    replica
+        .metrics_until(|text| outcome(text, "written") == Some(1.0))
+        .await;
+    let written = dir.path().join(format!("snapshot-{:020}.snap", 10));
+    assert!(written.exists(), "{}", written.display());
     replica.stop().await;
 }
 
