@@ -106,6 +106,9 @@ struct Unsent {
     /// The DATA payload bytes its socket ever took (wrapping): moves only while the client
     /// reads its answers.
     data_read: AtomicUsize,
+    /// The bytes its calls' first messages ever took of its share of the server's budget
+    /// (wrapping): what it owes reading, whether it still holds them or reset their streams.
+    shared_bytes: AtomicUsize,
     /// The socket's last write had to wait: the client is not reading, and what is counted
     /// may still go out.
     blocked: AtomicBool,
@@ -162,7 +165,11 @@ impl Unsent {
             true => 0,
             false => self.connection.used().div_ceil(SLOWEST_SHARE),
         };
-        let not_reading = self.spent.for_how_long(read, reading, now, SPENT_LOOKS);
+        let counts = Counts {
+            read,
+            ..Counts::default()
+        };
+        let not_reading = (self.spent).for_how_long(counts, |_| reading, now, SPENT_LOOKS);
         if not_reading < IDLE_CUT || self.cut.is_cancelled() {
             return;
         }
@@ -175,23 +182,35 @@ impl Unsent {
         );
     }
 
-    /// Whether the connection holds answer bytes and its client read less than a sixteenth of
-    /// them ([`SLOWEST_SHARE`]) for [`STALLED`] or longer, as refusals have seen it. Any byte
-    /// used to do: a client that kept its windows at one byte and read a trickle held its
-    /// share for good and was never cut (found by an adversarial run).
+    /// Whether the connection holds answer bytes and its client read less than a sixteenth
+    /// ([`SLOWEST_SHARE`]) of them, or of what it took since, for [`STALLED`] or longer, as
+    /// refusals have seen it. Any byte used to do: a client that kept its windows at one byte
+    /// and read a trickle held its share for good and was never cut. A look that found it
+    /// holding nothing used to end the window: a client that reset every call on one
+    /// connection after another, each holding its answers less than a second, held the
+    /// server's budget for good (both found by adversarial runs).
     fn stalled(&self, now: Instant) -> bool {
         // Of the server's budget: what a cut would free. A stream's later messages and credit
         // are not in it, so an idle connection of watch streams is never taken for stalled.
         let used = self.share.used();
-        if used == 0 {
-            self.stalled.forget();
-            return false;
-        }
-        let read = self.data_read.load(Ordering::Relaxed);
-        let reading = used.div_ceil(SLOWEST_SHARE);
+        let counts = Counts {
+            read: self.data_read.load(Ordering::Relaxed),
+            took: self.shared_bytes.load(Ordering::Relaxed),
+            held: used,
+        };
+        // What it held when the window started and what it took since, or what it holds.
+        let owed = |start: Counts| {
+            let took = start.held + counts.took.wrapping_sub(start.took);
+            used.max(took).div_ceil(SLOWEST_SHARE)
+        };
         // Refusals look now and then: no gap restarts the window.
-        let not_reading = (self.stalled).for_how_long(read, reading, now, Duration::MAX);
-        not_reading >= STALLED
+        let not_reading = (self.stalled).for_how_long(counts, owed, now, Duration::MAX);
+        used > 0 && not_reading >= STALLED
+    }
+
+    /// A call's first message took `bytes` of its share of the server's budget.
+    fn took_share(&self, bytes: usize) {
+        self.shared_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
@@ -200,25 +219,43 @@ impl Unsent {
 #[derive(Default)]
 struct NotReading(Mutex<Option<Look>>);
 
+/// A connection's counts as a look saw them.
+#[derive(Clone, Copy, Default)]
+struct Counts {
+    /// `Unsent::data_read`.
+    read: usize,
+    /// `Unsent::shared_bytes`.
+    took: usize,
+    /// Its share of the server's budget in use.
+    held: usize,
+}
+
 /// The window a [`NotReading`] measures.
 #[derive(Clone, Copy)]
 struct Look {
-    /// `Unsent::data_read` when the window started.
-    read: usize,
+    /// The counts when the window started.
+    start: Counts,
     since: Instant,
     /// The last look: a window not looked at for longer than a look's gap starts again.
     last: Instant,
 }
 
 impl NotReading {
-    /// How long, as of `now`, the client has read fewer than `reading` bytes (`read` is its
-    /// count now). Zero when this look starts a window: at the first, once it read that many,
-    /// and when the last look was more than `gap` ago.
-    fn for_how_long(&self, read: usize, reading: usize, now: Instant, gap: Duration) -> Duration {
+    /// How long, as of `now`, the client has read fewer bytes than it `owed` since the window
+    /// started (`counts` are its counts now; `owed` is given those at the start). Zero when
+    /// this look starts a window: at the first, once it read what it owed, and when the last
+    /// look was more than `gap` ago.
+    fn for_how_long(
+        &self,
+        counts: Counts,
+        owed: impl Fn(Counts) -> usize,
+        now: Instant,
+        gap: Duration,
+    ) -> Duration {
         let mut look = lock(&self.0);
         match &mut *look {
             Some(seen)
-                if read.wrapping_sub(seen.read) < reading
+                if counts.read.wrapping_sub(seen.start.read) < owed(seen.start)
                     && now.saturating_duration_since(seen.last) <= gap =>
             {
                 seen.last = now;
@@ -226,14 +263,14 @@ impl NotReading {
             }
             _ => {
                 let (since, last) = (now, now);
-                *look = Some(Look { read, since, last });
+                *look = Some(Look {
+                    start: counts,
+                    since,
+                    last,
+                });
                 Duration::ZERO
             }
         }
-    }
-
-    fn forget(&self) {
-        *lock(&self.0) = None;
     }
 }
 
@@ -296,6 +333,7 @@ impl AnswerBytesLayer {
             peer,
             let_go_bytes: AtomicUsize::new(0),
             data_read: AtomicUsize::new(0),
+            shared_bytes: AtomicUsize::new(0),
             blocked: AtomicBool::new(false),
             stalled: NotReading::default(),
             spent: NotReading::default(),
@@ -664,6 +702,9 @@ where
             }
             return AnswerBody::whole(spent.status.into_http());
         }
+        if let Some(unsent) = &counting.unsent {
+            unsent.took_share(rest.len());
+        }
         let sending = Sending::new(body, counting, rest, held);
         http::Response::from_parts(parts, sending.into_body())
     }
@@ -991,6 +1032,34 @@ mod tests {
         );
         assert!(!bytes.unsent.stalled(start + 2 * STALLED + STALLED / 2));
         assert!(bytes.unsent.stalled(start + 3 * STALLED), "nothing since");
+    }
+
+    /// A connection that holds its answers less than a second at a time, resetting them all
+    /// and asking again, reading none, is stalled all the same: what it took since the window
+    /// started is owed reading, and a look that finds it holding nothing does not end the
+    /// window (such a client held the server's budget for good: found by an adversarial run).
+    /// Once it reads a sixteenth of what it took, it is not.
+    #[test]
+    fn a_connection_that_keeps_emptying_and_refilling_without_reading_is_stalled() {
+        let (_layer, bytes, budgets) = connection(1000);
+        let start = Instant::now();
+        let at = |millis| start + Duration::from_millis(millis);
+        let take = |held: &mut Held| {
+            assert!(budgets.take(600, held).is_ok());
+            bytes.unsent.took_share(600);
+        };
+        let mut held = Held::default();
+        take(&mut held);
+        assert!(!bytes.unsent.stalled(at(0)), "first seen");
+        drop(held);
+        assert!(!bytes.unsent.stalled(at(600)), "holds nothing");
+        let mut held = Held::default();
+        take(&mut held);
+        assert!(bytes.unsent.stalled(at(1_100)), "1,200 taken, none read");
+        bytes.unsent.data_read(1_200 / SLOWEST_SHARE);
+        assert!(!bytes.unsent.stalled(at(1_200)), "a sixteenth read");
+        assert!(!bytes.unsent.stalled(at(2_100)));
+        assert!(bytes.unsent.stalled(at(2_200)), "nothing read since");
     }
 
     /// A stream's later messages and credit are in the connection's budget, not in what it
