@@ -154,10 +154,10 @@ impl Unsent {
     /// The connection's budget was found spent at `now` (a call refused, a stream's frame
     /// waiting for room): cuts the connection once it has been found so for [`IDLE_CUT`]
     /// while its client read less than a sixteenth of what the budget holds
-    /// ([`SLOWEST_SHARE`]) and its socket did not wait to write. Its client then reads nothing, and what is
-    /// counted waits for windows it keeps shut: the connection goes (its client can connect
-    /// again). Giving back everything counted instead let a client park answers past every
-    /// budget (found by an adversarial run).
+    /// ([`SLOWEST_SHARE`]) and its socket did not wait to write. Its client then reads
+    /// nothing, and what is counted waits for windows it keeps shut: the connection goes (its
+    /// client can connect again). Giving back everything counted instead let a client park
+    /// answers past every budget (found by an adversarial run).
     fn found_spent(&self, now: Instant) {
         let read = self.data_read.load(Ordering::Relaxed);
         // A socket waiting to write is a client reading slowly: what is counted may go out.
@@ -200,7 +200,7 @@ impl Unsent {
         };
         // What it held when the window started and what it took since, or what it holds.
         let owed = |start: Counts| {
-            let took = start.held + counts.took.wrapping_sub(start.took);
+            let took = (start.held).saturating_add(counts.took.wrapping_sub(start.took));
             used.max(took).div_ceil(SLOWEST_SHARE)
         };
         // Refusals look now and then: no gap restarts the window.
