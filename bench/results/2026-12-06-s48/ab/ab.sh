@@ -4,7 +4,8 @@
 # against main before it ("base", 2a466a6). Alternated, one round each, ours only.
 B=/work/bin/s48/bench
 bin() { case $1 in base) echo /work/bin/s48/base;; g1) echo /work/bin/s48/g1;;
-  g3) echo /work/bin/s48/g3;; esac; }
+  g3) echo /work/bin/s48/g3;;
+  g5) echo /work/bin/s48/g5;; esac; }
 for pair in "$@"; do
   for build in ${ORDER:-base g3}; do
     echo "== fanout100 $build $pair $(date -u +%T) load $(cut -d' ' -f1-3 /proc/loadavg)"
