@@ -122,7 +122,7 @@ impl Applier {
                                     snapshots.make_room(self.status.position());
                                 } else {
                                     snapshots.retry_publication(self.status.position());
-                                    snapshots.start_if_overdue(self.status.position());
+                                    snapshots.start_if_due(self.status.position());
                                 }
                             }
                         }

@@ -146,17 +146,12 @@ impl Snapshots {
         self.start_if_due(at);
     }
 
-    /// While no message comes: a snapshot that came due while the last one ran starts now.
-    /// It waited for the next message, so what was applied since stayed out of every snapshot
-    /// (and the stream unpurged below it) for as long as the cluster was idle (tests waiting
-    /// for it hung when the box was slow).
-    pub(super) fn start_if_overdue(&mut self, at: Position) {
-        self.start_if_due(at);
-    }
-
     /// Starts a snapshot as of `at` when enough was applied since the last one and none is
-    /// running.
-    fn start_if_due(&mut self, at: Position) {
+    /// running: after each message, and while none comes (one that came due while the last
+    /// one ran waited for the next message, so what was applied since stayed out of every
+    /// snapshot, and the stream unpurged below it, for as long as the cluster was idle; tests
+    /// waiting for it hung when the box was slow).
+    pub(super) fn start_if_due(&mut self, at: Position) {
         let due = self.records_since >= self.every_records || self.bytes_since >= self.every_bytes;
         if !due || self.running.swap(true, Ordering::SeqCst) {
             return;
