@@ -169,7 +169,8 @@ impl Unsent {
             read,
             ..Counts::default()
         };
-        let not_reading = (self.spent).for_how_long(counts, |_| reading, now, SPENT_LOOKS);
+        let limits = (SPENT_LOOKS, Duration::MAX);
+        let not_reading = (self.spent).for_how_long(counts, |_| reading, now, limits);
         if not_reading < IDLE_CUT || self.cut.is_cancelled() {
             return;
         }
@@ -203,8 +204,9 @@ impl Unsent {
             let took = (start.held).saturating_add(counts.took.wrapping_sub(start.took));
             used.max(took).div_ceil(SLOWEST_SHARE)
         };
-        // Refusals look now and then: no gap restarts the window.
-        let not_reading = (self.stalled).for_how_long(counts, owed, now, Duration::MAX);
+        // Refusals look now and then: no gap restarts the window, but its age does.
+        let limits = (Duration::MAX, OWED_FOR);
+        let not_reading = (self.stalled).for_how_long(counts, owed, now, limits);
         used > 0 && not_reading >= STALLED
     }
 
@@ -243,20 +245,21 @@ struct Look {
 impl NotReading {
     /// How long, as of `now`, the client has read fewer bytes than it `owed` since the window
     /// started (`counts` are its counts now; `owed` is given those at the start). Zero when
-    /// this look starts a window: at the first, once it read what it owed, and when the last
-    /// look was more than `gap` ago.
+    /// this look starts a window: at the first, once it read what it owed, when the last look
+    /// was more than `gap` ago, and when the window is older than `longest`.
     fn for_how_long(
         &self,
         counts: Counts,
         owed: impl Fn(Counts) -> usize,
         now: Instant,
-        gap: Duration,
+        (gap, longest): (Duration, Duration),
     ) -> Duration {
         let mut look = lock(&self.0);
         match &mut *look {
             Some(seen)
                 if counts.read.wrapping_sub(seen.start.read) < owed(seen.start)
-                    && now.saturating_duration_since(seen.last) <= gap =>
+                    && now.saturating_duration_since(seen.last) <= gap
+                    && now.saturating_duration_since(seen.since) <= longest =>
             {
                 seen.last = now;
                 now.saturating_duration_since(seen.since)
@@ -277,6 +280,12 @@ impl NotReading {
 /// How long a connection holding answer bytes must take too few of them before a refusal for
 /// the server's budget may cut it.
 const STALLED: Duration = Duration::from_secs(1);
+
+/// The longest a connection owes reading what it took, held or reset: long enough to span
+/// connections taking turns (each emptied within a second), short enough that a client whose
+/// calls were cancelled unread once is not cut, reading, a minute later with no second's
+/// grace (its debt never expired: found by an adversarial run).
+const OWED_FOR: Duration = Duration::from_secs(5);
 
 /// A client reading less than this share of what its connection holds of the server's budget
 /// in a [`STALLED`] window may be cut when that budget is spent: one reading at least this
@@ -1060,6 +1069,33 @@ mod tests {
         assert!(!bytes.unsent.stalled(at(1_200)), "a sixteenth read");
         assert!(!bytes.unsent.stalled(at(2_100)));
         assert!(bytes.unsent.stalled(at(2_200)), "nothing read since");
+    }
+
+    /// What a connection owes reading expires with its window ([`OWED_FOR`]): one whose
+    /// calls were reset unread, then idle, is given its second again when it next holds an
+    /// answer, and reading it, is never stalled (it was cut at once: found by an adversarial
+    /// run).
+    #[test]
+    fn what_a_connection_owes_reading_expires() {
+        let (_layer, bytes, budgets) = connection(1000);
+        let start = Instant::now();
+        let at = |millis| start + Duration::from_millis(millis);
+        let mut held = Held::default();
+        assert!(budgets.take(600, &mut held).is_ok());
+        bytes.unsent.took_share(600);
+        assert!(!bytes.unsent.stalled(at(0)), "first seen");
+        drop(held);
+        assert!(
+            !bytes.unsent.stalled(at(500)),
+            "reset unread: holds nothing"
+        );
+        assert!(!bytes.unsent.stalled(at(5_600)), "a new window");
+        let mut held = Held::default();
+        assert!(budgets.take(600, &mut held).is_ok());
+        bytes.unsent.took_share(600);
+        assert!(!bytes.unsent.stalled(at(6_000)), "its second");
+        bytes.unsent.data_read(600);
+        assert!(!bytes.unsent.stalled(at(6_700)), "read");
     }
 
     /// A stream's later messages and credit are in the connection's budget, not in what it
