@@ -357,10 +357,11 @@ impl AnswerBytesLayer {
 }
 
 /// Every connection's answer bytes, for the server to cut the one that holds the most, of
-/// those that have given none back for [`STALLED`], when its budget is spent: one client that
-/// stops reading on enough connections could otherwise refuse every other client's larger
-/// answers for as long as it stayed (found by an adversarial run). Cut, its calls fail and its
-/// bytes come back; the calls refused meanwhile are told to retry in a moment. Clients still
+/// those whose clients are not reading ([`Unsent::stalled`]), when its budget is spent: one
+/// client that stops reading on enough connections could otherwise refuse every other
+/// client's larger answers for as long as it stayed (found by an adversarial run). Cut, its
+/// calls fail and its bytes come back; the calls refused meanwhile are told to retry in a
+/// moment. Clients still
 /// reading are never cut.
 #[derive(Clone, Default)]
 struct Holders(Arc<Mutex<Vec<Weak<Unsent>>>>);
