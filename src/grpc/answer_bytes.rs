@@ -361,8 +361,7 @@ impl AnswerBytesLayer {
 /// client that stops reading on enough connections could otherwise refuse every other
 /// client's larger answers for as long as it stayed (found by an adversarial run). Cut, its
 /// calls fail and its bytes come back; the calls refused meanwhile are told to retry in a
-/// moment. Clients still
-/// reading are never cut.
+/// moment. Clients still reading are never cut.
 #[derive(Clone, Default)]
 struct Holders(Arc<Mutex<Vec<Weak<Unsent>>>>);
 
