@@ -20,7 +20,9 @@
 //! again only once that, or a real append, succeeds. An append that has not returned for
 //! [`Durability::stalled_after`] (a disk that hangs rather than fails) makes it report the
 //! journal stalled until the append returns.
-//! It also starts snapshots in the background. It does not parse, validate or know about HTTP.
+//! It also starts snapshots in the background, one at a time: one that comes due while another
+//! runs starts as that one ends (written to or idle). It does not parse, validate or know about
+//! HTTP.
 //!
 //! The sequencer owns the commit: after the store published a batch it tells its
 //! [`CommitHook`] (the watch layer's router), so the store stays plain data that knows nothing
@@ -33,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -199,6 +201,8 @@ impl Sequencer {
                 records_since_snapshot: 0,
                 bytes_since_snapshot: 0,
                 snapshot_running: Arc::new(AtomicBool::new(false)),
+                snapshot_ended: Arc::new(Notify::new()),
+                snapshot_waits: false,
                 snapshot_watch: SnapshotWatch::default(),
             }),
             journal_state: Arc::clone(&journal_state_tx),
@@ -257,6 +261,12 @@ struct Durable {
     records_since_snapshot: u64,
     bytes_since_snapshot: u64,
     snapshot_running: Arc<AtomicBool>,
+    /// Told by each snapshot as it ends.
+    snapshot_ended: Arc<Notify>,
+    /// A snapshot came due while the last one ran: it starts as that one ends, not at the
+    /// next write (an idle server would otherwise replay the journal since the older one at
+    /// its next start, and keep every segment the new one would have let go).
+    snapshot_waits: bool,
     snapshot_watch: SnapshotWatch,
     /// Where each snapshot takes its share of the directory's lock from: it writes and
     /// removes files there.
@@ -264,6 +274,12 @@ struct Durable {
 }
 
 impl Durable {
+    /// What tells of the running snapshot's end, when another is due after it.
+    fn waited_snapshot_end(&self) -> Option<Arc<Notify>> {
+        self.snapshot_waits
+            .then(|| Arc::clone(&self.snapshot_ended))
+    }
+
     /// Starts a snapshot in the background when enough was written since the last one.
     fn maybe_snapshot(&mut self, store: &Store, tracker: &TaskTracker, metrics: &Metrics) {
         let due = self.records_since_snapshot >= self.snapshot_every_records
@@ -276,6 +292,7 @@ impl Durable {
             return;
         };
         if self.snapshot_running.swap(true, Ordering::SeqCst) {
+            self.snapshot_waits = true;
             if let Some(running) = self.snapshot_watch.overdue(Instant::now()) {
                 tracing::warn!(
                     running_seconds = running.as_secs(),
@@ -286,15 +303,17 @@ impl Durable {
             }
             return;
         }
+        self.snapshot_waits = false;
         self.snapshot_watch.started(Instant::now());
         metrics.snapshot_started();
         self.records_since_snapshot = 0;
         self.bytes_since_snapshot = 0;
         let dir = self.appender.dir().to_owned();
-        let (store, history, running, metrics) = (
+        let (store, history, running, ended, metrics) = (
             store.clone(),
             self.history_events,
             Arc::clone(&self.snapshot_running),
+            Arc::clone(&self.snapshot_ended),
             metrics.clone(),
         );
         tracker.spawn_blocking(move || {
@@ -313,6 +332,9 @@ impl Durable {
                 Err(error) => tracing::warn!(%error, "snapshot failed; the next one will retry"),
             }
             running.store(false, Ordering::SeqCst);
+            // After the flag: a sequencer that saw it set is told (a permit waits if it is
+            // not listening yet; one left from an earlier snapshot costs it a look, no more).
+            ended.notify_one();
         });
     }
 }
@@ -407,6 +429,7 @@ impl Task {
             // takes whatever queued meanwhile. (`recv_many` answers 0 at once for a limit of
             // 0, which would read as a closed channel: hence `room > 0`.)
             let listen = open && room > 0;
+            let snapshot_ended = self.durable.as_ref().and_then(Durable::waited_snapshot_end);
             tokio::select! {
                 biased;
                 written = written(&mut self.writing), if writing => {
@@ -428,6 +451,13 @@ impl Task {
                 // (a clock read and a timer handle) is only made when the branch is polled.
                 () = async { tokio::time::sleep(PROBE_INTERVAL).await }, if probe => {
                     self.probe().await;
+                }
+                () = async { snapshot_ended.as_ref().unwrap().notified().await },
+                    if snapshot_ended.is_some() =>
+                {
+                    if let Some(durable) = &mut self.durable {
+                        durable.maybe_snapshot(&self.store, &self.tracker, &self.metrics);
+                    }
                 }
             }
             let count = usize::from(self.writing.is_some()) + usize::from(self.next.is_some());

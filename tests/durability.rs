@@ -447,6 +447,53 @@ async fn a_hung_snapshot_shows_in_its_running_time_until_it_ends() {
     service.stop().await;
 }
 
+/// A snapshot that comes due while the last one still runs starts as soon as that one ends,
+/// with no webhook after it. Before, it waited for the next write: a server that went quiet
+/// kept its older snapshot, and replayed the journal since it at its next start.
+#[tokio::test]
+async fn a_snapshot_due_while_one_ran_starts_when_it_ends_without_another_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = durable(dir.path());
+    config.snapshot_every_records = 5;
+    let service = TestService::start_with(config).await;
+    let temp = dir.path().join(format!("snapshot-{:020}.snap.tmp", 5));
+    let stuck = common::stuck_file::StuckFile::plant(temp);
+    let update = |n: u32| {
+        let data = json!({"total_points": n});
+        profile_updated(&format!("c{n}"), &at(n), data)
+    };
+    for n in 1..=5 {
+        service.update(&update(n)).await;
+    }
+    let running = |text: &str| {
+        common::metric(text, "profile_state_snapshot_running_seconds", &[]).expect("the gauge")
+    };
+    // Hung in the FIFO (as in the test above) while five more records make the next one due.
+    service.metrics_until(|text| running(text) > 0.2).await;
+    for n in 6..=10 {
+        let answer = service.update(&update(n)).await;
+        assert_eq!(answer["outcome"], "applied");
+    }
+
+    let reader = stuck.release();
+    let outcome = |text: &str, outcome| {
+        common::metric(
+            text,
+            "profile_state_snapshots_total",
+            &[("outcome", outcome)],
+        )
+    };
+    let text = service
+        .metrics_until(|text| outcome(text, "written") == Some(1.0))
+        .await;
+    assert_eq!(outcome(&text, "failed"), Some(1.0), "the hung one failed");
+    reader.join().unwrap().unwrap();
+    let written = dir.path().join(format!("snapshot-{:020}.snap", 10));
+    assert!(written.exists(), "{} was written", written.display());
+    assert_eq!(service.server_info().await.revision, 10);
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn a_watcher_resuming_with_another_store_id_is_reset_or_refused() {
     let service = TestService::start().await;
