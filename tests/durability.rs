@@ -398,6 +398,17 @@ async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history(
     service.stop().await;
 }
 
+/// A durable service in `dir` that snapshots every 5 records, whose snapshot at revision 5
+/// will hang: its file is a FIFO nobody reads yet, so creating it blocks as a disk that stopped
+/// answering would.
+async fn snapshot_hung_at_revision_5(dir: &Path) -> (TestService, common::stuck_file::StuckFile) {
+    let mut config = durable(dir);
+    config.snapshot_every_records = 5;
+    let service = TestService::start_with(config).await;
+    let temp = dir.join(format!("snapshot-{:020}.snap.tmp", 5));
+    (service, common::stuck_file::StuckFile::plant(temp))
+}
+
 /// A snapshot hung on its disk (here its file is a FIFO nobody reads, so creating it blocks
 /// as a disk that stopped answering would) shows in `profile_state_snapshot_running_seconds`,
 /// which grows while webhooks are still recorded, and goes back to 0 when it ends. Before,
@@ -405,11 +416,7 @@ async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history(
 #[tokio::test]
 async fn a_hung_snapshot_shows_in_its_running_time_until_it_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = durable(dir.path());
-    config.snapshot_every_records = 5;
-    let service = TestService::start_with(config).await;
-    let temp = dir.path().join(format!("snapshot-{:020}.snap.tmp", 5));
-    let stuck = common::stuck_file::StuckFile::plant(temp);
+    let (service, stuck) = snapshot_hung_at_revision_5(dir.path()).await;
     for n in 1..=5 {
         let data = json!({"total_points": n});
         service
@@ -453,11 +460,7 @@ async fn a_hung_snapshot_shows_in_its_running_time_until_it_ends() {
 #[tokio::test]
 async fn a_snapshot_due_while_one_ran_starts_when_it_ends_without_another_write() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = durable(dir.path());
-    config.snapshot_every_records = 5;
-    let service = TestService::start_with(config).await;
-    let temp = dir.path().join(format!("snapshot-{:020}.snap.tmp", 5));
-    let stuck = common::stuck_file::StuckFile::plant(temp);
+    let (service, stuck) = snapshot_hung_at_revision_5(dir.path()).await;
     let update = |n: u32| {
         let data = json!({"total_points": n});
         profile_updated(&format!("c{n}"), &at(n), data)

@@ -959,6 +959,12 @@ mod tests {
     /// calls draw on.
     fn connection(max_message_bytes: usize) -> (AnswerBytesLayer, ConnectionAnswerBytes, Budgets) {
         let layer = AnswerBytesLayer::new(max_message_bytes, 1);
+        let (bytes, budgets) = connection_of(&layer);
+        (layer, bytes, budgets)
+    }
+
+    /// A new connection of `layer`, and the budgets its calls draw on.
+    fn connection_of(layer: &AnswerBytesLayer) -> (ConnectionAnswerBytes, Budgets) {
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
         let bytes = layer.connection(peer, CancellationToken::new());
         let budgets = Budgets {
@@ -968,7 +974,7 @@ mod tests {
             what: "answers",
             advice: "wait",
         };
-        (layer, bytes, budgets)
+        (bytes, budgets)
     }
 
     /// `len` bytes of `held` handed to h2 as a chunk of `bytes`' connection: counted until
@@ -984,15 +990,7 @@ mod tests {
     fn clients_that_have_not_read_hold_at_most_half_the_server_budget() {
         let layer = AnswerBytesLayer::new(1000, 1);
         let open = || {
-            let peer = SocketAddr::from(([127, 0, 0, 1], 1));
-            let bytes = layer.connection(peer, CancellationToken::new());
-            let budgets = Budgets {
-                connection: Some(bytes.budget.clone()),
-                in_all: layer.in_all.clone(),
-                connection_share: Some(bytes.share.clone()),
-                what: "answers",
-                advice: "wait",
-            };
+            let (bytes, budgets) = connection_of(&layer);
             (bytes, budgets, Held::default())
         };
         // Four connections that read nothing, each at its budget (4 of the server's 32
