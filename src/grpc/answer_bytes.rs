@@ -24,11 +24,7 @@
 //!
 //! A call refused because the server's budget is spent cuts the connection that holds the
 //! most (`Holders`): one client that stops reading on enough connections would otherwise
-//! refuse every other client's larger answers for as long as it stayed. Answers to clients
-//! that have read under a sixteenth of what they asked for ([`Unsent::has_read_for`]) hold
-//! at most half the server's budget between them ([`Budgets::take_unread`]), judged at each
-//! take: a client that read nothing and kept opening connections, each gone before a refusal
-//! could find it stalled, held all of it (found by an adversarial run).
+//! refuse every other client's larger answers for as long as it stayed.
 //!
 //! A stream's later messages (a watch stream's changes and initial state, a backup's chunks)
 //! count too, in the connection's budget only, a chunk at a time as they are handed to hyper,
@@ -212,19 +208,6 @@ impl Unsent {
         let limits = (Duration::MAX, OWED_FOR);
         let not_reading = (self.stalled).for_how_long(counts, owed, now, limits);
         used > 0 && not_reading >= STALLED
-    }
-
-    /// Whether its client has read at least a sixteenth ([`SLOWEST_SHARE`]) of what its calls'
-    /// first messages took of the server's budget, `bytes` more included. Answers to clients
-    /// that have not hold at most half of that budget between them
-    /// ([`Budgets::take_unread`]): judged at each take, so a client that opens connection
-    /// after connection, each gone before a refusal could find it stalled, is held to it too.
-    /// Over the connection's life: a new connection has read nothing, so its first answers
-    /// count as unread until some of them are.
-    fn has_read_for(&self, bytes: usize) -> bool {
-        let read = self.data_read.load(Ordering::Relaxed);
-        let took = self.shared_bytes.load(Ordering::Relaxed);
-        read.saturating_mul(SLOWEST_SHARE) >= took.saturating_add(bytes)
     }
 
     /// A call's first message took `bytes` of its share of the server's budget.
@@ -720,12 +703,7 @@ where
             }
         };
         let mut held = Held::default();
-        let unsent = counting.unsent.as_ref();
-        let taken = match unsent.is_none_or(|unsent| unsent.has_read_for(rest.len())) {
-            true => counting.budgets.take(rest.len(), &mut held),
-            false => counting.budgets.take_unread(rest.len(), &mut held),
-        };
-        if let Err(spent) = taken {
+        if let Err(spent) = counting.budgets.take(rest.len(), &mut held) {
             if spent.by_server {
                 counting.holders.cut_heaviest(counting.unsent.as_ref());
             } else if let Some(unsent) = &counting.unsent {
@@ -959,12 +937,6 @@ mod tests {
     /// calls draw on.
     fn connection(max_message_bytes: usize) -> (AnswerBytesLayer, ConnectionAnswerBytes, Budgets) {
         let layer = AnswerBytesLayer::new(max_message_bytes, 1);
-        let (bytes, budgets) = connection_of(&layer);
-        (layer, bytes, budgets)
-    }
-
-    /// A new connection of `layer`, and the budgets its calls draw on.
-    fn connection_of(layer: &AnswerBytesLayer) -> (ConnectionAnswerBytes, Budgets) {
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
         let bytes = layer.connection(peer, CancellationToken::new());
         let budgets = Budgets {
@@ -974,56 +946,13 @@ mod tests {
             what: "answers",
             advice: "wait",
         };
-        (bytes, budgets)
+        (layer, bytes, budgets)
     }
 
     /// `len` bytes of `held` handed to h2 as a chunk of `bytes`' connection: counted until
     /// the chunk is dropped.
     fn handed_over(bytes: &ConnectionAnswerBytes, held: &mut Held, len: usize) -> Bytes {
         CountedChunk::handed_over(Bytes::from(vec![7; len]), held, &bytes.unsent)
-    }
-
-    /// Answers to clients that have read under a sixteenth of what they asked for hold at
-    /// most half the server's budget between them, whatever their connections: a client that
-    /// reads takes from the rest. Judged at each take, with what the take adds.
-    #[test]
-    fn clients_that_have_not_read_hold_at_most_half_the_server_budget() {
-        let layer = AnswerBytesLayer::new(1000, 1);
-        let open = || {
-            let (bytes, budgets) = connection_of(&layer);
-            (bytes, budgets, Held::default())
-        };
-        // Four connections that read nothing, each at its budget (4 of the server's 32
-        // messages): half the server's.
-        let mut unread: Vec<_> = (0..4).map(|_| open()).collect();
-        for (bytes, budgets, held) in &mut unread {
-            assert!(!bytes.unsent.has_read_for(4000));
-            assert!(budgets.take_unread(4000, held).is_ok());
-            bytes.unsent.took_share(4000);
-        }
-        let (fifth, budgets, mut held) = open();
-        assert!(!fifth.unsent.has_read_for(1));
-        let Err(spent) = budgets.take_unread(1, &mut held) else {
-            panic!("past half the server's budget");
-        };
-        assert!(spent.by_server);
-        assert!(spent.status.message().contains("half the server's budget"));
-
-        // A client that read a sixteenth of what it took, this take included, takes from the
-        // rest.
-        let (reader, budgets, mut held) = open();
-        reader.unsent.took_share(1600);
-        reader.unsent.data_read(200);
-        assert!(reader.unsent.has_read_for(1600));
-        assert!(!reader.unsent.has_read_for(1601));
-        assert!(budgets.take(1600, &mut held).is_ok());
-        assert_eq!(layer.in_all.used(), 16_000 + 1600);
-        // What comes back can be taken again by a client that has not read, as long as half
-        // the server's budget stays free (what readers hold counts in that).
-        drop(unread.pop());
-        let (_, budgets, mut held) = open();
-        assert!(budgets.take_unread(2401, &mut held).is_err());
-        assert!(budgets.take_unread(2400, &mut held).is_ok());
     }
 
     /// Only a connection that holds answer bytes and gives (nearly) none back for a second, as

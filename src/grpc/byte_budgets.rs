@@ -118,9 +118,9 @@ impl Budget {
         self.counts.give_back(bytes);
     }
 
-    /// `bytes` from this budget, if it has them and `keep` more.
-    fn take(&self, bytes: usize, keep: usize) -> Option<Taken> {
-        let fewer = |left: usize| left.checked_sub(bytes).filter(|rest| *rest >= keep);
+    /// `bytes` from this budget, if it has them.
+    fn take(&self, bytes: usize) -> Option<Taken> {
+        let fewer = |left: usize| left.checked_sub(bytes);
         (self.counts.left)
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, fewer)
             .ok()?;
@@ -131,19 +131,19 @@ impl Budget {
     }
 
     /// `bytes` from this budget into `held` (which holds bytes of this budget, or none), if
-    /// it has them and `keep` more. A body that takes again adds to what it holds: no new
-    /// reference to the counts for every message of a stream.
-    fn take_into(&self, bytes: usize, held: &mut Option<Taken>, keep: usize) -> bool {
+    /// it has them. A body that takes again adds to what it holds: no new reference to the
+    /// counts for every message of a stream.
+    fn take_into(&self, bytes: usize, held: &mut Option<Taken>) -> bool {
         match held {
             Some(taken) => {
-                let fewer = |left: usize| left.checked_sub(bytes).filter(|rest| *rest >= keep);
+                let fewer = |left: usize| left.checked_sub(bytes);
                 let counts = &self.counts.left;
                 let took = counts.fetch_update(Ordering::AcqRel, Ordering::Acquire, fewer);
                 taken.bytes += if took.is_ok() { bytes } else { 0 };
                 took.is_ok()
             }
             None => {
-                *held = self.take(bytes, keep);
+                *held = self.take(bytes);
                 held.is_some()
             }
         }
@@ -198,33 +198,10 @@ impl Budgets {
     /// `bytes` more from both budgets, added to `held`, or the RESOURCE_EXHAUSTED status
     /// saying which one ran out (nothing taken then).
     pub(super) fn take(&self, bytes: usize, held: &mut Held) -> Result<(), Spent> {
-        (self.try_take(bytes, held, 0)).map_err(|by_server| self.spent(by_server))
-    }
-
-    /// [`Budgets::take`] for an answer whose client has read too little of what it took before
-    /// (`answer_bytes`): the server's budget must keep half of it free after, so such callers
-    /// hold at most half of it between them, and clients that read always find the rest. A
-    /// client that read nothing and kept opening new connections, each gone before it could
-    /// be judged, held it all (found by an adversarial run).
-    pub(super) fn take_unread(&self, bytes: usize, held: &mut Held) -> Result<(), Spent> {
-        let half = self.in_all.total / 2;
-        (self.try_take(bytes, held, half)).map_err(|by_server| match by_server {
-            false => self.spent(false),
-            true => Spent {
-                status: Status::resource_exhausted(format!(
-                    "answers to clients that have read under a sixteenth of what they asked \
-                     for hold half the server's budget already (at most {} times \
-                     --grpc-max-message-bytes): read the answers already asked for, or retry \
-                     in a moment",
-                    self.in_all.messages / 2
-                )),
-                by_server: true,
-            },
-        })
-    }
-
-    /// The status of a call that found a budget spent: the server's, or the connection's.
-    fn spent(&self, by_server: bool) -> Spent {
+        let by_server = match self.try_take(bytes, held) {
+            Ok(()) => return Ok(()),
+            Err(by_server) => by_server,
+        };
         // The budget is named by the flag it is a multiple of, so an operator knows what to
         // raise (found by a first-user review).
         let (whose, budget, advice) = match (&self.connection, by_server) {
@@ -236,14 +213,14 @@ impl Budgets {
              --grpc-max-message-bytes): {advice}",
             self.what, budget.messages
         ));
-        Spent { status, by_server }
+        Err(Spent { status, by_server })
     }
 
     /// `bytes` more from the connection's budget alone (if it has one) into `held`, if it has
     /// them: what a stream's later messages draw on.
     pub(super) fn try_take_connection(&self, bytes: usize, held: &mut Held) -> bool {
         (self.connection.as_ref())
-            .is_none_or(|budget| budget.take_into(bytes, &mut held.connection, 0))
+            .is_none_or(|budget| budget.take_into(bytes, &mut held.connection))
     }
 
     /// Whether the connection's budget (if it has one) would stay at least half free after
@@ -258,15 +235,15 @@ impl Budgets {
     /// [`Budgets::take`] before its status is written: whether the server's budget, not the
     /// connection's, was spent. (A stream's later messages take from the connection's alone:
     /// [`Budgets::try_take_connection`].)
-    fn try_take(&self, bytes: usize, held: &mut Held, keep: usize) -> Result<(), bool> {
+    fn try_take(&self, bytes: usize, held: &mut Held) -> Result<(), bool> {
         // The connection's first: a connection past its own budget is told so, whatever the
         // server's (what it took goes back if the server's is spent).
         if let Some(budget) = &self.connection
-            && !budget.take_into(bytes, &mut held.connection, 0)
+            && !budget.take_into(bytes, &mut held.connection)
         {
             return Err(false);
         }
-        if !self.in_all.take_into(bytes, &mut held.in_all, keep) {
+        if !self.in_all.take_into(bytes, &mut held.in_all) {
             if let Some(connection) = &mut held.connection {
                 connection.put_back(bytes);
             }
@@ -274,7 +251,7 @@ impl Budgets {
         }
         if let Some(share) = &self.connection_share {
             // No more than the server's budget lets go: there is room.
-            share.take_into(bytes, &mut held.connection_share, 0);
+            share.take_into(bytes, &mut held.connection_share);
         }
         Ok(())
     }
