@@ -1631,6 +1631,125 @@ async fn answers_clients_do_not_read_hold_bounded_bytes() {
     service.stop().await;
 }
 
+/// Health checks are answered while other clients' unread answers spend the server's budget
+/// to the byte: a client that kept it spent (reconnecting faster than any cut, reading
+/// nothing) had a third to two thirds of probes refused, and a Kubernetes liveness probe
+/// restarts the pod for fewer (found by adversarial runs). A probe's answer now draws on its
+/// own connection's budget alone; every other call is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_are_answered_while_other_clients_spend_the_servers_answer_budget() {
+    use profile_state::pb;
+    use prost::Message;
+    let (service, big_page) = large_pages(256 * 1024).await;
+    let tiny = profile_updated("tiny", &at(1), json!({"total_points": 1}));
+    service.update(&tiny).await;
+    let page = pb::ListProfilesRequest {
+        page_size: 1,
+        ..Default::default()
+    };
+    let get = pb::GetProfileRequest {
+        client_id: "2155".into(),
+        customer_id: "tiny".into(),
+        ..Default::default()
+    };
+    let check = tonic_health::pb::HealthCheckRequest::default();
+    // A refusal for the server's budget cuts a connection that has read nothing for a second
+    // since refusals first saw it: a round whose last refusal comes later may find room again,
+    // and runs again.
+    for _round in 0..5 {
+        // Answers of shrinking size parked behind shut windows, each kind until the server's
+        // budget refuses it: what is left is less than the smallest, a health check's status.
+        let mut parked = ParkedAnswers::default();
+        let profiles = "/gameball.profiles.v1.ProfileService/";
+        let lists = format!("{profiles}ListProfiles");
+        parked
+            .until_refused(service.grpc, &lists, big_page.encode_to_vec(), 100)
+            .await;
+        parked
+            .until_refused(service.grpc, &lists, page.encode_to_vec(), 100)
+            .await;
+        let gets = format!("{profiles}GetProfile");
+        parked
+            .until_refused(service.grpc, &gets, get.encode_to_vec(), 200)
+            .await;
+        let checks = "/grpc.health.v1.Health/Check";
+        // (Less than a GetProfile's answer is left: at most a dozen statuses fit.)
+        parked
+            .until_refused(service.grpc, checks, check.encode_to_vec(), 30)
+            .await;
+
+        // Probes, each on a new connection, as a kubelet's.
+        for _ in 0..10 {
+            let channel = service.channel().await;
+            let mut probe = tonic_health::pb::health_client::HealthClient::new(channel);
+            let answer = probe.check(check.clone()).await;
+            let status = answer
+                .expect("a health check is answered")
+                .into_inner()
+                .status;
+            assert_eq!(status, 1, "SERVING");
+        }
+        // Still spent after the probes: they were answered while it was.
+        let mut other = raw_grpc(service.grpc).await;
+        let answer = raw_unary(&mut other, "GetProfile", get.encode_to_vec()).await;
+        let (code, message) = grpc_status(answer).await;
+        if code == "8" && message.contains("the server's") {
+            drop(parked);
+            service.stop().await;
+            return;
+        }
+    }
+    panic!("the server's budget never stayed spent through ten probes");
+}
+
+/// Answers parked behind windows their clients keep shut, on as many connections as their
+/// own budgets need.
+#[derive(Default)]
+struct ParkedAnswers {
+    connections: Vec<h2::client::SendRequest<bytes::Bytes>>,
+    heads: Vec<tonic::codegen::http::Response<h2::RecvStream>>,
+}
+
+impl ParkedAnswers {
+    /// Calls of `path` with `encoded`, each answer parked, until one is refused for the
+    /// server's budget, or `most` are made (a call that never draws on it). A connection
+    /// whose own budget refuses is replaced.
+    async fn until_refused(
+        &mut self,
+        grpc: std::net::SocketAddr,
+        path: &str,
+        encoded: Vec<u8>,
+        most: usize,
+    ) {
+        let mut connection = unread_grpc(grpc, 0).await;
+        for _ in 0..most {
+            let (answer, mut body) = open_path(&mut connection, path).await;
+            let mut message = vec![0];
+            message.extend(u32::try_from(encoded.len()).unwrap().to_be_bytes());
+            message.extend(&encoded);
+            body.send_data(message.into(), true).unwrap();
+            let (head, status) = head_and_status(answer).await;
+            let Some(code) = status else {
+                self.heads.push(head);
+                continue;
+            };
+            assert_eq!(code, "8", "RESOURCE_EXHAUSTED: {head:?}");
+            let message = head
+                .headers()
+                .get("grpc-message")
+                .unwrap()
+                .to_str()
+                .unwrap();
+            if percent_decoded(message).contains("the server's") {
+                break;
+            }
+            let full = std::mem::replace(&mut connection, unread_grpc(grpc, 0).await);
+            self.connections.push(full);
+        }
+        self.connections.push(connection);
+    }
+}
+
 /// Profiles `c0`.. of a 10 KB note each, posted to `binary`.
 async fn large_profiles(binary: &binary::Binary, count: usize) {
     let note = "n".repeat(10_000);

@@ -24,7 +24,9 @@
 //!
 //! A call refused because the server's budget is spent cuts the connection that holds the
 //! most (`Holders`): one client that stops reading on enough connections would otherwise
-//! refuse every other client's larger answers for as long as it stayed.
+//! refuse every other client's larger answers for as long as it stayed. A health check's
+//! answer draws on its connection's budget alone (`byte_budgets::server_budget_for`), so
+//! probes are answered whatever other clients hold.
 //!
 //! A stream's later messages (a watch stream's changes and initial state, a backup's chunks)
 //! count too, in the connection's budget only, a chunk at a time as they are handed to hyper,
@@ -67,7 +69,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, http};
 
-use super::byte_budgets::{Budget, Budgets, Held, Room};
+use super::byte_budgets::{Budget, Budgets, Held, Room, server_budget_for};
 use super::data_frames::DataFrames;
 use super::transport::Connection;
 use crate::poison::lock;
@@ -519,7 +521,7 @@ where
         let answer_bytes = Connection::of_http(&request).map(|c| c.answer_bytes.clone());
         let budgets = Budgets {
             connection: answer_bytes.as_ref().map(|bytes| bytes.budget.clone()),
-            in_all: self.in_all.clone(),
+            in_all: server_budget_for(request.uri().path(), &self.in_all),
             connection_share: answer_bytes.as_ref().map(|bytes| bytes.share.clone()),
             what: "answers not yet read by their clients",
             advice: "read the answers of earlier calls first, then call again",
@@ -711,7 +713,10 @@ where
             }
             return AnswerBody::whole(spent.status.into_http());
         }
-        if let Some(unsent) = &counting.unsent {
+        // What it owes reading is what it took of the server's budget.
+        if let Some(unsent) = &counting.unsent
+            && counting.budgets.in_all.is_some()
+        {
             unsent.took_share(rest.len());
         }
         let sending = Sending::new(body, counting, rest, held);
@@ -941,7 +946,7 @@ mod tests {
         let bytes = layer.connection(peer, CancellationToken::new());
         let budgets = Budgets {
             connection: Some(bytes.budget.clone()),
-            in_all: layer.in_all.clone(),
+            in_all: Some(layer.in_all.clone()),
             connection_share: Some(bytes.share.clone()),
             what: "answers",
             advice: "wait",
@@ -989,7 +994,7 @@ mod tests {
         let (layer, bytes, budgets) = connection(1000);
         let server_only = Budgets {
             connection: None,
-            in_all: layer.in_all.clone(),
+            in_all: Some(layer.in_all.clone()),
             connection_share: None,
             ..budgets
         };
@@ -1016,6 +1021,37 @@ mod tests {
         drop(handed_over(&bytes, &mut unread, 100));
         bytes.unsent.wrote(&Poll::Ready(Ok(17)));
         assert!(bytes.unsent.stalled(start + STALLED), "nothing was read");
+    }
+
+    /// A health check's answer draws on its connection's budget alone: answered while other
+    /// connections hold the whole server's budget, and not owed reading for (nothing of the
+    /// server's is held). Any other call is refused.
+    #[test]
+    fn a_health_checks_answer_draws_on_its_connections_budget_alone() {
+        let (layer, bytes, _) = connection(1000);
+        let on = |path| Budgets {
+            connection: Some(bytes.budget.clone()),
+            in_all: server_budget_for(path, &layer.in_all),
+            connection_share: Some(bytes.share.clone()),
+            what: "answers",
+            advice: "wait",
+        };
+        let others = Budgets {
+            connection: None,
+            connection_share: None,
+            ..on("/gameball.profiles.v1.ProfileService/ListProfiles")
+        };
+        let mut theirs = Held::default();
+        assert!(others.take(32 * 1000, &mut theirs).is_ok());
+        let check = on("/grpc.health.v1.Health/Check");
+        let mut held = Held::default();
+        assert!(check.take(7, &mut held).is_ok());
+        assert_eq!((bytes.budget.used(), bytes.share.used()), (7, 0));
+        let get = on("/gameball.profiles.v1.ProfileService/GetProfile");
+        let Err(spent) = get.take(7, &mut Held::default()) else {
+            panic!("the server's budget is spent");
+        };
+        assert!(spent.by_server);
     }
 
     /// A trickle is not reading: a client that keeps its windows at one byte reads a few
@@ -1274,7 +1310,7 @@ mod tests {
         let answer = http::Response::new(Body::new(full));
         let budgets = Budgets {
             connection: None,
-            in_all: Budget::new(1000, 1),
+            in_all: Some(Budget::new(1000, 1)),
             connection_share: None,
             what: "answers",
             advice: "wait",

@@ -177,7 +177,8 @@ impl Drop for Taken {
 pub(super) struct Budgets {
     /// Absent for a connection that did not come through the capped listener (tests).
     pub(super) connection: Option<Budget>,
-    pub(super) in_all: Budget,
+    /// Absent for a health check's answer ([`server_budget_for`]).
+    pub(super) in_all: Option<Budget>,
     /// What the connection holds of the server's budget (as large as it, so never the
     /// limit): for the server to weigh connections when its budget is spent. A stream's later
     /// messages are in the connection's budget but not in this.
@@ -198,15 +199,15 @@ impl Budgets {
     /// `bytes` more from both budgets, added to `held`, or the RESOURCE_EXHAUSTED status
     /// saying which one ran out (nothing taken then).
     pub(super) fn take(&self, bytes: usize, held: &mut Held) -> Result<(), Spent> {
-        let by_server = match self.try_take(bytes, held) {
+        let (budget, by_server) = match self.try_take(bytes, held) {
             Ok(()) => return Ok(()),
-            Err(by_server) => by_server,
+            Err(spent) => spent,
         };
         // The budget is named by the flag it is a multiple of, so an operator knows what to
         // raise (found by a first-user review).
-        let (whose, budget, advice) = match (&self.connection, by_server) {
-            (Some(connection), false) => ("this connection's", connection, self.advice),
-            _ => ("the server's", &self.in_all, SERVER_ADVICE),
+        let (whose, advice) = match by_server {
+            false => ("this connection's", self.advice),
+            true => ("the server's", SERVER_ADVICE),
         };
         let status = Status::resource_exhausted(format!(
             "{whose} {} hold too many bytes already (at most {} times \
@@ -232,22 +233,25 @@ impl Budgets {
         })
     }
 
-    /// [`Budgets::take`] before its status is written: whether the server's budget, not the
-    /// connection's, was spent. (A stream's later messages take from the connection's alone:
-    /// [`Budgets::try_take_connection`].)
-    fn try_take(&self, bytes: usize, held: &mut Held) -> Result<(), bool> {
+    /// [`Budgets::take`] before its status is written: the budget found spent, and whether it
+    /// is the server's, not the connection's. (A stream's later messages take from the
+    /// connection's alone: [`Budgets::try_take_connection`].)
+    fn try_take(&self, bytes: usize, held: &mut Held) -> Result<(), (&Budget, bool)> {
         // The connection's first: a connection past its own budget is told so, whatever the
         // server's (what it took goes back if the server's is spent).
         if let Some(budget) = &self.connection
             && !budget.take_into(bytes, &mut held.connection)
         {
-            return Err(false);
+            return Err((budget, false));
         }
-        if !self.in_all.take_into(bytes, &mut held.in_all) {
+        let Some(in_all) = &self.in_all else {
+            return Ok(());
+        };
+        if !in_all.take_into(bytes, &mut held.in_all) {
             if let Some(connection) = &mut held.connection {
                 connection.put_back(bytes);
             }
-            return Err(true);
+            return Err((in_all, true));
         }
         if let Some(share) = &self.connection_share {
             // No more than the server's budget lets go: there is room.
@@ -255,6 +259,19 @@ impl Budgets {
         }
         Ok(())
     }
+}
+
+/// The server's budget a call to `path` draws on besides its connection's: `in_all`, but
+/// none for a health check's answer. A probe's answer is a status of a few bytes, and what
+/// those hold on a connection is bounded by its budget and its streams; drawn from the
+/// server's budget too, a client that kept it spent (reading nothing on connections it keeps
+/// renewing, which no cut catches) had a third to two thirds of health checks refused, and a
+/// Kubernetes liveness probe restarts a pod for fewer (found by adversarial runs). A health
+/// check's request still draws on the server's budget for requests: a request's bytes are
+/// up to 16 KiB the client sends, not a few the server writes.
+pub(super) fn server_budget_for(path: &str, in_all: &Budget) -> Option<Budget> {
+    let health_check = path.starts_with("/grpc.health.v1.Health/");
+    (!health_check).then(|| in_all.clone())
 }
 
 /// A budget found spent: the RESOURCE_EXHAUSTED status that says which.

@@ -102,7 +102,7 @@ where
             .map(|connection| connection.request_bytes.0.clone());
         let budgets = Budgets {
             connection,
-            in_all: self.layer.in_all.clone(),
+            in_all: Some(self.layer.in_all.clone()),
             connection_share: None,
             what: "requests still arriving",
             advice: "send the request again once they are in",
