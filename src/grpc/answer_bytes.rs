@@ -24,9 +24,13 @@
 //!
 //! A call refused because the server's budget is spent cuts the connection that holds the
 //! most (`Holders`): one client that stops reading on enough connections would otherwise
-//! refuse every other client's larger answers for as long as it stayed. A health check's
-//! answer draws on its connection's budget alone (`byte_budgets::server_budget_for`), so
-//! probes are answered whatever other clients hold.
+//! refuse every other client's larger answers for as long as it stayed. Answers to clients
+//! that have not read ([`Unsent::has_read`], a new connection's first among them) hold at
+//! most half of the server's budget between them: a client that read nothing and kept
+//! opening connections, each gone before a refusal could find it stalled, held all of it
+//! (found by an adversarial run); what clients that read hold never refuses the others. A
+//! health check's answer draws on its connection's budget alone
+//! (`byte_budgets::server_budget_for`), so probes are answered whatever other clients hold.
 //!
 //! A stream's later messages (a watch stream's changes and initial state, a backup's chunks)
 //! count too, in the connection's budget only, a chunk at a time as they are handed to hyper,
@@ -69,7 +73,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, http};
 
-use super::byte_budgets::{Budget, Budgets, Held, Room, server_budget_for};
+use super::byte_budgets::{Budget, Budgets, Held, Room, SpentBy, server_budget_for};
 use super::data_frames::DataFrames;
 use super::transport::Connection;
 use crate::poison::lock;
@@ -78,6 +82,9 @@ use crate::poison::lock;
 const PER_CONNECTION: usize = 4;
 /// The server's budget: this many of the largest messages.
 const IN_ALL: usize = 32;
+/// The part of it answers to clients that have not read may hold between them
+/// ([`Unsent::has_read`]): half.
+const UNREAD: usize = IN_ALL / 2;
 
 /// The bytes of answers a connection may hold unsent at once, and those h2 holds.
 #[derive(Clone)]
@@ -97,6 +104,8 @@ struct Unsent {
     handed_bytes: AtomicUsize,
     connection: Budget,
     in_all: Budget,
+    /// The part of `in_all` answers to clients that have not read may hold.
+    unread: Budget,
     /// What the connection holds of `in_all`: weighed when the server's budget is spent.
     share: Budget,
     /// Cancelled to cut the connection (`crate::server::cut`).
@@ -123,13 +132,15 @@ struct Unsent {
 }
 
 impl Unsent {
-    /// h2 let go of a chunk of `bytes`, `in_all` of them drawn from the server's budget too.
-    fn let_go(&self, bytes: usize, in_all: usize) {
+    /// h2 let go of a chunk of `bytes`, `shared` of them drawn from the server's budget too
+    /// (and from its part for clients that have not read).
+    fn let_go(&self, bytes: usize, shared: Shared) {
         // (Not reading: a stream the client reset drops its chunks too.)
         self.let_go_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.connection.give_back(bytes);
-        self.in_all.give_back(in_all);
-        self.share.give_back(in_all);
+        self.in_all.give_back(shared.in_all);
+        self.share.give_back(shared.in_all);
+        self.unread.give_back(shared.unread);
     }
 
     /// The socket took `bytes` of DATA frames' payload.
@@ -210,6 +221,18 @@ impl Unsent {
         let limits = (Duration::MAX, OWED_FOR);
         let not_reading = (self.stalled).for_how_long(counts, owed, now, limits);
         used > 0 && not_reading >= STALLED
+    }
+
+    /// Whether its client has read at least a sixteenth ([`SLOWEST_SHARE`]) of what its
+    /// calls' first messages took of the server's budget, over the connection's life, and
+    /// something: answers to clients that have not hold at most [`UNREAD`] of that budget
+    /// between them ([`Budgets::take_unread`]). Judged at each take, so a client that opens
+    /// connection after connection, each gone before a refusal could find it stalled, is
+    /// held to it too; a new connection's first answer among them.
+    fn has_read(&self) -> bool {
+        let read = self.data_read.load(Ordering::Relaxed);
+        let took = self.shared_bytes.load(Ordering::Relaxed);
+        read > 0 && read.saturating_mul(SLOWEST_SHARE) >= took
     }
 
     /// A call's first message took `bytes` of its share of the server's budget.
@@ -298,6 +321,8 @@ const SLOWEST_SHARE: usize = 16;
 #[derive(Clone)]
 pub struct AnswerBytesLayer {
     in_all: Budget,
+    /// The part of `in_all` answers to clients that have not read may hold.
+    unread: Budget,
     max_message_bytes: usize,
     holders: Holders,
     /// [`CHUNK`], or less: see [`AnswerBytesLayer::new`].
@@ -324,6 +349,7 @@ impl AnswerBytesLayer {
             .max(1);
         AnswerBytesLayer {
             in_all: Budget::new(max_message_bytes, IN_ALL),
+            unread: Budget::new(max_message_bytes, UNREAD),
             max_message_bytes,
             holders: Holders::default(),
             chunk,
@@ -339,6 +365,7 @@ impl AnswerBytesLayer {
             handed_bytes: AtomicUsize::new(0),
             connection: budget.clone(),
             in_all: self.in_all.clone(),
+            unread: self.unread.clone(),
             share: share.clone(),
             cut,
             peer,
@@ -378,9 +405,9 @@ impl Holders {
     }
 
     /// Cuts the stalled connection, other than `calling`'s, that holds the most answer bytes,
-    /// if any.
-    fn cut_heaviest(&self, calling: Option<&Arc<Unsent>>) {
-        let now = Instant::now();
+    /// if any; when the part for clients that have not read was spent (`unread`), of those
+    /// whose answers draw on it: cutting a client that reads slowly would not free it.
+    fn cut_heaviest(&self, calling: Option<&Arc<Unsent>>, unread: bool, now: Instant) {
         let heaviest = {
             let mut holders = lock(&self.0);
             holders.retain(|holder| holder.strong_count() > 0);
@@ -389,6 +416,7 @@ impl Holders {
                 .filter_map(Weak::upgrade)
                 .filter(|holder| !holder.cut.is_cancelled())
                 .filter(|holder| calling.is_none_or(|calling| !Arc::ptr_eq(holder, calling)))
+                .filter(|holder| !unread || !holder.has_read())
                 .filter(|holder| holder.stalled(now))
                 .max_by_key(|holder| holder.share.used())
         };
@@ -485,6 +513,7 @@ impl<S> tower::Layer<S> for AnswerBytesLayer {
         AnswerBytesService {
             inner,
             in_all: self.in_all.clone(),
+            unread: self.unread.clone(),
             holders: self.holders.clone(),
             chunk: self.chunk,
         }
@@ -496,6 +525,7 @@ impl<S> tower::Layer<S> for AnswerBytesLayer {
 pub struct AnswerBytesService<S> {
     inner: S,
     in_all: Budget,
+    unread: Budget,
     holders: Holders,
     /// [`CHUNK`], or less where it would not fit a connection's empty budget.
     chunk: usize,
@@ -522,6 +552,7 @@ where
         let budgets = Budgets {
             connection: answer_bytes.as_ref().map(|bytes| bytes.budget.clone()),
             in_all: server_budget_for(request.uri().path(), &self.in_all),
+            unread: Some(self.unread.clone()),
             connection_share: answer_bytes.as_ref().map(|bytes| bytes.share.clone()),
             what: "answers not yet read by their clients",
             advice: "read the answers of earlier calls first, then call again",
@@ -705,11 +736,21 @@ where
             }
         };
         let mut held = Held::default();
-        if let Err(spent) = counting.budgets.take(rest.len(), &mut held) {
-            if spent.by_server {
-                counting.holders.cut_heaviest(counting.unsent.as_ref());
-            } else if let Some(unsent) = &counting.unsent {
-                unsent.found_spent(Instant::now());
+        let budgets = &counting.budgets;
+        let reading = (counting.unsent.as_ref()).is_none_or(|unsent| unsent.has_read());
+        let taken = match reading {
+            true => budgets.take(rest.len(), &mut held),
+            false => budgets.take_unread(rest.len(), &mut held),
+        };
+        if let Err(spent) = taken {
+            let calling = counting.unsent.as_ref();
+            match (spent.by, calling) {
+                (SpentBy::Connection, Some(unsent)) => unsent.found_spent(Instant::now()),
+                (SpentBy::Connection, None) => {}
+                (by, _) => {
+                    let unread = by == SpentBy::Unread;
+                    (counting.holders).cut_heaviest(calling, unread, Instant::now());
+                }
             }
             return AnswerBody::whole(spent.status.into_http());
         }
@@ -852,20 +893,28 @@ struct CountedChunk {
     bytes: Bytes,
     unsent: Arc<Unsent>,
     /// Of its bytes, those drawn from the server's budget too.
+    shared: Shared,
+}
+
+/// Of a chunk's bytes, those drawn from the server's budget too, and of those, from its part
+/// for clients that have not read.
+#[derive(Clone, Copy)]
+struct Shared {
     in_all: usize,
+    unread: usize,
 }
 
 impl CountedChunk {
     /// `chunk`, its bytes moved from `held` to what `unsent` counts.
     fn handed_over(chunk: Bytes, held: &mut Held, unsent: &Arc<Unsent>) -> Bytes {
-        let in_all = held.hand_over(chunk.len());
+        let (in_all, unread) = held.hand_over(chunk.len());
         unsent
             .handed_bytes
             .fetch_add(chunk.len(), Ordering::Relaxed);
         Bytes::from_owner(CountedChunk {
             bytes: chunk,
             unsent: Arc::clone(unsent),
-            in_all,
+            shared: Shared { in_all, unread },
         })
     }
 }
@@ -878,7 +927,7 @@ impl AsRef<[u8]> for CountedChunk {
 
 impl Drop for CountedChunk {
     fn drop(&mut self) {
-        self.unsent.let_go(self.bytes.len(), self.in_all);
+        self.unsent.let_go(self.bytes.len(), self.shared);
     }
 }
 
@@ -942,22 +991,118 @@ mod tests {
     /// calls draw on.
     fn connection(max_message_bytes: usize) -> (AnswerBytesLayer, ConnectionAnswerBytes, Budgets) {
         let layer = AnswerBytesLayer::new(max_message_bytes, 1);
+        let (bytes, budgets, _) = another(&layer);
+        (layer, bytes, budgets)
+    }
+
+    /// Another connection of `layer`, the budgets its calls draw on, and nothing held.
+    fn another(layer: &AnswerBytesLayer) -> (ConnectionAnswerBytes, Budgets, Held) {
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
         let bytes = layer.connection(peer, CancellationToken::new());
         let budgets = Budgets {
             connection: Some(bytes.budget.clone()),
             in_all: Some(layer.in_all.clone()),
+            unread: Some(layer.unread.clone()),
             connection_share: Some(bytes.share.clone()),
             what: "answers",
             advice: "wait",
         };
-        (layer, bytes, budgets)
+        (bytes, budgets, Held::default())
     }
 
     /// `len` bytes of `held` handed to h2 as a chunk of `bytes`' connection: counted until
     /// the chunk is dropped.
     fn handed_over(bytes: &ConnectionAnswerBytes, held: &mut Held, len: usize) -> Bytes {
         CountedChunk::handed_over(Bytes::from(vec![7; len]), held, &bytes.unsent)
+    }
+
+    /// Answers to clients that have not read a sixteenth of what they asked for (a new
+    /// connection's among them) hold at most half the server's budget between them, whatever
+    /// their connections; clients that read take from the whole, and what they hold never
+    /// refuses the others (a rule that kept half of the whole free for non-readers refused
+    /// every new connection's first answer while readers held half: found by an adversarial
+    /// run). What a chunk drew on comes back as h2 lets go of it.
+    #[test]
+    fn clients_that_have_not_read_hold_at_most_half_the_server_budget() {
+        let (layer, _, _) = connection(1000);
+        let open = || another(&layer);
+        // Readers hold three quarters of the server's budget: a new connection (it has read
+        // nothing) is still answered.
+        let mut readers: Vec<_> = (0..6).map(|_| open()).collect();
+        for (bytes, budgets, held) in &mut readers {
+            bytes.unsent.took_share(1600);
+            bytes.unsent.data_read(100);
+            assert!(bytes.unsent.has_read());
+            assert!(budgets.take(4000, held).is_ok());
+        }
+        let (new, budgets, mut held) = open();
+        assert!(!new.unsent.has_read());
+        assert!(budgets.take_unread(4000, &mut held).is_ok());
+        // It and three more that read nothing, each at its budget: half the server's.
+        drop(readers);
+        let mut unread: Vec<_> = (0..3).map(|_| open()).collect();
+        for (_, budgets, held) in &mut unread {
+            assert!(budgets.take_unread(4000, held).is_ok());
+        }
+        let (_, budgets, mut refused) = open();
+        let Err(spent) = budgets.take_unread(1, &mut refused) else {
+            panic!("past half the server's budget");
+        };
+        assert_eq!(spent.by, SpentBy::Unread);
+        assert!(
+            spent
+                .status
+                .message()
+                .contains("clients that have not read")
+        );
+        assert!(spent.status.message().contains("at most 16 times"));
+        // A client that read a sixteenth of what it took is answered from the rest.
+        let (reader, budgets, mut read) = open();
+        reader.unsent.took_share(1600);
+        reader.unsent.data_read(99);
+        assert!(!reader.unsent.has_read());
+        reader.unsent.data_read(1);
+        assert!(reader.unsent.has_read());
+        assert!(budgets.take(4000, &mut read).is_ok());
+        // A chunk h2 lets go of gives its part back.
+        let chunk = handed_over(&new, &mut held, 1000);
+        assert_eq!(layer.unread.used(), 16_000);
+        drop(chunk);
+        assert_eq!((layer.unread.used(), layer.in_all.used()), (15_000, 19_000));
+        drop((held, unread));
+        assert_eq!((layer.unread.used(), layer.in_all.used()), (0, 4000));
+    }
+
+    /// A refusal for the half of the server's budget answers to clients that have not read
+    /// may hold cuts only a connection whose answers draw on it: a client that read before
+    /// and now reads slowly holds none of it, and was cut at such refusals, freeing nothing
+    /// of it (found by an adversarial run). A refusal for the whole budget may cut it.
+    #[test]
+    fn a_refusal_for_the_unread_half_cuts_only_clients_that_have_not_read() {
+        let (layer, _, _) = connection(1000);
+        let open = || another(&layer);
+        let (slow, budgets, mut slow_held) = open();
+        slow.unsent.took_share(1600);
+        slow.unsent.data_read(100);
+        assert!(budgets.take(4000, &mut slow_held).is_ok());
+        let (new, budgets, mut new_held) = open();
+        assert!(budgets.take_unread(3000, &mut new_held).is_ok());
+        let start = Instant::now();
+        for now in [start, start + STALLED] {
+            layer.holders.cut_heaviest(None, true, now);
+        }
+        assert!(
+            new.unsent.cut.is_cancelled(),
+            "the heaviest non-reader, stalled"
+        );
+        assert!(!slow.unsent.cut.is_cancelled());
+        for now in [start + STALLED, start + 2 * STALLED] {
+            layer.holders.cut_heaviest(None, false, now);
+        }
+        assert!(
+            slow.unsent.cut.is_cancelled(),
+            "stalled, at a refusal for the whole"
+        );
     }
 
     /// Only a connection that holds answer bytes and gives (nearly) none back for a second, as
@@ -1015,7 +1160,7 @@ mod tests {
         let Err(spent) = budgets.take(500, &mut refused) else {
             panic!("the server's budget has 400 bytes left");
         };
-        assert!(spent.by_server);
+        assert_eq!(spent.by, SpentBy::Server);
         assert_eq!(bytes.budget.used(), 600, "put back");
         drop(dropped);
         drop(handed_over(&bytes, &mut unread, 100));
@@ -1032,6 +1177,7 @@ mod tests {
         let on = |path| Budgets {
             connection: Some(bytes.budget.clone()),
             in_all: server_budget_for(path, &layer.in_all),
+            unread: Some(layer.unread.clone()),
             connection_share: Some(bytes.share.clone()),
             what: "answers",
             advice: "wait",
@@ -1051,7 +1197,7 @@ mod tests {
         let Err(spent) = get.take(7, &mut Held::default()) else {
             panic!("the server's budget is spent");
         };
-        assert!(spent.by_server);
+        assert_eq!(spent.by, SpentBy::Server);
     }
 
     /// A trickle is not reading: a client that keeps its windows at one byte reads a few
@@ -1311,6 +1457,7 @@ mod tests {
         let budgets = Budgets {
             connection: None,
             in_all: Some(Budget::new(1000, 1)),
+            unread: None,
             connection_share: None,
             what: "answers",
             advice: "wait",

@@ -1,6 +1,8 @@
 //! Byte budgets a gRPC connection's calls draw on, one per connection and one for the server,
 //! each a multiple of `--grpc-max-message-bytes`: what requests still arriving
-//! (`request_bytes`) and answers not yet read (`answer_bytes`) may hold. Bytes are only ever
+//! (`request_bytes`) and answers not yet read (`answer_bytes`, with a part of the server's for
+//! answers to clients that have not read, and none of the server's for health checks) may
+//! hold. Bytes are only ever
 //! taken if there is room (taking never blocks: a stream that must wait for room looks again
 //! when told, in `answer_bytes`), so a budget is one atomic count: no lock on a call's path.
 //!
@@ -179,6 +181,9 @@ pub(super) struct Budgets {
     pub(super) connection: Option<Budget>,
     /// Absent for a health check's answer ([`server_budget_for`]).
     pub(super) in_all: Option<Budget>,
+    /// The part of the server's budget that answers to clients that have not read may hold
+    /// between them ([`Budgets::take_unread`]); absent for requests (and with `in_all`).
+    pub(super) unread: Option<Budget>,
     /// What the connection holds of the server's budget (as large as it, so never the
     /// limit): for the server to weigh connections when its budget is spent. A stream's later
     /// messages are in the connection's budget but not in this.
@@ -199,22 +204,36 @@ impl Budgets {
     /// `bytes` more from both budgets, added to `held`, or the RESOURCE_EXHAUSTED status
     /// saying which one ran out (nothing taken then).
     pub(super) fn take(&self, bytes: usize, held: &mut Held) -> Result<(), Spent> {
-        let (budget, by_server) = match self.try_take(bytes, held) {
-            Ok(()) => return Ok(()),
-            Err(spent) => spent,
-        };
+        (self.try_take(bytes, held, None)).map_err(|spent| self.spent(spent))
+    }
+
+    /// [`Budgets::take`] for an answer whose client has not read what it asked for before
+    /// (`answer_bytes`): from the part of the server's budget such answers may hold between
+    /// them too, so clients that read always find the rest. A client that read nothing and
+    /// kept opening connections, each gone before a refusal could find it stalled, held all
+    /// of it (found by an adversarial run). Counting what those clients hold, not how much
+    /// of the whole is free: a rule that kept half of the whole free for them refused every
+    /// new connection's first answer while readers held half (found by the next one).
+    pub(super) fn take_unread(&self, bytes: usize, held: &mut Held) -> Result<(), Spent> {
+        let unread = self.in_all.as_ref().and(self.unread.as_ref());
+        (self.try_take(bytes, held, unread)).map_err(|spent| self.spent(spent))
+    }
+
+    /// The status of a call that found `spent` spent.
+    fn spent(&self, (by, budget): (SpentBy, &Budget)) -> Spent {
         // The budget is named by the flag it is a multiple of, so an operator knows what to
         // raise (found by a first-user review).
-        let (whose, advice) = match by_server {
-            false => ("this connection's", self.advice),
-            true => ("the server's", SERVER_ADVICE),
+        let (what, advice) = match by {
+            SpentBy::Connection => (format!("this connection's {}", self.what), self.advice),
+            SpentBy::Server => (format!("the server's {}", self.what), SERVER_ADVICE),
+            SpentBy::Unread => (UNREAD.to_owned(), SERVER_ADVICE),
         };
         let status = Status::resource_exhausted(format!(
-            "{whose} {} hold too many bytes already (at most {} times \
+            "{what} hold too many bytes already (at most {} times \
              --grpc-max-message-bytes): {advice}",
-            self.what, budget.messages
+            budget.messages
         ));
-        Err(Spent { status, by_server })
+        Spent { status, by }
     }
 
     /// `bytes` more from the connection's budget alone (if it has one) into `held`, if it has
@@ -233,25 +252,42 @@ impl Budgets {
         })
     }
 
-    /// [`Budgets::take`] before its status is written: the budget found spent, and whether it
-    /// is the server's, not the connection's. (A stream's later messages take from the
-    /// connection's alone: [`Budgets::try_take_connection`].)
-    fn try_take(&self, bytes: usize, held: &mut Held) -> Result<(), (&Budget, bool)> {
+    /// [`Budgets::take`] before its status is written: the budget found spent. Takes from
+    /// `unread` too, when given. (A stream's later messages take from the connection's alone:
+    /// [`Budgets::try_take_connection`].)
+    fn try_take<'a>(
+        &'a self,
+        bytes: usize,
+        held: &mut Held,
+        unread: Option<&'a Budget>,
+    ) -> Result<(), (SpentBy, &'a Budget)> {
         // The connection's first: a connection past its own budget is told so, whatever the
-        // server's (what it took goes back if the server's is spent).
+        // server's (what it took goes back if a budget after it is spent).
         if let Some(budget) = &self.connection
             && !budget.take_into(bytes, &mut held.connection)
         {
-            return Err((budget, false));
+            return Err((SpentBy::Connection, budget));
+        }
+        let put_back = |held: &mut Option<Taken>| {
+            if let Some(taken) = held {
+                taken.put_back(bytes);
+            }
+        };
+        if let Some(budget) = unread
+            && !budget.take_into(bytes, &mut held.unread)
+        {
+            put_back(&mut held.connection);
+            return Err((SpentBy::Unread, budget));
         }
         let Some(in_all) = &self.in_all else {
             return Ok(());
         };
         if !in_all.take_into(bytes, &mut held.in_all) {
-            if let Some(connection) = &mut held.connection {
-                connection.put_back(bytes);
+            put_back(&mut held.connection);
+            if unread.is_some() {
+                put_back(&mut held.unread);
             }
-            return Err((in_all, true));
+            return Err((SpentBy::Server, in_all));
         }
         if let Some(share) = &self.connection_share {
             // No more than the server's budget lets go: there is room.
@@ -274,11 +310,25 @@ pub(super) fn server_budget_for(path: &str, in_all: &Budget) -> Option<Budget> {
     (!health_check).then(|| in_all.clone())
 }
 
+/// What a refusal for [`Budgets::unread`] names.
+const UNREAD: &str = "the server's answers to clients that have not read what they asked for \
+                      before (new connections among them)";
+
+/// The budget a take found spent.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum SpentBy {
+    /// The connection's.
+    Connection,
+    /// The server's part for answers to clients that have not read.
+    Unread,
+    /// The server's.
+    Server,
+}
+
 /// A budget found spent: the RESOURCE_EXHAUSTED status that says which.
 pub(super) struct Spent {
     pub(super) status: Status,
-    /// The server's budget, not the connection's.
-    pub(super) by_server: bool,
+    pub(super) by: SpentBy,
 }
 
 /// The bytes a body holds from its budgets, given back when dropped (or replaced by the
@@ -288,6 +338,7 @@ pub(super) struct Held {
     in_all: Option<Taken>,
     connection: Option<Taken>,
     connection_share: Option<Taken>,
+    unread: Option<Taken>,
 }
 
 impl Held {
@@ -297,6 +348,7 @@ impl Held {
             &mut self.in_all,
             &mut self.connection,
             &mut self.connection_share,
+            &mut self.unread,
         ];
         for taken in all.into_iter().flatten() {
             let given = bytes.min(taken.bytes);
@@ -308,12 +360,17 @@ impl Held {
     /// Stops holding `bytes` without giving them back: whoever they were handed to gives them
     /// back to the budgets ([`Budget::give_back`]) when done with them. Returns how many of
     /// them were the server budget's too (a stream's later messages draw on the connection's
-    /// alone).
-    pub(super) fn hand_over(&mut self, bytes: usize) -> usize {
+    /// alone), and how many of those the part for clients that have not read.
+    pub(super) fn hand_over(&mut self, bytes: usize) -> (usize, usize) {
         let mut in_all = 0;
         if let Some(taken) = &mut self.in_all {
             in_all = bytes.min(taken.bytes);
             taken.bytes -= in_all;
+        }
+        let mut unread = 0;
+        if let Some(taken) = &mut self.unread {
+            unread = in_all.min(taken.bytes);
+            taken.bytes -= unread;
         }
         if let Some(taken) = &mut self.connection_share {
             taken.bytes -= in_all.min(taken.bytes);
@@ -321,6 +378,6 @@ impl Held {
         if let Some(taken) = &mut self.connection {
             taken.bytes -= bytes.min(taken.bytes);
         }
-        in_all
+        (in_all, unread)
     }
 }
