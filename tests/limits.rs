@@ -2305,6 +2305,8 @@ async fn a_client_that_resets_and_asks_again_but_reads_nothing_is_cut() {
 /// were refused about 70% of the time (found by an adversarial run). Answers to clients that
 /// have not read hold at most half that budget: a client that reads is answered every time.
 /// A new connection has not read either, so it competes with the attacker's for that half.
+/// Reading one byte of a health check's answer on each connection first bought a page of the
+/// whole budget, and the attack worked again (found by the next adversarial run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reconnects_and_reads_nothing_does_not_refuse_clients_that_read() {
     use profile_state::pb;
@@ -2324,8 +2326,9 @@ async fn a_client_that_reconnects_and_reads_nothing_does_not_refuse_clients_that
     let mut reader = connect().await.unwrap();
     reader.list_profiles(list.clone()).await.unwrap();
 
-    // Twelve connections of four unread pages each (2.4 MB, past the server's budget); each
-    // moment the oldest two closed and two new ones opened, so none lives a second.
+    // 24 connections of two unread pages each (2.4 MB, past the server's budget, and 1.2 MB
+    // of first pages, past the half for clients that have not read); each moment the oldest
+    // four closed and four new ones opened, so none lives a second.
     let mut connections = std::collections::VecDeque::new();
     let deadline = std::time::Instant::now() + PATIENCE;
     let (mut answered_in_a_row, mut refused, mut newcomers_refused) = (0, 0, 0);
@@ -2334,10 +2337,11 @@ async fn a_client_that_reconnects_and_reads_nothing_does_not_refuse_clients_that
             std::time::Instant::now() < deadline,
             "a client that reads still refused ({refused} times)"
         );
-        while connections.len() < 12 {
+        while connections.len() < 24 {
             let (client, closed) = one_byte_window_connection(&binary).await;
+            read_a_health_checks_first_byte(&client).await;
             let mut parked = Vec::new();
-            for _ in 0..4 {
+            for _ in 0..2 {
                 parked.extend(call_if_open(&client, "ListProfiles", list.encode_to_vec()).await);
             }
             connections.push_back((client, closed, parked));
@@ -2356,7 +2360,7 @@ async fn a_client_that_reconnects_and_reads_nothing_does_not_refuse_clients_that
             );
             newcomers_refused += 1;
         }
-        for (_, closed, _) in connections.drain(..2) {
+        for (_, closed, _) in connections.drain(..4) {
             closed.abort();
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -2364,6 +2368,18 @@ async fn a_client_that_reconnects_and_reads_nothing_does_not_refuse_clients_that
     // The attacker's half was spent meanwhile.
     assert!(newcomers_refused > 0, "no new connection was refused");
     binary.stop();
+}
+
+/// A health check on `client`'s connection, the first byte of its answer read (a window of one
+/// byte lets no more out): the client has read something.
+async fn read_a_health_checks_first_byte(client: &h2::client::SendRequest<bytes::Bytes>) {
+    let mut client = client.clone();
+    let (answer, mut request) = open_path(&mut client, "/grpc.health.v1.Health/Check").await;
+    // An empty HealthCheckRequest.
+    request.send_data(vec![0; 5].into(), true).unwrap();
+    let mut body = answer.await.unwrap().into_body();
+    let first = body.data().await.expect("a byte of the answer").unwrap();
+    assert_eq!(first.len(), 1);
 }
 
 /// A connection to `binary` whose client gives every stream a window of one byte, and a task

@@ -224,15 +224,19 @@ impl Unsent {
     }
 
     /// Whether its client has read at least a sixteenth ([`SLOWEST_SHARE`]) of what its
-    /// calls' first messages took of the server's budget, over the connection's life, and
-    /// something: answers to clients that have not hold at most [`UNREAD`] of that budget
+    /// calls' first messages took of the server's budget over the connection's life, `bytes`
+    /// more included: answers to clients that have not hold at most [`UNREAD`] of that budget
     /// between them ([`Budgets::take_unread`]). Judged at each take, so a client that opens
     /// connection after connection, each gone before a refusal could find it stalled, is
-    /// held to it too; a new connection's first answer among them.
-    fn has_read(&self) -> bool {
+    /// held to it too, a new connection's first answer among them. With the answer's bytes:
+    /// judged on what it took before alone, one byte of a health check's answer (or of a
+    /// watch's initial state: neither draws on the server's budget) let a new connection's
+    /// next answer of any size draw on the whole, and a client reconnecting faster than any
+    /// cut held all of it again for 60 bytes read a second (found by an adversarial run).
+    fn has_read(&self, bytes: usize) -> bool {
         let read = self.data_read.load(Ordering::Relaxed);
         let took = self.shared_bytes.load(Ordering::Relaxed);
-        read > 0 && read.saturating_mul(SLOWEST_SHARE) >= took
+        read.saturating_mul(SLOWEST_SHARE) >= took.saturating_add(bytes)
     }
 
     /// A call's first message took `bytes` of its share of the server's budget.
@@ -416,7 +420,7 @@ impl Holders {
                 .filter_map(Weak::upgrade)
                 .filter(|holder| !holder.cut.is_cancelled())
                 .filter(|holder| calling.is_none_or(|calling| !Arc::ptr_eq(holder, calling)))
-                .filter(|holder| !unread || !holder.has_read())
+                .filter(|holder| !unread || !holder.has_read(0))
                 .filter(|holder| holder.stalled(now))
                 .max_by_key(|holder| holder.share.used())
         };
@@ -513,7 +517,6 @@ impl<S> tower::Layer<S> for AnswerBytesLayer {
         AnswerBytesService {
             inner,
             in_all: self.in_all.clone(),
-            unread: self.unread.clone(),
             holders: self.holders.clone(),
             chunk: self.chunk,
         }
@@ -525,7 +528,6 @@ impl<S> tower::Layer<S> for AnswerBytesLayer {
 pub struct AnswerBytesService<S> {
     inner: S,
     in_all: Budget,
-    unread: Budget,
     holders: Holders,
     /// [`CHUNK`], or less where it would not fit a connection's empty budget.
     chunk: usize,
@@ -552,7 +554,6 @@ where
         let budgets = Budgets {
             connection: answer_bytes.as_ref().map(|bytes| bytes.budget.clone()),
             in_all: server_budget_for(request.uri().path(), &self.in_all),
-            unread: Some(self.unread.clone()),
             connection_share: answer_bytes.as_ref().map(|bytes| bytes.share.clone()),
             what: "answers not yet read by their clients",
             advice: "read the answers of earlier calls first, then call again",
@@ -737,10 +738,11 @@ where
         };
         let mut held = Held::default();
         let budgets = &counting.budgets;
-        let reading = (counting.unsent.as_ref()).is_none_or(|unsent| unsent.has_read());
-        let taken = match reading {
-            true => budgets.take(rest.len(), &mut held),
-            false => budgets.take_unread(rest.len(), &mut held),
+        let taken = match counting.unsent.as_ref() {
+            Some(unsent) if !unsent.has_read(rest.len()) => {
+                budgets.take_unread(rest.len(), &mut held, &unsent.unread)
+            }
+            _ => budgets.take(rest.len(), &mut held),
         };
         if let Err(spent) = taken {
             let calling = counting.unsent.as_ref();
@@ -1002,7 +1004,6 @@ mod tests {
         let budgets = Budgets {
             connection: Some(bytes.budget.clone()),
             in_all: Some(layer.in_all.clone()),
-            unread: Some(layer.unread.clone()),
             connection_share: Some(bytes.share.clone()),
             what: "answers",
             advice: "wait",
@@ -1031,21 +1032,26 @@ mod tests {
         let mut readers: Vec<_> = (0..6).map(|_| open()).collect();
         for (bytes, budgets, held) in &mut readers {
             bytes.unsent.took_share(1600);
-            bytes.unsent.data_read(100);
-            assert!(bytes.unsent.has_read());
+            bytes.unsent.data_read(350);
+            assert!(bytes.unsent.has_read(4000));
             assert!(budgets.take(4000, held).is_ok());
         }
         let (new, budgets, mut held) = open();
-        assert!(!new.unsent.has_read());
-        assert!(budgets.take_unread(4000, &mut held).is_ok());
+        assert!(!new.unsent.has_read(4000));
+        // Nor a client whose reading paid for less than its answer: a health check's few
+        // bytes pay for sixteen times as many, not for a page.
+        new.unsent.data_read(7);
+        assert!(new.unsent.has_read(112));
+        assert!(!new.unsent.has_read(4000));
+        assert!(budgets.take_unread(4000, &mut held, &layer.unread).is_ok());
         // It and three more that read nothing, each at its budget: half the server's.
         drop(readers);
         let mut unread: Vec<_> = (0..3).map(|_| open()).collect();
         for (_, budgets, held) in &mut unread {
-            assert!(budgets.take_unread(4000, held).is_ok());
+            assert!(budgets.take_unread(4000, held, &layer.unread).is_ok());
         }
         let (_, budgets, mut refused) = open();
-        let Err(spent) = budgets.take_unread(1, &mut refused) else {
+        let Err(spent) = budgets.take_unread(1, &mut refused, &layer.unread) else {
             panic!("past half the server's budget");
         };
         assert_eq!(spent.by, SpentBy::Unread);
@@ -1056,13 +1062,14 @@ mod tests {
                 .contains("clients that have not read")
         );
         assert!(spent.status.message().contains("at most 16 times"));
-        // A client that read a sixteenth of what it took is answered from the rest.
+        // A client that read a sixteenth of what it took, this answer included, is answered
+        // from the rest.
         let (reader, budgets, mut read) = open();
         reader.unsent.took_share(1600);
-        reader.unsent.data_read(99);
-        assert!(!reader.unsent.has_read());
+        reader.unsent.data_read(349);
+        assert!(!reader.unsent.has_read(4000));
         reader.unsent.data_read(1);
-        assert!(reader.unsent.has_read());
+        assert!(reader.unsent.has_read(4000));
         assert!(budgets.take(4000, &mut read).is_ok());
         // A chunk h2 lets go of gives its part back.
         let chunk = handed_over(&new, &mut held, 1000);
@@ -1086,7 +1093,9 @@ mod tests {
         slow.unsent.data_read(100);
         assert!(budgets.take(4000, &mut slow_held).is_ok());
         let (new, budgets, mut new_held) = open();
-        assert!(budgets.take_unread(3000, &mut new_held).is_ok());
+        let unread = budgets.take_unread(3000, &mut new_held, &layer.unread);
+        assert!(unread.is_ok());
+        new.unsent.took_share(3000);
         let start = Instant::now();
         for now in [start, start + STALLED] {
             layer.holders.cut_heaviest(None, true, now);
@@ -1177,7 +1186,6 @@ mod tests {
         let on = |path| Budgets {
             connection: Some(bytes.budget.clone()),
             in_all: server_budget_for(path, &layer.in_all),
-            unread: Some(layer.unread.clone()),
             connection_share: Some(bytes.share.clone()),
             what: "answers",
             advice: "wait",
@@ -1457,7 +1465,6 @@ mod tests {
         let budgets = Budgets {
             connection: None,
             in_all: Some(Budget::new(1000, 1)),
-            unread: None,
             connection_share: None,
             what: "answers",
             advice: "wait",

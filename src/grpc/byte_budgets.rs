@@ -2,9 +2,9 @@
 //! each a multiple of `--grpc-max-message-bytes`: what requests still arriving
 //! (`request_bytes`) and answers not yet read (`answer_bytes`, with a part of the server's for
 //! answers to clients that have not read, and none of the server's for health checks) may
-//! hold. Bytes are only ever
-//! taken if there is room (taking never blocks: a stream that must wait for room looks again
-//! when told, in `answer_bytes`), so a budget is one atomic count: no lock on a call's path.
+//! hold. Bytes are only ever taken if there is room (taking never blocks: a stream that must
+//! wait for room looks again when told, in `answer_bytes`), so a budget is one atomic count:
+//! no lock on a call's path.
 //!
 //! Not here: when bytes are taken and given back (the two modules decide).
 
@@ -181,9 +181,6 @@ pub(super) struct Budgets {
     pub(super) connection: Option<Budget>,
     /// Absent for a health check's answer ([`server_budget_for`]).
     pub(super) in_all: Option<Budget>,
-    /// The part of the server's budget that answers to clients that have not read may hold
-    /// between them ([`Budgets::take_unread`]); absent for requests (and with `in_all`).
-    pub(super) unread: Option<Budget>,
     /// What the connection holds of the server's budget (as large as it, so never the
     /// limit): for the server to weigh connections when its budget is spent. A stream's later
     /// messages are in the connection's budget but not in this.
@@ -208,14 +205,20 @@ impl Budgets {
     }
 
     /// [`Budgets::take`] for an answer whose client has not read what it asked for before
-    /// (`answer_bytes`): from the part of the server's budget such answers may hold between
-    /// them too, so clients that read always find the rest. A client that read nothing and
+    /// (`answer_bytes`): from `unread` too, the part of the server's budget such answers may
+    /// hold between them (none without the server's), so clients that read always find the
+    /// rest. A client that read nothing and
     /// kept opening connections, each gone before a refusal could find it stalled, held all
     /// of it (found by an adversarial run). Counting what those clients hold, not how much
     /// of the whole is free: a rule that kept half of the whole free for them refused every
     /// new connection's first answer while readers held half (found by the next one).
-    pub(super) fn take_unread(&self, bytes: usize, held: &mut Held) -> Result<(), Spent> {
-        let unread = self.in_all.as_ref().and(self.unread.as_ref());
+    pub(super) fn take_unread(
+        &self,
+        bytes: usize,
+        held: &mut Held,
+        unread: &Budget,
+    ) -> Result<(), Spent> {
+        let unread = self.in_all.as_ref().and(Some(unread));
         (self.try_take(bytes, held, unread)).map_err(|spent| self.spent(spent))
     }
 
@@ -310,7 +313,7 @@ pub(super) fn server_budget_for(path: &str, in_all: &Budget) -> Option<Budget> {
     (!health_check).then(|| in_all.clone())
 }
 
-/// What a refusal for [`Budgets::unread`] names.
+/// What a refusal for the part of the server's budget for clients that have not read names.
 const UNREAD: &str = "the server's answers to clients that have not read what they asked for \
                       before (new connections among them)";
 

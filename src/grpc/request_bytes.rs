@@ -103,7 +103,6 @@ where
         let budgets = Budgets {
             connection,
             in_all: Some(self.layer.in_all.clone()),
-            unread: None,
             connection_share: None,
             what: "requests still arriving",
             advice: "send the request again once they are in",
