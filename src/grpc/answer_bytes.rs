@@ -106,6 +106,8 @@ struct Unsent {
     in_all: Budget,
     /// The part of `in_all` answers to clients that have not read may hold.
     unread: Budget,
+    /// What the connection holds of `unread`: weighed when that part is spent.
+    unread_share: Budget,
     /// What the connection holds of `in_all`: weighed when the server's budget is spent.
     share: Budget,
     /// Cancelled to cut the connection (`crate::server::cut`).
@@ -141,6 +143,7 @@ impl Unsent {
         self.in_all.give_back(shared.in_all);
         self.share.give_back(shared.in_all);
         self.unread.give_back(shared.unread);
+        self.unread_share.give_back(shared.unread);
     }
 
     /// The socket took `bytes` of DATA frames' payload.
@@ -237,6 +240,12 @@ impl Unsent {
         let read = self.data_read.load(Ordering::Relaxed);
         let took = self.shared_bytes.load(Ordering::Relaxed);
         read.saturating_mul(SLOWEST_SHARE) >= took.saturating_add(bytes)
+    }
+
+    /// The part of the server's budget for clients that have not read, and what the
+    /// connection holds of it.
+    fn unread_part(&self) -> (&Budget, &Budget) {
+        (&self.unread, &self.unread_share)
     }
 
     /// A call's first message took `bytes` of its share of the server's budget.
@@ -370,6 +379,7 @@ impl AnswerBytesLayer {
             connection: budget.clone(),
             in_all: self.in_all.clone(),
             unread: self.unread.clone(),
+            unread_share: Budget::new(self.max_message_bytes, UNREAD),
             share: share.clone(),
             cut,
             peer,
@@ -409,9 +419,15 @@ impl Holders {
     }
 
     /// Cuts the stalled connection, other than `calling`'s, that holds the most answer bytes,
-    /// if any; when the part for clients that have not read was spent (`unread`), of those
-    /// whose answers draw on it: cutting a client that reads slowly would not free it.
+    /// if any; when the part for clients that have not read was spent (`unread`), the one
+    /// that holds the most of that part. Weighing by whether a client had read did not do: a
+    /// client that filled it, then read a sixteenth of it once, was never cut again, and every
+    /// new connection was refused for as long as it stayed (found by an adversarial run).
     fn cut_heaviest(&self, calling: Option<&Arc<Unsent>>, unread: bool, now: Instant) {
+        let held = |holder: &Unsent| match unread {
+            true => holder.unread_share.used(),
+            false => holder.share.used(),
+        };
         let heaviest = {
             let mut holders = lock(&self.0);
             holders.retain(|holder| holder.strong_count() > 0);
@@ -420,17 +436,22 @@ impl Holders {
                 .filter_map(Weak::upgrade)
                 .filter(|holder| !holder.cut.is_cancelled())
                 .filter(|holder| calling.is_none_or(|calling| !Arc::ptr_eq(holder, calling)))
-                .filter(|holder| !unread || !holder.has_read(0))
-                .filter(|holder| holder.stalled(now))
-                .max_by_key(|holder| holder.share.used())
+                .filter(|holder| held(holder) > 0 && holder.stalled(now))
+                .max_by_key(|holder| held(holder))
         };
         let Some(heaviest) = heaviest else {
             return;
         };
         heaviest.cut.cancel();
+        // Which part was spent is a field: the message stays one line to search for.
+        let spent = match unread {
+            true => "the half for clients that have not read",
+            false => "all of it",
+        };
         tracing::warn!(
             peer = %heaviest.peer,
             answer_bytes = heaviest.share.used(),
+            spent,
             "cut the gRPC connection holding the most answers not yet read, none read for a \
              second: the server's budget for them was spent (a client that stops reading its \
              answers)"
@@ -740,7 +761,7 @@ where
         let budgets = &counting.budgets;
         let taken = match counting.unsent.as_ref() {
             Some(unsent) if !unsent.has_read(rest.len()) => {
-                budgets.take_unread(rest.len(), &mut held, &unsent.unread)
+                budgets.take_unread(rest.len(), &mut held, unsent.unread_part())
             }
             _ => budgets.take(rest.len(), &mut held),
         };
@@ -1043,15 +1064,23 @@ mod tests {
         new.unsent.data_read(7);
         assert!(new.unsent.has_read(112));
         assert!(!new.unsent.has_read(4000));
-        assert!(budgets.take_unread(4000, &mut held, &layer.unread).is_ok());
+        assert!(
+            budgets
+                .take_unread(4000, &mut held, new.unsent.unread_part())
+                .is_ok()
+        );
         // It and three more that read nothing, each at its budget: half the server's.
         drop(readers);
         let mut unread: Vec<_> = (0..3).map(|_| open()).collect();
-        for (_, budgets, held) in &mut unread {
-            assert!(budgets.take_unread(4000, held, &layer.unread).is_ok());
+        for (bytes, budgets, held) in &mut unread {
+            assert!(
+                budgets
+                    .take_unread(4000, held, bytes.unsent.unread_part())
+                    .is_ok()
+            );
         }
-        let (_, budgets, mut refused) = open();
-        let Err(spent) = budgets.take_unread(1, &mut refused, &layer.unread) else {
+        let (fifth, budgets, mut refused) = open();
+        let Err(spent) = budgets.take_unread(1, &mut refused, fifth.unsent.unread_part()) else {
             panic!("past half the server's budget");
         };
         assert_eq!(spent.by, SpentBy::Unread);
@@ -1081,11 +1110,13 @@ mod tests {
     }
 
     /// A refusal for the half of the server's budget answers to clients that have not read
-    /// may hold cuts only a connection whose answers draw on it: a client that read before
-    /// and now reads slowly holds none of it, and was cut at such refusals, freeing nothing
-    /// of it (found by an adversarial run). A refusal for the whole budget may cut it.
+    /// may hold cuts the stalled connection that holds the most of that half: a client that
+    /// read before and now reads slowly holds none of it, and was cut at such refusals,
+    /// freeing nothing of it; and one that filled it, then read a sixteenth of it once, was
+    /// never cut when only clients that had not read were weighed (both found by adversarial
+    /// runs). A refusal for the whole budget may cut the slow reader.
     #[test]
-    fn a_refusal_for_the_unread_half_cuts_only_clients_that_have_not_read() {
+    fn a_refusal_for_the_unread_half_cuts_the_stalled_connection_holding_most_of_it() {
         let (layer, _, _) = connection(1000);
         let open = || another(&layer);
         let (slow, budgets, mut slow_held) = open();
@@ -1093,17 +1124,17 @@ mod tests {
         slow.unsent.data_read(100);
         assert!(budgets.take(4000, &mut slow_held).is_ok());
         let (new, budgets, mut new_held) = open();
-        let unread = budgets.take_unread(3000, &mut new_held, &layer.unread);
+        let unread = budgets.take_unread(3000, &mut new_held, new.unsent.unread_part());
         assert!(unread.is_ok());
         new.unsent.took_share(3000);
+        // It reads a sixteenth of it once, then nothing.
+        new.unsent.data_read(188);
+        assert!(new.unsent.has_read(0));
         let start = Instant::now();
         for now in [start, start + STALLED] {
             layer.holders.cut_heaviest(None, true, now);
         }
-        assert!(
-            new.unsent.cut.is_cancelled(),
-            "the heaviest non-reader, stalled"
-        );
+        assert!(new.unsent.cut.is_cancelled(), "it holds the half, stalled");
         assert!(!slow.unsent.cut.is_cancelled());
         for now in [start + STALLED, start + 2 * STALLED] {
             layer.holders.cut_heaviest(None, false, now);

@@ -212,13 +212,14 @@ impl Budgets {
     /// of it (found by an adversarial run). Counting what those clients hold, not how much
     /// of the whole is free: a rule that kept half of the whole free for them refused every
     /// new connection's first answer while readers held half (found by the next one).
+    /// `share` counts what the connection holds of it, for a refusal to weigh connections.
     pub(super) fn take_unread(
         &self,
         bytes: usize,
         held: &mut Held,
-        unread: &Budget,
+        (unread, share): (&Budget, &Budget),
     ) -> Result<(), Spent> {
-        let unread = self.in_all.as_ref().and(Some(unread));
+        let unread = self.in_all.as_ref().and(Some((unread, share)));
         (self.try_take(bytes, held, unread)).map_err(|spent| self.spent(spent))
     }
 
@@ -262,7 +263,7 @@ impl Budgets {
         &'a self,
         bytes: usize,
         held: &mut Held,
-        unread: Option<&'a Budget>,
+        unread: Option<(&'a Budget, &Budget)>,
     ) -> Result<(), (SpentBy, &'a Budget)> {
         // The connection's first: a connection past its own budget is told so, whatever the
         // server's (what it took goes back if a budget after it is spent).
@@ -276,11 +277,13 @@ impl Budgets {
                 taken.put_back(bytes);
             }
         };
-        if let Some(budget) = unread
-            && !budget.take_into(bytes, &mut held.unread)
-        {
-            put_back(&mut held.connection);
-            return Err((SpentBy::Unread, budget));
+        if let Some((budget, share)) = unread {
+            if !budget.take_into(bytes, &mut held.unread) {
+                put_back(&mut held.connection);
+                return Err((SpentBy::Unread, budget));
+            }
+            // As large as the part: there is room.
+            share.take_into(bytes, &mut held.unread_share);
         }
         let Some(in_all) = &self.in_all else {
             return Ok(());
@@ -289,6 +292,7 @@ impl Budgets {
             put_back(&mut held.connection);
             if unread.is_some() {
                 put_back(&mut held.unread);
+                put_back(&mut held.unread_share);
             }
             return Err((SpentBy::Server, in_all));
         }
@@ -342,6 +346,8 @@ pub(super) struct Held {
     connection: Option<Taken>,
     connection_share: Option<Taken>,
     unread: Option<Taken>,
+    /// What the connection holds of `unread`.
+    unread_share: Option<Taken>,
 }
 
 impl Held {
@@ -352,6 +358,7 @@ impl Held {
             &mut self.connection,
             &mut self.connection_share,
             &mut self.unread,
+            &mut self.unread_share,
         ];
         for taken in all.into_iter().flatten() {
             let given = bytes.min(taken.bytes);
@@ -374,6 +381,9 @@ impl Held {
         if let Some(taken) = &mut self.unread {
             unread = in_all.min(taken.bytes);
             taken.bytes -= unread;
+        }
+        if let Some(taken) = &mut self.unread_share {
+            taken.bytes -= unread.min(taken.bytes);
         }
         if let Some(taken) = &mut self.connection_share {
             taken.bytes -= in_all.min(taken.bytes);
