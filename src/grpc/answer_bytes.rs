@@ -443,14 +443,15 @@ impl Holders {
             return;
         };
         heaviest.cut.cancel();
-        // Which part was spent is a field: the message stays one line to search for.
+        // Which part was spent is a field (and `answer_bytes` what it held of it): the message
+        // stays one line to search for.
         let spent = match unread {
             true => "the half for clients that have not read",
             false => "all of it",
         };
         tracing::warn!(
             peer = %heaviest.peer,
-            answer_bytes = heaviest.share.used(),
+            answer_bytes = held(&heaviest),
             spent,
             "cut the gRPC connection holding the most answers not yet read, none read for a \
              second: the server's budget for them was spent (a client that stops reading its \
