@@ -1757,6 +1757,17 @@ impl ParkedAnswers {
     }
 }
 
+/// The data directory (removed when dropped: bound first, it goes after the binary) of a binary
+/// whose answer budgets are small (`--grpc-max-message-bytes 65536`: 256 KiB a connection, 2
+/// MiB in all, 1 MiB for clients that have not read), with 100 profiles of 10 KB.
+async fn small_budgets_with_large_profiles() -> (tempfile::TempDir, binary::Binary) {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--grpc-max-message-bytes", "65536"];
+    let binary = binary::Binary::start(dir.path(), &args).await;
+    large_profiles(&binary, 100).await;
+    (dir, binary)
+}
+
 /// Profiles `c0`.. of a 10 KB note each, posted to `binary`.
 async fn large_profiles(binary: &binary::Binary, count: usize) {
     let note = "n".repeat(10_000);
@@ -1980,11 +1991,7 @@ fn ping_now_and_then(mut pings: Vec<h2::PingPong>) -> tokio::task::JoinHandle<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_holding_their_connections_budgets_do_not_stall_other_clients() {
     use profile_state::pb;
-    // Budgets: 256 KiB a connection, 2 MiB in all.
-    let dir = tempfile::tempdir().unwrap();
-    let args = ["--grpc-max-message-bytes", "65536"];
-    let binary = binary::Binary::start(dir.path(), &args).await;
-    large_profiles(&binary, 100).await;
+    let (_dir, binary) = small_budgets_with_large_profiles().await;
     let rss = sample(&binary.metrics().await, "process_resident_memory_bytes");
     let url = format!("http://{}", binary.grpc);
     let mut client = pb::profile_service_client::ProfileServiceClient::connect(url)
@@ -2051,11 +2058,7 @@ async fn clients_holding_their_connections_budgets_do_not_stall_other_clients() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_only_answers_pings_is_cut_when_the_servers_budget_is_needed() {
     use profile_state::pb;
-    // Budgets: 256 KiB a connection, 2 MiB in all.
-    let dir = tempfile::tempdir().unwrap();
-    let args = ["--grpc-max-message-bytes", "65536"];
-    let mut binary = binary::Binary::start(dir.path(), &args).await;
-    large_profiles(&binary, 100).await;
+    let (_dir, mut binary) = small_budgets_with_large_profiles().await;
     // A page of five profiles: about 50 KB.
     let list = pb::ListProfilesRequest {
         page_size: 5,
@@ -2233,11 +2236,7 @@ async fn answers_dropped_with_reset_streams_give_their_bytes_back_at_once() {
 async fn a_client_that_resets_and_asks_again_but_reads_nothing_is_cut() {
     use profile_state::pb;
     use prost::Message;
-    // Budgets: 256 KiB a connection, 2 MiB in all.
-    let dir = tempfile::tempdir().unwrap();
-    let args = ["--grpc-max-message-bytes", "65536"];
-    let mut binary = binary::Binary::start(dir.path(), &args).await;
-    large_profiles(&binary, 100).await;
+    let (_dir, mut binary) = small_budgets_with_large_profiles().await;
     // A page of five profiles: about 50 KB. Twelve connections of four unread pages each:
     // 2.4 MB, more than the server's budget.
     let list = pb::ListProfilesRequest {
@@ -2311,11 +2310,7 @@ async fn a_client_that_resets_and_asks_again_but_reads_nothing_is_cut() {
 async fn a_client_that_reconnects_and_reads_nothing_does_not_refuse_clients_that_read() {
     use profile_state::pb;
     use prost::Message;
-    // Budgets: 256 KiB a connection, 2 MiB in all, 1 MiB for clients that have not read.
-    let dir = tempfile::tempdir().unwrap();
-    let args = ["--grpc-max-message-bytes", "65536"];
-    let binary = binary::Binary::start(dir.path(), &args).await;
-    large_profiles(&binary, 100).await;
+    let (_dir, binary) = small_budgets_with_large_profiles().await;
     // A page of five profiles: about 50 KB.
     let list = pb::ListProfilesRequest {
         page_size: 5,
