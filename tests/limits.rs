@@ -1639,7 +1639,8 @@ async fn answers_clients_do_not_read_hold_bounded_bytes() {
 }
 
 /// Health checks are answered while other clients' unread answers spend the server's budget
-/// to the byte: a client that kept it spent (reconnecting faster than any cut, reading
+/// (here its half for clients that have not read, which a probe's new connection would draw
+/// on) to the byte: a client that kept it spent (reconnecting faster than any cut, reading
 /// nothing) had a third to two thirds of probes refused, and a Kubernetes liveness probe
 /// restarts the pod for fewer (found by adversarial runs). A probe's answer now draws on its
 /// own connection's budget alone; every other call is still refused.

@@ -699,6 +699,37 @@ impl Counting {
     fn credit(&self) -> usize {
         CREDIT.min(self.chunk)
     }
+
+    /// An answer's first message of `bytes` into `held`, from the half of the server's budget
+    /// for clients that have not read too if its client has not ([`Unsent::has_read`]). Past
+    /// the connection's budget, the refusal counts toward its cut ([`Unsent::found_spent`]);
+    /// past the server's (or its half), the heaviest stalled holder of it is cut.
+    fn take_first(&self, bytes: usize, held: &mut Held) -> Result<(), Status> {
+        let taken = match &self.unsent {
+            Some(unsent) if !unsent.has_read(bytes) => {
+                (self.budgets).take_unread(bytes, held, unsent.unread_part())
+            }
+            _ => self.budgets.take(bytes, held),
+        };
+        let Err(spent) = taken else {
+            // What it owes reading is what it took of the server's budget.
+            if let Some(unsent) = &self.unsent
+                && self.budgets.in_all.is_some()
+            {
+                unsent.took_share(bytes);
+            }
+            return Ok(());
+        };
+        match (spent.by, &self.unsent) {
+            (SpentBy::Connection, Some(unsent)) => unsent.found_spent(Instant::now()),
+            (SpentBy::Connection, None) => {}
+            (by, calling) => {
+                let unread = by == SpentBy::Unread;
+                (self.holders).cut_heaviest(calling.as_ref(), unread, Instant::now());
+            }
+        }
+        Err(spent.status)
+    }
 }
 
 /// An answer's body, handed to hyper a chunk at a time as the client's window lets hyper take
@@ -731,7 +762,7 @@ where
     /// answer's whole message: tonic encodes it when its body is first polled). hyper polls a
     /// body only once the client's window has room, so a client whose window is shut would
     /// hold every answer unencoded and uncounted. Past a budget: RESOURCE_EXHAUSTED naming
-    /// it, and past the server's the heaviest stalled connection is cut.
+    /// it ([`Counting::take_first`]).
     fn first_frame(answer: http::Response<R>, counting: Counting) -> http::Response<AnswerBody<R>> {
         let (parts, mut body) = answer.into_parts();
         let waker = futures_util::task::noop_waker();
@@ -759,30 +790,8 @@ where
             }
         };
         let mut held = Held::default();
-        let budgets = &counting.budgets;
-        let taken = match counting.unsent.as_ref() {
-            Some(unsent) if !unsent.has_read(rest.len()) => {
-                budgets.take_unread(rest.len(), &mut held, unsent.unread_part())
-            }
-            _ => budgets.take(rest.len(), &mut held),
-        };
-        if let Err(spent) = taken {
-            let calling = counting.unsent.as_ref();
-            match (spent.by, calling) {
-                (SpentBy::Connection, Some(unsent)) => unsent.found_spent(Instant::now()),
-                (SpentBy::Connection, None) => {}
-                (by, _) => {
-                    let unread = by == SpentBy::Unread;
-                    (counting.holders).cut_heaviest(calling, unread, Instant::now());
-                }
-            }
-            return AnswerBody::whole(spent.status.into_http());
-        }
-        // What it owes reading is what it took of the server's budget.
-        if let Some(unsent) = &counting.unsent
-            && counting.budgets.in_all.is_some()
-        {
-            unsent.took_share(rest.len());
+        if let Err(status) = counting.take_first(rest.len(), &mut held) {
+            return AnswerBody::whole(status.into_http());
         }
         let sending = Sending::new(body, counting, rest, held);
         http::Response::from_parts(parts, sending.into_body())
