@@ -230,7 +230,7 @@ impl Budgets {
         let (what, advice) = match by {
             SpentBy::Connection => (format!("this connection's {}", self.what), self.advice),
             SpentBy::Server => (format!("the server's {}", self.what), SERVER_ADVICE),
-            SpentBy::Unread => (UNREAD.to_owned(), SERVER_ADVICE),
+            SpentBy::Unread => (UNREAD_ANSWERS.to_owned(), SERVER_ADVICE),
         };
         let status = Status::resource_exhausted(format!(
             "{what} hold too many bytes already (at most {} times \
@@ -318,8 +318,8 @@ pub(super) fn server_budget_for(path: &str, in_all: &Budget) -> Option<Budget> {
 }
 
 /// What a refusal for the part of the server's budget for clients that have not read names.
-const UNREAD: &str = "the server's answers to clients that have not read what they asked for \
-                      before (new connections among them)";
+const UNREAD_ANSWERS: &str = "the server's answers to clients that have not read what they \
+                              asked for before (new connections among them)";
 
 /// The budget a take found spent.
 #[derive(Clone, Copy, Debug, PartialEq)]
