@@ -102,6 +102,16 @@ pub enum Rejection {
         /// The limit.
         limit: usize,
     },
+    /// `limit` health `Check` calls are in progress on this connection already.
+    #[error(
+        "too many health checks in progress on this connection (limit {limit}, not \
+         configurable): their answers wait for the client to read them; read them, or open \
+         another connection"
+    )]
+    TooManyHealthChecks {
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl Rejection {
@@ -169,7 +179,8 @@ pub fn http_status(error: impl Into<Rejection>) -> StatusCode {
         Rejection::UnsupportedTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
         Rejection::TooManyWatchStreams { .. }
         | Rejection::TooManyConnectionWatchStreams { .. }
-        | Rejection::TooManyOpenStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+        | Rejection::TooManyOpenStreams { .. }
+        | Rejection::TooManyHealthChecks { .. } => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 
@@ -225,7 +236,8 @@ pub fn grpc_status(error: impl Into<Rejection>) -> tonic::Status {
         Rejection::PayloadTooLarge { .. }
         | Rejection::TooManyWatchStreams { .. }
         | Rejection::TooManyConnectionWatchStreams { .. }
-        | Rejection::TooManyOpenStreams { .. } => tonic::Code::ResourceExhausted,
+        | Rejection::TooManyOpenStreams { .. }
+        | Rejection::TooManyHealthChecks { .. } => tonic::Code::ResourceExhausted,
         Rejection::UnsupportedMediaType { .. }
         | Rejection::RepeatedContentType
         | Rejection::UnsupportedContentEncoding { .. }

@@ -1148,6 +1148,12 @@ async fn open_path(
     ready.send_request(request, false).unwrap()
 }
 
+/// The `grpc-message` of a refusal's head (trailers only), decoded.
+fn grpc_message_of(head: &tonic::codegen::http::Response<h2::RecvStream>) -> String {
+    let message = head.headers().get("grpc-message").expect("a grpc-message");
+    percent_decoded(message.to_str().unwrap())
+}
+
 /// `grpc-message` as written: percent-encoded UTF-8.
 fn percent_decoded(text: &str) -> String {
     let mut bytes = Vec::new();
@@ -1268,6 +1274,17 @@ async fn grpc_requests_that_never_finish_arriving_hold_bounded_bytes_for_bounded
     );
 
     // Their bytes are free again: a whole request is answered, on the first connection too.
+    a_whole_request_is_answered(&service).await;
+    let (whole, _open) = call(&mut first, 0, 0, true).await;
+    let (code, message) = grpc_status(whole).await;
+    assert_eq!(code, "3", "INVALID_ARGUMENT (an empty request): {message}");
+    drop(connections);
+    service.stop().await;
+}
+
+/// A GetProfile whose request comes whole with its headers, from a new client, is answered
+/// (NOT_FOUND: no such profile).
+async fn a_whole_request_is_answered(service: &TestService) {
     let mut client = service.client().await;
     let request = profile_state::pb::GetProfileRequest {
         client_id: "a".into(),
@@ -1276,11 +1293,110 @@ async fn grpc_requests_that_never_finish_arriving_hold_bounded_bytes_for_bounded
     };
     let answer = client.get_profile(request).await.unwrap_err();
     assert_eq!(answer.code(), tonic::Code::NotFound, "{answer:?}");
-    let (whole, _open) = call(&mut first, 0, 0, true).await;
-    let (code, message) = grpc_status(whole).await;
-    assert_eq!(code, "3", "INVALID_ARGUMENT (an empty request): {message}");
-    drop(connections);
+}
+
+/// Calls whose requests never come (headers sent, no message) held about 15 KB each, counted
+/// nowhere until `--grpc-request-body-timeout`: 19,800 on 20 connections held 300 MiB, none
+/// refused (found by an adversarial run). A call still waiting after 100 ms now also draws what
+/// it holds (`byte_budgets::CALL_BYTES`: 1 KiB at `--grpc-max-message-bytes 65536`) from its
+/// connection's request budget (128 KiB) and a server's budget for such calls (1 MiB): 128
+/// wait on a connection, 1,024 in all, the rest are refused; a whole request, arriving with
+/// its headers, and one of several frames are answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_whose_requests_never_come_are_bounded_in_number() {
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_max_message_bytes = 65_536;
+    let service = TestService::start_with(config).await;
+    let mut first = raw_grpc(service.grpc).await;
+    let mut calls = requests_never_sent(&mut first, 140).await;
+    let refused = refusals(&mut calls, 12).await;
+    assert!(
+        refused.iter().all(|(code, message)| code == "8"
+            && message.contains("this connection's calls waiting for their requests")),
+        "{refused:?}"
+    );
+
+    // Eight more connections of 128: 1,152 calls waiting, 128 past the server's budget.
+    let mut connections = Vec::new();
+    let mut others = Vec::new();
+    for _ in 0..8 {
+        let mut connection = raw_grpc(service.grpc).await;
+        others.extend(requests_never_sent(&mut connection, 128).await);
+        connections.push(connection);
+    }
+    let refused = refusals(&mut others, 128).await;
+    assert!(
+        refused.iter().all(|(code, message)| code == "8"
+            && message.contains("the server's calls waiting for their requests")),
+        "{refused:?}"
+    );
+    a_whole_request_is_answered(&service).await;
+    // A request of several frames (42 KB) draws its bytes on a budget of their own: answered
+    // (96 KB of headers had every such request refused when both drew on one; found by an
+    // adversarial run).
+    let ids = (0..1000).map(|n| format!("{n:040}")).collect();
+    let batch = profile_state::pb::BatchGetProfilesRequest {
+        client_id: "a".into(),
+        customer_ids: ids,
+        ..Default::default()
+    };
+    let answer = service.client().await.batch_get_profiles(batch).await;
+    let missing = answer.expect("answered").into_inner().missing_customer_ids;
+    assert_eq!(missing.len(), 1000);
+    // The calls' requests end, unsent (a stop waits for calls in progress).
+    for (answer, request) in calls.iter_mut().chain(&mut others) {
+        answer.abort();
+        request.send_reset(h2::Reason::CANCEL);
+    }
+    drop((calls, others, connections, first));
     service.stop().await;
+}
+
+/// A call whose answer is awaited by a task, and its request, never sent.
+type NeverSent = (
+    tokio::task::JoinHandle<(String, String)>,
+    h2::SendStream<bytes::Bytes>,
+);
+
+/// `calls` GetProfile calls on `client`'s connection whose requests are never sent: headers
+/// alone.
+async fn requests_never_sent(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    calls: usize,
+) -> Vec<NeverSent> {
+    let mut waiting = Vec::new();
+    for _ in 0..calls {
+        let (response, request) = open_call(client, "GetProfile").await;
+        waiting.push((tokio::spawn(grpc_status(response)), request));
+    }
+    waiting
+}
+
+/// The statuses of the `expected` of `calls` answered within `PATIENCE`; none more is answered
+/// for a second after.
+async fn refusals(calls: &mut [NeverSent], expected: usize) -> Vec<(String, String)> {
+    let answered = || {
+        calls
+            .iter()
+            .filter(|(answer, _)| answer.is_finished())
+            .count()
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while answered() < expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} refused",
+            answered()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(answered(), expected, "refused past the budgets");
+    let mut statuses = Vec::new();
+    for (answer, _) in calls.iter_mut().filter(|(answer, _)| answer.is_finished()) {
+        statuses.push(answer.await.unwrap());
+    }
+    statuses
 }
 
 /// A client that opened huge HTTP/2 windows and never read its socket held 475 MB on one
@@ -1708,6 +1824,136 @@ async fn health_checks_are_answered_while_other_clients_spend_the_servers_answer
         }
     }
     panic!("the server's budget never stayed spent through ten probes");
+}
+
+/// Answers of a few bytes parked behind shut windows are bounded in number, not only in bytes:
+/// each holds its HTTP/2 stream (about 12 KB), and counted by their bytes alone, 19,800
+/// ListProfiles answers of 40 bytes held 230 MiB and none was refused (found by an adversarial
+/// run). Each now also draws what its call holds (`byte_budgets::CALL_BYTES`: 1 KiB at
+/// `--grpc-max-message-bytes 65536`) from the server's budget, so its half for clients that
+/// have not read (1 MiB there) refuses the 1,025th at the latest; a client that reads is
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_of_a_few_bytes_parked_unread_are_bounded_in_number() {
+    use prost::Message;
+    let mut config = Config::for_tests(SECRET);
+    config.grpc_max_message_bytes = 65_536;
+    let service = TestService::start_with(config).await;
+    let page = profile_state::pb::ListProfilesRequest {
+        page_size: 1,
+        ..Default::default()
+    };
+    let mut reader = service.client().await;
+    let empty = reader.list_profiles(page.clone()).await.unwrap();
+    assert!(
+        empty.into_inner().encoded_len() < 100,
+        "an answer of a few bytes"
+    );
+
+    // By their bytes, one connection could hold 5,000 (256 KiB), the server 23,000: parked
+    // 250 a connection, 50 calls at a time, until some are refused (or 2,000 are parked).
+    let mut parked = Vec::new();
+    let mut refused = Vec::new();
+    while refused.is_empty() {
+        let mut connection = unread_grpc(service.grpc, 0).await;
+        for _ in 0..5 {
+            let mut answers = Vec::new();
+            for _ in 0..50 {
+                answers
+                    .push(raw_unary(&mut connection, "ListProfiles", page.encode_to_vec()).await);
+            }
+            for answer in answers {
+                match head_and_status(answer).await {
+                    (head, None) => parked.push(head),
+                    (head, Some(_)) => refused.push(head),
+                }
+            }
+        }
+        assert!(parked.len() < 2000, "{} parked, none refused", parked.len());
+    }
+    let refused = refused.swap_remove(0);
+    let message = grpc_message_of(&refused);
+    assert!(message.contains("clients that have not read"), "{message}");
+    assert!(
+        (900..=1024).contains(&parked.len()),
+        "{} parked",
+        parked.len()
+    );
+    // What clients that read hold is theirs: answered.
+    let answered = reader.list_profiles(page).await;
+    answered.expect("a client that read its answers is answered");
+    drop(parked);
+    service.stop().await;
+}
+
+/// A health check's answer draws on no server-wide budget (a probe is answered whatever other
+/// clients hold), so what checks parked behind shut windows hold is bounded per connection:
+/// 1,000 on each of 2,048 connections would have held about 24 GB (found by an adversarial
+/// run). A connection may have 8 in progress; one more is refused, another connection has its
+/// own, and a check that ends gives its slot back. A check's slot stays taken while h2 holds
+/// its answer: with a window of one byte, hyper ended the answer's body, which held the slot,
+/// at once, and 990 checks parked on a connection (found by an adversarial run).
+#[tokio::test]
+async fn health_checks_in_progress_are_capped_per_connection() {
+    let service = TestService::start_with(Config::for_tests(SECRET)).await;
+    for window in [0, 1] {
+        checks_capped_on_a_connection(&service, window).await;
+    }
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let refused = "profile_state_watch_streams_refused_total{limit=\"connection\"}";
+    assert!(sample(&metrics, refused) >= 2.0, "counted");
+    service.stop().await;
+}
+
+/// [`health_checks_in_progress_are_capped_per_connection`] on a connection whose client's
+/// stream windows are `window` bytes, never opened further.
+async fn checks_capped_on_a_connection(service: &TestService, window: u32) {
+    use profile_state::grpc::open_streams::HEALTH_CHECKS_PER_CONNECTION;
+    use prost::Message;
+    let check = tonic_health::pb::HealthCheckRequest::default().encode_to_vec();
+    let mut shut = unread_grpc(service.grpc, window).await;
+    let check_on = async |connection: &mut h2::client::SendRequest<bytes::Bytes>| {
+        let (answer, mut body) = open_path(connection, "/grpc.health.v1.Health/Check").await;
+        let mut message = vec![0];
+        message.extend(u32::try_from(check.len()).unwrap().to_be_bytes());
+        message.extend(&check);
+        body.send_data(message.into(), true).unwrap();
+        head_and_status(answer).await
+    };
+    let mut parked = Vec::new();
+    for _ in 0..HEALTH_CHECKS_PER_CONNECTION {
+        let (head, status) = check_on(&mut shut).await;
+        assert_eq!(status, None, "parked: {head:?}");
+        parked.push(head);
+    }
+    let (head, status) = check_on(&mut shut).await;
+    assert_eq!(status.as_deref(), Some("8"), "RESOURCE_EXHAUSTED: {head:?}");
+    let message = grpc_message_of(&head);
+    assert!(
+        message.contains("too many health checks in progress on this connection (limit 8"),
+        "{message}"
+    );
+
+    // Another connection (a kubelet's probe) is answered.
+    let mut probe = tonic_health::pb::health_client::HealthClient::new(service.channel().await);
+    let answer = probe
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await;
+    assert_eq!(answer.expect("answered").into_inner().status, 1, "SERVING");
+
+    // A check that ends (its stream reset) gives its slot back.
+    drop(parked.pop());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let (head, status) = check_on(&mut shut).await;
+        if status.is_none() {
+            parked.push(head);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the slot stays taken");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop((parked, shut));
 }
 
 /// Answers parked behind windows their clients keep shut, on as many connections as their

@@ -32,6 +32,14 @@
 //! health check's answer draws on its connection's budget alone
 //! (`byte_budgets::server_budget_for`), so probes are answered whatever other clients hold.
 //!
+//! An answer's first message also draws what its call holds besides its bytes
+//! ([`CALL_BYTES`](super::byte_budgets::CALL_BYTES)) from the server's budget (and its half),
+//! until h2 lets go of the chunk that ends that message (written, or dropped with its stream),
+//! so the server's budget bounds how many answers wait, not only their bytes (40-byte answers
+//! parked by the thousand held 12 KB each), and a stream's does not hold it for the stream's
+//! life. Not from the connection's budget, nor in what a connection is weighed and judged by
+//! (its shares of the server's budget, [`Unsent::has_read`]): see [`Budgets::take_answer`].
+//!
 //! A stream's later messages (a watch stream's changes and initial state, a backup's chunks)
 //! count too, in the connection's budget only, a chunk at a time as they are handed to hyper,
 //! and they wait for room instead of failing: a stream whose client reads slowly is slowed to
@@ -73,7 +81,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, http};
 
-use super::byte_budgets::{Budget, Budgets, Held, Room, SpentBy, server_budget_for};
+use super::byte_budgets::{Budget, Budgets, Held, Room, SpentBy, call_bytes, server_budget_for};
 use super::data_frames::DataFrames;
 use super::transport::Connection;
 use crate::poison::lock;
@@ -229,7 +237,7 @@ impl Unsent {
     /// Whether its client has read at least a sixteenth ([`SLOWEST_SHARE`]) of what its
     /// calls' first messages took of the server's budget over the connection's life, `bytes`
     /// more included: answers to clients that have not hold at most [`UNREAD`] of that budget
-    /// between them ([`Budgets::take_unread`]). Judged at each take, so a client that opens
+    /// between them ([`Budgets::take_answer`]). Judged at each take, so a client that opens
     /// connection after connection, each gone before a refusal could find it stalled, is
     /// held to it too, a new connection's first answer among them. With the answer's bytes:
     /// judged on what it took before alone, one byte of a health check's answer (or of a
@@ -340,6 +348,8 @@ pub struct AnswerBytesLayer {
     holders: Holders,
     /// [`CHUNK`], or less: see [`AnswerBytesLayer::new`].
     chunk: usize,
+    /// [`CALL_BYTES`](super::byte_budgets::CALL_BYTES), or less: see [`AnswerBytesLayer::new`].
+    call_bytes: usize,
 }
 
 impl AnswerBytesLayer {
@@ -352,7 +362,9 @@ impl AnswerBytesLayer {
     /// 1.6 MiB of 1 MiB). Never under [`SMALLEST_CHUNK`] (or the message limit): smaller, every
     /// byte went out in a frame of its own with nine bytes of header (found by an adversarial
     /// run, at `--grpc-max-message-bytes 4096` and 10,000 watch streams per connection); such
-    /// settings give up the half.
+    /// settings give up the half. What a call's own state holds
+    /// ([`CALL_BYTES`](super::byte_budgets::CALL_BYTES)) is counted as at most a sixty-fourth
+    /// of the message limit, so the smallest limits leave room for calls.
     pub fn new(max_message_bytes: usize, open_streams: usize) -> Self {
         let budget = max_message_bytes.saturating_mul(PER_CONNECTION);
         let chunk = CHUNK
@@ -366,6 +378,7 @@ impl AnswerBytesLayer {
             max_message_bytes,
             holders: Holders::default(),
             chunk,
+            call_bytes: call_bytes(max_message_bytes),
         }
     }
 
@@ -541,6 +554,7 @@ impl<S> tower::Layer<S> for AnswerBytesLayer {
             in_all: self.in_all.clone(),
             holders: self.holders.clone(),
             chunk: self.chunk,
+            call_bytes: self.call_bytes,
         }
     }
 }
@@ -553,6 +567,8 @@ pub struct AnswerBytesService<S> {
     holders: Holders,
     /// [`CHUNK`], or less where it would not fit a connection's empty budget.
     chunk: usize,
+    /// [`CALL_BYTES`](super::byte_budgets::CALL_BYTES), or less.
+    call_bytes: usize,
 }
 
 type Answer<R, E> = Result<http::Response<AnswerBody<R>>, E>;
@@ -585,6 +601,7 @@ where
             unsent: answer_bytes.map(|bytes| bytes.unsent),
             holders: self.holders.clone(),
             chunk: self.chunk,
+            call_bytes: self.call_bytes,
         };
         let answer = self.inner.call(request);
         Box::pin(async move {
@@ -692,6 +709,8 @@ struct Counting {
     holders: Holders,
     /// [`CHUNK`], or less where it would not fit a connection's empty budget.
     chunk: usize,
+    /// What the call's own state draws ([`CALL_BYTES`](super::byte_budgets::CALL_BYTES), or less).
+    call_bytes: usize,
 }
 
 impl Counting {
@@ -700,25 +719,27 @@ impl Counting {
         CREDIT.min(self.chunk)
     }
 
-    /// An answer's first message of `bytes` into `held`, from the half of the server's budget
-    /// for clients that have not read too if its client has not ([`Unsent::has_read`]). Past
-    /// the connection's budget, the refusal counts toward its cut ([`Unsent::found_spent`]);
-    /// past the server's (or its half), the heaviest stalled holder of it is cut.
-    fn take_first(&self, bytes: usize, held: &mut Held) -> Result<(), Status> {
-        let taken = match &self.unsent {
-            Some(unsent) if !unsent.has_read(bytes) => {
-                (self.budgets).take_unread(bytes, held, unsent.unread_part())
-            }
-            _ => self.budgets.take(bytes, held),
+    /// An answer's first message of `bytes` into `held`, with what the call's own state holds
+    /// ([`CALL_BYTES`](super::byte_budgets::CALL_BYTES)) in the `Held` returned, from the half of the server's budget for
+    /// clients that have not read too if its client has not ([`Unsent::has_read`]). Past the
+    /// connection's budget, the refusal counts toward its cut ([`Unsent::found_spent`]); past
+    /// the server's (or its half), the heaviest stalled holder of it is cut.
+    fn take_first(&self, bytes: usize, held: &mut Held) -> Result<Held, Status> {
+        let unread = match &self.unsent {
+            Some(unsent) if !unsent.has_read(bytes) => Some(unsent.unread_part()),
+            _ => None,
         };
-        let Err(spent) = taken else {
-            // What it owes reading is what it took of the server's budget.
-            if let Some(unsent) = &self.unsent
-                && self.budgets.in_all.is_some()
-            {
-                unsent.took_share(bytes);
+        let spent = match (self.budgets).take_answer((bytes, self.call_bytes), held, unread) {
+            Ok(call) => {
+                // What it owes reading is what it took of the server's budget.
+                if let Some(unsent) = &self.unsent
+                    && self.budgets.in_all.is_some()
+                {
+                    unsent.took_share(bytes);
+                }
+                return Ok(call);
             }
-            return Ok(());
+            Err(spent) => spent,
         };
         match (spent.by, &self.unsent) {
             (SpentBy::Connection, Some(unsent)) => unsent.found_spent(Instant::now()),
@@ -745,6 +766,9 @@ struct Sending<R> {
     /// the credit a stream took ahead ([`CREDIT`]).
     prepaid: usize,
     held: Held,
+    /// What the call's own state holds ([`CALL_BYTES`](super::byte_budgets::CALL_BYTES)), until
+    /// it goes with the chunk that ends the first message.
+    call: Option<Held>,
     counting: Counting,
     /// While waiting for room: the connection's budget's word that bytes came back (its
     /// h2 let go of a chunk, or an answer ended), and a timer ([`IDLE_SOCKET`]).
@@ -770,7 +794,8 @@ where
             Poll::Ready(Some(Ok(frame))) => frame,
             // Nothing yet (a stream's first message to come): counted as it comes.
             Poll::Pending => {
-                let sending = Sending::new(body, counting, Bytes::new(), Held::default());
+                let held = (Held::default(), Held::default());
+                let sending = Sending::new(body, counting, Bytes::new(), held);
                 return http::Response::from_parts(parts, sending.into_body());
             }
             Poll::Ready(None) => {
@@ -790,22 +815,25 @@ where
             }
         };
         let mut held = Held::default();
-        if let Err(status) = counting.take_first(rest.len(), &mut held) {
-            return AnswerBody::whole(status.into_http());
-        }
-        let sending = Sending::new(body, counting, rest, held);
+        let call = match counting.take_first(rest.len(), &mut held) {
+            Ok(call) => call,
+            Err(status) => return AnswerBody::whole(status.into_http()),
+        };
+        let sending = Sending::new(body, counting, rest, (held, call));
         http::Response::from_parts(parts, sending.into_body())
     }
 }
 
 impl<R> Sending<R> {
-    /// `body`, with `rest` of its first frame taken already into `held`.
-    fn new(body: R, counting: Counting, rest: Bytes, held: Held) -> Sending<R> {
+    /// `body`, with `rest` of its first frame taken already into `held`, and what its call
+    /// holds into `call`.
+    fn new(body: R, counting: Counting, rest: Bytes, (held, call): (Held, Held)) -> Sending<R> {
         Sending {
             body,
             prepaid: rest.len(),
             rest,
             held,
+            call: Some(call),
             counting,
             room: None,
             retry: None,
@@ -904,12 +932,19 @@ impl<R> Sending<R> {
         }
     }
 
-    /// Hands `chunk`, its bytes taken already, to hyper: counted until h2 lets go of it.
+    /// Hands `chunk`, its bytes taken already, to hyper: counted until h2 lets go of it, with
+    /// what the call holds if it ends the first message (one that did not, let go of, left an
+    /// answer's last bytes parked with nothing of the call counted: found by an adversarial
+    /// run).
     fn hand_over(&mut self, chunk: Bytes) -> Bytes {
         let len = chunk.len();
         self.prepaid = self.prepaid.saturating_sub(len);
+        let call = match self.rest.is_empty() {
+            true => self.call.take(),
+            false => None,
+        };
         match &self.counting.unsent {
-            Some(unsent) => CountedChunk::handed_over(chunk, &mut self.held, unsent),
+            Some(unsent) => CountedChunk::handed_over(chunk, (&mut self.held, call), unsent),
             None => {
                 self.held.give_back(len);
                 chunk
@@ -927,6 +962,9 @@ struct CountedChunk {
     unsent: Arc<Unsent>,
     /// Of its bytes, those drawn from the server's budget too.
     shared: Shared,
+    /// What its call holds ([`CALL_BYTES`](super::byte_budgets::CALL_BYTES)), with the chunk
+    /// that ends an answer's first message.
+    _call: Option<Held>,
 }
 
 /// Of a chunk's bytes, those drawn from the server's budget too, and of those, from its part
@@ -938,8 +976,12 @@ struct Shared {
 }
 
 impl CountedChunk {
-    /// `chunk`, its bytes moved from `held` to what `unsent` counts.
-    fn handed_over(chunk: Bytes, held: &mut Held, unsent: &Arc<Unsent>) -> Bytes {
+    /// `chunk`, its bytes moved from `held` to what `unsent` counts, with `call`.
+    fn handed_over(
+        chunk: Bytes,
+        (held, call): (&mut Held, Option<Held>),
+        unsent: &Arc<Unsent>,
+    ) -> Bytes {
         let (in_all, unread) = held.hand_over(chunk.len());
         unsent
             .handed_bytes
@@ -948,6 +990,7 @@ impl CountedChunk {
             bytes: chunk,
             unsent: Arc::clone(unsent),
             shared: Shared { in_all, unread },
+            _call: call,
         })
     }
 }
@@ -1019,6 +1062,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grpc::byte_budgets::CALL_BYTES;
 
     /// A layer for messages of `max_message_bytes`, a connection of it, and the budgets its
     /// calls draw on.
@@ -1045,7 +1089,7 @@ mod tests {
     /// `len` bytes of `held` handed to h2 as a chunk of `bytes`' connection: counted until
     /// the chunk is dropped.
     fn handed_over(bytes: &ConnectionAnswerBytes, held: &mut Held, len: usize) -> Bytes {
-        CountedChunk::handed_over(Bytes::from(vec![7; len]), held, &bytes.unsent)
+        CountedChunk::handed_over(Bytes::from(vec![7; len]), (held, None), &bytes.unsent)
     }
 
     /// Answers to clients that have not read a sixteenth of what they asked for (a new
@@ -1076,7 +1120,7 @@ mod tests {
         assert!(!new.unsent.has_read(4000));
         assert!(
             budgets
-                .take_unread(4000, &mut held, new.unsent.unread_part())
+                .take_answer((4000, 0), &mut held, Some(new.unsent.unread_part()))
                 .is_ok()
         );
         // It and three more that read nothing, each at its budget: half the server's.
@@ -1085,12 +1129,13 @@ mod tests {
         for (bytes, budgets, held) in &mut unread {
             assert!(
                 budgets
-                    .take_unread(4000, held, bytes.unsent.unread_part())
+                    .take_answer((4000, 0), held, Some(bytes.unsent.unread_part()))
                     .is_ok()
             );
         }
         let (fifth, budgets, mut refused) = open();
-        let Err(spent) = budgets.take_unread(1, &mut refused, fifth.unsent.unread_part()) else {
+        let part = Some(fifth.unsent.unread_part());
+        let Err(spent) = budgets.take_answer((1, 0), &mut refused, part) else {
             panic!("past half the server's budget");
         };
         assert_eq!(spent.by, SpentBy::Unread);
@@ -1134,7 +1179,8 @@ mod tests {
         slow.unsent.data_read(100);
         assert!(budgets.take(4000, &mut slow_held).is_ok());
         let (new, budgets, mut new_held) = open();
-        let unread = budgets.take_unread(3000, &mut new_held, new.unsent.unread_part());
+        let part = Some(new.unsent.unread_part());
+        let unread = budgets.take_answer((3000, 0), &mut new_held, part);
         assert!(unread.is_ok());
         new.unsent.took_share(3000);
         // It reads a sixteenth of it once, then nothing.
@@ -1247,6 +1293,80 @@ mod tests {
             panic!("the server's budget is spent");
         };
         assert_eq!(spent.by, SpentBy::Server);
+    }
+
+    /// An answer's first message draws what its call's own state holds too
+    /// ([`CALL_BYTES`](super::byte_budgets::CALL_BYTES), at most a sixty-fourth of the message
+    /// limit) from the server's budget (and its half for clients that have not read), until h2
+    /// lets go of the chunk that ends the message; not from its connection's budget, nor toward
+    /// what its connection is weighed by or owes reading. Counted by their bytes alone,
+    /// answers of 40 bytes parked by the thousand held 12 KB each, and with the first chunk
+    /// alone, answers of a chunk and 40 bytes (found by adversarial runs).
+    #[tokio::test]
+    async fn an_answer_holds_its_calls_own_bytes_until_it_is_done_with() {
+        let (layer, bytes, budgets) = connection(4 << 20);
+        let counting = Counting {
+            budgets,
+            unsent: Some(Arc::clone(&bytes.unsent)),
+            holders: layer.holders.clone(),
+            chunk: layer.chunk,
+            call_bytes: layer.call_bytes,
+        };
+        let full = http_body_util::Full::new(Bytes::from(vec![7; 100]));
+        let answer = Sending::first_frame(http::Response::new(Body::new(full)), counting);
+        let used = || {
+            let server = (layer.in_all.used(), layer.unread.used());
+            (bytes.budget.used(), server, bytes.share.used())
+        };
+        let call = 100 + CALL_BYTES;
+        assert_eq!(
+            used(),
+            (100, (call, call), 100),
+            "a new connection's answer"
+        );
+        let owed = bytes.unsent.shared_bytes.load(Ordering::Relaxed);
+        assert_eq!(owed, 100, "owes reading its message");
+
+        // Handed to h2 as a chunk, counted until h2 lets go of it, the call's bytes with it (a
+        // stream's do not stay for its life).
+        let mut body = answer.into_body();
+        let frame = http_body_util::BodyExt::frame(&mut body).await;
+        let message = frame.expect("a frame").expect("data").into_data().unwrap();
+        assert_eq!(message.len(), 100);
+        assert_eq!(used(), (100, (call, call), 100), "held by h2");
+        drop(message);
+        assert_eq!(used(), (0, (0, 0), 0));
+
+        // A message of two chunks: the call's bytes go with the second.
+        let bytes_of = |len| http_body_util::Full::new(Bytes::from(vec![7; len]));
+        let counting = Counting {
+            budgets: another(&layer).1,
+            unsent: Some(Arc::clone(&bytes.unsent)),
+            holders: layer.holders.clone(),
+            chunk: layer.chunk,
+            call_bytes: layer.call_bytes,
+        };
+        let two = http::Response::new(Body::new(bytes_of(CHUNK + 40)));
+        let mut body = Sending::first_frame(two, counting).into_body();
+        let mut next = async || {
+            let frame = http_body_util::BodyExt::frame(&mut body).await;
+            frame.expect("a frame").expect("data").into_data().unwrap()
+        };
+        let first = next().await;
+        drop(first);
+        assert_eq!(
+            layer.in_all.used(),
+            40 + CALL_BYTES,
+            "the last chunk's and the call's"
+        );
+        let last = next().await;
+        assert_eq!(last.len(), 40);
+        drop(last);
+        assert_eq!(layer.in_all.used(), 0);
+
+        let call_bytes = |max_message| AnswerBytesLayer::new(max_message, 1).call_bytes;
+        assert_eq!(call_bytes(65_536), 1024, "a sixty-fourth of a small limit");
+        assert_eq!(call_bytes(1024), 16, "the smallest limit");
     }
 
     /// A trickle is not reading: a client that keeps its windows at one byte reads a few
@@ -1459,6 +1579,7 @@ mod tests {
             unsent: Some(Arc::clone(&bytes.unsent)),
             holders: layer.holders.clone(),
             chunk: CHUNK.min(1024),
+            call_bytes: layer.call_bytes,
         };
         let answer = Sending::first_frame(answer, counting);
         let mut body = answer.into_body();
@@ -1515,6 +1636,7 @@ mod tests {
             unsent: None,
             holders: Holders::default(),
             chunk: CHUNK,
+            call_bytes: 0,
         };
         let answer = Sending::first_frame(answer, counting);
         let (_, body) = answer.into_parts();

@@ -1,5 +1,6 @@
-//! The other streams that stay open for as long as their client likes: gRPC health's `Watch`
-//! and reflection's `ServerReflectionInfo`, beside WatchProfiles (which `super::watch` caps).
+//! The other calls that stay open for as long as their client likes: gRPC health's `Watch`
+//! and reflection's `ServerReflectionInfo`, beside WatchProfiles (which `super::watch` caps),
+//! and health `Check`s whose answers their clients do not read.
 //!
 //! Nothing counted them: each held about 14 KB, and 5,000 health watches on five connections
 //! took 68 MB (found by an adversarial run); the listener's own caps allowed two million. A
@@ -11,6 +12,14 @@
 //! which client-side health checking reads as the server being down (found by the next run).
 //! Neither are these WatchProfiles slots: a connection full of watch streams keeps its health
 //! watch.
+//!
+//! A health `Check` is a unary call, but its answer waits for as long as its client leaves it
+//! unread, holding its HTTP/2 stream (about 12 KB), and health answers draw on no server-wide
+//! budget (`super::byte_budgets::server_budget_for`): 1,000 checks parked on each of 2,048
+//! connections would have taken about 24 GB (found by an adversarial run). A connection may
+//! have [`HEALTH_CHECKS_PER_CONNECTION`] of them in progress, slots of their own (a connection
+//! full of health watches still has its checks answered); one more is refused
+//! RESOURCE_EXHAUSTED. A prober has one in progress at a time.
 //!
 //! Reflection streams also end at the start of shutdown (UNAVAILABLE, "server shutting
 //! down"): a grpcurl session left open held the drain for the whole `--shutdown-grace`. Health
@@ -39,7 +48,11 @@ use crate::status::{Rejection, grpc_status};
 /// Health `Watch` and reflection streams one connection may have open at once.
 pub const OPEN_STREAMS_PER_CONNECTION: usize = 8;
 
+/// Health `Check` calls one connection may have in progress at once.
+pub const HEALTH_CHECKS_PER_CONNECTION: usize = 8;
+
 const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 /// Reflection's method paths: the API's only requests that are streams of messages.
 pub(super) const REFLECTION: [&str; 2] = [
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
@@ -59,25 +72,32 @@ impl OpenStreamsLayer {
         OpenStreamsLayer { metrics, stopping }
     }
 
-    /// The slot of a stream arriving on `connection` (none from a connection that did not
-    /// come through the capped listener), or the refusal.
-    fn slot(&self, connection: Option<&Connection>) -> Result<Slot, Status> {
+    /// The slot of a stream (or a health check, `check`) arriving on `connection` (none from
+    /// a connection that did not come through the capped listener), or the refusal.
+    fn slot(&self, connection: Option<&Connection>, check: bool) -> Result<Slot, Status> {
         let Some(connection) = connection else {
             return Ok(None);
         };
-        connection
-            .open_streams
+        let slots = match check {
+            true => &connection.health_checks,
+            false => &connection.open_streams,
+        };
+        slots
             .try_open()
-            .map(Some)
+            .map(|slot| Some(Arc::new(slot)))
             .map_err(|limit| {
                 self.metrics.watch_stream_refused("connection");
-                grpc_status(Rejection::TooManyOpenStreams { limit })
+                match check {
+                    true => grpc_status(Rejection::TooManyHealthChecks { limit }),
+                    false => grpc_status(Rejection::TooManyOpenStreams { limit }),
+                }
             })
     }
 }
 
-/// What an open-ended stream holds until its answer is dropped.
-type Slot = Option<OwnedSemaphorePermit>;
+/// What an open-ended stream holds until its answer is dropped and h2 has let go of every
+/// chunk of it ([`SlotChunk`]).
+type Slot = Option<Arc<OwnedSemaphorePermit>>;
 
 impl<S> tower::Layer<S> for OpenStreamsLayer {
     type Service = OpenStreamsService<S>;
@@ -116,10 +136,11 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path();
         let reflection = REFLECTION.contains(&path);
-        if !reflection && path != HEALTH_WATCH {
+        let check = path == HEALTH_CHECK;
+        if !reflection && !check && path != HEALTH_WATCH {
             return Either::Left(self.inner.call(request));
         }
-        let slot = match self.layer.slot(Connection::of_http(&request)) {
+        let slot = match self.layer.slot(Connection::of_http(&request), check) {
             Ok(slot) => slot,
             Err(refused) => {
                 return Either::Right(Box::pin(std::future::ready(Ok(refused.into_http()))));
@@ -146,7 +167,7 @@ where
             Ok(answer.map(|body| {
                 Body::new(Holding {
                     body,
-                    _slot: slot,
+                    slot,
                     stopping,
                     failure,
                     ended: false,
@@ -157,10 +178,14 @@ where
 }
 
 /// An open-ended stream's answer: holds its slot, and ends at `stopping` if it has one, or
-/// with its requests' failure if they failed.
+/// with its requests' failure if they failed. Each of its chunks holds the slot too, until h2
+/// lets go of it: hyper ends a body once h2 has taken its last chunk and trailers, while h2
+/// keeps them behind a window its client holds at one byte, and the slot went with the body
+/// (a client parked 990 health checks on each connection that way; found by an adversarial
+/// run).
 struct Holding {
     body: Body,
-    _slot: Slot,
+    slot: Slot,
     stopping: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     failure: Option<RequestFailure>,
     ended: bool,
@@ -198,12 +223,38 @@ impl HttpBody for Holding {
             (Some(Ok(frame)), Some(failed)) if frame.is_trailers() => {
                 Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers_of(failed)))))
             }
+            (Some(Ok(frame)), _) => Poll::Ready(Some(Ok(SlotChunk::holding(frame, &this.slot)))),
             (frame, _) => Poll::Ready(frame),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         self.ended || self.body.is_end_stream()
+    }
+}
+
+/// A chunk of an open-ended stream's answer, holding its stream's slot until h2 lets go of it.
+struct SlotChunk {
+    bytes: Bytes,
+    _slot: Arc<OwnedSemaphorePermit>,
+}
+
+impl SlotChunk {
+    /// `frame`, its data holding `slot` (if any) too.
+    fn holding(frame: http_body::Frame<Bytes>, slot: &Slot) -> http_body::Frame<Bytes> {
+        let Some(slot) = slot else {
+            return frame;
+        };
+        frame.map_data(|bytes| {
+            let _slot = Arc::clone(slot);
+            Bytes::from_owner(SlotChunk { bytes, _slot })
+        })
+    }
+}
+
+impl AsRef<[u8]> for SlotChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
     }
 }
 

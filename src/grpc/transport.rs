@@ -138,6 +138,9 @@ pub struct Connection {
     /// The slots of this connection for health `Watch` and reflection streams
     /// (`super::open_streams`).
     pub open_streams: ConnectionWatches,
+    /// The slots of this connection for health `Check` calls in progress
+    /// (`super::open_streams`).
+    pub health_checks: ConnectionWatches,
     /// The bytes of requests this connection may be receiving at once.
     pub request_bytes: super::request_bytes::ConnectionRequestBytes,
     /// The bytes of answers this connection may hold unsent at once.

@@ -531,8 +531,8 @@ impl Metrics {
         self.inner.watch.resets.with_label_values(&[reason]).inc();
     }
 
-    /// Counts a WatchProfiles call, or a health Watch or reflection stream, refused by
-    /// `limit`, one of [`WATCH_STREAM_LIMITS`].
+    /// Counts a WatchProfiles call, a health Watch or reflection stream, or a health check,
+    /// refused by `limit`, one of [`WATCH_STREAM_LIMITS`].
     pub fn watch_stream_refused(&self, limit: &str) {
         debug_assert!(
             WATCH_STREAM_LIMITS.contains(&limit),

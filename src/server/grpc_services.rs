@@ -21,7 +21,9 @@ use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::certificates::TlsCertificates;
 use crate::grpc::dead_letters::DeadLetterApi;
-use crate::grpc::open_streams::{OPEN_STREAMS_PER_CONNECTION, OpenStreamsLayer};
+use crate::grpc::open_streams::{
+    HEALTH_CHECKS_PER_CONNECTION, OPEN_STREAMS_PER_CONNECTION, OpenStreamsLayer,
+};
 use crate::grpc::request_bytes::{ConnectionRequestBytes, RequestBytesLayer};
 use crate::grpc::transport::{Connection, ConnectionWatches, MetricsLayer};
 use crate::grpc::{ProfileApi, ProfileServiceRoutes};
@@ -287,6 +289,7 @@ fn tagging(
             peer,
             watches: ConnectionWatches::new(per_connection),
             open_streams: ConnectionWatches::new(OPEN_STREAMS_PER_CONNECTION),
+            health_checks: ConnectionWatches::new(HEALTH_CHECKS_PER_CONNECTION),
             request_bytes: ConnectionRequestBytes::new(limit),
             answer_bytes: answers.connection(peer, cut.clone()),
             activity,
