@@ -234,7 +234,9 @@ impl Arriving {
         self.between = true;
         if self.streamed {
             self.deadline = None;
-            if let Waiting::Counted { bytes, waiting, .. } = std::mem::take(&mut self.call) {
+            // Given back (a wait that was not counted stays as it was).
+            if let Waiting::Counted { bytes, waiting, .. } = &self.call {
+                let (bytes, waiting) = (*bytes, waiting.clone());
                 self.call = Waiting::NotYet { bytes, waiting };
             }
         }
@@ -280,7 +282,6 @@ impl Arriving {
 
 /// What a call waiting for its request holds besides its bytes, by how long it has waited:
 /// `bytes` from its connection's budget and `waiting`, the server's for such calls.
-#[derive(Default)]
 enum Waiting {
     /// Not counted yet.
     NotYet { bytes: usize, waiting: Budget },
@@ -292,7 +293,6 @@ enum Waiting {
         waiting: Budget,
     },
     /// The request ended: nothing more to wait for.
-    #[default]
     Over,
 }
 
@@ -419,8 +419,14 @@ mod tests {
         while unary.frame().await.is_some() {}
         assert_eq!(used(), (0, 0, 0), "given back as it ends");
 
-        // A stream of requests: between messages, nothing.
+        // A stream of requests: between messages, nothing; a message that came whole at once
+        // leaves the next one's wait to be counted.
         let (frames, mut stream) = request(true);
+        frames
+            .send(Ok(http_body::Frame::data(Bytes::from(message(3)))))
+            .await
+            .unwrap();
+        assert!(stream.frame().await.is_some());
         let ten = message(10);
         frames
             .send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
@@ -445,6 +451,18 @@ mod tests {
         tokio::time::advance(2 * UNCOUNTED_WAIT).await;
         assert!(pending(&mut stream));
         assert_eq!(used(), (0, 0, 0));
+        // The next message begun and stalled: counted again.
+        frames
+            .send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
+                &ten[..7],
+            ))))
+            .await
+            .unwrap();
+        assert!(stream.frame().await.is_some());
+        assert!(pending(&mut stream));
+        tokio::time::advance(2 * UNCOUNTED_WAIT).await;
+        assert!(pending(&mut stream));
+        assert_eq!(used(), (7 + call, 7, call), "the second message's wait");
     }
 
     /// Only a message not yet whole counts, however its bytes are cut into frames.
