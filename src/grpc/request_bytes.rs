@@ -129,16 +129,15 @@ where
         };
         let arrival = self.layer.arrival;
         let streamed = REFLECTION.contains(&request.uri().path());
-        let call = Waiting::NotYet {
-            bytes: self.layer.call_bytes,
-            waiting: self.layer.waiting.clone(),
-        };
+        let (waiting, call_bytes) = (self.layer.waiting.clone(), self.layer.call_bytes);
         self.inner.call(request.map(|body| {
             Body::new(Arriving {
                 body,
                 budgets,
                 held: Held::default(),
-                call,
+                waiting,
+                call_bytes,
+                call: None,
                 deadline: None,
                 between: false,
                 streamed,
@@ -199,8 +198,13 @@ struct Arriving {
     budgets: Budgets,
     /// The bytes received so far, given back when the body ends or is dropped.
     held: Held,
-    /// What the call holds besides, once it has waited [`UNCOUNTED_WAIT`].
-    call: Waiting,
+    /// The server's budget for calls waiting for their requests, and what such a call draws
+    /// on it and on its connection's.
+    waiting: Budget,
+    call_bytes: usize,
+    /// What the call holds besides its bytes, once it has waited [`UNCOUNTED_WAIT`]: until
+    /// its request ends, or for a stream of requests until its message is whole.
+    call: Option<Held>,
     /// Set at the first wait for more while a message is due: the first, or one begun.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A message came whole and no other has begun.
@@ -222,7 +226,6 @@ impl Arriving {
 
     fn end(&mut self) {
         self.ended = true;
-        self.call = Waiting::Over;
         self.between_messages();
     }
 
@@ -232,13 +235,11 @@ impl Arriving {
     fn between_messages(&mut self) {
         self.held = Held::default();
         self.between = true;
+        if self.streamed || self.ended {
+            self.call = None;
+        }
         if self.streamed {
             self.deadline = None;
-            // Given back (a wait that was not counted stays as it was).
-            if let Waiting::Counted { bytes, waiting, .. } = &self.call {
-                let (bytes, waiting) = (*bytes, waiting.clone());
-                self.call = Waiting::NotYet { bytes, waiting };
-            }
         }
     }
 
@@ -249,24 +250,19 @@ impl Arriving {
         let first = UNCOUNTED_WAIT.min(arrival);
         let deadline = (self.deadline).get_or_insert_with(|| Box::pin(tokio::time::sleep(first)));
         ready!(deadline.as_mut().poll(cx));
-        if let Waiting::NotYet { bytes, waiting } = &self.call {
-            let (bytes, waiting) = (*bytes, waiting.clone());
+        if self.call.is_none() {
             let budgets = Budgets {
                 connection: self.budgets.connection.clone(),
-                in_all: Some(waiting.clone()),
+                in_all: Some(self.waiting.clone()),
                 connection_share: None,
                 what: "calls waiting for their requests",
                 advice: self.budgets.advice,
             };
             let mut held = Held::default();
-            if let Err(spent) = budgets.take(bytes, &mut held) {
+            if let Err(spent) = budgets.take(self.call_bytes, &mut held) {
                 return Poll::Ready(spent.status);
             }
-            self.call = Waiting::Counted {
-                _held: held,
-                bytes,
-                waiting,
-            };
+            self.call = Some(held);
             let started = deadline.deadline() - first;
             deadline.as_mut().reset(started + arrival);
             if deadline.as_mut().poll(cx).is_pending() {
@@ -278,22 +274,6 @@ impl Arriving {
             arrival.as_secs()
         )))
     }
-}
-
-/// What a call waiting for its request holds besides its bytes, by how long it has waited:
-/// `bytes` from its connection's budget and `waiting`, the server's for such calls.
-enum Waiting {
-    /// Not counted yet.
-    NotYet { bytes: usize, waiting: Budget },
-    /// Counted: held until the request ends (or, for a stream of requests, until its message
-    /// is whole).
-    Counted {
-        _held: Held,
-        bytes: usize,
-        waiting: Budget,
-    },
-    /// The request ended: nothing more to wait for.
-    Over,
 }
 
 impl HttpBody for Arriving {
@@ -357,6 +337,15 @@ mod tests {
         bytes
     }
 
+    /// A request body's frames, sent by a test.
+    type Frames = tokio::sync::mpsc::Sender<Result<http_body::Frame<Bytes>, Status>>;
+
+    /// `bytes` as the next frame of a request body.
+    async fn send(frames: &Frames, bytes: &[u8]) {
+        let frame = http_body::Frame::data(Bytes::copy_from_slice(bytes));
+        frames.send(Ok(frame)).await.unwrap();
+    }
+
     /// A call still waiting for its request after [`UNCOUNTED_WAIT`] draws what it holds
     /// (`byte_budgets::call_bytes`: 1 KiB here), from its connection's budget and the server's
     /// for waiting calls (not the one for requests' bytes), until its request ends; a stream of
@@ -367,8 +356,7 @@ mod tests {
         let connection = Budget::new(65_536, PER_CONNECTION);
         let layer = RequestBytesLayer::new(65_536, Duration::from_secs(30));
         let request = |streamed| {
-            let (frames, rx) =
-                tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, Status>>(4);
+            let (frames, rx): (Frames, _) = tokio::sync::mpsc::channel(4);
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
             let body = Arriving {
                 body: Body::new(http_body_util::StreamBody::new(stream)),
@@ -380,10 +368,9 @@ mod tests {
                     advice: "wait",
                 },
                 held: Held::default(),
-                call: Waiting::NotYet {
-                    bytes: layer.call_bytes,
-                    waiting: layer.waiting.clone(),
-                },
+                waiting: layer.waiting.clone(),
+                call_bytes: layer.call_bytes,
+                call: None,
                 deadline: None,
                 between: false,
                 streamed,
@@ -411,10 +398,7 @@ mod tests {
         tokio::time::advance(UNCOUNTED_WAIT).await;
         assert!(pending(&mut unary));
         assert_eq!(used(), (call, 0, call));
-        frames
-            .send(Ok(http_body::Frame::data(Bytes::from(message(3)))))
-            .await
-            .unwrap();
+        send(&frames, &message(3)).await;
         drop(frames);
         while unary.frame().await.is_some() {}
         assert_eq!(used(), (0, 0, 0), "given back as it ends");
@@ -422,29 +406,16 @@ mod tests {
         // A stream of requests: between messages, nothing; a message that came whole at once
         // leaves the next one's wait to be counted.
         let (frames, mut stream) = request(true);
-        frames
-            .send(Ok(http_body::Frame::data(Bytes::from(message(3)))))
-            .await
-            .unwrap();
+        send(&frames, &message(3)).await;
         assert!(stream.frame().await.is_some());
         let ten = message(10);
-        frames
-            .send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
-                &ten[..7],
-            ))))
-            .await
-            .unwrap();
+        send(&frames, &ten[..7]).await;
         assert!(stream.frame().await.is_some());
         assert!(pending(&mut stream), "the rest of the message due");
         tokio::time::advance(2 * UNCOUNTED_WAIT).await;
         assert!(pending(&mut stream));
         assert_eq!(used(), (7 + call, 7, call));
-        frames
-            .send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
-                &ten[7..],
-            ))))
-            .await
-            .unwrap();
+        send(&frames, &ten[7..]).await;
         assert!(stream.frame().await.is_some());
         assert_eq!(used(), (0, 0, 0), "a whole message: between messages");
         assert!(pending(&mut stream), "waiting for the next, untimed");
@@ -452,12 +423,7 @@ mod tests {
         assert!(pending(&mut stream));
         assert_eq!(used(), (0, 0, 0));
         // The next message begun and stalled: counted again.
-        frames
-            .send(Ok(http_body::Frame::data(Bytes::copy_from_slice(
-                &ten[..7],
-            ))))
-            .await
-            .unwrap();
+        send(&frames, &ten[..7]).await;
         assert!(stream.frame().await.is_some());
         assert!(pending(&mut stream));
         tokio::time::advance(2 * UNCOUNTED_WAIT).await;
