@@ -1,7 +1,8 @@
 //! Real `nats-server` processes for profile-state's tests and load tool.
 //!
 //! [`NatsCluster::single`] starts one JetStream server, [`NatsCluster::three`] a 3-node
-//! cluster, on free loopback ports, each node with its store in a temporary directory and
+//! cluster, on free ports of a loopback address of the cluster's own (not `127.0.0.1`: see
+//! [`own_loopback_address`]), each node with its store in a temporary directory and
 //! `sync_interval: always` (every acknowledged write is on disk, as the service promises).
 //! Readiness is awaited by signal (`/healthz?js-enabled-only=true`, and a meta leader in `/jsz`
 //! for a cluster), never by sleeping. A [`Node`] can be killed (SIGKILL), restarted on the same
@@ -19,7 +20,8 @@ pub mod binary;
 mod node;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use binary::{NatsServerBinary, nats_server};
 pub use node::{NODE_DIR_PREFIX, Node, READY_TIMEOUT};
@@ -45,8 +47,9 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// One standalone JetStream server, ready.
     pub async fn single() -> Result<NatsCluster, HarnessError> {
-        let [client, http] = free_ports::<2>()?;
-        let config = node_config("n1", client, http, None);
+        let host = own_loopback_address();
+        let [client, http] = free_ports_on::<2>(host)?;
+        let config = node_config("n1", host, client, http, None);
         Ok(NatsCluster {
             nodes: vec![Node::start("n1", &config).await?],
         })
@@ -61,13 +64,14 @@ impl NatsCluster {
     /// [`NatsCluster::three`], every node started (and restarted) with these environment
     /// variables, e.g. `GOMAXPROCS`.
     pub async fn three_with_env(env: &[(String, String)]) -> Result<NatsCluster, HarnessError> {
-        let ports = free_ports::<9>()?;
+        let host = own_loopback_address();
+        let ports = free_ports_on::<9>(host)?;
         let routes = [ports[2], ports[5], ports[8]];
         let configs = (0..3)
             .map(|i| {
                 let name = format!("n{}", i + 1);
                 let [client, http, cluster] = [ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]];
-                let config = node_config(&name, client, http, Some((cluster, &routes)));
+                let config = node_config(&name, host, client, http, Some((cluster, &routes)));
                 (name, config)
             })
             .collect();
@@ -198,18 +202,24 @@ fn cluster_formed(nodes: &[Node], views: &[Option<serde_json::Value>]) -> bool {
 
 /// The configuration the harness gives a node: loopback only, store in the node's directory,
 /// every write synced before it is acknowledged.
-fn node_config(name: &str, client: u16, http: u16, cluster: Option<(u16, &[u16; 3])>) -> String {
+fn node_config(
+    name: &str,
+    host: Ipv4Addr,
+    client: u16,
+    http: u16,
+    cluster: Option<(u16, &[u16; 3])>,
+) -> String {
     let mut config = format!(
-        "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n\
+        "server_name: {name}\nlisten: {host}:{client}\nhttp: {host}:{http}\n\
          jetstream {{\n  store_dir: \"store\"\n  sync_interval: always\n}}\n"
     );
     if let Some((listen, routes)) = cluster {
         let routes: Vec<String> = routes
             .iter()
-            .map(|port| format!("    nats-route://127.0.0.1:{port}"))
+            .map(|port| format!("    nats-route://{host}:{port}"))
             .collect();
         config.push_str(&format!(
-            "cluster {{\n  name: test\n  listen: 127.0.0.1:{listen}\n  routes: [\n{}\n  ]\n}}\n",
+            "cluster {{\n  name: test\n  listen: {host}:{listen}\n  routes: [\n{}\n  ]\n}}\n",
             routes.join("\n")
         ));
     }
@@ -220,8 +230,13 @@ fn node_config(name: &str, client: u16, http: u16, cluster: Option<(u16, &[u16; 
 /// the server binds them a moment later (the kernel does not hand out a just-freed ephemeral
 /// port again soon).
 pub fn free_ports<const N: usize>() -> Result<[u16; N], HarnessError> {
+    free_ports_on(Ipv4Addr::LOCALHOST)
+}
+
+/// [`free_ports`] on `host`.
+pub fn free_ports_on<const N: usize>(host: Ipv4Addr) -> Result<[u16; N], HarnessError> {
     let listeners = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .map(|_| TcpListener::bind((host, 0)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| HarnessError(format!("no free loopback port: {err}")))?;
     let ports: Vec<u16> = listeners
@@ -230,6 +245,22 @@ pub fn free_ports<const N: usize>() -> Result<[u16; N], HarnessError> {
         .collect::<Result<_, _>>()
         .map_err(|err| HarnessError(format!("no free loopback port: {err}")))?;
     Ok(ports.try_into().expect("N ports"))
+}
+
+/// A loopback address (`127.a.b.c`, Linux answers every one of `127.0.0.0/8`) that no other
+/// cluster of this process has, and no other process running at the same time is likely to.
+/// Tests bind their own servers on `127.0.0.1:0`: when a node is killed, the ports it frees
+/// on `127.0.0.1` could be taken by one of them before it restarts (its restart then fails),
+/// and a client following the dead node would reach a stranger (a test of a stopped server in
+/// CI once got an HTTP 404 from another test's server that way). Ports on this address are
+/// taken only by this cluster.
+pub fn own_loopback_address() -> Ipv4Addr {
+    static CLUSTERS: AtomicU32 = AtomicU32::new(1);
+    let cluster = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+    // The process in the second byte (never 0: not 127.0.0.x), the cluster in the last two.
+    let process = u8::try_from(std::process::id() % 255 + 1).expect("1 to 255");
+    let [.., high, low] = cluster.to_be_bytes();
+    Ipv4Addr::new(127, process, high, low)
 }
 
 /// Rewrites every `127.0.0.1:<port>` in these configuration texts to a free port, the same
@@ -298,10 +329,10 @@ mod tests {
 
     #[test]
     fn the_harness_config_syncs_every_write_and_routes_to_all_three() {
-        let config = node_config("n2", 1, 2, Some((3, &[3, 4, 5])));
+        let config = node_config("n2", Ipv4Addr::LOCALHOST, 1, 2, Some((3, &[3, 4, 5])));
         assert!(config.contains("sync_interval: always"));
         assert!(config.contains("nats-route://127.0.0.1:4"));
         assert!(config.starts_with("server_name: n2\nlisten: 127.0.0.1:1\nhttp: 127.0.0.1:2\n"));
-        assert!(!node_config("n1", 1, 2, None).contains("cluster"));
+        assert!(!node_config("n1", Ipv4Addr::LOCALHOST, 1, 2, None).contains("cluster"));
     }
 }

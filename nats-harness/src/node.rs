@@ -3,6 +3,7 @@
 //! the same ports and store, SIGSTOP, SIGCONT).
 
 use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -27,8 +28,8 @@ pub const NODE_DIR_PREFIX: &str = "nats-harness-";
 /// directory is removed after that.
 pub struct Node {
     name: String,
-    client_port: u16,
-    http_port: u16,
+    client: SocketAddr,
+    http_address: SocketAddr,
     clustered: bool,
     config: PathBuf,
     log: PathBuf,
@@ -42,7 +43,7 @@ pub struct Node {
 
 impl Node {
     /// Starts a node from configuration text and waits until it is ready. The text must have
-    /// top-level `listen: 127.0.0.1:<port>` and `http: 127.0.0.1:<port>` lines; relative paths
+    /// top-level `listen: <IP>:<port>` and `http: <IP>:<port>` lines; relative paths
     /// in it (such as `store_dir`) are inside the node's own temporary directory.
     pub async fn start(name: &str, config_text: &str) -> Result<Node, HarnessError> {
         let mut node = Node::spawn(name, config_text, &[])?;
@@ -56,10 +57,10 @@ impl Node {
         config_text: &str,
         env: &[(String, String)],
     ) -> Result<Node, HarnessError> {
-        let port = |key: &str| {
-            top_level_port(config_text, key).ok_or_else(|| {
+        let address = |key: &str| {
+            top_level_address(config_text, key).ok_or_else(|| {
                 HarnessError(format!(
-                    "node {name}: no top-level `{key}: 127.0.0.1:<port>` in its configuration"
+                    "node {name}: no top-level `{key}: <IP>:<port>` in its configuration"
                 ))
             })
         };
@@ -72,8 +73,8 @@ impl Node {
             .map_err(|err| HarnessError(format!("node {name}: cannot write config: {err}")))?;
         let mut node = Node {
             name: name.to_string(),
-            client_port: port("listen")?,
-            http_port: port("http")?,
+            client: address("listen")?,
+            http_address: address("http")?,
             clustered: config_text.contains("\ncluster"),
             log: dir.path().join("nats-server.log"),
             config,
@@ -130,14 +131,14 @@ impl Node {
         &self.name
     }
 
-    /// `nats://127.0.0.1:<port>`, the client URL.
+    /// `nats://<IP>:<port>`, the client URL.
     pub fn client_url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.client_port)
+        format!("nats://{}", self.client)
     }
 
-    /// `http://127.0.0.1:<port>`, the monitoring endpoint.
+    /// `http://<IP>:<port>`, the monitoring endpoint.
     pub fn monitor_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        format!("http://{}", self.http_address)
     }
 
     /// The process id while the node runs.
@@ -302,12 +303,11 @@ enum Probe {
     Current,
 }
 
-/// The port of a top-level `key: 127.0.0.1:<port>` line.
-fn top_level_port(config: &str, key: &str) -> Option<u16> {
+/// The address of a top-level `key: <IP>:<port>` line.
+fn top_level_address(config: &str, key: &str) -> Option<SocketAddr> {
     config.lines().find_map(|line| {
         let value = line.strip_prefix(key)?.trim_start().strip_prefix(':')?;
-        let value = value.trim().trim_matches('"');
-        value.rsplit_once(':')?.1.parse().ok()
+        value.trim().trim_matches('"').parse().ok()
     })
 }
 
@@ -346,12 +346,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ports_are_read_from_top_level_lines_only() {
-        let config = "server_name: a\nlisten: 127.0.0.1:4222\nhttp: \"127.0.0.1:8222\"\n\
+    fn addresses_are_read_from_top_level_lines_only() {
+        let config = "server_name: a\nlisten: 127.3.0.7:4222\nhttp: \"127.0.0.1:8222\"\n\
                       cluster {\n  listen: 127.0.0.1:6222\n}\n";
-        assert_eq!(top_level_port(config, "listen"), Some(4222));
-        assert_eq!(top_level_port(config, "http"), Some(8222));
-        assert_eq!(top_level_port("  listen: 127.0.0.1:1", "listen"), None);
-        assert_eq!(top_level_port("listen: 127.0.0.1:x", "listen"), None);
+        let address = |text| top_level_address(config, text).map(|a| a.to_string());
+        assert_eq!(address("listen").as_deref(), Some("127.3.0.7:4222"));
+        assert_eq!(address("http").as_deref(), Some("127.0.0.1:8222"));
+        assert_eq!(top_level_address("  listen: 127.0.0.1:1", "listen"), None);
+        assert_eq!(top_level_address("listen: 127.0.0.1:x", "listen"), None);
+        assert_eq!(top_level_address("listen: localhost:1", "listen"), None);
     }
 }

@@ -23,7 +23,16 @@ async fn a_single_node_is_ready_with_every_write_synced() {
     let jsz = node.monitor("/jsz").await.expect("/jsz answers");
     assert_eq!(jsz["config"]["sync_always"], true, "{jsz}");
     assert_eq!(nats.client_urls().len(), 1);
-    assert!(nats.client_urls()[0].starts_with("nats://127.0.0.1:"));
+    // On a loopback address of its own, not 127.0.0.1, where other tests' servers bind.
+    let ip = |nats: &NatsCluster| -> std::net::IpAddr {
+        let url = &nats.client_urls()[0];
+        let address = url.strip_prefix("nats://").and_then(|a| a.parse().ok());
+        address.map(|a: std::net::SocketAddr| a.ip()).expect(url)
+    };
+    assert!(ip(&nats).is_loopback(), "{}", ip(&nats));
+    assert_ne!(ip(&nats), std::net::Ipv4Addr::LOCALHOST);
+    let other = NatsCluster::single().await.unwrap();
+    assert_ne!(ip(&other), ip(&nats));
 }
 
 #[tokio::test]
@@ -112,13 +121,9 @@ async fn a_node_that_cannot_start_fails_with_its_log() {
     let _serial = ONE_AT_A_TIME.lock().await;
     // Two nodes on one client port: the second cannot bind it.
     let single = NatsCluster::single().await.unwrap();
-    let port = single.client_urls()[0]
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
+    let client = single.client_urls()[0].replace("nats://", "");
     let [http] = nats_harness::free_ports::<1>().unwrap();
-    let config = format!("listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\n");
+    let config = format!("listen: {client}\nhttp: 127.0.0.1:{http}\n");
     let error = Node::start("clash", &config)
         .await
         .err()
