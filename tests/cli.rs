@@ -115,6 +115,13 @@ async fn every_usage_error_exits_64_and_names_the_variable_the_value_came_from()
             "--max-in-flight-webhooks must be at most 1048576",
             None,
         ),
+        // What one body makes of a journal record or a profile must fit a journal frame.
+        (
+            [&ephemeral[..], &["--max-body-bytes", "16777217"]].concat(),
+            vec![],
+            "--max-body-bytes must be at most 16777216",
+            None,
+        ),
         (
             [&ephemeral[..], &["--grpc-max-message-bytes", "10"]].concat(),
             vec![],

@@ -56,7 +56,7 @@ pub struct Config {
     #[arg(long, env = "PROFILE_STATE_INSECURE_SKIP_SIGNATURE", value_parser = BoolishValueParser::new())]
     pub insecure_skip_signature: bool,
 
-    /// Largest webhook body accepted, in bytes; larger bodies get 413.
+    /// Largest webhook body accepted, in bytes (at most 16 MiB, 16777216); larger bodies get 413.
     #[arg(long, env = "PROFILE_STATE_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
 
@@ -549,6 +549,13 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return Err(ConfigError::ZeroBodyLimit);
+        }
+        // What one body can make of a journal record or a profile must fit a journal frame.
+        if self.max_body_bytes > crate::journal::codec::MAX_BODY_BYTES {
+            return Err(ConfigError::TooLarge {
+                flag: "--max-body-bytes",
+                max: crate::journal::codec::MAX_BODY_BYTES as u64,
+            });
         }
         if self.snapshot_every_records == 0 || self.snapshot_every_bytes == 0 {
             return Err(ConfigError::ZeroSnapshotInterval);

@@ -45,6 +45,20 @@ pub const HEAD_MAGIC: [u8; 8] = *b"PSJHEAD\0";
 pub const HEADER_LEN: usize = 12;
 /// Largest frame accepted on read: larger lengths are corruption, not data.
 pub const MAX_FRAME: usize = 256 * 1024 * 1024;
+/// A batch or snapshot frame whose payload has reached this many bytes is closed, and the next
+/// record or profile starts a new frame: the frames written stay far below [`MAX_FRAME`]
+/// whatever a batch or a snapshot holds. Counting records or profiles alone did not: 1,024
+/// profiles of 300 KB each (five text fields of 60 KB, within the default body limit) made a
+/// 307 MB snapshot frame that every reader refused as damage (found by an adversarial run).
+pub const FRAME_SPLIT_BYTES: usize = 32 * 1024 * 1024;
+/// The largest `--max-body-bytes`: what one body can put in one frame stays well under
+/// [`MAX_FRAME`] beside [`FRAME_SPLIT_BYTES`]. A record is at most about 4.5 times its body
+/// (numbers of extras are written back out in full: `1e15` as `1000000000000000.0`), a profile
+/// at most five text fields of a body each and its extras ([`crate::profile::MAX_EXTRAS_JSON_BYTES`]).
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+const _: () = assert!(
+    FRAME_SPLIT_BYTES + MAX_BODY_BYTES * 5 + crate::profile::MAX_EXTRAS_JSON_BYTES * 2 < MAX_FRAME
+);
 
 /// How the frames of a file are laid out, by its format version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +223,9 @@ fn fill_frame_header(frame: &mut [u8]) {
 }
 
 /// The frame of a [`BatchRecord`], built one update at a time: each is encoded once, where it
-/// will be written (the same bytes as [`batch_frame`] of the whole batch).
+/// will be written (the same bytes as [`batch_frame`] of the whole batch). A batch whose
+/// records pass [`FRAME_SPLIT_BYTES`] becomes several frames, one after the other, written and
+/// synced as one: recovery reads them as it reads frames of consecutive batches.
 ///
 /// Every batch frame ends in [`BATCH_END_MARK`], field 15 holding `u64::MAX`, which no reader
 /// knows and every reader skips (prost and `wire` skip unknown fields; so did every earlier
@@ -219,6 +235,8 @@ fn fill_frame_header(frame: &mut [u8]) {
 /// frame of an earlier build, which has no mark, must not pass for such a write.
 pub struct BatchFrame {
     bytes: Vec<u8>,
+    /// Where the frame being filled starts in `bytes` (its header room).
+    open_frame: usize,
     revisions: Option<(u64, u64)>,
 }
 
@@ -241,6 +259,7 @@ impl Default for BatchFrame {
     fn default() -> Self {
         BatchFrame {
             bytes: vec![0; FRAME_HEADER_LEN],
+            open_frame: 0,
             revisions: None,
         }
     }
@@ -249,6 +268,11 @@ impl Default for BatchFrame {
 impl BatchFrame {
     /// Adds `record`, whose revision follows the last one added.
     pub fn push(&mut self, record: &UpdateRecord) {
+        if self.bytes.len() - self.open_frame - FRAME_HEADER_LEN >= FRAME_SPLIT_BYTES {
+            self.close_frame();
+            self.open_frame = self.bytes.len();
+            self.bytes.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+        }
         prost::encoding::message::encode(1, record, &mut self.bytes);
         let first = self.revisions.map_or(record.revision, |(first, _)| first);
         self.revisions = Some((first, record.revision));
@@ -259,11 +283,16 @@ impl BatchFrame {
         self.revisions
     }
 
-    /// The finished frame, with its end mark.
+    /// The finished frames (one, unless the records passed [`FRAME_SPLIT_BYTES`]), each with
+    /// its end mark.
     pub fn finish(mut self) -> Vec<u8> {
-        prost::encoding::fixed64::encode(BATCH_END_TAG, &u64::MAX, &mut self.bytes);
-        fill_frame_header(&mut self.bytes);
+        self.close_frame();
         self.bytes
+    }
+
+    fn close_frame(&mut self) {
+        prost::encoding::fixed64::encode(BATCH_END_TAG, &u64::MAX, &mut self.bytes);
+        fill_frame_header(&mut self.bytes[self.open_frame..]);
     }
 }
 

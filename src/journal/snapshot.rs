@@ -34,7 +34,8 @@ pub fn is_snapshot_file(name: &std::ffi::OsStr) -> bool {
     name.to_str().is_some_and(|name| name.starts_with(PREFIX))
 }
 const SUFFIX: &str = ".snap";
-/// Profiles per frame.
+/// Profiles per frame, at most: a frame also ends once its profiles pass
+/// [`codec::FRAME_SPLIT_BYTES`].
 const CHUNK: usize = 1024;
 
 /// The revision a snapshot's file name says, if `name` is one.
@@ -187,18 +188,35 @@ pub fn encode(
     let mut frame = codec::file_header(SNAPSHOT_MAGIC, FrameFormat::SNAPSHOTS).to_vec();
     codec::encode_frame(header, &mut frame);
     out(&frame)?;
-    for chunk in profiles.chunks(CHUNK) {
-        frame.clear();
-        let batch = ProfileBatch {
-            profiles: chunk
-                .iter()
-                .map(|profile| ProfileRecord::new(profile))
-                .collect(),
-        };
-        codec::encode_frame(&batch, &mut frame);
-        out(&frame)?;
+    let mut batch = ProfileBatch {
+        profiles: Vec::with_capacity(CHUNK.min(profiles.len())),
+    };
+    let mut batch_bytes = 0;
+    for profile in profiles {
+        let record = ProfileRecord::new(profile);
+        batch_bytes += record.encoded_len();
+        batch.profiles.push(record);
+        if batch.profiles.len() == CHUNK || batch_bytes >= codec::FRAME_SPLIT_BYTES {
+            write_profiles(&mut batch, &mut frame, &mut out)?;
+            batch_bytes = 0;
+        }
+    }
+    if !batch.profiles.is_empty() {
+        write_profiles(&mut batch, &mut frame, &mut out)?;
     }
     Ok(())
+}
+
+/// Hands `batch` to `out` as one frame (built in `frame`) and empties it.
+fn write_profiles(
+    batch: &mut ProfileBatch,
+    frame: &mut Vec<u8>,
+    out: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    frame.clear();
+    codec::encode_frame(&*batch, frame);
+    batch.profiles.clear();
+    out(frame)
 }
 
 /// Copies the snapshot file `source` (as of `revision`, e.g. an online backup) into `dir` as

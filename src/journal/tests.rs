@@ -88,6 +88,50 @@ fn recovery_replays_every_record_and_appending_continues() {
 }
 
 /// The journal of `dir` opened for appends where recovery left it (`tail`), as start-up does.
+/// A batch whose records pass `FRAME_SPLIT_BYTES` (40 records of a megabyte, as bodies under a
+/// raised `--max-body-bytes` make) is written as several frames, each far below `MAX_FRAME`,
+/// which every reader refuses as damage: a batch of 512 such records was one frame of 512 MB,
+/// acknowledged and then refused at start-up. Recovery reads the frames back as one batch.
+#[test]
+fn a_batch_larger_than_a_frame_is_written_as_several_and_recovered_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::open(dir.path(), None, 1, 1 << 30, FaultSwitch::default()).unwrap();
+    let large = |revision: u64| {
+        let mut update = record(revision).into_update().unwrap();
+        let email = format!("{revision:03}").repeat(350_000);
+        update
+            .fields
+            .push((Field::Email, Some(Scalar::Text(email.into()))));
+        UpdateRecord::new(revision, &update)
+    };
+    let updates = (1..=40).map(large).collect();
+    journal.append(&BatchRecord { updates }).unwrap();
+    journal.close().unwrap();
+
+    let (offsets, _) = frame_offsets(&only_segment(dir.path()));
+    let bytes = fs::read(only_segment(dir.path())).unwrap();
+    let lengths: Vec<usize> = offsets
+        .iter()
+        .map(
+            |offset| match codec::read_frame(&bytes, *offset, codec::FrameFormat::CURRENT) {
+                codec::Frame::Valid { payload, .. } => payload.len(),
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    assert!(lengths.len() >= 2, "{lengths:?}");
+    assert!(
+        lengths
+            .iter()
+            .all(|len| *len <= codec::FRAME_SPLIT_BYTES + 1_100_000),
+        "{lengths:?}"
+    );
+    let (store, recovered) = recovered(dir.path()).unwrap();
+    assert_eq!((store.revision(), recovered.replayed), (40, 40));
+    let newest = store.get(&ProfileKey::new("2155", "c5")).unwrap();
+    assert_eq!(newest.revision, 40);
+}
+
 fn reopen(dir: &Path, tail: Option<Tail>, next_revision: u64) -> Journal {
     Journal::open(dir, tail, next_revision, u64::MAX, FaultSwitch::default()).unwrap()
 }

@@ -200,7 +200,7 @@ impl Journal {
         )
     }
 
-    /// Appends one batch as one frame and syncs it. Returns the bytes written. On failure,
+    /// Appends one batch as one frame (several past `FRAME_SPLIT_BYTES`) and syncs it. Returns the bytes written. On failure,
     /// nothing of the batch stays in the file (or it is cut off before the next append).
     pub fn append(&mut self, batch: &BatchRecord) -> std::io::Result<u64> {
         let frame = codec::batch_frame(batch);

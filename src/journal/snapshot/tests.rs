@@ -4,24 +4,30 @@ use crate::profile::{Field, ProfileKey, ProfileUpdate, Scalar};
 fn profiles(count: usize) -> Vec<Arc<Profile>> {
     (0..count)
         .map(|i| {
-            let key = ProfileKey::new("2155", format!("customer-{i:05}"));
-            let mut profile = Profile::empty(key.clone());
-            profile.merge(&ProfileUpdate {
-                key,
-                at: chrono::DateTime::from_timestamp(1_700_000_000 + i as i64, 0).unwrap(),
-                fields: vec![
-                    (Field::GbCustomerId, Some(Scalar::Int(i as i64))),
-                    (Field::TierName, Some(Scalar::Text("gold".into()))),
-                ],
-                extras: vec![],
-                origin: crate::profile::Origin::Webhook,
-            });
-            profile.revision = i as u64 + 1;
-            profile.create_revision = i as u64 + 1;
-            profile.version = 1;
-            Arc::new(profile)
+            let fields = vec![
+                (Field::GbCustomerId, Some(Scalar::Int(i as i64))),
+                (Field::TierName, Some(Scalar::Text("gold".into()))),
+            ];
+            profile(i, format!("customer-{i:05}"), fields)
         })
         .collect()
+}
+
+/// Customer `customer_id`'s profile with `fields` set, the `i`th change of the store.
+fn profile(i: usize, customer_id: String, fields: Vec<(Field, Option<Scalar>)>) -> Arc<Profile> {
+    let key = ProfileKey::new("2155", customer_id);
+    let mut profile = Profile::empty(key.clone());
+    profile.merge(&ProfileUpdate {
+        key,
+        at: chrono::DateTime::from_timestamp(1_700_000_000 + i as i64, 0).unwrap(),
+        fields,
+        extras: vec![],
+        origin: crate::profile::Origin::Webhook,
+    });
+    profile.revision = i as u64 + 1;
+    profile.create_revision = i as u64 + 1;
+    profile.version = 1;
+    Arc::new(profile)
 }
 
 /// Reads `path`, returning what the loader saw (chunk sizes, profiles) and the outcome.
@@ -83,6 +89,47 @@ fn a_snapshot_reads_back_every_profile_chunk_by_chunk() {
     for (loaded, written) in loaded.iter().zip(&written) {
         assert_eq!(loaded, &**written);
     }
+}
+
+/// Profiles of a megabyte each (a text field of 1 MiB, as a body under a raised
+/// `--max-body-bytes` can set) fill a frame long before 1,024 of them do: the frame is closed
+/// at `FRAME_SPLIT_BYTES`, so no frame approaches `MAX_FRAME`, which every reader refuses as
+/// damage (1,024 profiles of 300 KB made a 307 MB frame: found by an adversarial run).
+#[test]
+fn large_profiles_are_split_into_frames_by_bytes_and_read_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let large = |i: usize| {
+        let email = format!("{i:03}").repeat(350_000);
+        let fields = vec![(Field::Email, Some(Scalar::Text(email.into())))];
+        profile(i, format!("large-{i:03}"), fields)
+    };
+    let written: Vec<_> = (0..40).map(large).collect();
+    let path = write(dir.path(), 40, &written).unwrap();
+
+    let bytes = fs::read(&path).unwrap();
+    let mut offset = codec::HEADER_LEN;
+    let mut payloads = Vec::new();
+    while let Frame::Valid { payload, next } = codec::read_frame(&bytes, offset, FrameFormat::V3) {
+        payloads.push(payload.len());
+        offset = next;
+    }
+    assert_eq!(offset, bytes.len(), "every frame valid");
+    // The header's frame, then the profiles' frames: 32 of a megabyte fill one.
+    assert_eq!(payloads.len(), 3, "{payloads:?}");
+    assert!(
+        payloads[1..]
+            .iter()
+            .all(|len| *len <= codec::FRAME_SPLIT_BYTES + 1_100_000),
+        "{payloads:?}"
+    );
+    let (sizes, loaded, outcome) = read_all(&path);
+    assert_eq!(outcome.unwrap(), 40);
+    assert_eq!(sizes, [32, 8]);
+    let written: Vec<Profile> = written.iter().map(|p| (**p).clone()).collect();
+    assert!(
+        loaded == written,
+        "the profiles read back are those written"
+    );
 }
 
 #[test]
