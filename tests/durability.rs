@@ -568,16 +568,7 @@ async fn the_data_directory_stays_locked_until_a_sync_that_outlived_the_stop_end
     let faults = server.journal_faults();
     let mut held = faults.syncs_waited();
     let service = TestService::serve(server);
-    // Released however the test ends, so a failed assertion does not leave the journal's
-    // thread waiting forever.
-    struct Release(profile_state::journal::FaultSwitch);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            self.0.hold_syncs(false);
-        }
-    }
-    let release = Release(faults.clone());
-    faults.hold_syncs(true);
+    let release = common::HeldSyncs::hold(&faults);
     let body = serde_json::to_vec(&profile_updated("a", &at(1), json!({"total_points": 7})));
     let (url, body) = (service.webhook_url(), body.unwrap());
     let signature =

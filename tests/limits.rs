@@ -456,6 +456,51 @@ async fn connections_past_a_listeners_cap_are_refused_or_make_room_and_are_count
     service.stop().await;
 }
 
+/// At the webhook port's cap, a connection whose requests all wait for their bodies makes
+/// room as an idle one does (an idle one first; of those waiting, the one waiting longest):
+/// 2,048 connections each sending an unsigned body a byte a second, and another after each
+/// 408, held the cap, and signed deliveries' new connections were closed at once (found by an
+/// adversarial run). Both kinds are counted.
+#[tokio::test]
+async fn connections_whose_bodies_are_still_arriving_make_room_at_the_cap() {
+    let mut config = Config::for_tests(SECRET);
+    config.max_webhook_connections = 2;
+    let service = TestService::start_with(config).await;
+    let mut idle = connect(service.webhook, b"").await;
+    // Accepted after the idle one (the listener takes connections in order).
+    let mut waiting_longest = start_slow_upload(service.webhook, 5000).await;
+
+    // The idle connection makes room, not the upload.
+    let first = profile_updated("first", &at(1), json!({}));
+    assert_eq!(service.post(&first).await.0, 200);
+    assert_eq!(until_closed(&mut idle).await, b"");
+    // A second upload takes the place of the delivery's connection, idle now; then only
+    // uploads are open, and the one waiting longest makes room for the next delivery.
+    let mut waiting = start_slow_upload(service.webhook, 5000).await;
+    let second = profile_updated("second", &at(2), json!({}));
+    let (status, answer) = service.post(&second).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(until_closed(&mut waiting_longest).await, b"");
+
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let value = |timeout: &str| {
+        let labels = format!(r#"listener="webhook",timeout="{timeout}""#);
+        sample(
+            &metrics,
+            &format!("profile_state_connections_timed_out_total{{{labels}}}"),
+        )
+    };
+    assert_eq!((value("idle"), value("body")), (2.0, 1.0));
+    // The younger upload is still open: its body, once whole, is answered (unsigned: 401).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = format!("{}}}", " ".repeat(4998));
+    waiting.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = [0; 12];
+    waiting.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 401");
+    service.stop().await;
+}
+
 /// Posts `count` signed webhooks (customers `{prefix}{n}`, each with 3 KB of extras),
 /// `concurrency` at a time, over one client; every one must be applied.
 pub(crate) async fn post_many(

@@ -1,7 +1,8 @@
 //! The real binary's log output: colours only on a terminal and never with `NO_COLOR`; JSON
 //! lines with the fields at the top level and no Rust `Debug` text; refused signatures at WARN,
 //! rate-limited, with the client id and the reason and nothing from the body; a connection
-//! refused at a listener's cap warned of with the flag that sets the cap.
+//! refused at a listener's cap warned of with the flag that sets the cap (the webhook
+//! listener's in process, where the journal's sync can be held).
 
 use crate::common;
 use crate::common::binary;
@@ -279,42 +280,15 @@ async fn a_restart_after_a_kill_cuts_the_runway_off_without_warning_of_a_torn_re
 
 /// A connection refused at a listener's cap is warned of with the listener, the cap and the
 /// flag that sets it (`flag`: the limit alone said nothing of where to raise it, a first-user
-/// review; no test read the field). Each listener's one connection is busy, so none can be
-/// closed to make room: the webhook one's request is in progress (its handler reads the body,
-/// hyper's `100 Continue` says so), the gRPC one has a watch open.
+/// review; no test read the field). The gRPC listener's one connection has a watch open, so
+/// it cannot be closed to make room.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_refused_at_a_cap_is_warned_of_with_the_flag_that_sets_the_cap() {
     use crate::limits::{connect, until_closed};
     use pb::profile_service_client::ProfileServiceClient;
     use profile_state::pb;
-    use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
-    let caps = [
-        "--max-webhook-connections",
-        "1",
-        "--max-grpc-connections",
-        "1",
-    ];
-    let mut binary = Binary::start(dir.path(), &caps).await;
-    let refused = "connection refused: too many connections open";
-
-    let headers = "POST /webhooks/gameball HTTP/1.1\r\nhost: x\r\ncontent-type: \
-                   application/json\r\ncontent-length: 10\r\nexpect: 100-continue\r\n\r\n";
-    let mut busy = connect(binary.webhook, headers.as_bytes()).await;
-    let mut continued = [0; 21];
-    let read = tokio::time::timeout(PATIENCE, busy.read_exact(&mut continued));
-    read.await.expect("100 Continue").unwrap();
-    assert_eq!(&continued, b"HTTP/1.1 100 Continue");
-    assert_eq!(
-        until_closed(&mut connect(binary.webhook, b"").await).await,
-        b""
-    );
-    let warned = binary.wait_for(refused).await;
-    assert_eq!(warned["level"], "WARN");
-    assert_eq!(warned["listener"], "webhook");
-    assert_eq!(warned["limit"], 1);
-    assert_eq!(warned["flag"], "--max-webhook-connections", "{warned}");
-
+    let mut binary = Binary::start(dir.path(), &["--max-grpc-connections", "1"]).await;
     let url = format!("http://{}", binary.grpc);
     let mut client = ProfileServiceClient::connect(url).await.unwrap();
     let request = pb::WatchProfilesRequest::default();
@@ -324,16 +298,70 @@ async fn a_connection_refused_at_a_cap_is_warned_of_with_the_flag_that_sets_the_
         until_closed(&mut connect(binary.grpc, b"").await).await,
         b""
     );
-    let warned = binary.wait_for(refused).await;
+    let warned = binary
+        .wait_for("connection refused: too many connections open")
+        .await;
+    assert_eq!(warned["level"], "WARN");
     assert_eq!(warned["listener"], "grpc");
     assert_eq!(warned["limit"], 1);
     assert_eq!(warned["flag"], "--max-grpc-connections", "{warned}");
-    drop((busy, watch, client));
+    drop((watch, client));
     binary.stop();
 }
 
-/// How long the test waits for an answer it must get.
-const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+/// The webhook listener's refusal names its flag too. Its one connection has a webhook being
+/// answered (the journal's sync held), the only kind of connection that does not make room:
+/// an idle one does, and so does one still sending a body.
+#[tokio::test]
+async fn a_webhook_connection_refused_at_the_cap_is_warned_of_with_its_flag() {
+    use crate::limits::{connect, until_closed};
+    let (captured, _capturing) = common::CapturedLogs::on_this_thread(tracing::Level::WARN);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::durable_config(dir.path());
+    config.max_webhook_connections = 1;
+    let server = profile_state::server::Server::bind(config).await.unwrap();
+    let faults = server.journal_faults();
+    let mut held = faults.syncs_waited();
+    let service = common::TestService::serve(server);
+    let release = common::HeldSyncs::hold(&faults);
+    let answering = {
+        let service_url = service.webhook_url();
+        let body = serde_json::to_vec(&profile_updated("a", &at(1), json!({}))).unwrap();
+        let signature =
+            profile_state::webhook::signature::SignatureCheck::new(common::SECRET).sign(&body);
+        let request = reqwest::Client::new()
+            .post(service_url)
+            .header("content-type", "application/json")
+            .header("x-gb-signature", signature)
+            .body(body);
+        tokio::spawn(async move { request.send().await.map(|answer| answer.status()) })
+    };
+    held.wait_for(|syncs| *syncs >= 1).await.unwrap();
+    assert_eq!(
+        until_closed(&mut connect(service.webhook, b"").await).await,
+        b""
+    );
+    // The capture's lines are coloured: the escapes go first.
+    let logs = captured.text();
+    let plain = logs
+        .split(ESCAPE)
+        .map(|piece| piece.split_once('m').map_or(piece, |(_, rest)| rest))
+        .collect::<String>();
+    let warned = plain
+        .lines()
+        .find(|line| line.contains("connection refused: too many connections open"))
+        .unwrap_or_else(|| panic!("no refusal warned of: {logs}"));
+    assert!(warned.contains("WARN"), "{warned}");
+    assert!(warned.contains(r#"listener="webhook""#), "{warned}");
+    assert!(warned.contains("limit=1"), "{warned}");
+    assert!(
+        warned.contains(r#"flag="--max-webhook-connections""#),
+        "{warned}"
+    );
+    drop(release);
+    assert_eq!(answering.await.unwrap().unwrap(), 200);
+    service.stop().await;
+}
 
 /// An HTTP/2 connection that opens and resets more streams than h2 lets it: the preface,
 /// SETTINGS, then 40 HEADERS + RST_STREAM (CANCEL) pairs on `path`, in one write.

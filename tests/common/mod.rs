@@ -71,6 +71,23 @@ pub async fn list_all(client: &mut ProfileServiceClient<Channel>) -> (Vec<pb::Pr
     }
 }
 
+/// The journal's syncs held (`FaultSwitch::hold_syncs`) until this drops: released however a
+/// test ends, so a failed assertion does not leave the journal's thread waiting for ever.
+pub struct HeldSyncs(profile_state::journal::FaultSwitch);
+
+impl HeldSyncs {
+    pub fn hold(faults: &profile_state::journal::FaultSwitch) -> HeldSyncs {
+        faults.hold_syncs(true);
+        HeldSyncs(faults.clone())
+    }
+}
+
+impl Drop for HeldSyncs {
+    fn drop(&mut self) {
+        self.0.hold_syncs(false);
+    }
+}
+
 /// Log lines written into a shared buffer, for tests that capture them.
 #[derive(Clone, Default)]
 pub struct CapturedLogs(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
