@@ -2712,9 +2712,13 @@ async fn a_downloaded_snapshot_the_stream_was_purged_past_is_removed() {
 
 /// A poll of the stream's end that hangs (a NATS server paused, a dead network path) has no
 /// reason to give until --nats-request-timeout: readiness said only "lagging ... 0 messages
-/// behind" meanwhile (a session-41 leftover). It says how long ago the end was last read.
+/// behind" meanwhile (a session-41 leftover). It says how long ago the end was last read, and
+/// gRPC health turns NOT_SERVING with it: it followed the poll's answers, and said SERVING
+/// for the whole request timeout after /readyz said 503 (found by an adversarial run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readiness_says_how_long_the_stream_has_gone_unread_while_a_poll_hangs() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let nats = NatsCluster::single().await.unwrap();
     let mut config = replica_config(&nats, "HANGING", "a");
     config.nats.request_timeout = Duration::from_secs(60);
@@ -2725,6 +2729,13 @@ async fn readiness_says_how_long_the_stream_has_gone_unread_while_a_poll_hangs()
         assert!(Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let request = HealthCheckRequest {
+        service: "gameball.profiles.v1.ProfileService".into(),
+    };
+    let mut health = HealthClient::new(a.channel().await);
+    let mut statuses = health.watch(request).await.unwrap().into_inner();
+    let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
+    assert_eq!(next_status().await, ServingStatus::Serving);
     nats.nodes()[0].pause().unwrap();
     let reason = loop {
         let (status, reason) = a.admin_get("/readyz").await;
@@ -2739,6 +2750,13 @@ async fn readiness_says_how_long_the_stream_has_gone_unread_while_a_poll_hangs()
         reason.contains("the stream's end was last read") && reason.contains("no answer yet"),
         "{reason}"
     );
+    // Within a moment of /readyz, not after the poll's 60 s.
+    let turned = tokio::time::timeout(Duration::from_secs(5), next_status()).await;
+    assert_eq!(
+        turned.expect("health follows readiness"),
+        ServingStatus::NotServing
+    );
     nats.nodes()[0].resume().unwrap();
+    drop(statuses);
     a.stop().await;
 }

@@ -270,10 +270,20 @@ fn poll(
                 _ = ticks.tick() => {}
             }
             let read_at = tokio::time::Instant::now();
-            let read = tokio::select! {
-                biased;
-                () = stopping.cancelled() => return,
-                read = stream.bounds() => read,
+            let reading = stream.bounds();
+            tokio::pin!(reading);
+            // Readiness looked at again while the read waits: a read of a hung NATS waits out
+            // --nats-request-timeout, and gRPC health (which follows `ready`) said SERVING that
+            // long after /readyz, which asks at once, said the replica lagged (found by an
+            // adversarial run).
+            let mut recheck = tokio::time::interval_at(read_at + POLL_INTERVAL, POLL_INTERVAL);
+            let read = loop {
+                tokio::select! {
+                    biased;
+                    () = stopping.cancelled() => return,
+                    read = &mut reading => break read,
+                    _ = recheck.tick() => publish_readiness(&status, &ready_tx),
+                }
             };
             let run = status.observed(Finding::of(&read));
             match read {
@@ -307,9 +317,14 @@ fn poll(
                     }
                 }
             }
-            let now_ready = status.not_ready_reason().is_none();
-            ready_tx.send_if_modified(|ready| std::mem::replace(ready, now_ready) != now_ready);
+            publish_readiness(&status, &ready_tx);
         }
     });
     ready
+}
+
+/// Sends whether the replica is ready now on `ready`, if that changed.
+fn publish_readiness(status: &ReplicaStatus, ready: &watch::Sender<bool>) {
+    let now_ready = status.not_ready_reason().is_none();
+    ready.send_if_modified(|ready| std::mem::replace(ready, now_ready) != now_ready);
 }
