@@ -43,13 +43,18 @@ pub const SNAPSHOT_MAGIC: [u8; 8] = *b"PSSNAPSH";
 pub const HEAD_MAGIC: [u8; 8] = *b"PSJHEAD\0";
 /// Bytes of the file header: magic and version.
 pub const HEADER_LEN: usize = 12;
-/// Largest frame accepted on read: larger lengths are corruption, not data.
+/// Largest frame this build writes, and the largest builds before it read. A format 1
+/// frame's length has no checksum: a larger one is corruption, not data. A later format's
+/// header is checksummed, so its length is believed however large (builds before this one
+/// wrote larger frames of acknowledged data, which they then refused: found by an adversarial
+/// run).
 pub const MAX_FRAME: usize = 256 * 1024 * 1024;
 /// A batch or snapshot frame whose payload has reached this many bytes is closed, and the next
 /// record or profile starts a new frame: the frames written stay far below [`MAX_FRAME`]
 /// whatever a batch or a snapshot holds. Counting records or profiles alone did not: 1,024
 /// profiles of 300 KB each (five text fields of 60 KB, within the default body limit) made a
-/// 307 MB snapshot frame that every reader refused as damage (found by an adversarial run).
+/// 307 MB snapshot frame that every reader then refused as damage (found by an adversarial
+/// run).
 pub const FRAME_SPLIT_BYTES: usize = 32 * 1024 * 1024;
 /// The largest `--max-body-bytes`: what one body can put in one frame stays well under
 /// [`MAX_FRAME`] beside [`FRAME_SPLIT_BYTES`]. A record is at most about 4.5 times its body
@@ -346,6 +351,20 @@ impl Invalid {
     }
 }
 
+/// The payload length the frame header `header` (at least `format.overhead()` bytes) gives, if
+/// it can be believed: a checksummed header's when its checksum matches, a format 1 header's
+/// when it is at most [`MAX_FRAME`]. What a reader that streams a file reads before
+/// [`read_frame`] judges the frame: a damaged length never makes it read more.
+pub fn believed_len(header: &[u8], format: FrameFormat) -> Option<usize> {
+    let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("four bytes"));
+    let len = word(0) as usize;
+    let sound = match format {
+        FrameFormat::V1 => len <= MAX_FRAME,
+        FrameFormat::V2 | FrameFormat::V3 => crc32c::crc32c(&header[..8]) == word(8),
+    };
+    sound.then_some(len)
+}
+
 /// Reads the frame at `offset` of `bytes`, laid out as `format`.
 pub fn read_frame(bytes: &[u8], offset: usize, format: FrameFormat) -> Frame<'_> {
     let rest = &bytes[offset.min(bytes.len())..];
@@ -361,12 +380,8 @@ pub fn read_frame(bytes: &[u8], offset: usize, format: FrameFormat) -> Frame<'_>
         return Frame::Invalid(Invalid::HeaderDamaged);
     }
     let len = word(0) as usize;
-    if len > MAX_FRAME {
-        return Frame::Invalid(match format {
-            FrameFormat::V1 => Invalid::ImplausibleLength,
-            // A sound header with a length we never write: damaged all the same.
-            FrameFormat::V2 | FrameFormat::V3 => Invalid::HeaderDamaged,
-        });
+    if len > MAX_FRAME && format == FrameFormat::V1 {
+        return Frame::Invalid(Invalid::ImplausibleLength);
     }
     let claimed_end = offset + overhead + len;
     let Some(payload) = rest.get(overhead..overhead + len) else {
@@ -902,6 +917,41 @@ mod tests {
             );
             assert_eq!(claimed_end(&damaged, 0, FrameFormat::V2), None);
         }
+    }
+
+    /// Frames larger than this build writes, from a build before it: a checksummed header's
+    /// length is believed (the payload the file lacks is a cut-off frame, not a damaged
+    /// header), a format 1 header's is not.
+    #[test]
+    fn a_checksummed_length_past_the_largest_frame_written_is_believed() {
+        let header = |len: usize, format: FrameFormat| {
+            let mut frame = vec![0; FRAME_HEADER_LEN];
+            frame.extend_from_slice(b"some of the payload");
+            let mut header = frame.clone();
+            header[..4].copy_from_slice(&u32::try_from(len).unwrap().to_le_bytes());
+            let crc = crc32c::crc32c(&header[..8]);
+            header[8..12].copy_from_slice(&crc.to_le_bytes());
+            header.truncate(format.overhead());
+            header.extend_from_slice(&frame[FRAME_HEADER_LEN..]);
+            header
+        };
+        let len = MAX_FRAME + 1;
+        let large = header(len, FrameFormat::V3);
+        assert_eq!(believed_len(&large, FrameFormat::V3), Some(len));
+        let claimed_end = FRAME_HEADER_LEN + len;
+        assert_eq!(
+            read_frame(&large, 0, FrameFormat::V3),
+            Frame::Invalid(Invalid::PayloadCutOff { claimed_end })
+        );
+        let mut damaged = large.clone();
+        damaged[2] ^= 1;
+        assert_eq!(believed_len(&damaged, FrameFormat::V3), None);
+        let v1 = header(len, FrameFormat::V1);
+        assert_eq!(believed_len(&v1, FrameFormat::V1), None);
+        assert_eq!(
+            read_frame(&v1, 0, FrameFormat::V1),
+            Frame::Invalid(Invalid::ImplausibleLength)
+        );
     }
 
     #[test]

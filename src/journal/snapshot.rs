@@ -557,8 +557,8 @@ fn read_file_header(
 
 /// Reads the next frame of `file` (header, payload) into `buffer`, for [`codec::read_frame`]
 /// to check at offset 0: empty at the end of the file, shorter than the frame claims when the
-/// file ends inside it, just the frame header when the length is implausible. The length is
-/// read before the header's checksum is checked; `read_frame` then rejects the frame.
+/// file ends inside it, just the frame header when its length cannot be believed
+/// ([`codec::believed_len`]); `read_frame` then rejects the frame.
 fn read_frame(
     file: &mut impl Read,
     buffer: &mut Vec<u8>,
@@ -568,8 +568,7 @@ fn read_frame(
     if buffer.len() < format.overhead() {
         return Ok(());
     }
-    let len = u32::from_le_bytes(buffer[..4].try_into().expect("four bytes")) as usize;
-    if len <= codec::MAX_FRAME {
+    if let Some(len) = codec::believed_len(buffer, format) {
         file.by_ref().take(len as u64).read_to_end(buffer)?;
     }
     Ok(())
