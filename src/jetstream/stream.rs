@@ -619,7 +619,12 @@ fn message_digest(message: &StreamMessage) -> String {
 
 /// Checks an existing stream against what this service relies on; returns the first sequence
 /// applied with rules 2 ([`RULES_FROM_KEY`]). The store id it serves is
-/// `store_id::served`'s to decide.
+/// `store_id::served`'s to decide. Not checked, deliberately: `max_msg_size` (adapted to:
+/// [`UpdateStream::message_cap`]), `deny_delete` (this service creates streams with it; a stream
+/// without it stays accepted as before, and a deleted message stops the applier, never
+/// skipped), and what needs a publisher's header or changes nothing of the updates' stream
+/// (message TTLs, schedules, atomic or batch publishes, republish, direct gets, compression,
+/// placement, consumer limits, description).
 fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<u64, JetStreamError> {
     check_source(config)
         .and_then(|()| check_layout(settings, config))
