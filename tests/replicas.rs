@@ -2760,3 +2760,161 @@ async fn readiness_says_how_long_the_stream_has_gone_unread_while_a_poll_hangs()
     drop(statuses);
     a.stop().await;
 }
+
+/// The update stream `name` (one replica), created as a replica creates it, on `nats`; its
+/// configuration as the server holds it, and the client that made it.
+async fn made_stream(
+    nats: &NatsCluster,
+    name: &str,
+) -> (
+    async_nats::jetstream::Context,
+    async_nats::jetstream::stream::Config,
+) {
+    use profile_state::jetstream::{Nats, StreamSettings, UpdateStream};
+    let mut config = Config::for_tests(SECRET).nats;
+    config.urls = nats.client_urls();
+    config.stream = name.into();
+    config.replicas = 1;
+    let client = Nats::connect(&config, "test").await.unwrap();
+    UpdateStream::ensure(&client, &StreamSettings::from_config(&config))
+        .await
+        .unwrap();
+    let context = client.context().clone();
+    let made = context
+        .get_stream(name)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    (context, made)
+}
+
+/// Each stream setting that would lose acknowledged updates (a per-subject limit: every update
+/// is on one subject, so it removed the oldest; found by an adversarial run), refuse every
+/// publish or purge, or number other messages among the updates is refused at start-up: exit
+/// 64, naming the setting. So is `--max-body-bytes` above the stream's `max_msg_size`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_refuses_a_stream_whose_settings_would_lose_or_refuse_updates() {
+    use async_nats::jetstream::stream;
+    let nats = NatsCluster::single().await.unwrap();
+    let url = nats.client_urls().join(",");
+    let (context, made) = made_stream(&nats, "BASE").await;
+    let dir = tempfile::tempdir().unwrap();
+    type Edit = fn(&mut stream::Config);
+    let cases: [(&str, &str, Edit); 9] = [
+        ("PERSUBJECT", "max_msgs_per_subject is 50", |c| {
+            c.max_messages_per_subject = 50;
+        }),
+        ("SEALED", "sealed is true", |c| c.sealed = true),
+        ("MIRRORED", "mirror is \"BASE\"", |c| {
+            c.subjects = vec![];
+            c.mirror = Some(stream::Source {
+                name: "BASE".into(),
+                ..Default::default()
+            });
+        }),
+        ("SOURCED", "sources is [\"BASE\"]", |c| {
+            c.sources = Some(vec![stream::Source {
+                name: "BASE".into(),
+                ..Default::default()
+            }]);
+        }),
+        ("NOACK", "no_ack is true", |c| c.no_ack = true),
+        ("NOPURGE", "deny_purge is true", |c| c.deny_purge = true),
+        ("ROLLUP", "allow_rollup is true", |c| c.allow_rollup = true),
+        ("CONSUMERS", "max_consumers is 10", |c| c.max_consumers = 10),
+        // Adapted to when it leaves room for a body of --max-body-bytes; not here.
+        (
+            "MSGSIZE",
+            "--max-body-bytes 65536 is larger than stream MSGSIZE's max_msg_size (4096",
+            |c| {
+                c.max_message_size = 4096;
+            },
+        ),
+    ];
+    for (name, named, edit) in cases {
+        let mut config = made.clone();
+        config.name = name.into();
+        config.subjects = vec![format!("{name}.updates")];
+        edit(&mut config);
+        // A stream is created unsealed, and sealed by an edit.
+        let sealed = std::mem::take(&mut config.sealed);
+        context.create_stream(config.clone()).await.unwrap();
+        if sealed {
+            config.sealed = true;
+            context.update_stream(config).await.unwrap();
+        }
+        let args = [
+            "--nats-url",
+            &url,
+            "--nats-replicas",
+            "1",
+            "--nats-stream",
+            name,
+        ];
+        let output = binary::refused(dir.path(), &args).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(named), "{name}: {stderr}");
+    }
+}
+
+/// An update within `--max-body-bytes` whose recorded form is larger than a stream message may
+/// be (JSON numbers such as `1e15` are kept re-serialized, several times longer; here the
+/// stream's `max_msg_size` is the smaller cap) was answered 503 "retry later" for ever, so
+/// Gameball dropped it after its retries (found by an adversarial run): it is refused 422,
+/// naming both sizes, and kept as a dead letter, while the small updates of the same burst
+/// are recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_update_too_large_for_a_stream_message_is_a_dead_letter_and_its_burst_is_recorded() {
+    let nats = NatsCluster::single().await.unwrap();
+    let (context, made) = made_stream(&nats, "CAPPED").await;
+    let mut capped = made.clone();
+    capped.max_message_size = 8192;
+    context.update_stream(capped).await.unwrap();
+    let mut config = replica_config(&nats, "CAPPED", "a");
+    config.nats.replicas = 1;
+    config.max_body_bytes = 8192;
+    let a = TestService::start_with(config).await;
+
+    // 1000 numbers written `1e15` (5 bytes with the comma), kept as `1000000000000000.0`.
+    let big = profile_updated("big", &at(1), json!({"total_points": 5, "x": "NUMBERS"}));
+    let numbers = format!("[{}]", vec!["1e15"; 1000].join(","));
+    let big = serde_json::to_string(&big)
+        .unwrap()
+        .replace("\"NUMBERS\"", &numbers)
+        .into_bytes();
+    assert!(big.len() < 8192, "{}", big.len());
+    let small: Vec<Value> = (0..20)
+        .map(|i| profile_updated(&format!("small{i}"), &at(1), json!({"total_points": i})))
+        .collect();
+    let (big_answer, small_answers) = tokio::join!(
+        a.post_signed(&big),
+        futures_util::future::join_all(small.iter().map(|body| a.post(body)))
+    );
+    for (status, answer) in small_answers {
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = big_answer;
+    assert_eq!(status, 422, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("recorded form is"), "{error}");
+    assert!(error.contains("more than the 7168 bytes"), "{error}");
+    let id = answer["dead_letter_id"].as_str().unwrap();
+    assert_eq!(
+        crate::replicated_dead_letters::ids(&a).await,
+        vec![id.to_string()]
+    );
+    // Counted where refusals are: the webhook's 422 and the publish that could not be.
+    a.metrics_until(|text| {
+        text.contains("profile_state_replication_publish_failures_total{reason=\"too_large\"} 1\n")
+            && text
+                .contains("profile_state_webhooks_total{outcome=\"rejected\",status=\"422\"} 1\n")
+    })
+    .await;
+    // A retry is refused the same way, never 503.
+    let (status, answer) = a.post_signed(&big).await;
+    assert_eq!(status, 422, "{answer}");
+    a.stop().await;
+}

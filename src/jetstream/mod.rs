@@ -104,12 +104,15 @@ pub enum JetStreamError {
         /// What the server has.
         found: String,
     },
-    /// A message is larger than the server accepts.
-    #[error("message of {bytes} bytes exceeds the server's max_payload of {max} bytes")]
+    /// A message is larger than the server or the stream accepts.
+    #[error(
+        "message of {bytes} bytes exceeds the {max} bytes a stream message may take (the \
+         server's max_payload, or the stream's max_msg_size if smaller)"
+    )]
     TooLarge {
         /// Size of the message.
         bytes: usize,
-        /// The server's `max_payload`.
+        /// The smaller of the server's `max_payload` and the stream's `max_msg_size`.
         max: usize,
     },
     /// The stream was deleted and created again under its name (by a replica, or by an operator

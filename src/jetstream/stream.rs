@@ -2,6 +2,7 @@
 //! published to, measured and purged.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -141,6 +142,13 @@ pub struct UpdateStream {
     /// Whether the stream's metadata recorded which incarnation its store id is of when it was
     /// opened (`super::store_id`): if so, the store id tells incarnations apart.
     recorded_before: bool,
+    /// The stream's `max_msg_size` (-1 or 0: none) as the latest stream info said: an operator
+    /// may change it while replicas run, and the publisher's cap follows
+    /// ([`UpdateStream::message_cap`]).
+    max_message_size: Arc<AtomicI64>,
+    /// Warns, at most every 10 s, of a setting changed while replicas run to one start-up
+    /// refuses ([`refused_setting`]).
+    refused_log: Arc<crate::logging::RateLimited>,
 }
 
 /// What a handle follows, poll after poll ([`UpdateStream::bounds`]).
@@ -239,6 +247,8 @@ impl UpdateStream {
             created: StreamCreated(info.created),
             followed: Arc::new(Mutex::new(followed)),
             recorded_before: served.recorded_before,
+            max_message_size: Arc::new(AtomicI64::new(info.config.max_message_size.into())),
+            refused_log: Arc::default(),
         })
     }
 
@@ -338,6 +348,17 @@ impl UpdateStream {
         &self.settings
     }
 
+    /// The largest payload a message of this stream may carry: the NATS server's
+    /// `max_payload`, or the stream's `max_msg_size` when that is smaller (headers included:
+    /// the publisher leaves room for them). Follows the stream's setting as each poll of the
+    /// stream's info reads it ([`UpdateStream::bounds`]).
+    pub fn message_cap(&self) -> usize {
+        message_cap(
+            self.nats.max_payload(),
+            self.max_message_size.load(Ordering::Relaxed),
+        )
+    }
+
     /// The connection it publishes on.
     pub fn nats(&self) -> &Nats {
         &self.nats
@@ -365,7 +386,7 @@ impl UpdateStream {
         id: &str,
     ) -> Result<Published, JetStreamError> {
         let payload = batch.encode_to_vec();
-        let max = self.nats.max_payload();
+        let max = self.message_cap();
         if payload.len() > max {
             return Err(JetStreamError::TooLarge {
                 bytes: payload.len(),
@@ -454,6 +475,23 @@ impl UpdateStream {
             });
         }
         self.follow(&info)?;
+        self.max_message_size
+            .store(info.config.max_message_size.into(), Ordering::Relaxed);
+        if let Err((setting, expected, found)) = refused_setting(&info.config)
+            && let Some(suppressed) = self.refused_log.due()
+        {
+            // Start-up refuses it; a running replica cannot undo an operator's edit, so it
+            // says so loudly, and what the setting does meanwhile (README, "Start-up").
+            tracing::error!(
+                stream = %self.settings.name,
+                setting,
+                %expected,
+                %found,
+                suppressed,
+                "the stream was changed to a setting replicas refuse at start-up: change it \
+                 back (`nats stream edit`), or no replica will start again"
+            );
+        }
         let limit = u64::try_from(info.config.max_bytes)
             .ok()
             .filter(|max| *max > 0);
@@ -581,11 +619,18 @@ fn message_digest(message: &StreamMessage) -> String {
 
 /// Checks an existing stream against what this service relies on; returns the first sequence
 /// applied with rules 2 ([`RULES_FROM_KEY`]). The store id it serves is
-/// `store_id::served`'s to decide.
+/// `store_id::served`'s to decide. Not checked, deliberately: `max_msg_size` (adapted to:
+/// [`UpdateStream::message_cap`]), `deny_delete` (this service creates streams with it; a stream
+/// without it stays accepted as before, and a deleted message stops the applier, never
+/// skipped), and what needs a publisher's header or changes nothing of the updates' stream
+/// (message TTLs, schedules, atomic or batch publishes, republish, direct gets, compression,
+/// placement, consumer limits, description).
 fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<u64, JetStreamError> {
-    check_layout(settings, config)
+    check_source(config)
+        .and_then(|()| check_layout(settings, config))
         .and_then(|()| check_durability(settings, config))
         .and_then(|()| check_limits(config))
+        .and_then(|()| check_features(config))
         .and_then(|()| check_metadata(config))
         .map_err(|(setting, expected, found)| JetStreamError::Mismatch {
             name: settings.name.clone(),
@@ -598,6 +643,57 @@ fn verify(settings: &StreamSettings, config: &stream::Config) -> Result<u64, Jet
 /// A setting of an existing stream that differs from what this service relies on:
 /// `(setting, expected, found)`.
 type Mismatch = (&'static str, String, String);
+
+/// The smaller of the server's `max_payload` and a stream's `max_msg_size` (`max_message_size`
+/// below 1: none).
+fn message_cap(max_payload: usize, max_message_size: i64) -> usize {
+    match usize::try_from(max_message_size) {
+        Ok(size) if size > 0 => size.min(max_payload),
+        _ => max_payload,
+    }
+}
+
+/// The settings start-up refuses that an operator can change while replicas run (everything
+/// [`verify`] checks but the ones only creation sets, and the metadata, which
+/// [`UpdateStream::follow`] follows).
+fn refused_setting(config: &stream::Config) -> Result<(), Mismatch> {
+    check_source(config)
+        .and_then(|()| check_limits(config))
+        .and_then(|()| check_features(config))
+}
+
+/// Where the messages come from: publishes, not another stream, and a stream still open to
+/// them. A mirror refuses publishes, a sealed stream refuses publishes and purges, and a
+/// source's messages would be numbered among ours (messages no replica could read).
+fn check_source(config: &stream::Config) -> Result<(), Mismatch> {
+    if let Some(mirror) = &config.mirror {
+        return Err((
+            "mirror",
+            "none (a mirror cannot be published to: give --nats-stream a stream of its own)".into(),
+            format!("{:?}", mirror.name),
+        ));
+    }
+    if let Some(sources) = config
+        .sources
+        .as_ref()
+        .filter(|sources| !sources.is_empty())
+    {
+        let names: Vec<&str> = sources.iter().map(|source| source.name.as_str()).collect();
+        return Err((
+            "sources",
+            "none (another stream's messages would be numbered among the updates)".into(),
+            format!("{names:?}"),
+        ));
+    }
+    if config.sealed {
+        return Err((
+            "sealed",
+            "false (a sealed stream refuses every publish and purge; seal a copy instead)".into(),
+            "true".into(),
+        ));
+    }
+    Ok(())
+}
 
 /// Where the messages go: exactly our subject, in files, kept by limits.
 fn check_layout(settings: &StreamSettings, config: &stream::Config) -> Result<(), Mismatch> {
@@ -675,6 +771,11 @@ fn warn_if_limit_differs(settings: &StreamSettings, config: &stream::Config) {
 }
 
 /// Limits that remove messages on their own would remove what no snapshot covers yet.
+/// Every update is published on the one subject, so a per-subject limit is a limit on the
+/// whole stream; it discards the oldest messages whatever `discard` says, unless
+/// `discard_new_per_subject` (with discard new) makes it refuse publishes instead. The
+/// stream's `max_msg_size` is not refused: the publisher keeps its messages under it
+/// ([`UpdateStream::message_cap`]), and start-up checks `--max-body-bytes` against it.
 fn check_limits(config: &stream::Config) -> Result<(), Mismatch> {
     if !config.max_age.is_zero() {
         let found = humantime::format_duration(config.max_age).to_string();
@@ -690,6 +791,73 @@ fn check_limits(config: &stream::Config) -> Result<(), Mismatch> {
             "discard",
             "new (refuse when full)".into(),
             format!("{:?}", config.discard),
+        ));
+    }
+    if config.max_messages_per_subject > 0
+        && !(config.discard == DiscardPolicy::New && config.discard_new_per_subject)
+    {
+        return Err((
+            "max_msgs_per_subject",
+            "none (every update is on one subject, so this limit removes acknowledged \
+             updates no snapshot covers; remove it with `nats stream edit \
+             --max-msgs-per-subject=-1`)"
+                .into(),
+            config.max_messages_per_subject.to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Features that make a publish go unacknowledged or refused, or a purge impossible.
+fn check_features(config: &stream::Config) -> Result<(), Mismatch> {
+    if config.no_ack {
+        return Err((
+            "no_ack",
+            "false (a publish must be acknowledged once stored)".into(),
+            "true".into(),
+        ));
+    }
+    if config.deny_purge {
+        return Err((
+            "deny_purge",
+            "false (the stream is purged below published snapshots, and a full one to make \
+             room)"
+                .into(),
+            "true".into(),
+        ));
+    }
+    if config.allow_rollup {
+        return Err((
+            "allow_rollup",
+            "false (one rollup message on the updates' subject would remove every update)".into(),
+            "true".into(),
+        ));
+    }
+    if config.max_consumers > 0 {
+        return Err((
+            "max_consumers",
+            "none (each replica reads through a consumer it recreates after every gap, the \
+             one it left lingering 30 s: a cap leaves replicas unable to follow)"
+                .into(),
+            config.max_consumers.to_string(),
+        ));
+    }
+    if let Some(transform) = config
+        .subject_transform
+        .as_ref()
+        .filter(|transform| !transform.destination.is_empty())
+    {
+        return Err((
+            "subject_transform",
+            "none (the updates must stay on their subject)".into(),
+            format!("{} -> {}", transform.source, transform.destination),
+        ));
+    }
+    if config.allow_message_counter {
+        return Err((
+            "allow_msg_counter",
+            "false (a counter stream refuses ordinary publishes)".into(),
+            "true".into(),
         ));
     }
     Ok(())
@@ -923,6 +1091,67 @@ mod tests {
         ] {
             assert_ne!(digest, message_digest(&other));
         }
+    }
+
+    /// Every setting that would lose acknowledged updates or refuse every publish or purge is
+    /// refused by name; the configuration this service creates passes.
+    #[test]
+    fn start_up_refuses_each_setting_that_breaks_the_stream_by_name() {
+        let settings = StreamSettings {
+            name: "S".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(7200),
+            max_bytes: Some(1 << 30),
+        };
+        let made = settings.stream_config("id");
+        assert_eq!(verify(&settings, &made).unwrap(), 0);
+        type Edit = fn(&mut stream::Config);
+        let refused: [(&str, Edit); 11] = [
+            ("max_msgs_per_subject", |c| c.max_messages_per_subject = 50),
+            ("sealed", |c| c.sealed = true),
+            ("mirror", |c| {
+                c.mirror = Some(stream::Source {
+                    name: "OTHER".into(),
+                    ..Default::default()
+                });
+            }),
+            ("sources", |c| {
+                c.sources = Some(vec![stream::Source {
+                    name: "OTHER".into(),
+                    ..Default::default()
+                }]);
+            }),
+            ("no_ack", |c| c.no_ack = true),
+            ("deny_purge", |c| c.deny_purge = true),
+            ("allow_rollup", |c| c.allow_rollup = true),
+            ("max_consumers", |c| c.max_consumers = 10),
+            ("subject_transform", |c| {
+                c.subject_transform = Some(stream::SubjectTransform {
+                    source: "S.updates".into(),
+                    destination: "S.other".into(),
+                });
+            }),
+            ("allow_msg_counter", |c| c.allow_message_counter = true),
+            ("max_age", |c| c.max_age = Duration::from_secs(60)),
+        ];
+        for (setting, edit) in refused {
+            let mut config = made.clone();
+            edit(&mut config);
+            let error = verify(&settings, &config).unwrap_err().to_string();
+            assert!(error.starts_with(&format!("S: {setting} is ")), "{error}");
+            assert!(refused_setting(&config).is_err(), "{setting} while running");
+        }
+        // A per-subject limit that refuses publishes instead of discarding is a size limit
+        // like max_msgs with discard new; a smaller max_msg_size is adapted to.
+        let mut config = made.clone();
+        config.max_messages_per_subject = 50;
+        config.discard_new_per_subject = true;
+        config.max_message_size = 4096;
+        assert!(verify(&settings, &config).is_ok());
+        assert_eq!(message_cap(1 << 20, 4096), 4096);
+        assert_eq!(message_cap(1 << 20, -1), 1 << 20);
+        assert_eq!(message_cap(1 << 20, 0), 1 << 20);
+        assert_eq!(message_cap(1024, 4096), 1024);
     }
 
     /// A publish whose id another publish was still storing when time ran out may be in the

@@ -84,7 +84,9 @@ impl Replication {
                 r,
                 "profile_state_replication_publish_failures_total",
                 "Publishes to the stream that failed (their webhooks got 503), by reason \
-                 (unavailable, unconfirmed, refused, too_large).",
+                 (unavailable, unconfirmed, refused, replaced; too_large: an update whose \
+                 message alone passes the stream's message cap, never published, its webhook \
+                 answered 422 and kept as a dead letter).",
                 "reason",
                 REPLICATION_PUBLISH_FAILURES.iter().copied(),
             ),

@@ -2,7 +2,8 @@
 //!
 //! A caller hands over a validated [`ProfileUpdate`] and waits. One task takes what queued up
 //! as one batch (group commit on the stream, as the sequencer does on the journal), cut where
-//! its encoding would pass the server's `max_payload`, and publishes it as one stream message
+//! its encoding would pass the server's `max_payload` (or the stream's smaller `max_msg_size`),
+//! and publishes it as one stream message
 //! with its content-derived `Nats-Msg-Id`. [`MAX_IN_FLIGHT`] batches are acknowledged at once
 //! (one): what arrives while a publish waits for its quorum forms the next batch, exactly as
 //! the journal's group commit waits for one fsync; after a batch of several, the next may wait
@@ -19,6 +20,10 @@
 //! (`crate::profile::check_growth`). The stream drops a repeat of a refused update (a
 //! Gameball retry, a dead letter's replay) as a duplicate, yet by then room may have been made:
 //! such a repeat is published again under an id of its own and applied anew.
+//!
+//! An update whose message alone would pass the cap (the smaller of `max_payload` and the
+//! stream's `max_msg_size`) is never published: it is refused as `InvalidArgument`, which the
+//! ingest path keeps as a dead letter (422), as it would be on every retry.
 //!
 //! Failures: not connected, not acknowledged in `--nats-request-timeout`, or refused (the
 //! stream full) is `Unavailable` (503): not recorded, or recorded without the ack reaching us,
@@ -172,14 +177,13 @@ impl Task {
                 break;
             }
             previous = Some(batch.len());
-            let limit = self
-                .parts
-                .stream
-                .nats()
-                .max_payload()
-                .saturating_sub(HEADROOM);
+            let limit = self.parts.stream.message_cap().saturating_sub(HEADROOM);
+            let (parts, too_large) = split(batch.drain(..), limit);
+            for (request, bytes) in too_large {
+                answer_too_large(&self.parts, request, bytes, limit);
+            }
             let mut permit = Some(permit);
-            for part in split(batch.drain(..), limit) {
+            for part in parts {
                 let slot = match permit.take() {
                     Some(slot) => slot,
                     None => Arc::clone(&self.in_flight)
@@ -246,17 +250,26 @@ async fn fill<T>(inbox: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, wait: Wait) 
     }
 }
 
-/// Cuts requests into batches whose encoding stays within `limit` bytes (a single larger
-/// update is a batch of its own; the server refuses it and its caller gets 503).
+/// A batch to publish: each caller with its record.
+type Batch = Vec<(Request, UpdateRecord)>;
+
+/// Cuts requests into batches whose encoding stays within `limit` bytes, in their order, and
+/// sets aside each update whose message alone would pass it, with that message's size: no
+/// stream message can carry it, now or on a retry ([`answer_too_large`]).
 fn split(
     requests: impl Iterator<Item = Request>,
     limit: usize,
-) -> Vec<Vec<(Request, UpdateRecord)>> {
-    let mut batches: Vec<Vec<(Request, UpdateRecord)>> = Vec::new();
+) -> (Vec<Batch>, Vec<(Request, usize)>) {
+    let mut batches: Vec<Batch> = Vec::new();
+    let mut too_large = Vec::new();
     let mut size = 0;
     for request in requests {
         let record = UpdateRecord::new(0, &request.update);
         let len = record_len(&record);
+        if len > limit {
+            too_large.push((request, len));
+            continue;
+        }
         match batches.last_mut() {
             Some(batch) if size + len <= limit => {
                 size += len;
@@ -268,7 +281,25 @@ fn split(
             }
         }
     }
-    batches
+    (batches, too_large)
+}
+
+/// Answers an update whose stream message alone would be `bytes`, over `limit`: a permanent
+/// refusal on `body` (the ingest path keeps it as a dead letter and answers 422), since a
+/// retry would be refused the same way; counted as a `too_large` publish failure. It was a
+/// 503 "retry later" for ever, and Gameball drops a delivery after its retries (found by an
+/// adversarial run: JSON numbers such as `1e15` are kept re-serialized, several times longer).
+fn answer_too_large(parts: &Parts, request: Request, bytes: usize, limit: usize) {
+    parts.metrics.replication_publish_failed("too_large");
+    let _ = request.reply.send(Err(Error::InvalidArgument {
+        field: "body".into(),
+        reason: format!(
+            "the update's recorded form is {bytes} bytes, more than the {limit} bytes a message \
+             of the replicated log may carry (the smaller of the NATS servers' max_payload and \
+             the stream's max_msg_size, less {HEADROOM} for headers); raise those limits and \
+             replay it"
+        ),
+    }));
 }
 
 /// Bytes a record takes in an [`UpdateBatch`]: its tag, its length and itself.
@@ -546,7 +577,8 @@ mod tests {
     fn batches_are_cut_below_the_limit_and_keep_their_order() {
         let requests = (0..10).map(|i| request(&format!("c{i}"), 100));
         let one = record_len(&UpdateRecord::new(0, &request("c0", 100).update));
-        let batches = split(requests, 3 * one);
+        let (batches, too_large) = split(requests, 3 * one);
+        assert!(too_large.is_empty());
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
         assert_eq!(sizes, [3, 3, 3, 1]);
         for batch in &batches {
@@ -562,12 +594,23 @@ mod tests {
             .collect();
         let expected: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
         assert_eq!(customers, expected);
-        // One update larger than the limit is a batch of its own.
-        let batches = split(
-            [request("big", 5000), request("small", 1)].into_iter(),
+        // An update whose message alone is over the limit is set aside with its size; the
+        // others around it are packed as before.
+        let (batches, too_large) = split(
+            [
+                request("small", 1),
+                request("big", 5000),
+                request("other", 1),
+            ]
+            .into_iter(),
             1000,
         );
-        assert_eq!(batches.len(), 2);
+        let big = record_len(&UpdateRecord::new(0, &request("big", 5000).update));
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].len(), 2);
+        assert_eq!(too_large.len(), 1);
+        assert_eq!(too_large[0].0.update.key.customer_id.as_str(), "big");
+        assert_eq!(too_large[0].1, big);
     }
 
     fn linger(updates: usize, ms: u64) -> Wait {

@@ -174,6 +174,16 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
         }
         Err(error) => return Err(error.into()),
     };
+    let cap = stream.message_cap();
+    if config.max_body_bytes > cap {
+        return Err(bad_configuration(format!(
+            "--max-body-bytes {} is larger than stream {}'s max_msg_size ({cap} bytes): a \
+             webhook that size could not be published; lower --max-body-bytes or raise the \
+             stream's (`nats stream edit --max-msg-size`)",
+            config.max_body_bytes,
+            stream.name()
+        )));
+    }
     let bucket = SnapshotBucket::open(&stream).await?;
     let dead_letters = DeadLetterBucket::open(&stream, max_payload).await?;
     let schedule = ScheduleBucket::open(&stream, &name).await?;
