@@ -260,6 +260,55 @@ async fn pretty_fixture_is_accepted_through_its_compact_form() {
     service.stop().await;
 }
 
+/// A pretty-printed delivery holding each way serde_json's compact output differs from
+/// JavaScript's `JSON.stringify` (numbers read as doubles and written as JavaScript writes
+/// them, array-index keys first, a repeated key) and the escapes they agree on.
+const STRINGIFY_PRETTY: &[u8] = include_bytes!("fixtures/stringify/pretty-body.json");
+/// What node's `JSON.stringify(JSON.parse(body))` gives for it, which Gameball's verifier
+/// hashes (`fixtures/stringify/make-vectors.js` wrote it).
+const STRINGIFY_COMPACT: &[u8] = include_bytes!("fixtures/stringify/pretty-body.compact.json");
+
+/// A delivery signed over what JavaScript's `JSON.stringify` makes of it is accepted (it was
+/// 401 whenever that differed from serde_json's compact output, found by an adversarial run),
+/// and what is applied is what the signature covers: the compact form's numbers, not the
+/// body's (`2.0E2` is 200, `9007199254740993` the double 9007199254740992).
+#[tokio::test]
+async fn a_body_signed_over_its_json_stringify_form_is_applied_as_that_form() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let signature = sign(SECRET, STRINGIFY_COMPACT);
+    assert_ne!(sign(SECRET, STRINGIFY_PRETTY), signature);
+    let parsed: Value = serde_json::from_slice(STRINGIFY_PRETTY).unwrap();
+    let serde_compact = serde_json::to_vec(&parsed).unwrap();
+    assert_ne!(serde_compact, STRINGIFY_COMPACT);
+
+    // Wrong signatures are still refused: another secret's, and one over serde_json's form.
+    for wrong in [
+        sign("other-secret", STRINGIFY_COMPACT),
+        sign(SECRET, &serde_compact),
+    ] {
+        let answer = post_with_signature(&service, STRINGIFY_PRETTY, Some(&wrong)).await;
+        assert_error(&answer, 401, None);
+    }
+    assert_not_found(&mut client, "stringified").await;
+
+    let answer = post_with_signature(&service, STRINGIFY_PRETTY, Some(&signature)).await;
+    assert_applied(&answer, 1);
+    let profile = profile(&mut client, "stringified").await;
+    assert_eq!(profile.gb_customer_id, 9_007_199_254_740_992);
+    assert_eq!(profile.total_points, Some(200));
+    assert_eq!(profile.tier_name.as_deref(), Some("silver"));
+    let extras = extras(&profile);
+    assert_eq!(extras["score"], Kind::NumberValue(1.0));
+    assert_eq!(extras["neg"], Kind::NumberValue(0.0));
+    assert_eq!(extras["2024"], Kind::StringValue("year".into()));
+    assert_eq!(
+        extras["motto"],
+        Kind::StringValue("élite\u{2028}\u{1f}\t".into())
+    );
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn uppercase_hex_signature_is_accepted() {
     let service = TestService::start().await;
