@@ -768,6 +768,50 @@ async fn a_lone_surrogate_escape_is_named_in_the_answer() {
     service.stop().await;
 }
 
+/// A number past the double range (`1e400`, 400 digits) in a modeled field, in the envelope or
+/// in an extra is a 422 naming that field, kept as a dead letter: serde_json refuses to read
+/// it, and the answer was "not JSON: number out of range", field `body` (found by an
+/// adversarial run).
+#[tokio::test]
+async fn a_number_past_the_double_range_is_named_by_its_field() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let digits = "9".repeat(400);
+    let int64 = "invalid data.total_points: out of range: must be a 64-bit signed integer";
+    let cases = [
+        ("data.total_points", "1e400", int64),
+        ("data.total_points", &digits, int64),
+        (
+            "gb_customer_id",
+            "-1e999",
+            "invalid gb_customer_id: out of range: must be a 64-bit signed integer",
+        ),
+        (
+            "data.score",
+            "1E400",
+            "invalid data.score: out of range: a number beyond",
+        ),
+    ];
+    for (field, literal, why) in cases {
+        let body = with(
+            profile_updated("huge", &at(1), json!({"tier_name": "gold"})),
+            field,
+            json!("PLACEHOLDER"),
+        );
+        let raw = to_bytes(&body);
+        let raw = String::from_utf8(raw)
+            .unwrap()
+            .replace("\"PLACEHOLDER\"", literal)
+            .into_bytes();
+        let answer = post_signed(&service, raw.clone(), Some(JSON)).await;
+        assert_dead_lettered(&answer, &raw, field);
+        let error = answer.1["error"].as_str().unwrap();
+        assert!(error.starts_with(why), "{field} {}: {error}", &literal[..5]);
+    }
+    assert_not_found(&mut client, "huge").await;
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn integer_range_boundaries_are_accepted() {
     let service = TestService::start().await;
