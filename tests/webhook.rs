@@ -260,6 +260,55 @@ async fn pretty_fixture_is_accepted_through_its_compact_form() {
     service.stop().await;
 }
 
+/// A pretty-printed delivery holding each way serde_json's compact output differs from
+/// JavaScript's `JSON.stringify` (numbers read as doubles and written as JavaScript writes
+/// them, array-index keys first, a repeated key) and the escapes they agree on.
+const STRINGIFY_PRETTY: &[u8] = include_bytes!("fixtures/stringify/pretty-body.json");
+/// What node's `JSON.stringify(JSON.parse(body))` gives for it, which Gameball's verifier
+/// hashes (`fixtures/stringify/make-vectors.js` wrote it).
+const STRINGIFY_COMPACT: &[u8] = include_bytes!("fixtures/stringify/pretty-body.compact.json");
+
+/// A delivery signed over what JavaScript's `JSON.stringify` makes of it is accepted (it was
+/// 401 whenever that differed from serde_json's compact output, found by an adversarial run),
+/// and what is applied is what the signature covers: the compact form's numbers, not the
+/// body's (`2.0E2` is 200, `9007199254740993` the double 9007199254740992).
+#[tokio::test]
+async fn a_body_signed_over_its_json_stringify_form_is_applied_as_that_form() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let signature = sign(SECRET, STRINGIFY_COMPACT);
+    assert_ne!(sign(SECRET, STRINGIFY_PRETTY), signature);
+    let parsed: Value = serde_json::from_slice(STRINGIFY_PRETTY).unwrap();
+    let serde_compact = serde_json::to_vec(&parsed).unwrap();
+    assert_ne!(serde_compact, STRINGIFY_COMPACT);
+
+    // Wrong signatures are still refused: another secret's, and one over serde_json's form.
+    for wrong in [
+        sign("other-secret", STRINGIFY_COMPACT),
+        sign(SECRET, &serde_compact),
+    ] {
+        let answer = post_with_signature(&service, STRINGIFY_PRETTY, Some(&wrong)).await;
+        assert_error(&answer, 401, None);
+    }
+    assert_not_found(&mut client, "stringified").await;
+
+    let answer = post_with_signature(&service, STRINGIFY_PRETTY, Some(&signature)).await;
+    assert_applied(&answer, 1);
+    let profile = profile(&mut client, "stringified").await;
+    assert_eq!(profile.gb_customer_id, 9_007_199_254_740_992);
+    assert_eq!(profile.total_points, Some(200));
+    assert_eq!(profile.tier_name.as_deref(), Some("silver"));
+    let extras = extras(&profile);
+    assert_eq!(extras["score"], Kind::NumberValue(1.0));
+    assert_eq!(extras["neg"], Kind::NumberValue(0.0));
+    assert_eq!(extras["2024"], Kind::StringValue("year".into()));
+    assert_eq!(
+        extras["motto"],
+        Kind::StringValue("élite\u{2028}\u{1f}\t".into())
+    );
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn uppercase_hex_signature_is_accepted() {
     let service = TestService::start().await;
@@ -716,6 +765,50 @@ async fn a_lone_surrogate_escape_is_named_in_the_answer() {
     assert_eq!(answer.1["field"], "body", "{}", answer.1);
     let error = answer.1["error"].as_str().unwrap();
     assert!(error.contains("surrogate pair"), "{error}");
+    service.stop().await;
+}
+
+/// A number past the double range (`1e400`, 400 digits) in a modeled field, in the envelope or
+/// in an extra is a 422 naming that field, kept as a dead letter: serde_json refuses to read
+/// it, and the answer was "not JSON: number out of range", field `body` (found by an
+/// adversarial run).
+#[tokio::test]
+async fn a_number_past_the_double_range_is_named_by_its_field() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let digits = "9".repeat(400);
+    let int64 = "invalid data.total_points: out of range: must be a 64-bit signed integer";
+    let cases = [
+        ("data.total_points", "1e400", int64),
+        ("data.total_points", &digits, int64),
+        (
+            "gb_customer_id",
+            "-1e999",
+            "invalid gb_customer_id: out of range: must be a 64-bit signed integer",
+        ),
+        (
+            "data.score",
+            "1E400",
+            "invalid data.score: out of range: a number beyond",
+        ),
+    ];
+    for (field, literal, why) in cases {
+        let body = with(
+            profile_updated("huge", &at(1), json!({"tier_name": "gold"})),
+            field,
+            json!("PLACEHOLDER"),
+        );
+        let raw = to_bytes(&body);
+        let raw = String::from_utf8(raw)
+            .unwrap()
+            .replace("\"PLACEHOLDER\"", literal)
+            .into_bytes();
+        let answer = post_signed(&service, raw.clone(), Some(JSON)).await;
+        assert_dead_lettered(&answer, &raw, field);
+        let error = answer.1["error"].as_str().unwrap();
+        assert!(error.starts_with(why), "{field} {}: {error}", &literal[..5]);
+    }
+    assert_not_found(&mut client, "huge").await;
     service.stop().await;
 }
 

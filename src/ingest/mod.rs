@@ -57,7 +57,9 @@ pub fn validate(
     parsed: Result<&serde_json::Value, &serde_json::Error>,
 ) -> Result<Delivery, Error> {
     let parsed = parsed.map_err(|err| {
-        payload::too_deep(raw, err).unwrap_or_else(|| Error::invalid("body", not_json(raw, err)))
+        payload::too_deep(raw, err)
+            .or_else(|| payload::out_of_range(raw, err))
+            .unwrap_or_else(|| Error::invalid("body", not_json(raw, err)))
     })?;
     payload::parse(parsed)
 }

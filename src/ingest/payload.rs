@@ -354,6 +354,109 @@ fn too_deep_at(raw: &[u8]) -> [Option<String>; 2] {
     })
 }
 
+/// Why a number past the double range is refused, for a field that is not a modeled integer.
+const BEYOND_DOUBLE: &str =
+    "out of range: a number beyond ±1.8e308, more than a 64-bit float holds";
+
+/// The refusal of a body serde_json would not read for a number past the double range (`1e400`,
+/// 400 digits): it said "not JSON: number out of range", field `body`, of valid JSON (RFC 8259
+/// leaves the range to implementations), where `1e30` in the same field is told its field
+/// (found by an adversarial run). `None` when `err` is another error. The number is found by
+/// [`out_of_range_at`] and named by where it is: a modeled integer (or `gb_customer_id`) as
+/// any integer out of its range is, another `data` key (an extra, or a text field) as
+/// `data.<key>`, one of the envelope's fields by its name, and a key the service does not read
+/// for the body (as [`too_deep`] does), the key in the message.
+pub fn out_of_range(raw: &[u8], err: &serde_json::Error) -> Option<Error> {
+    if !err.to_string().starts_with("number out of range") {
+        return None;
+    }
+    let error = match out_of_range_at(raw) {
+        [Some(top), Some(key)] if top == "data" => {
+            let key: String = key.chars().take(64).collect();
+            match Field::from_name(&key) {
+                Some(field) if field != Field::GbCustomerId && field.kind() != FieldKind::Text => {
+                    Error::invalid(format!("data.{key}"), integer_out_of_range(field.kind()))
+                }
+                _ => Error::invalid(format!("data.{key}"), BEYOND_DOUBLE),
+            }
+        }
+        [Some(top), _] if top == "gb_customer_id" => {
+            Error::invalid("gb_customer_id", integer_out_of_range(FieldKind::Int64))
+        }
+        [Some(top), _]
+            if ["event", "client_id", "customer_id", "created_at", "data"].contains(&&*top) =>
+        {
+            Error::invalid(top, BEYOND_DOUBLE)
+        }
+        [Some(top), _] => {
+            let top: String = top.chars().take(64).collect();
+            Error::invalid("body", format!("the value of {top:?} is {BEYOND_DOUBLE}"))
+        }
+        [None, _] => Error::invalid("body", BEYOND_DOUBLE),
+    };
+    Some(error)
+}
+
+/// The key at the top of the body, and the key within that one's object, whose value holds
+/// the first number literal past the double range (what serde_json stops at): a scan of the
+/// bytes, which serde_json would not read. A key is decoded as JSON (escapes), else taken as
+/// it is; `[None, None]` when no such number is found.
+fn out_of_range_at(raw: &[u8]) -> [Option<String>; 2] {
+    // Each open object or array, and for an object the last string read directly in it. The
+    // bytes before the number serde_json stopped at are JSON, so that string is the key of the
+    // member the scan is in: a string value is followed by a comma and the next key before
+    // any object, array or number in the same object.
+    let mut open: Vec<(bool, Option<&[u8]>)> = Vec::new();
+    let mut at = 0;
+    while let Some(&byte) = raw.get(at) {
+        match byte {
+            b'"' => {
+                let mut end = at + 1;
+                while let Some(&byte) = raw.get(end) {
+                    match byte {
+                        b'\\' => end += 2,
+                        b'"' => break,
+                        _ => end += 1,
+                    }
+                }
+                if let Some((true, key)) = open.last_mut() {
+                    *key = Some(raw.get(at..=end).unwrap_or(&raw[at..]));
+                }
+                at = end + 1;
+                continue;
+            }
+            b'{' | b'[' => open.push((byte == b'{', None)),
+            b'}' | b']' => {
+                open.pop();
+            }
+            b'-' | b'0'..=b'9' => {
+                let length = raw[at..]
+                    .iter()
+                    .take_while(|byte| {
+                        matches!(byte, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                    })
+                    .count();
+                let literal = std::str::from_utf8(&raw[at..at + length]).unwrap_or_default();
+                if literal.parse::<f64>().is_ok_and(f64::is_infinite) {
+                    let key = |open: Option<&(bool, Option<&[u8]>)>| {
+                        let quoted = open?.1?;
+                        Some(
+                            serde_json::from_slice(quoted)
+                                .unwrap_or_else(|_| String::from_utf8_lossy(quoted).into_owned()),
+                        )
+                    };
+                    return [key(open.first()), key(open.get(1))];
+                }
+                at += length;
+                continue;
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    [None, None]
+}
+
 /// How many levels of objects and arrays `value` nests (a scalar: 0), counting no further
 /// than `cap`.
 fn nesting(value: &Value, cap: usize) -> usize {
@@ -421,16 +524,11 @@ fn integer<J: Json, F: Into<String>>(
     field: impl Fn() -> F,
     kind: FieldKind,
 ) -> Result<i64, Error> {
-    let (low, high, range) = match kind {
-        FieldKind::Int32 => (i64::from(i32::MIN), i64::from(i32::MAX), "a 32-bit"),
-        _ => (i64::MIN, i64::MAX, "a 64-bit"),
+    let (low, high) = match kind {
+        FieldKind::Int32 => (i64::from(i32::MIN), i64::from(i32::MAX)),
+        _ => (i64::MIN, i64::MAX),
     };
-    let out_of_range = || {
-        Error::invalid(
-            field(),
-            format!("out of range: must be {range} signed integer"),
-        )
-    };
+    let out_of_range = || Error::invalid(field(), integer_out_of_range(kind));
     match value.as_number() {
         Some(number) if number.is_i64() => number
             .as_i64()
@@ -465,6 +563,14 @@ fn integer<J: Json, F: Into<String>>(
             )),
         },
         None => Err(Error::invalid(field(), "must be an integer")),
+    }
+}
+
+/// Why an integer field's value is out of range.
+fn integer_out_of_range(kind: FieldKind) -> &'static str {
+    match kind {
+        FieldKind::Int32 => "out of range: must be a 32-bit signed integer",
+        _ => "out of range: must be a 64-bit signed integer",
     }
 }
 
@@ -971,6 +1077,70 @@ mod tests {
         }
         let not_json = serde_json::from_str::<Value>("{").unwrap_err();
         assert!(too_deep(b"{", &not_json).is_none());
+    }
+
+    /// A number past the double range is named by where it is, as `1e30` is, not answered
+    /// "not JSON", field `body` (found by an adversarial run).
+    #[test]
+    fn a_number_past_the_double_range_is_named_by_its_field() {
+        let body = |gb_customer_id: &str, data: &str| {
+            format!(
+                r#"{{"event":"customer.profile.updated","client_id":"2155","customer_id":"c","gb_customer_id":{gb_customer_id},"created_at":"2024-11-19T17:34:42.297Z","data":{data}}}"#
+            )
+        };
+        let digits = "9".repeat(400);
+        let int64 = "out of range: must be a 64-bit signed integer";
+        let beyond = BEYOND_DOUBLE;
+        let cases = [
+            (
+                body("7", r#"{"total_points":1e400}"#),
+                "data.total_points",
+                int64,
+            ),
+            (
+                body("7", &format!(r#"{{"x":1,"tier_order":{digits}}}"#)),
+                "data.tier_order",
+                "32-bit",
+            ),
+            (body("-1e999", "{}"), "gb_customer_id", int64),
+            (body("7", r#"{"score":-1E+999}"#), "data.score", beyond),
+            (body("7", r#"{"email":1e400}"#), "data.email", beyond),
+            (
+                body("7", r#"{"gb_customer_id":1e400}"#),
+                "data.gb_customer_id",
+                beyond,
+            ),
+            // Deeper in an extra, after strings and numbers that look alike, and an escaped key.
+            (
+                body(
+                    "7",
+                    r#"{"a":{"1e400":"1e400 \" 1e400","b":[1,{"c":2}]},"k\"ey":[0,{"n":1e400}]}"#,
+                ),
+                "data.k\"ey",
+                beyond,
+            ),
+            (body("7", r#"["x",1e400]"#), "data", beyond),
+            (
+                body("7", r#"{"a":{"b":1}},"created_at":1e400"#),
+                "created_at",
+                beyond,
+            ),
+            (
+                r#"{"data":{"a":{"b":1}},"other":{"data":[1e400]}}"#.to_owned(),
+                "body",
+                r#"the value of "other" is out of range"#,
+            ),
+            ("1e400".to_owned(), "body", beyond),
+            ("[0, 1e400]".to_owned(), "body", beyond),
+        ];
+        for (raw, field, why) in cases {
+            let err = serde_json::from_str::<Value>(&raw).unwrap_err();
+            let answer = crate::ingest::validate(raw.as_bytes(), Err(&err)).unwrap_err();
+            assert_eq!(answer.field(), Some(field), "{raw}: {answer}");
+            assert!(answer.to_string().contains(why), "{raw}: {answer}");
+        }
+        let not_json = serde_json::from_str::<Value>("{").unwrap_err();
+        assert!(out_of_range(b"{", &not_json).is_none());
     }
 
     #[test]

@@ -18,6 +18,7 @@
 mod rejection_log;
 pub mod secrets;
 pub mod signature;
+mod stringify;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -288,16 +289,19 @@ impl Ingress {
                 },
             )?;
         }
-        // What the signature covers is what a dead letter keeps (`Signed::Compact`).
-        let body = match &signed {
-            Signed::Raw => &raw[..],
-            Signed::Compact(compact) => compact,
+        // What the signature covers is what a dead letter keeps (`Signed::Compact`), and what
+        // is applied: JSON.stringify rounds numbers (an integer past 2^53, `1.0` written `1`),
+        // so the raw bytes can say what the signature does not, and a replay of the letter
+        // reads the compact form.
+        let (body, delivery) = match &signed {
+            Signed::Raw => (&raw[..], parsed.validate(&raw)),
+            Signed::Compact(compact) => (&compact[..], Parsed::read(compact).validate(compact)),
         };
         // Authenticated from here on (or unsigned by choice): the ingest path decides. Once
         // it has the update, the sequencer may record it whenever the answer comes, so a
         // timeout must not claim it was not recorded.
         let timeout = self.limits.timeout;
-        match tokio::time::timeout(timeout, self.ingest.accept(body, parsed.validate(&raw))).await {
+        match tokio::time::timeout(timeout, self.ingest.accept(body, delivery)).await {
             Ok(outcome) => Ok(outcome?),
             Err(_) => Err(Rejection::from(Error::Unavailable {
                 reason: format!(

@@ -1,8 +1,9 @@
 //! `X-GB-Signature`: lowercase hex SHA-1 of `body + ":" + secret` (Gameball webhooks v4).
 //!
 //! The digest is checked over the raw body first and, failing that, over the compact
-//! re-serialization of the parsed JSON with its key order kept, because Gameball's own example
-//! verifier hashes `JSON.stringify(parsedBody)`. The compact form is built only when the raw
+//! re-serialization of the parsed JSON exactly as JavaScript's `JSON.stringify` writes it
+//! (`super::stringify`), because Gameball's own example verifier hashes
+//! `JSON.stringify(parsedBody)`. The compact form is built only when the raw
 //! body matched no secret, so a delivery signed over its bytes never pays for it; the check
 //! says which form matched, since a dead letter keeps the bytes the signature covers. Comparison
 //! is case-insensitive and constant time. This module does not read headers or decide
@@ -161,12 +162,11 @@ pub fn verify(
     Err(mismatch)
 }
 
-/// The compact re-serialization of a parsed body, key order kept (`preserve_order`): what
-/// `JSON.stringify` of the parsed body gives.
+/// The compact re-serialization of a parsed body: what `JSON.stringify` of the parsed body
+/// gives, byte for byte (ECMAScript's numbers and key order, not serde_json's:
+/// `super::stringify`).
 pub fn compact(json: &serde_json::Value) -> Vec<u8> {
-    // Serializing a Value into a Vec cannot fail: its keys are strings and writes to a Vec
-    // succeed.
-    serde_json::to_vec(json).unwrap_or_default()
+    super::stringify::stringify(json)
 }
 
 #[cfg(test)]
