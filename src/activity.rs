@@ -69,6 +69,12 @@ impl Activity {
         self.epoch + Duration::from_nanos(self.last_end.load(Ordering::SeqCst))
     }
 
+    /// Whether no request has ended on the connection yet and it was accepted less than
+    /// `within` ago: a new connection whose first request may still be on its way.
+    pub fn new_within(&self, within: Duration) -> bool {
+        self.last_end.load(Ordering::SeqCst) == 0 && self.epoch.elapsed() < within
+    }
+
     /// A request's body started to arrive (its request began with [`Activity::begin`]).
     pub fn body_arriving(self: &Arc<Self>) -> Arriving {
         if self.arriving.fetch_add(1, Ordering::SeqCst) == 0 {

@@ -457,7 +457,8 @@ async fn connections_past_a_listeners_cap_are_refused_or_make_room_and_are_count
 }
 
 /// At the webhook port's cap, a connection whose requests all wait for their bodies makes
-/// room as an idle one does (an idle one first; of those waiting, the one waiting longest):
+/// room as an idle one does (an idle one first; of those waiting, the one waiting longest),
+/// and a new connection whose first request may still be on its way only when no other can:
 /// 2,048 connections each sending an unsigned body a byte a second, and another after each
 /// 408, held the cap, and signed deliveries' new connections were closed at once (found by an
 /// adversarial run). Both kinds are counted.
@@ -467,7 +468,7 @@ async fn connections_whose_bodies_are_still_arriving_make_room_at_the_cap() {
     config.max_webhook_connections = 2;
     let service = TestService::start_with(config).await;
     let mut idle = connect(service.webhook, b"").await;
-    // Accepted after the idle one (the listener takes connections in order).
+    answered_unsigned(&mut idle).await;
     let mut waiting_longest = start_slow_upload(service.webhook, 5000).await;
 
     // The idle connection makes room, not the upload.
@@ -481,6 +482,13 @@ async fn connections_whose_bodies_are_still_arriving_make_room_at_the_cap() {
     let (status, answer) = service.post(&second).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(until_closed(&mut waiting_longest).await, b"");
+    // A new connection that has sent nothing yet takes the place of that delivery's; the next
+    // one closes the upload, not it.
+    let mut new = connect(service.webhook, b"").await;
+    let mut next = connect(service.webhook, b"").await;
+    answered_unsigned(&mut next).await;
+    assert_eq!(until_closed(&mut waiting).await, b"");
+    answered_unsigned(&mut new).await;
 
     let (_, metrics) = service.admin_get("/metrics").await;
     let value = |timeout: &str| {
@@ -490,15 +498,24 @@ async fn connections_whose_bodies_are_still_arriving_make_room_at_the_cap() {
             &format!("profile_state_connections_timed_out_total{{{labels}}}"),
         )
     };
-    assert_eq!((value("idle"), value("body")), (2.0, 1.0));
-    // The younger upload is still open: its body, once whole, is answered (unsigned: 401).
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = format!("{}}}", " ".repeat(4998));
-    waiting.write_all(rest.as_bytes()).await.unwrap();
-    let mut answer = [0; 12];
-    waiting.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"HTTP/1.1 401");
+    assert_eq!((value("idle"), value("body")), (3.0, 2.0));
     service.stop().await;
+}
+
+/// Sends an unsigned webhook, whole, on `stream`, and reads its answer (401, a JSON body).
+async fn answered_unsigned(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = "POST /webhooks/gameball HTTP/1.1\r\nhost: x\r\n\
+                   content-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"}") {
+        let mut chunk = [0; 512];
+        let read = stream.read(&mut chunk).await.unwrap();
+        assert!(read > 0, "closed before its answer: {answer:?}");
+        answer.extend_from_slice(&chunk[..read]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 401"), "{answer:?}");
 }
 
 /// Posts `count` signed webhooks (customers `{prefix}{n}`, each with 3 KB of extras),

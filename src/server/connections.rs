@@ -265,28 +265,44 @@ fn reap(connections: &mut JoinSet<()>, open: &mut OpenConnections) {
 }
 
 /// Closes the connection with no request in progress that has been idle the longest, or else
-/// the one whose requests have all been waiting for their bodies the longest: what was closed
-/// (the `timeout` label it is counted under), if anything was. A connection answering a request
-/// is never closed. Slow bodies counted as work kept the cap: 2,048 connections each sending
-/// an unsigned body a byte a second, and another after each 408, had signed webhooks' new
-/// connections closed at once (found by an adversarial run). A request whose body is complete
-/// between the check and the abort is cut before its answer: never acknowledged, so the sender
-/// retries it (a webhook's merge makes a retry of a recorded update harmless).
+/// the one whose requests have all been waiting for their bodies the longest, or else the
+/// oldest of those accepted less than [`NEW_CONNECTION_GRACE`] ago with no request yet: what
+/// was closed (the `timeout` label it is counted under), if anything was. A connection
+/// answering a request is never closed. Slow bodies counted as work kept the cap: 2,048
+/// connections each sending an unsigned body a byte a second, and another after each 408, had
+/// signed webhooks' new connections closed at once; and a new connection, idle until its
+/// request's head is read, was the idlest when the next one came (found by an adversarial
+/// run). A request whose body is complete between the check and the abort is cut before its
+/// answer: never acknowledged, so the sender retries it (a webhook's merge makes a retry of a
+/// recorded update harmless).
 fn evict_idlest(open: &OpenConnections) -> Option<&'static str> {
     let running = || open.values().filter(|(_, task)| !task.is_finished());
-    let idlest = running()
-        .filter(|(activity, _)| !activity.in_progress())
-        .min_by_key(|(activity, _)| activity.last_end());
-    let (task, timeout) = match idlest {
-        Some((_, task)) => (task, "idle"),
-        None => running()
+    let idle = |new: bool| {
+        running()
+            .filter(move |(activity, _)| {
+                !activity.in_progress() && activity.new_within(NEW_CONNECTION_GRACE) == new
+            })
+            .min_by_key(|(activity, _)| activity.last_end())
+            .map(|(_, task)| task)
+    };
+    let arriving = || {
+        running()
             .filter_map(|(activity, task)| Some((activity.only_arriving_since()?, task)))
             .min_by_key(|(since, _)| *since)
-            .map(|(_, task)| (task, "body"))?,
+            .map(|(_, task)| task)
     };
+    let (task, timeout) = idle(false)
+        .map(|task| (task, "idle"))
+        .or_else(|| arriving().map(|task| (task, "body")))
+        .or_else(|| idle(true).map(|task| (task, "idle")))?;
     task.abort();
     Some(timeout)
 }
+
+/// How long a new connection with no request yet is closed to make room only when no other
+/// can be: long enough for a sender's first request to arrive, short enough that sockets opened
+/// and left silent soon count as idle.
+const NEW_CONNECTION_GRACE: Duration = Duration::from_secs(1);
 
 /// A request's body that tells its connection's [`Activity`] when its last byte is read (or
 /// the body is dropped): until then the request is only arriving, and its connection can be
