@@ -376,13 +376,12 @@ pub fn read_frame(bytes: &[u8], offset: usize, format: FrameFormat) -> Frame<'_>
         return Frame::Invalid(Invalid::HeaderCutOff);
     }
     let word = |at: usize| u32::from_le_bytes(rest[at..at + 4].try_into().expect("four bytes"));
-    if format != FrameFormat::V1 && crc32c::crc32c(&rest[..8]) != word(8) {
-        return Frame::Invalid(Invalid::HeaderDamaged);
-    }
-    let len = word(0) as usize;
-    if len > MAX_FRAME && format == FrameFormat::V1 {
-        return Frame::Invalid(Invalid::ImplausibleLength);
-    }
+    let Some(len) = believed_len(rest, format) else {
+        return Frame::Invalid(match format {
+            FrameFormat::V1 => Invalid::ImplausibleLength,
+            FrameFormat::V2 | FrameFormat::V3 => Invalid::HeaderDamaged,
+        });
+    };
     let claimed_end = offset + overhead + len;
     let Some(payload) = rest.get(overhead..overhead + len) else {
         return Frame::Invalid(Invalid::PayloadCutOff { claimed_end });

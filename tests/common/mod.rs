@@ -118,8 +118,10 @@ impl CapturedLogs {
     pub fn on_this_thread(level: tracing::Level) -> (CapturedLogs, Capturing) {
         let captured = CapturedLogs::default();
         let writer = captured.clone();
+        // Plain text, no colours: tests match fields as they are written (`listener="webhook"`).
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(level)
+            .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
         let guard = tracing::subscriber::set_default(subscriber);
