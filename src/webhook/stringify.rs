@@ -15,8 +15,8 @@
 //!
 //! Strings are escaped as `JSON.stringify` escapes them (`"`, `\`, and characters below U+0020,
 //! as `\b \t \n \f \r` or lowercase `\u00xx`; everything else as it is, `/`, U+2028 and
-//! non-ASCII included). serde_json happens to agree; it is written out here so that the whole
-//! form is in one place.
+//! non-ASCII included), which is what serde_json's string writer does: strings are written
+//! through it.
 //!
 //! This module does not parse: it writes a `serde_json::Value` (read with `preserve_order` and
 //! `float_roundtrip`, so every number is the nearest double, as JavaScript reads it). A body
@@ -175,39 +175,11 @@ fn digits_and_point(written: &str) -> (Vec<u8>, i32) {
 }
 
 /// ECMAScript's QuoteJSONString for a Rust string (which holds no lone surrogate, the one case
-/// it would write as `\udxxx`).
+/// it would write as `\udxxx`): serde_json's string writer escapes exactly the same characters
+/// the same way (the node vectors below hold every kind).
 fn write_string(out: &mut Vec<u8>, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    let bytes = text.as_bytes();
-    let mut start = 0;
-    for (at, &byte) in bytes.iter().enumerate() {
-        let escape: &[u8] = match byte {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            0x0c => b"\\f",
-            b'\r' => b"\\r",
-            0x00..=0x1f => &[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(byte >> 4)],
-                HEX[usize::from(byte & 0xf)],
-            ],
-            // Every other byte, those of multi-byte characters included (none is below 0x80),
-            // is written as it is.
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..at]);
-        out.extend_from_slice(escape);
-        start = at + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    // Writing a string into a Vec cannot fail.
+    serde_json::to_writer(&mut *out, text).expect("a Vec takes any write");
 }
 
 #[cfg(test)]
