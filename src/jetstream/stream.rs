@@ -957,6 +957,13 @@ fn created_meanwhile(err: &async_nats::jetstream::context::CreateStreamError) ->
     matches!(err.kind(), CreateStreamErrorKind::JetStream(err) if err.error_code() == ErrorCode::STREAM_NAME_EXIST)
 }
 
+/// How JetStream's "no suitable peers for placement" (`CLUSTER_NO_PEERS`) says that a server of
+/// the cluster has not been heard from: "peer offline" while its first statistics are still to
+/// come (just started), "miscellaneous issue" while the server answering knows nothing of it
+/// yet (it restarted without it). Both pass once that server is heard from; the other reasons
+/// (storage, tags, a cluster too small) do not.
+const UNHEARD_PEER: [&str; 2] = ["peer offline", "miscellaneous issue"];
+
 fn create_failed(
     settings: &StreamSettings,
     err: async_nats::jetstream::context::CreateStreamError,
@@ -968,6 +975,23 @@ fn create_failed(
             JetStreamError::ReplicasNotSupported {
                 replicas: settings.replicas,
                 reason: inner.to_string(),
+            }
+        }
+        // A server of the cluster the meta leader has not heard from yet: placement works once
+        // it is, so this is worth another attempt. Refused, it stopped a replica started with
+        // its cluster (seen in the load tool's smoke test).
+        CreateStreamErrorKind::JetStream(inner)
+            if inner.error_code() == ErrorCode::CLUSTER_NO_PEERS
+                && UNHEARD_PEER
+                    .iter()
+                    .any(|reason| inner.to_string().contains(reason)) =>
+        {
+            JetStreamError::Unavailable {
+                operation: "stream create",
+                reason: format!(
+                    "{inner} (a JetStream server of the cluster has not been heard from since \
+                     it or the cluster started)"
+                ),
             }
         }
         CreateStreamErrorKind::JetStream(inner) => {
@@ -1174,5 +1198,56 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A stream placed while a server of the cluster has not been heard from is tried again; a
+    /// placement that cannot work (storage, tags) stays refused, and so does a cluster too small
+    /// for the replicas asked, with the hint.
+    #[test]
+    fn a_placement_refused_for_a_server_not_heard_from_is_tried_again_and_others_are_refused() {
+        let settings = StreamSettings {
+            name: "S".into(),
+            replicas: 3,
+            duplicate_window: Duration::from_secs(120),
+            max_bytes: None,
+        };
+        let refused = |code: u64, description: &str| {
+            let error: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+                "code": 500,
+                "err_code": code,
+                "description": description,
+            }))
+            .expect("a JetStream error");
+            create_failed(&settings, error.into())
+        };
+        for unheard in ["peer offline", "miscellaneous issue"] {
+            let description = format!("no suitable peers for placement, {unheard}");
+            let tried_again = refused(10005, &description);
+            assert!(
+                matches!(&tried_again, JetStreamError::Unavailable { operation: "stream create", reason }
+                    if reason.contains(&description) && reason.contains("not been heard from")),
+                "{tried_again:?}"
+            );
+        }
+        let storage = refused(
+            10005,
+            "no suitable peers for placement, insufficient storage",
+        );
+        assert!(
+            matches!(
+                &storage,
+                JetStreamError::Refused {
+                    operation: "stream create",
+                    ..
+                }
+            ),
+            "{storage:?}"
+        );
+        let small = refused(10023, "insufficient resources");
+        assert!(
+            matches!(&small, JetStreamError::Refused { reason, .. }
+                if reason.contains("--nats-replicas 3 needs that many")),
+            "{small:?}"
+        );
     }
 }

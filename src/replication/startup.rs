@@ -117,7 +117,7 @@ fn retry_reason(error: &anyhow::Error) -> Option<&'static str> {
     match error.downcast_ref::<JetStreamError>()? {
         JetStreamError::Lost { .. } => Some(LOST_STREAM_RETRY),
         JetStreamError::Unavailable { .. } | JetStreamError::Bucket { .. } => {
-            Some("start-up: jetstream did not answer in time; trying again")
+            Some("start-up: jetstream cannot do it yet; trying again")
         }
         JetStreamError::StartBelowFirst { .. } => Some(
             "start-up: the stream was purged past the snapshot; trying again with the newest \

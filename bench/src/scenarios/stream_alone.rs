@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use clap::Parser;
 use nats_harness::NatsCluster;
-use profile_state::jetstream::{Follower, Nats, StreamSettings, UpdateBatch, UpdateStream};
+use profile_state::jetstream::{
+    Follower, JetStreamError, Nats, StreamSettings, UpdateBatch, UpdateStream,
+};
 use profile_state::profile::ProfileUpdate;
 use tokio_util::sync::CancellationToken;
 
@@ -123,9 +125,18 @@ pub async fn open_stream(urls: &str, name: &str, client: &str) -> anyhow::Result
     let nats = Nats::connect(&config.nats, client)
         .await
         .map_err(|error| anyhow!("{error}"))?;
-    UpdateStream::ensure(&nats, &settings)
-        .await
-        .map_err(|error| anyhow!("{error}"))
+    // Right after a cluster forms, placing an R3 stream can find a server the meta leader has
+    // not heard from yet, and creating it can time out on a loaded box: both are Unavailable,
+    // asked again as a replica's start-up does (a refusal stopped the smoke test once).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match UpdateStream::ensure(&nats, &settings).await {
+            Err(JetStreamError::Unavailable { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            opened => return opened.map_err(|error| anyhow!("{error}")),
+        }
+    }
 }
 
 /// `count` normalized updates of the workload's signed bodies, from update `first` on.
