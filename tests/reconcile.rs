@@ -724,6 +724,48 @@ async fn unknown_customers_are_created_and_all_walks_the_known_ones() {
     service.stop().await;
 }
 
+/// A customer whose update is too large for a stream message (a replica whose stream's
+/// `max_msg_size` is 8 KiB; the id alone is larger) is refused by itself: it fails with
+/// `update_refused`, and the job goes on to record the others. It stopped the whole job, every
+/// customer after it "not recorded", saying the journal refused the updates (found by an
+/// adversarial run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_too_large_for_the_stream_fails_its_customer_not_the_job() {
+    let nats = nats_harness::NatsCluster::single().await.unwrap();
+    let (context, made) = crate::replicas::made_stream(&nats, "RECONCILED").await;
+    let mut capped = made;
+    capped.max_message_size = 8192;
+    context.update_stream(capped).await.unwrap();
+    let stand_in = GameballStandIn::start().await;
+    let huge = "h".repeat(9_000);
+    let names = ["first", huge.as_str(), "second", "third"];
+    stand_in.add(names.map(Customer::new));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::replicas::replica_config(&nats, "RECONCILED", "a");
+    config.nats.replicas = 1;
+    config.max_body_bytes = 8192;
+    let service = start(config, dir.path(), &stand_in, API_KEY).await;
+
+    let job = reconcile(&service, ids(&names)).await;
+    assert_eq!(job.state(), pb::ReconcileJobState::Succeeded, "{job:?}");
+    assert_eq!((job.changed, job.failed), (3, 1), "{job:?}");
+    assert!(job.error.is_empty(), "{job:?}");
+    let failure = &job.failures[0];
+    assert_eq!(failure.reason, "update_refused", "{failure:?}");
+    assert!(failure.customer_id.starts_with("hhh"), "{failure:?}");
+    assert!(
+        failure.detail.contains("a message of the replicated log"),
+        "{failure:?}"
+    );
+    for name in ["first", "second", "third"] {
+        assert_eq!(profile(&service, name).await.customer_id, name);
+    }
+    let (_, metrics) = service.admin_get("/metrics").await;
+    let series = "profile_state_reconcile_failures_total{reason=\"update_refused\"}";
+    assert_eq!(metric(&metrics, series), 1.0);
+    service.stop().await;
+}
+
 /// A hundred failed customers whose ids are 50 KB each (a webhook takes them): listed whole,
 /// the report passed gRPC's 4 MiB message limit, and the job could no longer be read or
 /// cancelled (found by an adversarial run). Listed ids are cut; the counts cover all.

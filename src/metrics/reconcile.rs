@@ -14,7 +14,7 @@ use prometheus::{CounterVec, GaugeVec, HistogramVec, IntCounterVec, IntGauge, Op
 use super::{Metrics, counter_vec, counter_vec_at_zero, gauge, histogram_vec, register};
 use crate::profile::Field;
 use crate::reconcile::client::{RequestObserver, STATUS_LABELS};
-use crate::reconcile::jobs::NOT_RECORDED;
+use crate::reconcile::jobs::{NOT_RECORDED, UPDATE_REFUSED};
 use crate::reconcile::{Endpoint, FailureReason};
 
 /// Every outcome of `profile_state_reconcile_profiles_total`.
@@ -91,7 +91,7 @@ impl ReconcileMetrics {
             FailureReason::ALL
                 .iter()
                 .map(|reason| reason.as_str())
-                .chain([NOT_RECORDED]),
+                .chain([NOT_RECORDED, UPDATE_REFUSED]),
         );
         let drift = counter_vec_at_zero(
             r,

@@ -62,6 +62,9 @@ const RECORD_ATTEMPTS: u32 = 4;
 
 /// The failure reason of a customer fetched but not recorded (the journal refused it).
 pub const NOT_RECORDED: &str = "not_recorded";
+/// The failure reason of a customer whose update was refused as it is (too large for a stream
+/// message): recording it again would be refused the same way.
+pub const UPDATE_REFUSED: &str = "update_refused";
 
 /// How jobs call Gameball and how many may run.
 #[derive(Clone, Debug)]
@@ -131,7 +134,7 @@ impl JobState {
 pub struct CustomerFailure {
     /// The customer.
     pub customer_id: String,
-    /// A reason label (`FailureReason::as_str`, or [`NOT_RECORDED`]).
+    /// A reason label (`FailureReason::as_str`, [`NOT_RECORDED`] or [`UPDATE_REFUSED`]).
     pub reason: &'static str,
     /// What Gameball said, or what failed (never a key).
     pub detail: String,
@@ -729,6 +732,13 @@ impl ReconcileJobs {
             }
             match self.apply(update, stop).await {
                 Ok(drifted) => self.applied(job, &drifted),
+                // This customer's update itself was refused (larger than a stream message may
+                // be, say): the others are still recorded. It stopped the job, blaming the
+                // journal (found by an adversarial run).
+                Err(refused @ Error::InvalidArgument { .. }) => {
+                    metrics.reconcile_failure(UPDATE_REFUSED);
+                    lock(job).fail(outcome.customer_id, UPDATE_REFUSED, refused.to_string());
+                }
                 Err(failure) => {
                     metrics.reconcile_failure(NOT_RECORDED);
                     lock(job).fail(outcome.customer_id, NOT_RECORDED, failure.to_string());
