@@ -263,31 +263,40 @@ pub fn own_loopback_address() -> Ipv4Addr {
     Ipv4Addr::new(127, process, high, low)
 }
 
-/// Rewrites every `127.0.0.1:<port>` in these configuration texts to a free port, the same
-/// port for the same number across all texts, so a shipped configuration (with fixed ports)
-/// can be tested exactly as written apart from its ports.
+/// Rewrites every `127.0.0.1:<port>` in these configuration texts to a free port on a loopback
+/// address of their own ([`own_loopback_address`]), the same port for the same number across
+/// all texts, so a shipped configuration (with fixed ports) can be tested exactly as written
+/// apart from its addresses. On `127.0.0.1` a node killed and restarted found its ports taken
+/// by other tests' servers, as the harness's own clusters did.
 pub fn with_free_ports(texts: &[String]) -> Result<Vec<String>, HarnessError> {
-    let mut mapping: HashMap<String, String> = HashMap::new();
+    const SHIPPED: &str = "127.0.0.1:";
+    let host = own_loopback_address();
+    let mut mapping: HashMap<String, u16> = HashMap::new();
     let mut out = Vec::with_capacity(texts.len());
     let mut held = Vec::new();
     for text in texts {
         let mut rewritten = String::with_capacity(text.len());
         let mut rest = text.as_str();
-        while let Some(at) = rest.find("127.0.0.1:") {
-            let (before, after) = rest.split_at(at + "127.0.0.1:".len());
-            rewritten.push_str(before);
+        while let Some(at) = rest.find(SHIPPED) {
+            rewritten.push_str(&rest[..at]);
+            let after = &rest[at + SHIPPED.len()..];
             let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
             let port = &after[..digits];
-            if !port.is_empty() && !mapping.contains_key(port) {
-                let listener = TcpListener::bind("127.0.0.1:0")
-                    .map_err(|err| HarnessError(format!("no free loopback port: {err}")))?;
-                let free = listener
-                    .local_addr()
-                    .map_err(|err| HarnessError(err.to_string()))?;
-                mapping.insert(port.to_string(), free.port().to_string());
-                held.push(listener);
+            if port.is_empty() {
+                rewritten.push_str(SHIPPED);
+            } else {
+                if !mapping.contains_key(port) {
+                    // Held until every port is chosen, so that no two numbers get the same.
+                    let listener = TcpListener::bind((host, 0))
+                        .map_err(|err| HarnessError(format!("no free loopback port: {err}")))?;
+                    let free = listener
+                        .local_addr()
+                        .map_err(|err| HarnessError(err.to_string()))?;
+                    mapping.insert(port.to_string(), free.port());
+                    held.push(listener);
+                }
+                rewritten.push_str(&format!("{host}:{}", mapping[port]));
             }
-            rewritten.push_str(mapping.get(port).map_or(port, String::as_str));
             rest = &after[digits..];
         }
         rewritten.push_str(rest);
@@ -307,13 +316,20 @@ mod tests {
             "listen: 127.0.0.1:4223\nroutes: [127.0.0.1:6222, 127.0.0.1:6223]".to_string(),
         ];
         let out = with_free_ports(&texts).unwrap();
+        let host = out[0]
+            .strip_prefix("listen: ")
+            .and_then(|rest| rest.split(':').next())
+            .unwrap()
+            .to_owned();
+        assert!(host.starts_with("127.") && host != "127.0.0.1", "{host}");
         let ports = |text: &str| -> Vec<String> {
-            text.split("127.0.0.1:")
+            text.split(&format!("{host}:"))
                 .skip(1)
                 .map(|rest| rest.chars().take_while(char::is_ascii_digit).collect())
                 .collect()
         };
         let (a, b) = (ports(&out[0]), ports(&out[1]));
+        assert_eq!(a.len(), 3, "{}", out[0]);
         assert_eq!(a[1..], b[1..], "the same route ports in both files");
         assert_ne!(a[0], b[0]);
         assert!(
@@ -321,10 +337,18 @@ mod tests {
                 .any(|port| ["4222", "4223", "6222", "6223"].contains(&port.as_str()))
         );
         let expected = format!(
-            "listen: 127.0.0.1:{}\nroutes: [127.0.0.1:{}, 127.0.0.1:{}]",
+            "listen: {host}:{}\nroutes: [{host}:{}, {host}:{}]",
             a[0], a[1], a[2]
         );
-        assert_eq!(out[0], expected, "only the port numbers change");
+        assert_eq!(
+            out[0], expected,
+            "only the addresses and port numbers change"
+        );
+        let other = with_free_ports(&texts[..1]).unwrap();
+        assert!(
+            !other[0].contains(&format!("{host}:")),
+            "each call its own address"
+        );
     }
 
     #[test]
