@@ -685,6 +685,16 @@ fn load(path: &Path) -> Result<DeadLetter, DeadLetterError> {
     Ok(letter)
 }
 
+/// Room a letter's record takes besides its body: id, times, count, reason (values it echoes
+/// are cut short) and field name, with the JSON around them.
+const RECORD_ROOM: usize = 16 * 1024;
+
+/// The largest body a letter of at most `max_record_bytes` keeps: the record holds the body
+/// base64-encoded (4 bytes for every 3) beside the rest.
+pub fn largest_body_kept(max_record_bytes: usize) -> usize {
+    max_record_bytes.saturating_sub(RECORD_ROOM) / 4 * 3
+}
+
 /// A letter as one JSON record (a file's contents, or a bucket entry's value), with the time a
 /// replica claimed it for a replay, if one did.
 fn encode(letter: &DeadLetter, replaying_since: Option<DateTime<Utc>>) -> Vec<u8> {
@@ -814,6 +824,31 @@ mod tests {
 
     fn at(second: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_700_000_000 + second, 123_456_789).unwrap()
+    }
+
+    /// A body of the largest size kept, with a long reason and field and a replay's claim,
+    /// encodes within the record bound; one byte more of body (in base64's next group) does
+    /// not, at the NATS default of 1 MiB.
+    #[test]
+    fn the_largest_body_kept_fits_its_record_with_room_for_the_rest() {
+        let max = 1024 * 1024;
+        let largest = largest_body_kept(max);
+        assert!(largest > 700_000, "{largest}");
+        let letter = |body_bytes: usize| {
+            let body = vec![b'{'; body_bytes];
+            DeadLetter {
+                id: DeadLetterId::of(&body),
+                received_at: at(1),
+                last_received_at: at(2),
+                deliveries: u64::MAX,
+                reason: "\u{1F600}\"".repeat(1_000),
+                field: Some(format!("data.{}", "k".repeat(2_000))),
+                body,
+            }
+        };
+        assert!(encode(&letter(largest), Some(at(3))).len() <= max);
+        let beyond = largest + RECORD_ROOM * 3 / 4 + 3;
+        assert!(encode(&letter(beyond), None).len() > max);
     }
 
     fn invalid(field: &str) -> Error {

@@ -116,7 +116,7 @@ async fn replicas_refuse_the_same_update_and_apply_its_retry_once_there_is_room(
     let nats = NatsCluster::single().await.unwrap();
     let config = |name| {
         let mut config = replica_config(&nats, "SIZE", name);
-        config.max_body_bytes = 1 << 20;
+        config.max_body_bytes = 700_000; // within what a dead letter keeps under max_payload
         config
     };
     let a = TestService::start_with(config("a")).await;
@@ -406,7 +406,7 @@ async fn a_stream_of_the_earlier_rules_is_taken_over_only_when_asked_and_applies
     use profile_state::profile::{EventTime, ProfileKey, ProfileUpdate};
     let nats = NatsCluster::single().await.unwrap();
     let mut config = replica_config(&nats, "RULES", "a");
-    config.max_body_bytes = 1 << 20;
+    config.max_body_bytes = 700_000;
     let client = Nats::connect(&config.nats, "test").await.unwrap();
     let settings = StreamSettings::from_config(&config.nats);
     let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
@@ -472,7 +472,7 @@ async fn a_stream_of_the_earlier_rules_is_taken_over_only_when_asked_and_applies
     // Taken over once: the flag is harmless on a stream of rules 2, and a replica with an
     // empty disk replays the same history the same way.
     let mut fresh = replica_config(&nats, "RULES", "b");
-    fresh.max_body_bytes = 1 << 20;
+    fresh.max_body_bytes = 700_000;
     let b = TestService::start_with(fresh).await;
     assert_eq!(
         served(&b, 2).await,

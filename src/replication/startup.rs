@@ -31,6 +31,7 @@ use super::Prepared;
 use super::restored::{self, Earlier};
 use crate::config::Config;
 use crate::data_dir::{DataDir, sync_dir};
+use crate::dead_letters;
 use crate::io_error::IoError;
 use crate::jetstream::{
     Bounds, DeadLetterBucket, EarlierSnapshot, Follower, Incarnation, JetStreamError, Nats,
@@ -138,11 +139,17 @@ async fn open_once(config: &Config) -> anyhow::Result<Opened> {
     let name = config.nats.replica_name();
     let nats = Nats::connect(&config.nats, &name).await?;
     let max_payload = nats.max_payload();
-    if config.max_body_bytes > max_payload {
+    // A body that cannot be applied is kept as a dead letter, one bucket value of at most
+    // max_payload: past what that holds, such a delivery was answered 503 until Gameball
+    // dropped it (it was checked against max_payload alone).
+    let largest_kept = dead_letters::largest_body_kept(max_payload);
+    if config.max_body_bytes > largest_kept {
         return Err(bad_configuration(format!(
-            "--max-body-bytes {} is larger than the NATS server's max_payload ({max_payload} \
-             bytes): a webhook that size could not be published; lower --max-body-bytes or \
-             raise max_payload in the NATS configuration",
+            "--max-body-bytes {} is larger than the {largest_kept} bytes a dead letter can keep \
+             under the NATS server's max_payload ({max_payload} bytes; a letter holds the body \
+             base64-encoded, 4/3 of its size, with its reason): a delivery that size could not \
+             be kept if it cannot be applied; lower --max-body-bytes or raise max_payload in \
+             the NATS configuration",
             config.max_body_bytes
         )));
     }
