@@ -229,8 +229,9 @@ fn fill_frame_header(frame: &mut [u8]) {
 
 /// The frame of a [`BatchRecord`], built one update at a time: each is encoded once, where it
 /// will be written (the same bytes as [`batch_frame`] of the whole batch). A batch whose
-/// records pass [`FRAME_SPLIT_BYTES`] becomes several frames, one after the other, written and
-/// synced as one: recovery reads them as it reads frames of consecutive batches.
+/// records pass [`FRAME_SPLIT_BYTES`] becomes several frames, one after the other, each written
+/// and synced before the next (so that only the last can be torn): recovery reads them as it
+/// reads frames of consecutive batches.
 ///
 /// Every batch frame ends in [`BATCH_END_MARK`], field 15 holding `u64::MAX`, which no reader
 /// knows and every reader skips (prost and `wire` skip unknown fields; so did every earlier
@@ -299,6 +300,18 @@ impl BatchFrame {
         prost::encoding::fixed64::encode(BATCH_END_TAG, &u64::MAX, &mut self.bytes);
         fill_frame_header(&mut self.bytes[self.open_frame..]);
     }
+}
+
+/// Where each frame of `frames` ends: frames of the current format one after the other, as
+/// [`BatchFrame::finish`] makes them (their lengths are read, not checked).
+pub fn frame_ends(frames: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        let header = frames.get(start..start + FRAME_HEADER_LEN)?;
+        let len = u32::from_le_bytes(header[..4].try_into().expect("four bytes"));
+        start += FRAME_HEADER_LEN + len as usize;
+        Some(start.min(frames.len()))
+    })
 }
 
 /// One frame read from a buffer.

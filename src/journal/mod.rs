@@ -316,12 +316,40 @@ struct Faults {
     syncs_waited: tokio::sync::watch::Sender<u64>,
     /// How many failures were injected so far, for tests to wait on.
     injected: tokio::sync::watch::Sender<u64>,
+    /// Writes fail (`writes` is set) once this many more written frames have synced.
+    fail_after_syncs: std::sync::Mutex<Option<u64>>,
 }
 
 impl FaultSwitch {
     /// Makes every following write and sync fail (`true`) or work again (`false`).
     pub fn fail_writes(&self, fail: bool) {
         self.0.writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes every write and sync fail, as [`FaultSwitch::fail_writes`] does, once `syncs` more
+    /// written frames have synced: a write fails in the middle of an append (a batch written
+    /// as several frames).
+    pub fn fail_writes_after_syncs(&self, syncs: u64) {
+        *self.fail_after_syncs() = Some(syncs);
+    }
+
+    /// A written frame synced.
+    fn synced(&self) {
+        let mut left = self.fail_after_syncs();
+        if let Some(count) = left.as_mut() {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                *left = None;
+                self.fail_writes(true);
+            }
+        }
+    }
+
+    fn fail_after_syncs(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.0
+            .fail_after_syncs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Makes creating a journal segment fail (`true`) the way a full disk makes it fail: the
