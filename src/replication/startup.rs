@@ -116,7 +116,9 @@ fn retry_reason(error: &anyhow::Error) -> Option<&'static str> {
     }
     match error.downcast_ref::<JetStreamError>()? {
         JetStreamError::Lost { .. } => Some(LOST_STREAM_RETRY),
-        JetStreamError::Unavailable { .. } | JetStreamError::Bucket { .. } => {
+        JetStreamError::Unavailable { .. }
+        | JetStreamError::NoQuorum { .. }
+        | JetStreamError::Bucket { .. } => {
             Some("start-up: jetstream did not answer in time; trying again")
         }
         JetStreamError::StartBelowFirst { .. } => Some(
