@@ -1248,6 +1248,24 @@ async fn stream_leader(nats: &NatsCluster, stream: &str) -> String {
         .expect("a stream leader")
 }
 
+/// A watch resumed at `start_revision` on `client`, running: the status that refuses or ends
+/// it (`None`: it ended without one).
+fn resumed_watch(
+    mut client: ProfileServiceClient<Channel>,
+    start_revision: u64,
+) -> tokio::task::JoinHandle<Option<tonic::Status>> {
+    tokio::spawn(async move {
+        let request = pb::WatchProfilesRequest {
+            start_revision,
+            ..Default::default()
+        };
+        match client.watch_profiles(request).await {
+            Ok(mut events) => events.get_mut().message().await.err(),
+            Err(status) => Some(status),
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_stream_leaders_nats_server_killed_under_load_loses_nothing() {
     let mut nats = NatsCluster::three().await.unwrap();
@@ -1318,18 +1336,8 @@ async fn a_replica_is_not_ready_while_its_stream_has_no_leader() {
     // A watch resumed beyond the replica waits for the stream's end meanwhile, and gets its
     // true answer once the stream has a leader again: the revision was never assigned. It was
     // answered UNAVAILABLE at once (found by an adversarial run).
-    let mut watcher = a.client().await;
     let beyond = a.server_info().await.revision + 100;
-    let watch = tokio::spawn(async move {
-        let request = pb::WatchProfilesRequest {
-            start_revision: beyond,
-            ..Default::default()
-        };
-        match watcher.watch_profiles(request).await {
-            Ok(mut events) => events.get_mut().message().await.err(),
-            Err(status) => Some(status),
-        }
-    });
+    let watch = resumed_watch(a.client().await, beyond);
 
     // Readiness names the cause, not only the lag (its polls time out now and then too).
     let past = answered_leaderless + Duration::from_secs(2);
@@ -1368,6 +1376,136 @@ async fn a_replica_is_not_ready_while_its_stream_has_no_leader() {
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("is beyond"), "{status:?}");
     a.stop().await;
+}
+
+/// The stale side of a silent partition: a replica connected only to the stream leader's
+/// server, the two other servers frozen (SIGSTOP). The leader still says it leads, and answers
+/// the stream's info with its own end, until its Raft notices the lost quorum: no sooner than
+/// nats-server's lostQuorumInterval (10 s) after it last heard from its peers, which an idle
+/// leader does at least every 2 s (a heartbeat when it has sent nothing for its 1 s
+/// hbInterval), so for at least 8 s after the freeze. The replica took that end for a barrier:
+/// a watch resumed beyond it and a read of a revision beyond it were answered OUT_OF_RANGE
+/// ("never assigned") for 5 to 11 s, revisions the other side may have acknowledged, and it
+/// said it was ready (found by an adversarial run). It answers UNAVAILABLE now, and says it is
+/// not ready, once the leader has gone 3 s without hearing from a quorum (the quorum window)
+/// and a poll has asked it: 1 to 3 s after the freeze, 5 s before the earliest step-down. The
+/// test checks last that the leader still names itself, so every answer came from the window
+/// the test is about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_cut_off_with_a_leader_that_lost_its_quorum_refuses_nothing_and_is_not_ready() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let nats = NatsCluster::three().await.unwrap();
+    let a = TestService::start_with(replica_config(&nats, "CUTOFF", "a")).await;
+    let body = profile_updated("before", &at(1), json!({"total_points": 1}));
+    let revision = post_until_ok(&a, &body).await["revision"].as_u64().unwrap();
+    let leader = stream_leader(&nats, "CUTOFF").await;
+    let on_leader = nats
+        .nodes()
+        .iter()
+        .position(|node| node.name() == leader)
+        .unwrap();
+    let mut config = replica_config(&nats, "CUTOFF", "b");
+    config.nats.urls = vec![nats.nodes()[on_leader].client_url()];
+    let b = TestService::start_with(config.clone()).await;
+    let b_replica = Replica::from(&b);
+    let deadline = Instant::now() + PATIENCE;
+    while b_replica.ready().await != 200 || b.server_info().await.revision < revision {
+        assert!(
+            Instant::now() < deadline,
+            "b never ready at revision {revision}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the test asks the leader last, connected before the freeze.
+    let observer = profile_state::jetstream::Nats::connect(&config.nats, "test")
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(b.channel().await);
+
+    let frozen: Vec<usize> = (0..3).filter(|index| *index != on_leader).collect();
+    for index in &frozen {
+        nats.nodes()[*index].pause().unwrap();
+    }
+    let deadline = Instant::now() + PATIENCE;
+    // A revision the other side could have assigned meanwhile: beyond b's next one.
+    let beyond = revision + 2;
+    let watch = resumed_watch(b.client().await, beyond);
+    let mut reader = b.client().await;
+    let read = tokio::spawn(async move {
+        let mut request = tonic::Request::new(pb::GetProfileRequest {
+            client_id: "2155".into(),
+            customer_id: "before".into(),
+            min_revision: beyond,
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_secs(3));
+        reader.get_profile(request).await.unwrap_err()
+    });
+
+    let status = watch.await.unwrap().expect("the watch is answered");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("quorum"), "{status:?}");
+    let status = read.await.unwrap();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let reason = loop {
+        let (status, reason) = b_replica.readiness().await;
+        if status == 503 {
+            break reason;
+        }
+        assert!(Instant::now() < deadline, "b ready with a leader cut off");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        reason.contains("cannot show that it still holds its quorum"),
+        "{reason}"
+    );
+    // gRPC health follows readiness, a moment later.
+    let request = HealthCheckRequest {
+        service: "gameball.profiles.v1.ProfileService".into(),
+    };
+    while health
+        .check(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+        != ServingStatus::NotServing
+    {
+        assert!(
+            Instant::now() < deadline,
+            "gRPC health SERVING with a leader cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every answer above came while the leader still said it led.
+    let info = observer
+        .context()
+        .get_stream("CUTOFF")
+        .await
+        .expect("the leader answers")
+        .cached_info()
+        .clone();
+    let still = info.cluster.and_then(|cluster| cluster.leader);
+    assert_eq!(
+        still.as_deref(),
+        Some(leader.as_str()),
+        "the leader stepped down too soon"
+    );
+
+    for index in &frozen {
+        nats.nodes()[*index].resume().unwrap();
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while b_replica.ready().await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "b ready again once the quorum is back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -145,7 +145,11 @@ impl Follower {
                 // be answered, or the stream be missing for a while: not an error of the
                 // stream. Rebuilt from `next` (this message again), the check runs with
                 // `rebuild`'s retries.
-                Err(JetStreamError::Unavailable { .. } | JetStreamError::Refused { .. }) => {
+                Err(
+                    JetStreamError::Unavailable { .. }
+                    | JetStreamError::NoQuorum { .. }
+                    | JetStreamError::Refused { .. },
+                ) => {
                     self.messages = None;
                     return Ok(None);
                 }
@@ -205,6 +209,9 @@ async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamE
             Ok(messages) => return Ok(messages),
             Err(JetStreamError::Unavailable { operation, reason }) => {
                 tracing::debug!(operation, reason, "consumer rebuild failed, retrying");
+            }
+            Err(error @ JetStreamError::NoQuorum { .. }) => {
+                tracing::debug!(%error, "consumer rebuild failed, retrying");
             }
             Err(error @ JetStreamError::Refused { .. }) => {
                 if !missing_said {

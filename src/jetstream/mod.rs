@@ -27,6 +27,7 @@ mod follow;
 mod incarnation;
 mod key_value;
 mod listing;
+mod quorum;
 mod schedule;
 mod snapshots;
 mod store_id;
@@ -59,6 +60,18 @@ pub enum JetStreamError {
         /// What was being done (`publish`, `stream info`).
         operation: &'static str,
         /// The client's reason.
+        reason: String,
+    },
+    /// A clustered stream's leader answered without having heard from a quorum of its group
+    /// lately (`quorum`): it may be cut off from its peers, which may have elected another
+    /// leader and acknowledged more, so its last sequence bounds nothing. No answer, as
+    /// [`JetStreamError::Unavailable`] is; told apart so that a replica can say why it is not
+    /// ready, and answer a caller waiting for its barrier at once (`crate::replication`).
+    #[error("jetstream unavailable during stream info: stream {stream}: {reason}")]
+    NoQuorum {
+        /// The stream.
+        stream: String,
+        /// Which peers were silent, and for how long.
         reason: String,
     },
     /// A request was sent and its answer did not come in time: it may still have taken effect

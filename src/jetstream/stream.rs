@@ -15,6 +15,7 @@ use async_nats::jetstream::stream::{
 use prost::Message;
 
 use super::incarnation::{Incarnation, StreamCreated};
+use super::quorum::quorum_heard;
 use super::store_id::{self, STORE_ID_KEY};
 use super::{JetStreamError, Nats, UpdateBatch};
 use crate::config::NatsConfig;
@@ -121,6 +122,13 @@ pub struct Bounds {
     /// Bytes the stream may still take before it refuses publishes (`--nats-max-bytes` less
     /// what it holds); `None` without a size limit.
     pub room: Option<u64>,
+    /// How long before it answered the stream's leader last heard from a quorum of its group
+    /// (zero outside a cluster, and for one replica): `last` bounds what was acknowledged
+    /// anywhere before the read was sent less this. Within it, a peer cut off from the leader
+    /// alone may have won the vote of a peer the leader heard from, and had more acknowledged
+    /// (nats-server's Raft grants a vote for a later term at once): only a quorum heard since
+    /// shows that none was.
+    pub heard: Duration,
 }
 
 /// The update stream. Cloning is cheap (handles onto the connection).
@@ -452,7 +460,10 @@ impl UpdateStream {
     /// ([`JetStreamError::Unavailable`]): a clustered stream without one (its servers short of
     /// a quorum) is answered by a follower, from its own copy, which may end before what the
     /// cluster acknowledged; taken for a barrier, it made every replica ready while no webhook
-    /// could be recorded, for as long as the quorum was lost (found by an adversarial run).
+    /// could be recorded, for as long as the quorum was lost (found by an adversarial run). Nor
+    /// is a leader's that has not heard from a quorum of its group lately
+    /// ([`JetStreamError::NoQuorum`], `super::quorum`): cut off from its peers, it still says
+    /// it leads, for 8 to 20 s, while they may elect another leader and acknowledge more.
     pub async fn bounds(&self) -> Result<Bounds, JetStreamError> {
         let info = self.stream.get_info().await.map_err(|err| {
             if jetstream_code(&err) == Some(ErrorCode::STREAM_NOT_FOUND) {
@@ -474,6 +485,10 @@ impl UpdateStream {
                 ),
             });
         }
+        let heard = quorum_heard(&info).map_err(|reason| JetStreamError::NoQuorum {
+            stream: self.settings.name.clone(),
+            reason,
+        })?;
         self.follow(&info)?;
         self.max_message_size
             .store(info.config.max_message_size.into(), Ordering::Relaxed);
@@ -499,6 +514,7 @@ impl UpdateStream {
             first: info.state.first_sequence,
             last: info.state.last_sequence,
             room: limit.map(|max| max.saturating_sub(info.state.bytes)),
+            heard,
         })
     }
 

@@ -5,7 +5,13 @@
 //! from the stream leader, bounds everything acknowledged anywhere so far (as Kubernetes'
 //! consistent reads from cache do with etcd's revision); once this replica has applied up to
 //! it, a revision it still does not have was never assigned, and the watch layer's usual
-//! answer (OUT_OF_RANGE) is true.
+//! answer (OUT_OF_RANGE) is true. Only a leader that heard from a quorum of its group after the
+//! caller came shows that no other leader acknowledged anything before (etcd's ReadIndex
+//! confirms its leadership with a heartbeat round the same way): a leader cut off from its
+//! peers by a silent partition still answers with its own end, and a replica on its side said
+//! "never assigned" for revisions the other side had acknowledged (found by an adversarial
+//! run). When the leader asked says it has not heard from a quorum lately, the caller is
+//! answered UNAVAILABLE at once: this replica may stay cut off, and another can answer.
 
 use std::time::Duration;
 
@@ -36,11 +42,15 @@ impl CatchUp for StreamCatchUp {
             let mut position = self.status.subscribe();
             let mut barrier = None;
             let caught_up = async {
-                let last = self.status.last_read_after(arrived).await;
+                let last = self.status.last_read_after(arrived).await.map_err(Some)?;
                 barrier = Some(last);
-                position
+                match position
                     .wait_for(|position| position.sequence >= last)
                     .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(None::<String>),
+                }
             };
             let waited = tokio::select! {
                 waited = tokio::time::timeout(self.timeout, caught_up) => waited,
@@ -53,18 +63,21 @@ impl CatchUp for StreamCatchUp {
                     return Err(Error::Unavailable { reason });
                 }
             };
-            if let Ok(Ok(_)) = waited {
-                return Ok(());
-            }
             let now = self.status.position();
             let name = self.status.name();
-            let reason = match barrier {
-                Some(barrier) => format!(
+            let reason = match (waited, barrier) {
+                (Ok(Ok(())), _) => return Ok(()),
+                (Ok(Err(Some(silent))), _) => format!(
+                    "replica {name} cannot tell whether it has caught up: {silent}; applied \
+                     revision {}; retry, here or on another replica",
+                    now.revision
+                ),
+                (_, Some(barrier)) => format!(
                     "replica {name} is catching up: applied revision {} (stream sequence {} of \
                      {barrier}); retry, here or on another replica",
                     now.revision, now.sequence
                 ),
-                None => format!(
+                (_, None) => format!(
                     "replica {name} could not read the stream's end within {:?} ({}), so it \
                      cannot tell whether it has caught up: applied revision {}; retry, here or \
                      on another replica",

@@ -288,10 +288,12 @@ fn poll(
             let run = status.observed(Finding::of(&read));
             match read {
                 Ok(bounds) => {
-                    status.observed_last(bounds.last, read_at);
+                    status.observed_last(bounds.last, read_at, bounds.heard);
                     status.observed_room(bounds.room);
                 }
                 Err(error) => {
+                    let silent = matches!(error, JetStreamError::NoQuorum { .. });
+                    status.observed_unbounded(read_at, silent.then(|| error.to_string()));
                     if let JetStreamError::Replaced { .. } = error
                         && run >= REPLACED_SETTLE
                     {

@@ -262,6 +262,7 @@ mod tests {
             first: 1,
             last: 2,
             room: None,
+            heard: std::time::Duration::ZERO,
         };
         assert_eq!(Finding::of(&Ok(bounds)), Finding::Stream);
     }

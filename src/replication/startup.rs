@@ -117,7 +117,9 @@ fn retry_reason(error: &anyhow::Error) -> Option<&'static str> {
     }
     match error.downcast_ref::<JetStreamError>()? {
         JetStreamError::Lost { .. } => Some(LOST_STREAM_RETRY),
-        JetStreamError::Unavailable { .. } | JetStreamError::Bucket { .. } => {
+        JetStreamError::Unavailable { .. }
+        | JetStreamError::NoQuorum { .. }
+        | JetStreamError::Bucket { .. } => {
             Some("start-up: jetstream cannot do it yet; trying again")
         }
         JetStreamError::StartBelowFirst { .. } => Some(

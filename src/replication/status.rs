@@ -9,7 +9,9 @@
 //! upper bound on the age of the oldest message not applied yet, exact to about one poll
 //! interval, and growing while the replica is stopped, cut off from NATS or stuck, which is
 //! what readiness needs. A replica that has not passed a barrier since it started is not ready,
-//! however young it is.
+//! however young it is. A leader that has not heard from a quorum of its group lately gives no
+//! barrier (`JetStreamError::NoQuorum`): cut off from its peers, it still answers with its own
+//! end, and the replica is not ready while it does.
 //!
 //! A delivered message's count of messages pending after it is not such a proof: it is the
 //! server's count when it sent the message, which may be long before this process reads it (a
@@ -78,10 +80,49 @@ struct Inner {
     /// [`MISSING_SETTLE`]: what publishes in flight wait on (`ReplicaStatus::until_missing`),
     /// without a timer each.
     missing_settled: Notify,
-    /// The latest answered read of the stream's end: (when it was sent, the last sequence).
-    /// What catch-ups wait on (`ReplicaStatus::last_read_after`) rather than each sending a
-    /// request of its own.
-    last_read: watch::Sender<Option<(Instant, u64)>>,
+    /// The latest answered read of the stream's end, and the latest poll a leader short of its
+    /// quorum answered. What catch-ups wait on (`ReplicaStatus::last_read_after`) rather than
+    /// each sending a request of its own.
+    reads: watch::Sender<Reads>,
+}
+
+/// What the polls last learnt of the stream's end.
+#[derive(Clone, Debug, Default)]
+struct Reads {
+    /// The latest read that bounded it.
+    bound: Option<Bound>,
+    /// The latest poll, if it was answered by a leader that had not heard from a quorum of its
+    /// group lately (`JetStreamError::NoQuorum`): when it was sent, and why.
+    silent: Option<(Instant, String)>,
+}
+
+/// One read of the stream's end.
+#[derive(Clone, Copy, Debug)]
+struct Bound {
+    /// When it was sent.
+    read_at: Instant,
+    /// The moment its leader last heard from a quorum of its group, no later than it answered
+    /// (`read_at` less `Bounds::heard`: the answer was made at or after `read_at`, so an answer
+    /// seen late makes this earlier, never later): what was acknowledged anywhere before then is
+    /// at or below `last`. `None` when that is before this clock's start.
+    as_of: Option<Instant>,
+    /// The stream's last sequence.
+    last: u64,
+}
+
+impl Reads {
+    /// What the polls have found for a caller that came at `since`, once they have: the last
+    /// sequence of a read that bounds everything acknowledged before `since`, or why a leader
+    /// asked after `since` could not show that it still held its quorum.
+    fn answer_after(&self, since: Instant) -> Option<Result<u64, &str>> {
+        if let Some(bound) = self.bound
+            && bound.as_of.is_some_and(|as_of| as_of >= since)
+        {
+            return Some(Ok(bound.last));
+        }
+        let (read_at, reason) = self.silent.as_ref()?;
+        (*read_at >= since).then_some(Err(reason.as_str()))
+    }
 }
 
 #[derive(Default)]
@@ -119,7 +160,7 @@ impl ReplicaStatus {
                 short_of_room: Mutex::default(),
                 runs: Mutex::default(),
                 missing_settled: Notify::new(),
-                last_read: watch::channel(None).0,
+                reads: watch::channel(Reads::default()).0,
             }),
         }
     }
@@ -229,7 +270,8 @@ impl ReplicaStatus {
     }
 
     /// Why this replica should not take webhooks now, if it should not: NATS unreachable, the
-    /// applier stopped, or further behind than `--max-lag`.
+    /// applier stopped, the stream replaced, missing or full, its leader short of its quorum at
+    /// the latest poll, or further behind than `--max-lag`.
     pub fn not_ready_reason(&self) -> Option<String> {
         if let Some(reason) = lock(&self.inner.failed).as_ref() {
             return Some(format!("replica stopped applying the stream: {reason}"));
@@ -247,6 +289,12 @@ impl ReplicaStatus {
             return Some(format!(
                 "the update stream is missing ({reason}): it was deleted or lost; webhooks get \
                  503 until it is restored (README, \"Backing up the stream\")"
+            ));
+        }
+        if let Some((_, reason)) = &self.inner.reads.borrow().silent {
+            return Some(format!(
+                "the stream's leader cannot show that it still holds its quorum ({reason}): \
+                 this replica may be cut off from the cluster with it"
             ));
         }
         if let Some((room, needed)) = *lock(&self.inner.short_of_room) {
@@ -289,9 +337,9 @@ impl ReplicaStatus {
         // A poll still waiting for its answer has no reason yet, for up to
         // --nats-request-timeout: its age says why the lag grows meanwhile (it said
         // "0 messages behind" and nothing else; a session-41 leftover).
-        let last_read = *self.inner.last_read.borrow();
+        let last_read = self.inner.reads.borrow().bound;
         let since = match last_read {
-            Some((read_at, _)) => read_at,
+            Some(bound) => bound.read_at,
             None => self.inner.started,
         };
         match since.elapsed() {
@@ -322,9 +370,23 @@ impl ReplicaStatus {
         }
     }
 
-    /// The stream's last sequence was `last` when read at `read_at`.
-    pub(crate) fn observed_last(&self, last: u64, read_at: Instant) {
-        self.inner.last_read.send_replace(Some((read_at, last)));
+    /// The stream's last sequence was `last` when read at `read_at`, its leader having last
+    /// heard from a quorum of its group `heard` before it answered. Readiness takes the read as
+    /// of `read_at`: within `jetstream`'s quorum window (3 s), no peer cut off together with the
+    /// others has called an election yet, and a lag measured to the poll is what routing
+    /// webhooks needs (measured to `heard`, an idle cluster's 2 s between heartbeats would put
+    /// every replica past the default --max-lag of 1 s half the time). Catch-ups take it as of
+    /// `heard` before (`ReplicaStatus::last_read_after`).
+    pub(crate) fn observed_last(&self, last: u64, read_at: Instant, heard: Duration) {
+        let bound = Bound {
+            read_at,
+            as_of: read_at.checked_sub(heard),
+            last,
+        };
+        self.inner.reads.send_modify(|reads| {
+            reads.bound = Some(bound);
+            reads.silent = None;
+        });
         self.inner.stream_last.fetch_max(last, Ordering::AcqRel);
         let applied = self.position().sequence;
         let mut clock = lock(&self.inner.clock);
@@ -337,20 +399,41 @@ impl ReplicaStatus {
         }
     }
 
-    /// The stream's last sequence as read by the first of the polls' reads sent at or after
-    /// `since`: it bounds everything acknowledged anywhere before `since`. Waits for it (while
-    /// the stream's end cannot be read, for as long as that lasts: callers bound the wait).
+    /// A poll sent at `read_at` got no bound of the stream: `silent` says why, when its answer
+    /// came from a leader short of its quorum.
+    pub(crate) fn observed_unbounded(&self, read_at: Instant, silent: Option<String>) {
+        self.inner.reads.send_if_modified(|reads| {
+            let changed = reads.silent.is_some() || silent.is_some();
+            reads.silent = silent.map(|reason| (read_at, reason));
+            changed
+        });
+    }
+
+    /// The stream's last sequence as read by the first of the polls' reads whose leader heard
+    /// from a quorum of its group at or after `since`: it bounds everything acknowledged
+    /// anywhere before `since` (a read merely sent after it did not: a peer cut off from the
+    /// leader alone may have won a vote and had more acknowledged meanwhile, `Bounds::heard`).
+    /// Waits for it (while the stream's end cannot be read, for as long as that lasts: callers
+    /// bound the wait), or `Err` with why a leader asked after `since` could not show it still
+    /// held its quorum: cut off from its peers, it may stay so, and the caller is answered at
+    /// once rather than after its whole wait.
     /// The polls read every [`POLL_INTERVAL`] anyway, so any number of waiters cost the stream
     /// no request: one each let any client drive the stream leader's load with watches and
     /// reads past the replica's revision, and a read that failed ended a watch's wait at
     /// once, while the stream elected a leader (both found by an adversarial run).
-    pub(crate) async fn last_read_after(&self, since: Instant) -> u64 {
-        let mut reads = self.inner.last_read.subscribe();
-        let read = reads
-            .wait_for(|read| read.is_some_and(|(read_at, _)| read_at >= since))
-            .await;
-        match read.ok().and_then(|read| *read) {
-            Some((_, last)) => last,
+    pub(crate) async fn last_read_after(&self, since: Instant) -> Result<u64, String> {
+        let mut reads = self.inner.reads.subscribe();
+        let answer = (reads
+            .wait_for(|reads| reads.answer_after(since).is_some())
+            .await)
+            .ok()
+            .and_then(|reads| {
+                reads
+                    .answer_after(since)
+                    .map(|answer| answer.map_err(str::to_owned))
+            });
+        match answer {
+            Some(answer) => answer,
             // The sender lives as long as this status: never closed while borrowed here.
             None => std::future::pending().await,
         }
@@ -377,5 +460,42 @@ impl Clock {
         if self.caught_up_at.is_none_or(|before| at > before) {
             self.caught_up_at = Some(at);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read bounds what came before its leader last heard from a quorum, not what came
+    /// before it was sent; a leader short of its quorum answers those that came before its
+    /// poll, and a later bound that covers them wins.
+    #[test]
+    fn a_caller_is_answered_by_a_quorum_heard_after_it_came_or_by_a_silent_leader() {
+        let t0 = Instant::now();
+        let at = |millis| t0 + Duration::from_millis(millis);
+        let mut reads = Reads {
+            bound: Some(Bound {
+                read_at: at(2_000),
+                as_of: Some(at(500)),
+                last: 7,
+            }),
+            silent: None,
+        };
+        assert_eq!(reads.answer_after(at(400)), Some(Ok(7)));
+        assert_eq!(
+            reads.answer_after(at(1_000)),
+            None,
+            "sent after, heard before"
+        );
+        reads.silent = Some((at(3_000), "cut off".into()));
+        assert_eq!(reads.answer_after(at(1_000)), Some(Err("cut off")));
+        assert_eq!(reads.answer_after(at(3_500)), None);
+        reads.bound = Some(Bound {
+            read_at: at(4_000),
+            as_of: Some(at(3_800)),
+            last: 9,
+        });
+        assert_eq!(reads.answer_after(at(1_000)), Some(Ok(9)));
     }
 }
