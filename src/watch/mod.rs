@@ -101,18 +101,26 @@ impl Watchers {
 
     /// [`Watchers::open`], after catching up when the subscription resumes beyond this
     /// replica's revision: a revision the cluster assigned is then here, and only one it never
-    /// assigned is refused (OUT_OF_RANGE). On a single node, the same as `open`.
+    /// assigned is refused (OUT_OF_RANGE). The wait ends as soon as the store reaches the
+    /// subscription's start, whatever the barrier still waits for (a read of the stream's end
+    /// from a leader that heard from a quorum after the call came: up to a heartbeat's 2 s on
+    /// an idle cluster). On a single node, the same as `open`.
     pub async fn open_caught_up(&self, spec: WatchSpec) -> Result<Watch, Error> {
-        let beyond = spec.start_revision > self.store.revision() + 1;
+        let reached = |revision: &u64| spec.start_revision <= revision + 1;
         let same_store = spec
             .store_id
             .as_deref()
             .is_none_or(|id| id == self.store.store_id());
         if let Some(catch_up) = &self.catch_up
-            && beyond
+            && !reached(&self.store.revision())
             && same_store
         {
-            catch_up.caught_up().await?;
+            let mut revisions = self.store.subscribe();
+            tokio::select! {
+                caught_up = catch_up.caught_up() => caught_up?,
+                // Only closed with the store, which this holds.
+                _ = revisions.wait_for(reached) => {}
+            }
         }
         self.open(spec)
     }

@@ -944,3 +944,42 @@ fn feeds_of_the_same_customers_leave_the_index_and_the_others_are_still_routed_t
     drop(kept);
     assert_eq!(router.indexed(), (0, 0, 0));
 }
+
+/// A barrier that never answers: the cluster's end cannot be read, for as long as it takes.
+struct Unanswered;
+
+impl CatchUp for Unanswered {
+    fn caught_up(&self) -> futures_util::future::BoxFuture<'_, Result<(), Error>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A watch resumed beyond the replica's revision opens as soon as the store reaches its start,
+/// whatever the barrier still waits for: a read of the stream's end from a leader that heard
+/// from a quorum after the call came takes up to a heartbeat (2 s) on an idle cluster.
+#[tokio::test]
+async fn a_watch_resumed_beyond_the_store_opens_once_the_store_reaches_its_start() {
+    let (watchers, tracker, sequencer) = store_with_sequencer(10);
+    let watchers = watchers.with_catch_up(Arc::new(Unanswered));
+    sequencer.apply(points("a", 1, 10)).await.unwrap();
+    let spec = WatchSpec {
+        start_revision: 4,
+        ..WatchSpec::default()
+    };
+    let opening = tokio::spawn({
+        let watchers = watchers.clone();
+        async move { watchers.open_caught_up(spec).await.map(|_| ()) }
+    });
+    sequencer.apply(points("b", 2, 20)).await.unwrap();
+    tokio::task::yield_now().await;
+    assert!(!opening.is_finished(), "revision 3 is not here yet");
+    sequencer.apply(points("c", 3, 30)).await.unwrap();
+    let opened = tokio::time::timeout(Duration::from_secs(10), opening).await;
+    opened
+        .expect("opened without the barrier")
+        .unwrap()
+        .unwrap();
+    drop(sequencer);
+    tracker.close();
+    tracker.wait().await;
+}
