@@ -38,7 +38,9 @@ pub use dead_letters::{DeadLetterBucket, DeadLetterEntry};
 pub use follow::{Entry, Follower};
 pub use incarnation::{Incarnation, StreamCreated};
 pub use schedule::ScheduleBucket;
-pub use snapshots::{CLAIM_TTL, EarlierSnapshot, SnapshotBucket, SnapshotInfo, UploadClaim};
+pub use snapshots::{
+    CLAIM_TTL, EarlierSnapshot, HeldClaim, SnapshotBucket, SnapshotInfo, Upload, UploadClaim,
+};
 pub use stream::{Bounds, Published, StreamSettings, UpdateStream};
 
 /// What can go wrong talking to JetStream. Messages are lowercase and name the stream, bucket,
