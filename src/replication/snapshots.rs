@@ -23,7 +23,8 @@
 //! clock: its holder was frozen or killed, or is of an earlier build, which never renews. A
 //! holder that finds its claim taken over abandons its upload and removes its chunks; it
 //! renews the claim once more before the snapshot is published, so a holder frozen past the
-//! takeover publishes nothing over the new holder's snapshot.
+//! takeover publishes nothing over the new holder's snapshot. Renewed, a claim never lapses:
+//! an upload still running after `CLAIM_TTL` (10 minutes) is abandoned as a failure.
 //!
 //! A full stream (`--nats-max-bytes`) refuses every publish, so nothing is applied and no
 //! snapshot comes due: the applier asks for one at its position then ([`Snapshots::make_room`]),
@@ -259,6 +260,10 @@ const TAKEN_OVER: &str = "the snapshot upload claim was taken over by another re
 struct Lease {
     renew_every: Duration,
     take_over_after: Duration,
+    /// How long an upload may run before its holder abandons it: renewed, the claim no longer
+    /// lapses, so a holder whose upload hangs (a disk that stopped answering) while its
+    /// renewals go on would hold it for good.
+    longest_upload: Duration,
 }
 
 /// Renewed every 2 s; taken over after 10 s unchanged, 4 renewals missed, so that a renewal
@@ -269,6 +274,7 @@ struct Lease {
 const LEASE: Lease = Lease {
     renew_every: Duration::from_secs(2),
     take_over_after: Duration::from_secs(10),
+    longest_upload: CLAIM_TTL,
 };
 
 impl Job {
@@ -425,8 +431,9 @@ impl Job {
     }
 
     /// Uploads the snapshot read from `data`, as of `at` (revision, stream sequence), and
-    /// purges, while `claim` is renewed; abandoned when the claim is lost (its chunks removed)
-    /// or the replica has been stopping for its allowance.
+    /// purges, while `claim` is renewed; abandoned when the claim is lost or the upload has
+    /// run for `lease.longest_upload` (a failure; both remove its chunks), or when the replica
+    /// has been stopping for its allowance.
     async fn upload_holding(
         &self,
         claim: &UploadClaim,
@@ -465,6 +472,16 @@ impl Job {
             () = stopped => {
                 tracing::info!(revision, "snapshot upload abandoned: the replica is stopping");
                 Ok(None)
+            }
+            () = tokio::time::sleep(self.lease.longest_upload) => {
+                self.discard(&upload).await;
+                Err(JetStreamError::Unavailable {
+                    operation: "snapshot upload",
+                    reason: format!(
+                        "still running after {}: abandoned, its chunks removed",
+                        humantime::format_duration(self.lease.longest_upload)
+                    ),
+                })
             }
         }
     }
@@ -728,6 +745,13 @@ mod tests {
             (upload, writer)
         }
 
+        /// Nobody holds the upload claim, and no upload's chunks are left without an object.
+        async fn assert_released_without_chunks(&self) {
+            assert_eq!(self.bucket.upload_claim_holder().await.unwrap(), None);
+            let unfinished = self.bucket.unfinished_uploads().await.unwrap();
+            assert!(unfinished.is_empty(), "{unfinished:?}");
+        }
+
         async fn wait_for(&self, what: &str, mut done: impl AsyncFnMut() -> bool) {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while !done().await {
@@ -743,6 +767,7 @@ mod tests {
     const SHORT_LEASE: Lease = Lease {
         renew_every: Duration::from_millis(100),
         take_over_after: Duration::from_secs(1),
+        longest_upload: Duration::from_secs(60),
     };
 
     /// How a publication ended, within `within`.
@@ -878,15 +903,7 @@ mod tests {
         assert_eq!(published, 1, "one of them published: {outcomes:?}");
         let snapshots = fixture.bucket.list().await.unwrap();
         assert_eq!(snapshots.len(), 1, "{snapshots:?}");
-        assert!(
-            fixture
-                .bucket
-                .unfinished_uploads()
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert_eq!(fixture.bucket.upload_claim_holder().await.unwrap(), None);
+        fixture.assert_released_without_chunks().await;
         // r1's old claim is not its to give back any more, nor to renew.
         assert!(!fixture.bucket.renew_upload(&stale).await.unwrap());
 
@@ -900,6 +917,29 @@ mod tests {
         );
         let taken = [r2.unwrap(), r3.unwrap()];
         assert_eq!(taken.iter().flatten().count(), 1, "{taken:?}");
+    }
+
+    /// An upload that does not end (a disk that stopped answering) while its holder's renewals
+    /// go on would hold the renewed claim for good: it is abandoned after the longest upload
+    /// time, as a failure, its chunks removed and the claim given back.
+    #[tokio::test]
+    async fn an_upload_that_runs_too_long_is_abandoned_and_its_claim_given_back() {
+        let fixture = Fixture::new("LONG").await;
+        let stopping = CancellationToken::new();
+        let lease = Lease {
+            longest_upload: Duration::from_secs(2),
+            ..SHORT_LEASE
+        };
+        let (r1, _writer) = fixture
+            .stuck_upload(fixture.job("r1", lease, &stopping))
+            .await;
+        let r1 = ended(r1, Duration::from_secs(10)).await;
+        let error = r1
+            .expect_err("a failed publication, tried again")
+            .to_string();
+        assert!(error.contains("still running after 2s"), "{error}");
+        fixture.assert_released_without_chunks().await;
+        assert_eq!(fixture.bucket.newest().await.unwrap(), None);
     }
 
     /// A holder whose claim was taken over (it was frozen past the takeover time) abandons its
@@ -935,6 +975,7 @@ mod tests {
         let no_renewal = Lease {
             renew_every: Duration::from_secs(3600),
             take_over_after: Duration::from_secs(7200),
+            longest_upload: Duration::from_secs(60),
         };
         let (r1, writer) = fixture
             .stuck_upload(fixture.job("r1", no_renewal, &stopping))
