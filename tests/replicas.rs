@@ -2485,6 +2485,203 @@ async fn a_replica_is_not_ready_while_the_stream_is_full() {
     a.stop().await;
 }
 
+/// A replica frozen (SIGSTOP) while it held the snapshot upload claim kept it for its whole 10
+/// minutes: on a full stream every webhook got 503 meanwhile, and no replica said who held it
+/// (found by an adversarial run). The claim is a lease: another replica takes it over once it
+/// has gone unrenewed for 10 s, saying whose it was, publishes, and the stream has room again;
+/// let go (SIGCONT), the frozen one finds its claim lost and publishes nothing over the new
+/// holder's snapshot. Three child processes on a stream with a byte limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_frozen_while_it_holds_the_upload_claim_loses_it_within_seconds() {
+    let nats = NatsCluster::single().await.unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let names = ["a", "b", "c"];
+    let mut replicas: Vec<Binary> = Vec::new();
+    for (name, dir) in names.into_iter().zip(&dirs) {
+        replicas.push(full_stream_replica(&nats, "FROZEN", name, dir.path()).await);
+    }
+    let bucket = profile_state::jetstream::SnapshotBucket::open(&stream_of(&nats, "FROZEN").await)
+        .await
+        .unwrap();
+    let (frozen, stopped_at) = freeze_the_claim_holder(&nats, &replicas, &bucket).await;
+    let others: Vec<usize> = (0..3).filter(|n| *n != frozen).collect();
+
+    // Room again (a snapshot published, the stream purged below it) well within 10 minutes:
+    // the lease's 10 s, and a snapshot's time.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let mut n = 0;
+    loop {
+        if replicas[others[n % 2]]
+            .post(&kib_update(&format!("r{n}")))
+            .await
+            .0
+            == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no room within 45 s of the freeze"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let room_after = stopped_at.elapsed();
+    assert!(room_after >= Duration::from_secs(9), "{room_after:?}");
+    let logged: Vec<Value> = others
+        .iter()
+        .flat_map(|other| drain_lines(&mut replicas[*other]))
+        .filter(|line| line["holder"] == names[frozen])
+        .collect();
+    let said = |message: &str| {
+        logged
+            .iter()
+            .filter(|line| line["message"] == message)
+            .count()
+    };
+    assert_eq!(
+        said("took over the snapshot upload claim from a replica that stopped renewing it"),
+        1,
+        "{logged:?}"
+    );
+    assert!(
+        said(
+            "the snapshot upload claim is held by another replica that has not renewed it: \
+             taken over unless it is renewed"
+        ) >= 1,
+        "{logged:?}"
+    );
+    let published = bucket
+        .newest()
+        .await
+        .unwrap()
+        .expect("the taker's snapshot");
+    let context = async_nats::jetstream::new(
+        async_nats::connect(nats.client_urls().join(","))
+            .await
+            .unwrap(),
+    );
+    let (_, chunks) = chunk_subject(&context, bucket.name(), &published.name).await;
+
+    // Let go, the frozen replica finds its claim lost, removes its chunks, publishes nothing.
+    replicas[frozen].signal("CONT");
+    let abandoned = [
+        "the snapshot upload claim was taken over by another replica: upload abandoned, its \
+         chunks removed",
+        // Its requests in flight timed out while it was frozen.
+        "snapshot not published; tried again",
+    ];
+    let line = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let line = replicas[frozen]
+                .lines
+                .recv()
+                .await
+                .expect("the replica runs");
+            if abandoned.iter().any(|message| line["message"] == *message) {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("the frozen replica gives its upload up");
+    assert_eq!(
+        bucket.newest().await.unwrap(),
+        Some(published.clone()),
+        "{line}"
+    );
+    let (_, chunks_now) = chunk_subject(&context, bucket.name(), &published.name).await;
+    assert_eq!(
+        chunks_now, chunks,
+        "the taker's object, not the frozen replica's"
+    );
+    assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
+    for replica in replicas {
+        replica.stop();
+    }
+}
+
+/// Fills the stream of `replicas` (which keep a 64 KiB one) until it refuses a webhook, then
+/// freezes (SIGSTOP) the replica that claims the upload of the snapshot that makes room, right
+/// when it does; again until the freeze comes while it holds the claim (it gives the claim back
+/// within milliseconds). Returns which replica is frozen, and when.
+async fn freeze_the_claim_holder(
+    nats: &NatsCluster,
+    replicas: &[Binary],
+    bucket: &profile_state::jetstream::SnapshotBucket,
+) -> (usize, Instant) {
+    let client = async_nats::connect(nats.client_urls().join(","))
+        .await
+        .unwrap();
+    let meta = async_nats::jetstream::new(client)
+        .get_key_value("FROZEN_META")
+        .await
+        .unwrap();
+    let mut sent = 0;
+    for _attempt in 0..10 {
+        let mut claims = meta.watch("snapshot-upload").await.unwrap();
+        loop {
+            sent += 1;
+            let (status, answer) = replicas[sent % 3]
+                .post(&kib_update(&format!("f{sent}")))
+                .await;
+            if status == 503 {
+                break;
+            }
+            assert_eq!(status, 200, "{answer}");
+        }
+        let claimed = tokio::time::timeout(PATIENCE, async {
+            loop {
+                let entry = claims.next().await.unwrap().unwrap();
+                if entry.operation == async_nats::jetstream::kv::Operation::Put {
+                    return String::from_utf8(entry.value.to_vec()).unwrap();
+                }
+            }
+        });
+        let Ok(holder) = claimed.await else {
+            continue;
+        };
+        let holder_index = ["a", "b", "c"]
+            .iter()
+            .position(|name| *name == holder)
+            .unwrap();
+        replicas[holder_index].signal("STOP");
+        let stopped_at = Instant::now();
+        if bucket.upload_claim_holder().await.unwrap() == Some(holder) {
+            return (holder_index, stopped_at);
+        }
+        replicas[holder_index].signal("CONT");
+    }
+    panic!("no replica frozen while it held the upload claim in 10 attempts");
+}
+
+/// An update of `customer` with 1 KiB in it.
+fn kib_update(customer: &str) -> Value {
+    profile_updated(customer, &at(1), json!({"tier_name": "t".repeat(1024)}))
+}
+
+/// Every line `binary` logged that no `wait_for` read yet.
+fn drain_lines(binary: &mut Binary) -> Vec<Value> {
+    std::iter::from_fn(|| binary.lines.try_recv().ok()).collect()
+}
+
+/// A replica (child process) of `stream` on `dir`, which keeps a 64 KiB stream with 2 KiB
+/// webhooks, and snapshots only to make room in it.
+async fn full_stream_replica(nats: &NatsCluster, stream: &str, name: &str, dir: &Path) -> Binary {
+    let mut args = bootstrap_args(nats, stream, name, "2s");
+    let limits = [
+        "--snapshot-every-records",
+        "1000000",
+        "--nats-max-bytes",
+        "65536",
+        "--max-body-bytes",
+        "2048",
+    ];
+    args.extend(limits.map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Binary::start(dir, &args).await
+}
+
 /// A replica `a` on `dir` of `stream` that published two snapshots (the bucket keeps two, and
 /// the stream is purged below the older): the bucket, oldest first, and `a`.
 pub(crate) async fn two_published(

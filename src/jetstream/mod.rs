@@ -11,7 +11,8 @@
 //!   out every later sequence exactly once, or fails naming what is missing.
 //! - [`SnapshotBucket`]: snapshots in an Object Store bucket, tagged with the revision and
 //!   stream sequence they are as of (and the digest of the stream's message there), for
-//!   replicas that start with an empty disk.
+//!   replicas that start with an empty disk, and the upload claim that one replica at a time
+//!   holds to publish them (taken, renewed, taken over and given back by compare-and-set).
 //! - [`DeadLetterBucket`]: a KV bucket for cluster-wide dead letters, with compare-and-set.
 //!
 //! It is an adapter: it turns profile updates into stream messages and JetStream failures into
@@ -39,7 +40,9 @@ pub use dead_letters::{DeadLetterBucket, DeadLetterEntry};
 pub use follow::{Entry, Follower};
 pub use incarnation::{Incarnation, StreamCreated};
 pub use schedule::ScheduleBucket;
-pub use snapshots::{CLAIM_TTL, EarlierSnapshot, SnapshotBucket, SnapshotInfo, UploadClaim};
+pub use snapshots::{
+    CLAIM_TTL, EarlierSnapshot, HeldClaim, SnapshotBucket, SnapshotInfo, Upload, UploadClaim,
+};
 pub use stream::{Bounds, Published, StreamSettings, UpdateStream};
 
 /// What can go wrong talking to JetStream. Messages are lowercase and name the stream, bucket,

@@ -5,21 +5,32 @@
 //! An object is the snapshot file's bytes, as the journal writes it, named by the stream
 //! sequence it is as of and the store id, with its revision, stream sequence, store id, the
 //! stream's creation and the digest of the stream's message at that sequence in the object's
-//! metadata. The object store checks a SHA-256 digest when a read reaches the end. What a
-//! snapshot contains, when one is taken, and whether a stream may start from the snapshot of
-//! an earlier incarnation of it, are not decided here.
+//! metadata. The object store checks a SHA-256 digest when a read reaches the end. Uploads are
+//! written here in the object store's format rather than by `ObjectStore::put`, so that one
+//! knows its chunks before it stores them: an upload whose claim was lost is not published,
+//! and removes its chunks. The upload claim, one replica's at a time, is in `claim`. What a
+//! snapshot contains, when one is taken, who uploads it, and whether a stream may start from
+//! the snapshot of an earlier incarnation of it, are not decided here.
+
+mod claim;
 
 use std::collections::{HashMap, HashSet};
 
 use std::time::Duration;
 
-use async_nats::jetstream::object_store::{self, ObjectInfo, ObjectMetadata, ObjectStore};
+use async_nats::jetstream::object_store::{self, ObjectInfo, ObjectOptions, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use async_nats::jetstream::{self, kv};
-use tokio::io::AsyncRead;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE;
+use bytes::BytesMut;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio_stream::StreamExt;
 
-use super::key_value::{already_exists, open_bucket, wrong_revision};
+pub use claim::{HeldClaim, UploadClaim};
+
+use super::key_value::open_bucket;
 use super::listing::last_per_subject;
 use super::stream::unavailable;
 use super::{Incarnation, JetStreamError, UpdateStream};
@@ -39,10 +50,11 @@ const STREAM_RAFT_GROUP_KEY: &str = "stream_raft_group";
 /// objects of earlier builds (some of which published without it when the read failed), and
 /// when the stream held no such message at upload.
 const MESSAGE_DIGEST_KEY: &str = "stream_message_sha256";
-/// The key of the upload claim in `<stream>_META`.
-const UPLOAD_CLAIM: &str = "snapshot-upload";
-/// How long an upload claim holds when its holder never releases it (it crashed).
+/// How long an upload claim holds when nobody renews it and no replica takes it over: the
+/// `max_age` of `<stream>_META`, a last resort (`claim`).
 pub const CLAIM_TTL: Duration = Duration::from_secs(600);
+/// The most an upload's chunk holds, as `ObjectStore::put` stores them.
+const CHUNK_SIZE: usize = 128 * 1024;
 
 /// What a published snapshot is as of.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,11 +83,34 @@ pub struct EarlierSnapshot {
     pub message_digest: Option<String>,
 }
 
-/// The upload claim as one replica took it: releasing it removes that claim and no later one.
-#[derive(Clone, Debug)]
-pub struct UploadClaim {
-    /// The claim's revision in `<stream>_META`.
-    revision: u64,
+/// One upload's chunks, named before the first is stored, so that an upload given up midway
+/// removes exactly its own ([`SnapshotBucket::discard_upload`]).
+#[derive(Debug)]
+pub struct Upload {
+    nuid: String,
+}
+
+impl Upload {
+    /// A new upload, under a name of its own.
+    pub fn new() -> Upload {
+        Upload {
+            nuid: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+}
+
+impl Default for Upload {
+    fn default() -> Upload {
+        Upload::new()
+    }
+}
+
+/// What [`SnapshotBucket::put_chunks`] stored.
+struct Chunks {
+    nuid: String,
+    count: usize,
+    size: usize,
+    sha256: Sha256,
 }
 
 /// The snapshot bucket of one update stream. Cloning is cheap.
@@ -133,75 +168,6 @@ impl SnapshotBucket {
         })
     }
 
-    /// Claims the right to upload the next snapshot for `holder`; `None` when another replica
-    /// holds the claim. A claim its holder never releases (it crashed) lapses after 10 minutes,
-    /// except that `holder` takes over a claim in its own name: that is its own, left by this
-    /// replica before a restart (replica names are unique) or by an upload whose release
-    /// failed, and waiting it out stopped every publication and purge for 10 minutes while
-    /// local snapshots piled up (found by an adversarial run).
-    pub async fn claim_upload(&self, holder: &str) -> Result<Option<UploadClaim>, JetStreamError> {
-        match self
-            .meta
-            .create(UPLOAD_CLAIM, holder.to_string().into())
-            .await
-        {
-            Ok(revision) => Ok(Some(UploadClaim { revision })),
-            Err(err) if already_exists(&err) => self.take_over_own_claim(holder).await,
-            Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
-        }
-    }
-
-    /// The claim, if `holder` holds it already (compare-and-set on its revision, so a claim
-    /// taken by another replica in between stays theirs).
-    async fn take_over_own_claim(
-        &self,
-        holder: &str,
-    ) -> Result<Option<UploadClaim>, JetStreamError> {
-        let entry = self
-            .meta
-            .entry(UPLOAD_CLAIM)
-            .await
-            .map_err(|err| self.error(UPLOAD_CLAIM, err))?;
-        let Some(entry) = entry.filter(|entry| {
-            entry.operation == kv::Operation::Put && entry.value.as_ref() == holder.as_bytes()
-        }) else {
-            return Ok(None);
-        };
-        match self
-            .meta
-            .update(UPLOAD_CLAIM, holder.to_string().into(), entry.revision)
-            .await
-        {
-            Ok(revision) => Ok(Some(UploadClaim { revision })),
-            Err(err) if wrong_revision(&err) => Ok(None),
-            Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
-        }
-    }
-
-    /// Gives `claim` back, unless it lapsed and another replica holds the claim now: that one
-    /// is not ours to remove.
-    pub async fn release_upload(&self, claim: UploadClaim) -> Result<(), JetStreamError> {
-        match self
-            .meta
-            .purge_expect_revision(UPLOAD_CLAIM, Some(claim.revision))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(err) if wrong_revision(&err) => Ok(()),
-            Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
-        }
-    }
-
-    /// Who holds the upload claim now, if anyone.
-    pub async fn upload_claim_holder(&self) -> Result<Option<String>, JetStreamError> {
-        let value = self
-            .meta
-            .get(UPLOAD_CLAIM)
-            .await
-            .map_err(|err| self.error(UPLOAD_CLAIM, err))?;
-        Ok(value.map(|holder| String::from_utf8_lossy(&holder).into_owned()))
-    }
-
     /// Stores a snapshot read from `data`, as of `revision` and `stream_sequence`, with the
     /// digest of the stream's message at `stream_sequence` (without it only when the stream
     /// holds no such message). The name carries the store id: an earlier incarnation's
@@ -220,7 +186,39 @@ impl SnapshotBucket {
         stream_sequence: u64,
         data: &mut (impl AsyncRead + Unpin),
     ) -> Result<SnapshotInfo, JetStreamError> {
-        let name = format!("snapshot-{stream_sequence:020}-{}", self.store_id);
+        let object = self.describe(revision, stream_sequence).await?;
+        let chunks = self.put_chunks(&Upload::new(), data).await?;
+        self.put_object(object, chunks).await
+    }
+
+    /// [`SnapshotBucket::put`] by the holder of `claim`, its chunks stored as `upload`: the
+    /// claim is renewed once more after the last chunk, and when that finds it lost (another
+    /// replica took it over while this one was frozen, say) the chunks are removed and
+    /// nothing is published (`None`): the snapshot of a replica that lost the claim is not
+    /// published over the new holder's.
+    pub async fn put_claimed(
+        &self,
+        claim: &UploadClaim,
+        upload: &Upload,
+        (revision, stream_sequence): (u64, u64),
+        data: &mut (impl AsyncRead + Unpin),
+    ) -> Result<Option<SnapshotInfo>, JetStreamError> {
+        let object = self.describe(revision, stream_sequence).await?;
+        let chunks = self.put_chunks(upload, data).await?;
+        if !self.renew_upload(claim).await? {
+            self.remove_chunks(upload).await?;
+            return Ok(None);
+        }
+        self.put_object(object, chunks).await.map(Some)
+    }
+
+    /// The object a snapshot as of `revision` and `stream_sequence` is stored as, but for its
+    /// chunks: its name and metadata (see [`SnapshotBucket::put`]).
+    async fn describe(
+        &self,
+        revision: u64,
+        stream_sequence: u64,
+    ) -> Result<ObjectInfo, JetStreamError> {
         let mut metadata = HashMap::from([
             (REVISION_KEY.to_string(), revision.to_string()),
             (SEQUENCE_KEY.to_string(), stream_sequence.to_string()),
@@ -235,22 +233,111 @@ impl SnapshotBucket {
         if let Some(digest) = self.digest_at(stream_sequence).await? {
             metadata.insert(MESSAGE_DIGEST_KEY.to_string(), digest);
         }
-        let meta = ObjectMetadata {
-            name: name.clone(),
+        Ok(ObjectInfo {
+            name: format!("snapshot-{stream_sequence:020}-{}", self.store_id),
+            description: None,
             metadata,
-            ..Default::default()
+            headers: None,
+            options: Some(ObjectOptions {
+                link: None,
+                max_chunk_size: Some(CHUNK_SIZE),
+            }),
+            bucket: self.bucket.clone(),
+            nuid: String::new(),
+            size: 0,
+            chunks: 0,
+            modified: None,
+            digest: None,
+            deleted: false,
+        })
+    }
+
+    /// Stores what `data` holds as `upload`'s chunks, as `ObjectStore::put` does (chunks of up
+    /// to 128 KiB on `$O.<bucket>.C.<nuid>`, a SHA-256 digest), under a nuid of our own, known
+    /// before the first chunk: async-nats picks its own inside `put` and never tells it, so an
+    /// upload abandoned midway could not remove its chunks.
+    async fn put_chunks(
+        &self,
+        upload: &Upload,
+        data: &mut (impl AsyncRead + Unpin),
+    ) -> Result<Chunks, JetStreamError> {
+        let subject = self.chunk_subject(upload);
+        let mut chunks = Chunks {
+            nuid: upload.nuid.clone(),
+            count: 0,
+            size: 0,
+            sha256: Sha256::new(),
         };
-        let info = self
-            .store
-            .put(meta, data)
+        let mut buffer = BytesMut::with_capacity(CHUNK_SIZE);
+        loop {
+            buffer.reserve(CHUNK_SIZE);
+            let read = data.read_buf(&mut buffer).await;
+            if read.map_err(|err| self.error(&subject, err))? == 0 {
+                return Ok(chunks);
+            }
+            let payload = buffer.split().freeze();
+            chunks.sha256.update(&payload);
+            (chunks.count, chunks.size) = (chunks.count + 1, chunks.size + payload.len());
+            let ack = self.context.publish(subject.clone(), payload).await;
+            let ack = ack.map_err(|err| self.error(&subject, err))?.await;
+            ack.map_err(|err| self.error(&subject, err))?;
+        }
+    }
+
+    /// Publishes `object`'s description with its `chunks` (the rollup leaves only it on its
+    /// subject), then removes the chunks of the object it replaces, as `ObjectStore::put` does.
+    async fn put_object(
+        &self,
+        mut object: ObjectInfo,
+        chunks: Chunks,
+    ) -> Result<SnapshotInfo, JetStreamError> {
+        let name = object.name.clone();
+        let replaced = self.store.info(&name).await.ok();
+        object.nuid = chunks.nuid;
+        (object.chunks, object.size) = (chunks.count, chunks.size);
+        object.digest = Some(format!(
+            "SHA-256={}",
+            URL_SAFE.encode(chunks.sha256.finalize())
+        ));
+        object.modified = Some(chrono::Utc::now());
+        let subject = format!("$O.{}.M.{}", self.bucket, URL_SAFE.encode(&name));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Rollup", "sub");
+        let payload = serde_json::to_vec(&object).map_err(|err| self.error(&name, err))?;
+        let ack = (self.context)
+            .publish_with_headers(subject, headers, payload.into())
+            .await;
+        ack.map_err(|err| self.error(&name, err))?
             .await
             .map_err(|err| self.error(&name, err))?;
-        Ok(SnapshotInfo {
-            name,
-            revision,
-            stream_sequence,
-            size: info.size,
-        })
+        if let Some(replaced) = replaced.filter(|replaced| replaced.nuid != object.nuid) {
+            let chunks = format!("$O.{}.C.{}", self.bucket, replaced.nuid);
+            let purged = self.chunk_stream().await?.purge().filter(&chunks).await;
+            purged.map_err(|err| self.error(&chunks, err))?;
+        }
+        let snapshot = snapshot_info(&object);
+        snapshot.ok_or_else(|| self.error(&name, "stored without its revision or sequence"))
+    }
+
+    /// Removes what `upload` stored, unless it was published (an object names its chunks):
+    /// for an upload given up midway.
+    pub async fn discard_upload(&self, upload: &Upload) -> Result<(), JetStreamError> {
+        let (objects, _) = self.descriptions().await?;
+        let published = |object: &ObjectInfo| !object.deleted && object.nuid == upload.nuid;
+        if objects.iter().any(published) {
+            return Ok(());
+        }
+        self.remove_chunks(upload).await
+    }
+
+    async fn remove_chunks(&self, upload: &Upload) -> Result<(), JetStreamError> {
+        let subject = self.chunk_subject(upload);
+        let purged = self.chunk_stream().await?.purge().filter(&subject).await;
+        purged.map(drop).map_err(|err| self.error(&subject, err))
+    }
+
+    fn chunk_subject(&self, upload: &Upload) -> String {
+        format!("$O.{}.C.{}", self.bucket, upload.nuid)
     }
 
     /// The digest of the stream's message at `sequence`, or `None` (saying so) when the

@@ -17,16 +17,25 @@
 //! messages): nothing the newest published snapshot does not cover is ever removed, and the
 //! older one stays usable for a replica that is downloading it right now.
 //!
+//! The claim is a lease (`LEASE`): its holder renews it every 2 s while it uploads. A replica
+//! that finds it held waits while it is renewed, and takes it over (compare-and-set on the
+//! revision it saw, so one replica does) once it has seen it unchanged for 10 s by its own
+//! clock: its holder was frozen or killed, or is of an earlier build, which never renews. A
+//! holder that finds its claim taken over abandons its upload and removes its chunks; it
+//! renews the claim once more before the snapshot is published, so a holder frozen past the
+//! takeover publishes nothing over the new holder's snapshot. Renewed, a claim never lapses:
+//! an upload still running after `CLAIM_TTL` (10 minutes) is abandoned as a failure.
+//!
 //! A full stream (`--nats-max-bytes`) refuses every publish, so nothing is applied and no
 //! snapshot comes due: the applier asks for one at its position then ([`Snapshots::make_room`]),
 //! published whatever the counts, and the stream is purged below it.
 //!
 //! A stop does not strand the claim: an upload still running when the replica starts stopping
 //! gets half of `--shutdown-grace` to finish, then it is abandoned and the claim given back,
-//! so that another replica publishes the next snapshot at once rather than after the claim's
-//! 10 minutes. The chunks an abandoned (or crashed) upload stored stay in the bucket's stream
-//! under no object; the next replica to publish removes them once they are as old as a lapsed
-//! claim, so interrupted uploads do not fill the NATS servers' disks.
+//! so that another replica publishes the next snapshot at once rather than after the lease's
+//! 10 s. The chunks an upload stopped so (or crashed) stored stay in the bucket's stream under
+//! no object; the next replica to publish removes them once they are as old as `CLAIM_TTL`
+//! (10 minutes), so interrupted uploads do not fill the NATS servers' disks.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,7 +48,10 @@ use tokio_util::task::TaskTracker;
 
 use super::status::Position;
 use crate::data_dir::LockRef;
-use crate::jetstream::{CLAIM_TTL, JetStreamError, SnapshotBucket, SnapshotInfo, UpdateStream};
+use crate::jetstream::{
+    CLAIM_TTL, HeldClaim, JetStreamError, SnapshotBucket, SnapshotInfo, UpdateStream, Upload,
+    UploadClaim,
+};
 use crate::journal::{JournalError, snapshot};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -189,6 +201,7 @@ impl Snapshots {
             stopping: self.stopping.clone(),
             stop_allowance: self.stop_allowance,
             publication_failed: Arc::clone(&self.publication_failed),
+            lease: LEASE,
         };
         let running = Arc::clone(&self.running);
         self.tracker.spawn(async move {
@@ -226,6 +239,7 @@ struct Job {
     stopping: CancellationToken,
     stop_allowance: Duration,
     publication_failed: Arc<AtomicBool>,
+    lease: Lease,
 }
 
 /// How long a replica waits before it tries again to make room in a stream still full at the
@@ -234,6 +248,34 @@ const ROOM_RETRY: Duration = Duration::from_secs(30);
 
 /// How long giving the upload claim back may take on the way out (the stop waits for it).
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a holder that lost its upload claim logs, once its chunks are removed.
+const TAKEN_OVER: &str = "the snapshot upload claim was taken over by another replica: upload abandoned, its chunks \
+     removed";
+
+/// The upload claim as a lease: how often its holder renews it while it uploads, and how long
+/// another replica waits, by its own clock, once it has seen the claim unchanged, before it
+/// takes it over.
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    renew_every: Duration,
+    take_over_after: Duration,
+    /// How long an upload may run before its holder abandons it: renewed, the claim no longer
+    /// lapses, so a holder whose upload hangs (a disk that stopped answering) while its
+    /// renewals go on would hold it for good.
+    longest_upload: Duration,
+}
+
+/// Renewed every 2 s; taken over after 10 s unchanged, 4 renewals missed, so that a renewal
+/// held up by a slow answer (a JetStream leader election takes seconds) does not lose it. A
+/// claim held until it lapsed let a frozen or killed holder stop every publication and purge
+/// for 10 minutes, and on a full stream every webhook got 503 meanwhile (found by an
+/// adversarial run).
+const LEASE: Lease = Lease {
+    renew_every: Duration::from_secs(2),
+    take_over_after: Duration::from_secs(10),
+    longest_upload: CLAIM_TTL,
+};
 
 impl Job {
     async fn run(self, revision: u64, stream_sequence: u64) {
@@ -372,40 +414,195 @@ impl Job {
         }
         // A claim that cannot be read is a failure of this publication (tried again), not
         // another replica's claim.
-        let Some(claim) = self.bucket.claim_upload(&self.name).await? else {
+        let Some(claim) = self.claim().await? else {
             return Ok(None);
         };
-        let stopped = async {
-            self.stopping.cancelled().await;
-            tokio::time::sleep(self.stop_allowance).await;
-        };
-        let published = tokio::select! {
-            published = self.upload_and_purge(data, revision, stream_sequence) => published.map(Some),
-            () = stopped => {
-                tracing::info!(revision, "snapshot upload abandoned: the replica is stopping");
-                Ok(None)
-            }
-        };
+        let published = self
+            .upload_holding(&claim, data, (revision, stream_sequence))
+            .await;
         match tokio::time::timeout(RELEASE_TIMEOUT, self.bucket.release_upload(claim)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::debug!(%error, "upload claim not released; it lapses by itself");
+                tracing::debug!(%error, "upload claim not released; it is taken over");
             }
-            Err(_) => tracing::debug!("upload claim not released in time; it lapses by itself"),
+            Err(_) => tracing::debug!("upload claim not released in time; it is taken over"),
         }
         published
     }
 
+    /// Uploads the snapshot read from `data`, as of `at` (revision, stream sequence), and
+    /// purges, while `claim` is renewed; abandoned when the claim is lost or the upload has
+    /// run for `lease.longest_upload` (a failure; both remove its chunks), or when the replica
+    /// has been stopping for its allowance.
+    async fn upload_holding(
+        &self,
+        claim: &UploadClaim,
+        data: &mut (impl AsyncRead + Unpin),
+        at: (u64, u64),
+    ) -> Result<Option<u64>, JetStreamError> {
+        let upload = Upload::new();
+        let stopped = async {
+            self.stopping.cancelled().await;
+            tokio::time::sleep(self.stop_allowance).await;
+        };
+        let revision = at.0;
+        tokio::select! {
+            published = self.upload_and_purge(claim, &upload, data, at) => {
+                // A failed upload's chunks are of no use (an object's are left alone): a
+                // holder let go after a freeze sees its requests time out as often as it
+                // finds its claim lost.
+                if published.is_err() {
+                    self.discard(&upload).await;
+                }
+                published
+            }
+            failed = self.keep(claim) => {
+                self.discard(&upload).await;
+                match failed {
+                    None => tracing::warn!(revision, found_by = "renewal", "{TAKEN_OVER}"),
+                    Some(error) => tracing::warn!(
+                        revision,
+                        %error,
+                        "the snapshot upload claim could not be renewed for half the takeover \
+                         time: upload abandoned, its chunks removed"
+                    ),
+                }
+                Ok(None)
+            }
+            () = stopped => {
+                tracing::info!(revision, "snapshot upload abandoned: the replica is stopping");
+                Ok(None)
+            }
+            () = tokio::time::sleep(self.lease.longest_upload) => {
+                self.discard(&upload).await;
+                Err(JetStreamError::Unavailable {
+                    operation: "snapshot upload",
+                    reason: format!(
+                        "still running after {}: abandoned, its chunks removed",
+                        humantime::format_duration(self.lease.longest_upload)
+                    ),
+                })
+            }
+        }
+    }
+
+    /// The upload claim for this replica: at once when it is free (or in this replica's own
+    /// name), else once its holder has left it unchanged for `lease.take_over_after` by this
+    /// replica's clock (a compare-and-set on the revision seen, so that of two replicas one
+    /// takes it). `None` when the holder gives it back (it published, or failed: the next
+    /// snapshot tries again), another replica takes it over first, or this one stops. Clocks
+    /// are never compared across machines: only how long this replica has seen one revision.
+    async fn claim(&self) -> Result<Option<UploadClaim>, JetStreamError> {
+        if let Some(claim) = self.bucket.claim_upload(&self.name).await? {
+            return Ok(Some(claim));
+        }
+        let mut seen: Option<(u64, Instant)> = None;
+        let mut told = false;
+        loop {
+            let Some(held) = self.bucket.upload_claim().await? else {
+                return Ok(None);
+            };
+            let since = match seen {
+                Some((revision, since)) if revision == held.revision => since,
+                _ => seen.insert((held.revision, Instant::now())).1,
+            };
+            let unchanged = since.elapsed();
+            if unchanged >= self.lease.take_over_after {
+                return self.take_over(&held, unchanged).await;
+            }
+            // Renewed claims are the rule while an upload runs: only a stale one is told of,
+            // once per snapshot.
+            if !told && unchanged >= 2 * self.lease.renew_every {
+                told = true;
+                tracing::info!(
+                    holder = %held.holder,
+                    last_renewed = %held.written,
+                    unchanged_for_ms = unchanged.as_millis() as u64,
+                    take_over_in_ms = (self.lease.take_over_after - unchanged).as_millis() as u64,
+                    "the snapshot upload claim is held by another replica that has not renewed \
+                     it: taken over unless it is renewed"
+                );
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.lease.renew_every / 2) => {}
+                () = self.stopping.cancelled() => return Ok(None),
+            }
+        }
+    }
+
+    /// Takes over `held`, left unchanged for `unchanged` (frozen, killed, or an earlier build
+    /// that never renews), saying so.
+    async fn take_over(
+        &self,
+        held: &HeldClaim,
+        unchanged: Duration,
+    ) -> Result<Option<UploadClaim>, JetStreamError> {
+        let taken = self.bucket.take_over_upload(&self.name, held).await?;
+        if taken.is_some() {
+            tracing::warn!(
+                holder = %held.holder,
+                last_renewed = %held.written,
+                unchanged_for_ms = unchanged.as_millis() as u64,
+                "took over the snapshot upload claim from a replica that stopped renewing it"
+            );
+        }
+        Ok(taken)
+    }
+
+    /// Renews `claim` every `lease.renew_every` while the upload runs; returns once it is lost:
+    /// `None` when another replica took it over (this one was frozen, say), the last error
+    /// when no renewal has succeeded for half `lease.take_over_after` (by then another replica
+    /// may take it over at any moment).
+    async fn keep(&self, claim: &UploadClaim) -> Option<JetStreamError> {
+        let mut renewed = Instant::now();
+        loop {
+            tokio::time::sleep(self.lease.renew_every).await;
+            let sent = Instant::now();
+            match self.bucket.renew_upload(claim).await {
+                Ok(true) => renewed = sent,
+                Ok(false) => return None,
+                Err(error) if renewed.elapsed() >= self.lease.take_over_after / 2 => {
+                    return Some(error);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "snapshot upload claim not renewed; tried again")
+                }
+            }
+        }
+    }
+
+    /// Removes what an upload abandoned for a lost claim stored (unless it was published).
+    async fn discard(&self, upload: &Upload) {
+        if let Err(error) = self.bucket.discard_upload(upload).await {
+            tracing::warn!(%error, "the chunks of an abandoned upload not removed; a later upload removes them");
+        }
+    }
+
     async fn upload_and_purge(
         &self,
+        claim: &UploadClaim,
+        upload: &Upload,
         data: &mut (impl AsyncRead + Unpin),
-        revision: u64,
-        stream_sequence: u64,
-    ) -> Result<u64, JetStreamError> {
-        self.bucket.put(revision, stream_sequence, data).await?;
+        at: (u64, u64),
+    ) -> Result<Option<u64>, JetStreamError> {
+        if self
+            .bucket
+            .put_claimed(claim, upload, at, data)
+            .await?
+            .is_none()
+        {
+            tracing::warn!(
+                revision = at.0,
+                found_by = "renewal before publishing",
+                "{TAKEN_OVER}"
+            );
+            return Ok(None);
+        }
         self.bucket.retire(2).await?;
-        // What stopped or crashed uploads left: a claim lapses after CLAIM_TTL, so an upload
-        // quiet for that long is not under way any more.
+        // What crashed uploads left: a crashed holder's claim is taken over within seconds,
+        // but its chunks are removed only once they are as old as CLAIM_TTL, so that no
+        // upload still under way (a holder of an earlier build, which does not renew) loses
+        // its chunks.
         match self.bucket.remove_unfinished_uploads(CLAIM_TTL).await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "removed the chunks of unfinished uploads"),
@@ -419,12 +616,12 @@ impl Job {
             // older one is for (a replica downloading that one takes this one instead).
             (Publish::ToMakeRoom, [.., newest]) => purge_point(newest.stream_sequence, 0),
             (_, [older, _newest]) => purge_point(older.stream_sequence, self.retain_after),
-            _ => return Ok(0),
+            _ => return Ok(Some(0)),
         };
         if below <= self.stream.bounds().await?.first {
-            return Ok(0);
+            return Ok(Some(0));
         }
-        self.stream.purge_below(below).await
+        self.stream.purge_below(below).await.map(Some)
     }
 }
 
@@ -471,59 +668,128 @@ mod tests {
     use crate::data_dir::DataDir;
     use crate::jetstream::{Nats, StreamSettings};
 
+    /// A single nats-server with a stream and its snapshot bucket, and a data directory for
+    /// the jobs of the replicas under test.
+    struct Fixture {
+        _nats: nats_harness::NatsCluster,
+        stream: UpdateStream,
+        bucket: SnapshotBucket,
+        dir: tempfile::TempDir,
+        data_dir: DataDir,
+    }
+
+    impl Fixture {
+        async fn new(stream_name: &str) -> Fixture {
+            let nats = nats_harness::NatsCluster::single().await.unwrap();
+            let mut config = crate::Config::for_tests("s").nats;
+            config.urls = nats.client_urls();
+            let client = Nats::connect(&config, "test").await.unwrap();
+            let settings = StreamSettings {
+                name: stream_name.into(),
+                replicas: 1,
+                duplicate_window: Duration::from_secs(60),
+                max_bytes: None,
+            };
+            let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
+            let bucket = SnapshotBucket::open(&stream).await.unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let data_dir = DataDir::open(dir.path()).unwrap();
+            Fixture {
+                _nats: nats,
+                stream,
+                bucket,
+                dir,
+                data_dir,
+            }
+        }
+
+        /// The snapshot job of replica `name`, publishing with `lease`.
+        fn job(&self, name: &str, lease: Lease, stopping: &CancellationToken) -> Job {
+            Job {
+                publish: Publish::WhenOldEnough,
+                dir: self.dir.path().to_owned(),
+                lock: self.data_dir.lock_ref(),
+                store: Store::new(10, "test"),
+                stream: self.stream.clone(),
+                bucket: self.bucket.clone(),
+                every_records: 10,
+                history_events: 10,
+                retain_after: 0,
+                name: name.into(),
+                metrics: Metrics::new(),
+                stopping: stopping.clone(),
+                stop_allowance: Duration::from_millis(200),
+                publication_failed: Arc::default(),
+                lease,
+            }
+        }
+
+        /// `job` publishing a snapshot as of revision 100 whose bytes never end (a first
+        /// chunk, then nothing), once it holds the claim and has stored that chunk; the
+        /// writer ends the bytes when dropped.
+        async fn stuck_upload(&self, job: Job) -> (Publication, tokio::io::DuplexStream) {
+            let name = job.name.clone();
+            let (mut writer, mut reader) = tokio::io::duplex(1024);
+            tokio::io::AsyncWriteExt::write_all(&mut writer, b"snapshot bytes")
+                .await
+                .unwrap();
+            let upload = tokio::spawn(async move { job.publish_from(&mut reader, 100, 50).await });
+            self.wait_for(
+                "the upload holds the claim and stored a chunk",
+                async || {
+                    self.bucket.upload_claim_holder().await.unwrap() == Some(name.clone())
+                        && !self.bucket.unfinished_uploads().await.unwrap().is_empty()
+                },
+            )
+            .await;
+            (upload, writer)
+        }
+
+        /// Nobody holds the upload claim, and no upload's chunks are left without an object.
+        async fn assert_released_without_chunks(&self) {
+            assert_eq!(self.bucket.upload_claim_holder().await.unwrap(), None);
+            let unfinished = self.bucket.unfinished_uploads().await.unwrap();
+            assert!(unfinished.is_empty(), "{unfinished:?}");
+        }
+
+        async fn wait_for(&self, what: &str, mut done: impl AsyncFnMut() -> bool) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !done().await {
+                assert!(tokio::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    type Publication = tokio::task::JoinHandle<Result<Option<u64>, JetStreamError>>;
+
+    /// A lease short enough for tests: renewed every 100 ms, taken over after 1 s unchanged.
+    const SHORT_LEASE: Lease = Lease {
+        renew_every: Duration::from_millis(100),
+        take_over_after: Duration::from_secs(1),
+        longest_upload: Duration::from_secs(60),
+    };
+
+    /// How a publication ended, within `within`.
+    async fn ended(upload: Publication, within: Duration) -> Result<Option<u64>, JetStreamError> {
+        tokio::time::timeout(within, upload)
+            .await
+            .expect("the publication ends")
+            .unwrap()
+    }
+
     /// A replica stopped in the middle of an upload gives the claim back once its allowance
     /// is spent, so another replica can publish at once: the claim used to be held for its
     /// whole 10 minutes (found by an adversarial run); the chunks it stored are removed later.
     /// Against a real nats-server, with an upload whose bytes never end.
     #[tokio::test]
     async fn an_upload_cut_short_by_a_stop_gives_the_claim_back_and_its_chunks_are_removed() {
-        let nats = nats_harness::NatsCluster::single().await.unwrap();
-        let mut config = crate::Config::for_tests("s").nats;
-        config.urls = nats.client_urls();
-        let client = Nats::connect(&config, "test").await.unwrap();
-        let settings = StreamSettings {
-            name: "UPLOAD".into(),
-            replicas: 1,
-            duplicate_window: Duration::from_secs(60),
-            max_bytes: None,
-        };
-        let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
-        let bucket = SnapshotBucket::open(&stream).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = DataDir::open(dir.path()).unwrap();
+        let fixture = Fixture::new("UPLOAD").await;
+        let bucket = fixture.bucket.clone();
         let stopping = CancellationToken::new();
-        let job = Job {
-            publish: Publish::WhenOldEnough,
-            dir: dir.path().to_owned(),
-            lock: data_dir.lock_ref(),
-            store: Store::new(10, "test"),
-            stream,
-            bucket: bucket.clone(),
-            every_records: 10,
-            history_events: 10,
-            retain_after: 0,
-            name: "r1".into(),
-            metrics: Metrics::new(),
-            stopping: stopping.clone(),
-            stop_allowance: Duration::from_millis(200),
-            publication_failed: Arc::default(),
-        };
-        // The snapshot's bytes: a first chunk, then nothing more and no end.
-        let (mut writer, mut reader) = tokio::io::duplex(1024);
-        tokio::io::AsyncWriteExt::write_all(&mut writer, b"snapshot bytes")
-            .await
-            .unwrap();
-        let upload = tokio::spawn(async move { job.publish_from(&mut reader, 100, 50).await });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while bucket.upload_claim_holder().await.unwrap().as_deref() != Some("r1")
-            || bucket.unfinished_uploads().await.unwrap().is_empty()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "r1 claims the upload and stores its first chunk"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (upload, writer) = fixture
+            .stuck_upload(fixture.job("r1", LEASE, &stopping))
+            .await;
         assert!(
             bucket.claim_upload("r2").await.unwrap().is_none(),
             "r1 holds it"
@@ -534,10 +800,7 @@ mod tests {
             "an upload under way is left alone"
         );
         stopping.cancel();
-        let published = tokio::time::timeout(Duration::from_secs(10), upload)
-            .await
-            .expect("the upload is abandoned once the allowance is spent")
-            .unwrap();
+        let published = ended(upload, Duration::from_secs(10)).await;
         assert!(matches!(published, Ok(None)), "{published:?}");
         assert!(
             bucket.claim_upload("r2").await.unwrap().is_some(),
@@ -575,6 +838,162 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(read, b"whole snapshot");
+    }
+
+    /// The upload claim is a lease its holder renews while it uploads: another replica that
+    /// wants to publish waits through it, however long the upload takes (here three times the
+    /// takeover time), and publishes nothing of its own once the holder's snapshot is out.
+    #[tokio::test]
+    async fn a_claim_its_holder_renews_is_not_taken_over() {
+        let fixture = Fixture::new("RENEWED").await;
+        let stopping = CancellationToken::new();
+        let (r1, writer) = fixture
+            .stuck_upload(fixture.job("r1", SHORT_LEASE, &stopping))
+            .await;
+        let r2 = fixture.job("r2", SHORT_LEASE, &stopping);
+        let r2 = tokio::spawn(async move { r2.publish_from(&mut &b"r2's"[..], 110, 55).await });
+        let until = tokio::time::Instant::now() + 3 * SHORT_LEASE.take_over_after;
+        let mut revisions = std::collections::HashSet::new();
+        while tokio::time::Instant::now() < until {
+            let held = fixture.bucket.upload_claim().await.unwrap();
+            let held = held.expect("the claim stays held");
+            assert_eq!(held.holder, "r1", "r2 took over a renewed claim");
+            revisions.insert(held.revision);
+            tokio::time::sleep(SHORT_LEASE.renew_every).await;
+        }
+        assert!(revisions.len() > 3, "r1 renews its claim: {revisions:?}");
+        assert!(!r2.is_finished(), "r2 waits while r1 uploads");
+
+        drop(writer);
+        let r1 = ended(r1, Duration::from_secs(10)).await;
+        assert!(matches!(r1, Ok(Some(_))), "r1 published: {r1:?}");
+        let r2 = ended(r2, Duration::from_secs(10)).await;
+        assert!(
+            matches!(r2, Ok(None)),
+            "r2 leaves it to r1's snapshot: {r2:?}"
+        );
+        let newest = fixture.bucket.newest().await.unwrap().unwrap();
+        assert_eq!(newest.revision, 100, "r1's snapshot");
+        assert_eq!(fixture.bucket.upload_claim_holder().await.unwrap(), None);
+    }
+
+    /// A claim nobody renews (its holder frozen or killed, or of an earlier build, which never
+    /// renews) is taken over once it has been seen unchanged for the takeover time, by exactly
+    /// one of two replicas that want it; that one publishes. It used to hold for 10 minutes,
+    /// and on a full stream every webhook got 503 meanwhile (found by an adversarial run).
+    #[tokio::test]
+    async fn a_claim_left_unchanged_is_taken_over_by_exactly_one_of_two_replicas() {
+        let fixture = Fixture::new("STALE").await;
+        let stale = fixture.bucket.claim_upload("r1").await.unwrap().unwrap();
+        let stopping = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let contenders = ["r2", "r3"].map(|name| {
+            let job = fixture.job(name, SHORT_LEASE, &stopping);
+            tokio::spawn(async move { job.publish_from(&mut &b"snapshot"[..], 100, 50).await })
+        });
+        let mut outcomes = Vec::new();
+        for contender in contenders {
+            outcomes.push(ended(contender, Duration::from_secs(10)).await.unwrap());
+        }
+        assert!(
+            started.elapsed() >= SHORT_LEASE.take_over_after,
+            "taken over only once seen unchanged for the takeover time"
+        );
+        let published = outcomes.iter().filter(|outcome| outcome.is_some()).count();
+        assert_eq!(published, 1, "one of them published: {outcomes:?}");
+        let snapshots = fixture.bucket.list().await.unwrap();
+        assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+        fixture.assert_released_without_chunks().await;
+        // r1's old claim is not its to give back any more, nor to renew.
+        assert!(!fixture.bucket.renew_upload(&stale).await.unwrap());
+
+        // The takeover itself is a compare-and-set on the revision seen: of two at once, one
+        // gets the claim.
+        fixture.bucket.claim_upload("r1").await.unwrap().unwrap();
+        let held = fixture.bucket.upload_claim().await.unwrap().unwrap();
+        let (r2, r3) = tokio::join!(
+            fixture.bucket.take_over_upload("r2", &held),
+            fixture.bucket.take_over_upload("r3", &held)
+        );
+        let taken = [r2.unwrap(), r3.unwrap()];
+        assert_eq!(taken.iter().flatten().count(), 1, "{taken:?}");
+    }
+
+    /// An upload that does not end (a disk that stopped answering) while its holder's renewals
+    /// go on would hold the renewed claim for good: it is abandoned after the longest upload
+    /// time, as a failure, its chunks removed and the claim given back.
+    #[tokio::test]
+    async fn an_upload_that_runs_too_long_is_abandoned_and_its_claim_given_back() {
+        let fixture = Fixture::new("LONG").await;
+        let stopping = CancellationToken::new();
+        let lease = Lease {
+            longest_upload: Duration::from_secs(2),
+            ..SHORT_LEASE
+        };
+        let (r1, _writer) = fixture
+            .stuck_upload(fixture.job("r1", lease, &stopping))
+            .await;
+        let r1 = ended(r1, Duration::from_secs(10)).await;
+        let error = r1
+            .expect_err("a failed publication, tried again")
+            .to_string();
+        assert!(error.contains("still running after 2s"), "{error}");
+        fixture.assert_released_without_chunks().await;
+        assert_eq!(fixture.bucket.newest().await.unwrap(), None);
+    }
+
+    /// A holder whose claim was taken over (it was frozen past the takeover time) abandons its
+    /// upload, removes its chunks and publishes nothing, whether its renewal finds out first
+    /// or the renewal made just before the snapshot would be published; the new holder's
+    /// claim stays.
+    #[tokio::test]
+    async fn a_holder_that_lost_its_claim_stops_and_does_not_publish() {
+        let fixture = Fixture::new("LOST").await;
+        let bucket = fixture.bucket.clone();
+        let stopping = CancellationToken::new();
+        let take_over = async || {
+            let held = bucket.upload_claim().await.unwrap().unwrap();
+            bucket.take_over_upload("r2", &held).await.unwrap().unwrap()
+        };
+
+        // Found out by its next renewal, its bytes still coming.
+        let (r1, _writer) = fixture
+            .stuck_upload(fixture.job("r1", SHORT_LEASE, &stopping))
+            .await;
+        let r2 = take_over().await;
+        let r1 = ended(r1, Duration::from_secs(10)).await;
+        assert!(matches!(r1, Ok(None)), "{r1:?}");
+        assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
+        assert_eq!(
+            bucket.upload_claim_holder().await.unwrap().as_deref(),
+            Some("r2")
+        );
+        bucket.release_upload(r2).await.unwrap();
+
+        // Found out after its last chunk, before the snapshot is published: no renewal came
+        // between (as for a replica frozen mid-upload and let go again).
+        let no_renewal = Lease {
+            renew_every: Duration::from_secs(3600),
+            take_over_after: Duration::from_secs(7200),
+            longest_upload: Duration::from_secs(60),
+        };
+        let (r1, writer) = fixture
+            .stuck_upload(fixture.job("r1", no_renewal, &stopping))
+            .await;
+        let _r2 = take_over().await;
+        drop(writer);
+        let r1 = ended(r1, Duration::from_secs(10)).await;
+        assert!(matches!(r1, Ok(None)), "{r1:?}");
+        assert_eq!(
+            bucket.newest().await.unwrap(),
+            None,
+            "nothing was published"
+        );
+        assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
+        assert_eq!(
+            bucket.upload_claim_holder().await.unwrap().as_deref(),
+            Some("r2")
+        );
     }
 
     /// A replica kept every local snapshot within the history window, also those the stream
