@@ -2354,7 +2354,7 @@ async fn sigterm_during_start_up_stops_it_at_once() {
     // In start-up, and waiting: its first attempt went unanswered.
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let waiting = tokio::task::block_in_place(|| {
-        lines.any(|line| line.unwrap().contains("jetstream did not answer in time"))
+        lines.any(|line| line.unwrap().contains("jetstream cannot do it yet"))
     });
     assert!(waiting, "b waits for JetStream");
     let signal = std::process::Command::new("kill")
