@@ -702,6 +702,14 @@ fn invalid_bodies() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         json!("c\0"),
         "customer_id",
     );
+    // Longer than a watch may name: applied, such a profile could never be watched.
+    let client_id = "a".repeat(profile_state::profile::MAX_CLIENT_ID_BYTES + 1);
+    wrong(
+        "client_id too long",
+        "client_id",
+        json!(client_id),
+        "client_id",
+    );
     cases
 }
 

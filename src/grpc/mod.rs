@@ -65,15 +65,15 @@ const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_WATCH_IDS: usize = 1000;
 /// Most bytes of customer ids one WatchProfiles filter may name (256 bytes each for the most
 /// ids): a stream keeps its filter while it is open, and 1,000 ids of 4 KB each kept 4 MB a
-/// stream (found by an adversarial run).
-pub const MAX_WATCH_ID_BYTES: usize = 256 * 1024;
+/// stream (found by an adversarial run). The longest one id may be, so webhooks refuse longer.
+pub const MAX_WATCH_ID_BYTES: usize = crate::profile::MAX_CUSTOMER_ID_BYTES;
 /// Most field names one WatchProfiles filter may name.
 pub const MAX_WATCH_FIELDS: usize = 100;
 /// Most bytes of field names one WatchProfiles filter may name, all together; and most bytes
 /// of its `client_id`, and of its `store_id`. Kept while the stream is open, as its ids are:
 /// unbounded, 100 names of 40 KB (or one 4 MB `client_id`) kept 4.4 MB a stream (adversary
-/// round 11, F1).
-pub const MAX_WATCH_TEXT_BYTES: usize = 16 * 1024;
+/// round 11, F1). The longest a `client_id` may be, so webhooks refuse longer.
+pub const MAX_WATCH_TEXT_BYTES: usize = crate::profile::MAX_CLIENT_ID_BYTES;
 /// The request compressions every service but reflection takes (tonic inflates a message
 /// within the message limit); answers are not compressed.
 pub const ACCEPTED_ENCODINGS: [tonic::codec::CompressionEncoding; 2] = [

@@ -24,7 +24,8 @@ use serde_json::{Map, Number, Value};
 
 use crate::error::Error;
 use crate::profile::{
-    EventTime, Field, FieldKind, Origin, ProfileKey, ProfileUpdate, Scalar, time,
+    EventTime, Field, FieldKind, MAX_CLIENT_ID_BYTES, MAX_CUSTOMER_ID_BYTES, Origin, ProfileKey,
+    ProfileUpdate, Scalar, time,
 };
 
 /// The topic this service applies.
@@ -170,8 +171,8 @@ where
             event: event.to_owned(),
         });
     }
-    let client_id = required_id(body.client_id, "client_id")?;
-    let customer_id = required_id(body.customer_id, "customer_id")?;
+    let client_id = required_id(body.client_id, "client_id", MAX_CLIENT_ID_BYTES)?;
+    let customer_id = required_id(body.customer_id, "customer_id", MAX_CUSTOMER_ID_BYTES)?;
     let gb_customer_id = integer(
         required(body.gb_customer_id, "gb_customer_id")?,
         || "gb_customer_id",
@@ -226,10 +227,23 @@ fn required_str<'j, J: Json>(value: Option<&'j J>, field: &str) -> Result<&'j st
         .ok_or_else(|| Error::invalid(field, "must be a string"))
 }
 
-fn required_id<'j, J: Json>(value: Option<&'j J>, field: &str) -> Result<&'j str, Error> {
+/// A profile's id: a non-empty string without NUL of at most `max_bytes`. Longer ids were
+/// applied, then no watch could name their account or customer (found by an adversarial run).
+fn required_id<'j, J: Json>(
+    value: Option<&'j J>,
+    field: &str,
+    max_bytes: usize,
+) -> Result<&'j str, Error> {
     let id = required_str(value, field)?;
     if id.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
+    }
+    if id.len() > max_bytes {
+        let reason = format!(
+            "at most {max_bytes} bytes (what a watch may name), got {}",
+            id.len()
+        );
+        return Err(Error::invalid(field, reason));
     }
     without_nul(id, || field)
 }
@@ -964,6 +978,17 @@ mod tests {
         };
         assert_eq!(with(&["client_id"], json!("")), "client_id");
         assert_eq!(with(&["customer_id"], json!("")), "customer_id");
+        // Ids as long as a watch may name pass; one byte more does not.
+        let long = |bytes: usize| json!("é".repeat(bytes / 2) + &"x".repeat(bytes % 2));
+        for (field, max) in [
+            ("client_id", MAX_CLIENT_ID_BYTES),
+            ("customer_id", MAX_CUSTOMER_ID_BYTES),
+        ] {
+            let mut body = valid();
+            body[field] = long(max);
+            assert!(parse_both(&body).is_ok(), "{field} of {max} bytes");
+            assert_eq!(with(&[field], long(max + 1)), field);
+        }
         assert_eq!(
             with(&["created_at"], json!("2024-11-19 17:34")),
             "created_at"

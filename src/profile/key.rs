@@ -6,6 +6,12 @@ use std::hash::{Hash, Hasher};
 
 use arcstr::ArcStr;
 
+/// The longest `client_id` a profile may have, in bytes: what a watch of its account may name
+/// (a watch keeps its filter while it is open).
+pub const MAX_CLIENT_ID_BYTES: usize = 16 * 1024;
+/// The longest `customer_id` a profile may have, in bytes: what a watch of it may name.
+pub const MAX_CUSTOMER_ID_BYTES: usize = 256 * 1024;
+
 /// Identifies a profile: the Gameball account and the integrator's own customer id.
 ///
 /// The strings are reference counted, so cloning a key (the store keeps it in two places) costs

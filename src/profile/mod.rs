@@ -45,7 +45,7 @@ pub use change::{
     Change, ChangeKind, ChangedFields, Origin, PointsDelta, TierChange, TierDirection,
 };
 pub use field::{ExtraValue, Field, FieldKind, FieldPath, Scalar, ScalarRef};
-pub use key::ProfileKey;
+pub use key::{MAX_CLIENT_ID_BYTES, MAX_CUSTOMER_ID_BYTES, ProfileKey};
 pub use limit::{MAX_EXTRAS_JSON_BYTES, TooLarge, check_growth};
 pub use merge::Register;
 use registers::{Clock, Registers, Slot, Slots};
