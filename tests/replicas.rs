@@ -1744,6 +1744,61 @@ async fn a_replica_tries_to_publish_snapshots_at_most_every_interval() {
     a.stop().await;
 }
 
+/// A snapshot taken within the publish interval of the last publication is not published;
+/// nothing published it later, so a cluster going idle then kept the bucket a snapshot behind
+/// and the stream unpurged until more records came (an adversarial run: bucket at 3,002
+/// against 6,199). It is published once the interval has passed, without another record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_taken_too_soon_to_publish_is_published_once_the_interval_passes() {
+    let nats = NatsCluster::single().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = snapshotting(&nats, "SKIPPED", "a", dir.path());
+    config.nats.snapshot_publish_interval = Duration::from_secs(2);
+    let a = TestService::start_with(config).await;
+    let bucket = profile_state::jetstream::SnapshotBucket::open(&stream_of(&nats, "SKIPPED").await)
+        .await
+        .unwrap();
+    let newest = async || {
+        let published = bucket.list().await.unwrap();
+        published.last().map_or(0, |snapshot| snapshot.revision)
+    };
+    // 20 records: a snapshot, published; 20 more at once: a snapshot, too soon to publish.
+    for n in 0..40 {
+        a.update(&profile_updated(
+            &format!("c{n}"),
+            &at(1),
+            json!({"total_points": n}),
+        ))
+        .await;
+        if n == 19 {
+            let deadline = Instant::now() + PATIENCE;
+            while newest().await < 20 {
+                assert!(Instant::now() < deadline, "the first snapshot published");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while profile_state::journal::snapshot::list(dir.path())
+        .unwrap()
+        .len()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the second snapshot taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Idle from here: published once the 2 s have passed.
+    let deadline = Instant::now() + PATIENCE;
+    while newest().await < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "the skipped snapshot published while idle"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.stop().await;
+}
+
 /// The stream sequences of the local snapshots in `dir`, the newest aside, that a stream
 /// starting at `first` does not continue from.
 fn unusable_local_snapshots(dir: &Path, first: u64) -> Vec<u64> {

@@ -202,6 +202,7 @@ impl Prepared {
             running: Arc::new(AtomicBool::new(false)),
             room_made_at: None,
             publication_failed: Arc::new(AtomicBool::new(false)),
+            publication_skipped: false,
         });
         let restart = CancellationToken::new();
         let (replaced, replaced_seen) = watch::channel(None);

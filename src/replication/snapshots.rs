@@ -89,6 +89,9 @@ pub(super) struct Snapshots {
     pub room_made_at: Option<(u64, Instant)>,
     /// Set when the last snapshot job's publication failed ([`Snapshots::retry_publication`]).
     pub publication_failed: Arc<AtomicBool>,
+    /// Set when a snapshot was taken without publishing it (within the publish interval of the
+    /// last attempt): [`Snapshots::retry_publication`] publishes one once the interval passes.
+    pub publication_skipped: bool,
 }
 
 impl Snapshots {
@@ -118,25 +121,31 @@ impl Snapshots {
     }
 
     /// While no message comes: when the last publication failed (JetStream did not answer, the
-    /// upload claim could not be read), a snapshot as of `at` is taken and published once the
-    /// publish interval has passed. Publications were tried only when a snapshot came due,
-    /// so an idle cluster whose last one failed kept the bucket a snapshot behind and the
-    /// stream unpurged until more records came (a test that waited for the publication hung
-    /// on it).
+    /// upload claim could not be read), or a snapshot since was taken without one (within the
+    /// publish interval), a snapshot as of `at` is taken and published once the publish
+    /// interval has passed. Publications were tried only when a snapshot came due, so an idle
+    /// cluster whose last one failed, or came too soon after the one before, kept the bucket a
+    /// snapshot behind and the stream unpurged until more records came (a test that waited for
+    /// the publication hung on it; an adversarial run left a bucket at 3,002 against 6,199).
     pub(super) fn retry_publication(&mut self, at: Position) {
         let due = self
             .last_publish
             .is_none_or(|tried| tried.elapsed() >= self.publish_interval);
-        if !due || !self.publication_failed.load(Ordering::SeqCst) {
+        let failed = self.publication_failed.load(Ordering::SeqCst);
+        if !due || !(failed || self.publication_skipped) {
             return;
         }
         if self.running.swap(true, Ordering::SeqCst) {
             return;
         }
-        tracing::info!(
-            stream_sequence = at.sequence,
-            "the last snapshot publication failed: publishing one as of this position"
-        );
+        let why = match failed {
+            true => "the last snapshot publication failed: publishing one as of this position",
+            false => {
+                "a snapshot taken since the last publication was not published (too soon after \
+                 it): publishing one as of this position"
+            }
+        };
+        tracing::info!(stream_sequence = at.sequence, "{why}");
         self.start(at, Publish::WhenOldEnough);
     }
 
@@ -177,6 +186,7 @@ impl Snapshots {
             true => Publish::WhenOldEnough,
             false => Publish::No,
         };
+        self.publication_skipped |= publish == Publish::No;
         self.start(at, publish);
     }
 
@@ -185,6 +195,7 @@ impl Snapshots {
         if publish != Publish::No {
             self.last_publish = Some(Instant::now());
             self.publication_failed.store(false, Ordering::SeqCst);
+            self.publication_skipped = false;
         }
         let job = Job {
             publish,
