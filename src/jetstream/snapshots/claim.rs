@@ -113,32 +113,16 @@ impl SnapshotBucket {
     }
 
     /// Gives `claim` back, unless it was taken over and another replica holds the claim now:
-    /// that one is not ours to remove. A claim still in this holder's name at another revision
-    /// is ours too (replica names are unique): a renewal cancelled after it was sent (the
-    /// upload ended meanwhile) moved the revision without this handle learning it, and the
-    /// claim stayed held until another replica took it over (a test failed on it now and then).
+    /// that one is not ours to remove.
     pub async fn release_upload(&self, claim: UploadClaim) -> Result<(), JetStreamError> {
         let revision = *claim.revision.lock().await;
-        if self.purge_claim_at(revision).await? {
-            return Ok(());
-        }
-        match self.upload_claim().await? {
-            Some(held) if held.holder == claim.holder => {
-                self.purge_claim_at(held.revision).await.map(drop)
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Removes the claim if it is still at `revision`; `false` if it is not.
-    async fn purge_claim_at(&self, revision: u64) -> Result<bool, JetStreamError> {
         match self
             .meta
             .purge_expect_revision(UPLOAD_CLAIM, Some(revision))
             .await
         {
-            Ok(()) => Ok(true),
-            Err(err) if wrong_revision(&err) => Ok(false),
+            Ok(()) => Ok(()),
+            Err(err) if wrong_revision(&err) => Ok(()),
             Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
         }
     }
