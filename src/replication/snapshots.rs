@@ -569,7 +569,21 @@ impl Job {
         loop {
             tokio::time::sleep(self.lease.renew_every).await;
             let sent = Instant::now();
-            match self.bucket.renew_upload(claim).await {
+            // A task of its own, not cancelled with this loop when the upload ends: a renewal
+            // cancelled after it was sent moved the claim's revision without the claim learning
+            // it, and giving the claim back then left it held until a takeover (a test failed
+            // on it now and then). The release waits for the renewal's lock.
+            let renewal = tokio::spawn({
+                let (bucket, claim) = (self.bucket.clone(), claim.clone());
+                async move { bucket.renew_upload(&claim).await }
+            });
+            let renewed_now = renewal.await.unwrap_or_else(|error| {
+                Err(JetStreamError::Unavailable {
+                    operation: "upload claim renewal",
+                    reason: error.to_string(),
+                })
+            });
+            match renewed_now {
                 Ok(true) => renewed = sent,
                 Ok(false) => return None,
                 Err(error) if renewed.elapsed() >= self.lease.take_over_after / 2 => {
