@@ -772,7 +772,9 @@ fn cut_torn_tail(
         offset,
         dropped_bytes = len - offset,
         reason = invalid.reason(),
-        "cutting off a torn last record (a crash mid-write; it was never acknowledged)"
+        "cutting off a torn last record: what a crash mid-write leaves (a write never synced, \
+         so never acknowledged); had the file been cut short by other means after an unclean \
+         stop, updates in the cut part would be lost, and nothing here can tell the two apart"
     );
     cut(path, offset)
 }
