@@ -18,12 +18,13 @@ use std::collections::{HashMap, HashSet};
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::object_store::{self, ObjectInfo, ObjectOptions, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use async_nats::jetstream::{self, kv};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio_stream::StreamExt;
@@ -55,6 +56,12 @@ const MESSAGE_DIGEST_KEY: &str = "stream_message_sha256";
 pub const CLAIM_TTL: Duration = Duration::from_secs(600);
 /// The most an upload's chunk holds, as `ObjectStore::put` stores them.
 const CHUNK_SIZE: usize = 128 * 1024;
+/// Times a chunk is published before its upload fails. A chunk is published under a message id
+/// of its own, so one whose acknowledgement timed out (the replica or the server frozen a few
+/// seconds, a leader election) is published again and the stream keeps it once: a holder frozen
+/// 5 s, well within its lease, had its whole upload fail on that one timeout, and started over
+/// (found by an adversarial run).
+const CHUNK_ATTEMPTS: u32 = 3;
 
 /// What a published snapshot is as of.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -278,9 +285,44 @@ impl SnapshotBucket {
             let payload = buffer.split().freeze();
             chunks.sha256.update(&payload);
             (chunks.count, chunks.size) = (chunks.count + 1, chunks.size + payload.len());
-            let ack = self.context.publish(subject.clone(), payload).await;
-            let ack = ack.map_err(|err| self.error(&subject, err))?.await;
-            ack.map_err(|err| self.error(&subject, err))?;
+            let id = format!("{}.{}", upload.nuid, chunks.count);
+            self.put_chunk(&subject, &id, payload).await?;
+        }
+    }
+
+    /// Publishes one chunk under the message id `id`, again when its acknowledgement times out
+    /// (see [`CHUNK_ATTEMPTS`]).
+    async fn put_chunk(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<(), JetStreamError> {
+        let mut attempt = 1;
+        loop {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id);
+            let published = (self.context)
+                .publish_with_headers(subject.to_owned(), headers, payload.clone())
+                .await;
+            let acked = match published {
+                Ok(ack) => ack.await,
+                Err(err) => Err(err),
+            };
+            match acked {
+                Ok(_) => return Ok(()),
+                Err(err)
+                    if err.kind() == PublishErrorKind::TimedOut && attempt < CHUNK_ATTEMPTS =>
+                {
+                    tracing::debug!(
+                        subject,
+                        attempt,
+                        "a snapshot chunk not acknowledged in time; published again"
+                    );
+                    attempt += 1;
+                }
+                Err(err) => return Err(self.error(subject, err)),
+            }
         }
     }
 

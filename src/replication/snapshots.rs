@@ -464,6 +464,10 @@ impl Job {
                 // finds its claim lost.
                 if published.is_err() {
                     self.discard(&upload).await;
+                    if self.lost(claim).await {
+                        tracing::warn!(revision, found_by = "a failed upload", "{TAKEN_OVER}");
+                        return Ok(None);
+                    }
                 }
                 published
             }
@@ -596,6 +600,14 @@ impl Job {
         }
     }
 
+    /// Whether `claim` was taken over. A holder let go after a freeze longer than the lease
+    /// finds its upload failed (its requests timed out meanwhile) before its renewals find the
+    /// claim lost: that is no failure of the publication (the new holder publishes), and it
+    /// was logged as one, "tried again" (found by an adversarial run).
+    async fn lost(&self, claim: &UploadClaim) -> bool {
+        matches!(self.bucket.renew_upload(claim).await, Ok(false))
+    }
+
     /// Removes what an upload abandoned for a lost claim stored (unless it was published).
     async fn discard(&self, upload: &Upload) {
         if let Err(error) = self.bucket.discard_upload(upload).await {
@@ -705,9 +717,20 @@ mod tests {
 
     impl Fixture {
         async fn new(stream_name: &str) -> Fixture {
+            Fixture::with_request_timeout(stream_name, None).await
+        }
+
+        /// [`Fixture::new`], its client's requests timing out after `request_timeout` if given.
+        async fn with_request_timeout(
+            stream_name: &str,
+            request_timeout: Option<Duration>,
+        ) -> Fixture {
             let nats = nats_harness::NatsCluster::single().await.unwrap();
             let mut config = crate::Config::for_tests("s").nats;
             config.urls = nats.client_urls();
+            if let Some(timeout) = request_timeout {
+                config.request_timeout = timeout;
+            }
             let client = Nats::connect(&config, "test").await.unwrap();
             let settings = StreamSettings {
                 name: stream_name.into(),
@@ -753,11 +776,22 @@ mod tests {
         /// chunk, then nothing), once it holds the claim and has stored that chunk; the
         /// writer ends the bytes when dropped.
         async fn stuck_upload(&self, job: Job) -> (Publication, tokio::io::DuplexStream) {
+            self.stuck_upload_ending(job, tokio::io::empty()).await
+        }
+
+        /// [`Fixture::stuck_upload`] whose bytes, once the writer is dropped, go on as
+        /// `ending`'s.
+        async fn stuck_upload_ending(
+            &self,
+            job: Job,
+            ending: impl AsyncRead + Unpin + Send + 'static,
+        ) -> (Publication, tokio::io::DuplexStream) {
             let name = job.name.clone();
-            let (mut writer, mut reader) = tokio::io::duplex(1024);
+            let (mut writer, reader) = tokio::io::duplex(1024);
             tokio::io::AsyncWriteExt::write_all(&mut writer, b"snapshot bytes")
                 .await
                 .unwrap();
+            let mut reader = tokio::io::AsyncReadExt::chain(reader, ending);
             let upload = tokio::spawn(async move { job.publish_from(&mut reader, 100, 50).await });
             self.wait_for(
                 "the upload holds the claim and stored a chunk",
@@ -1019,6 +1053,93 @@ mod tests {
             bucket.upload_claim_holder().await.unwrap().as_deref(),
             Some("r2")
         );
+    }
+
+    /// A holder whose upload failed after its claim was taken over (its requests timed out
+    /// while it was frozen past the lease, say) abandons it for the lost claim, and does not
+    /// take it for a failed publication to try again: it was logged as one, and the holder
+    /// set to publish again at its next idle tick (found by an adversarial run).
+    #[tokio::test]
+    async fn a_holder_whose_upload_failed_after_its_claim_was_taken_over_gives_up() {
+        /// Bytes that fail to read, as a snapshot file on a failing disk.
+        struct FailingRead;
+        impl AsyncRead for FailingRead {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Err(std::io::Error::other("read failed")))
+            }
+        }
+        let fixture = Fixture::new("FAILED").await;
+        let bucket = fixture.bucket.clone();
+        let stopping = CancellationToken::new();
+        let no_renewal = Lease {
+            renew_every: Duration::from_secs(3600),
+            take_over_after: Duration::from_secs(7200),
+            longest_upload: Duration::from_secs(60),
+        };
+        let (r1, writer) = fixture
+            .stuck_upload_ending(fixture.job("r1", no_renewal, &stopping), FailingRead)
+            .await;
+        let held = bucket.upload_claim().await.unwrap().unwrap();
+        bucket.take_over_upload("r2", &held).await.unwrap().unwrap();
+        drop(writer);
+
+        let r1 = ended(r1, Duration::from_secs(10)).await;
+        assert!(matches!(r1, Ok(None)), "{r1:?}");
+        assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
+        assert_eq!(
+            bucket.upload_claim_holder().await.unwrap().as_deref(),
+            Some("r2")
+        );
+    }
+
+    /// A chunk whose acknowledgement timed out is published again under the same message id:
+    /// one timeout made a holder frozen 5 s (well within its lease) fail its whole upload and
+    /// start over (found by an adversarial run). Here the server is frozen instead, longer than
+    /// the client's request timeout, while a chunk waits for its acknowledgement: the upload
+    /// goes on, is published whole, and reads back byte for byte (a chunk stored twice would
+    /// not).
+    #[tokio::test]
+    async fn a_chunk_not_acknowledged_in_time_is_published_again_and_the_upload_goes_on() {
+        let timeout = Duration::from_secs(1);
+        let fixture = Fixture::with_request_timeout("FROZEN", Some(timeout)).await;
+        let stopping = CancellationToken::new();
+        let lease = Lease {
+            take_over_after: Duration::from_secs(60),
+            ..SHORT_LEASE
+        };
+        let (upload, mut writer) = fixture
+            .stuck_upload(fixture.job("r1", lease, &stopping))
+            .await;
+        let server = &fixture._nats.nodes()[0];
+        server.pause().unwrap();
+        let rest = vec![7u8; 300 * 1024];
+        tokio::io::AsyncWriteExt::write_all(&mut writer, &rest[..1024])
+            .await
+            .unwrap();
+        // Frozen past the acknowledgement's timeout (the freeze is this test's input).
+        tokio::time::sleep(timeout * 3 / 2).await;
+        server.resume().unwrap();
+        let written = tokio::io::AsyncWriteExt::write_all(&mut writer, &rest[1024..]).await;
+        drop(writer);
+
+        let published = ended(upload, Duration::from_secs(20)).await;
+        assert!(matches!(published, Ok(Some(_))), "{published:?}");
+        written.expect("the upload read every byte");
+        let newest = fixture.bucket.newest().await.unwrap().expect("published");
+        assert_eq!(newest.revision, 100);
+        let mut read = Vec::new();
+        let mut reader = fixture.bucket.read(&newest).await.unwrap();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut read)
+            .await
+            .unwrap();
+        let mut expected = b"snapshot bytes".to_vec();
+        expected.extend_from_slice(&rest);
+        assert!(read == expected, "{} bytes read", read.len());
+        fixture.assert_released_without_chunks().await;
     }
 
     /// A replica kept every local snapshot within the history window, also those the stream

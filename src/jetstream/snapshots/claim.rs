@@ -30,14 +30,26 @@ pub struct UploadClaim {
     /// two renewals of one claim at once (the holder's periodic one and the one before its
     /// upload is published) would name the same revision, and the one that lost would take
     /// the claim for lost.
-    revision: Arc<tokio::sync::Mutex<u64>>,
+    revision: Arc<tokio::sync::Mutex<Revision>>,
+}
+
+#[derive(Debug)]
+struct Revision {
+    /// The last revision a write of this claim was answered with.
+    known: u64,
+    /// A renewal failed without an answer (a timeout): it may have been written all the same,
+    /// and moved the claim past `known`.
+    unsure: bool,
 }
 
 impl UploadClaim {
     fn new(holder: &str, revision: u64) -> UploadClaim {
         UploadClaim {
             holder: holder.to_string(),
-            revision: Arc::new(tokio::sync::Mutex::new(revision)),
+            revision: Arc::new(tokio::sync::Mutex::new(Revision {
+                known: revision,
+                unsure: false,
+            })),
         }
     }
 }
@@ -83,31 +95,60 @@ impl SnapshotBucket {
         holder: &str,
         held: &HeldClaim,
     ) -> Result<Option<UploadClaim>, JetStreamError> {
-        match self
-            .meta
-            .update(UPLOAD_CLAIM, holder.to_string().into(), held.revision)
-            .await
-        {
-            Ok(revision) => Ok(Some(UploadClaim::new(holder, revision))),
-            Err(err) if wrong_revision(&err) => Ok(None),
-            Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
-        }
+        let taken = self.write_claim(holder, held.revision).await?;
+        Ok(taken.map(|revision| UploadClaim::new(holder, revision)))
     }
 
     /// Renews `claim` (a compare-and-set on its revision, which moves it); `false` when it is
-    /// no longer at that revision: another replica took it over, or it was given back.
+    /// no longer at that revision: another replica took it over, or it was given back. After a
+    /// renewal that got no answer, a claim found at a newer revision still in the holder's name
+    /// is that renewal's, written after all (replica names are unique, and a takeover writes
+    /// the taker's): renewed from there. Taken for lost, a NATS server frozen a moment longer
+    /// than the request timeout made the holder abandon its upload and leave the claim held
+    /// until a takeover (found by freezing the server mid-upload).
     pub async fn renew_upload(&self, claim: &UploadClaim) -> Result<bool, JetStreamError> {
         let mut revision = claim.revision.lock().await;
-        match self
-            .meta
-            .update(UPLOAD_CLAIM, claim.holder.clone().into(), *revision)
-            .await
-        {
-            Ok(renewed) => {
-                *revision = renewed;
+        let renewed = self.write_claim(&claim.holder, revision.known).await;
+        let renewed = match renewed {
+            Ok(None) if revision.unsure => match self.upload_claim().await {
+                Ok(Some(held)) if held.holder == claim.holder => {
+                    self.write_claim(&claim.holder, held.revision).await
+                }
+                Ok(_) => Ok(None),
+                Err(err) => Err(err),
+            },
+            other => other,
+        };
+        match renewed {
+            Ok(Some(moved)) => {
+                *revision = Revision {
+                    known: moved,
+                    unsure: false,
+                };
                 Ok(true)
             }
-            Err(err) if wrong_revision(&err) => Ok(false),
+            Ok(None) => Ok(false),
+            Err(err) => {
+                revision.unsure = true;
+                Err(err)
+            }
+        }
+    }
+
+    /// Writes `holder`'s claim over the one at `revision`: its new revision, or `None` when
+    /// the claim is no longer at `revision`.
+    async fn write_claim(
+        &self,
+        holder: &str,
+        revision: u64,
+    ) -> Result<Option<u64>, JetStreamError> {
+        match self
+            .meta
+            .update(UPLOAD_CLAIM, holder.to_string().into(), revision)
+            .await
+        {
+            Ok(moved) => Ok(Some(moved)),
+            Err(err) if wrong_revision(&err) => Ok(None),
             Err(err) => Err(self.error(UPLOAD_CLAIM, err)),
         }
     }
@@ -115,7 +156,7 @@ impl SnapshotBucket {
     /// Gives `claim` back, unless it was taken over and another replica holds the claim now:
     /// that one is not ours to remove.
     pub async fn release_upload(&self, claim: UploadClaim) -> Result<(), JetStreamError> {
-        let revision = *claim.revision.lock().await;
+        let revision = claim.revision.lock().await.known;
         match self
             .meta
             .purge_expect_revision(UPLOAD_CLAIM, Some(revision))
