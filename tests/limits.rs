@@ -2255,6 +2255,120 @@ async fn watch_streams_whose_client_stops_reading_hold_bounded_bytes() {
     binary.stop();
 }
 
+/// A client that reads its socket and answers PINGs (so keepalive never cuts it) but never
+/// gives window back had each of its watch streams hold about one message not yet handed to
+/// HTTP/2, counted nowhere: 2,500 streams asking for one 550 KB profile held 1.68 GB at the
+/// default flags (found by an adversarial run). What streams hold so is counted
+/// (`profile_state_stream_unsent_bytes`), and past the server's answer budget the
+/// connections holding the most whose clients read none of it are cut, until the others hold
+/// at most that budget; a watcher that reads is not cut, and gets its changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_watch_streams_past_the_servers_answer_budget_are_cut() {
+    use profile_state::pb;
+    const CONNECTIONS: usize = 6;
+    const STREAMS: usize = 20;
+    // Budgets: 1 MiB a connection, 8 MiB in all.
+    const BOUND: f64 = 8.0 * 1024.0 * 1024.0;
+    const HELD: &str = "profile_state_stream_unsent_bytes ";
+    let dir = tempfile::tempdir().unwrap();
+    let binary = binary::Binary::start(dir.path(), &["--grpc-max-message-bytes", "262144"]).await;
+    // One profile of 200 KB, in webhooks of 50 KB.
+    for n in 0..4 {
+        let data = json!({ format!("k{n}"): "e".repeat(50_000) });
+        let update = profile_updated("big", &at(n + 1), data);
+        assert_eq!(binary.post(&update).await.0, 200);
+    }
+    let (_client, mut watcher) = watching_w(&binary).await;
+
+    // Six connections of 20 streams asking for it, their windows HTTP/2's 64 KiB, never
+    // given back: about 23 MB their streams hold, past the server's budget.
+    let request = pb::WatchProfilesRequest {
+        customer_ids: vec!["big".into()],
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let (mut connections, mut streams) = (Vec::new(), Vec::new());
+    for _ in 0..CONNECTIONS {
+        let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
+        let (mut stalled, connection) = h2::client::handshake(tcp).await.unwrap();
+        connections.push(tokio::spawn(connection));
+        for _ in 0..STREAMS {
+            use prost::Message;
+            streams.push(raw_unary(&mut stalled, "WatchProfiles", request.encode_to_vec()).await);
+        }
+    }
+    let (deadline, mut most) = (std::time::Instant::now() + PATIENCE, 0.0_f64);
+    let cut = loop {
+        let held = sample(&binary.metrics().await, HELD);
+        most = most.max(held);
+        let cut = connections.iter().filter(|c| c.is_finished()).count();
+        if cut > 0 && held <= BOUND {
+            break cut;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{cut} connections cut, {held} bytes held (at most {most})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(most > BOUND, "the streams held {most} bytes at most");
+    assert!(cut < CONNECTIONS, "only as many cut as the bound needs");
+
+    // The watcher that reads was not cut: it gets its change.
+    changes_w(&binary, &mut watcher, (10, "w")).await;
+    drop(streams);
+    binary.stop();
+}
+
+/// A client of `binary`, and its watch of customer `w`, synced.
+async fn watching_w(
+    binary: &binary::Binary,
+) -> (
+    profile_state::pb::profile_service_client::ProfileServiceClient<tonic::transport::Channel>,
+    tonic::Streaming<profile_state::pb::WatchProfilesResponse>,
+) {
+    use profile_state::pb;
+    let url = format!("http://{}", binary.grpc);
+    let mut client = pb::profile_service_client::ProfileServiceClient::connect(url)
+        .await
+        .unwrap();
+    let watch = pb::WatchProfilesRequest {
+        customer_ids: vec!["w".into()],
+        ..Default::default()
+    };
+    let mut watcher = client.watch_profiles(watch).await.unwrap().into_inner();
+    let synced = watcher.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            synced.event,
+            Some(pb::watch_profiles_response::Event::Synced(_))
+        ),
+        "{synced:?}"
+    );
+    (client, watcher)
+}
+
+/// Posts a change of customer `w` at second `at_second` with this `note`, and reads it from
+/// `watcher` (a watch of `w`) within [`PATIENCE`].
+async fn changes_w(
+    binary: &binary::Binary,
+    watcher: &mut tonic::Streaming<profile_state::pb::WatchProfilesResponse>,
+    (at_second, note): (u32, &str),
+) {
+    use profile_state::pb::watch_profiles_response::Event;
+    let update = profile_updated("w", &at(at_second), json!({ "note": note }));
+    assert_eq!(binary.post(&update).await.0, 200);
+    let change = tokio::time::timeout(PATIENCE, watcher.message())
+        .await
+        .expect("the change within its patience")
+        .unwrap()
+        .unwrap();
+    let Some(Event::Change(change)) = change.event else {
+        panic!("{change:?}");
+    };
+    assert_eq!(change.profile.unwrap().customer_id, "w");
+}
+
 /// Twelve connections whose client gives each stream a window of one byte, each with `calls`
 /// calls of ProfileService's `method` with `request`: their PINGs, and the answers.
 async fn one_byte_windows(
@@ -2302,23 +2416,7 @@ async fn clients_holding_their_connections_budgets_do_not_stall_other_clients() 
     use profile_state::pb;
     let (_dir, binary) = small_budgets_with_large_profiles().await;
     let rss = sample(&binary.metrics().await, "process_resident_memory_bytes");
-    let url = format!("http://{}", binary.grpc);
-    let mut client = pb::profile_service_client::ProfileServiceClient::connect(url)
-        .await
-        .unwrap();
-    let watch = pb::WatchProfilesRequest {
-        customer_ids: vec!["w".into()],
-        ..Default::default()
-    };
-    let mut watcher = client.watch_profiles(watch).await.unwrap().into_inner();
-    let synced = watcher.message().await.unwrap().unwrap();
-    assert!(
-        matches!(
-            synced.event,
-            Some(pb::watch_profiles_response::Event::Synced(_))
-        ),
-        "{synced:?}"
-    );
+    let (mut client, mut watcher) = watching_w(&binary).await;
 
     // Twelve connections of 20 streams asking for an initial state of 1 MB, each stream's
     // window one byte: 3 MiB of chunks handed over that h2 cannot send, more than the
@@ -2342,18 +2440,7 @@ async fn clients_holding_their_connections_budgets_do_not_stall_other_clients() 
     let page = client.list_profiles(list).await.unwrap().into_inner();
     assert_eq!(page.profiles.len(), 5);
     // A change larger than a chunk (16 KiB).
-    let note = "w".repeat(30_000);
-    let update = profile_updated("w", &at(2), json!({"note": note}));
-    assert_eq!(binary.post(&update).await.0, 200);
-    let change = tokio::time::timeout(PATIENCE, watcher.message())
-        .await
-        .expect("the change within its patience")
-        .unwrap()
-        .unwrap();
-    let Some(pb::watch_profiles_response::Event::Change(change)) = change.event else {
-        panic!("{change:?}");
-    };
-    assert_eq!(change.profile.unwrap().customer_id, "w");
+    changes_w(&binary, &mut watcher, (2, &"w".repeat(30_000))).await;
     pinging.abort();
     drop(streams);
     binary.stop();

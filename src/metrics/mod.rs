@@ -140,6 +140,8 @@ struct Watch {
     resets: IntCounterVec,
     streams_refused: IntCounterVec,
     history_bytes: IntGauge,
+    /// Counted by the gRPC answer budgets themselves (`grpc::answer_bytes`).
+    unsent_stream_bytes: IntGauge,
 }
 
 /// The `profile_state_journal_*` series.
@@ -412,6 +414,14 @@ impl Watch {
                 "Memory held by the history of recent changes watchers resume from, as \
                  --history-bytes counts it.",
             ),
+            unsent_stream_bytes: gauge(
+                r,
+                "profile_state_stream_unsent_bytes",
+                "Bytes of gRPC streams' messages (watch initial states and changes, backup \
+                 chunks) read and not yet handed to HTTP/2, their clients' windows shut; past \
+                 32 times --grpc-max-message-bytes, connections holding the most whose clients \
+                 read none of it are cut.",
+            ),
         }
     }
 }
@@ -515,6 +525,12 @@ impl Metrics {
     pub fn watch_stream(&self) -> WatchStreamGuard {
         self.inner.watch.streams.inc();
         WatchStreamGuard(self.inner.watch.streams.clone())
+    }
+
+    /// The gauge of what gRPC streams' messages hold before they are handed to HTTP/2, for
+    /// the answer budgets to count in.
+    pub fn unsent_stream_bytes(&self) -> IntGauge {
+        self.inner.watch.unsent_stream_bytes.clone()
     }
 
     /// Counts an event sent to a watcher.

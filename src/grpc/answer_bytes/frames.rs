@@ -1,0 +1,176 @@
+//! What streams' frames hold before they are handed over, in all, and the cut that bounds it.
+//!
+//! A stream's later frame (a watch's initial-state profile or change, a backup's chunk) is
+//! read from tonic whole, and handed to hyper a chunk at a time, each chunk drawing on its
+//! connection's budget. The part not handed over yet ([`Sending`](super::Sending)'s `rest`
+//! beyond what its budgets count) was counted nowhere: a client that reads its socket and
+//! answers PINGs (so keepalive never cuts it) but never gives window back had each stream hold
+//! about one message, and 2,500 such streams on one 550 KB profile held 1.68 GB, 6.5 GB at
+//! the default `--max-watch-streams` (found by an adversarial run). Per connection, a bound
+//! does not do: 20 such streams on each of 500 connections stay under every connection's
+//! budget and still hold GBs.
+//!
+//! Here those bytes are counted per connection and in all ([`HeldFrames`], exported as
+//! `profile_state_stream_unsent_bytes`), and while the total is past the server's answer
+//! budget (`IN_ALL` times `--grpc-max-message-bytes`), a look every [`LOOK`] cuts the
+//! connections holding the most of them whose clients read less than a sixteenth of what they
+//! hold in a second ([`Unsent::frames_unread`](super::Unsent)), until what the others hold is
+//! under it. Cut, the connection's streams are dropped with their frames; a watcher resumes
+//! from its revision. Streams never wait for this count: streams that waited for the server's
+//! budget were stalled by a client that held it while reading a few bytes a second, which is
+//! never cut, and every other client's watches stopped (found by an adversarial run). A
+//! client that reads is never cut, so what readers hold is bounded only by one message per
+//! stream, and goes out at their pace.
+//!
+//! Counted bytes go back exactly once: as a chunk of them is handed over (it is counted in the
+//! budgets from then on, until h2 lets go of it) or taken into the budgets, and when the
+//! stream is dropped with what it held. A stream's frame that goes out at once (a change
+//! smaller than a chunk, to a client whose window is open) is never counted: no shared count is
+//! written on that path.
+//!
+//! What this module does not do: bound the total before the cut (streams that stall within a
+//! look and a second of each other hold their frames until it comes), or cut a client that
+//! reads, however slowly.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use prometheus::IntGauge;
+
+use super::{Counts, Holders, OWED_FOR, SLOWEST_SHARE, STALLED, Unsent};
+use crate::poison::lock;
+
+/// How often the connections holding frames are looked at while the total is past its bound.
+const LOOK: Duration = Duration::from_millis(250);
+
+/// The bytes streams' frames hold before they are handed over, server-wide, and the bound past
+/// which stalled connections holding them are cut.
+pub(super) struct HeldFrames {
+    /// The bytes (also the exported gauge).
+    bytes: IntGauge,
+    /// The server's answer budget.
+    bound: usize,
+    /// A look is running ([`HeldFrames::look_while_over`]).
+    looking: AtomicBool,
+    holders: Holders,
+}
+
+impl HeldFrames {
+    /// Counted in `bytes`, bounded by `bound`, cutting among `holders`.
+    pub(super) fn new(bytes: IntGauge, bound: usize, holders: &Holders) -> Arc<HeldFrames> {
+        Arc::new(HeldFrames {
+            bytes,
+            bound,
+            looking: AtomicBool::new(false),
+            holders: holders.clone(),
+        })
+    }
+
+    /// The bytes held now.
+    pub(super) fn total(&self) -> usize {
+        usize::try_from(self.bytes.get()).unwrap_or(0)
+    }
+
+    /// `more` bytes held; past the bound, starts looking for stalled holders to cut.
+    fn hold(self: &Arc<Self>, more: usize) {
+        self.bytes.add(i64::try_from(more).unwrap_or(i64::MAX));
+        if self.total() > self.bound && !self.looking.swap(true, Ordering::SeqCst) {
+            // Outside a runtime (unit tests) nothing looks: nothing is served either.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(look_while_over(Arc::downgrade(self)));
+            } else {
+                self.looking.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn let_go(&self, bytes: usize) {
+        self.bytes.sub(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// Looks every [`LOOK`] while what frames hold is past its bound, cutting stalled holders;
+/// ends once it is not (or the server is gone). The frames' counts own it: one runs at a time,
+/// started by the count that passed the bound.
+async fn look_while_over(frames: Weak<HeldFrames>) {
+    loop {
+        let Some(held) = frames.upgrade() else {
+            return;
+        };
+        if held.total() <= held.bound {
+            held.looking.store(false, Ordering::SeqCst);
+            // A count past the bound meanwhile saw it still looking, and left it to this one.
+            if held.total() <= held.bound || held.looking.swap(true, Ordering::SeqCst) {
+                return;
+            }
+        }
+        (held.holders).cut_frame_holders(held.total(), held.bound, Instant::now());
+        drop(held);
+        tokio::time::sleep(LOOK).await;
+    }
+}
+
+impl Unsent {
+    /// One of its streams' frames holds `now` bytes not counted in its budgets, `was` before.
+    pub(super) fn frame_holds(&self, was: usize, now: usize) {
+        if now > was {
+            self.frame_bytes.fetch_add(now - was, Ordering::Relaxed);
+            self.frames.hold(now - was);
+        } else {
+            self.frame_bytes.fetch_sub(was - now, Ordering::Relaxed);
+            self.frames.let_go(was - now);
+        }
+    }
+
+    /// Whether its streams' frames hold bytes and its client read less than a sixteenth
+    /// ([`SLOWEST_SHARE`]) of them in a [`STALLED`] window or longer, as looks have seen it.
+    pub(super) fn frames_unread(&self, now: Instant) -> bool {
+        let held = self.frame_bytes.load(Ordering::Relaxed);
+        let counts = Counts {
+            read: self.data_read.load(Ordering::Relaxed),
+            took: 0,
+            held,
+        };
+        let owed = |start: Counts| start.held.max(held).div_ceil(SLOWEST_SHARE);
+        let limits = (Duration::MAX, OWED_FOR);
+        let not_reading = (self.frames_stalled).for_how_long(counts, owed, now, limits);
+        held > 0 && not_reading >= STALLED
+    }
+}
+
+impl Holders {
+    /// Cuts the connections whose clients do not read ([`Unsent::frames_unread`]) holding the
+    /// most frame bytes, heaviest first, until what the others hold of `total` is at most
+    /// `bound`. Connections cut already count as gone.
+    pub(super) fn cut_frame_holders(&self, total: usize, bound: usize, now: Instant) {
+        let (mut left, mut stalled) = (total, Vec::new());
+        {
+            let mut holders = lock(&self.0);
+            holders.retain(|holder| holder.strong_count() > 0);
+            for holder in holders.iter().filter_map(Weak::upgrade) {
+                let held = holder.frame_bytes.load(Ordering::Relaxed);
+                if holder.cut.is_cancelled() {
+                    left = left.saturating_sub(held);
+                } else if holder.frames_unread(now) {
+                    stalled.push((held, holder));
+                }
+            }
+        }
+        stalled.sort_unstable_by_key(|(held, _)| std::cmp::Reverse(*held));
+        for (held, holder) in stalled {
+            if left <= bound {
+                return;
+            }
+            holder.cut.cancel();
+            left = left.saturating_sub(held);
+            tracing::warn!(
+                peer = %holder.peer,
+                unsent_stream_bytes = held,
+                "cut a gRPC connection whose streams held messages its client read none of for \
+                 a second, while such messages held more than the server's answer budget (a \
+                 client that stopped giving window back)"
+            );
+        }
+    }
+}
