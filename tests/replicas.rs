@@ -632,6 +632,130 @@ async fn a_replica_on_a_hung_nats_server_moves_to_another_within_seconds() {
     a.stop().await;
 }
 
+/// The nats-server that holds a replica's consumer hangs (SIGSTOP) while the stream keeps its
+/// quorum and leader, and the replica's own server is healthy: the replica applies again within
+/// seconds. Its consumer (one R1 consumer, placed by the cluster on any peer of the stream)
+/// delivered nothing, and the client replaced it only after two missed heartbeats: the webhook
+/// posted right after the freeze was answered 503 "recorded ... but this replica has not applied
+/// it yet" after 9 s, and the replica was not ready for ~10 s (found by an adversarial run).
+/// The replica is connected to the meta leader's server only, and its consumer held elsewhere
+/// and not by the stream's leader (a replica whose consumer the meta leader holds is set aside
+/// for another: with the meta leader hung, no consumer can be created until another server is
+/// elected, and the webhook was answered after about 7 s, which this change does not shorten).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_whose_consumers_server_hangs_applies_again_within_seconds() {
+    let nats = NatsCluster::three().await.unwrap();
+    let observer = observer(&nats).await;
+    let meta = nats.nodes()[0].meta_leader().await.expect("a meta leader");
+    let on_meta = nats.nodes().iter().position(|node| node.name() == meta);
+    let mut config = replica_config(&nats, "STALL", "a");
+    config.nats.urls = vec![nats.nodes()[on_meta.unwrap()].client_url()];
+    // Long enough that an answer in time is the replica's, not the timeout's.
+    config.webhook_timeout = Duration::from_secs(8);
+    let mut attempts = 0;
+    let (a, held_by) = loop {
+        attempts += 1;
+        // A stopped replica's consumer stays a while: only the running one's is to be found.
+        delete_consumers(&observer, "STALL").await;
+        let a = TestService::start_with(config.clone()).await;
+        let body = profile_updated("x", &at(attempts), json!({"total_points": attempts}));
+        post_until_ok(&a, &body).await;
+        let held_by = consumer_servers(&observer, "STALL").await;
+        let [held_by] = <[String; 1]>::try_from(held_by).expect("one consumer");
+        if held_by != meta {
+            break (a, held_by);
+        }
+        a.stop().await;
+        assert!(
+            attempts < 12,
+            "every replica's consumer was on the meta leader"
+        );
+    };
+    if stream_leader(&nats, "STALL").await == held_by {
+        step_down(&observer, "STALL", &held_by).await;
+    }
+    // The replica applies (and answers) normally before the freeze.
+    let body = profile_updated("x", &at(100), json!({"total_points": 100}));
+    assert_eq!(a.post(&body).await.0, 200);
+
+    let hung = nats.nodes().iter().find(|node| node.name() == held_by);
+    let hung = hung.unwrap();
+    hung.pause().unwrap();
+    let frozen = Instant::now();
+    let body = profile_updated("x", &at(101), json!({"total_points": 101}));
+    let (status, answer) = a.post(&body).await;
+    let answered = frozen.elapsed();
+    let deadline = frozen + Duration::from_secs(5);
+    let replica = Replica::from(&a);
+    while replica.ready().await != 200 {
+        assert!(Instant::now() < deadline, "not ready again within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = frozen.elapsed();
+    hung.resume().unwrap();
+    eprintln!("consumer on {held_by}: answered {answered:?}, ready {ready:?}");
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answered <= Duration::from_secs(5),
+        "answered after {answered:?}"
+    );
+    a.stop().await;
+}
+
+/// A client of every node of `nats`, for what a test asks JetStream itself.
+async fn observer(nats: &NatsCluster) -> profile_state::jetstream::Nats {
+    let mut config = Config::for_tests(SECRET).nats;
+    config.urls = nats.client_urls();
+    profile_state::jetstream::Nats::connect(&config, "test")
+        .await
+        .unwrap()
+}
+
+/// The servers holding `stream`'s consumers.
+async fn consumer_servers(observer: &profile_state::jetstream::Nats, stream: &str) -> Vec<String> {
+    let stream = observer.context().get_stream(stream).await.unwrap();
+    let infos: Vec<_> = stream.consumers().collect().await;
+    infos
+        .into_iter()
+        .map(|info| info.unwrap().cluster.and_then(|cluster| cluster.leader))
+        .map(|leader| leader.expect("a consumer's server"))
+        .collect()
+}
+
+/// Deletes every consumer of `stream`, if it exists.
+async fn delete_consumers(observer: &profile_state::jetstream::Nats, stream: &str) {
+    let Ok(stream) = observer.context().get_stream(stream).await else {
+        return;
+    };
+    let names: Vec<_> = stream.consumer_names().collect().await;
+    for name in names {
+        stream.delete_consumer(&name.unwrap()).await.unwrap();
+    }
+}
+
+/// Asks `stream`'s leader `leader` to step down, and waits until another leads it.
+async fn step_down(observer: &profile_state::jetstream::Nats, stream: &str, leader: &str) {
+    let subject = format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}");
+    let client = observer.context().client();
+    client.request(subject, "".into()).await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        // Unanswered while the stream elects its new leader.
+        let info = observer.context().get_stream(stream).await;
+        let now = info
+            .ok()
+            .and_then(|info| info.cached_info().cluster.clone());
+        if now
+            .and_then(|cluster| cluster.leader)
+            .is_some_and(|now| now != leader)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{leader} still leads {stream}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// While a replica started (here: waiting on a NATS server that hangs), its admin listener
 /// accepted connections nobody served, so a probe hung until its own timeout (found by an
 /// adversarial run). It answers at once: alive, not ready, and a scrape that succeeds with the

@@ -13,6 +13,14 @@
 //! consumer the client recreated may be reading another stream of the same name (the stream
 //! was deleted and created again meanwhile): the first message of each consumer is taken only
 //! once the stream is checked to be the one this replica followed (`UpdateStream::bounds`).
+//!
+//! The consumer is one R1 consumer on any peer of the stream's group. When that peer hangs
+//! while the stream keeps its quorum, nothing arrives, and the client would replace it only after
+//! two missed heartbeats (~9 s). Told what the stream is known to hold ([`Follower::follow_end`],
+//! the replica's status poll), the follower replaces a consumer that delivered nothing for
+//! `stall::STALL_AFTER` while the stream held the next sequence, and gives each create of a
+//! replacement a short time of its own ([`CREATE_TIMEOUT`], growing after a few): the cluster
+//! places the new consumer at random, perhaps on the hung peer again, whose answer never comes.
 
 use std::time::Duration;
 
@@ -23,6 +31,7 @@ use tokio_stream::StreamExt;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 
+use super::stall::{STALL_AFTER, Stall};
 use super::stream::unavailable;
 use super::{JetStreamError, UpdateBatch, UpdateStream};
 
@@ -30,9 +39,22 @@ use super::{JetStreamError, UpdateBatch, UpdateStream};
 /// it, and two missed heartbeats make it recreate itself, so a consumer lost on a node of a
 /// cluster (while the client stays connected to another) is replaced within about this long
 /// instead of the client's default 30 s. The cost is one small request per interval while idle.
+/// The follower's own check (`stall`) replaces a stuck consumer sooner whenever the stream is
+/// known to hold more; the heartbeats are what is left while nothing tells it so.
 const PULL_EXPIRES: Duration = Duration::from_secs(4);
 /// Longest pause between two attempts to rebuild the consumer while NATS is unreachable.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// How long each of a rebuild's first [`QUICK_CREATES`] consumer creates may take before it is
+/// asked for again; each further attempt may take twice as long as the one before, up to
+/// `--nats-request-timeout`. The answer to a create comes from the server the cluster placed
+/// the consumer on, at random among the stream's peers (a hung one is not known to be down for
+/// a minute or more): it never comes from a hung one, and waiting the whole request timeout for
+/// it (5 s by default) undid what replacing a stuck consumer gained. A healthy cluster answers
+/// in milliseconds; one slower than this still gets its answer in time once the attempts grow.
+const CREATE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How many creates get [`CREATE_TIMEOUT`] alone. Each lands on the hung server with one chance
+/// in three (an R3 stream): six in a row, once in 700 rebuilds.
+const QUICK_CREATES: u32 = 6;
 
 /// One stream message, decoded.
 #[derive(Clone, Debug)]
@@ -62,6 +84,10 @@ pub struct Follower {
     /// The consumer whose messages were checked to come from this replica's stream: a new
     /// name means the client recreated its consumer, perhaps on a stream created again.
     checked_consumer: Option<String>,
+    /// The last sequence the stream is known to hold, told from elsewhere (`follow_end`).
+    known_end: Option<watch::Receiver<u64>>,
+    /// When the consumer is to be taken for stuck.
+    stall: Stall,
 }
 
 impl Follower {
@@ -77,6 +103,8 @@ impl Follower {
             watch_connections: true,
             next: applied + 1,
             checked_consumer: None,
+            known_end: None,
+            stall: Stall::new(STALL_AFTER),
         };
         check_bounds(stream, follower.next).await?;
         follower.messages = Some(consume_from(stream, follower.next).await?);
@@ -88,17 +116,42 @@ impl Follower {
         self.next
     }
 
+    /// Tells the follower the last sequence the stream is known to hold, as it learns more:
+    /// a consumer that delivers nothing while the stream holds the next sequence is replaced
+    /// (see the module doc). Without it, only the client's heartbeats catch a stuck consumer.
+    pub fn follow_end(&mut self, known_end: watch::Receiver<u64>) {
+        self.known_end = Some(known_end);
+    }
+
+    /// The last sequence the stream is known to hold (0 when nothing tells).
+    fn known_end(&self) -> u64 {
+        self.known_end.as_ref().map_or(0, |end| *end.borrow())
+    }
+
+    /// The wait for the consumer starts over: a message came, a consumer is new, or a caller
+    /// started waiting (time between two calls is the caller's, not the consumer's).
+    fn restart_stall(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.stall.restart(now, self.known_end(), self.next);
+    }
+
     /// The next entry; waits for it, through disconnections, server restarts and a stream
     /// missing for a while. An error is about the stream itself (a hole, a purge past `next`,
     /// a malformed message, another stream under its name) and is final: handle it, then start
     /// a new follower.
     pub async fn next(&mut self) -> Result<Entry, JetStreamError> {
+        self.restart_stall();
         loop {
             let Some(messages) = self.messages.as_mut() else {
                 self.messages = Some(rebuild(&self.stream, self.next).await?);
+                self.restart_stall();
                 continue;
             };
+            let stalled = self.stall.deadline();
             let item = tokio::select! {
+                // A message the client holds is taken before any timer: a process starved of
+                // CPU wakes with both ready, and the consumer was not stuck.
+                biased;
                 item = messages.next() => item,
                 changed = self.connections.changed(), if self.watch_connections => {
                     match changed {
@@ -111,7 +164,29 @@ impl Follower {
                     }
                     continue;
                 }
+                changed = changed_end(&mut self.known_end) => {
+                    match changed {
+                        Some(end) => {
+                            let now = tokio::time::Instant::now();
+                            self.stall.learned(now, end, self.next);
+                        }
+                        None => self.known_end = None,
+                    }
+                    continue;
+                }
+                () = sleep_until(stalled) => {
+                    tracing::info!(
+                        next = self.next,
+                        known_end = self.known_end(),
+                        waited_ms = STALL_AFTER.as_millis() as u64,
+                        "the consumer delivered nothing while the stream holds more (its \
+                         server may hang): new consumer"
+                    );
+                    self.messages = None;
+                    continue;
+                }
             };
+            self.restart_stall();
             let message = match item {
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
@@ -185,6 +260,24 @@ impl Follower {
     }
 }
 
+/// The next value of `known_end` once it changes; `None` once its sender is gone (never, when
+/// nothing tells).
+async fn changed_end(known_end: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    let Some(end) = known_end.as_mut() else {
+        return std::future::pending().await;
+    };
+    end.changed().await.ok()?;
+    Some(*end.borrow_and_update())
+}
+
+/// Waits until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 // Free functions over the stream rather than `&self` methods: a `&Follower` held across an
 // await would make the applier's future not `Send` (the consumer's stream is not `Sync`).
 
@@ -199,10 +292,23 @@ impl Follower {
 /// by an adversarial run).
 async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamError> {
     let mut delay = Duration::from_millis(50);
+    let mut creates = 0;
     let mut missing_said = false;
     loop {
         let attempt = match check_bounds_settled(stream, next, SETTLE).await {
-            Ok(()) => consume_from(stream, next).await,
+            Ok(()) => {
+                let timeout = create_timeout(creates, stream.nats().request_timeout());
+                creates += 1;
+                match tokio::time::timeout(timeout, consume_from(stream, next)).await {
+                    Ok(created) => created,
+                    Err(_) => {
+                        // Waited already: asked again at once. A create given up on may still
+                        // be carried out; the server removes that consumer once it is idle.
+                        tracing::debug!(?timeout, next, "consumer create unanswered, asked again");
+                        continue;
+                    }
+                }
+            }
             Err(err) => Err(err),
         };
         match attempt {
@@ -291,6 +397,12 @@ async fn check_bounds(stream: &UpdateStream, next: u64) -> Result<(), JetStreamE
     Ok(())
 }
 
+/// How long create number `attempt` (from 0) of one rebuild may take (see [`CREATE_TIMEOUT`]).
+fn create_timeout(attempt: u32, ceiling: Duration) -> Duration {
+    let doublings = attempt.saturating_sub(QUICK_CREATES - 1).min(16);
+    (CREATE_TIMEOUT * 2u32.pow(doublings)).min(ceiling)
+}
+
 async fn consume_from(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamError> {
     let deliver_policy = match next {
         1 => DeliverPolicy::All,
@@ -356,6 +468,21 @@ mod tests {
             },
             context: stream.nats().context().clone(),
         }
+    }
+
+    #[test]
+    fn creates_are_asked_for_again_quickly_then_given_more_time_up_to_the_request_timeout() {
+        let ceiling = Duration::from_secs(5);
+        let timeouts: Vec<_> = (0..10).map(|n| create_timeout(n, ceiling)).collect();
+        let ms = |ms| Duration::from_millis(ms);
+        let quick = vec![ms(500); QUICK_CREATES as usize];
+        assert_eq!(timeouts[..QUICK_CREATES as usize], quick);
+        assert_eq!(
+            timeouts[QUICK_CREATES as usize..],
+            [ms(1000), ms(2000), ms(4000), ms(5000)]
+        );
+        assert_eq!(create_timeout(u32::MAX, ceiling), ceiling);
+        assert_eq!(create_timeout(0, ms(200)), ms(200));
     }
 
     #[tokio::test]

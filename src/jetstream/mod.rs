@@ -8,7 +8,8 @@
 //!   publishes an [`UpdateBatch`] with a `Nats-Msg-Id`, reads the last sequence (a
 //!   leader-served barrier) and the digest of a message, and purges below a sequence.
 //! - [`Follower`]: reads the stream in order from a sequence with an ordered consumer and hands
-//!   out every later sequence exactly once, or fails naming what is missing.
+//!   out every later sequence exactly once, or fails naming what is missing; `stall` decides
+//!   when its consumer, delivering nothing while the stream holds more, is to be replaced.
 //! - [`SnapshotBucket`]: snapshots in an Object Store bucket, tagged with the revision and
 //!   stream sequence they are as of (and the digest of the stream's message there), for
 //!   replicas that start with an empty disk, and the upload claim that one replica at a time
@@ -31,6 +32,7 @@ mod listing;
 mod quorum;
 mod schedule;
 mod snapshots;
+mod stall;
 mod store_id;
 mod stream;
 

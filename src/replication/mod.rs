@@ -161,9 +161,10 @@ impl Prepared {
             status,
             stream,
             bucket,
-            follower,
+            mut follower,
             settings,
         } = self;
+        follower.follow_end(status.watch_stream_last());
         let pending = Arc::new(Pending::after(follower.next_sequence() - 1));
         let publisher_done = CancellationToken::new();
         let publisher = Publisher::start(

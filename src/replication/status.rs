@@ -19,7 +19,6 @@
 //! reading, a 0 there made a replica 20 s behind report itself caught up and ready. It still
 //! raises what the replica knows of the stream's end.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,8 +63,9 @@ struct Inner {
     max_lag: Duration,
     started: Instant,
     position: watch::Sender<Position>,
-    /// The highest last sequence of the stream seen (from deliveries and barrier reads).
-    stream_last: AtomicU64,
+    /// The highest last sequence of the stream seen (from deliveries and barrier reads); the
+    /// follower watches it to tell a stuck consumer (`Follower::follow_end`).
+    stream_last: watch::Sender<u64>,
     /// A plain mutex: a few words, taken once per applied message and once per poll.
     clock: Mutex<Clock>,
     /// Why the applier stopped, if it did (a hole, a malformed message: operator action).
@@ -153,7 +153,7 @@ impl ReplicaStatus {
                 max_lag,
                 started: Instant::now(),
                 position: watch::channel(position).0,
-                stream_last: AtomicU64::new(position.sequence),
+                stream_last: watch::channel(position.sequence).0,
                 clock: Mutex::default(),
                 failed: Mutex::default(),
                 min_room,
@@ -245,7 +245,18 @@ impl ReplicaStatus {
 
     /// The highest last sequence of the stream this replica has seen.
     pub fn stream_last(&self) -> u64 {
-        self.inner.stream_last.load(Ordering::Acquire)
+        *self.inner.stream_last.borrow()
+    }
+
+    /// A receiver that wakes whenever [`ReplicaStatus::stream_last`] rises.
+    pub(crate) fn watch_stream_last(&self) -> watch::Receiver<u64> {
+        self.inner.stream_last.subscribe()
+    }
+
+    fn raise_stream_last(&self, last: u64) {
+        self.inner
+            .stream_last
+            .send_if_modified(|seen| last > std::mem::replace(seen, (*seen).max(last)));
     }
 
     /// How far behind it is now.
@@ -358,9 +369,7 @@ impl ReplicaStatus {
         self.inner
             .position
             .send_replace(Position { sequence, revision });
-        self.inner
-            .stream_last
-            .fetch_max(sequence + pending, Ordering::AcqRel);
+        self.raise_stream_last(sequence + pending);
         let mut clock = lock(&self.inner.clock);
         if let Some((read_at, last)) = clock.barrier
             && sequence >= last
@@ -387,7 +396,7 @@ impl ReplicaStatus {
             reads.bound = Some(bound);
             reads.silent = None;
         });
-        self.inner.stream_last.fetch_max(last, Ordering::AcqRel);
+        self.raise_stream_last(last);
         let applied = self.position().sequence;
         let mut clock = lock(&self.inner.clock);
         if applied >= last {
