@@ -829,6 +829,24 @@ mod tests {
         longest_upload: Duration::from_secs(60),
     };
 
+    /// A lease never renewed nor taken over within a test.
+    const NO_RENEWAL: Lease = Lease {
+        renew_every: Duration::from_secs(3600),
+        take_over_after: Duration::from_secs(7200),
+        longest_upload: Duration::from_secs(60),
+    };
+
+    /// `upload` ended without publishing, its chunks removed, the claim left to `taker`.
+    async fn assert_gave_up_to(bucket: &SnapshotBucket, upload: Publication, taker: &str) {
+        let ended = ended(upload, Duration::from_secs(10)).await;
+        assert!(matches!(ended, Ok(None)), "{ended:?}");
+        assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
+        assert_eq!(
+            bucket.upload_claim_holder().await.unwrap().as_deref(),
+            Some(taker)
+        );
+    }
+
     /// How a publication ended, within `within`.
     async fn ended(upload: Publication, within: Duration) -> Result<Option<u64>, JetStreamError> {
         tokio::time::timeout(within, upload)
@@ -1020,38 +1038,21 @@ mod tests {
             .stuck_upload(fixture.job("r1", SHORT_LEASE, &stopping))
             .await;
         let r2 = take_over().await;
-        let r1 = ended(r1, Duration::from_secs(10)).await;
-        assert!(matches!(r1, Ok(None)), "{r1:?}");
-        assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
-        assert_eq!(
-            bucket.upload_claim_holder().await.unwrap().as_deref(),
-            Some("r2")
-        );
+        assert_gave_up_to(&bucket, r1, "r2").await;
         bucket.release_upload(r2).await.unwrap();
 
         // Found out after its last chunk, before the snapshot is published: no renewal came
         // between (as for a replica frozen mid-upload and let go again).
-        let no_renewal = Lease {
-            renew_every: Duration::from_secs(3600),
-            take_over_after: Duration::from_secs(7200),
-            longest_upload: Duration::from_secs(60),
-        };
         let (r1, writer) = fixture
-            .stuck_upload(fixture.job("r1", no_renewal, &stopping))
+            .stuck_upload(fixture.job("r1", NO_RENEWAL, &stopping))
             .await;
         let _r2 = take_over().await;
         drop(writer);
-        let r1 = ended(r1, Duration::from_secs(10)).await;
-        assert!(matches!(r1, Ok(None)), "{r1:?}");
+        assert_gave_up_to(&bucket, r1, "r2").await;
         assert_eq!(
             bucket.newest().await.unwrap(),
             None,
             "nothing was published"
-        );
-        assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
-        assert_eq!(
-            bucket.upload_claim_holder().await.unwrap().as_deref(),
-            Some("r2")
         );
     }
 
@@ -1075,25 +1076,14 @@ mod tests {
         let fixture = Fixture::new("FAILED").await;
         let bucket = fixture.bucket.clone();
         let stopping = CancellationToken::new();
-        let no_renewal = Lease {
-            renew_every: Duration::from_secs(3600),
-            take_over_after: Duration::from_secs(7200),
-            longest_upload: Duration::from_secs(60),
-        };
         let (r1, writer) = fixture
-            .stuck_upload_ending(fixture.job("r1", no_renewal, &stopping), FailingRead)
+            .stuck_upload_ending(fixture.job("r1", NO_RENEWAL, &stopping), FailingRead)
             .await;
         let held = bucket.upload_claim().await.unwrap().unwrap();
         bucket.take_over_upload("r2", &held).await.unwrap().unwrap();
         drop(writer);
 
-        let r1 = ended(r1, Duration::from_secs(10)).await;
-        assert!(matches!(r1, Ok(None)), "{r1:?}");
-        assert!(bucket.unfinished_uploads().await.unwrap().is_empty());
-        assert_eq!(
-            bucket.upload_claim_holder().await.unwrap().as_deref(),
-            Some("r2")
-        );
+        assert_gave_up_to(&bucket, r1, "r2").await;
     }
 
     /// A chunk whose acknowledgement timed out is published again under the same message id:
