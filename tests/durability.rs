@@ -642,6 +642,13 @@ async fn a_journal_write_that_hangs_makes_the_service_not_ready_until_it_returns
     let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
     assert_eq!(next_status().await, ServingStatus::Serving);
     assert_eq!(service.admin_get("/readyz").await.0, 200);
+    let mut client = service.client().await;
+    let mut changes = client
+        .watch_profiles(pb::WatchProfilesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(next(&mut changes).await, Event::Synced(_)));
 
     faults.hold_syncs(true);
     let mut held = faults.syncs_waited();
@@ -667,7 +674,14 @@ async fn a_journal_write_that_hangs_makes_the_service_not_ready_until_it_returns
     faults.hold_syncs(false);
     assert_eq!(next_status().await, ServingStatus::Serving, "ready again");
     assert_eq!(service.admin_get("/readyz").await.0, 200);
-    // What the write carried was recorded: the webhook's 503 said it might be.
+    // What the write carried was recorded: the webhook's 503 said it might be. Applied just
+    // after the write returns, so waited for as a change (asked for at once, the revision
+    // was now and then still 0).
+    let change = tokio::time::timeout(patience, next(&mut changes)).await;
+    let Ok(Event::Change(change)) = change else {
+        panic!("expected the change within {patience:?}: {change:?}")
+    };
+    assert_eq!(change.revision, 1);
     assert_eq!(service.server_info().await.revision, 1);
     service.stop().await;
 }
