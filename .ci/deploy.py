@@ -321,29 +321,30 @@ def http_get(url, timeout=5):
 
 
 class Service:
-    def __init__(self, binary, work):
-        self.log = open(work / "profile-state.log", "w+")
+    def __init__(self, binary, work, name="profile-state", extra=()):
+        self.log = open(work / f"{name}.log", "w+")
         # A reconcile schedule, so its series exist (ProfileStateReconcileScheduleLate reads
         # them). Its period is a year (the longest the flag takes), so it runs only at 00:00 UTC
         # on December 18 (slots of 365 days from 1970): a run would select the CI's webhooks,
         # dated 2024, and fail to reach Gameball at this address.
-        secrets = work / "secrets.toml"
+        secrets = work / f"{name}-secrets.toml"
         secrets.write_text('[gameball_api."2155"]\napi_key = "ci"\nsecret_key = "ci"\n'
                            'base_url = "http://127.0.0.1:9"\n')
         self.process = subprocess.Popen(
-            [binary, "--webhook-secret", SECRET, "--data-dir", str(work / "data"),
+            [binary, "--webhook-secret", SECRET, "--data-dir", str(work / f"{name}-data"),
              "--webhook-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0",
              "--admin-listen", "127.0.0.1:0", "--history-events", "4", "--log-format", "json",
-             "--webhook-secrets-file", str(secrets), "--reconcile-every", "2155=8760h"],
+             "--webhook-secrets-file", str(secrets), "--reconcile-every", "2155=8760h", *extra],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
-        listening = wait_until("profile-state to listen", self.listening, 120)
+        self.name = name
+        listening = wait_until(f"{name} to listen", self.listening, 120)
         self.webhook, self.grpc, self.admin = (listening[k] for k in ("webhook", "grpc", "admin"))
-        print(f"profile-state: webhook {self.webhook}, gRPC {self.grpc}, admin {self.admin}")
+        print(f"{name}: webhook {self.webhook}, gRPC {self.grpc}, admin {self.admin}")
 
     def listening(self):
         if self.process.poll() is not None:
-            fail(f"profile-state exited with {self.process.returncode}:\n{self.tail()}")
+            fail(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
         self.log.seek(0)
         for line in self.log:
             if "profile-state listening" in line:
@@ -437,6 +438,51 @@ def traffic(service, grpcurl, work):
     return watcher
 
 
+class Replica:
+    """A one-node NATS JetStream server and a replica over it (`--nats-url`, stream replicas
+    1), so that the replication panels and alerts are evaluated against a replica's series;
+    the single node exports them at 0, and its histograms are empty."""
+
+    def __init__(self, binary, nats_server, work):
+        port = free_port()
+        (work / "nats.conf").write_text(
+            f'listen: "127.0.0.1:{port}"\n'
+            f'jetstream {{ store_dir: "{work / "nats-store"}"\n sync_interval: always }}\n')
+        self.nats = subprocess.Popen([nats_server, "-c", str(work / "nats.conf")],
+                                     stdout=open(work / "nats.log", "w"), stderr=subprocess.STDOUT)
+        wait_until("nats-server to listen", lambda: self.nats_listening(port))
+        self.service = Service(binary, work, "replica", (
+            "--nats-url", f"nats://127.0.0.1:{port}", "--nats-stream", "CI",
+            "--nats-replicas", "1", "--replica-name", "ci"))
+        wait_until("the replica to be ready",
+                   lambda: http_get(f"http://{self.service.admin}/readyz")[0] == 200)
+
+    def nats_listening(self, port):
+        if self.nats.poll() is not None:
+            fail(f"nats-server exited with {self.nats.returncode} (nats.log)")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def traffic(self):
+        """Applied, unchanged and repeated deliveries: publishes, applies and a duplicate."""
+        for body, status in [*[(update(f"r{i}", i), 200) for i in range(5)],
+                             (update("r0", 0), 200)]:
+            got = self.service.post(body)
+            if got != status:
+                fail(f"replica: webhook {body['customer_id']} answered {got}, expected {status}")
+        print("traffic: 6 webhooks through the replica")
+
+    def stop(self):
+        self.service.process.terminate()
+        if self.service.process.wait(timeout=30) != 0:
+            fail(f"the replica exited with {self.service.process.returncode} on SIGTERM")
+        self.nats.terminate()
+        self.nats.wait(timeout=30)
+
+
 def prometheus_query(base, expr):
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     status, body = http_get(url, timeout=10)
@@ -523,8 +569,9 @@ def live(args):
     work = Path(args.work)
     dashboard = lint_dashboard(args.dashboard)
     service = Service(args.binary, work)
-    prometheus = watcher = None
+    prometheus = watcher = replica = None
     try:
+        replica = Replica(args.binary, args.nats_server, work)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         config = work / "prometheus.yml"
@@ -532,7 +579,8 @@ def live(args):
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(Path(args.alerts).resolve())],
             "scrape_configs": [{"job_name": "profile-state",
-                                "static_configs": [{"targets": [service.admin]}]}],
+                                "static_configs": [{"targets": [service.admin,
+                                                                replica.service.admin]}]}],
         }))
         prometheus = subprocess.Popen(
             [args.prometheus, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
@@ -543,6 +591,7 @@ def live(args):
         # Scraped at least once before the traffic, so counters start from their zeros.
         wait_until("the first scrape", lambda: prometheus_query(base, "up == 1"))
         watcher = traffic(service, args.grpcurl, work)
+        replica.traffic()
         since = time.time()
         # A few scrapes after the traffic, so every rate window holds it.
         wait_until("five scrapes after the traffic", lambda: prometheus_query(
@@ -557,6 +606,8 @@ def live(args):
         service.process.terminate()
         if service.process.wait(timeout=30) != 0:
             fail(f"profile-state exited with {service.process.returncode} on SIGTERM")
+        if replica is not None:
+            replica.stop()
 
 
 def main():
@@ -573,7 +624,7 @@ def main():
     dashboard = commands.add_parser("dashboard")
     dashboard.add_argument("json")
     run = commands.add_parser("live")
-    for name in ("binary", "grpcurl", "prometheus", "dashboard", "alerts", "work"):
+    for name in ("binary", "grpcurl", "prometheus", "dashboard", "alerts", "work", "nats-server"):
         run.add_argument(f"--{name}", required=True)
     args = parser.parse_args()
     if args.command == "kubectl":

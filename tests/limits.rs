@@ -2319,6 +2319,13 @@ async fn stalled_watch_streams_past_the_servers_answer_budget_are_cut() {
     };
     assert!(most > BOUND, "the streams held {most} bytes at most");
     assert!(cut < CONNECTIONS, "only as many cut as the bound needs");
+    // Counted as they are cut (before their tasks end), and for this reason alone.
+    let cuts = cuts_counted(&binary.metrics().await);
+    assert!(
+        cuts[2] >= cut as f64 && cuts[2] < CONNECTIONS as f64,
+        "{cuts:?}"
+    );
+    assert_eq!(cuts[..2], [0.0, 0.0], "{cuts:?}");
 
     // The watcher that reads was not cut: it gets its change.
     changes_w(&binary, &mut watcher, (10, "w")).await;
@@ -2504,9 +2511,21 @@ async fn a_client_that_only_answers_pings_is_cut_when_the_servers_budget_is_need
              answers)",
         )
         .await;
+    let cuts = cuts_counted(&binary.metrics().await);
+    assert!(cuts[1] >= 1.0 && cuts[0] + cuts[2] == 0.0, "{cuts:?}");
     pinging.abort();
     drop(held);
     binary.stop();
+}
+
+/// `profile_state_connections_cut_total` in `metrics`, by reason: connection_budget,
+/// server_budget, stream_bytes.
+fn cuts_counted(metrics: &str) -> [f64; 3] {
+    ["connection_budget", "server_budget", "stream_bytes"].map(|reason| {
+        let series =
+            format!("profile_state_connections_cut_total{{listener=\"grpc\",reason=\"{reason}\"}}");
+        sample(metrics, &series)
+    })
 }
 
 /// Bytes the socket writes that no answer counted (here PING acknowledgements, 17 bytes
@@ -2962,5 +2981,6 @@ async fn answers_parked_behind_shut_windows_stay_counted_until_the_connection_is
              for ten seconds (a client that reads nothing)",
         )
         .await;
+    assert_eq!(cuts_counted(&binary.metrics().await), [1.0, 0.0, 0.0]);
     binary.stop();
 }

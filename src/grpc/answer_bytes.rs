@@ -80,7 +80,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use prometheus::IntGauge;
+use prometheus::{IntCounterVec, IntGauge, Opts};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
@@ -131,8 +131,10 @@ struct Unsent {
     unread_share: Budget,
     /// What the connection holds of `in_all`: weighed when the server's budget is spent.
     share: Budget,
-    /// Cancelled to cut the connection (`crate::server::cut`).
+    /// Cancelled to cut the connection (`crate::server::cut`): see [`Unsent::cut_for`].
     cut: CancellationToken,
+    /// Cuts counted by reason.
+    cuts: IntCounterVec,
     peer: SocketAddr,
     /// The bytes of answers h2 ever let go of (wrapping): written, or dropped with streams
     /// the client reset.
@@ -162,7 +164,35 @@ struct Unsent {
     frames_stalled: NotReading,
 }
 
+/// Why a connection was cut: the `reason` label of `profile_state_connections_cut_total`.
+#[derive(Clone, Copy, Debug)]
+enum CutReason {
+    /// Its own budget, for [`IDLE_CUT`] ([`Unsent::found_spent`]).
+    ConnectionBudget,
+    /// The server's budget ([`Holders::cut_heaviest`]).
+    ServerBudget,
+    /// Streams' frames, past their bound (`frames`).
+    StreamBytes,
+}
+
+impl CutReason {
+    fn label(self) -> &'static str {
+        match self {
+            CutReason::ConnectionBudget => "connection_budget",
+            CutReason::ServerBudget => "server_budget",
+            CutReason::StreamBytes => "stream_bytes",
+        }
+    }
+}
+
 impl Unsent {
+    /// Cuts the connection, counted under `reason` (once: the callers pass over connections
+    /// cut already).
+    fn cut_for(&self, reason: CutReason) {
+        self.cut.cancel();
+        self.cuts.with_label_values(&["grpc", reason.label()]).inc();
+    }
+
     /// h2 let go of a chunk of `bytes`, `shared` of them drawn from the server's budget too
     /// (and from its part for clients that have not read).
     fn let_go(&self, bytes: usize, shared: Shared) {
@@ -219,7 +249,7 @@ impl Unsent {
         if not_reading < IDLE_CUT || self.cut.is_cancelled() {
             return;
         }
-        self.cut.cancel();
+        self.cut_for(CutReason::ConnectionBudget);
         tracing::warn!(
             peer = %self.peer,
             answer_bytes = self.held_by_h2(),
@@ -373,6 +403,8 @@ pub struct AnswerBytesLayer {
     call_bytes: usize,
     /// What streams' frames hold before they are handed over, in all (`frames`).
     frames: Arc<HeldFrames>,
+    /// Connections cut, by [`CutReason`].
+    cuts: IntCounterVec,
 }
 
 impl AnswerBytesLayer {
@@ -396,7 +428,11 @@ impl AnswerBytesLayer {
             .min(max_message_bytes)
             .max(1);
         let holders = Holders::default();
+        // Counted until the server exports them (`counting_frames_in`, `counting_cuts_in`).
         let gauge = IntGauge::new("unsent_stream_bytes", "not exported").expect("a valid name");
+        let labels = ["listener", "reason"];
+        let cuts = IntCounterVec::new(Opts::new("connections_cut", "not exported"), &labels)
+            .expect("a valid name");
         AnswerBytesLayer {
             in_all: Budget::new(max_message_bytes, IN_ALL),
             unread: Budget::new(max_message_bytes, UNREAD),
@@ -405,6 +441,7 @@ impl AnswerBytesLayer {
             holders,
             chunk,
             call_bytes: call_bytes(max_message_bytes),
+            cuts,
         }
     }
 
@@ -414,6 +451,13 @@ impl AnswerBytesLayer {
         let bound = self.max_message_bytes.saturating_mul(IN_ALL);
         let frames = HeldFrames::new(gauge, bound, &self.holders);
         AnswerBytesLayer { frames, ..self }
+    }
+
+    /// These budgets, counting the connections they cut in `cuts` (labels `listener`, always
+    /// `grpc`, and `reason`).
+    /// Before any connection is made.
+    pub fn counting_cuts_in(self, cuts: IntCounterVec) -> Self {
+        AnswerBytesLayer { cuts, ..self }
     }
 
     /// A new connection's budget, drawing on this server's too; `cut` cuts the connection
@@ -429,6 +473,7 @@ impl AnswerBytesLayer {
             unread_share: Budget::new(self.max_message_bytes, UNREAD),
             share: share.clone(),
             cut,
+            cuts: self.cuts.clone(),
             peer,
             let_go_bytes: AtomicUsize::new(0),
             data_read: AtomicUsize::new(0),
@@ -492,7 +537,7 @@ impl Holders {
         let Some(heaviest) = heaviest else {
             return;
         };
-        heaviest.cut.cancel();
+        heaviest.cut_for(CutReason::ServerBudget);
         // Which part was spent is a field (and `answer_bytes` what it held of it): the message
         // stays one line to search for.
         let spent = match unread {

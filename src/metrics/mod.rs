@@ -76,6 +76,10 @@ pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] = &[
     ("admin", &["idle", "header"]),
 ];
 
+/// Why the gRPC answer budgets cut a connection: the `reason` label of
+/// `profile_state_connections_cut_total` (`grpc::answer_bytes`).
+pub const CUT_REASONS: &[&str] = &["connection_budget", "server_budget", "stream_bytes"];
+
 /// Every limit a WatchProfiles call can be refused by: the `limit` label of
 /// `profile_state_watch_streams_refused_total` (`--max-watch-streams`,
 /// `--max-watch-streams-per-connection`).
@@ -142,6 +146,8 @@ struct Watch {
     history_bytes: IntGauge,
     /// Counted by the gRPC answer budgets themselves (`grpc::answer_bytes`).
     unsent_stream_bytes: IntGauge,
+    /// The same: connections they cut, by reason ([`CUT_REASONS`]).
+    connections_cut: IntCounterVec,
 }
 
 /// The `profile_state_journal_*` series.
@@ -226,6 +232,16 @@ fn counter_vec_at_zero<'v>(
     let counter = counter_vec(registry, name, help, &[label]);
     for value in values {
         counter.with_label_values(&[value]);
+    }
+    counter
+}
+
+/// The counter of connections cut, by listener (only `grpc` cuts) and reason, every reason of
+/// [`CUT_REASONS`] created at zero from the first scrape.
+fn connections_cut(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
+    let counter = counter_vec(registry, name, help, &["listener", "reason"]);
+    for reason in CUT_REASONS {
+        counter.with_label_values(&["grpc", reason]);
     }
     counter
 }
@@ -422,6 +438,15 @@ impl Watch {
                  32 times --grpc-max-message-bytes, connections holding the most whose clients \
                  read none of it are cut.",
             ),
+            connections_cut: connections_cut(
+                r,
+                "profile_state_connections_cut_total",
+                "gRPC connections cut because their client stopped reading its answers, by what \
+                 its unread answers filled: connection_budget (its own budget, for ten seconds), \
+                 server_budget (the server's, for a second), stream_bytes (streams' messages \
+                 waiting for window, past 32 times --grpc-max-message-bytes in all). Its calls \
+                 and watch streams end with it; watchers resume from their revision.",
+            ),
         }
     }
 }
@@ -531,6 +556,12 @@ impl Metrics {
     /// the answer budgets to count in.
     pub fn unsent_stream_bytes(&self) -> IntGauge {
         self.inner.watch.unsent_stream_bytes.clone()
+    }
+
+    /// The counter of connections cut, by listener and reason ([`CUT_REASONS`]), for the gRPC
+    /// answer budgets to count in.
+    pub fn connections_cut(&self) -> IntCounterVec {
+        self.inner.watch.connections_cut.clone()
     }
 
     /// Counts an event sent to a watcher.

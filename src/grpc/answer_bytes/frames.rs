@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
 
-use super::{Counts, Holders, OWED_FOR, SLOWEST_SHARE, STALLED, Unsent};
+use super::{Counts, CutReason, Holders, OWED_FOR, SLOWEST_SHARE, STALLED, Unsent};
 use crate::poison::lock;
 
 /// How often the connections holding frames are looked at while the total is past its bound.
@@ -162,7 +162,7 @@ impl Holders {
             if left <= bound {
                 return;
             }
-            holder.cut.cancel();
+            holder.cut_for(CutReason::StreamBytes);
             left = left.saturating_sub(held);
             tracing::warn!(
                 peer = %holder.peer,
