@@ -18,7 +18,8 @@ use std::collections::{HashMap, HashSet};
 
 use std::time::Duration;
 
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::object_store::{self, ObjectInfo, ObjectOptions, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use async_nats::jetstream::{self, kv};
@@ -33,7 +34,7 @@ pub use claim::{HeldClaim, UploadClaim};
 
 use super::key_value::open_bucket;
 use super::listing::last_per_subject;
-use super::stream::unavailable;
+use super::stream::{jetstream_code, unavailable};
 use super::{Incarnation, JetStreamError, UpdateStream};
 
 const REVISION_KEY: &str = "revision";
@@ -62,6 +63,47 @@ const CHUNK_SIZE: usize = 128 * 1024;
 /// 5 s, well within its lease, had its whole upload fail on that one timeout, and started over
 /// (found by an adversarial run).
 const CHUNK_ATTEMPTS: u32 = 3;
+/// How long a chunk is published again while the stream answers that its message id is still
+/// being stored (error 10158: the publish that timed out is proposed and not yet committed, a
+/// server of the stream's group frozen or an election under way): a duplicate acknowledgement
+/// comes once it is stored. Taken for a final error, it failed the upload in exactly the
+/// freezes the retry is for (found by an adversarial run).
+const CHUNK_IN_PROCESS_PATIENCE: Duration = Duration::from_secs(10);
+/// The pauses between those publishes: doubling from the first to the last.
+const CHUNK_IN_PROCESS_PAUSES: (Duration, Duration) =
+    (Duration::from_millis(20), Duration::from_millis(500));
+
+/// When a chunk's failed publish is tried again: [`CHUNK_ATTEMPTS`] and
+/// [`CHUNK_IN_PROCESS_PATIENCE`].
+#[derive(Debug, Default)]
+struct ChunkRetries {
+    timeouts: u32,
+    /// Since the stream first answered that the message id is being stored, and the pause
+    /// before the next publish.
+    in_process: Option<(tokio::time::Instant, Duration)>,
+}
+
+impl ChunkRetries {
+    /// How long to wait before publishing again after `err`, or `None`: it is final.
+    fn pause_after(&mut self, err: &PublishError) -> Option<Duration> {
+        if err.kind() == PublishErrorKind::TimedOut {
+            self.timeouts += 1;
+            return (self.timeouts < CHUNK_ATTEMPTS).then_some(Duration::ZERO);
+        }
+        if jetstream_code(err) != Some(ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT) {
+            return None;
+        }
+        let (first, last) = CHUNK_IN_PROCESS_PAUSES;
+        let now = tokio::time::Instant::now();
+        let (since, pause) = self.in_process.get_or_insert((now, first));
+        if now.duration_since(*since) >= CHUNK_IN_PROCESS_PATIENCE {
+            return None;
+        }
+        let this = *pause;
+        *pause = (*pause * 2).min(last);
+        Some(this)
+    }
+}
 
 /// What a published snapshot is as of.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -291,14 +333,15 @@ impl SnapshotBucket {
     }
 
     /// Publishes one chunk under the message id `id`, again when its acknowledgement times out
-    /// (see [`CHUNK_ATTEMPTS`]).
+    /// (see [`CHUNK_ATTEMPTS`]) or while its earlier publish is still being stored (see
+    /// [`CHUNK_IN_PROCESS_PATIENCE`]).
     async fn put_chunk(
         &self,
         subject: &str,
         id: &str,
         payload: Bytes,
     ) -> Result<(), JetStreamError> {
-        let mut attempt = 1;
+        let mut retries = ChunkRetries::default();
         loop {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", id);
@@ -309,19 +352,16 @@ impl SnapshotBucket {
                 Ok(ack) => ack.await,
                 Err(err) => Err(err),
             };
-            match acked {
+            let err = match acked {
                 Ok(_) => return Ok(()),
-                Err(err)
-                    if err.kind() == PublishErrorKind::TimedOut && attempt < CHUNK_ATTEMPTS =>
-                {
-                    tracing::debug!(
-                        subject,
-                        attempt,
-                        "a snapshot chunk not acknowledged in time; published again"
-                    );
-                    attempt += 1;
+                Err(err) => err,
+            };
+            match retries.pause_after(&err) {
+                Some(pause) => {
+                    tracing::debug!(subject, %err, "a snapshot chunk published again");
+                    tokio::time::sleep(pause).await;
                 }
-                Err(err) => return Err(self.error(subject, err)),
+                None => return Err(self.error(subject, err)),
             }
         }
     }
@@ -623,6 +663,18 @@ impl SnapshotBucket {
         Ok((objects, unreadable))
     }
 
+    /// What the server says of the stream the object store keeps its chunks in (tests: which
+    /// server leads it).
+    #[cfg(test)]
+    pub async fn chunk_stream_info(&self) -> Result<jetstream::stream::Info, JetStreamError> {
+        let mut stream = self.chunk_stream().await?;
+        stream
+            .info()
+            .await
+            .cloned()
+            .map_err(|err| self.error("chunks", err))
+    }
+
     /// The stream the object store keeps its chunks and objects in.
     async fn chunk_stream(&self) -> Result<jetstream::stream::Stream, JetStreamError> {
         self.context
@@ -650,4 +702,54 @@ fn snapshot_info(object: &ObjectInfo) -> Option<SnapshotInfo> {
         stream_sequence: number(SEQUENCE_KEY)?,
         size: object.size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_process() -> PublishError {
+        let error: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 409,
+            "err_code": 10158,
+            "description": "duplicate message id is in process",
+        }))
+        .expect("a JetStream error");
+        PublishError::with_source(PublishErrorKind::Other, error)
+    }
+
+    /// A timed-out acknowledgement is published again at once, twice at most; any other
+    /// error is final.
+    #[test]
+    fn a_chunk_is_published_again_after_timeouts_up_to_its_attempts() {
+        let mut retries = ChunkRetries::default();
+        let timed_out = || PublishError::new(PublishErrorKind::TimedOut);
+        assert_eq!(retries.pause_after(&timed_out()), Some(Duration::ZERO));
+        assert_eq!(retries.pause_after(&timed_out()), Some(Duration::ZERO));
+        assert_eq!(retries.pause_after(&timed_out()), None);
+        let refused = PublishError::new(PublishErrorKind::MaxPayloadExceeded);
+        assert_eq!(ChunkRetries::default().pause_after(&refused), None);
+    }
+
+    /// "Duplicate message id is in process" is published again after doubling pauses for as
+    /// long as the patience lasts, then taken as final; timeouts still count on their own.
+    #[tokio::test(start_paused = true)]
+    async fn a_chunk_still_being_stored_is_published_again_with_pauses_for_a_while() {
+        let mut retries = ChunkRetries::default();
+        let (first, last) = CHUNK_IN_PROCESS_PAUSES;
+        let mut pauses = Vec::new();
+        while let Some(pause) = retries.pause_after(&in_process()) {
+            pauses.push(pause);
+            tokio::time::advance(pause).await;
+        }
+        assert_eq!(pauses[..2], [first, first * 2]);
+        assert_eq!(pauses.iter().max(), Some(&last));
+        let waited: Duration = pauses.iter().sum();
+        assert!(
+            waited >= CHUNK_IN_PROCESS_PATIENCE && waited < CHUNK_IN_PROCESS_PATIENCE + last,
+            "{waited:?}"
+        );
+        let timed_out = PublishError::new(PublishErrorKind::TimedOut);
+        assert_eq!(retries.pause_after(&timed_out), Some(Duration::ZERO));
+    }
 }

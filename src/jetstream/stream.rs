@@ -1054,7 +1054,7 @@ fn publish_failed(err: async_nats::jetstream::context::PublishError) -> JetStrea
 }
 
 /// The JetStream error code somewhere in an error's source chain.
-fn jetstream_code(err: &(dyn std::error::Error + 'static)) -> Option<ErrorCode> {
+pub(super) fn jetstream_code(err: &(dyn std::error::Error + 'static)) -> Option<ErrorCode> {
     let mut current = Some(err);
     while let Some(err) = current {
         if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {

@@ -726,15 +726,27 @@ mod tests {
             request_timeout: Option<Duration>,
         ) -> Fixture {
             let nats = nats_harness::NatsCluster::single().await.unwrap();
+            let urls = nats.client_urls();
+            Fixture::over(nats, urls, stream_name, request_timeout).await
+        }
+
+        /// A fixture whose streams are replicated on `nats`'s nodes, its client connected to
+        /// `urls` only, its requests timing out after `request_timeout` if given.
+        async fn over(
+            nats: nats_harness::NatsCluster,
+            urls: Vec<String>,
+            stream_name: &str,
+            request_timeout: Option<Duration>,
+        ) -> Fixture {
             let mut config = crate::Config::for_tests("s").nats;
-            config.urls = nats.client_urls();
+            config.urls = urls;
             if let Some(timeout) = request_timeout {
                 config.request_timeout = timeout;
             }
             let client = Nats::connect(&config, "test").await.unwrap();
             let settings = StreamSettings {
                 name: stream_name.into(),
-                replicas: 1,
+                replicas: nats.nodes().len(),
                 duplicate_window: Duration::from_secs(60),
                 max_bytes: None,
             };
@@ -1119,17 +1131,82 @@ mod tests {
         let published = ended(upload, Duration::from_secs(20)).await;
         assert!(matches!(published, Ok(Some(_))), "{published:?}");
         written.expect("the upload read every byte");
-        let newest = fixture.bucket.newest().await.unwrap().expect("published");
+        assert_published_whole(&fixture.bucket, &rest).await;
+        fixture.assert_released_without_chunks().await;
+    }
+
+    /// A chunk whose first publish the stream is still storing is answered "duplicate message
+    /// id is in process" (10158) when published again: taken for a final error, it failed the
+    /// upload in the very freezes the retry is for (found by an adversarial run). Here the
+    /// chunk stream's leader is cut from its two followers (both frozen) while a chunk is
+    /// published: its proposal cannot commit, the acknowledgement times out, and the next
+    /// publishes are answered 10158 until the followers come back. The upload goes on and
+    /// reads back byte for byte.
+    #[tokio::test]
+    async fn a_chunk_still_being_stored_when_published_again_is_waited_for() {
+        let timeout = Duration::from_millis(500);
+        let nats = nats_harness::NatsCluster::three().await.unwrap();
+        let everywhere = nats.client_urls();
+        let leader = Fixture::over(nats, everywhere, "INPROC", None).await;
+        let name = chunk_stream_leader(&leader.bucket).await;
+        let url = leader._nats.nodes().iter().find(|n| n.name() == name);
+        let url = url.expect("the leader is a node").client_url();
+        // The same streams, through a client of the leader's server alone.
+        let Fixture { _nats: nats, .. } = leader;
+        let fixture = Fixture::over(nats, vec![url], "INPROC", Some(timeout)).await;
+        let stopping = CancellationToken::new();
+        let (upload, mut writer) = fixture
+            .stuck_upload(fixture.job("r1", NO_RENEWAL, &stopping))
+            .await;
+        let followers: Vec<_> = fixture
+            ._nats
+            .nodes()
+            .iter()
+            .filter(|n| n.name() != name)
+            .collect();
+        for follower in &followers {
+            follower.pause().unwrap();
+        }
+        let rest = vec![7u8; 300 * 1024];
+        tokio::io::AsyncWriteExt::write_all(&mut writer, &rest[..1024])
+            .await
+            .unwrap();
+        // Past the acknowledgement's timeout and a few answers of 10158 (the freeze is this
+        // test's input).
+        tokio::time::sleep(timeout * 4).await;
+        for follower in &followers {
+            follower.resume().unwrap();
+        }
+        let written = tokio::io::AsyncWriteExt::write_all(&mut writer, &rest[1024..]).await;
+        drop(writer);
+
+        let published = ended(upload, Duration::from_secs(30)).await;
+        assert!(matches!(published, Ok(Some(_))), "{published:?}");
+        written.expect("the upload read every byte");
+        assert_published_whole(&fixture.bucket, &rest).await;
+        fixture.assert_released_without_chunks().await;
+    }
+
+    /// The newest snapshot in `bucket` is a stuck upload's (revision 100) whose bytes went on
+    /// as `rest`, read back byte for byte (a chunk stored twice or lost would not).
+    async fn assert_published_whole(bucket: &SnapshotBucket, rest: &[u8]) {
+        let newest = bucket.newest().await.unwrap().expect("published");
         assert_eq!(newest.revision, 100);
         let mut read = Vec::new();
-        let mut reader = fixture.bucket.read(&newest).await.unwrap();
+        let mut reader = bucket.read(&newest).await.unwrap();
         tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut read)
             .await
             .unwrap();
         let mut expected = b"snapshot bytes".to_vec();
-        expected.extend_from_slice(&rest);
+        expected.extend_from_slice(rest);
         assert!(read == expected, "{} bytes read", read.len());
-        fixture.assert_released_without_chunks().await;
+    }
+
+    /// The server name of the leader of `bucket`'s chunk stream.
+    async fn chunk_stream_leader(bucket: &SnapshotBucket) -> String {
+        let info = bucket.chunk_stream_info().await.unwrap();
+        let cluster = info.cluster.expect("a clustered stream");
+        cluster.leader.expect("a leader")
     }
 
     /// A replica kept every local snapshot within the history window, also those the stream
