@@ -2266,8 +2266,9 @@ async fn watch_streams_whose_client_stops_reading_hold_bounded_bytes() {
 /// HTTP/2, counted nowhere: 2,500 streams asking for one 550 KB profile held 1.68 GB at the
 /// default flags (found by an adversarial run). What streams hold so is counted
 /// (`profile_state_stream_unsent_bytes`), and past the server's answer budget the
-/// connections holding the most whose clients read none of it are cut, until the others hold
-/// at most that budget; a watcher that reads is not cut, and gets its changes.
+/// connections holding the most whose clients read less than a sixteenth of it in a second
+/// are cut, until the others hold at most that budget; a watcher that reads is not cut, and
+/// gets its changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_watch_streams_past_the_servers_answer_budget_are_cut() {
     use profile_state::pb;

@@ -372,6 +372,13 @@ impl NotReading {
             }
         }
     }
+
+    /// What the client read since the window started, `read` being its count now; nothing
+    /// before a first look.
+    fn read_in_window(&self, read: usize) -> usize {
+        let look = lock(&self.0);
+        look.map_or(0, |seen| read.wrapping_sub(seen.start.read))
+    }
 }
 
 /// How long a connection holding answer bytes must take too few of them before a refusal for
@@ -1785,20 +1792,10 @@ mod tests {
     #[test]
     fn past_the_bound_the_stalled_connections_holding_the_most_frame_bytes_are_cut() {
         let (layer, _, _) = connection(1000);
-        let open = |held| {
-            let (bytes, _, _) = another(&layer);
-            bytes.unsent.frame_holds(0, held);
-            bytes
-        };
+        let open = |held| holding_frames(&layer, held);
         let (large, small, other, reader) = (open(20_000), open(5_000), open(2_000), open(30_000));
         assert_eq!(layer.frames.total(), 57_000);
-        let bound = 32 * 1000;
-        let look = |now| {
-            layer
-                .holders
-                .cut_frame_holders(layer.frames.total(), bound, now)
-        };
-        let cut = |bytes: &ConnectionAnswerBytes| bytes.unsent.cut.is_cancelled();
+        let look = |now| frames_looked_at(&layer, now);
         let start = Instant::now();
         look(start);
         assert!(
@@ -1816,6 +1813,46 @@ mod tests {
         assert!(!cut(&other), "what the cut ones hold is going");
         large.unsent.frame_holds(20_000, 0);
         assert_eq!(layer.frames.total(), 37_000);
+    }
+
+    /// Those that read nothing are cut before a client that reads, a little slower than a
+    /// sixteenth a second, however much more it holds: heaviest first cut such a client and
+    /// left ten that read nothing, then under the bound (found by an adversarial run).
+    #[test]
+    fn past_the_bound_those_reading_the_least_of_what_they_hold_are_cut_first() {
+        let (layer, _, _) = connection(1000);
+        let open = |held| holding_frames(&layer, held);
+        let (slow, idle, trickle) = (open(30_000), open(10_000), open(10_000));
+        let start = Instant::now();
+        frames_looked_at(&layer, start);
+        slow.unsent.data_read(30_000 / SLOWEST_SHARE - 100);
+        trickle.unsent.data_read(1);
+        frames_looked_at(&layer, start + STALLED);
+        assert!(
+            cut(&idle) && cut(&trickle),
+            "50,000 less the two reading least"
+        );
+        assert!(!cut(&slow));
+    }
+
+    /// A connection of `layer` whose streams' frames hold `held` bytes.
+    fn holding_frames(layer: &AnswerBytesLayer, held: usize) -> ConnectionAnswerBytes {
+        let (bytes, _, _) = another(layer);
+        bytes.unsent.frame_holds(0, held);
+        bytes
+    }
+
+    /// The look at what `layer`'s streams' frames hold, at `now`, against a bound of 32 times
+    /// the message limit of [`connection`]'s layers.
+    fn frames_looked_at(layer: &AnswerBytesLayer, now: Instant) {
+        let bound = 32 * 1000;
+        layer
+            .holders
+            .cut_frame_holders(layer.frames.total(), bound, now);
+    }
+
+    fn cut(bytes: &ConnectionAnswerBytes) -> bool {
+        bytes.unsent.cut.is_cancelled()
     }
 
     /// Chunks leave half a connection's budget to other calls when every stream it may hold

@@ -436,7 +436,7 @@ impl Watch {
                 "Bytes of gRPC streams' messages (watch initial states and changes, backup \
                  chunks) read and not yet handed to HTTP/2, their clients' windows shut; past \
                  32 times --grpc-max-message-bytes, connections holding the most whose clients \
-                 read none of it are cut.",
+                 read less than a sixteenth of it in a second are cut.",
             ),
             connections_cut: connections_cut(
                 r,
