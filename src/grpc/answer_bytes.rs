@@ -93,6 +93,7 @@ use tonic::codegen::{Body as HttpBody, Bytes, http};
 use super::byte_budgets::{Budget, Budgets, Held, Room, SpentBy, call_bytes, server_budget_for};
 use super::data_frames::DataFrames;
 use super::transport::Connection;
+use crate::logging::RateLimited;
 use crate::poison::lock;
 
 mod frames;
@@ -133,8 +134,8 @@ struct Unsent {
     share: Budget,
     /// Cancelled to cut the connection (`crate::server::cut`): see [`Unsent::cut_for`].
     cut: CancellationToken,
-    /// Cuts counted by reason.
-    cuts: IntCounterVec,
+    /// Cuts counted and their warnings, by reason.
+    cuts: Arc<Cuts>,
     peer: SocketAddr,
     /// The bytes of answers h2 ever let go of (wrapping): written, or dropped with streams
     /// the client reset.
@@ -185,12 +186,26 @@ impl CutReason {
     }
 }
 
+/// The server's cuts: counted (`profile_state_connections_cut_total`), and warned of at most
+/// every [`WARN_EVERY`](crate::logging::WARN_EVERY) per reason: clients that reconnect as
+/// soon as they are cut made a WARN line for each of 1,122 cuts in 30 s (found by an
+/// adversarial run).
+struct Cuts {
+    counted: IntCounterVec,
+    /// By [`CutReason`], in its order.
+    warnings: [RateLimited; 3],
+}
+
 impl Unsent {
     /// Cuts the connection, counted under `reason` (once: the callers pass over connections
-    /// cut already).
-    fn cut_for(&self, reason: CutReason) {
+    /// cut already); `Some(cuts not warned of since the last warning)` when one is due.
+    fn cut_for(&self, reason: CutReason) -> Option<usize> {
         self.cut.cancel();
-        self.cuts.with_label_values(&["grpc", reason.label()]).inc();
+        let cuts = &self.cuts;
+        cuts.counted
+            .with_label_values(&["grpc", reason.label()])
+            .inc();
+        cuts.warnings[reason as usize].due()
     }
 
     /// h2 let go of a chunk of `bytes`, `shared` of them drawn from the server's budget too
@@ -249,10 +264,13 @@ impl Unsent {
         if not_reading < IDLE_CUT || self.cut.is_cancelled() {
             return;
         }
-        self.cut_for(CutReason::ConnectionBudget);
+        let Some(suppressed) = self.cut_for(CutReason::ConnectionBudget) else {
+            return;
+        };
         tracing::warn!(
             peer = %self.peer,
             answer_bytes = self.held_by_h2(),
+            suppressed,
             "cut a gRPC connection whose answers took its whole budget and almost none went out \
              for ten seconds (a client that reads nothing)"
         );
@@ -411,7 +429,7 @@ pub struct AnswerBytesLayer {
     /// What streams' frames hold before they are handed over, in all (`frames`).
     frames: Arc<HeldFrames>,
     /// Connections cut, by [`CutReason`].
-    cuts: IntCounterVec,
+    cuts: Arc<Cuts>,
 }
 
 impl AnswerBytesLayer {
@@ -438,8 +456,12 @@ impl AnswerBytesLayer {
         // Counted until the server exports them (`counting_frames_in`, `counting_cuts_in`).
         let gauge = IntGauge::new("unsent_stream_bytes", "not exported").expect("a valid name");
         let labels = ["listener", "reason"];
-        let cuts = IntCounterVec::new(Opts::new("connections_cut", "not exported"), &labels)
+        let counted = IntCounterVec::new(Opts::new("connections_cut", "not exported"), &labels)
             .expect("a valid name");
+        let cuts = Arc::new(Cuts {
+            counted,
+            warnings: Default::default(),
+        });
         AnswerBytesLayer {
             in_all: Budget::new(max_message_bytes, IN_ALL),
             unread: Budget::new(max_message_bytes, UNREAD),
@@ -463,7 +485,9 @@ impl AnswerBytesLayer {
     /// These budgets, counting the connections they cut in `cuts` (labels `listener`, always
     /// `grpc`, and `reason`).
     /// Before any connection is made.
-    pub fn counting_cuts_in(self, cuts: IntCounterVec) -> Self {
+    pub fn counting_cuts_in(self, counted: IntCounterVec) -> Self {
+        let warnings = Default::default();
+        let cuts = Arc::new(Cuts { counted, warnings });
         AnswerBytesLayer { cuts, ..self }
     }
 
@@ -480,7 +504,7 @@ impl AnswerBytesLayer {
             unread_share: Budget::new(self.max_message_bytes, UNREAD),
             share: share.clone(),
             cut,
-            cuts: self.cuts.clone(),
+            cuts: Arc::clone(&self.cuts),
             peer,
             let_go_bytes: AtomicUsize::new(0),
             data_read: AtomicUsize::new(0),
@@ -544,7 +568,9 @@ impl Holders {
         let Some(heaviest) = heaviest else {
             return;
         };
-        heaviest.cut_for(CutReason::ServerBudget);
+        let Some(suppressed) = heaviest.cut_for(CutReason::ServerBudget) else {
+            return;
+        };
         // Which part was spent is a field (and `answer_bytes` what it held of it): the message
         // stays one line to search for.
         let spent = match unread {
@@ -555,6 +581,7 @@ impl Holders {
             peer = %heaviest.peer,
             answer_bytes = held(&heaviest),
             spent,
+            suppressed,
             "cut the gRPC connection holding the most answers not yet read, none read for a \
              second: the server's budget for them was spent (a client that stops reading its \
              answers)"
@@ -1833,6 +1860,26 @@ mod tests {
             "50,000 less the two reading least"
         );
         assert!(!cut(&slow));
+    }
+
+    /// Every cut is counted by its reason; a warning is due for the first of each reason,
+    /// then not again within [`WARN_EVERY`](crate::logging::WARN_EVERY), the next saying how
+    /// many were left out (clients reconnecting as soon as they are cut made a line per cut).
+    #[test]
+    fn every_cut_is_counted_and_warned_of_at_most_every_interval_per_reason() {
+        let (layer, _, _) = connection(1000);
+        let counted = IntCounterVec::new(Opts::new("cuts", "test"), &["listener", "reason"]);
+        let counted = counted.expect("a valid name");
+        let layer = layer.counting_cuts_in(counted.clone());
+        let cut = |reason| holding_frames(&layer, 1).unsent.cut_for(reason);
+        assert_eq!(cut(CutReason::StreamBytes), Some(0));
+        assert_eq!(cut(CutReason::StreamBytes), None);
+        assert_eq!(cut(CutReason::StreamBytes), None);
+        assert_eq!(cut(CutReason::ServerBudget), Some(0), "its own interval");
+        let count = |reason| counted.with_label_values(&["grpc", reason]).get();
+        assert_eq!(count("stream_bytes"), 3);
+        assert_eq!(count("server_budget"), 1);
+        assert_eq!(count("connection_budget"), 0);
     }
 
     /// A connection of `layer` whose streams' frames hold `held` bytes.

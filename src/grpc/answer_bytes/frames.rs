@@ -176,11 +176,15 @@ impl Holders {
             if left <= bound {
                 return;
             }
-            holder.cut_for(CutReason::StreamBytes);
+            let warn = holder.cut_for(CutReason::StreamBytes);
             left = left.saturating_sub(held);
+            let Some(suppressed) = warn else {
+                continue;
+            };
             tracing::warn!(
                 peer = %holder.peer,
                 unsent_stream_bytes = held,
+                suppressed,
                 "cut a gRPC connection whose streams held messages its client read less than a \
                  sixteenth of in a second, while such messages held more than the server's \
                  answer budget (a client that stopped giving window back, or reads too slowly \
