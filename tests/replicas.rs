@@ -3490,3 +3490,42 @@ async fn an_update_too_large_for_a_stream_message_is_a_dead_letter_and_its_burst
     assert_eq!(status, 422, "{answer}");
     a.stop().await;
 }
+
+/// Two processes started under one replica name (the default name, the host name, is shared
+/// by replicas started on one host) each warn of the other, naming it: their snapshot uploads
+/// took each other's claim for their own and abandoned each other, with nothing said (found by
+/// an adversarial run). A third, named apart, warns of nobody, nor is warned of.
+#[tokio::test]
+async fn two_replicas_under_one_name_each_warn_of_the_other() {
+    let (logs, _capturing) = common::CapturedLogs::on_this_thread(tracing::Level::WARN);
+    let nats = NatsCluster::single().await.unwrap();
+    let config = |name| replica_config(&nats, "NAMES", name);
+    let replicas = [
+        TestService::start_with(config("same")).await,
+        TestService::start_with(config("same")).await,
+        TestService::start_with(config("apart")).await,
+    ];
+    let warnings = |text: &str| -> Vec<String> {
+        let lines = text.lines().filter(|line| line.contains("another process runs as"));
+        lines.map(str::to_owned).collect()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    let others = loop {
+        let warned = warnings(&logs.text());
+        // Each warning names the other process: the two heard of each other once two differ.
+        let mut others: Vec<_> = (warned.iter())
+            .filter_map(|line| Some(line.split_once("other=")?.1.to_owned()))
+            .collect();
+        others.sort();
+        others.dedup();
+        if others.len() >= 2 || Instant::now() > deadline {
+            assert!(warned.iter().all(|line| line.contains("replica=same")), "{warned:?}");
+            break others;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(others.len(), 2, "both processes warned of the other: {others:?}");
+    for replica in replicas {
+        replica.stop().await;
+    }
+}

@@ -15,6 +15,7 @@
 //!   replicas that start with an empty disk, and the upload claim that one replica at a time
 //!   holds to publish them (taken, renewed, taken over and given back by compare-and-set).
 //! - [`DeadLetterBucket`]: a KV bucket for cluster-wide dead letters, with compare-and-set.
+//! - [`ReplicaNameMark`]: finds another process running under this replica's name.
 //!
 //! It is an adapter: it turns profile updates into stream messages and JetStream failures into
 //! [`JetStreamError`], and decides nothing. It does not merge, number revisions, store
@@ -30,6 +31,7 @@ mod incarnation;
 mod key_value;
 mod listing;
 mod quorum;
+mod replica_name;
 mod schedule;
 mod snapshots;
 mod stall;
@@ -41,6 +43,7 @@ pub use connection::Nats;
 pub use dead_letters::{DeadLetterBucket, DeadLetterEntry};
 pub use follow::{Entry, Follower};
 pub use incarnation::{Incarnation, StreamCreated};
+pub use replica_name::ReplicaNameMark;
 pub use schedule::ScheduleBucket;
 pub use snapshots::{
     CLAIM_TTL, EarlierSnapshot, HeldClaim, SnapshotBucket, SnapshotInfo, Upload, UploadClaim,

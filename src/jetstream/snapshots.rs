@@ -675,6 +675,11 @@ impl SnapshotBucket {
             .map_err(|err| self.error("chunks", err))
     }
 
+    /// `<stream>_META`, where replicas coordinate (`super::replica_name` too).
+    pub(super) fn meta(&self) -> &kv::Store {
+        &self.meta
+    }
+
     /// The stream the object store keeps its chunks and objects in.
     async fn chunk_stream(&self) -> Result<jetstream::stream::Stream, JetStreamError> {
         self.context

@@ -12,7 +12,8 @@
 //!   `pending` (acknowledged updates waiting for their apply).
 //! - [`ReplicaStatus`]: the applied position, the lag, readiness (`poll_findings`: how long
 //!   the polls that answered found the stream missing or replaced); `catch_up`: the barrier a
-//!   watch waits for on a lagging replica.
+//!   watch waits for on a lagging replica; `name_mark`: another process under this replica's
+//!   name warned of.
 //!
 //! Who orders: the stream, and nothing else. Each replica owns its store in memory, its local
 //! snapshots and its applied stream sequence; no replica talks to another. There is no local
@@ -21,6 +22,7 @@
 mod applier;
 mod catch_up;
 mod linger;
+mod name_mark;
 mod pending;
 mod poll_findings;
 mod publisher;
@@ -46,7 +48,9 @@ pub use status::{Lag, POLL_INTERVAL, Position, ReplicaStatus};
 
 use crate::config::Config;
 use crate::data_dir::{DataDir, LockRef};
-use crate::jetstream::{Follower, JetStreamError, Nats, SnapshotBucket, UpdateStream};
+use crate::jetstream::{
+    Follower, JetStreamError, Nats, ReplicaNameMark, SnapshotBucket, UpdateStream,
+};
 use crate::metrics::Metrics;
 use crate::sequencer::CommitHook;
 use crate::store::Store;
@@ -165,6 +169,12 @@ impl Prepared {
             settings,
         } = self;
         follower.follow_end(status.watch_stream_last());
+        let mark = ReplicaNameMark::new(&bucket, &settings.name);
+        tracker.spawn(name_mark::keep(
+            mark,
+            settings.name.clone(),
+            stopping.clone(),
+        ));
         let pending = Arc::new(Pending::after(follower.next_sequence() - 1));
         let publisher_done = CancellationToken::new();
         let publisher = Publisher::start(
