@@ -46,7 +46,8 @@ pub use incarnation::{Incarnation, StreamCreated};
 pub use replica_name::ReplicaNameMark;
 pub use schedule::ScheduleBucket;
 pub use snapshots::{
-    CLAIM_TTL, EarlierSnapshot, HeldClaim, SnapshotBucket, SnapshotInfo, Upload, UploadClaim,
+    CLAIM_TTL, Discarded, EarlierSnapshot, HeldClaim, SnapshotBucket, SnapshotInfo, Upload,
+    UploadClaim,
 };
 pub use stream::{Bounds, Published, StreamSettings, UpdateStream};
 

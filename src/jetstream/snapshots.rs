@@ -105,6 +105,15 @@ impl ChunkRetries {
     }
 }
 
+/// What became of an upload given up ([`SnapshotBucket::discard_upload`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discarded {
+    /// Its chunks were removed.
+    Removed,
+    /// It was published before it was given up: its object stands, chunks and all.
+    Published,
+}
+
 /// What a published snapshot is as of.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -402,14 +411,16 @@ impl SnapshotBucket {
     }
 
     /// Removes what `upload` stored, unless it was published (an object names its chunks):
-    /// for an upload given up midway.
-    pub async fn discard_upload(&self, upload: &Upload) -> Result<(), JetStreamError> {
+    /// for an upload given up midway, which may have been published all the same (given up
+    /// as its object's description was being written).
+    pub async fn discard_upload(&self, upload: &Upload) -> Result<Discarded, JetStreamError> {
         let (objects, _) = self.descriptions().await?;
         let published = |object: &ObjectInfo| !object.deleted && object.nuid == upload.nuid;
         if objects.iter().any(published) {
-            return Ok(());
+            return Ok(Discarded::Published);
         }
-        self.remove_chunks(upload).await
+        self.remove_chunks(upload).await?;
+        Ok(Discarded::Removed)
     }
 
     async fn remove_chunks(&self, upload: &Upload) -> Result<(), JetStreamError> {

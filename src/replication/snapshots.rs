@@ -49,8 +49,8 @@ use tokio_util::task::TaskTracker;
 use super::status::Position;
 use crate::data_dir::LockRef;
 use crate::jetstream::{
-    CLAIM_TTL, HeldClaim, JetStreamError, SnapshotBucket, SnapshotInfo, UpdateStream, Upload,
-    UploadClaim,
+    CLAIM_TTL, Discarded, HeldClaim, JetStreamError, SnapshotBucket, SnapshotInfo, UpdateStream,
+    Upload, UploadClaim,
 };
 use crate::journal::{JournalError, snapshot};
 use crate::metrics::Metrics;
@@ -263,6 +263,11 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 /// What a holder that lost its upload claim logs, once its chunks are removed.
 const TAKEN_OVER: &str = "the snapshot upload claim was taken over by another replica: upload abandoned, its chunks \
      removed";
+/// What it logs instead when its object was published before it found the claim lost (frozen
+/// between its last renewal and the object's description): both replicas' objects stand, each
+/// a whole snapshot. It used to say its chunks were removed (found by an adversarial run).
+const TAKEN_OVER_PUBLISHED: &str = "the snapshot upload claim was taken over by another replica as this upload's object was \
+     published: it stands all the same (a whole snapshot; the other replica may publish one too)";
 
 /// The upload claim as a lease: how often its holder renews it while it uploads, and how long
 /// another replica waits, by its own clock, once it has seen the claim unchanged, before it
@@ -463,18 +468,18 @@ impl Job {
                 // holder let go after a freeze sees its requests time out as often as it
                 // finds its claim lost.
                 if published.is_err() {
-                    self.discard(&upload).await;
+                    let taken_over = self.discard(&upload).await;
                     if self.lost(claim).await {
-                        tracing::warn!(revision, found_by = "a failed upload", "{TAKEN_OVER}");
+                        tracing::warn!(revision, found_by = "a failed upload", "{taken_over}");
                         return Ok(None);
                     }
                 }
                 published
             }
             failed = self.keep(claim) => {
-                self.discard(&upload).await;
+                let taken_over = self.discard(&upload).await;
                 match failed {
-                    None => tracing::warn!(revision, found_by = "renewal", "{TAKEN_OVER}"),
+                    None => tracing::warn!(revision, found_by = "renewal", "{taken_over}"),
                     Some(error) => tracing::warn!(
                         revision,
                         %error,
@@ -609,9 +614,16 @@ impl Job {
     }
 
     /// Removes what an upload abandoned for a lost claim stored (unless it was published).
-    async fn discard(&self, upload: &Upload) {
-        if let Err(error) = self.bucket.discard_upload(upload).await {
-            tracing::warn!(%error, "the chunks of an abandoned upload not removed; a later upload removes them");
+    /// Removes `upload`'s chunks; what a holder that lost the claim logs, as the upload turned
+    /// out ([`TAKEN_OVER`] when its chunks were removed or could not be).
+    async fn discard(&self, upload: &Upload) -> &'static str {
+        match self.bucket.discard_upload(upload).await {
+            Ok(Discarded::Published) => TAKEN_OVER_PUBLISHED,
+            Ok(Discarded::Removed) => TAKEN_OVER,
+            Err(error) => {
+                tracing::warn!(%error, "the chunks of an abandoned upload not removed; a later upload removes them");
+                TAKEN_OVER
+            }
         }
     }
 
@@ -1200,6 +1212,30 @@ mod tests {
         let mut expected = b"snapshot bytes".to_vec();
         expected.extend_from_slice(rest);
         assert!(read == expected, "{} bytes read", read.len());
+    }
+
+    /// An upload given up after its object was published (a holder frozen between its last
+    /// renewal and the object's description, taken over meanwhile) stands, chunks and all,
+    /// and says so: its holder's log said "its chunks removed" of a published object (found by
+    /// an adversarial run). (Uploads given up before: the tests above, chunks removed.)
+    #[tokio::test]
+    async fn an_upload_given_up_after_its_object_was_published_stands_and_says_so() {
+        let fixture = Fixture::new("DISCARD").await;
+        let bucket = &fixture.bucket;
+        let claim = bucket.claim_upload("r1").await.unwrap().unwrap();
+        let upload = Upload::new();
+        let mut bytes: &[u8] = b"a whole snapshot";
+        let put = bucket.put_claimed(&claim, &upload, (100, 50), &mut bytes);
+        put.await.unwrap().expect("published");
+        let discarded = bucket.discard_upload(&upload).await.unwrap();
+        assert_eq!(discarded, Discarded::Published);
+        let newest = bucket.newest().await.unwrap().expect("still there");
+        let mut read = Vec::new();
+        let mut reader = bucket.read(&newest).await.unwrap();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut read)
+            .await
+            .unwrap();
+        assert_eq!(read, b"a whole snapshot", "its chunks kept");
     }
 
     /// The server name of the leader of `bucket`'s chunk stream.
