@@ -3506,7 +3506,9 @@ async fn two_replicas_under_one_name_each_warn_of_the_other() {
         TestService::start_with(config("apart")).await,
     ];
     let warnings = |text: &str| -> Vec<String> {
-        let lines = text.lines().filter(|line| line.contains("another process runs as"));
+        let lines = text
+            .lines()
+            .filter(|line| line.contains("another process runs as"));
         lines.map(str::to_owned).collect()
     };
     let deadline = Instant::now() + PATIENCE;
@@ -3519,12 +3521,19 @@ async fn two_replicas_under_one_name_each_warn_of_the_other() {
         others.sort();
         others.dedup();
         if others.len() >= 2 || Instant::now() > deadline {
-            assert!(warned.iter().all(|line| line.contains("replica=same")), "{warned:?}");
+            assert!(
+                warned.iter().all(|line| line.contains("replica=same")),
+                "{warned:?}"
+            );
             break others;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(others.len(), 2, "both processes warned of the other: {others:?}");
+    assert_eq!(
+        others.len(),
+        2,
+        "both processes warned of the other: {others:?}"
+    );
     for replica in replicas {
         replica.stop().await;
     }
