@@ -167,9 +167,13 @@ async fn replicas_refuse_the_same_update_and_apply_its_retry_once_there_is_room(
     );
     let third = body("big", 5, json!({"third": over_half()}));
     assert_refused(&b.post_signed(&third).await, &third);
-    // More than 4096 stream messages past the refusal. The clear, published after them, is
-    // answered once b applied them all; a has once it serves the retry's revision below.
+    // More than 4096 stream messages past the refusal, each a new profile: a revision each.
+    // Both replicas are waited for, so that the webhooks below wait for nothing but their own.
     publish_others(&stream_of(&nats, "SIZE").await, 4100).await;
+    for replica in [&a, &b] {
+        let big = served(replica, revision + 4100).await;
+        assert_eq!(big, (revision, Some(3), vec!["second".into()]));
+    }
     let clear = body("big", 6, json!({"second": null}));
     assert_eq!(b.post_signed(&clear).await.0, 200);
     let (status, answer) = b.post_signed(&third).await;
@@ -187,8 +191,8 @@ async fn replicas_refuse_the_same_update_and_apply_its_retry_once_there_is_room(
 
 /// Publishes `count` updates of other customers straight to `stream`, each its own stream
 /// message in the format and under the message id a replica publishes a webhook with: what as
-/// many webhooks posted one at a time would add, in a second or two rather than 25 to 50 s.
-/// Pipelined, so they reach the stream in any order.
+/// many webhooks posted one at a time would add, in a few seconds rather than 25 to 50 s.
+/// Pipelined (64 in flight), so they reach the stream in any order.
 async fn publish_others(stream: &UpdateStream, count: usize) {
     let batches: Vec<UpdateBatch> = (0..count)
         .map(|n| {
@@ -203,7 +207,7 @@ async fn publish_others(stream: &UpdateStream, count: usize) {
         .collect();
     let published = futures_util::stream::iter(&batches)
         .map(|batch| stream.publish(batch))
-        .buffer_unordered(256);
+        .buffer_unordered(64);
     let sequences: BTreeSet<u64> = published
         .map(|published| {
             let published = published.expect("the stream takes the update");
