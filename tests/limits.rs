@@ -1804,6 +1804,7 @@ async fn answers_clients_do_not_read_hold_bounded_bytes() {
     // an adversarial run: one client that stops reading on enough connections refused every
     // other client's larger answers for as long as it stayed). The new client's retries are
     // answered within moments, while every non-reader but those cut stays.
+    let cut_before = cuts_counted(&service.admin_get("/metrics").await.1)[1];
     let deadline = std::time::Instant::now() + PATIENCE;
     let mut refusals = 0;
     while let Err(status) = service.client().await.list_profiles(list.clone()).await {
@@ -1815,8 +1816,12 @@ async fn answers_clients_do_not_read_hold_bounded_bytes() {
         // ends.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // Cut only once none of its answers has been read for a second: refused until then.
-    assert!(refusals >= 1, "the first call is refused");
+    // Cut only once none of its answers has been read for a second: refused until then
+    // (unless the refusals above came that late: a loaded machine took over a second for them).
+    assert!(
+        refusals >= 1 || cut_before > 0.0,
+        "the first call is refused"
+    );
     let mut open = 0;
     for connection in [&shut, &default]
         .into_iter()

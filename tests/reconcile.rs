@@ -1547,12 +1547,18 @@ async fn a_reload_keeps_the_pause_gameball_asked_for() {
         .await
         .unwrap()
         .into_inner();
+    // Cancelled once the job has taken the pause (counted as it starts), not merely once the
+    // stand-in has answered 429: a job cancelled before it read that answer never paused, and
+    // a loaded machine got there first (the next job then called at once).
+    let paused = "profile_state_reconcile_rate_limited_seconds_total{bucket=\"customers_get\"}";
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stand_in.count_status(429) == 0 {
-        assert!(Instant::now() < deadline, "no 429");
+    while metric(&server.metrics().await, paused) == 0.0 {
+        assert!(Instant::now() < deadline, "no pause taken");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let paused_at = Instant::now();
+    // The pause runs from the 429's answer: the stand-in's clock, not when this test saw it.
+    let answered_429 = stand_in.seen().into_iter().find(|seen| seen.status == 429);
+    let paused_at = answered_429.expect("a 429").at;
     let cancel = pb::CancelReconcileJobRequest {
         job_id: first.job_id,
     };
