@@ -266,8 +266,9 @@ const TAKEN_OVER: &str = "the snapshot upload claim was taken over by another re
 /// What it logs instead when its object was published before it found the claim lost (frozen
 /// between its last renewal and the object's description): both replicas' objects stand, each
 /// a whole snapshot. It used to say its chunks were removed (found by an adversarial run).
-const TAKEN_OVER_PUBLISHED: &str = "the snapshot upload claim was taken over by another replica as this upload's object was \
-     published: it stands all the same (a whole snapshot; the other replica may publish one too)";
+const TAKEN_OVER_PUBLISHED: &str = "the snapshot upload claim was taken over by another \
+     replica as this upload's object was published: it stands all the same (a whole snapshot; \
+     the other replica may publish one too)";
 
 /// The upload claim as a lease: how often its holder renews it while it uploads, and how long
 /// another replica waits, by its own clock, once it has seen the claim unchanged, before it

@@ -15,11 +15,11 @@
 //! budget (`IN_ALL` times `--grpc-max-message-bytes`), a look every [`LOOK`] cuts the
 //! connections whose clients read less than a sixteenth of what they hold in a second
 //! ([`Unsent::frames_unread`](super::Unsent)), those that read the smallest share first, until
-//! what the others hold is under it. Cut, the connection's streams are dropped with their frames; a watcher resumes
-//! from its revision. Streams never wait for this count: streams that waited for the server's
-//! budget were stalled by a client that held it while reading a few bytes a second, which is
-//! never cut, and every other client's watches stopped (found by an adversarial run). A
-//! client that reads a sixteenth of what it holds each second is never cut, so what such
+//! what the others hold is under it. Cut, the connection's streams are dropped with their
+//! frames; a watcher resumes from its revision. Streams never wait for this count: streams
+//! that waited for the server's budget were stalled by a client that held it while reading a
+//! few bytes a second, which is never cut, and every other client's watches stopped (found by
+//! an adversarial run). A client that reads a sixteenth of what it holds each second is never cut, so what such
 //! readers hold is bounded only by one message per stream, and goes out at their pace; one
 //! reading slower (many large initial states over a slow link) is cut while the total is past
 //! the bound, and again on each try it makes while it stays past (found by an adversarial
