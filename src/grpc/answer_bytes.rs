@@ -65,11 +65,12 @@
 //! budget the connections holding the most of it whose clients do not read are cut (`frames`):
 //! 2,500 streams of clients that answered PINGs but gave no window back held one 550 KB
 //! profile each, 1.68 GB, counted nowhere (found by an adversarial run). Streams never wait
-//! for that count, for the reason above.
+//! for what other connections hold, for the reason above; past the bound, a stream waits to
+//! take its next frame while its own connection's streams hold one (`frames`).
 //!
 //! What this module does not do: give a stalled answer a time limit (only a connection whose
-//! budget stays spent has one), bound what streams' frames hold before that cut comes (within
-//! a second and a quarter of their stalling), or a stream's outbox of events (see
+//! budget stays spent has one), bound what streams' frames hold before that cut comes below
+//! the bound plus about a message per connection, or a stream's outbox of events (see
 //! `grpc::watch`).
 
 use std::future::Future;
@@ -98,7 +99,7 @@ use crate::poison::lock;
 
 mod frames;
 
-use frames::HeldFrames;
+use frames::{FrameWait, HeldFrames};
 
 /// A connection's budget: this many of the largest messages.
 const PER_CONNECTION: usize = 4;
@@ -163,6 +164,9 @@ struct Unsent {
     /// Since when its client has not read while its frames were held
     /// ([`Unsent::frames_unread`]).
     frames_stalled: NotReading,
+    /// Its streams waiting for their turn to take a frame (`frames::poll_frame_turn`), told
+    /// when its streams let go of the last of their frames.
+    frames_room: Room,
 }
 
 /// Why a connection was cut: the `reason` label of `profile_state_connections_cut_total`.
@@ -515,6 +519,7 @@ impl AnswerBytesLayer {
             frame_bytes: AtomicUsize::new(0),
             frames: Arc::clone(&self.frames),
             frames_stalled: NotReading::default(),
+            frames_room: Room::default(),
         });
         self.holders.add(&unsent);
         ConnectionAnswerBytes {
@@ -894,6 +899,8 @@ struct Sending<R> {
     retry: Option<Pin<Box<Sleep>>>,
     /// Counted in the connection's budget's waiters.
     waiting: bool,
+    /// While waiting for its turn to take its next frame (`frames::poll_frame_turn`).
+    frame_turn: Option<FrameWait>,
 }
 
 impl<R> Sending<R>
@@ -957,6 +964,7 @@ impl<R> Sending<R> {
             room: None,
             retry: None,
             waiting: false,
+            frame_turn: None,
         }
     }
 
@@ -1195,6 +1203,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
         if self.rest.is_empty() {
+            if let Some(unsent) = &self.counting.unsent {
+                ready!(frames::poll_frame_turn(unsent, &mut self.frame_turn, cx));
+            }
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) if !data.is_empty() => self.rest = data,
@@ -1229,14 +1240,19 @@ mod tests {
     fn another(layer: &AnswerBytesLayer) -> (ConnectionAnswerBytes, Budgets, Held) {
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
         let bytes = layer.connection(peer, CancellationToken::new());
-        let budgets = Budgets {
+        let budgets = budgets_of(layer, &bytes);
+        (bytes, budgets, Held::default())
+    }
+
+    /// The budgets a call on `bytes`' connection draws on.
+    fn budgets_of(layer: &AnswerBytesLayer, bytes: &ConnectionAnswerBytes) -> Budgets {
+        Budgets {
             connection: Some(bytes.budget.clone()),
             in_all: Some(layer.in_all.clone()),
             connection_share: Some(bytes.share.clone()),
             what: "answers",
             advice: "wait",
-        };
-        (bytes, budgets, Held::default())
+        }
     }
 
     /// `len` bytes of `held` handed to h2 as a chunk of `bytes`' connection: counted until
@@ -1810,6 +1826,65 @@ mod tests {
         assert_eq!(held(), (0, 0), "dropped with the stream");
         drop((first, second));
         assert_eq!(bytes.budget.used(), 0);
+    }
+
+    /// Past the bound, a stream whose connection's streams hold a frame takes no other from
+    /// tonic until they let go of it, or until the total is back within the bound: reconnecting
+    /// clients that never read held one message per stream on every new connection, 8.5 times
+    /// the bound (found by an adversarial run). Within the bound, streams take theirs at once.
+    #[tokio::test]
+    async fn past_the_bound_a_connection_holding_a_frame_takes_no_other_until_it_goes() {
+        use std::future::poll_fn;
+        use std::time::Duration;
+
+        let (layer, bytes, budgets) = connection(1 << 20);
+        let stream = |budgets| stream_answer((&layer, &bytes, budgets), CHUNK);
+        let frame = |len| Ok::<_, Status>(http_body::Frame::data(Bytes::from(vec![7; len])));
+        let next = async |body: &mut AnswerBody<Body>| {
+            let frame = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+            frame.expect("a frame").expect("data").into_data().unwrap()
+        };
+        let pending = |body: &mut AnswerBody<Body>| {
+            let waker = futures_util::task::noop_waker();
+            let mut cx = Context::from_waker(&waker);
+            Pin::new(body).poll_frame(&mut cx).is_pending()
+        };
+        // A stream of the connection holds a frame.
+        let (holding_frames_of, mut holding) = stream(budgets);
+        holding_frames_of.send(frame(3 * CHUNK)).await.unwrap();
+        let _first = next(&mut holding).await;
+        assert!(bytes.unsent.frame_bytes.load(Ordering::Relaxed) > 0);
+
+        // Within the bound, another stream of it takes its frame.
+        let (sender, mut within) = stream(budgets_of(&layer, &bytes));
+        sender.send(frame(100)).await.unwrap();
+        assert_eq!(next(&mut within).await.len(), 100);
+
+        // Past it (another connection holds 40 MiB), it does not, until the frame goes.
+        let other = holding_frames(&layer, 40 << 20);
+        sender.send(frame(100)).await.unwrap();
+        assert!(pending(&mut within));
+        assert_eq!(sender.capacity(), 1, "left with tonic");
+        let waited = tokio::spawn(async move { next(&mut within).await.len() });
+        tokio::task::yield_now().await;
+        drop(holding);
+        let told = tokio::time::timeout(Duration::from_secs(5), waited).await;
+        assert_eq!(told.expect("told").unwrap(), 100);
+
+        // Or until the total is back within the bound.
+        let (holding_frames_of, mut holding) = stream(budgets_of(&layer, &bytes));
+        holding_frames_of.send(frame(3 * CHUNK)).await.unwrap();
+        let _first = next(&mut holding).await;
+        let (sender, mut waiting) = stream(budgets_of(&layer, &bytes));
+        sender.send(frame(100)).await.unwrap();
+        assert!(pending(&mut waiting));
+        let waited = tokio::spawn(async move { next(&mut waiting).await.len() });
+        tokio::task::yield_now().await;
+        other.unsent.frame_holds(40 << 20, 0);
+        let told = tokio::time::timeout(Duration::from_secs(5), waited).await;
+        assert_eq!(told.expect("told").unwrap(), 100);
+        drop(holding);
+        assert_eq!(layer.frames.total(), 0);
     }
 
     /// Past the bound, what streams' frames hold is cut down to it: the connections holding the

@@ -58,7 +58,8 @@ impl Counts {
     }
 }
 
-/// Streams waiting for bytes to come back to a budget, told whenever some do.
+/// Streams waiting for bytes to come back to a budget, told whenever some do (also: streams
+/// waiting for their turn to take a frame, `answer_bytes::frames`).
 #[derive(Default)]
 pub(super) struct Room {
     told: Arc<Notify>,
@@ -68,7 +69,7 @@ pub(super) struct Room {
 impl Room {
     /// Wakes the waiters, if any: a fence and one load when there are none (this runs for
     /// every write of a connection's socket).
-    fn tell(&self) {
+    pub(super) fn tell(&self) {
         // Pairs with the fence in `start_waiting`: either the waiter's next look sees the
         // bytes given back, or this sees it waiting.
         fence(Ordering::SeqCst);
