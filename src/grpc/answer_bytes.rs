@@ -22,15 +22,16 @@
 //! giving back as many as it wrote let a client that sent PINGs repay answers h2 still held
 //! behind windows it kept shut, and park them past every budget (found by an adversarial run).
 //!
-//! A call refused because the server's budget is spent cuts the connection that holds the
-//! most (`Holders`): one client that stops reading on enough connections would otherwise
-//! refuse every other client's larger answers for as long as it stayed. Answers to clients
-//! that have not read ([`Unsent::has_read`], a new connection's first among them) hold at
-//! most half of the server's budget between them: a client that read nothing and kept
-//! opening connections, each gone before a refusal could find it stalled, held all of it
-//! (found by an adversarial run); what clients that read hold never refuses the others. A
-//! health check's answer draws on its connection's budget alone
-//! (`byte_budgets::server_budget_for`), so probes are answered whatever other clients hold.
+//! A call refused because the server's budget is spent cuts a stalled connection, the one
+//! whose client read the smallest share of what it holds (`Holders`): one client that stops
+//! reading on enough connections would otherwise refuse every other client's larger answers
+//! for as long as it stayed. Answers to clients that have not read ([`Unsent::has_read`], a
+//! new connection's first among them) hold at most half of the server's budget between
+//! them: a client that read nothing and kept opening connections, each gone before a
+//! refusal could find it stalled, held all of it (found by an adversarial run); what clients
+//! that read hold never refuses the others. A health check's answer draws on its
+//! connection's budget alone (`byte_budgets::server_budget_for`), so probes are answered
+//! whatever other clients hold.
 //!
 //! An answer's first message also draws what its call holds besides its bytes
 //! ([`CALL_BYTES`](super::byte_budgets::CALL_BYTES)) from the server's budget (and its half),
@@ -62,7 +63,7 @@
 //! What a stream holds before it is handed over (one frame of tonic's, at most
 //! [`STREAM_FRAME_BYTES`] or one message: a watch's initial state, encoded per stream) beyond
 //! what its budgets count is counted too, per connection and in all, and past the server's
-//! budget the connections holding the most of it whose clients do not read are cut (`frames`):
+//! budget the connections whose clients read the least of what they hold are cut (`frames`):
 //! 2,500 streams of clients that answered PINGs but gave no window back held one 550 KB
 //! profile each, 1.68 GB, counted nowhere (found by an adversarial run). Streams never wait
 //! for what other connections hold, for the reason above; past the bound, a stream waits to
@@ -174,7 +175,7 @@ struct Unsent {
 enum CutReason {
     /// Its own budget, for [`IDLE_CUT`] ([`Unsent::found_spent`]).
     ConnectionBudget,
-    /// The server's budget ([`Holders::cut_heaviest`]).
+    /// The server's budget ([`Holders::cut_least_reading`]).
     ServerBudget,
     /// Streams' frames, past their bound (`frames`).
     StreamBytes,
@@ -305,6 +306,11 @@ impl Unsent {
         let limits = (Duration::MAX, OWED_FOR);
         let not_reading = (self.stalled).for_how_long(counts, owed, now, limits);
         used > 0 && not_reading >= STALLED
+    }
+
+    /// What its client read in the window [`Unsent::stalled`] last judged.
+    fn stalled_read(&self) -> usize {
+        (self.stalled).read_in_window(self.data_read.load(Ordering::Relaxed))
     }
 
     /// Whether its client has read at least a sixteenth ([`SLOWEST_SHARE`]) of what its
@@ -496,7 +502,7 @@ impl AnswerBytesLayer {
     }
 
     /// A new connection's budget, drawing on this server's too; `cut` cuts the connection
-    /// (from `peer`) if it holds the most when the server's budget is spent.
+    /// (from `peer`) if it is stalled and reads the least when the server's budget is spent.
     pub fn connection(&self, peer: SocketAddr, cut: CancellationToken) -> ConnectionAnswerBytes {
         let budget = Budget::with_room(self.max_message_bytes, PER_CONNECTION);
         let share = Budget::new(self.max_message_bytes, IN_ALL);
@@ -530,8 +536,9 @@ impl AnswerBytesLayer {
     }
 }
 
-/// Every connection's answer bytes, for the server to cut the one that holds the most, of
-/// those whose clients are not reading ([`Unsent::stalled`]), when its budget is spent: one
+/// Every connection's answer bytes, for the server to cut the one that reads the least of
+/// what it holds, of those whose clients are not reading ([`Unsent::stalled`]), when its
+/// budget is spent: one
 /// client that stops reading on enough connections could otherwise refuse every other
 /// client's larger answers for as long as it stayed (found by an adversarial run). Cut, its
 /// calls fail and its bytes come back; the calls refused meanwhile are told to retry in a
@@ -549,17 +556,20 @@ impl Holders {
         holders.push(Arc::downgrade(unsent));
     }
 
-    /// Cuts the stalled connection, other than `calling`'s, that holds the most answer bytes,
-    /// if any; when the part for clients that have not read was spent (`unread`), the one
-    /// that holds the most of that part. Weighing by whether a client had read did not do: a
-    /// client that filled it, then read a sixteenth of it once, was never cut again, and every
-    /// new connection was refused for as long as it stayed (found by an adversarial run).
-    fn cut_heaviest(&self, calling: Option<&Arc<Unsent>>, unread: bool, now: Instant) {
+    /// Cuts one stalled connection other than `calling`'s, if any: of those holding answer
+    /// bytes (when the part for clients that have not read was spent, `unread`: bytes of that
+    /// part), the one whose client read the smallest share of them in its stall window, the
+    /// heaviest of equal shares. Weighing by whether a client had read did not do: a client
+    /// that filled the part, then read a sixteenth of it once, was never cut again, and every
+    /// new connection was refused for as long as it stayed; and heaviest first alone cut a
+    /// client reading steadily, a little slower than the rule asks, before those reading
+    /// nothing (both found by adversarial runs, the second at the frames' cut).
+    fn cut_least_reading(&self, calling: Option<&Arc<Unsent>>, unread: bool, now: Instant) {
         let held = |holder: &Unsent| match unread {
             true => holder.unread_share.used(),
             false => holder.share.used(),
         };
-        let heaviest = {
+        let chosen = {
             let mut holders = lock(&self.0);
             holders.retain(|holder| holder.strong_count() > 0);
             holders
@@ -568,9 +578,10 @@ impl Holders {
                 .filter(|holder| !holder.cut.is_cancelled())
                 .filter(|holder| calling.is_none_or(|calling| !Arc::ptr_eq(holder, calling)))
                 .filter(|holder| held(holder) > 0 && holder.stalled(now))
-                .max_by_key(|holder| held(holder))
+                .map(|holder| ((held(&holder), holder.stalled_read()), holder))
+                .min_by(|(a, _), (b, _)| least_share_read_first(*a, *b))
         };
-        let Some(heaviest) = heaviest else {
+        let Some((_, heaviest)) = chosen else {
             return;
         };
         let Some(suppressed) = heaviest.cut_for(CutReason::ServerBudget) else {
@@ -592,6 +603,19 @@ impl Holders {
              answers)"
         );
     }
+}
+
+/// Orders two holders, each `(held, read)` (what it holds, what its client read in its stall
+/// window), by the share read, least first, the heaviest of equal shares first: the order in
+/// which stalled connections are cut. Shares are compared as fractions, in `u128` (no
+/// overflow).
+fn least_share_read_first(
+    (a_held, a_read): (usize, usize),
+    (b_held, b_read): (usize, usize),
+) -> std::cmp::Ordering {
+    let wide = |bytes: usize| bytes as u128;
+    let (a_share, b_share) = (wide(a_read) * wide(b_held), wide(b_read) * wide(a_held));
+    a_share.cmp(&b_share).then(b_held.cmp(&a_held))
 }
 
 /// A connection's stream that tells its answer budgets how many bytes of answers its socket
@@ -867,7 +891,7 @@ impl Counting {
             (SpentBy::Connection, None) => {}
             (by, calling) => {
                 let unread = by == SpentBy::Unread;
-                (self.holders).cut_heaviest(calling.as_ref(), unread, Instant::now());
+                (self.holders).cut_least_reading(calling.as_ref(), unread, Instant::now());
             }
         }
         Err(spent.status)
@@ -1378,16 +1402,45 @@ mod tests {
         assert!(new.unsent.has_read(0));
         let start = Instant::now();
         for now in [start, start + STALLED] {
-            layer.holders.cut_heaviest(None, true, now);
+            layer.holders.cut_least_reading(None, true, now);
         }
         assert!(new.unsent.cut.is_cancelled(), "it holds the half, stalled");
         assert!(!slow.unsent.cut.is_cancelled());
         for now in [start + STALLED, start + 2 * STALLED] {
-            layer.holders.cut_heaviest(None, false, now);
+            layer.holders.cut_least_reading(None, false, now);
         }
         assert!(
             slow.unsent.cut.is_cancelled(),
             "stalled, at a refusal for the whole"
+        );
+    }
+
+    /// A refusal for the server's budget cuts, of the stalled connections, the one whose client
+    /// read the smallest share of what it holds: one that reads nothing before a heavier one
+    /// reading steadily, a little slower than the rule asks (heaviest first cut such a reader
+    /// and left those reading nothing: found by an adversarial run at the frames' cut).
+    #[test]
+    fn a_refusal_for_the_server_budget_cuts_the_stalled_connection_reading_least_first() {
+        let (layer, _, _) = connection(1000);
+        let open = || another(&layer);
+        let (slow, budgets, mut slow_held) = open();
+        assert!(budgets.take(3200, &mut slow_held).is_ok());
+        let (idle, budgets, mut idle_held) = open();
+        assert!(budgets.take(1000, &mut idle_held).is_ok());
+        let start = Instant::now();
+        layer.holders.cut_least_reading(None, false, start);
+        slow.unsent.data_read(3200 / SLOWEST_SHARE - 10);
+        layer
+            .holders
+            .cut_least_reading(None, false, start + STALLED);
+        assert!(idle.unsent.cut.is_cancelled(), "it read nothing");
+        assert!(!slow.unsent.cut.is_cancelled());
+        layer
+            .holders
+            .cut_least_reading(None, false, start + STALLED);
+        assert!(
+            slow.unsent.cut.is_cancelled(),
+            "stalled too, at the next refusal"
         );
     }
 

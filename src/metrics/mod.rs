@@ -435,8 +435,9 @@ impl Watch {
                 "profile_state_stream_unsent_bytes",
                 "Bytes of gRPC streams' messages (watch initial states and changes, backup \
                  chunks) read and not yet handed to HTTP/2, their clients' windows shut; past \
-                 32 times --grpc-max-message-bytes, connections holding the most whose clients \
-                 read less than a sixteenth of it in a second are cut.",
+                 32 times --grpc-max-message-bytes, connections whose clients read less than a \
+                 sixteenth of it in a second are cut, those reading the smallest share first, \
+                 and a connection holding a waiting message takes no other.",
             ),
             connections_cut: connections_cut(
                 r,

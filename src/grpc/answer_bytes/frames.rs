@@ -53,7 +53,9 @@ use std::time::{Duration, Instant};
 use prometheus::IntGauge;
 use tokio::sync::futures::OwnedNotified;
 
-use super::{Counts, CutReason, Holders, OWED_FOR, SLOWEST_SHARE, STALLED, Unsent};
+use super::{
+    Counts, CutReason, Holders, OWED_FOR, SLOWEST_SHARE, STALLED, Unsent, least_share_read_first,
+};
 use crate::grpc::byte_budgets::Room;
 use crate::poison::lock;
 
@@ -200,12 +202,8 @@ impl Holders {
                 }
             }
         }
-        // Shares read compared as fractions (in `u128`: no overflow), the heaviest of equal
-        // shares first.
-        let wide = |bytes: &usize| *bytes as u128;
         stalled.sort_unstable_by(|(a_held, a_read, _), (b_held, b_read, _)| {
-            let (a_share, b_share) = (wide(a_read) * wide(b_held), wide(b_read) * wide(a_held));
-            a_share.cmp(&b_share).then(b_held.cmp(a_held))
+            least_share_read_first((*a_held, *a_read), (*b_held, *b_read))
         });
         for (held, _, holder) in stalled {
             if left <= bound {
