@@ -3537,6 +3537,16 @@ async fn two_replicas_under_one_name_each_warn_of_the_other() {
         2,
         "both processes warned of the other: {others:?}"
     );
+    // Counted where an operator can alert on it, by those two alone.
+    let taken = |text: &str| {
+        let series = "profile_state_replication_name_taken_total ";
+        let line = text.lines().find_map(|line| line.strip_prefix(series));
+        line.expect("the series").trim().parse::<f64>().unwrap()
+    };
+    for replica in &replicas[..2] {
+        replica.metrics_until(|text| taken(text) >= 1.0).await;
+    }
+    assert_eq!(taken(&replicas[2].admin_get("/metrics").await.1), 0.0);
     for replica in replicas {
         replica.stop().await;
     }

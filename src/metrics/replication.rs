@@ -34,6 +34,7 @@ pub(super) struct Replication {
     recorded_not_applied: IntCounter,
     duplicates: IntCounter,
     snapshot_uploads: IntCounterVec,
+    name_taken: IntCounter,
 }
 
 impl Replication {
@@ -109,6 +110,12 @@ impl Replication {
                 "outcome",
                 REPLICATION_UPLOAD_OUTCOMES.iter().copied(),
             ),
+            name_taken: counter(
+                r,
+                "profile_state_replication_name_taken_total",
+                "Times this replica found the mark of its --replica-name written by another \
+                 process: two processes run under one name (checked every 5 s).",
+            ),
         }
     }
 
@@ -162,5 +169,10 @@ impl Metrics {
         debug_assert!(REPLICATION_UPLOAD_OUTCOMES.contains(&outcome), "{outcome}");
         let uploads = &self.inner.replication.snapshot_uploads;
         uploads.with_label_values(&[outcome]).inc();
+    }
+
+    /// Counts another process found writing this replica's name mark.
+    pub fn replication_name_taken(&self) {
+        self.inner.replication.name_taken.inc();
     }
 }

@@ -171,8 +171,8 @@ impl Prepared {
         follower.follow_end(status.watch_stream_last());
         let mark = ReplicaNameMark::new(&bucket, &settings.name);
         tracker.spawn(name_mark::keep(
-            mark,
-            settings.name.clone(),
+            (mark, settings.name.clone()),
+            metrics.clone(),
             stopping.clone(),
         ));
         let pending = Arc::new(Pending::after(follower.next_sequence() - 1));
