@@ -32,6 +32,7 @@ mod key_value;
 mod listing;
 mod quorum;
 mod replica_name;
+mod republish;
 mod schedule;
 mod snapshots;
 mod stall;

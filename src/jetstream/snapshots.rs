@@ -34,6 +34,7 @@ pub use claim::{HeldClaim, UploadClaim};
 
 use super::key_value::open_bucket;
 use super::listing::last_per_subject;
+use super::republish::Republish;
 use super::stream::{jetstream_code, unavailable};
 use super::{Incarnation, JetStreamError, UpdateStream};
 
@@ -78,9 +79,8 @@ const CHUNK_IN_PROCESS_PAUSES: (Duration, Duration) =
 #[derive(Debug, Default)]
 struct ChunkRetries {
     timeouts: u32,
-    /// Since the stream first answered that the message id is being stored, and the pause
-    /// before the next publish.
-    in_process: Option<(tokio::time::Instant, Duration)>,
+    /// Once the stream answered that the message id is being stored: the pauses left.
+    in_process: Option<Republish>,
 }
 
 impl ChunkRetries {
@@ -93,15 +93,9 @@ impl ChunkRetries {
         if jetstream_code(err) != Some(ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT) {
             return None;
         }
-        let (first, last) = CHUNK_IN_PROCESS_PAUSES;
-        let now = tokio::time::Instant::now();
-        let (since, pause) = self.in_process.get_or_insert((now, first));
-        if now.duration_since(*since) >= CHUNK_IN_PROCESS_PATIENCE {
-            return None;
-        }
-        let this = *pause;
-        *pause = (*pause * 2).min(last);
-        Some(this)
+        let deadline = tokio::time::Instant::now() + CHUNK_IN_PROCESS_PATIENCE;
+        let pauses = || Republish::until(deadline, CHUNK_IN_PROCESS_PAUSES);
+        self.in_process.get_or_insert_with(pauses).next_pause()
     }
 }
 
@@ -762,7 +756,7 @@ mod tests {
         assert_eq!(pauses.iter().max(), Some(&last));
         let waited: Duration = pauses.iter().sum();
         assert!(
-            waited >= CHUNK_IN_PROCESS_PATIENCE && waited < CHUNK_IN_PROCESS_PATIENCE + last,
+            waited > CHUNK_IN_PROCESS_PATIENCE - last && waited < CHUNK_IN_PROCESS_PATIENCE,
             "{waited:?}"
         );
         let timed_out = PublishError::new(PublishErrorKind::TimedOut);

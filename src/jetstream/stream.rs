@@ -16,10 +16,17 @@ use prost::Message;
 
 use super::incarnation::{Incarnation, StreamCreated};
 use super::quorum::quorum_heard;
+use super::republish::Republish;
 use super::store_id::{self, STORE_ID_KEY};
 use super::{JetStreamError, Nats, UpdateBatch};
 use crate::config::NatsConfig;
 use crate::poison::lock;
+
+/// The pauses between publishes of a batch the stream did not take yet (no responders, or
+/// the same message id being stored): doubling from the first to the last, until the request
+/// timeout.
+const PUBLISH_AGAIN_PAUSES: (Duration, Duration) =
+    (Duration::from_millis(5), Duration::from_millis(100));
 
 /// Stream metadata key holding the message format version.
 const FORMAT_KEY: &str = "profile_state_format";
@@ -406,7 +413,7 @@ impl UpdateStream {
         // stream's or a failed leader's Raft group elects a leader. The message id makes a
         // repeat harmless, so try again until the request timeout rather than answer 503.
         let deadline = tokio::time::Instant::now() + self.nats.request_timeout();
-        let mut pause = Duration::from_millis(5);
+        let mut again = Republish::until(deadline, PUBLISH_AGAIN_PAUSES);
         loop {
             let message = async_nats::jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
@@ -427,28 +434,21 @@ impl UpdateStream {
                         duplicate: ack.duplicate,
                     });
                 }
-                Err(err)
-                    if err.kind() == PublishErrorKind::StreamNotFound
-                        && tokio::time::Instant::now() + pause < deadline =>
-                {
-                    tracing::debug!(%err, "no responders for the stream yet: publishing again");
+                Err(err) => {
+                    // No responders for the stream yet; or the same message id being proposed
+                    // by another publish (the same delivery taken by two replicas at once, a
+                    // retry racing its original): the message is not refused, its first copy
+                    // is just not stored yet, and once it is, this publish is acknowledged as
+                    // its duplicate, with its sequence.
+                    let again_later = err.kind() == PublishErrorKind::StreamNotFound
+                        || jetstream_code(&err)
+                            == Some(ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT);
+                    let Some(pause) = again.next_pause().filter(|_| again_later) else {
+                        return Err(publish_failed(err));
+                    };
+                    tracing::debug!(%err, "publishing again: no responders, or being stored");
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(100));
                 }
-                // The same message id is being proposed by another publish (the same delivery
-                // taken by two replicas at once, a retry racing its original): the message is
-                // not refused, its first copy is just not stored yet. Once it is, this publish
-                // is acknowledged as its duplicate, with its sequence.
-                Err(err)
-                    if jetstream_code(&err)
-                        == Some(ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT)
-                        && tokio::time::Instant::now() + pause < deadline =>
-                {
-                    tracing::debug!(%err, "the same message is being stored: publishing again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(100));
-                }
-                Err(err) => return Err(publish_failed(err)),
             }
         }
     }
