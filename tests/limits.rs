@@ -2398,6 +2398,68 @@ async fn stalled_clients_reconnecting_as_soon_as_they_are_cut_hold_about_the_bou
     binary.stop();
 }
 
+/// Past the bound, a connection's streams take turns: one holding a frame its client has not
+/// taken holds back the others until it goes. A client that reads promptly gets every stream's
+/// initial state in turn, none left waiting, and is never cut, while clients that never read
+/// keep reconnecting and the server past the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_past_the_bound_gets_each_streams_initial_state_in_turn() {
+    use std::sync::atomic::AtomicUsize;
+    const STREAMS: usize = 60;
+    // Budgets: 1 MiB a connection, 8 MiB in all.
+    const BOUND: f64 = 8.0 * 1024.0 * 1024.0;
+    const HELD: &str = "profile_state_stream_unsent_bytes ";
+    let dir = tempfile::tempdir().unwrap();
+    let binary = binary::Binary::start(dir.path(), &["--grpc-max-message-bytes", "262144"]).await;
+    one_profile_of_200_kb(&binary, "big").await;
+    let (stop, opened) = (
+        tokio_util::sync::CancellationToken::new(),
+        AtomicUsize::new(0),
+    );
+    let opened = std::sync::Arc::new(opened);
+    let stalled: Vec<_> = (0..10)
+        .map(|_| {
+            let (stop, opened) = (stop.clone(), opened.clone());
+            tokio::spawn(stalled_and_reconnecting(binary.grpc, 30, stop, opened))
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while sample(&binary.metrics().await, HELD) <= BOUND {
+        assert!(std::time::Instant::now() < deadline, "never past the bound");
+        tokio::task::yield_now().await;
+    }
+
+    let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
+    let (mut reader, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = profile_state::pb::WatchProfilesRequest {
+        customer_ids: vec!["big".into()],
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let mut calls = Vec::new();
+    for _ in 0..STREAMS {
+        use prost::Message;
+        calls.push(raw_unary(&mut reader, "WatchProfiles", request.encode_to_vec()).await);
+    }
+    // Each stream's turn comes as the one before goes out (about a second for all 60 here),
+    // not when a cut brings the total down: waiting for that, they took more than the
+    // patience (tried).
+    let read = futures_util::future::join_all(calls.into_iter().map(|call| async move {
+        let head = call.await.expect("the head");
+        read_initial_state(head.into_body(), 1).await;
+    }));
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("every initial state in turn");
+    assert!(!connection.is_finished(), "the reader was cut");
+    stop.cancel();
+    for client in stalled {
+        client.await.unwrap();
+    }
+    binary.stop();
+}
+
 /// A client that opens `streams` watch streams of customer `big`'s initial state on a
 /// connection, reads its socket and answers PINGs but gives no window back, and opens a new
 /// connection as soon as that one is cut, counting each in `opened`, until `stop`.
