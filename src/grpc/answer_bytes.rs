@@ -66,8 +66,9 @@
 //! budget the connections whose clients read the least of what they hold are cut (`frames`):
 //! 2,500 streams of clients that answered PINGs but gave no window back held one 550 KB
 //! profile each, 1.68 GB, counted nowhere (found by an adversarial run). Streams never wait
-//! for what other connections hold, for the reason above; past the bound, a stream waits to
-//! take its next frame while its own connection's streams hold one (`frames`).
+//! for what other connections hold, for the reason above; past the bound, a watch stream
+//! ([`TakesTurns`]) waits to take its next frame while its own connection's streams hold one
+//! (`frames`).
 //!
 //! What this module does not do: give a stalled answer a time limit (only a connection whose
 //! budget stays spent has one), bound what streams' frames hold before that cut comes below
@@ -747,6 +748,7 @@ where
             holders: self.holders.clone(),
             chunk: self.chunk,
             call_bytes: self.call_bytes,
+            takes_turns: false,
         };
         let answer = self.inner.call(request);
         Box::pin(async move {
@@ -792,6 +794,14 @@ const SPENT_LOOKS: Duration = Duration::from_secs(3);
 /// that pauses reading, short enough that one that reads nothing does not keep its budget
 /// (and its calls refused) for long.
 const IDLE_CUT: Duration = Duration::from_secs(10);
+
+/// The mark of an answer (in its response's extensions) whose later messages take turns with
+/// its connection's other such answers while streams' frames hold more than their bound
+/// (`frames::poll_frame_turn`): a watch stream's. Unmarked answers never wait for a turn: a
+/// unary answer's trailers, polled after its message, waited behind the connection's stalled
+/// watch stream, and the call did not end.
+#[derive(Clone, Copy, Debug)]
+pub struct TakesTurns;
 
 /// An answer's body as its budgets count it: the inner body in place, not boxed again (a
 /// body boxed at each layer is one more pointer to follow, often to memory out of the cache,
@@ -856,6 +866,8 @@ struct Counting {
     chunk: usize,
     /// What the call's own state draws ([`CALL_BYTES`](super::byte_budgets::CALL_BYTES), or less).
     call_bytes: usize,
+    /// Its later messages take turns ([`TakesTurns`]).
+    takes_turns: bool,
 }
 
 impl Counting {
@@ -938,6 +950,10 @@ where
     /// it ([`Counting::take_first`]).
     fn first_frame(answer: http::Response<R>, counting: Counting) -> http::Response<AnswerBody<R>> {
         let (parts, mut body) = answer.into_parts();
+        let counting = Counting {
+            takes_turns: parts.extensions.get::<TakesTurns>().is_some(),
+            ..counting
+        };
         let waker = futures_util::task::noop_waker();
         let first = match Pin::new(&mut body).poll_frame(&mut Context::from_waker(&waker)) {
             Poll::Ready(Some(Ok(frame))) => frame,
@@ -1227,7 +1243,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
         if self.rest.is_empty() {
-            if let Some(unsent) = &self.counting.unsent {
+            if let Some(unsent) =
+                (self.counting.unsent.as_ref()).filter(|_| self.counting.takes_turns)
+            {
                 ready!(frames::poll_frame_turn(unsent, &mut self.frame_turn, cx));
             }
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
@@ -1288,18 +1306,31 @@ mod tests {
     /// A stream's answer on `bytes`' connection drawing on `budgets`, handed over in chunks of
     /// `chunk`, and where to send its frames (none ready when the call returns).
     fn stream_answer(
+        connection: (&AnswerBytesLayer, &ConnectionAnswerBytes, Budgets),
+        chunk: usize,
+    ) -> (FrameSender, AnswerBody<Body>) {
+        stream_answer_marked(connection, chunk, Some(TakesTurns))
+    }
+
+    /// [`stream_answer`], its response marked with `mark` (a watch's is [`TakesTurns`]).
+    fn stream_answer_marked(
         (layer, bytes, budgets): (&AnswerBytesLayer, &ConnectionAnswerBytes, Budgets),
         chunk: usize,
+        mark: Option<TakesTurns>,
     ) -> (FrameSender, AnswerBody<Body>) {
         let (frames, stream) = tokio::sync::mpsc::channel(2);
         let stream = tokio_stream::wrappers::ReceiverStream::new(stream);
-        let answer = http::Response::new(Body::new(http_body_util::StreamBody::new(stream)));
+        let mut answer = http::Response::new(Body::new(http_body_util::StreamBody::new(stream)));
+        if let Some(mark) = mark {
+            answer.extensions_mut().insert(mark);
+        }
         let counting = Counting {
             budgets,
             unsent: Some(Arc::clone(&bytes.unsent)),
             holders: layer.holders.clone(),
             chunk,
             call_bytes: layer.call_bytes,
+            takes_turns: false,
         };
         (frames, Sending::first_frame(answer, counting).into_body())
     }
@@ -1554,6 +1585,7 @@ mod tests {
             holders: layer.holders.clone(),
             chunk: layer.chunk,
             call_bytes: layer.call_bytes,
+            takes_turns: false,
         };
         let full = http_body_util::Full::new(Bytes::from(vec![7; 100]));
         let answer = Sending::first_frame(http::Response::new(Body::new(full)), counting);
@@ -1588,6 +1620,7 @@ mod tests {
             holders: layer.holders.clone(),
             chunk: layer.chunk,
             call_bytes: layer.call_bytes,
+            takes_turns: false,
         };
         let two = http::Response::new(Body::new(bytes_of(CHUNK + 40)));
         let mut body = Sending::first_frame(two, counting).into_body();
@@ -1881,7 +1914,7 @@ mod tests {
         assert_eq!(bytes.budget.used(), 0);
     }
 
-    /// Past the bound, a stream whose connection's streams hold a frame takes no other from
+    /// Past the bound, a watch stream whose connection's streams hold a frame takes no other from
     /// tonic until they let go of it, or until the total is back within the bound: reconnecting
     /// clients that never read held one message per stream on every new connection, 8.5 times
     /// the bound (found by an adversarial run). Within the bound, streams take theirs at once.
@@ -1938,6 +1971,33 @@ mod tests {
         assert_eq!(told.expect("told").unwrap(), 100);
         drop(holding);
         assert_eq!(layer.frames.total(), 0);
+    }
+
+    /// An answer not marked [`TakesTurns`] (a unary answer: its trailers come after its
+    /// message) never waits for a turn: its trailers, behind a stream of its connection holding
+    /// a frame past the bound, held the call open.
+    #[tokio::test]
+    async fn an_answer_that_does_not_take_turns_is_not_held_back_past_the_bound() {
+        use std::future::poll_fn;
+
+        let (layer, bytes, budgets) = connection(1 << 20);
+        let frame = |len| Ok::<_, Status>(http_body::Frame::data(Bytes::from(vec![7; len])));
+        let (holding_frames_of, mut holding) = stream_answer((&layer, &bytes, budgets), CHUNK);
+        holding_frames_of.send(frame(3 * CHUNK)).await.unwrap();
+        let first = poll_fn(|cx| Pin::new(&mut holding).poll_frame(cx)).await;
+        assert!(first.is_some_and(|frame| frame.is_ok()));
+        let _other = holding_frames(&layer, 40 << 20);
+
+        let connection = (&layer, &bytes, budgets_of(&layer, &bytes));
+        let (sender, mut unary) = stream_answer_marked(connection, CHUNK, None);
+        let trailers = http_body::Frame::trailers(http::HeaderMap::new());
+        sender.send(Ok(trailers)).await.unwrap();
+        let waker = futures_util::task::noop_waker();
+        let polled = Pin::new(&mut unary).poll_frame(&mut Context::from_waker(&waker));
+        let Poll::Ready(Some(Ok(frame))) = polled else {
+            panic!("held back: {polled:?}");
+        };
+        assert!(frame.is_trailers());
     }
 
     /// Past the bound, what streams' frames hold is cut down to it: the connections holding the
@@ -2061,6 +2121,7 @@ mod tests {
             holders: Holders::default(),
             chunk: CHUNK,
             call_bytes: 0,
+            takes_turns: false,
         };
         let answer = Sending::first_frame(answer, counting);
         let (_, body) = answer.into_parts();

@@ -34,6 +34,7 @@ use tonic::codegen::{BoxFuture, Bytes, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 use tonic::{Request, Response, Status};
 
+use super::answer_bytes::TakesTurns;
 use super::codec::{MessageCodec, MessageDecoder};
 use super::profile_reply::ProfileReply;
 use super::{
@@ -357,7 +358,10 @@ impl ProfileApi {
             }
             message
         });
-        Ok(Response::new(Box::pin(stream)))
+        let mut response = Response::new(Box::pin(stream) as EncodedStream);
+        // Past the bound of what streams' messages hold, a connection's watches take turns.
+        response.extensions_mut().insert(TakesTurns);
+        Ok(response)
     }
 }
 

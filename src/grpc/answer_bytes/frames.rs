@@ -25,13 +25,16 @@
 //! the bound, and again on each try it makes while it stays past (found by an adversarial
 //! run: the rule, not a stall, is what cuts it).
 //!
-//! While the total is past the bound, a stream takes its next frame from tonic only if its
-//! own connection's streams hold none ([`poll_frame_turn`]): clients that never read and
+//! While the total is past the bound, a watch stream (an answer marked
+//! [`TakesTurns`](super::TakesTurns)) takes its next frame from tonic only if its own
+//! connection's streams hold none ([`poll_frame_turn`]): clients that never read and
 //! reconnected as soon as they were cut had every stream of each new connection take one
 //! (about a message each) in the second before a look could judge it, and held 1.1 GB at the
 //! default flags, 8.5 times the bound (found by an adversarial run). Past the bound each
 //! connection now adds about one message, and a connection whose client reads takes turns
-//! among its streams at its own pace; it never waits for what other connections hold.
+//! among its watches at its own pace; it never waits for what other connections hold. Other
+//! answers never wait for a turn: a unary answer's trailers come after its message, and
+//! held back they kept the call open.
 //!
 //! Counted bytes go back exactly once: as a chunk of them is handed over (it is counted in the
 //! budgets from then on, until h2 lets go of it) or taken into the budgets, and when the
@@ -227,7 +230,7 @@ impl Holders {
     }
 }
 
-/// Ready once a stream of `unsent`'s connection may take its next frame from tonic
+/// Ready once a watch stream of `unsent`'s connection may take its next frame from tonic
 /// ([`Unsent::may_take_frame`]); until then `wait` holds its registration to be told. Past the
 /// bound, a connection whose streams hold a frame takes no other: reconnecting clients that
 /// never read had each new connection's streams take a frame each (about one message per
