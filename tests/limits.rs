@@ -2280,7 +2280,7 @@ async fn watch_streams_whose_client_stops_reading_hold_bounded_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_watch_streams_past_the_servers_answer_budget_are_cut() {
     use profile_state::pb;
-    const CONNECTIONS: usize = 6;
+    const CONNECTIONS: usize = 10;
     const STREAMS: usize = 20;
     // Budgets: 1 MiB a connection, 8 MiB in all.
     const BOUND: f64 = 8.0 * 1024.0 * 1024.0;
@@ -2290,8 +2290,9 @@ async fn stalled_watch_streams_past_the_servers_answer_budget_are_cut() {
     one_profile_of_200_kb(&binary, "big").await;
     let (_client, mut watcher) = watching_w(&binary).await;
 
-    // Six connections of 20 streams asking for it, their windows HTTP/2's 64 KiB, never
-    // given back: about 23 MB their streams hold, past the server's budget.
+    // Ten connections of 20 streams asking for it, their windows HTTP/2's 64 KiB, never
+    // given back: each holds its own budget's worth (1 MiB) and a frame, 12 MB in all, past
+    // the server's budget.
     let request = pb::WatchProfilesRequest {
         customer_ids: vec!["big".into()],
         send_initial_state: true,
@@ -2459,6 +2460,58 @@ async fn a_reader_past_the_bound_gets_each_streams_initial_state_in_turn() {
     }
     binary.stop();
 }
+
+/// One client alone whose streams ask for more large messages than the server's bound and
+/// read none of them (or read them slowly) held them all, past the bound, and was cut within
+/// a second and a quarter, again on every try (found by an adversarial run). A connection's
+/// watch streams now take turns once their frames hold its own budget's worth (1 MiB here):
+/// it holds about that, is never cut, and once it reads gets every initial state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_asking_for_more_than_the_bound_holds_its_budget_and_is_not_cut() {
+    const STREAMS: usize = 90;
+    const MESSAGE: f64 = 256.0 * 1024.0;
+    const HELD: &str = "profile_state_stream_unsent_bytes ";
+    let dir = tempfile::tempdir().unwrap();
+    let binary = binary::Binary::start(dir.path(), &["--grpc-max-message-bytes", "262144"]).await;
+    one_profile_of_200_kb(&binary, "big").await;
+    let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = profile_state::pb::WatchProfilesRequest {
+        customer_ids: vec!["big".into()],
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let mut calls = Vec::new();
+    for _ in 0..STREAMS {
+        use prost::Message;
+        calls.push(raw_unary(&mut client, "WatchProfiles", request.encode_to_vec()).await);
+    }
+    // 90 streams of 200 KB, 64 KiB of each in HTTP/2: 12 MB would be held, past the 8 MiB
+    // bound. Held: its budget's worth, and the frame that passed it.
+    let (mut most, started) = (0.0_f64, std::time::Instant::now());
+    while most < 4.0 * MESSAGE || started.elapsed() < 2 * STALLED_AND_A_LOOK {
+        most = most.max(sample(&binary.metrics().await, HELD));
+        assert!(started.elapsed() < PATIENCE, "{most} bytes held at most");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(most <= 5.0 * MESSAGE, "{most} bytes held at most");
+    assert!(!connection.is_finished(), "cut");
+    assert_eq!(cuts_counted(&binary.metrics().await), [0.0; 3]);
+
+    let read = futures_util::future::join_all(calls.into_iter().map(|call| async move {
+        let head = call.await.expect("the head");
+        read_initial_state(head.into_body(), 1).await;
+    }));
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("every initial state");
+    binary.stop();
+}
+
+/// How long a stalled connection past the bound goes before a look cuts it: a second
+/// (`answer_bytes::STALLED`) and a look (250 ms).
+const STALLED_AND_A_LOOK: std::time::Duration = std::time::Duration::from_millis(1250);
 
 /// A client that opens `streams` watch streams of customer `big`'s initial state on a
 /// connection, reads its socket and answers PINGs but gives no window back, and opens a new

@@ -477,7 +477,7 @@ impl AnswerBytesLayer {
             in_all: Budget::new(max_message_bytes, IN_ALL),
             unread: Budget::new(max_message_bytes, UNREAD),
             max_message_bytes,
-            frames: HeldFrames::new(gauge, max_message_bytes.saturating_mul(IN_ALL), &holders),
+            frames: HeldFrames::new(gauge, max_message_bytes, &holders),
             holders,
             chunk,
             call_bytes: call_bytes(max_message_bytes),
@@ -488,8 +488,7 @@ impl AnswerBytesLayer {
     /// These budgets, counting what streams' frames hold before they are handed over in
     /// `gauge` (`frames`). Before any connection is made.
     pub fn counting_frames_in(self, gauge: IntGauge) -> Self {
-        let bound = self.max_message_bytes.saturating_mul(IN_ALL);
-        let frames = HeldFrames::new(gauge, bound, &self.holders);
+        let frames = HeldFrames::new(gauge, self.max_message_bytes, &self.holders);
         AnswerBytesLayer { frames, ..self }
     }
 
@@ -796,8 +795,9 @@ const SPENT_LOOKS: Duration = Duration::from_secs(3);
 const IDLE_CUT: Duration = Duration::from_secs(10);
 
 /// The mark of an answer (in its response's extensions) whose later messages take turns with
-/// its connection's other such answers while streams' frames hold more than their bound
-/// (`frames::poll_frame_turn`): a watch stream's. Unmarked answers never wait for a turn: a
+/// its connection's other such answers once their frames hold its budget, or any while
+/// streams' frames in all hold more than their bound (`frames::poll_frame_turn`): a watch
+/// stream's. Unmarked answers never wait for a turn: a
 /// unary answer's trailers, polled after its message, waited behind the connection's stalled
 /// watch stream, and the call did not end.
 #[derive(Clone, Copy, Debug)]
@@ -1971,6 +1971,39 @@ mod tests {
         assert_eq!(told.expect("told").unwrap(), 100);
         drop(holding);
         assert_eq!(layer.frames.total(), 0);
+    }
+
+    /// Within the bound too, a connection whose streams' frames hold its own budget's worth
+    /// (four messages) takes turns until they hold less: one client alone with many streams
+    /// of large messages, read slowly, held more than the server's bound and was cut on every
+    /// try (found by an adversarial run), where it now holds about its budget and is paced.
+    #[tokio::test]
+    async fn a_connection_holding_its_budget_in_frames_takes_turns_within_the_bound() {
+        use std::future::poll_fn;
+        use std::time::Duration;
+
+        let (layer, bytes, budgets) = connection(1000);
+        bytes.unsent.frame_holds(0, 4000);
+        assert!(layer.frames.total() < 32_000, "within the bound");
+        let (sender, mut waiting) = stream_answer((&layer, &bytes, budgets), CHUNK);
+        let frame = http_body::Frame::data(Bytes::from(vec![7; 100]));
+        sender.send(Ok(frame)).await.unwrap();
+        let waker = futures_util::task::noop_waker();
+        let polled = Pin::new(&mut waiting).poll_frame(&mut Context::from_waker(&waker));
+        assert!(polled.is_pending(), "its budget's worth held");
+        let waited = tokio::spawn(async move {
+            let frame = poll_fn(|cx| Pin::new(&mut waiting).poll_frame(cx)).await;
+            frame
+                .expect("a frame")
+                .expect("data")
+                .into_data()
+                .unwrap()
+                .len()
+        });
+        tokio::task::yield_now().await;
+        bytes.unsent.frame_holds(4000, 3999);
+        let told = tokio::time::timeout(Duration::from_secs(5), waited).await;
+        assert_eq!(told.expect("told").unwrap(), 100);
     }
 
     /// An answer not marked [`TakesTurns`] (a unary answer: its trailers come after its

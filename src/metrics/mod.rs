@@ -436,8 +436,8 @@ impl Watch {
                 "Bytes of gRPC streams' messages (watch initial states and changes, backup \
                  chunks) read and not yet handed to HTTP/2, their clients' windows shut; past \
                  32 times --grpc-max-message-bytes, connections whose clients read less than a \
-                 sixteenth of it in a second are cut, those reading the smallest share first, \
-                 and a connection holding a waiting message takes no other.",
+                 sixteenth of it in a second are cut, those reading the smallest share first; \
+                 a connection's watch streams take turns once theirs hold its own budget.",
             ),
             connections_cut: connections_cut(
                 r,

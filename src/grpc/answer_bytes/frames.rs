@@ -22,19 +22,22 @@
 //! stopped (found by an adversarial run). A client that reads a sixteenth of what it holds
 //! each second is never cut, and what such readers hold goes out at their pace; one
 //! reading slower (many large initial states over a slow link) is cut while the total is past
-//! the bound, and again on each try it makes while it stays past (found by an adversarial
-//! run: the rule, not a stall, is what cuts it).
+//! the bound (the rule, not a stall, is what cuts it).
 //!
-//! While the total is past the bound, a watch stream (an answer marked
-//! [`TakesTurns`](super::TakesTurns)) takes its next frame from tonic only if its own
-//! connection's streams hold none ([`poll_frame_turn`]): clients that never read and
+//! A connection's watch streams (answers marked [`TakesTurns`](super::TakesTurns)) take turns
+//! ([`poll_frame_turn`]): one takes its next frame from tonic only while its connection's
+//! streams hold less than the connection's own answer budget (`PER_CONNECTION` messages),
+//! and, while the total is past the bound, only while they hold none. The first: one client
+//! alone asking for more large messages than the bound (many initial states over a slow link)
+//! held them all and was cut, again on every try (found by an adversarial run); it now holds
+//! about its budget and is paced by its reading. The second: clients that never read and
 //! reconnected as soon as they were cut had every stream of each new connection take one
 //! (about a message each) in the second before a look could judge it, and held 1.1 GB at the
-//! default flags, 8.5 times the bound (found by an adversarial run). Past the bound each
-//! connection now adds about one message, and a connection whose client reads takes turns
-//! among its watches at its own pace; it never waits for what other connections hold. Other
-//! answers never wait for a turn: a unary answer's trailers come after its message, and
-//! held back they kept the call open.
+//! default flags, 8.5 times the bound (found by an adversarial run); past the bound each
+//! connection now adds about one message. A connection whose client reads takes turns among
+//! its watches at its own pace; it never waits for what other connections hold. Other answers
+//! never wait for a turn: a unary answer's trailers come after its message, and held back
+//! they kept the call open (found by an adversarial run).
 //!
 //! Counted bytes go back exactly once: as a chunk of them is handed over (it is counted in the
 //! budgets from then on, until h2 lets go of it) or taken into the budgets, and when the
@@ -48,7 +51,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -57,7 +60,8 @@ use prometheus::IntGauge;
 use tokio::sync::futures::OwnedNotified;
 
 use super::{
-    Counts, CutReason, Holders, OWED_FOR, SLOWEST_SHARE, STALLED, Unsent, least_share_read_first,
+    Counts, CutReason, Holders, IN_ALL, OWED_FOR, PER_CONNECTION, SLOWEST_SHARE, STALLED, Unsent,
+    least_share_read_first,
 };
 use crate::grpc::byte_budgets::Room;
 use crate::poison::lock;
@@ -68,24 +72,39 @@ const LOOK: Duration = Duration::from_millis(250);
 /// The bytes streams' frames hold before they are handed over, server-wide, and the bound past
 /// which stalled connections holding them are cut.
 pub(super) struct HeldFrames {
-    /// The bytes (also the exported gauge).
+    /// The bytes: what decides, each change seeing the count before it (so the one that
+    /// brings it down to the bound knows it did).
+    held: AtomicUsize,
+    /// The same, exported.
     bytes: IntGauge,
     /// The server's answer budget.
     bound: usize,
+    /// What one connection's streams' frames may hold before its watch streams take turns,
+    /// past the bound or not: its own answer budget ([`poll_frame_turn`]).
+    per_connection: usize,
     /// A look is running ([`HeldFrames::look_while_over`]).
     looking: AtomicBool,
     holders: Holders,
-    /// Streams waiting for their turn to take a frame ([`poll_frame_turn`]), told whenever
-    /// the total comes down to the bound or under.
+    /// Streams waiting for their turn to take a frame ([`poll_frame_turn`]), told when the
+    /// total comes down to the bound. Not at every change within it: streams of connections
+    /// that hold their own budget wait within the bound too, and would all wake for every
+    /// chunk any connection hands over.
     room: Room,
 }
 
 impl HeldFrames {
-    /// Counted in `bytes`, bounded by `bound`, cutting among `holders`.
-    pub(super) fn new(bytes: IntGauge, bound: usize, holders: &Holders) -> Arc<HeldFrames> {
+    /// Counted in `bytes`, bounded by the server's answer budget for messages of at most
+    /// `max_message_bytes` (each connection's streams by its own), cutting among `holders`.
+    pub(super) fn new(
+        bytes: IntGauge,
+        max_message_bytes: usize,
+        holders: &Holders,
+    ) -> Arc<HeldFrames> {
         Arc::new(HeldFrames {
+            held: AtomicUsize::new(0),
             bytes,
-            bound,
+            bound: max_message_bytes.saturating_mul(IN_ALL),
+            per_connection: max_message_bytes.saturating_mul(PER_CONNECTION),
             looking: AtomicBool::new(false),
             holders: holders.clone(),
             room: Room::default(),
@@ -94,11 +113,12 @@ impl HeldFrames {
 
     /// The bytes held now.
     pub(super) fn total(&self) -> usize {
-        usize::try_from(self.bytes.get()).unwrap_or(0)
+        self.held.load(Ordering::SeqCst)
     }
 
     /// `more` bytes held; past the bound, starts looking for stalled holders to cut.
     fn hold(self: &Arc<Self>, more: usize) {
+        self.held.fetch_add(more, Ordering::SeqCst);
         self.bytes.add(i64::try_from(more).unwrap_or(i64::MAX));
         if self.over() && !self.looking.swap(true, Ordering::SeqCst) {
             // Outside a runtime (unit tests) nothing looks: nothing is served either.
@@ -111,8 +131,9 @@ impl HeldFrames {
     }
 
     fn let_go(&self, bytes: usize) {
+        let before = self.held.fetch_sub(bytes, Ordering::SeqCst);
         self.bytes.sub(i64::try_from(bytes).unwrap_or(i64::MAX));
-        if !self.over() {
+        if before > self.bound && before - bytes <= self.bound {
             self.room.tell();
         }
     }
@@ -149,21 +170,25 @@ impl Unsent {
     /// One of its streams' frames holds `now` bytes not counted in its budgets, `was` before.
     pub(super) fn frame_holds(&self, was: usize, now: usize) {
         if now > was {
-            self.frame_bytes.fetch_add(now - was, Ordering::Relaxed);
+            self.frame_bytes.fetch_add(now - was, Ordering::SeqCst);
             self.frames.hold(now - was);
         } else {
-            let before = self.frame_bytes.fetch_sub(was - now, Ordering::Relaxed);
-            self.frames.let_go(was - now);
-            if before == was - now {
+            let less = was - now;
+            let before = self.frame_bytes.fetch_sub(less, Ordering::SeqCst);
+            self.frames.let_go(less);
+            // What may let its waiting streams go: holding none, or coming under its budget.
+            let cap = self.frames.per_connection;
+            if before == less || (before >= cap && before - less < cap) {
                 self.frames_room.tell();
             }
         }
     }
 
-    /// Whether one of its streams may take its next frame now: its streams hold none, or
-    /// what all streams hold is within the bound.
+    /// Whether one of its watch streams may take its next frame now: its streams hold none,
+    /// or less than its own budget while what all streams hold is within the bound.
     fn may_take_frame(&self) -> bool {
-        self.frame_bytes.load(Ordering::Relaxed) == 0 || !self.frames.over()
+        let held = self.frame_bytes.load(Ordering::SeqCst);
+        held == 0 || (held < self.frames.per_connection && !self.frames.over())
     }
 
     /// Whether its streams' frames hold bytes and its client read less than a sixteenth
@@ -231,13 +256,10 @@ impl Holders {
 }
 
 /// Ready once a watch stream of `unsent`'s connection may take its next frame from tonic
-/// ([`Unsent::may_take_frame`]); until then `wait` holds its registration to be told. Past the
-/// bound, a connection whose streams hold a frame takes no other: reconnecting clients that
-/// never read had each new connection's streams take a frame each (about one message per
-/// stream) before a look could judge it, and held 1.1 GB at the default flags, 8.5 times the
-/// bound (found by an adversarial run); now each holds about one. What such a stream would
-/// have sent stays in its watch's outbox, shared with the store, and falls behind into a
-/// reset as a slow reader's does.
+/// ([`Unsent::may_take_frame`]: its connection's streams hold less than its budget, and none
+/// while the total is past the bound); until then `wait` holds its registration to be told.
+/// What such a stream would have sent stays in its watch's outbox, shared with the store, and
+/// falls behind into a reset as a slow reader's does.
 pub(super) fn poll_frame_turn(
     unsent: &Arc<Unsent>,
     wait: &mut Option<FrameWait>,
