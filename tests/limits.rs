@@ -2430,29 +2430,11 @@ async fn a_reader_past_the_bound_gets_each_streams_initial_state_in_turn() {
         tokio::task::yield_now().await;
     }
 
-    let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
-    let (mut reader, connection) = h2::client::handshake(tcp).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let request = profile_state::pb::WatchProfilesRequest {
-        customer_ids: vec!["big".into()],
-        send_initial_state: true,
-        ..Default::default()
-    };
-    let mut calls = Vec::new();
-    for _ in 0..STREAMS {
-        use prost::Message;
-        calls.push(raw_unary(&mut reader, "WatchProfiles", request.encode_to_vec()).await);
-    }
+    let (connection, calls) = watching_big_on_one_connection(binary.grpc, STREAMS).await;
     // Each stream's turn comes as the one before goes out (about a second for all 60 here),
     // not when a cut brings the total down: waiting for that, they took more than the
     // patience (tried).
-    let read = futures_util::future::join_all(calls.into_iter().map(|call| async move {
-        let head = call.await.expect("the head");
-        read_initial_state(head.into_body(), 1).await;
-    }));
-    tokio::time::timeout(PATIENCE, read)
-        .await
-        .expect("every initial state in turn");
+    read_each_initial_state_of_one(calls).await;
     assert!(!connection.is_finished(), "the reader was cut");
     stop.cancel();
     for client in stalled {
@@ -2474,19 +2456,7 @@ async fn one_client_asking_for_more_than_the_bound_holds_its_budget_and_is_not_c
     let dir = tempfile::tempdir().unwrap();
     let binary = binary::Binary::start(dir.path(), &["--grpc-max-message-bytes", "262144"]).await;
     one_profile_of_200_kb(&binary, "big").await;
-    let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
-    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let request = profile_state::pb::WatchProfilesRequest {
-        customer_ids: vec!["big".into()],
-        send_initial_state: true,
-        ..Default::default()
-    };
-    let mut calls = Vec::new();
-    for _ in 0..STREAMS {
-        use prost::Message;
-        calls.push(raw_unary(&mut client, "WatchProfiles", request.encode_to_vec()).await);
-    }
+    let (connection, calls) = watching_big_on_one_connection(binary.grpc, STREAMS).await;
     // 90 streams of 200 KB, 64 KiB of each in HTTP/2: 12 MB would be held, past the 8 MiB
     // bound. Held: its budget's worth, and the frame that passed it.
     let (mut most, started) = (0.0_f64, std::time::Instant::now());
@@ -2499,14 +2469,44 @@ async fn one_client_asking_for_more_than_the_bound_holds_its_budget_and_is_not_c
     assert!(!connection.is_finished(), "cut");
     assert_eq!(cuts_counted(&binary.metrics().await), [0.0; 3]);
 
+    read_each_initial_state_of_one(calls).await;
+    binary.stop();
+}
+
+/// A new connection to `grpc` with `streams` watch streams of customer `big`'s initial state,
+/// none read yet: the connection's task, and the calls.
+async fn watching_big_on_one_connection(
+    grpc: std::net::SocketAddr,
+    streams: usize,
+) -> (
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+    Vec<h2::client::ResponseFuture>,
+) {
+    use prost::Message;
+    let tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = profile_state::pb::WatchProfilesRequest {
+        customer_ids: vec!["big".into()],
+        send_initial_state: true,
+        ..Default::default()
+    };
+    let mut calls = Vec::new();
+    for _ in 0..streams {
+        calls.push(raw_unary(&mut client, "WatchProfiles", request.encode_to_vec()).await);
+    }
+    (connection, calls)
+}
+
+/// Reads every call's initial state of one profile, all within [`PATIENCE`].
+async fn read_each_initial_state_of_one(calls: Vec<h2::client::ResponseFuture>) {
     let read = futures_util::future::join_all(calls.into_iter().map(|call| async move {
         let head = call.await.expect("the head");
         read_initial_state(head.into_body(), 1).await;
     }));
     tokio::time::timeout(PATIENCE, read)
         .await
-        .expect("every initial state");
-    binary.stop();
+        .expect("every initial state within the patience");
 }
 
 /// How long a stalled connection past the bound goes before a look cuts it: a second
