@@ -66,9 +66,9 @@
 //! budget the connections whose clients read the least of what they hold are cut (`frames`):
 //! 2,500 streams of clients that answered PINGs but gave no window back held one 550 KB
 //! profile each, 1.68 GB, counted nowhere (found by an adversarial run). Streams never wait
-//! for what other connections hold, for the reason above; past the bound, a watch stream
-//! ([`TakesTurns`]) waits to take its next frame while its own connection's streams hold one
-//! (`frames`).
+//! for what other connections hold, for the reason above; a watch stream ([`TakesTurns`])
+//! waits to take its next frame while its own connection's streams hold its budget's worth,
+//! or past the bound any (`frames`).
 //!
 //! What this module does not do: give a stalled answer a time limit (only a connection whose
 //! budget stays spent has one), bound what streams' frames hold before that cut comes below
@@ -167,7 +167,7 @@ struct Unsent {
     /// ([`Unsent::frames_unread`]).
     frames_stalled: NotReading,
     /// Its streams waiting for their turn to take a frame (`frames::poll_frame_turn`), told
-    /// when its streams let go of the last of their frames.
+    /// when its streams' frames come under its budget or to none.
     frames_room: Room,
 }
 
@@ -797,9 +797,9 @@ const IDLE_CUT: Duration = Duration::from_secs(10);
 /// The mark of an answer (in its response's extensions) whose later messages take turns with
 /// its connection's other such answers once their frames hold its budget, or any while
 /// streams' frames in all hold more than their bound (`frames::poll_frame_turn`): a watch
-/// stream's. Unmarked answers never wait for a turn: a
-/// unary answer's trailers, polled after its message, waited behind the connection's stalled
-/// watch stream, and the call did not end.
+/// stream's. Unmarked answers never wait for a turn: a unary answer's trailers, polled after
+/// its message, waited behind the connection's stalled watch stream, and the call did not end
+/// (found by an adversarial run).
 #[derive(Clone, Copy, Debug)]
 pub struct TakesTurns;
 

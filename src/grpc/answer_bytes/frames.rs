@@ -284,8 +284,8 @@ pub(super) fn poll_frame_turn(
     }
 }
 
-/// A stream waiting for its turn to take a frame: told when its connection's streams let go of
-/// the last of their frames, or when the total comes down to the bound.
+/// A stream waiting for its turn to take a frame: told when its connection's streams' frames
+/// come under its budget or to none, or when the total comes down to the bound.
 pub(super) struct FrameWait {
     unsent: Arc<Unsent>,
     connection: Pin<Box<OwnedNotified>>,
