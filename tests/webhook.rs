@@ -820,6 +820,51 @@ async fn a_number_past_the_double_range_is_named_by_its_field() {
     service.stop().await;
 }
 
+/// With per-account secrets and no default, a correctly signed body that serde_json cannot
+/// read (a number past the double range, nesting past its limit, a lone surrogate) was a 401:
+/// its `client_id` was read through serde_json too, so no account's secrets applied, and
+/// Gameball drops a 401 after three retries with nothing kept (found by an adversarial run).
+/// It is the 422 a default secret gives, kept as a dead letter; a body whose account has no
+/// secret is still a 401.
+#[tokio::test]
+async fn an_unreadable_body_signed_with_its_accounts_secret_is_dead_lettered_not_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.toml");
+    std::fs::write(&file, "[clients]\n\"2155\" = [\"account-secret\"]\n").unwrap();
+    let mut config = Config::for_tests(SECRET);
+    config.webhook_secret = None;
+    config.webhook_secrets_file = Some(file);
+    let service = TestService::start_with(config).await;
+    let deep = format!("{}1{}", "[".repeat(130), "]".repeat(130));
+    let cases = [
+        ("data.total_points", "1e400".to_owned()),
+        ("data", deep),
+        ("data.tier_name", r#""\ud800""#.to_owned()),
+    ];
+    for (field, literal) in cases {
+        let body = with(
+            profile_updated("unreadable", &at(1), json!({"email": "a@b.c"})),
+            field,
+            json!("PLACEHOLDER"),
+        );
+        let raw = String::from_utf8(to_bytes(&body))
+            .unwrap()
+            .replace("\"PLACEHOLDER\"", &literal)
+            .into_bytes();
+        let answer = service
+            .post_signed_as(raw.clone(), "account-secret", Some(JSON))
+            .await;
+        assert_eq!(answer.0, 422, "{field}: {answer:?}");
+        assert!(answer.1["dead_letter_id"].is_string(), "{answer:?}");
+        let wrong = service.post_signed_as(raw, SECRET, Some(JSON)).await;
+        assert_eq!(
+            wrong.0, 401,
+            "signed with no secret of the account: {wrong:?}"
+        );
+    }
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn integer_range_boundaries_are_accepted() {
     let service = TestService::start().await;

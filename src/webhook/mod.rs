@@ -15,6 +15,7 @@
 //! with the claimed `client_id` and the reason, at most once per interval (`rejection_log`). Nothing here merges or stores;
 //! statuses come from `crate::status`, the one place that maps errors for both HTTP and gRPC.
 
+mod client_hint;
 mod rejection_log;
 pub mod secrets;
 pub mod signature;
@@ -194,22 +195,24 @@ fn recorded(outcome: &'static str, revision: u64) -> Response {
 enum Parsed<'a> {
     /// The usual case: one JSON object with each field at most once.
     Envelope(payload::Envelope<'a>),
-    /// Anything else, or not JSON: [`ingest::validate`] answers it as it always has.
-    General(Result<serde_json::Value, serde_json::Error>),
+    /// Anything else, or not JSON: [`ingest::validate`] answers it as it always has. With
+    /// the raw body, for a `client_id` serde_json could not read (`client_hint`).
+    General(Result<serde_json::Value, serde_json::Error>, &'a [u8]),
 }
 
 impl<'a> Parsed<'a> {
     fn read(raw: &'a [u8]) -> Parsed<'a> {
         match payload::Envelope::read(raw) {
             Some(envelope) => Parsed::Envelope(envelope),
-            None => Parsed::General(serde_json::from_slice(raw)),
+            None => Parsed::General(serde_json::from_slice(raw), raw),
         }
     }
 
     fn client_id(&self) -> Option<&str> {
         match self {
             Parsed::Envelope(envelope) => envelope.client_id(),
-            Parsed::General(parsed) => parsed.as_ref().ok()?.get("client_id")?.as_str(),
+            Parsed::General(Ok(parsed), _) => parsed.get("client_id")?.as_str(),
+            Parsed::General(Err(_), raw) => client_hint::client_id(raw),
         }
     }
 
@@ -221,14 +224,14 @@ impl<'a> Parsed<'a> {
             Parsed::Envelope(_) => serde_json::from_slice::<serde_json::Value>(raw)
                 .ok()
                 .map(|json| signature::compact(&json)),
-            Parsed::General(parsed) => parsed.as_ref().ok().map(signature::compact),
+            Parsed::General(parsed, _) => parsed.as_ref().ok().map(signature::compact),
         }
     }
 
     fn validate(&self, raw: &[u8]) -> Result<Delivery, Error> {
         match self {
             Parsed::Envelope(envelope) => envelope.validate(),
-            Parsed::General(parsed) => ingest::validate(raw, parsed.as_ref()),
+            Parsed::General(parsed, _) => ingest::validate(raw, parsed.as_ref()),
         }
     }
 }
