@@ -47,6 +47,14 @@ pub use shared::{BucketError, LetterBucket, REPLAY_CLAIM_TIMEOUT};
 pub const DIR: &str = "dead-letters";
 /// The most letters kept; storing a new one past this fails until some are replayed or purged.
 pub const MAX_LETTERS: usize = 10_000;
+/// The most bytes of bodies a node keeps in its letters together (each is held in memory as
+/// well as on disk); a new letter past this fails as past [`MAX_LETTERS`]. Ten thousand
+/// letters of 64 KiB took 700 MB of memory, and at a larger `--max-body-bytes` the count alone
+/// bounded nothing (600 letters of 2 MB took 1.3 GB: found by an adversarial run).
+pub const MAX_LETTER_BYTES: usize = 256 * 1024 * 1024;
+/// Refusals of letters past [`MAX_LETTERS`] or [`MAX_LETTER_BYTES`], logged at most every
+/// [`WARN_EVERY`](crate::logging::WARN_EVERY).
+static FULL_WARNINGS: crate::logging::RateLimited = crate::logging::RateLimited::new();
 /// The version of a letter file's format.
 const FORMAT: u32 = 1;
 
@@ -187,6 +195,19 @@ pub enum DeadLetterError {
         /// The limit.
         limit: usize,
     },
+    /// Keeping it would pass [`MAX_LETTER_BYTES`] of bodies.
+    #[error(
+        "dead letters hold {held} bytes of bodies already, and this one's {bytes} would pass the \
+         {limit} kept at most; replay or purge some to keep new ones"
+    )]
+    FullOfBytes {
+        /// What the kept letters' bodies hold.
+        held: usize,
+        /// This body's size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A filesystem operation failed.
     #[error("dead letters: {0}")]
     Io(IoError),
@@ -264,7 +285,15 @@ impl DeadLetterError {
             tracing::warn!(key = %id, %reason, "an entry of the dead-letter bucket is not a dead letter");
             return Error::DeadLetterUnreadable { id, reason };
         }
-        tracing::error!(error = %self, "dead letter storage failed");
+        if let DeadLetterError::Full { .. } | DeadLetterError::FullOfBytes { .. } = self {
+            // One line in a while: a sender of undeliverable bodies made one per refusal
+            // (found by an adversarial run).
+            if let Some(suppressed) = FULL_WARNINGS.due() {
+                tracing::error!(error = %self, suppressed, "dead letter not kept: the dead letters are full");
+            }
+        } else {
+            tracing::error!(error = %self, "dead letter storage failed");
+        }
         if let DeadLetterError::PurgeBrokeOff { removed, .. } = self {
             // The caller learns what was done: a purge is not all or nothing.
             return Error::Unavailable {
@@ -301,6 +330,8 @@ struct Inner {
     /// Where each change takes its share of the data directory's lock (unlocked in memory).
     lock: LockRef,
     max_letters: usize,
+    /// [`MAX_LETTER_BYTES`], or less in tests.
+    max_bytes: usize,
     /// What readers see. A plain mutex, held only to look up or swap entries and never during
     /// I/O: letters are few and rarely touched, so a concurrent map would buy nothing.
     index: Mutex<Index>,
@@ -317,21 +348,42 @@ struct Inner {
 struct Index {
     by_id: HashMap<DeadLetterId, Arc<DeadLetter>>,
     order: BTreeSet<(DateTime<Utc>, DeadLetterId)>,
+    /// The bytes of the letters' bodies.
+    body_bytes: usize,
 }
 
 impl Index {
     fn insert(&mut self, letter: Arc<DeadLetter>) {
         self.order.insert((letter.received_at, letter.id.clone()));
+        self.body_bytes += letter.body.len();
         if let Some(old) = self.by_id.insert(letter.id.clone(), letter) {
             // A rewrite keeps the first arrival, so the order entry is the same one.
             debug_assert!(self.order.contains(&(old.received_at, old.id.clone())));
+            self.body_bytes -= old.body.len();
         }
     }
 
     fn remove(&mut self, id: &DeadLetterId) -> Option<Arc<DeadLetter>> {
         let letter = self.by_id.remove(id)?;
         self.order.remove(&(letter.received_at, letter.id.clone()));
+        self.body_bytes -= letter.body.len();
         Some(letter)
+    }
+
+    /// Refused if a new letter of `bytes` would pass `max_letters` or `max_bytes`.
+    fn room_for(
+        &self,
+        bytes: usize,
+        (max_letters, max_bytes): (usize, usize),
+    ) -> Result<(), DeadLetterError> {
+        if self.by_id.len() >= max_letters {
+            return Err(DeadLetterError::Full { limit: max_letters });
+        }
+        if self.body_bytes.saturating_add(bytes) > max_bytes {
+            let (held, limit) = (self.body_bytes, max_bytes);
+            return Err(DeadLetterError::FullOfBytes { held, bytes, limit });
+        }
+        Ok(())
     }
 }
 
@@ -339,7 +391,8 @@ impl LocalLetters {
     /// Letters kept in memory only (`--ephemeral`, and ingresses built without a data
     /// directory).
     pub fn in_memory() -> LocalLetters {
-        LocalLetters::new(None, LockRef::unlocked(), MAX_LETTERS, Index::default())
+        let limits = (MAX_LETTERS, MAX_LETTER_BYTES);
+        LocalLetters::new(None, LockRef::unlocked(), limits, Index::default())
     }
 
     /// Opens `<data_dir>/dead-letters` (created if missing) and loads every letter in it; each
@@ -363,16 +416,27 @@ impl LocalLetters {
             }
         }
         tracing::info!(dir = %dir.display(), letters = index.by_id.len(), "dead letters loaded");
-        Ok(LocalLetters::new(Some(dir), lock, MAX_LETTERS, index))
+        Ok(LocalLetters::new(
+            Some(dir),
+            lock,
+            (MAX_LETTERS, MAX_LETTER_BYTES),
+            index,
+        ))
     }
 
     /// Letters kept in `dir`, each change holding a share of `lock`, or in memory only.
-    fn new(dir: Option<PathBuf>, lock: LockRef, max_letters: usize, index: Index) -> LocalLetters {
+    fn new(
+        dir: Option<PathBuf>,
+        lock: LockRef,
+        (max_letters, max_bytes): (usize, usize),
+        index: Index,
+    ) -> LocalLetters {
         LocalLetters {
             inner: Arc::new(Inner {
                 dir,
                 lock,
                 max_letters,
+                max_bytes,
                 index: Mutex::new(index),
                 writer: Mutex::new(()),
                 replaying: Mutex::default(),
@@ -403,11 +467,8 @@ impl LocalLetters {
                     ..DeadLetter::clone(&old)
                 },
                 None => {
-                    if lock(&inner.index).by_id.len() >= inner.max_letters {
-                        return Err(DeadLetterError::Full {
-                            limit: inner.max_letters,
-                        });
-                    }
+                    let limits = (inner.max_letters, inner.max_bytes);
+                    lock(&inner.index).room_for(body.len(), limits)?;
                     DeadLetter {
                         id: id.clone(),
                         received_at: now,
@@ -971,9 +1032,40 @@ mod tests {
         );
     }
 
+    /// Past [`MAX_LETTER_BYTES`] of bodies a new letter is refused as past the count, repeats
+    /// of kept ones still count, and what is purged or replayed makes room again.
+    #[tokio::test]
+    async fn a_store_full_of_bytes_refuses_new_bodies_until_some_go() {
+        let limits = (MAX_LETTERS, 5);
+        let letters = LocalLetters::new(None, LockRef::unlocked(), limits, Index::default());
+        letters
+            .store(b"123", &invalid("body"), at(1))
+            .await
+            .unwrap();
+        let refused = letters.store(b"456", &invalid("body"), at(2)).await;
+        let full = DeadLetterError::FullOfBytes {
+            held: 3,
+            bytes: 3,
+            limit: 5,
+        };
+        assert_eq!(refused.unwrap_err().to_string(), full.to_string());
+        letters
+            .store(b"123", &invalid("body"), at(3))
+            .await
+            .unwrap();
+        letters.store(b"45", &invalid("body"), at(4)).await.unwrap();
+        let purged = letters.purge(Purge::All).await.unwrap();
+        assert_eq!(purged.removed.len(), 2);
+        letters
+            .store(b"45678", &invalid("body"), at(5))
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_full_store_refuses_new_bodies_but_counts_repeats() {
-        let letters = LocalLetters::new(None, LockRef::unlocked(), 1, Index::default());
+        let limits = (1, MAX_LETTER_BYTES);
+        let letters = LocalLetters::new(None, LockRef::unlocked(), limits, Index::default());
         letters.store(b"1", &invalid("body"), at(1)).await.unwrap();
         let refused = letters.store(b"2", &invalid("body"), at(2)).await;
         assert!(matches!(refused, Err(DeadLetterError::Full { limit: 1 })));

@@ -203,6 +203,14 @@ pub struct RateLimited {
 }
 
 impl RateLimited {
+    /// None logged yet: the first is due at once (for a `static`).
+    pub const fn new() -> RateLimited {
+        RateLimited {
+            last: std::sync::Mutex::new(None),
+            suppressed: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
     /// `Some(how many were held back since the last one)` when one may be logged now.
     pub fn due(&self) -> Option<usize> {
         use std::sync::atomic::Ordering;
