@@ -1,10 +1,10 @@
 #!/bin/bash
 # Session 56, quiet-box A/B (no builds or tests running), alternating which build runs first.
 # base: /work/bin/s55/head (0be18bc, session 55 end; docs only after it).
-# new: /work/bin/s56/turns (8fda646): the frame-turn gate, watch streams only (an atomic load per frame pulled; an extension per watch opened).
+# new: /work/bin/s56/final (d128d15): the frame turn (watch streams, a connection budget cap), the session end.
 
 B=/work/bin/s53/bench
-bin() { case $1 in base) echo /work/bin/s55/head;; new) echo /work/bin/s56/turns;; esac; }
+bin() { case $1 in base) echo /work/bin/s55/head;; new) echo /work/bin/s56/final;; esac; }
 run() { # run KIND PAIR ARGS...
   kind=$1 pair=$2; shift 2
   order="base new"; [ $((pair % 2)) = 0 ] && order="new base"
