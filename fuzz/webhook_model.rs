@@ -401,7 +401,12 @@ impl Signature {
     ) -> (Option<HeaderValue>, bool) {
         let sign = |secret: &str, bytes: &[u8]| SignatureCheck::new(secret).sign(bytes);
         let value = |text: String| HeaderValue::from_str(&text).expect("hex is a header value");
-        let client = parsed.and_then(|json| json.get("client_id")?.as_str());
+        // As the ingress chooses secrets: the parsed body's `client_id`, or, for a body
+        // serde_json does not take, the top-level one a walk of it finds.
+        let client = match parsed {
+            Some(json) => json.get("client_id").and_then(Value::as_str),
+            None => profile_state::webhook::client_hint::client_id(raw),
+        };
         match self {
             Signature::Correct => (Some(value(sign(SECRET, raw))), true),
             Signature::Absent => (None, false),

@@ -2406,7 +2406,7 @@ async fn stalled_clients_reconnecting_as_soon_as_they_are_cut_hold_about_the_bou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_past_the_bound_gets_each_streams_initial_state_in_turn() {
     use std::sync::atomic::AtomicUsize;
-    const STREAMS: usize = 60;
+    const STREAMS: usize = 90;
     // Budgets: 1 MiB a connection, 8 MiB in all.
     const BOUND: f64 = 8.0 * 1024.0 * 1024.0;
     const HELD: &str = "profile_state_stream_unsent_bytes ";
@@ -2430,12 +2430,22 @@ async fn a_reader_past_the_bound_gets_each_streams_initial_state_in_turn() {
         tokio::task::yield_now().await;
     }
 
-    let (connection, calls) = watching_big_on_one_connection(binary.grpc, STREAMS).await;
-    // Each stream's turn comes as the one before goes out (about a second for all 60 here),
+    // Each stream read from the moment it is opened: a client holding frames that reads
+    // nothing for a second while the server is past the bound is cut (opening them all before
+    // reading any took that long under a loaded CI run).
+    let mut reads = Vec::new();
+    let read_at_once = |call| reads.push(tokio::spawn(read_initial_state_of_one(call)));
+    let connection = watching_big_on_one_connection(binary.grpc, STREAMS, read_at_once).await;
+    // Each stream's turn comes as the one before goes out (a second or two for all 90 here),
     // not when a cut brings the total down: waiting for that, they took more than the
     // patience (tried).
-    read_each_initial_state_of_one(calls).await;
-    assert!(!connection.is_finished(), "the reader was cut");
+    // Read whole, so never cut while it read. Once done it reads nothing more, and may then be
+    // cut like any client that stops reading while the server is past its budgets: not checked.
+    let all = futures_util::future::join_all(reads);
+    let read = tokio::time::timeout(PATIENCE, all).await;
+    let read = read.expect("every initial state in turn");
+    assert!(read.iter().all(Result::is_ok), "{read:?}");
+    drop(connection);
     stop.cancel();
     for client in stalled {
         client.await.unwrap();
@@ -2456,7 +2466,9 @@ async fn one_client_asking_for_more_than_the_bound_holds_its_budget_and_is_not_c
     let dir = tempfile::tempdir().unwrap();
     let binary = binary::Binary::start(dir.path(), &["--grpc-max-message-bytes", "262144"]).await;
     one_profile_of_200_kb(&binary, "big").await;
-    let (connection, calls) = watching_big_on_one_connection(binary.grpc, STREAMS).await;
+    let mut calls = Vec::new();
+    let connection =
+        watching_big_on_one_connection(binary.grpc, STREAMS, |call| calls.push(call)).await;
     // 90 streams of 200 KB, 64 KiB of each in HTTP/2: 12 MB would be held, past the 8 MiB
     // bound. Held: its budget's worth, and the frame that passed it.
     let (mut most, started) = (0.0_f64, std::time::Instant::now());
@@ -2474,14 +2486,12 @@ async fn one_client_asking_for_more_than_the_bound_holds_its_budget_and_is_not_c
 }
 
 /// A new connection to `grpc` with `streams` watch streams of customer `big`'s initial state,
-/// none read yet: the connection's task, and the calls.
+/// each handed to `opened` as it is opened: the connection's task.
 async fn watching_big_on_one_connection(
     grpc: std::net::SocketAddr,
     streams: usize,
-) -> (
-    tokio::task::JoinHandle<Result<(), h2::Error>>,
-    Vec<h2::client::ResponseFuture>,
-) {
+    mut opened: impl FnMut(h2::client::ResponseFuture),
+) -> tokio::task::JoinHandle<Result<(), h2::Error>> {
     use prost::Message;
     let tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
     let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
@@ -2491,22 +2501,24 @@ async fn watching_big_on_one_connection(
         send_initial_state: true,
         ..Default::default()
     };
-    let mut calls = Vec::new();
     for _ in 0..streams {
-        calls.push(raw_unary(&mut client, "WatchProfiles", request.encode_to_vec()).await);
+        opened(raw_unary(&mut client, "WatchProfiles", request.encode_to_vec()).await);
     }
-    (connection, calls)
+    connection
 }
 
 /// Reads every call's initial state of one profile, all within [`PATIENCE`].
 async fn read_each_initial_state_of_one(calls: Vec<h2::client::ResponseFuture>) {
-    let read = futures_util::future::join_all(calls.into_iter().map(|call| async move {
-        let head = call.await.expect("the head");
-        read_initial_state(head.into_body(), 1).await;
-    }));
+    let read = futures_util::future::join_all(calls.into_iter().map(read_initial_state_of_one));
     tokio::time::timeout(PATIENCE, read)
         .await
         .expect("every initial state within the patience");
+}
+
+/// Reads a call's initial state of one profile.
+async fn read_initial_state_of_one(call: h2::client::ResponseFuture) {
+    let head = call.await.expect("the head");
+    read_initial_state(head.into_body(), 1).await;
 }
 
 /// How long a stalled connection past the bound goes before a look cuts it: a second

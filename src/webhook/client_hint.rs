@@ -15,7 +15,7 @@
 
 /// The top-level `client_id` of `raw` when it is a plain string (no escapes, valid UTF-8) of an
 /// object shaped as JSON down to its top-level keys; `None` otherwise.
-pub(super) fn client_id(raw: &[u8]) -> Option<&str> {
+pub fn client_id(raw: &[u8]) -> Option<&str> {
     let mut at = skip_space(raw, 0);
     (raw.get(at) == Some(&b'{')).then_some(())?;
     at += 1;

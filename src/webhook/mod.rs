@@ -15,7 +15,7 @@
 //! with the claimed `client_id` and the reason, at most once per interval (`rejection_log`). Nothing here merges or stores;
 //! statuses come from `crate::status`, the one place that maps errors for both HTTP and gRPC.
 
-mod client_hint;
+pub mod client_hint;
 mod rejection_log;
 pub mod secrets;
 pub mod signature;
