@@ -30,6 +30,14 @@ use crate::replicas::{
 /// it, which restoring the stream from its backup dropped. No replica creates it while the
 /// bucket holds snapshots; once the bucket is deleted on purpose, one starts a new, empty
 /// store.
+/// `config` trying again for 2 s instead of 30 before it gives up a start-up that may yet
+/// work (a missing stream that existed may be being restored): a few attempts still, and the
+/// refusal these tests wait for comes in 2 s.
+fn impatient(mut config: Config) -> Config {
+    config.nats.start_patience = Duration::from_secs(2);
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_stream_is_not_created_again_beside_its_snapshots() {
     let nats = NatsCluster::single().await.unwrap();
@@ -42,7 +50,7 @@ async fn a_lost_stream_is_not_created_again_beside_its_snapshots() {
     context.delete_stream("LOSTONE").await.unwrap();
 
     let b_dir = tempfile::tempdir().unwrap();
-    let refused = Server::bind(snapshotting(&nats, "LOSTONE", "b", b_dir.path())).await;
+    let refused = Server::bind(impatient(snapshotting(&nats, "LOSTONE", "b", b_dir.path()))).await;
     let error = format!("{:#}", refused.err().expect("b does not start"));
     assert!(
         error.contains(
@@ -86,7 +94,7 @@ async fn a_replica_that_followed_a_lost_stream_does_not_create_it_again() {
         context.delete_stream(name).await.unwrap();
     }
 
-    let refused = Server::bind(snapshotting(&nats, "WIPED", "a", a_dir.path())).await;
+    let refused = Server::bind(impatient(snapshotting(&nats, "WIPED", "a", a_dir.path()))).await;
     let error = format!("{:#}", refused.err().expect("a does not start"));
     assert!(
         error.contains(

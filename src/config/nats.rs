@@ -118,6 +118,13 @@ pub struct NatsConfig {
     #[arg(skip = std::time::Duration::from_secs(10))]
     pub snapshot_publish_interval: std::time::Duration,
 
+    /// How long start-up keeps trying while JetStream cannot do what it asks yet (not a flag:
+    /// tests lower it): a stream or cluster formed a moment ago is still electing its leaders,
+    /// and a stream that existed and is missing may be being restored. A replica that exited
+    /// at once would only be restarted into the same wait.
+    #[arg(skip = std::time::Duration::from_secs(30))]
+    pub start_patience: std::time::Duration,
+
     /// Takes over a stream of an earlier build's merge rules (1, without the bound on how large
     /// an update may grow a profile): what it holds is applied as before, what comes after
     /// with this build's rules. Only with every replica of the earlier build stopped (README,

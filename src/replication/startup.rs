@@ -62,10 +62,6 @@ struct Start {
     stream_sequence: u64,
 }
 
-/// How long start-up keeps trying while JetStream does not answer a request in time (the
-/// connection itself is up): a stream or cluster formed a moment ago is still electing its
-/// leaders, and a replica that exited on that would only be restarted into the same wait.
-const START_PATIENCE: Duration = Duration::from_secs(30);
 /// Longest pause between two start-up attempts.
 const MAX_START_PAUSE: Duration = Duration::from_secs(2);
 /// How many `--nats-request-timeout`s a download may go without a byte before it is given up.
@@ -77,10 +73,10 @@ const DOWNLOAD_STALL_REQUESTS: u32 = 3;
 /// Connects, checks or creates the stream, opens the data directory, and loads the starting
 /// point. Settings that cannot work are [`BadConfiguration`]; an unreachable NATS is not, and
 /// fails at once. JetStream not answering in time is tried again from the start, with
-/// backoff, for up to [`START_PATIENCE`]; so is a published snapshot replaced while it
-/// downloaded. Each attempt tried again is logged with why.
+/// backoff, for up to [`NatsConfig::start_patience`](crate::config::NatsConfig) (30 s); so is a
+/// published snapshot replaced while it downloaded. Each attempt tried again is logged with why.
 pub async fn open(config: &Config) -> anyhow::Result<Opened> {
-    let deadline = Instant::now() + START_PATIENCE;
+    let deadline = Instant::now() + config.nats.start_patience;
     let mut pause = Duration::from_millis(100);
     let mut attempt = 0_u32;
     loop {
