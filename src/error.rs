@@ -6,6 +6,24 @@
 //! are not domain errors: they are `crate::status::Rejection`'s, made by the adapters.
 //! Messages are lowercase, without trailing punctuation, and never contain personal data.
 
+/// An error and its sources, `: `-separated, each source's message once: tonic's transport
+/// errors, reqwest's and hyper's body errors hide their cause (a body whose chunked framing
+/// was broken was answered "error reading a body from connection", found by an adversarial
+/// run).
+pub fn with_sources(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Everything a request can fail with.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {

@@ -58,9 +58,9 @@ pub enum Rejection {
     #[error("more than one content-type header; send one, application/json")]
     RepeatedContentType,
     /// The webhook's Content-Type is not JSON.
-    #[error("content-type {content_type:?} is not JSON")]
+    #[error("content-type \"{content_type}\" is not JSON")]
     UnsupportedMediaType {
-        /// What the request said.
+        /// What the request said, its bytes escaped as `escape_ascii` escapes them.
         content_type: String,
     },
     /// The webhook's body is compressed (`Content-Encoding`), which Gameball does not

@@ -309,6 +309,40 @@ async fn a_body_signed_over_its_json_stringify_form_is_applied_as_that_form() {
     service.stop().await;
 }
 
+/// A body signed over its `JSON.stringify` form is judged as that form, where JavaScript has
+/// rounded every number to a double: `9223372036854775807` is `9223372036854776000` there,
+/// past the range. The refusal said "out of range: must be a 64-bit signed integer" of a
+/// number that is in it (found by an adversarial run); it names both values now.
+#[tokio::test]
+async fn a_number_rounded_out_of_range_by_json_stringify_is_told_both_values() {
+    let service = TestService::start().await;
+    let mut client = service.client().await;
+    let update = profile_updated("rounded", &at(1), json!({"total_points": i64::MAX}));
+    let pretty = serde_json::to_vec_pretty(&update).unwrap();
+    let compact = String::from_utf8(to_bytes(&update))
+        .unwrap()
+        .replace("9223372036854775807", "9223372036854776000");
+    let answer =
+        post_with_signature(&service, &pretty, Some(&sign(SECRET, compact.as_bytes()))).await;
+    assert_eq!(answer.0, 422, "{}", answer.1);
+    assert_eq!(answer.1["field"], "data.total_points", "{}", answer.1);
+    let error = answer.1["error"].as_str().unwrap();
+    assert!(
+        error.contains("out of range")
+            && error.contains("there data.total_points is 9223372036854776000, in the body as sent 9223372036854775807"),
+        "{error}"
+    );
+    assert_not_found(&mut client, "rounded").await;
+    // Signed over its bytes, the same body is applied as it is.
+    let answer = post_with_signature(&service, &pretty, Some(&sign(SECRET, &pretty))).await;
+    assert_applied(&answer, 1);
+    assert_eq!(
+        profile(&mut client, "rounded").await.total_points,
+        Some(i64::MAX)
+    );
+    service.stop().await;
+}
+
 #[tokio::test]
 async fn uppercase_hex_signature_is_accepted() {
     let service = TestService::start().await;
@@ -1081,6 +1115,80 @@ async fn non_json_content_types_get_415_and_store_nothing() {
         assert_not_found(&mut client, "media").await;
     }
     service.stop().await;
+}
+
+/// A Content-Type of bytes that are not visible ASCII was echoed as `content-type ""` (found by
+/// an adversarial run): the answer shows them escaped.
+#[tokio::test]
+async fn a_content_type_of_invisible_bytes_is_echoed_escaped() {
+    let service = TestService::start().await;
+    let body = to_bytes(&full_update("invisible", 1));
+    let request = [
+        format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\
+             X-GB-Signature: {}\r\nContent-Type: ",
+            profile_state::webhook::PATH,
+            body.len(),
+            sign(SECRET, &body)
+        )
+        .into_bytes(),
+        b"\xff\xfe\"x\r\n\r\n".to_vec(),
+        body,
+    ]
+    .concat();
+    let (status, answer) = raw_exchange(&service, &request).await;
+    assert_eq!(status, 415, "{answer}");
+    assert_eq!(
+        answer["error"], r#"content-type "\xff\xfe\"x" is not JSON"#,
+        "{answer}"
+    );
+    service.stop().await;
+}
+
+/// A chunked body whose framing is broken was answered "could not be read: error reading a body
+/// from connection", whatever was wrong (found by an adversarial run): the answer says what.
+#[tokio::test]
+async fn a_broken_chunked_body_is_told_what_broke() {
+    let service = TestService::start().await;
+    let long_extension = format!("2;{}\r\n{{}}", "e".repeat(100_000));
+    for (chunk, why) in [
+        ("zz\r\n{}", "chunk size line"),
+        ("ffffffffffffffffffff\r\n{}", "chunk size: overflow"),
+        (&long_extension, "chunk extensions over limit"),
+    ] {
+        let request = format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             X-GB-Signature: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+             {chunk}\r\n0\r\n\r\n",
+            profile_state::webhook::PATH,
+            "0".repeat(40),
+        );
+        let (status, answer) = raw_exchange(&service, request.as_bytes()).await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["field"], "body", "{answer}");
+        let error = answer["error"].as_str().unwrap().to_lowercase();
+        assert!(error.contains(why), "{why}: {error}");
+    }
+    service.stop().await;
+}
+
+/// Writes `request` on a connection of its own and reads the answer to its end: its status and
+/// its JSON body.
+async fn raw_exchange(service: &TestService, request: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(service.webhook)
+        .await
+        .unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::String(body.into())),
+    )
 }
 
 /// A transfer-coding besides `chunked` was ignored: `Transfer-Encoding: gzip, chunked` had its

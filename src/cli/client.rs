@@ -17,6 +17,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Request, Status};
 
 use super::Failure;
+use crate::error::with_sources;
 use crate::pb::admin_service_client::AdminServiceClient;
 
 /// How to reach the server's gRPC listener, and as whom.
@@ -140,7 +141,7 @@ impl Connection {
             };
             endpoint = endpoint
                 .tls_config(self.tls()?)
-                .map_err(|error| Failure::Usage(format!("{flags}: {}", chain(&error))))?;
+                .map_err(|error| Failure::Usage(format!("{flags}: {}", with_sources(&error))))?;
         }
         // The endpoint's connect timeout covers the TCP connection only: a server that accepts
         // and never answers the TLS handshake kept `backup` waiting for ever (found by an
@@ -157,7 +158,7 @@ impl Connection {
             ))
         })?;
         let channel = connected.map_err(|error| {
-            let error = chain(&error);
+            let error = with_sources(&error);
             let hint = match &self.ca {
                 // rustls's words for a record that is not TLS: the server spoke plaintext.
                 _ if tls && error.contains("InvalidContentType") => {
@@ -237,21 +238,6 @@ fn is_local(url: &str) -> bool {
         .any(|local| host.starts_with(local))
 }
 
-/// An error with its sources, `: `-separated (tonic's transport errors hide the cause).
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// What a refused call says: the server's message and its gRPC code, and what to do when the
 /// refusal is about credentials.
 pub fn refused(what: &str, status: &Status) -> Failure {
@@ -301,7 +287,7 @@ pub fn broke_off(what: &str, received: &str, status: &Status) -> Failure {
 /// A status's message with the transport's cause, when there is one: tonic's message alone
 /// says little. (Its cause often starts with the message itself: "transport error".)
 fn message_of(status: &Status) -> String {
-    match std::error::Error::source(status).map(chain) {
+    match std::error::Error::source(status).map(with_sources) {
         Some(cause) if cause.starts_with(status.message()) => cause,
         Some(cause) => format!("{}: {cause}", status.message()),
         None => status.message().to_owned(),

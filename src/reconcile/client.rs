@@ -680,13 +680,7 @@ fn backoff(options: &ClientOptions, attempts: u32) -> Duration {
 
 /// An error and its sources, for a detail line (reqwest's own message is terse).
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let mut text = crate::error::with_sources(err);
     truncate(&mut text, 300);
     text
 }

@@ -216,14 +216,12 @@ impl<'a> Parsed<'a> {
         }
     }
 
-    /// The compact re-serialization the signature may have been made over; parses the body
-    /// into a `Value` if that was not done yet (only a delivery whose raw bytes did not match
-    /// needs it).
+    /// The compact re-serialization the signature may have been made over (only a delivery
+    /// whose raw bytes did not match needs it): from the `Value` read already, or written as
+    /// the body is read again, without building one.
     fn compact(&self, raw: &[u8]) -> Option<Vec<u8>> {
         match self {
-            Parsed::Envelope(_) => serde_json::from_slice::<serde_json::Value>(raw)
-                .ok()
-                .map(|json| signature::compact(&json)),
+            Parsed::Envelope(_) => signature::compact_body(raw),
             Parsed::General(parsed, _) => parsed.as_ref().ok().map(signature::compact),
         }
     }
@@ -234,6 +232,33 @@ impl<'a> Parsed<'a> {
             Parsed::General(parsed, _) => ingest::validate(raw, parsed.as_ref()),
         }
     }
+}
+
+/// A refusal of a body signed over its compact form, saying so when the field it names holds
+/// another value there than in the body as sent: JavaScript reads numbers as doubles, so
+/// `9223372036854775807` is `9223372036854776000` in the form the signature covers, and "out
+/// of range" named a range the sender's own number was in (found by an adversarial run).
+fn as_signed(error: Error, raw: &[u8], compact: &[u8]) -> Error {
+    let Error::InvalidArgument { field, reason } = error else {
+        return error;
+    };
+    let pointer: String = field
+        .split('.')
+        .map(|key| format!("/{}", key.replace('~', "~0").replace('/', "~1")))
+        .collect();
+    let value_at = |body: &[u8]| {
+        let body: serde_json::Value = serde_json::from_slice(body).ok()?;
+        body.pointer(&pointer).cloned()
+    };
+    let reason = match (value_at(compact), value_at(raw)) {
+        (Some(signed), Some(sent)) if signed != sent => format!(
+            "{reason} (the signature covers the body as JavaScript's JSON.stringify writes \
+             it, which reads numbers as doubles: there {field} is {signed}, in the body as \
+             sent {sent})"
+        ),
+        _ => reason,
+    };
+    Error::InvalidArgument { field, reason }
 }
 
 impl Ingress {
@@ -298,7 +323,11 @@ impl Ingress {
         // reads the compact form.
         let (body, delivery) = match &signed {
             Signed::Raw => (&raw[..], parsed.validate(&raw)),
-            Signed::Compact(compact) => (&compact[..], Parsed::read(compact).validate(compact)),
+            Signed::Compact(compact) => {
+                let delivery = Parsed::read(compact).validate(compact);
+                let delivery = delivery.map_err(|error| as_signed(error, &raw, compact));
+                (&compact[..], delivery)
+            }
         };
         // Authenticated from here on (or unsigned by choice): the ingest path decides. Once
         // it has the update, the sequencer may record it whenever the answer comes, so a
@@ -358,9 +387,12 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
     if essence.eq_ignore_ascii_case("application/json") || json_suffix {
         return Ok(());
     }
-    Err(Rejection::UnsupportedMediaType {
-        content_type: text.to_owned(),
-    })
+    // The header's bytes, escaped (`\xff`): `to_str` gives nothing for a value that is not
+    // visible ASCII, and the answer said `content-type ""` (found by an adversarial run).
+    // Bounded: it is echoed in the answer.
+    let mut content_type = value.as_bytes().escape_ascii().to_string();
+    content_type.truncate(128); // ASCII once escaped: any length is a char boundary.
+    Err(Rejection::UnsupportedMediaType { content_type })
 }
 
 /// A Content-Length above the limit is refused before any of the body is read: the sender
@@ -389,7 +421,8 @@ async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Bytes
         if too_large {
             Rejection::PayloadTooLarge { limit }
         } else {
-            Error::invalid("body", format!("could not be read: {err}")).into()
+            let why = crate::error::with_sources(&err);
+            Error::invalid("body", format!("could not be read: {why}")).into()
         }
     })
 }
