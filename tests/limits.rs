@@ -3236,3 +3236,100 @@ async fn answers_parked_behind_shut_windows_stay_counted_until_the_connection_is
     assert_eq!(cuts_counted(&binary.metrics().await), [1.0, 0.0, 0.0]);
     binary.stop();
 }
+
+/// One client sending PRIORITY frames, or frames of types HTTP/2 does not define, as fast as
+/// it could kept a server core busy for as long as it liked, never cut (h2 reads and drops
+/// them; found by an adversarial run). A connection may send 10,000 at once (some frame types
+/// extend HTTP/2): one that sent that many still answers a PING; past them it is cut, counted
+/// under `ignored_frames` and warned of, while another client is answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flooding_frames_the_server_ignores_is_cut() {
+    use profile_state::pb::profile_service_client::ProfileServiceClient;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut binary = binary::Binary::start(dir.path(), &[]).await;
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let head = [length[1], length[2], length[3], kind, flags, 0, 0, 0, 0];
+        [&head[..], payload].concat()
+    };
+    // PRIORITY on stream 1 (5 bytes: dependency 0, weight 16), and type 0xfa on stream 0.
+    let mut priority = frame(0x2, 0, &[0, 0, 0, 0, 16]);
+    priority[8] = 1;
+    let unknown = frame(0xfa, 0, b"abc");
+    let opening = [
+        frame(0x4, 0, &[]),
+        priority.repeat(4_000),
+        unknown.repeat(4_000),
+        frame(0x6, 0, b"8 bytes!"),
+    ]
+    .concat();
+    let mut flooding = opened(binary.grpc, &opening).await;
+    // The PING's acknowledgement: the connection is there after 8,000 ignored frames.
+    let mut read = Vec::new();
+    let ack = frame(0x6, 0x1, b"8 bytes!");
+    while !read.windows(ack.len()).any(|window| window == ack) {
+        let mut chunk = [0; 4096];
+        let n = flooding.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed after 8,000 ignored frames");
+        read.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(cut_for_ignored_frames(&binary.metrics().await), 0.0);
+
+    // Floods of each kind, each on a connection of its own: cut once past the allowance (a
+    // write may fail once it is), and closed.
+    for (kind, one, mut connection) in [
+        ("PRIORITY", &priority, flooding),
+        (
+            "unknown",
+            &unknown,
+            opened(binary.grpc, &frame(0x4, 0, &[])).await,
+        ),
+    ] {
+        let flood = one.repeat(10_000);
+        for _ in 0..20 {
+            if connection.write_all(&flood).await.is_err() {
+                break;
+            }
+        }
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(PATIENCE, connection.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "{kind}: the connection was not closed");
+    }
+    binary
+        .wait_for(
+            "cut a gRPC connection whose client sent more PRIORITY frames, or frames of types \
+             HTTP/2 does not define, than it may: the server reads and ignores them",
+        )
+        .await;
+    assert_eq!(cut_for_ignored_frames(&binary.metrics().await), 2.0);
+    let cuts = cuts_counted(&binary.metrics().await);
+    assert_eq!(cuts, [0.0; 3], "no other reason");
+
+    // Another client is answered.
+    let mut client = ProfileServiceClient::connect(format!("http://{}", binary.grpc))
+        .await
+        .unwrap();
+    let info = client
+        .get_server_info(profile_state::pb::GetServerInfoRequest {})
+        .await;
+    assert!(info.is_ok(), "{info:?}");
+    binary.stop();
+}
+
+/// A connection to `grpc` that sent the client preface, then `frames`.
+async fn opened(grpc: std::net::SocketAddr, frames: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut connection = tokio::net::TcpStream::connect(grpc).await.unwrap();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    connection
+        .write_all(&[&preface[..], frames].concat())
+        .await
+        .unwrap();
+    connection
+}
+
+fn cut_for_ignored_frames(metrics: &str) -> f64 {
+    let series = "profile_state_connections_cut_total{listener=\"grpc\",reason=\"ignored_frames\"}";
+    sample(metrics, series)
+}

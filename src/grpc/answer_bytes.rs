@@ -95,6 +95,7 @@ use tonic::codegen::{Body as HttpBody, Bytes, http};
 
 use super::byte_budgets::{Budget, Budgets, Held, Room, SpentBy, call_bytes, server_budget_for};
 use super::data_frames::DataFrames;
+use super::ignored_frames::{self, IgnoredFrames};
 use super::transport::Connection;
 use crate::logging::RateLimited;
 use crate::poison::lock;
@@ -180,6 +181,9 @@ enum CutReason {
     ServerBudget,
     /// Streams' frames, past their bound (`frames`).
     StreamBytes,
+    /// Frames the client sent that the server ignores, past their allowance
+    /// (`super::ignored_frames`): not about answers, but cut, counted and warned of alike.
+    IgnoredFrames,
 }
 
 impl CutReason {
@@ -188,6 +192,7 @@ impl CutReason {
             CutReason::ConnectionBudget => "connection_budget",
             CutReason::ServerBudget => "server_budget",
             CutReason::StreamBytes => "stream_bytes",
+            CutReason::IgnoredFrames => "ignored_frames",
         }
     }
 }
@@ -199,7 +204,7 @@ impl CutReason {
 struct Cuts {
     counted: IntCounterVec,
     /// By [`CutReason`], in its order.
-    warnings: [RateLimited; 3],
+    warnings: [RateLimited; 4],
 }
 
 impl Unsent {
@@ -620,35 +625,66 @@ fn least_share_read_first(
 
 /// A connection's stream that tells its answer budgets how many bytes of answers its socket
 /// took ([`DataFrames`]), and whether its writes wait (a client not reading its socket: what
-/// h2 holds may still go out, so the connection is not cut for it).
-pub struct WritesWatched<S> {
+/// h2 holds may still go out, so the connection is not cut for it); and that cuts the
+/// connection once its client sent more frames the server ignores than it may
+/// ([`IgnoredFrames`]).
+pub struct FramesWatched<S> {
     io: S,
     unsent: Arc<Unsent>,
     frames: DataFrames,
+    ignored: IgnoredFrames,
 }
 
-impl<S> WritesWatched<S> {
+impl<S> FramesWatched<S> {
     /// `io`, the stream of the connection that `answer_bytes` belong to.
     pub fn new(io: S, answer_bytes: &ConnectionAnswerBytes) -> Self {
-        WritesWatched {
+        FramesWatched {
             io,
             unsent: Arc::clone(&answer_bytes.unsent),
             frames: DataFrames::default(),
+            ignored: IgnoredFrames::default(),
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for WritesWatched<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for FramesWatched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = read
+            && !self.ignored.read(&buf.filled()[before..])
+        {
+            self.cut_for_ignored_frames();
+            // What was read is not handed on: h2 would parse the rest of the flood first.
+            buf.set_filled(before);
+            return Poll::Ready(Err(std::io::Error::other(
+                "too many HTTP/2 frames the server ignores",
+            )));
+        }
+        read
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for WritesWatched<S> {
+impl<S> FramesWatched<S> {
+    fn cut_for_ignored_frames(&self) {
+        if let Some(suppressed) = self.unsent.cut_for(CutReason::IgnoredFrames) {
+            tracing::warn!(
+                peer = %self.unsent.peer,
+                burst = ignored_frames::BURST,
+                per_second = ignored_frames::PER_SECOND,
+                suppressed,
+                "cut a gRPC connection whose client sent more PRIORITY frames, or frames of \
+                 types HTTP/2 does not define, than it may: the server reads and ignores them"
+            );
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FramesWatched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

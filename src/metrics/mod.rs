@@ -78,7 +78,12 @@ pub const LISTENER_TIMEOUTS: &[(&str, &[&str])] = &[
 
 /// Why the gRPC answer budgets cut a connection: the `reason` label of
 /// `profile_state_connections_cut_total` (`grpc::answer_bytes`).
-pub const CUT_REASONS: &[&str] = &["connection_budget", "server_budget", "stream_bytes"];
+pub const CUT_REASONS: &[&str] = &[
+    "connection_budget",
+    "server_budget",
+    "stream_bytes",
+    "ignored_frames",
+];
 
 /// Every limit a WatchProfiles call can be refused by: the `limit` label of
 /// `profile_state_watch_streams_refused_total` (`--max-watch-streams`,
@@ -445,8 +450,10 @@ impl Watch {
                 "gRPC connections cut because their client stopped reading its answers, by what \
                  its unread answers filled: connection_budget (its own budget, for ten seconds), \
                  server_budget (the server's, for a second), stream_bytes (streams' messages \
-                 waiting for window, past 32 times --grpc-max-message-bytes in all). Its calls \
-                 and watch streams end with it; watchers resume from their revision.",
+                 waiting for window, past 32 times --grpc-max-message-bytes in all); or because \
+                 it sent more HTTP/2 frames the server ignores than it may: ignored_frames \
+                 (PRIORITY and undefined types, past 10,000 at once and 1,000 a second). Its \
+                 calls and watch streams end with it; watchers resume from their revision.",
             ),
         }
     }

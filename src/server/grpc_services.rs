@@ -16,7 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::grpc::admin::AdminApi;
-use crate::grpc::answer_bytes::{AnswerBytesLayer, WritesWatched};
+use crate::grpc::answer_bytes::{AnswerBytesLayer, FramesWatched};
 use crate::grpc::auth::{AdminAuth, BearerAuth};
 use crate::grpc::backup::BackupApi;
 use crate::grpc::certificates::TlsCertificates;
@@ -243,7 +243,7 @@ pub(super) fn serve<H: Health>(
         None => {
             let open = move |tcp, peer| {
                 let (cut, tag) = connection(peer);
-                let tcp = WritesWatched::new(tcp, &tag.answer_bytes);
+                let tcp = FramesWatched::new(tcp, &tag.answer_bytes);
                 (Cuttable::new(Coalescing::new(tcp), cut, write_stall), tag)
             };
             let incoming = connections::incoming(listener, handshake_timeout, open, evictable);
@@ -254,7 +254,7 @@ pub(super) fn serve<H: Health>(
             let open = move |tcp, peer| {
                 let (cut, tag) = connection(peer);
                 let tls = TlsConnection::accepting(&acceptor, tcp, &failures);
-                let tls = WritesWatched::new(tls, &tag.answer_bytes);
+                let tls = FramesWatched::new(tls, &tag.answer_bytes);
                 (Cuttable::new(Coalescing::new(tls), cut, write_stall), tag)
             };
             let incoming = connections::incoming(listener, handshake_timeout, open, evictable);
