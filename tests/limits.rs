@@ -3238,16 +3238,46 @@ async fn answers_parked_behind_shut_windows_stay_counted_until_the_connection_is
 }
 
 /// One client sending PRIORITY frames, or frames of types HTTP/2 does not define, as fast as
-/// it could kept a server core busy for as long as it liked, never cut (h2 reads and drops
-/// them; found by an adversarial run). A connection may send 10,000 at once (some frame types
-/// extend HTTP/2): one that sent that many still answers a PING; past them it is cut, counted
-/// under `ignored_frames` and warned of, while another client is answered throughout.
+/// it could kept a server core busy, never cut on the gRPC port, and on the webhook port held
+/// the ingest thread until its header deadline, again after each reconnection (h2 reads and
+/// drops such frames; found by an adversarial run). A connection may send 10,000 at once
+/// (some frame types extend HTTP/2): one that sent that many still answers a PING; past them
+/// it is cut, counted under `ignored_frames` and warned of, on either port, while other
+/// clients are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_flooding_frames_the_server_ignores_is_cut() {
+async fn connections_flooding_frames_the_server_ignores_are_cut() {
     use profile_state::pb::profile_service_client::ProfileServiceClient;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let mut binary = binary::Binary::start(dir.path(), &[]).await;
+    for (listener, address) in [("grpc", binary.grpc), ("webhook", binary.webhook)] {
+        floods_are_cut(&mut binary, listener, address).await;
+    }
+    // Other clients are answered.
+    let mut client = ProfileServiceClient::connect(format!("http://{}", binary.grpc))
+        .await
+        .unwrap();
+    let info = client
+        .get_server_info(profile_state::pb::GetServerInfoRequest {})
+        .await;
+    assert!(info.is_ok(), "{info:?}");
+    post_many(binary.webhook, "after", 1, 1).await;
+    assert_eq!(
+        cuts_counted(&binary.metrics().await),
+        [0.0; 3],
+        "no other reason"
+    );
+    binary.stop();
+}
+
+/// On `address` (of `listener`): 8,000 ignored frames, then a PING, answered; then a flood of
+/// PRIORITY frames and one of an undefined type, each on a connection of its own, each cut
+/// (a write may fail once it is) and closed, counted and warned of.
+async fn floods_are_cut(
+    binary: &mut binary::Binary,
+    listener: &str,
+    address: std::net::SocketAddr,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let frame = |kind: u8, flags: u8, payload: &[u8]| {
         let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
         let head = [length[1], length[2], length[3], kind, flags, 0, 0, 0, 0];
@@ -3264,26 +3294,26 @@ async fn a_connection_flooding_frames_the_server_ignores_is_cut() {
         frame(0x6, 0, b"8 bytes!"),
     ]
     .concat();
-    let mut flooding = opened(binary.grpc, &opening).await;
-    // The PING's acknowledgement: the connection is there after 8,000 ignored frames.
+    let mut flooding = opened(address, &opening).await;
     let mut read = Vec::new();
     let ack = frame(0x6, 0x1, b"8 bytes!");
     while !read.windows(ack.len()).any(|window| window == ack) {
         let mut chunk = [0; 4096];
         let n = flooding.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed after 8,000 ignored frames");
+        assert!(n > 0, "{listener}: closed after 8,000 ignored frames");
         read.extend_from_slice(&chunk[..n]);
     }
-    assert_eq!(cut_for_ignored_frames(&binary.metrics().await), 0.0);
+    assert_eq!(
+        cut_for_ignored_frames(&binary.metrics().await, listener),
+        0.0
+    );
 
-    // Floods of each kind, each on a connection of its own: cut once past the allowance (a
-    // write may fail once it is), and closed.
     for (kind, one, mut connection) in [
         ("PRIORITY", &priority, flooding),
         (
             "unknown",
             &unknown,
-            opened(binary.grpc, &frame(0x4, 0, &[])).await,
+            opened(address, &frame(0x4, 0, &[])).await,
         ),
     ] {
         let flood = one.repeat(10_000);
@@ -3294,33 +3324,25 @@ async fn a_connection_flooding_frames_the_server_ignores_is_cut() {
         }
         let mut rest = Vec::new();
         let closed = tokio::time::timeout(PATIENCE, connection.read_to_end(&mut rest)).await;
-        assert!(closed.is_ok(), "{kind}: the connection was not closed");
+        assert!(
+            closed.is_ok(),
+            "{listener}, {kind}: the connection was not closed"
+        );
     }
-    binary
-        .wait_for(
-            "cut a gRPC connection whose client sent more PRIORITY frames, or frames of types \
-             HTTP/2 does not define, than it may: the server reads and ignores them",
-        )
+    let warned = binary
+        .wait_for(profile_state::grpc::ignored_frames::CUT)
         .await;
-    assert_eq!(cut_for_ignored_frames(&binary.metrics().await), 2.0);
-    let cuts = cuts_counted(&binary.metrics().await);
-    assert_eq!(cuts, [0.0; 3], "no other reason");
-
-    // Another client is answered.
-    let mut client = ProfileServiceClient::connect(format!("http://{}", binary.grpc))
-        .await
-        .unwrap();
-    let info = client
-        .get_server_info(profile_state::pb::GetServerInfoRequest {})
-        .await;
-    assert!(info.is_ok(), "{info:?}");
-    binary.stop();
+    assert_eq!(warned["listener"], listener, "{warned}");
+    assert_eq!(
+        cut_for_ignored_frames(&binary.metrics().await, listener),
+        2.0
+    );
 }
 
-/// A connection to `grpc` that sent the client preface, then `frames`.
-async fn opened(grpc: std::net::SocketAddr, frames: &[u8]) -> tokio::net::TcpStream {
+/// A connection to `address` that sent the HTTP/2 client preface, then `frames`.
+async fn opened(address: std::net::SocketAddr, frames: &[u8]) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
-    let mut connection = tokio::net::TcpStream::connect(grpc).await.unwrap();
+    let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
     let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     connection
         .write_all(&[&preface[..], frames].concat())
@@ -3329,7 +3351,9 @@ async fn opened(grpc: std::net::SocketAddr, frames: &[u8]) -> tokio::net::TcpStr
     connection
 }
 
-fn cut_for_ignored_frames(metrics: &str) -> f64 {
-    let series = "profile_state_connections_cut_total{listener=\"grpc\",reason=\"ignored_frames\"}";
-    sample(metrics, series)
+fn cut_for_ignored_frames(metrics: &str, listener: &str) -> f64 {
+    let series = format!(
+        "profile_state_connections_cut_total{{listener=\"{listener}\",reason=\"ignored_frames\"}}"
+    );
+    sample(metrics, &series)
 }

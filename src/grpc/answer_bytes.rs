@@ -673,12 +673,13 @@ impl<S> FramesWatched<S> {
     fn cut_for_ignored_frames(&self) {
         if let Some(suppressed) = self.unsent.cut_for(CutReason::IgnoredFrames) {
             tracing::warn!(
+                listener = "grpc",
                 peer = %self.unsent.peer,
                 burst = ignored_frames::BURST,
                 per_second = ignored_frames::PER_SECOND,
                 suppressed,
-                "cut a gRPC connection whose client sent more PRIORITY frames, or frames of \
-                 types HTTP/2 does not define, than it may: the server reads and ignores them"
+                "{}",
+                ignored_frames::CUT
             );
         }
     }

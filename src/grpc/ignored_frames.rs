@@ -13,16 +13,23 @@
 //! What this does not do: check frames (h2 does), or cut the connection (the caller does, when
 //! [`IgnoredFrames::read`] says the allowance is spent). It relies on seeing every byte the
 //! client sends, in order, from the first: the client preface, then frames (TLS is below it).
+//! A connection that does not start with the preface (HTTP/1.1, on the webhook listener) is
+//! not HTTP/2, and nothing more of it is looked at.
 
 use std::time::Instant;
 
 /// The client's connection preface (RFC 9113, 3.4), before its first frame.
-const PREFACE: usize = 24;
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The length of an HTTP/2 frame header: 24-bit length, type, flags, 31-bit stream id.
 const HEADER: usize = 9;
 /// PRIORITY's type; the types HTTP/2 defines are DATA (0x0) to CONTINUATION (0x9).
 const PRIORITY: u8 = 0x2;
 const LAST_DEFINED: u8 = 0x9;
+
+/// What the log says of a connection cut for them (a WARN, with its listener).
+pub const CUT: &str = "cut an HTTP/2 connection whose client sent more PRIORITY frames, or \
+                       frames of types HTTP/2 does not define, than it may: the server reads \
+                       and ignores them";
 
 /// How many ignored frames a connection may send at once.
 pub const BURST: u32 = 10_000;
@@ -32,7 +39,9 @@ pub const PER_SECOND: u32 = 1_000;
 /// Where a connection's read bytes are in their frames, and what is left of its allowance.
 #[derive(Debug)]
 pub struct IgnoredFrames {
-    preface_left: usize,
+    /// How much of the preface has been read; `None` once the connection turned out not to
+    /// start with it.
+    preface_read: Option<usize>,
     header: [u8; HEADER],
     header_read: usize,
     payload_left: usize,
@@ -44,7 +53,7 @@ pub struct IgnoredFrames {
 impl Default for IgnoredFrames {
     fn default() -> Self {
         IgnoredFrames {
-            preface_left: PREFACE,
+            preface_read: Some(0),
             header: [0; HEADER],
             header_read: 0,
             payload_left: 0,
@@ -76,9 +85,19 @@ impl IgnoredFrames {
 
     /// How many frames the client ignores in `read`, counted as their headers complete.
     fn scan(&mut self, mut read: &[u8]) -> u32 {
-        let preface = self.preface_left.min(read.len());
-        self.preface_left -= preface;
-        read = &read[preface..];
+        let Some(preface_read) = self.preface_read else {
+            return 0;
+        };
+        if preface_read < PREFACE.len() {
+            let expected = &PREFACE[preface_read..];
+            let taken = expected.len().min(read.len());
+            if read[..taken] != expected[..taken] {
+                self.preface_read = None;
+                return 0;
+            }
+            self.preface_read = Some(preface_read + taken);
+            read = &read[taken..];
+        }
         let mut ignored = 0;
         while !read.is_empty() {
             if self.payload_left > 0 {
@@ -109,7 +128,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    const PREFACE_BYTES: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const PREFACE_BYTES: &[u8] = PREFACE;
 
     fn frame(kind: u8, payload: usize) -> Vec<u8> {
         let length = u32::try_from(payload).unwrap().to_be_bytes();
@@ -141,6 +160,28 @@ mod tests {
             assert_eq!(ignored, 2, "reads of {split} bytes");
             assert_eq!((frames.payload_left, frames.header_read), (0, 0));
         }
+    }
+
+    /// A connection that does not start with the preface (HTTP/1.1) is not looked at: bytes
+    /// that would read as PRIORITY frames in a request's body count for nothing.
+    #[test]
+    fn a_connection_without_the_preface_is_not_counted() {
+        let request = b"POST /webhooks/gameball HTTP/1.1\r\nHost: x\r\n\r\n";
+        let body: Vec<u8> = (0..20_000).flat_map(|_| frame(PRIORITY, 5)).collect();
+        for split in [1, 3, 24, 4096] {
+            let mut frames = IgnoredFrames::default();
+            let read = [&request[..], &body].concat();
+            assert!(
+                read.chunks(split).all(|r| frames.read(r)),
+                "reads of {split}"
+            );
+            assert_eq!(frames.preface_read, None);
+        }
+        // Nor is one whose preface goes wrong at its last byte.
+        let mut frames = IgnoredFrames::default();
+        assert_eq!(frames.scan(&PREFACE[..23]), 0);
+        assert_eq!(frames.scan(b"x"), 0);
+        assert_eq!(frames.scan(&body), 0);
     }
 
     /// The allowance: a burst at once, then the rate; past it, the connection should go.

@@ -18,7 +18,7 @@ pub mod codec;
 mod convert;
 mod data_frames;
 pub mod dead_letters;
-mod ignored_frames;
+pub mod ignored_frames;
 pub mod open_streams;
 mod page_token;
 mod profile_reply;

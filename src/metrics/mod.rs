@@ -248,6 +248,8 @@ fn connections_cut(registry: &Registry, name: &str, help: &str) -> IntCounterVec
     for reason in CUT_REASONS {
         counter.with_label_values(&["grpc", reason]);
     }
+    // The webhook listener's HTTP/2 connections are cut for the same flood.
+    counter.with_label_values(&["webhook", "ignored_frames"]);
     counter
 }
 
@@ -608,6 +610,7 @@ impl Metrics {
             open: inner.connections.with_label_values(&[listener]),
             refused: inner.connections_refused.with_label_values(&[listener]),
             timed_out: inner.connections_timed_out.clone(),
+            cut: inner.watch.connections_cut.clone(),
         }
     }
 
@@ -703,6 +706,7 @@ pub struct ListenerMetrics {
     open: IntGauge,
     refused: IntCounter,
     timed_out: IntCounterVec,
+    cut: IntCounterVec,
 }
 
 impl ListenerMetrics {
@@ -727,6 +731,11 @@ impl ListenerMetrics {
         self.timed_out
             .with_label_values(&[self.listener, timeout])
             .inc();
+    }
+
+    /// Counts a connection cut for `reason` (`profile_state_connections_cut_total`).
+    pub fn cut(&self, reason: &str) {
+        self.cut.with_label_values(&[self.listener, reason]).inc();
     }
 }
 

@@ -21,8 +21,11 @@
 //!   decrypted bytes.
 //!
 //! A deadline that passes makes the next read fail with `TimedOut`, which makes hyper close
-//! the connection; it is counted in `profile_state_connections_timed_out_total`. Nothing here
-//! knows HTTP beyond the preface's length.
+//! the connection; it is counted in `profile_state_connections_timed_out_total`. On the
+//! webhook listener, an HTTP/2 client that sends more frames the server ignores than it may
+//! (`crate::grpc::ignored_frames`) is closed the same way, counted in
+//! `profile_state_connections_cut_total{reason="ignored_frames"}`. Nothing else here knows
+//! HTTP beyond the preface's length.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -43,6 +46,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::{Activity, Arriving};
+use crate::grpc::ignored_frames::{self, IgnoredFrames};
 use crate::logging::RateLimited;
 use crate::metrics::{ConnectionMetrics, ListenerMetrics};
 
@@ -213,7 +217,7 @@ pub async fn serve_http(
             }
             evicted.is_some()
         };
-        let (stream, _peer, slot) = tokio::select! {
+        let (stream, peer, slot) = tokio::select! {
             accepted = listener.accept_making_room(make_room) => accepted,
             () = stopping.cancelled() => break,
         };
@@ -224,6 +228,7 @@ pub async fn serve_http(
             activity: Arc::clone(&activity),
             idle,
             header,
+            peer,
         };
         let io = Timed::new(stream, slot, deadlines, listener.metrics(), ());
         let router = router.clone();
@@ -430,6 +435,8 @@ pub enum Deadlines {
         idle: Duration,
         /// A request's headers started but not complete.
         header: Duration,
+        /// The client's address, for the log.
+        peer: SocketAddr,
     },
     /// The HTTP/2 preface within the handshake timeout, from the accept.
     Preface {
@@ -466,15 +473,20 @@ pub struct Timed<T, S = TcpStream> {
     preface_left: usize,
     timer: Pin<Box<Sleep>>,
     metrics: ListenerMetrics,
+    /// The frames an HTTP/2 client sends that the server ignores, on listeners that serve
+    /// requests (the webhook's; `None` on the gRPC listener, whose `FramesWatched` counts them).
+    ignored: Option<IgnoredFrames>,
     tag: T,
 }
 
 impl<T, S> Timed<T, S> {
     /// Wraps a connection `accept` returned; its first deadline starts now.
     pub fn new(io: S, slot: Slot, deadlines: Deadlines, metrics: ListenerMetrics, tag: T) -> Self {
-        let (phase, first) = match &deadlines {
-            Deadlines::Requests { idle, .. } => (Phase::Idle, *idle),
-            Deadlines::Preface { handshake } => (Phase::Header, *handshake),
+        let (phase, first, ignored) = match &deadlines {
+            Deadlines::Requests { idle, .. } => {
+                (Phase::Idle, *idle, Some(IgnoredFrames::default()))
+            }
+            Deadlines::Preface { handshake } => (Phase::Header, *handshake, None),
         };
         Timed {
             io,
@@ -484,6 +496,7 @@ impl<T, S> Timed<T, S> {
             preface_left: HTTP2_PREFACE_BYTES,
             timer: Box::pin(tokio::time::sleep(first)),
             metrics,
+            ignored,
             tag,
         }
     }
@@ -491,6 +504,33 @@ impl<T, S> Timed<T, S> {
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
         self.timer.as_mut().reset(Instant::now() + after);
+    }
+
+    /// The connection's HTTP/2 client sent more frames the server ignores than it may: counted
+    /// and warned of (at most every 10 s), and the error that closes it. The webhook
+    /// listener's connections are served on the ingest thread, which such a flood held for
+    /// as long as its header deadline let it, every time its client connected again (found by
+    /// an adversarial run).
+    fn cut_for_ignored_frames(&self) -> io::Error {
+        static WARNINGS: RateLimited = RateLimited::new();
+        self.metrics.cut("ignored_frames");
+        if let Some(suppressed) = WARNINGS.due() {
+            // Only connections with `Requests` deadlines count the frames.
+            let peer = match &self.deadlines {
+                Deadlines::Requests { peer, .. } => peer.to_string(),
+                Deadlines::Preface { .. } => String::new(),
+            };
+            tracing::warn!(
+                listener = self.metrics.listener(),
+                peer,
+                burst = ignored_frames::BURST,
+                per_second = ignored_frames::PER_SECOND,
+                suppressed,
+                "{}",
+                ignored_frames::CUT
+            );
+        }
+        io::Error::other("too many HTTP/2 frames the server ignores")
     }
 
     /// `received` bytes arrived: the header deadline starts, or the preface is counted.
@@ -522,6 +562,7 @@ impl<T, S> Timed<T, S> {
             activity,
             idle,
             header,
+            ..
         } = &self.deadlines
         {
             match (activity.in_progress(), self.phase) {
@@ -576,7 +617,15 @@ impl<T: Unpin, S: AsyncRead + Unpin> AsyncRead for Timed<T, S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.received(buf.filled().len() - before);
+                let read = &buf.filled()[before..];
+                if let Some(ignored) = &mut this.ignored
+                    && !ignored.read(read)
+                {
+                    // Not handed on: hyper would parse the rest of the flood first.
+                    buf.set_filled(before);
+                    return Poll::Ready(Err(this.cut_for_ignored_frames()));
+                }
+                this.received(read.len());
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
