@@ -34,7 +34,15 @@ pub fn encode(client_id: &str, tier_name: &str, after: &ProfileKey) -> String {
 
 /// Decodes a token and checks that it was issued for this filter.
 pub fn decode(token: &str, client_id: &str, tier_name: &str) -> Result<ProfileKey, Error> {
-    let invalid = || Error::invalid("page_token", "is not a token this server issued");
+    // Tokens are not signed: what is checked is that it reads as one, not who wrote it (the
+    // refusal said "not a token this server issued", more than was checked; an adversarial
+    // run).
+    let invalid = || {
+        Error::invalid(
+            "page_token",
+            "is not a page token: pass the previous page's next_page_token unchanged",
+        )
+    };
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
     let token: Token = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
     if token.v != VERSION {
