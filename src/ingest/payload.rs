@@ -289,7 +289,8 @@ fn extra_too_deep(key: &str) -> Error {
     )
 }
 
-/// The refusal of a body serde_json would not read for nesting past its limit (128 levels):
+/// The refusal of a body serde_json would not read for nesting to its limit (128 levels; 127
+/// are read):
 /// it said "not JSON: recursion limit exceeded", field `body`, of valid JSON, where a `data`
 /// value 21 levels deep is told its key (found by an adversarial run). `None` when `err` is
 /// another error. The key is found by [`too_deep_at`]; a value of `data` is refused as
@@ -311,13 +312,13 @@ pub fn too_deep(raw: &[u8], err: &serde_json::Error) -> Option<Error> {
                 "body",
                 format!(
                     "the value of {top:?} nests objects and arrays deeper than this service \
-                     reads (128 levels, the body's own included)"
+                     reads (at most 127 levels, the body's own included)"
                 ),
             )
         }
         [None, _] => Error::invalid(
             "body",
-            "nests objects and arrays deeper than this service reads (128 levels)",
+            "nests objects and arrays deeper than this service reads (at most 127 levels)",
         ),
     };
     Some(error)

@@ -234,10 +234,12 @@ impl<'a> Parsed<'a> {
     }
 }
 
-/// A refusal of a body signed over its compact form, saying so when the field it names holds
-/// another value there than in the body as sent: JavaScript reads numbers as doubles, so
+/// A refusal of a body signed over its compact form, saying so when the field it names is a
+/// number there that JavaScript changed: it reads numbers as doubles, so
 /// `9223372036854775807` is `9223372036854776000` in the form the signature covers, and "out
 /// of range" named a range the sender's own number was in (found by an adversarial run).
+/// Neither value is quoted: a field's value may be personal data, and an echoed object made
+/// answers and log lines twice a body's size (both found by an adversarial run).
 fn as_signed(error: Error, raw: &[u8], compact: &[u8]) -> Error {
     let Error::InvalidArgument { field, reason } = error else {
         return error;
@@ -246,15 +248,15 @@ fn as_signed(error: Error, raw: &[u8], compact: &[u8]) -> Error {
         .split('.')
         .map(|key| format!("/{}", key.replace('~', "~0").replace('/', "~1")))
         .collect();
-    let value_at = |body: &[u8]| {
+    let number_at = |body: &[u8]| {
         let body: serde_json::Value = serde_json::from_slice(body).ok()?;
-        body.pointer(&pointer).cloned()
+        body.pointer(&pointer)?.as_number().cloned()
     };
-    let reason = match (value_at(compact), value_at(raw)) {
+    let reason = match (number_at(compact), number_at(raw)) {
         (Some(signed), Some(sent)) if signed != sent => format!(
-            "{reason} (the signature covers the body as JavaScript's JSON.stringify writes \
-             it, which reads numbers as doubles: there {field} is {signed}, in the body as \
-             sent {sent})"
+            "{reason} (as the signature covers it: JavaScript's JSON.stringify of the body, \
+             which reads every number as a double, so that this one is not written as it \
+             was sent; an integer past 2^53 is rounded)"
         ),
         _ => reason,
     };
@@ -389,9 +391,14 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
     }
     // The header's bytes, escaped (`\xff`): `to_str` gives nothing for a value that is not
     // visible ASCII, and the answer said `content-type ""` (found by an adversarial run).
-    // Bounded: it is echoed in the answer.
-    let mut content_type = value.as_bytes().escape_ascii().to_string();
-    content_type.truncate(128); // ASCII once escaped: any length is a char boundary.
+    // Bounded, as it is echoed in the answer: its first 64 bytes, cut before they are escaped
+    // (cut after, an escape could lose its end), and `...` if there were more.
+    let bytes = value.as_bytes();
+    let shown = &bytes[..bytes.len().min(64)];
+    let mut content_type = shown.escape_ascii().to_string();
+    if shown.len() < bytes.len() {
+        content_type.push_str("...");
+    }
     Err(Rejection::UnsupportedMediaType { content_type })
 }
 

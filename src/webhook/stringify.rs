@@ -44,22 +44,97 @@ pub fn stringify(value: &Value) -> Vec<u8> {
 
 /// `JSON.stringify(JSON.parse(body))`, written as the body is read: the same bytes as
 /// [`stringify`] of the `Value` serde_json reads from `body`, and `None` for a body it
-/// refuses, without building that `Value`. Through a `Value`, a 64 KiB body of small numbers,
-/// signed with no secret, took 5.6 ms of the ingest thread, 24 times a plain body of that size
-/// (found by an adversarial run): every element allocated, once to read and once to write.
-/// Here an array is written element by element, and an object's entries where they come,
-/// moved only when JavaScript's order is not the body's (an array-index key, a repeated key).
+/// refuses, mostly without building that `Value`. Through a `Value`, a 64 KiB body of small
+/// numbers, signed with no secret, took 5.6 ms of the ingest thread, 24 times a plain body of
+/// that size (found by an adversarial run): every element allocated, once to read and once to
+/// write. Here an array is written element by element, and an object's entries where they
+/// come, moved only when JavaScript's order is not the body's (an array-index key, a repeated
+/// key). Such an object moves all it holds, nested objects included, so objects nested deep
+/// that each needed it moved the body once per level: more than the `Value` costs (found by
+/// an adversarial run). A body nested deeper than [`ONE_PASS_DEPTH`] is read into a `Value`,
+/// as before; a count of its brackets says so before anything is written.
 pub fn stringify_body(body: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(body.len());
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    Written(&mut out).deserialize(&mut deserializer).ok()?;
-    deserializer.end().ok()?;
-    Some(out)
+    if nesting(body) > ONE_PASS_DEPTH {
+        return serde_json::from_slice(body)
+            .ok()
+            .map(|json| stringify(&json));
+    }
+    in_one_pass(body)
 }
 
-/// A value read from a deserializer and written into the buffer as `JSON.stringify` writes it.
-/// serde_json's deserializer keeps its recursion limit (128 levels) for it as for a `Value`.
-struct Written<'o>(&'o mut Vec<u8>);
+/// The deepest nesting of objects and arrays written in one pass: re-ordering objects then
+/// moves each byte at most twice this many times. A delivery nests three or four levels
+/// (`data`, an extra's object).
+const ONE_PASS_DEPTH: usize = 8;
+
+/// How deep `body`'s objects and arrays nest, counted from its brackets outside strings, and
+/// only up to one past [`ONE_PASS_DEPTH`]. What it says of a body that is not JSON does not
+/// matter: either way of writing refuses it.
+fn nesting(body: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0_usize, 0);
+    let mut rest = body;
+    while let Some(at) = rest
+        .iter()
+        .position(|&byte| matches!(byte, b'"' | b'{' | b'[' | b'}' | b']'))
+    {
+        match rest[at] {
+            b'"' => {
+                // To the string's closing quote: the first one no backslash escapes.
+                let mut end = at + 1;
+                loop {
+                    let Some(next) = rest.get(end..).and_then(|tail| {
+                        tail.iter().position(|&byte| matches!(byte, b'"' | b'\\'))
+                    }) else {
+                        // Cut inside a string: nothing more nests.
+                        return deepest;
+                    };
+                    end += next;
+                    if rest[end] == b'"' {
+                        break;
+                    }
+                    end += 2;
+                }
+                rest = rest.get(end + 1..).unwrap_or_default();
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                if deepest > ONE_PASS_DEPTH {
+                    return deepest;
+                }
+            }
+            _ => depth = depth.saturating_sub(1),
+        }
+        rest = &rest[at + 1..];
+    }
+    deepest
+}
+
+/// The body written in one pass (`None`: serde_json refuses it).
+fn in_one_pass(body: &[u8]) -> Option<Vec<u8>> {
+    let mut output = Output {
+        bytes: Vec::with_capacity(body.len()),
+        scratch: Vec::new(),
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    Written(&mut output).deserialize(&mut deserializer).ok()?;
+    deserializer.end().ok()?;
+    Some(output.bytes)
+}
+
+/// What [`stringify_body`] writes into.
+struct Output {
+    bytes: Vec<u8>,
+    /// Where a re-ordered object is put together: one buffer for all, as objects are
+    /// re-ordered one at a time, innermost first.
+    scratch: Vec<u8>,
+}
+
+/// A value read from a deserializer and written into the output as `JSON.stringify` writes
+/// it. serde_json's deserializer keeps its recursion limit (128 levels) for it as for a
+/// `Value`.
+struct Written<'o>(&'o mut Output);
 
 impl<'de> DeserializeSeed<'de> for Written<'_> {
     type Value = ();
@@ -76,42 +151,42 @@ impl<'de> Visitor<'de> for Written<'_> {
         formatter.write_str("any JSON value")
     }
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.0.extend_from_slice(b"null");
+        self.0.bytes.extend_from_slice(b"null");
         Ok(())
     }
     fn visit_bool<E: de::Error>(self, value: bool) -> Result<(), E> {
         let text: &[u8] = if value { b"true" } else { b"false" };
-        self.0.extend_from_slice(text);
+        self.0.bytes.extend_from_slice(text);
         Ok(())
     }
     fn visit_u64<E: de::Error>(self, value: u64) -> Result<(), E> {
-        write_integer(self.0, value, false);
+        write_integer(&mut self.0.bytes, value, false);
         Ok(())
     }
     fn visit_i64<E: de::Error>(self, value: i64) -> Result<(), E> {
-        write_integer(self.0, value.unsigned_abs(), value < 0);
+        write_integer(&mut self.0.bytes, value.unsigned_abs(), value < 0);
         Ok(())
     }
     fn visit_f64<E: de::Error>(self, value: f64) -> Result<(), E> {
-        write_double(self.0, value);
+        write_double(&mut self.0.bytes, value);
         Ok(())
     }
     fn visit_str<E: de::Error>(self, text: &str) -> Result<(), E> {
-        write_string(self.0, text);
+        write_string(&mut self.0.bytes, text);
         Ok(())
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
         let out = self.0;
-        out.push(b'[');
+        out.bytes.push(b'[');
         let mut any = false;
         while items.next_element_seed(Written(&mut *out))?.is_some() {
-            out.push(b',');
+            out.bytes.push(b',');
             any = true;
         }
         if any {
-            out.pop();
+            out.bytes.pop();
         }
-        out.push(b']');
+        out.bytes.push(b']');
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, entries: A) -> Result<(), A::Error> {
@@ -128,39 +203,39 @@ struct Entry {
 }
 
 /// An object's entries, written where they come; then, if JavaScript's order is not the
-/// body's, written again in it ([`write_in_order`]).
-fn write_entries<'de, A: MapAccess<'de>>(out: &mut Vec<u8>, mut map: A) -> Result<(), A::Error> {
-    let start = out.len();
-    out.push(b'{');
+/// body's, written again in it ([`write_in_order`]), within what the output may still move.
+fn write_entries<'de, A: MapAccess<'de>>(out: &mut Output, mut map: A) -> Result<(), A::Error> {
+    let start = out.bytes.len();
+    out.bytes.push(b'{');
     let mut entries = Vec::new();
     loop {
-        let key_start = out.len();
-        let Some(index) = map.next_key_seed(WrittenKey(&mut *out))? else {
+        let key_start = out.bytes.len();
+        let Some(index) = map.next_key_seed(WrittenKey(&mut out.bytes))? else {
             break;
         };
-        let key = key_start..out.len();
-        out.push(b':');
-        let value_start = out.len();
+        let key = key_start..out.bytes.len();
+        out.bytes.push(b':');
+        let value_start = out.bytes.len();
         map.next_value_seed(Written(&mut *out))?;
         entries.push(Entry {
             key,
-            value: value_start..out.len(),
+            value: value_start..out.bytes.len(),
             index,
         });
-        out.push(b',');
+        out.bytes.push(b',');
     }
     if !entries.is_empty() {
-        out.pop();
+        out.bytes.pop();
     }
-    let kept = first_and_last(out, &entries);
+    let kept = first_and_last(&out.bytes, &entries);
     if kept.is_none() && entries.iter().all(|entry| entry.index.is_none()) {
-        out.push(b'}');
+        out.bytes.push(b'}');
         return Ok(());
     }
     let kept = kept.unwrap_or_else(|| (0..entries.len()).map(|at| (at, at)).collect());
-    let object = write_in_order(out, &entries, kept);
-    out.truncate(start);
-    out.extend_from_slice(&object);
+    write_in_order(&out.bytes, &entries, kept, &mut out.scratch);
+    out.bytes.truncate(start);
+    out.bytes.extend_from_slice(&out.scratch);
     Ok(())
 }
 
@@ -189,15 +264,24 @@ impl<'de> Visitor<'de> for WrittenKey<'_> {
 
 /// Each key once, in the order of its first place, with the entry of its last value; `None`
 /// when no key repeats. Keys are compared as written: serde_json writes equal strings alike
-/// and different ones differently.
+/// and different ones differently. A few entries are compared pairwise, more through a map.
 fn first_and_last(out: &[u8], entries: &[Entry]) -> Option<Vec<(usize, usize)>> {
     let key = |at: usize| &out[entries[at].key.clone()];
-    if entries.len() <= 8
-        && !(0..entries.len()).any(|at| (0..at).any(|earlier| key(earlier) == key(at)))
-    {
-        return None;
+    let mut kept: Vec<(usize, usize)> = Vec::new();
+    if entries.len() <= 16 {
+        let repeated = (0..entries.len()).any(|at| (0..at).any(|earlier| key(earlier) == key(at)));
+        if !repeated {
+            return None;
+        }
+        for at in 0..entries.len() {
+            match kept.iter_mut().find(|(first, _)| key(*first) == key(at)) {
+                Some((_, last)) => *last = at,
+                None => kept.push((at, at)),
+            }
+        }
+        return Some(kept);
     }
-    let mut kept: Vec<(usize, usize)> = Vec::with_capacity(entries.len());
+    kept.reserve(entries.len());
     let mut slots: HashMap<&[u8], usize> = HashMap::with_capacity(entries.len());
     for at in 0..entries.len() {
         match slots.entry(key(at)) {
@@ -211,15 +295,21 @@ fn first_and_last(out: &[u8], entries: &[Entry]) -> Option<Vec<(usize, usize)>> 
     (kept.len() < entries.len()).then_some(kept)
 }
 
-/// An object as ECMAScript orders it (see [`write_object`]) from its entries as written: each
-/// key once, in its first place with its last value (`kept`); array indices first, ascending.
-fn write_in_order(out: &[u8], entries: &[Entry], mut kept: Vec<(usize, usize)>) -> Vec<u8> {
+/// An object as ECMAScript orders it (see [`write_object`]) from its entries as written in
+/// `out`, into `object`: each key once, in its first place with its last value (`kept`);
+/// array indices first, ascending.
+fn write_in_order(
+    out: &[u8],
+    entries: &[Entry],
+    mut kept: Vec<(usize, usize)>,
+    object: &mut Vec<u8>,
+) {
     // Stable, and the keys that are not indices are in first-place order already.
     kept.sort_by_key(|&(first, _)| match entries[first].index {
         Some(index) => (0, u64::from(index)),
         None => (1, first as u64),
     });
-    let mut object = Vec::with_capacity(out.len());
+    object.clear();
     object.push(b'{');
     for (at, &(first, last)) in kept.iter().enumerate() {
         if at > 0 {
@@ -230,7 +320,6 @@ fn write_in_order(out: &[u8], entries: &[Entry], mut kept: Vec<(usize, usize)>) 
         object.extend_from_slice(&out[entries[last].value.clone()]);
     }
     object.push(b'}');
-    object
 }
 
 // Recursive: a `Value` serde_json read nests at most 128 levels (its recursion limit).
@@ -590,6 +679,46 @@ mod tests {
         );
     }
 
+    /// Objects nested deep, each of which JavaScript orders otherwise than the body: each level
+    /// moved all it holds, and 125 levels of a 64 KiB body took more of the ingest thread than
+    /// a `Value` (found by an adversarial run). Past 8 levels the body is read into a `Value`,
+    /// with the same output; up to them, in one pass.
+    #[test]
+    fn bodies_nested_past_8_levels_are_read_into_a_value() {
+        let bottom = vec!["1e20"; 2_000].join(",");
+        let nested = |depth| {
+            let head = r#"{"1":0,"x":"#.repeat(depth);
+            format!("{head}[{bottom}]{}", r#","0":0}"#.repeat(depth))
+        };
+        for depth in [1, 7, 8, 9, 125] {
+            let body = nested(depth);
+            let through_value = stringify(&serde_json::from_str(&body).unwrap());
+            assert_eq!(nesting(body.as_bytes()), (depth + 1).min(9), "{depth}");
+            assert_eq!(
+                stringify_body(body.as_bytes()).as_ref(),
+                Some(&through_value)
+            );
+            assert_eq!(in_one_pass(body.as_bytes()).as_ref(), Some(&through_value));
+        }
+    }
+
+    /// Brackets inside strings do not count, escaped quotes included; a body cut inside a
+    /// string counts what came before it.
+    #[test]
+    fn nesting_counts_brackets_outside_strings() {
+        for (body, depth) in [
+            (r#"{"a":"[[[{{{","b":[1,[2]]}"#, 3),
+            (r#"{"a\"[[[":"\\","b":{}}"#, 2),
+            (r#"["\\\"{{{{{{{{{{{"]"#, 1),
+            (r#"[["unfinished \"[[["#, 2),
+            ("", 0),
+            ("1", 0),
+            ("]]]{", 1),
+        ] {
+            assert_eq!(nesting(body.as_bytes()), depth, "{body}");
+        }
+    }
+
     /// JSON text with what makes `JSON.stringify`'s output differ from the body's: spaces,
     /// numbers in every layout, escapes, array-index keys and repeated keys, nested.
     fn json_text() -> impl Strategy<Value = String> {
@@ -663,8 +792,9 @@ mod tests {
 
     proptest! {
         /// Read in one pass, every body gives what its `Value` gives: the same bytes, or no
-        /// compact form for both. Also with a byte of it changed, which makes many of them
-        /// something serde_json refuses, at any depth.
+        /// compact form for both, at any depth (the one pass itself, and as the signature
+        /// check chooses between the two). Also with a byte of it changed, which makes many of
+        /// them something serde_json refuses, at any depth.
         #[test]
         fn one_pass_writes_what_the_value_writes(
             body in json_text(),
@@ -676,7 +806,10 @@ mod tests {
                 body[at] = byte;
             }
             let through_value = serde_json::from_slice::<Value>(&body).ok().map(|json| stringify(&json));
-            prop_assert_eq!(stringify_body(&body), through_value, "{}", String::from_utf8_lossy(&body));
+            let one_pass = in_one_pass(&body);
+            let shown = String::from_utf8_lossy(&body);
+            prop_assert_eq!(&one_pass, &through_value, "{}", shown);
+            prop_assert_eq!(stringify_body(&body), through_value, "{}", shown);
         }
 
         /// Any finite double reads back from what is written as itself, and the layout follows
