@@ -3240,12 +3240,12 @@ async fn answers_parked_behind_shut_windows_stay_counted_until_the_connection_is
 /// One client sending PRIORITY frames, or frames of types HTTP/2 does not define, as fast as
 /// it could kept a server core busy, never cut on the gRPC port, and on the webhook port held
 /// the ingest thread until its header deadline, again after each reconnection (h2 reads and
-/// drops such frames; found by an adversarial run). A connection may send 10,000 at once
-/// (some frame types extend HTTP/2): one that sent that many still answers a PING; past them
-/// it is cut, counted under `ignored_frames` and warned of, on either port, while other
-/// clients are answered.
+/// drops such frames; found by an adversarial run); so did WINDOW_UPDATEs and PINGs (the next
+/// run). A connection may send 2,000 control frames at once, more with its requests and what
+/// it reads: one that sent 1,500 still answers a PING; one that sends more is cut, counted
+/// under `control_frames` and warned of, on either port, while other clients are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_flooding_frames_the_server_ignores_are_cut() {
+async fn connections_flooding_control_frames_are_cut() {
     use profile_state::pb::profile_service_client::ProfileServiceClient;
     let dir = tempfile::tempdir().unwrap();
     let mut binary = binary::Binary::start(dir.path(), &[]).await;
@@ -3269,9 +3269,9 @@ async fn connections_flooding_frames_the_server_ignores_are_cut() {
     binary.stop();
 }
 
-/// On `address` (of `listener`): 8,000 ignored frames, then a PING, answered; then a flood of
-/// PRIORITY frames and one of an undefined type, each on a connection of its own, each cut
-/// (a write may fail once it is) and closed, counted and warned of.
+/// On `address` (of `listener`): 1,500 control frames, then a PING, answered; then a flood of
+/// each kind (PRIORITY, an undefined type, WINDOW_UPDATE, PING), each on a connection of its
+/// own, each cut (a write may fail once it is) and closed, counted and warned of.
 async fn floods_are_cut(
     binary: &mut binary::Binary,
     listener: &str,
@@ -3283,14 +3283,18 @@ async fn floods_are_cut(
         let head = [length[1], length[2], length[3], kind, flags, 0, 0, 0, 0];
         [&head[..], payload].concat()
     };
-    // PRIORITY on stream 1 (5 bytes: dependency 0, weight 16), and type 0xfa on stream 0.
+    // PRIORITY on stream 1 (5 bytes: dependency 0, weight 16), type 0xfa, a WINDOW_UPDATE of
+    // the connection's window by 1, a PING.
     let mut priority = frame(0x2, 0, &[0, 0, 0, 0, 16]);
     priority[8] = 1;
     let unknown = frame(0xfa, 0, b"abc");
+    let window_update = frame(0x8, 0, &[0, 0, 0, 1]);
+    let ping = frame(0x6, 0, b"pingpong");
     let opening = [
         frame(0x4, 0, &[]),
-        priority.repeat(4_000),
-        unknown.repeat(4_000),
+        priority.repeat(500),
+        unknown.repeat(500),
+        window_update.repeat(500),
         frame(0x6, 0, b"8 bytes!"),
     ]
     .concat();
@@ -3300,22 +3304,26 @@ async fn floods_are_cut(
     while !read.windows(ack.len()).any(|window| window == ack) {
         let mut chunk = [0; 4096];
         let n = flooding.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "{listener}: closed after 8,000 ignored frames");
+        assert!(n > 0, "{listener}: closed after 1,500 control frames");
         read.extend_from_slice(&chunk[..n]);
     }
     assert_eq!(
-        cut_for_ignored_frames(&binary.metrics().await, listener),
+        cut_for_control_frames(&binary.metrics().await, listener),
         0.0
     );
 
-    for (kind, one, mut connection) in [
-        ("PRIORITY", &priority, flooding),
-        (
-            "unknown",
-            &unknown,
-            opened(address, &frame(0x4, 0, &[])).await,
-        ),
-    ] {
+    let kinds = [
+        ("PRIORITY", &priority),
+        ("unknown", &unknown),
+        ("WINDOW_UPDATE", &window_update),
+        ("PING", &ping),
+    ];
+    let mut flooding = Some(flooding);
+    for (kind, one) in kinds {
+        let mut connection = match flooding.take() {
+            Some(connection) => connection,
+            None => opened(address, &frame(0x4, 0, &[])).await,
+        };
         let flood = one.repeat(10_000);
         for _ in 0..20 {
             if connection.write_all(&flood).await.is_err() {
@@ -3330,12 +3338,12 @@ async fn floods_are_cut(
         );
     }
     let warned = binary
-        .wait_for(profile_state::grpc::ignored_frames::CUT)
+        .wait_for(profile_state::grpc::control_frames::CUT)
         .await;
     assert_eq!(warned["listener"], listener, "{warned}");
     assert_eq!(
-        cut_for_ignored_frames(&binary.metrics().await, listener),
-        2.0
+        cut_for_control_frames(&binary.metrics().await, listener),
+        kinds.len() as f64
     );
 }
 
@@ -3351,9 +3359,9 @@ async fn opened(address: std::net::SocketAddr, frames: &[u8]) -> tokio::net::Tcp
     connection
 }
 
-fn cut_for_ignored_frames(metrics: &str, listener: &str) -> f64 {
+fn cut_for_control_frames(metrics: &str, listener: &str) -> f64 {
     let series = format!(
-        "profile_state_connections_cut_total{{listener=\"{listener}\",reason=\"ignored_frames\"}}"
+        "profile_state_connections_cut_total{{listener=\"{listener}\",reason=\"control_frames\"}}"
     );
     sample(metrics, &series)
 }

@@ -94,8 +94,8 @@ use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, Bytes, http};
 
 use super::byte_budgets::{Budget, Budgets, Held, Room, SpentBy, call_bytes, server_budget_for};
+use super::control_frames::{self, ControlFrames};
 use super::data_frames::DataFrames;
-use super::ignored_frames::{self, IgnoredFrames};
 use super::transport::Connection;
 use crate::logging::RateLimited;
 use crate::poison::lock;
@@ -181,9 +181,9 @@ enum CutReason {
     ServerBudget,
     /// Streams' frames, past their bound (`frames`).
     StreamBytes,
-    /// Frames the client sent that the server ignores, past their allowance
-    /// (`super::ignored_frames`): not about answers, but cut, counted and warned of alike.
-    IgnoredFrames,
+    /// Control frames the client sent past their allowance (`super::control_frames`): not
+    /// about answers, but cut, counted and warned of alike.
+    ControlFrames,
 }
 
 impl CutReason {
@@ -192,7 +192,7 @@ impl CutReason {
             CutReason::ConnectionBudget => "connection_budget",
             CutReason::ServerBudget => "server_budget",
             CutReason::StreamBytes => "stream_bytes",
-            CutReason::IgnoredFrames => "ignored_frames",
+            CutReason::ControlFrames => "control_frames",
         }
     }
 }
@@ -626,13 +626,13 @@ fn least_share_read_first(
 /// A connection's stream that tells its answer budgets how many bytes of answers its socket
 /// took ([`DataFrames`]), and whether its writes wait (a client not reading its socket: what
 /// h2 holds may still go out, so the connection is not cut for it); and that cuts the
-/// connection once its client sent more frames the server ignores than it may
-/// ([`IgnoredFrames`]).
+/// connection once its client sent more control frames than its requests and the DATA frames
+/// its socket took account for ([`ControlFrames`]).
 pub struct FramesWatched<S> {
     io: S,
     unsent: Arc<Unsent>,
     frames: DataFrames,
-    ignored: IgnoredFrames,
+    control: ControlFrames,
 }
 
 impl<S> FramesWatched<S> {
@@ -642,7 +642,7 @@ impl<S> FramesWatched<S> {
             io,
             unsent: Arc::clone(&answer_bytes.unsent),
             frames: DataFrames::default(),
-            ignored: IgnoredFrames::default(),
+            control: ControlFrames::default(),
         }
     }
 }
@@ -656,30 +656,37 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramesWatched<S> {
         let before = buf.filled().len();
         let read = Pin::new(&mut self.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = read
-            && !self.ignored.read(&buf.filled()[before..])
+            && !self.control.read(&buf.filled()[before..])
         {
-            self.cut_for_ignored_frames();
+            self.cut_for_control_frames();
             // What was read is not handed on: h2 would parse the rest of the flood first.
             buf.set_filled(before);
-            return Poll::Ready(Err(std::io::Error::other(
-                "too many HTTP/2 frames the server ignores",
-            )));
+            return Poll::Ready(Err(std::io::Error::other("too many HTTP/2 control frames")));
         }
         read
     }
 }
 
 impl<S> FramesWatched<S> {
-    fn cut_for_ignored_frames(&self) {
-        if let Some(suppressed) = self.unsent.cut_for(CutReason::IgnoredFrames) {
+    /// Tells the control frames' allowance of the DATA frames the socket took since the last
+    /// call (the client's WINDOW_UPDATEs and PINGs for reading them are its due).
+    fn sent_data_frames(&mut self) {
+        let frames = self.frames.take_data_frames();
+        if frames > 0 {
+            self.control.sent_data(frames);
+        }
+    }
+
+    fn cut_for_control_frames(&self) {
+        if let Some(suppressed) = self.unsent.cut_for(CutReason::ControlFrames) {
             tracing::warn!(
                 listener = "grpc",
                 peer = %self.unsent.peer,
-                burst = ignored_frames::BURST,
-                per_second = ignored_frames::PER_SECOND,
+                burst = control_frames::BURST,
+                per_second = control_frames::PER_SECOND,
                 suppressed,
                 "{}",
-                ignored_frames::CUT
+                control_frames::CUT
             );
         }
     }
@@ -696,6 +703,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FramesWatched<S> {
         if let Poll::Ready(Ok(written)) = write {
             let data = self.frames.scan(&buf[..written.min(buf.len())]);
             self.unsent.data_read(data);
+            self.sent_data_frames();
         }
         write
     }
@@ -710,6 +718,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FramesWatched<S> {
         if let Poll::Ready(Ok(written)) = write {
             let data = self.frames.scan_vectored(bufs, written);
             self.unsent.data_read(data);
+            self.sent_data_frames();
         }
         write
     }

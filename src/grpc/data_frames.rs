@@ -26,6 +26,8 @@ pub struct DataFrames {
     /// The payload bytes left of the current frame, and whether it is a DATA frame.
     payload_left: usize,
     in_data: bool,
+    /// DATA frames whose header went out since [`DataFrames::take_data_frames`].
+    data_frames: usize,
 }
 
 impl DataFrames {
@@ -51,9 +53,15 @@ impl DataFrames {
                 let [a, b, c, kind, ..] = self.header;
                 self.payload_left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
                 self.in_data = kind == DATA;
+                self.data_frames += usize::from(self.in_data);
             }
         }
         data
+    }
+
+    /// How many DATA frames' headers the socket took since the last call.
+    pub fn take_data_frames(&mut self) -> usize {
+        std::mem::take(&mut self.data_frames)
     }
 
     /// [`DataFrames::scan`] of the first `written` bytes of `slices`, in order.
@@ -100,6 +108,8 @@ mod tests {
             let mut frames = DataFrames::default();
             let data: usize = written.chunks(split).map(|w| frames.scan(w)).sum();
             assert_eq!(data, 70_100, "writes of {split} bytes");
+            assert_eq!(frames.take_data_frames(), 3, "writes of {split} bytes");
+            assert_eq!(frames.take_data_frames(), 0);
             assert_eq!((frames.payload_left, frames.header_read), (0, 0));
         }
     }

@@ -82,7 +82,7 @@ pub const CUT_REASONS: &[&str] = &[
     "connection_budget",
     "server_budget",
     "stream_bytes",
-    "ignored_frames",
+    "control_frames",
 ];
 
 /// Every limit a WatchProfiles call can be refused by: the `limit` label of
@@ -249,7 +249,7 @@ fn connections_cut(registry: &Registry, name: &str, help: &str) -> IntCounterVec
         counter.with_label_values(&["grpc", reason]);
     }
     // The webhook listener's HTTP/2 connections are cut for the same flood.
-    counter.with_label_values(&["webhook", "ignored_frames"]);
+    counter.with_label_values(&["webhook", "control_frames"]);
     counter
 }
 
@@ -449,13 +449,14 @@ impl Watch {
             connections_cut: connections_cut(
                 r,
                 "profile_state_connections_cut_total",
-                "gRPC connections cut because their client stopped reading its answers, by what \
-                 its unread answers filled: connection_budget (its own budget, for ten seconds), \
-                 server_budget (the server's, for a second), stream_bytes (streams' messages \
-                 waiting for window, past 32 times --grpc-max-message-bytes in all); or because \
-                 it sent more HTTP/2 frames the server ignores than it may: ignored_frames \
-                 (PRIORITY and undefined types, past 10,000 at once and 1,000 a second). Its \
-                 calls and watch streams end with it; watchers resume from their revision.",
+                "Connections cut: gRPC ones because their client stopped reading its answers, \
+                 by what its unread answers filled: connection_budget (its own budget, for ten \
+                 seconds), server_budget (the server's, for a second), stream_bytes (streams' \
+                 messages waiting for window, past 32 times --grpc-max-message-bytes in all); \
+                 gRPC and webhook HTTP/2 ones because their client sent more control frames \
+                 (PING, SETTINGS, WINDOW_UPDATE, RST_STREAM, PRIORITY, undefined types) than its \
+                 requests and what it read account for: control_frames. Their calls and watch \
+                 streams end with them; watchers resume from their revision.",
             ),
         }
     }

@@ -22,9 +22,9 @@
 //!
 //! A deadline that passes makes the next read fail with `TimedOut`, which makes hyper close
 //! the connection; it is counted in `profile_state_connections_timed_out_total`. On the
-//! webhook listener, an HTTP/2 client that sends more frames the server ignores than it may
-//! (`crate::grpc::ignored_frames`) is closed the same way, counted in
-//! `profile_state_connections_cut_total{reason="ignored_frames"}`. Nothing else here knows
+//! webhook listener, an HTTP/2 client that sends more control frames than it may
+//! (`crate::grpc::control_frames`) is closed the same way, counted in
+//! `profile_state_connections_cut_total{reason="control_frames"}`. Nothing else here knows
 //! HTTP beyond the preface's length.
 
 use std::collections::HashMap;
@@ -46,7 +46,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::{Activity, Arriving};
-use crate::grpc::ignored_frames::{self, IgnoredFrames};
+use crate::grpc::control_frames::{self, ControlFrames};
 use crate::logging::RateLimited;
 use crate::metrics::{ConnectionMetrics, ListenerMetrics};
 
@@ -473,18 +473,18 @@ pub struct Timed<T, S = TcpStream> {
     preface_left: usize,
     timer: Pin<Box<Sleep>>,
     metrics: ListenerMetrics,
-    /// The frames an HTTP/2 client sends that the server ignores, on listeners that serve
-    /// requests (the webhook's; `None` on the gRPC listener, whose `FramesWatched` counts them).
-    ignored: Option<IgnoredFrames>,
+    /// The control frames an HTTP/2 client sends, on listeners that serve requests (the
+    /// webhook's; `None` on the gRPC listener, whose `FramesWatched` counts them).
+    control: Option<ControlFrames>,
     tag: T,
 }
 
 impl<T, S> Timed<T, S> {
     /// Wraps a connection `accept` returned; its first deadline starts now.
     pub fn new(io: S, slot: Slot, deadlines: Deadlines, metrics: ListenerMetrics, tag: T) -> Self {
-        let (phase, first, ignored) = match &deadlines {
+        let (phase, first, control) = match &deadlines {
             Deadlines::Requests { idle, .. } => {
-                (Phase::Idle, *idle, Some(IgnoredFrames::default()))
+                (Phase::Idle, *idle, Some(ControlFrames::default()))
             }
             Deadlines::Preface { handshake } => (Phase::Header, *handshake, None),
         };
@@ -496,7 +496,7 @@ impl<T, S> Timed<T, S> {
             preface_left: HTTP2_PREFACE_BYTES,
             timer: Box::pin(tokio::time::sleep(first)),
             metrics,
-            ignored,
+            control,
             tag,
         }
     }
@@ -506,14 +506,15 @@ impl<T, S> Timed<T, S> {
         self.timer.as_mut().reset(Instant::now() + after);
     }
 
-    /// The connection's HTTP/2 client sent more frames the server ignores than it may: counted
-    /// and warned of (at most every 10 s), and the error that closes it. The webhook
-    /// listener's connections are served on the ingest thread, which such a flood held for
-    /// as long as its header deadline let it, every time its client connected again (found by
-    /// an adversarial run).
-    fn cut_for_ignored_frames(&self) -> io::Error {
+    /// The connection's HTTP/2 client sent more control frames than it may: counted and warned
+    /// of (at most every 10 s), and the error that closes it. The webhook listener's
+    /// connections are served on the ingest thread, which such a flood held for as long as
+    /// its header deadline let it, every time its client connected again, and with a request
+    /// kept in progress (no deadline runs then) for as long as it liked (found by adversarial
+    /// runs).
+    fn cut_for_control_frames(&self) -> io::Error {
         static WARNINGS: RateLimited = RateLimited::new();
-        self.metrics.cut("ignored_frames");
+        self.metrics.cut("control_frames");
         if let Some(suppressed) = WARNINGS.due() {
             // Only connections with `Requests` deadlines count the frames.
             let peer = match &self.deadlines {
@@ -523,14 +524,14 @@ impl<T, S> Timed<T, S> {
             tracing::warn!(
                 listener = self.metrics.listener(),
                 peer,
-                burst = ignored_frames::BURST,
-                per_second = ignored_frames::PER_SECOND,
+                burst = control_frames::BURST,
+                per_second = control_frames::PER_SECOND,
                 suppressed,
                 "{}",
-                ignored_frames::CUT
+                control_frames::CUT
             );
         }
-        io::Error::other("too many HTTP/2 frames the server ignores")
+        io::Error::other("too many HTTP/2 control frames")
     }
 
     /// `received` bytes arrived: the header deadline starts, or the preface is counted.
@@ -618,12 +619,12 @@ impl<T: Unpin, S: AsyncRead + Unpin> AsyncRead for Timed<T, S> {
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let read = &buf.filled()[before..];
-                if let Some(ignored) = &mut this.ignored
-                    && !ignored.read(read)
+                if let Some(control) = &mut this.control
+                    && !control.read(read)
                 {
                     // Not handed on: hyper would parse the rest of the flood first.
                     buf.set_filled(before);
-                    return Poll::Ready(Err(this.cut_for_ignored_frames()));
+                    return Poll::Ready(Err(this.cut_for_control_frames()));
                 }
                 this.received(read.len());
                 Poll::Ready(Ok(()))
