@@ -354,6 +354,19 @@ async fn a_number_rounded_out_of_range_by_json_stringify_is_told_so() {
         !error.contains("JSON.stringify") && !error.contains("jane@example.com"),
         "{error}"
     );
+    // A number JSON.stringify writes otherwise but does not change (`3e9`, 3000000000 there),
+    // out of range as sent: nothing is said of rounding.
+    let sent = br#"{
+  "event": "customer.profile.updated", "client_id": "2155", "customer_id": "as-sent",
+  "gb_customer_id": 1, "created_at": "2024-11-19T17:34:42.297Z",
+  "data": {"tier_order": 3e9}
+}"#;
+    let compact = profile_state::webhook::signature::compact_body(sent).unwrap();
+    let answer = post_with_signature(&service, sent, Some(&sign(SECRET, &compact))).await;
+    assert_eq!(answer.0, 422, "{}", answer.1);
+    assert_eq!(answer.1["field"], "data.tier_order", "{}", answer.1);
+    let error = answer.1["error"].as_str().unwrap();
+    assert!(!error.contains("JSON.stringify"), "{error}");
     // Signed over its bytes, the same body is applied as it is.
     let answer = post_with_signature(&service, &pretty, Some(&sign(SECRET, &pretty))).await;
     assert_applied(&answer, 1);
