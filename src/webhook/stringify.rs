@@ -203,7 +203,7 @@ struct Entry {
 }
 
 /// An object's entries, written where they come; then, if JavaScript's order is not the
-/// body's, written again in it ([`write_in_order`]), within what the output may still move.
+/// body's, written again in it ([`write_in_order`]).
 fn write_entries<'de, A: MapAccess<'de>>(out: &mut Output, mut map: A) -> Result<(), A::Error> {
     let start = out.bytes.len();
     out.bytes.push(b'{');
