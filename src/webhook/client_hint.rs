@@ -1,5 +1,6 @@
 //! The `client_id` of a body that no JSON reader here takes: which account's secrets its
-//! signature is checked with.
+//! signature is checked with. Also the `client_id` a refused delivery's log line names when
+//! the body was not read (no account has secrets of its own: `super::Ingress::authenticate`).
 //!
 //! A correctly signed body that serde_json refuses (a number past the double range such as
 //! `1e400`, nesting past its limit, a lone surrogate, an invalid UTF-8 byte in a value) is a
@@ -10,12 +11,29 @@
 //! its brackets and quotes, never read. The signature covers the whole body, so a wrong hint
 //! only fails the check.
 //!
-//! Not here: validating anything (the ingest path does, and answers 422), or reading a
-//! `client_id` written with escapes (`None`: such a body is refused as before).
+//! Not here: validating anything (the ingest path does, and answers 422), or choosing secrets
+//! by a `client_id` written with escapes (`client_id` gives `None`: such a body is refused as
+//! before; `claimed_client_id`, for a log line, decodes them).
 
 /// The top-level `client_id` of `raw` when it is a plain string (no escapes, valid UTF-8) of an
 /// object shaped as JSON down to its top-level keys; `None` otherwise.
 pub fn client_id(raw: &[u8]) -> Option<&str> {
+    let text = &raw[client_id_at(raw)?];
+    match text.contains(&b'\\') {
+        true => None,
+        false => std::str::from_utf8(text).ok(),
+    }
+}
+
+/// What [`client_id`] finds, its escapes decoded (`"215\u0035"` is `2155`): the `client_id` a
+/// body claims, for a log line. `None` for a string JSON does not allow.
+pub fn claimed_client_id(raw: &[u8]) -> Option<String> {
+    let text = client_id_at(raw)?;
+    serde_json::from_slice(&raw[text.start - 1..text.end + 1]).ok()
+}
+
+/// Where the text of the top-level `client_id` string is, between its quotes.
+fn client_id_at(raw: &[u8]) -> Option<std::ops::Range<usize>> {
     let mut at = skip_space(raw, 0);
     (raw.get(at) == Some(&b'{')).then_some(())?;
     at += 1;
@@ -27,11 +45,7 @@ pub fn client_id(raw: &[u8]) -> Option<&str> {
         at = skip_space(raw, at + 1);
         if &raw[key.start + 1..key.end - 1] == b"client_id" {
             let value = string_at(raw, at)?;
-            let text = &raw[value.start + 1..value.end - 1];
-            return match text.contains(&b'\\') {
-                true => None,
-                false => std::str::from_utf8(text).ok(),
-            };
+            return Some(value.start + 1..value.end - 1);
         }
         at = skip_space(raw, value_end(raw, at)?);
         match raw.get(at) {
@@ -131,5 +145,25 @@ mod tests {
         for body in bodies {
             assert_eq!(client_id(body.as_bytes()), None, "{body}");
         }
+    }
+
+    /// The claimed id of a log line: escapes decoded, still only the top-level string.
+    #[test]
+    fn a_claimed_client_id_has_its_escapes_decoded() {
+        let claimed = |body: &str| claimed_client_id(body.as_bytes());
+        assert_eq!(claimed(r#"{"client_id":"2155"}"#).as_deref(), Some("2155"));
+        assert_eq!(
+            claimed(r#"{"client_id":"215\u0035"}"#).as_deref(),
+            Some("2155")
+        );
+        let forged = claimed(r#"{"x":[1],"client_id":"2155\nINFO forged"}"#);
+        assert_eq!(forged.as_deref(), Some("2155\nINFO forged"));
+        assert_eq!(
+            claimed(r#"{"client_id":"\ud800"}"#),
+            None,
+            "a lone surrogate"
+        );
+        assert_eq!(claimed(r#"{"o":{"client_id":"nested"}}"#), None);
+        assert_eq!(claimed(r#"{"client_id":2155}"#), None);
     }
 }

@@ -1,19 +1,22 @@
 //! The webhook ingress: `POST /webhooks/gameball`, the HTTP adapter in front of the sequencer.
 //!
 //! In order: Content-Type and Content-Encoding (415), a transfer-coding besides chunked (501),
-//! the body, whole within its deadline (408) and within the size limit (413), the in-flight cap (503 + `Retry-After`), signature (401,
-//! with the secrets of the body's `client_id`), JSON and field validation, then the sequencer,
-//! whose answer is awaited within the request timeout (503, saying it may still be recorded).
-//! Only complete bodies hold in-flight slots, so unauthenticated slow uploads cannot starve
-//! signed deliveries. The body is read once, in one pass into
-//! its fields (`payload::Envelope`); only a body that pass declines, or whose signature does not
-//! match its raw bytes, is also parsed into a `serde_json::Value`. What happens to an
-//! authenticated body is the ingest path's (`crate::ingest`, shared with a dead letter's
-//! replay): validated, then recorded, or kept as a dead letter and answered 422 with its id
-//! (503 if it could not be kept). The answer is 200 only after the sequencer has recorded the
-//! update and made it visible, so a 2xx means recorded. A refused signature is logged at WARN
-//! with the claimed `client_id` and the reason, at most once per interval (`rejection_log`). Nothing here merges or stores;
-//! statuses come from `crate::status`, the one place that maps errors for both HTTP and gRPC.
+//! the body, whole within its deadline (408) and within the size limit (413), the in-flight cap
+//! (503 + `Retry-After`), signature (401: with the default secrets, or with the secrets of the
+//! body's `client_id` when accounts have their own), JSON and field validation, then the
+//! sequencer, whose answer is awaited within the request timeout (503, saying it may still be
+//! recorded). Only complete bodies hold in-flight slots, so unauthenticated slow uploads cannot
+//! starve signed deliveries. Without account secrets a body is not read before its signature
+//! matches (its raw bytes, or its compact form, written in one pass: `stringify`); with them it
+//! is read once for its `client_id`. Read, it goes in one pass into its fields
+//! (`payload::Envelope`); only a body that pass declines is parsed into a `serde_json::Value`.
+//! What happens to an authenticated body is the ingest path's (`crate::ingest`, shared with a
+//! dead letter's replay): validated, then recorded, or kept as a dead letter and answered 422
+//! with its id (503 if it could not be kept). The answer is 200 only after the sequencer has
+//! recorded the update and made it visible, so a 2xx means recorded. A refused signature is
+//! logged at WARN with the claimed `client_id` and the reason, at most once per interval
+//! (`rejection_log`). Nothing here merges or stores; statuses come from `crate::status`, the
+//! one place that maps errors for both HTTP and gRPC.
 
 pub mod client_hint;
 mod rejection_log;
@@ -41,7 +44,7 @@ use crate::metrics::Metrics;
 use crate::sequencer::{Applied, Sequencer};
 use crate::status::{self, Rejection};
 use rejection_log::RejectionLog;
-use secrets::SecretStore;
+use secrets::{SecretStore, Secrets};
 use signature::Signed;
 
 /// The path Gameball posts to.
@@ -304,49 +307,21 @@ impl Ingress {
                     ),
                 })
             })?;
-        let parsed = Parsed::read(&raw);
-        let mut signed = Signed::Raw;
-        if let Verification::Secrets(secrets) = &*self.verification {
-            let mut signatures = headers.get_all(signature::HEADER).iter();
-            let claimed = signatures
-                .next()
-                .map(|value| value.to_str().unwrap_or_default());
-            if signatures.next().is_some() {
-                // Which one to check is anybody's guess, as with two Content-Types.
-                let reason = "X-GB-Signature appears more than once; send one";
-                self.rejections.refused(parsed.client_id(), reason);
-                return Err(Rejection::Unauthenticated { reason });
+        let (signed, parsed) = match &*self.verification {
+            Verification::Secrets(secrets) => {
+                self.authenticate(&secrets.current(), headers, &raw)?
             }
-            // The client_id read from the body is only a hint for choosing secrets: the
-            // signature then covers the whole body.
-            let secrets = secrets.current();
-            let client_id = parsed.client_id();
-            let checks = secrets.for_client(client_id);
-            let pad_to = secrets.most_checks();
-            if checks.is_empty() {
-                // Nothing to check with: not a bad signature, an account missing from the
-                // secrets file (or a body that names none).
-                let compact = || parsed.compact(&raw);
-                let (why, answer) =
-                    signature::no_secret(client_id, (pad_to, claimed), &raw, compact);
-                self.rejections.no_secret(client_id, why);
-                return Err(answer);
-            }
-            let compact = || parsed.compact(&raw);
-            signed = signature::verify(checks, (pad_to, claimed), &raw, compact).inspect_err(
-                |refusal| {
-                    if let Rejection::Unauthenticated { reason } = refusal {
-                        self.rejections.refused(client_id, reason);
-                    }
-                },
-            )?;
-        }
+            Verification::Skip => (Signed::Raw, None),
+        };
         // What the signature covers is what a dead letter keeps (`Signed::Compact`), and what
         // is applied: JSON.stringify rounds numbers (an integer past 2^53, `1.0` written `1`),
         // so the raw bytes can say what the signature does not, and a replay of the letter
         // reads the compact form.
         let (body, delivery) = match &signed {
-            Signed::Raw => (&raw[..], parsed.validate(&raw)),
+            Signed::Raw => {
+                let parsed = parsed.unwrap_or_else(|| Parsed::read(&raw));
+                (&raw[..], parsed.validate(&raw))
+            }
             Signed::Compact(compact) => {
                 let delivery = Parsed::read(compact).validate(compact);
                 let delivery = delivery.map_err(|error| as_signed(error, &raw, compact));
@@ -366,6 +341,63 @@ impl Ingress {
                 ),
             })),
         }
+    }
+
+    /// Checks `X-GB-Signature` over `raw` with `secrets`, and says what it covers. Without an
+    /// account's own secrets every body is checked against the defaults, whatever it names, so
+    /// it is not read before it is authenticated: a refused body costs its hash and its
+    /// compact form's, that form written as the body is read once (reading the body first
+    /// built a `Value` of every key the envelope does not model: a 16 MiB body of small
+    /// numbers took 1.2 GB, found by an adversarial run). With accounts, the body's
+    /// `client_id` chooses the secrets, so it is read first, and returned for the ingest path.
+    fn authenticate<'a>(
+        &self,
+        secrets: &Secrets,
+        headers: &HeaderMap,
+        raw: &'a [u8],
+    ) -> Result<(Signed, Option<Parsed<'a>>), Rejection> {
+        // For a log line, at most one per interval, and by a scan of the top-level keys, not
+        // a parse: the first refusal in an interval would otherwise read the body anyway.
+        let claimed_client_id = || client_hint::claimed_client_id(raw);
+        let mut signatures = headers.get_all(signature::HEADER).iter();
+        let claimed = signatures
+            .next()
+            .map(|value| value.to_str().unwrap_or_default());
+        if signatures.next().is_some() {
+            // Which one to check is anybody's guess, as with two Content-Types.
+            let reason = "X-GB-Signature appears more than once; send one";
+            self.rejections.refused(claimed_client_id, reason);
+            return Err(Rejection::Unauthenticated { reason });
+        }
+        let pad_to = secrets.most_checks();
+        let refused = |refusal: &Rejection, client_id: &dyn Fn() -> Option<String>| {
+            if let Rejection::Unauthenticated { reason } = refusal {
+                self.rejections.refused(client_id, reason);
+            }
+        };
+        let defaults = secrets.for_client(None);
+        if !secrets.has_account_secrets() && !defaults.is_empty() {
+            let compact = || signature::compact_body(raw);
+            return signature::verify(defaults, (pad_to, claimed), raw, compact)
+                .map(|signed| (signed, None))
+                .inspect_err(|refusal| refused(refusal, &claimed_client_id));
+        }
+        // The client_id read from the body is only a hint for choosing secrets: the signature
+        // then covers the whole body.
+        let parsed = Parsed::read(raw);
+        let client_id = parsed.client_id();
+        let checks = secrets.for_client(client_id);
+        let compact = || parsed.compact(raw);
+        if checks.is_empty() {
+            // Nothing to check with: not a bad signature, an account missing from the secrets
+            // file (or a body that names none).
+            let (why, answer) = signature::no_secret(client_id, (pad_to, claimed), raw, compact);
+            self.rejections.no_secret(client_id, why);
+            return Err(answer);
+        }
+        let signed = signature::verify(checks, (pad_to, claimed), raw, compact)
+            .inspect_err(|refusal| refused(refusal, &|| client_id.map(str::to_owned)))?;
+        Ok((signed, Some(parsed)))
     }
 }
 

@@ -42,8 +42,9 @@ struct State {
 
 impl RejectionLog {
     /// Notes one delivery refused for its signature: logs it, unless a line was written less
-    /// than [`INTERVAL`] ago.
-    pub fn refused(&self, client_id: Option<&str>, reason: &str) {
+    /// than [`INTERVAL`] ago. `client_id` is asked for only when a line is written: a body
+    /// is not read before it is authenticated unless its account must choose the secrets.
+    pub fn refused(&self, client_id: impl FnOnce() -> Option<String>, reason: &str) {
         self.log(Kind::BadSignature, client_id, reason);
     }
 
@@ -51,14 +52,14 @@ impl RejectionLog {
     /// not in the secrets file, and no default): not a bad signature, there was nothing to
     /// check it with. Rate-limited with [`RejectionLog::refused`].
     pub fn no_secret(&self, client_id: Option<&str>, reason: &str) {
-        self.log(Kind::NoSecret, client_id, reason);
+        self.log(Kind::NoSecret, || client_id.map(str::to_owned), reason);
     }
 
-    fn log(&self, kind: Kind, client_id: Option<&str>, reason: &str) {
+    fn log(&self, kind: Kind, client_id: impl FnOnce() -> Option<String>, reason: &str) {
         let Some(suppressed) = self.admit(Instant::now()) else {
             return;
         };
-        let client_id = client_id.map_or_else(|| "(none)".to_owned(), printable);
+        let client_id = client_id().map_or_else(|| "(none)".to_owned(), |id| printable(&id));
         match kind {
             Kind::BadSignature => tracing::warn!(
                 client_id = %client_id,
@@ -117,6 +118,24 @@ mod tests {
         assert_eq!(log.admit(start + INTERVAL), Some(6), "then with the count");
         assert_eq!(log.admit(start + INTERVAL + Duration::from_secs(1)), None);
         assert_eq!(log.admit(start + 3 * INTERVAL), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_client_id_is_asked_for_only_when_a_line_is_written() {
+        let log = RejectionLog::default();
+        let asked = std::cell::Cell::new(0);
+        let client_id = || {
+            asked.set(asked.get() + 1);
+            Some("2155".to_owned())
+        };
+        for _ in 0..3 {
+            log.refused(client_id, "X-GB-Signature does not match");
+        }
+        assert_eq!(
+            asked.get(),
+            1,
+            "the first refusal is logged, the others counted"
+        );
     }
 
     #[test]

@@ -170,6 +170,12 @@ impl Secrets {
             .unwrap_or(&self.default)
     }
 
+    /// Whether any account has secrets of its own: without, every delivery is checked against
+    /// the defaults, and which account a body names does not matter to its signature.
+    pub fn has_account_secrets(&self) -> bool {
+        !self.by_client.is_empty()
+    }
+
     /// The most secrets any delivery is checked against (an account's, or the defaults): what
     /// a refused delivery's check is padded to (`signature::verify`), so that the time of a
     /// 401 does not tell an account in the middle of a rotation (several secrets) from one
