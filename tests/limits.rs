@@ -6,7 +6,7 @@ use crate::common::binary;
 
 use common::{JSON, SECRET, TestService, at, profile_updated};
 use profile_state::Config;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn an_integer_past_u64_is_out_of_range_not_a_fraction() {
@@ -3380,18 +3380,18 @@ fn peak_rss(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// A body whose signature matches nothing costs the service about its own size, whatever it
-/// holds: with the default secrets (no account of its own) it is not read before its
-/// signature is checked. The envelope reader read it first and built a `serde_json::Value` of
-/// every key it does not model: 8 MiB of small numbers in one array took about 200 MiB, a
-/// 16 MiB body 1.2 GB (found by an adversarial run). The refusal is logged as before, with the
-/// `client_id` the body claims.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unauthenticated_body_costs_its_size_not_what_it_holds() {
+/// What an 8 MiB body of small numbers with a wrong signature grows the peak resident memory
+/// of the binary started with `args` by, and the WARN line its refusal was logged with.
+async fn unauthenticated_body_growth(secrets: &[&str]) -> (u64, Value) {
     const BODY: usize = 8 << 20;
     let dir = tempfile::tempdir().unwrap();
     let limit = BODY.to_string();
-    let mut binary = binary::Binary::start(dir.path(), &["--max-body-bytes", &limit]).await;
+    let mut command = binary::bare_command(&["--max-body-bytes", &limit, "--log-format", "json"]);
+    command.arg("--data-dir").arg(dir.path()).args(secrets);
+    for listener in ["--webhook-listen", "--grpc-listen", "--admin-listen"] {
+        command.args([listener, "127.0.0.1:0"]);
+    }
+    let mut binary = binary::Binary::spawn(command).await;
     let head = br#"{"client_id":"2155","customer_id":"c","numbers":["#;
     let mut body = head.to_vec();
     while body.len() < BODY - 3 {
@@ -3409,15 +3409,105 @@ async fn an_unauthenticated_body_costs_its_size_not_what_it_holds() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 401);
     let grown = peak_rss(binary.child.id()).saturating_sub(before);
-    // The body, its compact form and the buffers they grew through: 29 MiB here, bounded at 6
-    // times its size (48 MiB); reading it first grew it by over 500 MiB.
-    assert!(
-        grown < 6 * BODY as u64,
-        "the peak resident memory grew by {} MiB for a {} MiB body",
-        grown >> 20,
-        BODY >> 20
-    );
     let line = binary.wait_for("webhook refused: bad signature").await;
-    assert_eq!(line["client_id"], "2155", "{line}");
+    binary.stop();
+    (grown, line)
+}
+
+/// A body whose signature matches nothing costs the service about its own size, whatever it
+/// holds: it is not read before its signature is checked, with only default secrets and with
+/// account secrets (whose `client_id` comes from a walk of its top-level keys). Read first,
+/// the envelope reader built a `serde_json::Value` of every key it does not model: 8 MiB of
+/// small numbers in one array grew the peak by over 500 MiB, a 16 MiB body took 1.2 GB (found
+/// by an adversarial run). The refusal is logged as before, with the `client_id` the body
+/// claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_body_costs_its_size_not_what_it_holds() {
+    const BODY: u64 = 8 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.toml");
+    let accounts = "default = [\"d\"]\n[clients]\n\"2155\" = [\"a\", \"b\"]\n";
+    std::fs::write(&file, accounts).unwrap();
+    let accounts = ["--webhook-secrets-file", file.to_str().unwrap()];
+    let default = ["--webhook-secret", SECRET];
+    for (mode, secrets) in [("default secret", default), ("account secrets", accounts)] {
+        let (grown, line) = unauthenticated_body_growth(&secrets).await;
+        // The body, its compact form and the buffers they grew through: 29 MiB here, bounded
+        // at 6 times its size (48 MiB); reading it first grew it by over 500 MiB.
+        assert!(
+            grown < 6 * BODY,
+            "{mode}: the peak resident memory grew by {} MiB for a {} MiB body",
+            grown >> 20,
+            BODY >> 20
+        );
+        assert_eq!(line["client_id"], "2155", "{mode}: {line}");
+    }
+}
+
+/// With account secrets, the `client_id` that chooses them comes from a walk of the body's
+/// top-level keys, before the body is read (a repeated key's last value, as the body is then
+/// read). Once the signature holds, the body read must name the same account: a body that is
+/// not JSON is read as naming its first `client_id`, so one naming 3000 then 2155, signed with
+/// 2155's secret, is refused as when its first `client_id` chose the secrets (it was a dead
+/// letter signed by the wrong account without that check). The same body as JSON is 2155's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_that_chose_the_secrets_is_the_one_the_body_names() {
+    use profile_state::pb::profile_service_client::ProfileServiceClient;
+    use profile_state::webhook::signature::{MISMATCH, SignatureCheck};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.toml");
+    std::fs::write(
+        &file,
+        "[clients]\n\"2155\" = [\"s2155\"]\n\"3000\" = [\"s3000\"]\n",
+    )
+    .unwrap();
+    let mut command = binary::bare_command(&["--log-format", "json"]);
+    command.arg("--data-dir").arg(dir.path().join("data"));
+    command.args(["--webhook-secrets-file", file.to_str().unwrap()]);
+    for listener in ["--webhook-listen", "--grpc-listen", "--admin-listen"] {
+        command.args([listener, "127.0.0.1:0"]);
+    }
+    let binary = binary::Binary::spawn(command).await;
+    let post = async |body: &str, secret: &str| {
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/webhooks/gameball", binary.webhook))
+            .header("content-type", JSON)
+            .header(
+                "x-gb-signature",
+                SignatureCheck::new(secret).sign(body.as_bytes()),
+            )
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    let body = |points: &str| {
+        format!(
+            r#"{{"event":"customer.profile.updated","client_id":"3000","customer_id":"c","gb_customer_id":1,"created_at":"2024-11-19T17:34:42Z","data":{{"total_points":{points}}},"client_id":"2155"}}"#
+        )
+    };
+    let (status, answer) = post(&body("1e400"), "s2155").await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (401, Some(MISMATCH)),
+        "{answer}"
+    );
+    let (status, answer) = post(&body("1"), "s3000").await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = post(&body("1"), "s2155").await;
+    assert_eq!(status, 200, "{answer}");
+    let grpc = format!("http://{}", binary.grpc);
+    let mut client = ProfileServiceClient::connect(grpc).await.unwrap();
+    for (account, found) in [("2155", true), ("3000", false)] {
+        let request = profile_state::pb::GetProfileRequest {
+            client_id: account.into(),
+            customer_id: "c".into(),
+            ..Default::default()
+        };
+        let answer = client.get_profile(request).await;
+        assert_eq!(answer.is_ok(), found, "{account}: {answer:?}");
+    }
     binary.stop();
 }

@@ -219,16 +219,6 @@ impl<'a> Parsed<'a> {
         }
     }
 
-    /// The compact re-serialization the signature may have been made over (only a delivery
-    /// whose raw bytes did not match needs it): from the `Value` read already, or written as
-    /// the body is read again, without building one.
-    fn compact(&self, raw: &[u8]) -> Option<Vec<u8>> {
-        match self {
-            Parsed::Envelope(_) => signature::compact_body(raw),
-            Parsed::General(parsed, _) => parsed.as_ref().ok().map(signature::compact),
-        }
-    }
-
     fn validate(&self, raw: &[u8]) -> Result<Delivery, Error> {
         match self {
             Parsed::Envelope(envelope) => envelope.validate(),
@@ -343,22 +333,23 @@ impl Ingress {
         }
     }
 
-    /// Checks `X-GB-Signature` over `raw` with `secrets`, and says what it covers. Without an
-    /// account's own secrets every body is checked against the defaults, whatever it names, so
-    /// it is not read before it is authenticated: a refused body costs its hash and its
-    /// compact form's, that form written as the body is read once (reading the body first
-    /// built a `Value` of every key the envelope does not model: a 16 MiB body of small
-    /// numbers took 1.2 GB, found by an adversarial run). With accounts, the body's
-    /// `client_id` chooses the secrets, so it is read first, and returned for the ingest path.
+    /// Checks `X-GB-Signature` over `raw` with `secrets`, and says what it covers. A body is
+    /// not read before it is authenticated: a refused body costs its hash and its compact
+    /// form's, that form written as the body is read once (reading the body first built a
+    /// `Value` of every key the envelope does not model: a 16 MiB body of small numbers took
+    /// 1.2 GB, found by an adversarial run). With account secrets the body's `client_id`
+    /// chooses them, found by a walk of its top-level keys (`client_hint::named_client_id`);
+    /// once the signature holds, the body is read and must name the same `client_id`, or the
+    /// secrets that checked it were not its account's. Returns the body read, when it was.
     fn authenticate<'a>(
         &self,
         secrets: &Secrets,
         headers: &HeaderMap,
         raw: &'a [u8],
     ) -> Result<(Signed, Option<Parsed<'a>>), Rejection> {
-        // For a log line, at most one per interval, and by a scan of the top-level keys, not
-        // a parse: the first refusal in an interval would otherwise read the body anyway.
-        let claimed_client_id = || client_hint::claimed_client_id(raw);
+        // For a log line, at most one per interval, and by a walk of the top-level keys, not a
+        // parse: the first refusal in an interval would otherwise read the body anyway.
+        let claimed_client_id = || client_hint::named_client_id(raw);
         let mut signatures = headers.get_all(signature::HEADER).iter();
         let claimed = signatures
             .next()
@@ -375,19 +366,18 @@ impl Ingress {
                 self.rejections.refused(client_id, reason);
             }
         };
-        let defaults = secrets.for_client(None);
-        if !secrets.has_account_secrets() && !defaults.is_empty() {
-            let compact = || signature::compact_body(raw);
-            return signature::verify(defaults, (pad_to, claimed), raw, compact)
+        let compact = || signature::compact_body(raw);
+        if !secrets.has_account_secrets() && !secrets.for_client(None).is_empty() {
+            // Every delivery is checked against the defaults, whatever it names.
+            return signature::verify(secrets.for_client(None), (pad_to, claimed), raw, compact)
                 .map(|signed| (signed, None))
                 .inspect_err(|refusal| refused(refusal, &claimed_client_id));
         }
-        // The client_id read from the body is only a hint for choosing secrets: the signature
-        // then covers the whole body.
-        let parsed = Parsed::read(raw);
-        let client_id = parsed.client_id();
+        // The client_id is only a hint for choosing secrets: the signature then covers the
+        // whole body.
+        let named = client_hint::named_client_id(raw);
+        let client_id = named.as_deref();
         let checks = secrets.for_client(client_id);
-        let compact = || parsed.compact(raw);
         if checks.is_empty() {
             // Nothing to check with: not a bad signature, an account missing from the secrets
             // file (or a body that names none).
@@ -395,9 +385,29 @@ impl Ingress {
             self.rejections.no_secret(client_id, why);
             return Err(answer);
         }
+        let named_for_log = || named.clone();
         let signed = signature::verify(checks, (pad_to, claimed), raw, compact)
-            .inspect_err(|refusal| refused(refusal, &|| client_id.map(str::to_owned)))?;
-        Ok((signed, Some(parsed)))
+            .inspect_err(|refusal| refused(refusal, &named_for_log))?;
+        // The body as it will be read: its bytes, or the compact form (read again by the
+        // caller, from the bytes `signed` owns).
+        let (parsed, same_client_id) = match &signed {
+            Signed::Raw => {
+                let parsed = Parsed::read(raw);
+                let same = parsed.client_id() == client_id;
+                (Some(parsed), same)
+            }
+            Signed::Compact(compact) => (None, Parsed::read(compact).client_id() == client_id),
+        };
+        if !same_client_id {
+            // Only a body that is not JSON can get here (a key repeated or written with
+            // escapes beside the damage): refused as when its parse chose the secrets.
+            let reason = "the body's client_id reads differently from its top-level keys";
+            self.rejections.refused(named_for_log, reason);
+            return Err(Rejection::Unauthenticated {
+                reason: signature::MISMATCH,
+            });
+        }
+        Ok((signed, parsed))
     }
 }
 
