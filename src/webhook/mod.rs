@@ -6,10 +6,11 @@
 //! body's `client_id` when accounts have their own), JSON and field validation, then the
 //! sequencer, whose answer is awaited within the request timeout (503, saying it may still be
 //! recorded). Only complete bodies hold in-flight slots, so unauthenticated slow uploads cannot
-//! starve signed deliveries. Without account secrets a body is not read before its signature
-//! matches (its raw bytes, or its compact form, written in one pass: `stringify`); with them it
-//! is read once for its `client_id`. Read, it goes in one pass into its fields
-//! (`payload::Envelope`); only a body that pass declines is parsed into a `serde_json::Value`.
+//! starve signed deliveries. A body is not read before its signature matches (its raw bytes,
+//! or its compact form, written in one pass: `stringify`); with account secrets, its
+//! `client_id` comes from a walk of its top-level keys (`client_hint`), and the body read
+//! must name the same. Read, it goes in one pass into its fields (`payload::Envelope`); only a
+//! body that pass declines is parsed into a `serde_json::Value`.
 //! What happens to an authenticated body is the ingest path's (`crate::ingest`, shared with a
 //! dead letter's replay): validated, then recorded, or kept as a dead letter and answered 422
 //! with its id (503 if it could not be kept). The answer is 200 only after the sequencer has
