@@ -3380,10 +3380,12 @@ fn peak_rss(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// What an 8 MiB body of small numbers with a wrong signature grows the peak resident memory
-/// of the binary started with `args` by, and the WARN line its refusal was logged with.
-async fn unauthenticated_body_growth(secrets: &[&str]) -> (u64, Value) {
+/// What an 8 MiB body, `open` then `item` repeated then `close`, with a wrong signature grows
+/// the peak resident memory of the binary started with `secrets` by, and the WARN line its
+/// refusal was logged with.
+async fn unauthenticated_body_growth(secrets: &[&str], shape: [&str; 3]) -> (u64, Value) {
     const BODY: usize = 8 << 20;
+    let [open, item, close] = shape;
     let dir = tempfile::tempdir().unwrap();
     let limit = BODY.to_string();
     let mut command = binary::bare_command(&["--max-body-bytes", &limit, "--log-format", "json"]);
@@ -3392,12 +3394,14 @@ async fn unauthenticated_body_growth(secrets: &[&str]) -> (u64, Value) {
         command.args([listener, "127.0.0.1:0"]);
     }
     let mut binary = binary::Binary::spawn(command).await;
-    let head = br#"{"client_id":"2155","customer_id":"c","numbers":["#;
-    let mut body = head.to_vec();
-    while body.len() < BODY - 3 {
-        body.extend_from_slice(b"1,");
+    let mut body = format!(r#"{{"client_id":"2155","customer_id":"c","x":{open}"#).into_bytes();
+    while body.len() + 2 * item.len() + close.len() + 2 <= BODY {
+        body.extend_from_slice(item.as_bytes());
+        body.push(b',');
     }
-    body.extend_from_slice(b"1]}");
+    body.extend_from_slice(item.as_bytes());
+    body.extend_from_slice(close.as_bytes());
+    body.push(b'}');
     let before = peak_rss(binary.child.id());
     let response = reqwest::Client::new()
         .post(format!("http://{}/webhooks/gameball", binary.webhook))
@@ -3419,8 +3423,10 @@ async fn unauthenticated_body_growth(secrets: &[&str]) -> (u64, Value) {
 /// account secrets (whose `client_id` comes from a walk of its top-level keys). Read first,
 /// the envelope reader built a `serde_json::Value` of every key it does not model: 8 MiB of
 /// small numbers in one array grew the peak by over 500 MiB, a 16 MiB body took 1.2 GB (found
-/// by an adversarial run). The refusal is logged as before, with the `client_id` the body
-/// claims.
+/// by an adversarial run). Nor is its compact form written through a `Value` when it is
+/// large and nested deep: 8 MiB of empty arrays 9 levels deep grew it by about 200 MiB, 16 MiB
+/// of them by 2.3 GB (found by another). The refusal is logged as before, with the
+/// `client_id` the body claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unauthenticated_body_costs_its_size_not_what_it_holds() {
     const BODY: u64 = 8 << 20;
@@ -3430,8 +3436,16 @@ async fn an_unauthenticated_body_costs_its_size_not_what_it_holds() {
     std::fs::write(&file, accounts).unwrap();
     let accounts = ["--webhook-secrets-file", file.to_str().unwrap()];
     let default = ["--webhook-secret", SECRET];
-    for (mode, secrets) in [("default secret", default), ("account secrets", accounts)] {
-        let (grown, line) = unauthenticated_body_growth(&secrets).await;
+    let numbers = ["[", "1", "]"];
+    let deep = ["[[[[[[[[", "[]", "]]]]]]]]"];
+    let cases = [
+        ("default secret, numbers", default, numbers),
+        ("account secrets, numbers", accounts, numbers),
+        ("default secret, nested 10 deep", default, deep),
+        ("account secrets, nested 10 deep", accounts, deep),
+    ];
+    for (mode, secrets, shape) in cases {
+        let (grown, line) = unauthenticated_body_growth(&secrets, shape).await;
         // The body, its compact form and the buffers they grew through: 29 MiB here, bounded
         // at 6 times its size (48 MiB); reading it first grew it by over 500 MiB.
         assert!(
