@@ -1,9 +1,9 @@
 """Area 2: peak memory (VmHWM growth) and server CPU of ONE refused (wrong-signature) body per fresh server,
-for shapes that reach the Value path of stringify_body (nesting > 8) or other costs. Usage: b3_hwm.py OLD|NEW MODE(A|C) SIZE shape..."""
+for shapes that reach the Value path of stringify_body (nesting > 8) or other costs. Usage: refused-hwm.py BUILD(s57|r1|r2|r3) MODE(A|C) SIZE shape..."""
 import sys, json, os, time, shutil, http.client
 sys.path.insert(0, "/work/adv37")
 from lib import *
-BINS = {"OLD": "/work/bin/s57/final", "NEW": "/work/bin/s58/r2"}
+BINS = {"s57": "/work/bin/s57/final", "r1": "/work/bin/s58/r1", "r2": "/work/bin/s58/r2", "r3": "/work/bin/s58/r3"}
 binp, MODE, SIZE = BINS[sys.argv[1]], sys.argv[2], int(sys.argv[3])
 HEAD = '{"event":"customer.profile.updated","client_id":"2155","customer_id":"u","gb_customer_id":1,"created_at":"2024-11-19T17:34:42.297Z","data":{"tier_name":"basic"},"u":'
 def pad(prefix, unit, suffix, head=HEAD, tail="}"):
