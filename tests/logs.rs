@@ -227,7 +227,7 @@ async fn refused_signatures_are_warned_rate_limited_without_the_body() {
     );
     let first = warnings[0];
     assert_eq!(first["level"], "WARN");
-    assert_eq!(first["client_id"], "2155?INFO forged line");
+    assert_eq!(first["client_id"], "2155?INFO?forged?line");
     assert_eq!(first["reason"], profile_state::webhook::signature::MISMATCH);
     assert_eq!(first["suppressed"], 0);
     let counted: u64 = warnings.len() as u64

@@ -88,18 +88,33 @@ impl RejectionLog {
     }
 }
 
-/// `text` safe for one log line: at most [`MAX_CLIENT_ID`] characters, control characters as
-/// `?`, and `…` when cut.
+/// `text` safe for one log line: at most [`MAX_CLIENT_ID`] characters, `…` when cut, and `?`
+/// for control characters, white space (line and paragraph separators included), Unicode's
+/// invisible format characters (bidirectional overrides: what a reader sees is not what is
+/// there), and `"` and `=`: the text format writes the value unquoted, so `2155 reason="ok"`
+/// read as fields of the line (all found by an adversarial run).
 fn printable(text: &str) -> String {
+    let unsafe_char =
+        |c: char| c.is_control() || c.is_whitespace() || matches!(c, '"' | '=') || is_format(c);
     let mut out: String = text
         .chars()
         .take(MAX_CLIENT_ID)
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| if unsafe_char(c) { '?' } else { c })
         .collect();
     if text.chars().nth(MAX_CLIENT_ID).is_some() {
         out.push('…');
     }
     out
+}
+
+/// Unicode's format characters (general category Cf): invisible, and some reorder the text
+/// around them.
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{AD}' | '\u{600}'..='\u{605}' | '\u{61C}' | '\u{6DD}' | '\u{70F}' | '\u{180E}'
+        | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
 }
 
 #[cfg(test)]
@@ -141,7 +156,10 @@ mod tests {
     #[test]
     fn a_claimed_client_id_is_printable_and_short() {
         assert_eq!(printable("2155"), "2155");
-        assert_eq!(printable("a\nFAKE LINE\u{1b}[31m"), "a?FAKE LINE?[31m");
+        assert_eq!(printable("a\nFAKE LINE\u{1b}[31m"), "a?FAKE?LINE?[31m");
+        assert_eq!(printable("2155 reason=\"ok\""), "2155?reason??ok?");
+        assert_eq!(printable("21\u{2028}55\u{202E}x\u{200B}"), "21?55?x?");
+        assert_eq!(printable("é2155-ü"), "é2155-ü", "letters stay");
         let long = "x".repeat(100);
         assert_eq!(printable(&long), format!("{}…", "x".repeat(64)));
         assert_eq!(printable(&"y".repeat(64)), "y".repeat(64));
