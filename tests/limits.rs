@@ -3424,8 +3424,8 @@ async fn unauthenticated_body_growth(secrets: &[&str], shape: [&str; 3]) -> (u64
 /// the envelope reader built a `serde_json::Value` of every key it does not model: 8 MiB of
 /// small numbers in one array grew the peak by over 500 MiB, a 16 MiB body took 1.2 GB (found
 /// by an adversarial run). Nor is its compact form written through a `Value` when it is
-/// large and nested deep: 8 MiB of empty arrays 9 levels deep grew it by about 200 MiB, 16 MiB
-/// of them by 2.3 GB (found by another). The refusal is logged as before, with the
+/// large and nested deep: 8 MiB of empty arrays 10 levels deep grew it by over 400 MiB, 16
+/// MiB of them by 2.3 GB (found by another). The refusal is logged as before, with the
 /// `client_id` the body claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unauthenticated_body_costs_its_size_not_what_it_holds() {
@@ -3446,8 +3446,9 @@ async fn an_unauthenticated_body_costs_its_size_not_what_it_holds() {
     ];
     for (mode, secrets, shape) in cases {
         let (grown, line) = unauthenticated_body_growth(&secrets, shape).await;
-        // The body, its compact form and the buffers they grew through: 29 MiB here, bounded
-        // at 6 times its size (48 MiB); reading it first grew it by over 500 MiB.
+        // The body, its compact form and the buffers they grew through (29 MiB for the numbers
+        // with a default secret), bounded at 6 times its size (48 MiB); read first, or the deep
+        // one through a `Value`, over 400 MiB.
         assert!(
             grown < 6 * BODY,
             "{mode}: the peak resident memory grew by {} MiB for a {} MiB body",
