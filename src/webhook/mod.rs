@@ -368,9 +368,10 @@ impl Ingress {
             }
         };
         let compact = || signature::compact_body(raw);
-        if !secrets.has_account_secrets() && !secrets.for_client(None).is_empty() {
+        let defaults = secrets.for_client(None);
+        if !secrets.has_account_secrets() && !defaults.is_empty() {
             // Every delivery is checked against the defaults, whatever it names.
-            return signature::verify(secrets.for_client(None), (pad_to, claimed), raw, compact)
+            return signature::verify(defaults, (pad_to, claimed), raw, compact)
                 .map(|signed| (signed, None))
                 .inspect_err(|refusal| refused(refusal, &claimed_client_id));
         }

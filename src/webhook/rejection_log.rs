@@ -2,8 +2,8 @@
 //!
 //! A delivery with a missing or wrong `X-GB-Signature`, or one for an account with no secret
 //! (its own line: it is not a bad signature), is logged at WARN with the `client_id`
-//! the body claims (trimmed to 64 characters, control characters replaced: it is unauthenticated
-//! input) and the reason; never the body, the signature, or anything else from the body, which
+//! the body claims (trimmed to 64 characters; control characters, white space, invisible format
+//! characters, `"` and `=` replaced: it is unauthenticated input) and the reason; never the body, the signature, or anything else from the body, which
 //! may hold personal data. Whoever can reach the webhook port can send such deliveries as fast
 //! as they like, so at most one line is written per [`INTERVAL`]; the next line says how many
 //! were left out (`suppressed`), and `profile_state_webhook_signature_failures_total` counts
