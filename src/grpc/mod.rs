@@ -41,7 +41,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::metrics::{Metrics, WatchStreamGuard};
+use crate::metrics::{InProgress, Metrics};
 use crate::pb;
 use crate::pb::profile_service_server::ProfileService;
 use crate::profile::{Field, Profile, ProfileKey};
@@ -320,7 +320,7 @@ struct OpenWatch {
     _slot: OwnedSemaphorePermit,
     // Its slot under `--max-watch-streams-per-connection`.
     _connection_slot: Option<OwnedSemaphorePermit>,
-    _gauge: WatchStreamGuard,
+    _gauge: InProgress,
 }
 
 /// A request's `page_size`: 0 means the RPC's `default`, larger than its `max` is capped,

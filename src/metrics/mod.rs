@@ -132,6 +132,7 @@ struct Webhooks {
     duration: HistogramVec,
     signature_failures: IntCounter,
     dead_letters_kept: IntCounter,
+    compact_signature_checks: IntGauge,
 }
 
 /// The gauges that mirror the rest of the service, set at scrape time from [`Readings`].
@@ -378,6 +379,13 @@ impl Webhooks {
                 "profile_state_webhook_dead_letters_total",
                 "Signed webhooks that could not be applied and were kept as dead letters.",
             ),
+            compact_signature_checks: gauge(
+                r,
+                "profile_state_webhook_compact_signature_checks",
+                "Webhooks whose bytes matched no secret, having their signature checked over \
+                 their compact form (JSON.stringify of the body) or waiting for their turn: one \
+                 at a time, off the thread that answers webhooks.",
+            ),
         }
     }
 }
@@ -552,15 +560,23 @@ impl Metrics {
         self.inner.webhooks.signature_failures.inc();
     }
 
+    /// A webhook's signature check over its compact form queued; the returned guard counts
+    /// it done when dropped.
+    pub fn compact_signature_check(&self) -> InProgress {
+        let gauge = &self.inner.webhooks.compact_signature_checks;
+        gauge.inc();
+        InProgress(gauge.clone())
+    }
+
     /// Counts a stored dead letter.
     pub fn dead_letter(&self) {
         self.inner.webhooks.dead_letters_kept.inc();
     }
 
     /// A watch stream opened; the returned guard counts it closed when dropped.
-    pub fn watch_stream(&self) -> WatchStreamGuard {
+    pub fn watch_stream(&self) -> InProgress {
         self.inner.watch.streams.inc();
-        WatchStreamGuard(self.inner.watch.streams.clone())
+        InProgress(self.inner.watch.streams.clone())
     }
 
     /// The gauge of what gRPC streams' messages hold before they are handed to HTTP/2, for
@@ -749,10 +765,10 @@ impl Drop for ConnectionMetrics {
     }
 }
 
-/// Counts one open watch stream; dropping it counts the stream closed.
-pub struct WatchStreamGuard(IntGauge);
+/// Counts one of something in a gauge while it lasts; dropping it counts it done.
+pub struct InProgress(IntGauge);
 
-impl Drop for WatchStreamGuard {
+impl Drop for InProgress {
     fn drop(&mut self) {
         self.0.dec();
     }

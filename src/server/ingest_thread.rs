@@ -13,6 +13,10 @@
 //! webhook handling uses at most one core (about 30,000 a second here), which is far beyond
 //! what Gameball sends one service; the writer was already one task.
 //!
+//! What may take long goes elsewhere: dead-letter files to this runtime's blocking threads, a
+//! webhook's signature check over its compact form to a thread of its own
+//! (`webhook::compact_checks`).
+//!
 //! Not here: what runs on the thread (the server's wiring decides), HTTP, the sequencer.
 
 use std::io;

@@ -7,7 +7,8 @@
 //! sequencer, whose answer is awaited within the request timeout (503, saying it may still be
 //! recorded). Only complete bodies hold in-flight slots, so unauthenticated slow uploads cannot
 //! starve signed deliveries. A body is not read before its signature matches (its raw bytes,
-//! or its compact form, written in one pass: `stringify`); with account secrets, its
+//! or its compact form, written in one pass: `stringify`, off the ingest thread and one at a
+//! time, as it costs up to twenty times more); with account secrets, its
 //! `client_id` comes from a walk of its top-level keys (`client_hint`), and the body read
 //! must name the same. Read, it goes in one pass into its fields (`payload::Envelope`); only a
 //! body that pass declines is parsed into a `serde_json::Value`.
@@ -20,6 +21,7 @@
 //! one place that maps errors for both HTTP and gRPC.
 
 pub mod client_hint;
+mod compact_checks;
 mod rejection_log;
 pub mod secrets;
 pub mod signature;
@@ -44,6 +46,7 @@ use crate::ingest::{self, Ingest, Outcome};
 use crate::metrics::Metrics;
 use crate::sequencer::{Applied, Sequencer};
 use crate::status::{self, Rejection};
+use compact_checks::CompactChecks;
 use rejection_log::RejectionLog;
 use secrets::{SecretStore, Secrets};
 use signature::Signed;
@@ -84,6 +87,8 @@ pub struct Ingress {
     metrics: Metrics,
     /// Refused signatures, logged at WARN at most once per interval.
     rejections: Arc<RejectionLog>,
+    /// Where a signature is checked over a body's compact form ([`Ingress::verify`]).
+    compact_checks: Arc<CompactChecks>,
 }
 
 impl Ingress {
@@ -109,6 +114,7 @@ impl Ingress {
         metrics: Metrics,
     ) -> Self {
         Ingress {
+            compact_checks: Arc::new(CompactChecks::new(limits.max_in_flight, metrics.clone())),
             ingest,
             verification: Arc::new(verification),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
@@ -300,7 +306,7 @@ impl Ingress {
             })?;
         let (signed, parsed) = match &*self.verification {
             Verification::Secrets(secrets) => {
-                self.authenticate(&secrets.current(), headers, &raw)?
+                self.authenticate(secrets.current(), headers, &raw).await?
             }
             Verification::Skip => (Signed::Raw, None),
         };
@@ -338,19 +344,17 @@ impl Ingress {
     /// not read before it is authenticated: a refused body costs its hash and its compact
     /// form's, that form written as the body is read once (reading the body first built a
     /// `Value` of every key the envelope does not model: a 16 MiB body of small numbers took
-    /// 1.2 GB, found by an adversarial run). With account secrets the body's `client_id`
-    /// chooses them, found by a walk of its top-level keys (`client_hint::named_client_id`);
-    /// once the signature holds, the body is read and must name the same `client_id`, or the
-    /// secrets that checked it were not its account's. Returns the body read, when it was.
-    fn authenticate<'a>(
+    /// 1.2 GB, found by an adversarial run), and off this thread ([`Ingress::verify`]). With
+    /// account secrets the body's `client_id` chooses them, found by a walk of its top-level
+    /// keys (`client_hint::named_client_id`); once the signature holds, the body is read and
+    /// must name the same `client_id`, or the secrets that checked it were not its account's.
+    /// Returns the body read, when it was.
+    async fn authenticate<'a>(
         &self,
-        secrets: &Secrets,
+        secrets: Arc<Secrets>,
         headers: &HeaderMap,
-        raw: &'a [u8],
+        raw: &'a Bytes,
     ) -> Result<(Signed, Option<Parsed<'a>>), Rejection> {
-        // For a log line, at most one per interval, and by a walk of the top-level keys, not a
-        // parse: the first refusal in an interval would otherwise read the body anyway.
-        let claimed_client_id = || client_hint::named_client_id(raw);
         let mut signatures = headers.get_all(signature::HEADER).iter();
         let claimed = signatures
             .next()
@@ -358,58 +362,153 @@ impl Ingress {
         if signatures.next().is_some() {
             // Which one to check is anybody's guess, as with two Content-Types.
             let reason = "X-GB-Signature appears more than once; send one";
-            self.rejections.refused(claimed_client_id, reason);
+            // For a log line, at most one per interval, and by a walk of the top-level keys,
+            // not a parse: the first refusal in an interval would otherwise read the body.
+            self.rejections
+                .refused(|| client_hint::named_client_id(raw), reason);
             return Err(Rejection::Unauthenticated { reason });
         }
-        let pad_to = secrets.most_checks();
         let refused = |refusal: &Rejection, client_id: &dyn Fn() -> Option<String>| {
             if let Rejection::Unauthenticated { reason } = refusal {
                 self.rejections.refused(client_id, reason);
             }
         };
-        let compact = || signature::compact_body(raw);
-        let defaults = secrets.for_client(None);
-        if !secrets.has_account_secrets() && !defaults.is_empty() {
+        if !secrets.has_account_secrets() && !secrets.for_client(None).is_empty() {
             // Every delivery is checked against the defaults, whatever it names.
-            return signature::verify(defaults, (pad_to, claimed), raw, compact)
+            let verdict = self.verify(secrets, Signer::Defaults, claimed, raw).await;
+            return verdict
                 .map(|signed| (signed, None))
-                .inspect_err(|refusal| refused(refusal, &claimed_client_id));
+                .inspect_err(|refusal| refused(refusal, &|| client_hint::named_client_id(raw)));
         }
         // The client_id is only a hint for choosing secrets: the signature then covers the
         // whole body.
         let named = client_hint::named_client_id(raw);
-        let client_id = named.as_deref();
-        let checks = secrets.for_client(client_id);
-        if checks.is_empty() {
+        if secrets.for_client(named.as_deref()).is_empty() {
             // Nothing to check with: not a bad signature, an account missing from the secrets
             // file (or a body that names none).
-            let (why, answer) = signature::no_secret(client_id, (pad_to, claimed), raw, compact);
-            self.rejections.no_secret(client_id, why);
-            return Err(answer);
+            return Err(self.refuse_unknown(secrets, named, claimed, raw).await);
         }
-        let named_for_log = || named.clone();
-        let signed = signature::verify(checks, (pad_to, claimed), raw, compact)
-            .inspect_err(|refusal| refused(refusal, &named_for_log))?;
+        let signer = Signer::Account(named.as_deref());
+        let signed = self.verify(secrets, signer, claimed, raw).await;
+        let signed = signed.inspect_err(|refusal| refused(refusal, &|| named.clone()))?;
+        let parsed = self.same_client_id(&signed, named, raw)?;
+        Ok((signed, parsed))
+    }
+
+    /// The answer to a delivery no secret applies to: its `client_id` named none configured
+    /// (checked against a secret nobody knows, as an account's delivery would be against its
+    /// own, so that neither the answer nor its time tells which accounts are configured), or
+    /// could not be read (refused at once: no account to choose by). The log tells them apart.
+    async fn refuse_unknown(
+        &self,
+        secrets: Arc<Secrets>,
+        named: Option<String>,
+        claimed: Option<&str>,
+        raw: &Bytes,
+    ) -> Rejection {
+        let mismatch = Rejection::Unauthenticated {
+            reason: signature::MISMATCH,
+        };
+        let Some(client_id) = named else {
+            let reason = signature::UNREADABLE_CLIENT_ID;
+            self.rejections.no_secret(None, reason);
+            return Rejection::Unauthenticated { reason };
+        };
+        // Refused all the same if it matched.
+        let refusal = (self.verify(secrets, Signer::Unknown, claimed, raw).await)
+            .err()
+            .unwrap_or(mismatch);
+        let why = signature::NO_SECRET_FOR_CLIENT;
+        self.rejections.no_secret(Some(&client_id), why);
+        refusal
+    }
+
+    /// Whether the body `signed` covers names the `client_id` its secrets were chosen by:
+    /// the body read (its bytes, when they are what is signed), or 401.
+    fn same_client_id<'a>(
+        &self,
+        signed: &Signed,
+        named: Option<String>,
+        raw: &'a [u8],
+    ) -> Result<Option<Parsed<'a>>, Rejection> {
         // The body as it will be read: its bytes, or the compact form (read again by the
         // caller, from the bytes `signed` owns).
-        let (parsed, same_client_id) = match &signed {
+        let (parsed, same_client_id) = match signed {
             Signed::Raw => {
                 let parsed = Parsed::read(raw);
-                let same = parsed.client_id() == client_id;
+                let same = parsed.client_id() == named.as_deref();
                 (Some(parsed), same)
             }
-            Signed::Compact(compact) => (None, Parsed::read(compact).client_id() == client_id),
+            Signed::Compact(compact) => {
+                let read = Parsed::read(compact);
+                (None, read.client_id() == named.as_deref())
+            }
         };
         if !same_client_id {
             // Only a body that is not JSON can get here (a key repeated or written with
             // escapes beside the damage): refused as when its parse chose the secrets.
             let reason = "the body's client_id reads differently from its top-level keys";
-            self.rejections.refused(named_for_log, reason);
+            self.rejections.refused(|| named, reason);
             return Err(Rejection::Unauthenticated {
                 reason: signature::MISMATCH,
             });
         }
-        Ok((signed, parsed))
+        Ok(parsed)
+    }
+
+    /// `signature::verify` of `raw` under `signer`'s secrets, its compact form written off
+    /// this thread (the ingest thread, which answers every webhook and, on a single node,
+    /// records them), on spare CPU: `compact_checks` says why.
+    async fn verify(
+        &self,
+        secrets: Arc<Secrets>,
+        signer: Signer<&str>,
+        claimed: Option<&str>,
+        raw: &Bytes,
+    ) -> Result<Signed, Rejection> {
+        let claimed = match signature::check_raw(signer.checks(&secrets), claimed, raw) {
+            signature::RawCheck::Decided(verdict) => return verdict,
+            signature::RawCheck::Unmatched(claimed) => claimed,
+        };
+        let (raw, signer) = (raw.clone(), signer.to_owned());
+        let check = move || {
+            let compact = signature::compact_body(&raw);
+            let checks = signer.checks(&secrets);
+            signature::check_compact(checks, secrets.most_checks(), &claimed, &raw, compact)
+        };
+        self.compact_checks.run(check).await?
+    }
+}
+
+/// Whose secrets a delivery is checked with: `Signer<&str>` where it is chosen, and owned
+/// (`Signer<String>`) by a check made on another thread.
+enum Signer<C> {
+    /// The defaults (no account has secrets of its own).
+    Defaults,
+    /// The secrets of the account the body's `client_id` names (the defaults when it names
+    /// none, or one without secrets of its own).
+    Account(Option<C>),
+    /// A secret nobody knows: no secret applies to the `client_id` it names.
+    Unknown,
+}
+
+impl<C: AsRef<str>> Signer<C> {
+    fn checks<'s>(&self, secrets: &'s Secrets) -> &'s [signature::SignatureCheck] {
+        match self {
+            Signer::Defaults => secrets.for_client(None),
+            Signer::Account(client_id) => secrets.for_client(client_id.as_ref().map(C::as_ref)),
+            Signer::Unknown => signature::unknown(),
+        }
+    }
+
+    fn to_owned(&self) -> Signer<String> {
+        match self {
+            Signer::Defaults => Signer::Defaults,
+            Signer::Account(client_id) => {
+                Signer::Account(client_id.as_ref().map(|id| id.as_ref().to_owned()))
+            }
+            Signer::Unknown => Signer::Unknown,
+        }
     }
 }
 

@@ -51,9 +51,10 @@ impl SignatureCheck {
 }
 
 /// Why a delivery whose `client_id` has no secret was refused, when there is no default: what
-/// the log says. The sender is answered as for a wrong signature ([`no_secret`]): answered
-/// this, anyone who can reach the webhook port could tell which accounts a server is
-/// configured for by trying `client_id`s with any signature.
+/// the log says. The sender is answered as for a wrong signature: answered this, anyone who
+/// can reach the webhook port could tell which accounts a server is configured for by trying
+/// `client_id`s with any signature. Such a delivery is checked against [`unknown`], as an
+/// account's would be against its secrets, and refused whatever that says.
 pub const NO_SECRET_FOR_CLIENT: &str =
     "no webhook secret is configured for the body's client_id, and there is no default";
 
@@ -73,32 +74,12 @@ pub const UNREADABLE_CLIENT_ID: &str = "the body's client_id could not be read (
 static UNKNOWN: std::sync::LazyLock<SignatureCheck> =
     std::sync::LazyLock::new(|| SignatureCheck::new(&uuid::Uuid::new_v4().to_string()));
 
-/// Why no secret applies to a delivery, by whether its `client_id` could be read (for the
-/// log), and what its sender is answered. A readable `client_id` is answered exactly as a
-/// configured account's delivery with a wrong signature is: checked, padded to `pad_to`
-/// checks as [`verify`] pads, against a secret nobody knows, so that neither the answer (a
-/// missing or malformed header is named as for any account) nor its time tells which
-/// accounts a server has secrets for. A delivery that matched it anyway is refused all the
-/// same.
-pub fn no_secret(
-    client_id: Option<&str>,
-    (pad_to, signature): (usize, Option<&str>),
-    raw: &[u8],
-    compact: impl FnOnce() -> Option<Vec<u8>>,
-) -> (&'static str, Rejection) {
-    match client_id {
-        Some(_) => {
-            let unknown = std::slice::from_ref(&*UNKNOWN);
-            let refusal = verify(unknown, (pad_to, signature), raw, compact)
-                .err()
-                .unwrap_or(Rejection::Unauthenticated { reason: MISMATCH });
-            (NO_SECRET_FOR_CLIENT, refusal)
-        }
-        None => {
-            let reason = UNREADABLE_CLIENT_ID;
-            (reason, Rejection::Unauthenticated { reason })
-        }
-    }
+/// One check against a secret nobody knows: what a delivery whose readable `client_id` has no
+/// secret is checked with, padded as [`verify`] pads, so that neither its answer (a missing or
+/// malformed header is named as for any account) nor its time tells which accounts a server
+/// has secrets for.
+pub fn unknown() -> &'static [SignatureCheck] {
+    std::slice::from_ref(&*UNKNOWN)
 }
 
 /// What a signature was found to cover.
@@ -121,45 +102,80 @@ pub enum Signed {
 /// body matched none of them. A refusal costs the work of `pad_to` checks whatever `checks`
 /// holds (the most any account has: `Secrets::most_checks`): its time grew with an account's
 /// secrets, so it told an account in the middle of a rotation from one without secrets (found
-/// by an adversarial run).
+/// by an adversarial run). [`check_raw`] then [`check_compact`], for a caller that makes the
+/// compact form elsewhere.
 pub fn verify(
     checks: &[SignatureCheck],
     (pad_to, signature): (usize, Option<&str>),
     raw: &[u8],
     compact: impl FnOnce() -> Option<Vec<u8>>,
 ) -> Result<Signed, Rejection> {
-    if checks.is_empty() {
-        // The handler logs why first (`no_secret`); this is for any other caller.
-        return Err(Rejection::Unauthenticated { reason: MISMATCH });
+    match check_raw(checks, signature, raw) {
+        RawCheck::Decided(verdict) => verdict,
+        RawCheck::Unmatched(claimed) => check_compact(checks, pad_to, &claimed, raw, compact()),
     }
-    let signature = signature.ok_or(Rejection::Unauthenticated {
-        reason: "missing X-GB-Signature header",
-    })?;
-    let mismatch = Rejection::Unauthenticated { reason: MISMATCH };
+}
+
+/// What the raw bytes decide of a delivery's signature.
+#[derive(Debug, PartialEq)]
+pub enum RawCheck {
+    /// Signed over the raw bytes, or refused for what its header says (missing, not a
+    /// SHA-1) or because there is nothing to check it with.
+    Decided(Result<Signed, Rejection>),
+    /// A signature no check matches over the raw bytes: the compact form decides
+    /// ([`check_compact`]).
+    Unmatched(Claimed),
+}
+
+/// The signature a delivery claims, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claimed([u8; 20]);
+
+/// The first half of [`verify`]: the header, and the raw bytes under each of `checks`.
+pub fn check_raw(checks: &[SignatureCheck], signature: Option<&str>, raw: &[u8]) -> RawCheck {
+    let refused = |reason| RawCheck::Decided(Err(Rejection::Unauthenticated { reason }));
+    if checks.is_empty() {
+        // The handler logs why first (a missing account); this is for any other caller.
+        return refused(MISMATCH);
+    }
+    let Some(signature) = signature else {
+        return refused("missing X-GB-Signature header");
+    };
     let mut claimed = [0u8; 20];
     // Decoding is case-insensitive. A header that cannot be a signature says so: "does not
     // match" sent users looking for a wrong secret (found by a first-user review).
-    hex::decode_to_slice(signature.trim(), &mut claimed).map_err(|_| {
-        Rejection::Unauthenticated {
-            reason: "X-GB-Signature is not a SHA-1 in hex (40 hex digits)",
-        }
-    })?;
-    if checks.iter().any(|check| check.matches(&claimed, raw)) {
-        return Ok(Signed::Raw);
+    if hex::decode_to_slice(signature.trim(), &mut claimed).is_err() {
+        return refused("X-GB-Signature is not a SHA-1 in hex (40 hex digits)");
     }
-    let compact = match compact() {
-        Some(compact) if checks.iter().any(|check| check.matches(&claimed, &compact)) => {
+    if checks.iter().any(|check| check.matches(&claimed, raw)) {
+        return RawCheck::Decided(Ok(Signed::Raw));
+    }
+    RawCheck::Unmatched(Claimed(claimed))
+}
+
+/// The second half of [`verify`], for a signature [`check_raw`] found unmatched: `compact` (the
+/// body's compact form, `None` when it is not JSON) under each of `checks`, and a refusal
+/// padded to `pad_to` checks over both forms.
+pub fn check_compact(
+    checks: &[SignatureCheck],
+    pad_to: usize,
+    Claimed(claimed): &Claimed,
+    raw: &[u8],
+    compact: Option<Vec<u8>>,
+) -> Result<Signed, Rejection> {
+    let compact = match compact {
+        Some(compact) if checks.iter().any(|check| check.matches(claimed, &compact)) => {
             return Ok(Signed::Compact(compact));
         }
         compact => compact,
     };
     for _ in checks.len()..pad_to {
-        std::hint::black_box(UNKNOWN.matches(&claimed, raw));
+        std::hint::black_box(UNKNOWN.matches(claimed, raw));
         if let Some(compact) = &compact {
-            std::hint::black_box(UNKNOWN.matches(&claimed, compact));
+            std::hint::black_box(UNKNOWN.matches(claimed, compact));
         }
     }
-    Err(mismatch)
+    Err(Rejection::Unauthenticated { reason: MISMATCH })
 }
 
 /// The compact re-serialization of a parsed body: what `JSON.stringify` of the parsed body
@@ -219,8 +235,8 @@ mod tests {
         );
         assert_eq!(refused(&rotating), 8);
         let unknown = digests(|| {
-            let (_, answer) = no_secret(Some("7777"), (4, Some(&wrong)), PRETTY, pretty);
-            assert_eq!(answer, Rejection::Unauthenticated { reason: MISMATCH });
+            let answer = verify(unknown(), (4, Some(&wrong)), PRETTY, pretty);
+            assert_eq!(answer, Err(Rejection::Unauthenticated { reason: MISMATCH }));
         });
         assert_eq!(unknown, 8);
         let raw_only = digests(|| assert!(verify(&one, (4, Some(&wrong)), RAW, || None).is_err()));

@@ -1,0 +1,252 @@
+//! Where a webhook's signature is checked over its compact form: a thread of its own, at a low
+//! CPU priority (nice 10), taking one check at a time from a queue.
+//!
+//! Why: a body whose bytes match no secret is checked over `JSON.stringify` of the body, which
+//! anybody can ask for and which costs up to twenty times checking the bytes (nested deep,
+//! numbers JavaScript writes longer; an adversarial run measured 11 to 22 times a plain body's
+//! CPU at 64 KiB), all of it before anything says who sent the body. On the ingest thread
+//! every delivery waited for it: one refused body of 16 MiB held a signed delivery up for
+//! 1.2 s, and 16 senders of refused 64 KiB bodies made signed deliveries take 56 ms (median)
+//! instead of 1.3 ms (BENCHMARKS.md, session 59). Here a signed delivery does not wait for it.
+//! Nice 10: on a machine with no spare CPU the check gets about a tenth of a core (Linux gives
+//! nice 10 a tenth of nice 0's weight), so a flood of such bodies cannot take a core from the
+//! ingest thread or gRPC, and a delivery that is signed over its compact form (a sender that
+//! re-serializes what it signs) is still checked; at nice 19 it got about a seventieth, and one
+//! such body of 1 MiB took 25 s beside two busy processes.
+//!
+//! Past half the in-flight slots (`--max-in-flight-webhooks`) waiting, one more is answered 503
+//! at once (retried by its sender): such bodies cannot take every slot signed deliveries need,
+//! as they could waiting for the ingest thread. Not a shorter queue: a flood answered at once
+//! comes back at once, and a flood answered 503 in a few hundred microseconds each (a queue of
+//! 32) cost signed deliveries more than one that waited for its checks. A check whose
+//! requester has gone (a sender that hung up) is skipped when its turn comes.
+//!
+//! Not here: what a check does (`webhook::Ingress::verify` hands the work over), statuses.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+
+use tokio::sync::oneshot;
+
+use crate::error::Error;
+use crate::metrics::{InProgress, Metrics};
+
+/// The thread's nice value (module doc).
+const NICE: i32 = 10;
+
+/// The handle to the checking thread, started at the first check (most servers never need
+/// one: a delivery signed over its bytes does not).
+pub struct CompactChecks {
+    jobs: OnceLock<SyncSender<Box<dyn Job>>>,
+    /// The most checks waiting for their turn (the one under way not counted).
+    queued: usize,
+    metrics: Metrics,
+}
+
+impl CompactChecks {
+    /// No thread yet: it starts with the first check. At most half of `max_in_flight` checks
+    /// wait for their turn.
+    pub fn new(max_in_flight: usize, metrics: Metrics) -> Self {
+        CompactChecks {
+            jobs: OnceLock::new(),
+            queued: (max_in_flight / 2).max(1),
+            metrics,
+        }
+    }
+
+    /// Runs `check` on the checking thread and returns what it returned, or why it was not
+    /// run (503: the queue is full, or the thread could not be started).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        check: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let jobs = match self.jobs.get() {
+            Some(jobs) => jobs,
+            // Not kept when it fails: the next check tries again.
+            None => {
+                let started = start(self.queued)
+                    .map_err(|why| unavailable(format!("its thread could not start ({why})")))?;
+                self.jobs.get_or_init(|| started)
+            }
+        };
+        let (answer, answered) = oneshot::channel();
+        let job = Box::new(Pending {
+            check,
+            answer,
+            _counted: self.metrics.compact_signature_check(),
+        });
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(unavailable(format!(
+                    "{} bodies whose bytes match no secret are waiting for it already (half \
+                     of --max-in-flight-webhooks)",
+                    self.queued
+                )));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(unavailable("its thread has ended".into()));
+            }
+        }
+        // Dropped unanswered only if the check panicked (the thread goes on with the next).
+        answered
+            .await
+            .map_err(|_| unavailable("it failed (the server's log says why)".into()))
+    }
+}
+
+/// 503, saying why a body's signature was not checked over its compact form.
+fn unavailable(why: String) -> Error {
+    Error::Unavailable {
+        reason: format!(
+            "the body's bytes match no webhook secret, and its check over the compact form \
+             (JSON.stringify of the body) could not be made now: {why}; retry shortly"
+        ),
+    }
+}
+
+/// A check waiting for its turn.
+trait Job: Send {
+    /// Whether anybody still waits for the answer.
+    fn wanted(&self) -> bool;
+    fn run(self: Box<Self>);
+}
+
+struct Pending<T, F> {
+    check: F,
+    answer: oneshot::Sender<T>,
+    /// Counted in `profile_state_webhook_compact_signature_checks` from the moment it is
+    /// queued until it is done or skipped.
+    _counted: InProgress,
+}
+
+impl<T: Send, F: FnOnce() -> T + Send> Job for Pending<T, F> {
+    fn wanted(&self) -> bool {
+        !self.answer.is_closed()
+    }
+
+    fn run(self: Box<Self>) {
+        let Pending { check, answer, .. } = *self;
+        let _ = answer.send(check());
+    }
+}
+
+/// Starts the checking thread: the queue's sending end, or why there is none.
+fn start(queued: usize) -> std::io::Result<SyncSender<Box<dyn Job>>> {
+    let (jobs, queue) = std::sync::mpsc::sync_channel(queued);
+    let logs = tracing::dispatcher::get_default(Clone::clone);
+    std::thread::Builder::new()
+        .name("webhook-compact".into())
+        .spawn(move || tracing::dispatcher::with_default(&logs, || serve(queue)))?;
+    Ok(jobs)
+}
+
+/// The checking thread: each check in turn, until every handle is dropped.
+fn serve(queue: Receiver<Box<dyn Job>>) {
+    if let Err(error) = lower_priority() {
+        tracing::warn!(
+            %error,
+            "the thread that checks webhook signatures over their compact form runs at \
+             ordinary priority: a flood of bodies signed with no secret can take a core"
+        );
+    }
+    for job in queue {
+        if !job.wanted() {
+            continue;
+        }
+        // A panic is a bug, reported by the panic hook; it must not end the thread, which
+        // would leave every later check unanswered.
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job.run()));
+    }
+}
+
+/// Gives this thread (only) the nice value [`NICE`]: on Linux each thread has its own.
+#[cfg(target_os = "linux")]
+fn lower_priority() -> std::io::Result<()> {
+    let thread = rustix::thread::gettid();
+    rustix::process::setpriority_process(Some(thread), NICE).map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() -> std::io::Result<()> {
+    Err(std::io::Error::other(
+        "a thread's own priority is set on Linux only",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// Polls `check` once: far enough to queue it.
+    async fn queue<F: Future + Unpin>(check: &mut F) {
+        tokio::select! {
+            biased;
+            _ = check => panic!("answered before its turn"),
+            () = std::future::ready(()) => {}
+        }
+    }
+
+    /// A check holds the thread until `release` is sent; returns once it runs.
+    async fn hold(checks: &Arc<CompactChecks>) -> (std::sync::mpsc::Sender<()>, impl Future) {
+        let (started, running) = oneshot::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let checks = Arc::clone(checks);
+        let held = tokio::spawn(async move {
+            let check = move || {
+                let _ = started.send(());
+                let _ = released.recv();
+            };
+            checks.run(check).await
+        });
+        running.await.unwrap();
+        (release, held)
+    }
+
+    /// A sender that hung up left its check queued: skipped when its turn comes, and it is
+    /// counted in the queue until then, which refuses one more past its length at once.
+    #[tokio::test]
+    async fn a_check_whose_requester_left_is_skipped_and_a_full_queue_answers_at_once() {
+        let checks = Arc::new(CompactChecks::new(4, Metrics::new()));
+        let (release, held) = hold(&checks).await;
+        let ran = Arc::new(AtomicBool::new(false));
+        let mut left = Box::pin(checks.run({
+            let ran = Arc::clone(&ran);
+            move || ran.store(true, Ordering::SeqCst)
+        }));
+        queue(&mut left).await;
+        drop(left);
+        let mut stays = Box::pin(checks.run(|| 2));
+        queue(&mut stays).await;
+        let Err(Error::Unavailable { reason }) = checks.run(|| 3).await else {
+            panic!("a third check queued behind two");
+        };
+        assert!(
+            reason.contains("2 bodies whose bytes match no secret"),
+            "{reason}"
+        );
+        release.send(()).unwrap();
+        held.await;
+        assert_eq!(stays.await.unwrap(), 2);
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "the check nobody waits for ran"
+        );
+    }
+
+    /// A check that panics is answered 503, and the next one runs.
+    #[tokio::test]
+    async fn a_check_that_panics_leaves_the_thread_to_the_next() {
+        let checks = CompactChecks::new(4, Metrics::new());
+        let panicked = checks.run(|| -> u8 { panic!("a bug in a check") }).await;
+        assert!(
+            matches!(panicked, Err(Error::Unavailable { .. })),
+            "{panicked:?}"
+        );
+        assert_eq!(checks.run(|| 7).await.unwrap(), 7);
+    }
+}
