@@ -314,7 +314,8 @@ impl Server {
         announce(addresses, &config, &verification, admin_access);
         report_certificates(&metrics, certificates.as_ref());
         let limits = limits(&config);
-        let ingress = Ingress::with_ingest(domain.ingest, verification, limits, metrics.clone());
+        let ingress = Ingress::with_ingest(domain.ingest, verification, limits, metrics.clone())
+            .with_stopping(stopping.clone());
         let servers = (&metrics, &stopping);
         let webhook = serve_ingress(webhook, ingress, &config, servers, &ingest_thread)?;
         Ok(Running {

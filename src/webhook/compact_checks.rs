@@ -19,13 +19,16 @@
 //! as they could waiting for the ingest thread. Not a shorter queue: a flood answered at once
 //! comes back at once, and a flood answered 503 in a few hundred microseconds each (a queue of
 //! 32) cost signed deliveries more than one that waited for its checks. A check whose
-//! requester has gone (a sender that hung up) is skipped when its turn comes.
+//! requester has gone (a sender that hung up, or one the handler stopped waiting for) is
+//! skipped when its turn comes, and removed when the queue is full: senders that hang up as
+//! soon as their body is sent filled it with checks nobody waited for, and a delivery signed
+//! over its compact form got 503 (found by an adversarial run).
 //!
 //! Not here: what a check does (`webhook::Ingress::verify` hands the work over), statuses.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::OnceLock;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
@@ -36,12 +39,36 @@ use crate::metrics::{InProgress, Metrics};
 const NICE: i32 = 10;
 
 /// The handle to the checking thread, started at the first check (most servers never need
-/// one: a delivery signed over its bytes does not).
+/// one: a delivery signed over its bytes does not); the thread ends once this is dropped.
 pub struct CompactChecks {
-    jobs: OnceLock<SyncSender<Box<dyn Job>>>,
+    queue: Arc<Queue>,
+    /// Whether the thread was started (not when starting it failed: the next check tries).
+    started: Mutex<bool>,
     /// The most checks waiting for their turn (the one under way not counted).
     queued: usize,
     metrics: Metrics,
+}
+
+/// The checks waiting for their turn, shared with the thread.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    waiting: VecDeque<Box<dyn Job>>,
+    /// Set when the handle is dropped: the thread ends once the queue is empty.
+    closed: bool,
+}
+
+impl Queue {
+    /// The state; a panic while it was held (none of the code that holds it can panic) does
+    /// not stop the checks.
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl CompactChecks {
@@ -49,50 +76,69 @@ impl CompactChecks {
     /// wait for their turn.
     pub fn new(max_in_flight: usize, metrics: Metrics) -> Self {
         CompactChecks {
-            jobs: OnceLock::new(),
+            queue: Arc::default(),
+            started: Mutex::new(false),
             queued: (max_in_flight / 2).max(1),
             metrics,
         }
     }
 
     /// Runs `check` on the checking thread and returns what it returned, or why it was not
-    /// run (503: the queue is full, or the thread could not be started).
+    /// run (503: the queue is full, or the thread could not be started). Dropped before its
+    /// turn, the check is not run.
     pub async fn run<T: Send + 'static>(
         &self,
         check: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Error> {
-        let jobs = match self.jobs.get() {
-            Some(jobs) => jobs,
-            // Not kept when it fails: the next check tries again.
-            None => {
-                let started = start(self.queued)
-                    .map_err(|why| unavailable(format!("its thread could not start ({why})")))?;
-                self.jobs.get_or_init(|| started)
-            }
-        };
+        self.start()?;
         let (answer, answered) = oneshot::channel();
         let job = Box::new(Pending {
             check,
             answer,
             _counted: self.metrics.compact_signature_check(),
         });
-        match jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+        {
+            let mut state = self.queue.lock();
+            if state.waiting.len() >= self.queued {
+                state.waiting.retain(|job| job.wanted());
+            }
+            if state.waiting.len() >= self.queued {
                 return Err(unavailable(format!(
                     "{} bodies whose bytes match no secret are waiting for it already (half \
                      of --max-in-flight-webhooks)",
                     self.queued
                 )));
             }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(unavailable("its thread has ended".into()));
-            }
+            state.waiting.push_back(job);
         }
+        self.queue.changed.notify_one();
         // Dropped unanswered only if the check panicked (the thread goes on with the next).
         answered
             .await
             .map_err(|_| unavailable("it failed (the server's log says why)".into()))
+    }
+
+    /// Starts the thread unless it runs.
+    fn start(&self) -> Result<(), Error> {
+        let mut started = self.started.lock().unwrap_or_else(PoisonError::into_inner);
+        if *started {
+            return Ok(());
+        }
+        let queue = Arc::clone(&self.queue);
+        let logs = tracing::dispatcher::get_default(Clone::clone);
+        std::thread::Builder::new()
+            .name("webhook-compact".into())
+            .spawn(move || tracing::dispatcher::with_default(&logs, || serve(&queue)))
+            .map_err(|why| unavailable(format!("its thread could not start ({why})")))?;
+        *started = true;
+        Ok(())
+    }
+}
+
+impl Drop for CompactChecks {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.changed.notify_one();
     }
 }
 
@@ -132,18 +178,8 @@ impl<T: Send, F: FnOnce() -> T + Send> Job for Pending<T, F> {
     }
 }
 
-/// Starts the checking thread: the queue's sending end, or why there is none.
-fn start(queued: usize) -> std::io::Result<SyncSender<Box<dyn Job>>> {
-    let (jobs, queue) = std::sync::mpsc::sync_channel(queued);
-    let logs = tracing::dispatcher::get_default(Clone::clone);
-    std::thread::Builder::new()
-        .name("webhook-compact".into())
-        .spawn(move || tracing::dispatcher::with_default(&logs, || serve(queue)))?;
-    Ok(jobs)
-}
-
-/// The checking thread: each check in turn, until every handle is dropped.
-fn serve(queue: Receiver<Box<dyn Job>>) {
+/// The checking thread: each check in turn, until the handle is dropped and none is left.
+fn serve(queue: &Queue) {
     if let Err(error) = lower_priority() {
         tracing::warn!(
             %error,
@@ -151,13 +187,30 @@ fn serve(queue: Receiver<Box<dyn Job>>) {
              ordinary priority: a flood of bodies signed with no secret can take a core"
         );
     }
-    for job in queue {
+    while let Some(job) = next(queue) {
         if !job.wanted() {
             continue;
         }
         // A panic is a bug, reported by the panic hook; it must not end the thread, which
         // would leave every later check unanswered.
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job.run()));
+    }
+}
+
+/// The next check, waiting for one; `None` once the handle is dropped and none is left.
+fn next(queue: &Queue) -> Option<Box<dyn Job>> {
+    let mut state = queue.lock();
+    loop {
+        if let Some(job) = state.waiting.pop_front() {
+            return Some(job);
+        }
+        if state.closed {
+            return None;
+        }
+        state = queue
+            .changed
+            .wait(state)
+            .unwrap_or_else(PoisonError::into_inner);
     }
 }
 
@@ -207,35 +260,45 @@ mod tests {
         (release, held)
     }
 
-    /// A sender that hung up left its check queued: skipped when its turn comes, and it is
-    /// counted in the queue until then, which refuses one more past its length at once.
+    /// A sender that hung up left its check queued: skipped when its turn comes, and removed
+    /// when the queue is full, which refuses one more past its length at once.
     #[tokio::test]
-    async fn a_check_whose_requester_left_is_skipped_and_a_full_queue_answers_at_once() {
+    async fn a_check_whose_requester_left_is_skipped_or_removed_and_a_full_queue_answers_at_once() {
         let checks = Arc::new(CompactChecks::new(4, Metrics::new()));
         let (release, held) = hold(&checks).await;
         let ran = Arc::new(AtomicBool::new(false));
-        let mut left = Box::pin(checks.run({
+        let left = || {
             let ran = Arc::clone(&ran);
             move || ran.store(true, Ordering::SeqCst)
-        }));
-        queue(&mut left).await;
-        drop(left);
-        let mut stays = Box::pin(checks.run(|| 2));
-        queue(&mut stays).await;
-        let Err(Error::Unavailable { reason }) = checks.run(|| 3).await else {
-            panic!("a third check queued behind two");
+        };
+        let mut gone = Box::pin(checks.run(left()));
+        queue(&mut gone).await;
+        drop(gone);
+        let mut second = Box::pin(checks.run(|| 2));
+        queue(&mut second).await;
+        // Full (2): the check nobody waits for makes room.
+        let mut third = Box::pin(checks.run(|| 3));
+        queue(&mut third).await;
+        let Err(Error::Unavailable { reason }) = checks.run(|| 4).await else {
+            panic!("a fourth check queued behind two");
         };
         assert!(
             reason.contains("2 bodies whose bytes match no secret"),
             "{reason}"
         );
-        release.send(()).unwrap();
+        drop(release);
         held.await;
-        assert_eq!(stays.await.unwrap(), 2);
-        assert!(
-            !ran.load(Ordering::SeqCst),
-            "the check nobody waits for ran"
-        );
+        assert_eq!(second.await.unwrap(), 2);
+        assert_eq!(third.await.unwrap(), 3);
+        // Left while queued, with room: skipped when its turn comes.
+        let (release, held) = hold(&checks).await;
+        let mut gone = Box::pin(checks.run(left()));
+        queue(&mut gone).await;
+        drop(gone);
+        drop(release);
+        held.await;
+        assert_eq!(checks.run(|| 5).await.unwrap(), 5);
+        assert!(!ran.load(Ordering::SeqCst), "a check nobody waits for ran");
     }
 
     /// A check that panics is answered 503, and the next one runs.
