@@ -3,7 +3,8 @@
 //! In order: Content-Type and Content-Encoding (415), a transfer-coding besides chunked (501),
 //! the body, whole within its deadline (408) and within the size limit (413), the in-flight cap
 //! (503 + `Retry-After`), signature (401: with the default secrets, or with the secrets of the
-//! body's `client_id` when accounts have their own), JSON and field validation, then the
+//! body's `client_id` when accounts have their own; 503 when a body whose bytes match no
+//! secret cannot have its compact form checked now), JSON and field validation, then the
 //! sequencer, whose answer is awaited within the request timeout (503, saying it may still be
 //! recorded). Only complete bodies hold in-flight slots, so unauthenticated slow uploads cannot
 //! starve signed deliveries. A body is not read before its signature matches (its raw bytes,
