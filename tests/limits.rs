@@ -3479,25 +3479,12 @@ async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
         "64",
     ];
     let binary = binary::Binary::start(dir.path(), &limits).await;
-    let unsigned = |body: Vec<u8>| {
-        reqwest::Client::new()
-            .post(format!("http://{}/webhooks/gameball", binary.webhook))
-            .header("content-type", JSON)
-            .header("x-gb-signature", "0".repeat(40))
-            .body(body)
-            .send()
-    };
-    let mut heavy = br#"{"client_id":"2155","customer_id":"c","x":[1e20"#.to_vec();
-    while heavy.len() < 1 << 20 {
-        heavy.extend_from_slice(b",1e20");
-    }
-    heavy.extend_from_slice(b"]}");
-    let heavy = tokio::spawn(unsigned(heavy));
+    let heavy = post_unsigned(&binary, costly_to_compact(1 << 20));
     metric_reaches(&binary, SERIES, 1.0).await;
-    let small = || unsigned(br#"{"client_id":"2155"}"#.to_vec());
-    let waiting: Vec<_> = (0..32).map(|_| tokio::spawn(small())).collect();
+    let small = || post_unsigned(&binary, br#"{"client_id":"2155"}"#.to_vec());
+    let waiting: Vec<_> = (0..32).map(|_| small()).collect();
     metric_reaches(&binary, SERIES, 33.0).await;
-    let one_more = small().await.unwrap();
+    let one_more = small().await.unwrap().unwrap();
     assert_eq!(one_more.status().as_u16(), 503);
     assert!(one_more.headers().contains_key("retry-after"));
     let answer: Value = one_more.json().await.unwrap();
@@ -3531,22 +3518,9 @@ async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
 async fn a_delivery_waiting_for_its_compact_check_gets_503_at_its_timeout_and_at_a_stop() {
     const SERIES: &str = "profile_state_webhook_compact_signature_checks";
     // About 2.5 s of the debug build's CPU: under way past a 1 s timeout.
-    let mut heavy = br#"{"client_id":"2155","customer_id":"c","x":[1e20"#.to_vec();
-    while heavy.len() < 4 << 20 {
-        heavy.extend_from_slice(b",1e20");
-    }
-    heavy.extend_from_slice(b"]}");
-    let small = br#"{"client_id":"2155"}"#.to_vec();
-    let unsigned = |binary: &binary::Binary, body: &[u8]| {
-        tokio::spawn(
-            reqwest::Client::new()
-                .post(format!("http://{}/webhooks/gameball", binary.webhook))
-                .header("content-type", JSON)
-                .header("x-gb-signature", "0".repeat(40))
-                .body(body.to_vec())
-                .send(),
-        )
-    };
+    let heavy = costly_to_compact(4 << 20);
+    let small = br#"{"client_id":"2155"}"#;
+    let unsigned = |binary: &binary::Binary, body: &[u8]| post_unsigned(binary, body.to_vec());
     let answer = async |sent: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>| {
         let response = sent.await.unwrap().unwrap();
         let status = response.status().as_u16();
@@ -3558,7 +3532,7 @@ async fn a_delivery_waiting_for_its_compact_check_gets_503_at_its_timeout_and_at
     let binary = binary::Binary::start(dir.path(), &limits).await;
     let under_way = unsigned(&binary, &heavy);
     metric_reaches(&binary, SERIES, 1.0).await;
-    let (status, error) = answer(unsigned(&binary, &small)).await;
+    let (status, error) = answer(unsigned(&binary, small)).await;
     assert_eq!(status, 503, "{error}");
     assert!(
         error.contains("did not end within --webhook-timeout (1s)"),
@@ -3577,7 +3551,7 @@ async fn a_delivery_waiting_for_its_compact_check_gets_503_at_its_timeout_and_at
     let mut binary = binary::Binary::start(dir.path(), &limits).await;
     let under_way = unsigned(&binary, &heavy);
     metric_reaches(&binary, SERIES, 1.0).await;
-    let waiting = [unsigned(&binary, &small), unsigned(&binary, &small)];
+    let waiting = [unsigned(&binary, small), unsigned(&binary, small)];
     metric_reaches(&binary, SERIES, 3.0).await;
     binary.signal("TERM");
     for sent in [under_way].into_iter().chain(waiting) {
@@ -3608,26 +3582,12 @@ async fn a_body_not_checked_for_a_full_queue_is_not_logged_as_refused() {
         command.args([listener, "127.0.0.1:0"]);
     }
     let binary = binary::Binary::spawn(command).await;
-    let unsigned = |body: Vec<u8>| {
-        tokio::spawn(
-            reqwest::Client::new()
-                .post(format!("http://{}/webhooks/gameball", binary.webhook))
-                .header("content-type", JSON)
-                .header("x-gb-signature", "0".repeat(40))
-                .body(body)
-                .send(),
-        )
-    };
-    let mut heavy = br#"{"client_id":"2155","customer_id":"c","x":[1e20"#.to_vec();
-    while heavy.len() < 1 << 20 {
-        heavy.extend_from_slice(b",1e20");
-    }
-    heavy.extend_from_slice(b"]}");
-    let under_way = unsigned(heavy);
+    let unsigned = |body: &[u8]| post_unsigned(&binary, body.to_vec());
+    let under_way = unsigned(&costly_to_compact(1 << 20));
     metric_reaches(&binary, SERIES, 1.0).await;
-    let waiting = [(); 2].map(|()| unsigned(br#"{"client_id":"2155"}"#.to_vec()));
+    let waiting = [(); 2].map(|()| unsigned(br#"{"client_id":"2155"}"#));
     metric_reaches(&binary, SERIES, 3.0).await;
-    let unknown = unsigned(br#"{"client_id":"9999"}"#.to_vec());
+    let unknown = unsigned(br#"{"client_id":"9999"}"#);
     let answer = unknown.await.unwrap().unwrap();
     assert_eq!(answer.status().as_u16(), 503);
     let reason = answer.json::<Value>().await.unwrap()["error"].clone();
@@ -3654,6 +3614,32 @@ async fn a_body_not_checked_for_a_full_queue_is_not_logged_as_refused() {
         "{refusals:?}"
     );
     assert_eq!(refusals[0]["client_id"], "2155", "{refusals:?}");
+}
+
+/// A body naming account 2155, of about `bytes` bytes, whose compact form costs the most to
+/// write: an array of `1e20`, each written in 21 digits.
+fn costly_to_compact(bytes: usize) -> Vec<u8> {
+    let mut body = br#"{"client_id":"2155","customer_id":"c","x":[1e20"#.to_vec();
+    while body.len() < bytes {
+        body.extend_from_slice(b",1e20");
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
+/// Posts `body` to `binary`'s webhook with a signature no secret makes, on a task of its own.
+fn post_unsigned(
+    binary: &binary::Binary,
+    body: Vec<u8>,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    tokio::spawn(
+        reqwest::Client::new()
+            .post(format!("http://{}/webhooks/gameball", binary.webhook))
+            .header("content-type", JSON)
+            .header("x-gb-signature", "0".repeat(40))
+            .body(body)
+            .send(),
+    )
 }
 
 /// The nice value of process `pid`'s thread named `name`.
