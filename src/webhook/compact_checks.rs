@@ -11,8 +11,8 @@
 //! Nice 10: on a machine with no spare CPU the check gets about a tenth of a core (Linux gives
 //! nice 10 a tenth of nice 0's weight), so a flood of such bodies cannot take a core from the
 //! ingest thread or gRPC, and a delivery that is signed over its compact form (a sender that
-//! re-serializes what it signs) is still checked; at nice 19 it got about a seventieth, and one
-//! such body of 1 MiB took 25 s beside two busy processes.
+//! re-serializes what it signs) is still checked; at nice 19 it got about a seventieth, and the
+//! check of one 1 MiB body took 25 s beside two busy processes.
 //!
 //! Past half the in-flight slots (`--max-in-flight-webhooks`) waiting, one more is answered 503
 //! at once (retried by its sender): such bodies cannot take every slot signed deliveries need,
