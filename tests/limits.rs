@@ -3470,7 +3470,6 @@ async fn an_unauthenticated_body_costs_its_size_not_what_it_holds() {
 /// and a signed delivery is answered; then each waiting body is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
-    const SERIES: &str = "profile_state_webhook_compact_signature_checks";
     let dir = tempfile::tempdir().unwrap();
     let limits = [
         "--max-body-bytes",
@@ -3480,10 +3479,10 @@ async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
     ];
     let binary = binary::Binary::start(dir.path(), &limits).await;
     let heavy = post_unsigned(&binary, costly_to_compact(1 << 20));
-    metric_reaches(&binary, SERIES, 1.0).await;
+    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
     let small = || post_unsigned(&binary, br#"{"client_id":"2155"}"#.to_vec());
     let waiting: Vec<_> = (0..32).map(|_| small()).collect();
-    metric_reaches(&binary, SERIES, 33.0).await;
+    metric_reaches(&binary, COMPACT_CHECKS, 33.0).await;
     let one_more = small().await.unwrap().unwrap();
     assert_eq!(one_more.status().as_u16(), 503);
     assert!(one_more.headers().contains_key("retry-after"));
@@ -3497,7 +3496,7 @@ async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
     let (status, answer) = binary.post(&signed).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(
-        sample(&binary.metrics().await, SERIES),
+        sample(&binary.metrics().await, COMPACT_CHECKS),
         33.0,
         "the refused body's check is still under way"
     );
@@ -3506,7 +3505,7 @@ async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
     for refused in waiting {
         assert_eq!(refused.await.unwrap().unwrap().status().as_u16(), 401);
     }
-    metric_reaches(&binary, SERIES, 0.0).await;
+    metric_reaches(&binary, COMPACT_CHECKS, 0.0).await;
 }
 
 /// A delivery waiting for its check over the compact form is answered 503 once
@@ -3516,7 +3515,6 @@ async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
 /// way when the server stops does not hold it either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_waiting_for_its_compact_check_gets_503_at_its_timeout_and_at_a_stop() {
-    const SERIES: &str = "profile_state_webhook_compact_signature_checks";
     // About 2.5 s of the debug build's CPU: under way past a 1 s timeout.
     let heavy = costly_to_compact(4 << 20);
     let small = br#"{"client_id":"2155"}"#;
@@ -3531,7 +3529,7 @@ async fn a_delivery_waiting_for_its_compact_check_gets_503_at_its_timeout_and_at
     let limits = ["--max-body-bytes", "16777216", "--webhook-timeout", "1s"];
     let binary = binary::Binary::start(dir.path(), &limits).await;
     let under_way = unsigned(&binary, &heavy);
-    metric_reaches(&binary, SERIES, 1.0).await;
+    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
     let (status, error) = answer(unsigned(&binary, small)).await;
     assert_eq!(status, 503, "{error}");
     assert!(
@@ -3550,9 +3548,9 @@ async fn a_delivery_waiting_for_its_compact_check_gets_503_at_its_timeout_and_at
     let limits = ["--max-body-bytes", "16777216", "--shutdown-grace", "60s"];
     let mut binary = binary::Binary::start(dir.path(), &limits).await;
     let under_way = unsigned(&binary, &heavy);
-    metric_reaches(&binary, SERIES, 1.0).await;
+    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
     let waiting = [unsigned(&binary, small), unsigned(&binary, small)];
-    metric_reaches(&binary, SERIES, 3.0).await;
+    metric_reaches(&binary, COMPACT_CHECKS, 3.0).await;
     binary.signal("TERM");
     for sent in [under_way].into_iter().chain(waiting) {
         let (status, error) = answer(sent).await;
@@ -3568,7 +3566,6 @@ async fn a_delivery_waiting_for_its_compact_check_gets_503_at_its_timeout_and_at
 /// refusal that follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_not_checked_for_a_full_queue_is_not_logged_as_refused() {
-    const SERIES: &str = "profile_state_webhook_compact_signature_checks";
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("secrets.toml");
     std::fs::write(&file, "[clients]\n\"2155\" = [\"s2155\"]\n").unwrap();
@@ -3584,9 +3581,9 @@ async fn a_body_not_checked_for_a_full_queue_is_not_logged_as_refused() {
     let binary = binary::Binary::spawn(command).await;
     let unsigned = |body: &[u8]| post_unsigned(&binary, body.to_vec());
     let under_way = unsigned(&costly_to_compact(1 << 20));
-    metric_reaches(&binary, SERIES, 1.0).await;
+    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
     let waiting = [(); 2].map(|()| unsigned(br#"{"client_id":"2155"}"#));
-    metric_reaches(&binary, SERIES, 3.0).await;
+    metric_reaches(&binary, COMPACT_CHECKS, 3.0).await;
     let unknown = unsigned(br#"{"client_id":"9999"}"#);
     let answer = unknown.await.unwrap().unwrap();
     assert_eq!(answer.status().as_u16(), 503);
@@ -3615,6 +3612,9 @@ async fn a_body_not_checked_for_a_full_queue_is_not_logged_as_refused() {
     );
     assert_eq!(refusals[0]["client_id"], "2155", "{refusals:?}");
 }
+
+/// The webhook checks over the compact form queued or under way.
+const COMPACT_CHECKS: &str = "profile_state_webhook_compact_signature_checks";
 
 /// A body naming account 2155, of about `bytes` bytes, whose compact form costs the most to
 /// write: an array of `1e20`, each written in 21 digits.
