@@ -3277,7 +3277,12 @@ async fn readiness_says_how_long_the_stream_has_gone_unread_while_a_poll_hangs()
     let mut health = HealthClient::new(a.channel().await);
     let mut statuses = health.watch(request).await.unwrap().into_inner();
     let mut next_status = async || statuses.message().await.unwrap().unwrap().status();
-    assert_eq!(next_status().await, ServingStatus::Serving);
+    // Health follows readiness a moment after /readyz said 200 (its first status was still
+    // NOT_SERVING once, at four tests at a time): serving before the pause.
+    let serving = tokio::time::timeout(PATIENCE, async {
+        while next_status().await != ServingStatus::Serving {}
+    });
+    serving.await.expect("health says SERVING once ready");
     nats.nodes()[0].pause().unwrap();
     let reason = loop {
         let (status, reason) = a.admin_get("/readyz").await;
