@@ -623,6 +623,13 @@ async fn metrics_count_what_happened_and_health_endpoints_answer() {
         .update(&json!({"event": "customer.notification.push", "data": []}))
         .await; // ignored
     assert_eq!(post_signed(&service, &body, "wrong").await.0, 401);
+    // Signed over its compact form, sent pretty-printed: its bytes match no secret.
+    let other = profile_updated("b", &at(1), json!({"total_points": 2}));
+    let (compact, signature) = signed(&other, common::SECRET);
+    let pretty = serde_json::to_vec_pretty(&other).unwrap();
+    assert_ne!(pretty, compact);
+    let headers = [("x-gb-signature", signature.as_str())];
+    assert_eq!(service.post_raw(pretty, &headers).await.0, 200); // applied
     let mut client = service.client().await;
     let _watch = client
         .watch_profiles(pb::WatchProfilesRequest::default())
@@ -636,7 +643,7 @@ async fn metrics_count_what_happened_and_health_endpoints_answer() {
         |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
     assert_eq!(
         count(r#"profile_state_webhooks_total{outcome="applied",status="200"}"#),
-        1.0
+        2.0
     );
     assert_eq!(
         count(r#"profile_state_webhooks_total{outcome="unchanged",status="200"}"#),
@@ -651,15 +658,19 @@ async fn metrics_count_what_happened_and_health_endpoints_answer() {
         1.0
     );
     assert_eq!(count("profile_state_webhook_signature_failures_total"), 1.0);
+    // The three signed over their bytes (the ignored event too), not the refused one.
+    let verified = r#"profile_state_webhook_signatures_verified_total{form="#;
+    assert_eq!(count(&format!(r#"{verified}"raw"}}"#)), 3.0);
+    assert_eq!(count(&format!(r#"{verified}"compact"}}"#)), 1.0);
     assert_eq!(
         count(r#"profile_state_webhook_duration_seconds_count{status="200"}"#),
-        3.0
+        4.0
     );
-    assert_eq!(count("profile_state_profiles"), 1.0);
-    assert_eq!(count("profile_state_store_revision"), 1.0);
+    assert_eq!(count("profile_state_profiles"), 2.0);
+    assert_eq!(count("profile_state_store_revision"), 2.0);
     assert_eq!(
         count("profile_state_journal_fsync_duration_seconds_count"),
-        1.0
+        2.0
     );
     assert!(count("profile_state_journal_bytes_total") > 0.0);
     assert!(

@@ -131,6 +131,8 @@ struct Webhooks {
     by_outcome: IntCounterVec,
     duration: HistogramVec,
     signature_failures: IntCounter,
+    /// Signatures that held, over the body's bytes (`[0]`) and over its compact form (`[1]`).
+    signatures_verified: [IntCounter; 2],
     dead_letters_kept: IntCounter,
     compact_signature_checks: IntGauge,
 }
@@ -365,6 +367,14 @@ impl Webhooks {
                 )
             })
             .collect();
+        let verified = counter_vec(
+            r,
+            "profile_state_webhook_signatures_verified_total",
+            "Webhooks whose X-GB-Signature held, by what it covers: the body's bytes (raw) or \
+             its compact form, JSON.stringify of the body (compact), checked only when the \
+             bytes match no secret.",
+            &["form"],
+        );
         Webhooks {
             answers,
             by_outcome,
@@ -374,6 +384,7 @@ impl Webhooks {
                 "profile_state_webhook_signature_failures_total",
                 "Webhooks refused because X-GB-Signature was missing or wrong.",
             ),
+            signatures_verified: ["raw", "compact"].map(|form| verified.with_label_values(&[form])),
             dead_letters_kept: counter(
                 r,
                 "profile_state_webhook_dead_letters_total",
@@ -558,6 +569,11 @@ impl Metrics {
     /// Counts a signature failure.
     pub fn signature_failure(&self) {
         self.inner.webhooks.signature_failures.inc();
+    }
+
+    /// Counts a webhook whose signature held, over its compact form or over its bytes.
+    pub fn signature_verified(&self, over_compact_form: bool) {
+        self.inner.webhooks.signatures_verified[usize::from(over_compact_form)].inc();
     }
 
     /// A webhook's signature check over its compact form queued; the returned guard counts
