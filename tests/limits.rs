@@ -3508,6 +3508,63 @@ async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
     metric_reaches(&binary, COMPACT_CHECKS, 0.0).await;
 }
 
+/// At a full queue of checks over the compact form, a delivery of ordinary size signed over
+/// that form takes the place of the largest body waiting, which is answered 503, and is checked
+/// before it: a flood of large bodies signed with no secret, their senders waiting, kept every
+/// such delivery out with 503 (found by an adversarial run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_signed_over_its_compact_form_takes_the_place_of_a_larger_body_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        "--max-body-bytes",
+        "16777216",
+        "--max-in-flight-webhooks",
+        "8",
+    ];
+    let binary = binary::Binary::start(dir.path(), &limits).await;
+    let under_way = post_unsigned(&binary, costly_to_compact(1 << 20));
+    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
+    let waiting: Vec<_> = (0..4)
+        .map(|_| post_unsigned(&binary, costly_to_compact(64 << 10)))
+        .collect();
+    metric_reaches(&binary, COMPACT_CHECKS, 5.0).await;
+    let update = profile_updated("c", &at(1), json!({"total_points": 1}));
+    let signature = profile_state::webhook::signature::SignatureCheck::new(SECRET)
+        .sign(&serde_json::to_vec(&update).unwrap());
+    let pretty = reqwest::Client::new()
+        .post(format!("http://{}/webhooks/gameball", binary.webhook))
+        .header("content-type", JSON)
+        .header("x-gb-signature", signature)
+        .body(serde_json::to_vec_pretty(&update).unwrap())
+        .send();
+    let answer = pretty.await.unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["outcome"], "applied", "{answer}");
+    let mut statuses = Vec::new();
+    for sent in [under_way].into_iter().chain(waiting) {
+        let response = sent.await.unwrap().unwrap();
+        let status = response.status().as_u16();
+        let error = response.json::<Value>().await.unwrap()["error"].clone();
+        statuses.push(status);
+        if status == 503 {
+            let error = error.as_str().unwrap_or_default();
+            assert!(
+                error.contains("a smaller body took this one's place"),
+                "{error}"
+            );
+        }
+    }
+    // The waiting bodies were sent at once: which of them queued last is not known.
+    assert_eq!(statuses[0], 401, "the check under way");
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [401, 401, 401, 401, 503],
+        "one large body gave its place"
+    );
+}
+
 /// A delivery waiting for its check over the compact form is answered 503 once
 /// `--webhook-timeout` has passed (one waited 14.5 s behind refused 16 MiB bodies, holding its
 /// slot and its body), and at once when the server stops (a queue of them held the stop for

@@ -16,8 +16,12 @@
 //!
 //! Past half the in-flight slots (`--max-in-flight-webhooks`) waiting, one more is answered 503
 //! at once (retried by its sender): such bodies cannot take every slot signed deliveries need,
-//! as they could waiting for the ingest thread. Not a shorter queue: a flood answered at once
-//! comes back at once, and a flood answered 503 in a few hundred microseconds each (a queue of
+//! as they could waiting for the ingest thread. The smallest body waiting is checked first,
+//! and at a full queue a smaller body takes the place of the largest waiting (answered 503):
+//! a check costs about its body's size, so a flood of large bodies, which keeps the queue full
+//! the longest, cannot keep a delivery of ordinary size out (Gameball's are a few KiB), and
+//! small bodies are checked in microseconds each. Not a shorter queue: a flood answered at
+//! once comes back at once, and a flood answered 503 in a few hundred microseconds each (a queue of
 //! 32) cost signed deliveries more than one that waited for its checks. A check whose
 //! requester has gone (a sender that hung up, or one the handler stopped waiting for) is
 //! skipped when its turn comes, and removed when the queue is full: senders that hang up as
@@ -83,39 +87,60 @@ impl CompactChecks {
         }
     }
 
-    /// Runs `check` on the checking thread and returns what it returned, or why it was not
-    /// run (503: the queue is full, or the thread could not be started). Dropped before its
+    /// Runs `check` of a body of `size` bytes on the checking thread and returns what it
+    /// returned, or why it was not run (503: the queue is full of bodies no larger, the
+    /// thread could not be started, or a smaller body took its place). Dropped before its
     /// turn, the check is not run.
     pub async fn run<T: Send + 'static>(
         &self,
+        size: usize,
         check: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Error> {
         self.start()?;
         let (answer, answered) = oneshot::channel();
         let job = Box::new(Pending {
             check,
+            size,
             answer,
             _counted: self.metrics.compact_signature_check(),
         });
-        {
-            let mut state = self.queue.lock();
-            if state.waiting.len() >= self.queued {
-                state.waiting.retain(|job| job.wanted());
-            }
-            if state.waiting.len() >= self.queued {
-                return Err(unavailable(format!(
-                    "{} bodies whose bytes match no secret are waiting for it already (half \
-                     of --max-in-flight-webhooks)",
-                    self.queued
-                )));
-            }
-            state.waiting.push_back(job);
-        }
+        self.enqueue(job)?;
         self.queue.changed.notify_one();
         // Dropped unanswered only if the check panicked (the thread goes on with the next).
         answered
             .await
-            .map_err(|_| unavailable("it failed (the server's log says why)".into()))
+            .map_err(|_| unavailable("it failed (the server's log says why)".into()))?
+    }
+
+    /// Queues `job`: at a full queue in place of the largest waiting body, if that is larger
+    /// (the most recent of equals: the others have waited longer), which is answered 503.
+    fn enqueue(&self, job: Box<dyn Job>) -> Result<(), Error> {
+        let mut state = self.queue.lock();
+        if state.waiting.len() >= self.queued {
+            state.waiting.retain(|job| job.wanted());
+        }
+        if state.waiting.len() >= self.queued {
+            let full = || {
+                format!(
+                    "{} bodies whose bytes match no secret are waiting for it already (half \
+                     of --max-in-flight-webhooks)",
+                    self.queued
+                )
+            };
+            let largest = (state.waiting.iter().enumerate())
+                .max_by_key(|(_, waiting)| waiting.size())
+                .filter(|(_, waiting)| waiting.size() > job.size())
+                .map(|(index, _)| index);
+            let Some(displaced) = largest.and_then(|index| state.waiting.remove(index)) else {
+                return Err(unavailable(full()));
+            };
+            displaced.refuse(unavailable(format!(
+                "{}, and a smaller body took this one's place",
+                full()
+            )));
+        }
+        state.waiting.push_back(job);
+        Ok(())
     }
 
     /// Starts the thread unless it runs.
@@ -156,12 +181,17 @@ fn unavailable(why: String) -> Error {
 trait Job: Send {
     /// Whether anybody still waits for the answer.
     fn wanted(&self) -> bool;
+    /// The body's size: what the check costs, about.
+    fn size(&self) -> usize;
     fn run(self: Box<Self>);
+    /// Answers `why` instead of running the check.
+    fn refuse(self: Box<Self>, why: Error);
 }
 
 struct Pending<T, F> {
     check: F,
-    answer: oneshot::Sender<T>,
+    size: usize,
+    answer: oneshot::Sender<Result<T, Error>>,
     /// Counted in `profile_state_webhook_compact_signature_checks` from the moment it is
     /// queued until it is done or skipped.
     _counted: InProgress,
@@ -172,9 +202,17 @@ impl<T: Send, F: FnOnce() -> T + Send> Job for Pending<T, F> {
         !self.answer.is_closed()
     }
 
+    fn size(&self) -> usize {
+        self.size
+    }
+
     fn run(self: Box<Self>) {
         let Pending { check, answer, .. } = *self;
-        let _ = answer.send(check());
+        let _ = answer.send(Ok(check()));
+    }
+
+    fn refuse(self: Box<Self>, why: Error) {
+        let _ = self.answer.send(Err(why));
     }
 }
 
@@ -197,11 +235,15 @@ fn serve(queue: &Queue) {
     }
 }
 
-/// The next check, waiting for one; `None` once the handle is dropped and none is left.
+/// The next check, the smallest body's (the first of equals), waiting for one; `None` once
+/// the handle is dropped and none is left.
 fn next(queue: &Queue) -> Option<Box<dyn Job>> {
     let mut state = queue.lock();
     loop {
-        if let Some(job) = state.waiting.pop_front() {
+        let smallest = (state.waiting.iter().enumerate())
+            .min_by_key(|(_, job)| job.size())
+            .map(|(index, _)| index);
+        if let Some(job) = smallest.and_then(|index| state.waiting.remove(index)) {
             return Some(job);
         }
         if state.closed {
@@ -254,7 +296,7 @@ mod tests {
                 let _ = started.send(());
                 let _ = released.recv();
             };
-            checks.run(check).await
+            checks.run(1, check).await
         });
         running.await.unwrap();
         (release, held)
@@ -271,15 +313,15 @@ mod tests {
             let ran = Arc::clone(&ran);
             move || ran.store(true, Ordering::SeqCst)
         };
-        let mut gone = Box::pin(checks.run(left()));
+        let mut gone = Box::pin(checks.run(1, left()));
         queue(&mut gone).await;
         drop(gone);
-        let mut second = Box::pin(checks.run(|| 2));
+        let mut second = Box::pin(checks.run(1, || 2));
         queue(&mut second).await;
         // Full (2): the check nobody waits for makes room.
-        let mut third = Box::pin(checks.run(|| 3));
+        let mut third = Box::pin(checks.run(1, || 3));
         queue(&mut third).await;
-        let Err(Error::Unavailable { reason }) = checks.run(|| 4).await else {
+        let Err(Error::Unavailable { reason }) = checks.run(1, || 4).await else {
             panic!("a fourth check queued behind two");
         };
         assert!(
@@ -292,12 +334,12 @@ mod tests {
         assert_eq!(third.await.unwrap(), 3);
         // Left while queued, with room: skipped when its turn comes.
         let (release, held) = hold(&checks).await;
-        let mut gone = Box::pin(checks.run(left()));
+        let mut gone = Box::pin(checks.run(1, left()));
         queue(&mut gone).await;
         drop(gone);
         drop(release);
         held.await;
-        assert_eq!(checks.run(|| 5).await.unwrap(), 5);
+        assert_eq!(checks.run(1, || 5).await.unwrap(), 5);
         assert!(!ran.load(Ordering::SeqCst), "a check nobody waits for ran");
     }
 
@@ -305,11 +347,68 @@ mod tests {
     #[tokio::test]
     async fn a_check_that_panics_leaves_the_thread_to_the_next() {
         let checks = CompactChecks::new(4, Metrics::new());
-        let panicked = checks.run(|| -> u8 { panic!("a bug in a check") }).await;
+        let panicked = checks.run(1, || -> u8 { panic!("a bug in a check") }).await;
         assert!(
             matches!(panicked, Err(Error::Unavailable { .. })),
             "{panicked:?}"
         );
-        assert_eq!(checks.run(|| 7).await.unwrap(), 7);
+        assert_eq!(checks.run(1, || 7).await.unwrap(), 7);
+    }
+
+    /// The smallest body waiting is checked first, the first of equals first.
+    #[tokio::test]
+    async fn the_smallest_body_waiting_is_checked_first() {
+        let checks = Arc::new(CompactChecks::new(16, Metrics::new()));
+        let (release, held) = hold(&checks).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut queued = Vec::new();
+        for (name, size) in [
+            ("large", 900),
+            ("small", 10),
+            ("medium", 50),
+            ("small too", 10),
+        ] {
+            let order = Arc::clone(&order);
+            let mut check = Box::pin(checks.run(size, move || order.lock().unwrap().push(name)));
+            queue(&mut check).await;
+            queued.push(check);
+        }
+        drop(release);
+        held.await;
+        for check in queued {
+            check.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        assert_eq!(order, ["small", "small too", "medium", "large"]);
+    }
+
+    /// At a full queue a smaller body takes the place of the largest waiting (the latest of
+    /// equals), answered 503 saying so; a body no smaller than any waiting is refused itself.
+    #[tokio::test]
+    async fn at_a_full_queue_a_smaller_body_takes_the_place_of_the_largest() {
+        let checks = Arc::new(CompactChecks::new(4, Metrics::new()));
+        let (release, held) = hold(&checks).await;
+        let mut first = Box::pin(checks.run(1000, || "first large"));
+        queue(&mut first).await;
+        let mut second = Box::pin(checks.run(1000, || "second large"));
+        queue(&mut second).await;
+        let mut small = Box::pin(checks.run(20, || "small"));
+        queue(&mut small).await;
+        let Err(Error::Unavailable { reason }) = second.await else {
+            panic!("the latest of the largest keeps its place");
+        };
+        assert!(
+            reason.contains("2 bodies whose bytes match no secret")
+                && reason.contains("a smaller body took this one's place"),
+            "{reason}"
+        );
+        let Err(Error::Unavailable { reason }) = checks.run(1000, || "third large").await else {
+            panic!("a body no smaller than those waiting queued at a full queue");
+        };
+        assert!(!reason.contains("took this one's place"), "{reason}");
+        drop(release);
+        held.await;
+        assert_eq!(small.await.unwrap(), "small");
+        assert_eq!(first.await.unwrap(), "first large");
     }
 }

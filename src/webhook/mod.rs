@@ -493,7 +493,7 @@ impl Ingress {
             signature::RawCheck::Decided(verdict) => return verdict,
             signature::RawCheck::Unmatched(claimed) => claimed,
         };
-        let (raw, signer) = (raw.clone(), signer.to_owned());
+        let (size, raw, signer) = (raw.len(), raw.clone(), signer.to_owned());
         let check = move || {
             let compact = signature::compact_body(&raw);
             let checks = signer.checks(&secrets);
@@ -510,7 +510,7 @@ impl Ingress {
         let timeout = self.limits.timeout;
         // Dropped here, a check not yet under way is never run.
         tokio::select! {
-            checked = self.compact_checks.run(check) => checked?,
+            checked = self.compact_checks.run(size, check) => checked?,
             () = self.stopping.cancelled() => Err(not_made("the server is stopping".into())),
             // Behind a queue of refused 16 MiB bodies one waited 14.5 s, holding its slot and
             // its body (found by an adversarial run).
