@@ -117,7 +117,7 @@ pub fn verify(
 }
 
 /// What the raw bytes decide of a delivery's signature.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub enum RawCheck {
     /// Signed over the raw bytes, or refused for what its header says (missing, not a
     /// SHA-1) or because there is nothing to check it with.
@@ -128,7 +128,7 @@ pub enum RawCheck {
 }
 
 /// The signature a delivery claims, decoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Claimed([u8; 20]);
 
 /// The first half of [`verify`]: the header, and the raw bytes under each of `checks`.
