@@ -3565,6 +3565,31 @@ async fn a_delivery_signed_over_its_compact_form_takes_the_place_of_a_larger_bod
     );
 }
 
+/// The compact checks' gauge counts the deliveries waiting for their check: one whose sender
+/// hung up is not counted from then on, though its check keeps its place until skipped (it
+/// was counted until then, so a flood of senders that hang up read as deliveries waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_hung_up_is_not_counted_as_waiting_for_its_compact_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = ["--max-body-bytes", "16777216"];
+    let binary = binary::Binary::start(dir.path(), &limits).await;
+    // About 2.5 s of the debug build's CPU: still under way below.
+    let under_way = post_unsigned(&binary, costly_to_compact(4 << 20));
+    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
+    let gone = [(); 2].map(|()| post_unsigned(&binary, br#"{"client_id":"2155"}"#.to_vec()));
+    metric_reaches(&binary, COMPACT_CHECKS, 3.0).await;
+    for sender in &gone {
+        sender.abort();
+    }
+    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
+    assert!(
+        !under_way.is_finished(),
+        "counted down by the check under way ending"
+    );
+    assert_eq!(under_way.await.unwrap().unwrap().status().as_u16(), 401);
+    metric_reaches(&binary, COMPACT_CHECKS, 0.0).await;
+}
+
 /// A delivery waiting for its check over the compact form is answered 503 once
 /// `--webhook-timeout` has passed (one waited 14.5 s behind refused 16 MiB bodies, holding its
 /// slot and its body), and at once when the server stops (a queue of them held the stop for

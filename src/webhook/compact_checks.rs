@@ -37,7 +37,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::metrics::{InProgress, Metrics};
+use crate::metrics::Metrics;
 
 /// The thread's nice value (module doc).
 const NICE: i32 = 10;
@@ -97,12 +97,14 @@ impl CompactChecks {
         check: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Error> {
         self.start()?;
+        // Counted while its requester waits: one that left (a sender that hung up) is not,
+        // though its check keeps its place until skipped or removed.
+        let _counted = self.metrics.compact_signature_check();
         let (answer, answered) = oneshot::channel();
         let job = Box::new(Pending {
             check,
             size,
             answer,
-            _counted: self.metrics.compact_signature_check(),
         });
         self.enqueue(job)?;
         self.queue.changed.notify_one();
@@ -192,9 +194,6 @@ struct Pending<T, F> {
     check: F,
     size: usize,
     answer: oneshot::Sender<Result<T, Error>>,
-    /// Counted in `profile_state_webhook_compact_signature_checks` from the moment it is
-    /// queued until it is done or skipped.
-    _counted: InProgress,
 }
 
 impl<T: Send, F: FnOnce() -> T + Send> Job for Pending<T, F> {
