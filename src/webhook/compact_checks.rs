@@ -62,7 +62,9 @@ struct Queue {
 
 #[derive(Default)]
 struct QueueState {
-    waiting: VecDeque<Box<dyn Job>>,
+    /// Each with its body's size beside it: the order and the full queue's choice look at
+    /// every size, and up to 512 waiting (the default) are read without a pointer each.
+    waiting: VecDeque<(usize, Box<dyn Job>)>,
     /// Set when the handle is dropped: the thread ends once the queue is empty.
     closed: bool,
 }
@@ -101,12 +103,7 @@ impl CompactChecks {
         // though its check keeps its place until skipped or removed.
         let _counted = self.metrics.compact_signature_check();
         let (answer, answered) = oneshot::channel();
-        let job = Box::new(Pending {
-            check,
-            size,
-            answer,
-        });
-        self.enqueue(job)?;
+        self.enqueue(size, Box::new(Pending { check, answer }))?;
         self.queue.changed.notify_one();
         // Dropped unanswered only if the check panicked (the thread goes on with the next).
         answered
@@ -114,12 +111,13 @@ impl CompactChecks {
             .map_err(|_| unavailable("it failed (the server's log says why)".into()))?
     }
 
-    /// Queues `job`: at a full queue in place of the largest waiting body, if that is larger
-    /// (the most recent of equals: the others have waited longer), which is answered 503.
-    fn enqueue(&self, job: Box<dyn Job>) -> Result<(), Error> {
+    /// Queues `job`, of a body of `size` bytes: at a full queue in place of the largest waiting
+    /// body, if that is larger (the most recent of equals: the others have waited longer),
+    /// which is answered 503.
+    fn enqueue(&self, size: usize, job: Box<dyn Job>) -> Result<(), Error> {
         let mut state = self.queue.lock();
         if state.waiting.len() >= self.queued {
-            state.waiting.retain(|job| job.wanted());
+            state.waiting.retain(|(_, job)| job.wanted());
         }
         if state.waiting.len() >= self.queued {
             let full = || {
@@ -130,10 +128,10 @@ impl CompactChecks {
                 )
             };
             let largest = (state.waiting.iter().enumerate())
-                .max_by_key(|(_, waiting)| waiting.size())
-                .filter(|(_, waiting)| waiting.size() > job.size())
+                .max_by_key(|(_, (waiting, _))| *waiting)
+                .filter(|(_, (waiting, _))| *waiting > size)
                 .map(|(index, _)| index);
-            let Some(displaced) = largest.and_then(|index| state.waiting.remove(index)) else {
+            let Some((_, displaced)) = largest.and_then(|index| state.waiting.remove(index)) else {
                 return Err(unavailable(full()));
             };
             displaced.refuse(unavailable(format!(
@@ -141,7 +139,7 @@ impl CompactChecks {
                 full()
             )));
         }
-        state.waiting.push_back(job);
+        state.waiting.push_back((size, job));
         Ok(())
     }
 
@@ -183,8 +181,6 @@ fn unavailable(why: String) -> Error {
 trait Job: Send {
     /// Whether anybody still waits for the answer.
     fn wanted(&self) -> bool;
-    /// The body's size: what the check costs, about.
-    fn size(&self) -> usize;
     fn run(self: Box<Self>);
     /// Answers `why` instead of running the check.
     fn refuse(self: Box<Self>, why: Error);
@@ -192,17 +188,12 @@ trait Job: Send {
 
 struct Pending<T, F> {
     check: F,
-    size: usize,
     answer: oneshot::Sender<Result<T, Error>>,
 }
 
 impl<T: Send, F: FnOnce() -> T + Send> Job for Pending<T, F> {
     fn wanted(&self) -> bool {
         !self.answer.is_closed()
-    }
-
-    fn size(&self) -> usize {
-        self.size
     }
 
     fn run(self: Box<Self>) {
@@ -240,9 +231,9 @@ fn next(queue: &Queue) -> Option<Box<dyn Job>> {
     let mut state = queue.lock();
     loop {
         let smallest = (state.waiting.iter().enumerate())
-            .min_by_key(|(_, job)| job.size())
+            .min_by_key(|(_, (size, _))| *size)
             .map(|(index, _)| index);
-        if let Some(job) = smallest.and_then(|index| state.waiting.remove(index)) {
+        if let Some((_, job)) = smallest.and_then(|index| state.waiting.remove(index)) {
             return Some(job);
         }
         if state.closed {
