@@ -3479,7 +3479,7 @@ async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
     ];
     let binary = binary::Binary::start(dir.path(), &limits).await;
     let heavy = post_unsigned(&binary, costly_to_compact(1 << 20));
-    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
+    check_under_way(&binary).await;
     let small = || post_unsigned(&binary, br#"{"client_id":"2155"}"#.to_vec());
     let waiting: Vec<_> = (0..32).map(|_| small()).collect();
     metric_reaches(&binary, COMPACT_CHECKS, 33.0).await;
@@ -3515,15 +3515,19 @@ async fn a_signed_delivery_does_not_wait_for_a_refused_bodys_compact_form() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_signed_over_its_compact_form_takes_the_place_of_a_larger_body_waiting() {
     let dir = tempfile::tempdir().unwrap();
+    // A long timeout: at nice 10 on a busy machine the check under way takes seconds, and a
+    // body answered 503 for its time would be taken for the one displaced.
     let limits = [
         "--max-body-bytes",
         "16777216",
         "--max-in-flight-webhooks",
         "8",
+        "--webhook-timeout",
+        "60s",
     ];
     let binary = binary::Binary::start(dir.path(), &limits).await;
     let under_way = post_unsigned(&binary, costly_to_compact(1 << 20));
-    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
+    check_under_way(&binary).await;
     let waiting: Vec<_> = (0..4)
         .map(|_| post_unsigned(&binary, costly_to_compact(64 << 10)))
         .collect();
@@ -3571,11 +3575,12 @@ async fn a_delivery_signed_over_its_compact_form_takes_the_place_of_a_larger_bod
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_that_hung_up_is_not_counted_as_waiting_for_its_compact_check() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = ["--max-body-bytes", "16777216"];
+    // A long timeout: at nice 10 on a busy machine the check below takes many seconds.
+    let limits = ["--max-body-bytes", "16777216", "--webhook-timeout", "60s"];
     let binary = binary::Binary::start(dir.path(), &limits).await;
     // About 2.5 s of the debug build's CPU: still under way below.
     let under_way = post_unsigned(&binary, costly_to_compact(4 << 20));
-    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
+    check_under_way(&binary).await;
     let gone = [(); 2].map(|()| post_unsigned(&binary, br#"{"client_id":"2155"}"#.to_vec()));
     metric_reaches(&binary, COMPACT_CHECKS, 3.0).await;
     for sender in &gone {
@@ -3611,7 +3616,7 @@ async fn a_delivery_waiting_for_its_compact_check_gets_503_at_its_timeout_and_at
     let limits = ["--max-body-bytes", "16777216", "--webhook-timeout", "1s"];
     let binary = binary::Binary::start(dir.path(), &limits).await;
     let under_way = unsigned(&binary, &heavy);
-    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
+    check_under_way(&binary).await;
     let (status, error) = answer(unsigned(&binary, small)).await;
     assert_eq!(status, 503, "{error}");
     assert!(
@@ -3630,7 +3635,7 @@ async fn a_delivery_waiting_for_its_compact_check_gets_503_at_its_timeout_and_at
     let limits = ["--max-body-bytes", "16777216", "--shutdown-grace", "60s"];
     let mut binary = binary::Binary::start(dir.path(), &limits).await;
     let under_way = unsigned(&binary, &heavy);
-    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
+    check_under_way(&binary).await;
     let waiting = [unsigned(&binary, small), unsigned(&binary, small)];
     metric_reaches(&binary, COMPACT_CHECKS, 3.0).await;
     binary.signal("TERM");
@@ -3663,7 +3668,7 @@ async fn a_body_not_checked_for_a_full_queue_is_not_logged_as_refused() {
     let binary = binary::Binary::spawn(command).await;
     let unsigned = |body: &[u8]| post_unsigned(&binary, body.to_vec());
     let under_way = unsigned(&costly_to_compact(1 << 20));
-    metric_reaches(&binary, COMPACT_CHECKS, 1.0).await;
+    check_under_way(&binary).await;
     let waiting = [(); 2].map(|()| unsigned(br#"{"client_id":"2155"}"#));
     metric_reaches(&binary, COMPACT_CHECKS, 3.0).await;
     let unknown = unsigned(br#"{"client_id":"9999"}"#);
@@ -3726,20 +3731,40 @@ fn post_unsigned(
 
 /// The nice value of process `pid`'s thread named `name`.
 fn thread_nice(pid: u32, name: &str) -> i64 {
+    let stat = thread_stat(pid, name).unwrap_or_else(|| panic!("no thread {name}"));
+    stat(19)
+}
+
+/// Field `n` (as `proc(5)` numbers them, from 4 on) of the `stat` of `pid`'s thread `name`, if
+/// it runs.
+fn thread_stat(pid: u32, name: &str) -> Option<impl Fn(usize) -> i64> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     let task = tasks
-        .map(|task| task.unwrap().path())
-        .find(|task| std::fs::read_to_string(task.join("comm")).unwrap().trim() == name)
-        .unwrap_or_else(|| panic!("no thread {name}"));
-    let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-    // After the command's closing parenthesis: state is field 3, nice field 19.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
+        .filter_map(|task| Some(task.ok()?.path()))
+        .find(|task| {
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })?;
+    let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+    // After the command's closing parenthesis: state is field 3.
+    let fields: Vec<String> = (stat.rsplit_once(')')?.1.split_whitespace())
+        .map(str::to_owned)
         .collect();
-    fields[19 - 3].parse().unwrap()
+    Some(move |n: usize| fields[n - 3].parse().unwrap())
+}
+
+/// Waits until the one check over the compact form the test asked for is under way, not only
+/// queued: the checks' thread takes the smallest body waiting first, so a body queued next
+/// could go before it. Under way, it has taken the thread's CPU (utime and stime, fields 14
+/// and 15: the tests' first checks cost seconds of it).
+async fn check_under_way(binary: &binary::Binary) {
+    metric_reaches(binary, COMPACT_CHECKS, 1.0).await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let ticks =
+        || thread_stat(binary.child.id(), "webhook-compact").map(|stat| stat(14) + stat(15));
+    while ticks().is_none_or(|ticks| ticks < 2) {
+        assert!(std::time::Instant::now() < deadline, "the check never ran");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 /// With account secrets, the `client_id` that chooses them comes from a walk of the body's
