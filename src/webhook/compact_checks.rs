@@ -197,7 +197,7 @@ impl<T: Send, F: FnOnce() -> T + Send> Job for Pending<T, F> {
     }
 
     fn run(self: Box<Self>) {
-        let Pending { check, answer, .. } = *self;
+        let Pending { check, answer } = *self;
         let _ = answer.send(Ok(check()));
     }
 
