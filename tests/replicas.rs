@@ -652,25 +652,8 @@ async fn a_replica_whose_consumers_server_hangs_applies_again_within_seconds() {
     config.nats.urls = vec![nats.nodes()[on_meta.unwrap()].client_url()];
     // Long enough that an answer in time is the replica's, not the timeout's.
     config.webhook_timeout = Duration::from_secs(8);
-    let mut attempts = 0;
-    let (a, held_by) = loop {
-        attempts += 1;
-        // A stopped replica's consumer stays a while: only the running one's is to be found.
-        delete_consumers(&observer, "STALL").await;
-        let a = TestService::start_with(config.clone()).await;
-        let body = profile_updated("x", &at(attempts), json!({"total_points": attempts}));
-        post_until_ok(&a, &body).await;
-        let held_by = consumer_servers(&observer, "STALL").await;
-        let [held_by] = <[String; 1]>::try_from(held_by).expect("one consumer");
-        if held_by != meta {
-            break (a, held_by);
-        }
-        a.stop().await;
-        assert!(
-            attempts < 12,
-            "every replica's consumer was on the meta leader"
-        );
-    };
+    let (a, held_by) =
+        replica_with_consumer_on(&observer, &config, |held_by| held_by != meta).await;
     if stream_leader(&nats, "STALL").await == held_by {
         step_down(&observer, "STALL", &held_by).await;
     }
@@ -700,6 +683,32 @@ async fn a_replica_whose_consumers_server_hangs_applies_again_within_seconds() {
         "answered after {answered:?}"
     );
     a.stop().await;
+}
+
+/// A replica started with `config` (its stream `config.nats.stream`), started again until the
+/// one consumer it reads through is on a server `wanted` accepts: the replica and that server.
+/// Each start places the consumer on any server of the stream's group (one chance in three for
+/// a given one), after a webhook it answered.
+async fn replica_with_consumer_on(
+    observer: &profile_state::jetstream::Nats,
+    config: &Config,
+    wanted: impl Fn(&str) -> bool,
+) -> (TestService, String) {
+    let stream = config.nats.stream.as_str();
+    for attempt in 1..=30 {
+        // A stopped replica's consumer stays a while: only the running one's is to be found.
+        delete_consumers(observer, stream).await;
+        let replica = TestService::start_with(config.clone()).await;
+        let body = profile_updated("x", &at(attempt), json!({"total_points": attempt}));
+        post_until_ok(&replica, &body).await;
+        let held_by = consumer_servers(observer, stream).await;
+        let [held_by] = <[String; 1]>::try_from(held_by).expect("one consumer");
+        if wanted(&held_by) {
+            return (replica, held_by);
+        }
+        replica.stop().await;
+    }
+    panic!("no replica's consumer was on a server wanted in 30 starts");
 }
 
 /// A client of every node of `nats`, for what a test asks JetStream itself.
@@ -3564,4 +3573,67 @@ async fn two_replicas_under_one_name_each_warn_of_the_other() {
     for replica in replicas {
         replica.stop().await;
     }
+}
+
+/// The replica's consumer on the server that is the cluster's meta leader, which hangs while the
+/// stream's leader is elsewhere: creating a new consumer waits for the others to elect a meta
+/// leader, and the replica applied nothing for 6-8 s (its webhooks answered that late, and it
+/// was not ready). It reads the stream from its leader meanwhile: answered and ready again
+/// within a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_whose_consumer_was_on_the_hung_meta_leader_applies_again_within_seconds() {
+    let nats = NatsCluster::three().await.unwrap();
+    let observer = observer(&nats).await;
+    let meta = nats.nodes()[0].meta_leader().await.expect("a meta leader");
+    let elsewhere = nats.nodes().iter().find(|node| node.name() != meta);
+    let mut config = replica_config(&nats, "METAHUNG", "a");
+    config.nats.urls = vec![elsewhere.unwrap().client_url()];
+    // Long enough that an answer in time is the replica's, not the timeout's.
+    config.webhook_timeout = Duration::from_secs(20);
+    let (a, _) = replica_with_consumer_on(&observer, &config, |held_by| held_by == meta).await;
+    if stream_leader(&nats, "METAHUNG").await == meta {
+        step_down(&observer, "METAHUNG", &meta).await;
+    }
+    let body = profile_updated("x", &at(100), json!({"total_points": 100}));
+    let (status, before) = a.post(&body).await;
+    assert_eq!(status, 200, "{before}");
+
+    let hung = nats
+        .nodes()
+        .iter()
+        .find(|node| node.name() == meta)
+        .unwrap();
+    hung.pause().unwrap();
+    let frozen = Instant::now();
+    let body = profile_updated("x", &at(101), json!({"total_points": 101}));
+    let (status, answer) = a.post(&body).await;
+    let answered = frozen.elapsed();
+    let replica = Replica::from(&a);
+    // Ready once a poll shows it has applied the whole stream (every 200 ms).
+    let deadline = frozen + Duration::from_secs(4);
+    let (mut ready, mut readiness) = replica.readiness().await;
+    while ready != 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (ready, readiness) = replica.readiness().await;
+    }
+    let ready_after = frozen.elapsed();
+    let still_meta = nats.nodes().iter().find(|node| node.name() != meta);
+    let new_meta = still_meta.unwrap().meta_leader().await;
+    hung.resume().unwrap();
+    eprintln!(
+        "consumer on the meta leader {meta}: answered {answered:?}, ready {ready_after:?}, \
+         meta leader then {new_meta:?}"
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["revision"].as_u64(),
+        before["revision"].as_u64().map(|revision| revision + 1),
+        "{answer}"
+    );
+    assert!(
+        answered <= Duration::from_secs(4),
+        "answered after {answered:?}"
+    );
+    assert_eq!(ready, 200, "not ready within 4 s: {readiness}");
+    a.stop().await;
 }

@@ -21,7 +21,12 @@
 //! `stall::STALL_AFTER` while the stream held the next sequence, and gives each create of a
 //! replacement a short time of its own ([`CREATE_TIMEOUT`], growing after a few): the cluster
 //! places the new consumer at random, perhaps on the hung peer again, whose answer never comes.
+//! Creates are the meta leader's to answer: while one is being asked for, the next sequences are
+//! read one at a time from the stream leader ([`Follower::replace`]), so that a meta leader lost
+//! with the consumer does not stop the replica until another is elected.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -55,6 +60,9 @@ const CREATE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How many creates get [`CREATE_TIMEOUT`] alone. Each lands on the hung server with one chance
 /// in three (an R3 stream): six in a row, once in 700 rebuilds.
 const QUICK_CREATES: u32 = 6;
+/// How long after a read from the stream leader that got no message the next is tried (the
+/// replacement consumer's creation goes on meanwhile).
+const READ_RETRY: Duration = Duration::from_millis(200);
 
 /// One stream message, decoded.
 #[derive(Clone, Debug)]
@@ -88,6 +96,22 @@ pub struct Follower {
     known_end: Option<watch::Receiver<u64>>,
     /// When the consumer is to be taken for stuck.
     stall: Stall,
+    /// The consumer being replaced, while `messages` is `None`: kept from one call to the
+    /// next, so that the entries read from the stream leader meanwhile do not start it over.
+    replacing: Option<Replacing>,
+}
+
+/// A new consumer being created, and what was read from the stream leader meanwhile
+/// ([`Follower::replace`]).
+struct Replacing {
+    /// The creation (`rebuild`).
+    consumer: Pin<Box<dyn Future<Output = Result<Ordered, JetStreamError>> + Send>>,
+    /// When it started.
+    since: tokio::time::Instant,
+    /// Messages read from the stream leader since.
+    read: u64,
+    /// When the next read may be made (after one that got no message).
+    next_read: tokio::time::Instant,
 }
 
 impl Follower {
@@ -105,6 +129,7 @@ impl Follower {
             checked_consumer: None,
             known_end: None,
             stall: Stall::new(STALL_AFTER),
+            replacing: None,
         };
         check_bounds(stream, follower.next).await?;
         follower.messages = Some(consume_from(stream, follower.next).await?);
@@ -143,9 +168,10 @@ impl Follower {
         self.restart_stall();
         loop {
             let Some(messages) = self.messages.as_mut() else {
-                self.messages = Some(rebuild(&self.stream, self.next).await?);
-                self.restart_stall();
-                continue;
+                match self.replace().await? {
+                    Some(entry) => return Ok(entry),
+                    None => continue,
+                }
             };
             let stalled = self.stall.deadline();
             let item = tokio::select! {
@@ -202,6 +228,73 @@ impl Follower {
             if let Some(entry) = self.accept(message).await? {
                 return Ok(entry);
             }
+        }
+    }
+
+    /// While the consumer is replaced: the next entry, read from the stream leader once the
+    /// stream is known to hold it, or `None` once the new consumer is created (or the stream
+    /// is known to hold more, or a read may be tried again).
+    ///
+    /// Why read from the leader: creating a consumer is the cluster's meta leader's work, and
+    /// when the server that held the consumer was the meta leader too and hung or died, no
+    /// create is answered until the others have elected a new one. Meanwhile the stream's own
+    /// leader still stores and serves its messages: a replica applied nothing for 6-8 s, its
+    /// webhooks waited that long for their answers and it was not ready (found by an
+    /// adversarial run, reproduced in `tests/replicas.rs`). The read takes exactly the next
+    /// sequence, from the stream checked to be the one followed after it answered; a read that
+    /// gets anything else is left to the new consumer, whose checks say what is wrong. The new
+    /// consumer starts where the replacement started and skips what was read meanwhile.
+    async fn replace(&mut self) -> Result<Option<Entry>, JetStreamError> {
+        let now = tokio::time::Instant::now();
+        let known_end = self.known_end();
+        let next = self.next;
+        let replacing = self.replacing.get_or_insert_with(|| Replacing {
+            consumer: Box::pin(rebuild(self.stream.clone(), next)),
+            since: now,
+            read: 0,
+            next_read: now,
+        });
+        let readable = known_end >= next;
+        tokio::select! {
+            biased;
+            created = &mut replacing.consumer => {
+                let replaced = self.replacing.take().map(|replaced| (replaced.since, replaced.read));
+                if let Some((since, read)) = replaced.filter(|(_, read)| *read > 0) {
+                    tracing::info!(
+                        read,
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        next,
+                        "a new consumer was created; the messages read from the stream leader \
+                         while it was being created are skipped"
+                    );
+                }
+                self.messages = Some(created?);
+                self.restart_stall();
+                Ok(None)
+            }
+            read = read_from_leader(&self.stream, next, known_end), if readable && now >= replacing.next_read => {
+                let Some(entry) = read else {
+                    replacing.next_read = tokio::time::Instant::now() + READ_RETRY;
+                    return Ok(None);
+                };
+                if replacing.read == 0 {
+                    tracing::info!(
+                        next,
+                        known_end,
+                        "the consumer is being replaced: reading the stream from its leader meanwhile"
+                    );
+                }
+                replacing.read += 1;
+                self.next += 1;
+                Ok(Some(entry))
+            }
+            changed = changed_end(&mut self.known_end) => {
+                if changed.is_none() {
+                    self.known_end = None;
+                }
+                Ok(None)
+            }
+            () = tokio::time::sleep_until(replacing.next_read), if readable && now < replacing.next_read => Ok(None),
         }
     }
 
@@ -290,7 +383,8 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// a reconnection stopped the applier for good: the stream's return was then seen by no one,
 /// and every replica that had reconnected stayed up, not ready, until restarted by hand (found
 /// by an adversarial run).
-async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamError> {
+async fn rebuild(stream: UpdateStream, next: u64) -> Result<Ordered, JetStreamError> {
+    let stream = &stream;
     let mut delay = Duration::from_millis(50);
     let mut creates = 0;
     let mut missing_said = false;
@@ -334,6 +428,25 @@ async fn rebuild(stream: &UpdateStream, next: u64) -> Result<Ordered, JetStreamE
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_RETRY_DELAY);
     }
+}
+
+/// Stream message `next` read from the stream leader, as an entry (`known_end` gives its
+/// pending count), if the stream holds it on the updates' subject and is still the one
+/// followed once it has answered; `None` for anything else (see [`Follower::replace`]).
+async fn read_from_leader(stream: &UpdateStream, next: u64, known_end: u64) -> Option<Entry> {
+    let message = stream.handle().get_raw_message(next).await.ok()?;
+    // Checked after the read: a stream replaced before it answered is caught here.
+    check_bounds(stream, next + 1).await.ok()?;
+    if message.sequence != next || message.subject.as_str() != stream.subject() {
+        return None;
+    }
+    let batch = UpdateBatch::decode_payload(&message.payload).ok()?;
+    Some(Entry {
+        sequence: next,
+        published: message.time,
+        pending: known_end.saturating_sub(next),
+        batch,
+    })
 }
 
 /// How long a running follower keeps asking when the stream seems to end before what it applied.
@@ -485,19 +598,25 @@ mod tests {
         assert_eq!(create_timeout(0, ms(200)), ms(200));
     }
 
-    #[tokio::test]
-    async fn seen_sequences_are_skipped_and_holes_purges_and_garbage_are_errors() {
+    /// A nats-server of its own, a client of it, and an R1 update stream `name` on it.
+    async fn single_server_stream(name: &str) -> (nats_harness::NatsCluster, Nats, UpdateStream) {
         let nats = nats_harness::NatsCluster::single().await.unwrap();
         let mut config = crate::Config::for_tests("s").nats;
         config.urls = nats.client_urls();
         let client = Nats::connect(&config, "test").await.unwrap();
         let settings = StreamSettings {
-            name: "ACCEPT".into(),
+            name: name.into(),
             replicas: 1,
             duplicate_window: Duration::from_secs(60),
             max_bytes: None,
         };
         let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
+        (nats, client, stream)
+    }
+
+    #[tokio::test]
+    async fn seen_sequences_are_skipped_and_holes_purges_and_garbage_are_errors() {
+        let (nats, client, stream) = single_server_stream("ACCEPT").await;
         let batch = UpdateBatch::default();
         // Published without a message id, so the equal payloads are not deduplicated.
         let publish = || async {
@@ -599,5 +718,38 @@ mod tests {
             first: 7,
         };
         assert_eq!(purged, expected);
+    }
+
+    /// What is read from the stream leader while a consumer is replaced: exactly the sequence
+    /// asked for, when the stream holds it as an update batch, and nothing else.
+    #[tokio::test]
+    async fn a_read_from_the_leader_gives_the_sequence_asked_for_or_nothing() {
+        let (_nats, client, stream) = single_server_stream("LEADER").await;
+        let publish = |payload: Vec<u8>| {
+            let message =
+                async_nats::jetstream::message::PublishMessage::build().payload(payload.into());
+            let ack = client
+                .context()
+                .send_publish(stream.subject().to_string(), message);
+            async { ack.await.unwrap().await.unwrap().sequence }
+        };
+        let batch = |customer: &str| UpdateBatch {
+            updates: vec![crate::journal::codec::UpdateRecord {
+                customer_id: customer.into(),
+                ..Default::default()
+            }],
+        };
+        assert_eq!(publish(batch("c1").encode_to_vec()).await, 1);
+        assert_eq!(publish(batch("c2").encode_to_vec()).await, 2);
+        assert_eq!(publish(vec![0xff, 0xff]).await, 3);
+
+        let entry = read_from_leader(&stream, 2, 3).await.expect("sequence 2");
+        assert_eq!((entry.sequence, entry.pending), (2, 1));
+        assert_eq!(entry.batch, batch("c2"));
+        assert!(read_from_leader(&stream, 3, 3).await.is_none(), "garbage");
+        assert!(read_from_leader(&stream, 4, 4).await.is_none(), "not held");
+        stream.purge_below(2).await.unwrap();
+        assert!(read_from_leader(&stream, 1, 3).await.is_none(), "purged");
+        assert!(read_from_leader(&stream, 2, 3).await.is_some());
     }
 }
