@@ -254,7 +254,8 @@ impl Follower {
             read: 0,
             next_read: now,
         });
-        let readable = known_end >= next;
+        let read_now = known_end >= next && now >= replacing.next_read;
+        let read_later = known_end >= next && now < replacing.next_read;
         tokio::select! {
             biased;
             created = &mut replacing.consumer => {
@@ -272,7 +273,7 @@ impl Follower {
                 self.restart_stall();
                 Ok(None)
             }
-            read = read_from_leader(&self.stream, next, known_end), if readable && now >= replacing.next_read => {
+            read = read_from_leader(&self.stream, next, known_end), if read_now => {
                 let Some(entry) = read else {
                     replacing.next_read = tokio::time::Instant::now() + READ_RETRY;
                     return Ok(None);
@@ -288,13 +289,16 @@ impl Follower {
                 self.next += 1;
                 Ok(Some(entry))
             }
-            changed = changed_end(&mut self.known_end) => {
+            // Not while a read is under way: the stream's end is told at every poll (200 ms)
+            // while it grows, and a read slower than that (two requests, across regions or on
+            // a loaded machine) would be started over at each, never to finish.
+            changed = changed_end(&mut self.known_end), if !read_now => {
                 if changed.is_none() {
                     self.known_end = None;
                 }
                 Ok(None)
             }
-            () = tokio::time::sleep_until(replacing.next_read), if readable && now < replacing.next_read => Ok(None),
+            () = tokio::time::sleep_until(replacing.next_read), if read_later => Ok(None),
         }
     }
 
@@ -545,6 +549,9 @@ mod tests {
     //! consumer would deliver them (a real server cannot be made to produce a hole or a
     //! consumer restarted from the first sequence on demand), against a real stream.
 
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use prost::Message as _;
 
     use super::*;
@@ -725,20 +732,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_from_the_leader_gives_the_sequence_asked_for_or_nothing() {
         let (_nats, client, stream) = single_server_stream("LEADER").await;
-        let publish = |payload: Vec<u8>| {
-            let message =
-                async_nats::jetstream::message::PublishMessage::build().payload(payload.into());
-            let ack = client
-                .context()
-                .send_publish(stream.subject().to_string(), message);
-            async { ack.await.unwrap().await.unwrap().sequence }
-        };
-        let batch = |customer: &str| UpdateBatch {
-            updates: vec![crate::journal::codec::UpdateRecord {
-                customer_id: customer.into(),
-                ..Default::default()
-            }],
-        };
+        let publish = |payload| publish_raw(&client, &stream, payload);
         assert_eq!(publish(batch("c1").encode_to_vec()).await, 1);
         assert_eq!(publish(batch("c2").encode_to_vec()).await, 2);
         assert_eq!(publish(vec![0xff, 0xff]).await, 3);
@@ -751,5 +745,73 @@ mod tests {
         stream.purge_below(2).await.unwrap();
         assert!(read_from_leader(&stream, 1, 3).await.is_none(), "purged");
         assert!(read_from_leader(&stream, 2, 3).await.is_some());
+    }
+
+    /// While the replacement consumer is not created (here: never), the follower hands out the
+    /// next sequences, read from the stream leader, in order and up to what the stream is known
+    /// to hold, however often that is told again meanwhile (as the polls do while it grows).
+    #[tokio::test]
+    async fn while_a_consumer_is_replaced_the_next_sequences_come_from_the_stream_leader() {
+        let (_nats, client, stream) = single_server_stream("REPLACE").await;
+        for customer in ["c1", "c2", "c3"] {
+            publish_raw(&client, &stream, batch(customer).encode_to_vec()).await;
+        }
+        let mut follower = Follower::start(&stream, 0).await.unwrap();
+        let (end, known_end) = watch::channel(2);
+        follower.follow_end(known_end);
+        let now = tokio::time::Instant::now();
+        follower.messages = None;
+        follower.replacing = Some(Replacing {
+            consumer: Box::pin(std::future::pending()),
+            since: now,
+            read: 0,
+            next_read: now,
+        });
+        let told = Arc::new(AtomicU64::new(2));
+        let telling = {
+            let told = Arc::clone(&told);
+            tokio::spawn(async move {
+                // Told at every turn of the runtime: a read started over at each news of the
+                // end would never finish.
+                loop {
+                    end.send_replace(told.load(Ordering::SeqCst));
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let in_time = Duration::from_secs(5);
+        for (sequence, customer) in [(1, "c1"), (2, "c2")] {
+            let entry = tokio::time::timeout(in_time, follower.next()).await;
+            let entry = entry.expect("read in time").unwrap();
+            assert_eq!((entry.sequence, entry.batch), (sequence, batch(customer)));
+        }
+        let waited = tokio::time::timeout(Duration::from_millis(300), follower.next()).await;
+        assert!(waited.is_err(), "read past the known end: {waited:?}");
+        told.store(3, Ordering::SeqCst);
+        let entry = tokio::time::timeout(in_time, follower.next()).await;
+        let entry = entry.expect("read in time").unwrap();
+        assert_eq!((entry.sequence, entry.batch), (3, batch("c3")));
+        assert_eq!(follower.replacing.as_ref().map(|r| r.read), Some(3));
+        telling.abort();
+    }
+
+    /// Publishes `payload` to `stream`'s subject as it is; its sequence.
+    async fn publish_raw(client: &Nats, stream: &UpdateStream, payload: Vec<u8>) -> u64 {
+        let message =
+            async_nats::jetstream::message::PublishMessage::build().payload(payload.into());
+        let ack = client
+            .context()
+            .send_publish(stream.subject().to_string(), message);
+        ack.await.unwrap().await.unwrap().sequence
+    }
+
+    /// A batch of one update, of `customer`.
+    fn batch(customer: &str) -> UpdateBatch {
+        UpdateBatch {
+            updates: vec![crate::journal::codec::UpdateRecord {
+                customer_id: customer.into(),
+                ..Default::default()
+            }],
+        }
     }
 }
