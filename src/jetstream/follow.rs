@@ -27,6 +27,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -39,6 +40,7 @@ use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use super::stall::{STALL_AFTER, Stall};
 use super::stream::unavailable;
 use super::{JetStreamError, UpdateBatch, UpdateStream};
+use crate::poison::lock;
 
 /// How long one pull request waits on an idle stream. The consumer's idle heartbeat is half of
 /// it, and two missed heartbeats make it recreate itself, so a consumer lost on a node of a
@@ -63,6 +65,10 @@ const QUICK_CREATES: u32 = 6;
 /// How long after a read from the stream leader that got no message the next is tried (the
 /// replacement consumer's creation goes on meanwhile).
 const READ_RETRY: Duration = Duration::from_millis(200);
+/// How long a replacement may take before reading from the stream leader is warned of: past an
+/// election's few seconds, creates are failing for another reason (a consumer limit, a
+/// permission), and the replica would go on reading one message per request, unnoticed.
+const SLOW_REPLACEMENT: Duration = Duration::from_secs(10);
 
 /// One stream message, decoded.
 #[derive(Clone, Debug)]
@@ -112,6 +118,30 @@ struct Replacing {
     read: u64,
     /// When the next read may be made (after one that got no message).
     next_read: tokio::time::Instant,
+    /// Why the creation's latest attempt failed, if one did.
+    failure: Arc<Mutex<Option<String>>>,
+    /// Whether [`SLOW_REPLACEMENT`] was warned of.
+    warned: bool,
+}
+
+impl Replacing {
+    /// Warns, once, of a replacement that has taken [`SLOW_REPLACEMENT`] while messages are read
+    /// from the stream leader.
+    fn warn_if_slow(&mut self) {
+        let waited = self.since.elapsed();
+        if self.warned || waited < SLOW_REPLACEMENT {
+            return;
+        }
+        self.warned = true;
+        let failure = lock(&self.failure).clone();
+        tracing::warn!(
+            waited_s = waited.as_secs(),
+            read = self.read,
+            failure = failure.as_deref().unwrap_or("none yet"),
+            "the replica's stream consumer could not be replaced: the replica reads the stream \
+             from its leader, two requests per message, until a consumer can be created"
+        );
+    }
 }
 
 impl Follower {
@@ -248,11 +278,16 @@ impl Follower {
         let now = tokio::time::Instant::now();
         let known_end = self.known_end();
         let next = self.next;
-        let replacing = self.replacing.get_or_insert_with(|| Replacing {
-            consumer: Box::pin(rebuild(self.stream.clone(), next)),
-            since: now,
-            read: 0,
-            next_read: now,
+        let replacing = self.replacing.get_or_insert_with(|| {
+            let failure = Arc::default();
+            Replacing {
+                consumer: Box::pin(rebuild(self.stream.clone(), next, Arc::clone(&failure))),
+                since: now,
+                read: 0,
+                next_read: now,
+                failure,
+                warned: false,
+            }
         });
         let read_now = known_end >= next && now >= replacing.next_read;
         let read_later = known_end >= next && now < replacing.next_read;
@@ -286,6 +321,7 @@ impl Follower {
                     );
                 }
                 replacing.read += 1;
+                replacing.warn_if_slow();
                 self.next += 1;
                 Ok(Some(entry))
             }
@@ -387,8 +423,13 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// a reconnection stopped the applier for good: the stream's return was then seen by no one,
 /// and every replica that had reconnected stayed up, not ready, until restarted by hand (found
 /// by an adversarial run).
-async fn rebuild(stream: UpdateStream, next: u64) -> Result<Ordered, JetStreamError> {
+async fn rebuild(
+    stream: UpdateStream,
+    next: u64,
+    failure: Arc<Mutex<Option<String>>>,
+) -> Result<Ordered, JetStreamError> {
     let stream = &stream;
+    let failed = |why: String| *lock(&failure) = Some(why);
     let mut delay = Duration::from_millis(50);
     let mut creates = 0;
     let mut missing_said = false;
@@ -403,6 +444,7 @@ async fn rebuild(stream: UpdateStream, next: u64) -> Result<Ordered, JetStreamEr
                         // Waited already: asked again at once. A create given up on may still
                         // be carried out; the server removes that consumer once it is idle.
                         tracing::debug!(?timeout, next, "consumer create unanswered, asked again");
+                        failed(format!("a create unanswered within {timeout:?}"));
                         continue;
                     }
                 }
@@ -413,9 +455,11 @@ async fn rebuild(stream: UpdateStream, next: u64) -> Result<Ordered, JetStreamEr
             Ok(messages) => return Ok(messages),
             Err(JetStreamError::Unavailable { operation, reason }) => {
                 tracing::debug!(operation, reason, "consumer rebuild failed, retrying");
+                failed(format!("{operation}: {reason}"));
             }
             Err(error @ JetStreamError::NoQuorum { .. }) => {
                 tracing::debug!(%error, "consumer rebuild failed, retrying");
+                failed(error.to_string());
             }
             Err(error @ JetStreamError::Refused { .. }) => {
                 if !missing_said {
@@ -426,6 +470,7 @@ async fn rebuild(stream: UpdateStream, next: u64) -> Result<Ordered, JetStreamEr
                     );
                 }
                 missing_said = true;
+                failed(error.to_string());
             }
             Err(err) => return Err(err),
         }
@@ -549,7 +594,6 @@ mod tests {
     //! consumer would deliver them (a real server cannot be made to produce a hole or a
     //! consumer restarted from the first sequence on demand), against a real stream.
 
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use prost::Message as _;
@@ -766,7 +810,17 @@ mod tests {
             since: now,
             read: 0,
             next_read: now,
+            failure: Arc::default(),
+            warned: false,
         });
+        let logs = Logs::default();
+        let _logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(logs.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::WARN)
+                .finish(),
+        );
         let told = Arc::new(AtomicU64::new(2));
         let telling = {
             let told = Arc::clone(&told);
@@ -792,7 +846,60 @@ mod tests {
         let entry = entry.expect("read in time").unwrap();
         assert_eq!((entry.sequence, entry.batch), (3, batch("c3")));
         assert_eq!(follower.replacing.as_ref().map(|r| r.read), Some(3));
+        assert_eq!(
+            logs.text(),
+            "",
+            "warned of a replacement under way for less than 10 s"
+        );
+
+        // Under way for longer than SLOW_REPLACEMENT: warned of once, with the latest failure.
+        let replacing = follower.replacing.as_mut().unwrap();
+        replacing.since = now.checked_sub(SLOW_REPLACEMENT).unwrap();
+        *replacing.failure.lock().unwrap() = Some("a create unanswered within 500ms".into());
+        for (sequence, customer) in [(4, "c4"), (5, "c5")] {
+            publish_raw(&client, &stream, batch(customer).encode_to_vec()).await;
+            told.store(sequence, Ordering::SeqCst);
+            let entry = tokio::time::timeout(in_time, follower.next()).await;
+            assert_eq!(entry.expect("read in time").unwrap().sequence, sequence);
+        }
+        let text = logs.text();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains("WARN")
+                && text.contains("could not be replaced")
+                && text.contains("a create unanswered within 500ms"),
+            "{text}"
+        );
         telling.abort();
+    }
+
+    /// What a test's log subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+        type Writer = Logs;
+
+        fn make_writer(&'a self) -> Logs {
+            self.clone()
+        }
     }
 
     /// Publishes `payload` to `stream`'s subject as it is; its sequence.
