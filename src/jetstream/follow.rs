@@ -27,6 +27,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -112,6 +113,9 @@ pub struct Follower {
 struct Replacing {
     /// The creation (`rebuild`).
     consumer: Pin<Box<dyn Future<Output = Result<Ordered, JetStreamError>> + Send>>,
+    /// The follower's next sequence, kept current as messages are read: where each attempt of
+    /// the creation starts its consumer, and what it checks the stream still holds.
+    next: Arc<AtomicU64>,
     /// When it started.
     since: tokio::time::Instant,
     /// Messages read from the stream leader since.
@@ -125,6 +129,20 @@ struct Replacing {
 }
 
 impl Replacing {
+    /// A consumer of `stream` being created from `next`, from `now`.
+    fn new(stream: UpdateStream, next: u64, now: tokio::time::Instant) -> Replacing {
+        let (next, failure) = (Arc::new(AtomicU64::new(next)), Arc::default());
+        Replacing {
+            consumer: Box::pin(rebuild(stream, Arc::clone(&next), Arc::clone(&failure))),
+            next,
+            since: now,
+            read: 0,
+            next_read: now,
+            failure,
+            warned: false,
+        }
+    }
+
     /// Warns, once, of a replacement that has taken [`SLOW_REPLACEMENT`] while messages are read
     /// from the stream leader.
     fn warn_if_slow(&mut self) {
@@ -272,39 +290,33 @@ impl Follower {
     /// webhooks waited that long for their answers and it was not ready (found by an
     /// adversarial run, reproduced in `tests/replicas.rs`). The read takes exactly the next
     /// sequence, from the stream checked to be the one followed after it answered; a read that
-    /// gets anything else is left to the new consumer, whose checks say what is wrong. The new
-    /// consumer starts where the replacement started and skips what was read meanwhile.
+    /// gets anything else is left to the new consumer, whose checks say what is wrong. Each
+    /// attempt at the new consumer starts where the follower is then (`Replacing::next`); what
+    /// it delivers that was read meanwhile is skipped.
     async fn replace(&mut self) -> Result<Option<Entry>, JetStreamError> {
         let now = tokio::time::Instant::now();
         let known_end = self.known_end();
         let next = self.next;
-        let replacing = self.replacing.get_or_insert_with(|| {
-            let failure = Arc::default();
-            Replacing {
-                consumer: Box::pin(rebuild(self.stream.clone(), next, Arc::clone(&failure))),
-                since: now,
-                read: 0,
-                next_read: now,
-                failure,
-                warned: false,
-            }
-        });
+        let replacing = self
+            .replacing
+            .get_or_insert_with(|| Replacing::new(self.stream.clone(), next, now));
         let read_now = known_end >= next && now >= replacing.next_read;
         let read_later = known_end >= next && now < replacing.next_read;
         tokio::select! {
             biased;
             created = &mut replacing.consumer => {
                 let replaced = self.replacing.take().map(|replaced| (replaced.since, replaced.read));
+                let created = created?;
                 if let Some((since, read)) = replaced.filter(|(_, read)| *read > 0) {
                     tracing::info!(
                         read,
                         waited_ms = since.elapsed().as_millis() as u64,
                         next,
-                        "a new consumer was created; the messages read from the stream leader \
-                         while it was being created are skipped"
+                        "a new consumer was created, after messages were read from the stream \
+                         leader"
                     );
                 }
-                self.messages = Some(created?);
+                self.messages = Some(created);
                 self.restart_stall();
                 Ok(None)
             }
@@ -323,6 +335,7 @@ impl Follower {
                 replacing.read += 1;
                 replacing.warn_if_slow();
                 self.next += 1;
+                replacing.next.store(self.next, Ordering::Relaxed);
                 Ok(Some(entry))
             }
             // Not while a read is under way: the stream's end is told at every poll (200 ms)
@@ -423,9 +436,14 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// a reconnection stopped the applier for good: the stream's return was then seen by no one,
 /// and every replica that had reconnected stayed up, not ready, until restarted by hand (found
 /// by an adversarial run).
+///
+/// Each attempt starts from the follower's next sequence as it is then (`next`, moved on by the
+/// messages read from the stream leader meanwhile), not as it was when the replacement began:
+/// a purge of the stream between the two, which leaves all the replica still needs, stopped
+/// the replica as purged past (found by an adversarial run).
 async fn rebuild(
     stream: UpdateStream,
-    next: u64,
+    next: Arc<AtomicU64>,
     failure: Arc<Mutex<Option<String>>>,
 ) -> Result<Ordered, JetStreamError> {
     let stream = &stream;
@@ -434,6 +452,7 @@ async fn rebuild(
     let mut creates = 0;
     let mut missing_said = false;
     loop {
+        let next = next.load(Ordering::Relaxed);
         let attempt = match check_bounds_settled(stream, next, SETTLE).await {
             Ok(()) => {
                 let timeout = create_timeout(creates, stream.nats().request_timeout());
@@ -593,8 +612,6 @@ mod tests {
     //! What the follower does with each delivered sequence, with messages crafted as a
     //! consumer would deliver them (a real server cannot be made to produce a hole or a
     //! consumer restarted from the first sequence on demand), against a real stream.
-
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     use prost::Message as _;
 
@@ -807,11 +824,7 @@ mod tests {
         follower.messages = None;
         follower.replacing = Some(Replacing {
             consumer: Box::pin(std::future::pending()),
-            since: now,
-            read: 0,
-            next_read: now,
-            failure: Arc::default(),
-            warned: false,
+            ..Replacing::new(stream.clone(), 1, now)
         });
         let logs = Logs::default();
         let _logging = tracing::subscriber::set_default(
@@ -871,6 +884,46 @@ mod tests {
             "{text}"
         );
         telling.abort();
+    }
+
+    /// A purge that leaves all the replica still needs, made while its replacement consumer was
+    /// being created and after messages were read from the stream leader past where the
+    /// replacement began: the consumer is created from where the replica is, not taken for
+    /// purged past (which stopped the replica).
+    #[tokio::test]
+    async fn a_purge_below_what_was_read_meanwhile_does_not_stop_the_replacement() {
+        let (_nats, client, stream) = single_server_stream("PURGED").await;
+        for customer in ["c1", "c2", "c3", "c4", "c5"] {
+            publish_raw(&client, &stream, batch(customer).encode_to_vec()).await;
+        }
+        let mut follower = Follower::start(&stream, 0).await.unwrap();
+        let (_end, known_end) = watch::channel(3);
+        follower.follow_end(known_end);
+        follower.messages = None;
+        // The creation held until told, as while no meta leader answers.
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        let replacing = Replacing::new(stream.clone(), 1, tokio::time::Instant::now());
+        let created = replacing.consumer;
+        follower.replacing = Some(Replacing {
+            consumer: Box::pin(async move {
+                let _ = answered.await;
+                created.await
+            }),
+            ..replacing
+        });
+        let in_time = Duration::from_secs(5);
+        for sequence in 1..=3 {
+            let entry = tokio::time::timeout(in_time, follower.next()).await;
+            assert_eq!(entry.expect("read in time").unwrap().sequence, sequence);
+        }
+        stream.purge_below(3).await.unwrap();
+        answer.send(()).unwrap();
+        for (sequence, customer) in [(4, "c4"), (5, "c5")] {
+            let entry = tokio::time::timeout(in_time, follower.next()).await;
+            let entry = entry.expect("delivered in time").unwrap();
+            assert_eq!((entry.sequence, entry.batch), (sequence, batch(customer)));
+        }
+        assert!(follower.replacing.is_none() && follower.messages.is_some());
     }
 
     /// What a test's log subscriber wrote.
