@@ -66,6 +66,12 @@ const QUICK_CREATES: u32 = 6;
 /// How long after a read from the stream leader that got no message the next is tried (the
 /// replacement consumer's creation goes on meanwhile).
 const READ_RETRY: Duration = Duration::from_millis(200);
+/// How long one read from the stream leader (two requests) may take before it is given up and
+/// tried again. Without it a read waited `--nats-request-timeout` (5 s by default): on a
+/// connection to a hung server, and after the reconnection too, for the answer to a request
+/// the hung server had taken (found by an adversarial run). A healthy stream leader answers in
+/// milliseconds, across regions in a few hundred.
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a replacement may take before reading from the stream leader is warned of: past an
 /// election's few seconds, creates are failing for another reason (a consumer limit, a
 /// permission), and the replica would go on reading one message per request, unnoticed.
@@ -126,13 +132,21 @@ struct Replacing {
     failure: Arc<Mutex<Option<String>>>,
     /// Whether [`SLOW_REPLACEMENT`] was warned of.
     warned: bool,
+    /// The client's reconnections, seen apart from the follower's.
+    connections: watch::Receiver<u64>,
+    /// False once the connection's sender is gone.
+    watch_connections: bool,
 }
 
 impl Replacing {
     /// A consumer of `stream` being created from `next`, from `now`.
     fn new(stream: UpdateStream, next: u64, now: tokio::time::Instant) -> Replacing {
         let (next, failure) = (Arc::new(AtomicU64::new(next)), Arc::default());
+        let mut connections = stream.nats().connections();
+        connections.mark_unchanged();
         Replacing {
+            connections,
+            watch_connections: true,
             consumer: Box::pin(rebuild(stream, Arc::clone(&next), Arc::clone(&failure))),
             next,
             since: now,
@@ -320,8 +334,8 @@ impl Follower {
                 self.restart_stall();
                 Ok(None)
             }
-            read = read_from_leader(&self.stream, next, known_end), if read_now => {
-                let Some(entry) = read else {
+            read = tokio::time::timeout(READ_TIMEOUT, read_from_leader(&self.stream, next, known_end)), if read_now => {
+                let Some(entry) = read.ok().flatten() else {
                     replacing.next_read = tokio::time::Instant::now() + READ_RETRY;
                     return Ok(None);
                 };
@@ -348,6 +362,17 @@ impl Follower {
                 Ok(None)
             }
             () = tokio::time::sleep_until(replacing.next_read), if read_later => Ok(None),
+            // A read sent before a reconnection may wait for an answer that will not come: the
+            // next is sent at once, on the new connection.
+            // (Its own receiver: the follower's still makes a consumer created before the
+            // reconnection be replaced after it.)
+            changed = replacing.connections.changed(), if replacing.watch_connections => {
+                match changed {
+                    Ok(()) => replacing.next_read = now,
+                    Err(_) => replacing.watch_connections = false,
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -924,6 +949,50 @@ mod tests {
             assert_eq!((entry.sequence, entry.batch), (sequence, batch(customer)));
         }
         assert!(follower.replacing.is_none() && follower.messages.is_some());
+    }
+
+    /// A read from the stream leader whose request the server took and never answered (paused,
+    /// then killed and started again): once the follower has reconnected, the entry comes
+    /// within a few seconds, not after the request timeout (30 s here).
+    #[tokio::test]
+    async fn a_read_lost_with_its_server_is_sent_again_once_reconnected() {
+        let mut nats = nats_harness::NatsCluster::single().await.unwrap();
+        let mut config = crate::Config::for_tests("s").nats;
+        config.urls = nats.client_urls();
+        config.request_timeout = Duration::from_secs(30);
+        let client = Nats::connect(&config, "test").await.unwrap();
+        let settings = StreamSettings {
+            name: "LOST".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(60),
+            max_bytes: None,
+        };
+        let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
+        for customer in ["c1", "c2"] {
+            publish_raw(&client, &stream, batch(customer).encode_to_vec()).await;
+        }
+        let mut follower = Follower::start(&stream, 0).await.unwrap();
+        let (_end, known_end) = watch::channel(2);
+        follower.follow_end(known_end);
+        follower.messages = None;
+        follower.replacing = Some(Replacing {
+            consumer: Box::pin(std::future::pending()),
+            ..Replacing::new(stream.clone(), 1, tokio::time::Instant::now())
+        });
+        let first = tokio::time::timeout(Duration::from_secs(5), follower.next()).await;
+        assert_eq!(first.expect("read in time").unwrap().sequence, 1);
+
+        nats.nodes()[0].pause().unwrap();
+        let reading =
+            tokio::spawn(async move { follower.next().await.map(|entry| entry.sequence) });
+        // The read of 2 is sent, and taken by the server with the rest of its connection's bytes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nats.nodes_mut()[0].restart().await.unwrap();
+        let restarted = std::time::Instant::now();
+        let second = tokio::time::timeout(Duration::from_secs(10), reading).await;
+        let second = second.expect("read again within 10 s of the restart");
+        assert_eq!(second.unwrap().unwrap(), 2);
+        eprintln!("read again {:?} after the restart", restarted.elapsed());
     }
 
     /// What a test's log subscriber wrote.
