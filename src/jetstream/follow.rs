@@ -697,14 +697,8 @@ mod tests {
         let mut config = crate::Config::for_tests("s").nats;
         config.urls = nats.client_urls();
         let client = Nats::connect(&config, "test").await.unwrap();
-        let settings = StreamSettings {
-            name: name.into(),
-            replicas: 1,
-            duplicate_window: Duration::from_secs(60),
-            max_bytes: None,
-        };
-        let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
-        (nats, client, stream)
+        let stream = UpdateStream::ensure(&client, &stream_settings(name, 1)).await;
+        (nats, client, stream.unwrap())
     }
 
     #[tokio::test]
@@ -842,15 +836,8 @@ mod tests {
         for customer in ["c1", "c2", "c3"] {
             publish_raw(&client, &stream, batch(customer).encode_to_vec()).await;
         }
-        let mut follower = Follower::start(&stream, 0).await.unwrap();
-        let (end, known_end) = watch::channel(2);
-        follower.follow_end(known_end);
-        let now = tokio::time::Instant::now();
-        follower.messages = None;
-        follower.replacing = Some(Replacing {
-            consumer: Box::pin(std::future::pending()),
-            ..Replacing::new(stream.clone(), 1, now)
-        });
+        let (mut follower, end) = never_replaced(&stream, 2).await;
+        let now = follower.replacing.as_ref().unwrap().since;
         let logs = Logs::default();
         let _logging = tracing::subscriber::set_default(
             tracing_subscriber::fmt()
@@ -957,28 +944,9 @@ mod tests {
     #[tokio::test]
     async fn a_read_lost_with_its_server_is_sent_again_once_reconnected() {
         let mut nats = nats_harness::NatsCluster::single().await.unwrap();
-        let mut config = crate::Config::for_tests("s").nats;
-        config.urls = nats.client_urls();
-        config.request_timeout = Duration::from_secs(30);
-        let client = Nats::connect(&config, "test").await.unwrap();
-        let settings = StreamSettings {
-            name: "LOST".into(),
-            replicas: 1,
-            duplicate_window: Duration::from_secs(60),
-            max_bytes: None,
-        };
-        let stream = UpdateStream::ensure(&client, &settings).await.unwrap();
-        for customer in ["c1", "c2"] {
-            publish_raw(&client, &stream, batch(customer).encode_to_vec()).await;
-        }
-        let mut follower = Follower::start(&stream, 0).await.unwrap();
-        let (_end, known_end) = watch::channel(2);
-        follower.follow_end(known_end);
-        follower.messages = None;
-        follower.replacing = Some(Replacing {
-            consumer: Box::pin(std::future::pending()),
-            ..Replacing::new(stream.clone(), 1, tokio::time::Instant::now())
-        });
+        let client = patient_client(nats.client_urls()).await;
+        let stream = two_batches(&client, "LOST", 1).await;
+        let (mut follower, _end) = never_replaced(&stream, 2).await;
         let first = tokio::time::timeout(Duration::from_secs(5), follower.next()).await;
         assert_eq!(first.expect("read in time").unwrap().sequence, 1);
 
@@ -993,6 +961,44 @@ mod tests {
         let second = second.expect("read again within 10 s of the restart");
         assert_eq!(second.unwrap().unwrap(), 2);
         eprintln!("read again {:?} after the restart", restarted.elapsed());
+    }
+
+    /// A read whose request the stream leader took and never answered (paused, then killed),
+    /// while the follower's own connection, to another server, stays up: the next read goes
+    /// out after the read's deadline (1 s) and is answered by the leader elected meanwhile,
+    /// not after the request timeout (30 s here).
+    #[tokio::test]
+    async fn a_read_the_stream_leader_took_with_it_is_sent_again_after_its_deadline() {
+        let mut nats = nats_harness::NatsCluster::three().await.unwrap();
+        let observer = patient_client(nats.client_urls()).await;
+        two_batches(&observer, "DEADLINE", 3).await;
+        let info = observer.context().get_stream("DEADLINE").await.unwrap();
+        let leader = info.cached_info().cluster.clone().and_then(|c| c.leader);
+        let leader = leader.expect("a stream leader");
+        let elsewhere = nats.nodes().iter().find(|node| node.name() != leader);
+        let client = patient_client(vec![elsewhere.unwrap().client_url()]).await;
+        let followed = UpdateStream::ensure(&client, &stream_settings("DEADLINE", 3)).await;
+        let followed = followed.unwrap();
+        let (mut follower, _end) = never_replaced(&followed, 2).await;
+        let first = tokio::time::timeout(Duration::from_secs(5), follower.next()).await;
+        assert_eq!(first.expect("read in time").unwrap().sequence, 1);
+
+        let at = nats.nodes().iter().position(|node| node.name() == leader);
+        let at = at.unwrap();
+        nats.nodes()[at].pause().unwrap();
+        let reading =
+            tokio::spawn(async move { follower.next().await.map(|entry| entry.sequence) });
+        // The read of 2 is sent to the paused leader, then lost with it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nats.nodes_mut()[at].kill();
+        let killed = std::time::Instant::now();
+        let second = tokio::time::timeout(Duration::from_secs(20), reading).await;
+        let second = second.expect("read again within 20 s of the kill");
+        assert_eq!(second.unwrap().unwrap(), 2);
+        eprintln!(
+            "read again {:?} after the leader was killed",
+            killed.elapsed()
+        );
     }
 
     /// What a test's log subscriber wrote.
@@ -1022,6 +1028,52 @@ mod tests {
         fn make_writer(&'a self) -> Logs {
             self.clone()
         }
+    }
+
+    /// A follower of `stream` from its start whose consumer is being replaced by one that is
+    /// never created, told that the stream ends at `known_end` (and later what the sender
+    /// tells).
+    async fn never_replaced(
+        stream: &UpdateStream,
+        known_end: u64,
+    ) -> (Follower, watch::Sender<u64>) {
+        let mut follower = Follower::start(stream, 0).await.unwrap();
+        let (end, known) = watch::channel(known_end);
+        follower.follow_end(known);
+        follower.messages = None;
+        follower.replacing = Some(Replacing {
+            consumer: Box::pin(std::future::pending()),
+            ..Replacing::new(stream.clone(), 1, tokio::time::Instant::now())
+        });
+        (follower, end)
+    }
+
+    /// A client of the servers at `urls` whose requests wait 30 s for their answers.
+    async fn patient_client(urls: Vec<String>) -> Nats {
+        let mut config = crate::Config::for_tests("s").nats;
+        config.urls = urls;
+        config.request_timeout = Duration::from_secs(30);
+        Nats::connect(&config, "test").await.unwrap()
+    }
+
+    /// An update stream `name` of `replicas`.
+    fn stream_settings(name: &str, replicas: usize) -> StreamSettings {
+        StreamSettings {
+            name: name.into(),
+            replicas,
+            duplicate_window: Duration::from_secs(60),
+            max_bytes: None,
+        }
+    }
+
+    /// The update stream `name` of `replicas`, created with batches `c1` and `c2` in it.
+    async fn two_batches(client: &Nats, name: &str, replicas: usize) -> UpdateStream {
+        let stream = UpdateStream::ensure(client, &stream_settings(name, replicas)).await;
+        let stream = stream.unwrap();
+        for customer in ["c1", "c2"] {
+            publish_raw(client, &stream, batch(customer).encode_to_vec()).await;
+        }
+        stream
     }
 
     /// Publishes `payload` to `stream`'s subject as it is; its sequence.
