@@ -319,38 +319,13 @@ impl Follower {
         tokio::select! {
             biased;
             created = &mut replacing.consumer => {
-                let replaced = self.replacing.take().map(|replaced| (replaced.since, replaced.read));
-                let created = created?;
-                if let Some((since, read)) = replaced.filter(|(_, read)| *read > 0) {
-                    tracing::info!(
-                        read,
-                        waited_ms = since.elapsed().as_millis() as u64,
-                        next,
-                        "a new consumer was created, after messages were read from the stream \
-                         leader"
-                    );
-                }
-                self.messages = Some(created);
-                self.restart_stall();
+                // Taken whatever the outcome: a finished creation is never polled again.
+                let replaced = self.replacing.take();
+                self.replaced(replaced, created?);
                 Ok(None)
             }
             read = tokio::time::timeout(READ_TIMEOUT, read_from_leader(&self.stream, next, known_end)), if read_now => {
-                let Some(entry) = read.ok().flatten() else {
-                    replacing.next_read = tokio::time::Instant::now() + READ_RETRY;
-                    return Ok(None);
-                };
-                if replacing.read == 0 {
-                    tracing::info!(
-                        next,
-                        known_end,
-                        "the consumer is being replaced: reading the stream from its leader meanwhile"
-                    );
-                }
-                replacing.read += 1;
-                replacing.warn_if_slow();
-                self.next += 1;
-                replacing.next.store(self.next, Ordering::Relaxed);
-                Ok(Some(entry))
+                Ok(self.read_meanwhile(read.ok().flatten(), known_end))
             }
             // Not while a read is under way: the stream's end is told at every poll (200 ms)
             // while it grows, and a read slower than that (two requests, across regions or on
@@ -374,6 +349,42 @@ impl Follower {
                 Ok(None)
             }
         }
+    }
+
+    /// The consumer `created` by the replacement `replaced`: read from on.
+    fn replaced(&mut self, replaced: Option<Replacing>, created: Ordered) {
+        if let Some(Replacing { since, read, .. }) = replaced.filter(|replaced| replaced.read > 0) {
+            tracing::info!(
+                read,
+                waited_ms = since.elapsed().as_millis() as u64,
+                next = self.next,
+                "a new consumer was created, after messages were read from the stream leader"
+            );
+        }
+        self.messages = Some(created);
+        self.restart_stall();
+    }
+
+    /// What a read from the stream leader gave while the consumer is replaced: the next entry,
+    /// taken, or nothing (the next read after [`READ_RETRY`]).
+    fn read_meanwhile(&mut self, read: Option<Entry>, known_end: u64) -> Option<Entry> {
+        let replacing = self.replacing.as_mut()?;
+        let Some(entry) = read else {
+            replacing.next_read = tokio::time::Instant::now() + READ_RETRY;
+            return None;
+        };
+        if replacing.read == 0 {
+            tracing::info!(
+                next = self.next,
+                known_end,
+                "the consumer is being replaced: reading the stream from its leader meanwhile"
+            );
+        }
+        replacing.read += 1;
+        replacing.warn_if_slow();
+        self.next += 1;
+        replacing.next.store(self.next, Ordering::Relaxed);
+        Some(entry)
     }
 
     /// The entry in `message` if it is the next one; `None` if it is an old one to skip.
