@@ -538,9 +538,7 @@ async fn rebuild(
 /// pending count), if the stream holds it on the updates' subject and is still the one
 /// followed once it has answered; `None` for anything else (see [`Follower::replace`]).
 async fn read_from_leader(stream: &UpdateStream, next: u64, known_end: u64) -> Option<Entry> {
-    let message = stream.handle().get_raw_message(next).await.ok()?;
-    // Checked after the read: a stream replaced before it answered is caught here.
-    check_bounds(stream, next + 1).await.ok()?;
+    let message = stream.message(next).await.ok()??;
     if message.sequence != next || message.subject.as_str() != stream.subject() {
         return None;
     }

@@ -559,11 +559,21 @@ impl UpdateStream {
     /// The digest of the message at `sequence` ([`message_digest`]): what a snapshot as of
     /// that sequence records, so that a stream restored from a backup, another incarnation
     /// whose messages are the same, can be told to continue from it. `None` when the stream does
-    /// not hold that message (purged, or not yet stored). One read from the stream leader; a
-    /// stream created again since this handle was opened (or taken for another incarnation by
-    /// a replica started since) is [`JetStreamError::Replaced`], with or without the message,
-    /// so that the digest is never of another incarnation's message, nor its absence.
+    /// not hold that message (purged, or not yet stored); [`UpdateStream::message`] for the rest.
     pub async fn message_digest(&self, sequence: u64) -> Result<Option<String>, JetStreamError> {
+        let message = self.message(sequence).await?;
+        Ok(message.as_ref().map(message_digest))
+    }
+
+    /// The message at `sequence` (0: none), if the stream holds it. One read from the stream
+    /// leader; a stream created again since this handle was opened (or taken for another
+    /// incarnation by a replica started since) is [`JetStreamError::Replaced`], with or without
+    /// the message, so that what is returned is never another incarnation's message, nor its
+    /// absence.
+    pub(super) async fn message(
+        &self,
+        sequence: u64,
+    ) -> Result<Option<StreamMessage>, JetStreamError> {
         let message = match sequence {
             0 => None,
             _ => match self.stream.get_raw_message(sequence).await {
@@ -574,7 +584,7 @@ impl UpdateStream {
         };
         // Read after the get: a stream replaced before it answered is caught here.
         self.bounds().await?;
-        Ok(message.as_ref().map(message_digest))
+        Ok(message)
     }
 
     /// Removes every message below `sequence` (those a snapshot covers); returns how many.
