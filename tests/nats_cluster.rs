@@ -1,11 +1,15 @@
 //! The shipped cluster configuration (`deploy/nats/`) against real nats-server processes: it
 //! forms a cluster that syncs every write, and an R3 update stream on it keeps every
-//! acknowledged message, in order, through the crash (SIGKILL) and restart of its leader.
+//! acknowledged message, in order, through the crash (SIGKILL) and restart of its leader; its
+//! buckets take many writers of one key at once.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nats_harness::{NatsCluster, with_free_ports};
 use profile_state::Config;
+use profile_state::dead_letters::{DeadLetterId, DeadLetters};
+use profile_state::error::Error;
 use profile_state::jetstream::{
     DeadLetterBucket, Follower, JetStreamError, Nats, StreamSettings, UpdateBatch, UpdateStream,
 };
@@ -171,4 +175,47 @@ async fn listings_in_a_cluster_wait_for_their_consumer() {
             "round {round}"
         );
     }
+}
+
+/// The same bad delivery kept by many replicas at once (Gameball's retry meeting a duplicate,
+/// a load balancer spreading copies): every compare-and-set but one loses each round, so the
+/// last of N writers needs N attempts. With a fixed five, the sixth and later got 503 ("kept
+/// changing under 5 attempts"; seen in adversarial round 40b). Twenty-four writers over the
+/// three servers: every one is kept, and every delivery counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_letter_kept_by_many_replicas_at_once_counts_every_delivery() {
+    const WRITERS: usize = 24;
+    let nats = shipped_cluster().await;
+    let (_client, stream) = r3_stream(&nats, "CONTENDED").await;
+    let mut replicas = vec![];
+    for url in nats.client_urls() {
+        let mut config = Config::for_tests("s").nats;
+        config.urls = vec![url];
+        let client = Nats::connect(&config, "test").await.unwrap();
+        let stream = UpdateStream::ensure(&client, stream.settings())
+            .await
+            .unwrap();
+        let bucket = DeadLetterBucket::open(&stream, 1024).await.unwrap();
+        replicas.push((client, DeadLetters::shared(Arc::new(bucket))));
+    }
+    let replicas = Arc::new(replicas);
+    let body = br#"{"client_id":"2155","customer_id":"c1"}"#;
+    let cause = Error::invalid("data.tier_order", "must be an integer");
+    let kept: Vec<_> = (0..WRITERS)
+        .map(|n| {
+            let replicas = Arc::clone(&replicas);
+            let cause = cause.clone();
+            tokio::spawn(async move {
+                let letters = &replicas[n % replicas.len()].1;
+                letters.store(body, &cause, chrono::Utc::now()).await
+            })
+        })
+        .collect();
+    let id = DeadLetterId::of(body);
+    for (n, kept) in kept.into_iter().enumerate() {
+        let kept = kept.await.unwrap().map_err(|err| err.to_string());
+        assert_eq!(kept, Ok(id.clone()), "writer {n}");
+    }
+    let letter = replicas[0].1.get(&id).await.unwrap().unwrap();
+    assert_eq!(letter.deliveries, WRITERS as u64);
 }

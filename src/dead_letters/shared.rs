@@ -31,8 +31,17 @@ use crate::error::Error;
 /// removing leaves the claim behind; past this, another replica may claim the letter again
 /// (replaying it twice then is harmless: an update applied twice is unchanged the second time).
 pub const REPLAY_CLAIM_TIMEOUT: Duration = Duration::from_secs(60);
-/// How many times a change is retried when another replica changed the letter in between.
-const ATTEMPTS: usize = 5;
+/// How long a change is tried again while other replicas change the letter in between. Each
+/// lost compare-and-set means another writer's change went through, so a writer waits for at
+/// most the writers ahead of it: a count of five gave the sixth of many copies of one
+/// delivery 503 (adversarial round 40b; 24 writers over three servers needed up to 21). The
+/// time bounds a writer that loses every round to others that never stop.
+const CONTENDED_FOR: Duration = Duration::from_secs(2);
+/// The first pause's bound between two attempts; each pause is random up to its bound (so
+/// writers that lost together do not try together again), which doubles up to
+/// [`MOST_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(1);
+const MOST_PAUSE: Duration = Duration::from_millis(32);
 /// How long the count of letters last read from the bucket stands in for a new read when a new
 /// letter is kept (this replica's own changes counted meanwhile). Each read of the keys reads
 /// every key's last entry (up to 10,000, through a NATS consumer made and deleted for it):
@@ -314,7 +323,8 @@ impl SharedLetters {
         now: DateTime<Utc>,
     ) -> Result<DeadLetterId, DeadLetterError> {
         let id = letter.id.clone();
-        for _ in 0..ATTEMPTS {
+        let mut attempts = Attempts::new();
+        while attempts.next().await {
             match self.read(&id).await? {
                 Some(Read::Unreadable { reason, revision }) => {
                     tracing::warn!(
@@ -360,7 +370,7 @@ impl SharedLetters {
                 }
             }
         }
-        Err(contended(&id))
+        Err(attempts.contended(&id))
     }
 
     pub(super) async fn get(
@@ -497,7 +507,8 @@ impl SharedLetters {
     /// the replay then applied). The removal is conditional on the revision read, so a claim
     /// made in between makes it look again.
     async fn remove_any(&self, id: &DeadLetterId) -> Result<Removal, DeadLetterError> {
-        for _ in 0..ATTEMPTS {
+        let mut attempts = Attempts::new();
+        while attempts.next().await {
             let revision = match self.read(id).await? {
                 None => return Ok(Removal::NotKept),
                 Some(Read::Letter(entry)) if claimed_at(entry.replaying_since, Utc::now()) => {
@@ -519,7 +530,7 @@ impl SharedLetters {
                 result => return result.map(|()| Removal::Removed).map_err(Into::into),
             }
         }
-        Err(contended(id))
+        Err(attempts.contended(id))
     }
 
     /// Claims a letter for a replay: the letter and the claim's revision, or
@@ -600,10 +611,44 @@ enum Removal {
     NotKept,
 }
 
-fn contended(id: &DeadLetterId) -> DeadLetterError {
-    DeadLetterError::Bucket(format!(
-        "entry {id} kept changing under {ATTEMPTS} attempts to change it"
-    ))
+/// The attempts at one compare-and-set change of a letter (see [`CONTENDED_FOR`]).
+struct Attempts {
+    /// Tokio's clock, which a test can stop.
+    started: tokio::time::Instant,
+    made: usize,
+    pause: Duration,
+}
+
+impl Attempts {
+    fn new() -> Attempts {
+        Attempts {
+            started: tokio::time::Instant::now(),
+            made: 0,
+            pause: FIRST_PAUSE,
+        }
+    }
+
+    /// Whether to make another attempt: the first at once; each next after a random pause,
+    /// unless [`CONTENDED_FOR`] has passed.
+    async fn next(&mut self) -> bool {
+        if self.made > 0 {
+            if self.started.elapsed() >= CONTENDED_FOR {
+                return false;
+            }
+            tokio::time::sleep(self.pause.mul_f64(fastrand::f64())).await;
+            self.pause = (self.pause * 2).min(MOST_PAUSE);
+        }
+        self.made += 1;
+        true
+    }
+
+    fn contended(&self, id: &DeadLetterId) -> DeadLetterError {
+        DeadLetterError::Bucket(format!(
+            "entry {id} kept changing under {} attempts to change it in {:.1} s",
+            self.made,
+            self.started.elapsed().as_secs_f64()
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -621,6 +666,8 @@ mod tests {
         keys_fail: std::sync::atomic::AtomicBool,
         /// The removal of this key fails (NATS gone part way through a purge).
         remove_fails: Mutex<Option<String>>,
+        /// Every update loses to another writer.
+        updates_conflict: std::sync::atomic::AtomicBool,
     }
 
     impl LetterBucket for MemoryBucket {
@@ -643,6 +690,9 @@ mod tests {
         }
 
         fn update<'a>(&'a self, _: &'a str, _: Vec<u8>, _: u64) -> BucketFuture<'a, u64> {
+            if self.updates_conflict.load(Ordering::SeqCst) {
+                return Box::pin(async { Err(BucketError::Conflict) });
+            }
             Box::pin(async { Err(BucketError::Failed("not in this test".into())) })
         }
 
@@ -679,6 +729,30 @@ mod tests {
             field: Some("customer_id".into()),
             body,
         }
+    }
+
+    /// A writer that loses every compare-and-set (others change the letter without end) tries
+    /// again after random pauses, and gives up once [`CONTENDED_FOR`] has passed, saying so:
+    /// it neither gives up after a handful of losses nor waits forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_letter_that_keeps_changing_is_given_up_after_its_time() {
+        let bucket = Arc::new(MemoryBucket::default());
+        let letters = SharedLetters::new(Arc::clone(&bucket) as Arc<dyn LetterBucket>, 150);
+        let now = Utc::now();
+        letters.store(letter(1, now), now).await.unwrap();
+        bucket.updates_conflict.store(true, Ordering::SeqCst);
+        let reads_before = bucket.reads.load(Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        let err = letters.store(letter(1, now), now).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(err.to_string().contains("kept changing under"), "{err}");
+        assert!(
+            waited >= CONTENDED_FOR && waited <= CONTENDED_FOR + MOST_PAUSE,
+            "{waited:?}"
+        );
+        // Doubling pauses up to 32 ms over 2 s: dozens of attempts, not five.
+        let attempts = bucket.reads.load(Ordering::SeqCst) - reads_before;
+        assert!(attempts > 50, "{attempts} attempts");
     }
 
     /// Every new letter read every key to check the limit: a NATS consumer each, which the
