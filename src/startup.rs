@@ -3,7 +3,8 @@
 //!
 //! Recovery refuses damage rather than lose acknowledged updates, unless a newer snapshot
 //! covers the damage: then it starts from that snapshot instead (`recover_store`), losing
-//! only watch history. The one way past another
+//! only watch history. A journal that ends before a snapshot lost records it had synced: the
+//! store starts from that snapshot, under a new store id. The one way past another
 //! refusal short of a backup is the operator's `--discard-journal-from <segment>:<offset>`,
 //! naming the very point the refusal printed: then the store first gets a new store id (so no
 //! revision is ever reused under the same id, and every watcher that resumes is reset), the
@@ -30,8 +31,9 @@ use crate::store::{HistoryLimits, Store};
 /// before it is not (watchers resuming before it get `Reset`). A damaged snapshot so passed
 /// is renamed `<name>.damaged`. When no newer start recovers, the error is the damage none
 /// passes if it names a point to give up from (its `--discard-journal-from` gives up least),
-/// else the first damage met. After every recovery, snapshots past the journal's end are set
-/// aside ([`set_aside_snapshots_past`]).
+/// else the first damage met. A journal that ends before a snapshot lost records it had
+/// synced: recovery starts from that snapshot instead ([`start_past_journal_end`]), and the
+/// caller must give the store a new id (`Recovered::journal_ended_at`).
 pub fn recover_store(
     dir: &Path,
     history: HistoryLimits,
@@ -41,9 +43,18 @@ pub fn recover_store(
         let store = Store::with_history(history, store_id);
         let replay = |records| sequencer::replay(&store, records);
         let recovered = journal::recover_from(dir, &store, at_least, replay)?;
-        set_aside_snapshots_past(dir, store.revision())?;
         Ok((store, recovered))
     };
+    let recovered = recover_passing_damage(dir, attempt)?;
+    start_past_journal_end(dir, recovered, attempt)
+}
+
+/// `attempt` from any snapshot, then, while it fails on damage a newer snapshot covers, from
+/// that snapshot (see [`recover_store`]).
+fn recover_passing_damage(
+    dir: &Path,
+    attempt: impl Fn(u64) -> Result<(Store, Recovered), JournalError>,
+) -> Result<(Store, Recovered), JournalError> {
     let mut damage = match attempt(0) {
         Ok(recovered) => return Ok(recovered),
         Err(error) => error,
@@ -78,22 +89,54 @@ pub fn recover_store(
     Err(refusal)
 }
 
-/// Sets aside every snapshot past `revision`, the end of the journal just recovered: it holds
-/// revisions the journal lost (a lost newest segment and `JOURNAL_HEAD`, which start-up takes
-/// under a new store id), which new ones will reuse; a later start passing damage, or
-/// compaction, took it for the same history and served its profiles (adversary round 13).
-fn set_aside_snapshots_past(dir: &Path, revision: u64) -> Result<(), JournalError> {
-    for (past, path) in journal::snapshot::list(dir)? {
-        if past > revision {
-            let aside = journal::snapshot::set_aside(&path, ".past-journal-end")?;
-            tracing::warn!(
-                snapshot = %path.display(),
-                set_aside_as = %aside.display(),
-                journal_ends_at = revision,
-                "a snapshot past the journal's end holds revisions the journal lost: set aside, \
-                 never to be started from"
-            );
+/// A snapshot past the end of the journal `recovered` proves that the journal lost records it
+/// had synced (and so acknowledged): its newest segment's end cut or zeroed after an unclean
+/// stop (which recovery takes for a torn write), or that segment and `JOURNAL_HEAD` lost.
+/// Recovery starts again from the newest such snapshot, which holds every update up to it;
+/// appends go to a new segment after it (`tail` `None`: the old segment's frames end before the
+/// snapshot, and the revisions must not jump inside a segment). Revisions after the snapshot
+/// may have been acknowledged and will be assigned again: `journal_ended_at` tells the caller,
+/// which gives the store a new id. Serving the cut journal instead lost what the snapshot held,
+/// under the same id (adversarial round 41a). When that snapshot cannot be loaded, every
+/// snapshot past the end is set aside (no later start or compaction may take one for this
+/// history) and the journal's end stands, still with `journal_ended_at` set.
+fn start_past_journal_end(
+    dir: &Path,
+    (store, recovered): (Store, Recovered),
+    attempt: impl Fn(u64) -> Result<(Store, Recovered), JournalError>,
+) -> Result<(Store, Recovered), JournalError> {
+    let end = store.revision();
+    let past: Vec<_> = journal::snapshot::list(dir)?
+        .into_iter()
+        .filter(|(revision, _)| *revision > end)
+        .collect();
+    let Some((newest, _)) = past.last() else {
+        return Ok((store, recovered));
+    };
+    let (store, mut recovered) = match attempt(*newest) {
+        Ok(started) => started,
+        Err(error) => {
+            tracing::warn!(%error, "the snapshot past the journal's end could not be started from");
+            set_aside_past(&past, end)?;
+            (store, recovered)
         }
+    };
+    recovered.tail = None;
+    recovered.journal_ended_at = Some(end);
+    Ok((store, recovered))
+}
+
+/// Sets the snapshots `past` (the end of the journal, `end`) aside.
+fn set_aside_past(past: &[(u64, std::path::PathBuf)], end: u64) -> Result<(), JournalError> {
+    for (_, path) in past {
+        let aside = journal::snapshot::set_aside(path, ".past-journal-end")?;
+        tracing::warn!(
+            snapshot = %path.display(),
+            set_aside_as = %aside.display(),
+            journal_ends_at = end,
+            "a snapshot past the journal's end that could not be started from: set aside, \
+             never to be started from"
+        );
     }
     Ok(())
 }
@@ -127,7 +170,7 @@ pub fn open_durable(
 ) -> anyhow::Result<(Store, Durability, DataDir)> {
     let started = std::time::Instant::now();
     let mut dir = DataDir::open(&config.data_dir)?;
-    renew_id_if_head_lost(&mut dir)?;
+    let renewed = renew_id_if_head_lost(&mut dir)?;
     let wanted = config.discard_journal_from.as_ref();
     let (store, recovered) = match recover_store(dir.path(), config.history(), dir.store_id()) {
         Ok(recovered) => {
@@ -154,6 +197,10 @@ pub fn open_durable(
             }
             (None, _) => return Err(error.into()),
         },
+    };
+    let (store, recovered) = match recovered.journal_ended_at {
+        Some(ended_at) => renew_id_past_journal_end(&mut dir, config, renewed, ended_at, &store)?,
+        None => (store, recovered),
     };
     let journal = Journal::open(
         dir.path(),
@@ -188,12 +235,42 @@ pub fn open_durable(
     Ok((store, durability, dir))
 }
 
+/// The journal ended at `ended_at`, before a snapshot recovery then started from (`store`):
+/// revisions after that snapshot may have been acknowledged and will be assigned again, so the
+/// store gets a new id (unless it `already` got one this start), and is recovered again under it.
+fn renew_id_past_journal_end(
+    dir: &mut DataDir,
+    config: &Config,
+    already: bool,
+    ended_at: u64,
+    store: &Store,
+) -> anyhow::Result<(Store, Recovered)> {
+    let old_id = dir.store_id().to_owned();
+    if !already {
+        dir.renew_store_id()?;
+    }
+    tracing::warn!(
+        journal_ended_at = ended_at,
+        started_from_snapshot = store.revision(),
+        old_store_id = %old_id,
+        new_store_id = dir.store_id(),
+        "the journal ends before a snapshot, so it lost records it had synced (its end cut or \
+         zeroed, or its newest segment lost: check the disk). Started from that snapshot, \
+         which holds every update up to it; updates after it may be lost, and their revisions \
+         will be assigned again, so the store has a new id and every watcher starts over"
+    );
+    let recovered = recover_store(dir.path(), config.history(), dir.store_id())
+        .context("recovery under the new store id")?;
+    Ok(recovered)
+}
+
 /// Without `JOURNAL_HEAD` (removed, as its damage's refusal allows, or lost) recovery cannot
 /// tell a journal whose end was cut or removed from a whole one, and would reuse the lost
 /// revisions under the same id: the store gets a new id first, so watchers start over.
-fn renew_id_if_head_lost(dir: &mut DataDir) -> anyhow::Result<()> {
+/// Whether it did.
+fn renew_id_if_head_lost(dir: &mut DataDir) -> anyhow::Result<bool> {
     if !journal::head::lost(dir.path())? {
-        return Ok(());
+        return Ok(false);
     }
     let old_id = dir.store_id().to_owned();
     let new_id = dir.renew_store_id()?.to_owned();
@@ -204,7 +281,7 @@ fn renew_id_if_head_lost(dir: &mut DataDir) -> anyhow::Result<()> {
          was removed or lost): whether the journal's end is whole cannot be checked, so the \
          store gets a new id and every watcher starts over"
     );
-    Ok(())
+    Ok(true)
 }
 
 /// The operator's word: a new store id first (durably), then the journal cut at `point`.

@@ -49,10 +49,16 @@ pub struct Recovered {
     pub snapshot: Option<u64>,
     /// How many update records were replayed after it.
     pub replayed: u64,
-    /// Where appends continue; `None` when there is no segment yet.
+    /// Where appends continue; `None` when there is no segment yet, or when appends must start
+    /// a new one (see `journal_ended_at`).
     pub tail: Option<Tail>,
     /// How long each part took (start-up time is downtime: the log says where it went).
     pub took: Took,
+    /// Where the journal's records ended when a snapshot past them was found, so that the
+    /// journal is known to have lost records it had synced (set by start-up,
+    /// `crate::startup::recover_store`, which then starts from that snapshot); `None` from
+    /// recovery itself.
+    pub journal_ended_at: Option<u64>,
 }
 
 /// How long each part of recovery took.
@@ -187,6 +193,7 @@ pub fn recover_from(
         replayed: replaying.replayed,
         tail,
         took,
+        journal_ended_at: None,
     })
 }
 
@@ -774,7 +781,8 @@ fn cut_torn_tail(
         reason = invalid.reason(),
         "cutting off a torn last record: what a crash mid-write leaves (a write never synced, \
          so never acknowledged); had the file been cut short by other means after an unclean \
-         stop, updates in the cut part would be lost, and nothing here can tell the two apart"
+         stop, updates in the cut part would be lost, which only a snapshot past the cut shows \
+         (start-up then starts from it, under a new store id)"
     );
     cut(path, offset)
 }

@@ -1541,28 +1541,44 @@ fn a_damaged_snapshot_with_nothing_newer_and_no_journal_is_refused_not_an_empty_
     assert!(taken.path.exists(), "left where it is");
 }
 
-/// A snapshot past the end of the journal recovered (its newest segment and JOURNAL_HEAD lost:
-/// start-up goes on under a new store id) holds revisions new ones will reuse: it is set aside
-/// at once, so that no later start (passing damage) and no compaction takes it for this history
-/// (adversary round 13: five acknowledged updates were replaced by the lost values).
+/// A snapshot past the end of the journal recovered (here its newest segment and JOURNAL_HEAD
+/// lost) holds revisions the journal lost: recovery starts from it, appends start a new
+/// segment after it, and start-up is told where the journal ended (it gives the store a new
+/// id). One that cannot be loaded is set aside, so that no later start (passing damage) and no
+/// compaction takes it for this history (adversary round 13: five acknowledged updates were
+/// replaced by the lost values), and the journal's end stands.
 #[test]
-fn a_snapshot_past_the_journals_end_is_set_aside_when_the_journal_is_recovered() {
-    let dir = tempfile::tempdir().unwrap();
-    drop(write(dir.path(), 6, 300));
-    let (store, _) = recovered(dir.path()).unwrap();
-    assert_eq!(store.revision(), 18);
-    let taken = snapshot::take(dir.path(), &store, 1000).unwrap();
-    let segments = segments(dir.path()).unwrap();
-    assert!(segments.len() >= 2, "{segments:?}");
-    fs::remove_file(&segments.last().unwrap().1).unwrap();
-    fs::remove_file(dir.path().join(head::FILE)).unwrap();
+fn a_journal_that_ends_before_a_snapshot_is_started_past_from_it() {
     let history = crate::store::HistoryLimits::events(1000);
-    let (store, _) = crate::startup::recover_store(dir.path(), history, "test").unwrap();
-    assert!(store.revision() < 18, "{}", store.revision());
-    assert!(!taken.path.exists());
-    let mut aside = taken.path.clone().into_os_string();
-    aside.push(".past-journal-end");
-    assert!(Path::new(&aside).exists());
+    for damaged in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 6, 300));
+        let (store, _) = recovered(dir.path()).unwrap();
+        assert_eq!(store.revision(), 18);
+        let taken = snapshot::take(dir.path(), &store, 1000).unwrap();
+        let segments = segments(dir.path()).unwrap();
+        assert!(segments.len() >= 2, "{segments:?}");
+        fs::remove_file(&segments.last().unwrap().1).unwrap();
+        fs::remove_file(dir.path().join(head::FILE)).unwrap();
+        if damaged {
+            let len = fs::metadata(&taken.path).unwrap().len() as usize;
+            flip(&taken.path, len / 2, 1);
+        }
+        let (store, recovered) =
+            crate::startup::recover_store(dir.path(), history, "test").unwrap();
+        let ended_at = recovered.journal_ended_at.expect("told");
+        assert!(ended_at < 18, "{ended_at}");
+        assert!(recovered.tail.is_none(), "appends start a new segment");
+        let mut aside = taken.path.clone().into_os_string();
+        aside.push(".past-journal-end");
+        if damaged {
+            assert_eq!(store.revision(), ended_at);
+            assert!(!taken.path.exists() && Path::new(&aside).exists());
+        } else {
+            assert_eq!((store.revision(), recovered.snapshot), (18, Some(18)));
+            assert!(taken.path.exists() && !Path::new(&aside).exists());
+        }
+    }
 }
 
 /// A snapshot's writing asks whether the directory is still the server's before the file is
