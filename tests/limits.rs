@@ -2338,6 +2338,77 @@ async fn stalled_watch_streams_past_the_servers_answer_budget_are_cut() {
     binary.stop();
 }
 
+/// A client whose streams' windows are shut from the start (SETTINGS_INITIAL_WINDOW_SIZE 0) is
+/// never polled for its watch streams' changes, so each change waited in its stream's outbox,
+/// counted nowhere: one large change per stream (a change larger than the outbox's bound is
+/// queued alone), and 1,000 such streams on a profile that changed between their stalls held
+/// 6 GB (adversarial round 41b). What outboxes hold past a few changes now counts with what
+/// streams' frames hold (`profile_state_watch_queued_bytes` beside
+/// `profile_state_stream_unsent_bytes`), so such connections are cut past the server's answer
+/// budget, and what they held goes; a watcher that reads is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_never_polled_for_their_changes_are_cut_past_the_servers_budget() {
+    use profile_state::pb;
+    use prost::Message;
+    const CONNECTIONS: usize = 10;
+    const STREAMS: usize = 20;
+    // Budgets: 1 MiB a connection, 8 MiB in all.
+    const BOUND: f64 = 8.0 * 1024.0 * 1024.0;
+    const QUEUED: &str = "profile_state_watch_queued_bytes ";
+    let dir = tempfile::tempdir().unwrap();
+    let binary = binary::Binary::start(dir.path(), &["--grpc-max-message-bytes", "262144"]).await;
+    one_profile_of_200_kb(&binary, "big").await;
+    let (_client, mut watcher) = watching_w(&binary).await;
+    let request = pb::WatchProfilesRequest {
+        customer_ids: vec!["big".into()],
+        ..Default::default()
+    };
+    let (mut connections, mut streams) = (Vec::new(), Vec::new());
+    for _ in 0..CONNECTIONS {
+        let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
+        let shut = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake(tcp);
+        let (mut stalled, connection) = shut.await.unwrap();
+        connections.push(tokio::spawn(connection));
+        for _ in 0..STREAMS {
+            streams.push(raw_unary(&mut stalled, "WatchProfiles", request.encode_to_vec()).await);
+        }
+    }
+    let watching = (CONNECTIONS * STREAMS + 1) as f64;
+    metric_reaches(&binary, "profile_state_watch_streams ", watching).await;
+    // A change of the 200 KB profile: every stalled stream queues it, about 400 KB with the
+    // version before, 80 MB in all.
+    let change = profile_updated("big", &at(100), json!({ "k0": "f".repeat(50_000) }));
+    assert_eq!(binary.post(&change).await.0, 200);
+    let (deadline, mut most) = (std::time::Instant::now() + PATIENCE, 0.0_f64);
+    let cut = loop {
+        let held = sample(&binary.metrics().await, QUEUED);
+        most = most.max(held);
+        let cut = connections.iter().filter(|c| c.is_finished()).count();
+        if cut > 0 && held <= BOUND {
+            break cut;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{cut} connections cut, {held} bytes held (at most {most})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(most > BOUND, "the streams held {most} bytes at most");
+    let cuts = cuts_counted(&binary.metrics().await);
+    assert!(cuts[2] >= cut as f64, "{cuts:?}");
+
+    // The watcher that reads was not cut: it gets its change.
+    changes_w(&binary, &mut watcher, (10, "w")).await;
+    drop(streams);
+    for connection in connections {
+        connection.abort();
+    }
+    metric_reaches(&binary, QUEUED, 0.0).await;
+    binary.stop();
+}
+
 /// Stalled clients that reconnect as soon as they are cut kept the server holding about one
 /// message per stream of every new connection, since a new connection is judged only after a
 /// look and a second: 1.1 GB at the default flags, 8.5 times the bound (found by an

@@ -162,6 +162,9 @@ struct Unsent {
     /// What its streams' frames hold before they are handed over, not counted in its budgets
     /// (`frames`).
     frame_bytes: AtomicUsize,
+    /// What its watches' outboxes hold past their bound (`frames`: counted with the frames'
+    /// bytes in all and toward its cut, not in its streams' turns).
+    queued_bytes: AtomicUsize,
     /// The same, in all.
     frames: Arc<HeldFrames>,
     /// Since when its client has not read while its frames were held
@@ -471,6 +474,7 @@ impl AnswerBytesLayer {
         let holders = Holders::default();
         // Counted until the server exports them (`counting_frames_in`, `counting_cuts_in`).
         let gauge = IntGauge::new("unsent_stream_bytes", "not exported").expect("a valid name");
+        let queued = IntGauge::new("watch_queued_bytes", "not exported").expect("a valid name");
         let labels = ["listener", "reason"];
         let counted = IntCounterVec::new(Opts::new("connections_cut", "not exported"), &labels)
             .expect("a valid name");
@@ -482,7 +486,7 @@ impl AnswerBytesLayer {
             in_all: Budget::new(max_message_bytes, IN_ALL),
             unread: Budget::new(max_message_bytes, UNREAD),
             max_message_bytes,
-            frames: HeldFrames::new(gauge, max_message_bytes, &holders),
+            frames: HeldFrames::new((gauge, queued), max_message_bytes, &holders),
             holders,
             chunk,
             call_bytes: call_bytes(max_message_bytes),
@@ -491,9 +495,10 @@ impl AnswerBytesLayer {
     }
 
     /// These budgets, counting what streams' frames hold before they are handed over in
-    /// `gauge` (`frames`). Before any connection is made.
-    pub fn counting_frames_in(self, gauge: IntGauge) -> Self {
-        let frames = HeldFrames::new(gauge, self.max_message_bytes, &self.holders);
+    /// `frames`, and what watch queues tell them (`QueuedBytes`) in `queued` (`frames`).
+    /// Before any connection is made.
+    pub fn counting_frames_in(self, frames: IntGauge, queued: IntGauge) -> Self {
+        let frames = HeldFrames::new((frames, queued), self.max_message_bytes, &self.holders);
         AnswerBytesLayer { frames, ..self }
     }
 
@@ -528,6 +533,7 @@ impl AnswerBytesLayer {
             stalled: NotReading::default(),
             spent: NotReading::default(),
             frame_bytes: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
             frames: Arc::clone(&self.frames),
             frames_stalled: NotReading::default(),
             frames_room: Room::default(),

@@ -309,7 +309,9 @@ impl ProfileApi {
         &self,
         request: Request<pb::WatchProfilesRequest>,
     ) -> Result<Response<EncodedStream>, Status> {
-        let connection_slot = match transport::Connection::of(&request).map(|c| &c.watches) {
+        let connection = transport::Connection::of(&request);
+        let queued = connection.map(|c| c.answer_bytes.queued_events());
+        let connection_slot = match connection.map(|c| &c.watches) {
             Some(connection) => Some(connection.try_open().map_err(|limit| {
                 self.metrics.watch_stream_refused("connection");
                 grpc_status(Rejection::TooManyConnectionWatchStreams { limit })
@@ -334,7 +336,8 @@ impl ProfileApi {
             .map_err(|e| grpc_status(&e))?;
         // Small on purpose: a subscriber that does not read holds at most this, the rest
         // stays in the history.
-        let (events, received) = crate::watch::outbox(OUTBOX_EVENTS, OUTBOX_BYTES);
+        // What it holds past a few changes counts toward its connection's cut (`answer_bytes`).
+        let (events, received) = crate::watch::outbox_telling(OUTBOX_EVENTS, OUTBOX_BYTES, queued);
         self.tracker.spawn(watch.run(events, self.shutdown.clone()));
         let store = self.store.clone();
         let metrics = self.metrics.clone();

@@ -154,6 +154,7 @@ struct Watch {
     history_bytes: IntGauge,
     /// Counted by the gRPC answer budgets themselves (`grpc::answer_bytes`).
     unsent_stream_bytes: IntGauge,
+    queued_watch_bytes: IntGauge,
     /// The same: connections they cut, by reason ([`CUT_REASONS`]).
     connections_cut: IntCounterVec,
 }
@@ -465,6 +466,14 @@ impl Watch {
                  sixteenth of it in a second are cut, those reading the smallest share first; \
                  a connection's watch streams take turns once theirs hold its own budget.",
             ),
+            queued_watch_bytes: gauge(
+                r,
+                "profile_state_watch_queued_bytes",
+                "Bytes of changes and profiles queued for gRPC watch streams and not taken by \
+                 them, past each stream's queue bound (256 KiB: a larger change is queued \
+                 alone); counted with profile_state_stream_unsent_bytes toward the cut of \
+                 connections whose clients do not read.",
+            ),
             connections_cut: connections_cut(
                 r,
                 "profile_state_connections_cut_total",
@@ -599,6 +608,12 @@ impl Metrics {
     /// the answer budgets to count in.
     pub fn unsent_stream_bytes(&self) -> IntGauge {
         self.inner.watch.unsent_stream_bytes.clone()
+    }
+
+    /// The gauge of what watch streams' queues hold that the streams have not taken, past
+    /// their bound, for the answer budgets to count in.
+    pub fn queued_watch_bytes(&self) -> IntGauge {
+        self.inner.watch.queued_watch_bytes.clone()
     }
 
     /// The counter of connections cut, by listener and reason ([`CUT_REASONS`]), for the gRPC

@@ -211,7 +211,7 @@ pub(super) fn serve<H: Health>(
     // and a backup.
     let open_streams = limits.max_watch_streams_per_connection + OPEN_STREAMS_PER_CONNECTION + 1;
     let answers = AnswerBytesLayer::new(limit, open_streams)
-        .counting_frames_in(metrics.unsent_stream_bytes())
+        .counting_frames_in(metrics.unsent_stream_bytes(), metrics.queued_watch_bytes())
         .counting_cuts_in(metrics.connections_cut());
     let watch_streams_closed = Box::pin(profiles.streams_closed());
     // Health and reflection stay open (probes, grpcurl); ProfileService needs a token when

@@ -43,7 +43,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 
 pub use feed::Watch;
-pub use outbox::{Inbox, OUTBOX_BYTES, OUTBOX_EVENTS, Outbox, outbox};
+pub use outbox::{Inbox, OUTBOX_BYTES, OUTBOX_EVENTS, Outbox, QueuedBytes, outbox, outbox_telling};
 pub use router::MAILBOX_CAPACITY;
 pub use spec::{FieldSelector, WatchSpec};
 

@@ -59,12 +59,14 @@ use std::time::{Duration, Instant};
 use prometheus::IntGauge;
 use tokio::sync::futures::OwnedNotified;
 
+use super::ConnectionAnswerBytes;
 use super::{
     Counts, CutReason, Holders, IN_ALL, OWED_FOR, PER_CONNECTION, SLOWEST_SHARE, STALLED, Unsent,
     least_share_read_first,
 };
 use crate::grpc::byte_budgets::Room;
 use crate::poison::lock;
+use crate::watch::QueuedBytes;
 
 /// How often the connections holding frames are looked at while the total is past its bound.
 const LOOK: Duration = Duration::from_millis(250);
@@ -72,11 +74,13 @@ const LOOK: Duration = Duration::from_millis(250);
 /// The bytes streams' frames hold before they are handed over, server-wide, and the bound past
 /// which stalled connections holding them are cut.
 pub(super) struct HeldFrames {
-    /// The bytes: what decides, each change seeing the count before it (so the one that
-    /// brings it down to the bound knows it did).
+    /// The bytes, frames' and watch queues': what decides, each change seeing the count
+    /// before it (so the one that brings it down to the bound knows it did).
     held: AtomicUsize,
-    /// The same, exported.
+    /// The frames' part, exported.
     bytes: IntGauge,
+    /// The watch queues' part (`QueuedBytes`), exported.
+    queued: IntGauge,
     /// The server's answer budget.
     bound: usize,
     /// What one connection's streams' frames may hold before its watch streams take turns,
@@ -93,16 +97,18 @@ pub(super) struct HeldFrames {
 }
 
 impl HeldFrames {
-    /// Counted in `bytes`, bounded by the server's answer budget for messages of at most
-    /// `max_message_bytes` (each connection's streams by its own), cutting among `holders`.
+    /// Counted in `bytes` (frames) and `queued` (watch queues), bounded by the server's answer
+    /// budget for messages of at most `max_message_bytes` (each connection's streams' frames
+    /// by its own), cutting among `holders`.
     pub(super) fn new(
-        bytes: IntGauge,
+        (bytes, queued): (IntGauge, IntGauge),
         max_message_bytes: usize,
         holders: &Holders,
     ) -> Arc<HeldFrames> {
         Arc::new(HeldFrames {
             held: AtomicUsize::new(0),
             bytes,
+            queued,
             bound: max_message_bytes.saturating_mul(IN_ALL),
             per_connection: max_message_bytes.saturating_mul(PER_CONNECTION),
             looking: AtomicBool::new(false),
@@ -116,10 +122,19 @@ impl HeldFrames {
         self.held.load(Ordering::SeqCst)
     }
 
-    /// `more` bytes held; past the bound, starts looking for stalled holders to cut.
+    /// `more` bytes held by frames; past the bound, starts looking for stalled holders to cut.
     fn hold(self: &Arc<Self>, more: usize) {
+        self.add(more, &self.bytes);
+    }
+
+    /// `more` bytes held by watch queues, counted as [`hold`](HeldFrames::hold) counts frames'.
+    fn hold_queued(self: &Arc<Self>, more: usize) {
+        self.add(more, &self.queued);
+    }
+
+    fn add(self: &Arc<Self>, more: usize, gauge: &IntGauge) {
         self.held.fetch_add(more, Ordering::SeqCst);
-        self.bytes.add(i64::try_from(more).unwrap_or(i64::MAX));
+        gauge.add(i64::try_from(more).unwrap_or(i64::MAX));
         if self.over() && !self.looking.swap(true, Ordering::SeqCst) {
             // Outside a runtime (unit tests) nothing looks: nothing is served either.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -131,8 +146,16 @@ impl HeldFrames {
     }
 
     fn let_go(&self, bytes: usize) {
+        self.subtract(bytes, &self.bytes);
+    }
+
+    fn let_go_queued(&self, bytes: usize) {
+        self.subtract(bytes, &self.queued);
+    }
+
+    fn subtract(&self, bytes: usize, gauge: &IntGauge) {
         let before = self.held.fetch_sub(bytes, Ordering::SeqCst);
-        self.bytes.sub(i64::try_from(bytes).unwrap_or(i64::MAX));
+        gauge.sub(i64::try_from(bytes).unwrap_or(i64::MAX));
         if before > self.bound && before - bytes <= self.bound {
             self.room.tell();
         }
@@ -166,7 +189,37 @@ async fn look_while_over(frames: Weak<HeldFrames>) {
     }
 }
 
+impl ConnectionAnswerBytes {
+    /// Where the outboxes of this connection's watches tell what they hold past their bound
+    /// (a change larger than it, queued alone): counted with its streams' frames, in all and
+    /// toward its cut, so that a client whose streams each hold a large change it never reads
+    /// is cut like one whose frames wait for window (an outbox is behind the frame: a stream
+    /// whose window is shut is not polled, and what it would have sent stays there).
+    pub fn queued_events(&self) -> Arc<dyn QueuedBytes> {
+        Arc::clone(&self.unsent) as Arc<dyn QueuedBytes>
+    }
+}
+
+impl QueuedBytes for Unsent {
+    fn queued(&self, bytes: usize) {
+        self.queued_bytes.fetch_add(bytes, Ordering::SeqCst);
+        self.frames.hold_queued(bytes);
+    }
+
+    fn left(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        self.frames.let_go_queued(bytes);
+    }
+}
+
 impl Unsent {
+    /// What its streams hold that its budgets do not count: their frames' bytes and what their
+    /// outboxes tell.
+    fn held_unsent(&self) -> usize {
+        let frames = self.frame_bytes.load(Ordering::Relaxed);
+        frames.saturating_add(self.queued_bytes.load(Ordering::Relaxed))
+    }
+
     /// One of its streams' frames holds `now` bytes not counted in its budgets, `was` before.
     pub(super) fn frame_holds(&self, was: usize, now: usize) {
         if now > was {
@@ -195,7 +248,7 @@ impl Unsent {
     /// ([`SLOWEST_SHARE`]) of them in a [`STALLED`] window or longer, as looks have seen it;
     /// if so, what it read in that window.
     pub(super) fn frames_unread(&self, now: Instant) -> Option<usize> {
-        let held = self.frame_bytes.load(Ordering::Relaxed);
+        let held = self.held_unsent();
         let counts = Counts {
             read: self.data_read.load(Ordering::Relaxed),
             took: 0,
@@ -222,7 +275,7 @@ impl Holders {
             let mut holders = lock(&self.0);
             holders.retain(|holder| holder.strong_count() > 0);
             for holder in holders.iter().filter_map(Weak::upgrade) {
-                let held = holder.frame_bytes.load(Ordering::Relaxed);
+                let held = holder.held_unsent();
                 if holder.cut.is_cancelled() {
                     left = left.saturating_sub(held);
                 } else if let Some(read) = holder.frames_unread(now) {
