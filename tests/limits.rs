@@ -2298,30 +2298,9 @@ async fn stalled_watch_streams_past_the_servers_answer_budget_are_cut() {
         send_initial_state: true,
         ..Default::default()
     };
-    let (mut connections, mut streams) = (Vec::new(), Vec::new());
-    for _ in 0..CONNECTIONS {
-        let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
-        let (mut stalled, connection) = h2::client::handshake(tcp).await.unwrap();
-        connections.push(tokio::spawn(connection));
-        for _ in 0..STREAMS {
-            use prost::Message;
-            streams.push(raw_unary(&mut stalled, "WatchProfiles", request.encode_to_vec()).await);
-        }
-    }
-    let (deadline, mut most) = (std::time::Instant::now() + PATIENCE, 0.0_f64);
-    let cut = loop {
-        let held = sample(&binary.metrics().await, HELD);
-        most = most.max(held);
-        let cut = connections.iter().filter(|c| c.is_finished()).count();
-        if cut > 0 && held <= BOUND {
-            break cut;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{cut} connections cut, {held} bytes held (at most {most})"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let shape = (CONNECTIONS, STREAMS, None);
+    let (connections, streams) = stalled_watches(&binary, shape, &request).await;
+    let (cut, most) = cut_until_within(&binary, HELD, BOUND, &connections).await;
     assert!(most > BOUND, "the streams held {most} bytes at most");
     assert!(cut < CONNECTIONS, "only as many cut as the bound needs");
     // Counted as they are cut (before their tasks end), and for this reason alone.
@@ -2349,7 +2328,6 @@ async fn stalled_watch_streams_past_the_servers_answer_budget_are_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_never_polled_for_their_changes_are_cut_past_the_servers_budget() {
     use profile_state::pb;
-    use prost::Message;
     const CONNECTIONS: usize = 10;
     const STREAMS: usize = 20;
     // Budgets: 1 MiB a connection, 8 MiB in all.
@@ -2363,38 +2341,15 @@ async fn watch_streams_never_polled_for_their_changes_are_cut_past_the_servers_b
         customer_ids: vec!["big".into()],
         ..Default::default()
     };
-    let (mut connections, mut streams) = (Vec::new(), Vec::new());
-    for _ in 0..CONNECTIONS {
-        let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
-        let shut = h2::client::Builder::new()
-            .initial_window_size(0)
-            .handshake(tcp);
-        let (mut stalled, connection) = shut.await.unwrap();
-        connections.push(tokio::spawn(connection));
-        for _ in 0..STREAMS {
-            streams.push(raw_unary(&mut stalled, "WatchProfiles", request.encode_to_vec()).await);
-        }
-    }
+    let shape = (CONNECTIONS, STREAMS, Some(0));
+    let (connections, streams) = stalled_watches(&binary, shape, &request).await;
     let watching = (CONNECTIONS * STREAMS + 1) as f64;
     metric_reaches(&binary, "profile_state_watch_streams ", watching).await;
     // A change of the 200 KB profile: every stalled stream queues it, about 400 KB with the
     // version before, 80 MB in all.
     let change = profile_updated("big", &at(100), json!({ "k0": "f".repeat(50_000) }));
     assert_eq!(binary.post(&change).await.0, 200);
-    let (deadline, mut most) = (std::time::Instant::now() + PATIENCE, 0.0_f64);
-    let cut = loop {
-        let held = sample(&binary.metrics().await, QUEUED);
-        most = most.max(held);
-        let cut = connections.iter().filter(|c| c.is_finished()).count();
-        if cut > 0 && held <= BOUND {
-            break cut;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{cut} connections cut, {held} bytes held (at most {most})"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let (cut, most) = cut_until_within(&binary, QUEUED, BOUND, &connections).await;
     assert!(most > BOUND, "the streams held {most} bytes at most");
     let cuts = cuts_counted(&binary.metrics().await);
     assert!(cuts[2] >= cut as f64, "{cuts:?}");
@@ -2407,6 +2362,57 @@ async fn watch_streams_never_polled_for_their_changes_are_cut_past_the_servers_b
     }
     metric_reaches(&binary, QUEUED, 0.0).await;
     binary.stop();
+}
+
+/// `connections` h2 connections of `streams` watch streams each asking for `request`, none
+/// read; each stream's window HTTP/2's 64 KiB, or `window` from the start (never given back).
+async fn stalled_watches(
+    binary: &binary::Binary,
+    (connections, streams, window): (usize, usize, Option<u32>),
+    request: &profile_state::pb::WatchProfilesRequest,
+) -> (
+    Vec<tokio::task::JoinHandle<Result<(), h2::Error>>>,
+    Vec<h2::client::ResponseFuture>,
+) {
+    use prost::Message;
+    let (mut tasks, mut opened) = (Vec::new(), Vec::new());
+    for _ in 0..connections {
+        let tcp = tokio::net::TcpStream::connect(binary.grpc).await.unwrap();
+        let mut builder = h2::client::Builder::new();
+        if let Some(window) = window {
+            builder.initial_window_size(window);
+        }
+        let (mut stalled, connection) = builder.handshake(tcp).await.unwrap();
+        tasks.push(tokio::spawn(connection));
+        for _ in 0..streams {
+            opened.push(raw_unary(&mut stalled, "WatchProfiles", request.encode_to_vec()).await);
+        }
+    }
+    (tasks, opened)
+}
+
+/// Waits until some of `connections` are cut and `series` is at most `bound`: how many were
+/// cut, and the most `series` was meanwhile.
+async fn cut_until_within(
+    binary: &binary::Binary,
+    series: &str,
+    bound: f64,
+    connections: &[tokio::task::JoinHandle<Result<(), h2::Error>>],
+) -> (usize, f64) {
+    let (deadline, mut most) = (std::time::Instant::now() + PATIENCE, 0.0_f64);
+    loop {
+        let held = sample(&binary.metrics().await, series);
+        most = most.max(held);
+        let cut = connections.iter().filter(|c| c.is_finished()).count();
+        if cut > 0 && held <= bound {
+            return (cut, most);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{cut} connections cut, {held} bytes held (at most {most})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// Stalled clients that reconnect as soon as they are cut kept the server holding about one
