@@ -95,6 +95,10 @@ pub struct Durability {
     pub journal: Journal,
     /// Take a snapshot after this many records since the last one.
     pub snapshot_every_records: u64,
+    /// Records the journal holds since the newest snapshot (or since its start, without one)
+    /// at start-up: counted toward the next snapshot, so that a server restarted more often
+    /// than every `snapshot_every_records` records still snapshots (and compacts).
+    pub records_since_snapshot: u64,
     /// Take a snapshot after this many journal bytes since the last one.
     pub snapshot_every_bytes: u64,
     /// The watch history size, which decides what compaction keeps.
@@ -198,7 +202,7 @@ impl Sequencer {
                 snapshot_every_records: durability.snapshot_every_records,
                 snapshot_every_bytes: durability.snapshot_every_bytes,
                 history_events: durability.history_events,
-                records_since_snapshot: 0,
+                records_since_snapshot: durability.records_since_snapshot,
                 bytes_since_snapshot: 0,
                 snapshot_running: Arc::new(AtomicBool::new(false)),
                 snapshot_ended: Arc::new(Notify::new()),

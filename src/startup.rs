@@ -225,6 +225,12 @@ pub fn open_durable(
     let durability = Durability {
         journal,
         snapshot_every_records: config.snapshot_every_records,
+        // Counted from start-up, the count began again at every restart: a server restarted
+        // more often than every --snapshot-every-records records never snapshotted, so never
+        // compacted, and replayed its whole journal at every start (adversarial round 41a).
+        records_since_snapshot: store
+            .revision()
+            .saturating_sub(newest_snapshot(dir.path())?),
         snapshot_every_bytes: config.snapshot_every_bytes,
         history_events: config.history_events as u64,
         lock: dir.lock_ref(),
@@ -233,6 +239,12 @@ pub fn open_durable(
         stalled_after: config.webhook_timeout / 2,
     };
     Ok((store, durability, dir))
+}
+
+/// The revision of the newest snapshot in `dir` (0 without one).
+fn newest_snapshot(dir: &Path) -> Result<u64, JournalError> {
+    let snapshots = journal::snapshot::list(dir)?;
+    Ok(snapshots.last().map_or(0, |(revision, _)| *revision))
 }
 
 /// The journal ended at `ended_at`, before a snapshot recovery then started from (`store`):

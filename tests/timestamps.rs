@@ -198,6 +198,7 @@ async fn journal_as_before(dir: &Path, updates: Vec<ProfileUpdate>) {
     let durability = Durability {
         journal,
         snapshot_every_records: u64::MAX,
+        records_since_snapshot: 0,
         snapshot_every_bytes: u64::MAX,
         history_events: 1000,
         lock: data_dir.lock_ref(),

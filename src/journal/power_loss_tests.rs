@@ -37,6 +37,7 @@ fn durability(journal: Journal) -> Durability {
     Durability {
         journal,
         snapshot_every_records: u64::MAX,
+        records_since_snapshot: 0,
         snapshot_every_bytes: u64::MAX,
         history_events: 1_000_000,
         lock: LockRef::unlocked(),
