@@ -208,6 +208,7 @@ impl Sequencer {
                 snapshot_ended: Arc::new(Notify::new()),
                 snapshot_waits: false,
                 snapshot_watch: SnapshotWatch::default(),
+                room_looked: None,
             }),
             journal_state: Arc::clone(&journal_state_tx),
             _stall_watch: stall_watch.clone().drop_guard(),
@@ -275,6 +276,9 @@ struct Durable {
     /// Where each snapshot takes its share of the directory's lock from: it writes and
     /// removes files there.
     lock: LockRef,
+    /// When a write that failed for lack of space last looked for files to give up
+    /// ([`Durable::make_room`]).
+    room_looked: Option<Instant>,
 }
 
 impl Durable {
@@ -338,6 +342,56 @@ impl Durable {
             running.store(false, Ordering::SeqCst);
             // After the flag: a sequencer that saw it set is told (a permit waits if it is
             // not listening yet; one left from an earlier snapshot costs it a look, no more).
+            ended.notify_one();
+        });
+    }
+}
+
+/// How often journal writes failing for lack of space look for files to give up.
+const ROOM_LOOKS_EVERY: Duration = Duration::from_secs(1);
+
+impl Durable {
+    /// A journal write failed for lack of space at `revision`: removes, on the snapshots'
+    /// thread (never beside a snapshot, which compacts after itself), the journal's files
+    /// before its newest snapshot, which compaction keeps only for watchers resuming across a
+    /// restart (`--history-events`). Recovery needs none of them, and while the disk is full
+    /// no record is appended, so no snapshot comes due and nothing was ever removed: a disk
+    /// filled with the journal's own files stayed full, every webhook answered 503, until an
+    /// operator, told never to delete journal files, came (found by an adversarial run). The
+    /// watch history in memory stays; after a restart it starts at that snapshot.
+    fn make_room(&mut self, revision: u64, tracker: &TaskTracker) {
+        let now = Instant::now();
+        if (self.room_looked).is_some_and(|looked| now.duration_since(looked) < ROOM_LOOKS_EVERY) {
+            return;
+        }
+        let Some(lock) = self.lock.share() else {
+            return;
+        };
+        if self.snapshot_running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.room_looked = Some(now);
+        let dir = self.appender.dir().to_owned();
+        let (running, ended) = (
+            Arc::clone(&self.snapshot_running),
+            Arc::clone(&self.snapshot_ended),
+        );
+        tracker.spawn_blocking(move || {
+            let compacted = journal::in_place(&lock, &dir, "compact")
+                .and_then(|()| snapshot::compact(&dir, revision, 0));
+            drop(lock);
+            match compacted {
+                Ok(removed) if !removed.is_empty() => tracing::warn!(
+                    removed_files = removed.len(),
+                    "the disk is full: removed the journal files before the newest snapshot, \
+                     kept for watchers resuming across a restart and needed by no recovery, so \
+                     that the journal can be written again (after a restart, watchers resuming \
+                     before that snapshot get Reset); free space on the disk"
+                ),
+                Ok(_) => tracing::debug!("the disk is full and no journal file can be given up"),
+                Err(error) => tracing::warn!(%error, "the disk is full and giving up old journal files failed"),
+            }
+            running.store(false, Ordering::SeqCst);
             ended.notify_one();
         });
     }
@@ -621,7 +675,10 @@ impl Task {
                 // Nothing numbered after the failure reached the journal, so its revisions
                 // are free again.
                 self.pending.clear();
-                if let Some(durable) = &self.durable {
+                if let Some(durable) = &mut self.durable {
+                    if error.kind() == std::io::ErrorKind::StorageFull {
+                        durable.make_room(self.store.revision(), &self.tracker);
+                    }
                     durable.appender.resume();
                 }
             }

@@ -305,6 +305,75 @@ async fn a_restart_on_a_full_disk_serves_reads_and_is_not_ready_until_there_is_r
     assert_eq!(binary.server_info().await.revision, 2);
 }
 
+/// A disk filled while the journal holds files recovery no longer needs (segments and
+/// snapshots before the newest snapshot, kept for watchers resuming across a restart): the
+/// service removes them and writes again by itself, the filler still there. It stayed 503
+/// until an operator came: no record can be appended, so no snapshot came due, and compaction
+/// runs only after a snapshot (found by an adversarial run). Every update is there after a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_full_of_the_journals_own_history_makes_room_by_itself() {
+    let disk = Tmpfs::mount("4m");
+    let data = disk.path().join("data");
+    let args = [
+        "--snapshot-every-records",
+        "50",
+        "--history-events",
+        "100000",
+        "--segment-bytes",
+        "65536",
+    ];
+    let mut binary = Binary::start(&data, &args).await;
+    let blob = "x".repeat(1_000);
+    for n in 1..=400 {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({"blob": blob}));
+        assert_eq!(binary.post(&body).await.0, 200, "webhook {n}");
+    }
+    binary.wait_for("snapshot written").await;
+    let before = file_names(&data).len();
+    let filler = fill(disk.path());
+
+    // The segment's runway takes a few records; then the disk is full, until room is made,
+    // the filler still there.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let (mut acknowledged, mut refused) = (400, 0);
+    for n in 401.. {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({"total_points": n}));
+        let status = binary.post(&body).await.0;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "webhook {n}: {status}"
+        );
+        match status {
+            200 if refused > 0 => {
+                acknowledged += 1;
+                break;
+            }
+            200 => acknowledged += 1,
+            503 => refused += 1,
+            other => panic!("webhook {n}: {other}"),
+        }
+        if refused > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let made_room = "the disk is full: removed the journal files before the newest snapshot, \
+                     kept for watchers resuming across a restart and needed by no recovery, so \
+                     that the journal can be written again (after a restart, watchers resuming \
+                     before that snapshot get Reset); free space on the disk";
+    binary.wait_for(made_room).await;
+    assert!(file_names(&data).len() < before, "{:?}", file_names(&data));
+    assert!(filler.exists());
+    binary.stop();
+
+    let binary = Binary::start(&data, &args).await;
+    let info = binary.server_info().await;
+    assert_eq!(
+        (info.revision, info.profile_count),
+        (acknowledged, acknowledged)
+    );
+}
+
 /// A batch of `records` records from `first` on, each a new customer with a long name (about
 /// 100 bytes a record).
 fn batch_of(first: u64, records: u64) -> profile_state::journal::codec::BatchRecord {
