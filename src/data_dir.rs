@@ -456,10 +456,31 @@ fn read_or_create_store_id(dir: &Path) -> Result<String, DataDirError> {
             let id = new_store_id();
             write_atomically(&path, format!("{id}\n").as_bytes())
                 .map_err(IoError::on(&path, "write store id"))?;
+            if holds_a_journal(dir) {
+                // Removed on purpose (a copy put back by hand) or lost: either way watchers
+                // start over, and the operator should know (it was silent).
+                tracing::warn!(
+                    store_id = %id,
+                    "STORE_ID is missing from a data directory that holds a journal: the store \
+                     gets a new id, and every watcher starts over"
+                );
+            }
             Ok(id)
         }
         Err(err) => Err(IoError::new(&path, "read store id", err).into()),
     }
+}
+
+/// Whether `dir` holds journal segments.
+fn holds_a_journal(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(crate::journal::SEGMENT_PREFIX)
+                && name.ends_with(crate::journal::SEGMENT_SUFFIX)
+        })
+    })
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the whole new one:

@@ -655,3 +655,47 @@ async fn a_journal_cut_back_behind_a_snapshot_starts_from_it_under_a_new_store_i
         binary.stop();
     }
 }
+
+/// A refusal's advice is `profile-state restore`, which gives the store a new id, never
+/// "restore the file from a backup": a copy of the segment put back by hand, older than the
+/// damage, rolled the store back under the same id, and the revisions after the copy were
+/// assigned again to other changes that resuming watchers took for the ones they had missed
+/// (adversarial round 41a, F5). A copy started without its STORE_ID, as the advice says, gets a
+/// new id, with a WARN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refusal_advises_a_restore_and_a_copy_without_its_store_id_gets_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let binary = Binary::start(data, &[]).await;
+    post_each(&binary, 10).await;
+    let first_id = binary.server_info().await.store_id;
+    binary.stop();
+    let segment = segments(data).pop().unwrap();
+    let copy = std::fs::read(&segment).unwrap();
+    let binary = Binary::start(data, &[]).await;
+    for n in 11..=20 {
+        let body = profile_updated(&format!("c{n}"), &at(n), json!({"total_points": n}));
+        assert_eq!(binary.post(&body).await.0, 200);
+    }
+    drop(binary);
+    let offsets = frame_offsets(&segment);
+    flip(&segment, offsets[15] + 20, 2);
+    let stderr = String::from_utf8_lossy(&refused(data, &[]).await.stderr).into_owned();
+    assert!(stderr.contains("with `profile-state restore`"), "{stderr}");
+    assert!(!stderr.contains("restore the file"), "{stderr}");
+
+    // The copy put back, its STORE_ID removed as the advice says: a new id, said.
+    std::fs::write(&segment, copy).unwrap();
+    std::fs::remove_file(data.join("STORE_ID")).unwrap();
+    let binary = Binary::start(data, &[]).await;
+    let info = binary.server_info().await;
+    assert_eq!(info.revision, 10);
+    assert_ne!(info.store_id, first_id);
+    let lines = binary.stop_collecting();
+    assert!(
+        lines.iter().any(|line| line["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("STORE_ID is missing"))),
+        "{lines:?}"
+    );
+}

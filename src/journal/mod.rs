@@ -188,15 +188,25 @@ pub fn in_place(
         .map_err(|error| JournalError::Io(IoError::new(dir, action, error)))
 }
 
+/// The way back from a backup. Not "restore the file": a copy of the file, or of the
+/// directory, put back by hand keeps the store id, and a copy older than the damage rolled the
+/// store back under it, the revisions after the copy assigned again to other changes that
+/// watchers resuming with that id took for the ones they had missed (found by an adversarial
+/// run).
+const RESTORE: &str = "restore the data directory from a backup with `profile-state restore`, \
+     which gives it a new store id (a copy of the file or of the directory put back by hand \
+     keeps the old id, and the revisions after the copy would be assigned again to other \
+     changes: remove STORE_ID from such a copy before starting it)";
+
 /// The end of a refusal that an operator can resolve by giving records up.
 fn give_up(path: &Path, offset: u64, first_lost: u64) -> String {
     match DiscardPoint::at(path, offset) {
         Some(point) => format!(
-            "restore the file from a backup, or give up revision {first_lost} and everything \
-             after it by starting once with --discard-journal-from {point} (the store then gets \
-             a new store id, so every watcher starts over)"
+            "{RESTORE}, or give up revision {first_lost} and everything after it by starting \
+             once with --discard-journal-from {point} (the store then gets a new store id, so \
+             every watcher starts over)"
         ),
-        None => "restore the file from a backup".into(),
+        None => RESTORE.into(),
     }
 }
 
