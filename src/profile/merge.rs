@@ -79,7 +79,9 @@ impl Profile {
                 let current = slot.as_ref().map(|slot| (&slot.at, slot.value.as_ref()));
                 if beats(current, &at, value.as_ref(), Ord::cmp) {
                     wrote_fields = true;
-                    if slot.map(|slot| slot.value) != Some(value) {
+                    // Visible values: a null where nothing was set changes none (it told
+                    // watchers of the field that it changed; found by an adversarial run).
+                    if slot.and_then(|slot| slot.value) != value {
                         note(&mut changed, FieldPath::Field(*field));
                     }
                     *slot = Some(Slot { at, value });
@@ -97,7 +99,7 @@ impl Profile {
             let current_register = current.map(|register| (&register.at, register.value.as_ref()));
             if beats(current_register, &update.at, value.as_ref(), by_text) {
                 wrote = true;
-                if current.map(|register| &register.value) != Some(&value) {
+                if current.and_then(|register| register.value.as_ref()) != value.as_ref() {
                     note(&mut changed, FieldPath::Extra(key.clone()));
                 }
                 self.extra.get_or_insert_default().insert(
@@ -138,6 +140,25 @@ mod tests {
         let changed = profile.merge(&update(11, &[(Field::TierName, text("silver"))]));
         assert_eq!(changed, Some(vec![FieldPath::Field(Field::TierName)]));
         assert_eq!(profile.get_text(Field::TierName), Some("silver"));
+    }
+
+    /// A null for a field or extra that was never set changes no visible value: it is kept
+    /// (its clock orders later writes) but names no field, so watchers of that field are not
+    /// told of a change (they were; found by an adversarial run). A value after it does.
+    #[test]
+    fn a_null_where_nothing_was_set_changes_no_visible_field() {
+        let mut profile = Profile::empty(key());
+        let changed = profile.merge(&update(1, &[(Field::Email, None)]));
+        assert_eq!(changed, Some(vec![]), "kept, naming nothing");
+        let mut null_extra = update(2, &[]);
+        null_extra.extras = vec![("k".into(), None)];
+        assert_eq!(profile.merge(&null_extra), Some(vec![]));
+        let changed = profile.merge(&update(3, &[(Field::Email, text("a@example.com"))]));
+        assert_eq!(changed, Some(vec![FieldPath::Field(Field::Email)]));
+        // Older than the null: it does not bring a value back.
+        let mut older = update(1, &[]);
+        older.extras = vec![("k".into(), Some(serde_json::json!(1)))];
+        assert_eq!(profile.merge(&older), None);
     }
 
     #[test]
@@ -297,7 +318,7 @@ mod tests {
                 let current = self.fields.get(field);
                 if current.is_none_or(|old| (&update.at, value) > (&old.at, &old.value)) {
                     wrote = true;
-                    if current.map(|old| &old.value) != Some(value) {
+                    if current.and_then(|old| old.value.as_ref()) != value.as_ref() {
                         changed.push(FieldPath::Field(*field));
                     }
                     let register = Register {
@@ -314,7 +335,7 @@ mod tests {
                 if current.is_none_or(|old| (update.at, text(&value)) > (old.at, text(&old.value)))
                 {
                     wrote = true;
-                    if current.map(|old| &old.value) != Some(&value) {
+                    if current.and_then(|old| old.value.as_ref()) != value.as_ref() {
                         changed.push(FieldPath::Extra(key.clone()));
                     }
                     let register = Register {
