@@ -180,8 +180,9 @@ pub enum DataDirError {
     },
     /// The store id file holds something else than an id.
     #[error(
-        "{path} does not hold a store id: restore it from a backup of the data directory, or \
-         remove it to start under a new store id (every watcher then starts over)"
+        "{path} does not hold a store id (32 lowercase hex digits and a newline, as this service \
+         writes it): it was damaged or edited; restore it from a backup of the data directory, \
+         or remove it to start under a new store id (every watcher then starts over)"
     )]
     BadStoreId {
         /// The file.
@@ -437,20 +438,33 @@ fn restore_unfinished(dir: &Path) -> Result<bool, DataDirError> {
     }
 }
 
-/// A new random store id.
+/// A new random store id: 32 lowercase hex digits.
 pub fn new_store_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Whether `id` is a store id as this service makes them ([`new_store_id`], and a replica's
+/// cluster id, derived in `jetstream::store_id`): 32 lowercase hex digits. Anything else in
+/// `STORE_ID` is damage: a flipped bit, an upper-case digit or a cut was taken as another id,
+/// silently (found by an adversarial run). A flip that leaves a lowercase hex digit cannot be
+/// told from an id: watchers resuming with the old one are reset, nothing is lost.
+fn is_store_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn read_or_create_store_id(dir: &Path) -> Result<String, DataDirError> {
     let path = dir.join(STORE_ID_FILE);
     match fs::read_to_string(&path) {
-        Ok(text) => {
-            let id = text.trim();
-            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return Err(DataDirError::BadStoreId { path });
-            }
-            Ok(id.to_owned())
+        Ok(text) => match text.trim_end_matches('\n') {
+            id if is_store_id(id) => Ok(id.to_owned()),
+            _ => Err(DataDirError::BadStoreId { path }),
+        },
+        // Not UTF-8: not an id either (it was a bare "stream did not contain valid UTF-8").
+        Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+            Err(DataDirError::BadStoreId { path })
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             let id = new_store_id();
@@ -540,6 +554,46 @@ mod tests {
         assert_ne!(renewed, id);
         drop(again);
         assert_eq!(DataDir::open(&path).unwrap().store_id(), renewed, "durably");
+    }
+
+    /// Anything but 32 lowercase hex digits (and the newline written after them) in STORE_ID
+    /// is refused, naming the file: an upper-case digit, a cut, a character flipped out of the
+    /// hex digits, bytes appended, bytes that are not UTF-8 were served as another id, or
+    /// refused without advice (found by an adversarial run).
+    #[test]
+    fn a_damaged_store_id_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let id = DataDir::open(&path).unwrap().store_id().to_owned();
+        let file = path.join(STORE_ID_FILE);
+        assert_eq!(fs::read_to_string(&file).unwrap(), format!("{id}\n"));
+        let mut upper = id.clone().into_bytes();
+        let letter = upper.iter().position(u8::is_ascii_lowercase).unwrap();
+        upper[letter] = upper[letter].to_ascii_uppercase();
+        let mut not_utf8 = format!("{id}\n").into_bytes();
+        not_utf8.extend([0xff, 0xfe]);
+        let damaged: [Vec<u8>; 5] = [
+            upper,
+            id[..20].into(),
+            format!("{}g", &id[..31]).into(),
+            format!("{id}\ngarbage").into(),
+            not_utf8,
+        ];
+        for bytes in damaged {
+            fs::write(&file, &bytes).unwrap();
+            match DataDir::open(&path) {
+                Err(error @ DataDirError::BadStoreId { .. }) => {
+                    let said = error.to_string();
+                    assert!(
+                        said.contains("STORE_ID") && said.contains("remove it"),
+                        "{said}"
+                    );
+                }
+                other => panic!("{bytes:?}: {:?}", other.map(|d| d.store_id().to_owned())),
+            }
+        }
+        fs::write(&file, format!("{id}\n")).unwrap();
+        assert_eq!(DataDir::open(&path).unwrap().store_id(), id);
     }
 
     /// A link planted under the store id's temporary name was followed, and its target
