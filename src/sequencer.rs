@@ -676,7 +676,10 @@ impl Task {
                 // are free again.
                 self.pending.clear();
                 if let Some(durable) = &mut self.durable {
-                    if error.kind() == std::io::ErrorKind::StorageFull {
+                    // A full disk, or a full quota (XFS project quotas, a container's
+                    // ephemeral storage limit): the same room is made.
+                    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+                    if matches!(error.kind(), StorageFull | QuotaExceeded) {
                         durable.make_room(self.store.revision(), &self.tracker);
                     }
                     durable.appender.resume();

@@ -336,6 +336,58 @@ async fn a_data_dir_that_cannot_be_created_is_refused_naming_it_and_its_os_error
     assert_eq!(error.matches("(os error 20)").count(), 1, "{error}");
 }
 
+/// A journal write refused for lack of space or of quota removes the journal files before the
+/// newest snapshot (kept only for watchers resuming across a restart), so that a disk or quota
+/// filled with them can be written again; another failure (an I/O error) removes nothing. Each
+/// is injected into the journal's writes; the full disk itself is `disk_full`'s.
+#[tokio::test]
+async fn a_write_refused_for_space_or_quota_gives_up_old_journal_files_and_no_other_does() {
+    let kinds = [
+        (std::io::ErrorKind::QuotaExceeded, true),
+        (std::io::ErrorKind::StorageFull, true),
+        (std::io::ErrorKind::Other, false),
+    ];
+    for (kind, removes) in kinds {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = durable(dir.path());
+        config.snapshot_every_records = 20;
+        config.segment_bytes = 2048;
+        config.history_events = 100_000;
+        let server = Server::bind(config).await.unwrap();
+        let faults = server.journal_faults();
+        let service = TestService::serve(server);
+        for n in 1..=60 {
+            let body = profile_updated(&format!("c{n}"), &at(n), json!({"total_points": n}));
+            service.update(&body).await;
+        }
+        let files = || std::fs::read_dir(dir.path()).unwrap().count();
+        let before = files();
+        faults.fail_writes_as(kind);
+        let body = profile_updated("c61", &at(61), json!({"total_points": 61}));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Removed on the snapshots' thread: looked at until it happened, or for a while.
+        while files() == before && std::time::Instant::now() < deadline {
+            assert_eq!(service.post(&body).await.0, 503);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if !removes && std::time::Instant::now() + std::time::Duration::from_secs(8) > deadline
+            {
+                break;
+            }
+        }
+        assert_eq!(
+            files() < before,
+            removes,
+            "{kind:?}: {before} files, then {}",
+            files()
+        );
+        faults.fail_writes(false);
+        service.stop().await;
+        let service = TestService::start_with(durable(dir.path())).await;
+        assert_eq!(service.server_info().await.revision, 60, "{kind:?}");
+        service.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn snapshots_compact_the_journal_and_a_restart_restores_state_and_history() {
     let dir = tempfile::tempdir().unwrap();

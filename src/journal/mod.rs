@@ -328,12 +328,25 @@ struct Faults {
     injected: tokio::sync::watch::Sender<u64>,
     /// Writes fail (`writes` is set) once this many more written frames have synced.
     fail_after_syncs: std::sync::Mutex<Option<u64>>,
+    /// The kind of error a failing write gives (`Other` when unset).
+    write_error: std::sync::Mutex<Option<std::io::ErrorKind>>,
 }
 
 impl FaultSwitch {
     /// Makes every following write and sync fail (`true`) or work again (`false`).
     pub fn fail_writes(&self, fail: bool) {
         self.0.writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes every following write and sync fail with an error of `kind` (a full disk is
+    /// `StorageFull`, a full quota `QuotaExceeded`), as [`FaultSwitch::fail_writes`] does.
+    pub fn fail_writes_as(&self, kind: std::io::ErrorKind) {
+        *self
+            .0
+            .write_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(kind);
+        self.fail_writes(true);
     }
 
     /// Makes every write and sync fail, as [`FaultSwitch::fail_writes`] does, once `syncs` more
@@ -423,7 +436,18 @@ impl FaultSwitch {
     }
 
     fn check(&self) -> std::io::Result<()> {
-        self.refuse_if(&self.0.writes, "injected write failure")
+        let kind = *self
+            .0
+            .write_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match self.refuse_if(&self.0.writes, "injected write failure") {
+            Err(error) => Err(std::io::Error::new(
+                kind.unwrap_or(std::io::ErrorKind::Other),
+                error.to_string(),
+            )),
+            ok => ok,
+        }
     }
 
     fn check_segment_creation(&self) -> std::io::Result<()> {
