@@ -983,3 +983,64 @@ async fn a_watch_resumed_beyond_the_store_opens_once_the_store_reaches_its_start
     tracker.close();
     tracker.wait().await;
 }
+
+/// What an outbox holds past its byte bound (the one larger event it takes alone) is told as
+/// it is queued and told back exactly once as it leaves: taken by the stream, or dropped with
+/// it; an event within the bound, or refused, tells nothing. A count that leaked would keep a
+/// connection's held bytes up for good, and one told twice would hide a stalled client.
+#[tokio::test]
+async fn an_outbox_tells_what_it_holds_past_its_bound_and_tells_it_back_once() {
+    use std::sync::atomic::{AtomicIsize, Ordering};
+    #[derive(Default)]
+    struct Net(AtomicIsize);
+    impl QueuedBytes for Net {
+        fn queued(&self, bytes: usize) {
+            self.0.fetch_add(bytes as isize, Ordering::SeqCst);
+        }
+        fn left(&self, bytes: usize) {
+            self.0.fetch_sub(bytes as isize, Ordering::SeqCst);
+        }
+    }
+    let profile = |extra_bytes: usize| {
+        let mut profile = crate::profile::Profile::empty(ProfileKey::new("2155", "c1"));
+        let mut update = points("c1", 1, 1);
+        update.extras = vec![("k".into(), Some(serde_json::json!("x".repeat(extra_bytes))))];
+        profile.merge(&update);
+        Arc::new(profile)
+    };
+    let (small, big) = (profile(10), profile(100_000));
+    let limit = 2 * small.memory_bytes();
+    let past = big.memory_bytes() - limit;
+    let net = Arc::new(Net::default());
+    let told = || net.0.load(Ordering::SeqCst);
+    let (events, mut received) =
+        outbox_telling(4, limit, Some(Arc::clone(&net) as Arc<dyn QueuedBytes>));
+
+    assert!(
+        events
+            .try_send(WatchEvent::Existing(Arc::clone(&small)))
+            .is_ok()
+    );
+    assert_eq!(told(), 0, "within the bound");
+    let refused = events.try_send(WatchEvent::Existing(Arc::clone(&big)));
+    assert!(matches!(refused, Err(outbox::TrySendError::Full(_))));
+    assert_eq!(told(), 0, "refused");
+    received.recv().await.unwrap();
+    assert!(
+        events
+            .try_send(WatchEvent::Existing(Arc::clone(&big)))
+            .is_ok()
+    );
+    assert_eq!(told(), past as isize, "alone, past the bound");
+    received.recv().await.unwrap();
+    assert_eq!(told(), 0, "taken");
+    events
+        .send(WatchEvent::Existing(Arc::clone(&big)))
+        .await
+        .unwrap();
+    assert_eq!(told(), past as isize);
+    drop(received);
+    assert_eq!(told(), 0, "dropped with the stream");
+    assert!(events.try_send(WatchEvent::Existing(big)).is_err());
+    assert_eq!(told(), 0, "the stream gone");
+}
