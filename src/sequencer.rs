@@ -350,6 +350,9 @@ impl Durable {
 /// How often journal writes failing for lack of space look for files to give up.
 const ROOM_LOOKS_EVERY: Duration = Duration::from_secs(1);
 
+/// The failures of those looks, logged at most every ten seconds.
+static ROOM_FAILURES: crate::logging::RateLimited = crate::logging::RateLimited::new();
+
 impl Durable {
     /// A journal write failed for lack of space at `revision`: removes, on the snapshots'
     /// thread (never beside a snapshot, which compacts after itself), the journal's files
@@ -389,7 +392,17 @@ impl Durable {
                      before that snapshot get Reset); free space on the disk"
                 ),
                 Ok(_) => tracing::debug!("the disk is full and no journal file can be given up"),
-                Err(error) => tracing::warn!(%error, "the disk is full and giving up old journal files failed"),
+                // Tried once a second while the disk stays full: said every ten seconds at
+                // most (the logs may live on that disk).
+                Err(error) => {
+                    if let Some(suppressed) = ROOM_FAILURES.due() {
+                        tracing::warn!(
+                            %error,
+                            suppressed,
+                            "the disk is full and giving up old journal files failed"
+                        );
+                    }
+                }
             }
             running.store(false, Ordering::SeqCst);
             ended.notify_one();
