@@ -90,55 +90,53 @@ fn recover_passing_damage(
 }
 
 /// A snapshot past the end of the journal `recovered` proves that the journal lost records it
-/// had synced (and so acknowledged): its newest segment's end cut or zeroed after an unclean
-/// stop (which recovery takes for a torn write), or that segment and `JOURNAL_HEAD` lost.
-/// Recovery starts again from the newest such snapshot, which holds every update up to it;
-/// appends go to a new segment after it (`tail` `None`: the old segment's frames end before the
-/// snapshot, and the revisions must not jump inside a segment). Revisions after the snapshot
-/// may have been acknowledged and will be assigned again: `journal_ended_at` tells the caller,
-/// which gives the store a new id. Serving the cut journal instead lost what the snapshot held,
-/// under the same id (adversarial round 41a). When that snapshot cannot be loaded, every
-/// snapshot past the end is set aside (no later start or compaction may take one for this
-/// history) and the journal's end stands, still with `journal_ended_at` set.
+/// had synced (and so acknowledged): its newest segment's end cut after an unclean
+/// stop (which recovery takes for a torn write), that segment and `JOURNAL_HEAD` lost, or the
+/// operator's `--discard-journal-from`. Recovery starts again from the newest such snapshot
+/// that loads, which holds every update up to it; appends go to a new segment after it (`tail`
+/// `None`: the old segment's frames end before the snapshot, and the revisions must not jump
+/// inside a segment). Revisions after the snapshot may have been acknowledged and will be
+/// assigned again: `journal_ended_at` tells the caller, which gives the store a new id.
+/// Serving the cut journal instead lost what the snapshot held, under the same id (adversarial
+/// round 41a). A past-end snapshot that cannot be loaded is set aside as `<name>.damaged` and
+/// the next older one is tried (setting them all aside lost what an intact older one held,
+/// round 42); when none loads, the journal's end stands, still with `journal_ended_at` set.
 fn start_past_journal_end(
     dir: &Path,
     (store, recovered): (Store, Recovered),
     attempt: impl Fn(u64) -> Result<(Store, Recovered), JournalError>,
 ) -> Result<(Store, Recovered), JournalError> {
     let end = store.revision();
-    let past: Vec<_> = journal::snapshot::list(dir)?
+    let mut past: Vec<_> = journal::snapshot::list(dir)?
         .into_iter()
         .filter(|(revision, _)| *revision > end)
         .collect();
-    let Some((newest, _)) = past.last() else {
+    if past.is_empty() {
         return Ok((store, recovered));
-    };
-    let (store, mut recovered) = match attempt(*newest) {
-        Ok(started) => started,
-        Err(error) => {
-            tracing::warn!(%error, "the snapshot past the journal's end could not be started from");
-            set_aside_past(&past, end)?;
-            (store, recovered)
+    }
+    let (mut store, mut recovered) = (store, recovered);
+    while let Some((revision, path)) = past.pop() {
+        match attempt(revision) {
+            Ok(started) => {
+                (store, recovered) = started;
+                break;
+            }
+            Err(JournalError::DamagedSnapshot { path: damaged, .. }) if damaged == path => {
+                let aside = journal::snapshot::set_aside(&path, ".damaged")?;
+                tracing::warn!(
+                    snapshot = %path.display(),
+                    set_aside_as = %aside.display(),
+                    journal_ends_at = end,
+                    "a snapshot past the journal's end is damaged: set aside; an older one past \
+                     the end is tried, if any"
+                );
+            }
+            Err(error) => return Err(error),
         }
-    };
+    }
     recovered.tail = None;
     recovered.journal_ended_at = Some(end);
     Ok((store, recovered))
-}
-
-/// Sets the snapshots `past` (the end of the journal, `end`) aside.
-fn set_aside_past(past: &[(u64, std::path::PathBuf)], end: u64) -> Result<(), JournalError> {
-    for (_, path) in past {
-        let aside = journal::snapshot::set_aside(path, ".past-journal-end")?;
-        tracing::warn!(
-            snapshot = %path.display(),
-            set_aside_as = %aside.display(),
-            journal_ends_at = end,
-            "a snapshot past the journal's end that could not be started from: set aside, \
-             never to be started from"
-        );
-    }
-    Ok(())
 }
 
 /// Says that recovery passed `passed` (the damage each start stopped at) by starting from a
@@ -170,7 +168,7 @@ pub fn open_durable(
 ) -> anyhow::Result<(Store, Durability, DataDir)> {
     let started = std::time::Instant::now();
     let mut dir = DataDir::open(&config.data_dir)?;
-    let renewed = renew_id_if_head_lost(&mut dir)?;
+    let mut renewed = renew_id_if_head_lost(&mut dir)?;
     let wanted = config.discard_journal_from.as_ref();
     let (store, recovered) = match recover_store(dir.path(), config.history(), dir.store_id()) {
         Ok(recovered) => {
@@ -186,6 +184,7 @@ pub fn open_durable(
         Err(error) => match (wanted, error.discard_point()) {
             (Some(wanted), Some((found, first_lost))) if *wanted == found => {
                 give_up(&mut dir, &found, first_lost)?;
+                renewed = true;
                 recover_store(dir.path(), config.history(), dir.store_id())
                     .context("recovery after giving records up")?
             }
@@ -199,7 +198,7 @@ pub fn open_durable(
         },
     };
     let (store, recovered) = match recovered.journal_ended_at {
-        Some(ended_at) => renew_id_past_journal_end(&mut dir, config, renewed, ended_at, &store)?,
+        Some(_) => renew_id_past_journal_end(&mut dir, config, renewed, (store, recovered))?,
         None => (store, recovered),
     };
     let journal = Journal::open(
@@ -247,30 +246,47 @@ fn newest_snapshot(dir: &Path) -> Result<u64, JournalError> {
     Ok(snapshots.last().map_or(0, |(revision, _)| *revision))
 }
 
-/// The journal ended at `ended_at`, before a snapshot recovery then started from (`store`):
-/// revisions after that snapshot may have been acknowledged and will be assigned again, so the
-/// store gets a new id (unless it `already` got one this start), and is recovered again under it.
+/// The journal ended before a snapshot (`Recovered::journal_ended_at`), and recovery started
+/// from the newest one that loads, if any: revisions after where it started may have been
+/// acknowledged and will be assigned again, so the store gets a new id and is recovered again
+/// under it (unless it `already` got one this start, before recovery).
 fn renew_id_past_journal_end(
     dir: &mut DataDir,
     config: &Config,
     already: bool,
-    ended_at: u64,
-    store: &Store,
+    (store, recovered): (Store, Recovered),
 ) -> anyhow::Result<(Store, Recovered)> {
+    let ended_at = recovered.journal_ended_at.unwrap_or_default();
     let old_id = dir.store_id().to_owned();
     if !already {
         dir.renew_store_id()?;
     }
-    tracing::warn!(
-        journal_ended_at = ended_at,
-        started_from_snapshot = store.revision(),
-        old_store_id = %old_id,
-        new_store_id = dir.store_id(),
-        "the journal ends before a snapshot, so it lost records it had synced (its end cut or \
-         zeroed, or its newest segment lost: check the disk). Started from that snapshot, \
-         which holds every update up to it; updates after it may be lost, and their revisions \
-         will be assigned again, so the store has a new id and every watcher starts over"
-    );
+    let new_id = dir.store_id();
+    match recovered.snapshot.filter(|snapshot| *snapshot > ended_at) {
+        Some(snapshot) => tracing::warn!(
+            journal_ended_at = ended_at,
+            started_from_snapshot = snapshot,
+            %old_id,
+            %new_id,
+            "the journal ends before a snapshot, so it lost records it had synced (its end cut \
+             or zeroed, its newest segment lost, or given up: check the disk). Started from \
+             the newest such snapshot that loads, which holds every update up to it; updates \
+             after it may be lost, and their revisions will be assigned again, so the store \
+             has a new id and every watcher starts over"
+        ),
+        None => tracing::warn!(
+            journal_ended_at = ended_at,
+            %old_id,
+            %new_id,
+            "the journal ends before a snapshot, so it lost records it had synced, and no \
+             snapshot past its end could be loaded (each was set aside as <name>.damaged): \
+             the journal's end stands; updates after it are lost, and their revisions will be \
+             assigned again, so the store has a new id and every watcher starts over"
+        ),
+    }
+    if already {
+        return Ok((store, recovered));
+    }
     let recovered = recover_store(dir.path(), config.history(), dir.store_id())
         .context("recovery under the new store id")?;
     Ok(recovered)
@@ -300,7 +316,7 @@ fn renew_id_if_head_lost(dir: &mut DataDir) -> anyhow::Result<bool> {
 fn give_up(dir: &mut DataDir, point: &DiscardPoint, first_lost: u64) -> anyhow::Result<()> {
     let old_id = dir.store_id().to_owned();
     let new_id = dir.renew_store_id()?.to_owned();
-    let discarded = journal::discard(dir.path(), point, first_lost)?;
+    let discarded = journal::discard(dir.path(), point)?;
     // No field when nothing was removed: an empty `removed=` read as a value left out (found
     // by a first-user review).
     let removed = (!discarded.removed.is_empty()).then(|| {

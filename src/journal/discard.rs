@@ -1,6 +1,9 @@
 //! Giving records up, on an operator's explicit word (`--discard-journal-from`): the journal is
-//! cut at the point a refused start-up named, every later segment and every snapshot that
-//! includes a lost revision is removed, and `JOURNAL_HEAD` is made to agree.
+//! cut at the point a refused start-up named, every later segment is removed, and
+//! `JOURNAL_HEAD` is made to agree. Snapshots past the point stay: each holds acknowledged
+//! updates the cut journal no longer does, and start-up then starts from the newest that loads
+//! (`crate::startup`; removing them lost what intact snapshots held, found by an adversarial
+//! run).
 //!
 //! This module does not decide whether to discard (start-up compares the operator's point with
 //! the one recovery refused at) and does not change the store id: the caller renews it first,
@@ -10,7 +13,7 @@ use std::fs::{self, OpenOptions};
 use std::path::PathBuf;
 
 use super::codec::{self, JournalHead};
-use super::{DiscardPoint, JournalError, head, segments, snapshot};
+use super::{DiscardPoint, JournalError, head, segments};
 use crate::data_dir::sync_dir;
 
 /// What giving records up did.
@@ -18,17 +21,13 @@ use crate::data_dir::sync_dir;
 pub struct Discarded {
     /// The segment cut short, and its new length.
     pub cut: Option<(PathBuf, u64)>,
-    /// The segments and snapshots removed.
+    /// The segments removed.
     pub removed: Vec<PathBuf>,
 }
 
-/// Gives up the journal of `dir` from `point` on; `first_lost` is the first revision given up
-/// (snapshots from it on are removed: they hold lost changes).
-pub fn discard(
-    dir: &std::path::Path,
-    point: &DiscardPoint,
-    first_lost: u64,
-) -> Result<Discarded, JournalError> {
+/// Gives up the journal of `dir` from `point` on (its first revision given up, `first_lost`,
+/// is what the caller reports).
+pub fn discard(dir: &std::path::Path, point: &DiscardPoint) -> Result<Discarded, JournalError> {
     let mut discarded = Discarded {
         cut: None,
         removed: Vec::new(),
@@ -52,12 +51,6 @@ pub fn discard(
                 .and_then(|file| file.set_len(len).and_then(|()| file.sync_all()))
                 .map_err(JournalError::io(&path, "cut"))?;
             discarded.cut = Some((path, len));
-        }
-    }
-    for (revision, path) in snapshot::list(dir)? {
-        if revision >= first_lost {
-            fs::remove_file(&path).map_err(JournalError::io(&path, "remove"))?;
-            discarded.removed.push(path);
         }
     }
     sync_dir(dir).map_err(JournalError::io(dir, "sync directory"))?;

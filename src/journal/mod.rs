@@ -202,9 +202,9 @@ const RESTORE: &str = "restore the data directory from a backup with `profile-st
 fn give_up(path: &Path, offset: u64, first_lost: u64) -> String {
     match DiscardPoint::at(path, offset) {
         Some(point) => format!(
-            "{RESTORE}, or give up revision {first_lost} and everything after it by starting \
-             once with --discard-journal-from {point} (the store then gets a new store id, so \
-             every watcher starts over)"
+            "{RESTORE}, or give up revision {first_lost} and everything after it that no \
+             snapshot holds by starting once with --discard-journal-from {point} (the store \
+             then gets a new store id, so every watcher starts over)"
         ),
         None => RESTORE.into(),
     }
