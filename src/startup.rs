@@ -257,17 +257,20 @@ fn renew_id_past_journal_end(
     (store, recovered): (Store, Recovered),
 ) -> anyhow::Result<(Store, Recovered)> {
     let ended_at = recovered.journal_ended_at.unwrap_or_default();
-    let old_id = dir.store_id().to_owned();
+    let old_store_id = match already {
+        true => "(named by the warning that renewed it)".to_owned(),
+        false => dir.store_id().to_owned(),
+    };
     if !already {
         dir.renew_store_id()?;
     }
-    let new_id = dir.store_id();
+    let new_store_id = dir.store_id();
     match recovered.snapshot.filter(|snapshot| *snapshot > ended_at) {
         Some(snapshot) => tracing::warn!(
             journal_ended_at = ended_at,
             started_from_snapshot = snapshot,
-            %old_id,
-            %new_id,
+            %old_store_id,
+            %new_store_id,
             "the journal ends before a snapshot, so it lost records it had synced (its end cut \
              or zeroed, its newest segment lost, or given up: check the disk). Started from \
              the newest such snapshot that loads, which holds every update up to it; updates \
@@ -276,8 +279,8 @@ fn renew_id_past_journal_end(
         ),
         None => tracing::warn!(
             journal_ended_at = ended_at,
-            %old_id,
-            %new_id,
+            %old_store_id,
+            %new_store_id,
             "the journal ends before a snapshot, so it lost records it had synced, and no \
              snapshot past its end could be loaded (each was set aside as <name>.damaged): \
              the journal's end stands; updates after it are lost, and their revisions will be \
