@@ -601,7 +601,28 @@ async fn a_data_directory_of_format_1_is_recovered_and_continued() {
     binary.stop();
 }
 
-/// A journal cut back behind a snapshot (the newest segment's end lost or zeroed after an
+/// The cut-journal tests' flags: a snapshot every 50 records.
+const CUT_BEHIND_SNAPSHOTS: [&str; 2] = ["--snapshot-every-records", "50"];
+
+/// A service in `data` given 120 webhooks (`c1` to `c120`), then SIGKILLed (no clean-shutdown
+/// mark, so its end may be torn); its store id.
+async fn killed_after_120(data: &Path) -> String {
+    let binary = Binary::start(data, &CUT_BEHIND_SNAPSHOTS).await;
+    post_each(&binary, 120).await;
+    let id = binary.server_info().await.store_id;
+    drop(binary);
+    id
+}
+
+/// Cuts the newest segment of `data` five bytes into its 31st frame: the journal ends at 30.
+fn cut_in_frame_31(data: &Path) {
+    let segment = segments(data).pop().unwrap();
+    let cut = frame_offsets(&segment)[30] + 5;
+    let file = std::fs::File::options().write(true).open(&segment).unwrap();
+    file.set_len(cut as u64).unwrap();
+}
+
+/// A journal cut back behind a snapshot (the newest segment's end lost after an
 /// unclean stop, which recovery takes for a torn write): the snapshot proves that the part cut
 /// had been synced, so acknowledged. Start-up starts from that snapshot, keeping every update
 /// up to it, under a new store id (revisions past it may have been acknowledged too, and will
@@ -613,22 +634,12 @@ async fn a_data_directory_of_format_1_is_recovered_and_continued() {
 async fn a_journal_cut_back_behind_a_snapshot_starts_from_it_under_a_new_store_id() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let args = ["--snapshot-every-records", "50"];
-    let binary = Binary::start(data, &args).await;
-    post_each(&binary, 120).await;
-    let first_id = binary.server_info().await.store_id;
-    drop(binary); // SIGKILL: no clean-shutdown mark, so the end may be torn
+    let args = CUT_BEHIND_SNAPSHOTS;
+    let first_id = killed_after_120(data).await;
     // Taken in the background once 100 records are due: as of revision 100 or a little later.
     let snapshot = numbered(data, "snapshot-", ".snap").last().unwrap().0;
     assert!((100..120).contains(&snapshot), "{snapshot}");
-    let segment = segments(data).pop().unwrap();
-    let cut = frame_offsets(&segment)[30] + 5;
-    std::fs::File::options()
-        .write(true)
-        .open(&segment)
-        .unwrap()
-        .set_len(cut as u64)
-        .unwrap();
+    cut_in_frame_31(data);
 
     let binary = Binary::start(data, &args).await;
     let info = binary.server_info().await;
@@ -713,11 +724,8 @@ async fn the_refusal_advises_a_restore_and_a_copy_without_its_store_id_gets_a_ne
 async fn a_journal_cut_behind_a_damaged_snapshot_starts_from_an_older_one_past_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let args = ["--snapshot-every-records", "50"];
-    let binary = Binary::start(data, &args).await;
-    post_each(&binary, 120).await;
-    let first_id = binary.server_info().await.store_id;
-    drop(binary);
+    let args = CUT_BEHIND_SNAPSHOTS;
+    let first_id = killed_after_120(data).await;
     let snapshots = numbered(data, "snapshot-", ".snap");
     let [.., (older, _), (_, newest)] = snapshots.as_slice() else {
         panic!("{snapshots:?}");
@@ -726,10 +734,7 @@ async fn a_journal_cut_behind_a_damaged_snapshot_starts_from_an_older_one_past_i
     assert!(older >= 50, "{snapshots:?}");
     let len = std::fs::metadata(newest).unwrap().len() as usize;
     flip(newest, len / 2, 3);
-    let segment = segments(data).pop().unwrap();
-    let cut = frame_offsets(&segment)[30] + 5;
-    let file = std::fs::File::options().write(true).open(&segment).unwrap();
-    file.set_len(cut as u64).unwrap();
+    cut_in_frame_31(data);
 
     let binary = Binary::start(data, &args).await;
     let info = binary.server_info().await;
